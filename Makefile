@@ -1,0 +1,110 @@
+# loupe build. `make` builds build/loupe, build/libloupe.a, the tests and the benchmarks.
+#   make CUDA=0          CPU-only engine (CUDA entry points report "built without CUDA")
+#   make CUDA_ARCH=sm_80 another GPU target (default sm_90; never "native", so CI is reproducible)
+#   make DEBUG=1         -O0 -g
+#   make test SAN=1      AddressSanitizer + UBSan (implies CUDA=0: the CUDA runtime and ASan disagree)
+# The first lines of every build say what was detected.
+
+CUDA_HOME ?= /usr/local/cuda
+CUDA_ARCH ?= sm_90
+NVCC      := $(CUDA_HOME)/bin/nvcc
+HAVE_NVCC := $(shell test -x $(NVCC) && echo 1 || echo 0)
+CUDA      ?= $(HAVE_NVCC)
+ifeq ($(SAN),1)
+override CUDA := 0
+endif
+HAVE_NCCL := $(shell ls $(CUDA_HOME)/lib64/libnccl.so* $(CUDA_HOME)/lib/libnccl.so* 2>/dev/null | head -1 | grep -q . && echo 1 || echo 0)
+HAVE_MPI  := $(shell command -v mpicc >/dev/null 2>&1 && echo 1 || echo 0)
+
+BUILD := build
+CC    ?= cc
+PKGS  := openblas inih libcjson
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+
+CFLAGS  := -fopenmp -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -Iinclude -Ihost $(PKG_CFLAGS) -pthread
+ifeq ($(DEBUG),1)
+CFLAGS  += -O0 -g
+else
+CFLAGS  += -O2 -g -march=x86-64-v2
+endif
+LDLIBS  := $(PKG_LIBS) -fopenmp -lm -pthread
+ifeq ($(SAN),1)
+CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+LDFLAGS += -fsanitize=address,undefined
+endif
+
+HOST_SRC := $(wildcard host/*.c) $(wildcard host/cpu/*.c)
+CLI_SRC  := $(wildcard host/cli/*.c)
+ifeq ($(CUDA),1)
+KERN_SRC := $(wildcard kernels/*.cu)
+KERN_OBJ := $(KERN_SRC:%.cu=$(BUILD)/%.o)
+LDLIBS   += -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++ -Wl,-rpath,$(CUDA_HOME)/lib64
+CFLAGS   += -DLOUPE_CUDA=1
+NVFLAGS  := -O3 -std=c++17 -arch=$(CUDA_ARCH) -Iinclude -Ihost -Xcompiler -fPIC,-Wall --expt-relaxed-constexpr
+else
+KERN_OBJ := $(BUILD)/kernels/cuda_stub.o
+endif
+LIB_OBJ := $(HOST_SRC:%.c=$(BUILD)/%.o) $(KERN_OBJ)
+CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/%.o)
+
+TEST_SRC   := $(wildcard tests/test_*.c)
+TEST_BIN   := $(TEST_SRC:tests/%.c=$(BUILD)/%)
+BENCH_SRC  := $(wildcard bench/bench_*.c)
+BENCH_BIN  := $(BENCH_SRC:bench/%.c=$(BUILD)/%)
+
+.PHONY: all deps announce test gpu-check bench demo clean fixtures
+all: announce $(BUILD)/loupe $(BUILD)/libloupe.a $(TEST_BIN) $(BENCH_BIN)
+
+announce:
+	@echo "loupe build: CUDA=$(CUDA) (nvcc $(if $(filter 1,$(HAVE_NVCC)),found at $(NVCC),not found), arch $(CUDA_ARCH)) NCCL=$(HAVE_NCCL) MPI=$(HAVE_MPI) SAN=$(or $(SAN),0) DEBUG=$(or $(DEBUG),0)"
+
+deps:
+	@bash scripts/install-deps.sh
+
+$(BUILD)/%.o: %.c $(wildcard include/loupe/*.h host/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/kernels/%.o: kernels/%.cu $(wildcard include/loupe/*.h host/*.h kernels/*.cuh)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -c $< -o $@
+
+$(BUILD)/libloupe.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/loupe: $(CLI_OBJ) $(BUILD)/libloupe.a
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/test_%: tests/test_%.c tests/testutil.h $(BUILD)/libloupe.a
+	$(CC) $(CFLAGS) -Itests $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS) -lcriterion
+
+$(BUILD)/bench_%: bench/bench_%.c $(BUILD)/libloupe.a
+	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS)
+
+# Every test binary runs even if an earlier one fails; the target fails if any did.
+test: deps
+	@$(MAKE) --no-print-directory all
+	@fail=0; for t in $(TEST_BIN); do echo "== $$t"; LOUPE_CLI=$(BUILD)/loupe ./$$t --jobs 2 || fail=1; done; \
+	if [ $$fail = 0 ]; then echo "loupe: all test binaries passed"; else echo "loupe: some tests FAILED"; exit 1; fi
+
+# For a machine with a GPU: every CUDA test must run (a skip fails), then the benchmarks.
+gpu-check: deps
+	@$(MAKE) --no-print-directory all CUDA=1
+	LOUPE_REQUIRE_GPU=1 $(MAKE) --no-print-directory test CUDA=1
+	@$(MAKE) --no-print-directory bench CUDA=1
+
+bench: all
+	@for b in $(BENCH_BIN); do echo "== $$b"; ./$$b || exit 1; done
+
+demo: deps
+	@$(MAKE) --no-print-directory all
+	@bash scripts/demo.sh
+
+# Regenerate the committed reference fixtures (needs torch and transformers; run by hand).
+fixtures:
+	python3 tests/gen/gen_gpt2_fixture.py tests/fixtures
+
+clean:
+	rm -rf $(BUILD)

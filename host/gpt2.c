@@ -1,0 +1,350 @@
+/* gpt2.c: GPT-2 from Hugging Face checkpoints: config, the weight table, loading
+ * (both the hub layout and the save_pretrained layout), and the forward pass with a
+ * hook site at every TransformerLens point.
+ *
+ * Weights are kept as [in, out] (Conv1D's layout), with c_attn split into W_Q, W_K,
+ * W_V so that tensor-parallel column splits stay possible; the unembedding is the
+ * tied wte ([V, D], used transposed) unless the checkpoint has its own lm_head. */
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "loupe/ops.h"
+#include "loupe/safetensors.h"
+#include "model_internal.h"
+
+/* per-layer weights, in table order */
+enum { P_LN1_W, P_LN1_B, P_WQ, P_WK, P_WV, P_BQ, P_BK, P_BV, P_WO, P_BO, P_LN2_W, P_LN2_B, P_WIN, P_BIN,
+       P_WOUT, P_BOUT, P_PER_LAYER };
+/* model-level weights come first: wte, wpe, then the layers, then ln_f and lm_head */
+enum { P_WTE, P_WPE, P_FIRST_LAYER };
+
+static void *W(const lp_model *m, int idx) { return (char *)m->weights + m->params[idx].offset * lp_act_size(m); }
+static void *LW(const lp_model *m, int L, int k) { return W(m, P_FIRST_LAYER + L * P_PER_LAYER + k); }
+static int lnf_w(const lp_model *m) { return P_FIRST_LAYER + m->cfg.n_layers * P_PER_LAYER; }
+
+/* ---- config ---- */
+
+static lp_status cfg_int(const char *path, const cJSON *root, const char *key, const char *alt, int *out) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    if (!v && alt) v = cJSON_GetObjectItemCaseSensitive(root, alt);
+    if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble > 1e9 || v->valuedouble != (int)v->valuedouble)
+        LP_FAIL(LP_ERR_FORMAT, "%s: \"%s\" is missing or not a positive integer", path, key);
+    *out = (int)v->valuedouble;
+    return LP_OK;
+}
+
+static lp_status read_config(lp_model *m, const char *dir) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *f = fopen(path, "rb");
+    if (!f) LP_FAIL(LP_ERR_IO, "%s: cannot open (is '%s' a Hugging Face checkpoint directory?)", path, dir);
+    char buf[1 << 16];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    cJSON *root = cJSON_ParseWithLength(buf, n);
+    if (!cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        LP_FAIL(LP_ERR_FORMAT, "%s: not a JSON object", path);
+    }
+    lp_status st = LP_OK;
+    lp_config *c = &m->cfg;
+    const cJSON *mt = cJSON_GetObjectItemCaseSensitive(root, "model_type");
+    const char *type = cJSON_IsString(mt) ? mt->valuestring : "";
+    if (strcmp(type, "gpt2") != 0) {
+        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: model_type '%s' is not supported (supported: gpt2)", path, type);
+        goto done;
+    }
+    c->arch = LP_ARCH_GPT2;
+    snprintf(c->name, sizeof c->name, "gpt2");
+    LP_TRY(st, done, cfg_int(path, root, "n_layer", NULL, &c->n_layers));
+    LP_TRY(st, done, cfg_int(path, root, "n_embd", NULL, &c->d_model));
+    LP_TRY(st, done, cfg_int(path, root, "n_head", NULL, &c->n_heads));
+    LP_TRY(st, done, cfg_int(path, root, "n_positions", "n_ctx", &c->n_ctx));
+    LP_TRY(st, done, cfg_int(path, root, "vocab_size", NULL, &c->d_vocab));
+    const cJSON *inner = cJSON_GetObjectItemCaseSensitive(root, "n_inner");
+    if (cJSON_IsNumber(inner)) LP_TRY(st, done, cfg_int(path, root, "n_inner", NULL, &c->d_mlp));
+    else c->d_mlp = 4 * c->d_model;
+    if (c->d_model % c->n_heads != 0) {
+        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: n_embd %d is not a multiple of n_head %d", path, c->d_model, c->n_heads);
+        goto done;
+    }
+    c->n_kv_heads = c->n_heads;
+    c->d_head = c->d_model / c->n_heads;
+    const cJSON *eps = cJSON_GetObjectItemCaseSensitive(root, "layer_norm_epsilon");
+    c->ln_eps = cJSON_IsNumber(eps) ? (float)eps->valuedouble : 1e-5f;
+    const cJSON *act = cJSON_GetObjectItemCaseSensitive(root, "activation_function");
+    if (cJSON_IsString(act) && strcmp(act->valuestring, "gelu_new") != 0 &&
+        strcmp(act->valuestring, "gelu_pytorch_tanh") != 0) {
+        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: activation_function '%s' is not supported (gelu_new only)", path,
+                          act->valuestring);
+        goto done;
+    }
+    const cJSON *tie = cJSON_GetObjectItemCaseSensitive(root, "tie_word_embeddings");
+    c->tied_unembed = !cJSON_IsFalse(tie);
+done:
+    cJSON_Delete(root);
+    return st;
+}
+
+/* ---- the weight table ---- */
+
+static void add_param(lp_model *m, const char *name, int64_t r, int64_t cols, size_t *off) {
+    param *p = &m->params[m->n_params_t++];
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->ndim = cols ? 2 : 1;
+    p->shape[0] = r, p->shape[1] = cols;
+    p->offset = *off;
+    *off += (size_t)(r * (cols ? cols : 1) + 31) / 32 * 32; /* keep every tensor 128-byte aligned in f32 */
+}
+
+static size_t build_table(lp_model *m, int own_unembed) {
+    const lp_config *c = &m->cfg;
+    int D = c->d_model, F = c->d_mlp;
+    m->params = calloc(P_FIRST_LAYER + c->n_layers * P_PER_LAYER + 3, sizeof *m->params);
+    size_t off = 0;
+    char nm[96];
+    add_param(m, "wte", c->d_vocab, D, &off);
+    add_param(m, "wpe", c->n_ctx, D, &off);
+    static const char *const names[P_PER_LAYER] = {"ln1.w", "ln1.b", "attn.W_Q", "attn.W_K", "attn.W_V", "attn.b_Q",
+                                                   "attn.b_K", "attn.b_V", "attn.W_O", "attn.b_O", "ln2.w", "ln2.b",
+                                                   "mlp.W_in", "mlp.b_in", "mlp.W_out", "mlp.b_out"};
+    for (int L = 0; L < c->n_layers; L++)
+        for (int k = 0; k < P_PER_LAYER; k++) {
+            snprintf(nm, sizeof nm, "blocks.%d.%s", L, names[k]);
+            int64_t r, cols = 0;
+            switch (k) {
+            case P_WQ: case P_WK: case P_WV: case P_WO: r = D, cols = D; break;
+            case P_WIN: r = D, cols = F; break;
+            case P_WOUT: r = F, cols = D; break;
+            case P_BIN: r = F; break;
+            default: r = D; break;
+            }
+            add_param(m, nm, r, cols, &off);
+        }
+    add_param(m, "ln_final.w", D, 0, &off);
+    add_param(m, "ln_final.b", D, 0, &off);
+    m->unembed = P_WTE; /* tied: wte used transposed */
+    if (own_unembed) {
+        m->unembed = m->n_params_t;
+        add_param(m, "unembed", c->d_vocab, D, &off);
+    }
+    m->n_params = 0;
+    for (int i = 0; i < m->n_params_t; i++) m->n_params += m->params[i].shape[0] * (m->params[i].ndim == 2 ? m->params[i].shape[1] : 1);
+    return off;
+}
+
+/* Copies checkpoint tensor `name` (columns [c0, c0 + p.cols) of it when split) into param idx, as f32. */
+static lp_status load_one(lp_model *m, const lp_st_set *s, const char *prefix, const char *name, int idx, int64_t want_rows,
+                          int64_t want_cols, int64_t c0, float *host) {
+    char full[160];
+    snprintf(full, sizeof full, "%s%s", prefix, name);
+    const lp_st_file *file;
+    const lp_st_tensor *t = lp_st_set_find(s, full, &file);
+    if (!t) LP_FAIL(LP_ERR_NOT_FOUND, "%s: tensor '%s' is missing from the checkpoint", m->path, full);
+    int64_t rows = t->shape[0], cols = t->ndim == 2 ? t->shape[1] : 0;
+    if (t->ndim != (want_cols ? 2 : 1) || rows != want_rows || cols != want_cols) {
+        char got[64], exp[64];
+        int64_t e[2] = {want_rows, want_cols};
+        LP_FAIL(LP_ERR_SHAPE, "%s: tensor '%s' has shape %s but the config needs %s", file->path, full,
+                lp_shape_str(t->shape, t->ndim, got, sizeof got), lp_shape_str(e, want_cols ? 2 : 1, exp, sizeof exp));
+    }
+    if (t->dtype != LP_F32 && t->dtype != LP_F16 && t->dtype != LP_BF16)
+        LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s' has dtype %s (expected F32, F16 or BF16)", file->path, full, lp_dtype_name(t->dtype));
+    const param *p = &m->params[idx];
+    int64_t pr = p->shape[0], pc = p->ndim == 2 ? p->shape[1] : 1, src_cols = want_cols ? want_cols : 1;
+    size_t es = lp_dtype_size(t->dtype);
+    float *dst = host + p->offset;
+    for (int64_t r = 0; r < pr; r++)
+        LP_CHECK(lp_convert_host(dst + r * pc, LP_F32, (const char *)t->data + ((size_t)r * src_cols + c0) * es, t->dtype, (size_t)pc));
+    return LP_OK;
+}
+
+lp_status lp_gpt2_load(lp_model *m, const char *dir) {
+    LP_CHECK(read_config(m, dir));
+    lp_st_set s;
+    LP_CHECK(lp_st_set_open(&s, dir));
+    lp_status st = LP_OK;
+    float *host = NULL;
+    /* hub files have no prefix; save_pretrained of GPT2LMHeadModel writes "transformer." */
+    const char *prefix = lp_st_set_find(&s, "transformer.wte.weight", NULL) ? "transformer." : "";
+    int own_unembed = !m->cfg.tied_unembed && lp_st_set_find(&s, "lm_head.weight", NULL);
+    size_t total = build_table(m, own_unembed);
+    host = malloc(total * sizeof(float));
+    if (!host) LP_TRY(st, done, lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for %zu weights", total));
+    const lp_config *c = &m->cfg;
+    int D = c->d_model, F = c->d_mlp;
+    char nm[128];
+    LP_TRY(st, done, load_one(m, &s, prefix, "wte.weight", P_WTE, c->d_vocab, D, 0, host));
+    LP_TRY(st, done, load_one(m, &s, prefix, "wpe.weight", P_WPE, c->n_ctx, D, 0, host));
+    for (int L = 0; L < c->n_layers; L++) {
+        int base = P_FIRST_LAYER + L * P_PER_LAYER;
+#define LOAD(suffix, k, r, cols, c0)                                                                     \
+    do {                                                                                                 \
+        snprintf(nm, sizeof nm, "h.%d.%s", L, suffix);                                                   \
+        LP_TRY(st, done, load_one(m, &s, prefix, nm, base + (k), r, cols, c0, host));                    \
+    } while (0)
+        LOAD("ln_1.weight", P_LN1_W, D, 0, 0);
+        LOAD("ln_1.bias", P_LN1_B, D, 0, 0);
+        LOAD("attn.c_attn.weight", P_WQ, D, 3 * D, 0);
+        LOAD("attn.c_attn.weight", P_WK, D, 3 * D, D);
+        LOAD("attn.c_attn.weight", P_WV, D, 3 * D, 2 * D);
+        LOAD("attn.c_attn.bias", P_BQ, 3 * D, 0, 0);
+        LOAD("attn.c_attn.bias", P_BK, 3 * D, 0, D);
+        LOAD("attn.c_attn.bias", P_BV, 3 * D, 0, 2 * D);
+        LOAD("attn.c_proj.weight", P_WO, D, D, 0);
+        LOAD("attn.c_proj.bias", P_BO, D, 0, 0);
+        LOAD("ln_2.weight", P_LN2_W, D, 0, 0);
+        LOAD("ln_2.bias", P_LN2_B, D, 0, 0);
+        LOAD("mlp.c_fc.weight", P_WIN, D, F, 0);
+        LOAD("mlp.c_fc.bias", P_BIN, F, 0, 0);
+        LOAD("mlp.c_proj.weight", P_WOUT, F, D, 0);
+        LOAD("mlp.c_proj.bias", P_BOUT, D, 0, 0);
+#undef LOAD
+    }
+    LP_TRY(st, done, load_one(m, &s, prefix, "ln_f.weight", lnf_w(m), D, 0, 0, host));
+    LP_TRY(st, done, load_one(m, &s, prefix, "ln_f.bias", lnf_w(m) + 1, D, 0, 0, host));
+    if (own_unembed) LP_TRY(st, done, load_one(m, &s, "", "lm_head.weight", lnf_w(m) + 2, c->d_vocab, D, 0, host));
+    /* one allocation for all weights, in the context's dtype */
+    size_t bytes = total * lp_act_size(m);
+    LP_TRY(st, done, lp_ctx_alloc(&m->ctx, bytes, &m->weights));
+    if (m->ctx.device == LP_CPU) {
+        memcpy(m->weights, host, bytes);
+    } else {
+        void *conv = malloc(bytes);
+        st = conv ? lp_convert_host(conv, m->ctx.dtype, host, LP_F32, total) : LP_ERR_OOM;
+        if (st == LP_OK) st = lp_ctx_to_device(&m->ctx, m->weights, conv, bytes);
+        free(conv);
+    }
+done:
+    free(host);
+    lp_st_set_close(&s);
+    return st;
+}
+
+/* ---- activations ---- */
+
+/* Buffers of one forward, for B x T; scores and pattern only when a hook wants them. */
+static size_t layout(lp_model *m, int B, int T, int carve) {
+    const lp_config *c = &m->cfg;
+    size_t N = (size_t)B * T, D = c->d_model, es = lp_act_size(m), off = 0;
+    /* [B,H,T,T] buffers exist only while a hook asks for scores or pattern */
+    size_t attn_mat = lp_hooks_want_attn_mats(m) ? (size_t)B * c->n_heads * T * T * es : 0;
+    size_t kvD = (size_t)c->n_kv_heads * c->d_head;
+    size_t rows = N < 1 ? 1 : N;
+    size_t lrows = (size_t)(64u << 20) / ((size_t)c->d_vocab * es); /* logits chunk: at most 64 MiB */
+    if (lrows < 1) lrows = 1;
+    if (lrows > rows) lrows = rows;
+    struct { void **p; size_t bytes; } bufs[] = {
+        {&m->resid, N * D * es}, {&m->ln_out, N * D * es}, {&m->ln_norm, N * D * es}, {&m->ln_scale, N * es},
+        {&m->q, N * D * es}, {&m->k, N * kvD * es}, {&m->v, N * kvD * es},
+        {&m->scores, attn_mat}, {&m->pattern, attn_mat},
+        {&m->z, N * D * es}, {&m->attn_out, N * D * es}, {&m->mlp_pre, N * c->d_mlp * es},
+        {&m->mlp_post, N * c->d_mlp * es}, {&m->mlp_out, N * D * es}, {&m->pos_buf, N * D * es},
+        {&m->logits, lrows * c->d_vocab * es}, {(void **)&m->tok_dev, N * 4}, {(void **)&m->tgt_dev, N * 4},
+        {(void **)&m->loss_dev, N * 4},
+    };
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) {
+        if (carve) *bufs[i].p = (char *)m->acts + off;
+        off += (bufs[i].bytes + 255) / 256 * 256;
+    }
+    if (carve) m->logit_rows = (int)lrows, m->acts_attn_mats = attn_mat > 0;
+    return off;
+}
+
+size_t lp_gpt2_act_bytes(const lp_model *m, int B, int T) { return layout((lp_model *)m, B, T, 0); }
+void lp_gpt2_carve(lp_model *m, int B, int T) { layout(m, B, T, 1); }
+
+/* ---- forward ---- */
+
+#define SITE(kind, layer, buf) LP_CHECK(lp_hook_site(m, lp_hook_id(m, (kind), (layer)), (buf)))
+#define ACTIVE(kind, layer) lp_hook_active(m, lp_hook_id(m, (kind), (layer)))
+
+/* LayerNorm of x into m->ln_out, with hook_scale and hook_normalized sites. */
+static lp_status layer_norm(lp_model *m, const void *x, const void *w, const void *b, int k_scale, int k_norm, int L, int N) {
+    lp_ctx *c = &m->ctx;
+    int D = m->cfg.d_model;
+    LP_CHECK(lp_ln_scale(c, m->ln_scale, x, N, D, m->cfg.ln_eps));
+    SITE(k_scale, L, m->ln_scale);
+    if (ACTIVE(k_norm, L)) { /* materialise the normalized value only when someone hooks it */
+        LP_CHECK(lp_ln_apply(c, m->ln_norm, x, m->ln_scale, NULL, NULL, N, D));
+        SITE(k_norm, L, m->ln_norm);
+        return lp_affine(c, m->ln_out, m->ln_norm, w, b, N, D);
+    }
+    return lp_ln_apply(c, m->ln_out, x, m->ln_scale, w, b, N, D);
+}
+
+lp_status lp_gpt2_forward(lp_model *m, int B, int T, int want) {
+    lp_ctx *c = &m->ctx;
+    const lp_config *cf = &m->cfg;
+    int N = B * T, D = cf->d_model, H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head;
+    int last = (want & (LP_WANT_LOSS | LP_WANT_LOGITS)) ? cf->n_layers : lp_hooks_last_layer(m);
+
+    LP_CHECK(lp_embed(c, m->resid, m->tok_dev, W(m, P_WTE), N, D));
+    SITE(HK_EMBED, 0, m->resid);
+    LP_CHECK(lp_pos_embed(c, m->pos_buf, W(m, P_WPE), B, T, D));
+    SITE(HK_POS_EMBED, 0, m->pos_buf);
+    LP_CHECK(lp_add(c, m->resid, m->resid, m->pos_buf, (size_t)N * D));
+
+    for (int L = 0; L < cf->n_layers && L <= last; L++) {
+        SITE(HK_RESID_PRE, L, m->resid);
+        LP_CHECK(layer_norm(m, m->resid, LW(m, L, P_LN1_W), LW(m, L, P_LN1_B), HK_LN1_SCALE, HK_LN1_NORM, L, N));
+        LP_CHECK(lp_matmul(c, m->q, m->ln_out, LW(m, L, P_WQ), LW(m, L, P_BQ), N, D, D, 0));
+        LP_CHECK(lp_matmul(c, m->k, m->ln_out, LW(m, L, P_WK), LW(m, L, P_BK), N, D, Hkv * dh, 0));
+        LP_CHECK(lp_matmul(c, m->v, m->ln_out, LW(m, L, P_WV), LW(m, L, P_BV), N, D, Hkv * dh, 0));
+        SITE(HK_Q, L, m->q);
+        SITE(HK_K, L, m->k);
+        SITE(HK_V, L, m->v);
+        if (ACTIVE(HK_SCORES, L) || ACTIVE(HK_PATTERN, L)) {
+            LP_CHECK(lp_attn_scores(c, m->scores, m->q, m->k, B, T, H, Hkv, dh));
+            SITE(HK_SCORES, L, m->scores);
+            LP_CHECK(lp_softmax_rows(c, m->pattern, m->scores, (size_t)B * H * T, T));
+            SITE(HK_PATTERN, L, m->pattern);
+            LP_CHECK(lp_attn_apply(c, m->z, m->pattern, m->v, B, T, H, Hkv, dh));
+        } else {
+            LP_CHECK(lp_attention(c, m->z, m->q, m->k, m->v, B, T, H, Hkv, dh));
+        }
+        SITE(HK_Z, L, m->z);
+        LP_CHECK(lp_matmul(c, m->attn_out, m->z, LW(m, L, P_WO), LW(m, L, P_BO), N, D, D, 0));
+        SITE(HK_ATTN_OUT, L, m->attn_out);
+        LP_CHECK(lp_add(c, m->resid, m->resid, m->attn_out, (size_t)N * D));
+        SITE(HK_RESID_MID, L, m->resid);
+        LP_CHECK(layer_norm(m, m->resid, LW(m, L, P_LN2_W), LW(m, L, P_LN2_B), HK_LN2_SCALE, HK_LN2_NORM, L, N));
+        LP_CHECK(lp_matmul(c, m->mlp_pre, m->ln_out, LW(m, L, P_WIN), LW(m, L, P_BIN), N, D, cf->d_mlp, 0));
+        SITE(HK_MLP_PRE, L, m->mlp_pre);
+        LP_CHECK(lp_gelu(c, m->mlp_post, m->mlp_pre, (size_t)N * cf->d_mlp));
+        SITE(HK_MLP_POST, L, m->mlp_post);
+        LP_CHECK(lp_matmul(c, m->mlp_out, m->mlp_post, LW(m, L, P_WOUT), LW(m, L, P_BOUT), N, cf->d_mlp, D, 0));
+        SITE(HK_MLP_OUT, L, m->mlp_out);
+        LP_CHECK(lp_add(c, m->resid, m->resid, m->mlp_out, (size_t)N * D));
+        SITE(HK_RESID_POST, L, m->resid);
+    }
+    if (last < cf->n_layers) return LP_OK;
+
+    LP_CHECK(layer_norm(m, m->resid, W(m, lnf_w(m)), W(m, lnf_w(m) + 1), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
+    if (!(want & (LP_WANT_LOSS | LP_WANT_LOGITS))) return LP_OK;
+    /* unembed in row chunks so that B x T x V logits never need to exist at once */
+    const void *wu = W(m, m->unembed);
+    size_t es = lp_act_size(m);
+    for (int r0 = 0; r0 < N; r0 += m->logit_rows) {
+        int rows = N - r0 < m->logit_rows ? N - r0 : m->logit_rows;
+        const char *x = (const char *)m->ln_out + (size_t)r0 * D * es;
+        lp_status st = lp_matmul(c, m->logits, x, wu, NULL, rows, D, cf->d_vocab, 1);
+        if (st == LP_OK && (want & LP_WANT_LOSS))
+            st = lp_cross_entropy(c, m->loss_dev + r0, m->logits, m->tgt_dev + r0, rows, cf->d_vocab);
+        if (st == LP_OK && (want & LP_WANT_LOGITS)) {
+            float *dst = m->logits_host + (size_t)r0 * cf->d_vocab;
+            size_t n = (size_t)rows * cf->d_vocab;
+            if (c->device == LP_CPU) {
+                memcpy(dst, m->logits, n * sizeof(float));
+            } else {
+                st = lp_ctx_to_host(c, m->logit_stage, m->logits, n * es);
+                if (st == LP_OK) st = lp_convert_host(dst, LP_F32, m->logit_stage, c->dtype, n);
+            }
+        }
+        LP_CHECK(st);
+    }
+    return LP_OK;
+}

@@ -1,0 +1,355 @@
+/* hooks.c: the hook table (TransformerLens names and shapes), capture and edit
+ * registration, and the hook site that the forward calls at every named point. */
+#include <fnmatch.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model_internal.h"
+
+static const char *const g_layer_names[HK_PER_LAYER] = {
+    [HK_RESID_PRE] = "hook_resid_pre",     [HK_LN1_SCALE] = "ln1.hook_scale",
+    [HK_LN1_NORM] = "ln1.hook_normalized", [HK_Q] = "attn.hook_q",
+    [HK_K] = "attn.hook_k",                [HK_V] = "attn.hook_v",
+    [HK_SCORES] = "attn.hook_attn_scores", [HK_PATTERN] = "attn.hook_pattern",
+    [HK_Z] = "attn.hook_z",                [HK_ATTN_OUT] = "hook_attn_out",
+    [HK_RESID_MID] = "hook_resid_mid",     [HK_LN2_SCALE] = "ln2.hook_scale",
+    [HK_LN2_NORM] = "ln2.hook_normalized", [HK_MLP_PRE] = "mlp.hook_pre",
+    [HK_MLP_POST] = "mlp.hook_post",       [HK_MLP_OUT] = "hook_mlp_out",
+    [HK_RESID_POST] = "hook_resid_post",
+};
+
+size_t lp_act_size(const lp_model *m) { return lp_dtype_size(m->ctx.dtype); }
+
+static void set_view(hook *h, const lp_config *c) {
+    h->H = 1, h->E = c->d_model, h->head_outer = 0, h->e_is_pos = 0;
+    switch (h->kind) {
+    case HK_LN1_SCALE: case HK_LN2_SCALE: case HK_LNF_SCALE: h->E = 1; break;
+    case HK_Q: case HK_Z: h->H = c->n_heads, h->E = c->d_head; break;
+    case HK_K: case HK_V: h->H = c->n_kv_heads, h->E = c->d_head; break;
+    case HK_SCORES: case HK_PATTERN: h->H = c->n_heads, h->head_outer = 1, h->e_is_pos = 1; break;
+    case HK_MLP_PRE: case HK_MLP_POST: h->E = c->d_mlp; break;
+    default: break;
+    }
+}
+
+lp_status lp_hooks_init(lp_model *m) {
+    const lp_config *c = &m->cfg;
+    m->n_hooks = 2 + HK_PER_LAYER * c->n_layers + 2;
+    m->hooks = calloc(m->n_hooks, sizeof *m->hooks);
+    if (!m->hooks) LP_FAIL(LP_ERR_OOM, "out of memory for hooks");
+    int i = 0;
+    m->hooks[i++] = (hook){.name = "hook_embed", .kind = HK_EMBED, .layer = 0};
+    m->hooks[i++] = (hook){.name = "hook_pos_embed", .kind = HK_POS_EMBED, .layer = 0};
+    for (int L = 0; L < c->n_layers; L++)
+        for (int k = 0; k < HK_PER_LAYER; k++, i++) {
+            snprintf(m->hooks[i].name, sizeof m->hooks[i].name, "blocks.%d.%s", L, g_layer_names[k]);
+            m->hooks[i].kind = k, m->hooks[i].layer = L;
+        }
+    m->hooks[i++] = (hook){.name = "ln_final.hook_scale", .kind = HK_LNF_SCALE, .layer = c->n_layers};
+    m->hooks[i++] = (hook){.name = "ln_final.hook_normalized", .kind = HK_LNF_NORM, .layer = c->n_layers};
+    for (i = 0; i < m->n_hooks; i++) set_view(&m->hooks[i], c);
+    return LP_OK;
+}
+
+int lp_hook_id(const lp_model *m, int kind, int layer) {
+    switch (kind) {
+    case HK_EMBED: return 0;
+    case HK_POS_EMBED: return 1;
+    case HK_LNF_SCALE: return m->n_hooks - 2;
+    case HK_LNF_NORM: return m->n_hooks - 1;
+    default: return 2 + layer * HK_PER_LAYER + kind;
+    }
+}
+
+int lp_hook_count(const lp_model *m) { return m->n_hooks; }
+const char *lp_hook_name(const lp_model *m, int id) { return id >= 0 && id < m->n_hooks ? m->hooks[id].name : NULL; }
+
+int lp_hook_find(const lp_model *m, const char *name) {
+    for (int i = 0; i < m->n_hooks; i++)
+        if (strcmp(m->hooks[i].name, name) == 0) return i;
+    return -1;
+}
+
+/* Shape with P positions (T, or the number of captured positions) and T keys. */
+static int shape_of(const hook *h, int B, int P, int T, int64_t *s) {
+    if (h->head_outer) {
+        s[0] = B, s[1] = h->H, s[2] = P, s[3] = T;
+        return 4;
+    }
+    s[0] = B, s[1] = P;
+    if (h->H > 1 || h->kind == HK_Q || h->kind == HK_K || h->kind == HK_V || h->kind == HK_Z) {
+        s[2] = h->H, s[3] = h->E;
+        return 4;
+    }
+    s[2] = h->E;
+    return 3;
+}
+
+int lp_hook_shape(const lp_model *m, int id, int B, int T, int64_t shape[LP_MAX_DIMS]) {
+    return shape_of(&m->hooks[id], B, T, T, shape);
+}
+
+static lp_view view_of(const hook *h, int B, int T) {
+    return (lp_view){.B = B, .P = T, .H = h->H, .E = h->e_is_pos ? T : h->E, .head_outer = h->head_outer};
+}
+
+/* Calls fn on every hook matching the pattern; fails if none does. */
+static lp_status for_matches(lp_model *m, const char *pat, lp_status (*fn)(lp_model *, hook *, const void *),
+                             const void *arg, int *n_matched) {
+    int n = 0;
+    int glob = strpbrk(pat, "*?[") != NULL;
+    for (int i = 0; i < m->n_hooks; i++) {
+        if (glob ? fnmatch(pat, m->hooks[i].name, 0) != 0 : strcmp(pat, m->hooks[i].name) != 0) continue;
+        LP_CHECK(fn(m, &m->hooks[i], arg));
+        n++;
+    }
+    if (n_matched) *n_matched = n;
+    if (n == 0) {
+        if (glob) LP_FAIL(LP_ERR_NOT_FOUND, "hook pattern '%s' matches no hook point (see `loupe info MODEL`)", pat);
+        LP_FAIL(LP_ERR_NOT_FOUND, "unknown hook '%s' (see `loupe info MODEL` for the names)", pat);
+    }
+    m->any_hook_dirty = 1;
+    return LP_OK;
+}
+
+typedef struct { const int *pos; int npos; } cap_arg;
+
+static lp_status add_capture(lp_model *m, hook *h, const void *arg) {
+    const cap_arg *a = arg;
+    free(h->cap_pos);
+    h->cap_pos = NULL, h->cap_npos = 0;
+    if (a->pos && a->npos > 0) {
+        for (int i = 0; i < a->npos; i++)
+            if (a->pos[i] < 0 || a->pos[i] >= m->cfg.n_ctx)
+                LP_FAIL(LP_ERR_ARG, "capture of %s: position %d is outside the context [0, %d)", h->name, a->pos[i],
+                        m->cfg.n_ctx);
+        h->cap_pos = malloc(a->npos * sizeof(int));
+        memcpy(h->cap_pos, a->pos, a->npos * sizeof(int));
+        h->cap_npos = a->npos;
+    }
+    h->capture = 1;
+    return LP_OK;
+}
+
+lp_status lp_hook_capture(lp_model *m, const char *pat, const int *pos, int npos, int *n_matched) {
+    cap_arg a = {pos, npos};
+    return for_matches(m, pat, add_capture, &a, n_matched);
+}
+
+static lp_status add_edit(lp_model *m, hook *h, const void *arg) {
+    const lp_edit_spec *s = arg;
+    int has_heads = h->H > 1 || h->kind == HK_Q || h->kind == HK_K || h->kind == HK_V || h->kind == HK_Z || h->head_outer;
+    if (s->heads && s->nheads > 0 && !has_heads) LP_FAIL(LP_ERR_ARG, "edit of %s: this hook has no head axis", h->name);
+    for (int i = 0; s->heads && i < s->nheads; i++)
+        if (s->heads[i] < 0 || s->heads[i] >= h->H)
+            LP_FAIL(LP_ERR_ARG, "edit of %s: head %d is outside [0, %d)", h->name, s->heads[i], h->H);
+    for (int i = 0; s->pos && i < s->npos; i++)
+        if (s->pos[i] < 0 || s->pos[i] >= m->cfg.n_ctx)
+            LP_FAIL(LP_ERR_ARG, "edit of %s: position %d is outside the context [0, %d)", h->name, s->pos[i], m->cfg.n_ctx);
+    if (!s->fn && (s->kind == LP_EDIT_SET || s->kind == LP_EDIT_ADD)) {
+        size_t per_tok = (size_t)h->H * (h->e_is_pos ? 0 : h->E);
+        if (h->e_is_pos) LP_FAIL(LP_ERR_ARG, "edit of %s: mean/steer vectors are not supported on attention patterns", h->name);
+        if (!s->src || s->src_len != per_tok)
+            LP_FAIL(LP_ERR_SHAPE, "edit of %s: vector has %zu values, the hook has %zu per position", h->name, s->src_len, per_tok);
+    }
+    if (!s->fn && s->kind == LP_EDIT_PATCH && (!s->src || s->src_len == 0))
+        LP_FAIL(LP_ERR_ARG, "edit of %s: patch needs the source activation", h->name);
+    edit *e = calloc(1, sizeof *e);
+    e->spec = *s;
+    if (s->src && s->src_len) {
+        e->src_host = malloc(s->src_len * sizeof(float));
+        memcpy(e->src_host, s->src, s->src_len * sizeof(float));
+    }
+    if (s->pos && s->npos > 0) {
+        e->mask_len = m->cfg.n_ctx;
+        e->pos_mask_host = calloc(e->mask_len, 1);
+        for (int i = 0; i < s->npos; i++) e->pos_mask_host[s->pos[i]] = 1;
+    }
+    if (s->heads && s->nheads > 0) {
+        e->head_mask_host = calloc(h->H, 1);
+        for (int i = 0; i < s->nheads; i++) e->head_mask_host[s->heads[i]] = 1;
+    }
+    e->spec.src = NULL, e->spec.pos = NULL, e->spec.heads = NULL; /* only the owned copies are used */
+    edit **tail = &h->edits;
+    while (*tail) tail = &(*tail)->next;
+    *tail = e;
+    return LP_OK;
+}
+
+lp_status lp_hook_edit(lp_model *m, const char *pat, const lp_edit_spec *spec) {
+    return for_matches(m, pat, add_edit, spec, NULL);
+}
+
+static void free_device(lp_model *m, hook *h) {
+    lp_ctx *c = &m->ctx;
+    if (c->device == LP_CUDA) {
+        lp_ctx_release(c, h->cap_dev);
+        lp_ctx_release(c, h->cap_pos_dev);
+    }
+    lp_ctx_release_host(c, h->cap_host);
+    h->cap_dev = h->cap_pos_dev = h->cap_host = NULL;
+    h->cap_bytes_max = 0;
+    for (edit *e = h->edits; e; e = e->next) {
+        if (c->device == LP_CUDA) {
+            lp_ctx_release(c, e->src_dev);
+            lp_ctx_release(c, e->pos_mask_dev);
+            lp_ctx_release(c, e->head_mask_dev);
+        } else {
+            free(e->src_dev);
+        }
+        e->src_dev = e->pos_mask_dev = e->head_mask_dev = NULL;
+    }
+}
+
+void lp_hooks_clear(lp_model *m) {
+    for (int i = 0; i < m->n_hooks; i++) {
+        hook *h = &m->hooks[i];
+        free_device(m, h);
+        free(h->cap_pos);
+        h->cap_pos = NULL, h->cap_npos = 0, h->capture = 0;
+        for (edit *e = h->edits, *n; e; e = n) {
+            n = e->next;
+            free(e->src_host);
+            free(e->pos_mask_host);
+            free(e->head_mask_host);
+            free(e);
+        }
+        h->edits = NULL;
+    }
+    m->any_hook_dirty = 1;
+}
+
+void lp_hooks_free(lp_model *m) {
+    if (!m->hooks) return;
+    lp_hooks_clear(m);
+    free(m->hooks);
+    m->hooks = NULL;
+}
+
+/* Uploads host data to the device in the act dtype (or keeps F32 on the CPU). */
+static lp_status upload_act(lp_model *m, const float *src, size_t n, void **dst) {
+    lp_ctx *c = &m->ctx;
+    if (c->device == LP_CPU) {
+        *dst = malloc(n * sizeof(float));
+        memcpy(*dst, src, n * sizeof(float));
+        return LP_OK;
+    }
+    size_t bytes = n * lp_act_size(m);
+    void *tmp = malloc(bytes);
+    lp_status st = lp_convert_host(tmp, c->dtype, src, LP_F32, n);
+    if (st == LP_OK) st = lp_ctx_alloc(c, bytes, dst);
+    if (st == LP_OK) st = lp_ctx_to_device(c, *dst, tmp, bytes);
+    free(tmp);
+    return st;
+}
+
+static lp_status upload_bytes(lp_model *m, const void *src, size_t n, void **dst) {
+    LP_CHECK(lp_ctx_alloc(&m->ctx, n, dst));
+    return lp_ctx_to_device(&m->ctx, *dst, src, n);
+}
+
+lp_status lp_hooks_prepare(lp_model *m) {
+    lp_ctx *c = &m->ctx;
+    int B = m->B_max, T = m->T_max;
+    for (int i = 0; i < m->n_hooks; i++) {
+        hook *h = &m->hooks[i];
+        free_device(m, h);
+        if (h->capture) {
+            int64_t s[LP_MAX_DIMS];
+            int nd = shape_of(h, B, h->cap_pos ? h->cap_npos : T, T, s);
+            h->cap_bytes_max = (size_t)lp_shape_numel(s, nd) * lp_act_size(m);
+            LP_CHECK(lp_ctx_alloc_host(c, h->cap_bytes_max, &h->cap_host));
+            if (c->device == LP_CUDA) LP_CHECK(lp_ctx_alloc(c, h->cap_bytes_max, &h->cap_dev));
+            if (h->cap_pos) {
+                if (c->device == LP_CUDA) LP_CHECK(upload_bytes(m, h->cap_pos, h->cap_npos * sizeof(int32_t), &h->cap_pos_dev));
+                else h->cap_pos_dev = h->cap_pos;
+            }
+        }
+        for (edit *e = h->edits; e; e = e->next) {
+            if (e->src_host) LP_CHECK(upload_act(m, e->src_host, e->spec.src_len, &e->src_dev));
+            if (c->device == LP_CUDA) {
+                if (e->pos_mask_host) LP_CHECK(upload_bytes(m, e->pos_mask_host, e->mask_len, &e->pos_mask_dev));
+                if (e->head_mask_host) LP_CHECK(upload_bytes(m, e->head_mask_host, h->H, &e->head_mask_dev));
+            } else {
+                e->pos_mask_dev = e->pos_mask_host, e->head_mask_dev = e->head_mask_host;
+            }
+        }
+    }
+    m->any_hook_dirty = 0;
+    return LP_OK;
+}
+
+int lp_hooks_last_layer(const lp_model *m) {
+    int last = -1;
+    for (int i = 0; i < m->n_hooks; i++)
+        if (lp_hook_active(m, i) && m->hooks[i].layer > last) last = m->hooks[i].layer;
+    return last;
+}
+
+lp_status lp_hook_site(lp_model *m, int id, void *act) {
+    hook *h = &m->hooks[id];
+    if (!h->capture && !h->edits) return LP_OK;
+    lp_ctx *c = &m->ctx;
+    int B = m->B, T = m->T;
+    lp_view v = view_of(h, B, T);
+    size_t n = (size_t)v.B * v.P * v.H * v.E;
+    for (edit *e = h->edits; e; e = e->next) {
+        if (e->spec.fn) {
+            lp_tensor t = {.data = act, .dtype = c->dtype, .device = c->device};
+            t.ndim = shape_of(h, B, T, T, t.shape);
+            lp_status st = e->spec.fn(h->name, &t, e->spec.user);
+            if (st != LP_OK) return st;
+            continue;
+        }
+        if (e->spec.kind == LP_EDIT_PATCH && e->spec.src_len != n)
+            LP_FAIL(LP_ERR_SHAPE, "patch of %s: source has %zu values, this batch's activation has %zu", h->name,
+                    e->spec.src_len, n);
+        LP_CHECK(lp_edit_apply(c, act, v, e->spec.kind, e->src_dev, e->spec.coef, e->pos_mask_dev, e->head_mask_dev));
+    }
+    if (!h->capture) return LP_OK;
+    size_t bytes;
+    if (h->cap_pos) {
+        for (int i = 0; i < h->cap_npos; i++)
+            if (h->cap_pos[i] >= T)
+                LP_FAIL(LP_ERR_ARG, "capture of %s: position %d is outside this batch's %d positions", h->name, h->cap_pos[i], T);
+        bytes = n / v.P * h->cap_npos * lp_act_size(m);
+        void *dst = c->device == LP_CUDA ? h->cap_dev : h->cap_host;
+        LP_CHECK(lp_gather_pos(c, dst, act, v, h->cap_pos_dev, h->cap_npos));
+    } else {
+        bytes = n * lp_act_size(m);
+        if (c->device == LP_CUDA) LP_CHECK(lp_ctx_copy(c, h->cap_dev, act, bytes));
+        else memcpy(h->cap_host, act, bytes);
+    }
+    if (c->device == LP_CUDA) LP_CHECK(lp_ctx_to_host_async(c, h->cap_host, h->cap_dev, bytes));
+    return LP_OK;
+}
+
+int lp_hooks_want_attn_mats(const lp_model *m) {
+    for (int L = 0; L < m->cfg.n_layers; L++)
+        if (lp_hook_active(m, lp_hook_id(m, HK_SCORES, L)) || lp_hook_active(m, lp_hook_id(m, HK_PATTERN, L))) return 1;
+    return 0;
+}
+
+lp_status lp_hooks_finish(lp_model *m) { return lp_ctx_sync(&m->ctx); }
+
+lp_status lp_capture_get(lp_model *m, const char *name, lp_tensor *out) {
+    int id = lp_hook_find(m, name);
+    if (id < 0) LP_FAIL(LP_ERR_NOT_FOUND, "unknown hook '%s'", name);
+    hook *h = &m->hooks[id];
+    if (!h->capture || !h->cap_host || m->B == 0) LP_FAIL(LP_ERR_NOT_FOUND, "hook '%s' was not captured in the last forward", name);
+    memset(out, 0, sizeof *out);
+    out->data = h->cap_host;
+    out->dtype = m->ctx.dtype;
+    out->device = LP_CPU;
+    out->ndim = shape_of(h, m->B, h->cap_pos ? h->cap_npos : m->T, m->T, out->shape);
+    return LP_OK;
+}
+
+lp_status lp_capture_read_f32(lp_model *m, const char *name, float *dst, size_t n) {
+    lp_tensor t;
+    LP_CHECK(lp_capture_get(m, name, &t));
+    size_t have = (size_t)lp_shape_numel(t.shape, t.ndim);
+    if (n != have) LP_FAIL(LP_ERR_SHAPE, "capture of %s has %zu values, asked for %zu", name, have, n);
+    return lp_convert_host(dst, LP_F32, t.data, t.dtype, n);
+}

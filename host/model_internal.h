@@ -1,0 +1,108 @@
+/* model_internal.h: what the model files share: the hook table, the per-hook
+ * capture and edit state, and the activation buffers of one forward. */
+#ifndef LOUPE_MODEL_INTERNAL_H
+#define LOUPE_MODEL_INTERNAL_H
+
+#include "loupe/hooks.h"
+#include "loupe/model.h"
+
+/* Hook kinds inside a block, in forward order; the model-level ones follow. */
+enum {
+    HK_RESID_PRE, HK_LN1_SCALE, HK_LN1_NORM, HK_Q, HK_K, HK_V, HK_SCORES, HK_PATTERN, HK_Z,
+    HK_ATTN_OUT, HK_RESID_MID, HK_LN2_SCALE, HK_LN2_NORM, HK_MLP_PRE, HK_MLP_POST, HK_MLP_OUT,
+    HK_RESID_POST, HK_PER_LAYER,
+    HK_EMBED = HK_PER_LAYER, HK_POS_EMBED, HK_LNF_SCALE, HK_LNF_NORM,
+};
+
+typedef struct edit {
+    lp_edit_spec spec; /* arrays below are owned copies */
+    float *src_host;
+    void *src_dev;     /* act dtype on the device, uploaded at prepare */
+    uint8_t *pos_mask_host, *head_mask_host;
+    void *pos_mask_dev, *head_mask_dev;
+    int mask_len;      /* positions covered by pos_mask_host */
+    struct edit *next;
+} edit;
+
+typedef struct hook {
+    char name[64];
+    int kind, layer;     /* layer = n_layers for ln_final */
+    /* view per token: positions are P = T (or queries), heads H, inner E */
+    int H, E, head_outer, e_is_pos; /* e_is_pos: E equals T (key positions) */
+    int capture;
+    int *cap_pos;        /* NULL: all positions */
+    int cap_npos;
+    void *cap_pos_dev;   /* int32 on the device */
+    void *cap_dev;       /* device staging (CUDA only) */
+    void *cap_host;      /* host buffer, act dtype */
+    size_t cap_bytes_max;
+    edit *edits;
+} hook;
+
+/* One named weight: where it lives in the weight allocation. */
+typedef struct param {
+    char name[96];
+    int ndim;
+    int64_t shape[2];
+    size_t offset; /* in elements */
+} param;
+
+struct lp_model {
+    lp_config cfg;
+    lp_ctx ctx;
+    char path[1024];
+    /* weights: one allocation on the device, carved by the param table */
+    param *params;
+    int n_params_t;
+    int64_t n_params;
+    void *weights;
+    /* hooks */
+    hook *hooks;
+    int n_hooks;
+    int any_hook_dirty;
+    /* activations, sized for B_max x T_max: one allocation */
+    int B_max, T_max;
+    void *acts;
+    size_t acts_bytes;
+    void *resid, *ln_out, *ln_norm, *ln_scale, *q, *k, *v, *scores, *pattern, *z, *attn_out, *mlp_pre,
+        *mlp_post, *mlp_out, *logits, *pos_buf;
+    int32_t *tok_dev, *tgt_dev;
+    float *loss_dev;
+    int logit_rows;       /* rows of logits computed per chunk */
+    int acts_attn_mats;   /* whether scores and pattern buffers are reserved */
+    int unembed;          /* param index of the unembedding ([V, D], used transposed) */
+    int32_t *tgt_host;    /* [B_max*T_max] staging for targets */
+    float *loss_stage;    /* [B_max*T_max] staging for per-position losses */
+    void *logit_stage;    /* one chunk of logits in the act dtype, for the GPU's copy back */
+    /* results of the last forward, on the host */
+    int B, T;
+    float *logits_host, *losses_host;
+    size_t logits_rows; /* rows logits_host can hold */
+    int have_logits, have_losses;
+};
+
+size_t lp_act_size(const lp_model *m); /* bytes per activation element */
+lp_status lp_hooks_init(lp_model *m);
+void lp_hooks_free(lp_model *m);
+/* Allocation and upload of capture buffers, masks and edit sources for B_max x T_max. */
+lp_status lp_hooks_prepare(lp_model *m);
+/* Whether the hook is captured or edited. */
+static inline int lp_hook_active(const lp_model *m, int id) { return m->hooks[id].capture || m->hooks[id].edits; }
+/* Index of (kind, layer). */
+int lp_hook_id(const lp_model *m, int kind, int layer);
+/* The last layer any hook touches (-1: none; n_layers: ln_final). */
+int lp_hooks_last_layer(const lp_model *m);
+/* Runs the edits, then the capture, of hook id on activation act of the current batch. */
+lp_status lp_hook_site(lp_model *m, int id, void *act);
+/* Waits for capture copies of the last forward. */
+lp_status lp_hooks_finish(lp_model *m);
+
+/* Architecture entry points (host/gpt2.c). */
+lp_status lp_gpt2_load(lp_model *m, const char *dir);
+lp_status lp_gpt2_forward(lp_model *m, int B, int T, int want);
+/* Whether any hook needs the [B,H,T,T] score and pattern buffers. */
+int lp_hooks_want_attn_mats(const lp_model *m);
+size_t lp_gpt2_act_bytes(const lp_model *m, int B, int T);
+void lp_gpt2_carve(lp_model *m, int B, int T);
+
+#endif

@@ -1,0 +1,114 @@
+/* ops.c: the one dispatch point for every op in include/loupe/ops.h.
+ * Checks arguments once, then calls the CPU reference (host/cpu/) or the CUDA
+ * kernel (kernels/) by the context's device. */
+#include "loupe/ops.h"
+#include "ops_internal.h"
+
+#define NEED(cond, ...)                                                                       \
+    do {                                                                                      \
+        if (!(cond)) LP_FAIL(LP_ERR_ARG, __VA_ARGS__);                                        \
+    } while (0)
+#define CPU(c) ((c)->device == LP_CPU)
+
+lp_status lp_embed(lp_ctx *c, void *out, const int32_t *tok, const void *wte, int N, int D) {
+    NEED(N >= 0 && D > 0 && out && tok && wte, "embed: bad arguments (N=%d D=%d)", N, D);
+    if (CPU(c)) { lp_cpu_embed(out, tok, wte, N, D); return LP_OK; }
+    return lp_cuda_embed(c, out, tok, wte, N, D);
+}
+
+lp_status lp_pos_embed(lp_ctx *c, void *out, const void *wpe, int B, int T, int D) {
+    NEED(B >= 0 && T >= 0 && D > 0 && out && wpe, "pos_embed: bad arguments");
+    if (CPU(c)) { lp_cpu_pos_embed(out, wpe, B, T, D); return LP_OK; }
+    return lp_cuda_pos_embed(c, out, wpe, B, T, D);
+}
+
+lp_status lp_add(lp_ctx *c, void *out, const void *a, const void *b, size_t n) {
+    NEED(out && a && b, "add: null buffer");
+    if (CPU(c)) { lp_cpu_add(out, a, b, n); return LP_OK; }
+    return lp_cuda_add(c, out, a, b, n);
+}
+
+lp_status lp_ln_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps) {
+    NEED(N >= 0 && D > 0 && scale && x && eps >= 0, "ln_scale: bad arguments (N=%d D=%d)", N, D);
+    if (CPU(c)) { lp_cpu_ln_scale(scale, x, N, D, eps); return LP_OK; }
+    return lp_cuda_ln_scale(c, scale, x, N, D, eps);
+}
+
+lp_status lp_ln_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w,
+                      const void *b, int N, int D) {
+    NEED(N >= 0 && D > 0 && out && x && scale, "ln_apply: bad arguments (N=%d D=%d)", N, D);
+    if (CPU(c)) { lp_cpu_ln_apply(out, x, scale, w, b, N, D); return LP_OK; }
+    return lp_cuda_ln_apply(c, out, x, scale, w, b, N, D);
+}
+
+lp_status lp_affine(lp_ctx *c, void *out, const void *x, const void *w, const void *b, int N, int D) {
+    NEED(N >= 0 && D > 0 && out && x && w, "affine: bad arguments");
+    if (CPU(c)) { lp_cpu_affine(out, x, w, b, N, D); return LP_OK; }
+    return lp_cuda_affine(c, out, x, w, b, N, D);
+}
+
+lp_status lp_matmul(lp_ctx *c, void *out, const void *x, const void *w, const void *bias, int N,
+                    int K, int M, int w_trans) {
+    NEED(N >= 0 && K > 0 && M > 0 && out && x && w, "matmul: bad arguments (N=%d K=%d M=%d)", N, K, M);
+    if (N == 0) return LP_OK;
+    if (CPU(c)) { lp_cpu_matmul(out, x, w, bias, N, K, M, w_trans); return LP_OK; }
+    return lp_cuda_matmul(c, out, x, w, bias, N, K, M, w_trans);
+}
+
+lp_status lp_gelu(lp_ctx *c, void *out, const void *x, size_t n) {
+    NEED(out && x, "gelu: null buffer");
+    if (CPU(c)) { lp_cpu_gelu(out, x, n); return LP_OK; }
+    return lp_cuda_gelu(c, out, x, n);
+}
+
+#define ATTN_ARGS_OK(B, T, H, Hkv, dh) ((B) >= 0 && (T) >= 0 && (H) > 0 && (Hkv) > 0 && (H) % (Hkv) == 0 && (dh) > 0)
+
+lp_status lp_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
+                       int T, int H, int Hkv, int dh) {
+    NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && z && q && k && v, "attention: bad arguments (H=%d Hkv=%d dh=%d)", H, Hkv, dh);
+    if (CPU(c)) { lp_cpu_attention(z, q, k, v, B, T, H, Hkv, dh); return LP_OK; }
+    return lp_cuda_attention(c, z, q, k, v, B, T, H, Hkv, dh);
+}
+
+lp_status lp_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,
+                         int H, int Hkv, int dh) {
+    NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && scores && q && k, "attn_scores: bad arguments");
+    if (CPU(c)) { lp_cpu_attn_scores(scores, q, k, B, T, H, Hkv, dh); return LP_OK; }
+    return lp_cuda_attn_scores(c, scores, q, k, B, T, H, Hkv, dh);
+}
+
+lp_status lp_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int cols) {
+    NEED(cols > 0 && out && x, "softmax_rows: bad arguments");
+    if (CPU(c)) { lp_cpu_softmax_rows(out, x, rows, cols); return LP_OK; }
+    return lp_cuda_softmax_rows(c, out, x, rows, cols);
+}
+
+lp_status lp_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v, int B, int T,
+                        int H, int Hkv, int dh) {
+    NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && z && pattern && v, "attn_apply: bad arguments");
+    if (CPU(c)) { lp_cpu_attn_apply(z, pattern, v, B, T, H, Hkv, dh); return LP_OK; }
+    return lp_cuda_attn_apply(c, z, pattern, v, B, T, H, Hkv, dh);
+}
+
+lp_status lp_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
+                           int N, int V) {
+    NEED(N >= 0 && V > 0 && losses && logits && targets, "cross_entropy: bad arguments");
+    if (CPU(c)) { lp_cpu_cross_entropy(losses, logits, targets, N, V); return LP_OK; }
+    return lp_cuda_cross_entropy(c, losses, logits, targets, N, V);
+}
+
+static int view_ok(lp_view v) { return v.B >= 0 && v.P > 0 && v.H > 0 && v.E > 0; }
+
+lp_status lp_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind, const void *src,
+                        float coef, const uint8_t *pos_mask, const uint8_t *head_mask) {
+    NEED(act && view_ok(v) && kind >= LP_EDIT_ZERO && kind <= LP_EDIT_PATCH, "edit: bad arguments");
+    NEED(kind == LP_EDIT_ZERO || src, "edit: this edit needs a source");
+    if (CPU(c)) { lp_cpu_edit_apply(act, v, kind, src, coef, pos_mask, head_mask); return LP_OK; }
+    return lp_cuda_edit_apply(c, act, v, kind, src, coef, pos_mask, head_mask);
+}
+
+lp_status lp_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const int32_t *pos, int npos) {
+    NEED(dst && act && pos && view_ok(v) && npos > 0, "gather_pos: bad arguments");
+    if (CPU(c)) { lp_cpu_gather_pos(dst, act, v, pos, npos); return LP_OK; }
+    return lp_cuda_gather_pos(c, dst, act, v, pos, npos);
+}

@@ -1,0 +1,82 @@
+/* ops_internal.h: the two back ends behind include/loupe/ops.h.
+ *
+ * host/ops.c validates arguments and dispatches on lp_ctx.device to one of these.
+ * lp_cpu_* (host/cpu/) are the readable fp32 references; lp_cuda_* (kernels/) take
+ * the same arguments plus the context (dtype, stream, cuBLAS handle). A build without
+ * CUDA links kernels/cuda_stub.c, where every lp_cuda_* returns LP_ERR_NO_CUDA. */
+#ifndef LOUPE_OPS_INTERNAL_H
+#define LOUPE_OPS_INTERNAL_H
+
+#include "loupe/ops.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* CPU references: all buffers F32 on the host. */
+void lp_cpu_embed(float *out, const int32_t *tok, const float *wte, int N, int D);
+void lp_cpu_pos_embed(float *out, const float *wpe, int B, int T, int D);
+void lp_cpu_add(float *out, const float *a, const float *b, size_t n);
+void lp_cpu_ln_scale(float *scale, const float *x, int N, int D, float eps);
+void lp_cpu_ln_apply(float *out, const float *x, const float *scale, const float *w, const float *b,
+                     int N, int D);
+void lp_cpu_affine(float *out, const float *x, const float *w, const float *b, int N, int D);
+void lp_cpu_matmul(float *out, const float *x, const float *w, const float *bias, int N, int K, int M,
+                   int w_trans);
+void lp_cpu_gelu(float *out, const float *x, size_t n);
+void lp_cpu_attention(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
+                      int Hkv, int dh);
+void lp_cpu_attn_scores(float *scores, const float *q, const float *k, int B, int T, int H, int Hkv,
+                        int dh);
+void lp_cpu_softmax_rows(float *out, const float *x, size_t rows, int cols);
+void lp_cpu_attn_apply(float *z, const float *pattern, const float *v, int B, int T, int H, int Hkv,
+                       int dh);
+void lp_cpu_cross_entropy(float *losses, const float *logits, const int32_t *targets, int N, int V);
+void lp_cpu_edit_apply(float *act, lp_view v, lp_edit_kind kind, const float *src, float coef,
+                       const uint8_t *pos_mask, const uint8_t *head_mask);
+void lp_cpu_gather_pos(float *dst, const float *act, lp_view v, const int32_t *pos, int npos);
+
+/* CUDA back end (the .cu files in kernels/). Activation pointers are c->dtype on c's device. */
+lp_status lp_cuda_ctx_init(lp_ctx *c);
+void lp_cuda_ctx_free(lp_ctx *c);
+lp_status lp_cuda_alloc(lp_ctx *c, size_t bytes, void **p);
+void lp_cuda_release(lp_ctx *c, void *p);
+lp_status lp_cuda_alloc_host(lp_ctx *c, size_t bytes, void **p);
+void lp_cuda_release_host(lp_ctx *c, void *p);
+lp_status lp_cuda_memset0(lp_ctx *c, void *p, size_t bytes);
+lp_status lp_cuda_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes);
+lp_status lp_cuda_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes);
+lp_status lp_cuda_copy(lp_ctx *c, void *dst, const void *src, size_t bytes);
+lp_status lp_cuda_sync(lp_ctx *c);
+lp_status lp_cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes); /* kernels/capture.cu */
+int lp_cuda_device_count(char *why, size_t n);
+
+lp_status lp_cuda_embed(lp_ctx *c, void *out, const int32_t *tok, const void *wte, int N, int D);
+lp_status lp_cuda_pos_embed(lp_ctx *c, void *out, const void *wpe, int B, int T, int D);
+lp_status lp_cuda_add(lp_ctx *c, void *out, const void *a, const void *b, size_t n);
+lp_status lp_cuda_ln_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps);
+lp_status lp_cuda_ln_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w,
+                           const void *b, int N, int D);
+lp_status lp_cuda_affine(lp_ctx *c, void *out, const void *x, const void *w, const void *b, int N,
+                         int D);
+lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, const void *bias, int N,
+                         int K, int M, int w_trans);
+lp_status lp_cuda_gelu(lp_ctx *c, void *out, const void *x, size_t n);
+lp_status lp_cuda_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
+                            int T, int H, int Hkv, int dh);
+lp_status lp_cuda_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,
+                              int H, int Hkv, int dh);
+lp_status lp_cuda_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int cols);
+lp_status lp_cuda_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v, int B, int T,
+                             int H, int Hkv, int dh);
+lp_status lp_cuda_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
+                                int N, int V);
+lp_status lp_cuda_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind, const void *src,
+                             float coef, const uint8_t *pos_mask, const uint8_t *head_mask);
+lp_status lp_cuda_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const int32_t *pos,
+                             int npos);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,167 @@
+/* tensor.c: dtype tables, host dtype conversion, and the execution context
+ * (allocation and copies on the context's device). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "loupe/tensor.h"
+#include "ops_internal.h"
+
+static const struct { const char *name; size_t size; } g_dtypes[LP_DTYPE_COUNT] = {
+    [LP_F32] = {"F32", 4},  [LP_BF16] = {"BF16", 2}, [LP_F16] = {"F16", 2}, [LP_F64] = {"F64", 8},
+    [LP_I8] = {"I8", 1},    [LP_U8] = {"U8", 1},     [LP_I16] = {"I16", 2}, [LP_U16] = {"U16", 2},
+    [LP_I32] = {"I32", 4},  [LP_U32] = {"U32", 4},   [LP_I64] = {"I64", 8}, [LP_U64] = {"U64", 8},
+    [LP_BOOL] = {"BOOL", 1},
+};
+
+size_t lp_dtype_size(lp_dtype dt) { return (unsigned)dt < LP_DTYPE_COUNT ? g_dtypes[dt].size : 0; }
+const char *lp_dtype_name(lp_dtype dt) { return (unsigned)dt < LP_DTYPE_COUNT ? g_dtypes[dt].name : "?"; }
+int lp_dtype_parse(const char *name) {
+    for (int i = 0; i < LP_DTYPE_COUNT; i++)
+        if (strcmp(name, g_dtypes[i].name) == 0) return i;
+    return -1;
+}
+
+int64_t lp_shape_numel(const int64_t *shape, int ndim) {
+    int64_t n = 1;
+    for (int i = 0; i < ndim; i++) n *= shape[i];
+    return n;
+}
+
+const char *lp_shape_str(const int64_t *shape, int ndim, char *buf, size_t n) {
+    size_t o = 0;
+    o += snprintf(buf + o, n - o, "[");
+    for (int i = 0; i < ndim && o < n; i++)
+        o += snprintf(buf + o, n - o, i ? ", %lld" : "%lld", (long long)shape[i]);
+    if (o < n) snprintf(buf + o, n - o, "]");
+    return buf;
+}
+
+uint16_t lp_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+float lp_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+float lp_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    float f;
+    if (exp == 0) {
+        f = ldexpf((float)man, -24); /* zero or subnormal */
+        return sign ? -f : f;
+    }
+    uint32_t u = exp == 31 ? sign | 0x7f800000u | (man << 13) : sign | ((exp + 112) << 23) | (man << 13);
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+lp_status lp_convert_host(void *dst, lp_dtype dt, const void *src, lp_dtype st, size_t n) {
+    if (dt == st) {
+        memcpy(dst, src, n * lp_dtype_size(dt));
+        return LP_OK;
+    }
+    if (dt == LP_F32 && st == LP_BF16) {
+        for (size_t i = 0; i < n; i++) ((float *)dst)[i] = lp_bf16_to_f32(((const uint16_t *)src)[i]);
+    } else if (dt == LP_F32 && st == LP_F16) {
+        for (size_t i = 0; i < n; i++) ((float *)dst)[i] = lp_f16_to_f32(((const uint16_t *)src)[i]);
+    } else if (dt == LP_BF16 && st == LP_F32) {
+        for (size_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = lp_f32_to_bf16(((const float *)src)[i]);
+    } else if (dt == LP_BF16 && st == LP_F16) {
+        for (size_t i = 0; i < n; i++)
+            ((uint16_t *)dst)[i] = lp_f32_to_bf16(lp_f16_to_f32(((const uint16_t *)src)[i]));
+    } else {
+        LP_FAIL(LP_ERR_ARG, "cannot convert %s to %s", lp_dtype_name(st), lp_dtype_name(dt));
+    }
+    return LP_OK;
+}
+
+lp_status lp_ctx_init(lp_ctx *c, lp_device dev, lp_dtype dtype) {
+    memset(c, 0, sizeof *c);
+    c->device = dev;
+    c->dtype = dtype;
+    if (dev == LP_CPU) {
+        if (dtype != LP_F32) LP_FAIL(LP_ERR_ARG, "the CPU engine computes in f32 only (asked for %s)", lp_dtype_name(dtype));
+        return LP_OK;
+    }
+    if (dtype != LP_F32 && dtype != LP_BF16)
+        LP_FAIL(LP_ERR_ARG, "the CUDA engine computes in f32 or bf16 (asked for %s)", lp_dtype_name(dtype));
+    return lp_cuda_ctx_init(c);
+}
+
+void lp_ctx_free(lp_ctx *c) {
+    if (c->device == LP_CUDA) lp_cuda_ctx_free(c);
+    memset(c, 0, sizeof *c);
+}
+
+lp_status lp_ctx_alloc(lp_ctx *c, size_t bytes, void **p) {
+    if (c->device == LP_CUDA) return lp_cuda_alloc(c, bytes, p);
+    *p = NULL;
+    if (posix_memalign(p, 64, bytes ? (bytes + 63) / 64 * 64 : 64) != 0)
+        LP_FAIL(LP_ERR_OOM, "out of host memory allocating %zu bytes", bytes);
+    return LP_OK;
+}
+
+void lp_ctx_release(lp_ctx *c, void *p) {
+    if (!p) return;
+    if (c->device == LP_CUDA) lp_cuda_release(c, p);
+    else free(p);
+}
+
+lp_status lp_ctx_alloc_host(lp_ctx *c, size_t bytes, void **p) {
+    if (c->device == LP_CUDA) return lp_cuda_alloc_host(c, bytes, p);
+    return lp_ctx_alloc(c, bytes, p);
+}
+
+void lp_ctx_release_host(lp_ctx *c, void *p) {
+    if (!p) return;
+    if (c->device == LP_CUDA) lp_cuda_release_host(c, p);
+    else free(p);
+}
+
+lp_status lp_ctx_memset0(lp_ctx *c, void *p, size_t bytes) {
+    if (c->device == LP_CUDA) return lp_cuda_memset0(c, p, bytes);
+    memset(p, 0, bytes);
+    return LP_OK;
+}
+
+lp_status lp_ctx_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    if (c->device == LP_CUDA) return lp_cuda_to_device(c, dst, src, bytes);
+    memmove(dst, src, bytes);
+    return LP_OK;
+}
+
+lp_status lp_ctx_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    if (c->device == LP_CUDA) return lp_cuda_to_host(c, dst, src, bytes);
+    memmove(dst, src, bytes);
+    return LP_OK;
+}
+
+lp_status lp_ctx_copy(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    if (c->device == LP_CUDA) return lp_cuda_copy(c, dst, src, bytes);
+    memmove(dst, src, bytes);
+    return LP_OK;
+}
+
+lp_status lp_ctx_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    if (c->device == LP_CUDA) return lp_cuda_to_host_async(c, dst, src, bytes);
+    memmove(dst, src, bytes);
+    return LP_OK;
+}
+
+lp_status lp_ctx_sync(lp_ctx *c) { return c->device == LP_CUDA ? lp_cuda_sync(c) : LP_OK; }
+
+int lp_cuda_available(char *why, size_t n) {
+    int count = lp_cuda_device_count(why, n);
+    if (count <= 0 && why && n && !why[0]) snprintf(why, n, "no CUDA device found");
+    return count > 0;
+}

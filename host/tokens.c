@@ -1,0 +1,189 @@
+/* tokens.c: reading token ids from .npy and raw .bin files (see tokens.h).
+ * The .npy header is a Python dict literal; we accept exactly the keys numpy writes
+ * ('descr', 'fortran_order', 'shape') and refuse anything we cannot read faithfully. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "loupe/safetensors.h"
+#include "loupe/tokens.h"
+
+typedef struct { const char *npy, *bin; lp_dtype dt; } id_type;
+static const id_type g_types[] = {
+    {"<i4", "int32", LP_I32}, {"<i8", "int64", LP_I64}, {"<u2", "uint16", LP_U16}, {"<u4", "uint32", LP_U32},
+};
+
+static char *slurp(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long sz = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = sz >= 0 ? malloc((size_t)sz + 1) : NULL;
+    if (buf && fread(buf, 1, (size_t)sz, f) != (size_t)sz) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    if (buf) buf[sz] = 0, *n = (size_t)sz;
+    return buf;
+}
+
+/* Finds the value after 'key': in the header dict. */
+static const char *dict_value(const char *hdr, const char *key) {
+    char pat[64];
+    snprintf(pat, sizeof pat, "'%s':", key);
+    const char *p = strstr(hdr, pat);
+    if (!p) return NULL;
+    p += strlen(pat);
+    while (*p == ' ') p++;
+    return p;
+}
+
+static lp_status convert_ids(lp_tokens *t, const char *path, const unsigned char *src, lp_dtype dt, int64_t n) {
+    t->ids = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
+    if (!t->ids) LP_FAIL(LP_ERR_OOM, "%s: out of memory for %lld tokens", path, (long long)n);
+    for (int64_t i = 0; i < n; i++) {
+        int64_t v;
+        switch (dt) {
+        case LP_I32: { int32_t x; memcpy(&x, src + 4 * i, 4); v = x; break; }
+        case LP_I64: { int64_t x; memcpy(&x, src + 8 * i, 8); v = x; break; }
+        case LP_U16: { uint16_t x; memcpy(&x, src + 2 * i, 2); v = x; break; }
+        default: { uint32_t x; memcpy(&x, src + 4 * i, 4); v = x; break; }
+        }
+        if (v < 0 || v > INT32_MAX) {
+            free(t->ids);
+            t->ids = NULL;
+            LP_FAIL(LP_ERR_FORMAT, "%s: token %lld has id %lld, outside [0, 2^31)", path, (long long)i, (long long)v);
+        }
+        t->ids[i] = (int32_t)v;
+    }
+    return LP_OK;
+}
+
+static lp_status shape_rows(lp_tokens *t, const char *path, int64_t n, int64_t rows, int64_t cols, int context,
+                            int strict) {
+    if (n == 0) LP_FAIL(LP_ERR_FORMAT, "%s: contains no tokens", path);
+    if (rows >= 0) { /* 2-D file: rows as stored */
+        if (strict && context > 0 && cols != context)
+            LP_FAIL(LP_ERR_SHAPE, "%s: rows have %lld tokens but data.context is %d", path, (long long)cols, context);
+        if (cols > INT32_MAX) LP_FAIL(LP_ERR_SHAPE, "%s: rows of %lld tokens are too long", path, (long long)cols);
+        t->n_seq = rows, t->ctx = (int)cols;
+        return LP_OK;
+    }
+    if (context <= 0) LP_FAIL(LP_ERR_ARG, "%s: a flat token file needs data.context", path);
+    t->ctx = context;
+    t->n_seq = n / context;
+    t->dropped = n % context;
+    if (t->n_seq == 0)
+        LP_FAIL(LP_ERR_FORMAT, "%s: %lld tokens do not fill one row of data.context = %d", path, (long long)n, context);
+    return LP_OK;
+}
+
+lp_status lp_tokens_load(lp_tokens *t, const char *path, int context, int strict_context, const char *bin_dtype) {
+    memset(t, 0, sizeof *t);
+    size_t n;
+    unsigned char *buf = (unsigned char *)slurp(path, &n);
+    if (!buf) LP_FAIL(LP_ERR_IO, "%s: cannot read: %s", path, strerror(errno));
+    lp_status st = LP_OK;
+    size_t len = strlen(path);
+    if (len > 4 && strcmp(path + len - 4, ".bin") == 0) {
+        const id_type *ty = NULL;
+        for (size_t i = 0; i < sizeof g_types / sizeof *g_types; i++)
+            if (bin_dtype && strcmp(bin_dtype, g_types[i].bin) == 0) ty = &g_types[i];
+        if (!ty) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "data.token_dtype: '%s' is not one of int32, int64, uint16, uint32", bin_dtype ? bin_dtype : "");
+        else if (n % lp_dtype_size(ty->dt) != 0)
+            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: %zu bytes is not a whole number of %s ids", path, n, ty->bin);
+        else if ((st = shape_rows(t, path, (int64_t)(n / lp_dtype_size(ty->dt)), -1, 0, context, strict_context)) == LP_OK)
+            st = convert_ids(t, path, buf, ty->dt, t->n_seq * t->ctx);
+        free(buf);
+        if (st != LP_OK) lp_tokens_free(t);
+        return st;
+    }
+    /* .npy: magic, version, little-endian header length, header, data */
+    if (n < 10 || memcmp(buf, "\x93NUMPY", 6) != 0) {
+        free(buf);
+        LP_FAIL(LP_ERR_FORMAT, "%s: %s", path, n == 0 ? "empty file" : "not a .npy file (bad magic)");
+    }
+    size_t hlen, hstart;
+    if (buf[6] == 1) hlen = buf[8] | (size_t)buf[9] << 8, hstart = 10;
+    else if (n >= 12) hlen = buf[8] | (size_t)buf[9] << 8 | (size_t)buf[10] << 16 | (size_t)buf[11] << 24, hstart = 12;
+    else hlen = SIZE_MAX, hstart = 12;
+    if (hlen > n - hstart) {
+        free(buf);
+        LP_FAIL(LP_ERR_FORMAT, "%s: truncated .npy header", path);
+    }
+    char *hdr = strndup((const char *)buf + hstart, hlen);
+    const char *descr = dict_value(hdr, "descr"), *fo = dict_value(hdr, "fortran_order"), *shape = dict_value(hdr, "shape");
+    const id_type *ty = NULL;
+    int64_t dims[2] = {0, 0};
+    int nd = -1;
+    if (descr)
+        for (size_t i = 0; i < sizeof g_types / sizeof *g_types; i++)
+            if (strncmp(descr + 1, g_types[i].npy, 3) == 0 && descr[0] == '\'' && descr[4] == '\'') ty = &g_types[i];
+    if (shape && *shape == '(') {
+        const char *p = shape + 1;
+        nd = 0;
+        while (*p && *p != ')' && nd <= 2) {
+            while (*p == ' ') p++;
+            if (*p == ')') break;
+            char *end;
+            long long v = strtoll(p, &end, 10);
+            if (end == p || v < 0) { nd = -1; break; }
+            if (nd < 2) dims[nd] = v;
+            nd++;
+            p = end;
+            while (*p == ' ' || *p == ',') p++;
+        }
+    }
+    if (!descr || !fo || !shape) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: malformed .npy header", path);
+    else if (!ty) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: dtype %.6s is not int32, int64, uint16 or uint32", path, descr);
+    else if (strncmp(fo, "False", 5) != 0) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: Fortran-ordered arrays are not supported", path);
+    else if (nd != 1 && nd != 2) st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: token array must be 1-D or 2-D", path);
+    free(hdr);
+    if (st == LP_OK) {
+        int64_t count = nd == 1 ? dims[0] : dims[0] * dims[1];
+        size_t need = (size_t)count * lp_dtype_size(ty->dt);
+        if (need > n - hstart - hlen)
+            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: truncated: shape needs %zu data bytes, file has %zu", path,
+                              need, n - hstart - hlen);
+        else if ((st = shape_rows(t, path, count, nd == 2 ? dims[0] : -1, dims[1], context, strict_context)) == LP_OK)
+            st = convert_ids(t, path, buf + hstart + hlen, ty->dt, t->n_seq * t->ctx);
+    }
+    free(buf);
+    if (st != LP_OK) lp_tokens_free(t);
+    return st;
+}
+
+lp_status lp_tokens_check(const lp_tokens *t, int vocab, const char *path) {
+    for (int64_t i = 0; i < t->n_seq * t->ctx; i++)
+        if (t->ids[i] >= vocab)
+            LP_FAIL(LP_ERR_ARG, "%s: token id %d at row %lld position %lld is not below the vocabulary size %d", path,
+                    t->ids[i], (long long)(i / t->ctx), (long long)(i % t->ctx), vocab);
+    return LP_OK;
+}
+
+void lp_tokens_free(lp_tokens *t) {
+    free(t->ids);
+    memset(t, 0, sizeof *t);
+}
+
+lp_status lp_npy_write_i32(const char *path, const int32_t *ids, int64_t n_seq, int ctx) {
+    char dict[128];
+    int dl = snprintf(dict, sizeof dict, "{'descr': '<i4', 'fortran_order': False, 'shape': (%lld, %d), }",
+                      (long long)n_seq, ctx);
+    size_t hlen = (size_t)(dl + 1 + 10 + 63) / 64 * 64 - 10; /* data 64-byte aligned, header ends in \n */
+    size_t nbytes = (size_t)n_seq * ctx * 4;
+    unsigned char *buf = malloc(10 + hlen + nbytes);
+    if (!buf) LP_FAIL(LP_ERR_OOM, "out of memory");
+    memcpy(buf, "\x93NUMPY\x01\x00", 8);
+    buf[8] = (unsigned char)(hlen & 0xff), buf[9] = (unsigned char)(hlen >> 8);
+    memset(buf + 10, ' ', hlen);
+    memcpy(buf + 10, dict, (size_t)dl);
+    buf[10 + hlen - 1] = '\n';
+    memcpy(buf + 10 + hlen, ids, nbytes);
+    lp_status st = lp_write_file_atomic(path, buf, 10 + hlen + nbytes);
+    free(buf);
+    return st;
+}

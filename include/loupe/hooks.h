@@ -1,0 +1,69 @@
+/* hooks.h: TransformerLens-named hook points, captures and edits.
+ *
+ * Names and shapes follow TransformerLens (HookedTransformer.from_pretrained_no_processing):
+ *   hook_embed, hook_pos_embed                           [batch, pos, d_model]
+ *   blocks.L.hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out|hook_mlp_out
+ *                                                        [batch, pos, d_model]
+ *   blocks.L.ln1.hook_scale, blocks.L.ln2.hook_scale     [batch, pos, 1]
+ *   blocks.L.ln1.hook_normalized, ln2.hook_normalized    [batch, pos, d_model] (before the affine)
+ *   blocks.L.attn.hook_q|hook_z [batch, pos, n_heads, d_head]; hook_k|hook_v use n_kv_heads
+ *   blocks.L.attn.hook_attn_scores (masked with -inf, before softmax), hook_pattern
+ *                                                        [batch, n_heads, query_pos, key_pos]
+ *   blocks.L.mlp.hook_pre|hook_post                      [batch, pos, d_mlp]
+ *   ln_final.hook_scale, ln_final.hook_normalized
+ * At a hook point, edits run first, in the order they were added, then the capture
+ * records the value that flows on. Hooks nobody asked for cost nothing (hook_normalized,
+ * hook_attn_scores and hook_pattern are not even computed). */
+#ifndef LOUPE_HOOKS_H
+#define LOUPE_HOOKS_H
+
+#include "loupe/model.h"
+#include "loupe/ops.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+int lp_hook_count(const lp_model *m);
+const char *lp_hook_name(const lp_model *m, int id);
+/* Index of a hook by exact name, or -1. */
+int lp_hook_find(const lp_model *m, const char *name);
+/* The hook's shape for a B x T batch (TransformerLens order). */
+int lp_hook_shape(const lp_model *m, int id, int B, int T, int64_t shape[LP_MAX_DIMS]);
+
+/* Captures every hook matching name_or_glob (fnmatch, e.g. "blocks.*.hook_resid_post"),
+ * optionally only at positions pos[0..npos) (query positions for scores and pattern).
+ * Fails with LP_ERR_NOT_FOUND naming the pattern if it matches nothing. */
+lp_status lp_hook_capture(lp_model *m, const char *name_or_glob, const int *pos, int npos, int *n_matched);
+
+/* A user callback: act is the activation on the model's device, edited in place. */
+typedef lp_status (*lp_hook_fn)(const char *hook, lp_tensor *act, void *user);
+
+typedef struct lp_edit_spec {
+    lp_edit_kind kind;    /* ZERO, SET (mean ablation), ADD (steer), PATCH; ignored with fn */
+    const float *src;     /* host F32: per-token [H*E] for SET/ADD, full hook shape for PATCH */
+    size_t src_len;       /* number of floats in src */
+    float coef;           /* ADD: src * coef */
+    const int *pos;       /* positions to edit (NULL = all) */
+    int npos;
+    const int *heads;     /* heads to edit (NULL = all), for hooks with a head axis */
+    int nheads;
+    lp_hook_fn fn;        /* when set: called instead of a built-in edit */
+    void *user;
+} lp_edit_spec;
+
+/* Adds an edit to every hook matching name_or_glob. The spec's arrays are copied. */
+lp_status lp_hook_edit(lp_model *m, const char *name_or_glob, const lp_edit_spec *spec);
+/* Removes every capture and edit. */
+void lp_hooks_clear(lp_model *m);
+
+/* The capture of the last forward: a host tensor in the model's dtype,
+ * shaped [B, npos or T, ...] per lp_hook_shape. */
+lp_status lp_capture_get(lp_model *m, const char *name, lp_tensor *out);
+/* The same converted to F32 into dst (n floats). */
+lp_status lp_capture_read_f32(lp_model *m, const char *name, float *dst, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

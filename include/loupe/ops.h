@@ -1,0 +1,92 @@
+/* ops.h: every numeric op the engine uses, behind one dispatch point.
+ *
+ * Each op runs on the context's device: the CPU reference lives in host/cpu/, the
+ * CUDA kernel in kernels/. Buffers marked "act" hold values of the context's dtype
+ * (F32 on the CPU, F32 or BF16 on CUDA) and live on the context's device; token and
+ * index buffers are int32 on that device; losses are always F32.
+ * Shapes are given in comments as [rows, cols] with the last dimension contiguous.
+ * Every op accumulates in fp32 (the CPU reference may use wider accumulators). */
+#ifndef LOUPE_OPS_H
+#define LOUPE_OPS_H
+
+#include "loupe/tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* out[N,D] = wte[tok[n], :]; tokens were range-checked on the host. */
+lp_status lp_embed(lp_ctx *c, void *out, const int32_t *tok, const void *wte, int N, int D);
+/* out[B,T,D] = wpe[t, :] for every b. */
+lp_status lp_pos_embed(lp_ctx *c, void *out, const void *wpe, int B, int T, int D);
+/* out[i] = a[i] + b[i]; out may alias a or b. */
+lp_status lp_add(lp_ctx *c, void *out, const void *a, const void *b, size_t n);
+
+/* LayerNorm in TransformerLens's pieces:
+ *   scale[N]   = sqrt(mean_d((x - mean_d x)^2) + eps)          (hook_scale)
+ *   out[N,D]   = (x - mean_d x) / scale  [* w[D] + b[D]]          (hook_normalized, then affine)
+ * With w == NULL and b == NULL lp_ln_apply writes the normalized value only. */
+lp_status lp_ln_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps);
+lp_status lp_ln_apply(lp_ctx *c, void *out, const void *x, const void *scale,
+                      const void *w, const void *b, int N, int D);
+/* out[N,D] = x * w[D] + b[D] (b may be NULL). out may alias x. */
+lp_status lp_affine(lp_ctx *c, void *out, const void *x, const void *w, const void *b, int N, int D);
+
+/* out[N,M] = x[N,K] @ W + bias[M]. W is [K,M] (w_trans = 0, the GPT-2 Conv1D layout)
+ * or [M,K] (w_trans = 1, the nn.Linear layout and a tied unembedding). bias may be NULL. */
+lp_status lp_matmul(lp_ctx *c, void *out, const void *x, const void *w, const void *bias,
+                    int N, int K, int M, int w_trans);
+
+/* GELU, tanh form (GPT-2's "gelu_new"): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). */
+lp_status lp_gelu(lp_ctx *c, void *out, const void *x, size_t n);
+
+/* Causal attention. q is [B,T,H,dh]; k and v are [B,T,Hkv,dh] with H % Hkv == 0
+ * (query head h reads kv head h / (H/Hkv)); softmax scale is 1/sqrt(dh).
+ * lp_attention is fused: it never materialises the [T,T] score matrix.
+ * The three-step form exists for the hooks hook_attn_scores and hook_pattern:
+ *   scores[B,H,T,T] = q.k / sqrt(dh), -inf where key > query
+ *   pattern = softmax over the last axis (exp(-inf) = 0)
+ *   z[B,T,H,dh] = pattern @ v */
+lp_status lp_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v,
+                       int B, int T, int H, int Hkv, int dh);
+lp_status lp_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k,
+                         int B, int T, int H, int Hkv, int dh);
+lp_status lp_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int cols);
+lp_status lp_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v,
+                        int B, int T, int H, int Hkv, int dh);
+
+/* losses[n] = logsumexp(logits[n,:]) - logits[n, target[n]]; target[n] < 0 gives 0.
+ * logits is act [N,V]; losses is F32 on the context's device. */
+lp_status lp_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
+                           int N, int V);
+
+/* ---- hook views: how edits and position-limited captures address an activation ----
+ * Every hook activation is viewed as four axes [B, X1, X2, E] with E contiguous:
+ *   [B,T,D]        -> head_outer = 0, P = T, H = 1,  E = D
+ *   [B,T,H,dh]     -> head_outer = 0, P = T, H = H,  E = dh   (memory order b,p,h,e)
+ *   [B,H,Tq,Tk]    -> head_outer = 1, P = Tq, H = H, E = Tk   (memory order b,h,p,e)
+ * "Position" always means the query/token position P. */
+typedef struct lp_view {
+    int B, P, H, E;
+    int head_outer;
+} lp_view;
+
+typedef enum lp_edit_kind {
+    LP_EDIT_ZERO = 0, /* act = 0 */
+    LP_EDIT_SET,      /* act[b,p,h,e] = src[h,e]          (mean ablation; src is per-token [H,E]) */
+    LP_EDIT_ADD,      /* act[b,p,h,e] += coef * src[h,e]  (steering) */
+    LP_EDIT_PATCH,    /* act[b,p,h,e] = src[b,p,h,e]      (src has the full view shape and layout) */
+} lp_edit_kind;
+
+/* Applies the edit where pos_mask[p] and head_mask[h] are non-zero (NULL = all).
+ * src is act dtype on the device; the masks are uint8 on the device. */
+lp_status lp_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind, const void *src,
+                        float coef, const uint8_t *pos_mask, const uint8_t *head_mask);
+/* dst = act restricted to positions pos[0..npos) along P, same layout otherwise:
+ * [B,npos,H,E] (or [B,H,npos,E] when head_outer). pos is int32 on the device. */
+lp_status lp_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const int32_t *pos, int npos);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# install-deps.sh: the Debian packages loupe builds against. Called by `make deps`
+# (and so by `make test`, `make demo` and .ci/run). Installs with apt-get when run as
+# root; otherwise prints the exact command and stops.
+set -euo pipefail
+pkgs=(build-essential pkg-config libopenblas-dev libcjson-dev libinih-dev libcriterion-dev python3)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+cmd="apt-get update && apt-get install -y --no-install-recommends ${missing[*]}"
+if [ "$(id -u)" -ne 0 ]; then
+    echo "loupe: missing system packages: ${missing[*]}" >&2
+    echo "loupe: run as root:  $cmd" >&2
+    exit 1
+fi
+echo "loupe: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
