@@ -22,13 +22,13 @@ PKGS  := openblas inih libcjson
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
-CFLAGS  := -fopenmp -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -Iinclude -Ihost $(PKG_CFLAGS) -pthread
+CFLAGS  := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -Iinclude -Ihost $(PKG_CFLAGS) -pthread
 ifeq ($(DEBUG),1)
 CFLAGS  += -O0 -g
 else
 CFLAGS  += -O2 -g -march=x86-64-v2
 endif
-LDLIBS  := $(PKG_LIBS) -fopenmp -lm -pthread
+LDLIBS  := $(PKG_LIBS) -lm -pthread
 ifeq ($(SAN),1)
 CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 LDFLAGS += -fsanitize=address,undefined

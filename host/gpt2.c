@@ -162,6 +162,50 @@ static lp_status load_one(lp_model *m, const lp_st_set *s, const char *prefix, c
     return LP_OK;
 }
 
+/* One allocation for all weights, in the context's dtype. */
+static lp_status upload_weights(lp_model *m, const float *host, size_t total) {
+    size_t bytes = total * lp_act_size(m);
+    LP_CHECK(lp_ctx_alloc(&m->ctx, bytes, &m->weights));
+    m->weight_bytes = bytes;
+    if (m->ctx.device == LP_CPU) {
+        memcpy(m->weights, host, bytes);
+        return LP_OK;
+    }
+    void *conv = malloc(bytes);
+    if (!conv) LP_FAIL(LP_ERR_OOM, "out of host memory converting %zu weights", total);
+    lp_status st = lp_convert_host(conv, m->ctx.dtype, host, LP_F32, total);
+    if (st == LP_OK) st = lp_ctx_to_device(&m->ctx, m->weights, conv, bytes);
+    free(conv);
+    return st;
+}
+
+lp_status lp_gpt2_random(lp_model *m, uint64_t seed) {
+    lp_config *c = &m->cfg;
+    if (c->n_layers < 1 || c->d_model < 1 || c->n_heads < 1 || c->d_model % c->n_heads || c->d_mlp < 1 || c->n_ctx < 1 || c->d_vocab < 1)
+        LP_FAIL(LP_ERR_ARG, "random model: impossible shape");
+    snprintf(c->name, sizeof c->name, "gpt2");
+    c->n_kv_heads = c->n_heads, c->d_head = c->d_model / c->n_heads, c->tied_unembed = 1;
+    if (c->ln_eps <= 0) c->ln_eps = 1e-5f;
+    size_t total = build_table(m, 0);
+    float *host = malloc(total * sizeof(float));
+    if (!host) LP_FAIL(LP_ERR_OOM, "out of host memory for %zu weights", total);
+    uint64_t s = seed;
+    for (size_t i = 0; i < total; i++) { /* uniform with GPT-2's init scale (std 0.02) */
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        host[i] = ((float)(s >> 40) / 16777216.0f - 0.5f) * 0.0693f;
+    }
+    for (int L = 0; L <= c->n_layers; L++) { /* LayerNorm weights near 1 */
+        int w = L < c->n_layers ? P_FIRST_LAYER + L * P_PER_LAYER + P_LN1_W : lnf_w(m);
+        for (int k = 0; k < (L < c->n_layers ? 2 : 1); k++) {
+            param *p = &m->params[w + k * (P_LN2_W - P_LN1_W)];
+            for (int64_t i = 0; i < p->shape[0]; i++) host[p->offset + i] += 1.0f;
+        }
+    }
+    lp_status st = upload_weights(m, host, total);
+    free(host);
+    return st;
+}
+
 lp_status lp_gpt2_load(lp_model *m, const char *dir) {
     LP_CHECK(read_config(m, dir));
     lp_st_set s;
@@ -207,17 +251,7 @@ lp_status lp_gpt2_load(lp_model *m, const char *dir) {
     LP_TRY(st, done, load_one(m, &s, prefix, "ln_f.weight", lnf_w(m), D, 0, 0, host));
     LP_TRY(st, done, load_one(m, &s, prefix, "ln_f.bias", lnf_w(m) + 1, D, 0, 0, host));
     if (own_unembed) LP_TRY(st, done, load_one(m, &s, "", "lm_head.weight", lnf_w(m) + 2, c->d_vocab, D, 0, host));
-    /* one allocation for all weights, in the context's dtype */
-    size_t bytes = total * lp_act_size(m);
-    LP_TRY(st, done, lp_ctx_alloc(&m->ctx, bytes, &m->weights));
-    if (m->ctx.device == LP_CPU) {
-        memcpy(m->weights, host, bytes);
-    } else {
-        void *conv = malloc(bytes);
-        st = conv ? lp_convert_host(conv, m->ctx.dtype, host, LP_F32, total) : LP_ERR_OOM;
-        if (st == LP_OK) st = lp_ctx_to_device(&m->ctx, m->weights, conv, bytes);
-        free(conv);
-    }
+    st = upload_weights(m, host, total);
 done:
     free(host);
     lp_st_set_close(&s);

@@ -325,6 +325,10 @@ lp_status lp_hook_site(lp_model *m, int id, void *act) {
     return LP_OK;
 }
 
+size_t lp_hook_capture_bytes(const lp_model *m, int id) { return m->hooks[id].cap_dev ? m->hooks[id].cap_bytes_max : 0; }
+
+int lp_hook_is_captured(const lp_model *m, int id) { return id >= 0 && id < m->n_hooks && m->hooks[id].capture; }
+
 int lp_hooks_want_attn_mats(const lp_model *m) {
     for (int L = 0; L < m->cfg.n_layers; L++)
         if (lp_hook_active(m, lp_hook_id(m, HK_SCORES, L)) || lp_hook_active(m, lp_hook_id(m, HK_PATTERN, L))) return 1;

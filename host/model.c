@@ -23,6 +23,30 @@ lp_status lp_model_load(lp_model **out, const char *path, lp_device dev, lp_dtyp
     return LP_OK;
 }
 
+lp_status lp_model_random(lp_model **out, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype) {
+    *out = NULL;
+    if (cfg->arch != LP_ARCH_GPT2) LP_FAIL(LP_ERR_ARG, "random model: unsupported architecture");
+    lp_model *m = calloc(1, sizeof *m);
+    if (!m) LP_FAIL(LP_ERR_OOM, "out of memory");
+    m->cfg = *cfg;
+    snprintf(m->path, sizeof m->path, "(random)");
+    lp_status st = lp_ctx_init(&m->ctx, dev, dtype);
+    if (st == LP_OK) st = lp_gpt2_random(m, seed);
+    if (st == LP_OK) st = lp_hooks_init(m);
+    if (st != LP_OK) {
+        lp_model_free(m);
+        return st;
+    }
+    *out = m;
+    return LP_OK;
+}
+
+size_t lp_model_device_bytes(const lp_model *m) {
+    size_t n = m->weight_bytes + (m->acts ? m->acts_bytes : 0);
+    for (int i = 0; i < m->n_hooks; i++) n += lp_hook_capture_bytes(m, i);
+    return n;
+}
+
 static void free_acts(lp_model *m) {
     lp_ctx_release(&m->ctx, m->acts);
     m->acts = NULL;

@@ -56,6 +56,7 @@ struct lp_model {
     int n_params_t;
     int64_t n_params;
     void *weights;
+    size_t weight_bytes;
     /* hooks */
     hook *hooks;
     int n_hooks;
@@ -94,11 +95,14 @@ int lp_hook_id(const lp_model *m, int kind, int layer);
 int lp_hooks_last_layer(const lp_model *m);
 /* Runs the edits, then the capture, of hook id on activation act of the current batch. */
 lp_status lp_hook_site(lp_model *m, int id, void *act);
+/* Device bytes of a hook's capture buffer (0 on the CPU, where captures live on the host). */
+size_t lp_hook_capture_bytes(const lp_model *m, int id);
 /* Waits for capture copies of the last forward. */
 lp_status lp_hooks_finish(lp_model *m);
 
 /* Architecture entry points (host/gpt2.c). */
 lp_status lp_gpt2_load(lp_model *m, const char *dir);
+lp_status lp_gpt2_random(lp_model *m, uint64_t seed);
 lp_status lp_gpt2_forward(lp_model *m, int B, int T, int want);
 /* Whether any hook needs the [B,H,T,T] score and pattern buffers. */
 int lp_hooks_want_attn_mats(const lp_model *m);

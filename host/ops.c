@@ -61,7 +61,8 @@ lp_status lp_gelu(lp_ctx *c, void *out, const void *x, size_t n) {
     return lp_cuda_gelu(c, out, x, n);
 }
 
-#define ATTN_ARGS_OK(B, T, H, Hkv, dh) ((B) >= 0 && (T) >= 0 && (H) > 0 && (Hkv) > 0 && (H) % (Hkv) == 0 && (dh) > 0)
+/* dh <= 256: the CUDA kernels keep a query row in registers, 8 values per lane */
+#define ATTN_ARGS_OK(B, T, H, Hkv, dh) ((B) >= 0 && (T) >= 0 && (H) > 0 && (Hkv) > 0 && (H) % (Hkv) == 0 && (dh) > 0 && (dh) <= 256)
 
 lp_status lp_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
                        int T, int H, int Hkv, int dh) {

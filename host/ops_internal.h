@@ -26,6 +26,9 @@ void lp_cpu_matmul(float *out, const float *x, const float *w, const float *bias
 void lp_cpu_gelu(float *out, const float *x, size_t n);
 void lp_cpu_attention(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
                       int Hkv, int dh);
+/* The row-at-a-time form of lp_cpu_attention (no scratch), also its fallback. */
+void lp_cpu_attention_rows(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
+                           int Hkv, int dh);
 void lp_cpu_attn_scores(float *scores, const float *q, const float *k, int B, int T, int H, int Hkv,
                         int dh);
 void lp_cpu_softmax_rows(float *out, const float *x, size_t rows, int cols);

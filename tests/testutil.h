@@ -95,8 +95,11 @@ static inline lp_cmp lp_compare_f(const float *a, const float *ref, size_t n) {
     do {                                                                                   \
         lp_cmp c_ = (cmp);                                                                 \
         double b_ = (budget);                                                              \
-        fprintf(stderr, "  %-40s %-8s %.3e of %.1e (%5.1f%%)\n", (what), #field, c_.field,  \
-                b_, 100.0 * c_.field / b_);                                                \
+        if (b_ > 0)                                                                        \
+            fprintf(stderr, "  %-40s %-8s %.3e of %.1e (%5.1f%%)\n", (what), #field,       \
+                    c_.field, b_, 100.0 * c_.field / b_);                                  \
+        else                                                                               \
+            fprintf(stderr, "  %-40s %-8s %.3e (must be exact)\n", (what), #field, c_.field); \
         cr_expect(c_.n_bad == 0, "%s: %zu non-finite or mismatched values (seed %llu)",    \
                   (what), c_.n_bad, (unsigned long long)(seed));                           \
         cr_expect(c_.field <= b_,                                                          \

@@ -54,6 +54,7 @@ typedef struct lp_edit_spec {
 
 /* Adds an edit to every hook matching name_or_glob. The spec's arrays are copied. */
 lp_status lp_hook_edit(lp_model *m, const char *name_or_glob, const lp_edit_spec *spec);
+int lp_hook_is_captured(const lp_model *m, int id);
 /* Removes every capture and edit. */
 void lp_hooks_clear(lp_model *m);
 

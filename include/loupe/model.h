@@ -32,10 +32,15 @@ typedef struct lp_config {
 typedef struct lp_model lp_model;
 
 lp_status lp_model_load(lp_model **m, const char *path, lp_device dev, lp_dtype dtype);
+/* A model of the given shape with random weights (benchmarks): cfg->arch, n_layers,
+ * d_model, n_heads, d_mlp, n_ctx and d_vocab are read; the rest is derived. */
+lp_status lp_model_random(lp_model **m, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype);
 void lp_model_free(lp_model *m);
 const lp_config *lp_model_config(const lp_model *m);
 int64_t lp_model_n_params(const lp_model *m);
 lp_ctx *lp_model_ctx(lp_model *m);
+/* Bytes loupe holds on the model's device: weights, activations and capture buffers. */
+size_t lp_model_device_bytes(const lp_model *m);
 
 /* Sizes and allocates activation and capture memory for batches up to B x T. */
 lp_status lp_model_prepare(lp_model *m, int B, int T);

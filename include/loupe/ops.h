@@ -41,7 +41,7 @@ lp_status lp_matmul(lp_ctx *c, void *out, const void *x, const void *w, const vo
 lp_status lp_gelu(lp_ctx *c, void *out, const void *x, size_t n);
 
 /* Causal attention. q is [B,T,H,dh]; k and v are [B,T,Hkv,dh] with H % Hkv == 0
- * (query head h reads kv head h / (H/Hkv)); softmax scale is 1/sqrt(dh).
+ * (query head h reads kv head h / (H/Hkv)); softmax scale is 1/sqrt(dh); dh <= 256.
  * lp_attention is fused: it never materialises the [T,T] score matrix.
  * The three-step form exists for the hooks hook_attn_scores and hook_pattern:
  *   scores[B,H,T,T] = q.k / sqrt(dh), -inf where key > query

@@ -70,7 +70,9 @@ void lp_ctx_release_host(lp_ctx *c, void *p);
 lp_status lp_ctx_memset0(lp_ctx *c, void *p, size_t bytes);
 lp_status lp_ctx_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes);
 lp_status lp_ctx_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes);
-lp_status lp_ctx_copy(lp_ctx *c, void *dst, const void *src, size_t bytes); /* same device */
+/* to_device and to_host return when the copy is done; lp_ctx_copy (same device) is
+ * ordered with later ops on the context but does not make the host wait. */
+lp_status lp_ctx_copy(lp_ctx *c, void *dst, const void *src, size_t bytes);
 /* Queues a device-to-host copy on the copy stream, ordered after the work queued so far
  * on the compute stream, so it overlaps later compute; done by the next lp_ctx_sync.
  * src must not change until then. On the CPU it copies at once. */

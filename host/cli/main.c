@@ -1,0 +1,302 @@
+/* main.c: the `loupe` command line. Parses `loupe COMMAND [CONFIG.ini] [MODEL]
+ * [--section.key=value ...]`, validates every key before any work, runs the command, and
+ * turns an lp_status into one line on stderr and an exit code (0 done, 1 failed while
+ * working, 2 bad usage or bad input). With --json the last stdout line is one object. */
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "loupe/config.h"
+#include "loupe/hooks.h"
+#include "loupe/model.h"
+#include "loupe/store.h"
+#include "loupe/tokens.h"
+
+static const lp_key g_keys[] = {
+    {"model.path", LP_KEY_STR, NULL, 0, 0, NULL, "Hugging Face checkpoint directory"},
+    {"model.device", LP_KEY_CHOICE, "auto", 0, 0, "auto|cpu|cuda", "auto: cuda when a GPU is present"},
+    {"model.dtype", LP_KEY_CHOICE, "auto", 0, 0, "auto|f32|bf16", "auto: bf16 on cuda, f32 on cpu"},
+    {"data.tokens", LP_KEY_STR, NULL, 0, 0, NULL, ".npy or .bin token ids"},
+    {"data.context", LP_KEY_INT, "0", 0, 1 << 20, NULL, "row length; 0: as stored (2-D) or the model's context (flat)"},
+    {"data.token_dtype", LP_KEY_CHOICE, "uint16", 0, 0, "uint16|uint32|int32|int64", "element type of .bin files"},
+    {"run.batch", LP_KEY_INT, "8", 1, 1 << 16, NULL, "sequences per forward"},
+    {"cache.hooks", LP_KEY_STR, NULL, 0, 0, NULL, "comma-separated hook names or globs"},
+    {"cache.out", LP_KEY_STR, NULL, 0, 0, NULL, "store directory"},
+    {"cache.dtype", LP_KEY_CHOICE, "f32", 0, 0, "f32|bf16", "dtype of stored activations"},
+    {"cache.batch", LP_KEY_INT, "8", 1, 1 << 16, NULL, "sequences per forward"},
+    {"cache.shard_sequences", LP_KEY_INT, "256", 1, 1 << 24, NULL, "sequences per shard file"},
+};
+#define N_KEYS ((int)(sizeof g_keys / sizeof *g_keys))
+
+static const char *g_usage =
+    "usage: loupe COMMAND [CONFIG.ini] [MODEL] [--section.key=value ...] [--json]\n"
+    "commands:\n"
+    "  info MODEL [--json]                 architecture, parameters, every hook with its shape\n"
+    "  run MODEL --tokens FILE [--json]    mean next-token loss (and per-sequence losses)\n"
+    "  cache [CONFIG.ini] [--key=value]    write captured hooks to an activation store\n"
+    "keys:\n";
+
+static void usage(FILE *f) {
+    fputs(g_usage, f);
+    for (int i = 0; i < N_KEYS; i++)
+        fprintf(f, "  --%-22s %s%s%s\n", g_keys[i].name, g_keys[i].help, g_keys[i].def ? "; default " : "",
+                g_keys[i].def ? g_keys[i].def : "");
+}
+
+static int fail(lp_status st) {
+    fprintf(stderr, "loupe: %s\n", lp_last_error());
+    if (getenv("LOUPE_DEBUG")) fprintf(stderr, "loupe: (raised at %s)\n", lp_last_error_where());
+    return lp_status_exit_code(st);
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+typedef struct { lp_cfg cfg; int json; } args;
+
+/* Parses everything after the command. Positional: a .ini file, otherwise MODEL. */
+static lp_status parse_args(args *a, int argc, char **argv) {
+    lp_cfg_init(&a->cfg, g_keys, N_KEYS);
+    const char *ini = NULL;
+    for (int i = 0; i < argc; i++) { /* the config file first, so that flags override it */
+        size_t n = strlen(argv[i]);
+        if (argv[i][0] != '-' && n > 4 && strcmp(argv[i] + n - 4, ".ini") == 0) ini = argv[i];
+    }
+    if (ini) LP_CHECK(lp_cfg_load_ini(&a->cfg, ini));
+    for (int i = 0; i < argc; i++) {
+        char *arg = argv[i];
+        if (arg == ini) continue;
+        if (strcmp(arg, "--json") == 0) { a->json = 1; continue; }
+        if (strncmp(arg, "--", 2) != 0) {
+            LP_CHECK(lp_cfg_set(&a->cfg, "model.path", arg, "command line"));
+            continue;
+        }
+        char key[256];
+        const char *val, *eq = strchr(arg, '=');
+        if (eq) {
+            snprintf(key, sizeof key, "%.*s", (int)(eq - arg - 2), arg + 2);
+            val = eq + 1;
+        } else {
+            snprintf(key, sizeof key, "%s", arg + 2);
+            if (i + 1 >= argc) LP_FAIL(LP_ERR_ARG, "--%s needs a value", key);
+            val = argv[++i];
+        }
+        if (strcmp(key, "tokens") == 0) snprintf(key, sizeof key, "data.tokens"); /* DESIGN's shorthand */
+        LP_CHECK(lp_cfg_set(&a->cfg, key, val, "command line"));
+    }
+    return LP_OK;
+}
+
+static lp_status open_model(const args *a, lp_model **m) {
+    LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"model.path", NULL}));
+    const char *dev = lp_cfg_str(&a->cfg, "model.device"), *dt = lp_cfg_str(&a->cfg, "model.dtype");
+    char why[256] = "";
+    lp_device d = strcmp(dev, "cuda") == 0 ? LP_CUDA : strcmp(dev, "cpu") == 0 ? LP_CPU
+                  : lp_cuda_available(why, sizeof why)           ? LP_CUDA
+                                                                  : LP_CPU;
+    lp_dtype t = strcmp(dt, "f32") == 0 ? LP_F32 : strcmp(dt, "bf16") == 0 ? LP_BF16 : d == LP_CUDA ? LP_BF16 : LP_F32;
+    return lp_model_load(m, lp_cfg_str(&a->cfg, "model.path"), d, t);
+}
+
+static const char *dev_name(lp_model *m) {
+    static char buf[32];
+    lp_ctx *c = lp_model_ctx(m);
+    snprintf(buf, sizeof buf, "%s/%s", c->device == LP_CUDA ? "cuda" : "cpu", c->dtype == LP_BF16 ? "bf16" : "f32");
+    return buf;
+}
+
+static lp_status load_tokens(const args *a, const lp_model *m, lp_tokens *t) {
+    LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"data.tokens", NULL}));
+    const char *path = lp_cfg_str(&a->cfg, "data.tokens");
+    int ctx = (int)lp_cfg_int(&a->cfg, "data.context");
+    int strict = ctx > 0;
+    if (ctx == 0) ctx = lp_model_config(m)->n_ctx;
+    LP_CHECK(lp_tokens_load(t, path, ctx, strict, lp_cfg_str(&a->cfg, "data.token_dtype")));
+    if (t->ctx > lp_model_config(m)->n_ctx)
+        LP_FAIL(LP_ERR_ARG, "%s: rows of %d tokens exceed the model's context of %d", path, t->ctx, lp_model_config(m)->n_ctx);
+    if (t->ctx < 2) LP_FAIL(LP_ERR_ARG, "%s: rows of %d token(s) leave nothing to predict", path, t->ctx);
+    if (t->dropped) fprintf(stderr, "loupe: %s: the last %lld tokens do not fill a row and are left out\n", path, (long long)t->dropped);
+    return lp_tokens_check(t, lp_model_config(m)->d_vocab, path);
+}
+
+static void shape_text(lp_model *m, int id, char *buf, size_t n, cJSON *arr) {
+    int64_t s[LP_MAX_DIMS];
+    int nd = lp_hook_shape(m, id, -1, -2, s); /* sentinels name the symbolic axes */
+    size_t o = snprintf(buf, n, "[");
+    for (int d = 0; d < nd; d++) {
+        const char *sym = s[d] == -1 ? "batch" : s[d] == -2 ? "pos" : NULL;
+        if (sym) o += snprintf(buf + o, n - o, "%s%s", d ? ", " : "", sym);
+        else o += snprintf(buf + o, n - o, "%s%lld", d ? ", " : "", (long long)s[d]);
+        if (arr) cJSON_AddItemToArray(arr, sym ? cJSON_CreateString(sym) : cJSON_CreateNumber((double)s[d]));
+    }
+    snprintf(buf + o, n - o, "]");
+}
+
+static int cmd_info(args *a) {
+    lp_model *m;
+    lp_status st = open_model(a, &m);
+    if (st != LP_OK) return fail(st);
+    const lp_config *c = lp_model_config(m);
+    char buf[128];
+    if (a->json) {
+        cJSON *r = cJSON_CreateObject();
+        cJSON_AddStringToObject(r, "architecture", c->name);
+        cJSON_AddNumberToObject(r, "n_layers", c->n_layers);
+        cJSON_AddNumberToObject(r, "d_model", c->d_model);
+        cJSON_AddNumberToObject(r, "n_heads", c->n_heads);
+        cJSON_AddNumberToObject(r, "n_kv_heads", c->n_kv_heads);
+        cJSON_AddNumberToObject(r, "d_head", c->d_head);
+        cJSON_AddNumberToObject(r, "d_mlp", c->d_mlp);
+        cJSON_AddNumberToObject(r, "n_ctx", c->n_ctx);
+        cJSON_AddNumberToObject(r, "d_vocab", c->d_vocab);
+        cJSON_AddNumberToObject(r, "n_params", (double)lp_model_n_params(m));
+        cJSON *hooks = cJSON_AddArrayToObject(r, "hooks");
+        for (int id = 0; id < lp_hook_count(m); id++) {
+            cJSON *h = cJSON_CreateObject();
+            cJSON_AddStringToObject(h, "name", lp_hook_name(m, id));
+            shape_text(m, id, buf, sizeof buf, cJSON_AddArrayToObject(h, "shape"));
+            cJSON_AddItemToArray(hooks, h);
+        }
+        char *txt = cJSON_PrintUnformatted(r);
+        printf("%s\n", txt);
+        free(txt);
+        cJSON_Delete(r);
+    } else {
+        printf("%s: %d layers, d_model %d, %d heads x %d, d_mlp %d, context %d, vocab %d\n", c->name, c->n_layers,
+               c->d_model, c->n_heads, c->d_head, c->d_mlp, c->n_ctx, c->d_vocab);
+        printf("parameters: %lld (%s)\n", (long long)lp_model_n_params(m), dev_name(m));
+        printf("hook points (%d):\n", lp_hook_count(m));
+        for (int id = 0; id < lp_hook_count(m); id++) {
+            shape_text(m, id, buf, sizeof buf, NULL);
+            printf("  %-34s %s\n", lp_hook_name(m, id), buf);
+        }
+    }
+    lp_model_free(m);
+    return 0;
+}
+
+static int cmd_run(args *a) {
+    lp_model *m = NULL;
+    lp_tokens t = {0};
+    lp_status st = open_model(a, &m);
+    if (st == LP_OK) st = load_tokens(a, m, &t);
+    if (st != LP_OK) {
+        lp_model_free(m);
+        return fail(st);
+    }
+    int B = (int)lp_cfg_int(&a->cfg, "run.batch"), T = t.ctx;
+    double *seq_loss = calloc(t.n_seq, sizeof(double)), total = 0, t0 = now_s();
+    for (int64_t r = 0; r < t.n_seq && st == LP_OK; r += B) {
+        int nb = t.n_seq - r < B ? (int)(t.n_seq - r) : B;
+        st = lp_model_forward(m, t.ids + (size_t)r * T, nb, T, LP_WANT_LOSS);
+        if (st != LP_OK) break;
+        const float *l = lp_model_losses(m);
+        for (int b = 0; b < nb; b++) {
+            double s = 0;
+            for (int i = 0; i < T - 1; i++) s += l[(size_t)b * (T - 1) + i];
+            seq_loss[r + b] = s / (T - 1);
+            total += s;
+        }
+        if (isatty(2)) fprintf(stderr, "\rrun %lld/%lld sequences", (long long)(r + nb), (long long)t.n_seq);
+    }
+    if (isatty(2)) fputc('\n', stderr);
+    double secs = now_s() - t0;
+    int rc = 0;
+    if (st != LP_OK) {
+        rc = fail(st);
+    } else {
+        int64_t n_pred = t.n_seq * (T - 1);
+        double mean = total / n_pred;
+        if (a->json) {
+            cJSON *r = cJSON_CreateObject();
+            cJSON_AddNumberToObject(r, "mean_loss", mean);
+            cJSON_AddNumberToObject(r, "n_tokens", (double)n_pred);
+            cJSON_AddNumberToObject(r, "n_sequences", (double)t.n_seq);
+            cJSON_AddNumberToObject(r, "context", T);
+            cJSON_AddStringToObject(r, "device", dev_name(m));
+            cJSON_AddNumberToObject(r, "tokens_per_s", secs > 0 ? t.n_seq * T / secs : 0);
+            cJSON *per = cJSON_AddArrayToObject(r, "per_sequence_loss");
+            for (int64_t i = 0; i < t.n_seq; i++) cJSON_AddItemToArray(per, cJSON_CreateNumber(seq_loss[i]));
+            char *txt = cJSON_PrintUnformatted(r);
+            printf("%s\n", txt);
+            free(txt);
+            cJSON_Delete(r);
+        } else {
+            printf("mean loss %.6f over %lld predicted tokens (%lld sequences of %d) on %s, %.0f tokens/s\n", mean,
+                   (long long)n_pred, (long long)t.n_seq, T, dev_name(m), secs > 0 ? t.n_seq * T / secs : 0);
+            printf("per-sequence loss:");
+            for (int64_t i = 0; i < t.n_seq && i < 16; i++) printf(" %.4f", seq_loss[i]);
+            printf("%s\n", t.n_seq > 16 ? " ... (--json for all)" : "");
+        }
+    }
+    free(seq_loss);
+    lp_tokens_free(&t);
+    lp_model_free(m);
+    return rc;
+}
+
+static int cmd_cache(args *a) {
+    lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "data.tokens", "cache.hooks", "cache.out", NULL});
+    if (st != LP_OK) return fail(st);
+    lp_model *m = NULL;
+    lp_tokens t = {0};
+    st = open_model(a, &m);
+    if (st == LP_OK) st = load_tokens(a, m, &t);
+    lp_cache_report rep;
+    if (st == LP_OK) {
+        lp_cache_opts o = {
+            .out = lp_cfg_str(&a->cfg, "cache.out"),
+            .hooks = lp_cfg_str(&a->cfg, "cache.hooks"),
+            .model_path = lp_cfg_str(&a->cfg, "model.path"),
+            .tokens_path = lp_cfg_str(&a->cfg, "data.tokens"),
+            .dtype = strcmp(lp_cfg_str(&a->cfg, "cache.dtype"), "bf16") == 0 ? LP_BF16 : LP_F32,
+            .batch = (int)lp_cfg_int(&a->cfg, "cache.batch"),
+            .shard_sequences = (int)lp_cfg_int(&a->cfg, "cache.shard_sequences"),
+            .progress = 1,
+        };
+        st = lp_cache_run(m, &t, &o, &rep);
+    }
+    int rc = 0;
+    if (st != LP_OK) {
+        rc = fail(st);
+    } else if (a->json) {
+        printf("{\"out\":\"%s\",\"n_sequences\":%lld,\"n_tokens\":%lld,\"n_hooks\":%d,\"n_shards\":%d,"
+               "\"resumed_sequences\":%lld,\"tokens_per_s\":%.1f}\n",
+               lp_cfg_str(&a->cfg, "cache.out"), (long long)rep.n_sequences, (long long)rep.n_tokens, rep.n_hooks,
+               rep.n_shards, (long long)rep.resumed_sequences, rep.tokens_per_s);
+    } else {
+        printf("cached %d hooks for %lld sequences (%lld tokens) into %s: %d shards", rep.n_hooks,
+               (long long)rep.n_sequences, (long long)rep.n_tokens, lp_cfg_str(&a->cfg, "cache.out"), rep.n_shards);
+        if (rep.resumed_sequences) printf(", %lld sequences were already there", (long long)rep.resumed_sequences);
+        printf(", %.0f tokens/s on %s\n", rep.tokens_per_s, dev_name(m));
+    }
+    lp_tokens_free(&t);
+    lp_model_free(m);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "help") == 0) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    const char *cmd = argv[1];
+    int (*fn)(args *) = strcmp(cmd, "info") == 0 ? cmd_info : strcmp(cmd, "run") == 0 ? cmd_run
+                        : strcmp(cmd, "cache") == 0                                  ? cmd_cache
+                                                                                     : NULL;
+    if (!fn) {
+        fprintf(stderr, "loupe: unknown command '%s' (commands: info, run, cache; see loupe --help)\n", cmd);
+        return 2;
+    }
+    args a = {0};
+    lp_status st = parse_args(&a, argc - 2, argv + 2);
+    int rc = st == LP_OK ? fn(&a) : fail(st);
+    lp_cfg_free(&a.cfg);
+    return rc;
+}

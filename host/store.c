@@ -1,0 +1,313 @@
+/* store.c: writing the activation store (shards + meta.json) with resume, and
+ * reading hook means back from it. See store.h for the layout. */
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "loupe/hooks.h"
+#include "loupe/safetensors.h"
+#include "loupe/store.h"
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Expands the comma-separated hook list into hook ids, in model order, without repeats. */
+static lp_status expand_hooks(lp_model *m, const char *spec, int *ids, int *n) {
+    char *s = strdup(spec), *save = NULL;
+    lp_status st = LP_OK;
+    lp_hooks_clear(m);
+    for (char *tok = strtok_r(s, ",", &save); tok && st == LP_OK; tok = strtok_r(NULL, ",", &save)) {
+        while (*tok == ' ') tok++;
+        char *end = tok + strlen(tok);
+        while (end > tok && end[-1] == ' ') *--end = 0;
+        if (*tok) st = lp_hook_capture(m, tok, NULL, 0, NULL);
+    }
+    free(s);
+    if (st != LP_OK) return st;
+    *n = 0;
+    for (int id = 0; id < lp_hook_count(m); id++)
+        if (lp_hook_is_captured(m, id)) ids[(*n)++] = id;
+    if (*n == 0) LP_FAIL(LP_ERR_ARG, "cache.hooks: no hooks given");
+    return LP_OK;
+}
+
+static char *meta_json(const lp_model *m, const lp_cache_opts *o, const lp_tokens *toks, const int *ids, int nh,
+                       int n_shards, int64_t done, int complete) {
+    cJSON *r = cJSON_CreateObject();
+    cJSON_AddStringToObject(r, "format", "loupe activation store");
+    cJSON_AddNumberToObject(r, "version", 1);
+    cJSON_AddStringToObject(r, "model", o->model_path ? o->model_path : "");
+    cJSON_AddStringToObject(r, "architecture", lp_model_config(m)->name);
+    cJSON_AddStringToObject(r, "tokens", o->tokens_path ? o->tokens_path : "");
+    cJSON_AddNumberToObject(r, "context", toks->ctx);
+    cJSON_AddStringToObject(r, "dtype", lp_dtype_name(o->dtype));
+    cJSON_AddNumberToObject(r, "shard_sequences", o->shard_sequences);
+    cJSON *hooks = cJSON_AddArrayToObject(r, "hooks");
+    for (int i = 0; i < nh; i++) {
+        cJSON *h = cJSON_CreateObject();
+        cJSON_AddStringToObject(h, "name", lp_hook_name(m, ids[i]));
+        int64_t s[LP_MAX_DIMS];
+        int nd = lp_hook_shape(m, ids[i], 1, toks->ctx, s);
+        cJSON *sh = cJSON_AddArrayToObject(h, "shape"); /* per sequence: the batch axis dropped */
+        for (int d = 1; d < nd; d++) cJSON_AddItemToArray(sh, cJSON_CreateNumber((double)s[d]));
+        cJSON_AddItemToArray(hooks, h);
+    }
+    cJSON_AddNumberToObject(r, "n_sequences", (double)done);
+    cJSON_AddNumberToObject(r, "n_tokens", (double)done * toks->ctx);
+    cJSON_AddNumberToObject(r, "n_sequences_planned", (double)toks->n_seq);
+    cJSON_AddBoolToObject(r, "complete", complete);
+    cJSON *shards = cJSON_AddArrayToObject(r, "shards");
+    for (int s = 0; s < n_shards; s++) {
+        cJSON *e = cJSON_CreateObject();
+        char nm[64];
+        snprintf(nm, sizeof nm, "shard-%05d.safetensors", s);
+        int64_t first = (int64_t)s * o->shard_sequences, cnt = toks->n_seq - first < o->shard_sequences ? toks->n_seq - first : o->shard_sequences;
+        cJSON_AddStringToObject(e, "file", nm);
+        cJSON_AddNumberToObject(e, "first_sequence", (double)first);
+        cJSON_AddNumberToObject(e, "n_sequences", (double)cnt);
+        cJSON_AddItemToArray(shards, e);
+    }
+    char *txt = cJSON_Print(r);
+    cJSON_Delete(r);
+    return txt;
+}
+
+/* Fields that must agree for a re-run to resume an existing store. */
+static const char *const g_same[] = {"model", "tokens", "context", "dtype", "shard_sequences", "hooks", "n_sequences_planned", NULL};
+
+/* Returns the number of complete shards to keep, or an error if the settings differ. */
+static lp_status check_resume(const char *dir, const char *fresh, int *keep) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/meta.json", dir);
+    *keep = 0;
+    FILE *f = fopen(path, "rb");
+    if (!f) return LP_OK;
+    char *buf = malloc(1 << 22);
+    size_t n = fread(buf, 1, (1 << 22) - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    cJSON *old = cJSON_Parse(buf), *now = cJSON_Parse(fresh);
+    free(buf);
+    lp_status st = LP_OK;
+    if (!cJSON_IsObject(old)) {
+        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: not a loupe store's meta.json; choose another cache.out", path);
+        goto done;
+    }
+    for (int i = 0; g_same[i]; i++) {
+        char *a = cJSON_PrintUnformatted(cJSON_GetObjectItemCaseSensitive(old, g_same[i]));
+        char *b = cJSON_PrintUnformatted(cJSON_GetObjectItemCaseSensitive(now, g_same[i]));
+        int same = a && b && strcmp(a, b) == 0;
+        free(a);
+        free(b);
+        if (!same) {
+            st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,
+                              "%s: the store there was written with a different '%s'; use another cache.out or remove it", dir, g_same[i]);
+            goto done;
+        }
+    }
+    /* keep the listed shards that are present, up to the first missing one */
+    const cJSON *shards = cJSON_GetObjectItemCaseSensitive(old, "shards");
+    for (const cJSON *e = shards ? shards->child : NULL; e; e = e->next) {
+        const cJSON *file = cJSON_GetObjectItemCaseSensitive(e, "file");
+        snprintf(path, sizeof path, "%s/%s", dir, cJSON_IsString(file) ? file->valuestring : "");
+        if (access(path, R_OK) != 0) break;
+        (*keep)++;
+    }
+done:
+    cJSON_Delete(old);
+    cJSON_Delete(now);
+    return st;
+}
+
+/* Removes leftovers of an interrupted run (files ending in .tmp). */
+static void remove_tmp(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    char path[4200];
+    while ((e = readdir(d))) {
+        size_t n = strlen(e->d_name);
+        if (n > 4 && strcmp(e->d_name + n - 4, ".tmp") == 0) {
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            unlink(path);
+        }
+    }
+    closedir(d);
+}
+
+static void progress(int64_t done, int64_t total, int64_t toks_done, double t0, int tty) {
+    double el = now_s() - t0, rate = el > 0 ? toks_done / el : 0;
+    double eta = rate > 0 ? (double)(total - done) * ((double)toks_done / (done ? done : 1)) / rate : 0;
+    int w = 30, fill = total ? (int)(w * done / total) : w;
+    fprintf(stderr, "%scache [%.*s%*s] %lld/%lld seq  %.0f tok/s  ETA %d:%02d%s", tty ? "\r" : "", fill,
+            "##############################", w - fill, "", (long long)done, (long long)total, rate, (int)eta / 60,
+            (int)eta % 60, tty ? "" : "\n");
+    fflush(stderr);
+}
+
+lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, lp_cache_report *rep) {
+    memset(rep, 0, sizeof *rep);
+    if (o->dtype != LP_F32 && o->dtype != LP_BF16) LP_FAIL(LP_ERR_ARG, "cache.dtype must be F32 or BF16");
+    if (o->batch <= 0 || o->shard_sequences <= 0) LP_FAIL(LP_ERR_ARG, "cache.batch and cache.shard_sequences must be positive");
+    if (toks->ctx > lp_model_config(m)->n_ctx)
+        LP_FAIL(LP_ERR_ARG, "%s: rows of %d tokens exceed the model's context of %d", o->tokens_path, toks->ctx, lp_model_config(m)->n_ctx);
+    int *ids = malloc(lp_hook_count(m) * sizeof(int)), nh = 0;
+    lp_status st = expand_hooks(m, o->hooks, ids, &nh);
+    if (st != LP_OK) {
+        free(ids);
+        return st;
+    }
+    if (mkdir(o->out, 0755) != 0 && errno != EEXIST) {
+        free(ids);
+        LP_FAIL(LP_ERR_IO, "%s: cannot create store directory: %s", o->out, strerror(errno));
+    }
+    int T = toks->ctx, S = o->shard_sequences;
+    int n_shards = (int)((toks->n_seq + S - 1) / S), keep = 0;
+    char *fresh = meta_json(m, o, toks, ids, nh, 0, 0, 0);
+    st = check_resume(o->out, fresh, &keep);
+    free(fresh);
+    if (st != LP_OK) {
+        free(ids);
+        return st;
+    }
+    remove_tmp(o->out);
+    rep->resumed_sequences = (int64_t)keep * S < toks->n_seq ? (int64_t)keep * S : toks->n_seq;
+    int B = o->batch < S ? o->batch : S;
+    size_t es_store = lp_dtype_size(o->dtype);
+    lp_st_spec *specs = calloc(nh + 1, sizeof *specs);
+    void *conv = NULL;
+    size_t conv_cap = 0;
+    char path[4200], meta_path[4200];
+    snprintf(meta_path, sizeof meta_path, "%s/meta.json", o->out);
+    double t0 = now_s();
+    int64_t toks_done = 0;
+    int tty = isatty(2);
+    LP_TRY(st, done, lp_model_prepare(m, B, T));
+    for (int s = keep; s < n_shards; s++) {
+        int64_t first = (int64_t)s * S;
+        int ns = (int)(toks->n_seq - first < S ? toks->n_seq - first : S);
+        specs[0] = (lp_st_spec){.name = "tokens", .dtype = LP_I32, .ndim = 2, .shape = {ns, T}};
+        for (int i = 0; i < nh; i++) {
+            specs[i + 1] = (lp_st_spec){.name = lp_hook_name(m, ids[i]), .dtype = o->dtype};
+            specs[i + 1].ndim = lp_hook_shape(m, ids[i], ns, T, specs[i + 1].shape);
+        }
+        snprintf(path, sizeof path, "%s/shard-%05d.safetensors", o->out, s);
+        lp_st_writer w;
+        LP_TRY(st, done, lp_st_writer_open(&w, path, specs, nh + 1, NULL));
+        for (int b0 = 0; b0 < ns && st == LP_OK; b0 += B) {
+            int nb = ns - b0 < B ? ns - b0 : B;
+            const int32_t *tk = toks->ids + (size_t)(first + b0) * T;
+            st = lp_st_writer_put(&w, 0, (size_t)b0 * T * 4, tk, (size_t)nb * T * 4);
+            if (st == LP_OK) st = lp_model_forward(m, tk, nb, T, 0);
+            for (int i = 0; i < nh && st == LP_OK; i++) {
+                lp_tensor t;
+                st = lp_capture_get(m, lp_hook_name(m, ids[i]), &t);
+                if (st != LP_OK) break;
+                size_t n = (size_t)lp_shape_numel(t.shape, t.ndim), bytes = n * es_store;
+                const void *src = t.data;
+                if (t.dtype != o->dtype) {
+                    if (bytes > conv_cap) {
+                        free(conv);
+                        conv = malloc(bytes);
+                        conv_cap = bytes;
+                    }
+                    st = lp_convert_host(conv, o->dtype, t.data, t.dtype, n);
+                    src = conv;
+                }
+                if (st == LP_OK) st = lp_st_writer_put(&w, i + 1, (size_t)b0 * (bytes / nb), src, bytes);
+            }
+            toks_done += (int64_t)nb * T;
+            if (o->progress && tty) progress(first + b0 + nb, toks->n_seq, toks_done, t0, 1);
+        }
+        if (st != LP_OK) {
+            lp_st_writer_abort(&w);
+            goto done;
+        }
+        LP_TRY(st, done, lp_st_writer_commit(&w));
+        char *meta = meta_json(m, o, toks, ids, nh, s + 1, first + ns, s + 1 == n_shards);
+        st = lp_write_file_atomic(meta_path, meta, strlen(meta));
+        free(meta);
+        if (st != LP_OK) goto done;
+        if (o->progress && !tty) progress(first + ns, toks->n_seq, toks_done, t0, 0);
+    }
+    if (keep >= n_shards) { /* nothing to do, but make sure meta says complete */
+        char *meta = meta_json(m, o, toks, ids, nh, n_shards, toks->n_seq, 1);
+        st = lp_write_file_atomic(meta_path, meta, strlen(meta));
+        free(meta);
+    }
+    if (o->progress && tty) fputc('\n', stderr);
+done:
+    rep->seconds = now_s() - t0;
+    rep->tokens_per_s = rep->seconds > 0 ? toks_done / rep->seconds : 0;
+    rep->n_shards = n_shards;
+    rep->n_hooks = nh;
+    rep->n_sequences = st == LP_OK ? toks->n_seq : 0;
+    rep->n_tokens = rep->n_sequences * T;
+    free(conv);
+    free(specs);
+    free(ids);
+    return st;
+}
+
+lp_status lp_store_hook_mean(const char *dir, const char *hook, float **mean, size_t *n_out) {
+    *mean = NULL;
+    *n_out = 0;
+    double *acc = NULL;
+    size_t per = 0;
+    int64_t rows = 0;
+    lp_status st = LP_OK;
+    for (int s = 0;; s++) {
+        char path[4200];
+        snprintf(path, sizeof path, "%s/shard-%05d.safetensors", dir, s);
+        if (access(path, F_OK) != 0) {
+            if (s == 0) LP_FAIL(LP_ERR_IO, "%s: no shards (is it an activation store?)", dir);
+            break;
+        }
+        lp_st_file f;
+        LP_CHECK(lp_st_open(&f, path));
+        const lp_st_tensor *t = lp_st_find(&f, hook);
+        if (!t || t->ndim < 3) {
+            lp_st_close(&f);
+            free(acc);
+            LP_FAIL(LP_ERR_NOT_FOUND, "%s: hook '%s' is not in the store", path, hook);
+        }
+        if (strstr(hook, "hook_pattern") || strstr(hook, "hook_attn_scores")) {
+            lp_st_close(&f);
+            free(acc);
+            LP_FAIL(LP_ERR_ARG, "%s: mean ablation of attention patterns is not supported", hook);
+        }
+        size_t p = (size_t)lp_shape_numel(t->shape + 2, t->ndim - 2);
+        int64_t r = t->shape[0] * t->shape[1];
+        if (!acc) {
+            per = p;
+            acc = calloc(per, sizeof(double));
+        } else if (p != per) {
+            st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' changes shape between shards", path, hook);
+        }
+        for (int64_t i = 0; i < r && st == LP_OK; i++)
+            for (size_t j = 0; j < per; j++) {
+                size_t k = (size_t)i * per + j;
+                acc[j] += t->dtype == LP_BF16 ? lp_bf16_to_f32(((const uint16_t *)t->data)[k]) : ((const float *)t->data)[k];
+            }
+        rows += r;
+        lp_st_close(&f);
+        if (st != LP_OK) {
+            free(acc);
+            return st;
+        }
+    }
+    *mean = malloc(per * sizeof(float));
+    for (size_t j = 0; j < per; j++) (*mean)[j] = (float)(acc[j] / rows);
+    *n_out = per;
+    free(acc);
+    return LP_OK;
+}

@@ -1,0 +1,46 @@
+/* store.h: the activation store of DESIGN.md, written by `loupe cache`.
+ *
+ * A directory with meta.json and shard-00000.safetensors, shard-00001..., each shard
+ * holding "tokens" (I32 [n_seq, ctx]) and one tensor per captured hook named by the hook,
+ * shaped [n_seq, *hook shape without batch], in the store's dtype (F32 or BF16).
+ * Shards and meta.json are written under temporary names and renamed when complete;
+ * a re-run with the same settings resumes after the last complete shard. */
+#ifndef LOUPE_STORE_H
+#define LOUPE_STORE_H
+
+#include "loupe/model.h"
+#include "loupe/tokens.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct lp_cache_opts {
+    const char *out;          /* store directory */
+    const char *hooks;        /* comma-separated names or globs */
+    const char *model_path;   /* recorded in meta.json */
+    const char *tokens_path;  /* recorded in meta.json */
+    lp_dtype dtype;           /* LP_F32 or LP_BF16 */
+    int batch;                /* sequences per forward */
+    int shard_sequences;      /* sequences per shard */
+    int progress;             /* progress bar on stderr */
+} lp_cache_opts;
+
+typedef struct lp_cache_report {
+    int64_t n_sequences, n_tokens;   /* in the store when done */
+    int64_t resumed_sequences;       /* already present when this run started */
+    int n_shards, n_hooks;
+    double seconds, tokens_per_s;    /* of this run's work */
+} lp_cache_report;
+
+/* Registers the captures on m (clearing other hooks) and writes the store. */
+lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, lp_cache_report *rep);
+
+/* Per-token mean of a stored hook over every sequence and position, e.g. [d_model] for
+ * resid hooks or [n_heads * d_head] for hook_z: the source of mean ablation. */
+lp_status lp_store_hook_mean(const char *dir, const char *hook, float **mean, size_t *n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

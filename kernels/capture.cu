@@ -1,0 +1,21 @@
+// capture.cu: the overlapped device-to-host copy behind lp_ctx_to_host_async.
+// Captures are first copied device-to-device on the compute stream (so later layers may
+// overwrite the activation), then drained to pinned host memory on the copy stream,
+// which waits only for that point of the compute stream.
+#include <cuda_runtime.h>
+
+#include "ops_internal.h"
+
+extern "C" lp_status lp_cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    cudaEvent_t ev;
+    cudaError_t e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    if (e == cudaSuccess) e = cudaEventRecord(ev, (cudaStream_t)c->stream);
+    if (e == cudaSuccess) e = cudaStreamWaitEvent((cudaStream_t)c->copy_stream, ev, 0);
+    if (e == cudaSuccess)
+        e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, (cudaStream_t)c->copy_stream);
+    cudaEventDestroy(ev); // safe: destruction is deferred until the event completes
+    if (e != cudaSuccess)
+        return lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__, "CUDA error %s: %s in capture copy",
+                            cudaGetErrorName(e), cudaGetErrorString(e));
+    return LP_OK;
+}

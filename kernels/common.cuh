@@ -1,0 +1,173 @@
+// common.cuh: what every CUDA file of loupe shares: the check macros that turn a failed
+// CUDA or cuBLAS call (or kernel launch) into an lp_status with the failing expression,
+// file and line; dtype-generic loads and stores (activations are float or bf16, math is
+// always fp32); grid sizing; and warp / block reductions.
+//
+// Only kernels/*.cu include this. Their exported lp_cuda_* entry points are declared in
+// host/ops_internal.h (extern "C") and validate their arguments before launching on the
+// context's compute stream.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "loupe/status.h"
+#include "loupe/tensor.h"
+#include "ops_internal.h"
+
+// ---- error checks ----------------------------------------------------------------------
+// On failure we also call cudaGetLastError(): the runtime remembers the last error of any
+// call, and a non-sticky error that we already reported must not resurface later as the
+// "launch failure" of an unrelated kernel.
+
+#define LP_CUDA_CHECK(expr)                                                                 \
+    do {                                                                                    \
+        cudaError_t lp_e_ = (expr);                                                         \
+        if (lp_e_ != cudaSuccess) {                                                         \
+            (void)cudaGetLastError();                                                       \
+            return lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__, "CUDA error %s: %s in %s", \
+                                cudaGetErrorName(lp_e_), cudaGetErrorString(lp_e_), #expr); \
+        }                                                                                   \
+    } while (0)
+
+// For functions with one cleanup label: records the error in `st` and jumps to `label`.
+#define LP_CUDA_TRY(st, label, expr)                                                        \
+    do {                                                                                    \
+        cudaError_t lp_e_ = (expr);                                                         \
+        if (lp_e_ != cudaSuccess) {                                                         \
+            (void)cudaGetLastError();                                                       \
+            (st) = lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__, "CUDA error %s: %s in %s", \
+                                cudaGetErrorName(lp_e_), cudaGetErrorString(lp_e_), #expr); \
+            goto label;                                                                     \
+        }                                                                                   \
+    } while (0)
+
+#define LP_CUBLAS_CHECK(expr)                                                               \
+    do {                                                                                    \
+        cublasStatus_t lp_b_ = (expr);                                                      \
+        if (lp_b_ != CUBLAS_STATUS_SUCCESS) {                                               \
+            (void)cudaGetLastError();                                                       \
+            return lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__, "cuBLAS error %s: %s in %s", \
+                                cublasGetStatusName(lp_b_), cublasGetStatusString(lp_b_),   \
+                                #expr);                                                     \
+        }                                                                                   \
+    } while (0)
+
+#define LP_CUBLAS_TRY(st, label, expr)                                                      \
+    do {                                                                                    \
+        cublasStatus_t lp_b_ = (expr);                                                      \
+        if (lp_b_ != CUBLAS_STATUS_SUCCESS) {                                               \
+            (void)cudaGetLastError();                                                       \
+            (st) = lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__, "cuBLAS error %s: %s in %s", \
+                                cublasGetStatusName(lp_b_), cublasGetStatusString(lp_b_),   \
+                                #expr);                                                     \
+            goto label;                                                                     \
+        }                                                                                   \
+    } while (0)
+
+// After every <<<...>>>: a bad launch configuration is only reported through the
+// runtime's last-error slot. (Faults inside the kernel surface at the next sync.)
+#define LP_LAUNCH_CHECK(kernel_name)                                                        \
+    do {                                                                                    \
+        cudaError_t lp_e_ = cudaGetLastError();                                             \
+        if (lp_e_ != cudaSuccess)                                                           \
+            return lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__,                            \
+                                "CUDA error %s: %s in launch of %s", cudaGetErrorName(lp_e_), \
+                                cudaGetErrorString(lp_e_), kernel_name);                    \
+    } while (0)
+
+// Argument checks shared by every op entry point.
+#define LP_CUDA_REQUIRE_CTX(c, op)                                                          \
+    do {                                                                                    \
+        if ((c) == NULL || (c)->device != LP_CUDA)                                          \
+            return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,                             \
+                                "%s: context is not a CUDA context", (op));                 \
+        if ((c)->dtype != LP_F32 && (c)->dtype != LP_BF16)                                  \
+            return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,                             \
+                                "%s: activation dtype %s is not supported on CUDA "         \
+                                "(F32 or BF16)", (op), lp_dtype_name((c)->dtype));           \
+    } while (0)
+
+// Fails with LP_ERR_ARG and a printf-style message (which should name the op) unless cond.
+#define LP_CUDA_REQUIRE(cond, ...)                                                          \
+    do {                                                                                    \
+        if (!(cond)) return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, __VA_ARGS__);      \
+    } while (0)
+
+static inline cudaStream_t lp_stream(const lp_ctx *c) { return (cudaStream_t)c->stream; }
+
+// ---- dtype-generic loads and stores ----------------------------------------------------
+// Activations are float or __nv_bfloat16 in memory; every kernel computes in fp32 and
+// rounds once on the store (round to nearest even, like lp_f32_to_bf16 on the host).
+
+template <typename T> __device__ __forceinline__ float lp_to_f(T v);
+template <> __device__ __forceinline__ float lp_to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float lp_to_f<__nv_bfloat16>(__nv_bfloat16 v) {
+    return __bfloat162float(v);
+}
+
+template <typename T> __device__ __forceinline__ T lp_from_f(float v);
+template <> __device__ __forceinline__ float lp_from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 lp_from_f<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+template <typename T> __device__ __forceinline__ float lp_load(const T *p, size_t i) {
+    return lp_to_f<T>(p[i]);
+}
+template <typename T> __device__ __forceinline__ void lp_store(T *p, size_t i, float v) {
+    p[i] = lp_from_f<T>(v);
+}
+
+// ---- grid sizing -----------------------------------------------------------------------
+// Element-wise kernels use grid-stride loops, so the grid only needs to fill the GPU; the
+// cap keeps the block count far below the 2^31-1 limit for any n.
+static inline unsigned lp_grid_1d(size_t n, unsigned block) {
+    const size_t cap = 65536;
+    size_t g = (n + block - 1) / block;
+    if (g < 1) g = 1;
+    if (g > cap) g = cap;
+    return (unsigned)g;
+}
+
+static inline unsigned lp_ceil_div_u(size_t n, unsigned d) { return (unsigned)((n + d - 1) / d); }
+
+// ---- reductions ------------------------------------------------------------------------
+#define LP_FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ float lp_warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(LP_FULL_MASK, v, o);
+    return v;
+}
+__device__ __forceinline__ float lp_warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(LP_FULL_MASK, v, o));
+    return v;
+}
+
+// Block-wide sum / max; every thread gets the result. blockDim.x must be a multiple of 32
+// (at most 1024) and every thread of the block must call it. `sh` is 32 floats of shared
+// memory; the leading barrier lets consecutive calls reuse it.
+__device__ __forceinline__ float lp_block_sum(float v, float *sh) {
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = lp_warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0f;
+    return lp_warp_sum(v);
+}
+__device__ __forceinline__ float lp_block_max(float v, float *sh) {
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = lp_warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : -INFINITY;
+    return lp_warp_max(v);
+}

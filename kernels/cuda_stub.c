@@ -1,0 +1,121 @@
+/* cuda_stub.c: the CUDA back end of a CPU-only build (make CUDA=0), linked in place of
+ * the .cu files in kernels/. Every lp_cuda_* entry point reports LP_ERR_NO_CUDA with a
+ * hint, so asking for the GPU fails with one clear message instead of a link error; the
+ * void ones do nothing. */
+#include <stdio.h>
+
+#include "ops_internal.h"
+
+#define NO_CUDA()                                                                            \
+    lp_set_error(LP_ERR_NO_CUDA, __FILE__, __LINE__,                                         \
+                 "built without CUDA (rebuild with nvcc available, or use --model.device=cpu)")
+
+lp_status lp_cuda_ctx_init(lp_ctx *c) { (void)c; return NO_CUDA(); }
+void lp_cuda_ctx_free(lp_ctx *c) { (void)c; }
+lp_status lp_cuda_alloc(lp_ctx *c, size_t bytes, void **p) {
+    (void)c; (void)bytes;
+    if (p) *p = NULL;
+    return NO_CUDA();
+}
+void lp_cuda_release(lp_ctx *c, void *p) { (void)c; (void)p; }
+lp_status lp_cuda_alloc_host(lp_ctx *c, size_t bytes, void **p) {
+    (void)c; (void)bytes;
+    if (p) *p = NULL;
+    return NO_CUDA();
+}
+void lp_cuda_release_host(lp_ctx *c, void *p) { (void)c; (void)p; }
+lp_status lp_cuda_memset0(lp_ctx *c, void *p, size_t bytes) {
+    (void)c; (void)p; (void)bytes;
+    return NO_CUDA();
+}
+lp_status lp_cuda_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    (void)c; (void)dst; (void)src; (void)bytes;
+    return NO_CUDA();
+}
+lp_status lp_cuda_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    (void)c; (void)dst; (void)src; (void)bytes;
+    return NO_CUDA();
+}
+lp_status lp_cuda_copy(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    (void)c; (void)dst; (void)src; (void)bytes;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sync(lp_ctx *c) { (void)c; return NO_CUDA(); }
+lp_status lp_cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    (void)c; (void)dst; (void)src; (void)bytes;
+    return NO_CUDA();
+}
+int lp_cuda_device_count(char *why, size_t n) {
+    if (why && n) snprintf(why, n, "loupe was built without CUDA");
+    return 0;
+}
+
+lp_status lp_cuda_embed(lp_ctx *c, void *out, const int32_t *tok, const void *wte, int N, int D) {
+    (void)c; (void)out; (void)tok; (void)wte; (void)N; (void)D;
+    return NO_CUDA();
+}
+lp_status lp_cuda_pos_embed(lp_ctx *c, void *out, const void *wpe, int B, int T, int D) {
+    (void)c; (void)out; (void)wpe; (void)B; (void)T; (void)D;
+    return NO_CUDA();
+}
+lp_status lp_cuda_add(lp_ctx *c, void *out, const void *a, const void *b, size_t n) {
+    (void)c; (void)out; (void)a; (void)b; (void)n;
+    return NO_CUDA();
+}
+lp_status lp_cuda_ln_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps) {
+    (void)c; (void)scale; (void)x; (void)N; (void)D; (void)eps;
+    return NO_CUDA();
+}
+lp_status lp_cuda_ln_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w,
+                           const void *b, int N, int D) {
+    (void)c; (void)out; (void)x; (void)scale; (void)w; (void)b; (void)N; (void)D;
+    return NO_CUDA();
+}
+lp_status lp_cuda_affine(lp_ctx *c, void *out, const void *x, const void *w, const void *b, int N,
+                         int D) {
+    (void)c; (void)out; (void)x; (void)w; (void)b; (void)N; (void)D;
+    return NO_CUDA();
+}
+lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, const void *bias, int N,
+                         int K, int M, int w_trans) {
+    (void)c; (void)out; (void)x; (void)w; (void)bias; (void)N; (void)K; (void)M; (void)w_trans;
+    return NO_CUDA();
+}
+lp_status lp_cuda_gelu(lp_ctx *c, void *out, const void *x, size_t n) {
+    (void)c; (void)out; (void)x; (void)n;
+    return NO_CUDA();
+}
+lp_status lp_cuda_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
+                            int T, int H, int Hkv, int dh) {
+    (void)c; (void)z; (void)q; (void)k; (void)v; (void)B; (void)T; (void)H; (void)Hkv; (void)dh;
+    return NO_CUDA();
+}
+lp_status lp_cuda_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,
+                              int H, int Hkv, int dh) {
+    (void)c; (void)scores; (void)q; (void)k; (void)B; (void)T; (void)H; (void)Hkv; (void)dh;
+    return NO_CUDA();
+}
+lp_status lp_cuda_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int cols) {
+    (void)c; (void)out; (void)x; (void)rows; (void)cols;
+    return NO_CUDA();
+}
+lp_status lp_cuda_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v, int B, int T,
+                             int H, int Hkv, int dh) {
+    (void)c; (void)z; (void)pattern; (void)v; (void)B; (void)T; (void)H; (void)Hkv; (void)dh;
+    return NO_CUDA();
+}
+lp_status lp_cuda_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
+                                int N, int V) {
+    (void)c; (void)losses; (void)logits; (void)targets; (void)N; (void)V;
+    return NO_CUDA();
+}
+lp_status lp_cuda_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind, const void *src,
+                             float coef, const uint8_t *pos_mask, const uint8_t *head_mask) {
+    (void)c; (void)act; (void)v; (void)kind; (void)src; (void)coef; (void)pos_mask; (void)head_mask;
+    return NO_CUDA();
+}
+lp_status lp_cuda_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const int32_t *pos,
+                             int npos) {
+    (void)c; (void)dst; (void)act; (void)v; (void)pos; (void)npos;
+    return NO_CUDA();
+}

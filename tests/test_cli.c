@@ -1,0 +1,250 @@
+/* test_cli.c: the `loupe` command as a user meets it: exit status 0 / 2, one clear
+ * line on stderr for bad input, --json as the last stdout line, and `loupe cache`
+ * writing, resuming and refusing to leave partial shards. Runs build/loupe (or $LOUPE_CLI). */
+#include <cjson/cJSON.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "loupe/hooks.h"
+#include "loupe/safetensors.h"
+#include "loupe/store.h"
+#include "loupe/tokens.h"
+#include "testutil.h"
+
+#define MODEL LP_FIXTURES "/gpt2-tiny"
+static char dir[64];
+static char out_txt[1 << 16], err_txt[1 << 16];
+
+static void mk(void) {
+    snprintf(dir, sizeof dir, "/tmp/loupe-cli-XXXXXX");
+    cr_assert(mkdtemp(dir) != NULL);
+}
+static void rm(void) {
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    cr_expect(system(cmd) == 0);
+}
+TestSuite(cli, .init = mk, .fini = rm, .timeout = 60);
+
+static void slurp(const char *path, char *buf, size_t n) {
+    FILE *f = fopen(path, "rb");
+    size_t k = f ? fread(buf, 1, n - 1, f) : 0;
+    buf[k] = 0;
+    if (f) fclose(f);
+}
+
+/* Runs `loupe ARGS`; returns the exit status and fills out_txt / err_txt. */
+static int loupe(const char *fmt, ...) {
+    char args[2048], cmd[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(args, sizeof args, fmt, ap);
+    va_end(ap);
+    const char *bin = getenv("LOUPE_CLI") ? getenv("LOUPE_CLI") : "build/loupe";
+    snprintf(cmd, sizeof cmd, "%s %s >%s/out.txt 2>%s/err.txt", bin, args, dir, dir);
+    int rc = system(cmd);
+    char p[128];
+    snprintf(p, sizeof p, "%s/out.txt", dir);
+    slurp(p, out_txt, sizeof out_txt);
+    snprintf(p, sizeof p, "%s/err.txt", dir);
+    slurp(p, err_txt, sizeof err_txt);
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+/* Bad input: exit 2, exactly one line on stderr, containing the phrase. */
+static void expect_bad(const char *phrase, const char *fmt, const char *arg) {
+    int rc = loupe(fmt, arg);
+    cr_expect_eq(rc, 2, "exit %d for `%s`; stderr: %s", rc, fmt, err_txt);
+    cr_expect(strstr(err_txt, phrase) != NULL, "stderr '%s' lacks '%s'", err_txt, phrase);
+    char *nl = strchr(err_txt, '\n');
+    cr_expect(nl && nl[1] == 0, "stderr is not one line: '%s'", err_txt);
+}
+
+static const char *tmp(const char *name) {
+    static char p[4][256];
+    static int i;
+    i = (i + 1) % 4;
+    snprintf(p[i], sizeof p[i], "%s/%s", dir, name);
+    return p[i];
+}
+
+Test(cli, run_json_reports_the_reference_loss) {
+    cr_assert_eq(loupe("run %s --tokens %s/tokens.npy --json", MODEL, MODEL), 0, "%s", err_txt);
+    char *last = strrchr(out_txt, '{');
+    cJSON *j = cJSON_Parse(last);
+    cr_assert(j, "last stdout line is not JSON: %s", out_txt);
+    double loss = cJSON_GetObjectItem(j, "mean_loss")->valuedouble;
+    cr_expect(fabs(loss - 15.728273) < 1e-4, "mean_loss %f", loss);
+    cr_expect_eq(cJSON_GetObjectItem(j, "n_tokens")->valueint, 30);
+    cr_expect_eq(cJSON_GetArraySize(cJSON_GetObjectItem(j, "per_sequence_loss")), 2);
+    cJSON_Delete(j);
+    /* a flat file cut into rows of 16 gives the same rows, so the same loss */
+    cr_assert_eq(loupe("run %s --tokens %s/tokens_flat.npy --data.context=16 --run.batch=1", MODEL, MODEL), 0, "%s", err_txt);
+    cr_expect(strstr(out_txt, "mean loss 15.7282") != NULL, "%s", out_txt);
+}
+
+Test(cli, info_lists_hooks) {
+    cr_assert_eq(loupe("info %s", MODEL), 0, "%s", err_txt);
+    cr_expect(strstr(out_txt, "blocks.1.attn.hook_pattern") && strstr(out_txt, "[batch, 4, pos, pos]"), "%s", out_txt);
+    cr_assert_eq(loupe("info %s --json", MODEL), 0);
+    cJSON *j = cJSON_Parse(strrchr(out_txt, '{') ? out_txt : "");
+    cr_assert(j);
+    cr_expect_eq(cJSON_GetArraySize(cJSON_GetObjectItem(j, "hooks")), 38);
+    cJSON_Delete(j);
+}
+
+Test(cli, bad_input_is_one_line_and_exit_2) {
+    expect_bad("unknown command", "frobnicate %s", MODEL);
+    expect_bad("unknown config key 'run.bogus'", "run " MODEL " --tokens " MODEL "/tokens.npy --run.bogus=%s", "1");
+    expect_bad("run.batch = 0 is outside", "run " MODEL " --tokens " MODEL "/tokens.npy --run.batch=%s", "0");
+    expect_bad("missing config key 'data.tokens'", "run %s", MODEL);
+    expect_bad("nope.npy: cannot read", "run " MODEL " --tokens %s", "nope.npy");
+    expect_bad("config.json: cannot open", "info %s", "tests");
+    /* token id >= vocab */
+    int32_t ids[4] = {1, 2, 997, 3};
+    cr_assert_eq(lp_npy_write_i32(tmp("big.npy"), ids, 1, 4), LP_OK);
+    expect_bad("token id 997 at row 0 position 2", "run " MODEL " --tokens %s", tmp("big.npy"));
+    /* empty token file */
+    FILE *f = fopen(tmp("empty.npy"), "w");
+    fclose(f);
+    expect_bad("empty file", "run " MODEL " --tokens %s", tmp("empty.npy"));
+    /* rows longer than the model's context */
+    int32_t longrow[40] = {0};
+    cr_assert_eq(lp_npy_write_i32(tmp("long.npy"), longrow, 1, 40), LP_OK);
+    expect_bad("exceed the model's context of 32", "run " MODEL " --tokens %s", tmp("long.npy"));
+    /* a truncated checkpoint */
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "mkdir -p %s/trunc && cp %s/config.json %s/trunc/ && head -c 100000 %s/model.safetensors > %s/trunc/model.safetensors",
+             dir, MODEL, dir, MODEL, dir);
+    cr_assert(system(cmd) == 0);
+    expect_bad("model.safetensors: tensor", "info %s", tmp("trunc"));
+    cr_expect(strstr(err_txt, "truncated") != NULL, "%s", err_txt);
+    /* unknown hooks for cache */
+    expect_bad("hook pattern 'blocks.7.*' matches no hook point",
+               "cache --model.path=" MODEL " --data.tokens=" MODEL "/tokens.npy --cache.out=%s --cache.hooks=blocks.7.*", tmp("s"));
+    expect_bad("unknown hook 'hook_resid'",
+               "cache --model.path=" MODEL " --data.tokens=" MODEL "/tokens.npy --cache.out=%s --cache.hooks=hook_resid", tmp("s"));
+    /* an unknown key in a config file */
+    f = fopen(tmp("c.ini"), "w");
+    fprintf(f, "[cache]\nhoooks = x\n");
+    fclose(f);
+    expect_bad("unknown config key 'cache.hoooks'", "cache %s", tmp("c.ini"));
+}
+
+static int count_files(const char *d, const char *suffix) {
+    char cmd[512], buf[64];
+    snprintf(cmd, sizeof cmd, "ls %s 2>/dev/null | grep -c '%s$'", d, suffix);
+    FILE *p = popen(cmd, "r");
+    int n = fgets(buf, sizeof buf, p) ? atoi(buf) : -1;
+    pclose(p);
+    return n;
+}
+
+#define CACHE_ARGS "cache --model.path=" MODEL " --data.tokens=" MODEL "/tokens_flat.npy --data.context=8 " \
+                   "--cache.hooks=blocks.*.hook_resid_post,blocks.0.attn.hook_pattern --cache.shard_sequences=3 --cache.batch=2 --cache.out=%s"
+
+Test(cli, cache_writes_the_store_and_matches_the_forward) {
+    char st[256];
+    snprintf(st, sizeof st, "%s", tmp("store"));
+    cr_assert_eq(loupe(CACHE_ARGS " --json", st), 0, "%s", err_txt);
+    cr_expect(strstr(out_txt, "\"n_sequences\":4") != NULL, "%s", out_txt);
+    cr_expect_eq(count_files(st, ".safetensors"), 2);
+    cr_expect_eq(count_files(st, ".tmp"), 0);
+    /* shard 1 holds sequence 3: compare with an in-process forward of that row */
+    lp_st_file f;
+    cr_assert_eq(lp_st_open(&f, tmp("store/shard-00001.safetensors")), LP_OK, "%s", lp_last_error());
+    const lp_st_tensor *tok = lp_st_find(&f, "tokens"), *rp = lp_st_find(&f, "blocks.1.hook_resid_post");
+    cr_assert(tok && rp && rp->shape[0] == 1 && rp->shape[1] == 8 && rp->shape[2] == 64);
+    lp_model *m;
+    cr_assert_eq(lp_model_load(&m, MODEL, LP_CPU, LP_F32), LP_OK);
+    cr_assert_eq(lp_hook_capture(m, "blocks.1.hook_resid_post", NULL, 0, NULL), LP_OK);
+    cr_assert_eq(lp_model_forward(m, tok->data, 1, 8, 0), LP_OK);
+    lp_tensor t;
+    cr_assert_eq(lp_capture_get(m, "blocks.1.hook_resid_post", &t), LP_OK);
+    /* the store ran it in a batch of 2, this in a batch of 1: BLAS blocking may round differently */
+    lp_cmp c = lp_compare_f(t.data, rp->data, 8 * 64);
+    LP_EXPECT_WITHIN("stored vs forward", 0, c, max_rel, 1e-6);
+    lp_st_close(&f);
+    /* mean ablation source: per-token mean of a stored hook over all 4 x 8 tokens */
+    float *mean;
+    size_t n;
+    cr_assert_eq(lp_store_hook_mean(st, "blocks.0.hook_resid_post", &mean, &n), LP_OK, "%s", lp_last_error());
+    cr_expect_eq(n, 64);
+    lp_hooks_clear(m);
+    cr_assert_eq(lp_hook_capture(m, "blocks.0.hook_resid_post", NULL, 0, NULL), LP_OK);
+    lp_tokens all;
+    cr_assert_eq(lp_tokens_load(&all, MODEL "/tokens_flat.npy", 8, 0, NULL), LP_OK);
+    cr_assert_eq(lp_model_forward(m, all.ids, 4, 8, 0), LP_OK);
+    cr_assert_eq(lp_capture_get(m, "blocks.0.hook_resid_post", &t), LP_OK);
+    for (int d = 0; d < 64; d++) {
+        double s = 0;
+        for (int i = 0; i < 32; i++) s += ((float *)t.data)[i * 64 + d];
+        cr_expect(fabs(s / 32 - mean[d]) < 1e-5, "mean[%d] %g vs %g", d, mean[d], s / 32);
+    }
+    free(mean);
+    lp_tokens_free(&all);
+    lp_model_free(m);
+}
+
+Test(cli, cache_resumes_after_an_interrupted_run) {
+    char st[256];
+    snprintf(st, sizeof st, "%s", tmp("store"));
+    cr_assert_eq(loupe(CACHE_ARGS, st), 0, "%s", err_txt);
+    char orig[1 << 14], again[1 << 14];
+    slurp(tmp("store/shard-00001.safetensors"), orig, sizeof orig);
+    /* an interrupted run: shard 1 never renamed, meta.json lists shard 0 only */
+    char meta[1 << 14];
+    slurp(tmp("store/meta.json"), meta, sizeof meta);
+    cJSON *j = cJSON_Parse(meta);
+    cJSON *shards = cJSON_GetObjectItem(j, "shards");
+    cJSON_DeleteItemFromArray(shards, 1);
+    cJSON_ReplaceItemInObject(j, "complete", cJSON_CreateFalse());
+    char *txt = cJSON_Print(j);
+    FILE *f = fopen(tmp("store/meta.json"), "w");
+    fputs(txt, f);
+    fclose(f);
+    free(txt);
+    cJSON_Delete(j);
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "mv %s/store/shard-00001.safetensors %s/store/shard-00001.safetensors.tmp && truncate -s 100 %s/store/shard-00001.safetensors.tmp",
+             dir, dir, dir);
+    cr_assert(system(cmd) == 0);
+    cr_assert_eq(loupe(CACHE_ARGS " --json", st), 0, "%s", err_txt);
+    cr_expect(strstr(out_txt, "\"resumed_sequences\":3") != NULL, "%s", out_txt);
+    cr_expect_eq(count_files(st, ".tmp"), 0);
+    slurp(tmp("store/shard-00001.safetensors"), again, sizeof again);
+    cr_expect(memcmp(orig, again, sizeof orig) == 0, "resumed shard differs from the uninterrupted one");
+    slurp(tmp("store/meta.json"), meta, sizeof meta);
+    cr_expect(strstr(meta, "\"complete\":\ttrue") != NULL, "%s", meta);
+    /* different settings into the same store are refused */
+    cr_expect_eq(loupe(CACHE_ARGS " --cache.dtype=bf16", st), 2);
+    cr_expect(strstr(err_txt, "different 'dtype'") != NULL, "%s", err_txt);
+}
+
+Test(cli, bad_tokens_leave_no_shard) {
+    int32_t ids[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 5000};
+    cr_assert_eq(lp_npy_write_i32(tmp("bad.npy"), ids, 2, 8), LP_OK);
+    char st[256];
+    snprintf(st, sizeof st, "%s", tmp("store"));
+    int rc = loupe("cache --model.path=" MODEL " --data.tokens=%s --cache.hooks=hook_embed --cache.out=%s", tmp("bad.npy"), st);
+    cr_expect_eq(rc, 2, "%s", err_txt);
+    cr_expect(count_files(st, ".safetensors") <= 0 && count_files(st, ".tmp") <= 0);
+}
+
+Test(cli, cache_bf16_store) {
+    char st[256];
+    snprintf(st, sizeof st, "%s", tmp("store"));
+    cr_assert_eq(loupe(CACHE_ARGS " --cache.dtype=bf16", st), 0, "%s", err_txt);
+    lp_st_file f;
+    cr_assert_eq(lp_st_open(&f, tmp("store/shard-00000.safetensors")), LP_OK);
+    const lp_st_tensor *t = lp_st_find(&f, "blocks.0.attn.hook_pattern");
+    cr_assert(t && t->dtype == LP_BF16 && t->shape[0] == 3 && t->shape[1] == 4 && t->shape[2] == 8 && t->shape[3] == 8);
+    /* each pattern row still sums to 1 within bf16 rounding */
+    for (int r = 0; r < 3 * 4 * 8; r++) {
+        double s = 0;
+        for (int k = 0; k < 8; k++) s += lp_bf16_to_f32(((const uint16_t *)t->data)[r * 8 + k]);
+        cr_expect(fabs(s - 1) < 2e-2, "row %d sums to %g", r, s);
+    }
+    lp_st_close(&f);
+}
