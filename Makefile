@@ -86,7 +86,7 @@ $(BUILD)/bench_%: bench/bench_%.c $(BUILD)/libloupe.a
 # Every test binary runs even if an earlier one fails; the target fails if any did.
 test: deps
 	@$(MAKE) --no-print-directory all
-	@fail=0; for t in $(TEST_BIN); do echo "== $$t"; LOUPE_CLI=$(BUILD)/loupe ./$$t --jobs 2 || fail=1; done; \
+	@fail=0; for t in $(TEST_BIN); do echo "== $$t"; LOUPE_CLI=$(BUILD)/loupe $$t --jobs 2 || fail=1; done; \
 	if [ $$fail = 0 ]; then echo "loupe: all test binaries passed"; else echo "loupe: some tests FAILED"; exit 1; fi
 
 # For a machine with a GPU: every CUDA test must run (a skip fails), then the benchmarks.
@@ -96,7 +96,7 @@ gpu-check: deps
 	@$(MAKE) --no-print-directory bench CUDA=1
 
 bench: all
-	@for b in $(BENCH_BIN); do echo "== $$b"; ./$$b || exit 1; done
+	@for b in $(BENCH_BIN); do echo "== $$b"; $$b || exit 1; done
 
 demo: deps
 	@$(MAKE) --no-print-directory all

@@ -74,22 +74,23 @@ lp_status lp_st_open(lp_st_file *f, const char *path) {
     memset(f, 0, sizeof *f);
     f->path = strdup(path);
     int fd = open(path, O_RDONLY);
-    if (fd < 0) LP_FAIL(LP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    if (fd < 0) LP_TRY(st, fail, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot open: %s", path, strerror(errno)));
     struct stat sb;
     if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
         close(fd);
-        LP_FAIL(LP_ERR_IO, "%s: not a regular file", path);
+        LP_TRY(st, fail, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: not a regular file", path));
     }
     f->size = (size_t)sb.st_size;
     if (f->size < 8) {
         close(fd);
-        LP_FAIL(LP_ERR_FORMAT, "%s: truncated: %zu bytes, shorter than the 8-byte header length", path, f->size);
+        LP_TRY(st, fail, lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
+                                      "%s: truncated: %zu bytes, shorter than the 8-byte header length", path, f->size));
     }
     f->map = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (f->map == MAP_FAILED) {
         f->map = NULL;
-        LP_FAIL(LP_ERR_IO, "%s: cannot map: %s", path, strerror(errno));
+        LP_TRY(st, fail, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot map: %s", path, strerror(errno)));
     }
     const unsigned char *p = f->map;
     uint64_t hlen = 0;
@@ -178,9 +179,15 @@ lp_status lp_st_set_open(lp_st_set *s, const char *dir) {
     if (!idx) {
         s->files = calloc(1, sizeof *s->files);
         snprintf(path, sizeof path, "%s/model.safetensors", dir);
-        if (access(path, F_OK) != 0)
+        if (access(path, F_OK) != 0) {
+            lp_st_set_close(s);
             LP_FAIL(LP_ERR_IO, "%s: no model.safetensors or model.safetensors.index.json", dir);
-        LP_CHECK(lp_st_open(&s->files[0], path));
+        }
+        lp_status st = lp_st_open(&s->files[0], path);
+        if (st != LP_OK) {
+            lp_st_set_close(s);
+            return st;
+        }
         s->n = 1;
         return LP_OK;
     }

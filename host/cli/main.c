@@ -187,6 +187,7 @@ static int cmd_run(args *a) {
     lp_status st = open_model(a, &m);
     if (st == LP_OK) st = load_tokens(a, m, &t);
     if (st != LP_OK) {
+        lp_tokens_free(&t);
         lp_model_free(m);
         return fail(st);
     }
