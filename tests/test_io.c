@@ -250,3 +250,44 @@ Test(io, config_keys_and_values) {
     cr_expect(strstr(lp_last_error(), "b.ini") && strstr(lp_last_error(), "cache.bath"), "%s", lp_last_error());
     lp_cfg_free(&c);
 }
+
+/* The fixture checkpoint split into two shards with an index, as save_pretrained shards it:
+ * the same logits, bit for bit, as the single file. */
+Test(io, sharded_checkpoint_loads_like_the_single_file) {
+    lp_st_file f;
+    cr_assert_eq(lp_st_open(&f, LP_FIXTURES "/gpt2-tiny/model.safetensors"), LP_OK);
+    lp_st_spec *specs[2] = {calloc(f.n, sizeof(lp_st_spec)), calloc(f.n, sizeof(lp_st_spec))};
+    const void **datas[2] = {calloc(f.n, sizeof(void *)), calloc(f.n, sizeof(void *))};
+    int n[2] = {0, 0};
+    char idx[1 << 14];
+    size_t o = snprintf(idx, sizeof idx, "{\"metadata\": {}, \"weight_map\": {");
+    for (int i = 0; i < f.n; i++) {
+        int s = i % 2;
+        const lp_st_tensor *t = &f.tensors[i];
+        specs[s][n[s]] = (lp_st_spec){.name = t->name, .dtype = t->dtype, .ndim = t->ndim};
+        memcpy(specs[s][n[s]].shape, t->shape, sizeof t->shape);
+        datas[s][n[s]++] = t->data;
+        o += snprintf(idx + o, sizeof idx - o, "%s\"%s\": \"model-0000%d-of-00002.safetensors\"", i ? ", " : "", t->name, s + 1);
+    }
+    snprintf(idx + o, sizeof idx - o, "}}");
+    cr_assert_eq(lp_st_write(path_in("model-00001-of-00002.safetensors"), specs[0], datas[0], n[0], NULL), LP_OK);
+    cr_assert_eq(lp_st_write(path_in("model-00002-of-00002.safetensors"), specs[1], datas[1], n[1], NULL), LP_OK);
+    write_bytes(path_in("model.safetensors.index.json"), idx, strlen(idx));
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "cp %s/gpt2-tiny/config.json %s/", LP_FIXTURES, dir);
+    cr_assert(system(cmd) == 0);
+    lp_model *a, *b;
+    cr_assert_eq(lp_model_load(&a, dir, LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_model_load(&b, LP_FIXTURES "/gpt2-tiny", LP_CPU, LP_F32), LP_OK);
+    int32_t tok[8] = {5, 900, 3, 17, 996, 0, 42, 7};
+    cr_assert_eq(lp_model_forward(a, tok, 1, 8, LP_WANT_LOGITS), LP_OK);
+    cr_assert_eq(lp_model_forward(b, tok, 1, 8, LP_WANT_LOGITS), LP_OK);
+    cr_expect(memcmp(lp_model_logits(a), lp_model_logits(b), 8 * 997 * sizeof(float)) == 0);
+    lp_model_free(a), lp_model_free(b);
+    /* an index naming a shard that is not there */
+    unlink(path_in("model-00002-of-00002.safetensors"));
+    cr_expect_eq(lp_model_load(&a, dir, LP_CPU, LP_F32), LP_ERR_IO);
+    cr_expect(strstr(lp_last_error(), "model-00002-of-00002.safetensors: cannot open") != NULL, "%s", lp_last_error());
+    for (int s = 0; s < 2; s++) free(specs[s]), free(datas[s]);
+    lp_st_close(&f);
+}
