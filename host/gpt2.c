@@ -38,13 +38,11 @@ static lp_status cfg_int(const char *path, const cJSON *root, const char *key, c
 static lp_status read_config(lp_model *m, const char *dir) {
     char path[1200];
     snprintf(path, sizeof path, "%s/config.json", dir);
-    FILE *f = fopen(path, "rb");
-    if (!f) LP_FAIL(LP_ERR_IO, "%s: cannot open (is '%s' a Hugging Face checkpoint directory?)", path, dir);
-    char buf[1 << 16];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = 0;
+    size_t n;
+    char *buf = lp_read_file(path, &n);
+    if (!buf) LP_FAIL(LP_ERR_IO, "%s: cannot open (is '%s' a Hugging Face checkpoint directory?)", path, dir);
     cJSON *root = cJSON_ParseWithLength(buf, n);
+    free(buf);
     if (!cJSON_IsObject(root)) {
         cJSON_Delete(root);
         LP_FAIL(LP_ERR_FORMAT, "%s: not a JSON object", path);

@@ -145,16 +145,15 @@ const lp_st_tensor *lp_st_find(const lp_st_file *f, const char *name) {
 
 /* ---- checkpoint directories ---- */
 
-static char *read_small_file(const char *path, size_t *len) {
+char *lp_read_file(const char *path, size_t *len) {
     FILE *fp = fopen(path, "rb");
     if (!fp) return NULL;
-    fseek(fp, 0, SEEK_END);
-    long n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    char *buf = n >= 0 ? malloc((size_t)n + 1) : NULL;
-    if (buf && fread(buf, 1, (size_t)n, fp) != (size_t)n) {
+    char *buf = NULL;
+    long n = fseek(fp, 0, SEEK_END) == 0 ? ftell(fp) : -1;
+    if (n >= 0 && fseek(fp, 0, SEEK_SET) == 0 && (buf = malloc((size_t)n + 1)) && fread(buf, 1, (size_t)n, fp) != (size_t)n) {
         free(buf);
         buf = NULL;
+        errno = EIO;
     }
     fclose(fp);
     if (buf) {
@@ -175,7 +174,7 @@ lp_status lp_st_set_open(lp_st_set *s, const char *dir) {
     memset(s, 0, sizeof *s);
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
     size_t len;
-    char *idx = read_small_file(path, &len);
+    char *idx = lp_read_file(path, &len);
     if (!idx) {
         s->files = calloc(1, sizeof *s->files);
         snprintf(path, sizeof path, "%s/model.safetensors", dir);

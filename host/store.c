@@ -89,12 +89,8 @@ static lp_status check_resume(const char *dir, const char *fresh, int *keep) {
     char path[4200];
     snprintf(path, sizeof path, "%s/meta.json", dir);
     *keep = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f) return LP_OK;
-    char *buf = malloc(1 << 22);
-    size_t n = fread(buf, 1, (1 << 22) - 1, f);
-    fclose(f);
-    buf[n] = 0;
+    char *buf = lp_read_file(path, NULL);
+    if (!buf) return LP_OK; /* a new store */
     cJSON *old = cJSON_Parse(buf), *now = cJSON_Parse(fresh);
     free(buf);
     lp_status st = LP_OK;

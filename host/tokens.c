@@ -14,22 +14,6 @@ static const id_type g_types[] = {
     {"<i4", "int32", LP_I32}, {"<i8", "int64", LP_I64}, {"<u2", "uint16", LP_U16}, {"<u4", "uint32", LP_U32},
 };
 
-static char *slurp(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = sz >= 0 ? malloc((size_t)sz + 1) : NULL;
-    if (buf && fread(buf, 1, (size_t)sz, f) != (size_t)sz) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    if (buf) buf[sz] = 0, *n = (size_t)sz;
-    return buf;
-}
-
 /* Finds the value after 'key': in the header dict. */
 static const char *dict_value(const char *hdr, const char *key) {
     char pat[64];
@@ -84,7 +68,7 @@ static lp_status shape_rows(lp_tokens *t, const char *path, int64_t n, int64_t r
 lp_status lp_tokens_load(lp_tokens *t, const char *path, int context, int strict_context, const char *bin_dtype) {
     memset(t, 0, sizeof *t);
     size_t n;
-    unsigned char *buf = (unsigned char *)slurp(path, &n);
+    unsigned char *buf = (unsigned char *)lp_read_file(path, &n);
     if (!buf) LP_FAIL(LP_ERR_IO, "%s: cannot read: %s", path, strerror(errno));
     lp_status st = LP_OK;
     size_t len = strlen(path);

@@ -80,6 +80,8 @@ void lp_st_writer_abort(lp_st_writer *w);
 lp_status lp_st_write(const char *path, const lp_st_spec *specs, const void *const *datas, int n,
                       const char *const *metadata);
 
+/* Reads a whole file into a NUL-terminated buffer (free it); NULL with errno set on failure. */
+char *lp_read_file(const char *path, size_t *len);
 /* Writes a file atomically: "<path>.tmp", fsync, rename. */
 lp_status lp_write_file_atomic(const char *path, const void *data, size_t n);
 
