@@ -134,6 +134,23 @@ static inline unsigned lp_grid_1d(size_t n, unsigned block) {
     return (unsigned)g;
 }
 
+// out[i] = src[i % period] for i < total: a block repeated along the rows. It is both the
+// position embedding (wpe[T,D] over the batch) and the bias prefill of matmul (bias[M] over rows).
+template <typename T>
+__global__ void lp_tile_kernel(T *out, const T *src, size_t total, size_t period) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x)
+        out[i] = src[i % period];
+}
+
+template <typename T>
+static lp_status lp_tile(lp_ctx *c, void *out, const void *src, size_t total, size_t period) {
+    lp_tile_kernel<T><<<lp_grid_1d(total, 256), 256, 0, lp_stream(c)>>>((T *)out, (const T *)src,
+                                                                       total, period);
+    LP_LAUNCH_CHECK("lp_tile_kernel");
+    return LP_OK;
+}
+
 static inline unsigned lp_ceil_div_u(size_t n, unsigned d) { return (unsigned)((n + d - 1) / d); }
 
 // ---- reductions ------------------------------------------------------------------------

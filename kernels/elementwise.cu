@@ -17,14 +17,6 @@ __global__ void embed_kernel(T *out, const int32_t *tok, const T *wte, int N, in
     }
 }
 
-// out[B,T,D] = wpe[t, :] for every b
-template <typename T>
-__global__ void pos_embed_kernel(T *out, const T *wpe, size_t total, size_t per_batch) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x)
-        out[i] = wpe[i % per_batch];
-}
-
 template <typename T>
 __global__ void add_kernel(T *out, const T *a, const T *b, size_t n) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
@@ -65,15 +57,6 @@ static lp_status embed_launch(lp_ctx *c, void *out, const int32_t *tok, const vo
     embed_kernel<T><<<lp_grid_1d(total, kBlock), kBlock, 0, lp_stream(c)>>>(
         (T *)out, tok, (const T *)wte, N, D);
     LP_LAUNCH_CHECK("embed_kernel");
-    return LP_OK;
-}
-
-template <typename T>
-static lp_status pos_embed_launch(lp_ctx *c, void *out, const void *wpe, int B, int T_, int D) {
-    const size_t total = (size_t)B * T_ * D;
-    pos_embed_kernel<T><<<lp_grid_1d(total, kBlock), kBlock, 0, lp_stream(c)>>>(
-        (T *)out, (const T *)wpe, total, (size_t)T_ * D);
-    LP_LAUNCH_CHECK("pos_embed_kernel");
     return LP_OK;
 }
 
@@ -119,8 +102,10 @@ lp_status lp_cuda_pos_embed(lp_ctx *c, void *out, const void *wpe, int B, int T,
                     B, T, D);
     if ((size_t)B * T * D == 0) return LP_OK;
     LP_CUDA_REQUIRE(out && wpe, "lp_cuda_pos_embed: NULL buffer");
-    return c->dtype == LP_BF16 ? pos_embed_launch<__nv_bfloat16>(c, out, wpe, B, T, D)
-                               : pos_embed_launch<float>(c, out, wpe, B, T, D);
+    // out[B,T,D] = wpe[t, :] for every b
+    const size_t total = (size_t)B * T * D, period = (size_t)T * D;
+    return c->dtype == LP_BF16 ? lp_tile<__nv_bfloat16>(c, out, wpe, total, period)
+                               : lp_tile<float>(c, out, wpe, total, period);
 }
 
 lp_status lp_cuda_add(lp_ctx *c, void *out, const void *a, const void *b, size_t n) {

@@ -12,22 +12,6 @@
 // forms x@W + bias in fp32 and rounds once, like an epilogue would.
 #include "common.cuh"
 
-template <typename T>
-__global__ void bias_fill_kernel(T *out, const T *bias, size_t total, int M) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x)
-        out[i] = bias[i % M];
-}
-
-template <typename T>
-static lp_status bias_fill(lp_ctx *c, void *out, const void *bias, int N, int M) {
-    const size_t total = (size_t)N * M;
-    bias_fill_kernel<T><<<lp_grid_1d(total, 256), 256, 0, lp_stream(c)>>>((T *)out, (const T *)bias,
-                                                                         total, M);
-    LP_LAUNCH_CHECK("bias_fill_kernel");
-    return LP_OK;
-}
-
 lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, const void *bias, int N,
                          int K, int M, int w_trans) {
     LP_CUDA_REQUIRE_CTX(c, "lp_cuda_matmul");
@@ -42,8 +26,8 @@ lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, con
     const bool bf16 = c->dtype == LP_BF16;
 
     if (bias) {
-        lp_status st = bf16 ? bias_fill<__nv_bfloat16>(c, out, bias, N, M)
-                            : bias_fill<float>(c, out, bias, N, M);
+        lp_status st = bf16 ? lp_tile<__nv_bfloat16>(c, out, bias, (size_t)N * M, M)
+                            : lp_tile<float>(c, out, bias, (size_t)N * M, M);
         if (st != LP_OK) return st;
     }
     if (K == 0) { // an empty sum: out = bias, or 0
