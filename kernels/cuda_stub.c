@@ -119,3 +119,34 @@ lp_status lp_cuda_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, c
     (void)c; (void)dst; (void)act; (void)v; (void)pos; (void)npos;
     return NO_CUDA();
 }
+
+/* Llama-family ops (kernels/llama.cu) */
+lp_status lp_cuda_rms_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps) {
+    (void)c; (void)scale; (void)x; (void)N; (void)D; (void)eps;
+    return NO_CUDA();
+}
+lp_status lp_cuda_rms_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w, int N,
+                            int D) {
+    (void)c; (void)out; (void)x; (void)scale; (void)w; (void)N; (void)D;
+    return NO_CUDA();
+}
+lp_status lp_cuda_rope(lp_ctx *c, void *out, const void *x, const float *cos_t, const float *sin_t, int B,
+                       int T, int H, int dh, int pos0) {
+    (void)c; (void)out; (void)x; (void)cos_t; (void)sin_t; (void)B; (void)T; (void)H; (void)dh; (void)pos0;
+    return NO_CUDA();
+}
+lp_status lp_cuda_silu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n) {
+    (void)c; (void)out; (void)gate; (void)up; (void)n;
+    return NO_CUDA();
+}
+lp_status lp_cuda_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
+                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh) {
+    (void)c; (void)z; (void)q; (void)kc; (void)vc; (void)B; (void)Tq; (void)Tcap; (void)pos0; (void)H; (void)Hkv; (void)dh;
+    return NO_CUDA();
+}
+
+/* ggml dequantization (kernels/dequant.cu) */
+lp_status lp_cuda_dequant(lp_ctx *c, void *dst, lp_dtype dst_dtype, const void *src, int type, int64_t n) {
+    (void)c; (void)dst; (void)dst_dtype; (void)src; (void)type; (void)n;
+    return NO_CUDA();
+}

@@ -55,6 +55,34 @@ lp_status lp_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int 
 lp_status lp_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v,
                         int B, int T, int H, int Hkv, int dh);
 
+/* ---- Llama family ----
+ * RMSNorm in TransformerLens's pieces (RMSNormPre, then the weight):
+ *   scale[N] = sqrt(mean_d(x^2) + eps)                            (hook_scale)
+ *   out[N,D] = x / scale [* w[D]]                                 (hook_normalized, then weight)
+ * With w == NULL lp_rms_apply writes the normalized value only. */
+lp_status lp_rms_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps);
+lp_status lp_rms_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w, int N, int D);
+
+/* Rotary position embedding, rotate-half form (Hugging Face Llama/Qwen2/Mistral):
+ * x is [B,T,H,dh]; token t sits at position pos0 + t; i < dh/2 pairs x[i] with x[i + dh/2]:
+ *   out[i]        = x[i] cos(a) - x[i + dh/2] sin(a)
+ *   out[i + dh/2] = x[i + dh/2] cos(a) + x[i] sin(a),    a = p * inv_freq[i]
+ * cos_t and sin_t are F32 tables [n_pos, dh/2] on the device holding cos/sin(p * inv_freq[i])
+ * (built once on the host in double, with any rope scaling applied to inv_freq).
+ * pos0 + T <= n_pos. out may alias x. */
+lp_status lp_rope(lp_ctx *c, void *out, const void *x, const float *cos_t, const float *sin_t,
+                  int B, int T, int H, int dh, int pos0);
+
+/* SwiGLU: out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)). out may alias either. */
+lp_status lp_silu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n);
+
+/* Attention against a KV cache (generation). q is [B,Tq,H,dh] for the tokens at positions
+ * pos0 .. pos0+Tq-1; kc and vc are [B,Tcap,Hkv,dh] caches whose first pos0+Tq positions are
+ * filled. Query i attends keys 0 .. pos0+i. z is [B,Tq,H,dh]. Same GQA rule and scale as
+ * lp_attention; with pos0 = 0 and Tcap = Tq it equals lp_attention. */
+lp_status lp_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
+                              int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh);
+
 /* losses[n] = logsumexp(logits[n,:]) - logits[n, target[n]]; target[n] < 0 gives 0.
  * logits is act [N,V]; losses is F32 on the context's device. */
 lp_status lp_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
