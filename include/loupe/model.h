@@ -19,14 +19,26 @@
 extern "C" {
 #endif
 
-typedef enum lp_arch { LP_ARCH_GPT2 = 0 } lp_arch;
+typedef enum lp_arch {
+    LP_ARCH_GPT2 = 0,
+    LP_ARCH_LLAMA, /* Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2/2.5 (q/k/v biases) */
+} lp_arch;
+
+/* Rotary scaling (config.json rope_scaling / GGUF llama.rope.scaling.*). */
+typedef enum lp_rope_kind { LP_ROPE_DEFAULT = 0, LP_ROPE_LLAMA3, LP_ROPE_LINEAR } lp_rope_kind;
 
 typedef struct lp_config {
     lp_arch arch;
     char name[64];     /* "gpt2" */
     int n_layers, d_model, n_heads, n_kv_heads, d_head, d_mlp, n_ctx, d_vocab;
-    float ln_eps;
+    float ln_eps;       /* LayerNorm or RMSNorm epsilon */
     int tied_unembed;
+    /* Llama family */
+    int qkv_bias;       /* Qwen2 */
+    double rope_theta;
+    lp_rope_kind rope_kind;
+    double rope_factor, rope_low_freq_factor, rope_high_freq_factor;
+    int rope_orig_ctx;  /* llama3: original_max_position_embeddings */
 } lp_config;
 
 typedef struct lp_model lp_model;
@@ -56,6 +68,24 @@ lp_status lp_model_forward(lp_model *m, const int32_t *tokens, int B, int T, int
 const float *lp_model_logits(const lp_model *m);
 /* Host F32 [B,T-1] of the last forward with LP_WANT_LOSS: loss of predicting token t+1. */
 const float *lp_model_losses(const lp_model *m);
+
+/* ---- generation with a KV cache ---- */
+typedef struct lp_gen_opts {
+    int max_tokens;      /* new tokens at most */
+    float temperature;   /* 0: greedy (argmax) */
+    float top_p;         /* nucleus sampling; 1 = off */
+    uint64_t seed;
+    int stop_token;      /* stop after emitting this id (e.g. EOS); -1 = never */
+    /* called with each new token as it is chosen (may be NULL); non-OK stops */
+    lp_status (*on_token)(int32_t id, void *user);
+    void *user;
+} lp_gen_opts;
+
+/* Continues prompt[0..n_prompt) (batch 1) for up to o->max_tokens tokens; writes the
+ * new ids to out (capacity o->max_tokens) and their count to *n_out. The prompt plus the
+ * new tokens must fit in the model's context. Hooks are not run during generation. */
+lp_status lp_generate(lp_model *m, const int32_t *prompt, int n_prompt, const lp_gen_opts *o, int32_t *out,
+                      int *n_out);
 
 #ifdef __cplusplus
 }
