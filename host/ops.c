@@ -91,6 +91,45 @@ lp_status lp_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v, 
     return lp_cuda_attn_apply(c, z, pattern, v, B, T, H, Hkv, dh);
 }
 
+/* ---- Llama family ---- */
+
+lp_status lp_rms_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps) {
+    NEED(N >= 0 && D > 0 && scale && x && eps >= 0, "rms_scale: bad arguments (N=%d D=%d eps=%g)", N, D, (double)eps);
+    if (CPU(c)) { lp_cpu_rms_scale(scale, x, N, D, eps); return LP_OK; }
+    return lp_cuda_rms_scale(c, scale, x, N, D, eps);
+}
+
+lp_status lp_rms_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w, int N, int D) {
+    NEED(N >= 0 && D > 0 && out && x && scale, "rms_apply: bad arguments (N=%d D=%d)", N, D);
+    if (CPU(c)) { lp_cpu_rms_apply(out, x, scale, w, N, D); return LP_OK; }
+    return lp_cuda_rms_apply(c, out, x, scale, w, N, D);
+}
+
+/* The tables' length n_pos is not passed: pos0 + T <= n_pos is the caller's promise. */
+lp_status lp_rope(lp_ctx *c, void *out, const void *x, const float *cos_t, const float *sin_t, int B, int T,
+                  int H, int dh, int pos0) {
+    NEED(B >= 0 && T >= 0 && H > 0 && dh > 0 && dh % 2 == 0 && pos0 >= 0 && out && x && cos_t && sin_t,
+         "rope: bad arguments (H=%d dh=%d pos0=%d; dh must be even)", H, dh, pos0);
+    if (CPU(c)) { lp_cpu_rope(out, x, cos_t, sin_t, B, T, H, dh, pos0); return LP_OK; }
+    return lp_cuda_rope(c, out, x, cos_t, sin_t, B, T, H, dh, pos0);
+}
+
+lp_status lp_silu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n) {
+    NEED(out && gate && up, "silu_mul: null buffer");
+    if (CPU(c)) { lp_cpu_silu_mul(out, gate, up, n); return LP_OK; }
+    return lp_cuda_silu_mul(c, out, gate, up, n);
+}
+
+lp_status lp_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc, int B, int Tq,
+                              int Tcap, int pos0, int H, int Hkv, int dh) {
+    NEED(ATTN_ARGS_OK(B, Tq, H, Hkv, dh) && z && q && kc && vc, "attention_cached: bad arguments (H=%d Hkv=%d dh=%d)",
+         H, Hkv, dh);
+    NEED(pos0 >= 0 && Tcap >= 0 && (long long)pos0 + Tq <= Tcap,
+         "attention_cached: positions %d .. %lld do not fit a cache of %d", pos0, (long long)pos0 + Tq - 1, Tcap);
+    if (CPU(c)) { lp_cpu_attention_cached(z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh); return LP_OK; }
+    return lp_cuda_attention_cached(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh);
+}
+
 lp_status lp_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
                            int N, int V) {
     NEED(N >= 0 && V > 0 && losses && logits && targets, "cross_entropy: bad arguments");

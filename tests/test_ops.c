@@ -12,6 +12,12 @@ static const struct { const char *op; double nmse; } BUDGET[] = {
     {"embed", 0}, {"pos_embed", 0}, {"add", 1e-13}, {"gelu", 1e-12}, {"ln_scale", 1e-12}, {"ln_apply", 1e-11},
     {"affine", 1e-13}, {"matmul", 1e-10}, {"attention", 1e-10}, {"attn_scores", 1e-10}, {"softmax", 1e-11},
     {"attn_apply", 1e-10}, {"cross_entropy", 1e-11}, {"edit", 0}, {"gather", 0},
+    /* Llama family. rope: a rotation of two fp32 products (cancellation only where the
+     * output is small, which nmse discounts). attention_cached: online softmax in fp32, one
+     * running rescale per new max. cached_decode: a decode step and the full pass compute each
+     * row by the same loop, so token-by-token generation must give the same bits. */
+    {"rms_scale", 1e-12}, {"rms_apply", 1e-12}, {"rope", 1e-12}, {"silu_mul", 1e-12},
+    {"attention_cached", 1e-10}, {"cached_decode", 0},
 };
 static double budget(const char *op) {
     for (size_t i = 0; i < sizeof BUDGET / sizeof *BUDGET; i++)
@@ -279,11 +285,166 @@ Test(ops, edits_and_gather) {
     }
 }
 
+/* ---- Llama family ---- */
+
+Test(ops, rmsnorm_pieces) {
+    for (int i = 0; i < NS; i++) {
+        int N = SIZES[NS - 1 - i], D = SIZES[i];
+        size_t n = (size_t)N * D;
+        uint64_t seed = 800 + i;
+        /* every third row 100 times larger: the scale follows the row's magnitude */
+        float *x = lp_test_rand(n, seed, -2, 2), *w = lp_test_rand(D, seed + 1, 0.5f, 1.5f);
+        for (int r = 0; r < N; r += 3)
+            for (int d = 0; d < D; d++) x[(size_t)r * D + d] *= 100;
+        float *scale = malloc(N * 4), *out = malloc(n * 4), *norm = malloc(n * 4);
+        double *rs = malloc(N * 8), *ro = malloc(n * 8), *rn = malloc(n * 8);
+        for (int r = 0; r < N; r++) {
+            double ss = 0;
+            for (int d = 0; d < D; d++) ss += pow(x[(size_t)r * D + d], 2);
+            rs[r] = sqrt(ss / D + 1e-6);
+            for (int d = 0; d < D; d++) {
+                rn[(size_t)r * D + d] = x[(size_t)r * D + d] / rs[r];
+                ro[(size_t)r * D + d] = rn[(size_t)r * D + d] * w[d];
+            }
+        }
+        cr_assert_eq(lp_rms_scale(&cpu, scale, x, N, D, 1e-6f), LP_OK);
+        check("rms_scale", N, D, seed, scale, rs, N);
+        cr_assert_eq(lp_rms_apply(&cpu, out, x, scale, w, N, D), LP_OK);
+        check("rms_apply", N, D, seed, out, ro, n);
+        cr_assert_eq(lp_rms_apply(&cpu, norm, x, scale, NULL, N, D), LP_OK);
+        check("rms_apply", N, D, seed, norm, rn, n);
+        cr_assert_eq(lp_rms_apply(&cpu, x, x, scale, w, N, D), LP_OK); /* in place */
+        check("rms_apply", N, D, seed, x, ro, n);
+        free(x), free(w), free(scale), free(out), free(norm), free(rs), free(ro), free(rn);
+    }
+}
+
+/* cos/sin tables [n_pos, dh/2] as the model builds them: angle p * theta^(-2i/dh) in double */
+static void rope_tables(int n_pos, int dh, float **cos_t, float **sin_t) {
+    int half = dh / 2;
+    *cos_t = malloc((size_t)n_pos * half * 4), *sin_t = malloc((size_t)n_pos * half * 4);
+    for (int p = 0; p < n_pos; p++)
+        for (int i = 0; i < half; i++) {
+            double a = p * pow(10000.0, -2.0 * i / dh);
+            (*cos_t)[(size_t)p * half + i] = (float)cos(a), (*sin_t)[(size_t)p * half + i] = (float)sin(a);
+        }
+}
+
+Test(ops, rope_rotate_half) {
+    /* (B, T, H, dh, pos0): a single pair, odd lengths, a decode step far into the table, a long run */
+    const int shapes[][5] = {{1, 1, 1, 2, 0}, {2, 31, 3, 64, 0}, {1, 33, 9, 34, 7}, {3, 1, 4, 128, 999}, {1, 1000, 2, 8, 5}};
+    for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
+        int B = shapes[si][0], T = shapes[si][1], H = shapes[si][2], dh = shapes[si][3], pos0 = shapes[si][4];
+        int half = dh / 2, n_pos = pos0 + T + 3;
+        size_t n = (size_t)B * T * H * dh;
+        uint64_t seed = 900 + si;
+        float *x = lp_test_rand(n, seed, -3, 3), *out = malloc(n * 4), *ct, *st;
+        rope_tables(n_pos, dh, &ct, &st);
+        double *ref = malloc(n * 8);
+        for (size_t r = 0; r < n / dh; r++) { /* r = (b*T + t)*H + h */
+            int p = pos0 + (int)(r / H % T);
+            for (int i = 0; i < half; i++) {
+                double c = ct[(size_t)p * half + i], s = st[(size_t)p * half + i];
+                double x1 = x[r * dh + i], x2 = x[r * dh + i + half];
+                ref[r * dh + i] = x1 * c - x2 * s;
+                ref[r * dh + i + half] = x2 * c + x1 * s;
+            }
+        }
+        cr_assert_eq(lp_rope(&cpu, out, x, ct, st, B, T, H, dh, pos0), LP_OK);
+        check("rope", T, dh, seed, out, ref, n);
+        cr_assert_eq(lp_rope(&cpu, x, x, ct, st, B, T, H, dh, pos0), LP_OK); /* in place, as the model calls it */
+        check("rope", T, dh, seed, x, ref, n);
+        free(x), free(out), free(ct), free(st), free(ref);
+    }
+}
+
+Test(ops, silu_mul) {
+    for (int i = 0; i < NS; i++) {
+        int N = SIZES[i], D = SIZES[NS - 1 - i];
+        size_t n = (size_t)N * D;
+        uint64_t seed = 1000 + i;
+        /* gate in [-20, 20]: exp(-gate) spans 2e-9 .. 5e8 */
+        float *g = lp_test_rand(n, seed, -20, 20), *u = lp_test_rand(n, seed + 1, -3, 3), *o = malloc(n * 4);
+        double *ref = malloc(n * 8);
+        for (size_t j = 0; j < n; j++) ref[j] = g[j] / (1 + exp(-(double)g[j])) * u[j];
+        cr_assert_eq(lp_silu_mul(&cpu, o, g, u, n), LP_OK);
+        check("silu_mul", N, D, seed, o, ref, n);
+        cr_assert_eq(lp_silu_mul(&cpu, g, g, u, n), LP_OK); /* in place over the gate */
+        check("silu_mul", N, D, seed, g, ref, n);
+        free(g), free(u), free(o), free(ref);
+    }
+}
+
+/* Copies k [B,T,Hkv,dh] into the first T positions of a [B,Tcap,Hkv,dh] cache whose other
+ * positions hold NaN: a read past the last key a query may see poisons its row. */
+static float *to_cache(const float *k, int B, int T, int Tcap, int Hkv, int dh) {
+    size_t row = (size_t)Hkv * dh;
+    float *c = malloc((size_t)B * Tcap * row * 4);
+    for (size_t j = 0; j < (size_t)B * Tcap * row; j++) c[j] = NAN;
+    for (int b = 0; b < B; b++) memcpy(c + (size_t)b * Tcap * row, k + (size_t)b * T * row, (size_t)T * row * 4);
+    return c;
+}
+
+Test(ops, attention_cached_prefill_chunks_and_decode) {
+    /* (B, T, H, Hkv, dh), as in the attention test, plus SmolLM2's heads (9 over 3, dh 64) */
+    const int shapes[][5] = {{1, 1, 1, 1, 1}, {2, 31, 4, 4, 16}, {1, 33, 8, 2, 33}, {1, 1000, 2, 1, 8}, {2, 17, 9, 3, 64}};
+    for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
+        int B = shapes[si][0], T = shapes[si][1], H = shapes[si][2], Hkv = shapes[si][3], dh = shapes[si][4];
+        uint64_t seed = 1100 + si;
+        size_t nq = (size_t)B * T * H * dh, nk = (size_t)B * T * Hkv * dh, qrow = (size_t)H * dh;
+        float *q = lp_test_rand(nq, seed, -2, 2), *k = lp_test_rand(nk, seed + 1, -2, 2), *v = lp_test_rand(nk, seed + 2, -1, 1);
+        float *z = malloc(nq * 4), *zf = malloc(nq * 4);
+        double *rz = malloc(nq * 8), *rf = malloc(nq * 8);
+        ref_attention(q, k, v, B, T, H, Hkv, dh, rz, NULL, NULL);
+
+        /* pos0 = 0, Tcap = T: the same as lp_attention */
+        cr_assert_eq(lp_attention_cached(&cpu, zf, q, k, v, B, T, T, 0, H, Hkv, dh), LP_OK);
+        check("attention_cached", T, H, seed, zf, rz, nq);
+        cr_assert_eq(lp_attention(&cpu, z, q, k, v, B, T, H, Hkv, dh), LP_OK);
+        for (size_t j = 0; j < nq; j++) rf[j] = z[j];
+        check("attention_cached", T, H, seed, zf, rf, nq); /* against lp_attention itself */
+
+        /* a cache with room to spare (NaN beyond the filled part) */
+        int Tcap = T + 5;
+        float *kc = to_cache(k, B, T, Tcap, Hkv, dh), *vc = to_cache(v, B, T, Tcap, Hkv, dh);
+        for (size_t j = 0; j < nq; j++) rf[j] = zf[j];
+
+        /* a prompt in two chunks: positions 0 .. T1-1, then T1 .. T-1 */
+        int T1 = T / 2;
+        float *qb = malloc(nq * 4), *zb = malloc(nq * 4);
+        for (int part = 0; part < 2; part++) {
+            int p0 = part ? T1 : 0, Tq = part ? T - T1 : T1;
+            if (Tq == 0) continue;
+            for (int b = 0; b < B; b++)
+                memcpy(qb + (size_t)b * Tq * qrow, q + ((size_t)b * T + p0) * qrow, Tq * qrow * 4);
+            cr_assert_eq(lp_attention_cached(&cpu, zb, qb, kc, vc, B, Tq, Tcap, p0, H, Hkv, dh), LP_OK);
+            for (int b = 0; b < B; b++)
+                memcpy(z + ((size_t)b * T + p0) * qrow, zb + (size_t)b * Tq * qrow, Tq * qrow * 4);
+        }
+        check("cached_decode", T, H, seed, z, rf, nq);
+
+        /* token by token: Tq = 1 at pos0 = 0, 1, 2, ... */
+        for (int p = 0; p < T; p++) {
+            for (int b = 0; b < B; b++) memcpy(qb + b * qrow, q + ((size_t)b * T + p) * qrow, qrow * 4);
+            cr_assert_eq(lp_attention_cached(&cpu, zb, qb, kc, vc, B, 1, Tcap, p, H, Hkv, dh), LP_OK);
+            for (int b = 0; b < B; b++) memcpy(z + ((size_t)b * T + p) * qrow, zb + b * qrow, qrow * 4);
+        }
+        check("cached_decode", T, H, seed, z, rf, nq);
+        check("attention_cached", T, H, seed, z, rz, nq);
+        free(q), free(k), free(v), free(z), free(zf), free(rz), free(rf), free(kc), free(vc), free(qb), free(zb);
+    }
+}
+
 Test(ops, bad_arguments_are_errors) {
     float x[4] = {0};
     cr_expect_eq(lp_matmul(&cpu, x, x, x, NULL, 1, 0, 1, 0), LP_ERR_ARG);
     cr_expect_eq(lp_attention(&cpu, x, x, x, x, 1, 1, 3, 2, 1), LP_ERR_ARG); /* 3 heads over 2 kv heads */
     cr_expect_eq(lp_edit_apply(&cpu, x, (lp_view){1, 1, 1, 4, 0}, LP_EDIT_PATCH, NULL, 0, NULL, NULL), LP_ERR_ARG);
+    cr_expect_eq(lp_rms_scale(&cpu, x, x, 1, 4, -1e-6f), LP_ERR_ARG);                   /* negative eps */
+    cr_expect_eq(lp_rope(&cpu, x, x, x, x, 1, 1, 1, 3, 0), LP_ERR_ARG);                   /* odd head dim */
+    cr_expect_eq(lp_rope(&cpu, x, x, x, x, 1, 1, 1, 2, -1), LP_ERR_ARG);                  /* negative position */
+    cr_expect_eq(lp_attention_cached(&cpu, x, x, x, x, 1, 2, 2, 1, 1, 1, 1), LP_ERR_ARG); /* positions 1..2, cache of 2 */
+    cr_expect_eq(lp_attention_cached(&cpu, x, x, x, x, 1, 1, 1, 0, 3, 2, 1), LP_ERR_ARG); /* 3 heads over 2 kv heads */
 }
 
 Test(ops, bf16_conversion_rounds_to_nearest_even) {

@@ -27,7 +27,9 @@
 enum {
     OP_EMBED, OP_POS_EMBED, OP_ADD, OP_GELU, OP_AFFINE, OP_LN_SCALE, OP_LN_APPLY, OP_MATMUL,
     OP_ATTENTION, OP_ATTN_SCORES, OP_SOFTMAX, OP_ATTN_APPLY, OP_FUSED_VS_STEPS,
-    OP_CROSS_ENTROPY, OP_EDIT_COPY, OP_EDIT_ADD, OP_GATHER, OP_COUNT
+    OP_CROSS_ENTROPY, OP_EDIT_COPY, OP_EDIT_ADD, OP_GATHER,
+    OP_RMS_SCALE, OP_RMS_APPLY, OP_ROPE, OP_SILU_MUL, OP_ATTN_CACHED, OP_CACHED_VS_FUSED,
+    OP_CACHED_DECODE, OP_COUNT
 };
 static const struct budget {
     const char *op;
@@ -50,6 +52,18 @@ static const struct budget {
     [OP_EDIT_COPY] = {"edit zero/set/patch", {0, 0}},
     [OP_EDIT_ADD] = {"edit add", {1e-10, 1e-4}},
     [OP_GATHER] = {"gather_pos", {0, 0}},
+    /* Llama family: the same reasoning as above (one bf16 rounding of the output, fp32
+     * summation order otherwise). The cached kernel against the fused one on the GPU does
+     * the same arithmetic in a different kernel: fp32 budget, and one output rounding in
+     * bf16. A decode step and a full pass run each row through the same code of the same
+     * kernel, so token-by-token decoding must reproduce the full pass bit for bit. */
+    [OP_RMS_SCALE] = {"rms_scale", {1e-9, 1e-4}},
+    [OP_RMS_APPLY] = {"rms_apply", {1e-9, 1e-4}},
+    [OP_ROPE] = {"rope", {1e-10, 1e-4}},
+    [OP_SILU_MUL] = {"silu_mul", {1e-10, 1e-4}},
+    [OP_ATTN_CACHED] = {"attention_cached", {1e-8, 1e-4}},
+    [OP_CACHED_VS_FUSED] = {"attention_cached vs fused (GPU)", {1e-9, 1e-4}},
+    [OP_CACHED_DECODE] = {"attention_cached decode vs one pass (GPU)", {0, 0}},
 };
 
 static const lp_dtype DTYPES[2] = {LP_F32, LP_BF16};
@@ -846,4 +860,293 @@ Test(ops_cuda, gather_pos) {
                 gpu_done(&g, label);
                 free(pos), free(act), free(ref), free(got);
             }
+}
+
+/* ---- Llama family ---- */
+
+/* Rows in [-2, 2], every third row 100 times larger (RMSNorm has no mean to cancel; the
+ * scale must follow the magnitude). */
+static float *rms_input(lp_dtype dt, int N, int D, uint64_t seed) {
+    float *x = lp_test_rand((size_t)N * D, seed, -2, 2);
+    for (int r = 0; r < N; r += 3)
+        for (int d = 0; d < D; d++) x[(size_t)r * D + d] *= 100.0f;
+    round_act(dt, x, (size_t)N * D);
+    return x;
+}
+
+static const int RMS_SHAPES[][2] = {{1, 1}, {1, 2048}, {31, 33}, {33, 31}, {32, 1000}, {1000, 576}};
+
+Test(ops_cuda, rms_scale) {
+    LP_TEST_REQUIRE_GPU();
+    const float eps = 1e-5f;
+    for (int di = 0; di < 2; di++)
+        for (size_t si = 0; si < sizeof RMS_SHAPES / sizeof RMS_SHAPES[0]; si++) {
+            const lp_dtype dt = DTYPES[di];
+            const int N = RMS_SHAPES[si][0], D = RMS_SHAPES[si][1];
+            const uint64_t seed = 1900 + si;
+            float *x = rms_input(dt, N, D, seed);
+            float *ref = zeros(N);
+            OK(lp_rms_scale(cpu(), ref, x, N, D, eps));
+
+            gpu g;
+            gpu_init(&g, dt);
+            void *d_x = gpu_put_act(&g, x, (size_t)N * D);
+            void *d_s = gpu_alloc(&g, act_bytes(&g, N));
+            OK(lp_rms_scale(&g.c, d_s, d_x, N, D, eps));
+            float *got = gpu_get_act(&g, d_s, N);
+            char label[64];
+            snprintf(label, sizeof label, "N=%d D=%d", N, D);
+            expect_close(OP_RMS_SCALE, dt, label, seed, got, ref, N);
+            gpu_done(&g, label);
+            free(x), free(ref), free(got);
+        }
+}
+
+Test(ops_cuda, rms_apply) {
+    LP_TEST_REQUIRE_GPU();
+    const float eps = 1e-5f;
+    static const char *variant_name[] = {"normalized", "weight", "weight in place"};
+    for (int di = 0; di < 2; di++)
+        for (size_t si = 0; si < sizeof RMS_SHAPES / sizeof RMS_SHAPES[0]; si++)
+            for (int variant = 0; variant < 3; variant++) {
+                const lp_dtype dt = DTYPES[di];
+                const int N = RMS_SHAPES[si][0], D = RMS_SHAPES[si][1];
+                const size_t n = (size_t)N * D;
+                const uint64_t seed = 2000 + si;
+                float *x = rms_input(dt, N, D, seed);
+                float *scale = zeros(N);
+                OK(lp_rms_scale(cpu(), scale, x, N, D, eps));
+                round_act(dt, scale, N); /* the hook value both sides then read */
+                float *w = rand_act(dt, D, seed + 1, 0.5f, 1.5f);
+                const float *use_w = variant ? w : NULL;
+                float *ref = zeros(n);
+                OK(lp_rms_apply(cpu(), ref, x, scale, use_w, N, D));
+
+                gpu g;
+                gpu_init(&g, dt);
+                void *d_x = gpu_put_act(&g, x, n), *d_s = gpu_put_act(&g, scale, N);
+                void *d_w = gpu_put_act(&g, w, D);
+                void *d_out = variant == 2 ? d_x : gpu_alloc(&g, act_bytes(&g, n));
+                OK(lp_rms_apply(&g.c, d_out, d_x, d_s, use_w ? d_w : NULL, N, D));
+                float *got = gpu_get_act(&g, d_out, n);
+                char label[64];
+                snprintf(label, sizeof label, "N=%d D=%d %s", N, D, variant_name[variant]);
+                expect_close(OP_RMS_APPLY, dt, label, seed, got, ref, n);
+                gpu_done(&g, label);
+                free(x), free(scale), free(w), free(ref), free(got);
+            }
+}
+
+/* cos/sin tables [n_pos, dh/2] as the model builds them (angle p * 10000^(-2i/dh), double) */
+static void rope_tables(int n_pos, int dh, float **cos_t, float **sin_t) {
+    const int half = dh / 2;
+    *cos_t = zeros((size_t)n_pos * half);
+    *sin_t = zeros((size_t)n_pos * half);
+    for (int p = 0; p < n_pos; p++)
+        for (int i = 0; i < half; i++) {
+            const double a = p * pow(10000.0, -2.0 * i / dh);
+            (*cos_t)[(size_t)p * half + i] = (float)cos(a);
+            (*sin_t)[(size_t)p * half + i] = (float)sin(a);
+        }
+}
+
+Test(ops_cuda, rope) {
+    LP_TEST_REQUIRE_GPU();
+    /* (B, T, H, dh, pos0): one pair; odd lengths; SmolLM2's q and k heads; a decode step far
+     * into the table; the largest head dim; a long sequence */
+    static const int shapes[][5] = {{1, 1, 1, 2, 0},   {2, 31, 3, 34, 0},    {1, 33, 9, 64, 7},
+                                    {2, 33, 3, 64, 7}, {3, 1, 4, 128, 4000}, {1, 5, 2, 256, 3},
+                                    {1, 1000, 2, 64, 0}};
+    for (int di = 0; di < 2; di++)
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+            for (int in_place = 0; in_place < 2; in_place++) {
+                const lp_dtype dt = DTYPES[di];
+                const int B = shapes[si][0], T = shapes[si][1], H = shapes[si][2];
+                const int dh = shapes[si][3], pos0 = shapes[si][4];
+                const int n_pos = pos0 + T + 3;
+                const size_t n = (size_t)B * T * H * dh, ntab = (size_t)n_pos * (dh / 2);
+                const uint64_t seed = 2100 + si;
+                float *x = rand_act(dt, n, seed, -3, 3), *ct, *st;
+                rope_tables(n_pos, dh, &ct, &st);
+                float *ref = zeros(n);
+                OK(lp_rope(cpu(), ref, x, ct, st, B, T, H, dh, pos0));
+
+                gpu g;
+                gpu_init(&g, dt);
+                void *d_x = gpu_put_act(&g, x, n);
+                float *d_c = gpu_put(&g, ct, ntab * sizeof(float));
+                float *d_s = gpu_put(&g, st, ntab * sizeof(float));
+                void *d_out = in_place ? d_x : gpu_alloc(&g, act_bytes(&g, n));
+                OK(lp_rope(&g.c, d_out, d_x, d_c, d_s, B, T, H, dh, pos0));
+                float *got = gpu_get_act(&g, d_out, n);
+                char label[80];
+                snprintf(label, sizeof label, "B=%d T=%d H=%d dh=%d pos0=%d%s", B, T, H, dh, pos0,
+                         in_place ? " in place" : "");
+                expect_close(OP_ROPE, dt, label, seed, got, ref, n);
+                gpu_done(&g, label);
+                free(x), free(ct), free(st), free(ref), free(got);
+            }
+}
+
+Test(ops_cuda, silu_mul) {
+    LP_TEST_REQUIRE_GPU();
+    static const size_t sizes[] = {1, 31, 33, 1000, 100003};
+    static const char *where[] = {"", " in place (gate)", " in place (up)"};
+    for (int di = 0; di < 2; di++)
+        for (size_t si = 0; si < sizeof sizes / sizeof sizes[0]; si++)
+            for (int alias = 0; alias < 3; alias++) {
+                const lp_dtype dt = DTYPES[di];
+                const size_t n = sizes[si];
+                const uint64_t seed = 2200 + si;
+                /* gate in [-20, 20]: exp(-gate) from 2e-9 to 5e8 */
+                float *gate = rand_act(dt, n, seed, -20, 20), *up = rand_act(dt, n, seed + 1, -3, 3);
+                float *ref = zeros(n);
+                OK(lp_silu_mul(cpu(), ref, gate, up, n));
+
+                gpu g;
+                gpu_init(&g, dt);
+                void *d_g = gpu_put_act(&g, gate, n), *d_u = gpu_put_act(&g, up, n);
+                void *d_out = alias == 1 ? d_g : alias == 2 ? d_u : gpu_alloc(&g, act_bytes(&g, n));
+                OK(lp_silu_mul(&g.c, d_out, d_g, d_u, n));
+                float *got = gpu_get_act(&g, d_out, n);
+                char label[64];
+                snprintf(label, sizeof label, "n=%zu%s", n, where[alias]);
+                expect_close(OP_SILU_MUL, dt, label, seed, got, ref, n);
+                gpu_done(&g, label);
+                free(gate), free(up), free(ref), free(got);
+            }
+}
+
+/* ---- attention against a KV cache ---- */
+
+typedef struct cached_shape { int B, Tq, Tcap, pos0, H, Hkv, dh; } cached_shape;
+static const cached_shape CACHED_SHAPES[] = {
+    {1, 1, 1, 0, 1, 1, 1},       /* the first token */
+    {2, 1, 40, 31, 3, 3, 33},    /* a decode step, dh just over a warp */
+    {1, 7, 64, 33, 8, 2, 64},    /* a prefill chunk after 33 cached tokens, GQA */
+    {2, 31, 31, 0, 9, 3, 64},    /* a whole prompt in a full cache (SmolLM2's heads) */
+    {1, 1, 1100, 1000, 2, 2, 64}, /* a late decode step: many 32-key chunks */
+    {1, 3, 50, 20, 2, 1, 100},   /* multi-query, dh not a power of two */
+    {1, 2, 45, 37, 2, 2, 256},   /* the largest head dim */
+};
+
+static void cached_label(char *buf, size_t n, cached_shape s) {
+    snprintf(buf, n, "B=%d Tq=%d Tcap=%d pos0=%d H=%d Hkv=%d dh=%d", s.B, s.Tq, s.Tcap, s.pos0, s.H,
+             s.Hkv, s.dh);
+}
+
+/* A cache [B,Tcap,Hkv,dh] whose first `filled` positions are random and the rest NaN: a
+ * kernel that reads past the last key a query may see poisons its row. */
+static float *cache_input(lp_dtype dt, cached_shape s, int filled, uint64_t seed) {
+    const size_t row = (size_t)s.Hkv * s.dh, n = (size_t)s.B * s.Tcap * row;
+    float *c = rand_act(dt, n, seed, -1, 1);
+    for (int b = 0; b < s.B; b++)
+        for (size_t j = (size_t)filled * row; j < (size_t)s.Tcap * row; j++)
+            c[(size_t)b * s.Tcap * row + j] = NAN;
+    return c;
+}
+
+Test(ops_cuda, attention_cached) {
+    LP_TEST_REQUIRE_GPU();
+    for (int di = 0; di < 2; di++)
+        for (size_t si = 0; si < sizeof CACHED_SHAPES / sizeof CACHED_SHAPES[0]; si++) {
+            const lp_dtype dt = DTYPES[di];
+            const cached_shape s = CACHED_SHAPES[si];
+            const uint64_t seed = 2300 + si;
+            const size_t nq = (size_t)s.B * s.Tq * s.H * s.dh;
+            const size_t nc = (size_t)s.B * s.Tcap * s.Hkv * s.dh;
+            float *q = rand_act(dt, nq, seed, -3, 3);
+            float *kc = cache_input(dt, s, s.pos0 + s.Tq, seed + 1);
+            float *vc = cache_input(dt, s, s.pos0 + s.Tq, seed + 2);
+            float *ref = zeros(nq);
+            OK(lp_attention_cached(cpu(), ref, q, kc, vc, s.B, s.Tq, s.Tcap, s.pos0, s.H, s.Hkv, s.dh));
+
+            gpu g;
+            gpu_init(&g, dt);
+            void *d_q = gpu_put_act(&g, q, nq), *d_k = gpu_put_act(&g, kc, nc);
+            void *d_v = gpu_put_act(&g, vc, nc), *d_z = gpu_alloc(&g, act_bytes(&g, nq));
+            OK(lp_attention_cached(&g.c, d_z, d_q, d_k, d_v, s.B, s.Tq, s.Tcap, s.pos0, s.H, s.Hkv,
+                                   s.dh));
+            float *got = gpu_get_act(&g, d_z, nq);
+            char label[96];
+            cached_label(label, sizeof label, s);
+            expect_close(OP_ATTN_CACHED, dt, label, seed, got, ref, nq);
+            gpu_done(&g, label);
+            free(q), free(kc), free(vc), free(ref), free(got);
+        }
+}
+
+/* On the GPU itself: with pos0 = 0 and Tcap = T the cached kernel is lp_attention; decoding
+ * token by token (Tq = 1, pos0 = 0, 1, ..., in a cache larger than needed) gives the rows of
+ * one pass over the whole prompt. */
+Test(ops_cuda, attention_cached_prefill_and_decode_match_full_pass) {
+    LP_TEST_REQUIRE_GPU();
+    static const attn_shape shapes[] = {{1, 1, 1, 1, 1}, {2, 33, 9, 3, 64}, {1, 40, 2, 1, 100},
+                                        {1, 37, 2, 2, 256}, {1, 300, 4, 2, 64}};
+    for (int di = 0; di < 2; di++)
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+            const lp_dtype dt = DTYPES[di];
+            const attn_shape s = shapes[si];
+            const uint64_t seed = 2400 + si;
+            attn_in a = attn_inputs(dt, s, seed);
+            const int Tcap = s.T + 9;
+            const size_t qrow = (size_t)s.H * s.dh, krow = (size_t)s.Hkv * s.dh;
+            gpu g;
+            gpu_init(&g, dt);
+            void *d_q = gpu_put_act(&g, a.q, a.nq), *d_k = gpu_put_act(&g, a.k, a.nkv);
+            void *d_v = gpu_put_act(&g, a.v, a.nkv);
+            void *d_zf = gpu_alloc(&g, act_bytes(&g, a.nq)), *d_zc = gpu_alloc(&g, act_bytes(&g, a.nq));
+            OK(lp_attention(&g.c, d_zf, d_q, d_k, d_v, s.B, s.T, s.H, s.Hkv, s.dh));
+            OK(lp_attention_cached(&g.c, d_zc, d_q, d_k, d_v, s.B, s.T, s.T, 0, s.H, s.Hkv, s.dh));
+            float *fused = gpu_get_act(&g, d_zf, a.nq), *full = gpu_get_act(&g, d_zc, a.nq);
+            char label[96];
+            attn_label(label, sizeof label, s);
+            expect_close(OP_CACHED_VS_FUSED, dt, label, seed, full, fused, a.nq);
+
+            /* caches [B,Tcap,Hkv,dh] holding the prompt's keys and values, NaN after them */
+            float *kc = zeros((size_t)s.B * Tcap * krow), *vc = zeros((size_t)s.B * Tcap * krow);
+            for (size_t j = 0; j < (size_t)s.B * Tcap * krow; j++) kc[j] = vc[j] = NAN;
+            for (int b = 0; b < s.B; b++) {
+                memcpy(kc + (size_t)b * Tcap * krow, a.k + (size_t)b * s.T * krow, s.T * krow * 4);
+                memcpy(vc + (size_t)b * Tcap * krow, a.v + (size_t)b * s.T * krow, s.T * krow * 4);
+            }
+            void *d_kc = gpu_put_act(&g, kc, (size_t)s.B * Tcap * krow);
+            void *d_vc = gpu_put_act(&g, vc, (size_t)s.B * Tcap * krow);
+            void *d_q1 = gpu_alloc(&g, act_bytes(&g, (size_t)s.B * qrow));
+            void *d_z1 = gpu_alloc(&g, act_bytes(&g, (size_t)s.B * qrow));
+            float *q1 = zeros((size_t)s.B * qrow), *dec = zeros(a.nq);
+            for (int p = 0; p < s.T; p++) {
+                for (int b = 0; b < s.B; b++)
+                    memcpy(q1 + b * qrow, a.q + ((size_t)b * s.T + p) * qrow, qrow * 4);
+                void *h = malloc(act_bytes(&g, (size_t)s.B * qrow));
+                OK(lp_convert_host(h, dt, q1, LP_F32, (size_t)s.B * qrow));
+                OK(lp_ctx_to_device(&g.c, d_q1, h, act_bytes(&g, (size_t)s.B * qrow)));
+                free(h);
+                OK(lp_attention_cached(&g.c, d_z1, d_q1, d_kc, d_vc, s.B, 1, Tcap, p, s.H, s.Hkv,
+                                       s.dh));
+                float *z1 = gpu_get_act(&g, d_z1, (size_t)s.B * qrow);
+                for (int b = 0; b < s.B; b++)
+                    memcpy(dec + ((size_t)b * s.T + p) * qrow, z1 + b * qrow, qrow * 4);
+                free(z1);
+            }
+            expect_close(OP_CACHED_DECODE, dt, label, seed, dec, full, a.nq);
+            gpu_done(&g, label);
+            free(fused), free(full), free(kc), free(vc), free(q1), free(dec);
+            attn_free(&a);
+        }
+}
+
+Test(ops_cuda, llama_ops_reject_bad_shapes) {
+    LP_TEST_REQUIRE_GPU();
+    gpu g;
+    gpu_init(&g, LP_F32);
+    void *d = gpu_alloc(&g, act_bytes(&g, 2 * 257));
+    lp_status st = lp_attention_cached(&g.c, d, d, d, d, 1, 1, 2, 0, 1, 1, 257);
+    cr_expect_eq(st, LP_ERR_ARG, "cached dh = 257 gave %s (%s)", lp_status_name(st), lp_last_error());
+    st = lp_attention_cached(&g.c, d, d, d, d, 1, 2, 2, 1, 1, 1, 8);
+    cr_expect_eq(st, LP_ERR_ARG, "positions past the cache gave %s (%s)", lp_status_name(st),
+                 lp_last_error());
+    st = lp_rope(&g.c, d, d, (const float *)d, (const float *)d, 1, 1, 1, 3, 0);
+    cr_expect_eq(st, LP_ERR_ARG, "rope with dh = 3 gave %s (%s)", lp_status_name(st), lp_last_error());
+    gpu_done(&g, "llama bad shapes");
 }
