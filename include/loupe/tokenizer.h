@@ -24,7 +24,8 @@ extern "C" {
 
 typedef struct lp_tokenizer lp_tokenizer;
 
-/* tokenizer.json, plus tokenizer_config.json beside it when present (add_bos_token). */
+/* tokenizer.json (its post_processor adds BOS/EOS, as in `tokenizers`), plus
+ * tokenizer_config.json beside it when present (the bos/eos token names). */
 lp_status lp_tokenizer_from_json(lp_tokenizer **out, const char *tokenizer_json);
 lp_status lp_tokenizer_from_gguf(lp_tokenizer **out, const lp_gguf *g);
 /* path: a .gguf file, a tokenizer.json, or a directory holding tokenizer.json. */
