@@ -20,7 +20,7 @@ enum { P_LN1_W, P_LN1_B, P_WQ, P_WK, P_WV, P_BQ, P_BK, P_BV, P_WO, P_BO, P_LN2_W
 /* model-level weights come first: wte, wpe, then the layers, then ln_f and lm_head */
 enum { P_WTE, P_WPE, P_FIRST_LAYER };
 
-static void *W(const lp_model *m, int idx) { return (char *)m->weights + m->params[idx].offset * lp_act_size(m); }
+static void *W(const lp_model *m, int idx) { return lp_param(m, idx); }
 static void *LW(const lp_model *m, int L, int k) { return W(m, P_FIRST_LAYER + L * P_PER_LAYER + k); }
 static int lnf_w(const lp_model *m) { return P_FIRST_LAYER + m->cfg.n_layers * P_PER_LAYER; }
 
@@ -89,23 +89,19 @@ done:
 
 /* ---- the weight table ---- */
 
-static void add_param(lp_model *m, const char *name, int64_t r, int64_t cols, size_t *off) {
-    param *p = &m->params[m->n_params_t++];
-    snprintf(p->name, sizeof p->name, "%s", name);
-    p->ndim = cols ? 2 : 1;
-    p->shape[0] = r, p->shape[1] = cols;
-    p->offset = *off;
-    *off += (size_t)(r * (cols ? cols : 1) + 31) / 32 * 32; /* keep every tensor 128-byte aligned in f32 */
-}
+static lp_status forward(lp_model *m, int B, int T, int want);
+static size_t act_bytes(const lp_model *m, int B, int T);
+static void carve(lp_model *m, int B, int T);
 
 static size_t build_table(lp_model *m, int own_unembed) {
     const lp_config *c = &m->cfg;
+    m->act_bytes = act_bytes, m->carve = carve, m->forward = forward;
     int D = c->d_model, F = c->d_mlp;
     m->params = calloc(P_FIRST_LAYER + c->n_layers * P_PER_LAYER + 3, sizeof *m->params);
     size_t off = 0;
     char nm[96];
-    add_param(m, "wte", c->d_vocab, D, &off);
-    add_param(m, "wpe", c->n_ctx, D, &off);
+    lp_param_add(m, "wte", c->d_vocab, D, &off);
+    lp_param_add(m, "wpe", c->n_ctx, D, &off);
     static const char *const names[P_PER_LAYER] = {"ln1.w", "ln1.b", "attn.W_Q", "attn.W_K", "attn.W_V", "attn.b_Q",
                                                    "attn.b_K", "attn.b_V", "attn.W_O", "attn.b_O", "ln2.w", "ln2.b",
                                                    "mlp.W_in", "mlp.b_in", "mlp.W_out", "mlp.b_out"};
@@ -120,17 +116,16 @@ static size_t build_table(lp_model *m, int own_unembed) {
             case P_BIN: r = F; break;
             default: r = D; break;
             }
-            add_param(m, nm, r, cols, &off);
+            lp_param_add(m, nm, r, cols, &off);
         }
-    add_param(m, "ln_final.w", D, 0, &off);
-    add_param(m, "ln_final.b", D, 0, &off);
+    lp_param_add(m, "ln_final.w", D, 0, &off);
+    lp_param_add(m, "ln_final.b", D, 0, &off);
     m->unembed = P_WTE; /* tied: wte used transposed */
     if (own_unembed) {
         m->unembed = m->n_params_t;
-        add_param(m, "unembed", c->d_vocab, D, &off);
+        lp_param_add(m, "unembed", c->d_vocab, D, &off);
     }
-    m->n_params = 0;
-    for (int i = 0; i < m->n_params_t; i++) m->n_params += m->params[i].shape[0] * (m->params[i].ndim == 2 ? m->params[i].shape[1] : 1);
+    lp_param_count(m);
     return off;
 }
 
@@ -286,8 +281,8 @@ static size_t layout(lp_model *m, int B, int T, int carve) {
     return off;
 }
 
-size_t lp_gpt2_act_bytes(const lp_model *m, int B, int T) { return layout((lp_model *)m, B, T, 0); }
-void lp_gpt2_carve(lp_model *m, int B, int T) { layout(m, B, T, 1); }
+static size_t act_bytes(const lp_model *m, int B, int T) { return layout((lp_model *)m, B, T, 0); }
+static void carve(lp_model *m, int B, int T) { layout(m, B, T, 1); }
 
 /* ---- forward ---- */
 
@@ -308,15 +303,17 @@ static lp_status layer_norm(lp_model *m, const void *x, const void *w, const voi
     return lp_ln_apply(c, m->ln_out, x, m->ln_scale, w, b, N, D);
 }
 
-lp_status lp_gpt2_forward(lp_model *m, int B, int T, int want) {
+static lp_status forward(lp_model *m, int B, int T, int want) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     int N = B * T, D = cf->d_model, H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head;
-    int last = (want & (LP_WANT_LOSS | LP_WANT_LOGITS)) ? cf->n_layers : lp_hooks_last_layer(m);
+    int last = (want & (LP_WANT_LOSS | LP_WANT_LOGITS)) || m->gen_pos0 >= 0 ? cf->n_layers : lp_hooks_last_layer(m);
 
     LP_CHECK(lp_embed(c, m->resid, m->tok_dev, W(m, P_WTE), N, D));
     SITE(HK_EMBED, 0, m->resid);
-    LP_CHECK(lp_pos_embed(c, m->pos_buf, W(m, P_WPE), B, T, D));
+    /* generating (batch 1): positions start at the cache's fill */
+    int pos0 = m->gen_pos0 >= 0 ? m->gen_pos0 : 0;
+    LP_CHECK(lp_pos_embed(c, m->pos_buf, (const char *)W(m, P_WPE) + (size_t)pos0 * D * lp_act_size(m), B, T, D));
     SITE(HK_POS_EMBED, 0, m->pos_buf);
     LP_CHECK(lp_add(c, m->resid, m->resid, m->pos_buf, (size_t)N * D));
 
@@ -329,7 +326,14 @@ lp_status lp_gpt2_forward(lp_model *m, int B, int T, int want) {
         SITE(HK_Q, L, m->q);
         SITE(HK_K, L, m->k);
         SITE(HK_V, L, m->v);
-        if (ACTIVE(HK_SCORES, L) || ACTIVE(HK_PATTERN, L)) {
+        if (m->gen_pos0 >= 0) { /* append to the KV cache and attend over it */
+            size_t row = (size_t)Hkv * dh * lp_act_size(m), plane = (size_t)m->kv_cap * row;
+            char *kc = (char *)m->kv + 2 * (size_t)L * plane, *vc = kc + plane;
+            LP_CHECK(lp_ctx_copy(c, kc + pos0 * row, m->k, T * row));
+            LP_CHECK(lp_ctx_copy(c, vc + pos0 * row, m->v, T * row));
+            if (pos0 == 0) LP_CHECK(lp_attention(c, m->z, m->q, m->k, m->v, 1, T, H, Hkv, dh)); /* the prompt */
+            else LP_CHECK(lp_attention_cached(c, m->z, m->q, kc, vc, 1, T, m->kv_cap, pos0, H, Hkv, dh));
+        } else if (ACTIVE(HK_SCORES, L) || ACTIVE(HK_PATTERN, L)) {
             LP_CHECK(lp_attn_scores(c, m->scores, m->q, m->k, B, T, H, Hkv, dh));
             SITE(HK_SCORES, L, m->scores);
             LP_CHECK(lp_softmax_rows(c, m->pattern, m->scores, (size_t)B * H * T, T));
@@ -357,26 +361,5 @@ lp_status lp_gpt2_forward(lp_model *m, int B, int T, int want) {
 
     LP_CHECK(layer_norm(m, m->resid, W(m, lnf_w(m)), W(m, lnf_w(m) + 1), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
     if (!(want & (LP_WANT_LOSS | LP_WANT_LOGITS))) return LP_OK;
-    /* unembed in row chunks so that B x T x V logits never need to exist at once */
-    const void *wu = W(m, m->unembed);
-    size_t es = lp_act_size(m);
-    for (int r0 = 0; r0 < N; r0 += m->logit_rows) {
-        int rows = N - r0 < m->logit_rows ? N - r0 : m->logit_rows;
-        const char *x = (const char *)m->ln_out + (size_t)r0 * D * es;
-        lp_status st = lp_matmul(c, m->logits, x, wu, NULL, rows, D, cf->d_vocab, 1);
-        if (st == LP_OK && (want & LP_WANT_LOSS))
-            st = lp_cross_entropy(c, m->loss_dev + r0, m->logits, m->tgt_dev + r0, rows, cf->d_vocab);
-        if (st == LP_OK && (want & LP_WANT_LOGITS)) {
-            float *dst = m->logits_host + (size_t)r0 * cf->d_vocab;
-            size_t n = (size_t)rows * cf->d_vocab;
-            if (c->device == LP_CPU) {
-                memcpy(dst, m->logits, n * sizeof(float));
-            } else {
-                st = lp_ctx_to_host(c, m->logit_stage, m->logits, n * es);
-                if (st == LP_OK) st = lp_convert_host(dst, LP_F32, m->logit_stage, c->dtype, n);
-            }
-        }
-        LP_CHECK(st);
-    }
-    return LP_OK;
+    return lp_model_unembed(m, N, want);
 }

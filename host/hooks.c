@@ -11,10 +11,12 @@ static const char *const g_layer_names[HK_PER_LAYER] = {
     [HK_RESID_PRE] = "hook_resid_pre",     [HK_LN1_SCALE] = "ln1.hook_scale",
     [HK_LN1_NORM] = "ln1.hook_normalized", [HK_Q] = "attn.hook_q",
     [HK_K] = "attn.hook_k",                [HK_V] = "attn.hook_v",
+    [HK_ROT_Q] = "attn.hook_rot_q",        [HK_ROT_K] = "attn.hook_rot_k",
     [HK_SCORES] = "attn.hook_attn_scores", [HK_PATTERN] = "attn.hook_pattern",
     [HK_Z] = "attn.hook_z",                [HK_ATTN_OUT] = "hook_attn_out",
     [HK_RESID_MID] = "hook_resid_mid",     [HK_LN2_SCALE] = "ln2.hook_scale",
     [HK_LN2_NORM] = "ln2.hook_normalized", [HK_MLP_PRE] = "mlp.hook_pre",
+    [HK_MLP_PRE_LINEAR] = "mlp.hook_pre_linear",
     [HK_MLP_POST] = "mlp.hook_post",       [HK_MLP_OUT] = "hook_mlp_out",
     [HK_RESID_POST] = "hook_resid_post",
 };
@@ -25,41 +27,59 @@ static void set_view(hook *h, const lp_config *c) {
     h->H = 1, h->E = c->d_model, h->head_outer = 0, h->e_is_pos = 0;
     switch (h->kind) {
     case HK_LN1_SCALE: case HK_LN2_SCALE: case HK_LNF_SCALE: h->E = 1; break;
-    case HK_Q: case HK_Z: h->H = c->n_heads, h->E = c->d_head; break;
-    case HK_K: case HK_V: h->H = c->n_kv_heads, h->E = c->d_head; break;
+    case HK_Q: case HK_ROT_Q: case HK_Z: h->H = c->n_heads, h->E = c->d_head; break;
+    case HK_K: case HK_V: case HK_ROT_K: h->H = c->n_kv_heads, h->E = c->d_head; break;
     case HK_SCORES: case HK_PATTERN: h->H = c->n_heads, h->head_outer = 1, h->e_is_pos = 1; break;
-    case HK_MLP_PRE: case HK_MLP_POST: h->E = c->d_mlp; break;
+    case HK_MLP_PRE: case HK_MLP_PRE_LINEAR: case HK_MLP_POST: h->E = c->d_mlp; break;
     default: break;
     }
 }
 
+/* Whether the architecture has this hook point. */
+static int arch_has(const lp_config *c, int kind) {
+    int rotary = c->arch == LP_ARCH_LLAMA;
+    switch (kind) {
+    case HK_POS_EMBED: return !rotary;
+    case HK_ROT_Q: case HK_ROT_K: case HK_MLP_PRE_LINEAR: return rotary;
+    default: return 1;
+    }
+}
+
+static void add_hook(lp_model *m, int kind, int layer, const char *name) {
+    hook *h = &m->hooks[m->n_hooks];
+    snprintf(h->name, sizeof h->name, "%s", name);
+    h->kind = kind, h->layer = layer;
+    set_view(h, &m->cfg);
+    m->hook_index[layer * HK_N_KINDS + kind] = m->n_hooks++;
+}
+
 lp_status lp_hooks_init(lp_model *m) {
     const lp_config *c = &m->cfg;
-    m->n_hooks = 2 + HK_PER_LAYER * c->n_layers + 2;
-    m->hooks = calloc(m->n_hooks, sizeof *m->hooks);
-    if (!m->hooks) LP_FAIL(LP_ERR_OOM, "out of memory for hooks");
-    int i = 0;
-    m->hooks[i++] = (hook){.name = "hook_embed", .kind = HK_EMBED, .layer = 0};
-    m->hooks[i++] = (hook){.name = "hook_pos_embed", .kind = HK_POS_EMBED, .layer = 0};
+    int n_idx = (c->n_layers + 1) * HK_N_KINDS;
+    m->hooks = calloc(HK_N_KINDS * (c->n_layers + 1), sizeof *m->hooks);
+    m->hook_index = malloc(n_idx * sizeof(int));
+    if (!m->hooks || !m->hook_index) LP_FAIL(LP_ERR_OOM, "out of memory for hooks");
+    for (int i = 0; i < n_idx; i++) m->hook_index[i] = -1;
+    m->n_hooks = 0;
+    add_hook(m, HK_EMBED, 0, "hook_embed");
+    if (arch_has(c, HK_POS_EMBED)) add_hook(m, HK_POS_EMBED, 0, "hook_pos_embed");
+    char nm[64];
     for (int L = 0; L < c->n_layers; L++)
-        for (int k = 0; k < HK_PER_LAYER; k++, i++) {
-            snprintf(m->hooks[i].name, sizeof m->hooks[i].name, "blocks.%d.%s", L, g_layer_names[k]);
-            m->hooks[i].kind = k, m->hooks[i].layer = L;
+        for (int k = 0; k < HK_PER_LAYER; k++) {
+            if (!arch_has(c, k)) continue;
+            snprintf(nm, sizeof nm, "blocks.%d.%s", L, g_layer_names[k]);
+            add_hook(m, k, L, nm);
         }
-    m->hooks[i++] = (hook){.name = "ln_final.hook_scale", .kind = HK_LNF_SCALE, .layer = c->n_layers};
-    m->hooks[i++] = (hook){.name = "ln_final.hook_normalized", .kind = HK_LNF_NORM, .layer = c->n_layers};
-    for (i = 0; i < m->n_hooks; i++) set_view(&m->hooks[i], c);
+    /* ln_final lives at layer n_layers so that "the last layer a hook needs" orders it last */
+    add_hook(m, HK_LNF_SCALE, c->n_layers, "ln_final.hook_scale");
+    add_hook(m, HK_LNF_NORM, c->n_layers, "ln_final.hook_normalized");
     return LP_OK;
 }
 
 int lp_hook_id(const lp_model *m, int kind, int layer) {
-    switch (kind) {
-    case HK_EMBED: return 0;
-    case HK_POS_EMBED: return 1;
-    case HK_LNF_SCALE: return m->n_hooks - 2;
-    case HK_LNF_NORM: return m->n_hooks - 1;
-    default: return 2 + layer * HK_PER_LAYER + kind;
-    }
+    if (kind == HK_EMBED || kind == HK_POS_EMBED) layer = 0;
+    if (kind == HK_LNF_SCALE || kind == HK_LNF_NORM) layer = m->cfg.n_layers;
+    return m->hook_index[layer * HK_N_KINDS + kind];
 }
 
 int lp_hook_count(const lp_model *m) { return m->n_hooks; }
@@ -71,6 +91,14 @@ int lp_hook_find(const lp_model *m, const char *name) {
     return -1;
 }
 
+/* [.., head, d_head] hooks keep their head axis even with one head (TransformerLens does). */
+static int has_head_axis(const hook *h) {
+    switch (h->kind) {
+    case HK_Q: case HK_K: case HK_V: case HK_ROT_Q: case HK_ROT_K: case HK_Z: return 1;
+    default: return h->H > 1;
+    }
+}
+
 /* Shape with P positions (T, or the number of captured positions) and T keys. */
 static int shape_of(const hook *h, int B, int P, int T, int64_t *s) {
     if (h->head_outer) {
@@ -78,7 +106,7 @@ static int shape_of(const hook *h, int B, int P, int T, int64_t *s) {
         return 4;
     }
     s[0] = B, s[1] = P;
-    if (h->H > 1 || h->kind == HK_Q || h->kind == HK_K || h->kind == HK_V || h->kind == HK_Z) {
+    if (has_head_axis(h)) {
         s[2] = h->H, s[3] = h->E;
         return 4;
     }
@@ -139,7 +167,7 @@ lp_status lp_hook_capture(lp_model *m, const char *pat, const int *pos, int npos
 
 static lp_status add_edit(lp_model *m, hook *h, const void *arg) {
     const lp_edit_spec *s = arg;
-    int has_heads = h->H > 1 || h->kind == HK_Q || h->kind == HK_K || h->kind == HK_V || h->kind == HK_Z || h->head_outer;
+    int has_heads = has_head_axis(h) || h->head_outer;
     if (s->heads && s->nheads > 0 && !has_heads) LP_FAIL(LP_ERR_ARG, "edit of %s: this hook has no head axis", h->name);
     for (int i = 0; s->heads && i < s->nheads; i++)
         if (s->heads[i] < 0 || s->heads[i] >= h->H)
@@ -224,7 +252,9 @@ void lp_hooks_free(lp_model *m) {
     if (!m->hooks) return;
     lp_hooks_clear(m);
     free(m->hooks);
+    free(m->hook_index);
     m->hooks = NULL;
+    m->hook_index = NULL;
 }
 
 /* Uploads host data to the device in the act dtype (or keeps F32 on the CPU). */
@@ -288,6 +318,7 @@ int lp_hooks_last_layer(const lp_model *m) {
 }
 
 lp_status lp_hook_site(lp_model *m, int id, void *act) {
+    if (id < 0 || m->gen_pos0 >= 0) return LP_OK; /* absent hook, or generating (hooks do not run) */
     hook *h = &m->hooks[id];
     if (!h->capture && !h->edits) return LP_OK;
     lp_ctx *c = &m->ctx;

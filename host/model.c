@@ -1,19 +1,58 @@
 /* model.c: the architecture-independent part of a model: loading by config,
- * sizing and allocating activation memory, running a forward and handing back
- * logits and losses. Architecture files (gpt2.c) provide load, carve and forward. */
+ * sizing and allocating activation memory, running a forward, the unembedding,
+ * handing back logits and losses, and generation with a KV cache. Architecture
+ * files (gpt2.c, llama.c) provide load, carve and forward. */
+#include <cjson/cJSON.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
+#include "loupe/ops.h"
+#include "loupe/safetensors.h"
 #include "model_internal.h"
+
+void lp_param_add(lp_model *m, const char *name, int64_t r, int64_t cols, size_t *off) {
+    param *p = &m->params[m->n_params_t++];
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->ndim = cols ? 2 : 1;
+    p->shape[0] = r, p->shape[1] = cols;
+    p->offset = *off;
+    *off += (size_t)(r * (cols ? cols : 1) + 31) / 32 * 32; /* keep every tensor 128-byte aligned in f32 */
+}
+
+void lp_param_count(lp_model *m) {
+    m->n_params = 0;
+    for (int i = 0; i < m->n_params_t; i++) m->n_params += m->params[i].shape[0] * (m->params[i].ndim == 2 ? m->params[i].shape[1] : 1);
+}
+
+/* A directory's config.json model_type picks the architecture; a file is GGUF. */
+static lp_status load_by_kind(lp_model *m, const char *path) {
+    struct stat sb;
+    if (stat(path, &sb) != 0) LP_FAIL(LP_ERR_IO, "%s: no such file or directory", path);
+    if (!S_ISDIR(sb.st_mode)) return lp_llama_load(m, path);
+    char cfg[1200];
+    snprintf(cfg, sizeof cfg, "%s/config.json", path);
+    size_t n;
+    char *buf = lp_read_file(cfg, &n);
+    if (!buf) LP_FAIL(LP_ERR_IO, "%s: cannot open (is '%s' a Hugging Face checkpoint directory?)", cfg, path);
+    cJSON *root = cJSON_ParseWithLength(buf, n);
+    free(buf);
+    const cJSON *mt = cJSON_GetObjectItemCaseSensitive(root, "model_type");
+    int gpt2 = cJSON_IsString(mt) && strcmp(mt->valuestring, "gpt2") == 0;
+    cJSON_Delete(root);
+    return gpt2 ? lp_gpt2_load(m, path) : lp_llama_load(m, path);
+}
 
 lp_status lp_model_load(lp_model **out, const char *path, lp_device dev, lp_dtype dtype) {
     *out = NULL;
     lp_model *m = calloc(1, sizeof *m);
     if (!m) LP_FAIL(LP_ERR_OOM, "out of memory");
     snprintf(m->path, sizeof m->path, "%s", path);
+    m->gen_pos0 = -1;
     lp_status st = lp_ctx_init(&m->ctx, dev, dtype);
-    if (st == LP_OK) st = lp_gpt2_load(m, path);
+    if (st == LP_OK) st = load_by_kind(m, path);
     if (st == LP_OK) st = lp_hooks_init(m);
     if (st != LP_OK) {
         lp_model_free(m);
@@ -25,13 +64,14 @@ lp_status lp_model_load(lp_model **out, const char *path, lp_device dev, lp_dtyp
 
 lp_status lp_model_random(lp_model **out, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype) {
     *out = NULL;
-    if (cfg->arch != LP_ARCH_GPT2) LP_FAIL(LP_ERR_ARG, "random model: unsupported architecture");
+    if (cfg->arch != LP_ARCH_GPT2 && cfg->arch != LP_ARCH_LLAMA) LP_FAIL(LP_ERR_ARG, "random model: unsupported architecture");
     lp_model *m = calloc(1, sizeof *m);
     if (!m) LP_FAIL(LP_ERR_OOM, "out of memory");
     m->cfg = *cfg;
     snprintf(m->path, sizeof m->path, "(random)");
+    m->gen_pos0 = -1;
     lp_status st = lp_ctx_init(&m->ctx, dev, dtype);
-    if (st == LP_OK) st = lp_gpt2_random(m, seed);
+    if (st == LP_OK) st = cfg->arch == LP_ARCH_GPT2 ? lp_gpt2_random(m, seed) : lp_llama_random(m, seed);
     if (st == LP_OK) st = lp_hooks_init(m);
     if (st != LP_OK) {
         lp_model_free(m);
@@ -67,7 +107,11 @@ void lp_model_free(lp_model *m) {
     lp_hooks_free(m);
     free_acts(m);
     lp_ctx_release(&m->ctx, m->weights);
+    lp_ctx_release(&m->ctx, m->kv);
+    lp_ctx_release(&m->ctx, m->rope_cos);
+    lp_ctx_release(&m->ctx, m->rope_sin);
     free(m->params);
+    free(m->rope_freq_div);
     lp_ctx_free(&m->ctx);
     free(m);
 }
@@ -86,10 +130,11 @@ lp_status lp_model_prepare(lp_model *m, int B, int T) {
     if (grow) {
         int nB = B > m->B_max ? B : m->B_max, nT = T > m->T_max ? T : m->T_max;
         free_acts(m);
-        m->acts_bytes = lp_gpt2_act_bytes(m, nB, nT);
+        m->acts_bytes = m->act_bytes(m, nB, nT);
         LP_CHECK(lp_ctx_alloc(&m->ctx, m->acts_bytes, &m->acts));
         m->B_max = nB, m->T_max = nT;
-        lp_gpt2_carve(m, nB, nT);
+        m->carve(m, nB, nT);
+        if (m->cfg.arch == LP_ARCH_LLAMA && m->rope_n < nT) LP_CHECK(lp_llama_rope_tables(m, nT));
         size_t N = (size_t)nB * nT;
         m->losses_host = malloc(N * sizeof(float));
         m->tgt_host = malloc(N * sizeof(int32_t));
@@ -127,7 +172,7 @@ lp_status lp_model_forward(lp_model *m, const int32_t *tokens, int B, int T, int
             for (int t = 0; t < T; t++) tgt[(size_t)b * T + t] = t + 1 < T ? tokens[(size_t)b * T + t + 1] : -1;
         LP_CHECK(lp_ctx_to_device(c, m->tgt_dev, tgt, N * sizeof(int32_t)));
     }
-    LP_CHECK(lp_gpt2_forward(m, B, T, want));
+    LP_CHECK(m->forward(m, B, T, want));
     LP_CHECK(lp_hooks_finish(m));
     if (want & LP_WANT_LOSS) {
         LP_CHECK(lp_ctx_to_host(c, m->loss_stage, m->loss_dev, N * sizeof(float)));
@@ -138,4 +183,139 @@ lp_status lp_model_forward(lp_model *m, const int32_t *tokens, int B, int T, int
     }
     if (want & LP_WANT_LOGITS) m->have_logits = 1;
     return LP_OK;
+}
+
+lp_status lp_model_unembed(lp_model *m, int N, int want) {
+    /* unembed in row chunks so that B x T x V logits never need to exist at once */
+    lp_ctx *c = &m->ctx;
+    const lp_config *cf = &m->cfg;
+    const void *wu = lp_param(m, m->unembed);
+    size_t es = lp_act_size(m);
+    for (int r0 = 0; r0 < N; r0 += m->logit_rows) {
+        int rows = N - r0 < m->logit_rows ? N - r0 : m->logit_rows;
+        const char *x = (const char *)m->ln_out + (size_t)r0 * cf->d_model * es;
+        lp_status st = lp_matmul(c, m->logits, x, wu, NULL, rows, cf->d_model, cf->d_vocab, 1);
+        if (st == LP_OK && (want & LP_WANT_LOSS))
+            st = lp_cross_entropy(c, m->loss_dev + r0, m->logits, m->tgt_dev + r0, rows, cf->d_vocab);
+        if (st == LP_OK && (want & LP_WANT_LOGITS)) {
+            float *dst = m->logits_host + (size_t)r0 * cf->d_vocab;
+            size_t n = (size_t)rows * cf->d_vocab;
+            if (c->device == LP_CPU) {
+                memcpy(dst, m->logits, n * sizeof(float));
+            } else {
+                st = lp_ctx_to_host(c, m->logit_stage, m->logits, n * es);
+                if (st == LP_OK) st = lp_convert_host(dst, LP_F32, m->logit_stage, c->dtype, n);
+            }
+        }
+        LP_CHECK(st);
+    }
+    return LP_OK;
+}
+
+/* ---- generation ---- */
+
+/* splitmix64: a small, seedable generator so that --seed reproduces a sample */
+static double next_uniform(uint64_t *s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (double)(z >> 11) / 9007199254740992.0;
+}
+
+typedef struct { float p; int id; } cand;
+static int cand_desc(const void *a, const void *b) {
+    float x = ((const cand *)a)->p, y = ((const cand *)b)->p;
+    return x < y ? 1 : x > y ? -1 : ((const cand *)a)->id - ((const cand *)b)->id;
+}
+
+/* Greedy at temperature 0; otherwise softmax(logits / T), cut to the smallest set of
+ * most likely tokens whose mass reaches top_p, renormalised, sampled. */
+static int32_t pick(const float *logits, int V, const lp_gen_opts *o, uint64_t *rng, cand *scratch) {
+    int best = 0;
+    for (int i = 1; i < V; i++)
+        if (logits[i] > logits[best]) best = i;
+    if (o->temperature <= 0) return best;
+    double sum = 0, mx = logits[best];
+    for (int i = 0; i < V; i++) {
+        scratch[i].p = (float)exp((logits[i] - mx) / o->temperature);
+        scratch[i].id = i;
+        sum += scratch[i].p;
+    }
+    int n = V;
+    double mass = sum;
+    if (o->top_p > 0 && o->top_p < 1) {
+        qsort(scratch, V, sizeof *scratch, cand_desc);
+        double acc = 0;
+        for (n = 0; n < V;) {
+            acc += scratch[n++].p;
+            if (acc >= o->top_p * sum) break;
+        }
+        mass = acc;
+    }
+    double u = next_uniform(rng) * mass, acc = 0;
+    for (int i = 0; i < n; i++) {
+        acc += scratch[i].p;
+        if (u < acc) return scratch[i].id;
+    }
+    return scratch[n - 1].id;
+}
+
+lp_status lp_generate(lp_model *m, const int32_t *prompt, int n_prompt, const lp_gen_opts *o, int32_t *out, int *n_out) {
+    *n_out = 0;
+    const lp_config *cf = &m->cfg;
+    if (n_prompt < 1) LP_FAIL(LP_ERR_ARG, "generate: the prompt is empty");
+    if (o->max_tokens < 0) LP_FAIL(LP_ERR_ARG, "generate: max_tokens %d is negative", o->max_tokens);
+    if (!(o->temperature >= 0) || !(o->top_p > 0 && o->top_p <= 1))
+        LP_FAIL(LP_ERR_ARG, "generate: temperature must be >= 0 and top_p in (0, 1] (got %g and %g)", o->temperature, o->top_p);
+    if (n_prompt + o->max_tokens > cf->n_ctx)
+        LP_FAIL(LP_ERR_ARG, "generate: the prompt (%d tokens) plus %d new tokens exceeds the model's context of %d", n_prompt,
+                o->max_tokens, cf->n_ctx);
+    for (int i = 0; i < n_prompt; i++)
+        if (prompt[i] < 0 || prompt[i] >= cf->d_vocab) LP_FAIL(LP_ERR_ARG, "generate: prompt token %d is not in [0, %d)", prompt[i], cf->d_vocab);
+    lp_ctx *c = &m->ctx;
+    int cap = n_prompt + o->max_tokens;
+    size_t kvD = (size_t)cf->n_kv_heads * cf->d_head, es = lp_act_size(m);
+    if (cap > m->kv_cap) {
+        lp_ctx_release(c, m->kv);
+        m->kv = NULL, m->kv_cap = 0;
+        LP_CHECK(lp_ctx_alloc(c, 2 * (size_t)cf->n_layers * cap * kvD * es, &m->kv));
+        m->kv_cap = cap;
+    }
+    if (cf->arch == LP_ARCH_LLAMA && m->rope_n < cap) LP_CHECK(lp_llama_rope_tables(m, cap));
+    LP_CHECK(lp_model_prepare(m, 1, n_prompt));
+    if (m->logits_rows < 1) {
+        free(m->logits_host);
+        m->logits_host = malloc((size_t)cf->d_vocab * sizeof(float));
+        if (!m->logits_host) LP_FAIL(LP_ERR_OOM, "out of host memory for logits");
+        m->logits_rows = 1;
+    }
+    cand *scratch = o->temperature > 0 ? malloc((size_t)cf->d_vocab * sizeof *scratch) : NULL;
+    if (o->temperature > 0 && !scratch) LP_FAIL(LP_ERR_OOM, "out of memory for sampling");
+    uint64_t rng = o->seed;
+    lp_status st = LP_OK;
+    int32_t tok;
+    const int32_t *in = prompt;
+    int n_in = n_prompt, pos = 0;
+    while (*n_out < o->max_tokens) {
+        /* one forward of the new tokens against the cache; logits of the last row */
+        m->B = 1, m->T = n_in, m->gen_pos0 = pos;
+        st = lp_ctx_to_device(c, m->tok_dev, in, (size_t)n_in * sizeof(int32_t));
+        if (st == LP_OK) st = m->forward(m, 1, n_in, 0);
+        if (st == LP_OK) { /* the last row only: move it to the front of ln_out and unembed one row */
+            if (n_in > 1) st = lp_ctx_copy(c, m->ln_out, (char *)m->ln_out + (size_t)(n_in - 1) * cf->d_model * es, cf->d_model * es);
+            if (st == LP_OK) st = lp_model_unembed(m, 1, LP_WANT_LOGITS);
+        }
+        m->gen_pos0 = -1;
+        if (st != LP_OK) break;
+        pos += n_in;
+        tok = pick(m->logits_host, cf->d_vocab, o, &rng, scratch);
+        out[(*n_out)++] = tok;
+        if (o->on_token && (st = o->on_token(tok, o->user)) != LP_OK) break;
+        if (tok == o->stop_token) break;
+        in = &out[*n_out - 1], n_in = 1;
+    }
+    free(scratch);
+    m->have_logits = 0;
+    return st;
 }

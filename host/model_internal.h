@@ -8,11 +8,14 @@
 
 /* Hook kinds inside a block, in forward order; the model-level ones follow. */
 enum {
-    HK_RESID_PRE, HK_LN1_SCALE, HK_LN1_NORM, HK_Q, HK_K, HK_V, HK_SCORES, HK_PATTERN, HK_Z,
-    HK_ATTN_OUT, HK_RESID_MID, HK_LN2_SCALE, HK_LN2_NORM, HK_MLP_PRE, HK_MLP_POST, HK_MLP_OUT,
-    HK_RESID_POST, HK_PER_LAYER,
-    HK_EMBED = HK_PER_LAYER, HK_POS_EMBED, HK_LNF_SCALE, HK_LNF_NORM,
+    HK_RESID_PRE, HK_LN1_SCALE, HK_LN1_NORM, HK_Q, HK_K, HK_V, HK_ROT_Q, HK_ROT_K, HK_SCORES, HK_PATTERN,
+    HK_Z, HK_ATTN_OUT, HK_RESID_MID, HK_LN2_SCALE, HK_LN2_NORM, HK_MLP_PRE, HK_MLP_PRE_LINEAR, HK_MLP_POST,
+    HK_MLP_OUT, HK_RESID_POST, HK_PER_LAYER,
+    HK_EMBED = HK_PER_LAYER, HK_POS_EMBED, HK_LNF_SCALE, HK_LNF_NORM, HK_N_KINDS,
 };
+/* Hook points an architecture does not have (GPT-2: no rotary or gated MLP hooks;
+ * Llama: no hook_pos_embed) are absent from the table: lp_hook_id gives -1 for them,
+ * and lp_hook_site / lp_hook_active treat -1 as "nobody is listening". */
 
 typedef struct edit {
     lp_edit_spec spec; /* arrays below are owned copies */
@@ -60,13 +63,14 @@ struct lp_model {
     /* hooks */
     hook *hooks;
     int n_hooks;
+    int *hook_index; /* [(n_layers + 1) * HK_N_KINDS]: (layer, kind) -> hook id or -1 */
     int any_hook_dirty;
     /* activations, sized for B_max x T_max: one allocation */
     int B_max, T_max;
     void *acts;
     size_t acts_bytes;
     void *resid, *ln_out, *ln_norm, *ln_scale, *q, *k, *v, *scores, *pattern, *z, *attn_out, *mlp_pre,
-        *mlp_post, *mlp_out, *logits, *pos_buf;
+        *mlp_lin, *mlp_post, *mlp_out, *logits, *pos_buf;
     int32_t *tok_dev, *tgt_dev;
     float *loss_dev;
     int logit_rows;       /* rows of logits computed per chunk */
@@ -75,6 +79,18 @@ struct lp_model {
     int32_t *tgt_host;    /* [B_max*T_max] staging for targets */
     float *loss_stage;    /* [B_max*T_max] staging for per-position losses */
     void *logit_stage;    /* one chunk of logits in the act dtype, for the GPU's copy back */
+    /* the architecture (gpt2.c, llama.c) */
+    size_t (*act_bytes)(const lp_model *m, int B, int T);
+    void (*carve)(lp_model *m, int B, int T);
+    lp_status (*forward)(lp_model *m, int B, int T, int want);
+    /* rotary tables (Llama family): F32 [rope_n, d_head/2] on the device */
+    float *rope_cos, *rope_sin;
+    int rope_n;
+    float *rope_freq_div; /* host [d_head/2] divisors of the inverse frequencies (GGUF rope_freqs), or NULL */
+    /* generation: a KV cache of [2 * n_layers][kv_cap][n_kv_heads * d_head], act dtype;
+     * while gen_pos0 >= 0 a forward of batch 1 appends to it at position gen_pos0 */
+    void *kv;
+    int kv_cap, gen_pos0;
     /* results of the last forward, on the host */
     int B, T;
     float *logits_host, *losses_host;
@@ -88,7 +104,7 @@ void lp_hooks_free(lp_model *m);
 /* Allocation and upload of capture buffers, masks and edit sources for B_max x T_max. */
 lp_status lp_hooks_prepare(lp_model *m);
 /* Whether the hook is captured or edited. */
-static inline int lp_hook_active(const lp_model *m, int id) { return m->hooks[id].capture || m->hooks[id].edits; }
+static inline int lp_hook_active(const lp_model *m, int id) { return id >= 0 && (m->hooks[id].capture || m->hooks[id].edits); }
 /* Index of (kind, layer). */
 int lp_hook_id(const lp_model *m, int kind, int layer);
 /* The last layer any hook touches (-1: none; n_layers: ln_final). */
@@ -100,13 +116,29 @@ size_t lp_hook_capture_bytes(const lp_model *m, int id);
 /* Waits for capture copies of the last forward. */
 lp_status lp_hooks_finish(lp_model *m);
 
-/* Architecture entry points (host/gpt2.c). */
-lp_status lp_gpt2_load(lp_model *m, const char *dir);
-lp_status lp_gpt2_random(lp_model *m, uint64_t seed);
-lp_status lp_gpt2_forward(lp_model *m, int B, int T, int want);
 /* Whether any hook needs the [B,H,T,T] score and pattern buffers. */
 int lp_hooks_want_attn_mats(const lp_model *m);
-size_t lp_gpt2_act_bytes(const lp_model *m, int B, int T);
-void lp_gpt2_carve(lp_model *m, int B, int T);
+
+/* Address of weight idx of the param table. */
+static inline void *lp_param(const lp_model *m, int idx) {
+    return m->params[idx].shape[0] ? (char *)m->weights + m->params[idx].offset * lp_act_size(m) : NULL;
+}
+/* Adds a [rows, cols] weight (cols = 0: a vector; rows = 0: absent) to the param table. */
+void lp_param_add(lp_model *m, const char *name, int64_t rows, int64_t cols, size_t *off);
+/* Sums the param table into m->n_params. */
+void lp_param_count(lp_model *m);
+
+/* The end of every forward: logits of m->ln_out [N, D] through the unembedding, in row
+ * chunks, with per-token losses and/or logits copied to the host as `want` says. */
+lp_status lp_model_unembed(lp_model *m, int N, int want);
+
+/* Architecture entry points: load fills cfg, params and weights and sets the
+ * act_bytes/carve/forward functions. */
+lp_status lp_gpt2_load(lp_model *m, const char *dir);
+lp_status lp_gpt2_random(lp_model *m, uint64_t seed);
+lp_status lp_llama_load(lp_model *m, const char *path); /* HF directory or .gguf file */
+lp_status lp_llama_random(lp_model *m, uint64_t seed);
+/* (Re)builds the rotary tables for positions [0, n_pos). */
+lp_status lp_llama_rope_tables(lp_model *m, int n_pos);
 
 #endif

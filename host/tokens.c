@@ -57,6 +57,7 @@ static lp_status shape_rows(lp_tokens *t, const char *path, int64_t n, int64_t r
         return LP_OK;
     }
     if (context <= 0) LP_FAIL(LP_ERR_ARG, "%s: a flat token file needs data.context", path);
+    if (!strict && n < context) context = (int)n; /* a stream shorter than the default row length is one row */
     t->ctx = context;
     t->n_seq = n / context;
     t->dropped = n % context;
@@ -154,9 +155,11 @@ void lp_tokens_free(lp_tokens *t) {
 }
 
 lp_status lp_npy_write_i32(const char *path, const int32_t *ids, int64_t n_seq, int ctx) {
-    char dict[128];
-    int dl = snprintf(dict, sizeof dict, "{'descr': '<i4', 'fortran_order': False, 'shape': (%lld, %d), }",
-                      (long long)n_seq, ctx);
+    char dict[128], shape[48];
+    if (n_seq < 0) snprintf(shape, sizeof shape, "(%d,)", ctx); /* a flat stream */
+    else snprintf(shape, sizeof shape, "(%lld, %d)", (long long)n_seq, ctx);
+    int dl = snprintf(dict, sizeof dict, "{'descr': '<i4', 'fortran_order': False, 'shape': %s, }", shape);
+    if (n_seq < 0) n_seq = 1;
     size_t hlen = (size_t)(dl + 1 + 10 + 63) / 64 * 64 - 10; /* data 64-byte aligned, header ends in \n */
     size_t nbytes = (size_t)n_seq * ctx * 4;
     unsigned char *buf = malloc(10 + hlen + nbytes);

@@ -248,3 +248,157 @@ Test(cli, cache_bf16_store) {
     }
     lp_st_close(&f);
 }
+
+/* ---- the Llama family, GGUF, text and generation ---- */
+
+#define SMOL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+static void need_smol(void) {
+    struct stat sb;
+    cr_assert(stat(SMOL, &sb) == 0, SMOL " is missing: run `make model`");
+}
+
+/* A minimal GGUF v3: string and u32 metadata, and tensors given as (name, type, ne0, ne1, bytes). */
+typedef struct { const char *name; int type; uint64_t ne0, ne1, bytes; } gg_tensor;
+static void gg_str(FILE *f, const char *s) {
+    uint64_t n = strlen(s);
+    fwrite(&n, 8, 1, f);
+    fwrite(s, 1, n, f);
+}
+static void write_gguf(const char *path, const char *arch, const gg_tensor *t, int nt) {
+    static const char *const u32_keys[] = {"block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+                                          "context_length"};
+    static const uint32_t u32_vals[] = {1, 32, 32, 1, 16};
+    FILE *f = fopen(path, "wb");
+    cr_assert(f);
+    uint32_t v = 3;
+    uint64_t n_t = nt, n_kv = 1 + 5;
+    fwrite("GGUF", 1, 4, f);
+    fwrite(&v, 4, 1, f);
+    fwrite(&n_t, 8, 1, f);
+    fwrite(&n_kv, 8, 1, f);
+    gg_str(f, "general.architecture");
+    uint32_t ty = 8; /* string */
+    fwrite(&ty, 4, 1, f);
+    gg_str(f, arch);
+    for (int i = 0; i < 5; i++) {
+        char k[96];
+        snprintf(k, sizeof k, "%s.%s", arch, u32_keys[i]);
+        gg_str(f, k);
+        ty = 4; /* u32 */
+        fwrite(&ty, 4, 1, f);
+        fwrite(&u32_vals[i], 4, 1, f);
+    }
+    uint64_t off = 0;
+    for (int i = 0; i < nt; i++) {
+        gg_str(f, t[i].name);
+        uint32_t nd = 2;
+        fwrite(&nd, 4, 1, f);
+        fwrite(&t[i].ne0, 8, 1, f);
+        fwrite(&t[i].ne1, 8, 1, f);
+        uint32_t type = (uint32_t)t[i].type;
+        fwrite(&type, 4, 1, f);
+        fwrite(&off, 8, 1, f);
+        off += (t[i].bytes + 31) / 32 * 32;
+    }
+    long pos = ftell(f);
+    for (long p = pos; p % 32; p++) fputc(0, f);
+    for (uint64_t i = 0; i < off; i++) fputc(0, f);
+    fclose(f);
+}
+
+Test(cli, tokenize_and_text_runs_agree_with_token_runs) {
+    need_smol();
+    FILE *f = fopen(tmp("t.txt"), "w");
+    fprintf(f, "The quick brown fox jumps over the lazy dog. It was 1,024 degrees.\n\tIndented code: x += 1;\n");
+    fclose(f);
+    cr_assert_eq(loupe("tokenize " SMOL " --text %s --out %s", tmp("t.txt"), tmp("t.npy")), 0, "%s", err_txt);
+    cr_expect(strstr(out_txt, "tokens") != NULL, "%s", out_txt);
+    lp_tokens t;
+    cr_assert_eq(lp_tokens_load(&t, tmp("t.npy"), 1, 0, "int32"), LP_OK, "%s", lp_last_error()); /* rows of 1: every id */
+    cr_expect_gt(t.n_seq, 20);
+    /* the fixture prompt "The quick brown fox ..." begins with Hugging Face's ids */
+    static const int32_t hf[] = {504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30};
+    for (int i = 0; i < 10; i++) cr_expect_eq(t.ids[i], hf[i], "id %d: %d vs Hugging Face %d", i, t.ids[i], hf[i]);
+    int n = (int)t.n_seq;
+    lp_tokens_free(&t);
+    /* run --text gives the same loss as run --tokens on the tokenized file */
+    cr_assert_eq(loupe("run " SMOL " --text %s --json", tmp("t.txt")), 0, "%s", err_txt);
+    cJSON *a = cJSON_Parse(strrchr(out_txt, '{'));
+    cr_assert_eq(loupe("run " SMOL " --tokens %s --json", tmp("t.npy")), 0, "%s", err_txt);
+    cJSON *b = cJSON_Parse(strrchr(out_txt, '{'));
+    cr_assert(a && b);
+    cr_expect_eq(cJSON_GetObjectItem(a, "n_tokens")->valueint, n - 1);
+    cr_expect_eq(cJSON_GetObjectItem(a, "mean_loss")->valuedouble, cJSON_GetObjectItem(b, "mean_loss")->valuedouble);
+    cJSON_Delete(a);
+    cJSON_Delete(b);
+}
+
+Test(cli, generate_greedy_matches_hugging_face) {
+    need_smol();
+    /* prompt 1 of tests/fixtures/smollm2: transformers' float64 greedy continuation */
+    static const int32_t hf[20] = {21759, 30, 669, 314, 253, 4959, 1909, 281, 6944, 28, 2755, 281, 39361, 30, 198, 198, 504, 1909, 282, 2817};
+    cr_assert_eq(loupe("generate " SMOL " --prompt 'Water boils when it is heated, and ice melts when it is' --max-tokens 20 --json"), 0,
+                 "%s", err_txt);
+    cJSON *j = cJSON_Parse(strrchr(out_txt, '{'));
+    cr_assert(j, "%s", out_txt);
+    cr_expect_eq(cJSON_GetObjectItem(j, "n_prompt_tokens")->valueint, 13);
+    cJSON *ids = cJSON_GetObjectItem(j, "ids");
+    cr_assert_eq(cJSON_GetArraySize(ids), 20);
+    for (int i = 0; i < 20; i++) cr_expect_eq(cJSON_GetArrayItem(ids, i)->valueint, hf[i], "token %d", i);
+    cr_expect(strncmp(cJSON_GetObjectItem(j, "completion")->valuestring, " cooled. This is a fundamental concept", 38) == 0, "%s",
+              cJSON_GetObjectItem(j, "completion")->valuestring);
+    cJSON_Delete(j);
+    /* sampling is reproducible by seed */
+    static char first[sizeof out_txt];
+    cr_assert_eq(loupe("generate " SMOL " --prompt 'Once upon a time' --max-tokens 12 --temperature 0.8 --top-p 0.9 --seed 7 --json"), 0,
+                 "%s", err_txt);
+    snprintf(first, sizeof first, "%s", out_txt);
+    cr_assert_eq(loupe("generate " SMOL " --prompt 'Once upon a time' --max-tokens 12 --temperature 0.8 --top-p 0.9 --seed 7 --json"), 0,
+                 "%s", err_txt);
+    cJSON *x = cJSON_Parse(strrchr(first, '{')), *y = cJSON_Parse(strrchr(out_txt, '{'));
+    cr_assert(x && y);
+    char *xs = cJSON_PrintUnformatted(cJSON_GetObjectItem(x, "ids")), *ys = cJSON_PrintUnformatted(cJSON_GetObjectItem(y, "ids"));
+    cr_expect_str_eq(xs, ys);
+    free(xs), free(ys);
+    cJSON_Delete(x), cJSON_Delete(y);
+}
+
+Test(cli, llama_bad_input_is_one_line_and_exit_2) {
+    need_smol();
+    /* a prompt longer than the context, and one that leaves no room for the new tokens */
+    FILE *f = fopen(tmp("long.txt"), "w");
+    for (int i = 0; i < 8300; i++) fputs(" the", f);
+    fclose(f);
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "generate " SMOL " --max-tokens 4 --prompt \"$(cat %s)\"", tmp("long.txt"));
+    expect_bad("longer than the model's context of 8192", "%s", cmd);
+    expect_bad("exceeds the model's context of 8192", "generate " SMOL " --prompt hello --max-tokens %s", "9000");
+    expect_bad("gen.top_p", "generate " SMOL " --prompt hello --top-p %s", "1.5");
+    /* an architecture loupe does not run */
+    write_gguf(tmp("neox.gguf"), "gptneox", NULL, 0);
+    expect_bad("GGUF architecture 'gptneox' is not supported", "info %s", tmp("neox.gguf"));
+    /* a tensor type loupe cannot dequantize (Q5_0: 22-byte blocks of 32) */
+    gg_tensor q50 = {"token_embd.weight", 6, 32, 8, 8 * 22};
+    write_gguf(tmp("q50.gguf"), "llama", &q50, 1);
+    expect_bad("tensor 'token_embd.weight' has type Q5_0, which loupe cannot dequantize", "info %s", tmp("q50.gguf"));
+    /* corrupt metadata: a string length past the end of the file */
+    write_gguf(tmp("bad.gguf"), "llama", NULL, 0);
+    f = fopen(tmp("bad.gguf"), "r+b");
+    fseek(f, 24, SEEK_SET); /* the length of the first key */
+    uint64_t huge = 1ull << 40;
+    fwrite(&huge, 8, 1, f);
+    fclose(f);
+    expect_bad("bad.gguf", "info %s", tmp("bad.gguf"));
+    /* a truncated GGUF */
+    snprintf(cmd, sizeof cmd, "head -c 1000 " SMOL " > %s", tmp("trunc.gguf"));
+    cr_assert(system(cmd) == 0);
+    expect_bad("trunc.gguf", "info %s", tmp("trunc.gguf"));
+    /* a tokenizer.json the loader cannot honour */
+    char sh[512];
+    snprintf(sh, sizeof sh, "mkdir -p %s/wp && cp " LP_FIXTURES "/llama-tiny/config.json %s/wp/ && "
+             "echo '{\"model\": {\"type\": \"WordPiece\", \"vocab\": {}}}' > %s/wp/tokenizer.json && echo hi > %s/hi.txt", dir, dir, dir, dir);
+    cr_assert(system(sh) == 0);
+    snprintf(sh, sizeof sh, "%s/wp --text %s/hi.txt --out %s/o.npy", dir, dir, dir);
+    expect_bad("WordPiece", "tokenize %s", sh);
+}

@@ -12,14 +12,17 @@
 #include "loupe/config.h"
 #include "loupe/hooks.h"
 #include "loupe/model.h"
+#include "loupe/safetensors.h"
 #include "loupe/store.h"
+#include "loupe/tokenizer.h"
 #include "loupe/tokens.h"
 
 static const lp_key g_keys[] = {
-    {"model.path", LP_KEY_STR, NULL, 0, 0, NULL, "Hugging Face checkpoint directory"},
+    {"model.path", LP_KEY_STR, NULL, 0, 0, NULL, "Hugging Face checkpoint directory or .gguf file"},
     {"model.device", LP_KEY_CHOICE, "auto", 0, 0, "auto|cpu|cuda", "auto: cuda when a GPU is present"},
     {"model.dtype", LP_KEY_CHOICE, "auto", 0, 0, "auto|f32|bf16", "auto: bf16 on cuda, f32 on cpu"},
     {"data.tokens", LP_KEY_STR, NULL, 0, 0, NULL, ".npy or .bin token ids"},
+    {"data.text", LP_KEY_STR, NULL, 0, 0, NULL, "UTF-8 text file, tokenized with the model's tokenizer"},
     {"data.context", LP_KEY_INT, "0", 0, 1 << 20, NULL, "row length; 0: as stored (2-D) or the model's context (flat)"},
     {"data.token_dtype", LP_KEY_CHOICE, "uint16", 0, 0, "uint16|uint32|int32|int64", "element type of .bin files"},
     {"run.batch", LP_KEY_INT, "8", 1, 1 << 16, NULL, "sequences per forward"},
@@ -28,6 +31,19 @@ static const lp_key g_keys[] = {
     {"cache.dtype", LP_KEY_CHOICE, "f32", 0, 0, "f32|bf16", "dtype of stored activations"},
     {"cache.batch", LP_KEY_INT, "8", 1, 1 << 16, NULL, "sequences per forward"},
     {"cache.shard_sequences", LP_KEY_INT, "256", 1, 1 << 24, NULL, "sequences per shard file"},
+    {"tokenize.out", LP_KEY_STR, NULL, 0, 0, NULL, ".npy file for the token ids (flat int32)"},
+    {"gen.prompt", LP_KEY_STR, NULL, 0, 0, NULL, "text to continue"},
+    {"gen.max_tokens", LP_KEY_INT, "64", 0, 1 << 20, NULL, "new tokens at most"},
+    {"gen.temperature", LP_KEY_FLOAT, "0", 0, 100, NULL, "0: greedy"},
+    {"gen.top_p", LP_KEY_FLOAT, "1", 0, 1, NULL, "nucleus sampling mass; 1: off"},
+    {"gen.seed", LP_KEY_INT, "0", 0, 2147483647, NULL, "sampling seed"},
+};
+
+/* Short flags: --tokens FILE is --data.tokens=FILE, and so on. */
+static const char *const g_short[][2] = {
+    {"tokens", "data.tokens"},        {"text", "data.text"},         {"out", "tokenize.out"},
+    {"prompt", "gen.prompt"},         {"max-tokens", "gen.max_tokens"}, {"temperature", "gen.temperature"},
+    {"top-p", "gen.top_p"},           {"seed", "gen.seed"},
 };
 #define N_KEYS ((int)(sizeof g_keys / sizeof *g_keys))
 
@@ -35,8 +51,14 @@ static const char *g_usage =
     "usage: loupe COMMAND [CONFIG.ini] [MODEL] [--section.key=value ...] [--json]\n"
     "commands:\n"
     "  info MODEL [--json]                 architecture, parameters, every hook with its shape\n"
-    "  run MODEL --tokens FILE [--json]    mean next-token loss (and per-sequence losses)\n"
+    "  run MODEL --tokens FILE | --text FILE [--json]\n"
+    "                                      mean next-token loss (and per-sequence losses)\n"
     "  cache [CONFIG.ini] [--key=value]    write captured hooks to an activation store\n"
+    "  tokenize MODEL --text FILE --out FILE.npy\n"
+    "                                      text to token ids with the model's tokenizer\n"
+    "  generate MODEL --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
+    "                                      continue a prompt (KV cache; greedy at temperature 0)\n"
+    "short flags: --tokens --text --out --prompt --max-tokens --temperature --top-p --seed\n"
     "keys:\n";
 
 static void usage(FILE *f) {
@@ -87,7 +109,8 @@ static lp_status parse_args(args *a, int argc, char **argv) {
             if (i + 1 >= argc) LP_FAIL(LP_ERR_ARG, "--%s needs a value", key);
             val = argv[++i];
         }
-        if (strcmp(key, "tokens") == 0) snprintf(key, sizeof key, "data.tokens"); /* DESIGN's shorthand */
+        for (size_t k = 0; k < sizeof g_short / sizeof *g_short; k++)
+            if (strcmp(key, g_short[k][0]) == 0) snprintf(key, sizeof key, "%s", g_short[k][1]);
         LP_CHECK(lp_cfg_set(&a->cfg, key, val, "command line"));
     }
     return LP_OK;
@@ -111,8 +134,53 @@ static const char *dev_name(lp_model *m) {
     return buf;
 }
 
+/* The model's tokenizer: the .gguf file itself, or tokenizer.json in the checkpoint. */
+static lp_status open_tokenizer(const args *a, lp_tokenizer **tk) {
+    LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"model.path", NULL}));
+    return lp_tokenizer_load(tk, lp_cfg_str(&a->cfg, "model.path"));
+}
+
+/* Reads a UTF-8 text file and tokenizes it; *ids is malloc'ed. */
+static lp_status tokenize_file(const args *a, const char *path, int32_t **ids, size_t *n, size_t *n_bytes) {
+    size_t len;
+    char *text = lp_read_file(path, &len);
+    if (!text) LP_FAIL(LP_ERR_IO, "%s: cannot read the text file", path);
+    lp_tokenizer *tk = NULL;
+    lp_status st = open_tokenizer(a, &tk);
+    if (st == LP_OK) st = lp_tokenize(tk, text, len, ids, n);
+    if (st == LP_OK && *n == 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: the text gives no tokens", path);
+    if (n_bytes) *n_bytes = len;
+    lp_tokenizer_free(tk);
+    free(text);
+    return st;
+}
+
+/* data.text: the text's tokens as one stream, cut into rows of data.context tokens (or
+ * one row when the whole text fits the model's context, else rows of the context). */
+static lp_status load_text(const args *a, const lp_model *m, lp_tokens *t) {
+    const char *path = lp_cfg_str(&a->cfg, "data.text");
+    int32_t *ids;
+    size_t n;
+    LP_CHECK(tokenize_file(a, path, &ids, &n, NULL));
+    int ctx = (int)lp_cfg_int(&a->cfg, "data.context"), n_ctx = lp_model_config(m)->n_ctx;
+    if (ctx == 0) ctx = n <= (size_t)n_ctx ? (int)n : n_ctx;
+    if (ctx > n_ctx) {
+        free(ids);
+        LP_FAIL(LP_ERR_ARG, "data.context %d exceeds the model's context of %d", ctx, n_ctx);
+    }
+    memset(t, 0, sizeof *t);
+    t->ids = ids, t->ctx = ctx, t->n_seq = (int64_t)(n / ctx), t->dropped = (int64_t)(n % ctx);
+    if (t->n_seq == 0) LP_FAIL(LP_ERR_ARG, "%s: %zu tokens do not fill one row of %d", path, n, ctx);
+    if (t->ctx < 2) LP_FAIL(LP_ERR_ARG, "%s: rows of %d token(s) leave nothing to predict", path, t->ctx);
+    if (t->dropped) fprintf(stderr, "loupe: %s: the last %lld tokens do not fill a row and are left out\n", path, (long long)t->dropped);
+    return LP_OK;
+}
+
 static lp_status load_tokens(const args *a, const lp_model *m, lp_tokens *t) {
-    LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"data.tokens", NULL}));
+    int has_text = lp_cfg_str(&a->cfg, "data.text") != NULL, has_tokens = lp_cfg_str(&a->cfg, "data.tokens") != NULL;
+    if (has_text && has_tokens) LP_FAIL(LP_ERR_ARG, "give data.tokens or data.text, not both");
+    if (has_text) return load_text(a, m, t);
+    if (!has_tokens) LP_FAIL(LP_ERR_ARG, "missing config key 'data.tokens' (or 'data.text'): pass --tokens FILE or --text FILE");
     const char *path = lp_cfg_str(&a->cfg, "data.tokens");
     int ctx = (int)lp_cfg_int(&a->cfg, "data.context");
     int strict = ctx > 0;
@@ -243,7 +311,7 @@ static int cmd_run(args *a) {
 }
 
 static int cmd_cache(args *a) {
-    lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "data.tokens", "cache.hooks", "cache.out", NULL});
+    lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "cache.hooks", "cache.out", NULL});
     if (st != LP_OK) return fail(st);
     lp_model *m = NULL;
     lp_tokens t = {0};
@@ -255,7 +323,7 @@ static int cmd_cache(args *a) {
             .out = lp_cfg_str(&a->cfg, "cache.out"),
             .hooks = lp_cfg_str(&a->cfg, "cache.hooks"),
             .model_path = lp_cfg_str(&a->cfg, "model.path"),
-            .tokens_path = lp_cfg_str(&a->cfg, "data.tokens"),
+            .tokens_path = lp_cfg_str(&a->cfg, "data.tokens") ? lp_cfg_str(&a->cfg, "data.tokens") : lp_cfg_str(&a->cfg, "data.text"),
             .dtype = strcmp(lp_cfg_str(&a->cfg, "cache.dtype"), "bf16") == 0 ? LP_BF16 : LP_F32,
             .batch = (int)lp_cfg_int(&a->cfg, "cache.batch"),
             .shard_sequences = (int)lp_cfg_int(&a->cfg, "cache.shard_sequences"),
@@ -282,17 +350,131 @@ static int cmd_cache(args *a) {
     return rc;
 }
 
+static int cmd_tokenize(args *a) {
+    lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "data.text", "tokenize.out", NULL});
+    int32_t *ids = NULL;
+    size_t n = 0, bytes = 0;
+    double t0 = now_s();
+    if (st == LP_OK) st = tokenize_file(a, lp_cfg_str(&a->cfg, "data.text"), &ids, &n, &bytes);
+    if (st == LP_OK && n > 0x7fffffff) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "more than 2^31 tokens in one file");
+    if (st == LP_OK) st = lp_npy_write_i32(lp_cfg_str(&a->cfg, "tokenize.out"), ids, -1, (int)n);
+    double secs = now_s() - t0;
+    if (st != LP_OK) {
+        free(ids);
+        return fail(st);
+    }
+    const char *out = lp_cfg_str(&a->cfg, "tokenize.out");
+    if (a->json)
+        printf("{\"out\":\"%s\",\"n_bytes\":%zu,\"n_tokens\":%zu,\"seconds\":%.3f}\n", out, bytes, n, secs);
+    else
+        printf("tokenized %s: %zu bytes -> %zu tokens (%.2f bytes/token) into %s, int32 [%zu]\n", lp_cfg_str(&a->cfg, "data.text"),
+               bytes, n, (double)bytes / n, out, n);
+    free(ids);
+    return 0;
+}
+
+typedef struct { const lp_tokenizer *tk; int stream; } gen_print;
+
+/* Streams each new token's text as it comes (a token may end inside a UTF-8 character;
+ * the terminal joins the bytes). */
+static lp_status print_token(int32_t id, void *user) {
+    gen_print *p = user;
+    if (!p->stream) return LP_OK;
+    char *txt;
+    size_t len;
+    LP_CHECK(lp_detokenize(p->tk, &id, 1, &txt, &len));
+    fwrite(txt, 1, len, stdout);
+    fflush(stdout);
+    free(txt);
+    return LP_OK;
+}
+
+static int cmd_generate(args *a) {
+    lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "gen.prompt", NULL});
+    if (st != LP_OK) return fail(st);
+    lp_model *m = NULL;
+    lp_tokenizer *tk = NULL;
+    int32_t *prompt = NULL, *out = NULL;
+    size_t n_prompt = 0;
+    int n_out = 0, rc = 0;
+    const char *text = lp_cfg_str(&a->cfg, "gen.prompt");
+    st = open_tokenizer(a, &tk);
+    if (st == LP_OK) st = lp_tokenize(tk, text, strlen(text), &prompt, &n_prompt);
+    if (st == LP_OK && n_prompt == 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "the prompt gives no tokens");
+    if (st == LP_OK) st = open_model(a, &m);
+    if (st == LP_OK && n_prompt > (size_t)lp_model_config(m)->n_ctx)
+        st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "the prompt is %zu tokens, longer than the model's context of %d", n_prompt,
+                          lp_model_config(m)->n_ctx);
+    gen_print gp = {tk, !a->json};
+    lp_gen_opts o = {
+        .max_tokens = (int)lp_cfg_int(&a->cfg, "gen.max_tokens"),
+        .temperature = (float)lp_cfg_float(&a->cfg, "gen.temperature"),
+        .top_p = (float)lp_cfg_float(&a->cfg, "gen.top_p"),
+        .seed = (uint64_t)lp_cfg_int(&a->cfg, "gen.seed"),
+        .stop_token = tk ? lp_tokenizer_eos(tk) : -1,
+        .on_token = print_token,
+        .user = &gp,
+    };
+    if (st == LP_OK && (o.top_p <= 0)) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "gen.top_p must be in (0, 1]");
+    if (st == LP_OK && !(out = malloc(((size_t)o.max_tokens + 1) * sizeof(int32_t))))
+        st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    double t0 = now_s();
+    if (st == LP_OK && !a->json) {
+        fputs(text, stdout);
+        fflush(stdout);
+    }
+    if (st == LP_OK) st = lp_generate(m, prompt, (int)n_prompt, &o, out, &n_out);
+    double secs = now_s() - t0;
+    if (st != LP_OK) {
+        if (!a->json && m) fputc('\n', stdout);
+        rc = fail(st);
+    } else if (a->json) {
+        char *txt;
+        size_t len;
+        st = lp_detokenize(tk, out, n_out, &txt, &len);
+        if (st != LP_OK) {
+            rc = fail(st);
+        } else {
+            cJSON *r = cJSON_CreateObject();
+            cJSON_AddStringToObject(r, "prompt", text);
+            cJSON_AddStringToObject(r, "completion", txt);
+            cJSON_AddNumberToObject(r, "n_prompt_tokens", (double)n_prompt);
+            cJSON *ids = cJSON_AddArrayToObject(r, "ids");
+            for (int i = 0; i < n_out; i++) cJSON_AddItemToArray(ids, cJSON_CreateNumber(out[i]));
+            cJSON_AddNumberToObject(r, "tokens_per_s", secs > 0 ? n_out / secs : 0);
+            cJSON_AddStringToObject(r, "device", dev_name(m));
+            char *j = cJSON_PrintUnformatted(r);
+            printf("%s\n", j);
+            free(j);
+            cJSON_Delete(r);
+            free(txt);
+        }
+    } else {
+        printf("\n");
+        fflush(stdout);
+        fprintf(stderr, "loupe: %d prompt tokens, %d new tokens in %.2f s (%.1f tokens/s) on %s%s\n", (int)n_prompt, n_out, secs,
+                secs > 0 ? n_out / secs : 0, dev_name(m), o.temperature > 0 ? "" : ", greedy");
+    }
+    free(out);
+    free(prompt);
+    lp_tokenizer_free(tk);
+    lp_model_free(m);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "help") == 0) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
     const char *cmd = argv[1];
-    int (*fn)(args *) = strcmp(cmd, "info") == 0 ? cmd_info : strcmp(cmd, "run") == 0 ? cmd_run
-                        : strcmp(cmd, "cache") == 0                                  ? cmd_cache
-                                                                                     : NULL;
+    static const struct { const char *name; int (*fn)(args *); } cmds[] = {
+        {"info", cmd_info}, {"run", cmd_run}, {"cache", cmd_cache}, {"tokenize", cmd_tokenize}, {"generate", cmd_generate}};
+    int (*fn)(args *) = NULL;
+    for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++)
+        if (strcmp(cmd, cmds[i].name) == 0) fn = cmds[i].fn;
     if (!fn) {
-        fprintf(stderr, "loupe: unknown command '%s' (commands: info, run, cache; see loupe --help)\n", cmd);
+        fprintf(stderr, "loupe: unknown command '%s' (commands: info, run, cache, tokenize, generate; see loupe --help)\n", cmd);
         return 2;
     }
     args a = {0};

@@ -19,15 +19,17 @@ typedef struct lp_tokens {
     int64_t dropped;  /* tokens of a flat file's tail that did not fill a row */
 } lp_tokens;
 
-/* context: row length for flat files, and the required row length of a 2-D file when > 0
- * and strict_context is set; bin_dtype names the element type of .bin files. */
+/* context: row length for flat files (without strict_context, a flat file shorter than
+ * that is one row), and the required row length of a 2-D file when > 0 and strict_context
+ * is set; bin_dtype names the element type of .bin files. */
 lp_status lp_tokens_load(lp_tokens *t, const char *path, int context, int strict_context,
                          const char *bin_dtype);
 /* Every id must be in [0, vocab); the error names the file, row and position. */
 lp_status lp_tokens_check(const lp_tokens *t, int vocab, const char *path);
 void lp_tokens_free(lp_tokens *t);
 
-/* Writes int32 ids [n_seq, ctx] as .npy (temporary name, then rename). */
+/* Writes int32 ids [n_seq, ctx] as .npy (temporary name, then rename); n_seq < 0 writes
+ * a flat [ctx] array. */
 lp_status lp_npy_write_i32(const char *path, const int32_t *ids, int64_t n_seq, int ctx);
 
 #ifdef __cplusplus

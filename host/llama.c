@@ -1,0 +1,666 @@
+/* llama.c: the Llama family (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2/2.5): config from
+ * a Hugging Face config.json or from GGUF metadata, the weight table, loading (safetensors
+ * in F32/F16/BF16, or GGUF dequantized at load), the rotary tables, and the forward pass
+ * with a hook site at every TransformerLens point. The same forward appends to a KV
+ * cache when generating (m->gen_pos0 >= 0).
+ *
+ * Weights keep the nn.Linear layout [out, in] (used with w_trans = 1), which is also the
+ * row order of GGUF tensors. llama.cpp's converter permutes the rows of Q and K of
+ * "llama" models for its interleaved rotary form; the loader undoes that, so that
+ * hook_q/hook_k and the rotary are Hugging Face's rotate-half form everywhere. */
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "loupe/gguf.h"
+#include "loupe/ops.h"
+#include "loupe/safetensors.h"
+#include "model_internal.h"
+
+/* per-layer weights, in table order; biases have zero rows unless the model has them */
+enum { P_LN1, P_WQ, P_WK, P_WV, P_BQ, P_BK, P_BV, P_WO, P_LN2, P_WG, P_WU, P_WD, P_PER_LAYER };
+enum { P_EMBED, P_FIRST_LAYER }; /* then the layers, then ln_final and the unembedding */
+
+static int p_layer(int L, int k) { return P_FIRST_LAYER + L * P_PER_LAYER + k; }
+static int p_lnf(const lp_model *m) { return P_FIRST_LAYER + m->cfg.n_layers * P_PER_LAYER; }
+#define LW(m, L, k) lp_param((m), p_layer((L), (k)))
+
+static lp_status forward(lp_model *m, int B, int T, int want);
+static size_t act_bytes(const lp_model *m, int B, int T);
+static void carve(lp_model *m, int B, int T);
+
+/* ---- config ---- */
+
+static lp_status check_config(const char *path, lp_config *c) {
+    if (c->n_layers < 1 || c->d_model < 1 || c->n_heads < 1 || c->n_kv_heads < 1 || c->d_head < 1 || c->d_mlp < 1 ||
+        c->n_ctx < 1 || c->d_vocab < 1)
+        LP_FAIL(LP_ERR_FORMAT, "%s: the model's dimensions must all be positive", path);
+    if (c->n_heads % c->n_kv_heads)
+        LP_FAIL(LP_ERR_FORMAT, "%s: %d attention heads are not a multiple of %d key/value heads", path, c->n_heads, c->n_kv_heads);
+    if (c->d_head % 2 || c->d_head > 256)
+        LP_FAIL(LP_ERR_FORMAT, "%s: head dimension %d is not supported (even, at most 256)", path, c->d_head);
+    if (!(c->ln_eps > 0 && c->ln_eps < 1)) LP_FAIL(LP_ERR_FORMAT, "%s: RMSNorm epsilon %g is not in (0, 1)", path, c->ln_eps);
+    if (!(c->rope_theta > 1)) LP_FAIL(LP_ERR_FORMAT, "%s: rope theta %g must be > 1", path, c->rope_theta);
+    return LP_OK;
+}
+
+static const cJSON *jget(const cJSON *o, const char *k) { return cJSON_GetObjectItemCaseSensitive(o, k); }
+
+static lp_status jint(const char *path, const cJSON *root, const char *key, int *out, int dflt) {
+    const cJSON *v = jget(root, key);
+    if (!v || cJSON_IsNull(v)) {
+        if (dflt < 0) LP_FAIL(LP_ERR_FORMAT, "%s: \"%s\" is missing", path, key);
+        *out = dflt;
+        return LP_OK;
+    }
+    if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble > 1e9 || v->valuedouble != (int)v->valuedouble)
+        LP_FAIL(LP_ERR_FORMAT, "%s: \"%s\" is not a positive integer", path, key);
+    *out = (int)v->valuedouble;
+    return LP_OK;
+}
+
+static double jnum(const cJSON *root, const char *key, double dflt) {
+    const cJSON *v = jget(root, key);
+    return cJSON_IsNumber(v) ? v->valuedouble : dflt;
+}
+
+static lp_status read_rope_scaling(const char *path, const cJSON *rs, lp_config *c) {
+    c->rope_kind = LP_ROPE_DEFAULT;
+    if (!rs || cJSON_IsNull(rs)) return LP_OK;
+    const cJSON *t = jget(rs, "rope_type");
+    if (!t) t = jget(rs, "type");
+    const char *type = cJSON_IsString(t) ? t->valuestring : "";
+    if (strcmp(type, "default") == 0) return LP_OK;
+    c->rope_factor = jnum(rs, "factor", 0);
+    if (!(c->rope_factor > 0)) LP_FAIL(LP_ERR_FORMAT, "%s: rope_scaling.factor is missing or not positive", path);
+    if (strcmp(type, "linear") == 0) {
+        c->rope_kind = LP_ROPE_LINEAR;
+        return LP_OK;
+    }
+    if (strcmp(type, "llama3") == 0) {
+        c->rope_kind = LP_ROPE_LLAMA3;
+        c->rope_low_freq_factor = jnum(rs, "low_freq_factor", 0);
+        c->rope_high_freq_factor = jnum(rs, "high_freq_factor", 0);
+        c->rope_orig_ctx = (int)jnum(rs, "original_max_position_embeddings", 0);
+        if (!(c->rope_low_freq_factor > 0) || !(c->rope_high_freq_factor > c->rope_low_freq_factor) || c->rope_orig_ctx < 1)
+            LP_FAIL(LP_ERR_FORMAT, "%s: rope_scaling of type llama3 needs low_freq_factor < high_freq_factor and "
+                    "original_max_position_embeddings", path);
+        return LP_OK;
+    }
+    LP_FAIL(LP_ERR_FORMAT, "%s: rope_scaling type '%s' is not supported (default, linear, llama3)", path, type);
+}
+
+static lp_status read_hf_config(lp_model *m, const char *dir) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    size_t n;
+    char *buf = lp_read_file(path, &n);
+    if (!buf) LP_FAIL(LP_ERR_IO, "%s: cannot open (is '%s' a Hugging Face checkpoint directory?)", path, dir);
+    cJSON *root = cJSON_ParseWithLength(buf, n);
+    free(buf);
+    if (!cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        LP_FAIL(LP_ERR_FORMAT, "%s: not a JSON object", path);
+    }
+    lp_status st = LP_OK;
+    lp_config *c = &m->cfg;
+    const cJSON *mt = jget(root, "model_type");
+    const char *type = cJSON_IsString(mt) ? mt->valuestring : "";
+    int qwen2 = strcmp(type, "qwen2") == 0, mistral = strcmp(type, "mistral") == 0;
+    if (!qwen2 && !mistral && strcmp(type, "llama") != 0) {
+        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
+                          "%s: model_type '%s' is not supported (supported: gpt2, llama, mistral, qwen2)", path, type);
+        goto done;
+    }
+    c->arch = LP_ARCH_LLAMA;
+    snprintf(c->name, sizeof c->name, "%s", type);
+    LP_TRY(st, done, jint(path, root, "num_hidden_layers", &c->n_layers, -1));
+    LP_TRY(st, done, jint(path, root, "hidden_size", &c->d_model, -1));
+    LP_TRY(st, done, jint(path, root, "num_attention_heads", &c->n_heads, -1));
+    LP_TRY(st, done, jint(path, root, "num_key_value_heads", &c->n_kv_heads, c->n_heads));
+    LP_TRY(st, done, jint(path, root, "head_dim", &c->d_head, c->d_model / c->n_heads));
+    LP_TRY(st, done, jint(path, root, "intermediate_size", &c->d_mlp, -1));
+    LP_TRY(st, done, jint(path, root, "max_position_embeddings", &c->n_ctx, -1));
+    LP_TRY(st, done, jint(path, root, "vocab_size", &c->d_vocab, -1));
+    c->ln_eps = (float)jnum(root, "rms_norm_eps", 1e-6);
+    c->rope_theta = jnum(root, "rope_theta", 10000.0);
+    const cJSON *act = jget(root, "hidden_act");
+    if (cJSON_IsString(act) && strcmp(act->valuestring, "silu") != 0) {
+        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: hidden_act '%s' is not supported (silu only)", path, act->valuestring);
+        goto done;
+    }
+    if (cJSON_IsTrue(jget(root, "mlp_bias"))) {
+        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: mlp_bias = true is not supported", path);
+        goto done;
+    }
+    /* Qwen2 always has q/k/v biases; Llama has them when attention_bias is set (and an o bias,
+     * which no released model uses) */
+    if (cJSON_IsTrue(jget(root, "attention_bias")) && !qwen2) {
+        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: attention_bias = true is not supported for %s", path, type);
+        goto done;
+    }
+    c->qkv_bias = qwen2;
+    c->tied_unembed = cJSON_IsTrue(jget(root, "tie_word_embeddings"));
+    LP_TRY(st, done, read_rope_scaling(path, jget(root, "rope_scaling"), c));
+    /* A sliding window shorter than the context changes attention beyond it: rather than
+     * silently attend too far, the usable context ends at the window. */
+    const cJSON *sw = jget(root, "sliding_window");
+    int windowed = mistral || (qwen2 && cJSON_IsTrue(jget(root, "use_sliding_window")));
+    if (windowed && cJSON_IsNumber(sw) && sw->valuedouble >= 1 && sw->valuedouble < c->n_ctx) c->n_ctx = (int)sw->valuedouble;
+    st = check_config(path, c);
+done:
+    cJSON_Delete(root);
+    return st;
+}
+
+static lp_status gguf_int(const lp_gguf *g, const char *arch, const char *key, int *out, int dflt) {
+    char k[128];
+    snprintf(k, sizeof k, "%s.%s", arch, key);
+    int64_t v;
+    if (!lp_gguf_has(g, k)) {
+        if (dflt < 0) LP_FAIL(LP_ERR_FORMAT, "%s: metadata key '%s' is missing", lp_gguf_path(g), k);
+        *out = dflt;
+        return LP_OK;
+    }
+    LP_CHECK(lp_gguf_get_int(g, k, &v));
+    if (v < 1 || v > 1000000000) LP_FAIL(LP_ERR_FORMAT, "%s: metadata key '%s' = %lld is not a sensible size", lp_gguf_path(g), k, (long long)v);
+    *out = (int)v;
+    return LP_OK;
+}
+
+static lp_status gguf_float(const lp_gguf *g, const char *arch, const char *key, double *out, double dflt) {
+    char k[128];
+    snprintf(k, sizeof k, "%s.%s", arch, key);
+    if (!lp_gguf_has(g, k)) {
+        *out = dflt;
+        return LP_OK;
+    }
+    return lp_gguf_get_float(g, k, out);
+}
+
+static lp_status read_gguf_config(lp_model *m, const lp_gguf *g) {
+    const char *path = lp_gguf_path(g);
+    const char *s;
+    size_t len;
+    if (lp_gguf_get_str(g, "general.architecture", &s, &len) != LP_OK)
+        LP_FAIL(LP_ERR_FORMAT, "%s: metadata key 'general.architecture' is missing", path);
+    char arch[32];
+    snprintf(arch, sizeof arch, "%.*s", (int)(len < 31 ? len : 31), s);
+    if (strcmp(arch, "llama") != 0 && strcmp(arch, "qwen2") != 0)
+        LP_FAIL(LP_ERR_FORMAT, "%s: GGUF architecture '%s' is not supported (supported: llama, qwen2)", path, arch);
+    lp_config *c = &m->cfg;
+    c->arch = LP_ARCH_LLAMA;
+    snprintf(c->name, sizeof c->name, "%s", arch);
+    const lp_gguf_tensor *emb = lp_gguf_find_tensor(g, "token_embd.weight");
+    if (!emb || emb->n_dims != 2) LP_FAIL(LP_ERR_FORMAT, "%s: tensor 'token_embd.weight' is missing or not 2-D", path);
+    LP_CHECK(gguf_int(g, arch, "block_count", &c->n_layers, -1));
+    LP_CHECK(gguf_int(g, arch, "embedding_length", &c->d_model, -1));
+    LP_CHECK(gguf_int(g, arch, "feed_forward_length", &c->d_mlp, -1));
+    LP_CHECK(gguf_int(g, arch, "attention.head_count", &c->n_heads, -1));
+    LP_CHECK(gguf_int(g, arch, "attention.head_count_kv", &c->n_kv_heads, c->n_heads));
+    LP_CHECK(gguf_int(g, arch, "context_length", &c->n_ctx, -1));
+    LP_CHECK(gguf_int(g, arch, "attention.key_length", &c->d_head, c->d_model / c->n_heads));
+    LP_CHECK(gguf_int(g, arch, "vocab_size", &c->d_vocab, (int)emb->ne[1]));
+    int rot;
+    LP_CHECK(gguf_int(g, arch, "rope.dimension_count", &rot, c->d_head));
+    if (rot != c->d_head)
+        LP_FAIL(LP_ERR_FORMAT, "%s: partial rotary (rope.dimension_count %d < head dimension %d) is not supported", path, rot, c->d_head);
+    double eps, theta;
+    LP_CHECK(gguf_float(g, arch, "attention.layer_norm_rms_epsilon", &eps, 1e-5));
+    LP_CHECK(gguf_float(g, arch, "rope.freq_base", &theta, 10000.0));
+    c->ln_eps = (float)eps, c->rope_theta = theta;
+    char k[128];
+    snprintf(k, sizeof k, "%s.rope.scaling.type", arch);
+    if (lp_gguf_has(g, k)) {
+        LP_CHECK(lp_gguf_get_str(g, k, &s, &len));
+        if (len == 6 && memcmp(s, "linear", 6) == 0) {
+            c->rope_kind = LP_ROPE_LINEAR;
+            LP_CHECK(gguf_float(g, arch, "rope.scaling.factor", &c->rope_factor, 0));
+            if (!(c->rope_factor > 0)) LP_FAIL(LP_ERR_FORMAT, "%s: rope.scaling.factor is missing or not positive", path);
+        } else if (!(len == 4 && memcmp(s, "none", 4) == 0)) {
+            LP_FAIL(LP_ERR_FORMAT, "%s: %s '%.*s' is not supported (none, linear)", path, k, (int)len, s);
+        }
+    }
+    c->qkv_bias = lp_gguf_find_tensor(g, "blk.0.attn_q.bias") != NULL;
+    c->tied_unembed = lp_gguf_find_tensor(g, "output.weight") == NULL;
+    return check_config(path, c);
+}
+
+/* ---- the weight table ---- */
+
+static size_t build_table(lp_model *m) {
+    const lp_config *c = &m->cfg;
+    int D = c->d_model, F = c->d_mlp, qD = c->n_heads * c->d_head, kvD = c->n_kv_heads * c->d_head;
+    m->act_bytes = act_bytes, m->carve = carve, m->forward = forward;
+    m->params = calloc(P_FIRST_LAYER + c->n_layers * P_PER_LAYER + 2, sizeof *m->params);
+    if (!m->params) return 0;
+    size_t off = 0;
+    char nm[96];
+    lp_param_add(m, "embed", c->d_vocab, D, &off);
+    static const char *const names[P_PER_LAYER] = {"ln1.w", "attn.W_Q", "attn.W_K", "attn.W_V", "attn.b_Q", "attn.b_K",
+                                                   "attn.b_V", "attn.W_O", "ln2.w", "mlp.W_gate", "mlp.W_in", "mlp.W_out"};
+    for (int L = 0; L < c->n_layers; L++)
+        for (int k = 0; k < P_PER_LAYER; k++) {
+            int64_t r = 0, cols = 0;
+            switch (k) {
+            case P_LN1: case P_LN2: r = D; break;
+            case P_WQ: r = qD, cols = D; break;
+            case P_WK: case P_WV: r = kvD, cols = D; break;
+            case P_BQ: r = c->qkv_bias ? qD : 0; break;
+            case P_BK: case P_BV: r = c->qkv_bias ? kvD : 0; break;
+            case P_WO: r = D, cols = qD; break;
+            case P_WG: case P_WU: r = F, cols = D; break;
+            case P_WD: r = D, cols = F; break;
+            }
+            snprintf(nm, sizeof nm, "blocks.%d.%s", L, names[k]);
+            lp_param_add(m, nm, r, cols, &off);
+        }
+    lp_param_add(m, "ln_final.w", D, 0, &off);
+    m->unembed = P_EMBED; /* tied: the embedding, used transposed */
+    if (!c->tied_unembed) {
+        m->unembed = m->n_params_t;
+        lp_param_add(m, "unembed", c->d_vocab, D, &off);
+    }
+    lp_param_count(m);
+    return off;
+}
+
+static lp_status alloc_weights(lp_model *m) {
+    size_t total = build_table(m);
+    if (!total) LP_FAIL(LP_ERR_OOM, "out of memory for the weight table");
+    m->weight_bytes = total * lp_act_size(m);
+    return lp_ctx_alloc(&m->ctx, m->weight_bytes, &m->weights);
+}
+
+/* A checkpoint tensor: safetensors (gtype < 0, dtype) or GGUF (gtype = ggml type). */
+typedef struct src_tensor {
+    const char *file, *name;
+    const void *data;
+    int gtype;
+    lp_dtype dtype;
+    int64_t rows, cols; /* [out, in] as the model uses it; vectors are [n, 1] */
+} src_tensor;
+
+typedef struct loader {
+    lp_model *m;
+    void *dev_stage; /* device buffer for raw GGUF bytes (CUDA) */
+    size_t dev_stage_bytes;
+} loader;
+
+/* llama.cpp stores Q and K rows of head h as pairs (i, i + d/2) interleaved: row
+ * h*d + 2i + j holds Hugging Face row h*d + j*d/2 + i. */
+static void unpermute_rows(char *dst, const char *src, int64_t rows, size_t row_bytes, int d_head) {
+    int half = d_head / 2;
+    for (int64_t h0 = 0; h0 < rows; h0 += d_head)
+        for (int j = 0; j < 2; j++)
+            for (int i = 0; i < half; i++)
+                memcpy(dst + (size_t)(h0 + j * half + i) * row_bytes, src + (size_t)(h0 + 2 * i + j) * row_bytes, row_bytes);
+}
+
+/* Converts (and for GGUF dequantizes) src into param idx, in the context's dtype. */
+static lp_status put_param(loader *ld, int idx, const src_tensor *s, int unpermute) {
+    lp_model *m = ld->m;
+    lp_ctx *c = &m->ctx;
+    const param *p = &m->params[idx];
+    int64_t pr = p->shape[0], pc = p->ndim == 2 ? p->shape[1] : 1;
+    if (s->rows != pr || s->cols != pc) {
+        char got[64], exp[64];
+        int64_t g[2] = {s->rows, s->cols}, e[2] = {pr, pc};
+        LP_FAIL(LP_ERR_SHAPE, "%s: tensor '%s' has shape %s but the config needs %s", s->file, s->name,
+                lp_shape_str(g, s->cols > 1 || pc > 1 ? 2 : 1, got, sizeof got), lp_shape_str(e, pc > 1 ? 2 : 1, exp, sizeof exp));
+    }
+    if (s->gtype >= 0 && !lp_ggml_supported(s->gtype))
+        LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s' has type %s, which loupe cannot dequantize (supported: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q4_K Q5_K Q6_K)",
+                s->file, s->name, lp_ggml_type_name(s->gtype));
+    int64_t n = pr * pc;
+    size_t row_bytes = s->gtype >= 0 ? lp_ggml_bytes(s->gtype, s->cols) : (size_t)s->cols * lp_dtype_size(s->dtype);
+    if (!row_bytes) LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s': rows of %lld values do not fill whole %s blocks", s->file, s->name,
+                            (long long)s->cols, lp_ggml_type_name(s->gtype));
+    size_t bytes = row_bytes * (size_t)s->rows;
+    const void *raw = s->data;
+    char *perm = NULL;
+    if (unpermute) {
+        if (!(perm = malloc(bytes))) LP_FAIL(LP_ERR_OOM, "out of host memory for tensor '%s'", s->name);
+        unpermute_rows(perm, s->data, s->rows, row_bytes, m->cfg.d_head);
+        raw = perm;
+    }
+    void *dst = lp_param(m, idx);
+    lp_status st = LP_OK;
+    if (c->device == LP_CPU) {
+        st = s->gtype >= 0 ? lp_dequant(c, dst, LP_F32, raw, s->gtype, n) : lp_convert_host(dst, LP_F32, raw, s->dtype, (size_t)n);
+    } else if (s->gtype >= 0) { /* raw blocks to the device, dequantized there by the CUDA kernel */
+        if (bytes > ld->dev_stage_bytes) {
+            lp_ctx_release(c, ld->dev_stage);
+            ld->dev_stage = NULL, ld->dev_stage_bytes = 0;
+            st = lp_ctx_alloc(c, bytes, &ld->dev_stage);
+            if (st == LP_OK) ld->dev_stage_bytes = bytes;
+        }
+        if (st == LP_OK) st = lp_ctx_to_device(c, ld->dev_stage, raw, bytes);
+        if (st == LP_OK) st = lp_dequant(c, dst, c->dtype, ld->dev_stage, s->gtype, n);
+    } else {
+        void *conv = malloc((size_t)n * lp_act_size(m));
+        st = conv ? lp_convert_host(conv, c->dtype, raw, s->dtype, (size_t)n) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of host memory");
+        if (st == LP_OK) st = lp_ctx_to_device(c, dst, conv, (size_t)n * lp_act_size(m));
+        free(conv);
+    }
+    free(perm);
+    return st;
+}
+
+/* Hugging Face names of param k of layer L (NULL: no such tensor). */
+static const char *hf_name(int k) {
+    static const char *const n[P_PER_LAYER] = {
+        [P_LN1] = "input_layernorm.weight", [P_WQ] = "self_attn.q_proj.weight", [P_WK] = "self_attn.k_proj.weight",
+        [P_WV] = "self_attn.v_proj.weight", [P_BQ] = "self_attn.q_proj.bias",   [P_BK] = "self_attn.k_proj.bias",
+        [P_BV] = "self_attn.v_proj.bias",   [P_WO] = "self_attn.o_proj.weight", [P_LN2] = "post_attention_layernorm.weight",
+        [P_WG] = "mlp.gate_proj.weight",    [P_WU] = "mlp.up_proj.weight",      [P_WD] = "mlp.down_proj.weight"};
+    return n[k];
+}
+
+static const char *gguf_name(int k) {
+    static const char *const n[P_PER_LAYER] = {
+        [P_LN1] = "attn_norm.weight", [P_WQ] = "attn_q.weight", [P_WK] = "attn_k.weight",   [P_WV] = "attn_v.weight",
+        [P_BQ] = "attn_q.bias",       [P_BK] = "attn_k.bias",   [P_BV] = "attn_v.bias",     [P_WO] = "attn_output.weight",
+        [P_LN2] = "ffn_norm.weight",  [P_WG] = "ffn_gate.weight", [P_WU] = "ffn_up.weight", [P_WD] = "ffn_down.weight"};
+    return n[k];
+}
+
+static lp_status load_st(loader *ld, const lp_st_set *set, const char *name, int idx) {
+    const lp_st_file *file;
+    const lp_st_tensor *t = lp_st_set_find(set, name, &file);
+    if (!t) LP_FAIL(LP_ERR_NOT_FOUND, "%s: tensor '%s' is missing from the checkpoint", ld->m->path, name);
+    if (t->dtype != LP_F32 && t->dtype != LP_F16 && t->dtype != LP_BF16)
+        LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s' has dtype %s (expected F32, F16 or BF16)", file->path, name, lp_dtype_name(t->dtype));
+    if (t->ndim < 1 || t->ndim > 2) LP_FAIL(LP_ERR_SHAPE, "%s: tensor '%s' has %d dimensions (expected 1 or 2)", file->path, name, t->ndim);
+    src_tensor s = {.file = file->path, .name = name, .data = t->data, .gtype = -1, .dtype = t->dtype,
+                    .rows = t->shape[0], .cols = t->ndim == 2 ? t->shape[1] : 1};
+    return put_param(ld, idx, &s, 0);
+}
+
+static lp_status load_hf(lp_model *m, const char *dir) {
+    LP_CHECK(read_hf_config(m, dir));
+    lp_st_set set;
+    LP_CHECK(lp_st_set_open(&set, dir));
+    loader ld = {.m = m};
+    lp_status st = alloc_weights(m);
+    const lp_config *c = &m->cfg;
+    char nm[160];
+    if (st == LP_OK) st = load_st(&ld, &set, "model.embed_tokens.weight", P_EMBED);
+    for (int L = 0; L < c->n_layers && st == LP_OK; L++)
+        for (int k = 0; k < P_PER_LAYER && st == LP_OK; k++) {
+            if (!m->params[p_layer(L, k)].shape[0]) continue; /* no bias */
+            snprintf(nm, sizeof nm, "model.layers.%d.%s", L, hf_name(k));
+            st = load_st(&ld, &set, nm, p_layer(L, k));
+        }
+    if (st == LP_OK) st = load_st(&ld, &set, "model.norm.weight", p_lnf(m));
+    if (st == LP_OK && !c->tied_unembed) st = load_st(&ld, &set, "lm_head.weight", m->unembed);
+    lp_st_set_close(&set);
+    return st;
+}
+
+static lp_status load_gg(loader *ld, const lp_gguf *g, const char *name, int idx, int unpermute) {
+    const lp_gguf_tensor *t = lp_gguf_find_tensor(g, name);
+    if (!t) LP_FAIL(LP_ERR_NOT_FOUND, "%s: tensor '%s' is missing from the GGUF file", lp_gguf_path(g), name);
+    if (t->n_dims > 2) LP_FAIL(LP_ERR_SHAPE, "%s: tensor '%s' has %d dimensions (expected 1 or 2)", lp_gguf_path(g), name, t->n_dims);
+    /* ggml's ne[0] is the contiguous (input) dimension */
+    src_tensor s = {.file = lp_gguf_path(g), .name = name, .data = t->data, .gtype = t->type,
+                    .rows = t->n_dims == 2 ? t->ne[1] : t->ne[0], .cols = t->n_dims == 2 ? t->ne[0] : 1};
+    return put_param(ld, idx, &s, unpermute);
+}
+
+static lp_status load_gguf(lp_model *m, const char *path) {
+    lp_gguf *g;
+    LP_CHECK(lp_gguf_open(path, &g));
+    lp_status st = read_gguf_config(m, g);
+    loader ld = {.m = m};
+    if (st == LP_OK) st = alloc_weights(m);
+    const lp_config *c = &m->cfg;
+    int permuted = strcmp(c->name, "llama") == 0; /* llama.cpp permutes Q/K of "llama" models only */
+    char nm[160];
+    if (st == LP_OK) st = load_gg(&ld, g, "token_embd.weight", P_EMBED, 0);
+    for (int L = 0; L < c->n_layers && st == LP_OK; L++)
+        for (int k = 0; k < P_PER_LAYER && st == LP_OK; k++) {
+            if (!m->params[p_layer(L, k)].shape[0]) continue;
+            snprintf(nm, sizeof nm, "blk.%d.%s", L, gguf_name(k));
+            st = load_gg(&ld, g, nm, p_layer(L, k), permuted && (k == P_WQ || k == P_WK || k == P_BQ || k == P_BK));
+        }
+    if (st == LP_OK) st = load_gg(&ld, g, "output_norm.weight", p_lnf(m), 0);
+    if (st == LP_OK && !c->tied_unembed) st = load_gg(&ld, g, "output.weight", m->unembed, 0);
+    /* Llama 3.1 GGUFs carry the rope scaling as per-frequency divisors */
+    const lp_gguf_tensor *rf = lp_gguf_find_tensor(g, "rope_freqs.weight");
+    if (st == LP_OK && rf) {
+        if (rf->type != LP_GGML_F32 || rf->n_elems != c->d_head / 2)
+            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: tensor 'rope_freqs.weight' is not F32 [%d]", path, c->d_head / 2);
+        else if (!(m->rope_freq_div = malloc(rf->n_elems * sizeof(float))))
+            st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        else
+            memcpy(m->rope_freq_div, rf->data, rf->n_elems * sizeof(float));
+    }
+    lp_ctx_release(&m->ctx, ld.dev_stage);
+    lp_gguf_close(g);
+    return st;
+}
+
+lp_status lp_llama_load(lp_model *m, const char *path) {
+    size_t n = strlen(path);
+    int gguf = n > 5 && strcmp(path + n - 5, ".gguf") == 0;
+    if (!gguf) { /* a file that is not named .gguf may still be one */
+        FILE *f = fopen(path, "rb");
+        char magic[4] = {0};
+        if (f) {
+            gguf = fread(magic, 1, 4, f) == 4 && memcmp(magic, "GGUF", 4) == 0;
+            fclose(f);
+        }
+    }
+    return gguf ? load_gguf(m, path) : load_hf(m, path);
+}
+
+lp_status lp_llama_random(lp_model *m, uint64_t seed) {
+    lp_config *c = &m->cfg;
+    if (!c->n_kv_heads) c->n_kv_heads = c->n_heads;
+    if (!c->d_head && c->n_heads) c->d_head = c->d_model / c->n_heads;
+    if (c->ln_eps <= 0) c->ln_eps = 1e-5f;
+    if (c->rope_theta <= 0) c->rope_theta = 500000.0;
+    snprintf(c->name, sizeof c->name, "llama");
+    LP_CHECK(check_config("random model", c));
+    LP_CHECK(alloc_weights(m));
+    /* tensor by tensor through a host buffer: an 8B model never exists twice in host memory */
+    uint64_t s = seed;
+    for (int i = 0; i < m->n_params_t; i++) {
+        const param *p = &m->params[i];
+        size_t n = (size_t)p->shape[0] * (p->ndim == 2 ? p->shape[1] : 1);
+        if (!n) continue;
+        float *h = malloc(n * sizeof(float));
+        if (!h) LP_FAIL(LP_ERR_OOM, "out of host memory for %s", p->name);
+        float base = p->ndim == 1 && strstr(p->name, ".w") ? 1.0f : 0.0f; /* norm weights near 1 */
+        for (size_t j = 0; j < n; j++) {
+            s = s * 6364136223846793005ull + 1442695040888963407ull;
+            h[j] = base + ((float)(s >> 40) / 16777216.0f - 0.5f) * 0.0693f;
+        }
+        src_tensor src = {.file = "random", .name = p->name, .data = h, .gtype = -1, .dtype = LP_F32,
+                          .rows = p->shape[0], .cols = p->ndim == 2 ? p->shape[1] : 1};
+        loader ld = {.m = m};
+        lp_status st = put_param(&ld, i, &src, 0);
+        free(h);
+        LP_CHECK(st);
+    }
+    return LP_OK;
+}
+
+/* ---- rotary tables ---- */
+
+/* Inverse frequencies as Hugging Face computes them (float32), with the rope scaling. */
+static void inv_freqs(const lp_model *m, float *f) {
+    const lp_config *c = &m->cfg;
+    int half = c->d_head / 2;
+    for (int i = 0; i < half; i++) {
+        float e = (float)(2 * i) / (float)c->d_head;
+        double inv = 1.0 / pow(c->rope_theta, (double)e);
+        if (c->rope_kind == LP_ROPE_LINEAR) inv /= c->rope_factor;
+        if (c->rope_kind == LP_ROPE_LLAMA3) { /* transformers' _compute_llama3_parameters */
+            double wavelen = 2 * M_PI / inv;
+            double low_wl = c->rope_orig_ctx / c->rope_low_freq_factor, high_wl = c->rope_orig_ctx / c->rope_high_freq_factor;
+            if (wavelen > low_wl) {
+                inv /= c->rope_factor;
+            } else if (wavelen >= high_wl) {
+                double smooth = (c->rope_orig_ctx / wavelen - c->rope_low_freq_factor) /
+                                (c->rope_high_freq_factor - c->rope_low_freq_factor);
+                inv = (1 - smooth) * inv / c->rope_factor + smooth * inv;
+            }
+        }
+        if (m->rope_freq_div) inv /= m->rope_freq_div[i];
+        f[i] = (float)inv;
+    }
+}
+
+lp_status lp_llama_rope_tables(lp_model *m, int n_pos) {
+    lp_ctx *c = &m->ctx;
+    int half = m->cfg.d_head / 2;
+    size_t n = (size_t)n_pos * half;
+    float *f = malloc(half * sizeof(float)), *cs = malloc(n * sizeof(float)), *sn = malloc(n * sizeof(float));
+    lp_status st = LP_OK;
+    if (!f || !cs || !sn) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for rotary tables");
+    if (st == LP_OK) {
+        inv_freqs(m, f);
+        for (int p = 0; p < n_pos; p++)
+            for (int i = 0; i < half; i++) {
+                float a = (float)p * f[i]; /* the angle rounded as float32, as Hugging Face forms it */
+                cs[(size_t)p * half + i] = (float)cos((double)a);
+                sn[(size_t)p * half + i] = (float)sin((double)a);
+            }
+        lp_ctx_release(c, m->rope_cos);
+        lp_ctx_release(c, m->rope_sin);
+        m->rope_cos = m->rope_sin = NULL, m->rope_n = 0;
+        st = lp_ctx_alloc(c, n * sizeof(float), (void **)&m->rope_cos);
+        if (st == LP_OK) st = lp_ctx_alloc(c, n * sizeof(float), (void **)&m->rope_sin);
+        if (st == LP_OK) st = lp_ctx_to_device(c, m->rope_cos, cs, n * sizeof(float));
+        if (st == LP_OK) st = lp_ctx_to_device(c, m->rope_sin, sn, n * sizeof(float));
+        if (st == LP_OK) m->rope_n = n_pos;
+    }
+    free(f);
+    free(cs);
+    free(sn);
+    return st;
+}
+
+/* ---- activations ---- */
+
+static size_t layout(lp_model *m, int B, int T, int carve) {
+    const lp_config *c = &m->cfg;
+    size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = lp_act_size(m), off = 0;
+    size_t qD = (size_t)c->n_heads * c->d_head, kvD = (size_t)c->n_kv_heads * c->d_head;
+    size_t attn_mat = lp_hooks_want_attn_mats(m) ? (size_t)B * c->n_heads * T * T * es : 0;
+    size_t rows = N < 1 ? 1 : N;
+    size_t lrows = (size_t)(64u << 20) / ((size_t)c->d_vocab * es); /* logits chunk: at most 64 MiB */
+    if (lrows < 1) lrows = 1;
+    if (lrows > rows) lrows = rows;
+    struct { void **p; size_t bytes; } bufs[] = {
+        {&m->resid, N * D * es}, {&m->ln_out, N * D * es}, {&m->ln_norm, N * D * es}, {&m->ln_scale, N * es},
+        {&m->q, N * qD * es}, {&m->k, N * kvD * es}, {&m->v, N * kvD * es},
+        {&m->scores, attn_mat}, {&m->pattern, attn_mat},
+        {&m->z, N * qD * es}, {&m->attn_out, N * D * es}, {&m->mlp_pre, N * F * es}, {&m->mlp_lin, N * F * es},
+        {&m->mlp_post, N * F * es}, {&m->mlp_out, N * D * es},
+        {&m->logits, lrows * c->d_vocab * es}, {(void **)&m->tok_dev, N * 4}, {(void **)&m->tgt_dev, N * 4},
+        {(void **)&m->loss_dev, N * 4},
+    };
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) {
+        if (carve) *bufs[i].p = (char *)m->acts + off;
+        off += (bufs[i].bytes + 255) / 256 * 256;
+    }
+    if (carve) m->logit_rows = (int)lrows, m->acts_attn_mats = attn_mat > 0;
+    return off;
+}
+
+static size_t act_bytes(const lp_model *m, int B, int T) { return layout((lp_model *)m, B, T, 0); }
+static void carve(lp_model *m, int B, int T) { layout(m, B, T, 1); }
+
+/* ---- forward ---- */
+
+#define SITE(kind, layer, buf) LP_CHECK(lp_hook_site(m, lp_hook_id(m, (kind), (layer)), (buf)))
+#define ACTIVE(kind, layer) lp_hook_active(m, lp_hook_id(m, (kind), (layer)))
+
+/* RMSNorm of x into m->ln_out, with hook_scale and hook_normalized sites. */
+static lp_status rms_norm(lp_model *m, const void *x, const void *w, int k_scale, int k_norm, int L, int N) {
+    lp_ctx *c = &m->ctx;
+    int D = m->cfg.d_model;
+    LP_CHECK(lp_rms_scale(c, m->ln_scale, x, N, D, m->cfg.ln_eps));
+    SITE(k_scale, L, m->ln_scale);
+    if (ACTIVE(k_norm, L)) { /* materialise the normalized value only when someone hooks it */
+        LP_CHECK(lp_rms_apply(c, m->ln_norm, x, m->ln_scale, NULL, N, D));
+        SITE(k_norm, L, m->ln_norm);
+        return lp_affine(c, m->ln_out, m->ln_norm, w, NULL, N, D);
+    }
+    return lp_rms_apply(c, m->ln_out, x, m->ln_scale, w, N, D);
+}
+
+static lp_status attention(lp_model *m, int L, int B, int T) {
+    lp_ctx *c = &m->ctx;
+    const lp_config *cf = &m->cfg;
+    int H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head, pos0 = m->gen_pos0 >= 0 ? m->gen_pos0 : 0;
+    LP_CHECK(lp_rope(c, m->q, m->q, m->rope_cos, m->rope_sin, B, T, H, dh, pos0));
+    SITE(HK_ROT_Q, L, m->q);
+    LP_CHECK(lp_rope(c, m->k, m->k, m->rope_cos, m->rope_sin, B, T, Hkv, dh, pos0));
+    SITE(HK_ROT_K, L, m->k);
+    if (m->gen_pos0 >= 0) { /* batch 1: append this step's keys and values to the cache */
+        size_t es = lp_act_size(m), row = (size_t)Hkv * dh * es, plane = (size_t)m->kv_cap * row;
+        char *kc = (char *)m->kv + 2 * (size_t)L * plane, *vc = kc + plane;
+        LP_CHECK(lp_ctx_copy(c, kc + pos0 * row, m->k, T * row));
+        LP_CHECK(lp_ctx_copy(c, vc + pos0 * row, m->v, T * row));
+        /* the prompt (nothing cached before it) takes the blocked fused kernel */
+        if (pos0 == 0) return lp_attention(c, m->z, m->q, m->k, m->v, 1, T, H, Hkv, dh);
+        return lp_attention_cached(c, m->z, m->q, kc, vc, 1, T, m->kv_cap, pos0, H, Hkv, dh);
+    }
+    if (ACTIVE(HK_SCORES, L) || ACTIVE(HK_PATTERN, L)) {
+        LP_CHECK(lp_attn_scores(c, m->scores, m->q, m->k, B, T, H, Hkv, dh));
+        SITE(HK_SCORES, L, m->scores);
+        LP_CHECK(lp_softmax_rows(c, m->pattern, m->scores, (size_t)B * H * T, T));
+        SITE(HK_PATTERN, L, m->pattern);
+        return lp_attn_apply(c, m->z, m->pattern, m->v, B, T, H, Hkv, dh);
+    }
+    return lp_attention(c, m->z, m->q, m->k, m->v, B, T, H, Hkv, dh);
+}
+
+static lp_status forward(lp_model *m, int B, int T, int want) {
+    lp_ctx *c = &m->ctx;
+    const lp_config *cf = &m->cfg;
+    int N = B * T, D = cf->d_model, F = cf->d_mlp, qD = cf->n_heads * cf->d_head, kvD = cf->n_kv_heads * cf->d_head;
+    int full = (want & (LP_WANT_LOSS | LP_WANT_LOGITS)) || m->gen_pos0 >= 0;
+    int last = full ? cf->n_layers : lp_hooks_last_layer(m);
+    if ((m->gen_pos0 >= 0 ? m->gen_pos0 : 0) + T > m->rope_n) LP_FAIL(LP_ERR_ARG, "forward: positions past the rotary tables");
+
+    LP_CHECK(lp_embed(c, m->resid, m->tok_dev, lp_param(m, P_EMBED), N, D));
+    SITE(HK_EMBED, 0, m->resid);
+    for (int L = 0; L < cf->n_layers && L <= last; L++) {
+        SITE(HK_RESID_PRE, L, m->resid);
+        LP_CHECK(rms_norm(m, m->resid, LW(m, L, P_LN1), HK_LN1_SCALE, HK_LN1_NORM, L, N));
+        LP_CHECK(lp_matmul(c, m->q, m->ln_out, LW(m, L, P_WQ), LW(m, L, P_BQ), N, D, qD, 1));
+        LP_CHECK(lp_matmul(c, m->k, m->ln_out, LW(m, L, P_WK), LW(m, L, P_BK), N, D, kvD, 1));
+        LP_CHECK(lp_matmul(c, m->v, m->ln_out, LW(m, L, P_WV), LW(m, L, P_BV), N, D, kvD, 1));
+        SITE(HK_Q, L, m->q);
+        SITE(HK_K, L, m->k);
+        SITE(HK_V, L, m->v);
+        LP_CHECK(attention(m, L, B, T));
+        SITE(HK_Z, L, m->z);
+        LP_CHECK(lp_matmul(c, m->attn_out, m->z, LW(m, L, P_WO), NULL, N, qD, D, 1));
+        SITE(HK_ATTN_OUT, L, m->attn_out);
+        LP_CHECK(lp_add(c, m->resid, m->resid, m->attn_out, (size_t)N * D));
+        SITE(HK_RESID_MID, L, m->resid);
+        LP_CHECK(rms_norm(m, m->resid, LW(m, L, P_LN2), HK_LN2_SCALE, HK_LN2_NORM, L, N));
+        LP_CHECK(lp_matmul(c, m->mlp_pre, m->ln_out, LW(m, L, P_WG), NULL, N, D, F, 1));
+        SITE(HK_MLP_PRE, L, m->mlp_pre);
+        LP_CHECK(lp_matmul(c, m->mlp_lin, m->ln_out, LW(m, L, P_WU), NULL, N, D, F, 1));
+        SITE(HK_MLP_PRE_LINEAR, L, m->mlp_lin);
+        LP_CHECK(lp_silu_mul(c, m->mlp_post, m->mlp_pre, m->mlp_lin, (size_t)N * F));
+        SITE(HK_MLP_POST, L, m->mlp_post);
+        LP_CHECK(lp_matmul(c, m->mlp_out, m->mlp_post, LW(m, L, P_WD), NULL, N, F, D, 1));
+        SITE(HK_MLP_OUT, L, m->mlp_out);
+        LP_CHECK(lp_add(c, m->resid, m->resid, m->mlp_out, (size_t)N * D));
+        SITE(HK_RESID_POST, L, m->resid);
+    }
+    if (last < cf->n_layers) return LP_OK;
+    LP_CHECK(rms_norm(m, m->resid, lp_param(m, p_lnf(m)), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
+    if (!(want & (LP_WANT_LOSS | LP_WANT_LOGITS))) return LP_OK;
+    return lp_model_unembed(m, N, want);
+}
