@@ -53,7 +53,7 @@ TEST_BIN   := $(TEST_SRC:tests/%.c=$(BUILD)/%)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
 BENCH_BIN  := $(BENCH_SRC:bench/%.c=$(BUILD)/%)
 
-.PHONY: all deps announce model test gpu-check bench demo clean fixtures
+.PHONY: all deps announce model test gpu-check bench demo clean fixtures fuzz
 all: announce $(BUILD)/loupe $(BUILD)/libloupe.a $(TEST_BIN) $(BENCH_BIN)
 
 announce:
@@ -105,9 +105,18 @@ demo: deps model
 	@$(MAKE) --no-print-directory all
 	@bash scripts/demo.sh
 
-# Regenerate the committed reference fixtures (needs torch and transformers; run by hand).
+# Regenerate the committed reference fixtures (needs tests/gen/requirements.txt; run by hand, after make model).
 fixtures:
 	python3 tests/gen/gen_gpt2_fixture.py tests/fixtures
+	python3 tests/gen/gen_llama_fixture.py tests/fixtures
+	python3 tests/gen/gen_smollm2_fixture.py models/SmolLM2-135M-Instruct.Q4_1.gguf tests/fixtures/smollm2
+	python3 tests/gen/gen_tokenizer_fixture.py tests/fixtures/tokenizer models/SmolLM2-135M-Instruct.Q4_1.gguf
+	python3 tests/gen/gen_gguf_fixture.py tests/fixtures/gguf --model models/SmolLM2-135M-Instruct.Q4_1.gguf --fuzz-corpus fuzz/corpus
 
 clean:
 	rm -rf $(BUILD)
+
+# libFuzzer harnesses for the GGUF and safetensors readers (fuzz/), built with clang, ASan
+# and UBSan against the CPU-only library; each runs FUZZ_SECONDS (default 60). Fails on a crash.
+fuzz:
+	@BUILD=$(BUILD) FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60) bash scripts/fuzz.sh

@@ -1,11 +1,13 @@
 /* bench_forward.c: forward-pass throughput of a GPT-2-small-shaped model (random
- * weights), without capture and with all 13 residual streams captured to host memory.
+ * weights), without capture and with every residual stream captured to host memory; of
+ * SmolLM2-135M (real weights, models/, when `make model` has fetched it); and on the GPU
+ * of a Llama-3-8B-shaped model with random bf16 weights.
  *
  * Each section validates before it times (captured and uncaptured runs give the same
  * logits; the GPU agrees with the CPU), warms up, and prints tokens/s beside the ceiling
  * measured in the same run: the GEMM rate of this machine (OpenBLAS sgemm on the CPU,
  * cuBLAS bf16 on the GPU) and, on the GPU, device-to-host copy bandwidth.
- *   build/bench_forward [--cpu-batch B --cpu-seq T] [--gpu-batch B --gpu-seq T] */
+ *   build/bench_forward [--cpu-batch B --cpu-seq T] [--gpu-batch B --gpu-seq T] [--only gpt2|smollm2|llama8b] */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,11 +36,16 @@ static double now(void) {
 
 static const lp_config GPT2_SMALL = {.arch = LP_ARCH_GPT2, .n_layers = 12, .d_model = 768, .n_heads = 12, .d_mlp = 3072,
                                      .n_ctx = 1024, .d_vocab = 50257};
+/* Llama 3 8B: 32 layers, 4096 wide, 32 query and 8 key/value heads, SwiGLU 14336, vocab 128256 */
+static const lp_config LLAMA3_8B = {.arch = LP_ARCH_LLAMA, .n_layers = 32, .d_model = 4096, .n_heads = 32, .n_kv_heads = 8,
+                                    .d_head = 128, .d_mlp = 14336, .n_ctx = 8192, .d_vocab = 128256, .rope_theta = 500000};
+static const char *SMOLLM2 = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /* Matmul FLOPs of one forward per token (weights and unembedding) plus causal attention. */
 static double flops_per_token(const lp_config *c, int T) {
-    double D = c->d_model, F = c->d_mlp;
-    double per_layer = 2 * (4 * D * D + 2 * D * F) + 2 * 2 * D * (T + 1) / 2.0; /* QK^T and PV over ~T/2 keys */
+    double D = c->d_model, F = c->d_mlp, qD = (double)c->n_heads * c->d_head, kvD = (double)c->n_kv_heads * c->d_head;
+    double mlp = c->arch == LP_ARCH_LLAMA ? 3 * D * F : 2 * D * F; /* gate, up, down vs in, out */
+    double per_layer = 2 * (2 * D * qD + 2 * D * kvD + mlp) + 2 * 2 * qD * (T + 1) / 2.0; /* QK^T and PV over ~T/2 keys */
     return c->n_layers * per_layer + 2 * D * c->d_vocab;
 }
 
@@ -91,28 +98,35 @@ static double mean_loss(lp_model *m, int B, int T) {
     return s / (B * (T - 1));
 }
 
-static void capture_residuals(lp_model *m) {
-    /* 13 residual streams: the input of every block and the output of the last */
-    CHECK(lp_hook_capture(m, "blocks.*.hook_resid_pre", NULL, 0, NULL));
-    CHECK(lp_hook_capture(m, "blocks.11.hook_resid_post", NULL, 0, NULL));
+/* Every residual stream: the input of every block and the output of the last. */
+static int capture_residuals(lp_model *m) {
+    char last[64];
+    int n;
+    CHECK(lp_hook_capture(m, "blocks.*.hook_resid_pre", NULL, 0, &n));
+    snprintf(last, sizeof last, "blocks.%d.hook_resid_post", lp_model_config(m)->n_layers - 1);
+    CHECK(lp_hook_capture(m, last, NULL, 0, NULL));
+    return n + 1;
 }
 
-static void section(const char *title, lp_device dev, lp_dtype dt, int B, int T, int reps) {
-    lp_model *m;
-    CHECK(lp_model_random(&m, &GPT2_SMALL, 1, dev, dt));
+/* Times model m at B x T, plain and with every residual stream captured. random: weights
+ * are random, so the loss must sit near ln V. */
+static void section(const char *title, const char *what, lp_model *m, int random, int B, int T, int reps) {
+    const lp_config *cf = lp_model_config(m);
+    lp_ctx *ctx = lp_model_ctx(m);
+    lp_device dev = ctx->device;
     int32_t *tok = malloc((size_t)B * T * 4);
-    tokens(tok, (size_t)B * T, GPT2_SMALL.d_vocab);
+    tokens(tok, (size_t)B * T, cf->d_vocab);
 
-    /* validate: the loss is finite and near ln(V) for small random weights, and capturing
-     * 13 residual streams leaves it unchanged */
+    /* validate: the loss is finite (near ln V for random weights), and capturing every
+     * residual stream leaves it unchanged */
     CHECK(lp_model_forward(m, tok, B, T, LP_WANT_LOSS));
     double plain = mean_loss(m, B, T);
-    capture_residuals(m);
+    int n_streams = capture_residuals(m);
     CHECK(lp_model_forward(m, tok, B, T, LP_WANT_LOSS));
     double captured = mean_loss(m, B, T);
-    if (!isfinite(plain) || fabs(plain - log(GPT2_SMALL.d_vocab)) > 1.0 || plain != captured) {
+    if (!isfinite(plain) || (random && fabs(plain - log(cf->d_vocab)) > 1.0) || plain != captured) {
         fprintf(stderr, "bench_forward: validation failed: loss %.6f plain, %.6f with capture (ln V = %.3f)\n", plain, captured,
-                log(GPT2_SMALL.d_vocab));
+                log(cf->d_vocab));
         exit(1);
     }
     size_t dev_bytes_cap = lp_model_device_bytes(m);
@@ -121,41 +135,57 @@ static void section(const char *title, lp_device dev, lp_dtype dt, int B, int T,
     double t_plain = time_forward(m, tok, B, T, reps);
     size_t dev_bytes = lp_model_device_bytes(m);
 
-    double gemm = gemm_rate(lp_model_ctx(m), dev == LP_CUDA ? 8192 : 1024, dev == LP_CUDA ? 20 : 3);
-    double fl = flops_per_token(&GPT2_SMALL, T), tps = B * T / t_plain, tps_cap = B * T / t_cap;
+    double gemm = gemm_rate(ctx, dev == LP_CUDA ? 8192 : 1024, dev == LP_CUDA ? 20 : 3);
+    double fl = flops_per_token(cf, T), tps = B * T / t_plain, tps_cap = B * T / t_cap;
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    printf("%s: GPT-2 small shape, batch %d x %d, %s\n", title, B, T, dt == LP_BF16 ? "bf16" : "f32");
-    printf("  validated: loss %.4f (ln V = %.4f), identical with 13 residual streams captured\n", plain, log(GPT2_SMALL.d_vocab));
-    printf("  no capture:        %10.0f tokens/s  (%6.1f GFLOP/s, %4.1f%% of the %.0f GFLOP/s GEMM ceiling)\n", tps, tps * fl / 1e9,
-           100 * tps * fl / 1e9 / gemm, gemm);
-    printf("  13 streams to host:%10.0f tokens/s  (capture costs %.1f%%)\n", tps_cap, 100 * (1 - tps_cap / tps));
+    printf("%s: %s, batch %d x %d, %s\n", title, what, B, T, ctx->dtype == LP_BF16 ? "bf16" : "f32");
+    char ref[64] = "";
+    if (random) snprintf(ref, sizeof ref, " (random weights: ln V = %.4f)", log(cf->d_vocab));
+    printf("  validated: loss %.4f%s, identical with %d residual streams captured\n", plain, ref, n_streams);
+    printf("  no capture:        %10.0f tokens/s  (%6.1f GFLOP/s, %4.1f%% of the %.0f GFLOP/s GEMM rate, %s)\n", tps, tps * fl / 1e9,
+           100 * tps * fl / 1e9 / gemm, gemm, dev == LP_CUDA ? (ctx->dtype == LP_BF16 ? "cuBLAS bf16" : "cuBLAS f32") : "OpenBLAS sgemm");
+    printf("  %2d streams to host:%10.0f tokens/s  (capture costs %.1f%%)\n", n_streams, tps_cap, 100 * (1 - tps_cap / tps));
     if (dev == LP_CUDA)
         printf("  device memory held: %.1f MiB without capture, %.1f MiB with\n", dev_bytes / 1048576.0, dev_bytes_cap / 1048576.0);
     else
         printf("  peak resident memory: %.1f MiB (weights and activations %.1f MiB)\n", ru.ru_maxrss / 1024.0, dev_bytes / 1048576.0);
     free(tok);
+}
+
+static void random_section(const char *title, const char *what, const lp_config *cfg, lp_device dev, lp_dtype dt, int B, int T,
+                           int reps) {
+    lp_model *m;
+    CHECK(lp_model_random(&m, cfg, 1, dev, dt));
+    section(title, what, m, 1, B, T, reps);
     lp_model_free(m);
 }
 
 /* The GPU forward must agree with the CPU before it is timed. */
-static void validate_gpu(lp_dtype dt, double budget) {
+static void validate_gpu(const char *what, const char *path, const lp_config *cfg, lp_dtype dt, double budget) {
     const int B = 2, T = 64;
     lp_model *cpu, *gpu;
-    CHECK(lp_model_random(&cpu, &GPT2_SMALL, 1, LP_CPU, LP_F32));
-    CHECK(lp_model_random(&gpu, &GPT2_SMALL, 1, LP_CUDA, dt));
+    if (path) {
+        CHECK(lp_model_load(&cpu, path, LP_CPU, LP_F32));
+        CHECK(lp_model_load(&gpu, path, LP_CUDA, dt));
+    } else {
+        CHECK(lp_model_random(&cpu, cfg, 1, LP_CPU, LP_F32));
+        CHECK(lp_model_random(&gpu, cfg, 1, LP_CUDA, dt));
+    }
+    int V = lp_model_config(cpu)->d_vocab;
     int32_t tok[B * T];
-    tokens(tok, B * T, GPT2_SMALL.d_vocab);
+    tokens(tok, B * T, V);
     CHECK(lp_model_forward(cpu, tok, B, T, LP_WANT_LOGITS));
     CHECK(lp_model_forward(gpu, tok, B, T, LP_WANT_LOGITS));
     const float *a = lp_model_logits(gpu), *r = lp_model_logits(cpu);
     double maxd = 0, maxr = 0;
-    for (size_t i = 0; i < (size_t)B * T * GPT2_SMALL.d_vocab; i++) {
+    for (size_t i = 0; i < (size_t)B * T * V; i++) {
         if (!isfinite(a[i])) maxd = INFINITY;
         maxd = fmax(maxd, fabs(a[i] - r[i]));
         maxr = fmax(maxr, fabs(r[i]));
     }
-    printf("  GPU %s logits vs CPU: max relative error %.2e (budget %.0e)\n", dt == LP_BF16 ? "bf16" : "f32", maxd / maxr, budget);
+    printf("  %s: GPU %s logits vs CPU f32: max error / max |logit| %.2e (budget %.0e)\n", what, dt == LP_BF16 ? "bf16" : "f32",
+           maxd / maxr, budget);
     if (!(maxd / maxr <= budget)) {
         fprintf(stderr, "bench_forward: GPU validation failed\n");
         exit(1);
@@ -181,28 +211,65 @@ static void copy_bandwidth(void) {
     lp_ctx_free(&c);
 }
 
+static int file_exists(const char *p) {
+    FILE *f = fopen(p, "rb");
+    if (f) fclose(f);
+    return f != NULL;
+}
+
 int main(int argc, char **argv) {
-    int cb = 1, ct = 256, gb = 16, gt = 1024;
+    int cb = 1, ct = 256, gb = 16, gt = 1024, lb = 8, lt = 1024;
+    const char *only = NULL;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--cpu-batch")) cb = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--cpu-seq")) ct = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--gpu-batch")) gb = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--gpu-seq")) gt = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--only")) only = argv[i + 1];
         else {
-            fprintf(stderr, "usage: bench_forward [--cpu-batch B] [--cpu-seq T] [--gpu-batch B] [--gpu-seq T]\n");
+            fprintf(stderr, "usage: bench_forward [--cpu-batch B] [--cpu-seq T] [--gpu-batch B] [--gpu-seq T] [--only gpt2|smollm2|llama8b]\n");
             return 2;
         }
     }
-    section("CPU", LP_CPU, LP_F32, cb, ct, 3);
+#define WANT(x) (!only || !strcmp(only, x))
+    int have_smol = file_exists(SMOLLM2);
+    lp_model *m;
+    if (WANT("gpt2")) random_section("CPU", "GPT-2 small shape, random weights", &GPT2_SMALL, LP_CPU, LP_F32, cb, ct, 3);
+    if (WANT("smollm2")) {
+        if (have_smol) {
+            CHECK(lp_model_load(&m, SMOLLM2, LP_CPU, LP_F32));
+            section("CPU", "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to f32)", m, 0, cb, ct, 3);
+            lp_model_free(m);
+        } else {
+            printf("CPU SmolLM2-135M: skipped: %s is missing (make model)\n", SMOLLM2);
+        }
+    }
     char why[256];
     if (!lp_cuda_available(why, sizeof why)) {
         printf("GPU: skipped: %s\n", why);
         return 0;
     }
-    validate_gpu(LP_F32, 1e-3);
-    validate_gpu(LP_BF16, 5e-2);
-    copy_bandwidth();
-    section("GPU", LP_CUDA, LP_BF16, gb, gt, 5);
-    printf("  target (H100/H200): >= 1.5M tokens/s without capture, capture <= 15%%\n");
+    if (WANT("gpt2")) {
+        validate_gpu("GPT-2 small shape", NULL, &GPT2_SMALL, LP_F32, 1e-3);
+        validate_gpu("GPT-2 small shape", NULL, &GPT2_SMALL, LP_BF16, 5e-2);
+        copy_bandwidth();
+        random_section("GPU", "GPT-2 small shape, random weights", &GPT2_SMALL, LP_CUDA, LP_BF16, gb, gt, 5);
+        printf("  target (H100/H200): >= 1.5M tokens/s without capture, capture <= 15%%\n");
+    }
+    if (WANT("smollm2") && have_smol) {
+        validate_gpu("SmolLM2-135M", SMOLLM2, NULL, LP_F32, 1e-3);
+        validate_gpu("SmolLM2-135M", SMOLLM2, NULL, LP_BF16, 5e-2);
+        CHECK(lp_model_load(&m, SMOLLM2, LP_CUDA, LP_BF16));
+        section("GPU", "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to bf16)", m, 0, gb, gt, 5);
+        lp_model_free(m);
+    }
+    if (WANT("llama8b")) {
+        lp_config small = LLAMA3_8B; /* the same code paths at a size the CPU can check */
+        small.n_layers = 2, small.d_model = 512, small.n_heads = 8, small.n_kv_heads = 2, small.d_head = 64, small.d_mlp = 1024,
+        small.d_vocab = 4096;
+        validate_gpu("Llama-3 shape, small", NULL, &small, LP_BF16, 5e-2);
+        random_section("GPU", "Llama-3-8B shape, random weights", &LLAMA3_8B, LP_CUDA, LP_BF16, lb, lt, 3);
+        printf("  target (H100/H200): >= 60%% of the bf16 GEMM rate\n");
+    }
     return 0;
 }

@@ -312,7 +312,7 @@ static lp_status put_param(loader *ld, int idx, const src_tensor *s, int unpermu
                 lp_shape_str(g, s->cols > 1 || pc > 1 ? 2 : 1, got, sizeof got), lp_shape_str(e, pc > 1 ? 2 : 1, exp, sizeof exp));
     }
     if (s->gtype >= 0 && !lp_ggml_supported(s->gtype))
-        LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s' has type %s, which loupe cannot dequantize (supported: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q4_K Q5_K Q6_K)",
+        LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s' has type %s, which loupe cannot dequantize (supported: " LP_GGML_SUPPORTED_LIST ")",
                 s->file, s->name, lp_ggml_type_name(s->gtype));
     int64_t n = pr * pc;
     size_t row_bytes = s->gtype >= 0 ? lp_ggml_bytes(s->gtype, s->cols) : (size_t)s->cols * lp_dtype_size(s->dtype);

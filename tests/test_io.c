@@ -85,6 +85,11 @@ Test(io, safetensors_bad_headers) {
     expect_st_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}", 8, LP_ERR_FORMAT, "shape");
     expect_st_error("{\"a\": [1, 2", 8, LP_ERR_FORMAT, "JSON");
     expect_st_error("{\"a\":{\"dtype\":\"F32\"}}", 8, LP_ERR_FORMAT, "needs dtype, shape and data_offsets");
+    /* found by fuzzing: numbers past the integer range (casting them was undefined) and a
+     * zero-element shape whose element count overflows */
+    expect_st_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,18446744073709551616]}}", 8, LP_ERR_FORMAT, "data_offsets");
+    expect_st_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[1e999],\"data_offsets\":[0,8]}}", 8, LP_ERR_FORMAT, "shape");
+    expect_st_error("{\"a\":{\"dtype\":\"F32\",\"shape\":[4611686018427387904,4,0],\"data_offsets\":[0,0]}}", 8, LP_ERR_FORMAT, "shape");
     /* a header length pointing past the end of the file */
     unsigned char lie[16] = {0xff, 0xff, 0, 0, 0, 0, 0, 0, '{', '}'};
     write_bytes(path_in("bad.safetensors"), lie, 10);

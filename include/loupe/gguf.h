@@ -47,6 +47,9 @@ typedef struct lp_gguf_tensor {
 typedef struct lp_gguf lp_gguf;
 
 lp_status lp_gguf_open(const char *path, lp_gguf **out);
+/* The same checks on a GGUF image already in memory (which must outlive the handle;
+ * tensor data pointers point into it); `name` stands for the path in messages. */
+lp_status lp_gguf_open_memory(const void *data, size_t size, const char *name, lp_gguf **out);
 void lp_gguf_close(lp_gguf *g);
 const char *lp_gguf_path(const lp_gguf *g);
 uint32_t lp_gguf_version(const lp_gguf *g);
@@ -74,6 +77,8 @@ lp_status lp_gguf_arr_str(const lp_gguf *g, const char *key, uint64_t i, const c
 /* ---- ggml block formats ---- */
 const char *lp_ggml_type_name(int type);     /* "Q4_K", or "type 99" style text for unknown */
 int lp_ggml_supported(int type);              /* F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q4_K Q5_K Q6_K */
+/* The supported types as one string, for error messages. */
+#define LP_GGML_SUPPORTED_LIST "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q4_K Q5_K Q6_K"
 int lp_ggml_block_elems(int type);            /* 1, 32 or 256; 0 if unknown */
 size_t lp_ggml_block_bytes(int type);         /* 0 if unknown */
 /* Bytes of n elements; 0 if the type is unknown or n is not a multiple of the block. */

@@ -1,0 +1,714 @@
+/* test_gguf.c: the GGUF reader and the CPU dequantizers.
+ *
+ * - Dequantization against gguf-py (tests/gen/gen_gguf_fixture.py wrote random blocks of
+ *   every supported type and gguf-py's dequantized values): F32 output must be bit-exact
+ *   (same fp32 operations in the same order), and so must F16 and BF16 output against
+ *   numpy's and gguf-py's round-to-nearest-even of those values.
+ * - small.gguf (written by gguf.GGUFWriter): every metadata value type through the
+ *   getters, the getters' errors, tensor shapes, offsets and values.
+ * - Corrupt copies of small.gguf, one mutation each (bad magic and version, absurd counts,
+ *   lengths past the end, misaligned or overlapping tensors, unknown types, bad dims,
+ *   duplicate names, every truncation): each fails with one line naming the file and the
+ *   problem.
+ * - The real SmolLM2 GGUF when models/ has it (`make model`): counts, metadata and the
+ *   first rows of two quantized tensors against gguf-py. */
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "loupe/gguf.h"
+#include "loupe/safetensors.h"
+#include "testutil.h"
+
+#define GGUF_DIR LP_FIXTURES "/gguf"
+#define MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#define OK(expr)                                                                            \
+    do {                                                                                    \
+        lp_status s_ = (expr);                                                              \
+        cr_assert_eq(s_, LP_OK, "%s: %s: %s", #expr, lp_status_name(s_), lp_last_error());  \
+    } while (0)
+
+static const char *SUPPORTED[] = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"};
+static const int SUPPORTED_ID[] = {LP_GGML_F32, LP_GGML_F16, LP_GGML_BF16, LP_GGML_Q8_0, LP_GGML_Q4_0,
+                                   LP_GGML_Q4_1, LP_GGML_Q4_K, LP_GGML_Q5_K, LP_GGML_Q6_K};
+#define N_SUPPORTED 9
+
+static lp_ctx *cpu(void) {
+    static lp_ctx c;
+    static int ready;
+    if (!ready) {
+        OK(lp_ctx_init(&c, LP_CPU, LP_F32));
+        ready = 1;
+    }
+    return &c;
+}
+
+static const lp_st_tensor *st_get(const lp_st_file *f, const char *fmt, const char *arg) {
+    char name[128];
+    snprintf(name, sizeof name, fmt, arg);
+    const lp_st_tensor *t = lp_st_find(f, name);
+    cr_assert(t != NULL, "%s: no tensor '%s'", f->path, name);
+    return t;
+}
+
+/* Number of positions where two arrays of 2- or 4-byte values differ bitwise; reports the first. */
+static size_t bit_diffs(const char *what, const void *got, const void *want, size_t n, size_t w) {
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++)
+        if (memcmp((const char *)got + i * w, (const char *)want + i * w, w) != 0) {
+            if (!bad) {
+                uint32_t g = 0, e = 0;
+                memcpy(&g, (const char *)got + i * w, w);
+                memcpy(&e, (const char *)want + i * w, w);
+                fprintf(stderr, "  %s: first difference at %zu: got 0x%x, want 0x%x\n", what, i, g, e);
+            }
+            bad++;
+        }
+    return bad;
+}
+
+/* ---- the type table ---- */
+
+Test(gguf, type_table) {
+    cr_expect_str_eq(lp_ggml_type_name(LP_GGML_Q4_K), "Q4_K");
+    cr_expect_str_eq(lp_ggml_type_name(16), "IQ2_XXS");
+    cr_expect_str_eq(lp_ggml_type_name(99), "type 99");
+    cr_expect_str_eq(lp_ggml_type_name(-1), "type -1");
+    cr_expect_str_eq(lp_ggml_type_name(4), "type 4"); /* the removed Q4_2 */
+    for (int i = 0; i < N_SUPPORTED; i++) {
+        cr_expect(lp_ggml_supported(SUPPORTED_ID[i]), "%s", SUPPORTED[i]);
+        cr_expect_str_eq(lp_ggml_type_name(SUPPORTED_ID[i]), SUPPORTED[i]);
+    }
+    cr_expect(!lp_ggml_supported(LP_GGML_Q5_0) && !lp_ggml_supported(16) && !lp_ggml_supported(99));
+    static const struct { int type, blk; size_t bytes; } sizes[] = {
+        {LP_GGML_F32, 1, 4}, {LP_GGML_F16, 1, 2}, {LP_GGML_BF16, 1, 2}, {LP_GGML_Q8_0, 32, 34},
+        {LP_GGML_Q4_0, 32, 18}, {LP_GGML_Q4_1, 32, 20}, {LP_GGML_Q5_0, 32, 22}, {LP_GGML_Q4_K, 256, 144},
+        {LP_GGML_Q5_K, 256, 176}, {LP_GGML_Q6_K, 256, 210}, {LP_GGML_Q2_K, 256, 84}, {16, 256, 66},
+    };
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        cr_expect_eq(lp_ggml_block_elems(sizes[i].type), sizes[i].blk, "%s", lp_ggml_type_name(sizes[i].type));
+        cr_expect_eq(lp_ggml_block_bytes(sizes[i].type), sizes[i].bytes, "%s", lp_ggml_type_name(sizes[i].type));
+        cr_expect_eq(lp_ggml_bytes(sizes[i].type, 3 * sizes[i].blk), 3 * sizes[i].bytes);
+    }
+    cr_expect_eq(lp_ggml_block_elems(99), 0);
+    cr_expect_eq(lp_ggml_block_bytes(99), 0);
+    cr_expect_eq(lp_ggml_bytes(99, 32), 0);
+    cr_expect_eq(lp_ggml_bytes(LP_GGML_Q8_0, 33), 0, "not a whole block");
+    cr_expect_eq(lp_ggml_bytes(LP_GGML_Q8_0, -32), 0);
+    cr_expect_eq(lp_ggml_bytes(28 /* F64 */, INT64_MAX), 0, "overflow");
+    cr_expect_eq(lp_ggml_bytes(LP_GGML_F32, 0), 0);
+}
+
+/* ---- dequantization against gguf-py ---- */
+
+Test(gguf, dequant_matches_gguf_py) {
+    lp_st_file f;
+    OK(lp_st_open(&f, GGUF_DIR "/quant_blocks.safetensors"));
+    for (int i = 0; i < N_SUPPORTED; i++) {
+        const lp_st_tensor *raw = st_get(&f, "%s.raw", SUPPORTED[i]);
+        const lp_st_tensor *f32 = st_get(&f, "%s.f32", SUPPORTED[i]);
+        const lp_st_tensor *f16 = st_get(&f, "%s.f16", SUPPORTED[i]);
+        const lp_st_tensor *bf16 = st_get(&f, "%s.bf16", SUPPORTED[i]);
+        const int64_t n = f32->shape[0];
+        cr_assert_eq(lp_ggml_bytes(SUPPORTED_ID[i], n), raw->nbytes, "%s", SUPPORTED[i]);
+        float *y = malloc(n * sizeof *y);
+        uint16_t *h = malloc(n * sizeof *h);
+        char what[64];
+
+        OK(lp_dequant(cpu(), y, LP_F32, raw->data, SUPPORTED_ID[i], n));
+        snprintf(what, sizeof what, "dequant %s -> F32 vs gguf-py", SUPPORTED[i]);
+        LP_EXPECT_WITHIN(what, 0, lp_compare_f(y, f32->data, n), max_abs, 0);
+        cr_expect_eq(bit_diffs(what, y, f32->data, n, 4), 0, "%s: not bit-exact", what);
+
+        OK(lp_dequant(cpu(), h, LP_F16, raw->data, SUPPORTED_ID[i], n));
+        snprintf(what, sizeof what, "dequant %s -> F16 vs numpy", SUPPORTED[i]);
+        cr_expect_eq(bit_diffs(what, h, f16->data, n, 2), 0, "%s: not bit-exact", what);
+
+        OK(lp_dequant(cpu(), h, LP_BF16, raw->data, SUPPORTED_ID[i], n));
+        snprintf(what, sizeof what, "dequant %s -> BF16 vs gguf-py", SUPPORTED[i]);
+        cr_expect_eq(bit_diffs(what, h, bf16->data, n, 2), 0, "%s: not bit-exact", what);
+        free(y);
+        free(h);
+    }
+    lp_st_close(&f);
+}
+
+/* F16 and BF16 output go through fp32 in chunks: a tensor longer than a chunk, of each
+ * type, tiled from the fixture blocks, must match the tiled expected values. */
+Test(gguf, dequant_long_tensor_in_chunks) {
+    lp_st_file f;
+    OK(lp_st_open(&f, GGUF_DIR "/quant_blocks.safetensors"));
+    const int reps = 41;
+    for (int i = 0; i < N_SUPPORTED; i++) {
+        const lp_st_tensor *raw = st_get(&f, "%s.raw", SUPPORTED[i]);
+        const lp_st_tensor *f16 = st_get(&f, "%s.f16", SUPPORTED[i]);
+        const lp_st_tensor *bf16 = st_get(&f, "%s.bf16", SUPPORTED[i]);
+        const int64_t n0 = f16->shape[0], n = n0 * reps;
+        uint8_t *src = malloc(raw->nbytes * reps);
+        uint16_t *want16 = malloc(n * 2), *wantb = malloc(n * 2), *h = malloc(n * 2);
+        for (int r = 0; r < reps; r++) {
+            memcpy(src + r * raw->nbytes, raw->data, raw->nbytes);
+            memcpy(want16 + r * n0, f16->data, n0 * 2);
+            memcpy(wantb + r * n0, bf16->data, n0 * 2);
+        }
+        char what[64];
+        OK(lp_dequant(cpu(), h, LP_F16, src, SUPPORTED_ID[i], n));
+        snprintf(what, sizeof what, "%s x%d -> F16", SUPPORTED[i], reps);
+        cr_expect_eq(bit_diffs(what, h, want16, n, 2), 0, "%s", what);
+        OK(lp_dequant(cpu(), h, LP_BF16, src, SUPPORTED_ID[i], n));
+        snprintf(what, sizeof what, "%s x%d -> BF16", SUPPORTED[i], reps);
+        cr_expect_eq(bit_diffs(what, h, wantb, n, 2), 0, "%s", what);
+        free(src), free(want16), free(wantb), free(h);
+    }
+    lp_st_close(&f);
+}
+
+Test(gguf, dequant_bad_arguments) {
+    float y[256];
+    uint8_t x[512] = {0};
+    cr_expect_eq(lp_dequant(cpu(), y, LP_F32, x, 16, 256), LP_ERR_ARG);
+    cr_expect(strstr(lp_last_error(), "IQ2_XXS") && strstr(lp_last_error(), LP_GGML_SUPPORTED_LIST), "%s",
+              lp_last_error());
+    cr_expect_eq(lp_dequant(cpu(), y, LP_F32, x, 99, 32), LP_ERR_ARG);
+    cr_expect(strstr(lp_last_error(), "type 99") != NULL, "%s", lp_last_error());
+    cr_expect_eq(lp_dequant(cpu(), y, LP_F32, x, LP_GGML_Q8_0, 33), LP_ERR_ARG);
+    cr_expect(strstr(lp_last_error(), "Q8_0") != NULL, "%s", lp_last_error());
+    cr_expect_eq(lp_dequant(cpu(), y, LP_F32, x, LP_GGML_Q4_K, -256), LP_ERR_ARG);
+    cr_expect_eq(lp_dequant(cpu(), y, LP_I32, x, LP_GGML_Q8_0, 32), LP_ERR_ARG);
+    cr_expect(strstr(lp_last_error(), "I32") != NULL, "%s", lp_last_error());
+    cr_expect_eq(lp_dequant(cpu(), NULL, LP_F32, x, LP_GGML_Q8_0, 32), LP_ERR_ARG);
+    cr_expect_eq(lp_dequant(NULL, y, LP_F32, x, LP_GGML_Q8_0, 32), LP_ERR_ARG);
+    OK(lp_dequant(cpu(), NULL, LP_F32, NULL, LP_GGML_Q8_0, 0));
+}
+
+/* ---- small.gguf ---- */
+
+static lp_gguf *open_small(void) {
+    lp_gguf *g;
+    OK(lp_gguf_open(GGUF_DIR "/small.gguf", &g));
+    return g;
+}
+
+#define EXPECT_INT(g, key, want)                                                            \
+    do {                                                                                    \
+        int64_t v_ = 0;                                                                     \
+        OK(lp_gguf_get_int(g, key, &v_));                                                   \
+        cr_expect_eq(v_, (int64_t)(want), "%s: %lld", key, (long long)v_);                  \
+    } while (0)
+
+Test(gguf, small_metadata) {
+    lp_gguf *g = open_small();
+    cr_expect_eq(lp_gguf_version(g), 3);
+    cr_expect_str_eq(lp_gguf_path(g), GGUF_DIR "/small.gguf");
+    cr_expect_eq(lp_gguf_n_kv(g), 21, "19 test keys + general.architecture + general.alignment");
+    EXPECT_INT(g, "test.u8", 200);
+    EXPECT_INT(g, "test.i8", -100);
+    EXPECT_INT(g, "test.u16", 60000);
+    EXPECT_INT(g, "test.i16", -30000);
+    EXPECT_INT(g, "test.u32", 4000000000u);
+    EXPECT_INT(g, "test.i32", -2000000000);
+    EXPECT_INT(g, "test.u64", 123456789012ll);
+    EXPECT_INT(g, "test.i64", -(1ll << 40));
+    EXPECT_INT(g, "test.bool", 1);
+    EXPECT_INT(g, "test.bool_false", 0);
+    EXPECT_INT(g, "general.alignment", 64);
+    double d;
+    OK(lp_gguf_get_float(g, "test.f32", &d));
+    cr_expect_eq(d, 1.5);
+    OK(lp_gguf_get_float(g, "test.f64", &d));
+    cr_expect_eq(d, 3.141592653589793);
+    OK(lp_gguf_get_float(g, "test.i16", &d));
+    cr_expect_eq(d, -30000.0);
+    OK(lp_gguf_get_float(g, "test.u64_huge", &d));
+    cr_expect_eq(d, 9223372036854775813.0);
+    const char *s;
+    size_t len;
+    OK(lp_gguf_get_str(g, "test.string", &s, &len));
+    cr_expect(len == 13 && memcmp(s, "h\xc3\xa9llo w\xc3\xb6rld", 13) == 0, "%.*s", (int)len, s);
+    OK(lp_gguf_get_str(g, "general.architecture", &s, &len));
+    cr_expect(len == 5 && memcmp(s, "llama", 5) == 0);
+
+    lp_gguf_vtype et;
+    uint64_t n;
+    int64_t v;
+    OK(lp_gguf_get_arr(g, "test.arr_i32", &et, &n));
+    cr_expect(et == LP_GGUF_I32 && n == 3);
+    static const int64_t ints[] = {1, -2, 3};
+    for (uint64_t i = 0; i < n; i++) {
+        OK(lp_gguf_arr_int(g, "test.arr_i32", i, &v));
+        cr_expect_eq(v, ints[i]);
+        OK(lp_gguf_arr_float(g, "test.arr_i32", i, &d));
+        cr_expect_eq(d, (double)ints[i]);
+    }
+    OK(lp_gguf_get_arr(g, "test.arr_f32", &et, &n));
+    cr_expect(et == LP_GGUF_F32 && n == 2);
+    OK(lp_gguf_arr_float(g, "test.arr_f32", 1, &d));
+    cr_expect_eq(d, -1.25);
+    OK(lp_gguf_get_arr(g, "test.arr_bool", &et, &n));
+    cr_expect(et == LP_GGUF_BOOL && n == 3);
+    OK(lp_gguf_arr_int(g, "test.arr_bool", 1, &v));
+    cr_expect_eq(v, 0);
+    OK(lp_gguf_arr_int(g, "test.arr_bool", 2, &v));
+    cr_expect_eq(v, 1);
+    OK(lp_gguf_get_arr(g, "test.arr_u8", &et, &n));
+    cr_expect(et == LP_GGUF_U8 && n == 2);
+    OK(lp_gguf_arr_int(g, "test.arr_u8", 1, &v));
+    cr_expect_eq(v, 255);
+    OK(lp_gguf_get_arr(g, "test.arr_str", &et, &n));
+    cr_expect(et == LP_GGUF_STRING && n == 4);
+    static const char *strs[] = {"a", "", "ccc", "\xc3\xbcn\xc3\xaf" "code"};
+    for (int i = 3; i >= 0; i--) { /* any order: O(1) access */
+        OK(lp_gguf_arr_str(g, "test.arr_str", (uint64_t)i, &s, &len));
+        cr_expect(len == strlen(strs[i]) && memcmp(s, strs[i], len) == 0, "element %d: '%.*s'", i, (int)len, s);
+    }
+    /* every key is listed once */
+    int seen = 0;
+    for (int i = 0; i < lp_gguf_n_kv(g); i++) {
+        const char *k = lp_gguf_key_at(g, i);
+        cr_assert(k != NULL);
+        cr_expect(lp_gguf_has(g, k), "%s", k);
+        seen += strncmp(k, "test.", 5) == 0;
+    }
+    cr_expect_eq(seen, 19);
+    cr_expect(lp_gguf_key_at(g, -1) == NULL && lp_gguf_key_at(g, lp_gguf_n_kv(g)) == NULL);
+    cr_expect(!lp_gguf_has(g, "test.nope"));
+    lp_gguf_close(g);
+}
+
+static void expect_err(lp_status got, lp_status want, const char *phrase) {
+    const char *m = lp_last_error();
+    cr_expect_eq(got, want, "status %s, want %s: %s", lp_status_name(got), lp_status_name(want), m);
+    cr_expect(strstr(m, phrase) != NULL, "message '%s' lacks '%s'", m, phrase);
+    cr_expect(strchr(m, '\n') == NULL, "message is not one line: %s", m);
+}
+
+Test(gguf, small_getter_errors) {
+    lp_gguf *g = open_small();
+    int64_t v;
+    double d;
+    const char *s;
+    size_t len;
+    lp_gguf_vtype et;
+    uint64_t n;
+    expect_err(lp_gguf_get_int(g, "test.nope", &v), LP_ERR_NOT_FOUND, "'test.nope'");
+    cr_expect(strstr(lp_last_error(), "small.gguf") != NULL, "%s", lp_last_error());
+    expect_err(lp_gguf_get_int(g, "test.f32", &v), LP_ERR_FORMAT, "'test.f32' is f32");
+    cr_expect(strstr(lp_last_error(), "small.gguf") != NULL, "%s", lp_last_error());
+    expect_err(lp_gguf_get_int(g, "test.string", &v), LP_ERR_FORMAT, "is string");
+    expect_err(lp_gguf_get_int(g, "test.u64_huge", &v), LP_ERR_FORMAT, "does not fit");
+    expect_err(lp_gguf_get_float(g, "test.string", &d), LP_ERR_FORMAT, "'test.string'");
+    expect_err(lp_gguf_get_float(g, "test.arr_f32", &d), LP_ERR_FORMAT, "is array");
+    expect_err(lp_gguf_get_str(g, "test.u8", &s, &len), LP_ERR_FORMAT, "is u8");
+    expect_err(lp_gguf_get_str(g, "nope", &s, &len), LP_ERR_NOT_FOUND, "'nope'");
+    expect_err(lp_gguf_get_arr(g, "test.string", &et, &n), LP_ERR_FORMAT, "expected an array");
+    expect_err(lp_gguf_arr_int(g, "test.arr_i32", 3, &v), LP_ERR_ARG, "out of range");
+    expect_err(lp_gguf_arr_str(g, "test.arr_str", 4, &s, &len), LP_ERR_ARG, "out of range");
+    expect_err(lp_gguf_arr_str(g, "test.arr_i32", 0, &s, &len), LP_ERR_FORMAT, "array of i32");
+    expect_err(lp_gguf_arr_int(g, "test.arr_f32", 0, &v), LP_ERR_FORMAT, "array of f32");
+    expect_err(lp_gguf_arr_float(g, "test.arr_str", 0, &d), LP_ERR_FORMAT, "array of string");
+    expect_err(lp_gguf_arr_int(g, "test.u8", 0, &v), LP_ERR_FORMAT, "expected an array");
+    expect_err(lp_gguf_arr_int(g, "absent", 0, &v), LP_ERR_NOT_FOUND, "'absent'");
+    lp_gguf_close(g);
+}
+
+Test(gguf, small_tensors) {
+    static const struct {
+        const char *name;
+        int type, n_dims;
+        int64_t ne[4];
+    } want[] = {
+        {"t.f32", LP_GGML_F32, 2, {5, 3, 1, 1}},    {"t.f16", LP_GGML_F16, 2, {8, 2, 1, 1}},
+        {"t.bf16", LP_GGML_BF16, 2, {16, 4, 1, 1}}, {"t.q8_0", LP_GGML_Q8_0, 2, {64, 2, 1, 1}},
+        {"t.q4_0", LP_GGML_Q4_0, 2, {32, 3, 1, 1}}, {"t.q4_1", LP_GGML_Q4_1, 2, {96, 1, 1, 1}},
+        {"t.q4_k", LP_GGML_Q4_K, 2, {256, 2, 1, 1}}, {"t.q5_k", LP_GGML_Q5_K, 2, {256, 1, 1, 1}},
+        {"t.q6_k", LP_GGML_Q6_K, 2, {512, 1, 1, 1}}, {"t.q5_0", LP_GGML_Q5_0, 2, {32, 1, 1, 1}},
+        {"t.4d", LP_GGML_F32, 4, {2, 3, 1, 2}},
+    };
+    const int n_want = sizeof want / sizeof want[0];
+    lp_gguf *g = open_small();
+    lp_st_file ref;
+    OK(lp_st_open(&ref, GGUF_DIR "/small_expected.safetensors"));
+    cr_assert_eq(lp_gguf_n_tensors(g), n_want);
+    for (int i = 0; i < n_want; i++) {
+        const lp_gguf_tensor *t = lp_gguf_tensor_at(g, i);
+        cr_assert(t != NULL);
+        cr_expect_str_eq(t->name, want[i].name);
+        cr_expect(lp_gguf_find_tensor(g, want[i].name) == t, "%s", want[i].name);
+        cr_expect_eq(t->type, want[i].type, "%s", t->name);
+        cr_expect_eq(t->n_dims, want[i].n_dims, "%s", t->name);
+        for (int d = 0; d < 4; d++) cr_expect_eq(t->ne[d], want[i].ne[d], "%s ne[%d]", t->name, d);
+        cr_expect_eq(t->n_elems, want[i].ne[0] * want[i].ne[1] * want[i].ne[2] * want[i].ne[3]);
+        cr_expect_eq(t->n_bytes, lp_ggml_bytes(t->type, t->n_elems), "%s", t->name);
+        cr_expect_eq(t->offset % 64, 0, "%s offset %llu", t->name, (unsigned long long)t->offset);
+        cr_expect_eq((uintptr_t)t->data % 64, 0, "%s data not 64-byte aligned in memory", t->name);
+        const lp_st_tensor *e = lp_st_find(&ref, t->name);
+        cr_assert(e != NULL && e->shape[0] == t->n_elems, "%s", t->name);
+        if (!lp_ggml_supported(t->type)) {
+            cr_expect_eq(lp_dequant(cpu(), NULL, LP_F32, t->data, t->type, t->n_elems), LP_ERR_ARG);
+            cr_expect(strstr(lp_last_error(), "Q5_0") != NULL, "%s", lp_last_error());
+            continue;
+        }
+        float *y = malloc(t->n_elems * sizeof *y);
+        OK(lp_dequant(cpu(), y, LP_F32, t->data, t->type, t->n_elems));
+        char what[64];
+        snprintf(what, sizeof what, "small.gguf %s vs gguf-py", t->name);
+        cr_expect_eq(bit_diffs(what, y, e->data, t->n_elems, 4), 0, "%s", what);
+        free(y);
+    }
+    cr_expect(lp_gguf_tensor_at(g, -1) == NULL && lp_gguf_tensor_at(g, n_want) == NULL);
+    cr_expect(lp_gguf_find_tensor(g, "t.nope") == NULL && lp_gguf_find_tensor(g, "") == NULL);
+    lp_st_close(&ref);
+    lp_gguf_close(g);
+}
+
+/* ---- corrupt files ---- */
+
+static char dir[64];
+static void mkdir_tmp(void) {
+    snprintf(dir, sizeof dir, "/tmp/loupe-gguf-XXXXXX");
+    cr_assert(mkdtemp(dir) != NULL);
+}
+static void rm_tmp(void) {
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    cr_expect(system(cmd) == 0);
+}
+
+typedef struct buf {
+    uint8_t *p;
+    size_t n;
+} buf;
+
+static buf small_bytes(void) {
+    buf b;
+    b.p = (uint8_t *)lp_read_file(GGUF_DIR "/small.gguf", &b.n);
+    cr_assert(b.p != NULL);
+    return b;
+}
+
+static const char *bad_path(void) {
+    static char p[128];
+    snprintf(p, sizeof p, "%s/bad.gguf", dir);
+    return p;
+}
+
+static lp_status open_bytes(const uint8_t *p, size_t n, lp_gguf **g) {
+    FILE *f = fopen(bad_path(), "wb");
+    cr_assert(f != NULL);
+    cr_assert_eq(fwrite(p, 1, n, f), n);
+    fclose(f);
+    *g = NULL;
+    return lp_gguf_open(bad_path(), g);
+}
+
+/* Opens the mutated bytes and expects failure with want and a message naming the file
+ * and containing phrase. */
+static void expect_bad(buf b, lp_status want, const char *phrase, const char *mutation) {
+    lp_gguf *g;
+    lp_status st = open_bytes(b.p, b.n, &g);
+    const char *m = lp_last_error();
+    cr_expect_eq(st, want, "%s: status %s, want %s (%s)", mutation, lp_status_name(st), lp_status_name(want), m);
+    cr_expect(g == NULL, "%s: handle set on failure", mutation);
+    if (st == LP_OK) lp_gguf_close(g);
+    cr_expect(strstr(m, "bad.gguf") != NULL, "%s: message does not name the file: %s", mutation, m);
+    cr_expect(strstr(m, phrase) != NULL, "%s: message '%s' lacks '%s'", mutation, m, phrase);
+    cr_expect(strchr(m, '\n') == NULL, "%s: message is not one line", mutation);
+}
+
+static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* Position just after a length-prefixed string (a key or tensor name) in the file. */
+static size_t after_str(buf b, const char *s) {
+    size_t n = strlen(s);
+    uint8_t pat[128];
+    put64(pat, n);
+    memcpy(pat + 8, s, n);
+    uint8_t *at = memmem(b.p, b.n, pat, n + 8);
+    cr_assert(at != NULL, "'%s' not found in small.gguf", s);
+    return (size_t)(at - b.p) + 8 + n;
+}
+
+/* Field positions of a tensor info: n_dims, ne[d], type, offset. */
+static size_t ti_ndims(buf b, const char *name) { return after_str(b, name); }
+static size_t ti_ne(buf b, const char *name, int d) { return after_str(b, name) + 4 + 8 * d; }
+static size_t ti_type(buf b, const char *name) {
+    size_t p = after_str(b, name);
+    uint32_t nd;
+    memcpy(&nd, b.p + p, 4);
+    return p + 4 + 8 * nd;
+}
+static size_t ti_offset(buf b, const char *name) { return ti_type(b, name) + 4; }
+
+TestSuite(gguf_corrupt, .init = mkdir_tmp, .fini = rm_tmp);
+
+Test(gguf_corrupt, header) {
+    buf b = small_bytes();
+    buf c = {malloc(b.n), b.n};
+#define FRESH() memcpy(c.p, b.p, b.n)
+    FRESH(), c.p[0] = 'X';
+    expect_bad(c, LP_ERR_FORMAT, "not a GGUF file", "bad magic");
+    FRESH(), put32(c.p + 4, 1);
+    expect_bad(c, LP_ERR_FORMAT, "version 1", "version 1");
+    FRESH(), put32(c.p + 4, 4);
+    expect_bad(c, LP_ERR_FORMAT, "unknown GGUF version 4", "version 4");
+    FRESH(), put32(c.p + 4, 0x03000000u);
+    expect_bad(c, LP_ERR_FORMAT, "big-endian", "byte-swapped version");
+    FRESH(), put64(c.p + 8, 1ull << 40);
+    expect_bad(c, LP_ERR_FORMAT, "absurd tensor count", "huge tensor count");
+    FRESH(), put64(c.p + 8, UINT64_MAX);
+    expect_bad(c, LP_ERR_FORMAT, "absurd tensor count", "tensor count 2^64-1");
+    FRESH(), put64(c.p + 16, 1ull << 40);
+    expect_bad(c, LP_ERR_FORMAT, "absurd metadata count", "huge kv count");
+    FRESH(), put64(c.p + 16, 400); /* fits the 13-byte minimum, but the pairs are not there */
+    expect_bad(c, LP_ERR_FORMAT, "bad.gguf", "kv count too large");
+    FRESH(), put64(c.p + 8, 12); /* one tensor info more than the file holds */
+    expect_bad(c, LP_ERR_FORMAT, "bad.gguf", "tensor count one too large");
+    c.n = 0;
+    expect_bad(c, LP_ERR_FORMAT, "not a GGUF file", "empty file");
+    c.n = 20;
+    expect_bad(c, LP_ERR_FORMAT, "truncated", "short header");
+    free(b.p), free(c.p);
+}
+
+Test(gguf_corrupt, metadata) {
+    buf b = small_bytes();
+    buf c = {malloc(b.n), b.n};
+    FRESH(), put64(c.p + 24, 1ull << 40); /* the first key's length */
+    expect_bad(c, LP_ERR_FORMAT, "runs past the end", "key length past EOF");
+    FRESH(), put64(c.p + 24, UINT64_MAX);
+    expect_bad(c, LP_ERR_FORMAT, "runs past the end", "key length 2^64-1");
+    size_t v = after_str(b, "test.string");
+    FRESH(), put64(c.p + v + 4, b.n);
+    expect_bad(c, LP_ERR_FORMAT, "string length", "string value past EOF");
+    cr_expect(strstr(lp_last_error(), "'test.string'") != NULL, "%s", lp_last_error());
+    v = after_str(b, "test.arr_i32");
+    FRESH(), put64(c.p + v + 8, 1ull << 40);
+    expect_bad(c, LP_ERR_FORMAT, "runs past the end", "i32 array past EOF");
+    cr_expect(strstr(lp_last_error(), "'test.arr_i32'") != NULL, "%s", lp_last_error());
+    FRESH(), put64(c.p + v + 8, (1ull << 62) + 1); /* count * 4 would wrap */
+    expect_bad(c, LP_ERR_FORMAT, "runs past the end", "i32 array count that overflows");
+    FRESH(), put32(c.p + v + 4, 99);
+    expect_bad(c, LP_ERR_FORMAT, "unknown value type 99", "array of unknown type");
+    FRESH(), put32(c.p + v + 4, LP_GGUF_ARRAY); /* its ints now read as nested array headers */
+    expect_bad(c, LP_ERR_FORMAT, "'test.arr_i32'", "nested array garbage");
+    v = after_str(b, "test.arr_str");
+    FRESH(), put64(c.p + v + 8, UINT64_MAX / 2);
+    expect_bad(c, LP_ERR_FORMAT, "runs past the end", "string array count past EOF");
+    FRESH(), put64(c.p + v + 12 + 8 + 1 + 8, 1ull << 40); /* the 2nd element's length */
+    expect_bad(c, LP_ERR_FORMAT, "string length", "string element past EOF");
+    v = after_str(b, "test.u8");
+    FRESH(), put32(c.p + v, 99);
+    expect_bad(c, LP_ERR_FORMAT, "unknown value type 99", "unknown value type");
+    cr_expect(strstr(lp_last_error(), "'test.u8'") != NULL, "%s", lp_last_error());
+    FRESH(), memcpy(c.p + after_str(b, "test.i16") - 3, "u16", 3);
+    expect_bad(c, LP_ERR_FORMAT, "duplicate key 'test.u16'", "duplicate key");
+    FRESH(), c.p[after_str(b, "test.i16") - 1] = 0;
+    expect_bad(c, LP_ERR_FORMAT, "NUL", "NUL in a key");
+    v = after_str(b, "general.alignment");
+    FRESH(), put32(c.p + v + 4, 48);
+    expect_bad(c, LP_ERR_FORMAT, "not a power of two", "alignment 48");
+    FRESH(), put32(c.p + v + 4, 0);
+    expect_bad(c, LP_ERR_FORMAT, "not a power of two", "alignment 0");
+    FRESH(), put32(c.p + v, LP_GGUF_F32);
+    expect_bad(c, LP_ERR_FORMAT, "'general.alignment' is f32", "alignment as f32");
+    free(b.p), free(c.p);
+}
+
+Test(gguf_corrupt, tensor_infos) {
+    buf b = small_bytes();
+    buf c = {malloc(b.n), b.n};
+    lp_gguf *g;
+    FRESH(), put32(c.p + ti_ndims(b, "t.q8_0"), 0);
+    expect_bad(c, LP_ERR_FORMAT, "tensor 't.q8_0' has 0 dimensions", "n_dims 0");
+    FRESH(), put32(c.p + ti_ndims(b, "t.q8_0"), 5);
+    expect_bad(c, LP_ERR_FORMAT, "5 dimensions", "n_dims 5");
+    FRESH(), put64(c.p + ti_ne(b, "t.f32", 1), 0);
+    expect_bad(c, LP_ERR_FORMAT, "dimension 1 of size 0", "zero dim");
+    FRESH(), put64(c.p + ti_ne(b, "t.f32", 0), 1ull << 63);
+    expect_bad(c, LP_ERR_FORMAT, "must be positive", "dim 2^63");
+    FRESH(), put64(c.p + ti_ne(b, "t.f32", 0), 1ull << 62); /* x 3 rows: > 2^63 elements */
+    expect_bad(c, LP_ERR_FORMAT, "overflows", "element count overflow");
+    FRESH(), put64(c.p + ti_ne(b, "t.f32", 0), 1ull << 61), put64(c.p + ti_ne(b, "t.f32", 1), 2);
+    expect_bad(c, LP_ERR_FORMAT, "size that overflows", "byte size overflow");
+    FRESH(), put64(c.p + ti_ne(b, "t.f32", 0), 1ull << 40);
+    expect_bad(c, LP_ERR_FORMAT, "extends past the end", "huge but valid shape");
+    FRESH(), put64(c.p + ti_ne(b, "t.q8_0", 0), 48);
+    expect_bad(c, LP_ERR_FORMAT, "not a multiple of the Q8_0 block of 32", "row not whole blocks");
+    FRESH(), put32(c.p + ti_type(b, "t.q8_0"), 99);
+    expect_bad(c, LP_ERR_FORMAT, "tensor 't.q8_0' has unknown ggml type id 99", "unknown type id");
+    FRESH(), put32(c.p + ti_type(b, "t.q8_0"), 4);
+    expect_bad(c, LP_ERR_FORMAT, "unknown ggml type id 4", "removed type id");
+    FRESH(), put32(c.p + ti_type(b, "t.q8_0"), 0x80000000u);
+    expect_bad(c, LP_ERR_FORMAT, "unknown ggml type id 2147483648", "type id above INT_MAX");
+    uint64_t off;
+    memcpy(&off, b.p + ti_offset(b, "t.q8_0"), 8);
+    FRESH(), put64(c.p + ti_offset(b, "t.q8_0"), off + 1);
+    expect_bad(c, LP_ERR_FORMAT, "not a multiple of the alignment 64", "misaligned offset");
+    cr_expect(strstr(lp_last_error(), "'t.q8_0'") != NULL, "%s", lp_last_error());
+    FRESH(), put64(c.p + ti_offset(b, "t.q8_0"), 1ull << 40);
+    expect_bad(c, LP_ERR_FORMAT, "extends past the end", "offset past EOF");
+    FRESH(), put64(c.p + ti_offset(b, "t.q8_0"), UINT64_MAX - 63);
+    expect_bad(c, LP_ERR_FORMAT, "extends past the end", "offset near 2^64");
+    memcpy(&off, b.p + ti_offset(b, "t.q4_0"), 8);
+    FRESH(), put64(c.p + ti_offset(b, "t.q4_1"), off);
+    expect_bad(c, LP_ERR_FORMAT, "overlap", "overlapping tensors");
+    cr_expect(strstr(lp_last_error(), "'t.q4_0'") && strstr(lp_last_error(), "'t.q4_1'"), "%s", lp_last_error());
+    FRESH(), memcpy(c.p + after_str(b, "t.q4_1") - 1, "0", 1);
+    expect_bad(c, LP_ERR_FORMAT, "duplicate tensor name 't.q4_0'", "duplicate tensor name");
+    FRESH(), c.p[after_str(b, "t.q4_1") - 2] = 0;
+    expect_bad(c, LP_ERR_FORMAT, "NUL", "NUL in a tensor name");
+    /* a name with a newline and a quote, in an error: escaped, one line */
+    FRESH(), memcpy(c.p + after_str(b, "t.q8_0") - 6, "\n'", 2), put32(c.p + ti_type(b, "t.q8_0"), 99);
+    expect_bad(c, LP_ERR_FORMAT, "tensor '\\x0a\\x27q8_0'", "control bytes in a name");
+    /* a known type loupe cannot dequantize (IQ4_NL has Q4_0's block size): opens; refused at use */
+    FRESH(), put32(c.p + ti_type(b, "t.q4_0"), 20);
+    cr_assert_eq(open_bytes(c.p, c.n, &g), LP_OK, "%s", lp_last_error());
+    const lp_gguf_tensor *t = lp_gguf_find_tensor(g, "t.q4_0");
+    cr_expect(t->type == 20 && !lp_ggml_supported(t->type) && t->n_bytes == 3 * 18);
+    float y[96];
+    expect_err(lp_dequant(cpu(), y, LP_F32, t->data, t->type, t->n_elems), LP_ERR_ARG, "IQ4_NL");
+    lp_gguf_close(g);
+    free(b.p), free(c.p);
+}
+
+/* Every truncation of small.gguf fails, except those that only drop the padding after the
+ * last tensor's data. */
+Test(gguf_corrupt, every_truncation) {
+    buf b = small_bytes();
+    lp_gguf *g;
+    OK(open_bytes(b.p, b.n, &g));
+    /* the data section starts at the first multiple of 64 after the last tensor info */
+    const size_t data0 = (ti_offset(b, "t.4d") + 8 + 63) / 64 * 64;
+    size_t end = 0;
+    for (int i = 0; i < lp_gguf_n_tensors(g); i++) {
+        const lp_gguf_tensor *t = lp_gguf_tensor_at(g, i);
+        if (data0 + t->offset + t->n_bytes > end) end = data0 + (size_t)t->offset + t->n_bytes;
+    }
+    lp_gguf_close(g);
+    cr_assert(end < b.n, "small.gguf has padding after its last tensor");
+    size_t failed = 0;
+    for (size_t n = 0; n < b.n; n++) {
+        lp_status st = open_bytes(b.p, n, &g);
+        if (n < end) {
+            if (st == LP_OK) {
+                cr_expect_fail("truncated to %zu of %zu bytes (data ends at %zu) but opened", n, b.n, end);
+                lp_gguf_close(g);
+                continue;
+            }
+            failed++;
+            cr_expect_eq(st, LP_ERR_FORMAT, "truncated to %zu: %s", n, lp_last_error());
+            cr_expect(strstr(lp_last_error(), "bad.gguf") != NULL, "%s", lp_last_error());
+            cr_expect(strstr(lp_last_error(), "truncated") || strstr(lp_last_error(), "past the end") ||
+                          strstr(lp_last_error(), "not a GGUF file"), "truncated to %zu: %s", n, lp_last_error());
+        } else {
+            cr_expect_eq(st, LP_OK, "truncated to %zu (only padding lost): %s", n, lp_last_error());
+            if (st == LP_OK) lp_gguf_close(g);
+        }
+    }
+    fprintf(stderr, "  every truncation: %zu of %zu lengths refused, data ends at %zu\n", failed, b.n, end);
+    free(b.p);
+}
+
+Test(gguf_corrupt, not_a_file) {
+    lp_gguf *g = (lp_gguf *)1;
+    expect_err(lp_gguf_open("/nonexistent/model.gguf", &g), LP_ERR_IO, "/nonexistent/model.gguf: cannot open");
+    cr_expect(g == NULL);
+    expect_err(lp_gguf_open(dir, &g), LP_ERR_IO, "not a regular file");
+}
+
+/* ---- the real model ---- */
+
+Test(gguf, smollm2) {
+    if (access(MODEL, R_OK) != 0) cr_skip_test("%s is absent (make model fetches it)", MODEL);
+    lp_gguf *g;
+    OK(lp_gguf_open(MODEL, &g));
+    cr_expect_eq(lp_gguf_version(g), 3);
+    cr_assert_eq(lp_gguf_n_tensors(g), 272);
+    cr_expect_eq(lp_gguf_n_kv(g), 33);
+    int count[64] = {0};
+    for (int i = 0; i < 272; i++) {
+        const lp_gguf_tensor *t = lp_gguf_tensor_at(g, i);
+        cr_assert(t->type >= 0 && t->type < 64);
+        count[t->type]++;
+        cr_expect(lp_ggml_supported(t->type), "%s: %s", t->name, lp_ggml_type_name(t->type));
+    }
+    cr_expect_eq(count[LP_GGML_Q4_1], 210);
+    cr_expect_eq(count[LP_GGML_F32], 61);
+    cr_expect_eq(count[LP_GGML_Q8_0], 1);
+    EXPECT_INT(g, "llama.block_count", 30);
+    EXPECT_INT(g, "llama.embedding_length", 576);
+    EXPECT_INT(g, "llama.attention.head_count", 9);
+    EXPECT_INT(g, "llama.attention.head_count_kv", 3);
+    EXPECT_INT(g, "tokenizer.ggml.eos_token_id", 2);
+    double d;
+    OK(lp_gguf_get_float(g, "llama.rope.freq_base", &d));
+    cr_expect_eq(d, 100000.0);
+    const char *s;
+    size_t len;
+    OK(lp_gguf_get_str(g, "tokenizer.ggml.model", &s, &len));
+    cr_expect(len == 4 && memcmp(s, "gpt2", 4) == 0);
+    lp_gguf_vtype et;
+    uint64_t n;
+    OK(lp_gguf_get_arr(g, "tokenizer.ggml.tokens", &et, &n));
+    cr_expect(et == LP_GGUF_STRING && n == 49152);
+    static const struct { uint64_t i; const char *s; } toks[] = {
+        {49151, "ectable"}, {0, "<|endoftext|>"}, {100, "t"}, {2, "<|im_end|>"}};
+    for (int i = 0; i < 4; i++) {
+        OK(lp_gguf_arr_str(g, "tokenizer.ggml.tokens", toks[i].i, &s, &len));
+        cr_expect(len == strlen(toks[i].s) && memcmp(s, toks[i].s, len) == 0, "token %llu: '%.*s'",
+                  (unsigned long long)toks[i].i, (int)len, s);
+    }
+    OK(lp_gguf_get_arr(g, "tokenizer.ggml.merges", &et, &n));
+    cr_expect_eq(n, 48900);
+    OK(lp_gguf_arr_str(g, "tokenizer.ggml.merges", 48899, &s, &len));
+    cr_expect(len == 8 && memcmp(s, "ect able", 8) == 0, "last merge '%.*s'", (int)len, s);
+    int64_t v;
+    OK(lp_gguf_arr_int(g, "tokenizer.ggml.token_type", 0, &v));
+    cr_expect_eq(v, 3);
+
+    const lp_gguf_tensor *te = lp_gguf_find_tensor(g, "token_embd.weight");
+    cr_assert(te && te->type == LP_GGML_Q8_0 && te->ne[0] == 576 && te->ne[1] == 49152);
+    lp_st_file ref;
+    if (lp_st_open(&ref, GGUF_DIR "/smollm2_expected.safetensors") != LP_OK) {
+        lp_gguf_close(g);
+        cr_assert_fail("%s", lp_last_error());
+    }
+    static const struct { const char *tensor, *expected; } rows[] = {
+        {"token_embd.weight", "token_embd.weight.row0"},
+        {"blk.0.ffn_down.weight", "blk.0.ffn_down.weight.row0"},
+        {"blk.0.attn_norm.weight", "blk.0.attn_norm.weight"},
+    };
+    for (int i = 0; i < 3; i++) {
+        const lp_gguf_tensor *t = lp_gguf_find_tensor(g, rows[i].tensor);
+        const lp_st_tensor *e = lp_st_find(&ref, rows[i].expected);
+        cr_assert(t && e && e->shape[0] == t->ne[0], "%s", rows[i].tensor);
+        float *y = malloc(t->ne[0] * sizeof *y);
+        OK(lp_dequant(cpu(), y, LP_F32, t->data, t->type, t->ne[0]));
+        char what[96];
+        snprintf(what, sizeof what, "SmolLM2 %s row 0 vs gguf-py", rows[i].tensor);
+        LP_EXPECT_WITHIN(what, 0, lp_compare_f(y, e->data, t->ne[0]), max_abs, 0);
+        cr_expect_eq(bit_diffs(what, y, e->data, t->ne[0], 4), 0, "%s", what);
+        free(y);
+    }
+    lp_st_close(&ref);
+    lp_gguf_close(g);
+}
+
+Test(gguf, open_memory) {
+    size_t n;
+    uint8_t *p = (uint8_t *)lp_read_file(GGUF_DIR "/small.gguf", &n);
+    cr_assert(p != NULL);
+    lp_gguf *g;
+    OK(lp_gguf_open_memory(p, n, "mem.gguf", &g));
+    cr_expect_str_eq(lp_gguf_path(g), "mem.gguf");
+    cr_expect_eq(lp_gguf_n_tensors(g), 11);
+    const lp_gguf_tensor *t = lp_gguf_find_tensor(g, "t.q6_k");
+    cr_assert(t != NULL);
+    cr_expect((const uint8_t *)t->data >= p && (const uint8_t *)t->data + t->n_bytes <= p + n);
+    lp_gguf_close(g);
+    p[4] = 1;
+    expect_err(lp_gguf_open_memory(p, n, "mem.gguf", &g), LP_ERR_FORMAT, "mem.gguf: GGUF version 1");
+    expect_err(lp_gguf_open_memory(NULL, 0, "empty.gguf", &g), LP_ERR_FORMAT, "empty.gguf: not a GGUF file");
+    free(p);
+}
