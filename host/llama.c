@@ -438,6 +438,8 @@ static lp_status load_gguf(lp_model *m, const char *path) {
         else
             memcpy(m->rope_freq_div, rf->data, rf->n_elems * sizeof(float));
     }
+    /* the dequant kernels run asynchronously: a fault in one is reported here, as a failed load */
+    if (st == LP_OK) st = lp_ctx_sync(&m->ctx);
     lp_ctx_release(&m->ctx, ld.dev_stage);
     lp_gguf_close(g);
     return st;

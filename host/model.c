@@ -268,7 +268,7 @@ lp_status lp_generate(lp_model *m, const int32_t *prompt, int n_prompt, const lp
     if (o->max_tokens < 0) LP_FAIL(LP_ERR_ARG, "generate: max_tokens %d is negative", o->max_tokens);
     if (!(o->temperature >= 0) || !(o->top_p > 0 && o->top_p <= 1))
         LP_FAIL(LP_ERR_ARG, "generate: temperature must be >= 0 and top_p in (0, 1] (got %g and %g)", o->temperature, o->top_p);
-    if (n_prompt + o->max_tokens > cf->n_ctx)
+    if ((long long)n_prompt + o->max_tokens > cf->n_ctx) /* in 64 bits: a huge max_tokens must not wrap */
         LP_FAIL(LP_ERR_ARG, "generate: the prompt (%d tokens) plus %d new tokens exceeds the model's context of %d", n_prompt,
                 o->max_tokens, cf->n_ctx);
     for (int i = 0; i < n_prompt; i++)
@@ -306,6 +306,9 @@ lp_status lp_generate(lp_model *m, const int32_t *prompt, int n_prompt, const lp
             if (n_in > 1) st = lp_ctx_copy(c, m->ln_out, (char *)m->ln_out + (size_t)(n_in - 1) * cf->d_model * es, cf->d_model * es);
             if (st == LP_OK) st = lp_model_unembed(m, 1, LP_WANT_LOGITS);
         }
+        /* as after lp_model_forward: this step's captures land on the host before the next
+         * step's capture copies overwrite their device buffers (and before we return) */
+        if (st == LP_OK) st = lp_hooks_finish(m);
         m->gen_pos0 = -1;
         if (st != LP_OK) break;
         pos += n_in;
