@@ -90,12 +90,10 @@ done:
 /* ---- the weight table ---- */
 
 static lp_status forward(lp_model *m, int B, int T, int want);
-static size_t act_bytes(const lp_model *m, int B, int T);
-static void carve(lp_model *m, int B, int T);
 
 static size_t build_table(lp_model *m, int own_unembed) {
     const lp_config *c = &m->cfg;
-    m->act_bytes = act_bytes, m->carve = carve, m->forward = forward;
+    m->forward = forward;
     int D = c->d_model, F = c->d_mlp;
     m->params = calloc(P_FIRST_LAYER + c->n_layers * P_PER_LAYER + 3, sizeof *m->params);
     size_t off = 0;
@@ -252,37 +250,6 @@ done:
 }
 
 /* ---- activations ---- */
-
-/* Buffers of one forward, for B x T; scores and pattern only when a hook wants them. */
-static size_t layout(lp_model *m, int B, int T, int carve) {
-    const lp_config *c = &m->cfg;
-    size_t N = (size_t)B * T, D = c->d_model, es = lp_act_size(m), off = 0;
-    /* [B,H,T,T] buffers exist only while a hook asks for scores or pattern */
-    size_t attn_mat = lp_hooks_want_attn_mats(m) ? (size_t)B * c->n_heads * T * T * es : 0;
-    size_t kvD = (size_t)c->n_kv_heads * c->d_head;
-    size_t rows = N < 1 ? 1 : N;
-    size_t lrows = (size_t)(64u << 20) / ((size_t)c->d_vocab * es); /* logits chunk: at most 64 MiB */
-    if (lrows < 1) lrows = 1;
-    if (lrows > rows) lrows = rows;
-    struct { void **p; size_t bytes; } bufs[] = {
-        {&m->resid, N * D * es}, {&m->ln_out, N * D * es}, {&m->ln_norm, N * D * es}, {&m->ln_scale, N * es},
-        {&m->q, N * D * es}, {&m->k, N * kvD * es}, {&m->v, N * kvD * es},
-        {&m->scores, attn_mat}, {&m->pattern, attn_mat},
-        {&m->z, N * D * es}, {&m->attn_out, N * D * es}, {&m->mlp_pre, N * c->d_mlp * es},
-        {&m->mlp_post, N * c->d_mlp * es}, {&m->mlp_out, N * D * es}, {&m->pos_buf, N * D * es},
-        {&m->logits, lrows * c->d_vocab * es}, {(void **)&m->tok_dev, N * 4}, {(void **)&m->tgt_dev, N * 4},
-        {(void **)&m->loss_dev, N * 4},
-    };
-    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) {
-        if (carve) *bufs[i].p = (char *)m->acts + off;
-        off += (bufs[i].bytes + 255) / 256 * 256;
-    }
-    if (carve) m->logit_rows = (int)lrows, m->acts_attn_mats = attn_mat > 0;
-    return off;
-}
-
-static size_t act_bytes(const lp_model *m, int B, int T) { return layout((lp_model *)m, B, T, 0); }
-static void carve(lp_model *m, int B, int T) { layout(m, B, T, 1); }
 
 /* ---- forward ---- */
 

@@ -28,8 +28,6 @@ static int p_lnf(const lp_model *m) { return P_FIRST_LAYER + m->cfg.n_layers * P
 #define LW(m, L, k) lp_param((m), p_layer((L), (k)))
 
 static lp_status forward(lp_model *m, int B, int T, int want);
-static size_t act_bytes(const lp_model *m, int B, int T);
-static void carve(lp_model *m, int B, int T);
 
 /* ---- config ---- */
 
@@ -233,7 +231,7 @@ static lp_status read_gguf_config(lp_model *m, const lp_gguf *g) {
 static size_t build_table(lp_model *m) {
     const lp_config *c = &m->cfg;
     int D = c->d_model, F = c->d_mlp, qD = c->n_heads * c->d_head, kvD = c->n_kv_heads * c->d_head;
-    m->act_bytes = act_bytes, m->carve = carve, m->forward = forward;
+    m->forward = forward;
     m->params = calloc(P_FIRST_LAYER + c->n_layers * P_PER_LAYER + 2, sizeof *m->params);
     if (!m->params) return 0;
     size_t off = 0;
@@ -546,37 +544,6 @@ lp_status lp_llama_rope_tables(lp_model *m, int n_pos) {
     free(sn);
     return st;
 }
-
-/* ---- activations ---- */
-
-static size_t layout(lp_model *m, int B, int T, int carve) {
-    const lp_config *c = &m->cfg;
-    size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = lp_act_size(m), off = 0;
-    size_t qD = (size_t)c->n_heads * c->d_head, kvD = (size_t)c->n_kv_heads * c->d_head;
-    size_t attn_mat = lp_hooks_want_attn_mats(m) ? (size_t)B * c->n_heads * T * T * es : 0;
-    size_t rows = N < 1 ? 1 : N;
-    size_t lrows = (size_t)(64u << 20) / ((size_t)c->d_vocab * es); /* logits chunk: at most 64 MiB */
-    if (lrows < 1) lrows = 1;
-    if (lrows > rows) lrows = rows;
-    struct { void **p; size_t bytes; } bufs[] = {
-        {&m->resid, N * D * es}, {&m->ln_out, N * D * es}, {&m->ln_norm, N * D * es}, {&m->ln_scale, N * es},
-        {&m->q, N * qD * es}, {&m->k, N * kvD * es}, {&m->v, N * kvD * es},
-        {&m->scores, attn_mat}, {&m->pattern, attn_mat},
-        {&m->z, N * qD * es}, {&m->attn_out, N * D * es}, {&m->mlp_pre, N * F * es}, {&m->mlp_lin, N * F * es},
-        {&m->mlp_post, N * F * es}, {&m->mlp_out, N * D * es},
-        {&m->logits, lrows * c->d_vocab * es}, {(void **)&m->tok_dev, N * 4}, {(void **)&m->tgt_dev, N * 4},
-        {(void **)&m->loss_dev, N * 4},
-    };
-    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) {
-        if (carve) *bufs[i].p = (char *)m->acts + off;
-        off += (bufs[i].bytes + 255) / 256 * 256;
-    }
-    if (carve) m->logit_rows = (int)lrows, m->acts_attn_mats = attn_mat > 0;
-    return off;
-}
-
-static size_t act_bytes(const lp_model *m, int B, int T) { return layout((lp_model *)m, B, T, 0); }
-static void carve(lp_model *m, int B, int T) { layout(m, B, T, 1); }
 
 /* ---- forward ---- */
 

@@ -122,6 +122,36 @@ lp_ctx *lp_model_ctx(lp_model *m) { return &m->ctx; }
 const float *lp_model_logits(const lp_model *m) { return m->have_logits ? m->logits_host : NULL; }
 const float *lp_model_losses(const lp_model *m) { return m->have_losses ? m->losses_host : NULL; }
 
+/* The buffers of one forward for B x T, carved from one allocation when `carve` is set;
+ * returns the bytes needed. Scores and pattern ([B,H,T,T]) exist only while a hook asks
+ * for them; the Llama family adds the up projection, GPT-2 the position embedding. */
+static size_t layout(lp_model *m, int B, int T, int carve) {
+    const lp_config *c = &m->cfg;
+    int llama = c->arch == LP_ARCH_LLAMA;
+    size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = lp_act_size(m), off = 0;
+    size_t qD = (size_t)c->n_heads * c->d_head, kvD = (size_t)c->n_kv_heads * c->d_head;
+    size_t attn_mat = lp_hooks_want_attn_mats(m) ? (size_t)B * c->n_heads * T * T * es : 0;
+    size_t rows = N < 1 ? 1 : N;
+    size_t lrows = (size_t)(64u << 20) / ((size_t)c->d_vocab * es); /* logits chunk: at most 64 MiB */
+    if (lrows < 1) lrows = 1;
+    if (lrows > rows) lrows = rows;
+    struct { void **p; size_t bytes; } bufs[] = {
+        {&m->resid, N * D * es}, {&m->ln_out, N * D * es}, {&m->ln_norm, N * D * es}, {&m->ln_scale, N * es},
+        {&m->q, N * qD * es}, {&m->k, N * kvD * es}, {&m->v, N * kvD * es},
+        {&m->scores, attn_mat}, {&m->pattern, attn_mat},
+        {&m->z, N * qD * es}, {&m->attn_out, N * D * es}, {&m->mlp_pre, N * F * es}, {&m->mlp_lin, llama ? N * F * es : 0},
+        {&m->mlp_post, N * F * es}, {&m->mlp_out, N * D * es}, {&m->pos_buf, llama ? 0 : N * D * es},
+        {&m->logits, lrows * c->d_vocab * es}, {(void **)&m->tok_dev, N * 4}, {(void **)&m->tgt_dev, N * 4},
+        {(void **)&m->loss_dev, N * 4},
+    };
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) {
+        if (carve) *bufs[i].p = bufs[i].bytes ? (char *)m->acts + off : NULL;
+        off += (bufs[i].bytes + 255) / 256 * 256;
+    }
+    if (carve) m->logit_rows = (int)lrows, m->acts_attn_mats = attn_mat > 0;
+    return off;
+}
+
 lp_status lp_model_prepare(lp_model *m, int B, int T) {
     if (B <= 0 || T <= 0) LP_FAIL(LP_ERR_ARG, "batch %d x %d: both must be positive", B, T);
     if (T > m->cfg.n_ctx) LP_FAIL(LP_ERR_ARG, "sequence length %d exceeds the model's context of %d", T, m->cfg.n_ctx);
@@ -130,10 +160,10 @@ lp_status lp_model_prepare(lp_model *m, int B, int T) {
     if (grow) {
         int nB = B > m->B_max ? B : m->B_max, nT = T > m->T_max ? T : m->T_max;
         free_acts(m);
-        m->acts_bytes = m->act_bytes(m, nB, nT);
+        m->acts_bytes = layout(m, nB, nT, 0);
         LP_CHECK(lp_ctx_alloc(&m->ctx, m->acts_bytes, &m->acts));
         m->B_max = nB, m->T_max = nT;
-        m->carve(m, nB, nT);
+        layout(m, nB, nT, 1);
         if (m->cfg.arch == LP_ARCH_LLAMA && m->rope_n < nT) LP_CHECK(lp_llama_rope_tables(m, nT));
         size_t N = (size_t)nB * nT;
         m->losses_host = malloc(N * sizeof(float));

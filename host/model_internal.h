@@ -79,9 +79,7 @@ struct lp_model {
     int32_t *tgt_host;    /* [B_max*T_max] staging for targets */
     float *loss_stage;    /* [B_max*T_max] staging for per-position losses */
     void *logit_stage;    /* one chunk of logits in the act dtype, for the GPU's copy back */
-    /* the architecture (gpt2.c, llama.c) */
-    size_t (*act_bytes)(const lp_model *m, int B, int T);
-    void (*carve)(lp_model *m, int B, int T);
+    /* the architecture's forward (gpt2.c, llama.c) */
     lp_status (*forward)(lp_model *m, int B, int T, int want);
     /* rotary tables (Llama family): F32 [rope_n, d_head/2] on the device */
     float *rope_cos, *rope_sin;
@@ -132,8 +130,7 @@ void lp_param_count(lp_model *m);
  * chunks, with per-token losses and/or logits copied to the host as `want` says. */
 lp_status lp_model_unembed(lp_model *m, int N, int want);
 
-/* Architecture entry points: load fills cfg, params and weights and sets the
- * act_bytes/carve/forward functions. */
+/* Architecture entry points: load fills cfg, params and weights and sets m->forward. */
 lp_status lp_gpt2_load(lp_model *m, const char *dir);
 lp_status lp_gpt2_random(lp_model *m, uint64_t seed);
 lp_status lp_llama_load(lp_model *m, const char *path); /* HF directory or .gguf file */

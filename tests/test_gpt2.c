@@ -289,3 +289,33 @@ Test(gpt2, token_out_of_vocab_is_an_error) {
     cr_expect(strstr(lp_last_error(), "997") != NULL, "%s", lp_last_error());
     lp_model_free(m);
 }
+
+/* Generation with the KV cache (position embeddings offset by the cache's fill, keys and
+ * values appended per step) must pick the same tokens as greedy decoding by a full
+ * forward over the growing sequence. */
+Test(gpt2, kv_cache_generation_equals_full_recomputation) {
+    lp_model *m = load(MODEL);
+    const lp_st_tensor *tok = R("tokens");
+    enum { P = 9, NEW = 12 };
+    int32_t seq[P + NEW], out[NEW];
+    memcpy(seq, tok->data, P * sizeof(int32_t));
+    int V = lp_model_config(m)->d_vocab;
+    for (int i = 0; i < NEW; i++) {
+        cr_assert_eq(lp_model_forward(m, seq, 1, P + i, LP_WANT_LOGITS), LP_OK, "%s", lp_last_error());
+        const float *l = lp_model_logits(m) + (size_t)(P + i - 1) * V;
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (l[v] > l[best]) best = v;
+        seq[P + i] = best;
+    }
+    lp_gen_opts o = {.max_tokens = NEW, .temperature = 0, .top_p = 1, .stop_token = -1};
+    int n = 0;
+    cr_assert_eq(lp_generate(m, seq, P, &o, out, &n), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(n, NEW);
+    for (int i = 0; i < NEW; i++) cr_expect_eq(out[i], seq[P + i], "token %d: cached %d, recomputed %d", i, out[i], seq[P + i]);
+    /* the context is enforced: 9 + 24 > 32 */
+    o.max_tokens = 24;
+    int32_t big[24];
+    cr_expect_eq(lp_generate(m, seq, P, &o, big, &n), LP_ERR_ARG);
+    lp_model_free(m);
+}
