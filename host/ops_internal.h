@@ -98,6 +98,71 @@ lp_status lp_cuda_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind,
 lp_status lp_cuda_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const int32_t *pos,
                              int npos);
 
+/* ==== SAE ops ====================================================================
+ * The back ends of include/loupe/sae_ops.h (dispatch: host/sae_ops.c; CPU references:
+ * host/cpu/sae.c; CUDA: kernels/sae.cu). Every float buffer is F32 whatever c->dtype,
+ * indices are int32, fire counts int64. Arguments were checked by the dispatch. */
+void lp_cpu_matmul_at(float *out, const float *a, const float *b, int N, int K, int M, float beta);
+void lp_cpu_col_sum(float *out, const float *x, int N, int M, float beta);
+void lp_cpu_sae_topk(int32_t *idx, float *val, const float *pre, int N, int S, int K);
+float lp_cpu_sae_kth_largest(const float *pre, size_t n, size_t count);
+void lp_cpu_sae_decode_sparse(float *out, const int32_t *idx, const float *val, const float *W,
+                              const float *bias, int N, int K, int D);
+void lp_cpu_sae_decode_sparse_grad(float *dval, float *dW, const float *dout, const int32_t *idx,
+                                   const float *val, const float *W, int N, int K, int D);
+void lp_cpu_sae_encode_sparse_grad(float *dW_enc, float *db_enc, const float *x, const int32_t *idx,
+                                   const float *dpre, int N, int K, int D, int S);
+void lp_cpu_sae_relu(float *f, const float *pre, size_t n);
+void lp_cpu_sae_jumprelu(float *f, const float *pre, const float *theta, int N, int S);
+void lp_cpu_sae_relu_grad(float *dpre, const float *df, const float *pre, size_t n);
+void lp_cpu_sae_jumprelu_grad(float *dpre, float *dtheta, const float *df, const float *pre,
+                              const float *theta, float eps, float l0_coef, int N, int S);
+void lp_cpu_adam_step(float *p, const float *g, float *m, float *v, size_t n, float lr, float b1,
+                      float b2, float eps, int t);
+void lp_cpu_rows_unit_norm(float *W, int S, int D);
+void lp_cpu_rows_remove_parallel(float *dW, const float *W, int S, int D);
+void lp_cpu_rows_norm(float *out, const float *W, int S, int D);
+void lp_cpu_sae_recon_sums(double sums[4], const float *x, const float *x_hat, int N, int D);
+void lp_cpu_sae_fire_counts(int64_t *counts, const int32_t *idx, const float *val, const float *f,
+                            int N, int K, int S);
+
+lp_status lp_cuda_matmul_at(lp_ctx *c, float *out, const float *a, const float *b, int N, int K, int M,
+                            float beta);
+lp_status lp_cuda_col_sum(lp_ctx *c, float *out, const float *x, int N, int M, float beta);
+lp_status lp_cuda_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre, int N, int S, int K);
+lp_status lp_cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count);
+lp_status lp_cuda_sae_decode_sparse(lp_ctx *c, float *out, const int32_t *idx, const float *val,
+                                    const float *W, const float *bias, int N, int K, int D);
+lp_status lp_cuda_sae_decode_sparse_grad(lp_ctx *c, float *dval, float *dW, const float *dout,
+                                         const int32_t *idx, const float *val, const float *W, int N,
+                                         int K, int D);
+lp_status lp_cuda_sae_encode_sparse_grad(lp_ctx *c, float *dW_enc, float *db_enc, const float *x,
+                                         const int32_t *idx, const float *dpre, int N, int K, int D,
+                                         int S);
+lp_status lp_cuda_sae_relu(lp_ctx *c, float *f, const float *pre, size_t n);
+lp_status lp_cuda_sae_jumprelu(lp_ctx *c, float *f, const float *pre, const float *theta, int N, int S);
+lp_status lp_cuda_sae_relu_grad(lp_ctx *c, float *dpre, const float *df, const float *pre, size_t n);
+lp_status lp_cuda_sae_jumprelu_grad(lp_ctx *c, float *dpre, float *dtheta, const float *df,
+                                    const float *pre, const float *theta, float eps, float l0_coef,
+                                    int N, int S);
+lp_status lp_cuda_adam_step(lp_ctx *c, float *p, const float *g, float *m, float *v, size_t n, float lr,
+                            float b1, float b2, float eps, int t);
+lp_status lp_cuda_rows_unit_norm(lp_ctx *c, float *W, int S, int D);
+lp_status lp_cuda_rows_remove_parallel(lp_ctx *c, float *dW, const float *W, int S, int D);
+lp_status lp_cuda_rows_norm(lp_ctx *c, float *out, const float *W, int S, int D);
+lp_status lp_cuda_sae_recon_sums(lp_ctx *c, double sums[4], const float *x, const float *x_hat, int N,
+                                 int D);
+lp_status lp_cuda_sae_fire_counts(lp_ctx *c, int64_t *counts, const int32_t *idx, const float *val,
+                                  const float *f, int N, int K, int S);
+/* lp_sae_scale and lp_sae_encode_sparse_input_grad (include/loupe/sae_ops.h) */
+void lp_cpu_sae_scale(float *x, float alpha, size_t n);
+void lp_cpu_sae_encode_sparse_input_grad(float *dx, const float *dpre, const int32_t *idx, const float *W_enc,
+                                         int N, int K, int D, int S);
+lp_status lp_cuda_sae_scale(lp_ctx *c, float *x, float alpha, size_t n);
+lp_status lp_cuda_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float *dpre, const int32_t *idx,
+                                               const float *W_enc, int N, int K, int D, int S);
+/* ==== end of SAE ops ==== */
+
 #ifdef __cplusplus
 }
 #endif

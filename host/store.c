@@ -307,3 +307,103 @@ lp_status lp_store_hook_mean(const char *dir, const char *hook, float **mean, si
     free(acc);
     return LP_OK;
 }
+
+/* ---- reading one hook, token by token ---- */
+
+struct lp_store {
+    char dir[1024], model[1024];
+    int n_shards, ctx, d;
+    lp_st_file *files;
+    const lp_st_tensor **t; /* the hook in each shard */
+    int64_t *first;         /* first token of each shard; first[n_shards] = total */
+};
+
+void lp_store_close(lp_store *s) {
+    if (!s) return;
+    for (int i = 0; i < s->n_shards; i++) lp_st_close(&s->files[i]);
+    free(s->files);
+    free(s->t);
+    free(s->first);
+    free(s);
+}
+
+lp_status lp_store_open(lp_store **out, const char *dir, const char *hook) {
+    *out = NULL;
+    lp_store *s = calloc(1, sizeof *s);
+    if (!s) LP_FAIL(LP_ERR_OOM, "out of memory");
+    snprintf(s->dir, sizeof s->dir, "%s", dir);
+    char path[1200];
+    snprintf(path, sizeof path, "%s/meta.json", dir);
+    size_t n;
+    char *meta = lp_read_file(path, &n);
+    if (meta) { /* optional: the model the store came from */
+        cJSON *j = cJSON_ParseWithLength(meta, n);
+        const cJSON *mp = cJSON_GetObjectItemCaseSensitive(j, "model");
+        if (cJSON_IsString(mp)) snprintf(s->model, sizeof s->model, "%s", mp->valuestring);
+        cJSON_Delete(j);
+        free(meta);
+    }
+    int cap = 0;
+    lp_status st = LP_OK;
+    for (int i = 0;; i++) {
+        snprintf(path, sizeof path, "%s/shard-%05d.safetensors", dir, i);
+        if (access(path, F_OK) != 0) break;
+        if (s->n_shards == cap) {
+            cap = cap ? 2 * cap : 16;
+            lp_st_file *f = realloc(s->files, cap * sizeof *f);
+            const lp_st_tensor **t = f ? realloc(s->t, cap * sizeof *t) : NULL;
+            int64_t *first = t ? realloc(s->first, (cap + 1) * sizeof *first) : NULL;
+            if (f) s->files = f;
+            if (t) s->t = t;
+            if (first) s->first = first;
+            if (!f || !t || !first) { st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory"); break; }
+        }
+        if ((st = lp_st_open(&s->files[s->n_shards], path)) != LP_OK) break;
+        lp_st_file *f = &s->files[s->n_shards++];
+        const lp_st_tensor *t = lp_st_find(f, hook);
+        if (!t || t->ndim < 3) {
+            st = lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "%s: hook '%s' is not in the store (see its meta.json)", path, hook);
+            break;
+        }
+        if (t->dtype != LP_F32 && t->dtype != LP_BF16) {
+            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: '%s' has dtype %s (F32 or BF16 expected)", path, hook, lp_dtype_name(t->dtype));
+            break;
+        }
+        int d = (int)lp_shape_numel(t->shape + 2, t->ndim - 2), ctx = (int)t->shape[1];
+        if (s->n_shards == 1) s->d = d, s->ctx = ctx, s->first[0] = 0;
+        if (d != s->d || ctx != s->ctx) {
+            st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' changes shape between shards", path, hook);
+            break;
+        }
+        s->t[s->n_shards - 1] = t;
+        s->first[s->n_shards] = s->first[s->n_shards - 1] + t->shape[0] * t->shape[1];
+    }
+    if (st == LP_OK && s->n_shards == 0) st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: no shards (is it an activation store?)", dir);
+    if (st != LP_OK) {
+        lp_store_close(s);
+        return st;
+    }
+    *out = s;
+    return LP_OK;
+}
+
+int64_t lp_store_n_tokens(const lp_store *s) { return s->first[s->n_shards]; }
+int lp_store_d(const lp_store *s) { return s->d; }
+int lp_store_context(const lp_store *s) { return s->ctx; }
+const char *lp_store_model(const lp_store *s) { return s->model; }
+
+lp_status lp_store_read(const lp_store *s, int64_t t0, int64_t n, float *dst) {
+    if (t0 < 0 || n < 0 || t0 + n > lp_store_n_tokens(s))
+        LP_FAIL(LP_ERR_ARG, "%s: tokens [%lld, %lld) are outside the store's %lld", s->dir, (long long)t0, (long long)(t0 + n),
+                (long long)lp_store_n_tokens(s));
+    int i = 0;
+    while (n > 0) {
+        while (s->first[i + 1] <= t0) i++;
+        const lp_st_tensor *t = s->t[i];
+        int64_t off = t0 - s->first[i], take = s->first[i + 1] - t0 < n ? s->first[i + 1] - t0 : n;
+        size_t es = lp_dtype_size(t->dtype);
+        LP_CHECK(lp_convert_host(dst, LP_F32, (const char *)t->data + (size_t)off * s->d * es, t->dtype, (size_t)take * s->d));
+        dst += (size_t)take * s->d, t0 += take, n -= take;
+    }
+    return LP_OK;
+}

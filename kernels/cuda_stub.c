@@ -150,3 +150,93 @@ lp_status lp_cuda_dequant(lp_ctx *c, void *dst, lp_dtype dst_dtype, const void *
     (void)c; (void)dst; (void)dst_dtype; (void)src; (void)type; (void)n;
     return NO_CUDA();
 }
+
+/* ==== SAE ops (kernels/sae.cu) ==== */
+lp_status lp_cuda_matmul_at(lp_ctx *c, float *out, const float *a, const float *b, int N, int K, int M,
+                            float beta) {
+    (void)c; (void)out; (void)a; (void)b; (void)N; (void)K; (void)M; (void)beta;
+    return NO_CUDA();
+}
+lp_status lp_cuda_col_sum(lp_ctx *c, float *out, const float *x, int N, int M, float beta) {
+    (void)c; (void)out; (void)x; (void)N; (void)M; (void)beta;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre, int N, int S, int K) {
+    (void)c; (void)idx; (void)val; (void)pre; (void)N; (void)S; (void)K;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count) {
+    (void)c; (void)t; (void)pre; (void)n; (void)count;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sae_decode_sparse(lp_ctx *c, float *out, const int32_t *idx, const float *val,
+                                    const float *W, const float *bias, int N, int K, int D) {
+    (void)c; (void)out; (void)idx; (void)val; (void)W; (void)bias; (void)N; (void)K; (void)D;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sae_decode_sparse_grad(lp_ctx *c, float *dval, float *dW, const float *dout,
+                                         const int32_t *idx, const float *val, const float *W, int N,
+                                         int K, int D) {
+    (void)c; (void)dval; (void)dW; (void)dout; (void)idx; (void)val; (void)W; (void)N; (void)K; (void)D;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sae_encode_sparse_grad(lp_ctx *c, float *dW_enc, float *db_enc, const float *x,
+                                         const int32_t *idx, const float *dpre, int N, int K, int D,
+                                         int S) {
+    (void)c; (void)dW_enc; (void)db_enc; (void)x; (void)idx; (void)dpre; (void)N; (void)K; (void)D; (void)S;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sae_relu(lp_ctx *c, float *f, const float *pre, size_t n) {
+    (void)c; (void)f; (void)pre; (void)n;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sae_jumprelu(lp_ctx *c, float *f, const float *pre, const float *theta, int N, int S) {
+    (void)c; (void)f; (void)pre; (void)theta; (void)N; (void)S;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sae_relu_grad(lp_ctx *c, float *dpre, const float *df, const float *pre, size_t n) {
+    (void)c; (void)dpre; (void)df; (void)pre; (void)n;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sae_jumprelu_grad(lp_ctx *c, float *dpre, float *dtheta, const float *df,
+                                    const float *pre, const float *theta, float eps, float l0_coef,
+                                    int N, int S) {
+    (void)c; (void)dpre; (void)dtheta; (void)df; (void)pre; (void)theta; (void)eps; (void)l0_coef; (void)N; (void)S;
+    return NO_CUDA();
+}
+lp_status lp_cuda_adam_step(lp_ctx *c, float *p, const float *g, float *m, float *v, size_t n, float lr,
+                            float b1, float b2, float eps, int t) {
+    (void)c; (void)p; (void)g; (void)m; (void)v; (void)n; (void)lr; (void)b1; (void)b2; (void)eps; (void)t;
+    return NO_CUDA();
+}
+lp_status lp_cuda_rows_unit_norm(lp_ctx *c, float *W, int S, int D) {
+    (void)c; (void)W; (void)S; (void)D;
+    return NO_CUDA();
+}
+lp_status lp_cuda_rows_remove_parallel(lp_ctx *c, float *dW, const float *W, int S, int D) {
+    (void)c; (void)dW; (void)W; (void)S; (void)D;
+    return NO_CUDA();
+}
+lp_status lp_cuda_rows_norm(lp_ctx *c, float *out, const float *W, int S, int D) {
+    (void)c; (void)out; (void)W; (void)S; (void)D;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sae_recon_sums(lp_ctx *c, double sums[4], const float *x, const float *x_hat, int N,
+                                 int D) {
+    (void)c; (void)sums; (void)x; (void)x_hat; (void)N; (void)D;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sae_fire_counts(lp_ctx *c, int64_t *counts, const int32_t *idx, const float *val,
+                                  const float *f, int N, int K, int S) {
+    (void)c; (void)counts; (void)idx; (void)val; (void)f; (void)N; (void)K; (void)S;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sae_scale(lp_ctx *c, float *x, float alpha, size_t n) {
+    (void)c; (void)x; (void)alpha; (void)n;
+    return NO_CUDA();
+}
+lp_status lp_cuda_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float *dpre, const int32_t *idx,
+                                               const float *W_enc, int N, int K, int D, int S) {
+    (void)c; (void)dx; (void)dpre; (void)idx; (void)W_enc; (void)N; (void)K; (void)D; (void)S;
+    return NO_CUDA();
+}

@@ -6,7 +6,9 @@
 #   2. the text tokenized with the model's own tokenizer;
 #   3. the model's mean next-token loss on it;
 #   4. a short greedy continuation of a chat prompt;
-#   5. the residual stream at the middle layer cached into an activation store.
+#   5. the residual stream at the middle layer cached into an activation store;
+#   6. a TopK SAE trained on that store, then evaluated: reconstruction, sparsity, and the
+#      model's loss with the SAE spliced in.
 # It uses the GPU when one is present, the CPU otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,5 +42,13 @@ echo
 echo "== the store"
 ls -l "$OUT/store"
 head -c 300 "$OUT/store/meta.json"; echo " ..."
+echo
+echo "== loupe train-sae configs/sae_topk.ini: a TopK SAE (4 x 576 latents, k = 32) on that layer"
+rm -rf "$OUT/sae"
+$LOUPE train-sae configs/sae_topk.ini --data.store="$OUT/store" --train.out="$OUT/sae"
+echo
+echo "== loupe eval-sae $OUT/sae: on the store, and spliced into the model (2 rows of $CTX tokens)"
+$LOUPE eval-sae "$OUT/sae" --data.store="$OUT/store" --model.path="$MODEL" --tokens "$OUT/text.npy" \
+    --data.context="$CTX" --model.dtype=f32 --eval.tokens=$((2 * CTX))
 echo
 echo "demo done in $(( $(date +%s) - t0 )) s"

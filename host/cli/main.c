@@ -16,6 +16,7 @@
 #include "loupe/store.h"
 #include "loupe/tokenizer.h"
 #include "loupe/tokens.h"
+#include "cli.h"
 
 static const lp_key g_keys[] = {
     {"model.path", LP_KEY_STR, NULL, 0, 0, NULL, "Hugging Face checkpoint directory or .gguf file"},
@@ -32,6 +33,46 @@ static const lp_key g_keys[] = {
     {"cache.batch", LP_KEY_INT, "8", 1, 1 << 16, NULL, "sequences per forward"},
     {"cache.shard_sequences", LP_KEY_INT, "256", 1, 1 << 24, NULL, "sequences per shard file"},
     {"tokenize.out", LP_KEY_STR, NULL, 0, 0, NULL, ".npy file for the token ids (flat int32)"},
+    /* SAEs: names an SAELens user recognises */
+    {"data.store", LP_KEY_STR, NULL, 0, 0, NULL, "activation store (loupe cache) to train or evaluate on"},
+    {"data.hook", LP_KEY_STR, NULL, 0, 0, NULL, "hook the SAE reads (default: the store's only hook / the SAE's)"},
+    {"data.hook_out", LP_KEY_STR, NULL, 0, 0, NULL, "transcoder: hook it reconstructs"},
+    {"sae.path", LP_KEY_STR, NULL, 0, 0, NULL, "an SAE: SAELens directory, Gemma Scope params, or sparsify directory"},
+    {"sae.architecture", LP_KEY_CHOICE, "topk", 0, 0, "standard|topk|batchtopk|jumprelu", "SAE activation"},
+    {"sae.d_sae", LP_KEY_INT, "0", 0, 1 << 26, NULL, "latents; 0: sae.expansion_factor x d_in"},
+    {"sae.expansion_factor", LP_KEY_INT, "8", 1, 1 << 16, NULL, "d_sae / d_in when sae.d_sae is 0"},
+    {"sae.k", LP_KEY_INT, "32", 1, 1 << 20, NULL, "active latents per token (topk, batchtopk)"},
+    {"sae.apply_b_dec_to_input", LP_KEY_CHOICE, "true", 0, 0, "true|false", "subtract b_dec before encoding"},
+    {"sae.normalize_activations", LP_KEY_CHOICE, "expected_average_only_in", 0, 0, "none|expected_average_only_in",
+     "scale inputs to norm sqrt(d_in) (folded into the saved weights)"},
+    {"sae.jumprelu_bandwidth", LP_KEY_FLOAT, "0.001", 0, 1e6, NULL, "straight-through estimator bandwidth"},
+    {"sae.skip", LP_KEY_CHOICE, "false", 0, 0, "true|false", "transcoder: linear skip connection"},
+    {"train.out", LP_KEY_STR, NULL, 0, 0, NULL, "directory for cfg.json, sae_weights.safetensors, metrics.jsonl, checkpoints/"},
+    {"train.device", LP_KEY_CHOICE, "auto", 0, 0, "auto|cpu|cuda", "where the SAE trains"},
+    {"train.lr", LP_KEY_FLOAT, "3e-4", -1e30, 1e30, NULL, "Adam learning rate"},
+    {"train.adam_beta1", LP_KEY_FLOAT, "0.9", -1e30, 1e30, NULL, "Adam beta1"},
+    {"train.adam_beta2", LP_KEY_FLOAT, "0.999", -1e30, 1e30, NULL, "Adam beta2"},
+    {"train.lr_scheduler", LP_KEY_CHOICE, "constant", 0, 0, "constant|linear|cosine", "decay over the last lr_decay_steps"},
+    {"train.lr_warm_up_steps", LP_KEY_INT, "0", 0, 1LL << 40, NULL, "linear warm-up steps"},
+    {"train.lr_decay_steps", LP_KEY_INT, "0", 0, 1LL << 40, NULL, "decay steps at the end"},
+    {"train.l1_coefficient", LP_KEY_FLOAT, "5", -1e30, 1e30, NULL, "standard: L1 penalty"},
+    {"train.l1_warm_up_steps", LP_KEY_INT, "0", 0, 1LL << 40, NULL, "steps to ramp the L1 coefficient"},
+    {"train.l0_coefficient", LP_KEY_FLOAT, "1", -1e30, 1e30, NULL, "jumprelu: L0 penalty"},
+    {"train.jumprelu_init_threshold", LP_KEY_FLOAT, "0.001", 0, 1e30, NULL, "jumprelu: initial threshold"},
+    {"train.aux_k_coefficient", LP_KEY_FLOAT, "0.03125", -1e30, 1e30, NULL, "topk/batchtopk: AuxK loss weight"},
+    {"train.aux_k", LP_KEY_INT, "0", 0, 1 << 20, NULL, "AuxK latents; 0: d_in / 2"},
+    {"train.tokens", LP_KEY_INT, "1000000", -(1LL << 50), 1LL << 50, NULL, "training tokens"},
+    {"train.batch_tokens", LP_KEY_INT, "4096", -(1 << 30), 1 << 30, NULL, "tokens per step"},
+    {"train.b_dec_init", LP_KEY_CHOICE, "geometric_median", 0, 0, "mean|geometric_median|zeros", "b_dec initialisation"},
+    {"train.dead_feature_window", LP_KEY_INT, "1000000", 1, 1LL << 50, NULL, "tokens without firing before a latent is dead"},
+    {"train.shuffle_tokens", LP_KEY_INT, "65536", 1, 1LL << 40, NULL, "tokens shuffled together"},
+    {"train.checkpoint_every", LP_KEY_INT, "0", 0, 1LL << 50, NULL, "tokens between checkpoints; 0: at the end"},
+    {"train.log_every", LP_KEY_INT, "50", 1, 1LL << 40, NULL, "steps between metrics.jsonl lines"},
+    {"train.seed", LP_KEY_INT, "0", 0, 1LL << 62, NULL, "initialisation and shuffling seed"},
+    {"eval.tokens", LP_KEY_INT, "0", 0, 1LL << 50, NULL, "tokens to evaluate on (store, and model rows); 0: all"},
+    {"eval.batch_tokens", LP_KEY_INT, "4096", 1, 1 << 30, NULL, "tokens per batch"},
+    {"encode.out", LP_KEY_STR, NULL, 0, 0, NULL, ".safetensors for the latents (indices, values)"},
+    {"encode.k", LP_KEY_INT, "0", 0, 1 << 20, NULL, "latents kept per token; 0: the SAE's k (or 32)"},
     {"gen.prompt", LP_KEY_STR, NULL, 0, 0, NULL, "text to continue"},
     {"gen.max_tokens", LP_KEY_INT, "64", 0, 1 << 20, NULL, "new tokens at most"},
     {"gen.temperature", LP_KEY_FLOAT, "0", 0, 100, NULL, "0: greedy"},
@@ -58,6 +99,12 @@ static const char *g_usage =
     "                                      text to token ids with the model's tokenizer\n"
     "  generate MODEL --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
     "                                      continue a prompt (KV cache; greedy at temperature 0)\n"
+    "  train-sae [CONFIG.ini] [STORE] --data.hook=HOOK --train.out=DIR [--sae.architecture=...]\n"
+    "                                      train an SAE or transcoder on an activation store\n"
+    "  eval-sae SAE --data.store=DIR [--model.path=M --text F]\n"
+    "                                      reconstruction and sparsity metrics; spliced model loss\n"
+    "  encode SAE --data.store=DIR --encode.out=F.safetensors\n"
+    "                                      top-k latents (indices, values) of every token\n"
     "short flags: --tokens --text --out --prompt --max-tokens --temperature --top-p --seed\n"
     "keys:\n";
 
@@ -68,22 +115,21 @@ static void usage(FILE *f) {
                 g_keys[i].def ? g_keys[i].def : "");
 }
 
-static int fail(lp_status st) {
+int cli_fail(lp_status st) {
     fprintf(stderr, "loupe: %s\n", lp_last_error());
     if (getenv("LOUPE_DEBUG")) fprintf(stderr, "loupe: (raised at %s)\n", lp_last_error_where());
     return lp_status_exit_code(st);
 }
 
-static double now_s(void) {
+double cli_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-typedef struct { lp_cfg cfg; int json; } args;
 
 /* Parses everything after the command. Positional: a .ini file, otherwise MODEL. */
-static lp_status parse_args(args *a, int argc, char **argv) {
+static lp_status parse_args(args *a, int argc, char **argv, const char *positional) {
     lp_cfg_init(&a->cfg, g_keys, N_KEYS);
     const char *ini = NULL;
     for (int i = 0; i < argc; i++) { /* the config file first, so that flags override it */
@@ -96,7 +142,7 @@ static lp_status parse_args(args *a, int argc, char **argv) {
         if (arg == ini) continue;
         if (strcmp(arg, "--json") == 0) { a->json = 1; continue; }
         if (strncmp(arg, "--", 2) != 0) {
-            LP_CHECK(lp_cfg_set(&a->cfg, "model.path", arg, "command line"));
+            LP_CHECK(lp_cfg_set(&a->cfg, positional, arg, "command line"));
             continue;
         }
         char key[256];
@@ -116,18 +162,20 @@ static lp_status parse_args(args *a, int argc, char **argv) {
     return LP_OK;
 }
 
-static lp_status open_model(const args *a, lp_model **m) {
-    LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"model.path", NULL}));
-    const char *dev = lp_cfg_str(&a->cfg, "model.device"), *dt = lp_cfg_str(&a->cfg, "model.dtype");
+lp_device cli_device(const char *dev) {
     char why[256] = "";
-    lp_device d = strcmp(dev, "cuda") == 0 ? LP_CUDA : strcmp(dev, "cpu") == 0 ? LP_CPU
-                  : lp_cuda_available(why, sizeof why)           ? LP_CUDA
-                                                                  : LP_CPU;
+    return strcmp(dev, "cuda") == 0 ? LP_CUDA : strcmp(dev, "cpu") == 0 ? LP_CPU : lp_cuda_available(why, sizeof why) ? LP_CUDA : LP_CPU;
+}
+
+lp_status cli_open_model(const args *a, lp_model **m) {
+    LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"model.path", NULL}));
+    const char *dt = lp_cfg_str(&a->cfg, "model.dtype");
+    lp_device d = cli_device(lp_cfg_str(&a->cfg, "model.device"));
     lp_dtype t = strcmp(dt, "f32") == 0 ? LP_F32 : strcmp(dt, "bf16") == 0 ? LP_BF16 : d == LP_CUDA ? LP_BF16 : LP_F32;
     return lp_model_load(m, lp_cfg_str(&a->cfg, "model.path"), d, t);
 }
 
-static const char *dev_name(lp_model *m) {
+const char *cli_dev_name(lp_model *m) {
     static char buf[32];
     lp_ctx *c = lp_model_ctx(m);
     snprintf(buf, sizeof buf, "%s/%s", c->device == LP_CUDA ? "cuda" : "cpu", c->dtype == LP_BF16 ? "bf16" : "f32");
@@ -176,7 +224,7 @@ static lp_status load_text(const args *a, const lp_model *m, lp_tokens *t) {
     return LP_OK;
 }
 
-static lp_status load_tokens(const args *a, const lp_model *m, lp_tokens *t) {
+lp_status cli_load_tokens(const args *a, const lp_model *m, lp_tokens *t) {
     int has_text = lp_cfg_str(&a->cfg, "data.text") != NULL, has_tokens = lp_cfg_str(&a->cfg, "data.tokens") != NULL;
     if (has_text && has_tokens) LP_FAIL(LP_ERR_ARG, "give data.tokens or data.text, not both");
     if (has_text) return load_text(a, m, t);
@@ -208,8 +256,8 @@ static void shape_text(lp_model *m, int id, char *buf, size_t n, cJSON *arr) {
 
 static int cmd_info(args *a) {
     lp_model *m;
-    lp_status st = open_model(a, &m);
-    if (st != LP_OK) return fail(st);
+    lp_status st = cli_open_model(a, &m);
+    if (st != LP_OK) return cli_fail(st);
     const lp_config *c = lp_model_config(m);
     char buf[128];
     if (a->json) {
@@ -238,7 +286,7 @@ static int cmd_info(args *a) {
     } else {
         printf("%s: %d layers, d_model %d, %d heads x %d, d_mlp %d, context %d, vocab %d\n", c->name, c->n_layers,
                c->d_model, c->n_heads, c->d_head, c->d_mlp, c->n_ctx, c->d_vocab);
-        printf("parameters: %lld (%s)\n", (long long)lp_model_n_params(m), dev_name(m));
+        printf("parameters: %lld (%s)\n", (long long)lp_model_n_params(m), cli_dev_name(m));
         printf("hook points (%d):\n", lp_hook_count(m));
         for (int id = 0; id < lp_hook_count(m); id++) {
             shape_text(m, id, buf, sizeof buf, NULL);
@@ -252,15 +300,15 @@ static int cmd_info(args *a) {
 static int cmd_run(args *a) {
     lp_model *m = NULL;
     lp_tokens t = {0};
-    lp_status st = open_model(a, &m);
-    if (st == LP_OK) st = load_tokens(a, m, &t);
+    lp_status st = cli_open_model(a, &m);
+    if (st == LP_OK) st = cli_load_tokens(a, m, &t);
     if (st != LP_OK) {
         lp_tokens_free(&t);
         lp_model_free(m);
-        return fail(st);
+        return cli_fail(st);
     }
     int B = (int)lp_cfg_int(&a->cfg, "run.batch"), T = t.ctx;
-    double *seq_loss = calloc(t.n_seq, sizeof(double)), total = 0, t0 = now_s();
+    double *seq_loss = calloc(t.n_seq, sizeof(double)), total = 0, t0 = cli_now();
     for (int64_t r = 0; r < t.n_seq && st == LP_OK; r += B) {
         int nb = t.n_seq - r < B ? (int)(t.n_seq - r) : B;
         st = lp_model_forward(m, t.ids + (size_t)r * T, nb, T, LP_WANT_LOSS);
@@ -275,10 +323,10 @@ static int cmd_run(args *a) {
         if (isatty(2)) fprintf(stderr, "\rrun %lld/%lld sequences", (long long)(r + nb), (long long)t.n_seq);
     }
     if (isatty(2)) fputc('\n', stderr);
-    double secs = now_s() - t0;
+    double secs = cli_now() - t0;
     int rc = 0;
     if (st != LP_OK) {
-        rc = fail(st);
+        rc = cli_fail(st);
     } else {
         int64_t n_pred = t.n_seq * (T - 1);
         double mean = total / n_pred;
@@ -288,7 +336,7 @@ static int cmd_run(args *a) {
             cJSON_AddNumberToObject(r, "n_tokens", (double)n_pred);
             cJSON_AddNumberToObject(r, "n_sequences", (double)t.n_seq);
             cJSON_AddNumberToObject(r, "context", T);
-            cJSON_AddStringToObject(r, "device", dev_name(m));
+            cJSON_AddStringToObject(r, "device", cli_dev_name(m));
             cJSON_AddNumberToObject(r, "tokens_per_s", secs > 0 ? t.n_seq * T / secs : 0);
             cJSON *per = cJSON_AddArrayToObject(r, "per_sequence_loss");
             for (int64_t i = 0; i < t.n_seq; i++) cJSON_AddItemToArray(per, cJSON_CreateNumber(seq_loss[i]));
@@ -298,7 +346,7 @@ static int cmd_run(args *a) {
             cJSON_Delete(r);
         } else {
             printf("mean loss %.6f over %lld predicted tokens (%lld sequences of %d) on %s, %.0f tokens/s\n", mean,
-                   (long long)n_pred, (long long)t.n_seq, T, dev_name(m), secs > 0 ? t.n_seq * T / secs : 0);
+                   (long long)n_pred, (long long)t.n_seq, T, cli_dev_name(m), secs > 0 ? t.n_seq * T / secs : 0);
             printf("per-sequence loss:");
             for (int64_t i = 0; i < t.n_seq && i < 16; i++) printf(" %.4f", seq_loss[i]);
             printf("%s\n", t.n_seq > 16 ? " ... (--json for all)" : "");
@@ -312,11 +360,11 @@ static int cmd_run(args *a) {
 
 static int cmd_cache(args *a) {
     lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "cache.hooks", "cache.out", NULL});
-    if (st != LP_OK) return fail(st);
+    if (st != LP_OK) return cli_fail(st);
     lp_model *m = NULL;
     lp_tokens t = {0};
-    st = open_model(a, &m);
-    if (st == LP_OK) st = load_tokens(a, m, &t);
+    st = cli_open_model(a, &m);
+    if (st == LP_OK) st = cli_load_tokens(a, m, &t);
     lp_cache_report rep;
     if (st == LP_OK) {
         lp_cache_opts o = {
@@ -333,7 +381,7 @@ static int cmd_cache(args *a) {
     }
     int rc = 0;
     if (st != LP_OK) {
-        rc = fail(st);
+        rc = cli_fail(st);
     } else if (a->json) {
         printf("{\"out\":\"%s\",\"n_sequences\":%lld,\"n_tokens\":%lld,\"n_hooks\":%d,\"n_shards\":%d,"
                "\"resumed_sequences\":%lld,\"tokens_per_s\":%.1f}\n",
@@ -343,7 +391,7 @@ static int cmd_cache(args *a) {
         printf("cached %d hooks for %lld sequences (%lld tokens) into %s: %d shards", rep.n_hooks,
                (long long)rep.n_sequences, (long long)rep.n_tokens, lp_cfg_str(&a->cfg, "cache.out"), rep.n_shards);
         if (rep.resumed_sequences) printf(", %lld sequences were already there", (long long)rep.resumed_sequences);
-        printf(", %.0f tokens/s on %s\n", rep.tokens_per_s, dev_name(m));
+        printf(", %.0f tokens/s on %s\n", rep.tokens_per_s, cli_dev_name(m));
     }
     lp_tokens_free(&t);
     lp_model_free(m);
@@ -354,14 +402,14 @@ static int cmd_tokenize(args *a) {
     lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "data.text", "tokenize.out", NULL});
     int32_t *ids = NULL;
     size_t n = 0, bytes = 0;
-    double t0 = now_s();
+    double t0 = cli_now();
     if (st == LP_OK) st = tokenize_file(a, lp_cfg_str(&a->cfg, "data.text"), &ids, &n, &bytes);
     if (st == LP_OK && n > 0x7fffffff) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "more than 2^31 tokens in one file");
     if (st == LP_OK) st = lp_npy_write_i32(lp_cfg_str(&a->cfg, "tokenize.out"), ids, -1, (int)n);
-    double secs = now_s() - t0;
+    double secs = cli_now() - t0;
     if (st != LP_OK) {
         free(ids);
-        return fail(st);
+        return cli_fail(st);
     }
     const char *out = lp_cfg_str(&a->cfg, "tokenize.out");
     if (a->json)
@@ -391,7 +439,7 @@ static lp_status print_token(int32_t id, void *user) {
 
 static int cmd_generate(args *a) {
     lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "gen.prompt", NULL});
-    if (st != LP_OK) return fail(st);
+    if (st != LP_OK) return cli_fail(st);
     lp_model *m = NULL;
     lp_tokenizer *tk = NULL;
     int32_t *prompt = NULL, *out = NULL;
@@ -401,7 +449,7 @@ static int cmd_generate(args *a) {
     st = open_tokenizer(a, &tk);
     if (st == LP_OK) st = lp_tokenize(tk, text, strlen(text), &prompt, &n_prompt);
     if (st == LP_OK && n_prompt == 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "the prompt gives no tokens");
-    if (st == LP_OK) st = open_model(a, &m);
+    if (st == LP_OK) st = cli_open_model(a, &m);
     if (st == LP_OK && n_prompt > (size_t)lp_model_config(m)->n_ctx)
         st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "the prompt is %zu tokens, longer than the model's context of %d", n_prompt,
                           lp_model_config(m)->n_ctx);
@@ -418,22 +466,22 @@ static int cmd_generate(args *a) {
     if (st == LP_OK && (o.top_p <= 0)) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "gen.top_p must be in (0, 1]");
     if (st == LP_OK && !(out = malloc(((size_t)o.max_tokens + 1) * sizeof(int32_t))))
         st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
-    double t0 = now_s();
+    double t0 = cli_now();
     if (st == LP_OK && !a->json) {
         fputs(text, stdout);
         fflush(stdout);
     }
     if (st == LP_OK) st = lp_generate(m, prompt, (int)n_prompt, &o, out, &n_out);
-    double secs = now_s() - t0;
+    double secs = cli_now() - t0;
     if (st != LP_OK) {
         if (!a->json && m) fputc('\n', stdout);
-        rc = fail(st);
+        rc = cli_fail(st);
     } else if (a->json) {
         char *txt;
         size_t len;
         st = lp_detokenize(tk, out, n_out, &txt, &len);
         if (st != LP_OK) {
-            rc = fail(st);
+            rc = cli_fail(st);
         } else {
             cJSON *r = cJSON_CreateObject();
             cJSON_AddStringToObject(r, "prompt", text);
@@ -442,7 +490,7 @@ static int cmd_generate(args *a) {
             cJSON *ids = cJSON_AddArrayToObject(r, "ids");
             for (int i = 0; i < n_out; i++) cJSON_AddItemToArray(ids, cJSON_CreateNumber(out[i]));
             cJSON_AddNumberToObject(r, "tokens_per_s", secs > 0 ? n_out / secs : 0);
-            cJSON_AddStringToObject(r, "device", dev_name(m));
+            cJSON_AddStringToObject(r, "device", cli_dev_name(m));
             char *j = cJSON_PrintUnformatted(r);
             printf("%s\n", j);
             free(j);
@@ -453,7 +501,7 @@ static int cmd_generate(args *a) {
         printf("\n");
         fflush(stdout);
         fprintf(stderr, "loupe: %d prompt tokens, %d new tokens in %.2f s (%.1f tokens/s) on %s%s\n", (int)n_prompt, n_out, secs,
-                secs > 0 ? n_out / secs : 0, dev_name(m), o.temperature > 0 ? "" : ", greedy");
+                secs > 0 ? n_out / secs : 0, cli_dev_name(m), o.temperature > 0 ? "" : ", greedy");
     }
     free(out);
     free(prompt);
@@ -468,18 +516,24 @@ int main(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     const char *cmd = argv[1];
-    static const struct { const char *name; int (*fn)(args *); } cmds[] = {
-        {"info", cmd_info}, {"run", cmd_run}, {"cache", cmd_cache}, {"tokenize", cmd_tokenize}, {"generate", cmd_generate}};
+    /* the positional argument is the model, or for the SAE commands the SAE */
+    static const struct { const char *name; int (*fn)(args *); const char *positional; } cmds[] = {
+        {"info", cmd_info, "model.path"},        {"run", cmd_run, "model.path"},
+        {"cache", cmd_cache, "model.path"},      {"tokenize", cmd_tokenize, "model.path"},
+        {"generate", cmd_generate, "model.path"}, {"train-sae", cmd_train_sae, "data.store"},
+        {"eval-sae", cmd_eval_sae, "sae.path"},   {"encode", cmd_encode, "sae.path"}};
     int (*fn)(args *) = NULL;
+    const char *positional = "model.path";
     for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++)
-        if (strcmp(cmd, cmds[i].name) == 0) fn = cmds[i].fn;
+        if (strcmp(cmd, cmds[i].name) == 0) fn = cmds[i].fn, positional = cmds[i].positional;
     if (!fn) {
-        fprintf(stderr, "loupe: unknown command '%s' (commands: info, run, cache, tokenize, generate; see loupe --help)\n", cmd);
+        fprintf(stderr, "loupe: unknown command '%s' (commands: info, run, cache, tokenize, generate, train-sae, eval-sae, encode; "
+                        "see loupe --help)\n", cmd);
         return 2;
     }
     args a = {0};
-    lp_status st = parse_args(&a, argc - 2, argv + 2);
-    int rc = st == LP_OK ? fn(&a) : fail(st);
+    lp_status st = parse_args(&a, argc - 2, argv + 2, positional);
+    int rc = st == LP_OK ? fn(&a) : cli_fail(st);
     lp_cfg_free(&a.cfg);
     return rc;
 }

@@ -22,7 +22,7 @@ typedef struct lp_key {
     const char *help;
 } lp_key;
 
-#define LP_CFG_MAX_KEYS 64
+#define LP_CFG_MAX_KEYS 128
 typedef struct lp_cfg {
     const lp_key *keys;
     int n;

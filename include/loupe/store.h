@@ -40,6 +40,21 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
  * resid hooks or [n_heads * d_head] for hook_z: the source of mean ablation. */
 lp_status lp_store_hook_mean(const char *dir, const char *hook, float **mean, size_t *n);
 
+/* ---- reading one hook of a store, token by token (the SAE trainer's data) ----
+ * The hook's per-token values are flattened: [n_tokens, d] with d = the product of the
+ * hook's dimensions after [n_seq, ctx] (d_model for resid hooks, n_heads * d_head for
+ * hook_z). Tokens are numbered sequence by sequence across the shards. */
+typedef struct lp_store lp_store;
+lp_status lp_store_open(lp_store **s, const char *dir, const char *hook);
+void lp_store_close(lp_store *s);
+int64_t lp_store_n_tokens(const lp_store *s);
+int lp_store_d(const lp_store *s);
+int lp_store_context(const lp_store *s);
+/* The model path and context recorded in meta.json ("" when absent). */
+const char *lp_store_model(const lp_store *s);
+/* F32 [n, d] of tokens [t0, t0 + n), converted from the store's dtype. */
+lp_status lp_store_read(const lp_store *s, int64_t t0, int64_t n, float *dst);
+
 #ifdef __cplusplus
 }
 #endif

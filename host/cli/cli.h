@@ -1,0 +1,27 @@
+/* cli.h: what the command files of host/cli/ share: the parsed arguments, model and
+ * token loading, and the one-line error report. */
+#ifndef LOUPE_CLI_H
+#define LOUPE_CLI_H
+
+#include "loupe/config.h"
+#include "loupe/model.h"
+#include "loupe/tokens.h"
+
+typedef struct { lp_cfg cfg; int json; } args;
+
+/* Prints lp_last_error() as one line and returns the exit status (2 bad input, 1 other). */
+int cli_fail(lp_status st);
+double cli_now(void);
+/* "auto" | "cpu" | "cuda" to a device (auto: cuda when a GPU is present). */
+lp_device cli_device(const char *dev);
+lp_status cli_open_model(const args *a, lp_model **m);
+const char *cli_dev_name(lp_model *m);
+/* data.tokens or data.text, cut into rows for the model. */
+lp_status cli_load_tokens(const args *a, const lp_model *m, lp_tokens *t);
+
+/* host/cli/sae.c */
+int cmd_train_sae(args *a);
+int cmd_eval_sae(args *a);
+int cmd_encode(args *a);
+
+#endif

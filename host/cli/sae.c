@@ -1,0 +1,217 @@
+/* sae.c: the SAE commands: `loupe train-sae`, `loupe eval-sae`, `loupe encode`. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "loupe/safetensors.h"
+#include "loupe/sae_train.h"
+#include "loupe/store.h"
+#include "cli.h"
+
+static int is_true(const args *a, const char *key) { return strcmp(lp_cfg_str(&a->cfg, key), "true") == 0; }
+
+static void copy_str(char *dst, size_t n, const char *src) { snprintf(dst, n, "%s", src ? src : ""); }
+
+/* The SAE's device: F32 always (the trainer keeps F32 master weights). */
+static lp_status sae_ctx(const args *a, const char *key, lp_ctx *c) { return lp_ctx_init(c, cli_device(lp_cfg_str(&a->cfg, key)), LP_F32); }
+
+static lp_status train_cfg(const args *a, lp_sae_train_cfg *t) {
+    lp_sae_train_defaults(t);
+    lp_sae_cfg *s = &t->sae;
+    s->arch = (lp_sae_arch)lp_sae_arch_parse(lp_cfg_str(&a->cfg, "sae.architecture"));
+    s->k = (int)lp_cfg_int(&a->cfg, "sae.k");
+    s->apply_b_dec_to_input = is_true(a, "sae.apply_b_dec_to_input");
+    s->skip = is_true(a, "sae.skip");
+    s->jumprelu_bandwidth = (float)lp_cfg_float(&a->cfg, "sae.jumprelu_bandwidth");
+    copy_str(s->normalize, sizeof s->normalize, lp_cfg_str(&a->cfg, "sae.normalize_activations"));
+    copy_str(s->hook_name, sizeof s->hook_name, lp_cfg_str(&a->cfg, "data.hook"));
+    copy_str(s->hook_name_out, sizeof s->hook_name_out, lp_cfg_str(&a->cfg, "data.hook_out"));
+    t->store = lp_cfg_str(&a->cfg, "data.store");
+    t->out = lp_cfg_str(&a->cfg, "train.out");
+    t->lr = lp_cfg_float(&a->cfg, "train.lr");
+    t->adam_beta1 = lp_cfg_float(&a->cfg, "train.adam_beta1");
+    t->adam_beta2 = lp_cfg_float(&a->cfg, "train.adam_beta2");
+    copy_str(t->lr_scheduler, sizeof t->lr_scheduler, lp_cfg_str(&a->cfg, "train.lr_scheduler"));
+    t->lr_warm_up_steps = lp_cfg_int(&a->cfg, "train.lr_warm_up_steps");
+    t->lr_decay_steps = lp_cfg_int(&a->cfg, "train.lr_decay_steps");
+    t->l1_coefficient = lp_cfg_float(&a->cfg, "train.l1_coefficient");
+    t->l1_warm_up_steps = lp_cfg_int(&a->cfg, "train.l1_warm_up_steps");
+    t->l0_coefficient = lp_cfg_float(&a->cfg, "train.l0_coefficient");
+    t->jumprelu_init_threshold = lp_cfg_float(&a->cfg, "train.jumprelu_init_threshold");
+    t->aux_k_coefficient = lp_cfg_float(&a->cfg, "train.aux_k_coefficient");
+    t->aux_k = (int)lp_cfg_int(&a->cfg, "train.aux_k");
+    t->tokens = lp_cfg_int(&a->cfg, "train.tokens");
+    t->batch_tokens = (int)lp_cfg_int(&a->cfg, "train.batch_tokens");
+    copy_str(t->b_dec_init, sizeof t->b_dec_init, lp_cfg_str(&a->cfg, "train.b_dec_init"));
+    t->dead_feature_window = lp_cfg_int(&a->cfg, "train.dead_feature_window");
+    t->shuffle_tokens = lp_cfg_int(&a->cfg, "train.shuffle_tokens");
+    t->checkpoint_every = lp_cfg_int(&a->cfg, "train.checkpoint_every");
+    t->log_every = lp_cfg_int(&a->cfg, "train.log_every");
+    t->seed = (uint64_t)lp_cfg_int(&a->cfg, "train.seed");
+    t->progress = 1;
+    LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"data.store", "data.hook", "train.out", NULL}));
+    /* d_sae: given, or expansion_factor x the hook's width (read from the store) */
+    s->d_sae = (int)lp_cfg_int(&a->cfg, "sae.d_sae");
+    if (s->d_sae == 0) {
+        lp_store *st;
+        LP_CHECK(lp_store_open(&st, t->store, s->hook_name));
+        s->d_sae = (int)lp_cfg_int(&a->cfg, "sae.expansion_factor") * lp_store_d(st);
+        lp_store_close(st);
+    }
+    return lp_sae_train_check(t);
+}
+
+int cmd_train_sae(args *a) {
+    lp_sae_train_cfg t;
+    lp_status st = train_cfg(a, &t);
+    if (st != LP_OK) return cli_fail(st);
+    lp_ctx c;
+    if ((st = sae_ctx(a, "train.device", &c)) != LP_OK) return cli_fail(st);
+    lp_sae_train_report rep;
+    st = lp_sae_train(&t, &c, &rep);
+    int rc = 0;
+    if (st != LP_OK) {
+        rc = cli_fail(st);
+    } else if (a->json) {
+        printf("{\"out\":\"%s\",\"steps\":%lld,\"tokens\":%lld,\"resumed_tokens\":%lld,\"tokens_per_s\":%.1f,\"mse\":%.6g,"
+               "\"explained_variance\":%.6g,\"l0\":%.4f,\"dead\":%d}\n",
+               t.out, (long long)rep.steps, (long long)rep.tokens, (long long)rep.resumed_tokens, rep.tokens_per_s, rep.mse,
+               rep.explained_variance, rep.l0, rep.dead);
+    } else {
+        printf("trained %s SAE (d_in %s -> d_sae %d%s) on %lld tokens of %s in %lld steps, %.0f tokens/s on %s%s\n",
+               lp_sae_arch_name(t.sae.arch), t.sae.hook_name, t.sae.d_sae, t.sae.hook_name_out[0] ? ", transcoder" : "",
+               (long long)rep.tokens, t.store, (long long)rep.steps, rep.tokens_per_s, c.device == LP_CUDA ? "cuda" : "cpu",
+               rep.resumed_tokens ? " (resumed)" : "");
+        printf("last %lld steps: mse %.5g, explained variance %.4f, L0 %.2f, dead latents %d; wrote %s/cfg.json, "
+               "sae_weights.safetensors, metrics.jsonl\n",
+               (long long)t.log_every, rep.mse, rep.explained_variance, rep.l0, rep.dead, t.out);
+    }
+    lp_ctx_free(&c);
+    return rc;
+}
+
+/* The hook an SAE reads: data.hook, else the SAE's own. */
+static const char *sae_hook(const args *a, const lp_sae *s) {
+    const char *h = lp_cfg_str(&a->cfg, "data.hook");
+    return h && h[0] ? h : s->cfg.hook_name;
+}
+
+int cmd_eval_sae(args *a) {
+    lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"sae.path", NULL});
+    if (st != LP_OK) return cli_fail(st);
+    const char *store = lp_cfg_str(&a->cfg, "data.store"), *model = lp_cfg_str(&a->cfg, "model.path");
+    if (!store && !model) return cli_fail(lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,
+                                                       "eval-sae needs data.store (reconstruction) and/or model.path with tokens or text (spliced loss)"));
+    lp_ctx c;
+    if ((st = sae_ctx(a, model ? "model.device" : "train.device", &c)) != LP_OK) return cli_fail(st);
+    lp_sae *s = NULL;
+    st = lp_sae_load(&s, &c, lp_cfg_str(&a->cfg, "sae.path"));
+    lp_sae_eval ev = {0};
+    lp_sae_splice_eval sp = {0};
+    if (st == LP_OK && store)
+        st = lp_sae_eval_store(s, &c, store, sae_hook(a, s), lp_cfg_str(&a->cfg, "data.hook_out"), lp_cfg_int(&a->cfg, "eval.tokens"),
+                               (int)lp_cfg_int(&a->cfg, "eval.batch_tokens"), &ev);
+    lp_model *m = NULL;
+    lp_tokens toks = {0};
+    if (st == LP_OK && model) {
+        st = cli_open_model(a, &m);
+        if (st == LP_OK) st = cli_load_tokens(a, m, &toks);
+        int64_t rows = toks.n_seq, limit = lp_cfg_int(&a->cfg, "eval.tokens");
+        if (limit > 0 && toks.ctx > 0) rows = limit / toks.ctx < 1 ? 1 : (limit / toks.ctx < rows ? limit / toks.ctx : rows);
+        if (st == LP_OK) st = lp_sae_eval_model(m, s, &c, toks.ids, rows, toks.ctx, &sp);
+    }
+    int rc = 0;
+    if (st != LP_OK) {
+        rc = cli_fail(st);
+    } else if (a->json) {
+        printf("{\"sae\":\"%s\"", lp_cfg_str(&a->cfg, "sae.path"));
+        if (store) {
+            printf(",\"n_tokens\":%lld,\"metrics/mse\":%.6g,\"metrics/explained_variance\":%.6g,\"metrics/fvu\":%.6g,"
+                   "\"metrics/l0\":%.4f,\"metrics/l1\":%.6g,\"metrics/cossim\":%.6g,\"metrics/norm_ratio\":%.6g,"
+                   "\"sparsity/dead_features\":%d,\"sparsity/dense_features\":%d,\"sparsity/log10_density_histogram\":[",
+                   (long long)ev.n_tokens, ev.mse, ev.explained_variance, ev.fvu, ev.l0, ev.l1, ev.cos_sim, ev.norm_ratio, ev.dead,
+                   ev.dense);
+            for (int i = 0; i < 12; i++) printf("%s%lld", i ? "," : "", (long long)ev.density_hist[i]);
+            printf("]");
+        }
+        if (model)
+            printf(",\"model_performance_preservation/ce_loss_without_sae\":%.6g,\"model_performance_preservation/ce_loss_with_sae\":%.6g,"
+                   "\"model_performance_preservation/ce_loss_with_ablation\":%.6g,\"model_performance_preservation/ce_loss_score\":%.6g,"
+                   "\"model_behavior_preservation/kl_div_with_sae\":%.6g,\"model_behavior_preservation/kl_div_with_ablation\":%.6g,"
+                   "\"n_predicted_tokens\":%lld",
+                   sp.ce_clean, sp.ce_sae, sp.ce_zero, sp.ce_recovered, sp.kl_sae, sp.kl_zero, (long long)sp.n_tokens);
+        printf("}\n");
+    } else {
+        printf("SAE %s: %s, d_in %d, d_sae %d%s, hook %s\n", lp_cfg_str(&a->cfg, "sae.path"), lp_sae_arch_name(s->cfg.arch), s->cfg.d_in,
+               s->cfg.d_sae, s->cfg.hook_name_out[0] ? " (transcoder)" : "", s->cfg.hook_name);
+        if (store) {
+            printf("  on %lld tokens of %s: mse %.5g, explained variance %.4f (FVU %.4f), L0 %.2f, L1 %.4g, cos %.4f, norm ratio %.4f\n",
+                   (long long)ev.n_tokens, store, ev.mse, ev.explained_variance, ev.fvu, ev.l0, ev.l1, ev.cos_sim, ev.norm_ratio);
+            printf("  latents: %d dead, %d dense (> 10%% of tokens); log10 density histogram [<-10 .. >=0]:", ev.dead, ev.dense);
+            for (int i = 0; i < 12; i++) printf(" %lld", (long long)ev.density_hist[i]);
+            printf("\n");
+        }
+        if (model)
+            printf("  model loss over %lld tokens: clean %.4f, with the SAE %.4f, hook zero-ablated %.4f: CE loss recovered %.1f%%; "
+                   "KL with the SAE %.4f, ablated %.4f\n",
+                   (long long)sp.n_tokens, sp.ce_clean, sp.ce_sae, sp.ce_zero, 100 * sp.ce_recovered, sp.kl_sae, sp.kl_zero);
+    }
+    lp_tokens_free(&toks);
+    lp_model_free(m);
+    lp_sae_free(s, &c);
+    lp_ctx_free(&c);
+    return rc;
+}
+
+int cmd_encode(args *a) {
+    lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"sae.path", "data.store", "encode.out", NULL});
+    if (st != LP_OK) return cli_fail(st);
+    lp_ctx c;
+    if ((st = sae_ctx(a, "train.device", &c)) != LP_OK) return cli_fail(st);
+    lp_sae *s = NULL;
+    lp_store *in = NULL;
+    st = lp_sae_load(&s, &c, lp_cfg_str(&a->cfg, "sae.path"));
+    const char *store = lp_cfg_str(&a->cfg, "data.store");
+    if (st == LP_OK) st = lp_store_open(&in, store, sae_hook(a, s));
+    if (st == LP_OK && lp_store_d(in) != s->cfg.d_in)
+        st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' has %d values per token but the SAE's d_in is %d", store,
+                          sae_hook(a, s), lp_store_d(in), s->cfg.d_in);
+    int k = (int)lp_cfg_int(&a->cfg, "encode.k");
+    if (k == 0) k = s && s->cfg.k > 0 ? s->cfg.k : 32;
+    if (st == LP_OK && k > s->cfg.d_sae) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "encode.k = %d exceeds the SAE's d_sae %d", k, s->cfg.d_sae);
+    int64_t n = st == LP_OK ? lp_store_n_tokens(in) : 0;
+    int B = (int)lp_cfg_int(&a->cfg, "eval.batch_tokens");
+    int32_t *idx = st == LP_OK ? malloc((size_t)n * k * sizeof(int32_t)) : NULL;
+    float *val = st == LP_OK ? malloc((size_t)n * k * sizeof(float)) : NULL, *hx = st == LP_OK ? malloc((size_t)B * s->cfg.d_in * 4) : NULL;
+    float *dx = NULL;
+    if (st == LP_OK && (!idx || !val || !hx)) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for %lld x %d latents", (long long)n, k);
+    if (st == LP_OK) st = lp_ctx_alloc(&c, (size_t)B * s->cfg.d_in * 4, (void **)&dx);
+    double t0 = cli_now();
+    for (int64_t i = 0; st == LP_OK && i < n; i += B) {
+        int nb = (int)(n - i < B ? n - i : B);
+        st = lp_store_read(in, i, nb, hx);
+        if (st == LP_OK) st = lp_ctx_to_device(&c, dx, hx, (size_t)nb * s->cfg.d_in * 4);
+        if (st == LP_OK) st = lp_sae_encode_topk_host(s, &c, dx, nb, k, idx + (size_t)i * k, val + (size_t)i * k);
+    }
+    if (st == LP_OK) { /* written under a temporary name and renamed when complete */
+        lp_st_spec specs[2] = {{.name = "indices", .dtype = LP_I32, .ndim = 2, .shape = {n, k}},
+                               {.name = "values", .dtype = LP_F32, .ndim = 2, .shape = {n, k}}};
+        const void *datas[2] = {idx, val};
+        const char *meta[] = {"sae", lp_cfg_str(&a->cfg, "sae.path"), "store", store, "hook", sae_hook(a, s), NULL};
+        st = lp_st_write(lp_cfg_str(&a->cfg, "encode.out"), specs, datas, 2, meta);
+    }
+    int rc = 0;
+    if (st != LP_OK) rc = cli_fail(st);
+    else if (a->json) printf("{\"out\":\"%s\",\"n_tokens\":%lld,\"k\":%d}\n", lp_cfg_str(&a->cfg, "encode.out"), (long long)n, k);
+    else
+        printf("encoded %lld tokens of %s into %s: indices and values [%lld, %d], %.0f tokens/s\n", (long long)n, store,
+               lp_cfg_str(&a->cfg, "encode.out"), (long long)n, k, n / (cli_now() - t0 + 1e-9));
+    free(idx);
+    free(val);
+    free(hx);
+    lp_ctx_release(&c, dx);
+    lp_store_close(in);
+    lp_sae_free(s, &c);
+    lp_ctx_free(&c);
+    return rc;
+}

@@ -1,0 +1,91 @@
+/* sae_ops.h: the numeric pieces of SAE training and inference, each with a CPU
+ * reference (host/cpu/sae.c) and a CUDA kernel (kernels/sae.cu), dispatched on the
+ * context's device (host/sae_ops.c). Every buffer is F32 on the context's device unless
+ * it says otherwise; index buffers are int32. Shapes: N tokens, D = d_in (or d_out),
+ * S = d_sae, K = k. Gradients are checked against finite differences in the tests. */
+#ifndef LOUPE_SAE_OPS_H
+#define LOUPE_SAE_OPS_H
+
+#include "loupe/tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* out[K,M] = beta * out + a^T b for a [N,K], b [N,M] (weight gradients). beta is 0 or 1. */
+lp_status lp_matmul_at(lp_ctx *c, float *out, const float *a, const float *b, int N, int K, int M, float beta);
+/* out[M] = beta * out + sum over rows of x[N,M]. */
+lp_status lp_col_sum(lp_ctx *c, float *out, const float *x, int N, int M, float beta);
+
+/* Per row: the K largest values of pre[N,S] (ties: the lower index first), as
+ * idx[N,K] (int32) and val[N,K] = relu(value), in descending order. */
+lp_status lp_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre, int N, int S, int K);
+/* The value t such that exactly `count` entries of relu(pre[N,S]) are > t when there are
+ * at least that many positive entries (else 0): the BatchTopK threshold. Host scalar out. */
+lp_status lp_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count);
+
+/* out[N,D] = bias[D] + sum_j val[n,j] * W[idx[n,j], :] for W [S,D] (bias may be NULL).
+ * Only the K active rows of W are read. */
+lp_status lp_sae_decode_sparse(lp_ctx *c, float *out, const int32_t *idx, const float *val, const float *W,
+                               const float *bias, int N, int K, int D);
+/* The backward of lp_sae_decode_sparse for dout [N,D]:
+ *   dval[n,j] = dout[n,:] . W[idx[n,j],:]               (written)
+ *   dW[idx[n,j],:] += val[n,j] * dout[n,:]               (accumulated; rows never touched
+ *                                                          are not written at all) */
+lp_status lp_sae_decode_sparse_grad(lp_ctx *c, float *dval, float *dW, const float *dout, const int32_t *idx,
+                                    const float *val, const float *W, int N, int K, int D);
+/* The encoder rows of the active latents only: dpre_sparse[n,j] is the gradient of the
+ * pre-activation of latent idx[n,j]; dW_enc[:, idx] += x[n,:]^T dpre[n,j] and
+ * db_enc[idx] += dpre[n,j] (accumulated). W_enc is [D,S]. */
+lp_status lp_sae_encode_sparse_grad(lp_ctx *c, float *dW_enc, float *db_enc, const float *x, const int32_t *idx,
+                                    const float *dpre, int N, int K, int D, int S);
+
+/* The input gradient through the active encoder columns (for x_in = x - b_dec):
+ *   dx[n,d] = sum_j dpre[n,j] * W_enc[d, idx[n,j]]          (written) */
+lp_status lp_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float *dpre, const int32_t *idx, const float *W_enc,
+                                          int N, int K, int D, int S);
+/* x *= alpha, in place. */
+lp_status lp_sae_scale(lp_ctx *c, float *x, float alpha, size_t n);
+
+/* Dense activations, in place allowed:
+ *   relu:     f = max(pre, 0)
+ *   jumprelu: f = pre * (pre > theta[s]) */
+lp_status lp_sae_relu(lp_ctx *c, float *f, const float *pre, size_t n);
+lp_status lp_sae_jumprelu(lp_ctx *c, float *f, const float *pre, const float *theta, int N, int S);
+/* Backward of the activations for df [N,S]:
+ *   relu:     dpre = df * (pre > 0)
+ *   jumprelu: dpre = df * (pre > theta); and with the rectangle-kernel straight-through
+ *             estimator of bandwidth eps (Rajamanoharan et al. 2024), for the threshold:
+ *             dtheta[s] += sum_n [ -(theta/eps) * K((pre - theta)/eps) * df[n,s]
+ *                                   + l0_coef * -(1/eps) * K((pre - theta)/eps) ]
+ *             with K(u) = 1 if |u| < 1/2 else 0 (l0_coef already divided by N). */
+lp_status lp_sae_relu_grad(lp_ctx *c, float *dpre, const float *df, const float *pre, size_t n);
+lp_status lp_sae_jumprelu_grad(lp_ctx *c, float *dpre, float *dtheta, const float *df, const float *pre,
+                               const float *theta, float eps, float l0_coef, int N, int S);
+
+/* Adam (Kingma & Ba), fused, bias-corrected at step t >= 1:
+ *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+ *   p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) */
+lp_status lp_adam_step(lp_ctx *c, float *p, const float *g, float *m, float *v, size_t n, float lr, float b1,
+                       float b2, float eps, int t);
+/* W [S,D]: every row scaled to unit L2 norm (zero rows left alone). */
+lp_status lp_rows_unit_norm(lp_ctx *c, float *W, int S, int D);
+/* dW [S,D]: removes from each row its component parallel to the (unit) row of W. */
+lp_status lp_rows_remove_parallel(lp_ctx *c, float *dW, const float *W, int S, int D);
+/* out[S] = L2 norm of each row of W [S,D]. */
+lp_status lp_rows_norm(lp_ctx *c, float *out, const float *W, int S, int D);
+
+/* Metrics over a batch, reduced on the device, results on the host (double):
+ *   sums[0] = sum (x_hat - x)^2, sums[1] = sum (x - mean_n x)^2 (per-dim mean over the
+ *   batch), sums[2] = sum over tokens of cos(x_hat, x), sums[3] = sum of ||x_hat|| / ||x||
+ * for x, x_hat [N,D]. */
+lp_status lp_sae_recon_sums(lp_ctx *c, double sums[4], const float *x, const float *x_hat, int N, int D);
+/* counts[s] += number of tokens where latent s fired, from sparse (idx [N,K] with val > 0)
+ * or dense (f [N,S], idx NULL) activations; counts is int64 on the device. */
+lp_status lp_sae_fire_counts(lp_ctx *c, int64_t *counts, const int32_t *idx, const float *val, const float *f, int N,
+                             int K, int S);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
