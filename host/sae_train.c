@@ -153,7 +153,10 @@ lp_status lp_sae_runner_forward(sae_runner *r, int n, int batch_thr) {
     LP_CHECK(lp_matmul(c, r->pre, xin, s->W_enc, s->b_enc, n, D, S, 0));
     switch (cf->arch) {
     case LP_SAE_STANDARD: LP_CHECK(lp_sae_relu(c, r->f, r->pre, (size_t)n * S)); break;
-    case LP_SAE_JUMPRELU: LP_CHECK(lp_sae_jumprelu(c, r->f, r->pre, s->threshold, n, S)); break;
+    case LP_SAE_JUMPRELU: /* SAELens: relu(pre) * (pre > threshold), also for negative thresholds */
+        LP_CHECK(lp_sae_relu(c, r->f, r->pre, (size_t)n * S));
+        LP_CHECK(lp_sae_jumprelu(c, r->f, r->f, s->threshold, n, S));
+        break;
     case LP_SAE_TOPK: LP_CHECK(lp_sae_topk(c, r->idx, r->val, r->pre, n, S, K)); break;
     case LP_SAE_BATCHTOPK:
         if (batch_thr) { /* the k * n largest activations of this batch */
@@ -304,9 +307,13 @@ static lp_status init_params(trainer *tr) {
         nrm = sqrt(nrm);
         for (size_t j = 0; j < Do; j++) wd[i * Do + j] = (float)(wd[i * Do + j] / nrm);
     }
-    /* W_enc [D, S] = W_dec^T (for a transcoder, the first min(D, Do) rows of it) */
+    /* W_enc [D, S] = W_dec^T (for a transcoder, the first min(D, Do) rows of it). Where many
+     * latents fire at once (all but topk), SAELens's decoder_init_norm of 0.1 keeps the first
+     * reconstructions from being d_sae/d_in times too large; with a unit-norm decoder that
+     * factor goes on the encoder. */
+    float g = cf->arch == LP_SAE_TOPK ? 1.0f : 0.1f;
     for (size_t d = 0; st == LP_OK && d < D; d++)
-        for (size_t i = 0; i < S; i++) we[d * S + i] = d < Do ? wd[i * Do + d] : 0.0f;
+        for (size_t i = 0; i < S; i++) we[d * S + i] = d < Do ? g * wd[i * Do + d] : 0.0f;
     if (st == LP_OK) st = lp_ctx_to_device(tr->c, s->W_dec, wd, S * Do * 4);
     if (st == LP_OK) st = lp_ctx_to_device(tr->c, s->W_enc, we, D * S * 4);
     if (st == LP_OK && s->threshold && cf->arch == LP_SAE_JUMPRELU) {
@@ -453,6 +460,7 @@ static lp_status train_step(trainer *tr, double lr, double l1, double *mse, doub
             *sparse_loss = tr->t->l0_coefficient * *l0;
             LP_CHECK(lp_sae_jumprelu_grad(c, r->df, g->threshold, r->df, r->pre, s->threshold, cf->jumprelu_bandwidth,
                                           (float)(tr->t->l0_coefficient / N), N, S));
+            LP_CHECK(lp_sae_relu_grad(c, r->df, r->df, r->pre, (size_t)N * S)); /* the relu in front */
         } else { /* batchtopk: the selection is a mask */
             /* colsum is scratch for the (unused) threshold pseudo-gradient */
             LP_CHECK(lp_sae_jumprelu_grad(c, r->df, r->colsum, r->df, r->pre, r->thr, 1.0f, 0.0f, N, S));
@@ -502,7 +510,7 @@ static lp_status train_step(trainer *tr, double lr, double l1, double *mse, doub
                           (float)tr->t->adam_beta2, (float)tr->t->adam_eps, (int)(tr->step + 1)));
     LP_CHECK(lp_rows_unit_norm(c, s->W_dec, S, Do));
     if (cf->arch == LP_SAE_BATCHTOPK) { /* the exported threshold: a running mean of the batch thresholds */
-        tr->thr_ema = tr->step == 0 ? r->batch_t : 0.99 * tr->thr_ema + 0.01 * r->batch_t;
+        tr->thr_ema = tr->step == 0 ? r->batch_t : 0.95 * tr->thr_ema + 0.05 * r->batch_t;
     }
     return LP_OK;
 }
