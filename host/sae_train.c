@@ -729,12 +729,12 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c) {
     return LP_OK;
 }
 
-static void progress(const trainer *tr, int64_t total_steps, double tps, double mse, double l0, int dead) {
+static void progress(const trainer *tr, int64_t total_steps, double tps, double loss, double l0, int dead) {
     int width = 24, done = (int)(width * (double)tr->step / total_steps);
     fprintf(stderr, "\rtrain-sae [");
     for (int i = 0; i < width; i++) fputc(i < done ? '#' : ' ', stderr);
-    fprintf(stderr, "] %lld/%lld tok  %.0f tok/s  mse %.4g  L0 %.1f  dead %d   ", (long long)tr->tokens_done,
-            (long long)tr->t->tokens, tps, mse, l0, dead);
+    fprintf(stderr, "] %lld/%lld tok  %.0f tok/s  loss %.4g  L0 %.1f  dead %d   ", (long long)tr->tokens_done,
+            (long long)tr->t->tokens, tps, loss, l0, dead);
 }
 
 lp_status lp_sae_train(const lp_sae_train_cfg *t, lp_ctx *c, lp_sae_train_report *rep) {
@@ -793,7 +793,7 @@ lp_status lp_sae_train(const lp_sae_train_cfg *t, lp_ctx *c, lp_sae_train_report
             fflush(tr.metrics);
             rep->mse = tr.acc_mse / n, rep->explained_variance = 1 - tr.acc_sse / tr.acc_sst, rep->l0 = tr.acc_l0 / n;
             rep->dead = tr.r->n_dead;
-            if (t->progress) progress(&tr, total_steps, tps, rep->mse, rep->l0, rep->dead);
+            if (t->progress) progress(&tr, total_steps, tps, (tr.acc_mse + tr.acc_sparsity + tr.acc_aux) / n, rep->l0, rep->dead);
             tr.acc_mse = tr.acc_sse = tr.acc_sst = tr.acc_l0 = tr.acc_sparsity = tr.acc_aux = tr.acc_n = 0;
             tlog = now, tok_log = tr.tokens_done;
         }

@@ -402,3 +402,72 @@ Test(cli, llama_bad_input_is_one_line_and_exit_2) {
     snprintf(sh, sizeof sh, "%s/wp --text %s/hi.txt --out %s/o.npy", dir, dir, dir);
     expect_bad("WordPiece", "tokenize %s", sh);
 }
+
+/* ---- SAEs through the command line ---- */
+
+Test(cli, train_eval_and_encode_an_sae) {
+    cr_assert_eq(loupe("cache --model.path=" MODEL " --data.tokens=" MODEL "/tokens.npy --cache.hooks=blocks.1.hook_resid_post,"
+                       "blocks.1.mlp.hook_post --cache.out=%s",
+                       tmp("store")),
+                 0, "%s", err_txt);
+    char args[1024];
+    snprintf(args, sizeof args, "train-sae %s --data.hook=blocks.1.hook_resid_post --train.out=%s --sae.d_sae=128 --sae.k=8 "
+             "--train.tokens=2048 --train.batch_tokens=32 --train.shuffle_tokens=32 --train.lr=3e-3 --train.log_every=8 --json",
+             tmp("store"), tmp("sae"));
+    cr_assert_eq(loupe("%s", args), 0, "%s", err_txt);
+    cJSON *j = cJSON_Parse(strrchr(out_txt, '{'));
+    cr_assert(j, "%s", out_txt);
+    cr_expect_eq(cJSON_GetObjectItem(j, "tokens")->valueint, 2048);
+    cr_expect_gt(cJSON_GetObjectItem(j, "explained_variance")->valuedouble, 0.5, "%s", out_txt);
+    cJSON_Delete(j);
+    /* SAELens layout */
+    size_t n;
+    char p[256];
+    snprintf(p, sizeof p, "%s/cfg.json", tmp("sae"));
+    char *cfg = lp_read_file(p, &n);
+    cr_assert(cfg, "no cfg.json");
+    cJSON *c = cJSON_Parse(cfg);
+    cr_expect_str_eq(cJSON_GetObjectItem(c, "architecture")->valuestring, "topk");
+    cr_expect_eq(cJSON_GetObjectItem(c, "d_in")->valueint, 64);
+    cr_expect_eq(cJSON_GetObjectItem(c, "d_sae")->valueint, 128);
+    cJSON_Delete(c);
+    free(cfg);
+    /* eval: reconstruction on the store and the spliced model loss */
+    cr_assert_eq(loupe("eval-sae %s --data.store=%s --model.path=" MODEL " --tokens " MODEL "/tokens.npy --json", tmp("sae"), tmp("store")),
+                 0, "%s", err_txt);
+    j = cJSON_Parse(strrchr(out_txt, '{'));
+    cr_assert(j, "%s", out_txt);
+    double ev = cJSON_GetObjectItem(j, "metrics/explained_variance")->valuedouble, l0 = cJSON_GetObjectItem(j, "metrics/l0")->valuedouble;
+    double clean = cJSON_GetObjectItem(j, "model_performance_preservation/ce_loss_without_sae")->valuedouble;
+    cr_expect_gt(ev, 0.5, "%s", out_txt);
+    cr_expect(l0 > 0 && l0 <= 8.0 + 1e-9, "L0 %f", l0);
+    cr_expect(fabs(clean - 15.728273) < 1e-3, "clean loss %f is the fixture's", clean);
+    cJSON_Delete(j);
+    /* encode: top-k latents of every stored token */
+    cr_assert_eq(loupe("encode %s --data.store=%s --encode.out=%s", tmp("sae"), tmp("store"), tmp("lat.safetensors")), 0, "%s", err_txt);
+    lp_st_file f;
+    cr_assert_eq(lp_st_open(&f, tmp("lat.safetensors")), LP_OK, "%s", lp_last_error());
+    const lp_st_tensor *ix = lp_st_find(&f, "indices"), *vl = lp_st_find(&f, "values");
+    cr_assert(ix && vl);
+    cr_expect(ix->shape[0] == 32 && ix->shape[1] == 8 && ix->dtype == LP_I32, "indices [%lld, %lld]", (long long)ix->shape[0],
+              (long long)ix->shape[1]);
+    for (int i = 0; i < 32 * 8; i++) cr_expect(((const int32_t *)ix->data)[i] >= 0 && ((const int32_t *)ix->data)[i] < 128);
+    lp_st_close(&f);
+
+    /* bad input: named keys, exit 2, one line, before any work */
+    expect_bad("unknown config key 'sae.bogus'", "train-sae --sae.bogus=%s", "1");
+    snprintf(args, sizeof args, "train-sae %s --data.hook=blocks.1.hook_resid_post --train.out=%s", tmp("store"), tmp("x"));
+    char bad[1200];
+    snprintf(bad, sizeof bad, "%s --sae.d_sae=16 --sae.k=%%s", args);
+    expect_bad("sae.k = 32", bad, "32");
+    snprintf(bad, sizeof bad, "%s --train.lr=%%s", args);
+    expect_bad("train.lr = -0.1", bad, "-0.1");
+    snprintf(bad, sizeof bad, "%s --sae.architecture=%%s", args);
+    expect_bad("sae.architecture", bad, "gated");
+    struct stat sb;
+    cr_expect(stat(tmp("x"), &sb) != 0, "a refused run created its output");
+    /* an SAE of the wrong width for the hook */
+    snprintf(bad, sizeof bad, "eval-sae %s --data.hook=blocks.1.mlp.hook_post --data.store=%s", tmp("sae"), tmp("store"));
+    expect_bad("d_in is 64", "%s", bad);
+    cr_expect(strstr(err_txt, "256") != NULL, "%s", err_txt);
+}

@@ -292,3 +292,48 @@ Test(sae_train, every_architecture_trains_saves_loads_and_evaluates) {
     }
     lp_ctx_free(&c);
 }
+
+/* A transcoder: reads one hook and reconstructs another, here y = M x (M random 16 -> 24),
+ * with a linear skip; saved, loaded back as a transcoder, evaluated against the output hook. */
+Test(sae_train, transcoder_learns_a_map_between_hooks) {
+    int n_seq = 64, ctx = 32, d = 16, dout = 24;
+    size_t n = (size_t)n_seq * ctx;
+    float *x = malloc(n * d * sizeof(float)), *y = malloc(n * dout * sizeof(float));
+    float *dirs = superposition(x, (int64_t)n, d, 32, 0.05, 21);
+    float *M = lp_test_rand((size_t)dout * d, 22, -0.5f, 0.5f);
+    for (size_t t = 0; t < n; t++)
+        for (int o = 0; o < dout; o++) {
+            double acc = 0;
+            for (int i = 0; i < d; i++) acc += (double)M[o * d + i] * x[t * d + i];
+            y[t * dout + o] = (float)acc;
+        }
+    mkdir(in_dir("store"), 0755);
+    int32_t *tok = calloc(n, sizeof(int32_t));
+    lp_st_spec specs[3] = {{.name = "tokens", .dtype = LP_I32, .ndim = 2, .shape = {n_seq, ctx}},
+                           {.name = HOOK, .dtype = LP_F32, .ndim = 3, .shape = {n_seq, ctx, d}},
+                           {.name = "blocks.0.hook_mlp_out", .dtype = LP_F32, .ndim = 3, .shape = {n_seq, ctx, dout}}};
+    const void *datas[3] = {tok, x, y};
+    char p[512];
+    snprintf(p, sizeof p, "%s/shard-00000.safetensors", in_dir("store"));
+    cr_assert_eq(lp_st_write(p, specs, datas, 3, NULL), LP_OK, "%s", lp_last_error());
+    lp_ctx c;
+    cr_assert_eq(lp_ctx_init(&c, LP_CPU, LP_F32), LP_OK);
+    lp_sae_train_cfg t;
+    base_cfg(&t, in_dir("store"), in_dir("tc"));
+    snprintf(t.sae.hook_name_out, sizeof t.sae.hook_name_out, "blocks.0.hook_mlp_out");
+    t.sae.arch = LP_SAE_TOPK, t.sae.d_sae = 64, t.sae.k = 4, t.sae.skip = 1;
+    t.tokens = 300 * 256, t.batch_tokens = 256, t.lr = 1e-2;
+    lp_sae_train_report rep;
+    lp_sae *s = train_and_load(&t, &c, &rep);
+    cr_expect_eq(s->cfg.d_in, d);
+    cr_expect_eq(s->cfg.d_out, dout);
+    cr_expect_str_eq(s->cfg.hook_name_out, "blocks.0.hook_mlp_out");
+    cr_expect(s->W_skip != NULL);
+    lp_sae_eval ev;
+    cr_assert_eq(lp_sae_eval_store(s, &c, in_dir("store"), NULL, NULL, 0, 512, &ev), LP_OK, "%s", lp_last_error());
+    printf("  transcoder %d -> %d with skip: train EV %.3f, eval EV %.3f, L0 %.2f\n", d, dout, rep.explained_variance, ev.explained_variance, ev.l0);
+    cr_expect_gt(ev.explained_variance, 0.9, "EV %.3f", ev.explained_variance);
+    lp_sae_free(s, &c);
+    lp_ctx_free(&c);
+    free(x), free(y), free(dirs), free(M), free(tok);
+}
