@@ -13,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "loupe/hooks.h"
 #include "loupe/ops.h"
 #include "loupe/safetensors.h"
 #include "loupe/sae_ops.h"
@@ -186,12 +187,121 @@ lp_status lp_sae_runner_forward(sae_runner *r, int n, int batch_thr) {
 
 /* ---- training ---- */
 
+/* ---- a live source: the model run over token rows, its hooks captured ---- */
+
+#define LIVE_MAX_HOOKS 16
+
+struct lp_live {
+    lp_model *m;
+    const int32_t *tok;
+    int64_t n_seq;
+    int ctx, bseq;
+    int n_hooks;
+    char name[LIVE_MAX_HOOKS][128];
+    int d[LIVE_MAX_HOOKS];
+    int64_t c0, cn;             /* the cached token range, for every hook */
+    float *cache[LIVE_MAX_HOOKS];
+    size_t cache_cap;           /* tokens each cache holds */
+    float *tmp;                 /* one batch of captures */
+    size_t tmp_cap;
+};
+
+lp_status lp_live_open(lp_live **out, lp_model *m, const int32_t *tokens, int64_t n_seq, int ctx, int batch_seqs) {
+    *out = NULL;
+    if (n_seq < 1 || ctx < 1 || batch_seqs < 1) LP_FAIL(LP_ERR_ARG, "live source: %lld rows of %d tokens, %d per forward", (long long)n_seq, ctx, batch_seqs);
+    lp_live *l = calloc(1, sizeof *l);
+    if (!l) LP_FAIL(LP_ERR_OOM, "out of memory");
+    *l = (lp_live){.m = m, .tok = tokens, .n_seq = n_seq, .ctx = ctx, .bseq = batch_seqs, .c0 = -1};
+    *out = l;
+    return LP_OK;
+}
+
+void lp_live_close(lp_live *l) {
+    if (!l) return;
+    for (int i = 0; i < l->n_hooks; i++) free(l->cache[i]);
+    free(l->tmp);
+    free(l);
+}
+
+/* Index of a hook the source captures (added on first use); *d its values per token. */
+static lp_status live_hook(lp_live *l, const char *name, int *idx, int *d) {
+    for (int i = 0; i < l->n_hooks; i++)
+        if (strcmp(l->name[i], name) == 0) return *idx = i, *d = l->d[i], LP_OK;
+    int id = lp_hook_find(l->m, name);
+    if (id < 0) LP_FAIL(LP_ERR_NOT_FOUND, "the model has no hook '%s' (see `loupe info MODEL`)", name);
+    if (l->n_hooks == LIVE_MAX_HOOKS) LP_FAIL(LP_ERR_ARG, "at most %d hooks train from one live stream", LIVE_MAX_HOOKS);
+    int64_t shape[LP_MAX_DIMS];
+    int nd = lp_hook_shape(l->m, id, 1, 1, shape);
+    if (strstr(name, "hook_pattern") || strstr(name, "hook_attn_scores")) LP_FAIL(LP_ERR_ARG, "'%s': SAEs train on per-token hooks", name);
+    int i = l->n_hooks++;
+    snprintf(l->name[i], sizeof l->name[i], "%s", name);
+    l->d[i] = (int)lp_shape_numel(shape + 2, nd - 2);
+    l->c0 = -1, l->cache_cap = 0; /* the next read captures the new hook too, into new caches */
+    *idx = i, *d = l->d[i];
+    return LP_OK;
+}
+
+/* Tokens [t0, t0 + n) of the endless stream (the rows read round and round), every hook. */
+static lp_status live_fill(lp_live *l, int64_t t0, int64_t n) {
+    lp_model *m = l->m;
+    if ((size_t)n > l->cache_cap) {
+        for (int i = 0; i < l->n_hooks; i++) {
+            free(l->cache[i]);
+            l->cache[i] = NULL;
+            if (!(l->cache[i] = malloc((size_t)n * l->d[i] * sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory for live activations");
+        }
+        l->cache_cap = (size_t)n;
+    }
+    size_t per = 0;
+    for (int i = 0; i < l->n_hooks; i++) per += (size_t)l->d[i];
+    size_t need = (size_t)l->bseq * l->ctx * per;
+    if (need > l->tmp_cap) {
+        free(l->tmp);
+        if (!(l->tmp = malloc(need * sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory for live activations");
+        l->tmp_cap = need;
+    }
+    lp_hooks_clear(m);
+    for (int i = 0; i < l->n_hooks; i++) LP_CHECK(lp_hook_capture(m, l->name[i], NULL, 0, NULL));
+    int32_t *rows = malloc((size_t)l->bseq * l->ctx * sizeof(int32_t));
+    if (!rows) LP_FAIL(LP_ERR_OOM, "out of memory");
+    lp_status st = LP_OK;
+    int64_t r_first = t0 / l->ctx, r_last = (t0 + n - 1) / l->ctx;
+    for (int64_t r = r_first; st == LP_OK && r <= r_last; r += l->bseq) {
+        int nb = (int)(r_last + 1 - r < l->bseq ? r_last + 1 - r : l->bseq);
+        for (int b = 0; b < nb; b++) memcpy(rows + (size_t)b * l->ctx, l->tok + ((r + b) % l->n_seq) * l->ctx, l->ctx * sizeof(int32_t));
+        st = lp_model_forward(m, rows, nb, l->ctx, 0);
+        float *o = l->tmp;
+        for (int i = 0; st == LP_OK && i < l->n_hooks; i++) {
+            size_t cnt = (size_t)nb * l->ctx * l->d[i];
+            st = lp_capture_read_f32(m, l->name[i], o, cnt);
+            /* the batch covers stream tokens [r*ctx, (r+nb)*ctx); keep those inside [t0, t0+n) */
+            int64_t a = r * l->ctx > t0 ? r * l->ctx : t0, z = (r + nb) * l->ctx < t0 + n ? (r + nb) * l->ctx : t0 + n;
+            if (st == LP_OK)
+                memcpy(l->cache[i] + (size_t)(a - t0) * l->d[i], o + (size_t)(a - r * l->ctx) * l->d[i], (size_t)(z - a) * l->d[i] * 4);
+            o += cnt;
+        }
+    }
+    free(rows);
+    lp_hooks_clear(m);
+    if (st == LP_OK) l->c0 = t0, l->cn = n;
+    return st;
+}
+
+static lp_status live_read(lp_live *l, int hook, int64_t t0, int64_t n, float *dst) {
+    if (!(l->c0 >= 0 && t0 >= l->c0 && t0 + n <= l->c0 + l->cn)) LP_CHECK(live_fill(l, t0, n));
+    memcpy(dst, l->cache[hook] + (size_t)(t0 - l->c0) * l->d[hook], (size_t)n * l->d[hook] * 4);
+    return LP_OK;
+}
+
 typedef struct trainer {
     const lp_sae_train_cfg *t;
     lp_ctx *c;
     lp_sae *s;
     sae_runner *r;
-    lp_store *in, *outs;
+    lp_store *in, *outs;            /* the data: a store, or */
+    lp_live *live;                  /* a live model stream */
+    int live_in, live_out;          /* its hook indices (live_out < 0: an SAE) */
+    int transcoder;
     int N, D, Do, S;
     float *grad, *adam_m, *adam_v; /* device, the layout of s->mem */
     lp_sae gview;                   /* grad pointers carved like the SAE's */
@@ -219,8 +329,12 @@ static uint64_t splitmix(uint64_t *s) {
     return z ^ (z >> 31);
 }
 
-/* Token i of the endless stream: the store read round and round. */
-static lp_status read_stream(const lp_store *st, int64_t t0, int64_t n, float *dst, int d) {
+/* Tokens [t0, t0 + n) of the endless stream (the data read round and round) of the input
+ * (out = 0) or the output hook (out = 1). */
+static lp_status src_read(trainer *tr, int out, int64_t t0, int64_t n, float *dst) {
+    if (tr->live) return live_read(tr->live, out ? tr->live_out : tr->live_in, t0, n, dst);
+    const lp_store *st = out ? tr->outs : tr->in;
+    int d = lp_store_d(st);
     int64_t total = lp_store_n_tokens(st);
     while (n > 0) {
         int64_t at = t0 % total, take = total - at < n ? total - at : n;
@@ -233,7 +347,7 @@ static lp_status read_stream(const lp_store *st, int64_t t0, int64_t n, float *d
 static lp_status check_finite(const trainer *tr, const float *x, size_t n, int d, int64_t first_token, const char *hook) {
     for (size_t i = 0; i < n; i++)
         if (!isfinite(x[i]))
-            LP_FAIL(LP_ERR_FORMAT, "%s: '%s' has a non-finite value at token %lld (stream position; step %lld)", tr->t->store, hook,
+            LP_FAIL(LP_ERR_FORMAT, "%s: '%s' has a non-finite value at token %lld (stream position; step %lld)", tr->live ? "live model" : tr->t->store, hook,
                     (long long)((first_token + (int64_t)(i / d)) % tr->n_tokens), (long long)tr->step);
     return LP_OK;
 }
@@ -243,13 +357,13 @@ static lp_status load_window(trainer *tr, int64_t w) {
     if (tr->win == w) return LP_OK;
     lp_ctx *c = tr->c;
     int64_t t0 = w * tr->W;
-    LP_CHECK(read_stream(tr->in, t0, tr->W, tr->host_x, tr->D));
+    LP_CHECK(src_read(tr, 0, t0, tr->W, tr->host_x));
     LP_CHECK(check_finite(tr, tr->host_x, (size_t)tr->W * tr->D, tr->D, t0, tr->s->cfg.hook_name));
     if (tr->scale != 1.0)
         for (size_t i = 0; i < (size_t)tr->W * tr->D; i++) tr->host_x[i] = (float)(tr->host_x[i] * tr->scale);
     LP_CHECK(lp_ctx_to_device(c, tr->win_x, tr->host_x, (size_t)tr->W * tr->D * 4));
-    if (tr->outs) {
-        LP_CHECK(read_stream(tr->outs, t0, tr->W, tr->host_y, tr->Do));
+    if (tr->transcoder) {
+        LP_CHECK(src_read(tr, 1, t0, tr->W, tr->host_y));
         LP_CHECK(check_finite(tr, tr->host_y, (size_t)tr->W * tr->Do, tr->Do, t0, tr->s->cfg.hook_name_out));
         LP_CHECK(lp_ctx_to_device(c, tr->win_y, tr->host_y, (size_t)tr->W * tr->Do * 4));
     }
@@ -271,7 +385,7 @@ static lp_status load_batch(trainer *tr, int64_t step) {
     LP_CHECK(load_window(tr, w));
     const int32_t *p = tr->perm + b * tr->N;
     LP_CHECK(lp_embed(tr->c, tr->r->x, p, tr->win_x, tr->N, tr->D)); /* a row gather */
-    if (tr->outs) LP_CHECK(lp_embed(tr->c, tr->r->y, p, tr->win_y, tr->N, tr->Do));
+    if (tr->transcoder) LP_CHECK(lp_embed(tr->c, tr->r->y, p, tr->win_y, tr->N, tr->Do));
     return LP_OK;
 }
 
@@ -333,7 +447,7 @@ static lp_status init_data_stats(trainer *tr) {
     int D = tr->D, Do = tr->Do;
     float *x = malloc((size_t)n * D * sizeof(float));
     if (!x) LP_FAIL(LP_ERR_OOM, "out of memory");
-    lp_status st = read_stream(tr->in, 0, n, x, D);
+    lp_status st = src_read(tr, 0, 0, n, x);
     if (st == LP_OK) st = check_finite(tr, x, (size_t)n * D, D, 0, tr->s->cfg.hook_name);
     tr->scale = 1.0;
     if (st == LP_OK && strcmp(tr->s->cfg.normalize, "expected_average_only_in") == 0) {
@@ -349,12 +463,12 @@ static lp_status init_data_stats(trainer *tr) {
     const float *src = x;
     float *y = NULL;
     int dd = D;
-    if (st == LP_OK && tr->outs) {
+    if (st == LP_OK && tr->transcoder) {
         y = malloc((size_t)n * Do * sizeof(float));
-        st = y ? read_stream(tr->outs, 0, n, y, Do) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        st = y ? src_read(tr, 1, 0, n, y) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
         src = y, dd = Do;
     }
-    double sc = tr->outs ? 1.0 : tr->scale;
+    double sc = tr->transcoder ? 1.0 : tr->scale;
     double *med = calloc(dd, sizeof(double));
     if (st == LP_OK && !med) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
     if (st == LP_OK && strcmp(t->b_dec_init, "zeros") != 0) {
@@ -406,7 +520,7 @@ static lp_status train_step(trainer *tr, double lr, double l1, double *mse, doub
     lp_ctx *c = tr->c;
     const lp_sae_cfg *cf = &s->cfg;
     int N = tr->N, D = tr->D, Do = tr->Do, S = tr->S, K = r->K;
-    const float *y = tr->outs ? r->y : r->x;
+    const float *y = tr->transcoder ? r->y : r->x;
     LP_CHECK(lp_ctx_memset0(c, tr->grad, s->n_floats * 4));
     LP_CHECK(lp_sae_runner_forward(r, N, 1));
 
@@ -676,28 +790,41 @@ static void trainer_free(trainer *tr) {
     if (tr->metrics) fclose(tr->metrics);
 }
 
-static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c) {
-    tr->t = t, tr->c = c, tr->win = -1, tr->scale = 1.0;
-    LP_CHECK(lp_sae_train_check(t));
-    LP_CHECK(lp_store_open(&tr->in, t->store, t->sae.hook_name));
+static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_live *live) {
+    tr->t = t, tr->c = c, tr->win = -1, tr->scale = 1.0, tr->live = live;
     lp_sae_cfg cf = t->sae;
-    cf.d_in = lp_store_d(tr->in);
-    cf.d_out = cf.d_in;
-    if (cf.hook_name_out[0]) { /* a transcoder: its own output hook; the input's b_dec makes no sense there */
-        LP_CHECK(lp_store_open(&tr->outs, t->store, cf.hook_name_out));
-        cf.d_out = lp_store_d(tr->outs);
-        cf.apply_b_dec_to_input = 0;
-        if (lp_store_n_tokens(tr->outs) != lp_store_n_tokens(tr->in))
-            LP_FAIL(LP_ERR_SHAPE, "%s: '%s' and '%s' hold different numbers of tokens", t->store, cf.hook_name, cf.hook_name_out);
+    if (live) { /* the store key is not needed: check the rest with a stand-in */
+        lp_sae_train_cfg tc = *t;
+        tc.store = "(live)";
+        LP_CHECK(lp_sae_train_check(&tc));
+        LP_CHECK(live_hook(live, cf.hook_name, &tr->live_in, &cf.d_in));
+        cf.d_out = cf.d_in, tr->live_out = -1;
+        if (cf.hook_name_out[0]) LP_CHECK(live_hook(live, cf.hook_name_out, &tr->live_out, &cf.d_out));
+        tr->n_tokens = live->n_seq * live->ctx;
+        if (!cf.context_size) cf.context_size = live->ctx;
+    } else {
+        LP_CHECK(lp_sae_train_check(t));
+        LP_CHECK(lp_store_open(&tr->in, t->store, t->sae.hook_name));
+        cf.d_in = lp_store_d(tr->in);
+        cf.d_out = cf.d_in;
+        if (cf.hook_name_out[0]) {
+            LP_CHECK(lp_store_open(&tr->outs, t->store, cf.hook_name_out));
+            cf.d_out = lp_store_d(tr->outs);
+            if (lp_store_n_tokens(tr->outs) != lp_store_n_tokens(tr->in))
+                LP_FAIL(LP_ERR_SHAPE, "%s: '%s' and '%s' hold different numbers of tokens", t->store, cf.hook_name, cf.hook_name_out);
+        }
+        if (!cf.model_name[0]) snprintf(cf.model_name, sizeof cf.model_name, "%s", lp_store_model(tr->in));
+        if (!cf.context_size) cf.context_size = lp_store_context(tr->in);
+        tr->n_tokens = lp_store_n_tokens(tr->in);
     }
+    /* a transcoder: its own output hook; the input's b_dec makes no sense there */
+    tr->transcoder = cf.hook_name_out[0] != 0;
+    if (tr->transcoder) cf.apply_b_dec_to_input = 0;
     if (t->sae.d_in && t->sae.d_in != cf.d_in)
-        LP_FAIL(LP_ERR_SHAPE, "sae.d_in = %d but '%s' in %s has %d values per token", t->sae.d_in, cf.hook_name, t->store, cf.d_in);
-    if (!cf.model_name[0]) snprintf(cf.model_name, sizeof cf.model_name, "%s", lp_store_model(tr->in));
-    if (!cf.context_size) cf.context_size = lp_store_context(tr->in);
+        LP_FAIL(LP_ERR_SHAPE, "sae.d_in = %d but '%s' has %d values per token", t->sae.d_in, cf.hook_name, cf.d_in);
     LP_CHECK(lp_sae_cfg_check(&cf));
     LP_CHECK(lp_sae_alloc(&tr->s, &cf, c));
     tr->N = t->batch_tokens, tr->D = cf.d_in, tr->Do = cf.d_out, tr->S = cf.d_sae;
-    tr->n_tokens = lp_store_n_tokens(tr->in);
     int64_t per = (t->shuffle_tokens + tr->N - 1) / tr->N;
     if (per < 1) per = 1;
     tr->W = per * tr->N;
@@ -715,16 +842,16 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c) {
     GV(W_enc), GV(b_enc), GV(W_dec), GV(b_dec), GV(threshold), GV(W_skip);
 #undef GV
     LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * tr->D * 4, (void **)&tr->win_x));
-    if (tr->outs) LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * tr->Do * 4, (void **)&tr->win_y));
+    if (tr->transcoder) LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * tr->Do * 4, (void **)&tr->win_y));
     LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * 4, (void **)&tr->perm));
     tr->host_x = malloc((size_t)tr->W * tr->D * sizeof(float));
-    tr->host_y = tr->outs ? malloc((size_t)tr->W * tr->Do * sizeof(float)) : NULL;
+    tr->host_y = tr->transcoder ? malloc((size_t)tr->W * tr->Do * sizeof(float)) : NULL;
     tr->host_perm = malloc((size_t)tr->W * sizeof(int32_t));
     tr->since = calloc(tr->S, sizeof(int64_t));
     tr->counts_host = calloc(tr->S, sizeof(int64_t));
     tr->colsum_host = calloc(tr->S, sizeof(float));
     tr->mask_host = calloc(tr->S, sizeof(float));
-    if (!tr->host_x || (tr->outs && !tr->host_y) || !tr->host_perm || !tr->since || !tr->counts_host || !tr->colsum_host || !tr->mask_host)
+    if (!tr->host_x || (tr->transcoder && !tr->host_y) || !tr->host_perm || !tr->since || !tr->counts_host || !tr->colsum_host || !tr->mask_host)
         LP_FAIL(LP_ERR_OOM, "out of host memory for the shuffle window (%lld tokens)", (long long)tr->W);
     return LP_OK;
 }
@@ -737,92 +864,136 @@ static void progress(const trainer *tr, int64_t total_steps, double tps, double 
             (long long)tr->t->tokens, tps, loss, l0, dead);
 }
 
-lp_status lp_sae_train(const lp_sae_train_cfg *t, lp_ctx *c, lp_sae_train_report *rep) {
+/* ---- the run: begin, steps, end (several trainers may share one live stream) ---- */
+
+typedef struct run {
+    trainer tr;
+    int64_t total_steps, next_ckpt, tok_log;
+    double t0, tlog;
+    int done;
+} run;
+
+static lp_status run_begin(run *ru, const lp_sae_train_cfg *t, lp_ctx *c, lp_live *live, lp_sae_train_report *rep) {
     memset(rep, 0, sizeof *rep);
-    trainer tr = {0};
-    lp_status st = setup(&tr, t, c);
+    trainer *tr = &ru->tr;
+    LP_CHECK(setup(tr, t, c, live));
     int resumed = 0;
-    if (st == LP_OK) st = load_checkpoint(&tr, &resumed);
-    if (st == LP_OK && !resumed) {
-        st = init_params(&tr);
-        if (st == LP_OK) st = init_data_stats(&tr);
+    LP_CHECK(load_checkpoint(tr, &resumed));
+    if (!resumed) {
+        LP_CHECK(init_params(tr));
+        LP_CHECK(init_data_stats(tr));
     }
     char mpath[1200];
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", t->out);
-    if (st == LP_OK) {
-        mkdir(t->out, 0755);
-        if (resumed) trim_metrics(mpath, tr.step);
-        tr.metrics = fopen(mpath, resumed ? "a" : "w");
-        if (!tr.metrics) st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot write", mpath);
+    mkdir(t->out, 0755);
+    if (resumed) trim_metrics(mpath, tr->step);
+    tr->metrics = fopen(mpath, resumed ? "a" : "w");
+    if (!tr->metrics) LP_FAIL(LP_ERR_IO, "%s: cannot write", mpath);
+    rep->resumed_tokens = tr->tokens_done;
+    ru->total_steps = (t->tokens + tr->N - 1) / tr->N;
+    ru->next_ckpt = t->checkpoint_every > 0 ? (tr->tokens_done / t->checkpoint_every + 1) * t->checkpoint_every : INT64_MAX;
+    ru->t0 = ru->tlog = now_s();
+    ru->tok_log = tr->tokens_done;
+    ru->done = tr->step >= ru->total_steps;
+    return LP_OK;
+}
+
+/* One training step with its logging and checkpoint. */
+static lp_status run_step(run *ru, lp_sae_train_report *rep) {
+    trainer *tr = &ru->tr;
+    const lp_sae_train_cfg *t = tr->t;
+    double lr = lr_at(t, tr->step, ru->total_steps);
+    double l1 = t->l1_coefficient * (t->l1_warm_up_steps > 0 ? fmin(1.0, (double)(tr->step + 1) / t->l1_warm_up_steps) : 1.0);
+    double mse, sp, aux, sse, sst, l0;
+    LP_CHECK(load_batch(tr, tr->step));
+    LP_CHECK(train_step(tr, lr, l1, &mse, &sp, &aux, &sse, &sst, &l0));
+    double loss = mse + sp + aux;
+    if (!isfinite(loss))
+        LP_FAIL(LP_ERR_FORMAT, "%s: step %lld (batch of tokens %lld..%lld): the loss is %s; the last good checkpoint is kept in %s/checkpoints",
+                t->out, (long long)tr->step, (long long)tr->tokens_done, (long long)(tr->tokens_done + tr->N - 1),
+                isnan(loss) ? "NaN" : "infinite", t->out);
+    tr->step++;
+    tr->tokens_done += tr->N;
+    tr->acc_mse += mse, tr->acc_sse += sse, tr->acc_sst += sst, tr->acc_l0 += l0, tr->acc_sparsity += sp, tr->acc_aux += aux, tr->acc_n++;
+    if (tr->step % t->log_every == 0 || tr->step == ru->total_steps) {
+        double now = now_s(), tps = (tr->tokens_done - ru->tok_log) / (now - ru->tlog > 1e-9 ? now - ru->tlog : 1e-9);
+        double n = tr->acc_n;
+        fprintf(tr->metrics,
+                "{\"step\":%lld,\"details/n_training_tokens\":%lld,\"details/current_learning_rate\":%.6g,"
+                "\"details/current_l1_coefficient\":%.6g,\"losses/mse_loss\":%.6g,\"losses/%s\":%.6g,"
+                "\"losses/auxiliary_reconstruction_loss\":%.6g,\"losses/overall_loss\":%.6g,"
+                "\"metrics/explained_variance\":%.6g,\"metrics/l0\":%.4f,\"sparsity/dead_features\":%d,"
+                "\"details/tokens_per_s\":%.1f}\n",
+                (long long)tr->step, (long long)tr->tokens_done, lr, l1, tr->acc_mse / n,
+                t->sae.arch == LP_SAE_JUMPRELU ? "l0_loss" : "l1_loss", tr->acc_sparsity / n, tr->acc_aux / n,
+                (tr->acc_mse + tr->acc_sparsity + tr->acc_aux) / n, 1 - tr->acc_sse / tr->acc_sst, tr->acc_l0 / n, tr->r->n_dead, tps);
+        fflush(tr->metrics);
+        rep->mse = tr->acc_mse / n, rep->explained_variance = 1 - tr->acc_sse / tr->acc_sst, rep->l0 = tr->acc_l0 / n;
+        rep->dead = tr->r->n_dead;
+        if (t->progress) progress(tr, ru->total_steps, tps, (tr->acc_mse + tr->acc_sparsity + tr->acc_aux) / n, rep->l0, rep->dead);
+        tr->acc_mse = tr->acc_sse = tr->acc_sst = tr->acc_l0 = tr->acc_sparsity = tr->acc_aux = tr->acc_n = 0;
+        ru->tlog = now, ru->tok_log = tr->tokens_done;
     }
-    rep->resumed_tokens = tr.tokens_done;
-    int64_t total_steps = (t->tokens + tr.N - 1) / (tr.N ? tr.N : 1);
-    int64_t next_ckpt = t->checkpoint_every > 0 ? (tr.tokens_done / t->checkpoint_every + 1) * t->checkpoint_every : INT64_MAX;
-    double t0 = now_s(), tlog = t0;
-    int64_t tok_log = tr.tokens_done;
-    while (st == LP_OK && tr.step < total_steps) {
-        double lr = lr_at(t, tr.step, total_steps);
-        double l1 = t->l1_coefficient * (t->l1_warm_up_steps > 0 ? fmin(1.0, (double)(tr.step + 1) / t->l1_warm_up_steps) : 1.0);
-        double mse, sp, aux, sse, sst, l0;
-        st = load_batch(&tr, tr.step);
-        if (st == LP_OK) st = train_step(&tr, lr, l1, &mse, &sp, &aux, &sse, &sst, &l0);
-        if (st != LP_OK) break;
-        double loss = mse + sp + aux;
-        if (!isfinite(loss)) {
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
-                              "step %lld (batch of tokens %lld..%lld): the loss is %s; the last good checkpoint is kept in %s/checkpoints",
-                              (long long)tr.step, (long long)tr.tokens_done, (long long)(tr.tokens_done + tr.N - 1),
-                              isnan(loss) ? "NaN" : "infinite", t->out);
-            break;
-        }
-        tr.step++;
-        tr.tokens_done += tr.N;
-        tr.acc_mse += mse, tr.acc_sse += sse, tr.acc_sst += sst, tr.acc_l0 += l0, tr.acc_sparsity += sp, tr.acc_aux += aux, tr.acc_n++;
-        if (tr.step % t->log_every == 0 || tr.step == total_steps) {
-            double now = now_s(), tps = (tr.tokens_done - tok_log) / (now - tlog > 1e-9 ? now - tlog : 1e-9);
-            double n = tr.acc_n;
-            fprintf(tr.metrics,
-                    "{\"step\":%lld,\"details/n_training_tokens\":%lld,\"details/current_learning_rate\":%.6g,"
-                    "\"details/current_l1_coefficient\":%.6g,\"losses/mse_loss\":%.6g,\"losses/%s\":%.6g,"
-                    "\"losses/auxiliary_reconstruction_loss\":%.6g,\"losses/overall_loss\":%.6g,"
-                    "\"metrics/explained_variance\":%.6g,\"metrics/l0\":%.4f,\"sparsity/dead_features\":%d,"
-                    "\"details/tokens_per_s\":%.1f}\n",
-                    (long long)tr.step, (long long)tr.tokens_done, lr, l1, tr.acc_mse / n,
-                    t->sae.arch == LP_SAE_JUMPRELU ? "l0_loss" : "l1_loss", tr.acc_sparsity / n, tr.acc_aux / n,
-                    (tr.acc_mse + tr.acc_sparsity + tr.acc_aux) / n, 1 - tr.acc_sse / tr.acc_sst, tr.acc_l0 / n, tr.r->n_dead, tps);
-            fflush(tr.metrics);
-            rep->mse = tr.acc_mse / n, rep->explained_variance = 1 - tr.acc_sse / tr.acc_sst, rep->l0 = tr.acc_l0 / n;
-            rep->dead = tr.r->n_dead;
-            if (t->progress) progress(&tr, total_steps, tps, (tr.acc_mse + tr.acc_sparsity + tr.acc_aux) / n, rep->l0, rep->dead);
-            tr.acc_mse = tr.acc_sse = tr.acc_sst = tr.acc_l0 = tr.acc_sparsity = tr.acc_aux = tr.acc_n = 0;
-            tlog = now, tok_log = tr.tokens_done;
-        }
-        if (tr.tokens_done >= next_ckpt && tr.step < total_steps) {
-            st = save_checkpoint(&tr);
-            next_ckpt += t->checkpoint_every;
-        }
-        if (t->stop_after > 0 && tr.tokens_done >= t->stop_after && tr.step < total_steps) { /* a simulated kill */
-            if (t->progress) fputc('\n', stderr);
-            rep->steps = tr.step, rep->tokens = tr.tokens_done, rep->stopped = 1;
-            trainer_free(&tr);
-            return LP_OK;
-        }
+    if (tr->tokens_done >= ru->next_ckpt && tr->step < ru->total_steps) {
+        LP_CHECK(save_checkpoint(tr));
+        ru->next_ckpt += t->checkpoint_every;
     }
-    if (t->progress) fputc('\n', stderr);
-    double secs = now_s() - t0;
-    if (st == LP_OK) {
+    ru->done = tr->step >= ru->total_steps;
+    if (t->stop_after > 0 && tr->tokens_done >= t->stop_after && !ru->done) ru->done = 2; /* a simulated kill */
+    return LP_OK;
+}
+
+/* The final SAE (not after a simulated kill), the report, and the trainer freed. */
+static lp_status run_end(run *ru, lp_status st, lp_sae_train_report *rep) {
+    trainer *tr = &ru->tr;
+    const lp_sae_train_cfg *t = tr->t;
+    if (t && t->progress) fputc('\n', stderr);
+    double secs = now_s() - ru->t0;
+    if (st == LP_OK && ru->done == 2) rep->stopped = 1;
+    else if (st == LP_OK && tr->s) {
         /* batchtopk is exported as jumprelu with its learned global threshold */
-        if (tr.s->cfg.arch == LP_SAE_BATCHTOPK) {
-            float *h = malloc((size_t)tr.S * sizeof(float));
-            for (int i = 0; h && i < tr.S; i++) h[i] = (float)tr.thr_ema;
-            st = h ? lp_ctx_to_device(c, tr.s->threshold, h, (size_t)tr.S * 4) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        if (tr->s->cfg.arch == LP_SAE_BATCHTOPK) {
+            float *h = malloc((size_t)tr->S * sizeof(float));
+            for (int i = 0; h && i < tr->S; i++) h[i] = (float)tr->thr_ema;
+            st = h ? lp_ctx_to_device(tr->c, tr->s->threshold, h, (size_t)tr->S * 4) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
             free(h);
         }
-        if (st == LP_OK) st = lp_sae_save(tr.s, c, t->out, (float)tr.scale);
-        if (st == LP_OK && t->checkpoint_every > 0) st = save_checkpoint(&tr);
+        if (st == LP_OK) st = lp_sae_save(tr->s, tr->c, t->out, (float)tr->scale);
+        if (st == LP_OK && t->checkpoint_every > 0) st = save_checkpoint(tr);
     }
-    rep->steps = tr.step, rep->tokens = tr.tokens_done;
-    rep->tokens_per_s = secs > 0 ? (tr.tokens_done - rep->resumed_tokens) / secs : 0;
-    trainer_free(&tr);
+    rep->steps = tr->step, rep->tokens = tr->tokens_done;
+    rep->tokens_per_s = secs > 0 ? (tr->tokens_done - rep->resumed_tokens) / secs : 0;
+    if (tr->c) trainer_free(tr);
+    return st;
+}
+
+lp_status lp_sae_train(const lp_sae_train_cfg *t, lp_ctx *c, lp_sae_train_report *rep) {
+    run ru = {0};
+    lp_status st = run_begin(&ru, t, c, NULL, rep);
+    while (st == LP_OK && !ru.done) st = run_step(&ru, rep);
+    return run_end(&ru, st, rep);
+}
+
+lp_status lp_sae_train_live(const lp_sae_train_cfg *cfgs, int n, lp_live *live, lp_ctx *c, lp_sae_train_report *reps) {
+    if (n < 1) LP_FAIL(LP_ERR_ARG, "no SAEs to train");
+    for (int i = 1; i < n; i++)
+        if (cfgs[i].batch_tokens != cfgs[0].batch_tokens || cfgs[i].shuffle_tokens != cfgs[0].shuffle_tokens)
+            LP_FAIL(LP_ERR_ARG, "SAEs sharing one live stream need the same train.batch_tokens and train.shuffle_tokens");
+    run *ru = calloc(n, sizeof *ru);
+    if (!ru) LP_FAIL(LP_ERR_OOM, "out of memory");
+    lp_status st = LP_OK;
+    int begun = 0;
+    for (; begun < n && st == LP_OK; begun++) st = run_begin(&ru[begun], &cfgs[begun], c, live, &reps[begun]);
+    /* in lockstep: each window of the stream is computed once for every SAE's hooks */
+    for (int any = 1; st == LP_OK && any;) {
+        any = 0;
+        for (int i = 0; i < n && st == LP_OK; i++)
+            if (!ru[i].done) st = run_step(&ru[i], &reps[i]), any = 1;
+    }
+    for (int i = 0; i < begun; i++) {
+        lp_status e = run_end(&ru[i], st, &reps[i]);
+        if (st == LP_OK) st = e;
+    }
+    free(ru);
     return st;
 }

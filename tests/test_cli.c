@@ -454,6 +454,23 @@ Test(cli, train_eval_and_encode_an_sae) {
     for (int i = 0; i < 32 * 8; i++) cr_expect(((const int32_t *)ix->data)[i] >= 0 && ((const int32_t *)ix->data)[i] < 128);
     lp_st_close(&f);
 
+    /* live: two SAEs from one forward stream of the model, into train.out/<hook> */
+    cr_assert_eq(loupe("train-sae --model.path=" MODEL " --tokens " MODEL "/tokens.npy --data.hook=blocks.0.hook_resid_post,"
+                       "blocks.1.mlp.hook_post --train.out=%s --sae.k=8 --train.tokens=512 --train.batch_tokens=32 "
+                       "--train.shuffle_tokens=32 --json",
+                       tmp("live")),
+                 0, "%s", err_txt);
+    for (int h = 0; h < 2; h++) {
+        snprintf(p, sizeof p, "%s/%s/cfg.json", tmp("live"), h ? "blocks.1.mlp.hook_post" : "blocks.0.hook_resid_post");
+        cfg = lp_read_file(p, &n);
+        cr_assert(cfg, "%s missing", p);
+        c = cJSON_Parse(cfg);
+        cr_expect_eq(cJSON_GetObjectItem(c, "d_in")->valueint, h ? 256 : 64);
+        cr_expect_eq(cJSON_GetObjectItem(c, "d_sae")->valueint, h ? 2048 : 512); /* expansion factor 8 */
+        cJSON_Delete(c);
+        free(cfg);
+    }
+
     /* bad input: named keys, exit 2, one line, before any work */
     expect_bad("unknown config key 'sae.bogus'", "train-sae --sae.bogus=%s", "1");
     snprintf(args, sizeof args, "train-sae %s --data.hook=blocks.1.hook_resid_post --train.out=%s", tmp("store"), tmp("x"));

@@ -30,6 +30,7 @@ import itertools
 import os
 import tempfile
 import time
+import warnings
 
 import torch
 import sae_lens
@@ -54,6 +55,9 @@ a = p.parse_args()
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 torch.manual_seed(0)
+# SAE.__init__ in 6.5.3 warns about model_from_pretrained_kwargs whenever cfg.metadata
+# exists, which it always does; nothing here loads a model
+warnings.filterwarnings("ignore", message=r"(?s).*model_from_pretrained_kwargs")
 
 
 def synthetic_acts(n_tokens, d, gen):

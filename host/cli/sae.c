@@ -3,6 +3,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <sys/stat.h>
+
+#include "loupe/hooks.h"
 #include "loupe/safetensors.h"
 #include "loupe/sae_train.h"
 #include "loupe/store.h"
@@ -49,42 +52,107 @@ static lp_status train_cfg(const args *a, lp_sae_train_cfg *t) {
     t->log_every = lp_cfg_int(&a->cfg, "train.log_every");
     t->seed = (uint64_t)lp_cfg_int(&a->cfg, "train.seed");
     t->progress = 1;
-    LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"data.store", "data.hook", "train.out", NULL}));
-    /* d_sae: given, or expansion_factor x the hook's width (read from the store) */
+    LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"data.hook", "train.out", NULL}));
     s->d_sae = (int)lp_cfg_int(&a->cfg, "sae.d_sae");
-    if (s->d_sae == 0) {
-        lp_store *st;
-        LP_CHECK(lp_store_open(&st, t->store, s->hook_name));
-        s->d_sae = (int)lp_cfg_int(&a->cfg, "sae.expansion_factor") * lp_store_d(st);
-        lp_store_close(st);
+    return LP_OK;
+}
+
+/* d_sae: given, or expansion_factor x the hook's width. */
+static void size_sae(const args *a, lp_sae_train_cfg *t, int width) {
+    if (t->sae.d_sae == 0) t->sae.d_sae = (int)lp_cfg_int(&a->cfg, "sae.expansion_factor") * width;
+}
+
+static void print_report(const args *a, const lp_sae_train_cfg *t, const lp_sae_train_report *rep, const char *where, lp_ctx *c) {
+    if (a->json) {
+        printf("{\"out\":\"%s\",\"hook\":\"%s\",\"steps\":%lld,\"tokens\":%lld,\"resumed_tokens\":%lld,\"tokens_per_s\":%.1f,"
+               "\"mse\":%.6g,\"explained_variance\":%.6g,\"l0\":%.4f,\"dead\":%d}\n",
+               t->out, t->sae.hook_name, (long long)rep->steps, (long long)rep->tokens, (long long)rep->resumed_tokens, rep->tokens_per_s,
+               rep->mse, rep->explained_variance, rep->l0, rep->dead);
+        return;
     }
-    return lp_sae_train_check(t);
+    printf("trained %s SAE (%s -> d_sae %d%s) on %lld tokens of %s in %lld steps, %.0f tokens/s on %s%s\n", lp_sae_arch_name(t->sae.arch),
+           t->sae.hook_name, t->sae.d_sae, t->sae.hook_name_out[0] ? ", transcoder" : "", (long long)rep->tokens, where,
+           (long long)rep->steps, rep->tokens_per_s, c->device == LP_CUDA ? "cuda" : "cpu", rep->resumed_tokens ? " (resumed)" : "");
+    printf("last %lld steps: mse %.5g, explained variance %.4f, L0 %.2f, dead latents %d; wrote %s/cfg.json, "
+           "sae_weights.safetensors, metrics.jsonl\n",
+           (long long)t->log_every, rep->mse, rep->explained_variance, rep->l0, rep->dead, t->out);
+}
+
+/* From the model itself: data.hook may list several hooks (comma-separated), each trained
+ * into train.out/<hook> from one forward stream. */
+static int train_live(args *a, lp_sae_train_cfg *t0, lp_ctx *c) {
+    lp_model *m = NULL;
+    lp_tokens toks = {0};
+    lp_live *live = NULL;
+    lp_status st = cli_open_model(a, &m);
+    if (st == LP_OK) st = cli_load_tokens(a, m, &toks);
+    char hooks[1024];
+    snprintf(hooks, sizeof hooks, "%s", t0->sae.hook_name);
+    int n = 1;
+    for (char *p = hooks; *p; p++) n += *p == ',';
+    lp_sae_train_cfg *cfgs = calloc(n, sizeof *cfgs);
+    lp_sae_train_report *reps = calloc(n, sizeof *reps);
+    char(*outs)[1200] = calloc(n, sizeof *outs);
+    if (st == LP_OK && (!cfgs || !reps || !outs)) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    int i = 0;
+    for (char *h = strtok(hooks, ","); st == LP_OK && h; h = strtok(NULL, ","), i++) {
+        cfgs[i] = *t0;
+        copy_str(cfgs[i].sae.hook_name, sizeof cfgs[i].sae.hook_name, h);
+        if (n > 1) snprintf(outs[i], sizeof outs[i], "%s/%s", t0->out, h);
+        else snprintf(outs[i], sizeof outs[i], "%s", t0->out);
+        cfgs[i].out = outs[i];
+        int id = lp_hook_find(m, h);
+        if (id < 0) {
+            st = lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "data.hook: the model has no hook '%s' (see `loupe info MODEL`)", h);
+            break;
+        }
+        int64_t shape[LP_MAX_DIMS];
+        int nd = lp_hook_shape(m, id, 1, 1, shape);
+        size_sae(a, &cfgs[i], (int)lp_shape_numel(shape + 2, nd - 2));
+        lp_sae_train_cfg chk = cfgs[i];
+        chk.store = "(live)";
+        if (st == LP_OK) st = lp_sae_train_check(&chk);
+        if (n > 1 && st == LP_OK) {
+            mkdir(t0->out, 0755);
+            cfgs[i].progress = i == 0; /* one bar for the stream */
+        }
+    }
+    if (st == LP_OK) st = lp_live_open(&live, m, toks.ids, toks.n_seq, toks.ctx, (int)lp_cfg_int(&a->cfg, "run.batch"));
+    if (st == LP_OK) st = lp_sae_train_live(cfgs, n, live, c, reps);
+    int rc = 0;
+    if (st != LP_OK) rc = cli_fail(st);
+    else
+        for (i = 0; i < n; i++) print_report(a, &cfgs[i], &reps[i], "the live model", c);
+    lp_live_close(live);
+    free(cfgs), free(reps), free(outs);
+    lp_tokens_free(&toks);
+    lp_model_free(m);
+    return rc;
 }
 
 int cmd_train_sae(args *a) {
     lp_sae_train_cfg t;
     lp_status st = train_cfg(a, &t);
+    int live = !t.store && lp_cfg_str(&a->cfg, "model.path");
+    if (st == LP_OK && !t.store && !live)
+        st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "train-sae needs data.store (an activation store) or model.path with tokens or text");
+    if (st == LP_OK && !live) { /* d_sae from the store's width, then every value checked before any work */
+        lp_store *s;
+        st = lp_store_open(&s, t.store, t.sae.hook_name);
+        if (st == LP_OK) size_sae(a, &t, lp_store_d(s)), lp_store_close(s);
+        if (st == LP_OK) st = lp_sae_train_check(&t);
+    }
     if (st != LP_OK) return cli_fail(st);
     lp_ctx c;
     if ((st = sae_ctx(a, "train.device", &c)) != LP_OK) return cli_fail(st);
-    lp_sae_train_report rep;
-    st = lp_sae_train(&t, &c, &rep);
     int rc = 0;
-    if (st != LP_OK) {
-        rc = cli_fail(st);
-    } else if (a->json) {
-        printf("{\"out\":\"%s\",\"steps\":%lld,\"tokens\":%lld,\"resumed_tokens\":%lld,\"tokens_per_s\":%.1f,\"mse\":%.6g,"
-               "\"explained_variance\":%.6g,\"l0\":%.4f,\"dead\":%d}\n",
-               t.out, (long long)rep.steps, (long long)rep.tokens, (long long)rep.resumed_tokens, rep.tokens_per_s, rep.mse,
-               rep.explained_variance, rep.l0, rep.dead);
+    if (live) {
+        rc = train_live(a, &t, &c);
     } else {
-        printf("trained %s SAE (d_in %s -> d_sae %d%s) on %lld tokens of %s in %lld steps, %.0f tokens/s on %s%s\n",
-               lp_sae_arch_name(t.sae.arch), t.sae.hook_name, t.sae.d_sae, t.sae.hook_name_out[0] ? ", transcoder" : "",
-               (long long)rep.tokens, t.store, (long long)rep.steps, rep.tokens_per_s, c.device == LP_CUDA ? "cuda" : "cpu",
-               rep.resumed_tokens ? " (resumed)" : "");
-        printf("last %lld steps: mse %.5g, explained variance %.4f, L0 %.2f, dead latents %d; wrote %s/cfg.json, "
-               "sae_weights.safetensors, metrics.jsonl\n",
-               (long long)t.log_every, rep.mse, rep.explained_variance, rep.l0, rep.dead, t.out);
+        lp_sae_train_report rep;
+        st = lp_sae_train(&t, &c, &rep);
+        if (st != LP_OK) rc = cli_fail(st);
+        else print_report(a, &t, &rep, t.store, &c);
     }
     lp_ctx_free(&c);
     return rc;

@@ -69,6 +69,18 @@ typedef struct lp_sae_train_report {
  * settings match) and writes the SAE in the SAELens layout to out. */
 lp_status lp_sae_train(const lp_sae_train_cfg *t, lp_ctx *c, lp_sae_train_report *rep);
 
+/* ---- training from the model itself ----
+ * A live stream runs the model over token rows ([n_seq, ctx], read round and round) in
+ * forwards of batch_seqs rows, capturing every hook the SAEs trained from it need; the
+ * shuffle windows work as for a store, so a restarted run resumes identically. */
+typedef struct lp_live lp_live;
+lp_status lp_live_open(lp_live **l, lp_model *m, const int32_t *tokens, int64_t n_seq, int ctx, int batch_seqs);
+void lp_live_close(lp_live *l);
+/* Trains n SAEs (different hooks, widths, k, architectures) from one live stream, each
+ * window of activations computed once for all of them. They must share
+ * train.batch_tokens and train.shuffle_tokens; cfgs[i].store is not used. */
+lp_status lp_sae_train_live(const lp_sae_train_cfg *cfgs, int n, lp_live *live, lp_ctx *c, lp_sae_train_report *reps);
+
 /* ---- running a trained SAE ---- */
 
 /* Evaluation over tokens [0, n_tokens) of a store (n_tokens <= 0: all). */
