@@ -152,14 +152,18 @@ void lp_cpu_sae_decode_sparse_grad(float *dval, float *dW, const float *dout, co
 void lp_cpu_sae_encode_sparse_grad(float *dW_enc, float *db_enc, const float *x, const int32_t *idx,
                                    const float *dpre, int N, int K, int D, int S) {
     // dW_enc is (D,S); db_enc is (S,); x is (N,D); idx, dpre are (N,K)
-    for (int n = 0; n < N; n++)
-        for (int j = 0; j < K; j++) {
-            const size_t e = (size_t)n * K + j;
-            const int32_t s = idx[e];
-            const float g = dpre[e];
-            db_enc[s] += g;
-            for (int d = 0; d < D; d++) dW_enc[(size_t)d * S + s] += x[(size_t)n * D + d] * g;
+    /* row by row of dW_enc (a token's K columns within one row), not column by column:
+     * the same additions in the same order per element, without striding S floats per step */
+    for (int n = 0; n < N; n++) {
+        const int32_t *in = idx + (size_t)n * K;
+        const float *gn = dpre + (size_t)n * K;
+        for (int j = 0; j < K; j++) db_enc[in[j]] += gn[j];
+        for (int d = 0; d < D; d++) {
+            float *row = dW_enc + (size_t)d * S;
+            const float xd = x[(size_t)n * D + d];
+            for (int j = 0; j < K; j++) row[in[j]] += xd * gn[j];
         }
+    }
 }
 
 void lp_cpu_sae_encode_sparse_input_grad(float *dx, const float *dpre, const int32_t *idx, const float *W_enc,
