@@ -452,6 +452,15 @@ Test(cli, train_eval_and_encode_an_sae) {
     cr_expect(ix->shape[0] == 32 && ix->shape[1] == 8 && ix->dtype == LP_I32, "indices [%lld, %lld]", (long long)ix->shape[0],
               (long long)ix->shape[1]);
     for (int i = 0; i < 32 * 8; i++) cr_expect(((const int32_t *)ix->data)[i] >= 0 && ((const int32_t *)ix->data)[i] < 128);
+    /* the same latents from the live model (the store was cached from these rows) */
+    cr_assert_eq(loupe("encode %s --model.path=" MODEL " --tokens " MODEL "/tokens.npy --encode.out=%s", tmp("sae"), tmp("lat2.safetensors")),
+                 0, "%s", err_txt);
+    lp_st_file f2;
+    cr_assert_eq(lp_st_open(&f2, tmp("lat2.safetensors")), LP_OK, "%s", lp_last_error());
+    const lp_st_tensor *ix2 = lp_st_find(&f2, "indices");
+    cr_assert(ix2 && ix2->shape[0] == 32);
+    cr_expect(memcmp(ix2->data, ix->data, 32 * 8 * 4) == 0, "live and stored activations give different latents");
+    lp_st_close(&f2);
     lp_st_close(&f);
 
     /* live: two SAEs from one forward stream of the model, into train.out/<hook> */

@@ -231,54 +231,101 @@ int cmd_eval_sae(args *a) {
     return rc;
 }
 
+/* The SAE's hook, a chunk of tokens at a time: from a store, or from the model over rows. */
+typedef struct chunker {
+    lp_store *in;
+    lp_model *m;
+    lp_tokens toks;
+    const char *hook;
+    int d;
+    int64_t n;  /* tokens in all */
+    int chunk;  /* tokens per chunk (whole rows for the model) */
+} chunker;
+
+static lp_status chunk_read(chunker *ch, int64_t t0, int n, float *dst) {
+    if (ch->in) return lp_store_read(ch->in, t0, n, dst);
+    LP_CHECK(lp_model_forward(ch->m, ch->toks.ids + t0, n / ch->toks.ctx, ch->toks.ctx, 0));
+    return lp_capture_read_f32(ch->m, ch->hook, dst, (size_t)n * ch->d);
+}
+
+static lp_status chunker_open(const args *a, chunker *ch, const char *hook) {
+    memset(ch, 0, sizeof *ch);
+    ch->hook = hook;
+    const char *store = lp_cfg_str(&a->cfg, "data.store");
+    if (store) {
+        LP_CHECK(lp_store_open(&ch->in, store, hook));
+        ch->d = lp_store_d(ch->in), ch->n = lp_store_n_tokens(ch->in);
+        ch->chunk = (int)lp_cfg_int(&a->cfg, "eval.batch_tokens");
+        return LP_OK;
+    }
+    if (!lp_cfg_str(&a->cfg, "model.path"))
+        LP_FAIL(LP_ERR_ARG, "encode needs data.store (an activation store) or model.path with tokens or text");
+    LP_CHECK(cli_open_model(a, &ch->m));
+    LP_CHECK(cli_load_tokens(a, ch->m, &ch->toks));
+    int id = lp_hook_find(ch->m, hook);
+    if (id < 0) LP_FAIL(LP_ERR_NOT_FOUND, "the model has no hook '%s' (the SAE's hook_name)", hook);
+    int64_t shape[LP_MAX_DIMS];
+    int nd = lp_hook_shape(ch->m, id, 1, 1, shape);
+    ch->d = (int)lp_shape_numel(shape + 2, nd - 2);
+    ch->n = ch->toks.n_seq * ch->toks.ctx;
+    ch->chunk = (int)lp_cfg_int(&a->cfg, "run.batch") * ch->toks.ctx;
+    return lp_hook_capture(ch->m, hook, NULL, 0, NULL);
+}
+
+static void chunker_close(chunker *ch) {
+    lp_store_close(ch->in);
+    lp_tokens_free(&ch->toks);
+    lp_model_free(ch->m);
+}
+
 int cmd_encode(args *a) {
-    lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"sae.path", "data.store", "encode.out", NULL});
+    lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"sae.path", "encode.out", NULL});
     if (st != LP_OK) return cli_fail(st);
     lp_ctx c;
-    if ((st = sae_ctx(a, "train.device", &c)) != LP_OK) return cli_fail(st);
+    if ((st = sae_ctx(a, lp_cfg_str(&a->cfg, "data.store") ? "train.device" : "model.device", &c)) != LP_OK) return cli_fail(st);
     lp_sae *s = NULL;
-    lp_store *in = NULL;
+    chunker ch = {0};
     st = lp_sae_load(&s, &c, lp_cfg_str(&a->cfg, "sae.path"));
-    const char *store = lp_cfg_str(&a->cfg, "data.store");
-    if (st == LP_OK) st = lp_store_open(&in, store, sae_hook(a, s));
-    if (st == LP_OK && lp_store_d(in) != s->cfg.d_in)
-        st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' has %d values per token but the SAE's d_in is %d", store,
-                          sae_hook(a, s), lp_store_d(in), s->cfg.d_in);
+    if (st == LP_OK) st = chunker_open(a, &ch, sae_hook(a, s));
+    const char *src = lp_cfg_str(&a->cfg, "data.store") ? lp_cfg_str(&a->cfg, "data.store") : lp_cfg_str(&a->cfg, "model.path");
+    if (st == LP_OK && ch.d != s->cfg.d_in)
+        st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' has %d values per token but the SAE's d_in is %d", src, sae_hook(a, s),
+                          ch.d, s->cfg.d_in);
     int k = (int)lp_cfg_int(&a->cfg, "encode.k");
     if (k == 0) k = s && s->cfg.k > 0 ? s->cfg.k : 32;
     if (st == LP_OK && k > s->cfg.d_sae) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "encode.k = %d exceeds the SAE's d_sae %d", k, s->cfg.d_sae);
-    int64_t n = st == LP_OK ? lp_store_n_tokens(in) : 0;
-    int B = (int)lp_cfg_int(&a->cfg, "eval.batch_tokens");
+    int64_t n = st == LP_OK ? ch.n : 0;
+    int B = ch.chunk;
     int32_t *idx = st == LP_OK ? malloc((size_t)n * k * sizeof(int32_t)) : NULL;
-    float *val = st == LP_OK ? malloc((size_t)n * k * sizeof(float)) : NULL, *hx = st == LP_OK ? malloc((size_t)B * s->cfg.d_in * 4) : NULL;
+    float *val = st == LP_OK ? malloc((size_t)n * k * sizeof(float)) : NULL, *hx = st == LP_OK ? malloc((size_t)B * ch.d * 4) : NULL;
     float *dx = NULL;
     if (st == LP_OK && (!idx || !val || !hx)) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for %lld x %d latents", (long long)n, k);
-    if (st == LP_OK) st = lp_ctx_alloc(&c, (size_t)B * s->cfg.d_in * 4, (void **)&dx);
+    if (st == LP_OK) st = lp_ctx_alloc(&c, (size_t)B * ch.d * 4, (void **)&dx);
     double t0 = cli_now();
     for (int64_t i = 0; st == LP_OK && i < n; i += B) {
         int nb = (int)(n - i < B ? n - i : B);
-        st = lp_store_read(in, i, nb, hx);
-        if (st == LP_OK) st = lp_ctx_to_device(&c, dx, hx, (size_t)nb * s->cfg.d_in * 4);
+        st = chunk_read(&ch, i, nb, hx);
+        if (st == LP_OK) st = lp_ctx_to_device(&c, dx, hx, (size_t)nb * ch.d * 4);
         if (st == LP_OK) st = lp_sae_encode_topk_host(s, &c, dx, nb, k, idx + (size_t)i * k, val + (size_t)i * k);
     }
     if (st == LP_OK) { /* written under a temporary name and renamed when complete */
         lp_st_spec specs[2] = {{.name = "indices", .dtype = LP_I32, .ndim = 2, .shape = {n, k}},
                                {.name = "values", .dtype = LP_F32, .ndim = 2, .shape = {n, k}}};
         const void *datas[2] = {idx, val};
-        const char *meta[] = {"sae", lp_cfg_str(&a->cfg, "sae.path"), "store", store, "hook", sae_hook(a, s), NULL};
+        const char *meta[] = {"sae", lp_cfg_str(&a->cfg, "sae.path"), "source", src, "hook", sae_hook(a, s), NULL};
         st = lp_st_write(lp_cfg_str(&a->cfg, "encode.out"), specs, datas, 2, meta);
     }
     int rc = 0;
     if (st != LP_OK) rc = cli_fail(st);
     else if (a->json) printf("{\"out\":\"%s\",\"n_tokens\":%lld,\"k\":%d}\n", lp_cfg_str(&a->cfg, "encode.out"), (long long)n, k);
     else
-        printf("encoded %lld tokens of %s into %s: indices and values [%lld, %d], %.0f tokens/s\n", (long long)n, store,
+        printf("encoded %lld tokens of %s into %s: indices and values [%lld, %d], %.0f tokens/s\n", (long long)n, src,
                lp_cfg_str(&a->cfg, "encode.out"), (long long)n, k, n / (cli_now() - t0 + 1e-9));
     free(idx);
     free(val);
     free(hx);
     lp_ctx_release(&c, dx);
-    lp_store_close(in);
+    chunker_close(&ch);
     lp_sae_free(s, &c);
     lp_ctx_free(&c);
     return rc;
