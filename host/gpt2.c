@@ -274,7 +274,8 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     int N = B * T, D = cf->d_model, H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head;
-    int last = (want & (LP_WANT_LOSS | LP_WANT_LOGITS)) || m->gen_pos0 >= 0 ? cf->n_layers : lp_hooks_last_layer(m);
+    int last = (want & (LP_WANT_LOSS | LP_WANT_LOGITS | LP_WANT_FINAL_NORM)) || m->gen_pos0 >= 0 || m->taping ? cf->n_layers
+                                                                                                           : lp_hooks_last_layer(m);
 
     LP_CHECK(lp_embed(c, m->resid, m->tok_dev, W(m, P_WTE), N, D));
     SITE(HK_EMBED, 0, m->resid);
@@ -286,6 +287,7 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
 
     for (int L = 0; L < cf->n_layers && L <= last; L++) {
         SITE(HK_RESID_PRE, L, m->resid);
+        TAPE(lp_tape_layer(m, L));
         LP_CHECK(layer_norm(m, m->resid, LW(m, L, P_LN1_W), LW(m, L, P_LN1_B), HK_LN1_SCALE, HK_LN1_NORM, L, N));
         LP_CHECK(lp_matmul(c, m->q, m->ln_out, LW(m, L, P_WQ), LW(m, L, P_BQ), N, D, D, 0));
         LP_CHECK(lp_matmul(c, m->k, m->ln_out, LW(m, L, P_WK), LW(m, L, P_BK), N, D, Hkv * dh, 0));
@@ -300,7 +302,7 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
             LP_CHECK(lp_ctx_copy(c, vc + pos0 * row, m->v, T * row));
             if (pos0 == 0) LP_CHECK(lp_attention(c, m->z, m->q, m->k, m->v, 1, T, H, Hkv, dh)); /* the prompt */
             else LP_CHECK(lp_attention_cached(c, m->z, m->q, kc, vc, 1, T, m->kv_cap, pos0, H, Hkv, dh));
-        } else if (ACTIVE(HK_SCORES, L) || ACTIVE(HK_PATTERN, L)) {
+        } else if (ACTIVE(HK_SCORES, L) || ACTIVE(HK_PATTERN, L) || lp_grad_wanted(m, HK_SCORES, L) || lp_grad_wanted(m, HK_PATTERN, L)) {
             LP_CHECK(lp_attn_scores(c, m->scores, m->q, m->k, B, T, H, Hkv, dh));
             SITE(HK_SCORES, L, m->scores);
             LP_CHECK(lp_softmax_rows(c, m->pattern, m->scores, (size_t)B * H * T, T));
@@ -314,6 +316,7 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
         SITE(HK_ATTN_OUT, L, m->attn_out);
         LP_CHECK(lp_add(c, m->resid, m->resid, m->attn_out, (size_t)N * D));
         SITE(HK_RESID_MID, L, m->resid);
+        TAPE(lp_tape_mid(m, L));
         LP_CHECK(layer_norm(m, m->resid, LW(m, L, P_LN2_W), LW(m, L, P_LN2_B), HK_LN2_SCALE, HK_LN2_NORM, L, N));
         LP_CHECK(lp_matmul(c, m->mlp_pre, m->ln_out, LW(m, L, P_WIN), LW(m, L, P_BIN), N, D, cf->d_mlp, 0));
         SITE(HK_MLP_PRE, L, m->mlp_pre);
@@ -326,7 +329,79 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
     }
     if (last < cf->n_layers) return LP_OK;
 
+    TAPE(lp_tape_final(m));
     LP_CHECK(layer_norm(m, m->resid, W(m, lnf_w(m)), W(m, lnf_w(m) + 1), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
     if (!(want & (LP_WANT_LOSS | LP_WANT_LOGITS))) return LP_OK;
     return lp_model_unembed(m, N, want);
+}
+
+/* ---- backward ---- */
+
+/* LayerNorm backward from dy at the norm's output, with the hook_normalized gradient
+ * (dy * w) when it is wanted; dx is written. */
+static lp_status ln_bw(lp_model *m, void *dx, void *dy, const void *x, const void *scale, const void *w, int k_norm, int L, int N) {
+    lp_ctx *c = &m->ctx;
+    int D = m->cfg.d_model;
+    if (lp_grad_wanted(m, k_norm, L)) {
+        LP_CHECK(lp_affine(c, dy, dy, w, NULL, N, D));
+        GSITE(k_norm, L, dy);
+        return lp_ln_backward(c, dx, dy, x, scale, NULL, N, D);
+    }
+    return lp_ln_backward(c, dx, dy, x, scale, w, N, D);
+}
+
+lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
+    lp_ctx *c = &m->ctx;
+    const lp_config *cf = &m->cfg;
+    int N = B * T, D = cf->d_model, H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head, F = cf->d_mlp;
+    size_t es = lp_act_size(m), ND = (size_t)N * D * es;
+    if (top == cf->n_layers) {
+        const tape_layer *t = &m->tape[cf->n_layers];
+        LP_CHECK(ln_bw(m, g->dresid, g->dln, t->resid_pre, t->ln1_scale, W(m, lnf_w(m)), HK_LNF_NORM, cf->n_layers, N));
+        top = cf->n_layers - 1;
+    }
+    for (int L = top; L >= 0; L--) {
+        const tape_layer *t = &m->tape[L];
+        GSITE(HK_RESID_POST, L, g->dresid);
+        /* MLP: its own copy of the gradient, so a direction injected at mlp_out stays on its branch */
+        LP_CHECK(lp_ctx_copy(c, g->dtmp, g->dresid, ND));
+        GSITE(HK_MLP_OUT, L, g->dtmp);
+        LP_CHECK(lp_bw_linear(c, g->da, g->dtmp, LW(m, L, P_WOUT), N, F, D, 0));
+        GSITE(HK_MLP_POST, L, g->da);
+        LP_CHECK(lp_gelu_backward(c, g->da, g->da, t->mlp_pre, (size_t)N * F));
+        GSITE(HK_MLP_PRE, L, g->da);
+        LP_CHECK(lp_bw_linear(c, g->dln, g->da, LW(m, L, P_WIN), N, D, F, 0));
+        LP_CHECK(ln_bw(m, g->dtmp, g->dln, t->resid_mid, t->ln2_scale, LW(m, L, P_LN2_W), HK_LN2_NORM, L, N));
+        LP_CHECK(lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D));
+        GSITE(HK_RESID_MID, L, g->dresid);
+        /* attention */
+        LP_CHECK(lp_ctx_copy(c, g->dtmp, g->dresid, ND));
+        GSITE(HK_ATTN_OUT, L, g->dtmp);
+        LP_CHECK(lp_bw_linear(c, g->dz, g->dtmp, LW(m, L, P_WO), N, D, D, 0));
+        GSITE(HK_Z, L, g->dz);
+        if (lp_grad_wanted(m, HK_PATTERN, L) || lp_grad_wanted(m, HK_SCORES, L)) {
+            LP_CHECK(lp_attn_apply_backward(c, g->dpat, g->dv, g->dz, t->pattern, t->v, B, T, H, Hkv, dh));
+            GSITE(HK_PATTERN, L, g->dpat);
+            LP_CHECK(lp_softmax_rows_backward(c, g->dsc, g->dpat, t->pattern, (size_t)B * H * T, T));
+            GSITE(HK_SCORES, L, g->dsc);
+            LP_CHECK(lp_attn_scores_backward(c, g->dq, g->dk, g->dsc, t->q, t->k, B, T, H, Hkv, dh));
+        } else {
+            LP_CHECK(lp_attention_backward(c, g->dq, g->dk, g->dv, g->dz, t->q, t->k, t->v, B, T, H, Hkv, dh));
+        }
+        GSITE(HK_Q, L, g->dq);
+        GSITE(HK_K, L, g->dk);
+        GSITE(HK_V, L, g->dv);
+        LP_CHECK(lp_bw_linear(c, g->dln, g->dq, LW(m, L, P_WQ), N, D, D, 0));
+        LP_CHECK(lp_bw_linear(c, g->dtmp, g->dk, LW(m, L, P_WK), N, D, Hkv * dh, 0));
+        LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
+        LP_CHECK(lp_bw_linear(c, g->dtmp, g->dv, LW(m, L, P_WV), N, D, Hkv * dh, 0));
+        LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
+        LP_CHECK(ln_bw(m, g->dtmp, g->dln, t->resid_pre, t->ln1_scale, LW(m, L, P_LN1_W), HK_LN1_NORM, L, N));
+        LP_CHECK(lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D));
+        GSITE(HK_RESID_PRE, L, g->dresid);
+    }
+    /* resid_pre of layer 0 = embed + pos_embed: both receive it */
+    GSITE(HK_EMBED, 0, g->dresid);
+    GSITE(HK_POS_EMBED, 0, g->dresid);
+    return LP_OK;
 }

@@ -362,7 +362,9 @@ int lp_hook_is_captured(const lp_model *m, int id) { return id >= 0 && id < m->n
 
 int lp_hooks_want_attn_mats(const lp_model *m) {
     for (int L = 0; L < m->cfg.n_layers; L++)
-        if (lp_hook_active(m, lp_hook_id(m, HK_SCORES, L)) || lp_hook_active(m, lp_hook_id(m, HK_PATTERN, L))) return 1;
+        if (lp_hook_active(m, lp_hook_id(m, HK_SCORES, L)) || lp_hook_active(m, lp_hook_id(m, HK_PATTERN, L)) ||
+            lp_grad_wanted(m, HK_SCORES, L) || lp_grad_wanted(m, HK_PATTERN, L))
+            return 1;
     return 0;
 }
 

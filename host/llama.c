@@ -581,7 +581,7 @@ static lp_status attention(lp_model *m, int L, int B, int T) {
         if (pos0 == 0) return lp_attention(c, m->z, m->q, m->k, m->v, 1, T, H, Hkv, dh);
         return lp_attention_cached(c, m->z, m->q, kc, vc, 1, T, m->kv_cap, pos0, H, Hkv, dh);
     }
-    if (ACTIVE(HK_SCORES, L) || ACTIVE(HK_PATTERN, L)) {
+    if (ACTIVE(HK_SCORES, L) || ACTIVE(HK_PATTERN, L) || lp_grad_wanted(m, HK_SCORES, L) || lp_grad_wanted(m, HK_PATTERN, L)) {
         LP_CHECK(lp_attn_scores(c, m->scores, m->q, m->k, B, T, H, Hkv, dh));
         SITE(HK_SCORES, L, m->scores);
         LP_CHECK(lp_softmax_rows(c, m->pattern, m->scores, (size_t)B * H * T, T));
@@ -595,7 +595,7 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     int N = B * T, D = cf->d_model, F = cf->d_mlp, qD = cf->n_heads * cf->d_head, kvD = cf->n_kv_heads * cf->d_head;
-    int full = (want & (LP_WANT_LOSS | LP_WANT_LOGITS)) || m->gen_pos0 >= 0;
+    int full = (want & (LP_WANT_LOSS | LP_WANT_LOGITS | LP_WANT_FINAL_NORM)) || m->gen_pos0 >= 0 || m->taping;
     int last = full ? cf->n_layers : lp_hooks_last_layer(m);
     if ((m->gen_pos0 >= 0 ? m->gen_pos0 : 0) + T > m->rope_n) LP_FAIL(LP_ERR_ARG, "forward: positions past the rotary tables");
 
@@ -603,6 +603,7 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
     SITE(HK_EMBED, 0, m->resid);
     for (int L = 0; L < cf->n_layers && L <= last; L++) {
         SITE(HK_RESID_PRE, L, m->resid);
+        TAPE(lp_tape_layer(m, L));
         LP_CHECK(rms_norm(m, m->resid, LW(m, L, P_LN1), HK_LN1_SCALE, HK_LN1_NORM, L, N));
         LP_CHECK(lp_matmul(c, m->q, m->ln_out, LW(m, L, P_WQ), LW(m, L, P_BQ), N, D, qD, 1));
         LP_CHECK(lp_matmul(c, m->k, m->ln_out, LW(m, L, P_WK), LW(m, L, P_BK), N, D, kvD, 1));
@@ -616,6 +617,7 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
         SITE(HK_ATTN_OUT, L, m->attn_out);
         LP_CHECK(lp_add(c, m->resid, m->resid, m->attn_out, (size_t)N * D));
         SITE(HK_RESID_MID, L, m->resid);
+        TAPE(lp_tape_mid(m, L));
         LP_CHECK(rms_norm(m, m->resid, LW(m, L, P_LN2), HK_LN2_SCALE, HK_LN2_NORM, L, N));
         LP_CHECK(lp_matmul(c, m->mlp_pre, m->ln_out, LW(m, L, P_WG), NULL, N, D, F, 1));
         SITE(HK_MLP_PRE, L, m->mlp_pre);
@@ -629,7 +631,86 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
         SITE(HK_RESID_POST, L, m->resid);
     }
     if (last < cf->n_layers) return LP_OK;
+    TAPE(lp_tape_final(m));
     LP_CHECK(rms_norm(m, m->resid, lp_param(m, p_lnf(m)), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
     if (!(want & (LP_WANT_LOSS | LP_WANT_LOGITS))) return LP_OK;
     return lp_model_unembed(m, N, want);
+}
+
+/* ---- backward ---- */
+
+/* RMSNorm backward from dy at the norm's output (hook_normalized's gradient dy * w when
+ * wanted); dx is written. */
+static lp_status rms_bw(lp_model *m, void *dx, void *dy, const void *x, const void *scale, const void *w, int k_norm, int L, int N) {
+    lp_ctx *c = &m->ctx;
+    int D = m->cfg.d_model;
+    if (lp_grad_wanted(m, k_norm, L)) {
+        LP_CHECK(lp_affine(c, dy, dy, w, NULL, N, D));
+        GSITE(k_norm, L, dy);
+        return lp_rms_backward(c, dx, dy, x, scale, NULL, N, D);
+    }
+    return lp_rms_backward(c, dx, dy, x, scale, w, N, D);
+}
+
+lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
+    lp_ctx *c = &m->ctx;
+    const lp_config *cf = &m->cfg;
+    int N = B * T, D = cf->d_model, H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head, F = cf->d_mlp;
+    int qD = H * dh, kvD = Hkv * dh;
+    size_t es = lp_act_size(m), ND = (size_t)N * D * es;
+    if (top == cf->n_layers) {
+        const tape_layer *t = &m->tape[cf->n_layers];
+        LP_CHECK(rms_bw(m, g->dresid, g->dln, t->resid_pre, t->ln1_scale, lp_param(m, p_lnf(m)), HK_LNF_NORM, cf->n_layers, N));
+        top = cf->n_layers - 1;
+    }
+    for (int L = top; L >= 0; L--) {
+        const tape_layer *t = &m->tape[L];
+        GSITE(HK_RESID_POST, L, g->dresid);
+        /* SwiGLU MLP, on its own copy of the gradient */
+        LP_CHECK(lp_ctx_copy(c, g->dtmp, g->dresid, ND));
+        GSITE(HK_MLP_OUT, L, g->dtmp);
+        LP_CHECK(lp_bw_linear(c, g->dc, g->dtmp, LW(m, L, P_WD), N, F, D, 1));
+        GSITE(HK_MLP_POST, L, g->dc);
+        LP_CHECK(lp_silu_mul_backward(c, g->da, g->db, g->dc, t->mlp_pre, t->mlp_lin, (size_t)N * F));
+        GSITE(HK_MLP_PRE, L, g->da);
+        GSITE(HK_MLP_PRE_LINEAR, L, g->db);
+        LP_CHECK(lp_bw_linear(c, g->dln, g->da, LW(m, L, P_WG), N, D, F, 1));
+        LP_CHECK(lp_bw_linear(c, g->dtmp, g->db, LW(m, L, P_WU), N, D, F, 1));
+        LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
+        LP_CHECK(rms_bw(m, g->dtmp, g->dln, t->resid_mid, t->ln2_scale, LW(m, L, P_LN2), HK_LN2_NORM, L, N));
+        LP_CHECK(lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D));
+        GSITE(HK_RESID_MID, L, g->dresid);
+        /* attention */
+        LP_CHECK(lp_ctx_copy(c, g->dtmp, g->dresid, ND));
+        GSITE(HK_ATTN_OUT, L, g->dtmp);
+        LP_CHECK(lp_bw_linear(c, g->dz, g->dtmp, LW(m, L, P_WO), N, qD, D, 1));
+        GSITE(HK_Z, L, g->dz);
+        if (lp_grad_wanted(m, HK_PATTERN, L) || lp_grad_wanted(m, HK_SCORES, L)) {
+            LP_CHECK(lp_attn_apply_backward(c, g->dpat, g->dv, g->dz, t->pattern, t->v, B, T, H, Hkv, dh));
+            GSITE(HK_PATTERN, L, g->dpat);
+            LP_CHECK(lp_softmax_rows_backward(c, g->dsc, g->dpat, t->pattern, (size_t)B * H * T, T));
+            GSITE(HK_SCORES, L, g->dsc);
+            LP_CHECK(lp_attn_scores_backward(c, g->dq, g->dk, g->dsc, t->q, t->k, B, T, H, Hkv, dh));
+        } else {
+            LP_CHECK(lp_attention_backward(c, g->dq, g->dk, g->dv, g->dz, t->q, t->k, t->v, B, T, H, Hkv, dh));
+        }
+        /* q and k were rotated in place: the gradients of the rotated values, then of the projections */
+        GSITE(HK_ROT_Q, L, g->dq);
+        GSITE(HK_ROT_K, L, g->dk);
+        LP_CHECK(lp_rope_backward(c, g->dq, g->dq, m->rope_cos, m->rope_sin, B, T, H, dh, 0));
+        LP_CHECK(lp_rope_backward(c, g->dk, g->dk, m->rope_cos, m->rope_sin, B, T, Hkv, dh, 0));
+        GSITE(HK_Q, L, g->dq);
+        GSITE(HK_K, L, g->dk);
+        GSITE(HK_V, L, g->dv);
+        LP_CHECK(lp_bw_linear(c, g->dln, g->dq, LW(m, L, P_WQ), N, D, qD, 1));
+        LP_CHECK(lp_bw_linear(c, g->dtmp, g->dk, LW(m, L, P_WK), N, D, kvD, 1));
+        LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
+        LP_CHECK(lp_bw_linear(c, g->dtmp, g->dv, LW(m, L, P_WV), N, D, kvD, 1));
+        LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
+        LP_CHECK(rms_bw(m, g->dtmp, g->dln, t->resid_pre, t->ln1_scale, LW(m, L, P_LN1), HK_LN1_NORM, L, N));
+        LP_CHECK(lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D));
+        GSITE(HK_RESID_PRE, L, g->dresid);
+    }
+    GSITE(HK_EMBED, 0, g->dresid);
+    return LP_OK;
 }

@@ -108,6 +108,10 @@ void lp_model_free(lp_model *m) {
     free_acts(m);
     lp_ctx_release(&m->ctx, m->weights);
     lp_ctx_release(&m->ctx, m->kv);
+    lp_grad_free(m);
+    lp_ctx_release(&m->ctx, m->tape_mem);
+    lp_ctx_release(&m->ctx, m->grad_ones);
+    free(m->tape);
     lp_ctx_release(&m->ctx, m->rope_cos);
     lp_ctx_release(&m->ctx, m->rope_sin);
     free(m->params);

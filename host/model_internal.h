@@ -89,6 +89,15 @@ struct lp_model {
      * while gen_pos0 >= 0 a forward of batch 1 appends to it at position gen_pos0 */
     void *kv;
     int kv_cap, gen_pos0;
+    /* backward (host/backward.c): while taping, the forward keeps what the backward needs
+     * per layer in tape[L] ([n_layers] is the final norm) */
+    int taping;
+    struct tape_layer *tape;
+    void *tape_mem;
+    size_t tape_bytes;
+    void *base_q, *base_k, *base_v, *base_scores, *base_pattern, *base_mlp_pre, *base_mlp_lin, *base_ln_scale;
+    struct grad_state *grad;   /* hook gradients wanted and captured (NULL: none) */
+    void *grad_ones;           /* ones in the act dtype, for broadcasts in the backward */
     /* results of the last forward, on the host */
     int B, T;
     float *logits_host, *losses_host;
@@ -113,6 +122,45 @@ lp_status lp_hook_site(lp_model *m, int id, void *act);
 size_t lp_hook_capture_bytes(const lp_model *m, int id);
 /* Waits for capture copies of the last forward. */
 lp_status lp_hooks_finish(lp_model *m);
+
+/* What the backward of layer L needs from its forward. */
+typedef struct tape_layer {
+    void *resid_pre, *ln1_scale, *q, *k, *v, *scores, *pattern, *resid_mid, *ln2_scale, *mlp_pre, *mlp_lin;
+} tape_layer;
+
+/* Called by the forwards while m->taping: after the resid_pre site of layer L (keeps the
+ * residual, points q/k/v/scores/pattern/mlp/ln_scale at the layer's tape), after the
+ * resid_mid site, and before the final norm (layer n_layers). */
+lp_status lp_tape_layer(lp_model *m, int L);
+lp_status lp_tape_mid(lp_model *m, int L);
+lp_status lp_tape_final(lp_model *m);
+#define TAPE(call)                      \
+    do {                                \
+        if (m->taping) LP_CHECK(call);  \
+    } while (0)
+
+/* The backward: the gradient of the metric flows into d_ln_final (the final norm's output,
+ * [N, d_model]); each architecture takes it to the embeddings, calling lp_grad_site at
+ * every hook point it passes. */
+lp_status lp_grad_site(lp_model *m, int kind, int layer, void *grad);
+/* Whether the gradient of (kind, layer) is wanted (so the backward goes the long way, e.g.
+ * through the pattern instead of the fused attention). */
+int lp_grad_wanted(const lp_model *m, int kind, int layer);
+typedef struct bw_bufs {
+    void *dresid, *dtmp, *dln, *dq, *dk, *dv, *dz, *da, *db, *dc, *dpat, *dsc, *ones;
+} bw_bufs;
+/* top: n_layers to start at the final norm's output (g->dln), else the layer whose
+ * resid_post the (zero) gradient starts at. */
+lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top);
+lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top);
+/* dx of a linear layer out = x W (w_trans 0, W [K,M]) or x W^T (w_trans 1, W [M,K]). */
+lp_status lp_bw_linear(lp_ctx *c, void *dx, const void *dy, const void *W, int N, int K, int M, int w_trans);
+void lp_grad_free(lp_model *m);
+#define GSITE(kind, layer, buf) LP_CHECK(lp_grad_site(m, (kind), (layer), (buf)))
+
+/* An internal lp_model_forward flag: run every layer and the final norm (into m->ln_out)
+ * even when no hook needs them and no logits are wanted (the metric of backward.c). */
+#define LP_WANT_FINAL_NORM 0x100
 
 /* Whether any hook needs the [B,H,T,T] score and pattern buffers. */
 int lp_hooks_want_attn_mats(const lp_model *m);

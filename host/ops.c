@@ -152,3 +152,88 @@ lp_status lp_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const 
     if (CPU(c)) { lp_cpu_gather_pos(dst, act, v, pos, npos); return LP_OK; }
     return lp_cuda_gather_pos(c, dst, act, v, pos, npos);
 }
+
+/* ---- backward ops (attribution gradients) ----
+ * Same checks as the forward ops they differentiate. Outputs that the kernels write while
+ * other rows still read the inputs (attention, the three-step form) must not be an input. */
+
+lp_status lp_ln_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale, const void *w, int N,
+                         int D) {
+    NEED(N >= 0 && D > 0 && dx && dy && x && scale, "ln_backward: bad arguments (N=%d D=%d)", N, D);
+    if (CPU(c)) { lp_cpu_ln_backward(dx, dy, x, scale, w, N, D); return LP_OK; }
+    return lp_cuda_ln_backward(c, dx, dy, x, scale, w, N, D);
+}
+
+lp_status lp_rms_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale, const void *w, int N,
+                          int D) {
+    NEED(N >= 0 && D > 0 && dx && dy && x && scale, "rms_backward: bad arguments (N=%d D=%d)", N, D);
+    if (CPU(c)) { lp_cpu_rms_backward(dx, dy, x, scale, w, N, D); return LP_OK; }
+    return lp_cuda_rms_backward(c, dx, dy, x, scale, w, N, D);
+}
+
+lp_status lp_gelu_backward(lp_ctx *c, void *dx, const void *dy, const void *x, size_t n) {
+    NEED(dx && dy && x, "gelu_backward: null buffer");
+    if (CPU(c)) { lp_cpu_gelu_backward(dx, dy, x, n); return LP_OK; }
+    return lp_cuda_gelu_backward(c, dx, dy, x, n);
+}
+
+lp_status lp_silu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate, const void *up,
+                               size_t n) {
+    NEED(dgate && dup && dy && gate && up, "silu_mul_backward: null buffer");
+    NEED(dgate != dup, "silu_mul_backward: dgate and dup are the same buffer");
+    if (CPU(c)) { lp_cpu_silu_mul_backward(dgate, dup, dy, gate, up, n); return LP_OK; }
+    return lp_cuda_silu_mul_backward(c, dgate, dup, dy, gate, up, n);
+}
+
+lp_status lp_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *cos_t, const float *sin_t, int B, int T,
+                           int H, int dh, int pos0) {
+    NEED(B >= 0 && T >= 0 && H > 0 && dh > 0 && dh % 2 == 0 && pos0 >= 0 && dx && dy && cos_t && sin_t,
+         "rope_backward: bad arguments (H=%d dh=%d pos0=%d; dh must be even)", H, dh, pos0);
+    if (CPU(c)) { lp_cpu_rope_backward(dx, dy, cos_t, sin_t, B, T, H, dh, pos0); return LP_OK; }
+    return lp_cuda_rope_backward(c, dx, dy, cos_t, sin_t, B, T, H, dh, pos0);
+}
+
+lp_status lp_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q, const void *k,
+                                const void *v, int B, int T, int H, int Hkv, int dh) {
+    NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && dq && dk && dv && dz && q && k && v,
+         "attention_backward: bad arguments (H=%d Hkv=%d dh=%d)", H, Hkv, dh);
+    NEED(dq != dk && dq != dv && dk != dv, "attention_backward: dq, dk and dv must be distinct buffers");
+    NEED(dq != dz && dq != q && dq != k && dq != v && dk != dz && dk != q && dk != k && dk != v && dv != dz &&
+             dv != q && dv != k && dv != v,
+         "attention_backward: an output is also an input (dq, dk, dv must not alias dz, q, k, v)");
+    if (CPU(c)) { lp_cpu_attention_backward(dq, dk, dv, dz, q, k, v, B, T, H, Hkv, dh); return LP_OK; }
+    return lp_cuda_attention_backward(c, dq, dk, dv, dz, q, k, v, B, T, H, Hkv, dh);
+}
+
+lp_status lp_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
+                                 const void *v, int B, int T, int H, int Hkv, int dh) {
+    NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && dpattern && dv && dz && pattern && v, "attn_apply_backward: bad arguments");
+    NEED(dpattern != pattern && dv != v && dv != dz && dpattern != dv,
+         "attn_apply_backward: an output is also an input, or dpattern is dv");
+    if (CPU(c)) { lp_cpu_attn_apply_backward(dpattern, dv, dz, pattern, v, B, T, H, Hkv, dh); return LP_OK; }
+    return lp_cuda_attn_apply_backward(c, dpattern, dv, dz, pattern, v, B, T, H, Hkv, dh);
+}
+
+/* dx may alias dy (each row is summed before it is written) but not y. */
+lp_status lp_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows, int cols) {
+    NEED(cols > 0 && dx && dy && y, "softmax_rows_backward: bad arguments");
+    NEED(dx != y, "softmax_rows_backward: dx must not alias y");
+    if (CPU(c)) { lp_cpu_softmax_rows_backward(dx, dy, y, rows, cols); return LP_OK; }
+    return lp_cuda_softmax_rows_backward(c, dx, dy, y, rows, cols);
+}
+
+lp_status lp_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *q, const void *k,
+                                  int B, int T, int H, int Hkv, int dh) {
+    NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && dq && dk && dscores && q && k, "attn_scores_backward: bad arguments");
+    NEED(dq != dk && dq != q && dq != k && dk != q && dk != k,
+         "attn_scores_backward: an output is also an input, or dq is dk");
+    if (CPU(c)) { lp_cpu_attn_scores_backward(dq, dk, dscores, q, k, B, T, H, Hkv, dh); return LP_OK; }
+    return lp_cuda_attn_scores_backward(c, dq, dk, dscores, q, k, B, T, H, Hkv, dh);
+}
+
+lp_status lp_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets, const float *scale,
+                           int N, int V) {
+    NEED(N >= 0 && V > 0 && dlogits && logits && targets && scale, "xent_backward: bad arguments (N=%d V=%d)", N, V);
+    if (CPU(c)) { lp_cpu_xent_backward(dlogits, logits, targets, scale, N, V); return LP_OK; }
+    return lp_cuda_xent_backward(c, dlogits, logits, targets, scale, N, V);
+}

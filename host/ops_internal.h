@@ -163,6 +163,50 @@ lp_status lp_cuda_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float
                                                const float *W_enc, int N, int K, int D, int S);
 /* ==== end of SAE ops ==== */
 
+/* ==== backward ops ===============================================================
+ * The back ends of ops.h's "backward ops (attribution gradients)" (dispatch: host/ops.c;
+ * CPU references: host/cpu/backward.c; CUDA: kernels/backward.cu). Same dtype rules as
+ * the forward ops; arguments were checked by the dispatch. */
+void lp_cpu_ln_backward(float *dx, const float *dy, const float *x, const float *scale, const float *w, int N,
+                        int D);
+void lp_cpu_rms_backward(float *dx, const float *dy, const float *x, const float *scale, const float *w, int N,
+                         int D);
+void lp_cpu_gelu_backward(float *dx, const float *dy, const float *x, size_t n);
+void lp_cpu_silu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
+                              size_t n);
+void lp_cpu_rope_backward(float *dx, const float *dy, const float *cos_t, const float *sin_t, int B, int T,
+                          int H, int dh, int pos0);
+void lp_cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz, const float *q, const float *k,
+                               const float *v, int B, int T, int H, int Hkv, int dh);
+void lp_cpu_attn_apply_backward(float *dpattern, float *dv, const float *dz, const float *pattern, const float *v,
+                                int B, int T, int H, int Hkv, int dh);
+void lp_cpu_softmax_rows_backward(float *dx, const float *dy, const float *y, size_t rows, int cols);
+void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, const float *q, const float *k, int B,
+                                 int T, int H, int Hkv, int dh);
+void lp_cpu_xent_backward(float *dlogits, const float *logits, const int32_t *targets, const float *scale, int N,
+                          int V);
+
+lp_status lp_cuda_ln_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale,
+                              const void *w, int N, int D);
+lp_status lp_cuda_rms_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale,
+                               const void *w, int N, int D);
+lp_status lp_cuda_gelu_backward(lp_ctx *c, void *dx, const void *dy, const void *x, size_t n);
+lp_status lp_cuda_silu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate,
+                                    const void *up, size_t n);
+lp_status lp_cuda_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *cos_t, const float *sin_t,
+                                int B, int T, int H, int dh, int pos0);
+lp_status lp_cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
+                                     const void *k, const void *v, int B, int T, int H, int Hkv, int dh);
+lp_status lp_cuda_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
+                                      const void *v, int B, int T, int H, int Hkv, int dh);
+lp_status lp_cuda_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows,
+                                        int cols);
+lp_status lp_cuda_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *q,
+                                       const void *k, int B, int T, int H, int Hkv, int dh);
+lp_status lp_cuda_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets,
+                                const float *scale, int N, int V);
+/* ==== end of backward ops ==== */
+
 #ifdef __cplusplus
 }
 #endif

@@ -240,3 +240,56 @@ lp_status lp_cuda_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float
     (void)c; (void)dx; (void)dpre; (void)idx; (void)W_enc; (void)N; (void)K; (void)D; (void)S;
     return NO_CUDA();
 }
+
+/* ---- backward ops ---- */
+lp_status lp_cuda_ln_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale,
+                              const void *w, int N, int D) {
+    (void)c; (void)dx; (void)dy; (void)x; (void)scale; (void)w; (void)N; (void)D;
+    return NO_CUDA();
+}
+lp_status lp_cuda_rms_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale,
+                               const void *w, int N, int D) {
+    (void)c; (void)dx; (void)dy; (void)x; (void)scale; (void)w; (void)N; (void)D;
+    return NO_CUDA();
+}
+lp_status lp_cuda_gelu_backward(lp_ctx *c, void *dx, const void *dy, const void *x, size_t n) {
+    (void)c; (void)dx; (void)dy; (void)x; (void)n;
+    return NO_CUDA();
+}
+lp_status lp_cuda_silu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate,
+                                    const void *up, size_t n) {
+    (void)c; (void)dgate; (void)dup; (void)dy; (void)gate; (void)up; (void)n;
+    return NO_CUDA();
+}
+lp_status lp_cuda_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *cos_t, const float *sin_t,
+                                int B, int T, int H, int dh, int pos0) {
+    (void)c; (void)dx; (void)dy; (void)cos_t; (void)sin_t; (void)B; (void)T; (void)H; (void)dh; (void)pos0;
+    return NO_CUDA();
+}
+lp_status lp_cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
+                                     const void *k, const void *v, int B, int T, int H, int Hkv, int dh) {
+    (void)c; (void)dq; (void)dk; (void)dv; (void)dz; (void)q; (void)k; (void)v;
+    (void)B; (void)T; (void)H; (void)Hkv; (void)dh;
+    return NO_CUDA();
+}
+lp_status lp_cuda_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
+                                      const void *v, int B, int T, int H, int Hkv, int dh) {
+    (void)c; (void)dpattern; (void)dv; (void)dz; (void)pattern; (void)v;
+    (void)B; (void)T; (void)H; (void)Hkv; (void)dh;
+    return NO_CUDA();
+}
+lp_status lp_cuda_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows,
+                                        int cols) {
+    (void)c; (void)dx; (void)dy; (void)y; (void)rows; (void)cols;
+    return NO_CUDA();
+}
+lp_status lp_cuda_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *q,
+                                       const void *k, int B, int T, int H, int Hkv, int dh) {
+    (void)c; (void)dq; (void)dk; (void)dscores; (void)q; (void)k; (void)B; (void)T; (void)H; (void)Hkv; (void)dh;
+    return NO_CUDA();
+}
+lp_status lp_cuda_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets,
+                                const float *scale, int N, int V) {
+    (void)c; (void)dlogits; (void)logits; (void)targets; (void)scale; (void)N; (void)V;
+    return NO_CUDA();
+}

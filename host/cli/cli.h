@@ -24,4 +24,8 @@ int cmd_train_sae(args *a);
 int cmd_eval_sae(args *a);
 int cmd_encode(args *a);
 
+/* host/cli/attrib.c */
+int cmd_attribute(args *a);
+int cmd_patch(args *a);
+
 #endif

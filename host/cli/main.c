@@ -73,6 +73,18 @@ static const lp_key g_keys[] = {
     {"eval.batch_tokens", LP_KEY_INT, "4096", 1, 1 << 30, NULL, "tokens per batch"},
     {"encode.out", LP_KEY_STR, NULL, 0, 0, NULL, ".safetensors for the latents (indices, values)"},
     {"encode.k", LP_KEY_INT, "0", 0, 1 << 20, NULL, "latents kept per token; 0: the SAE's k (or 32)"},
+    /* attribution sweeps */
+    {"attrib.pairs", LP_KEY_STR, NULL, 0, 0, NULL, "JSONL of prompt pairs: clean, corrupted, answer, wrong_answer (text or ids)"},
+    {"attrib.out", LP_KEY_STR, NULL, 0, 0, NULL, "directory for results.jsonl and scores-*.safetensors"},
+    {"attrib.metric", LP_KEY_CHOICE, "logit_diff", 0, 0, "logit_diff|logprob", "at the last position"},
+    {"attrib.nodes", LP_KEY_STR, "all", 0, 0, NULL, "node kinds, comma-separated (hook_resid_pre, ..., attn.hook_pattern) or all"},
+    {"attrib.top", LP_KEY_INT, "20", 0, 1 << 20, NULL, "top nodes per pair in results.jsonl"},
+    {"attrib.batch", LP_KEY_INT, "8", 1, 1 << 16, NULL, "pairs per batch (attribute)"},
+    {"attrib.grad_at", LP_KEY_CHOICE, "corrupted", 0, 0, "corrupted|clean", "the run the gradient is taken at"},
+    {"attrib.ig_steps", LP_KEY_INT, "0", 0, 1 << 12, NULL, "integrated-gradients steps; 0: plain attribution patching"},
+    {"attrib.align", LP_KEY_CHOICE, "none", 0, 0, "none|pad_left", "prompt pairs of different lengths: error, or pad the shorter"},
+    {"patch.batch", LP_KEY_INT, "32", 1, 1 << 16, NULL, "patched nodes per forward"},
+    {"patch.compare_atp", LP_KEY_CHOICE, "true", 0, 0, "true|false", "also run attribution patching and report the correlations"},
     {"gen.prompt", LP_KEY_STR, NULL, 0, 0, NULL, "text to continue"},
     {"gen.max_tokens", LP_KEY_INT, "64", 0, 1 << 20, NULL, "new tokens at most"},
     {"gen.temperature", LP_KEY_FLOAT, "0", 0, 100, NULL, "0: greedy"},
@@ -105,6 +117,10 @@ static const char *g_usage =
     "                                      reconstruction and sparsity metrics; spliced model loss\n"
     "  encode SAE --data.store=DIR --encode.out=F.safetensors\n"
     "                                      top-k latents (indices, values) of every token\n"
+    "  attribute [CONFIG.ini] MODEL --attrib.pairs=F.jsonl --attrib.out=DIR\n"
+    "                                      attribution patching over prompt pairs (resumable)\n"
+    "  patch [CONFIG.ini] MODEL --attrib.pairs=F.jsonl --attrib.out=DIR\n"
+    "                                      exact activation patching, compared with attribution\n"
     "short flags: --tokens --text --out --prompt --max-tokens --temperature --top-p --seed\n"
     "keys:\n";
 
@@ -521,14 +537,15 @@ int main(int argc, char **argv) {
         {"info", cmd_info, "model.path"},        {"run", cmd_run, "model.path"},
         {"cache", cmd_cache, "model.path"},      {"tokenize", cmd_tokenize, "model.path"},
         {"generate", cmd_generate, "model.path"}, {"train-sae", cmd_train_sae, "data.store"},
-        {"eval-sae", cmd_eval_sae, "sae.path"},   {"encode", cmd_encode, "sae.path"}};
+        {"eval-sae", cmd_eval_sae, "sae.path"},   {"encode", cmd_encode, "sae.path"},
+        {"attribute", cmd_attribute, "model.path"}, {"patch", cmd_patch, "model.path"}};
     int (*fn)(args *) = NULL;
     const char *positional = "model.path";
     for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++)
         if (strcmp(cmd, cmds[i].name) == 0) fn = cmds[i].fn, positional = cmds[i].positional;
     if (!fn) {
-        fprintf(stderr, "loupe: unknown command '%s' (commands: info, run, cache, tokenize, generate, train-sae, eval-sae, encode; "
-                        "see loupe --help)\n", cmd);
+        fprintf(stderr, "loupe: unknown command '%s' (commands: info, run, cache, tokenize, generate, train-sae, eval-sae, encode, "
+                        "attribute, patch; see loupe --help)\n", cmd);
         return 2;
     }
     args a = {0};

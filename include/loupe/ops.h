@@ -88,6 +88,43 @@ lp_status lp_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc,
 lp_status lp_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
                            int N, int V);
 
+/* ---- backward ops (attribution gradients) ----
+ * Each takes the upstream gradient dy of the forward op's output and the forward's saved
+ * inputs, and writes the gradient of its inputs (same dtype and device rules as the forward
+ * ops). Outputs are written, not accumulated, unless the comment says "+=". */
+
+/* LayerNorm (pieces as lp_ln_scale / lp_ln_apply with weight w, bias b), given the saved
+ * input x and scale: dx = d/dx of sum(dy * ((x - mean)/scale * w + b)); w may be NULL
+ * (normalized value only). */
+lp_status lp_ln_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale, const void *w, int N, int D);
+/* RMSNorm: dx for y = x / scale * w (w may be NULL), scale = sqrt(mean(x^2) + eps). */
+lp_status lp_rms_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale, const void *w, int N, int D);
+/* dx = dy * gelu_tanh'(x); dx may alias dy. */
+lp_status lp_gelu_backward(lp_ctx *c, void *dx, const void *dy, const void *x, size_t n);
+/* y = silu(gate) * up: dgate = dy * up * silu'(gate), dup = dy * silu(gate). */
+lp_status lp_silu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate, const void *up, size_t n);
+/* RoPE is a rotation: its backward rotates dy by the opposite angle (same tables). dx may alias dy. */
+lp_status lp_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *cos_t, const float *sin_t, int B, int T, int H,
+                           int dh, int pos0);
+/* Fused causal attention (as lp_attention): dq [B,T,H,dh], dk and dv [B,T,Hkv,dh] (summed over
+ * the query heads of each kv group) from dz [B,T,H,dh] and the saved q, k, v. */
+lp_status lp_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q, const void *k,
+                                const void *v, int B, int T, int H, int Hkv, int dh);
+/* The three-step form, for gradients at hook_attn_scores and hook_pattern:
+ *   lp_attn_apply:  dpattern[B,H,T,T] = dz . v ; dv = pattern^T dz (summed over the group)
+ *   lp_softmax_rows: dx = y * (dy - sum_j dy_j y_j) for y = softmax(x) (rows, cols)
+ *   lp_attn_scores:  dq = dscores k / sqrt(dh); dk = dscores^T q / sqrt(dh) (summed over the group);
+ *                    masked entries (key > query) of dscores are ignored */
+lp_status lp_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern, const void *v,
+                                 int B, int T, int H, int Hkv, int dh);
+lp_status lp_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows, int cols);
+lp_status lp_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *q, const void *k, int B,
+                                  int T, int H, int Hkv, int dh);
+/* dlogits[n,:] = scale[n] * (softmax(logits[n,:]) - onehot(target[n])); rows with target < 0
+ * are zero. scale is F32 on the device [N]. (The gradient of the next-token loss.) */
+lp_status lp_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets, const float *scale, int N,
+                           int V);
+
 /* ---- hook views: how edits and position-limited captures address an activation ----
  * Every hook activation is viewed as four axes [B, X1, X2, E] with E contiguous:
  *   [B,T,D]        -> head_outer = 0, P = T, H = 1,  E = D

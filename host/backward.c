@@ -1,0 +1,474 @@
+/* backward.c: gradients of a metric with respect to hook activations. The forward runs
+ * "taping": each layer keeps in its own slice of one allocation what its backward needs
+ * (the residual before each norm, the norms' scales, q/k/v, the MLP pre-activations, and
+ * the attention pattern where its gradient is asked for); the metric's gradient enters at
+ * the final norm's output (or at a hook, for a direction metric) and each architecture's
+ * backward (gpt2.c, llama.c) carries it down, stopping at every hook site. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <fnmatch.h>
+
+#include "loupe/attrib.h"
+#include "loupe/hooks.h"
+#include "loupe/ops.h"
+#include "model_internal.h"
+
+struct grad_state {
+    unsigned char *want;   /* [n_hooks] */
+    float **host;          /* [n_hooks] F32 gradients of the last backward */
+    size_t *cap;           /* floats each host buffer holds */
+    int inject_id;         /* direction metric: where its direction enters, or -1 */
+    void *inject_dev;      /* the direction on the device, act dtype */
+    void *stage;           /* device-to-host staging in the act dtype */
+    size_t stage_cap;
+    int B, T;
+};
+
+static lp_status grad_state_get(lp_model *m, struct grad_state **out) {
+    if (!m->grad) {
+        struct grad_state *g = calloc(1, sizeof *g);
+        if (!g) LP_FAIL(LP_ERR_OOM, "out of memory");
+        g->want = calloc(m->n_hooks, 1);
+        g->host = calloc(m->n_hooks, sizeof *g->host);
+        g->cap = calloc(m->n_hooks, sizeof *g->cap);
+        g->inject_id = -1;
+        m->grad = g;
+        if (!g->want || !g->host || !g->cap) LP_FAIL(LP_ERR_OOM, "out of memory");
+    }
+    *out = m->grad;
+    return LP_OK;
+}
+
+void lp_grad_free(lp_model *m) {
+    struct grad_state *g = m->grad;
+    if (!g) return;
+    for (int i = 0; i < m->n_hooks; i++) free(g->host[i]);
+    free(g->host), free(g->want), free(g->cap), free(g->stage);
+    lp_ctx_release(&m->ctx, g->inject_dev);
+    free(g);
+    m->grad = NULL;
+}
+
+int lp_grad_wanted(const lp_model *m, int kind, int layer) {
+    if (!m->grad || !m->taping) return 0;
+    int id = lp_hook_id(m, kind, layer);
+    return id >= 0 && m->grad->want[id];
+}
+
+/* ---- the tape ---- */
+
+static size_t tape_layout(lp_model *m, int B, int T, int carve) {
+    const lp_config *c = &m->cfg;
+    size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = lp_act_size(m), off = 0;
+    size_t qD = (size_t)c->n_heads * c->d_head, kvD = (size_t)c->n_kv_heads * c->d_head, mat = (size_t)B * c->n_heads * T * T * es;
+    int llama = c->arch == LP_ARCH_LLAMA;
+#define SLICE(field, bytes)                                                    \
+    do {                                                                       \
+        size_t b_ = (bytes);                                                   \
+        if (carve) t->field = b_ ? (char *)m->tape_mem + off : NULL;           \
+        off += (b_ + 255) / 256 * 256;                                         \
+    } while (0)
+    for (int L = 0; L <= c->n_layers; L++) {
+        tape_layer *t = &m->tape[L];
+        if (L == c->n_layers) { /* the final norm: its input and scale */
+            SLICE(resid_pre, N * D * es);
+            SLICE(ln1_scale, N * es);
+            break;
+        }
+        int mats = lp_grad_wanted(m, HK_SCORES, L) || lp_grad_wanted(m, HK_PATTERN, L);
+        SLICE(resid_pre, N * D * es);
+        SLICE(ln1_scale, N * es);
+        SLICE(q, N * qD * es);
+        SLICE(k, N * kvD * es);
+        SLICE(v, N * kvD * es);
+        SLICE(scores, mats ? mat : 0);
+        SLICE(pattern, mats ? mat : 0);
+        SLICE(resid_mid, N * D * es);
+        SLICE(ln2_scale, N * es);
+        SLICE(mlp_pre, N * F * es);
+        SLICE(mlp_lin, llama ? N * F * es : 0);
+    }
+#undef SLICE
+    return off;
+}
+
+lp_status lp_tape_layer(lp_model *m, int L) {
+    tape_layer *t = &m->tape[L];
+    size_t bytes = (size_t)m->B * m->T * m->cfg.d_model * lp_act_size(m);
+    LP_CHECK(lp_ctx_copy(&m->ctx, t->resid_pre, m->resid, bytes));
+    m->ln_scale = t->ln1_scale, m->q = t->q, m->k = t->k, m->v = t->v, m->mlp_pre = t->mlp_pre;
+    if (t->mlp_lin) m->mlp_lin = t->mlp_lin;
+    m->scores = t->scores ? t->scores : m->base_scores;
+    m->pattern = t->pattern ? t->pattern : m->base_pattern;
+    return LP_OK;
+}
+
+lp_status lp_tape_mid(lp_model *m, int L) {
+    tape_layer *t = &m->tape[L];
+    size_t bytes = (size_t)m->B * m->T * m->cfg.d_model * lp_act_size(m);
+    LP_CHECK(lp_ctx_copy(&m->ctx, t->resid_mid, m->resid, bytes));
+    m->ln_scale = t->ln2_scale;
+    return LP_OK;
+}
+
+lp_status lp_tape_final(lp_model *m) {
+    tape_layer *t = &m->tape[m->cfg.n_layers];
+    size_t bytes = (size_t)m->B * m->T * m->cfg.d_model * lp_act_size(m);
+    LP_CHECK(lp_ctx_copy(&m->ctx, t->resid_pre, m->resid, bytes));
+    m->ln_scale = t->ln1_scale;
+    return LP_OK;
+}
+
+static void tape_restore(lp_model *m) {
+    m->taping = 0;
+    m->q = m->base_q, m->k = m->base_k, m->v = m->base_v, m->scores = m->base_scores, m->pattern = m->base_pattern;
+    m->mlp_pre = m->base_mlp_pre, m->mlp_lin = m->base_mlp_lin, m->ln_scale = m->base_ln_scale;
+}
+
+/* ---- gradient sites ---- */
+
+static size_t hook_numel(const lp_model *m, int id) {
+    int64_t s[LP_MAX_DIMS];
+    int nd = lp_hook_shape(m, id, m->grad->B, m->grad->T, s);
+    return (size_t)lp_shape_numel(s, nd);
+}
+
+lp_status lp_grad_site(lp_model *m, int kind, int layer, void *buf) {
+    struct grad_state *g = m->grad;
+    int id = lp_hook_id(m, kind, layer);
+    if (!g || id < 0) return LP_OK;
+    lp_ctx *c = &m->ctx;
+    if (id == g->inject_id) { /* d(act . direction)/d act: the direction at every token */
+        size_t n = hook_numel(m, id), rows = (size_t)g->B * g->T, per = n / rows;
+        LP_CHECK(lp_affine(c, buf, buf, m->grad_ones, g->inject_dev, (int)rows, (int)per));
+    }
+    if (!g->want[id]) return LP_OK;
+    size_t n = hook_numel(m, id), es = lp_act_size(m);
+    if (n > g->cap[id]) {
+        free(g->host[id]);
+        if (!(g->host[id] = malloc(n * sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory for the gradient of %s", m->hooks[id].name);
+        g->cap[id] = n;
+    }
+    if (c->device == LP_CPU) {
+        memcpy(g->host[id], buf, n * sizeof(float));
+        return LP_OK;
+    }
+    if (n * es > g->stage_cap) {
+        free(g->stage);
+        if (!(g->stage = malloc(n * es))) LP_FAIL(LP_ERR_OOM, "out of memory");
+        g->stage_cap = n * es;
+    }
+    LP_CHECK(lp_ctx_to_host(c, g->stage, buf, n * es));
+    return lp_convert_host(g->host[id], LP_F32, g->stage, c->dtype, n);
+}
+
+/* ---- the metric and the gradient entering at the final norm ---- */
+
+static int row_pos(const lp_metric *mt, int b, int T) { return mt->pos ? mt->pos[b] : T - 1; }
+
+static lp_status check_metric(const lp_model *m, const lp_metric *mt, int B, int T) {
+    int V = m->cfg.d_vocab;
+    if (mt->kind == LP_METRIC_DIRECTION) {
+        if (!mt->hook || !mt->direction) LP_FAIL(LP_ERR_ARG, "direction metric: needs a hook and a direction");
+        int id = lp_hook_find(m, mt->hook);
+        if (id < 0) LP_FAIL(LP_ERR_NOT_FOUND, "direction metric: unknown hook '%s'", mt->hook);
+        if (m->hooks[id].head_outer) LP_FAIL(LP_ERR_ARG, "direction metric: '%s' is not a per-token hook", mt->hook);
+        return LP_OK;
+    }
+    if (mt->kind == LP_METRIC_MEAN_LOSS) {
+        if (T < 2) LP_FAIL(LP_ERR_ARG, "mean-loss metric: rows of %d token(s) predict nothing", T);
+        return LP_OK;
+    }
+    for (int b = 0; b < B; b++) {
+        int p = row_pos(mt, b, T);
+        if (p < 0 || p >= T) LP_FAIL(LP_ERR_ARG, "metric: row %d reads position %d of %d", b, p, T);
+        if (!mt->answer || mt->answer[b] < 0 || mt->answer[b] >= V) LP_FAIL(LP_ERR_ARG, "metric: row %d: answer token is not in [0, %d)", b, V);
+        if (mt->kind == LP_METRIC_LOGIT_DIFF && (!mt->wrong || mt->wrong[b] < 0 || mt->wrong[b] >= V))
+            LP_FAIL(LP_ERR_ARG, "metric: row %d: wrong-answer token is not in [0, %d)", b, V);
+    }
+    return LP_OK;
+}
+
+/* Logits of the rows the metric reads: ln_out rows gathered, times the unembedding. */
+static lp_status read_rows(lp_model *m, const lp_metric *mt, int B, int T, void *rows_dev, void *logits_dev, float *host) {
+    lp_ctx *c = &m->ctx;
+    size_t es = lp_act_size(m), D = m->cfg.d_model;
+    int V = m->cfg.d_vocab;
+    for (int b = 0; b < B; b++)
+        LP_CHECK(lp_ctx_copy(c, (char *)rows_dev + b * D * es, (char *)m->ln_out + ((size_t)b * T + row_pos(mt, b, T)) * D * es, D * es));
+    LP_CHECK(lp_matmul(c, logits_dev, rows_dev, lp_param(m, m->unembed), NULL, B, (int)D, V, 1));
+    if (c->device == LP_CPU) {
+        memcpy(host, logits_dev, (size_t)B * V * sizeof(float));
+        return LP_OK;
+    }
+    void *st = malloc((size_t)B * V * es);
+    if (!st) LP_FAIL(LP_ERR_OOM, "out of memory");
+    lp_status s = lp_ctx_to_host(c, st, logits_dev, (size_t)B * V * es);
+    if (s == LP_OK) s = lp_convert_host(host, LP_F32, st, c->dtype, (size_t)B * V);
+    free(st);
+    return s;
+}
+
+static double metric_row(const lp_metric *mt, const float *l, int V, int b) {
+    if (mt->kind == LP_METRIC_LOGIT_DIFF) return (double)l[mt->answer[b]] - l[mt->wrong[b]];
+    double mx = -INFINITY, z = 0;
+    for (int v = 0; v < V; v++) mx = fmax(mx, l[v]);
+    for (int v = 0; v < V; v++) z += exp(l[v] - mx);
+    return l[mt->answer[b]] - mx - log(z);
+}
+
+/* Scratch of one lp_model_grad: rows, logits and their gradients, and bw_bufs. */
+typedef struct scratch {
+    void *mem;
+    void *rows, *logits, *drows;
+    bw_bufs g;
+} scratch;
+
+static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T) {
+    const lp_config *c = &m->cfg;
+    size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = lp_act_size(m), V = c->d_vocab;
+    size_t qD = (size_t)c->n_heads * c->d_head, kvD = (size_t)c->n_kv_heads * c->d_head;
+    size_t wide = D > qD ? D : qD;
+    if (F > wide) wide = F;
+    size_t mat = lp_hooks_want_attn_mats(m) ? (size_t)B * c->n_heads * T * T * es : 0;
+    size_t lrows = (size_t)m->logit_rows > (size_t)B ? (size_t)m->logit_rows : (size_t)B;
+    struct { void **p; size_t bytes; } b[] = {
+        {&s->rows, B * D * es}, {&s->logits, lrows * V * es}, {&s->drows, lrows * V * es},
+        {&s->g.dresid, N * D * es}, {&s->g.dtmp, N * wide * es}, {&s->g.dln, N * D * es}, {&s->g.dq, N * qD * es},
+        {&s->g.dk, N * kvD * es}, {&s->g.dv, N * kvD * es}, {&s->g.dz, N * qD * es}, {&s->g.da, N * F * es},
+        {&s->g.db, N * F * es}, {&s->g.dc, N * F * es}, {&s->g.dpat, mat}, {&s->g.dsc, mat},
+    };
+    size_t off = 0;
+    for (size_t i = 0; i < sizeof b / sizeof *b; i++) off += (b[i].bytes + 255) / 256 * 256;
+    LP_CHECK(lp_ctx_alloc(&m->ctx, off, &s->mem));
+    off = 0;
+    for (size_t i = 0; i < sizeof b / sizeof *b; i++) {
+        *b[i].p = b[i].bytes ? (char *)s->mem + off : NULL;
+        off += (b[i].bytes + 255) / 256 * 256;
+    }
+    s->g.ones = m->grad_ones;
+    return LP_OK;
+}
+
+/* Ones in the act dtype, for broadcasts (lp_affine's multiplier). */
+static lp_status ensure_ones(lp_model *m) {
+    if (m->grad_ones) return LP_OK;
+    const lp_config *c = &m->cfg;
+    size_t n = (size_t)c->d_model;
+    size_t cand[3] = {(size_t)c->n_heads * c->d_head, (size_t)c->d_mlp, (size_t)c->n_ctx};
+    for (int i = 0; i < 3; i++) n = cand[i] > n ? cand[i] : n;
+    float *h = malloc(n * sizeof(float));
+    if (!h) LP_FAIL(LP_ERR_OOM, "out of memory");
+    for (size_t i = 0; i < n; i++) h[i] = 1.0f;
+    lp_status st = lp_ctx_alloc(&m->ctx, n * lp_act_size(m), &m->grad_ones);
+    void *conv = st == LP_OK ? malloc(n * lp_act_size(m)) : NULL;
+    if (st == LP_OK && !conv) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (st == LP_OK) st = lp_convert_host(conv, m->ctx.dtype, h, LP_F32, n);
+    if (st == LP_OK) st = lp_ctx_to_device(&m->ctx, m->grad_ones, conv, n * lp_act_size(m));
+    free(conv);
+    free(h);
+    return st;
+}
+
+static lp_status upload_act(lp_model *m, void *dst, const float *src, size_t n) {
+    if (m->ctx.device == LP_CPU) {
+        memcpy(dst, src, n * sizeof(float));
+        return LP_OK;
+    }
+    void *conv = malloc(n * lp_act_size(m));
+    if (!conv) LP_FAIL(LP_ERR_OOM, "out of memory");
+    lp_status st = lp_convert_host(conv, m->ctx.dtype, src, LP_F32, n);
+    if (st == LP_OK) st = lp_ctx_to_device(&m->ctx, dst, conv, n * lp_act_size(m));
+    free(conv);
+    return st;
+}
+
+/* Registers which gradients to keep. */
+static lp_status set_wanted(lp_model *m, const char *grad_hooks) {
+    struct grad_state *g = m->grad;
+    memset(g->want, 0, m->n_hooks);
+    if (!grad_hooks || !grad_hooks[0]) return LP_OK;
+    char *list = strdup(grad_hooks), *save = NULL;
+    if (!list) LP_FAIL(LP_ERR_OOM, "out of memory");
+    lp_status st = LP_OK;
+    for (char *p = strtok_r(list, ",", &save); p && st == LP_OK; p = strtok_r(NULL, ",", &save)) {
+        int glob = strpbrk(p, "*?[") != NULL, n = 0;
+        for (int i = 0; i < m->n_hooks; i++)
+            if (glob ? fnmatch(p, m->hooks[i].name, 0) == 0 : strcmp(p, m->hooks[i].name) == 0) g->want[i] = 1, n++;
+        if (!n) st = lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "gradient of '%s': no such hook (see `loupe info MODEL`)", p);
+        for (int i = 0; i < m->n_hooks && st == LP_OK; i++) /* hook_scale gradients are not computed (their backward is folded into the norm's) */
+            if (g->want[i] && (m->hooks[i].kind == HK_LN1_SCALE || m->hooks[i].kind == HK_LN2_SCALE || m->hooks[i].kind == HK_LNF_SCALE)) {
+                if (!glob) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "gradient of '%s': hook_scale gradients are not supported", p);
+                g->want[i] = 0;
+            }
+    }
+    free(list);
+    return st;
+}
+
+static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, const lp_metric *mt, const char *grad_hooks,
+                          double *metric_out, int backward) {
+    LP_CHECK(check_metric(m, mt, B, T));
+    struct grad_state *g = NULL;
+    LP_CHECK(grad_state_get(m, &g));
+    LP_CHECK(set_wanted(m, backward ? grad_hooks : NULL));
+    LP_CHECK(ensure_ones(m));
+    g->B = B, g->T = T, g->inject_id = -1;
+    const lp_config *cf = &m->cfg;
+    int V = cf->d_vocab, dir_id = mt->kind == LP_METRIC_DIRECTION ? lp_hook_find(m, mt->hook) : -1;
+    /* a direction metric reads the hook's activation: capture it for this run */
+    int had_capture = dir_id >= 0 && m->hooks[dir_id].capture;
+    if (dir_id >= 0 && !had_capture) LP_CHECK(lp_hook_capture(m, mt->hook, NULL, 0, NULL));
+    /* sized with taping on, so that wanted pattern gradients count; the base buffers are
+     * then those of this batch size */
+    m->taping = backward;
+    lp_status pst = lp_model_prepare(m, B, T);
+    m->taping = 0;
+    LP_CHECK(pst);
+    /* the tape, for this batch and these wanted gradients */
+    if (backward) {
+        if (!m->tape && !(m->tape = calloc(cf->n_layers + 1, sizeof *m->tape))) LP_FAIL(LP_ERR_OOM, "out of memory");
+        m->base_q = m->q, m->base_k = m->k, m->base_v = m->v, m->base_scores = m->scores, m->base_pattern = m->pattern;
+        m->base_mlp_pre = m->mlp_pre, m->base_mlp_lin = m->mlp_lin, m->base_ln_scale = m->ln_scale;
+        m->taping = 1; /* so that tape_layout sees the wanted pattern gradients */
+        size_t need = tape_layout(m, B, T, 0);
+        if (need > m->tape_bytes) {
+            lp_ctx_release(&m->ctx, m->tape_mem);
+            m->tape_mem = NULL, m->tape_bytes = 0;
+            lp_status st = lp_ctx_alloc(&m->ctx, need, &m->tape_mem);
+            if (st != LP_OK) {
+                tape_restore(m);
+                return st;
+            }
+            m->tape_bytes = need;
+        }
+        tape_layout(m, B, T, 1);
+    }
+    int want = mt->kind == LP_METRIC_MEAN_LOSS ? LP_WANT_LOSS : LP_WANT_FINAL_NORM;
+    lp_status st = lp_model_forward(m, tokens, B, T, want);
+    scratch s = {0};
+    float *lh = NULL, *dl = NULL;
+    if (st == LP_OK && mt->kind != LP_METRIC_DIRECTION && mt->kind != LP_METRIC_MEAN_LOSS) {
+        st = scratch_alloc(m, &s, B, T);
+        lh = malloc((size_t)B * V * sizeof(float));
+        if (st == LP_OK && !lh) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        if (st == LP_OK) st = read_rows(m, mt, B, T, s.rows, s.logits, lh);
+        for (int b = 0; st == LP_OK && b < B; b++) metric_out[b] = metric_row(mt, lh + (size_t)b * V, V, b);
+    } else if (st == LP_OK && mt->kind == LP_METRIC_MEAN_LOSS) {
+        const float *l = lp_model_losses(m);
+        for (int b = 0; b < B; b++) {
+            double acc = 0;
+            for (int i = 0; i < T - 1; i++) acc += l[(size_t)b * (T - 1) + i];
+            metric_out[b] = acc / (T - 1);
+        }
+        if (backward) st = scratch_alloc(m, &s, B, T);
+    } else if (st == LP_OK) { /* direction */
+        lp_tensor a;
+        st = lp_capture_get(m, mt->hook, &a);
+        size_t per = st == LP_OK ? (size_t)lp_shape_numel(a.shape, a.ndim) / ((size_t)B * T) : 0;
+        float *f = st == LP_OK ? malloc((size_t)B * T * per * sizeof(float)) : NULL;
+        if (st == LP_OK && !f) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        if (st == LP_OK) st = lp_convert_host(f, LP_F32, a.data, a.dtype, (size_t)B * T * per);
+        for (int b = 0; st == LP_OK && b < B; b++) {
+            double acc = 0;
+            for (size_t i = 0; i < (size_t)T * per; i++) acc += (double)f[(size_t)b * T * per + i] * mt->direction[i % per];
+            metric_out[b] = acc;
+        }
+        free(f);
+        if (st == LP_OK && backward) {
+            st = scratch_alloc(m, &s, B, T);
+            lp_ctx_release(&m->ctx, g->inject_dev);
+            g->inject_dev = NULL;
+            if (st == LP_OK) st = lp_ctx_alloc(&m->ctx, per * lp_act_size(m), &g->inject_dev);
+            if (st == LP_OK) st = upload_act(m, g->inject_dev, mt->direction, per);
+            g->inject_id = dir_id;
+        }
+    }
+    if (dir_id >= 0 && !had_capture) m->hooks[dir_id].capture = 0, m->any_hook_dirty = 1;
+    if (st == LP_OK && backward) {
+        lp_ctx *c = &m->ctx;
+        size_t N = (size_t)B * T, D = cf->d_model, es = lp_act_size(m);
+        st = lp_ctx_memset0(c, s.g.dresid, N * D * es);
+        if (st == LP_OK) st = lp_ctx_memset0(c, s.g.dln, N * D * es);
+        int top = cf->n_layers; /* the final norm's output */
+        if (st == LP_OK && (mt->kind == LP_METRIC_LOGIT_DIFF || mt->kind == LP_METRIC_LOGPROB)) {
+            /* d metric / d logits on the read rows, into d ln_out = dlogits W_U at those rows */
+            dl = calloc((size_t)B * V, sizeof(float));
+            if (!dl) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+            for (int b = 0; st == LP_OK && b < B; b++) {
+                float *d = dl + (size_t)b * V;
+                const float *l = lh + (size_t)b * V;
+                if (mt->kind == LP_METRIC_LOGIT_DIFF) {
+                    d[mt->answer[b]] += 1.0f, d[mt->wrong[b]] -= 1.0f;
+                } else {
+                    double mx = -INFINITY, z = 0;
+                    for (int v = 0; v < V; v++) mx = fmax(mx, l[v]);
+                    for (int v = 0; v < V; v++) z += exp(l[v] - mx);
+                    for (int v = 0; v < V; v++) d[v] = (float)-(exp(l[v] - mx) / z);
+                    d[mt->answer[b]] += 1.0f;
+                }
+            }
+            if (st == LP_OK) st = upload_act(m, s.drows, dl, (size_t)B * V);
+            if (st == LP_OK) st = lp_matmul(c, s.rows, s.drows, lp_param(m, m->unembed), NULL, B, V, (int)D, 0);
+            for (int b = 0; st == LP_OK && b < B; b++)
+                st = lp_ctx_copy(c, (char *)s.g.dln + ((size_t)b * T + row_pos(mt, b, T)) * D * es, (char *)s.rows + b * D * es, D * es);
+        } else if (st == LP_OK && mt->kind == LP_METRIC_MEAN_LOSS) {
+            /* per row, mean over its T-1 predictions: logits again, chunk by chunk */
+            float *scale_h = malloc(N * sizeof(float));
+            void *scale_d = NULL;
+            if (!scale_h) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+            for (size_t i = 0; st == LP_OK && i < N; i++) scale_h[i] = 1.0f / (T - 1);
+            if (st == LP_OK) st = lp_ctx_alloc(c, N * sizeof(float), &scale_d);
+            if (st == LP_OK) st = lp_ctx_to_device(c, scale_d, scale_h, N * sizeof(float));
+            int chunk = m->logit_rows;
+            for (size_t r0 = 0; st == LP_OK && r0 < N; r0 += chunk) {
+                int rows = (int)(N - r0 < (size_t)chunk ? N - r0 : (size_t)chunk);
+                st = lp_matmul(c, s.logits, (char *)m->ln_out + r0 * D * es, lp_param(m, m->unembed), NULL, rows, (int)D, V, 1);
+                if (st == LP_OK) st = lp_xent_backward(c, s.drows, s.logits, m->tgt_dev + r0, (float *)scale_d + r0, rows, V);
+                if (st == LP_OK) st = lp_matmul(c, (char *)s.g.dln + r0 * D * es, s.drows, lp_param(m, m->unembed), NULL, rows, V, (int)D, 0);
+            }
+            lp_ctx_release(c, scale_d);
+            free(scale_h);
+        } else if (st == LP_OK) { /* direction: the gradient starts at the hook's layer */
+            top = m->hooks[dir_id].layer;
+        }
+        m->taping = 1; /* lp_grad_wanted answers for the backward too */
+        if (st == LP_OK)
+            st = cf->arch == LP_ARCH_GPT2 ? lp_gpt2_backward(m, &s.g, B, T, top) : lp_llama_backward(m, &s.g, B, T, top);
+        if (st == LP_OK) st = lp_ctx_sync(c);
+    }
+    if (backward) tape_restore(m);
+    lp_ctx_release(&m->ctx, s.mem);
+    free(lh);
+    free(dl);
+    return st;
+}
+
+lp_status lp_model_grad(lp_model *m, const int32_t *tokens, int B, int T, const lp_metric *metric, const char *grad_hooks,
+                        double *metric_out) {
+    return grad_run(m, tokens, B, T, metric, grad_hooks, metric_out, 1);
+}
+
+lp_status lp_model_metric(lp_model *m, const int32_t *tokens, int B, int T, const lp_metric *metric, double *metric_out) {
+    return grad_run(m, tokens, B, T, metric, NULL, metric_out, 0);
+}
+
+lp_status lp_grad_get(lp_model *m, const char *hook, lp_tensor *out) {
+    int id = lp_hook_find(m, hook);
+    if (id < 0) LP_FAIL(LP_ERR_NOT_FOUND, "unknown hook '%s'", hook);
+    struct grad_state *g = m->grad;
+    if (!g || !g->want[id] || !g->host[id]) LP_FAIL(LP_ERR_NOT_FOUND, "the gradient of '%s' was not asked for in the last lp_model_grad", hook);
+    memset(out, 0, sizeof *out);
+    out->data = g->host[id];
+    out->dtype = LP_F32;
+    out->device = LP_CPU;
+    out->ndim = lp_hook_shape(m, id, g->B, g->T, out->shape);
+    return LP_OK;
+}
+
+lp_status lp_bw_linear(lp_ctx *c, void *dx, const void *dy, const void *W, int N, int K, int M, int w_trans) {
+    /* out = x W: dx = dy W^T, i.e. W used as [M,K] transposed; out = x W^T: dx = dy W */
+    return lp_matmul(c, dx, dy, W, NULL, N, M, K, w_trans ? 0 : 1);
+}

@@ -1,0 +1,384 @@
+/* attrib.c: `loupe attribute` (attribution patching) and `loupe patch` (exact activation
+ * patching) sweeps over a JSONL file of prompt pairs, resumable: pairs already in
+ * results.jsonl are skipped on a restart. */
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "loupe/attrib.h"
+#include "loupe/safetensors.h"
+#include "loupe/tokenizer.h"
+#include "cli.h"
+
+typedef struct pair {
+    int index, line;
+    int32_t *clean, *corrupted;
+    int T;
+    int32_t answer, wrong;
+} pair;
+
+typedef struct bad_line {
+    int line;
+    char why[200];
+} bad_line;
+
+typedef struct sweep {
+    pair *pairs;
+    int n;
+    bad_line *bad;
+    int n_bad;
+} sweep;
+
+static void sweep_free(sweep *s) {
+    for (int i = 0; i < s->n; i++) free(s->pairs[i].clean), free(s->pairs[i].corrupted);
+    free(s->pairs), free(s->bad);
+}
+
+/* Ids of a JSON value: a string (tokenized) or an array of ids. */
+static lp_status ids_of(const lp_tokenizer *tk, const cJSON *v, int vocab, int32_t **ids, size_t *n, const char *what) {
+    *ids = NULL, *n = 0;
+    if (cJSON_IsString(v)) {
+        if (!tk) LP_FAIL(LP_ERR_ARG, "'%s' is text but the model has no tokenizer (give token-id lists)", what);
+        return lp_tokenize(tk, v->valuestring, strlen(v->valuestring), ids, n);
+    }
+    if (cJSON_IsArray(v)) {
+        int k = cJSON_GetArraySize(v);
+        *ids = malloc((k ? k : 1) * sizeof(int32_t));
+        if (!*ids) LP_FAIL(LP_ERR_OOM, "out of memory");
+        for (int i = 0; i < k; i++) {
+            const cJSON *e = cJSON_GetArrayItem(v, i);
+            if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble >= vocab || e->valuedouble != (int)e->valuedouble) {
+                free(*ids), *ids = NULL;
+                LP_FAIL(LP_ERR_ARG, "'%s' has an id that is not in [0, %d)", what, vocab);
+            }
+            (*ids)[i] = (int32_t)e->valuedouble;
+        }
+        *n = (size_t)k;
+        return LP_OK;
+    }
+    if (cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble < vocab) {
+        *ids = malloc(sizeof(int32_t));
+        (*ids)[0] = (int32_t)v->valuedouble, *n = 1;
+        return LP_OK;
+    }
+    LP_FAIL(LP_ERR_ARG, "'%s' must be text or a list of token ids", what);
+}
+
+/* An answer: exactly one token (a leading BOS the tokenizer adds does not count). */
+static lp_status one_token(const lp_tokenizer *tk, const cJSON *v, int vocab, int32_t *out, const char *what) {
+    int32_t *ids;
+    size_t n;
+    LP_CHECK(ids_of(tk, v, vocab, &ids, &n, what));
+    const int32_t *p = ids;
+    if (tk && cJSON_IsString(v) && n > 1 && ids[0] == lp_tokenizer_bos(tk)) p++, n--;
+    lp_status st = n == 1 ? LP_OK : lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "'%s' is %zu tokens, not one", what, n);
+    if (st == LP_OK) *out = p[0];
+    free(ids);
+    return st;
+}
+
+static void add_bad(sweep *s, int line, const char *why) {
+    bad_line *b = realloc(s->bad, (s->n_bad + 1) * sizeof *b);
+    if (!b) return;
+    s->bad = b;
+    s->bad[s->n_bad].line = line;
+    snprintf(s->bad[s->n_bad].why, sizeof s->bad[s->n_bad].why, "%s", why);
+    s->n_bad++;
+}
+
+/* Reads every line; a bad one is recorded and skipped, the rest go on. */
+static lp_status read_pairs(const args *a, lp_model *m, const lp_tokenizer *tk, sweep *s) {
+    const char *path = lp_cfg_str(&a->cfg, "attrib.pairs");
+    int pad = strcmp(lp_cfg_str(&a->cfg, "attrib.align"), "pad_left") == 0;
+    const lp_config *cf = lp_model_config(m);
+    size_t len;
+    char *txt = lp_read_file(path, &len);
+    if (!txt) LP_FAIL(LP_ERR_IO, "%s: cannot read", path);
+    memset(s, 0, sizeof *s);
+    int line = 0, cap = 0;
+    char *save = NULL;
+    for (char *ln = strtok_r(txt, "\n", &save); ln; ln = strtok_r(NULL, "\n", &save)) {
+        line++;
+        while (*ln == ' ' || *ln == '\t' || *ln == '\r') ln++;
+        if (!*ln) continue;
+        char why[200];
+        cJSON *j = cJSON_Parse(ln);
+        if (!cJSON_IsObject(j)) {
+            snprintf(why, sizeof why, "not a JSON object");
+            add_bad(s, line, why);
+            cJSON_Delete(j);
+            continue;
+        }
+        pair p = {.index = s->n + s->n_bad, .line = line};
+        size_t nc = 0, nx = 0;
+        lp_status st = LP_OK;
+        const char *fields[4] = {"clean", "corrupted", "answer", "wrong_answer"};
+        for (int f = 0; f < 4 && st == LP_OK; f++)
+            if (!cJSON_GetObjectItemCaseSensitive(j, fields[f]))
+                st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "missing \"%s\"", fields[f]);
+        if (st == LP_OK) st = ids_of(tk, cJSON_GetObjectItemCaseSensitive(j, "clean"), cf->d_vocab, &p.clean, &nc, "clean");
+        if (st == LP_OK) st = ids_of(tk, cJSON_GetObjectItemCaseSensitive(j, "corrupted"), cf->d_vocab, &p.corrupted, &nx, "corrupted");
+        if (st == LP_OK) st = one_token(tk, cJSON_GetObjectItemCaseSensitive(j, "answer"), cf->d_vocab, &p.answer, "answer");
+        if (st == LP_OK) st = one_token(tk, cJSON_GetObjectItemCaseSensitive(j, "wrong_answer"), cf->d_vocab, &p.wrong, "wrong_answer");
+        if (st == LP_OK && nc != nx) {
+            if (!pad) {
+                st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,
+                                  "clean is %zu tokens and corrupted %zu (set attrib.align=pad_left to pad the shorter)", nc, nx);
+            } else { /* pad the shorter on the left with its own first token (BOS when the tokenizer adds one) */
+                size_t T = nc > nx ? nc : nx;
+                int32_t **sh = nc < nx ? &p.clean : &p.corrupted;
+                size_t ns = nc < nx ? nc : nx;
+                int32_t *q = malloc(T * sizeof(int32_t));
+                for (size_t i = 0; q && i < T; i++) q[i] = i < T - ns ? (*sh)[0] : (*sh)[i - (T - ns)];
+                free(*sh);
+                *sh = q;
+                nc = nx = T;
+            }
+        }
+        if (st == LP_OK && (nc < 1 || nc > (size_t)cf->n_ctx))
+            st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "the prompts are %zu tokens; the model's context is %d", nc, cf->n_ctx);
+        cJSON_Delete(j);
+        if (st != LP_OK) {
+            snprintf(why, sizeof why, "%s", lp_last_error());
+            add_bad(s, line, why);
+            free(p.clean), free(p.corrupted);
+            continue;
+        }
+        p.T = (int)nc;
+        if (s->n == cap) {
+            cap = cap ? 2 * cap : 64;
+            pair *np = realloc(s->pairs, cap * sizeof *np);
+            if (!np) {
+                free(txt);
+                LP_FAIL(LP_ERR_OOM, "out of memory");
+            }
+            s->pairs = np;
+        }
+        s->pairs[s->n++] = p;
+    }
+    free(txt);
+    return LP_OK;
+}
+
+/* Indices already in results.jsonl (complete lines only). */
+static unsigned char *done_set(const char *path, int n_max) {
+    unsigned char *done = calloc(n_max + 1, 1);
+    size_t len;
+    char *txt = lp_read_file(path, &len);
+    if (!txt || !done) {
+        free(txt);
+        return done;
+    }
+    char *save = NULL;
+    for (char *ln = strtok_r(txt, "\n", &save); ln; ln = strtok_r(NULL, "\n", &save)) {
+        cJSON *j = cJSON_Parse(ln);
+        const cJSON *ix = cJSON_GetObjectItemCaseSensitive(j, "index");
+        if (cJSON_IsNumber(ix) && ix->valueint >= 0 && ix->valueint <= n_max) done[ix->valueint] = 1;
+        cJSON_Delete(j);
+    }
+    free(txt);
+    return done;
+}
+
+static lp_status parse_nodes(const args *a, unsigned *kinds) {
+    *kinds = 0;
+    char list[512];
+    snprintf(list, sizeof list, "%s", lp_cfg_str(&a->cfg, "attrib.nodes"));
+    if (strcmp(list, "all") == 0) return LP_OK;
+    char *save = NULL;
+    for (char *p = strtok_r(list, ",", &save); p; p = strtok_r(NULL, ",", &save)) {
+        int k = lp_node_kind_parse(p);
+        if (k < 0) LP_FAIL(LP_ERR_NOT_FOUND, "attrib.nodes: unknown node kind '%s' (hook_resid_pre, hook_resid_mid, hook_resid_post, "
+                                             "hook_attn_out, hook_mlp_out, attn.hook_z, attn.hook_q, attn.hook_k, attn.hook_v, "
+                                             "attn.hook_pattern)", p);
+        *kinds |= 1u << k;
+    }
+    return LP_OK;
+}
+
+typedef struct top_node { float score; int kind; int64_t i; } top_node;
+static int by_abs_desc(const void *x, const void *y) {
+    float a = fabsf(((const top_node *)x)->score), b = fabsf(((const top_node *)y)->score);
+    return a < b ? 1 : a > b ? -1 : 0;
+}
+
+/* One results.jsonl line: the metrics, the top nodes by |score|, correlations if given. */
+static void write_result(FILE *f, lp_model *m, const pair *p, const lp_pair_result *r, int top, const double *pear, const double *spear) {
+    size_t n = 0;
+    for (int k = 0; k < LP_NODE_KINDS; k++)
+        if (r->s[k].v) n += (size_t)r->s[k].shape[0] * r->s[k].shape[1] * (r->s[k].ndim == 3 ? r->s[k].shape[2] : 1);
+    top_node *all = malloc((n ? n : 1) * sizeof *all);
+    size_t o = 0;
+    for (int k = 0; all && k < LP_NODE_KINDS; k++) {
+        const lp_node_scores *s = &r->s[k];
+        if (!s->v) continue;
+        size_t c = (size_t)s->shape[0] * s->shape[1] * (s->ndim == 3 ? s->shape[2] : 1);
+        for (size_t i = 0; i < c; i++) all[o++] = (top_node){s->v[i], k, (int64_t)i};
+    }
+    if (all) qsort(all, o, sizeof *all, by_abs_desc);
+    fprintf(f, "{\"index\":%d,\"line\":%d,\"n_tokens\":%d,\"clean_metric\":%.8g,\"corrupted_metric\":%.8g,\"top\":[", p->index, p->line, p->T,
+            r->metric_clean, r->metric_corrupted);
+    for (size_t i = 0; all && i < o && i < (size_t)top; i++) {
+        char name[160];
+        lp_node_name(m, all[i].kind, &r->s[all[i].kind], all[i].i, name, sizeof name);
+        fprintf(f, "%s{\"node\":\"%s\",\"score\":%.6g}", i ? "," : "", name, all[i].score);
+    }
+    fprintf(f, "]");
+    if (pear) {
+        fprintf(f, ",\"atp_vs_exact\":{");
+        int first = 1;
+        for (int k = 0; k < LP_NODE_KINDS; k++)
+            if (r->s[k].v) fprintf(f, "%s\"%s\":{\"pearson\":%.4f,\"spearman\":%.4f}", first ? "" : ",", lp_node_kind_name(k), pear[k], spear[k]), first = 0;
+        fprintf(f, "}");
+    }
+    fprintf(f, "}\n");
+    free(all);
+}
+
+/* The score tensors of a batch of pairs, under a temporary name then renamed. */
+static lp_status write_scores(const char *dir, const pair *ps, const lp_pair_result *rs, int nb, const char *prefix) {
+    lp_st_spec *specs = calloc((size_t)nb * LP_NODE_KINDS, sizeof *specs);
+    const void **datas = calloc((size_t)nb * LP_NODE_KINDS, sizeof *datas);
+    char (*names)[96] = calloc((size_t)nb * LP_NODE_KINDS, sizeof *names);
+    if (!specs || !datas || !names) {
+        free(specs), free(datas), free(names);
+        LP_FAIL(LP_ERR_OOM, "out of memory");
+    }
+    int n = 0;
+    for (int b = 0; b < nb; b++)
+        for (int k = 0; k < LP_NODE_KINDS; k++) {
+            const lp_node_scores *s = &rs[b].s[k];
+            if (!s->v) continue;
+            snprintf(names[n], sizeof names[n], "pair%06d.%s%s", ps[b].index, prefix, lp_node_kind_name(k));
+            specs[n] = (lp_st_spec){.name = names[n], .dtype = LP_F32, .ndim = s->ndim};
+            memcpy(specs[n].shape, s->shape, sizeof s->shape);
+            datas[n++] = s->v;
+        }
+    char path[1300];
+    snprintf(path, sizeof path, "%s/scores-%06d.safetensors", dir, ps[0].index);
+    lp_status st = lp_st_write(path, specs, datas, n, NULL);
+    free(specs), free(datas), free(names);
+    return st;
+}
+
+static lp_status make_metric(const args *a, lp_metric *mt) {
+    const char *k = lp_cfg_str(&a->cfg, "attrib.metric");
+    memset(mt, 0, sizeof *mt);
+    mt->kind = strcmp(k, "logprob") == 0 ? LP_METRIC_LOGPROB : LP_METRIC_LOGIT_DIFF;
+    return LP_OK;
+}
+
+static void progress(const char *what, int done, int total, double secs) {
+    if (!isatty(2)) return;
+    fprintf(stderr, "\r%s %d/%d pairs  %.2f pairs/s   ", what, done, total, secs > 0 ? done / secs : 0);
+}
+
+static int run_sweep(args *a, int exact) {
+    lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "attrib.pairs", "attrib.out", NULL});
+    if (st != LP_OK) return cli_fail(st);
+    lp_attrib_opts o = {.grad_at_clean = strcmp(lp_cfg_str(&a->cfg, "attrib.grad_at"), "clean") == 0,
+                        .ig_steps = (int)lp_cfg_int(&a->cfg, "attrib.ig_steps"), .patch_batch = (int)lp_cfg_int(&a->cfg, "patch.batch")};
+    if ((st = parse_nodes(a, &o.kinds)) != LP_OK) return cli_fail(st);
+    lp_metric mt;
+    make_metric(a, &mt);
+    lp_model *m = NULL;
+    lp_tokenizer *tk = NULL;
+    sweep sw = {0};
+    st = cli_open_model(a, &m);
+    if (st == LP_OK && lp_tokenizer_load(&tk, lp_cfg_str(&a->cfg, "model.path")) != LP_OK) tk = NULL; /* id lists still work */
+    if (st == LP_OK) st = read_pairs(a, m, tk, &sw);
+    const char *out = lp_cfg_str(&a->cfg, "attrib.out");
+    char rpath[1300];
+    snprintf(rpath, sizeof rpath, "%s/results.jsonl", out);
+    if (st == LP_OK) mkdir(out, 0755);
+    unsigned char *done = st == LP_OK ? done_set(rpath, sw.n + sw.n_bad) : NULL;
+    FILE *rf = st == LP_OK ? fopen(rpath, "a") : NULL;
+    if (st == LP_OK && !rf) st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot write", rpath);
+    int B = exact ? 1 : (int)lp_cfg_int(&a->cfg, "attrib.batch"), top = (int)lp_cfg_int(&a->cfg, "attrib.top");
+    int compare = exact && strcmp(lp_cfg_str(&a->cfg, "patch.compare_atp"), "true") == 0;
+    int skipped = 0, ran = 0;
+    double t0 = cli_now(), corr_p[LP_NODE_KINDS] = {0}, corr_s[LP_NODE_KINDS] = {0};
+    int corr_n = 0;
+    pair *batch = malloc((size_t)(B > 0 ? B : 1) * sizeof *batch);
+    lp_pair_result *res = calloc(B > 0 ? B : 1, sizeof *res), atp1;
+    for (int i = 0; st == LP_OK && i < sw.n;) {
+        /* the next pairs not yet done with the same length, up to B */
+        int nb = 0, T = 0;
+        for (; i < sw.n && nb < B; i++) {
+            if (done[sw.pairs[i].index]) {
+                skipped++;
+                continue;
+            }
+            if (nb && sw.pairs[i].T != T) break;
+            T = sw.pairs[i].T;
+            batch[nb++] = sw.pairs[i];
+        }
+        if (!nb) continue;
+        int32_t *cl = malloc((size_t)nb * T * sizeof(int32_t)), *cx = malloc((size_t)nb * T * sizeof(int32_t));
+        int32_t *ans = malloc(nb * sizeof(int32_t)), *wr = malloc(nb * sizeof(int32_t));
+        for (int b = 0; b < nb; b++) {
+            memcpy(cl + (size_t)b * T, batch[b].clean, T * sizeof(int32_t));
+            memcpy(cx + (size_t)b * T, batch[b].corrupted, T * sizeof(int32_t));
+            ans[b] = batch[b].answer, wr[b] = batch[b].wrong;
+        }
+        mt.answer = ans, mt.wrong = wr;
+        double pear[LP_NODE_KINDS], spear[LP_NODE_KINDS];
+        if (!exact) {
+            st = lp_attrib_atp(m, cl, cx, nb, T, &mt, &o, res);
+        } else {
+            st = lp_attrib_exact(m, cl, cx, T, &mt, &o, &res[0]);
+            if (st == LP_OK && compare) {
+                st = lp_attrib_atp(m, cl, cx, 1, T, &mt, &o, &atp1);
+                for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++) {
+                    if (!res[0].s[k].v) continue;
+                    size_t c = (size_t)res[0].s[k].shape[0] * res[0].s[k].shape[1] * (res[0].s[k].ndim == 3 ? res[0].s[k].shape[2] : 1);
+                    pear[k] = lp_pearson(atp1.s[k].v, res[0].s[k].v, c), spear[k] = lp_spearman(atp1.s[k].v, res[0].s[k].v, c);
+                    corr_p[k] += pear[k], corr_s[k] += spear[k];
+                }
+                corr_n++;
+            }
+        }
+        if (st == LP_OK) st = write_scores(out, batch, res, nb, exact ? "exact." : "atp.");
+        if (st == LP_OK && exact && compare) st = write_scores(out, batch, &atp1, 1, "atp.");
+        for (int b = 0; st == LP_OK && b < nb; b++) write_result(rf, m, &batch[b], &res[b], top, exact && compare ? pear : NULL, spear);
+        fflush(rf);
+        for (int b = 0; b < nb; b++) lp_pair_result_free(&res[b]);
+        if (exact && compare) lp_pair_result_free(&atp1);
+        free(cl), free(cx), free(ans), free(wr);
+        ran += nb;
+        progress(exact ? "patch" : "attribute", ran, sw.n - skipped, cli_now() - t0);
+    }
+    if (isatty(2)) fputc('\n', stderr);
+    double secs = cli_now() - t0;
+    int rc = 0;
+    if (st != LP_OK) {
+        rc = cli_fail(st);
+    } else {
+        printf("%s: %d pairs done (%d already in %s), %.2f pairs/s on %s; results in %s\n", exact ? "patch" : "attribute", ran, skipped, rpath,
+               secs > 0 ? ran / secs : 0, cli_dev_name(m), out);
+        if (compare && corr_n)
+            for (int k = 0; k < LP_NODE_KINDS; k++)
+                if (!o.kinds || (o.kinds >> k & 1u))
+                    printf("  %-20s attribution vs exact patching: Pearson %.3f, Spearman %.3f (mean over %d pairs)\n", lp_node_kind_name(k),
+                           corr_p[k] / corr_n, corr_s[k] / corr_n, corr_n);
+        if (sw.n_bad) { /* the sweep went on; the bad lines are listed, and the exit status says so */
+            fprintf(stderr, "loupe: %s: %d bad line%s skipped:", lp_cfg_str(&a->cfg, "attrib.pairs"), sw.n_bad, sw.n_bad > 1 ? "s" : "");
+            for (int b = 0; b < sw.n_bad; b++) fprintf(stderr, " line %d (%s)%s", sw.bad[b].line, sw.bad[b].why, b + 1 < sw.n_bad ? ";" : "");
+            fputc('\n', stderr);
+            rc = 2;
+        }
+    }
+    if (rf) fclose(rf);
+    free(done), free(batch), free(res);
+    sweep_free(&sw);
+    lp_tokenizer_free(tk);
+    lp_model_free(m);
+    return rc;
+}
+
+int cmd_attribute(args *a) { return run_sweep(a, 0); }
+int cmd_patch(args *a) { return run_sweep(a, 1); }

@@ -1,0 +1,100 @@
+/* attrib.h: gradients of a metric with respect to hook activations (TransformerLens's
+ * `<hook>_grad`), attribution patching and exact activation patching.
+ *
+ *   lp_metric mt = {.kind = LP_METRIC_LOGIT_DIFF, .answer = ans, .wrong = wrong};
+ *   double metric[B];
+ *   lp_model_grad(m, tokens, B, T, &mt, "blocks.*.hook_resid_pre", metric);
+ *   lp_grad_get(m, "blocks.3.hook_resid_pre", &g);      // [B, T, d_model], F32 on the host
+ *
+ * The metric is per row; the gradient is that of the sum over rows, so each row's
+ * gradients are its own. Edits registered on the model (hooks.h) apply to the forward the
+ * gradient is taken through. */
+#ifndef LOUPE_ATTRIB_H
+#define LOUPE_ATTRIB_H
+
+#include "loupe/model.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum lp_metric_kind {
+    LP_METRIC_LOGIT_DIFF = 0, /* logit[answer] - logit[wrong] at the row's position */
+    LP_METRIC_LOGPROB,        /* log softmax(logits)[answer] at the row's position */
+    LP_METRIC_MEAN_LOSS,      /* mean next-token loss of the row */
+    LP_METRIC_DIRECTION,      /* sum over positions of the hook's activation . direction */
+} lp_metric_kind;
+
+typedef struct lp_metric {
+    lp_metric_kind kind;
+    const int32_t *answer;    /* [B] */
+    const int32_t *wrong;     /* [B] */
+    const int32_t *pos;       /* [B] position read in each row; NULL: the last */
+    const char *hook;         /* LP_METRIC_DIRECTION: the hook (per-token hooks only) */
+    const float *direction;   /* LP_METRIC_DIRECTION: [the hook's values per token] */
+} lp_metric;
+
+/* Forward (tokens [B,T]), metric per row into metric_out[B], and the backward of the sum
+ * over rows, keeping the gradient at every hook matching grad_hooks (comma-separated
+ * names or globs; NULL or "": none). */
+lp_status lp_model_grad(lp_model *m, const int32_t *tokens, int B, int T, const lp_metric *metric, const char *grad_hooks,
+                        double *metric_out);
+/* The metric alone (one forward): what exact patching runs per batch. */
+lp_status lp_model_metric(lp_model *m, const int32_t *tokens, int B, int T, const lp_metric *metric, double *metric_out);
+/* The gradient at a hook from the last lp_model_grad: F32 on the host, the hook's shape. */
+lp_status lp_grad_get(lp_model *m, const char *hook, lp_tensor *out);
+
+/* ---- attribution patching and exact activation patching over a grid of nodes ----
+ * Node kinds, each at every layer:                              scores per pair
+ *   hook_resid_pre, hook_resid_mid, hook_resid_post,
+ *   hook_attn_out, hook_mlp_out                   per position     [n_layers, T]
+ *   attn.hook_z, attn.hook_q                      per position, head  [n_layers, T, n_heads]
+ *   attn.hook_k, attn.hook_v                      per position, kv head [n_layers, T, n_kv_heads]
+ *   attn.hook_pattern                             per head (all of its [query, key] pattern) [n_layers, n_heads]
+ * Attribution patching (AtP): score = sum over the node's values of
+ * (a_clean - a_corrupted) * d metric / d a, the gradient at the corrupted run (or at the
+ * clean run, grad_at_clean), or averaged over ig_steps points of the straight path from
+ * the corrupted to the clean input embeddings (integrated gradients).
+ * Exact patching: score = metric(corrupted run with the node set to its clean value) -
+ * metric(corrupted run), the nodes of one hook batched patch_batch at a time. */
+typedef enum lp_node_kind {
+    LP_NODE_RESID_PRE = 0, LP_NODE_RESID_MID, LP_NODE_RESID_POST, LP_NODE_ATTN_OUT, LP_NODE_MLP_OUT,
+    LP_NODE_Z, LP_NODE_Q, LP_NODE_K, LP_NODE_V, LP_NODE_PATTERN, LP_NODE_KINDS
+} lp_node_kind;
+const char *lp_node_kind_name(int kind);   /* "hook_resid_pre", ..., "attn.hook_pattern" */
+int lp_node_kind_parse(const char *name);  /* -1 if unknown */
+
+typedef struct lp_attrib_opts {
+    unsigned kinds;       /* bit (1 << kind) per node kind; 0: all */
+    int grad_at_clean;    /* AtP gradient at the clean run instead of the corrupted one */
+    int ig_steps;         /* > 0: integrated gradients with that many steps */
+    int patch_batch;      /* exact patching: nodes per forward */
+} lp_attrib_opts;
+
+typedef struct lp_node_scores {
+    int ndim;
+    int64_t shape[3];
+    float *v;             /* NULL when the kind was not asked for */
+} lp_node_scores;
+
+typedef struct lp_pair_result {
+    double metric_clean, metric_corrupted;
+    lp_node_scores s[LP_NODE_KINDS];
+} lp_pair_result;
+
+/* AtP for B pairs at once (clean and corrupted tokens [B,T]); res[B]. */
+lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrupted, int B, int T, const lp_metric *mt,
+                        const lp_attrib_opts *o, lp_pair_result *res);
+/* Exact patching for one pair (tokens [T]); mt describes row 0. */
+lp_status lp_attrib_exact(lp_model *m, const int32_t *clean, const int32_t *corrupted, int T, const lp_metric *mt,
+                          const lp_attrib_opts *o, lp_pair_result *res);
+void lp_pair_result_free(lp_pair_result *r);
+/* The node's name, e.g. "blocks.3.attn.hook_z[pos=5,head=2]", for flat index i of kind. */
+void lp_node_name(const lp_model *m, int kind, const lp_node_scores *s, int64_t i, char *buf, size_t n);
+double lp_pearson(const float *a, const float *b, size_t n);
+double lp_spearman(const float *a, const float *b, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
