@@ -243,3 +243,66 @@ static void torch_check(const char *model_dir, const char *fixture) {
 
 Test(attrib, gpt2_matches_torch_autograd) { torch_check(LP_FIXTURES "/gpt2-tiny", LP_FIXTURES "/attrib/gpt2-tiny.safetensors"); }
 Test(attrib, llama_matches_torch_autograd) { torch_check(LP_FIXTURES "/llama-tiny", LP_FIXTURES "/attrib/llama-tiny.safetensors"); }
+
+/* ---- SAE latents as nodes ---- */
+#include "loupe/sae.h"
+#include "loupe/sae_train.h"
+#include "loupe/store.h"
+#include "loupe/tokens.h"
+
+/* Latent attributions plus the error node sum to the hook's own attribution (whose
+ * gradient the tests above check against torch and finite differences). */
+Test(attrib, sae_latents_as_nodes) {
+    lp_model *m = load(LP_FIXTURES "/gpt2-tiny");
+    /* a small TopK SAE trained live on the model's fixture tokens */
+    lp_tokens toks;
+    cr_assert_eq(lp_tokens_load(&toks, LP_FIXTURES "/gpt2-tiny/tokens.npy", 0, 0, "int32"), LP_OK);
+    char out[64];
+    snprintf(out, sizeof out, "/tmp/loupe-attrib-sae-XXXXXX");
+    cr_assert(mkdtemp(out));
+    lp_ctx c;
+    cr_assert_eq(lp_ctx_init(&c, LP_CPU, LP_F32), LP_OK);
+    lp_sae_train_cfg t;
+    lp_sae_train_defaults(&t);
+    t.out = out, t.progress = 0;
+    snprintf(t.sae.hook_name, sizeof t.sae.hook_name, "blocks.0.hook_resid_post");
+    t.sae.arch = LP_SAE_TOPK, t.sae.d_sae = 128, t.sae.k = 8, t.tokens = 1024, t.batch_tokens = 32, t.shuffle_tokens = 32;
+    lp_live *live;
+    cr_assert_eq(lp_live_open(&live, m, toks.ids, toks.n_seq, toks.ctx, 2), LP_OK);
+    lp_sae_train_report rep;
+    cr_assert_eq(lp_sae_train_live(&t, 1, live, &c, &rep), LP_OK, "%s", lp_last_error());
+    lp_live_close(live);
+    lp_sae *s;
+    cr_assert_eq(lp_sae_load(&s, &c, out), LP_OK, "%s", lp_last_error());
+    /* the hook's attribution from the node grid, and the latents' */
+    enum { T = 8 };
+    int32_t clean[T], corr[T], ans = 5, wr = 9;
+    tokens(clean, T, lp_model_config(m)->d_vocab, 41);
+    memcpy(corr, clean, sizeof clean);
+    corr[3] = (corr[3] + 17) % lp_model_config(m)->d_vocab;
+    lp_metric mt = {.kind = LP_METRIC_LOGIT_DIFF, .answer = &ans, .wrong = &wr};
+    lp_attrib_opts o = {.kinds = 1u << LP_NODE_RESID_POST};
+    lp_pair_result grid;
+    cr_assert_eq(lp_attrib_atp(m, clean, corr, 1, T, &mt, &o, &grid), LP_OK, "%s", lp_last_error());
+    double hook_total = 0;
+    for (int p = 0; p < T; p++) hook_total += grid.s[LP_NODE_RESID_POST].v[0 * T + p]; /* layer 0 */
+    lp_sae_attrib sa;
+    cr_assert_eq(lp_attrib_sae(m, s, &c, clean, corr, 1, T, &mt, 10, &sa), LP_OK, "%s", lp_last_error());
+    double err_total = 0;
+    for (int p = 0; p < T; p++) err_total += sa.error_atp[p];
+    printf("  SAE nodes at blocks.0.hook_resid_post: latents + error %.6f vs the hook's attribution %.6f (error node %.4f); top latent %d at "
+           "pos %d: %.4f\n",
+           sa.total_atp, hook_total, err_total, sa.n_top ? sa.top[0].latent : -1, sa.n_top ? sa.top[0].pos : -1, sa.n_top ? sa.top[0].atp : 0);
+    cr_expect(fabs(sa.total_atp - hook_total) <= 1e-4 * (1 + fabs(hook_total)), "%.6f vs %.6f", sa.total_atp, hook_total);
+    cr_expect_gt(sa.n_top, 0);
+    cr_expect_eq(sa.metric_corrupted, grid.metric_corrupted);
+    lp_sae_attrib_free(&sa);
+    lp_pair_result_free(&grid);
+    lp_sae_free(s, &c);
+    lp_ctx_free(&c);
+    lp_tokens_free(&toks);
+    lp_model_free(m);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", out);
+    cr_expect(system(cmd) == 0);
+}

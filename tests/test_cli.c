@@ -497,3 +497,59 @@ Test(cli, train_eval_and_encode_an_sae) {
     expect_bad("d_in is 64", "%s", bad);
     cr_expect(strstr(err_txt, "256") != NULL, "%s", err_txt);
 }
+
+/* ---- attribution sweeps ---- */
+
+Test(cli, attribute_and_patch_sweeps_resume_and_report_bad_lines) {
+    FILE *f = fopen(tmp("pairs.jsonl"), "w");
+    fprintf(f, "{\"clean\": [1, 2, 3, 4, 5, 6], \"corrupted\": [1, 2, 9, 4, 5, 6], \"answer\": 7, \"wrong_answer\": 8}\n");
+    fprintf(f, "{\"clean\": [10, 11, 12, 13], \"corrupted\": [10, 14, 12, 13], \"answer\": [15], \"wrong_answer\": [16]}\n");
+    fprintf(f, "this is not json\n");                                                                            /* line 3 */
+    fprintf(f, "{\"clean\": [1, 2, 3], \"corrupted\": [1, 2], \"answer\": 7, \"wrong_answer\": 8}\n");          /* 4: lengths */
+    fprintf(f, "{\"clean\": [1, 2, 3], \"corrupted\": [1, 5, 3], \"answer\": [7, 9], \"wrong_answer\": 8}\n");  /* 5: 2 tokens */
+    fprintf(f, "{\"clean\": [1, 2, 3], \"corrupted\": [1, 5, 3], \"answer\": 7}\n");                            /* 6: missing */
+    fprintf(f, "{\"clean\": [");                                                                                 /* 7: too long */
+    for (int i = 0; i < 40; i++) fprintf(f, "%s%d", i ? ", " : "", i + 1);
+    fprintf(f, "], \"corrupted\": [");
+    for (int i = 0; i < 40; i++) fprintf(f, "%s%d", i ? ", " : "", i + 2);
+    fprintf(f, "], \"answer\": 7, \"wrong_answer\": 8}\n");
+    fprintf(f, "{\"clean\": [20, 21, 22, 23, 24, 25], \"corrupted\": [20, 21, 30, 23, 24, 25], \"answer\": 7, \"wrong_answer\": 8}\n");
+    fclose(f);
+    char args[1024];
+    snprintf(args, sizeof args, "attribute " MODEL " --attrib.pairs=%s --attrib.out=%s --attrib.top=5", tmp("pairs.jsonl"), tmp("atp"));
+    int rc = loupe("%s", args);
+    cr_expect_eq(rc, 2, "bad lines give exit 2 after the sweep; stderr: %s", err_txt);
+    cr_expect(strstr(out_txt, "3 pairs done") != NULL, "%s", out_txt);
+    const char *expect[] = {"line 3 (", "line 4 (clean is 3 tokens and corrupted 2", "line 5 ('answer' is 2 tokens", "line 6 (missing \"wrong_answer\"",
+                            "line 7 (the prompts are 40 tokens; the model's context is 32"};
+    for (int i = 0; i < 5; i++) cr_expect(strstr(err_txt, expect[i]) != NULL, "stderr lacks '%s': %s", expect[i], err_txt);
+    char *nl = strchr(err_txt, '\n');
+    cr_expect(nl && nl[1] == 0, "the bad lines are not one line: %s", err_txt);
+    /* results: one line per good pair, top nodes named */
+    size_t n;
+    char p[256];
+    snprintf(p, sizeof p, "%s/results.jsonl", tmp("atp"));
+    char *res = lp_read_file(p, &n);
+    cr_assert(res);
+    int lines = 0;
+    for (char *q = res; *q; q++) lines += *q == '\n';
+    cr_expect_eq(lines, 3, "%s", res);
+    cr_expect(strstr(res, "\"node\":\"blocks.") != NULL, "%s", res);
+    free(res);
+    /* a restart skips what is done */
+    loupe("%s", args);
+    cr_expect(strstr(out_txt, "0 pairs done (3 already") != NULL, "%s", out_txt);
+    /* exact patching of the same pairs, compared with attribution patching */
+    snprintf(args, sizeof args, "patch " MODEL " --attrib.pairs=%s --attrib.out=%s --attrib.nodes=hook_resid_pre,attn.hook_z", tmp("pairs.jsonl"),
+             tmp("exact"));
+    loupe("%s", args);
+    cr_expect(strstr(out_txt, "hook_resid_pre       attribution vs exact patching: Pearson") != NULL, "%s", out_txt);
+    lp_st_file sf;
+    snprintf(p, sizeof p, "%s/scores-exact-000000.safetensors", tmp("exact"));
+    cr_assert_eq(lp_st_open(&sf, p), LP_OK, "%s", lp_last_error());
+    const lp_st_tensor *z = lp_st_find(&sf, "pair000000.exact.attn.hook_z");
+    cr_expect(z && z->ndim == 3 && z->shape[0] == 2 && z->shape[1] == 6 && z->shape[2] == 4);
+    lp_st_close(&sf);
+    /* unknown node kinds are refused before any work */
+    expect_bad("unknown node kind 'hook_resid'", "attribute " MODEL " --attrib.pairs=x --attrib.out=y --attrib.nodes=%s", "hook_resid");
+}

@@ -11,6 +11,7 @@
 
 #include "loupe/attrib.h"
 #include "loupe/safetensors.h"
+#include "loupe/sae.h"
 #include "loupe/tokenizer.h"
 #include "cli.h"
 
@@ -207,7 +208,8 @@ static int by_abs_desc(const void *x, const void *y) {
 }
 
 /* One results.jsonl line: the metrics, the top nodes by |score|, correlations if given. */
-static void write_result(FILE *f, lp_model *m, const pair *p, const lp_pair_result *r, int top, const double *pear, const double *spear) {
+static void write_result(FILE *f, lp_model *m, const pair *p, const lp_pair_result *r, int top, const double *pear, const double *spear,
+                         const lp_sae_attrib *sa) {
     size_t n = 0;
     for (int k = 0; k < LP_NODE_KINDS; k++)
         if (r->s[k].v) n += (size_t)r->s[k].shape[0] * r->s[k].shape[1] * (r->s[k].ndim == 3 ? r->s[k].shape[2] : 1);
@@ -235,6 +237,15 @@ static void write_result(FILE *f, lp_model *m, const pair *p, const lp_pair_resu
             if (r->s[k].v) fprintf(f, "%s\"%s\":{\"pearson\":%.4f,\"spearman\":%.4f}", first ? "" : ",", lp_node_kind_name(k), pear[k], spear[k]), first = 0;
         fprintf(f, "}");
     }
+    if (sa) { /* the SAE's latents as nodes, and its error node */
+        fprintf(f, ",\"sae_error_atp\":[");
+        for (int t = 0; t < p->T; t++) fprintf(f, "%s%.6g", t ? "," : "", sa->error_atp[t]);
+        fprintf(f, "],\"sae_top\":[");
+        for (int i = 0; i < sa->n_top; i++)
+            fprintf(f, "%s{\"pos\":%d,\"latent\":%d,\"atp\":%.6g,\"grad_x_act\":%.6g}", i ? "," : "", sa->top[i].pos, sa->top[i].latent,
+                    sa->top[i].atp, sa->top[i].grad_act);
+        fprintf(f, "]");
+    }
     fprintf(f, "}\n");
     free(all);
 }
@@ -259,7 +270,10 @@ static lp_status write_scores(const char *dir, const pair *ps, const lp_pair_res
             datas[n++] = s->v;
         }
     char path[1300];
-    snprintf(path, sizeof path, "%s/scores-%06d.safetensors", dir, ps[0].index);
+    /* scores-atp-000012.safetensors: named by the method and the batch's first pair */
+    char method[16];
+    snprintf(method, sizeof method, "%.*s", (int)strcspn(prefix, "."), prefix);
+    snprintf(path, sizeof path, "%s/scores-%s-%06d.safetensors", dir, method, ps[0].index);
     lp_status st = lp_st_write(path, specs, datas, n, NULL);
     free(specs), free(datas), free(names);
     return st;
@@ -290,6 +304,14 @@ static int run_sweep(args *a, int exact) {
     sweep sw = {0};
     st = cli_open_model(a, &m);
     if (st == LP_OK && lp_tokenizer_load(&tk, lp_cfg_str(&a->cfg, "model.path")) != LP_OK) tk = NULL; /* id lists still work */
+    /* SAE latents as nodes: the SAE on the model's device, F32 */
+    lp_sae *sae = NULL;
+    lp_ctx sc = {0};
+    const char *sae_path = lp_cfg_str(&a->cfg, "attrib.sae");
+    if (st == LP_OK && sae_path) {
+        st = lp_ctx_init(&sc, lp_model_ctx(m)->device, LP_F32);
+        if (st == LP_OK) st = lp_sae_load(&sae, &sc, sae_path);
+    }
     if (st == LP_OK) st = read_pairs(a, m, tk, &sw);
     const char *out = lp_cfg_str(&a->cfg, "attrib.out");
     char rpath[1300];
@@ -344,7 +366,15 @@ static int run_sweep(args *a, int exact) {
         }
         if (st == LP_OK) st = write_scores(out, batch, res, nb, exact ? "exact." : "atp.");
         if (st == LP_OK && exact && compare) st = write_scores(out, batch, &atp1, 1, "atp.");
-        for (int b = 0; st == LP_OK && b < nb; b++) write_result(rf, m, &batch[b], &res[b], top, exact && compare ? pear : NULL, spear);
+        lp_sae_attrib *sa = NULL;
+        if (st == LP_OK && sae) {
+            sa = calloc(nb, sizeof *sa);
+            st = sa ? lp_attrib_sae(m, sae, &sc, cl, cx, nb, T, &mt, top, sa) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        }
+        for (int b = 0; st == LP_OK && b < nb; b++)
+            write_result(rf, m, &batch[b], &res[b], top, exact && compare ? pear : NULL, spear, sa ? &sa[b] : NULL);
+        for (int b = 0; sa && b < nb; b++) lp_sae_attrib_free(&sa[b]);
+        free(sa);
         fflush(rf);
         for (int b = 0; b < nb; b++) lp_pair_result_free(&res[b]);
         if (exact && compare) lp_pair_result_free(&atp1);
@@ -376,6 +406,8 @@ static int run_sweep(args *a, int exact) {
     free(done), free(batch), free(res);
     sweep_free(&sw);
     lp_tokenizer_free(tk);
+    if (sae) lp_sae_free(sae, &sc);
+    if (sae_path) lp_ctx_free(&sc);
     lp_model_free(m);
     return rc;
 }

@@ -94,6 +94,32 @@ void lp_node_name(const lp_model *m, int kind, const lp_node_scores *s, int64_t 
 double lp_pearson(const float *a, const float *b, size_t n);
 double lp_spearman(const float *a, const float *b, size_t n);
 
+/* ---- SAE latents as nodes ----
+ * With an SAE at its hook, the hook's value is x = f W_dec + b_dec + err (the
+ * reconstruction error kept as its own node), so d metric / d f = W_dec (d metric / d x).
+ * Per position t and latent s of each pair:
+ *   atp[t,s]      = (f_clean - f_corrupted)[t,s] * d metric / d f at the corrupted run
+ *   grad_act[t,s] = f_corrupted[t,s] * d metric / d f                  (gradient x activation)
+ *   error_atp[t]  = (err_clean - err_corrupted)[t] . d metric / d x
+ * Summed over latents plus the error node, atp is exactly the hook's own attribution. The
+ * top n latents (by |atp|) of each pair are returned. */
+struct lp_sae;
+typedef struct lp_sae_node {
+    int pos, latent;
+    float atp, grad_act;
+} lp_sae_node;
+typedef struct lp_sae_attrib {
+    double metric_clean, metric_corrupted;
+    lp_sae_node *top;   /* [n_top], by |atp| descending */
+    int n_top;
+    float *error_atp;   /* [T] */
+    double total_atp;   /* sum of atp over all (t, s) plus error_atp: the hook's attribution */
+} lp_sae_attrib;
+/* sae lives on c (F32). res[B]; free with lp_sae_attrib_free. */
+lp_status lp_attrib_sae(lp_model *m, struct lp_sae *sae, lp_ctx *c, const int32_t *clean, const int32_t *corrupted, int B, int T,
+                        const lp_metric *mt, int n_top, lp_sae_attrib *res);
+void lp_sae_attrib_free(lp_sae_attrib *r);
+
 #ifdef __cplusplus
 }
 #endif
