@@ -54,7 +54,7 @@ void lp_grad_free(lp_model *m) {
 int lp_grad_wanted(const lp_model *m, int kind, int layer) {
     if (!m->grad || !m->taping) return 0;
     int id = lp_hook_id(m, kind, layer);
-    return id >= 0 && m->grad->want[id];
+    return id >= 0 && (m->grad->want[id] || id == m->grad->inject_id); /* a direction enters there too */
 }
 
 /* ---- the tape ---- */
@@ -72,6 +72,10 @@ static size_t tape_layout(lp_model *m, int B, int T, int carve) {
     } while (0)
     for (int L = 0; L <= c->n_layers; L++) {
         tape_layer *t = &m->tape[L];
+        if (L > m->tape_top) { /* beyond what the metric reaches: nothing kept */
+            if (carve) memset(t, 0, sizeof *t);
+            continue;
+        }
         if (L == c->n_layers) { /* the final norm: its input and scale */
             SLICE(resid_pre, N * D * es);
             SLICE(ln1_scale, N * es);
@@ -94,7 +98,14 @@ static size_t tape_layout(lp_model *m, int B, int T, int carve) {
     return off;
 }
 
+/* Layers above tape_top (run only because a hook asked for them) use the ordinary buffers. */
+static void untaped(lp_model *m) {
+    m->q = m->base_q, m->k = m->base_k, m->v = m->base_v, m->scores = m->base_scores, m->pattern = m->base_pattern;
+    m->mlp_pre = m->base_mlp_pre, m->mlp_lin = m->base_mlp_lin, m->ln_scale = m->base_ln_scale;
+}
+
 lp_status lp_tape_layer(lp_model *m, int L) {
+    if (L > m->tape_top) return untaped(m), LP_OK;
     tape_layer *t = &m->tape[L];
     size_t bytes = (size_t)m->B * m->T * m->cfg.d_model * lp_act_size(m);
     LP_CHECK(lp_ctx_copy(&m->ctx, t->resid_pre, m->resid, bytes));
@@ -106,6 +117,7 @@ lp_status lp_tape_layer(lp_model *m, int L) {
 }
 
 lp_status lp_tape_mid(lp_model *m, int L) {
+    if (L > m->tape_top) return untaped(m), LP_OK;
     tape_layer *t = &m->tape[L];
     size_t bytes = (size_t)m->B * m->T * m->cfg.d_model * lp_act_size(m);
     LP_CHECK(lp_ctx_copy(&m->ctx, t->resid_mid, m->resid, bytes));
@@ -114,6 +126,7 @@ lp_status lp_tape_mid(lp_model *m, int L) {
 }
 
 lp_status lp_tape_final(lp_model *m) {
+    if (m->cfg.n_layers > m->tape_top) return untaped(m), LP_OK;
     tape_layer *t = &m->tape[m->cfg.n_layers];
     size_t bytes = (size_t)m->B * m->T * m->cfg.d_model * lp_act_size(m);
     LP_CHECK(lp_ctx_copy(&m->ctx, t->resid_pre, m->resid, bytes));
@@ -123,8 +136,7 @@ lp_status lp_tape_final(lp_model *m) {
 
 static void tape_restore(lp_model *m) {
     m->taping = 0;
-    m->q = m->base_q, m->k = m->base_k, m->v = m->base_v, m->scores = m->base_scores, m->pattern = m->base_pattern;
-    m->mlp_pre = m->base_mlp_pre, m->mlp_lin = m->base_mlp_lin, m->ln_scale = m->base_ln_scale;
+    untaped(m);
 }
 
 /* ---- gradient sites ---- */
@@ -333,6 +345,8 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
         m->base_q = m->q, m->base_k = m->k, m->base_v = m->v, m->base_scores = m->scores, m->base_pattern = m->pattern;
         m->base_mlp_pre = m->mlp_pre, m->base_mlp_lin = m->mlp_lin, m->base_ln_scale = m->ln_scale;
         m->taping = 1; /* so that tape_layout sees the wanted pattern gradients */
+        /* a logit metric reaches every layer; a direction metric only up to its hook's */
+        m->tape_top = dir_id >= 0 ? m->hooks[dir_id].layer : cf->n_layers;
         size_t need = tape_layout(m, B, T, 0);
         if (need > m->tape_bytes) {
             lp_ctx_release(&m->ctx, m->tape_mem);
@@ -346,7 +360,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
         }
         tape_layout(m, B, T, 1);
     }
-    int want = mt->kind == LP_METRIC_MEAN_LOSS ? LP_WANT_LOSS : LP_WANT_FINAL_NORM;
+    int want = mt->kind == LP_METRIC_MEAN_LOSS ? LP_WANT_LOSS : mt->kind == LP_METRIC_DIRECTION ? 0 : LP_WANT_FINAL_NORM;
     lp_status st = lp_model_forward(m, tokens, B, T, want);
     scratch s = {0};
     float *lh = NULL, *dl = NULL;

@@ -274,8 +274,8 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     int N = B * T, D = cf->d_model, H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head;
-    int last = (want & (LP_WANT_LOSS | LP_WANT_LOGITS | LP_WANT_FINAL_NORM)) || m->gen_pos0 >= 0 || m->taping ? cf->n_layers
-                                                                                                           : lp_hooks_last_layer(m);
+    int last = (want & (LP_WANT_LOSS | LP_WANT_LOGITS | LP_WANT_FINAL_NORM)) || m->gen_pos0 >= 0 ? cf->n_layers : lp_hooks_last_layer(m);
+    if (m->taping && m->tape_top > last) last = m->tape_top; /* the backward needs layers up to tape_top only */
 
     LP_CHECK(lp_embed(c, m->resid, m->tok_dev, W(m, P_WTE), N, D));
     SITE(HK_EMBED, 0, m->resid);

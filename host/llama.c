@@ -595,8 +595,9 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     int N = B * T, D = cf->d_model, F = cf->d_mlp, qD = cf->n_heads * cf->d_head, kvD = cf->n_kv_heads * cf->d_head;
-    int full = (want & (LP_WANT_LOSS | LP_WANT_LOGITS | LP_WANT_FINAL_NORM)) || m->gen_pos0 >= 0 || m->taping;
+    int full = (want & (LP_WANT_LOSS | LP_WANT_LOGITS | LP_WANT_FINAL_NORM)) || m->gen_pos0 >= 0;
     int last = full ? cf->n_layers : lp_hooks_last_layer(m);
+    if (m->taping && m->tape_top > last) last = m->tape_top; /* the backward needs layers up to tape_top only */
     if ((m->gen_pos0 >= 0 ? m->gen_pos0 : 0) + T > m->rope_n) LP_FAIL(LP_ERR_ARG, "forward: positions past the rotary tables");
 
     LP_CHECK(lp_embed(c, m->resid, m->tok_dev, lp_param(m, P_EMBED), N, D));

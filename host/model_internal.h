@@ -91,7 +91,7 @@ struct lp_model {
     int kv_cap, gen_pos0;
     /* backward (host/backward.c): while taping, the forward keeps what the backward needs
      * per layer in tape[L] ([n_layers] is the final norm) */
-    int taping;
+    int taping, tape_top;      /* taping: layers 0..tape_top are kept (n_layers: and the final norm) */
     struct tape_layer *tape;
     void *tape_mem;
     size_t tape_bytes;

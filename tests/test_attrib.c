@@ -306,3 +306,32 @@ Test(attrib, sae_latents_as_nodes) {
     snprintf(cmd, sizeof cmd, "rm -rf %s", out);
     cr_expect(system(cmd) == 0);
 }
+
+/* Integrated gradients along the embedding path are complete: at the first residual stream
+ * (a linear function of the embedding) the attributions sum to metric(clean) -
+ * metric(corrupted), up to the quadrature error of the steps. */
+Test(attrib, integrated_gradients_are_complete) {
+    lp_model *m = load(LP_FIXTURES "/gpt2-tiny");
+    enum { T = 8 };
+    int32_t clean[T], corr[T], ans = 5, wr = 9;
+    tokens(clean, T, lp_model_config(m)->d_vocab, 51);
+    memcpy(corr, clean, sizeof clean);
+    corr[2] = (corr[2] + 100) % lp_model_config(m)->d_vocab, corr[5] = (corr[5] + 7) % lp_model_config(m)->d_vocab;
+    lp_metric mt = {.kind = LP_METRIC_LOGIT_DIFF, .answer = &ans, .wrong = &wr};
+    double plain_err = 0;
+    for (int steps = 0; steps <= 32; steps += 32) {
+        lp_attrib_opts o = {.kinds = 1u << LP_NODE_RESID_PRE, .ig_steps = steps};
+        lp_pair_result r;
+        cr_assert_eq(lp_attrib_atp(m, clean, corr, 1, T, &mt, &o, &r), LP_OK, "%s", lp_last_error());
+        double sum = 0, want = r.metric_clean - r.metric_corrupted;
+        for (int p = 0; p < T; p++) sum += r.s[LP_NODE_RESID_PRE].v[p]; /* layer 0 */
+        double err = fabs(sum - want);
+        printf("  %s: sum over blocks.0.hook_resid_pre %.5f vs metric difference %.5f (error %.2e)\n",
+               steps ? "integrated gradients, 32 steps" : "attribution patching          ", sum, want, err);
+        if (!steps) plain_err = err;
+        else cr_expect_leq(err, 0.02 * fabs(want) + 1e-4, "IG sums to %.5f, not %.5f", sum, want);
+        if (steps) cr_expect_lt(err, plain_err, "integrated gradients should beat the first-order estimate");
+        lp_pair_result_free(&r);
+    }
+    lp_model_free(m);
+}
