@@ -486,3 +486,17 @@ lp_status lp_bw_linear(lp_ctx *c, void *dx, const void *dy, const void *W, int N
     /* out = x W: dx = dy W^T, i.e. W used as [M,K] transposed; out = x W^T: dx = dy W */
     return lp_matmul(c, dx, dy, W, NULL, N, M, K, w_trans ? 0 : 1);
 }
+
+lp_status lp_attn_core_backward(lp_model *m, bw_bufs *g, const tape_layer *t, int L, int B, int T) {
+    lp_ctx *c = &m->ctx;
+    const lp_config *cf = &m->cfg;
+    int H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head;
+    if (!lp_grad_wanted(m, HK_PATTERN, L) && !lp_grad_wanted(m, HK_SCORES, L))
+        return lp_attention_backward(c, g->dq, g->dk, g->dv, g->dz, t->q, t->k, t->v, B, T, H, Hkv, dh);
+    /* the three steps, stopping at the pattern and the scores */
+    LP_CHECK(lp_attn_apply_backward(c, g->dpat, g->dv, g->dz, t->pattern, t->v, B, T, H, Hkv, dh));
+    GSITE(HK_PATTERN, L, g->dpat);
+    LP_CHECK(lp_softmax_rows_backward(c, g->dsc, g->dpat, t->pattern, (size_t)B * H * T, T));
+    GSITE(HK_SCORES, L, g->dsc);
+    return lp_attn_scores_backward(c, g->dq, g->dk, g->dsc, t->q, t->k, B, T, H, Hkv, dh);
+}

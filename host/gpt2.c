@@ -353,7 +353,7 @@ static lp_status ln_bw(lp_model *m, void *dx, void *dy, const void *x, const voi
 lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
-    int N = B * T, D = cf->d_model, H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head, F = cf->d_mlp;
+    int N = B * T, D = cf->d_model, Hkv = cf->n_kv_heads, dh = cf->d_head, F = cf->d_mlp;
     size_t es = lp_act_size(m), ND = (size_t)N * D * es;
     if (top == cf->n_layers) {
         const tape_layer *t = &m->tape[cf->n_layers];
@@ -379,15 +379,7 @@ lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         GSITE(HK_ATTN_OUT, L, g->dtmp);
         LP_CHECK(lp_bw_linear(c, g->dz, g->dtmp, LW(m, L, P_WO), N, D, D, 0));
         GSITE(HK_Z, L, g->dz);
-        if (lp_grad_wanted(m, HK_PATTERN, L) || lp_grad_wanted(m, HK_SCORES, L)) {
-            LP_CHECK(lp_attn_apply_backward(c, g->dpat, g->dv, g->dz, t->pattern, t->v, B, T, H, Hkv, dh));
-            GSITE(HK_PATTERN, L, g->dpat);
-            LP_CHECK(lp_softmax_rows_backward(c, g->dsc, g->dpat, t->pattern, (size_t)B * H * T, T));
-            GSITE(HK_SCORES, L, g->dsc);
-            LP_CHECK(lp_attn_scores_backward(c, g->dq, g->dk, g->dsc, t->q, t->k, B, T, H, Hkv, dh));
-        } else {
-            LP_CHECK(lp_attention_backward(c, g->dq, g->dk, g->dv, g->dz, t->q, t->k, t->v, B, T, H, Hkv, dh));
-        }
+        LP_CHECK(lp_attn_core_backward(m, g, t, L, B, T));
         GSITE(HK_Q, L, g->dq);
         GSITE(HK_K, L, g->dk);
         GSITE(HK_V, L, g->dv);

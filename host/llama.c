@@ -686,15 +686,7 @@ lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         GSITE(HK_ATTN_OUT, L, g->dtmp);
         LP_CHECK(lp_bw_linear(c, g->dz, g->dtmp, LW(m, L, P_WO), N, qD, D, 1));
         GSITE(HK_Z, L, g->dz);
-        if (lp_grad_wanted(m, HK_PATTERN, L) || lp_grad_wanted(m, HK_SCORES, L)) {
-            LP_CHECK(lp_attn_apply_backward(c, g->dpat, g->dv, g->dz, t->pattern, t->v, B, T, H, Hkv, dh));
-            GSITE(HK_PATTERN, L, g->dpat);
-            LP_CHECK(lp_softmax_rows_backward(c, g->dsc, g->dpat, t->pattern, (size_t)B * H * T, T));
-            GSITE(HK_SCORES, L, g->dsc);
-            LP_CHECK(lp_attn_scores_backward(c, g->dq, g->dk, g->dsc, t->q, t->k, B, T, H, Hkv, dh));
-        } else {
-            LP_CHECK(lp_attention_backward(c, g->dq, g->dk, g->dv, g->dz, t->q, t->k, t->v, B, T, H, Hkv, dh));
-        }
+        LP_CHECK(lp_attn_core_backward(m, g, t, L, B, T));
         /* q and k were rotated in place: the gradients of the rotated values, then of the projections */
         GSITE(HK_ROT_Q, L, g->dq);
         GSITE(HK_ROT_K, L, g->dk);

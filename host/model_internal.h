@@ -156,6 +156,9 @@ lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top);
 /* dx of a linear layer out = x W (w_trans 0, W [K,M]) or x W^T (w_trans 1, W [M,K]). */
 lp_status lp_bw_linear(lp_ctx *c, void *dx, const void *dy, const void *W, int N, int K, int M, int w_trans);
 void lp_grad_free(lp_model *m);
+/* dq, dk, dv from g->dz through layer L's attention (the fused backward, or the three
+ * steps with gradient sites at the pattern and the scores when they are wanted). */
+lp_status lp_attn_core_backward(lp_model *m, bw_bufs *g, const tape_layer *t, int L, int B, int T);
 #define GSITE(kind, layer, buf) LP_CHECK(lp_grad_site(m, (kind), (layer), (buf)))
 
 /* An internal lp_model_forward flag: run every layer and the final norm (into m->ln_out)
