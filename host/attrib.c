@@ -148,32 +148,67 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
         lp_hooks_clear(m);
         if (st == LP_OK) st = capture_grid(m, o, list, sizeof list);
     }
-    for (int step = 0; st == LP_OK && step < steps; step++) {
-        if (o->ig_steps > 0) { /* the corrupted run with its embedding moved alpha of the way to the clean one */
-            double alpha = (step + 0.5) / steps;
-            size_t ne = (size_t)B * T * cf->d_model;
-            for (size_t i = 0; i < ne; i++) emb[i] = (float)(emb_x[i] + alpha * (emb_c[i] - emb_x[i]));
-            lp_hooks_clear(m);
-            st = capture_grid(m, o, list, sizeof list);
-            lp_edit_spec e = {.kind = LP_EDIT_PATCH, .src = emb, .src_len = ne};
-            if (st == LP_OK) st = lp_hook_edit(m, "hook_embed", &e);
-        }
-        if (st == LP_OK) st = o->grad_at_clean && o->ig_steps <= 0 ? lp_model_metric(m, corrupted, B, T, mt, mx)
-                                                                      : lp_model_grad(m, corrupted, B, T, mt, list, mx);
+    if (st == LP_OK && o->ig_steps <= 0) { /* one corrupted run: its activations and (unless at clean) its gradients */
+        st = o->grad_at_clean ? lp_model_metric(m, corrupted, B, T, mt, mx) : lp_model_grad(m, corrupted, B, T, mt, list, mx);
         for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
             for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) {
                 size_t n = nn[k * nL + L];
-                if (step == 0 && o->ig_steps <= 0) st = grab(m, k, L, &act_corr[k * nL + L], &n);
-                if (st != LP_OK || (o->grad_at_clean && o->ig_steps <= 0)) continue;
+                st = grab(m, k, L, &act_corr[k * nL + L], &n);
+                if (st != LP_OK || o->grad_at_clean) continue;
+                char name[128];
+                lp_tensor g;
+                snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
+                st = lp_grad_get(m, name, &g);
+                if (st == LP_OK && !(gsum[k * nL + L] = malloc(n * sizeof(float)))) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+                if (st == LP_OK) memcpy(gsum[k * nL + L], g.data, n * sizeof(float));
+            }
+    }
+    /* integrated gradients: the corrupted prompt with its embedding moved alpha of the way to
+     * the clean one, alpha at the midpoints of `steps` intervals, ig_batch steps per forward
+     * (their B rows each side by side); the gradients averaged */
+    int per = o->ig_batch > 0 ? o->ig_batch : steps;
+    if (per > steps) per = steps;
+    size_t ne1 = (size_t)B * T * cf->d_model;
+    int32_t *rows = NULL, *rans = NULL, *rwr = NULL, *rpos = NULL;
+    double *rmet = NULL;
+    if (st == LP_OK && o->ig_steps > 0) {
+        rows = malloc((size_t)per * B * T * sizeof(int32_t)), rmet = malloc((size_t)per * B * sizeof(double));
+        rans = malloc((size_t)per * B * sizeof(int32_t)), rwr = malloc((size_t)per * B * sizeof(int32_t)), rpos = malloc((size_t)per * B * sizeof(int32_t));
+        float *big = realloc(emb, (size_t)per * ne1 * sizeof(float));
+        if (big) emb = big;
+        if (!rows || !rmet || !rans || !rwr || !rpos || !big) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    }
+    for (int s0 = 0; st == LP_OK && o->ig_steps > 0 && s0 < steps; s0 += per) {
+        int sc = steps - s0 < per ? steps - s0 : per, R = sc * B;
+        for (int j = 0; j < sc; j++) {
+            double alpha = (s0 + j + 0.5) / steps;
+            for (size_t i = 0; i < ne1; i++) emb[(size_t)j * ne1 + i] = (float)(emb_x[i] + alpha * (emb_c[i] - emb_x[i]));
+            memcpy(rows + (size_t)j * B * T, corrupted, (size_t)B * T * sizeof(int32_t));
+            for (int b = 0; b < B; b++) {
+                rans[j * B + b] = mt->answer ? mt->answer[b] : 0, rwr[j * B + b] = mt->wrong ? mt->wrong[b] : 0;
+                rpos[j * B + b] = mt->pos ? mt->pos[b] : T - 1;
+            }
+        }
+        lp_metric rm = *mt;
+        rm.answer = mt->answer ? rans : NULL, rm.wrong = mt->wrong ? rwr : NULL, rm.pos = rpos;
+        lp_hooks_clear(m);
+        lp_edit_spec e = {.kind = LP_EDIT_PATCH, .src = emb, .src_len = (size_t)sc * ne1};
+        st = lp_hook_edit(m, "hook_embed", &e);
+        if (st == LP_OK) st = lp_model_grad(m, rows, R, T, &rm, list, rmet);
+        for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
+            for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) {
+                size_t n = nn[k * nL + L]; /* B rows */
                 char name[128];
                 lp_tensor g;
                 snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
                 st = lp_grad_get(m, name, &g);
                 if (st == LP_OK && !gsum[k * nL + L] && !(gsum[k * nL + L] = calloc(n, sizeof(float))))
                     st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
-                for (size_t i = 0; st == LP_OK && i < n; i++) gsum[k * nL + L][i] += ((const float *)g.data)[i] / steps;
+                for (int j = 0; st == LP_OK && j < sc; j++) /* step j's B rows sit at rows j*B .. j*B+B-1 */
+                    for (size_t i = 0; i < n; i++) gsum[k * nL + L][i] += ((const float *)g.data)[(size_t)j * n + i] / steps;
             }
     }
+    free(rows), free(rmet), free(rans), free(rwr), free(rpos);
     if (st == LP_OK && o->ig_steps > 0) { /* the corrupted activations themselves, without the embedding moved */
         lp_hooks_clear(m);
         st = capture_grid(m, o, list, sizeof list);

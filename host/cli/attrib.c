@@ -295,7 +295,8 @@ static int run_sweep(args *a, int exact) {
     lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "attrib.pairs", "attrib.out", NULL});
     if (st != LP_OK) return cli_fail(st);
     lp_attrib_opts o = {.grad_at_clean = strcmp(lp_cfg_str(&a->cfg, "attrib.grad_at"), "clean") == 0,
-                        .ig_steps = (int)lp_cfg_int(&a->cfg, "attrib.ig_steps"), .patch_batch = (int)lp_cfg_int(&a->cfg, "patch.batch")};
+                        .ig_steps = (int)lp_cfg_int(&a->cfg, "attrib.ig_steps"),
+                        .ig_batch = (int)lp_cfg_int(&a->cfg, "attrib.ig_batch"), .patch_batch = (int)lp_cfg_int(&a->cfg, "patch.batch")};
     if ((st = parse_nodes(a, &o.kinds)) != LP_OK) return cli_fail(st);
     lp_metric mt;
     make_metric(a, &mt);

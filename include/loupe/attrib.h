@@ -68,6 +68,7 @@ typedef struct lp_attrib_opts {
     unsigned kinds;       /* bit (1 << kind) per node kind; 0: all */
     int grad_at_clean;    /* AtP gradient at the clean run instead of the corrupted one */
     int ig_steps;         /* > 0: integrated gradients with that many steps */
+    int ig_batch;         /* steps per forward (their rows side by side); 0: all */
     int patch_batch;      /* exact patching: nodes per forward */
 } lp_attrib_opts;
 
