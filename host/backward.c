@@ -250,7 +250,7 @@ static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T) {
         {&s->rows, B * D * es}, {&s->logits, lrows * V * es}, {&s->drows, lrows * V * es},
         {&s->g.dresid, N * D * es}, {&s->g.dtmp, N * wide * es}, {&s->g.dln, N * D * es}, {&s->g.dq, N * qD * es},
         {&s->g.dk, N * kvD * es}, {&s->g.dv, N * kvD * es}, {&s->g.dz, N * qD * es}, {&s->g.da, N * F * es},
-        {&s->g.db, N * F * es}, {&s->g.dc, N * F * es}, {&s->g.dpat, mat}, {&s->g.dsc, mat},
+        {&s->g.db, N * F * es}, {&s->g.dc, N * F * es}, {&s->g.dpat, mat}, {&s->g.dsc, mat}, {&s->g.dscale, N * es},
     };
     size_t off = 0;
     for (size_t i = 0; i < sizeof b / sizeof *b; i++) off += (b[i].bytes + 255) / 256 * 256;
@@ -310,11 +310,6 @@ static lp_status set_wanted(lp_model *m, const char *grad_hooks) {
         for (int i = 0; i < m->n_hooks; i++)
             if (glob ? fnmatch(p, m->hooks[i].name, 0) == 0 : strcmp(p, m->hooks[i].name) == 0) g->want[i] = 1, n++;
         if (!n) st = lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "gradient of '%s': no such hook (see `loupe info MODEL`)", p);
-        for (int i = 0; i < m->n_hooks && st == LP_OK; i++) /* hook_scale gradients are not computed (their backward is folded into the norm's) */
-            if (g->want[i] && (m->hooks[i].kind == HK_LN1_SCALE || m->hooks[i].kind == HK_LN2_SCALE || m->hooks[i].kind == HK_LNF_SCALE)) {
-                if (!glob) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "gradient of '%s': hook_scale gradients are not supported", p);
-                g->want[i] = 0;
-            }
     }
     free(list);
     return st;

@@ -339,9 +339,14 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
 
 /* LayerNorm backward from dy at the norm's output, with the hook_normalized gradient
  * (dy * w) when it is wanted; dx is written. */
-static lp_status ln_bw(lp_model *m, void *dx, void *dy, const void *x, const void *scale, const void *w, int k_norm, int L, int N) {
+static lp_status ln_bw(lp_model *m, bw_bufs *g, void *dx, void *dy, const void *x, const void *scale, const void *w, int k_scale, int k_norm,
+                      int L, int N) {
     lp_ctx *c = &m->ctx;
     int D = m->cfg.d_model;
+    if (lp_grad_wanted(m, k_scale, L)) { /* the scale as its own node */
+        LP_CHECK(lp_norm_scale_grad(c, g->dscale, dy, x, scale, w, N, D, 1));
+        GSITE(k_scale, L, g->dscale);
+    }
     if (lp_grad_wanted(m, k_norm, L)) {
         LP_CHECK(lp_affine(c, dy, dy, w, NULL, N, D));
         GSITE(k_norm, L, dy);
@@ -357,7 +362,7 @@ lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
     size_t es = lp_act_size(m), ND = (size_t)N * D * es;
     if (top == cf->n_layers) {
         const tape_layer *t = &m->tape[cf->n_layers];
-        LP_CHECK(ln_bw(m, g->dresid, g->dln, t->resid_pre, t->ln1_scale, W(m, lnf_w(m)), HK_LNF_NORM, cf->n_layers, N));
+        LP_CHECK(ln_bw(m, g, g->dresid, g->dln, t->resid_pre, t->ln1_scale, W(m, lnf_w(m)), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
         top = cf->n_layers - 1;
     }
     for (int L = top; L >= 0; L--) {
@@ -371,7 +376,7 @@ lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         LP_CHECK(lp_gelu_backward(c, g->da, g->da, t->mlp_pre, (size_t)N * F));
         GSITE(HK_MLP_PRE, L, g->da);
         LP_CHECK(lp_bw_linear(c, g->dln, g->da, LW(m, L, P_WIN), N, D, F, 0));
-        LP_CHECK(ln_bw(m, g->dtmp, g->dln, t->resid_mid, t->ln2_scale, LW(m, L, P_LN2_W), HK_LN2_NORM, L, N));
+        LP_CHECK(ln_bw(m, g, g->dtmp, g->dln, t->resid_mid, t->ln2_scale, LW(m, L, P_LN2_W), HK_LN2_SCALE, HK_LN2_NORM, L, N));
         LP_CHECK(lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D));
         GSITE(HK_RESID_MID, L, g->dresid);
         /* attention */
@@ -388,7 +393,7 @@ lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
         LP_CHECK(lp_bw_linear(c, g->dtmp, g->dv, LW(m, L, P_WV), N, D, Hkv * dh, 0));
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
-        LP_CHECK(ln_bw(m, g->dtmp, g->dln, t->resid_pre, t->ln1_scale, LW(m, L, P_LN1_W), HK_LN1_NORM, L, N));
+        LP_CHECK(ln_bw(m, g, g->dtmp, g->dln, t->resid_pre, t->ln1_scale, LW(m, L, P_LN1_W), HK_LN1_SCALE, HK_LN1_NORM, L, N));
         LP_CHECK(lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D));
         GSITE(HK_RESID_PRE, L, g->dresid);
     }

@@ -642,9 +642,14 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
 
 /* RMSNorm backward from dy at the norm's output (hook_normalized's gradient dy * w when
  * wanted); dx is written. */
-static lp_status rms_bw(lp_model *m, void *dx, void *dy, const void *x, const void *scale, const void *w, int k_norm, int L, int N) {
+static lp_status rms_bw(lp_model *m, bw_bufs *g, void *dx, void *dy, const void *x, const void *scale, const void *w, int k_scale, int k_norm,
+                      int L, int N) {
     lp_ctx *c = &m->ctx;
     int D = m->cfg.d_model;
+    if (lp_grad_wanted(m, k_scale, L)) { /* the scale as its own node */
+        LP_CHECK(lp_norm_scale_grad(c, g->dscale, dy, x, scale, w, N, D, 0));
+        GSITE(k_scale, L, g->dscale);
+    }
     if (lp_grad_wanted(m, k_norm, L)) {
         LP_CHECK(lp_affine(c, dy, dy, w, NULL, N, D));
         GSITE(k_norm, L, dy);
@@ -661,7 +666,7 @@ lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
     size_t es = lp_act_size(m), ND = (size_t)N * D * es;
     if (top == cf->n_layers) {
         const tape_layer *t = &m->tape[cf->n_layers];
-        LP_CHECK(rms_bw(m, g->dresid, g->dln, t->resid_pre, t->ln1_scale, lp_param(m, p_lnf(m)), HK_LNF_NORM, cf->n_layers, N));
+        LP_CHECK(rms_bw(m, g, g->dresid, g->dln, t->resid_pre, t->ln1_scale, lp_param(m, p_lnf(m)), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
         top = cf->n_layers - 1;
     }
     for (int L = top; L >= 0; L--) {
@@ -678,7 +683,7 @@ lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         LP_CHECK(lp_bw_linear(c, g->dln, g->da, LW(m, L, P_WG), N, D, F, 1));
         LP_CHECK(lp_bw_linear(c, g->dtmp, g->db, LW(m, L, P_WU), N, D, F, 1));
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
-        LP_CHECK(rms_bw(m, g->dtmp, g->dln, t->resid_mid, t->ln2_scale, LW(m, L, P_LN2), HK_LN2_NORM, L, N));
+        LP_CHECK(rms_bw(m, g, g->dtmp, g->dln, t->resid_mid, t->ln2_scale, LW(m, L, P_LN2), HK_LN2_SCALE, HK_LN2_NORM, L, N));
         LP_CHECK(lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D));
         GSITE(HK_RESID_MID, L, g->dresid);
         /* attention */
@@ -700,7 +705,7 @@ lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
         LP_CHECK(lp_bw_linear(c, g->dtmp, g->dv, LW(m, L, P_WV), N, D, kvD, 1));
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
-        LP_CHECK(rms_bw(m, g->dtmp, g->dln, t->resid_pre, t->ln1_scale, LW(m, L, P_LN1), HK_LN1_NORM, L, N));
+        LP_CHECK(rms_bw(m, g, g->dtmp, g->dln, t->resid_pre, t->ln1_scale, LW(m, L, P_LN1), HK_LN1_SCALE, HK_LN1_NORM, L, N));
         LP_CHECK(lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D));
         GSITE(HK_RESID_PRE, L, g->dresid);
     }

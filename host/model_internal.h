@@ -147,7 +147,7 @@ lp_status lp_grad_site(lp_model *m, int kind, int layer, void *grad);
  * through the pattern instead of the fused attention). */
 int lp_grad_wanted(const lp_model *m, int kind, int layer);
 typedef struct bw_bufs {
-    void *dresid, *dtmp, *dln, *dq, *dk, *dv, *dz, *da, *db, *dc, *dpat, *dsc, *ones;
+    void *dresid, *dtmp, *dln, *dq, *dk, *dv, *dz, *da, *db, *dc, *dpat, *dsc, *dscale, *ones;
 } bw_bufs;
 /* top: n_layers to start at the final norm's output (g->dln), else the layer whose
  * resid_post the (zero) gradient starts at. */

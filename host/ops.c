@@ -237,3 +237,10 @@ lp_status lp_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const i
     if (CPU(c)) { lp_cpu_xent_backward(dlogits, logits, targets, scale, N, V); return LP_OK; }
     return lp_cuda_xent_backward(c, dlogits, logits, targets, scale, N, V);
 }
+
+lp_status lp_norm_scale_grad(lp_ctx *c, void *dscale, const void *dy, const void *x, const void *scale, const void *w, int N,
+                             int D, int center) {
+    NEED(N >= 0 && D > 0 && dscale && dy && x && scale, "norm_scale_grad: bad arguments (N=%d D=%d)", N, D);
+    if (CPU(c)) { lp_cpu_norm_scale_grad(dscale, dy, x, scale, w, N, D, center); return LP_OK; }
+    return lp_cuda_norm_scale_grad(c, dscale, dy, x, scale, w, N, D, center);
+}

@@ -169,6 +169,10 @@ lp_status lp_cuda_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float
  * the forward ops; arguments were checked by the dispatch. */
 void lp_cpu_ln_backward(float *dx, const float *dy, const float *x, const float *scale, const float *w, int N,
                         int D);
+void lp_cpu_norm_scale_grad(float *dscale, const float *dy, const float *x, const float *scale, const float *w, int N, int D,
+                            int center);
+lp_status lp_cuda_norm_scale_grad(lp_ctx *c, void *dscale, const void *dy, const void *x, const void *scale, const void *w,
+                                  int N, int D, int center);
 void lp_cpu_rms_backward(float *dx, const float *dy, const float *x, const float *scale, const float *w, int N,
                          int D);
 void lp_cpu_gelu_backward(float *dx, const float *dy, const float *x, size_t n);

@@ -78,6 +78,27 @@ __global__ void norm_backward_kernel(T *dx, const T *dy, const T *x, const T *sc
 
 static unsigned norm_block(int D) { return D <= 32 ? 32 : D <= 128 ? 128 : 256; }
 
+// dscale[row] = -(1/scale) sum_d dy w xh (the gradient at hook_scale, x held fixed). One block per row.
+template <typename T, bool kCenter>
+__global__ void norm_scale_grad_kernel(T *dscale, const T *dy, const T *x, const T *scale, const T *w, int D) {
+    __shared__ float sh[32];
+    const size_t row = blockIdx.x;
+    const T *xr = x + row * D, *dyr = dy + row * D;
+    const float inv = 1.0f / lp_to_f(scale[row]);
+    float x0 = 0.0f, mu = 0.0f;
+    if (kCenter) {
+        x0 = lp_to_f(xr[0]);
+        float s = 0.0f;
+        for (int d = threadIdx.x; d < D; d += blockDim.x) s += lp_to_f(xr[d]) - x0;
+        mu = lp_block_sum(s, sh) / (float)D;
+    }
+    float acc = 0.0f;
+    for (int d = threadIdx.x; d < D; d += blockDim.x)
+        acc = fmaf(lp_to_f(dyr[d]) * (w ? lp_to_f(w[d]) : 1.0f), ((lp_to_f(xr[d]) - x0) - mu) * inv, acc);
+    const float total = lp_block_sum(acc, sh);
+    if (threadIdx.x == 0) dscale[row] = lp_from_f<T>(-total * inv);
+}
+
 // ---- element-wise ----
 
 // dx = dy * gelu'(x) for the tanh form, written with sig(z) = 1 / (1 + exp(-z)) as
@@ -836,4 +857,26 @@ lp_status lp_cuda_xent_backward(lp_ctx *c, void *dlogits, const void *logits, co
     LP_CUDA_REQUIRE(dlogits && logits && targets && scale, "lp_cuda_xent_backward: NULL buffer");
     return c->dtype == LP_BF16 ? xent_backward_launch<__nv_bfloat16>(c, dlogits, logits, targets, scale, N, V)
                                : xent_backward_launch<float>(c, dlogits, logits, targets, scale, N, V);
+}
+
+template <typename T>
+static lp_status norm_scale_grad_launch(lp_ctx *c, void *dscale, const void *dy, const void *x, const void *scale, const void *w,
+                                        int N, int D, int center) {
+    if (center)
+        norm_scale_grad_kernel<T, true><<<(unsigned)N, norm_block(D), 0, lp_stream(c)>>>((T *)dscale, (const T *)dy, (const T *)x, (const T *)scale,
+                                                                     (const T *)w, D);
+    else
+        norm_scale_grad_kernel<T, false><<<(unsigned)N, norm_block(D), 0, lp_stream(c)>>>((T *)dscale, (const T *)dy, (const T *)x, (const T *)scale,
+                                                                      (const T *)w, D);
+    LP_LAUNCH_CHECK("norm_scale_grad_kernel");
+    return LP_OK;
+}
+
+lp_status lp_cuda_norm_scale_grad(lp_ctx *c, void *dscale, const void *dy, const void *x, const void *scale, const void *w,
+                                  int N, int D, int center) {
+    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_norm_scale_grad");
+    if (N == 0) return LP_OK;
+    LP_CUDA_REQUIRE(dscale && dy && x && scale && D > 0, "lp_cuda_norm_scale_grad: bad arguments");
+    return c->dtype == LP_BF16 ? norm_scale_grad_launch<__nv_bfloat16>(c, dscale, dy, x, scale, w, N, D, center)
+                               : norm_scale_grad_launch<float>(c, dscale, dy, x, scale, w, N, D, center);
 }

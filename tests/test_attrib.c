@@ -86,7 +86,7 @@ static void fd_check(const char *dir, const char *const *hooks, int nh) {
 }
 
 Test(attrib, gradients_match_finite_differences_gpt2) {
-    const char *hooks[] = {"hook_embed", "blocks.0.hook_resid_pre", "blocks.0.ln1.hook_normalized", "blocks.0.attn.hook_q",
+    const char *hooks[] = {"hook_embed", "blocks.0.hook_resid_pre", "blocks.0.ln1.hook_scale", "blocks.0.ln1.hook_normalized", "blocks.0.attn.hook_q",
                            "blocks.0.attn.hook_k", "blocks.0.attn.hook_v", "blocks.1.attn.hook_attn_scores", "blocks.1.attn.hook_pattern",
                            "blocks.0.attn.hook_z", "blocks.0.hook_attn_out", "blocks.1.hook_resid_mid", "blocks.0.mlp.hook_pre",
                            "blocks.1.mlp.hook_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post", "ln_final.hook_normalized"};
@@ -96,7 +96,8 @@ Test(attrib, gradients_match_finite_differences_gpt2) {
 Test(attrib, gradients_match_finite_differences_llama) {
     const char *hooks[] = {"hook_embed", "blocks.0.attn.hook_q", "blocks.0.attn.hook_rot_q", "blocks.1.attn.hook_rot_k", "blocks.0.attn.hook_v",
                            "blocks.1.attn.hook_pattern", "blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_pre_linear", "blocks.1.mlp.hook_post",
-                           "blocks.1.ln2.hook_normalized", "blocks.0.hook_resid_mid", "ln_final.hook_normalized"};
+                           "blocks.1.ln2.hook_normalized", "blocks.1.ln2.hook_scale", "blocks.0.hook_resid_mid", "ln_final.hook_scale",
+                           "ln_final.hook_normalized"};
     fd_check(LP_FIXTURES "/llama-tiny", hooks, sizeof hooks / sizeof *hooks);
 }
 
@@ -182,7 +183,6 @@ static void torch_check(const char *model_dir, const char *fixture) {
     char worst_name[128] = "";
     for (int id = 0; id < lp_hook_count(m); id++) {
         const char *h = lp_hook_name(m, id);
-        if (strstr(h, "hook_scale")) continue; /* not computed (see attrib.h) */
         char key[160];
         snprintf(key, sizeof key, "grad.%s", h);
         const lp_st_tensor *r = lp_st_find(&f, key);

@@ -233,6 +233,17 @@ static void check_norm(int rms, lp_dtype dt, int N, int D, int variant, uint64_t
     } else {
         expect_close(rms ? OP_RMS : OP_LN, dt, label, seed, got, ref, n);
     }
+    if (variant != 2 && D > 1) { /* the gradient at hook_scale, from the same inputs */
+        float *sref = zeros(N);
+        OK(lp_norm_scale_grad(cpu(), sref, dy, x, scale, wp, N, D, !rms));
+        void *d_ds = gpu_alloc(&g, act_bytes(&g, N));
+        OK(lp_norm_scale_grad(&g.c, d_ds, d_dy, d_x, d_s, d_wp, N, D, !rms));
+        float *sgot = gpu_get_act(&g, d_ds, N);
+        char sl[96];
+        snprintf(sl, sizeof sl, "%s, hook_scale gradient", label);
+        expect_close(rms ? OP_RMS : OP_LN, dt, sl, seed, sgot, sref, N);
+        free(sref), free(sgot);
+    }
     gpu_done(&g, label);
     free(x), free(w), free(dy), free(scale), free(ref), free(got);
 }

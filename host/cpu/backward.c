@@ -282,3 +282,18 @@ void lp_cpu_xent_backward(float *dlogits, const float *logits, const int32_t *ta
         for (int j = 0; j < V; j++) o[j] = (float)(scale[n] * (exp((double)r[j] - mx) / sum - (j == tg)));
     }
 }
+
+void lp_cpu_norm_scale_grad(float *dscale, const float *dy, const float *x, const float *scale, const float *w, int N, int D,
+                            int center) {
+    /* dscale = d/dscale of sum(dy * xh * w) with xh = (x - mean) / scale, x fixed */
+    for (int n = 0; n < N; n++) {
+        const float *xr = x + (size_t)n * D, *dyr = dy + (size_t)n * D;
+        double mean = 0, acc = 0, inv = 1.0 / scale[n];
+        if (center) {
+            for (int d = 0; d < D; d++) mean += xr[d];
+            mean /= D;
+        }
+        for (int d = 0; d < D; d++) acc += (double)dyr[d] * (w ? w[d] : 1.0f) * (xr[d] - mean) * inv;
+        dscale[n] = (float)(-acc * inv);
+    }
+}

@@ -99,6 +99,11 @@ lp_status lp_cross_entropy(lp_ctx *c, float *losses, const void *logits, const i
 lp_status lp_ln_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale, const void *w, int N, int D);
 /* RMSNorm: dx for y = x / scale * w (w may be NULL), scale = sqrt(mean(x^2) + eps). */
 lp_status lp_rms_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale, const void *w, int N, int D);
+/* The gradient at the norm's hook_scale (the scale as a node of its own, x held fixed):
+ *   dscale[n] = -(1 / scale[n]) sum_d dy[n,d] w[d] xh[n,d],  xh = (x - mean) / scale
+ * (center = 1, LayerNorm) or x / scale (center = 0, RMSNorm); w may be NULL. */
+lp_status lp_norm_scale_grad(lp_ctx *c, void *dscale, const void *dy, const void *x, const void *scale, const void *w, int N,
+                             int D, int center);
 /* dx = dy * gelu_tanh'(x); dx may alias dy. */
 lp_status lp_gelu_backward(lp_ctx *c, void *dx, const void *dy, const void *x, size_t n);
 /* y = silu(gate) * up: dgate = dy * up * silu'(gate), dup = dy * silu(gate). */
