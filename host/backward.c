@@ -13,6 +13,7 @@
 #include "loupe/attrib.h"
 #include "loupe/hooks.h"
 #include "loupe/ops.h"
+#include "loupe/sae_ops.h"
 #include "model_internal.h"
 
 struct grad_state {
@@ -24,6 +25,8 @@ struct grad_state {
     void *stage;           /* device-to-host staging in the act dtype */
     size_t stage_cap;
     int B, T;
+    unsigned char *pwant;  /* [n_params_t] weight gradients wanted */
+    float **phost;         /* [n_params_t] */
 };
 
 static lp_status grad_state_get(lp_model *m, struct grad_state **out) {
@@ -34,8 +37,10 @@ static lp_status grad_state_get(lp_model *m, struct grad_state **out) {
         g->host = calloc(m->n_hooks, sizeof *g->host);
         g->cap = calloc(m->n_hooks, sizeof *g->cap);
         g->inject_id = -1;
+        g->pwant = calloc(m->n_params_t, 1);
+        g->phost = calloc(m->n_params_t, sizeof *g->phost);
         m->grad = g;
-        if (!g->want || !g->host || !g->cap) LP_FAIL(LP_ERR_OOM, "out of memory");
+        if (!g->want || !g->host || !g->cap || !g->pwant || !g->phost) LP_FAIL(LP_ERR_OOM, "out of memory");
     }
     *out = m->grad;
     return LP_OK;
@@ -45,7 +50,8 @@ void lp_grad_free(lp_model *m) {
     struct grad_state *g = m->grad;
     if (!g) return;
     for (int i = 0; i < m->n_hooks; i++) free(g->host[i]);
-    free(g->host), free(g->want), free(g->cap), free(g->stage);
+    for (int i = 0; g->phost && i < m->n_params_t; i++) free(g->phost[i]);
+    free(g->host), free(g->want), free(g->cap), free(g->stage), free(g->pwant), free(g->phost);
     lp_ctx_release(&m->ctx, g->inject_dev);
     free(g);
     m->grad = NULL;
@@ -93,6 +99,11 @@ static size_t tape_layout(lp_model *m, int B, int T, int carve) {
         SLICE(ln2_scale, N * es);
         SLICE(mlp_pre, N * F * es);
         SLICE(mlp_lin, llama ? N * F * es : 0);
+        int pw = lp_param_layer_wanted(m, L);
+        SLICE(ln1_out, pw ? N * D * es : 0);
+        SLICE(z, pw ? N * qD * es : 0);
+        SLICE(ln2_out, pw ? N * D * es : 0);
+        SLICE(mlp_post, pw ? N * F * es : 0);
     }
 #undef SLICE
     return off;
@@ -102,6 +113,7 @@ static size_t tape_layout(lp_model *m, int B, int T, int carve) {
 static void untaped(lp_model *m) {
     m->q = m->base_q, m->k = m->base_k, m->v = m->base_v, m->scores = m->base_scores, m->pattern = m->base_pattern;
     m->mlp_pre = m->base_mlp_pre, m->mlp_lin = m->base_mlp_lin, m->ln_scale = m->base_ln_scale;
+    m->ln_out = m->base_ln_out, m->z = m->base_z, m->mlp_post = m->base_mlp_post;
 }
 
 lp_status lp_tape_layer(lp_model *m, int L) {
@@ -113,6 +125,9 @@ lp_status lp_tape_layer(lp_model *m, int L) {
     if (t->mlp_lin) m->mlp_lin = t->mlp_lin;
     m->scores = t->scores ? t->scores : m->base_scores;
     m->pattern = t->pattern ? t->pattern : m->base_pattern;
+    m->ln_out = t->ln1_out ? t->ln1_out : m->base_ln_out;
+    m->z = t->z ? t->z : m->base_z;
+    m->mlp_post = t->mlp_post ? t->mlp_post : m->base_mlp_post;
     return LP_OK;
 }
 
@@ -122,6 +137,7 @@ lp_status lp_tape_mid(lp_model *m, int L) {
     size_t bytes = (size_t)m->B * m->T * m->cfg.d_model * lp_act_size(m);
     LP_CHECK(lp_ctx_copy(&m->ctx, t->resid_mid, m->resid, bytes));
     m->ln_scale = t->ln2_scale;
+    m->ln_out = t->ln2_out ? t->ln2_out : m->base_ln_out;
     return LP_OK;
 }
 
@@ -131,6 +147,7 @@ lp_status lp_tape_final(lp_model *m) {
     size_t bytes = (size_t)m->B * m->T * m->cfg.d_model * lp_act_size(m);
     LP_CHECK(lp_ctx_copy(&m->ctx, t->resid_pre, m->resid, bytes));
     m->ln_scale = t->ln1_scale;
+    m->ln_out = m->base_ln_out; /* the metric reads the final norm's output there */
     return LP_OK;
 }
 
@@ -301,6 +318,7 @@ static lp_status upload_act(lp_model *m, void *dst, const float *src, size_t n) 
 static lp_status set_wanted(lp_model *m, const char *grad_hooks) {
     struct grad_state *g = m->grad;
     memset(g->want, 0, m->n_hooks);
+    memset(g->pwant, 0, m->n_params_t);
     if (!grad_hooks || !grad_hooks[0]) return LP_OK;
     char *list = strdup(grad_hooks), *save = NULL;
     if (!list) LP_FAIL(LP_ERR_OOM, "out of memory");
@@ -309,7 +327,19 @@ static lp_status set_wanted(lp_model *m, const char *grad_hooks) {
         int glob = strpbrk(p, "*?[") != NULL, n = 0;
         for (int i = 0; i < m->n_hooks; i++)
             if (glob ? fnmatch(p, m->hooks[i].name, 0) == 0 : strcmp(p, m->hooks[i].name) == 0) g->want[i] = 1, n++;
-        if (!n) st = lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "gradient of '%s': no such hook (see `loupe info MODEL`)", p);
+        /* weights: the blocks' linear layers (names as `loupe info` does not list them:
+         * blocks.L.attn.W_Q|W_K|W_V|W_O, blocks.L.mlp.W_in|W_out (GPT-2) or W_gate|W_in|W_out) */
+        for (int i = 0; i < m->n_params_t; i++) {
+            const param *pa = &m->params[i];
+            if (!(glob ? fnmatch(p, pa->name, 0) == 0 : strcmp(p, pa->name) == 0)) continue;
+            if (pa->ndim != 2 || strncmp(pa->name, "blocks.", 7) != 0) {
+                if (!glob) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "gradient of '%s': only the blocks' linear weights have gradients", p);
+                continue;
+            }
+            if (m->ctx.dtype != LP_F32) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "gradient of '%s': weight gradients need --model.dtype=f32", p);
+            g->pwant[i] = 1, n++;
+        }
+        if (!n && st == LP_OK) st = lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "gradient of '%s': no such hook or weight (see `loupe info MODEL`)", p);
     }
     free(list);
     return st;
@@ -320,7 +350,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
     LP_CHECK(check_metric(m, mt, B, T));
     struct grad_state *g = NULL;
     LP_CHECK(grad_state_get(m, &g));
-    LP_CHECK(set_wanted(m, backward ? grad_hooks : NULL));
+    if (backward) LP_CHECK(set_wanted(m, grad_hooks)); /* a metric-only run keeps the last gradients */
     LP_CHECK(ensure_ones(m));
     g->B = B, g->T = T, g->inject_id = -1;
     const lp_config *cf = &m->cfg;
@@ -339,6 +369,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
         if (!m->tape && !(m->tape = calloc(cf->n_layers + 1, sizeof *m->tape))) LP_FAIL(LP_ERR_OOM, "out of memory");
         m->base_q = m->q, m->base_k = m->k, m->base_v = m->v, m->base_scores = m->scores, m->base_pattern = m->pattern;
         m->base_mlp_pre = m->mlp_pre, m->base_mlp_lin = m->mlp_lin, m->base_ln_scale = m->ln_scale;
+        m->base_ln_out = m->ln_out, m->base_z = m->z, m->base_mlp_post = m->mlp_post;
         m->taping = 1; /* so that tape_layout sees the wanted pattern gradients */
         /* a logit metric reaches every layer; a direction metric only up to its hook's */
         m->tape_top = dir_id >= 0 ? m->hooks[dir_id].layer : cf->n_layers;
@@ -466,6 +497,15 @@ lp_status lp_model_metric(lp_model *m, const int32_t *tokens, int B, int T, cons
 
 lp_status lp_grad_get(lp_model *m, const char *hook, lp_tensor *out) {
     int id = lp_hook_find(m, hook);
+    for (int i = 0; id < 0 && m->grad && i < m->n_params_t; i++)
+        if (strcmp(m->params[i].name, hook) == 0) { /* a weight */
+            if (!m->grad->pwant[i] || !m->grad->phost[i])
+                LP_FAIL(LP_ERR_NOT_FOUND, "the gradient of '%s' was not asked for in the last lp_model_grad", hook);
+            memset(out, 0, sizeof *out);
+            out->data = m->grad->phost[i], out->dtype = LP_F32, out->device = LP_CPU, out->ndim = 2;
+            out->shape[0] = m->params[i].shape[0], out->shape[1] = m->params[i].shape[1];
+            return LP_OK;
+        }
     if (id < 0) LP_FAIL(LP_ERR_NOT_FOUND, "unknown hook '%s'", hook);
     struct grad_state *g = m->grad;
     if (!g || !g->want[id] || !g->host[id]) LP_FAIL(LP_ERR_NOT_FOUND, "the gradient of '%s' was not asked for in the last lp_model_grad", hook);
@@ -494,4 +534,28 @@ lp_status lp_attn_core_backward(lp_model *m, bw_bufs *g, const tape_layer *t, in
     LP_CHECK(lp_softmax_rows_backward(c, g->dsc, g->dpat, t->pattern, (size_t)B * H * T, T));
     GSITE(HK_SCORES, L, g->dsc);
     return lp_attn_scores_backward(c, g->dq, g->dk, g->dsc, t->q, t->k, B, T, H, Hkv, dh);
+}
+
+int lp_param_layer_wanted(const lp_model *m, int L) {
+    if (!m->grad || !m->taping) return 0;
+    char pre[32];
+    int n = snprintf(pre, sizeof pre, "blocks.%d.", L);
+    for (int i = 0; i < m->n_params_t; i++)
+        if (m->grad->pwant[i] && strncmp(m->params[i].name, pre, n) == 0) return 1;
+    return 0;
+}
+
+lp_status lp_param_grad(lp_model *m, int idx, const void *x, const void *dy, int N, int K, int M, int w_trans) {
+    struct grad_state *g = m->grad;
+    if (!g || !g->pwant[idx]) return LP_OK;
+    lp_ctx *c = &m->ctx;
+    size_t n = (size_t)K * M;
+    float *dw = NULL;
+    LP_CHECK(lp_ctx_alloc(c, n * sizeof(float), (void **)&dw));
+    /* W [K,M]: dW = x^T dy; W [M,K]: dW = dy^T x */
+    lp_status st = w_trans ? lp_matmul_at(c, dw, dy, x, N, M, K, 0.0f) : lp_matmul_at(c, dw, x, dy, N, K, M, 0.0f);
+    if (st == LP_OK && !g->phost[idx] && !(g->phost[idx] = malloc(n * sizeof(float)))) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (st == LP_OK) st = lp_ctx_to_host(c, g->phost[idx], dw, n * sizeof(float));
+    lp_ctx_release(c, dw);
+    return st;
 }

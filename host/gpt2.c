@@ -355,6 +355,9 @@ static lp_status ln_bw(lp_model *m, bw_bufs *g, void *dx, void *dy, const void *
     return lp_ln_backward(c, dx, dy, x, scale, w, N, D);
 }
 
+/* the gradient of layer L's weight k (when wanted) */
+#define PGRAD(k, x, dy, K, M) LP_CHECK(lp_param_grad(m, P_FIRST_LAYER + L * P_PER_LAYER + (k), (x), (dy), N, (K), (M), 0))
+
 lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
@@ -371,10 +374,12 @@ lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         /* MLP: its own copy of the gradient, so a direction injected at mlp_out stays on its branch */
         LP_CHECK(lp_ctx_copy(c, g->dtmp, g->dresid, ND));
         GSITE(HK_MLP_OUT, L, g->dtmp);
+        PGRAD(P_WOUT, t->mlp_post, g->dtmp, F, D);
         LP_CHECK(lp_bw_linear(c, g->da, g->dtmp, LW(m, L, P_WOUT), N, F, D, 0));
         GSITE(HK_MLP_POST, L, g->da);
         LP_CHECK(lp_gelu_backward(c, g->da, g->da, t->mlp_pre, (size_t)N * F));
         GSITE(HK_MLP_PRE, L, g->da);
+        PGRAD(P_WIN, t->ln2_out, g->da, D, F);
         LP_CHECK(lp_bw_linear(c, g->dln, g->da, LW(m, L, P_WIN), N, D, F, 0));
         LP_CHECK(ln_bw(m, g, g->dtmp, g->dln, t->resid_mid, t->ln2_scale, LW(m, L, P_LN2_W), HK_LN2_SCALE, HK_LN2_NORM, L, N));
         LP_CHECK(lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D));
@@ -382,12 +387,16 @@ lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         /* attention */
         LP_CHECK(lp_ctx_copy(c, g->dtmp, g->dresid, ND));
         GSITE(HK_ATTN_OUT, L, g->dtmp);
+        PGRAD(P_WO, t->z, g->dtmp, D, D);
         LP_CHECK(lp_bw_linear(c, g->dz, g->dtmp, LW(m, L, P_WO), N, D, D, 0));
         GSITE(HK_Z, L, g->dz);
         LP_CHECK(lp_attn_core_backward(m, g, t, L, B, T));
         GSITE(HK_Q, L, g->dq);
         GSITE(HK_K, L, g->dk);
         GSITE(HK_V, L, g->dv);
+        PGRAD(P_WQ, t->ln1_out, g->dq, D, D);
+        PGRAD(P_WK, t->ln1_out, g->dk, D, Hkv * dh);
+        PGRAD(P_WV, t->ln1_out, g->dv, D, Hkv * dh);
         LP_CHECK(lp_bw_linear(c, g->dln, g->dq, LW(m, L, P_WQ), N, D, D, 0));
         LP_CHECK(lp_bw_linear(c, g->dtmp, g->dk, LW(m, L, P_WK), N, D, Hkv * dh, 0));
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));

@@ -658,6 +658,9 @@ static lp_status rms_bw(lp_model *m, bw_bufs *g, void *dx, void *dy, const void 
     return lp_rms_backward(c, dx, dy, x, scale, w, N, D);
 }
 
+/* the gradient of layer L's weight k (when wanted); weights are [out, in] */
+#define PGRAD(k, x, dy, K, M) LP_CHECK(lp_param_grad(m, p_layer(L, (k)), (x), (dy), N, (K), (M), 1))
+
 lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
@@ -675,11 +678,14 @@ lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         /* SwiGLU MLP, on its own copy of the gradient */
         LP_CHECK(lp_ctx_copy(c, g->dtmp, g->dresid, ND));
         GSITE(HK_MLP_OUT, L, g->dtmp);
+        PGRAD(P_WD, t->mlp_post, g->dtmp, F, D);
         LP_CHECK(lp_bw_linear(c, g->dc, g->dtmp, LW(m, L, P_WD), N, F, D, 1));
         GSITE(HK_MLP_POST, L, g->dc);
         LP_CHECK(lp_silu_mul_backward(c, g->da, g->db, g->dc, t->mlp_pre, t->mlp_lin, (size_t)N * F));
         GSITE(HK_MLP_PRE, L, g->da);
         GSITE(HK_MLP_PRE_LINEAR, L, g->db);
+        PGRAD(P_WG, t->ln2_out, g->da, D, F);
+        PGRAD(P_WU, t->ln2_out, g->db, D, F);
         LP_CHECK(lp_bw_linear(c, g->dln, g->da, LW(m, L, P_WG), N, D, F, 1));
         LP_CHECK(lp_bw_linear(c, g->dtmp, g->db, LW(m, L, P_WU), N, D, F, 1));
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
@@ -689,6 +695,7 @@ lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         /* attention */
         LP_CHECK(lp_ctx_copy(c, g->dtmp, g->dresid, ND));
         GSITE(HK_ATTN_OUT, L, g->dtmp);
+        PGRAD(P_WO, t->z, g->dtmp, qD, D);
         LP_CHECK(lp_bw_linear(c, g->dz, g->dtmp, LW(m, L, P_WO), N, qD, D, 1));
         GSITE(HK_Z, L, g->dz);
         LP_CHECK(lp_attn_core_backward(m, g, t, L, B, T));
@@ -700,6 +707,9 @@ lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         GSITE(HK_Q, L, g->dq);
         GSITE(HK_K, L, g->dk);
         GSITE(HK_V, L, g->dv);
+        PGRAD(P_WQ, t->ln1_out, g->dq, D, qD);
+        PGRAD(P_WK, t->ln1_out, g->dk, D, kvD);
+        PGRAD(P_WV, t->ln1_out, g->dv, D, kvD);
         LP_CHECK(lp_bw_linear(c, g->dln, g->dq, LW(m, L, P_WQ), N, D, qD, 1));
         LP_CHECK(lp_bw_linear(c, g->dtmp, g->dk, LW(m, L, P_WK), N, D, kvD, 1));
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));

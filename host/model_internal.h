@@ -96,6 +96,7 @@ struct lp_model {
     void *tape_mem;
     size_t tape_bytes;
     void *base_q, *base_k, *base_v, *base_scores, *base_pattern, *base_mlp_pre, *base_mlp_lin, *base_ln_scale;
+    void *base_ln_out, *base_z, *base_mlp_post;
     struct grad_state *grad;   /* hook gradients wanted and captured (NULL: none) */
     void *grad_ones;           /* ones in the act dtype, for broadcasts in the backward */
     /* results of the last forward, on the host */
@@ -126,6 +127,8 @@ lp_status lp_hooks_finish(lp_model *m);
 /* What the backward of layer L needs from its forward. */
 typedef struct tape_layer {
     void *resid_pre, *ln1_scale, *q, *k, *v, *scores, *pattern, *resid_mid, *ln2_scale, *mlp_pre, *mlp_lin;
+    /* the linear layers' inputs, kept only where a weight's gradient is wanted */
+    void *ln1_out, *z, *ln2_out, *mlp_post;
 } tape_layer;
 
 /* Called by the forwards while m->taping: after the resid_pre site of layer L (keeps the
@@ -156,6 +159,11 @@ lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top);
 /* dx of a linear layer out = x W (w_trans 0, W [K,M]) or x W^T (w_trans 1, W [M,K]). */
 lp_status lp_bw_linear(lp_ctx *c, void *dx, const void *dy, const void *W, int N, int K, int M, int w_trans);
 void lp_grad_free(lp_model *m);
+/* Weight gradients: whether any weight of layer L is wanted, and dW of param idx for a
+ * linear layer out = x W (w_trans 0, W [K,M]) or x W^T (w_trans 1, W [M,K]) from its input
+ * x [N,K] and output gradient dy [N,M] (kept on the host when wanted). */
+int lp_param_layer_wanted(const lp_model *m, int L);
+lp_status lp_param_grad(lp_model *m, int idx, const void *x, const void *dy, int N, int K, int M, int w_trans);
 /* dq, dk, dv from g->dz through layer L's attention (the fused backward, or the three
  * steps with gradient sites at the pattern and the scores when they are wanted). */
 lp_status lp_attn_core_backward(lp_model *m, bw_bufs *g, const tape_layer *t, int L, int B, int T);

@@ -346,3 +346,67 @@ Test(attrib, integrated_gradients_are_complete) {
     }
     lp_model_free(m);
 }
+
+/* ---- weight gradients: finite differences on the weights themselves ---- */
+#include "model_internal.h"
+
+static void weight_fd(const char *dir, const char *const *names, int nn) {
+    lp_model *m = load(dir);
+    enum { B = 2, T = 7 };
+    int V = lp_model_config(m)->d_vocab;
+    int32_t tok[B * T], ans[B], wr[B];
+    tokens(tok, B * T, V, 61);
+    tokens(ans, B, V, 62);
+    tokens(wr, B, V, 63);
+    lp_metric mt = {.kind = LP_METRIC_LOGIT_DIFF, .answer = ans, .wrong = wr};
+    char list[512] = "";
+    for (int i = 0; i < nn; i++) snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i ? "," : "", names[i]);
+    double met[B];
+    cr_assert_eq(lp_model_grad(m, tok, B, T, &mt, list, met), LP_OK, "%s", lp_last_error());
+    for (int i = 0; i < nn; i++) {
+        lp_tensor g;
+        cr_assert_eq(lp_grad_get(m, names[i], &g), LP_OK, "%s", lp_last_error());
+        size_t n = (size_t)g.shape[0] * g.shape[1];
+        float *grad = malloc(n * sizeof(float));
+        memcpy(grad, g.data, n * sizeof(float));
+        int idx = -1;
+        for (int p = 0; p < m->n_params_t; p++)
+            if (!strcmp(m->params[p].name, names[i])) idx = p;
+        cr_assert(idx >= 0);
+        float *w = lp_param(m, idx); /* F32 on the CPU: perturb an entry in place */
+        double gmax = 0, worst = 0;
+        for (size_t j = 0; j < n; j++) gmax = fmax(gmax, fabs(grad[j]));
+        uint64_t s = 7 + i;
+        for (int k = 0; k < 10; k++) {
+            size_t j = 0;
+            if (k < 3) {
+                for (size_t q = 0; q < n; q++)
+                    if (fabs(grad[q]) > fabs(grad[j])) j = q;
+                if (k) j = (j + k * 37) % n;
+            } else {
+                j = (size_t)(lp_test_next(&s) % n);
+            }
+            float keep = w[j], d = 1e-2f * fmaxf(0.1f, fabsf(keep));
+            double mp[B], mm[B];
+            w[j] = keep + d;
+            cr_assert_eq(lp_model_metric(m, tok, B, T, &mt, mp), LP_OK);
+            w[j] = keep - d;
+            cr_assert_eq(lp_model_metric(m, tok, B, T, &mt, mm), LP_OK);
+            w[j] = keep;
+            double fd = ((mp[0] + mp[1]) - (mm[0] + mm[1])) / (2.0 * d);
+            worst = fmax(worst, fabs(fd - grad[j]) / gmax);
+        }
+        printf("  %-12s weight %-20s max |fd - grad| / max |grad| %.2e of 2e-2\n", strstr(dir, "llama") ? "llama-tiny" : "gpt2-tiny", names[i], worst);
+        cr_expect_leq(worst, 2e-2, "%s: %.3e", names[i], worst);
+        free(grad);
+    }
+    lp_model_free(m);
+}
+
+Test(attrib, weight_gradients_match_finite_differences) {
+    const char *g2[] = {"blocks.0.attn.W_Q", "blocks.0.attn.W_K", "blocks.1.attn.W_V", "blocks.1.attn.W_O", "blocks.0.mlp.W_in", "blocks.1.mlp.W_out"};
+    weight_fd(LP_FIXTURES "/gpt2-tiny", g2, 6);
+    const char *ll[] = {"blocks.0.attn.W_Q", "blocks.1.attn.W_K", "blocks.0.attn.W_V", "blocks.1.attn.W_O", "blocks.0.mlp.W_gate", "blocks.1.mlp.W_in",
+                        "blocks.0.mlp.W_out"};
+    weight_fd(LP_FIXTURES "/llama-tiny", ll, 7);
+}

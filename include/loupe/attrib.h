@@ -36,12 +36,15 @@ typedef struct lp_metric {
 
 /* Forward (tokens [B,T]), metric per row into metric_out[B], and the backward of the sum
  * over rows, keeping the gradient at every hook matching grad_hooks (comma-separated
- * names or globs; NULL or "": none). */
+ * names or globs; NULL or "": none). The list may also name the blocks' linear weights
+ * (blocks.L.attn.W_Q|W_K|W_V|W_O, blocks.L.mlp.W_in|W_out, and W_gate for the Llama
+ * family; F32 models only): their gradients come back in the weights' own shapes. */
 lp_status lp_model_grad(lp_model *m, const int32_t *tokens, int B, int T, const lp_metric *metric, const char *grad_hooks,
                         double *metric_out);
 /* The metric alone (one forward): what exact patching runs per batch. */
 lp_status lp_model_metric(lp_model *m, const int32_t *tokens, int B, int T, const lp_metric *metric, double *metric_out);
-/* The gradient at a hook from the last lp_model_grad: F32 on the host, the hook's shape. */
+/* The gradient at a hook (or a weight) from the last lp_model_grad: F32 on the host, the
+ * hook's (or weight's) shape. lp_model_metric runs do not clear it. */
 lp_status lp_grad_get(lp_model *m, const char *hook, lp_tensor *out);
 
 /* ---- attribution patching and exact activation patching over a grid of nodes ----
