@@ -81,7 +81,7 @@ $(BUILD)/libloupe.a: $(LIB_OBJ)
 $(BUILD)/loupe: $(CLI_OBJ) $(BUILD)/libloupe.a
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
-$(BUILD)/test_%: tests/test_%.c tests/testutil.h $(BUILD)/libloupe.a
+$(BUILD)/test_%: tests/test_%.c $(wildcard tests/*.h) $(BUILD)/libloupe.a
 	$(CC) $(CFLAGS) -Itests $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS) -lcriterion
 
 $(BUILD)/bench_%: bench/bench_%.c $(BUILD)/libloupe.a

@@ -9,7 +9,7 @@
  * every test skips, saying why (LOUPE_REQUIRE_GPU=1 turns the skip into a failure). */
 #include "loupe/sae_ops.h"
 #include "ops_internal.h"
-#include "testutil.h"
+#include "gputest.h"
 
 /* ---- budgets: nmse = sum (gpu - cpu)^2 / sum cpu^2 (0: bit for bit) ----------------------
  * Selections (topk, the BatchTopK threshold), masks (relu, jumprelu and their dpre),
@@ -43,94 +43,6 @@ static const struct { const char *op; double nmse; } BUDGET[OP_COUNT] = {
 };
 
 static const lp_dtype DTYPES[2] = {LP_F32, LP_BF16};
-
-#define OK(expr)                                                                            \
-    do {                                                                                    \
-        lp_status s_ = (expr);                                                              \
-        cr_assert_eq(s_, LP_OK, "%s: %s: %s", #expr, lp_status_name(s_), lp_last_error());  \
-    } while (0)
-
-/* ---- a GPU context whose buffers carry guard zones ---- */
-#define GUARD 256
-#define GUARD_BYTE 0xA5
-#define MAX_BUFS 16
-
-typedef struct gpu {
-    lp_ctx c;
-    int n;
-    struct { unsigned char *base; size_t bytes; } buf[MAX_BUFS];
-} gpu;
-
-/* One CUDA context per activation dtype for the whole process; buffers per case. */
-static void gpu_init(gpu *g, lp_dtype dt) {
-    static lp_ctx ctx[2];
-    static int ready[2];
-    const int i = dt == LP_BF16;
-    if (!ready[i]) {
-        OK(lp_ctx_init(&ctx[i], LP_CUDA, dt));
-        ready[i] = 1;
-    }
-    memset(g, 0, sizeof *g);
-    g->c = ctx[i];
-}
-
-static void *gpu_alloc(gpu *g, size_t bytes) {
-    cr_assert(g->n < MAX_BUFS, "too many test buffers");
-    const size_t total = bytes + 2 * GUARD;
-    void *base;
-    OK(lp_ctx_alloc(&g->c, total, &base));
-    unsigned char *fill = malloc(total);
-    cr_assert(fill != NULL);
-    memset(fill, GUARD_BYTE, total);
-    OK(lp_ctx_to_device(&g->c, base, fill, total));
-    free(fill);
-    g->buf[g->n].base = base;
-    g->buf[g->n].bytes = bytes;
-    g->n++;
-    return (unsigned char *)base + GUARD;
-}
-
-static void *gpu_put(gpu *g, const void *x, size_t bytes) {
-    void *d = gpu_alloc(g, bytes);
-    OK(lp_ctx_to_device(&g->c, d, x, bytes));
-    return d;
-}
-
-static void *gpu_get(gpu *g, const void *d, size_t bytes) {
-    void *h = malloc(bytes ? bytes : 1);
-    cr_assert(h != NULL);
-    OK(lp_ctx_to_host(&g->c, h, d, bytes));
-    return h;
-}
-
-static void gpu_done(gpu *g, const char *what) {
-    for (int i = 0; i < g->n; i++) {
-        const size_t total = g->buf[i].bytes + 2 * GUARD;
-        unsigned char *h = malloc(total);
-        cr_assert(h != NULL);
-        OK(lp_ctx_to_host(&g->c, h, g->buf[i].base, total));
-        size_t bad = 0;
-        for (size_t j = 0; j < GUARD; j++) {
-            bad += h[j] != GUARD_BYTE;
-            bad += h[GUARD + g->buf[i].bytes + j] != GUARD_BYTE;
-        }
-        cr_expect(bad == 0, "%s: %zu guard bytes around buffer %d (%zu bytes) were overwritten", what, bad, i,
-                  g->buf[i].bytes);
-        free(h);
-        lp_ctx_release(&g->c, g->buf[i].base);
-    }
-    g->n = 0;
-}
-
-static lp_ctx *cpu(void) {
-    static lp_ctx c;
-    static int ready;
-    if (!ready) {
-        OK(lp_ctx_init(&c, LP_CPU, LP_F32));
-        ready = 1;
-    }
-    return &c;
-}
 
 static void *xmalloc(size_t bytes) {
     void *p = malloc(bytes ? bytes : 1);
