@@ -559,3 +559,19 @@ lp_status lp_param_grad(lp_model *m, int idx, const void *x, const void *dy, int
     lp_ctx_release(c, dw);
     return st;
 }
+
+lp_status lp_norm_backward_site(lp_model *m, bw_bufs *g, void *dx, void *dy, const void *x, const void *scale, const void *w,
+                                int k_scale, int k_norm, int L, int N) {
+    lp_ctx *c = &m->ctx;
+    int D = m->cfg.d_model, rms = m->cfg.arch == LP_ARCH_LLAMA;
+    if (lp_grad_wanted(m, k_scale, L)) { /* the scale as its own node */
+        LP_CHECK(lp_norm_scale_grad(c, g->dscale, dy, x, scale, w, N, D, !rms));
+        LP_CHECK(lp_grad_site(m, k_scale, L, g->dscale));
+    }
+    if (lp_grad_wanted(m, k_norm, L)) { /* the normalized value's gradient is dy * w */
+        LP_CHECK(lp_affine(c, dy, dy, w, NULL, N, D));
+        LP_CHECK(lp_grad_site(m, k_norm, L, dy));
+        w = NULL;
+    }
+    return rms ? lp_rms_backward(c, dx, dy, x, scale, w, N, D) : lp_ln_backward(c, dx, dy, x, scale, w, N, D);
+}

@@ -254,26 +254,11 @@ done:
 /* ---- forward ---- */
 
 #define SITE(kind, layer, buf) LP_CHECK(lp_hook_site(m, lp_hook_id(m, (kind), (layer)), (buf)))
-#define ACTIVE(kind, layer) lp_hook_active(m, lp_hook_id(m, (kind), (layer)))
-
-/* LayerNorm of x into m->ln_out, with hook_scale and hook_normalized sites. */
-static lp_status layer_norm(lp_model *m, const void *x, const void *w, const void *b, int k_scale, int k_norm, int L, int N) {
-    lp_ctx *c = &m->ctx;
-    int D = m->cfg.d_model;
-    LP_CHECK(lp_ln_scale(c, m->ln_scale, x, N, D, m->cfg.ln_eps));
-    SITE(k_scale, L, m->ln_scale);
-    if (ACTIVE(k_norm, L)) { /* materialise the normalized value only when someone hooks it */
-        LP_CHECK(lp_ln_apply(c, m->ln_norm, x, m->ln_scale, NULL, NULL, N, D));
-        SITE(k_norm, L, m->ln_norm);
-        return lp_affine(c, m->ln_out, m->ln_norm, w, b, N, D);
-    }
-    return lp_ln_apply(c, m->ln_out, x, m->ln_scale, w, b, N, D);
-}
 
 static lp_status forward(lp_model *m, int B, int T, int want) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
-    int N = B * T, D = cf->d_model, H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head;
+    int N = B * T, D = cf->d_model, Hkv = cf->n_kv_heads, dh = cf->d_head;
     int last = (want & (LP_WANT_LOSS | LP_WANT_LOGITS | LP_WANT_FINAL_NORM)) || m->gen_pos0 >= 0 ? cf->n_layers : lp_hooks_last_layer(m);
     if (m->taping && m->tape_top > last) last = m->tape_top; /* the backward needs layers up to tape_top only */
 
@@ -288,36 +273,21 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
     for (int L = 0; L < cf->n_layers && L <= last; L++) {
         SITE(HK_RESID_PRE, L, m->resid);
         TAPE(lp_tape_layer(m, L));
-        LP_CHECK(layer_norm(m, m->resid, LW(m, L, P_LN1_W), LW(m, L, P_LN1_B), HK_LN1_SCALE, HK_LN1_NORM, L, N));
+        LP_CHECK(lp_model_norm(m, m->resid, LW(m, L, P_LN1_W), LW(m, L, P_LN1_B), HK_LN1_SCALE, HK_LN1_NORM, L, N));
         LP_CHECK(lp_matmul(c, m->q, m->ln_out, LW(m, L, P_WQ), LW(m, L, P_BQ), N, D, D, 0));
         LP_CHECK(lp_matmul(c, m->k, m->ln_out, LW(m, L, P_WK), LW(m, L, P_BK), N, D, Hkv * dh, 0));
         LP_CHECK(lp_matmul(c, m->v, m->ln_out, LW(m, L, P_WV), LW(m, L, P_BV), N, D, Hkv * dh, 0));
         SITE(HK_Q, L, m->q);
         SITE(HK_K, L, m->k);
         SITE(HK_V, L, m->v);
-        if (m->gen_pos0 >= 0) { /* append to the KV cache and attend over it */
-            size_t row = (size_t)Hkv * dh * lp_act_size(m), plane = (size_t)m->kv_cap * row;
-            char *kc = (char *)m->kv + 2 * (size_t)L * plane, *vc = kc + plane;
-            LP_CHECK(lp_ctx_copy(c, kc + pos0 * row, m->k, T * row));
-            LP_CHECK(lp_ctx_copy(c, vc + pos0 * row, m->v, T * row));
-            if (pos0 == 0) LP_CHECK(lp_attention(c, m->z, m->q, m->k, m->v, 1, T, H, Hkv, dh)); /* the prompt */
-            else LP_CHECK(lp_attention_cached(c, m->z, m->q, kc, vc, 1, T, m->kv_cap, pos0, H, Hkv, dh));
-        } else if (ACTIVE(HK_SCORES, L) || ACTIVE(HK_PATTERN, L) || lp_grad_wanted(m, HK_SCORES, L) || lp_grad_wanted(m, HK_PATTERN, L)) {
-            LP_CHECK(lp_attn_scores(c, m->scores, m->q, m->k, B, T, H, Hkv, dh));
-            SITE(HK_SCORES, L, m->scores);
-            LP_CHECK(lp_softmax_rows(c, m->pattern, m->scores, (size_t)B * H * T, T));
-            SITE(HK_PATTERN, L, m->pattern);
-            LP_CHECK(lp_attn_apply(c, m->z, m->pattern, m->v, B, T, H, Hkv, dh));
-        } else {
-            LP_CHECK(lp_attention(c, m->z, m->q, m->k, m->v, B, T, H, Hkv, dh));
-        }
+        LP_CHECK(lp_model_attend(m, L, B, T));
         SITE(HK_Z, L, m->z);
         LP_CHECK(lp_matmul(c, m->attn_out, m->z, LW(m, L, P_WO), LW(m, L, P_BO), N, D, D, 0));
         SITE(HK_ATTN_OUT, L, m->attn_out);
         LP_CHECK(lp_add(c, m->resid, m->resid, m->attn_out, (size_t)N * D));
         SITE(HK_RESID_MID, L, m->resid);
         TAPE(lp_tape_mid(m, L));
-        LP_CHECK(layer_norm(m, m->resid, LW(m, L, P_LN2_W), LW(m, L, P_LN2_B), HK_LN2_SCALE, HK_LN2_NORM, L, N));
+        LP_CHECK(lp_model_norm(m, m->resid, LW(m, L, P_LN2_W), LW(m, L, P_LN2_B), HK_LN2_SCALE, HK_LN2_NORM, L, N));
         LP_CHECK(lp_matmul(c, m->mlp_pre, m->ln_out, LW(m, L, P_WIN), LW(m, L, P_BIN), N, D, cf->d_mlp, 0));
         SITE(HK_MLP_PRE, L, m->mlp_pre);
         LP_CHECK(lp_gelu(c, m->mlp_post, m->mlp_pre, (size_t)N * cf->d_mlp));
@@ -330,30 +300,12 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
     if (last < cf->n_layers) return LP_OK;
 
     TAPE(lp_tape_final(m));
-    LP_CHECK(layer_norm(m, m->resid, W(m, lnf_w(m)), W(m, lnf_w(m) + 1), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
+    LP_CHECK(lp_model_norm(m, m->resid, W(m, lnf_w(m)), W(m, lnf_w(m) + 1), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
     if (!(want & (LP_WANT_LOSS | LP_WANT_LOGITS))) return LP_OK;
     return lp_model_unembed(m, N, want);
 }
 
 /* ---- backward ---- */
-
-/* LayerNorm backward from dy at the norm's output, with the hook_normalized gradient
- * (dy * w) when it is wanted; dx is written. */
-static lp_status ln_bw(lp_model *m, bw_bufs *g, void *dx, void *dy, const void *x, const void *scale, const void *w, int k_scale, int k_norm,
-                      int L, int N) {
-    lp_ctx *c = &m->ctx;
-    int D = m->cfg.d_model;
-    if (lp_grad_wanted(m, k_scale, L)) { /* the scale as its own node */
-        LP_CHECK(lp_norm_scale_grad(c, g->dscale, dy, x, scale, w, N, D, 1));
-        GSITE(k_scale, L, g->dscale);
-    }
-    if (lp_grad_wanted(m, k_norm, L)) {
-        LP_CHECK(lp_affine(c, dy, dy, w, NULL, N, D));
-        GSITE(k_norm, L, dy);
-        return lp_ln_backward(c, dx, dy, x, scale, NULL, N, D);
-    }
-    return lp_ln_backward(c, dx, dy, x, scale, w, N, D);
-}
 
 /* the gradient of layer L's weight k (when wanted) */
 #define PGRAD(k, x, dy, K, M) LP_CHECK(lp_param_grad(m, P_FIRST_LAYER + L * P_PER_LAYER + (k), (x), (dy), N, (K), (M), 0))
@@ -365,7 +317,7 @@ lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
     size_t es = lp_act_size(m), ND = (size_t)N * D * es;
     if (top == cf->n_layers) {
         const tape_layer *t = &m->tape[cf->n_layers];
-        LP_CHECK(ln_bw(m, g, g->dresid, g->dln, t->resid_pre, t->ln1_scale, W(m, lnf_w(m)), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
+        LP_CHECK(lp_norm_backward_site(m, g, g->dresid, g->dln, t->resid_pre, t->ln1_scale, W(m, lnf_w(m)), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
         top = cf->n_layers - 1;
     }
     for (int L = top; L >= 0; L--) {
@@ -381,7 +333,7 @@ lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         GSITE(HK_MLP_PRE, L, g->da);
         PGRAD(P_WIN, t->ln2_out, g->da, D, F);
         LP_CHECK(lp_bw_linear(c, g->dln, g->da, LW(m, L, P_WIN), N, D, F, 0));
-        LP_CHECK(ln_bw(m, g, g->dtmp, g->dln, t->resid_mid, t->ln2_scale, LW(m, L, P_LN2_W), HK_LN2_SCALE, HK_LN2_NORM, L, N));
+        LP_CHECK(lp_norm_backward_site(m, g, g->dtmp, g->dln, t->resid_mid, t->ln2_scale, LW(m, L, P_LN2_W), HK_LN2_SCALE, HK_LN2_NORM, L, N));
         LP_CHECK(lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D));
         GSITE(HK_RESID_MID, L, g->dresid);
         /* attention */
@@ -402,7 +354,7 @@ lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
         LP_CHECK(lp_bw_linear(c, g->dtmp, g->dv, LW(m, L, P_WV), N, D, Hkv * dh, 0));
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
-        LP_CHECK(ln_bw(m, g, g->dtmp, g->dln, t->resid_pre, t->ln1_scale, LW(m, L, P_LN1_W), HK_LN1_SCALE, HK_LN1_NORM, L, N));
+        LP_CHECK(lp_norm_backward_site(m, g, g->dtmp, g->dln, t->resid_pre, t->ln1_scale, LW(m, L, P_LN1_W), HK_LN1_SCALE, HK_LN1_NORM, L, N));
         LP_CHECK(lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D));
         GSITE(HK_RESID_PRE, L, g->dresid);
     }

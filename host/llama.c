@@ -548,21 +548,6 @@ lp_status lp_llama_rope_tables(lp_model *m, int n_pos) {
 /* ---- forward ---- */
 
 #define SITE(kind, layer, buf) LP_CHECK(lp_hook_site(m, lp_hook_id(m, (kind), (layer)), (buf)))
-#define ACTIVE(kind, layer) lp_hook_active(m, lp_hook_id(m, (kind), (layer)))
-
-/* RMSNorm of x into m->ln_out, with hook_scale and hook_normalized sites. */
-static lp_status rms_norm(lp_model *m, const void *x, const void *w, int k_scale, int k_norm, int L, int N) {
-    lp_ctx *c = &m->ctx;
-    int D = m->cfg.d_model;
-    LP_CHECK(lp_rms_scale(c, m->ln_scale, x, N, D, m->cfg.ln_eps));
-    SITE(k_scale, L, m->ln_scale);
-    if (ACTIVE(k_norm, L)) { /* materialise the normalized value only when someone hooks it */
-        LP_CHECK(lp_rms_apply(c, m->ln_norm, x, m->ln_scale, NULL, N, D));
-        SITE(k_norm, L, m->ln_norm);
-        return lp_affine(c, m->ln_out, m->ln_norm, w, NULL, N, D);
-    }
-    return lp_rms_apply(c, m->ln_out, x, m->ln_scale, w, N, D);
-}
 
 static lp_status attention(lp_model *m, int L, int B, int T) {
     lp_ctx *c = &m->ctx;
@@ -572,23 +557,7 @@ static lp_status attention(lp_model *m, int L, int B, int T) {
     SITE(HK_ROT_Q, L, m->q);
     LP_CHECK(lp_rope(c, m->k, m->k, m->rope_cos, m->rope_sin, B, T, Hkv, dh, pos0));
     SITE(HK_ROT_K, L, m->k);
-    if (m->gen_pos0 >= 0) { /* batch 1: append this step's keys and values to the cache */
-        size_t es = lp_act_size(m), row = (size_t)Hkv * dh * es, plane = (size_t)m->kv_cap * row;
-        char *kc = (char *)m->kv + 2 * (size_t)L * plane, *vc = kc + plane;
-        LP_CHECK(lp_ctx_copy(c, kc + pos0 * row, m->k, T * row));
-        LP_CHECK(lp_ctx_copy(c, vc + pos0 * row, m->v, T * row));
-        /* the prompt (nothing cached before it) takes the blocked fused kernel */
-        if (pos0 == 0) return lp_attention(c, m->z, m->q, m->k, m->v, 1, T, H, Hkv, dh);
-        return lp_attention_cached(c, m->z, m->q, kc, vc, 1, T, m->kv_cap, pos0, H, Hkv, dh);
-    }
-    if (ACTIVE(HK_SCORES, L) || ACTIVE(HK_PATTERN, L) || lp_grad_wanted(m, HK_SCORES, L) || lp_grad_wanted(m, HK_PATTERN, L)) {
-        LP_CHECK(lp_attn_scores(c, m->scores, m->q, m->k, B, T, H, Hkv, dh));
-        SITE(HK_SCORES, L, m->scores);
-        LP_CHECK(lp_softmax_rows(c, m->pattern, m->scores, (size_t)B * H * T, T));
-        SITE(HK_PATTERN, L, m->pattern);
-        return lp_attn_apply(c, m->z, m->pattern, m->v, B, T, H, Hkv, dh);
-    }
-    return lp_attention(c, m->z, m->q, m->k, m->v, B, T, H, Hkv, dh);
+    return lp_model_attend(m, L, B, T);
 }
 
 static lp_status forward(lp_model *m, int B, int T, int want) {
@@ -605,7 +574,7 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
     for (int L = 0; L < cf->n_layers && L <= last; L++) {
         SITE(HK_RESID_PRE, L, m->resid);
         TAPE(lp_tape_layer(m, L));
-        LP_CHECK(rms_norm(m, m->resid, LW(m, L, P_LN1), HK_LN1_SCALE, HK_LN1_NORM, L, N));
+        LP_CHECK(lp_model_norm(m, m->resid, LW(m, L, P_LN1), NULL, HK_LN1_SCALE, HK_LN1_NORM, L, N));
         LP_CHECK(lp_matmul(c, m->q, m->ln_out, LW(m, L, P_WQ), LW(m, L, P_BQ), N, D, qD, 1));
         LP_CHECK(lp_matmul(c, m->k, m->ln_out, LW(m, L, P_WK), LW(m, L, P_BK), N, D, kvD, 1));
         LP_CHECK(lp_matmul(c, m->v, m->ln_out, LW(m, L, P_WV), LW(m, L, P_BV), N, D, kvD, 1));
@@ -619,7 +588,7 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
         LP_CHECK(lp_add(c, m->resid, m->resid, m->attn_out, (size_t)N * D));
         SITE(HK_RESID_MID, L, m->resid);
         TAPE(lp_tape_mid(m, L));
-        LP_CHECK(rms_norm(m, m->resid, LW(m, L, P_LN2), HK_LN2_SCALE, HK_LN2_NORM, L, N));
+        LP_CHECK(lp_model_norm(m, m->resid, LW(m, L, P_LN2), NULL, HK_LN2_SCALE, HK_LN2_NORM, L, N));
         LP_CHECK(lp_matmul(c, m->mlp_pre, m->ln_out, LW(m, L, P_WG), NULL, N, D, F, 1));
         SITE(HK_MLP_PRE, L, m->mlp_pre);
         LP_CHECK(lp_matmul(c, m->mlp_lin, m->ln_out, LW(m, L, P_WU), NULL, N, D, F, 1));
@@ -633,30 +602,12 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
     }
     if (last < cf->n_layers) return LP_OK;
     TAPE(lp_tape_final(m));
-    LP_CHECK(rms_norm(m, m->resid, lp_param(m, p_lnf(m)), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
+    LP_CHECK(lp_model_norm(m, m->resid, lp_param(m, p_lnf(m)), NULL, HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
     if (!(want & (LP_WANT_LOSS | LP_WANT_LOGITS))) return LP_OK;
     return lp_model_unembed(m, N, want);
 }
 
 /* ---- backward ---- */
-
-/* RMSNorm backward from dy at the norm's output (hook_normalized's gradient dy * w when
- * wanted); dx is written. */
-static lp_status rms_bw(lp_model *m, bw_bufs *g, void *dx, void *dy, const void *x, const void *scale, const void *w, int k_scale, int k_norm,
-                      int L, int N) {
-    lp_ctx *c = &m->ctx;
-    int D = m->cfg.d_model;
-    if (lp_grad_wanted(m, k_scale, L)) { /* the scale as its own node */
-        LP_CHECK(lp_norm_scale_grad(c, g->dscale, dy, x, scale, w, N, D, 0));
-        GSITE(k_scale, L, g->dscale);
-    }
-    if (lp_grad_wanted(m, k_norm, L)) {
-        LP_CHECK(lp_affine(c, dy, dy, w, NULL, N, D));
-        GSITE(k_norm, L, dy);
-        return lp_rms_backward(c, dx, dy, x, scale, NULL, N, D);
-    }
-    return lp_rms_backward(c, dx, dy, x, scale, w, N, D);
-}
 
 /* the gradient of layer L's weight k (when wanted); weights are [out, in] */
 #define PGRAD(k, x, dy, K, M) LP_CHECK(lp_param_grad(m, p_layer(L, (k)), (x), (dy), N, (K), (M), 1))
@@ -669,7 +620,7 @@ lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
     size_t es = lp_act_size(m), ND = (size_t)N * D * es;
     if (top == cf->n_layers) {
         const tape_layer *t = &m->tape[cf->n_layers];
-        LP_CHECK(rms_bw(m, g, g->dresid, g->dln, t->resid_pre, t->ln1_scale, lp_param(m, p_lnf(m)), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
+        LP_CHECK(lp_norm_backward_site(m, g, g->dresid, g->dln, t->resid_pre, t->ln1_scale, lp_param(m, p_lnf(m)), HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
         top = cf->n_layers - 1;
     }
     for (int L = top; L >= 0; L--) {
@@ -689,7 +640,7 @@ lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         LP_CHECK(lp_bw_linear(c, g->dln, g->da, LW(m, L, P_WG), N, D, F, 1));
         LP_CHECK(lp_bw_linear(c, g->dtmp, g->db, LW(m, L, P_WU), N, D, F, 1));
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
-        LP_CHECK(rms_bw(m, g, g->dtmp, g->dln, t->resid_mid, t->ln2_scale, LW(m, L, P_LN2), HK_LN2_SCALE, HK_LN2_NORM, L, N));
+        LP_CHECK(lp_norm_backward_site(m, g, g->dtmp, g->dln, t->resid_mid, t->ln2_scale, LW(m, L, P_LN2), HK_LN2_SCALE, HK_LN2_NORM, L, N));
         LP_CHECK(lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D));
         GSITE(HK_RESID_MID, L, g->dresid);
         /* attention */
@@ -715,7 +666,7 @@ lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top) {
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
         LP_CHECK(lp_bw_linear(c, g->dtmp, g->dv, LW(m, L, P_WV), N, D, kvD, 1));
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
-        LP_CHECK(rms_bw(m, g, g->dtmp, g->dln, t->resid_pre, t->ln1_scale, LW(m, L, P_LN1), HK_LN1_SCALE, HK_LN1_NORM, L, N));
+        LP_CHECK(lp_norm_backward_site(m, g, g->dtmp, g->dln, t->resid_pre, t->ln1_scale, LW(m, L, P_LN1), HK_LN1_SCALE, HK_LN1_NORM, L, N));
         LP_CHECK(lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D));
         GSITE(HK_RESID_PRE, L, g->dresid);
     }

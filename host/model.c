@@ -356,3 +356,44 @@ lp_status lp_generate(lp_model *m, const int32_t *prompt, int n_prompt, const lp
     m->have_logits = 0;
     return st;
 }
+
+/* ---- forward pieces both architectures share ---- */
+
+lp_status lp_model_norm(lp_model *m, const void *x, const void *w, const void *b, int k_scale, int k_norm, int L, int N) {
+    lp_ctx *c = &m->ctx;
+    int D = m->cfg.d_model, rms = m->cfg.arch == LP_ARCH_LLAMA;
+    LP_CHECK(rms ? lp_rms_scale(c, m->ln_scale, x, N, D, m->cfg.ln_eps) : lp_ln_scale(c, m->ln_scale, x, N, D, m->cfg.ln_eps));
+    LP_CHECK(lp_hook_site(m, lp_hook_id(m, k_scale, L), m->ln_scale));
+    int id = lp_hook_id(m, k_norm, L);
+    if (lp_hook_active(m, id)) { /* materialise the normalized value only when someone hooks it */
+        LP_CHECK(rms ? lp_rms_apply(c, m->ln_norm, x, m->ln_scale, NULL, N, D) : lp_ln_apply(c, m->ln_norm, x, m->ln_scale, NULL, NULL, N, D));
+        LP_CHECK(lp_hook_site(m, id, m->ln_norm));
+        return lp_affine(c, m->ln_out, m->ln_norm, w, b, N, D);
+    }
+    return rms ? lp_rms_apply(c, m->ln_out, x, m->ln_scale, w, N, D) : lp_ln_apply(c, m->ln_out, x, m->ln_scale, w, b, N, D);
+}
+
+lp_status lp_model_attend(lp_model *m, int L, int B, int T) {
+    lp_ctx *c = &m->ctx;
+    const lp_config *cf = &m->cfg;
+    int H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head;
+    if (m->gen_pos0 >= 0) { /* batch 1: append this step's keys and values to the cache and attend over it */
+        int pos0 = m->gen_pos0;
+        size_t row = (size_t)Hkv * dh * lp_act_size(m), plane = (size_t)m->kv_cap * row;
+        char *kc = (char *)m->kv + 2 * (size_t)L * plane, *vc = kc + plane;
+        LP_CHECK(lp_ctx_copy(c, kc + pos0 * row, m->k, T * row));
+        LP_CHECK(lp_ctx_copy(c, vc + pos0 * row, m->v, T * row));
+        /* the prompt (nothing cached before it) takes the blocked fused kernel */
+        if (pos0 == 0) return lp_attention(c, m->z, m->q, m->k, m->v, 1, T, H, Hkv, dh);
+        return lp_attention_cached(c, m->z, m->q, kc, vc, 1, T, m->kv_cap, pos0, H, Hkv, dh);
+    }
+    int ks = lp_hook_id(m, HK_SCORES, L), kp = lp_hook_id(m, HK_PATTERN, L);
+    if (lp_hook_active(m, ks) || lp_hook_active(m, kp) || lp_grad_wanted(m, HK_SCORES, L) || lp_grad_wanted(m, HK_PATTERN, L)) {
+        LP_CHECK(lp_attn_scores(c, m->scores, m->q, m->k, B, T, H, Hkv, dh));
+        LP_CHECK(lp_hook_site(m, ks, m->scores));
+        LP_CHECK(lp_softmax_rows(c, m->pattern, m->scores, (size_t)B * H * T, T));
+        LP_CHECK(lp_hook_site(m, kp, m->pattern));
+        return lp_attn_apply(c, m->z, m->pattern, m->v, B, T, H, Hkv, dh);
+    }
+    return lp_attention(c, m->z, m->q, m->k, m->v, B, T, H, Hkv, dh);
+}

@@ -185,6 +185,17 @@ void lp_param_add(lp_model *m, const char *name, int64_t rows, int64_t cols, siz
 /* Sums the param table into m->n_params. */
 void lp_param_count(lp_model *m);
 
+/* The norm before a block (or the final one), into m->ln_out with its hook_scale and
+ * hook_normalized sites: LayerNorm with bias for GPT-2, RMSNorm for the Llama family. */
+lp_status lp_model_norm(lp_model *m, const void *x, const void *w, const void *b, int k_scale, int k_norm, int L, int N);
+/* z from m->q, m->k, m->v (rotated already) of layer L: the KV-cache step when generating,
+ * the three steps when a hook or gradient wants the scores or the pattern, else fused. */
+lp_status lp_model_attend(lp_model *m, int L, int B, int T);
+/* The backward of lp_model_norm from dy at its output (dy may be overwritten), with the
+ * hook_scale and hook_normalized gradient sites; dx is written. */
+lp_status lp_norm_backward_site(lp_model *m, bw_bufs *g, void *dx, void *dy, const void *x, const void *scale, const void *w,
+                                int k_scale, int k_norm, int L, int N);
+
 /* The end of every forward: logits of m->ln_out [N, D] through the unembedding, in row
  * chunks, with per-token losses and/or logits copied to the host as `want` says. */
 lp_status lp_model_unembed(lp_model *m, int N, int want);
