@@ -10,9 +10,12 @@ transformers), runs it in float64 on the CPU with the float32 islands of transfo
 
   OUTDIR/reference.safetensors   for each prompt i (0..3):
       p{i}.tokens          I32 [1,T]   ids from the GGUF vocabulary (no BOS: the GGUF says add_bos_token false)
-      p{i}.logit_pos       I32 [3]     positions whose logits are stored: 0, T//2, T-1
-      p{i}.logits          F32 [3,V]   full-vocabulary logits at those positions
-      p{i}.logit_margin    F32 [3]     top-1 minus top-2 logit there (float64)
+      p{i}.logit_pos       I32 [1]     the position whose logits are stored: T-1 (every position's
+                                       final-norm output is among the hooks, so the logits of the
+                                       others follow from the same unembedding; full rows are
+                                       192 KiB each and the fixture stays under 2 MiB)
+      p{i}.logits          F32 [1,V]   full-vocabulary logits at that position
+      p{i}.logit_margin    F32 [1]     top-1 minus top-2 logit there (float64)
       p{i}.<hook>          F32 [1,T,...] for every hook in HOOKS, all positions
     and for the prompts in GREEDY:
       p{i}.greedy.tokens   I32 [20]    greedy (argmax) continuation, float64, recomputed from scratch each step
@@ -65,6 +68,7 @@ HOOKS = [
     "blocks.3.ln1.hook_scale",
     "blocks.3.ln1.hook_normalized",
     "ln_final.hook_scale",
+    "ln_final.hook_normalized",
 ]
 
 
@@ -195,7 +199,7 @@ def main():
             T = len(ids)
             tokens = torch.tensor([ids], dtype=torch.int32)
             ref, logits = reference_hooks(m64, tokens, keep=set(HOOKS))
-            pos = [0, T // 2, T - 1]
+            pos = [T - 1]
             lg = logits[0, pos]
             tensors[f"p{i}.tokens"] = tokens
             tensors[f"p{i}.logit_pos"] = torch.tensor(pos, dtype=torch.int32)
