@@ -39,27 +39,31 @@ __device__ __forceinline__ row_idx decode_row(long long row, int T_, int H, bool
 }
 
 // ---- fused: z = softmax(q k^T / sqrt(dh), causal) v ----
+// Also attention against a KV cache (lp_cuda_attention_cached): q holds Tq queries at
+// positions pos0 .. pos0+Tq-1, k and v are caches of Tcap positions, and query i reads keys
+// 0 .. pos0+i. The plain fused case is Tq = Tcap = T, pos0 = 0. A row's arithmetic does not
+// depend on Tq or on the launch, so decoding token by token reproduces a full pass bit for bit.
 template <typename T, int DPL>
 __global__ void
-attention_kernel(T *z, const T *q, const T *k, const T *v, int B, int T_, int H, int Hkv, int dh,
-                 float scale) {
+attention_kernel(T *z, const T *q, const T *k, const T *v, int B, int Tq, int Tcap, int pos0, int H, int Hkv,
+                 int dh, float scale) {
     extern __shared__ float smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *qs = smem + warp * dh;
-    const long long rows = (long long)B * H * T_;
+    const long long rows = (long long)B * H * Tq;
     const int group = H / Hkv;
     const size_t kv_stride = (size_t)Hkv * dh; // between consecutive keys
 
     for (long long row = (long long)blockIdx.x * kWarps + warp; row < rows;
          row += (long long)gridDim.x * kWarps) {
-        const row_idx r = decode_row(row, T_, H, true);
-        const int tq = r.t;
-        const size_t qoff = (((size_t)r.b * T_ + tq) * H + r.h) * dh;
+        const row_idx r = decode_row(row, Tq, H, true);
+        const int tq = pos0 + r.t; // the last key this query sees
+        const size_t qoff = (((size_t)r.b * Tq + r.t) * H + r.h) * dh;
         __syncwarp(); // the previous row's readers of qs are done
         for (int d = lane; d < dh; d += 32) qs[d] = lp_to_f(q[qoff + d]);
         __syncwarp();
 
-        const size_t kv0 = ((size_t)r.b * T_ * Hkv + r.h / group) * dh; // key 0 of this kv head
+        const size_t kv0 = ((size_t)r.b * Tcap * Hkv + r.h / group) * dh; // key 0 of this kv head
         const T *kb = k + kv0;
         const T *vb = v + kv0;
         float m = -INFINITY, l = 0.0f, acc[DPL];
@@ -210,11 +214,11 @@ static unsigned row_grid(long long rows) {
 
 template <typename T, int DPL>
 static lp_status attention_launch(lp_ctx *c, void *z, const void *q, const void *k, const void *v,
-                                  int B, int T_, int H, int Hkv, int dh) {
-    const long long rows = (long long)B * H * T_;
+                                  int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh) {
+    const long long rows = (long long)B * H * Tq;
     const size_t smem = (size_t)kWarps * dh * sizeof(float);
     attention_kernel<T, DPL><<<row_grid(rows), kWarps * 32, smem, lp_stream(c)>>>(
-        (T *)z, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh,
+        (T *)z, (const T *)q, (const T *)k, (const T *)v, B, Tq, Tcap, pos0, H, Hkv, dh,
         1.0f / sqrtf((float)dh));
     LP_LAUNCH_CHECK("attention_kernel");
     return LP_OK;
@@ -222,11 +226,13 @@ static lp_status attention_launch(lp_ctx *c, void *z, const void *q, const void 
 
 template <typename T>
 static lp_status attention_dispatch(lp_ctx *c, void *z, const void *q, const void *k,
-                                    const void *v, int B, int T_, int H, int Hkv, int dh) {
-    if (dh <= 32) return attention_launch<T, 1>(c, z, q, k, v, B, T_, H, Hkv, dh);
-    if (dh <= 64) return attention_launch<T, 2>(c, z, q, k, v, B, T_, H, Hkv, dh);
-    if (dh <= 128) return attention_launch<T, 4>(c, z, q, k, v, B, T_, H, Hkv, dh);
-    return attention_launch<T, 8>(c, z, q, k, v, B, T_, H, Hkv, dh);
+                                    const void *v, int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh) {
+#define LAUNCH(DPL) attention_launch<T, DPL>(c, z, q, k, v, B, Tq, Tcap, pos0, H, Hkv, dh)
+    if (dh <= 32) return LAUNCH(1);
+    if (dh <= 64) return LAUNCH(2);
+    if (dh <= 128) return LAUNCH(4);
+    return LAUNCH(8);
+#undef LAUNCH
 }
 
 template <typename T>
@@ -284,8 +290,25 @@ lp_status lp_cuda_attention(lp_ctx *c, void *z, const void *q, const void *k, co
     LP_CHECK(check_attn_shape("lp_cuda_attention", B, T, H, Hkv, dh));
     if ((long long)B * T == 0) return LP_OK;
     LP_CUDA_REQUIRE(z && q && k && v, "lp_cuda_attention: NULL buffer");
-    return c->dtype == LP_BF16 ? attention_dispatch<__nv_bfloat16>(c, z, q, k, v, B, T, H, Hkv, dh)
-                               : attention_dispatch<float>(c, z, q, k, v, B, T, H, Hkv, dh);
+    return c->dtype == LP_BF16 ? attention_dispatch<__nv_bfloat16>(c, z, q, k, v, B, T, T, 0, H, Hkv, dh)
+                               : attention_dispatch<float>(c, z, q, k, v, B, T, T, 0, H, Hkv, dh);
+}
+
+lp_status lp_cuda_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
+                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh) {
+    const char *op = "lp_cuda_attention_cached";
+    LP_CUDA_REQUIRE_CTX(c, op);
+    LP_CUDA_REQUIRE(B >= 0 && Tq >= 0 && Tcap >= 0 && pos0 >= 0,
+                    "%s: negative size B=%d Tq=%d Tcap=%d pos0=%d", op, B, Tq, Tcap, pos0);
+    LP_CUDA_REQUIRE((long long)pos0 + Tq <= Tcap, "%s: positions %d .. %lld do not fit a cache of %d",
+                    op, pos0, (long long)pos0 + Tq - 1, Tcap);
+    LP_CUDA_REQUIRE(H >= 1 && Hkv >= 1 && H % Hkv == 0,
+                    "%s: H=%d must be a positive multiple of Hkv=%d", op, H, Hkv);
+    LP_CUDA_REQUIRE(dh >= 1 && dh <= kMaxDh, "%s: head dim %d outside 1..%d", op, dh, kMaxDh);
+    if ((long long)B * Tq == 0) return LP_OK;
+    LP_CUDA_REQUIRE(z && q && kc && vc, "%s: NULL buffer", op);
+    return c->dtype == LP_BF16 ? attention_dispatch<__nv_bfloat16>(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh)
+                               : attention_dispatch<float>(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh);
 }
 
 lp_status lp_cuda_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,

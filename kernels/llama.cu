@@ -1,23 +1,16 @@
 // llama.cu: the Llama-family ops of ops.h: RMSNorm as TransformerLens splits it
 // (lp_cuda_rms_scale writes scale[n] = sqrt(mean(x^2) + eps), hook_scale; lp_cuda_rms_apply
 // writes x / scale [* w], hook_normalized then the weight), rotary position embedding in
-// the rotate-half form, the SwiGLU product silu(gate) * up, and attention against a KV
-// cache for generation. The CPU twins are in host/cpu/llama.c.
+// the rotate-half form and the SwiGLU product silu(gate) * up. (Attention against a KV
+// cache is the fused kernel of attention.cu.) The CPU twins are in host/cpu/llama.c.
 //
 // All math is fp32 with one rounding on the store; activations are float or bf16 (c->dtype),
 // the RoPE tables are always F32. RMSNorm needs no shifted sum (unlike LayerNorm): there is
 // no mean to subtract, so summing x^2 loses nothing to cancellation.
 //
-// lp_cuda_attention_cached is the fused kernel of attention.cu (one warp per (b, head,
-// query) row, online softmax over chunks of 32 keys, dh <= 256) with the query's absolute
-// position pos0 + i deciding how many cached keys it reads and the caches strided by Tcap.
-// A row's arithmetic does not depend on Tq or on which launch it is in, so decoding token
-// by token gives bit for bit the rows of one pass over the whole prompt.
 #include "common.cuh"
 
 static const unsigned kBlock = 256;  // element-wise kernels
-static const int kCachedWarps = 4;   // rows (warps) per block of the cached attention
-static const int kCachedMaxDh = 256; // 8 values per lane
 
 // ---- RMSNorm ----
 
@@ -86,82 +79,6 @@ __global__ void silu_mul_kernel(T *out, const T *gate, const T *up, size_t n) {
     }
 }
 
-// ---- attention against a KV cache ----
-
-// q.k over dh with q in shared memory (broadcast) and k a row of the cache.
-template <typename T>
-__device__ __forceinline__ float cached_dot_qk(const float *qs, const T *kr, int dh) {
-    float s = 0.0f;
-    for (int d = 0; d < dh; d++) s = fmaf(qs[d], lp_to_f(kr[d]), s);
-    return s;
-}
-
-// z[b,i,h,:] = softmax_j(q[b,i,h,:] . kc[b,j,h/group,:] / sqrt(dh)) vc[b,j,h/group,:] over
-// j = 0 .. pos0 + i. Rows run query-last-first so the longest start first.
-template <typename T, int DPL>
-__global__ void
-attention_cached_kernel(T *z, const T *q, const T *kc, const T *vc, int B, int Tq, int Tcap,
-                        int pos0, int H, int Hkv, int dh, float scale) {
-    extern __shared__ float smem[];
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float *qs = smem + warp * dh;
-    const long long rows = (long long)B * H * Tq;
-    const int group = H / Hkv;
-    const size_t kv_stride = (size_t)Hkv * dh; // between consecutive cached positions
-
-    for (long long row = (long long)blockIdx.x * kCachedWarps + warp; row < rows;
-         row += (long long)gridDim.x * kCachedWarps) {
-        const int i = Tq - 1 - (int)(row % Tq);
-        const long long bh = row / Tq;
-        const int h = (int)(bh % H), b = (int)(bh / H);
-        const int last = pos0 + i; // the last key this query sees
-        const size_t qoff = (((size_t)b * Tq + i) * H + h) * dh;
-        __syncwarp(); // the previous row's readers of qs are done
-        for (int d = lane; d < dh; d += 32) qs[d] = lp_to_f(q[qoff + d]);
-        __syncwarp();
-
-        const size_t kv0 = ((size_t)b * Tcap * Hkv + h / group) * dh; // position 0 of this kv head
-        const T *kb = kc + kv0;
-        const T *vb = vc + kv0;
-        float m = -INFINITY, l = 0.0f, acc[DPL];
-#pragma unroll
-        for (int k = 0; k < DPL; k++) acc[k] = 0.0f;
-
-        for (int j0 = 0; j0 <= last; j0 += 32) {
-            const int j = j0 + lane;
-            const bool live = j <= last; // positions after `last` may hold anything: never read
-            const float s = live ? cached_dot_qk(qs, kb + (size_t)j * kv_stride, dh) * scale
-                                 : -INFINITY;
-            // Lane 0's key is always live, so m_new is finite; on the first chunk m = -inf
-            // and corr = exp(-inf) = 0.
-            const float m_new = fmaxf(m, lp_warp_max(s));
-            const float corr = expf(m - m_new);
-            const float p = live ? expf(s - m_new) : 0.0f;
-            l = l * corr + lp_warp_sum(p);
-#pragma unroll
-            for (int k = 0; k < DPL; k++) acc[k] *= corr;
-            const int cnt = min(32, last - j0 + 1); // the same in every lane
-#pragma unroll 4
-            for (int jj = 0; jj < cnt; jj++) {
-                const float pj = __shfl_sync(LP_FULL_MASK, p, jj);
-                const T *vr = vb + (size_t)(j0 + jj) * kv_stride;
-#pragma unroll
-                for (int k = 0; k < DPL; k++) {
-                    const int d = lane + 32 * k;
-                    if (d < dh) acc[k] = fmaf(pj, lp_to_f(vr[d]), acc[k]);
-                }
-            }
-            m = m_new;
-        }
-        const float inv = 1.0f / l; // l >= 1: the max key contributes exp(0)
-#pragma unroll
-        for (int k = 0; k < DPL; k++) {
-            const int d = lane + 32 * k;
-            if (d < dh) z[qoff + d] = lp_from_f<T>(acc[k] * inv);
-        }
-    }
-}
-
 // ---- launchers ----
 
 template <typename T>
@@ -200,40 +117,7 @@ static lp_status silu_mul_launch(lp_ctx *c, void *out, const void *gate, const v
     return LP_OK;
 }
 
-// Blocks for `rows` warp-rows; the kernel loops if the grid had to be capped.
-static unsigned cached_row_grid(long long rows) {
-    long long g = (rows + kCachedWarps - 1) / kCachedWarps;
-    if (g < 1) g = 1;
-    if (g > 0x7fffffffLL) g = 0x7fffffffLL;
-    return (unsigned)g;
-}
 
-template <typename T, int DPL>
-static lp_status attention_cached_launch(lp_ctx *c, void *z, const void *q, const void *kc,
-                                         const void *vc, int B, int Tq, int Tcap, int pos0, int H,
-                                         int Hkv, int dh) {
-    const long long rows = (long long)B * H * Tq;
-    const size_t smem = (size_t)kCachedWarps * dh * sizeof(float);
-    attention_cached_kernel<T, DPL><<<cached_row_grid(rows), kCachedWarps * 32, smem,
-                                      lp_stream(c)>>>(
-        (T *)z, (const T *)q, (const T *)kc, (const T *)vc, B, Tq, Tcap, pos0, H, Hkv, dh,
-        1.0f / sqrtf((float)dh));
-    LP_LAUNCH_CHECK("attention_cached_kernel");
-    return LP_OK;
-}
-
-template <typename T>
-static lp_status attention_cached_dispatch(lp_ctx *c, void *z, const void *q, const void *kc,
-                                           const void *vc, int B, int Tq, int Tcap, int pos0,
-                                           int H, int Hkv, int dh) {
-#define LP_CACHED_LAUNCH(DPL) \
-    attention_cached_launch<T, DPL>(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh)
-    if (dh <= 32) return LP_CACHED_LAUNCH(1);
-    if (dh <= 64) return LP_CACHED_LAUNCH(2);
-    if (dh <= 128) return LP_CACHED_LAUNCH(4);
-    return LP_CACHED_LAUNCH(8);
-#undef LP_CACHED_LAUNCH
-}
 
 // ---- entry points ----
 
@@ -279,22 +163,4 @@ lp_status lp_cuda_silu_mul(lp_ctx *c, void *out, const void *gate, const void *u
                                : silu_mul_launch<float>(c, out, gate, up, n);
 }
 
-lp_status lp_cuda_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
-                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh) {
-    const char *op = "lp_cuda_attention_cached";
-    LP_CUDA_REQUIRE_CTX(c, op);
-    LP_CUDA_REQUIRE(B >= 0 && Tq >= 0 && Tcap >= 0 && pos0 >= 0,
-                    "%s: negative size B=%d Tq=%d Tcap=%d pos0=%d", op, B, Tq, Tcap, pos0);
-    LP_CUDA_REQUIRE((long long)pos0 + Tq <= Tcap, "%s: positions %d .. %lld do not fit a cache of %d",
-                    op, pos0, (long long)pos0 + Tq - 1, Tcap);
-    LP_CUDA_REQUIRE(H >= 1 && Hkv >= 1 && H % Hkv == 0,
-                    "%s: H=%d must be a positive multiple of Hkv=%d", op, H, Hkv);
-    LP_CUDA_REQUIRE(dh >= 1 && dh <= kCachedMaxDh, "%s: head dim %d outside 1..%d", op, dh,
-                    kCachedMaxDh);
-    if ((long long)B * Tq == 0) return LP_OK;
-    LP_CUDA_REQUIRE(z && q && kc && vc, "%s: NULL buffer", op);
-    if (c->dtype == LP_BF16)
-        return attention_cached_dispatch<__nv_bfloat16>(c, z, q, kc, vc, B, Tq, Tcap, pos0, H,
-                                                        Hkv, dh);
-    return attention_cached_dispatch<float>(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh);
-}
+
