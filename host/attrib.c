@@ -73,116 +73,117 @@ static lp_status grab(lp_model *m, int k, int L, float **out, size_t *n) {
     lp_tensor t;
     LP_CHECK(lp_capture_get(m, name, &t));
     *n = (size_t)lp_shape_numel(t.shape, t.ndim);
-    *out = malloc(*n * sizeof(float));
-    if (!*out) LP_FAIL(LP_ERR_OOM, "out of memory");
-    return lp_convert_host(*out, LP_F32, t.data, t.dtype, *n);
+    if (!(*out = malloc(*n * sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory");
+    return lp_capture_read_f32(m, name, *out, *n);
 }
 
-/* Node sums of diff * grad for row b of a [B, ...] hook tensor into scores (layer L). */
-static void node_sums(int k, int L, int b, int B, int T, const float *diff, const float *grad, size_t numel, lp_node_scores *s) {
-    size_t per_row = numel / B;
-    const float *d = diff + b * per_row, *g = grad + b * per_row;
-    if (k == LP_NODE_PATTERN) { /* [H, T, T] per row */
-        int64_t H = s->shape[1];
-        size_t per_head_n = per_row / H;
-        for (int64_t h = 0; h < H; h++) {
-            double acc = 0;
-            for (size_t i = 0; i < per_head_n; i++) acc += (double)d[h * per_head_n + i] * g[h * per_head_n + i];
-            s->v[L * H + h] = (float)acc;
-        }
-        return;
+/* The gradient (F32 copy) of kind k at layer L from the last lp_model_grad. */
+static lp_status grab_grad(lp_model *m, int k, int L, float **out, size_t n) {
+    char name[128];
+    snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
+    lp_tensor g;
+    LP_CHECK(lp_grad_get(m, name, &g));
+    if (!(*out = malloc(n * sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory");
+    memcpy(*out, g.data, n * sizeof(float));
+    return LP_OK;
+}
+
+/* Node sums of (clean - corrupted) * grad for row b of [B, ...] hook tensors into scores
+ * (layer L). */
+static void node_sums(int k, int L, int b, int B, int T, const float *clean, const float *corr, const float *grad, size_t numel,
+                      lp_node_scores *s) {
+    size_t per_row = numel / B, o0 = b * per_row;
+    const float *c = clean + o0, *x = corr + o0, *g = grad + o0;
+    int64_t groups = k == LP_NODE_PATTERN ? s->shape[1] : (int64_t)T * (s->ndim == 3 ? s->shape[2] : 1);
+    size_t per = per_row / groups; /* a head's [T,T] pattern, or a (position, head)'s values */
+    float *out = s->v + (size_t)L * groups;
+    for (int64_t j = 0; j < groups; j++) {
+        double acc = 0;
+        for (size_t i = j * per; i < (j + 1) * per; i++) acc += ((double)c[i] - x[i]) * g[i];
+        out[j] = (float)acc;
     }
-    int64_t H = s->ndim == 3 ? s->shape[2] : 1;
-    size_t per_node = per_row / ((size_t)T * H);
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t h = 0; h < H; h++) {
-            double acc = 0;
-            size_t o = ((size_t)t * H + h) * per_node;
-            for (size_t i = 0; i < per_node; i++) acc += (double)d[o + i] * g[o + i];
-            s->v[((size_t)L * T + t) * H + h] = (float)acc;
+}
+
+/* Per (kind, layer) host copies of one run. */
+typedef struct grid { float **v; size_t *n; int nL; } grid;
+
+static lp_status grid_new(grid *g, int nL) {
+    g->nL = nL;
+    g->v = calloc((size_t)LP_NODE_KINDS * nL, sizeof(float *));
+    g->n = calloc((size_t)LP_NODE_KINDS * nL, sizeof(size_t));
+    if (!g->v || !g->n) LP_FAIL(LP_ERR_OOM, "out of memory");
+    return LP_OK;
+}
+
+static void grid_free(grid *g) {
+    for (int i = 0; g->v && i < LP_NODE_KINDS * g->nL; i++) free(g->v[i]);
+    free(g->v), free(g->n);
+}
+
+/* The captured activations of the grid, and optionally their gradients. */
+static lp_status grid_grab(lp_model *m, const lp_attrib_opts *o, grid *act, grid *grad) {
+    int nL = act->nL;
+    for (int k = 0; k < LP_NODE_KINDS; k++)
+        for (int L = 0; wanted(o, k) && L < nL; L++) {
+            int i = k * nL + L;
+            LP_CHECK(grab(m, k, L, &act->v[i], &act->n[i]));
+            if (grad) {
+                LP_CHECK(grab_grad(m, k, L, &grad->v[i], act->n[i]));
+                grad->n[i] = act->n[i];
+            }
         }
+    return LP_OK;
 }
 
 lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrupted, int B, int T, const lp_metric *mt,
                         const lp_attrib_opts *o, lp_pair_result *res) {
     const lp_config *cf = lp_model_config(m);
-    int nL = cf->n_layers;
+    int nL = cf->n_layers, ig = o->ig_steps > 0, at_clean = o->grad_at_clean && !ig;
+    size_t ne = (size_t)B * T * cf->d_model;
     char list[1024];
+    grid ac = {0}, ax = {0}, gr = {0};
     double *mc = malloc(B * sizeof(double)), *mx = malloc(B * sizeof(double));
-    float **act_clean = calloc((size_t)LP_NODE_KINDS * nL, sizeof(float *));
-    size_t *nn = calloc((size_t)LP_NODE_KINDS * nL, sizeof(size_t));
-    lp_status st = mc && mx && act_clean && nn ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    float *emb_c = ig ? malloc(ne * sizeof(float)) : NULL, *emb_x = ig ? malloc(ne * sizeof(float)) : NULL;
     for (int b = 0; b < B; b++) memset(&res[b], 0, sizeof res[b]);
+    lp_status st = mc && mx && (!ig || (emb_c && emb_x)) ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (st == LP_OK) st = grid_new(&ac, nL);
+    if (st == LP_OK) st = grid_new(&ax, nL);
+    if (st == LP_OK) st = grid_new(&gr, nL);
+    /* one clean and one corrupted run capture the grid (and, for integrated gradients, the
+     * input embeddings); the gradient comes from whichever run it is taken at */
     lp_hooks_clear(m);
     if (st == LP_OK) st = capture_grid(m, o, list, sizeof list);
-    /* the clean run: activations (and, for grad_at_clean, gradients) */
-    if (st == LP_OK) st = o->grad_at_clean ? lp_model_grad(m, clean, B, T, mt, list, mc) : lp_model_metric(m, clean, B, T, mt, mc);
-    float **grad_clean = o->grad_at_clean ? calloc((size_t)LP_NODE_KINDS * nL, sizeof(float *)) : NULL;
-    for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
-        for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) {
-            st = grab(m, k, L, &act_clean[k * nL + L], &nn[k * nL + L]);
-            if (st == LP_OK && grad_clean) {
-                char name[128];
-                lp_tensor g;
-                snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
-                st = lp_grad_get(m, name, &g);
-                if (st == LP_OK && (grad_clean[k * nL + L] = malloc(nn[k * nL + L] * sizeof(float))))
-                    memcpy(grad_clean[k * nL + L], g.data, nn[k * nL + L] * sizeof(float));
-            }
-        }
-    /* the corrupted run: activations and gradients; integrated gradients average over the path */
-    float **gsum = calloc((size_t)LP_NODE_KINDS * nL, sizeof(float *));
-    float **act_corr = calloc((size_t)LP_NODE_KINDS * nL, sizeof(float *));
-    int steps = o->ig_steps > 0 ? o->ig_steps : 1;
-    float *emb_c = NULL, *emb_x = NULL, *emb = NULL;
-    if (st == LP_OK && o->ig_steps > 0) { /* the input embeddings of both runs */
-        lp_hooks_clear(m);
-        size_t ne = (size_t)B * T * cf->d_model;
-        emb_c = malloc(ne * sizeof(float)), emb_x = malloc(ne * sizeof(float)), emb = malloc(ne * sizeof(float));
-        if (!emb_c || !emb_x || !emb) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
-        if (st == LP_OK) st = lp_hook_capture(m, "hook_embed", NULL, 0, NULL);
-        if (st == LP_OK) st = lp_model_forward(m, clean, B, T, 0);
-        if (st == LP_OK) st = lp_capture_read_f32(m, "hook_embed", emb_c, ne);
-        if (st == LP_OK) st = lp_model_forward(m, corrupted, B, T, 0);
-        if (st == LP_OK) st = lp_capture_read_f32(m, "hook_embed", emb_x, ne);
-        lp_hooks_clear(m);
-        if (st == LP_OK) st = capture_grid(m, o, list, sizeof list);
-    }
-    if (st == LP_OK && o->ig_steps <= 0) { /* one corrupted run: its activations and (unless at clean) its gradients */
-        st = o->grad_at_clean ? lp_model_metric(m, corrupted, B, T, mt, mx) : lp_model_grad(m, corrupted, B, T, mt, list, mx);
-        for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
-            for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) {
-                size_t n = nn[k * nL + L];
-                st = grab(m, k, L, &act_corr[k * nL + L], &n);
-                if (st != LP_OK || o->grad_at_clean) continue;
-                char name[128];
-                lp_tensor g;
-                snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
-                st = lp_grad_get(m, name, &g);
-                if (st == LP_OK && !(gsum[k * nL + L] = malloc(n * sizeof(float)))) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
-                if (st == LP_OK) memcpy(gsum[k * nL + L], g.data, n * sizeof(float));
-            }
-    }
+    if (st == LP_OK && ig) st = lp_hook_capture(m, "hook_embed", NULL, 0, NULL);
+    if (st == LP_OK) st = at_clean ? lp_model_grad(m, clean, B, T, mt, list, mc) : lp_model_metric(m, clean, B, T, mt, mc);
+    if (st == LP_OK) st = grid_grab(m, o, &ac, at_clean ? &gr : NULL);
+    if (st == LP_OK && ig) st = lp_capture_read_f32(m, "hook_embed", emb_c, ne);
+    if (st == LP_OK) st = at_clean || ig ? lp_model_metric(m, corrupted, B, T, mt, mx) : lp_model_grad(m, corrupted, B, T, mt, list, mx);
+    if (st == LP_OK) st = grid_grab(m, o, &ax, at_clean || ig ? NULL : &gr);
+    if (st == LP_OK && ig) st = lp_capture_read_f32(m, "hook_embed", emb_x, ne);
     /* integrated gradients: the corrupted prompt with its embedding moved alpha of the way to
      * the clean one, alpha at the midpoints of `steps` intervals, ig_batch steps per forward
      * (their B rows each side by side); the gradients averaged */
-    int per = o->ig_batch > 0 ? o->ig_batch : steps;
-    if (per > steps) per = steps;
-    size_t ne1 = (size_t)B * T * cf->d_model;
+    int steps = o->ig_steps, per = o->ig_batch > 0 && o->ig_batch < steps ? o->ig_batch : steps;
     int32_t *rows = NULL, *rans = NULL, *rwr = NULL, *rpos = NULL;
     double *rmet = NULL;
-    if (st == LP_OK && o->ig_steps > 0) {
+    float *emb = NULL;
+    if (st == LP_OK && ig) {
         rows = malloc((size_t)per * B * T * sizeof(int32_t)), rmet = malloc((size_t)per * B * sizeof(double));
-        rans = malloc((size_t)per * B * sizeof(int32_t)), rwr = malloc((size_t)per * B * sizeof(int32_t)), rpos = malloc((size_t)per * B * sizeof(int32_t));
-        float *big = realloc(emb, (size_t)per * ne1 * sizeof(float));
-        if (big) emb = big;
-        if (!rows || !rmet || !rans || !rwr || !rpos || !big) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        rans = malloc((size_t)per * B * sizeof(int32_t)), rwr = malloc((size_t)per * B * sizeof(int32_t));
+        rpos = malloc((size_t)per * B * sizeof(int32_t)), emb = malloc((size_t)per * ne * sizeof(float));
+        if (!rows || !rmet || !rans || !rwr || !rpos || !emb) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
+            for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) {
+                int i = k * nL + L;
+                gr.n[i] = ax.n[i];
+                if (!(gr.v[i] = calloc(gr.n[i], sizeof(float)))) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+            }
     }
-    for (int s0 = 0; st == LP_OK && o->ig_steps > 0 && s0 < steps; s0 += per) {
-        int sc = steps - s0 < per ? steps - s0 : per, R = sc * B;
+    for (int s0 = 0; st == LP_OK && ig && s0 < steps; s0 += per) {
+        int sc = steps - s0 < per ? steps - s0 : per;
         for (int j = 0; j < sc; j++) {
             double alpha = (s0 + j + 0.5) / steps;
-            for (size_t i = 0; i < ne1; i++) emb[(size_t)j * ne1 + i] = (float)(emb_x[i] + alpha * (emb_c[i] - emb_x[i]));
+            for (size_t i = 0; i < ne; i++) emb[(size_t)j * ne + i] = (float)(emb_x[i] + alpha * (emb_c[i] - emb_x[i]));
             memcpy(rows + (size_t)j * B * T, corrupted, (size_t)B * T * sizeof(int32_t));
             for (int b = 0; b < B; b++) {
                 rans[j * B + b] = mt->answer ? mt->answer[b] : 0, rwr[j * B + b] = mt->wrong ? mt->wrong[b] : 0;
@@ -192,30 +193,21 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
         lp_metric rm = *mt;
         rm.answer = mt->answer ? rans : NULL, rm.wrong = mt->wrong ? rwr : NULL, rm.pos = rpos;
         lp_hooks_clear(m);
-        lp_edit_spec e = {.kind = LP_EDIT_PATCH, .src = emb, .src_len = (size_t)sc * ne1};
+        lp_edit_spec e = {.kind = LP_EDIT_PATCH, .src = emb, .src_len = (size_t)sc * ne};
         st = lp_hook_edit(m, "hook_embed", &e);
-        if (st == LP_OK) st = lp_model_grad(m, rows, R, T, &rm, list, rmet);
+        if (st == LP_OK) st = lp_model_grad(m, rows, sc * B, T, &rm, list, rmet);
         for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
             for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) {
-                size_t n = nn[k * nL + L]; /* B rows */
+                int i = k * nL + L;
                 char name[128];
                 lp_tensor g;
                 snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
                 st = lp_grad_get(m, name, &g);
-                if (st == LP_OK && !gsum[k * nL + L] && !(gsum[k * nL + L] = calloc(n, sizeof(float))))
-                    st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
                 for (int j = 0; st == LP_OK && j < sc; j++) /* step j's B rows sit at rows j*B .. j*B+B-1 */
-                    for (size_t i = 0; i < n; i++) gsum[k * nL + L][i] += ((const float *)g.data)[(size_t)j * n + i] / steps;
+                    for (size_t q = 0; q < gr.n[i]; q++) gr.v[i][q] += ((const float *)g.data)[(size_t)j * gr.n[i] + q] / steps;
             }
     }
-    free(rows), free(rmet), free(rans), free(rwr), free(rpos);
-    if (st == LP_OK && o->ig_steps > 0) { /* the corrupted activations themselves, without the embedding moved */
-        lp_hooks_clear(m);
-        st = capture_grid(m, o, list, sizeof list);
-        if (st == LP_OK) st = lp_model_metric(m, corrupted, B, T, mt, mx);
-        for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
-            for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) st = grab(m, k, L, &act_corr[k * nL + L], &nn[k * nL + L]);
-    }
+    free(rows), free(rmet), free(rans), free(rwr), free(rpos), free(emb), free(emb_c), free(emb_x);
     /* scores: sum over each node of (clean - corrupted) * gradient */
     for (int b = 0; st == LP_OK && b < B; b++) {
         res[b].metric_clean = mc[b], res[b].metric_corrupted = mx[b];
@@ -223,28 +215,18 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
             if (!wanted(o, k)) continue;
             lp_node_scores *s = &res[b].s[k];
             node_shape(m, k, T, s);
-            if (!(s->v = calloc(node_count(s), sizeof(float)))) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
-            for (int L = 0; st == LP_OK && L < nL; L++) {
-                size_t n = nn[k * nL + L];
-                float *diff = malloc(n * sizeof(float));
-                if (!diff) {
-                    st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
-                    break;
-                }
-                for (size_t i = 0; i < n; i++) diff[i] = act_clean[k * nL + L][i] - act_corr[k * nL + L][i];
-                node_sums(k, L, b, B, T, diff, grad_clean && o->ig_steps <= 0 ? grad_clean[k * nL + L] : gsum[k * nL + L], n, s);
-                free(diff);
+            if (!(s->v = calloc(node_count(s), sizeof(float)))) {
+                st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+                break;
+            }
+            for (int L = 0; L < nL; L++) {
+                int i = k * nL + L;
+                node_sums(k, L, b, B, T, ac.v[i], ax.v[i], gr.v[i], ax.n[i], s);
             }
         }
     }
-    for (int i = 0; i < LP_NODE_KINDS * nL; i++) {
-        if (act_clean) free(act_clean[i]);
-        if (act_corr) free(act_corr[i]);
-        if (gsum) free(gsum[i]);
-        if (grad_clean) free(grad_clean[i]);
-    }
-    free(act_clean), free(act_corr), free(gsum), free(grad_clean), free(nn), free(mc), free(mx);
-    free(emb_c), free(emb_x), free(emb);
+    grid_free(&ac), grid_free(&ax), grid_free(&gr);
+    free(mc), free(mx);
     lp_hooks_clear(m);
     if (st != LP_OK)
         for (int b = 0; b < B; b++) lp_pair_result_free(&res[b]);

@@ -39,8 +39,11 @@ static lp_status grad_state_get(lp_model *m, struct grad_state **out) {
         g->inject_id = -1;
         g->pwant = calloc(m->n_params_t, 1);
         g->phost = calloc(m->n_params_t, sizeof *g->phost);
+        if (!g->want || !g->host || !g->cap || !g->pwant || !g->phost) {
+            free(g->want), free(g->host), free(g->cap), free(g->pwant), free(g->phost), free(g);
+            LP_FAIL(LP_ERR_OOM, "out of memory");
+        }
         m->grad = g;
-        if (!g->want || !g->host || !g->cap || !g->pwant || !g->phost) LP_FAIL(LP_ERR_OOM, "out of memory");
     }
     *out = m->grad;
     return LP_OK;
@@ -255,7 +258,8 @@ typedef struct scratch {
     bw_bufs g;
 } scratch;
 
-static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T) {
+/* backward = 0: only what reading the metric needs (a metric-only run, once per exact-patching batch). */
+static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T, int backward) {
     const lp_config *c = &m->cfg;
     size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = lp_act_size(m), V = c->d_vocab;
     size_t qD = (size_t)c->n_heads * c->d_head, kvD = (size_t)c->n_kv_heads * c->d_head;
@@ -263,8 +267,9 @@ static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T) {
     if (F > wide) wide = F;
     size_t mat = lp_hooks_want_attn_mats(m) ? (size_t)B * c->n_heads * T * T * es : 0;
     size_t lrows = (size_t)m->logit_rows > (size_t)B ? (size_t)m->logit_rows : (size_t)B;
+    if (!backward) N = 0, mat = 0, lrows = (size_t)B;
     struct { void **p; size_t bytes; } b[] = {
-        {&s->rows, B * D * es}, {&s->logits, lrows * V * es}, {&s->drows, lrows * V * es},
+        {&s->rows, B * D * es}, {&s->logits, lrows * V * es}, {&s->drows, backward ? lrows * V * es : 0},
         {&s->g.dresid, N * D * es}, {&s->g.dtmp, N * wide * es}, {&s->g.dln, N * D * es}, {&s->g.dq, N * qD * es},
         {&s->g.dk, N * kvD * es}, {&s->g.dv, N * kvD * es}, {&s->g.dz, N * qD * es}, {&s->g.da, N * F * es},
         {&s->g.db, N * F * es}, {&s->g.dc, N * F * es}, {&s->g.dpat, mat}, {&s->g.dsc, mat}, {&s->g.dscale, N * es},
@@ -363,7 +368,10 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
     m->taping = backward;
     lp_status pst = lp_model_prepare(m, B, T);
     m->taping = 0;
-    LP_CHECK(pst);
+    if (pst != LP_OK) {
+        if (dir_id >= 0 && !had_capture) m->hooks[dir_id].capture = 0, m->any_hook_dirty = 1;
+        return pst;
+    }
     /* the tape, for this batch and these wanted gradients */
     if (backward) {
         if (!m->tape && !(m->tape = calloc(cf->n_layers + 1, sizeof *m->tape))) LP_FAIL(LP_ERR_OOM, "out of memory");
@@ -380,6 +388,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
             lp_status st = lp_ctx_alloc(&m->ctx, need, &m->tape_mem);
             if (st != LP_OK) {
                 tape_restore(m);
+                if (dir_id >= 0 && !had_capture) m->hooks[dir_id].capture = 0, m->any_hook_dirty = 1;
                 return st;
             }
             m->tape_bytes = need;
@@ -391,7 +400,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
     scratch s = {0};
     float *lh = NULL, *dl = NULL;
     if (st == LP_OK && mt->kind != LP_METRIC_DIRECTION && mt->kind != LP_METRIC_MEAN_LOSS) {
-        st = scratch_alloc(m, &s, B, T);
+        st = scratch_alloc(m, &s, B, T, backward);
         lh = malloc((size_t)B * V * sizeof(float));
         if (st == LP_OK && !lh) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
         if (st == LP_OK) st = read_rows(m, mt, B, T, s.rows, s.logits, lh);
@@ -403,11 +412,16 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
             for (int i = 0; i < T - 1; i++) acc += l[(size_t)b * (T - 1) + i];
             metric_out[b] = acc / (T - 1);
         }
-        if (backward) st = scratch_alloc(m, &s, B, T);
+        if (backward) st = scratch_alloc(m, &s, B, T, 1);
     } else if (st == LP_OK) { /* direction */
         lp_tensor a;
+        int64_t hs[LP_MAX_DIMS];
+        int hnd = lp_hook_shape(m, dir_id, 1, 1, hs);
+        size_t per = (size_t)lp_shape_numel(hs + 2, hnd - 2); /* values per token */
         st = lp_capture_get(m, mt->hook, &a);
-        size_t per = st == LP_OK ? (size_t)lp_shape_numel(a.shape, a.ndim) / ((size_t)B * T) : 0;
+        if (st == LP_OK && (size_t)lp_shape_numel(a.shape, a.ndim) != (size_t)B * T * per)
+            st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "direction metric: '%s' is captured at chosen positions only; clear that capture first",
+                              mt->hook);
         float *f = st == LP_OK ? malloc((size_t)B * T * per * sizeof(float)) : NULL;
         if (st == LP_OK && !f) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
         if (st == LP_OK) st = lp_convert_host(f, LP_F32, a.data, a.dtype, (size_t)B * T * per);
@@ -418,7 +432,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
         }
         free(f);
         if (st == LP_OK && backward) {
-            st = scratch_alloc(m, &s, B, T);
+            st = scratch_alloc(m, &s, B, T, 1);
             lp_ctx_release(&m->ctx, g->inject_dev);
             g->inject_dev = NULL;
             if (st == LP_OK) st = lp_ctx_alloc(&m->ctx, per * lp_act_size(m), &g->inject_dev);
