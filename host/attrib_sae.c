@@ -114,7 +114,8 @@ lp_status lp_attrib_sae(lp_model *m, struct lp_sae *sae, lp_ctx *c, const int32_
         }
         qsort(all, k, sizeof *all, by_abs_atp);
         o->n_top = (int)(k < cap ? k : cap);
-        o->top = realloc(all, (o->n_top ? o->n_top : 1) * sizeof *all);
+        lp_sae_node *top = realloc(all, (o->n_top ? o->n_top : 1) * sizeof *all);
+        o->top = top ? top : all; /* shrinking cannot really fail; keep the larger block if it does */
         o->total_atp = total;
     }
     lp_ctx_release(c, gdev);

@@ -166,7 +166,6 @@ lp_status lp_model_prepare(lp_model *m, int B, int T) {
         free_acts(m);
         m->acts_bytes = layout(m, nB, nT, 0);
         LP_CHECK(lp_ctx_alloc(&m->ctx, m->acts_bytes, &m->acts));
-        m->B_max = nB, m->T_max = nT;
         layout(m, nB, nT, 1);
         if (m->cfg.arch == LP_ARCH_LLAMA && m->rope_n < nT) LP_CHECK(lp_llama_rope_tables(m, nT));
         size_t N = (size_t)nB * nT;
@@ -174,7 +173,11 @@ lp_status lp_model_prepare(lp_model *m, int B, int T) {
         m->tgt_host = malloc(N * sizeof(int32_t));
         m->loss_stage = malloc(N * sizeof(float));
         m->logit_stage = malloc((size_t)m->logit_rows * m->cfg.d_vocab * lp_act_size(m));
-        if (!m->losses_host || !m->tgt_host || !m->loss_stage || !m->logit_stage) LP_FAIL(LP_ERR_OOM, "out of host memory for %d x %d logits", nB, nT);
+        if (!m->losses_host || !m->tgt_host || !m->loss_stage || !m->logit_stage) {
+            free_acts(m); /* B_max stays 0: the next call tries again */
+            LP_FAIL(LP_ERR_OOM, "out of host memory for %d x %d logits", nB, nT);
+        }
+        m->B_max = nB, m->T_max = nT; /* only once everything sized for them exists */
         m->any_hook_dirty = 1;
     }
     if (m->any_hook_dirty) LP_CHECK(lp_hooks_prepare(m));
@@ -342,7 +345,6 @@ lp_status lp_generate(lp_model *m, const int32_t *prompt, int n_prompt, const lp
         }
         /* as after lp_model_forward: this step's captures land on the host before the next
          * step's capture copies overwrite their device buffers (and before we return) */
-        if (st == LP_OK) st = lp_hooks_finish(m);
         m->gen_pos0 = -1;
         if (st != LP_OK) break;
         pos += n_in;

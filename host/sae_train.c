@@ -723,10 +723,14 @@ static lp_status load_checkpoint(trainer *tr, int *found) {
         cJSON_Delete(j);
         LP_FAIL(LP_ERR_ARG, "%s: a checkpoint of a run with other settings is in %s; use another train.out or remove it", path, tr->t->out);
     }
-    tr->step = (int64_t)cJSON_GetObjectItemCaseSensitive(j, "step")->valuedouble;
-    tr->tokens_done = (int64_t)cJSON_GetObjectItemCaseSensitive(j, "tokens")->valuedouble;
-    tr->scale = strtod(cJSON_GetObjectItemCaseSensitive(j, "scale")->valuestring, NULL);
-    tr->thr_ema = strtod(cJSON_GetObjectItemCaseSensitive(j, "batchtopk_threshold")->valuestring, NULL);
+    const cJSON *js_step = cJSON_GetObjectItemCaseSensitive(j, "step"), *js_tok = cJSON_GetObjectItemCaseSensitive(j, "tokens");
+    const cJSON *js_scale = cJSON_GetObjectItemCaseSensitive(j, "scale"), *js_thr = cJSON_GetObjectItemCaseSensitive(j, "batchtopk_threshold");
+    if (!cJSON_IsNumber(js_step) || !cJSON_IsNumber(js_tok) || !cJSON_IsString(js_scale) || !cJSON_IsString(js_thr)) {
+        cJSON_Delete(j);
+        LP_FAIL(LP_ERR_FORMAT, "%s: step, tokens, scale or batchtopk_threshold is missing", path);
+    }
+    tr->step = (int64_t)js_step->valuedouble, tr->tokens_done = (int64_t)js_tok->valuedouble;
+    tr->scale = strtod(js_scale->valuestring, NULL), tr->thr_ema = strtod(js_thr->valuestring, NULL);
     cJSON_Delete(j);
     snprintf(path, sizeof path, "%s/%s/state.safetensors", dir, best);
     lp_st_file f;
@@ -735,7 +739,11 @@ static lp_status load_checkpoint(trainer *tr, int *found) {
     const lp_st_tensor *p = lp_st_find(&f, "params"), *m = lp_st_find(&f, "adam_m"), *v = lp_st_find(&f, "adam_v"),
                        *sf = lp_st_find(&f, "since_fired");
     lp_status st = LP_OK;
-    if (!p || !m || !v || !sf || p->shape[0] != (int64_t)nf || sf->shape[0] != tr->S)
+    const lp_st_tensor *fl[3] = {p, m, v};
+    for (int i = 0; i < 3 && st == LP_OK; i++) /* every tensor whole and of the right type before any copy */
+        if (!fl[i] || fl[i]->dtype != LP_F32 || fl[i]->ndim != 1 || fl[i]->shape[0] != (int64_t)nf)
+            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: not a checkpoint of this SAE", path);
+    if (st == LP_OK && (!sf || sf->dtype != LP_I64 || sf->ndim != 1 || sf->shape[0] != tr->S))
         st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: not a checkpoint of this SAE", path);
     if (st == LP_OK) st = lp_ctx_to_device(tr->c, tr->s->mem, p->data, nf * 4);
     if (st == LP_OK) st = lp_ctx_to_device(tr->c, tr->adam_m, m->data, nf * 4);

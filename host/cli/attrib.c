@@ -134,7 +134,11 @@ static lp_status read_pairs(const args *a, lp_model *m, const lp_tokenizer *tk, 
                 int32_t **sh = nc < nx ? &p.clean : &p.corrupted;
                 size_t ns = nc < nx ? nc : nx;
                 int32_t *q = malloc(T * sizeof(int32_t));
-                for (size_t i = 0; q && i < T; i++) q[i] = i < T - ns ? (*sh)[0] : (*sh)[i - (T - ns)];
+                if (!q) {
+                    free(p.clean), free(p.corrupted), free(txt), cJSON_Delete(j);
+                    LP_FAIL(LP_ERR_OOM, "out of memory");
+                }
+                for (size_t i = 0; i < T; i++) q[i] = i < T - ns ? (*sh)[0] : (*sh)[i - (T - ns)];
                 free(*sh);
                 *sh = q;
                 nc = nx = T;
