@@ -935,25 +935,12 @@ static lp_status fsync_path(const char *path) {
 
 /* mkdir -p of the directory that will hold `path`. */
 static lp_status make_parents(const char *path) {
-    char *p = strdup(path);
-    if (!p) LP_FAIL(LP_ERR_OOM, "out of host memory");
+    char p[4096];
+    snprintf(p, sizeof p, "%s", path);
     char *slash = strrchr(p, '/');
-    if (slash && slash != p) {
-        *slash = 0;
-        for (char *q = p + 1; *q; q++) {
-            if (*q != '/') continue;
-            *q = 0;
-            if (mkdir(p, 0755) != 0 && errno != EEXIST) break;
-            *q = '/';
-        }
-        if (mkdir(p, 0755) != 0 && errno != EEXIST) {
-            lp_status st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot create directory: %s", p, strerror(errno));
-            free(p);
-            return st;
-        }
-    }
-    free(p);
-    return LP_OK;
+    if (!slash || slash == p) return LP_OK;
+    *slash = 0;
+    return lp_mkdir_p(p);
 }
 
 /* Writes cfg.json and sae_weights.safetensors into dir, which exists: both under

@@ -643,18 +643,40 @@ static void signature(const trainer *tr, char *buf, size_t n) {
              (long long)tr->W, (unsigned long long)t->seed, t->store);
 }
 
+static int by_name(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+/* Keeps the `keep` newest complete checkpoints (their names sort by step). */
+static lp_status prune_checkpoints(const char *out, int keep) {
+    char dir[1200], path[1500];
+    snprintf(dir, sizeof dir, "%s/checkpoints", out);
+    DIR *d = opendir(dir);
+    if (!d) return LP_OK;
+    char *names[4096];
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) && n < 4096)
+        if (strncmp(e->d_name, "step-", 5) == 0 && strlen(e->d_name) == 14) names[n++] = strdup(e->d_name);
+    closedir(d);
+    qsort(names, n, sizeof *names, by_name);
+    lp_status st = LP_OK;
+    for (int i = 0; i < n; i++) {
+        if (names[i] && i < n - keep && st == LP_OK) {
+            snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+            st = lp_remove_tree(path);
+        }
+        free(names[i]);
+    }
+    return st;
+}
+
 static lp_status save_checkpoint(trainer *tr) {
     lp_ctx *c = tr->c;
     size_t nf = tr->s->n_floats;
     char dir[1200], tmp[1300], path[1400];
     snprintf(dir, sizeof dir, "%s/checkpoints/step-%09lld", tr->t->out, (long long)tr->step);
     snprintf(tmp, sizeof tmp, "%s.tmp", dir);
-    char cmd[3000];
-    snprintf(cmd, sizeof cmd, "%s/checkpoints", tr->t->out);
-    mkdir(tr->t->out, 0755);
-    mkdir(cmd, 0755);
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmp);
-    if (system(cmd) != 0 || mkdir(tmp, 0755) != 0) LP_FAIL(LP_ERR_IO, "%s: cannot create the checkpoint directory", tmp);
+    LP_CHECK(lp_remove_tree(tmp)); /* a half-written one from a killed run */
+    LP_CHECK(lp_mkdir_p(tmp));
     float *h = malloc(3 * nf * sizeof(float));
     if (!h) LP_FAIL(LP_ERR_OOM, "out of memory for a checkpoint");
     lp_status st = lp_ctx_to_host(c, h, tr->s->mem, nf * 4);
@@ -688,11 +710,7 @@ static lp_status save_checkpoint(trainer *tr) {
     free(txt);
     if (st == LP_OK && rename(tmp, dir) != 0) st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot rename the checkpoint into place", dir);
     if (st != LP_OK) return st;
-    /* keep the two newest */
-    snprintf(cmd, sizeof cmd, "ls -d '%s'/checkpoints/step-?????????  2>/dev/null | head -n -2 | xargs -r rm -rf", tr->t->out);
-    if (system(cmd) != 0) { /* an old checkpoint left behind costs disk, not correctness */
-    }
-    return LP_OK;
+    return prune_checkpoints(tr->t->out, 2);
 }
 
 /* The newest complete checkpoint whose signature matches; *found = 0 when none. */
@@ -755,19 +773,25 @@ static lp_status load_checkpoint(trainer *tr, int *found) {
 }
 
 /* Keeps the metrics lines of steps the checkpoint covers (a killed run may have logged more). */
-static void trim_metrics(const char *path, int64_t upto_step) {
+static lp_status trim_metrics(const char *path, int64_t upto_step) {
     size_t n;
     char *txt = lp_read_file(path, &n);
-    if (!txt) return;
-    FILE *f = fopen(path, "w");
-    for (char *line = strtok(txt, "\n"); f && line; line = strtok(NULL, "\n")) {
+    if (!txt) return LP_OK; /* no metrics yet */
+    char *out = malloc(n + 1);
+    if (!out) {
+        free(txt);
+        LP_FAIL(LP_ERR_OOM, "out of memory");
+    }
+    size_t o = 0;
+    for (char *line = strtok(txt, "\n"); line; line = strtok(NULL, "\n")) {
         cJSON *j = cJSON_Parse(line);
         const cJSON *s = cJSON_GetObjectItemCaseSensitive(j, "step");
-        if (cJSON_IsNumber(s) && s->valuedouble <= upto_step) fprintf(f, "%s\n", line);
+        if (cJSON_IsNumber(s) && s->valuedouble <= upto_step) o += (size_t)sprintf(out + o, "%s\n", line);
         cJSON_Delete(j);
     }
-    if (f) fclose(f);
-    free(txt);
+    lp_status st = lp_write_file_atomic(path, out, o); /* never a half-trimmed file */
+    free(out), free(txt);
+    return st;
 }
 
 static double now_s(void) {
@@ -893,8 +917,8 @@ static lp_status run_begin(run *ru, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     }
     char mpath[1200];
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", t->out);
-    mkdir(t->out, 0755);
-    if (resumed) trim_metrics(mpath, tr->step);
+    LP_CHECK(lp_mkdir_p(t->out));
+    if (resumed) LP_CHECK(trim_metrics(mpath, tr->step));
     tr->metrics = fopen(mpath, resumed ? "a" : "w");
     if (!tr->metrics) LP_FAIL(LP_ERR_IO, "%s: cannot write", mpath);
     rep->resumed_tokens = tr->tokens_done;

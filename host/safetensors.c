@@ -2,6 +2,7 @@
  * writer (temporary name, pwrite at known offsets, rename). See safetensors.h. */
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <ftw.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -358,4 +359,29 @@ lp_status lp_write_file_atomic(const char *path, const void *data, size_t n) {
         st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot rename: %s", tmp, strerror(errno));
     if (st != LP_OK) unlink(tmp);
     return st;
+}
+
+lp_status lp_mkdir_p(const char *dir) {
+    char p[4096];
+    if (snprintf(p, sizeof p, "%s", dir) >= (int)sizeof p) LP_FAIL(LP_ERR_ARG, "%s: path too long", dir);
+    for (char *q = p + 1; *q; q++) {
+        if (*q != '/') continue;
+        *q = 0;
+        if (mkdir(p, 0755) != 0 && errno != EEXIST) LP_FAIL(LP_ERR_IO, "%s: cannot create directory: %s", p, strerror(errno));
+        *q = '/';
+    }
+    if (mkdir(p, 0755) != 0 && errno != EEXIST) LP_FAIL(LP_ERR_IO, "%s: cannot create directory: %s", p, strerror(errno));
+    return LP_OK;
+}
+
+static int remove_one(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+lp_status lp_remove_tree(const char *path) {
+    struct stat sb;
+    if (lstat(path, &sb) != 0) return LP_OK;
+    if (nftw(path, remove_one, 16, FTW_DEPTH | FTW_PHYS) != 0) LP_FAIL(LP_ERR_IO, "%s: cannot remove: %s", path, strerror(errno));
+    return LP_OK;
 }

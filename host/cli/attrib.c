@@ -321,7 +321,7 @@ static int run_sweep(args *a, int exact) {
     const char *out = lp_cfg_str(&a->cfg, "attrib.out");
     char rpath[1300];
     snprintf(rpath, sizeof rpath, "%s/results.jsonl", out);
-    if (st == LP_OK) mkdir(out, 0755);
+    if (st == LP_OK) st = lp_mkdir_p(out);
     unsigned char *done = st == LP_OK ? done_set(rpath, sw.n + sw.n_bad) : NULL;
     FILE *rf = st == LP_OK ? fopen(rpath, "a") : NULL;
     if (st == LP_OK && !rf) st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot write", rpath);

@@ -113,7 +113,7 @@ static int train_live(args *a, lp_sae_train_cfg *t0, lp_ctx *c) {
         chk.store = "(live)";
         if (st == LP_OK) st = lp_sae_train_check(&chk);
         if (n > 1 && st == LP_OK) {
-            mkdir(t0->out, 0755);
+            st = lp_mkdir_p(t0->out);
             cfgs[i].progress = i == 0; /* one bar for the stream */
         }
     }

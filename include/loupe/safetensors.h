@@ -84,6 +84,10 @@ lp_status lp_st_write(const char *path, const lp_st_spec *specs, const void *con
 char *lp_read_file(const char *path, size_t *len);
 /* Writes a file atomically: "<path>.tmp", fsync, rename. */
 lp_status lp_write_file_atomic(const char *path, const void *data, size_t n);
+/* Creates dir and any missing parents (existing ones are fine). */
+lp_status lp_mkdir_p(const char *dir);
+/* Removes a file or a directory tree; a path that does not exist is fine. */
+lp_status lp_remove_tree(const char *path);
 
 #ifdef __cplusplus
 }
