@@ -297,27 +297,11 @@ static lp_status ensure_ones(lp_model *m) {
     if (!h) LP_FAIL(LP_ERR_OOM, "out of memory");
     for (size_t i = 0; i < n; i++) h[i] = 1.0f;
     lp_status st = lp_ctx_alloc(&m->ctx, n * lp_act_size(m), &m->grad_ones);
-    void *conv = st == LP_OK ? malloc(n * lp_act_size(m)) : NULL;
-    if (st == LP_OK && !conv) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
-    if (st == LP_OK) st = lp_convert_host(conv, m->ctx.dtype, h, LP_F32, n);
-    if (st == LP_OK) st = lp_ctx_to_device(&m->ctx, m->grad_ones, conv, n * lp_act_size(m));
-    free(conv);
+    if (st == LP_OK) st = lp_ctx_upload_f32(&m->ctx, m->grad_ones, h, n);
     free(h);
     return st;
 }
 
-static lp_status upload_act(lp_model *m, void *dst, const float *src, size_t n) {
-    if (m->ctx.device == LP_CPU) {
-        memcpy(dst, src, n * sizeof(float));
-        return LP_OK;
-    }
-    void *conv = malloc(n * lp_act_size(m));
-    if (!conv) LP_FAIL(LP_ERR_OOM, "out of memory");
-    lp_status st = lp_convert_host(conv, m->ctx.dtype, src, LP_F32, n);
-    if (st == LP_OK) st = lp_ctx_to_device(&m->ctx, dst, conv, n * lp_act_size(m));
-    free(conv);
-    return st;
-}
 
 /* Registers which gradients to keep. */
 static lp_status set_wanted(lp_model *m, const char *grad_hooks) {
@@ -436,7 +420,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
             lp_ctx_release(&m->ctx, g->inject_dev);
             g->inject_dev = NULL;
             if (st == LP_OK) st = lp_ctx_alloc(&m->ctx, per * lp_act_size(m), &g->inject_dev);
-            if (st == LP_OK) st = upload_act(m, g->inject_dev, mt->direction, per);
+            if (st == LP_OK) st = lp_ctx_upload_f32(&m->ctx, g->inject_dev, mt->direction, per);
             g->inject_id = dir_id;
         }
     }
@@ -464,7 +448,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
                     d[mt->answer[b]] += 1.0f;
                 }
             }
-            if (st == LP_OK) st = upload_act(m, s.drows, dl, (size_t)B * V);
+            if (st == LP_OK) st = lp_ctx_upload_f32(&m->ctx, s.drows, dl, (size_t)B * V);
             if (st == LP_OK) st = lp_matmul(c, s.rows, s.drows, lp_param(m, m->unembed), NULL, B, V, (int)D, 0);
             for (int b = 0; st == LP_OK && b < B; b++)
                 st = lp_ctx_copy(c, (char *)s.g.dln + ((size_t)b * T + row_pos(mt, b, T)) * D * es, (char *)s.rows + b * D * es, D * es);

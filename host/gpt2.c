@@ -158,16 +158,7 @@ static lp_status upload_weights(lp_model *m, const float *host, size_t total) {
     size_t bytes = total * lp_act_size(m);
     LP_CHECK(lp_ctx_alloc(&m->ctx, bytes, &m->weights));
     m->weight_bytes = bytes;
-    if (m->ctx.device == LP_CPU) {
-        memcpy(m->weights, host, bytes);
-        return LP_OK;
-    }
-    void *conv = malloc(bytes);
-    if (!conv) LP_FAIL(LP_ERR_OOM, "out of host memory converting %zu weights", total);
-    lp_status st = lp_convert_host(conv, m->ctx.dtype, host, LP_F32, total);
-    if (st == LP_OK) st = lp_ctx_to_device(&m->ctx, m->weights, conv, bytes);
-    free(conv);
-    return st;
+    return lp_ctx_upload_f32(&m->ctx, m->weights, host, total);
 }
 
 lp_status lp_gpt2_random(lp_model *m, uint64_t seed) {

@@ -259,19 +259,8 @@ void lp_hooks_free(lp_model *m) {
 
 /* Uploads host data to the device in the act dtype (or keeps F32 on the CPU). */
 static lp_status upload_act(lp_model *m, const float *src, size_t n, void **dst) {
-    lp_ctx *c = &m->ctx;
-    if (c->device == LP_CPU) {
-        *dst = malloc(n * sizeof(float));
-        memcpy(*dst, src, n * sizeof(float));
-        return LP_OK;
-    }
-    size_t bytes = n * lp_act_size(m);
-    void *tmp = malloc(bytes);
-    lp_status st = lp_convert_host(tmp, c->dtype, src, LP_F32, n);
-    if (st == LP_OK) st = lp_ctx_alloc(c, bytes, dst);
-    if (st == LP_OK) st = lp_ctx_to_device(c, *dst, tmp, bytes);
-    free(tmp);
-    return st;
+    LP_CHECK(lp_ctx_alloc(&m->ctx, n * lp_act_size(m), dst));
+    return lp_ctx_upload_f32(&m->ctx, *dst, src, n);
 }
 
 static lp_status upload_bytes(lp_model *m, const void *src, size_t n, void **dst) {

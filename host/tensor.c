@@ -165,3 +165,14 @@ int lp_cuda_available(char *why, size_t n) {
     if (count <= 0 && why && n && !why[0]) snprintf(why, n, "no CUDA device found");
     return count > 0;
 }
+
+lp_status lp_ctx_upload_f32(lp_ctx *c, void *dst, const float *src, size_t n) {
+    if (c->dtype == LP_F32) return lp_ctx_to_device(c, dst, src, n * sizeof(float));
+    size_t bytes = n * lp_dtype_size(c->dtype);
+    void *conv = malloc(bytes ? bytes : 1);
+    if (!conv) LP_FAIL(LP_ERR_OOM, "out of host memory converting %zu values", n);
+    lp_status st = lp_convert_host(conv, c->dtype, src, LP_F32, n);
+    if (st == LP_OK) st = lp_ctx_to_device(c, dst, conv, bytes);
+    free(conv);
+    return st;
+}

@@ -69,6 +69,8 @@ lp_status lp_ctx_alloc_host(lp_ctx *c, size_t bytes, void **p);
 void lp_ctx_release_host(lp_ctx *c, void *p);
 lp_status lp_ctx_memset0(lp_ctx *c, void *p, size_t bytes);
 lp_status lp_ctx_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes);
+/* n host floats into dst on c's device, converted to c's dtype (F32 on the CPU: a copy). */
+lp_status lp_ctx_upload_f32(lp_ctx *c, void *dst, const float *src, size_t n);
 lp_status lp_ctx_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes);
 /* to_device and to_host return when the copy is done; lp_ctx_copy (same device) is
  * ordered with later ops on the context but does not make the host wait. */
