@@ -13,6 +13,7 @@
 #include "loupe/ops.h"
 #include "loupe/safetensors.h"
 #include "model_internal.h"
+#include "rng.h"
 
 /* per-layer weights, in table order */
 enum { P_LN1_W, P_LN1_B, P_WQ, P_WK, P_WV, P_BQ, P_BK, P_BV, P_WO, P_BO, P_LN2_W, P_LN2_B, P_WIN, P_BIN,
@@ -172,10 +173,7 @@ lp_status lp_gpt2_random(lp_model *m, uint64_t seed) {
     float *host = malloc(total * sizeof(float));
     if (!host) LP_FAIL(LP_ERR_OOM, "out of host memory for %zu weights", total);
     uint64_t s = seed;
-    for (size_t i = 0; i < total; i++) { /* uniform with GPT-2's init scale (std 0.02) */
-        s = s * 6364136223846793005ull + 1442695040888963407ull;
-        host[i] = ((float)(s >> 40) / 16777216.0f - 0.5f) * 0.0693f;
-    }
+    for (size_t i = 0; i < total; i++) host[i] = lp_rng_init_weight(&s);
     for (int L = 0; L <= c->n_layers; L++) { /* LayerNorm weights near 1 */
         int w = L < c->n_layers ? P_FIRST_LAYER + L * P_PER_LAYER + P_LN1_W : lnf_w(m);
         for (int k = 0; k < (L < c->n_layers ? 2 : 1); k++) {

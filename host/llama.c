@@ -18,6 +18,7 @@
 #include "loupe/ops.h"
 #include "loupe/safetensors.h"
 #include "model_internal.h"
+#include "rng.h"
 
 /* per-layer weights, in table order; biases have zero rows unless the model has them */
 enum { P_LN1, P_WQ, P_WK, P_WV, P_BQ, P_BK, P_BV, P_WO, P_LN2, P_WG, P_WU, P_WD, P_PER_LAYER };
@@ -475,10 +476,7 @@ lp_status lp_llama_random(lp_model *m, uint64_t seed) {
         float *h = malloc(n * sizeof(float));
         if (!h) LP_FAIL(LP_ERR_OOM, "out of host memory for %s", p->name);
         float base = p->ndim == 1 && strstr(p->name, ".w") ? 1.0f : 0.0f; /* norm weights near 1 */
-        for (size_t j = 0; j < n; j++) {
-            s = s * 6364136223846793005ull + 1442695040888963407ull;
-            h[j] = base + ((float)(s >> 40) / 16777216.0f - 0.5f) * 0.0693f;
-        }
+        for (size_t j = 0; j < n; j++) h[j] = base + lp_rng_init_weight(&s);
         src_tensor src = {.file = "random", .name = p->name, .data = h, .gtype = -1, .dtype = LP_F32,
                           .rows = p->shape[0], .cols = p->ndim == 2 ? p->shape[1] : 1};
         loader ld = {.m = m};

@@ -12,6 +12,7 @@
 #include "loupe/ops.h"
 #include "loupe/safetensors.h"
 #include "model_internal.h"
+#include "rng.h"
 
 void lp_param_add(lp_model *m, const char *name, int64_t r, int64_t cols, size_t *off) {
     param *p = &m->params[m->n_params_t++];
@@ -251,14 +252,6 @@ lp_status lp_model_unembed(lp_model *m, int N, int want) {
 
 /* ---- generation ---- */
 
-/* splitmix64: a small, seedable generator so that --seed reproduces a sample */
-static double next_uniform(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (double)(z >> 11) / 9007199254740992.0;
-}
 
 typedef struct { float p; int id; } cand;
 static int cand_desc(const void *a, const void *b) {
@@ -290,7 +283,7 @@ static int32_t pick(const float *logits, int V, const lp_gen_opts *o, uint64_t *
         }
         mass = acc;
     }
-    double u = next_uniform(rng) * mass, acc = 0;
+    double u = lp_rng_uniform(rng) * mass, acc = 0;
     for (int i = 0; i < n; i++) {
         acc += scratch[i].p;
         if (u < acc) return scratch[i].id;

@@ -19,6 +19,7 @@
 #include "loupe/sae_ops.h"
 #include "loupe/sae_train.h"
 #include "loupe/store.h"
+#include "rng.h"
 #include "sae_internal.h"
 
 void lp_sae_train_defaults(lp_sae_train_cfg *t) {
@@ -322,12 +323,6 @@ typedef struct trainer {
     FILE *metrics;
 } trainer;
 
-static uint64_t splitmix(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
 
 /* Tokens [t0, t0 + n) of the endless stream (the data read round and round) of the input
  * (out = 0) or the output hook (out = 1). */
@@ -370,7 +365,7 @@ static lp_status load_window(trainer *tr, int64_t w) {
     uint64_t rng = tr->t->seed * 0x100000001B3ull + (uint64_t)w;
     for (int64_t i = 0; i < tr->W; i++) tr->host_perm[i] = (int32_t)i;
     for (int64_t i = tr->W - 1; i > 0; i--) { /* Fisher-Yates */
-        int64_t j = (int64_t)(splitmix(&rng) % (uint64_t)(i + 1));
+        int64_t j = (int64_t)(lp_rng_next(&rng) % (uint64_t)(i + 1));
         int32_t tmp = tr->host_perm[i];
         tr->host_perm[i] = tr->host_perm[j], tr->host_perm[j] = tmp;
     }
@@ -414,7 +409,7 @@ static lp_status init_params(trainer *tr) {
     for (size_t i = 0; st == LP_OK && i < S; i++) {
         double nrm = 0;
         for (size_t j = 0; j < Do; j++) {
-            double u = (double)(splitmix(&rng) >> 11) / 9007199254740992.0;
+            double u = lp_rng_uniform(&rng);
             wd[i * Do + j] = (float)((2 * u - 1) * bound);
             nrm += (double)wd[i * Do + j] * wd[i * Do + j];
         }
