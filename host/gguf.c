@@ -716,25 +716,6 @@ lp_status lp_gguf_arr_str(const lp_gguf *g, const char *key, uint64_t i, const c
 
 /* ---- dequantization ---- */
 
-/* float to IEEE half, round to nearest even (what __float2half_rn does on the GPU). */
-static uint16_t f32_to_f16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    const uint16_t sign = (uint16_t)(u >> 16 & 0x8000u);
-    const uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return sign | 0x7e00 | (uint16_t)(a >> 13 & 0x3ff); /* NaN stays NaN */
-    if (a >= 0x477ff000u) return sign | 0x7c00;                             /* >= 65520: inf */
-    if (a >= 0x38800000u) {                                                 /* normal half */
-        uint32_t v = a - 0x38000000u;                                       /* rebias 127 -> 15 */
-        v += 0xfffu + (v >> 13 & 1u);
-        return sign | (uint16_t)(v >> 13);
-    }
-    if (a < 0x33000000u) return sign; /* below 2^-25 (or a tie at it): zero */
-    const uint32_t m = (a & 0x7fffffu) | 0x800000u, shift = 126 - (a >> 23); /* 14..24 */
-    uint32_t q = m >> shift, rest = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
-    if (rest > halfway || (rest == halfway && (q & 1))) q++;
-    return sign | (uint16_t)q;
-}
 
 lp_status lp_dequant(lp_ctx *c, void *dst, lp_dtype dst_dtype, const void *src, int type, int64_t n) {
     if (!c) LP_FAIL(LP_ERR_ARG, "dequant: null context");
@@ -771,8 +752,17 @@ lp_status lp_dequant(lp_ctx *c, void *dst, lp_dtype dst_dtype, const void *src, 
         if (dst_dtype == LP_BF16)
             lp_convert_host(out + i, LP_BF16, tmp, LP_F32, (size_t)m);
         else /* lp_convert_host has no F32 -> F16 */
-            for (int64_t j = 0; j < m; j++) out[i + j] = f32_to_f16(tmp[j]);
+            for (int64_t j = 0; j < m; j++) out[i + j] = lp_f32_to_f16(tmp[j]);
     }
     free(tmp);
     return LP_OK;
+}
+
+int lp_gguf_is_file(const char *path) {
+    char magic[4] = {0};
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    int yes = fread(magic, 1, 4, f) == 4 && memcmp(magic, "GGUF", 4) == 0;
+    fclose(f);
+    return yes;
 }

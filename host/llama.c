@@ -446,15 +446,7 @@ static lp_status load_gguf(lp_model *m, const char *path) {
 
 lp_status lp_llama_load(lp_model *m, const char *path) {
     size_t n = strlen(path);
-    int gguf = n > 5 && strcmp(path + n - 5, ".gguf") == 0;
-    if (!gguf) { /* a file that is not named .gguf may still be one */
-        FILE *f = fopen(path, "rb");
-        char magic[4] = {0};
-        if (f) {
-            gguf = fread(magic, 1, 4, f) == 4 && memcmp(magic, "GGUF", 4) == 0;
-            fclose(f);
-        }
-    }
+    int gguf = (n > 5 && strcmp(path + n - 5, ".gguf") == 0) || lp_gguf_is_file(path);
     return gguf ? load_gguf(m, path) : load_hf(m, path);
 }
 

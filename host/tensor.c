@@ -65,6 +65,26 @@ float lp_f16_to_f32(uint16_t h) {
     return f;
 }
 
+/* float to IEEE half, round to nearest even (what __float2half_rn does on the GPU). */
+uint16_t lp_f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint16_t sign = (uint16_t)(u >> 16 & 0x8000u);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00 | (uint16_t)(a >> 13 & 0x3ff); /* NaN stays NaN */
+    if (a >= 0x477ff000u) return sign | 0x7c00;                             /* >= 65520: inf */
+    if (a >= 0x38800000u) {                                                 /* normal half */
+        uint32_t v = a - 0x38000000u;                                       /* rebias 127 -> 15 */
+        v += 0xfffu + (v >> 13 & 1u);
+        return sign | (uint16_t)(v >> 13);
+    }
+    if (a < 0x33000000u) return sign; /* below 2^-25 (or a tie at it): zero */
+    const uint32_t m = (a & 0x7fffffu) | 0x800000u, shift = 126 - (a >> 23); /* 14..24 */
+    uint32_t q = m >> shift, rest = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+    if (rest > halfway || (rest == halfway && (q & 1))) q++;
+    return sign | (uint16_t)q;
+}
+
 lp_status lp_convert_host(void *dst, lp_dtype dt, const void *src, lp_dtype st, size_t n) {
     if (dt == st) {
         memcpy(dst, src, n * lp_dtype_size(dt));
@@ -76,6 +96,8 @@ lp_status lp_convert_host(void *dst, lp_dtype dt, const void *src, lp_dtype st, 
         for (size_t i = 0; i < n; i++) ((float *)dst)[i] = lp_f16_to_f32(((const uint16_t *)src)[i]);
     } else if (dt == LP_BF16 && st == LP_F32) {
         for (size_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = lp_f32_to_bf16(((const float *)src)[i]);
+    } else if (dt == LP_F16 && st == LP_F32) {
+        for (size_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = lp_f32_to_f16(((const float *)src)[i]);
     } else if (dt == LP_BF16 && st == LP_F16) {
         for (size_t i = 0; i < n; i++)
             ((uint16_t *)dst)[i] = lp_f32_to_bf16(lp_f16_to_f32(((const uint16_t *)src)[i]));

@@ -998,12 +998,10 @@ lp_status lp_tokenizer_load(lp_tokenizer **out, const char *path) {
         if (stat(p, &sb) != 0) LP_FAIL(LP_ERR_IO, "%s: has no tokenizer.json", path);
         return lp_tokenizer_from_json(out, p);
     }
-    char magic[4] = {0};
     FILE *f = fopen(path, "rb");
     if (!f) LP_FAIL(LP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
-    size_t got = fread(magic, 1, 4, f);
     fclose(f);
-    if (got == 4 && memcmp(magic, "GGUF", 4) == 0) {
+    if (lp_gguf_is_file(path)) {
         lp_gguf *g;
         LP_CHECK(lp_gguf_open(path, &g));
         lp_status st = lp_tokenizer_from_gguf(out, g);

@@ -47,6 +47,8 @@ typedef struct lp_gguf_tensor {
 typedef struct lp_gguf lp_gguf;
 
 lp_status lp_gguf_open(const char *path, lp_gguf **out);
+/* Whether the file at path starts with the GGUF magic (whatever it is named). */
+int lp_gguf_is_file(const char *path);
 /* The same checks on a GGUF image already in memory (which must outlive the handle;
  * tensor data pointers point into it); `name` stands for the path in messages. */
 lp_status lp_gguf_open_memory(const void *data, size_t size, const char *name, lp_gguf **out);

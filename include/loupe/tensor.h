@@ -42,9 +42,10 @@ int64_t lp_shape_numel(const int64_t *shape, int ndim);
 /* Writes "[2, 16, 64]" into buf. */
 const char *lp_shape_str(const int64_t *shape, int ndim, char *buf, size_t n);
 
-/* bf16 <-> f32 on the host (round to nearest even). */
+/* bf16 and f16 <-> f32 on the host (round to nearest even). */
 uint16_t lp_f32_to_bf16(float f);
 float lp_bf16_to_f32(uint16_t h);
+uint16_t lp_f32_to_f16(float f);
 float lp_f16_to_f32(uint16_t h);
 /* Converts n host values between F32, BF16 and F16 (src and dst must differ in memory). */
 lp_status lp_convert_host(void *dst, lp_dtype dt, const void *src, lp_dtype st, size_t n);
