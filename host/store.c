@@ -257,55 +257,29 @@ done:
 lp_status lp_store_hook_mean(const char *dir, const char *hook, float **mean, size_t *n_out) {
     *mean = NULL;
     *n_out = 0;
-    double *acc = NULL;
-    size_t per = 0;
-    int64_t rows = 0;
-    lp_status st = LP_OK;
-    for (int s = 0;; s++) {
-        char path[4200];
-        snprintf(path, sizeof path, "%s/shard-%05d.safetensors", dir, s);
-        if (access(path, F_OK) != 0) {
-            if (s == 0) LP_FAIL(LP_ERR_IO, "%s: no shards (is it an activation store?)", dir);
-            break;
-        }
-        lp_st_file f;
-        LP_CHECK(lp_st_open(&f, path));
-        const lp_st_tensor *t = lp_st_find(&f, hook);
-        if (!t || t->ndim < 3) {
-            lp_st_close(&f);
-            free(acc);
-            LP_FAIL(LP_ERR_NOT_FOUND, "%s: hook '%s' is not in the store", path, hook);
-        }
-        if (strstr(hook, "hook_pattern") || strstr(hook, "hook_attn_scores")) {
-            lp_st_close(&f);
-            free(acc);
-            LP_FAIL(LP_ERR_ARG, "%s: mean ablation of attention patterns is not supported", hook);
-        }
-        size_t p = (size_t)lp_shape_numel(t->shape + 2, t->ndim - 2);
-        int64_t r = t->shape[0] * t->shape[1];
-        if (!acc) {
-            per = p;
-            acc = calloc(per, sizeof(double));
-        } else if (p != per) {
-            st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' changes shape between shards", path, hook);
-        }
-        for (int64_t i = 0; i < r && st == LP_OK; i++)
-            for (size_t j = 0; j < per; j++) {
-                size_t k = (size_t)i * per + j;
-                acc[j] += t->dtype == LP_BF16 ? lp_bf16_to_f32(((const uint16_t *)t->data)[k]) : ((const float *)t->data)[k];
-            }
-        rows += r;
-        lp_st_close(&f);
-        if (st != LP_OK) {
-            free(acc);
-            return st;
-        }
+    if (strstr(hook, "hook_pattern") || strstr(hook, "hook_attn_scores"))
+        LP_FAIL(LP_ERR_ARG, "%s: mean ablation of attention patterns is not supported", hook);
+    lp_store *s;
+    LP_CHECK(lp_store_open(&s, dir, hook));
+    size_t per = (size_t)lp_store_d(s);
+    int64_t rows = lp_store_n_tokens(s), chunk = 4096;
+    double *acc = calloc(per, sizeof(double));
+    float *buf = malloc((size_t)chunk * per * sizeof(float));
+    lp_status st = acc && buf ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    for (int64_t r0 = 0; st == LP_OK && r0 < rows; r0 += chunk) {
+        int64_t n = rows - r0 < chunk ? rows - r0 : chunk;
+        st = lp_store_read(s, r0, n, buf);
+        for (int64_t i = 0; st == LP_OK && i < n; i++)
+            for (size_t j = 0; j < per; j++) acc[j] += buf[(size_t)i * per + j];
     }
-    *mean = malloc(per * sizeof(float));
-    for (size_t j = 0; j < per; j++) (*mean)[j] = (float)(acc[j] / rows);
-    *n_out = per;
-    free(acc);
-    return LP_OK;
+    if (st == LP_OK && !(*mean = malloc(per * sizeof(float)))) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (st == LP_OK) {
+        for (size_t j = 0; j < per; j++) (*mean)[j] = (float)(acc[j] / rows);
+        *n_out = per;
+    }
+    free(acc), free(buf);
+    lp_store_close(s);
+    return st;
 }
 
 /* ---- reading one hook, token by token ---- */
