@@ -3,6 +3,8 @@
 #ifndef LOUPE_CLI_H
 #define LOUPE_CLI_H
 
+#include <cjson/cJSON.h>
+
 #include "loupe/config.h"
 #include "loupe/model.h"
 #include "loupe/tokens.h"
@@ -12,6 +14,8 @@ typedef struct { lp_cfg cfg; int json; } args;
 /* Prints lp_last_error() as one line and returns the exit status (2 bad input, 1 other). */
 int cli_fail(lp_status st);
 double cli_now(void);
+/* --json output: j as one line on stdout, then freed. */
+void cli_print_json(cJSON *j);
 /* "auto" | "cpu" | "cuda" to a device (auto: cuda when a GPU is present). */
 lp_device cli_device(const char *dev);
 lp_status cli_open_model(const args *a, lp_model **m);

@@ -139,6 +139,13 @@ int cli_fail(lp_status st) {
     return lp_status_exit_code(st);
 }
 
+void cli_print_json(cJSON *j) {
+    char *txt = cJSON_PrintUnformatted(j);
+    if (txt) printf("%s\n", txt);
+    free(txt);
+    cJSON_Delete(j);
+}
+
 double cli_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -401,10 +408,15 @@ static int cmd_cache(args *a) {
     if (st != LP_OK) {
         rc = cli_fail(st);
     } else if (a->json) {
-        printf("{\"out\":\"%s\",\"n_sequences\":%lld,\"n_tokens\":%lld,\"n_hooks\":%d,\"n_shards\":%d,"
-               "\"resumed_sequences\":%lld,\"tokens_per_s\":%.1f}\n",
-               lp_cfg_str(&a->cfg, "cache.out"), (long long)rep.n_sequences, (long long)rep.n_tokens, rep.n_hooks,
-               rep.n_shards, (long long)rep.resumed_sequences, rep.tokens_per_s);
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "out", lp_cfg_str(&a->cfg, "cache.out"));
+        cJSON_AddNumberToObject(j, "n_sequences", (double)rep.n_sequences);
+        cJSON_AddNumberToObject(j, "n_tokens", (double)rep.n_tokens);
+        cJSON_AddNumberToObject(j, "n_hooks", rep.n_hooks);
+        cJSON_AddNumberToObject(j, "n_shards", rep.n_shards);
+        cJSON_AddNumberToObject(j, "resumed_sequences", (double)rep.resumed_sequences);
+        cJSON_AddNumberToObject(j, "tokens_per_s", rep.tokens_per_s);
+        cli_print_json(j);
     } else {
         printf("cached %d hooks for %lld sequences (%lld tokens) into %s: %d shards", rep.n_hooks,
                (long long)rep.n_sequences, (long long)rep.n_tokens, lp_cfg_str(&a->cfg, "cache.out"), rep.n_shards);
@@ -430,11 +442,17 @@ static int cmd_tokenize(args *a) {
         return cli_fail(st);
     }
     const char *out = lp_cfg_str(&a->cfg, "tokenize.out");
-    if (a->json)
-        printf("{\"out\":\"%s\",\"n_bytes\":%zu,\"n_tokens\":%zu,\"seconds\":%.3f}\n", out, bytes, n, secs);
-    else
+    if (a->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "out", out);
+        cJSON_AddNumberToObject(j, "n_bytes", (double)bytes);
+        cJSON_AddNumberToObject(j, "n_tokens", (double)n);
+        cJSON_AddNumberToObject(j, "seconds", secs);
+        cli_print_json(j);
+    } else {
         printf("tokenized %s: %zu bytes -> %zu tokens (%.2f bytes/token) into %s, int32 [%zu]\n", lp_cfg_str(&a->cfg, "data.text"),
                bytes, n, (double)bytes / n, out, n);
+    }
     free(ids);
     return 0;
 }

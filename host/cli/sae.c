@@ -64,10 +64,18 @@ static void size_sae(const args *a, lp_sae_train_cfg *t, int width) {
 
 static void print_report(const args *a, const lp_sae_train_cfg *t, const lp_sae_train_report *rep, const char *where, lp_ctx *c) {
     if (a->json) {
-        printf("{\"out\":\"%s\",\"hook\":\"%s\",\"steps\":%lld,\"tokens\":%lld,\"resumed_tokens\":%lld,\"tokens_per_s\":%.1f,"
-               "\"mse\":%.6g,\"explained_variance\":%.6g,\"l0\":%.4f,\"dead\":%d}\n",
-               t->out, t->sae.hook_name, (long long)rep->steps, (long long)rep->tokens, (long long)rep->resumed_tokens, rep->tokens_per_s,
-               rep->mse, rep->explained_variance, rep->l0, rep->dead);
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "out", t->out);
+        cJSON_AddStringToObject(j, "hook", t->sae.hook_name);
+        cJSON_AddNumberToObject(j, "steps", (double)rep->steps);
+        cJSON_AddNumberToObject(j, "tokens", (double)rep->tokens);
+        cJSON_AddNumberToObject(j, "resumed_tokens", (double)rep->resumed_tokens);
+        cJSON_AddNumberToObject(j, "tokens_per_s", rep->tokens_per_s);
+        cJSON_AddNumberToObject(j, "mse", rep->mse);
+        cJSON_AddNumberToObject(j, "explained_variance", rep->explained_variance);
+        cJSON_AddNumberToObject(j, "l0", rep->l0);
+        cJSON_AddNumberToObject(j, "dead", rep->dead);
+        cli_print_json(j);
         return;
     }
     printf("trained %s SAE (%s -> d_sae %d%s) on %lld tokens of %s in %lld steps, %.0f tokens/s on %s%s\n", lp_sae_arch_name(t->sae.arch),
@@ -192,23 +200,31 @@ int cmd_eval_sae(args *a) {
     if (st != LP_OK) {
         rc = cli_fail(st);
     } else if (a->json) {
-        printf("{\"sae\":\"%s\"", lp_cfg_str(&a->cfg, "sae.path"));
-        if (store) {
-            printf(",\"n_tokens\":%lld,\"metrics/mse\":%.6g,\"metrics/explained_variance\":%.6g,\"metrics/fvu\":%.6g,"
-                   "\"metrics/l0\":%.4f,\"metrics/l1\":%.6g,\"metrics/cossim\":%.6g,\"metrics/norm_ratio\":%.6g,"
-                   "\"sparsity/dead_features\":%d,\"sparsity/dense_features\":%d,\"sparsity/log10_density_histogram\":[",
-                   (long long)ev.n_tokens, ev.mse, ev.explained_variance, ev.fvu, ev.l0, ev.l1, ev.cos_sim, ev.norm_ratio, ev.dead,
-                   ev.dense);
-            for (int i = 0; i < 12; i++) printf("%s%lld", i ? "," : "", (long long)ev.density_hist[i]);
-            printf("]");
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "sae", lp_cfg_str(&a->cfg, "sae.path"));
+        if (store) { /* SAELens's eval names */
+            struct { const char *k; double v; } f[] = {
+                {"n_tokens", (double)ev.n_tokens},        {"metrics/mse", ev.mse},
+                {"metrics/explained_variance", ev.explained_variance}, {"metrics/fvu", ev.fvu},
+                {"metrics/l0", ev.l0},                    {"metrics/l1", ev.l1},
+                {"metrics/cossim", ev.cos_sim},           {"metrics/norm_ratio", ev.norm_ratio},
+                {"sparsity/dead_features", ev.dead},      {"sparsity/dense_features", ev.dense}};
+            for (size_t i = 0; i < sizeof f / sizeof *f; i++) cJSON_AddNumberToObject(j, f[i].k, f[i].v);
+            cJSON *h = cJSON_AddArrayToObject(j, "sparsity/log10_density_histogram");
+            for (int i = 0; i < 12; i++) cJSON_AddItemToArray(h, cJSON_CreateNumber((double)ev.density_hist[i]));
         }
-        if (model)
-            printf(",\"model_performance_preservation/ce_loss_without_sae\":%.6g,\"model_performance_preservation/ce_loss_with_sae\":%.6g,"
-                   "\"model_performance_preservation/ce_loss_with_ablation\":%.6g,\"model_performance_preservation/ce_loss_score\":%.6g,"
-                   "\"model_behavior_preservation/kl_div_with_sae\":%.6g,\"model_behavior_preservation/kl_div_with_ablation\":%.6g,"
-                   "\"n_predicted_tokens\":%lld",
-                   sp.ce_clean, sp.ce_sae, sp.ce_zero, sp.ce_recovered, sp.kl_sae, sp.kl_zero, (long long)sp.n_tokens);
-        printf("}\n");
+        if (model) {
+            struct { const char *k; double v; } f[] = {
+                {"model_performance_preservation/ce_loss_without_sae", sp.ce_clean},
+                {"model_performance_preservation/ce_loss_with_sae", sp.ce_sae},
+                {"model_performance_preservation/ce_loss_with_ablation", sp.ce_zero},
+                {"model_performance_preservation/ce_loss_score", sp.ce_recovered},
+                {"model_behavior_preservation/kl_div_with_sae", sp.kl_sae},
+                {"model_behavior_preservation/kl_div_with_ablation", sp.kl_zero},
+                {"n_predicted_tokens", (double)sp.n_tokens}};
+            for (size_t i = 0; i < sizeof f / sizeof *f; i++) cJSON_AddNumberToObject(j, f[i].k, f[i].v);
+        }
+        cli_print_json(j);
     } else {
         printf("SAE %s: %s, d_in %d, d_sae %d%s, hook %s\n", lp_cfg_str(&a->cfg, "sae.path"), lp_sae_arch_name(s->cfg.arch), s->cfg.d_in,
                s->cfg.d_sae, s->cfg.hook_name_out[0] ? " (transcoder)" : "", s->cfg.hook_name);
@@ -317,7 +333,13 @@ int cmd_encode(args *a) {
     }
     int rc = 0;
     if (st != LP_OK) rc = cli_fail(st);
-    else if (a->json) printf("{\"out\":\"%s\",\"n_tokens\":%lld,\"k\":%d}\n", lp_cfg_str(&a->cfg, "encode.out"), (long long)n, k);
+    else if (a->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "out", lp_cfg_str(&a->cfg, "encode.out"));
+        cJSON_AddNumberToObject(j, "n_tokens", (double)n);
+        cJSON_AddNumberToObject(j, "k", k);
+        cli_print_json(j);
+    }
     else
         printf("encoded %lld tokens of %s into %s: indices and values [%lld, %d], %.0f tokens/s\n", (long long)n, src,
                lp_cfg_str(&a->cfg, "encode.out"), (long long)n, k, n / (cli_now() - t0 + 1e-9));
