@@ -3,7 +3,7 @@
 # (and so by `make test`, `make demo` and .ci/run). Installs with apt-get when run as
 # root; otherwise prints the exact command and stops.
 set -euo pipefail
-pkgs=(build-essential pkg-config libopenblas-dev libcjson-dev libinih-dev libcriterion-dev libpcre2-dev libutf8proc-dev python3 python3-pip)
+pkgs=(build-essential pkg-config libopenblas-dev libcjson-dev libcriterion-dev libpcre2-dev libutf8proc-dev python3 python3-pip)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

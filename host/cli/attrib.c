@@ -10,8 +10,10 @@
 #include <unistd.h>
 
 #include "loupe/attrib.h"
+#include "loupe/pairs.h"
 #include "loupe/safetensors.h"
 #include "loupe/sae.h"
+#include "loupe/textfile.h"
 #include "loupe/tokenizer.h"
 #include "cli.h"
 
@@ -39,49 +41,6 @@ static void sweep_free(sweep *s) {
     free(s->pairs), free(s->bad);
 }
 
-/* Ids of a JSON value: a string (tokenized) or an array of ids. */
-static lp_status ids_of(const lp_tokenizer *tk, const cJSON *v, int vocab, int32_t **ids, size_t *n, const char *what) {
-    *ids = NULL, *n = 0;
-    if (cJSON_IsString(v)) {
-        if (!tk) LP_FAIL(LP_ERR_ARG, "'%s' is text but the model has no tokenizer (give token-id lists)", what);
-        return lp_tokenize(tk, v->valuestring, strlen(v->valuestring), ids, n);
-    }
-    if (cJSON_IsArray(v)) {
-        int k = cJSON_GetArraySize(v);
-        *ids = malloc((k ? k : 1) * sizeof(int32_t));
-        if (!*ids) LP_FAIL(LP_ERR_OOM, "out of memory");
-        for (int i = 0; i < k; i++) {
-            const cJSON *e = cJSON_GetArrayItem(v, i);
-            if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble >= vocab || e->valuedouble != (int)e->valuedouble) {
-                free(*ids), *ids = NULL;
-                LP_FAIL(LP_ERR_ARG, "'%s' has an id that is not in [0, %d)", what, vocab);
-            }
-            (*ids)[i] = (int32_t)e->valuedouble;
-        }
-        *n = (size_t)k;
-        return LP_OK;
-    }
-    if (cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble < vocab) {
-        *ids = malloc(sizeof(int32_t));
-        (*ids)[0] = (int32_t)v->valuedouble, *n = 1;
-        return LP_OK;
-    }
-    LP_FAIL(LP_ERR_ARG, "'%s' must be text or a list of token ids", what);
-}
-
-/* An answer: exactly one token (a leading BOS the tokenizer adds does not count). */
-static lp_status one_token(const lp_tokenizer *tk, const cJSON *v, int vocab, int32_t *out, const char *what) {
-    int32_t *ids;
-    size_t n;
-    LP_CHECK(ids_of(tk, v, vocab, &ids, &n, what));
-    const int32_t *p = ids;
-    if (tk && cJSON_IsString(v) && n > 1 && ids[0] == lp_tokenizer_bos(tk)) p++, n--;
-    lp_status st = n == 1 ? LP_OK : lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "'%s' is %zu tokens, not one", what, n);
-    if (st == LP_OK) *out = p[0];
-    free(ids);
-    return st;
-}
-
 static void add_bad(sweep *s, int line, const char *why) {
     bad_line *b = realloc(s->bad, (s->n_bad + 1) * sizeof *b);
     if (!b) return;
@@ -94,76 +53,41 @@ static void add_bad(sweep *s, int line, const char *why) {
 /* Reads every line; a bad one is recorded and skipped, the rest go on. */
 static lp_status read_pairs(const args *a, lp_model *m, const lp_tokenizer *tk, sweep *s) {
     const char *path = lp_cfg_str(&a->cfg, "attrib.pairs");
-    int pad = strcmp(lp_cfg_str(&a->cfg, "attrib.align"), "pad_left") == 0;
     const lp_config *cf = lp_model_config(m);
+    lp_pair_opts po = {.file = path, .tk = tk, .d_vocab = cf->d_vocab, .n_ctx = cf->n_ctx,
+                       .pad_left = strcmp(lp_cfg_str(&a->cfg, "attrib.align"), "pad_left") == 0};
     size_t len;
-    char *txt = lp_read_file(path, &len);
-    if (!txt) LP_FAIL(LP_ERR_IO, "%s: cannot read", path);
+    char *txt;
+    LP_CHECK(lp_text_read(path, "pairs file", &txt, &len));
     memset(s, 0, sizeof *s);
     int line = 0, cap = 0;
-    char *save = NULL;
-    for (char *ln = strtok_r(txt, "\n", &save); ln; ln = strtok_r(NULL, "\n", &save)) {
-        line++;
-        while (*ln == ' ' || *ln == '\t' || *ln == '\r') ln++;
-        if (!*ln) continue;
-        char why[200];
-        cJSON *j = cJSON_Parse(ln);
-        if (!cJSON_IsObject(j)) {
-            snprintf(why, sizeof why, "not a JSON object");
-            add_bad(s, line, why);
-            cJSON_Delete(j);
+    for (size_t pos = 0; pos < len; line++) {
+        const char *ln = txt + pos, *nl = memchr(ln, '\n', len - pos);
+        size_t n = nl ? (size_t)(nl - ln) : len - pos;
+        pos += n + 1;
+        lp_pair q;
+        if (lp_pair_parse_line(&po, ln, n, line + 1, &q) != LP_OK) {
+            /* the report names the file once and each line: keep what follows "FILE:LINE: " */
+            char at[32];
+            int k = snprintf(at, sizeof at, ":%d: ", line + 1);
+            const char *why = lp_last_error();
+            size_t pl = strlen(path);
+            add_bad(s, line + 1, strncmp(why, path, pl) == 0 && strncmp(why + pl, at, k) == 0 ? why + pl + k : why);
             continue;
         }
-        pair p = {.index = s->n + s->n_bad, .line = line};
-        size_t nc = 0, nx = 0;
-        lp_status st = LP_OK;
-        const char *fields[4] = {"clean", "corrupted", "answer", "wrong_answer"};
-        for (int f = 0; f < 4 && st == LP_OK; f++)
-            if (!cJSON_GetObjectItemCaseSensitive(j, fields[f]))
-                st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "missing \"%s\"", fields[f]);
-        if (st == LP_OK) st = ids_of(tk, cJSON_GetObjectItemCaseSensitive(j, "clean"), cf->d_vocab, &p.clean, &nc, "clean");
-        if (st == LP_OK) st = ids_of(tk, cJSON_GetObjectItemCaseSensitive(j, "corrupted"), cf->d_vocab, &p.corrupted, &nx, "corrupted");
-        if (st == LP_OK) st = one_token(tk, cJSON_GetObjectItemCaseSensitive(j, "answer"), cf->d_vocab, &p.answer, "answer");
-        if (st == LP_OK) st = one_token(tk, cJSON_GetObjectItemCaseSensitive(j, "wrong_answer"), cf->d_vocab, &p.wrong, "wrong_answer");
-        if (st == LP_OK && nc != nx) {
-            if (!pad) {
-                st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,
-                                  "clean is %zu tokens and corrupted %zu (set attrib.align=pad_left to pad the shorter)", nc, nx);
-            } else { /* pad the shorter on the left with its own first token (BOS when the tokenizer adds one) */
-                size_t T = nc > nx ? nc : nx;
-                int32_t **sh = nc < nx ? &p.clean : &p.corrupted;
-                size_t ns = nc < nx ? nc : nx;
-                int32_t *q = malloc(T * sizeof(int32_t));
-                if (!q) {
-                    free(p.clean), free(p.corrupted), free(txt), cJSON_Delete(j);
-                    LP_FAIL(LP_ERR_OOM, "out of memory");
-                }
-                for (size_t i = 0; i < T; i++) q[i] = i < T - ns ? (*sh)[0] : (*sh)[i - (T - ns)];
-                free(*sh);
-                *sh = q;
-                nc = nx = T;
-            }
-        }
-        if (st == LP_OK && (nc < 1 || nc > (size_t)cf->n_ctx))
-            st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "the prompts are %zu tokens; the model's context is %d", nc, cf->n_ctx);
-        cJSON_Delete(j);
-        if (st != LP_OK) {
-            snprintf(why, sizeof why, "%s", lp_last_error());
-            add_bad(s, line, why);
-            free(p.clean), free(p.corrupted);
-            continue;
-        }
-        p.T = (int)nc;
+        if (q.T == 0) continue; /* a blank line */
         if (s->n == cap) {
             cap = cap ? 2 * cap : 64;
             pair *np = realloc(s->pairs, cap * sizeof *np);
             if (!np) {
-                free(txt);
+                lp_pair_free(&q), free(txt);
                 LP_FAIL(LP_ERR_OOM, "out of memory");
             }
             s->pairs = np;
         }
-        s->pairs[s->n++] = p;
+        int index = s->n + s->n_bad;
+        s->pairs[s->n++] = (pair){.index = index, .line = line + 1, .clean = q.clean, .corrupted = q.corrupted, .T = q.T,
+                                  .answer = q.answer, .wrong = q.wrong};
     }
     free(txt);
     return LP_OK;

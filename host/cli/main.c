@@ -14,6 +14,7 @@
 #include "loupe/model.h"
 #include "loupe/safetensors.h"
 #include "loupe/store.h"
+#include "loupe/textfile.h"
 #include "loupe/tokenizer.h"
 #include "loupe/tokens.h"
 #include "cli.h"
@@ -213,13 +214,15 @@ static lp_status open_tokenizer(const args *a, lp_tokenizer **tk) {
     return lp_tokenizer_load(tk, lp_cfg_str(&a->cfg, "model.path"));
 }
 
-/* Reads a UTF-8 text file and tokenizes it; *ids is malloc'ed. */
+/* Reads a UTF-8 text file and tokenizes it; *ids is malloc'ed. The UTF-8 check comes
+ * first, so that a wrong file is refused by name before the tokenizer loads. */
 static lp_status tokenize_file(const args *a, const char *path, int32_t **ids, size_t *n, size_t *n_bytes) {
     size_t len;
-    char *text = lp_read_file(path, &len);
-    if (!text) LP_FAIL(LP_ERR_IO, "%s: cannot read the text file", path);
+    char *text;
+    LP_CHECK(lp_text_read(path, "text file", &text, &len));
     lp_tokenizer *tk = NULL;
-    lp_status st = open_tokenizer(a, &tk);
+    lp_status st = lp_utf8_check(text, len, path);
+    if (st == LP_OK) st = open_tokenizer(a, &tk);
     if (st == LP_OK) st = lp_tokenize(tk, text, len, ids, n);
     if (st == LP_OK && *n == 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: the text gives no tokens", path);
     if (n_bytes) *n_bytes = len;

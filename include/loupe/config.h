@@ -5,6 +5,8 @@
 #ifndef LOUPE_CONFIG_H
 #define LOUPE_CONFIG_H
 
+#include <stddef.h>
+
 #include "loupe/status.h"
 
 #ifdef __cplusplus
@@ -27,14 +29,22 @@ typedef struct lp_cfg {
     const lp_key *keys;
     int n;
     char *val[LP_CFG_MAX_KEYS];
-    char origin[LP_CFG_MAX_KEYS][160]; /* where each value came from, for messages */
+    char origin[LP_CFG_MAX_KEYS][256]; /* where each value came from ("file.ini:12"), for messages */
 } lp_cfg;
 
 void lp_cfg_init(lp_cfg *c, const lp_key *keys, int n);
 void lp_cfg_free(lp_cfg *c);
 /* Sets key = value, checking the key exists and the value parses and is in bounds. */
 lp_status lp_cfg_set(lp_cfg *c, const char *key, const char *value, const char *origin);
+/* An INI file: [section] headers, `key = value` (or `key: value`) lines setting
+ * "section.key", whole-line ; and # comments, " ;" inline comments; LF, CRLF or CR line
+ * endings, lines of any length. Errors name the file and line: a malformed line, a key
+ * set twice in the file, a NUL byte, an unknown key or bad value; a directory or
+ * unreadable path fails naming the path. An empty file sets nothing. */
 lp_status lp_cfg_load_ini(lp_cfg *c, const char *path);
+/* The same for text[0..len) already in memory (need not be NUL-terminated); name stands
+ * for the file in messages. */
+lp_status lp_cfg_parse_buffer(lp_cfg *c, const char *text, size_t len, const char *name);
 /* Fails naming the first of the listed keys that has no value. */
 lp_status lp_cfg_require(const lp_cfg *c, const char *const *keys);
 const char *lp_cfg_str(const lp_cfg *c, const char *key); /* NULL when unset */
