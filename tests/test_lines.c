@@ -425,6 +425,7 @@ Test(cli_lines, text_files_and_pair_files) {
     expect_one_line(loupe("tokenize " MODEL " --text %s --out x.npy", tmp("bad.txt")),
                     (const char *[]){tmp("bad.txt"), ": not valid UTF-8: byte 0xff at offset 6", NULL});
     expect_one_line(loupe("tokenize " MODEL " --text %s --out x.npy", dir), (const char *[]){": is a directory, not a text file", NULL});
+    expect_one_line(loupe("generate " MODEL " --prompt '%s'", "ab\xff"), (const char *[]){"gen.prompt: not valid UTF-8: byte 0xff at offset 2", NULL});
     /* pairs: every bad line listed with its number, on one line naming the file */
     const char pairs[] = "{\"clean\": [1, 2], \"corrupted\": [1,\0 2], \"answer\": 7, \"wrong_answer\": 8}\n"
                          "\n"

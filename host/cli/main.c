@@ -485,7 +485,8 @@ static int cmd_generate(args *a) {
     size_t n_prompt = 0;
     int n_out = 0, rc = 0;
     const char *text = lp_cfg_str(&a->cfg, "gen.prompt");
-    st = open_tokenizer(a, &tk);
+    st = lp_utf8_check(text, strlen(text), "gen.prompt");
+    if (st == LP_OK) st = open_tokenizer(a, &tk);
     if (st == LP_OK) st = lp_tokenize(tk, text, strlen(text), &prompt, &n_prompt);
     if (st == LP_OK && n_prompt == 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "the prompt gives no tokens");
     if (st == LP_OK) st = cli_open_model(a, &m);
