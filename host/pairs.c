@@ -133,6 +133,10 @@ static lp_status ids_of(const pctx *x, const cJSON *v, const char *field, int32_
             snprintf(why, sizeof why, "%s", lp_last_error());
             return perr(x, st, "'%s': %s", field, why);
         }
+        if (*n > (size_t)x->o->n_ctx) {
+            free(*ids), *ids = NULL;
+            return perr(x, LP_ERR_ARG, "the prompts are %zu tokens; the model's context is %d ('%s')", *n, x->o->n_ctx, field);
+        }
         return LP_OK;
     }
     if (cJSON_IsArray(v)) {

@@ -296,7 +296,7 @@ Test(pairs, text_fields_through_the_tokenizer) {
     cr_expect(strstr(lp_last_error(), "p.jsonl:1: 'clean': not valid UTF-8: byte 0xff at offset 5"), "%s", lp_last_error());
     const char lng[] = "{\"clean\": \"a a a a a a a a a a a a a a a\", \"corrupted\": \"a a a a a a a a a a a a a a a\", \"answer\": \" the\", \"wrong_answer\": \" a\"}";
     cr_expect_neq(lp_pair_parse_line(&o, lng, sizeof lng - 1, 1, &p), LP_OK);
-    cr_expect(strstr(lp_last_error(), "tokens; the model's context is 12"), "%s", lp_last_error());
+    cr_expect(strstr(lp_last_error(), "tokens; the model's context is 12 ('clean')"), "%s", lp_last_error());
     lp_tokenizer_free(tk);
 }
 
