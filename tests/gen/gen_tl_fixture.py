@@ -12,8 +12,8 @@ and writes FIXTURES/tl/NAME.safetensors:
   `loss` (scalar: mean next-token loss over every predicted position, return_type="loss");
   `tokens` (int32 [B,T]: the ids it ran on, FIXTURES/NAME/tokens.npy).
 
-Activations are computed in float64 and stored as float32. `__metadata__` records the
-transformer_lens, torch and transformers versions and the hook count.
+Activations are computed in float64 and stored as float32. `__metadata__` (`generator`) records
+the transformer_lens, torch and transformers versions and the hook count.
 
 The HookedTransformer is built the way from_pretrained_no_processing builds it, but offline and
 from the fixture directory: transformers loads the checkpoint (float64); TransformerLens's own
@@ -42,6 +42,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import importlib.metadata
 import json
 import shutil
 import sys
@@ -112,12 +113,12 @@ def record(fixtures, name):
     out = {k: v.detach().to(torch.float32).contiguous() for k, v in cache.items()}
     out["loss"] = loss.detach().to(torch.float32).reshape(())
     out["tokens"] = tokens.to(torch.int32).contiguous()
+    # one metadata key: safetensors writes several in no fixed order, and the files must be
+    # byte-identical from run to run
+    tl_version = getattr(transformer_lens, "__version__", None) or importlib.metadata.version("transformer-lens")
     meta = {
-        "transformer_lens": transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else "3.9.0",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "n_hooks": str(len(cache)),
-        "source": f"{name}/ (checkpoint and tokens.npy)",
+        "generator": f"gen_tl_fixture.py from {name}/: transformer_lens {tl_version}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}; {len(cache)} hooks"
     }
     path = os.path.join(fixtures, "tl", name + ".safetensors")
     save_file(out, path, metadata=meta)
