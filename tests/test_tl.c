@@ -177,3 +177,31 @@ static void steer_logits(const char *name) {
 
 Test(tl, steering_the_logits_changes_the_loss_gpt2) { steer_logits("gpt2-tiny"); }
 Test(tl, steering_the_logits_changes_the_loss_llama) { steer_logits("llama-tiny"); }
+
+/* The whole [B, T, d_vocab] logits are kept only while unembed.hook_out is hooked: a vocabulary
+ * large enough that B x T rows of logits exceed the 64 MiB chunk the unembedding otherwise
+ * works in. Hooking it (with an edit that adds zero) grows the activation memory by at least
+ * the rows beyond the chunk, and gives the same loss as the chunked pass. */
+Test(tl, logits_whole_only_while_hooked) {
+    lp_config cfg = {.arch = LP_ARCH_GPT2, .n_layers = 1, .d_model = 16, .n_heads = 2, .d_mlp = 32, .n_ctx = 64, .d_vocab = 140000};
+    lp_model *m;
+    cr_assert_eq(lp_model_random(&m, &cfg, 5, LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
+    enum { B = 2, T = 64 };
+    int32_t tok[B * T];
+    uint64_t s = 6;
+    for (int i = 0; i < B * T; i++) tok[i] = (int32_t)(lp_test_next(&s) % (uint64_t)cfg.d_vocab);
+    cr_assert_eq(lp_model_forward(m, tok, B, T, LP_WANT_LOSS), LP_OK, "%s", lp_last_error());
+    double chunked = mean_loss(m, B, T);
+    size_t plain = lp_model_device_bytes(m), whole = (size_t)B * T * cfg.d_vocab * sizeof(float), chunk = (size_t)64 << 20;
+    float *zero = calloc(cfg.d_vocab, sizeof(float));
+    lp_edit_spec e = {.kind = LP_EDIT_ADD, .src = zero, .src_len = cfg.d_vocab, .coef = 1.0f};
+    cr_assert_eq(lp_hook_edit(m, "unembed.hook_out", &e), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_model_forward(m, tok, B, T, LP_WANT_LOSS), LP_OK, "%s", lp_last_error());
+    size_t hooked = lp_model_device_bytes(m);
+    double got = mean_loss(m, B, T);
+    fprintf(stderr, "  %-40s %zu -> %zu bytes; loss %.6f chunked, %.6f whole\n", "unembed.hook_out hooked", plain, hooked, chunked, got);
+    cr_expect_geq(hooked, plain + (whole - chunk), "whole logits: %zu bytes, before %zu", hooked, plain);
+    cr_expect(fabs(got - chunked) <= 1e-5 * fabs(chunked), "loss %.7f whole, %.7f chunked", got, chunked);
+    free(zero);
+    lp_model_free(m);
+}
