@@ -7,11 +7,15 @@
  * qwen2-tiny (GQA 4/1, q/k/v biases) and mistral-tiny checkpoints, ran run_with_cache in
  * float64 on each one's tokens: every hook it fired is recorded, with the mean loss.
  *
- * For each family the set of hook names must be the same on both sides (TransformerLens fires
+ * For each family the set of hook names must be the same on both sides: TransformerLens fires
  * no hook in a default forward that loupe lacks, and loupe has none that TransformerLens does
- * not fire: there are no exceptions to list), every shape must match, every value must be
- * within the model tests' budget (nmse <= 1e-9, as test_gpt2.c and test_llama.c against
- * Hugging Face; -inf masked scores must match exactly), and the loss within 1e-4.
+ * not fire, so there are no exceptions to list. (HookedTransformer also defines
+ * blocks.L.hook_attn_in, hook_q_input, hook_k_input, hook_v_input, hook_mlp_in and
+ * attn.hook_result, which fire only with use_attn_in, use_split_qkv_input, use_hook_mlp_in
+ * and use_attn_result set; neither side has them in a default forward.) Every shape must
+ * match, every value must be within the model tests' budget (nmse <= 1e-9, as test_gpt2.c and
+ * test_llama.c against Hugging Face; -inf masked scores must match exactly), and the loss
+ * within 1e-4.
  *
  * TransformerLens 2.x placed hook_normalized after the norm's weight and bias; 3.x (and loupe)
  * before. `placement_is_discriminated` shows the fixture tells the two apart: there, the

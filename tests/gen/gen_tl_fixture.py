@@ -64,7 +64,7 @@ DTYPE = torch.float64
 
 
 def build(src_dir, work):
-    """HookedTransformer (no processing) and the HF model, both float64, from a fixture dir."""
+    """HookedTransformer (no processing), float64, from a fixture dir."""
     local = os.path.join(work, "model")  # a name without "llama"/"gemma" in it: see the docstring
     shutil.copytree(src_dir, local)
     with open(os.path.join(local, "config.json")) as f:
@@ -92,13 +92,13 @@ def build(src_dir, work):
         refactor_factored_attn_matrices=False,
     )
     model.eval()
-    return model, hf
+    return model
 
 
 def record(fixtures, name):
     tokens = torch.from_numpy(np.load(os.path.join(fixtures, name, "tokens.npy")).astype(np.int64))
     with tempfile.TemporaryDirectory() as work:
-        model, hf = build(os.path.join(fixtures, name), work)
+        model = build(os.path.join(fixtures, name), work)
         with torch.no_grad():
             logits, cache = model.run_with_cache(tokens)
             loss = model(tokens, return_type="loss")
