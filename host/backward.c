@@ -223,14 +223,20 @@ static lp_status check_metric(const lp_model *m, const lp_metric *mt, int B, int
     return LP_OK;
 }
 
-/* Logits of the rows the metric reads: ln_out rows gathered, times the unembedding. */
+/* Logits of the rows the metric reads: ln_out rows gathered, times the unembedding; or,
+ * while unembed.hook_out is hooked, those rows of the forward's whole (maybe edited) logits. */
 static lp_status read_rows(lp_model *m, const lp_metric *mt, int B, int T, void *rows_dev, void *logits_dev, float *host) {
     lp_ctx *c = &m->ctx;
     size_t es = lp_act_size(m), D = m->cfg.d_model;
     int V = m->cfg.d_vocab;
-    for (int b = 0; b < B; b++)
-        LP_CHECK(lp_ctx_copy(c, (char *)rows_dev + b * D * es, (char *)m->ln_out + ((size_t)b * T + row_pos(mt, b, T)) * D * es, D * es));
-    LP_CHECK(lp_matmul(c, logits_dev, rows_dev, lp_param(m, m->unembed), NULL, B, (int)D, V, 1));
+    if (lp_hooks_want_full_logits(m)) {
+        for (int b = 0; b < B; b++)
+            LP_CHECK(lp_ctx_copy(c, (char *)logits_dev + b * V * es, (char *)m->logits + ((size_t)b * T + row_pos(mt, b, T)) * V * es, V * es));
+    } else {
+        for (int b = 0; b < B; b++)
+            LP_CHECK(lp_ctx_copy(c, (char *)rows_dev + b * D * es, (char *)m->ln_out + ((size_t)b * T + row_pos(mt, b, T)) * D * es, D * es));
+        LP_CHECK(lp_matmul(c, logits_dev, rows_dev, lp_param(m, m->unembed), NULL, B, (int)D, V, 1));
+    }
     if (c->device == LP_CPU) {
         memcpy(host, logits_dev, (size_t)B * V * sizeof(float));
         return LP_OK;
@@ -251,6 +257,19 @@ static double metric_row(const lp_metric *mt, const float *l, int V, int b) {
     return l[mt->answer[b]] - mx - log(z);
 }
 
+/* d metric / d logits of row b (logits l) into d[V], which starts at zero. */
+static void metric_grad_row(const lp_metric *mt, const float *l, int V, int b, float *d) {
+    if (mt->kind == LP_METRIC_LOGIT_DIFF) {
+        d[mt->answer[b]] += 1.0f, d[mt->wrong[b]] -= 1.0f;
+        return;
+    }
+    double mx = -INFINITY, z = 0;
+    for (int v = 0; v < V; v++) mx = fmax(mx, l[v]);
+    for (int v = 0; v < V; v++) z += exp(l[v] - mx);
+    for (int v = 0; v < V; v++) d[v] = (float)-(exp(l[v] - mx) / z);
+    d[mt->answer[b]] += 1.0f;
+}
+
 /* Scratch of one lp_model_grad: rows, logits and their gradients, and bw_bufs. */
 typedef struct scratch {
     void *mem;
@@ -258,8 +277,9 @@ typedef struct scratch {
     bw_bufs g;
 } scratch;
 
-/* backward = 0: only what reading the metric needs (a metric-only run, once per exact-patching batch). */
-static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T, int backward) {
+/* backward = 0: only what reading the metric needs (a metric-only run, once per exact-patching batch).
+ * full: the logits' gradient is formed for all B x T rows at once (unembed.hook_out's is wanted). */
+static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T, int backward, int full) {
     const lp_config *c = &m->cfg;
     size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = lp_act_size(m), V = c->d_vocab;
     size_t qD = (size_t)c->n_heads * c->d_head, kvD = (size_t)c->n_kv_heads * c->d_head;
@@ -267,6 +287,7 @@ static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T, int backwa
     if (F > wide) wide = F;
     size_t mat = lp_hooks_want_attn_mats(m) ? (size_t)B * c->n_heads * T * T * es : 0;
     size_t lrows = (size_t)m->logit_rows > (size_t)B ? (size_t)m->logit_rows : (size_t)B;
+    if (full) lrows = N;
     if (!backward) N = 0, mat = 0, lrows = (size_t)B;
     struct { void **p; size_t bytes; } b[] = {
         {&s->rows, B * D * es}, {&s->logits, lrows * V * es}, {&s->drows, backward ? lrows * V * es : 0},
@@ -291,8 +312,8 @@ static lp_status ensure_ones(lp_model *m) {
     if (m->grad_ones) return LP_OK;
     const lp_config *c = &m->cfg;
     size_t n = (size_t)c->d_model;
-    size_t cand[3] = {(size_t)c->n_heads * c->d_head, (size_t)c->d_mlp, (size_t)c->n_ctx};
-    for (int i = 0; i < 3; i++) n = cand[i] > n ? cand[i] : n;
+    size_t cand[4] = {(size_t)c->n_heads * c->d_head, (size_t)c->d_mlp, (size_t)c->n_ctx, (size_t)c->d_vocab};
+    for (int i = 0; i < 4; i++) n = cand[i] > n ? cand[i] : n;
     float *h = malloc(n * sizeof(float));
     if (!h) LP_FAIL(LP_ERR_OOM, "out of memory");
     for (size_t i = 0; i < n; i++) h[i] = 1.0f;
@@ -334,6 +355,71 @@ static lp_status set_wanted(lp_model *m, const char *grad_hooks) {
     return st;
 }
 
+/* The mean-loss metric's gradient at the logits, chunk by chunk (one chunk of all rows when
+ * `full`), through the unembedding into s->g.dln, with the unembed.hook_out site when full.
+ * The logits are the forward's own while unembed.hook_out is hooked (they may be edited). */
+static lp_status mean_loss_backward(lp_model *m, scratch *s, int B, int T, int full) {
+    lp_ctx *c = &m->ctx;
+    size_t N = (size_t)B * T, D = m->cfg.d_model, es = lp_act_size(m);
+    int V = m->cfg.d_vocab, kept = lp_hooks_want_full_logits(m);
+    const void *wu = lp_param(m, m->unembed);
+    float *scale_h = malloc(N * sizeof(float)); /* per row, the mean over its T-1 predictions */
+    void *scale_d = NULL;
+    lp_status st = scale_h ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    for (size_t i = 0; st == LP_OK && i < N; i++) scale_h[i] = 1.0f / (T - 1);
+    if (st == LP_OK) st = lp_ctx_alloc(c, N * sizeof(float), &scale_d);
+    if (st == LP_OK) st = lp_ctx_to_device(c, scale_d, scale_h, N * sizeof(float));
+    size_t chunk = full || kept ? N : (size_t)m->logit_rows;
+    for (size_t r0 = 0; st == LP_OK && r0 < N; r0 += chunk) {
+        int rows = (int)(N - r0 < chunk ? N - r0 : chunk);
+        void *logits = kept ? (char *)m->logits + r0 * V * es : s->logits;
+        if (!kept) st = lp_matmul(c, s->logits, (char *)m->ln_out + r0 * D * es, wu, NULL, rows, (int)D, V, 1);
+        if (st == LP_OK) st = lp_xent_backward(c, s->drows, logits, m->tgt_dev + r0, (float *)scale_d + r0, rows, V);
+        if (st == LP_OK && full) st = lp_grad_site(m, HK_UNEMBED_OUT, m->cfg.n_layers, s->drows);
+        if (st == LP_OK) st = lp_matmul(c, (char *)s->g.dln + r0 * D * es, s->drows, wu, NULL, rows, V, (int)D, 0);
+    }
+    lp_ctx_release(c, scale_d);
+    free(scale_h);
+    return st;
+}
+
+/* The metric's gradient from the logits into s->g.dln (the final norm's output, zeroed), with
+ * the unembed.hook_out and unembed.hook_in gradient sites. Unless `full`, the logit metrics'
+ * gradient is formed only on the rows they read (lh: those rows' logits, [B, V]). A direction
+ * metric at this layer starts from zero (its direction enters at its own site). */
+static lp_status unembed_backward(lp_model *m, scratch *s, const lp_metric *mt, int B, int T, const float *lh, int full) {
+    lp_ctx *c = &m->ctx;
+    const lp_config *cf = &m->cfg;
+    size_t N = (size_t)B * T, D = cf->d_model, es = lp_act_size(m), V = cf->d_vocab;
+    const void *wu = lp_param(m, m->unembed);
+    if (mt->kind == LP_METRIC_LOGIT_DIFF || mt->kind == LP_METRIC_LOGPROB) {
+        size_t rows = full ? N : (size_t)B;
+        float *dl = calloc(rows * V, sizeof(float));
+        if (!dl) LP_FAIL(LP_ERR_OOM, "out of memory for the logits' gradient");
+        for (int b = 0; b < B; b++)
+            metric_grad_row(mt, lh + (size_t)b * V, (int)V, b, dl + (full ? (size_t)b * T + row_pos(mt, b, T) : (size_t)b) * V);
+        lp_status st = lp_ctx_upload_f32(c, s->drows, dl, rows * V);
+        free(dl);
+        LP_CHECK(st);
+        if (full) {
+            GSITE(HK_UNEMBED_OUT, cf->n_layers, s->drows);
+            LP_CHECK(lp_matmul(c, s->g.dln, s->drows, wu, NULL, (int)N, (int)V, (int)D, 0));
+        } else { /* d ln_out = dlogits W_U at the read rows */
+            LP_CHECK(lp_matmul(c, s->rows, s->drows, wu, NULL, B, (int)V, (int)D, 0));
+            for (int b = 0; b < B; b++)
+                LP_CHECK(lp_ctx_copy(c, (char *)s->g.dln + ((size_t)b * T + row_pos(mt, b, T)) * D * es, (char *)s->rows + b * D * es, D * es));
+        }
+    } else if (mt->kind == LP_METRIC_MEAN_LOSS) {
+        LP_CHECK(mean_loss_backward(m, s, B, T, full));
+    } else if (full) { /* a direction at unembed.hook_out */
+        LP_CHECK(lp_ctx_memset0(c, s->drows, N * V * es));
+        GSITE(HK_UNEMBED_OUT, cf->n_layers, s->drows);
+        LP_CHECK(lp_matmul(c, s->g.dln, s->drows, wu, NULL, (int)N, (int)V, (int)D, 0));
+    }
+    GSITE(HK_UNEMBED_IN, cf->n_layers, s->g.dln);
+    return LP_OK;
+}
+
 static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, const lp_metric *mt, const char *grad_hooks,
                           double *metric_out, int backward) {
     LP_CHECK(check_metric(m, mt, B, T));
@@ -344,6 +430,9 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
     g->B = B, g->T = T, g->inject_id = -1;
     const lp_config *cf = &m->cfg;
     int V = cf->d_vocab, dir_id = mt->kind == LP_METRIC_DIRECTION ? lp_hook_find(m, mt->hook) : -1;
+    /* the gradient at the logits is formed whole only when unembed.hook_out's is wanted or
+     * a direction enters there */
+    int out_id = lp_hook_id(m, HK_UNEMBED_OUT, cf->n_layers), full = backward && (g->want[out_id] || dir_id == out_id);
     /* a direction metric reads the hook's activation: capture it for this run */
     int had_capture = dir_id >= 0 && m->hooks[dir_id].capture;
     if (dir_id >= 0 && !had_capture) LP_CHECK(lp_hook_capture(m, mt->hook, NULL, 0, NULL));
@@ -382,9 +471,9 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
     int want = mt->kind == LP_METRIC_MEAN_LOSS ? LP_WANT_LOSS : mt->kind == LP_METRIC_DIRECTION ? 0 : LP_WANT_FINAL_NORM;
     lp_status st = lp_model_forward(m, tokens, B, T, want);
     scratch s = {0};
-    float *lh = NULL, *dl = NULL;
+    float *lh = NULL;
     if (st == LP_OK && mt->kind != LP_METRIC_DIRECTION && mt->kind != LP_METRIC_MEAN_LOSS) {
-        st = scratch_alloc(m, &s, B, T, backward);
+        st = scratch_alloc(m, &s, B, T, backward, full);
         lh = malloc((size_t)B * V * sizeof(float));
         if (st == LP_OK && !lh) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
         if (st == LP_OK) st = read_rows(m, mt, B, T, s.rows, s.logits, lh);
@@ -396,7 +485,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
             for (int i = 0; i < T - 1; i++) acc += l[(size_t)b * (T - 1) + i];
             metric_out[b] = acc / (T - 1);
         }
-        if (backward) st = scratch_alloc(m, &s, B, T, 1);
+        if (backward) st = scratch_alloc(m, &s, B, T, 1, full);
     } else if (st == LP_OK) { /* direction */
         lp_tensor a;
         int64_t hs[LP_MAX_DIMS];
@@ -416,7 +505,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
         }
         free(f);
         if (st == LP_OK && backward) {
-            st = scratch_alloc(m, &s, B, T, 1);
+            st = scratch_alloc(m, &s, B, T, 1, full);
             lp_ctx_release(&m->ctx, g->inject_dev);
             g->inject_dev = NULL;
             if (st == LP_OK) st = lp_ctx_alloc(&m->ctx, per * lp_act_size(m), &g->inject_dev);
@@ -430,49 +519,10 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
         size_t N = (size_t)B * T, D = cf->d_model, es = lp_act_size(m);
         st = lp_ctx_memset0(c, s.g.dresid, N * D * es);
         if (st == LP_OK) st = lp_ctx_memset0(c, s.g.dln, N * D * es);
-        int top = cf->n_layers; /* the final norm's output */
-        if (st == LP_OK && (mt->kind == LP_METRIC_LOGIT_DIFF || mt->kind == LP_METRIC_LOGPROB)) {
-            /* d metric / d logits on the read rows, into d ln_out = dlogits W_U at those rows */
-            dl = calloc((size_t)B * V, sizeof(float));
-            if (!dl) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
-            for (int b = 0; st == LP_OK && b < B; b++) {
-                float *d = dl + (size_t)b * V;
-                const float *l = lh + (size_t)b * V;
-                if (mt->kind == LP_METRIC_LOGIT_DIFF) {
-                    d[mt->answer[b]] += 1.0f, d[mt->wrong[b]] -= 1.0f;
-                } else {
-                    double mx = -INFINITY, z = 0;
-                    for (int v = 0; v < V; v++) mx = fmax(mx, l[v]);
-                    for (int v = 0; v < V; v++) z += exp(l[v] - mx);
-                    for (int v = 0; v < V; v++) d[v] = (float)-(exp(l[v] - mx) / z);
-                    d[mt->answer[b]] += 1.0f;
-                }
-            }
-            if (st == LP_OK) st = lp_ctx_upload_f32(&m->ctx, s.drows, dl, (size_t)B * V);
-            if (st == LP_OK) st = lp_matmul(c, s.rows, s.drows, lp_param(m, m->unembed), NULL, B, V, (int)D, 0);
-            for (int b = 0; st == LP_OK && b < B; b++)
-                st = lp_ctx_copy(c, (char *)s.g.dln + ((size_t)b * T + row_pos(mt, b, T)) * D * es, (char *)s.rows + b * D * es, D * es);
-        } else if (st == LP_OK && mt->kind == LP_METRIC_MEAN_LOSS) {
-            /* per row, mean over its T-1 predictions: logits again, chunk by chunk */
-            float *scale_h = malloc(N * sizeof(float));
-            void *scale_d = NULL;
-            if (!scale_h) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
-            for (size_t i = 0; st == LP_OK && i < N; i++) scale_h[i] = 1.0f / (T - 1);
-            if (st == LP_OK) st = lp_ctx_alloc(c, N * sizeof(float), &scale_d);
-            if (st == LP_OK) st = lp_ctx_to_device(c, scale_d, scale_h, N * sizeof(float));
-            int chunk = m->logit_rows;
-            for (size_t r0 = 0; st == LP_OK && r0 < N; r0 += chunk) {
-                int rows = (int)(N - r0 < (size_t)chunk ? N - r0 : (size_t)chunk);
-                st = lp_matmul(c, s.logits, (char *)m->ln_out + r0 * D * es, lp_param(m, m->unembed), NULL, rows, (int)D, V, 1);
-                if (st == LP_OK) st = lp_xent_backward(c, s.drows, s.logits, m->tgt_dev + r0, (float *)scale_d + r0, rows, V);
-                if (st == LP_OK) st = lp_matmul(c, (char *)s.g.dln + r0 * D * es, s.drows, lp_param(m, m->unembed), NULL, rows, V, (int)D, 0);
-            }
-            lp_ctx_release(c, scale_d);
-            free(scale_h);
-        } else if (st == LP_OK) { /* direction: the gradient starts at the hook's layer */
-            top = m->hooks[dir_id].layer;
-        }
+        /* a logit metric enters at the logits; a direction at its hook's layer */
+        int top = mt->kind == LP_METRIC_DIRECTION ? m->hooks[dir_id].layer : cf->n_layers;
         m->taping = 1; /* lp_grad_wanted answers for the backward too */
+        if (st == LP_OK && top == cf->n_layers) st = unembed_backward(m, &s, mt, B, T, lh, full);
         if (st == LP_OK)
             st = cf->arch == LP_ARCH_GPT2 ? lp_gpt2_backward(m, &s.g, B, T, top) : lp_llama_backward(m, &s.g, B, T, top);
         if (st == LP_OK) st = lp_ctx_sync(c);
@@ -480,7 +530,6 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
     if (backward) tape_restore(m);
     lp_ctx_release(&m->ctx, s.mem);
     free(lh);
-    free(dl);
     return st;
 }
 

@@ -31,6 +31,7 @@ static void set_view(hook *h, const lp_config *c) {
     case HK_K: case HK_V: case HK_ROT_K: h->H = c->n_kv_heads, h->E = c->d_head; break;
     case HK_SCORES: case HK_PATTERN: h->H = c->n_heads, h->head_outer = 1, h->e_is_pos = 1; break;
     case HK_MLP_PRE: case HK_MLP_PRE_LINEAR: case HK_MLP_POST: h->E = c->d_mlp; break;
+    case HK_UNEMBED_OUT: h->E = c->d_vocab; break;
     default: break;
     }
 }
@@ -73,12 +74,16 @@ lp_status lp_hooks_init(lp_model *m) {
     /* ln_final lives at layer n_layers so that "the last layer a hook needs" orders it last */
     add_hook(m, HK_LNF_SCALE, c->n_layers, "ln_final.hook_scale");
     add_hook(m, HK_LNF_NORM, c->n_layers, "ln_final.hook_normalized");
+    /* TransformerLens 3.x's Unembed fires these in every forward: its input (the final
+     * norm's output, after the weight) and the logits */
+    add_hook(m, HK_UNEMBED_IN, c->n_layers, "unembed.hook_in");
+    add_hook(m, HK_UNEMBED_OUT, c->n_layers, "unembed.hook_out");
     return LP_OK;
 }
 
 int lp_hook_id(const lp_model *m, int kind, int layer) {
     if (kind == HK_EMBED || kind == HK_POS_EMBED) layer = 0;
-    if (kind == HK_LNF_SCALE || kind == HK_LNF_NORM) layer = m->cfg.n_layers;
+    if (kind == HK_LNF_SCALE || kind == HK_LNF_NORM || kind == HK_UNEMBED_IN || kind == HK_UNEMBED_OUT) layer = m->cfg.n_layers;
     return m->hook_index[layer * HK_N_KINDS + kind];
 }
 
@@ -356,6 +361,8 @@ int lp_hooks_want_attn_mats(const lp_model *m) {
             return 1;
     return 0;
 }
+
+int lp_hooks_want_full_logits(const lp_model *m) { return lp_hook_active(m, lp_hook_id(m, HK_UNEMBED_OUT, m->cfg.n_layers)); }
 
 lp_status lp_hooks_finish(lp_model *m) { return lp_ctx_sync(&m->ctx); }
 

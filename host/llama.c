@@ -593,7 +593,6 @@ static lp_status forward(lp_model *m, int B, int T, int want) {
     if (last < cf->n_layers) return LP_OK;
     TAPE(lp_tape_final(m));
     LP_CHECK(lp_model_norm(m, m->resid, lp_param(m, p_lnf(m)), NULL, HK_LNF_SCALE, HK_LNF_NORM, cf->n_layers, N));
-    if (!(want & (LP_WANT_LOSS | LP_WANT_LOGITS))) return LP_OK;
     return lp_model_unembed(m, N, want);
 }
 

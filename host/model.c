@@ -139,7 +139,7 @@ static size_t layout(lp_model *m, int B, int T, int carve) {
     size_t rows = N < 1 ? 1 : N;
     size_t lrows = (size_t)(64u << 20) / ((size_t)c->d_vocab * es); /* logits chunk: at most 64 MiB */
     if (lrows < 1) lrows = 1;
-    if (lrows > rows) lrows = rows;
+    if (lrows > rows || lp_hooks_want_full_logits(m)) lrows = rows; /* unembed.hook_out sees them whole */
     struct { void **p; size_t bytes; } bufs[] = {
         {&m->resid, N * D * es}, {&m->ln_out, N * D * es}, {&m->ln_norm, N * D * es}, {&m->ln_scale, N * es},
         {&m->q, N * qD * es}, {&m->k, N * kvD * es}, {&m->v, N * kvD * es},
@@ -162,6 +162,7 @@ lp_status lp_model_prepare(lp_model *m, int B, int T) {
     if (T > m->cfg.n_ctx) LP_FAIL(LP_ERR_ARG, "sequence length %d exceeds the model's context of %d", T, m->cfg.n_ctx);
     int grow = B > m->B_max || T > m->T_max;
     if (m->any_hook_dirty && lp_hooks_want_attn_mats(m) && !m->acts_attn_mats) grow = 1;
+    if (m->any_hook_dirty && lp_hooks_want_full_logits(m) && (size_t)m->logit_rows < (size_t)m->B_max * m->T_max) grow = 1;
     if (grow) {
         int nB = B > m->B_max ? B : m->B_max, nT = T > m->T_max ? T : m->T_max;
         free_acts(m);
@@ -224,15 +225,23 @@ lp_status lp_model_forward(lp_model *m, const int32_t *tokens, int B, int T, int
 }
 
 lp_status lp_model_unembed(lp_model *m, int N, int want) {
-    /* unembed in row chunks so that B x T x V logits never need to exist at once */
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
+    LP_CHECK(lp_hook_site(m, lp_hook_id(m, HK_UNEMBED_IN, cf->n_layers), m->ln_out));
+    /* hooks do not run while generating: no logits for the hook then */
+    int out_id = lp_hook_id(m, HK_UNEMBED_OUT, cf->n_layers), out = m->gen_pos0 < 0 && lp_hook_active(m, out_id);
+    if (!(want & (LP_WANT_LOSS | LP_WANT_LOGITS)) && !out) return LP_OK;
+    if (out && m->logit_rows < N) LP_FAIL(LP_ERR_INTERNAL, "unembed.hook_out: the logits buffer holds %d rows, the batch has %d", m->logit_rows, N);
+    /* in row chunks so that B x T x V logits never exist at once, unless unembed.hook_out is
+     * hooked (then logit_rows covers the batch: one chunk, which the hook sees and edits
+     * before the losses are taken from it) */
     const void *wu = lp_param(m, m->unembed);
     size_t es = lp_act_size(m);
     for (int r0 = 0; r0 < N; r0 += m->logit_rows) {
         int rows = N - r0 < m->logit_rows ? N - r0 : m->logit_rows;
         const char *x = (const char *)m->ln_out + (size_t)r0 * cf->d_model * es;
         lp_status st = lp_matmul(c, m->logits, x, wu, NULL, rows, cf->d_model, cf->d_vocab, 1);
+        if (st == LP_OK && out) st = lp_hook_site(m, out_id, m->logits);
         if (st == LP_OK && (want & LP_WANT_LOSS))
             st = lp_cross_entropy(c, m->loss_dev + r0, m->logits, m->tgt_dev + r0, rows, cf->d_vocab);
         if (st == LP_OK && (want & LP_WANT_LOGITS)) {

@@ -11,7 +11,7 @@ enum {
     HK_RESID_PRE, HK_LN1_SCALE, HK_LN1_NORM, HK_Q, HK_K, HK_V, HK_ROT_Q, HK_ROT_K, HK_SCORES, HK_PATTERN,
     HK_Z, HK_ATTN_OUT, HK_RESID_MID, HK_LN2_SCALE, HK_LN2_NORM, HK_MLP_PRE, HK_MLP_PRE_LINEAR, HK_MLP_POST,
     HK_MLP_OUT, HK_RESID_POST, HK_PER_LAYER,
-    HK_EMBED = HK_PER_LAYER, HK_POS_EMBED, HK_LNF_SCALE, HK_LNF_NORM, HK_N_KINDS,
+    HK_EMBED = HK_PER_LAYER, HK_POS_EMBED, HK_LNF_SCALE, HK_LNF_NORM, HK_UNEMBED_IN, HK_UNEMBED_OUT, HK_N_KINDS,
 };
 /* Hook points an architecture does not have (GPT-2: no rotary or gated MLP hooks;
  * Llama: no hook_pos_embed) are absent from the table: lp_hook_id gives -1 for them,
@@ -29,7 +29,7 @@ typedef struct edit {
 
 typedef struct hook {
     char name[64];
-    int kind, layer;     /* layer = n_layers for ln_final */
+    int kind, layer;     /* layer = n_layers for ln_final and unembed */
     /* view per token: positions are P = T (or queries), heads H, inner E */
     int H, E, head_outer, e_is_pos; /* e_is_pos: E equals T (key positions) */
     int capture;
@@ -175,6 +175,9 @@ lp_status lp_attn_core_backward(lp_model *m, bw_bufs *g, const tape_layer *t, in
 
 /* Whether any hook needs the [B,H,T,T] score and pattern buffers. */
 int lp_hooks_want_attn_mats(const lp_model *m);
+/* Whether unembed.hook_out is captured or edited: then the forward keeps all B x T rows of
+ * logits at once (otherwise they pass through in row chunks and are never whole). */
+int lp_hooks_want_full_logits(const lp_model *m);
 
 /* Address of weight idx of the param table. */
 static inline void *lp_param(const lp_model *m, int idx) {
@@ -196,8 +199,10 @@ lp_status lp_model_attend(lp_model *m, int L, int B, int T);
 lp_status lp_norm_backward_site(lp_model *m, bw_bufs *g, void *dx, void *dy, const void *x, const void *scale, const void *w,
                                 int k_scale, int k_norm, int L, int N);
 
-/* The end of every forward: logits of m->ln_out [N, D] through the unembedding, in row
- * chunks, with per-token losses and/or logits copied to the host as `want` says. */
+/* The end of every forward after the final norm: the unembed.hook_in site on m->ln_out
+ * [N, D], then, when `want` asks for losses or logits or unembed.hook_out is hooked, the
+ * logits through the unembedding (all rows at once with the unembed.hook_out site when it
+ * is hooked, else in row chunks), with per-token losses and/or logits copied to the host. */
 lp_status lp_model_unembed(lp_model *m, int N, int want);
 
 /* Architecture entry points: load fills cfg, params and weights and sets m->forward. */

@@ -1,7 +1,7 @@
 /* test_attrib.c: gradients at hooks and attribution vs exact patching, on the CPU.
  *   finite differences   the backward's gradient at hooks of every kind against central
  *                        differences of the metric with that activation perturbed (GPT-2
- *                        and Llama fixtures)
+ *                        and Llama fixtures; the unembed hooks under every metric)
  *   linear               where the metric is linear in the nodes, attribution patching
  *                        equals exact patching
  *   self-patching        patching the corrupted run with its own values changes nothing
@@ -39,7 +39,8 @@ static double metric_with(lp_model *m, const int32_t *tok, int B, int T, const l
     return sum;
 }
 
-static void fd_check(const char *dir, const char *const *hooks, int nh) {
+/* kind: the metric (a direction metric reads unembed.hook_out along a random direction). */
+static void fd_check_metric(const char *dir, const char *const *hooks, int nh, lp_metric_kind kind) {
     lp_model *m = load(dir);
     enum { B = 2, T = 9 };
     int V = lp_model_config(m)->d_vocab;
@@ -47,7 +48,9 @@ static void fd_check(const char *dir, const char *const *hooks, int nh) {
     tokens(tok, B * T, V, 11);
     tokens(ans, B, V, 12);
     tokens(wr, B, V, 13);
-    lp_metric mt = {.kind = LP_METRIC_LOGIT_DIFF, .answer = ans, .wrong = wr};
+    float *direction = lp_test_rand(V, 14, -1, 1);
+    lp_metric mt = {.kind = kind, .answer = ans, .wrong = wr, .hook = "unembed.hook_out", .direction = direction};
+    static const char *const kind_name[] = {"logit-diff", "logprob", "mean-loss", "direction"};
     for (int h = 0; h < nh; h++) {
         /* the activation (unperturbed) and the backward's gradient there */
         lp_hooks_clear(m);
@@ -78,18 +81,24 @@ static void fd_check(const char *dir, const char *const *hooks, int nh) {
             double fd = (metric_with(m, tok, B, T, &mt, hooks[h], act, n, i, d) - metric_with(m, tok, B, T, &mt, hooks[h], act, n, i, -d)) / (2.0 * d);
             worst = fmax(worst, fabs(fd - grad[i]) / gmax);
         }
-        printf("  %-12s %-32s max |fd - grad| / max |grad| %.2e of 2e-2\n", strstr(dir, "llama") ? "llama-tiny" : "gpt2-tiny", hooks[h], worst);
-        cr_expect_leq(worst, 2e-2, "%s: finite differences disagree (%.3e)", hooks[h], worst);
+        printf("  %-12s %-10s %-32s max |fd - grad| / max |grad| %.2e of 2e-2\n", strstr(dir, "llama") ? "llama-tiny" : "gpt2-tiny",
+               kind_name[kind], hooks[h], worst);
+        cr_expect_leq(worst, 2e-2, "%s (%s metric): finite differences disagree (%.3e)", hooks[h], kind_name[kind], worst);
+        cr_expect_gt(gmax, 0, "%s (%s metric): the gradient is zero everywhere", hooks[h], kind_name[kind]);
         free(act), free(grad);
     }
+    free(direction);
     lp_model_free(m);
 }
+
+static void fd_check(const char *dir, const char *const *hooks, int nh) { fd_check_metric(dir, hooks, nh, LP_METRIC_LOGIT_DIFF); }
 
 Test(attrib, gradients_match_finite_differences_gpt2) {
     const char *hooks[] = {"hook_embed", "blocks.0.hook_resid_pre", "blocks.0.ln1.hook_scale", "blocks.0.ln1.hook_normalized", "blocks.0.attn.hook_q",
                            "blocks.0.attn.hook_k", "blocks.0.attn.hook_v", "blocks.1.attn.hook_attn_scores", "blocks.1.attn.hook_pattern",
                            "blocks.0.attn.hook_z", "blocks.0.hook_attn_out", "blocks.1.hook_resid_mid", "blocks.0.mlp.hook_pre",
-                           "blocks.1.mlp.hook_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post", "ln_final.hook_normalized"};
+                           "blocks.1.mlp.hook_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post", "ln_final.hook_normalized",
+                           "unembed.hook_in", "unembed.hook_out"};
     fd_check(LP_FIXTURES "/gpt2-tiny", hooks, sizeof hooks / sizeof *hooks);
 }
 
@@ -97,8 +106,19 @@ Test(attrib, gradients_match_finite_differences_llama) {
     const char *hooks[] = {"hook_embed", "blocks.0.attn.hook_q", "blocks.0.attn.hook_rot_q", "blocks.1.attn.hook_rot_k", "blocks.0.attn.hook_v",
                            "blocks.1.attn.hook_pattern", "blocks.0.mlp.hook_pre", "blocks.0.mlp.hook_pre_linear", "blocks.1.mlp.hook_post",
                            "blocks.1.ln2.hook_normalized", "blocks.1.ln2.hook_scale", "blocks.0.hook_resid_mid", "ln_final.hook_scale",
-                           "ln_final.hook_normalized"};
+                           "ln_final.hook_normalized", "unembed.hook_in", "unembed.hook_out"};
     fd_check(LP_FIXTURES "/llama-tiny", hooks, sizeof hooks / sizeof *hooks);
+}
+
+/* The unembedding's gradients under every metric: whole logits (unembed.hook_out's gradient
+ * on all rows, the mean loss's chunks, a direction entering at the logits) and the gradient
+ * flowing on from there into the final norm and the last block. */
+Test(attrib, unembed_gradients_match_finite_differences_every_metric) {
+    const char *hooks[] = {"unembed.hook_out", "unembed.hook_in", "ln_final.hook_normalized", "blocks.1.hook_resid_post"};
+    for (int k = LP_METRIC_LOGPROB; k <= LP_METRIC_DIRECTION; k++) {
+        fd_check_metric(LP_FIXTURES "/gpt2-tiny", hooks, 4, (lp_metric_kind)k);
+        fd_check_metric(LP_FIXTURES "/llama-tiny", hooks, 4, (lp_metric_kind)k);
+    }
 }
 
 /* metric = resid_post of the last layer . direction is linear in that layer's mlp_out and
@@ -183,6 +203,9 @@ static void torch_check(const char *model_dir, const char *fixture) {
     char worst_name[128] = "";
     for (int id = 0; id < lp_hook_count(m); id++) {
         const char *h = lp_hook_name(m, id);
+        /* the fixture predates the unembed hooks: their gradients are checked against
+         * finite differences above, under every metric */
+        if (!lp_test_hf_key(h) || strcmp(h, "unembed.hook_out") == 0) continue;
         char key[160];
         snprintf(key, sizeof key, "grad.%s", h);
         const lp_st_tensor *r = lp_st_find(&f, key);

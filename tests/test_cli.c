@@ -87,10 +87,11 @@ Test(cli, run_json_reports_the_reference_loss) {
 Test(cli, info_lists_hooks) {
     cr_assert_eq(loupe("info %s", MODEL), 0, "%s", err_txt);
     cr_expect(strstr(out_txt, "blocks.1.attn.hook_pattern") && strstr(out_txt, "[batch, 4, pos, pos]"), "%s", out_txt);
+    cr_expect(strstr(out_txt, "unembed.hook_out") && strstr(out_txt, "[batch, pos, 997]"), "%s", out_txt);
     cr_assert_eq(loupe("info %s --json", MODEL), 0);
     cJSON *j = cJSON_Parse(strrchr(out_txt, '{') ? out_txt : "");
     cr_assert(j);
-    cr_expect_eq(cJSON_GetArraySize(cJSON_GetObjectItem(j, "hooks")), 38);
+    cr_expect_eq(cJSON_GetArraySize(cJSON_GetObjectItem(j, "hooks")), 40); /* 38 + unembed.hook_in/out */
     cJSON_Delete(j);
 }
 

@@ -11,9 +11,15 @@
  *                                                        [batch, n_heads, query_pos, key_pos]
  *   blocks.L.mlp.hook_pre|hook_post                      [batch, pos, d_mlp]
  *   ln_final.hook_scale, ln_final.hook_normalized
+ *   unembed.hook_in (the final norm's output)            [batch, pos, d_model]
+ *   unembed.hook_out (the logits)                        [batch, pos, d_vocab]
+ * Semantics are TransformerLens 3.x's (2.x put hook_normalized after the norm's weight and
+ * bias, and had no unembed hooks). Edits of unembed.hook_out change the logits and losses
+ * the forward returns and the metrics computed from them.
  * At a hook point, edits run first, in the order they were added, then the capture
  * records the value that flows on. Hooks nobody asked for cost nothing (hook_normalized,
- * hook_attn_scores and hook_pattern are not even computed). */
+ * hook_attn_scores and hook_pattern are not even computed, and the logits are whole only
+ * while unembed.hook_out is hooked). */
 #ifndef LOUPE_HOOKS_H
 #define LOUPE_HOOKS_H
 
