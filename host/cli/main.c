@@ -35,6 +35,8 @@ static const lp_key g_keys[] = {
     {"tokenize.out", LP_KEY_STR, NULL, 0, 0, NULL, ".npy file for the token ids (flat int32)"},
     /* SAEs: names an SAELens user recognises */
     {"data.store", LP_KEY_STR, NULL, 0, 0, NULL, "activation store (loupe cache) to train or evaluate on"},
+    {"data.allow_incomplete", LP_KEY_CHOICE, "false", 0, 0, "true|false",
+     "train or evaluate on a store whose cache run has not finished (meta.json says complete: false)"},
     {"data.hook", LP_KEY_STR, NULL, 0, 0, NULL, "hook the SAE reads (default: the store's only hook / the SAE's)"},
     {"data.hook_out", LP_KEY_STR, NULL, 0, 0, NULL, "transcoder: hook it reconstructs"},
     {"sae.path", LP_KEY_STR, NULL, 0, 0, NULL, "an SAE: SAELens directory, Gemma Scope params, or sparsify directory"},
