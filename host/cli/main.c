@@ -3,6 +3,7 @@
  * turns an lp_status into one line on stderr and an exit code (0 done, 1 failed while
  * working, 2 bad usage or bad input). With --json the last stdout line is one object. */
 #include <cjson/cJSON.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -574,5 +575,10 @@ int main(int argc, char **argv) {
     lp_status st = parse_args(&a, argc - 2, argv + 2, positional);
     int rc = st == LP_OK ? fn(&a) : cli_fail(st);
     lp_cfg_free(&a.cfg);
+    /* a report or --json object that did not reach its file is a failure, not a success */
+    if ((fflush(stdout) != 0 || ferror(stdout)) && rc == 0) {
+        fprintf(stderr, "loupe: standard output: write failed: %s\n", strerror(errno));
+        rc = 1;
+    }
     return rc;
 }
