@@ -114,9 +114,25 @@ void lp_tmp_name(char *buf, size_t n, const char *path) {
     snprintf(buf, n, "%s.tmp.%ld.%08x%x", path, (long)getpid(), r, c);
 }
 
+/* Only names loupe makes: an output directory may be one the user also keeps other files in. */
 int lp_is_tmp_name(const char *name) {
+    const char *t = strstr(name, ".tmp.");
+    if (t) { /* NAME.tmp.<pid>.<hex>, as lp_tmp_name makes them */
+        const char *p = t + 5, *q = p;
+        while (*q >= '0' && *q <= '9') q++;
+        if (q == p || *q != '.') return 0;
+        p = ++q;
+        while ((*q >= '0' && *q <= '9') || (*q >= 'a' && *q <= 'f')) q++;
+        return q > p && *q == 0;
+    }
+    /* the fixed NAME.tmp of earlier versions, for loupe's own file names */
+    static const char *const ours[] = {"shard-", "meta.json", "cfg.json", "sae_weights", "step-", "scores-", "results.jsonl", "job.json",
+                                       "metrics.jsonl", NULL};
     size_t n = strlen(name);
-    return (n > 4 && strcmp(name + n - 4, ".tmp") == 0) || strstr(name, ".tmp.") != NULL;
+    if (n <= 4 || strcmp(name + n - 4, ".tmp") != 0) return 0;
+    for (int i = 0; ours[i]; i++)
+        if (strncmp(name, ours[i], strlen(ours[i])) == 0) return 1;
+    return 0;
 }
 
 lp_status lp_remove_stale_tmp(const char *dir) {

@@ -119,6 +119,8 @@ Test(outputs, exit_codes_of_the_new_statuses) {
     lp_tmp_name(b, sizeof b, "x/shard.safetensors");
     cr_expect(strcmp(a, b) != 0, "two temporary names are the same: %s", a);
     cr_expect(lp_is_tmp_name(strrchr(a, '/') + 1) && lp_is_tmp_name("meta.json.tmp") && !lp_is_tmp_name("meta.json"));
+    /* a user's own files in an output directory are left alone */
+    cr_expect(!lp_is_tmp_name("notes.tmp") && !lp_is_tmp_name("backup.tmp.d") && !lp_is_tmp_name("x.tmp.12.zz"));
 }
 
 Test(outputs, a_second_writer_is_refused_naming_the_holder) {

@@ -31,7 +31,8 @@ void lp_lock_release(lp_lock *l);
 
 /* "<path>.tmp.<pid>.<random>" into buf: a name no other process or call will pick. */
 void lp_tmp_name(char *buf, size_t n, const char *path);
-/* Whether a directory entry is a temporary file of an earlier run ("*.tmp" or "*.tmp.*"). */
+/* Whether a directory entry is a temporary file of an earlier run: NAME.tmp.<pid>.<hex>,
+ * or NAME.tmp for loupe's own file names (shard-*, meta.json, cfg.json, step-*, ...). */
 int lp_is_tmp_name(const char *name);
 /* Removes the temporary files of earlier runs in dir. Call it only under dir's lock:
  * otherwise it could delete another running job's file in flight. */
