@@ -711,6 +711,7 @@ static lp_status save_checkpoint(trainer *tr) {
         snprintf(hex, sizeof hex, "%a", accs[i]);
         cJSON_AddItemToArray(acc, cJSON_CreateString(hex));
     }
+    cJSON_AddStringToObject(j, "store_fingerprint", tr->store_id);
     cJSON_AddStringToObject(j, "signature", sig);
     char *txt = cJSON_Print(j);
     cJSON_Delete(j);
@@ -750,7 +751,12 @@ static lp_status load_checkpoint(trainer *tr, int *found) {
     free(txt);
     char sig[4096];
     signature(tr, sig, sizeof sig);
-    const cJSON *js = cJSON_GetObjectItemCaseSensitive(j, "signature");
+    const cJSON *js = cJSON_GetObjectItemCaseSensitive(j, "signature"), *jf = cJSON_GetObjectItemCaseSensitive(j, "store_fingerprint");
+    if (cJSON_IsString(jf) && strcmp(jf->valuestring, tr->store_id) != 0) { /* the settings may match, the data does not */
+        cJSON_Delete(j);
+        LP_FAIL(LP_ERR_ARG, "data.store: %s changed since the checkpoint %s was written (its meta.json: shards or their source differ); "
+                            "use another train.out or remove it", tr->t->store, path);
+    }
     if (!cJSON_IsString(js) || strcmp(js->valuestring, sig) != 0) {
         cJSON_Delete(j);
         LP_FAIL(LP_ERR_ARG, "%s: a checkpoint of a run with other settings is in %s; use another train.out or remove it", path, tr->t->out);

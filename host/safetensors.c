@@ -377,6 +377,6 @@ static int remove_one(const char *path, const struct stat *sb, int flag, struct 
 lp_status lp_remove_tree(const char *path) {
     struct stat sb;
     if (lstat(path, &sb) != 0) return LP_OK;
-    if (nftw(path, remove_one, 16, FTW_DEPTH | FTW_PHYS) != 0) LP_FAIL(LP_ERR_IO, "%s: cannot remove: %s", path, strerror(errno));
+    if (nftw(path, remove_one, 16, FTW_DEPTH | FTW_PHYS) != 0) LP_FAIL(lp_write_status(errno), "%s: cannot remove: %s", path, strerror(errno));
     return LP_OK;
 }

@@ -356,5 +356,5 @@ Test(outputs, a_finished_train_sae_reruns_as_a_no_op) {
     cr_assert(system(cmd) == 0);
     rc = loupe("%s", args);
     cr_expect_eq(rc, 2, "exit %d; %s", rc, err_txt);
-    cr_expect(strstr(err_txt, "a checkpoint of a run with other settings"), "%s", err_txt);
+    cr_expect(strstr(err_txt, "data.store: ") && strstr(err_txt, "changed since the checkpoint"), "%s", err_txt);
 }
