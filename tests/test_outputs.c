@@ -269,6 +269,49 @@ Test(outputs, a_torn_results_line_is_repaired_and_no_pair_is_written_twice) {
     free(again), free(full);
 }
 
+/* Pairs holding score tensors in the files of DIR matching scores-atp-*: each must be in exactly one. */
+static void expect_scores_once(const char *d, int n_pairs) {
+    int seen[16] = {0};
+    char cmd[300], name[256];
+    snprintf(cmd, sizeof cmd, "ls %s | grep '^scores-atp-.*[.]safetensors$'", d);
+    FILE *p = popen(cmd, "r");
+    while (fgets(name, sizeof name, p)) {
+        name[strcspn(name, "\n")] = 0;
+        char path[600];
+        snprintf(path, sizeof path, "%s/%s", d, name);
+        lp_st_file f;
+        cr_assert_eq(lp_st_open(&f, path), LP_OK, "%s", lp_last_error());
+        int mine[16] = {0};
+        for (int i = 0; i < f.n; i++) mine[atoi(f.tensors[i].name + 4) & 15] = 1;
+        for (int i = 0; i < 16; i++) seen[i] += mine[i];
+        lp_st_close(&f);
+    }
+    pclose(p);
+    for (int i = 0; i < n_pairs; i++) cr_expect_eq(seen[i], 1, "pair %d is in %d scores files", i, seen[i]);
+}
+
+Test(outputs, a_batch_cut_inside_is_reconciled_with_its_scores_file) {
+    write_pairs(tmp("pairs.jsonl"), 4);
+    const char *batch2 = "attribute " MODEL " --attrib.pairs=%s --attrib.out=%s --attrib.batch=2 --attrib.top=5";
+    cr_assert_eq(loupe(batch2, tmp("pairs.jsonl"), tmp("atp")), 0, "%s", err_txt);
+    /* the second batch (pairs 2 and 3, one scores file) reached results.jsonl only up to pair 2 */
+    char *lines = slurp(tmp("atp/results.jsonl"));
+    *strstr(lines, "{\"index\":3,") = 0;
+    FILE *f = fopen(tmp("atp/results.jsonl"), "w");
+    fputs(lines, f);
+    fclose(f);
+    free(lines);
+    int rc = loupe(batch2, tmp("pairs.jsonl"), tmp("atp"));
+    cr_expect_eq(rc, 0, "%s", err_txt);
+    cr_expect(strstr(out_txt, "1 pairs done (3 already"), "%s", out_txt);
+    char *again = slurp(tmp("atp/results.jsonl"));
+    int dup;
+    cr_expect_eq(count_lines(again, &dup), 4, "%s", again);
+    cr_expect(!dup, "%s", again);
+    free(again);
+    expect_scores_once(tmp("atp"), 4);
+}
+
 Test(outputs, a_resume_with_other_settings_is_refused_naming_the_key) {
     write_pairs(tmp("pairs.jsonl"), 2);
     cr_assert_eq(loupe(SWEEP, tmp("pairs.jsonl"), tmp("atp")), 0, "%s", err_txt);
