@@ -45,6 +45,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "loupe/output.h"
 #include "loupe/sae.h"
 #include "loupe/safetensors.h"
 
@@ -929,7 +930,7 @@ static lp_status fsync_path(const char *path) {
     if (fd < 0) LP_FAIL(LP_ERR_IO, "%s: cannot open to flush: %s", path, strerror(errno));
     int r = fsync(fd);
     close(fd);
-    if (r != 0 && errno != EINVAL) LP_FAIL(LP_ERR_IO, "%s: cannot flush: %s", path, strerror(errno));
+    if (r != 0 && errno != EINVAL) LP_FAIL(LP_ERR_WRITE, "%s: cannot flush: %s", path, strerror(errno));
     return LP_OK;
 }
 
@@ -952,7 +953,7 @@ static lp_status write_files(const char *dir, const char *cfg, const lp_st_spec 
     int wopen = 0, cfgtmp_made = 0;
     if (!cfgp || !cfgtmp || !wp) LP_TRY(st, done, lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of host memory"));
     int fd = open(cfgtmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) LP_TRY(st, done, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot create: %s", cfgtmp, strerror(errno)));
+    if (fd < 0) LP_TRY(st, done, lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot create: %s", cfgtmp, strerror(errno)));
     cfgtmp_made = 1;
     size_t len = strlen(cfg), off = 0;
     while (off < len) {
@@ -962,9 +963,9 @@ static lp_status write_files(const char *dir, const char *cfg, const lp_st_spec 
         off += (size_t)k;
     }
     int bad = off < len || fsync(fd) != 0;
-    int err = errno;
-    close(fd);
-    if (bad) LP_TRY(st, done, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: write failed: %s", cfgtmp, strerror(err)));
+    int err = off < len && errno == 0 ? ENOSPC : errno;
+    if (close(fd) != 0 && !bad) bad = 1, err = errno;
+    if (bad) LP_TRY(st, done, lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: write failed: %s", cfgtmp, strerror(err)));
     LP_TRY(st, done, lp_st_writer_open(&w, wp, specs, n, NULL));
     wopen = 1;
     for (int i = 0; i < n; i++) LP_TRY(st, done, lp_st_writer_put(&w, i, 0, datas[i], w.sizes[i]));
@@ -973,7 +974,7 @@ static lp_status write_files(const char *dir, const char *cfg, const lp_st_spec 
     wopen = 0;
     LP_TRY(st, done, lp_st_writer_commit(&w));
     if (rename(cfgtmp, cfgp) != 0)
-        LP_TRY(st, done, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot rename to %s: %s", cfgtmp, cfgp, strerror(errno)));
+        LP_TRY(st, done, lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot rename to %s: %s", cfgtmp, cfgp, strerror(errno)));
     cfgtmp_made = 0;
     st = fsync_path(dir);
 done:
@@ -1076,7 +1077,7 @@ lp_status lp_sae_save(const lp_sae *s, lp_ctx *c, const char *dir, float scale) 
         chmod(tmpdir, 0755);
         LP_TRY(st, done, write_files(tmpdir, json, specs, datas, n));
         if (rename(tmpdir, dir) != 0)
-            LP_TRY(st, done, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot rename to %s: %s", tmpdir, dir, strerror(errno)));
+            LP_TRY(st, done, lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot rename to %s: %s", tmpdir, dir, strerror(errno)));
         free(tmpdir);
         tmpdir = NULL;
         char *parent = strdup(dir), *sl = parent ? strrchr(parent, '/') : NULL;

@@ -5,6 +5,8 @@
  * through include/loupe/sae_ops.h and the matmuls of ops.h. */
 #include <cjson/cJSON.h>
 #include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +17,7 @@
 
 #include "loupe/hooks.h"
 #include "loupe/ops.h"
+#include "loupe/output.h"
 #include "loupe/safetensors.h"
 #include "loupe/sae_ops.h"
 #include "loupe/sae_train.h"
@@ -320,7 +323,11 @@ typedef struct trainer {
     float *colsum_host, *mask_host;
     /* log window */
     double acc_mse, acc_sse, acc_sst, acc_l0, acc_sparsity, acc_aux, acc_n;
-    FILE *metrics;
+    int metrics;                    /* metrics.jsonl, open for appending (-1: not open) */
+    char metrics_path[1200];
+    int64_t ckpt_step;              /* step of the newest checkpoint on disk (-1: none) */
+    char store_id[64];              /* size and hash of the store's meta.json (shard list) */
+    lp_lock lock;                   /* train.out, held for the run */
 } trainer;
 
 
@@ -630,12 +637,12 @@ static lp_status train_step(trainer *tr, double lr, double l1, double *mse, doub
 static void signature(const trainer *tr, char *buf, size_t n) {
     const lp_sae_train_cfg *t = tr->t;
     const lp_sae_cfg *s = &tr->s->cfg;
-    snprintf(buf, n, "%s|%s|%s|%d|%d|%d|%d|%d|%s|%a|%a|%a|%a|%lld|%lld|%s|%a|%lld|%a|%a|%a|%d|%lld|%d|%s|%lld|%lld|%llu|%s",
+    snprintf(buf, n, "%s|%s|%s|%d|%d|%d|%d|%d|%s|%a|%a|%a|%a|%lld|%lld|%s|%a|%lld|%a|%a|%a|%d|%lld|%d|%s|%lld|%lld|%llu|%s|%s",
              lp_sae_arch_name(s->arch), s->hook_name, s->hook_name_out, s->d_in, s->d_sae, s->d_out, s->k, s->apply_b_dec_to_input,
              s->normalize, t->lr, t->adam_beta1, t->adam_beta2, t->adam_eps, (long long)t->lr_warm_up_steps, (long long)t->lr_decay_steps,
              t->lr_scheduler, t->l1_coefficient, (long long)t->l1_warm_up_steps, t->l0_coefficient, t->jumprelu_init_threshold,
              t->aux_k_coefficient, t->aux_k, (long long)t->tokens, t->batch_tokens, t->b_dec_init, (long long)t->dead_feature_window,
-             (long long)tr->W, (unsigned long long)t->seed, t->store);
+             (long long)tr->W, (unsigned long long)t->seed, t->store ? t->store : "(live)", tr->store_id);
 }
 
 static int by_name(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
@@ -669,8 +676,7 @@ static lp_status save_checkpoint(trainer *tr) {
     size_t nf = tr->s->n_floats;
     char dir[1200], tmp[1300], path[1400];
     snprintf(dir, sizeof dir, "%s/checkpoints/step-%09lld", tr->t->out, (long long)tr->step);
-    snprintf(tmp, sizeof tmp, "%s.tmp", dir);
-    LP_CHECK(lp_remove_tree(tmp)); /* a half-written one from a killed run */
+    lp_tmp_name(tmp, sizeof tmp, dir); /* a killed run's leftovers went at the start, under the lock */
     LP_CHECK(lp_mkdir_p(tmp));
     float *h = malloc(3 * nf * sizeof(float));
     if (!h) LP_FAIL(LP_ERR_OOM, "out of memory for a checkpoint");
@@ -697,14 +703,28 @@ static lp_status save_checkpoint(trainer *tr) {
     cJSON_AddStringToObject(j, "scale", hex);
     snprintf(hex, sizeof hex, "%a", tr->thr_ema);
     cJSON_AddStringToObject(j, "batchtopk_threshold", hex);
+    /* the log window's running sums: a checkpoint between two metrics lines resumes them,
+     * so the next line equals an uninterrupted run's */
+    cJSON *acc = cJSON_AddArrayToObject(j, "log_window");
+    const double accs[7] = {tr->acc_mse, tr->acc_sse, tr->acc_sst, tr->acc_l0, tr->acc_sparsity, tr->acc_aux, tr->acc_n};
+    for (int i = 0; i < 7; i++) {
+        snprintf(hex, sizeof hex, "%a", accs[i]);
+        cJSON_AddItemToArray(acc, cJSON_CreateString(hex));
+    }
+    cJSON_AddStringToObject(j, "store_fingerprint", tr->store_id);
     cJSON_AddStringToObject(j, "signature", sig);
     char *txt = cJSON_Print(j);
     cJSON_Delete(j);
     snprintf(path, sizeof path, "%s/state.json", tmp);
     if (st == LP_OK) st = lp_write_file_atomic(path, txt, strlen(txt));
     free(txt);
-    if (st == LP_OK && rename(tmp, dir) != 0) st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot rename the checkpoint into place", dir);
-    if (st != LP_OK) return st;
+    if (st == LP_OK && rename(tmp, dir) != 0)
+        st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot rename the checkpoint into place: %s", dir, strerror(errno));
+    if (st != LP_OK) {
+        lp_remove_tree(tmp);
+        return st;
+    }
+    tr->ckpt_step = tr->step;
     return prune_checkpoints(tr->t->out, 2);
 }
 
@@ -731,7 +751,12 @@ static lp_status load_checkpoint(trainer *tr, int *found) {
     free(txt);
     char sig[4096];
     signature(tr, sig, sizeof sig);
-    const cJSON *js = cJSON_GetObjectItemCaseSensitive(j, "signature");
+    const cJSON *js = cJSON_GetObjectItemCaseSensitive(j, "signature"), *jf = cJSON_GetObjectItemCaseSensitive(j, "store_fingerprint");
+    if (cJSON_IsString(jf) && strcmp(jf->valuestring, tr->store_id) != 0) { /* the settings may match, the data does not */
+        cJSON_Delete(j);
+        LP_FAIL(LP_ERR_ARG, "data.store: %s changed since the checkpoint %s was written (its meta.json: shards or their source differ); "
+                            "use another train.out or remove it", tr->t->store, path);
+    }
     if (!cJSON_IsString(js) || strcmp(js->valuestring, sig) != 0) {
         cJSON_Delete(j);
         LP_FAIL(LP_ERR_ARG, "%s: a checkpoint of a run with other settings is in %s; use another train.out or remove it", path, tr->t->out);
@@ -744,6 +769,16 @@ static lp_status load_checkpoint(trainer *tr, int *found) {
     }
     tr->step = (int64_t)js_step->valuedouble, tr->tokens_done = (int64_t)js_tok->valuedouble;
     tr->scale = strtod(js_scale->valuestring, NULL), tr->thr_ema = strtod(js_thr->valuestring, NULL);
+    const cJSON *acc = cJSON_GetObjectItemCaseSensitive(j, "log_window");
+    double *accs[7] = {&tr->acc_mse, &tr->acc_sse, &tr->acc_sst, &tr->acc_l0, &tr->acc_sparsity, &tr->acc_aux, &tr->acc_n};
+    if (cJSON_GetArraySize(acc) != 7) {
+        cJSON_Delete(j);
+        LP_FAIL(LP_ERR_FORMAT, "%s: log_window is missing (a checkpoint of an older loupe); use another train.out or remove it", path);
+    }
+    for (int i = 0; i < 7; i++) {
+        const cJSON *e = cJSON_GetArrayItem(acc, i);
+        *accs[i] = cJSON_IsString(e) ? strtod(e->valuestring, NULL) : 0;
+    }
     cJSON_Delete(j);
     snprintf(path, sizeof path, "%s/%s/state.safetensors", dir, best);
     lp_st_file f;
@@ -763,7 +798,7 @@ static lp_status load_checkpoint(trainer *tr, int *found) {
     if (st == LP_OK) st = lp_ctx_to_device(tr->c, tr->adam_v, v->data, nf * 4);
     if (st == LP_OK) memcpy(tr->since, sf->data, (size_t)tr->S * 8);
     lp_st_close(&f);
-    if (st == LP_OK) *found = 1;
+    if (st == LP_OK) *found = 1, tr->ckpt_step = tr->step;
     return st;
 }
 
@@ -787,6 +822,24 @@ static lp_status trim_metrics(const char *path, int64_t upto_step) {
     lp_status st = lp_write_file_atomic(path, out, o); /* never a half-trimmed file */
     free(out), free(txt);
     return st;
+}
+
+/* The report of a run that was already finished: the figures of its last metrics line. */
+static void last_metrics(const char *path, lp_sae_train_report *rep) {
+    size_t n;
+    char *txt = lp_read_file(path, &n);
+    if (!txt) return;
+    char *last = NULL;
+    for (char *line = strtok(txt, "\n"); line; line = strtok(NULL, "\n")) last = line;
+    cJSON *j = last ? cJSON_Parse(last) : NULL;
+    const cJSON *mse = cJSON_GetObjectItemCaseSensitive(j, "losses/mse_loss"), *ev = cJSON_GetObjectItemCaseSensitive(j, "metrics/explained_variance");
+    const cJSON *l0 = cJSON_GetObjectItemCaseSensitive(j, "metrics/l0"), *dead = cJSON_GetObjectItemCaseSensitive(j, "sparsity/dead_features");
+    if (cJSON_IsNumber(mse)) rep->mse = mse->valuedouble;
+    if (cJSON_IsNumber(ev)) rep->explained_variance = ev->valuedouble;
+    if (cJSON_IsNumber(l0)) rep->l0 = l0->valuedouble;
+    if (cJSON_IsNumber(dead)) rep->dead = dead->valueint;
+    cJSON_Delete(j);
+    free(txt);
 }
 
 static double now_s(void) {
@@ -814,11 +867,24 @@ static void trainer_free(trainer *tr) {
     lp_sae_free(tr->s, c);
     lp_store_close(tr->in);
     lp_store_close(tr->outs);
-    if (tr->metrics) fclose(tr->metrics);
+    if (tr->metrics >= 0) close(tr->metrics);
+    lp_lock_release(&tr->lock);
+}
+
+/* The store's identity beyond its path: its meta.json (the shard list and what they were
+ * made from), or without one the shard files' names and sizes. */
+static lp_status store_fingerprint(const char *store, char *id, size_t n) {
+    char meta[1200];
+    snprintf(meta, sizeof meta, "%s/meta.json", store);
+    int64_t size;
+    uint64_t hash;
+    LP_CHECK(lp_fingerprint(access(meta, F_OK) == 0 ? meta : store, &size, &hash));
+    snprintf(id, n, "%lld:%016llx", (long long)size, (unsigned long long)hash);
+    return LP_OK;
 }
 
 static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_live *live) {
-    tr->t = t, tr->c = c, tr->win = -1, tr->scale = 1.0, tr->live = live;
+    tr->t = t, tr->c = c, tr->win = -1, tr->scale = 1.0, tr->live = live, tr->metrics = -1, tr->lock.fd = -1, tr->ckpt_step = -1;
     lp_sae_cfg cf = t->sae;
     if (live) { /* the store key is not needed: check the rest with a stand-in */
         lp_sae_train_cfg tc = *t;
@@ -831,6 +897,8 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
         if (!cf.context_size) cf.context_size = live->ctx;
     } else {
         LP_CHECK(lp_sae_train_check(t));
+        if (!t->allow_incomplete) LP_CHECK(lp_store_require_complete(t->store));
+        LP_CHECK(store_fingerprint(t->store, tr->store_id, sizeof tr->store_id));
         LP_CHECK(lp_store_open(&tr->in, t->store, t->sae.hook_name));
         cf.d_in = lp_store_d(tr->in);
         cf.d_out = cf.d_in;
@@ -904,20 +972,26 @@ static lp_status run_begin(run *ru, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     memset(rep, 0, sizeof *rep);
     trainer *tr = &ru->tr;
     LP_CHECK(setup(tr, t, c, live));
+    /* one writer per train.out, then a dead run's half-written files can go */
+    char ck[1300];
+    snprintf(ck, sizeof ck, "%s/checkpoints", t->out);
+    LP_CHECK(lp_lock_output(&tr->lock, t->out, 1));
+    LP_CHECK(lp_remove_stale_tmp(t->out));
+    LP_CHECK(lp_remove_stale_tmp(ck));
     int resumed = 0;
     LP_CHECK(load_checkpoint(tr, &resumed));
     if (!resumed) {
         LP_CHECK(init_params(tr));
         LP_CHECK(init_data_stats(tr));
     }
-    char mpath[1200];
-    snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", t->out);
-    LP_CHECK(lp_mkdir_p(t->out));
-    if (resumed) LP_CHECK(trim_metrics(mpath, tr->step));
-    tr->metrics = fopen(mpath, resumed ? "a" : "w");
-    if (!tr->metrics) LP_FAIL(LP_ERR_IO, "%s: cannot write", mpath);
+    char *mpath = tr->metrics_path;
+    snprintf(mpath, sizeof tr->metrics_path, "%s/metrics.jsonl", t->out);
+    if (resumed) LP_CHECK(trim_metrics(mpath, tr->step)); /* also drops a torn last line */
+    tr->metrics = open(mpath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | (resumed ? 0 : O_TRUNC), 0644);
+    if (tr->metrics < 0) LP_FAIL(lp_write_status(errno), "%s: cannot write: %s", mpath, strerror(errno));
     rep->resumed_tokens = tr->tokens_done;
     ru->total_steps = (t->tokens + tr->N - 1) / tr->N;
+    if (resumed && tr->step >= ru->total_steps) rep->already_complete = 1, last_metrics(mpath, rep);
     ru->next_ckpt = t->checkpoint_every > 0 ? (tr->tokens_done / t->checkpoint_every + 1) * t->checkpoint_every : INT64_MAX;
     ru->t0 = ru->tlog = now_s();
     ru->tok_log = tr->tokens_done;
@@ -945,7 +1019,8 @@ static lp_status run_step(run *ru, lp_sae_train_report *rep) {
     if (tr->step % t->log_every == 0 || tr->step == ru->total_steps) {
         double now = now_s(), tps = (tr->tokens_done - ru->tok_log) / (now - ru->tlog > 1e-9 ? now - ru->tlog : 1e-9);
         double n = tr->acc_n;
-        fprintf(tr->metrics,
+        char line[1024];
+        int len = snprintf(line, sizeof line,
                 "{\"step\":%lld,\"details/n_training_tokens\":%lld,\"details/current_learning_rate\":%.6g,"
                 "\"details/current_l1_coefficient\":%.6g,\"losses/mse_loss\":%.6g,\"losses/%s\":%.6g,"
                 "\"losses/auxiliary_reconstruction_loss\":%.6g,\"losses/overall_loss\":%.6g,"
@@ -954,7 +1029,7 @@ static lp_status run_step(run *ru, lp_sae_train_report *rep) {
                 (long long)tr->step, (long long)tr->tokens_done, lr, l1, tr->acc_mse / n,
                 t->sae.arch == LP_SAE_JUMPRELU ? "l0_loss" : "l1_loss", tr->acc_sparsity / n, tr->acc_aux / n,
                 (tr->acc_mse + tr->acc_sparsity + tr->acc_aux) / n, 1 - tr->acc_sse / tr->acc_sst, tr->acc_l0 / n, tr->r->n_dead, tps);
-        fflush(tr->metrics);
+        LP_CHECK(lp_write_fd(tr->metrics, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1, -1, tr->metrics_path));
         rep->mse = tr->acc_mse / n, rep->explained_variance = 1 - tr->acc_sse / tr->acc_sst, rep->l0 = tr->acc_l0 / n;
         rep->dead = tr->r->n_dead;
         if (t->progress) progress(tr, ru->total_steps, tps, (tr->acc_mse + tr->acc_sparsity + tr->acc_aux) / n, rep->l0, rep->dead);
@@ -986,7 +1061,15 @@ static lp_status run_end(run *ru, lp_status st, lp_sae_train_report *rep) {
             free(h);
         }
         if (st == LP_OK) st = lp_sae_save(tr->s, tr->c, t->out, (float)tr->scale);
-        if (st == LP_OK && t->checkpoint_every > 0) st = save_checkpoint(tr);
+        /* a rerun of a finished job: its final checkpoint is already there */
+        if (st == LP_OK && t->checkpoint_every > 0 && tr->ckpt_step != tr->step) st = save_checkpoint(tr);
+    }
+    if (tr->metrics >= 0) { /* the lines are written; make them durable and see the errors close reports */
+        if (st == LP_OK && fsync(tr->metrics) != 0)
+            st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot flush: %s", tr->metrics_path, strerror(errno));
+        if (close(tr->metrics) != 0 && st == LP_OK)
+            st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot close: %s", tr->metrics_path, strerror(errno));
+        tr->metrics = -1;
     }
     rep->steps = tr->step, rep->tokens = tr->tokens_done;
     rep->tokens_per_s = secs > 0 ? (tr->tokens_done - rep->resumed_tokens) / secs : 0;

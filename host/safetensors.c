@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "loupe/output.h"
 #include "loupe/safetensors.h"
 
 #define MAX_HEADER (100u << 20) /* the reference implementation's own limit */
@@ -237,16 +238,7 @@ const lp_st_tensor *lp_st_set_find(const lp_st_set *s, const char *name, const l
 /* ---- writing ---- */
 
 static lp_status write_all(int fd, const void *buf, size_t n, off_t off, const char *path) {
-    const char *p = buf;
-    while (n) {
-        ssize_t w = pwrite(fd, p, n, off);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            LP_FAIL(LP_ERR_IO, "%s: write failed: %s", path, strerror(errno));
-        }
-        p += w, n -= (size_t)w, off += w;
-    }
-    return LP_OK;
+    return lp_write_fd(fd, buf, n, (long long)off, path);
 }
 
 lp_status lp_st_writer_open(lp_st_writer *w, const char *path, const lp_st_spec *specs, int n,
@@ -285,15 +277,16 @@ lp_status lp_st_writer_open(lp_st_writer *w, const char *path, const lp_st_spec 
     for (int i = 0; i < n; i++) w->offsets[i] += 8 + padded;
 
     w->path = strdup(path);
-    w->tmp = malloc(strlen(path) + 5);
-    sprintf(w->tmp, "%s.tmp", path);
-    w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    size_t tn = strlen(path) + 64;
+    w->tmp = malloc(tn);
+    lp_tmp_name(w->tmp, tn, path); /* unique: a second run started by mistake cannot touch ours */
+    w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     lp_status st = LP_OK;
     if (w->fd < 0) {
-        st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot create: %s", w->tmp, strerror(errno));
+        st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot create: %s", w->tmp, strerror(errno));
     } else if ((st = write_all(w->fd, hdr, 8 + padded, 0, w->tmp)) == LP_OK &&
                ftruncate(w->fd, (off_t)(8 + padded + off)) != 0) {
-        st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot size file: %s", w->tmp, strerror(errno));
+        st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot size file: %s", w->tmp, strerror(errno));
     }
     free(hdr);
     if (st != LP_OK) lp_st_writer_abort(w);
@@ -317,11 +310,13 @@ static void writer_free(lp_st_writer *w) {
 
 lp_status lp_st_writer_commit(lp_st_writer *w) {
     lp_status st = LP_OK;
-    if (fsync(w->fd) != 0 || close(w->fd) != 0)
-        st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot flush: %s", w->tmp, strerror(errno));
-    else if (rename(w->tmp, w->path) != 0)
-        st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot rename to %s: %s", w->tmp, w->path, strerror(errno));
+    int synced = fsync(w->fd) == 0, e = errno;
+    if (close(w->fd) != 0 && synced) synced = 0, e = errno;
     w->fd = -1;
+    if (!synced)
+        st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot flush: %s", w->tmp, strerror(e));
+    else if (rename(w->tmp, w->path) != 0)
+        st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot rename to %s: %s", w->tmp, w->path, strerror(errno));
     if (st != LP_OK) unlink(w->tmp);
     writer_free(w);
     return st;
@@ -348,15 +343,15 @@ lp_status lp_st_write(const char *path, const lp_st_spec *specs, const void *con
 }
 
 lp_status lp_write_file_atomic(const char *path, const void *data, size_t n) {
-    char tmp[4096];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) LP_FAIL(LP_ERR_IO, "%s: cannot create: %s", tmp, strerror(errno));
+    char tmp[4200];
+    lp_tmp_name(tmp, sizeof tmp, path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0) LP_FAIL(lp_write_status(errno), "%s: cannot create: %s", tmp, strerror(errno));
     lp_status st = write_all(fd, data, n, 0, tmp);
-    if (st == LP_OK && fsync(fd) != 0) st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot flush", tmp);
-    close(fd);
+    if (st == LP_OK && fsync(fd) != 0) st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot flush: %s", tmp, strerror(errno));
+    if (close(fd) != 0 && st == LP_OK) st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot close: %s", tmp, strerror(errno));
     if (st == LP_OK && rename(tmp, path) != 0)
-        st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot rename: %s", tmp, strerror(errno));
+        st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
     if (st != LP_OK) unlink(tmp);
     return st;
 }
@@ -367,10 +362,10 @@ lp_status lp_mkdir_p(const char *dir) {
     for (char *q = p + 1; *q; q++) {
         if (*q != '/') continue;
         *q = 0;
-        if (mkdir(p, 0755) != 0 && errno != EEXIST) LP_FAIL(LP_ERR_IO, "%s: cannot create directory: %s", p, strerror(errno));
+        if (mkdir(p, 0755) != 0 && errno != EEXIST) LP_FAIL(lp_write_status(errno), "%s: cannot create directory: %s", p, strerror(errno));
         *q = '/';
     }
-    if (mkdir(p, 0755) != 0 && errno != EEXIST) LP_FAIL(LP_ERR_IO, "%s: cannot create directory: %s", p, strerror(errno));
+    if (mkdir(p, 0755) != 0 && errno != EEXIST) LP_FAIL(lp_write_status(errno), "%s: cannot create directory: %s", p, strerror(errno));
     return LP_OK;
 }
 
@@ -382,6 +377,6 @@ static int remove_one(const char *path, const struct stat *sb, int flag, struct 
 lp_status lp_remove_tree(const char *path) {
     struct stat sb;
     if (lstat(path, &sb) != 0) return LP_OK;
-    if (nftw(path, remove_one, 16, FTW_DEPTH | FTW_PHYS) != 0) LP_FAIL(LP_ERR_IO, "%s: cannot remove: %s", path, strerror(errno));
+    if (nftw(path, remove_one, 16, FTW_DEPTH | FTW_PHYS) != 0) LP_FAIL(lp_write_status(errno), "%s: cannot remove: %s", path, strerror(errno));
     return LP_OK;
 }

@@ -33,9 +33,11 @@ const char *lp_status_name(lp_status st) {
     case LP_ERR_SHAPE: return "shape";
     case LP_ERR_ARG: return "argument";
     case LP_ERR_NOT_FOUND: return "not found";
+    case LP_ERR_BUSY: return "busy";
     case LP_ERR_OOM: return "out of memory";
     case LP_ERR_CUDA: return "cuda";
     case LP_ERR_NO_CUDA: return "no cuda";
+    case LP_ERR_WRITE: return "write";
     case LP_ERR_INTERNAL: return "internal";
     }
     return "unknown";
@@ -44,7 +46,7 @@ const char *lp_status_name(lp_status st) {
 int lp_status_exit_code(lp_status st) {
     switch (st) {
     case LP_OK: return 0;
-    case LP_ERR_IO: case LP_ERR_FORMAT: case LP_ERR_SHAPE: case LP_ERR_ARG: case LP_ERR_NOT_FOUND:
+    case LP_ERR_IO: case LP_ERR_FORMAT: case LP_ERR_SHAPE: case LP_ERR_ARG: case LP_ERR_NOT_FOUND: case LP_ERR_BUSY:
         return 2;
     default: return 1;
     }

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "loupe/hooks.h"
+#include "loupe/output.h"
 #include "loupe/safetensors.h"
 #include "loupe/store.h"
 
@@ -40,7 +41,23 @@ static lp_status expand_hooks(lp_model *m, const char *spec, int *ids, int *n) {
     return LP_OK;
 }
 
-static char *meta_json(const lp_model *m, const lp_cache_opts *o, const lp_tokens *toks, const int *ids, int nh,
+/* What the store is made from, beyond the paths: the token file's size and hash (a file
+ * replaced under the same name must not be resumed into the old store). */
+typedef struct source_id {
+    char tokens[64];
+} source_id;
+
+static lp_status source_fingerprint(const lp_cache_opts *o, source_id *src) {
+    snprintf(src->tokens, sizeof src->tokens, "none");
+    if (!o->tokens_path || !o->tokens_path[0]) return LP_OK;
+    int64_t size;
+    uint64_t hash;
+    LP_CHECK(lp_fingerprint(o->tokens_path, &size, &hash));
+    snprintf(src->tokens, sizeof src->tokens, "%lld bytes, hash %016llx", (long long)size, (unsigned long long)hash);
+    return LP_OK;
+}
+
+static char *meta_json(const lp_model *m, const lp_cache_opts *o, const source_id *src, const lp_tokens *toks, const int *ids, int nh,
                        int n_shards, int64_t done, int complete) {
     cJSON *r = cJSON_CreateObject();
     cJSON_AddStringToObject(r, "format", "loupe activation store");
@@ -48,6 +65,7 @@ static char *meta_json(const lp_model *m, const lp_cache_opts *o, const lp_token
     cJSON_AddStringToObject(r, "model", o->model_path ? o->model_path : "");
     cJSON_AddStringToObject(r, "architecture", lp_model_config(m)->name);
     cJSON_AddStringToObject(r, "tokens", o->tokens_path ? o->tokens_path : "");
+    cJSON_AddStringToObject(r, "tokens_fingerprint", src->tokens);
     cJSON_AddNumberToObject(r, "context", toks->ctx);
     cJSON_AddStringToObject(r, "dtype", lp_dtype_name(o->dtype));
     cJSON_AddNumberToObject(r, "shard_sequences", o->shard_sequences);
@@ -82,7 +100,7 @@ static char *meta_json(const lp_model *m, const lp_cache_opts *o, const lp_token
 }
 
 /* Fields that must agree for a re-run to resume an existing store. */
-static const char *const g_same[] = {"model", "tokens", "context", "dtype", "shard_sequences", "hooks", "n_sequences_planned", NULL};
+static const char *const g_same[] = {"model", "tokens", "tokens_fingerprint", "context", "dtype", "shard_sequences", "hooks", "n_sequences_planned", NULL};
 
 /* Returns the number of complete shards to keep, or an error if the settings differ. */
 static lp_status check_resume(const char *dir, const char *fresh, int *keep) {
@@ -124,22 +142,6 @@ done:
     return st;
 }
 
-/* Removes leftovers of an interrupted run (files ending in .tmp). */
-static void remove_tmp(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return;
-    struct dirent *e;
-    char path[4200];
-    while ((e = readdir(d))) {
-        size_t n = strlen(e->d_name);
-        if (n > 4 && strcmp(e->d_name + n - 4, ".tmp") == 0) {
-            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-            unlink(path);
-        }
-    }
-    closedir(d);
-}
-
 static void progress(int64_t done, int64_t total, int64_t toks_done, double t0, int tty) {
     double el = now_s() - t0, rate = el > 0 ? toks_done / el : 0;
     double eta = rate > 0 ? (double)(total - done) * ((double)toks_done / (done ? done : 1)) / rate : 0;
@@ -162,20 +164,27 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
         free(ids);
         return st;
     }
-    if (mkdir(o->out, 0755) != 0 && errno != EEXIST) {
-        free(ids);
-        LP_FAIL(LP_ERR_IO, "%s: cannot create store directory: %s", o->out, strerror(errno));
-    }
-    int T = toks->ctx, S = o->shard_sequences;
-    int n_shards = (int)((toks->n_seq + S - 1) / S), keep = 0;
-    char *fresh = meta_json(m, o, toks, ids, nh, 0, 0, 0);
-    st = check_resume(o->out, fresh, &keep);
-    free(fresh);
+    /* one writer per store, for the whole run: a second run started by mistake is refused
+     * instead of deleting or renaming this one's files in flight */
+    lp_lock lock;
+    source_id src;
+    st = lp_lock_output(&lock, o->out, 1);
     if (st != LP_OK) {
         free(ids);
         return st;
     }
-    remove_tmp(o->out);
+    int T = toks->ctx, S = o->shard_sequences;
+    int n_shards = (int)((toks->n_seq + S - 1) / S), keep = 0;
+    st = source_fingerprint(o, &src);
+    char *fresh = st == LP_OK ? meta_json(m, o, &src, toks, ids, nh, 0, 0, 0) : NULL;
+    if (st == LP_OK) st = check_resume(o->out, fresh, &keep);
+    free(fresh);
+    if (st == LP_OK) st = lp_remove_stale_tmp(o->out); /* under the lock: only a dead run's leftovers */
+    if (st != LP_OK) {
+        lp_lock_release(&lock);
+        free(ids);
+        return st;
+    }
     rep->resumed_sequences = (int64_t)keep * S < toks->n_seq ? (int64_t)keep * S : toks->n_seq;
     int B = o->batch < S ? o->batch : S;
     size_t es_store = lp_dtype_size(o->dtype);
@@ -229,14 +238,14 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
             goto done;
         }
         LP_TRY(st, done, lp_st_writer_commit(&w));
-        char *meta = meta_json(m, o, toks, ids, nh, s + 1, first + ns, s + 1 == n_shards);
+        char *meta = meta_json(m, o, &src, toks, ids, nh, s + 1, first + ns, s + 1 == n_shards);
         st = lp_write_file_atomic(meta_path, meta, strlen(meta));
         free(meta);
         if (st != LP_OK) goto done;
         if (o->progress && !tty) progress(first + ns, toks->n_seq, toks_done, t0, 0);
     }
     if (keep >= n_shards) { /* nothing to do, but make sure meta says complete */
-        char *meta = meta_json(m, o, toks, ids, nh, n_shards, toks->n_seq, 1);
+        char *meta = meta_json(m, o, &src, toks, ids, nh, n_shards, toks->n_seq, 1);
         st = lp_write_file_atomic(meta_path, meta, strlen(meta));
         free(meta);
     }
@@ -251,7 +260,27 @@ done:
     free(conv);
     free(specs);
     free(ids);
+    lp_lock_release(&lock);
     return st;
+}
+
+lp_status lp_store_require_complete(const char *dir) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/meta.json", dir);
+    size_t n;
+    char *txt = lp_read_file(path, &n);
+    if (!txt) return LP_OK; /* shards without meta.json: not written by loupe cache, nothing says incomplete */
+    cJSON *j = cJSON_ParseWithLength(txt, n);
+    free(txt);
+    const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, "complete");
+    int incomplete = cJSON_IsFalse(c);
+    const cJSON *done = cJSON_GetObjectItemCaseSensitive(j, "n_sequences"), *plan = cJSON_GetObjectItemCaseSensitive(j, "n_sequences_planned");
+    double d = cJSON_IsNumber(done) ? done->valuedouble : 0, p = cJSON_IsNumber(plan) ? plan->valuedouble : 0;
+    cJSON_Delete(j);
+    if (incomplete)
+        LP_FAIL(LP_ERR_ARG, "%s: the store is not complete (%.0f of %.0f sequences; its `loupe cache` run was stopped or is still "
+                            "running); finish it, or set data.allow_incomplete=true to use what is there", path, d, p);
+    return LP_OK;
 }
 
 lp_status lp_store_hook_mean(const char *dir, const char *hook, float **mean, size_t *n_out) {

@@ -135,13 +135,15 @@ Test(cli, bad_input_is_one_line_and_exit_2) {
 
 static int count_files(const char *d, const char *suffix) {
     char cmd[512], buf[64];
-    snprintf(cmd, sizeof cmd, "ls %s 2>/dev/null | grep -c '%s$'", d, suffix);
+    snprintf(cmd, sizeof cmd, "ls -A %s 2>/dev/null | grep -cE '%s$'", d, suffix);
     FILE *p = popen(cmd, "r");
     int n = fgets(buf, sizeof buf, p) ? atoi(buf) : -1;
     pclose(p);
     return n;
 }
 
+/* temporary files, old-style (x.tmp) and unique (x.tmp.<pid>.<random>) */
+#define TMP_NAMES "[.]tmp([.].*)?"
 #define CACHE_ARGS "cache --model.path=" MODEL " --data.tokens=" MODEL "/tokens_flat.npy --data.context=8 " \
                    "--cache.hooks=blocks.*.hook_resid_post,blocks.0.attn.hook_pattern --cache.shard_sequences=3 --cache.batch=2 --cache.out=%s"
 
@@ -151,7 +153,7 @@ Test(cli, cache_writes_the_store_and_matches_the_forward) {
     cr_assert_eq(loupe(CACHE_ARGS " --json", st), 0, "%s", err_txt);
     cr_expect(strstr(out_txt, "\"n_sequences\":4") != NULL, "%s", out_txt);
     cr_expect_eq(count_files(st, ".safetensors"), 2);
-    cr_expect_eq(count_files(st, ".tmp"), 0);
+    cr_expect_eq(count_files(st, TMP_NAMES), 0);
     /* shard 1 holds sequence 3: compare with an in-process forward of that row */
     lp_st_file f;
     cr_assert_eq(lp_st_open(&f, tmp("store/shard-00001.safetensors")), LP_OK, "%s", lp_last_error());
@@ -213,7 +215,7 @@ Test(cli, cache_resumes_after_an_interrupted_run) {
     cr_assert(system(cmd) == 0);
     cr_assert_eq(loupe(CACHE_ARGS " --json", st), 0, "%s", err_txt);
     cr_expect(strstr(out_txt, "\"resumed_sequences\":3") != NULL, "%s", out_txt);
-    cr_expect_eq(count_files(st, ".tmp"), 0);
+    cr_expect_eq(count_files(st, TMP_NAMES), 0);
     slurp(tmp("store/shard-00001.safetensors"), again, sizeof again);
     cr_expect(memcmp(orig, again, sizeof orig) == 0, "resumed shard differs from the uninterrupted one");
     slurp(tmp("store/meta.json"), meta, sizeof meta);
@@ -230,7 +232,7 @@ Test(cli, bad_tokens_leave_no_shard) {
     snprintf(st, sizeof st, "%s", tmp("store"));
     int rc = loupe("cache --model.path=" MODEL " --data.tokens=%s --cache.hooks=hook_embed --cache.out=%s", tmp("bad.npy"), st);
     cr_expect_eq(rc, 2, "%s", err_txt);
-    cr_expect(count_files(st, ".safetensors") <= 0 && count_files(st, ".tmp") <= 0);
+    cr_expect(count_files(st, ".safetensors") <= 0 && count_files(st, TMP_NAMES) <= 0);
 }
 
 Test(cli, cache_bf16_store) {

@@ -4,7 +4,8 @@
  *             recover the directions (mean over features of the best decoder-row cosine
  *             >= 0.95)
  *   resume    a run killed after a checkpoint and restarted ends bit for bit where an
- *             uninterrupted run ends (weights and metrics lines)
+ *             uninterrupted run ends (weights and metrics lines, also when the checkpoint
+ *             falls between two metrics lines)
  *   bad input NaN in the activations stops naming the token and step and keeps the last
  *             checkpoint; impossible settings are refused naming the key
  *   every architecture trains, saves, loads back and evaluates. */
@@ -172,7 +173,9 @@ Test(sae_train, killed_and_restarted_run_ends_bit_for_bit_identical) {
         lp_sae_train_cfg t;
         base_cfg(&t, in_dir("store"), in_dir(full));
         t.sae.arch = archs[a], t.sae.d_sae = 64, t.sae.k = 4;
-        t.tokens = 40 * 128, t.batch_tokens = 128, t.shuffle_tokens = 512, t.checkpoint_every = 10 * 128, t.log_every = 5;
+        t.tokens = 40 * 128, t.batch_tokens = 128, t.shuffle_tokens = 512, t.checkpoint_every = 10 * 128;
+        /* every 3 steps: the checkpoint at step 20 falls inside a log window, whose running sums must resume too */
+        t.log_every = a % 2 ? 5 : 3;
         t.dead_feature_window = 1024, t.lr_warm_up_steps = 5, t.lr_decay_steps = 10;
         snprintf(t.lr_scheduler, sizeof t.lr_scheduler, "cosine");
         lp_sae_train_report rep;
@@ -201,8 +204,8 @@ Test(sae_train, killed_and_restarted_run_ends_bit_for_bit_identical) {
             free(A);
             free(Bf);
         }
-        printf("  %-10s resumed at step 20 of 40 after a kill at 25: weights and metrics %s\n", lp_sae_arch_name(archs[a]),
-               all_same ? "identical" : "DIFFER");
+        printf("  %-10s resumed at step 20 of 40 after a kill at 25 (metrics every %lld steps): weights and metrics %s\n",
+               lp_sae_arch_name(archs[a]), (long long)t.log_every, all_same ? "identical" : "DIFFER");
     }
     lp_ctx_free(&c);
 }

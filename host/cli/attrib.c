@@ -1,6 +1,6 @@
 /* attrib.c: `loupe attribute` (attribution patching) and `loupe patch` (exact activation
  * patching) sweeps over a JSONL file of prompt pairs, resumable: pairs already in
- * results.jsonl are skipped on a restart. */
+ * results.jsonl are skipped on a restart (sweep_out.c keeps the output whole). */
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "loupe/attrib.h"
+#include "loupe/output.h"
 #include "loupe/pairs.h"
 #include "loupe/safetensors.h"
 #include "loupe/sae.h"
@@ -91,26 +92,6 @@ static lp_status read_pairs(const args *a, lp_model *m, const lp_tokenizer *tk, 
     }
     free(txt);
     return LP_OK;
-}
-
-/* Indices already in results.jsonl (complete lines only). */
-static unsigned char *done_set(const char *path, int n_max) {
-    unsigned char *done = calloc(n_max + 1, 1);
-    size_t len;
-    char *txt = lp_read_file(path, &len);
-    if (!txt || !done) {
-        free(txt);
-        return done;
-    }
-    char *save = NULL;
-    for (char *ln = strtok_r(txt, "\n", &save); ln; ln = strtok_r(NULL, "\n", &save)) {
-        cJSON *j = cJSON_Parse(ln);
-        const cJSON *ix = cJSON_GetObjectItemCaseSensitive(j, "index");
-        if (cJSON_IsNumber(ix) && ix->valueint >= 0 && ix->valueint <= n_max) done[ix->valueint] = 1;
-        cJSON_Delete(j);
-    }
-    free(txt);
-    return done;
 }
 
 static lp_status parse_nodes(const args *a, unsigned *kinds) {
@@ -243,14 +224,16 @@ static int run_sweep(args *a, int exact) {
     }
     if (st == LP_OK) st = read_pairs(a, m, tk, &sw);
     const char *out = lp_cfg_str(&a->cfg, "attrib.out");
-    char rpath[1300];
-    snprintf(rpath, sizeof rpath, "%s/results.jsonl", out);
-    if (st == LP_OK) st = lp_mkdir_p(out);
-    unsigned char *done = st == LP_OK ? done_set(rpath, sw.n + sw.n_bad) : NULL;
-    FILE *rf = st == LP_OK ? fopen(rpath, "a") : NULL;
-    if (st == LP_OK && !rf) st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot write", rpath);
     int B = exact ? 1 : (int)lp_cfg_int(&a->cfg, "attrib.batch"), top = (int)lp_cfg_int(&a->cfg, "attrib.top");
     int compare = exact && strcmp(lp_cfg_str(&a->cfg, "patch.compare_atp"), "true") == 0;
+    /* one writer per attrib.out; the same job only; results and scores made to agree */
+    lp_lock lock = {.fd = -1};
+    sweep_out so = {.fd = -1};
+    const char *methods[3] = {exact ? "exact" : "atp", compare ? "atp" : NULL, NULL};
+    if (st == LP_OK) st = lp_lock_output(&lock, out, 1);
+    if (st == LP_OK) st = sweep_job_check(a, out, exact, m);
+    if (st == LP_OK) st = sweep_out_open(&so, out, sw.n + sw.n_bad, methods);
+    const unsigned char *done = so.done;
     int skipped = 0, ran = 0;
     double t0 = cli_now(), corr_p[LP_NODE_KINDS] = {0}, corr_s[LP_NODE_KINDS] = {0};
     int corr_n = 0;
@@ -300,11 +283,18 @@ static int run_sweep(args *a, int exact) {
             sa = calloc(nb, sizeof *sa);
             st = sa ? lp_attrib_sae(m, sae, &sc, cl, cx, nb, T, &mt, top, sa) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
         }
+        /* the batch's lines in one write, after its scores files are in place */
+        char *lines = NULL;
+        size_t n_lines = 0;
+        FILE *mf = st == LP_OK ? open_memstream(&lines, &n_lines) : NULL;
+        if (st == LP_OK && !mf) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
         for (int b = 0; st == LP_OK && b < nb; b++)
-            write_result(rf, m, &batch[b], &res[b], top, exact && compare ? pear : NULL, spear, sa ? &sa[b] : NULL);
+            write_result(mf, m, &batch[b], &res[b], top, exact && compare ? pear : NULL, spear, sa ? &sa[b] : NULL);
+        if (mf && fclose(mf) != 0 && st == LP_OK) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for the results lines");
+        if (st == LP_OK) st = sweep_out_append(&so, lines, n_lines);
+        free(lines);
         for (int b = 0; sa && b < nb; b++) lp_sae_attrib_free(&sa[b]);
         free(sa);
-        fflush(rf);
         for (int b = 0; b < nb; b++) lp_pair_result_free(&res[b]);
         if (exact && compare) lp_pair_result_free(&atp1);
         free(cl), free(cx), free(ans), free(wr);
@@ -313,11 +303,12 @@ static int run_sweep(args *a, int exact) {
     }
     if (isatty(2)) fputc('\n', stderr);
     double secs = cli_now() - t0;
+    st = sweep_out_close(&so, st);
     int rc = 0;
     if (st != LP_OK) {
         rc = cli_fail(st);
     } else {
-        printf("%s: %d pairs done (%d already in %s), %.2f pairs/s on %s; results in %s\n", exact ? "patch" : "attribute", ran, skipped, rpath,
+        printf("%s: %d pairs done (%d already in %s), %.2f pairs/s on %s; results in %s\n", exact ? "patch" : "attribute", ran, skipped, so.path,
                secs > 0 ? ran / secs : 0, cli_dev_name(m), out);
         if (compare && corr_n)
             for (int k = 0; k < LP_NODE_KINDS; k++)
@@ -331,8 +322,8 @@ static int run_sweep(args *a, int exact) {
             rc = 2;
         }
     }
-    if (rf) fclose(rf);
-    free(done), free(batch), free(res);
+    lp_lock_release(&lock);
+    free(batch), free(res);
     sweep_free(&sw);
     lp_tokenizer_free(tk);
     if (sae) lp_sae_free(sae, &sc);

@@ -28,6 +28,24 @@ int cmd_train_sae(args *a);
 int cmd_eval_sae(args *a);
 int cmd_encode(args *a);
 
+/* host/cli/sweep_out.c: the output directory of attribute and patch (see there) */
+typedef struct sweep_out {
+    char dir[1024], path[1100];
+    int fd;                /* results.jsonl, appending */
+    int n_max;             /* pair indices are < n_max */
+    unsigned char *done;   /* [n_max]: the pair's result line is in results.jsonl */
+} sweep_out;
+/* Records the job's settings in DIR/job.json, or refuses (naming the key) when the ones
+ * there differ. */
+lp_status sweep_job_check(const args *a, const char *dir, int exact, lp_model *m);
+/* Under DIR's lock: repairs results.jsonl and the scores-<method>-*.safetensors files
+ * (methods: NULL-terminated) to agree, fills done, opens results.jsonl for appending. */
+lp_status sweep_out_open(sweep_out *r, const char *dir, int n_max, const char *const *methods);
+/* Appends whole result lines in one write and fsyncs them; a failed write is cut back. */
+lp_status sweep_out_append(sweep_out *r, const char *lines, size_t n);
+/* Closes results.jsonl; returns st, or the close error when st is LP_OK. */
+lp_status sweep_out_close(sweep_out *r, lp_status st);
+
 /* host/cli/attrib.c */
 int cmd_attribute(args *a);
 int cmd_patch(args *a);

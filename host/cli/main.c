@@ -3,6 +3,7 @@
  * turns an lp_status into one line on stderr and an exit code (0 done, 1 failed while
  * working, 2 bad usage or bad input). With --json the last stdout line is one object. */
 #include <cjson/cJSON.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,6 +37,8 @@ static const lp_key g_keys[] = {
     {"tokenize.out", LP_KEY_STR, NULL, 0, 0, NULL, ".npy file for the token ids (flat int32)"},
     /* SAEs: names an SAELens user recognises */
     {"data.store", LP_KEY_STR, NULL, 0, 0, NULL, "activation store (loupe cache) to train or evaluate on"},
+    {"data.allow_incomplete", LP_KEY_CHOICE, "false", 0, 0, "true|false",
+     "train or evaluate on a store whose cache run has not finished (meta.json says complete: false)"},
     {"data.hook", LP_KEY_STR, NULL, 0, 0, NULL, "hook the SAE reads (default: the store's only hook / the SAE's)"},
     {"data.hook_out", LP_KEY_STR, NULL, 0, 0, NULL, "transcoder: hook it reconstructs"},
     {"sae.path", LP_KEY_STR, NULL, 0, 0, NULL, "an SAE: SAELens directory, Gemma Scope params, or sparsify directory"},
@@ -576,5 +579,10 @@ int main(int argc, char **argv) {
     lp_status st = parse_args(&a, argc - 2, argv + 2, positional);
     int rc = st == LP_OK ? fn(&a) : cli_fail(st);
     lp_cfg_free(&a.cfg);
+    /* a report or --json object that did not reach its file is a failure, not a success */
+    if ((fflush(stdout) != 0 || ferror(stdout)) && rc == 0) {
+        fprintf(stderr, "loupe: standard output: write failed: %s\n", strerror(errno));
+        rc = 1;
+    }
     return rc;
 }

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include "loupe/hooks.h"
+#include "loupe/output.h"
 #include "loupe/safetensors.h"
 #include "loupe/sae_train.h"
 #include "loupe/store.h"
@@ -52,6 +53,7 @@ static lp_status train_cfg(const args *a, lp_sae_train_cfg *t) {
     t->log_every = lp_cfg_int(&a->cfg, "train.log_every");
     t->seed = (uint64_t)lp_cfg_int(&a->cfg, "train.seed");
     t->progress = 1;
+    t->allow_incomplete = is_true(a, "data.allow_incomplete");
     LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"data.hook", "train.out", NULL}));
     s->d_sae = (int)lp_cfg_int(&a->cfg, "sae.d_sae");
     return LP_OK;
@@ -70,12 +72,19 @@ static void print_report(const args *a, const lp_sae_train_cfg *t, const lp_sae_
         cJSON_AddNumberToObject(j, "steps", (double)rep->steps);
         cJSON_AddNumberToObject(j, "tokens", (double)rep->tokens);
         cJSON_AddNumberToObject(j, "resumed_tokens", (double)rep->resumed_tokens);
+        cJSON_AddBoolToObject(j, "already_complete", rep->already_complete);
         cJSON_AddNumberToObject(j, "tokens_per_s", rep->tokens_per_s);
         cJSON_AddNumberToObject(j, "mse", rep->mse);
         cJSON_AddNumberToObject(j, "explained_variance", rep->explained_variance);
         cJSON_AddNumberToObject(j, "l0", rep->l0);
         cJSON_AddNumberToObject(j, "dead", rep->dead);
         cli_print_json(j);
+        return;
+    }
+    if (rep->already_complete) {
+        printf("%s already holds this SAE, trained on %lld tokens of %s in %lld steps; nothing to do (last metrics line: mse %.5g, "
+               "explained variance %.4f, L0 %.2f, dead latents %d)\n", t->out, (long long)rep->tokens, where, (long long)rep->steps, rep->mse,
+               rep->explained_variance, rep->l0, rep->dead);
         return;
     }
     printf("trained %s SAE (%s -> d_sae %d%s) on %lld tokens of %s in %lld steps, %.0f tokens/s on %s%s\n", lp_sae_arch_name(t->sae.arch),
@@ -184,6 +193,7 @@ int cmd_eval_sae(args *a) {
     st = lp_sae_load(&s, &c, lp_cfg_str(&a->cfg, "sae.path"));
     lp_sae_eval ev = {0};
     lp_sae_splice_eval sp = {0};
+    if (st == LP_OK && store && !is_true(a, "data.allow_incomplete")) st = lp_store_require_complete(store);
     if (st == LP_OK && store)
         st = lp_sae_eval_store(s, &c, store, sae_hook(a, s), lp_cfg_str(&a->cfg, "data.hook_out"), lp_cfg_int(&a->cfg, "eval.tokens"),
                                (int)lp_cfg_int(&a->cfg, "eval.batch_tokens"), &ev);
@@ -269,6 +279,7 @@ static lp_status chunker_open(const args *a, chunker *ch, const char *hook) {
     ch->hook = hook;
     const char *store = lp_cfg_str(&a->cfg, "data.store");
     if (store) {
+        if (!is_true(a, "data.allow_incomplete")) LP_CHECK(lp_store_require_complete(store));
         LP_CHECK(lp_store_open(&ch->in, store, hook));
         ch->d = lp_store_d(ch->in), ch->n = lp_store_n_tokens(ch->in);
         ch->chunk = (int)lp_cfg_int(&a->cfg, "eval.batch_tokens");
@@ -301,7 +312,9 @@ int cmd_encode(args *a) {
     if ((st = sae_ctx(a, lp_cfg_str(&a->cfg, "data.store") ? "train.device" : "model.device", &c)) != LP_OK) return cli_fail(st);
     lp_sae *s = NULL;
     chunker ch = {0};
-    st = lp_sae_load(&s, &c, lp_cfg_str(&a->cfg, "sae.path"));
+    lp_lock lock = {.fd = -1}; /* one writer per encode.out: FILE.lock beside it while this runs */
+    st = lp_lock_output(&lock, lp_cfg_str(&a->cfg, "encode.out"), 0);
+    if (st == LP_OK) st = lp_sae_load(&s, &c, lp_cfg_str(&a->cfg, "sae.path"));
     if (st == LP_OK) st = chunker_open(a, &ch, sae_hook(a, s));
     const char *src = lp_cfg_str(&a->cfg, "data.store") ? lp_cfg_str(&a->cfg, "data.store") : lp_cfg_str(&a->cfg, "model.path");
     if (st == LP_OK && ch.d != s->cfg.d_in)
@@ -350,5 +363,6 @@ int cmd_encode(args *a) {
     chunker_close(&ch);
     lp_sae_free(s, &c);
     lp_ctx_free(&c);
+    lp_lock_release(&lock);
     return rc;
 }

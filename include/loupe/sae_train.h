@@ -49,6 +49,7 @@ typedef struct lp_sae_train_cfg {
     int64_t log_every;           /* steps between metrics lines */
     uint64_t seed;
     int progress;                /* progress bar on stderr */
+    int allow_incomplete;        /* train on a store whose meta.json says it is not complete */
     int64_t stop_after;          /* tests: stop as if killed after this many tokens (0: never) */
 } lp_sae_train_cfg;
 
@@ -63,10 +64,14 @@ typedef struct lp_sae_train_report {
     double mse, explained_variance, l0; /* over the last log window */
     int dead;
     int stopped;                 /* stop_after ended the run early (nothing final written) */
+    int already_complete;        /* out held the finished run already: nothing trained (figures from its metrics) */
 } lp_sae_train_report;
 
 /* Trains (resuming from the newest complete checkpoint under out/checkpoints when its
- * settings match) and writes the SAE in the SAELens layout to out. */
+ * settings and the store's fingerprint match) and writes the SAE in the SAELens layout to
+ * out. One run at a time holds out (LP_ERR_BUSY for a second). Rerunning a finished run
+ * is not an error: it reports already_complete. A store whose meta.json says it is not
+ * complete is refused unless allow_incomplete. */
 lp_status lp_sae_train(const lp_sae_train_cfg *t, lp_ctx *c, lp_sae_train_report *rep);
 
 /* ---- training from the model itself ----

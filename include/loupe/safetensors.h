@@ -66,7 +66,7 @@ typedef struct lp_st_writer {
     size_t *sizes;
 } lp_st_writer;
 
-/* Creates "<path>.tmp" sized for the tensors and writes the header. metadata is a
+/* Creates "<path>.tmp.<pid>.<random>" sized for the tensors and writes the header. metadata is a
  * NULL-terminated list of key, value string pairs, or NULL. */
 lp_status lp_st_writer_open(lp_st_writer *w, const char *path, const lp_st_spec *specs, int n,
                             const char *const *metadata);
@@ -82,7 +82,7 @@ lp_status lp_st_write(const char *path, const lp_st_spec *specs, const void *con
 
 /* Reads a whole file into a NUL-terminated buffer (free it); NULL with errno set on failure. */
 char *lp_read_file(const char *path, size_t *len);
-/* Writes a file atomically: "<path>.tmp", fsync, rename. */
+/* Writes a file atomically: a unique temporary name beside it, fsync, rename. */
 lp_status lp_write_file_atomic(const char *path, const void *data, size_t n);
 /* Creates dir and any missing parents (existing ones are fine). */
 lp_status lp_mkdir_p(const char *dir);

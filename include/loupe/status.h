@@ -19,10 +19,12 @@ typedef enum lp_status {
     LP_ERR_SHAPE,     /* shapes disagree with each other or with the config */
     LP_ERR_ARG,       /* bad argument or config value */
     LP_ERR_NOT_FOUND, /* unknown name: hook, tensor, key */
+    LP_ERR_BUSY,      /* the output directory is held by another running job */
     /* failures while working (CLI exit status 1) */
     LP_ERR_OOM,
     LP_ERR_CUDA,      /* a CUDA, cuBLAS or NCCL call failed */
     LP_ERR_NO_CUDA,   /* asked for the GPU in a build or on a machine without one */
+    LP_ERR_WRITE,     /* an output could not be written, flushed or renamed (full disk, I/O error) */
     LP_ERR_INTERNAL,
 } lp_status;
 

@@ -3,8 +3,9 @@
  * A directory with meta.json and shard-00000.safetensors, shard-00001..., each shard
  * holding "tokens" (I32 [n_seq, ctx]) and one tensor per captured hook named by the hook,
  * shaped [n_seq, *hook shape without batch], in the store's dtype (F32 or BF16).
- * Shards and meta.json are written under temporary names and renamed when complete;
- * a re-run with the same settings resumes after the last complete shard. */
+ * Shards and meta.json are written under unique temporary names and renamed when
+ * complete; one run at a time holds the store (DIR/.lock); a re-run with the same
+ * settings and the same token file (size and hash) resumes after the last complete shard. */
 #ifndef LOUPE_STORE_H
 #define LOUPE_STORE_H
 
@@ -35,6 +36,10 @@ typedef struct lp_cache_report {
 
 /* Registers the captures on m (clearing other hooks) and writes the store. */
 lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, lp_cache_report *rep);
+
+/* LP_ERR_ARG naming dir/meta.json when meta.json says the store is not complete (its
+ * cache run was stopped or is still going); LP_OK otherwise, also without a meta.json. */
+lp_status lp_store_require_complete(const char *dir);
 
 /* Per-token mean of a stored hook over every sequence and position, e.g. [d_model] for
  * resid hooks or [n_heads * d_head] for hook_z: the source of mean ablation. */
