@@ -96,17 +96,22 @@ static lp_status read_pairs(const args *a, lp_model *m, const lp_tokenizer *tk, 
 
 static lp_status parse_nodes(const args *a, unsigned *kinds) {
     *kinds = 0;
-    char list[512];
-    snprintf(list, sizeof list, "%s", lp_cfg_str(&a->cfg, "attrib.nodes"));
-    if (strcmp(list, "all") == 0) return LP_OK;
-    char *save = NULL;
+    const char *v = lp_cfg_str(&a->cfg, "attrib.nodes");
+    if (strcmp(v, "all") == 0) return LP_OK;
+    char *list = strdup(v), *save = NULL;
+    if (!list) LP_FAIL(LP_ERR_OOM, "out of memory");
     for (char *p = strtok_r(list, ",", &save); p; p = strtok_r(NULL, ",", &save)) {
         int k = lp_node_kind_parse(p);
-        if (k < 0) LP_FAIL(LP_ERR_NOT_FOUND, "attrib.nodes: unknown node kind '%s' (hook_resid_pre, hook_resid_mid, hook_resid_post, "
+        if (k < 0) {
+            lp_status st = lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "attrib.nodes: unknown node kind '%s' (hook_resid_pre, hook_resid_mid, hook_resid_post, "
                                              "hook_attn_out, hook_mlp_out, attn.hook_z, attn.hook_q, attn.hook_k, attn.hook_v, "
                                              "attn.hook_pattern)", p);
+            free(list);
+            return st;
+        }
         *kinds |= 1u << k;
     }
+    free(list);
     return LP_OK;
 }
 

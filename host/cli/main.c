@@ -157,6 +157,22 @@ double cli_now(void) {
 }
 
 
+/* Output and input paths are joined with file names in fixed-size buffers further on:
+ * one longer than this is refused here, naming the key, rather than cut there. */
+#define CLI_MAX_PATH 1024
+static lp_status check_paths(const lp_cfg *c) {
+    for (int i = 0; i < c->n; i++) {
+        const char *k = c->keys[i].name, *dot = strrchr(k, '.');
+        if (!c->val[i] || !dot || c->keys[i].type != LP_KEY_STR) continue;
+        int is_path = strcmp(dot, ".out") == 0 || strcmp(dot, ".path") == 0 || strcmp(dot, ".store") == 0 ||
+                      strcmp(dot, ".tokens") == 0 || strcmp(dot, ".text") == 0 || strcmp(dot, ".pairs") == 0 ||
+                      strcmp(dot, ".sae") == 0;
+        if (is_path && strlen(c->val[i]) >= CLI_MAX_PATH)
+            LP_FAIL(LP_ERR_ARG, "%s: the path is %zu bytes; at most %d are allowed", k, strlen(c->val[i]), CLI_MAX_PATH - 1);
+    }
+    return LP_OK;
+}
+
 /* Parses everything after the command. Positional: a .ini file, otherwise MODEL. */
 static lp_status parse_args(args *a, int argc, char **argv, const char *positional) {
     lp_cfg_init(&a->cfg, g_keys, N_KEYS);
@@ -188,7 +204,7 @@ static lp_status parse_args(args *a, int argc, char **argv, const char *position
             if (strcmp(key, g_short[k][0]) == 0) snprintf(key, sizeof key, "%s", g_short[k][1]);
         LP_CHECK(lp_cfg_set(&a->cfg, key, val, "command line"));
     }
-    return LP_OK;
+    return check_paths(&a->cfg);
 }
 
 lp_device cli_device(const char *dev) {

@@ -14,7 +14,14 @@
 
 static int is_true(const args *a, const char *key) { return strcmp(lp_cfg_str(&a->cfg, key), "true") == 0; }
 
-static void copy_str(char *dst, size_t n, const char *src) { snprintf(dst, n, "%s", src ? src : ""); }
+/* Values that land in the SAE's fixed-size fields: refused whole rather than cut. */
+static lp_status copy_key(char *dst, size_t n, const args *a, const char *key) {
+    const char *v = lp_cfg_str(&a->cfg, key);
+    if (!v) v = "";
+    if (strlen(v) >= n) LP_FAIL(LP_ERR_ARG, "%s: '%.40s...' is %zu bytes; at most %zu are allowed", key, v, strlen(v), n - 1);
+    snprintf(dst, n, "%s", v);
+    return LP_OK;
+}
 
 /* The SAE's device: F32 always (the trainer keeps F32 master weights). */
 static lp_status sae_ctx(const args *a, const char *key, lp_ctx *c) { return lp_ctx_init(c, cli_device(lp_cfg_str(&a->cfg, key)), LP_F32); }
@@ -27,15 +34,17 @@ static lp_status train_cfg(const args *a, lp_sae_train_cfg *t) {
     s->apply_b_dec_to_input = is_true(a, "sae.apply_b_dec_to_input");
     s->skip = is_true(a, "sae.skip");
     s->jumprelu_bandwidth = (float)lp_cfg_float(&a->cfg, "sae.jumprelu_bandwidth");
-    copy_str(s->normalize, sizeof s->normalize, lp_cfg_str(&a->cfg, "sae.normalize_activations"));
-    copy_str(s->hook_name, sizeof s->hook_name, lp_cfg_str(&a->cfg, "data.hook"));
-    copy_str(s->hook_name_out, sizeof s->hook_name_out, lp_cfg_str(&a->cfg, "data.hook_out"));
+    LP_CHECK(copy_key(s->normalize, sizeof s->normalize, a, "sae.normalize_activations"));
+    /* a list of hooks (live training) is split and checked name by name in train_live */
+    const char *hooks = lp_cfg_str(&a->cfg, "data.hook");
+    if (!(hooks && strchr(hooks, ','))) LP_CHECK(copy_key(s->hook_name, sizeof s->hook_name, a, "data.hook"));
+    LP_CHECK(copy_key(s->hook_name_out, sizeof s->hook_name_out, a, "data.hook_out"));
     t->store = lp_cfg_str(&a->cfg, "data.store");
     t->out = lp_cfg_str(&a->cfg, "train.out");
     t->lr = lp_cfg_float(&a->cfg, "train.lr");
     t->adam_beta1 = lp_cfg_float(&a->cfg, "train.adam_beta1");
     t->adam_beta2 = lp_cfg_float(&a->cfg, "train.adam_beta2");
-    copy_str(t->lr_scheduler, sizeof t->lr_scheduler, lp_cfg_str(&a->cfg, "train.lr_scheduler"));
+    LP_CHECK(copy_key(t->lr_scheduler, sizeof t->lr_scheduler, a, "train.lr_scheduler"));
     t->lr_warm_up_steps = lp_cfg_int(&a->cfg, "train.lr_warm_up_steps");
     t->lr_decay_steps = lp_cfg_int(&a->cfg, "train.lr_decay_steps");
     t->l1_coefficient = lp_cfg_float(&a->cfg, "train.l1_coefficient");
@@ -46,7 +55,7 @@ static lp_status train_cfg(const args *a, lp_sae_train_cfg *t) {
     t->aux_k = (int)lp_cfg_int(&a->cfg, "train.aux_k");
     t->tokens = lp_cfg_int(&a->cfg, "train.tokens");
     t->batch_tokens = (int)lp_cfg_int(&a->cfg, "train.batch_tokens");
-    copy_str(t->b_dec_init, sizeof t->b_dec_init, lp_cfg_str(&a->cfg, "train.b_dec_init"));
+    LP_CHECK(copy_key(t->b_dec_init, sizeof t->b_dec_init, a, "train.b_dec_init"));
     t->dead_feature_window = lp_cfg_int(&a->cfg, "train.dead_feature_window");
     t->shuffle_tokens = lp_cfg_int(&a->cfg, "train.shuffle_tokens");
     t->checkpoint_every = lp_cfg_int(&a->cfg, "train.checkpoint_every");
@@ -103,8 +112,8 @@ static int train_live(args *a, lp_sae_train_cfg *t0, lp_ctx *c) {
     lp_live *live = NULL;
     lp_status st = cli_open_model(a, &m);
     if (st == LP_OK) st = cli_load_tokens(a, m, &toks);
-    char hooks[1024];
-    snprintf(hooks, sizeof hooks, "%s", t0->sae.hook_name);
+    char *hooks = strdup(lp_cfg_str(&a->cfg, "data.hook"));
+    if (!hooks) return cli_fail(lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory"));
     int n = 1;
     for (char *p = hooks; *p; p++) n += *p == ',';
     lp_sae_train_cfg *cfgs = calloc(n, sizeof *cfgs);
@@ -114,7 +123,11 @@ static int train_live(args *a, lp_sae_train_cfg *t0, lp_ctx *c) {
     int i = 0;
     for (char *h = strtok(hooks, ","); st == LP_OK && h; h = strtok(NULL, ","), i++) {
         cfgs[i] = *t0;
-        copy_str(cfgs[i].sae.hook_name, sizeof cfgs[i].sae.hook_name, h);
+        if (strlen(h) >= sizeof cfgs[i].sae.hook_name || strlen(t0->out) + strlen(h) + 2 > sizeof outs[i]) {
+            st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "data.hook: hook name '%.40s...' or train.out is too long", h);
+            break;
+        }
+        snprintf(cfgs[i].sae.hook_name, sizeof cfgs[i].sae.hook_name, "%s", h);
         if (n > 1) snprintf(outs[i], sizeof outs[i], "%s/%s", t0->out, h);
         else snprintf(outs[i], sizeof outs[i], "%s", t0->out);
         cfgs[i].out = outs[i];
@@ -141,7 +154,7 @@ static int train_live(args *a, lp_sae_train_cfg *t0, lp_ctx *c) {
     else
         for (i = 0; i < n; i++) print_report(a, &cfgs[i], &reps[i], "the live model", c);
     lp_live_close(live);
-    free(cfgs), free(reps), free(outs);
+    free(cfgs), free(reps), free(outs), free(hooks);
     lp_tokens_free(&toks);
     lp_model_free(m);
     return rc;
