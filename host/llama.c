@@ -234,10 +234,10 @@ static lp_status expect_tensor(const ckpt *ck, const char *name, int64_t rows, i
         LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s' has type %s, which loupe cannot dequantize (supported: " LP_GGML_SUPPORTED_LIST ")",
                 file, name, lp_ggml_type_name(gt->type));
     if (nd > 2 || r != rows || c != (cols ? cols : 1)) {
-        char exp[64];
-        int64_t e[2] = {rows, cols};
-        LP_FAIL(LP_ERR_SHAPE, "%s: tensor '%s' is %lld x %lld, but %s gives %s (%s)", file, name, (long long)r, (long long)c,
-                ck->cfg, lp_shape_str(e, cols ? 2 : 1, exp, sizeof exp), keys);
+        char got[64], exp[64];
+        int64_t g[2] = {r, c}, e[2] = {rows, cols};
+        LP_FAIL(LP_ERR_SHAPE, "%s: tensor '%s' has shape %s but the config needs %s (%s: %s)", file, name,
+                lp_shape_str(g, nd > 2 ? 2 : nd, got, sizeof got), lp_shape_str(e, cols ? 2 : 1, exp, sizeof exp), ck->cfg, keys);
     }
     return LP_OK;
 }
