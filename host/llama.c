@@ -269,6 +269,8 @@ static lp_status check_checkpoint(const lp_model *m, const ckpt *ck) {
             LP_CHECK(expect_tensor(ck, nm, r, cl, shape_keys(k, gguf)));
         }
     LP_CHECK(expect_tensor(ck, gguf ? "output_norm.weight" : "model.norm.weight", c->d_model, 0, gguf ? "embedding_length" : "hidden_size"));
+    if (!c->tied_unembed && !gguf && ckpt_shape(ck, "lm_head.weight", &r, &cl, &file) < 0) /* transformers would start it at random */
+        LP_FAIL(LP_ERR_NOT_FOUND, "%s: \"tie_word_embeddings\" is false, but the checkpoint has no 'lm_head.weight'", ck->cfg);
     if (!c->tied_unembed) LP_CHECK(expect_tensor(ck, gguf ? "output.weight" : "lm_head.weight", c->d_vocab, c->d_model, vkeys));
     return LP_OK;
 }
