@@ -251,16 +251,16 @@ static lp_status check_checkpoint(const lp_model *m, const ckpt *ck) {
     char nm[160], key[96];
     const char *vkeys = gguf ? "vocab_size, embedding_length" : "vocab_size, hidden_size";
     LP_CHECK(expect_tensor(ck, gguf ? "token_embd.weight" : "model.embed_tokens.weight", c->d_vocab, c->d_model, vkeys));
-    snprintf(key, sizeof key, gguf ? "%s.block_count" : "num_hidden_layers", c->name);
+    snprintf(key, sizeof key, gguf ? "metadata key '%s.block_count'" : "\"num_hidden_layers\"", c->name);
     const char *probe = gguf ? gguf_name(P_LN1) : hf_name(P_LN1);
     int64_t r, cl;
     const char *file;
     snprintf(nm, sizeof nm, "%s%d.%s", lpre, c->n_layers - 1, probe);
     if (ckpt_shape(ck, nm, &r, &cl, &file) < 0)
-        LP_FAIL(LP_ERR_SHAPE, "%s: \"%s\" = %d, but the checkpoint has no tensor '%s'", ck->cfg, key, c->n_layers, nm);
+        LP_FAIL(LP_ERR_SHAPE, "%s: %s = %d, but the checkpoint has no tensor '%s'", ck->cfg, key, c->n_layers, nm);
     snprintf(nm, sizeof nm, "%s%d.%s", lpre, c->n_layers, probe);
     if (ckpt_shape(ck, nm, &r, &cl, &file) >= 0)
-        LP_FAIL(LP_ERR_SHAPE, "%s: \"%s\" = %d, but the checkpoint has more layers ('%s')", ck->cfg, key, c->n_layers, nm);
+        LP_FAIL(LP_ERR_SHAPE, "%s: %s = %d, but the checkpoint has more layers ('%s')", ck->cfg, key, c->n_layers, nm);
     for (int L = 0; L < c->n_layers; L++)
         for (int k = 0; k < P_PER_LAYER; k++) {
             layer_shape(c, k, &r, &cl);

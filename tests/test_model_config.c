@@ -98,3 +98,90 @@ Test(model_config, sliding_windows_limit_the_context) {
         lp_model_free(m);
     }
 }
+
+/* ---- GGUF metadata ---- */
+
+/* A GGUF "llama" file with the given u32 (type 4) and f32 (type 6) metadata and one F32
+ * tensor, token_embd.weight [8, 32]. */
+typedef struct gg_kv { const char *key; int f32; double v; } gg_kv;
+
+static void gg_str(FILE *f, const char *s) {
+    uint64_t n = strlen(s);
+    fwrite(&n, 8, 1, f);
+    fwrite(s, 1, n, f);
+}
+
+static void write_gguf(const char *path, const gg_kv *kv, int n) {
+    FILE *f = fopen(path, "wb");
+    cr_assert(f);
+    uint32_t ver = 3, ty = 8;
+    uint64_t n_t = 1, n_kv = 1 + n;
+    fwrite("GGUF", 1, 4, f);
+    fwrite(&ver, 4, 1, f);
+    fwrite(&n_t, 8, 1, f);
+    fwrite(&n_kv, 8, 1, f);
+    gg_str(f, "general.architecture");
+    fwrite(&ty, 4, 1, f);
+    gg_str(f, "llama");
+    for (int i = 0; i < n; i++) {
+        gg_str(f, kv[i].key);
+        ty = kv[i].f32 ? 6 : 4;
+        fwrite(&ty, 4, 1, f);
+        if (kv[i].f32) {
+            float x = (float)kv[i].v;
+            fwrite(&x, 4, 1, f);
+        } else {
+            uint32_t x = (uint32_t)kv[i].v;
+            fwrite(&x, 4, 1, f);
+        }
+    }
+    gg_str(f, "token_embd.weight");
+    uint32_t nd = 2, type = 0;
+    uint64_t ne[2] = {32, 8}, off = 0;
+    fwrite(&nd, 4, 1, f);
+    fwrite(ne, 8, 2, f);
+    fwrite(&type, 4, 1, f);
+    fwrite(&off, 8, 1, f);
+    for (long p = ftell(f); p % 32; p++) fputc(0, f);
+    for (int i = 0; i < 32 * 8 * 4; i++) fputc(0, f);
+    fclose(f);
+}
+
+static void expect_gguf_refused(const gg_kv *kv, int n, const char *needle) {
+    char path[] = "/tmp/loupe-gguf-XXXXXX";
+    int fd = mkstemp(path);
+    cr_assert(fd >= 0);
+    close(fd);
+    write_gguf(path, kv, n);
+    double t0 = cfg_now();
+    lp_model *m = NULL;
+    lp_status st = lp_model_load(&m, path, LP_CPU, LP_F32);
+    double dt = cfg_now() - t0;
+    const char *msg = lp_last_error();
+    cr_expect_eq(lp_status_exit_code(st), 2, "%s: status %s (%s)", needle, lp_status_name(st), msg);
+    cr_expect(strstr(msg, needle) && strstr(msg, path), "message '%s' lacks '%s' or the file", msg, needle);
+    cr_expect(dt < 1.0, "%s: took %.2f s to refuse", needle, dt);
+    fprintf(stderr, "  refused in %.3f s: %s\n", dt, msg);
+    lp_model_free(m);
+    unlink(path);
+}
+
+Test(model_config, gguf_metadata_is_checked_before_anything_is_sized) {
+    gg_kv kv[] = {{"llama.block_count", 0, 1},           {"llama.embedding_length", 0, 32},
+                  {"llama.feed_forward_length", 0, 64},  {"llama.attention.head_count", 0, 2},
+                  {"llama.context_length", 0, 16},       {"llama.attention.layer_norm_rms_epsilon", 1, 1e-5}};
+    int n = sizeof kv / sizeof *kv;
+    kv[0].v = 300000000;
+    expect_gguf_refused(kv, n, "'llama.block_count' = 300000000");
+    kv[0].v = 1000; /* inside the bound, but the file has no such layers */
+    expect_gguf_refused(kv, n, "metadata key 'llama.block_count' = 1000, but the checkpoint has no tensor 'blk.999.attn_norm.weight'");
+    kv[0].v = 1;
+    kv[1].v = 64; /* token_embd.weight is [8, 32] */
+    expect_gguf_refused(kv, n, "tensor 'token_embd.weight' has shape [8, 32] but the config needs [8, 64]");
+    kv[1].v = 32;
+    kv[5].v = -1e-5;
+    expect_gguf_refused(kv, n, "'llama.attention.layer_norm_rms_epsilon' = -1e-05");
+    kv[5].v = 1e-5;
+    kv[2].v = 4000000000.0;
+    expect_gguf_refused(kv, n, "'llama.feed_forward_length' = 4000000000");
+}
