@@ -145,7 +145,11 @@ static lp_status read_dims(const char *path, const cJSON *root, int mistral, int
     /* transformers' defaults when the key is absent: Mistral 8, Qwen2 32, Llama the heads */
     int kv_default = mistral ? 8 : qwen2 ? 32 : c->n_heads;
     LP_CHECK(lp_jcfg_int(path, root, "num_key_value_heads", 1, LP_MAX_HEADS, kv_default, &c->n_kv_heads));
-    LP_CHECK(lp_jcfg_int(path, root, "head_dim", 1, LP_MAX_D_HEAD, c->d_model / c->n_heads, &c->d_head));
+    /* transformers: `head_dim or hidden_size // num_attention_heads`, so 0 means absent */
+    const cJSON *hd = jget(root, "head_dim");
+    c->d_head = c->d_model / c->n_heads;
+    if (!(cJSON_IsNumber(hd) && hd->valuedouble == 0))
+        LP_CHECK(lp_jcfg_int(path, root, "head_dim", 1, LP_MAX_D_HEAD, c->d_head, &c->d_head));
     if (c->d_head < 1) LP_FAIL(LP_ERR_FORMAT, "%s: \"hidden_size\" %d is smaller than \"num_attention_heads\" %d", path, c->d_model, c->n_heads);
     if (c->d_head % 2 || c->d_head > 256)
         LP_FAIL(LP_ERR_FORMAT, "%s: \"head_dim\" %d is not supported (even, at most 256)", path, c->d_head);

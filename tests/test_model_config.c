@@ -185,3 +185,14 @@ Test(model_config, gguf_metadata_is_checked_before_anything_is_sized) {
     kv[2].v = 4000000000.0;
     expect_gguf_refused(kv, n, "'llama.feed_forward_length' = 4000000000");
 }
+
+/* transformers takes `head_dim or hidden_size // num_attention_heads`: 0 and null mean absent. */
+Test(model_config, head_dim_zero_or_null_means_absent) {
+    static const char *const patches[] = {"{\"head_dim\": 0}", "{\"head_dim\": null}", "{\"head_dim\": \"<delete>\"}"};
+    for (int i = 0; i < 3; i++) {
+        lp_model *m;
+        cr_assert_eq(cfg_variant_load("llama-tiny", patches[i], &m), LP_OK, "%s: %s", patches[i], lp_last_error());
+        cr_expect_eq(lp_model_config(m)->d_head, 16, "%s: d_head %d", patches[i], lp_model_config(m)->d_head);
+        lp_model_free(m);
+    }
+}
