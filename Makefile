@@ -109,6 +109,7 @@ demo: deps model
 fixtures:
 	python3 tests/gen/gen_gpt2_fixture.py tests/fixtures
 	python3 tests/gen/gen_llama_fixture.py tests/fixtures
+	python3 tests/gen/gen_tf5_fixture.py tests/fixtures   # needs tests/gen/requirements-tf5.txt (a second environment)
 	python3 tests/gen/gen_smollm2_fixture.py models/SmolLM2-135M-Instruct.Q4_1.gguf tests/fixtures/smollm2
 	python3 tests/gen/gen_tokenizer_fixture.py tests/fixtures/tokenizer models/SmolLM2-135M-Instruct.Q4_1.gguf
 	python3 tests/gen/gen_gguf_fixture.py tests/fixtures/gguf --model models/SmolLM2-135M-Instruct.Q4_1.gguf --fuzz-corpus fuzz/corpus

@@ -12,6 +12,7 @@
 
 #include "loupe/ops.h"
 #include "loupe/safetensors.h"
+#include "model_cfg.h"
 #include "model_internal.h"
 #include "rng.h"
 
@@ -27,65 +28,114 @@ static int lnf_w(const lp_model *m) { return P_FIRST_LAYER + m->cfg.n_layers * P
 
 /* ---- config ---- */
 
-static lp_status cfg_int(const char *path, const cJSON *root, const char *key, const char *alt, int *out) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
-    if (!v && alt) v = cJSON_GetObjectItemCaseSensitive(root, alt);
-    if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble > 1e9 || v->valuedouble != (int)v->valuedouble)
-        LP_FAIL(LP_ERR_FORMAT, "%s: \"%s\" is missing or not a positive integer", path, key);
-    *out = (int)v->valuedouble;
-    return LP_OK;
-}
+#define REFUSE(...)                                                        \
+    do {                                                                   \
+        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, __VA_ARGS__); \
+        goto done;                                                         \
+    } while (0)
 
 static lp_status read_config(lp_model *m, const char *dir) {
     char path[1200];
     snprintf(path, sizeof path, "%s/config.json", dir);
-    size_t n;
-    char *buf = lp_read_file(path, &n);
-    if (!buf) LP_FAIL(LP_ERR_IO, "%s: cannot open (is '%s' a Hugging Face checkpoint directory?)", path, dir);
-    cJSON *root = cJSON_ParseWithLength(buf, n);
-    free(buf);
-    if (!cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        LP_FAIL(LP_ERR_FORMAT, "%s: not a JSON object", path);
-    }
+    cJSON *root;
+    LP_CHECK(lp_jcfg_open(path, &root));
     lp_status st = LP_OK;
     lp_config *c = &m->cfg;
-    const cJSON *mt = cJSON_GetObjectItemCaseSensitive(root, "model_type");
-    const char *type = cJSON_IsString(mt) ? mt->valuestring : "";
-    if (strcmp(type, "gpt2") != 0) {
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: model_type '%s' is not supported (supported: gpt2)", path, type);
-        goto done;
-    }
+    const char *type, *act;
+    int flag;
+    LP_TRY(st, done, lp_jcfg_str(path, root, "", "model_type", "", &type));
+    if (strcmp(type, "gpt2") != 0) REFUSE("%s: model_type '%s' is not supported (supported: gpt2)", path, type);
     c->arch = LP_ARCH_GPT2;
     snprintf(c->name, sizeof c->name, "gpt2");
-    LP_TRY(st, done, cfg_int(path, root, "n_layer", NULL, &c->n_layers));
-    LP_TRY(st, done, cfg_int(path, root, "n_embd", NULL, &c->d_model));
-    LP_TRY(st, done, cfg_int(path, root, "n_head", NULL, &c->n_heads));
-    LP_TRY(st, done, cfg_int(path, root, "n_positions", "n_ctx", &c->n_ctx));
-    LP_TRY(st, done, cfg_int(path, root, "vocab_size", NULL, &c->d_vocab));
-    const cJSON *inner = cJSON_GetObjectItemCaseSensitive(root, "n_inner");
-    if (cJSON_IsNumber(inner)) LP_TRY(st, done, cfg_int(path, root, "n_inner", NULL, &c->d_mlp));
-    else c->d_mlp = 4 * c->d_model;
-    if (c->d_model % c->n_heads != 0) {
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: n_embd %d is not a multiple of n_head %d", path, c->d_model, c->n_heads);
-        goto done;
-    }
+    LP_TRY(st, done, lp_jcfg_int(path, root, "n_layer", 1, LP_MAX_LAYERS, -1, &c->n_layers));
+    LP_TRY(st, done, lp_jcfg_int(path, root, "n_embd", 1, LP_MAX_D_MODEL, -1, &c->d_model));
+    LP_TRY(st, done, lp_jcfg_int(path, root, "n_head", 1, LP_MAX_HEADS, -1, &c->n_heads));
+    /* old hub configs also say n_ctx; transformers reads n_positions */
+    int has_pos = cJSON_GetObjectItemCaseSensitive(root, "n_positions") != NULL;
+    LP_TRY(st, done, lp_jcfg_int(path, root, has_pos ? "n_positions" : "n_ctx", 1, LP_MAX_CTX, -1, &c->n_ctx));
+    LP_TRY(st, done, lp_jcfg_int(path, root, "vocab_size", 1, LP_MAX_VOCAB, -1, &c->d_vocab));
+    LP_TRY(st, done, lp_jcfg_int(path, root, "n_inner", 1, LP_MAX_D_MLP, 4 * c->d_model, &c->d_mlp));
+    if (c->d_model % c->n_heads != 0) REFUSE("%s: \"n_embd\" %d is not a multiple of \"n_head\" %d", path, c->d_model, c->n_heads);
     c->n_kv_heads = c->n_heads;
     c->d_head = c->d_model / c->n_heads;
-    const cJSON *eps = cJSON_GetObjectItemCaseSensitive(root, "layer_norm_epsilon");
-    c->ln_eps = cJSON_IsNumber(eps) ? (float)eps->valuedouble : 1e-5f;
-    const cJSON *act = cJSON_GetObjectItemCaseSensitive(root, "activation_function");
-    if (cJSON_IsString(act) && strcmp(act->valuestring, "gelu_new") != 0 &&
-        strcmp(act->valuestring, "gelu_pytorch_tanh") != 0) {
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: activation_function '%s' is not supported (gelu_new only)", path,
-                          act->valuestring);
-        goto done;
-    }
-    const cJSON *tie = cJSON_GetObjectItemCaseSensitive(root, "tie_word_embeddings");
-    c->tied_unembed = !cJSON_IsFalse(tie);
+    double eps;
+    LP_TRY(st, done, lp_jcfg_num(path, root, "", "layer_norm_epsilon", 0, 1, 1e-5, &eps));
+    c->ln_eps = (float)eps;
+    if (!(c->ln_eps > 0)) REFUSE("%s: \"layer_norm_epsilon\" = %g underflows float32", path, eps);
+    LP_TRY(st, done, lp_jcfg_str(path, root, "", "activation_function", "gelu_new", &act));
+    if (strcmp(act, "gelu_new") != 0 && strcmp(act, "gelu_pytorch_tanh") != 0)
+        REFUSE("%s: \"activation_function\" '%s' is not supported (gelu_new, gelu_pytorch_tanh)", path, act);
+    /* attention variants transformers' GPT-2 implements and loupe does not */
+    LP_TRY(st, done, lp_jcfg_bool(path, root, "scale_attn_weights", 1, &flag));
+    if (!flag) REFUSE("%s: \"scale_attn_weights\" = false is not supported", path);
+    LP_TRY(st, done, lp_jcfg_bool(path, root, "scale_attn_by_inverse_layer_idx", 0, &flag));
+    if (flag) REFUSE("%s: \"scale_attn_by_inverse_layer_idx\" = true is not supported", path);
+    LP_TRY(st, done, lp_jcfg_bool(path, root, "add_cross_attention", 0, &flag));
+    if (flag) REFUSE("%s: \"add_cross_attention\" = true is not supported", path);
+    LP_TRY(st, done, lp_jcfg_bool(path, root, "tie_word_embeddings", 1, &c->tied_unembed));
 done:
     cJSON_Delete(root);
     return st;
+}
+
+/* The checkpoint tensors of a layer, in Conv1D's [in, out] layout (cols 0: a vector). */
+enum { T_LN1_W, T_LN1_B, T_ATTN_W, T_ATTN_B, T_APROJ_W, T_APROJ_B, T_LN2_W, T_LN2_B, T_FC_W, T_FC_B, T_MPROJ_W, T_MPROJ_B, T_PER_LAYER };
+
+static const char *layer_tensor(int i, int64_t D, int64_t F, int64_t *rows, int64_t *cols) {
+    static const struct { const char *suffix, *r, *c; } t[T_PER_LAYER] = {
+        {"ln_1.weight", "D", ""}, {"ln_1.bias", "D", ""}, {"attn.c_attn.weight", "D", "3D"}, {"attn.c_attn.bias", "3D", ""},
+        {"attn.c_proj.weight", "D", "D"}, {"attn.c_proj.bias", "D", ""}, {"ln_2.weight", "D", ""}, {"ln_2.bias", "D", ""},
+        {"mlp.c_fc.weight", "D", "F"}, {"mlp.c_fc.bias", "F", ""}, {"mlp.c_proj.weight", "F", "D"}, {"mlp.c_proj.bias", "D", ""}};
+    const char *dims[2] = {t[i].r, t[i].c};
+    int64_t v[2];
+    for (int k = 0; k < 2; k++)
+        v[k] = !*dims[k] ? 0 : strcmp(dims[k], "3D") == 0 ? 3 * D : strcmp(dims[k], "F") == 0 ? F : D;
+    *rows = v[0], *cols = v[1];
+    return t[i].suffix;
+}
+
+static lp_status expect_tensor(const lp_model *m, const lp_st_set *s, const char *name, int64_t rows, int64_t cols) {
+    const lp_st_file *file;
+    const lp_st_tensor *t = lp_st_set_find(s, name, &file);
+    if (!t) LP_FAIL(LP_ERR_NOT_FOUND, "%s: tensor '%s' is missing from the checkpoint", m->path, name);
+    if (t->ndim != (cols ? 2 : 1) || t->shape[0] != rows || (cols && t->shape[1] != cols)) {
+        char got[64], exp[64];
+        int64_t e[2] = {rows, cols};
+        LP_FAIL(LP_ERR_SHAPE, "%s: tensor '%s' has shape %s but the config needs %s (%s/config.json: n_embd, n_inner, n_positions, "
+                "vocab_size)", file->path, name, lp_shape_str(t->shape, t->ndim, got, sizeof got),
+                lp_shape_str(e, cols ? 2 : 1, exp, sizeof exp), m->path);
+    }
+    return LP_OK;
+}
+
+/* Every tensor the config implies exists with the config's shape, and n_layer is the
+ * checkpoint's layer count, before the weight table or buffer is sized from the config. */
+static lp_status check_checkpoint(const lp_model *m, const lp_st_set *s, const char *prefix, int own_unembed) {
+    const lp_config *c = &m->cfg;
+    int64_t D = c->d_model, F = c->d_mlp, r, cl;
+    char nm[160];
+    snprintf(nm, sizeof nm, "%swte.weight", prefix);
+    LP_CHECK(expect_tensor(m, s, nm, c->d_vocab, D));
+    snprintf(nm, sizeof nm, "%swpe.weight", prefix);
+    LP_CHECK(expect_tensor(m, s, nm, c->n_ctx, D));
+    snprintf(nm, sizeof nm, "%sh.%d.ln_1.weight", prefix, c->n_layers - 1);
+    if (!lp_st_set_find(s, nm, NULL))
+        LP_FAIL(LP_ERR_SHAPE, "%s/config.json: \"n_layer\" = %d, but the checkpoint has no tensor '%s'", m->path, c->n_layers, nm);
+    snprintf(nm, sizeof nm, "%sh.%d.ln_1.weight", prefix, c->n_layers);
+    if (lp_st_set_find(s, nm, NULL))
+        LP_FAIL(LP_ERR_SHAPE, "%s/config.json: \"n_layer\" = %d, but the checkpoint has more layers ('%s')", m->path, c->n_layers, nm);
+    for (int L = 0; L < c->n_layers; L++)
+        for (int i = 0; i < T_PER_LAYER; i++) {
+            const char *suffix = layer_tensor(i, D, F, &r, &cl);
+            snprintf(nm, sizeof nm, "%sh.%d.%s", prefix, L, suffix);
+            LP_CHECK(expect_tensor(m, s, nm, r, cl));
+        }
+    snprintf(nm, sizeof nm, "%sln_f.weight", prefix);
+    LP_CHECK(expect_tensor(m, s, nm, D, 0));
+    snprintf(nm, sizeof nm, "%sln_f.bias", prefix);
+    LP_CHECK(expect_tensor(m, s, nm, D, 0));
+    if (own_unembed) LP_CHECK(expect_tensor(m, s, "lm_head.weight", c->d_vocab, D));
+    return LP_OK;
 }
 
 /* ---- the weight table ---- */
@@ -96,7 +146,8 @@ static size_t build_table(lp_model *m, int own_unembed) {
     const lp_config *c = &m->cfg;
     m->forward = forward;
     int D = c->d_model, F = c->d_mlp;
-    m->params = calloc(P_FIRST_LAYER + c->n_layers * P_PER_LAYER + 3, sizeof *m->params);
+    m->params = calloc(P_FIRST_LAYER + (size_t)c->n_layers * P_PER_LAYER + 3, sizeof *m->params);
+    if (!m->params) return 0;
     size_t off = 0;
     char nm[96];
     lp_param_add(m, "wte", c->d_vocab, D, &off);
@@ -169,8 +220,11 @@ lp_status lp_gpt2_random(lp_model *m, uint64_t seed) {
     snprintf(c->name, sizeof c->name, "gpt2");
     c->n_kv_heads = c->n_heads, c->d_head = c->d_model / c->n_heads, c->tied_unembed = 1;
     if (c->ln_eps <= 0) c->ln_eps = 1e-5f;
+    if (c->n_layers > LP_MAX_LAYERS || c->d_model > LP_MAX_D_MODEL || c->d_mlp > LP_MAX_D_MLP || c->n_ctx > LP_MAX_CTX ||
+        c->d_vocab > LP_MAX_VOCAB)
+        LP_FAIL(LP_ERR_ARG, "random model: a dimension exceeds loupe's bounds");
     size_t total = build_table(m, 0);
-    float *host = malloc(total * sizeof(float));
+    float *host = total ? malloc(total * sizeof(float)) : NULL;
     if (!host) LP_FAIL(LP_ERR_OOM, "out of host memory for %zu weights", total);
     uint64_t s = seed;
     for (size_t i = 0; i < total; i++) host[i] = lp_rng_init_weight(&s);
@@ -194,9 +248,15 @@ lp_status lp_gpt2_load(lp_model *m, const char *dir) {
     float *host = NULL;
     /* hub files have no prefix; save_pretrained of GPT2LMHeadModel writes "transformer." */
     const char *prefix = lp_st_set_find(&s, "transformer.wte.weight", NULL) ? "transformer." : "";
-    int own_unembed = !m->cfg.tied_unembed && lp_st_set_find(&s, "lm_head.weight", NULL);
+    /* transformers ties the unembedding to wte unless tie_word_embeddings is false; then
+     * it needs lm_head.weight (it would start it at random) */
+    int own_unembed = !m->cfg.tied_unembed;
+    if (own_unembed && !lp_st_set_find(&s, "lm_head.weight", NULL))
+        LP_TRY(st, done, lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__,
+                                      "%s/config.json: \"tie_word_embeddings\" is false, but the checkpoint has no 'lm_head.weight'", dir));
+    LP_TRY(st, done, check_checkpoint(m, &s, prefix, own_unembed));
     size_t total = build_table(m, own_unembed);
-    host = malloc(total * sizeof(float));
+    host = total ? malloc(total * sizeof(float)) : NULL;
     if (!host) LP_TRY(st, done, lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for %zu weights", total));
     const lp_config *c = &m->cfg;
     int D = c->d_model, F = c->d_mlp;

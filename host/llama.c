@@ -1,14 +1,13 @@
-/* llama.c: the Llama family (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2/2.5): config from
- * a Hugging Face config.json or from GGUF metadata, the weight table, loading (safetensors
- * in F32/F16/BF16, or GGUF dequantized at load), the rotary tables, and the forward pass
- * with a hook site at every TransformerLens point. The same forward appends to a KV
- * cache when generating (m->gen_pos0 >= 0).
+/* llama.c: the Llama family (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2/2.5): the weight
+ * table, loading (safetensors in F32/F16/BF16, or GGUF dequantized at load) after checking
+ * every tensor's shape against the config (llama_config.c), the rotary tables, and the
+ * forward pass with a hook site at every TransformerLens point. The same forward appends
+ * to a KV cache when generating (m->gen_pos0 >= 0).
  *
  * Weights keep the nn.Linear layout [out, in] (used with w_trans = 1), which is also the
  * row order of GGUF tensors. llama.cpp's converter permutes the rows of Q and K of
  * "llama" models for its interleaved rotary form; the loader undoes that, so that
  * hook_q/hook_k and the rotary are Hugging Face's rotate-half form everywhere. */
-#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +16,7 @@
 #include "loupe/gguf.h"
 #include "loupe/ops.h"
 #include "loupe/safetensors.h"
+#include "model_cfg.h"
 #include "model_internal.h"
 #include "rng.h"
 
@@ -30,210 +30,30 @@ static int p_lnf(const lp_model *m) { return P_FIRST_LAYER + m->cfg.n_layers * P
 
 static lp_status forward(lp_model *m, int B, int T, int want);
 
-/* ---- config ---- */
-
-static lp_status check_config(const char *path, lp_config *c) {
-    if (c->n_layers < 1 || c->d_model < 1 || c->n_heads < 1 || c->n_kv_heads < 1 || c->d_head < 1 || c->d_mlp < 1 ||
-        c->n_ctx < 1 || c->d_vocab < 1)
-        LP_FAIL(LP_ERR_FORMAT, "%s: the model's dimensions must all be positive", path);
-    if (c->n_heads % c->n_kv_heads)
-        LP_FAIL(LP_ERR_FORMAT, "%s: %d attention heads are not a multiple of %d key/value heads", path, c->n_heads, c->n_kv_heads);
-    if (c->d_head % 2 || c->d_head > 256)
-        LP_FAIL(LP_ERR_FORMAT, "%s: head dimension %d is not supported (even, at most 256)", path, c->d_head);
-    if (!(c->ln_eps > 0 && c->ln_eps < 1)) LP_FAIL(LP_ERR_FORMAT, "%s: RMSNorm epsilon %g is not in (0, 1)", path, c->ln_eps);
-    if (!(c->rope_theta > 1)) LP_FAIL(LP_ERR_FORMAT, "%s: rope theta %g must be > 1", path, c->rope_theta);
-    return LP_OK;
-}
-
-static const cJSON *jget(const cJSON *o, const char *k) { return cJSON_GetObjectItemCaseSensitive(o, k); }
-
-static lp_status jint(const char *path, const cJSON *root, const char *key, int *out, int dflt) {
-    const cJSON *v = jget(root, key);
-    if (!v || cJSON_IsNull(v)) {
-        if (dflt < 0) LP_FAIL(LP_ERR_FORMAT, "%s: \"%s\" is missing", path, key);
-        *out = dflt;
-        return LP_OK;
-    }
-    if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble > 1e9 || v->valuedouble != (int)v->valuedouble)
-        LP_FAIL(LP_ERR_FORMAT, "%s: \"%s\" is not a positive integer", path, key);
-    *out = (int)v->valuedouble;
-    return LP_OK;
-}
-
-static double jnum(const cJSON *root, const char *key, double dflt) {
-    const cJSON *v = jget(root, key);
-    return cJSON_IsNumber(v) ? v->valuedouble : dflt;
-}
-
-static lp_status read_rope_scaling(const char *path, const cJSON *rs, lp_config *c) {
-    c->rope_kind = LP_ROPE_DEFAULT;
-    if (!rs || cJSON_IsNull(rs)) return LP_OK;
-    const cJSON *t = jget(rs, "rope_type");
-    if (!t) t = jget(rs, "type");
-    const char *type = cJSON_IsString(t) ? t->valuestring : "";
-    if (strcmp(type, "default") == 0) return LP_OK;
-    c->rope_factor = jnum(rs, "factor", 0);
-    if (!(c->rope_factor > 0)) LP_FAIL(LP_ERR_FORMAT, "%s: rope_scaling.factor is missing or not positive", path);
-    if (strcmp(type, "linear") == 0) {
-        c->rope_kind = LP_ROPE_LINEAR;
-        return LP_OK;
-    }
-    if (strcmp(type, "llama3") == 0) {
-        c->rope_kind = LP_ROPE_LLAMA3;
-        c->rope_low_freq_factor = jnum(rs, "low_freq_factor", 0);
-        c->rope_high_freq_factor = jnum(rs, "high_freq_factor", 0);
-        c->rope_orig_ctx = (int)jnum(rs, "original_max_position_embeddings", 0);
-        if (!(c->rope_low_freq_factor > 0) || !(c->rope_high_freq_factor > c->rope_low_freq_factor) || c->rope_orig_ctx < 1)
-            LP_FAIL(LP_ERR_FORMAT, "%s: rope_scaling of type llama3 needs low_freq_factor < high_freq_factor and "
-                    "original_max_position_embeddings", path);
-        return LP_OK;
-    }
-    LP_FAIL(LP_ERR_FORMAT, "%s: rope_scaling type '%s' is not supported (default, linear, llama3)", path, type);
-}
-
-static lp_status read_hf_config(lp_model *m, const char *dir) {
-    char path[1200];
-    snprintf(path, sizeof path, "%s/config.json", dir);
-    size_t n;
-    char *buf = lp_read_file(path, &n);
-    if (!buf) LP_FAIL(LP_ERR_IO, "%s: cannot open (is '%s' a Hugging Face checkpoint directory?)", path, dir);
-    cJSON *root = cJSON_ParseWithLength(buf, n);
-    free(buf);
-    if (!cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        LP_FAIL(LP_ERR_FORMAT, "%s: not a JSON object", path);
-    }
-    lp_status st = LP_OK;
-    lp_config *c = &m->cfg;
-    const cJSON *mt = jget(root, "model_type");
-    const char *type = cJSON_IsString(mt) ? mt->valuestring : "";
-    int qwen2 = strcmp(type, "qwen2") == 0, mistral = strcmp(type, "mistral") == 0;
-    if (!qwen2 && !mistral && strcmp(type, "llama") != 0) {
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
-                          "%s: model_type '%s' is not supported (supported: gpt2, llama, mistral, qwen2)", path, type);
-        goto done;
-    }
-    c->arch = LP_ARCH_LLAMA;
-    snprintf(c->name, sizeof c->name, "%s", type);
-    LP_TRY(st, done, jint(path, root, "num_hidden_layers", &c->n_layers, -1));
-    LP_TRY(st, done, jint(path, root, "hidden_size", &c->d_model, -1));
-    LP_TRY(st, done, jint(path, root, "num_attention_heads", &c->n_heads, -1));
-    LP_TRY(st, done, jint(path, root, "num_key_value_heads", &c->n_kv_heads, c->n_heads));
-    LP_TRY(st, done, jint(path, root, "head_dim", &c->d_head, c->d_model / c->n_heads));
-    LP_TRY(st, done, jint(path, root, "intermediate_size", &c->d_mlp, -1));
-    LP_TRY(st, done, jint(path, root, "max_position_embeddings", &c->n_ctx, -1));
-    LP_TRY(st, done, jint(path, root, "vocab_size", &c->d_vocab, -1));
-    c->ln_eps = (float)jnum(root, "rms_norm_eps", 1e-6);
-    c->rope_theta = jnum(root, "rope_theta", 10000.0);
-    const cJSON *act = jget(root, "hidden_act");
-    if (cJSON_IsString(act) && strcmp(act->valuestring, "silu") != 0) {
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: hidden_act '%s' is not supported (silu only)", path, act->valuestring);
-        goto done;
-    }
-    if (cJSON_IsTrue(jget(root, "mlp_bias"))) {
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: mlp_bias = true is not supported", path);
-        goto done;
-    }
-    /* Qwen2 always has q/k/v biases; Llama has them when attention_bias is set (and an o bias,
-     * which no released model uses) */
-    if (cJSON_IsTrue(jget(root, "attention_bias")) && !qwen2) {
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: attention_bias = true is not supported for %s", path, type);
-        goto done;
-    }
-    c->qkv_bias = qwen2;
-    c->tied_unembed = cJSON_IsTrue(jget(root, "tie_word_embeddings"));
-    LP_TRY(st, done, read_rope_scaling(path, jget(root, "rope_scaling"), c));
-    /* A sliding window shorter than the context changes attention beyond it: rather than
-     * silently attend too far, the usable context ends at the window. */
-    const cJSON *sw = jget(root, "sliding_window");
-    int windowed = mistral || (qwen2 && cJSON_IsTrue(jget(root, "use_sliding_window")));
-    if (windowed && cJSON_IsNumber(sw) && sw->valuedouble >= 1 && sw->valuedouble < c->n_ctx) c->n_ctx = (int)sw->valuedouble;
-    st = check_config(path, c);
-done:
-    cJSON_Delete(root);
-    return st;
-}
-
-static lp_status gguf_int(const lp_gguf *g, const char *arch, const char *key, int *out, int dflt) {
-    char k[128];
-    snprintf(k, sizeof k, "%s.%s", arch, key);
-    int64_t v;
-    if (!lp_gguf_has(g, k)) {
-        if (dflt < 0) LP_FAIL(LP_ERR_FORMAT, "%s: metadata key '%s' is missing", lp_gguf_path(g), k);
-        *out = dflt;
-        return LP_OK;
-    }
-    LP_CHECK(lp_gguf_get_int(g, k, &v));
-    if (v < 1 || v > 1000000000) LP_FAIL(LP_ERR_FORMAT, "%s: metadata key '%s' = %lld is not a sensible size", lp_gguf_path(g), k, (long long)v);
-    *out = (int)v;
-    return LP_OK;
-}
-
-static lp_status gguf_float(const lp_gguf *g, const char *arch, const char *key, double *out, double dflt) {
-    char k[128];
-    snprintf(k, sizeof k, "%s.%s", arch, key);
-    if (!lp_gguf_has(g, k)) {
-        *out = dflt;
-        return LP_OK;
-    }
-    return lp_gguf_get_float(g, k, out);
-}
-
-static lp_status read_gguf_config(lp_model *m, const lp_gguf *g) {
-    const char *path = lp_gguf_path(g);
-    const char *s;
-    size_t len;
-    if (lp_gguf_get_str(g, "general.architecture", &s, &len) != LP_OK)
-        LP_FAIL(LP_ERR_FORMAT, "%s: metadata key 'general.architecture' is missing", path);
-    char arch[32];
-    snprintf(arch, sizeof arch, "%.*s", (int)(len < 31 ? len : 31), s);
-    if (strcmp(arch, "llama") != 0 && strcmp(arch, "qwen2") != 0)
-        LP_FAIL(LP_ERR_FORMAT, "%s: GGUF architecture '%s' is not supported (supported: llama, qwen2)", path, arch);
-    lp_config *c = &m->cfg;
-    c->arch = LP_ARCH_LLAMA;
-    snprintf(c->name, sizeof c->name, "%s", arch);
-    const lp_gguf_tensor *emb = lp_gguf_find_tensor(g, "token_embd.weight");
-    if (!emb || emb->n_dims != 2) LP_FAIL(LP_ERR_FORMAT, "%s: tensor 'token_embd.weight' is missing or not 2-D", path);
-    LP_CHECK(gguf_int(g, arch, "block_count", &c->n_layers, -1));
-    LP_CHECK(gguf_int(g, arch, "embedding_length", &c->d_model, -1));
-    LP_CHECK(gguf_int(g, arch, "feed_forward_length", &c->d_mlp, -1));
-    LP_CHECK(gguf_int(g, arch, "attention.head_count", &c->n_heads, -1));
-    LP_CHECK(gguf_int(g, arch, "attention.head_count_kv", &c->n_kv_heads, c->n_heads));
-    LP_CHECK(gguf_int(g, arch, "context_length", &c->n_ctx, -1));
-    LP_CHECK(gguf_int(g, arch, "attention.key_length", &c->d_head, c->d_model / c->n_heads));
-    LP_CHECK(gguf_int(g, arch, "vocab_size", &c->d_vocab, (int)emb->ne[1]));
-    int rot;
-    LP_CHECK(gguf_int(g, arch, "rope.dimension_count", &rot, c->d_head));
-    if (rot != c->d_head)
-        LP_FAIL(LP_ERR_FORMAT, "%s: partial rotary (rope.dimension_count %d < head dimension %d) is not supported", path, rot, c->d_head);
-    double eps, theta;
-    LP_CHECK(gguf_float(g, arch, "attention.layer_norm_rms_epsilon", &eps, 1e-5));
-    LP_CHECK(gguf_float(g, arch, "rope.freq_base", &theta, 10000.0));
-    c->ln_eps = (float)eps, c->rope_theta = theta;
-    char k[128];
-    snprintf(k, sizeof k, "%s.rope.scaling.type", arch);
-    if (lp_gguf_has(g, k)) {
-        LP_CHECK(lp_gguf_get_str(g, k, &s, &len));
-        if (len == 6 && memcmp(s, "linear", 6) == 0) {
-            c->rope_kind = LP_ROPE_LINEAR;
-            LP_CHECK(gguf_float(g, arch, "rope.scaling.factor", &c->rope_factor, 0));
-            if (!(c->rope_factor > 0)) LP_FAIL(LP_ERR_FORMAT, "%s: rope.scaling.factor is missing or not positive", path);
-        } else if (!(len == 4 && memcmp(s, "none", 4) == 0)) {
-            LP_FAIL(LP_ERR_FORMAT, "%s: %s '%.*s' is not supported (none, linear)", path, k, (int)len, s);
-        }
-    }
-    c->qkv_bias = lp_gguf_find_tensor(g, "blk.0.attn_q.bias") != NULL;
-    c->tied_unembed = lp_gguf_find_tensor(g, "output.weight") == NULL;
-    return check_config(path, c);
-}
-
 /* ---- the weight table ---- */
+
+/* Shape of layer weight k: [rows, cols], cols 0 for a vector, rows 0 when absent. */
+static void layer_shape(const lp_config *c, int k, int64_t *rows, int64_t *cols) {
+    int64_t D = c->d_model, F = c->d_mlp, qD = (int64_t)c->n_heads * c->d_head, kvD = (int64_t)c->n_kv_heads * c->d_head;
+    int64_t r = 0, cl = 0;
+    switch (k) {
+    case P_LN1: case P_LN2: r = D; break;
+    case P_WQ: r = qD, cl = D; break;
+    case P_WK: case P_WV: r = kvD, cl = D; break;
+    case P_BQ: r = c->qkv_bias ? qD : 0; break;
+    case P_BK: case P_BV: r = c->qkv_bias ? kvD : 0; break;
+    case P_WO: r = D, cl = qD; break;
+    case P_WG: case P_WU: r = F, cl = D; break;
+    case P_WD: r = D, cl = F; break;
+    }
+    *rows = r, *cols = cl;
+}
 
 static size_t build_table(lp_model *m) {
     const lp_config *c = &m->cfg;
-    int D = c->d_model, F = c->d_mlp, qD = c->n_heads * c->d_head, kvD = c->n_kv_heads * c->d_head;
+    int D = c->d_model;
     m->forward = forward;
-    m->params = calloc(P_FIRST_LAYER + c->n_layers * P_PER_LAYER + 2, sizeof *m->params);
+    m->params = calloc(P_FIRST_LAYER + (size_t)c->n_layers * P_PER_LAYER + 2, sizeof *m->params);
     if (!m->params) return 0;
     size_t off = 0;
     char nm[96];
@@ -242,17 +62,8 @@ static size_t build_table(lp_model *m) {
                                                    "attn.b_V", "attn.W_O", "ln2.w", "mlp.W_gate", "mlp.W_in", "mlp.W_out"};
     for (int L = 0; L < c->n_layers; L++)
         for (int k = 0; k < P_PER_LAYER; k++) {
-            int64_t r = 0, cols = 0;
-            switch (k) {
-            case P_LN1: case P_LN2: r = D; break;
-            case P_WQ: r = qD, cols = D; break;
-            case P_WK: case P_WV: r = kvD, cols = D; break;
-            case P_BQ: r = c->qkv_bias ? qD : 0; break;
-            case P_BK: case P_BV: r = c->qkv_bias ? kvD : 0; break;
-            case P_WO: r = D, cols = qD; break;
-            case P_WG: case P_WU: r = F, cols = D; break;
-            case P_WD: r = D, cols = F; break;
-            }
+            int64_t r, cols;
+            layer_shape(c, k, &r, &cols);
             snprintf(nm, sizeof nm, "blocks.%d.%s", L, names[k]);
             lp_param_add(m, nm, r, cols, &off);
         }
@@ -366,6 +177,104 @@ static const char *gguf_name(int k) {
     return n[k];
 }
 
+/* ---- the checkpoint against the config, before anything is sized ---- */
+
+/* A checkpoint's tensors by name: a safetensors set or a GGUF file. */
+typedef struct ckpt {
+    const lp_st_set *st;
+    const lp_gguf *gg;
+    const char *path, *cfg; /* the checkpoint, and the file its config came from */
+} ckpt;
+
+/* Dimensions of tensor `name` as the model uses them ([out, in]; a vector is [n, 1]) and
+ * the file holding it; -1 when absent. */
+static int ckpt_shape(const ckpt *ck, const char *name, int64_t *rows, int64_t *cols, const char **file) {
+    *file = ck->path;
+    if (ck->gg) {
+        const lp_gguf_tensor *t = lp_gguf_find_tensor(ck->gg, name);
+        if (!t) return -1;
+        *rows = t->n_dims >= 2 ? t->ne[1] : t->ne[0], *cols = t->n_dims >= 2 ? t->ne[0] : 1;
+        return t->n_dims;
+    }
+    const lp_st_file *f;
+    const lp_st_tensor *t = lp_st_set_find(ck->st, name, &f);
+    if (!t) return -1;
+    *file = f->path;
+    *rows = t->ndim >= 1 ? t->shape[0] : 1, *cols = t->ndim >= 2 ? t->shape[1] : 1;
+    return t->ndim;
+}
+
+/* The config keys behind each weight's [rows, cols] (Hugging Face; GGUF). */
+static const char *shape_keys(int k, int gguf) {
+    static const char *const hf[P_PER_LAYER] = {
+        [P_LN1] = "hidden_size", [P_LN2] = "hidden_size",
+        [P_WQ] = "num_attention_heads x head_dim, hidden_size", [P_BQ] = "num_attention_heads x head_dim",
+        [P_WK] = "num_key_value_heads x head_dim, hidden_size", [P_WV] = "num_key_value_heads x head_dim, hidden_size",
+        [P_BK] = "num_key_value_heads x head_dim", [P_BV] = "num_key_value_heads x head_dim",
+        [P_WO] = "hidden_size, num_attention_heads x head_dim", [P_WG] = "intermediate_size, hidden_size",
+        [P_WU] = "intermediate_size, hidden_size", [P_WD] = "hidden_size, intermediate_size"};
+    static const char *const gg[P_PER_LAYER] = {
+        [P_LN1] = "embedding_length", [P_LN2] = "embedding_length",
+        [P_WQ] = "attention.head_count x attention.key_length, embedding_length", [P_BQ] = "attention.head_count x attention.key_length",
+        [P_WK] = "attention.head_count_kv x attention.key_length, embedding_length",
+        [P_WV] = "attention.head_count_kv x attention.key_length, embedding_length",
+        [P_BK] = "attention.head_count_kv x attention.key_length", [P_BV] = "attention.head_count_kv x attention.key_length",
+        [P_WO] = "embedding_length, attention.head_count x attention.key_length", [P_WG] = "feed_forward_length, embedding_length",
+        [P_WU] = "feed_forward_length, embedding_length", [P_WD] = "embedding_length, feed_forward_length"};
+    return gguf ? gg[k] : hf[k];
+}
+
+static lp_status expect_tensor(const ckpt *ck, const char *name, int64_t rows, int64_t cols, const char *keys) {
+    int64_t r, c;
+    const char *file;
+    int nd = ckpt_shape(ck, name, &r, &c, &file);
+    if (nd < 0) LP_FAIL(LP_ERR_NOT_FOUND, "%s: tensor '%s' is missing from the checkpoint", ck->path, name);
+    const lp_gguf_tensor *gt = ck->gg ? lp_gguf_find_tensor(ck->gg, name) : NULL;
+    if (gt && !lp_ggml_supported(gt->type))
+        LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s' has type %s, which loupe cannot dequantize (supported: " LP_GGML_SUPPORTED_LIST ")",
+                file, name, lp_ggml_type_name(gt->type));
+    if (nd > 2 || r != rows || c != (cols ? cols : 1)) {
+        char got[64], exp[64];
+        int64_t g[2] = {r, c}, e[2] = {rows, cols};
+        LP_FAIL(LP_ERR_SHAPE, "%s: tensor '%s' has shape %s but the config needs %s (%s: %s)", file, name,
+                lp_shape_str(g, nd > 2 ? 2 : nd, got, sizeof got), lp_shape_str(e, cols ? 2 : 1, exp, sizeof exp), ck->cfg, keys);
+    }
+    return LP_OK;
+}
+
+/* Every tensor the config implies exists with the config's shape, and the layer count is
+ * the checkpoint's, so that what is sized from the config is what the files hold. */
+static lp_status check_checkpoint(const lp_model *m, const ckpt *ck) {
+    const lp_config *c = &m->cfg;
+    int gguf = ck->gg != NULL;
+    const char *lpre = gguf ? "blk." : "model.layers.";
+    char nm[160], key[96];
+    const char *vkeys = gguf ? "vocab_size, embedding_length" : "vocab_size, hidden_size";
+    LP_CHECK(expect_tensor(ck, gguf ? "token_embd.weight" : "model.embed_tokens.weight", c->d_vocab, c->d_model, vkeys));
+    snprintf(key, sizeof key, gguf ? "metadata key '%s.block_count'" : "\"num_hidden_layers\"", c->name);
+    const char *probe = gguf ? gguf_name(P_LN1) : hf_name(P_LN1);
+    int64_t r, cl;
+    const char *file;
+    snprintf(nm, sizeof nm, "%s%d.%s", lpre, c->n_layers - 1, probe);
+    if (ckpt_shape(ck, nm, &r, &cl, &file) < 0)
+        LP_FAIL(LP_ERR_SHAPE, "%s: %s = %d, but the checkpoint has no tensor '%s'", ck->cfg, key, c->n_layers, nm);
+    snprintf(nm, sizeof nm, "%s%d.%s", lpre, c->n_layers, probe);
+    if (ckpt_shape(ck, nm, &r, &cl, &file) >= 0)
+        LP_FAIL(LP_ERR_SHAPE, "%s: %s = %d, but the checkpoint has more layers ('%s')", ck->cfg, key, c->n_layers, nm);
+    for (int L = 0; L < c->n_layers; L++)
+        for (int k = 0; k < P_PER_LAYER; k++) {
+            layer_shape(c, k, &r, &cl);
+            if (!r) continue; /* no bias */
+            snprintf(nm, sizeof nm, "%s%d.%s", lpre, L, gguf ? gguf_name(k) : hf_name(k));
+            LP_CHECK(expect_tensor(ck, nm, r, cl, shape_keys(k, gguf)));
+        }
+    LP_CHECK(expect_tensor(ck, gguf ? "output_norm.weight" : "model.norm.weight", c->d_model, 0, gguf ? "embedding_length" : "hidden_size"));
+    if (!c->tied_unembed && !gguf && ckpt_shape(ck, "lm_head.weight", &r, &cl, &file) < 0) /* transformers would start it at random */
+        LP_FAIL(LP_ERR_NOT_FOUND, "%s: \"tie_word_embeddings\" is false, but the checkpoint has no 'lm_head.weight'", ck->cfg);
+    if (!c->tied_unembed) LP_CHECK(expect_tensor(ck, gguf ? "output.weight" : "lm_head.weight", c->d_vocab, c->d_model, vkeys));
+    return LP_OK;
+}
+
 static lp_status load_st(loader *ld, const lp_st_set *set, const char *name, int idx) {
     const lp_st_file *file;
     const lp_st_tensor *t = lp_st_set_find(set, name, &file);
@@ -379,11 +288,15 @@ static lp_status load_st(loader *ld, const lp_st_set *set, const char *name, int
 }
 
 static lp_status load_hf(lp_model *m, const char *dir) {
-    LP_CHECK(read_hf_config(m, dir));
+    LP_CHECK(lp_llama_read_hf_config(m, dir));
     lp_st_set set;
     LP_CHECK(lp_st_set_open(&set, dir));
     loader ld = {.m = m};
-    lp_status st = alloc_weights(m);
+    char cfg[1200];
+    snprintf(cfg, sizeof cfg, "%s/config.json", dir);
+    ckpt ck = {.st = &set, .path = dir, .cfg = cfg};
+    lp_status st = check_checkpoint(m, &ck);
+    if (st == LP_OK) st = alloc_weights(m);
     const lp_config *c = &m->cfg;
     char nm[160];
     if (st == LP_OK) st = load_st(&ld, &set, "model.embed_tokens.weight", P_EMBED);
@@ -412,8 +325,10 @@ static lp_status load_gg(loader *ld, const lp_gguf *g, const char *name, int idx
 static lp_status load_gguf(lp_model *m, const char *path) {
     lp_gguf *g;
     LP_CHECK(lp_gguf_open(path, &g));
-    lp_status st = read_gguf_config(m, g);
+    lp_status st = lp_llama_read_gguf_config(m, g);
     loader ld = {.m = m};
+    ckpt ck = {.gg = g, .path = path, .cfg = path};
+    if (st == LP_OK) st = check_checkpoint(m, &ck);
     if (st == LP_OK) st = alloc_weights(m);
     const lp_config *c = &m->cfg;
     int permuted = strcmp(c->name, "llama") == 0; /* llama.cpp permutes Q/K of "llama" models only */
@@ -457,7 +372,7 @@ lp_status lp_llama_random(lp_model *m, uint64_t seed) {
     if (c->ln_eps <= 0) c->ln_eps = 1e-5f;
     if (c->rope_theta <= 0) c->rope_theta = 500000.0;
     snprintf(c->name, sizeof c->name, "llama");
-    LP_CHECK(check_config("random model", c));
+    LP_CHECK(lp_llama_check_config("random model", c));
     LP_CHECK(alloc_weights(m));
     /* tensor by tensor through a host buffer: an 8B model never exists twice in host memory */
     uint64_t s = seed;
