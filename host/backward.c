@@ -3,7 +3,9 @@
  * (the residual before each norm, the norms' scales, q/k/v, the MLP pre-activations, and
  * the attention pattern where its gradient is asked for); the metric's gradient enters at
  * the final norm's output (or at a hook, for a direction metric) and each architecture's
- * backward (gpt2.c, llama.c) carries it down, stopping at every hook site. */
+ * backward (gpt2.c, llama.c) carries it down, stopping at every hook site, where the
+ * forward's edits of that hook apply their Jacobians (hooks.c). The tape and the backward
+ * steps the architectures share are in tape.c. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -10,7 +10,8 @@
  *                unless the edit declares it (identity or stop), then they match differences
  *   stale        a hook the last backward did not reach, did not ask for, or a failed run,
  *                is an error naming the hook, never an older run's gradient
- *   attribution  refuses edits it would discard; a direction metric's upper layers score 0 */
+ *   attribution  refuses edits it would discard; a direction metric's upper layers score 0
+ *   CUDA         the same gradients as the CPU through the edits (skips without a GPU) */
 #include "loupe/attrib.h"
 #include "loupe/hooks.h"
 #include "testutil.h"
@@ -273,27 +274,60 @@ static void norm_scales(const char *dir, const char *label) {
 Test(grad_edits, norm_scales_gpt2) { norm_scales(LP_FIXTURES "/gpt2-tiny", "gpt2"); }
 Test(grad_edits, norm_scales_llama) { norm_scales(LP_FIXTURES "/llama-tiny", "llama"); }
 
-/* Edited logits under the mean loss: a steer (a logit bias) and the logits of position 2
- * zeroed, which leaves unembed.hook_in there without a gradient. */
-Test(grad_edits, edited_logits_mean_loss) {
+/* Edited logits: a steer (a logit bias) and the logits of position 2 zeroed, which under the
+ * mean loss leaves unembed.hook_in there without a gradient; the log-prob metric reads the
+ * (steered) last position. */
+Test(grad_edits, edited_logits) {
     lp_model *m = load(LP_FIXTURES "/llama-tiny");
     const lp_config *c = lp_model_config(m);
-    int32_t tok[B * T];
+    int32_t tok[B * T], ans[B], wr[B];
     tokens(tok, B * T, c->d_vocab, 11);
-    lp_metric mt = {.kind = LP_METRIC_MEAN_LOSS};
+    lp_metric loss = {.kind = LP_METRIC_MEAN_LOSS}, lp = logit_diff(ans, wr, c->d_vocab);
+    lp.kind = LP_METRIC_LOGPROB;
     float *bias = lp_test_rand(c->d_vocab, 10, -2, 2);
     int pos[] = {2};
     uedit ed[] = {{"unembed.hook_out", {.kind = LP_EDIT_ADD, .src = bias, .src_len = c->d_vocab, .coef = 1.0f}},
                   {"unembed.hook_out", {.kind = LP_EDIT_ZERO, .pos = pos, .npos = 1}}};
     size_t n;
-    free(fd_check(m, "logits steered, zeroed", tok, &mt, ed, 2, "blocks.1.hook_resid_post", &n));
-    free(fd_check(m, "logits steered, zeroed", tok, &mt, ed, 2, "unembed.hook_out", &n));
-    float *g = fd_check(m, "logits steered, zeroed", tok, &mt, ed, 2, "unembed.hook_in", &n);
+    free(fd_check(m, "logits steered: log-prob", tok, &lp, ed, 1, "blocks.1.hook_resid_post", &n));
+    free(fd_check(m, "logits steered: log-prob", tok, &lp, ed, 1, "unembed.hook_in", &n));
+    free(fd_check(m, "logits steered, zeroed", tok, &loss, ed, 2, "blocks.1.hook_resid_post", &n));
+    free(fd_check(m, "logits steered, zeroed", tok, &loss, ed, 2, "unembed.hook_out", &n));
+    float *g = fd_check(m, "logits steered, zeroed", tok, &loss, ed, 2, "unembed.hook_in", &n);
     double in = max_where(g, 1, c->d_model, pos, 1, NULL, 0, 1), out = max_where(g, 1, c->d_model, pos, 1, NULL, 0, 0);
     printf("  unembed.hook_in: max |grad| at position 2 %.2e, elsewhere %.2e\n", in, out);
     cr_expect_eq(in, 0.0);
     cr_expect_gt(out, 0.0);
+    free(g);
+    /* the read position's logits replaced: the log-prob no longer depends on anything */
+    int last[] = {T - 1};
+    uedit gone[] = {{"unembed.hook_out", {.kind = LP_EDIT_SET, .src = bias, .src_len = c->d_vocab, .pos = last, .npos = 1}}};
+    g = fd_check(m, "logits replaced: log-prob", tok, &lp, gone, 1, "unembed.hook_in", &n);
+    cr_expect_eq(max_where(g, 1, c->d_model, NULL, 0, NULL, 0, 1), 0.0);
     free(g), free(bias);
+    lp_model_free(m);
+}
+
+/* A direction entering at hook_embed: hook_pos_embed, added to it, does not move the metric. */
+Test(grad_edits, direction_at_the_embeddings_gpt2) {
+    lp_model *m = load(LP_FIXTURES "/gpt2-tiny");
+    const lp_config *c = lp_model_config(m);
+    int32_t tok[B * T];
+    tokens(tok, B * T, c->d_vocab, 11);
+    float *dir = lp_test_rand(c->d_model, 4, -1, 1);
+    lp_metric mt = {.kind = LP_METRIC_DIRECTION, .hook = "hook_embed", .direction = dir};
+    double met[B];
+    cr_assert_eq(lp_model_grad(m, tok, B, T, &mt, "hook_embed,hook_pos_embed", met), LP_OK, "%s", lp_last_error());
+    lp_tensor e, p;
+    cr_assert_eq(lp_grad_get(m, "hook_embed", &e), LP_OK);
+    cr_assert_eq(lp_grad_get(m, "hook_pos_embed", &p), LP_OK);
+    double de = 0, dp = 0;
+    for (size_t i = 0; i < (size_t)B * T * c->d_model; i++)
+        de = fmax(de, fabs(((const float *)e.data)[i] - dir[i % c->d_model])), dp = fmax(dp, fabs(((const float *)p.data)[i]));
+    printf("  direction at hook_embed: max |grad - direction| at hook_embed %.2e, max |grad| at hook_pos_embed %.2e\n", de, dp);
+    cr_expect_eq(de, 0.0);
+    cr_expect_eq(dp, 0.0);
+    free(dir);
     lp_model_free(m);
 }
 
@@ -441,3 +475,52 @@ Test(grad_edits, attribution_refuses_edits_and_scores_zero_above_a_direction) {
     free(dir);
     lp_model_free(m);
 }
+
+/* ---- the same on the GPU (skips without one) ----
+ * The edits' Jacobians and the scale path are built from ops with CUDA kernels: with the
+ * edits above registered, the CUDA backward (F32) gives the CPU's gradients (nmse 1e-9, the
+ * budget of the F32 forward's hooks in test_gpt2_cuda.c), and exact zeros where an edit
+ * replaced the value. */
+static void cuda_vs_cpu(const char *dir, int llama) {
+    LP_TEST_REQUIRE_GPU();
+    lp_model *mc = load(dir), *mg;
+    cr_assert_eq(lp_model_load(&mg, dir, LP_CUDA, LP_F32), LP_OK, "%s", lp_last_error());
+    const lp_config *c = lp_model_config(mc);
+    int32_t tok[B * T], other[B * T], ans[B], wr[B];
+    tokens(tok, B * T, c->d_vocab, 11);
+    tokens(other, B * T, c->d_vocab, 17);
+    lp_metric mt = logit_diff(ans, wr, c->d_vocab);
+    size_t ns;
+    float *frozen = capture_of(mc, other, &mt, "blocks.0.ln2.hook_scale", &ns), shift = 0.5f;
+    float *steer = lp_test_rand(c->d_model, 5, -1, 1);
+    int pos[] = {2, 5}, heads[] = {1};
+    uedit ed[] = {{"blocks.0.attn.hook_z", {.kind = LP_EDIT_ZERO, .pos = pos, .npos = 2, .heads = heads, .nheads = 1}},
+                  {"blocks.0.ln2.hook_scale", {.kind = LP_EDIT_PATCH, .src = frozen, .src_len = ns, .pos = pos, .npos = 2}},
+                  {"blocks.1.ln1.hook_scale", {.kind = LP_EDIT_ADD, .src = &shift, .src_len = 1, .coef = 1.0f}},
+                  {"blocks.0.hook_resid_post", {.kind = LP_EDIT_ADD, .src = steer, .src_len = c->d_model, .coef = 2.0f}}};
+    const char *hooks[] = {"blocks.0.attn.hook_q", "blocks.0.hook_resid_mid", "blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre",
+                           llama ? "blocks.0.attn.hook_rot_k" : "hook_pos_embed"};
+    const char *list = llama ? "blocks.0.attn.hook_q,blocks.0.hook_resid_mid,blocks.1.hook_resid_pre,blocks.0.hook_resid_pre,blocks.0.attn.hook_rot_k"
+                             : "blocks.0.attn.hook_q,blocks.0.hook_resid_mid,blocks.1.hook_resid_pre,blocks.0.hook_resid_pre,hook_pos_embed";
+    double met_c[B], met_g[B];
+    register_edits(mc, ed, 4);
+    register_edits(mg, ed, 4);
+    cr_assert_eq(lp_model_grad(mc, tok, B, T, &mt, list, met_c), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_model_grad(mg, tok, B, T, &mt, list, met_g), LP_OK, "%s", lp_last_error());
+    for (int h = 0; h < 5; h++) {
+        lp_tensor a, b;
+        cr_assert_eq(lp_grad_get(mc, hooks[h], &a), LP_OK, "%s", lp_last_error());
+        cr_assert_eq(lp_grad_get(mg, hooks[h], &b), LP_OK, "%s", lp_last_error());
+        size_t n = (size_t)lp_shape_numel(a.shape, a.ndim);
+        lp_cmp cmp = lp_compare_f(b.data, a.data, n);
+        LP_EXPECT_WITHIN(hooks[h], 0, cmp, nmse, 1e-9);
+    }
+    lp_tensor q;
+    cr_assert_eq(lp_grad_get(mg, "blocks.0.attn.hook_q", &q), LP_OK);
+    cr_expect_eq(max_where(q.data, c->n_heads, c->d_head, pos, 2, heads, 1, 1), 0.0, "the CUDA gradient passed a zero-ablation");
+    free(frozen), free(steer);
+    lp_model_free(mc), lp_model_free(mg);
+}
+
+Test(grad_edits, cuda_matches_cpu_gpt2) { cuda_vs_cpu(LP_FIXTURES "/gpt2-tiny", 0); }
+Test(grad_edits, cuda_matches_cpu_llama) { cuda_vs_cpu(LP_FIXTURES "/llama-tiny", 1); }
