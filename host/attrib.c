@@ -77,14 +77,35 @@ static lp_status grab(lp_model *m, int k, int L, float **out, size_t *n) {
     return lp_capture_read_f32(m, name, *out, *n);
 }
 
-/* The gradient (F32 copy) of kind k at layer L from the last lp_model_grad. */
-static lp_status grab_grad(lp_model *m, int k, int L, float **out, size_t n) {
+/* The layer whose hooks a metric's gradient starts from: a direction metric's hook's (its
+ * backward reaches no hook of a layer above), else past the last block. */
+static int metric_layer(const lp_model *m, const lp_metric *mt) {
+    int L, n = lp_model_config(m)->n_layers;
+    if (mt->kind != LP_METRIC_DIRECTION || !mt->hook) return n;
+    if (sscanf(mt->hook, "blocks.%d.", &L) == 1) return L;
+    return strncmp(mt->hook, "hook_", 5) == 0 ? 0 : n; /* the embeddings; else ln_final, unembed */
+}
+
+/* The gradient (F32 copy) of kind k at layer L from the last lp_model_grad: zero above the
+ * layer where the metric enters (the metric does not depend on those nodes). */
+static lp_status grab_grad(lp_model *m, const lp_metric *mt, int k, int L, float **out, size_t n) {
     char name[128];
     snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
+    if (!(*out = calloc(n, sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory");
+    if (L > metric_layer(m, mt)) return LP_OK;
     lp_tensor g;
     LP_CHECK(lp_grad_get(m, name, &g));
-    if (!(*out = malloc(n * sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory");
     memcpy(*out, g.data, n * sizeof(float));
+    return LP_OK;
+}
+
+/* Attribution runs its own forwards and clears the hooks around them: edits registered by
+ * the caller would be dropped without a word, so they are refused. */
+static lp_status no_user_edits(const lp_model *m, const char *what) {
+    for (int id = 0; id < lp_hook_count(m); id++)
+        if (lp_hook_is_edited(m, id))
+            LP_FAIL(LP_ERR_ARG, "%s: %s has an edit registered; attribution runs its own forwards and would discard it "
+                    "(lp_hooks_clear first)", what, lp_hook_name(m, id));
     return LP_OK;
 }
 
@@ -121,14 +142,14 @@ static void grid_free(grid *g) {
 }
 
 /* The captured activations of the grid, and optionally their gradients. */
-static lp_status grid_grab(lp_model *m, const lp_attrib_opts *o, grid *act, grid *grad) {
+static lp_status grid_grab(lp_model *m, const lp_metric *mt, const lp_attrib_opts *o, grid *act, grid *grad) {
     int nL = act->nL;
     for (int k = 0; k < LP_NODE_KINDS; k++)
         for (int L = 0; wanted(o, k) && L < nL; L++) {
             int i = k * nL + L;
             LP_CHECK(grab(m, k, L, &act->v[i], &act->n[i]));
             if (grad) {
-                LP_CHECK(grab_grad(m, k, L, &grad->v[i], act->n[i]));
+                LP_CHECK(grab_grad(m, mt, k, L, &grad->v[i], act->n[i]));
                 grad->n[i] = act->n[i];
             }
         }
@@ -141,10 +162,11 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
     int nL = cf->n_layers, ig = o->ig_steps > 0, at_clean = o->grad_at_clean && !ig;
     size_t ne = (size_t)B * T * cf->d_model;
     char list[1024];
+    for (int b = 0; b < B; b++) memset(&res[b], 0, sizeof res[b]);
+    LP_CHECK(no_user_edits(m, "attribution patching"));
     grid ac = {0}, ax = {0}, gr = {0};
     double *mc = malloc(B * sizeof(double)), *mx = malloc(B * sizeof(double));
     float *emb_c = ig ? malloc(ne * sizeof(float)) : NULL, *emb_x = ig ? malloc(ne * sizeof(float)) : NULL;
-    for (int b = 0; b < B; b++) memset(&res[b], 0, sizeof res[b]);
     lp_status st = mc && mx && (!ig || (emb_c && emb_x)) ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
     if (st == LP_OK) st = grid_new(&ac, nL);
     if (st == LP_OK) st = grid_new(&ax, nL);
@@ -155,10 +177,10 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
     if (st == LP_OK) st = capture_grid(m, o, list, sizeof list);
     if (st == LP_OK && ig) st = lp_hook_capture(m, "hook_embed", NULL, 0, NULL);
     if (st == LP_OK) st = at_clean ? lp_model_grad(m, clean, B, T, mt, list, mc) : lp_model_metric(m, clean, B, T, mt, mc);
-    if (st == LP_OK) st = grid_grab(m, o, &ac, at_clean ? &gr : NULL);
+    if (st == LP_OK) st = grid_grab(m, mt, o, &ac, at_clean ? &gr : NULL);
     if (st == LP_OK && ig) st = lp_capture_read_f32(m, "hook_embed", emb_c, ne);
     if (st == LP_OK) st = at_clean || ig ? lp_model_metric(m, corrupted, B, T, mt, mx) : lp_model_grad(m, corrupted, B, T, mt, list, mx);
-    if (st == LP_OK) st = grid_grab(m, o, &ax, at_clean || ig ? NULL : &gr);
+    if (st == LP_OK) st = grid_grab(m, mt, o, &ax, at_clean || ig ? NULL : &gr);
     if (st == LP_OK && ig) st = lp_capture_read_f32(m, "hook_embed", emb_x, ne);
     /* integrated gradients: the corrupted prompt with its embedding moved alpha of the way to
      * the clean one, alpha at the midpoints of `steps` intervals, ig_batch steps per forward
@@ -197,7 +219,7 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
         st = lp_hook_edit(m, "hook_embed", &e);
         if (st == LP_OK) st = lp_model_grad(m, rows, sc * B, T, &rm, list, rmet);
         for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
-            for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) {
+            for (int L = 0; st == LP_OK && wanted(o, k) && L < nL && L <= metric_layer(m, mt); L++) {
                 int i = k * nL + L;
                 char name[128];
                 lp_tensor g;
@@ -243,6 +265,7 @@ lp_status lp_attrib_exact(lp_model *m, const int32_t *clean, const int32_t *corr
     memset(res, 0, sizeof *res);
     double mc, mx;
     /* both runs' activations of the whole grid */
+    LP_CHECK(no_user_edits(m, "exact patching"));
     lp_hooks_clear(m);
     LP_CHECK(capture_grid(m, o, list, sizeof list));
     float **ac = calloc((size_t)LP_NODE_KINDS * nL, sizeof(float *)), **ax = calloc((size_t)LP_NODE_KINDS * nL, sizeof(float *));

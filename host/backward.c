@@ -3,7 +3,9 @@
  * (the residual before each norm, the norms' scales, q/k/v, the MLP pre-activations, and
  * the attention pattern where its gradient is asked for); the metric's gradient enters at
  * the final norm's output (or at a hook, for a direction metric) and each architecture's
- * backward (gpt2.c, llama.c) carries it down, stopping at every hook site. */
+ * backward (gpt2.c, llama.c) carries it down, stopping at every hook site, where the
+ * forward's edits of that hook apply their Jacobians (hooks.c). The tape and the backward
+ * steps the architectures share are in tape.c. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,17 +18,30 @@
 #include "loupe/sae_ops.h"
 #include "model_internal.h"
 
+/* Every gradient buffer records the backward that wrote it (gen) and the callback edit of
+ * unknown Jacobian, if any, that the gradient had passed by then (poison), so that
+ * lp_grad_get can tell a gradient of the last backward from a stale or unknowable one. */
 struct grad_state {
     unsigned char *want;   /* [n_hooks] */
-    float **host;          /* [n_hooks] F32 gradients of the last backward */
+    float **host;          /* [n_hooks] F32 gradients */
     size_t *cap;           /* floats each host buffer holds */
+    unsigned *gen;         /* [n_hooks] the backward that wrote host[i] (0: none) */
+    int *poison;           /* [n_hooks] the callback-edited hook it passed, or -1 */
     int inject_id;         /* direction metric: where its direction enters, or -1 */
     void *inject_dev;      /* the direction on the device, act dtype */
+    float *inject_host;    /* the same, F32 on the host (the embeddings' sites add it there) */
     void *stage;           /* device-to-host staging in the act dtype */
     size_t stage_cap;
-    int B, T;
+    int B, T;              /* the batch being taken (gradient sites size their buffers by it) */
     unsigned char *pwant;  /* [n_params_t] weight gradients wanted */
     float **phost;         /* [n_params_t] */
+    unsigned *pgen;        /* [n_params_t] */
+    int *ppoison;          /* [n_params_t] */
+    /* the last lp_model_grad: its number, whether it finished, its batch, where its metric
+     * entered (a direction's hook, or -1 for the logits), and, while it runs, the first
+     * callback edit of unknown Jacobian the gradient has passed (-1: none yet) */
+    unsigned run;
+    int ok, res_B, res_T, enter_id, passed;
 };
 
 static lp_status grad_state_get(lp_model *m, struct grad_state **out) {
@@ -36,14 +51,18 @@ static lp_status grad_state_get(lp_model *m, struct grad_state **out) {
         g->want = calloc(m->n_hooks, 1);
         g->host = calloc(m->n_hooks, sizeof *g->host);
         g->cap = calloc(m->n_hooks, sizeof *g->cap);
-        g->inject_id = -1;
+        g->gen = calloc(m->n_hooks, sizeof *g->gen);
+        g->poison = calloc(m->n_hooks, sizeof *g->poison);
+        g->inject_id = g->enter_id = g->passed = -1;
         g->pwant = calloc(m->n_params_t, 1);
         g->phost = calloc(m->n_params_t, sizeof *g->phost);
-        if (!g->want || !g->host || !g->cap || !g->pwant || !g->phost) {
-            free(g->want), free(g->host), free(g->cap), free(g->pwant), free(g->phost), free(g);
+        g->pgen = calloc(m->n_params_t, sizeof *g->pgen);
+        g->ppoison = calloc(m->n_params_t, sizeof *g->ppoison);
+        m->grad = g;
+        if (!g->want || !g->host || !g->cap || !g->gen || !g->poison || !g->pwant || !g->phost || !g->pgen || !g->ppoison) {
+            lp_grad_free(m);
             LP_FAIL(LP_ERR_OOM, "out of memory");
         }
-        m->grad = g;
     }
     *out = m->grad;
     return LP_OK;
@@ -52,111 +71,26 @@ static lp_status grad_state_get(lp_model *m, struct grad_state **out) {
 void lp_grad_free(lp_model *m) {
     struct grad_state *g = m->grad;
     if (!g) return;
-    for (int i = 0; i < m->n_hooks; i++) free(g->host[i]);
+    for (int i = 0; g->host && i < m->n_hooks; i++) free(g->host[i]);
     for (int i = 0; g->phost && i < m->n_params_t; i++) free(g->phost[i]);
-    free(g->host), free(g->want), free(g->cap), free(g->stage), free(g->pwant), free(g->phost);
+    free(g->host), free(g->want), free(g->cap), free(g->gen), free(g->poison), free(g->stage);
+    free(g->pwant), free(g->phost), free(g->pgen), free(g->ppoison), free(g->inject_host);
     lp_ctx_release(&m->ctx, g->inject_dev);
     free(g);
     m->grad = NULL;
 }
 
+/* Whether the backward must stop at (kind, layer): its gradient is wanted, a direction
+ * enters there, or the forward edited it (the edit's Jacobian applies there). */
 int lp_grad_wanted(const lp_model *m, int kind, int layer) {
     if (!m->grad || !m->taping) return 0;
     int id = lp_hook_id(m, kind, layer);
-    return id >= 0 && (m->grad->want[id] || id == m->grad->inject_id); /* a direction enters there too */
+    return id >= 0 && (m->grad->want[id] || id == m->grad->inject_id || m->hooks[id].edits);
 }
 
-/* ---- the tape ---- */
-
-static size_t tape_layout(lp_model *m, int B, int T, int carve) {
-    const lp_config *c = &m->cfg;
-    size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = lp_act_size(m), off = 0;
-    size_t qD = (size_t)c->n_heads * c->d_head, kvD = (size_t)c->n_kv_heads * c->d_head, mat = (size_t)B * c->n_heads * T * T * es;
-    int llama = c->arch == LP_ARCH_LLAMA;
-#define SLICE(field, bytes)                                                    \
-    do {                                                                       \
-        size_t b_ = (bytes);                                                   \
-        if (carve) t->field = b_ ? (char *)m->tape_mem + off : NULL;           \
-        off += (b_ + 255) / 256 * 256;                                         \
-    } while (0)
-    for (int L = 0; L <= c->n_layers; L++) {
-        tape_layer *t = &m->tape[L];
-        if (L > m->tape_top) { /* beyond what the metric reaches: nothing kept */
-            if (carve) memset(t, 0, sizeof *t);
-            continue;
-        }
-        if (L == c->n_layers) { /* the final norm: its input and scale */
-            SLICE(resid_pre, N * D * es);
-            SLICE(ln1_scale, N * es);
-            break;
-        }
-        int mats = lp_grad_wanted(m, HK_SCORES, L) || lp_grad_wanted(m, HK_PATTERN, L);
-        SLICE(resid_pre, N * D * es);
-        SLICE(ln1_scale, N * es);
-        SLICE(q, N * qD * es);
-        SLICE(k, N * kvD * es);
-        SLICE(v, N * kvD * es);
-        SLICE(scores, mats ? mat : 0);
-        SLICE(pattern, mats ? mat : 0);
-        SLICE(resid_mid, N * D * es);
-        SLICE(ln2_scale, N * es);
-        SLICE(mlp_pre, N * F * es);
-        SLICE(mlp_lin, llama ? N * F * es : 0);
-        int pw = lp_param_layer_wanted(m, L);
-        SLICE(ln1_out, pw ? N * D * es : 0);
-        SLICE(z, pw ? N * qD * es : 0);
-        SLICE(ln2_out, pw ? N * D * es : 0);
-        SLICE(mlp_post, pw ? N * F * es : 0);
-    }
-#undef SLICE
-    return off;
-}
-
-/* Layers above tape_top (run only because a hook asked for them) use the ordinary buffers. */
-static void untaped(lp_model *m) {
-    m->q = m->base_q, m->k = m->base_k, m->v = m->base_v, m->scores = m->base_scores, m->pattern = m->base_pattern;
-    m->mlp_pre = m->base_mlp_pre, m->mlp_lin = m->base_mlp_lin, m->ln_scale = m->base_ln_scale;
-    m->ln_out = m->base_ln_out, m->z = m->base_z, m->mlp_post = m->base_mlp_post;
-}
-
-lp_status lp_tape_layer(lp_model *m, int L) {
-    if (L > m->tape_top) return untaped(m), LP_OK;
-    tape_layer *t = &m->tape[L];
-    size_t bytes = (size_t)m->B * m->T * m->cfg.d_model * lp_act_size(m);
-    LP_CHECK(lp_ctx_copy(&m->ctx, t->resid_pre, m->resid, bytes));
-    m->ln_scale = t->ln1_scale, m->q = t->q, m->k = t->k, m->v = t->v, m->mlp_pre = t->mlp_pre;
-    if (t->mlp_lin) m->mlp_lin = t->mlp_lin;
-    m->scores = t->scores ? t->scores : m->base_scores;
-    m->pattern = t->pattern ? t->pattern : m->base_pattern;
-    m->ln_out = t->ln1_out ? t->ln1_out : m->base_ln_out;
-    m->z = t->z ? t->z : m->base_z;
-    m->mlp_post = t->mlp_post ? t->mlp_post : m->base_mlp_post;
-    return LP_OK;
-}
-
-lp_status lp_tape_mid(lp_model *m, int L) {
-    if (L > m->tape_top) return untaped(m), LP_OK;
-    tape_layer *t = &m->tape[L];
-    size_t bytes = (size_t)m->B * m->T * m->cfg.d_model * lp_act_size(m);
-    LP_CHECK(lp_ctx_copy(&m->ctx, t->resid_mid, m->resid, bytes));
-    m->ln_scale = t->ln2_scale;
-    m->ln_out = t->ln2_out ? t->ln2_out : m->base_ln_out;
-    return LP_OK;
-}
-
-lp_status lp_tape_final(lp_model *m) {
-    if (m->cfg.n_layers > m->tape_top) return untaped(m), LP_OK;
-    tape_layer *t = &m->tape[m->cfg.n_layers];
-    size_t bytes = (size_t)m->B * m->T * m->cfg.d_model * lp_act_size(m);
-    LP_CHECK(lp_ctx_copy(&m->ctx, t->resid_pre, m->resid, bytes));
-    m->ln_scale = t->ln1_scale;
-    m->ln_out = m->base_ln_out; /* the metric reads the final norm's output there */
-    return LP_OK;
-}
-
-static void tape_restore(lp_model *m) {
-    m->taping = 0;
-    untaped(m);
+int lp_grad_enters(const lp_model *m, int kind, int layer) {
+    int id = lp_hook_id(m, kind, layer);
+    return m->grad && id >= 0 && id == m->grad->inject_id;
 }
 
 /* ---- gradient sites ---- */
@@ -167,33 +101,56 @@ static size_t hook_numel(const lp_model *m, int id) {
     return (size_t)lp_shape_numel(s, nd);
 }
 
-lp_status lp_grad_site(lp_model *m, int kind, int layer, void *buf) {
-    struct grad_state *g = m->grad;
-    int id = lp_hook_id(m, kind, layer);
-    if (!g || id < 0) return LP_OK;
+/* Keeps buf as the gradient of hook id (F32 on the host), marked as this run's. */
+static lp_status grad_keep(lp_model *m, struct grad_state *g, int id, const void *buf) {
     lp_ctx *c = &m->ctx;
-    if (id == g->inject_id) { /* d(act . direction)/d act: the direction at every token */
-        size_t n = hook_numel(m, id), rows = (size_t)g->B * g->T, per = n / rows;
-        LP_CHECK(lp_affine(c, buf, buf, m->grad_ones, g->inject_dev, (int)rows, (int)per));
-    }
-    if (!g->want[id]) return LP_OK;
     size_t n = hook_numel(m, id), es = lp_act_size(m);
     if (n > g->cap[id]) {
         free(g->host[id]);
+        g->cap[id] = 0;
         if (!(g->host[id] = malloc(n * sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory for the gradient of %s", m->hooks[id].name);
         g->cap[id] = n;
     }
     if (c->device == LP_CPU) {
         memcpy(g->host[id], buf, n * sizeof(float));
-        return LP_OK;
+    } else {
+        if (n * es > g->stage_cap) {
+            free(g->stage);
+            g->stage_cap = 0;
+            if (!(g->stage = malloc(n * es))) LP_FAIL(LP_ERR_OOM, "out of memory");
+            g->stage_cap = n * es;
+        }
+        LP_CHECK(lp_ctx_to_host(c, g->stage, buf, n * es));
+        LP_CHECK(lp_convert_host(g->host[id], LP_F32, g->stage, c->dtype, n));
     }
-    if (n * es > g->stage_cap) {
-        free(g->stage);
-        if (!(g->stage = malloc(n * es))) LP_FAIL(LP_ERR_OOM, "out of memory");
-        g->stage_cap = n * es;
+    g->gen[id] = g->run, g->poison[id] = g->passed;
+    return LP_OK;
+}
+
+/* The backward's stop at hook (kind, layer): buf holds d metric / d the hook's value as the
+ * forward left it (after its edits, as TransformerLens's backward hooks report it). A
+ * direction entering there is added, the gradient is kept when wanted, and then the edits'
+ * Jacobian turns it into the gradient of the value before the edits, which flows on: zero
+ * where an edit replaced the value, unchanged by a steer. hook_embed and hook_pos_embed share
+ * buf and have nothing upstream: their direction is added to the kept copy only and buf is
+ * left as it is. */
+lp_status lp_grad_site(lp_model *m, int kind, int layer, void *buf) {
+    struct grad_state *g = m->grad;
+    int id = lp_hook_id(m, kind, layer);
+    if (!g || id < 0) return LP_OK;
+    int inputs = kind == HK_EMBED || kind == HK_POS_EMBED;
+    size_t n = hook_numel(m, id), rows = (size_t)g->B * g->T, per = n / rows;
+    if (id == g->inject_id && !inputs) /* d(act . direction)/d act: the direction at every token */
+        LP_CHECK(lp_affine(&m->ctx, buf, buf, m->grad_ones, g->inject_dev, (int)rows, (int)per));
+    if (g->want[id]) {
+        LP_CHECK(grad_keep(m, g, id, buf));
+        for (size_t i = 0; id == g->inject_id && inputs && i < n; i++) g->host[id][i] += g->inject_host[i % per];
     }
-    LP_CHECK(lp_ctx_to_host(c, g->stage, buf, n * es));
-    return lp_convert_host(g->host[id], LP_F32, g->stage, c->dtype, n);
+    if (inputs || !m->hooks[id].edits) return LP_OK;
+    int unknown = 0;
+    LP_CHECK(lp_hook_edit_jacobian(m, id, buf, &unknown));
+    if (unknown && g->passed < 0) g->passed = id; /* every gradient from here down is unknowable */
+    return LP_OK;
 }
 
 /* ---- the metric and the gradient entering at the final norm ---- */
@@ -279,7 +236,7 @@ typedef struct scratch {
 
 /* backward = 0: only what reading the metric needs (a metric-only run, once per exact-patching batch).
  * full: the logits' gradient is formed for all B x T rows at once (unembed.hook_out's is wanted). */
-static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T, int backward, int full) {
+static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T, int backward, int full, int dir_id) {
     const lp_config *c = &m->cfg;
     size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = lp_act_size(m), V = c->d_vocab;
     size_t qD = (size_t)c->n_heads * c->d_head, kvD = (size_t)c->n_kv_heads * c->d_head;
@@ -289,11 +246,18 @@ static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T, int backwa
     size_t lrows = (size_t)m->logit_rows > (size_t)B ? (size_t)m->logit_rows : (size_t)B;
     if (full) lrows = N;
     if (!backward) N = 0, mat = 0, lrows = (size_t)B;
+    /* a norm whose scale is edited, or where a direction enters, is taken apart at its scale */
+    int sp = 0;
+    for (int i = 0; backward && i < m->n_hooks; i++) {
+        int k = m->hooks[i].kind;
+        if ((k == HK_LN1_SCALE || k == HK_LN2_SCALE || k == HK_LNF_SCALE) && (m->hooks[i].edits || i == dir_id)) sp = 1;
+    }
     struct { void **p; size_t bytes; } b[] = {
         {&s->rows, B * D * es}, {&s->logits, lrows * V * es}, {&s->drows, backward ? lrows * V * es : 0},
         {&s->g.dresid, N * D * es}, {&s->g.dtmp, N * wide * es}, {&s->g.dln, N * D * es}, {&s->g.dq, N * qD * es},
         {&s->g.dk, N * kvD * es}, {&s->g.dv, N * kvD * es}, {&s->g.dz, N * qD * es}, {&s->g.da, N * F * es},
         {&s->g.db, N * F * es}, {&s->g.dc, N * F * es}, {&s->g.dpat, mat}, {&s->g.dsc, mat}, {&s->g.dscale, N * es},
+        {&s->g.nrm, sp ? N * D * es : 0}, {&s->g.nsc, sp ? N * es : 0}, {&s->g.invd, sp ? D * es : 0},
     };
     size_t off = 0;
     for (size_t i = 0; i < sizeof b / sizeof *b; i++) off += (b[i].bytes + 255) / 256 * 256;
@@ -304,7 +268,13 @@ static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T, int backwa
         off += (b[i].bytes + 255) / 256 * 256;
     }
     s->g.ones = m->grad_ones;
-    return LP_OK;
+    if (!sp) return LP_OK;
+    float *h = malloc(D * sizeof(float));
+    if (!h) LP_FAIL(LP_ERR_OOM, "out of memory");
+    for (size_t i = 0; i < D; i++) h[i] = 1.0f / (float)D;
+    lp_status st = lp_ctx_upload_f32(&m->ctx, s->g.invd, h, D);
+    free(h);
+    return st;
 }
 
 /* Ones in the act dtype, for broadcasts (lp_affine's multiplier). */
@@ -430,9 +400,10 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
     g->B = B, g->T = T, g->inject_id = -1;
     const lp_config *cf = &m->cfg;
     int V = cf->d_vocab, dir_id = mt->kind == LP_METRIC_DIRECTION ? lp_hook_find(m, mt->hook) : -1;
-    /* the gradient at the logits is formed whole only when unembed.hook_out's is wanted or
-     * a direction enters there */
-    int out_id = lp_hook_id(m, HK_UNEMBED_OUT, cf->n_layers), full = backward && (g->want[out_id] || dir_id == out_id);
+    /* the gradient at the logits is formed whole only when unembed.hook_out's is wanted, a
+     * direction enters there or an edit's Jacobian applies there */
+    int out_id = lp_hook_id(m, HK_UNEMBED_OUT, cf->n_layers);
+    int full = backward && (g->want[out_id] || dir_id == out_id || m->hooks[out_id].edits);
     /* a direction metric reads the hook's activation: capture it for this run */
     int had_capture = dir_id >= 0 && m->hooks[dir_id].capture;
     if (dir_id >= 0 && !had_capture) LP_CHECK(lp_hook_capture(m, mt->hook, NULL, 0, NULL));
@@ -451,29 +422,29 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
         m->base_q = m->q, m->base_k = m->k, m->base_v = m->v, m->base_scores = m->scores, m->base_pattern = m->pattern;
         m->base_mlp_pre = m->mlp_pre, m->base_mlp_lin = m->mlp_lin, m->base_ln_scale = m->ln_scale;
         m->base_ln_out = m->ln_out, m->base_z = m->z, m->base_mlp_post = m->mlp_post;
-        m->taping = 1; /* so that tape_layout sees the wanted pattern gradients */
+        m->taping = 1; /* so that lp_tape_layout sees the wanted pattern gradients */
         /* a logit metric reaches every layer; a direction metric only up to its hook's */
         m->tape_top = dir_id >= 0 ? m->hooks[dir_id].layer : cf->n_layers;
-        size_t need = tape_layout(m, B, T, 0);
+        size_t need = lp_tape_layout(m, B, T, 0);
         if (need > m->tape_bytes) {
             lp_ctx_release(&m->ctx, m->tape_mem);
             m->tape_mem = NULL, m->tape_bytes = 0;
             lp_status st = lp_ctx_alloc(&m->ctx, need, &m->tape_mem);
             if (st != LP_OK) {
-                tape_restore(m);
+                lp_tape_restore(m);
                 if (dir_id >= 0 && !had_capture) m->hooks[dir_id].capture = 0, m->any_hook_dirty = 1;
                 return st;
             }
             m->tape_bytes = need;
         }
-        tape_layout(m, B, T, 1);
+        lp_tape_layout(m, B, T, 1);
     }
     int want = mt->kind == LP_METRIC_MEAN_LOSS ? LP_WANT_LOSS : mt->kind == LP_METRIC_DIRECTION ? 0 : LP_WANT_FINAL_NORM;
     lp_status st = lp_model_forward(m, tokens, B, T, want);
     scratch s = {0};
     float *lh = NULL;
     if (st == LP_OK && mt->kind != LP_METRIC_DIRECTION && mt->kind != LP_METRIC_MEAN_LOSS) {
-        st = scratch_alloc(m, &s, B, T, backward, full);
+        st = scratch_alloc(m, &s, B, T, backward, full, dir_id);
         lh = malloc((size_t)B * V * sizeof(float));
         if (st == LP_OK && !lh) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
         if (st == LP_OK) st = read_rows(m, mt, B, T, s.rows, s.logits, lh);
@@ -485,7 +456,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
             for (int i = 0; i < T - 1; i++) acc += l[(size_t)b * (T - 1) + i];
             metric_out[b] = acc / (T - 1);
         }
-        if (backward) st = scratch_alloc(m, &s, B, T, 1, full);
+        if (backward) st = scratch_alloc(m, &s, B, T, 1, full, dir_id);
     } else if (st == LP_OK) { /* direction */
         lp_tensor a;
         int64_t hs[LP_MAX_DIMS];
@@ -505,11 +476,15 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
         }
         free(f);
         if (st == LP_OK && backward) {
-            st = scratch_alloc(m, &s, B, T, 1, full);
+            st = scratch_alloc(m, &s, B, T, 1, full, dir_id);
             lp_ctx_release(&m->ctx, g->inject_dev);
             g->inject_dev = NULL;
             if (st == LP_OK) st = lp_ctx_alloc(&m->ctx, per * lp_act_size(m), &g->inject_dev);
             if (st == LP_OK) st = lp_ctx_upload_f32(&m->ctx, g->inject_dev, mt->direction, per);
+            free(g->inject_host);
+            if (st == LP_OK && !(g->inject_host = malloc(per * sizeof(float))))
+                st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+            if (st == LP_OK) memcpy(g->inject_host, mt->direction, per * sizeof(float));
             g->inject_id = dir_id;
         }
     }
@@ -527,60 +502,67 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
             st = cf->arch == LP_ARCH_GPT2 ? lp_gpt2_backward(m, &s.g, B, T, top) : lp_llama_backward(m, &s.g, B, T, top);
         if (st == LP_OK) st = lp_ctx_sync(c);
     }
-    if (backward) tape_restore(m);
+    if (backward) lp_tape_restore(m);
     lp_ctx_release(&m->ctx, s.mem);
     free(lh);
     return st;
 }
 
+/* Each call is a new run: whatever it does not reach (or if it fails, everything) reads
+ * as absent in lp_grad_get, never as an older run's gradient. */
 lp_status lp_model_grad(lp_model *m, const int32_t *tokens, int B, int T, const lp_metric *metric, const char *grad_hooks,
                         double *metric_out) {
-    return grad_run(m, tokens, B, T, metric, grad_hooks, metric_out, 1);
+    struct grad_state *g = NULL;
+    LP_CHECK(grad_state_get(m, &g));
+    g->run++, g->ok = 0, g->passed = -1;
+    g->enter_id = metric && metric->kind == LP_METRIC_DIRECTION && metric->hook ? lp_hook_find(m, metric->hook) : -1;
+    LP_CHECK(grad_run(m, tokens, B, T, metric, grad_hooks, metric_out, 1));
+    g->ok = 1, g->res_B = B, g->res_T = T;
+    return LP_OK;
 }
 
 lp_status lp_model_metric(lp_model *m, const int32_t *tokens, int B, int T, const lp_metric *metric, double *metric_out) {
     return grad_run(m, tokens, B, T, metric, NULL, metric_out, 0);
 }
 
+/* Why the last run has no gradient for the hook or weight `name` (kept: its buffer's run and
+ * the callback edit it passed), or LP_OK when it has one. */
+static lp_status grad_absent(const lp_model *m, const char *name, int wanted, unsigned kept, int passed) {
+    const struct grad_state *g = m->grad;
+    if (!g || !g->run) LP_FAIL(LP_ERR_NOT_FOUND, "%s: no gradient has been taken yet (lp_model_grad)", name);
+    if (!g->ok) LP_FAIL(LP_ERR_NOT_FOUND, "%s: the last lp_model_grad failed, so it has no gradients", name);
+    if (!wanted) LP_FAIL(LP_ERR_NOT_FOUND, "%s: its gradient was not asked for in the last lp_model_grad", name);
+    if (kept != g->run) {
+        if (g->enter_id >= 0)
+            LP_FAIL(LP_ERR_NOT_FOUND, "%s: the last backward did not reach it (the metric enters at %s, layer %d)", name,
+                    m->hooks[g->enter_id].name, m->hooks[g->enter_id].layer);
+        LP_FAIL(LP_ERR_NOT_FOUND, "%s: the last backward did not reach it", name);
+    }
+    if (passed >= 0)
+        LP_FAIL(LP_ERR_ARG, "%s: its gradient passes the callback edit at %s, whose Jacobian is unknown (set the edit's .grad to "
+                "LP_EDIT_GRAD_IDENTITY or LP_EDIT_GRAD_STOP to declare it)", name, m->hooks[passed].name);
+    return LP_OK;
+}
+
 lp_status lp_grad_get(lp_model *m, const char *hook, lp_tensor *out) {
+    struct grad_state *g = m->grad;
     int id = lp_hook_find(m, hook);
-    for (int i = 0; id < 0 && m->grad && i < m->n_params_t; i++)
+    for (int i = 0; id < 0 && i < m->n_params_t; i++)
         if (strcmp(m->params[i].name, hook) == 0) { /* a weight */
-            if (!m->grad->pwant[i] || !m->grad->phost[i])
-                LP_FAIL(LP_ERR_NOT_FOUND, "the gradient of '%s' was not asked for in the last lp_model_grad", hook);
+            LP_CHECK(grad_absent(m, hook, g && g->pwant[i], g ? g->pgen[i] : 0, g ? g->ppoison[i] : -1));
             memset(out, 0, sizeof *out);
-            out->data = m->grad->phost[i], out->dtype = LP_F32, out->device = LP_CPU, out->ndim = 2;
+            out->data = g->phost[i], out->dtype = LP_F32, out->device = LP_CPU, out->ndim = 2;
             out->shape[0] = m->params[i].shape[0], out->shape[1] = m->params[i].shape[1];
             return LP_OK;
         }
     if (id < 0) LP_FAIL(LP_ERR_NOT_FOUND, "unknown hook '%s'", hook);
-    struct grad_state *g = m->grad;
-    if (!g || !g->want[id] || !g->host[id]) LP_FAIL(LP_ERR_NOT_FOUND, "the gradient of '%s' was not asked for in the last lp_model_grad", hook);
+    LP_CHECK(grad_absent(m, hook, g && g->want[id], g ? g->gen[id] : 0, g ? g->poison[id] : -1));
     memset(out, 0, sizeof *out);
     out->data = g->host[id];
     out->dtype = LP_F32;
     out->device = LP_CPU;
-    out->ndim = lp_hook_shape(m, id, g->B, g->T, out->shape);
+    out->ndim = lp_hook_shape(m, id, g->res_B, g->res_T, out->shape);
     return LP_OK;
-}
-
-lp_status lp_bw_linear(lp_ctx *c, void *dx, const void *dy, const void *W, int N, int K, int M, int w_trans) {
-    /* out = x W: dx = dy W^T, i.e. W used as [M,K] transposed; out = x W^T: dx = dy W */
-    return lp_matmul(c, dx, dy, W, NULL, N, M, K, w_trans ? 0 : 1);
-}
-
-lp_status lp_attn_core_backward(lp_model *m, bw_bufs *g, const tape_layer *t, int L, int B, int T) {
-    lp_ctx *c = &m->ctx;
-    const lp_config *cf = &m->cfg;
-    int H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head;
-    if (!lp_grad_wanted(m, HK_PATTERN, L) && !lp_grad_wanted(m, HK_SCORES, L))
-        return lp_attention_backward(c, g->dq, g->dk, g->dv, g->dz, t->q, t->k, t->v, B, T, H, Hkv, dh);
-    /* the three steps, stopping at the pattern and the scores */
-    LP_CHECK(lp_attn_apply_backward(c, g->dpat, g->dv, g->dz, t->pattern, t->v, B, T, H, Hkv, dh));
-    GSITE(HK_PATTERN, L, g->dpat);
-    LP_CHECK(lp_softmax_rows_backward(c, g->dsc, g->dpat, t->pattern, (size_t)B * H * T, T));
-    GSITE(HK_SCORES, L, g->dsc);
-    return lp_attn_scores_backward(c, g->dq, g->dk, g->dsc, t->q, t->k, B, T, H, Hkv, dh);
 }
 
 int lp_param_layer_wanted(const lp_model *m, int L) {
@@ -603,22 +585,7 @@ lp_status lp_param_grad(lp_model *m, int idx, const void *x, const void *dy, int
     lp_status st = w_trans ? lp_matmul_at(c, dw, dy, x, N, M, K, 0.0f) : lp_matmul_at(c, dw, x, dy, N, K, M, 0.0f);
     if (st == LP_OK && !g->phost[idx] && !(g->phost[idx] = malloc(n * sizeof(float)))) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
     if (st == LP_OK) st = lp_ctx_to_host(c, g->phost[idx], dw, n * sizeof(float));
+    if (st == LP_OK) g->pgen[idx] = g->run, g->ppoison[idx] = g->passed;
     lp_ctx_release(c, dw);
     return st;
-}
-
-lp_status lp_norm_backward_site(lp_model *m, bw_bufs *g, void *dx, void *dy, const void *x, const void *scale, const void *w,
-                                int k_scale, int k_norm, int L, int N) {
-    lp_ctx *c = &m->ctx;
-    int D = m->cfg.d_model, rms = m->cfg.arch == LP_ARCH_LLAMA;
-    if (lp_grad_wanted(m, k_scale, L)) { /* the scale as its own node */
-        LP_CHECK(lp_norm_scale_grad(c, g->dscale, dy, x, scale, w, N, D, !rms));
-        LP_CHECK(lp_grad_site(m, k_scale, L, g->dscale));
-    }
-    if (lp_grad_wanted(m, k_norm, L)) { /* the normalized value's gradient is dy * w */
-        LP_CHECK(lp_affine(c, dy, dy, w, NULL, N, D));
-        LP_CHECK(lp_grad_site(m, k_norm, L, dy));
-        w = NULL;
-    }
-    return rms ? lp_rms_backward(c, dx, dy, x, scale, w, N, D) : lp_ln_backward(c, dx, dy, x, scale, w, N, D);
 }

@@ -186,6 +186,8 @@ static lp_status add_edit(lp_model *m, hook *h, const void *arg) {
         if (!s->src || s->src_len != per_tok)
             LP_FAIL(LP_ERR_SHAPE, "edit of %s: vector has %zu values, the hook has %zu per position", h->name, s->src_len, per_tok);
     }
+    if (s->fn && (s->grad < LP_EDIT_GRAD_UNKNOWN || s->grad > LP_EDIT_GRAD_STOP))
+        LP_FAIL(LP_ERR_ARG, "edit of %s: unknown gradient rule %d for the callback", h->name, (int)s->grad);
     if (!s->fn && s->kind == LP_EDIT_PATCH && (!s->src || s->src_len == 0))
         LP_FAIL(LP_ERR_ARG, "edit of %s: patch needs the source activation", h->name);
     edit *e = calloc(1, sizeof *e);
@@ -350,9 +352,25 @@ lp_status lp_hook_site(lp_model *m, int id, void *act) {
     return LP_OK;
 }
 
+lp_status lp_hook_edit_jacobian(lp_model *m, int id, void *grad, int *unknown) {
+    hook *h = &m->hooks[id];
+    lp_view v = view_of(h, m->B, m->T);
+    /* masks commute: the order of the edits does not matter */
+    for (edit *e = h->edits; e; e = e->next) {
+        int stop = e->spec.kind != LP_EDIT_ADD;
+        if (e->spec.fn) {
+            if (e->spec.grad == LP_EDIT_GRAD_UNKNOWN) *unknown = 1;
+            stop = e->spec.grad == LP_EDIT_GRAD_STOP;
+        }
+        if (stop) LP_CHECK(lp_edit_apply(&m->ctx, grad, v, LP_EDIT_ZERO, NULL, 0.0f, e->pos_mask_dev, e->head_mask_dev));
+    }
+    return LP_OK;
+}
+
 size_t lp_hook_capture_bytes(const lp_model *m, int id) { return m->hooks[id].cap_dev ? m->hooks[id].cap_bytes_max : 0; }
 
 int lp_hook_is_captured(const lp_model *m, int id) { return id >= 0 && id < m->n_hooks && m->hooks[id].capture; }
+int lp_hook_is_edited(const lp_model *m, int id) { return id >= 0 && id < m->n_hooks && m->hooks[id].edits; }
 
 int lp_hooks_want_attn_mats(const lp_model *m) {
     for (int L = 0; L < m->cfg.n_layers; L++)

@@ -137,6 +137,10 @@ typedef struct tape_layer {
 lp_status lp_tape_layer(lp_model *m, int L);
 lp_status lp_tape_mid(lp_model *m, int L);
 lp_status lp_tape_final(lp_model *m);
+/* Bytes of the tape for a B x T batch (what lp_grad_wanted asks for), carving m->tape_mem
+ * into m->tape when `carve`; and the forward's own buffers back once the backward is done. */
+size_t lp_tape_layout(lp_model *m, int B, int T, int carve);
+void lp_tape_restore(lp_model *m);
 #define TAPE(call)                      \
     do {                                \
         if (m->taping) LP_CHECK(call);  \
@@ -146,11 +150,22 @@ lp_status lp_tape_final(lp_model *m);
  * [N, d_model]); each architecture takes it to the embeddings, calling lp_grad_site at
  * every hook point it passes. */
 lp_status lp_grad_site(lp_model *m, int kind, int layer, void *grad);
-/* Whether the gradient of (kind, layer) is wanted (so the backward goes the long way, e.g.
- * through the pattern instead of the fused attention). */
+/* Whether the backward must stop at (kind, layer): its gradient is wanted, a direction
+ * enters there or the forward edited it (so the backward goes the long way, e.g. through the
+ * pattern instead of the fused attention). */
 int lp_grad_wanted(const lp_model *m, int kind, int layer);
+/* Whether the direction metric's direction enters at (kind, layer). */
+int lp_grad_enters(const lp_model *m, int kind, int layer);
+/* The Jacobian of hook id's edits applied to grad (its gradient after the edits, the hook's
+ * shape for the current batch), in place: zero where an edit replaced the value, unchanged
+ * where it steered, as the edit's spec declares for a callback. *unknown is set when a
+ * callback's Jacobian is not declared (grad is then left as it is). */
+lp_status lp_hook_edit_jacobian(lp_model *m, int id, void *grad, int *unknown);
 typedef struct bw_bufs {
     void *dresid, *dtmp, *dln, *dq, *dk, *dv, *dz, *da, *db, *dc, *dpat, *dsc, *dscale, *ones;
+    /* only where a norm's scale is edited or a direction enters there: [N, d_model], [N], and
+     * d_model values of 1 / d_model */
+    void *nrm, *nsc, *invd;
 } bw_bufs;
 /* top: n_layers to start at the final norm's output (g->dln), else the layer whose
  * resid_post the (zero) gradient starts at. */

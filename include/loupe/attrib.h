@@ -8,7 +8,12 @@
  *
  * The metric is per row; the gradient is that of the sum over rows, so each row's
  * gradients are its own. Edits registered on the model (hooks.h) apply to the forward the
- * gradient is taken through. */
+ * gradient is taken through, and the backward passes each by its Jacobian (as torch
+ * autograd does through TransformerLens's hooks): the gradient at an edited hook is that of
+ * its value after the edits; where ZERO, SET or PATCH replaced elements no gradient passes
+ * to what is upstream of them; ADD passes it unchanged; a callback passes it as its spec's
+ * `grad` declares, and if undeclared every gradient that would pass it is refused by
+ * lp_grad_get (naming the callback's hook). */
 #ifndef LOUPE_ATTRIB_H
 #define LOUPE_ATTRIB_H
 
@@ -44,7 +49,11 @@ lp_status lp_model_grad(lp_model *m, const int32_t *tokens, int B, int T, const 
 /* The metric alone (one forward): what exact patching runs per batch. */
 lp_status lp_model_metric(lp_model *m, const int32_t *tokens, int B, int T, const lp_metric *metric, double *metric_out);
 /* The gradient at a hook (or a weight) from the last lp_model_grad: F32 on the host, the
- * hook's (or weight's) shape. lp_model_metric runs do not clear it. */
+ * hook's (or weight's) shape, valid until the next lp_model_grad. lp_model_metric runs do
+ * not clear it. Never an older run's: LP_ERR_NOT_FOUND, with one line naming the hook and
+ * why, when the last lp_model_grad failed, did not ask for it, or did not reach it (a
+ * direction metric's backward reaches no layer above its hook's); LP_ERR_ARG when its
+ * gradient passes a callback edit of undeclared Jacobian. */
 lp_status lp_grad_get(lp_model *m, const char *hook, lp_tensor *out);
 
 /* ---- attribution patching and exact activation patching over a grid of nodes ----
@@ -59,7 +68,10 @@ lp_status lp_grad_get(lp_model *m, const char *hook, lp_tensor *out);
  * clean run, grad_at_clean), or averaged over ig_steps points of the straight path from
  * the corrupted to the clean input embeddings (integrated gradients).
  * Exact patching: score = metric(corrupted run with the node set to its clean value) -
- * metric(corrupted run), the nodes of one hook batched patch_batch at a time. */
+ * metric(corrupted run), the nodes of one hook batched patch_batch at a time.
+ * Both run their own forwards (captures and patches, cleared when done) on the unedited
+ * model: with edits registered they fail with LP_ERR_ARG rather than discard them. Under a
+ * direction metric, nodes above its hook's layer score 0 (the metric does not depend on them). */
 typedef enum lp_node_kind {
     LP_NODE_RESID_PRE = 0, LP_NODE_RESID_MID, LP_NODE_RESID_POST, LP_NODE_ATTN_OUT, LP_NODE_MLP_OUT,
     LP_NODE_Z, LP_NODE_Q, LP_NODE_K, LP_NODE_V, LP_NODE_PATTERN, LP_NODE_KINDS

@@ -17,7 +17,10 @@
  * bias, and had no unembed hooks). Edits of unembed.hook_out change the logits and losses
  * the forward returns and the metrics computed from them.
  * At a hook point, edits run first, in the order they were added, then the capture
- * records the value that flows on. Hooks nobody asked for cost nothing (hook_normalized,
+ * records the value that flows on. A gradient taken through an edited forward (attrib.h)
+ * passes each edit by its Jacobian, as torch autograd does through TransformerLens's hooks:
+ * the gradient at the hook is that of its edited value, and none reaches what is upstream
+ * of the elements an edit replaced. Hooks nobody asked for cost nothing (hook_normalized,
  * hook_attn_scores and hook_pattern are not even computed, and the logits are whole only
  * while unembed.hook_out is hooked). */
 #ifndef LOUPE_HOOKS_H
@@ -45,6 +48,18 @@ lp_status lp_hook_capture(lp_model *m, const char *name_or_glob, const int *pos,
 /* A user callback: act is the activation on the model's device, edited in place. */
 typedef lp_status (*lp_hook_fn)(const char *hook, lp_tensor *act, void *user);
 
+/* What a gradient (attrib.h) does at a callback edit, whose Jacobian loupe cannot know.
+ * Built-in edits need no declaration: ZERO, SET and PATCH replace the value (no gradient
+ * passes to what is upstream of the edited elements), ADD passes it unchanged. An SAE
+ * splice is a callback: declare it IDENTITY only if that is the approximation you want
+ * (the straight-through estimate); loupe does not differentiate through the SAE. */
+typedef enum lp_edit_grad {
+    LP_EDIT_GRAD_UNKNOWN = 0, /* gradients that would pass it are refused (lp_grad_get names this hook) */
+    LP_EDIT_GRAD_IDENTITY,    /* the gradient passes unchanged */
+    LP_EDIT_GRAD_STOP,        /* the callback replaces the value: no gradient passes at the spec's
+                                 positions and heads (all of them when none are given) */
+} lp_edit_grad;
+
 typedef struct lp_edit_spec {
     lp_edit_kind kind;    /* ZERO, SET (mean ablation), ADD (steer), PATCH; ignored with fn */
     const float *src;     /* host F32: per-token [H*E] for SET/ADD, full hook shape for PATCH */
@@ -56,11 +71,13 @@ typedef struct lp_edit_spec {
     int nheads;
     lp_hook_fn fn;        /* when set: called instead of a built-in edit */
     void *user;
+    lp_edit_grad grad;    /* with fn: its Jacobian for gradients taken through it */
 } lp_edit_spec;
 
 /* Adds an edit to every hook matching name_or_glob. The spec's arrays are copied. */
 lp_status lp_hook_edit(lp_model *m, const char *name_or_glob, const lp_edit_spec *spec);
 int lp_hook_is_captured(const lp_model *m, int id);
+int lp_hook_is_edited(const lp_model *m, int id);
 /* Removes every capture and edit. */
 void lp_hooks_clear(lp_model *m);
 
