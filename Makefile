@@ -112,6 +112,7 @@ fixtures:
 	python3 tests/gen/gen_smollm2_fixture.py models/SmolLM2-135M-Instruct.Q4_1.gguf tests/fixtures/smollm2
 	python3 tests/gen/gen_tokenizer_fixture.py tests/fixtures/tokenizer models/SmolLM2-135M-Instruct.Q4_1.gguf
 	python3 tests/gen/gen_gguf_fixture.py tests/fixtures/gguf --model models/SmolLM2-135M-Instruct.Q4_1.gguf --fuzz-corpus fuzz/corpus
+	python3 tests/gen/gen_q5_0_fixture.py tests/fixtures/gguf
 	python3 tests/gen/gen_sae_fixture.py tests/fixtures/sae --loupe-test $(BUILD)/test_sae_io   # needs tests/gen/requirements-sae.txt
 	python3 tests/gen/gen_attrib_fixture.py tests/fixtures/attrib
 	python3 scripts/gen_prompts.py models/SmolLM2-135M-Instruct.Q4_1.gguf configs/prompts
