@@ -5,9 +5,9 @@
  * output dtype (F32, BF16, F16) must match bit for bit: budget 0. Inputs: the gguf-py
  * fixture blocks of every supported type; long runs of fully random blocks (random scales
  * too, so inf and NaN occur: NaN must stay NaN, payloads aside) from a source at an odd
- * address; and, when models/ has it, whole tensors of the SmolLM2 GGUF. Every device
- * output sits between guard bytes, checked after the kernel. Without a GPU every test
- * skips, saying why (LOUPE_REQUIRE_GPU=1 turns the skip into a failure). */
+ * address; and, when models/ has them, whole tensors of the SmolLM2 and Gemma 3 GGUFs.
+ * Every device output sits between guard bytes, checked after the kernel. Without a GPU
+ * every test skips, saying why (LOUPE_REQUIRE_GPU=1 turns the skip into a failure). */
 #include <unistd.h>
 
 #include "loupe/gguf.h"
@@ -165,6 +165,29 @@ Test(gguf_cuda, smollm2_tensors) {
         for (int d = 0; d < 2; d++) {
             char what[96];
             snprintf(what, sizeof what, "SmolLM2 %s (%s) -> %s", t->name, lp_ggml_type_name(t->type),
+                     lp_dtype_name(OUT[d]));
+            cr_expect_eq(gpu_vs_cpu(what, t->data, t->n_bytes, t->type, t->n_elems, OUT[d]), 0, "%s", what);
+        }
+    }
+    lp_gguf_close(g);
+}
+
+/* The real Gemma 3 270M GGUF (`make model-gemma`): one whole tensor of each quantized type
+ * it holds, Q5_0 among them. */
+Test(gguf_cuda, gemma_tensors) {
+    LP_TEST_REQUIRE_GPU();
+    static const char *path = "models/gemma-3-270m-q4_k_m.gguf";
+    if (access(path, R_OK) != 0) cr_skip_test("%s is absent (make model-gemma fetches it)", path);
+    lp_gguf *g;
+    OK(lp_gguf_open(path, &g));
+    static const char *names[] = {"blk.0.attn_q.weight", "blk.0.ffn_up.weight", "blk.0.attn_v.weight",
+                                  "blk.0.attn_output.weight", "blk.0.ffn_down.weight"};
+    for (int i = 0; i < 5; i++) {
+        const lp_gguf_tensor *t = lp_gguf_find_tensor(g, names[i]);
+        cr_assert(t != NULL, "%s", names[i]);
+        for (int d = 0; d < 3; d++) {
+            char what[96];
+            snprintf(what, sizeof what, "Gemma %s (%s) -> %s", t->name, lp_ggml_type_name(t->type),
                      lp_dtype_name(OUT[d]));
             cr_expect_eq(gpu_vs_cpu(what, t->data, t->n_bytes, t->type, t->n_elems, OUT[d]), 0, "%s", what);
         }
