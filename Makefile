@@ -117,8 +117,8 @@ fixtures:
 	python3 tests/gen/gen_smollm2_fixture.py models/SmolLM2-135M-Instruct.Q4_1.gguf tests/fixtures/smollm2
 	python3 tests/gen/gen_tokenizer_fixture.py tests/fixtures/tokenizer models/SmolLM2-135M-Instruct.Q4_1.gguf
 	python3 tests/gen/gen_gguf_fixture.py tests/fixtures/gguf --model models/SmolLM2-135M-Instruct.Q4_1.gguf --fuzz-corpus fuzz/corpus
-	/usr/bin/env python3 tests/gen/gen_gemma_fixture.py tests/fixtures   # needs tests/gen/requirements-gemma.txt
-	/usr/bin/env python3 tests/gen/gen_gemma_tokenizer_fixture.py tests/fixtures/tokenizer models/gemma-3-270m-q4_k_m.gguf   # likewise
+	python3 tests/gen/gen_gemma_fixture.py tests/fixtures   # needs tests/gen/requirements-gemma.txt
+	python3 tests/gen/gen_gemma_tokenizer_fixture.py tests/fixtures/tokenizer models/gemma-3-270m-q4_k_m.gguf   # likewise
 	python3 tests/gen/gen_q5_0_fixture.py tests/fixtures/gguf --model models/gemma-3-270m-q4_k_m.gguf   # after make model-gemma
 	python3 tests/gen/gen_sae_fixture.py tests/fixtures/sae --loupe-test $(BUILD)/test_sae_io   # needs tests/gen/requirements-sae.txt
 	python3 tests/gen/gen_attrib_fixture.py tests/fixtures/attrib
