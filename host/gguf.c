@@ -102,7 +102,7 @@ const char *lp_ggml_type_name(int type) {
 int lp_ggml_supported(int type) {
     switch (type) {
     case LP_GGML_F32: case LP_GGML_F16: case LP_GGML_BF16: case LP_GGML_Q8_0: case LP_GGML_Q4_0:
-    case LP_GGML_Q4_1: case LP_GGML_Q4_K: case LP_GGML_Q5_K: case LP_GGML_Q6_K:
+    case LP_GGML_Q4_1: case LP_GGML_Q5_0: case LP_GGML_Q4_K: case LP_GGML_Q5_K: case LP_GGML_Q6_K:
         return 1;
     default:
         return 0;

@@ -1,4 +1,4 @@
-// dequant.cu: the ggml block formats (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K)
+// dequant.cu: the ggml block formats (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q5_K, Q6_K)
 // to F32, BF16 or F16 on the GPU, for loading GGUF weights. The layouts and formulas are
 // those of the CPU reference, host/cpu/dequant.c, which documents them.
 //
@@ -63,6 +63,12 @@ template <> __device__ __forceinline__ float dq<LP_GGML_Q4_1>(const uint8_t *x, 
     const int q = (b[4 + j % 16] >> (4 * (j / 16))) & 0xF;
     return __fadd_rn(__fmul_rn(half_at(b), (float)q), half_at(b + 2));
 }
+template <> __device__ __forceinline__ float dq<LP_GGML_Q5_0>(const uint8_t *x, size_t i) {
+    const uint8_t *b = x + (i / 32) * 22;
+    const int j = (int)(i % 32);
+    const int q = ((b[6 + j % 16] >> (4 * (j / 16))) & 0xF) | ((b[2 + j / 8] >> (j % 8)) & 1) << 4;
+    return __fmul_rn(half_at(b), (float)(q - 16));
+}
 template <> __device__ __forceinline__ float dq<LP_GGML_Q4_K>(const uint8_t *x, size_t i) {
     const uint8_t *b = x + (i / 256) * 144;
     const int j = (int)(i % 256), s = j / 32, l = j % 32;
@@ -119,6 +125,7 @@ lp_status dispatch(lp_ctx *c, void *dst, const void *src, int type, size_t n) {
     case LP_GGML_Q8_0: return launch<LP_GGML_Q8_0, T>(c, dst, src, n);
     case LP_GGML_Q4_0: return launch<LP_GGML_Q4_0, T>(c, dst, src, n);
     case LP_GGML_Q4_1: return launch<LP_GGML_Q4_1, T>(c, dst, src, n);
+    case LP_GGML_Q5_0: return launch<LP_GGML_Q5_0, T>(c, dst, src, n);
     case LP_GGML_Q4_K: return launch<LP_GGML_Q4_K, T>(c, dst, src, n);
     case LP_GGML_Q5_K: return launch<LP_GGML_Q5_K, T>(c, dst, src, n);
     case LP_GGML_Q6_K: return launch<LP_GGML_Q6_K, T>(c, dst, src, n);

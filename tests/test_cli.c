@@ -381,10 +381,10 @@ Test(cli, llama_bad_input_is_one_line_and_exit_2) {
     /* an architecture loupe does not run */
     write_gguf(tmp("neox.gguf"), "gptneox", NULL, 0);
     expect_bad("GGUF architecture 'gptneox' is not supported", "info %s", tmp("neox.gguf"));
-    /* a tensor type loupe cannot dequantize (Q5_0: 22-byte blocks of 32) */
-    gg_tensor q50 = {"token_embd.weight", 6, 32, 8, 8 * 22};
-    write_gguf(tmp("q50.gguf"), "llama", &q50, 1);
-    expect_bad("tensor 'token_embd.weight' has type Q5_0, which loupe cannot dequantize", "info %s", tmp("q50.gguf"));
+    /* a tensor type loupe cannot dequantize (Q5_1: 24-byte blocks of 32) */
+    gg_tensor q51 = {"token_embd.weight", 7, 32, 8, 8 * 24};
+    write_gguf(tmp("q51.gguf"), "llama", &q51, 1);
+    expect_bad("tensor 'token_embd.weight' has type Q5_1, which loupe cannot dequantize", "info %s", tmp("q51.gguf"));
     /* corrupt metadata: a string length past the end of the file */
     write_gguf(tmp("bad.gguf"), "llama", NULL, 0);
     f = fopen(tmp("bad.gguf"), "r+b");

@@ -5,9 +5,9 @@
  * output dtype (F32, BF16, F16) must match bit for bit: budget 0. Inputs: the gguf-py
  * fixture blocks of every supported type; long runs of fully random blocks (random scales
  * too, so inf and NaN occur: NaN must stay NaN, payloads aside) from a source at an odd
- * address; and, when models/ has it, whole tensors of the SmolLM2 GGUF. Every device
- * output sits between guard bytes, checked after the kernel. Without a GPU every test
- * skips, saying why (LOUPE_REQUIRE_GPU=1 turns the skip into a failure). */
+ * address; and, when models/ has them, whole tensors of the SmolLM2 and Gemma 3 GGUFs.
+ * Every device output sits between guard bytes, checked after the kernel. Without a GPU
+ * every test skips, saying why (LOUPE_REQUIRE_GPU=1 turns the skip into a failure). */
 #include <unistd.h>
 
 #include "loupe/gguf.h"
@@ -25,10 +25,11 @@
         cr_assert_eq(s_, LP_OK, "%s: %s: %s", #expr, lp_status_name(s_), lp_last_error());  \
     } while (0)
 
-static const char *SUPPORTED[] = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"};
+/* Q5_0 last, so the other types keep their random-block seeds */
+static const char *SUPPORTED[] = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0"};
 static const int SUPPORTED_ID[] = {LP_GGML_F32, LP_GGML_F16, LP_GGML_BF16, LP_GGML_Q8_0, LP_GGML_Q4_0,
-                                   LP_GGML_Q4_1, LP_GGML_Q4_K, LP_GGML_Q5_K, LP_GGML_Q6_K};
-#define N_SUPPORTED 9
+                                   LP_GGML_Q4_1, LP_GGML_Q4_K, LP_GGML_Q5_K, LP_GGML_Q6_K, LP_GGML_Q5_0};
+#define N_SUPPORTED 10
 static const lp_dtype OUT[3] = {LP_F32, LP_BF16, LP_F16};
 
 static lp_ctx *ctx(lp_device dev) {
@@ -97,12 +98,13 @@ static size_t gpu_vs_cpu(const char *what, const uint8_t *src, size_t src_bytes,
 
 Test(gguf_cuda, fixture_blocks) {
     LP_TEST_REQUIRE_GPU();
-    lp_st_file f;
-    OK(lp_st_open(&f, GGUF_DIR "/quant_blocks.safetensors"));
+    lp_st_file f[2]; /* Q5_0's blocks came later, in a file of their own */
+    OK(lp_st_open(&f[0], GGUF_DIR "/quant_blocks.safetensors"));
+    OK(lp_st_open(&f[1], GGUF_DIR "/quant_blocks_q5_0.safetensors"));
     for (int i = 0; i < N_SUPPORTED; i++) {
         char name[64];
         snprintf(name, sizeof name, "%s.raw", SUPPORTED[i]);
-        const lp_st_tensor *raw = lp_st_find(&f, name);
+        const lp_st_tensor *raw = lp_st_find(&f[SUPPORTED_ID[i] == LP_GGML_Q5_0], name);
         cr_assert(raw != NULL, "%s", name);
         const int64_t n = (int64_t)(raw->nbytes / lp_ggml_block_bytes(SUPPORTED_ID[i])) *
                           lp_ggml_block_elems(SUPPORTED_ID[i]);
@@ -112,7 +114,8 @@ Test(gguf_cuda, fixture_blocks) {
             cr_expect_eq(gpu_vs_cpu(what, raw->data, raw->nbytes, SUPPORTED_ID[i], n, OUT[d]), 0, "%s", what);
         }
     }
-    lp_st_close(&f);
+    lp_st_close(&f[0]);
+    lp_st_close(&f[1]);
 }
 
 /* Fully random bytes, scales included, over awkward block counts. */
@@ -162,6 +165,29 @@ Test(gguf_cuda, smollm2_tensors) {
         for (int d = 0; d < 2; d++) {
             char what[96];
             snprintf(what, sizeof what, "SmolLM2 %s (%s) -> %s", t->name, lp_ggml_type_name(t->type),
+                     lp_dtype_name(OUT[d]));
+            cr_expect_eq(gpu_vs_cpu(what, t->data, t->n_bytes, t->type, t->n_elems, OUT[d]), 0, "%s", what);
+        }
+    }
+    lp_gguf_close(g);
+}
+
+/* The real Gemma 3 270M GGUF (`make model-gemma`): one whole tensor of each quantized type
+ * it holds, Q5_0 among them. */
+Test(gguf_cuda, gemma_tensors) {
+    LP_TEST_REQUIRE_GPU();
+    static const char *path = "models/gemma-3-270m-q4_k_m.gguf";
+    if (access(path, R_OK) != 0) cr_skip_test("%s is absent (make model-gemma fetches it)", path);
+    lp_gguf *g;
+    OK(lp_gguf_open(path, &g));
+    static const char *names[] = {"blk.0.attn_q.weight", "blk.0.ffn_up.weight", "blk.0.attn_v.weight",
+                                  "blk.0.attn_output.weight", "blk.0.ffn_down.weight"};
+    for (int i = 0; i < 5; i++) {
+        const lp_gguf_tensor *t = lp_gguf_find_tensor(g, names[i]);
+        cr_assert(t != NULL, "%s", names[i]);
+        for (int d = 0; d < 3; d++) {
+            char what[96];
+            snprintf(what, sizeof what, "Gemma %s (%s) -> %s", t->name, lp_ggml_type_name(t->type),
                      lp_dtype_name(OUT[d]));
             cr_expect_eq(gpu_vs_cpu(what, t->data, t->n_bytes, t->type, t->n_elems, OUT[d]), 0, "%s", what);
         }

@@ -1,5 +1,5 @@
 /* dequant.c: CPU reference of the ggml block formats that loupe reads from GGUF files
- * (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), one block at a time.
+ * (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q5_K, Q6_K), one block at a time.
  *
  * Written from the ggml block definitions; each formula is checked bit for bit against
  * gguf-py's dequantizer by tests/test_gguf.c (fixtures from tests/gen/gen_gguf_fixture.py),
@@ -12,6 +12,8 @@
  *   Q4_0  32 elems, 18 bytes: half d; u8 qs[16]                   x = d*(q-8)
  *   Q4_1  32 elems, 20 bytes: half d, m; u8 qs[16]                x = d*q + m
  *         (element j < 16 is the low nibble of qs[j], element j + 16 its high nibble)
+ *   Q5_0  32 elems, 22 bytes: half d; u8 qh[4]; u8 qs[16]         x = d*(q-16)
+ *         (low 4 bits as in Q4_0; bit j of the little-endian u32 qh is element j's fifth)
  *   Q4_K 256 elems, 144 bytes: half d, dmin; u8 scales[12]; u8 qs[128]
  *         8 sub-blocks of 32 with 6-bit scale sc and min m each:   x = (d*sc)*q - dmin*m
  *   Q5_K 256 elems, 176 bytes: as Q4_K plus u8 qh[32] (bit s of qh[l] is the fifth bit
@@ -74,6 +76,20 @@ static void dq_q4_0(float *y, const uint8_t *b, int64_t nb) {
         for (int j = 0; j < 16; j++) {
             y[j] = d * (float)((qs[j] & 0xF) - 8);
             y[j + 16] = d * (float)((qs[j] >> 4) - 8);
+        }
+    }
+}
+
+static void dq_q5_0(float *y, const uint8_t *b, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, b += 22, y += 32) {
+        const float d = half(rd16(b));
+        const uint32_t qh = (uint32_t)b[2] | (uint32_t)b[3] << 8 | (uint32_t)b[4] << 16 | (uint32_t)b[5] << 24;
+        const uint8_t *qs = b + 6;
+        for (int j = 0; j < 16; j++) {
+            const int lo = (qs[j] & 0xF) | (int)((qh >> j) & 1) << 4;
+            const int hi = (qs[j] >> 4) | (int)((qh >> (j + 16)) & 1) << 4;
+            y[j] = d * (float)(lo - 16);
+            y[j + 16] = d * (float)(hi - 16);
         }
     }
 }
@@ -163,6 +179,7 @@ void lp_cpu_dequant(float *dst, const void *src, int type, int64_t n) {
     case LP_GGML_Q8_0: dq_q8_0(dst, x, n / 32); break;
     case LP_GGML_Q4_0: dq_q4_0(dst, x, n / 32); break;
     case LP_GGML_Q4_1: dq_q4_1(dst, x, n / 32); break;
+    case LP_GGML_Q5_0: dq_q5_0(dst, x, n / 32); break;
     case LP_GGML_Q4_K: dq_q4_k(dst, x, n / 256); break;
     case LP_GGML_Q5_K: dq_q5_k(dst, x, n / 256); break;
     case LP_GGML_Q6_K: dq_q6_k(dst, x, n / 256); break;

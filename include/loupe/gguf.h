@@ -78,9 +78,9 @@ lp_status lp_gguf_arr_str(const lp_gguf *g, const char *key, uint64_t i, const c
 
 /* ---- ggml block formats ---- */
 const char *lp_ggml_type_name(int type);     /* "Q4_K", or "type 99" style text for unknown */
-int lp_ggml_supported(int type);              /* F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q4_K Q5_K Q6_K */
+int lp_ggml_supported(int type);              /* F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q4_K Q5_K Q6_K */
 /* The supported types as one string, for error messages. */
-#define LP_GGML_SUPPORTED_LIST "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q4_K Q5_K Q6_K"
+#define LP_GGML_SUPPORTED_LIST "F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q4_K Q5_K Q6_K"
 int lp_ggml_block_elems(int type);            /* 1, 32 or 256; 0 if unknown */
 size_t lp_ggml_block_bytes(int type);         /* 0 if unknown */
 /* Bytes of n elements; 0 if the type is unknown or n is not a multiple of the block. */
