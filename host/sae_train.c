@@ -951,12 +951,10 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     return LP_OK;
 }
 
-static void progress(const trainer *tr, int64_t total_steps, double tps, double loss, double l0, int dead) {
-    int width = 24, done = (int)(width * (double)tr->step / total_steps);
-    fprintf(stderr, "\rtrain-sae [");
-    for (int i = 0; i < width; i++) fputc(i < done ? '#' : ' ', stderr);
-    fprintf(stderr, "] %lld/%lld tok  %.0f tok/s  loss %.4g  L0 %.1f  dead %d   ", (long long)tr->tokens_done,
-            (long long)tr->t->tokens, tps, loss, l0, dead);
+static void progress(const trainer *tr, int64_t total_steps, double tps, double loss, double l0, int dead, int final) {
+    if (!tr->t->on_progress) return;
+    lp_train_progress p = {tr->tokens_done, tr->t->tokens, tr->step, total_steps, tps, loss, l0, dead, final};
+    tr->t->on_progress(&p, tr->t->progress_user);
 }
 
 /* ---- the run: begin, steps, end (several trainers may share one live stream) ---- */
@@ -1032,7 +1030,7 @@ static lp_status run_step(run *ru, lp_sae_train_report *rep) {
         LP_CHECK(lp_write_fd(tr->metrics, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1, -1, tr->metrics_path));
         rep->mse = tr->acc_mse / n, rep->explained_variance = 1 - tr->acc_sse / tr->acc_sst, rep->l0 = tr->acc_l0 / n;
         rep->dead = tr->r->n_dead;
-        if (t->progress) progress(tr, ru->total_steps, tps, (tr->acc_mse + tr->acc_sparsity + tr->acc_aux) / n, rep->l0, rep->dead);
+        progress(tr, ru->total_steps, tps, (tr->acc_mse + tr->acc_sparsity + tr->acc_aux) / n, rep->l0, rep->dead, 0);
         tr->acc_mse = tr->acc_sse = tr->acc_sst = tr->acc_l0 = tr->acc_sparsity = tr->acc_aux = tr->acc_n = 0;
         ru->tlog = now, ru->tok_log = tr->tokens_done;
     }
@@ -1049,7 +1047,7 @@ static lp_status run_step(run *ru, lp_sae_train_report *rep) {
 static lp_status run_end(run *ru, lp_status st, lp_sae_train_report *rep) {
     trainer *tr = &ru->tr;
     const lp_sae_train_cfg *t = tr->t;
-    if (t && t->progress) fputc('\n', stderr);
+    if (t && tr->s) progress(tr, ru->total_steps, 0, 0, rep->l0, rep->dead, 1);
     double secs = now_s() - ru->t0;
     if (st == LP_OK && ru->done == 2) rep->stopped = 1;
     else if (st == LP_OK && tr->s) {

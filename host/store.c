@@ -142,14 +142,10 @@ done:
     return st;
 }
 
-static void progress(int64_t done, int64_t total, int64_t toks_done, double t0, int tty) {
-    double el = now_s() - t0, rate = el > 0 ? toks_done / el : 0;
-    double eta = rate > 0 ? (double)(total - done) * ((double)toks_done / (done ? done : 1)) / rate : 0;
-    int w = 30, fill = total ? (int)(w * done / total) : w;
-    fprintf(stderr, "%scache [%.*s%*s] %lld/%lld seq  %.0f tok/s  ETA %d:%02d%s", tty ? "\r" : "", fill,
-            "##############################", w - fill, "", (long long)done, (long long)total, rate, (int)eta / 60,
-            (int)eta % 60, tty ? "" : "\n");
-    fflush(stderr);
+static void progress(const lp_cache_opts *o, int64_t done, int64_t total, int64_t toks_done, double t0, int shard_done, int final) {
+    if (!o->on_progress) return;
+    lp_cache_progress p = {done, total, toks_done, now_s() - t0, shard_done, final};
+    o->on_progress(&p, o->progress_user);
 }
 
 lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, lp_cache_report *rep) {
@@ -195,7 +191,6 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
     snprintf(meta_path, sizeof meta_path, "%s/meta.json", o->out);
     double t0 = now_s();
     int64_t toks_done = 0;
-    int tty = isatty(2);
     LP_TRY(st, done, lp_model_prepare(m, B, T));
     for (int s = keep; s < n_shards; s++) {
         int64_t first = (int64_t)s * S;
@@ -231,7 +226,7 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
                 if (st == LP_OK) st = lp_st_writer_put(&w, i + 1, (size_t)b0 * (bytes / nb), src, bytes);
             }
             toks_done += (int64_t)nb * T;
-            if (o->progress && tty) progress(first + b0 + nb, toks->n_seq, toks_done, t0, 1);
+            progress(o, first + b0 + nb, toks->n_seq, toks_done, t0, 0, 0);
         }
         if (st != LP_OK) {
             lp_st_writer_abort(&w);
@@ -242,14 +237,14 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
         st = lp_write_file_atomic(meta_path, meta, strlen(meta));
         free(meta);
         if (st != LP_OK) goto done;
-        if (o->progress && !tty) progress(first + ns, toks->n_seq, toks_done, t0, 0);
+        progress(o, first + ns, toks->n_seq, toks_done, t0, 1, 0);
     }
     if (keep >= n_shards) { /* nothing to do, but make sure meta says complete */
         char *meta = meta_json(m, o, &src, toks, ids, nh, n_shards, toks->n_seq, 1);
         st = lp_write_file_atomic(meta_path, meta, strlen(meta));
         free(meta);
     }
-    if (o->progress && tty) fputc('\n', stderr);
+    progress(o, toks->n_seq, toks->n_seq, toks_done, t0, 0, 1);
 done:
     rep->seconds = now_s() - t0;
     rep->tokens_per_s = rep->seconds > 0 ? toks_done / rep->seconds : 0;

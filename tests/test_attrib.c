@@ -287,7 +287,7 @@ Test(attrib, sae_latents_as_nodes) {
     cr_assert_eq(lp_ctx_init(&c, LP_CPU, LP_F32), LP_OK);
     lp_sae_train_cfg t;
     lp_sae_train_defaults(&t);
-    t.out = out, t.progress = 0;
+    t.out = out;
     snprintf(t.sae.hook_name, sizeof t.sae.hook_name, "blocks.0.hook_resid_post");
     t.sae.arch = LP_SAE_TOPK, t.sae.d_sae = 128, t.sae.k = 8, t.tokens = 1024, t.batch_tokens = 32, t.shuffle_tokens = 32;
     lp_live *live;

@@ -99,7 +99,6 @@ static void base_cfg(lp_sae_train_cfg *t, const char *store, const char *out) {
     lp_sae_train_defaults(t);
     t->store = store, t->out = out;
     snprintf(t->sae.hook_name, sizeof t->sae.hook_name, HOOK);
-    t->progress = 0;
 }
 
 static lp_sae *train_and_load(lp_sae_train_cfg *t, lp_ctx *c, lp_sae_train_report *rep) {

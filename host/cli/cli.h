@@ -50,4 +50,11 @@ lp_status sweep_out_close(sweep_out *r, lp_status st);
 int cmd_attribute(args *a);
 int cmd_patch(args *a);
 
+/* Progress bars on stderr for the library's progress callbacks (redrawn in place on a
+ * terminal; one line per shard or metrics step otherwise). */
+struct lp_cache_progress;
+struct lp_train_progress;
+void cli_cache_progress(const struct lp_cache_progress *p, void *user);
+void cli_train_progress(const struct lp_train_progress *p, void *user);
+
 #endif

@@ -13,6 +13,7 @@
 #include "loupe/config.h"
 #include "loupe/hooks.h"
 #include "loupe/model.h"
+#include "loupe/sae_train.h"
 #include "loupe/safetensors.h"
 #include "loupe/store.h"
 #include "loupe/textfile.h"
@@ -148,6 +149,34 @@ void cli_print_json(cJSON *j) {
     if (txt) printf("%s\n", txt);
     free(txt);
     cJSON_Delete(j);
+}
+
+void cli_cache_progress(const lp_cache_progress *p, void *user) {
+    int tty = isatty(2);
+    if (p->final) {
+        if (tty) fputc('\n', stderr);
+        return;
+    }
+    if (tty == p->shard_done) return; /* a terminal redraws every batch; a log gets one line per shard */
+    double rate = p->seconds > 0 ? p->tokens_done / p->seconds : 0;
+    double eta = rate > 0 ? (double)(p->seq_total - p->seq_done) * ((double)p->tokens_done / (p->seq_done ? p->seq_done : 1)) / rate : 0;
+    int w = 30, fill = p->seq_total ? (int)(w * p->seq_done / p->seq_total) : w;
+    fprintf(stderr, "%scache [%.*s%*s] %lld/%lld seq  %.0f tok/s  ETA %d:%02d%s", tty ? "\r" : "", fill,
+            "##############################", w - fill, "", (long long)p->seq_done, (long long)p->seq_total, rate,
+            (int)eta / 60, (int)eta % 60, tty ? "" : "\n");
+    fflush(stderr);
+}
+
+void cli_train_progress(const lp_train_progress *p, void *user) {
+    if (p->final) {
+        fputc('\n', stderr);
+        return;
+    }
+    int width = 24, done = (int)(width * (double)p->step / (p->total_steps ? p->total_steps : 1));
+    fprintf(stderr, "\rtrain-sae [");
+    for (int i = 0; i < width; i++) fputc(i < done ? '#' : ' ', stderr);
+    fprintf(stderr, "] %lld/%lld tok  %.0f tok/s  loss %.4g  L0 %.1f  dead %d   ", (long long)p->tokens_done,
+            (long long)p->tokens_total, p->tokens_per_s, p->loss, p->l0, p->dead);
 }
 
 double cli_now(void) {
@@ -422,7 +451,7 @@ static int cmd_cache(args *a) {
             .dtype = strcmp(lp_cfg_str(&a->cfg, "cache.dtype"), "bf16") == 0 ? LP_BF16 : LP_F32,
             .batch = (int)lp_cfg_int(&a->cfg, "cache.batch"),
             .shard_sequences = (int)lp_cfg_int(&a->cfg, "cache.shard_sequences"),
-            .progress = 1,
+            .on_progress = cli_cache_progress,
         };
         st = lp_cache_run(m, &t, &o, &rep);
     }

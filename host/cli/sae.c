@@ -61,7 +61,7 @@ static lp_status train_cfg(const args *a, lp_sae_train_cfg *t) {
     t->checkpoint_every = lp_cfg_int(&a->cfg, "train.checkpoint_every");
     t->log_every = lp_cfg_int(&a->cfg, "train.log_every");
     t->seed = (uint64_t)lp_cfg_int(&a->cfg, "train.seed");
-    t->progress = 1;
+    t->on_progress = cli_train_progress;
     t->allow_incomplete = is_true(a, "data.allow_incomplete");
     LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"data.hook", "train.out", NULL}));
     s->d_sae = (int)lp_cfg_int(&a->cfg, "sae.d_sae");
@@ -144,7 +144,7 @@ static int train_live(args *a, lp_sae_train_cfg *t0, lp_ctx *c) {
         if (st == LP_OK) st = lp_sae_train_check(&chk);
         if (n > 1 && st == LP_OK) {
             st = lp_mkdir_p(t0->out);
-            cfgs[i].progress = i == 0; /* one bar for the stream */
+            if (i > 0) cfgs[i].on_progress = NULL; /* one bar for the stream */
         }
     }
     if (st == LP_OK) st = lp_live_open(&live, m, toks.ids, toks.n_seq, toks.ctx, (int)lp_cfg_int(&a->cfg, "run.batch"));

@@ -27,6 +27,12 @@
 extern "C" {
 #endif
 
+typedef struct lp_train_progress {
+    int64_t tokens_done, tokens_total, step, total_steps;
+    double tokens_per_s, loss, l0;
+    int dead, final;
+} lp_train_progress;
+
 typedef struct lp_sae_train_cfg {
     lp_sae_cfg sae;              /* architecture, d_sae, k, apply_b_dec_to_input, normalize, hooks */
     const char *store;           /* activation store directory */
@@ -48,7 +54,10 @@ typedef struct lp_sae_train_cfg {
     int64_t checkpoint_every;    /* tokens; 0: at the end only */
     int64_t log_every;           /* steps between metrics lines */
     uint64_t seed;
-    int progress;                /* progress bar on stderr */
+    /* Called at every metrics step and once at the end (final set); NULL: silent. The
+     * library never prints: the CLI draws the bar. */
+    void (*on_progress)(const struct lp_train_progress *p, void *user);
+    void *progress_user;
     int allow_incomplete;        /* train on a store whose meta.json says it is not complete */
     int64_t stop_after;          /* tests: stop as if killed after this many tokens (0: never) */
 } lp_sae_train_cfg;

@@ -16,6 +16,12 @@
 extern "C" {
 #endif
 
+typedef struct lp_cache_progress {
+    int64_t seq_done, seq_total, tokens_done;
+    double seconds;           /* since this run started */
+    int shard_done, final;
+} lp_cache_progress;
+
 typedef struct lp_cache_opts {
     const char *out;          /* store directory */
     const char *hooks;        /* comma-separated names or globs */
@@ -24,7 +30,10 @@ typedef struct lp_cache_opts {
     lp_dtype dtype;           /* LP_F32 or LP_BF16 */
     int batch;                /* sequences per forward */
     int shard_sequences;      /* sequences per shard */
-    int progress;             /* progress bar on stderr */
+    /* Called after every batch (shard_done set when a shard was committed) and once at the
+     * end with final set; NULL: silent. The library never prints: the CLI draws the bar. */
+    void (*on_progress)(const struct lp_cache_progress *p, void *user);
+    void *progress_user;
 } lp_cache_opts;
 
 typedef struct lp_cache_report {
