@@ -15,6 +15,11 @@
  * metric within 1e-4 of TransformerLens's; and loupe's own components (plus the final norm's
  * bias and b_U) must add up to its own run's metric within 1e-4, through the components and
  * through the heads. */
+#include <cjson/cJSON.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "loupe/hooks.h"
 #include "loupe/lens.h"
 #include "loupe/pairs.h"
@@ -257,4 +262,158 @@ Test(lens, prompt_lines) {
     static const char nul[] = "{\"prompt\": [1]}\0";
     cr_expect_eq(lp_prompt_parse_line(&g_po, nul, sizeof nul - 1, 4, &q), LP_ERR_FORMAT);
     cr_expect(strstr(lp_last_error(), "NUL byte") != NULL, "%s", lp_last_error());
+}
+
+/* ---- `loupe lens` (build/loupe, or $LOUPE_CLI) ---- */
+
+static char g_dir[64], g_err[1 << 14], g_out[1 << 16];
+
+static void cli_mk(void) {
+    snprintf(g_dir, sizeof g_dir, "/tmp/loupe-lens-XXXXXX");
+    cr_assert(mkdtemp(g_dir) != NULL);
+}
+static void cli_rm(void) {
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
+    cr_expect(system(cmd) == 0);
+}
+TestSuite(lens_cli, .init = cli_mk, .fini = cli_rm, .timeout = 60);
+
+static void slurp(const char *path, char *buf, size_t n) {
+    FILE *f = fopen(path, "rb");
+    size_t k = f ? fread(buf, 1, n - 1, f) : 0;
+    buf[k] = 0;
+    if (f) fclose(f);
+}
+
+static const char *at(const char *name) {
+    static char p[4][256];
+    static int i;
+    i = (i + 1) % 4;
+    snprintf(p[i], sizeof p[i], "%s/%s", g_dir, name);
+    return p[i];
+}
+
+static void put(const char *name, const char *text) {
+    FILE *f = fopen(at(name), "wb");
+    cr_assert(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+/* `loupe lens MODEL --lens.prompts=DIR/p.jsonl --lens.out=DIR/out EXTRA`: the exit status. */
+static int lens_cmd(const char *model, const char *extra) {
+    const char *bin = getenv("LOUPE_CLI") ? getenv("LOUPE_CLI") : "build/loupe";
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s lens %s/%s --lens.prompts=%s --lens.out=%s %s >%s 2>%s", bin, LP_FIXTURES, model, at("p.jsonl"), at("out"), extra,
+             at("out.txt"), at("err.txt"));
+    int rc = system(cmd);
+    slurp(at("out.txt"), g_out, sizeof g_out);
+    slurp(at("err.txt"), g_err, sizeof g_err);
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+/* The fixture's first two cases as a prompts file; the outputs against TransformerLens. */
+Test(lens_cli, writes_jsonl_and_safetensors) {
+    lp_st_file ref;
+    open_ref(&ref, "gpt2-tiny");
+    char text[2048];
+    size_t o = 0;
+    for (int k = 0; k < 2; k++) {
+        const lp_st_tensor *tok = R(&ref, k, "tokens");
+        o += snprintf(text + o, sizeof text - o, "%s{\"prompt\": [", k ? "\n\n" : "");
+        for (int t = 0; t < tok->shape[0]; t++) o += snprintf(text + o, sizeof text - o, "%s%d", t ? ", " : "", ((const int32_t *)tok->data)[t]);
+        o += snprintf(text + o, sizeof text - o, "], \"answer\": %d, \"position\": %d", I(&ref, k, "answer"), I(&ref, k, "pos"));
+        if (I(&ref, k, "wrong") >= 0) o += snprintf(text + o, sizeof text - o, ", \"wrong_answer\": [%d]", I(&ref, k, "wrong"));
+        o += snprintf(text + o, sizeof text - o, "}");
+    }
+    put("p.jsonl", text);
+    cr_assert_eq(lens_cmd("gpt2-tiny", "--lens.top_k=4 --lens.top=3"), 0, "%s", g_err);
+    cr_expect(strstr(g_out, "lens: 2 prompts") != NULL, "%s", g_out);
+    /* lens.jsonl: one line per prompt, the lines of the file named */
+    static char lines[1 << 16];
+    slurp(at("out/lens.jsonl"), lines, sizeof lines);
+    char *save = NULL, *ln = strtok_r(lines, "\n", &save);
+    for (int k = 0; k < 2; k++, ln = strtok_r(NULL, "\n", &save)) {
+        cr_assert(ln, "lens.jsonl has %d lines", k);
+        cJSON *j = cJSON_Parse(ln);
+        cr_assert(j, "line %d is not JSON", k);
+        cr_expect_eq(cJSON_GetObjectItem(j, "line")->valueint, 1 + 2 * k);
+        cr_expect_eq(cJSON_GetObjectItem(j, "position")->valueint, I(&ref, k, "pos"));
+        double v = cJSON_GetObjectItem(j, "value")->valuedouble, want = *(const float *)R(&ref, k, "metric")->data;
+        cr_expect(fabs(v - want) <= METRIC_ABS, "prompt %d: value %f, TransformerLens %f", k, v, want);
+        cr_expect_str_eq(cJSON_GetObjectItem(j, "metric")->valuestring, I(&ref, k, "wrong") >= 0 ? "logit_diff" : "logit");
+        cJSON *lens = cJSON_GetObjectItem(j, "lens");
+        cr_expect_eq(cJSON_GetArraySize(lens), 5);
+        cr_expect_eq(cJSON_GetArraySize(cJSON_GetObjectItem(cJSON_GetObjectItem(cJSON_GetArrayItem(lens, 4), "recomputed"), "top")), 4);
+        cJSON *dla = cJSON_GetObjectItem(j, "dla");
+        cr_expect_eq(cJSON_GetArraySize(cJSON_GetObjectItem(dla, "components")), 6);
+        cr_expect_eq(cJSON_GetArraySize(cJSON_GetObjectItem(dla, "top_heads")), 3);
+        cr_expect(cJSON_GetObjectItem(dla, "sum_error")->valuedouble <= SUM_ABS);
+        cJSON_Delete(j);
+    }
+    cr_expect(ln == NULL, "lens.jsonl has more than 2 lines");
+    /* lens.safetensors: the arrays */
+    lp_st_file st;
+    cr_assert_eq(lp_st_open(&st, at("out/lens.safetensors")), LP_OK, "%s", lp_last_error());
+    static const char *const keys[][2] = {{"attr_comp.cached", "attr_comp_cached"}, {"attr_comp.recomputed", "attr_comp_recomputed"},
+                                          {"attr_head.cached", "attr_head_cached"}, {"attr_head.recomputed", "attr_head_recomputed"},
+                                          {"attr_bias.cached", "attr_bias_cached"}};
+    for (int k = 0; k < 2; k++)
+        for (size_t i = 0; i < sizeof keys / sizeof *keys; i++) {
+            char nm[96];
+            snprintf(nm, sizeof nm, "prompt%06d.%s", k, keys[i][0]);
+            const lp_st_tensor *t = lp_st_find(&st, nm);
+            cr_assert(t, "lens.safetensors lacks %s", nm);
+            expect_close("lens.safetensors", k, &ref, keys[i][1], t->data, t->nbytes / 4);
+        }
+    const lp_st_tensor *h = lp_st_find(&st, "prompt000001.attr_head.cached"), *ids = lp_st_find(&st, "prompt000000.top_ids.recomputed");
+    cr_assert(h && ids);
+    cr_expect(h->ndim == 2 && h->shape[0] == 2 && h->shape[1] == 4);
+    cr_expect(ids->dtype == LP_I32 && ids->ndim == 2 && ids->shape[0] == 5 && ids->shape[1] == 4);
+    lp_st_close(&st);
+    lp_st_close(&ref);
+    /* --json: the last line is one object */
+    cr_assert_eq(lens_cmd("gpt2-tiny", "--json"), 0, "%s", g_err);
+    cJSON *j = cJSON_Parse(strrchr(g_out, '{'));
+    cr_assert(j, "%s", g_out);
+    cr_expect_eq(cJSON_GetObjectItem(j, "n_prompts")->valueint, 2);
+    cJSON_Delete(j);
+}
+
+/* Bad input: exit 2, one line naming the file, line and field; nothing is written. */
+static void expect_refused(const char *model, const char *text, const char *phrase) {
+    put("p.jsonl", text);
+    int rc = lens_cmd(model, "");
+    cr_expect_eq(rc, 2, "exit %d for %s; stderr: %s", rc, text, g_err);
+    cr_expect(strstr(g_err, phrase) != NULL, "stderr '%s' lacks '%s'", g_err, phrase);
+    char *nl = strchr(g_err, '\n');
+    cr_expect(nl && nl[1] == 0, "stderr is not one line: '%s'", g_err);
+    struct stat sb;
+    cr_expect(stat(at("out"), &sb) != 0, "%s was created", at("out"));
+}
+
+Test(lens_cli, bad_input_is_one_line_and_exit_2) {
+    char p[512];
+    snprintf(p, sizeof p, "%s:2: 'answer': token id 5000 is not in [0, 997)", at("p.jsonl"));
+    expect_refused("gpt2-tiny", "{\"prompt\": [1, 2]}\n{\"prompt\": [1, 2], \"answer\": 5000}\n", p);
+    snprintf(p, sizeof p, "%s:1: 'position' 3 is outside the prompt of 3 tokens", at("p.jsonl"));
+    expect_refused("gpt2-tiny", "{\"prompt\": [1, 2, 3], \"position\": 3}\n", p);
+    snprintf(p, sizeof p, "%s: no prompts", at("p.jsonl"));
+    expect_refused("gpt2-tiny", "", p);
+    expect_refused("gpt2-tiny", "\n  \n", p);
+    char big[512];
+    size_t o = snprintf(big, sizeof big, "{\"prompt\": [1");
+    for (int i = 1; i < 33; i++) o += snprintf(big + o, sizeof big - o, ", 1");
+    snprintf(big + o, sizeof big - o, "]}\n");
+    snprintf(p, sizeof p, "%s:1: the prompts are 33 tokens; the model's context is 32 ('prompt')", at("p.jsonl"));
+    expect_refused("gpt2-tiny", big, p);
+    expect_refused("gpt2-tiny", "{\"prompt\": [1], \"answer\": 3, \"wrong_answer\": 1.5}\n", "'wrong_answer': 1.5 is not an integer token id");
+    expect_refused("llama-tiny", "{\"prompt\": \"no tokenizer here\"}\n", "'prompt' is text but the model has no tokenizer");
+    put("p.jsonl", "{\"prompt\": [1]}\n");
+    cr_expect_eq(lens_cmd("gpt2-tiny", "--lens.top_k=998"), 2, "%s", g_err);
+    cr_expect(strstr(g_err, "lens.top_k: 998 is more than the vocabulary of 997") != NULL, "%s", g_err);
+    unlink(at("p.jsonl"));
+    cr_expect_eq(lens_cmd("gpt2-tiny", ""), 2, "%s", g_err);
+    cr_expect(strstr(g_err, "cannot read the prompts file") != NULL, "%s", g_err);
 }
