@@ -236,8 +236,12 @@ static lp_status parse_pair(pctx *x, lp_pair *p) {
 
 static int is_space(char ch) { return ch == ' ' || ch == '\t' || ch == '\r' || ch == '\n'; }
 
-lp_status lp_pair_parse_line(const lp_pair_opts *o, const char *line, size_t len, int line_no, lp_pair *p) {
-    memset(p, 0, sizeof *p);
+/* The checks every JSONL line gets (a NUL byte, one JSON object and nothing after it, no
+ * \u0000 escape, the number literals scanned), then body on its tree. A blank line is LP_OK
+ * without calling body. `what` names one line's content in messages ("pair"). */
+typedef lp_status (*line_body)(pctx *x, void *out);
+static lp_status parse_line(const lp_pair_opts *o, const char *line, size_t len, int line_no, const char *what, line_body body,
+                            void *out) {
     pctx x = {.o = o, .line = line_no};
     const char *nul = memchr(line, 0, len);
     if (nul) return perr(&x, LP_ERR_FORMAT, "a NUL byte at column %zu", (size_t)(nul - line) + 1);
@@ -255,20 +259,82 @@ lp_status lp_pair_parse_line(const lp_pair_opts *o, const char *line, size_t len
     lp_status st = LP_OK;
     if (used < n) /* cJSON stops after one value; the rest of the line is not blank */
         st = s[used] == '{' || s[used] == '['
-                 ? perr(&x, LP_ERR_FORMAT, "a second JSON value at column %zu (one pair per line)", a + used + 1)
+                 ? perr(&x, LP_ERR_FORMAT, "a second JSON value at column %zu (one %s per line)", a + used + 1, what)
                  : perr(&x, LP_ERR_FORMAT, "text after the JSON object at column %zu", a + used + 1);
     else if (!cJSON_IsObject(j))
         st = perr(&x, LP_ERR_FORMAT, "not a JSON object");
     else if ((st = scan_literals(&x, s, n, &nul_esc)) == LP_OK && nul_esc < n)
         st = perr(&x, LP_ERR_FORMAT, "a \\u0000 (NUL) escape in a string at column %zu", a + nul_esc + 1);
-    if (st == LP_OK) st = parse_pair(&x, p);
-    if (st != LP_OK) lp_pair_free(p);
+    if (st == LP_OK) st = body(&x, out);
     cJSON_Delete(j);
     free(x.odd);
     return st;
 }
 
+static lp_status pair_body(pctx *x, void *out) { return parse_pair(x, out); }
+
+lp_status lp_pair_parse_line(const lp_pair_opts *o, const char *line, size_t len, int line_no, lp_pair *p) {
+    memset(p, 0, sizeof *p);
+    lp_status st = parse_line(o, line, len, line_no, "pair", pair_body, p);
+    if (st != LP_OK) lp_pair_free(p);
+    return st;
+}
+
 void lp_pair_free(lp_pair *p) {
     free(p->clean), free(p->corrupted);
+    memset(p, 0, sizeof *p);
+}
+
+/* ---- one prompt of `loupe lens` ---- */
+
+static const char *const g_pfields[4] = {"prompt", "answer", "wrong_answer", "position"};
+
+/* "position": an integer literal in [-T, T) (negative counts from the end). */
+static lp_status position_of(const pctx *x, const cJSON *v, int T, int *pos) {
+    if (!cJSON_IsNumber(v)) return perr(x, LP_ERR_FORMAT, "'position' must be an integer");
+    if (x->n_odd) {
+        int found = 0;
+        const odd_num *od = odd_at(x, numbers_before(x->root->child, v, &found));
+        if (od) return perr(x, LP_ERR_FORMAT, "'position': %.*s is not an integer", (int)(od->len < 40 ? od->len : 40), x->text + od->at);
+    }
+    double d = v->valuedouble;
+    if (!(d >= -T && d < T))
+        return perr(x, LP_ERR_ARG, "'position' %.17g is outside the prompt of %d tokens (0..%d, or -%d..-1 from the end)", d, T, T - 1, T);
+    *pos = d < 0 ? T + (int)d : (int)d;
+    return LP_OK;
+}
+
+static lp_status prompt_body(pctx *x, void *out) {
+    lp_prompt *p = out;
+    const cJSON *f[4] = {NULL, NULL, NULL, NULL};
+    for (const cJSON *c = x->root->child; c; c = c->next)
+        for (int i = 0; i < 4; i++)
+            if (c->string && strcmp(c->string, g_pfields[i]) == 0) {
+                if (f[i]) return perr(x, LP_ERR_FORMAT, "\"%s\" is given twice", g_pfields[i]);
+                f[i] = c;
+            }
+    if (!f[0]) return perr(x, LP_ERR_FORMAT, "missing \"prompt\"");
+    if (f[2] && !f[1]) return perr(x, LP_ERR_FORMAT, "\"wrong_answer\" is given without \"answer\"");
+    size_t n;
+    LP_CHECK(ids_of(x, f[0], "prompt", &p->ids, &n));
+    if (n == 0) return perr(x, LP_ERR_ARG, "'prompt' gives no tokens");
+    p->answer = p->wrong = -1;
+    if (f[1]) LP_CHECK(one_token(x, f[1], "answer", &p->answer));
+    if (f[2]) LP_CHECK(one_token(x, f[2], "wrong_answer", &p->wrong));
+    p->pos = (int)n - 1;
+    if (f[3]) LP_CHECK(position_of(x, f[3], (int)n, &p->pos));
+    p->T = (int)n;
+    return LP_OK;
+}
+
+lp_status lp_prompt_parse_line(const lp_pair_opts *o, const char *line, size_t len, int line_no, lp_prompt *p) {
+    memset(p, 0, sizeof *p);
+    lp_status st = parse_line(o, line, len, line_no, "prompt", prompt_body, p);
+    if (st != LP_OK) lp_prompt_free(p);
+    return st;
+}
+
+void lp_prompt_free(lp_prompt *p) {
+    free(p->ids);
     memset(p, 0, sizeof *p);
 }

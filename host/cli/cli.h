@@ -56,5 +56,7 @@ struct lp_cache_progress;
 struct lp_train_progress;
 void cli_cache_progress(const struct lp_cache_progress *p, void *user);
 void cli_train_progress(const struct lp_train_progress *p, void *user);
+/* host/cli/lens.c */
+int cmd_lens(args *a);
 
 #endif

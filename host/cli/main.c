@@ -92,6 +92,10 @@ static const lp_key g_keys[] = {
     {"attrib.sae", LP_KEY_STR, NULL, 0, 0, NULL, "an SAE at one of the model's hooks: its latents become nodes too"},
     {"patch.batch", LP_KEY_INT, "32", 1, 1 << 16, NULL, "patched nodes per forward"},
     {"patch.compare_atp", LP_KEY_CHOICE, "true", 0, 0, "true|false", "also run attribution patching and report the correlations"},
+    {"lens.prompts", LP_KEY_STR, NULL, 0, 0, NULL, "JSONL: prompt (text or ids), optional answer, wrong_answer, position"},
+    {"lens.out", LP_KEY_STR, "lens.out", 0, 0, NULL, "directory for lens.jsonl and lens.safetensors"},
+    {"lens.top_k", LP_KEY_INT, "10", 0, 1 << 24, NULL, "top tokens per layer of the logit lens"},
+    {"lens.top", LP_KEY_INT, "10", 0, 1 << 24, NULL, "largest components and heads in the report and lens.jsonl"},
     {"gen.prompt", LP_KEY_STR, NULL, 0, 0, NULL, "text to continue"},
     {"gen.max_tokens", LP_KEY_INT, "64", 0, 1 << 20, NULL, "new tokens at most"},
     {"gen.temperature", LP_KEY_FLOAT, "0", 0, 100, NULL, "0: greedy"},
@@ -128,6 +132,8 @@ static const char *g_usage =
     "                                      attribution patching over prompt pairs (resumable)\n"
     "  patch [CONFIG.ini] MODEL --attrib.pairs=F.jsonl --attrib.out=DIR\n"
     "                                      exact activation patching, compared with attribution\n"
+    "  lens [CONFIG.ini] MODEL --lens.prompts=F.jsonl [--lens.out=DIR]\n"
+    "                                      logit lens and direct logit attribution per prompt\n"
     "short flags: --tokens --text --out --prompt --max-tokens --temperature --top-p --seed\n"
     "keys:\n";
 
@@ -610,14 +616,15 @@ int main(int argc, char **argv) {
         {"cache", cmd_cache, "model.path"},      {"tokenize", cmd_tokenize, "model.path"},
         {"generate", cmd_generate, "model.path"}, {"train-sae", cmd_train_sae, "data.store"},
         {"eval-sae", cmd_eval_sae, "sae.path"},   {"encode", cmd_encode, "sae.path"},
-        {"attribute", cmd_attribute, "model.path"}, {"patch", cmd_patch, "model.path"}};
+        {"attribute", cmd_attribute, "model.path"}, {"patch", cmd_patch, "model.path"},
+        {"lens", cmd_lens, "model.path"}};
     int (*fn)(args *) = NULL;
     const char *positional = "model.path";
     for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++)
         if (strcmp(cmd, cmds[i].name) == 0) fn = cmds[i].fn, positional = cmds[i].positional;
     if (!fn) {
         fprintf(stderr, "loupe: unknown command '%s' (commands: info, run, cache, tokenize, generate, train-sae, eval-sae, encode, "
-                        "attribute, patch; see loupe --help)\n", cmd);
+                        "attribute, patch, lens; see loupe --help)\n", cmd);
         return 2;
     }
     args a = {0};

@@ -45,6 +45,24 @@ typedef struct lp_pair_opts {
 lp_status lp_pair_parse_line(const lp_pair_opts *o, const char *line, size_t len, int line_no, lp_pair *p);
 void lp_pair_free(lp_pair *p);
 
+/* One line of a `loupe lens` prompts file, with the same checks (o->pad_left is unused):
+ *
+ *   {"prompt": "The capital of France is", "answer": " Paris", "wrong_answer": " Rome"}
+ *   {"prompt": [1, 2, 3], "answer": 7, "position": -2}
+ *
+ * prompt: text or token ids (at least one token, at most the context); answer,
+ * wrong_answer (only with answer): one token each, optional (-1 when absent); position:
+ * an integer in [-T, T), negative from the end, default the last. */
+typedef struct lp_prompt {
+    int32_t *ids;           /* [T], malloc'ed */
+    int T;                  /* 0: the line was blank (nothing else is set) */
+    int pos;                /* in [0, T) */
+    int32_t answer, wrong;  /* -1: not given */
+} lp_prompt;
+
+lp_status lp_prompt_parse_line(const lp_pair_opts *o, const char *line, size_t len, int line_no, lp_prompt *p);
+void lp_prompt_free(lp_prompt *p);
+
 #ifdef __cplusplus
 }
 #endif
