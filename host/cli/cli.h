@@ -50,4 +50,7 @@ lp_status sweep_out_close(sweep_out *r, lp_status st);
 int cmd_attribute(args *a);
 int cmd_patch(args *a);
 
+/* host/cli/probe.c */
+int cmd_probe(args *a);
+
 #endif
