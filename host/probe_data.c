@@ -69,9 +69,11 @@ static lp_status npy_header(const unsigned char *buf, size_t n, const char *path
         }
     }
     if (!descr || !fo || !shape || *nd < 0) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: malformed .npy header", path);
-    else if (!*ty)
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: labels have dtype %.8s; integer class labels are needed (int8..int64, uint8..uint64 or bool)",
-                          path, descr);
+    else if (!*ty) {
+        int len = descr[0] == '\'' && strchr(descr + 1, '\'') ? (int)(strchr(descr + 1, '\'') - descr - 1) : 8;
+        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: labels have dtype %.*s; integer class labels are needed (int8..int64, uint8..uint64 or bool)",
+                          path, len < 16 ? len : 16, descr + (descr[0] == '\''));
+    }
     else if (strncmp(fo, "False", 5) != 0) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: Fortran-ordered arrays are not supported", path);
     else if (*nd != 1 && *nd != 2)
         st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: labels must be [n_seq] (per sequence) or [n_seq, ctx] (per token), not %d-D", path, *nd);

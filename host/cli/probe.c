@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "loupe/output.h"
 #include "loupe/probe.h"
@@ -181,9 +182,10 @@ int cmd_probe(args *a) {
         if (!j.specs || !j.data || !j.lines) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
     }
     for (int h = 0; h < j.n_hooks && st == LP_OK; h++) {
-        fprintf(stderr, "loupe: probe %d/%d: %s\n", h + 1, j.n_hooks, j.hooks[h]);
+        if (isatty(2)) fprintf(stderr, "\rloupe: probe %d/%d: %s\033[K", h + 1, j.n_hooks, j.hooks[h]);
         st = probe_hook(&j, j.hooks[h], a->json);
     }
+    if (isatty(2) && j.n_hooks) fputc('\n', stderr);
     if (st == LP_OK) st = write_outputs(&j);
     int rc = st == LP_OK ? 0 : cli_fail(st);
     if (st == LP_OK && a->json) {
