@@ -115,10 +115,13 @@ static void lbfgs_direction(const double *g, double *p, size_t P, double *const 
  * safeguarded secant steps on the slope (the objective is convex, so the slope along p
  * increases). Armijo allows a few ulps of f: near the optimum f stops changing in double
  * precision while the gradient still carries information, and the slope test decides.
+ * Badly scaled activations (a residual stream's outlier dimensions) can make the slope
+ * jump across a step narrower than double precision resolves; then the lowest point that
+ * met Armijo is taken (the objective is strictly convex, so the pair still has s.y > 0).
  * On success th, g, f hold the new point; returns 0 when no step was found. */
 static int line_search(lr_prob *pr, double *th, double *g, double *f, const double *p, double a, double *th_new,
-                       double *g_new, size_t P) {
-    double gp = dot(g, p, P), lo = 0, hi = INFINITY, dlo = gp, dhi = 0;
+                       double *g_new, double *th_best, double *g_best, size_t P) {
+    double gp = dot(g, p, P), lo = 0, hi = INFINITY, dlo = gp, dhi = 0, f_best = INFINITY;
     const double c1 = 1e-4, c2 = 0.9, slack = 8 * DBL_EPSILON * fabs(*f);
     for (int t = 0; t < LS_MAX; t++) {
         for (size_t i = 0; i < P; i++) th_new[i] = th[i] + a * p[i];
@@ -130,6 +133,11 @@ static int line_search(lr_prob *pr, double *th, double *g, double *f, const doub
             *f = fn;
             return 1;
         }
+        if (armijo && fn < *f && fn < f_best) {
+            f_best = fn;
+            memcpy(th_best, th_new, P * sizeof *th);
+            memcpy(g_best, g_new, P * sizeof *g);
+        }
         if (!armijo || dn > 0) hi = a, dhi = dn;
         else lo = a, dlo = dn;
         if (isinf(hi)) a *= 2;
@@ -139,7 +147,11 @@ static int line_search(lr_prob *pr, double *th, double *g, double *f, const doub
         } else a = 0.5 * (lo + hi);
         if (hi - lo <= 1e-16 * hi) break;
     }
-    return 0;
+    if (!isfinite(f_best)) return 0;
+    memcpy(th, th_best, P * sizeof *th);
+    memcpy(g, g_best, P * sizeof *g);
+    *f = f_best;
+    return 1;
 }
 
 static lp_status check_classes(const int32_t *y, int64_t n, int k) {
@@ -162,14 +174,15 @@ lp_status lp_logreg_fit(const double *x, const int32_t *y, int64_t n, int d, int
     LP_CHECK(check_classes(y, n, k));
     int m = lp_probe_n_out(k);
     size_t P = (size_t)m * d + m;
-    /* one allocation: theta, g, p, theta', g', 2 M correction vectors, the logits */
-    size_t nbuf = 5 * P + 2 * (size_t)LBFGS_M * P + (size_t)n * m;
+    /* one allocation: theta, g, p, theta', g', the line search's best, 2 M correction vectors, the logits */
+    size_t nbuf = 7 * P + 2 * (size_t)LBFGS_M * P + (size_t)n * m;
     double *buf = calloc(nbuf, sizeof(double));
     if (!buf) LP_FAIL(LP_ERR_OOM, "probe: out of memory for the L-BFGS state (%zu doubles)", nbuf);
     double *th = buf, *g = th + P, *p = g + P, *thn = p + P, *gn = thn + P, *sv[LBFGS_M], *yv[LBFGS_M];
-    for (int j = 0; j < LBFGS_M; j++) sv[j] = gn + P + 2 * j * P, yv[j] = sv[j] + P;
+    double *thb = gn + P, *gb = thb + P;
+    for (int j = 0; j < LBFGS_M; j++) sv[j] = gb + P + 2 * j * P, yv[j] = sv[j] + P;
     double rho[LBFGS_M], al[LBFGS_M];
-    lr_prob pr = {x, y, n, d, m, 1.0 / (o->C * (double)n), gn + P + 2 * (size_t)LBFGS_M * P};
+    lr_prob pr = {x, y, n, d, m, 1.0 / (o->C * (double)n), gb + P + 2 * (size_t)LBFGS_M * P};
     double f = lr_eval(&pr, th, g);
     int nk = 0, top = 0, it = 0, conv = 0;
     for (; it < o->max_iter; it++) {
@@ -183,7 +196,7 @@ lp_status lp_logreg_fit(const double *x, const int32_t *y, int64_t n, int d, int
         double a0 = nk == 0 ? 1.0 / sqrt(dot(p, p, P)) : 1.0;
         memcpy(sv[top], th, P * sizeof *th); /* old theta and gradient, differenced below */
         memcpy(yv[top], g, P * sizeof *g);
-        if (!line_search(&pr, th, g, &f, p, a0, thn, gn, P)) break;
+        if (!line_search(&pr, th, g, &f, p, a0, thn, gn, thb, gb, P)) break;
         for (size_t i = 0; i < P; i++) sv[top][i] = th[i] - sv[top][i], yv[top][i] = g[i] - yv[top][i];
         double sy = dot(sv[top], yv[top], P);
         if (sy > DBL_EPSILON * dot(yv[top], yv[top], P)) {
