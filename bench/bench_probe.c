@@ -144,7 +144,10 @@ int main(int argc, char **argv) {
         printf("  layer %d: %.3f s, %d iterations%s, loss %.6f\n", l, t, info.iterations, info.converged ? "" : " (NOT converged)", info.loss);
     }
     printf("loupe: %.3f s per layer (mean of %d)\n", total / layers, layers);
-    if (!peer) return 0;
+    if (!peer) {
+        free(xf), free(x), free(w), free(y);
+        return 0;
+    }
     char xp[] = "/tmp/loupe-bench-probe-XXXXXX", path_x[64], path_y[64], cmd[512];
     if (!mkdtemp(xp)) { perror("mkdtemp"); return 1; }
     snprintf(path_x, sizeof path_x, "%s/x.npy", xp);
