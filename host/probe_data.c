@@ -221,9 +221,11 @@ lp_status lp_probe_store_hooks(const char *store, const char *spec, char ***name
         while (*tok == ' ') tok++;
         for (char *end = tok + strlen(tok); end > tok && end[-1] == ' ';) *--end = 0;
         if (!*tok) continue;
-        int hits = 0;
+        /* a glob leaves out the attention patterns and scores: they are not per token */
+        int hits = 0, glob = strpbrk(tok, "*?[") != NULL;
         for (int i = 0; i < n_all; i++)
-            if (fnmatch(tok, all[i], 0) == 0) pick[i] = 1, hits++;
+            if (fnmatch(tok, all[i], 0) == 0 && !(glob && (strstr(all[i], "hook_pattern") || strstr(all[i], "hook_attn_scores"))))
+                pick[i] = 1, hits++;
         if (!hits)
             st = lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "probe.hooks: '%s' matches no hook in the store %s (it holds %d: %s%s)", tok,
                               store, n_all, n_all ? all[0] : "none", n_all > 1 ? ", ..." : "");

@@ -436,6 +436,11 @@ Test(probe, cli_on_a_cached_store) {
     cr_assert_eq(loupe("probe %s --probe.labels=%s --probe.hooks='blocks.*.hook_resid_post' --probe.test_frac=0.25 --probe.out=%s",
                        tmp("c"), tmp("tok.npy"), tmp("o")), 0, "%s", err_txt);
     cr_expect(strstr(out_txt, H0 ": d 64, train 21 / test 7 rows") && strstr(out_txt, H1 ": d 64"), "%s", out_txt);
+    /* the default, every hook: the attention pattern is left out of a glob */
+    cr_assert_eq(loupe("probe %s --probe.labels=%s --probe.kind=diffmean --probe.out=%s --json", tmp("c"), tmp("tok.npy"), tmp("o")), 0, "%s", err_txt);
+    cJSON *j = last_json();
+    cr_expect_eq(cJSON_GetArraySize(cJSON_GetObjectItem(j, "hooks")), 2, "%s", out_txt);
+    cJSON_Delete(j);
     EXPECT_BAD("is not per token", "probe %s --probe.labels=%s --probe.hooks=blocks.0.attn.hook_pattern --probe.out=%s", tmp("c"),
                tmp("tok.npy"), tmp("o"));
 }

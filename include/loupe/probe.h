@@ -82,7 +82,8 @@ void lp_probe_labels_free(lp_probe_labels *l);
 /* ---- rows from an activation store ---- */
 
 /* The store's hooks matching spec (comma-separated names or globs such as
- * blocks.*.hook_resid_post), in the store's order, each once. Free with lp_probe_hooks_free. */
+ * blocks.*.hook_resid_post), in the store's order, each once; globs leave out attention
+ * patterns and scores, which are not per token. Free with lp_probe_hooks_free. */
 lp_status lp_probe_store_hooks(const char *store, const char *spec, char ***names, int *n);
 void lp_probe_hooks_free(char **names, int n);
 
