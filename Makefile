@@ -125,6 +125,7 @@ fixtures:
 	python3 tests/gen/gen_attrib_fixture.py tests/fixtures/attrib
 	python3 tests/gen/gen_tl_fixture.py tests/fixtures   # needs tests/gen/requirements-tl.txt; reads the gpt2/llama fixtures above
 	python3 tests/gen/gen_lens_fixture.py tests/fixtures   # needs tests/gen/requirements-tl.txt; logit lens and DLA references
+	python3 tests/gen/gen_probe_fixture.py tests/fixtures/probe   # needs tests/gen/requirements-probe.txt
 	python3 scripts/gen_prompts.py models/SmolLM2-135M-Instruct.Q4_1.gguf configs/prompts
 
 clean:

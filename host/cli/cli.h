@@ -58,5 +58,7 @@ void cli_cache_progress(const struct lp_cache_progress *p, void *user);
 void cli_train_progress(const struct lp_train_progress *p, void *user);
 /* host/cli/lens.c */
 int cmd_lens(args *a);
+/* host/cli/probe.c */
+int cmd_probe(args *a);
 
 #endif

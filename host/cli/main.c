@@ -96,6 +96,19 @@ static const lp_key g_keys[] = {
     {"lens.out", LP_KEY_STR, "lens.out", 0, 0, NULL, "directory for lens.jsonl and lens.safetensors"},
     {"lens.top_k", LP_KEY_INT, "10", 0, 1 << 24, NULL, "top tokens per layer of the logit lens"},
     {"lens.top", LP_KEY_INT, "10", 0, 1 << 24, NULL, "largest components and heads in the report and lens.jsonl"},
+    /* linear probes */
+    {"probe.labels", LP_KEY_STR, NULL, 0, 0, NULL, ".npy of integer labels: [n_seq] per sequence or [n_seq, ctx] per token; -1: none"},
+    {"probe.hooks", LP_KEY_STR, "*", 0, 0, NULL, "store hooks to probe: comma-separated names or globs"},
+    {"probe.kind", LP_KEY_CHOICE, "both", 0, 0, "logistic|diffmean|both", "L2 logistic regression, difference of means, or both"},
+    {"probe.C", LP_KEY_FLOAT, "1", 0, 1e30, NULL, "inverse L2 strength, as scikit-learn's C"},
+    {"probe.tol", LP_KEY_FLOAT, "1e-8", 0, 1, NULL, "L-BFGS stops when the scaled gradient's max is below this"},
+    {"probe.max_iter", LP_KEY_INT, "1000", 1, 1 << 24, NULL, "L-BFGS iterations at most"},
+    {"probe.folds", LP_KEY_INT, "0", 0, 100, NULL, "0: one held-out split; k >= 2: k-fold by sequence"},
+    {"probe.test_frac", LP_KEY_FLOAT, "0.2", 0, 1, NULL, "held-out fraction of the sequences"},
+    {"probe.seed", LP_KEY_INT, "0", 0, 1LL << 62, NULL, "the sequences' shuffle for the split"},
+    {"probe.pool", LP_KEY_CHOICE, "position", 0, 0, "position|mean", "per-sequence labels: one position, or the mean over positions"},
+    {"probe.position", LP_KEY_INT, "-1", -(1 << 24), 1 << 24, NULL, "per-sequence labels: the position read; -1: the last"},
+    {"probe.out", LP_KEY_STR, NULL, 0, 0, NULL, "directory for probes.safetensors and report.jsonl"},
     {"gen.prompt", LP_KEY_STR, NULL, 0, 0, NULL, "text to continue"},
     {"gen.max_tokens", LP_KEY_INT, "64", 0, 1 << 20, NULL, "new tokens at most"},
     {"gen.temperature", LP_KEY_FLOAT, "0", 0, 100, NULL, "0: greedy"},
@@ -134,6 +147,8 @@ static const char *g_usage =
     "                                      exact activation patching, compared with attribution\n"
     "  lens [CONFIG.ini] MODEL --lens.prompts=F.jsonl [--lens.out=DIR]\n"
     "                                      logit lens and direct logit attribution per prompt\n"
+    "  probe [CONFIG.ini] STORE --probe.labels=F.npy --probe.out=DIR [--probe.hooks=...]\n"
+    "                                      linear probes (logistic, difference of means) per hook\n"
     "short flags: --tokens --text --out --prompt --max-tokens --temperature --top-p --seed\n"
     "keys:\n";
 
@@ -201,7 +216,7 @@ static lp_status check_paths(const lp_cfg *c) {
         if (!c->val[i] || !dot || c->keys[i].type != LP_KEY_STR) continue;
         int is_path = strcmp(dot, ".out") == 0 || strcmp(dot, ".path") == 0 || strcmp(dot, ".store") == 0 ||
                       strcmp(dot, ".tokens") == 0 || strcmp(dot, ".text") == 0 || strcmp(dot, ".pairs") == 0 ||
-                      strcmp(dot, ".sae") == 0;
+                      strcmp(dot, ".sae") == 0 || strcmp(dot, ".labels") == 0;
         if (is_path && strlen(c->val[i]) >= CLI_MAX_PATH)
             LP_FAIL(LP_ERR_ARG, "%s: the path is %zu bytes; at most %d are allowed", k, strlen(c->val[i]), CLI_MAX_PATH - 1);
     }
@@ -617,14 +632,14 @@ int main(int argc, char **argv) {
         {"generate", cmd_generate, "model.path"}, {"train-sae", cmd_train_sae, "data.store"},
         {"eval-sae", cmd_eval_sae, "sae.path"},   {"encode", cmd_encode, "sae.path"},
         {"attribute", cmd_attribute, "model.path"}, {"patch", cmd_patch, "model.path"},
-        {"lens", cmd_lens, "model.path"}};
+        {"lens", cmd_lens, "model.path"}, {"probe", cmd_probe, "data.store"}};
     int (*fn)(args *) = NULL;
     const char *positional = "model.path";
     for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++)
         if (strcmp(cmd, cmds[i].name) == 0) fn = cmds[i].fn, positional = cmds[i].positional;
     if (!fn) {
         fprintf(stderr, "loupe: unknown command '%s' (commands: info, run, cache, tokenize, generate, train-sae, eval-sae, encode, "
-                        "attribute, patch, lens; see loupe --help)\n", cmd);
+                        "attribute, patch, lens, probe; see loupe --help)\n", cmd);
         return 2;
     }
     args a = {0};
