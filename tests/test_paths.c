@@ -215,3 +215,307 @@ Test(paths, path_patching_matches_hand_built_runs) {
     lp_st_close(&f);
     lp_model_free(m);
 }
+
+/* ---- a model made linear: patterns, norm scales and MLP activations frozen ---- */
+
+#define FREEZE "blocks.*.attn.hook_pattern,*hook_scale,blocks.*.mlp.hook_post"
+
+typedef struct lin {
+    const lp_st_file *f;
+    int D, H, dh;
+    float *A[2], *s1[2], *sf; /* frozen patterns [H, T, T] and scales [T] */
+} lin;
+
+/* The frozen norm as the linear map it has become (biases cancel in differences). */
+static void lin_ln(const double *v, int D, const float *w, double s, double *out) {
+    double mu = 0;
+    for (int d = 0; d < D; d++) mu += v[d];
+    mu /= D;
+    for (int d = 0; d < D; d++) out[d] = w[d] * (v[d] - mu) / s;
+}
+
+/* Δ of head h of layer L from the change dpre [T, D] of its residual input: ln1, W_V, the
+ * frozen pattern, W_O. */
+static void lin_head(const lin *l, int L, int h, const double *dpre, double *out) {
+    int D = l->D, dh = l->dh;
+    char nm[96];
+    snprintf(nm, sizeof nm, "transformer.h.%d.ln_1.weight", L);
+    const float *lw = w_of(l->f, nm);
+    snprintf(nm, sizeof nm, "transformer.h.%d.attn.c_attn.weight", L);
+    const float *wa = w_of(l->f, nm);
+    snprintf(nm, sizeof nm, "transformer.h.%d.attn.c_proj.weight", L);
+    const float *wo = w_of(l->f, nm);
+    double u[64], v[T][16], z[16];
+    cr_assert(D <= 64 && dh <= 16);
+    for (int t = 0; t < T; t++) {
+        lin_ln(dpre + t * D, D, lw, l->s1[L][t], u);
+        for (int j = 0; j < dh; j++) {
+            v[t][j] = 0;
+            for (int d = 0; d < D; d++) v[t][j] += u[d] * wa[d * 3 * D + 2 * D + h * dh + j];
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        for (int j = 0; j < dh; j++) {
+            z[j] = 0;
+            for (int k = 0; k < T; k++) z[j] += l->A[L][(h * T + t) * T + k] * v[k][j];
+        }
+        for (int d = 0; d < D; d++) {
+            out[t * D + d] = 0;
+            for (int j = 0; j < dh; j++) out[t * D + d] += z[j] * wo[(h * dh + j) * D + d];
+        }
+    }
+}
+
+static double lin_logits(const lin *l, const double *dfin, int32_t ans, int32_t wr) {
+    const float *w = w_of(l->f, "transformer.ln_f.weight"), *wte = w_of(l->f, "transformer.wte.weight");
+    double u[64], acc = 0;
+    lin_ln(dfin + (T - 1) * l->D, l->D, w, l->sf[T - 1], u);
+    for (int d = 0; d < l->D; d++) acc += u[d] * ((double)wte[(size_t)ans * l->D + d] - wte[(size_t)wr * l->D + d]);
+    return acc;
+}
+
+Test(paths, a_linear_model_gives_the_product_of_the_path_weights) {
+    lp_model *m = load(LP_FIXTURES "/gpt2-tiny");
+    const lp_config *c = lp_model_config(m);
+    lp_st_file f;
+    cr_assert_eq(lp_st_open(&f, LP_FIXTURES "/gpt2-tiny/model.safetensors"), LP_OK, "%s", lp_last_error());
+    lin l = {.f = &f, .D = c->d_model, .H = c->n_heads, .dh = c->d_head};
+    int D = l.D;
+    int32_t cl[T], cx[T], ans, wr;
+    pair(m, 9, cl, cx, &ans, &wr);
+    cx[T - 1] = (cl[T - 1] + 1) % c->d_vocab; /* so that the embeddings' direct path to the logits carries something */
+    lp_metric mt = {.kind = LP_METRIC_LOGIT_DIFF, .answer = &ans, .wrong = &wr};
+    /* the frozen values: the clean run's */
+    lp_hooks_clear(m);
+    lp_hook_capture(m, "blocks.*.attn.hook_pattern", NULL, 0, NULL), lp_hook_capture(m, "*hook_scale", NULL, 0, NULL);
+    double mc;
+    cr_assert_eq(lp_model_metric(m, cl, 1, T, &mt, &mc), LP_OK, "%s", lp_last_error());
+    for (int L = 0; L < 2; L++) {
+        char nm[96];
+        snprintf(nm, sizeof nm, "blocks.%d.attn.hook_pattern", L);
+        l.A[L] = grab(m, nm, (size_t)l.H * T * T);
+        snprintf(nm, sizeof nm, "blocks.%d.ln1.hook_scale", L);
+        l.s1[L] = grab(m, nm, T);
+    }
+    l.sf = grab(m, "ln_final.hook_scale", T);
+    lp_hooks_clear(m);
+    /* the embeddings' change (the positions' cancels) and, by hand, every path from it */
+    const float *wte = w_of(&f, "transformer.wte.weight");
+    size_t nTD = (size_t)T * D;
+    double *demb = calloc(nTD, sizeof(double)), *d0[4], *pre1 = calloc(nTD, sizeof(double)), *r = calloc(nTD, sizeof(double));
+    for (int t = 0; t < T; t++)
+        for (int d = 0; d < D; d++) demb[t * D + d] = pre1[t * D + d] = (double)wte[(size_t)cx[t] * D + d] - wte[(size_t)cl[t] * D + d];
+    for (int h = 0; h < l.H; h++) {
+        d0[h] = calloc(nTD, sizeof(double));
+        lin_head(&l, 0, h, demb, d0[h]);
+        for (size_t i = 0; i < nTD; i++) pre1[i] += d0[h][i]; /* the MLP adds nothing: its activation is frozen */
+    }
+    char s[64], rv[64], what[160];
+    /* head (0, h) -> head (1, 2)'s values -> logits: the product along that one path */
+    for (int h = 0; h < l.H; h++) {
+        lin_head(&l, 1, 2, d0[h], r);
+        snprintf(s, sizeof s, "blocks.0.attn.head.%d", h);
+        snprintf(what, sizeof what, "%s -> blocks.1.attn.head.2.v (frozen)", s);
+        expect_close(what, path(m, cl, cx, &mt, s, "blocks.1.attn.head.2.v", FREEZE), lin_logits(&l, r, ans, wr), 1e-2);
+    }
+    /* head (1, h) -> logits: its direct effect, the sum of every path into it */
+    for (int h = 0; h < l.H; h++) {
+        lin_head(&l, 1, h, pre1, r);
+        snprintf(s, sizeof s, "blocks.1.attn.head.%d", h);
+        snprintf(what, sizeof what, "%s -> logits (frozen)", s);
+        expect_close(what, path(m, cl, cx, &mt, s, "logits", FREEZE), lin_logits(&l, r, ans, wr), 1e-2);
+    }
+    expect_close("embed -> logits (frozen)", path(m, cl, cx, &mt, "embed", "logits", FREEZE), lin_logits(&l, demb, ans, wr), 1e-2);
+    /* where everything is linear, edge attribution is exact: it equals path patching on every
+     * edge, and queries and keys (patterns frozen) carry nothing */
+    lp_path_opts o = {.freeze = FREEZE};
+    lp_eap_result er;
+    cr_assert_eq(lp_eap(m, cl, cx, T, &mt, &o, &er), LP_OK, "%s", lp_last_error());
+    double worst = 0, scale = 0, qk = 0;
+    int n_edges = 0;
+    for (int i = 0; i < er.n_senders; i++)
+        for (int j = 0; j < er.n_receivers; j++) {
+            if (!lp_path_is_edge(m, i, j)) {
+                cr_expect_eq(er.scores[(size_t)i * er.n_receivers + j], 0.0f);
+                continue;
+            }
+            lp_path_sender_name(m, i, s, sizeof s), lp_path_receiver_name(m, j, rv, sizeof rv);
+            double pp = path(m, cl, cx, &mt, s, rv, FREEZE), e = er.scores[(size_t)i * er.n_receivers + j];
+            size_t n = strlen(rv);
+            if (rv[n - 1] == 'q' || rv[n - 1] == 'k') qk = fmax(qk, fmax(fabs(pp), fabs(e)));
+            worst = fmax(worst, fabs(pp - e)), scale = fmax(scale, fabs(pp)), n_edges++;
+        }
+    printf("  linear model: %d edges, max |EAP - path patching| %.2e (max |effect| %.2e); q/k edges at most %.1e\n", n_edges, worst, scale, qk);
+    cr_expect_gt(scale, 1e-2);
+    cr_expect_leq(worst, TOL_REL * scale + TOL_ABS);
+    cr_expect_leq(qk, TOL_ABS);
+    lp_eap_result_free(&er);
+    for (int h = 0; h < l.H; h++) free(d0[h]);
+    free(demb), free(pre1), free(r), free(l.A[0]), free(l.A[1]), free(l.s1[0]), free(l.s1[1]), free(l.sf);
+    lp_st_close(&f);
+    lp_model_free(m);
+}
+
+/* ---- edge scores summed over receivers and over senders ---- */
+
+static double dot_diff(const float *x, const float *c, const float *g, const float *g2, size_t n) {
+    double acc = 0;
+    for (size_t i = 0; i < n; i++) acc += ((double)x[i] - c[i]) * ((double)g[i] - (g2 ? g2[i] : 0));
+    return acc;
+}
+
+/* Σ over receivers: the senders' node attributions (lp_attrib_atp at the clean run, or with
+ * the same integrated gradients), in the noising sign. */
+static void sender_sums(const char *dir, int ig) {
+    lp_model *m = load(dir);
+    const lp_config *c = lp_model_config(m);
+    int H = c->n_heads;
+    int32_t cl[T], cx[T], ans, wr;
+    pair(m, 13, cl, cx, &ans, &wr);
+    lp_metric mt = {.kind = LP_METRIC_LOGIT_DIFF, .answer = &ans, .wrong = &wr};
+    lp_path_opts o = {.ig_steps = ig, .ig_batch = 2};
+    lp_eap_result er;
+    cr_assert_eq(lp_eap(m, cl, cx, T, &mt, &o, &er), LP_OK, "%s", lp_last_error());
+    lp_attrib_opts ao = {.kinds = 1u << LP_NODE_Z | 1u << LP_NODE_MLP_OUT | 1u << LP_NODE_RESID_PRE, .grad_at_clean = 1, .ig_steps = ig};
+    lp_pair_result pr;
+    cr_assert_eq(lp_attrib_atp(m, cl, cx, 1, T, &mt, &ao, &pr), LP_OK, "%s", lp_last_error());
+    double *got = calloc(er.n_senders, sizeof(double)), *want = calloc(er.n_senders, sizeof(double)), scale = 0, worst = 0;
+    for (int i = 0; i < er.n_senders; i++) {
+        for (int j = 0; j < er.n_receivers; j++) got[i] += er.scores[(size_t)i * er.n_receivers + j];
+        char s[64];
+        lp_path_sender_name(m, i, s, sizeof s);
+        int L = -1, h = -1;
+        for (int t = 0; t < T; t++) {
+            if (i == 0) want[i] -= pr.s[LP_NODE_RESID_PRE].v[t];
+            else if (sscanf(s, "blocks.%d.attn.head.%d", &L, &h) == 2) want[i] -= pr.s[LP_NODE_Z].v[((size_t)L * T + t) * H + h];
+            else if (sscanf(s, "blocks.%d.mlp", &L) == 1) want[i] -= pr.s[LP_NODE_MLP_OUT].v[(size_t)L * T + t];
+        }
+        scale = fmax(scale, fabs(want[i]));
+    }
+    for (int i = 0; i < er.n_senders; i++) worst = fmax(worst, fabs(got[i] - want[i]));
+    printf("  %-11s ig_steps %d: %d senders, max |Σ_R EAP(S->R) - node attribution of S| %.2e (max |node| %.2e)\n", strstr(dir, "llama") ? "llama-tiny" : "gpt2-tiny",
+           ig, er.n_senders, worst, scale);
+    cr_expect_gt(scale, 1e-2);
+    cr_expect_leq(worst, TOL_REL * scale + TOL_ABS, "sender sums disagree with the node attributions by %.3e", worst);
+    free(got), free(want);
+    lp_pair_result_free(&pr);
+    lp_eap_result_free(&er);
+    lp_model_free(m);
+}
+
+Test(paths, edge_scores_sum_to_the_senders_node_scores) {
+    sender_sums(LP_FIXTURES "/gpt2-tiny", 0);
+    sender_sums(LP_FIXTURES "/llama-tiny", 0);
+    sender_sums(LP_FIXTURES "/gpt2-tiny", 3);
+    sender_sums(LP_FIXTURES "/llama-tiny", 3);
+}
+
+/* Σ over senders: each receiver's input delta times its gradient. Per layer, the heads'
+ * receivers together against resid_pre's gradient less resid_mid's (what skips them), the MLP
+ * against resid_mid's less resid_post's, the logits against the last resid_post's. One head's
+ * receiver alone against the backward with every other head's q, k and v stopped. */
+static void receiver_sums(const char *dir, const char *const *one, int n_one) {
+    lp_model *m = load(dir);
+    const lp_config *c = lp_model_config(m);
+    int nL = c->n_layers, D = c->d_model;
+    size_t nTD = (size_t)T * D;
+    int32_t cl[T], cx[T], ans, wr;
+    pair(m, 17, cl, cx, &ans, &wr);
+    lp_metric mt = {.kind = LP_METRIC_LOGIT_DIFF, .answer = &ans, .wrong = &wr};
+    lp_eap_result er;
+    cr_assert_eq(lp_eap(m, cl, cx, T, &mt, NULL, &er), LP_OK, "%s", lp_last_error());
+    int nr = er.n_receivers;
+    double *rs = calloc(nr, sizeof(double));
+    for (int i = 0; i < er.n_senders; i++)
+        for (int j = 0; j < nr; j++) rs[j] += er.scores[(size_t)i * nr + j];
+    /* both runs' residuals, and the clean run's gradients there */
+    float *x[3][4], *cv[3][4], *g[3][4];
+    static const char *const site[3] = {"hook_resid_pre", "hook_resid_mid", "hook_resid_post"};
+    char nm[96];
+    double met;
+    for (int run = 0; run < 2; run++) {
+        lp_hooks_clear(m);
+        lp_hook_capture(m, "blocks.*.hook_resid_*", NULL, 0, NULL);
+        if (run == 0) cr_assert_eq(lp_model_metric(m, cx, 1, T, &mt, &met), LP_OK, "%s", lp_last_error());
+        else cr_assert_eq(lp_model_grad(m, cl, 1, T, &mt, "blocks.*.hook_resid_*", &met), LP_OK, "%s", lp_last_error());
+        for (int k = 0; k < 3; k++)
+            for (int L = 0; L < nL; L++) {
+                snprintf(nm, sizeof nm, "blocks.%d.%s", L, site[k]);
+                float *v = grab(m, nm, nTD);
+                if (run == 0) {
+                    x[k][L] = v;
+                    continue;
+                }
+                cv[k][L] = v;
+                lp_tensor t;
+                cr_assert_eq(lp_grad_get(m, nm, &t), LP_OK, "%s", lp_last_error());
+                g[k][L] = malloc(nTD * sizeof(float));
+                memcpy(g[k][L], t.data, nTD * sizeof(float));
+            }
+    }
+    lp_hooks_clear(m);
+    double worst = 0, scale = 0, got[16], want[16];
+    int n = 0, per = c->n_heads + 2 * c->n_kv_heads + 1;
+    for (int L = 0; L < nL; L++) {
+        got[n] = 0;
+        for (int j = L * per; j < L * per + per - 1; j++) got[n] += rs[j];
+        want[n++] = dot_diff(x[0][L], cv[0][L], g[0][L], g[1][L], nTD);
+        got[n] = rs[L * per + per - 1], want[n++] = dot_diff(x[1][L], cv[1][L], g[1][L], g[2][L], nTD);
+    }
+    got[n] = rs[nr - 1], want[n++] = dot_diff(x[2][nL - 1], cv[2][nL - 1], g[2][nL - 1], NULL, nTD);
+    /* single head receivers of the last layer: the other heads' q/k/v patched with their own
+     * values (the forward unchanged, their gradients stopped) */
+    for (int i = 0; i < n_one; i++) {
+        int j = lp_path_receiver_find(m, one[i]), L = nL - 1, h;
+        char kind = one[i][strlen(one[i]) - 1];
+        cr_assert(j >= 0 && sscanf(one[i], "blocks.%*d.attn.%*[a-z_].%d", &h) == 1, "%s", one[i]);
+        lp_hooks_clear(m);
+        snprintf(nm, sizeof nm, "blocks.%d.attn.hook_[qkv]", L);
+        lp_hook_capture(m, nm, NULL, 0, NULL);
+        cr_assert_eq(lp_model_metric(m, cl, 1, T, &mt, &met), LP_OK);
+        float *own[3];
+        static const char qkv[3] = {'q', 'k', 'v'};
+        for (int p = 0; p < 3; p++) {
+            snprintf(nm, sizeof nm, "blocks.%d.attn.hook_%c", L, qkv[p]);
+            int64_t sh[LP_MAX_DIMS];
+            int nd = lp_hook_shape(m, lp_hook_find(m, nm), 1, T, sh);
+            size_t cnt = (size_t)lp_shape_numel(sh, nd);
+            own[p] = grab(m, nm, cnt);
+            int others[64], no = 0;
+            for (int q = 0; q < sh[2]; q++)
+                if (qkv[p] != kind || q != h) others[no++] = q;
+            lp_edit_spec e = {.kind = LP_EDIT_PATCH, .src = own[p], .src_len = cnt, .heads = others, .nheads = no};
+            if (no) cr_assert_eq(lp_hook_edit(m, nm, &e), LP_OK, "%s", lp_last_error());
+        }
+        snprintf(nm, sizeof nm, "blocks.%d.hook_resid_pre,blocks.%d.hook_resid_mid", L, L);
+        cr_assert_eq(lp_model_grad(m, cl, 1, T, &mt, nm, &met), LP_OK, "%s", lp_last_error());
+        lp_tensor gp, gm;
+        snprintf(nm, sizeof nm, "blocks.%d.hook_resid_pre", L);
+        cr_assert_eq(lp_grad_get(m, nm, &gp), LP_OK);
+        snprintf(nm, sizeof nm, "blocks.%d.hook_resid_mid", L);
+        cr_assert_eq(lp_grad_get(m, nm, &gm), LP_OK);
+        char what[128];
+        snprintf(what, sizeof what, "%s %s: Σ_S EAP vs Δinput . stopped backward", strstr(dir, "llama") ? "llama" : "gpt2", one[i]);
+        expect_close(what, rs[j], dot_diff(x[0][L], cv[0][L], gp.data, gm.data, nTD), 1e-2);
+        for (int p = 0; p < 3; p++) free(own[p]);
+        lp_hooks_clear(m);
+    }
+    for (int i = 0; i < n; i++) scale = fmax(scale, fabs(want[i]));
+    for (int i = 0; i < n; i++) worst = fmax(worst, fabs(got[i] - want[i]));
+    printf("  %-11s %d receiver sums: max |Σ_S EAP(S->R) - Δinput . gradient| %.2e (max %.2e)\n", strstr(dir, "llama") ? "llama-tiny" : "gpt2-tiny", n, worst,
+           scale);
+    cr_expect_gt(scale, 1e-2);
+    cr_expect_leq(worst, TOL_REL * scale + TOL_ABS, "receiver sums disagree by %.3e", worst);
+    for (int k = 0; k < 3; k++)
+        for (int L = 0; L < nL; L++) free(x[k][L]), free(cv[k][L]), free(g[k][L]);
+    free(rs);
+    lp_eap_result_free(&er);
+    lp_model_free(m);
+}
+
+Test(paths, edge_scores_sum_to_the_receivers_input_attributions) {
+    const char *g[] = {"blocks.1.attn.head.2.q", "blocks.1.attn.head.0.k", "blocks.1.attn.head.3.v"};
+    receiver_sums(LP_FIXTURES "/gpt2-tiny", g, 3);
+    const char *l[] = {"blocks.1.attn.head.1.q", "blocks.1.attn.kv_head.1.k", "blocks.1.attn.kv_head.0.v"};
+    receiver_sums(LP_FIXTURES "/llama-tiny", l, 3);
+}
