@@ -5,6 +5,7 @@
  *   a linear model    with patterns, norm scales and MLP activations frozen, path patching
  *                     equals the product of the path's weights (computed by hand in float64),
  *                     and edge attribution equals path patching on every edge
+ *   command line      both sweeps' files equal the library's results; restarts resume or refuse
  *   sums              edge scores summed over receivers are the senders' node attributions
  *                     (lp_attrib_atp, with and without integrated gradients); summed over
  *                     senders, the receivers' input deltas times the backward's gradients;
@@ -518,4 +519,114 @@ Test(paths, edge_scores_sum_to_the_receivers_input_attributions) {
     receiver_sums(LP_FIXTURES "/gpt2-tiny", g, 3);
     const char *l[] = {"blocks.1.attn.head.1.q", "blocks.1.attn.kv_head.1.k", "blocks.1.attn.kv_head.0.v"};
     receiver_sums(LP_FIXTURES "/llama-tiny", l, 3);
+}
+
+/* ---- the command line: both sweeps, resumed, their files against the library ---- */
+
+#include <cjson/cJSON.h>
+#include <sys/wait.h>
+
+static int run_cli(const char *dir, const char *args) {
+    char cmd[2048];
+    const char *bin = getenv("LOUPE_CLI") ? getenv("LOUPE_CLI") : "build/loupe";
+    snprintf(cmd, sizeof cmd, "%s %s --model.device=cpu >%s/out.txt 2>%s/err.txt", bin, args, dir, dir);
+    int rc = system(cmd);
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+static const float *scores_of(lp_st_file *f, const char *path, const char *name, int64_t n) {
+    cr_assert_eq(lp_st_open(f, path), LP_OK, "%s", lp_last_error());
+    const lp_st_tensor *t = lp_st_find(f, name);
+    cr_assert(t && lp_shape_numel(t->shape, t->ndim) == n, "%s: no %s of %lld values", path, name, (long long)n);
+    return t->data;
+}
+
+Test(paths, cli_sweeps_match_the_library_and_resume, .timeout = 120) {
+    char dir[64] = "/tmp/loupe-paths-XXXXXX", p[256], args[1024];
+    cr_assert(mkdtemp(dir) != NULL);
+    lp_model *m = load(LP_FIXTURES "/gpt2-tiny");
+    int32_t cl[2][T], cx[2][T], ans[2], wr[2];
+    snprintf(p, sizeof p, "%s/pairs.jsonl", dir);
+    FILE *f = fopen(p, "w");
+    for (int k = 0; k < 2; k++) {
+        pair(m, 40 + k, cl[k], cx[k], &ans[k], &wr[k]);
+        fprintf(f, "{\"clean\": [");
+        for (int t = 0; t < T; t++) fprintf(f, "%s%d", t ? "," : "", cl[k][t]);
+        fprintf(f, "], \"corrupted\": [");
+        for (int t = 0; t < T; t++) fprintf(f, "%s%d", t ? "," : "", cx[k][t]);
+        fprintf(f, "], \"answer\": %d, \"wrong_answer\": %d}\n", ans[k], wr[k]);
+    }
+    fclose(f);
+    /* edge attribution: each pair's edges as the library gives them; circuit.json their mean */
+    snprintf(args, sizeof args, "attribute " LP_FIXTURES "/gpt2-tiny --attrib.pairs=%s/pairs.jsonl --attrib.out=%s/eap --attrib.edges=true --attrib.top_edges=5",
+             dir, dir);
+    cr_assert_eq(run_cli(dir, args), 0);
+    int ns = lp_path_n_senders(m), nr = lp_path_n_receivers(m);
+    double *mean = calloc((size_t)ns * nr, sizeof(double)), worst = 0;
+    for (int k = 0; k < 2; k++) {
+        lp_metric mt = {.kind = LP_METRIC_LOGIT_DIFF, .answer = &ans[k], .wrong = &wr[k]};
+        lp_eap_result er;
+        cr_assert_eq(lp_eap(m, cl[k], cx[k], T, &mt, NULL, &er), LP_OK, "%s", lp_last_error());
+        char path[300], name[64];
+        snprintf(path, sizeof path, "%s/eap/scores-eap-%06d.safetensors", dir, k), snprintf(name, sizeof name, "pair%06d.eap.edges", k);
+        lp_st_file sf;
+        const float *v = scores_of(&sf, path, name, (int64_t)ns * nr);
+        for (int i = 0; i < ns * nr; i++) worst = fmax(worst, fabs(v[i] - er.scores[i])), mean[i] += er.scores[i] / 2;
+        lp_st_close(&sf);
+        lp_eap_result_free(&er);
+    }
+    cr_expect_leq(worst, 1e-6, "the sweep's edge scores differ from lp_eap's by %.3e", worst);
+    snprintf(p, sizeof p, "%s/eap/circuit.json", dir);
+    size_t len;
+    char *txt = lp_read_file(p, &len);
+    cJSON *j = cJSON_Parse(txt);
+    const cJSON *edges = cJSON_GetObjectItem(j, "edges"), *e0 = cJSON_GetArrayItem(edges, 0);
+    cr_assert(e0, "circuit.json has no edges");
+    cr_expect_eq(cJSON_GetObjectItem(j, "n_pairs")->valueint, 2);
+    cr_expect_eq(cJSON_GetArraySize(edges), 5);
+    int si = lp_path_sender_find(m, cJSON_GetObjectItem(e0, "source")->valuestring);
+    int rj = lp_path_receiver_find(m, cJSON_GetObjectItem(e0, "receiver")->valuestring);
+    double best = 0;
+    for (int i = 0; i < ns * nr; i++) best = fmax(best, fabs(mean[i]));
+    cr_assert(si >= 0 && rj >= 0);
+    expect_close("circuit.json's top edge: its score, the mean of lp_eap's", cJSON_GetObjectItem(e0, "score")->valuedouble, mean[(size_t)si * nr + rj], 1e-2);
+    cr_expect_float_eq(fabs(mean[(size_t)si * nr + rj]), best, 1e-9, "the top edge is not the largest by |mean|");
+    cJSON_Delete(j), free(txt), free(mean);
+    snprintf(p, sizeof p, "%s/eap/circuit.html", dir);
+    txt = lp_read_file(p, &len);
+    cr_expect(txt && strstr(txt, "<svg") && strstr(txt, "</html>") && !strstr(txt, "src=") && !strstr(txt, "href="), "circuit.html is not a page with an SVG");
+    free(txt);
+    /* a restart does nothing; one with other settings is refused */
+    cr_expect_eq(run_cli(dir, args), 0);
+    snprintf(p, sizeof p, "%s/out.txt", dir);
+    txt = lp_read_file(p, &len);
+    cr_expect(txt && strstr(txt, "0 pairs done (2 already"), "restart: %s", txt);
+    free(txt);
+    strcat(args, " --attrib.ig_steps=2");
+    cr_expect_eq(run_cli(dir, args), 2);
+    /* path patching: the effects as lp_path_patch gives them */
+    snprintf(args, sizeof args, "patch " LP_FIXTURES "/gpt2-tiny --attrib.pairs=%s/pairs.jsonl --attrib.out=%s/pp --patch.kind=path "
+             "--path.sender=blocks.0.attn.head.1,embed --path.receivers=blocks.1.attn.head.0.q,blocks.1.mlp,logits", dir, dir);
+    cr_assert_eq(run_cli(dir, args), 0);
+    int snd[2] = {lp_path_sender_find(m, "blocks.0.attn.head.1"), 0};
+    int rcv[3] = {lp_path_receiver_find(m, "blocks.1.attn.head.0.q"), lp_path_receiver_find(m, "blocks.1.mlp"), lp_path_receiver_find(m, "logits")};
+    for (int k = 0; k < 2; k++) {
+        lp_metric mt = {.kind = LP_METRIC_LOGIT_DIFF, .answer = &ans[k], .wrong = &wr[k]};
+        char path[300], name[64];
+        snprintf(path, sizeof path, "%s/pp/scores-path-%06d.safetensors", dir, k), snprintf(name, sizeof name, "pair%06d.path.effect", k);
+        lp_st_file sf;
+        const float *v = scores_of(&sf, path, name, 2);
+        for (int i = 0; i < 2; i++) {
+            double a, b, eff;
+            cr_assert_eq(lp_path_patch(m, cl[k], cx[k], T, &mt, snd[i], rcv, 3, NULL, &a, &b, &eff), LP_OK, "%s", lp_last_error());
+            cr_expect_float_eq(v[i], eff, 1e-6 + 1e-6 * fabs(eff), "pair %d sender %d: %g vs %g", k, i, v[i], eff);
+        }
+        lp_st_close(&sf);
+    }
+    snprintf(args, sizeof args, "patch " LP_FIXTURES "/gpt2-tiny --attrib.pairs=%s/pairs.jsonl --attrib.out=%s/pp2 --patch.kind=path "
+             "--path.sender=blocks.1.mlp --path.receivers=blocks.1.attn.head.0.q", dir, dir);
+    cr_expect_eq(run_cli(dir, args), 2, "a receiver upstream of the sender is bad usage");
+    lp_model_free(m);
+    snprintf(args, sizeof args, "rm -rf %s", dir);
+    cr_expect(system(args) == 0);
 }
