@@ -18,26 +18,11 @@
 #include "loupe/tokenizer.h"
 #include "cli.h"
 
-typedef struct pair {
-    int index, line;
-    int32_t *clean, *corrupted;
-    int T;
-    int32_t answer, wrong;
-} pair;
+typedef cli_pair pair;
+typedef cli_bad_line bad_line;
+typedef cli_pairs sweep;
 
-typedef struct bad_line {
-    int line;
-    char why[200];
-} bad_line;
-
-typedef struct sweep {
-    pair *pairs;
-    int n;
-    bad_line *bad;
-    int n_bad;
-} sweep;
-
-static void sweep_free(sweep *s) {
+void cli_pairs_free(sweep *s) {
     for (int i = 0; i < s->n; i++) free(s->pairs[i].clean), free(s->pairs[i].corrupted);
     free(s->pairs), free(s->bad);
 }
@@ -52,7 +37,7 @@ static void add_bad(sweep *s, int line, const char *why) {
 }
 
 /* Reads every line; a bad one is recorded and skipped, the rest go on. */
-static lp_status read_pairs(const args *a, lp_model *m, const lp_tokenizer *tk, sweep *s) {
+lp_status cli_read_pairs(const args *a, lp_model *m, const lp_tokenizer *tk, sweep *s) {
     const char *path = lp_cfg_str(&a->cfg, "attrib.pairs");
     const lp_config *cf = lp_model_config(m);
     lp_pair_opts po = {.file = path, .tk = tk, .d_vocab = cf->d_vocab, .n_ctx = cf->n_ctx,
@@ -205,7 +190,18 @@ static void progress(const char *what, int done, int total, double secs) {
     fprintf(stderr, "\r%s %d/%d pairs  %.2f pairs/s   ", what, done, total, secs > 0 ? done / secs : 0);
 }
 
+int cli_report_bad(const args *a, const sweep *sw, int rc) {
+    if (!sw->n_bad) return rc;
+    /* the sweep went on; the bad lines are listed, and the exit status says so */
+    fprintf(stderr, "loupe: %s: %d bad line%s skipped:", lp_cfg_str(&a->cfg, "attrib.pairs"), sw->n_bad, sw->n_bad > 1 ? "s" : "");
+    for (int b = 0; b < sw->n_bad; b++) fprintf(stderr, " line %d (%s)%s", sw->bad[b].line, sw->bad[b].why, b + 1 < sw->n_bad ? ";" : "");
+    fputc('\n', stderr);
+    return 2;
+}
+
 static int run_sweep(args *a, int exact) {
+    if (exact ? strcmp(lp_cfg_str(&a->cfg, "patch.kind"), "path") == 0 : strcmp(lp_cfg_str(&a->cfg, "attrib.edges"), "true") == 0)
+        return cli_paths_sweep(a, exact); /* between components: host/cli/paths.c */
     lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "attrib.pairs", "attrib.out", NULL});
     if (st != LP_OK) return cli_fail(st);
     lp_attrib_opts o = {.grad_at_clean = strcmp(lp_cfg_str(&a->cfg, "attrib.grad_at"), "clean") == 0,
@@ -227,7 +223,7 @@ static int run_sweep(args *a, int exact) {
         st = lp_ctx_init(&sc, lp_model_ctx(m)->device, LP_F32);
         if (st == LP_OK) st = lp_sae_load(&sae, &sc, sae_path);
     }
-    if (st == LP_OK) st = read_pairs(a, m, tk, &sw);
+    if (st == LP_OK) st = cli_read_pairs(a, m, tk, &sw);
     const char *out = lp_cfg_str(&a->cfg, "attrib.out");
     int B = exact ? 1 : (int)lp_cfg_int(&a->cfg, "attrib.batch"), top = (int)lp_cfg_int(&a->cfg, "attrib.top");
     int compare = exact && strcmp(lp_cfg_str(&a->cfg, "patch.compare_atp"), "true") == 0;
@@ -320,16 +316,11 @@ static int run_sweep(args *a, int exact) {
                 if (!o.kinds || (o.kinds >> k & 1u))
                     printf("  %-20s attribution vs exact patching: Pearson %.3f, Spearman %.3f (mean over %d pairs)\n", lp_node_kind_name(k),
                            corr_p[k] / corr_n, corr_s[k] / corr_n, corr_n);
-        if (sw.n_bad) { /* the sweep went on; the bad lines are listed, and the exit status says so */
-            fprintf(stderr, "loupe: %s: %d bad line%s skipped:", lp_cfg_str(&a->cfg, "attrib.pairs"), sw.n_bad, sw.n_bad > 1 ? "s" : "");
-            for (int b = 0; b < sw.n_bad; b++) fprintf(stderr, " line %d (%s)%s", sw.bad[b].line, sw.bad[b].why, b + 1 < sw.n_bad ? ";" : "");
-            fputc('\n', stderr);
-            rc = 2;
-        }
+        rc = cli_report_bad(a, &sw, rc);
     }
     lp_lock_release(&lock);
     free(batch), free(res);
-    sweep_free(&sw);
+    cli_pairs_free(&sw);
     lp_tokenizer_free(tk);
     if (sae) lp_sae_free(sae, &sc);
     if (sae_path) lp_ctx_free(&sc);

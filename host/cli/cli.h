@@ -49,6 +49,33 @@ lp_status sweep_out_close(sweep_out *r, lp_status st);
 /* host/cli/attrib.c */
 int cmd_attribute(args *a);
 int cmd_patch(args *a);
+/* The prompt pairs of attrib.pairs (bad lines recorded and skipped). */
+typedef struct cli_pair {
+    int index, line;
+    int32_t *clean, *corrupted;
+    int T;
+    int32_t answer, wrong;
+} cli_pair;
+typedef struct cli_bad_line {
+    int line;
+    char why[200];
+} cli_bad_line;
+typedef struct cli_pairs {
+    cli_pair *pairs;
+    int n;
+    cli_bad_line *bad;
+    int n_bad;
+} cli_pairs;
+struct lp_tokenizer;
+lp_status cli_read_pairs(const args *a, lp_model *m, const struct lp_tokenizer *tk, cli_pairs *s);
+void cli_pairs_free(cli_pairs *s);
+/* Lists the bad lines of the pairs file on stderr; returns 2 if there were any, else rc. */
+int cli_report_bad(const args *a, const cli_pairs *s, int rc);
+
+/* host/cli/paths.c: `attribute --attrib.edges=true` and `patch --patch.kind=path` */
+int cli_paths_sweep(args *a, int exact);
+/* host/cli/circuit.c: circuit.json and circuit.html from the edge scores in dir */
+lp_status cli_circuit_write(const args *a, lp_model *m, const char *dir, int *n_pairs);
 
 /* Progress bars on stderr for the library's progress callbacks (redrawn in place on a
  * terminal; one line per shard or metrics step otherwise). */

@@ -109,6 +109,12 @@ static const lp_key g_keys[] = {
     {"probe.pool", LP_KEY_CHOICE, "position", 0, 0, "position|mean", "per-sequence labels: one position, or the mean over positions"},
     {"probe.position", LP_KEY_INT, "-1", -(1 << 24), 1 << 24, NULL, "per-sequence labels: the position read; -1: the last"},
     {"probe.out", LP_KEY_STR, NULL, 0, 0, NULL, "directory for probes.safetensors and report.jsonl"},
+    {"attrib.edges", LP_KEY_CHOICE, "false", 0, 0, "true|false", "attribute: edge attribution patching between components, and circuit.json"},
+    {"attrib.top_edges", LP_KEY_INT, "50", 1, 1 << 20, NULL, "edges in circuit.json (by |mean score| over the sweep)"},
+    {"patch.kind", LP_KEY_CHOICE, "node", 0, 0, "node|path", "patch: exact patching of nodes, or path patching"},
+    {"path.sender", LP_KEY_STR, NULL, 0, 0, NULL, "path patching senders, comma-separated: embed, blocks.L.attn.head.H, blocks.L.mlp"},
+    {"path.receivers", LP_KEY_STR, NULL, 0, 0, NULL, "blocks.L.attn.head.H.q|k|v, blocks.L.mlp, logits (comma-separated)"},
+    {"path.freeze", LP_KEY_STR, NULL, 0, 0, NULL, "hooks held at their clean values in every run (globs), e.g. blocks.*.attn.hook_pattern"},
     {"gen.prompt", LP_KEY_STR, NULL, 0, 0, NULL, "text to continue"},
     {"gen.max_tokens", LP_KEY_INT, "64", 0, 1 << 20, NULL, "new tokens at most"},
     {"gen.temperature", LP_KEY_FLOAT, "0", 0, 100, NULL, "0: greedy"},
@@ -145,6 +151,8 @@ static const char *g_usage =
     "                                      attribution patching over prompt pairs (resumable)\n"
     "  patch [CONFIG.ini] MODEL --attrib.pairs=F.jsonl --attrib.out=DIR\n"
     "                                      exact activation patching, compared with attribution\n"
+    "      --patch.kind=path --path.sender=S --path.receivers=R,...   path patching\n"
+    "      (attribute --attrib.edges=true: edge attribution patching, circuit.json and circuit.html)\n"
     "  lens [CONFIG.ini] MODEL --lens.prompts=F.jsonl [--lens.out=DIR]\n"
     "                                      logit lens and direct logit attribution per prompt\n"
     "  probe [CONFIG.ini] STORE --probe.labels=F.npy --probe.out=DIR [--probe.hooks=...]\n"

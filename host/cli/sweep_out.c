@@ -57,6 +57,15 @@ static cJSON *job_json(const args *a, int exact, lp_model *m) {
     cJSON_AddStringToObject(j, "attrib.sae", sae ? sae : "");
     if (sae) add_fingerprint(j, "attrib.sae (files)", sae, 1);
     if (exact) cJSON_AddStringToObject(j, "patch.compare_atp", lp_cfg_str(&a->cfg, "patch.compare_atp"));
+    /* between components (paths.h): which method, and its settings */
+    const char *mode = exact ? "patch.kind" : "attrib.edges";
+    cJSON_AddStringToObject(j, mode, lp_cfg_str(&a->cfg, mode));
+    int between = exact ? strcmp(lp_cfg_str(&a->cfg, mode), "path") == 0 : strcmp(lp_cfg_str(&a->cfg, mode), "true") == 0;
+    const char *pk[] = {"path.sender", "path.receivers", "path.freeze", NULL};
+    for (int i = exact ? 0 : 2; between && pk[i]; i++) {
+        const char *v = lp_cfg_str(&a->cfg, pk[i]);
+        cJSON_AddStringToObject(j, pk[i], v ? v : "");
+    }
     return j;
 }
 
