@@ -313,28 +313,67 @@ int lp_hooks_last_layer(const lp_model *m) {
     return last;
 }
 
-lp_status lp_hook_site(lp_model *m, int id, void *act) {
-    if (id < 0 || m->gen_pos0 >= 0) return LP_OK; /* absent hook, or generating (hooks do not run) */
-    hook *h = &m->hooks[id];
-    if (!h->capture && !h->edits) return LP_OK;
+int lp_hook_first_pos(const lp_model *m) { return m->gen_pos0 > 0 ? m->gen_pos0 : 0; }
+
+/* Positions per source row of a patch, or 0 when the hook has none (scores, pattern). */
+static size_t patch_row(const hook *h) { return h->e_is_pos ? 0 : (size_t)h->H * h->E; }
+
+lp_status lp_gen_patch_check(const lp_model *m, int id, int from, int to) {
+    const hook *h = &m->hooks[id];
+    for (const edit *e = h->edits; e; e = e->next) {
+        if (e->spec.fn || e->spec.kind != LP_EDIT_PATCH) continue;
+        size_t row = patch_row(h);
+        if (!row) LP_FAIL(LP_ERR_ARG, "patch of %s while generating: its shape grows with every token; patch it in lp_model_forward", h->name);
+        if (e->spec.src_len % row)
+            LP_FAIL(LP_ERR_SHAPE, "patch of %s while generating: the source's %zu values are not whole positions of %zu", h->name, e->spec.src_len, row);
+        int n_src = (int)(e->spec.src_len / row);
+        for (int p = from > n_src ? from : n_src; p < to; p++)
+            if (!e->pos_mask_host || e->pos_mask_host[p])
+                LP_FAIL(LP_ERR_ARG, "patch of %s: generation reaches position %d, the patch source covers positions 0..%d (restrict the patch to positions < %d)",
+                        h->name, p, n_src - 1, n_src);
+    }
+    return LP_OK;
+}
+
+/* The edits of hook h on act. While generating, row 0 of act is absolute position pos0:
+ * the position mask is read from there, and a patch source (one sequence, [1, n_src, ...])
+ * from its row pos0. */
+static lp_status run_edits(lp_model *m, hook *h, int id, void *act, lp_view v, size_t n) {
     lp_ctx *c = &m->ctx;
-    int B = m->B, T = m->T;
-    lp_view v = view_of(h, B, T);
-    size_t n = (size_t)v.B * v.P * v.H * v.E;
+    int pos0 = lp_hook_first_pos(m);
     for (edit *e = h->edits; e; e = e->next) {
         if (e->spec.fn) {
             lp_tensor t = {.data = act, .dtype = c->dtype, .device = c->device};
-            t.ndim = shape_of(h, B, T, T, t.shape);
+            t.ndim = shape_of(h, v.B, v.P, v.P, t.shape);
             lp_status st = e->spec.fn(h->name, &t, e->spec.user);
             if (st != LP_OK) return st;
             continue;
         }
-        if (e->spec.kind == LP_EDIT_PATCH && e->spec.src_len != n)
+        const char *src = e->src_dev;
+        if (e->spec.kind == LP_EDIT_PATCH && m->generating) {
+            LP_CHECK(lp_gen_patch_check(m, id, pos0, pos0 + v.P));
+            src += (size_t)pos0 * patch_row(h) * lp_act_size(m);
+        } else if (e->spec.kind == LP_EDIT_PATCH && e->spec.src_len != n) {
             LP_FAIL(LP_ERR_SHAPE, "patch of %s: source has %zu values, this batch's activation has %zu", h->name,
                     e->spec.src_len, n);
-        LP_CHECK(lp_edit_apply(c, act, v, e->spec.kind, e->src_dev, e->spec.coef, e->pos_mask_dev, e->head_mask_dev));
+        }
+        const uint8_t *mask = e->pos_mask_dev ? (const uint8_t *)e->pos_mask_dev + pos0 : NULL;
+        LP_CHECK(lp_edit_apply(c, act, v, e->spec.kind, src, e->spec.coef, mask, e->head_mask_dev));
     }
-    if (!h->capture) return LP_OK;
+    return LP_OK;
+}
+
+lp_status lp_hook_site(lp_model *m, int id, void *act) {
+    if (id < 0) return LP_OK; /* absent hook */
+    hook *h = &m->hooks[id];
+    int capture = h->capture && !m->generating; /* generation edits but captures nothing */
+    if (!capture && !h->edits) return LP_OK;
+    lp_ctx *c = &m->ctx;
+    int B = m->B, T = m->T;
+    lp_view v = view_of(h, B, T);
+    size_t n = (size_t)v.B * v.P * v.H * v.E;
+    LP_CHECK(run_edits(m, h, id, act, v, n));
+    if (!capture) return LP_OK;
     size_t bytes;
     if (h->cap_pos) {
         for (int i = 0; i < h->cap_npos; i++)

@@ -1,7 +1,7 @@
 /* model.c: the architecture-independent part of a model: loading by config,
  * sizing and allocating activation memory, running a forward, the unembedding,
- * handing back logits and losses, and generation with a KV cache. Architecture
- * files (gpt2.c, llama.c) provide load, carve and forward. */
+ * handing back logits and losses (generation with a KV cache is in generate.c).
+ * Architecture files (gpt2.c, llama.c) provide load, carve and forward. */
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
@@ -12,7 +12,6 @@
 #include "loupe/ops.h"
 #include "loupe/safetensors.h"
 #include "model_internal.h"
-#include "rng.h"
 
 void lp_param_add(lp_model *m, const char *name, int64_t r, int64_t cols, size_t *off) {
     param *p = &m->params[m->n_params_t++];
@@ -228,8 +227,9 @@ lp_status lp_model_unembed(lp_model *m, int N, int want) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     LP_CHECK(lp_hook_site(m, lp_hook_id(m, HK_UNEMBED_IN, cf->n_layers), m->ln_out));
-    /* hooks do not run while generating: no logits for the hook then */
-    int out_id = lp_hook_id(m, HK_UNEMBED_OUT, cf->n_layers), out = m->gen_pos0 < 0 && lp_hook_active(m, out_id);
+    /* while generating only an edit of the logits makes them all (the step needs the last row) */
+    int out_id = lp_hook_id(m, HK_UNEMBED_OUT, cf->n_layers);
+    int out = m->generating ? out_id >= 0 && m->hooks[out_id].edits : lp_hook_active(m, out_id);
     if (!(want & (LP_WANT_LOSS | LP_WANT_LOGITS)) && !out) return LP_OK;
     if (out && m->logit_rows < N) LP_FAIL(LP_ERR_INTERNAL, "unembed.hook_out: the logits buffer holds %d rows, the batch has %d", m->logit_rows, N);
     /* in row chunks so that B x T x V logits never exist at once, unless unembed.hook_out is
@@ -257,108 +257,6 @@ lp_status lp_model_unembed(lp_model *m, int N, int want) {
         LP_CHECK(st);
     }
     return LP_OK;
-}
-
-/* ---- generation ---- */
-
-
-typedef struct { float p; int id; } cand;
-static int cand_desc(const void *a, const void *b) {
-    float x = ((const cand *)a)->p, y = ((const cand *)b)->p;
-    return x < y ? 1 : x > y ? -1 : ((const cand *)a)->id - ((const cand *)b)->id;
-}
-
-/* Greedy at temperature 0; otherwise softmax(logits / T), cut to the smallest set of
- * most likely tokens whose mass reaches top_p, renormalised, sampled. */
-static int32_t pick(const float *logits, int V, const lp_gen_opts *o, uint64_t *rng, cand *scratch) {
-    int best = 0;
-    for (int i = 1; i < V; i++)
-        if (logits[i] > logits[best]) best = i;
-    if (o->temperature <= 0) return best;
-    double sum = 0, mx = logits[best];
-    for (int i = 0; i < V; i++) {
-        scratch[i].p = (float)exp((logits[i] - mx) / o->temperature);
-        scratch[i].id = i;
-        sum += scratch[i].p;
-    }
-    int n = V;
-    double mass = sum;
-    if (o->top_p > 0 && o->top_p < 1) {
-        qsort(scratch, V, sizeof *scratch, cand_desc);
-        double acc = 0;
-        for (n = 0; n < V;) {
-            acc += scratch[n++].p;
-            if (acc >= o->top_p * sum) break;
-        }
-        mass = acc;
-    }
-    double u = lp_rng_uniform(rng) * mass, acc = 0;
-    for (int i = 0; i < n; i++) {
-        acc += scratch[i].p;
-        if (u < acc) return scratch[i].id;
-    }
-    return scratch[n - 1].id;
-}
-
-lp_status lp_generate(lp_model *m, const int32_t *prompt, int n_prompt, const lp_gen_opts *o, int32_t *out, int *n_out) {
-    *n_out = 0;
-    const lp_config *cf = &m->cfg;
-    if (n_prompt < 1) LP_FAIL(LP_ERR_ARG, "generate: the prompt is empty");
-    if (o->max_tokens < 0) LP_FAIL(LP_ERR_ARG, "generate: max_tokens %d is negative", o->max_tokens);
-    if (!(o->temperature >= 0) || !(o->top_p > 0 && o->top_p <= 1))
-        LP_FAIL(LP_ERR_ARG, "generate: temperature must be >= 0 and top_p in (0, 1] (got %g and %g)", o->temperature, o->top_p);
-    if ((long long)n_prompt + o->max_tokens > cf->n_ctx) /* in 64 bits: a huge max_tokens must not wrap */
-        LP_FAIL(LP_ERR_ARG, "generate: the prompt (%d tokens) plus %d new tokens exceeds the model's context of %d", n_prompt,
-                o->max_tokens, cf->n_ctx);
-    for (int i = 0; i < n_prompt; i++)
-        if (prompt[i] < 0 || prompt[i] >= cf->d_vocab) LP_FAIL(LP_ERR_ARG, "generate: prompt token %d is not in [0, %d)", prompt[i], cf->d_vocab);
-    lp_ctx *c = &m->ctx;
-    int cap = n_prompt + o->max_tokens;
-    size_t kvD = (size_t)cf->n_kv_heads * cf->d_head, es = lp_act_size(m);
-    if (cap > m->kv_cap) {
-        lp_ctx_release(c, m->kv);
-        m->kv = NULL, m->kv_cap = 0;
-        LP_CHECK(lp_ctx_alloc(c, 2 * (size_t)cf->n_layers * cap * kvD * es, &m->kv));
-        m->kv_cap = cap;
-    }
-    if (cf->arch == LP_ARCH_LLAMA && m->rope_n < cap) LP_CHECK(lp_llama_rope_tables(m, cap));
-    LP_CHECK(lp_model_prepare(m, 1, n_prompt));
-    if (m->logits_rows < 1) {
-        free(m->logits_host);
-        m->logits_host = malloc((size_t)cf->d_vocab * sizeof(float));
-        if (!m->logits_host) LP_FAIL(LP_ERR_OOM, "out of host memory for logits");
-        m->logits_rows = 1;
-    }
-    cand *scratch = o->temperature > 0 ? malloc((size_t)cf->d_vocab * sizeof *scratch) : NULL;
-    if (o->temperature > 0 && !scratch) LP_FAIL(LP_ERR_OOM, "out of memory for sampling");
-    uint64_t rng = o->seed;
-    lp_status st = LP_OK;
-    int32_t tok;
-    const int32_t *in = prompt;
-    int n_in = n_prompt, pos = 0;
-    while (*n_out < o->max_tokens) {
-        /* one forward of the new tokens against the cache; logits of the last row */
-        m->B = 1, m->T = n_in, m->gen_pos0 = pos;
-        st = lp_ctx_to_device(c, m->tok_dev, in, (size_t)n_in * sizeof(int32_t));
-        if (st == LP_OK) st = m->forward(m, 1, n_in, 0);
-        if (st == LP_OK) { /* the last row only: move it to the front of ln_out and unembed one row */
-            if (n_in > 1) st = lp_ctx_copy(c, m->ln_out, (char *)m->ln_out + (size_t)(n_in - 1) * cf->d_model * es, cf->d_model * es);
-            if (st == LP_OK) st = lp_model_unembed(m, 1, LP_WANT_LOGITS);
-        }
-        /* as after lp_model_forward: this step's captures land on the host before the next
-         * step's capture copies overwrite their device buffers (and before we return) */
-        m->gen_pos0 = -1;
-        if (st != LP_OK) break;
-        pos += n_in;
-        tok = pick(m->logits_host, cf->d_vocab, o, &rng, scratch);
-        out[(*n_out)++] = tok;
-        if (o->on_token && (st = o->on_token(tok, o->user)) != LP_OK) break;
-        if (tok == o->stop_token) break;
-        in = &out[*n_out - 1], n_in = 1;
-    }
-    free(scratch);
-    m->have_logits = 0;
-    return st;
 }
 
 /* ---- forward pieces both architectures share ---- */

@@ -89,6 +89,9 @@ struct lp_model {
      * while gen_pos0 >= 0 a forward of batch 1 appends to it at position gen_pos0 */
     void *kv;
     int kv_cap, gen_pos0;
+    /* while lp_generate runs: hook sites apply edits at absolute positions (row 0 is
+     * gen_pos0, or 0 when a step recomputes the whole sequence) and take no captures */
+    int generating;
     /* backward (host/backward.c): while taping, the forward keeps what the backward needs
      * per layer in tape[L] ([n_layers] is the final norm) */
     int taping, tape_top;      /* taping: layers 0..tape_top are kept (n_layers: and the final norm) */
@@ -119,6 +122,9 @@ int lp_hook_id(const lp_model *m, int kind, int layer);
 int lp_hooks_last_layer(const lp_model *m);
 /* Runs the edits, then the capture, of hook id on activation act of the current batch. */
 lp_status lp_hook_site(lp_model *m, int id, void *act);
+/* While generating: refuses a patch edit of hook id that would reach a position in
+ * [from, to) its source does not cover, or whose shape grows with the sequence. */
+lp_status lp_gen_patch_check(const lp_model *m, int id, int from, int to);
 /* Device bytes of a hook's capture buffer (0 on the CPU, where captures live on the host). */
 size_t lp_hook_capture_bytes(const lp_model *m, int id);
 /* Waits for capture copies of the last forward. */

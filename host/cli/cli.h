@@ -46,6 +46,9 @@ lp_status sweep_out_append(sweep_out *r, const char *lines, size_t n);
 /* Closes results.jsonl; returns st, or the close error when st is LP_OK. */
 lp_status sweep_out_close(sweep_out *r, lp_status st);
 
+/* host/cli/generate.c */
+int cmd_generate(args *a);
+
 /* host/cli/attrib.c */
 int cmd_attribute(args *a);
 int cmd_patch(args *a);

@@ -120,6 +120,16 @@ static const lp_key g_keys[] = {
     {"gen.temperature", LP_KEY_FLOAT, "0", 0, 100, NULL, "0: greedy"},
     {"gen.top_p", LP_KEY_FLOAT, "1", 0, 1, NULL, "nucleus sampling mass; 1: off"},
     {"gen.seed", LP_KEY_INT, "0", 0, 2147483647, NULL, "sampling seed"},
+    /* steering while generating (host/cli/generate.c) */
+    {"steer.hook", LP_KEY_STR, NULL, 0, 0, NULL, "hook the vector is added to (default: the SAE's, or the tensor's name)"},
+    {"steer.vector", LP_KEY_STR, NULL, 0, 0, NULL, "FILE.safetensors[:TENSOR]: a vector of the hook's width"},
+    {"steer.probe", LP_KEY_STR, NULL, 0, 0, NULL, "FILE.safetensors:TENSOR: a probe's direction (as steer.vector)"},
+    {"steer.sae", LP_KEY_STR, NULL, 0, 0, NULL, "an SAE: steer along W_dec[steer.latent]"},
+    {"steer.latent", LP_KEY_INT, "-1", -1, 1 << 30, NULL, "the SAE latent whose decoder row is the vector"},
+    {"steer.from_prompts", LP_KEY_STR, NULL, 0, 0, NULL, "\"A|B\": mean of the hook over A's positions minus B's"},
+    {"steer.coef", LP_KEY_FLOAT, "4", -1e30, 1e30, NULL, "the vector is multiplied by this"},
+    {"steer.positions", LP_KEY_CHOICE, "all", 0, 0, "all|new|prompt", "positions edited: all, new tokens only, prompt only"},
+    {"steer.zero", LP_KEY_STR, NULL, 0, 0, NULL, "hook (or glob) to zero-ablate at steer.positions"},
 };
 
 /* Short flags: --tokens FILE is --data.tokens=FILE, and so on. */
@@ -141,6 +151,9 @@ static const char *g_usage =
     "                                      text to token ids with the model's tokenizer\n"
     "  generate MODEL --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P] [--seed S]\n"
     "                                      continue a prompt (KV cache; greedy at temperature 0)\n"
+    "    [--steer.vector=F.safetensors[:T] | --steer.probe=F:T | --steer.sae=DIR --steer.latent=N |\n"
+    "     --steer.from_prompts=\"A|B\"] [--steer.hook=HOOK] [--steer.coef=C] [--steer.positions=all|new|prompt]\n"
+    "    [--steer.zero=HOOK]                steered and unsteered continuations side by side\n"
     "  train-sae [CONFIG.ini] [STORE] --data.hook=HOOK --train.out=DIR [--sae.architecture=...]\n"
     "                                      train an SAE or transcoder on an activation store\n"
     "  eval-sae SAE --data.store=DIR [--model.path=M --text F]\n"
@@ -535,96 +548,6 @@ static int cmd_tokenize(args *a) {
     }
     free(ids);
     return 0;
-}
-
-typedef struct { const lp_tokenizer *tk; int stream; } gen_print;
-
-/* Streams each new token's text as it comes (a token may end inside a UTF-8 character;
- * the terminal joins the bytes). */
-static lp_status print_token(int32_t id, void *user) {
-    gen_print *p = user;
-    if (!p->stream) return LP_OK;
-    char *txt;
-    size_t len;
-    LP_CHECK(lp_detokenize(p->tk, &id, 1, &txt, &len));
-    fwrite(txt, 1, len, stdout);
-    fflush(stdout);
-    free(txt);
-    return LP_OK;
-}
-
-static int cmd_generate(args *a) {
-    lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "gen.prompt", NULL});
-    if (st != LP_OK) return cli_fail(st);
-    lp_model *m = NULL;
-    lp_tokenizer *tk = NULL;
-    int32_t *prompt = NULL, *out = NULL;
-    size_t n_prompt = 0;
-    int n_out = 0, rc = 0;
-    const char *text = lp_cfg_str(&a->cfg, "gen.prompt");
-    st = lp_utf8_check(text, strlen(text), "gen.prompt");
-    if (st == LP_OK) st = open_tokenizer(a, &tk);
-    if (st == LP_OK) st = lp_tokenize(tk, text, strlen(text), &prompt, &n_prompt);
-    if (st == LP_OK && n_prompt == 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "the prompt gives no tokens");
-    if (st == LP_OK) st = cli_open_model(a, &m);
-    if (st == LP_OK && n_prompt > (size_t)lp_model_config(m)->n_ctx)
-        st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "the prompt is %zu tokens, longer than the model's context of %d", n_prompt,
-                          lp_model_config(m)->n_ctx);
-    gen_print gp = {tk, !a->json};
-    lp_gen_opts o = {
-        .max_tokens = (int)lp_cfg_int(&a->cfg, "gen.max_tokens"),
-        .temperature = (float)lp_cfg_float(&a->cfg, "gen.temperature"),
-        .top_p = (float)lp_cfg_float(&a->cfg, "gen.top_p"),
-        .seed = (uint64_t)lp_cfg_int(&a->cfg, "gen.seed"),
-        .stop_token = tk ? lp_tokenizer_eos(tk) : -1,
-        .on_token = print_token,
-        .user = &gp,
-    };
-    if (st == LP_OK && (o.top_p <= 0)) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "gen.top_p must be in (0, 1]");
-    if (st == LP_OK && !(out = malloc(((size_t)o.max_tokens + 1) * sizeof(int32_t))))
-        st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
-    double t0 = cli_now();
-    if (st == LP_OK && !a->json) {
-        fputs(text, stdout);
-        fflush(stdout);
-    }
-    if (st == LP_OK) st = lp_generate(m, prompt, (int)n_prompt, &o, out, &n_out);
-    double secs = cli_now() - t0;
-    if (st != LP_OK) {
-        if (!a->json && m) fputc('\n', stdout);
-        rc = cli_fail(st);
-    } else if (a->json) {
-        char *txt;
-        size_t len;
-        st = lp_detokenize(tk, out, n_out, &txt, &len);
-        if (st != LP_OK) {
-            rc = cli_fail(st);
-        } else {
-            cJSON *r = cJSON_CreateObject();
-            cJSON_AddStringToObject(r, "prompt", text);
-            cJSON_AddStringToObject(r, "completion", txt);
-            cJSON_AddNumberToObject(r, "n_prompt_tokens", (double)n_prompt);
-            cJSON *ids = cJSON_AddArrayToObject(r, "ids");
-            for (int i = 0; i < n_out; i++) cJSON_AddItemToArray(ids, cJSON_CreateNumber(out[i]));
-            cJSON_AddNumberToObject(r, "tokens_per_s", secs > 0 ? n_out / secs : 0);
-            cJSON_AddStringToObject(r, "device", cli_dev_name(m));
-            char *j = cJSON_PrintUnformatted(r);
-            printf("%s\n", j);
-            free(j);
-            cJSON_Delete(r);
-            free(txt);
-        }
-    } else {
-        printf("\n");
-        fflush(stdout);
-        fprintf(stderr, "loupe: %d prompt tokens, %d new tokens in %.2f s (%.1f tokens/s) on %s%s\n", (int)n_prompt, n_out, secs,
-                secs > 0 ? n_out / secs : 0, cli_dev_name(m), o.temperature > 0 ? "" : ", greedy");
-    }
-    free(out);
-    free(prompt);
-    lp_tokenizer_free(tk);
-    lp_model_free(m);
-    return rc;
 }
 
 int main(int argc, char **argv) {

@@ -22,7 +22,29 @@
  * the gradient at the hook is that of its edited value, and none reaches what is upstream
  * of the elements an edit replaced. Hooks nobody asked for cost nothing (hook_normalized,
  * hook_attn_scores and hook_pattern are not even computed, and the logits are whole only
- * while unembed.hook_out is hooked). */
+ * while unembed.hook_out is hooked).
+ *
+ * Edits while generating (lp_generate, model.h). Positions are ABSOLUTE positions in the
+ * whole sequence, prompt then new tokens: the prompt is positions 0..n_prompt-1, the k-th
+ * new token (from 0) is fed back at position n_prompt+k. With the KV cache a pass sees
+ * only the rows it computes (the prompt, then one token), and an edit restricted to
+ * position p applies in the pass that computes p: once, to the key, value or residual
+ * there, which the cache then keeps as edited. An edit of all positions applies to the
+ * prompt and to every new token. So the result is that of forwards over the whole growing
+ * sequence with the same edits, token by token:
+ *   - steer only the new tokens: positions n_prompt .. n_ctx-1; only the prompt: 0 .. n_prompt-1;
+ *   - PATCH reads its source as one sequence [1, n_src, ...] (row p for position p) and
+ *     lp_generate refuses, before any work, a patch whose positions generation would reach
+ *     beyond n_src (restrict it to positions < n_src), or of the scores or pattern;
+ *   - hook_k, hook_v, hook_rot_k: the edit acts on the key or value when it is computed,
+ *     before it enters the cache; later tokens attend to the edited one;
+ *   - hook_attn_scores, hook_pattern: the cached pass never forms them, so while one is
+ *     edited every step recomputes the whole sequence without the cache (quadratic, exact);
+ *   - unembed.hook_out: the logits of the pass's rows, of which the last picks the token;
+ *   - a callback sees the pass's rows [1, n_rows, ...]; lp_hook_first_pos gives the
+ *     absolute position of row 0 (an SAE splice, being per token, needs nothing more);
+ *   - captures are not taken while generating.
+ * Without generation, lp_hook_first_pos is 0 and positions are those of the batch. */
 #ifndef LOUPE_HOOKS_H
 #define LOUPE_HOOKS_H
 
@@ -47,6 +69,9 @@ lp_status lp_hook_capture(lp_model *m, const char *name_or_glob, const int *pos,
 
 /* A user callback: act is the activation on the model's device, edited in place. */
 typedef lp_status (*lp_hook_fn)(const char *hook, lp_tensor *act, void *user);
+/* The absolute position of the first row of the activation a hook sees now: 0 in
+ * lp_model_forward, the number of tokens already in the KV cache while generating. */
+int lp_hook_first_pos(const lp_model *m);
 
 /* What a gradient (attrib.h) does at a callback edit, whose Jacobian loupe cannot know.
  * Built-in edits need no declaration: ZERO, SET and PATCH replace the value (no gradient

@@ -79,11 +79,18 @@ typedef struct lp_gen_opts {
     /* called with each new token as it is chosen (may be NULL); non-OK stops */
     lp_status (*on_token)(int32_t id, void *user);
     void *user;
+    /* called before step k (0-based) picks its token, with the F32 logits it picks from
+     * (n_vocab values, valid during the call; may be NULL); non-OK stops */
+    lp_status (*on_logits)(int step, const float *logits, int n_vocab, void *user);
 } lp_gen_opts;
 
 /* Continues prompt[0..n_prompt) (batch 1) for up to o->max_tokens tokens; writes the
  * new ids to out (capacity o->max_tokens) and their count to *n_out. The prompt plus the
- * new tokens must fit in the model's context. Hooks are not run during generation. */
+ * new tokens must fit in the model's context.
+ * The hooks' edits are active while generating, at absolute positions of the sequence
+ * (prompt then new tokens; see hooks.h): the tokens and logits are those of greedy or
+ * sampled decoding by forwards over the whole growing sequence with the same edits, the
+ * KV cache holding keys and values as those edits made them. Captures are not taken. */
 lp_status lp_generate(lp_model *m, const int32_t *prompt, int n_prompt, const lp_gen_opts *o, int32_t *out,
                       int *n_out);
 
