@@ -139,6 +139,7 @@ static const char *const g_short[][2] = {
     {"top-p", "gen.top_p"},           {"seed", "gen.seed"},
 };
 #define N_KEYS ((int)(sizeof g_keys / sizeof *g_keys))
+_Static_assert(sizeof g_keys / sizeof *g_keys <= LP_CFG_MAX_KEYS, "raise LP_CFG_MAX_KEYS: lp_cfg holds that many keys");
 
 static const char *g_usage =
     "usage: loupe COMMAND [CONFIG.ini] [MODEL] [--section.key=value ...] [--json]\n"

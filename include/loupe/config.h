@@ -24,7 +24,7 @@ typedef struct lp_key {
     const char *help;
 } lp_key;
 
-#define LP_CFG_MAX_KEYS 128
+#define LP_CFG_MAX_KEYS 256 /* a command table longer than this fails to compile (see host/cli/main.c) */
 typedef struct lp_cfg {
     const lp_key *keys;
     int n;
