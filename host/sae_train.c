@@ -742,8 +742,29 @@ static lp_status load_checkpoint(trainer *tr, int *found) {
         cJSON_Delete(j);
         LP_FAIL(LP_ERR_FORMAT, "%s: step, tokens, scale or batchtopk_threshold is missing", path);
     }
+    /* counts are whole and in range before the cast (a double outside int64 is undefined
+     * behaviour to convert); the two hex floats are finite and nothing else */
+    const cJSON *cnt[2] = {js_step, js_tok};
+    for (int i = 0; i < 2; i++)
+        if (!(cnt[i]->valuedouble >= 0 && cnt[i]->valuedouble <= 0x1p53) || cnt[i]->valuedouble != floor(cnt[i]->valuedouble)) {
+            lp_status bad = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: '%s' is not a whole number in [0, 2^53]", path,
+                                         cnt[i]->string);
+            cJSON_Delete(j);
+            return bad;
+        }
+    const cJSON *hex[2] = {js_scale, js_thr};
+    double val[2];
+    for (int i = 0; i < 2; i++) {
+        char *end;
+        val[i] = strtod(hex[i]->valuestring, &end);
+        if (end == hex[i]->valuestring || *end || !isfinite(val[i])) {
+            lp_status bad = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: '%s' is not a finite number", path, hex[i]->string);
+            cJSON_Delete(j);
+            return bad;
+        }
+    }
     tr->step = (int64_t)js_step->valuedouble, tr->tokens_done = (int64_t)js_tok->valuedouble;
-    tr->scale = strtod(js_scale->valuestring, NULL), tr->thr_ema = strtod(js_thr->valuestring, NULL);
+    tr->scale = val[0], tr->thr_ema = val[1];
     cJSON_Delete(j);
     snprintf(path, sizeof path, "%s/%s/state.safetensors", dir, best);
     lp_st_file f;
@@ -772,7 +793,7 @@ static lp_status trim_metrics(const char *path, int64_t upto_step) {
     size_t n;
     char *txt = lp_read_file(path, &n);
     if (!txt) return LP_OK; /* no metrics yet */
-    char *out = malloc(n + 1);
+    char *out = malloc(n + 2); /* every line is written back with a newline, the last may not have had one */
     if (!out) {
         free(txt);
         LP_FAIL(LP_ERR_OOM, "out of memory");

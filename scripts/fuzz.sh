@@ -5,7 +5,8 @@
 # corpus under the build directory. Exit status 1 if any harness crashed, leaked or
 # tripped a sanitizer; the input that did it is kept and a command to replay it printed.
 #
-#   scripts/fuzz.sh [gguf] [safetensors]          (make fuzz; FUZZ_SECONDS=600 make fuzz)
+#   scripts/fuzz.sh [NAME...]     NAME: a harness fuzz/fuzz_NAME.c; all of them by default
+#                                 (make fuzz; FUZZ_SECONDS=600 make fuzz; make fuzz FUZZ=npz)
 # Environment: FUZZ_SECONDS, BUILD (default build; outputs go to $BUILD/fuzz), CLANG.
 set -u
 cd "$(dirname "$0")/.."
@@ -14,7 +15,9 @@ SECONDS_EACH=${FUZZ_SECONDS:-60}
 OUT=${BUILD:-build}/fuzz
 CLANG=${CLANG:-clang}
 TARGETS=("$@")
-[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(gguf safetensors)
+if [ ${#TARGETS[@]} -eq 0 ]; then # every harness in fuzz/
+    for h in fuzz/fuzz_*.c; do h=${h#fuzz/fuzz_}; TARGETS+=("${h%.c}"); done
+fi
 
 if ! command -v "$CLANG" >/dev/null 2>&1; then
     echo "fuzz.sh: $CLANG not found; the fuzzers need clang with libFuzzer: apt-get install clang" >&2
@@ -67,7 +70,7 @@ for t in "${TARGETS[@]}"; do
         "${dict[@]}" -artifact_prefix="$OUT/artifacts/$t-" "$OUT/corpus/$t" "fuzz/corpus/$t" \
         >"$OUT/fuzz_$t.log" 2>&1
     rc=$?
-    grep -E '^stat::(number_of_executed_units|peak_rss_mb|new_units_added)|^#[0-9]+.*DONE' "$OUT/fuzz_$t.log" | sed 's/^/   /'
+    grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb|new_units_added)|^#[0-9]+.*DONE' "$OUT/fuzz_$t.log" | sed 's/^/   /'
     if [ $rc -ne 0 ]; then
         status=1
         echo "   fuzz_$t FAILED (exit $rc); log: $OUT/fuzz_$t.log"

@@ -296,3 +296,34 @@ Test(io, sharded_checkpoint_loads_like_the_single_file) {
     for (int s = 0; s < 2; s++) free(specs[s]), free(datas[s]);
     lp_st_close(&f);
 }
+
+/* Regressions from fuzzing the .npy reader: sizes from the header are checked for overflow
+ * and against the file before they size anything, and the parser never reads past the
+ * header it was given. */
+Test(io, npy_header_regressions) {
+    unsigned char buf[512];
+    int32_t ids[6] = {1, 2, 3, 4, 5, 6};
+    /* 2^62 * 2^2 rows of int32: shape x itemsize wraps to 0, which used to pass the
+     * truncation check and write the "rows" out of a 24-byte buffer */
+    size_t n = npy(buf, "{'descr': '<i4', 'fortran_order': False, 'shape': (4611686018427387904, 4), }", ids, 24);
+    expect_tokens_error("wrap.npy", buf, n, 4, "overflows");
+    n = npy(buf, "{'descr': '<i4', 'fortran_order': False, 'shape': (4294967296, 4294967297), }", ids, 24);
+    expect_tokens_error("wrap2.npy", buf, n, 4, "overflows");
+    n = npy(buf, "{'descr': '<i4', 'fortran_order': False, 'shape': (99999999999999999999,), }", ids, 24);
+    expect_tokens_error("huge.npy", buf, n, 4, "malformed .npy header");
+    /* a version 2 preamble cut short: 11 bytes, the header length field incomplete */
+    expect_tokens_error("v2.npy", "\x93NUMPY\x02\x00\x10\x00\x00", 11, 4, "truncated .npy header");
+    expect_tokens_error("v9.npy", "\x93NUMPY\x09\x00\x10\x00\x00\x00\x00\x00", 12, 4, "version 9");
+    /* the header ends right after 'descr': (the dtype used to be read past the end) */
+    unsigned char cut[] = "\x93NUMPY\x01\x00\x08\x00{'descr':";
+    expect_tokens_error("descr.npy", cut, sizeof cut - 1, 4, "'descr' is not a short quoted string");
+    unsigned char cut2[] = "\x93NUMPY\x01\x00\x0a\x00{'descr':'";
+    expect_tokens_error("descr2.npy", cut2, sizeof cut2 - 1, 4, "'descr' is not a short quoted string");
+    n = npy(buf, "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3", ids, 24);
+    expect_tokens_error("shape.npy", buf, n, 4, "'shape' is not a tuple");
+    /* a 2-D file with no rows, and one with rows of no tokens */
+    n = npy(buf, "{'descr': '<i4', 'fortran_order': False, 'shape': (0, 3), }", ids, 0);
+    expect_tokens_error("rows0.npy", buf, n, 4, "no tokens");
+    n = npy(buf, "{'descr': '<i4', 'fortran_order': False, 'shape': (5, 0), }", ids, 0);
+    expect_tokens_error("cols0.npy", buf, n, 4, "no tokens");
+}
