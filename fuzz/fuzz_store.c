@@ -1,13 +1,14 @@
 /* fuzz_store.c: libFuzzer harness for reading an activation store (host/store.c):
- * meta.json and the shards lp_store_open maps, lp_store_read over every token, and
- * lp_store_hook_mean.
+ * meta.json and the shards lp_store_open maps, lp_store_read over every token,
+ * lp_store_hook_mean, and the resume check of a cache run against the meta.json already
+ * there (check_resume, static: the harness includes the source).
  *
  * The input is split at FUZZ_SEP into meta.json, shard-00000.safetensors and
  * shard-00001.safetensors (no second shard when the input has fewer parts). The hook read
  * is "blocks.0.hook_resid_post". A store that opens is read whole; a refusal leaves one
  * line naming the store or a file in it. */
+#include "../host/store.c"
 #include "fuzz_util.h"
-#include "loupe/store.h"
 
 #define HOOK "blocks.0.hook_resid_post"
 
@@ -24,6 +25,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     fuzz_file("store/shard-00000.safetensors", part[1], len[1]);
     if (n == 3) fuzz_file("store/shard-00001.safetensors", part[2], len[2]);
     else fuzz_unlink("store/shard-00001.safetensors");
+    /* the settings of a run resuming into this store, as meta_json writes them */
+    static const char fresh[] = "{\"model\":\"gpt2\",\"tokens\":\"t.npy\",\"context\":3,\"dtype\":\"f32\","
+                                "\"shard_sequences\":2,\"hooks\":[\"" HOOK "\"],\"n_sequences_planned\":3}";
+    int keep = -1;
+    if (check_resume(dir, fresh, &keep) != LP_OK) fuzz_check_error(dir);
+    else if (keep < 0) __builtin_trap();
     lp_store *s;
     if (lp_store_open(&s, dir, HOOK) != LP_OK) {
         fuzz_check_error(dir);

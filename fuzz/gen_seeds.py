@@ -218,8 +218,9 @@ def main(root):
                                             [("W_enc.npy", "(2, 2)", 4), ("W_dec.npy", "(2, 2)", 4), ("b_enc.npy", "(2,)", 2),
                                              ("b_dec.npy", "(2,)", 2), ("threshold.npy", "(2,)", 2)]])})
     hook = "blocks.0.hook_resid_post"
-    meta = json.dumps({"model": "gpt2", "tokens": "t.npy", "context": 3, "dtype": "f32", "hooks": [hook],
-                       "shards": [{"file": "shard-00000.safetensors"}]}).encode()
+    meta = json.dumps({"model": "gpt2", "tokens": "t.npy", "context": 3, "dtype": "f32", "shard_sequences": 2,
+                       "hooks": [hook], "n_sequences_planned": 3, "shards": [{"file": "shard-00000.safetensors"},
+                                                                          {"file": "shard-00001.safetensors"}]}).encode()
     sh0 = safetensors([(hook, "F32", [2, 3, 4], f32(24)), ("tokens", "I32", [2, 3], struct.pack("<6i", *range(6)))])
     sh1 = safetensors([(hook, "BF16", [1, 3, 4], b"\x80\x3f" * 12)])
     write(root, "store", {"seed-one": meta + SEP + sh0, "seed-two": meta + SEP + sh0 + SEP + sh1})
@@ -231,6 +232,14 @@ def main(root):
     metrics = b"".join(json.dumps({"step": s, "mse": 0.5}).encode() + b"\n" for s in range(1, 10))
     write(root, "checkpoint", {"seed-state": state + SEP + st + SEP + metrics,
                                "seed-nosig": state.replace(b"@SIG@", b"other") + SEP + st + SEP + metrics[:-1]})
+
+    pairs = b"".join(json.dumps(d).encode() + b"\n" for d in [
+        {"clean": "ab ab", "corrupted": "ab c", "answer": "a", "wrong_answer": "c"},
+        {"clean": [0, 1, 2], "corrupted": [2, 1, 0], "answer": 3, "wrong_answer": [4]},
+        {"clean": "ab", "corrupted": "a b c", "answer": " ", "wrong_answer": "b"}])
+    results = b"".join(json.dumps({"index": i, "metric": 0.5}).encode() + b"\n" for i in range(2)) + b'{"index": 2'
+    write(root, "pairs", {"seed-exact.jsonl": b"\0" + pairs + SEP + results,
+                          "seed-pad.jsonl": b"\1" + pairs + b"not json\n\n  {}\n" + SEP + results})
 
 
 if __name__ == "__main__":
