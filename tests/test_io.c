@@ -315,7 +315,7 @@ Test(io, npy_header_regressions) {
     expect_tokens_error("v2.npy", "\x93NUMPY\x02\x00\x10\x00\x00", 11, 4, "truncated .npy header");
     expect_tokens_error("v9.npy", "\x93NUMPY\x09\x00\x10\x00\x00\x00\x00\x00", 12, 4, "version 9");
     /* the header ends right after 'descr': (the dtype used to be read past the end) */
-    unsigned char cut[] = "\x93NUMPY\x01\x00\x08\x00{'descr':";
+    unsigned char cut[] = "\x93NUMPY\x01\x00\x09\x00{'descr':";
     expect_tokens_error("descr.npy", cut, sizeof cut - 1, 4, "'descr' is not a short quoted string");
     unsigned char cut2[] = "\x93NUMPY\x01\x00\x0a\x00{'descr':'";
     expect_tokens_error("descr2.npy", cut2, sizeof cut2 - 1, 4, "'descr' is not a short quoted string");

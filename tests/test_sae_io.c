@@ -1080,11 +1080,12 @@ static void write_bin(const char *path, const void *data, size_t n) {
 /* Regressions from fuzzing params.npz: every record offset is checked against the file's
  * size before it is read, in files shorter than the records themselves. */
 Test(sae_io, npz_regressions) {
-    /* 50 bytes: "PK\6\6" where a zip64 end record would start, a zip64 locator pointing at
-     * it and an end record asking for zip64; the 56-byte record cannot fit (the size check
-     * used to wrap around and read past the end) */
+    /* 50 bytes: a zip64 locator and an end record asking for zip64. The 56-byte zip64 record
+     * cannot fit in the file, wherever it is said to be: the size check used to wrap around,
+     * so the record was read at whatever offset the locator gave (here 2^40: a crash) */
     unsigned char z[50] = "PK\x06\x06";
-    memcpy(z + 8, "PK\x06\x07", 4);                   /* locator at 8: z64 offset 0 */
+    memcpy(z + 8, "PK\x06\x07", 4);                   /* locator at 8 */
+    z[16 + 5] = 1;                                     /* the zip64 record's offset: 2^40 */
     memcpy(z + 28, "PK\x05\x06\0\0\0\0\xff\xff\xff\xff", 12); /* end record at 28: count 0xffff */
     char *p = in_tmp("z64.npz");
     write_bin(p, z, sizeof z);
