@@ -7,6 +7,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,12 +21,19 @@
 
 static char fuzz_root[128];
 
-/* The harness's directory (created once per process). */
+static int fuzz_rm(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb, (void)flag, (void)ftw;
+    return remove(p);
+}
+static void fuzz_cleanup(void) { nftw(fuzz_root, fuzz_rm, 16, FTW_DEPTH | FTW_PHYS); }
+
+/* The harness's directory (created once per process, removed when it exits normally). */
 static const char *fuzz_dir(void) {
     if (!fuzz_root[0]) {
         snprintf(fuzz_root, sizeof fuzz_root, "%s/loupe-fuzz-%d", access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp",
                  (int)getpid());
         mkdir(fuzz_root, 0700);
+        atexit(fuzz_cleanup);
     }
     return fuzz_root;
 }
