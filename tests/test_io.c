@@ -327,3 +327,23 @@ Test(io, npy_header_regressions) {
     n = npy(buf, "{'descr': '<i4', 'fortran_order': False, 'shape': (5, 0), }", ids, 0);
     expect_tokens_error("cols0.npy", buf, n, 4, "no tokens");
 }
+
+/* Tensors in a mapped file are where the file puts them: a safetensors header of odd
+ * length leaves BF16 data at an odd address (found fuzzing store reads). Conversion must
+ * not assume alignment (UBSan's alignment check fails the old loads under make SAN=1). */
+Test(io, convert_from_unaligned_source) {
+    unsigned char raw[1 + 3 * 4];
+    uint16_t bf[3] = {0x3f80, 0xc000, 0x4040}; /* 1, -2, 3 */
+    memcpy(raw + 1, bf, sizeof bf);
+    float f[3];
+    cr_assert_eq(lp_convert_host(f, LP_F32, raw + 1, LP_BF16, 3), LP_OK);
+    cr_expect(f[0] == 1.0f && f[1] == -2.0f && f[2] == 3.0f, "%g %g %g", f[0], f[1], f[2]);
+    memcpy(raw + 1, f, sizeof f);
+    uint16_t back[4];
+    cr_assert_eq(lp_convert_host(back, LP_BF16, raw + 1, LP_F32, 3), LP_OK);
+    cr_expect(back[0] == 0x3f80 && back[1] == 0xc000 && back[2] == 0x4040);
+    unsigned char out[1 + 3 * 4];
+    cr_assert_eq(lp_convert_host(out + 1, LP_F32, bf, LP_BF16, 3), LP_OK); /* an unaligned destination */
+    memcpy(f, out + 1, sizeof f);
+    cr_expect(f[0] == 1.0f && f[1] == -2.0f && f[2] == 3.0f);
+}
