@@ -7,7 +7,9 @@
 #
 #   scripts/fuzz.sh [NAME...]     NAME: a harness fuzz/fuzz_NAME.c; all of them by default
 #                                 (make fuzz; FUZZ_SECONDS=600 make fuzz; make fuzz FUZZ=npz)
-# Environment: FUZZ_SECONDS, BUILD (default build; outputs go to $BUILD/fuzz), CLANG.
+# Environment: FUZZ_SECONDS, BUILD (default build; outputs go to $BUILD/fuzz), CLANG,
+# FUZZ_KEEP_GOING=1: fuzz on past crashes, leaks and out-of-memory (libFuzzer's fork mode),
+# keeping every distinct input that found one: for surveying a reader with known bugs.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -64,6 +66,7 @@ for t in "${TARGETS[@]}"; do
     mkdir -p "$OUT/corpus/$t"
     dict=()
     [ -f "fuzz/$t.dict" ] && dict=(-dict="fuzz/$t.dict")
+    [ "${FUZZ_KEEP_GOING:-0}" = 1 ] && dict+=(-fork=1 -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1)
     echo "== fuzz_$t for ${SECONDS_EACH}s (seeds: fuzz/corpus/$t, working corpus: $OUT/corpus/$t)"
     UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ASAN_OPTIONS=detect_leaks=1 \
         "$OUT/fuzz_$t" -max_total_time="$SECONDS_EACH" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
