@@ -131,7 +131,8 @@ fixtures:
 clean:
 	rm -rf $(BUILD)
 
-# libFuzzer harnesses for the GGUF and safetensors readers (fuzz/), built with clang, ASan
-# and UBSan against the CPU-only library; each runs FUZZ_SECONDS (default 60). Fails on a crash.
+# libFuzzer harnesses for every file reader (fuzz/fuzz_*.c), built with clang, ASan and
+# UBSan against the CPU-only library; each runs FUZZ_SECONDS (default 60), one after the
+# other. FUZZ=npz (or "npz tokens") runs only those. Fails on a crash.
 fuzz:
-	@BUILD=$(BUILD) FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60) bash scripts/fuzz.sh
+	@BUILD=$(BUILD) FUZZ_SECONDS=$(or $(FUZZ_SECONDS),60) bash scripts/fuzz.sh $(FUZZ)

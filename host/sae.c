@@ -48,6 +48,7 @@
 #include "loupe/output.h"
 #include "loupe/sae.h"
 #include "loupe/safetensors.h"
+#include "npy.h"
 
 #define SAELENS_FORMAT_VERSION "6.5.3"
 
@@ -109,18 +110,23 @@ lp_status lp_sae_cfg_check(const lp_sae_cfg *c) {
 /* ---- parameters ---- */
 
 /* Points the parameter pointers into base (device or host memory) in the documented
- * order and returns the float count. */
+ * order and returns the float count. With base NULL only the count is computed: pointer
+ * arithmetic on NULL is undefined, so no pointers are formed then. */
 static size_t carve(lp_sae *s, float *base) {
     const lp_sae_cfg *c = &s->cfg;
     size_t o = 0;
-    s->W_enc = base + o, o += (size_t)c->d_in * c->d_sae;
-    s->b_enc = base + o, o += (size_t)c->d_sae;
-    s->W_dec = base + o, o += (size_t)c->d_sae * c->d_out;
-    s->b_dec = base + o, o += (size_t)c->d_out;
-    s->threshold = has_threshold(c->arch) ? base + o : NULL;
-    if (s->threshold) o += (size_t)c->d_sae;
-    s->W_skip = c->skip ? base + o : NULL;
-    if (s->W_skip) o += (size_t)c->d_in * c->d_out;
+#define PART(field, n, present) \
+    do { \
+        s->field = base && (present) ? base + o : NULL; \
+        if (present) o += (size_t)(n); \
+    } while (0)
+    PART(W_enc, (size_t)c->d_in * c->d_sae, 1);
+    PART(b_enc, c->d_sae, 1);
+    PART(W_dec, (size_t)c->d_sae * c->d_out, 1);
+    PART(b_dec, c->d_out, 1);
+    PART(threshold, c->d_sae, has_threshold(c->arch));
+    PART(W_skip, (size_t)c->d_in * c->d_out, c->skip);
+#undef PART
     return o;
 }
 
@@ -184,6 +190,7 @@ typedef struct src_set {
     const char *path;          /* for messages */
     const lp_st_tensor *t;
     int n;
+    size_t file_bytes;         /* the weights file's size: all its tensors can hold */
 } src_set;
 
 static const lp_st_tensor *src_find(const src_set *s, const char *name) {
@@ -245,10 +252,23 @@ static const char *pick(const src_set *s, const char *const *names) {
  * over. The image uses the same carving as the device memory. */
 typedef lp_status (*fill_fn)(lp_sae *host, const src_set *s, const void *arg);
 
+/* Every weight matrix is read from a tensor of 2 bytes an element or more, so sizes (from
+ * cfg.json) that need more than the weights file holds are bad input: refused before the
+ * allocation they would size, which could otherwise ask for terabytes. */
+static lp_status check_fits(const lp_sae_cfg *cfg, const src_set *s, const char *where) {
+    double need = 2.0 * ((double)cfg->d_in * cfg->d_sae + (double)cfg->d_sae * cfg->d_out +
+                         (cfg->skip ? (double)cfg->d_in * cfg->d_out : 0));
+    if (need > (double)s->file_bytes)
+        LP_FAIL(LP_ERR_FORMAT, "%s: d_in = %d, d_sae = %d, d_out = %d need %.0f weight bytes or more, but %s has %zu",
+                where, cfg->d_in, cfg->d_sae, cfg->d_out, need, s->path, s->file_bytes);
+    return LP_OK;
+}
+
 static lp_status build(lp_sae **out, lp_ctx *c, const lp_sae_cfg *cfg, const src_set *s, fill_fn fill, const void *arg,
                        const char *where) {
     lp_status st = lp_sae_cfg_check(cfg);
     if (st != LP_OK) return prefix_error(st == LP_ERR_ARG ? LP_ERR_FORMAT : st, where);
+    LP_CHECK(check_fits(cfg, s, where));
     lp_sae host = {.cfg = *cfg};
     host.n_floats = carve(&host, NULL);
     float *img = calloc(host.n_floats ? host.n_floats : 1, sizeof *img);
@@ -473,7 +493,7 @@ static lp_status load_saelens(lp_sae **out, lp_ctx *ctx, const char *dir) {
         LP_TRY(st, done, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: missing (cfg.json is there but not its weights)", wp));
     LP_TRY(st, done, lp_st_open(&f, wp));
     open = 1;
-    src_set s = {wp, f.tensors, f.n};
+    src_set s = {wp, f.tensors, f.n, f.size};
     saelens_arg arg = {0};
     if (batchtopk && !lp_st_find(&f, "threshold") && lp_st_find(&f, "topk_threshold")) arg.threshold_scalar = 1;
     st = build(out, ctx, &cfg, &s, fill_saelens, &arg, cfgp);
@@ -507,67 +527,23 @@ static uint64_t rd(const unsigned char *p, int bytes) {
     return v;
 }
 
-/* The value text of 'key' in a .npy header dict ("'descr': '<f4', ..."), or NULL. */
-static const char *npy_value(const char *hdr, const char *key) {
-    char pat[32];
-    snprintf(pat, sizeof pat, "'%s':", key);
-    const char *p = strstr(hdr, pat);
-    if (!p) return NULL;
-    p += strlen(pat);
-    while (*p == ' ') p++;
-    return p;
-}
-
 /* Parses one .npy held in [p, p+n) into t (data points into the mapping). */
 static lp_status npy_parse(const char *path, const char *name, const unsigned char *p, size_t n, lp_st_tensor *t) {
-    if (n < 10 || memcmp(p, "\x93NUMPY", 6) != 0)
-        LP_FAIL(LP_ERR_FORMAT, "%s: entry '%s' is not a .npy array (bad magic)", path, name);
-    size_t hlen, hstart;
-    if (p[6] == 1) hlen = (size_t)rd(p + 8, 2), hstart = 10;
-    else if ((p[6] == 2 || p[6] == 3) && n >= 12) hlen = (size_t)rd(p + 8, 4), hstart = 12;
-    else LP_FAIL(LP_ERR_FORMAT, "%s: entry '%s' has .npy version %d", path, name, p[6]);
-    if (hlen > n - hstart) LP_FAIL(LP_ERR_FORMAT, "%s: entry '%s' has a truncated .npy header", path, name);
-    char *hdr = strndup((const char *)p + hstart, hlen);
-    if (!hdr) LP_FAIL(LP_ERR_OOM, "out of host memory");
-    const char *descr = npy_value(hdr, "descr"), *fo = npy_value(hdr, "fortran_order"), *shape = npy_value(hdr, "shape");
-    lp_status st = LP_OK;
-    int dt = -1;
+    char what[600];
+    snprintf(what, sizeof what, "%s: entry '%s'", path, name);
+    lp_npy h;
+    LP_CHECK(lp_npy_parse(p, n, what, &h));
     static const struct { const char *np; lp_dtype dt; } types[] = {
-        {"'<f4'", LP_F32}, {"'<f8'", LP_F64}, {"'<f2'", LP_F16}, {"'|f4'", LP_F32}};
-    for (size_t i = 0; descr && i < sizeof types / sizeof *types; i++)
-        if (strncmp(descr, types[i].np, 5) == 0) dt = (int)types[i].dt;
-    t->ndim = -1;
-    if (shape && *shape == '(') {
-        const char *q = shape + 1;
-        t->ndim = 0;
-        while (*q && *q != ')') {
-            while (*q == ' ') q++;
-            if (*q == ')') break;
-            char *end;
-            long long v = strtoll(q, &end, 10);
-            if (end == q || v < 0 || t->ndim >= LP_MAX_DIMS) { t->ndim = -1; break; }
-            t->shape[t->ndim++] = v;
-            q = end;
-            while (*q == ' ' || *q == ',') q++;
-        }
-    }
-    if (!descr || !fo || !shape || t->ndim < 0)
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: entry '%s' has a malformed .npy header", path, name);
-    else if (dt < 0)
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: entry '%s' has dtype %.8s (expected little-endian float)",
-                          path, name, descr);
-    else if (strncmp(fo, "False", 5) != 0)
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: entry '%s' is Fortran-ordered; not supported", path, name);
-    free(hdr);
-    if (st != LP_OK) return st;
+        {"<f4", LP_F32}, {"<f8", LP_F64}, {"<f2", LP_F16}, {"|f4", LP_F32}};
+    int dt = -1;
+    for (size_t i = 0; i < sizeof types / sizeof *types; i++)
+        if (strcmp(h.descr, types[i].np) == 0) dt = (int)types[i].dt;
+    if (dt < 0) LP_FAIL(LP_ERR_FORMAT, "%s has dtype '%s' (expected little-endian float)", what, h.descr);
     t->dtype = (lp_dtype)dt;
-    double need = (double)lp_dtype_size(t->dtype);
-    for (int i = 0; i < t->ndim; i++) need *= (double)t->shape[i];
-    if (need > (double)(n - hstart - hlen))
-        LP_FAIL(LP_ERR_FORMAT, "%s: entry '%s' is truncated: its shape needs %.0f data bytes, it has %zu", path, name, need,
-                n - hstart - hlen);
-    t->data = p + hstart + hlen;
-    t->nbytes = (size_t)need;
+    t->ndim = h.ndim;
+    memcpy(t->shape, h.shape, sizeof t->shape);
+    LP_CHECK(lp_npy_data_bytes(&h, lp_dtype_size(t->dtype), what, &t->nbytes));
+    t->data = p + h.data_off;
     return LP_OK;
 }
 
@@ -607,7 +583,7 @@ static lp_status npz_open(npz_file *z, const char *path) {
     if ((count == 0xffff || cd_size == 0xffffffff || cd_off == 0xffffffff) && eocd >= 20 &&
         rd(b + eocd - 20, 4) == 0x07064b50) {
         uint64_t z64 = rd(b + eocd - 20 + 8, 8);
-        if (z64 > size - 56 || rd(b + z64, 4) != 0x06064b50) {
+        if (size < 56 || z64 > size - 56 || rd(b + z64, 4) != 0x06064b50) { /* the record is 56 bytes */
             npz_close(z);
             LP_FAIL(LP_ERR_FORMAT, "%s: bad zip64 end-of-central-directory record", path);
         }
@@ -663,7 +639,7 @@ static lp_status npz_open(npz_file *z, const char *path) {
                               "np.savez_compressed: re-save with np.savez or as params.safetensors", path, name, method);
             break;
         }
-        if (loff > size - 30 || rd(b + loff, 4) != 0x04034b50) {
+        if (size < 30 || loff > size - 30 || rd(b + loff, 4) != 0x04034b50) { /* the local header is 30 bytes */
             st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: entry '%s' has a bad local header (truncated?)", path, name);
             break;
         }
@@ -700,13 +676,13 @@ static lp_status load_gemmascope(lp_sae **out, lp_ctx *ctx, const char *path) {
     int npz = ends_with(path, ".npz");
     npz_file z = {0};
     lp_st_file f = {0};
-    src_set s = {path, NULL, 0};
+    src_set s = {path, NULL, 0, 0};
     if (npz) {
         LP_CHECK(npz_open(&z, path));
-        s.t = z.t, s.n = z.n;
+        s.t = z.t, s.n = z.n, s.file_bytes = z.size;
     } else {
         LP_CHECK(lp_st_open(&f, path));
-        s.t = f.tensors, s.n = f.n;
+        s.t = f.tensors, s.n = f.n, s.file_bytes = f.size;
     }
     lp_status st = LP_OK;
     static const char *const enc[] = {"W_enc", "w_enc", NULL}, *const dec[] = {"W_dec", "w_dec", NULL},
@@ -810,7 +786,7 @@ static lp_status load_sparsify(lp_sae **out, lp_ctx *ctx, const char *dir) {
         LP_TRY(st, done, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: missing (cfg.json is there but not its weights)", wp));
     LP_TRY(st, done, lp_st_open(&f, wp));
     open = 1;
-    src_set s = {wp, f.tensors, f.n};
+    src_set s = {wp, f.tensors, f.n, f.size};
     st = build(out, ctx, &cfg, &s, fill_sparsify, NULL, cfgp);
 done:
     if (open) lp_st_close(&f);

@@ -767,17 +767,43 @@ static lp_status load_checkpoint(trainer *tr, int *found) {
         cJSON_Delete(j);
         LP_FAIL(LP_ERR_FORMAT, "%s: step, tokens, scale or batchtopk_threshold is missing", path);
     }
+    /* counts are whole and in range before the cast (a double outside int64 is undefined
+     * behaviour to convert); the two hex floats are finite and nothing else */
+    const cJSON *cnt[2] = {js_step, js_tok};
+    for (int i = 0; i < 2; i++)
+        if (!(cnt[i]->valuedouble >= 0 && cnt[i]->valuedouble <= 0x1p53) || cnt[i]->valuedouble != floor(cnt[i]->valuedouble)) {
+            lp_status bad = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: '%s' is not a whole number in [0, 2^53]", path,
+                                         cnt[i]->string);
+            cJSON_Delete(j);
+            return bad;
+        }
+    const cJSON *hex[2] = {js_scale, js_thr};
+    double val[2];
+    for (int i = 0; i < 2; i++) {
+        char *end;
+        val[i] = strtod(hex[i]->valuestring, &end);
+        if (end == hex[i]->valuestring || *end || !isfinite(val[i])) {
+            lp_status bad = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: '%s' is not a finite number", path, hex[i]->string);
+            cJSON_Delete(j);
+            return bad;
+        }
+    }
     tr->step = (int64_t)js_step->valuedouble, tr->tokens_done = (int64_t)js_tok->valuedouble;
-    tr->scale = strtod(js_scale->valuestring, NULL), tr->thr_ema = strtod(js_thr->valuestring, NULL);
+    tr->scale = val[0], tr->thr_ema = val[1];
     const cJSON *acc = cJSON_GetObjectItemCaseSensitive(j, "log_window");
     double *accs[7] = {&tr->acc_mse, &tr->acc_sse, &tr->acc_sst, &tr->acc_l0, &tr->acc_sparsity, &tr->acc_aux, &tr->acc_n};
     if (cJSON_GetArraySize(acc) != 7) {
         cJSON_Delete(j);
         LP_FAIL(LP_ERR_FORMAT, "%s: log_window is missing (a checkpoint of an older loupe); use another train.out or remove it", path);
     }
-    for (int i = 0; i < 7; i++) {
-        const cJSON *e = cJSON_GetArrayItem(acc, i);
-        *accs[i] = cJSON_IsString(e) ? strtod(e->valuestring, NULL) : 0;
+    int i = 0;
+    for (const cJSON *e = acc->child; e; e = e->next, i++) {
+        char *end = NULL;
+        *accs[i] = cJSON_IsString(e) ? strtod(e->valuestring, &end) : NAN;
+        if (!end || end == e->valuestring || *end || !isfinite(*accs[i])) {
+            cJSON_Delete(j);
+            LP_FAIL(LP_ERR_FORMAT, "%s: log_window[%d] is not a finite number", path, i);
+        }
     }
     cJSON_Delete(j);
     snprintf(path, sizeof path, "%s/%s/state.safetensors", dir, best);
@@ -807,7 +833,7 @@ static lp_status trim_metrics(const char *path, int64_t upto_step) {
     size_t n;
     char *txt = lp_read_file(path, &n);
     if (!txt) return LP_OK; /* no metrics yet */
-    char *out = malloc(n + 1);
+    char *out = malloc(n + 2); /* every line is written back with a newline, the last may not have had one */
     if (!out) {
         free(txt);
         LP_FAIL(LP_ERR_OOM, "out of memory");

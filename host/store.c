@@ -286,7 +286,7 @@ lp_status lp_store_hook_mean(const char *dir, const char *hook, float **mean, si
     lp_store *s;
     LP_CHECK(lp_store_open(&s, dir, hook));
     size_t per = (size_t)lp_store_d(s);
-    int64_t rows = lp_store_n_tokens(s), chunk = 4096;
+    int64_t rows = lp_store_n_tokens(s), chunk = rows < 4096 ? rows : 4096; /* no buffer larger than the store */
     double *acc = calloc(per, sizeof(double));
     float *buf = malloc((size_t)chunk * per * sizeof(float));
     lp_status st = acc && buf ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
@@ -367,7 +367,15 @@ lp_status lp_store_open(lp_store **out, const char *dir, const char *hook) {
             st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: '%s' has dtype %s (F32 or BF16 expected)", path, hook, lp_dtype_name(t->dtype));
             break;
         }
-        int d = (int)lp_shape_numel(t->shape + 2, t->ndim - 2), ctx = (int)t->shape[1];
+        /* the shape is checked against the file's size by lp_st_open; d and ctx must fit int */
+        int64_t d64 = lp_shape_numel(t->shape + 2, t->ndim - 2);
+        if (d64 <= 0 || d64 > INT32_MAX || t->shape[0] <= 0 || t->shape[1] <= 0 || t->shape[1] > INT32_MAX) {
+            char sh[128];
+            st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' has shape %s; [sequences, context, d...] with "
+                              "sequences >= 1, context and d in 1..2^31-1 expected", path, hook, lp_shape_str(t->shape, t->ndim, sh, sizeof sh));
+            break;
+        }
+        int d = (int)d64, ctx = (int)t->shape[1];
         if (s->n_shards == 1) s->d = d, s->ctx = ctx, s->first[0] = 0;
         if (d != s->d || ctx != s->ctx) {
             st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' changes shape between shards", path, hook);

@@ -85,22 +85,36 @@ uint16_t lp_f32_to_f16(float f) {
     return sign | (uint16_t)q;
 }
 
+/* Element loads and stores through memcpy: src is often a tensor inside a mapped file,
+ * where nothing aligns it (a safetensors header's length need not be a multiple of 4). */
+static inline uint16_t ld16(const void *p, size_t i) {
+    uint16_t v;
+    memcpy(&v, (const char *)p + 2 * i, 2);
+    return v;
+}
+static inline float ldf(const void *p, size_t i) {
+    float v;
+    memcpy(&v, (const char *)p + 4 * i, 4);
+    return v;
+}
+static inline void st16(void *p, size_t i, uint16_t v) { memcpy((char *)p + 2 * i, &v, 2); }
+static inline void stf(void *p, size_t i, float v) { memcpy((char *)p + 4 * i, &v, 4); }
+
 lp_status lp_convert_host(void *dst, lp_dtype dt, const void *src, lp_dtype st, size_t n) {
     if (dt == st) {
         memcpy(dst, src, n * lp_dtype_size(dt));
         return LP_OK;
     }
     if (dt == LP_F32 && st == LP_BF16) {
-        for (size_t i = 0; i < n; i++) ((float *)dst)[i] = lp_bf16_to_f32(((const uint16_t *)src)[i]);
+        for (size_t i = 0; i < n; i++) stf(dst, i, lp_bf16_to_f32(ld16(src, i)));
     } else if (dt == LP_F32 && st == LP_F16) {
-        for (size_t i = 0; i < n; i++) ((float *)dst)[i] = lp_f16_to_f32(((const uint16_t *)src)[i]);
+        for (size_t i = 0; i < n; i++) stf(dst, i, lp_f16_to_f32(ld16(src, i)));
     } else if (dt == LP_BF16 && st == LP_F32) {
-        for (size_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = lp_f32_to_bf16(((const float *)src)[i]);
+        for (size_t i = 0; i < n; i++) st16(dst, i, lp_f32_to_bf16(ldf(src, i)));
     } else if (dt == LP_F16 && st == LP_F32) {
-        for (size_t i = 0; i < n; i++) ((uint16_t *)dst)[i] = lp_f32_to_f16(((const float *)src)[i]);
+        for (size_t i = 0; i < n; i++) st16(dst, i, lp_f32_to_f16(ldf(src, i)));
     } else if (dt == LP_BF16 && st == LP_F16) {
-        for (size_t i = 0; i < n; i++)
-            ((uint16_t *)dst)[i] = lp_f32_to_bf16(lp_f16_to_f32(((const uint16_t *)src)[i]));
+        for (size_t i = 0; i < n; i++) st16(dst, i, lp_f32_to_bf16(lp_f16_to_f32(ld16(src, i))));
     } else {
         LP_FAIL(LP_ERR_ARG, "cannot convert %s to %s", lp_dtype_name(st), lp_dtype_name(dt));
     }

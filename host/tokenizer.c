@@ -687,7 +687,20 @@ static lp_status load_post(lp_tokenizer *t, const cJSON *p, const char *key) {
             t->source, key, ty);
 }
 
-static lp_status load_model(lp_tokenizer *t, const cJSON *m) {
+/* A string from the JSON as vocabulary text: valid UTF-8 (cJSON passes any bytes through,
+ * and the decoder walks tokens character by character), no NUL inside. */
+static lp_status check_text(const lp_tokenizer *t, const char *s, const char *what) {
+    size_t n = strlen(s), bad = utf8_invalid_at((const unsigned char *)s, n);
+    if (bad != n)
+        LP_FAIL(LP_ERR_FORMAT, "%s: %s is not valid UTF-8 (byte 0x%02x at offset %zu)", t->source, what,
+                (unsigned char)s[bad], bad);
+    return LP_OK;
+}
+
+/* json_len: the file's size. A vocabulary is dense, and each entry takes bytes of the
+ * file, so an id at or past the size is a sparse one whose id table would be sized by a
+ * number, not by the file: refused. */
+static lp_status load_model(lp_tokenizer *t, const cJSON *m, size_t json_len) {
     const char *ty = json_type(m);
     if (!cJSON_IsObject(m)) LP_FAIL(LP_ERR_FORMAT, "%s: has no model", t->source);
     if (!ty || strcmp(ty, "BPE") != 0)
@@ -715,6 +728,12 @@ static lp_status load_model(lp_tokenizer *t, const cJSON *m) {
         if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble >= MAX_VOCAB_ID || e->valuedouble != (double)(int32_t)e->valuedouble)
             LP_FAIL(LP_ERR_FORMAT, "%s: model.vocab['%s'] is not a token id", t->source, e->string);
         if ((int32_t)e->valuedouble > max_id) max_id = (int32_t)e->valuedouble;
+        if ((size_t)max_id >= json_len)
+            LP_FAIL(LP_ERR_FORMAT, "%s: model.vocab['%s'] = %d is beyond any dense vocabulary a %zu-byte file can hold",
+                    t->source, e->string, max_id, json_len);
+        char what[64];
+        snprintf(what, sizeof what, "the model.vocab key of id %d", (int32_t)e->valuedouble);
+        LP_CHECK(check_text(t, e->string, what));
     }
     LP_CHECK(grow_ids(t, max_id + 1));
     if (!sm_init(&t->vocab, n)) LP_FAIL(LP_ERR_OOM, "%s: out of memory for %zu tokens", t->source, n);
@@ -780,7 +799,7 @@ static lp_status load_json(lp_tokenizer *t, const char *path) {
     }
     free(buf);
     const cJSON *e;
-    LP_TRY(st, out, load_model(t, cJSON_GetObjectItemCaseSensitive(root, "model")));
+    LP_TRY(st, out, load_model(t, cJSON_GetObjectItemCaseSensitive(root, "model"), len));
     LP_TRY(st, out, load_normalizer(t, cJSON_GetObjectItemCaseSensitive(root, "normalizer"), "normalizer"));
     const cJSON *pre = cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer");
     if (pre && !cJSON_IsNull(pre)) LP_TRY(st, out, load_pre(t, pre, "pre_tokenizer"));
@@ -808,6 +827,7 @@ static lp_status load_json(lp_tokenizer *t, const char *path) {
             st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: added_tokens has an entry without content", path);
             goto out;
         }
+        LP_TRY(st, out, check_text(t, c->valuestring, "an added_tokens content"));
         int special = json_bool(e, "special", 0);
         LP_TRY(st, out, add_token(t, c->valuestring, strlen(c->valuestring), -1, special, json_bool(e, "lstrip", 0),
                                   json_bool(e, "rstrip", 0), json_bool(e, "single_word", 0),

@@ -8,22 +8,12 @@
 
 #include "loupe/safetensors.h"
 #include "loupe/tokens.h"
+#include "npy.h"
 
 typedef struct { const char *npy, *bin; lp_dtype dt; } id_type;
 static const id_type g_types[] = {
     {"<i4", "int32", LP_I32}, {"<i8", "int64", LP_I64}, {"<u2", "uint16", LP_U16}, {"<u4", "uint32", LP_U32},
 };
-
-/* Finds the value after 'key': in the header dict. */
-static const char *dict_value(const char *hdr, const char *key) {
-    char pat[64];
-    snprintf(pat, sizeof pat, "'%s':", key);
-    const char *p = strstr(hdr, pat);
-    if (!p) return NULL;
-    p += strlen(pat);
-    while (*p == ' ') p++;
-    return p;
-}
 
 static lp_status convert_ids(lp_tokens *t, const char *path, const unsigned char *src, lp_dtype dt, int64_t n) {
     t->ids = malloc((size_t)(n ? n : 1) * sizeof(int32_t));
@@ -86,55 +76,24 @@ lp_status lp_tokens_load(lp_tokens *t, const char *path, int context, int strict
         if (st != LP_OK) lp_tokens_free(t);
         return st;
     }
-    /* .npy: magic, version, little-endian header length, header, data */
-    if (n < 10 || memcmp(buf, "\x93NUMPY", 6) != 0) {
-        free(buf);
-        LP_FAIL(LP_ERR_FORMAT, "%s: %s", path, n == 0 ? "empty file" : "not a .npy file (bad magic)");
-    }
-    size_t hlen, hstart;
-    if (buf[6] == 1) hlen = buf[8] | (size_t)buf[9] << 8, hstart = 10;
-    else if (n >= 12) hlen = buf[8] | (size_t)buf[9] << 8 | (size_t)buf[10] << 16 | (size_t)buf[11] << 24, hstart = 12;
-    else hlen = SIZE_MAX, hstart = 12;
-    if (hlen > n - hstart) {
-        free(buf);
-        LP_FAIL(LP_ERR_FORMAT, "%s: truncated .npy header", path);
-    }
-    char *hdr = strndup((const char *)buf + hstart, hlen);
-    const char *descr = dict_value(hdr, "descr"), *fo = dict_value(hdr, "fortran_order"), *shape = dict_value(hdr, "shape");
+    /* .npy */
+    lp_npy h;
     const id_type *ty = NULL;
-    int64_t dims[2] = {0, 0};
-    int nd = -1;
-    if (descr)
-        for (size_t i = 0; i < sizeof g_types / sizeof *g_types; i++)
-            if (strncmp(descr + 1, g_types[i].npy, 3) == 0 && descr[0] == '\'' && descr[4] == '\'') ty = &g_types[i];
-    if (shape && *shape == '(') {
-        const char *p = shape + 1;
-        nd = 0;
-        while (*p && *p != ')' && nd <= 2) {
-            while (*p == ' ') p++;
-            if (*p == ')') break;
-            char *end;
-            long long v = strtoll(p, &end, 10);
-            if (end == p || v < 0) { nd = -1; break; }
-            if (nd < 2) dims[nd] = v;
-            nd++;
-            p = end;
-            while (*p == ' ' || *p == ',') p++;
-        }
-    }
-    if (!descr || !fo || !shape) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: malformed .npy header", path);
-    else if (!ty) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: dtype %.6s is not int32, int64, uint16 or uint32", path, descr);
-    else if (strncmp(fo, "False", 5) != 0) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: Fortran-ordered arrays are not supported", path);
-    else if (nd != 1 && nd != 2) st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: token array must be 1-D or 2-D", path);
-    free(hdr);
-    if (st == LP_OK) {
-        int64_t count = nd == 1 ? dims[0] : dims[0] * dims[1];
-        size_t need = (size_t)count * lp_dtype_size(ty->dt);
-        if (need > n - hstart - hlen)
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: truncated: shape needs %zu data bytes, file has %zu", path,
-                              need, n - hstart - hlen);
-        else if ((st = shape_rows(t, path, count, nd == 2 ? dims[0] : -1, dims[1], context, strict_context)) == LP_OK)
-            st = convert_ids(t, path, buf + hstart + hlen, ty->dt, t->n_seq * t->ctx);
+    size_t need;
+    st = lp_npy_parse(buf, n, path, &h);
+    for (size_t i = 0; st == LP_OK && i < sizeof g_types / sizeof *g_types; i++)
+        if (strcmp(h.descr, g_types[i].npy) == 0) ty = &g_types[i];
+    if (st != LP_OK) {
+    } else if (!ty) {
+        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: dtype '%s' is not int32, int64, uint16 or uint32", path, h.descr);
+    } else if (h.ndim != 1 && h.ndim != 2) {
+        st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: token array must be 1-D or 2-D, not %d-D", path, h.ndim);
+    } else if ((st = lp_npy_data_bytes(&h, lp_dtype_size(ty->dt), path, &need)) == LP_OK) {
+        /* the product fits: need (bytes) is at least the element count */
+        int64_t count = h.ndim == 1 ? h.shape[0] : h.shape[0] * h.shape[1];
+        if ((st = shape_rows(t, path, count, h.ndim == 2 ? h.shape[0] : -1, h.ndim == 2 ? h.shape[1] : 0, context,
+                             strict_context)) == LP_OK)
+            st = convert_ids(t, path, buf + h.data_off, ty->dt, t->n_seq * t->ctx);
     }
     free(buf);
     if (st != LP_OK) lp_tokens_free(t);

@@ -5,8 +5,11 @@
 # corpus under the build directory. Exit status 1 if any harness crashed, leaked or
 # tripped a sanitizer; the input that did it is kept and a command to replay it printed.
 #
-#   scripts/fuzz.sh [gguf] [safetensors]          (make fuzz; FUZZ_SECONDS=600 make fuzz)
-# Environment: FUZZ_SECONDS, BUILD (default build; outputs go to $BUILD/fuzz), CLANG.
+#   scripts/fuzz.sh [NAME...]     NAME: a harness fuzz/fuzz_NAME.c; all of them by default
+#                                 (make fuzz; FUZZ_SECONDS=600 make fuzz; make fuzz FUZZ=npz)
+# Environment: FUZZ_SECONDS, BUILD (default build; outputs go to $BUILD/fuzz), CLANG,
+# FUZZ_KEEP_GOING=1: fuzz on past crashes, leaks and out-of-memory (libFuzzer's fork mode),
+# keeping every distinct input that found one: for surveying a reader with known bugs.
 set -u
 cd "$(dirname "$0")/.."
 
@@ -14,7 +17,9 @@ SECONDS_EACH=${FUZZ_SECONDS:-60}
 OUT=${BUILD:-build}/fuzz
 CLANG=${CLANG:-clang}
 TARGETS=("$@")
-[ ${#TARGETS[@]} -eq 0 ] && TARGETS=(gguf safetensors)
+if [ ${#TARGETS[@]} -eq 0 ]; then # every harness in fuzz/
+    for h in fuzz/fuzz_*.c; do h=${h#fuzz/fuzz_}; TARGETS+=("${h%.c}"); done
+fi
 
 if ! command -v "$CLANG" >/dev/null 2>&1; then
     echo "fuzz.sh: $CLANG not found; the fuzzers need clang with libFuzzer: apt-get install clang" >&2
@@ -61,13 +66,14 @@ for t in "${TARGETS[@]}"; do
     mkdir -p "$OUT/corpus/$t"
     dict=()
     [ -f "fuzz/$t.dict" ] && dict=(-dict="fuzz/$t.dict")
+    [ "${FUZZ_KEEP_GOING:-0}" = 1 ] && dict+=(-fork=1 -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1)
     echo "== fuzz_$t for ${SECONDS_EACH}s (seeds: fuzz/corpus/$t, working corpus: $OUT/corpus/$t)"
     UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 ASAN_OPTIONS=detect_leaks=1 \
         "$OUT/fuzz_$t" -max_total_time="$SECONDS_EACH" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         "${dict[@]}" -artifact_prefix="$OUT/artifacts/$t-" "$OUT/corpus/$t" "fuzz/corpus/$t" \
         >"$OUT/fuzz_$t.log" 2>&1
     rc=$?
-    grep -E '^stat::(number_of_executed_units|peak_rss_mb|new_units_added)|^#[0-9]+.*DONE' "$OUT/fuzz_$t.log" | sed 's/^/   /'
+    grep -E '^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb|new_units_added)|^#[0-9]+.*DONE' "$OUT/fuzz_$t.log" | sed 's/^/   /'
     if [ $rc -ne 0 ]; then
         status=1
         echo "   fuzz_$t FAILED (exit $rc); log: $OUT/fuzz_$t.log"

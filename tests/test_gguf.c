@@ -280,7 +280,7 @@ Test(gguf, small_metadata) {
     cr_expect_eq(v, 255);
     OK(lp_gguf_get_arr(g, "test.arr_str", &et, &n));
     cr_expect(et == LP_GGUF_STRING && n == 4);
-    static const char *strs[] = {"a", "", "ccc", "\xc3\xbcn\xc3\xaf" "code"};
+    static const char *strs[] = {"a", "", "ccc", ("\xc3\xbcn\xc3\xaf" "code")};
     for (int i = 3; i >= 0; i--) { /* any order: O(1) access */
         OK(lp_gguf_arr_str(g, "test.arr_str", (uint64_t)i, &s, &len));
         cr_expect(len == strlen(strs[i]) && memcmp(s, strs[i], len) == 0, "element %d: '%.*s'", i, (int)len, s);

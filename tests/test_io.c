@@ -296,3 +296,54 @@ Test(io, sharded_checkpoint_loads_like_the_single_file) {
     for (int s = 0; s < 2; s++) free(specs[s]), free(datas[s]);
     lp_st_close(&f);
 }
+
+/* Regressions from fuzzing the .npy reader: sizes from the header are checked for overflow
+ * and against the file before they size anything, and the parser never reads past the
+ * header it was given. */
+Test(io, npy_header_regressions) {
+    unsigned char buf[512];
+    int32_t ids[6] = {1, 2, 3, 4, 5, 6};
+    /* 2^62 * 2^2 rows of int32: shape x itemsize wraps to 0, which used to pass the
+     * truncation check and write the "rows" out of a 24-byte buffer */
+    size_t n = npy(buf, "{'descr': '<i4', 'fortran_order': False, 'shape': (4611686018427387904, 4), }", ids, 24);
+    expect_tokens_error("wrap.npy", buf, n, 4, "overflows");
+    n = npy(buf, "{'descr': '<i4', 'fortran_order': False, 'shape': (4294967296, 4294967297), }", ids, 24);
+    expect_tokens_error("wrap2.npy", buf, n, 4, "overflows");
+    n = npy(buf, "{'descr': '<i4', 'fortran_order': False, 'shape': (99999999999999999999,), }", ids, 24);
+    expect_tokens_error("huge.npy", buf, n, 4, "malformed .npy header");
+    /* a version 2 preamble cut short: 11 bytes, the header length field incomplete */
+    expect_tokens_error("v2.npy", "\x93NUMPY\x02\x00\x10\x00\x00", 11, 4, "truncated .npy header");
+    expect_tokens_error("v9.npy", "\x93NUMPY\x09\x00\x10\x00\x00\x00\x00\x00", 12, 4, "version 9");
+    /* the header ends right after 'descr': (the dtype used to be read past the end) */
+    unsigned char cut[] = "\x93NUMPY\x01\x00\x09\x00{'descr':";
+    expect_tokens_error("descr.npy", cut, sizeof cut - 1, 4, "'descr' is not a short quoted string");
+    unsigned char cut2[] = "\x93NUMPY\x01\x00\x0a\x00{'descr':'";
+    expect_tokens_error("descr2.npy", cut2, sizeof cut2 - 1, 4, "'descr' is not a short quoted string");
+    n = npy(buf, "{'descr': '<i4', 'fortran_order': False, 'shape': (2, 3", ids, 24);
+    expect_tokens_error("shape.npy", buf, n, 4, "'shape' is not a tuple");
+    /* a 2-D file with no rows, and one with rows of no tokens */
+    n = npy(buf, "{'descr': '<i4', 'fortran_order': False, 'shape': (0, 3), }", ids, 0);
+    expect_tokens_error("rows0.npy", buf, n, 4, "no tokens");
+    n = npy(buf, "{'descr': '<i4', 'fortran_order': False, 'shape': (5, 0), }", ids, 0);
+    expect_tokens_error("cols0.npy", buf, n, 4, "no tokens");
+}
+
+/* Tensors in a mapped file are where the file puts them: a safetensors header of odd
+ * length leaves BF16 data at an odd address (found fuzzing store reads). Conversion must
+ * not assume alignment (UBSan's alignment check fails the old loads under make SAN=1). */
+Test(io, convert_from_unaligned_source) {
+    unsigned char raw[1 + 3 * 4];
+    uint16_t bf[3] = {0x3f80, 0xc000, 0x4040}; /* 1, -2, 3 */
+    memcpy(raw + 1, bf, sizeof bf);
+    float f[3];
+    cr_assert_eq(lp_convert_host(f, LP_F32, raw + 1, LP_BF16, 3), LP_OK);
+    cr_expect(f[0] == 1.0f && f[1] == -2.0f && f[2] == 3.0f, "%g %g %g", f[0], f[1], f[2]);
+    memcpy(raw + 1, f, sizeof f);
+    uint16_t back[4];
+    cr_assert_eq(lp_convert_host(back, LP_BF16, raw + 1, LP_F32, 3), LP_OK);
+    cr_expect(back[0] == 0x3f80 && back[1] == 0xc000 && back[2] == 0x4040);
+    unsigned char out[1 + 3 * 4];
+    cr_assert_eq(lp_convert_host(out + 1, LP_F32, bf, LP_BF16, 3), LP_OK); /* an unaligned destination */
+    memcpy(f, out + 1, sizeof f);
+    cr_expect(f[0] == 1.0f && f[1] == -2.0f && f[2] == 3.0f);
+}

@@ -1069,3 +1069,80 @@ Test(sae_io, saelens_batchtopk_checkpoint) {
     free(h.img);
     lp_sae_free(s, &ctx);
 }
+
+static void write_bin(const char *path, const void *data, size_t n) {
+    FILE *fp = fopen(path, "wb");
+    cr_assert(fp);
+    cr_assert_eq(fwrite(data, 1, n, fp), n);
+    fclose(fp);
+}
+
+/* Regressions from fuzzing params.npz: every record offset is checked against the file's
+ * size before it is read, in files shorter than the records themselves. */
+Test(sae_io, npz_regressions) {
+    /* 50 bytes: a zip64 locator and an end record asking for zip64. The 56-byte zip64 record
+     * cannot fit in the file, wherever it is said to be: the size check used to wrap around,
+     * so the record was read at whatever offset the locator gave (here 2^40: a crash) */
+    unsigned char z[50] = "PK\x06\x06";
+    memcpy(z + 8, "PK\x06\x07", 4);                   /* locator at 8 */
+    z[16 + 5] = 1;                                     /* the zip64 record's offset: 2^40 */
+    memcpy(z + 28, "PK\x05\x06\0\0\0\0\xff\xff\xff\xff", 12); /* end record at 28: count 0xffff */
+    char *p = in_tmp("z64.npz");
+    write_bin(p, z, sizeof z);
+    expect_load_error(p, LP_ERR_FORMAT, "z64.npz", "bad zip64 end-of-central-directory record");
+    /* a central directory entry whose local header offset points at the directory itself */
+    unsigned char c[46 + 5 + 22] = {0};
+    memcpy(c, "PK\x01\x02", 4);
+    c[28] = 5; /* name length */
+    memcpy(c + 46, "a.npy", 5);
+    size_t eo = 46 + 5;
+    memcpy(c + eo, "PK\x05\x06\0\0\0\0\x01\0\x01\0", 12);
+    c[eo + 12] = 51; /* central directory size 51 at offset 0 */
+    p = in_tmp("loff.npz");
+    write_bin(p, c, eo + 22);
+    expect_load_error(p, LP_ERR_FORMAT, "loff.npz", "bad local header");
+}
+
+/* A .npy entry whose shape x itemsize wraps, and one cut right after 'descr':, inside a
+ * well-formed zip; a cfg.json whose sizes need more than its weights file holds is refused
+ * naming the file and keys, before anything that large is allocated. */
+Test(sae_io, npz_entry_and_cfg_size_regressions) {
+    static const char *const dicts[2] = {
+        "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4), }",
+        "{'descr':"};
+    static const char *const want[2] = {"overflows", "'descr' is not a short quoted string"};
+    for (int k = 0; k < 2; k++) {
+        /* a stored zip of one entry "W_enc.npy" holding a .npy v1 of this header */
+        unsigned char npy[160] = "\x93NUMPY\x01\x00";
+        size_t hl = strlen(dicts[k]);
+        npy[8] = (unsigned char)hl;
+        memcpy(npy + 10, dicts[k], hl);
+        size_t nn = 10 + hl;
+        unsigned char zip[512] = {0};
+        size_t o = 0;
+        memcpy(zip, "PK\x03\x04", 4);
+        memcpy(zip + 18, &(uint32_t){(uint32_t)nn}, 4);
+        memcpy(zip + 22, &(uint32_t){(uint32_t)nn}, 4);
+        zip[26] = 9;
+        memcpy(zip + 30, "W_enc.npy", 9);
+        memcpy(zip + 39, npy, nn);
+        o = 39 + nn;
+        size_t cd = o;
+        memcpy(zip + o, "PK\x01\x02", 4);
+        memcpy(zip + o + 20, &(uint32_t){(uint32_t)nn}, 4);
+        memcpy(zip + o + 24, &(uint32_t){(uint32_t)nn}, 4);
+        zip[o + 28] = 9;
+        memcpy(zip + o + 46, "W_enc.npy", 9);
+        o += 55;
+        memcpy(zip + o, "PK\x05\x06\0\0\0\0\x01\0\x01\0", 12);
+        memcpy(zip + o + 12, &(uint32_t){55}, 4);
+        memcpy(zip + o + 16, &(uint32_t){(uint32_t)cd}, 4);
+        o += 22;
+        char *p = in_tmp(k ? "descr.npz" : "wrap.npz");
+        write_bin(p, zip, o);
+        expect_load_error(p, LP_ERR_FORMAT, k ? "descr.npz: entry 'W_enc'" : "wrap.npz: entry 'W_enc'", want[k]);
+    }
+    char *d = cfg_variant("saelens_standard", "cfg.json", "sae_weights.safetensors", "huge_d_sae", "d_sae", "2000000000", 0);
+    expect_load_error(d, LP_ERR_FORMAT, "huge_d_sae/cfg.json", "d_sae = 2000000000");
+    cr_expect(strstr(lp_last_error(), "sae_weights.safetensors has") != NULL, "%s", lp_last_error());
+}

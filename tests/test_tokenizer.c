@@ -497,3 +497,24 @@ Test(tokenizer_bad, gguf_unknown_pre) {
     write_gguf("gpt2", "chatglm-bpe", 0);
     expect_gguf_error("tokenizer.ggml.pre 'chatglm-bpe' is not supported");
 }
+
+/* cJSON passes any bytes through: a vocabulary key or added token that is not UTF-8 is
+ * refused at load (the decoder walks token text character by character). */
+Test(tokenizer_bad, vocab_key_not_utf8) {
+    write_json("{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"b\":1,\"ab\":2,\"\xc4\xa0\":3,\"x\xf0\":4},\"merges\":[\"a b\"]}", NULL, NULL,
+               NULL); /* a 4-byte lead at the end: decoding it used to read past the string */
+    expect_json_error("the model.vocab key of id 4 is not valid UTF-8 (byte 0xf0 at offset 1)");
+    write_json("{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"\xed\xa0\x80\":1},\"merges\":[]}", NULL, NULL, NULL); /* a surrogate */
+    expect_json_error("the model.vocab key of id 1 is not valid UTF-8");
+    char buf[1024];
+    snprintf(buf, sizeof buf, "{\"added_tokens\":[{\"content\":\"<|\xff|>\",\"special\":true}],\"model\":%s,\"pre_tokenizer\":%s}",
+             MODEL_OK, PRE_OK);
+    write_bytes(path_in("tokenizer.json"), buf, strlen(buf));
+    expect_json_error("an added_tokens content is not valid UTF-8");
+}
+
+/* A sparse id would size the id tables by a number, not by the file. */
+Test(tokenizer_bad, vocab_id_beyond_the_file) {
+    write_json("{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"b\":60000000},\"merges\":[]}", NULL, NULL, NULL);
+    expect_json_error("model.vocab['b'] = 60000000 is beyond any dense vocabulary");
+}
