@@ -37,6 +37,7 @@
 
 #include "loupe/safetensors.h"
 #include "loupe/tokenizer.h"
+#include "tokenizer_spm.h"
 
 #define MAX_PRE_STEPS 16
 #define MAX_VOCAB_ID (1 << 26)
@@ -174,6 +175,7 @@ struct lp_tokenizer {
     int32_t byte_id[256];     /* id of the one-character token of each byte, or -1 */
     uint16_t byte_cp[256];    /* GPT-2 bytes_to_unicode */
     int16_t cp_byte[324];     /* its inverse, -1 elsewhere */
+    lp_spm *spm;              /* SentencePiece-style BPE (Gemma): everything is there */
 };
 
 static void init_byte_map(lp_tokenizer *t) {
@@ -203,6 +205,7 @@ void lp_tokenizer_free(lp_tokenizer *t) {
     free_set(&t->raw), free_set(&t->norm);
     for (int i = 0; i < t->n_pre; i++) pcre2_code_free(t->pre[i].re);
     free(t->prefix), free(t->suffix), free(t->source);
+    lp_spm_free(t->spm);
     free(t);
 }
 
@@ -779,6 +782,10 @@ static lp_status load_json(lp_tokenizer *t, const char *path) {
         LP_FAIL(LP_ERR_FORMAT, "%s: is not a JSON object (parse error near byte %ld)", path, off);
     }
     free(buf);
+    if (lp_spm_json_applies(root)) {
+        st = lp_spm_from_json(&t->spm, root, path);
+        goto out;
+    }
     const cJSON *e;
     LP_TRY(st, out, load_model(t, cJSON_GetObjectItemCaseSensitive(root, "model")));
     LP_TRY(st, out, load_normalizer(t, cJSON_GetObjectItemCaseSensitive(root, "normalizer"), "normalizer"));
@@ -902,8 +909,7 @@ static lp_status load_gguf(lp_tokenizer *t, const lp_gguf *g) {
     const char *s;
     size_t n;
     LP_CHECK(lp_gguf_get_str(g, "tokenizer.ggml.model", &s, &n));
-    if (n == 5 && memcmp(s, "llama", 5) == 0)
-        LP_FAIL(LP_ERR_FORMAT, "%s: tokenizer.ggml.model is 'llama' (SentencePiece); only byte-level BPE ('gpt2') is supported", t->source);
+    if (n == 5 && memcmp(s, "llama", 5) == 0) return lp_spm_from_gguf(&t->spm, g);
     if (!(n == 4 && memcmp(s, "gpt2", 4) == 0))
         LP_FAIL(LP_ERR_FORMAT, "%s: tokenizer.ggml.model '%.*s' is not supported; only byte-level BPE ('gpt2') is", t->source, (int)n, s);
 
@@ -1298,6 +1304,7 @@ static lp_status after_raw_split(encoder *e, const char *s, size_t n) {
 }
 
 lp_status lp_tokenize(const lp_tokenizer *t, const char *text, size_t len, int32_t **ids, size_t *n) {
+    if (t->spm) return lp_spm_tokenize(t->spm, text, len, ids, n);
     *ids = NULL, *n = 0;
     size_t bad = utf8_invalid_at((const unsigned char *)text, len);
     if (bad != len)
@@ -1325,6 +1332,7 @@ out:
 }
 
 lp_status lp_detokenize(const lp_tokenizer *t, const int32_t *ids, size_t n, char **text, size_t *len) {
+    if (t->spm) return lp_spm_detokenize(t->spm, ids, n, text, len);
     *text = NULL, *len = 0;
     size_t total = 0;
     for (size_t i = 0; i < n; i++) {
@@ -1345,9 +1353,14 @@ lp_status lp_detokenize(const lp_tokenizer *t, const int32_t *ids, size_t n, cha
     return LP_OK;
 }
 
-int lp_tokenizer_vocab_size(const lp_tokenizer *t) { return t->n_ids; }
-int lp_tokenizer_bos(const lp_tokenizer *t) { return t->bos; }
-int lp_tokenizer_eos(const lp_tokenizer *t) { return t->eos; }
+int lp_tokenizer_vocab_size(const lp_tokenizer *t) { return t->spm ? t->spm->n_ids : t->n_ids; }
+int lp_tokenizer_bos(const lp_tokenizer *t) { return t->spm ? t->spm->bos : t->bos; }
+int lp_tokenizer_eos(const lp_tokenizer *t) { return t->spm ? t->spm->eos : t->eos; }
 const char *lp_tokenizer_token(const lp_tokenizer *t, int id) {
+    if (t->spm) return id >= 0 && id < t->spm->n_ids ? t->spm->text[id] : NULL;
     return id >= 0 && id < t->n_ids ? t->text[id] : NULL;
+}
+int lp_tokenizer_adds_bos(const lp_tokenizer *t) {
+    int first = t->spm ? (t->spm->n_prefix ? t->spm->prefix[0] : -1) : (t->n_prefix ? t->prefix[0] : -1);
+    return first >= 0 && first == lp_tokenizer_bos(t);
 }
