@@ -172,3 +172,162 @@ Test(tokenizer_spm, long_text) {
     free(one), free(back), free(ids), free(text);
     lp_tokenizer_free(tk);
 }
+
+/* data.prepend_bos: a text's rows, with the BOS the Gemma tokenizer adds. */
+Test(tokenizer_spm, rows_start_with_bos) {
+    lp_tokenizer *tk;
+    OK(lp_tokenizer_load(&tk, TOK_DIR "/gemma"));
+    static const char text[] = "It is not the critic who counts; not the man who points out how the strong man stumbles.";
+    int32_t *ids, bos = lp_tokenizer_bos(tk);
+    size_t n;
+    OK(lp_tokenize(tk, text, sizeof text - 1, &ids, &n));
+    cr_assert(lp_tokenizer_adds_bos(tk) && ids[0] == bos && n > 20, "%zu ids", n);
+    const int32_t *stream = ids + 1; /* the text without the tokenizer's BOS */
+    size_t m = n - 1;
+    lp_tokens t;
+    OK(lp_tokens_from_stream(&t, stream, m, 8, 1024, bos, "text"));
+    cr_expect_eq(t.ctx, 8);
+    cr_expect_eq(t.n_seq, (int64_t)(m / 7));
+    cr_expect_eq(t.dropped, (int64_t)(m % 7));
+    for (int64_t r = 0; r < t.n_seq; r++) {
+        cr_expect_eq(t.ids[r * 8], bos, "row %lld does not start with BOS", (long long)r);
+        cr_expect(memcmp(t.ids + r * 8 + 1, stream + r * 7, 7 * sizeof *stream) == 0, "row %lld", (long long)r);
+    }
+    lp_tokens_free(&t);
+    /* context 0: one row, BOS and the whole text, when it fits */
+    OK(lp_tokens_from_stream(&t, stream, m, 0, 1024, bos, "text"));
+    cr_expect(t.n_seq == 1 && t.ctx == (int)n && t.dropped == 0 && memcmp(t.ids, ids, n * sizeof *ids) == 0);
+    lp_tokens_free(&t);
+    /* no BOS: the stream as the tokenizer gave it, cut into rows of 8 (the rows before data.prepend_bos) */
+    OK(lp_tokens_from_stream(&t, ids, n, 8, 1024, -1, "text"));
+    cr_expect(t.n_seq == (int64_t)(n / 8) && t.dropped == (int64_t)(n % 8) && memcmp(t.ids, ids, (size_t)t.n_seq * 8 * sizeof *ids) == 0);
+    lp_tokens_free(&t);
+    cr_expect_eq(lp_tokens_from_stream(&t, stream, m, 1, 1024, bos, "text"), LP_ERR_ARG); /* BOS alone predicts nothing */
+    cr_expect(strstr(lp_last_error(), "leave nothing to predict") != NULL, "%s", lp_last_error());
+    cr_expect_eq(lp_tokens_from_stream(&t, stream, m, 2048, 1024, bos, "text"), LP_ERR_ARG);
+    cr_expect_eq(lp_tokens_from_stream(&t, stream, 3, 8, 1024, bos, "text"), LP_ERR_ARG);
+    cr_expect(strstr(lp_last_error(), "text: 3 tokens do not fill one row of 8") != NULL, "%s", lp_last_error());
+    free(ids);
+    lp_tokenizer_free(tk);
+
+    /* the byte-level tokenizers: GPT-2's and SmolLM2's add no BOS (data.prepend_bos auto is
+     * off for them); Llama 3's template does */
+    static const struct { const char *dir; int adds; } byte_level[] = {{"gpt2", 0}, {"smollm2", 0}, {"qwen2", 0}, {"llama3", 1}};
+    for (size_t i = 0; i < sizeof byte_level / sizeof *byte_level; i++) {
+        char path[256];
+        snprintf(path, sizeof path, "%s/%s", TOK_DIR, byte_level[i].dir);
+        OK(lp_tokenizer_load(&tk, path));
+        cr_expect_eq(lp_tokenizer_adds_bos(tk), byte_level[i].adds, "%s", byte_level[i].dir);
+        lp_tokenizer_free(tk);
+    }
+}
+
+/* ---- a small Gemma GGUF written here, and layouts that are refused ---- */
+
+static char dir[64];
+static void mkdir_tmp(void) {
+    snprintf(dir, sizeof dir, "/tmp/loupe-spm-XXXXXX");
+    cr_assert(mkdtemp(dir) != NULL);
+}
+static void rm_tmp(void) {
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    cr_expect(system(cmd) == 0);
+}
+static const char *path_in(const char *name) {
+    static char p[256];
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    return p;
+}
+
+typedef struct { unsigned char *b; size_t n, cap; } gbuf;
+static void put(gbuf *g, const void *p, size_t n) {
+    if (g->n + n > g->cap) g->cap = 2 * (g->n + n) + 256, g->b = realloc(g->b, g->cap);
+    memcpy(g->b + g->n, p, n);
+    g->n += n;
+}
+static void put_u32(gbuf *g, uint32_t v) { put(g, &v, 4); }
+static void put_u64(gbuf *g, uint64_t v) { put(g, &v, 8); }
+static void put_str(gbuf *g, const char *s) { put_u64(g, strlen(s)), put(g, s, strlen(s)); }
+static void kv_u32(gbuf *g, const char *key, uint32_t v) { put_str(g, key), put_u32(g, LP_GGUF_U32), put_u32(g, v); }
+
+/* Gemma's layout in miniature: control, user-defined ("\n", and "  " stored with spaces),
+ * one byte token, no merge list. */
+static void write_gemma_gguf(const char *arch) {
+    static const char *toks[] = {"<pad>", "<eos>", "<bos>", "<unk>", "a", "b", "\xe2\x96\x81", "ab", "\xe2\x96\x81" "a",
+                                 "\xe2\x96\x81" "ab", "  ", "\n", "<0x63>", "<start>"};
+    static const int32_t types[] = {3, 3, 3, 2, 1, 1, 1, 1, 1, 1, 4, 4, 6, 3};
+    gbuf g = {0};
+    put(&g, "GGUF", 4), put_u32(&g, 3), put_u64(&g, 0), put_u64(&g, 7);
+    put_str(&g, "general.architecture"), put_u32(&g, LP_GGUF_STRING), put_str(&g, arch);
+    put_str(&g, "tokenizer.ggml.model"), put_u32(&g, LP_GGUF_STRING), put_str(&g, "llama");
+    put_str(&g, "tokenizer.ggml.tokens"), put_u32(&g, LP_GGUF_ARRAY), put_u32(&g, LP_GGUF_STRING), put_u64(&g, 14);
+    for (int i = 0; i < 14; i++) put_str(&g, toks[i]);
+    put_str(&g, "tokenizer.ggml.token_type"), put_u32(&g, LP_GGUF_ARRAY), put_u32(&g, LP_GGUF_I32), put_u64(&g, 14);
+    put(&g, types, sizeof types);
+    kv_u32(&g, "tokenizer.ggml.bos_token_id", 2), kv_u32(&g, "tokenizer.ggml.eos_token_id", 1);
+    kv_u32(&g, "tokenizer.ggml.unknown_token_id", 3);
+    while (g.n % 32) put(&g, "", 1);
+    FILE *f = fopen(path_in("g.gguf"), "wb");
+    cr_assert(f && fwrite(g.b, 1, g.n, f) == g.n);
+    fclose(f);
+    free(g.b);
+}
+
+TestSuite(tokenizer_spm_files, .init = mkdir_tmp, .fini = rm_tmp);
+
+Test(tokenizer_spm_files, small_gemma_gguf) {
+    write_gemma_gguf("gemma3");
+    lp_tokenizer *tk;
+    OK(lp_tokenizer_load(&tk, path_in("g.gguf")));
+    cr_expect_str_eq(lp_tokenizer_token(tk, 10), "\xe2\x96\x81\xe2\x96\x81");
+    /* "ab ab  c\n<start>d" -> ab|▁ab|▁▁|c|\n|<start>|d: "ab" (id 7) merges before "▁a" (8), so
+     * ▁ + ab makes ▁ab (9); ▁▁ is the respelled "  " (10); c falls back to <0x63>; "\n" and
+     * <start> are matched whole; d has no byte token: unk. BOS by default. transformers'
+     * GGUF conversion of the same metadata gives these ids and this decoding. */
+    static const char text[] = "ab ab  c\n<start>d";
+    static const int32_t want[] = {2, 7, 9, 10, 12, 11, 13, 3};
+    int32_t *ids;
+    size_t n, len;
+    OK(lp_tokenize(tk, text, sizeof text - 1, &ids, &n));
+    cr_assert_eq(n, 8);
+    for (int i = 0; i < 8; i++) cr_expect_eq(ids[i], want[i], "id %d: %d, want %d", i, ids[i], want[i]);
+    char *back;
+    OK(lp_detokenize(tk, ids + 1, n - 1, &back, &len));
+    cr_expect_str_eq(back, "ab ab  c\n<start><unk>");
+    free(back), free(ids);
+    lp_tokenizer_free(tk);
+
+    write_gemma_gguf("llama"); /* Llama 2's SentencePiece layout (Metaspace, scores) is another */
+    cr_expect_eq(lp_tokenizer_load(&tk, path_in("g.gguf")), LP_ERR_FORMAT);
+    cr_expect(strstr(lp_last_error(), "g.gguf") && strstr(lp_last_error(), "Gemma only"), "%s", lp_last_error());
+}
+
+/* The Gemma fixture with one field replaced must be refused, naming the file and field. */
+static void expect_refused(const char *field, const char *value, const char *phrase) {
+    cJSON *j = read_json(TOK_DIR "/gemma/tokenizer.json");
+    cJSON_ReplaceItemInObjectCaseSensitive(j, field, cJSON_Parse(value));
+    char *s = cJSON_PrintUnformatted(j);
+    FILE *f = fopen(path_in("tokenizer.json"), "w");
+    fputs(s, f);
+    fclose(f);
+    free(s);
+    cJSON_Delete(j);
+    lp_tokenizer *tk = (lp_tokenizer *)1;
+    cr_expect_eq(lp_tokenizer_load(&tk, path_in("tokenizer.json")), LP_ERR_FORMAT, "%s", field);
+    cr_expect_null(tk);
+    cr_expect(strstr(lp_last_error(), "tokenizer.json") && strstr(lp_last_error(), phrase), "'%s' lacks '%s'", lp_last_error(), phrase);
+}
+
+Test(tokenizer_spm_files, refused_layouts) {
+    expect_refused("pre_tokenizer", "{\"type\":\"Metaspace\",\"replacement\":\"\\u2581\",\"prepend_scheme\":\"first\",\"split\":false}",
+                   "pre_tokenizer type 'Metaspace' is not supported");
+    expect_refused("normalizer", "{\"type\":\"Sequence\",\"normalizers\":[{\"type\":\"Prepend\",\"prepend\":\"\\u2581\"}]}",
+                   "normalizer.normalizers[] type 'Prepend' is not supported");
+    expect_refused("decoder", "{\"type\":\"Sequence\",\"decoders\":[{\"type\":\"ByteFallback\"},{\"type\":\"Strip\"}]}",
+                   "decoder step 'Strip' is not supported");
+    expect_refused("pre_tokenizer", "{\"type\":\"Split\",\"pattern\":{\"Regex\":\" \"},\"behavior\":\"Isolated\",\"invert\":false}",
+                   "pre_tokenizer Split.pattern must be a non-empty String");
+    expect_refused("post_processor", "{\"type\":\"RobertaProcessing\"}", "post_processor type 'RobertaProcessing'");
+    expect_refused("decoder", "null", "has no decoder");
+}
