@@ -783,7 +783,7 @@ static lp_status load_json(lp_tokenizer *t, const char *path) {
     }
     free(buf);
     if (lp_spm_json_applies(root)) {
-        st = lp_spm_from_json(&t->spm, root, path);
+        st = lp_spm_from_json(&t->spm, root, path, len);
         goto out;
     }
     const cJSON *e;

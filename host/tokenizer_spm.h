@@ -76,7 +76,8 @@ lp_status lp_spm_detokenize(const lp_spm *s, const int32_t *ids, size_t n, char 
 /* A tokenizer.json whose model is BPE with byte_fallback and whose pre-tokenizer has no
  * ByteLevel step: SentencePiece-style, read here. */
 int lp_spm_json_applies(const cJSON *root);
-lp_status lp_spm_from_json(lp_spm **out, const cJSON *root, const char *path);
+/* json_len: the file's size, which bounds the ids of a dense vocabulary (a larger id is refused). */
+lp_status lp_spm_from_json(lp_spm **out, const cJSON *root, const char *path, size_t json_len);
 /* tokenizer.ggml.model "llama" (SentencePiece): Gemma's, as transformers converts it. */
 lp_status lp_spm_from_gguf(lp_spm **out, const lp_gguf *g);
 

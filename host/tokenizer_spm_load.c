@@ -112,7 +112,7 @@ static lp_status load_decoder(lp_spm *s, const cJSON *d) {
     return LP_OK;
 }
 
-static lp_status load_model(lp_spm *s, const cJSON *m) {
+static lp_status load_model(lp_spm *s, const cJSON *m, size_t json_len) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(m, "dropout"), *e;
     if (v && !cJSON_IsNull(v) && !(cJSON_IsNumber(v) && v->valuedouble == 0))
         LP_FAIL(LP_ERR_FORMAT, "%s: model.dropout is not supported (BPE dropout is random)", s->source);
@@ -130,6 +130,8 @@ static lp_status load_model(lp_spm *s, const cJSON *m) {
         if (!cJSON_IsNumber(e) || e->valuedouble < 0 || e->valuedouble >= MAX_VOCAB_ID || e->valuedouble != (double)(int32_t)e->valuedouble)
             LP_FAIL(LP_ERR_FORMAT, "%s: model.vocab['%s'] is not a token id", s->source, e->string);
         int32_t id = (int32_t)e->valuedouble;
+        if ((size_t)id >= json_len) /* each entry takes bytes of the file: the id table stays sized by the file */
+            LP_FAIL(LP_ERR_FORMAT, "%s: model.vocab['%s'] = %d is beyond any dense vocabulary the file can hold", s->source, e->string, id);
         size_t len = strlen(e->string), bad = lp_utf8_invalid_at(e->string, len);
         if (bad != len) LP_FAIL(LP_ERR_FORMAT, "%s: the model.vocab key of id %d is not valid UTF-8 (offset %zu)", s->source, id, bad);
         if (id < s->n_ids && s->text[id]) LP_FAIL(LP_ERR_FORMAT, "%s: model.vocab gives id %d to both '%s' and '%s'", s->source, id, s->text[id], e->string);
@@ -235,8 +237,8 @@ static lp_status load_config(lp_spm *s, const char *path) {
     return LP_OK;
 }
 
-static lp_status load_json(lp_spm *s, const cJSON *root, const char *path) {
-    LP_CHECK(load_model(s, cJSON_GetObjectItemCaseSensitive(root, "model")));
+static lp_status load_json(lp_spm *s, const cJSON *root, const char *path, size_t json_len) {
+    LP_CHECK(load_model(s, cJSON_GetObjectItemCaseSensitive(root, "model"), json_len));
     int32_t model_size = s->n_ids;
     LP_CHECK(load_normalizer(s, cJSON_GetObjectItemCaseSensitive(root, "normalizer"), "normalizer"));
     LP_CHECK(load_pre(s, cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer")));
@@ -261,11 +263,11 @@ static lp_status load_json(lp_spm *s, const cJSON *root, const char *path) {
     return load_config(s, path);
 }
 
-lp_status lp_spm_from_json(lp_spm **out, const cJSON *root, const char *path) {
+lp_status lp_spm_from_json(lp_spm **out, const cJSON *root, const char *path, size_t json_len) {
     lp_spm *s;
     *out = NULL;
     LP_CHECK(lp_spm_new(&s, path));
-    lp_status st = load_json(s, root, path);
+    lp_status st = load_json(s, root, path, json_len);
     if (st != LP_OK) lp_spm_free(s);
     else *out = s;
     return st;
