@@ -1,5 +1,7 @@
 /* tokenizer.c: byte-level BPE (GPT-2, Llama 3, SmolLM/SmolLM2, Qwen2) as Hugging Face
  * `tokenizers` 0.20.3 runs it, read from tokenizer.json or from GGUF metadata (see tokenizer.h).
+ * SentencePiece-style BPE (Gemma: byte_fallback without a ByteLevel step, or a GGUF whose
+ * tokenizer.ggml.model is 'llama') is handed to tokenizer_spm.c, which then does all the work.
  *
  * The pipeline follows tokenizers' encode(text, add_special_tokens=True) step by step:
  *   1. added tokens with normalized=false are cut out of the raw text (leftmost-longest,
