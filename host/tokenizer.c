@@ -1,5 +1,7 @@
 /* tokenizer.c: byte-level BPE (GPT-2, Llama 3, SmolLM/SmolLM2, Qwen2) as Hugging Face
  * `tokenizers` 0.20.3 runs it, read from tokenizer.json or from GGUF metadata (see tokenizer.h).
+ * SentencePiece-style BPE (Gemma: byte_fallback without a ByteLevel step, or a GGUF whose
+ * tokenizer.ggml.model is 'llama') is handed to tokenizer_spm.c, which then does all the work.
  *
  * The pipeline follows tokenizers' encode(text, add_special_tokens=True) step by step:
  *   1. added tokens with normalized=false are cut out of the raw text (leftmost-longest,
@@ -37,6 +39,7 @@
 
 #include "loupe/safetensors.h"
 #include "loupe/tokenizer.h"
+#include "tokenizer_spm.h"
 
 #define MAX_PRE_STEPS 16
 #define MAX_VOCAB_ID (1 << 26)
@@ -174,6 +177,7 @@ struct lp_tokenizer {
     int32_t byte_id[256];     /* id of the one-character token of each byte, or -1 */
     uint16_t byte_cp[256];    /* GPT-2 bytes_to_unicode */
     int16_t cp_byte[324];     /* its inverse, -1 elsewhere */
+    lp_spm *spm;              /* SentencePiece-style BPE (Gemma): everything is there */
 };
 
 static void init_byte_map(lp_tokenizer *t) {
@@ -203,6 +207,7 @@ void lp_tokenizer_free(lp_tokenizer *t) {
     free_set(&t->raw), free_set(&t->norm);
     for (int i = 0; i < t->n_pre; i++) pcre2_code_free(t->pre[i].re);
     free(t->prefix), free(t->suffix), free(t->source);
+    lp_spm_free(t->spm);
     free(t);
 }
 
@@ -798,6 +803,10 @@ static lp_status load_json(lp_tokenizer *t, const char *path) {
         LP_FAIL(LP_ERR_FORMAT, "%s: is not a JSON object (parse error near byte %ld)", path, off);
     }
     free(buf);
+    if (lp_spm_json_applies(root)) {
+        st = lp_spm_from_json(&t->spm, root, path, len);
+        goto out;
+    }
     const cJSON *e;
     LP_TRY(st, out, load_model(t, cJSON_GetObjectItemCaseSensitive(root, "model"), len));
     LP_TRY(st, out, load_normalizer(t, cJSON_GetObjectItemCaseSensitive(root, "normalizer"), "normalizer"));
@@ -922,8 +931,7 @@ static lp_status load_gguf(lp_tokenizer *t, const lp_gguf *g) {
     const char *s;
     size_t n;
     LP_CHECK(lp_gguf_get_str(g, "tokenizer.ggml.model", &s, &n));
-    if (n == 5 && memcmp(s, "llama", 5) == 0)
-        LP_FAIL(LP_ERR_FORMAT, "%s: tokenizer.ggml.model is 'llama' (SentencePiece); only byte-level BPE ('gpt2') is supported", t->source);
+    if (n == 5 && memcmp(s, "llama", 5) == 0) return lp_spm_from_gguf(&t->spm, g);
     if (!(n == 4 && memcmp(s, "gpt2", 4) == 0))
         LP_FAIL(LP_ERR_FORMAT, "%s: tokenizer.ggml.model '%.*s' is not supported; only byte-level BPE ('gpt2') is", t->source, (int)n, s);
 
@@ -1318,6 +1326,7 @@ static lp_status after_raw_split(encoder *e, const char *s, size_t n) {
 }
 
 lp_status lp_tokenize(const lp_tokenizer *t, const char *text, size_t len, int32_t **ids, size_t *n) {
+    if (t->spm) return lp_spm_tokenize(t->spm, text, len, ids, n);
     *ids = NULL, *n = 0;
     size_t bad = utf8_invalid_at((const unsigned char *)text, len);
     if (bad != len)
@@ -1345,6 +1354,7 @@ out:
 }
 
 lp_status lp_detokenize(const lp_tokenizer *t, const int32_t *ids, size_t n, char **text, size_t *len) {
+    if (t->spm) return lp_spm_detokenize(t->spm, ids, n, text, len);
     *text = NULL, *len = 0;
     size_t total = 0;
     for (size_t i = 0; i < n; i++) {
@@ -1365,9 +1375,14 @@ lp_status lp_detokenize(const lp_tokenizer *t, const int32_t *ids, size_t n, cha
     return LP_OK;
 }
 
-int lp_tokenizer_vocab_size(const lp_tokenizer *t) { return t->n_ids; }
-int lp_tokenizer_bos(const lp_tokenizer *t) { return t->bos; }
-int lp_tokenizer_eos(const lp_tokenizer *t) { return t->eos; }
+int lp_tokenizer_vocab_size(const lp_tokenizer *t) { return t->spm ? t->spm->n_ids : t->n_ids; }
+int lp_tokenizer_bos(const lp_tokenizer *t) { return t->spm ? t->spm->bos : t->bos; }
+int lp_tokenizer_eos(const lp_tokenizer *t) { return t->spm ? t->spm->eos : t->eos; }
 const char *lp_tokenizer_token(const lp_tokenizer *t, int id) {
+    if (t->spm) return id >= 0 && id < t->spm->n_ids ? t->spm->text[id] : NULL;
     return id >= 0 && id < t->n_ids ? t->text[id] : NULL;
+}
+int lp_tokenizer_adds_bos(const lp_tokenizer *t) {
+    int first = t->spm ? (t->spm->n_prefix ? t->spm->prefix[0] : -1) : (t->n_prefix ? t->prefix[0] : -1);
+    return first >= 0 && first == lp_tokenizer_bos(t);
 }

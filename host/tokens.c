@@ -133,3 +133,23 @@ lp_status lp_npy_write_i32(const char *path, const int32_t *ids, int64_t n_seq, 
     free(buf);
     return st;
 }
+
+lp_status lp_tokens_from_stream(lp_tokens *t, const int32_t *ids, size_t n, int ctx, int max_ctx, int32_t bos,
+                                const char *path) {
+    memset(t, 0, sizeof *t);
+    int lead = bos >= 0; /* rows begin with BOS, then ctx - 1 tokens of the stream */
+    if (ctx == 0) ctx = n + (size_t)lead <= (size_t)max_ctx ? (int)n + lead : max_ctx;
+    if (ctx > max_ctx) LP_FAIL(LP_ERR_ARG, "data.context %d exceeds the model's context of %d", ctx, max_ctx);
+    if (ctx < 2) LP_FAIL(LP_ERR_ARG, "%s: rows of %d token(s) leave nothing to predict", path, ctx);
+    size_t per = (size_t)(ctx - lead);
+    if (n / per == 0) LP_FAIL(LP_ERR_ARG, "%s: %zu tokens do not fill one row of %d", path, n, ctx);
+    t->ctx = ctx, t->n_seq = (int64_t)(n / per), t->dropped = (int64_t)(n % per);
+    if (!(t->ids = malloc((size_t)t->n_seq * (size_t)ctx * sizeof *t->ids)))
+        LP_FAIL(LP_ERR_OOM, "%s: out of memory for %lld rows of %d tokens", path, (long long)t->n_seq, ctx);
+    for (int64_t r = 0; r < t->n_seq; r++) {
+        int32_t *row = t->ids + r * ctx;
+        if (lead) row[0] = bos;
+        memcpy(row + lead, ids + (size_t)r * per, per * sizeof *ids);
+    }
+    return LP_OK;
+}

@@ -337,6 +337,41 @@ Test(cli, tokenize_and_text_runs_agree_with_token_runs) {
     cJSON_Delete(b);
 }
 
+/* data.prepend_bos: SmolLM2's tokenizer adds no BOS, so auto leaves the rows as they were;
+ * true starts the row with its BOS (id 1), the same loss as running [1] + the text's ids. */
+Test(cli, text_rows_with_prepend_bos) {
+    need_smol();
+    FILE *f = fopen(tmp("b.txt"), "w");
+    fprintf(f, "Rows of a text may start with the tokenizer's BOS token, as TransformerLens does.\n");
+    fclose(f);
+    cr_assert_eq(loupe("tokenize " SMOL " --text %s --out %s", tmp("b.txt"), tmp("b.npy")), 0, "%s", err_txt);
+    lp_tokens t;
+    cr_assert_eq(lp_tokens_load(&t, tmp("b.npy"), 1, 0, "int32"), LP_OK, "%s", lp_last_error());
+    int n = (int)t.n_seq;
+    int32_t *with_bos = malloc((size_t)(n + 1) * sizeof *with_bos);
+    with_bos[0] = 1;
+    memcpy(with_bos + 1, t.ids, (size_t)n * sizeof *with_bos);
+    lp_tokens_free(&t);
+    cr_assert_eq(lp_npy_write_i32(tmp("bos.npy"), with_bos, -1, n + 1), LP_OK);
+    free(with_bos);
+    double loss[4];
+    int count[4];
+    const char *runs[4] = {"--text %s --json", "--text %s --data.prepend_bos=false --json", "--text %s --data.prepend_bos=true --json",
+                           "--tokens %s --json"};
+    for (int i = 0; i < 4; i++) {
+        char fmt[128];
+        snprintf(fmt, sizeof fmt, "run " SMOL " %s", runs[i]);
+        cr_assert_eq(loupe(fmt, tmp(i == 3 ? "bos.npy" : "b.txt")), 0, "%s", err_txt);
+        cJSON *j = cJSON_Parse(strrchr(out_txt, '{'));
+        cr_assert(j != NULL, "%s", out_txt);
+        loss[i] = cJSON_GetObjectItem(j, "mean_loss")->valuedouble, count[i] = cJSON_GetObjectItem(j, "n_tokens")->valueint;
+        cJSON_Delete(j);
+    }
+    cr_expect(count[0] == n - 1 && count[1] == n - 1 && loss[0] == loss[1], "auto and false: %d %d tokens", count[0], count[1]);
+    cr_expect(count[2] == n && count[3] == n && loss[2] == loss[3], "true: %d tokens, loss %g vs %g", count[2], loss[2], loss[3]);
+    cr_expect(loss[2] != loss[0]);
+}
+
 Test(cli, generate_greedy_matches_hugging_face) {
     need_smol();
     /* prompt 1 of tests/fixtures/smollm2: transformers' float64 greedy continuation */

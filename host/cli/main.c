@@ -28,6 +28,8 @@ static const lp_key g_keys[] = {
     {"data.tokens", LP_KEY_STR, NULL, 0, 0, NULL, ".npy or .bin token ids"},
     {"data.text", LP_KEY_STR, NULL, 0, 0, NULL, "UTF-8 text file, tokenized with the model's tokenizer"},
     {"data.context", LP_KEY_INT, "0", 0, 1 << 20, NULL, "row length; 0: as stored (2-D) or the model's context (flat)"},
+    {"data.prepend_bos", LP_KEY_CHOICE, "auto", 0, 0, "auto|true|false",
+     "data.text rows start with BOS; auto: when the tokenizer adds one"},
     {"data.token_dtype", LP_KEY_CHOICE, "uint16", 0, 0, "uint16|uint32|int32|int64", "element type of .bin files"},
     {"run.batch", LP_KEY_INT, "8", 1, 1 << 16, NULL, "sequences per forward"},
     {"cache.hooks", LP_KEY_STR, NULL, 0, 0, NULL, "comma-separated hook names or globs"},
@@ -305,40 +307,53 @@ static lp_status open_tokenizer(const args *a, lp_tokenizer **tk) {
     return lp_tokenizer_load(tk, lp_cfg_str(&a->cfg, "model.path"));
 }
 
+/* data.prepend_bos: the BOS id each row starts with, or -1 (auto: when the tokenizer adds
+ * one, as TransformerLens's prepend_bos defaults). Rows then start with BOS, so the stream
+ * drops the one the tokenizer put first. */
+static lp_status row_bos(const args *a, const lp_tokenizer *tk, int32_t **ids, size_t *n, int32_t *bos) {
+    const char *pb = lp_cfg_str(&a->cfg, "data.prepend_bos");
+    int on = strcmp(pb, "true") == 0 || (strcmp(pb, "auto") == 0 && lp_tokenizer_adds_bos(tk));
+    *bos = on ? lp_tokenizer_bos(tk) : -1;
+    if (on && *bos < 0)
+        LP_FAIL(LP_ERR_ARG, "data.prepend_bos = true, but the tokenizer of %s has no BOS token", lp_cfg_str(&a->cfg, "model.path"));
+    if (on && lp_tokenizer_adds_bos(tk) && *n > 0 && (*ids)[0] == *bos) memmove(*ids, *ids + 1, --*n * sizeof **ids);
+    return LP_OK;
+}
+
 /* Reads a UTF-8 text file and tokenizes it; *ids is malloc'ed. The UTF-8 check comes
- * first, so that a wrong file is refused by name before the tokenizer loads. */
-static lp_status tokenize_file(const args *a, const char *path, int32_t **ids, size_t *n, size_t *n_bytes) {
+ * first, so that a wrong file is refused by name before the tokenizer loads. With bos
+ * (data.prepend_bos): *bos is the id rows start with (-1: none), and the stream leaves
+ * out the tokenizer's own leading BOS then. */
+static lp_status tokenize_file(const args *a, const char *path, int32_t **ids, size_t *n, size_t *n_bytes, int32_t *bos) {
     size_t len;
     char *text;
     LP_CHECK(lp_text_read(path, "text file", &text, &len));
     lp_tokenizer *tk = NULL;
+    *ids = NULL;
     lp_status st = lp_utf8_check(text, len, path);
     if (st == LP_OK) st = open_tokenizer(a, &tk);
     if (st == LP_OK) st = lp_tokenize(tk, text, len, ids, n);
+    if (st == LP_OK && bos) st = row_bos(a, tk, ids, n, bos);
     if (st == LP_OK && *n == 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: the text gives no tokens", path);
     if (n_bytes) *n_bytes = len;
+    if (st != LP_OK) free(*ids), *ids = NULL;
     lp_tokenizer_free(tk);
     free(text);
     return st;
 }
 
 /* data.text: the text's tokens as one stream, cut into rows of data.context tokens (or
- * one row when the whole text fits the model's context, else rows of the context). */
+ * one row when the whole text fits the model's context, else rows of the context), each
+ * row [BOS] + context - 1 tokens when data.prepend_bos says so. */
 static lp_status load_text(const args *a, const lp_model *m, lp_tokens *t) {
     const char *path = lp_cfg_str(&a->cfg, "data.text");
     int32_t *ids;
     size_t n;
-    LP_CHECK(tokenize_file(a, path, &ids, &n, NULL));
-    int ctx = (int)lp_cfg_int(&a->cfg, "data.context"), n_ctx = lp_model_config(m)->n_ctx;
-    if (ctx == 0) ctx = n <= (size_t)n_ctx ? (int)n : n_ctx;
-    if (ctx > n_ctx) {
-        free(ids);
-        LP_FAIL(LP_ERR_ARG, "data.context %d exceeds the model's context of %d", ctx, n_ctx);
-    }
-    memset(t, 0, sizeof *t);
-    t->ids = ids, t->ctx = ctx, t->n_seq = (int64_t)(n / ctx), t->dropped = (int64_t)(n % ctx);
-    if (t->n_seq == 0) LP_FAIL(LP_ERR_ARG, "%s: %zu tokens do not fill one row of %d", path, n, ctx);
-    if (t->ctx < 2) LP_FAIL(LP_ERR_ARG, "%s: rows of %d token(s) leave nothing to predict", path, t->ctx);
+    int32_t bos;
+    LP_CHECK(tokenize_file(a, path, &ids, &n, NULL, &bos));
+    lp_status st = lp_tokens_from_stream(t, ids, n, (int)lp_cfg_int(&a->cfg, "data.context"), lp_model_config(m)->n_ctx, bos, path);
+    free(ids);
+    LP_CHECK(st);
     if (t->dropped) fprintf(stderr, "loupe: %s: the last %lld tokens do not fill a row and are left out\n", path, (long long)t->dropped);
     return LP_OK;
 }
@@ -527,7 +542,7 @@ static int cmd_tokenize(args *a) {
     int32_t *ids = NULL;
     size_t n = 0, bytes = 0;
     double t0 = cli_now();
-    if (st == LP_OK) st = tokenize_file(a, lp_cfg_str(&a->cfg, "data.text"), &ids, &n, &bytes);
+    if (st == LP_OK) st = tokenize_file(a, lp_cfg_str(&a->cfg, "data.text"), &ids, &n, &bytes, NULL);
     if (st == LP_OK && n > 0x7fffffff) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "more than 2^31 tokens in one file");
     if (st == LP_OK) st = lp_npy_write_i32(lp_cfg_str(&a->cfg, "tokenize.out"), ids, -1, (int)n);
     double secs = cli_now() - t0;

@@ -1,6 +1,8 @@
-/* tokenizer.h: byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM/SmolLM2, Qwen2),
- * read from a Hugging Face tokenizer.json or from a GGUF file's tokenizer.ggml.*
- * metadata, giving the same ids as Hugging Face `tokenizers`.
+/* tokenizer.h: byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM/SmolLM2, Qwen2) and
+ * SentencePiece-style BPE with byte fallback (Gemma), read from a Hugging Face
+ * tokenizer.json or from a GGUF file's tokenizer.ggml.* metadata, giving the same ids as
+ * Hugging Face `tokenizers` (for a Gemma GGUF: as the tokenizer transformers converts
+ * from it).
  *
  *   lp_tokenizer *tk;
  *   lp_tokenizer_load(&tk, "models/SmolLM2-135M-Instruct.Q4_1.gguf");  // or a checkpoint dir
@@ -11,7 +13,8 @@
  * Pieces: special (added) tokens are matched in the text first and never split; the
  * rest is normalized (NFC where the tokenizer says so), split by the model's
  * pre-tokenizer rules (PCRE2 with Unicode properties), mapped through the GPT-2
- * byte-to-unicode table and merged by rank. */
+ * byte-to-unicode table and merged by rank. SentencePiece-style: spaces become "\u2581",
+ * characters outside the vocabulary become <0xXX> byte tokens, pieces merge by rank. */
 #ifndef LOUPE_TOKENIZER_H
 #define LOUPE_TOKENIZER_H
 
@@ -43,6 +46,9 @@ lp_status lp_detokenize(const lp_tokenizer *t, const int32_t *ids, size_t n, cha
 int lp_tokenizer_vocab_size(const lp_tokenizer *t);
 int lp_tokenizer_bos(const lp_tokenizer *t);  /* -1 when none */
 int lp_tokenizer_eos(const lp_tokenizer *t);  /* -1 when none */
+/* 1 when lp_tokenize puts the BOS first (the post-processor's template, or a GGUF's
+ * tokenizer.ggml.add_bos_token): the model expects rows to start with it. */
+int lp_tokenizer_adds_bos(const lp_tokenizer *t);
 /* The token's string as stored in the vocabulary (byte-level form), or NULL. */
 const char *lp_tokenizer_token(const lp_tokenizer *t, int id);
 

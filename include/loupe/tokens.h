@@ -28,6 +28,14 @@ lp_status lp_tokens_load(lp_tokens *t, const char *path, int context, int strict
 lp_status lp_tokens_check(const lp_tokens *t, int vocab, const char *path);
 void lp_tokens_free(lp_tokens *t);
 
+/* A token stream (a text's ids) cut into rows of ctx tokens; bos >= 0 starts every row
+ * with it, followed by the next ctx - 1 tokens of the stream (as TransformerLens's
+ * prepend_bos and SAELens's context handling give). ctx 0: one row when the whole stream
+ * fits max_ctx, else rows of max_ctx. A short tail is dropped (t->dropped counts it);
+ * t->ids is a copy. */
+lp_status lp_tokens_from_stream(lp_tokens *t, const int32_t *ids, size_t n, int ctx, int max_ctx, int32_t bos,
+                                const char *path);
+
 /* Writes int32 ids [n_seq, ctx] as .npy (temporary name, then rename); n_seq < 0 writes
  * a flat [ctx] array. */
 lp_status lp_npy_write_i32(const char *path, const int32_t *ids, int64_t n_seq, int ctx);
