@@ -100,6 +100,20 @@
 
 static inline cudaStream_t lp_stream(const lp_ctx *c) { return (cudaStream_t)c->stream; }
 
+// ---- launches and shared memory ----------------------------------------------------------
+// Every launch and every shared-memory declaration goes through these three macros, so the
+// same sources also build as C++ against the CPU emulator of tests/cuda_emu/ (whose
+// cuda_runtime.h defines LOUPE_CUDA_EMU and its own versions of them):
+//   LP_LAUNCH(grid, block, smem, stream, kernel<targs>)(args...)  is  kernel<<<...>>>(args...)
+//   LP_SHARED(T, name, [dims])                                    is  __shared__ T name[dims]
+//   LP_DYNAMIC_SHARED(T, name)                                    is  extern __shared__ T name[]
+// The kernel comes last because its template arguments may contain commas.
+#ifndef LOUPE_CUDA_EMU
+#define LP_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define LP_SHARED(T, name, ...) __shared__ T name __VA_ARGS__
+#define LP_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 // ---- dtype-generic loads and stores ----------------------------------------------------
 // Activations are float or __nv_bfloat16 in memory; every kernel computes in fp32 and
 // rounds once on the store (round to nearest even, like lp_f32_to_bf16 on the host).
@@ -145,7 +159,7 @@ __global__ void lp_tile_kernel(T *out, const T *src, size_t total, size_t period
 
 template <typename T>
 static lp_status lp_tile(lp_ctx *c, void *out, const void *src, size_t total, size_t period) {
-    lp_tile_kernel<T><<<lp_grid_1d(total, 256), 256, 0, lp_stream(c)>>>((T *)out, (const T *)src,
+    LP_LAUNCH(lp_grid_1d(total, 256), 256, 0, lp_stream(c), lp_tile_kernel<T>)((T *)out, (const T *)src,
                                                                        total, period);
     LP_LAUNCH_CHECK("lp_tile_kernel");
     return LP_OK;
