@@ -102,7 +102,7 @@ EMU_DIR   := $(BUILD)/emu
 EMU_SAN   := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 EMU_CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -Iinclude -Ihost $(PKG_CFLAGS) -pthread \
               -O1 -g -march=x86-64-v2 -DLOUPE_CUDA=1 $(EMU_SAN)
-EMU_CXXFLAGS := -x c++ -std=c++17 -O1 -g -march=x86-64-v2 -Itests/cuda_emu -Iinclude -Ihost $(PKG_CFLAGS) -DLOUPE_CUDA=1 \
+EMU_CXXFLAGS := -x c++ -std=c++17 -O1 -g -march=x86-64-v2 -mfma -ffp-contract=fast -Itests/cuda_emu -Iinclude -Ihost $(PKG_CFLAGS) -DLOUPE_CUDA=1 \
                 $(EMU_SAN) -Wall -Wno-unused-parameter -Wno-unknown-pragmas
 EMU_HOST_OBJ := $(HOST_SRC:%.c=$(EMU_DIR)/%.o)
 EMU_KERN_OBJ := $(patsubst kernels/%.cu,$(EMU_DIR)/kernels/%.o,$(wildcard kernels/*.cu))
@@ -128,7 +128,7 @@ $(EMU_DIR)/libloupe_emu.a: $(EMU_HOST_OBJ) $(EMU_KERN_OBJ) $(EMU_RT_OBJ)
 	ar rcs $@ $^
 
 $(EMU_DIR)/test_%: tests/test_%.c $(wildcard tests/*.h) $(EMU_DIR)/libloupe_emu.a
-	$(CC) $(EMU_CFLAGS) -Itests $< $(EMU_DIR)/libloupe_emu.a -o $@ $(EMU_SAN) $(PKG_LIBS) -lm -pthread -lcriterion -lstdc++
+	$(CC) $(EMU_CFLAGS) -DLOUPE_TEST_EMU=1 -Itests $< $(EMU_DIR)/libloupe_emu.a -o $@ $(EMU_SAN) $(PKG_LIBS) -lm -pthread -lcriterion -lstdc++
 
 emu: $(EMU_TEST_BIN)
 

@@ -79,9 +79,12 @@ __global__ void norm_backward_kernel(T *dx, const T *dy, const T *x, const T *sc
 static unsigned norm_block(int D) { return D <= 32 ? 32 : D <= 128 ? 128 : 256; }
 
 // dscale[row] = -(1/scale) sum_d dy w xh (the gradient at hook_scale, x held fixed). One block per row.
+// The sum is a single number that may cancel: in fp32 its error relative to the result is
+// unbounded (D = 1600 gave 6e-5), so it is accumulated in double, like the CPU twin.
 template <typename T, bool kCenter>
 __global__ void norm_scale_grad_kernel(T *dscale, const T *dy, const T *x, const T *scale, const T *w, int D) {
     LP_SHARED(float, sh, [32]);
+    LP_SHARED(double, shd, [32]);
     const size_t row = blockIdx.x;
     const T *xr = x + row * D, *dyr = dy + row * D;
     const float inv = 1.0f / lp_to_f(scale[row]);
@@ -92,11 +95,11 @@ __global__ void norm_scale_grad_kernel(T *dscale, const T *dy, const T *x, const
         for (int d = threadIdx.x; d < D; d += blockDim.x) s += lp_to_f(xr[d]) - x0;
         mu = lp_block_sum(s, sh) / (float)D;
     }
-    float acc = 0.0f;
+    double acc = 0.0;
     for (int d = threadIdx.x; d < D; d += blockDim.x)
-        acc = fmaf(lp_to_f(dyr[d]) * (w ? lp_to_f(w[d]) : 1.0f), ((lp_to_f(xr[d]) - x0) - mu) * inv, acc);
-    const float total = lp_block_sum(acc, sh);
-    if (threadIdx.x == 0) dscale[row] = lp_from_f<T>(-total * inv);
+        acc += (double)(lp_to_f(dyr[d]) * (w ? lp_to_f(w[d]) : 1.0f)) * (((lp_to_f(xr[d]) - x0) - mu) * inv);
+    const double total = lp_block_sum_d(acc, shd);
+    if (threadIdx.x == 0) dscale[row] = lp_from_f<T>((float)(-total * inv));
 }
 
 // ---- element-wise ----

@@ -193,6 +193,19 @@ __device__ __forceinline__ float lp_block_sum(float v, float *sh) {
     v = lane < nw ? sh[lane] : 0.0f;
     return lp_warp_sum(v);
 }
+// The same in double, for sums that may cancel (sh: 32 doubles).
+__device__ __forceinline__ double lp_block_sum_d(double v, double *sh) {
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(LP_FULL_MASK, v, o);
+    __syncthreads();
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(LP_FULL_MASK, v, o);
+    return v;
+}
 __device__ __forceinline__ float lp_block_max(float v, float *sh) {
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
     v = lp_warp_max(v);

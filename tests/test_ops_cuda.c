@@ -341,7 +341,7 @@ static const attn_shape ATTN_SHAPES[] = {
     {1, 33, 8, 2, 64},  /* GQA, GPT-2's head dim */
     {1, 40, 2, 1, 100}, /* multi-query, dh not a power of two */
     {1, 37, 2, 2, 256}, /* the largest head dim */
-    {1, 1000, 2, 2, 64} /* long context: many 32-key chunks */
+    {1, LONG_T(1000), 2, 2, 64} /* long context: many 32-key chunks */
 };
 
 typedef struct attn_in { float *q, *k, *v; size_t nq, nkv; } attn_in;
@@ -956,7 +956,7 @@ Test(ops_cuda, attention_cached) {
 Test(ops_cuda, attention_cached_prefill_and_decode_match_full_pass) {
     LP_TEST_REQUIRE_GPU();
     static const attn_shape shapes[] = {{1, 1, 1, 1, 1}, {2, 33, 9, 3, 64}, {1, 40, 2, 1, 100},
-                                        {1, 37, 2, 2, 256}, {1, 300, 4, 2, 64}};
+                                        {1, 37, 2, 2, 256}, {1, LONG_T(300), 4, 2, 64}};
     for (int di = 0; di < 2; di++)
         for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
             const lp_dtype dt = DTYPES[di];

@@ -166,7 +166,7 @@ Test(sae_ops_cuda, topk) {
     LP_TEST_REQUIRE_GPU();
     /* (N, S, K): tiny, K = S, odd, the benchmark, a row too long for shared memory (re-read
      * from global memory), the largest K, K = 1 */
-    static const int shapes[][3] = {{1, 1, 1}, {3, 31, 31}, {5, 33, 7}, {64, 24576, 32},
+    static const int shapes[][3] = {{1, 1, 1}, {3, 31, 31}, {5, 33, 7}, {EMU_CAP(64, 3), 24576, 32},
                                     {3, 70000, 64}, {4, 5000, 2048}, {2, 1000, 1}, {7, 24576, 129}};
     for (int di = 0; di < 2; di++)
         for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++)
@@ -212,7 +212,7 @@ Test(sae_ops_cuda, topk_rejects_k_above_the_cuda_limit) {
 
 Test(sae_ops_cuda, kth_largest) {
     LP_TEST_REQUIRE_GPU();
-    static const size_t sizes[] = {1, 1000, 3000017};
+    static const size_t sizes[] = {1, 1000, EMU_CAP(3000017, 100003)};
     for (int di = 0; di < 2; di++)
         for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++)
             for (int variant = 0; variant < 3; variant++) { /* ties, continuous, none positive */
@@ -510,7 +510,7 @@ Test(sae_ops_cuda, recon_sums) {
 
 Test(sae_ops_cuda, fire_counts) {
     LP_TEST_REQUIRE_GPU();
-    static const int shapes[][3] = {{1, 1, 1}, {33, 7, 50}, {4096, 32, 24576}, {4096, 8, 96}}; /* N, K, S */
+    static const int shapes[][3] = {{1, 1, 1}, {33, 7, 50}, {EMU_CAP(4096, 64), 32, 24576}, {4096, 8, 96}}; /* N, K, S */
     for (int di = 0; di < 2; di++)
         for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
             const int N = shapes[si][0], K = shapes[si][1], S = shapes[si][2];

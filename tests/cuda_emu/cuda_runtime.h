@@ -289,12 +289,15 @@ inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __popcll(unsigned long long v) { return __builtin_popcountll(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 inline int __clz(int v) { return v == 0 ? 32 : __builtin_clz((unsigned)v); }
-// The host has no FMA contraction at -march=x86-64-v2, so every operation rounds once.
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __fsqrt_rn(float a) { return sqrtf(a); }
+// nvcc contracts a * b + c into one FMA unless told otherwise, and the emulated kernels are
+// compiled with -mfma -ffp-contract=fast to come close to that; the _rn intrinsics exist to
+// forbid it, so their results pass through an empty asm the compiler cannot fuse across.
+inline float lp_emu_opaque(float v) { asm("" : "+x"(v)); return v; }
+inline float __fmul_rn(float a, float b) { return lp_emu_opaque(a * b); }
+inline float __fadd_rn(float a, float b) { return lp_emu_opaque(a + b); }
+inline float __fsub_rn(float a, float b) { return lp_emu_opaque(a - b); }
+inline float __fdiv_rn(float a, float b) { return lp_emu_opaque(a / b); }
+inline float __fsqrt_rn(float a) { return lp_emu_opaque(sqrtf(a)); }
 inline float __expf(float a) { return expf(a); }
 inline float __logf(float a) { return logf(a); }
 inline float rsqrtf(float a) { return 1.0f / sqrtf(a); }
