@@ -108,7 +108,7 @@ EMU_HOST_OBJ := $(HOST_SRC:%.c=$(EMU_DIR)/%.o)
 EMU_KERN_OBJ := $(patsubst kernels/%.cu,$(EMU_DIR)/kernels/%.o,$(wildcard kernels/*.cu))
 EMU_RT_OBJ   := $(EMU_DIR)/cuda_emu/emu.o $(EMU_DIR)/cuda_emu/cublas.o
 EMU_TEST_SRC := $(wildcard tests/test_*_cuda.c)
-EMU_TEST_BIN := $(EMU_TEST_SRC:tests/%.c=$(EMU_DIR)/%)
+EMU_TEST_BIN := $(EMU_DIR)/test_cuda_emu $(EMU_TEST_SRC:tests/%.c=$(EMU_DIR)/%)
 EMU_HDR      := $(wildcard tests/cuda_emu/*.h)
 
 $(EMU_DIR)/host/%.o: host/%.c $(wildcard include/loupe/*.h host/*.h)
@@ -129,6 +129,10 @@ $(EMU_DIR)/libloupe_emu.a: $(EMU_HOST_OBJ) $(EMU_KERN_OBJ) $(EMU_RT_OBJ)
 
 $(EMU_DIR)/test_%: tests/test_%.c $(wildcard tests/*.h) $(EMU_DIR)/libloupe_emu.a
 	$(CC) $(EMU_CFLAGS) -DLOUPE_TEST_EMU=1 -Itests $< $(EMU_DIR)/libloupe_emu.a -o $@ $(EMU_SAN) $(PKG_LIBS) -lm -pthread -lcriterion -lstdc++
+
+# The emulator's own tests: each check fires on a kernel with that bug.
+$(EMU_DIR)/test_cuda_emu: tests/cuda_emu/test_cuda_emu.cu $(EMU_RT_OBJ) $(EMU_HDR)
+	$(CXX) $(EMU_CXXFLAGS) -Ikernels $< -x none $(EMU_RT_OBJ) -o $@ $(EMU_SAN) $(PKG_LIBS) -lm -pthread -lcriterion
 
 emu: $(EMU_TEST_BIN)
 

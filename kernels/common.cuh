@@ -80,7 +80,9 @@
                                 cudaGetErrorString(lp_e_), kernel_name);                    \
     } while (0)
 
-// Argument checks shared by every op entry point.
+// Argument checks shared by every op entry point, then the context's device made current:
+// the runtime's current device belongs to the host thread, and one thread may hold contexts
+// on several devices (each op runs on its context's device, not on the last one initialised).
 #define LP_CUDA_REQUIRE_CTX(c, op)                                                          \
     do {                                                                                    \
         if ((c) == NULL || (c)->device != LP_CUDA)                                          \
@@ -90,6 +92,7 @@
             return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,                             \
                                 "%s: activation dtype %s is not supported on CUDA "         \
                                 "(F32 or BF16)", (op), lp_dtype_name((c)->dtype));           \
+        LP_CUDA_CHECK(cudaSetDevice((c)->cuda_device));                                     \
     } while (0)
 
 // Fails with LP_ERR_ARG and a printf-style message (which should name the op) unless cond.

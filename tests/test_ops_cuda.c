@@ -13,6 +13,7 @@
  * (LOUPE_REQUIRE_GPU=1 turns the skip into a failure). */
 #include "loupe/ops.h"
 #include "gputest.h"
+#include "ops_internal.h"
 
 /* ---- budgets: nmse = sum (gpu - cpu)^2 / sum cpu^2 -------------------------------------
  * fp32: the GPU and the CPU differ only in summation order and in last-ulp differences
@@ -1023,4 +1024,44 @@ Test(ops_cuda, llama_ops_reject_bad_shapes) {
     st = lp_rope(&g.c, d, d, (const float *)d, (const float *)d, 1, 1, 1, 3, 0);
     cr_expect_eq(st, LP_ERR_ARG, "rope with dh = 3 gave %s (%s)", lp_status_name(st), lp_last_error());
     gpu_done(&g, "llama bad shapes");
+}
+
+/* ---- contexts on two devices in one thread ----
+ * The runtime's current device belongs to the host thread: after a context on device 1 is
+ * created, work for a context on device 0 must still run on device 0. (The emulator lends
+ * two devices through LOUPE_EMU_DEVICES and reports memory of one device used on another;
+ * a GPU machine with one device skips.) */
+Test(ops_cuda, contexts_on_two_devices_in_one_thread) {
+    LP_TEST_REQUIRE_GPU();
+    setenv("LOUPE_EMU_DEVICES", "2", 1); /* read by the emulator only */
+    char why[128];
+    if (lp_cuda_device_count(why, sizeof why) < 2) cr_skip_test("needs two CUDA devices");
+    enum { n = 1000 };
+    float *x = lp_test_rand(n, 71, -1, 1), *y = lp_test_rand(n, 72, -1, 1), ref[n], got[n];
+    for (int i = 0; i < n; i++) ref[i] = x[i] + y[i];
+    lp_ctx a, b;
+    OK(lp_ctx_init(&a, LP_CUDA, LP_F32));
+    void *dx, *dy, *dout;
+    OK(lp_ctx_alloc(&a, n * 4, &dx));
+    OK(lp_ctx_alloc(&a, n * 4, &dy));
+    OK(lp_ctx_alloc(&a, n * 4, &dout));
+    memset(&b, 0, sizeof b);
+    b.device = LP_CUDA, b.dtype = LP_F32, b.cuda_device = 1;
+    OK(lp_cuda_ctx_init(&b)); /* device 1 is now the thread's current device */
+    void *db;
+    OK(lp_ctx_alloc(&b, n * 4, &db));
+    OK(lp_ctx_to_device(&b, db, x, n * 4));
+    OK(lp_ctx_to_device(&a, dx, x, n * 4));
+    OK(lp_ctx_to_device(&a, dy, y, n * 4));
+    OK(lp_add(&a, dout, dx, dy, n));
+    OK(lp_add(&b, db, db, db, n));
+    OK(lp_ctx_to_host(&a, got, dout, n * 4));
+    for (int i = 0; i < n; i++) cr_expect_float_eq(got[i], ref[i], 0.0f, "x + y [%d] on device 0", i);
+    OK(lp_ctx_to_host(&b, got, db, n * 4));
+    for (int i = 0; i < n; i++) cr_expect_float_eq(got[i], 2 * x[i], 0.0f, "x + x [%d] on device 1", i);
+    lp_ctx_release(&b, db);
+    lp_ctx_release(&a, dx), lp_ctx_release(&a, dy), lp_ctx_release(&a, dout);
+    lp_ctx_free(&b);
+    lp_ctx_free(&a);
+    free(x), free(y);
 }

@@ -200,6 +200,12 @@ static void *new_stack(char *base, size_t bytes, void (*entry)()) {
 }
 enum class st { ready, barrier, warp, done };
 
+static const char *op_name(warp_op op) {
+    static const char *names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
+                                  "__ballot_sync", "__any_sync", "__all_sync", "__match_any_sync", "__syncwarp"};
+    return names[(int)op];
+}
+
 struct fiber {
     void *sp;
     char *stack;
@@ -298,7 +304,7 @@ static const char *state_name(st s) {
         if (shown++ == 64) { fprintf(stderr, "  ...\n"); break; }
         fprintf(stderr, "  thread (%u,%u,%u) %s", t.idx.x, t.idx.y, t.idx.z, state_name(t.state));
         if (t.state == st::barrier) fprintf(stderr, " (%s)", t.site);
-        if (t.state == st::warp) fprintf(stderr, " (op %d, mask %08x)", (int)t.op, t.mask);
+        if (t.state == st::warp) fprintf(stderr, " (%s, mask %08x)", op_name(t.op), t.mask);
         fputc('\n', stderr);
     }
     t_kernel = nullptr;
@@ -309,7 +315,7 @@ static const char *state_name(st s) {
 uint64_t warp_collective(warp_op op, unsigned mask, uint64_t value, int arg, int width) {
     if (!t_blk) fail("warp collective outside a kernel");
     fiber &t = current();
-    if (!(mask >> t.lane & 1)) fail("warp collective (op %d) with mask %08x that excludes the calling lane %u", (int)op, mask, t.lane);
+    if (!(mask >> t.lane & 1)) fail("%s with mask %08x that excludes the calling lane %u", op_name(op), mask, t.lane);
     if (width < 1 || width > 32 || (width & (width - 1))) fail("shuffle width %d is not a power of two up to 32", width);
     t.op = op;
     t.mask = mask;
@@ -362,7 +368,7 @@ static void complete(block_run *b, unsigned f, unsigned n_lanes, unsigned mask) 
             const unsigned s = shfl_source(t);
             if (!(mask >> s & 1)) {
                 threadIdx = t.idx;
-                fail("shuffle (op %d) reads lane %u, which is not in mask %08x", (int)t.op, s, mask);
+                fail("%s reads lane %u, which is not in mask %08x", op_name(t.op), s, mask);
             }
             t.result = b->th[f + s].value;
         }
@@ -390,11 +396,11 @@ static bool resolve_warps(block_run *b) {
                 if (!(mask >> k & 1)) continue;
                 const fiber &o = b->th[f + k];
                 if (o.state == st::done)
-                    fail("warp collective (op %d) with mask %08x waits for lane %u, which has exited", (int)t.op, mask, k);
+                    fail("%s with mask %08x waits for lane %u, which has exited", op_name(t.op), mask, k);
                 if (o.state == st::barrier) deadlock(b, "a warp collective waits for a lane that waits at __syncthreads");
                 if (o.op != t.op || o.mask != mask || o.width != t.width)
-                    fail("lanes of one warp collective disagree: lane %u (op %d, mask %08x), lane %u (op %d, mask %08x)",
-                         l, (int)t.op, mask, k, (int)o.op, o.mask);
+                    fail("lanes of one warp collective disagree: lane %u (%s, mask %08x), lane %u (%s, mask %08x)",
+                         l, op_name(t.op), mask, k, op_name(o.op), o.mask);
             }
             complete(b, f, n_lanes, mask);
             any = true;
