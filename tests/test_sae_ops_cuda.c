@@ -9,6 +9,7 @@
  * every test skips, saying why (LOUPE_REQUIRE_GPU=1 turns the skip into a failure). */
 #include "loupe/sae_ops.h"
 #include "ops_internal.h"
+#include "sae_internal.h"
 #include "gputest.h"
 
 /* ---- budgets: nmse = sum (gpu - cpu)^2 / sum cpu^2 (0: bit for bit) ----------------------
@@ -538,4 +539,22 @@ Test(sae_ops_cuda, fire_counts) {
             gpu_done(&g, label);
             free(idx), free(val), free(f), free(c0), free(rs), free(rd), free(gs), free(gd);
         }
+}
+
+/* The SAE runner feeds F32 buffers to the generic ops, which read the context's activation
+ * dtype: a BF16 context is refused rather than misreading them. */
+Test(sae_ops_cuda, runner_refuses_a_bf16_context) {
+    LP_TEST_REQUIRE_GPU();
+    lp_ctx c;
+    OK(lp_ctx_init(&c, LP_CUDA, LP_BF16));
+    lp_sae_cfg cfg = {.arch = LP_SAE_STANDARD, .d_in = 8, .d_sae = 16, .d_out = 8};
+    snprintf(cfg.normalize, sizeof cfg.normalize, "none");
+    lp_sae *s;
+    OK(lp_sae_alloc(&s, &cfg, &c));
+    sae_runner *r = NULL;
+    cr_expect_eq(lp_sae_runner_new(&r, s, &c, 4, 1, 0), LP_ERR_ARG);
+    cr_expect(strstr(lp_last_error(), "F32") != NULL, "%s", lp_last_error());
+    cr_expect(r == NULL);
+    lp_sae_free(s, &c);
+    lp_ctx_free(&c);
 }
