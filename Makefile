@@ -53,7 +53,7 @@ TEST_BIN   := $(TEST_SRC:tests/%.c=$(BUILD)/%)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
 BENCH_BIN  := $(BENCH_SRC:bench/%.c=$(BUILD)/%)
 
-.PHONY: all deps announce model test gpu-check bench demo clean fixtures fuzz emu test-emu
+.PHONY: all deps announce model test gpu-check bench demo clean fixtures fuzz emu test-emu gpu-check-offline
 all: announce $(BUILD)/loupe $(BUILD)/libloupe.a $(TEST_BIN) $(BENCH_BIN)
 
 announce:
@@ -88,9 +88,11 @@ $(BUILD)/bench_%: bench/bench_%.c $(BUILD)/libloupe.a
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS)
 
 # Every test binary runs even if an earlier one fails; the last line sums them all up.
+# Then the CUDA tests once more on the CPU emulator (tests/cuda_emu/; EMU=0 leaves them out).
+EMU_RUN = $(if $(filter 1,$(EMU)),--env=LOUPE_REQUIRE_GPU=1 --env=ASAN_OPTIONS=detect_leaks=0 $(EMU_TEST_BIN))
 test: deps model
-	@$(MAKE) --no-print-directory all
-	@LOUPE_CLI=$(BUILD)/loupe bash scripts/run-tests.sh $(TEST_BIN)
+	@$(MAKE) --no-print-directory all $(if $(filter 1,$(EMU)),emu)
+	@LOUPE_CLI=$(BUILD)/loupe bash scripts/run-tests.sh $(TEST_BIN) $(EMU_RUN)
 
 # ---- CUDA kernels on the CPU (tests/cuda_emu/) ---------------------------------------------
 # The kernels/*.cu sources compiled as C++ against the emulated CUDA headers, with the host
@@ -128,7 +130,7 @@ $(EMU_DIR)/libloupe_emu.a: $(EMU_HOST_OBJ) $(EMU_KERN_OBJ) $(EMU_RT_OBJ)
 	ar rcs $@ $^
 
 $(EMU_DIR)/test_%: tests/test_%.c $(wildcard tests/*.h) $(EMU_DIR)/libloupe_emu.a
-	$(CC) $(EMU_CFLAGS) -DLOUPE_TEST_EMU=1 -Itests $< $(EMU_DIR)/libloupe_emu.a -o $@ $(EMU_SAN) $(PKG_LIBS) -lm -pthread -lcriterion -lstdc++
+	$(CC) $(EMU_CFLAGS) -DLOUPE_TEST_SMALL=1 -Itests $< $(EMU_DIR)/libloupe_emu.a -o $@ $(EMU_SAN) $(PKG_LIBS) -lm -pthread -lcriterion -lstdc++
 
 # The emulator's own tests: each check fires on a kernel with that bug.
 $(EMU_DIR)/test_cuda_emu: tests/cuda_emu/test_cuda_emu.cu $(EMU_RT_OBJ) $(EMU_HDR)
@@ -139,6 +141,19 @@ emu: $(EMU_TEST_BIN)
 # Runs the CUDA tests on the emulator; a skip there is a failure (the emulated device is always present).
 test-emu: emu
 	@LOUPE_REQUIRE_GPU=1 ASAN_OPTIONS=detect_leaks=0:$(ASAN_OPTIONS) bash scripts/run-tests.sh $(EMU_TEST_BIN)
+
+# ---- the prepared check for a lent GPU (scripts/gpu-check-offline.sh, tests/README.md) ------
+# LINEINFO=1 adds -lineinfo (compute-sanitizer reports source lines); $(BUILD)/small/test_*
+# are the CUDA tests at the sizes of the emulated build, for the sanitizer runs.
+ifeq ($(LINEINFO),1)
+NVFLAGS += -lineinfo
+endif
+$(BUILD)/small/test_%: tests/test_%.c $(wildcard tests/*.h) $(BUILD)/libloupe.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -DLOUPE_TEST_SMALL=1 -Itests $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS) -lcriterion
+
+gpu-check-offline:
+	@bash scripts/gpu-check-offline.sh build
 
 # For a machine with a GPU: every CUDA test must run (a skip fails), then the benchmarks.
 gpu-check: deps
