@@ -59,7 +59,8 @@ step() {
     skips=$(grep -c '^\[SKIP\]' "$log")
     printf '%-8s %-44s %4ds  %s%s\n' "$st" "$name" $((SECONDS - t0)) "${synth:-rc=$rc}" \
         "$([ "$skips" -gt 0 ] && echo " | skipped $skips")" >>"$SUMMARY"
-    [ "$st" = PASS ] || grep -E '^\[(FAIL|----|SKIP)\]|ERROR SUMMARY|========= [A-Z]' "$log" | head -20 | sed 's/^/           /' >>"$SUMMARY"
+    [ "$st" = PASS ] || grep -E '^\[(FAIL|----|SKIP)\] *[^ ]|ERROR SUMMARY|========= [A-Z]|validation failed' "$log" |
+        head -12 | sed 's/^/           /' >>"$SUMMARY"
 }
 
 run() {
@@ -118,8 +119,8 @@ run() {
     echo "== benchmarks (GPU sections)" >>"$SUMMARY"
     step bench_forward.gpt2 "${BENCH_S:-60}" "$BUNDLE/bin/bench_forward" --only gpt2 --cpu-seq 16
     step bench_forward.llama8b "${BENCH_S:-60}" "$BUNDLE/bin/bench_forward" --only llama8b --cpu-seq 16
-    step bench_sae "${BENCH_S:-60}" "$BUNDLE/bin/bench_sae" --cpu-batch 64
-    step bench_attrib "${BENCH_S:-60}" "$BUNDLE/bin/bench_attrib"
+    step bench_sae "${BENCH_S:-60}" "$BUNDLE/bin/bench_sae" --gpu-only
+    step bench_attrib "${BENCH_S:-60}" "$BUNDLE/bin/bench_attrib" --gpu-only
     for b in bench_forward.gpt2 bench_forward.llama8b bench_sae bench_attrib; do
         echo "-- $b figures" >>"$SUMMARY"
         grep -E 'tokens/s|GB/s|TFLOP|ms|/s|target|skipped|valid' "$OUT/logs/$b.log" | head -25 | sed 's/^/   /' >>"$SUMMARY"

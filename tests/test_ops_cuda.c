@@ -14,6 +14,7 @@
 #include "loupe/ops.h"
 #include "gputest.h"
 #include "ops_internal.h"
+#include "rng.h"
 
 /* ---- budgets: nmse = sum (gpu - cpu)^2 / sum cpu^2 -------------------------------------
  * fp32: the GPU and the CPU differ only in summation order and in last-ulp differences
@@ -1064,4 +1065,35 @@ Test(ops_cuda, contexts_on_two_devices_in_one_thread) {
     lp_ctx_free(&b);
     lp_ctx_free(&a);
     free(x), free(y);
+}
+
+/* ---- random weights on the device ----
+ * lp_cuda_init_weights gives the host's base + lp_rng_init_weight values bit for bit (after
+ * the rounding to bf16 the host's upload does), and lp_rng_init_weight_skip the state the
+ * host loop leaves: random models are the same on both sides. */
+Test(ops_cuda, init_weights_match_the_host_generator) {
+    LP_TEST_REQUIRE_GPU();
+    static const size_t sizes[] = {1, 63, 64, 65, EMU_CAP(300007, 20011)};
+    for (int di = 0; di < 2; di++)
+        for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++) {
+            const lp_dtype dt = DTYPES[di];
+            const size_t n = sizes[si];
+            const float base = si % 2 ? 1.0f : 0.0f;
+            const uint64_t s0 = 1 + 977 * si;
+            uint64_t s = s0;
+            float *ref = zeros(n);
+            for (size_t j = 0; j < n; j++) ref[j] = base + lp_rng_init_weight(&s);
+            cr_expect_eq(lp_rng_init_weight_skip(s0, n), s, "state after %zu values", n);
+            round_act(dt, ref, n);
+            gpu g;
+            gpu_init(&g, dt);
+            void *d = gpu_alloc(&g, act_bytes(&g, n));
+            OK(lp_cuda_init_weights(&g.c, d, n, s0, base));
+            float *got = gpu_get_act(&g, d, n);
+            size_t bad = 0;
+            for (size_t j = 0; j < n; j++) bad += memcmp(&got[j], &ref[j], 4) != 0;
+            cr_expect_eq(bad, 0, "init_weights %s n=%zu: %zu values differ from the host's", lp_dtype_name(dt), n, bad);
+            gpu_done(&g, "init_weights");
+            free(ref), free(got);
+        }
 }
