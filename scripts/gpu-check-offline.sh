@@ -18,7 +18,11 @@
 # sections of the benchmarks; every step has its own time limit and a failure never stops
 # the ones after it. The fixtures travel with the tree (tests/fixtures); the real model does
 # not, and the tests and benchmark sections that need it skip, saying so.
-# Time limits (seconds) can be changed through the environment: TEST_S, SAN_S, BENCH_S.
+# Order: the tests at full size, the benchmarks, then the sanitizers (memcheck, racecheck,
+# synccheck), so that what is cut when time runs out is the least needed. Time limits
+# (seconds) can be changed through the environment: TEST_S per test binary (90), BENCH_S
+# per benchmark (60), SAN_S per sanitizer run (40) and TOTAL_S for the whole run (420, so
+# the run and the unpacking fit an 8-minute call).
 set -u
 BUNDLE=${BUNDLE:-build/gpucheck/bundle}
 
@@ -47,7 +51,12 @@ build() {
 step() {
     local name=$1 limit=$2
     shift 2
-    local log="$OUT/logs/$name.log" t0=$SECONDS rc
+    local log="$OUT/logs/$name.log" t0=$SECONDS rc left=$((T_END - SECONDS))
+    if [ "$left" -lt 10 ]; then # the whole run keeps inside TOTAL_S
+        printf '%-8s %-44s        out of time (TOTAL_S=%s)\n' SKIP "$name" "$TOTAL_S" >>"$SUMMARY"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     timeout -k 10 "$limit" "$@" >"$log" 2>&1
     rc=$?
     local st=PASS
@@ -65,6 +74,8 @@ step() {
 
 run() {
     OUT=${OUT:-gpucheck-out}
+    TOTAL_S=${TOTAL_S:-420}
+    T_END=$((SECONDS + TOTAL_S))
     mkdir -p "$OUT/logs"
     SUMMARY="$OUT/summary.txt"
     local t0=$SECONDS
@@ -102,6 +113,15 @@ run() {
         step "$(basename "$t")" "${TEST_S:-90}" "$t" --jobs 1 --verbose
     done
 
+    echo "== benchmarks (GPU sections)" >>"$SUMMARY"
+    step bench_forward.gpt2 "${BENCH_S:-60}" "$BUNDLE/bin/bench_forward" --only gpt2 --cpu-seq 16
+    step bench_forward.llama8b "${BENCH_S:-60}" "$BUNDLE/bin/bench_forward" --only llama8b --cpu-seq 16
+    step bench_sae "${BENCH_S:-60}" "$BUNDLE/bin/bench_sae" --gpu-only
+    step bench_attrib "${BENCH_S:-60}" "$BUNDLE/bin/bench_attrib" --gpu-only
+    for b in bench_forward.gpt2 bench_forward.llama8b bench_sae bench_attrib; do
+        echo "-- $b figures" >>"$SUMMARY"
+        grep -E 'tokens/s|GB/s|TFLOP|ms|/s|target|skipped|valid' "$OUT/logs/$b.log" 2>/dev/null | head -25 | sed 's/^/   /' >>"$SUMMARY"
+    done
     local cs
     cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
     if [ -n "$cs" ]; then
@@ -116,15 +136,6 @@ run() {
         echo "SKIP     compute-sanitizer: not installed" >>"$SUMMARY"
     fi
 
-    echo "== benchmarks (GPU sections)" >>"$SUMMARY"
-    step bench_forward.gpt2 "${BENCH_S:-60}" "$BUNDLE/bin/bench_forward" --only gpt2 --cpu-seq 16
-    step bench_forward.llama8b "${BENCH_S:-60}" "$BUNDLE/bin/bench_forward" --only llama8b --cpu-seq 16
-    step bench_sae "${BENCH_S:-60}" "$BUNDLE/bin/bench_sae" --gpu-only
-    step bench_attrib "${BENCH_S:-60}" "$BUNDLE/bin/bench_attrib" --gpu-only
-    for b in bench_forward.gpt2 bench_forward.llama8b bench_sae bench_attrib; do
-        echo "-- $b figures" >>"$SUMMARY"
-        grep -E 'tokens/s|GB/s|TFLOP|ms|/s|target|skipped|valid' "$OUT/logs/$b.log" | head -25 | sed 's/^/   /' >>"$SUMMARY"
-    done
     echo "total: $((SECONDS - t0)) s; $(grep -cE '^(FAIL|TIMEOUT)' "$SUMMARY") steps failed" >>"$SUMMARY"
     cat "$SUMMARY"
 }
