@@ -53,7 +53,7 @@ TEST_BIN   := $(TEST_SRC:tests/%.c=$(BUILD)/%)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
 BENCH_BIN  := $(BENCH_SRC:bench/%.c=$(BUILD)/%)
 
-.PHONY: all deps announce model model-gemma test gpu-check bench demo clean fixtures fuzz
+.PHONY: all deps announce model model-gemma test gpu-check bench demo clean fixtures fuzz emu test-emu gpu-check-offline
 all: announce $(BUILD)/loupe $(BUILD)/libloupe.a $(TEST_BIN) $(BENCH_BIN)
 
 announce:
@@ -93,9 +93,72 @@ $(BUILD)/bench_%: bench/bench_%.c $(BUILD)/libloupe.a
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS)
 
 # Every test binary runs even if an earlier one fails; the last line sums them all up.
+# Then the CUDA tests once more on the CPU emulator (tests/cuda_emu/; EMU=0 leaves them out).
+EMU_RUN = $(if $(filter 1,$(EMU)),--env=LOUPE_REQUIRE_GPU=1 --env=ASAN_OPTIONS=detect_leaks=0 $(EMU_TEST_BIN))
 test: deps model
-	@$(MAKE) --no-print-directory all
-	@LOUPE_CLI=$(BUILD)/loupe bash scripts/run-tests.sh $(TEST_BIN)
+	@$(MAKE) --no-print-directory all $(if $(filter 1,$(EMU)),emu)
+	@LOUPE_CLI=$(BUILD)/loupe bash scripts/run-tests.sh $(TEST_BIN) $(EMU_RUN)
+
+# ---- CUDA kernels on the CPU (tests/cuda_emu/) ---------------------------------------------
+# The kernels/*.cu sources compiled as C++ against the emulated CUDA headers, with the host
+# library (LOUPE_CUDA=1) under AddressSanitizer + UBSan, linked into build/emu/test_*_cuda:
+# every CUDA test then runs its kernels on the CPU. A test harness only: nothing of it goes
+# into build/loupe or build/libloupe.a. `make test` runs them (EMU=0 leaves them out).
+EMU       ?= 1
+EMU_DIR   := $(BUILD)/emu
+EMU_SAN   := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+EMU_CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -Iinclude -Ihost $(PKG_CFLAGS) -pthread \
+              -O1 -g -march=x86-64-v2 -DLOUPE_CUDA=1 $(EMU_SAN)
+EMU_CXXFLAGS := -x c++ -std=c++17 -O1 -g -march=x86-64-v2 -mfma -ffp-contract=fast -Itests/cuda_emu -Iinclude -Ihost $(PKG_CFLAGS) -DLOUPE_CUDA=1 \
+                $(EMU_SAN) -Wall -Wno-unused-parameter -Wno-unknown-pragmas
+EMU_HOST_OBJ := $(HOST_SRC:%.c=$(EMU_DIR)/%.o)
+EMU_KERN_OBJ := $(patsubst kernels/%.cu,$(EMU_DIR)/kernels/%.o,$(wildcard kernels/*.cu))
+EMU_RT_OBJ   := $(EMU_DIR)/cuda_emu/emu.o $(EMU_DIR)/cuda_emu/cublas.o
+EMU_TEST_SRC := $(wildcard tests/test_*_cuda.c)
+EMU_TEST_BIN := $(EMU_DIR)/test_cuda_emu $(EMU_TEST_SRC:tests/%.c=$(EMU_DIR)/%)
+EMU_HDR      := $(wildcard tests/cuda_emu/*.h)
+
+$(EMU_DIR)/host/%.o: host/%.c $(wildcard include/loupe/*.h host/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(EMU_CFLAGS) -c $< -o $@
+
+$(EMU_DIR)/kernels/%.o: kernels/%.cu $(wildcard include/loupe/*.h host/*.h kernels/*.cuh) $(EMU_HDR)
+	@mkdir -p $(dir $@)
+	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+
+$(EMU_DIR)/cuda_emu/%.o: tests/cuda_emu/%.cpp $(EMU_HDR)
+	@mkdir -p $(dir $@)
+	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
+
+$(EMU_DIR)/libloupe_emu.a: $(EMU_HOST_OBJ) $(EMU_KERN_OBJ) $(EMU_RT_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(EMU_DIR)/test_%: tests/test_%.c $(wildcard tests/*.h) $(EMU_DIR)/libloupe_emu.a
+	$(CC) $(EMU_CFLAGS) -DLOUPE_TEST_SMALL=1 -Itests $< $(EMU_DIR)/libloupe_emu.a -o $@ $(EMU_SAN) $(PKG_LIBS) -lm -pthread -lcriterion -lstdc++
+
+# The emulator's own tests: each check fires on a kernel with that bug.
+$(EMU_DIR)/test_cuda_emu: tests/cuda_emu/test_cuda_emu.cu $(EMU_RT_OBJ) $(EMU_HDR)
+	$(CXX) $(EMU_CXXFLAGS) -Ikernels $< -x none $(EMU_RT_OBJ) -o $@ $(EMU_SAN) $(PKG_LIBS) -lm -pthread -lcriterion
+
+emu: $(EMU_TEST_BIN)
+
+# Runs the CUDA tests on the emulator; a skip there is a failure (the emulated device is always present).
+test-emu: emu
+	@LOUPE_REQUIRE_GPU=1 ASAN_OPTIONS=detect_leaks=0:$(ASAN_OPTIONS) bash scripts/run-tests.sh $(EMU_TEST_BIN)
+
+# ---- the prepared check for a lent GPU (scripts/gpu-check-offline.sh, tests/README.md) ------
+# LINEINFO=1 adds -lineinfo (compute-sanitizer reports source lines); $(BUILD)/small/test_*
+# are the CUDA tests at the sizes of the emulated build, for the sanitizer runs.
+ifeq ($(LINEINFO),1)
+NVFLAGS += -lineinfo
+endif
+$(BUILD)/small/test_%: tests/test_%.c $(wildcard tests/*.h) $(BUILD)/libloupe.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -DLOUPE_TEST_SMALL=1 -Itests $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS) -lcriterion
+
+gpu-check-offline:
+	@bash scripts/gpu-check-offline.sh build
 
 # For a machine with a GPU: every CUDA test must run (a skip fails), then the benchmarks.
 gpu-check: deps

@@ -90,12 +90,14 @@ static void section(const char *what, lp_model *m, int B, int T) {
 }
 
 int main(int argc, char **argv) {
-    int T = 64, B = 4;
-    for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--seq")) T = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--pairs")) B = atoi(argv[i + 1]);
+    int T = 64, B = 4, cpu = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *val = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(argv[i], "--gpu-only")) cpu = 0; /* the offline GPU check's time budget */
+        else if (val && !strcmp(argv[i], "--seq")) T = atoi(val), i++;
+        else if (val && !strcmp(argv[i], "--pairs")) B = atoi(val), i++;
         else {
-            fprintf(stderr, "usage: bench_attrib [--seq T] [--pairs B]\n");
+            fprintf(stderr, "usage: bench_attrib [--gpu-only] [--seq T] [--pairs B]\n");
             return 2;
         }
     }
@@ -104,10 +106,12 @@ int main(int argc, char **argv) {
     char why[256];
     int gpu = lp_cuda_available(why, sizeof why);
     lp_model *m;
-    CHECK(lp_model_random(&m, &g, 1, LP_CPU, LP_F32));
-    section("CPU GPT-2 small shape", m, B, T);
-    lp_model_free(m);
-    FILE *f = fopen("models/SmolLM2-135M-Instruct.Q4_1.gguf", "rb");
+    if (cpu) {
+        CHECK(lp_model_random(&m, &g, 1, LP_CPU, LP_F32));
+        section("CPU GPT-2 small shape", m, B, T);
+        lp_model_free(m);
+    }
+    FILE *f = cpu ? fopen("models/SmolLM2-135M-Instruct.Q4_1.gguf", "rb") : NULL;
     if (f) {
         fclose(f);
         CHECK(lp_model_load(&m, "models/SmolLM2-135M-Instruct.Q4_1.gguf", LP_CPU, LP_F32));

@@ -234,20 +234,22 @@ static void live_section(void) {
 }
 
 int main(int argc, char **argv) {
-    int cd = 256, cs = 4096, cb = 1024, steps = 20;
-    for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--cpu-d")) cd = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--cpu-sae")) cs = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--cpu-batch")) cb = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--steps")) steps = atoi(argv[i + 1]);
+    int cd = 256, cs = 4096, cb = 1024, steps = 20, cpu = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *val = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(argv[i], "--gpu-only")) cpu = 0; /* the offline GPU check's time budget */
+        else if (val && !strcmp(argv[i], "--cpu-d")) cd = atoi(val), i++;
+        else if (val && !strcmp(argv[i], "--cpu-sae")) cs = atoi(val), i++;
+        else if (val && !strcmp(argv[i], "--cpu-batch")) cb = atoi(val), i++;
+        else if (val && !strcmp(argv[i], "--steps")) steps = atoi(val), i++;
         else {
-            fprintf(stderr, "usage: bench_sae [--cpu-d D] [--cpu-sae S] [--cpu-batch B] [--steps N]\n");
+            fprintf(stderr, "usage: bench_sae [--gpu-only] [--cpu-d D] [--cpu-sae S] [--cpu-batch B] [--steps N]\n");
             return 2;
         }
     }
     snprintf(g_dir, sizeof g_dir, "/tmp/loupe-bench-sae-XXXXXX");
     if (!mkdtemp(g_dir)) return 1;
-    section("CPU", LP_CPU, cd, cs, cb, steps);
+    if (cpu) section("CPU", LP_CPU, cd, cs, cb, steps);
     char why[256];
     if (lp_cuda_available(why, sizeof why)) {
         validate_gpu();

@@ -18,6 +18,7 @@
 #include "loupe/safetensors.h"
 #include "model_cfg.h"
 #include "model_internal.h"
+#include "ops_internal.h"
 #include "rng.h"
 
 /* per-layer weights, in table order; biases have zero rows unless the model has them */
@@ -374,15 +375,21 @@ lp_status lp_llama_random(lp_model *m, uint64_t seed) {
     snprintf(c->name, sizeof c->name, "llama");
     LP_CHECK(lp_llama_check_config("random model", c));
     LP_CHECK(alloc_weights(m));
-    /* tensor by tensor through a host buffer: an 8B model never exists twice in host memory */
+    /* tensor by tensor, on the device for a CUDA model (an 8B model's weights never pass
+     * through the host), else through one host buffer per tensor */
     uint64_t s = seed;
     for (int i = 0; i < m->n_params_t; i++) {
         const param *p = &m->params[i];
         size_t n = (size_t)p->shape[0] * (p->ndim == 2 ? p->shape[1] : 1);
         if (!n) continue;
+        float base = p->ndim == 1 && strstr(p->name, ".w") ? 1.0f : 0.0f; /* norm weights near 1 */
+        if (m->ctx.device == LP_CUDA) { /* the same values, generated where they live */
+            LP_CHECK(lp_cuda_init_weights(&m->ctx, lp_param(m, i), n, s, base));
+            s = lp_rng_init_weight_skip(s, n);
+            continue;
+        }
         float *h = malloc(n * sizeof(float));
         if (!h) LP_FAIL(LP_ERR_OOM, "out of host memory for %s", p->name);
-        float base = p->ndim == 1 && strstr(p->name, ".w") ? 1.0f : 0.0f; /* norm weights near 1 */
         for (size_t j = 0; j < n; j++) h[j] = base + lp_rng_init_weight(&s);
         src_tensor src = {.file = "random", .name = p->name, .data = h, .gtype = -1, .dtype = LP_F32,
                           .rows = p->shape[0], .cols = p->ndim == 2 ? p->shape[1] : 1};

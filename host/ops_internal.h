@@ -66,6 +66,9 @@ int lp_cuda_device_count(char *why, size_t n);
 lp_status lp_cuda_embed(lp_ctx *c, void *out, const int32_t *tok, const void *wte, int N, int D);
 lp_status lp_cuda_pos_embed(lp_ctx *c, void *out, const void *wpe, int B, int T, int D);
 lp_status lp_cuda_add(lp_ctx *c, void *out, const void *a, const void *b, size_t n);
+/* n random weights base + lp_rng_init_weight (host/rng.h) into dst in c's dtype, generated on
+ * the device from the LCG state `state`, bit for bit the host's values (kernels/init.cu). */
+lp_status lp_cuda_init_weights(lp_ctx *c, void *dst, size_t n, uint64_t state, float base);
 lp_status lp_cuda_ln_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps);
 lp_status lp_cuda_ln_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w,
                            const void *b, int N, int D);

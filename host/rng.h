@@ -23,4 +23,16 @@ static inline float lp_rng_init_weight(uint64_t *s) {
     return ((float)(*s >> 40) / 16777216.0f - 0.5f) * 0.0693f;
 }
 
+/* The state lp_rng_init_weight leaves after n more calls (jump-ahead: the affine step
+ * x -> a x + c composed with itself in O(log n)); kernels/init.cu does the same on the device. */
+static inline uint64_t lp_rng_init_weight_skip(uint64_t s, uint64_t n) {
+    uint64_t A = 1, C = 0, a = 6364136223846793005ull, c = 1442695040888963407ull;
+    for (; n; n >>= 1) {
+        if (n & 1) A *= a, C = C * a + c;
+        c = c * a + c;
+        a *= a;
+    }
+    return A * s + C;
+}
+
 #endif

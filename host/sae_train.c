@@ -83,6 +83,11 @@ void lp_sae_runner_free(sae_runner *r) {
 
 lp_status lp_sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int train, int aux_k) {
     *out = NULL;
+    /* The runner hands the SAE's F32 buffers to the generic ops (matmul, affine, add), which
+     * read them in the context's activation dtype: a BF16 context would misread every one. */
+    if (c == NULL || c->dtype != LP_F32 || c->device != s->device)
+        LP_FAIL(LP_ERR_ARG, "SAE runner: needs an F32 context on the SAE's device (got %s on %s)",
+                c ? lp_dtype_name(c->dtype) : "none", c && c->device == LP_CUDA ? "cuda" : "cpu");
     sae_runner *r = calloc(1, sizeof *r);
     if (!r) LP_FAIL(LP_ERR_OOM, "out of memory");
     const lp_sae_cfg *cf = &s->cfg;

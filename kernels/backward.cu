@@ -48,7 +48,7 @@ static const int kMaxDh = 256;      // 8 values per lane
 // barriers) and each thread rereads its own elements, so dx may alias dy or x.
 template <typename T, bool kCenter>
 __global__ void norm_backward_kernel(T *dx, const T *dy, const T *x, const T *scale, const T *w, int D) {
-    __shared__ float sh[32];
+    LP_SHARED(float, sh, [32]);
     const size_t row = blockIdx.x;
     const T *xr = x + row * D, *dyr = dy + row * D;
     T *dxr = dx + row * D;
@@ -79,9 +79,12 @@ __global__ void norm_backward_kernel(T *dx, const T *dy, const T *x, const T *sc
 static unsigned norm_block(int D) { return D <= 32 ? 32 : D <= 128 ? 128 : 256; }
 
 // dscale[row] = -(1/scale) sum_d dy w xh (the gradient at hook_scale, x held fixed). One block per row.
+// The sum is a single number that may cancel: in fp32 its error relative to the result is
+// unbounded (D = 1600 gave 6e-5), so it is accumulated in double, like the CPU twin.
 template <typename T, bool kCenter>
 __global__ void norm_scale_grad_kernel(T *dscale, const T *dy, const T *x, const T *scale, const T *w, int D) {
-    __shared__ float sh[32];
+    LP_SHARED(float, sh, [32]);
+    LP_SHARED(double, shd, [32]);
     const size_t row = blockIdx.x;
     const T *xr = x + row * D, *dyr = dy + row * D;
     const float inv = 1.0f / lp_to_f(scale[row]);
@@ -92,11 +95,11 @@ __global__ void norm_scale_grad_kernel(T *dscale, const T *dy, const T *x, const
         for (int d = threadIdx.x; d < D; d += blockDim.x) s += lp_to_f(xr[d]) - x0;
         mu = lp_block_sum(s, sh) / (float)D;
     }
-    float acc = 0.0f;
+    double acc = 0.0;
     for (int d = threadIdx.x; d < D; d += blockDim.x)
-        acc = fmaf(lp_to_f(dyr[d]) * (w ? lp_to_f(w[d]) : 1.0f), ((lp_to_f(xr[d]) - x0) - mu) * inv, acc);
-    const float total = lp_block_sum(acc, sh);
-    if (threadIdx.x == 0) dscale[row] = lp_from_f<T>(-total * inv);
+        acc += (double)(lp_to_f(dyr[d]) * (w ? lp_to_f(w[d]) : 1.0f)) * (((lp_to_f(xr[d]) - x0) - mu) * inv);
+    const double total = lp_block_sum_d(acc, shd);
+    if (threadIdx.x == 0) dscale[row] = lp_from_f<T>((float)(-total * inv));
 }
 
 // ---- element-wise ----
@@ -193,7 +196,8 @@ __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2
 // NaN where target >= V (a token the host could not check). One block per row.
 template <typename T>
 __global__ void xent_backward_kernel(T *dl, const T *logits, const int32_t *targets, const float *scale, int V) {
-    __shared__ float sm[32], ss[32];
+    LP_SHARED(float, sm, [32]);
+    LP_SHARED(float, ss, [32]);
     const size_t row = blockIdx.x;
     const int tgt = targets[row]; // the same in every thread: the block branches together
     T *o = dl + row * V;
@@ -272,7 +276,7 @@ __device__ __forceinline__ row_stats stats_get(const unsigned char *base, size_t
 template <typename T>
 __global__ void attn_bwd_stats_kernel(unsigned char *stash, size_t stride, const T *dz, const T *q, const T *k,
                                       const T *v, int B, int T_, int H, int Hkv, int dh, float scale) {
-    extern __shared__ float smem[];
+    LP_DYNAMIC_SHARED(float, smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *qs = smem + warp * 2 * dh, *dzs = qs + dh;
     const long long rows = (long long)B * H * T_;
@@ -316,7 +320,7 @@ template <typename T, int DPL>
 __global__ void attn_bwd_dkv_kernel(T *dk, T *dv, const unsigned char *stash, size_t stride, const T *dz,
                                     const T *q, const T *k, const T *v, int B, int T_, int H, int Hkv, int dh,
                                     float scale) {
-    extern __shared__ float smem[];
+    LP_DYNAMIC_SHARED(float, smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *ks = smem + warp * 2 * dh, *vs = ks + dh;
     const long long rows = (long long)B * Hkv * T_;
@@ -373,7 +377,7 @@ __global__ void attn_bwd_dkv_kernel(T *dk, T *dv, const unsigned char *stash, si
 template <typename T, int DPL>
 __global__ void attn_bwd_dq_kernel(T *dq, const unsigned char *stash, size_t stride, const T *dz, const T *q,
                                    const T *k, const T *v, int B, int T_, int H, int Hkv, int dh, float scale) {
-    extern __shared__ float smem[];
+    LP_DYNAMIC_SHARED(float, smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *qs = smem + warp * 2 * dh, *dzs = qs + dh;
     const long long rows = (long long)B * H * T_;
@@ -428,7 +432,7 @@ __global__ void attn_bwd_dq_kernel(T *dq, const unsigned char *stash, size_t str
 template <typename T>
 __global__ void attn_apply_bwd_dp_kernel(T *dpattern, const T *dz, const T *v, int B, int T_, int H, int Hkv,
                                          int dh) {
-    extern __shared__ float smem[];
+    LP_DYNAMIC_SHARED(float, smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *dzs = smem + warp * dh;
     const long long rows = (long long)B * H * T_;
@@ -587,7 +591,7 @@ static unsigned row_grid(long long rows) {
 template <typename T, bool kCenter>
 static lp_status norm_backward_launch(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale,
                                       const void *w, int N, int D) {
-    norm_backward_kernel<T, kCenter><<<(unsigned)N, norm_block(D), 0, lp_stream(c)>>>(
+    LP_LAUNCH((unsigned)N, norm_block(D), 0, lp_stream(c), norm_backward_kernel<T, kCenter>)(
         (T *)dx, (const T *)dy, (const T *)x, (const T *)scale, (const T *)w, D);
     LP_LAUNCH_CHECK("norm_backward_kernel");
     return LP_OK;
@@ -595,7 +599,7 @@ static lp_status norm_backward_launch(lp_ctx *c, void *dx, const void *dy, const
 
 template <typename T>
 static lp_status gelu_backward_launch(lp_ctx *c, void *dx, const void *dy, const void *x, size_t n) {
-    gelu_backward_kernel<T><<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>((T *)dx, (const T *)dy,
+    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), gelu_backward_kernel<T>)((T *)dx, (const T *)dy,
                                                                                 (const T *)x, n);
     LP_LAUNCH_CHECK("gelu_backward_kernel");
     return LP_OK;
@@ -604,7 +608,7 @@ static lp_status gelu_backward_launch(lp_ctx *c, void *dx, const void *dy, const
 template <typename T>
 static lp_status silu_mul_backward_launch(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate,
                                           const void *up, size_t n) {
-    silu_mul_backward_kernel<T><<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>(
+    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), silu_mul_backward_kernel<T>)(
         (T *)dgate, (T *)dup, (const T *)dy, (const T *)gate, (const T *)up, n);
     LP_LAUNCH_CHECK("silu_mul_backward_kernel");
     return LP_OK;
@@ -614,7 +618,7 @@ template <typename T>
 static lp_status rope_backward_launch(lp_ctx *c, void *dx, const void *dy, const float *cos_t, const float *sin_t,
                                       int B, int T_, int H, int dh, int pos0) {
     const size_t pairs = (size_t)B * T_ * H * (dh / 2);
-    rope_backward_kernel<T><<<lp_grid_1d(pairs, kBlock), kBlock, 0, lp_stream(c)>>>(
+    LP_LAUNCH(lp_grid_1d(pairs, kBlock), kBlock, 0, lp_stream(c), rope_backward_kernel<T>)(
         (T *)dx, (const T *)dy, cos_t, sin_t, T_, H, dh, pos0, pairs);
     LP_LAUNCH_CHECK("rope_backward_kernel");
     return LP_OK;
@@ -623,7 +627,7 @@ static lp_status rope_backward_launch(lp_ctx *c, void *dx, const void *dy, const
 template <typename T>
 static lp_status softmax_rows_backward_launch(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows,
                                               int cols) {
-    softmax_rows_backward_kernel<T><<<row_grid((long long)rows), kWarps * 32, 0, lp_stream(c)>>>(
+    LP_LAUNCH(row_grid((long long)rows), kWarps * 32, 0, lp_stream(c), softmax_rows_backward_kernel<T>)(
         (T *)dx, (const T *)dy, (const T *)y, rows, cols);
     LP_LAUNCH_CHECK("softmax_rows_backward_kernel");
     return LP_OK;
@@ -633,7 +637,7 @@ template <typename T>
 static lp_status xent_backward_launch(lp_ctx *c, void *dl, const void *logits, const int32_t *targets,
                                       const float *scale, int N, int V) {
     const unsigned block = V >= 512 ? 512u : (unsigned)((V + 31) / 32 * 32);
-    xent_backward_kernel<T><<<(unsigned)N, block, 0, lp_stream(c)>>>((T *)dl, (const T *)logits, targets, scale, V);
+    LP_LAUNCH((unsigned)N, block, 0, lp_stream(c), xent_backward_kernel<T>)((T *)dl, (const T *)logits, targets, scale, V);
     LP_LAUNCH_CHECK("xent_backward_kernel");
     return LP_OK;
 }
@@ -646,14 +650,14 @@ static lp_status attention_backward_launch(lp_ctx *c, void *dq, void *dk, void *
     const float scale = 1.0f / sqrtf((float)dh);
     const size_t smem = (size_t)kWarps * 2 * dh * sizeof(float);
     const long long qrows = (long long)B * H * T_, krows = (long long)B * Hkv * T_;
-    attn_bwd_stats_kernel<T><<<row_grid(qrows), kWarps * 32, smem, lp_stream(c)>>>(
+    LP_LAUNCH(row_grid(qrows), kWarps * 32, smem, lp_stream(c), attn_bwd_stats_kernel<T>)(
         stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh, scale);
     LP_LAUNCH_CHECK("attn_bwd_stats_kernel");
-    attn_bwd_dkv_kernel<T, DPL><<<row_grid(krows), kWarps * 32, smem, lp_stream(c)>>>(
+    LP_LAUNCH(row_grid(krows), kWarps * 32, smem, lp_stream(c), attn_bwd_dkv_kernel<T, DPL>)(
         (T *)dk, (T *)dv, stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh,
         scale);
     LP_LAUNCH_CHECK("attn_bwd_dkv_kernel");
-    attn_bwd_dq_kernel<T, DPL><<<row_grid(qrows), kWarps * 32, smem, lp_stream(c)>>>(
+    LP_LAUNCH(row_grid(qrows), kWarps * 32, smem, lp_stream(c), attn_bwd_dq_kernel<T, DPL>)(
         (T *)dq, stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh, scale);
     LP_LAUNCH_CHECK("attn_bwd_dq_kernel");
     return LP_OK;
@@ -677,10 +681,10 @@ static lp_status attn_apply_backward_launch(lp_ctx *c, void *dpattern, void *dv,
                                             const void *pattern, const void *v, int B, int T_, int H, int Hkv,
                                             int dh) {
     const long long qrows = (long long)B * H * T_, krows = (long long)B * Hkv * T_;
-    attn_apply_bwd_dp_kernel<T><<<row_grid(qrows), kWarps * 32, (size_t)kWarps * dh * sizeof(float),
-                                  lp_stream(c)>>>((T *)dpattern, (const T *)dz, (const T *)v, B, T_, H, Hkv, dh);
+    LP_LAUNCH(row_grid(qrows), kWarps * 32, (size_t)kWarps * dh * sizeof(float),
+                                  lp_stream(c), attn_apply_bwd_dp_kernel<T>)((T *)dpattern, (const T *)dz, (const T *)v, B, T_, H, Hkv, dh);
     LP_LAUNCH_CHECK("attn_apply_bwd_dp_kernel");
-    attn_apply_bwd_dv_kernel<T, DPL><<<row_grid(krows), kWarps * 32, 0, lp_stream(c)>>>(
+    LP_LAUNCH(row_grid(krows), kWarps * 32, 0, lp_stream(c), attn_apply_bwd_dv_kernel<T, DPL>)(
         (T *)dv, (const T *)dz, (const T *)pattern, B, T_, H, Hkv, dh);
     LP_LAUNCH_CHECK("attn_apply_bwd_dv_kernel");
     return LP_OK;
@@ -701,10 +705,10 @@ static lp_status attn_scores_backward_launch(lp_ctx *c, void *dq, void *dk, cons
                                              const void *k, int B, int T_, int H, int Hkv, int dh) {
     const float scale = 1.0f / sqrtf((float)dh);
     const long long qrows = (long long)B * H * T_, krows = (long long)B * Hkv * T_;
-    attn_scores_bwd_dq_kernel<T, DPL><<<row_grid(qrows), kWarps * 32, 0, lp_stream(c)>>>(
+    LP_LAUNCH(row_grid(qrows), kWarps * 32, 0, lp_stream(c), attn_scores_bwd_dq_kernel<T, DPL>)(
         (T *)dq, (const T *)dscores, (const T *)k, B, T_, H, Hkv, dh, scale);
     LP_LAUNCH_CHECK("attn_scores_bwd_dq_kernel");
-    attn_scores_bwd_dk_kernel<T, DPL><<<row_grid(krows), kWarps * 32, 0, lp_stream(c)>>>(
+    LP_LAUNCH(row_grid(krows), kWarps * 32, 0, lp_stream(c), attn_scores_bwd_dk_kernel<T, DPL>)(
         (T *)dk, (const T *)dscores, (const T *)q, B, T_, H, Hkv, dh, scale);
     LP_LAUNCH_CHECK("attn_scores_bwd_dk_kernel");
     return LP_OK;
@@ -863,10 +867,10 @@ template <typename T>
 static lp_status norm_scale_grad_launch(lp_ctx *c, void *dscale, const void *dy, const void *x, const void *scale, const void *w,
                                         int N, int D, int center) {
     if (center)
-        norm_scale_grad_kernel<T, true><<<(unsigned)N, norm_block(D), 0, lp_stream(c)>>>((T *)dscale, (const T *)dy, (const T *)x, (const T *)scale,
+        LP_LAUNCH((unsigned)N, norm_block(D), 0, lp_stream(c), norm_scale_grad_kernel<T, true>)((T *)dscale, (const T *)dy, (const T *)x, (const T *)scale,
                                                                      (const T *)w, D);
     else
-        norm_scale_grad_kernel<T, false><<<(unsigned)N, norm_block(D), 0, lp_stream(c)>>>((T *)dscale, (const T *)dy, (const T *)x, (const T *)scale,
+        LP_LAUNCH((unsigned)N, norm_block(D), 0, lp_stream(c), norm_scale_grad_kernel<T, false>)((T *)dscale, (const T *)dy, (const T *)x, (const T *)scale,
                                                                       (const T *)w, D);
     LP_LAUNCH_CHECK("norm_scale_grad_kernel");
     return LP_OK;

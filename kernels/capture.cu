@@ -7,13 +7,19 @@
 #include "ops_internal.h"
 
 extern "C" lp_status lp_cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
-    cudaEvent_t ev;
-    cudaError_t e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
+    if (c == NULL || c->device != LP_CUDA || c->stream == NULL || c->copy_stream == NULL)
+        return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "lp_cuda_to_host_async: not an initialised CUDA context");
+    if (bytes == 0) return LP_OK;
+    if (dst == NULL || src == NULL)
+        return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "lp_cuda_to_host_async: NULL pointer for %zu bytes", bytes);
+    cudaEvent_t ev = NULL;
+    cudaError_t e = cudaSetDevice(c->cuda_device);
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
     if (e == cudaSuccess) e = cudaEventRecord(ev, (cudaStream_t)c->stream);
     if (e == cudaSuccess) e = cudaStreamWaitEvent((cudaStream_t)c->copy_stream, ev, 0);
     if (e == cudaSuccess)
         e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, (cudaStream_t)c->copy_stream);
-    cudaEventDestroy(ev); // safe: destruction is deferred until the event completes
+    if (ev) cudaEventDestroy(ev); // safe: destruction is deferred until the event completes
     if (e != cudaSuccess)
         return lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__, "CUDA error %s: %s in capture copy",
                             cudaGetErrorName(e), cudaGetErrorString(e));

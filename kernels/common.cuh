@@ -80,7 +80,9 @@
                                 cudaGetErrorString(lp_e_), kernel_name);                    \
     } while (0)
 
-// Argument checks shared by every op entry point.
+// Argument checks shared by every op entry point, then the context's device made current:
+// the runtime's current device belongs to the host thread, and one thread may hold contexts
+// on several devices (each op runs on its context's device, not on the last one initialised).
 #define LP_CUDA_REQUIRE_CTX(c, op)                                                          \
     do {                                                                                    \
         if ((c) == NULL || (c)->device != LP_CUDA)                                          \
@@ -90,6 +92,7 @@
             return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,                             \
                                 "%s: activation dtype %s is not supported on CUDA "         \
                                 "(F32 or BF16)", (op), lp_dtype_name((c)->dtype));           \
+        LP_CUDA_CHECK(cudaSetDevice((c)->cuda_device));                                     \
     } while (0)
 
 // Fails with LP_ERR_ARG and a printf-style message (which should name the op) unless cond.
@@ -99,6 +102,20 @@
     } while (0)
 
 static inline cudaStream_t lp_stream(const lp_ctx *c) { return (cudaStream_t)c->stream; }
+
+// ---- launches and shared memory ----------------------------------------------------------
+// Every launch and every shared-memory declaration goes through these three macros, so the
+// same sources also build as C++ against the CPU emulator of tests/cuda_emu/ (whose
+// cuda_runtime.h defines LOUPE_CUDA_EMU and its own versions of them):
+//   LP_LAUNCH(grid, block, smem, stream, kernel<targs>)(args...)  is  kernel<<<...>>>(args...)
+//   LP_SHARED(T, name, [dims])                                    is  __shared__ T name[dims]
+//   LP_DYNAMIC_SHARED(T, name)                                    is  extern __shared__ T name[]
+// The kernel comes last because its template arguments may contain commas.
+#ifndef LOUPE_CUDA_EMU
+#define LP_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define LP_SHARED(T, name, ...) __shared__ T name __VA_ARGS__
+#define LP_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
 
 // ---- dtype-generic loads and stores ----------------------------------------------------
 // Activations are float or __nv_bfloat16 in memory; every kernel computes in fp32 and
@@ -145,7 +162,7 @@ __global__ void lp_tile_kernel(T *out, const T *src, size_t total, size_t period
 
 template <typename T>
 static lp_status lp_tile(lp_ctx *c, void *out, const void *src, size_t total, size_t period) {
-    lp_tile_kernel<T><<<lp_grid_1d(total, 256), 256, 0, lp_stream(c)>>>((T *)out, (const T *)src,
+    LP_LAUNCH(lp_grid_1d(total, 256), 256, 0, lp_stream(c), lp_tile_kernel<T>)((T *)out, (const T *)src,
                                                                        total, period);
     LP_LAUNCH_CHECK("lp_tile_kernel");
     return LP_OK;
@@ -178,6 +195,19 @@ __device__ __forceinline__ float lp_block_sum(float v, float *sh) {
     __syncthreads();
     v = lane < nw ? sh[lane] : 0.0f;
     return lp_warp_sum(v);
+}
+// The same in double, for sums that may cancel (sh: 32 doubles).
+__device__ __forceinline__ double lp_block_sum_d(double v, double *sh) {
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(LP_FULL_MASK, v, o);
+    __syncthreads();
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(LP_FULL_MASK, v, o);
+    return v;
 }
 __device__ __forceinline__ float lp_block_max(float v, float *sh) {
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;

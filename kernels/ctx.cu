@@ -7,6 +7,9 @@
 // stream (a library, a debugging cudaMemcpy) is then still ordered with our work.
 // Copies in and out are synchronous with respect to the host, so callers may reuse or
 // read their host buffer as soon as the call returns.
+//
+// Every call makes the context's device current first (cudaSetDevice is per host thread,
+// and a thread may hold contexts on several devices).
 #include <stdio.h>
 
 #include "common.cuh"
@@ -74,6 +77,8 @@ lp_status lp_cuda_alloc(lp_ctx *c, size_t bytes, void **p) {
     if (p == NULL) LP_FAIL(LP_ERR_ARG, "lp_cuda_alloc: NULL result pointer");
     *p = NULL;
     if (bytes == 0) return LP_OK;
+    LP_CUDA_REQUIRE(c != NULL && c->device == LP_CUDA, "lp_cuda_alloc: not a CUDA context");
+    LP_CUDA_CHECK(cudaSetDevice(c->cuda_device));
     cudaError_t e = cudaMalloc(p, bytes);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
@@ -84,7 +89,7 @@ lp_status lp_cuda_alloc(lp_ctx *c, size_t bytes, void **p) {
             (void)cudaGetLastError();
             LP_FAIL(LP_ERR_OOM,
                     "CUDA out of memory: cudaMalloc of %zu bytes failed (%zu of %zu bytes free on "
-                    "device %d)", bytes, free_b, total_b, c ? c->cuda_device : -1);
+                    "device %d)", bytes, free_b, total_b, c->cuda_device);
         }
         LP_FAIL(LP_ERR_CUDA, "CUDA error %s: %s in cudaMalloc(%zu bytes)", cudaGetErrorName(e),
                 cudaGetErrorString(e), bytes);
@@ -93,8 +98,8 @@ lp_status lp_cuda_alloc(lp_ctx *c, size_t bytes, void **p) {
 }
 
 void lp_cuda_release(lp_ctx *c, void *p) {
-    (void)c;
     if (p == NULL) return;
+    if (c) (void)cudaSetDevice(c->cuda_device); // cudaFree syncs the current device first
     (void)cudaFree(p);
     (void)cudaGetLastError();
 }
@@ -126,6 +131,7 @@ lp_status lp_cuda_memset0(lp_ctx *c, void *p, size_t bytes) {
     LP_CUDA_REQUIRE(c != NULL && c->device == LP_CUDA, "lp_cuda_memset0: not a CUDA context");
     if (bytes == 0) return LP_OK;
     LP_CUDA_REQUIRE(p != NULL, "lp_cuda_memset0: NULL pointer for %zu bytes", bytes);
+    LP_CUDA_CHECK(cudaSetDevice(c->cuda_device));
     LP_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, lp_stream(c)));
     return LP_OK;
 }
@@ -136,6 +142,7 @@ static lp_status copy_sync(lp_ctx *c, void *dst, const void *src, size_t bytes,
     LP_CUDA_REQUIRE(c != NULL && c->device == LP_CUDA, "%s: not a CUDA context", op);
     if (bytes == 0) return LP_OK;
     LP_CUDA_REQUIRE(dst != NULL && src != NULL, "%s: NULL pointer for %zu bytes", op, bytes);
+    LP_CUDA_CHECK(cudaSetDevice(c->cuda_device));
     LP_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, lp_stream(c)));
     LP_CUDA_CHECK(cudaStreamSynchronize(lp_stream(c)));
     return LP_OK;
@@ -155,12 +162,14 @@ lp_status lp_cuda_copy(lp_ctx *c, void *dst, const void *src, size_t bytes) {
     LP_CUDA_REQUIRE(c != NULL && c->device == LP_CUDA, "lp_cuda_copy: not a CUDA context");
     if (bytes == 0) return LP_OK;
     LP_CUDA_REQUIRE(dst != NULL && src != NULL, "lp_cuda_copy: NULL pointer for %zu bytes", bytes);
+    LP_CUDA_CHECK(cudaSetDevice(c->cuda_device));
     LP_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, lp_stream(c)));
     return LP_OK;
 }
 
 lp_status lp_cuda_sync(lp_ctx *c) {
     LP_CUDA_REQUIRE(c != NULL && c->device == LP_CUDA, "lp_cuda_sync: not a CUDA context");
+    LP_CUDA_CHECK(cudaSetDevice(c->cuda_device));
     if (c->stream) LP_CUDA_CHECK(cudaStreamSynchronize(lp_stream(c)));
     if (c->copy_stream) LP_CUDA_CHECK(cudaStreamSynchronize((cudaStream_t)c->copy_stream));
     return LP_OK;

@@ -62,6 +62,10 @@ lp_status lp_cuda_add(lp_ctx *c, void *out, const void *a, const void *b, size_t
     (void)c; (void)out; (void)a; (void)b; (void)n;
     return NO_CUDA();
 }
+lp_status lp_cuda_init_weights(lp_ctx *c, void *dst, size_t n, uint64_t state, float base) {
+    (void)c; (void)dst; (void)n; (void)state; (void)base;
+    return NO_CUDA();
+}
 lp_status lp_cuda_ln_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps) {
     (void)c; (void)scale; (void)x; (void)N; (void)D; (void)eps;
     return NO_CUDA();

@@ -111,7 +111,7 @@ __global__ void dequant_kernel(T *__restrict__ y, const uint8_t *__restrict__ x,
 
 template <int TYPE, typename T>
 lp_status launch(lp_ctx *c, void *dst, const void *src, size_t n) {
-    dequant_kernel<TYPE, T><<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>((T *)dst, (const uint8_t *)src, n);
+    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), dequant_kernel<TYPE, T>)((T *)dst, (const uint8_t *)src, n);
     LP_LAUNCH_CHECK("dequant_kernel");
     return LP_OK;
 }

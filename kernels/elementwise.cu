@@ -54,7 +54,7 @@ template <typename T>
 static lp_status embed_launch(lp_ctx *c, void *out, const int32_t *tok, const void *wte, int N,
                               int D) {
     const size_t total = (size_t)N * D;
-    embed_kernel<T><<<lp_grid_1d(total, kBlock), kBlock, 0, lp_stream(c)>>>(
+    LP_LAUNCH(lp_grid_1d(total, kBlock), kBlock, 0, lp_stream(c), embed_kernel<T>)(
         (T *)out, tok, (const T *)wte, N, D);
     LP_LAUNCH_CHECK("embed_kernel");
     return LP_OK;
@@ -62,7 +62,7 @@ static lp_status embed_launch(lp_ctx *c, void *out, const int32_t *tok, const vo
 
 template <typename T>
 static lp_status add_launch(lp_ctx *c, void *out, const void *a, const void *b, size_t n) {
-    add_kernel<T><<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>((T *)out, (const T *)a,
+    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), add_kernel<T>)((T *)out, (const T *)a,
                                                                      (const T *)b, n);
     LP_LAUNCH_CHECK("add_kernel");
     return LP_OK;
@@ -70,7 +70,7 @@ static lp_status add_launch(lp_ctx *c, void *out, const void *a, const void *b, 
 
 template <typename T>
 static lp_status gelu_launch(lp_ctx *c, void *out, const void *x, size_t n) {
-    gelu_kernel<T><<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>((T *)out, (const T *)x, n);
+    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), gelu_kernel<T>)((T *)out, (const T *)x, n);
     LP_LAUNCH_CHECK("gelu_kernel");
     return LP_OK;
 }
@@ -79,7 +79,7 @@ template <typename T>
 static lp_status affine_launch(lp_ctx *c, void *out, const void *x, const void *w, const void *b,
                                int N, int D) {
     const size_t total = (size_t)N * D;
-    affine_kernel<T><<<lp_grid_1d(total, kBlock), kBlock, 0, lp_stream(c)>>>(
+    LP_LAUNCH(lp_grid_1d(total, kBlock), kBlock, 0, lp_stream(c), affine_kernel<T>)(
         (T *)out, (const T *)x, (const T *)w, (const T *)b, N, D);
     LP_LAUNCH_CHECK("affine_kernel");
     return LP_OK;

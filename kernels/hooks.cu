@@ -71,7 +71,7 @@ template <typename T>
 static lp_status edit_launch(lp_ctx *c, void *act, lp_view v, size_t n, lp_edit_kind kind,
                              const void *src, float coef, const uint8_t *pos_mask,
                              const uint8_t *head_mask) {
-    edit_kernel<T><<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>(
+    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), edit_kernel<T>)(
         (T *)act, n, v.P, v.H, v.E, v.head_outer, (int)kind, (const T *)src, coef, pos_mask,
         head_mask);
     LP_LAUNCH_CHECK("edit_kernel");
@@ -81,7 +81,7 @@ static lp_status edit_launch(lp_ctx *c, void *act, lp_view v, size_t n, lp_edit_
 template <typename T>
 static lp_status gather_launch(lp_ctx *c, void *dst, const void *act, lp_view v, size_t n,
                                const int32_t *pos, int npos) {
-    gather_pos_kernel<T><<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>(
+    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), gather_pos_kernel<T>)(
         (T *)dst, (const T *)act, n, v.P, v.H, v.E, v.head_outer, pos, npos);
     LP_LAUNCH_CHECK("gather_pos_kernel");
     return LP_OK;

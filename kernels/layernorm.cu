@@ -21,7 +21,7 @@ __device__ __forceinline__ float row_shifted_mean(const T *xr, int D, float x0, 
 // scale[N] = sqrt(mean((x - mean)^2) + eps); x is [N,D]
 template <typename T>
 __global__ void ln_scale_kernel(T *scale, const T *x, int D, float eps) {
-    __shared__ float sh[32];
+    LP_SHARED(float, sh, [32]);
     const T *xr = x + (size_t)blockIdx.x * D;
     const float x0 = lp_to_f(xr[0]);
     const float mu = row_shifted_mean(xr, D, x0, sh);
@@ -38,7 +38,7 @@ __global__ void ln_scale_kernel(T *scale, const T *x, int D, float eps) {
 // by the same thread, so out may alias x.
 template <typename T>
 __global__ void ln_apply_kernel(T *out, const T *x, const T *scale, const T *w, const T *b, int D) {
-    __shared__ float sh[32];
+    LP_SHARED(float, sh, [32]);
     const size_t row = blockIdx.x;
     const T *xr = x + row * D;
     T *outr = out + row * D;
@@ -58,7 +58,7 @@ static unsigned ln_block(int D) { return D <= 32 ? 32 : D <= 128 ? 128 : 256; }
 
 template <typename T>
 static lp_status ln_scale_launch(lp_ctx *c, void *scale, const void *x, int N, int D, float eps) {
-    ln_scale_kernel<T><<<(unsigned)N, ln_block(D), 0, lp_stream(c)>>>((T *)scale, (const T *)x, D,
+    LP_LAUNCH((unsigned)N, ln_block(D), 0, lp_stream(c), ln_scale_kernel<T>)((T *)scale, (const T *)x, D,
                                                                       eps);
     LP_LAUNCH_CHECK("ln_scale_kernel");
     return LP_OK;
@@ -67,7 +67,7 @@ static lp_status ln_scale_launch(lp_ctx *c, void *scale, const void *x, int N, i
 template <typename T>
 static lp_status ln_apply_launch(lp_ctx *c, void *out, const void *x, const void *scale,
                                  const void *w, const void *b, int N, int D) {
-    ln_apply_kernel<T><<<(unsigned)N, ln_block(D), 0, lp_stream(c)>>>(
+    LP_LAUNCH((unsigned)N, ln_block(D), 0, lp_stream(c), ln_apply_kernel<T>)(
         (T *)out, (const T *)x, (const T *)scale, (const T *)w, (const T *)b, D);
     LP_LAUNCH_CHECK("ln_apply_kernel");
     return LP_OK;

@@ -17,7 +17,7 @@ static const unsigned kBlock = 256;  // element-wise kernels
 // scale[N] = sqrt(mean(x^2) + eps); x is [N,D]. One block per row.
 template <typename T>
 __global__ void rms_scale_kernel(T *scale, const T *x, int D, float eps) {
-    __shared__ float sh[32];
+    LP_SHARED(float, sh, [32]);
     const T *xr = x + (size_t)blockIdx.x * D;
     float ss = 0.0f;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
@@ -83,7 +83,7 @@ __global__ void silu_mul_kernel(T *out, const T *gate, const T *up, size_t n) {
 
 template <typename T>
 static lp_status rms_scale_launch(lp_ctx *c, void *scale, const void *x, int N, int D, float eps) {
-    rms_scale_kernel<T><<<(unsigned)N, rms_block(D), 0, lp_stream(c)>>>((T *)scale, (const T *)x,
+    LP_LAUNCH((unsigned)N, rms_block(D), 0, lp_stream(c), rms_scale_kernel<T>)((T *)scale, (const T *)x,
                                                                         D, eps);
     LP_LAUNCH_CHECK("rms_scale_kernel");
     return LP_OK;
@@ -92,7 +92,7 @@ static lp_status rms_scale_launch(lp_ctx *c, void *scale, const void *x, int N, 
 template <typename T>
 static lp_status rms_apply_launch(lp_ctx *c, void *out, const void *x, const void *scale,
                                   const void *w, int N, int D) {
-    rms_apply_kernel<T><<<(unsigned)N, rms_block(D), 0, lp_stream(c)>>>(
+    LP_LAUNCH((unsigned)N, rms_block(D), 0, lp_stream(c), rms_apply_kernel<T>)(
         (T *)out, (const T *)x, (const T *)scale, (const T *)w, D);
     LP_LAUNCH_CHECK("rms_apply_kernel");
     return LP_OK;
@@ -102,7 +102,7 @@ template <typename T>
 static lp_status rope_launch(lp_ctx *c, void *out, const void *x, const float *cos_t,
                              const float *sin_t, int B, int T_, int H, int dh, int pos0) {
     const size_t pairs = (size_t)B * T_ * H * (dh / 2);
-    rope_kernel<T><<<lp_grid_1d(pairs, kBlock), kBlock, 0, lp_stream(c)>>>(
+    LP_LAUNCH(lp_grid_1d(pairs, kBlock), kBlock, 0, lp_stream(c), rope_kernel<T>)(
         (T *)out, (const T *)x, cos_t, sin_t, T_, H, dh, pos0, pairs);
     LP_LAUNCH_CHECK("rope_kernel");
     return LP_OK;
@@ -111,7 +111,7 @@ static lp_status rope_launch(lp_ctx *c, void *out, const void *x, const float *c
 template <typename T>
 static lp_status silu_mul_launch(lp_ctx *c, void *out, const void *gate, const void *up,
                                  size_t n) {
-    silu_mul_kernel<T><<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>(
+    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), silu_mul_kernel<T>)(
         (T *)out, (const T *)gate, (const T *)up, n);
     LP_LAUNCH_CHECK("silu_mul_kernel");
     return LP_OK;

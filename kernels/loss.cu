@@ -30,7 +30,8 @@ __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2
 
 template <typename T>
 __global__ void cross_entropy_kernel(float *losses, const T *logits, const int32_t *targets, int V) {
-    __shared__ float sm[32], ss[32];
+    LP_SHARED(float, sm, [32]);
+    LP_SHARED(float, ss, [32]);
     const size_t row = blockIdx.x;
     const int tgt = targets[row];
     if (tgt < 0) { // whole block leaves together: tgt is the same for every thread
@@ -72,7 +73,7 @@ static lp_status cross_entropy_launch(lp_ctx *c, float *losses, const void *logi
                                       const int32_t *targets, int N, int V) {
     // Small vocabularies (tests, toy models) do not need 512 threads per row.
     const unsigned block = V >= (int)kBlock ? kBlock : (unsigned)((V + 31) / 32 * 32);
-    cross_entropy_kernel<T><<<(unsigned)N, block, 0, lp_stream(c)>>>(losses, (const T *)logits,
+    LP_LAUNCH((unsigned)N, block, 0, lp_stream(c), cross_entropy_kernel<T>)(losses, (const T *)logits,
                                                                      targets, V);
     LP_LAUNCH_CHECK("cross_entropy_kernel");
     return LP_OK;

@@ -152,7 +152,7 @@ lp_status lp_cuda_matmul_at(lp_ctx *c, float *out, const float *a, const float *
 // out[m] = beta * out[m] + sum_n x[n,m] over this block's row slice. With `atomic` the
 // slices meet by atomicAdd (out was pre-scaled by beta); else there is one slice.
 __global__ void col_sum_kernel(float *out, const float *x, int N, int M, int rows_per, float beta, int atomic) {
-    __shared__ float sh[kColRows][33];
+    LP_SHARED(float, sh, [kColRows][33]);
     const int col = blockIdx.x * 32 + threadIdx.x;
     const int r0 = blockIdx.y * rows_per, r1 = min(N, r0 + rows_per);
     float acc = 0.0f;
@@ -180,7 +180,7 @@ lp_status lp_cuda_col_sum(lp_ctx *c, float *out, const float *x, int N, int M, f
     if (st != LP_OK) return st;
     const int atomic = slices > 1;
     if (atomic && beta == 0.0f) LP_CUDA_CHECK(cudaMemsetAsync(out, 0, (size_t)M * sizeof(float), lp_stream(c)));
-    col_sum_kernel<<<dim3(tiles, slices), dim3(32, kColRows), 0, lp_stream(c)>>>(out, x, N, M, rows_per, beta,
+    LP_LAUNCH(dim3(tiles, slices), dim3(32, kColRows), 0, lp_stream(c), col_sum_kernel)(out, x, N, M, rows_per, beta,
                                                                                   atomic);
     LP_LAUNCH_CHECK("col_sum_kernel");
     return LP_OK;
@@ -197,14 +197,15 @@ __device__ __forceinline__ unsigned long long topk_pack(uint32_t key, int i) {
 // kRowInSmem.
 template <bool kRowInSmem>
 __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, int K, int P) {
-    extern __shared__ unsigned long long topk_smem[];
+    LP_DYNAMIC_SHARED(unsigned long long, topk_smem);
     unsigned long long *sel = topk_smem;
     uint32_t *keys = (uint32_t *)(topk_smem + P);
-    __shared__ unsigned hist[256];
-    __shared__ unsigned wsum[2][32];
-    __shared__ uint32_t s_prefix, s_mask;
-    __shared__ unsigned s_krem;
-    __shared__ int s_done;
+    LP_SHARED(unsigned, hist, [256]);
+    LP_SHARED(unsigned, wsum, [2][32]);
+    LP_SHARED(uint32_t, s_prefix);
+    LP_SHARED(uint32_t, s_mask);
+    LP_SHARED(unsigned, s_krem);
+    LP_SHARED(int, s_done);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const float *row = pre + (size_t)blockIdx.x * S;
@@ -322,9 +323,9 @@ lp_status lp_cuda_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre
     if (in_smem) {
         if (dyn > 48 * 1024)
             LP_CUDA_CHECK(cudaFuncSetAttribute(topk_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn));
-        topk_kernel<true><<<(unsigned)N, block, dyn, lp_stream(c)>>>(idx, val, pre, S, K, P);
+        LP_LAUNCH((unsigned)N, block, dyn, lp_stream(c), topk_kernel<true>)(idx, val, pre, S, K, P);
     } else {
-        topk_kernel<false><<<(unsigned)N, block, dyn, lp_stream(c)>>>(idx, val, pre, S, K, P);
+        LP_LAUNCH((unsigned)N, block, dyn, lp_stream(c), topk_kernel<false>)(idx, val, pre, S, K, P);
     }
     LP_LAUNCH_CHECK("topk_kernel");
     return LP_OK;
@@ -355,7 +356,7 @@ __global__ void kth_init_kernel(unsigned long long rank) {
 }
 
 __global__ void kth_hist_kernel(const float *pre, size_t n, int shift) {
-    __shared__ unsigned hist[256];
+    LP_SHARED(unsigned, hist, [256]);
     if (g_kth.done) return; // the same for every thread of the grid
     const uint32_t prefix = g_kth.prefix, mask = g_kth.mask;
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
@@ -411,12 +412,12 @@ lp_status lp_cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t 
     size_t grid = (n + kBlock - 1) / kBlock, cap = (size_t)sms * 8;
     if (grid > cap) grid = cap;
     cudaStream_t s = lp_stream(c);
-    kth_init_kernel<<<1, 256, 0, s>>>((unsigned long long)count + 1);
+    LP_LAUNCH(1, 256, 0, s, kth_init_kernel)((unsigned long long)count + 1);
     LP_LAUNCH_CHECK("kth_init_kernel");
     for (int shift = 24; shift >= 0; shift -= 8) {
-        kth_hist_kernel<<<(unsigned)grid, kBlock, 0, s>>>(pre, n, shift);
+        LP_LAUNCH((unsigned)grid, kBlock, 0, s, kth_hist_kernel)(pre, n, shift);
         LP_LAUNCH_CHECK("kth_hist_kernel");
-        kth_select_kernel<<<1, 32, 0, s>>>(shift);
+        LP_LAUNCH(1, 32, 0, s, kth_select_kernel)(shift);
         LP_LAUNCH_CHECK("kth_select_kernel");
     }
     kth_state h;
@@ -432,8 +433,8 @@ lp_status lp_cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t 
 // the pairs are staged kChunk at a time. Terms are added in j order, like the CPU.
 __global__ void decode_sparse_kernel(float *out, const int32_t *idx, const float *val, const float *W,
                                      const float *bias, int K, int D) {
-    __shared__ int32_t si[kChunk];
-    __shared__ float sv[kChunk];
+    LP_SHARED(int32_t, si, [kChunk]);
+    LP_SHARED(float, sv, [kChunk]);
     const size_t n = blockIdx.x;
     for (int d0 = 0; d0 < D; d0 += blockDim.x) { // block-uniform: the barriers below are safe
         const int d = d0 + threadIdx.x;
@@ -461,7 +462,7 @@ lp_status lp_cuda_sae_decode_sparse(lp_ctx *c, float *out, const int32_t *idx, c
     LP_CUDA_REQUIRE(N > 0 && K >= 1 && D > 0 && out && idx && val && W,
                     "lp_cuda_sae_decode_sparse: bad arguments (N=%d K=%d D=%d)", N, K, D);
     const unsigned block = D >= (int)kBlock ? kBlock : (unsigned)((D + 31) / 32 * 32);
-    decode_sparse_kernel<<<(unsigned)N, block, 0, lp_stream(c)>>>(out, idx, val, W, bias, K, D);
+    LP_LAUNCH((unsigned)N, block, 0, lp_stream(c), decode_sparse_kernel)(out, idx, val, W, bias, K, D);
     LP_LAUNCH_CHECK("decode_sparse_kernel");
     return LP_OK;
 }
@@ -495,7 +496,7 @@ lp_status lp_cuda_sae_decode_sparse_grad(lp_ctx *c, float *dval, float *dW, cons
     LP_CUDA_REQUIRE(N > 0 && K >= 1 && D > 0 && dval && dW && dout && idx && val && W,
                     "lp_cuda_sae_decode_sparse_grad: bad arguments (N=%d K=%d D=%d)", N, K, D);
     const unsigned warps = K >= 8 ? 8 : (unsigned)K;
-    decode_sparse_grad_kernel<<<(unsigned)N, 32 * warps, 0, lp_stream(c)>>>(dval, dW, dout, idx, val, W, K, D);
+    LP_LAUNCH((unsigned)N, 32 * warps, 0, lp_stream(c), decode_sparse_grad_kernel)(dval, dW, dout, idx, val, W, K, D);
     LP_LAUNCH_CHECK("decode_sparse_grad_kernel");
     return LP_OK;
 }
@@ -504,8 +505,8 @@ lp_status lp_cuda_sae_decode_sparse_grad(lp_ctx *c, float *dval, float *dW, cons
 // token; t = d * nj + j, so consecutive threads take consecutive latents of the same d.
 __global__ void encode_sparse_grad_kernel(float *dW, float *db, const float *x, const int32_t *idx,
                                           const float *dpre, int K, int D, int S) {
-    __shared__ int32_t si[kChunk];
-    __shared__ float sd[kChunk];
+    LP_SHARED(int32_t, si, [kChunk]);
+    LP_SHARED(float, sd, [kChunk]);
     const size_t n = blockIdx.x;
     const float *xr = x + n * D;
     for (int j0 = 0; j0 < K; j0 += kChunk) {
@@ -532,7 +533,7 @@ lp_status lp_cuda_sae_encode_sparse_grad(lp_ctx *c, float *dW_enc, float *db_enc
     LP_CUDA_REQUIRE(N > 0 && K >= 1 && D > 0 && S > 0 && dW_enc && db_enc && x && idx && dpre,
                     "lp_cuda_sae_encode_sparse_grad: bad arguments (N=%d K=%d D=%d S=%d)", N, K, D, S);
     LP_CUDA_REQUIRE((long long)kChunk * D < (1LL << 31), "lp_cuda_sae_encode_sparse_grad: d_in=%d too large", D);
-    encode_sparse_grad_kernel<<<(unsigned)N, kBlock, 0, lp_stream(c)>>>(dW_enc, db_enc, x, idx, dpre, K, D, S);
+    LP_LAUNCH((unsigned)N, kBlock, 0, lp_stream(c), encode_sparse_grad_kernel)(dW_enc, db_enc, x, idx, dpre, K, D, S);
     LP_LAUNCH_CHECK("encode_sparse_grad_kernel");
     return LP_OK;
 }
@@ -542,8 +543,8 @@ lp_status lp_cuda_sae_encode_sparse_grad(lp_ctx *c, float *dW_enc, float *db_enc
 // word of row d of W_enc [D,S] (the layout SAELens fixes).
 __global__ void encode_sparse_input_grad_kernel(float *dx, const float *dpre, const int32_t *idx,
                                                 const float *W, int K, int D, int S) {
-    __shared__ int32_t si[kChunk];
-    __shared__ float sd[kChunk];
+    LP_SHARED(int32_t, si, [kChunk]);
+    LP_SHARED(float, sd, [kChunk]);
     const size_t n = blockIdx.x;
     for (int d0 = 0; d0 < D; d0 += blockDim.x) { // block-uniform
         const int d = d0 + threadIdx.x;
@@ -570,7 +571,7 @@ lp_status lp_cuda_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float
     LP_CUDA_REQUIRE(N > 0 && K >= 1 && D > 0 && S > 0 && dx && dpre && idx && W_enc,
                     "lp_cuda_sae_encode_sparse_input_grad: bad arguments (N=%d K=%d D=%d S=%d)", N, K, D, S);
     const unsigned block = D >= (int)kBlock ? kBlock : (unsigned)((D + 31) / 32 * 32);
-    encode_sparse_input_grad_kernel<<<(unsigned)N, block, 0, lp_stream(c)>>>(dx, dpre, idx, W_enc, K, D, S);
+    LP_LAUNCH((unsigned)N, block, 0, lp_stream(c), encode_sparse_input_grad_kernel)(dx, dpre, idx, W_enc, K, D, S);
     LP_LAUNCH_CHECK("encode_sparse_input_grad_kernel");
     return LP_OK;
 }
@@ -585,7 +586,7 @@ __global__ void scale_kernel(float *x, float alpha, size_t n) {
 lp_status lp_cuda_sae_scale(lp_ctx *c, float *x, float alpha, size_t n) {
     LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_scale");
     LP_CUDA_REQUIRE(x != NULL, "lp_cuda_sae_scale: NULL buffer");
-    scale_kernel<<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>(x, alpha, n);
+    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), scale_kernel)(x, alpha, n);
     LP_LAUNCH_CHECK("scale_kernel");
     return LP_OK;
 }
@@ -611,7 +612,7 @@ __global__ void jumprelu_kernel(float *f, const float *pre, const float *theta, 
 lp_status lp_cuda_sae_relu(lp_ctx *c, float *f, const float *pre, size_t n) {
     LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_relu");
     LP_CUDA_REQUIRE(f && pre, "lp_cuda_sae_relu: NULL buffer");
-    relu_kernel<<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>(f, pre, n);
+    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), relu_kernel)(f, pre, n);
     LP_LAUNCH_CHECK("relu_kernel");
     return LP_OK;
 }
@@ -619,7 +620,7 @@ lp_status lp_cuda_sae_relu(lp_ctx *c, float *f, const float *pre, size_t n) {
 lp_status lp_cuda_sae_relu_grad(lp_ctx *c, float *dpre, const float *df, const float *pre, size_t n) {
     LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_relu_grad");
     LP_CUDA_REQUIRE(dpre && df && pre, "lp_cuda_sae_relu_grad: NULL buffer");
-    relu_grad_kernel<<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>(dpre, df, pre, n);
+    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), relu_grad_kernel)(dpre, df, pre, n);
     LP_LAUNCH_CHECK("relu_grad_kernel");
     return LP_OK;
 }
@@ -628,7 +629,7 @@ lp_status lp_cuda_sae_jumprelu(lp_ctx *c, float *f, const float *pre, const floa
     LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_jumprelu");
     LP_CUDA_REQUIRE(N > 0 && S > 0 && f && pre && theta, "lp_cuda_sae_jumprelu: bad arguments");
     const size_t n = (size_t)N * S;
-    jumprelu_kernel<<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>(f, pre, theta, n, S);
+    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), jumprelu_kernel)(f, pre, theta, n, S);
     LP_LAUNCH_CHECK("jumprelu_kernel");
     return LP_OK;
 }
@@ -639,7 +640,8 @@ lp_status lp_cuda_sae_jumprelu(lp_ctx *c, float *f, const float *pre, const floa
 __global__ void jumprelu_grad_kernel(float *dpre, float *dtheta, const float *df, const float *pre,
                                      const float *theta, float eps, float l0_coef, int N, int S, int rows_per,
                                      int atomic) {
-    __shared__ float sh_kdf[kColRows][33], sh_kn[kColRows][33];
+    LP_SHARED(float, sh_kdf, [kColRows][33]);
+    LP_SHARED(float, sh_kn, [kColRows][33]);
     const int col = blockIdx.x * 32 + threadIdx.x;
     const int r0 = blockIdx.y * rows_per, r1 = min(N, r0 + rows_per);
     float kdf = 0.0f, kn = 0.0f;
@@ -677,7 +679,7 @@ lp_status lp_cuda_sae_jumprelu_grad(lp_ctx *c, float *dpre, float *dtheta, const
     int slices, rows_per;
     lp_status st = col_split(c, N, tiles, &slices, &rows_per);
     if (st != LP_OK) return st;
-    jumprelu_grad_kernel<<<dim3(tiles, slices), dim3(32, kColRows), 0, lp_stream(c)>>>(
+    LP_LAUNCH(dim3(tiles, slices), dim3(32, kColRows), 0, lp_stream(c), jumprelu_grad_kernel)(
         dpre, dtheta, df, pre, theta, eps, l0_coef, N, S, rows_per, slices > 1);
     LP_LAUNCH_CHECK("jumprelu_grad_kernel");
     return LP_OK;
@@ -706,7 +708,7 @@ lp_status lp_cuda_adam_step(lp_ctx *c, float *p, const float *g, float *m, float
     LP_CUDA_REQUIRE(p && g && m && v && t >= 1, "lp_cuda_adam_step: bad arguments");
     const float bc1 = (float)(1.0 - pow((double)b1, t)), bc2 = (float)(1.0 - pow((double)b2, t));
     const float c1 = 1.0f - b1, c2 = 1.0f - b2;
-    adam_kernel<<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>(p, g, m, v, n, lr, b1, b2, c1, c2, bc1, bc2, eps);
+    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), adam_kernel)(p, g, m, v, n, lr, b1, b2, c1, c2, bc1, bc2, eps);
     LP_LAUNCH_CHECK("adam_kernel");
     return LP_OK;
 }
@@ -740,7 +742,7 @@ __global__ void rows_kernel(float *a, const float *w, float *out, int S, int D, 
 
 static lp_status rows_launch(lp_ctx *c, float *a, const float *w, float *out, int S, int D, int mode) {
     const unsigned per_block = kBlock / 32;
-    rows_kernel<<<lp_ceil_div_u((size_t)S, per_block), kBlock, 0, lp_stream(c)>>>(a, w, out, S, D, mode);
+    LP_LAUNCH(lp_ceil_div_u((size_t)S, per_block), kBlock, 0, lp_stream(c), rows_kernel)(a, w, out, S, D, mode);
     LP_LAUNCH_CHECK("rows_kernel");
     return LP_OK;
 }
@@ -800,7 +802,8 @@ __global__ void recon_token_kernel(const float *x, const float *xh, int N, int D
 // in double (the shift keeps the subtraction from cancelling); one block owns all rows of
 // its 32 columns.
 __global__ void recon_var_kernel(const float *x, int N, int D) {
-    __shared__ double s1[kColRows][33], s2[kColRows][33];
+    LP_SHARED(double, s1, [kColRows][33]);
+    LP_SHARED(double, s2, [kColRows][33]);
     const int col = blockIdx.x * 32 + threadIdx.x;
     double a = 0, b = 0;
     if (col < D) {
@@ -831,11 +834,11 @@ lp_status lp_cuda_sae_recon_sums(lp_ctx *c, double sums[4], const float *x, cons
     LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_recon_sums");
     LP_CUDA_REQUIRE(N > 0 && D > 0 && sums && x && x_hat, "lp_cuda_sae_recon_sums: bad arguments");
     cudaStream_t s = lp_stream(c);
-    recon_zero_kernel<<<1, 32, 0, s>>>();
+    LP_LAUNCH(1, 32, 0, s, recon_zero_kernel)();
     LP_LAUNCH_CHECK("recon_zero_kernel");
-    recon_token_kernel<<<lp_ceil_div_u((size_t)N, kBlock / 32), kBlock, 0, s>>>(x, x_hat, N, D);
+    LP_LAUNCH(lp_ceil_div_u((size_t)N, kBlock / 32), kBlock, 0, s, recon_token_kernel)(x, x_hat, N, D);
     LP_LAUNCH_CHECK("recon_token_kernel");
-    recon_var_kernel<<<lp_ceil_div_u((size_t)D, 32), dim3(32, kColRows), 0, s>>>(x, N, D);
+    LP_LAUNCH(lp_ceil_div_u((size_t)D, 32), dim3(32, kColRows), 0, s, recon_var_kernel)(x, N, D);
     LP_LAUNCH_CHECK("recon_var_kernel");
     double h[4];
     LP_CUDA_CHECK(cudaMemcpyFromSymbolAsync(h, g_recon, sizeof h, 0, cudaMemcpyDeviceToHost, s));
@@ -856,7 +859,7 @@ __global__ void fire_sparse_kernel(int64_t *counts, const int32_t *idx, const fl
 // Column counts of f > 0 over a row slice, added to counts (int64, two's complement, so
 // an unsigned atomicAdd of a non-negative count is the signed sum).
 __global__ void fire_dense_kernel(int64_t *counts, const float *f, int N, int S, int rows_per) {
-    __shared__ unsigned sh[kColRows][33];
+    LP_SHARED(unsigned, sh, [kColRows][33]);
     const int col = blockIdx.x * 32 + threadIdx.x;
     const int r0 = blockIdx.y * rows_per, r1 = min(N, r0 + rows_per);
     unsigned k = 0;
@@ -878,7 +881,7 @@ lp_status lp_cuda_sae_fire_counts(lp_ctx *c, int64_t *counts, const int32_t *idx
                     "lp_cuda_sae_fire_counts: bad arguments");
     if (idx) {
         const size_t n = (size_t)N * K;
-        fire_sparse_kernel<<<lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c)>>>(counts, idx, val, n, S);
+        LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), fire_sparse_kernel)(counts, idx, val, n, S);
         LP_LAUNCH_CHECK("fire_sparse_kernel");
         return LP_OK;
     }
@@ -886,7 +889,7 @@ lp_status lp_cuda_sae_fire_counts(lp_ctx *c, int64_t *counts, const int32_t *idx
     int slices, rows_per;
     lp_status st = col_split(c, N, tiles, &slices, &rows_per);
     if (st != LP_OK) return st;
-    fire_dense_kernel<<<dim3(tiles, slices), dim3(32, kColRows), 0, lp_stream(c)>>>(counts, f, N, S, rows_per);
+    LP_LAUNCH(dim3(tiles, slices), dim3(32, kColRows), 0, lp_stream(c), fire_dense_kernel)(counts, f, N, S, rows_per);
     LP_LAUNCH_CHECK("fire_dense_kernel");
     return LP_OK;
 }

@@ -2,11 +2,15 @@
 # run-tests.sh: runs every test binary given, shows what failed and why each skip happened,
 # and ends with one line over all of them: "tests: N passed, N failed, N skipped".
 # Exit status 1 if anything failed or a binary crashed.
+# An argument --env=NAME=VALUE sets NAME for the binaries after it (the emulated CUDA tests
+# run with LOUPE_REQUIRE_GPU=1, where the real CUDA tests may skip).
 set -u
 pass=0 fail=0 skip=0
+envs=()
 for t in "$@"; do
+    case $t in --env=*) envs+=("${t#--env=}"); continue ;; esac
     echo "== $t"
-    out=$("$t" --verbose --jobs 2 2>&1)
+    out=$(env ${envs[@]+"${envs[@]}"} "$t" --verbose --jobs 2 2>&1)
     rc=$?
     printf '%s\n' "$out" | grep -vE '^\[(RUN |PASS)\]'
     line=$(printf '%s\n' "$out" | grep 'Synthesis:' | tail -n 1)

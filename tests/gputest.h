@@ -12,6 +12,21 @@
         cr_assert_eq(s_, LP_OK, "%s: %s: %s", #expr, lp_status_name(s_), lp_last_error());  \
     } while (0)
 
+/* Under the CPU emulator (build/emu/, tests/cuda_emu/) every GPU thread is a fiber and
+ * each warp collective a rendezvous, and under compute-sanitizer a kernel runs 10-100 times
+ * slower, so a case over millions of elements or a 1000-token attention costs minutes.
+ * Those builds define LOUPE_TEST_SMALL, and EMU_CAP(n, cap) shrinks such sizes to cap, chosen
+ * per case so that the same code paths run (several blocks, partial chunks, rows too long
+ * for shared memory stay too long); LONG_T caps attention lengths at 130 (five 32-key
+ * chunks, the last partial). The plain GPU build keeps every size as written; tolerances
+ * are the same everywhere. */
+#ifdef LOUPE_TEST_SMALL
+#define EMU_CAP(n, cap) ((n) > (cap) ? (cap) : (n))
+#else
+#define EMU_CAP(n, cap) (n)
+#endif
+#define LONG_T(n) EMU_CAP(n, 130)
+
 /* ---- a GPU context whose buffers carry guard zones ---- */
 #define GUARD 256 /* bytes each side; keeps the 256-byte alignment of cudaMalloc */
 #define GUARD_BYTE 0xA5

@@ -299,7 +299,7 @@ static const attn_shape ATTN_SHAPES[] = {
     {2, 33, 9, 3, 64},   /* SmolLM2's heads */
     {1, 40, 2, 1, 100},  /* multi-query, dh not a power of two */
     {1, 37, 2, 2, 256},  /* the largest head dim */
-    {1, 1000, 2, 1, 64}, /* long context: many 32-key and 32-query chunks */
+    {1, LONG_T(1000), 2, 1, 64}, /* long context: many 32-key and 32-query chunks */
 };
 #define N_ATTN (sizeof ATTN_SHAPES / sizeof *ATTN_SHAPES)
 

@@ -287,7 +287,7 @@ static const char *SMOL_HOOKS[] = {
 enum { SMOL_N_PROMPTS = 4, SMOL_N_HOOKS = sizeof SMOL_HOOKS / sizeof *SMOL_HOOKS };
 
 static lp_model *load_smollm2(lp_st_file *ref) {
-    if (access(SMOLLM2_GGUF, R_OK) != 0) cr_assert_fail("%s is missing: run `make model`", SMOLLM2_GGUF);
+    if (access(SMOLLM2_GGUF, R_OK) != 0) cr_skip_test("%s is absent (make model fetches it)", SMOLLM2_GGUF);
     cr_assert_eq(lp_st_open(ref, SMOLLM2_REF), LP_OK, "%s", lp_last_error());
     lp_model *m;
     cr_assert_eq(lp_model_load(&m, SMOLLM2_GGUF, LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());

@@ -144,7 +144,13 @@ static const lp_st_tensor *Rp(const lp_st_file *ref, int p, const char *what) {
 
 static void smollm2(int bi) {
     LP_TEST_REQUIRE_GPU();
-    if (access(SMOLLM2_GGUF, R_OK) != 0) cr_assert_fail("%s is missing: run `make model`", SMOLLM2_GGUF);
+    if (access(SMOLLM2_GGUF, R_OK) != 0) cr_skip_test("%s is absent (make model fetches it)", SMOLLM2_GGUF);
+#ifdef LOUPE_TEST_SMALL
+    /* 30 layers, 49152-token vocabulary and greedy decoding: minutes per dtype on the CPU
+     * emulator or under compute-sanitizer; the tiny Llama, Qwen2 and Mistral fixtures above
+     * run the same kernels. */
+    cr_skip_test("SmolLM2-135M is too large for the small-size build (emulator, sanitizer); the tiny fixtures cover its kernels");
+#endif
     lp_st_file ref;
     cr_assert_eq(lp_st_open(&ref, SMOLLM2_REF), LP_OK, "%s", lp_last_error());
     lp_model *m;

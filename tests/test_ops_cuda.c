@@ -13,6 +13,8 @@
  * (LOUPE_REQUIRE_GPU=1 turns the skip into a failure). */
 #include "loupe/ops.h"
 #include "gputest.h"
+#include "ops_internal.h"
+#include "rng.h"
 
 /* ---- budgets: nmse = sum (gpu - cpu)^2 / sum cpu^2 -------------------------------------
  * fp32: the GPU and the CPU differ only in summation order and in last-ulp differences
@@ -341,7 +343,7 @@ static const attn_shape ATTN_SHAPES[] = {
     {1, 33, 8, 2, 64},  /* GQA, GPT-2's head dim */
     {1, 40, 2, 1, 100}, /* multi-query, dh not a power of two */
     {1, 37, 2, 2, 256}, /* the largest head dim */
-    {1, 1000, 2, 2, 64} /* long context: many 32-key chunks */
+    {1, LONG_T(1000), 2, 2, 64} /* long context: many 32-key chunks */
 };
 
 typedef struct attn_in { float *q, *k, *v; size_t nq, nkv; } attn_in;
@@ -956,7 +958,7 @@ Test(ops_cuda, attention_cached) {
 Test(ops_cuda, attention_cached_prefill_and_decode_match_full_pass) {
     LP_TEST_REQUIRE_GPU();
     static const attn_shape shapes[] = {{1, 1, 1, 1, 1}, {2, 33, 9, 3, 64}, {1, 40, 2, 1, 100},
-                                        {1, 37, 2, 2, 256}, {1, 300, 4, 2, 64}};
+                                        {1, 37, 2, 2, 256}, {1, LONG_T(300), 4, 2, 64}};
     for (int di = 0; di < 2; di++)
         for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
             const lp_dtype dt = DTYPES[di];
@@ -1023,4 +1025,75 @@ Test(ops_cuda, llama_ops_reject_bad_shapes) {
     st = lp_rope(&g.c, d, d, (const float *)d, (const float *)d, 1, 1, 1, 3, 0);
     cr_expect_eq(st, LP_ERR_ARG, "rope with dh = 3 gave %s (%s)", lp_status_name(st), lp_last_error());
     gpu_done(&g, "llama bad shapes");
+}
+
+/* ---- contexts on two devices in one thread ----
+ * The runtime's current device belongs to the host thread: after a context on device 1 is
+ * created, work for a context on device 0 must still run on device 0. (The emulator lends
+ * two devices through LOUPE_EMU_DEVICES and reports memory of one device used on another;
+ * a GPU machine with one device skips.) */
+Test(ops_cuda, contexts_on_two_devices_in_one_thread) {
+    LP_TEST_REQUIRE_GPU();
+    setenv("LOUPE_EMU_DEVICES", "2", 1); /* read by the emulator only */
+    char why[128];
+    if (lp_cuda_device_count(why, sizeof why) < 2) cr_skip_test("needs two CUDA devices");
+    enum { n = 1000 };
+    float *x = lp_test_rand(n, 71, -1, 1), *y = lp_test_rand(n, 72, -1, 1), ref[n], got[n];
+    for (int i = 0; i < n; i++) ref[i] = x[i] + y[i];
+    lp_ctx a, b;
+    OK(lp_ctx_init(&a, LP_CUDA, LP_F32));
+    void *dx, *dy, *dout;
+    OK(lp_ctx_alloc(&a, n * 4, &dx));
+    OK(lp_ctx_alloc(&a, n * 4, &dy));
+    OK(lp_ctx_alloc(&a, n * 4, &dout));
+    memset(&b, 0, sizeof b);
+    b.device = LP_CUDA, b.dtype = LP_F32, b.cuda_device = 1;
+    OK(lp_cuda_ctx_init(&b)); /* device 1 is now the thread's current device */
+    void *db;
+    OK(lp_ctx_alloc(&b, n * 4, &db));
+    OK(lp_ctx_to_device(&b, db, x, n * 4));
+    OK(lp_ctx_to_device(&a, dx, x, n * 4));
+    OK(lp_ctx_to_device(&a, dy, y, n * 4));
+    OK(lp_add(&a, dout, dx, dy, n));
+    OK(lp_add(&b, db, db, db, n));
+    OK(lp_ctx_to_host(&a, got, dout, n * 4));
+    for (int i = 0; i < n; i++) cr_expect_float_eq(got[i], ref[i], 0.0f, "x + y [%d] on device 0", i);
+    OK(lp_ctx_to_host(&b, got, db, n * 4));
+    for (int i = 0; i < n; i++) cr_expect_float_eq(got[i], 2 * x[i], 0.0f, "x + x [%d] on device 1", i);
+    lp_ctx_release(&b, db);
+    lp_ctx_release(&a, dx), lp_ctx_release(&a, dy), lp_ctx_release(&a, dout);
+    lp_ctx_free(&b);
+    lp_ctx_free(&a);
+    free(x), free(y);
+}
+
+/* ---- random weights on the device ----
+ * lp_cuda_init_weights gives the host's base + lp_rng_init_weight values bit for bit (after
+ * the rounding to bf16 the host's upload does), and lp_rng_init_weight_skip the state the
+ * host loop leaves: random models are the same on both sides. */
+Test(ops_cuda, init_weights_match_the_host_generator) {
+    LP_TEST_REQUIRE_GPU();
+    static const size_t sizes[] = {1, 63, 64, 65, EMU_CAP(300007, 20011)};
+    for (int di = 0; di < 2; di++)
+        for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++) {
+            const lp_dtype dt = DTYPES[di];
+            const size_t n = sizes[si];
+            const float base = si % 2 ? 1.0f : 0.0f;
+            const uint64_t s0 = 1 + 977 * si;
+            uint64_t s = s0;
+            float *ref = zeros(n);
+            for (size_t j = 0; j < n; j++) ref[j] = base + lp_rng_init_weight(&s);
+            cr_expect_eq(lp_rng_init_weight_skip(s0, n), s, "state after %zu values", n);
+            round_act(dt, ref, n);
+            gpu g;
+            gpu_init(&g, dt);
+            void *d = gpu_alloc(&g, act_bytes(&g, n));
+            OK(lp_cuda_init_weights(&g.c, d, n, s0, base));
+            float *got = gpu_get_act(&g, d, n);
+            size_t bad = 0;
+            for (size_t j = 0; j < n; j++) bad += memcmp(&got[j], &ref[j], 4) != 0;
+            cr_expect_eq(bad, 0, "init_weights %s n=%zu: %zu values differ from the host's", lp_dtype_name(dt), n, bad);
+            gpu_done(&g, "init_weights");
+            free(ref), free(got);
+        }
 }

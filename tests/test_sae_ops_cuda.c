@@ -9,6 +9,7 @@
  * every test skips, saying why (LOUPE_REQUIRE_GPU=1 turns the skip into a failure). */
 #include "loupe/sae_ops.h"
 #include "ops_internal.h"
+#include "sae_internal.h"
 #include "gputest.h"
 
 /* ---- budgets: nmse = sum (gpu - cpu)^2 / sum cpu^2 (0: bit for bit) ----------------------
@@ -166,7 +167,7 @@ Test(sae_ops_cuda, topk) {
     LP_TEST_REQUIRE_GPU();
     /* (N, S, K): tiny, K = S, odd, the benchmark, a row too long for shared memory (re-read
      * from global memory), the largest K, K = 1 */
-    static const int shapes[][3] = {{1, 1, 1}, {3, 31, 31}, {5, 33, 7}, {64, 24576, 32},
+    static const int shapes[][3] = {{1, 1, 1}, {3, 31, 31}, {5, 33, 7}, {EMU_CAP(64, 3), 24576, 32},
                                     {3, 70000, 64}, {4, 5000, 2048}, {2, 1000, 1}, {7, 24576, 129}};
     for (int di = 0; di < 2; di++)
         for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++)
@@ -212,7 +213,7 @@ Test(sae_ops_cuda, topk_rejects_k_above_the_cuda_limit) {
 
 Test(sae_ops_cuda, kth_largest) {
     LP_TEST_REQUIRE_GPU();
-    static const size_t sizes[] = {1, 1000, 3000017};
+    static const size_t sizes[] = {1, 1000, EMU_CAP(3000017, 100003)};
     for (int di = 0; di < 2; di++)
         for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++)
             for (int variant = 0; variant < 3; variant++) { /* ties, continuous, none positive */
@@ -510,7 +511,7 @@ Test(sae_ops_cuda, recon_sums) {
 
 Test(sae_ops_cuda, fire_counts) {
     LP_TEST_REQUIRE_GPU();
-    static const int shapes[][3] = {{1, 1, 1}, {33, 7, 50}, {4096, 32, 24576}, {4096, 8, 96}}; /* N, K, S */
+    static const int shapes[][3] = {{1, 1, 1}, {33, 7, 50}, {EMU_CAP(4096, 64), 32, 24576}, {4096, 8, 96}}; /* N, K, S */
     for (int di = 0; di < 2; di++)
         for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
             const int N = shapes[si][0], K = shapes[si][1], S = shapes[si][2];
@@ -538,4 +539,22 @@ Test(sae_ops_cuda, fire_counts) {
             gpu_done(&g, label);
             free(idx), free(val), free(f), free(c0), free(rs), free(rd), free(gs), free(gd);
         }
+}
+
+/* The SAE runner feeds F32 buffers to the generic ops, which read the context's activation
+ * dtype: a BF16 context is refused rather than misreading them. */
+Test(sae_ops_cuda, runner_refuses_a_bf16_context) {
+    LP_TEST_REQUIRE_GPU();
+    lp_ctx c;
+    OK(lp_ctx_init(&c, LP_CUDA, LP_BF16));
+    lp_sae_cfg cfg = {.arch = LP_SAE_STANDARD, .d_in = 8, .d_sae = 16, .d_out = 8};
+    snprintf(cfg.normalize, sizeof cfg.normalize, "none");
+    lp_sae *s;
+    OK(lp_sae_alloc(&s, &cfg, &c));
+    sae_runner *r = NULL;
+    cr_expect_eq(lp_sae_runner_new(&r, s, &c, 4, 1, 0), LP_ERR_ARG);
+    cr_expect(strstr(lp_last_error(), "F32") != NULL, "%s", lp_last_error());
+    cr_expect(r == NULL);
+    lp_sae_free(s, &c);
+    lp_ctx_free(&c);
 }

