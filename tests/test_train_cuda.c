@@ -57,7 +57,7 @@ static void write_store(const char *path) {
 static void train(lp_ctx *c, lp_sae_arch arch, const char *store, const char *out, lp_sae_train_report *rep) {
     lp_sae_train_cfg t;
     lp_sae_train_defaults(&t);
-    t.store = store, t.out = out, t.progress = 0;
+    t.store = store, t.out = out;
     snprintf(t.sae.hook_name, sizeof t.sae.hook_name, HOOK);
     t.sae.arch = arch, t.sae.d_sae = S, t.sae.k = 4;
     t.tokens = STEPS * BATCH, t.batch_tokens = BATCH, t.lr = 3e-3, t.l1_coefficient = 0.1, t.l0_coefficient = 0.01;
