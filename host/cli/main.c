@@ -91,6 +91,18 @@ static const lp_key g_keys[] = {
     {"attrib.sae", LP_KEY_STR, NULL, 0, 0, NULL, "an SAE at one of the model's hooks: its latents become nodes too"},
     {"patch.batch", LP_KEY_INT, "32", 1, 1 << 16, NULL, "patched nodes per forward"},
     {"patch.compare_atp", LP_KEY_CHOICE, "true", 0, 0, "true|false", "also run attribution patching and report the correlations"},
+    /* feature dashboards */
+    {"dash.out", LP_KEY_STR, NULL, 0, 0, NULL, "directory for dashboard.html and Neuronpedia batch-N.json"},
+    {"dash.latents", LP_KEY_STR, "all", 0, 0, NULL, "latents, like 0-99,200, or all"},
+    {"dash.top", LP_KEY_INT, "20", 0, 10000, NULL, "top activations per latent"},
+    {"dash.left", LP_KEY_INT, "16", 0, 4096, NULL, "context tokens before each example"},
+    {"dash.right", LP_KEY_INT, "4", 0, 4096, NULL, "context tokens after each example"},
+    {"dash.samples", LP_KEY_INT, "5", 0, 1000, NULL, "samples per activation interval"},
+    {"dash.logits", LP_KEY_INT, "10", 0, 1 << 20, NULL, "top and bottom logits of each decoder direction"},
+    {"dash.skip_positions", LP_KEY_INT, "0", 0, 1 << 20, NULL, "leading positions of each sequence left out (1: BOS)"},
+    {"dash.batch_tokens", LP_KEY_INT, "4096", 1, 1 << 30, NULL, "tokens per encoded batch (whole sequences)"},
+    {"dash.seed", LP_KEY_INT, "0", 0, 1LL << 62, NULL, "seed of the interval samples' hash"},
+    {"dash.np_batch", LP_KEY_INT, "128", 1, 1 << 20, NULL, "latents per Neuronpedia batch file"},
     {"gen.prompt", LP_KEY_STR, NULL, 0, 0, NULL, "text to continue"},
     {"gen.max_tokens", LP_KEY_INT, "64", 0, 1 << 20, NULL, "new tokens at most"},
     {"gen.temperature", LP_KEY_FLOAT, "0", 0, 100, NULL, "0: greedy"},
@@ -123,6 +135,8 @@ static const char *g_usage =
     "                                      reconstruction and sparsity metrics; spliced model loss\n"
     "  encode SAE --data.store=DIR --encode.out=F.safetensors\n"
     "                                      top-k latents (indices, values) of every token\n"
+    "  dashboard SAE --data.store=DIR --dash.out=DIR [--model.path=M] [--dash.latents=0-99]\n"
+    "                                      feature dashboards: HTML page and Neuronpedia JSON\n"
     "  attribute [CONFIG.ini] MODEL --attrib.pairs=F.jsonl --attrib.out=DIR\n"
     "                                      attribution patching over prompt pairs (resumable)\n"
     "  patch [CONFIG.ini] MODEL --attrib.pairs=F.jsonl --attrib.out=DIR\n"
@@ -581,6 +595,7 @@ int main(int argc, char **argv) {
         {"cache", cmd_cache, "model.path"},      {"tokenize", cmd_tokenize, "model.path"},
         {"generate", cmd_generate, "model.path"}, {"train-sae", cmd_train_sae, "data.store"},
         {"eval-sae", cmd_eval_sae, "sae.path"},   {"encode", cmd_encode, "sae.path"},
+        {"dashboard", cmd_dashboard, "sae.path"},
         {"attribute", cmd_attribute, "model.path"}, {"patch", cmd_patch, "model.path"}};
     int (*fn)(args *) = NULL;
     const char *positional = "model.path";
@@ -588,7 +603,7 @@ int main(int argc, char **argv) {
         if (strcmp(cmd, cmds[i].name) == 0) fn = cmds[i].fn, positional = cmds[i].positional;
     if (!fn) {
         fprintf(stderr, "loupe: unknown command '%s' (commands: info, run, cache, tokenize, generate, train-sae, eval-sae, encode, "
-                        "attribute, patch; see loupe --help)\n", cmd);
+                        "dashboard, attribute, patch; see loupe --help)\n", cmd);
         return 2;
     }
     args a = {0};
