@@ -61,7 +61,7 @@ static const char g_dash_page_tail[] =
     "}\n"
     /* bars as SVG markup made of numbers only */
     "function bars(counts, x0, w, color) {\n"
-    "  var W = 420, H = 120, n = counts.length, m = Math.max.apply(null, counts.concat([1])), s = '';\n"
+    "  var W = 340, H = 110, n = counts.length, m = Math.max.apply(null, counts.concat([1])), s = '';\n"
     "  for (var i = 0; i < n; i++) { var h = counts[i] ? Math.max(1, (H - 20) * counts[i] / m) : 0;\n"
     "    s += '<rect x=\"' + (i * W / n).toFixed(1) + '\" y=\"' + (H - 16 - h).toFixed(1) + '\" width=\"' +\n"
     "      Math.max(1, W / n - 1).toFixed(1) + '\" height=\"' + h.toFixed(1) + '\" fill=\"' + color + '\"><title>' +\n"
