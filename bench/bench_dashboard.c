@@ -40,6 +40,13 @@ static double now(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* CPU seconds of this process: on a shared machine the honest figure beside wall time */
+static double cpu_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
 static uint64_t g_rng = 1;
 static float urand(void) { /* [-0.5, 0.5) */
     g_rng = g_rng * 6364136223846793005ull + 1442695040888963407ull;
@@ -183,8 +190,9 @@ int main(int argc, char **argv) {
     o.store = p, o.latents = lat, o.n_latents = S, o.W_U = W_U, o.ln_final_w = ln, o.d_vocab = V;
     lp_dash *dd;
     t0 = now();
+    double c0 = cpu_now();
     CHECK(lp_dash_run(s, &c, &o, &dd));
-    double all = now() - t0;
+    double all = now() - t0, cpu = cpu_now() - c0;
     const char *thr = getenv("OPENBLAS_NUM_THREADS");
     int64_t nz = 0;
     int dead = 0;
@@ -192,6 +200,7 @@ int main(int argc, char **argv) {
     printf("dashboard, TopK SAE d_sae %d (k 32), %lld tokens, OpenBLAS threads %s: pass %.2f s, with contexts and logit tables "
            "(vocab %d) %.2f s: %.0f latents/s, %.0f tokens/s; %lld nonzero activations, %d latents never fire\n", S, (long long)dd->n_tokens,
            thr ? thr : "default", dd->seconds_pass, V, all, S / all, dd->n_tokens / all, (long long)nz, dead);
+    printf("CPU time of the whole run, all threads: %.2f s (%.0f latents per CPU-second)\n", cpu, S / cpu);
     if (keep) {
         CHECK(lp_sae_save(s, &c, (snprintf(p, sizeof p, "%s/sae", dir), p), 1.0f));
         lp_st_spec specs[2] = {{.name = "W_U", .dtype = LP_F32, .ndim = 2, .shape = {V, d}},

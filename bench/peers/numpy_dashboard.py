@@ -67,7 +67,7 @@ def main(d):
     W_enc, b_enc, W_dec, b_dec = (np.ascontiguousarray(w[k]) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
     S, k = cfg["d_sae"], cfg["k"]
     shards = sorted(f for f in os.listdir(os.path.join(d, "store")) if f.startswith("shard-"))
-    t_start = time.time()
+    t_start, c_start = time.time(), time.process_time()
     toks, T, L, A = [], [], [], []
     t0 = 0
     for sh in shards:
@@ -133,12 +133,13 @@ def main(d):
         lo, hi = lg.min(1, keepdims=True), lg.max(1, keepdims=True)
         b = np.minimum(((lg - lo) / (hi - lo) * LBINS).astype(np.int64), LBINS - 1)
         lhist[c0: c0 + 64] = np.stack([np.bincount(r, minlength=LBINS) for r in b])
-    total = time.time() - t_start
+    total, cpu = time.time() - t_start, time.process_time() - c_start
     assert ctx_acts.shape == ctx_toks.shape and hist.sum() == fires.sum()
     print(f"numpy dashboards: {S} latents over {len(toks)} tokens (threads "
           f"{os.environ.get('OPENBLAS_NUM_THREADS', 'default')}): pass {t_pass:.2f} s, all {total:.2f} s: "
           f"{S / total:.0f} latents/s, {len(toks) / total:.0f} tokens/s; {int(fires.sum())} nonzero activations, "
           f"{int((fires == 0).sum())} latents never fire")
+    print(f"CPU time of the whole run, all threads: {cpu:.2f} s ({S / cpu:.0f} latents per CPU-second)")
 
 
 if __name__ == "__main__":
