@@ -123,6 +123,26 @@ void lp_model_free(lp_model *m) {
 const lp_config *lp_model_config(const lp_model *m) { return &m->cfg; }
 int64_t lp_model_n_params(const lp_model *m) { return m->n_params; }
 lp_ctx *lp_model_ctx(lp_model *m) { return &m->ctx; }
+static lp_status param_to_f32(lp_model *m, int idx, float *dst) {
+    const param *p = &m->params[idx];
+    size_t n = (size_t)p->shape[0] * (p->ndim == 2 ? (size_t)p->shape[1] : 1), es = lp_act_size(m);
+    if (m->ctx.dtype == LP_F32) return lp_ctx_to_host(&m->ctx, dst, lp_param(m, idx), n * es);
+    void *h = malloc(n * es);
+    if (!h) LP_FAIL(LP_ERR_OOM, "out of memory for %s", p->name);
+    lp_status st = lp_ctx_to_host(&m->ctx, h, lp_param(m, idx), n * es);
+    if (st == LP_OK) st = lp_convert_host(dst, LP_F32, h, m->ctx.dtype, n);
+    free(h);
+    return st;
+}
+
+lp_status lp_model_unembed_weights(lp_model *m, float *W_U, float *ln_w) {
+    LP_CHECK(param_to_f32(m, m->unembed, W_U));
+    if (!ln_w) return LP_OK;
+    for (int i = 0; i < m->n_params_t; i++)
+        if (strcmp(m->params[i].name, "ln_final.w") == 0) return param_to_f32(m, i, ln_w);
+    LP_FAIL(LP_ERR_NOT_FOUND, "%s: no final norm weight", m->path);
+}
+
 const float *lp_model_logits(const lp_model *m) { return m->have_logits ? m->logits_host : NULL; }
 const float *lp_model_losses(const lp_model *m) { return m->have_losses ? m->losses_host : NULL; }
 

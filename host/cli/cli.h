@@ -28,6 +28,9 @@ int cmd_train_sae(args *a);
 int cmd_eval_sae(args *a);
 int cmd_encode(args *a);
 
+/* host/cli/dashboard.c */
+int cmd_dashboard(args *a);
+
 /* host/cli/sweep_out.c: the output directory of attribute and patch (see there) */
 typedef struct sweep_out {
     char dir[1024], path[1100];

@@ -117,6 +117,18 @@ static const lp_key g_keys[] = {
     {"path.sender", LP_KEY_STR, NULL, 0, 0, NULL, "path patching senders, comma-separated: embed, blocks.L.attn.head.H, blocks.L.mlp"},
     {"path.receivers", LP_KEY_STR, NULL, 0, 0, NULL, "blocks.L.attn.head.H.q|k|v, blocks.L.mlp, logits (comma-separated)"},
     {"path.freeze", LP_KEY_STR, NULL, 0, 0, NULL, "hooks held at their clean values in every run (globs), e.g. blocks.*.attn.hook_pattern"},
+    /* feature dashboards */
+    {"dash.out", LP_KEY_STR, NULL, 0, 0, NULL, "directory for dashboard.html and Neuronpedia batch-N.json"},
+    {"dash.latents", LP_KEY_STR, "all", 0, 0, NULL, "latents, like 0-99,200, or all"},
+    {"dash.top", LP_KEY_INT, "20", 0, 10000, NULL, "top activations per latent"},
+    {"dash.left", LP_KEY_INT, "16", 0, 4096, NULL, "context tokens before each example"},
+    {"dash.right", LP_KEY_INT, "4", 0, 4096, NULL, "context tokens after each example"},
+    {"dash.samples", LP_KEY_INT, "5", 0, 1000, NULL, "samples per activation interval"},
+    {"dash.logits", LP_KEY_INT, "10", 0, 1 << 20, NULL, "top and bottom logits of each decoder direction"},
+    {"dash.skip_positions", LP_KEY_INT, "0", 0, 1 << 20, NULL, "leading positions of each sequence left out (1: BOS)"},
+    {"dash.batch_tokens", LP_KEY_INT, "4096", 1, 1 << 30, NULL, "tokens per encoded batch (whole sequences)"},
+    {"dash.seed", LP_KEY_INT, "0", 0, 1LL << 62, NULL, "seed of the interval samples' hash"},
+    {"dash.np_batch", LP_KEY_INT, "128", 1, 1 << 20, NULL, "latents per Neuronpedia batch file"},
     {"gen.prompt", LP_KEY_STR, NULL, 0, 0, NULL, "text to continue"},
     {"gen.max_tokens", LP_KEY_INT, "64", 0, 1 << 20, NULL, "new tokens at most"},
     {"gen.temperature", LP_KEY_FLOAT, "0", 0, 100, NULL, "0: greedy"},
@@ -163,6 +175,8 @@ static const char *g_usage =
     "                                      reconstruction and sparsity metrics; spliced model loss\n"
     "  encode SAE --data.store=DIR --encode.out=F.safetensors\n"
     "                                      top-k latents (indices, values) of every token\n"
+    "  dashboard SAE --data.store=DIR --dash.out=DIR [--model.path=M] [--dash.latents=0-99]\n"
+    "                                      feature dashboards: HTML page and Neuronpedia JSON\n"
     "  attribute [CONFIG.ini] MODEL --attrib.pairs=F.jsonl --attrib.out=DIR\n"
     "                                      attribution patching over prompt pairs (resumable)\n"
     "  patch [CONFIG.ini] MODEL --attrib.pairs=F.jsonl --attrib.out=DIR\n"
@@ -578,6 +592,7 @@ int main(int argc, char **argv) {
         {"cache", cmd_cache, "model.path"},      {"tokenize", cmd_tokenize, "model.path"},
         {"generate", cmd_generate, "model.path"}, {"train-sae", cmd_train_sae, "data.store"},
         {"eval-sae", cmd_eval_sae, "sae.path"},   {"encode", cmd_encode, "sae.path"},
+        {"dashboard", cmd_dashboard, "sae.path"},
         {"attribute", cmd_attribute, "model.path"}, {"patch", cmd_patch, "model.path"},
         {"lens", cmd_lens, "model.path"}, {"probe", cmd_probe, "data.store"}};
     int (*fn)(args *) = NULL;
@@ -586,7 +601,7 @@ int main(int argc, char **argv) {
         if (strcmp(cmd, cmds[i].name) == 0) fn = cmds[i].fn, positional = cmds[i].positional;
     if (!fn) {
         fprintf(stderr, "loupe: unknown command '%s' (commands: info, run, cache, tokenize, generate, train-sae, eval-sae, encode, "
-                        "attribute, patch, lens, probe; see loupe --help)\n", cmd);
+                        "dashboard, attribute, patch, lens, probe; see loupe --help)\n", cmd);
         return 2;
     }
     args a = {0};

@@ -54,6 +54,11 @@ lp_ctx *lp_model_ctx(lp_model *m);
 /* Bytes loupe holds on the model's device: weights, activations and capture buffers. */
 size_t lp_model_device_bytes(const lp_model *m);
 
+/* The unembedding as host F32 W_U [d_vocab, d_model] (row v writes token v's logit) and
+ * the final norm's scale [d_model] (ln_w may be NULL): what a residual direction means
+ * in tokens (dashboards' logit tables). */
+lp_status lp_model_unembed_weights(lp_model *m, float *W_U, float *ln_w);
+
 /* Sizes and allocates activation and capture memory for batches up to B x T. */
 lp_status lp_model_prepare(lp_model *m, int B, int T);
 
