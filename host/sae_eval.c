@@ -243,3 +243,141 @@ lp_status lp_sae_eval_model(lp_model *m, lp_sae *s, lp_ctx *c, const int32_t *to
     free(clean);
     return st;
 }
+
+/* ---- lp_sae_splice: the SAE in the model's forward, with clamps ---- */
+
+struct lp_sae_splice {
+    sae_runner *r;
+    lp_model *m;
+    int with_error, n_clamp, all_pos, n_ctx;
+    int *clamp;          /* [n_clamp] latents */
+    float *value;        /* [n_clamp] */
+    float *wdec;         /* [n_clamp, d_out]: their decoder rows, on the host */
+    unsigned char *sel;  /* [n_ctx]: position spliced */
+    float *hx, *ha, *hf; /* host rows: x_hat, x, latent activations (d_sae or k per token) */
+    int32_t *hi;         /* top-k indices */
+};
+
+/* The activation of latent j of token t after the runner's forward (rows on the host). */
+static float latent_of(const lp_sae_splice *sp, int t, int j) {
+    const sae_runner *r = sp->r;
+    if (r->s->cfg.arch != LP_SAE_TOPK) return sp->hf[(size_t)t * r->S + j];
+    for (int i = 0; i < r->K; i++)
+        if (sp->hi[(size_t)t * r->K + i] == j) return sp->hf[(size_t)t * r->K + i];
+    return 0.0f;
+}
+
+static lp_status splice_edit(const char *hook, lp_tensor *act, void *user) {
+    lp_sae_splice *sp = user;
+    sae_runner *r = sp->r;
+    int D = r->D, first = lp_hook_first_pos(sp->m);
+    int64_t numel = lp_shape_numel(act->shape, act->ndim);
+    if (act->dtype != LP_F32 || act->device != r->c->device)
+        LP_FAIL(LP_ERR_ARG, "%s: the SAE splice needs the model's activations in F32 on the SAE's device (use --model.dtype=f32)", hook);
+    if (numel % D) LP_FAIL(LP_ERR_SHAPE, "%s: %lld values are not whole tokens of the SAE's d_in %d", hook, (long long)numel, D);
+    int n = (int)(numel / D), T = (int)act->shape[1];
+    if (n > r->N) LP_FAIL(LP_ERR_ARG, "%s: %d tokens exceed the splice buffer of %d", hook, n, r->N);
+    size_t bytes = (size_t)numel * 4;
+    LP_CHECK(lp_ctx_copy(r->c, r->x, act->data, bytes));
+    LP_CHECK(lp_sae_runner_forward(r, n, 0));
+    int plain = !sp->with_error && !sp->n_clamp && sp->all_pos;
+    if (plain) { /* x_hat as it is, without a trip to the host */
+        LP_CHECK(lp_ctx_copy(r->c, act->data, r->xhat, bytes));
+        return lp_ctx_sync(r->c);
+    }
+    LP_CHECK(lp_ctx_to_host(r->c, sp->hx, r->xhat, bytes));
+    LP_CHECK(lp_ctx_to_host(r->c, sp->ha, act->data, bytes));
+    if (sp->n_clamp && r->s->cfg.arch == LP_SAE_TOPK) {
+        LP_CHECK(lp_ctx_to_host(r->c, sp->hf, r->val, (size_t)n * r->K * 4));
+        LP_CHECK(lp_ctx_to_host(r->c, sp->hi, r->idx, (size_t)n * r->K * 4));
+    } else if (sp->n_clamp) {
+        LP_CHECK(lp_ctx_to_host(r->c, sp->hf, r->f, (size_t)n * r->S * 4));
+    }
+    for (int t = 0; t < n; t++) {
+        int p = first + t % T; /* the absolute position of row t (rows are [batch, pos]) */
+        float *x = sp->ha + (size_t)t * D, *xh = sp->hx + (size_t)t * D;
+        if (!sp->all_pos && (p >= sp->n_ctx || !sp->sel[p])) continue;
+        float *base = sp->with_error ? x : xh; /* x_hat + (x - x_hat) = x */
+        for (int i = 0; i < sp->n_clamp; i++) {
+            float dv = sp->value[i] - latent_of(sp, t, sp->clamp[i]);
+            const float *w = sp->wdec + (size_t)i * D;
+            for (int d = 0; d < D; d++) base[d] += dv * w[d];
+        }
+        if (!sp->with_error) memcpy(x, xh, (size_t)D * 4);
+    }
+    return lp_ctx_to_device(r->c, act->data, sp->ha, bytes);
+}
+
+void lp_sae_splice_free(lp_sae_splice *sp) {
+    if (!sp) return;
+    lp_sae_runner_free(sp->r);
+    free(sp->clamp), free(sp->value), free(sp->wdec), free(sp->sel);
+    free(sp->hx), free(sp->ha), free(sp->hf), free(sp->hi);
+    free(sp);
+}
+
+/* The SAE fits the model: its hook exists with d_in values per token, clamps in range. */
+static lp_status splice_check(lp_model *m, const lp_sae *s, const lp_sae_splice_opts *o) {
+    const lp_sae_cfg *cf = &s->cfg;
+    if (cf->hook_name_out[0]) LP_FAIL(LP_ERR_ARG, "%s: a transcoder (reads '%s', writes '%s') cannot be spliced in as an SAE", cf->hook_name,
+                                      cf->hook_name, cf->hook_name_out);
+    int id = lp_hook_find(m, cf->hook_name);
+    if (id < 0) LP_FAIL(LP_ERR_NOT_FOUND, "the model has no hook '%s' (the SAE's hook_name)", cf->hook_name);
+    int64_t sh[LP_MAX_DIMS];
+    int nd = lp_hook_shape(m, id, 1, 1, sh);
+    int64_t w = 1;
+    for (int i = 2; i < nd; i++) w *= sh[i];
+    if (strstr(cf->hook_name, "hook_attn_scores") || strstr(cf->hook_name, "hook_pattern") || w != cf->d_in)
+        LP_FAIL(LP_ERR_SHAPE, "%s: the SAE's d_in is %d but the model's hook has %lld values per position", cf->hook_name, cf->d_in, (long long)w);
+    if (o->n_clamp < 0 || (o->n_clamp && (!o->clamp_latents || !o->clamp_values))) LP_FAIL(LP_ERR_ARG, "the SAE splice's clamps are incomplete");
+    for (int i = 0; i < o->n_clamp; i++) {
+        if (o->clamp_latents[i] < 0 || o->clamp_latents[i] >= cf->d_sae)
+            LP_FAIL(LP_ERR_ARG, "latent %d is out of range: the SAE has latents 0..%d", o->clamp_latents[i], cf->d_sae - 1);
+        if (!isfinite(o->clamp_values[i])) LP_FAIL(LP_ERR_ARG, "latent %d: the clamp value is not finite", o->clamp_latents[i]);
+    }
+    return LP_OK;
+}
+
+static lp_status splice_buffers(lp_sae_splice *sp, lp_sae *s, lp_ctx *c, const lp_sae_splice_opts *o) {
+    int N = sp->n_ctx, D = s->cfg.d_in, S = s->cfg.d_sae, nc = o->n_clamp;
+    sp->clamp = malloc((nc ? nc : 1) * sizeof(int));
+    sp->value = malloc((nc ? nc : 1) * sizeof(float));
+    sp->wdec = malloc(((size_t)nc * D + 1) * sizeof(float));
+    sp->sel = calloc(N, 1);
+    sp->hx = malloc((size_t)N * D * sizeof(float));
+    sp->ha = malloc((size_t)N * D * sizeof(float));
+    sp->hf = malloc((size_t)N * (S > s->cfg.k ? S : s->cfg.k) * sizeof(float));
+    sp->hi = malloc((size_t)N * (s->cfg.k > 0 ? s->cfg.k : 1) * sizeof(int32_t));
+    if (!sp->clamp || !sp->value || !sp->wdec || !sp->sel || !sp->hx || !sp->ha || !sp->hf || !sp->hi)
+        LP_FAIL(LP_ERR_OOM, "out of memory for an SAE splice of %d tokens", N);
+    for (int i = 0; i < nc; i++) {
+        sp->clamp[i] = o->clamp_latents[i], sp->value[i] = o->clamp_values[i];
+        LP_CHECK(lp_ctx_to_host(c, sp->wdec + (size_t)i * D, s->W_dec + (size_t)sp->clamp[i] * D, (size_t)D * 4));
+    }
+    for (int i = 0; i < o->npos; i++)
+        if (o->pos[i] >= 0 && o->pos[i] < N) sp->sel[o->pos[i]] = 1;
+    return LP_OK;
+}
+
+lp_status lp_sae_splice_add(lp_sae_splice **out, lp_model *m, lp_sae *s, const lp_sae_splice_opts *o) {
+    *out = NULL;
+    lp_sae_splice_opts none = {0};
+    if (!o) o = &none;
+    LP_CHECK(splice_check(m, s, o));
+    lp_ctx *c = lp_model_ctx(m);
+    if (s->device != c->device) LP_FAIL(LP_ERR_ARG, "%s: the SAE is not on the model's device", s->cfg.hook_name);
+    lp_sae_splice *sp = calloc(1, sizeof *sp);
+    if (!sp) LP_FAIL(LP_ERR_OOM, "out of memory");
+    sp->m = m, sp->with_error = o->with_error, sp->n_clamp = o->n_clamp, sp->all_pos = !o->pos;
+    sp->n_ctx = lp_model_config(m)->n_ctx;
+    lp_status st = lp_sae_runner_new(&sp->r, s, c, sp->n_ctx, 0, 0);
+    if (st == LP_OK) st = splice_buffers(sp, s, c, o);
+    lp_edit_spec e = {.fn = splice_edit, .user = sp};
+    if (st == LP_OK) st = lp_hook_edit(m, s->cfg.hook_name, &e);
+    if (st != LP_OK) {
+        lp_sae_splice_free(sp);
+        return st;
+    }
+    *out = sp;
+    return LP_OK;
+}

@@ -1,13 +1,18 @@
 /* test_steer_cli.c: `loupe generate` with steering, as a user meets it, on the real
  * SmolLM2 model: the unsteered continuation is plain generation's, the steered one
  * differs where the positions say it may, vectors load from files or from two prompts,
- * and bad vectors are one line on stderr with exit 2. Runs build/loupe (or $LOUPE_CLI). */
+ * and bad vectors are one line on stderr with exit 2; an SAE spliced in (with its error,
+ * with clamped latents) gives the library's continuation and the activations computed by
+ * hand from the SAE's weights. Runs build/loupe (or $LOUPE_CLI). */
 #include <cjson/cJSON.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "loupe/hooks.h"
 #include "loupe/safetensors.h"
+#include "loupe/sae.h"
+#include "loupe/tokenizer.h"
 #include "testutil.h"
 
 #define SMOL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -136,4 +141,155 @@ Test(steer_cli, vectors_from_files_and_bad_ones) {
         "W_dec[3] has 16 values", "576 per position");
     bad("generate " SMOL " " PROMPT " --steer.hook=blocks.1.hook_resid_post", "steer.hook", "give the vector");
     bad("generate " SMOL " " PROMPT " --steer.zero=blocks.99.hook_z", "steer.zero", "matches no hook");
+}
+
+/* ---- SAE splices ---- */
+
+#define SPLICE_HOOK "blocks.3.hook_resid_post"
+enum { DM = 576, NS = 32 };
+
+/* A standard SAE of random weights at `hook`, written in the SAELens layout. */
+static void write_sae(const char *path, const char *hook, int d_in) {
+    lp_ctx c;
+    cr_assert_eq(lp_ctx_init(&c, LP_CPU, LP_F32), LP_OK);
+    lp_sae_cfg cf = {.arch = LP_SAE_STANDARD, .d_in = d_in, .d_sae = NS, .d_out = d_in, .apply_b_dec_to_input = 1};
+    snprintf(cf.normalize, sizeof cf.normalize, "none");
+    snprintf(cf.hook_name, sizeof cf.hook_name, "%s", hook);
+    lp_sae *s;
+    cr_assert_eq(lp_sae_alloc(&s, &cf, &c), LP_OK, "%s", lp_last_error());
+    lp_test_fill(s->W_enc, (size_t)d_in * NS, 31, -0.05f, 0.05f);
+    lp_test_fill(s->b_enc, NS, 32, -0.1f, 0.3f);
+    lp_test_fill(s->W_dec, (size_t)NS * d_in, 33, -0.2f, 0.2f);
+    lp_test_fill(s->b_dec, d_in, 34, -0.1f, 0.1f);
+    cr_assert_eq(lp_sae_save(s, &c, path, 1.0f), LP_OK, "%s", lp_last_error());
+    lp_sae_free(s, &c);
+    lp_ctx_free(&c);
+}
+
+/* The library's greedy continuation of the test prompt with the splice o installed. */
+static int lib_generate(lp_model *m, const lp_tokenizer *tk, lp_sae *s, const lp_sae_splice_opts *o, int *ids) {
+    int32_t *prompt, out[64];
+    size_t np;
+    cr_assert_eq(lp_tokenize(tk, "I think that dogs are", 21, &prompt, &np), LP_OK);
+    lp_sae_splice *sp = NULL;
+    if (s) cr_assert_eq(lp_sae_splice_add(&sp, m, s, o), LP_OK, "%s", lp_last_error());
+    lp_gen_opts g = {.max_tokens = 6, .top_p = 1, .stop_token = lp_tokenizer_eos(tk)};
+    int n = 0;
+    cr_assert_eq(lp_generate(m, prompt, (int)np, &g, out, &n), LP_OK, "%s", lp_last_error());
+    lp_hooks_clear(m);
+    lp_sae_splice_free(sp);
+    for (int i = 0; i < n; i++) ids[i] = out[i];
+    free(prompt);
+    return n;
+}
+
+Test(steer_cli, sae_splice_is_the_librarys) {
+    char sae[128], args[1024];
+    snprintf(sae, sizeof sae, "%s/sae", dir);
+    write_sae(sae, SPLICE_HOOK, DM);
+    lp_model *m;
+    lp_tokenizer *tk;
+    lp_sae *s;
+    cr_assert_eq(lp_model_load(&m, SMOL, LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_tokenizer_load(&tk, SMOL), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_sae_load(&s, lp_model_ctx(m), sae), LP_OK, "%s", lp_last_error());
+    int plain[64], lib[64], un[64], st[64];
+    int n0 = lib_generate(m, tk, NULL, NULL, plain);
+    const char *mode[] = {"", " --steer.splice_error=true --steer.latent_clamp=5:40,17:25", " --steer.latent_clamp=5:40"};
+    int clat[] = {5, 17};
+    float cval[] = {40, 25};
+    lp_sae_splice_opts opts[] = {{0}, {.with_error = 1, .clamp_latents = clat, .clamp_values = cval, .n_clamp = 2},
+                                 {.clamp_latents = clat, .clamp_values = cval, .n_clamp = 1}};
+    for (int k = 0; k < 3; k++) {
+        snprintf(args, sizeof args, "generate " SMOL " " PROMPT " --json --steer.splice=%s%s", sae, mode[k]);
+        cJSON *j = json_run(args);
+        cr_expect_eq(ids_of(j, "unsteered", un), n0);
+        cr_expect(memcmp(un, plain, n0 * sizeof(int)) == 0, "the unsteered continuation is not plain generation's");
+        int ns = ids_of(j, "steered", st), nl = lib_generate(m, tk, s, &opts[k], lib);
+        cr_expect(ns == nl && memcmp(st, lib, ns * sizeof(int)) == 0, "`%s`: the CLI's splice is not the library's", mode[k]);
+        cr_expect(ns != n0 || memcmp(st, plain, ns * sizeof(int)) != 0, "`%s`: the splice changed nothing", mode[k]);
+        cr_expect_str_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "settings"), "splice_hook")->valuestring, SPLICE_HOOK);
+        cJSON_Delete(j);
+    }
+    /* with its error added back and nothing clamped, the splice is the identity */
+    snprintf(args, sizeof args, "generate " SMOL " " PROMPT " --json --steer.splice=%s --steer.splice_error=true", sae);
+    cJSON *j = json_run(args);
+    int ns = ids_of(j, "steered", st);
+    cr_expect(ns == n0 && memcmp(st, plain, ns * sizeof(int)) == 0, "a splice with its error changed the continuation");
+    cJSON_Delete(j);
+    lp_sae_free(s, lp_model_ctx(m));
+    lp_tokenizer_free(tk);
+    lp_model_free(m);
+}
+
+/* The spliced activation against the SAE's formula evaluated here in double:
+ * f = relu((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec, clamped latents replaced. */
+static void expected_row(const lp_sae *s, const float *x, int with_error, int lat, float val, float *y) {
+    double f[NS];
+    for (int j = 0; j < NS; j++) {
+        double a = s->b_enc[j];
+        for (int d = 0; d < DM; d++) a += (double)(x[d] - s->b_dec[d]) * s->W_enc[(size_t)d * NS + j];
+        f[j] = a > 0 ? a : 0;
+    }
+    for (int d = 0; d < DM; d++) {
+        double xh = s->b_dec[d], clamp = (val - f[lat]) * s->W_dec[(size_t)lat * DM + d];
+        for (int j = 0; j < NS; j++) xh += f[j] * s->W_dec[(size_t)j * DM + d];
+        y[d] = (float)((with_error ? x[d] : xh) + clamp);
+    }
+}
+
+Test(steer_cli, sae_splice_values_by_hand) {
+    char sae[128];
+    snprintf(sae, sizeof sae, "%s/sae", dir);
+    write_sae(sae, SPLICE_HOOK, DM);
+    lp_model *m;
+    lp_sae *s;
+    cr_assert_eq(lp_model_load(&m, SMOL, LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_sae_load(&s, lp_model_ctx(m), sae), LP_OK, "%s", lp_last_error());
+    enum { T = 5 };
+    int32_t toks[T] = {1, 57, 2000, 345, 12};
+    float x[T * DM], y[T * DM], want[DM];
+    cr_assert_eq(lp_hook_capture(m, SPLICE_HOOK, NULL, 0, NULL), LP_OK);
+    cr_assert_eq(lp_model_forward(m, toks, 1, T, 0), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_capture_read_f32(m, SPLICE_HOOK, x, T * DM), LP_OK);
+    int lat = 9, pos[] = {1, 3};
+    float val = 12.5f;
+    for (int with_error = 0; with_error < 2; with_error++) {
+        lp_hooks_clear(m);
+        lp_sae_splice *sp;
+        lp_sae_splice_opts o = {.with_error = with_error, .clamp_latents = &lat, .clamp_values = &val, .n_clamp = 1, .pos = pos, .npos = 2};
+        cr_assert_eq(lp_sae_splice_add(&sp, m, s, &o), LP_OK, "%s", lp_last_error());
+        cr_assert_eq(lp_hook_capture(m, SPLICE_HOOK, NULL, 0, NULL), LP_OK); /* records the edited value */
+        cr_assert_eq(lp_model_forward(m, toks, 1, T, 0), LP_OK, "%s", lp_last_error());
+        cr_assert_eq(lp_capture_read_f32(m, SPLICE_HOOK, y, T * DM), LP_OK);
+        for (int t = 0; t < T; t++) {
+            int spliced = t == 1 || t == 3;
+            if (spliced) expected_row(s, x + t * DM, with_error, lat, val, want);
+            else memcpy(want, x + t * DM, sizeof want);
+            double worst = 0, scale = 1;
+            for (int d = 0; d < DM; d++) worst = fmax(worst, fabs(y[t * DM + d] - want[d])), scale = fmax(scale, fabs(want[d]));
+            cr_expect_lt(worst, 1e-4 * scale, "error %d, position %d: off by %g", with_error, t, worst);
+        }
+        lp_hooks_clear(m);
+        lp_sae_splice_free(sp);
+    }
+    lp_sae_free(s, lp_model_ctx(m));
+    lp_model_free(m);
+}
+
+Test(steer_cli, bad_splices) {
+    char sae[128], args[1024];
+    snprintf(sae, sizeof sae, "%s/far", dir);
+    write_sae(sae, "blocks.99.hook_resid_post", DM);
+    snprintf(args, sizeof args, "generate " SMOL " " PROMPT " --steer.splice=%s", sae);
+    bad(args, "steer.splice", "no hook 'blocks.99.hook_resid_post'");
+    bad("generate " SMOL " " PROMPT " --steer.splice=" LP_FIXTURES "/sae/saelens_standard", "steer.splice", "d_in is 16 but the model's hook has 576");
+    snprintf(sae, sizeof sae, "%s/sae", dir);
+    write_sae(sae, SPLICE_HOOK, DM);
+    snprintf(args, sizeof args, "generate " SMOL " " PROMPT " --steer.splice=%s --steer.latent_clamp=32:1", sae);
+    bad(args, "steer.latent_clamp", "latent 32 is out of range");
+    snprintf(args, sizeof args, "generate " SMOL " " PROMPT " --steer.splice=%s --steer.latent_clamp=3", sae);
+    bad(args, "steer.latent_clamp", "N:VALUE");
+    bad("generate " SMOL " " PROMPT " --steer.latent_clamp=3:1", "steer.latent_clamp", "needs steer.splice");
+    bad("generate " SMOL " " PROMPT " --steer.splice=" LP_FIXTURES "/sae/saelens_jumprelu_transcoder", "steer.splice", "transcoder");
 }

@@ -6,8 +6,11 @@
  * a probe's direction or a saved difference of means), an SAE's decoder row
  * (steer.sae + steer.latent: W_dec[latent]), or two prompts (steer.from_prompts="A|B":
  * the mean over A's positions of the hook's activation minus B's). steer.zero zero-ablates
- * a hook at the same positions. A steered run generates twice with the same settings,
- * unsteered and steered, and prints both. */
+ * a hook at the same positions. steer.splice splices an SAE in at its hook (its
+ * reconstruction replaces the activation; with steer.splice_error the reconstruction
+ * error is added back, and steer.latent_clamp sets latents in the reconstruction). At a
+ * shared hook the splice runs first, then the vector is added, then steer.zero. A steered
+ * run generates twice with the same settings, unsteered and steered, and prints both. */
 #include <cjson/cJSON.h>
 #include <fnmatch.h>
 #include <math.h>
@@ -47,6 +50,11 @@ typedef struct steer {
     float *vec;           /* [width] */
     int width;
     const char *zero;     /* steer.zero, or NULL */
+    const char *splice;   /* steer.splice: the SAE's directory, or NULL */
+    lp_sae *sae;          /* loaded on the model's context */
+    lp_sae_splice *sp;    /* while the steered continuation runs */
+    int n_clamp, *clamp_lat;
+    float *clamp_val;
     int active;
 } steer;
 
@@ -166,6 +174,56 @@ static int hook_matches(lp_model *m, const char *pat) {
     return 0;
 }
 
+/* The failure of a library call, restated under the key that caused it. */
+static lp_status keyed(lp_status st, const char *key) {
+    if (st == LP_OK) return st;
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", lp_last_error());
+    return lp_set_error(st, __FILE__, __LINE__, "%s: %s", key, msg);
+}
+
+/* steer.latent_clamp = "N:VALUE[,N:VALUE...]", the latents checked against the SAE. */
+static lp_status parse_clamps(const char *spec, int d_sae, steer *sv) {
+    int cap = 1;
+    for (const char *q = spec; *q; q++) cap += *q == ',';
+    sv->clamp_lat = malloc(cap * sizeof(int)), sv->clamp_val = malloc(cap * sizeof(float));
+    if (!sv->clamp_lat || !sv->clamp_val) LP_FAIL(LP_ERR_OOM, "out of memory");
+    const char *q = spec;
+    for (;;) {
+        char *end;
+        long n = strtol(q, &end, 10);
+        if (end == q || *end != ':') LP_FAIL(LP_ERR_ARG, "steer.latent_clamp: '%s' is not N:VALUE[,N:VALUE...]", spec);
+        const char *v = end + 1;
+        double val = strtod(v, &end);
+        if (end == v || (*end && *end != ',') || !isfinite(val)) LP_FAIL(LP_ERR_ARG, "steer.latent_clamp: '%s' is not N:VALUE[,N:VALUE...]", spec);
+        if (n < 0 || n >= d_sae)
+            LP_FAIL(LP_ERR_ARG, "steer.latent_clamp: latent %ld is out of range for %s, which has latents 0..%d", n, sv->splice, d_sae - 1);
+        sv->clamp_lat[sv->n_clamp] = (int)n, sv->clamp_val[sv->n_clamp++] = (float)val;
+        if (!*end) return LP_OK;
+        q = end + 1;
+    }
+}
+
+/* steer.splice: loads the SAE on the model's context and checks it fits (a trial edit). */
+static lp_status splice_setup(const args *a, lp_model *m, steer *sv) {
+    const lp_cfg *c = &a->cfg;
+    sv->splice = lp_cfg_str(c, "steer.splice");
+    const char *clamps = lp_cfg_str(c, "steer.latent_clamp");
+    if (!sv->splice) {
+        if (clamps) LP_FAIL(LP_ERR_ARG, "steer.latent_clamp: needs steer.splice (the SAE whose latents are clamped)");
+        if (strcmp(lp_cfg_str(c, "steer.splice_error"), "true") == 0) LP_FAIL(LP_ERR_ARG, "steer.splice_error: needs steer.splice");
+        return LP_OK;
+    }
+    LP_CHECK(keyed(lp_sae_load(&sv->sae, lp_model_ctx(m), sv->splice), "steer.splice"));
+    if (clamps) LP_CHECK(parse_clamps(clamps, sv->sae->cfg.d_sae, sv));
+    lp_sae_splice_opts o = {.clamp_latents = sv->clamp_lat, .clamp_values = sv->clamp_val, .n_clamp = sv->n_clamp};
+    lp_status st = keyed(lp_sae_splice_add(&sv->sp, m, sv->sae, &o), "steer.splice");
+    lp_hooks_clear(m);
+    lp_sae_splice_free(sv->sp);
+    sv->sp = NULL;
+    return st;
+}
+
 /* Reads the steer.* keys: which vector, where, and checks its width against the hook. */
 static lp_status steer_setup(const args *a, lp_model *m, const lp_tokenizer *tk, steer *sv) {
     const lp_cfg *c = &a->cfg;
@@ -181,7 +239,8 @@ static lp_status steer_setup(const args *a, lp_model *m, const lp_tokenizer *tk,
     if (!given && lp_cfg_int(c, "steer.latent") >= 0) LP_FAIL(LP_ERR_ARG, "steer.latent: needs steer.sae");
     if (!given && sv->hook[0]) LP_FAIL(LP_ERR_ARG, "steer.hook: give the vector (steer.vector, steer.probe, steer.sae or steer.from_prompts)");
     if (sv->zero && !hook_matches(m, sv->zero)) LP_FAIL(LP_ERR_NOT_FOUND, "steer.zero: '%s' matches no hook (see `loupe info MODEL`)", sv->zero);
-    sv->active = given || sv->zero;
+    LP_CHECK(splice_setup(a, m, sv));
+    sv->active = given || sv->zero || sv->splice;
     if (!given) return LP_OK;
     if (strcmp(given, "steer.sae") == 0) LP_CHECK(read_sae_row(lp_cfg_str(c, given), lp_cfg_int(c, "steer.latent"), sv));
     else if (strcmp(given, "steer.from_prompts") != 0) LP_CHECK(read_vector(given, lp_cfg_str(c, given), sv));
@@ -196,7 +255,7 @@ static lp_status steer_setup(const args *a, lp_model *m, const lp_tokenizer *tk,
 }
 
 /* Installs the steering and zero-ablation edits at steer.positions. */
-static lp_status steer_install(const args *a, lp_model *m, const steer *sv, int n_prompt) {
+static lp_status steer_install(const args *a, lp_model *m, steer *sv, int n_prompt) {
     const char *where = lp_cfg_str(&a->cfg, "steer.positions");
     int n_ctx = lp_model_config(m)->n_ctx, *pos = malloc(n_ctx * sizeof(int)), np = 0;
     if (!pos) LP_FAIL(LP_ERR_OOM, "out of memory");
@@ -205,7 +264,10 @@ static lp_status steer_install(const args *a, lp_model *m, const steer *sv, int 
     int all = strcmp(where, "all") == 0;
     lp_edit_spec e = {.kind = LP_EDIT_ADD, .src = sv->vec, .src_len = sv->width, .coef = (float)lp_cfg_float(&a->cfg, "steer.coef"),
                       .pos = all ? NULL : pos, .npos = all ? 0 : np};
-    lp_status st = sv->vec ? lp_hook_edit(m, sv->hook, &e) : LP_OK;
+    lp_sae_splice_opts so = {.with_error = strcmp(lp_cfg_str(&a->cfg, "steer.splice_error"), "true") == 0, .clamp_latents = sv->clamp_lat,
+                             .clamp_values = sv->clamp_val, .n_clamp = sv->n_clamp, .pos = e.pos, .npos = e.npos};
+    lp_status st = sv->sae ? keyed(lp_sae_splice_add(&sv->sp, m, sv->sae, &so), "steer.splice") : LP_OK;
+    if (st == LP_OK && sv->vec) st = lp_hook_edit(m, sv->hook, &e);
     if (st == LP_OK && sv->zero) {
         e.kind = LP_EDIT_ZERO, e.src = NULL, e.src_len = 0;
         st = lp_hook_edit(m, sv->zero, &e);
@@ -270,6 +332,12 @@ static void print_steered_json(const args *a, lp_model *m, const steer *sv, cons
         cJSON_AddNumberToObject(s, "vector_norm", sqrt(nrm));
     }
     if (sv->zero) cJSON_AddStringToObject(s, "zero", sv->zero);
+    if (sv->splice) {
+        cJSON_AddStringToObject(s, "splice", sv->splice);
+        cJSON_AddStringToObject(s, "splice_hook", sv->sae->cfg.hook_name);
+        cJSON_AddBoolToObject(s, "splice_error", strcmp(lp_cfg_str(&a->cfg, "steer.splice_error"), "true") == 0);
+        if (sv->n_clamp) cJSON_AddStringToObject(s, "latent_clamp", lp_cfg_str(&a->cfg, "steer.latent_clamp"));
+    }
     cJSON_AddStringToObject(s, "positions", lp_cfg_str(&a->cfg, "steer.positions"));
     cJSON_AddNumberToObject(s, "max_tokens", lp_cfg_int(&a->cfg, "gen.max_tokens"));
     cJSON_AddNumberToObject(s, "temperature", lp_cfg_float(&a->cfg, "gen.temperature"));
@@ -284,23 +352,28 @@ static void print_steer_heading(const args *a, const steer *sv) {
     printf("== steered (positions: %s):", lp_cfg_str(&a->cfg, "steer.positions"));
     if (sv->vec) printf(" %s += %g x [%s]", sv->hook, lp_cfg_float(&a->cfg, "steer.coef"), sv->source);
     if (sv->zero) printf("%s %s = 0", sv->vec ? ";" : "", sv->zero);
+    if (sv->splice)
+        printf("%s %s = SAE %s%s%s%s", sv->vec || sv->zero ? ";" : "", sv->sae->cfg.hook_name, sv->splice,
+               strcmp(lp_cfg_str(&a->cfg, "steer.splice_error"), "true") == 0 ? " + error" : "", sv->n_clamp ? ", clamped " : "",
+               sv->n_clamp ? lp_cfg_str(&a->cfg, "steer.latent_clamp") : "");
     printf(" ==\n");
 }
 
 /* Unsteered then steered, with the same sampling settings. */
-static lp_status gen_pair(const args *a, lp_model *m, const lp_tokenizer *tk, const steer *sv, const char *text, const int32_t *prompt,
+static lp_status gen_pair(const args *a, lp_model *m, const lp_tokenizer *tk, steer *sv, const char *text, const int32_t *prompt,
                           int n_prompt, lp_gen_opts o, gen_run *r) {
     int stream = !a->json;
     if (stream) printf("== unsteered ==\n%s", text);
     lp_hooks_clear(m);
     LP_CHECK(gen_once(m, tk, prompt, n_prompt, o, stream, &r[0]));
-    LP_CHECK(steer_install(a, m, sv, n_prompt));
-    if (stream) {
+    lp_status st = steer_install(a, m, sv, n_prompt);
+    if (st == LP_OK && stream) {
         print_steer_heading(a, sv);
         printf("%s", text);
     }
-    lp_status st = gen_once(m, tk, prompt, n_prompt, o, stream, &r[1]);
+    if (st == LP_OK) st = gen_once(m, tk, prompt, n_prompt, o, stream, &r[1]);
     lp_hooks_clear(m);
+    lp_sae_splice_free(sv->sp); /* after the edit that points to it is gone */
     return st;
 }
 
@@ -345,6 +418,9 @@ int cmd_generate(args *a) {
     int rc = st == LP_OK ? 0 : cli_fail(st);
     for (int i = 0; i < 2; i++) free(r[i].ids), free(r[i].text);
     free(sv.vec);
+    free(sv.clamp_lat);
+    free(sv.clamp_val);
+    if (sv.sae) lp_sae_free(sv.sae, lp_model_ctx(m));
     free(prompt);
     lp_tokenizer_free(tk);
     lp_model_free(m);

@@ -144,6 +144,9 @@ static const lp_key g_keys[] = {
     {"steer.coef", LP_KEY_FLOAT, "4", -1e30, 1e30, NULL, "the vector is multiplied by this"},
     {"steer.positions", LP_KEY_CHOICE, "all", 0, 0, "all|new|prompt", "positions edited: all, new tokens only, prompt only"},
     {"steer.zero", LP_KEY_STR, NULL, 0, 0, NULL, "hook (or glob) to zero-ablate at steer.positions"},
+    {"steer.splice", LP_KEY_STR, NULL, 0, 0, NULL, "an SAE: its reconstruction replaces its hook's activation at steer.positions"},
+    {"steer.splice_error", LP_KEY_CHOICE, "false", 0, 0, "true|false", "add back the SAE's reconstruction error (splice with error)"},
+    {"steer.latent_clamp", LP_KEY_STR, NULL, 0, 0, NULL, "N:VALUE[,N:VALUE...]: clamp SAE latents in the spliced reconstruction"},
 };
 
 /* Short flags: --tokens FILE is --data.tokens=FILE, and so on. */
@@ -168,7 +171,8 @@ static const char *g_usage =
     "                                      continue a prompt (KV cache; greedy at temperature 0)\n"
     "    [--steer.vector=F.safetensors[:T] | --steer.probe=F:T | --steer.sae=DIR --steer.latent=N |\n"
     "     --steer.from_prompts=\"A|B\"] [--steer.hook=HOOK] [--steer.coef=C] [--steer.positions=all|new|prompt]\n"
-    "    [--steer.zero=HOOK]                steered and unsteered continuations side by side\n"
+    "    [--steer.zero=HOOK] [--steer.splice=SAE_DIR [--steer.splice_error=true] [--steer.latent_clamp=N:V,...]]\n"
+    "                                      steered and unsteered continuations side by side\n"
     "  train-sae [CONFIG.ini] [STORE] --data.hook=HOOK --train.out=DIR [--sae.architecture=...]\n"
     "                                      train an SAE or transcoder on an activation store\n"
     "  eval-sae SAE --data.store=DIR [--model.path=M --text F]\n"

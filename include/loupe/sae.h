@@ -75,6 +75,35 @@ lp_status lp_sae_save(const lp_sae *s, lp_ctx *c, const char *dir, float scale);
  * converting orientation, onto c's device. */
 lp_status lp_sae_load(lp_sae **out, lp_ctx *c, const char *path);
 
+/* ---- the SAE spliced into a model ----
+ * An edit at the SAE's hook (cfg.hook_name) that replaces the activation by the SAE's
+ * reconstruction x_hat, token by token, in every forward and while generating (the
+ * splice is per token, so the KV cache sees the same values as a forward over the whole
+ * sequence). Options:
+ *   with_error: add back the reconstruction error x - x_hat (SAELens / TransformerLens
+ *     "splice with error"): the hook's value is then x itself unless latents are clamped,
+ *     so a clamp changes exactly that latent's contribution and nothing else;
+ *   clamp: latent clamp_latents[i] is set to clamp_values[i] in the reconstruction
+ *     (x_hat += (value - f_latent) W_dec[latent]), the usual SAE feature steering;
+ *   pos/npos: only these absolute positions are spliced (NULL = all); the others keep x.
+ * The model must run in F32 on the SAE's device; transcoders are refused. The splice
+ * holds buffers for forwards of up to n_ctx tokens in all (one sequence); free it after lp_hooks_clear (the edit keeps a
+ * pointer to it). */
+typedef struct lp_model lp_model;
+typedef struct lp_sae_splice_opts {
+    int with_error;
+    const int *clamp_latents;
+    const float *clamp_values;
+    int n_clamp;
+    const int *pos;
+    int npos;
+} lp_sae_splice_opts;
+typedef struct lp_sae_splice lp_sae_splice;
+/* Checks the SAE against the model (its hook exists, d_in is the hook's width, clamped
+ * latents are in range) and adds the edit; o may be NULL (plain splice). */
+lp_status lp_sae_splice_add(lp_sae_splice **out, lp_model *m, lp_sae *s, const lp_sae_splice_opts *o);
+void lp_sae_splice_free(lp_sae_splice *sp);
+
 #ifdef __cplusplus
 }
 #endif
