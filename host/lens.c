@@ -8,19 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "loupe/lens.h"
+#include "lens_internal.h"
 #include "model_internal.h"
-
-struct lp_lens_ctx {
-    lp_model *m;
-    int layer_norm;   /* LayerNorm (centres, has a bias) or RMSNorm */
-    int wo_trans;     /* W_O stored [d_model, n_heads d_head] (x W_O^T) rather than [n_heads d_head, d_model] */
-    float *W_U;       /* [d_vocab, d_model] */
-    float *lnw, *lnb; /* [d_model]; lnb NULL without a bias */
-    float **W_O, **b_O; /* [n_layers] each; b_O[l] NULL without a bias */
-    float **owned;    /* host copies to free */
-    int n_owned;
-};
 
 /* Host F32 view of weight `name`: the model's own on a CPU F32 model, else a copy.
  * *w = NULL when the model has no such weight (a bias it does not have). */
@@ -95,11 +84,7 @@ void lp_lens_close(lp_lens_ctx *lx) {
 
 /* ---- what one forward captures at the position ---- */
 
-typedef struct acts {
-    float *embed, *pos_embed, *final, scale; /* [D]; pos_embed NULL without one */
-    float *pre, *mid, *attn, *mlp;           /* [L, D] */
-    float *z;                                /* [L, n_heads d_head] */
-} acts;
+typedef lens_acts acts;
 
 static lp_status capture_at(lp_model *m, int pos, int has_pos_embed) {
     static const char *const globs[] = {"hook_embed", "blocks.*.hook_resid_pre", "blocks.*.hook_resid_mid", "blocks.*.hook_attn_out",
@@ -177,7 +162,7 @@ void lp_lens_free(lp_lens *r) {
         free(r->lens_metric[k]), free(r->lens_prob[k]), free(r->lens_rank[k]), free(r->top_ids[k]), free(r->top_prob[k]);
         free(r->lens_logits[k]), free(r->comp[k]), free(r->head[k]), free(r->bias[k]);
     }
-    free(r->resid), free(r->comp_ln), free(r->head_ln);
+    free(r->resid), free(r->comp_ln), free(r->head_ln), free(r->stack_have);
     memset(r, 0, sizeof *r);
 }
 
@@ -191,7 +176,7 @@ static lp_status alloc_result(lp_lens *r, int keep_logits) {
         if (keep_logits) ALLOC(r->lens_logits[k], S * r->d_vocab);
         ALLOC(r->comp[k], (size_t)r->n_comp), ALLOC(r->head[k], LH), ALLOC(r->bias[k], (size_t)r->n_layers);
     }
-    ALLOC(r->resid, S * D), ALLOC(r->comp_ln, (size_t)r->n_comp * D), ALLOC(r->head_ln, LH * D);
+    ALLOC(r->resid, S * D), ALLOC(r->comp_ln, (size_t)r->n_comp * D), ALLOC(r->head_ln, LH * D), ALLOC(r->stack_have, S);
 #undef ALLOC
     if (!ok) LP_FAIL(LP_ERR_OOM, "lens: out of memory");
     return LP_OK;
@@ -249,20 +234,61 @@ static lp_status lens_row(lp_lens *r, int mode, int i, const float *row) {
     return LP_OK;
 }
 
+/* A lens row the input could not give: NaN, rank and top ids -1. */
+static void lens_row_missing(lp_lens *r, int mode, int i, float *logits) {
+    r->lens_metric[mode][i] = r->lens_prob[mode][i] = NAN;
+    r->lens_rank[mode][i] = -1;
+    for (int k = 0; k < r->top_k; k++) r->top_ids[mode][(size_t)i * r->top_k + k] = -1, r->top_prob[mode][(size_t)i * r->top_k + k] = NAN;
+    for (int v = 0; v < r->d_vocab; v++) logits[v] = NAN;
+}
+
+/* Whether lens entry i can be read in this mode. */
+static int entry_ok(const acts *a, int mode, int i) {
+    return (mode == LP_LENS_RECOMPUTED || a->have_scale) && (!a->stack_have || a->stack_have[i]);
+}
+
+/* x normalised in this mode, through the final norm's weight and bias, into Y [D] (F32). */
+static void through_norm(const lp_lens_ctx *lx, int mode, const float *x, double scale, double *y, float *Y, int D) {
+    normalise(lx, mode, x, scale, y, D);
+    for (int d = 0; d < D; d++) Y[d] = (float)(y[d] * lx->lnw[d] + (lx->lnb ? lx->lnb[d] : 0.0));
+}
+
+lp_status lens_final_logits(const lp_lens_ctx *lx, const lens_acts *a, float *logits) {
+    int D = lx->m->cfg.d_model, mode = a->have_scale ? LP_LENS_CACHED : LP_LENS_RECOMPUTED;
+    double *y = malloc((size_t)D * sizeof *y);
+    float *Y = malloc((size_t)D * sizeof *Y);
+    if (!y || !Y) {
+        free(y), free(Y);
+        LP_FAIL(LP_ERR_OOM, "lens: out of memory");
+    }
+    through_norm(lx, mode, a->final, a->scale, y, Y, D);
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, lx->m->cfg.d_vocab, D, 1.0f, lx->W_U, D, Y, 1, 0.0f, logits, 1);
+    free(y), free(Y);
+    return LP_OK;
+}
+
 /* Each entry normalised, through the final norm's weight and bias, then W_U. */
 static lp_status logit_lens(const lp_lens_ctx *lx, const acts *a, lp_lens *r) {
     int D = r->d_model, V = r->d_vocab, S = r->n_stack;
     float *Y = malloc((size_t)S * D * sizeof *Y), *logits = malloc((size_t)S * V * sizeof *logits);
     double *y = malloc((size_t)D * sizeof *y);
     lp_status st = Y && logits && y ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "lens: out of memory");
-    for (int i = 0; st == LP_OK && i < S; i++) memcpy(r->resid + (size_t)i * D, stack_entry(r, a, i), (size_t)D * sizeof(float));
+    for (int i = 0; st == LP_OK && i < S; i++) {
+        r->stack_have[i] = !a->stack_have || a->stack_have[i];
+        if (r->stack_have[i]) memcpy(r->resid + (size_t)i * D, stack_entry(r, a, i), (size_t)D * sizeof(float));
+        else
+            for (int d = 0; d < D; d++) r->resid[(size_t)i * D + d] = NAN;
+    }
     for (int mode = 0; st == LP_OK && mode < LP_LENS_MODES; mode++) {
         for (int i = 0; i < S; i++) {
-            normalise(lx, mode, stack_entry(r, a, i), a->scale, y, D);
-            for (int d = 0; d < D; d++) Y[(size_t)i * D + d] = (float)(y[d] * lx->lnw[d] + (lx->lnb ? lx->lnb[d] : 0.0));
+            if (entry_ok(a, mode, i)) through_norm(lx, mode, stack_entry(r, a, i), a->scale, y, Y + (size_t)i * D, D);
+            else memset(Y + (size_t)i * D, 0, (size_t)D * sizeof *Y);
         }
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, S, V, D, 1.0f, Y, D, lx->W_U, D, 0.0f, logits, V);
-        for (int i = 0; st == LP_OK && i < S; i++) st = lens_row(r, mode, i, logits + (size_t)i * V);
+        for (int i = 0; st == LP_OK && i < S; i++) {
+            if (entry_ok(a, mode, i)) st = lens_row(r, mode, i, logits + (size_t)i * V);
+            else lens_row_missing(r, mode, i, logits + (size_t)i * V);
+        }
         if (r->lens_logits[mode]) memcpy(r->lens_logits[mode], logits, (size_t)S * V * sizeof *logits);
     }
     free(Y), free(logits), free(y);
@@ -285,26 +311,31 @@ static void head_result(const lp_lens_ctx *lx, const acts *a, int l, int h, floa
 
 /* Attributions of n vectors vec[n, D] in both modes; the cached-mode normalised vectors
  * into ln[n, D] when wanted. */
-static void attribute(const lp_lens_ctx *lx, const acts *a, const double *dir, const float *vec, int n, float *attr[LP_LENS_MODES],
+static void attribute(const lp_lens_ctx *lx, const acts *a, int have, const double *dir, const float *vec, int n, float *attr[LP_LENS_MODES],
                       float *ln, double *y, int D) {
     for (int mode = 0; mode < LP_LENS_MODES; mode++)
         for (int i = 0; i < n; i++) {
-            normalise(lx, mode, vec + (size_t)i * D, a->scale, y, D);
-            attr[mode][i] = (float)dot(y, dir, D);
+            int ok = have && (mode == LP_LENS_RECOMPUTED || a->have_scale);
+            if (ok) normalise(lx, mode, vec + (size_t)i * D, a->scale, y, D);
+            attr[mode][i] = ok ? (float)dot(y, dir, D) : NAN;
             if (ln && mode == LP_LENS_CACHED)
-                for (int d = 0; d < D; d++) ln[(size_t)i * D + d] = (float)y[d];
+                for (int d = 0; d < D; d++) ln[(size_t)i * D + d] = ok ? (float)y[d] : NAN;
         }
 }
 
 /* The stacks: decompose_resid's components, the heads, the b_O of each layer. */
 static void build_stacks(const lp_lens_ctx *lx, const acts *a, const lp_lens *r, float *comp, float *heads, float *bias) {
     size_t D = r->d_model, k = 0;
-    memcpy(comp + D * k++, a->embed, D * sizeof(float));
-    if (r->has_pos_embed) memcpy(comp + D * k++, a->pos_embed, D * sizeof(float));
+    if (a->have_comp) {
+        memcpy(comp + D * k++, a->embed, D * sizeof(float));
+        if (r->has_pos_embed) memcpy(comp + D * k++, a->pos_embed, D * sizeof(float));
+    }
     for (int l = 0; l < r->n_layers; l++) {
-        memcpy(comp + D * k++, a->attn + D * l, D * sizeof(float));
-        memcpy(comp + D * k++, a->mlp + D * l, D * sizeof(float));
-        for (int h = 0; h < r->n_heads; h++) head_result(lx, a, l, h, heads + D * ((size_t)l * r->n_heads + h));
+        if (a->have_comp) {
+            memcpy(comp + D * k++, a->attn + D * l, D * sizeof(float));
+            memcpy(comp + D * k++, a->mlp + D * l, D * sizeof(float));
+        }
+        for (int h = 0; a->have_heads && h < r->n_heads; h++) head_result(lx, a, l, h, heads + D * ((size_t)l * r->n_heads + h));
         for (size_t d = 0; d < D; d++) bias[D * l + d] = lx->b_O[l] ? lx->b_O[l][d] : 0.0f;
     }
 }
@@ -326,9 +357,9 @@ static lp_status attribution(const lp_lens_ctx *lx, const acts *a, lp_lens *r) {
         if (lx->lnb) r->unembed_bias += lx->lnb[d] * u;
     }
     build_stacks(lx, a, r, comp, heads, bias);
-    attribute(lx, a, dir, comp, r->n_comp, r->comp, r->comp_ln, y, D);
-    attribute(lx, a, dir, heads, LH, r->head, r->head_ln, y, D);
-    attribute(lx, a, dir, bias, L, r->bias, NULL, y, D);
+    attribute(lx, a, a->have_comp, dir, comp, r->n_comp, r->comp, r->comp_ln, y, D);
+    attribute(lx, a, a->have_heads, dir, heads, LH, r->head, r->head_ln, y, D);
+    attribute(lx, a, a->have_heads, dir, bias, L, r->bias, NULL, y, D);
     /* the two identities of the cached mode */
     double s_comp = r->unembed_bias, s_head = r->unembed_bias;
     for (int i = 0; i < r->n_comp; i++) s_comp += r->comp[LP_LENS_CACHED][i];
@@ -364,32 +395,52 @@ static lp_status run_forward(lp_model *m, const int32_t *tokens, int T, const lp
     return st;
 }
 
-lp_status lp_lens_run(lp_lens_ctx *lx, const int32_t *tokens, int T, const lp_lens_opts *o, lp_lens *r) {
-    memset(r, 0, sizeof *r);
-    lp_model *m = lx->m;
-    const lp_config *c = &m->cfg;
-    LP_CHECK(check_opts(c, tokens, T, o));
+void lens_header(const lp_lens_ctx *lx, int T, const lp_lens_opts *o, lp_lens *r) {
+    const lp_config *c = &lx->m->cfg;
     *r = (lp_lens){.n_layers = c->n_layers, .n_heads = c->n_heads, .d_model = c->d_model, .d_vocab = c->d_vocab, .T = T,
                    .pos = o->pos < 0 ? T - 1 : o->pos, .top_k = o->top_k, .answer = o->answer, .wrong = o->wrong,
                    .answer_given = o->answer >= 0, .n_stack = 2 * c->n_layers + 1,
-                   .has_pos_embed = lp_hook_find(m, "hook_pos_embed") >= 0};
+                   .has_pos_embed = lp_hook_find(lx->m, "hook_pos_embed") >= 0};
     r->n_comp = (r->has_pos_embed ? 2 : 1) + 2 * c->n_layers;
+}
+
+lp_status lens_acts_alloc(const lp_lens_ctx *lx, lens_acts *a) {
+    const lp_config *c = &lx->m->cfg;
     size_t D = c->d_model, L = c->n_layers, qD = (size_t)c->n_heads * c->d_head;
-    float *buf = malloc((3 + 4 * L) * D * sizeof *buf + L * qD * sizeof *buf);
+    float *buf = calloc((3 + 4 * L) * D + L * qD, sizeof *buf);
     if (!buf) LP_FAIL(LP_ERR_OOM, "lens: out of memory");
-    acts a = {.embed = buf, .pos_embed = buf + D, .final = buf + 2 * D, .pre = buf + 3 * D};
-    a.mid = a.pre + L * D, a.attn = a.mid + L * D, a.mlp = a.attn + L * D, a.z = a.mlp + L * D;
+    *a = (lens_acts){.embed = buf, .pos_embed = buf + D, .final = buf + 2 * D, .pre = buf + 3 * D, .have_scale = 1, .have_comp = 1, .have_heads = 1};
+    a->mid = a->pre + L * D, a->attn = a->mid + L * D, a->mlp = a->attn + L * D, a->z = a->mlp + L * D;
+    return LP_OK;
+}
+
+void lens_pick(lp_lens *r, const float *row) {
+    if (r->answer < 0) /* the run's own top token */
+        for (int v = r->answer = 0; v < r->d_vocab; v++) r->answer = row[v] > row[r->answer] ? v : r->answer;
+    r->metric = (double)row[r->answer] - (r->wrong >= 0 ? row[r->wrong] : 0.0);
+}
+
+lp_status lens_compute(const lp_lens_ctx *lx, const lens_acts *a, int keep_logits, lp_lens *r) {
+    r->have_scale = a->have_scale, r->have_comp = a->have_comp, r->have_heads = a->have_heads;
+    lp_status st = alloc_result(r, keep_logits);
+    if (st == LP_OK) st = logit_lens(lx, a, r);
+    if (st == LP_OK) st = attribution(lx, a, r);
+    if (st == LP_OK && (!a->have_comp || !a->have_scale)) r->comp_sum_err = NAN;
+    if (st == LP_OK && (!a->have_comp || !a->have_heads || !a->have_scale)) r->head_sum_err = NAN;
+    return st;
+}
+
+lp_status lp_lens_run(lp_lens_ctx *lx, const int32_t *tokens, int T, const lp_lens_opts *o, lp_lens *r) {
+    memset(r, 0, sizeof *r);
+    lp_model *m = lx->m;
+    LP_CHECK(check_opts(&m->cfg, tokens, T, o));
+    lens_header(lx, T, o, r);
+    acts a;
+    LP_CHECK(lens_acts_alloc(lx, &a));
     lp_status st = run_forward(m, tokens, T, r, &a);
-    if (st == LP_OK) {
-        const float *row = lp_model_logits(m) + (size_t)r->pos * c->d_vocab;
-        if (r->answer < 0) /* the run's own top token */
-            for (int v = r->answer = 0; v < c->d_vocab; v++) r->answer = row[v] > row[r->answer] ? v : r->answer;
-        r->metric = (double)row[r->answer] - (r->wrong >= 0 ? row[r->wrong] : 0.0);
-        st = alloc_result(r, o->keep_logits);
-    }
-    if (st == LP_OK) st = logit_lens(lx, &a, r);
-    if (st == LP_OK) st = attribution(lx, &a, r);
-    free(buf);
+    if (st == LP_OK) lens_pick(r, lp_model_logits(m) + (size_t)r->pos * m->cfg.d_vocab);
+    if (st == LP_OK) st = lens_compute(lx, &a, o->keep_logits, r);
+    free(a.embed);
     if (st != LP_OK) lp_lens_free(r);
     return st;
 }

@@ -70,6 +70,12 @@ typedef struct lp_lens {
     double metric;          /* of the run's logits */
     double unembed_bias;    /* (b . W_U[:, answer] + b_U[answer]) (- the same for wrong) */
     double comp_sum_err, head_sum_err; /* |sum - metric| of the two identities, cached mode */
+    /* What the input held (all 1 for a prompt; a store may lack hooks): without the scale
+     * the cached mode is NaN throughout; a missing lens entry's row is NaN (rank and top
+     * ids -1); without every component or every head's z those attributions are NaN, as
+     * is the identity they enter. */
+    int have_scale, have_comp, have_heads;
+    uint8_t *stack_have;                /* [n_stack] */
     /* the logit lens, per mode */
     float *lens_metric[LP_LENS_MODES];  /* [n_stack] */
     float *lens_prob[LP_LENS_MODES];    /* [n_stack] softmax probability of the answer */
@@ -98,6 +104,26 @@ void lp_lens_close(lp_lens_ctx *lx);
  * LP_ERR_ARG naming the field. On failure *r holds nothing to free. */
 lp_status lp_lens_run(lp_lens_ctx *lx, const int32_t *tokens, int T, const lp_lens_opts *o, lp_lens *r);
 void lp_lens_free(lp_lens *r);
+
+/* ---- from an activation store (store.h, written by `loupe cache`) ----
+ * The same lens and DLA for each stored sequence, from whichever hooks the store holds:
+ * lens entries from blocks.L.hook_resid_pre (or blocks.L-1.hook_resid_post), hook_resid_mid
+ * and the last hook_resid_post (required: it gives the answer and the metric); the cached
+ * mode from ln_final.hook_scale; components from hook_embed (+ hook_pos_embed),
+ * hook_attn_out and hook_mlp_out of every layer; heads from every attn.hook_z. The answer
+ * defaults to the top token of the final residual through the final norm and unembedding
+ * (the run's scale when stored, else recomputed). Opening refuses a store cached from
+ * another model (meta.json's model path against model_path, when given), a hook whose
+ * width is not the model's, and a store without the last hook_resid_post, naming it. */
+typedef struct lp_lens_store lp_lens_store;
+lp_status lp_lens_store_open(lp_lens_store **out, lp_lens_ctx *lx, const char *dir, const char *model_path);
+void lp_lens_store_close(lp_lens_store *ls);
+int64_t lp_lens_store_n_seq(const lp_lens_store *ls);
+int lp_lens_store_context(const lp_lens_store *ls);
+/* The tokens of sequence seq ([context]), as stored. */
+const int32_t *lp_lens_store_tokens(const lp_lens_store *ls, int64_t seq);
+/* Sequence seq in [0, n_seq) at o->pos (-1: the last position). */
+lp_status lp_lens_store_run(lp_lens_store *ls, int64_t seq, const lp_lens_opts *o, lp_lens *r);
 
 /* Labels as TransformerLens writes them: lens entry i ("3_pre", "3_mid", "final_post"),
  * component i ("embed", "pos_embed", "0_attn_out", "0_mlp_out"), head i ("L0H3"). */
