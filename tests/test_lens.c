@@ -417,3 +417,141 @@ Test(lens_cli, bad_input_is_one_line_and_exit_2) {
     cr_expect_eq(lens_cmd("gpt2-tiny", ""), 2, "%s", g_err);
     cr_expect(strstr(g_err, "cannot read the prompts file") != NULL, "%s", g_err);
 }
+
+/* ---- from an activation store ---- */
+
+/* `loupe ARGS`: the exit status, stdout and stderr in g_out and g_err. */
+static int loupe_cmd(const char *args) {
+    const char *bin = getenv("LOUPE_CLI") ? getenv("LOUPE_CLI") : "build/loupe";
+    char cmd[4096];
+    snprintf(cmd, sizeof cmd, "%s %s >%s 2>%s", bin, args, at("out.txt"), at("err.txt"));
+    int rc = system(cmd);
+    slurp(at("out.txt"), g_out, sizeof g_out);
+    slurp(at("err.txt"), g_err, sizeof g_err);
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+#define GPT2_TINY LP_FIXTURES "/gpt2-tiny"
+#define ALL_HOOKS                                                                                                           \
+    "hook_embed,hook_pos_embed,blocks.*.hook_resid_pre,blocks.*.hook_resid_mid,blocks.*.hook_resid_post,blocks.*.hook_attn_out," \
+    "blocks.*.hook_mlp_out,blocks.*.attn.hook_z,ln_final.hook_scale"
+
+static void cache(const char *store, const char *hooks) {
+    char args[1024];
+    snprintf(args, sizeof args, "cache --model.path=" GPT2_TINY " --data.tokens=" GPT2_TINY "/tokens.npy --cache.out=%s --cache.hooks='%s'",
+             at(store), hooks);
+    cr_assert_eq(loupe_cmd(args), 0, "%s", g_err);
+}
+
+/* Every array of prompt k in a against b: floats within a relative 1e-4, integers equal;
+ * with nan_ok, a's NaN floats and -1 integers (what a store lacked) are skipped. */
+static void same_arrays(const lp_st_file *a, const lp_st_file *b, int k, int nan_ok) {
+    static const char *const arr[] = {"tokens", "position", "answer", "wrong_answer", "metric", "unembed_bias", "lens_metric.cached",
+                                      "lens_metric.recomputed", "lens_prob.cached", "lens_prob.recomputed", "lens_rank.cached",
+                                      "lens_rank.recomputed", "top_ids.cached", "top_ids.recomputed", "top_prob.cached",
+                                      "top_prob.recomputed", "attr_comp.cached", "attr_comp.recomputed", "attr_head.cached",
+                                      "attr_head.recomputed", "attr_bias.cached", "attr_bias.recomputed"};
+    for (size_t i = 0; i < sizeof arr / sizeof *arr; i++) {
+        char nm[96];
+        snprintf(nm, sizeof nm, "prompt%06d.%s", k, arr[i]);
+        const lp_st_tensor *x = lp_st_find(a, nm), *y = lp_st_find(b, nm);
+        cr_assert(x && y, "%s is missing", nm);
+        cr_assert(x->nbytes == y->nbytes && x->dtype == y->dtype, "%s: shapes differ", nm);
+        for (size_t e = 0; e < x->nbytes / 4; e++) {
+            if (x->dtype == LP_I32) {
+                if (nan_ok && ((const int32_t *)x->data)[e] == -1) continue; /* an entry the store did not hold */
+                cr_expect_eq(((const int32_t *)x->data)[e], ((const int32_t *)y->data)[e], "%s[%zu]", nm, e);
+                continue;
+            }
+            float u = ((const float *)x->data)[e], v = ((const float *)y->data)[e];
+            if (nan_ok && isnan(u)) continue;
+            cr_expect(fabsf(u - v) <= 1e-4f * fmaxf(1.0f, fabsf(v)), "%s[%zu]: store %g, prompt %g", nm, e, u, v);
+        }
+    }
+}
+
+/* A store with every hook the lens reads gives the lens of the same prompts; a store of
+ * resid_post alone gives the recomputed lens of the entries it holds and NaN elsewhere. */
+Test(lens_cli, from_a_store_equals_the_prompts) {
+    cache("all", ALL_HOOKS);
+    /* the store's sequences as a prompts file (tokens.npy is [2, 16]) */
+    lp_st_file toks;
+    char tpath[256], text[2048], args[1024];
+    snprintf(tpath, sizeof tpath, "%s/shard-00000.safetensors", at("all"));
+    cr_assert_eq(lp_st_open(&toks, tpath), LP_OK, "%s", lp_last_error());
+    const lp_st_tensor *t = lp_st_find(&toks, "tokens");
+    cr_assert(t && t->ndim == 2 && t->shape[0] == 2);
+    size_t o = 0;
+    for (int k = 0; k < 2; k++) {
+        o += snprintf(text + o, sizeof text - o, "{\"prompt\": [");
+        for (int i = 0; i < t->shape[1]; i++)
+            o += snprintf(text + o, sizeof text - o, "%s%d", i ? ", " : "", ((const int32_t *)t->data)[k * t->shape[1] + i]);
+        o += snprintf(text + o, sizeof text - o, "], \"position\": 5%s}\n", k ? ", \"answer\": 7, \"wrong_answer\": 9" : "");
+    }
+    lp_st_close(&toks);
+    put("p.jsonl", text);
+    cr_assert_eq(lens_cmd("gpt2-tiny", "--lens.top_k=5"), 0, "%s", g_err);
+    cr_assert_eq(rename(at("out"), at("want")), 0);
+    lp_st_file want, got;
+    cr_assert_eq(lp_st_open(&want, at("want/lens.safetensors")), LP_OK, "%s", lp_last_error());
+    /* sequence 0 with the default answer, sequence 1 with an answer and a wrong one */
+    for (int k = 0; k < 2; k++) {
+        snprintf(args, sizeof args, "lens " GPT2_TINY " --data.store=%s --lens.out=%s --lens.top_k=5 --lens.position=5%s", at("all"), at("out"),
+                 k ? " --lens.answer=7 --lens.wrong_answer=9" : "");
+        cr_assert_eq(loupe_cmd(args), 0, "%s", g_err);
+        cr_expect(strstr(g_out, "lens: 2 sequences") != NULL, "%s", g_out);
+        cr_assert_eq(lp_st_open(&got, at("out/lens.safetensors")), LP_OK, "%s", lp_last_error());
+        same_arrays(&got, &want, k, 0);
+        lp_st_close(&got);
+    }
+    /* lens.jsonl names the sequence */
+    static char lines[1 << 17];
+    slurp(at("out/lens.jsonl"), lines, sizeof lines);
+    cJSON *j = cJSON_Parse(lines);
+    cr_assert(j);
+    cr_expect_eq(cJSON_GetObjectItem(j, "sequence")->valueint, 0);
+    cr_expect(cJSON_GetObjectItem(j, "line") == NULL);
+    cJSON_Delete(j);
+    /* resid_post alone: 1_pre and final_post recomputed as the prompts' lens, the rest NaN */
+    cache("post", "blocks.*.hook_resid_post");
+    snprintf(args, sizeof args, "lens " GPT2_TINY " --data.store=%s --lens.out=%s --lens.top_k=5 --lens.position=5", at("post"), at("out"));
+    cr_assert_eq(loupe_cmd(args), 0, "%s", g_err);
+    cr_assert_eq(lp_st_open(&got, at("out/lens.safetensors")), LP_OK, "%s", lp_last_error());
+    same_arrays(&got, &want, 0, 1);
+    const lp_st_tensor *lm = lp_st_find(&got, "prompt000000.lens_metric.recomputed"), *lc = lp_st_find(&got, "prompt000000.lens_metric.cached");
+    const lp_st_tensor *ac = lp_st_find(&got, "prompt000000.attr_comp.recomputed");
+    cr_assert(lm && lc && ac && lm->shape[0] == 5);
+    const float *m = lm->data;
+    cr_expect(isnan(m[0]) && isnan(m[1]) && !isnan(m[2]) && isnan(m[3]) && !isnan(m[4]), "held entries: %g %g %g %g %g", m[0], m[1], m[2],
+              m[3], m[4]);
+    for (int i = 0; i < 5; i++) cr_expect(isnan(((const float *)lc->data)[i]), "cached entry %d without ln_final.hook_scale", i);
+    cr_expect(isnan(((const float *)ac->data)[0]), "components without hook_embed");
+    lp_st_close(&got);
+    lp_st_close(&want);
+}
+
+Test(lens_cli, bad_stores_are_refused) {
+    char args[1024];
+    cache("pre", "blocks.0.hook_resid_pre,ln_final.hook_scale");
+    snprintf(args, sizeof args, "lens " GPT2_TINY " --data.store=%s --lens.out=%s", at("pre"), at("out"));
+    cr_expect_eq(loupe_cmd(args), 2, "%s", g_err);
+    cr_expect(strstr(g_err, "no blocks.1.hook_resid_post") != NULL, "%s", g_err);
+    cache("post", "blocks.*.hook_resid_post");
+    /* another model than the one the store was cached from */
+    snprintf(args, sizeof args, "lens " LP_FIXTURES "/llama-tiny --data.store=%s --lens.out=%s", at("post"), at("out"));
+    cr_expect_eq(loupe_cmd(args), 2, "%s", g_err);
+    cr_expect(strstr(g_err, "was cached from") != NULL, "%s", g_err);
+    snprintf(args, sizeof args, "lens " GPT2_TINY " --data.store=%s --lens.out=%s --lens.position=16", at("post"), at("out"));
+    cr_expect_eq(loupe_cmd(args), 2, "%s", g_err);
+    cr_expect(strstr(g_err, "lens.position: 16 is outside the stored sequences of 16 tokens") != NULL, "%s", g_err);
+    snprintf(args, sizeof args, "lens " GPT2_TINY " --data.store=%s --lens.out=%s --lens.answer=997", at("post"), at("out"));
+    cr_expect_eq(loupe_cmd(args), 2, "%s", g_err);
+    cr_expect(strstr(g_err, "lens.answer: 997 is not a token id") != NULL, "%s", g_err);
+    snprintf(args, sizeof args, "lens " GPT2_TINY " --data.store=%s --lens.prompts=%s --lens.out=%s", at("post"), at("p.jsonl"), at("out"));
+    cr_expect_eq(loupe_cmd(args), 2, "%s", g_err);
+    cr_expect(strstr(g_err, "lens.prompts or data.store") != NULL, "%s", g_err);
+    snprintf(args, sizeof args, "lens " GPT2_TINY " --data.store=%s/nothing --lens.out=%s", g_dir, at("out"));
+    cr_expect_eq(loupe_cmd(args), 2, "%s", g_err);
+    struct stat sb;
+    cr_expect(stat(at("out"), &sb) != 0, "%s was created", at("out"));
+}

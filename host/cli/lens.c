@@ -1,5 +1,5 @@
 /* lens.c: `loupe lens`, the logit lens and direct logit attribution of each prompt of a JSONL
- * file (lens.h). Every line is checked before the model runs: one bad line refuses the job
+ * file, or of each sequence of an activation store at lens.position (lens.h). Every line is checked before the model runs: one bad line refuses the job
  * (exit 2, naming the file, the line and the field). Writes, under lens.out's lock,
  * lens.jsonl (one line per prompt) and lens.safetensors (every array of every prompt), each
  * under a temporary name and renamed when whole; a rerun replaces them. */
@@ -165,10 +165,11 @@ static cJSON *dla_json(const lp_lens *r, int top) {
     return o;
 }
 
+/* line < 0: a stored sequence, not a line of a prompts file */
 static cJSON *result_json(int index, int line, const lp_lens *r, const lp_tokenizer *tk, int top) {
     cJSON *j = cJSON_CreateObject();
     cJSON_AddNumberToObject(j, "index", index);
-    cJSON_AddNumberToObject(j, "line", line);
+    cJSON_AddNumberToObject(j, line < 0 ? "sequence" : "line", line < 0 ? index : line);
     cJSON_AddNumberToObject(j, "n_tokens", r->T);
     cJSON_AddNumberToObject(j, "position", r->pos);
     cJSON *a = cJSON_AddObjectToObject(j, "answer");
@@ -270,9 +271,10 @@ static lp_status write_lines(const char *path, const lp_lens *rs, const prompts 
 
 static void report(int index, int line, const lp_lens *r, const lp_tokenizer *tk, int top) {
     const int R = LP_LENS_RECOMPUTED, C = LP_LENS_CACHED;
-    printf("prompt %d (line %d, %d tokens, position %d): answer ", index, line, r->T, r->pos);
+    if (line < 0) printf("sequence %d (%d tokens, position %d): answer ", index, r->T, r->pos);
+    else printf("prompt %d (line %d, %d tokens, position %d): answer ", index, line, r->T, r->pos);
     print_token(tk, r->answer, 0);
-    printf(" (id %d%s)", r->answer, r->answer_given ? "" : ", the model's top token");
+    printf(" (id %d%s)", r->answer, r->answer_given ? "" : line < 0 ? ", the top token of the final residual" : ", the model's top token");
     if (r->wrong >= 0) {
         printf(" vs ");
         print_token(tk, r->wrong, 0);
@@ -308,28 +310,48 @@ static void report(int index, int line, const lp_lens *r, const lp_tokenizer *tk
 
 typedef struct job {
     prompts ps;
+    lp_lens_store *store; /* data.store: the sequences instead of prompts */
     lp_lens *rs;
     float *scalars; /* [n, 2]: metric, unembed_bias */
     int n_done;
 } job;
 
-static lp_status run_all(const args *a, lp_model *m, job *j) {
-    lp_lens_ctx *lx;
-    LP_CHECK(lp_lens_open(&lx, m));
+/* data.store: every stored sequence as a "prompt" of the store's tokens at lens.position. */
+static lp_status store_prompts(const args *a, lp_model *m, lp_lens_ctx *lx, job *j) {
+    const char *dir = lp_cfg_str(&a->cfg, "data.store");
+    LP_CHECK(lp_lens_store_open(&j->store, lx, dir, lp_cfg_str(&a->cfg, "model.path")));
+    int n = (int)lp_lens_store_n_seq(j->store), T = lp_lens_store_context(j->store), pos = (int)lp_cfg_int(&a->cfg, "lens.position");
+    if (pos >= T) LP_FAIL(LP_ERR_ARG, "lens.position: %d is outside the stored sequences of %d tokens", pos, T);
+    int V = lp_model_config(m)->d_vocab;
+    const char *ak[] = {"lens.answer", "lens.wrong_answer"};
+    for (int k = 0; k < 2; k++)
+        if (lp_cfg_int(&a->cfg, ak[k]) >= V) LP_FAIL(LP_ERR_ARG, "%s: %ld is not a token id in [0, %d)", ak[k], lp_cfg_int(&a->cfg, ak[k]), V);
+    j->ps.p = calloc(n, sizeof *j->ps.p), j->ps.line = calloc(n, sizeof *j->ps.line);
+    if (!j->ps.p || !j->ps.line) LP_FAIL(LP_ERR_OOM, "out of memory");
+    for (int i = 0; i < n; i++, j->ps.n++) {
+        lp_prompt *p = &j->ps.p[i];
+        if (!(p->ids = malloc((size_t)T * sizeof *p->ids))) LP_FAIL(LP_ERR_OOM, "out of memory");
+        memcpy(p->ids, lp_lens_store_tokens(j->store, i), (size_t)T * sizeof *p->ids);
+        p->T = T, p->pos = pos, p->answer = (int32_t)lp_cfg_int(&a->cfg, "lens.answer"), p->wrong = (int32_t)lp_cfg_int(&a->cfg, "lens.wrong_answer");
+        j->ps.line[i] = -1;
+    }
+    return LP_OK;
+}
+
+static lp_status run_all(const args *a, lp_model *m, lp_lens_ctx *lx, job *j) {
     lp_lens_opts o = {.top_k = (int)lp_cfg_int(&a->cfg, "lens.top_k")};
     lp_status st = LP_OK;
     double t0 = cli_now();
     for (int i = 0; st == LP_OK && i < j->ps.n; i++) {
         const lp_prompt *p = &j->ps.p[i];
         o.pos = p->pos, o.answer = p->answer, o.wrong = p->wrong;
-        st = lp_lens_run(lx, p->ids, p->T, &o, &j->rs[i]);
+        st = j->store ? lp_lens_store_run(j->store, i, &o, &j->rs[i]) : lp_lens_run(lx, p->ids, p->T, &o, &j->rs[i]);
         if (st != LP_OK) break;
         j->n_done++;
         j->scalars[2 * i] = (float)j->rs[i].metric, j->scalars[2 * i + 1] = (float)j->rs[i].unembed_bias;
         if (isatty(2)) fprintf(stderr, "\rlens %d/%d prompts  %.2f prompts/s   ", i + 1, j->ps.n, (i + 1) / (cli_now() - t0));
     }
     if (isatty(2)) fputc('\n', stderr);
-    lp_lens_close(lx);
     return st;
 }
 
@@ -342,16 +364,22 @@ static lp_status write_out(const args *a, const job *j, const lp_tokenizer *tk, 
 }
 
 int cmd_lens(args *a) {
-    lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "lens.prompts", NULL});
+    lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", NULL});
+    const char *prompts_path = lp_cfg_str(&a->cfg, "lens.prompts"), *store = lp_cfg_str(&a->cfg, "data.store");
+    if (st == LP_OK && !prompts_path == !store)
+        st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "lens.prompts or data.store: give one (the prompts to run, or a store cached from them)");
     if (st != LP_OK) return cli_fail(st);
     const char *out = lp_cfg_str(&a->cfg, "lens.out");
     lp_model *m = NULL;
     lp_tokenizer *tk = NULL;
     job j = {0};
     lp_lock lock = {.fd = -1};
+    lp_lens_ctx *lx = NULL;
     st = cli_open_model(a, &m);
     if (st == LP_OK && lp_tokenizer_load(&tk, lp_cfg_str(&a->cfg, "model.path")) != LP_OK) tk = NULL; /* id lists still work */
-    if (st == LP_OK) st = read_prompts(lp_cfg_str(&a->cfg, "lens.prompts"), m, tk, &j.ps);
+    if (st == LP_OK) st = lp_lens_open(&lx, m);
+    if (st == LP_OK && store) st = store_prompts(a, m, lx, &j);
+    else if (st == LP_OK) st = read_prompts(prompts_path, m, tk, &j.ps);
     if (st == LP_OK && (lp_cfg_int(&a->cfg, "lens.top_k") > lp_model_config(m)->d_vocab))
         st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "lens.top_k: %lld is more than the vocabulary of %d", (long long)lp_cfg_int(&a->cfg, "lens.top_k"),
                           lp_model_config(m)->d_vocab);
@@ -360,7 +388,7 @@ int cmd_lens(args *a) {
     if (st == LP_OK) st = lp_lock_output(&lock, out, 1);
     if (st == LP_OK) st = lp_remove_stale_tmp(out);
     double t0 = cli_now();
-    if (st == LP_OK) st = run_all(a, m, &j);
+    if (st == LP_OK) st = run_all(a, m, lx, &j);
     double secs = cli_now() - t0;
     if (st == LP_OK) st = write_out(a, &j, tk, out);
     int rc = 0, top = (int)lp_cfg_int(&a->cfg, "lens.top");
@@ -375,12 +403,15 @@ int cmd_lens(args *a) {
         cli_print_json(r);
     } else {
         for (int i = 0; i < j.ps.n; i++) report(i, j.ps.line[i], &j.rs[i], tk, top);
-        printf("lens: %d prompt%s in %.2f s on %s; wrote %s/lens.jsonl and %s/lens.safetensors\n", j.ps.n, j.ps.n == 1 ? "" : "s", secs, cli_dev_name(m), out, out);
+        printf("lens: %d %s%s in %.2f s on %s; wrote %s/lens.jsonl and %s/lens.safetensors\n", j.ps.n, store ? "sequence" : "prompt", j.ps.n == 1 ? "" : "s", secs, cli_dev_name(m), out,
+               out);
     }
     lp_lock_release(&lock);
     for (int i = 0; i < j.n_done; i++) lp_lens_free(&j.rs[i]);
     free(j.rs), free(j.scalars);
     prompts_free(&j.ps);
+    lp_lens_store_close(j.store);
+    lp_lens_close(lx);
     lp_tokenizer_free(tk);
     lp_model_free(m);
     return rc;

@@ -98,6 +98,9 @@ static const lp_key g_keys[] = {
     {"lens.out", LP_KEY_STR, "lens.out", 0, 0, NULL, "directory for lens.jsonl and lens.safetensors"},
     {"lens.top_k", LP_KEY_INT, "10", 0, 1 << 24, NULL, "top tokens per layer of the logit lens"},
     {"lens.top", LP_KEY_INT, "10", 0, 1 << 24, NULL, "largest components and heads in the report and lens.jsonl"},
+    {"lens.position", LP_KEY_INT, "-1", -1, 1 << 30, NULL, "with data.store: the position read in every sequence (-1: the last)"},
+    {"lens.answer", LP_KEY_INT, "-1", -1, 1 << 30, NULL, "with data.store: the answer token id (-1: the top token of the final residual)"},
+    {"lens.wrong_answer", LP_KEY_INT, "-1", -1, 1 << 30, NULL, "with data.store: a wrong answer's token id (metric: the logit difference)"},
     /* linear probes */
     {"probe.labels", LP_KEY_STR, NULL, 0, 0, NULL, ".npy of integer labels: [n_seq] per sequence or [n_seq, ctx] per token; -1: none"},
     {"probe.hooks", LP_KEY_STR, "*", 0, 0, NULL, "store hooks to probe: comma-separated names or globs"},
