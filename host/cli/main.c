@@ -190,7 +190,7 @@ static const char *g_usage =
     "                                      exact activation patching, compared with attribution\n"
     "      --patch.kind=path --path.sender=S --path.receivers=R,...   path patching\n"
     "      (attribute --attrib.edges=true: edge attribution patching, circuit.json and circuit.html)\n"
-    "  lens [CONFIG.ini] MODEL --lens.prompts=F.jsonl [--lens.out=DIR]\n"
+    "  lens [CONFIG.ini] MODEL --lens.prompts=F.jsonl | --data.store=DIR [--lens.out=DIR]\n"
     "                                      logit lens and direct logit attribution per prompt\n"
     "  probe [CONFIG.ini] STORE --probe.labels=F.npy --probe.out=DIR [--probe.hooks=...]\n"
     "                                      linear probes (logistic, difference of means) per hook\n"
