@@ -6,7 +6,7 @@
 #                                             sm_90 with -lineinfo into build/gpucheck/bundle
 #                                             (binaries, the shared libraries they need beyond
 #                                             the CUDA toolkit's) and packs it as
-#                                             build/gpucheck/bundle.tar.xz (~12 MB: the 64 MiB
+#                                             build/gpucheck/bundle.tar.xz (~16 MB: the 64 MiB
 #                                             that travel with the tree hold it and the fixtures)
 #   bash scripts/gpu-check-offline.sh run     there, from the repository root: writes
 #                                             $OUT/summary.txt (and one log per step)

@@ -11,7 +11,7 @@
  *   stale        a hook the last backward did not reach, did not ask for, or a failed run,
  *                is an error naming the hook, never an older run's gradient
  *   attribution  refuses edits it would discard; a direction metric's upper layers score 0
- *   CUDA         the same gradients as the CPU through the edits (skips without a GPU) */
+ * The same gradients on the GPU against the CPU's: test_grad_edits_cuda.c. */
 #include "loupe/attrib.h"
 #include "loupe/hooks.h"
 #include "testutil.h"
@@ -475,52 +475,3 @@ Test(grad_edits, attribution_refuses_edits_and_scores_zero_above_a_direction) {
     free(dir);
     lp_model_free(m);
 }
-
-/* ---- the same on the GPU (skips without one) ----
- * The edits' Jacobians and the scale path are built from ops with CUDA kernels: with the
- * edits above registered, the CUDA backward (F32) gives the CPU's gradients (nmse 1e-9, the
- * budget of the F32 forward's hooks in test_gpt2_cuda.c), and exact zeros where an edit
- * replaced the value. */
-static void cuda_vs_cpu(const char *dir, int llama) {
-    LP_TEST_REQUIRE_GPU();
-    lp_model *mc = load(dir), *mg;
-    cr_assert_eq(lp_model_load(&mg, dir, LP_CUDA, LP_F32), LP_OK, "%s", lp_last_error());
-    const lp_config *c = lp_model_config(mc);
-    int32_t tok[B * T], other[B * T], ans[B], wr[B];
-    tokens(tok, B * T, c->d_vocab, 11);
-    tokens(other, B * T, c->d_vocab, 17);
-    lp_metric mt = logit_diff(ans, wr, c->d_vocab);
-    size_t ns;
-    float *frozen = capture_of(mc, other, &mt, "blocks.0.ln2.hook_scale", &ns), shift = 0.5f;
-    float *steer = lp_test_rand(c->d_model, 5, -1, 1);
-    int pos[] = {2, 5}, heads[] = {1};
-    uedit ed[] = {{"blocks.0.attn.hook_z", {.kind = LP_EDIT_ZERO, .pos = pos, .npos = 2, .heads = heads, .nheads = 1}},
-                  {"blocks.0.ln2.hook_scale", {.kind = LP_EDIT_PATCH, .src = frozen, .src_len = ns, .pos = pos, .npos = 2}},
-                  {"blocks.1.ln1.hook_scale", {.kind = LP_EDIT_ADD, .src = &shift, .src_len = 1, .coef = 1.0f}},
-                  {"blocks.0.hook_resid_post", {.kind = LP_EDIT_ADD, .src = steer, .src_len = c->d_model, .coef = 2.0f}}};
-    const char *hooks[] = {"blocks.0.attn.hook_q", "blocks.0.hook_resid_mid", "blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre",
-                           llama ? "blocks.0.attn.hook_rot_k" : "hook_pos_embed"};
-    const char *list = llama ? "blocks.0.attn.hook_q,blocks.0.hook_resid_mid,blocks.1.hook_resid_pre,blocks.0.hook_resid_pre,blocks.0.attn.hook_rot_k"
-                             : "blocks.0.attn.hook_q,blocks.0.hook_resid_mid,blocks.1.hook_resid_pre,blocks.0.hook_resid_pre,hook_pos_embed";
-    double met_c[B], met_g[B];
-    register_edits(mc, ed, 4);
-    register_edits(mg, ed, 4);
-    cr_assert_eq(lp_model_grad(mc, tok, B, T, &mt, list, met_c), LP_OK, "%s", lp_last_error());
-    cr_assert_eq(lp_model_grad(mg, tok, B, T, &mt, list, met_g), LP_OK, "%s", lp_last_error());
-    for (int h = 0; h < 5; h++) {
-        lp_tensor a, b;
-        cr_assert_eq(lp_grad_get(mc, hooks[h], &a), LP_OK, "%s", lp_last_error());
-        cr_assert_eq(lp_grad_get(mg, hooks[h], &b), LP_OK, "%s", lp_last_error());
-        size_t n = (size_t)lp_shape_numel(a.shape, a.ndim);
-        lp_cmp cmp = lp_compare_f(b.data, a.data, n);
-        LP_EXPECT_WITHIN(hooks[h], 0, cmp, nmse, 1e-9);
-    }
-    lp_tensor q;
-    cr_assert_eq(lp_grad_get(mg, "blocks.0.attn.hook_q", &q), LP_OK);
-    cr_expect_eq(max_where(q.data, c->n_heads, c->d_head, pos, 2, heads, 1, 1), 0.0, "the CUDA gradient passed a zero-ablation");
-    free(frozen), free(steer);
-    lp_model_free(mc), lp_model_free(mg);
-}
-
-Test(grad_edits, cuda_matches_cpu_gpt2) { cuda_vs_cpu(LP_FIXTURES "/gpt2-tiny", 0); }
-Test(grad_edits, cuda_matches_cpu_llama) { cuda_vs_cpu(LP_FIXTURES "/llama-tiny", 1); }
