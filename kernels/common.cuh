@@ -170,6 +170,15 @@ static lp_status lp_tile(lp_ctx *c, void *out, const void *src, size_t total, si
 
 static inline unsigned lp_ceil_div_u(size_t n, unsigned d) { return (unsigned)((n + d - 1) / d); }
 
+// Blocks for `rows` rows at rows_per_block a block (the row kernels: a warp a row); the
+// kernels loop if the grid had to be capped.
+static inline unsigned lp_grid_rows(long long rows, int rows_per_block) {
+    long long g = (rows + rows_per_block - 1) / rows_per_block;
+    if (g < 1) g = 1;
+    if (g > 0x7fffffffLL) g = 0x7fffffffLL;
+    return (unsigned)g;
+}
+
 // ---- reductions ------------------------------------------------------------------------
 #define LP_FULL_MASK 0xffffffffu
 
