@@ -5,6 +5,7 @@
 
 #include "loupe/textfile.h"
 #include "tokenizer_bpe.h"
+#include "tokenizer_merge.h"
 
 /* Rust's char::is_numeric: general categories Nd, Nl, No. */
 static int is_numeric(int32_t c) {
@@ -12,69 +13,21 @@ static int is_numeric(int32_t c) {
     return k == UTF8PROC_CATEGORY_ND || k == UTF8PROC_CATEGORY_NL || k == UTF8PROC_CATEGORY_NO;
 }
 
-typedef struct { int32_t *v; size_t n, cap; } idvec;
 typedef struct { int32_t id, prev, next, gone; } symbol;
-typedef struct { int32_t rank, pos, id; } merge_item;
 
 typedef struct {
     const lp_tokenizer *t;
-    idvec out;
+    tok_ids out;
     pcre2_match_data *md;
     symbol *sym;
     size_t sym_cap;
-    merge_item *heap;
-    size_t heap_n, heap_cap;
+    tok_merge_heap heap;
 } encoder;
-
-static lp_status push_id(encoder *e, int32_t id) {
-    if (e->out.n == e->out.cap) {
-        size_t cap = e->out.cap ? 2 * e->out.cap : 256;
-        int32_t *v = realloc(e->out.v, cap * sizeof *v);
-        if (!v) LP_FAIL(LP_ERR_OOM, "tokenize: out of memory for %zu ids", cap);
-        e->out.v = v, e->out.cap = cap;
-    }
-    e->out.v[e->out.n++] = id;
-    return LP_OK;
-}
-
-/* min-heap on (rank, pos): the order of Merge in tokenizers' Word::merge_all */
-static int heap_less(const merge_item *a, const merge_item *b) {
-    return a->rank != b->rank ? a->rank < b->rank : a->pos < b->pos;
-}
-static lp_status heap_push(encoder *e, merge_item m) {
-    if (e->heap_n == e->heap_cap) {
-        size_t cap = e->heap_cap ? 2 * e->heap_cap : 64;
-        merge_item *h = realloc(e->heap, cap * sizeof *h);
-        if (!h) LP_FAIL(LP_ERR_OOM, "tokenize: out of memory");
-        e->heap = h, e->heap_cap = cap;
-    }
-    size_t i = e->heap_n++;
-    while (i > 0 && heap_less(&m, &e->heap[(i - 1) / 2])) {
-        e->heap[i] = e->heap[(i - 1) / 2];
-        i = (i - 1) / 2;
-    }
-    e->heap[i] = m;
-    return LP_OK;
-}
-static merge_item heap_pop(encoder *e) {
-    merge_item top = e->heap[0], last = e->heap[--e->heap_n];
-    size_t i = 0;
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= e->heap_n) break;
-        if (c + 1 < e->heap_n && heap_less(&e->heap[c + 1], &e->heap[c])) c++;
-        if (!heap_less(&e->heap[c], &last)) break;
-        e->heap[i] = e->heap[c];
-        i = c;
-    }
-    if (e->heap_n) e->heap[i] = last;
-    return top;
-}
 
 static lp_status push_pair(encoder *e, int32_t pos) {
     const symbol *s = &e->sym[pos];
     const pm_slot *m = pm_get(&e->t->merges, s->id, e->sym[s->next].id);
-    return m ? heap_push(e, (merge_item){m->rank, pos, m->id}) : LP_OK;
+    return m ? tok_heap_push(&e->heap, (tok_merge){m->rank, pos, m->id}) : LP_OK;
 }
 
 /* One pre-token (vocabulary form) to ids: BPE::tokenize_with_cache and Word::merge_all. */
@@ -82,7 +35,7 @@ static lp_status bpe_word(encoder *e, const char *w, size_t n) {
     const lp_tokenizer *t = e->t;
     if (t->ignore_merges) {
         int32_t id = sm_get(&t->vocab, w, n);
-        if (id >= 0) return push_id(e, id);
+        if (id >= 0) return tok_ids_push(&e->out, id);
     }
     if (n > e->sym_cap) {
         symbol *s = realloc(e->sym, n * sizeof *s);
@@ -107,10 +60,10 @@ static lp_status bpe_word(encoder *e, const char *w, size_t n) {
     }
     if (ns == 0) return LP_OK;
     e->sym[ns - 1].next = -1;
-    e->heap_n = 0;
+    e->heap.n = 0;
     for (int32_t i = 0; i + 1 < ns; i++) LP_CHECK(push_pair(e, i));
-    while (e->heap_n) {
-        merge_item top = heap_pop(e);
+    while (e->heap.n) {
+        tok_merge top = tok_heap_pop(&e->heap);
         symbol *s = &e->sym[top.pos];
         if (s->gone || s->next < 0) continue;
         symbol *right = &e->sym[s->next];
@@ -124,7 +77,7 @@ static lp_status bpe_word(encoder *e, const char *w, size_t n) {
         if (s->next >= 0) LP_CHECK(push_pair(e, top.pos));
     }
     for (int32_t i = 0; i < ns; i++)
-        if (!e->sym[i].gone) LP_CHECK(push_id(e, e->sym[i].id));
+        if (!e->sym[i].gone) LP_CHECK(tok_ids_push(&e->out, e->sym[i].id));
     return LP_OK;
 }
 
@@ -222,7 +175,7 @@ static lp_status pretokenize(encoder *e, int step, const char *s, size_t n) {
 
 /* Added tokens are cut out by tokenizer_added.c: raw ones from the text first, then, in
  * each gap, normalized ones from the normalized gap; each token's id goes to the output. */
-static lp_status push_added(void *e, int32_t id) { return push_id(e, id); }
+static lp_status push_added(void *e, int32_t id) { return tok_ids_push(&((encoder *)e)->out, id); }
 
 static lp_status after_norm_split(void *e, const char *s, size_t n) { return pretokenize(e, 0, s, n); }
 
@@ -248,16 +201,16 @@ lp_status lp_tokenize(const lp_tokenizer *t, const char *text, size_t len, int32
     encoder e = {.t = t};
     lp_status st = LP_OK;
     if (!(e.md = pcre2_match_data_create(1, NULL))) LP_FAIL(LP_ERR_OOM, "tokenize: out of memory");
-    for (int i = 0; i < t->n_prefix; i++) LP_TRY(st, out, push_id(&e, t->prefix[i]));
+    for (int i = 0; i < t->n_prefix; i++) LP_TRY(st, out, tok_ids_push(&e.out, t->prefix[i]));
     LP_TRY(st, out, lp_added_split(&t->match, 0, text, len, after_raw_split, push_added, &e));
-    for (int i = 0; i < t->n_suffix; i++) LP_TRY(st, out, push_id(&e, t->suffix[i]));
+    for (int i = 0; i < t->n_suffix; i++) LP_TRY(st, out, tok_ids_push(&e.out, t->suffix[i]));
     if (!e.out.v) { /* a valid pointer even for no ids */
-        LP_TRY(st, out, push_id(&e, 0));
+        LP_TRY(st, out, tok_ids_push(&e.out, 0));
         e.out.n = 0;
     }
 out:
     pcre2_match_data_free(e.md);
-    free(e.sym), free(e.heap);
+    free(e.sym), free(e.heap.v);
     if (st != LP_OK) {
         free(e.out.v);
         return st;
