@@ -151,24 +151,6 @@ __global__ void softmax_rows_backward_kernel(T *dx, const T *dy, const T *y, siz
 
 // ---- cross-entropy ----
 
-// (m, s) = running max and sum of exp(x - m), as loss.cu.
-__device__ __forceinline__ void lse_push(float &m, float &s, float x) {
-    if (x == -INFINITY) return;
-    if (x > m) {
-        s = s * expf(m - x) + 1.0f;
-        m = x;
-    } else {
-        s += expf(x - m);
-    }
-}
-__device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2) {
-    if (m2 == -INFINITY) return;
-    if (m == -INFINITY) { m = m2; s = s2; return; }
-    const float mm = fmaxf(m, m2);
-    s = s * expf(m - mm) + s2 * expf(m2 - mm);
-    m = mm;
-}
-
 // dlogits[n,:] = scale[n] (softmax(logits[n,:]) - onehot(target[n])); zeros where target < 0,
 // NaN where target >= V (a token the host could not check). One block per row.
 template <typename T>
@@ -184,11 +166,11 @@ __global__ void xent_backward_kernel(T *dl, const T *logits, const int32_t *targ
     }
     const T *xr = logits + row * V;
     float m = -INFINITY, s = 0.0f;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) lse_push(m, s, lp_to_f(xr[j]));
+    for (int j = threadIdx.x; j < V; j += blockDim.x) lp_lse_push(m, s, lp_to_f(xr[j]));
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
         const float m2 = __shfl_xor_sync(LP_FULL_MASK, m, off), s2 = __shfl_xor_sync(LP_FULL_MASK, s, off);
-        lse_merge(m, s, m2, s2);
+        lp_lse_merge(m, s, m2, s2);
     }
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
     if (lane == 0) { sm[wid] = m; ss[wid] = s; }
@@ -199,7 +181,7 @@ __global__ void xent_backward_kernel(T *dl, const T *logits, const int32_t *targ
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) {
             const float m2 = __shfl_xor_sync(LP_FULL_MASK, m, off), s2 = __shfl_xor_sync(LP_FULL_MASK, s, off);
-            lse_merge(m, s, m2, s2);
+            lp_lse_merge(m, s, m2, s2);
         }
         if (lane == 0) { sm[0] = m; ss[0] = s; }
     }
