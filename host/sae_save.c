@@ -173,6 +173,74 @@ done:
     return st;
 }
 
+/* The parameters as SAELens reads them (see the top of this file): b_dec folded into b_enc
+ * for a transcoder that subtracts it, the scale folded, BatchTopK's global threshold in
+ * every latent, W_skip transposed into skipT. Returns apply_b_dec_to_input as written. */
+static int to_saelens(lp_sae *h, const lp_sae_cfg *cfg, float scale, float *skipT) {
+    int apply = cfg->apply_b_dec_to_input;
+    if (is_transcoder(cfg) && apply) { /* SAELens transcoders cannot subtract b_dec: fold it into b_enc */
+        /* (x s - b_dec) W_enc + b_enc = x (s W_enc) + (b_enc - b_dec W_enc) */
+        for (int j = 0; j < cfg->d_sae; j++) {
+            double acc = h->b_enc[j];
+            for (int i = 0; i < cfg->d_in; i++) acc -= (double)h->b_dec[i] * h->W_enc[(size_t)i * cfg->d_sae + j];
+            h->b_enc[j] = (float)acc;
+        }
+        apply = 0;
+    }
+    /* fold the normalization factor (see the top of this file) */
+    if (scale != 1.0f) {
+        for (size_t i = 0; i < (size_t)cfg->d_in * cfg->d_sae; i++) h->W_enc[i] *= scale;
+        if (!has_own_target(cfg)) {
+            for (size_t i = 0; i < (size_t)cfg->d_sae * cfg->d_out; i++) h->W_dec[i] /= scale;
+            for (int i = 0; i < cfg->d_out; i++) h->b_dec[i] /= scale;
+        } else if (h->W_skip) {
+            for (size_t i = 0; i < (size_t)cfg->d_in * cfg->d_out; i++) h->W_skip[i] *= scale;
+        }
+    }
+    if (cfg->arch == LP_SAE_BATCHTOPK) /* the global threshold in every latent */
+        for (int j = 1; j < cfg->d_sae; j++) h->threshold[j] = h->threshold[0];
+    if (skipT) /* loupe [d_in, d_out] -> SAELens [d_out, d_in] */
+        for (int i = 0; i < cfg->d_in; i++)
+            for (int o = 0; o < cfg->d_out; o++) skipT[(size_t)o * cfg->d_in + i] = h->W_skip[(size_t)i * cfg->d_out + o];
+    return apply;
+}
+
+/* A new directory: built under a temporary name and renamed when complete; on a failure
+ * before the rename, what was written is removed. */
+static lp_status write_new_dir(const char *dir, const char *json, const lp_st_spec *specs, const void *const *datas, int n) {
+    LP_CHECK(make_parents(dir));
+    size_t tl = strlen(dir) + 16;
+    char *tmpdir = malloc(tl);
+    if (!tmpdir) return lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of host memory");
+    snprintf(tmpdir, tl, "%s.tmp-XXXXXX", dir);
+    if (!mkdtemp(tmpdir)) {
+        lp_status st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot create: %s", tmpdir, strerror(errno));
+        free(tmpdir);
+        return st;
+    }
+    chmod(tmpdir, 0755);
+    lp_status st = write_files(tmpdir, json, specs, datas, n);
+    if (st == LP_OK && rename(tmpdir, dir) != 0)
+        st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot rename to %s: %s", tmpdir, dir, strerror(errno));
+    if (st != LP_OK) {
+        char *a = sae_join(tmpdir, "cfg.json"), *b = sae_join(tmpdir, "sae_weights.safetensors");
+        if (a) unlink(a);
+        if (b) unlink(b);
+        free(a), free(b);
+        rmdir(tmpdir);
+        free(tmpdir);
+        return st;
+    }
+    free(tmpdir);
+    char *parent = strdup(dir), *sl = parent ? strrchr(parent, '/') : NULL;
+    if (parent) {
+        if (sl) *sl = 0;
+        fsync_path(sl ? (parent[0] ? parent : "/") : ".");
+        free(parent);
+    }
+    return LP_OK;
+}
+
 lp_status lp_sae_save(const lp_sae *s, lp_ctx *c, const char *dir, float scale) {
     LP_CHECK(lp_sae_cfg_check(&s->cfg));
     if (!isfinite(scale) || scale <= 0)
@@ -189,37 +257,13 @@ lp_status lp_sae_save(const lp_sae *s, lp_ctx *c, const char *dir, float scale) 
     h.n_floats = sae_carve(&h, NULL);
     float *img = malloc((h.n_floats ? h.n_floats : 1) * sizeof *img);
     float *skipT = cfg->skip ? malloc((size_t)cfg->d_in * cfg->d_out * sizeof *skipT) : NULL;
-    char *json = NULL, *tmpdir = NULL;
+    char *json = NULL;
     lp_status st = LP_OK;
     if (!img || (cfg->skip && !skipT)) LP_TRY(st, done, lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of host memory"));
     sae_carve(&h, img);
     LP_TRY(st, done, lp_ctx_to_host(c, img, s->mem, h.n_floats * sizeof(float)));
 
-    int apply = cfg->apply_b_dec_to_input;
-    if (is_transcoder(cfg) && apply) { /* SAELens transcoders cannot subtract b_dec: fold it into b_enc */
-        /* (x s - b_dec) W_enc + b_enc = x (s W_enc) + (b_enc - b_dec W_enc) */
-        for (int j = 0; j < cfg->d_sae; j++) {
-            double acc = h.b_enc[j];
-            for (int i = 0; i < cfg->d_in; i++) acc -= (double)h.b_dec[i] * h.W_enc[(size_t)i * cfg->d_sae + j];
-            h.b_enc[j] = (float)acc;
-        }
-        apply = 0;
-    }
-    /* fold the normalization factor (see the top of this file) */
-    if (scale != 1.0f) {
-        for (size_t i = 0; i < (size_t)cfg->d_in * cfg->d_sae; i++) h.W_enc[i] *= scale;
-        if (!has_own_target(cfg)) {
-            for (size_t i = 0; i < (size_t)cfg->d_sae * cfg->d_out; i++) h.W_dec[i] /= scale;
-            for (int i = 0; i < cfg->d_out; i++) h.b_dec[i] /= scale;
-        } else if (h.W_skip) {
-            for (size_t i = 0; i < (size_t)cfg->d_in * cfg->d_out; i++) h.W_skip[i] *= scale;
-        }
-    }
-    if (cfg->arch == LP_SAE_BATCHTOPK) /* the global threshold in every latent */
-        for (int j = 1; j < cfg->d_sae; j++) h.threshold[j] = h.threshold[0];
-    if (skipT) /* loupe [d_in, d_out] -> SAELens [d_out, d_in] */
-        for (int i = 0; i < cfg->d_in; i++)
-            for (int o = 0; o < cfg->d_out; o++) skipT[(size_t)o * cfg->d_in + i] = h.W_skip[(size_t)i * cfg->d_out + o];
+    int apply = to_saelens(&h, cfg, scale, skipT);
 
     /* by name, as Python's safetensors orders them */
     lp_st_spec specs[6];
@@ -248,43 +292,9 @@ lp_status lp_sae_save(const lp_sae *s, lp_ctx *c, const char *dir, float scale) 
         if (!S_ISDIR(sb.st_mode)) LP_TRY(st, done, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: exists and is not a directory", dir));
         st = write_files(dir, json, specs, datas, n);
     } else {
-        /* a new directory: build it under a temporary name, rename when complete */
-        LP_TRY(st, done, make_parents(dir));
-        size_t tl = strlen(dir) + 16;
-        tmpdir = malloc(tl);
-        if (!tmpdir) {
-            st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of host memory");
-            goto done;
-        }
-        snprintf(tmpdir, tl, "%s.tmp-XXXXXX", dir);
-        if (!mkdtemp(tmpdir)) {
-            st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot create: %s", tmpdir, strerror(errno));
-            free(tmpdir);
-            tmpdir = NULL;
-            goto done;
-        }
-        chmod(tmpdir, 0755);
-        LP_TRY(st, done, write_files(tmpdir, json, specs, datas, n));
-        if (rename(tmpdir, dir) != 0)
-            LP_TRY(st, done, lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot rename to %s: %s", tmpdir, dir, strerror(errno)));
-        free(tmpdir);
-        tmpdir = NULL;
-        char *parent = strdup(dir), *sl = parent ? strrchr(parent, '/') : NULL;
-        if (parent) {
-            if (sl) *sl = 0;
-            fsync_path(sl ? (parent[0] ? parent : "/") : ".");
-            free(parent);
-        }
+        st = write_new_dir(dir, json, specs, datas, n);
     }
 done:
-    if (tmpdir) { /* failed before the rename: remove what was written */
-        char *a = sae_join(tmpdir, "cfg.json"), *b = sae_join(tmpdir, "sae_weights.safetensors");
-        if (a) unlink(a);
-        if (b) unlink(b);
-        free(a), free(b);
-        rmdir(tmpdir);
-        free(tmpdir);
-    }
     free(json);
     free(skipT);
     free(img);
