@@ -59,10 +59,8 @@ static lp_status npy_parse(const char *path, const char *name, const unsigned ch
     return LP_OK;
 }
 
-/* Reads the central directory of a zip (with zip64 records, as numpy writes them) and
- * parses every stored "*.npy" entry. Compressed entries (np.savez_compressed) are refused. */
-static lp_status npz_open(npz_file *z, const char *path) {
-    memset(z, 0, sizeof *z);
+/* Maps path whole into z->map, z->size; refuses what is too short to be a zip. */
+static lp_status npz_map(npz_file *z, const char *path) {
     int fd = open(path, O_RDONLY);
     if (fd < 0) LP_FAIL(LP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     struct stat sb;
@@ -81,29 +79,45 @@ static lp_status npz_open(npz_file *z, const char *path) {
         z->map = NULL;
         LP_FAIL(LP_ERR_IO, "%s: cannot map: %s", path, strerror(errno));
     }
-    const unsigned char *b = z->map;
-    size_t size = z->size, eocd = SIZE_MAX;
+    return LP_OK;
+}
+
+/* Where the central directory is (entries, bytes, offset): from the end-of-central-directory
+ * record, or its zip64 form; checked to lie inside the file. */
+static lp_status zip_central_dir(const unsigned char *b, size_t size, const char *path, uint64_t *count_out,
+                                 uint64_t *cd_size_out, uint64_t *cd_off_out) {
+    size_t eocd = SIZE_MAX;
     size_t lo = size > 22 + 65535 ? size - 22 - 65535 : 0;
     for (size_t i = size - 22 + 1; i-- > lo;)
         if (rd(b + i, 4) == 0x06054b50) { eocd = i; break; }
-    lp_status st = LP_OK;
-    if (eocd == SIZE_MAX) {
-        npz_close(z);
+    if (eocd == SIZE_MAX)
         LP_FAIL(LP_ERR_FORMAT, "%s: not a zip archive (.npz): no end-of-central-directory record (truncated?)", path);
-    }
     uint64_t count = rd(b + eocd + 10, 2), cd_size = rd(b + eocd + 12, 4), cd_off = rd(b + eocd + 16, 4);
     if ((count == 0xffff || cd_size == 0xffffffff || cd_off == 0xffffffff) && eocd >= 20 &&
         rd(b + eocd - 20, 4) == 0x07064b50) {
         uint64_t z64 = rd(b + eocd - 20 + 8, 8);
-        if (size < 56 || z64 > size - 56 || rd(b + z64, 4) != 0x06064b50) { /* the record is 56 bytes */
-            npz_close(z);
+        if (size < 56 || z64 > size - 56 || rd(b + z64, 4) != 0x06064b50) /* the record is 56 bytes */
             LP_FAIL(LP_ERR_FORMAT, "%s: bad zip64 end-of-central-directory record", path);
-        }
         count = rd(b + z64 + 32, 8), cd_size = rd(b + z64 + 40, 8), cd_off = rd(b + z64 + 48, 8);
     }
-    if (cd_off > size || cd_size > size - cd_off || count > cd_size / 46) {
-        npz_close(z);
+    if (cd_off > size || cd_size > size - cd_off || count > cd_size / 46)
         LP_FAIL(LP_ERR_FORMAT, "%s: zip central directory lies outside the file (truncated?)", path);
+    *count_out = count, *cd_size_out = cd_size, *cd_off_out = cd_off;
+    return LP_OK;
+}
+
+/* Reads the central directory of a zip (with zip64 records, as numpy writes them) and
+ * parses every stored "*.npy" entry. Compressed entries (np.savez_compressed) are refused. */
+static lp_status npz_open(npz_file *z, const char *path) {
+    memset(z, 0, sizeof *z);
+    LP_CHECK(npz_map(z, path));
+    const unsigned char *b = z->map;
+    size_t size = z->size;
+    uint64_t count = 0, cd_size = 0, cd_off = 0;
+    lp_status st = zip_central_dir(b, size, path, &count, &cd_size, &cd_off);
+    if (st != LP_OK) {
+        npz_close(z);
+        return st;
     }
     z->t = calloc(count ? count : 1, sizeof *z->t);
     if (!z->t) {
