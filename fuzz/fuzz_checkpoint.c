@@ -1,13 +1,13 @@
 /* fuzz_checkpoint.c: libFuzzer harness for what SAE training reads when it resumes
- * (host/sae_train.c): a checkpoint's state.json and state.safetensors (load_checkpoint)
- * and the metrics.jsonl it trims to the checkpoint's step (trim_metrics). Both are static,
- * so the harness includes the source.
+ * (host/sae_checkpoint.c): a checkpoint's state.json and state.safetensors (sae_load_checkpoint)
+ * and the metrics.jsonl it trims to the checkpoint's step (sae_trim_metrics). The harness
+ * includes the source for the static signature().
  *
  * The input is split at FUZZ_SEP into state.json, state.safetensors and metrics.jsonl.
  * "@SIG@" in state.json is replaced by the signature of the run the harness sets up (a
  * 4 -> 8 standard SAE), so the fuzzer can reach what follows the signature check. A state
  * that loads has a sane step; a refusal leaves one line naming the checkpoint. */
-#include "../host/sae_train.c"
+#include "../host/sae_checkpoint.c"
 #include "fuzz_util.h"
 
 #define D_IN 4
@@ -54,13 +54,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     free(js);
     fuzz_file("train/checkpoints/step-000000007/state.safetensors", part[1], len[1]);
     int found = 0;
-    if (load_checkpoint(&tr, &found) == LP_OK) {
+    if (sae_load_checkpoint(&tr, &found) == LP_OK) {
         if (found && (tr.step < 0 || tr.tokens_done < 0 || !isfinite(tr.scale))) __builtin_trap();
     } else {
         fuzz_check_error(g_out);
     }
     const char *mpath = fuzz_file("train/metrics.jsonl", part[2], len[2]);
-    if (trim_metrics(mpath, found ? tr.step : 3) != LP_OK) fuzz_check_error(mpath);
+    if (sae_trim_metrics(mpath, found ? tr.step : 3) != LP_OK) fuzz_check_error(mpath);
     lp_ctx_release(&g_c, tr.adam_m);
     lp_ctx_release(&g_c, tr.adam_v);
     return 0;

@@ -1,5 +1,5 @@
 /* npy.h: the .npy header, shared by the token-file reader (tokens.c) and the Gemma Scope
- * params.npz reader (sae.c). Every size is checked against the bytes that hold it. */
+ * params.npz reader (sae_npz.c). Every size is checked against the bytes that hold it. */
 #ifndef LOUPE_NPY_H
 #define LOUPE_NPY_H
 

@@ -1,4 +1,4 @@
-/* sae_internal.h: the buffers of one SAE batch (host/sae_train.c), shared with
+/* sae_internal.h: the buffers of one SAE batch (host/sae_runner.c), shared with
  * evaluation and encoding (host/sae_eval.c). All F32 on the context's device. */
 #ifndef LOUPE_SAE_INTERNAL_H
 #define LOUPE_SAE_INTERNAL_H

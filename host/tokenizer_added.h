@@ -1,8 +1,7 @@
 /* tokenizer_added.h: added tokens (special or not) cut out of text before the model's own
  * pieces are made, as Hugging Face `tokenizers`' AddedVocabulary::find_matches does it:
  * leftmost match first, the longest token at that position, then the single_word, lstrip
- * and rstrip rules. Internal to the tokenizers (tokenizer_spm.c; tokenizer.c has its own
- * copy of the same rules, written before this helper). */
+ * and rstrip rules. Internal to the tokenizers (tokenizer_encode.c, tokenizer_spm.c). */
 #ifndef LOUPE_TOKENIZER_ADDED_H
 #define LOUPE_TOKENIZER_ADDED_H
 

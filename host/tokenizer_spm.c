@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "loupe/textfile.h"
+#include "tokenizer_merge.h"
 #include "tokenizer_spm.h"
 
 static uint64_t hash_bytes(const char *s, size_t n) { /* FNV-1a */
@@ -199,65 +200,18 @@ lp_status lp_spm_finish(lp_spm *s) {
 /* ---- encoding ---- */
 
 typedef struct { int32_t id, prev, next, gone; } symbol;
-typedef struct { int64_t rank; int32_t pos, id; } merge_item;
 
 typedef struct {
     const lp_spm *s;
-    int32_t *out;
-    size_t n, cap;
+    tok_ids out;
     symbol *sym;
     size_t sym_cap;
-    merge_item *heap;
-    size_t heap_n, heap_cap;
+    tok_merge_heap heap;
     char *cat;           /* a + b, for rank_by_id */
     size_t cat_cap;
 } encoder;
 
-static lp_status push_id(void *ctx, int32_t id) {
-    encoder *e = ctx;
-    if (e->n == e->cap) {
-        size_t cap = e->cap ? 2 * e->cap : 256;
-        int32_t *v = realloc(e->out, cap * sizeof *v);
-        if (!v) LP_FAIL(LP_ERR_OOM, "tokenize: out of memory for %zu ids", cap);
-        e->out = v, e->cap = cap;
-    }
-    e->out[e->n++] = id;
-    return LP_OK;
-}
-
-/* min-heap on (rank, pos): the order of tokenizers' Word::merge_all */
-static int heap_less(const merge_item *a, const merge_item *b) {
-    return a->rank != b->rank ? a->rank < b->rank : a->pos < b->pos;
-}
-static lp_status heap_push(encoder *e, merge_item m) {
-    if (e->heap_n == e->heap_cap) {
-        size_t cap = e->heap_cap ? 2 * e->heap_cap : 64;
-        merge_item *h = realloc(e->heap, cap * sizeof *h);
-        if (!h) LP_FAIL(LP_ERR_OOM, "tokenize: out of memory");
-        e->heap = h, e->heap_cap = cap;
-    }
-    size_t i = e->heap_n++;
-    while (i > 0 && heap_less(&m, &e->heap[(i - 1) / 2])) {
-        e->heap[i] = e->heap[(i - 1) / 2];
-        i = (i - 1) / 2;
-    }
-    e->heap[i] = m;
-    return LP_OK;
-}
-static merge_item heap_pop(encoder *e) {
-    merge_item top = e->heap[0], last = e->heap[--e->heap_n];
-    size_t i = 0;
-    for (;;) {
-        size_t c = 2 * i + 1;
-        if (c >= e->heap_n) break;
-        if (c + 1 < e->heap_n && heap_less(&e->heap[c + 1], &e->heap[c])) c++;
-        if (!heap_less(&e->heap[c], &last)) break;
-        e->heap[i] = e->heap[c];
-        i = c;
-    }
-    if (e->heap_n) e->heap[i] = last;
-    return top;
-}
+static lp_status push_id(void *ctx, int32_t id) { return tok_ids_push(&((encoder *)ctx)->out, id); }
 
 /* The merge of (a, b): 1 with its rank and merged id, 0 when none (-1: out of memory). */
 static int find_merge(encoder *e, int32_t a, int32_t b, int64_t *rank, int32_t *id) {
@@ -288,7 +242,7 @@ static lp_status push_pair(encoder *e, int32_t pos) {
     int32_t id;
     int r = find_merge(e, e->sym[pos].id, e->sym[e->sym[pos].next].id, &rank, &id);
     if (r < 0) LP_FAIL(LP_ERR_OOM, "tokenize: out of memory");
-    return r ? heap_push(e, (merge_item){rank, pos, id}) : LP_OK;
+    return r ? tok_heap_push(&e->heap, (tok_merge){rank, pos, id}) : LP_OK;
 }
 
 static void add_symbol(encoder *e, int32_t *ns, int32_t id) {
@@ -334,10 +288,10 @@ static lp_status bpe_word(encoder *e, const char *w, size_t n) {
     int32_t ns = word_symbols(e, w, n);
     if (ns == 0) return LP_OK;
     e->sym[ns - 1].next = -1;
-    e->heap_n = 0;
+    e->heap.n = 0;
     for (int32_t i = 0; i + 1 < ns; i++) LP_CHECK(push_pair(e, i));
-    while (e->heap_n) {
-        merge_item top = heap_pop(e);
+    while (e->heap.n) {
+        tok_merge top = tok_heap_pop(&e->heap);
         symbol *sy = &e->sym[top.pos];
         if (sy->gone || sy->next < 0) continue;
         symbol *right = &e->sym[sy->next];
@@ -410,17 +364,17 @@ lp_status lp_spm_tokenize(const lp_spm *s, const char *text, size_t len, int32_t
     for (int i = 0; i < s->n_prefix; i++) LP_TRY(st, out, push_id(&e, s->prefix[i]));
     LP_TRY(st, out, lp_added_split(&s->added, 0, text, len, after_raw_split, push_id, &e));
     for (int i = 0; i < s->n_suffix; i++) LP_TRY(st, out, push_id(&e, s->suffix[i]));
-    if (!e.out) { /* a valid pointer even for no ids */
+    if (!e.out.v) { /* a valid pointer even for no ids */
         LP_TRY(st, out, push_id(&e, 0));
-        e.n = 0;
+        e.out.n = 0;
     }
 out:
-    free(e.sym), free(e.heap), free(e.cat);
+    free(e.sym), free(e.heap.v), free(e.cat);
     if (st != LP_OK) {
-        free(e.out);
+        free(e.out.v);
         return st;
     }
-    *ids = e.out, *n = e.n;
+    *ids = e.out.v, *n = e.out.n;
     return LP_OK;
 }
 

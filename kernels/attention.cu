@@ -204,20 +204,12 @@ attn_apply_kernel(T *z, const T *pattern, const T *v, int B, int T_, int H, int 
 
 // ---- launchers ----
 
-// Blocks for `rows` warp-rows; the kernels loop if the grid had to be capped.
-static unsigned row_grid(long long rows) {
-    long long g = (rows + kWarps - 1) / kWarps;
-    if (g < 1) g = 1;
-    if (g > 0x7fffffffLL) g = 0x7fffffffLL;
-    return (unsigned)g;
-}
-
 template <typename T, int DPL>
 static lp_status attention_launch(lp_ctx *c, void *z, const void *q, const void *k, const void *v,
                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh) {
     const long long rows = (long long)B * H * Tq;
     const size_t smem = (size_t)kWarps * dh * sizeof(float);
-    LP_LAUNCH(row_grid(rows), kWarps * 32, smem, lp_stream(c), attention_kernel<T, DPL>)(
+    LP_LAUNCH(lp_grid_rows(rows, kWarps), kWarps * 32, smem, lp_stream(c), attention_kernel<T, DPL>)(
         (T *)z, (const T *)q, (const T *)k, (const T *)v, B, Tq, Tcap, pos0, H, Hkv, dh,
         1.0f / sqrtf((float)dh));
     LP_LAUNCH_CHECK("attention_kernel");
@@ -240,7 +232,7 @@ static lp_status attn_scores_launch(lp_ctx *c, void *scores, const void *q, cons
                                     int T_, int H, int Hkv, int dh) {
     const long long rows = (long long)B * H * T_;
     const size_t smem = (size_t)kWarps * dh * sizeof(float);
-    LP_LAUNCH(row_grid(rows), kWarps * 32, smem, lp_stream(c), attn_scores_kernel<T>)(
+    LP_LAUNCH(lp_grid_rows(rows, kWarps), kWarps * 32, smem, lp_stream(c), attn_scores_kernel<T>)(
         (T *)scores, (const T *)q, (const T *)k, B, T_, H, Hkv, dh, 1.0f / sqrtf((float)dh));
     LP_LAUNCH_CHECK("attn_scores_kernel");
     return LP_OK;
@@ -248,7 +240,7 @@ static lp_status attn_scores_launch(lp_ctx *c, void *scores, const void *q, cons
 
 template <typename T>
 static lp_status softmax_rows_launch(lp_ctx *c, void *out, const void *x, size_t rows, int cols) {
-    LP_LAUNCH(row_grid((long long)rows), kWarps * 32, 0, lp_stream(c), softmax_rows_kernel<T>)(
+    LP_LAUNCH(lp_grid_rows((long long)rows, kWarps), kWarps * 32, 0, lp_stream(c), softmax_rows_kernel<T>)(
         (T *)out, (const T *)x, rows, cols);
     LP_LAUNCH_CHECK("softmax_rows_kernel");
     return LP_OK;
@@ -258,7 +250,7 @@ template <typename T, int DPL>
 static lp_status attn_apply_launch(lp_ctx *c, void *z, const void *pattern, const void *v, int B,
                                    int T_, int H, int Hkv, int dh) {
     const long long rows = (long long)B * H * T_;
-    LP_LAUNCH(row_grid(rows), kWarps * 32, 0, lp_stream(c), attn_apply_kernel<T, DPL>)(
+    LP_LAUNCH(lp_grid_rows(rows, kWarps), kWarps * 32, 0, lp_stream(c), attn_apply_kernel<T, DPL>)(
         (T *)z, (const T *)pattern, (const T *)v, B, T_, H, Hkv, dh);
     LP_LAUNCH_CHECK("attn_apply_kernel");
     return LP_OK;

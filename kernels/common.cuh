@@ -170,6 +170,37 @@ static lp_status lp_tile(lp_ctx *c, void *out, const void *src, size_t total, si
 
 static inline unsigned lp_ceil_div_u(size_t n, unsigned d) { return (unsigned)((n + d - 1) / d); }
 
+// ---- online log-sum-exp: (m, s) = running max and sum of exp(x - m) (loss.cu, backward.cu) ----
+// Adds exp(x - m) to the pair (m, s), moving the max when x exceeds it.
+__device__ __forceinline__ void lp_lse_push(float &m, float &s, float x) {
+    if (x == -INFINITY) return; // contributes exp(-inf) = 0; keeps -inf - -inf out
+    if (x > m) {
+        s = s * expf(m - x) + 1.0f; // m = -inf on the first element: s = 0 * 0 + 1
+        m = x;
+    } else {
+        s += expf(x - m);
+    }
+}
+
+// Merges (m2, s2) into (m, s). A pair with m = -inf is empty (s = 0).
+__device__ __forceinline__ void lp_lse_merge(float &m, float &s, float m2, float s2) {
+    if (m2 == -INFINITY) return;
+    if (m == -INFINITY) { m = m2; s = s2; return; }
+    const float mm = fmaxf(m, m2);
+    s = s * expf(m - mm) + s2 * expf(m2 - mm);
+    m = mm;
+}
+
+// ---- row kernels ----
+// Blocks for `rows` rows at rows_per_block a block (the row kernels: a warp a row); the
+// kernels loop if the grid had to be capped.
+static inline unsigned lp_grid_rows(long long rows, int rows_per_block) {
+    long long g = (rows + rows_per_block - 1) / rows_per_block;
+    if (g < 1) g = 1;
+    if (g > 0x7fffffffLL) g = 0x7fffffffLL;
+    return (unsigned)g;
+}
+
 // ---- reductions ------------------------------------------------------------------------
 #define LP_FULL_MASK 0xffffffffu
 

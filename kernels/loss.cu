@@ -8,26 +8,6 @@
 
 static const unsigned kBlock = 512;
 
-// Adds exp(x - m) to the pair (m, s), moving the max when x exceeds it.
-__device__ __forceinline__ void lse_push(float &m, float &s, float x) {
-    if (x == -INFINITY) return; // contributes exp(-inf) = 0; keeps -inf - -inf out
-    if (x > m) {
-        s = s * expf(m - x) + 1.0f; // m = -inf on the first element: s = 0 * 0 + 1
-        m = x;
-    } else {
-        s += expf(x - m);
-    }
-}
-
-// Merges (m2, s2) into (m, s). A pair with m = -inf is empty (s = 0).
-__device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2) {
-    if (m2 == -INFINITY) return;
-    if (m == -INFINITY) { m = m2; s = s2; return; }
-    const float mm = fmaxf(m, m2);
-    s = s * expf(m - mm) + s2 * expf(m2 - mm);
-    m = mm;
-}
-
 template <typename T>
 __global__ void cross_entropy_kernel(float *losses, const T *logits, const int32_t *targets, int V) {
     LP_SHARED(float, sm, [32]);
@@ -40,12 +20,12 @@ __global__ void cross_entropy_kernel(float *losses, const T *logits, const int32
     }
     const T *xr = logits + row * V;
     float m = -INFINITY, s = 0.0f;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) lse_push(m, s, lp_to_f(xr[j]));
+    for (int j = threadIdx.x; j < V; j += blockDim.x) lp_lse_push(m, s, lp_to_f(xr[j]));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float m2 = __shfl_xor_sync(LP_FULL_MASK, m, o);
         const float s2 = __shfl_xor_sync(LP_FULL_MASK, s, o);
-        lse_merge(m, s, m2, s2);
+        lp_lse_merge(m, s, m2, s2);
     }
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
     if (lane == 0) { sm[wid] = m; ss[wid] = s; }
@@ -57,7 +37,7 @@ __global__ void cross_entropy_kernel(float *losses, const T *logits, const int32
         for (int o = 16; o > 0; o >>= 1) {
             const float m2 = __shfl_xor_sync(LP_FULL_MASK, m, o);
             const float s2 = __shfl_xor_sync(LP_FULL_MASK, s, o);
-            lse_merge(m, s, m2, s2);
+            lp_lse_merge(m, s, m2, s2);
         }
         if (lane == 0) {
             // An out-of-range target (the host could not check device tokens) gives NaN,
