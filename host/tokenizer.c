@@ -166,7 +166,9 @@ struct lp_tokenizer {
     int32_t unk;         /* -1: characters outside the vocabulary are dropped */
     int fuse_unk, ignore_merges;
     added_tok *added;
-    int n_added;
+    int n_added, cap_added;
+    strmap added_at;     /* content -> index into added (keys: added[i].content) */
+    int32_t max_added;   /* the largest id given to an added token, -1: none yet */
     match_set raw, norm; /* normalized=false / normalized=true added tokens */
     int nfc;
     pre_step pre[MAX_PRE_STEPS];
@@ -203,7 +205,7 @@ void lp_tokenizer_free(lp_tokenizer *t) {
         if (t->added[i].match != t->added[i].content) free(t->added[i].match);
         free(t->added[i].content);
     }
-    free(t->added);
+    free(t->added), free(t->added_at.slot);
     free_set(&t->raw), free_set(&t->norm);
     for (int i = 0; i < t->n_pre; i++) pcre2_code_free(t->pre[i].re);
     free(t->prefix), free(t->suffix), free(t->source);
@@ -449,16 +451,16 @@ static lp_status init_merges(lp_tokenizer *t, size_t n) {
 
 /* Adds an added token the way AddedVocabulary::add_tokens does: an existing entry (added or
  * in the model vocabulary) keeps its id, a new one takes the next id after the vocabulary.
- * want_id >= 0 (GGUF: the token's own row) overrides that, for vocabularies with duplicates. */
+ * want_id >= 0 (GGUF: the token's own row) overrides that, for vocabularies with duplicates.
+ * The entry is found through a hash of the contents and the largest id so far is kept, so a
+ * file with 100k added tokens loads in linear time. max_added is a running maximum: ids only
+ * change with want_id (GGUF), where it is not used. */
 static lp_status add_token(lp_tokenizer *t, const char *content, size_t len, int32_t want_id, int special, int lstrip,
                            int rstrip, int single_word, int normalized) {
     if (len == 0) return LP_OK;
-    int32_t id = -1, max_added = -1;
-    int at = -1;
-    for (int i = 0; i < t->n_added; i++) {
-        if (t->added[i].len == len && memcmp(t->added[i].content, content, len) == 0) at = i;
-        if (t->added[i].id > max_added) max_added = t->added[i].id;
-    }
+    if (t->n_added == 0) t->max_added = -1; /* calloc'ed: 0 would read as an id */
+    int32_t id = -1, max_added = t->max_added;
+    int at = sm_get(&t->added_at, content, len);
     if (want_id >= 0) id = want_id;
     else if (at >= 0) id = t->added[at].id;
     else id = sm_get(&t->vocab, content, len);
@@ -468,45 +470,59 @@ static lp_status add_token(lp_tokenizer *t, const char *content, size_t len, int
     }
     if (id >= MAX_VOCAB_ID) LP_FAIL(LP_ERR_FORMAT, "%s: added token '%.*s' would get id %d, too large", t->source, (int)len, content, id);
     if (at < 0) {
-        added_tok *a = realloc(t->added, (size_t)(t->n_added + 1) * sizeof *a);
-        if (!a) LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
-        t->added = a;
-        at = t->n_added++;
-        memset(&a[at], 0, sizeof a[at]);
-        if (!(a[at].content = malloc(len + 1))) LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
-        memcpy(a[at].content, content, len);
-        a[at].content[len] = 0;
-        a[at].len = len;
+        if (t->n_added == t->cap_added) {
+            int cap = t->cap_added ? 2 * t->cap_added : 16;
+            added_tok *a = realloc(t->added, (size_t)cap * sizeof *a);
+            if (!a) LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
+            t->added = a, t->cap_added = cap;
+        }
+        if (!t->added_at.slot && !sm_init(&t->added_at, 16)) LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
+        added_tok *a = &t->added[t->n_added];
+        memset(a, 0, sizeof *a);
+        if (!(a->content = malloc(len + 1))) LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
+        memcpy(a->content, content, len);
+        a->content[len] = 0;
+        a->len = len;
+        at = t->n_added++; /* counted once content is set: lp_tokenizer_free frees it */
+        if (!sm_put(&t->added_at, a->content, len, at)) LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
     }
     added_tok *a = &t->added[at];
     a->id = id;
+    if (id > t->max_added) t->max_added = id;
     a->special = a->special || special; /* once special, always special (special_tokens_set) */
     a->lstrip = lstrip, a->rstrip = rstrip, a->single_word = single_word, a->normalized = normalized;
     LP_CHECK(grow_ids(t, id + 1));
     return set_id_text(t, id, content, len);
 }
 
+typedef struct { size_t len; int i; } by_len;
+static int longest_first(const void *x, const void *y) {
+    const by_len *a = x, *b = y;
+    if (a->len != b->len) return a->len < b->len ? 1 : -1;
+    return (a->i > b->i) - (a->i < b->i);
+}
+
 static lp_status build_set(lp_tokenizer *t, match_set *s, int normalized) {
     int n = 0;
     for (int i = 0; i < t->n_added; i++) n += t->added[i].normalized == normalized;
     s->order = malloc((size_t)(n ? n : 1) * sizeof *s->order);
-    if (!s->order) LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
-    int count[257] = {0};
+    by_len *ix = malloc((size_t)(n ? n : 1) * sizeof *ix);
+    if (!s->order || !ix) {
+        free(ix);
+        LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
+    }
+    int count[257] = {0}, k = 0;
     for (int i = 0; i < t->n_added; i++)
-        if (t->added[i].normalized == normalized) count[(unsigned char)t->added[i].match[0]]++;
+        if (t->added[i].normalized == normalized) count[(unsigned char)t->added[i].match[0]]++, ix[k++] = (by_len){t->added[i].match_len, i};
     s->start[0] = 0;
     for (int c = 0; c < 256; c++) s->start[c + 1] = s->start[c] + count[c];
+    /* longest first within a bucket, ties in the order added: sorted once (a bucket can
+     * hold every added token, all "<...>"), then dealt into the buckets in that order */
+    qsort(ix, (size_t)n, sizeof *ix, longest_first);
     int fill[256];
     memcpy(fill, s->start, sizeof fill);
-    for (int i = 0; i < t->n_added; i++)
-        if (t->added[i].normalized == normalized) s->order[fill[(unsigned char)t->added[i].match[0]]++] = i;
-    /* longest first within a bucket (insertion sort: buckets are small) */
-    for (int c = 0; c < 256; c++)
-        for (int i = s->start[c] + 1; i < s->start[c + 1]; i++)
-            for (int j = i; j > s->start[c] && t->added[s->order[j]].match_len > t->added[s->order[j - 1]].match_len; j--) {
-                int x = s->order[j];
-                s->order[j] = s->order[j - 1], s->order[j - 1] = x;
-            }
+    for (int j = 0; j < n; j++) s->order[fill[(unsigned char)t->added[ix[j].i].match[0]]++] = ix[j].i;
+    free(ix);
     return LP_OK;
 }
 
