@@ -155,6 +155,7 @@ typedef struct {
 struct lp_tokenizer {
     char *source;        /* file name for messages */
     int32_t n_ids;       /* max id + 1 */
+    int32_t cap_ids;     /* text has room for this many (zeroed past n_ids) */
     char **text;         /* id -> token string (vocabulary form), NULL for unused ids */
     char **retired;      /* replaced strings still keyed in vocab */
     int n_retired;
@@ -404,12 +405,17 @@ static lp_status set_id_text(lp_tokenizer *t, int32_t id, const char *s, size_t 
     return LP_OK;
 }
 
+/* Room for ids below n_ids. The capacity doubles: added tokens arrive one id at a time. */
 static lp_status grow_ids(lp_tokenizer *t, int32_t n_ids) {
     if (n_ids <= t->n_ids) return LP_OK;
-    char **text = realloc(t->text, (size_t)n_ids * sizeof *text);
-    if (!text) LP_FAIL(LP_ERR_OOM, "%s: out of memory for %d tokens", t->source, n_ids);
-    memset(text + t->n_ids, 0, (size_t)(n_ids - t->n_ids) * sizeof *text);
-    t->text = text;
+    if (n_ids > t->cap_ids) {
+        int32_t cap = t->cap_ids && t->cap_ids <= INT32_MAX / 2 ? 2 * t->cap_ids : n_ids;
+        if (cap < n_ids) cap = n_ids;
+        char **text = realloc(t->text, (size_t)cap * sizeof *text);
+        if (!text) LP_FAIL(LP_ERR_OOM, "%s: out of memory for %d tokens", t->source, n_ids);
+        memset(text + t->cap_ids, 0, (size_t)(cap - t->cap_ids) * sizeof *text);
+        t->text = text, t->cap_ids = cap;
+    }
     t->n_ids = n_ids;
     return LP_OK;
 }
