@@ -1,6 +1,8 @@
-/* fuzz_ini.c: libFuzzer harness for INI job configs (lp_cfg_load_ini, host/config.c),
- * with a key table of every type. A file that loads leaves every value readable; a
- * refusal leaves one line naming the file. */
+/* fuzz_ini.c: libFuzzer harness for INI job configs (host/config.c): lp_cfg_parse_buffer
+ * on the input as it is (not NUL-terminated: a read past its end is an ASan finding), and
+ * lp_cfg_load_ini on it written to a file, with a key table of every type. A file that
+ * loads leaves every value readable and inside its bounds, and the buffer parse of the
+ * same text agrees with it value for value; a refusal leaves one line naming the file. */
 #include <math.h>
 
 #include "fuzz_util.h"
@@ -17,12 +19,21 @@ static const lp_key keys[] = {
 
 static volatile uint64_t sink;
 
+static int same(const char *a, const char *b) { return (!a && !b) || (a && b && strcmp(a, b) == 0); }
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    int n = (int)(sizeof keys / sizeof *keys);
+    lp_cfg m;
+    lp_cfg_init(&m, keys, n);
+    lp_status st_mem = lp_cfg_parse_buffer(&m, (const char *)data, size, "mem.ini");
+    if (st_mem != LP_OK) fuzz_check_error("mem.ini");
     const char *path = fuzz_file("job.ini", data, size);
     lp_cfg c;
-    int n = (int)(sizeof keys / sizeof *keys);
     lp_cfg_init(&c, keys, n);
     if (lp_cfg_load_ini(&c, path) == LP_OK) {
+        if (st_mem != LP_OK) __builtin_trap(); /* the file's text loads, the same text in memory does not */
+        for (int i = 0; i < n; i++)
+            if (!same(lp_cfg_str(&c, keys[i].name), lp_cfg_str(&m, keys[i].name))) __builtin_trap();
         const char *s = lp_cfg_str(&c, "model.path");
         if (s) sink += strlen(s);
         sink += (uint64_t)lp_cfg_int(&c, "cache.batch") + (uint64_t)lp_cfg_int(&c, "train.tokens");
@@ -36,5 +47,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         fuzz_check_error(path);
     }
     lp_cfg_free(&c);
+    lp_cfg_free(&m);
     return 0;
 }

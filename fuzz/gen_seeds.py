@@ -240,6 +240,13 @@ def main(root):
     results = b"".join(json.dumps({"index": i, "metric": 0.5}).encode() + b"\n" for i in range(2)) + b'{"index": 2'
     write(root, "pairs", {"seed-exact.jsonl": b"\0" + pairs + SEP + results,
                           "seed-pad.jsonl": b"\1" + pairs + b"not json\n\n  {}\n" + SEP + results})
+    # a resumed sweep: pairs 0 and 1 done, a scores file holding pairs 0 to 2 (2 is cut away)
+    scores = safetensors([(f"pair{i:06d}.atp.{h}", "F32", [2], f32(2)) for i in (0, 1, 2) for h in ("hook_z", "mlp_out")])
+    write(root, "pairs", {"seed-resume.jsonl": b"\0" + pairs + SEP + results + b"\n" + SEP + scores})
+    prompts = b"".join(json.dumps(d).encode() + b"\n" for d in [
+        {"prompt": "ab ab c", "answer": "a", "wrong_answer": "c", "position": -2},
+        {"prompt": [0, 1, 2], "answer": 3}, {"prompt": "ab"}])
+    write(root, "pairs", {"seed-lens.jsonl": b"\2" + prompts})
 
 
 if __name__ == "__main__":

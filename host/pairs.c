@@ -187,11 +187,11 @@ static lp_status one_token(const pctx *x, const cJSON *v, const char *field, int
 }
 
 /* Pads the shorter of the two prompts on the left with its own first token (BOS when
- * the tokenizer adds one), so both are T long. */
+ * the tokenizer adds one), so both are T long. Both have a first token: parse_pair
+ * refuses an empty prompt before this. */
 static lp_status pad_left(const pctx *x, lp_pair *p, size_t *nc, size_t *nx) {
     size_t T = *nc > *nx ? *nc : *nx, ns = *nc < *nx ? *nc : *nx;
     int32_t **sh = *nc < *nx ? &p->clean : &p->corrupted;
-    if (ns == 0) return perr(x, LP_ERR_ARG, "the prompts are 0 tokens; nothing to pad with");
     int32_t *q = malloc(T * sizeof *q);
     if (!q) return perr(x, LP_ERR_OOM, "out of memory");
     for (size_t i = 0; i < T; i++) q[i] = i < T - ns ? (*sh)[0] : (*sh)[i - (T - ns)];
@@ -223,12 +223,16 @@ static lp_status parse_pair(pctx *x, lp_pair *p) {
     LP_CHECK(fields_of(x, f));
     LP_CHECK(ids_of(x, f[0], "clean", &p->clean, &nc));
     LP_CHECK(ids_of(x, f[1], "corrupted", &p->corrupted, &nx));
+    /* an empty prompt ([] or text that tokenizes to nothing) has no last position to
+     * score and no first token to pad with: a bad line whatever the alignment */
+    if (nc == 0) return perr(x, LP_ERR_ARG, "'clean' gives no tokens");
+    if (nx == 0) return perr(x, LP_ERR_ARG, "'corrupted' gives no tokens");
     LP_CHECK(one_token(x, f[2], "answer", &p->answer));
     LP_CHECK(one_token(x, f[3], "wrong_answer", &p->wrong));
     if (nc != nx && !x->o->pad_left)
         return perr(x, LP_ERR_ARG, "clean is %zu tokens and corrupted %zu (set attrib.align=pad_left to pad the shorter)", nc, nx);
     if (nc != nx) LP_CHECK(pad_left(x, p, &nc, &nx));
-    if (nc < 1 || nc > (size_t)x->o->n_ctx)
+    if (nc > (size_t)x->o->n_ctx)
         return perr(x, LP_ERR_ARG, "the prompts are %zu tokens; the model's context is %d", nc, x->o->n_ctx);
     p->T = (int)nc;
     return LP_OK;

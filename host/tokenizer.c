@@ -92,7 +92,7 @@ void lp_tokenizer_free(lp_tokenizer *t) {
         if (t->added[i].match != t->added[i].content) free(t->added[i].match);
         free(t->added[i].content);
     }
-    free(t->added);
+    free(t->added), free(t->added_at.slot);
     free(t->match.order[0]), free(t->match.order[1]); /* match.tok is added */
     for (int i = 0; i < t->n_pre; i++) pcre2_code_free(t->pre[i].re);
     free(t->prefix), free(t->suffix), free(t->source);
@@ -136,12 +136,17 @@ static lp_status set_id_text(lp_tokenizer *t, int32_t id, const char *s, size_t 
     return LP_OK;
 }
 
+/* Room for ids below n_ids. The capacity doubles: added tokens arrive one id at a time. */
 static lp_status grow_ids(lp_tokenizer *t, int32_t n_ids) {
     if (n_ids <= t->n_ids) return LP_OK;
-    char **text = realloc(t->text, (size_t)n_ids * sizeof *text);
-    if (!text) LP_FAIL(LP_ERR_OOM, "%s: out of memory for %d tokens", t->source, n_ids);
-    memset(text + t->n_ids, 0, (size_t)(n_ids - t->n_ids) * sizeof *text);
-    t->text = text;
+    if (n_ids > t->cap_ids) {
+        int32_t cap = t->cap_ids && t->cap_ids <= INT32_MAX / 2 ? 2 * t->cap_ids : n_ids;
+        if (cap < n_ids) cap = n_ids;
+        char **text = realloc(t->text, (size_t)cap * sizeof *text);
+        if (!text) LP_FAIL(LP_ERR_OOM, "%s: out of memory for %d tokens", t->source, n_ids);
+        memset(text + t->cap_ids, 0, (size_t)(cap - t->cap_ids) * sizeof *text);
+        t->text = text, t->cap_ids = cap;
+    }
     t->n_ids = n_ids;
     return LP_OK;
 }
@@ -183,16 +188,16 @@ static lp_status init_merges(lp_tokenizer *t, size_t n) {
 
 /* Adds an added token the way AddedVocabulary::add_tokens does: an existing entry (added or
  * in the model vocabulary) keeps its id, a new one takes the next id after the vocabulary.
- * want_id >= 0 (GGUF: the token's own row) overrides that, for vocabularies with duplicates. */
+ * want_id >= 0 (GGUF: the token's own row) overrides that, for vocabularies with duplicates.
+ * The entry is found through a hash of the contents and the largest id so far is kept, so a
+ * file with 100k added tokens loads in linear time. max_added is a running maximum: ids only
+ * change with want_id (GGUF), where it is not used. */
 static lp_status add_token(lp_tokenizer *t, const char *content, size_t len, int32_t want_id, int special, int lstrip,
                            int rstrip, int single_word, int normalized) {
     if (len == 0) return LP_OK;
-    int32_t id = -1, max_added = -1;
-    int at = -1;
-    for (int i = 0; i < t->n_added; i++) {
-        if (t->added[i].len == len && memcmp(t->added[i].content, content, len) == 0) at = i;
-        if (t->added[i].id > max_added) max_added = t->added[i].id;
-    }
+    if (t->n_added == 0) t->max_added = -1; /* calloc'ed: 0 would read as an id */
+    int32_t id = -1, max_added = t->max_added;
+    int at = sm_get(&t->added_at, content, len);
     if (want_id >= 0) id = want_id;
     else if (at >= 0) id = t->added[at].id;
     else id = sm_get(&t->vocab, content, len);
@@ -202,18 +207,25 @@ static lp_status add_token(lp_tokenizer *t, const char *content, size_t len, int
     }
     if (id >= MAX_VOCAB_ID) LP_FAIL(LP_ERR_FORMAT, "%s: added token '%.*s' would get id %d, too large", t->source, (int)len, content, id);
     if (at < 0) {
-        added_tok *a = realloc(t->added, (size_t)(t->n_added + 1) * sizeof *a);
-        if (!a) LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
-        t->added = a;
-        at = t->n_added++;
-        memset(&a[at], 0, sizeof a[at]);
-        if (!(a[at].content = malloc(len + 1))) LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
-        memcpy(a[at].content, content, len);
-        a[at].content[len] = 0;
-        a[at].len = len;
+        if (t->n_added == t->cap_added) {
+            int cap = t->cap_added ? 2 * t->cap_added : 16;
+            added_tok *a = realloc(t->added, (size_t)cap * sizeof *a);
+            if (!a) LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
+            t->added = a, t->cap_added = cap;
+        }
+        if (!t->added_at.slot && !sm_init(&t->added_at, 16)) LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
+        added_tok *a = &t->added[t->n_added];
+        memset(a, 0, sizeof *a);
+        if (!(a->content = malloc(len + 1))) LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
+        memcpy(a->content, content, len);
+        a->content[len] = 0;
+        a->len = len;
+        at = t->n_added++; /* counted once content is set: lp_tokenizer_free frees it */
+        if (!sm_put(&t->added_at, a->content, len, at)) LP_FAIL(LP_ERR_OOM, "%s: out of memory", t->source);
     }
     added_tok *a = &t->added[at];
     a->id = id;
+    if (id > t->max_added) t->max_added = id;
     a->special = a->special || special; /* once special, always special (special_tokens_set) */
     a->lstrip = lstrip, a->rstrip = rstrip, a->single_word = single_word, a->normalized = normalized;
     LP_CHECK(grow_ids(t, id + 1));

@@ -40,19 +40,57 @@ static int is_word_char(int32_t c) {
     }
 }
 
+static size_t hash_content(const char *s, size_t n) { /* FNV-1a */
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 1099511628211ull;
+    return (size_t)(h ^ (h >> 29));
+}
+
+/* The slot of the content: its entry's, or the empty one where it would go. */
+static int *find_slot(const lp_added_set *s, const char *content, size_t len) {
+    size_t mask = s->n_slot - 1;
+    for (size_t i = hash_content(content, len) & mask;; i = (i + 1) & mask) {
+        int *e = &s->slot[i];
+        if (!*e || (s->tok[*e - 1].len == len && memcmp(s->tok[*e - 1].content, content, len) == 0)) return e;
+    }
+}
+
+/* Room for one more token in tok and in the hash (both doubled when full): a file with
+ * 100k added tokens loads in linear time. */
+static lp_status reserve_one(lp_added_set *s, const char *source) {
+    if (s->n == s->cap) {
+        int cap = s->cap ? 2 * s->cap : 16;
+        lp_added_tok *grown = realloc(s->tok, (size_t)cap * sizeof *grown);
+        if (!grown) LP_FAIL(LP_ERR_OOM, "%s: out of memory", source);
+        s->tok = grown, s->cap = cap;
+    }
+    if (2 * ((size_t)s->n + 1) > s->n_slot) {
+        size_t n_slot = s->n_slot ? 2 * s->n_slot : 32;
+        int *old = s->slot;
+        size_t old_n = s->n_slot;
+        if (!(s->slot = calloc(n_slot, sizeof *s->slot))) {
+            s->slot = old;
+            LP_FAIL(LP_ERR_OOM, "%s: out of memory", source);
+        }
+        s->n_slot = n_slot;
+        for (size_t i = 0; i < old_n; i++)
+            if (old[i]) *find_slot(s, s->tok[old[i] - 1].content, s->tok[old[i] - 1].len) = old[i];
+        free(old);
+    }
+    return LP_OK;
+}
+
 const lp_added_tok *lp_added_find(const lp_added_set *s, const char *content, size_t len) {
-    for (int i = 0; i < s->n; i++)
-        if (s->tok[i].len == len && memcmp(s->tok[i].content, content, len) == 0) return &s->tok[i];
-    return NULL;
+    if (!s->n_slot) return NULL;
+    int e = *find_slot(s, content, len);
+    return e ? &s->tok[e - 1] : NULL;
 }
 
 lp_status lp_added_put(lp_added_set *s, const char *content, size_t len, int32_t id, int special, int lstrip,
                        int rstrip, int single_word, int normalized, const char *source) {
     lp_added_tok *a = (lp_added_tok *)lp_added_find(s, content, len);
     if (!a) {
-        lp_added_tok *grown = realloc(s->tok, (size_t)(s->n + 1) * sizeof *grown);
-        if (!grown) LP_FAIL(LP_ERR_OOM, "%s: out of memory", source);
-        s->tok = grown;
+        LP_CHECK(reserve_one(s, source));
         a = &s->tok[s->n];
         memset(a, 0, sizeof *a);
         if (!(a->content = malloc(len + 1))) LP_FAIL(LP_ERR_OOM, "%s: out of memory", source);
@@ -61,6 +99,7 @@ lp_status lp_added_put(lp_added_set *s, const char *content, size_t len, int32_t
         a->len = len;
         a->match = a->content, a->match_len = len;
         s->n++;
+        *find_slot(s, a->content, len) = s->n;
     }
     a->id = id;
     a->special = a->special || special;
@@ -73,31 +112,41 @@ void lp_added_free(lp_added_set *s) {
         if (s->tok[i].match != s->tok[i].content) free(s->tok[i].match);
         free(s->tok[i].content);
     }
-    free(s->tok), free(s->order[0]), free(s->order[1]);
+    free(s->tok), free(s->slot), free(s->order[0]), free(s->order[1]);
     memset(s, 0, sizeof *s);
 }
 
+typedef struct { size_t len; int i; } by_len;
+static int longest_first(const void *x, const void *y) {
+    const by_len *a = x, *b = y;
+    if (a->len != b->len) return a->len < b->len ? 1 : -1;
+    return (a->i > b->i) - (a->i < b->i);
+}
+
 lp_status lp_added_index(lp_added_set *s, const char *source) {
+    by_len *ix = malloc((size_t)(s->n ? s->n : 1) * sizeof *ix);
+    if (!ix) LP_FAIL(LP_ERR_OOM, "%s: out of memory", source);
     for (int k = 0; k < 2; k++) {
-        int *order = malloc((size_t)(s->n ? s->n : 1) * sizeof *order), *start = s->start[k], count[257] = {0};
-        if (!order) LP_FAIL(LP_ERR_OOM, "%s: out of memory", source);
+        int *order = malloc((size_t)(s->n ? s->n : 1) * sizeof *order), *start = s->start[k], count[257] = {0}, n = 0;
+        if (!order) {
+            free(ix);
+            LP_FAIL(LP_ERR_OOM, "%s: out of memory", source);
+        }
         free(s->order[k]);
         s->order[k] = order;
         for (int i = 0; i < s->n; i++)
-            if (s->tok[i].normalized == k && s->tok[i].match_len) count[(unsigned char)s->tok[i].match[0]]++;
+            if (s->tok[i].normalized == k && s->tok[i].match_len)
+                count[(unsigned char)s->tok[i].match[0]]++, ix[n++] = (by_len){s->tok[i].match_len, i};
         start[0] = 0;
         for (int c = 0; c < 256; c++) start[c + 1] = start[c] + count[c];
+        /* longest first within a bucket, ties in the order added: sorted once (a bucket can
+         * hold every added token, all "<...>"), then dealt into the buckets in that order */
+        qsort(ix, (size_t)n, sizeof *ix, longest_first);
         int fill[256];
         memcpy(fill, start, sizeof fill);
-        for (int i = 0; i < s->n; i++)
-            if (s->tok[i].normalized == k && s->tok[i].match_len) order[fill[(unsigned char)s->tok[i].match[0]]++] = i;
-        for (int c = 0; c < 256; c++) /* longest first (insertion sort: buckets are small) */
-            for (int i = start[c] + 1; i < start[c + 1]; i++)
-                for (int j = i; j > start[c] && s->tok[order[j]].match_len > s->tok[order[j - 1]].match_len; j--) {
-                    int x = order[j];
-                    order[j] = order[j - 1], order[j - 1] = x;
-                }
+        for (int j = 0; j < n; j++) order[fill[(unsigned char)s->tok[ix[j].i].match[0]]++] = ix[j].i;
     }
+    free(ix);
     return LP_OK;
 }
 

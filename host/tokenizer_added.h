@@ -21,7 +21,9 @@ typedef struct {
 
 typedef struct {
     lp_added_tok *tok;
-    int n;
+    int n, cap;
+    int *slot;            /* open-addressing hash of the contents: index into tok + 1, 0: empty */
+    size_t n_slot;        /* a power of two, more than twice n */
     int *order[2];        /* [normalized] indices into tok, bucketed by first byte, longest first */
     int start[2][257];    /* order[k][start[k][c] .. start[k][c+1]) begin with byte c */
 } lp_added_set;

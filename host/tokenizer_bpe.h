@@ -87,6 +87,7 @@ typedef struct {
 struct lp_tokenizer {
     char *source;        /* file name for messages */
     int32_t n_ids;       /* max id + 1 */
+    int32_t cap_ids;     /* text has room for this many (zeroed past n_ids) */
     char **text;         /* id -> token string (vocabulary form), NULL for unused ids */
     char **retired;      /* replaced strings still keyed in vocab */
     int n_retired;
@@ -98,7 +99,9 @@ struct lp_tokenizer {
     int32_t unk;         /* -1: characters outside the vocabulary are dropped */
     int fuse_unk, ignore_merges;
     added_tok *added;
-    int n_added;
+    int n_added, cap_added;
+    strmap added_at;     /* content -> index into added (keys: added[i].content) */
+    int32_t max_added;   /* the largest id given to an added token, -1: none yet */
     lp_added_set match;  /* the search order over added[] (tok borrows added; built by finish) */
     int nfc;
     pre_step pre[MAX_PRE_STEPS];

@@ -188,8 +188,30 @@ Test(pairs, id_lists_and_single_ids) {
     cr_assert_eq(pair("{\"clean\": [1, 2, 3], \"corrupted\": [5, 6], \"answer\": 7, \"wrong_answer\": 8}", &p), LP_OK, "%s", lp_last_error());
     cr_expect(p.T == 3 && p.corrupted[0] == 5 && p.corrupted[1] == 5 && p.corrupted[2] == 6);
     lp_pair_free(&p);
-    BAD("{\"clean\": [], \"corrupted\": [5, 6], \"answer\": 7, \"wrong_answer\": 8}", "the prompts are 0 tokens");
     g_po.pad_left = 0;
+}
+
+/* An empty prompt has no first token to pad with (pad_left once padded with an
+ * uninitialised one: fuzz/corpus/pairs/regress-pad-left-empty-clean) and no last position
+ * to score: a bad line, under either alignment, before any padding. */
+Test(pairs, an_empty_prompt_is_a_bad_line_before_any_padding) {
+    for (int pad = 0; pad < 2; pad++) {
+        g_po.pad_left = pad;
+        BAD("{\"clean\": [], \"corrupted\": [2, 1, 1], \"answer\": 3, \"wrong_answer\": 4}", "'clean' gives no tokens");
+        BAD("{\"clean\": [2, 1, 1], \"corrupted\": [], \"answer\": 3, \"wrong_answer\": 4}", "'corrupted' gives no tokens");
+        BAD("{\"clean\": [], \"corrupted\": [], \"answer\": 3, \"wrong_answer\": 4}", "'clean' gives no tokens");
+    }
+    g_po.pad_left = 0;
+    /* text that tokenizes to nothing (GPT-2 adds no BOS) */
+    lp_tokenizer *tk;
+    cr_assert_eq(lp_tokenizer_from_json(&tk, GPT2_TOK), LP_OK, "%s", lp_last_error());
+    lp_pair_opts o = {.file = "p.jsonl", .tk = tk, .d_vocab = 3000, .n_ctx = 12, .pad_left = 1};
+    lp_pair p;
+    const char empty[] = "{\"clean\": \"When Mary\", \"corrupted\": \"\", \"answer\": \" the\", \"wrong_answer\": \" a\"}";
+    cr_expect_eq(lp_pair_parse_line(&o, empty, sizeof empty - 1, 2, &p), LP_ERR_ARG);
+    cr_expect(strcmp(lp_last_error(), "p.jsonl:2: 'corrupted' gives no tokens") == 0, "%s", lp_last_error());
+    cr_expect(p.clean == NULL && p.corrupted == NULL && p.T == 0);
+    lp_tokenizer_free(tk);
 }
 
 Test(pairs, refuses_what_it_cannot_read_exactly) {

@@ -59,6 +59,9 @@ Test(model_config, bad_epsilons_are_refused_naming_the_key) {
     CFG_REFUSED("llama-tiny", "{\"rope_theta\": -10000}", LP_ERR_FORMAT, "\"rope_theta\"");
     CFG_REFUSED("llama-tiny", "{\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": -8, \"low_freq_factor\": 1, "
                 "\"high_freq_factor\": 4}}", LP_ERR_FORMAT, "\"rope_scaling.factor\"");
+    /* once cast to int before its range check (fuzz/corpus/hf_config/regress-llama-rope-orig-ctx-1e300) */
+    CFG_REFUSED("llama-tiny", "{\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8, \"low_freq_factor\": 1, "
+                "\"high_freq_factor\": 4, \"original_max_position_embeddings\": 1e300}}", LP_ERR_FORMAT, "original_max_position_embeddings");
 }
 
 /* ---- fields loupe does not implement ---- */

@@ -12,6 +12,7 @@
  *   fails with LP_ERR_FORMAT and one line naming the file or offset and the problem. */
 #include <cjson/cJSON.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "loupe/gguf.h"
@@ -517,3 +518,59 @@ Test(tokenizer_bad, vocab_id_beyond_the_file) {
     write_json("{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"b\":60000000},\"merges\":[]}", NULL, NULL, NULL);
     expect_json_error("model.vocab['b'] = 60000000 is beyond any dense vocabulary");
 }
+
+/* ---- many added tokens ---- */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* The fixture's tokenizer.json with N_MANY more added tokens "<extra_i>", all in the
+ * same first-byte bucket and each longer than or as long as the one before (the worst
+ * order for a per-token scan or an insertion sort): it loads in linear time (it once took
+ * minutes), each gets the next id, and the longest match wins. */
+#define N_MANY 100000
+static void many_added_tokens(const char *fixture) {
+    char src[256];
+    snprintf(src, sizeof src, TOK_DIR "/%s/tokenizer.json", fixture);
+    cJSON *j = read_json(src), *added = cJSON_GetObjectItemCaseSensitive(j, "added_tokens");
+    cr_assert(cJSON_IsArray(added));
+    for (int i = 0; i < N_MANY; i++) {
+        char content[32];
+        snprintf(content, sizeof content, "<extra_%d>", i);
+        cJSON *e = cJSON_CreateObject();
+        cJSON_AddNumberToObject(e, "id", 0); /* ignored: tokenizers gives the next free id */
+        cJSON_AddStringToObject(e, "content", content);
+        cJSON_AddBoolToObject(e, "single_word", 0), cJSON_AddBoolToObject(e, "lstrip", 0);
+        cJSON_AddBoolToObject(e, "rstrip", 0), cJSON_AddBoolToObject(e, "normalized", 0);
+        cJSON_AddBoolToObject(e, "special", 1);
+        cJSON_AddItemToArray(added, e);
+    }
+    char *txt = cJSON_PrintUnformatted(j);
+    cJSON_Delete(j);
+    write_bytes(path_in("tokenizer.json"), txt, strlen(txt));
+    free(txt);
+    double t0 = now_s();
+    lp_tokenizer *tk;
+    OK(lp_tokenizer_from_json(&tk, path_in("tokenizer.json")));
+    double dt = now_s() - t0;
+    cr_expect(dt < 5.0, "%s: %d added tokens took %.2f s to load", fixture, N_MANY, dt);
+    fprintf(stderr, "tokenizer %s + %d added tokens: loaded in %.3f s\n", fixture, N_MANY, dt);
+    int first = lp_tokenizer_vocab_size(tk) - N_MANY;
+    cr_expect_str_eq(lp_tokenizer_token(tk, first), "<extra_0>");
+    cr_expect_str_eq(lp_tokenizer_token(tk, first + N_MANY - 1), "<extra_99999>");
+    int32_t *ids;
+    size_t n;
+    const char text[] = "<extra_1><extra_12345><extra_99999>";
+    OK(lp_tokenize(tk, text, sizeof text - 1, &ids, &n));
+    size_t k = n >= 3 ? n - 3 : 0; /* after a BOS the template may add */
+    cr_expect(n >= 3 && ids[k] == first + 1 && ids[k + 1] == first + 12345 && ids[k + 2] == first + 99999,
+              "%s: %zu ids, the last %d %d %d", fixture, n, n >= 3 ? ids[k] : -1, n >= 3 ? ids[k + 1] : -1, n >= 3 ? ids[k + 2] : -1);
+    free(ids);
+    lp_tokenizer_free(tk);
+}
+
+Test(tokenizer_bad, a_hundred_thousand_added_tokens_load_in_linear_time) { many_added_tokens("gpt2"); }
+Test(tokenizer_bad, a_hundred_thousand_added_tokens_load_in_linear_time_spm) { many_added_tokens("gemma"); }
