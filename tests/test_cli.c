@@ -14,7 +14,7 @@
 
 #define MODEL LP_FIXTURES "/gpt2-tiny"
 static char dir[64];
-static char out_txt[1 << 16], err_txt[1 << 16];
+#include "clitest.h"
 
 static void mk(void) {
     snprintf(dir, sizeof dir, "/tmp/loupe-cli-XXXXXX");
@@ -27,30 +27,6 @@ static void rm(void) {
 }
 TestSuite(cli, .init = mk, .fini = rm, .timeout = 60);
 
-static void slurp(const char *path, char *buf, size_t n) {
-    FILE *f = fopen(path, "rb");
-    size_t k = f ? fread(buf, 1, n - 1, f) : 0;
-    buf[k] = 0;
-    if (f) fclose(f);
-}
-
-/* Runs `loupe ARGS`; returns the exit status and fills out_txt / err_txt. */
-static int loupe(const char *fmt, ...) {
-    char args[2048], cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    const char *bin = getenv("LOUPE_CLI") ? getenv("LOUPE_CLI") : "build/loupe";
-    snprintf(cmd, sizeof cmd, "%s %s >%s/out.txt 2>%s/err.txt", bin, args, dir, dir);
-    int rc = system(cmd);
-    char p[128];
-    snprintf(p, sizeof p, "%s/out.txt", dir);
-    slurp(p, out_txt, sizeof out_txt);
-    snprintf(p, sizeof p, "%s/err.txt", dir);
-    slurp(p, err_txt, sizeof err_txt);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
 
 /* Bad input: exit 2, exactly one line on stderr, containing the phrase. */
 static void expect_bad(const char *phrase, const char *fmt, const char *arg) {

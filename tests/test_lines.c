@@ -343,7 +343,7 @@ Test(text, utf8_check_names_the_offset) {
 /* ---- through the CLI ---- */
 
 static char dir[64];
-static char out_txt[1 << 16], err_txt[1 << 16];
+#include "clitest.h"
 
 static void mk(void) {
     snprintf(dir, sizeof dir, "/tmp/loupe-lines-XXXXXX");
@@ -356,29 +356,6 @@ static void rm(void) {
 }
 TestSuite(cli_lines, .init = mk, .fini = rm, .timeout = 120);
 
-static void slurp(const char *path, char *buf, size_t n) {
-    FILE *f = fopen(path, "rb");
-    size_t k = f ? fread(buf, 1, n - 1, f) : 0;
-    buf[k] = 0;
-    if (f) fclose(f);
-}
-
-static int loupe(const char *fmt, ...) {
-    char args[2048], cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    const char *bin = getenv("LOUPE_CLI") ? getenv("LOUPE_CLI") : "build/loupe";
-    snprintf(cmd, sizeof cmd, "%s %s >%s/out.txt 2>%s/err.txt", bin, args, dir, dir);
-    int rc = system(cmd);
-    char p[128];
-    snprintf(p, sizeof p, "%s/out.txt", dir);
-    slurp(p, out_txt, sizeof out_txt);
-    snprintf(p, sizeof p, "%s/err.txt", dir);
-    slurp(p, err_txt, sizeof err_txt);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
 
 static const char *tmp(const char *name) {
     static char p[4][256];

@@ -321,28 +321,8 @@ Test(probe, label_files_are_checked) {
 #define H1 "blocks.1.hook_resid_post"
 /* a float32 value written to and read back from a file: the stored probes are float32 */
 static const double F32_REL = 1e-6;
-static char out_txt[1 << 16], err_txt[1 << 16];
+#include "clitest.h"
 
-static void slurp(const char *path, char *buf, size_t n) {
-    FILE *f = fopen(path, "rb");
-    size_t k = f ? fread(buf, 1, n - 1, f) : 0;
-    buf[k] = 0;
-    if (f) fclose(f);
-}
-
-static int loupe(const char *fmt, ...) {
-    char args[2048], cmd[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(args, sizeof args, fmt, ap);
-    va_end(ap);
-    const char *bin = getenv("LOUPE_CLI") ? getenv("LOUPE_CLI") : "build/loupe";
-    snprintf(cmd, sizeof cmd, "%s %s >%s/out.txt 2>%s/err.txt", bin, args, dir, dir);
-    int rc = system(cmd);
-    slurp(tmp("out.txt"), out_txt, sizeof out_txt);
-    slurp(tmp("err.txt"), err_txt, sizeof err_txt);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
-}
 
 /* Bad input: exit 2 and exactly one line on stderr, containing the phrase. */
 #define EXPECT_BAD(phrase, ...)                                                                 \
