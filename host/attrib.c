@@ -167,7 +167,7 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
     grid ac = {0}, ax = {0}, gr = {0};
     double *mc = malloc(B * sizeof(double)), *mx = malloc(B * sizeof(double));
     float *emb_c = ig ? malloc(ne * sizeof(float)) : NULL, *emb_x = ig ? malloc(ne * sizeof(float)) : NULL;
-    lp_status st = mc && mx && (!ig || (emb_c && emb_x)) ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = mc && mx && (!ig || (emb_c && emb_x)) ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK) st = grid_new(&ac, nL);
     if (st == LP_OK) st = grid_new(&ax, nL);
     if (st == LP_OK) st = grid_new(&gr, nL);
@@ -193,12 +193,12 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
         rows = malloc((size_t)per * B * T * sizeof(int32_t)), rmet = malloc((size_t)per * B * sizeof(double));
         rans = malloc((size_t)per * B * sizeof(int32_t)), rwr = malloc((size_t)per * B * sizeof(int32_t));
         rpos = malloc((size_t)per * B * sizeof(int32_t)), emb = malloc((size_t)per * ne * sizeof(float));
-        if (!rows || !rmet || !rans || !rwr || !rpos || !emb) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        if (!rows || !rmet || !rans || !rwr || !rpos || !emb) st = LP_ERR(LP_ERR_OOM, "out of memory");
         for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
             for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) {
                 int i = k * nL + L;
                 gr.n[i] = ax.n[i];
-                if (!(gr.v[i] = calloc(gr.n[i], sizeof(float)))) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+                if (!(gr.v[i] = calloc(gr.n[i], sizeof(float)))) st = LP_ERR(LP_ERR_OOM, "out of memory");
             }
     }
     for (int s0 = 0; st == LP_OK && ig && s0 < steps; s0 += per) {
@@ -238,7 +238,7 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
             lp_node_scores *s = &res[b].s[k];
             node_shape(m, k, T, s);
             if (!(s->v = calloc(node_count(s), sizeof(float)))) {
-                st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+                st = LP_ERR(LP_ERR_OOM, "out of memory");
                 break;
             }
             for (int L = 0; L < nL; L++) {
@@ -270,7 +270,7 @@ lp_status lp_attrib_exact(lp_model *m, const int32_t *clean, const int32_t *corr
     LP_CHECK(capture_grid(m, o, list, sizeof list));
     float **ac = calloc((size_t)LP_NODE_KINDS * nL, sizeof(float *)), **ax = calloc((size_t)LP_NODE_KINDS * nL, sizeof(float *));
     size_t *nn = calloc((size_t)LP_NODE_KINDS * nL, sizeof(size_t));
-    lp_status st = ac && ax && nn ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = ac && ax && nn ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK) st = lp_model_metric(m, clean, 1, T, mt, &mc);
     for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
         for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) st = grab(m, k, L, &ac[k * nL + L], &nn[k * nL + L]);
@@ -283,7 +283,7 @@ lp_status lp_attrib_exact(lp_model *m, const int32_t *clean, const int32_t *corr
     int32_t *rows = malloc((size_t)P * T * sizeof(int32_t));
     double *met = malloc(P * sizeof(double));
     int32_t *ans = malloc(P * sizeof(int32_t)), *wr = malloc(P * sizeof(int32_t)), *pos = malloc(P * sizeof(int32_t));
-    if (st == LP_OK && (!rows || !met || !ans || !wr || !pos)) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (st == LP_OK && (!rows || !met || !ans || !wr || !pos)) st = LP_ERR(LP_ERR_OOM, "out of memory");
     for (int r = 0; st == LP_OK && r < P; r++) {
         memcpy(rows + (size_t)r * T, corrupted, T * sizeof(int32_t));
         ans[r] = mt->answer ? mt->answer[0] : 0, wr[r] = mt->wrong ? mt->wrong[0] : 0, pos[r] = mt->pos ? mt->pos[0] : T - 1;
@@ -295,7 +295,7 @@ lp_status lp_attrib_exact(lp_model *m, const int32_t *clean, const int32_t *corr
         lp_node_scores *s = &res->s[k];
         node_shape(m, k, T, s);
         if (!(s->v = calloc(node_count(s), sizeof(float)))) {
-            st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+            st = LP_ERR(LP_ERR_OOM, "out of memory");
             break;
         }
         size_t per_layer = node_count(s) / nL;
@@ -304,7 +304,7 @@ lp_status lp_attrib_exact(lp_model *m, const int32_t *clean, const int32_t *corr
             const float *c1 = ac[k * nL + L], *x1 = ax[k * nL + L];
             float *src = malloc((size_t)P * n * sizeof(float));
             if (!src) {
-                st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+                st = LP_ERR(LP_ERR_OOM, "out of memory");
                 break;
             }
             char name[128];

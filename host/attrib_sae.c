@@ -28,7 +28,7 @@ static lp_status sae_run(sae_runner *r, lp_ctx *c, const float *x, int n, float 
     int K = r->K;
     int32_t *ix = malloc((size_t)n * K * sizeof(int32_t));
     float *v = malloc((size_t)n * K * sizeof(float));
-    lp_status st = ix && v ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = ix && v ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK) st = lp_ctx_to_host(c, ix, r->idx, (size_t)n * K * 4);
     if (st == LP_OK) st = lp_ctx_to_host(c, v, r->val, (size_t)n * K * 4);
     if (st == LP_OK) {
@@ -62,7 +62,7 @@ lp_status lp_attrib_sae(lp_model *m, struct lp_sae *sae, lp_ctx *c, const int32_
     double *mc = malloc(B * sizeof(double)), *mx = malloc(B * sizeof(double));
     sae_runner *r = NULL;
     float *gdev = NULL, *gfdev = NULL;
-    lp_status st = xc && xx && gx && hc && hx && fc && fx && gf && mc && mx ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = xc && xx && gx && hc && hx && fc && fx && gf && mc && mx ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     for (int b = 0; b < B; b++) memset(&res[b], 0, sizeof res[b]);
     /* the hook's value on both runs, and its gradient at the corrupted run */
     lp_hooks_clear(m);
@@ -92,7 +92,7 @@ lp_status lp_attrib_sae(lp_model *m, struct lp_sae *sae, lp_ctx *c, const int32_
         lp_sae_node *all = malloc((size_t)T * S * sizeof *all);
         if (!o->error_atp || !all) {
             free(all);
-            st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+            st = LP_ERR(LP_ERR_OOM, "out of memory");
             break;
         }
         double total = 0;

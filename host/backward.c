@@ -313,13 +313,13 @@ static lp_status set_wanted(lp_model *m, const char *grad_hooks) {
             const param *pa = &m->params[i];
             if (!(glob ? fnmatch(p, pa->name, 0) == 0 : strcmp(p, pa->name) == 0)) continue;
             if (pa->ndim != 2 || strncmp(pa->name, "blocks.", 7) != 0) {
-                if (!glob) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "gradient of '%s': only the blocks' linear weights have gradients", p);
+                if (!glob) st = LP_ERR(LP_ERR_ARG, "gradient of '%s': only the blocks' linear weights have gradients", p);
                 continue;
             }
-            if (m->ctx.dtype != LP_F32) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "gradient of '%s': weight gradients need --model.dtype=f32", p);
+            if (m->ctx.dtype != LP_F32) st = LP_ERR(LP_ERR_ARG, "gradient of '%s': weight gradients need --model.dtype=f32", p);
             g->pwant[i] = 1, n++;
         }
-        if (!n && st == LP_OK) st = lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "gradient of '%s': no such hook or weight (see `loupe info MODEL`)", p);
+        if (!n && st == LP_OK) st = LP_ERR(LP_ERR_NOT_FOUND, "gradient of '%s': no such hook or weight (see `loupe info MODEL`)", p);
     }
     free(list);
     return st;
@@ -335,7 +335,7 @@ static lp_status mean_loss_backward(lp_model *m, scratch *s, int B, int T, int f
     const void *wu = lp_param(m, m->unembed);
     float *scale_h = malloc(N * sizeof(float)); /* per row, the mean over its T-1 predictions */
     void *scale_d = NULL;
-    lp_status st = scale_h ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = scale_h ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     for (size_t i = 0; st == LP_OK && i < N; i++) scale_h[i] = 1.0f / (T - 1);
     if (st == LP_OK) st = lp_ctx_alloc(c, N * sizeof(float), &scale_d);
     if (st == LP_OK) st = lp_ctx_to_device(c, scale_d, scale_h, N * sizeof(float));
@@ -446,7 +446,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
     if (st == LP_OK && mt->kind != LP_METRIC_DIRECTION && mt->kind != LP_METRIC_MEAN_LOSS) {
         st = scratch_alloc(m, &s, B, T, backward, full, dir_id);
         lh = malloc((size_t)B * V * sizeof(float));
-        if (st == LP_OK && !lh) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        if (st == LP_OK && !lh) st = LP_ERR(LP_ERR_OOM, "out of memory");
         if (st == LP_OK) st = read_rows(m, mt, B, T, s.rows, s.logits, lh);
         for (int b = 0; st == LP_OK && b < B; b++) metric_out[b] = metric_row(mt, lh + (size_t)b * V, V, b);
     } else if (st == LP_OK && mt->kind == LP_METRIC_MEAN_LOSS) {
@@ -464,10 +464,10 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
         size_t per = (size_t)lp_shape_numel(hs + 2, hnd - 2); /* values per token */
         st = lp_capture_get(m, mt->hook, &a);
         if (st == LP_OK && (size_t)lp_shape_numel(a.shape, a.ndim) != (size_t)B * T * per)
-            st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "direction metric: '%s' is captured at chosen positions only; clear that capture first",
+            st = LP_ERR(LP_ERR_ARG, "direction metric: '%s' is captured at chosen positions only; clear that capture first",
                               mt->hook);
         float *f = st == LP_OK ? malloc((size_t)B * T * per * sizeof(float)) : NULL;
-        if (st == LP_OK && !f) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        if (st == LP_OK && !f) st = LP_ERR(LP_ERR_OOM, "out of memory");
         if (st == LP_OK) st = lp_convert_host(f, LP_F32, a.data, a.dtype, (size_t)B * T * per);
         for (int b = 0; st == LP_OK && b < B; b++) {
             double acc = 0;
@@ -483,7 +483,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
             if (st == LP_OK) st = lp_ctx_upload_f32(&m->ctx, g->inject_dev, mt->direction, per);
             free(g->inject_host);
             if (st == LP_OK && !(g->inject_host = malloc(per * sizeof(float))))
-                st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+                st = LP_ERR(LP_ERR_OOM, "out of memory");
             if (st == LP_OK) memcpy(g->inject_host, mt->direction, per * sizeof(float));
             g->inject_id = dir_id;
         }
@@ -583,7 +583,7 @@ lp_status lp_param_grad(lp_model *m, int idx, const void *x, const void *dy, int
     LP_CHECK(lp_ctx_alloc(c, n * sizeof(float), (void **)&dw));
     /* W [K,M]: dW = x^T dy; W [M,K]: dW = dy^T x */
     lp_status st = w_trans ? lp_matmul_at(c, dw, dy, x, N, M, K, 0.0f) : lp_matmul_at(c, dw, x, dy, N, K, M, 0.0f);
-    if (st == LP_OK && !g->phost[idx] && !(g->phost[idx] = malloc(n * sizeof(float)))) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (st == LP_OK && !g->phost[idx] && !(g->phost[idx] = malloc(n * sizeof(float)))) st = LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK) st = lp_ctx_to_host(c, g->phost[idx], dw, n * sizeof(float));
     if (st == LP_OK) g->pgen[idx] = g->run, g->ppoison[idx] = g->passed;
     lp_ctx_release(c, dw);

@@ -153,7 +153,7 @@ static lp_status ini_key(ini_state *x, int ln, const char *s, size_t n) {
     snprintf(origin, sizeof origin, "%s:%d", x->name, ln);
     int i = find(x->c, key);
     lp_status st = i >= 0 && x->set_at[i]
-                       ? lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s:%d: '%s' is set twice (lines %d and %d)", x->name, ln, key,
+                       ? LP_ERR(LP_ERR_FORMAT, "%s:%d: '%s' is set twice (lines %d and %d)", x->name, ln, key,
                                       x->set_at[i], ln)
                        : lp_cfg_set(x->c, key, val, origin);
     if (st == LP_OK) x->set_at[i] = ln;

@@ -189,25 +189,25 @@ lp_status lp_dash_parse_latents(const char *spec, int d_sae, const char *key, in
     }
     unsigned char *seen = calloc((size_t)d_sae, 1);
     int32_t *v = malloc((size_t)d_sae * sizeof(int32_t));
-    lp_status st = seen && v ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = seen && v ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     int cnt = 0;
     for (const char *q = spec; st == LP_OK && *q;) {
         char *end;
         long a = strtol(q, &end, 10), b = a;
-        if (end == q || a < 0) { st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s = '%s': expected latents like 0-99,200 or all", key, spec); break; }
+        if (end == q || a < 0) { st = LP_ERR(LP_ERR_ARG, "%s = '%s': expected latents like 0-99,200 or all", key, spec); break; }
         q = end;
         if (*q == '-') {
             b = strtol(q + 1, &end, 10);
-            if (end == q + 1 || b < a) { st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s = '%s': bad range at '%s'", key, spec, q - 0); break; }
+            if (end == q + 1 || b < a) { st = LP_ERR(LP_ERR_ARG, "%s = '%s': bad range at '%s'", key, spec, q - 0); break; }
             q = end;
         }
-        if (b >= d_sae) { st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: latent %ld is out of range (the SAE has d_sae = %d latents)", key, b, d_sae); break; }
+        if (b >= d_sae) { st = LP_ERR(LP_ERR_ARG, "%s: latent %ld is out of range (the SAE has d_sae = %d latents)", key, b, d_sae); break; }
         for (long i = a; i <= b; i++) {
-            if (seen[i]) { st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: latent %ld is listed twice", key, i); break; }
+            if (seen[i]) { st = LP_ERR(LP_ERR_ARG, "%s: latent %ld is listed twice", key, i); break; }
             seen[i] = 1, v[cnt++] = (int32_t)i;
         }
         if (*q == ',') q++;
-        else if (*q) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s = '%s': unexpected '%c'", key, spec, *q);
+        else if (*q) st = LP_ERR(LP_ERR_ARG, "%s = '%s': unexpected '%c'", key, spec, *q);
     }
     free(seen);
     if (st != LP_OK) { free(v); return st; }
@@ -249,15 +249,15 @@ lp_status lp_dash_run(lp_sae *s, lp_ctx *c, const lp_dash_opts *o, lp_dash **out
     dash_enc e = {0};
     pass p = {.o = o, .L = o->n_latents, .W = o->left + 1 + o->right};
     lp_dash *d = calloc(1, sizeof *d);
-    lp_status st = d ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = d ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     int64_t N = lp_store_n_tokens(in);
     p.ctx = lp_store_context(in);
     if (st == LP_OK && lp_store_d(in) != cf->d_in)
-        st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' has %d values per token but the SAE's d_in is %d", o->store, hook,
+        st = LP_ERR(LP_ERR_SHAPE, "%s: '%s' has %d values per token but the SAE's d_in is %d", o->store, hook,
                           lp_store_d(in), cf->d_in);
-    if (st == LP_OK && N == 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: the store holds no tokens", o->store);
+    if (st == LP_OK && N == 0) st = LP_ERR(LP_ERR_ARG, "%s: the store holds no tokens", o->store);
     if (st == LP_OK && (o->skip_positions < 0 || o->skip_positions >= p.ctx))
-        st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "dash.skip_positions = %d: must be in [0, the store's context %d)", o->skip_positions, p.ctx);
+        st = LP_ERR(LP_ERR_ARG, "dash.skip_positions = %d: must be in [0, the store's context %d)", o->skip_positions, p.ctx);
     int bseq = o->batch_tokens / (p.ctx > 0 ? p.ctx : 1);
     if (bseq < 1) bseq = 1;
     if (st == LP_OK) st = dash_enc_open(&e, s, c, o->latents, o->n_latents, bseq * p.ctx);
@@ -269,7 +269,7 @@ lp_status lp_dash_run(lp_sae *s, lp_ctx *c, const lp_dash_opts *o, lp_dash **out
         arena = malloc((size_t)p.L * per * p.stride + 1);
         p.tmp = malloc((size_t)LP_DASH_BANDS * (o->samples + 1) * p.stride);
         scratch = malloc(p.stride);
-        if (!p.st || !arena || !p.tmp || !scratch) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for %d latents' state", p.L);
+        if (!p.st || !arena || !p.tmp || !scratch) st = LP_ERR(LP_ERR_OOM, "out of memory for %d latents' state", p.L);
     }
     for (int j = 0; st == LP_OK && j < p.L; j++) {
         p.st[j].e = INT_MIN;

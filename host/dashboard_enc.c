@@ -35,7 +35,7 @@ static lp_status gather_columns(dash_enc *e, const int32_t *lat) {
     int D = e->D, S = s->cfg.d_sae, L = e->L;
     float *hw = malloc((size_t)D * S * sizeof(float)), *hg = malloc((size_t)D * L * sizeof(float));
     float *hb = malloc((size_t)S * sizeof(float)), *hgb = malloc((size_t)L * 2 * sizeof(float));
-    lp_status st = hw && hg && hb && hgb ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for W_enc [%d, %d]", D, S);
+    lp_status st = hw && hg && hb && hgb ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory for W_enc [%d, %d]", D, S);
     if (st == LP_OK) st = lp_ctx_to_host(e->c, hw, s->W_enc, (size_t)D * S * 4);
     for (int d = 0; st == LP_OK && d < D; d++)
         for (int j = 0; j < L; j++) hg[(size_t)d * L + j] = hw[(size_t)d * S + lat[j]];
@@ -71,7 +71,7 @@ lp_status dash_enc_open(dash_enc *e, lp_sae *s, lp_ctx *c, const int32_t *lat, i
         e->f = malloc((size_t)N * L * sizeof(float));
     }
     if (st == LP_OK && (!e->hx || !e->bdec || (topk ? !e->idx || !e->val || !e->col : !e->f)))
-        st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for a batch of %d tokens", N);
+        st = LP_ERR(LP_ERR_OOM, "out of memory for a batch of %d tokens", N);
     if (st == LP_OK && topk) {
         for (int i = 0; i < S; i++) e->col[i] = -1;
         for (int j = 0; j < L; j++) e->col[lat[j]] = j;

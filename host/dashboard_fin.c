@@ -98,7 +98,7 @@ static lp_status logits(lp_dash *d, lp_sae *s, lp_ctx *c, const lp_dash_opts *o,
     lp_ctx cpu;
     LP_CHECK(lp_ctx_init(&cpu, LP_CPU, LP_F32));
     float *dirs = malloc((size_t)CH * D * sizeof(float)), *out = malloc((size_t)CH * V * sizeof(float));
-    lp_status st = dirs && out ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for %d x %d logits", CH, V);
+    lp_status st = dirs && out ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory for %d x %d logits", CH, V);
     for (int j0 = 0; st == LP_OK && j0 < d->n; j0 += CH) {
         int m = d->n - j0 < CH ? d->n - j0 : CH;
         for (int j = 0; st == LP_OK && j < m; j++)

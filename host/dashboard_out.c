@@ -74,9 +74,9 @@ static lp_status write_atomic(const char *path, const char *buf, size_t n) {
     int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0644);
     if (fd < 0) LP_FAIL(lp_write_status(errno), "%s: cannot create: %s", tmp, strerror(errno));
     lp_status st = lp_write_fd(fd, buf, n, -1, tmp);
-    if (st == LP_OK && fsync(fd) != 0) st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: fsync: %s", tmp, strerror(errno));
-    if (close(fd) != 0 && st == LP_OK) st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: close: %s", tmp, strerror(errno));
-    if (st == LP_OK && rename(tmp, path) != 0) st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot rename into place: %s", path, strerror(errno));
+    if (st == LP_OK && fsync(fd) != 0) st = LP_ERR(lp_write_status(errno), "%s: fsync: %s", tmp, strerror(errno));
+    if (close(fd) != 0 && st == LP_OK) st = LP_ERR(lp_write_status(errno), "%s: close: %s", tmp, strerror(errno));
+    if (st == LP_OK && rename(tmp, path) != 0) st = LP_ERR(lp_write_status(errno), "%s: cannot rename into place: %s", path, strerror(errno));
     if (st != LP_OK) unlink(tmp);
     return st;
 }
@@ -228,7 +228,7 @@ lp_status lp_dash_write_html(const lp_dash *d, const lp_tokenizer *tk, const cha
     int V = max_token_id(d) + 1;
     unsigned char *used = calloc((size_t)V, 1);
     tokstr ts;
-    lp_status st = used ? tokstr_init(&ts, tk) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = used ? tokstr_init(&ts, tk) : LP_ERR(LP_ERR_OOM, "out of memory");
     if (st != LP_OK) { free(used); return st; }
     sbuf b = {0};
     sb_str(&b, g_dash_page_head);
@@ -253,7 +253,7 @@ lp_status lp_dash_write_html(const lp_dash *d, const lp_tokenizer *tk, const cha
     }
     sb_str(&b, "}}");
     sb_str(&b, g_dash_page_tail);
-    if (b.oom) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for %s", path);
+    if (b.oom) st = LP_ERR(LP_ERR_OOM, "out of memory for %s", path);
     else st = write_atomic(path, b.p, b.n);
     free(b.p);
     free(used);

@@ -48,7 +48,7 @@ static lp_status recv_grads(lp_model *m, const layer_w *lw, const frozen *fz, in
     double *dn = malloc(D * sizeof(double));
     float *nrm = NULL, *sc = NULL;
     size_t nn;
-    lp_status st = dn ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = dn ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     for (int L = 0; st == LP_OK && L < nL; L++) {
         int j0 = L * (H[0] + H[1] + H[2] + 1); /* layer L's first receiver */
         /* heads: dx = ln1 backward (the scale a constant where it is frozen) of w * (dq_h W_h^T) */
@@ -144,7 +144,7 @@ static lp_status ig_grads(lp_model *m, const int32_t *corrupted, int T, const lp
     int32_t *pos = malloc(per * sizeof(int32_t));
     float *emb = malloc((size_t)per * ne * sizeof(float));
     double *met = malloc(per * sizeof(double));
-    lp_status st = rows && ans && wr && pos && emb && met ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = rows && ans && wr && pos && emb && met ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     for (int s0 = 0; st == LP_OK && s0 < steps; s0 += per) {
         int sc = steps - s0 < per ? steps - s0 : per;
         for (int j = 0; j < sc; j++) {
@@ -186,7 +186,7 @@ lp_status lp_eap(lp_model *m, const int32_t *clean, const int32_t *corrupted, in
     float *G = calloc((size_t)nr * TD, sizeof(float)), *Dl = malloc((size_t)ns * TD * sizeof(float)), *emb_c = NULL, *emb_x = NULL;
     layer_w *lw = calloc(nL, sizeof *lw);
     res->scores = calloc((size_t)ns * nr, sizeof(float));
-    lp_status st = vc && vx && G && Dl && lw && res->scores ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = vc && vx && G && Dl && lw && res->scores ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     size_t n;
     for (int L = 0; st == LP_OK && L < nL; L++) st = load_layer(m, L, &lw[L]);
     /* the corrupted run: the senders' outputs (and, for integrated gradients, the embeddings) */

@@ -531,7 +531,7 @@ static lp_status finish_open(lp_gguf *g, lp_status st, lp_gguf **out) {
 lp_status lp_gguf_open_memory(const void *data, size_t size, const char *name, lp_gguf **out) {
     lp_gguf *g;
     LP_CHECK(new_handle(name, out, &g));
-    if (!data && size) return finish_open(g, lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: null data", name), out);
+    if (!data && size) return finish_open(g, LP_ERR(LP_ERR_ARG, "%s: null data", name), out);
     g->map = (uint8_t *)data;
     g->size = size;
     return finish_open(g, LP_OK, out);
@@ -544,13 +544,13 @@ lp_status lp_gguf_open(const char *path, lp_gguf **out) {
     int fd = open(path, O_RDONLY);
     struct stat sb;
     if (fd < 0) {
-        st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot open: %s", path, strerror(errno));
+        st = LP_ERR(LP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     } else if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-        st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: not a regular file", path);
+        st = LP_ERR(LP_ERR_IO, "%s: not a regular file", path);
     } else if ((g->size = (size_t)sb.st_size) > 0) {
         void *m = mmap(NULL, g->size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (m == MAP_FAILED)
-            st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot map: %s", path, strerror(errno));
+            st = LP_ERR(LP_ERR_IO, "%s: cannot map: %s", path, strerror(errno));
         else
             g->map = m, g->mapped = 1;
     }

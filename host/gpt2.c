@@ -30,7 +30,7 @@ static int lnf_w(const lp_model *m) { return P_FIRST_LAYER + m->cfg.n_layers * P
 
 #define REFUSE(...)                                                        \
     do {                                                                   \
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, __VA_ARGS__); \
+        st = LP_ERR(LP_ERR_FORMAT, __VA_ARGS__); \
         goto done;                                                         \
     } while (0)
 
@@ -252,12 +252,11 @@ lp_status lp_gpt2_load(lp_model *m, const char *dir) {
      * it needs lm_head.weight (it would start it at random) */
     int own_unembed = !m->cfg.tied_unembed;
     if (own_unembed && !lp_st_set_find(&s, "lm_head.weight", NULL))
-        LP_TRY(st, done, lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__,
-                                      "%s/config.json: \"tie_word_embeddings\" is false, but the checkpoint has no 'lm_head.weight'", dir));
+        LP_TRY(st, done, LP_ERR(LP_ERR_NOT_FOUND, "%s/config.json: \"tie_word_embeddings\" is false, but the checkpoint has no 'lm_head.weight'", dir));
     LP_TRY(st, done, check_checkpoint(m, &s, prefix, own_unembed));
     size_t total = build_table(m, own_unembed);
     host = total ? malloc(total * sizeof(float)) : NULL;
-    if (!host) LP_TRY(st, done, lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for %zu weights", total));
+    if (!host) LP_TRY(st, done, LP_ERR(LP_ERR_OOM, "out of memory for %zu weights", total));
     const lp_config *c = &m->cfg;
     int D = c->d_model, F = c->d_mlp;
     char nm[128];

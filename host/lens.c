@@ -29,7 +29,7 @@ static lp_status weight(lp_lens_ctx *lx, const char *name, float **w) {
     }
     float *h = malloc(n * sizeof *h);
     void *raw = c->dtype == LP_F32 ? (void *)h : malloc(n * lp_act_size(m));
-    lp_status st = h && raw ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "lens: out of memory for %s", name);
+    lp_status st = h && raw ? LP_OK : LP_ERR(LP_ERR_OOM, "lens: out of memory for %s", name);
     if (st == LP_OK) st = lp_ctx_to_host(c, raw, lp_param(m, idx), n * lp_act_size(m));
     if (st == LP_OK && raw != h) st = lp_convert_host(h, LP_F32, raw, c->dtype, n);
     if (raw != h) free(raw);
@@ -54,7 +54,7 @@ lp_status lp_lens_open(lp_lens_ctx **out, lp_model *m) {
     lx->W_O = calloc(c->n_layers, sizeof *lx->W_O);
     lx->b_O = calloc(c->n_layers, sizeof *lx->b_O);
     lx->owned = calloc(2 * (size_t)c->n_layers + 3, sizeof *lx->owned);
-    lp_status st = lx->W_O && lx->b_O && lx->owned ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "lens: out of memory");
+    lp_status st = lx->W_O && lx->b_O && lx->owned ? LP_OK : LP_ERR(LP_ERR_OOM, "lens: out of memory");
     if (st == LP_OK) st = weight(lx, m->params[m->unembed].name, &lx->W_U);
     if (st == LP_OK) st = weight(lx, "ln_final.w", &lx->lnw);
     if (st == LP_OK && lx->layer_norm) st = weight(lx, "ln_final.b", &lx->lnb);
@@ -62,11 +62,11 @@ lp_status lp_lens_open(lp_lens_ctx **out, lp_model *m) {
     for (int l = 0; st == LP_OK && l < c->n_layers; l++) {
         snprintf(nm, sizeof nm, "blocks.%d.attn.W_O", l);
         st = weight(lx, nm, &lx->W_O[l]);
-        if (st == LP_OK && !lx->W_O[l]) st = lp_set_error(LP_ERR_INTERNAL, __FILE__, __LINE__, "lens: the model has no %s", nm);
+        if (st == LP_OK && !lx->W_O[l]) st = LP_ERR(LP_ERR_INTERNAL, "lens: the model has no %s", nm);
         snprintf(nm, sizeof nm, "blocks.%d.attn.b_O", l);
         if (st == LP_OK) st = weight(lx, nm, &lx->b_O[l]);
     }
-    if (st == LP_OK && (!lx->W_U || !lx->lnw)) st = lp_set_error(LP_ERR_INTERNAL, __FILE__, __LINE__, "lens: the model has no unembedding or final norm");
+    if (st == LP_OK && (!lx->W_U || !lx->lnw)) st = LP_ERR(LP_ERR_INTERNAL, "lens: the model has no unembedding or final norm");
     if (st != LP_OK) {
         lp_lens_close(lx);
         return st;
@@ -272,7 +272,7 @@ static lp_status logit_lens(const lp_lens_ctx *lx, const acts *a, lp_lens *r) {
     int D = r->d_model, V = r->d_vocab, S = r->n_stack;
     float *Y = malloc((size_t)S * D * sizeof *Y), *logits = malloc((size_t)S * V * sizeof *logits);
     double *y = malloc((size_t)D * sizeof *y);
-    lp_status st = Y && logits && y ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "lens: out of memory");
+    lp_status st = Y && logits && y ? LP_OK : LP_ERR(LP_ERR_OOM, "lens: out of memory");
     for (int i = 0; st == LP_OK && i < S; i++) {
         r->stack_have[i] = !a->stack_have || a->stack_have[i];
         if (r->stack_have[i]) memcpy(r->resid + (size_t)i * D, stack_entry(r, a, i), (size_t)D * sizeof(float));

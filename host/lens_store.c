@@ -55,7 +55,7 @@ static lp_status read_tokens(lp_lens_store *ls) {
         const lp_st_tensor *t = lp_st_find(&f, "tokens");
         lp_status st = LP_OK;
         if (!t || t->dtype != LP_I32 || t->ndim != 2 || t->shape[1] != ls->ctx || have + t->shape[0] > ls->n_seq)
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: no I32 tokens [n_seq, %d] that fit the store", path, ls->ctx);
+            st = LP_ERR(LP_ERR_FORMAT, "%s: no I32 tokens [n_seq, %d] that fit the store", path, ls->ctx);
         else memcpy(ls->tokens + have * ls->ctx, t->data, (size_t)t->shape[0] * ls->ctx * sizeof(int32_t));
         if (st == LP_OK) have += t->shape[0];
         lp_st_close(&f);

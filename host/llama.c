@@ -152,7 +152,7 @@ static lp_status put_param(loader *ld, int idx, const src_tensor *s, int unpermu
         if (st == LP_OK) st = lp_dequant(c, dst, c->dtype, ld->dev_stage, s->gtype, n);
     } else {
         void *conv = malloc((size_t)n * lp_act_size(m));
-        st = conv ? lp_convert_host(conv, c->dtype, raw, s->dtype, (size_t)n) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of host memory");
+        st = conv ? lp_convert_host(conv, c->dtype, raw, s->dtype, (size_t)n) : LP_ERR(LP_ERR_OOM, "out of host memory");
         if (st == LP_OK) st = lp_ctx_to_device(c, dst, conv, (size_t)n * lp_act_size(m));
         free(conv);
     }
@@ -347,9 +347,9 @@ static lp_status load_gguf(lp_model *m, const char *path) {
     const lp_gguf_tensor *rf = lp_gguf_find_tensor(g, "rope_freqs.weight");
     if (st == LP_OK && rf) {
         if (rf->type != LP_GGML_F32 || rf->n_elems != c->d_head / 2)
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: tensor 'rope_freqs.weight' is not F32 [%d]", path, c->d_head / 2);
+            st = LP_ERR(LP_ERR_FORMAT, "%s: tensor 'rope_freqs.weight' is not F32 [%d]", path, c->d_head / 2);
         else if (!(m->rope_freq_div = malloc(rf->n_elems * sizeof(float))))
-            st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+            st = LP_ERR(LP_ERR_OOM, "out of memory");
         else
             memcpy(m->rope_freq_div, rf->data, rf->n_elems * sizeof(float));
     }
@@ -433,7 +433,7 @@ lp_status lp_llama_rope_tables(lp_model *m, int n_pos) {
     size_t n = (size_t)n_pos * half;
     float *f = malloc(half * sizeof(float)), *cs = malloc(n * sizeof(float)), *sn = malloc(n * sizeof(float));
     lp_status st = LP_OK;
-    if (!f || !cs || !sn) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for rotary tables");
+    if (!f || !cs || !sn) st = LP_ERR(LP_ERR_OOM, "out of memory for rotary tables");
     if (st == LP_OK) {
         inv_freqs(m, f);
         for (int p = 0; p < n_pos; p++)

@@ -22,7 +22,7 @@
 #define TRY(expr) LP_TRY(st, done, expr)
 #define REFUSE(...)                                                        \
     do {                                                                   \
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, __VA_ARGS__); \
+        st = LP_ERR(LP_ERR_FORMAT, __VA_ARGS__); \
         goto done;                                                         \
     } while (0)
 

@@ -66,14 +66,13 @@ lp_status lp_npy_parse(const unsigned char *p, size_t n, const char *what, lp_np
     const char *close = descr && descr[0] == '\'' ? strchr(descr + 1, '\'') : NULL;
     lp_status st = LP_OK;
     if (!close || close - descr - 1 >= (long)sizeof h->descr)
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: malformed .npy header: 'descr' is not a short quoted string", what);
+        st = LP_ERR(LP_ERR_FORMAT, "%s: malformed .npy header: 'descr' is not a short quoted string", what);
     else if (!fo || !(strncmp(fo, "False", 5) == 0 || strncmp(fo, "True", 4) == 0))
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: malformed .npy header: 'fortran_order' is not True or False", what);
+        st = LP_ERR(LP_ERR_FORMAT, "%s: malformed .npy header: 'fortran_order' is not True or False", what);
     else if (fo[0] == 'T')
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: Fortran-ordered arrays are not supported", what);
+        st = LP_ERR(LP_ERR_FORMAT, "%s: Fortran-ordered arrays are not supported", what);
     else if (!parse_shape(dict_value(hdr, "shape"), h))
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
-                          "%s: malformed .npy header: 'shape' is not a tuple of at most %d non-negative integers", what,
+        st = LP_ERR(LP_ERR_FORMAT, "%s: malformed .npy header: 'shape' is not a tuple of at most %d non-negative integers", what,
                           LP_MAX_DIMS);
     if (st == LP_OK) memcpy(h->descr, descr + 1, (size_t)(close - descr - 1));
     free(hdr);

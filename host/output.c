@@ -84,7 +84,7 @@ lp_status lp_lock_output(lp_lock *l, const char *out, int is_dir) {
         gethostname(host, sizeof host - 1);
         int len = snprintf(line, sizeof line, "pid %ld host %s\n", (long)getpid(), host[0] ? host : "?");
         lp_status st = ftruncate(fd, 0) == 0 ? lp_write_fd(fd, line, (size_t)len, 0, l->path)
-                                             : lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot write: %s", l->path, strerror(errno));
+                                             : LP_ERR(LP_ERR_WRITE, "%s: cannot write: %s", l->path, strerror(errno));
         if (st != LP_OK) {
             close(fd);
             return st;
@@ -214,7 +214,7 @@ lp_status lp_fingerprint(const char *path, int64_t *size, uint64_t *hash) {
             got += (size_t)r;
         }
         if (r < 0) {
-            st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: read failed: %s", path, strerror(errno));
+            st = LP_ERR(LP_ERR_IO, "%s: read failed: %s", path, strerror(errno));
             break;
         }
         *hash = hash_bytes(*hash, buf, got);

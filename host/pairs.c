@@ -34,7 +34,7 @@ static lp_status perr(const pctx *x, lp_status st, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    return lp_set_error(st, __FILE__, __LINE__, "%s:%d: %s", x->o->file, x->line, msg);
+    return LP_ERR(st, "%s:%d: %s", x->o->file, x->line, msg);
 }
 
 /* Scans JSON text that cJSON accepted: records the non-integer number literals in x->odd

@@ -124,7 +124,7 @@ lp_status paths_freeze_record(lp_model *m, const char *spec, const int32_t *clea
     int n = 0;
     for (int id = 0; id < lp_hook_count(m); id++) n += lp_hook_is_captured(m, id);
     fz->id = calloc(n ? n : 1, sizeof *fz->id), fz->v = calloc(n ? n : 1, sizeof *fz->v), fz->per = calloc(n ? n : 1, sizeof *fz->per);
-    if (st == LP_OK && (!fz->id || !fz->v || !fz->per)) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (st == LP_OK && (!fz->id || !fz->v || !fz->per)) st = LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK) st = lp_model_forward(m, clean, 1, T, 0);
     for (int id = 0; st == LP_OK && id < lp_hook_count(m); id++) {
         if (!lp_hook_is_captured(m, id)) continue;
@@ -283,7 +283,7 @@ static lp_status probe(lp_model *m, const frozen *fz, const int32_t *clean, int 
     lp_hooks_clear(m);
     /* the clean residuals at the receiving layers */
     unsigned char *attn = calloc(nL + 1, 1), *mlp = calloc(nL + 1, 1);
-    if (!attn || !mlp) return free(attn), free(mlp), lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (!attn || !mlp) return free(attn), free(mlp), LP_ERR(LP_ERR_OOM, "out of memory");
     int any = 0;
     for (int i = 0; i < n_recv; i++) {
         int L, k, h;
@@ -293,7 +293,7 @@ static lp_status probe(lp_model *m, const frozen *fz, const int32_t *clean, int 
     }
     lp_status st = LP_OK;
     float **res = calloc(2 * (size_t)nL, sizeof *res); /* [L]: resid_pre, [nL + L]: resid_mid */
-    if (!res) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (!res) st = LP_ERR(LP_ERR_OOM, "out of memory");
     for (int L = 0; st == LP_OK && any && L < nL; L++) {
         if (attn[L]) snprintf(nm, sizeof nm, "blocks.%d.hook_resid_pre", L), st = lp_hook_capture(m, nm, NULL, 0, NULL);
         if (st == LP_OK && mlp[L]) snprintf(nm, sizeof nm, "blocks.%d.hook_resid_mid", L), st = lp_hook_capture(m, nm, NULL, 0, NULL);
@@ -381,7 +381,7 @@ lp_status lp_path_patch(lp_model *m, const int32_t *clean, const int32_t *corrup
     float **cap = calloc(n_recv, sizeof *cap);
     double mf = 0;
     int64_t r, cl;
-    lp_status st = delta && cap ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = delta && cap ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK) st = run_capture(m, &fz, clean, T, mt, hook, metric_clean, &c);
     if (st == LP_OK) st = run_capture(m, &fz, corrupted, T, mt, hook, metric_corrupted, &x);
     if (st == LP_OK && k == PS_HEAD) snprintf(nm, sizeof nm, "blocks.%d.attn.W_O", L), st = paths_param(m, nm, &wo, &r, &cl);

@@ -160,10 +160,10 @@ static lp_status check_classes(const int32_t *y, int64_t n, int k) {
     if (!cnt) LP_FAIL(LP_ERR_OOM, "probe: out of memory");
     lp_status st = LP_OK;
     for (int64_t i = 0; i < n && st == LP_OK; i++)
-        if (y[i] < 0 || y[i] >= k) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "probe: row %lld has class %d, outside [0, %d)", (long long)i, y[i], k);
+        if (y[i] < 0 || y[i] >= k) st = LP_ERR(LP_ERR_ARG, "probe: row %lld has class %d, outside [0, %d)", (long long)i, y[i], k);
         else cnt[y[i]]++;
     for (int c = 0; c < k && st == LP_OK; c++)
-        if (cnt[c] == 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "probe: class %d has no training rows", c);
+        if (cnt[c] == 0) st = LP_ERR(LP_ERR_ARG, "probe: class %d has no training rows", c);
     free(cnt);
     return st;
 }

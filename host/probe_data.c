@@ -68,15 +68,15 @@ static lp_status npy_header(const unsigned char *buf, size_t n, const char *path
             for (p = end; *p == ' ' || *p == ',';) p++;
         }
     }
-    if (!descr || !fo || !shape || *nd < 0) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: malformed .npy header", path);
+    if (!descr || !fo || !shape || *nd < 0) st = LP_ERR(LP_ERR_FORMAT, "%s: malformed .npy header", path);
     else if (!*ty) {
         int len = descr[0] == '\'' && strchr(descr + 1, '\'') ? (int)(strchr(descr + 1, '\'') - descr - 1) : 8;
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: labels have dtype %.*s; integer class labels are needed (int8..int64, uint8..uint64 or bool)",
+        st = LP_ERR(LP_ERR_FORMAT, "%s: labels have dtype %.*s; integer class labels are needed (int8..int64, uint8..uint64 or bool)",
                           path, len < 16 ? len : 16, descr + (descr[0] == '\''));
     }
-    else if (strncmp(fo, "False", 5) != 0) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: Fortran-ordered arrays are not supported", path);
+    else if (strncmp(fo, "False", 5) != 0) st = LP_ERR(LP_ERR_FORMAT, "%s: Fortran-ordered arrays are not supported", path);
     else if (*nd != 1 && *nd != 2)
-        st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: labels must be [n_seq] (per sequence) or [n_seq, ctx] (per token), not %d-D", path, *nd);
+        st = LP_ERR(LP_ERR_SHAPE, "%s: labels must be [n_seq] (per sequence) or [n_seq, ctx] (per token), not %d-D", path, *nd);
     free(hdr);
     *data_off = hstart + hlen;
     return st;
@@ -133,18 +133,18 @@ lp_status lp_probe_labels_load(lp_probe_labels *l, const char *path) {
     lp_status st = npy_header(buf, n, path, &ty, &nd, dims, &off);
     int64_t count = nd == 2 ? dims[0] * dims[1] : dims[0];
     if (st == LP_OK && (dims[0] == 0 || (nd == 2 && dims[1] == 0)))
-        st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: the label array is empty", path);
+        st = LP_ERR(LP_ERR_SHAPE, "%s: the label array is empty", path);
     else if (st == LP_OK && (nd == 2 && dims[1] > INT32_MAX))
-        st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: rows of %lld labels are too long", path, (long long)dims[1]);
+        st = LP_ERR(LP_ERR_SHAPE, "%s: rows of %lld labels are too long", path, (long long)dims[1]);
     else if (st == LP_OK && (size_t)count > (n - off) / (size_t)ty->size)
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: truncated: shape needs %lld labels, the file has room for %zu", path,
+        st = LP_ERR(LP_ERR_FORMAT, "%s: truncated: shape needs %lld labels, the file has room for %zu", path,
                           (long long)count, (n - off) / (size_t)ty->size);
     if (st == LP_OK && (!(v = malloc((size_t)count * sizeof *v)) || !(l->y = malloc((size_t)count * sizeof *l->y))))
-        st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "%s: out of memory", path);
+        st = LP_ERR(LP_ERR_OOM, "%s: out of memory", path);
     for (int64_t i = 0; st == LP_OK && i < count; i++) {
         v[i] = read_int(buf + off + (size_t)i * ty->size, ty);
         if (v[i] < -1 || v[i] > INT32_MAX)
-            st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: label %lld at index %lld; labels are classes >= 0, or -1 for no label", path,
+            st = LP_ERR(LP_ERR_ARG, "%s: label %lld at index %lld; labels are classes >= 0, or -1 for no label", path,
                               (long long)v[i], (long long)i);
     }
     if (st == LP_OK) {
@@ -183,12 +183,12 @@ static lp_status all_hooks(const char *dir, char ***names, int *n) {
         lp_status st = lp_st_open(&f, path);
         if (st != LP_OK) {
             cJSON_Delete(j);
-            return st == LP_ERR_IO ? lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: no shards (is it an activation store?)", dir) : st;
+            return st == LP_ERR_IO ? LP_ERR(LP_ERR_IO, "%s: no shards (is it an activation store?)", dir) : st;
         }
         cap = f.n;
     }
     *names = calloc((size_t)cap + 1, sizeof **names);
-    lp_status st = *names ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = *names ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK && f.n == 0) {
         cJSON_ArrayForEach(h, hooks) {
             const cJSON *nm = cJSON_GetObjectItemCaseSensitive(h, "name");
@@ -198,7 +198,7 @@ static lp_status all_hooks(const char *dir, char ***names, int *n) {
     for (int i = 0; st == LP_OK && i < f.n; i++)
         if (strcmp(f.tensors[i].name, "tokens") != 0) (*names)[(*n)++] = strdup(f.tensors[i].name);
     for (int i = 0; st == LP_OK && i < *n; i++)
-        if (!(*names)[i]) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        if (!(*names)[i]) st = LP_ERR(LP_ERR_OOM, "out of memory");
     lp_st_close(&f);
     cJSON_Delete(j);
     return st;
@@ -216,7 +216,7 @@ lp_status lp_probe_store_hooks(const char *store, const char *spec, char ***name
     LP_CHECK(all_hooks(store, &all, &n_all));
     unsigned char *pick = calloc((size_t)n_all + 1, 1);
     char *s = strdup(spec), *save = NULL;
-    lp_status st = pick && s ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = pick && s ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     for (char *tok = s ? strtok_r(s, ",", &save) : NULL; tok && st == LP_OK; tok = strtok_r(NULL, ",", &save)) {
         while (*tok == ' ') tok++;
         for (char *end = tok + strlen(tok); end > tok && end[-1] == ' ';) *--end = 0;
@@ -227,14 +227,14 @@ lp_status lp_probe_store_hooks(const char *store, const char *spec, char ***name
             if (fnmatch(tok, all[i], 0) == 0 && !(glob && (strstr(all[i], "hook_pattern") || strstr(all[i], "hook_attn_scores"))))
                 pick[i] = 1, hits++;
         if (!hits)
-            st = lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "probe.hooks: '%s' matches no hook in the store %s (it holds %d: %s%s)", tok,
+            st = LP_ERR(LP_ERR_NOT_FOUND, "probe.hooks: '%s' matches no hook in the store %s (it holds %d: %s%s)", tok,
                               store, n_all, n_all ? all[0] : "none", n_all > 1 ? ", ..." : "");
     }
     int k = 0;
     for (int i = 0; i < n_all; i++)
         if (pick && pick[i]) all[k++] = all[i];
         else free(all[i]);
-    if (st == LP_OK && k == 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "probe.hooks: no hooks given");
+    if (st == LP_OK && k == 0) st = LP_ERR(LP_ERR_ARG, "probe.hooks: no hooks given");
     free(pick), free(s);
     if (st != LP_OK) {
         lp_probe_hooks_free(all, k);
@@ -301,7 +301,7 @@ lp_status lp_probe_gather(const char *store, const char *hook, const lp_probe_la
     lp_status st = check_store(s, store, hook, l, labels_path, tok_ctx, &n_rows);
     int ctx = tok_ctx, d = lp_store_d(s), pos = position < 0 ? ctx + position : position;
     if (st == LP_OK && !l->ctx && !pool_mean && (pos < 0 || pos >= ctx))
-        st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "probe.position: %d is outside sequences of %d tokens", position, ctx);
+        st = LP_ERR(LP_ERR_ARG, "probe.position: %d is outside sequences of %d tokens", position, ctx);
     float *buf = NULL;
     if (st == LP_OK) {
         r->d = d, r->n = n_rows;
@@ -310,7 +310,7 @@ lp_status lp_probe_gather(const char *store, const char *hook, const lp_probe_la
         r->seq = malloc((size_t)n_rows * sizeof *r->seq);
         buf = malloc((size_t)ctx * d * sizeof *buf);
         if (!r->x || !r->y || !r->seq || !buf)
-            st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "%s: out of memory for %lld rows of %d values of '%s'", store, (long long)n_rows, d, hook);
+            st = LP_ERR(LP_ERR_OOM, "%s: out of memory for %lld rows of %d values of '%s'", store, (long long)n_rows, d, hook);
     }
     int64_t k = 0;
     for (int64_t q = 0; st == LP_OK && q < l->n_seq; q++) {

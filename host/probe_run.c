@@ -180,7 +180,7 @@ lp_status lp_probe_run(const lp_probe_rows *r, int k, const lp_probe_opts *o, co
     unsigned char *has = calloc((size_t)n_seq + 1, 1);
     int32_t *assign = malloc(((size_t)n_seq + 1) * sizeof *assign);
     res->w = calloc(2 * ((size_t)m * d + m), sizeof *res->w);
-    lp_status st = has && assign && res->w ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "probe: out of memory");
+    lp_status st = has && assign && res->w ? LP_OK : LP_ERR(LP_ERR_OOM, "probe: out of memory");
     if (st == LP_OK) {
         res->b = res->w + (size_t)m * d, res->dm = res->b + m, res->dm_b = res->dm + (size_t)m * d;
         for (int64_t i = 0; i < r->n; i++) has[r->seq[i]] = 1;
@@ -188,7 +188,7 @@ lp_status lp_probe_run(const lp_probe_rows *r, int k, const lp_probe_opts *o, co
         st = lp_probe_split(n_seq, has, o->folds, o->test_frac, o->seed, assign, &S);
         int need = o->folds ? o->folds : 2;
         if (st == LP_OK && S < need)
-            st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: %lld labelled sequence(s); %s needs at least %d", labels_path, (long long)S,
+            st = LP_ERR(LP_ERR_ARG, "%s: %lld labelled sequence(s); %s needs at least %d", labels_path, (long long)S,
                               o->folds ? "probe.folds" : "a held-out split", need);
         int64_t held = 0;
         for (int64_t q = 0; st == LP_OK && q < n_seq; q++) held += assign[q] == 1;

@@ -112,7 +112,7 @@ lp_status sae_save_checkpoint(trainer *tr) {
     if (st == LP_OK) st = lp_write_file_atomic(path, txt, strlen(txt));
     free(txt);
     if (st == LP_OK && rename(tmp, dir) != 0)
-        st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot rename the checkpoint into place: %s", dir, strerror(errno));
+        st = LP_ERR(lp_write_status(errno), "%s: cannot rename the checkpoint into place: %s", dir, strerror(errno));
     if (st != LP_OK) {
         lp_remove_tree(tmp);
         return st;
@@ -165,7 +165,7 @@ lp_status sae_load_checkpoint(trainer *tr, int *found) {
     const cJSON *cnt[2] = {js_step, js_tok};
     for (int i = 0; i < 2; i++)
         if (!(cnt[i]->valuedouble >= 0 && cnt[i]->valuedouble <= 0x1p53) || cnt[i]->valuedouble != floor(cnt[i]->valuedouble)) {
-            lp_status bad = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: '%s' is not a whole number in [0, 2^53]", path,
+            lp_status bad = LP_ERR(LP_ERR_FORMAT, "%s: '%s' is not a whole number in [0, 2^53]", path,
                                          cnt[i]->string);
             cJSON_Delete(j);
             return bad;
@@ -176,7 +176,7 @@ lp_status sae_load_checkpoint(trainer *tr, int *found) {
         char *end;
         val[i] = strtod(hex[i]->valuestring, &end);
         if (end == hex[i]->valuestring || *end || !isfinite(val[i])) {
-            lp_status bad = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: '%s' is not a finite number", path, hex[i]->string);
+            lp_status bad = LP_ERR(LP_ERR_FORMAT, "%s: '%s' is not a finite number", path, hex[i]->string);
             cJSON_Delete(j);
             return bad;
         }
@@ -209,9 +209,9 @@ lp_status sae_load_checkpoint(trainer *tr, int *found) {
     const lp_st_tensor *fl[3] = {p, m, v};
     for (int i = 0; i < 3 && st == LP_OK; i++) /* every tensor whole and of the right type before any copy */
         if (!fl[i] || fl[i]->dtype != LP_F32 || fl[i]->ndim != 1 || fl[i]->shape[0] != (int64_t)nf)
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: not a checkpoint of this SAE", path);
+            st = LP_ERR(LP_ERR_FORMAT, "%s: not a checkpoint of this SAE", path);
     if (st == LP_OK && (!sf || sf->dtype != LP_I64 || sf->ndim != 1 || sf->shape[0] != tr->S))
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: not a checkpoint of this SAE", path);
+        st = LP_ERR(LP_ERR_FORMAT, "%s: not a checkpoint of this SAE", path);
     if (st == LP_OK) st = lp_ctx_to_device(tr->c, tr->s->mem, p->data, nf * 4);
     if (st == LP_OK) st = lp_ctx_to_device(tr->c, tr->adam_m, m->data, nf * 4);
     if (st == LP_OK) st = lp_ctx_to_device(tr->c, tr->adam_v, v->data, nf * 4);

@@ -24,12 +24,12 @@ lp_status lp_sae_eval_store(lp_sae *s, lp_ctx *c, const char *store, const char 
     LP_CHECK(lp_store_open(&in, store, hook));
     lp_status st = LP_OK;
     if (lp_store_d(in) != cf->d_in)
-        st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' has %d values per token but the SAE's d_in is %d", store, hook,
+        st = LP_ERR(LP_ERR_SHAPE, "%s: '%s' has %d values per token but the SAE's d_in is %d", store, hook,
                           lp_store_d(in), cf->d_in);
     if (st == LP_OK && hook_out && hook_out[0]) {
         st = lp_store_open(&os, store, hook_out);
         if (st == LP_OK && lp_store_d(os) != cf->d_out)
-            st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' has %d values per token but the transcoder's d_out is %d", store,
+            st = LP_ERR(LP_ERR_SHAPE, "%s: '%s' has %d values per token but the transcoder's d_out is %d", store,
                               hook_out, lp_store_d(os), cf->d_out);
     }
     if (st != LP_OK) {
@@ -46,7 +46,7 @@ lp_status lp_sae_eval_store(lp_sae *s, lp_ctx *c, const char *store, const char 
     float *hs = malloc((size_t)(S > batch * K ? S : batch * K) * sizeof(float));
     int64_t *cnt = calloc(S, sizeof(int64_t)), *fired = calloc(S, sizeof(int64_t));
     float *ydev = NULL;
-    if (st == LP_OK && (!hx || (os && !hy) || !hs || !cnt || !fired)) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (st == LP_OK && (!hx || (os && !hy) || !hs || !cnt || !fired)) st = LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK && os) st = lp_ctx_alloc(c, (size_t)batch * Do * 4, (void **)&ydev);
     double sse = 0, cos = 0, ratio = 0, l1 = 0, l0 = 0;
     /* total variance needs the mean: a first pass over the targets */
@@ -63,7 +63,7 @@ lp_status lp_sae_eval_store(lp_sae *s, lp_ctx *c, const char *store, const char 
         st = lp_store_read(in, t0, n, hx);
         if (st == LP_OK && os) st = lp_store_read(os, t0, n, hy);
         for (int64_t i = 0; st == LP_OK && i < (int64_t)n * D; i++)
-            if (!isfinite(hx[i])) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: '%s' has a non-finite value at token %lld", store, hook, (long long)(t0 + i / D));
+            if (!isfinite(hx[i])) st = LP_ERR(LP_ERR_FORMAT, "%s: '%s' has a non-finite value at token %lld", store, hook, (long long)(t0 + i / D));
         if (st == LP_OK) st = lp_ctx_to_device(c, r->x, hx, (size_t)n * D * 4);
         if (st == LP_OK && os) st = lp_ctx_to_device(c, ydev, hy, (size_t)n * Do * 4);
         if (st == LP_OK) st = lp_sae_runner_forward(r, n, 0);

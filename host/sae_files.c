@@ -154,14 +154,14 @@ static lp_status load_saelens(lp_sae **out, lp_ctx *ctx, const char *dir) {
     cJSON *root = NULL;
     lp_st_file f = {0};
     int open = 0;
-    if (!cfgp || !wp) LP_TRY(st, done, lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of host memory"));
+    if (!cfgp || !wp) LP_TRY(st, done, LP_ERR(LP_ERR_OOM, "out of host memory"));
     root = sae_read_json(cfgp, &st);
     if (!root) goto done;
     lp_sae_cfg cfg;
     int batchtopk = 0;
     LP_TRY(st, done, parse_saelens_cfg(root, cfgp, &cfg, &batchtopk));
     if (!sae_is_file(wp))
-        LP_TRY(st, done, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: missing (cfg.json is there but not its weights)", wp));
+        LP_TRY(st, done, LP_ERR(LP_ERR_IO, "%s: missing (cfg.json is there but not its weights)", wp));
     LP_TRY(st, done, lp_st_open(&f, wp));
     open = 1;
     src_set s = {wp, f.tensors, f.n, f.size};
@@ -196,7 +196,7 @@ static lp_status load_sparsify(lp_sae **out, lp_ctx *ctx, const char *dir) {
     cJSON *root = NULL;
     lp_st_file f = {0};
     int open = 0;
-    if (!cfgp || !wp) LP_TRY(st, done, lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of host memory"));
+    if (!cfgp || !wp) LP_TRY(st, done, LP_ERR(LP_ERR_OOM, "out of host memory"));
     root = sae_read_json(cfgp, &st);
     if (!root) goto done;
     lp_sae_cfg cfg = {.arch = LP_SAE_TOPK, .jumprelu_bandwidth = 0.05f, .normalize = "none"};
@@ -210,19 +210,18 @@ static lp_status load_sparsify(lp_sae **out, lp_ctx *ctx, const char *dir) {
     LP_TRY(st, done, sae_json_bool(root, "signed", cfgp, 0, &signed_));
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(root, "activation");
     if (act && !(cJSON_IsString(act) && strcmp(act->valuestring, "topk") == 0))
-        LP_TRY(st, done, lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: field 'activation' = '%.32s' is not supported (topk)",
+        LP_TRY(st, done, LP_ERR(LP_ERR_FORMAT, "%s: field 'activation' = '%.32s' is not supported (topk)",
                                       cfgp, cJSON_IsString(act) ? act->valuestring : "?"));
-    if (signed_) LP_TRY(st, done, lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: field 'signed' is true; not supported", cfgp));
-    if (cfg.d_in <= 0) LP_TRY(st, done, lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: field 'd_in' = %d, must be > 0", cfgp, cfg.d_in));
+    if (signed_) LP_TRY(st, done, LP_ERR(LP_ERR_FORMAT, "%s: field 'signed' is true; not supported", cfgp));
+    if (cfg.d_in <= 0) LP_TRY(st, done, LP_ERR(LP_ERR_FORMAT, "%s: field 'd_in' = %d, must be > 0", cfgp, cfg.d_in));
     if (num_latents < 0 || (num_latents == 0 && (expansion <= 0 || (double)expansion * cfg.d_in > 0x7fffffff)))
-        LP_TRY(st, done, lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
-                                      "%s: fields 'num_latents' (%d) and 'expansion_factor' (%d) give no latent count", cfgp,
+        LP_TRY(st, done, LP_ERR(LP_ERR_FORMAT, "%s: fields 'num_latents' (%d) and 'expansion_factor' (%d) give no latent count", cfgp,
                                       num_latents, expansion));
     cfg.d_sae = num_latents ? num_latents : expansion * cfg.d_in;
     cfg.d_out = cfg.d_in;
     cfg.apply_b_dec_to_input = !transcode;
     if (cfg.k <= 0 || cfg.k > cfg.d_sae)
-        LP_TRY(st, done, lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: field 'k' = %d, must be in 1..%d", cfgp, cfg.k, cfg.d_sae));
+        LP_TRY(st, done, LP_ERR(LP_ERR_FORMAT, "%s: field 'k' = %d, must be in 1..%d", cfgp, cfg.k, cfg.d_sae));
     /* the hookpoint is the directory's name (an HF module path); the run's config.json is beside it */
     char hp[256];
     size_t e = strlen(dir);
@@ -249,7 +248,7 @@ static lp_status load_sparsify(lp_sae **out, lp_ctx *ctx, const char *dir) {
     }
     free(parent_cfg);
     if (!sae_is_file(wp))
-        LP_TRY(st, done, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: missing (cfg.json is there but not its weights)", wp));
+        LP_TRY(st, done, LP_ERR(LP_ERR_IO, "%s: missing (cfg.json is there but not its weights)", wp));
     LP_TRY(st, done, lp_st_open(&f, wp));
     open = 1;
     src_set s = {wp, f.tensors, f.n, f.size};
@@ -290,20 +289,18 @@ lp_status lp_sae_load(lp_sae **out, lp_ctx *c, const char *path) {
     char *cfgp = sae_join(path, "cfg.json"), *sl = sae_join(path, "sae_weights.safetensors"), *sp = sae_join(path, "sae.safetensors"),
          *gst = sae_join(path, "params.safetensors"), *gnpz = sae_join(path, "params.npz");
     lp_status st;
-    if (!cfgp || !sl || !sp || !gst || !gnpz) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of host memory");
+    if (!cfgp || !sl || !sp || !gst || !gnpz) st = LP_ERR(LP_ERR_OOM, "out of host memory");
     else if (sae_is_file(cfgp) && sae_is_file(sp) && !sae_is_file(sl)) st = load_sparsify(out, c, path);
     else if (sae_is_file(cfgp) && sae_is_file(sl)) st = load_saelens(out, c, path);
     else if (sae_is_file(cfgp))
-        st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__,
-                          "%s: cfg.json without its weights (sae_weights.safetensors for SAELens, sae.safetensors for sparsify)",
+        st = LP_ERR(LP_ERR_IO, "%s: cfg.json without its weights (sae_weights.safetensors for SAELens, sae.safetensors for sparsify)",
                           path);
     else if (sae_is_file(gst)) st = sae_load_gemmascope(out, c, gst);
     else if (sae_is_file(gnpz)) st = sae_load_gemmascope(out, c, gnpz);
     else if (sae_is_file(sl) || sae_is_file(sp))
-        st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: no cfg.json beside the weights (an interrupted save?)", path);
+        st = LP_ERR(LP_ERR_IO, "%s: no cfg.json beside the weights (an interrupted save?)", path);
     else
-        st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__,
-                          "%s: no SAE here: expected cfg.json with sae_weights.safetensors (SAELens) or sae.safetensors "
+        st = LP_ERR(LP_ERR_IO, "%s: no SAE here: expected cfg.json with sae_weights.safetensors (SAELens) or sae.safetensors "
                           "(sparsify), or params.npz / params.safetensors (Gemma Scope)", path);
     free(cfgp), free(sl), free(sp), free(gst), free(gnpz);
     return st;

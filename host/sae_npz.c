@@ -127,7 +127,7 @@ static lp_status npz_open(npz_file *z, const char *path) {
     size_t p = (size_t)cd_off, end = (size_t)(cd_off + cd_size);
     for (uint64_t e = 0; e < count; e++) {
         if (p + 46 > end || rd(b + p, 4) != 0x02014b50) {
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: bad zip central directory entry %llu", path,
+            st = LP_ERR(LP_ERR_FORMAT, "%s: bad zip central directory entry %llu", path,
                               (unsigned long long)e);
             break;
         }
@@ -135,7 +135,7 @@ static lp_status npz_open(npz_file *z, const char *path) {
         uint64_t csize = rd(b + p + 20, 4), usize = rd(b + p + 24, 4), loff = rd(b + p + 42, 4);
         size_t nlen = (size_t)rd(b + p + 28, 2), xlen = (size_t)rd(b + p + 30, 2), clen = (size_t)rd(b + p + 32, 2);
         if (p + 46 + nlen + xlen + clen > end) {
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: bad zip central directory entry %llu", path,
+            st = LP_ERR(LP_ERR_FORMAT, "%s: bad zip central directory entry %llu", path,
                               (unsigned long long)e);
             break;
         }
@@ -156,22 +156,21 @@ static lp_status npz_open(npz_file *z, const char *path) {
         p += 46 + nlen + xlen + clen;
         if (!sae_ends_with(name, ".npy")) continue;
         if (flags & 1) {
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: entry '%s' is encrypted", path, name);
+            st = LP_ERR(LP_ERR_FORMAT, "%s: entry '%s' is encrypted", path, name);
             break;
         }
         if (method != 0) {
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
-                              "%s: entry '%s' is compressed (zip method %u); loupe reads np.savez archives, not "
+            st = LP_ERR(LP_ERR_FORMAT, "%s: entry '%s' is compressed (zip method %u); loupe reads np.savez archives, not "
                               "np.savez_compressed: re-save with np.savez or as params.safetensors", path, name, method);
             break;
         }
         if (size < 30 || loff > size - 30 || rd(b + loff, 4) != 0x04034b50) { /* the local header is 30 bytes */
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: entry '%s' has a bad local header (truncated?)", path, name);
+            st = LP_ERR(LP_ERR_FORMAT, "%s: entry '%s' has a bad local header (truncated?)", path, name);
             break;
         }
         uint64_t data = loff + 30 + rd(b + loff + 26, 2) + rd(b + loff + 28, 2);
         if (csize != usize || data > size || usize > size - data) {
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: entry '%s' runs past the end of the file (truncated?)",
+            st = LP_ERR(LP_ERR_FORMAT, "%s: entry '%s' runs past the end of the file (truncated?)",
                               path, name);
             break;
         }
@@ -216,15 +215,15 @@ lp_status sae_load_gemmascope(lp_sae **out, lp_ctx *ctx, const char *path) {
     const char *en = sae_pick(&s, enc), *dn = sae_pick(&s, dec);
     const lp_st_tensor *we = en ? sae_src_find(&s, en) : NULL, *wd = dn ? sae_src_find(&s, dn) : NULL;
     lp_sae_cfg cfg = {.arch = LP_SAE_JUMPRELU, .jumprelu_bandwidth = 0.05f, .normalize = "none"};
-    if (!we) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: tensor 'W_enc' is missing", path);
-    else if (!wd) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: tensor 'W_dec' is missing", path);
+    if (!we) st = LP_ERR(LP_ERR_FORMAT, "%s: tensor 'W_enc' is missing", path);
+    else if (!wd) st = LP_ERR(LP_ERR_FORMAT, "%s: tensor 'W_dec' is missing", path);
     else if (sae_pick(&s, skip))
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: tensor '%s' (an affine skip) is not supported", path,
+        st = LP_ERR(LP_ERR_FORMAT, "%s: tensor '%s' (an affine skip) is not supported", path,
                           sae_pick(&s, skip));
     else if (we->ndim != 2 || wd->ndim != 2 || we->shape[0] <= 0 || we->shape[1] <= 0 || we->shape[0] > 0x7fffffff ||
              we->shape[1] > 0x7fffffff || wd->shape[1] <= 0 || wd->shape[1] > 0x7fffffff) {
         char a[96], b[96];
-        st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: tensors '%s' %s and '%s' %s are not [d_in, d_sae] and [d_sae, d_in]",
+        st = LP_ERR(LP_ERR_SHAPE, "%s: tensors '%s' %s and '%s' %s are not [d_in, d_sae] and [d_sae, d_in]",
                           path, en, lp_shape_str(we->shape, we->ndim, a, sizeof a), dn,
                           lp_shape_str(wd->shape, wd->ndim, b, sizeof b));
     } else {

@@ -41,7 +41,7 @@ int sae_ends_with(const char *s, const char *suffix) {
 lp_status sae_prefix_error(lp_status st, const char *path) {
     char msg[1024];
     snprintf(msg, sizeof msg, "%s", lp_last_error());
-    return lp_set_error(st, __FILE__, __LINE__, "%s: %s", path, msg);
+    return LP_ERR(st, "%s: %s", path, msg);
 }
 
 /* ---- reading tensors ---- */
@@ -182,14 +182,14 @@ cJSON *sae_read_json(const char *path, lp_status *st) {
     size_t len = 0;
     char *txt = lp_read_file(path, &len);
     if (!txt) {
-        *st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot read: %s", path, strerror(errno));
+        *st = LP_ERR(LP_ERR_IO, "%s: cannot read: %s", path, strerror(errno));
         return NULL;
     }
     cJSON *root = cJSON_ParseWithLength(txt, len);
     free(txt);
     if (!cJSON_IsObject(root)) {
         cJSON_Delete(root);
-        *st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: not a well-formed JSON object", path);
+        *st = LP_ERR(LP_ERR_FORMAT, "%s: not a well-formed JSON object", path);
         return NULL;
     }
     *st = LP_OK;

@@ -80,7 +80,7 @@ lp_status lp_sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int t
     /* constant vectors: ones and minus ones */
     size_t nc = S > D ? S : D, nn = D > Do ? D : Do;
     float *h = malloc((nc > nn ? nc : nn) * sizeof(float));
-    if (!h) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (!h) st = LP_ERR(LP_ERR_OOM, "out of memory");
     for (size_t i = 0; st == LP_OK && i < nc; i++) h[i] = 1.0f;
     if (st == LP_OK) st = lp_ctx_to_device(c, r->ones, h, nc * 4);
     for (size_t i = 0; st == LP_OK && i < nn; i++) h[i] = -1.0f;

@@ -140,9 +140,9 @@ static lp_status write_files(const char *dir, const char *cfg, const lp_st_spec 
     lp_status st = LP_OK;
     lp_st_writer w;
     int wopen = 0, cfgtmp_made = 0;
-    if (!cfgp || !cfgtmp || !wp) LP_TRY(st, done, lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of host memory"));
+    if (!cfgp || !cfgtmp || !wp) LP_TRY(st, done, LP_ERR(LP_ERR_OOM, "out of host memory"));
     int fd = open(cfgtmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) LP_TRY(st, done, lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot create: %s", cfgtmp, strerror(errno)));
+    if (fd < 0) LP_TRY(st, done, LP_ERR(lp_write_status(errno), "%s: cannot create: %s", cfgtmp, strerror(errno)));
     cfgtmp_made = 1;
     size_t len = strlen(cfg), off = 0;
     while (off < len) {
@@ -154,16 +154,16 @@ static lp_status write_files(const char *dir, const char *cfg, const lp_st_spec 
     int bad = off < len || fsync(fd) != 0;
     int err = off < len && errno == 0 ? ENOSPC : errno;
     if (close(fd) != 0 && !bad) bad = 1, err = errno;
-    if (bad) LP_TRY(st, done, lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: write failed: %s", cfgtmp, strerror(err)));
+    if (bad) LP_TRY(st, done, LP_ERR(LP_ERR_WRITE, "%s: write failed: %s", cfgtmp, strerror(err)));
     LP_TRY(st, done, lp_st_writer_open(&w, wp, specs, n, NULL));
     wopen = 1;
     for (int i = 0; i < n; i++) LP_TRY(st, done, lp_st_writer_put(&w, i, 0, datas[i], w.sizes[i]));
     if (unlink(cfgp) != 0 && errno != ENOENT)
-        LP_TRY(st, done, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot replace: %s", cfgp, strerror(errno)));
+        LP_TRY(st, done, LP_ERR(LP_ERR_IO, "%s: cannot replace: %s", cfgp, strerror(errno)));
     wopen = 0;
     LP_TRY(st, done, lp_st_writer_commit(&w));
     if (rename(cfgtmp, cfgp) != 0)
-        LP_TRY(st, done, lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot rename to %s: %s", cfgtmp, cfgp, strerror(errno)));
+        LP_TRY(st, done, LP_ERR(LP_ERR_WRITE, "%s: cannot rename to %s: %s", cfgtmp, cfgp, strerror(errno)));
     cfgtmp_made = 0;
     st = fsync_path(dir);
 done:
@@ -211,17 +211,17 @@ static lp_status write_new_dir(const char *dir, const char *json, const lp_st_sp
     LP_CHECK(make_parents(dir));
     size_t tl = strlen(dir) + 16;
     char *tmpdir = malloc(tl);
-    if (!tmpdir) return lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of host memory");
+    if (!tmpdir) return LP_ERR(LP_ERR_OOM, "out of host memory");
     snprintf(tmpdir, tl, "%s.tmp-XXXXXX", dir);
     if (!mkdtemp(tmpdir)) {
-        lp_status st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot create: %s", tmpdir, strerror(errno));
+        lp_status st = LP_ERR(LP_ERR_IO, "%s: cannot create: %s", tmpdir, strerror(errno));
         free(tmpdir);
         return st;
     }
     chmod(tmpdir, 0755);
     lp_status st = write_files(tmpdir, json, specs, datas, n);
     if (st == LP_OK && rename(tmpdir, dir) != 0)
-        st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot rename to %s: %s", tmpdir, dir, strerror(errno));
+        st = LP_ERR(LP_ERR_WRITE, "%s: cannot rename to %s: %s", tmpdir, dir, strerror(errno));
     if (st != LP_OK) {
         char *a = sae_join(tmpdir, "cfg.json"), *b = sae_join(tmpdir, "sae_weights.safetensors");
         if (a) unlink(a);
@@ -259,7 +259,7 @@ lp_status lp_sae_save(const lp_sae *s, lp_ctx *c, const char *dir, float scale) 
     float *skipT = cfg->skip ? malloc((size_t)cfg->d_in * cfg->d_out * sizeof *skipT) : NULL;
     char *json = NULL;
     lp_status st = LP_OK;
-    if (!img || (cfg->skip && !skipT)) LP_TRY(st, done, lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of host memory"));
+    if (!img || (cfg->skip && !skipT)) LP_TRY(st, done, LP_ERR(LP_ERR_OOM, "out of host memory"));
     sae_carve(&h, img);
     LP_TRY(st, done, lp_ctx_to_host(c, img, s->mem, h.n_floats * sizeof(float)));
 
@@ -280,16 +280,15 @@ lp_status lp_sae_save(const lp_sae *s, lp_ctx *c, const char *dir, float scale) 
         size_t cnt = (size_t)lp_shape_numel(specs[i].shape, specs[i].ndim);
         for (size_t k = 0; k < cnt; k++)
             if (!isfinite(d[k]))
-                LP_TRY(st, done, lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,
-                                              "%s: refusing to write: tensor '%s' has a non-finite value (%g) at flat index %zu%s",
+                LP_TRY(st, done, LP_ERR(LP_ERR_ARG, "%s: refusing to write: tensor '%s' has a non-finite value (%g) at flat index %zu%s",
                                               dir, specs[i].name, (double)d[k], k, scale != 1.0f ? " after folding the scale" : ""));
     }
     json = cfg_json(cfg, apply);
-    if (!json) LP_TRY(st, done, lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of host memory"));
+    if (!json) LP_TRY(st, done, LP_ERR(LP_ERR_OOM, "out of host memory"));
 
     struct stat sb;
     if (stat(dir, &sb) == 0) {
-        if (!S_ISDIR(sb.st_mode)) LP_TRY(st, done, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: exists and is not a directory", dir));
+        if (!S_ISDIR(sb.st_mode)) LP_TRY(st, done, LP_ERR(LP_ERR_IO, "%s: exists and is not a directory", dir));
         st = write_files(dir, json, specs, datas, n);
     } else {
         st = write_new_dir(dir, json, specs, datas, n);

@@ -289,7 +289,7 @@ static lp_status run_end(run *ru, lp_status st, lp_sae_train_report *rep) {
         if (tr->s->cfg.arch == LP_SAE_BATCHTOPK) {
             float *h = malloc((size_t)tr->S * sizeof(float));
             for (int i = 0; h && i < tr->S; i++) h[i] = (float)tr->thr_ema;
-            st = h ? lp_ctx_to_device(tr->c, tr->s->threshold, h, (size_t)tr->S * 4) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+            st = h ? lp_ctx_to_device(tr->c, tr->s->threshold, h, (size_t)tr->S * 4) : LP_ERR(LP_ERR_OOM, "out of memory");
             free(h);
         }
         if (st == LP_OK) st = lp_sae_save(tr->s, tr->c, t->out, (float)tr->scale);
@@ -298,9 +298,9 @@ static lp_status run_end(run *ru, lp_status st, lp_sae_train_report *rep) {
     }
     if (tr->metrics >= 0) { /* the lines are written; make them durable and see the errors close reports */
         if (st == LP_OK && fsync(tr->metrics) != 0)
-            st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot flush: %s", tr->metrics_path, strerror(errno));
+            st = LP_ERR(LP_ERR_WRITE, "%s: cannot flush: %s", tr->metrics_path, strerror(errno));
         if (close(tr->metrics) != 0 && st == LP_OK)
-            st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot close: %s", tr->metrics_path, strerror(errno));
+            st = LP_ERR(LP_ERR_WRITE, "%s: cannot close: %s", tr->metrics_path, strerror(errno));
         tr->metrics = -1;
     }
     rep->steps = tr->step, rep->tokens = tr->tokens_done;

@@ -42,7 +42,7 @@ lp_status sae_init_params(trainer *tr) {
     const lp_sae_cfg *cf = &s->cfg;
     size_t S = cf->d_sae, D = cf->d_in, Do = cf->d_out;
     float *wd = malloc(S * Do * sizeof(float)), *we = malloc(D * S * sizeof(float));
-    lp_status st = wd && we ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = wd && we ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     uint64_t rng = tr->t->seed ^ 0xD1B54A32D192ED03ull;
     double bound = 1.0 / sqrt((double)Do);
     for (size_t i = 0; st == LP_OK && i < S; i++) {
@@ -99,12 +99,12 @@ lp_status sae_init_data_stats(trainer *tr) {
     int dd = D;
     if (st == LP_OK && tr->transcoder) {
         y = malloc((size_t)n * Do * sizeof(float));
-        st = y ? sae_src_read(tr, 1, 0, n, y) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        st = y ? sae_src_read(tr, 1, 0, n, y) : LP_ERR(LP_ERR_OOM, "out of memory");
         src = y, dd = Do;
     }
     double sc = tr->transcoder ? 1.0 : tr->scale;
     double *med = calloc(dd, sizeof(double));
-    if (st == LP_OK && !med) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (st == LP_OK && !med) st = LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK && strcmp(t->b_dec_init, "zeros") != 0) {
         for (int64_t i = 0; i < n; i++)
             for (int d = 0; d < dd; d++) med[d] += src[i * dd + d] * sc / n;
@@ -136,7 +136,7 @@ lp_status sae_init_data_stats(trainer *tr) {
     if (st == LP_OK) {
         float *b = malloc(dd * sizeof(float));
         for (int d = 0; b && d < dd; d++) b[d] = (float)med[d];
-        st = b ? lp_ctx_to_device(tr->c, tr->s->b_dec, b, (size_t)dd * 4) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        st = b ? lp_ctx_to_device(tr->c, tr->s->b_dec, b, (size_t)dd * 4) : LP_ERR(LP_ERR_OOM, "out of memory");
         free(b);
     }
     free(med);

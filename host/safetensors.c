@@ -80,44 +80,42 @@ lp_status lp_st_open(lp_st_file *f, const char *path) {
     memset(f, 0, sizeof *f);
     f->path = strdup(path);
     int fd = open(path, O_RDONLY);
-    if (fd < 0) LP_TRY(st, fail, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot open: %s", path, strerror(errno)));
+    if (fd < 0) LP_TRY(st, fail, LP_ERR(LP_ERR_IO, "%s: cannot open: %s", path, strerror(errno)));
     struct stat sb;
     if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
         close(fd);
-        LP_TRY(st, fail, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: not a regular file", path));
+        LP_TRY(st, fail, LP_ERR(LP_ERR_IO, "%s: not a regular file", path));
     }
     f->size = (size_t)sb.st_size;
     if (f->size < 8) {
         close(fd);
-        LP_TRY(st, fail, lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
-                                      "%s: truncated: %zu bytes, shorter than the 8-byte header length", path, f->size));
+        LP_TRY(st, fail, LP_ERR(LP_ERR_FORMAT, "%s: truncated: %zu bytes, shorter than the 8-byte header length", path, f->size));
     }
     f->map = mmap(NULL, f->size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (f->map == MAP_FAILED) {
         f->map = NULL;
-        LP_TRY(st, fail, lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: cannot map: %s", path, strerror(errno)));
+        LP_TRY(st, fail, LP_ERR(LP_ERR_IO, "%s: cannot map: %s", path, strerror(errno)));
     }
     const unsigned char *p = f->map;
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--) hlen = hlen << 8 | p[i];
     if (hlen > f->size - 8)
-        LP_TRY(st, fail, lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
-               "%s: truncated: header length %llu exceeds the %zu bytes that follow", path,
+        LP_TRY(st, fail, LP_ERR(LP_ERR_FORMAT, "%s: truncated: header length %llu exceeds the %zu bytes that follow", path,
                (unsigned long long)hlen, f->size - 8));
     if (hlen > MAX_HEADER)
-        LP_TRY(st, fail, lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: header of %llu bytes is too large", path,
+        LP_TRY(st, fail, LP_ERR(LP_ERR_FORMAT, "%s: header of %llu bytes is too large", path,
                                       (unsigned long long)hlen));
     root = cJSON_ParseWithLength((const char *)p + 8, (size_t)hlen);
     if (!cJSON_IsObject(root))
-        LP_TRY(st, fail, lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: header is not a well-formed JSON object", path));
+        LP_TRY(st, fail, LP_ERR(LP_ERR_FORMAT, "%s: header is not a well-formed JSON object", path));
     size_t data_off = 8 + (size_t)hlen, data_size = f->size - data_off;
     int count = 0;
     for (cJSON *e = root->child; e; e = e->next)
         if (strcmp(e->string, "__metadata__") != 0) count++;
     f->tensors = calloc(count ? count : 1, sizeof *f->tensors);
     spans = calloc(count ? count : 1, sizeof *spans);
-    if (!f->tensors || !spans) LP_TRY(st, fail, lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory"));
+    if (!f->tensors || !spans) LP_TRY(st, fail, LP_ERR(LP_ERR_OOM, "out of memory"));
     for (cJSON *e = root->child; e; e = e->next) {
         if (strcmp(e->string, "__metadata__") == 0) continue;
         lp_st_tensor *t = &f->tensors[f->n];
@@ -129,7 +127,7 @@ lp_status lp_st_open(lp_st_file *f, const char *path) {
     qsort(spans, f->n, sizeof *spans, span_cmp);
     for (int i = 1; i < f->n; i++)
         if (spans[i].begin < spans[i - 1].end)
-            LP_TRY(st, fail, lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: tensors '%s' and '%s' overlap", path,
+            LP_TRY(st, fail, LP_ERR(LP_ERR_FORMAT, "%s: tensors '%s' and '%s' overlap", path,
                                           f->tensors[spans[i - 1].idx].name, f->tensors[spans[i].idx].name));
     for (int i = 0; i < f->n; i++)
         f->tensors[i].data = p + data_off + (size_t)(uintptr_t)f->tensors[i].data;
@@ -208,7 +206,7 @@ lp_status lp_st_set_open(lp_st_set *s, const char *dir) {
     lp_status st = LP_OK;
     for (const cJSON *e = map->child; e; e = e->next) {
         if (!cJSON_IsString(e) || strchr(e->valuestring, '/')) {
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: bad shard name for '%s'", path, e->string);
+            st = LP_ERR(LP_ERR_FORMAT, "%s: bad shard name for '%s'", path, e->string);
             break;
         }
         int seen = 0;
@@ -283,10 +281,10 @@ lp_status lp_st_writer_open(lp_st_writer *w, const char *path, const lp_st_spec 
     w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     lp_status st = LP_OK;
     if (w->fd < 0) {
-        st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot create: %s", w->tmp, strerror(errno));
+        st = LP_ERR(lp_write_status(errno), "%s: cannot create: %s", w->tmp, strerror(errno));
     } else if ((st = write_all(w->fd, hdr, 8 + padded, 0, w->tmp)) == LP_OK &&
                ftruncate(w->fd, (off_t)(8 + padded + off)) != 0) {
-        st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot size file: %s", w->tmp, strerror(errno));
+        st = LP_ERR(LP_ERR_WRITE, "%s: cannot size file: %s", w->tmp, strerror(errno));
     }
     free(hdr);
     if (st != LP_OK) lp_st_writer_abort(w);
@@ -314,9 +312,9 @@ lp_status lp_st_writer_commit(lp_st_writer *w) {
     if (close(w->fd) != 0 && synced) synced = 0, e = errno;
     w->fd = -1;
     if (!synced)
-        st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot flush: %s", w->tmp, strerror(e));
+        st = LP_ERR(LP_ERR_WRITE, "%s: cannot flush: %s", w->tmp, strerror(e));
     else if (rename(w->tmp, w->path) != 0)
-        st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot rename to %s: %s", w->tmp, w->path, strerror(errno));
+        st = LP_ERR(lp_write_status(errno), "%s: cannot rename to %s: %s", w->tmp, w->path, strerror(errno));
     if (st != LP_OK) unlink(w->tmp);
     writer_free(w);
     return st;
@@ -348,10 +346,10 @@ lp_status lp_write_file_atomic(const char *path, const void *data, size_t n) {
     int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) LP_FAIL(lp_write_status(errno), "%s: cannot create: %s", tmp, strerror(errno));
     lp_status st = write_all(fd, data, n, 0, tmp);
-    if (st == LP_OK && fsync(fd) != 0) st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot flush: %s", tmp, strerror(errno));
-    if (close(fd) != 0 && st == LP_OK) st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot close: %s", tmp, strerror(errno));
+    if (st == LP_OK && fsync(fd) != 0) st = LP_ERR(LP_ERR_WRITE, "%s: cannot flush: %s", tmp, strerror(errno));
+    if (close(fd) != 0 && st == LP_OK) st = LP_ERR(LP_ERR_WRITE, "%s: cannot close: %s", tmp, strerror(errno));
     if (st == LP_OK && rename(tmp, path) != 0)
-        st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
+        st = LP_ERR(lp_write_status(errno), "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
     if (st != LP_OK) unlink(tmp);
     return st;
 }

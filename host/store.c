@@ -113,7 +113,7 @@ static lp_status check_resume(const char *dir, const char *fresh, int *keep) {
     free(buf);
     lp_status st = LP_OK;
     if (!cJSON_IsObject(old)) {
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: not a loupe store's meta.json; choose another cache.out", path);
+        st = LP_ERR(LP_ERR_FORMAT, "%s: not a loupe store's meta.json; choose another cache.out", path);
         goto done;
     }
     for (int i = 0; g_same[i]; i++) {
@@ -123,8 +123,7 @@ static lp_status check_resume(const char *dir, const char *fresh, int *keep) {
         free(a);
         free(b);
         if (!same) {
-            st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,
-                              "%s: the store there was written with a different '%s'; use another cache.out or remove it", dir, g_same[i]);
+            st = LP_ERR(LP_ERR_ARG, "%s: the store there was written with a different '%s'; use another cache.out or remove it", dir, g_same[i]);
             goto done;
         }
     }
@@ -289,14 +288,14 @@ lp_status lp_store_hook_mean(const char *dir, const char *hook, float **mean, si
     int64_t rows = lp_store_n_tokens(s), chunk = rows < 4096 ? rows : 4096; /* no buffer larger than the store */
     double *acc = calloc(per, sizeof(double));
     float *buf = malloc((size_t)chunk * per * sizeof(float));
-    lp_status st = acc && buf ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = acc && buf ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     for (int64_t r0 = 0; st == LP_OK && r0 < rows; r0 += chunk) {
         int64_t n = rows - r0 < chunk ? rows - r0 : chunk;
         st = lp_store_read(s, r0, n, buf);
         for (int64_t i = 0; st == LP_OK && i < n; i++)
             for (size_t j = 0; j < per; j++) acc[j] += buf[(size_t)i * per + j];
     }
-    if (st == LP_OK && !(*mean = malloc(per * sizeof(float)))) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (st == LP_OK && !(*mean = malloc(per * sizeof(float)))) st = LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK) {
         for (size_t j = 0; j < per; j++) (*mean)[j] = (float)(acc[j] / rows);
         *n_out = per;
@@ -354,37 +353,37 @@ lp_status lp_store_open(lp_store **out, const char *dir, const char *hook) {
             if (f) s->files = f;
             if (t) s->t = t;
             if (first) s->first = first;
-            if (!f || !t || !first) { st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory"); break; }
+            if (!f || !t || !first) { st = LP_ERR(LP_ERR_OOM, "out of memory"); break; }
         }
         if ((st = lp_st_open(&s->files[s->n_shards], path)) != LP_OK) break;
         lp_st_file *f = &s->files[s->n_shards++];
         const lp_st_tensor *t = lp_st_find(f, hook);
         if (!t || t->ndim < 3) {
-            st = lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "%s: hook '%s' is not in the store (see its meta.json)", path, hook);
+            st = LP_ERR(LP_ERR_NOT_FOUND, "%s: hook '%s' is not in the store (see its meta.json)", path, hook);
             break;
         }
         if (t->dtype != LP_F32 && t->dtype != LP_BF16) {
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: '%s' has dtype %s (F32 or BF16 expected)", path, hook, lp_dtype_name(t->dtype));
+            st = LP_ERR(LP_ERR_FORMAT, "%s: '%s' has dtype %s (F32 or BF16 expected)", path, hook, lp_dtype_name(t->dtype));
             break;
         }
         /* the shape is checked against the file's size by lp_st_open; d and ctx must fit int */
         int64_t d64 = lp_shape_numel(t->shape + 2, t->ndim - 2);
         if (d64 <= 0 || d64 > INT32_MAX || t->shape[0] <= 0 || t->shape[1] <= 0 || t->shape[1] > INT32_MAX) {
             char sh[128];
-            st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' has shape %s; [sequences, context, d...] with "
+            st = LP_ERR(LP_ERR_SHAPE, "%s: '%s' has shape %s; [sequences, context, d...] with "
                               "sequences >= 1, context and d in 1..2^31-1 expected", path, hook, lp_shape_str(t->shape, t->ndim, sh, sizeof sh));
             break;
         }
         int d = (int)d64, ctx = (int)t->shape[1];
         if (s->n_shards == 1) s->d = d, s->ctx = ctx, s->first[0] = 0;
         if (d != s->d || ctx != s->ctx) {
-            st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' changes shape between shards", path, hook);
+            st = LP_ERR(LP_ERR_SHAPE, "%s: '%s' changes shape between shards", path, hook);
             break;
         }
         s->t[s->n_shards - 1] = t;
         s->first[s->n_shards] = s->first[s->n_shards - 1] + t->shape[0] * t->shape[1];
     }
-    if (st == LP_OK && s->n_shards == 0) st = lp_set_error(LP_ERR_IO, __FILE__, __LINE__, "%s: no shards (is it an activation store?)", dir);
+    if (st == LP_OK && s->n_shards == 0) st = LP_ERR(LP_ERR_IO, "%s: no shards (is it an activation store?)", dir);
     if (st != LP_OK) {
         lp_store_close(s);
         return st;

@@ -166,8 +166,7 @@ static lp_status add_merge(lp_tokenizer *t, const char *a, size_t na, const char
     memcpy(cat, a, na), memcpy(cat + na, b, nb);
     int32_t id = sm_get(&t->vocab, cat, na + nb);
     if (id < 0) {
-        lp_status st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
-                                    "%s: %s[%d] makes '%.*s', which is not in the vocabulary", t->source, key, rank,
+        lp_status st = LP_ERR(LP_ERR_FORMAT, "%s: %s[%d] makes '%.*s', which is not in the vocabulary", t->source, key, rank,
                                     (int)(na + nb), cat);
         if (cat != buf) free(cat);
         return st;
@@ -401,25 +400,24 @@ static lp_status load_json(lp_tokenizer *t, const char *path) {
     int has_bytelevel = 0;
     for (int i = 0; i < t->n_pre; i++) has_bytelevel |= t->pre[i].kind == PRE_BYTELEVEL;
     if (!has_bytelevel) {
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
-                          "%s: pre_tokenizer has no ByteLevel step; only byte-level BPE is supported", path);
+        st = LP_ERR(LP_ERR_FORMAT, "%s: pre_tokenizer has no ByteLevel step; only byte-level BPE is supported", path);
         goto out;
     }
     const cJSON *dec = cJSON_GetObjectItemCaseSensitive(root, "decoder");
     if (dec && !cJSON_IsNull(dec) && (!tok_json_type(dec) || strcmp(tok_json_type(dec), "ByteLevel") != 0)) {
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: decoder type '%s' is not supported (only ByteLevel)",
+        st = LP_ERR(LP_ERR_FORMAT, "%s: decoder type '%s' is not supported (only ByteLevel)",
                           path, tok_json_type(dec) ? tok_json_type(dec) : "(none)");
         goto out;
     }
     const cJSON *added = cJSON_GetObjectItemCaseSensitive(root, "added_tokens");
     if (added && !cJSON_IsArray(added)) {
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: added_tokens is not a list", path);
+        st = LP_ERR(LP_ERR_FORMAT, "%s: added_tokens is not a list", path);
         goto out;
     }
     cJSON_ArrayForEach(e, added) {
         const cJSON *c = cJSON_GetObjectItemCaseSensitive(e, "content");
         if (!cJSON_IsString(c)) {
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: added_tokens has an entry without content", path);
+            st = LP_ERR(LP_ERR_FORMAT, "%s: added_tokens has an entry without content", path);
             goto out;
         }
         LP_TRY(st, out, check_text(t, c->valuestring, "an added_tokens content"));
@@ -432,8 +430,7 @@ static lp_status load_json(lp_tokenizer *t, const char *path) {
     for (int i = 0; i < t->n_prefix + t->n_suffix; i++) {
         int32_t id = i < t->n_prefix ? t->prefix[i] : t->suffix[i - t->n_prefix];
         if (id >= t->n_ids || !t->text[id]) {
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
-                              "%s: post_processor TemplateProcessing adds id %d, which is not in the vocabulary", path, id);
+            st = LP_ERR(LP_ERR_FORMAT, "%s: post_processor TemplateProcessing adds id %d, which is not in the vocabulary", path, id);
             goto out;
         }
     }
@@ -452,7 +449,7 @@ static lp_status load_json(lp_tokenizer *t, const char *path) {
             free(cbuf);
             if (!cJSON_IsObject(cfg)) {
                 cJSON_Delete(cfg);
-                st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: is not a JSON object", cfg_path);
+                st = LP_ERR(LP_ERR_FORMAT, "%s: is not a JSON object", cfg_path);
                 goto out;
             }
             if (cJSON_GetObjectItemCaseSensitive(cfg, "bos_token")) t->bos = config_token(t, cfg, "bos_token");

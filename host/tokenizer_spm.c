@@ -94,7 +94,7 @@ lp_status lp_spm_merge_add(lp_spm *s, const char *a, size_t na, const char *b, s
     int32_t id = lp_spm_vocab_get(s, cat, na + nb);
     lp_status st = LP_OK;
     if (id < 0)
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: %s[%d] makes '%.*s', which is not in the vocabulary",
+        st = LP_ERR(LP_ERR_FORMAT, "%s: %s[%d] makes '%.*s', which is not in the vocabulary",
                           s->source, key, rank, (int)(na + nb), cat);
     else
         *pair_find(&s->merges, ia, ib) = (spm_pair_slot){ia, ib, rank, id}; /* a repeated pair keeps its last rank */

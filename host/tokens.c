@@ -67,9 +67,9 @@ lp_status lp_tokens_load(lp_tokens *t, const char *path, int context, int strict
         const id_type *ty = NULL;
         for (size_t i = 0; i < sizeof g_types / sizeof *g_types; i++)
             if (bin_dtype && strcmp(bin_dtype, g_types[i].bin) == 0) ty = &g_types[i];
-        if (!ty) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "data.token_dtype: '%s' is not one of int32, int64, uint16, uint32", bin_dtype ? bin_dtype : "");
+        if (!ty) st = LP_ERR(LP_ERR_ARG, "data.token_dtype: '%s' is not one of int32, int64, uint16, uint32", bin_dtype ? bin_dtype : "");
         else if (n % lp_dtype_size(ty->dt) != 0)
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: %zu bytes is not a whole number of %s ids", path, n, ty->bin);
+            st = LP_ERR(LP_ERR_FORMAT, "%s: %zu bytes is not a whole number of %s ids", path, n, ty->bin);
         else if ((st = shape_rows(t, path, (int64_t)(n / lp_dtype_size(ty->dt)), -1, 0, context, strict_context)) == LP_OK)
             st = convert_ids(t, path, buf, ty->dt, t->n_seq * t->ctx);
         free(buf);
@@ -85,9 +85,9 @@ lp_status lp_tokens_load(lp_tokens *t, const char *path, int context, int strict
         if (strcmp(h.descr, g_types[i].npy) == 0) ty = &g_types[i];
     if (st != LP_OK) {
     } else if (!ty) {
-        st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: dtype '%s' is not int32, int64, uint16 or uint32", path, h.descr);
+        st = LP_ERR(LP_ERR_FORMAT, "%s: dtype '%s' is not int32, int64, uint16 or uint32", path, h.descr);
     } else if (h.ndim != 1 && h.ndim != 2) {
-        st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: token array must be 1-D or 2-D, not %d-D", path, h.ndim);
+        st = LP_ERR(LP_ERR_SHAPE, "%s: token array must be 1-D or 2-D, not %d-D", path, h.ndim);
     } else if ((st = lp_npy_data_bytes(&h, lp_dtype_size(ty->dt), path, &need)) == LP_OK) {
         /* the product fits: need (bytes) is at least the element count */
         int64_t count = h.ndim == 1 ? h.shape[0] : h.shape[0] * h.shape[1];

@@ -495,7 +495,7 @@ lp_status lp_cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, co
         lp_cuda_release(c, scratch);
         if (e != cudaSuccess && st == LP_OK) {
             (void)cudaGetLastError();
-            st = lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__, "CUDA error %s: %s in %s", cudaGetErrorName(e),
+            st = LP_ERR(LP_ERR_CUDA, "CUDA error %s: %s in %s", cudaGetErrorName(e),
                               cudaGetErrorString(e), op);
         }
     }

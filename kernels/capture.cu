@@ -8,10 +8,10 @@
 
 extern "C" lp_status lp_cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
     if (c == NULL || c->device != LP_CUDA || c->stream == NULL || c->copy_stream == NULL)
-        return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "lp_cuda_to_host_async: not an initialised CUDA context");
+        return LP_ERR(LP_ERR_ARG, "lp_cuda_to_host_async: not an initialised CUDA context");
     if (bytes == 0) return LP_OK;
     if (dst == NULL || src == NULL)
-        return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "lp_cuda_to_host_async: NULL pointer for %zu bytes", bytes);
+        return LP_ERR(LP_ERR_ARG, "lp_cuda_to_host_async: NULL pointer for %zu bytes", bytes);
     cudaEvent_t ev = NULL;
     cudaError_t e = cudaSetDevice(c->cuda_device);
     if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);
@@ -21,7 +21,7 @@ extern "C" lp_status lp_cuda_to_host_async(lp_ctx *c, void *dst, const void *src
         e = cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, (cudaStream_t)c->copy_stream);
     if (ev) cudaEventDestroy(ev); // safe: destruction is deferred until the event completes
     if (e != cudaSuccess)
-        return lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__, "CUDA error %s: %s in capture copy",
+        return LP_ERR(LP_ERR_CUDA, "CUDA error %s: %s in capture copy",
                             cudaGetErrorName(e), cudaGetErrorString(e));
     return LP_OK;
 }

@@ -29,7 +29,7 @@
         cudaError_t lp_e_ = (expr);                                                         \
         if (lp_e_ != cudaSuccess) {                                                         \
             (void)cudaGetLastError();                                                       \
-            return lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__, "CUDA error %s: %s in %s", \
+            return LP_ERR(LP_ERR_CUDA, "CUDA error %s: %s in %s", \
                                 cudaGetErrorName(lp_e_), cudaGetErrorString(lp_e_), #expr); \
         }                                                                                   \
     } while (0)
@@ -40,7 +40,7 @@
         cudaError_t lp_e_ = (expr);                                                         \
         if (lp_e_ != cudaSuccess) {                                                         \
             (void)cudaGetLastError();                                                       \
-            (st) = lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__, "CUDA error %s: %s in %s", \
+            (st) = LP_ERR(LP_ERR_CUDA, "CUDA error %s: %s in %s", \
                                 cudaGetErrorName(lp_e_), cudaGetErrorString(lp_e_), #expr); \
             goto label;                                                                     \
         }                                                                                   \
@@ -51,7 +51,7 @@
         cublasStatus_t lp_b_ = (expr);                                                      \
         if (lp_b_ != CUBLAS_STATUS_SUCCESS) {                                               \
             (void)cudaGetLastError();                                                       \
-            return lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__, "cuBLAS error %s: %s in %s", \
+            return LP_ERR(LP_ERR_CUDA, "cuBLAS error %s: %s in %s", \
                                 cublasGetStatusName(lp_b_), cublasGetStatusString(lp_b_),   \
                                 #expr);                                                     \
         }                                                                                   \
@@ -62,7 +62,7 @@
         cublasStatus_t lp_b_ = (expr);                                                      \
         if (lp_b_ != CUBLAS_STATUS_SUCCESS) {                                               \
             (void)cudaGetLastError();                                                       \
-            (st) = lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__, "cuBLAS error %s: %s in %s", \
+            (st) = LP_ERR(LP_ERR_CUDA, "cuBLAS error %s: %s in %s", \
                                 cublasGetStatusName(lp_b_), cublasGetStatusString(lp_b_),   \
                                 #expr);                                                     \
             goto label;                                                                     \
@@ -75,7 +75,7 @@
     do {                                                                                    \
         cudaError_t lp_e_ = cudaGetLastError();                                             \
         if (lp_e_ != cudaSuccess)                                                           \
-            return lp_set_error(LP_ERR_CUDA, __FILE__, __LINE__,                            \
+            return LP_ERR(LP_ERR_CUDA, \
                                 "CUDA error %s: %s in launch of %s", cudaGetErrorName(lp_e_), \
                                 cudaGetErrorString(lp_e_), kernel_name);                    \
     } while (0)
@@ -86,10 +86,10 @@
 #define LP_CUDA_REQUIRE_CTX(c, op)                                                          \
     do {                                                                                    \
         if ((c) == NULL || (c)->device != LP_CUDA)                                          \
-            return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,                             \
+            return LP_ERR(LP_ERR_ARG, \
                                 "%s: context is not a CUDA context", (op));                 \
         if ((c)->dtype != LP_F32 && (c)->dtype != LP_BF16)                                  \
-            return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,                             \
+            return LP_ERR(LP_ERR_ARG, \
                                 "%s: activation dtype %s is not supported on CUDA "         \
                                 "(F32 or BF16)", (op), lp_dtype_name((c)->dtype));           \
         LP_CUDA_CHECK(cudaSetDevice((c)->cuda_device));                                     \
@@ -98,7 +98,7 @@
 // Fails with LP_ERR_ARG and a printf-style message (which should name the op) unless cond.
 #define LP_CUDA_REQUIRE(cond, ...)                                                          \
     do {                                                                                    \
-        if (!(cond)) return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, __VA_ARGS__);      \
+        if (!(cond)) return LP_ERR(LP_ERR_ARG, __VA_ARGS__);      \
     } while (0)
 
 static inline cudaStream_t lp_stream(const lp_ctx *c) { return (cudaStream_t)c->stream; }

@@ -26,13 +26,11 @@ lp_status lp_cuda_ctx_init(lp_ctx *c) {
     cudaError_t e = cudaGetDeviceCount(&n);
     if (e != cudaSuccess || n == 0) {
         (void)cudaGetLastError();
-        return lp_set_error(LP_ERR_NO_CUDA, __FILE__, __LINE__,
-                            "no usable CUDA device: %s (use --model.device=cpu)",
+        return LP_ERR(LP_ERR_NO_CUDA, "no usable CUDA device: %s (use --model.device=cpu)",
                             e != cudaSuccess ? cudaGetErrorString(e) : "none found");
     }
     if (c->cuda_device < 0 || c->cuda_device >= n) {
-        st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,
-                          "CUDA device %d requested but %d device(s) present", c->cuda_device, n);
+        st = LP_ERR(LP_ERR_ARG, "CUDA device %d requested but %d device(s) present", c->cuda_device, n);
         goto fail;
     }
     LP_CUDA_TRY(st, fail, cudaSetDevice(c->cuda_device));

@@ -7,7 +7,7 @@
 #include "ops_internal.h"
 
 #define NO_CUDA()                                                                            \
-    lp_set_error(LP_ERR_NO_CUDA, __FILE__, __LINE__,                                         \
+    LP_ERR(LP_ERR_NO_CUDA,                                                                   \
                  "built without CUDA (rebuild with nvcc available, or use --model.device=cpu)")
 
 lp_status lp_cuda_ctx_init(lp_ctx *c) { (void)c; return NO_CUDA(); }

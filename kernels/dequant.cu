@@ -130,7 +130,7 @@ lp_status dispatch(lp_ctx *c, void *dst, const void *src, int type, size_t n) {
     case LP_GGML_Q5_K: return launch<LP_GGML_Q5_K, T>(c, dst, src, n);
     case LP_GGML_Q6_K: return launch<LP_GGML_Q6_K, T>(c, dst, src, n);
     }
-    return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "dequant: ggml type %s (%d) cannot be dequantized",
+    return LP_ERR(LP_ERR_ARG, "dequant: ggml type %s (%d) cannot be dequantized",
                         lp_ggml_type_name(type), type);
 }
 
@@ -150,6 +150,6 @@ extern "C" lp_status lp_cuda_dequant(lp_ctx *c, void *dst, lp_dtype dst_dtype, c
     case LP_F16: return dispatch<__half>(c, dst, src, type, (size_t)n);
     default: break;
     }
-    return lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "dequant: cannot write %s (F32, BF16 or F16)",
+    return LP_ERR(LP_ERR_ARG, "dequant: cannot write %s (F32, BF16 or F16)",
                         lp_dtype_name(dst_dtype));
 }

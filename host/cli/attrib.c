@@ -88,7 +88,7 @@ static lp_status parse_nodes(const args *a, unsigned *kinds) {
     for (char *p = strtok_r(list, ",", &save); p; p = strtok_r(NULL, ",", &save)) {
         int k = lp_node_kind_parse(p);
         if (k < 0) {
-            lp_status st = lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "attrib.nodes: unknown node kind '%s' (hook_resid_pre, hook_resid_mid, hook_resid_post, "
+            lp_status st = LP_ERR(LP_ERR_NOT_FOUND, "attrib.nodes: unknown node kind '%s' (hook_resid_pre, hook_resid_mid, hook_resid_post, "
                                              "hook_attn_out, hook_mlp_out, attn.hook_z, attn.hook_q, attn.hook_k, attn.hook_v, "
                                              "attn.hook_pattern)", p);
             free(list);
@@ -282,16 +282,16 @@ static int run_sweep(args *a, int exact) {
         lp_sae_attrib *sa = NULL;
         if (st == LP_OK && sae) {
             sa = calloc(nb, sizeof *sa);
-            st = sa ? lp_attrib_sae(m, sae, &sc, cl, cx, nb, T, &mt, top, sa) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+            st = sa ? lp_attrib_sae(m, sae, &sc, cl, cx, nb, T, &mt, top, sa) : LP_ERR(LP_ERR_OOM, "out of memory");
         }
         /* the batch's lines in one write, after its scores files are in place */
         char *lines = NULL;
         size_t n_lines = 0;
         FILE *mf = st == LP_OK ? open_memstream(&lines, &n_lines) : NULL;
-        if (st == LP_OK && !mf) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        if (st == LP_OK && !mf) st = LP_ERR(LP_ERR_OOM, "out of memory");
         for (int b = 0; st == LP_OK && b < nb; b++)
             write_result(mf, m, &batch[b], &res[b], top, exact && compare ? pear : NULL, spear, sa ? &sa[b] : NULL);
-        if (mf && fclose(mf) != 0 && st == LP_OK) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for the results lines");
+        if (mf && fclose(mf) != 0 && st == LP_OK) st = LP_ERR(LP_ERR_OOM, "out of memory for the results lines");
         if (st == LP_OK) st = sweep_out_append(&so, lines, n_lines);
         free(lines);
         for (int b = 0; sa && b < nb; b++) lp_sae_attrib_free(&sa[b]);

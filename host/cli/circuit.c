@@ -34,7 +34,7 @@ static lp_status gather(const char *dir, int ns, int nr, double *sum, int *n_pai
             size_t nl = strlen(t->name);
             if (nl < 10 || strcmp(t->name + nl - 10, ".eap.edges") != 0) continue;
             if (t->dtype != LP_F32 || t->ndim != 2 || t->shape[0] != ns || t->shape[1] != nr) {
-                st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: %s is not [%d, %d] F32 (another model's?)", path, t->name, ns, nr);
+                st = LP_ERR(LP_ERR_FORMAT, "%s: %s is not [%d, %d] F32 (another model's?)", path, t->name, ns, nr);
                 break;
             }
             const float *v = t->data;
@@ -118,7 +118,7 @@ static lp_status write_html(const char *path, const char *title, const node *nd,
                 nd[i].id, nd[i].x - 28, nd[i].y - 10, nd[i].x, nd[i].y + 4, lab);
     }
     fprintf(f, "</svg>\n</body></html>\n");
-    if (fclose(f) != 0) return free(buf), lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (fclose(f) != 0) return free(buf), LP_ERR(LP_ERR_OOM, "out of memory");
     lp_status st = lp_write_file_atomic(path, buf, len);
     free(buf);
     return st;
@@ -142,7 +142,7 @@ lp_status cli_circuit_write(const args *a, lp_model *m, const char *dir, int *n_
     node *nd = calloc(2 * (size_t)(top + 1), sizeof *nd);
     int (*ends)[2] = calloc(top + 1, sizeof *ends);
     *n_pairs = 0;
-    lp_status st = sum && e && nd && ends ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = sum && e && nd && ends ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK) st = gather(dir, ns, nr, sum, n_pairs);
     int ne = 0, nn = 0;
     for (int i = 0; st == LP_OK && i < ns; i++)
@@ -186,7 +186,7 @@ lp_status cli_circuit_write(const args *a, lp_model *m, const char *dir, int *n_
     char *txt = cJSON_Print(j), path[1300];
     cJSON_Delete(j);
     snprintf(path, sizeof path, "%s/circuit.json", dir);
-    if (st == LP_OK) st = txt ? lp_write_file_atomic(path, txt, strlen(txt)) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (st == LP_OK) st = txt ? lp_write_file_atomic(path, txt, strlen(txt)) : LP_ERR(LP_ERR_OOM, "out of memory");
     free(txt);
     snprintf(path, sizeof path, "%s/circuit.html", dir);
     char title[256];

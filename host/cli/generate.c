@@ -88,15 +88,15 @@ static lp_status read_vector(const char *key, const char *spec, steer *sv) {
         char list[512] = "";
         for (int i = 0; i < f.n && strlen(list) < 400; i++)
             snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i ? ", " : "", f.tensors[i].name);
-        st = name[0] ? lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "%s: %s has no tensor '%s' (it has: %s)", key, path, name, list)
-                     : lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: %s holds %d tensors; name one as %s:TENSOR (it has: %s)", key,
+        st = name[0] ? LP_ERR(LP_ERR_NOT_FOUND, "%s: %s has no tensor '%s' (it has: %s)", key, path, name, list)
+                     : LP_ERR(LP_ERR_ARG, "%s: %s holds %d tensors; name one as %s:TENSOR (it has: %s)", key,
                                     path, f.n, path, list);
     } else {
         int64_t n = 1;
         for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
         sv->width = (int)n;
         sv->vec = malloc((n ? n : 1) * sizeof(float));
-        st = sv->vec ? lp_convert_host(sv->vec, LP_F32, t->data, t->dtype, n) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        st = sv->vec ? lp_convert_host(sv->vec, LP_F32, t->data, t->dtype, n) : LP_ERR(LP_ERR_OOM, "out of memory");
         snprintf(sv->source, sizeof sv->source, "%s:%s", path, t->name);
         /* a tensor named after a hook ("blocks.3.hook_resid_post.diffmean") names where it goes */
         if (st == LP_OK && !sv->hook[0] && strncmp(t->name, "blocks.", 7) == 0) {
@@ -115,14 +115,14 @@ static lp_status read_sae_row(const char *path, long latent, steer *sv) {
     LP_CHECK(lp_ctx_init(&c, LP_CPU, LP_F32));
     lp_sae *s = NULL;
     lp_status st = lp_sae_load(&s, &c, path);
-    if (st == LP_OK && latent < 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "steer.latent: needed with steer.sae (a latent of %s)", path);
+    if (st == LP_OK && latent < 0) st = LP_ERR(LP_ERR_ARG, "steer.latent: needed with steer.sae (a latent of %s)", path);
     if (st == LP_OK && latent >= s->cfg.d_sae)
-        st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "steer.latent: %ld is out of range for %s, which has latents 0..%d", latent, path,
+        st = LP_ERR(LP_ERR_ARG, "steer.latent: %ld is out of range for %s, which has latents 0..%d", latent, path,
                           s->cfg.d_sae - 1);
     if (st == LP_OK) {
         int d = s->cfg.d_out;
         sv->width = d;
-        if (!(sv->vec = malloc(d * sizeof(float)))) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        if (!(sv->vec = malloc(d * sizeof(float)))) st = LP_ERR(LP_ERR_OOM, "out of memory");
         else memcpy(sv->vec, s->W_dec + (size_t)latent * d, d * sizeof(float));
         if (!sv->hook[0]) snprintf(sv->hook, sizeof sv->hook, "%s", s->cfg.hook_name_out[0] ? s->cfg.hook_name_out : s->cfg.hook_name);
         snprintf(sv->source, sizeof sv->source, "%s W_dec[%ld]", path, latent);
@@ -138,11 +138,11 @@ static lp_status add_mean(lp_model *m, const lp_tokenizer *tk, const char *text,
     int32_t *ids = NULL;
     size_t n = 0;
     LP_CHECK(lp_tokenize(tk, text, len, &ids, &n));
-    lp_status st = n == 0 ? lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "steer.from_prompts: '%.*s' gives no tokens", (int)len, text) : LP_OK;
+    lp_status st = n == 0 ? LP_ERR(LP_ERR_ARG, "steer.from_prompts: '%.*s' gives no tokens", (int)len, text) : LP_OK;
     if (st == LP_OK && n > (size_t)lp_model_config(m)->n_ctx)
-        st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "steer.from_prompts: a prompt of %zu tokens exceeds the context", n);
+        st = LP_ERR(LP_ERR_ARG, "steer.from_prompts: a prompt of %zu tokens exceeds the context", n);
     float *x = st == LP_OK ? malloc(n * w * sizeof(float)) : NULL;
-    if (st == LP_OK && !x) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (st == LP_OK && !x) st = LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK) st = lp_hook_capture(m, hook, NULL, 0, NULL);
     if (st == LP_OK) st = lp_model_forward(m, ids, 1, (int)n, 0);
     if (st == LP_OK) st = lp_capture_read_f32(m, hook, x, n * w);
@@ -179,7 +179,7 @@ static lp_status keyed(lp_status st, const char *key) {
     if (st == LP_OK) return st;
     char msg[1024];
     snprintf(msg, sizeof msg, "%s", lp_last_error());
-    return lp_set_error(st, __FILE__, __LINE__, "%s: %s", key, msg);
+    return LP_ERR(st, "%s: %s", key, msg);
 }
 
 /* steer.latent_clamp = "N:VALUE[,N:VALUE...]", the latents checked against the SAE. */
@@ -390,10 +390,10 @@ int cmd_generate(args *a) {
     st = lp_utf8_check(text, strlen(text), "gen.prompt");
     if (st == LP_OK) st = lp_tokenizer_load(&tk, lp_cfg_str(&a->cfg, "model.path"));
     if (st == LP_OK) st = lp_tokenize(tk, text, strlen(text), &prompt, &n_prompt);
-    if (st == LP_OK && n_prompt == 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "the prompt gives no tokens");
+    if (st == LP_OK && n_prompt == 0) st = LP_ERR(LP_ERR_ARG, "the prompt gives no tokens");
     if (st == LP_OK) st = cli_open_model(a, &m);
     if (st == LP_OK && n_prompt > (size_t)lp_model_config(m)->n_ctx)
-        st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "the prompt is %zu tokens, longer than the model's context of %d", n_prompt,
+        st = LP_ERR(LP_ERR_ARG, "the prompt is %zu tokens, longer than the model's context of %d", n_prompt,
                           lp_model_config(m)->n_ctx);
     if (st == LP_OK) st = steer_setup(a, m, tk, &sv);
     lp_gen_opts o = {
@@ -403,7 +403,7 @@ int cmd_generate(args *a) {
         .seed = (uint64_t)lp_cfg_int(&a->cfg, "gen.seed"),
         .stop_token = tk ? lp_tokenizer_eos(tk) : -1,
     };
-    if (st == LP_OK && (o.top_p <= 0)) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "gen.top_p must be in (0, 1]");
+    if (st == LP_OK && (o.top_p <= 0)) st = LP_ERR(LP_ERR_ARG, "gen.top_p must be in (0, 1]");
     if (st == LP_OK && sv.active) {
         st = gen_pair(a, m, tk, &sv, text, prompt, (int)n_prompt, o, r);
         if (st == LP_OK && a->json) print_steered_json(a, m, &sv, text, (int)n_prompt, r);

@@ -54,7 +54,7 @@ static lp_status read_prompts(const char *path, const lp_model *m, const lp_toke
             if (nl2) ps->line = nl2;
             if (!np || !nl2) {
                 lp_prompt_free(&q);
-                st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+                st = LP_ERR(LP_ERR_OOM, "out of memory");
                 continue;
             }
         }
@@ -62,7 +62,7 @@ static lp_status read_prompts(const char *path, const lp_model *m, const lp_toke
         ps->p[ps->n++] = q;
     }
     free(txt);
-    if (st == LP_OK && ps->n == 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: no prompts (the file has no non-blank line)", path);
+    if (st == LP_OK && ps->n == 0) st = LP_ERR(LP_ERR_ARG, "%s: no prompts (the file has no non-blank line)", path);
     if (st != LP_OK) prompts_free(ps);
     return st;
 }
@@ -240,7 +240,7 @@ static lp_status write_arrays(const char *path, const lp_lens *rs, const prompts
     st_list l = {.cap = ps->n * ST_PER_PROMPT};
     l.spec = calloc(l.cap, sizeof *l.spec), l.data = calloc(l.cap, sizeof *l.data), l.name = calloc(l.cap, sizeof *l.name);
     char *ll = labels(&rs[0], rs[0].n_stack, lp_lens_stack_label), *cl = labels(&rs[0], rs[0].n_comp, lp_lens_comp_label);
-    lp_status st = l.spec && l.data && l.name && ll && cl ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = l.spec && l.data && l.name && ll && cl ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     for (int i = 0; st == LP_OK && i < ps->n; i++) st_prompt(&l, i, &rs[i], &ps->p[i], scalars + 2 * i);
     const char *meta[] = {"model", model, "lens_labels", ll, "component_labels", cl, "modes", "cached,recomputed", NULL};
     if (st == LP_OK) st = lp_st_write(path, l.spec, l.data, l.n, meta);
@@ -261,7 +261,7 @@ static lp_status write_lines(const char *path, const lp_lens *rs, const prompts 
         free(t);
         cJSON_Delete(j);
     }
-    lp_status st = fclose(f) == 0 ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = fclose(f) == 0 ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK) st = lp_write_file_atomic(path, buf, n);
     free(buf);
     return st;
@@ -367,7 +367,7 @@ int cmd_lens(args *a) {
     lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", NULL});
     const char *prompts_path = lp_cfg_str(&a->cfg, "lens.prompts"), *store = lp_cfg_str(&a->cfg, "data.store");
     if (st == LP_OK && !prompts_path == !store)
-        st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "lens.prompts or data.store: give one (the prompts to run, or a store cached from them)");
+        st = LP_ERR(LP_ERR_ARG, "lens.prompts or data.store: give one (the prompts to run, or a store cached from them)");
     if (st != LP_OK) return cli_fail(st);
     const char *out = lp_cfg_str(&a->cfg, "lens.out");
     lp_model *m = NULL;
@@ -381,10 +381,10 @@ int cmd_lens(args *a) {
     if (st == LP_OK && store) st = store_prompts(a, m, lx, &j);
     else if (st == LP_OK) st = read_prompts(prompts_path, m, tk, &j.ps);
     if (st == LP_OK && (lp_cfg_int(&a->cfg, "lens.top_k") > lp_model_config(m)->d_vocab))
-        st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "lens.top_k: %lld is more than the vocabulary of %d", (long long)lp_cfg_int(&a->cfg, "lens.top_k"),
+        st = LP_ERR(LP_ERR_ARG, "lens.top_k: %lld is more than the vocabulary of %d", (long long)lp_cfg_int(&a->cfg, "lens.top_k"),
                           lp_model_config(m)->d_vocab);
     if (st == LP_OK && (!(j.rs = calloc(j.ps.n, sizeof *j.rs)) || !(j.scalars = calloc(2 * (size_t)j.ps.n, sizeof *j.scalars))))
-        st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        st = LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK) st = lp_lock_output(&lock, out, 1);
     if (st == LP_OK) st = lp_remove_stale_tmp(out);
     double t0 = cli_now();

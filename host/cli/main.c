@@ -355,7 +355,7 @@ static lp_status tokenize_file(const args *a, const char *path, int32_t **ids, s
     if (st == LP_OK) st = open_tokenizer(a, &tk);
     if (st == LP_OK) st = lp_tokenize(tk, text, len, ids, n);
     if (st == LP_OK && bos) st = row_bos(a, tk, ids, n, bos);
-    if (st == LP_OK && *n == 0) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: the text gives no tokens", path);
+    if (st == LP_OK && *n == 0) st = LP_ERR(LP_ERR_ARG, "%s: the text gives no tokens", path);
     if (n_bytes) *n_bytes = len;
     if (st != LP_OK) free(*ids), *ids = NULL;
     lp_tokenizer_free(tk);
@@ -564,7 +564,7 @@ static int cmd_tokenize(args *a) {
     size_t n = 0, bytes = 0;
     double t0 = cli_now();
     if (st == LP_OK) st = tokenize_file(a, lp_cfg_str(&a->cfg, "data.text"), &ids, &n, &bytes, NULL);
-    if (st == LP_OK && n > 0x7fffffff) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "more than 2^31 tokens in one file");
+    if (st == LP_OK && n > 0x7fffffff) st = LP_ERR(LP_ERR_ARG, "more than 2^31 tokens in one file");
     if (st == LP_OK) st = lp_npy_write_i32(lp_cfg_str(&a->cfg, "tokenize.out"), ids, -1, (int)n);
     double secs = cli_now() - t0;
     if (st != LP_OK) {

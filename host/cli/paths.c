@@ -28,15 +28,15 @@ static lp_status parse_list(const args *a, lp_model *m, const char *key, int rec
     if (!v || !v[0]) LP_FAIL(LP_ERR_ARG, "%s: required for patch.kind = path", key);
     char *list = strdup(v), *save = NULL;
     int *ix = calloc(strlen(v) + 1, sizeof(int));
-    if (!list || !ix) return free(list), free(ix), lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (!list || !ix) return free(list), free(ix), LP_ERR(LP_ERR_OOM, "out of memory");
     lp_status st = LP_OK;
     for (char *p = strtok_r(list, ",", &save); p && st == LP_OK; p = strtok_r(NULL, ",", &save)) {
         int i = recv ? lp_path_receiver_find(m, p) : lp_path_sender_find(m, p);
         if (i < 0)
-            st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: unknown %s '%s' (%s)", key, recv ? "receiver" : "sender", p,
+            st = LP_ERR(LP_ERR_ARG, "%s: unknown %s '%s' (%s)", key, recv ? "receiver" : "sender", p,
                               recv ? "blocks.L.attn.head.H.q|k|v, blocks.L.mlp, logits" : "embed, blocks.L.attn.head.H, blocks.L.mlp");
         for (int j = 0; st == LP_OK && j < *n; j++)
-            if (ix[j] == i) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "%s: '%s' is given twice", key, p);
+            if (ix[j] == i) st = LP_ERR(LP_ERR_ARG, "%s: '%s' is given twice", key, p);
         ix[(*n)++] = i;
     }
     free(list);
@@ -152,7 +152,7 @@ int cli_paths_sweep(args *a, int exact) {
             if (!lp_path_is_edge(m, snd[i], rcv[j])) {
                 char b1[96], b2[96];
                 lp_path_sender_name(m, snd[i], b1, sizeof b1), lp_path_receiver_name(m, rcv[j], b2, sizeof b2);
-                st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "path.receivers: %s is not downstream of the sender %s", b2, b1);
+                st = LP_ERR(LP_ERR_ARG, "path.receivers: %s is not downstream of the sender %s", b2, b1);
             }
     if (st == LP_OK && lp_tokenizer_load(&tk, lp_cfg_str(&a->cfg, "model.path")) != LP_OK) tk = NULL; /* id lists still work */
     if (st == LP_OK) st = cli_read_pairs(a, m, tk, &sw);
@@ -172,9 +172,9 @@ int cli_paths_sweep(args *a, int exact) {
         char *line = NULL;
         size_t n = 0;
         FILE *f = open_memstream(&line, &n);
-        if (!f) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        if (!f) st = LP_ERR(LP_ERR_OOM, "out of memory");
         if (st == LP_OK) st = one_pair(a, m, &sw.pairs[i], exact, snd, nsnd, rcv, nrcv, &o, out, f);
-        if (f && fclose(f) != 0 && st == LP_OK) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for the results line");
+        if (f && fclose(f) != 0 && st == LP_OK) st = LP_ERR(LP_ERR_OOM, "out of memory for the results line");
         if (st == LP_OK) st = sweep_out_append(&so, line, n);
         free(line);
         ran++;

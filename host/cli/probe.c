@@ -142,14 +142,14 @@ static lp_status write_outputs(probe_job *j) {
     LP_CHECK(lp_st_write(path, j->specs, (const void *const *)j->data, j->n_t, meta));
     size_t cap = 4096, len = 0;
     char *txt = malloc(cap);
-    lp_status st = txt ? LP_OK : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    lp_status st = txt ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     cJSON *line;
     cJSON_ArrayForEach(line, j->lines) {
         char *s = st == LP_OK ? cJSON_PrintUnformatted(line) : NULL;
         size_t n = s ? strlen(s) : 0;
         char *grown = s && len + n + 2 > cap ? realloc(txt, cap = 2 * (len + n + 2)) : txt;
         if (s && grown) txt = grown, memcpy(txt + len, s, n), len += n, txt[len++] = '\n';
-        else if (st == LP_OK) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        else if (st == LP_OK) st = LP_ERR(LP_ERR_OOM, "out of memory");
         free(s);
     }
     snprintf(path, sizeof path, "%s/report.jsonl", j->out);
@@ -173,13 +173,13 @@ int cmd_probe(args *a) {
     lp_status st = job_opts(a, &j);
     if (st == LP_OK) st = lp_probe_labels_load(&j.lab, j.labels);
     if (st == LP_OK) st = lp_probe_store_hooks(j.store, lp_cfg_str(&a->cfg, "probe.hooks"), &j.hooks, &j.n_hooks);
-    if (st == LP_OK && strlen(j.out) >= 1024) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "probe.out: the path is too long");
+    if (st == LP_OK && strlen(j.out) >= 1024) st = LP_ERR(LP_ERR_ARG, "probe.out: the path is too long");
     if (st == LP_OK) st = lp_lock_output(&lock, j.out, 1);
     if (st == LP_OK) {
         j.specs = calloc((size_t)j.n_hooks * 4, sizeof *j.specs);
         j.data = calloc((size_t)j.n_hooks * 4, sizeof *j.data);
         j.lines = cJSON_CreateArray();
-        if (!j.specs || !j.data || !j.lines) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        if (!j.specs || !j.data || !j.lines) st = LP_ERR(LP_ERR_OOM, "out of memory");
     }
     for (int h = 0; h < j.n_hooks && st == LP_OK; h++) {
         if (isatty(2)) fprintf(stderr, "\rloupe: probe %d/%d: %s\033[K", h + 1, j.n_hooks, j.hooks[h]);

@@ -113,18 +113,18 @@ static int train_live(args *a, lp_sae_train_cfg *t0, lp_ctx *c) {
     lp_status st = cli_open_model(a, &m);
     if (st == LP_OK) st = cli_load_tokens(a, m, &toks);
     char *hooks = strdup(lp_cfg_str(&a->cfg, "data.hook"));
-    if (!hooks) return cli_fail(lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory"));
+    if (!hooks) return cli_fail(LP_ERR(LP_ERR_OOM, "out of memory"));
     int n = 1;
     for (char *p = hooks; *p; p++) n += *p == ',';
     lp_sae_train_cfg *cfgs = calloc(n, sizeof *cfgs);
     lp_sae_train_report *reps = calloc(n, sizeof *reps);
     char(*outs)[1200] = calloc(n, sizeof *outs);
-    if (st == LP_OK && (!cfgs || !reps || !outs)) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+    if (st == LP_OK && (!cfgs || !reps || !outs)) st = LP_ERR(LP_ERR_OOM, "out of memory");
     int i = 0;
     for (char *h = strtok(hooks, ","); st == LP_OK && h; h = strtok(NULL, ","), i++) {
         cfgs[i] = *t0;
         if (strlen(h) >= sizeof cfgs[i].sae.hook_name || strlen(t0->out) + strlen(h) + 2 > sizeof outs[i]) {
-            st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "data.hook: hook name '%.40s...' or train.out is too long", h);
+            st = LP_ERR(LP_ERR_ARG, "data.hook: hook name '%.40s...' or train.out is too long", h);
             break;
         }
         snprintf(cfgs[i].sae.hook_name, sizeof cfgs[i].sae.hook_name, "%s", h);
@@ -133,7 +133,7 @@ static int train_live(args *a, lp_sae_train_cfg *t0, lp_ctx *c) {
         cfgs[i].out = outs[i];
         int id = lp_hook_find(m, h);
         if (id < 0) {
-            st = lp_set_error(LP_ERR_NOT_FOUND, __FILE__, __LINE__, "data.hook: the model has no hook '%s' (see `loupe info MODEL`)", h);
+            st = LP_ERR(LP_ERR_NOT_FOUND, "data.hook: the model has no hook '%s' (see `loupe info MODEL`)", h);
             break;
         }
         int64_t shape[LP_MAX_DIMS];
@@ -165,7 +165,7 @@ int cmd_train_sae(args *a) {
     lp_status st = train_cfg(a, &t);
     int live = !t.store && lp_cfg_str(&a->cfg, "model.path");
     if (st == LP_OK && !t.store && !live)
-        st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "train-sae needs data.store (an activation store) or model.path with tokens or text");
+        st = LP_ERR(LP_ERR_ARG, "train-sae needs data.store (an activation store) or model.path with tokens or text");
     if (st == LP_OK && !live) { /* d_sae from the store's width, then every value checked before any work */
         lp_store *s;
         st = lp_store_open(&s, t.store, t.sae.hook_name);
@@ -198,8 +198,7 @@ int cmd_eval_sae(args *a) {
     lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"sae.path", NULL});
     if (st != LP_OK) return cli_fail(st);
     const char *store = lp_cfg_str(&a->cfg, "data.store"), *model = lp_cfg_str(&a->cfg, "model.path");
-    if (!store && !model) return cli_fail(lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,
-                                                       "eval-sae needs data.store (reconstruction) and/or model.path with tokens or text (spliced loss)"));
+    if (!store && !model) return cli_fail(LP_ERR(LP_ERR_ARG, "eval-sae needs data.store (reconstruction) and/or model.path with tokens or text (spliced loss)"));
     lp_ctx c;
     if ((st = sae_ctx(a, model ? "model.device" : "train.device", &c)) != LP_OK) return cli_fail(st);
     lp_sae *s = NULL;
@@ -331,17 +330,17 @@ int cmd_encode(args *a) {
     if (st == LP_OK) st = chunker_open(a, &ch, sae_hook(a, s));
     const char *src = lp_cfg_str(&a->cfg, "data.store") ? lp_cfg_str(&a->cfg, "data.store") : lp_cfg_str(&a->cfg, "model.path");
     if (st == LP_OK && ch.d != s->cfg.d_in)
-        st = lp_set_error(LP_ERR_SHAPE, __FILE__, __LINE__, "%s: '%s' has %d values per token but the SAE's d_in is %d", src, sae_hook(a, s),
+        st = LP_ERR(LP_ERR_SHAPE, "%s: '%s' has %d values per token but the SAE's d_in is %d", src, sae_hook(a, s),
                           ch.d, s->cfg.d_in);
     int k = (int)lp_cfg_int(&a->cfg, "encode.k");
     if (k == 0) k = s && s->cfg.k > 0 ? s->cfg.k : 32;
-    if (st == LP_OK && k > s->cfg.d_sae) st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__, "encode.k = %d exceeds the SAE's d_sae %d", k, s->cfg.d_sae);
+    if (st == LP_OK && k > s->cfg.d_sae) st = LP_ERR(LP_ERR_ARG, "encode.k = %d exceeds the SAE's d_sae %d", k, s->cfg.d_sae);
     int64_t n = st == LP_OK ? ch.n : 0;
     int B = ch.chunk;
     int32_t *idx = st == LP_OK ? malloc((size_t)n * k * sizeof(int32_t)) : NULL;
     float *val = st == LP_OK ? malloc((size_t)n * k * sizeof(float)) : NULL, *hx = st == LP_OK ? malloc((size_t)B * ch.d * 4) : NULL;
     float *dx = NULL;
-    if (st == LP_OK && (!idx || !val || !hx)) st = lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory for %lld x %d latents", (long long)n, k);
+    if (st == LP_OK && (!idx || !val || !hx)) st = LP_ERR(LP_ERR_OOM, "out of memory for %lld x %d latents", (long long)n, k);
     if (st == LP_OK) st = lp_ctx_alloc(&c, (size_t)B * ch.d * 4, (void **)&dx);
     double t0 = cli_now();
     for (int64_t i = 0; st == LP_OK && i < n; i += B) {

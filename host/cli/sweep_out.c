@@ -78,19 +78,18 @@ lp_status sweep_job_check(const args *a, const char *out, int exact, lp_model *m
     lp_status st = LP_OK;
     if (!old_txt) { /* a new output: record the settings before any result */
         char *txt = cJSON_Print(now);
-        st = txt ? lp_write_file_atomic(path, txt, strlen(txt)) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        st = txt ? lp_write_file_atomic(path, txt, strlen(txt)) : LP_ERR(LP_ERR_OOM, "out of memory");
         free(txt);
         cJSON_Delete(now);
         return st;
     }
     cJSON *old = cJSON_ParseWithLength(old_txt, n);
     free(old_txt);
-    if (!cJSON_IsObject(old)) st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__, "%s: not a loupe job file; choose another attrib.out", path);
+    if (!cJSON_IsObject(old)) st = LP_ERR(LP_ERR_FORMAT, "%s: not a loupe job file; choose another attrib.out", path);
     for (const cJSON *e = now->child; st == LP_OK && e; e = e->next) {
         char *want = cJSON_PrintUnformatted(e), *had = cJSON_PrintUnformatted(cJSON_GetObjectItemCaseSensitive(old, e->string));
         if (!had || strcmp(want, had) != 0)
-            st = lp_set_error(LP_ERR_ARG, __FILE__, __LINE__,
-                              "%s: this output was written with %s = %s, not %s; resume with the same setting, or choose another attrib.out",
+            st = LP_ERR(LP_ERR_ARG, "%s: this output was written with %s = %s, not %s; resume with the same setting, or choose another attrib.out",
                               path, e->string, had ? had : "(unset)", want);
         free(want), free(had);
     }
@@ -124,15 +123,14 @@ static lp_status repair_results(sweep_out *r, int n_max) {
         if (ok) {
             keep = pos;
         } else if (memchr(txt + pos, '\n', len - pos)) { /* a bad line with whole lines after it: not ours to cut */
-            st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
-                              "%s: line %d is not a result of this pairs file; choose another attrib.out", r->path, line);
+            st = LP_ERR(LP_ERR_FORMAT, "%s: line %d is not a result of this pairs file; choose another attrib.out", r->path, line);
         }
     }
     free(txt);
     if (st == LP_OK && keep < len) {
         fprintf(stderr, "loupe: %s: cut an incomplete last line (%zu bytes) left by an interrupted run\n", r->path, len - keep);
         if (truncate(r->path, (off_t)keep) != 0)
-            st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot cut the incomplete last line: %s", r->path, strerror(errno));
+            st = LP_ERR(lp_write_status(errno), "%s: cannot cut the incomplete last line: %s", r->path, strerror(errno));
     }
     return st;
 }
@@ -174,14 +172,14 @@ static lp_status reconcile_scores(sweep_out *r, const char *path, const char *me
         }
         char dst[1400];
         snprintf(dst, sizeof dst, "%s/scores-%s-%06d.safetensors", r->dir, method, first);
-        st = specs && datas ? lp_st_write(dst, specs, datas, k, NULL) : lp_set_error(LP_ERR_OOM, __FILE__, __LINE__, "out of memory");
+        st = specs && datas ? lp_st_write(dst, specs, datas, k, NULL) : LP_ERR(LP_ERR_OOM, "out of memory");
         if (st == LP_OK && strcmp(dst, path) != 0 && unlink(path) != 0)
-            st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot remove: %s", path, strerror(errno));
+            st = LP_ERR(lp_write_status(errno), "%s: cannot remove: %s", path, strerror(errno));
         free(specs), free(datas);
     }
     lp_st_close(&f);
     if (st == LP_OK && n_done == 0 && unlink(path) != 0)
-        st = lp_set_error(lp_write_status(errno), __FILE__, __LINE__, "%s: cannot remove: %s", path, strerror(errno));
+        st = LP_ERR(lp_write_status(errno), "%s: cannot remove: %s", path, strerror(errno));
     return st;
 }
 
@@ -213,8 +211,7 @@ static lp_status reconcile(sweep_out *r, const char *const *methods) {
         free(names);
         for (int i = 0; st == LP_OK && i < r->n_max; i++)
             if (r->done[i] && !have[i])
-                st = lp_set_error(LP_ERR_FORMAT, __FILE__, __LINE__,
-                                  "%s lists pair %d but no scores-%s-*.safetensors holds its scores (was a file removed?); choose another "
+                st = LP_ERR(LP_ERR_FORMAT, "%s lists pair %d but no scores-%s-*.safetensors holds its scores (was a file removed?); choose another "
                                   "attrib.out", r->path, i, methods[m]);
         free(have);
     }
@@ -241,7 +238,7 @@ lp_status sweep_out_append(sweep_out *r, const char *lines, size_t n) {
     struct stat sb;
     if (fstat(r->fd, &sb) != 0) LP_FAIL(LP_ERR_WRITE, "%s: %s", r->path, strerror(errno));
     lp_status st = lp_write_fd(r->fd, lines, n, -1, r->path);
-    if (st == LP_OK && fdatasync(r->fd) != 0) st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot flush: %s", r->path, strerror(errno));
+    if (st == LP_OK && fdatasync(r->fd) != 0) st = LP_ERR(LP_ERR_WRITE, "%s: cannot flush: %s", r->path, strerror(errno));
     if (st != LP_OK) { /* leave no half batch behind (best effort: a restart cuts it too) */
         int rc = ftruncate(r->fd, sb.st_size);
         (void)rc;
@@ -251,7 +248,7 @@ lp_status sweep_out_append(sweep_out *r, const char *lines, size_t n) {
 
 lp_status sweep_out_close(sweep_out *r, lp_status st) {
     if (r->fd >= 0 && close(r->fd) != 0 && st == LP_OK)
-        st = lp_set_error(LP_ERR_WRITE, __FILE__, __LINE__, "%s: cannot close: %s", r->path, strerror(errno));
+        st = LP_ERR(LP_ERR_WRITE, "%s: cannot close: %s", r->path, strerror(errno));
     r->fd = -1;
     free(r->done);
     r->done = NULL;

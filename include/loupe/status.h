@@ -39,7 +39,9 @@ const char *lp_status_name(lp_status st);
 /* 2 for bad input, 1 for failures while working, 0 for LP_OK. */
 int lp_status_exit_code(lp_status st);
 
-#define LP_FAIL(st, ...) return lp_set_error((st), __FILE__, __LINE__, __VA_ARGS__)
+/* An error status with its message, recording where it was raised. */
+#define LP_ERR(st, ...) lp_set_error((st), __FILE__, __LINE__, __VA_ARGS__)
+#define LP_FAIL(st, ...) return LP_ERR((st), __VA_ARGS__)
 #define LP_CHECK(expr)                                                          \
     do {                                                                        \
         lp_status lp_s_ = (expr);                                               \
