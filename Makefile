@@ -34,7 +34,11 @@ CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-re
 LDFLAGS += -fsanitize=address,undefined
 endif
 
-HOST_SRC := $(wildcard host/*.c) $(wildcard host/cpu/*.c)
+# host/ in layers, each using only those before it: core < ops < io < model < store, sae <
+# attrib, analysis < cli (scripts/check-layers.py checks it)
+HOST_SRC := $(wildcard host/core/*.c host/ops/*.c host/ops/cpu/*.c host/io/*.c host/model/*.c host/store/*.c \
+                      host/sae/*.c host/attrib/*.c host/analysis/*.c)
+HOST_HDR := $(wildcard include/loupe/*.h host/*/*.h)
 CLI_SRC  := $(wildcard host/cli/*.c)
 ifeq ($(CUDA),1)
 KERN_SRC := $(wildcard kernels/*.cu)
@@ -71,11 +75,11 @@ model: deps
 model-gemma:
 	@bash scripts/fetch-gemma.sh
 
-$(BUILD)/%.o: %.c $(wildcard include/loupe/*.h host/*.h)
+$(BUILD)/%.o: %.c $(HOST_HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
-$(BUILD)/kernels/%.o: kernels/%.cu $(wildcard include/loupe/*.h host/*.h kernels/*.cuh)
+$(BUILD)/kernels/%.o: kernels/%.cu $(HOST_HDR) $(wildcard kernels/*.cuh)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -c $< -o $@
 
@@ -118,11 +122,11 @@ EMU_TEST_SRC := $(wildcard tests/test_*_cuda.c)
 EMU_TEST_BIN := $(EMU_DIR)/test_cuda_emu $(EMU_TEST_SRC:tests/%.c=$(EMU_DIR)/%)
 EMU_HDR      := $(wildcard tests/cuda_emu/*.h)
 
-$(EMU_DIR)/host/%.o: host/%.c $(wildcard include/loupe/*.h host/*.h)
+$(EMU_DIR)/host/%.o: host/%.c $(HOST_HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(EMU_CFLAGS) -c $< -o $@
 
-$(EMU_DIR)/kernels/%.o: kernels/%.cu $(wildcard include/loupe/*.h host/*.h kernels/*.cuh) $(EMU_HDR)
+$(EMU_DIR)/kernels/%.o: kernels/%.cu $(HOST_HDR) $(wildcard kernels/*.cuh) $(EMU_HDR)
 	@mkdir -p $(dir $@)
 	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
 

@@ -20,7 +20,7 @@
 #include <unistd.h>
 
 #include "loupe/probe.h"
-#include "rng.h"
+#include "core/rng.h"
 
 extern int openblas_get_num_threads(void);
 

@@ -21,7 +21,7 @@
 #include "loupe/safetensors.h"
 #include "loupe/sae.h"
 #include "loupe/sae_train.h"
-#include "sae_internal.h"
+#include "sae/sae_internal.h"
 
 #define CHECK(x)                                                                                \
     do {                                                                                        \

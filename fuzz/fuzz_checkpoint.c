@@ -1,5 +1,5 @@
 /* fuzz_checkpoint.c: libFuzzer harness for what SAE training reads when it resumes
- * (host/sae_checkpoint.c): a checkpoint's state.json and state.safetensors (sae_load_checkpoint)
+ * (host/sae/sae_checkpoint.c): a checkpoint's state.json and state.safetensors (sae_load_checkpoint)
  * and the metrics.jsonl it trims to the checkpoint's step (sae_trim_metrics). The harness
  * includes the source for the static signature().
  *
@@ -7,7 +7,7 @@
  * "@SIG@" in state.json is replaced by the signature of the run the harness sets up (a
  * 4 -> 8 standard SAE), so the fuzzer can reach what follows the signature check. A state
  * that loads has a sane step; a refusal leaves one line naming the checkpoint. */
-#include "../host/sae_checkpoint.c"
+#include "../host/sae/sae_checkpoint.c"
 #include "fuzz_util.h"
 
 #define D_IN 4

@@ -1,4 +1,4 @@
-/* fuzz_gguf.c: libFuzzer harness for the GGUF reader (host/gguf.c) and the CPU
+/* fuzz_gguf.c: libFuzzer harness for the GGUF reader (host/io/gguf.c) and the CPU
  * dequantizers. Built and run by `make fuzz` (scripts/fuzz.sh) with ASan and UBSan.
  *
  * The input is opened from memory (lp_gguf_open_memory): libFuzzer's buffer is exactly the

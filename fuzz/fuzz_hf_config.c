@@ -1,6 +1,6 @@
 /* fuzz_hf_config.c: libFuzzer harness for a Hugging Face model directory's config.json
- * (host/model.c picks the architecture; host/gpt2.c and host/llama.c read the rest) and
- * the sharded-checkpoint index model.safetensors.index.json (host/safetensors.c).
+ * (host/model/model.c picks the architecture; host/model/gpt2.c and host/model/llama.c read the rest) and
+ * the sharded-checkpoint index model.safetensors.index.json (host/io/safetensors.c).
  *
  * The input is split at FUZZ_SEP into config.json and the index. Without a second part the
  * directory has a model.safetensors of one small tensor instead, so loading goes past the

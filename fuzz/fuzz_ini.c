@@ -1,4 +1,4 @@
-/* fuzz_ini.c: libFuzzer harness for INI job configs (host/config.c): lp_cfg_parse_buffer
+/* fuzz_ini.c: libFuzzer harness for INI job configs (host/io/config.c): lp_cfg_parse_buffer
  * on the input as it is (not NUL-terminated: a read past its end is an ASan finding), and
  * lp_cfg_load_ini on it written to a file, with a key table of every type. A file that
  * loads leaves every value readable and inside its bounds, and the buffer parse of the

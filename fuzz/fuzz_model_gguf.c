@@ -1,5 +1,5 @@
 /* fuzz_model_gguf.c: libFuzzer harness for loading a model from a GGUF file: the GGUF
- * reader (host/gguf.c), the model config read from its metadata (host/llama.c) and the
+ * reader (host/io/gguf.c), the model config read from its metadata (host/model/llama.c) and the
  * weights dequantized from its tensors. A model that loads runs one short forward pass;
  * a refusal leaves one line naming the file. Numbers in the metadata must be checked
  * against the file before they size anything (libFuzzer's -rss_limit_mb catches those

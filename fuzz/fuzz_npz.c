@@ -1,4 +1,4 @@
-/* fuzz_npz.c: libFuzzer harness for Gemma Scope params.npz (host/sae.c: the zip central
+/* fuzz_npz.c: libFuzzer harness for Gemma Scope params.npz (host/sae/sae.c: the zip central
  * directory with zip64 records, then each stored .npy entry's header). lp_sae_load on the
  * file; an SAE that loads encodes one input on the CPU. A refusal leaves one line naming
  * the file. */

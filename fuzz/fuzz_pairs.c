@@ -1,5 +1,5 @@
 /* fuzz_pairs.c: libFuzzer harness for the prompt files of `loupe attribute` / `loupe patch`
- * (lp_pair_parse_line, host/pairs.c, padding included) and `loupe lens`
+ * (lp_pair_parse_line, host/io/pairs.c, padding included) and `loupe lens`
  * (lp_prompt_parse_line), and for the output directory a sweep resumes from
  * (sweep_out_open: results.jsonl cut back to whole lines, scores files reconciled with it),
  * which is static in the CLI: the harness includes host/cli/sweep_out.c.

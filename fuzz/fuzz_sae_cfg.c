@@ -1,4 +1,4 @@
-/* fuzz_sae_cfg.c: libFuzzer harness for SAE directories' cfg.json (host/sae.c), in the
+/* fuzz_sae_cfg.c: libFuzzer harness for SAE directories' cfg.json (host/sae/sae.c), in the
  * SAELens layout (cfg.json + sae_weights.safetensors) and the sparsify layout (cfg.json +
  * sae.safetensors in a directory named for its hookpoint, the run's config.json above).
  *

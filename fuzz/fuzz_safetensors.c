@@ -1,4 +1,4 @@
-/* fuzz_safetensors.c: libFuzzer harness for the safetensors reader (host/safetensors.c).
+/* fuzz_safetensors.c: libFuzzer harness for the safetensors reader (host/io/safetensors.c).
  * Built and run by `make fuzz` (scripts/fuzz.sh) with ASan and UBSan.
  *
  * The reader only opens paths, so each input is written to a file in the harness's

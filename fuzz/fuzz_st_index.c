@@ -1,5 +1,5 @@
 /* fuzz_st_index.c: libFuzzer harness for the sharded-checkpoint index reader
- * (lp_st_set_open, host/safetensors.c) on its own, with real shards beside it.
+ * (lp_st_set_open, host/io/safetensors.c) on its own, with real shards beside it.
  *
  * The input is split at FUZZ_SEP into model.safetensors.index.json and two shard files,
  * a.safetensors and b.safetensors. A set that opens has every tensor inside its shard's

@@ -1,4 +1,4 @@
-/* fuzz_store.c: libFuzzer harness for reading an activation store (host/store.c):
+/* fuzz_store.c: libFuzzer harness for reading an activation store (host/store/store.c):
  * meta.json and the shards lp_store_open maps, lp_store_read over every token,
  * lp_store_hook_mean, and the resume check of a cache run against the meta.json already
  * there (check_resume, static: the harness includes the source).
@@ -7,7 +7,7 @@
  * shard-00001.safetensors (no second shard when the input has fewer parts). The hook read
  * is "blocks.0.hook_resid_post". A store that opens is read whole; a refusal leaves one
  * line naming the store or a file in it. */
-#include "../host/store.c"
+#include "../host/store/store.c"
 #include "fuzz_util.h"
 
 #define HOOK "blocks.0.hook_resid_post"

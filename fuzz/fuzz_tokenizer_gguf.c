@@ -1,6 +1,6 @@
 /* fuzz_tokenizer_gguf.c: libFuzzer harness for the GGUF tokenizer path: the GGUF reader
- * (host/gguf.c, from memory so ASan sees reads past the input) and the tokenizer built
- * from its tokenizer.ggml.* metadata (host/tokenizer.c). A tokenizer that loads encodes and
+ * (host/io/gguf.c, from memory so ASan sees reads past the input) and the tokenizer built
+ * from its tokenizer.ggml.* metadata (host/io/tokenizer.c). A tokenizer that loads encodes and
  * decodes a fixed text; a refusal leaves one line naming the file. */
 #include <stdint.h>
 #include <stdlib.h>

@@ -1,5 +1,5 @@
 /* fuzz_tokenizer_json.c: libFuzzer harness for the tokenizer.json reader and the
- * tokenizer_config.json beside it (host/tokenizer.c).
+ * tokenizer_config.json beside it (host/io/tokenizer.c).
  *
  * The input is split at FUZZ_SEP into tokenizer.json, tokenizer_config.json (absent when
  * the input has no second part) and a text. A tokenizer that loads encodes the text (and

@@ -1,4 +1,4 @@
-/* fuzz_tokens.c: libFuzzer harness for the token-file reader (host/tokens.c): .npy
+/* fuzz_tokens.c: libFuzzer harness for the token-file reader (host/io/tokens.c): .npy
  * headers and data, and raw .bin streams in each id type.
  *
  * The first input byte picks the file kind and the row length: bits 0-2 choose .npy or

@@ -18,7 +18,7 @@
 //    all three kernels (an atomic version forms them twice).
 //    The stats (8 bytes per query row) live in the dq buffer until kernel 3 reads a row's
 //    pair and overwrites the row with its dq, so the op allocates nothing (dq must not alias
-//    an input; host/ops.c checks). Only a head dim whose dq row is shorter than 8 bytes
+//    an input; host/ops/ops.c checks). Only a head dim whose dq row is shorter than 8 bytes
 //    (dh = 1 in F32, dh < 4 in BF16) takes a temporary device buffer, allocated and freed
 //    in the call (cudaMalloc / cudaFree synchronise: toy shapes only).
 //  - Attention, three-step form: dpattern and dq as query-row kernels (lane per key for the

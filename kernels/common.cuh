@@ -4,7 +4,7 @@
 // always fp32); grid sizing; and warp / block reductions.
 //
 // Only kernels/*.cu include this. Their exported lp_cuda_* entry points are declared in
-// host/ops_internal.h (extern "C") and validate their arguments before launching on the
+// host/ops/ops_internal.h (extern "C") and validate their arguments before launching on the
 // context's compute stream.
 #pragma once
 
@@ -17,7 +17,7 @@
 
 #include "loupe/status.h"
 #include "loupe/tensor.h"
-#include "ops_internal.h"
+#include "ops/ops_internal.h"
 
 // ---- error checks ----------------------------------------------------------------------
 // On failure we also call cudaGetLastError(): the runtime remembers the last error of any

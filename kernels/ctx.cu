@@ -1,5 +1,5 @@
 // ctx.cu: the CUDA half of lp_ctx: streams, the cuBLAS handle, device and pinned memory,
-// and copies. host/tensor.c (lp_ctx_*) calls these when c->device == LP_CUDA.
+// and copies. host/core/tensor.c (lp_ctx_*) calls these when c->device == LP_CUDA.
 //
 // Streams: ops run on one compute stream; captures are copied to the host on a second,
 // non-blocking stream so they can overlap the next layer. The compute stream is an

@@ -4,7 +4,7 @@
  * void ones do nothing. */
 #include <stdio.h>
 
-#include "ops_internal.h"
+#include "ops/ops_internal.h"
 
 #define NO_CUDA()                                                                            \
     LP_ERR(LP_ERR_NO_CUDA,                                                                   \

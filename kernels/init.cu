@@ -1,6 +1,6 @@
 // init.cu: random model weights generated on the device (lp_cuda_init_weights), so that
 // the weights of a benchmark model (a Llama-3-8B shape: 8e9 values) never pass through the
-// host. The values are those of host/rng.h's lp_rng_init_weight, bit for bit: value j of a
+// host. The values are those of host/core/rng.h's lp_rng_init_weight, bit for bit: value j of a
 // tensor comes from the LCG state j + 1 steps after the tensor's starting state, which a
 // thread reaches by jumping ahead (composing the affine step x -> a x + c in O(log j)),
 // then it steps through its own run of consecutive values.

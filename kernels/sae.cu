@@ -1,6 +1,6 @@
 // sae.cu: the SAE ops of include/loupe/sae_ops.h on the GPU. Every buffer is float (F32
 // master weights) whatever c->dtype; the CPU twins are in host/cpu/sae.c, whose comments
-// and host/sae_ops.c's state the contracts (selection order, edge cases).
+// and host/ops/sae_ops.c's state the contracts (selection order, edge cases).
 //
 // Design, op by op:
 //  - matmul_at: one cuBLAS GEMM, CUBLAS_COMPUTE_32F (the handle never allows TF32).

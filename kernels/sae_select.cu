@@ -1,6 +1,6 @@
 // sae_select.cu: the selections of include/loupe/sae_ops.h on the GPU: top-K per row and
 // the K-th largest of a batch (the BatchTopK threshold). Every buffer is float; the CPU
-// twins are in host/cpu/sae.c, whose comments and host/sae_ops.c's state the contracts
+// twins are in host/cpu/sae.c, whose comments and host/ops/sae_ops.c's state the contracts
 // (selection order, ties, edge cases).
 //
 //  - topk: one block per row. A radix select over the 32-bit order keys (8-bit digits,
@@ -20,7 +20,7 @@
 #include "sae_common.cuh"
 
 static const unsigned kBlock = 256;    // threads of the batch-wide histogram kernel
-static const int kTopkMaxK = 2048;     // host/sae_ops.c: LP_SAE_TOPK_MAX_K_CUDA
+static const int kTopkMaxK = 2048;     // host/ops/sae_ops.c: LP_SAE_TOPK_MAX_K_CUDA
 
 // ---- radix select ------------------------------------------------------------------------
 

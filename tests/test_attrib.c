@@ -371,7 +371,7 @@ Test(attrib, integrated_gradients_are_complete) {
 }
 
 /* ---- weight gradients: finite differences on the weights themselves ---- */
-#include "model_internal.h"
+#include "model/model_internal.h"
 
 static void weight_fd(const char *dir, const char *const *names, int nn) {
     lp_model *m = load(dir);

@@ -19,7 +19,7 @@
  * perturbation moves 70 rows of 64 outputs. Budgets (nmse over the sampled points) leave a
  * margin of about 10 or more over the measured values. Seeds are fixed and printed on failure. */
 #include "loupe/ops.h"
-#include "ops_internal.h"
+#include "ops/ops_internal.h"
 #include "testutil.h"
 
 static const struct { const char *op; double nmse, h; } BUDGET[] = {

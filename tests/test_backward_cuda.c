@@ -1,5 +1,5 @@
 /* test_backward_cuda.c: every backward op of ops.h on the GPU against its CPU twin
- * (host/cpu/backward.c, itself checked against float64 and finite differences by
+ * (host/ops/cpu/backward.c, itself checked against float64 and finite differences by
  * test_backward.c), through the public dispatch, in both GPU activation dtypes.
  *
  * Each case draws seeded random inputs over awkward shapes, runs the op on an LP_CUDA and an

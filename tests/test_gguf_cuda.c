@@ -1,5 +1,5 @@
 /* test_gguf_cuda.c: the CUDA dequantizer (kernels/dequant.cu) against the CPU reference
- * (host/cpu/dequant.c, itself checked against gguf-py by test_gguf.c), through lp_dequant.
+ * (host/ops/cpu/dequant.c, itself checked against gguf-py by test_gguf.c), through lp_dequant.
  *
  * Both sides do the same fp32 operations (the kernel forbids FMA contraction), so every
  * output dtype (F32, BF16, F16) must match bit for bit: budget 0. Inputs: the gguf-py

@@ -3,7 +3,7 @@
  * (1, 31, 33 and >= 1000 along the op's main axes). Seeds are fixed and printed on
  * failure; budgets are declared once below, per op, as normalized squared error. */
 #include "loupe/ops.h"
-#include "ops_internal.h"
+#include "ops/ops_internal.h"
 #include "testutil.h"
 
 /* fp32 against fp64: element-wise ops round once (~1e-14 nmse); reductions of length

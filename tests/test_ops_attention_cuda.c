@@ -6,8 +6,8 @@
 #include "loupe/ops.h"
 #include "gputest.h"
 #include "ops_cuda_budget.h"
-#include "ops_internal.h"
-#include "rng.h"
+#include "ops/ops_internal.h"
+#include "core/rng.h"
 
 /* ---- attention ---- */
 

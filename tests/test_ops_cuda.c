@@ -13,9 +13,9 @@
  * (LOUPE_REQUIRE_GPU=1 turns the skip into a failure). */
 #include "loupe/ops.h"
 #include "gputest.h"
-#include "ops_internal.h"
+#include "ops/ops_internal.h"
 #include "ops_cuda_budget.h"
-#include "rng.h"
+#include "core/rng.h"
 
 /* ---- element-wise ops ---- */
 

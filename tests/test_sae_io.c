@@ -1,4 +1,4 @@
-/* test_sae_io.c: SAE files (host/sae.c) against the projects that define them.
+/* test_sae_io.c: SAE files (host/sae/) against the projects that define them.
  *
  * - SAELens 6.5.3 wrote saelens_*: each loads, and a float64 reference encode/decode of
  *   the loaded parameters (below) matches SAELens's own outputs recorded by

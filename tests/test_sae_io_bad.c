@@ -1,4 +1,4 @@
-/* test_sae_io_bad.c: SAE files (host/sae*.c) that must not load: missing or misplaced
+/* test_sae_io_bad.c: SAE files (host/sae/) that must not load: missing or misplaced
  * files, bad cfg.json fields, tensors missing, misshapen or non-finite, broken Gemma Scope
  * .npz and sparsify directories. Each gives one line naming the file and the problem. */
 #include "sae_io_test.h"

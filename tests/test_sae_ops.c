@@ -16,7 +16,7 @@
  * against the header's formula evaluated in double instead. */
 #include "loupe/ops.h"
 #include "loupe/sae_ops.h"
-#include "ops_internal.h"
+#include "ops/ops_internal.h"
 #include "testutil.h"
 
 /* nmse budgets against float64 (0: must be exact). fp32 ops that round once: ~1e-14;

@@ -8,8 +8,8 @@
  * writes out of bounds fails even when its in-bounds values are right. Without a GPU
  * every test skips, saying why (LOUPE_REQUIRE_GPU=1 turns the skip into a failure). */
 #include "loupe/sae_ops.h"
-#include "ops_internal.h"
-#include "sae_internal.h"
+#include "ops/ops_internal.h"
+#include "sae/sae_internal.h"
 #include "gputest.h"
 
 /* ---- budgets: nmse = sum (gpu - cpu)^2 / sum cpu^2 (0: bit for bit) ----------------------

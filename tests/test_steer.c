@@ -8,7 +8,7 @@
 #include "loupe/hooks.h"
 #include "loupe/model.h"
 #include "loupe/sae.h"
-#include "sae_internal.h"
+#include "sae/sae_internal.h"
 
 enum { P = 7, NEW = 10, MAXV = 1024 };
 

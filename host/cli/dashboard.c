@@ -1,5 +1,5 @@
 /* dashboard.c: `loupe dashboard SAE --data.store=DIR --dash.out=DIR`: feature dashboards
- * of an SAE's latents over an activation store (host/dashboard.c), written under the
+ * of an SAE's latents over an activation store (host/cli/dashboard.c), written under the
  * output directory's lock as dashboard.html (one self-contained page) and Neuronpedia's
  * batch JSON (batch-0.json, batch-1.json, ... of dash.np_batch latents each). The model
  * (model.path, else the one the store's meta.json names, when it is on disk) gives the

@@ -120,7 +120,7 @@ void lp_dash_free(lp_dash *d);
  * error. key names the setting in messages. *out is malloc'd. */
 lp_status lp_dash_parse_latents(const char *spec, int d_sae, const char *key, int32_t **out, int *n);
 
-/* ---- outputs (host/dashboard_out.c) ----
+/* ---- outputs (host/analysis/dashboard_out.c) ----
  * Token strings come from tk (each id decoded on its own; invalid UTF-8 replaced by
  * U+FFFD); without a tokenizer tokens show as "#id". Both files are written under a
  * temporary name and renamed when complete. */

@@ -49,6 +49,16 @@ lp_status lp_write_fd(int fd, const void *buf, size_t n, long long pos, const ch
  * and sizes, which is what changes when a checkpoint is replaced). */
 lp_status lp_fingerprint(const char *path, int64_t *size, uint64_t *hash);
 
+/* ---- file helpers (host/core/files.c) ---- */
+/* Reads a whole file into a NUL-terminated buffer (free it); NULL with errno set on failure. */
+char *lp_read_file(const char *path, size_t *len);
+/* Writes a file atomically: a unique temporary name beside it, fsync, rename. */
+lp_status lp_write_file_atomic(const char *path, const void *data, size_t n);
+/* Creates dir and any missing parents (existing ones are fine). */
+lp_status lp_mkdir_p(const char *dir);
+/* Removes a file or a directory tree; a path that does not exist is fine. */
+lp_status lp_remove_tree(const char *path);
+
 #ifdef __cplusplus
 }
 #endif

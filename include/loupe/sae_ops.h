@@ -1,6 +1,6 @@
 /* sae_ops.h: the numeric pieces of SAE training and inference, each with a CPU
  * reference (host/cpu/sae.c) and a CUDA kernel (kernels/sae.cu), dispatched on the
- * context's device (host/sae_ops.c). Every buffer is F32 on the context's device unless
+ * context's device (host/ops/sae_ops.c). Every buffer is F32 on the context's device unless
  * it says otherwise; index buffers are int32. Shapes: N tokens, D = d_in (or d_out),
  * S = d_sae, K = k. Gradients are checked against finite differences in the tests. */
 #ifndef LOUPE_SAE_OPS_H

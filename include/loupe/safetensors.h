@@ -11,6 +11,7 @@
 #define LOUPE_SAFETENSORS_H
 
 #include <stddef.h>
+#include "loupe/output.h" /* lp_read_file, lp_write_file_atomic, lp_mkdir_p (host/core/files.c) */
 #include "loupe/tensor.h"
 
 #ifdef __cplusplus
@@ -80,14 +81,6 @@ void lp_st_writer_abort(lp_st_writer *w);
 lp_status lp_st_write(const char *path, const lp_st_spec *specs, const void *const *datas, int n,
                       const char *const *metadata);
 
-/* Reads a whole file into a NUL-terminated buffer (free it); NULL with errno set on failure. */
-char *lp_read_file(const char *path, size_t *len);
-/* Writes a file atomically: a unique temporary name beside it, fsync, rename. */
-lp_status lp_write_file_atomic(const char *path, const void *data, size_t n);
-/* Creates dir and any missing parents (existing ones are fine). */
-lp_status lp_mkdir_p(const char *dir);
-/* Removes a file or a directory tree; a path that does not exist is fine. */
-lp_status lp_remove_tree(const char *path);
 
 #ifdef __cplusplus
 }

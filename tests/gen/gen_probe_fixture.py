@@ -37,7 +37,7 @@ def splitmix64(state):
 
 
 def loupe_split(n_seq, folds, test_frac, seed):
-    """host/probe_run.c lp_probe_split: fold of each sequence, or 1 = test / 0 = train."""
+    """host/analysis/probe_run.c lp_probe_split: fold of each sequence, or 1 = test / 0 = train."""
     perm = list(range(n_seq))
     s = seed
     for i in range(n_seq - 1, 0, -1):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference fixtures for loupe's SAE files (host/sae.c, tests/test_sae_io.c).
+"""Reference fixtures for loupe's SAE files (host/sae/sae.c, tests/test_sae_io.c).
 
 Writes into OUTDIR (normally tests/fixtures/sae):
 

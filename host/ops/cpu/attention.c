@@ -1,0 +1,142 @@
+/* attention.c: CPU reference of causal multi-head attention (with grouped kv heads).
+ * The fused form works on blocks of query rows, so no [T,T] matrix exists unless a
+ * hook asks for hook_attn_scores or hook_pattern, which use the three-step form. */
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+
+#include "ops/ops_internal.h"
+
+/* q (B,T,H,dh); k (B,T,Hkv,dh): the dot product of query t of head h with key s */
+static inline float qk(const float *q, const float *k, int b, int t, int s, int h, int T, int H,
+                       int Hkv, int dh) {
+    const float *qr = q + (((size_t)b * T + t) * H + h) * dh;
+    const float *kr = k + (((size_t)b * T + s) * Hkv + h / (H / Hkv)) * dh;
+    float acc = 0;
+    for (int i = 0; i < dh; i++) acc += qr[i] * kr[i];
+    return acc;
+}
+
+/* Query rows per block of the fused attention: the [QB, T] score block is the only
+ * score memory, and the two products per block go through BLAS (and its threads). */
+enum { QB = 64 };
+
+/* Scratch for one score block, kept across calls; it grows only when T does. */
+static _Thread_local float *g_block;
+static _Thread_local size_t g_block_cap;
+
+void lp_cpu_attention(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
+                      int Hkv, int dh) {
+    // z, q are (B,T,H,dh); k, v are (B,T,Hkv,dh)
+    const float scale = 1.0f / sqrtf((float)dh);
+    size_t need = (size_t)QB * (T > 0 ? T : 1);
+    if (need > g_block_cap) {
+        free(g_block);
+        g_block = malloc(need * sizeof(float));
+        g_block_cap = g_block ? need : 0;
+        if (!g_block) { /* out of memory: fall back to one row at a time on the stack */
+            lp_cpu_attention_rows(z, q, k, v, B, T, H, Hkv, dh);
+            return;
+        }
+    }
+    int ldq = H * dh, ldk = Hkv * dh;
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            int g = h / (H / Hkv);
+            const float *qh = q + (size_t)b * T * ldq + h * dh, *kh = k + (size_t)b * T * ldk + g * dh;
+            const float *vh = v + (size_t)b * T * ldk + g * dh;
+            for (int q0 = 0; q0 < T; q0 += QB) {
+                int rows = T - q0 < QB ? T - q0 : QB, keys = q0 + rows; /* causal: no key after the block */
+                float *S = g_block;
+                // S (rows, keys) = Q_block K^T * scale
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, dh, scale, qh + (size_t)q0 * ldq, ldq,
+                            kh, ldk, 0.0f, S, keys);
+                for (int i = 0; i < rows; i++) { /* mask keys after the query, then softmax the row */
+                    float *r = S + (size_t)i * keys;
+                    int last = q0 + i;
+                    float mx = -INFINITY, sum = 0;
+                    for (int s = 0; s <= last; s++) mx = r[s] > mx ? r[s] : mx;
+                    for (int s = 0; s <= last; s++) sum += (r[s] = expf(r[s] - mx));
+                    for (int s = 0; s <= last; s++) r[s] /= sum;
+                    for (int s = last + 1; s < keys; s++) r[s] = 0;
+                }
+                // Z_block (rows, dh) = P V
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, dh, keys, 1.0f, S, keys, vh, ldk, 0.0f,
+                            z + ((size_t)b * T + q0) * ldq + h * dh, ldq);
+            }
+        }
+}
+
+void lp_cpu_attention_rows(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
+                           int Hkv, int dh) {
+    // the same, one query row at a time with a row of scores on the stack
+    const float scale = 1.0f / sqrtf((float)dh);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            float row[T > 0 ? T : 1];
+            for (int t = 0; t < T; t++) {
+                float mx = -INFINITY;
+                for (int s = 0; s <= t; s++) {
+                    row[s] = qk(q, k, b, t, s, h, T, H, Hkv, dh) * scale;
+                    if (row[s] > mx) mx = row[s];
+                }
+                float sum = 0;
+                for (int s = 0; s <= t; s++) sum += (row[s] = expf(row[s] - mx));
+                float *zr = z + (((size_t)b * T + t) * H + h) * dh;
+                for (int i = 0; i < dh; i++) zr[i] = 0;
+                for (int s = 0; s <= t; s++) {
+                    const float *vr = v + (((size_t)b * T + s) * Hkv + h / (H / Hkv)) * dh;
+                    float p = row[s] / sum;
+                    for (int i = 0; i < dh; i++) zr[i] += p * vr[i];
+                }
+            }
+        }
+}
+
+void lp_cpu_attn_scores(float *scores, const float *q, const float *k, int B, int T, int H, int Hkv,
+                        int dh) {
+    // scores is (B,H,T,T)
+    const float scale = 1.0f / sqrtf((float)dh);
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                float *row = scores + (((size_t)b * H + h) * T + t) * T;
+                for (int s = 0; s < T; s++) row[s] = s <= t ? qk(q, k, b, t, s, h, T, H, Hkv, dh) * scale : -INFINITY;
+            }
+}
+
+void lp_cpu_softmax_rows(float *out, const float *x, size_t rows, int cols) {
+    for (size_t r = 0; r < rows; r++) {
+        const float *xr = x + r * cols;
+        float *o = out + r * cols;
+        float mx = -INFINITY;
+        for (int i = 0; i < cols; i++)
+            if (xr[i] > mx) mx = xr[i];
+        if (mx == -INFINITY) { /* fully masked row: nothing to attend to */
+            for (int i = 0; i < cols; i++) o[i] = 0;
+            continue;
+        }
+        double sum = 0;
+        for (int i = 0; i < cols; i++) sum += (o[i] = expf(xr[i] - mx));
+        float inv = (float)(1.0 / sum);
+        for (int i = 0; i < cols; i++) o[i] *= inv;
+    }
+}
+
+void lp_cpu_attn_apply(float *z, const float *pattern, const float *v, int B, int T, int H, int Hkv,
+                       int dh) {
+    // z is (B,T,H,dh); pattern is (B,H,T,T); v is (B,T,Hkv,dh). Keys after t have weight 0
+    // in an unedited pattern; an edited one is applied as given, over all keys.
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                const float *p = pattern + (((size_t)b * H + h) * T + t) * T;
+                float *zr = z + (((size_t)b * T + t) * H + h) * dh;
+                for (int i = 0; i < dh; i++) zr[i] = 0;
+                for (int s = 0; s < T; s++) {
+                    if (p[s] == 0.0f) continue;
+                    const float *vr = v + (((size_t)b * T + s) * Hkv + h / (H / Hkv)) * dh;
+                    for (int i = 0; i < dh; i++) zr[i] += p[s] * vr[i];
+                }
+            }
+}

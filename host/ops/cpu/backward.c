@@ -1,0 +1,299 @@
+/* backward.c: CPU references of the backward ops of ops.h ("backward ops (attribution
+ * gradients)"): given the upstream gradient dy of a forward op's output and the forward's
+ * saved inputs, the gradient of its inputs. Each function states what its forward computed
+ * and the derivative it writes; kernels/backward.cu is the fast twin, checked against these.
+ *
+ * Precision: element-wise derivatives are computed in double and rounded once; every sum that is formed and written once (a row's mean, a dot product, a gradient summed over
+ * queries and heads) accumulates in double and is rounded once on the store. The one
+ * exception is dk/dv of the fused attention, which gather contributions from every query
+ * row while the rows are visited one at a time (no [T,T] buffer): they accumulate in the
+ * fp32 outputs themselves. */
+#include <math.h>
+#include <string.h>
+
+#include "ops/ops_internal.h"
+
+/* ---- normalization ---- */
+
+void lp_cpu_ln_backward(float *dx, const float *dy, const float *x, const float *scale, const float *w, int N,
+                        int D) {
+    // dx, dy, x are (N,D); scale is (N,); w is (D,) or NULL. The forward was
+    //   y = xh * w + b,  xh = (x - mean) / s,  s = scale = sqrt(mean((x - mean)^2) + eps),
+    // and with g = dy * w the derivative through mean and s (eps inside s) is
+    //   dx = (g - mean(g) - xh * mean(g * xh)) / s.
+    for (int n = 0; n < N; n++) {
+        const float *xr = x + (size_t)n * D, *dyr = dy + (size_t)n * D;
+        float *dxr = dx + (size_t)n * D;
+        double mean = 0, sg = 0, sgx = 0;
+        for (int d = 0; d < D; d++) mean += xr[d];
+        mean /= D;
+        const double inv = 1.0 / scale[n];
+        for (int d = 0; d < D; d++) {
+            double g = (double)dyr[d] * (w ? w[d] : 1.0f);
+            sg += g;
+            sgx += g * (xr[d] - mean) * inv;
+        }
+        sg /= D, sgx /= D;
+        for (int d = 0; d < D; d++) { /* every sum is done: dx may alias dy or x */
+            double g = (double)dyr[d] * (w ? w[d] : 1.0f), xh = (xr[d] - mean) * inv;
+            dxr[d] = (float)((g - sg - xh * sgx) * inv);
+        }
+    }
+}
+
+void lp_cpu_rms_backward(float *dx, const float *dy, const float *x, const float *scale, const float *w, int N,
+                         int D) {
+    // dx, dy, x are (N,D); scale is (N,); w is (D,) or NULL. The forward was
+    //   y = xh * w,  xh = x / s,  s = scale = sqrt(mean(x^2) + eps),
+    // and with g = dy * w:  dx = (g - xh * mean(g * xh)) / s.
+    for (int n = 0; n < N; n++) {
+        const float *xr = x + (size_t)n * D, *dyr = dy + (size_t)n * D;
+        float *dxr = dx + (size_t)n * D;
+        const double inv = 1.0 / scale[n];
+        double sgx = 0;
+        for (int d = 0; d < D; d++) sgx += (double)dyr[d] * (w ? w[d] : 1.0f) * xr[d] * inv;
+        sgx /= D;
+        for (int d = 0; d < D; d++) {
+            double g = (double)dyr[d] * (w ? w[d] : 1.0f);
+            dxr[d] = (float)((g - xr[d] * inv * sgx) * inv);
+        }
+    }
+}
+
+/* ---- element-wise ---- */
+
+void lp_cpu_gelu_backward(float *dx, const float *dy, const float *x, size_t n) {
+    // gelu(x) = 0.5 x (1 + tanh(u)), u = s (x + a x^3), s = sqrt(2/pi), a = 0.044715:
+    //   gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) s (1 + 3 a x^2)
+    //            = sig(2u) (1 + 2 x sig(-2u) s (1 + 3 a x^2)),   sig(z) = 1 / (1 + exp(-z)),
+    // the same function written without 1 + tanh(u), which loses every digit in the tails.
+    // In double, as the CUDA kernel's oracle (the two terms still cancel near x = -0.75).
+    const double s = 0.7978845608028654, a = 0.044715;
+    for (size_t i = 0; i < n; i++) {
+        double v = x[i], u = s * (v + a * v * v * v);
+        double sp = 1 / (1 + exp(-2 * u)), sm = 1 / (1 + exp(2 * u));
+        dx[i] = (float)(dy[i] * sp * (1 + 2 * v * sm * s * (1 + 3 * a * v * v))); /* dx may alias dy */
+    }
+}
+
+void lp_cpu_silu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
+                              size_t n) {
+    // y = silu(g) * u, silu(g) = g sig(g), sig(g) = 1 / (1 + exp(-g)):
+    //   dgate = dy * u * sig(g) (1 + g sig(-g)),  dup = dy * g sig(g)
+    // (sig(-g) rather than 1 - sig(g): exact for large g too.)
+    for (size_t i = 0; i < n; i++) {
+        double g = gate[i], u = up[i], d = dy[i]; /* all read first: outputs may alias inputs */
+        double sp = 1 / (1 + exp(-g)), sm = 1 / (1 + exp(g));
+        dgate[i] = (float)(d * u * sp * (1 + g * sm));
+        dup[i] = (float)(d * g * sp);
+    }
+}
+
+void lp_cpu_rope_backward(float *dx, const float *dy, const float *cos_t, const float *sin_t, int B, int T,
+                          int H, int dh, int pos0) {
+    // The forward rotated each pair (x1, x2) = (x[i], x[i + dh/2]) by the angle a:
+    //   y1 = x1 c - x2 s,  y2 = x2 c + x1 s;  its transpose rotates by -a:
+    //   dx1 = dy1 c + dy2 s,  dx2 = dy2 c - dy1 s.  dx may alias dy.
+    const int half = dh / 2;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            const float *c = cos_t + (size_t)(pos0 + t) * half, *s = sin_t + (size_t)(pos0 + t) * half;
+            for (int h = 0; h < H; h++) {
+                size_t off = (((size_t)b * T + t) * H + h) * dh;
+                for (int i = 0; i < half; i++) {
+                    float g1 = dy[off + i], g2 = dy[off + i + half];
+                    dx[off + i] = g1 * c[i] + g2 * s[i];
+                    dx[off + i + half] = g2 * c[i] - g1 * s[i];
+                }
+            }
+        }
+}
+
+/* ---- attention ---- */
+
+void lp_cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz, const float *q, const float *k,
+                               const float *v, int B, int T, int H, int Hkv, int dh) {
+    // dq, dz, q are (B,T,H,dh); dk, dv, k, v are (B,T,Hkv,dh). Query head h reads kv head
+    // g = h / (H/Hkv). The forward, per query row t of head h:
+    //   s_j = q_t . k_j / sqrt(dh) (j <= t),  p = softmax(s),  z_t = sum_j p_j v_j.
+    // Backward, with dp_j = dz_t . v_j and D = sum_j p_j dp_j = dz_t . z_t:
+    //   ds_j = p_j (dp_j - D);  dq_t = sum_j ds_j k_j / sqrt(dh);
+    //   dk_j += ds_j q_t / sqrt(dh);  dv_j += p_j dz_t.
+    // One query row at a time: its probabilities are recomputed into a row of T floats on
+    // the stack, like lp_cpu_attention_rows.
+    const double scale = 1.0 / sqrt((double)dh);
+    const int group = H / Hkv;
+    const size_t nkv = (size_t)B * T * Hkv * dh;
+    memset(dk, 0, nkv * sizeof(float));
+    memset(dv, 0, nkv * sizeof(float));
+    float p[T > 0 ? T : 1];
+    double acc[dh];
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                const size_t qo = (((size_t)b * T + t) * H + h) * dh;
+                const float *qr = q + qo, *dzr = dz + qo;
+                const float *kb = k + ((size_t)b * T * Hkv + h / group) * dh;
+                const float *vb = v + ((size_t)b * T * Hkv + h / group) * dh;
+                float *dkb = dk + ((size_t)b * T * Hkv + h / group) * dh;
+                float *dvb = dv + ((size_t)b * T * Hkv + h / group) * dh;
+                const size_t stride = (size_t)Hkv * dh; /* between consecutive keys */
+                // p = softmax of the scores of keys 0..t
+                double mx = -INFINITY, sum = 0;
+                for (int j = 0; j <= t; j++) {
+                    double s = 0;
+                    for (int d = 0; d < dh; d++) s += (double)qr[d] * kb[j * stride + d];
+                    p[j] = (float)(s * scale);
+                    if (p[j] > mx) mx = p[j];
+                }
+                for (int j = 0; j <= t; j++) sum += exp(p[j] - mx);
+                for (int j = 0; j <= t; j++) p[j] = (float)(exp(p[j] - mx) / sum);
+                // D = dz_t . z_t, z_t recomputed
+                double D = 0;
+                for (int d = 0; d < dh; d++) {
+                    double z = 0;
+                    for (int j = 0; j <= t; j++) z += (double)p[j] * vb[j * stride + d];
+                    D += z * dzr[d];
+                }
+                for (int d = 0; d < dh; d++) acc[d] = 0;
+                for (int j = 0; j <= t; j++) {
+                    const float *kr = kb + j * stride, *vr = vb + j * stride;
+                    double dp = 0;
+                    for (int d = 0; d < dh; d++) dp += (double)dzr[d] * vr[d];
+                    double ds = p[j] * (dp - D);
+                    for (int d = 0; d < dh; d++) {
+                        acc[d] += ds * kr[d];
+                        dkb[j * stride + d] += (float)(ds * scale * qr[d]);
+                        dvb[j * stride + d] += p[j] * dzr[d];
+                    }
+                }
+                for (int d = 0; d < dh; d++) dq[qo + d] = (float)(acc[d] * scale);
+            }
+}
+
+void lp_cpu_attn_apply_backward(float *dpattern, float *dv, const float *dz, const float *pattern, const float *v,
+                                int B, int T, int H, int Hkv, int dh) {
+    // dpattern, pattern are (B,H,T,T); dz is (B,T,H,dh); dv, v are (B,T,Hkv,dh). The forward
+    // z_t = sum_j pattern[t,j] v_j ran over all T keys (an edited pattern is applied as
+    // given), so every entry has a derivative:
+    //   dpattern[t,j] = dz_t . v_j;  dv_j = sum over the group's heads and all t of pattern[t,j] dz_t
+    const int group = H / Hkv;
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                const float *dzr = dz + (((size_t)b * T + t) * H + h) * dh;
+                float *dpr = dpattern + (((size_t)b * H + h) * T + t) * T;
+                for (int j = 0; j < T; j++) {
+                    const float *vr = v + (((size_t)b * T + j) * Hkv + h / group) * dh;
+                    double acc = 0;
+                    for (int d = 0; d < dh; d++) acc += (double)dzr[d] * vr[d];
+                    dpr[j] = (float)acc;
+                }
+            }
+    double acc[dh];
+    for (int b = 0; b < B; b++)
+        for (int g = 0; g < Hkv; g++)
+            for (int j = 0; j < T; j++) {
+                for (int d = 0; d < dh; d++) acc[d] = 0;
+                for (int h = g * group; h < (g + 1) * group; h++)
+                    for (int t = 0; t < T; t++) {
+                        double pw = pattern[(((size_t)b * H + h) * T + t) * T + j];
+                        if (pw == 0) continue;
+                        const float *dzr = dz + (((size_t)b * T + t) * H + h) * dh;
+                        for (int d = 0; d < dh; d++) acc[d] += pw * dzr[d];
+                    }
+                float *dvr = dv + (((size_t)b * T + j) * Hkv + g) * dh;
+                for (int d = 0; d < dh; d++) dvr[d] = (float)acc[d];
+            }
+}
+
+void lp_cpu_softmax_rows_backward(float *dx, const float *dy, const float *y, size_t rows, int cols) {
+    // y = softmax(x) per row: dx = y * (dy - sum_j dy_j y_j). Entries with y = 0 (masked keys,
+    // a fully masked row) get dx = 0 and their dy is never read into the sum, so a
+    // non-finite gradient there does not spread. dx may alias dy.
+    for (size_t r = 0; r < rows; r++) {
+        const float *dyr = dy + r * cols, *yr = y + r * cols;
+        float *dxr = dx + r * cols;
+        double dot = 0;
+        for (int j = 0; j < cols; j++)
+            if (yr[j] != 0.0f) dot += (double)dyr[j] * yr[j];
+        for (int j = 0; j < cols; j++) dxr[j] = yr[j] != 0.0f ? (float)(yr[j] * (dyr[j] - dot)) : 0.0f;
+    }
+}
+
+void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, const float *q, const float *k, int B,
+                                 int T, int H, int Hkv, int dh) {
+    // dscores is (B,H,T,T); dq, q are (B,T,H,dh); dk, k are (B,T,Hkv,dh). The forward wrote
+    // scores[t,j] = q_t . k_j / sqrt(dh) for j <= t and a constant -inf above the diagonal,
+    // so only j <= t carries a derivative (the masked entries are never read):
+    //   dq_t = sum_{j<=t} dscores[t,j] k_j / sqrt(dh);
+    //   dk_j = sum over the group's heads and t >= j of dscores[t,j] q_t / sqrt(dh)
+    const double scale = 1.0 / sqrt((double)dh);
+    const int group = H / Hkv;
+    double acc[dh];
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++)
+            for (int t = 0; t < T; t++) {
+                const float *dsr = dscores + (((size_t)b * H + h) * T + t) * T;
+                for (int d = 0; d < dh; d++) acc[d] = 0;
+                for (int j = 0; j <= t; j++) {
+                    const float *kr = k + (((size_t)b * T + j) * Hkv + h / group) * dh;
+                    for (int d = 0; d < dh; d++) acc[d] += (double)dsr[j] * kr[d];
+                }
+                float *dqr = dq + (((size_t)b * T + t) * H + h) * dh;
+                for (int d = 0; d < dh; d++) dqr[d] = (float)(acc[d] * scale);
+            }
+    for (int b = 0; b < B; b++)
+        for (int g = 0; g < Hkv; g++)
+            for (int j = 0; j < T; j++) {
+                for (int d = 0; d < dh; d++) acc[d] = 0;
+                for (int h = g * group; h < (g + 1) * group; h++)
+                    for (int t = j; t < T; t++) {
+                        double gs = dscores[(((size_t)b * H + h) * T + t) * T + j];
+                        const float *qr = q + (((size_t)b * T + t) * H + h) * dh;
+                        for (int d = 0; d < dh; d++) acc[d] += gs * qr[d];
+                    }
+                float *dkr = dk + (((size_t)b * T + j) * Hkv + g) * dh;
+                for (int d = 0; d < dh; d++) dkr[d] = (float)(acc[d] * scale);
+            }
+}
+
+/* ---- loss ---- */
+
+void lp_cpu_xent_backward(float *dlogits, const float *logits, const int32_t *targets, const float *scale, int N,
+                          int V) {
+    // The forward: loss[n] = logsumexp(logits[n,:]) - logits[n, target[n]]. Its gradient,
+    // weighted by scale[n]: dlogits[n,:] = scale[n] * (softmax(logits[n,:]) - onehot(target[n])).
+    // A row with target < 0 had no loss: zeros. A target >= V (the CUDA forward could not
+    // check it) gives a row of NaN, as lp_cross_entropy's CUDA kernel does.
+    for (int n = 0; n < N; n++) {
+        const float *r = logits + (size_t)n * V;
+        float *o = dlogits + (size_t)n * V;
+        const int32_t tg = targets[n];
+        if (tg < 0 || tg >= V) {
+            for (int j = 0; j < V; j++) o[j] = tg < 0 ? 0.0f : NAN;
+            continue;
+        }
+        float mx = -INFINITY;
+        for (int j = 0; j < V; j++)
+            if (r[j] > mx) mx = r[j];
+        double sum = 0;
+        for (int j = 0; j < V; j++) sum += exp((double)r[j] - mx);
+        for (int j = 0; j < V; j++) o[j] = (float)(scale[n] * (exp((double)r[j] - mx) / sum - (j == tg)));
+    }
+}
+
+void lp_cpu_norm_scale_grad(float *dscale, const float *dy, const float *x, const float *scale, const float *w, int N, int D,
+                            int center) {
+    /* dscale = d/dscale of sum(dy * xh * w) with xh = (x - mean) / scale, x fixed */
+    for (int n = 0; n < N; n++) {
+        const float *xr = x + (size_t)n * D, *dyr = dy + (size_t)n * D;
+        double mean = 0, acc = 0, inv = 1.0 / scale[n];
+        if (center) {
+            for (int d = 0; d < D; d++) mean += xr[d];
+            mean /= D;
+        }
+        for (int d = 0; d < D; d++) acc += (double)dyr[d] * (w ? w[d] : 1.0f) * (xr[d] - mean) * inv;
+        dscale[n] = (float)(-acc * inv);
+    }
+}

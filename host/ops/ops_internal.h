@@ -1,0 +1,220 @@
+/* ops_internal.h: the two back ends behind include/loupe/ops.h.
+ *
+ * host/ops/ops.c validates arguments and dispatches on lp_ctx.device to one of these.
+ * lp_cpu_* (host/cpu/) are the readable fp32 references; lp_cuda_* (kernels/) take
+ * the same arguments plus the context (dtype, stream, cuBLAS handle). A build without
+ * CUDA links kernels/cuda_stub.c, where every lp_cuda_* returns LP_ERR_NO_CUDA. */
+#ifndef LOUPE_OPS_INTERNAL_H
+#define LOUPE_OPS_INTERNAL_H
+
+#include "loupe/ops.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* CPU references: all buffers F32 on the host. */
+void lp_cpu_embed(float *out, const int32_t *tok, const float *wte, int N, int D);
+void lp_cpu_pos_embed(float *out, const float *wpe, int B, int T, int D);
+void lp_cpu_add(float *out, const float *a, const float *b, size_t n);
+void lp_cpu_ln_scale(float *scale, const float *x, int N, int D, float eps);
+void lp_cpu_ln_apply(float *out, const float *x, const float *scale, const float *w, const float *b,
+                     int N, int D);
+void lp_cpu_affine(float *out, const float *x, const float *w, const float *b, int N, int D);
+void lp_cpu_matmul(float *out, const float *x, const float *w, const float *bias, int N, int K, int M,
+                   int w_trans);
+void lp_cpu_gelu(float *out, const float *x, size_t n);
+void lp_cpu_attention(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
+                      int Hkv, int dh);
+/* The row-at-a-time form of lp_cpu_attention (no scratch), also its fallback. */
+void lp_cpu_attention_rows(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
+                           int Hkv, int dh);
+void lp_cpu_attn_scores(float *scores, const float *q, const float *k, int B, int T, int H, int Hkv,
+                        int dh);
+void lp_cpu_softmax_rows(float *out, const float *x, size_t rows, int cols);
+void lp_cpu_attn_apply(float *z, const float *pattern, const float *v, int B, int T, int H, int Hkv,
+                       int dh);
+void lp_cpu_rms_scale(float *scale, const float *x, int N, int D, float eps);
+void lp_cpu_rms_apply(float *out, const float *x, const float *scale, const float *w, int N, int D);
+void lp_cpu_rope(float *out, const float *x, const float *cos_t, const float *sin_t, int B, int T, int H,
+                 int dh, int pos0);
+void lp_cpu_silu_mul(float *out, const float *gate, const float *up, size_t n);
+void lp_cpu_attention_cached(float *z, const float *q, const float *kc, const float *vc, int B, int Tq,
+                             int Tcap, int pos0, int H, int Hkv, int dh);
+/* ggml block dequantization (host/cpu/dequant.c): n elements of `type` to F32. */
+void lp_cpu_dequant(float *dst, const void *src, int type, int64_t n);
+void lp_cpu_cross_entropy(float *losses, const float *logits, const int32_t *targets, int N, int V);
+void lp_cpu_edit_apply(float *act, lp_view v, lp_edit_kind kind, const float *src, float coef,
+                       const uint8_t *pos_mask, const uint8_t *head_mask);
+void lp_cpu_gather_pos(float *dst, const float *act, lp_view v, const int32_t *pos, int npos);
+
+/* CUDA back end (the .cu files in kernels/). Activation pointers are c->dtype on c's device. */
+lp_status lp_cuda_ctx_init(lp_ctx *c);
+void lp_cuda_ctx_free(lp_ctx *c);
+lp_status lp_cuda_alloc(lp_ctx *c, size_t bytes, void **p);
+void lp_cuda_release(lp_ctx *c, void *p);
+lp_status lp_cuda_alloc_host(lp_ctx *c, size_t bytes, void **p);
+void lp_cuda_release_host(lp_ctx *c, void *p);
+lp_status lp_cuda_memset0(lp_ctx *c, void *p, size_t bytes);
+lp_status lp_cuda_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes);
+lp_status lp_cuda_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes);
+lp_status lp_cuda_copy(lp_ctx *c, void *dst, const void *src, size_t bytes);
+lp_status lp_cuda_sync(lp_ctx *c);
+lp_status lp_cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes); /* kernels/capture.cu */
+int lp_cuda_device_count(char *why, size_t n);
+
+lp_status lp_cuda_embed(lp_ctx *c, void *out, const int32_t *tok, const void *wte, int N, int D);
+lp_status lp_cuda_pos_embed(lp_ctx *c, void *out, const void *wpe, int B, int T, int D);
+lp_status lp_cuda_add(lp_ctx *c, void *out, const void *a, const void *b, size_t n);
+/* n random weights base + lp_rng_init_weight (host/core/rng.h) into dst in c's dtype, generated on
+ * the device from the LCG state `state`, bit for bit the host's values (kernels/init.cu). */
+lp_status lp_cuda_init_weights(lp_ctx *c, void *dst, size_t n, uint64_t state, float base);
+lp_status lp_cuda_ln_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps);
+lp_status lp_cuda_ln_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w,
+                           const void *b, int N, int D);
+lp_status lp_cuda_affine(lp_ctx *c, void *out, const void *x, const void *w, const void *b, int N,
+                         int D);
+lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, const void *bias, int N,
+                         int K, int M, int w_trans);
+lp_status lp_cuda_gelu(lp_ctx *c, void *out, const void *x, size_t n);
+lp_status lp_cuda_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
+                            int T, int H, int Hkv, int dh);
+lp_status lp_cuda_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,
+                              int H, int Hkv, int dh);
+lp_status lp_cuda_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int cols);
+lp_status lp_cuda_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v, int B, int T,
+                             int H, int Hkv, int dh);
+lp_status lp_cuda_rms_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps);
+lp_status lp_cuda_rms_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w, int N,
+                            int D);
+lp_status lp_cuda_rope(lp_ctx *c, void *out, const void *x, const float *cos_t, const float *sin_t, int B,
+                       int T, int H, int dh, int pos0);
+lp_status lp_cuda_silu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n);
+lp_status lp_cuda_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
+                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh);
+/* kernels/dequant.cu: n elements of ggml `type` to dst_dtype (F32, BF16 or F16). */
+lp_status lp_cuda_dequant(lp_ctx *c, void *dst, lp_dtype dst_dtype, const void *src, int type, int64_t n);
+lp_status lp_cuda_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
+                                int N, int V);
+lp_status lp_cuda_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind, const void *src,
+                             float coef, const uint8_t *pos_mask, const uint8_t *head_mask);
+lp_status lp_cuda_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const int32_t *pos,
+                             int npos);
+
+/* ==== SAE ops ====================================================================
+ * The back ends of include/loupe/sae_ops.h (dispatch: host/ops/sae_ops.c; CPU references:
+ * host/cpu/sae.c; CUDA: kernels/sae.cu). Every float buffer is F32 whatever c->dtype,
+ * indices are int32, fire counts int64. Arguments were checked by the dispatch. */
+void lp_cpu_matmul_at(float *out, const float *a, const float *b, int N, int K, int M, float beta);
+void lp_cpu_col_sum(float *out, const float *x, int N, int M, float beta);
+void lp_cpu_sae_topk(int32_t *idx, float *val, const float *pre, int N, int S, int K);
+float lp_cpu_sae_kth_largest(const float *pre, size_t n, size_t count);
+void lp_cpu_sae_decode_sparse(float *out, const int32_t *idx, const float *val, const float *W,
+                              const float *bias, int N, int K, int D);
+void lp_cpu_sae_decode_sparse_grad(float *dval, float *dW, const float *dout, const int32_t *idx,
+                                   const float *val, const float *W, int N, int K, int D);
+void lp_cpu_sae_encode_sparse_grad(float *dW_enc, float *db_enc, const float *x, const int32_t *idx,
+                                   const float *dpre, int N, int K, int D, int S);
+void lp_cpu_sae_relu(float *f, const float *pre, size_t n);
+void lp_cpu_sae_jumprelu(float *f, const float *pre, const float *theta, int N, int S);
+void lp_cpu_sae_relu_grad(float *dpre, const float *df, const float *pre, size_t n);
+void lp_cpu_sae_jumprelu_grad(float *dpre, float *dtheta, const float *df, const float *pre,
+                              const float *theta, float eps, float l0_coef, int N, int S);
+void lp_cpu_adam_step(float *p, const float *g, float *m, float *v, size_t n, float lr, float b1,
+                      float b2, float eps, int t);
+void lp_cpu_rows_unit_norm(float *W, int S, int D);
+void lp_cpu_rows_remove_parallel(float *dW, const float *W, int S, int D);
+void lp_cpu_rows_norm(float *out, const float *W, int S, int D);
+void lp_cpu_sae_recon_sums(double sums[4], const float *x, const float *x_hat, int N, int D);
+void lp_cpu_sae_fire_counts(int64_t *counts, const int32_t *idx, const float *val, const float *f,
+                            int N, int K, int S);
+
+lp_status lp_cuda_matmul_at(lp_ctx *c, float *out, const float *a, const float *b, int N, int K, int M,
+                            float beta);
+lp_status lp_cuda_col_sum(lp_ctx *c, float *out, const float *x, int N, int M, float beta);
+lp_status lp_cuda_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre, int N, int S, int K);
+lp_status lp_cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count);
+lp_status lp_cuda_sae_decode_sparse(lp_ctx *c, float *out, const int32_t *idx, const float *val,
+                                    const float *W, const float *bias, int N, int K, int D);
+lp_status lp_cuda_sae_decode_sparse_grad(lp_ctx *c, float *dval, float *dW, const float *dout,
+                                         const int32_t *idx, const float *val, const float *W, int N,
+                                         int K, int D);
+lp_status lp_cuda_sae_encode_sparse_grad(lp_ctx *c, float *dW_enc, float *db_enc, const float *x,
+                                         const int32_t *idx, const float *dpre, int N, int K, int D,
+                                         int S);
+lp_status lp_cuda_sae_relu(lp_ctx *c, float *f, const float *pre, size_t n);
+lp_status lp_cuda_sae_jumprelu(lp_ctx *c, float *f, const float *pre, const float *theta, int N, int S);
+lp_status lp_cuda_sae_relu_grad(lp_ctx *c, float *dpre, const float *df, const float *pre, size_t n);
+lp_status lp_cuda_sae_jumprelu_grad(lp_ctx *c, float *dpre, float *dtheta, const float *df,
+                                    const float *pre, const float *theta, float eps, float l0_coef,
+                                    int N, int S);
+lp_status lp_cuda_adam_step(lp_ctx *c, float *p, const float *g, float *m, float *v, size_t n, float lr,
+                            float b1, float b2, float eps, int t);
+lp_status lp_cuda_rows_unit_norm(lp_ctx *c, float *W, int S, int D);
+lp_status lp_cuda_rows_remove_parallel(lp_ctx *c, float *dW, const float *W, int S, int D);
+lp_status lp_cuda_rows_norm(lp_ctx *c, float *out, const float *W, int S, int D);
+lp_status lp_cuda_sae_recon_sums(lp_ctx *c, double sums[4], const float *x, const float *x_hat, int N,
+                                 int D);
+lp_status lp_cuda_sae_fire_counts(lp_ctx *c, int64_t *counts, const int32_t *idx, const float *val,
+                                  const float *f, int N, int K, int S);
+/* lp_sae_scale and lp_sae_encode_sparse_input_grad (include/loupe/sae_ops.h) */
+void lp_cpu_sae_scale(float *x, float alpha, size_t n);
+void lp_cpu_sae_encode_sparse_input_grad(float *dx, const float *dpre, const int32_t *idx, const float *W_enc,
+                                         int N, int K, int D, int S);
+lp_status lp_cuda_sae_scale(lp_ctx *c, float *x, float alpha, size_t n);
+lp_status lp_cuda_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float *dpre, const int32_t *idx,
+                                               const float *W_enc, int N, int K, int D, int S);
+/* ==== end of SAE ops ==== */
+
+/* ==== backward ops ===============================================================
+ * The back ends of ops.h's "backward ops (attribution gradients)" (dispatch: host/ops/ops.c;
+ * CPU references: host/cpu/backward.c; CUDA: kernels/backward.cu). Same dtype rules as
+ * the forward ops; arguments were checked by the dispatch. */
+void lp_cpu_ln_backward(float *dx, const float *dy, const float *x, const float *scale, const float *w, int N,
+                        int D);
+void lp_cpu_norm_scale_grad(float *dscale, const float *dy, const float *x, const float *scale, const float *w, int N, int D,
+                            int center);
+lp_status lp_cuda_norm_scale_grad(lp_ctx *c, void *dscale, const void *dy, const void *x, const void *scale, const void *w,
+                                  int N, int D, int center);
+void lp_cpu_rms_backward(float *dx, const float *dy, const float *x, const float *scale, const float *w, int N,
+                         int D);
+void lp_cpu_gelu_backward(float *dx, const float *dy, const float *x, size_t n);
+void lp_cpu_silu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
+                              size_t n);
+void lp_cpu_rope_backward(float *dx, const float *dy, const float *cos_t, const float *sin_t, int B, int T,
+                          int H, int dh, int pos0);
+void lp_cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz, const float *q, const float *k,
+                               const float *v, int B, int T, int H, int Hkv, int dh);
+void lp_cpu_attn_apply_backward(float *dpattern, float *dv, const float *dz, const float *pattern, const float *v,
+                                int B, int T, int H, int Hkv, int dh);
+void lp_cpu_softmax_rows_backward(float *dx, const float *dy, const float *y, size_t rows, int cols);
+void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, const float *q, const float *k, int B,
+                                 int T, int H, int Hkv, int dh);
+void lp_cpu_xent_backward(float *dlogits, const float *logits, const int32_t *targets, const float *scale, int N,
+                          int V);
+
+lp_status lp_cuda_ln_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale,
+                              const void *w, int N, int D);
+lp_status lp_cuda_rms_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale,
+                               const void *w, int N, int D);
+lp_status lp_cuda_gelu_backward(lp_ctx *c, void *dx, const void *dy, const void *x, size_t n);
+lp_status lp_cuda_silu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate,
+                                    const void *up, size_t n);
+lp_status lp_cuda_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *cos_t, const float *sin_t,
+                                int B, int T, int H, int dh, int pos0);
+lp_status lp_cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
+                                     const void *k, const void *v, int B, int T, int H, int Hkv, int dh);
+lp_status lp_cuda_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
+                                      const void *v, int B, int T, int H, int Hkv, int dh);
+lp_status lp_cuda_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows,
+                                        int cols);
+lp_status lp_cuda_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *q,
+                                       const void *k, int B, int T, int H, int Hkv, int dh);
+lp_status lp_cuda_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets,
+                                const float *scale, int N, int V);
+/* ==== end of backward ops ==== */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,32 @@
+/* sae_internal.h: the buffers of one SAE batch (host/sae/sae_runner.c), shared with
+ * evaluation and encoding (host/sae/sae_eval.c). All F32 on the context's device. */
+#ifndef LOUPE_SAE_INTERNAL_H
+#define LOUPE_SAE_INTERNAL_H
+
+#include "loupe/sae.h"
+
+typedef struct sae_runner {
+    lp_sae *s;
+    lp_ctx *c;
+    int N, D, Do, S, K, Ka, train;
+    void *mem;
+    float *x, *y, *xin, *pre, *f, *val, *xhat, *skip, *nbdec, *ones, *neg1, *thr;
+    int32_t *idx;
+    int64_t *counts;
+    const float *xin_used;
+    float batch_t; /* batchtopk: this batch's threshold */
+    int n_dead;
+    /* training */
+    float *dxhat, *df, *dval, *dxin, *norms, *colsum, *faux, *val_aux, *dval_aux, *e, *ehat, *mask;
+    int32_t *idx_aux;
+} sae_runner;
+
+/* Buffers for batches of up to N tokens; train adds the gradient buffers (and AuxK's,
+ * with aux_k latents; 0: d_in / 2). */
+lp_status lp_sae_runner_new(sae_runner **r, lp_sae *s, lp_ctx *c, int N, int train, int aux_k);
+void lp_sae_runner_free(sae_runner *r);
+/* r->x holds n tokens: computes f (or idx/val) and x_hat. batch_thr: batchtopk takes this
+ * batch's threshold (training) instead of the learned one. */
+lp_status lp_sae_runner_forward(sae_runner *r, int n, int batch_thr);
+
+#endif

@@ -1,0 +1,144 @@
+/* sae_runner.c: the buffers of one SAE batch and the forward pass over them (see
+ * sae_internal.h), shared by training and by evaluation and encoding (host/sae/sae_eval.c). */
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "loupe/hooks.h"
+#include "loupe/ops.h"
+#include "loupe/output.h"
+#include "loupe/safetensors.h"
+#include "loupe/sae_ops.h"
+#include "loupe/sae_train.h"
+#include "loupe/store.h"
+#include "core/rng.h"
+#include "sae/sae_internal.h"
+
+/* ---- the runner: buffers of one batch, shared by training and evaluation ---- */
+
+void lp_sae_runner_free(sae_runner *r) {
+    if (!r) return;
+    lp_ctx_release(r->c, r->mem);
+    free(r);
+}
+
+lp_status lp_sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int train, int aux_k) {
+    *out = NULL;
+    /* The runner hands the SAE's F32 buffers to the generic ops (matmul, affine, add), which
+     * read them in the context's activation dtype: a BF16 context would misread every one. */
+    if (c == NULL || c->dtype != LP_F32 || c->device != s->device)
+        LP_FAIL(LP_ERR_ARG, "SAE runner: needs an F32 context on the SAE's device (got %s on %s)",
+                c ? lp_dtype_name(c->dtype) : "none", c && c->device == LP_CUDA ? "cuda" : "cpu");
+    sae_runner *r = calloc(1, sizeof *r);
+    if (!r) LP_FAIL(LP_ERR_OOM, "out of memory");
+    const lp_sae_cfg *cf = &s->cfg;
+    r->s = s, r->c = c, r->N = N, r->train = train;
+    r->D = cf->d_in, r->Do = cf->d_out, r->S = cf->d_sae;
+    r->K = cf->k > 0 ? cf->k : 1;
+    int sparse = cf->arch == LP_SAE_TOPK;
+    int aux = train && (cf->arch == LP_SAE_TOPK || cf->arch == LP_SAE_BATCHTOPK);
+    r->Ka = aux ? (aux_k > 0 ? aux_k : (cf->d_in / 2 > 0 ? cf->d_in / 2 : 1)) : 0;
+    if (r->Ka > r->S) r->Ka = r->S;
+    size_t Nn = (size_t)N, D = r->D, Do = r->Do, S = r->S, K = r->K, Ka = r->Ka;
+    struct { void **p; size_t bytes; } b[] = {
+        {(void **)&r->x, Nn * D * 4}, {(void **)&r->y, cf->hook_name_out[0] ? Nn * Do * 4 : 0},
+        {(void **)&r->xin, Nn * D * 4}, {(void **)&r->pre, Nn * S * 4},
+        {(void **)&r->f, sparse ? 0 : Nn * S * 4}, {(void **)&r->idx, sparse ? Nn * K * 4 : 0},
+        {(void **)&r->val, sparse ? Nn * K * 4 : 0}, {(void **)&r->xhat, Nn * Do * 4}, {(void **)&r->skip, cf->skip ? Nn * Do * 4 : 0},
+        {(void **)&r->nbdec, D * 4}, {(void **)&r->ones, (S > D ? S : D) * 4}, {(void **)&r->neg1, (D > Do ? D : Do) * 4},
+        {(void **)&r->thr, S * 4}, {(void **)&r->counts, S * 8},
+        /* training only */
+        {(void **)&r->dxhat, train ? Nn * Do * 4 : 0}, {(void **)&r->df, train && !sparse ? Nn * S * 4 : 0},
+        {(void **)&r->dval, train && sparse ? Nn * K * 4 : 0}, {(void **)&r->dxin, train ? Nn * D * 4 : 0},
+        {(void **)&r->norms, train ? S * 4 : 0}, {(void **)&r->colsum, train ? S * 4 : 0},
+        {(void **)&r->faux, aux ? Nn * S * 4 : 0}, {(void **)&r->idx_aux, aux ? Nn * Ka * 4 : 0},
+        {(void **)&r->val_aux, aux ? Nn * Ka * 4 : 0}, {(void **)&r->dval_aux, aux ? Nn * Ka * 4 : 0},
+        {(void **)&r->e, aux ? Nn * Do * 4 : 0}, {(void **)&r->ehat, aux ? Nn * Do * 4 : 0},
+        {(void **)&r->mask, aux ? S * 4 : 0},
+    };
+    size_t off = 0;
+    for (size_t i = 0; i < sizeof b / sizeof *b; i++) off += (b[i].bytes + 255) / 256 * 256;
+    lp_status st = lp_ctx_alloc(c, off, &r->mem);
+    if (st == LP_OK) st = lp_ctx_memset0(c, r->mem, off);
+    if (st != LP_OK) {
+        free(r);
+        return st;
+    }
+    off = 0;
+    for (size_t i = 0; i < sizeof b / sizeof *b; i++) {
+        *b[i].p = b[i].bytes ? (char *)r->mem + off : NULL;
+        off += (b[i].bytes + 255) / 256 * 256;
+    }
+    /* constant vectors: ones and minus ones */
+    size_t nc = S > D ? S : D, nn = D > Do ? D : Do;
+    float *h = malloc((nc > nn ? nc : nn) * sizeof(float));
+    if (!h) st = LP_ERR(LP_ERR_OOM, "out of memory");
+    for (size_t i = 0; st == LP_OK && i < nc; i++) h[i] = 1.0f;
+    if (st == LP_OK) st = lp_ctx_to_device(c, r->ones, h, nc * 4);
+    for (size_t i = 0; st == LP_OK && i < nn; i++) h[i] = -1.0f;
+    if (st == LP_OK) st = lp_ctx_to_device(c, r->neg1, h, nn * 4);
+    free(h);
+    if (st != LP_OK) {
+        lp_sae_runner_free(r);
+        return st;
+    }
+    *out = r;
+    return LP_OK;
+}
+
+/* f (dense) or idx/val (topk) and x_hat for x (and xin) of n tokens. batch_thr: for
+ * batchtopk in training, the threshold comes from this batch (written to r->batch_t);
+ * otherwise from the SAE's learned threshold. */
+lp_status lp_sae_runner_forward(sae_runner *r, int n, int batch_thr) {
+    lp_sae *s = r->s;
+    lp_ctx *c = r->c;
+    const lp_sae_cfg *cf = &s->cfg;
+    int D = r->D, Do = r->Do, S = r->S, K = r->K;
+    const float *xin = r->x;
+    if (cf->apply_b_dec_to_input) { /* xin = x - b_dec */
+        LP_CHECK(lp_affine(c, r->nbdec, s->b_dec, r->neg1, NULL, 1, D));
+        LP_CHECK(lp_affine(c, r->xin, r->x, r->ones, r->nbdec, n, D));
+        xin = r->xin;
+    }
+    r->xin_used = xin;
+    LP_CHECK(lp_matmul(c, r->pre, xin, s->W_enc, s->b_enc, n, D, S, 0));
+    switch (cf->arch) {
+    case LP_SAE_STANDARD: LP_CHECK(lp_sae_relu(c, r->f, r->pre, (size_t)n * S)); break;
+    case LP_SAE_JUMPRELU: /* SAELens: relu(pre) * (pre > threshold), also for negative thresholds */
+        LP_CHECK(lp_sae_relu(c, r->f, r->pre, (size_t)n * S));
+        LP_CHECK(lp_sae_jumprelu(c, r->f, r->f, s->threshold, n, S));
+        break;
+    case LP_SAE_TOPK: LP_CHECK(lp_sae_topk(c, r->idx, r->val, r->pre, n, S, K)); break;
+    case LP_SAE_BATCHTOPK:
+        if (batch_thr) { /* the k * n largest activations of this batch */
+            float t;
+            LP_CHECK(lp_sae_kth_largest(c, &t, r->pre, (size_t)n * S, (size_t)n * K));
+            r->batch_t = t;
+            float *h = malloc((size_t)S * sizeof(float));
+            if (!h) LP_FAIL(LP_ERR_OOM, "out of memory");
+            for (int i = 0; i < S; i++) h[i] = t;
+            lp_status st = lp_ctx_to_device(c, r->thr, h, (size_t)S * 4);
+            free(h);
+            LP_CHECK(st);
+            LP_CHECK(lp_sae_jumprelu(c, r->f, r->pre, r->thr, n, S));
+        } else {
+            LP_CHECK(lp_sae_jumprelu(c, r->f, r->pre, s->threshold, n, S));
+        }
+        break;
+    }
+    if (cf->arch == LP_SAE_TOPK) LP_CHECK(lp_sae_decode_sparse(c, r->xhat, r->idx, r->val, s->W_dec, s->b_dec, n, K, Do));
+    else LP_CHECK(lp_matmul(c, r->xhat, r->f, s->W_dec, s->b_dec, n, S, Do, 0));
+    if (cf->skip) {
+        LP_CHECK(lp_matmul(c, r->skip, r->x, s->W_skip, NULL, n, D, Do, 0));
+        LP_CHECK(lp_add(c, r->xhat, r->xhat, r->skip, (size_t)n * Do));
+    }
+    return LP_OK;
+}

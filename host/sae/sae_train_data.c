@@ -1,0 +1,173 @@
+/* sae_train_data.c: the activations a trainer reads: windows of an activation store, or
+ * of a live model run over token rows with its hooks captured, shuffled into batches. */
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "loupe/hooks.h"
+#include "loupe/ops.h"
+#include "loupe/output.h"
+#include "loupe/safetensors.h"
+#include "loupe/sae_ops.h"
+#include "loupe/sae_train.h"
+#include "loupe/store.h"
+#include "core/rng.h"
+#include "sae/sae_internal.h"
+#include "sae/sae_trainer.h"
+
+/* ---- a live source: the model run over token rows, its hooks captured ---- */
+
+lp_status lp_live_open(lp_live **out, lp_model *m, const int32_t *tokens, int64_t n_seq, int ctx, int batch_seqs) {
+    *out = NULL;
+    if (n_seq < 1 || ctx < 1 || batch_seqs < 1) LP_FAIL(LP_ERR_ARG, "live source: %lld rows of %d tokens, %d per forward", (long long)n_seq, ctx, batch_seqs);
+    lp_live *l = calloc(1, sizeof *l);
+    if (!l) LP_FAIL(LP_ERR_OOM, "out of memory");
+    *l = (lp_live){.m = m, .tok = tokens, .n_seq = n_seq, .ctx = ctx, .bseq = batch_seqs, .c0 = -1};
+    *out = l;
+    return LP_OK;
+}
+
+void lp_live_close(lp_live *l) {
+    if (!l) return;
+    for (int i = 0; i < l->n_hooks; i++) free(l->cache[i]);
+    free(l->tmp);
+    free(l);
+}
+
+/* Index of a hook the source captures (added on first use); *d its values per token. */
+lp_status sae_live_hook(lp_live *l, const char *name, int *idx, int *d) {
+    for (int i = 0; i < l->n_hooks; i++)
+        if (strcmp(l->name[i], name) == 0) return *idx = i, *d = l->d[i], LP_OK;
+    int id = lp_hook_find(l->m, name);
+    if (id < 0) LP_FAIL(LP_ERR_NOT_FOUND, "the model has no hook '%s' (see `loupe info MODEL`)", name);
+    if (l->n_hooks == LIVE_MAX_HOOKS) LP_FAIL(LP_ERR_ARG, "at most %d hooks train from one live stream", LIVE_MAX_HOOKS);
+    int64_t shape[LP_MAX_DIMS];
+    int nd = lp_hook_shape(l->m, id, 1, 1, shape);
+    if (strstr(name, "hook_pattern") || strstr(name, "hook_attn_scores")) LP_FAIL(LP_ERR_ARG, "'%s': SAEs train on per-token hooks", name);
+    int i = l->n_hooks++;
+    snprintf(l->name[i], sizeof l->name[i], "%s", name);
+    l->d[i] = (int)lp_shape_numel(shape + 2, nd - 2);
+    l->c0 = -1, l->cache_cap = 0; /* the next read captures the new hook too, into new caches */
+    *idx = i, *d = l->d[i];
+    return LP_OK;
+}
+
+/* Tokens [t0, t0 + n) of the endless stream (the rows read round and round), every hook. */
+static lp_status live_fill(lp_live *l, int64_t t0, int64_t n) {
+    lp_model *m = l->m;
+    if ((size_t)n > l->cache_cap) {
+        for (int i = 0; i < l->n_hooks; i++) {
+            free(l->cache[i]);
+            l->cache[i] = NULL;
+            if (!(l->cache[i] = malloc((size_t)n * l->d[i] * sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory for live activations");
+        }
+        l->cache_cap = (size_t)n;
+    }
+    size_t per = 0;
+    for (int i = 0; i < l->n_hooks; i++) per += (size_t)l->d[i];
+    size_t need = (size_t)l->bseq * l->ctx * per;
+    if (need > l->tmp_cap) {
+        free(l->tmp);
+        if (!(l->tmp = malloc(need * sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory for live activations");
+        l->tmp_cap = need;
+    }
+    lp_hooks_clear(m);
+    for (int i = 0; i < l->n_hooks; i++) LP_CHECK(lp_hook_capture(m, l->name[i], NULL, 0, NULL));
+    int32_t *rows = malloc((size_t)l->bseq * l->ctx * sizeof(int32_t));
+    if (!rows) LP_FAIL(LP_ERR_OOM, "out of memory");
+    lp_status st = LP_OK;
+    int64_t r_first = t0 / l->ctx, r_last = (t0 + n - 1) / l->ctx;
+    for (int64_t r = r_first; st == LP_OK && r <= r_last; r += l->bseq) {
+        int nb = (int)(r_last + 1 - r < l->bseq ? r_last + 1 - r : l->bseq);
+        for (int b = 0; b < nb; b++) memcpy(rows + (size_t)b * l->ctx, l->tok + ((r + b) % l->n_seq) * l->ctx, l->ctx * sizeof(int32_t));
+        st = lp_model_forward(m, rows, nb, l->ctx, 0);
+        float *o = l->tmp;
+        for (int i = 0; st == LP_OK && i < l->n_hooks; i++) {
+            size_t cnt = (size_t)nb * l->ctx * l->d[i];
+            st = lp_capture_read_f32(m, l->name[i], o, cnt);
+            /* the batch covers stream tokens [r*ctx, (r+nb)*ctx); keep those inside [t0, t0+n) */
+            int64_t a = r * l->ctx > t0 ? r * l->ctx : t0, z = (r + nb) * l->ctx < t0 + n ? (r + nb) * l->ctx : t0 + n;
+            if (st == LP_OK)
+                memcpy(l->cache[i] + (size_t)(a - t0) * l->d[i], o + (size_t)(a - r * l->ctx) * l->d[i], (size_t)(z - a) * l->d[i] * 4);
+            o += cnt;
+        }
+    }
+    free(rows);
+    lp_hooks_clear(m);
+    if (st == LP_OK) l->c0 = t0, l->cn = n;
+    return st;
+}
+
+static lp_status live_read(lp_live *l, int hook, int64_t t0, int64_t n, float *dst) {
+    if (!(l->c0 >= 0 && t0 >= l->c0 && t0 + n <= l->c0 + l->cn)) LP_CHECK(live_fill(l, t0, n));
+    memcpy(dst, l->cache[hook] + (size_t)(t0 - l->c0) * l->d[hook], (size_t)n * l->d[hook] * 4);
+    return LP_OK;
+}
+
+/* Tokens [t0, t0 + n) of the endless stream (the data read round and round) of the input
+ * (out = 0) or the output hook (out = 1). */
+lp_status sae_src_read(trainer *tr, int out, int64_t t0, int64_t n, float *dst) {
+    if (tr->live) return live_read(tr->live, out ? tr->live_out : tr->live_in, t0, n, dst);
+    const lp_store *st = out ? tr->outs : tr->in;
+    int d = lp_store_d(st);
+    int64_t total = lp_store_n_tokens(st);
+    while (n > 0) {
+        int64_t at = t0 % total, take = total - at < n ? total - at : n;
+        LP_CHECK(lp_store_read(st, at, take, dst));
+        dst += (size_t)take * d, t0 += take, n -= take;
+    }
+    return LP_OK;
+}
+
+lp_status sae_check_finite(const trainer *tr, const float *x, size_t n, int d, int64_t first_token, const char *hook) {
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i]))
+            LP_FAIL(LP_ERR_FORMAT, "%s: '%s' has a non-finite value at token %lld (stream position; step %lld)", tr->live ? "live model" : tr->t->store, hook,
+                    (long long)((first_token + (int64_t)(i / d)) % tr->n_tokens), (long long)tr->step);
+    return LP_OK;
+}
+
+/* Loads window w (shuffled by a permutation seeded by (seed, w)) onto the device. */
+static lp_status load_window(trainer *tr, int64_t w) {
+    if (tr->win == w) return LP_OK;
+    lp_ctx *c = tr->c;
+    int64_t t0 = w * tr->W;
+    LP_CHECK(sae_src_read(tr, 0, t0, tr->W, tr->host_x));
+    LP_CHECK(sae_check_finite(tr, tr->host_x, (size_t)tr->W * tr->D, tr->D, t0, tr->s->cfg.hook_name));
+    if (tr->scale != 1.0)
+        for (size_t i = 0; i < (size_t)tr->W * tr->D; i++) tr->host_x[i] = (float)(tr->host_x[i] * tr->scale);
+    LP_CHECK(lp_ctx_to_device(c, tr->win_x, tr->host_x, (size_t)tr->W * tr->D * 4));
+    if (tr->transcoder) {
+        LP_CHECK(sae_src_read(tr, 1, t0, tr->W, tr->host_y));
+        LP_CHECK(sae_check_finite(tr, tr->host_y, (size_t)tr->W * tr->Do, tr->Do, t0, tr->s->cfg.hook_name_out));
+        LP_CHECK(lp_ctx_to_device(c, tr->win_y, tr->host_y, (size_t)tr->W * tr->Do * 4));
+    }
+    uint64_t rng = tr->t->seed * 0x100000001B3ull + (uint64_t)w;
+    for (int64_t i = 0; i < tr->W; i++) tr->host_perm[i] = (int32_t)i;
+    for (int64_t i = tr->W - 1; i > 0; i--) { /* Fisher-Yates */
+        int64_t j = (int64_t)(lp_rng_next(&rng) % (uint64_t)(i + 1));
+        int32_t tmp = tr->host_perm[i];
+        tr->host_perm[i] = tr->host_perm[j], tr->host_perm[j] = tmp;
+    }
+    LP_CHECK(lp_ctx_to_device(c, tr->perm, tr->host_perm, (size_t)tr->W * 4));
+    tr->win = w;
+    return LP_OK;
+}
+
+/* The batch of step `step` into r->x (and r->y). */
+lp_status sae_load_batch(trainer *tr, int64_t step) {
+    int64_t per_win = tr->W / tr->N, w = step / per_win, b = step % per_win;
+    LP_CHECK(load_window(tr, w));
+    const int32_t *p = tr->perm + b * tr->N;
+    LP_CHECK(lp_embed(tr->c, tr->r->x, p, tr->win_x, tr->N, tr->D)); /* a row gather */
+    if (tr->transcoder) LP_CHECK(lp_embed(tr->c, tr->r->y, p, tr->win_y, tr->N, tr->Do));
+    return LP_OK;
+}

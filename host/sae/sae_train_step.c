@@ -1,0 +1,264 @@
+/* sae_train_step.c: the math of SAE training: schedules, parameter and data-statistics
+ * initialisation (b_dec, activation scale), and one Adam step with its losses. */
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "loupe/hooks.h"
+#include "loupe/ops.h"
+#include "loupe/output.h"
+#include "loupe/safetensors.h"
+#include "loupe/sae_ops.h"
+#include "loupe/sae_train.h"
+#include "loupe/store.h"
+#include "core/rng.h"
+#include "sae/sae_internal.h"
+#include "sae/sae_trainer.h"
+
+double sae_lr_at(const lp_sae_train_cfg *t, int64_t step, int64_t total) {
+    double lr = t->lr;
+    if (step < t->lr_warm_up_steps) return lr * (double)(step + 1) / (double)t->lr_warm_up_steps;
+    int64_t decay0 = total - t->lr_decay_steps;
+    if (t->lr_decay_steps > 0 && step >= decay0 && strcmp(t->lr_scheduler, "constant") != 0) {
+        double p = (double)(step - decay0) / (double)t->lr_decay_steps;
+        if (strcmp(t->lr_scheduler, "linear") == 0) return lr * (1 - p);
+        return lr * 0.5 * (1 + cos(M_PI * p));
+    }
+    return lr;
+}
+
+/* Decoder rows with Kaiming-uniform entries, normalised to unit length; the encoder their
+ * transpose (SAELens's init_encoder_as_decoder_transpose). */
+lp_status sae_init_params(trainer *tr) {
+    lp_sae *s = tr->s;
+    const lp_sae_cfg *cf = &s->cfg;
+    size_t S = cf->d_sae, D = cf->d_in, Do = cf->d_out;
+    float *wd = malloc(S * Do * sizeof(float)), *we = malloc(D * S * sizeof(float));
+    lp_status st = wd && we ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
+    uint64_t rng = tr->t->seed ^ 0xD1B54A32D192ED03ull;
+    double bound = 1.0 / sqrt((double)Do);
+    for (size_t i = 0; st == LP_OK && i < S; i++) {
+        double nrm = 0;
+        for (size_t j = 0; j < Do; j++) {
+            double u = lp_rng_uniform(&rng);
+            wd[i * Do + j] = (float)((2 * u - 1) * bound);
+            nrm += (double)wd[i * Do + j] * wd[i * Do + j];
+        }
+        nrm = sqrt(nrm);
+        for (size_t j = 0; j < Do; j++) wd[i * Do + j] = (float)(wd[i * Do + j] / nrm);
+    }
+    /* W_enc [D, S] = W_dec^T (for a transcoder, the first min(D, Do) rows of it). Where many
+     * latents fire at once (all but topk), SAELens's decoder_init_norm of 0.1 keeps the first
+     * reconstructions from being d_sae/d_in times too large; with a unit-norm decoder that
+     * factor goes on the encoder. */
+    float g = cf->arch == LP_SAE_TOPK ? 1.0f : 0.1f;
+    for (size_t d = 0; st == LP_OK && d < D; d++)
+        for (size_t i = 0; i < S; i++) we[d * S + i] = d < Do ? g * wd[i * Do + d] : 0.0f;
+    if (st == LP_OK) st = lp_ctx_to_device(tr->c, s->W_dec, wd, S * Do * 4);
+    if (st == LP_OK) st = lp_ctx_to_device(tr->c, s->W_enc, we, D * S * 4);
+    if (st == LP_OK && s->threshold && cf->arch == LP_SAE_JUMPRELU) {
+        for (size_t i = 0; i < S; i++) wd[i] = (float)tr->t->jumprelu_init_threshold;
+        st = lp_ctx_to_device(tr->c, s->threshold, wd, S * 4);
+    }
+    free(wd);
+    free(we);
+    return st;
+}
+
+/* Scale (expected_average_only_in: E||x|| = sqrt(d_in) after scaling) and b_dec from the
+ * first window's tokens, before shuffling. */
+lp_status sae_init_data_stats(trainer *tr) {
+    const lp_sae_train_cfg *t = tr->t;
+    int64_t n = tr->W < 20000 ? tr->W : 20000;
+    int D = tr->D, Do = tr->Do;
+    float *x = malloc((size_t)n * D * sizeof(float));
+    if (!x) LP_FAIL(LP_ERR_OOM, "out of memory");
+    lp_status st = sae_src_read(tr, 0, 0, n, x);
+    if (st == LP_OK) st = sae_check_finite(tr, x, (size_t)n * D, D, 0, tr->s->cfg.hook_name);
+    tr->scale = 1.0;
+    if (st == LP_OK && strcmp(tr->s->cfg.normalize, "expected_average_only_in") == 0) {
+        double sum = 0;
+        for (int64_t i = 0; i < n; i++) {
+            double q = 0;
+            for (int d = 0; d < D; d++) q += (double)x[i * D + d] * x[i * D + d];
+            sum += sqrt(q);
+        }
+        if (sum > 0) tr->scale = sqrt((double)D) / (sum / n);
+    }
+    /* b_dec lives in the output space: for a transcoder, statistics of the output hook */
+    const float *src = x;
+    float *y = NULL;
+    int dd = D;
+    if (st == LP_OK && tr->transcoder) {
+        y = malloc((size_t)n * Do * sizeof(float));
+        st = y ? sae_src_read(tr, 1, 0, n, y) : LP_ERR(LP_ERR_OOM, "out of memory");
+        src = y, dd = Do;
+    }
+    double sc = tr->transcoder ? 1.0 : tr->scale;
+    double *med = calloc(dd, sizeof(double));
+    if (st == LP_OK && !med) st = LP_ERR(LP_ERR_OOM, "out of memory");
+    if (st == LP_OK && strcmp(t->b_dec_init, "zeros") != 0) {
+        for (int64_t i = 0; i < n; i++)
+            for (int d = 0; d < dd; d++) med[d] += src[i * dd + d] * sc / n;
+        if (strcmp(t->b_dec_init, "geometric_median") == 0) { /* Weiszfeld iterations from the mean */
+            double *next = calloc(dd, sizeof(double));
+            for (int it = 0; it < 100 && next; it++) {
+                double wsum = 0, moved = 0;
+                memset(next, 0, dd * sizeof(double));
+                for (int64_t i = 0; i < n; i++) {
+                    double q = 0;
+                    for (int d = 0; d < dd; d++) {
+                        double diff = src[i * dd + d] * sc - med[d];
+                        q += diff * diff;
+                    }
+                    double w = 1.0 / (sqrt(q) > 1e-12 ? sqrt(q) : 1e-12);
+                    wsum += w;
+                    for (int d = 0; d < dd; d++) next[d] += w * src[i * dd + d] * sc;
+                }
+                for (int d = 0; d < dd; d++) {
+                    next[d] /= wsum;
+                    moved += (next[d] - med[d]) * (next[d] - med[d]);
+                    med[d] = next[d];
+                }
+                if (sqrt(moved) < 1e-6) break;
+            }
+            free(next);
+        }
+    }
+    if (st == LP_OK) {
+        float *b = malloc(dd * sizeof(float));
+        for (int d = 0; b && d < dd; d++) b[d] = (float)med[d];
+        st = b ? lp_ctx_to_device(tr->c, tr->s->b_dec, b, (size_t)dd * 4) : LP_ERR(LP_ERR_OOM, "out of memory");
+        free(b);
+    }
+    free(med);
+    free(x);
+    free(y);
+    return st;
+}
+
+/* One step: forward, losses, gradients, Adam, decoder renormalisation, dead tracking.
+ * Returns the batch's losses in *mse, *sparsity (the L1 or L0 term), *aux. */
+lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double *sparse_loss, double *aux_loss,
+                            double *sse, double *sst, double *l0) {
+    sae_runner *r = tr->r;
+    lp_sae *s = tr->s, *g = &tr->gview;
+    lp_ctx *c = tr->c;
+    const lp_sae_cfg *cf = &s->cfg;
+    int N = tr->N, D = tr->D, Do = tr->Do, S = tr->S, K = r->K;
+    const float *y = tr->transcoder ? r->y : r->x;
+    LP_CHECK(lp_ctx_memset0(c, tr->grad, s->n_floats * 4));
+    LP_CHECK(lp_sae_runner_forward(r, N, 1));
+
+    /* reconstruction: mse = sum_d (x_hat - y)^2, mean over tokens; dL/dx_hat = 2 (x_hat - y) / N */
+    double sums[4];
+    LP_CHECK(lp_sae_recon_sums(c, sums, y, r->xhat, N, Do));
+    *mse = sums[0] / N, *sse = sums[0], *sst = sums[1];
+    LP_CHECK(lp_affine(c, r->dxhat, y, r->neg1, NULL, N, Do));           /* -y */
+    LP_CHECK(lp_add(c, r->dxhat, r->dxhat, r->xhat, (size_t)N * Do));    /* x_hat - y */
+    LP_CHECK(lp_sae_scale(c, r->dxhat, (float)(2.0 / N), (size_t)N * Do));
+    LP_CHECK(lp_col_sum(c, g->b_dec, r->dxhat, N, Do, 1.0f));
+    if (cf->skip) LP_CHECK(lp_matmul_at(c, g->W_skip, r->x, r->dxhat, N, D, Do, 1.0f));
+
+    /* fired latents this batch: L0 and dead tracking */
+    LP_CHECK(lp_ctx_memset0(c, r->counts, (size_t)S * 8));
+    LP_CHECK(lp_sae_fire_counts(c, r->counts, cf->arch == LP_SAE_TOPK ? r->idx : NULL, r->val, r->f, N, K, S));
+    LP_CHECK(lp_ctx_to_host(c, tr->counts_host, r->counts, (size_t)S * 8));
+    int64_t fired = 0;
+    for (int i = 0; i < S; i++) fired += tr->counts_host[i];
+    *l0 = (double)fired / N;
+    *sparse_loss = 0, *aux_loss = 0;
+
+    if (cf->arch == LP_SAE_TOPK) {
+        LP_CHECK(lp_sae_decode_sparse_grad(c, r->dval, g->W_dec, r->dxhat, r->idx, r->val, s->W_dec, N, K, Do));
+        LP_CHECK(lp_sae_relu_grad(c, r->dval, r->dval, r->val, (size_t)N * K)); /* the relu of the top-k values */
+        LP_CHECK(lp_sae_encode_sparse_grad(c, g->W_enc, g->b_enc, r->xin_used, r->idx, r->dval, N, K, D, S));
+        if (cf->apply_b_dec_to_input) { /* x_in = x - b_dec: d b_dec -= W_enc[:, idx] dpre */
+            LP_CHECK(lp_sae_encode_sparse_input_grad(c, r->dxin, r->dval, r->idx, s->W_enc, N, K, D, S));
+            LP_CHECK(lp_col_sum(c, r->nbdec, r->dxin, N, D, 0.0f));
+            LP_CHECK(lp_affine(c, g->b_dec, r->nbdec, r->neg1, g->b_dec, 1, D));
+        }
+    } else {
+        /* dense: dW_dec = f^T dx_hat, df = dx_hat W_dec^T */
+        LP_CHECK(lp_matmul_at(c, g->W_dec, r->f, r->dxhat, N, S, Do, 1.0f));
+        LP_CHECK(lp_matmul(c, r->df, r->dxhat, s->W_dec, NULL, N, Do, S, 1));
+        if (cf->arch == LP_SAE_STANDARD) {
+            /* L1 weighted by decoder norms: l1 * mean_n sum_s f ||W_dec[s]||; its W_dec gradient is
+             * parallel to each row and removed below, so only df changes */
+            LP_CHECK(lp_rows_norm(c, r->norms, s->W_dec, S, Do));
+            LP_CHECK(lp_col_sum(c, r->colsum, r->f, N, S, 0.0f));
+            LP_CHECK(lp_ctx_to_host(c, tr->colsum_host, r->colsum, (size_t)S * 4));
+            float *nh = tr->mask_host; /* scratch */
+            LP_CHECK(lp_ctx_to_host(c, nh, r->norms, (size_t)S * 4));
+            double sp = 0;
+            for (int i = 0; i < S; i++) sp += (double)tr->colsum_host[i] * nh[i];
+            *sparse_loss = l1 * sp / N;
+            LP_CHECK(lp_sae_scale(c, r->norms, (float)(l1 / N), (size_t)S));
+            LP_CHECK(lp_affine(c, r->df, r->df, r->ones, r->norms, N, S));
+            LP_CHECK(lp_sae_relu_grad(c, r->df, r->df, r->pre, (size_t)N * S));
+        } else if (cf->arch == LP_SAE_JUMPRELU) {
+            *sparse_loss = tr->t->l0_coefficient * *l0;
+            LP_CHECK(lp_sae_jumprelu_grad(c, r->df, g->threshold, r->df, r->pre, s->threshold, cf->jumprelu_bandwidth,
+                                          (float)(tr->t->l0_coefficient / N), N, S));
+            LP_CHECK(lp_sae_relu_grad(c, r->df, r->df, r->pre, (size_t)N * S)); /* the relu in front */
+        } else { /* batchtopk: the selection is a mask */
+            /* colsum is scratch for the (unused) threshold pseudo-gradient */
+            LP_CHECK(lp_sae_jumprelu_grad(c, r->df, r->colsum, r->df, r->pre, r->thr, 1.0f, 0.0f, N, S));
+        }
+        LP_CHECK(lp_matmul_at(c, g->W_enc, r->xin_used, r->df, N, D, S, 1.0f));
+        LP_CHECK(lp_col_sum(c, g->b_enc, r->df, N, S, 1.0f));
+        if (cf->apply_b_dec_to_input) {
+            LP_CHECK(lp_matmul(c, r->dxin, r->df, s->W_enc, NULL, N, S, D, 1));
+            LP_CHECK(lp_col_sum(c, r->nbdec, r->dxin, N, D, 0.0f));
+            LP_CHECK(lp_affine(c, g->b_dec, r->nbdec, r->neg1, g->b_dec, 1, D));
+        }
+    }
+
+    /* dead latents: no firing for dead_feature_window tokens */
+    int n_dead = 0;
+    for (int i = 0; i < S; i++) {
+        tr->since[i] = tr->counts_host[i] ? 0 : tr->since[i] + N;
+        n_dead += tr->since[i] >= tr->t->dead_feature_window;
+    }
+    tr->r->n_dead = n_dead;
+    if (r->Ka > 0 && n_dead > 0 && tr->t->aux_k_coefficient > 0) {
+        /* AuxK: the dead latents' top activations reconstruct the residual y - x_hat */
+        int ka = r->Ka < n_dead ? r->Ka : n_dead;
+        for (int i = 0; i < S; i++) tr->mask_host[i] = tr->since[i] >= tr->t->dead_feature_window ? -INFINITY : INFINITY;
+        LP_CHECK(lp_ctx_to_device(c, r->mask, tr->mask_host, (size_t)S * 4));
+        LP_CHECK(lp_sae_jumprelu(c, r->faux, r->pre, r->mask, N, S)); /* pre on dead latents, 0 elsewhere */
+        LP_CHECK(lp_sae_topk(c, r->idx_aux, r->val_aux, r->faux, N, S, ka));
+        LP_CHECK(lp_affine(c, r->e, r->xhat, r->neg1, NULL, N, Do));
+        LP_CHECK(lp_add(c, r->e, r->e, y, (size_t)N * Do)); /* e = y - x_hat, held fixed */
+        LP_CHECK(lp_sae_decode_sparse(c, r->ehat, r->idx_aux, r->val_aux, s->W_dec, NULL, N, ka, Do));
+        double as[4];
+        LP_CHECK(lp_sae_recon_sums(c, as, r->e, r->ehat, N, Do));
+        double w = tr->t->aux_k_coefficient * fmin((double)n_dead / ka, 1.0);
+        *aux_loss = w * as[0] / N;
+        /* d aux / d e_hat = 2 w (e_hat - e) / N */
+        LP_CHECK(lp_affine(c, r->e, r->e, r->neg1, NULL, N, Do));
+        LP_CHECK(lp_add(c, r->ehat, r->ehat, r->e, (size_t)N * Do));
+        LP_CHECK(lp_sae_scale(c, r->ehat, (float)(2.0 * w / N), (size_t)N * Do));
+        LP_CHECK(lp_sae_decode_sparse_grad(c, r->dval_aux, g->W_dec, r->ehat, r->idx_aux, r->val_aux, s->W_dec, N, ka, Do));
+        LP_CHECK(lp_sae_relu_grad(c, r->dval_aux, r->dval_aux, r->val_aux, (size_t)N * ka));
+        LP_CHECK(lp_sae_encode_sparse_grad(c, g->W_enc, g->b_enc, r->xin_used, r->idx_aux, r->dval_aux, N, ka, D, S));
+    }
+
+    /* unit-norm decoder: no gradient along the rows, Adam, renormalise */
+    LP_CHECK(lp_rows_remove_parallel(c, g->W_dec, s->W_dec, S, Do));
+    LP_CHECK(lp_adam_step(c, (float *)s->mem, tr->grad, tr->adam_m, tr->adam_v, s->n_floats, (float)lr, (float)tr->t->adam_beta1,
+                          (float)tr->t->adam_beta2, (float)tr->t->adam_eps, (int)(tr->step + 1)));
+    LP_CHECK(lp_rows_unit_norm(c, s->W_dec, S, Do));
+    if (cf->arch == LP_SAE_BATCHTOPK) { /* the exported threshold: a running mean of the batch thresholds */
+        tr->thr_ema = tr->step == 0 ? r->batch_t : 0.95 * tr->thr_ema + 0.05 * r->batch_t;
+    }
+    return LP_OK;
+}

@@ -1,0 +1,93 @@
+/* sae_trainer.h: the state of one SAE training run, shared by the files that make up the
+ * trainer (internal): sae_train.c (setup and run loop), sae_train_data.c, sae_train_step.c
+ * and sae_checkpoint.c. */
+#ifndef LOUPE_SAE_TRAINER_H
+#define LOUPE_SAE_TRAINER_H
+
+#include "loupe/output.h"
+#include "loupe/sae_train.h"
+#include "loupe/store.h"
+#include "sae/sae_internal.h"
+
+/* A live source: the model run over token rows, its hooks captured (sae_train_data.c). */
+#define LIVE_MAX_HOOKS 16
+
+struct lp_live {
+    lp_model *m;
+    const int32_t *tok;
+    int64_t n_seq;
+    int ctx, bseq;
+    int n_hooks;
+    char name[LIVE_MAX_HOOKS][128];
+    int d[LIVE_MAX_HOOKS];
+    int64_t c0, cn;             /* the cached token range, for every hook */
+    float *cache[LIVE_MAX_HOOKS];
+    size_t cache_cap;           /* tokens each cache holds */
+    float *tmp;                 /* one batch of captures */
+    size_t tmp_cap;
+};
+
+typedef struct trainer {
+    const lp_sae_train_cfg *t;
+    lp_ctx *c;
+    lp_sae *s;
+    sae_runner *r;
+    lp_store *in, *outs;            /* the data: a store, or */
+    lp_live *live;                  /* a live model stream */
+    int live_in, live_out;          /* its hook indices (live_out < 0: an SAE) */
+    int transcoder;
+    int N, D, Do, S;
+    float *grad, *adam_m, *adam_v; /* device, the layout of s->mem */
+    lp_sae gview;                   /* grad pointers carved like the SAE's */
+    /* data */
+    int64_t W, n_tokens, win;       /* tokens per window, in the store, window loaded (-1 none) */
+    float *win_x, *win_y;           /* device [W, D], [W, Do] */
+    int32_t *perm;                  /* device [W] */
+    float *host_x, *host_y;
+    int32_t *host_perm;
+    /* state */
+    int64_t step, tokens_done;
+    double scale, thr_ema;
+    int64_t *since;                 /* host [S]: tokens since each latent last fired */
+    int64_t *counts_host;
+    float *colsum_host, *mask_host;
+    /* log window */
+    double acc_mse, acc_sse, acc_sst, acc_l0, acc_sparsity, acc_aux, acc_n;
+    int metrics;                    /* metrics.jsonl, open for appending (-1: not open) */
+    char metrics_path[1200];
+    int64_t ckpt_step;              /* step of the newest checkpoint on disk (-1: none) */
+    char store_id[64];              /* size and hash of the store's meta.json (shard list) */
+    lp_lock lock;                   /* train.out, held for the run */
+} trainer;
+
+/* ---- sae_train_data.c ---- */
+
+/* The index and width of hook `name` in the live stream, added if new. */
+lp_status sae_live_hook(lp_live *l, const char *name, int *idx, int *d);
+/* Tokens [t0, t0 + n) of the endless stream (the data read round and round) of the input
+ * (out = 0) or the output hook (out = 1). */
+lp_status sae_src_read(trainer *tr, int out, int64_t t0, int64_t n, float *dst);
+/* Fails naming the hook and token when x[0..n) (rows of d) holds a NaN or Inf. */
+lp_status sae_check_finite(const trainer *tr, const float *x, size_t n, int d, int64_t first_token, const char *hook);
+/* The batch of step `step` into the runner's x (and y). */
+lp_status sae_load_batch(trainer *tr, int64_t step);
+
+/* ---- sae_train_step.c ---- */
+
+double sae_lr_at(const lp_sae_train_cfg *t, int64_t step, int64_t total);
+lp_status sae_init_params(trainer *tr);
+lp_status sae_init_data_stats(trainer *tr);
+lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double *sparse_loss, double *aux_loss,
+                            double *sse, double *sst, double *l0);
+
+/* ---- sae_checkpoint.c ---- */
+
+lp_status sae_save_checkpoint(trainer *tr);
+/* Resumes from the newest matching checkpoint in train.out (*found 0: none). */
+lp_status sae_load_checkpoint(trainer *tr, int *found);
+/* Drops the metrics.jsonl lines past upto_step. */
+lp_status sae_trim_metrics(const char *path, int64_t upto_step);
+/* The last logged metrics of path into rep. */
+void sae_last_metrics(const char *path, lp_sae_train_report *rep);
+
+#endif
