@@ -1,7 +1,9 @@
 // attention.cu: causal self-attention, fused and in the three hookable steps (ops.h).
 //
 // Layouts: q and z are [B,T,H,dh]; k and v are [B,T,Hkv,dh]; scores and pattern are
-// [B,H,T,T]. Query head h reads kv head h / (H/Hkv) (GQA; Hkv == H for GPT-2).
+// [B,H,T,T]. Query head h reads kv head h / (H/Hkv) (GQA; Hkv == H for GPT-2). The options
+// of lp_attn_cfg (lp_attn_opts, common.cuh): a score scale, Gemma 2's soft-cap of the scaled
+// score, and a sliding window, whose keys before the window's start a row never visits.
 //
 // Every kernel gives one warp one (b, h, query) row, and lanes split the work two ways:
 //   scores: lane j owns key j (mod 32) and forms the whole dot product q.k_j, with q
@@ -38,15 +40,15 @@ __device__ __forceinline__ row_idx decode_row(long long row, int T_, int H, bool
     return r;
 }
 
-// ---- fused: z = softmax(q k^T / sqrt(dh), causal) v ----
+// ---- fused: z = softmax(cap(q k^T * scale), causal or windowed) v ----
 // Also attention against a KV cache (lp_cuda_attention_cached): q holds Tq queries at
 // positions pos0 .. pos0+Tq-1, k and v are caches of Tcap positions, and query i reads keys
-// 0 .. pos0+i. The plain fused case is Tq = Tcap = T, pos0 = 0. A row's arithmetic does not
+// first .. pos0+i (first = 0, or the start of its window). The plain fused case is Tq = Tcap = T, pos0 = 0. A row's arithmetic does not
 // depend on Tq or on the launch, so decoding token by token reproduces a full pass bit for bit.
 template <typename T, int DPL>
 __global__ void
 attention_kernel(T *z, const T *q, const T *k, const T *v, int B, int Tq, int Tcap, int pos0, int H, int Hkv,
-                 int dh, float scale) {
+                 int dh, lp_attn_opts o) {
     LP_DYNAMIC_SHARED(float, smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *qs = smem + warp * dh;
@@ -70,11 +72,11 @@ attention_kernel(T *z, const T *q, const T *k, const T *v, int B, int Tq, int Tc
 #pragma unroll
         for (int i = 0; i < DPL; i++) acc[i] = 0.0f;
 
-        for (int j0 = 0; j0 <= tq; j0 += 32) {
+        for (int j0 = lp_attn_first(tq, o.window); j0 <= tq; j0 += 32) {
             const int j = j0 + lane;
             const bool live = j <= tq;
-            const float s = live ? dot_qk(qs, kb + (size_t)j * kv_stride, dh) * scale : -INFINITY;
-            // Lane 0's key (j0 <= tq) is always live, so m_new is finite and no exp sees
+            const float s = live ? lp_attn_score(dot_qk(qs, kb + (size_t)j * kv_stride, dh), o) : -INFINITY;
+            // Lane 0's key (first <= j0 <= tq) is always live, so m_new is finite and no exp sees
             // inf - inf. On the first chunk m = -inf and corr = exp(-inf) = 0.
             const float m_new = fmaxf(m, lp_warp_max(s));
             const float corr = expf(m - m_new);
@@ -104,11 +106,11 @@ attention_kernel(T *z, const T *q, const T *k, const T *v, int B, int Tq, int Tc
     }
 }
 
-// ---- scores[b,h,i,j] = q_i . k_j / sqrt(dh), exactly -inf where j > i ----
+// ---- scores[b,h,i,j] = cap(q_i . k_j * scale), exactly -inf where j > i or j is before the window ----
 template <typename T>
 __global__ void
 attn_scores_kernel(T *scores, const T *q, const T *k, int B, int T_, int H, int Hkv, int dh,
-                   float scale) {
+                   lp_attn_opts o) {
     LP_DYNAMIC_SHARED(float, smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *qs = smem + warp * dh;
@@ -125,9 +127,10 @@ attn_scores_kernel(T *scores, const T *q, const T *k, int B, int T_, int H, int 
         __syncwarp();
         const T *kb = k + ((size_t)r.b * T_ * Hkv + r.h / group) * dh;
         T *out = scores + (size_t)row * T_; // row == (b*H + h)*T + t when not reversed
+        const int first = lp_attn_first(r.t, o.window);
         for (int j = lane; j < T_; j += 32) {
-            const float s = j <= r.t ? dot_qk(qs, kb + (size_t)j * kv_stride, dh) * scale
-                                     : -INFINITY;
+            const float s = j <= r.t && j >= first ? lp_attn_score(dot_qk(qs, kb + (size_t)j * kv_stride, dh), o)
+                                                   : -INFINITY;
             out[j] = lp_from_f<T>(s);
         }
     }
@@ -206,20 +209,20 @@ attn_apply_kernel(T *z, const T *pattern, const T *v, int B, int T_, int H, int 
 
 template <typename T, int DPL>
 static lp_status attention_launch(lp_ctx *c, void *z, const void *q, const void *k, const void *v,
-                                  int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh) {
+                                  int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh, lp_attn_opts o) {
     const long long rows = (long long)B * H * Tq;
     const size_t smem = (size_t)kWarps * dh * sizeof(float);
     LP_LAUNCH(lp_grid_rows(rows, kWarps), kWarps * 32, smem, lp_stream(c), attention_kernel<T, DPL>)(
-        (T *)z, (const T *)q, (const T *)k, (const T *)v, B, Tq, Tcap, pos0, H, Hkv, dh,
-        1.0f / sqrtf((float)dh));
+        (T *)z, (const T *)q, (const T *)k, (const T *)v, B, Tq, Tcap, pos0, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attention_kernel");
     return LP_OK;
 }
 
 template <typename T>
 static lp_status attention_dispatch(lp_ctx *c, void *z, const void *q, const void *k,
-                                    const void *v, int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh) {
-#define LAUNCH(DPL) attention_launch<T, DPL>(c, z, q, k, v, B, Tq, Tcap, pos0, H, Hkv, dh)
+                                    const void *v, int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh,
+                                    lp_attn_opts o) {
+#define LAUNCH(DPL) attention_launch<T, DPL>(c, z, q, k, v, B, Tq, Tcap, pos0, H, Hkv, dh, o)
     if (dh <= 32) return LAUNCH(1);
     if (dh <= 64) return LAUNCH(2);
     if (dh <= 128) return LAUNCH(4);
@@ -229,11 +232,11 @@ static lp_status attention_dispatch(lp_ctx *c, void *z, const void *q, const voi
 
 template <typename T>
 static lp_status attn_scores_launch(lp_ctx *c, void *scores, const void *q, const void *k, int B,
-                                    int T_, int H, int Hkv, int dh) {
+                                    int T_, int H, int Hkv, int dh, lp_attn_opts o) {
     const long long rows = (long long)B * H * T_;
     const size_t smem = (size_t)kWarps * dh * sizeof(float);
     LP_LAUNCH(lp_grid_rows(rows, kWarps), kWarps * 32, smem, lp_stream(c), attn_scores_kernel<T>)(
-        (T *)scores, (const T *)q, (const T *)k, B, T_, H, Hkv, dh, 1.0f / sqrtf((float)dh));
+        (T *)scores, (const T *)q, (const T *)k, B, T_, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_scores_kernel");
     return LP_OK;
 }
@@ -277,17 +280,19 @@ static lp_status check_attn_shape(const char *op, int B, int T_, int H, int Hkv,
 // ---- entry points ----
 
 lp_status lp_cuda_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
-                            int T, int H, int Hkv, int dh) {
+                            int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
     LP_CUDA_REQUIRE_CTX(c, "lp_cuda_attention");
     LP_CHECK(check_attn_shape("lp_cuda_attention", B, T, H, Hkv, dh));
     if ((long long)B * T == 0) return LP_OK;
     LP_CUDA_REQUIRE(z && q && k && v, "lp_cuda_attention: NULL buffer");
-    return c->dtype == LP_BF16 ? attention_dispatch<__nv_bfloat16>(c, z, q, k, v, B, T, T, 0, H, Hkv, dh)
-                               : attention_dispatch<float>(c, z, q, k, v, B, T, T, 0, H, Hkv, dh);
+    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
+    return c->dtype == LP_BF16 ? attention_dispatch<__nv_bfloat16>(c, z, q, k, v, B, T, T, 0, H, Hkv, dh, o)
+                               : attention_dispatch<float>(c, z, q, k, v, B, T, T, 0, H, Hkv, dh, o);
 }
 
 lp_status lp_cuda_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
-                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh) {
+                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh,
+                                   const lp_attn_cfg *cfg) {
     const char *op = "lp_cuda_attention_cached";
     LP_CUDA_REQUIRE_CTX(c, op);
     LP_CUDA_REQUIRE(B >= 0 && Tq >= 0 && Tcap >= 0 && pos0 >= 0,
@@ -299,19 +304,21 @@ lp_status lp_cuda_attention_cached(lp_ctx *c, void *z, const void *q, const void
     LP_CUDA_REQUIRE(dh >= 1 && dh <= kMaxDh, "%s: head dim %d outside 1..%d", op, dh, kMaxDh);
     if ((long long)B * Tq == 0) return LP_OK;
     LP_CUDA_REQUIRE(z && q && kc && vc, "%s: NULL buffer", op);
-    return c->dtype == LP_BF16 ? attention_dispatch<__nv_bfloat16>(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh)
-                               : attention_dispatch<float>(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh);
+    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
+    return c->dtype == LP_BF16 ? attention_dispatch<__nv_bfloat16>(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh, o)
+                               : attention_dispatch<float>(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh, o);
 }
 
 lp_status lp_cuda_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,
-                              int H, int Hkv, int dh) {
+                              int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
     LP_CUDA_REQUIRE_CTX(c, "lp_cuda_attn_scores");
     LP_CHECK(check_attn_shape("lp_cuda_attn_scores", B, T, H, Hkv, dh));
     if ((long long)B * T == 0) return LP_OK;
     LP_CUDA_REQUIRE(scores && q && k, "lp_cuda_attn_scores: NULL buffer");
+    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
     return c->dtype == LP_BF16
-               ? attn_scores_launch<__nv_bfloat16>(c, scores, q, k, B, T, H, Hkv, dh)
-               : attn_scores_launch<float>(c, scores, q, k, B, T, H, Hkv, dh);
+               ? attn_scores_launch<__nv_bfloat16>(c, scores, q, k, B, T, H, Hkv, dh, o)
+               : attn_scores_launch<float>(c, scores, q, k, B, T, H, Hkv, dh, o);
 }
 
 lp_status lp_cuda_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int cols) {

@@ -26,6 +26,9 @@
 //    the group's heads and the queries; again deterministic, no atomics.
 // Warps of a block take neighbouring rows of one (b, head), so they share K/V (or Q/dZ)
 // rows through L1, and the longest rows are scheduled first.
+// The options of lp_attn_cfg (lp_attn_opts, common.cuh): every kernel visits only the keys
+// of a query's window (or the queries that see a key), and with a soft-cap s = cap tanh(r /
+// cap) of the scaled score r, ds becomes dr = ds (1 - (s / cap)^2) before it meets k or q.
 #include "common.cuh"
 
 static const int kWarps = 4;        // rows (warps) per block of the row kernels
@@ -73,7 +76,7 @@ __device__ __forceinline__ row_stats stats_get(const unsigned char *base, size_t
 // ---- attention, fused: 1. per query row, lse and D = sum_j p_j (dz . v_j) ----
 template <typename T>
 __global__ void attn_bwd_stats_kernel(unsigned char *stash, size_t stride, const T *dz, const T *q, const T *k,
-                                      const T *v, int B, int T_, int H, int Hkv, int dh, float scale) {
+                                      const T *v, int B, int T_, int H, int Hkv, int dh, lp_attn_opts o) {
     LP_DYNAMIC_SHARED(float, smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *qs = smem + warp * 2 * dh, *dzs = qs + dh;
@@ -91,12 +94,12 @@ __global__ void attn_bwd_stats_kernel(unsigned char *stash, size_t stride, const
         const size_t kv0 = ((size_t)r.b * T_ * Hkv + r.h / group) * dh;
         const T *kb = k + kv0, *vb = v + kv0;
         float m = -INFINITY, l = 0.0f, dacc = 0.0f;
-        for (int j0 = 0; j0 <= tq; j0 += 32) {
+        for (int j0 = lp_attn_first(tq, o.window); j0 <= tq; j0 += 32) {
             const int j = j0 + lane;
             const bool live = j <= tq;
             float s = -INFINITY, dp = 0.0f;
             if (live) {
-                s = dot_sg(qs, kb + (size_t)j * kv_stride, dh) * scale;
+                s = lp_attn_score(dot_sg(qs, kb + (size_t)j * kv_stride, dh), o);
                 dp = dot_sg(dzs, vb + (size_t)j * kv_stride, dh);
             }
             // Lane 0's key is live, so m_new is finite; on the first chunk corr = exp(-inf) = 0.
@@ -112,12 +115,12 @@ __global__ void attn_bwd_stats_kernel(unsigned char *stash, size_t stride, const
 }
 
 // ---- attention, fused: 2. per (b, kv head g, key j): dk_j, dv_j over the group's heads ----
-//   dk_j = sum_{h, t >= j} ds_{t,j} q_t / sqrt(dh),  dv_j = sum_{h, t >= j} p_{t,j} dz_t
+//   dk_j = scale sum_{h, t sees j} dr_{t,j} q_t,  dv_j = sum_{h, t sees j} p_{t,j} dz_t
 // Lane per query for the dot products, lane per dim for the sums.
 template <typename T, int DPL>
 __global__ void attn_bwd_dkv_kernel(T *dk, T *dv, const unsigned char *stash, size_t stride, const T *dz,
                                     const T *q, const T *k, const T *v, int B, int T_, int H, int Hkv, int dh,
-                                    float scale) {
+                                    lp_attn_opts o) {
     LP_DYNAMIC_SHARED(float, smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *ks = smem + warp * 2 * dh, *vs = ks + dh;
@@ -127,7 +130,7 @@ __global__ void attn_bwd_dkv_kernel(T *dk, T *dv, const unsigned char *stash, si
 
     for (long long row = (long long)blockIdx.x * kWarps + warp; row < rows; row += (long long)gridDim.x * kWarps) {
         const row_idx r = decode_row(row, T_, Hkv, false); // early keys (the most queries) first
-        const int key = r.t;
+        const int key = r.t, t_end = lp_attn_query_end(key, T_, o.window); // queries key .. t_end-1 see it
         const size_t kvoff = (((size_t)r.b * T_ + key) * Hkv + r.h) * dh;
         __syncwarp();
         for (int d = lane; d < dh; d += 32) ks[d] = lp_to_f(k[kvoff + d]), vs[d] = lp_to_f(v[kvoff + d]);
@@ -137,16 +140,17 @@ __global__ void attn_bwd_dkv_kernel(T *dk, T *dv, const unsigned char *stash, si
         for (int i = 0; i < DPL; i++) ak[i] = av[i] = 0.0f;
         for (int h = r.h * group; h < (r.h + 1) * group; h++) {
             const size_t q0 = ((size_t)r.b * T_ * H + h) * dh; // query 0 of head h
-            for (int t0 = key; t0 < T_; t0 += 32) {
+            for (int t0 = key; t0 < t_end; t0 += 32) {
                 const int t = t0 + lane;
                 float p = 0.0f, ds = 0.0f;
-                if (t < T_) {
+                if (t < t_end) {
                     const row_stats st = stats_get(stash, stride, ((size_t)r.b * T_ + t) * H + h);
-                    const float s = dot_sg(ks, q + q0 + (size_t)t * q_stride, dh) * scale;
+                    const float s = lp_attn_score(dot_sg(ks, q + q0 + (size_t)t * q_stride, dh), o);
                     p = expf(s - st.lse);
                     ds = p * (dot_sg(vs, dz + q0 + (size_t)t * q_stride, dh) - st.dsum);
+                    if (o.cap > 0.0f) ds *= 1.0f - (s / o.cap) * (s / o.cap);
                 }
-                const int cnt = min(32, T_ - t0); // the same in every lane
+                const int cnt = min(32, t_end - t0); // the same in every lane
 #pragma unroll 4
                 for (int jj = 0; jj < cnt; jj++) {
                     const float pj = __shfl_sync(LP_FULL_MASK, p, jj), dsj = __shfl_sync(LP_FULL_MASK, ds, jj);
@@ -165,16 +169,16 @@ __global__ void attn_bwd_dkv_kernel(T *dk, T *dv, const unsigned char *stash, si
 #pragma unroll
         for (int i = 0; i < DPL; i++) {
             const int d = lane + 32 * i;
-            if (d < dh) dk[kvoff + d] = lp_from_f<T>(ak[i] * scale), dv[kvoff + d] = lp_from_f<T>(av[i]);
+            if (d < dh) dk[kvoff + d] = lp_from_f<T>(ak[i] * o.scale), dv[kvoff + d] = lp_from_f<T>(av[i]);
         }
     }
 }
 
-// ---- attention, fused: 3. per query row: dq = sum_j ds_j k_j / sqrt(dh) ----
+// ---- attention, fused: 3. per query row: dq = scale sum_j dr_j k_j ----
 // The row's stats are read (from dq's own row when dq is the stash) before any lane writes dq.
 template <typename T, int DPL>
 __global__ void attn_bwd_dq_kernel(T *dq, const unsigned char *stash, size_t stride, const T *dz, const T *q,
-                                   const T *k, const T *v, int B, int T_, int H, int Hkv, int dh, float scale) {
+                                   const T *k, const T *v, int B, int T_, int H, int Hkv, int dh, lp_attn_opts o) {
     LP_DYNAMIC_SHARED(float, smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *qs = smem + warp * 2 * dh, *dzs = qs + dh;
@@ -195,13 +199,14 @@ __global__ void attn_bwd_dq_kernel(T *dq, const unsigned char *stash, size_t str
         float acc[DPL];
 #pragma unroll
         for (int i = 0; i < DPL; i++) acc[i] = 0.0f;
-        for (int j0 = 0; j0 <= tq; j0 += 32) {
+        for (int j0 = lp_attn_first(tq, o.window); j0 <= tq; j0 += 32) {
             const int j = j0 + lane;
             float ds = 0.0f;
             if (j <= tq) {
-                const float s = dot_sg(qs, kb + (size_t)j * kv_stride, dh) * scale;
+                const float s = lp_attn_score(dot_sg(qs, kb + (size_t)j * kv_stride, dh), o);
                 const float p = expf(s - st.lse);
                 ds = p * (dot_sg(dzs, vb + (size_t)j * kv_stride, dh) - st.dsum);
+                if (o.cap > 0.0f) ds *= 1.0f - (s / o.cap) * (s / o.cap);
             }
             const int cnt = min(32, tq - j0 + 1);
 #pragma unroll 4
@@ -218,12 +223,22 @@ __global__ void attn_bwd_dq_kernel(T *dq, const unsigned char *stash, size_t str
 #pragma unroll
         for (int i = 0; i < DPL; i++) {
             const int d = lane + 32 * i;
-            if (d < dh) dq[qoff + d] = lp_from_f<T>(acc[i] * scale);
+            if (d < dh) dq[qoff + d] = lp_from_f<T>(acc[i] * o.scale);
         }
     }
 }
 
 // ---- attention, three-step form ----
+
+// dscores[i] as a derivative of the raw score (scale q.k): times the cap's 1 - (s / cap)^2,
+// s the saved score.
+template <typename T>
+__device__ __forceinline__ float raw_grad(const T *dscores, const T *scores, float cap, size_t i) {
+    const float g = lp_to_f(dscores[i]);
+    if (cap <= 0.0f) return g;
+    const float r = lp_to_f(scores[i]) / cap;
+    return g * (1.0f - r * r);
+}
 
 // dpattern[b,h,t,j] = dz[b,t,h,:] . v[b,j,g,:] for every (t, j): a warp per (b, h, t) row,
 // lane per key.
@@ -293,11 +308,11 @@ __global__ void attn_apply_bwd_dv_kernel(T *dv, const T *dz, const T *pattern, i
     }
 }
 
-// dq[b,t,h,:] = sum_{j<=t} dscores[b,h,t,j] k[b,j,g,:] / sqrt(dh): a warp per query row, lane per
-// key for the weights (entries j > t are never read), lane per dim for the sum.
+// dq[b,t,h,:] = scale sum_{first<=j<=t} dr[b,h,t,j] k[b,j,g,:]: a warp per query row, lane per
+// key for the weights (entries outside the window are never read), lane per dim for the sum.
 template <typename T, int DPL>
-__global__ void attn_scores_bwd_dq_kernel(T *dq, const T *dscores, const T *k, int B, int T_, int H, int Hkv,
-                                          int dh, float scale) {
+__global__ void attn_scores_bwd_dq_kernel(T *dq, const T *dscores, const T *scores, const T *k, int B, int T_, int H,
+                                          int Hkv, int dh, lp_attn_opts o) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long rows = (long long)B * H * T_;
     const int group = H / Hkv;
@@ -305,14 +320,14 @@ __global__ void attn_scores_bwd_dq_kernel(T *dq, const T *dscores, const T *k, i
     for (long long row = (long long)blockIdx.x * kWarps + warp; row < rows; row += (long long)gridDim.x * kWarps) {
         const row_idx r = decode_row(row, T_, H, false);
         const int tq = r.t;
-        const T *gr = dscores + (size_t)row * T_; // row == (b*H + h)*T + t
+        const size_t gr = (size_t)row * T_; // row == (b*H + h)*T + t
         const T *kb = k + ((size_t)r.b * T_ * Hkv + r.h / group) * dh;
         float acc[DPL];
 #pragma unroll
         for (int i = 0; i < DPL; i++) acc[i] = 0.0f;
-        for (int j0 = 0; j0 <= tq; j0 += 32) {
+        for (int j0 = lp_attn_first(tq, o.window); j0 <= tq; j0 += 32) {
             const int j = j0 + lane;
-            const float gj = j <= tq ? lp_to_f(gr[j]) : 0.0f;
+            const float gj = j <= tq ? raw_grad(dscores, scores, o.cap, gr + j) : 0.0f;
             const int cnt = min(32, tq - j0 + 1);
 #pragma unroll 4
             for (int jj = 0; jj < cnt; jj++) {
@@ -329,32 +344,32 @@ __global__ void attn_scores_bwd_dq_kernel(T *dq, const T *dscores, const T *k, i
 #pragma unroll
         for (int i = 0; i < DPL; i++) {
             const int d = lane + 32 * i;
-            if (d < dh) dq[off + d] = lp_from_f<T>(acc[i] * scale);
+            if (d < dh) dq[off + d] = lp_from_f<T>(acc[i] * o.scale);
         }
     }
 }
 
-// dk[b,j,g,:] = sum over the group's heads h and t >= j of dscores[b,h,t,j] q[b,t,h,:] / sqrt(dh).
+// dk[b,j,g,:] = scale sum over the group's heads h and the queries t that see j of dr[b,h,t,j] q[b,t,h,:].
 template <typename T, int DPL>
-__global__ void attn_scores_bwd_dk_kernel(T *dk, const T *dscores, const T *q, int B, int T_, int H, int Hkv,
-                                          int dh, float scale) {
+__global__ void attn_scores_bwd_dk_kernel(T *dk, const T *dscores, const T *scores, const T *q, int B, int T_, int H,
+                                          int Hkv, int dh, lp_attn_opts o) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long rows = (long long)B * Hkv * T_;
     const int group = H / Hkv;
     const size_t q_stride = (size_t)H * dh;
     for (long long row = (long long)blockIdx.x * kWarps + warp; row < rows; row += (long long)gridDim.x * kWarps) {
         const row_idx r = decode_row(row, T_, Hkv, false);
-        const int key = r.t;
+        const int key = r.t, t_end = lp_attn_query_end(key, T_, o.window);
         float acc[DPL];
 #pragma unroll
         for (int i = 0; i < DPL; i++) acc[i] = 0.0f;
         for (int h = r.h * group; h < (r.h + 1) * group; h++) {
-            const T *gcol = dscores + ((size_t)r.b * H + h) * T_ * T_ + key; // dscores[b,h,0,key]
+            const size_t gcol = ((size_t)r.b * H + h) * T_ * T_ + key; // [b,h,0,key]
             const T *q0 = q + ((size_t)r.b * T_ * H + h) * dh;
-            for (int t0 = key; t0 < T_; t0 += 32) {
+            for (int t0 = key; t0 < t_end; t0 += 32) {
                 const int t = t0 + lane;
-                const float gt = t < T_ ? lp_to_f(gcol[(size_t)t * T_]) : 0.0f;
-                const int cnt = min(32, T_ - t0);
+                const float gt = t < t_end ? raw_grad(dscores, scores, o.cap, gcol + (size_t)t * T_) : 0.0f;
+                const int cnt = min(32, t_end - t0);
 #pragma unroll 4
                 for (int jj = 0; jj < cnt; jj++) {
                     const float w = __shfl_sync(LP_FULL_MASK, gt, jj);
@@ -371,7 +386,7 @@ __global__ void attn_scores_bwd_dk_kernel(T *dk, const T *dscores, const T *q, i
 #pragma unroll
         for (int i = 0; i < DPL; i++) {
             const int d = lane + 32 * i;
-            if (d < dh) dk[off + d] = lp_from_f<T>(acc[i] * scale);
+            if (d < dh) dk[off + d] = lp_from_f<T>(acc[i] * o.scale);
         }
     }
 }
@@ -382,19 +397,18 @@ __global__ void attn_scores_bwd_dk_kernel(T *dk, const T *dscores, const T *q, i
 template <typename T, int DPL>
 static lp_status attention_backward_launch(lp_ctx *c, void *dq, void *dk, void *dv, unsigned char *stash,
                                            size_t stride, const void *dz, const void *q, const void *k,
-                                           const void *v, int B, int T_, int H, int Hkv, int dh) {
-    const float scale = 1.0f / sqrtf((float)dh);
+                                           const void *v, int B, int T_, int H, int Hkv, int dh, lp_attn_opts o) {
     const size_t smem = (size_t)kWarps * 2 * dh * sizeof(float);
     const long long qrows = (long long)B * H * T_, krows = (long long)B * Hkv * T_;
     LP_LAUNCH(lp_grid_rows(qrows, kWarps), kWarps * 32, smem, lp_stream(c), attn_bwd_stats_kernel<T>)(
-        stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh, scale);
+        stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_bwd_stats_kernel");
     LP_LAUNCH(lp_grid_rows(krows, kWarps), kWarps * 32, smem, lp_stream(c), attn_bwd_dkv_kernel<T, DPL>)(
         (T *)dk, (T *)dv, stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh,
-        scale);
+        o);
     LP_LAUNCH_CHECK("attn_bwd_dkv_kernel");
     LP_LAUNCH(lp_grid_rows(qrows, kWarps), kWarps * 32, smem, lp_stream(c), attn_bwd_dq_kernel<T, DPL>)(
-        (T *)dq, stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh, scale);
+        (T *)dq, stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_bwd_dq_kernel");
     return LP_OK;
 }
@@ -402,9 +416,9 @@ static lp_status attention_backward_launch(lp_ctx *c, void *dq, void *dk, void *
 template <typename T>
 static lp_status attention_backward_dispatch(lp_ctx *c, void *dq, void *dk, void *dv, unsigned char *stash,
                                              size_t stride, const void *dz, const void *q, const void *k,
-                                             const void *v, int B, int T_, int H, int Hkv, int dh) {
+                                             const void *v, int B, int T_, int H, int Hkv, int dh, lp_attn_opts o) {
 #define LP_BWD_LAUNCH(DPL) \
-    attention_backward_launch<T, DPL>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T_, H, Hkv, dh)
+    attention_backward_launch<T, DPL>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T_, H, Hkv, dh, o)
     if (dh <= 32) return LP_BWD_LAUNCH(1);
     if (dh <= 64) return LP_BWD_LAUNCH(2);
     if (dh <= 128) return LP_BWD_LAUNCH(4);
@@ -437,26 +451,29 @@ static lp_status attn_apply_backward_dispatch(lp_ctx *c, void *dpattern, void *d
 }
 
 template <typename T, int DPL>
-static lp_status attn_scores_backward_launch(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *q,
-                                             const void *k, int B, int T_, int H, int Hkv, int dh) {
-    const float scale = 1.0f / sqrtf((float)dh);
+static lp_status attn_scores_backward_launch(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *scores,
+                                             const void *q, const void *k, int B, int T_, int H, int Hkv, int dh,
+                                             lp_attn_opts o) {
     const long long qrows = (long long)B * H * T_, krows = (long long)B * Hkv * T_;
     LP_LAUNCH(lp_grid_rows(qrows, kWarps), kWarps * 32, 0, lp_stream(c), attn_scores_bwd_dq_kernel<T, DPL>)(
-        (T *)dq, (const T *)dscores, (const T *)k, B, T_, H, Hkv, dh, scale);
+        (T *)dq, (const T *)dscores, (const T *)scores, (const T *)k, B, T_, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_scores_bwd_dq_kernel");
     LP_LAUNCH(lp_grid_rows(krows, kWarps), kWarps * 32, 0, lp_stream(c), attn_scores_bwd_dk_kernel<T, DPL>)(
-        (T *)dk, (const T *)dscores, (const T *)q, B, T_, H, Hkv, dh, scale);
+        (T *)dk, (const T *)dscores, (const T *)scores, (const T *)q, B, T_, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_scores_bwd_dk_kernel");
     return LP_OK;
 }
 
 template <typename T>
-static lp_status attn_scores_backward_dispatch(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *q,
-                                               const void *k, int B, int T_, int H, int Hkv, int dh) {
-    if (dh <= 32) return attn_scores_backward_launch<T, 1>(c, dq, dk, dscores, q, k, B, T_, H, Hkv, dh);
-    if (dh <= 64) return attn_scores_backward_launch<T, 2>(c, dq, dk, dscores, q, k, B, T_, H, Hkv, dh);
-    if (dh <= 128) return attn_scores_backward_launch<T, 4>(c, dq, dk, dscores, q, k, B, T_, H, Hkv, dh);
-    return attn_scores_backward_launch<T, 8>(c, dq, dk, dscores, q, k, B, T_, H, Hkv, dh);
+static lp_status attn_scores_backward_dispatch(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *scores,
+                                               const void *q, const void *k, int B, int T_, int H, int Hkv, int dh,
+                                               lp_attn_opts o) {
+#define LP_SBWD_LAUNCH(DPL) attn_scores_backward_launch<T, DPL>(c, dq, dk, dscores, scores, q, k, B, T_, H, Hkv, dh, o)
+    if (dh <= 32) return LP_SBWD_LAUNCH(1);
+    if (dh <= 64) return LP_SBWD_LAUNCH(2);
+    if (dh <= 128) return LP_SBWD_LAUNCH(4);
+    return LP_SBWD_LAUNCH(8);
+#undef LP_SBWD_LAUNCH
 }
 
 // Shape checks shared by the attention entry points.
@@ -471,7 +488,8 @@ static lp_status check_attn_shape(const char *op, int B, int T_, int H, int Hkv,
 // ---- entry points ----
 
 lp_status lp_cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
-                                     const void *k, const void *v, int B, int T, int H, int Hkv, int dh) {
+                                     const void *k, const void *v, int B, int T, int H, int Hkv, int dh,
+                                     const lp_attn_cfg *cfg) {
     const char *op = "lp_cuda_attention_backward";
     LP_CUDA_REQUIRE_CTX(c, op);
     LP_CHECK(check_attn_shape(op, B, T, H, Hkv, dh));
@@ -485,11 +503,12 @@ lp_status lp_cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, co
         LP_CHECK(lp_cuda_alloc(c, (size_t)B * T * H * stride, (void **)&scratch));
         stash = scratch;
     }
+    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
     lp_status st = c->dtype == LP_BF16
                        ? attention_backward_dispatch<__nv_bfloat16>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T,
-                                                                    H, Hkv, dh)
+                                                                    H, Hkv, dh, o)
                        : attention_backward_dispatch<float>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T, H, Hkv,
-                                                            dh);
+                                                            dh, o);
     if (scratch) { // the kernels must be done with it before it is freed
         cudaError_t e = cudaStreamSynchronize(lp_stream(c));
         lp_cuda_release(c, scratch);
@@ -514,14 +533,16 @@ lp_status lp_cuda_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const
                : attn_apply_backward_dispatch<float>(c, dpattern, dv, dz, pattern, v, B, T, H, Hkv, dh);
 }
 
-lp_status lp_cuda_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *q,
-                                       const void *k, int B, int T, int H, int Hkv, int dh) {
+lp_status lp_cuda_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *scores,
+                                       const void *q, const void *k, int B, int T, int H, int Hkv, int dh,
+                                       const lp_attn_cfg *cfg) {
     const char *op = "lp_cuda_attn_scores_backward";
     LP_CUDA_REQUIRE_CTX(c, op);
     LP_CHECK(check_attn_shape(op, B, T, H, Hkv, dh));
     if ((long long)B * T == 0) return LP_OK;
-    LP_CUDA_REQUIRE(dq && dk && dscores && q && k, "%s: NULL buffer", op);
+    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
+    LP_CUDA_REQUIRE(dq && dk && dscores && q && k && (scores || o.cap <= 0.0f), "%s: NULL buffer", op);
     return c->dtype == LP_BF16
-               ? attn_scores_backward_dispatch<__nv_bfloat16>(c, dq, dk, dscores, q, k, B, T, H, Hkv, dh)
-               : attn_scores_backward_dispatch<float>(c, dq, dk, dscores, q, k, B, T, H, Hkv, dh);
+               ? attn_scores_backward_dispatch<__nv_bfloat16>(c, dq, dk, dscores, scores, q, k, B, T, H, Hkv, dh, o)
+               : attn_scores_backward_dispatch<float>(c, dq, dk, dscores, scores, q, k, B, T, H, Hkv, dh, o);
 }

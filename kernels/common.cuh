@@ -170,6 +170,34 @@ static lp_status lp_tile(lp_ctx *c, void *out, const void *src, size_t total, si
 
 static inline unsigned lp_ceil_div_u(size_t n, unsigned d) { return (unsigned)((n + d - 1) / d); }
 
+// ---- attention options (lp_attn_cfg) as the kernels take them (attention*.cu) ----
+// scale resolved (1/sqrt(dh) for 0, in float as it always was), cap 0 for none, window 0 for
+// every earlier key.
+struct lp_attn_opts {
+    float scale, cap;
+    int window;
+};
+static inline lp_attn_opts lp_attn_opts_of(const lp_attn_cfg *cfg, int dh) {
+    lp_attn_opts o;
+    o.scale = cfg && cfg->scale > 0 ? cfg->scale : 1.0f / sqrtf((float)dh);
+    o.cap = cfg ? cfg->softcap : 0.0f;
+    o.window = cfg ? cfg->window : 0;
+    return o;
+}
+// The score of a raw dot product: scaled, then soft-capped (Gemma 2).
+__device__ __forceinline__ float lp_attn_score(float dot, const lp_attn_opts &o) {
+    const float s = dot * o.scale;
+    return o.cap > 0.0f ? o.cap * tanhf(s / o.cap) : s;
+}
+// The first key a query at position t sees (the window's start, or 0).
+__device__ __forceinline__ int lp_attn_first(int t, int window) {
+    return window > 0 && t >= window ? t - window + 1 : 0;
+}
+// One past the last query that sees key j, of T queries: j + window (capped at T), or T.
+__device__ __forceinline__ int lp_attn_query_end(int j, int T_, int window) {
+    return window > 0 && T_ - j > window ? j + window : T_;
+}
+
 // ---- online log-sum-exp: (m, s) = running max and sum of exp(x - m) (loss.cu, backward.cu) ----
 // Adds exp(x - m) to the pair (m, s), moving the max when x exceeds it.
 __device__ __forceinline__ void lp_lse_push(float &m, float &s, float x) {

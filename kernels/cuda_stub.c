@@ -90,13 +90,13 @@ lp_status lp_cuda_gelu(lp_ctx *c, void *out, const void *x, size_t n) {
     return NO_CUDA();
 }
 lp_status lp_cuda_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
-                            int T, int H, int Hkv, int dh) {
-    (void)c; (void)z; (void)q; (void)k; (void)v; (void)B; (void)T; (void)H; (void)Hkv; (void)dh;
+                            int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
+    (void)c; (void)z; (void)q; (void)k; (void)v; (void)B; (void)T; (void)H; (void)Hkv; (void)dh; (void)cfg;
     return NO_CUDA();
 }
 lp_status lp_cuda_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,
-                              int H, int Hkv, int dh) {
-    (void)c; (void)scores; (void)q; (void)k; (void)B; (void)T; (void)H; (void)Hkv; (void)dh;
+                              int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
+    (void)c; (void)scores; (void)q; (void)k; (void)B; (void)T; (void)H; (void)Hkv; (void)dh; (void)cfg;
     return NO_CUDA();
 }
 lp_status lp_cuda_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int cols) {
@@ -144,8 +144,33 @@ lp_status lp_cuda_silu_mul(lp_ctx *c, void *out, const void *gate, const void *u
     return NO_CUDA();
 }
 lp_status lp_cuda_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
-                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh) {
+                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh,
+                                   const lp_attn_cfg *cfg) {
     (void)c; (void)z; (void)q; (void)kc; (void)vc; (void)B; (void)Tq; (void)Tcap; (void)pos0; (void)H; (void)Hkv; (void)dh;
+    (void)cfg;
+    return NO_CUDA();
+}
+
+/* Gemma-family ops (kernels/gemma.cu) */
+lp_status lp_cuda_gelu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n) {
+    (void)c; (void)out; (void)gate; (void)up; (void)n;
+    return NO_CUDA();
+}
+lp_status lp_cuda_softcap(lp_ctx *c, void *out, const void *x, float cap, size_t n) {
+    (void)c; (void)out; (void)x; (void)cap; (void)n;
+    return NO_CUDA();
+}
+lp_status lp_cuda_scale(lp_ctx *c, void *out, const void *x, float s, size_t n) {
+    (void)c; (void)out; (void)x; (void)s; (void)n;
+    return NO_CUDA();
+}
+lp_status lp_cuda_gelu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate,
+                                    const void *up, size_t n) {
+    (void)c; (void)dgate; (void)dup; (void)dy; (void)gate; (void)up; (void)n;
+    return NO_CUDA();
+}
+lp_status lp_cuda_softcap_backward(lp_ctx *c, void *dx, const void *dy, const void *y, float cap, size_t n) {
+    (void)c; (void)dx; (void)dy; (void)y; (void)cap; (void)n;
     return NO_CUDA();
 }
 
@@ -271,9 +296,10 @@ lp_status lp_cuda_rope_backward(lp_ctx *c, void *dx, const void *dy, const float
     return NO_CUDA();
 }
 lp_status lp_cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
-                                     const void *k, const void *v, int B, int T, int H, int Hkv, int dh) {
+                                     const void *k, const void *v, int B, int T, int H, int Hkv, int dh,
+                                     const lp_attn_cfg *cfg) {
     (void)c; (void)dq; (void)dk; (void)dv; (void)dz; (void)q; (void)k; (void)v;
-    (void)B; (void)T; (void)H; (void)Hkv; (void)dh;
+    (void)B; (void)T; (void)H; (void)Hkv; (void)dh; (void)cfg;
     return NO_CUDA();
 }
 lp_status lp_cuda_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
@@ -287,9 +313,11 @@ lp_status lp_cuda_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, con
     (void)c; (void)dx; (void)dy; (void)y; (void)rows; (void)cols;
     return NO_CUDA();
 }
-lp_status lp_cuda_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *q,
-                                       const void *k, int B, int T, int H, int Hkv, int dh) {
-    (void)c; (void)dq; (void)dk; (void)dscores; (void)q; (void)k; (void)B; (void)T; (void)H; (void)Hkv; (void)dh;
+lp_status lp_cuda_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *scores,
+                                       const void *q, const void *k, int B, int T, int H, int Hkv, int dh,
+                                       const lp_attn_cfg *cfg) {
+    (void)c; (void)dq; (void)dk; (void)dscores; (void)scores; (void)q; (void)k; (void)B; (void)T; (void)H; (void)Hkv;
+    (void)dh; (void)cfg;
     return NO_CUDA();
 }
 lp_status lp_cuda_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets,

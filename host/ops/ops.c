@@ -1,6 +1,8 @@
 /* ops.c: the one dispatch point for every op in include/loupe/ops.h.
  * Checks arguments once, then calls the CPU reference (host/cpu/) or the CUDA
  * kernel (kernels/) by the context's device. */
+#include <math.h>
+
 #include "loupe/ops.h"
 #include "ops/ops_internal.h"
 
@@ -64,18 +66,41 @@ lp_status lp_gelu(lp_ctx *c, void *out, const void *x, size_t n) {
 /* dh <= 256: the CUDA kernels keep a query row in registers, 8 values per lane */
 #define ATTN_ARGS_OK(B, T, H, Hkv, dh) ((B) >= 0 && (T) >= 0 && (H) > 0 && (Hkv) > 0 && (H) % (Hkv) == 0 && (dh) > 0 && (dh) <= 256)
 
+/* The attention options: NULL is the zeroed cfg (causal, 1/sqrt(dh), no cap); negative or
+ * non-finite values are errors (a NaN fails every comparison). */
+static const lp_attn_cfg NO_CFG = {0.0f, 0.0f, 0};
+#define CFG_OK(g) ((g)->scale >= 0 && isfinite((g)->scale) && (g)->softcap >= 0 && isfinite((g)->softcap) && (g)->window >= 0)
+#define CHECK_CFG(op, cfg)                                                                                    \
+    do {                                                                                                      \
+        if (!(cfg)) (cfg) = &NO_CFG;                                                                          \
+        NEED(CFG_OK(cfg), "%s: bad attention options (scale=%g softcap=%g window=%d)", op, (double)(cfg)->scale, \
+             (double)(cfg)->softcap, (cfg)->window);                                                          \
+    } while (0)
+
 lp_status lp_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
                        int T, int H, int Hkv, int dh) {
+    return lp_attention_cfg(c, z, q, k, v, B, T, H, Hkv, dh, NULL);
+}
+
+lp_status lp_attention_cfg(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B, int T, int H, int Hkv,
+                           int dh, const lp_attn_cfg *cfg) {
     NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && z && q && k && v, "attention: bad arguments (H=%d Hkv=%d dh=%d)", H, Hkv, dh);
-    if (CPU(c)) { lp_cpu_attention(z, q, k, v, B, T, H, Hkv, dh); return LP_OK; }
-    return lp_cuda_attention(c, z, q, k, v, B, T, H, Hkv, dh);
+    CHECK_CFG("attention", cfg);
+    if (CPU(c)) { lp_cpu_attention(z, q, k, v, B, T, H, Hkv, dh, cfg); return LP_OK; }
+    return lp_cuda_attention(c, z, q, k, v, B, T, H, Hkv, dh, cfg);
 }
 
 lp_status lp_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,
                          int H, int Hkv, int dh) {
+    return lp_attn_scores_cfg(c, scores, q, k, B, T, H, Hkv, dh, NULL);
+}
+
+lp_status lp_attn_scores_cfg(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T, int H, int Hkv, int dh,
+                             const lp_attn_cfg *cfg) {
     NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && scores && q && k, "attn_scores: bad arguments");
-    if (CPU(c)) { lp_cpu_attn_scores(scores, q, k, B, T, H, Hkv, dh); return LP_OK; }
-    return lp_cuda_attn_scores(c, scores, q, k, B, T, H, Hkv, dh);
+    CHECK_CFG("attn_scores", cfg);
+    if (CPU(c)) { lp_cpu_attn_scores(scores, q, k, B, T, H, Hkv, dh, cfg); return LP_OK; }
+    return lp_cuda_attn_scores(c, scores, q, k, B, T, H, Hkv, dh, cfg);
 }
 
 lp_status lp_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int cols) {
@@ -122,12 +147,37 @@ lp_status lp_silu_mul(lp_ctx *c, void *out, const void *gate, const void *up, si
 
 lp_status lp_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc, int B, int Tq,
                               int Tcap, int pos0, int H, int Hkv, int dh) {
+    return lp_attention_cached_cfg(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh, NULL);
+}
+
+lp_status lp_attention_cached_cfg(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc, int B, int Tq,
+                                  int Tcap, int pos0, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
     NEED(ATTN_ARGS_OK(B, Tq, H, Hkv, dh) && z && q && kc && vc, "attention_cached: bad arguments (H=%d Hkv=%d dh=%d)",
          H, Hkv, dh);
     NEED(pos0 >= 0 && Tcap >= 0 && (long long)pos0 + Tq <= Tcap,
          "attention_cached: positions %d .. %lld do not fit a cache of %d", pos0, (long long)pos0 + Tq - 1, Tcap);
-    if (CPU(c)) { lp_cpu_attention_cached(z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh); return LP_OK; }
-    return lp_cuda_attention_cached(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh);
+    CHECK_CFG("attention_cached", cfg);
+    if (CPU(c)) { lp_cpu_attention_cached(z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh, cfg); return LP_OK; }
+    return lp_cuda_attention_cached(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh, cfg);
+}
+
+lp_status lp_gelu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n) {
+    NEED(out && gate && up, "gelu_mul: null buffer");
+    if (CPU(c)) { lp_cpu_gelu_mul(out, gate, up, n); return LP_OK; }
+    return lp_cuda_gelu_mul(c, out, gate, up, n);
+}
+
+lp_status lp_softcap(lp_ctx *c, void *out, const void *x, float cap, size_t n) {
+    NEED(out && x, "softcap: null buffer");
+    NEED(cap > 0 && isfinite(cap), "softcap: the cap must be positive and finite (cap=%g)", (double)cap);
+    if (CPU(c)) { lp_cpu_softcap(out, x, cap, n); return LP_OK; }
+    return lp_cuda_softcap(c, out, x, cap, n);
+}
+
+lp_status lp_scale(lp_ctx *c, void *out, const void *x, float s, size_t n) {
+    NEED(out && x, "scale: null buffer");
+    if (CPU(c)) { lp_cpu_scale(out, x, s, n); return LP_OK; }
+    return lp_cuda_scale(c, out, x, s, n);
 }
 
 lp_status lp_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
@@ -185,6 +235,21 @@ lp_status lp_silu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy
     return lp_cuda_silu_mul_backward(c, dgate, dup, dy, gate, up, n);
 }
 
+lp_status lp_gelu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate, const void *up,
+                               size_t n) {
+    NEED(dgate && dup && dy && gate && up, "gelu_mul_backward: null buffer");
+    NEED(dgate != dup, "gelu_mul_backward: dgate and dup are the same buffer");
+    if (CPU(c)) { lp_cpu_gelu_mul_backward(dgate, dup, dy, gate, up, n); return LP_OK; }
+    return lp_cuda_gelu_mul_backward(c, dgate, dup, dy, gate, up, n);
+}
+
+lp_status lp_softcap_backward(lp_ctx *c, void *dx, const void *dy, const void *y, float cap, size_t n) {
+    NEED(dx && dy && y, "softcap_backward: null buffer");
+    NEED(cap > 0 && isfinite(cap), "softcap_backward: the cap must be positive and finite (cap=%g)", (double)cap);
+    if (CPU(c)) { lp_cpu_softcap_backward(dx, dy, y, cap, n); return LP_OK; }
+    return lp_cuda_softcap_backward(c, dx, dy, y, cap, n);
+}
+
 lp_status lp_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *cos_t, const float *sin_t, int B, int T,
                            int H, int dh, int pos0) {
     NEED(B >= 0 && T >= 0 && H > 0 && dh > 0 && dh % 2 == 0 && pos0 >= 0 && dx && dy && cos_t && sin_t,
@@ -195,14 +260,21 @@ lp_status lp_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *cos
 
 lp_status lp_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q, const void *k,
                                 const void *v, int B, int T, int H, int Hkv, int dh) {
+    return lp_attention_backward_cfg(c, dq, dk, dv, dz, q, k, v, B, T, H, Hkv, dh, NULL);
+}
+
+lp_status lp_attention_backward_cfg(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
+                                    const void *k, const void *v, int B, int T, int H, int Hkv, int dh,
+                                    const lp_attn_cfg *cfg) {
     NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && dq && dk && dv && dz && q && k && v,
          "attention_backward: bad arguments (H=%d Hkv=%d dh=%d)", H, Hkv, dh);
     NEED(dq != dk && dq != dv && dk != dv, "attention_backward: dq, dk and dv must be distinct buffers");
     NEED(dq != dz && dq != q && dq != k && dq != v && dk != dz && dk != q && dk != k && dk != v && dv != dz &&
              dv != q && dv != k && dv != v,
          "attention_backward: an output is also an input (dq, dk, dv must not alias dz, q, k, v)");
-    if (CPU(c)) { lp_cpu_attention_backward(dq, dk, dv, dz, q, k, v, B, T, H, Hkv, dh); return LP_OK; }
-    return lp_cuda_attention_backward(c, dq, dk, dv, dz, q, k, v, B, T, H, Hkv, dh);
+    CHECK_CFG("attention_backward", cfg);
+    if (CPU(c)) { lp_cpu_attention_backward(dq, dk, dv, dz, q, k, v, B, T, H, Hkv, dh, cfg); return LP_OK; }
+    return lp_cuda_attention_backward(c, dq, dk, dv, dz, q, k, v, B, T, H, Hkv, dh, cfg);
 }
 
 lp_status lp_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
@@ -224,11 +296,21 @@ lp_status lp_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const vo
 
 lp_status lp_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *q, const void *k,
                                   int B, int T, int H, int Hkv, int dh) {
+    return lp_attn_scores_backward_cfg(c, dq, dk, dscores, NULL, q, k, B, T, H, Hkv, dh, NULL);
+}
+
+/* The saved scores are read only to differentiate the softcap's tanh. */
+lp_status lp_attn_scores_backward_cfg(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *scores,
+                                      const void *q, const void *k, int B, int T, int H, int Hkv, int dh,
+                                      const lp_attn_cfg *cfg) {
     NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && dq && dk && dscores && q && k, "attn_scores_backward: bad arguments");
     NEED(dq != dk && dq != q && dq != k && dk != q && dk != k,
          "attn_scores_backward: an output is also an input, or dq is dk");
-    if (CPU(c)) { lp_cpu_attn_scores_backward(dq, dk, dscores, q, k, B, T, H, Hkv, dh); return LP_OK; }
-    return lp_cuda_attn_scores_backward(c, dq, dk, dscores, q, k, B, T, H, Hkv, dh);
+    CHECK_CFG("attn_scores_backward", cfg);
+    NEED(cfg->softcap == 0 || scores, "attn_scores_backward: softcap %g needs the saved scores", (double)cfg->softcap);
+    NEED(!scores || (scores != dq && scores != dk), "attn_scores_backward: dq or dk is the saved scores");
+    if (CPU(c)) { lp_cpu_attn_scores_backward(dq, dk, dscores, scores, q, k, B, T, H, Hkv, dh, cfg); return LP_OK; }
+    return lp_cuda_attn_scores_backward(c, dq, dk, dscores, scores, q, k, B, T, H, Hkv, dh, cfg);
 }
 
 lp_status lp_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets, const float *scale,

@@ -24,13 +24,22 @@ void lp_cpu_affine(float *out, const float *x, const float *w, const float *b, i
 void lp_cpu_matmul(float *out, const float *x, const float *w, const float *bias, int N, int K, int M,
                    int w_trans);
 void lp_cpu_gelu(float *out, const float *x, size_t n);
+/* The attention ops take the caller's lp_attn_cfg, never NULL (the dispatch passes a zeroed
+ * one for NULL); a scale of 0 still means 1/sqrt(dh), resolved where it is used. */
+/* The first key that a query at position t sees: t - window + 1, or 0 without a window. */
+static inline int lp_attn_first_key(const lp_attn_cfg *cfg, int t) {
+    return cfg->window > 0 && t >= cfg->window ? t - cfg->window + 1 : 0;
+}
 void lp_cpu_attention(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
-                      int Hkv, int dh);
-/* The row-at-a-time form of lp_cpu_attention (no scratch), also its fallback. */
+                      int Hkv, int dh, const lp_attn_cfg *cfg);
+/* The row-at-a-time form of lp_cpu_attention (no scratch), also its fallback; the first
+ * without options. */
 void lp_cpu_attention_rows(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
                            int Hkv, int dh);
+void lp_cpu_attention_rows_cfg(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
+                               int Hkv, int dh, const lp_attn_cfg *cfg);
 void lp_cpu_attn_scores(float *scores, const float *q, const float *k, int B, int T, int H, int Hkv,
-                        int dh);
+                        int dh, const lp_attn_cfg *cfg);
 void lp_cpu_softmax_rows(float *out, const float *x, size_t rows, int cols);
 void lp_cpu_attn_apply(float *z, const float *pattern, const float *v, int B, int T, int H, int Hkv,
                        int dh);
@@ -40,7 +49,11 @@ void lp_cpu_rope(float *out, const float *x, const float *cos_t, const float *si
                  int dh, int pos0);
 void lp_cpu_silu_mul(float *out, const float *gate, const float *up, size_t n);
 void lp_cpu_attention_cached(float *z, const float *q, const float *kc, const float *vc, int B, int Tq,
-                             int Tcap, int pos0, int H, int Hkv, int dh);
+                             int Tcap, int pos0, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
+/* Gemma family (host/ops/cpu/gemma.c) */
+void lp_cpu_gelu_mul(float *out, const float *gate, const float *up, size_t n);
+void lp_cpu_softcap(float *out, const float *x, float cap, size_t n);
+void lp_cpu_scale(float *out, const float *x, float s, size_t n);
 /* ggml block dequantization (host/cpu/dequant.c): n elements of `type` to F32. */
 void lp_cpu_dequant(float *dst, const void *src, int type, int64_t n);
 void lp_cpu_cross_entropy(float *losses, const float *logits, const int32_t *targets, int N, int V);
@@ -78,9 +91,9 @@ lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, con
                          int K, int M, int w_trans);
 lp_status lp_cuda_gelu(lp_ctx *c, void *out, const void *x, size_t n);
 lp_status lp_cuda_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
-                            int T, int H, int Hkv, int dh);
+                            int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
 lp_status lp_cuda_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,
-                              int H, int Hkv, int dh);
+                              int H, int Hkv, int dh, const lp_attn_cfg *cfg);
 lp_status lp_cuda_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int cols);
 lp_status lp_cuda_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v, int B, int T,
                              int H, int Hkv, int dh);
@@ -91,7 +104,15 @@ lp_status lp_cuda_rope(lp_ctx *c, void *out, const void *x, const float *cos_t, 
                        int T, int H, int dh, int pos0);
 lp_status lp_cuda_silu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n);
 lp_status lp_cuda_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
-                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh);
+                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh,
+                                   const lp_attn_cfg *cfg);
+/* kernels/gemma.cu */
+lp_status lp_cuda_gelu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n);
+lp_status lp_cuda_softcap(lp_ctx *c, void *out, const void *x, float cap, size_t n);
+lp_status lp_cuda_scale(lp_ctx *c, void *out, const void *x, float s, size_t n);
+lp_status lp_cuda_gelu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate,
+                                    const void *up, size_t n);
+lp_status lp_cuda_softcap_backward(lp_ctx *c, void *dx, const void *dy, const void *y, float cap, size_t n);
 /* kernels/dequant.cu: n elements of ggml `type` to dst_dtype (F32, BF16 or F16). */
 lp_status lp_cuda_dequant(lp_ctx *c, void *dst, lp_dtype dst_dtype, const void *src, int type, int64_t n);
 lp_status lp_cuda_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
@@ -183,13 +204,16 @@ void lp_cpu_silu_mul_backward(float *dgate, float *dup, const float *dy, const f
                               size_t n);
 void lp_cpu_rope_backward(float *dx, const float *dy, const float *cos_t, const float *sin_t, int B, int T,
                           int H, int dh, int pos0);
+void lp_cpu_gelu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
+                              size_t n);
+void lp_cpu_softcap_backward(float *dx, const float *dy, const float *y, float cap, size_t n);
 void lp_cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz, const float *q, const float *k,
-                               const float *v, int B, int T, int H, int Hkv, int dh);
+                               const float *v, int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
 void lp_cpu_attn_apply_backward(float *dpattern, float *dv, const float *dz, const float *pattern, const float *v,
                                 int B, int T, int H, int Hkv, int dh);
 void lp_cpu_softmax_rows_backward(float *dx, const float *dy, const float *y, size_t rows, int cols);
-void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, const float *q, const float *k, int B,
-                                 int T, int H, int Hkv, int dh);
+void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, const float *scores, const float *q,
+                                 const float *k, int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
 void lp_cpu_xent_backward(float *dlogits, const float *logits, const int32_t *targets, const float *scale, int N,
                           int V);
 
@@ -203,13 +227,15 @@ lp_status lp_cuda_silu_mul_backward(lp_ctx *c, void *dgate, void *dup, const voi
 lp_status lp_cuda_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *cos_t, const float *sin_t,
                                 int B, int T, int H, int dh, int pos0);
 lp_status lp_cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
-                                     const void *k, const void *v, int B, int T, int H, int Hkv, int dh);
+                                     const void *k, const void *v, int B, int T, int H, int Hkv, int dh,
+                                     const lp_attn_cfg *cfg);
 lp_status lp_cuda_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
                                       const void *v, int B, int T, int H, int Hkv, int dh);
 lp_status lp_cuda_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows,
                                         int cols);
-lp_status lp_cuda_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *q,
-                                       const void *k, int B, int T, int H, int Hkv, int dh);
+lp_status lp_cuda_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *scores,
+                                       const void *q, const void *k, int B, int T, int H, int Hkv, int dh,
+                                       const lp_attn_cfg *cfg);
 lp_status lp_cuda_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets,
                                 const float *scale, int N, int V);
 /* ==== end of backward ops ==== */

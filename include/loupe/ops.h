@@ -55,6 +55,25 @@ lp_status lp_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int 
 lp_status lp_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v,
                         int B, int T, int H, int Hkv, int dh);
 
+/* Attention options (Gemma 2 / Gemma 3). A NULL cfg, or a zeroed one, is the causal
+ * attention above; every attention op with a cfg argument reads it the same way:
+ *   scale    multiplier of q.k; 0: 1/sqrt(dh)
+ *   softcap  > 0: s = softcap * tanh(s / softcap), after the scale and before the mask
+ *   window   > 0: query i sees keys j with i - window < j <= i (Hugging Face's sliding_window,
+ *            in absolute positions for lp_attention_cached_cfg); 0: every key j <= i
+ * Masked keys score exactly -inf and get probability exp(-inf) = 0; the diagonal is always
+ * visible, so no row is fully masked. lp_attn_scores_cfg writes what TransformerLens's
+ * hook_attn_scores holds: scale * q.k, softcapped, -inf where masked. */
+typedef struct lp_attn_cfg {
+    float scale;
+    float softcap;
+    int window;
+} lp_attn_cfg;
+lp_status lp_attention_cfg(lp_ctx *c, void *z, const void *q, const void *k, const void *v,
+                           int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
+lp_status lp_attn_scores_cfg(lp_ctx *c, void *scores, const void *q, const void *k,
+                             int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
+
 /* ---- Llama family ----
  * RMSNorm in TransformerLens's pieces (RMSNormPre, then the weight):
  *   scale[N] = sqrt(mean_d(x^2) + eps)                            (hook_scale)
@@ -82,6 +101,20 @@ lp_status lp_silu_mul(lp_ctx *c, void *out, const void *gate, const void *up, si
  * lp_attention; with pos0 = 0 and Tcap = Tq it equals lp_attention. */
 lp_status lp_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
                               int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh);
+/* The same with attention options (query i sits at absolute position pos0 + i, and the
+ * window counts absolute positions); with pos0 = 0 and Tcap = Tq it equals lp_attention_cfg. */
+lp_status lp_attention_cached_cfg(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
+                                  int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh,
+                                  const lp_attn_cfg *cfg);
+
+/* ---- Gemma family ----
+ * GeGLU (gelu_pytorch_tanh): out[i] = gelu_tanh(gate[i]) * up[i], gelu_tanh as lp_gelu.
+ * out may alias either input. */
+lp_status lp_gelu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n);
+/* Soft-capping (Gemma 2's final logits): out = cap * tanh(x / cap), cap > 0. out may alias x. */
+lp_status lp_softcap(lp_ctx *c, void *out, const void *x, float cap, size_t n);
+/* out = x * s (the embedding times sqrt(d_model)), in the activation dtype. out may alias x. */
+lp_status lp_scale(lp_ctx *c, void *out, const void *x, float s, size_t n);
 
 /* losses[n] = logsumexp(logits[n,:]) - logits[n, target[n]]; target[n] < 0 gives 0.
  * logits is act [N,V]; losses is F32 on the context's device. */
@@ -108,6 +141,11 @@ lp_status lp_norm_scale_grad(lp_ctx *c, void *dscale, const void *dy, const void
 lp_status lp_gelu_backward(lp_ctx *c, void *dx, const void *dy, const void *x, size_t n);
 /* y = silu(gate) * up: dgate = dy * up * silu'(gate), dup = dy * silu(gate). */
 lp_status lp_silu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate, const void *up, size_t n);
+/* y = gelu_tanh(gate) * up: dgate = dy * up * gelu_tanh'(gate), dup = dy * gelu_tanh(gate). */
+lp_status lp_gelu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate, const void *up,
+                               size_t n);
+/* y = cap * tanh(x / cap), from the capped output y: dx = dy * (1 - (y / cap)^2). dx may alias dy. */
+lp_status lp_softcap_backward(lp_ctx *c, void *dx, const void *dy, const void *y, float cap, size_t n);
 /* RoPE is a rotation: its backward rotates dy by the opposite angle (same tables). dx may alias dy. */
 lp_status lp_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *cos_t, const float *sin_t, int B, int T, int H,
                            int dh, int pos0);
@@ -115,6 +153,10 @@ lp_status lp_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *cos
  * the query heads of each kv group) from dz [B,T,H,dh] and the saved q, k, v. */
 lp_status lp_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q, const void *k,
                                 const void *v, int B, int T, int H, int Hkv, int dh);
+/* The same for lp_attention_cfg (cfg as there; NULL = lp_attention_backward). */
+lp_status lp_attention_backward_cfg(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
+                                    const void *k, const void *v, int B, int T, int H, int Hkv, int dh,
+                                    const lp_attn_cfg *cfg);
 /* The three-step form, for gradients at hook_attn_scores and hook_pattern:
  *   lp_attn_apply:  dpattern[B,H,T,T] = dz . v ; dv = pattern^T dz (summed over the group)
  *   lp_softmax_rows: dx = y * (dy - sum_j dy_j y_j) for y = softmax(x) (rows, cols)
@@ -125,6 +167,13 @@ lp_status lp_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void
 lp_status lp_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows, int cols);
 lp_status lp_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *q, const void *k, int B,
                                   int T, int H, int Hkv, int dh);
+/* The same for lp_attn_scores_cfg, with r = scale * q.k the raw score and s = softcap * tanh(r /
+ * softcap) the saved scores (lp_attn_scores_cfg's output, read only when softcap > 0; may be
+ * NULL otherwise): dr = dscores * (1 - (s / softcap)^2); dq = dr k * scale; dk = dr^T q * scale.
+ * Entries outside the causal window of dscores (and of scores) are ignored. */
+lp_status lp_attn_scores_backward_cfg(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *scores,
+                                      const void *q, const void *k, int B, int T, int H, int Hkv, int dh,
+                                      const lp_attn_cfg *cfg);
 /* dlogits[n,:] = scale[n] * (softmax(logits[n,:]) - onehot(target[n])); rows with target < 0
  * are zero. scale is F32 on the device [N]. (The gradient of the next-token loss.) */
 lp_status lp_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets, const float *scale, int N,

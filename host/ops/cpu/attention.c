@@ -1,4 +1,5 @@
-/* attention.c: CPU reference of causal multi-head attention (with grouped kv heads).
+/* attention.c: CPU reference of causal multi-head attention (with grouped kv heads and the
+ * options of lp_attn_cfg: score scale, Gemma 2's score soft-cap, a sliding window).
  * The fused form works on blocks of query rows, so no [T,T] matrix exists unless a
  * hook asks for hook_attn_scores or hook_pattern, which use the three-step form. */
 #include <cblas.h>
@@ -17,6 +18,12 @@ static inline float qk(const float *q, const float *k, int b, int t, int s, int 
     return acc;
 }
 
+/* The scale of q.k: cfg's, or 1/sqrt(dh) (computed in float, as it always was). */
+static float attn_scale(const lp_attn_cfg *cfg, int dh) { return cfg->scale > 0 ? cfg->scale : 1.0f / sqrtf((float)dh); }
+
+/* Gemma 2's soft-cap of a scaled score; cap 0 leaves it alone. */
+static inline float softcap(float s, float cap) { return cap > 0 ? cap * tanhf(s / cap) : s; }
+
 /* Query rows per block of the fused attention: the [QB, T] score block is the only
  * score memory, and the two products per block go through BLAS (and its threads). */
 enum { QB = 64 };
@@ -26,16 +33,16 @@ static _Thread_local float *g_block;
 static _Thread_local size_t g_block_cap;
 
 void lp_cpu_attention(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
-                      int Hkv, int dh) {
+                      int Hkv, int dh, const lp_attn_cfg *cfg) {
     // z, q are (B,T,H,dh); k, v are (B,T,Hkv,dh)
-    const float scale = 1.0f / sqrtf((float)dh);
+    const float scale = attn_scale(cfg, dh), cap = cfg->softcap;
     size_t need = (size_t)QB * (T > 0 ? T : 1);
     if (need > g_block_cap) {
         free(g_block);
         g_block = malloc(need * sizeof(float));
         g_block_cap = g_block ? need : 0;
         if (!g_block) { /* out of memory: fall back to one row at a time on the stack */
-            lp_cpu_attention_rows(z, q, k, v, B, T, H, Hkv, dh);
+            lp_cpu_attention_rows_cfg(z, q, k, v, B, T, H, Hkv, dh, cfg);
             return;
         }
     }
@@ -46,45 +53,54 @@ void lp_cpu_attention(float *z, const float *q, const float *k, const float *v, 
             const float *qh = q + (size_t)b * T * ldq + h * dh, *kh = k + (size_t)b * T * ldk + g * dh;
             const float *vh = v + (size_t)b * T * ldk + g * dh;
             for (int q0 = 0; q0 < T; q0 += QB) {
-                int rows = T - q0 < QB ? T - q0 : QB, keys = q0 + rows; /* causal: no key after the block */
+                // causal: no key after the block; windowed: none before the first row's window
+                const int rows = T - q0 < QB ? T - q0 : QB, k0 = lp_attn_first_key(cfg, q0), keys = q0 + rows - k0;
                 float *S = g_block;
-                // S (rows, keys) = Q_block K^T * scale
+                // S (rows, keys) = Q_block K[k0 ..]^T * scale
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, dh, scale, qh + (size_t)q0 * ldq, ldq,
-                            kh, ldk, 0.0f, S, keys);
-                for (int i = 0; i < rows; i++) { /* mask keys after the query, then softmax the row */
+                            kh + (size_t)k0 * ldk, ldk, 0.0f, S, keys);
+                for (int i = 0; i < rows; i++) { /* cap, mask keys outside the row's window, softmax */
                     float *r = S + (size_t)i * keys;
-                    int last = q0 + i;
+                    const int first = lp_attn_first_key(cfg, q0 + i) - k0, last = q0 + i - k0;
                     float mx = -INFINITY, sum = 0;
-                    for (int s = 0; s <= last; s++) mx = r[s] > mx ? r[s] : mx;
-                    for (int s = 0; s <= last; s++) sum += (r[s] = expf(r[s] - mx));
-                    for (int s = 0; s <= last; s++) r[s] /= sum;
+                    for (int s = first; s <= last; s++) r[s] = softcap(r[s], cap), mx = r[s] > mx ? r[s] : mx;
+                    for (int s = first; s <= last; s++) sum += (r[s] = expf(r[s] - mx));
+                    for (int s = first; s <= last; s++) r[s] /= sum;
+                    for (int s = 0; s < first; s++) r[s] = 0;
                     for (int s = last + 1; s < keys; s++) r[s] = 0;
                 }
-                // Z_block (rows, dh) = P V
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, dh, keys, 1.0f, S, keys, vh, ldk, 0.0f,
-                            z + ((size_t)b * T + q0) * ldq + h * dh, ldq);
+                // Z_block (rows, dh) = P V[k0 ..]
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, dh, keys, 1.0f, S, keys,
+                            vh + (size_t)k0 * ldk, ldk, 0.0f, z + ((size_t)b * T + q0) * ldq + h * dh, ldq);
             }
         }
 }
 
 void lp_cpu_attention_rows(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
                            int Hkv, int dh) {
+    static const lp_attn_cfg plain = {0.0f, 0.0f, 0};
+    lp_cpu_attention_rows_cfg(z, q, k, v, B, T, H, Hkv, dh, &plain);
+}
+
+void lp_cpu_attention_rows_cfg(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
+                               int Hkv, int dh, const lp_attn_cfg *cfg) {
     // the same, one query row at a time with a row of scores on the stack
-    const float scale = 1.0f / sqrtf((float)dh);
+    const float scale = attn_scale(cfg, dh);
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
             float row[T > 0 ? T : 1];
             for (int t = 0; t < T; t++) {
+                const int first = lp_attn_first_key(cfg, t);
                 float mx = -INFINITY;
-                for (int s = 0; s <= t; s++) {
-                    row[s] = qk(q, k, b, t, s, h, T, H, Hkv, dh) * scale;
+                for (int s = first; s <= t; s++) {
+                    row[s] = softcap(qk(q, k, b, t, s, h, T, H, Hkv, dh) * scale, cfg->softcap);
                     if (row[s] > mx) mx = row[s];
                 }
                 float sum = 0;
-                for (int s = 0; s <= t; s++) sum += (row[s] = expf(row[s] - mx));
+                for (int s = first; s <= t; s++) sum += (row[s] = expf(row[s] - mx));
                 float *zr = z + (((size_t)b * T + t) * H + h) * dh;
                 for (int i = 0; i < dh; i++) zr[i] = 0;
-                for (int s = 0; s <= t; s++) {
+                for (int s = first; s <= t; s++) {
                     const float *vr = v + (((size_t)b * T + s) * Hkv + h / (H / Hkv)) * dh;
                     float p = row[s] / sum;
                     for (int i = 0; i < dh; i++) zr[i] += p * vr[i];
@@ -94,14 +110,17 @@ void lp_cpu_attention_rows(float *z, const float *q, const float *k, const float
 }
 
 void lp_cpu_attn_scores(float *scores, const float *q, const float *k, int B, int T, int H, int Hkv,
-                        int dh) {
-    // scores is (B,H,T,T)
-    const float scale = 1.0f / sqrtf((float)dh);
+                        int dh, const lp_attn_cfg *cfg) {
+    // scores is (B,H,T,T): scaled, capped, -inf outside the window (first .. t)
+    const float scale = attn_scale(cfg, dh);
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++)
             for (int t = 0; t < T; t++) {
                 float *row = scores + (((size_t)b * H + h) * T + t) * T;
-                for (int s = 0; s < T; s++) row[s] = s <= t ? qk(q, k, b, t, s, h, T, H, Hkv, dh) * scale : -INFINITY;
+                const int first = lp_attn_first_key(cfg, t);
+                for (int s = 0; s < T; s++)
+                    row[s] = s >= first && s <= t ? softcap(qk(q, k, b, t, s, h, T, H, Hkv, dh) * scale, cfg->softcap)
+                                                  : -INFINITY;
             }
 }
 

@@ -89,6 +89,29 @@ void lp_cpu_silu_mul_backward(float *dgate, float *dup, const float *dy, const f
     }
 }
 
+void lp_cpu_gelu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
+                              size_t n) {
+    // y = gelu(g) * u (the tanh form): dgate = dy * u * gelu'(g), dup = dy * gelu(g), with
+    // gelu'(g) in its sigmoid form as lp_cpu_gelu_backward and gelu(g) = g sig(2 v),
+    // v = s (g + a g^3) (0.5 (1 + tanh v) = sig(2 v)). In double.
+    const double s = 0.7978845608028654, a = 0.044715;
+    for (size_t i = 0; i < n; i++) {
+        double g = gate[i], u = up[i], d = dy[i]; /* all read first: outputs may alias inputs */
+        double v = s * (g + a * g * g * g);
+        double sp = 1 / (1 + exp(-2 * v)), sm = 1 / (1 + exp(2 * v));
+        dgate[i] = (float)(d * u * sp * (1 + 2 * g * sm * s * (1 + 3 * a * g * g)));
+        dup[i] = (float)(d * g * sp);
+    }
+}
+
+void lp_cpu_softcap_backward(float *dx, const float *dy, const float *y, float cap, size_t n) {
+    // y = cap tanh(x / cap): dy/dx = 1 - tanh^2 = 1 - (y / cap)^2, from the saved output. dx may alias dy.
+    for (size_t i = 0; i < n; i++) {
+        double r = (double)y[i] / cap;
+        dx[i] = (float)(dy[i] * (1 - r * r));
+    }
+}
+
 void lp_cpu_rope_backward(float *dx, const float *dy, const float *cos_t, const float *sin_t, int B, int T,
                           int H, int dh, int pos0) {
     // The forward rotated each pair (x1, x2) = (x[i], x[i + dh/2]) by the angle a:
@@ -112,21 +135,23 @@ void lp_cpu_rope_backward(float *dx, const float *dy, const float *cos_t, const 
 /* ---- attention ---- */
 
 void lp_cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz, const float *q, const float *k,
-                               const float *v, int B, int T, int H, int Hkv, int dh) {
+                               const float *v, int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
     // dq, dz, q are (B,T,H,dh); dk, dv, k, v are (B,T,Hkv,dh). Query head h reads kv head
-    // g = h / (H/Hkv). The forward, per query row t of head h:
-    //   s_j = q_t . k_j / sqrt(dh) (j <= t),  p = softmax(s),  z_t = sum_j p_j v_j.
+    // g = h / (H/Hkv). The forward, per query row t of head h, with c the scale (1/sqrt(dh)
+    // unless cfg says) and the keys j of the row's window (first <= j <= t):
+    //   r_j = c q_t . k_j,  s_j = cap tanh(r_j / cap) (s_j = r_j without a cap),
+    //   p = softmax(s),  z_t = sum_j p_j v_j.
     // Backward, with dp_j = dz_t . v_j and D = sum_j p_j dp_j = dz_t . z_t:
-    //   ds_j = p_j (dp_j - D);  dq_t = sum_j ds_j k_j / sqrt(dh);
-    //   dk_j += ds_j q_t / sqrt(dh);  dv_j += p_j dz_t.
-    // One query row at a time: its probabilities are recomputed into a row of T floats on
-    // the stack, like lp_cpu_attention_rows.
-    const double scale = 1.0 / sqrt((double)dh);
+    //   ds_j = p_j (dp_j - D);  dr_j = ds_j (1 - (s_j / cap)^2) (dr_j = ds_j without a cap);
+    //   dq_t = c sum_j dr_j k_j;  dk_j += c dr_j q_t;  dv_j += p_j dz_t.
+    // One query row at a time: its probabilities (and the cap's derivatives) are recomputed
+    // into rows of T floats on the stack, like lp_cpu_attention_rows.
+    const double scale = cfg->scale > 0 ? (double)cfg->scale : 1.0 / sqrt((double)dh), cap = cfg->softcap;
     const int group = H / Hkv;
     const size_t nkv = (size_t)B * T * Hkv * dh;
     memset(dk, 0, nkv * sizeof(float));
     memset(dv, 0, nkv * sizeof(float));
-    float p[T > 0 ? T : 1];
+    float p[T > 0 ? T : 1], dcap[T > 0 ? T : 1];
     double acc[dh];
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++)
@@ -138,29 +163,35 @@ void lp_cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz,
                 float *dkb = dk + ((size_t)b * T * Hkv + h / group) * dh;
                 float *dvb = dv + ((size_t)b * T * Hkv + h / group) * dh;
                 const size_t stride = (size_t)Hkv * dh; /* between consecutive keys */
-                // p = softmax of the scores of keys 0..t
+                // p = softmax of the scores of keys first..t
+                const int first = lp_attn_first_key(cfg, t);
                 double mx = -INFINITY, sum = 0;
-                for (int j = 0; j <= t; j++) {
+                for (int j = first; j <= t; j++) {
                     double s = 0;
                     for (int d = 0; d < dh; d++) s += (double)qr[d] * kb[j * stride + d];
-                    p[j] = (float)(s * scale);
+                    s *= scale;
+                    if (cap > 0) {
+                        double th = tanh(s / cap);
+                        s = cap * th, dcap[j] = (float)(1 - th * th);
+                    }
+                    p[j] = (float)s;
                     if (p[j] > mx) mx = p[j];
                 }
-                for (int j = 0; j <= t; j++) sum += exp(p[j] - mx);
-                for (int j = 0; j <= t; j++) p[j] = (float)(exp(p[j] - mx) / sum);
+                for (int j = first; j <= t; j++) sum += exp(p[j] - mx);
+                for (int j = first; j <= t; j++) p[j] = (float)(exp(p[j] - mx) / sum);
                 // D = dz_t . z_t, z_t recomputed
                 double D = 0;
                 for (int d = 0; d < dh; d++) {
                     double z = 0;
-                    for (int j = 0; j <= t; j++) z += (double)p[j] * vb[j * stride + d];
+                    for (int j = first; j <= t; j++) z += (double)p[j] * vb[j * stride + d];
                     D += z * dzr[d];
                 }
                 for (int d = 0; d < dh; d++) acc[d] = 0;
-                for (int j = 0; j <= t; j++) {
+                for (int j = first; j <= t; j++) {
                     const float *kr = kb + j * stride, *vr = vb + j * stride;
                     double dp = 0;
                     for (int d = 0; d < dh; d++) dp += (double)dzr[d] * vr[d];
-                    double ds = p[j] * (dp - D);
+                    double ds = p[j] * (dp - D) * (cap > 0 ? (double)dcap[j] : 1.0);
                     for (int d = 0; d < dh; d++) {
                         acc[d] += ds * kr[d];
                         dkb[j * stride + d] += (float)(ds * scale * qr[d]);
@@ -221,24 +252,34 @@ void lp_cpu_softmax_rows_backward(float *dx, const float *dy, const float *y, si
     }
 }
 
-void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, const float *q, const float *k, int B,
-                                 int T, int H, int Hkv, int dh) {
-    // dscores is (B,H,T,T); dq, q are (B,T,H,dh); dk, k are (B,T,Hkv,dh). The forward wrote
-    // scores[t,j] = q_t . k_j / sqrt(dh) for j <= t and a constant -inf above the diagonal,
-    // so only j <= t carries a derivative (the masked entries are never read):
-    //   dq_t = sum_{j<=t} dscores[t,j] k_j / sqrt(dh);
-    //   dk_j = sum over the group's heads and t >= j of dscores[t,j] q_t / sqrt(dh)
-    const double scale = 1.0 / sqrt((double)dh);
+/* dscores[i] as a derivative of the raw score c q.k: times the cap's 1 - (s / cap)^2 */
+static inline double raw_grad(const float *dscores, const float *scores, double cap, size_t i) {
+    if (cap <= 0) return dscores[i];
+    double r = scores[i] / cap;
+    return dscores[i] * (1 - r * r);
+}
+
+void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, const float *scores, const float *q,
+                                 const float *k, int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
+    // dscores, scores are (B,H,T,T); dq, q are (B,T,H,dh); dk, k are (B,T,Hkv,dh). The forward
+    // wrote scores[t,j] = cap tanh(c q_t . k_j / cap) (c q_t . k_j without a cap; c the scale)
+    // for the keys of the row's window (first <= j <= t) and a constant -inf elsewhere, so only
+    // those carry a derivative (the masked entries are never read). With
+    // dr[t,j] = dscores[t,j] (1 - (scores[t,j] / cap)^2) (dscores[t,j] without a cap):
+    //   dq_t = c sum_{first<=j<=t} dr[t,j] k_j;
+    //   dk_j = c sum over the group's heads and the queries t that see j of dr[t,j] q_t
+    const double scale = cfg->scale > 0 ? (double)cfg->scale : 1.0 / sqrt((double)dh), cap = cfg->softcap;
     const int group = H / Hkv;
     double acc[dh];
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++)
             for (int t = 0; t < T; t++) {
-                const float *dsr = dscores + (((size_t)b * H + h) * T + t) * T;
+                const size_t row = (((size_t)b * H + h) * T + t) * T;
                 for (int d = 0; d < dh; d++) acc[d] = 0;
-                for (int j = 0; j <= t; j++) {
+                for (int j = lp_attn_first_key(cfg, t); j <= t; j++) {
                     const float *kr = k + (((size_t)b * T + j) * Hkv + h / group) * dh;
-                    for (int d = 0; d < dh; d++) acc[d] += (double)dsr[j] * kr[d];
+                    const double gs = raw_grad(dscores, scores, cap, row + j);
+                    for (int d = 0; d < dh; d++) acc[d] += gs * kr[d];
                 }
                 float *dqr = dq + (((size_t)b * T + t) * H + h) * dh;
                 for (int d = 0; d < dh; d++) dqr[d] = (float)(acc[d] * scale);
@@ -247,9 +288,10 @@ void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, con
         for (int g = 0; g < Hkv; g++)
             for (int j = 0; j < T; j++) {
                 for (int d = 0; d < dh; d++) acc[d] = 0;
+                const int end = cfg->window > 0 && T - j > cfg->window ? j + cfg->window : T; /* t < j + window */
                 for (int h = g * group; h < (g + 1) * group; h++)
-                    for (int t = j; t < T; t++) {
-                        double gs = dscores[(((size_t)b * H + h) * T + t) * T + j];
+                    for (int t = j; t < end; t++) {
+                        double gs = raw_grad(dscores, scores, cap, (((size_t)b * H + h) * T + t) * T + j);
                         const float *qr = q + (((size_t)b * T + t) * H + h) * dh;
                         for (int d = 0; d < dh; d++) acc[d] += gs * qr[d];
                     }

@@ -56,13 +56,14 @@ void lp_cpu_silu_mul(float *out, const float *gate, const float *up, size_t n) {
 }
 
 void lp_cpu_attention_cached(float *z, const float *q, const float *kc, const float *vc, int B, int Tq,
-                             int Tcap, int pos0, int H, int Hkv, int dh) {
+                             int Tcap, int pos0, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
     // z, q are (B,Tq,H,dh); kc, vc are (B,Tcap,Hkv,dh) caches. Query i sits at position
-    // pos0 + i and attends keys 0 .. pos0 + i. One pass over the keys per query with a
+    // pos0 + i and attends keys first .. pos0 + i (first = 0, or the start of cfg's window),
+    // with the scores scaled and capped as lp_cpu_attention does. One pass over the keys per query with a
     // running max and sum (online softmax): no score row is stored, so nothing is allocated
     // and a decode step (Tq = 1) costs O(pos0 * dh) per head. The running accumulator is
     // at most 256 floats (dh <= 256, checked by the dispatch) on the stack.
-    const float scale = 1.0f / sqrtf((float)dh);
+    const float scale = cfg->scale > 0 ? cfg->scale : 1.0f / sqrtf((float)dh), cap = cfg->softcap;
     const int group = H / Hkv;
     for (int b = 0; b < B; b++)
         for (int i = 0; i < Tq; i++)
@@ -72,12 +73,13 @@ void lp_cpu_attention_cached(float *z, const float *q, const float *kc, const fl
                 float acc[dh];
                 float m = -INFINITY, l = 0;
                 for (int d = 0; d < dh; d++) acc[d] = 0;
-                for (int s = 0; s <= pos0 + i; s++) {
+                for (int s = lp_attn_first_key(cfg, pos0 + i); s <= pos0 + i; s++) {
                     const float *kr = kc + (((size_t)b * Tcap + s) * Hkv + h / group) * dh;
                     const float *vr = vc + (((size_t)b * Tcap + s) * Hkv + h / group) * dh;
                     float sc = 0;
                     for (int d = 0; d < dh; d++) sc += qr[d] * kr[d];
                     sc *= scale;
+                    if (cap > 0) sc = cap * tanhf(sc / cap);
                     if (sc > m) { /* new max: rescale what was summed so far (exp(-inf) = 0 at first) */
                         float corr = expf(m - sc);
                         l *= corr;

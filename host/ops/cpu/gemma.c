@@ -1,0 +1,24 @@
+/* gemma.c: CPU references of the Gemma-family element-wise ops (ops.h, "Gemma family"):
+ * the GeGLU product of Gemma's MLP, the soft-cap of Gemma 2's final logits, and a scalar
+ * scale (the embedding times sqrt(d_model)). fp32 in and out; each element is read before
+ * it is written, so out may alias an input. (Their backward ops are in backward.c.) */
+#include <math.h>
+
+#include "ops/ops_internal.h"
+
+void lp_cpu_gelu_mul(float *out, const float *gate, const float *up, size_t n) {
+    // gelu_tanh(g) * u, gelu_tanh exactly as lp_cpu_gelu writes it
+    const float s = 0.7978845608028654f; /* sqrt(2/pi) */
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i], u = up[i];
+        out[i] = 0.5f * g * (1.0f + tanhf(s * (g + 0.044715f * g * g * g))) * u;
+    }
+}
+
+void lp_cpu_softcap(float *out, const float *x, float cap, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = cap * tanhf(x[i] / cap);
+}
+
+void lp_cpu_scale(float *out, const float *x, float s, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = x[i] * s;
+}
