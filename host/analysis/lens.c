@@ -17,10 +17,10 @@ static lp_status weight(lp_lens_ctx *lx, const char *name, float **w) {
     lp_model *m = lx->m;
     *w = NULL;
     int idx = -1;
-    for (int i = 0; i < m->n_params_t && idx < 0; i++)
-        if (strcmp(m->params[i].name, name) == 0) idx = i;
+    for (int i = 0; i < m->w.n && idx < 0; i++)
+        if (strcmp(m->w.params[i].name, name) == 0) idx = i;
     if (idx < 0 || !lp_param(m, idx)) return LP_OK;
-    const param *p = &m->params[idx];
+    const param *p = &m->w.params[idx];
     size_t n = (size_t)p->shape[0] * (p->ndim == 2 ? (size_t)p->shape[1] : 1);
     lp_ctx *c = &m->ctx;
     if (c->device == LP_CPU && c->dtype == LP_F32) {
@@ -45,17 +45,20 @@ static lp_status weight(lp_lens_ctx *lx, const char *name, float **w) {
 lp_status lp_lens_open(lp_lens_ctx **out, lp_model *m) {
     *out = NULL;
     const lp_config *c = &m->cfg;
+    /* the lens reads heads through W_O and the logits as ln_final(x) W_U: a post-norm or a
+     * final soft-cap (Gemma) breaks both */
+    if (c->post_norms || c->final_softcap > 0)
+        LP_FAIL(LP_ERR_ARG, "lens: %s normalizes each block's output (post-norms)%s; the lens's decomposition does not hold there",
+                c->name, c->final_softcap > 0 ? " and soft-caps its logits" : "");
     lp_lens_ctx *lx = calloc(1, sizeof *lx);
     if (!lx) LP_FAIL(LP_ERR_OOM, "lens: out of memory");
     lx->m = m;
-    lx->layer_norm = lx->wo_trans = 0;
-    if (c->arch == LP_ARCH_GPT2) lx->layer_norm = 1;
-    else lx->wo_trans = 1;
+    lx->layer_norm = c->norm == LP_NORM_LAYER, lx->wo_trans = m->w.trans;
     lx->W_O = calloc(c->n_layers, sizeof *lx->W_O);
     lx->b_O = calloc(c->n_layers, sizeof *lx->b_O);
     lx->owned = calloc(2 * (size_t)c->n_layers + 3, sizeof *lx->owned);
     lp_status st = lx->W_O && lx->b_O && lx->owned ? LP_OK : LP_ERR(LP_ERR_OOM, "lens: out of memory");
-    if (st == LP_OK) st = weight(lx, m->params[m->unembed].name, &lx->W_U);
+    if (st == LP_OK) st = weight(lx, m->w.params[m->w.unembed].name, &lx->W_U);
     if (st == LP_OK) st = weight(lx, "ln_final.w", &lx->lnw);
     if (st == LP_OK && lx->layer_norm) st = weight(lx, "ln_final.b", &lx->lnb);
     char nm[96];

@@ -41,7 +41,7 @@ static void free_layers(layer_w *lw, int n) {
 static lp_status recv_grads(lp_model *m, const layer_w *lw, const frozen *fz, int b, int B, int T, float scale, float *G) {
     const lp_config *cf = &m->cfg;
     int nL = cf->n_layers, D = cf->d_model, dh = cf->d_head, H[3] = {cf->n_heads, cf->n_kv_heads, cf->n_kv_heads};
-    int rms = cf->arch == LP_ARCH_LLAMA, io = paths_in_out(m), nr = lp_path_n_receivers(m);
+    int rms = cf->norm == LP_NORM_RMS, io = paths_in_out(m), nr = lp_path_n_receivers(m);
     size_t TD = (size_t)T * D;
     char nm[96];
     lp_tensor g, g2;

@@ -168,9 +168,9 @@ int paths_frozen(const lp_model *m, const frozen *fz, int kind, int layer) {
 
 lp_status paths_param(lp_model *m, const char *name, float **out, int64_t *rows, int64_t *cols) {
     *out = NULL;
-    for (int i = 0; i < m->n_params_t; i++) {
-        if (strcmp(m->params[i].name, name) != 0) continue;
-        const param *p = &m->params[i];
+    for (int i = 0; i < m->w.n; i++) {
+        if (strcmp(m->w.params[i].name, name) != 0) continue;
+        const param *p = &m->w.params[i];
         size_t n = (size_t)p->shape[0] * (p->shape[1] ? p->shape[1] : 1), es = lp_act_size(m);
         *rows = p->shape[0], *cols = p->shape[1];
         if (!n) return LP_OK; /* absent (a bias this model has not) */
@@ -188,8 +188,8 @@ lp_status paths_param(lp_model *m, const char *name, float **out, int64_t *rows,
     LP_FAIL(LP_ERR_NOT_FOUND, "%s: no such weight in this model", name);
 }
 
-/* GPT-2 keeps Conv1D's [in, out]; the Llama family Hugging Face's [out, in]. */
-int paths_in_out(const lp_model *m) { return m->cfg.arch == LP_ARCH_GPT2; }
+/* GPT-2 keeps Conv1D's [in, out]; the others Hugging Face's [out, in]. */
+int paths_in_out(const lp_model *m) { return !m->w.trans; }
 
 void paths_sender_hook(const lp_model *m, int s, char *buf, size_t n) {
     int L, k, h;
@@ -223,6 +223,11 @@ void paths_delta(const lp_model *m, int s, int b, int T, const float *c, const f
 }
 
 lp_status paths_no_user_edits(const lp_model *m, const char *what) {
+    /* the senders are heads and MLPs read through W_O / W_out straight into the residual:
+     * a post-norm between them (Gemma) makes that decomposition wrong, so it is refused */
+    if (m->cfg.post_norms)
+        LP_FAIL(LP_ERR_ARG, "%s: %s normalizes each block's output before the residual (post-norms); per-head paths through "
+                "W_O are not defined there", what, m->cfg.name);
     for (int id = 0; id < lp_hook_count(m); id++)
         if (lp_hook_is_edited(m, id))
             LP_FAIL(LP_ERR_ARG, "%s: %s has an edit registered; this method runs its own forwards and would discard it "

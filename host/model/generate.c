@@ -13,7 +13,8 @@
 #include <string.h>
 
 #include "loupe/ops.h"
-#include "model/model_internal.h"
+#include "model/arch.h"
+#include "model/blocks.h"
 #include "core/rng.h"
 
 typedef struct { float p; int id; } cand;
@@ -70,29 +71,30 @@ static lp_status check_patches(const lp_model *m, int to) {
     return LP_OK;
 }
 
-/* One forward of in[0..n) (positions m->gen_pos0.., or 0.. without the cache) through the
- * final norm, then the logits of its last row into m->logits_host. */
+/* One forward of in[0..n) (positions m->kv.pos0.., or 0.. without the cache) through the
+ * final norm, then the logits of its last row into m->res.logits. */
 static lp_status step(lp_model *m, const int32_t *in, int n) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     size_t es = lp_act_size(m), V = cf->d_vocab;
-    m->B = 1, m->T = n;
-    LP_CHECK(lp_ctx_to_device(c, m->tok_dev, in, (size_t)n * sizeof(int32_t)));
-    LP_CHECK(m->forward(m, 1, n, LP_WANT_FINAL_NORM));
+    m->res.B = 1, m->res.T = n;
+    LP_CHECK(lp_ctx_to_device(c, m->a.tok, in, (size_t)n * sizeof(int32_t)));
+    LP_CHECK(m->arch->forward(m, 1, n, LP_WANT_FINAL_NORM));
     const char *row;
     if (edited(m, lp_hook_id(m, HK_UNEMBED_OUT, cf->n_layers))) {
-        row = (const char *)m->logits + (size_t)(n - 1) * V * es; /* the unembed made every row, edited */
+        row = (const char *)m->a.logits + (size_t)(n - 1) * V * es; /* the unembed made every row, edited */
     } else {
-        const char *x = (const char *)m->ln_out + (size_t)(n - 1) * cf->d_model * es;
-        LP_CHECK(lp_matmul(c, m->logits, x, lp_param(m, m->unembed), NULL, 1, cf->d_model, cf->d_vocab, 1));
-        row = m->logits;
+        const char *x = (const char *)m->a.ln_out + (size_t)(n - 1) * cf->d_model * es;
+        LP_CHECK(lp_matmul(c, m->a.logits, x, lp_param(m, m->w.unembed), NULL, 1, cf->d_model, cf->d_vocab, 1));
+        if (cf->final_softcap > 0) LP_CHECK(lp_softcap(c, m->a.logits, m->a.logits, cf->final_softcap, V));
+        row = m->a.logits;
     }
     if (c->device == LP_CPU) {
-        memcpy(m->logits_host, row, V * sizeof(float));
+        memcpy(m->res.logits, row, V * sizeof(float));
         return LP_OK;
     }
-    LP_CHECK(lp_ctx_to_host(c, m->logit_stage, row, V * es));
-    return lp_convert_host(m->logits_host, LP_F32, m->logit_stage, c->dtype, V);
+    LP_CHECK(lp_ctx_to_host(c, m->a.logit_stage, row, V * es));
+    return lp_convert_host(m->res.logits, LP_F32, m->a.logit_stage, c->dtype, V);
 }
 
 static lp_status check_opts(const lp_model *m, const int32_t *prompt, int n_prompt, const lp_gen_opts *o) {
@@ -115,19 +117,19 @@ static lp_status reserve(lp_model *m, int n_prompt, int cap, int whole) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     size_t kvD = (size_t)cf->n_kv_heads * cf->d_head;
-    if (!whole && cap > m->kv_cap) {
-        lp_ctx_release(c, m->kv);
-        m->kv = NULL, m->kv_cap = 0;
-        LP_CHECK(lp_ctx_alloc(c, 2 * (size_t)cf->n_layers * cap * kvD * lp_act_size(m), &m->kv));
-        m->kv_cap = cap;
+    if (!whole && cap > m->kv.cap) {
+        lp_ctx_release(c, m->kv.mem);
+        m->kv.mem = NULL, m->kv.cap = 0;
+        LP_CHECK(lp_ctx_alloc(c, 2 * (size_t)cf->n_layers * cap * kvD * lp_act_size(m), &m->kv.mem));
+        m->kv.cap = cap;
     }
-    if (cf->arch == LP_ARCH_LLAMA && m->rope_n < cap) LP_CHECK(lp_llama_rope_tables(m, cap));
+    LP_CHECK(lp_rope_tables(m, cap));
     LP_CHECK(lp_model_prepare(m, 1, whole ? cap : n_prompt));
-    if (m->logits_rows < 1) {
-        free(m->logits_host);
-        m->logits_host = malloc((size_t)cf->d_vocab * sizeof(float));
-        if (!m->logits_host) LP_FAIL(LP_ERR_OOM, "out of host memory for logits");
-        m->logits_rows = 1;
+    if (m->res.logits_rows < 1) {
+        free(m->res.logits);
+        m->res.logits = malloc((size_t)cf->d_vocab * sizeof(float));
+        if (!m->res.logits) LP_FAIL(LP_ERR_OOM, "out of host memory for logits");
+        m->res.logits_rows = 1;
     }
     return LP_OK;
 }
@@ -149,18 +151,18 @@ lp_status lp_generate(lp_model *m, const int32_t *prompt, int n_prompt, const lp
     lp_status st = LP_OK;
     while (*n_out < o->max_tokens) {
         int k = *n_out;
-        m->generating = 1;
+        m->kv.generating = 1;
         if (whole) { /* the whole sequence so far, without the cache */
-            m->gen_pos0 = -1;
+            m->kv.pos0 = -1;
             st = step(m, seq, n_prompt + k);
         } else { /* the prompt fills the cache; then the last new token alone at its position */
-            m->gen_pos0 = k ? n_prompt + k - 1 : 0;
+            m->kv.pos0 = k ? n_prompt + k - 1 : 0;
             st = step(m, k ? &out[k - 1] : prompt, k ? 1 : n_prompt);
         }
-        m->generating = 0, m->gen_pos0 = -1;
+        m->kv.generating = 0, m->kv.pos0 = -1;
         if (st != LP_OK) break;
-        if (o->on_logits && (st = o->on_logits(k, m->logits_host, V, o->user)) != LP_OK) break;
-        int32_t tok = pick(m->logits_host, V, o, &rng, scratch);
+        if (o->on_logits && (st = o->on_logits(k, m->res.logits, V, o->user)) != LP_OK) break;
+        int32_t tok = pick(m->res.logits, V, o, &rng, scratch);
         out[(*n_out)++] = tok;
         if (seq) seq[n_prompt + k] = tok;
         if (o->on_token && (st = o->on_token(tok, o->user)) != LP_OK) break;
@@ -169,7 +171,7 @@ lp_status lp_generate(lp_model *m, const int32_t *prompt, int n_prompt, const lp
     free(scratch);
     free(seq);
     /* no capture describes these steps: lp_capture_get refuses until the next forward */
-    m->B = m->T = 0;
-    m->have_logits = 0;
+    m->res.B = m->res.T = 0;
+    m->res.have_logits = 0;
     return st;
 }

@@ -11,6 +11,10 @@ static const char *const g_layer_names[HK_PER_LAYER] = {
     [HK_RESID_PRE] = "hook_resid_pre",     [HK_LN1_SCALE] = "ln1.hook_scale",
     [HK_LN1_NORM] = "ln1.hook_normalized", [HK_Q] = "attn.hook_q",
     [HK_K] = "attn.hook_k",                [HK_V] = "attn.hook_v",
+    [HK_QN_SCALE] = "attn.q_norm.hook_scale", [HK_QN_NORM] = "attn.q_norm.hook_normalized",
+    [HK_KN_SCALE] = "attn.k_norm.hook_scale", [HK_KN_NORM] = "attn.k_norm.hook_normalized",
+    [HK_LN1P_SCALE] = "ln1_post.hook_scale", [HK_LN1P_NORM] = "ln1_post.hook_normalized",
+    [HK_LN2P_SCALE] = "ln2_post.hook_scale", [HK_LN2P_NORM] = "ln2_post.hook_normalized",
     [HK_ROT_Q] = "attn.hook_rot_q",        [HK_ROT_K] = "attn.hook_rot_k",
     [HK_SCORES] = "attn.hook_attn_scores", [HK_PATTERN] = "attn.hook_pattern",
     [HK_Z] = "attn.hook_z",                [HK_ATTN_OUT] = "hook_attn_out",
@@ -26,9 +30,12 @@ size_t lp_act_size(const lp_model *m) { return lp_dtype_size(m->ctx.dtype); }
 static void set_view(hook *h, const lp_config *c) {
     h->H = 1, h->E = c->d_model, h->head_outer = 0, h->e_is_pos = 0;
     switch (h->kind) {
-    case HK_LN1_SCALE: case HK_LN2_SCALE: case HK_LNF_SCALE: h->E = 1; break;
-    case HK_Q: case HK_ROT_Q: case HK_Z: h->H = c->n_heads, h->E = c->d_head; break;
-    case HK_K: case HK_V: case HK_ROT_K: h->H = c->n_kv_heads, h->E = c->d_head; break;
+    case HK_LN1_SCALE: case HK_LN2_SCALE: case HK_LNF_SCALE: case HK_LN1P_SCALE: case HK_LN2P_SCALE: h->E = 1; break;
+    case HK_Q: case HK_ROT_Q: case HK_Z: case HK_QN_NORM: h->H = c->n_heads, h->E = c->d_head; break;
+    case HK_K: case HK_V: case HK_ROT_K: case HK_KN_NORM: h->H = c->n_kv_heads, h->E = c->d_head; break;
+    /* TransformerLens flattens the q/k norms' rows to [B*T*H, ...]; loupe keeps [B, T, H, ...] */
+    case HK_QN_SCALE: h->H = c->n_heads, h->E = 1; break;
+    case HK_KN_SCALE: h->H = c->n_kv_heads, h->E = 1; break;
     case HK_SCORES: case HK_PATTERN: h->H = c->n_heads, h->head_outer = 1, h->e_is_pos = 1; break;
     case HK_MLP_PRE: case HK_MLP_PRE_LINEAR: case HK_MLP_POST: h->E = c->d_mlp; break;
     case HK_UNEMBED_OUT: h->E = c->d_vocab; break;
@@ -38,10 +45,12 @@ static void set_view(hook *h, const lp_config *c) {
 
 /* Whether the architecture has this hook point. */
 static int arch_has(const lp_config *c, int kind) {
-    int rotary = c->arch == LP_ARCH_LLAMA;
     switch (kind) {
-    case HK_POS_EMBED: return !rotary;
-    case HK_ROT_Q: case HK_ROT_K: case HK_MLP_PRE_LINEAR: return rotary;
+    case HK_POS_EMBED: return c->pos == LP_POS_LEARNED;
+    case HK_ROT_Q: case HK_ROT_K: return c->pos == LP_POS_ROTARY;
+    case HK_MLP_PRE_LINEAR: return c->mlp != LP_MLP_GELU;
+    case HK_QN_SCALE: case HK_QN_NORM: case HK_KN_SCALE: case HK_KN_NORM: return c->qk_norm;
+    case HK_LN1P_SCALE: case HK_LN1P_NORM: case HK_LN2P_SCALE: case HK_LN2P_NORM: return c->post_norms;
     default: return 1;
     }
 }
@@ -99,7 +108,8 @@ int lp_hook_find(const lp_model *m, const char *name) {
 /* [.., head, d_head] hooks keep their head axis even with one head (TransformerLens does). */
 static int has_head_axis(const hook *h) {
     switch (h->kind) {
-    case HK_Q: case HK_K: case HK_V: case HK_ROT_Q: case HK_ROT_K: case HK_Z: return 1;
+    case HK_Q: case HK_K: case HK_V: case HK_ROT_Q: case HK_ROT_K: case HK_Z: case HK_QN_SCALE: case HK_QN_NORM:
+    case HK_KN_SCALE: case HK_KN_NORM: return 1;
     default: return h->H > 1;
     }
 }
@@ -277,7 +287,7 @@ static lp_status upload_bytes(lp_model *m, const void *src, size_t n, void **dst
 
 lp_status lp_hooks_prepare(lp_model *m) {
     lp_ctx *c = &m->ctx;
-    int B = m->B_max, T = m->T_max;
+    int B = m->a.B_max, T = m->a.T_max;
     for (int i = 0; i < m->n_hooks; i++) {
         hook *h = &m->hooks[i];
         free_device(m, h);
@@ -313,7 +323,7 @@ int lp_hooks_last_layer(const lp_model *m) {
     return last;
 }
 
-int lp_hook_first_pos(const lp_model *m) { return m->gen_pos0 > 0 ? m->gen_pos0 : 0; }
+int lp_hook_first_pos(const lp_model *m) { return m->kv.pos0 > 0 ? m->kv.pos0 : 0; }
 
 /* Positions per source row of a patch, or 0 when the hook has none (scores, pattern). */
 static size_t patch_row(const hook *h) { return h->e_is_pos ? 0 : (size_t)h->H * h->E; }
@@ -350,7 +360,7 @@ static lp_status run_edits(lp_model *m, hook *h, int id, void *act, lp_view v, s
             continue;
         }
         const char *src = e->src_dev;
-        if (e->spec.kind == LP_EDIT_PATCH && m->generating) {
+        if (e->spec.kind == LP_EDIT_PATCH && m->kv.generating) {
             LP_CHECK(lp_gen_patch_check(m, id, pos0, pos0 + v.P));
             src += (size_t)pos0 * patch_row(h) * lp_act_size(m);
         } else if (e->spec.kind == LP_EDIT_PATCH && e->spec.src_len != n) {
@@ -366,10 +376,10 @@ static lp_status run_edits(lp_model *m, hook *h, int id, void *act, lp_view v, s
 lp_status lp_hook_site(lp_model *m, int id, void *act) {
     if (id < 0) return LP_OK; /* absent hook */
     hook *h = &m->hooks[id];
-    int capture = h->capture && !m->generating; /* generation edits but captures nothing */
+    int capture = h->capture && !m->kv.generating; /* generation edits but captures nothing */
     if (!capture && !h->edits) return LP_OK;
     lp_ctx *c = &m->ctx;
-    int B = m->B, T = m->T;
+    int B = m->res.B, T = m->res.T;
     lp_view v = view_of(h, B, T);
     size_t n = (size_t)v.B * v.P * v.H * v.E;
     LP_CHECK(run_edits(m, h, id, act, v, n));
@@ -393,7 +403,7 @@ lp_status lp_hook_site(lp_model *m, int id, void *act) {
 
 lp_status lp_hook_edit_jacobian(lp_model *m, int id, void *grad, int *unknown) {
     hook *h = &m->hooks[id];
-    lp_view v = view_of(h, m->B, m->T);
+    lp_view v = view_of(h, m->res.B, m->res.T);
     /* masks commute: the order of the edits does not matter */
     for (edit *e = h->edits; e; e = e->next) {
         int stop = e->spec.kind != LP_EDIT_ADD;
@@ -411,14 +421,6 @@ size_t lp_hook_capture_bytes(const lp_model *m, int id) { return m->hooks[id].ca
 int lp_hook_is_captured(const lp_model *m, int id) { return id >= 0 && id < m->n_hooks && m->hooks[id].capture; }
 int lp_hook_is_edited(const lp_model *m, int id) { return id >= 0 && id < m->n_hooks && m->hooks[id].edits; }
 
-int lp_hooks_want_attn_mats(const lp_model *m) {
-    for (int L = 0; L < m->cfg.n_layers; L++)
-        if (lp_hook_active(m, lp_hook_id(m, HK_SCORES, L)) || lp_hook_active(m, lp_hook_id(m, HK_PATTERN, L)) ||
-            lp_grad_wanted(m, HK_SCORES, L) || lp_grad_wanted(m, HK_PATTERN, L))
-            return 1;
-    return 0;
-}
-
 int lp_hooks_want_full_logits(const lp_model *m) { return lp_hook_active(m, lp_hook_id(m, HK_UNEMBED_OUT, m->cfg.n_layers)); }
 
 lp_status lp_hooks_finish(lp_model *m) { return lp_ctx_sync(&m->ctx); }
@@ -427,12 +429,12 @@ lp_status lp_capture_get(lp_model *m, const char *name, lp_tensor *out) {
     int id = lp_hook_find(m, name);
     if (id < 0) LP_FAIL(LP_ERR_NOT_FOUND, "unknown hook '%s'", name);
     hook *h = &m->hooks[id];
-    if (!h->capture || !h->cap_host || m->B == 0) LP_FAIL(LP_ERR_NOT_FOUND, "hook '%s' was not captured in the last forward", name);
+    if (!h->capture || !h->cap_host || m->res.B == 0) LP_FAIL(LP_ERR_NOT_FOUND, "hook '%s' was not captured in the last forward", name);
     memset(out, 0, sizeof *out);
     out->data = h->cap_host;
     out->dtype = m->ctx.dtype;
     out->device = LP_CPU;
-    out->ndim = shape_of(h, m->B, h->cap_pos ? h->cap_npos : m->T, m->T, out->shape);
+    out->ndim = shape_of(h, m->res.B, h->cap_pos ? h->cap_npos : m->res.T, m->res.T, out->shape);
     return LP_OK;
 }
 

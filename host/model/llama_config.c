@@ -166,11 +166,12 @@ static lp_status read_dims(const char *path, const cJSON *root, int mistral, int
     return LP_OK;
 }
 
-lp_status lp_llama_read_hf_config(lp_model *m, const char *dir) {
-    char path[1200];
-    snprintf(path, sizeof path, "%s/config.json", dir);
-    cJSON *root;
-    LP_CHECK(lp_jcfg_open(path, &root));
+void lp_llama_set_shape(lp_config *c) {
+    c->arch = LP_ARCH_LLAMA;
+    c->norm = LP_NORM_RMS, c->pos = LP_POS_ROTARY, c->mlp = LP_MLP_SWIGLU;
+}
+
+lp_status lp_llama_read_hf_config(lp_model *m, const char *path, const cJSON *root) {
     lp_status st = LP_OK;
     lp_config *c = &m->cfg;
     const char *type, *act;
@@ -178,7 +179,7 @@ lp_status lp_llama_read_hf_config(lp_model *m, const char *dir) {
     int qwen2 = strcmp(type, "qwen2") == 0, mistral = strcmp(type, "mistral") == 0, llama = strcmp(type, "llama") == 0;
     if (!qwen2 && !mistral && !llama)
         REFUSE("%s: model_type '%s' is not supported (supported: gpt2, llama, mistral, qwen2)", path, type);
-    c->arch = LP_ARCH_LLAMA;
+    lp_llama_set_shape(c);
     snprintf(c->name, sizeof c->name, "%s", type);
     if (jget(root, "quantization_config"))
         REFUSE("%s: \"quantization_config\": quantized Hugging Face checkpoints are not supported (GGUF is)", path);
@@ -199,7 +200,6 @@ lp_status lp_llama_read_hf_config(lp_model *m, const char *dir) {
     TRY(read_window(path, root, mistral, qwen2, c));
     st = lp_llama_check_config(path, c);
 done:
-    cJSON_Delete(root);
     return st;
 }
 
@@ -241,6 +241,8 @@ static lp_status gguf_rope_scaling(const lp_gguf *g, const char *arch, lp_config
     return gguf_float(g, arch, "rope.scaling.factor", 0, HUGE_VAL, NAN, &c->rope_factor);
 }
 
+/* Also the dimensions, norm epsilon and rotary base of Gemma's GGUF files (gemma.c), which
+ * use the same keys under their own architecture name. */
 lp_status lp_llama_read_gguf_config(lp_model *m, const lp_gguf *g) {
     const char *path = lp_gguf_path(g);
     const char *s;
@@ -249,10 +251,8 @@ lp_status lp_llama_read_gguf_config(lp_model *m, const lp_gguf *g) {
         LP_FAIL(LP_ERR_FORMAT, "%s: metadata key 'general.architecture' is missing", path);
     char arch[32];
     snprintf(arch, sizeof arch, "%.*s", (int)(len < 31 ? len : 31), s);
-    if (strcmp(arch, "llama") != 0 && strcmp(arch, "qwen2") != 0)
-        LP_FAIL(LP_ERR_FORMAT, "%s: GGUF architecture '%s' is not supported (supported: llama, qwen2)", path, arch);
     lp_config *c = &m->cfg;
-    c->arch = LP_ARCH_LLAMA;
+    lp_llama_set_shape(c);
     snprintf(c->name, sizeof c->name, "%s", arch);
     const lp_gguf_tensor *emb = lp_gguf_find_tensor(g, "token_embd.weight");
     if (!emb || emb->n_dims != 2) LP_FAIL(LP_ERR_FORMAT, "%s: tensor 'token_embd.weight' is missing or not 2-D", path);

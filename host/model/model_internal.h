@@ -1,5 +1,16 @@
-/* model_internal.h: what the model files share: the hook table, the per-hook
- * capture and edit state, and the activation buffers of one forward. */
+/* model_internal.h: host/model/, the model layer: what a model is in memory and what its
+ * files share. The layer owns the hook table and the hook sites (hooks.c), the weight table
+ * and the one streaming loader (weights.c), the architectures (gpt2.c, llama.c, gemma.c, each
+ * one table: arch.h) and their registry (registry.c), the blocks every architecture is
+ * written in, each forward beside its backward (blocks.c, attend.c), the model driver
+ * (model.c), the tape and the gradients (tape.c, grad.c, metric.c) and generation
+ * (generate.c). It uses core/, ops/ and io/ only; store/, sae/ and everything above use it
+ * through include/loupe/model.h and hooks.h (and, for the few that need weights or hook
+ * internals, this header).
+ *
+ * lp_model is split by lifetime: weights (load to free), hooks (registered by the user),
+ * acts (one forward's buffers, resized by prepare), kv (while generating), rope tables,
+ * the tape (one backward), grad (kept gradients) and res (results of the last forward). */
 #ifndef LOUPE_MODEL_INTERNAL_H
 #define LOUPE_MODEL_INTERNAL_H
 
@@ -8,14 +19,16 @@
 
 /* Hook kinds inside a block, in forward order; the model-level ones follow. */
 enum {
-    HK_RESID_PRE, HK_LN1_SCALE, HK_LN1_NORM, HK_Q, HK_K, HK_V, HK_ROT_Q, HK_ROT_K, HK_SCORES, HK_PATTERN,
-    HK_Z, HK_ATTN_OUT, HK_RESID_MID, HK_LN2_SCALE, HK_LN2_NORM, HK_MLP_PRE, HK_MLP_PRE_LINEAR, HK_MLP_POST,
-    HK_MLP_OUT, HK_RESID_POST, HK_PER_LAYER,
+    HK_RESID_PRE, HK_LN1_SCALE, HK_LN1_NORM, HK_Q, HK_K, HK_V, HK_QN_SCALE, HK_QN_NORM, HK_KN_SCALE, HK_KN_NORM,
+    HK_ROT_Q, HK_ROT_K, HK_SCORES, HK_PATTERN, HK_Z, HK_LN1P_SCALE, HK_LN1P_NORM, HK_ATTN_OUT, HK_RESID_MID,
+    HK_LN2_SCALE, HK_LN2_NORM, HK_MLP_PRE, HK_MLP_PRE_LINEAR, HK_MLP_POST, HK_LN2P_SCALE, HK_LN2P_NORM, HK_MLP_OUT,
+    HK_RESID_POST, HK_PER_LAYER,
     HK_EMBED = HK_PER_LAYER, HK_POS_EMBED, HK_LNF_SCALE, HK_LNF_NORM, HK_UNEMBED_IN, HK_UNEMBED_OUT, HK_N_KINDS,
 };
-/* Hook points an architecture does not have (GPT-2: no rotary or gated MLP hooks;
- * Llama: no hook_pos_embed) are absent from the table: lp_hook_id gives -1 for them,
- * and lp_hook_site / lp_hook_active treat -1 as "nobody is listening". */
+/* Hook points an architecture does not have (GPT-2: no rotary or gated MLP hooks; Llama: no
+ * hook_pos_embed; only Gemma has the post-norms' and q/k norms' hooks) are absent from the
+ * table: lp_hook_id gives -1 for them, and lp_hook_site / lp_hook_active treat -1 as "nobody
+ * is listening". */
 
 typedef struct edit {
     lp_edit_spec spec; /* arrays below are owned copies */
@@ -46,67 +59,132 @@ typedef struct hook {
 typedef struct param {
     char name[96];
     int ndim;
-    int64_t shape[2];
-    size_t offset; /* in elements */
+    int64_t shape[2];    /* rows 0: the model has no such weight */
+    size_t offset;       /* in elements */
 } param;
+
+/* The weights of a block, by role: every architecture's table is laid out this way (roles it
+ * lacks have zero rows), so that the blocks find a weight by its role alone. */
+enum {
+    W_LN1, W_LN1_B, W_Q, W_K, W_V, W_BQ, W_BK, W_BV, W_QN, W_KN, W_O, W_BO, W_LN1P,
+    W_LN2, W_LN2_B, W_GATE, W_IN, W_BIN, W_OUT, W_BOUT, W_LN2P, W_PER_LAYER,
+};
+
+/* Weights: one allocation on the device, carved by the param table (load to free). */
+typedef struct mdl_weights {
+    param *params;
+    int n;                /* entries of params */
+    int64_t n_params;     /* values in all of them */
+    void *mem;
+    size_t bytes;
+    int trans;            /* linear weights [out, in] (1: nn.Linear, GGUF) or [in, out] (0: GPT-2's Conv1D) */
+    int embed, pos_embed; /* param indices: [V, D] and [n_ctx, D] (-1: none) */
+    int first_layer;      /* layer L's role r is params[first_layer + L * W_PER_LAYER + r] */
+    int lnf_w, lnf_b;     /* [D] each (lnf_b -1: none) */
+    int unembed;          /* [V, D], used transposed (the embedding when tied) */
+} mdl_weights;
+
+/* One forward's buffers, sized for B_max x T_max: one allocation (resized by prepare). */
+typedef struct mdl_acts {
+    int B_max, T_max;
+    void *mem;
+    size_t bytes;
+    void *resid;          /* [B, T, D] the residual stream */
+    void *ln_out;         /* [B, T, D] the last norm's output (after its weight) */
+    void *ln_norm;        /* [B, T, D] its normalized value, only while a hook reads it */
+    void *ln_scale;       /* [B, T] */
+    void *q;              /* [B, T, H, dh] */
+    void *k, *v;          /* [B, T, Hkv, dh] */
+    void *q_pre, *k_pre;  /* [B, T, H | Hkv, dh] q and k before their norms (Gemma 3) */
+    void *qk_scale;       /* [B, T, H] the q/k norms' scales (Gemma 3) */
+    void *scores, *pattern; /* [B, H, T, T], only while a hook needs them */
+    void *z;              /* [B, T, H, dh] */
+    void *attn_out;       /* [B, T, D] */
+    void *mlp_pre, *mlp_lin, *mlp_post; /* [B, T, F] (mlp_lin: gated MLPs only) */
+    void *mlp_out;        /* [B, T, D] */
+    void *branch;         /* [B, T, D] a block's output before its post-norm (Gemma) */
+    void *pos_buf;        /* [B, T, D] position embeddings (GPT-2) */
+    void *logits;         /* [logit_rows, V] */
+    int32_t *tok, *tgt;   /* [B, T] */
+    float *loss;          /* [B, T] */
+    int logit_rows;       /* rows of logits computed per chunk */
+    int attn_mats;        /* whether scores and pattern are reserved */
+    int32_t *tgt_host;    /* [B_max * T_max] staging for targets */
+    float *loss_stage;    /* [B_max * T_max] staging for per-position losses */
+    void *logit_stage;    /* one chunk of logits in the act dtype, for the GPU's copy back */
+} mdl_acts;
+
+/* What a block reads and writes in layer L: the tape's slices while the backward will need
+ * them, else the forward's own buffers (tape_acts in tape.c). Shapes as in acts. */
+typedef struct layer_acts {
+    void *resid_pre, *resid_mid;      /* [B, T, D] copies kept for the backward (NULL: none) */
+    void *ln1_scale, *ln2_scale;      /* [B, T] */
+    void *ln1_out, *ln2_out;          /* [B, T, D] */
+    void *q, *k, *v;                  /* [B, T, H | Hkv, dh] after the q/k norms and rotary */
+    void *q_pre, *k_pre;              /* [B, T, H | Hkv, dh] before the q/k norms (Gemma 3) */
+    void *qn_scale, *kn_scale;        /* [B, T, H | Hkv] */
+    void *scores, *pattern;           /* [B, H, T, T] */
+    void *z;                          /* [B, T, H, dh] */
+    void *attn_pre, *mlp_branch;      /* [B, T, D] the block outputs before their post-norms */
+    void *ln1p_scale, *ln2p_scale;    /* [B, T] */
+    void *mlp_pre, *mlp_lin, *mlp_post; /* [B, T, F] */
+} layer_acts;
+
+/* The tape: what the forward keeps for the backward, one allocation carved per layer
+ * (layer n_layers: the final norm's input in resid_pre and its scale in ln1_scale). */
+typedef struct mdl_tape {
+    int on;               /* the forward is keeping what the backward needs */
+    int top;              /* layers 0..top are kept (n_layers: and the final norm) */
+    layer_acts *layer;    /* [n_layers + 1] */
+    void *mem;
+    size_t bytes;
+} mdl_tape;
+
+/* Generation: a KV cache [2 * n_layers][cap][Hkv * dh], act dtype. While pos0 >= 0 a
+ * forward of batch 1 appends to it at position pos0. */
+typedef struct mdl_kv {
+    void *mem;
+    int cap, pos0;
+    /* while lp_generate runs: hook sites apply edits at absolute positions (row 0 is pos0,
+     * or 0 when a step recomputes the whole sequence) and take no captures */
+    int generating;
+} mdl_kv;
+
+/* Rotary tables: F32 [n, dh/2] on the device, for global layers and (Gemma 3) local ones. */
+typedef struct mdl_rope {
+    float *cos, *sin, *cos_local, *sin_local;
+    int n;
+    float *freq_div;      /* host [dh/2] divisors of the inverse frequencies (GGUF rope_freqs), or NULL */
+} mdl_rope;
+
+/* Results of the last forward, on the host. */
+typedef struct mdl_results {
+    int B, T;
+    float *logits, *losses;
+    size_t logits_rows;   /* rows logits can hold */
+    int have_logits, have_losses;
+} mdl_results;
+
+typedef struct model_arch model_arch;
 
 struct lp_model {
     lp_config cfg;
     lp_ctx ctx;
     char path[1024];
-    /* weights: one allocation on the device, carved by the param table */
-    param *params;
-    int n_params_t;
-    int64_t n_params;
-    void *weights;
-    size_t weight_bytes;
+    const model_arch *arch;
+    mdl_weights w;
     /* hooks */
     hook *hooks;
     int n_hooks;
-    int *hook_index; /* [(n_layers + 1) * HK_N_KINDS]: (layer, kind) -> hook id or -1 */
+    int *hook_index;      /* [(n_layers + 1) * HK_N_KINDS]: (layer, kind) -> hook id or -1 */
     int any_hook_dirty;
-    /* activations, sized for B_max x T_max: one allocation */
-    int B_max, T_max;
-    void *acts;
-    size_t acts_bytes;
-    void *resid, *ln_out, *ln_norm, *ln_scale, *q, *k, *v, *scores, *pattern, *z, *attn_out, *mlp_pre,
-        *mlp_lin, *mlp_post, *mlp_out, *logits, *pos_buf;
-    int32_t *tok_dev, *tgt_dev;
-    float *loss_dev;
-    int logit_rows;       /* rows of logits computed per chunk */
-    int acts_attn_mats;   /* whether scores and pattern buffers are reserved */
-    int unembed;          /* param index of the unembedding ([V, D], used transposed) */
-    int32_t *tgt_host;    /* [B_max*T_max] staging for targets */
-    float *loss_stage;    /* [B_max*T_max] staging for per-position losses */
-    void *logit_stage;    /* one chunk of logits in the act dtype, for the GPU's copy back */
-    /* the architecture's forward (gpt2.c, llama.c) */
-    lp_status (*forward)(lp_model *m, int B, int T, int want);
-    /* rotary tables (Llama family): F32 [rope_n, d_head/2] on the device */
-    float *rope_cos, *rope_sin;
-    int rope_n;
-    float *rope_freq_div; /* host [d_head/2] divisors of the inverse frequencies (GGUF rope_freqs), or NULL */
-    /* generation: a KV cache of [2 * n_layers][kv_cap][n_kv_heads * d_head], act dtype;
-     * while gen_pos0 >= 0 a forward of batch 1 appends to it at position gen_pos0 */
-    void *kv;
-    int kv_cap, gen_pos0;
-    /* while lp_generate runs: hook sites apply edits at absolute positions (row 0 is
-     * gen_pos0, or 0 when a step recomputes the whole sequence) and take no captures */
-    int generating;
-    /* backward (host/model/backward.c): while taping, the forward keeps what the backward needs
-     * per layer in tape[L] ([n_layers] is the final norm) */
-    int taping, tape_top;      /* taping: layers 0..tape_top are kept (n_layers: and the final norm) */
-    struct tape_layer *tape;
-    void *tape_mem;
-    size_t tape_bytes;
-    void *base_q, *base_k, *base_v, *base_scores, *base_pattern, *base_mlp_pre, *base_mlp_lin, *base_ln_scale;
-    void *base_ln_out, *base_z, *base_mlp_post;
-    struct grad_state *grad;   /* hook gradients wanted and captured (NULL: none) */
+    mdl_acts a;
+    mdl_kv kv;
+    mdl_rope rope;
+    mdl_tape tp;
+    struct grad_state *grad;   /* hook gradients wanted and kept (NULL: none); grad.c */
     void *grad_ones;           /* ones in the act dtype, for broadcasts in the backward */
-    /* results of the last forward, on the host */
-    int B, T;
-    float *logits_host, *losses_host;
-    size_t logits_rows; /* rows logits_host can hold */
-    int have_logits, have_losses;
+    mdl_results res;
 };
 
 size_t lp_act_size(const lp_model *m); /* bytes per activation element */
@@ -122,6 +200,7 @@ int lp_hook_id(const lp_model *m, int kind, int layer);
 int lp_hooks_last_layer(const lp_model *m);
 /* Runs the edits, then the capture, of hook id on activation act of the current batch. */
 lp_status lp_hook_site(lp_model *m, int id, void *act);
+#define SITE(kind, layer, buf) LP_CHECK(lp_hook_site(m, lp_hook_id(m, (kind), (layer)), (buf)))
 /* While generating: refuses a patch edit of hook id that would reach a position in
  * [from, to) its source does not cover, or whose shape grows with the sequence. */
 lp_status lp_gen_patch_check(const lp_model *m, int id, int from, int to);
@@ -129,109 +208,75 @@ lp_status lp_gen_patch_check(const lp_model *m, int id, int from, int to);
 size_t lp_hook_capture_bytes(const lp_model *m, int id);
 /* Waits for capture copies of the last forward. */
 lp_status lp_hooks_finish(lp_model *m);
-
-/* What the backward of layer L needs from its forward. */
-typedef struct tape_layer {
-    void *resid_pre, *ln1_scale, *q, *k, *v, *scores, *pattern, *resid_mid, *ln2_scale, *mlp_pre, *mlp_lin;
-    /* the linear layers' inputs, kept only where a weight's gradient is wanted */
-    void *ln1_out, *z, *ln2_out, *mlp_post;
-} tape_layer;
-
-/* Called by the forwards while m->taping: after the resid_pre site of layer L (keeps the
- * residual, points q/k/v/scores/pattern/mlp/ln_scale at the layer's tape), after the
- * resid_mid site, and before the final norm (layer n_layers). */
-lp_status lp_tape_layer(lp_model *m, int L);
-lp_status lp_tape_mid(lp_model *m, int L);
-lp_status lp_tape_final(lp_model *m);
-/* Bytes of the tape for a B x T batch (what lp_grad_wanted asks for), carving m->tape_mem
- * into m->tape when `carve`; and the forward's own buffers back once the backward is done. */
-size_t lp_tape_layout(lp_model *m, int B, int T, int carve);
-void lp_tape_restore(lp_model *m);
-#define TAPE(call)                      \
-    do {                                \
-        if (m->taping) LP_CHECK(call);  \
-    } while (0)
-
-/* The backward: the gradient of the metric flows into d_ln_final (the final norm's output,
- * [N, d_model]); each architecture takes it to the embeddings, calling lp_grad_site at
- * every hook point it passes. */
-lp_status lp_grad_site(lp_model *m, int kind, int layer, void *grad);
-/* Whether the backward must stop at (kind, layer): its gradient is wanted, a direction
- * enters there or the forward edited it (so the backward goes the long way, e.g. through the
- * pattern instead of the fused attention). */
-int lp_grad_wanted(const lp_model *m, int kind, int layer);
-/* Whether the direction metric's direction enters at (kind, layer). */
-int lp_grad_enters(const lp_model *m, int kind, int layer);
+/* Whether unembed.hook_out is captured or edited: then the forward keeps all B x T rows of
+ * logits at once (otherwise they pass through in row chunks and are never whole). */
+int lp_hooks_want_full_logits(const lp_model *m);
 /* The Jacobian of hook id's edits applied to grad (its gradient after the edits, the hook's
  * shape for the current batch), in place: zero where an edit replaced the value, unchanged
  * where it steered, as the edit's spec declares for a callback. *unknown is set when a
  * callback's Jacobian is not declared (grad is then left as it is). */
 lp_status lp_hook_edit_jacobian(lp_model *m, int id, void *grad, int *unknown);
-typedef struct bw_bufs {
-    void *dresid, *dtmp, *dln, *dq, *dk, *dv, *dz, *da, *db, *dc, *dpat, *dsc, *dscale, *ones;
-    /* only where a norm's scale is edited or a direction enters there: [N, d_model], [N], and
-     * d_model values of 1 / d_model */
-    void *nrm, *nsc, *invd;
-} bw_bufs;
-/* top: n_layers to start at the final norm's output (g->dln), else the layer whose
- * resid_post the (zero) gradient starts at. */
-lp_status lp_gpt2_backward(lp_model *m, bw_bufs *g, int B, int T, int top);
-lp_status lp_llama_backward(lp_model *m, bw_bufs *g, int B, int T, int top);
-/* dx of a linear layer out = x W (w_trans 0, W [K,M]) or x W^T (w_trans 1, W [M,K]). */
-lp_status lp_bw_linear(lp_ctx *c, void *dx, const void *dy, const void *W, int N, int K, int M, int w_trans);
+
+/* ---- the weight table (weights.c) ---- */
+
+/* Address of weight idx (NULL when the model has no such weight). */
+static inline void *lp_param(const lp_model *m, int idx) {
+    return idx >= 0 && m->w.params[idx].shape[0] ? (char *)m->w.mem + m->w.params[idx].offset * lp_act_size(m) : NULL;
+}
+/* Layer L's weight of role r, and its index. */
+static inline int lp_lw_idx(const lp_model *m, int L, int r) { return m->w.first_layer + L * W_PER_LAYER + r; }
+static inline void *lp_lw(const lp_model *m, int L, int r) { return lp_param(m, lp_lw_idx(m, L, r)); }
+
+/* ---- the tape (tape.c) ---- */
+
+/* The buffers layer L of the current forward reads and writes (the tape's where it keeps
+ * them). Layer n_layers: the final norm (resid_pre, ln1_scale). */
+layer_acts lp_layer_acts(const lp_model *m, int L);
+/* Keeps the residual in the tape before layer L's first norm (mid = 0) or its second (mid =
+ * 1); layer n_layers: before the final norm. No-op unless taping reaches L. */
+lp_status lp_tape_resid(lp_model *m, int L, int mid);
+/* Bytes of the tape for a B x T batch (what lp_grad_wanted asks for), carving m->tp.mem
+ * when `carve`. */
+size_t lp_tape_layout(lp_model *m, int B, int T, int carve);
+#define TAPE(L, mid) LP_CHECK(lp_tape_resid(m, (L), (mid)))
+
+/* ---- gradients (grad.c) ---- */
+
+/* The backward's stop at hook (kind, layer): keeps the gradient when wanted, adds a
+ * direction entering there and applies the forward's edits' Jacobian. */
+lp_status lp_grad_site(lp_model *m, int kind, int layer, void *grad);
+#define GSITE(kind, layer, buf) LP_CHECK(lp_grad_site(m, (kind), (layer), (buf)))
+/* Whether the backward must stop at (kind, layer): its gradient is wanted, a direction
+ * enters there or the forward edited it (so the backward goes the long way, e.g. through the
+ * pattern instead of the fused attention). */
+int lp_grad_wanted(const lp_model *m, int kind, int layer);
+/* Whether any hook or wanted gradient needs the [B,H,T,T] score and pattern buffers. */
+int lp_hooks_want_attn_mats(const lp_model *m);
+/* Whether the direction metric's direction enters at (kind, layer). */
+int lp_grad_enters(const lp_model *m, int kind, int layer);
 void lp_grad_free(lp_model *m);
 /* Weight gradients: whether any weight of layer L is wanted, and dW of param idx for a
- * linear layer out = x W (w_trans 0, W [K,M]) or x W^T (w_trans 1, W [M,K]) from its input
- * x [N,K] and output gradient dy [N,M] (kept on the host when wanted). */
+ * linear layer from its input x [N,K] and output gradient dy [N,M] (kept on the host when
+ * wanted; the layout is the model's, m->w.trans). */
 int lp_param_layer_wanted(const lp_model *m, int L);
-lp_status lp_param_grad(lp_model *m, int idx, const void *x, const void *dy, int N, int K, int M, int w_trans);
-/* dq, dk, dv from g->dz through layer L's attention (the fused backward, or the three
- * steps with gradient sites at the pattern and the scores when they are wanted). */
-lp_status lp_attn_core_backward(lp_model *m, bw_bufs *g, const tape_layer *t, int L, int B, int T);
-#define GSITE(kind, layer, buf) LP_CHECK(lp_grad_site(m, (kind), (layer), (buf)))
+lp_status lp_param_grad(lp_model *m, int idx, const void *x, const void *dy, int N, int K, int M);
 
-/* An internal lp_model_forward flag: run every layer and the final norm (into m->ln_out)
- * even when no hook needs them and no logits are wanted (the metric of backward.c). */
+/* The backward's buffers: gradients flowing down ([N, width] each; metric.c sizes them). */
+typedef struct bw_bufs {
+    void *dresid, *dtmp, *dln, *dq, *dk, *dv, *dz, *da, *db, *dc, *dpat, *dsc, *dscale, *ones;
+    void *dbr;            /* [N, D] a branch's gradient before its post-norm (Gemma) */
+    /* only where a norm's scale is edited or a direction enters there: [N, width], [N], and
+     * d_model values of 1 / d_model, d_head values of 1 / d_head (the q/k norms) */
+    void *nrm, *nsc, *invd, *invdh;
+} bw_bufs;
+
+/* An internal lp_model_forward flag: run every layer and the final norm (into ln_out) even
+ * when no hook needs them and no logits are wanted (the metrics of metric.c). */
 #define LP_WANT_FINAL_NORM 0x100
 
-/* Whether any hook needs the [B,H,T,T] score and pattern buffers. */
-int lp_hooks_want_attn_mats(const lp_model *m);
-/* Whether unembed.hook_out is captured or edited: then the forward keeps all B x T rows of
- * logits at once (otherwise they pass through in row chunks and are never whole). */
-int lp_hooks_want_full_logits(const lp_model *m);
-
-/* Address of weight idx of the param table. */
-static inline void *lp_param(const lp_model *m, int idx) {
-    return m->params[idx].shape[0] ? (char *)m->weights + m->params[idx].offset * lp_act_size(m) : NULL;
-}
-/* Adds a [rows, cols] weight (cols = 0: a vector; rows = 0: absent) to the param table. */
-void lp_param_add(lp_model *m, const char *name, int64_t rows, int64_t cols, size_t *off);
-/* Sums the param table into m->n_params. */
-void lp_param_count(lp_model *m);
-
-/* The norm before a block (or the final one), into m->ln_out with its hook_scale and
- * hook_normalized sites: LayerNorm with bias for GPT-2, RMSNorm for the Llama family. */
-lp_status lp_model_norm(lp_model *m, const void *x, const void *w, const void *b, int k_scale, int k_norm, int L, int N);
-/* z from m->q, m->k, m->v (rotated already) of layer L: the KV-cache step when generating,
- * the three steps when a hook or gradient wants the scores or the pattern, else fused. */
-lp_status lp_model_attend(lp_model *m, int L, int B, int T);
-/* The backward of lp_model_norm from dy at its output (dy may be overwritten), with the
- * hook_scale and hook_normalized gradient sites; dx is written. */
-lp_status lp_norm_backward_site(lp_model *m, bw_bufs *g, void *dx, void *dy, const void *x, const void *scale, const void *w,
-                                int k_scale, int k_norm, int L, int N);
-
-/* The end of every forward after the final norm: the unembed.hook_in site on m->ln_out
- * [N, D], then, when `want` asks for losses or logits or unembed.hook_out is hooked, the
- * logits through the unembedding (all rows at once with the unembed.hook_out site when it
- * is hooked, else in row chunks), with per-token losses and/or logits copied to the host. */
+/* The end of every forward after the final norm: the unembed.hook_in site on ln_out [N, D],
+ * then, when `want` asks for losses or logits or unembed.hook_out is hooked, the logits
+ * through the unembedding (blocks.c). */
 lp_status lp_model_unembed(lp_model *m, int N, int want);
-
-/* Architecture entry points: load fills cfg, params and weights and sets m->forward. */
-lp_status lp_gpt2_load(lp_model *m, const char *dir);
-lp_status lp_gpt2_random(lp_model *m, uint64_t seed);
-lp_status lp_llama_load(lp_model *m, const char *path); /* HF directory or .gguf file */
-lp_status lp_llama_random(lp_model *m, uint64_t seed);
-/* (Re)builds the rotary tables for positions [0, n_pos). */
-lp_status lp_llama_rope_tables(lp_model *m, int n_pos);
 
 #endif

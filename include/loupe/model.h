@@ -21,11 +21,22 @@ extern "C" {
 
 typedef enum lp_arch {
     LP_ARCH_GPT2 = 0,
-    LP_ARCH_LLAMA, /* Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2/2.5 (q/k/v biases) */
+    LP_ARCH_LLAMA,  /* Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2/2.5 (q/k/v biases) */
+    LP_ARCH_GEMMA2, /* Hugging Face gemma2 */
+    LP_ARCH_GEMMA3, /* Hugging Face gemma3_text (and the text model of gemma3) */
 } lp_arch;
 
 /* Rotary scaling (config.json rope_scaling / GGUF llama.rope.scaling.*). */
 typedef enum lp_rope_kind { LP_ROPE_DEFAULT = 0, LP_ROPE_LLAMA3, LP_ROPE_LINEAR } lp_rope_kind;
+
+/* How the architectures differ, as fields the shared blocks read (host/model/blocks.c). */
+typedef enum lp_norm_kind { LP_NORM_LAYER = 0, LP_NORM_RMS } lp_norm_kind;  /* LayerNorm with bias, or RMSNorm */
+typedef enum lp_pos_kind { LP_POS_LEARNED = 0, LP_POS_ROTARY } lp_pos_kind; /* added position embedding, or rotary */
+typedef enum lp_mlp_kind {
+    LP_MLP_GELU = 0, /* W_out gelu_tanh(x W_in + b_in) + b_out (GPT-2) */
+    LP_MLP_SWIGLU,   /* W_out (silu(x W_gate) * x W_in) (Llama) */
+    LP_MLP_GEGLU,    /* W_out (gelu_tanh(x W_gate) * x W_in) (Gemma) */
+} lp_mlp_kind;
 
 typedef struct lp_config {
     lp_arch arch;
@@ -34,12 +45,31 @@ typedef struct lp_config {
     float ln_eps;       /* LayerNorm or RMSNorm epsilon */
     int tied_unembed;
     /* Llama family */
-    int qkv_bias;       /* Qwen2 */
+    int qkv_bias;       /* Qwen2: q/k/v biases */
+    int linear_bias;    /* GPT-2: every linear layer has a bias */
     double rope_theta;
     lp_rope_kind rope_kind;
     double rope_factor, rope_low_freq_factor, rope_high_freq_factor;
     int rope_orig_ctx;  /* llama3: original_max_position_embeddings */
+    /* the shape of a block (set by the architecture: GPT-2 is all zeros) */
+    lp_norm_kind norm;
+    lp_pos_kind pos;
+    lp_mlp_kind mlp;
+    int post_norms;       /* Gemma: RMSNorm of the attention and MLP outputs before each residual add */
+    int qk_norm;          /* Gemma 3: RMSNorm of every head's q and k before the rotary */
+    float embed_scale;    /* the embedding times this (Gemma: sqrt(d_model)); 0: 1 */
+    float attn_scale;     /* the multiplier of q.k (Gemma: query_pre_attn_scalar^-1/2); 0: d_head^-1/2 */
+    float attn_softcap;   /* > 0: scores = c tanh(scores / c) (Gemma 2) */
+    float final_softcap;  /* > 0: logits = c tanh(logits / c) (Gemma 2) */
+    int sliding_window;   /* > 0: local layers attend to the last sliding_window positions only */
+    int window_pattern;   /* local layers: those with (L + 1) % window_pattern != 0 (Gemma 2: 2, Gemma 3: 6); 0: all */
+    double rope_theta_local; /* the rotary base of local layers (Gemma 3); 0: rope_theta, and no scaling there either */
 } lp_config;
+
+/* Whether layer L attends through the sliding window. */
+static inline int lp_config_local(const lp_config *c, int L) {
+    return c->sliding_window > 0 && (c->window_pattern <= 0 || (L + 1) % c->window_pattern != 0);
+}
 
 typedef struct lp_model lp_model;
 
