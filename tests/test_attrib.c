@@ -319,6 +319,19 @@ Test(attrib, sae_latents_as_nodes) {
     cr_expect(fabs(sa.total_atp - hook_total) <= 1e-4 * (1 + fabs(hook_total)), "%.6f vs %.6f", sa.total_atp, hook_total);
     cr_expect_gt(sa.n_top, 0);
     cr_expect_eq(sa.metric_corrupted, grid.metric_corrupted);
+    /* a second request reuses the buffers the first sized (kept on the SAE) and agrees */
+    void *runner = s->runner_cache, *scratch = s->scratch;
+    lp_sae_attrib sb;
+    cr_assert_eq(lp_attrib_sae(m, s, &c, clean, corr, 1, T, &mt, 10, &sb), LP_OK, "%s", lp_last_error());
+    cr_expect(runner && s->runner_cache == runner && s->scratch == scratch, "the second request allocated again");
+    cr_expect_eq(sb.total_atp, sa.total_atp);
+    lp_sae_attrib_free(&sb);
+    /* an edit the caller registered would be discarded by the method's own forwards: refused */
+    lp_edit_spec z = {.kind = LP_EDIT_ZERO};
+    cr_assert_eq(lp_hook_edit(m, "blocks.1.hook_mlp_out", &z), LP_OK);
+    cr_expect_eq(lp_attrib_sae(m, s, &c, clean, corr, 1, T, &mt, 10, &sb), LP_ERR_ARG);
+    cr_expect(strstr(lp_last_error(), "blocks.1.hook_mlp_out has an edit registered"), "%s", lp_last_error());
+    lp_hooks_clear(m);
     lp_sae_attrib_free(&sa);
     lp_pair_result_free(&grid);
     lp_sae_free(s, &c);
@@ -393,8 +406,8 @@ static void weight_fd(const char *dir, const char *const *names, int nn) {
         float *grad = malloc(n * sizeof(float));
         memcpy(grad, g.data, n * sizeof(float));
         int idx = -1;
-        for (int p = 0; p < m->n_params_t; p++)
-            if (!strcmp(m->params[p].name, names[i])) idx = p;
+        for (int p = 0; p < m->w.n; p++)
+            if (!strcmp(m->w.params[p].name, names[i])) idx = p;
         cr_assert(idx >= 0);
         float *w = lp_param(m, idx); /* F32 on the CPU: perturb an entry in place */
         double gmax = 0, worst = 0;

@@ -61,11 +61,16 @@ lp_status lp_attrib_sae(lp_model *m, struct lp_sae *sae, lp_ctx *c, const int32_
     float *fc = malloc(NS * 4), *fx = malloc(NS * 4), *gf = malloc(NS * 4);
     double *mc = malloc(B * sizeof(double)), *mx = malloc(B * sizeof(double));
     sae_runner *r = NULL;
-    float *gdev = NULL, *gfdev = NULL;
+    void *scr = NULL;
     lp_status st = xc && xx && gx && hc && hx && fc && fx && gf && mc && mx ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     for (int b = 0; b < B; b++) memset(&res[b], 0, sizeof res[b]);
-    /* the hook's value on both runs, and its gradient at the corrupted run */
-    lp_hooks_clear(m);
+    /* the hook's value on both runs, and its gradient at the corrupted run: on the model as
+     * it is, so edits the caller registered would be lost; refused instead */
+    for (int h = 0; st == LP_OK && h < lp_hook_count(m); h++)
+        if (lp_hook_is_edited(m, h))
+            st = LP_ERR(LP_ERR_ARG, "SAE attribution: %s has an edit registered; this method runs its own forwards and would "
+                        "discard it (lp_hooks_clear first)", lp_hook_name(m, h));
+    if (st == LP_OK) lp_hooks_clear(m);
     if (st == LP_OK) st = lp_hook_capture(m, hook, NULL, 0, NULL);
     if (st == LP_OK) st = lp_model_metric(m, clean, B, T, mt, mc);
     if (st == LP_OK) st = lp_capture_read_f32(m, hook, xc, ND);
@@ -76,11 +81,11 @@ lp_status lp_attrib_sae(lp_model *m, struct lp_sae *sae, lp_ctx *c, const int32_
     if (st == LP_OK) memcpy(gx, g.data, ND * 4);
     lp_hooks_clear(m);
     /* latents of both runs, and d metric / d f = grad_x W_dec^T */
-    if (st == LP_OK) st = lp_sae_runner_new(&r, sae, c, N, 0, 0);
+    if (st == LP_OK) st = lp_sae_runner_cached(sae, c, N, &r);
     if (st == LP_OK) st = sae_run(r, c, xc, N, fc, hc);
     if (st == LP_OK) st = sae_run(r, c, xx, N, fx, hx);
-    if (st == LP_OK) st = lp_ctx_alloc(c, ND * 4, (void **)&gdev);
-    if (st == LP_OK) st = lp_ctx_alloc(c, NS * 4, (void **)&gfdev);
+    if (st == LP_OK) st = lp_sae_scratch(sae, c, (ND + NS) * 4, &scr);
+    float *gdev = scr, *gfdev = gdev ? gdev + ND : NULL;
     if (st == LP_OK) st = lp_ctx_to_device(c, gdev, gx, ND * 4);
     if (st == LP_OK) st = lp_matmul(c, gfdev, gdev, sae->W_dec, NULL, N, D, S, 1);
     if (st == LP_OK) st = lp_ctx_to_host(c, gf, gfdev, NS * 4);
@@ -118,9 +123,6 @@ lp_status lp_attrib_sae(lp_model *m, struct lp_sae *sae, lp_ctx *c, const int32_
         o->top = top ? top : all; /* shrinking cannot really fail; keep the larger block if it does */
         o->total_atp = total;
     }
-    lp_ctx_release(c, gdev);
-    lp_ctx_release(c, gfdev);
-    lp_sae_runner_free(r);
     free(xc), free(xx), free(gx), free(hc), free(hx), free(fc), free(fx), free(gf), free(mc), free(mx);
     if (st != LP_OK)
         for (int b = 0; b < B; b++) lp_sae_attrib_free(&res[b]);

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "loupe/sae.h"
+#include "sae/sae_internal.h"
 #include "sae/sae_read.h"
 
 /* ---- architectures and config ---- */
@@ -106,6 +107,8 @@ lp_status lp_sae_alloc(lp_sae **out, const lp_sae_cfg *cfg, lp_ctx *c) {
 
 void lp_sae_free(lp_sae *s, lp_ctx *c) {
     if (!s) return;
+    lp_sae_runner_free(s->runner_cache);
+    lp_ctx_release(c, s->scratch);
     lp_ctx_release(c, s->mem);
     free(s);
 }

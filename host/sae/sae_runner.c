@@ -30,6 +30,25 @@ void lp_sae_runner_free(sae_runner *r) {
     free(r);
 }
 
+lp_status lp_sae_runner_cached(lp_sae *s, lp_ctx *c, int N, sae_runner **out) {
+    sae_runner *r = s->runner_cache;
+    if (r && r->N >= N && r->c == c) return *out = r, LP_OK;
+    lp_sae_runner_free(r);
+    s->runner_cache = NULL, s->runner_cache_n = 0;
+    LP_CHECK(lp_sae_runner_new(&r, s, c, N, 0, 0));
+    s->runner_cache = r, s->runner_cache_n = N;
+    return *out = r, LP_OK;
+}
+
+lp_status lp_sae_scratch(lp_sae *s, lp_ctx *c, size_t bytes, void **out) {
+    if (s->scratch && s->scratch_bytes >= bytes) return *out = s->scratch, LP_OK;
+    lp_ctx_release(c, s->scratch);
+    s->scratch = NULL, s->scratch_bytes = 0;
+    LP_CHECK(lp_ctx_alloc(c, bytes, &s->scratch));
+    s->scratch_bytes = bytes;
+    return *out = s->scratch, LP_OK;
+}
+
 lp_status lp_sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int train, int aux_k) {
     *out = NULL;
     /* The runner hands the SAE's F32 buffers to the generic ops (matmul, affine, add), which

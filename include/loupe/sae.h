@@ -51,6 +51,12 @@ typedef struct lp_sae {
     float *threshold;            /* [d_sae] for jumprelu and batchtopk, else NULL */
     float *W_skip;               /* [d_in, d_out] when cfg.skip, else NULL */
     size_t n_floats;             /* floats in mem, in the order above */
+    /* kept between calls by the code that runs an SAE once per request (attribution), so
+     * that a request allocates nothing once they are large enough; freed by lp_sae_free */
+    void *runner_cache;          /* a runner for runner_cache_n tokens (host/sae/sae_runner.c) */
+    int runner_cache_n;
+    void *scratch;               /* scratch_bytes on the SAE's device */
+    size_t scratch_bytes;
 } lp_sae;
 
 /* Checks the config (d_in, d_sae > 0, 0 < k <= d_sae for topk/batchtopk, known
