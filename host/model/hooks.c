@@ -167,7 +167,7 @@ static lp_status add_capture(lp_model *m, hook *h, const void *arg) {
             if (a->pos[i] < 0 || a->pos[i] >= m->cfg.n_ctx)
                 LP_FAIL(LP_ERR_ARG, "capture of %s: position %d is outside the context [0, %d)", h->name, a->pos[i],
                         m->cfg.n_ctx);
-        h->cap_pos = malloc(a->npos * sizeof(int));
+        if (!(h->cap_pos = malloc(a->npos * sizeof(int)))) LP_FAIL(LP_ERR_OOM, "capture of %s: out of memory", h->name);
         memcpy(h->cap_pos, a->pos, a->npos * sizeof(int));
         h->cap_npos = a->npos;
     }
@@ -201,19 +201,21 @@ static lp_status add_edit(lp_model *m, hook *h, const void *arg) {
     if (!s->fn && s->kind == LP_EDIT_PATCH && (!s->src || s->src_len == 0))
         LP_FAIL(LP_ERR_ARG, "edit of %s: patch needs the source activation", h->name);
     edit *e = calloc(1, sizeof *e);
+    if (!e) LP_FAIL(LP_ERR_OOM, "edit of %s: out of memory", h->name);
     e->spec = *s;
-    if (s->src && s->src_len) {
-        e->src_host = malloc(s->src_len * sizeof(float));
+    int ok = 1;
+    if (s->src && s->src_len && (ok = (e->src_host = malloc(s->src_len * sizeof(float))) != NULL))
         memcpy(e->src_host, s->src, s->src_len * sizeof(float));
-    }
-    if (s->pos && s->npos > 0) {
+    if (ok && s->pos && s->npos > 0) {
         e->mask_len = m->cfg.n_ctx;
-        e->pos_mask_host = calloc(e->mask_len, 1);
-        for (int i = 0; i < s->npos; i++) e->pos_mask_host[s->pos[i]] = 1;
+        if ((ok = (e->pos_mask_host = calloc(e->mask_len, 1)) != NULL))
+            for (int i = 0; i < s->npos; i++) e->pos_mask_host[s->pos[i]] = 1;
     }
-    if (s->heads && s->nheads > 0) {
-        e->head_mask_host = calloc(h->H, 1);
+    if (ok && s->heads && s->nheads > 0 && (ok = (e->head_mask_host = calloc(h->H, 1)) != NULL))
         for (int i = 0; i < s->nheads; i++) e->head_mask_host[s->heads[i]] = 1;
+    if (!ok) {
+        free(e->src_host), free(e->pos_mask_host), free(e);
+        LP_FAIL(LP_ERR_OOM, "edit of %s: out of memory", h->name);
     }
     e->spec.src = NULL, e->spec.pos = NULL, e->spec.heads = NULL; /* only the owned copies are used */
     edit **tail = &h->edits;
