@@ -140,10 +140,14 @@ void lp_ctx_free(lp_ctx *c) {
 }
 
 lp_status lp_ctx_alloc(lp_ctx *c, size_t bytes, void **p) {
-    if (c->device == LP_CUDA) return lp_cuda_alloc(c, bytes, p);
-    *p = NULL;
-    if (posix_memalign(p, 64, bytes ? (bytes + 63) / 64 * 64 : 64) != 0)
-        LP_FAIL(LP_ERR_OOM, "out of host memory allocating %zu bytes", bytes);
+    if (c->device == LP_CUDA) {
+        LP_CHECK(lp_cuda_alloc(c, bytes, p));
+    } else {
+        *p = NULL;
+        if (posix_memalign(p, 64, bytes ? (bytes + 63) / 64 * 64 : 64) != 0)
+            LP_FAIL(LP_ERR_OOM, "out of host memory allocating %zu bytes", bytes);
+    }
+    c->n_allocs++;
     return LP_OK;
 }
 

@@ -15,6 +15,7 @@ struct grad_state {
     int *poison;           /* [n_hooks] the callback-edited hook it passed, or -1 */
     int inject_id;         /* direction metric: where its direction enters, or -1 */
     void *inject_dev;      /* the direction on the device, act dtype */
+    size_t inject_bytes;   /* what inject_dev holds (kept between runs) */
     float *inject_host;    /* the same, F32 on the host (the embeddings' sites add it there) */
     void *stage;           /* device-to-host staging in the act dtype */
     size_t stage_cap;

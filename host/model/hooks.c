@@ -228,15 +228,9 @@ lp_status lp_hook_edit(lp_model *m, const char *pat, const lp_edit_spec *spec) {
     return for_matches(m, pat, add_edit, spec, NULL);
 }
 
-static void free_device(lp_model *m, hook *h) {
+/* The device copies of a hook's edits. */
+static void free_edit_copies(lp_model *m, hook *h) {
     lp_ctx *c = &m->ctx;
-    if (c->device == LP_CUDA) {
-        lp_ctx_release(c, h->cap_dev);
-        lp_ctx_release(c, h->cap_pos_dev);
-    }
-    lp_ctx_release_host(c, h->cap_host);
-    h->cap_dev = h->cap_pos_dev = h->cap_host = NULL;
-    h->cap_bytes_max = 0;
     for (edit *e = h->edits; e; e = e->next) {
         if (c->device == LP_CUDA) {
             lp_ctx_release(c, e->src_dev);
@@ -249,12 +243,25 @@ static void free_device(lp_model *m, hook *h) {
     }
 }
 
+/* A hook's capture buffers (kept across lp_hooks_clear for reuse; released with the model). */
+static void free_capture(lp_model *m, hook *h) {
+    lp_ctx *c = &m->ctx;
+    if (c->device == LP_CUDA) {
+        lp_ctx_release(c, h->cap_dev);
+        lp_ctx_release(c, h->cap_pos_dev);
+    }
+    lp_ctx_release_host(c, h->cap_host);
+    h->cap_dev = h->cap_pos_dev = h->cap_host = NULL;
+    h->cap_bytes_max = 0, h->cap_pos_dev_n = 0;
+}
+
 void lp_hooks_clear(lp_model *m) {
     for (int i = 0; i < m->n_hooks; i++) {
         hook *h = &m->hooks[i];
-        free_device(m, h);
+        free_edit_copies(m, h);
         free(h->cap_pos);
         h->cap_pos = NULL, h->cap_npos = 0, h->capture = 0;
+        if (m->ctx.device != LP_CUDA) h->cap_pos_dev = NULL; /* it was cap_pos */
         for (edit *e = h->edits, *n; e; e = n) {
             n = e->next;
             free(e->src_host);
@@ -270,6 +277,7 @@ void lp_hooks_clear(lp_model *m) {
 void lp_hooks_free(lp_model *m) {
     if (!m->hooks) return;
     lp_hooks_clear(m);
+    for (int i = 0; i < m->n_hooks; i++) free_capture(m, &m->hooks[i]);
     free(m->hooks);
     free(m->hook_index);
     m->hooks = NULL;
@@ -287,28 +295,45 @@ static lp_status upload_bytes(lp_model *m, const void *src, size_t n, void **dst
     return lp_ctx_to_device(&m->ctx, *dst, src, n);
 }
 
+/* A captured hook's buffers for B x T (P positions when it captures some only): grown
+ * when too small, else kept, so that registering and clearing captures between forwards
+ * of one size allocates nothing. */
+static lp_status prepare_capture(lp_model *m, hook *h, int B, int T) {
+    lp_ctx *c = &m->ctx;
+    int64_t s[LP_MAX_DIMS];
+    int nd = shape_of(h, B, h->cap_pos ? h->cap_npos : T, T, s);
+    size_t need = (size_t)lp_shape_numel(s, nd) * lp_act_size(m);
+    if (need > h->cap_bytes_max || !h->cap_host) {
+        lp_ctx_release_host(c, h->cap_host);
+        if (c->device == LP_CUDA) lp_ctx_release(c, h->cap_dev);
+        h->cap_host = h->cap_dev = NULL, h->cap_bytes_max = 0;
+        LP_CHECK(lp_ctx_alloc_host(c, need, &h->cap_host));
+        if (c->device == LP_CUDA) LP_CHECK(lp_ctx_alloc(c, need, &h->cap_dev));
+        h->cap_bytes_max = need;
+    }
+    if (!h->cap_pos) return LP_OK;
+    if (c->device != LP_CUDA) return h->cap_pos_dev = h->cap_pos, LP_OK;
+    if (h->cap_npos > h->cap_pos_dev_n) {
+        lp_ctx_release(c, h->cap_pos_dev);
+        h->cap_pos_dev = NULL, h->cap_pos_dev_n = 0;
+        LP_CHECK(lp_ctx_alloc(c, h->cap_npos * sizeof(int32_t), &h->cap_pos_dev));
+        h->cap_pos_dev_n = h->cap_npos;
+    }
+    return lp_ctx_to_device(c, h->cap_pos_dev, h->cap_pos, h->cap_npos * sizeof(int32_t));
+}
+
 lp_status lp_hooks_prepare(lp_model *m) {
     lp_ctx *c = &m->ctx;
     int B = m->a.B_max, T = m->a.T_max;
     for (int i = 0; i < m->n_hooks; i++) {
         hook *h = &m->hooks[i];
-        free_device(m, h);
-        if (h->capture) {
-            int64_t s[LP_MAX_DIMS];
-            int nd = shape_of(h, B, h->cap_pos ? h->cap_npos : T, T, s);
-            h->cap_bytes_max = (size_t)lp_shape_numel(s, nd) * lp_act_size(m);
-            LP_CHECK(lp_ctx_alloc_host(c, h->cap_bytes_max, &h->cap_host));
-            if (c->device == LP_CUDA) LP_CHECK(lp_ctx_alloc(c, h->cap_bytes_max, &h->cap_dev));
-            if (h->cap_pos) {
-                if (c->device == LP_CUDA) LP_CHECK(upload_bytes(m, h->cap_pos, h->cap_npos * sizeof(int32_t), &h->cap_pos_dev));
-                else h->cap_pos_dev = h->cap_pos;
-            }
-        }
+        if (h->capture) LP_CHECK(prepare_capture(m, h, B, T));
+        /* an edit's device copies are made once: its spec does not change after registration */
         for (edit *e = h->edits; e; e = e->next) {
-            if (e->src_host) LP_CHECK(upload_act(m, e->src_host, e->spec.src_len, &e->src_dev));
+            if (e->src_host && !e->src_dev) LP_CHECK(upload_act(m, e->src_host, e->spec.src_len, &e->src_dev));
             if (c->device == LP_CUDA) {
-                if (e->pos_mask_host) LP_CHECK(upload_bytes(m, e->pos_mask_host, e->mask_len, &e->pos_mask_dev));
-                if (e->head_mask_host) LP_CHECK(upload_bytes(m, e->head_mask_host, h->H, &e->head_mask_dev));
+                if (e->pos_mask_host && !e->pos_mask_dev) LP_CHECK(upload_bytes(m, e->pos_mask_host, e->mask_len, &e->pos_mask_dev));
+                if (e->head_mask_host && !e->head_mask_dev) LP_CHECK(upload_bytes(m, e->head_mask_host, h->H, &e->head_mask_dev));
             } else {
                 e->pos_mask_dev = e->pos_mask_host, e->head_mask_dev = e->head_mask_host;
             }

@@ -296,9 +296,7 @@ static lp_status direction_metric(lp_model *m, const lp_metric *mt, int B, int T
     }
     free(f);
     if (st != LP_OK || !backward) return st;
-    lp_ctx_release(&m->ctx, g->inject_dev);
-    g->inject_dev = NULL;
-    LP_CHECK(lp_ctx_alloc(&m->ctx, per * lp_act_size(m), &g->inject_dev));
+    LP_CHECK(lp_grad_buffer(m, &g->inject_dev, &g->inject_bytes, per * lp_act_size(m)));
     LP_CHECK(lp_ctx_upload_f32(&m->ctx, g->inject_dev, mt->direction, per));
     free(g->inject_host);
     if (!(g->inject_host = malloc(per * sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory");

@@ -48,7 +48,8 @@ typedef struct hook {
     int capture;
     int *cap_pos;        /* NULL: all positions */
     int cap_npos;
-    void *cap_pos_dev;   /* int32 on the device */
+    void *cap_pos_dev;   /* int32 on the device (the CPU: cap_pos itself) */
+    int cap_pos_dev_n;   /* positions cap_pos_dev holds (CUDA) */
     void *cap_dev;       /* device staging (CUDA only) */
     void *cap_host;      /* host buffer, act dtype */
     size_t cap_bytes_max;

@@ -103,7 +103,8 @@ typedef struct lp_edit_spec {
 lp_status lp_hook_edit(lp_model *m, const char *name_or_glob, const lp_edit_spec *spec);
 int lp_hook_is_captured(const lp_model *m, int id);
 int lp_hook_is_edited(const lp_model *m, int id);
-/* Removes every capture and edit. */
+/* Removes every capture and edit. The capture buffers stay allocated for the next captures
+ * (registering and clearing them between forwards allocates nothing); lp_model_free frees them. */
 void lp_hooks_clear(lp_model *m);
 
 /* The capture of the last forward: a host tensor in the model's dtype,

@@ -57,6 +57,7 @@ typedef struct lp_ctx {
     void *stream;        /* cudaStream_t: compute */
     void *copy_stream;   /* cudaStream_t: device-to-host copies of captures */
     void *blas;          /* cublasHandle_t */
+    unsigned long n_allocs; /* lp_ctx_alloc calls that succeeded: what a hot path must not add to */
 } lp_ctx;
 
 /* dtype must be LP_F32 on the CPU; LP_F32 or LP_BF16 on CUDA. */
