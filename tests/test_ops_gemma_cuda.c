@@ -116,7 +116,8 @@ static void check_cached(lp_dtype dt, attn_shape s, lp_attn_cfg cf, uint64_t see
     void *d_q = gpu_put_act(&g, a.q, a.nq), *d_k = gpu_put_act(&g, a.k, a.nkv), *d_v = gpu_put_act(&g, a.v, a.nkv);
     void *d_zf = gpu_alloc(&g, act_bytes(&g, a.nq)), *d_zc = gpu_alloc(&g, act_bytes(&g, a.nq));
     void *d_kc = gpu_put_act(&g, kc, nc), *d_vc = gpu_put_act(&g, vc, nc);
-    void *d_q1 = gpu_alloc(&g, act_bytes(&g, (size_t)s.B * qrow)), *d_z1 = gpu_alloc(&g, act_bytes(&g, (size_t)s.B * qrow));
+    void *d_q1 = gpu_alloc(&g, act_bytes(&g, (size_t)s.B * qrow));
+    void *d_z1 = gpu_alloc(&g, act_bytes(&g, (size_t)s.B * qrow));
     OK(lp_attention_cfg(&g.c, d_zf, d_q, d_k, d_v, s.B, s.T, s.H, s.Hkv, s.dh, &cf));
     OK(lp_attention_cached_cfg(&g.c, d_zc, d_q, d_k, d_v, s.B, s.T, s.T, 0, s.H, s.Hkv, s.dh, &cf));
     float *fused = gpu_get_act(&g, d_zf, a.nq), *full = gpu_get_act(&g, d_zc, a.nq);
@@ -215,7 +216,8 @@ Test(gemma_cuda, attention_options_backward) {
     LP_TEST_REQUIRE_GPU();
     for (int di = 0; di < 2; di++)
         for (size_t si = 0; si < N_SHAPES; si++)
-            for (size_t ci = 0; ci < N_CFGS; ci++) check_backward(DTYPES[di], SHAPES[si], CFGS[ci], 9400 + si * 16 + ci);
+            for (size_t ci = 0; ci < N_CFGS; ci++)
+                check_backward(DTYPES[di], SHAPES[si], CFGS[ci], 9400 + si * 16 + ci);
 }
 
 /* lp_attn_scores_backward_cfg alone, GPU against CPU on the same inputs: the saved scores
@@ -336,6 +338,7 @@ Test(gemma_cuda, gelu_mul_and_softcap_backward) {
             float *gx = gpu_get_act(&g, d_dy, n);
             expect_close(OP_SOFTCAP_BWD, dt, label, seed, gx, r_dx, n);
             gpu_done(&g, label);
-            free(g0), free(u), free(dy), free(x), free(y), free(r_dg), free(r_du), free(r_dx), free(gg), free(gu), free(gx);
+            free(g0), free(u), free(dy), free(x), free(y), free(r_dg), free(r_du), free(r_dx);
+            free(gg), free(gu), free(gx);
         }
 }
