@@ -47,7 +47,7 @@ LDLIBS   += -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++ -Wl,-rpat
 CFLAGS   += -DLOUPE_CUDA=1
 NVFLAGS  := -O3 -std=c++17 -arch=$(CUDA_ARCH) -Iinclude -Ihost -Xcompiler -fPIC,-Wall --expt-relaxed-constexpr
 else
-KERN_OBJ := $(BUILD)/kernels/cuda_stub.o
+KERN_OBJ := $(BUILD)/kernels/cuda_stub.o $(BUILD)/kernels/ctx_stub.o
 endif
 LIB_OBJ := $(HOST_SRC:%.c=$(BUILD)/%.o) $(KERN_OBJ)
 CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/%.o)
