@@ -1,12 +1,12 @@
-/* model_cfg.c: typed, range-checked reads of config.json values (see model_cfg.h). A value
+/* json.c: typed, range-checked reads of JSON configuration values (see json.h). A value
  * of the wrong JSON type is refused rather than replaced by a default: a string "1e-5" or
  * a boolean "true" in quotes would otherwise silently change the model. */
-#include "model/model_cfg.h"
+#include "io/json.h"
 
 #include <math.h>
 #include <stdlib.h>
 
-#include "loupe/safetensors.h"
+#include "loupe/output.h"
 
 static const cJSON *get(const cJSON *o, const char *key) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
