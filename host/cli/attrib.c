@@ -22,63 +22,6 @@ typedef cli_pair pair;
 typedef cli_bad_line bad_line;
 typedef cli_pairs sweep;
 
-void cli_pairs_free(sweep *s) {
-    for (int i = 0; i < s->n; i++) free(s->pairs[i].clean), free(s->pairs[i].corrupted);
-    free(s->pairs), free(s->bad);
-}
-
-static void add_bad(sweep *s, int line, const char *why) {
-    bad_line *b = realloc(s->bad, (s->n_bad + 1) * sizeof *b);
-    if (!b) return;
-    s->bad = b;
-    s->bad[s->n_bad].line = line;
-    snprintf(s->bad[s->n_bad].why, sizeof s->bad[s->n_bad].why, "%s", why);
-    s->n_bad++;
-}
-
-/* Reads every line; a bad one is recorded and skipped, the rest go on. */
-lp_status cli_read_pairs(const args *a, lp_model *m, const lp_tokenizer *tk, sweep *s) {
-    const char *path = lp_cfg_str(&a->cfg, "attrib.pairs");
-    const lp_config *cf = lp_model_config(m);
-    lp_pair_opts po = {.file = path, .tk = tk, .d_vocab = cf->d_vocab, .n_ctx = cf->n_ctx,
-                       .pad_left = strcmp(lp_cfg_str(&a->cfg, "attrib.align"), "pad_left") == 0};
-    size_t len;
-    char *txt;
-    LP_CHECK(lp_text_read(path, "pairs file", &txt, &len));
-    memset(s, 0, sizeof *s);
-    int line = 0, cap = 0;
-    for (size_t pos = 0; pos < len; line++) {
-        const char *ln = txt + pos, *nl = memchr(ln, '\n', len - pos);
-        size_t n = nl ? (size_t)(nl - ln) : len - pos;
-        pos += n + 1;
-        lp_pair q;
-        if (lp_pair_parse_line(&po, ln, n, line + 1, &q) != LP_OK) {
-            /* the report names the file once and each line: keep what follows "FILE:LINE: " */
-            char at[32];
-            int k = snprintf(at, sizeof at, ":%d: ", line + 1);
-            const char *why = lp_last_error();
-            size_t pl = strlen(path);
-            add_bad(s, line + 1, strncmp(why, path, pl) == 0 && strncmp(why + pl, at, k) == 0 ? why + pl + k : why);
-            continue;
-        }
-        if (q.T == 0) continue; /* a blank line */
-        if (s->n == cap) {
-            cap = cap ? 2 * cap : 64;
-            pair *np = realloc(s->pairs, cap * sizeof *np);
-            if (!np) {
-                lp_pair_free(&q), free(txt);
-                LP_FAIL(LP_ERR_OOM, "out of memory");
-            }
-            s->pairs = np;
-        }
-        int index = s->n + s->n_bad;
-        s->pairs[s->n++] = (pair){.index = index, .line = line + 1, .clean = q.clean, .corrupted = q.corrupted, .T = q.T,
-                                  .answer = q.answer, .wrong = q.wrong};
-    }
-    free(txt);
-    return LP_OK;
-}
-
 static lp_status parse_nodes(const args *a, unsigned *kinds) {
     *kinds = 0;
     const char *v = lp_cfg_str(&a->cfg, "attrib.nodes");
@@ -188,15 +131,6 @@ static lp_status make_metric(const args *a, lp_metric *mt) {
 static void progress(const char *what, int done, int total, double secs) {
     if (!isatty(2)) return;
     fprintf(stderr, "\r%s %d/%d pairs  %.2f pairs/s   ", what, done, total, secs > 0 ? done / secs : 0);
-}
-
-int cli_report_bad(const args *a, const sweep *sw, int rc) {
-    if (!sw->n_bad) return rc;
-    /* the sweep went on; the bad lines are listed, and the exit status says so */
-    fprintf(stderr, "loupe: %s: %d bad line%s skipped:", lp_cfg_str(&a->cfg, "attrib.pairs"), sw->n_bad, sw->n_bad > 1 ? "s" : "");
-    for (int b = 0; b < sw->n_bad; b++) fprintf(stderr, " line %d (%s)%s", sw->bad[b].line, sw->bad[b].why, b + 1 < sw->n_bad ? ";" : "");
-    fputc('\n', stderr);
-    return 2;
 }
 
 static int run_sweep(args *a, int exact) {
