@@ -21,6 +21,11 @@ RANK = {"core": 0, "ops": 1, "kernels": 1, "io": 2, "model": 3, "store": 4, "sae
 KERNEL_LAYER = {"kernels/ctx": "core", "kernels/capture": "core", "kernels/ctx_stub": "core"}
 
 
+# The call cycle inside host/model/, which is being rewritten: allowed (it, or a cycle among
+# some of its files) until that lands; then this goes. Nothing else may be added here.
+KNOWN_CYCLE = {"host/model/backward", "host/model/gpt2", "host/model/hooks", "host/model/llama", "host/model/model", "host/model/tape"}
+
+
 def layer(path):
     p = path.split("/")
     if p[0] == "kernels":
@@ -113,13 +118,17 @@ def main():
             if RANK[layer(to)] > RANK[layer(f)]:
                 bad.append(f"{f}.c calls {sym} of {to}, a layer above {layer(f)}/")
     files = {f: {t for t, _ in outs} for f, outs in g.items()}
+    known = []
     for comp in sccs(sorted(nodes), files):
         if len(comp) > 1:
-            bad.append("call cycle: " + " <-> ".join(sorted(comp)))
+            (known if set(comp) <= KNOWN_CYCLE else bad).append("call cycle: " + " <-> ".join(sorted(comp)))
+    for k in known:
+        print("allowed for now: " + k)
     for b in bad:
         print(b)
     n_edges = sum(len(v) for v in files.values())
-    print(f"check-layers: {len(list(nodes))} files, {n_edges} file-to-file call edges, {len(bad)} violations")
+    print(f"check-layers: {len(list(nodes))} files, {n_edges} file-to-file call edges, {len(bad)} violations"
+          f"{f', {len(known)} allowed for now (host/model/)' if known else ''}")
     sys.exit(1 if bad else 0)
 
 
