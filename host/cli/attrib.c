@@ -50,23 +50,24 @@ static int by_abs_desc(const void *x, const void *y) {
 }
 
 /* One results.jsonl line: the metrics, the top nodes by |score|, correlations if given. */
-static void write_result(FILE *f, lp_model *m, const pair *p, const lp_pair_result *r, int top, const double *pear, const double *spear,
+static lp_status write_result(FILE *f, lp_model *m, const pair *p, const lp_pair_result *r, int top, const double *pear, const double *spear,
                          const lp_sae_attrib *sa) {
     size_t n = 0;
     for (int k = 0; k < LP_NODE_KINDS; k++)
         if (r->s[k].v) n += (size_t)r->s[k].shape[0] * r->s[k].shape[1] * (r->s[k].ndim == 3 ? r->s[k].shape[2] : 1);
     top_node *all = malloc((n ? n : 1) * sizeof *all);
+    if (!all) LP_FAIL(LP_ERR_OOM, "out of memory for %zu scores", n);
     size_t o = 0;
-    for (int k = 0; all && k < LP_NODE_KINDS; k++) {
+    for (int k = 0; k < LP_NODE_KINDS; k++) {
         const lp_node_scores *s = &r->s[k];
         if (!s->v) continue;
         size_t c = (size_t)s->shape[0] * s->shape[1] * (s->ndim == 3 ? s->shape[2] : 1);
         for (size_t i = 0; i < c; i++) all[o++] = (top_node){s->v[i], k, (int64_t)i};
     }
-    if (all) qsort(all, o, sizeof *all, by_abs_desc);
+    qsort(all, o, sizeof *all, by_abs_desc);
     fprintf(f, "{\"index\":%d,\"line\":%d,\"n_tokens\":%d,\"clean_metric\":%.8g,\"corrupted_metric\":%.8g,\"top\":[", p->index, p->line, p->T,
             r->metric_clean, r->metric_corrupted);
-    for (size_t i = 0; all && i < o && i < (size_t)top; i++) {
+    for (size_t i = 0; i < o && i < (size_t)top; i++) {
         char name[160];
         lp_node_name(m, all[i].kind, &r->s[all[i].kind], all[i].i, name, sizeof name);
         fprintf(f, "%s{\"node\":\"%s\",\"score\":%.6g}", i ? "," : "", name, all[i].score);
@@ -90,6 +91,7 @@ static void write_result(FILE *f, lp_model *m, const pair *p, const lp_pair_resu
     }
     fprintf(f, "}\n");
     free(all);
+    return LP_OK;
 }
 
 /* The score tensors of a batch of pairs, under a temporary name then renamed. */
@@ -195,7 +197,7 @@ static lp_status run_batch(sweep_run *x, const pair *batch, int nb, int T) {
     FILE *mf = st == LP_OK ? open_memstream(&lines, &n_lines) : NULL;
     if (st == LP_OK && !mf) st = LP_ERR(LP_ERR_OOM, "out of memory");
     for (int b = 0; st == LP_OK && b < nb; b++)
-        write_result(mf, x->m, &batch[b], &x->res[b], x->top, x->exact && x->compare ? pear : NULL, spear, sa ? &sa[b] : NULL);
+        st = write_result(mf, x->m, &batch[b], &x->res[b], x->top, x->exact && x->compare ? pear : NULL, spear, sa ? &sa[b] : NULL);
     if (mf && fclose(mf) != 0 && st == LP_OK) st = LP_ERR(LP_ERR_OOM, "out of memory for the results lines");
     if (st == LP_OK) st = sweep_out_append(x->so, lines, n_lines);
 done:

@@ -211,7 +211,7 @@ static lp_status check_paths(const lp_cfg *c) {
 
 /* Parses everything after the command. Positional: a .ini file, otherwise MODEL. */
 static lp_status parse_args(args *a, int argc, char **argv, const char *positional) {
-    lp_cfg_init(&a->cfg, g_keys, N_KEYS);
+    LP_CHECK(lp_cfg_init(&a->cfg, g_keys, N_KEYS));
     const char *ini = NULL;
     for (int i = 0; i < argc; i++) { /* the config file first, so that flags override it */
         size_t n = strlen(argv[i]);

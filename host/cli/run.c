@@ -83,6 +83,7 @@ int cmd_run(args *a) {
     }
     int B = (int)lp_cfg_int(&a->cfg, "run.batch"), T = t.ctx;
     double *seq_loss = calloc(t.n_seq, sizeof(double)), total = 0, t0 = cli_now();
+    if (!seq_loss) st = LP_ERR(LP_ERR_OOM, "out of memory");
     for (int64_t r = 0; r < t.n_seq && st == LP_OK; r += B) {
         int nb = t.n_seq - r < B ? (int)(t.n_seq - r) : B;
         st = lp_model_forward(m, t.ids + (size_t)r * T, nb, T, LP_WANT_LOSS);

@@ -174,14 +174,18 @@ static lp_status fingerprint_dir(const char *path, int64_t *size, uint64_t *hash
     int n = 0;
     struct dirent *e;
     while ((e = readdir(d)) && n < 1024)
-        if (e->d_name[0] != '.') names[n++] = strdup(e->d_name);
+        if (e->d_name[0] != '.' && !(names[n++] = strdup(e->d_name))) break;
     closedir(d);
+    if (n && !names[n - 1]) {
+        while (n--) free(names[n]);
+        LP_FAIL(LP_ERR_OOM, "%s: out of memory", path);
+    }
     qsort(names, n, sizeof *names, by_str);
     char p[4400], rec[4400];
     for (int i = 0; i < n; i++) {
         struct stat sb;
         snprintf(p, sizeof p, "%s/%s", path, names[i]);
-        if (names[i] && stat(p, &sb) == 0 && S_ISREG(sb.st_mode)) {
+        if (stat(p, &sb) == 0 && S_ISREG(sb.st_mode)) {
             int len = snprintf(rec, sizeof rec, "%s %lld\n", names[i], (long long)sb.st_size);
             *hash = hash_bytes(*hash, (const unsigned char *)rec, (size_t)len);
             *size += sb.st_size;

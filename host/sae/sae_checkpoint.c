@@ -50,12 +50,16 @@ static lp_status prune_checkpoints(const char *out, int keep) {
     int n = 0;
     struct dirent *e;
     while ((e = readdir(d)) && n < 4096)
-        if (strncmp(e->d_name, "step-", 5) == 0 && strlen(e->d_name) == 14) names[n++] = strdup(e->d_name);
+        if (strncmp(e->d_name, "step-", 5) == 0 && strlen(e->d_name) == 14 && !(names[n++] = strdup(e->d_name))) break;
     closedir(d);
+    if (n && !names[n - 1]) {
+        while (n--) free(names[n]);
+        LP_FAIL(LP_ERR_OOM, "%s: out of memory", dir);
+    }
     qsort(names, n, sizeof *names, by_name);
     lp_status st = LP_OK;
     for (int i = 0; i < n; i++) {
-        if (names[i] && i < n - keep && st == LP_OK) {
+        if (i < n - keep && st == LP_OK) {
             snprintf(path, sizeof path, "%s/%s", dir, names[i]);
             st = lp_remove_tree(path);
         }

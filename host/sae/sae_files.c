@@ -275,7 +275,7 @@ lp_status lp_sae_load(lp_sae **out, lp_ctx *c, const char *path) {
             if (!dir) LP_FAIL(LP_ERR_OOM, "out of host memory");
             if (!dir[0]) {
                 free(dir);
-                dir = strdup(".");
+                if (!(dir = strdup("."))) LP_FAIL(LP_ERR_OOM, "out of host memory");
             }
             lp_status st = lp_sae_load(out, c, dir);
             free(dir);
