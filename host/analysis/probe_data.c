@@ -8,10 +8,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "io/npy.h"
 #include "loupe/probe.h"
 #include "loupe/safetensors.h"
 #include "loupe/store.h"
+#include "io/json.h"
+#include "io/npy.h"
 
 /* ---- .npy labels ---- */
 
@@ -139,12 +140,10 @@ void lp_probe_labels_free(lp_probe_labels *l) {
  * tensors of the first shard. */
 static lp_status all_hooks(const char *dir, char ***names, int *n) {
     char path[1200];
-    size_t len;
     *names = NULL, *n = 0;
     snprintf(path, sizeof path, "%s/meta.json", dir);
-    char *txt = lp_read_file(path, &len);
-    cJSON *j = txt ? cJSON_ParseWithLength(txt, len) : NULL;
-    free(txt);
+    int absent;
+    cJSON *j = lp_json_load(path, &absent);
     const cJSON *hooks = cJSON_GetObjectItemCaseSensitive(j, "hooks"), *h;
     int cap = cJSON_IsArray(hooks) ? cJSON_GetArraySize(hooks) : 0;
     lp_st_file f = {0};

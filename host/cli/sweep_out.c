@@ -73,6 +73,7 @@ lp_status sweep_job_check(const args *a, const char *out, int exact, lp_model *m
     char path[1300];
     snprintf(path, sizeof path, "%s/job.json", out);
     cJSON *now = job_json(a, exact, m);
+    if (!now) LP_FAIL(LP_ERR_OOM, "out of memory");
     size_t n;
     char *old_txt = lp_read_file(path, &n);
     lp_status st = LP_OK;

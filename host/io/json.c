@@ -3,8 +3,10 @@
  * a boolean "true" in quotes would otherwise silently change the model. */
 #include "io/json.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "loupe/output.h"
 
@@ -13,13 +15,21 @@ static const cJSON *get(const cJSON *o, const char *key) {
     return cJSON_IsNull(v) ? NULL : v;
 }
 
-lp_status lp_jcfg_open(const char *path, cJSON **root) {
-    *root = NULL;
+cJSON *lp_json_load(const char *path, int *absent) {
     size_t n;
     char *buf = lp_read_file(path, &n);
-    if (!buf) LP_FAIL(LP_ERR_IO, "%s: cannot open", path);
+    *absent = buf == NULL;
+    if (!buf) return NULL;
     cJSON *r = cJSON_ParseWithLength(buf, n);
     free(buf);
+    return r;
+}
+
+lp_status lp_jcfg_open(const char *path, cJSON **root) {
+    int absent;
+    cJSON *r = lp_json_load(path, &absent);
+    *root = NULL;
+    if (absent) LP_FAIL(LP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     if (!cJSON_IsObject(r)) {
         cJSON_Delete(r);
         LP_FAIL(LP_ERR_FORMAT, "%s: not a JSON object", path);

@@ -1,6 +1,6 @@
-/* json.h: typed, range-checked reads of JSON configuration values (host/io/json.c), for
- * every JSON file loupe reads: a model's config.json, an SAE's cfg.json, a job's job.json.
- * Each failure is one line naming the file and the key. */
+/* json.h: reading JSON files (host/io/json.c): a whole file parsed, and typed,
+ * range-checked reads of configuration values, each failure one line naming the file and
+ * the key. */
 #ifndef LOUPE_IO_JSON_H
 #define LOUPE_IO_JSON_H
 
@@ -8,6 +8,11 @@
 
 #include "loupe/status.h"
 
+/* The JSON in the file at path, parsed (any type; cJSON_Delete it), or NULL when the file
+ * cannot be read (*absent = 1, errno says why) or is not JSON (*absent = 0). Records no
+ * error: for the files whose absence or damage the caller words itself (a store's
+ * meta.json, a job's job.json, a checkpoint's state.json). */
+cJSON *lp_json_load(const char *path, int *absent);
 /* Reads and parses path into a JSON object (*root; cJSON_Delete it). */
 lp_status lp_jcfg_open(const char *path, cJSON **root);
 /* An integer in [lo, hi] at key; absent or null: dflt, or a failure when dflt < 0. */

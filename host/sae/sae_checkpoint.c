@@ -21,6 +21,7 @@
 #include "loupe/sae_train.h"
 #include "loupe/store.h"
 #include "core/rng.h"
+#include "io/json.h"
 #include "sae/sae_internal.h"
 #include "sae/sae_trainer.h"
 
@@ -141,11 +142,9 @@ lp_status sae_load_checkpoint(trainer *tr, int *found) {
     if (!best[0]) return LP_OK;
     char path[1600];
     snprintf(path, sizeof path, "%s/%s/state.json", dir, best);
-    size_t n;
-    char *txt = lp_read_file(path, &n);
-    if (!txt) LP_FAIL(LP_ERR_IO, "%s: cannot read", path);
-    cJSON *j = cJSON_ParseWithLength(txt, n);
-    free(txt);
+    int absent;
+    cJSON *j = lp_json_load(path, &absent);
+    if (absent) LP_FAIL(LP_ERR_IO, "%s: cannot read", path);
     char sig[4096];
     signature(tr, sig, sizeof sig);
     const cJSON *js = cJSON_GetObjectItemCaseSensitive(j, "signature"), *jf = cJSON_GetObjectItemCaseSensitive(j, "store_fingerprint");

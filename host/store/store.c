@@ -14,6 +14,7 @@
 #include "loupe/output.h"
 #include "loupe/safetensors.h"
 #include "loupe/store.h"
+#include "io/json.h"
 
 static double now_s(void) {
     struct timespec ts;
@@ -108,10 +109,10 @@ static lp_status check_resume(const char *dir, const char *fresh, int *keep) {
     char path[4200];
     snprintf(path, sizeof path, "%s/meta.json", dir);
     *keep = 0;
-    char *buf = lp_read_file(path, NULL);
-    if (!buf) return LP_OK; /* a new store */
-    cJSON *old = cJSON_Parse(buf), *now = cJSON_Parse(fresh);
-    free(buf);
+    int absent;
+    cJSON *old = lp_json_load(path, &absent);
+    if (absent) return LP_OK; /* a new store */
+    cJSON *now = cJSON_Parse(fresh);
     lp_status st = LP_OK;
     if (!cJSON_IsObject(old)) {
         st = LP_ERR(LP_ERR_FORMAT, "%s: not a loupe store's meta.json; choose another cache.out", path);
@@ -292,11 +293,9 @@ done:
 lp_status lp_store_require_complete(const char *dir) {
     char path[4200];
     snprintf(path, sizeof path, "%s/meta.json", dir);
-    size_t n;
-    char *txt = lp_read_file(path, &n);
-    if (!txt) return LP_OK; /* shards without meta.json: not written by loupe cache, nothing says incomplete */
-    cJSON *j = cJSON_ParseWithLength(txt, n);
-    free(txt);
+    int absent;
+    cJSON *j = lp_json_load(path, &absent);
+    if (absent) return LP_OK; /* shards without meta.json: not written by loupe cache, nothing says incomplete */
     const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, "complete");
     int incomplete = cJSON_IsFalse(c);
     const cJSON *done = cJSON_GetObjectItemCaseSensitive(j, "n_sequences"), *plan = cJSON_GetObjectItemCaseSensitive(j, "n_sequences_planned");
@@ -362,15 +361,11 @@ lp_status lp_store_open(lp_store **out, const char *dir, const char *hook) {
     snprintf(s->dir, sizeof s->dir, "%s", dir);
     char path[1200];
     snprintf(path, sizeof path, "%s/meta.json", dir);
-    size_t n;
-    char *meta = lp_read_file(path, &n);
-    if (meta) { /* optional: the model the store came from */
-        cJSON *j = cJSON_ParseWithLength(meta, n);
-        const cJSON *mp = cJSON_GetObjectItemCaseSensitive(j, "model");
-        if (cJSON_IsString(mp)) snprintf(s->model, sizeof s->model, "%s", mp->valuestring);
-        cJSON_Delete(j);
-        free(meta);
-    }
+    int absent; /* meta.json is optional: it names the model the store came from */
+    cJSON *j = lp_json_load(path, &absent);
+    const cJSON *mp = cJSON_GetObjectItemCaseSensitive(j, "model");
+    if (cJSON_IsString(mp)) snprintf(s->model, sizeof s->model, "%s", mp->valuestring);
+    cJSON_Delete(j);
     int cap = 0;
     lp_status st = LP_OK;
     for (int i = 0;; i++) {
