@@ -125,7 +125,7 @@ def main():
     known = []
     for comp in sccs(sorted(nodes), files):
         if len(comp) > 1:
-            (known if set(comp) <= KNOWN_CYCLE else bad).append("call cycle: " + " <-> ".join(sorted(comp)))
+            (known if set(comp) <= set(KNOWN_CYCLE) else bad).append("call cycle: " + " <-> ".join(sorted(comp)))
     for k in known:
         print("allowed for now: " + k)
     for b in bad:
