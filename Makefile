@@ -47,7 +47,7 @@ LDLIBS   += -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++ -Wl,-rpat
 CFLAGS   += -DLOUPE_CUDA=1
 NVFLAGS  := -O3 -std=c++17 -arch=$(CUDA_ARCH) -Iinclude -Ihost -Xcompiler -fPIC,-Wall --expt-relaxed-constexpr
 else
-KERN_OBJ := $(BUILD)/kernels/cuda_stub.o
+KERN_OBJ := $(BUILD)/kernels/cuda_stub.o $(BUILD)/kernels/ctx_stub.o
 endif
 LIB_OBJ := $(HOST_SRC:%.c=$(BUILD)/%.o) $(KERN_OBJ)
 CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/%.o)
@@ -57,7 +57,7 @@ TEST_BIN   := $(TEST_SRC:tests/%.c=$(BUILD)/%)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
 BENCH_BIN  := $(BENCH_SRC:bench/%.c=$(BUILD)/%)
 
-.PHONY: all deps announce model model-gemma test gpu-check bench demo clean fixtures fuzz emu test-emu gpu-check-offline
+.PHONY: all deps announce model model-gemma test check-layers gpu-check bench demo clean fixtures fuzz emu test-emu gpu-check-offline
 all: announce $(BUILD)/loupe $(BUILD)/libloupe.a $(TEST_BIN) $(BENCH_BIN)
 
 announce:
@@ -101,7 +101,15 @@ $(BUILD)/bench_%: bench/bench_%.c $(BUILD)/libloupe.a
 EMU_RUN = $(if $(filter 1,$(EMU)),--env=LOUPE_REQUIRE_GPU=1 --env=ASAN_OPTIONS=detect_leaks=0 $(EMU_TEST_BIN))
 test: deps model
 	@$(MAKE) --no-print-directory all $(if $(filter 1,$(EMU)),emu)
+	@$(MAKE) --no-print-directory check-layers
 	@LOUPE_CLI=$(BUILD)/loupe bash scripts/run-tests.sh $(TEST_BIN) $(EMU_RUN)
+
+# host/ still in layers (no include or call up a layer, no call cycle; read from the built
+# objects) and the size rules (no file over 700 lines, no function over 100): `make test`
+# stops here on a violation.
+check-layers: all
+	@python3 scripts/check-layers.py $(BUILD)
+	@python3 scripts/check-sizes.py
 
 # ---- CUDA kernels on the CPU (tests/cuda_emu/) ---------------------------------------------
 # The kernels/*.cu sources compiled as C++ against the emulated CUDA headers, with the host

@@ -4,7 +4,7 @@
 // which waits only for that point of the compute stream.
 #include <cuda_runtime.h>
 
-#include "ops/ops_internal.h"
+#include "core/device.h"
 
 extern "C" lp_status lp_cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
     if (c == NULL || c->device != LP_CUDA || c->stream == NULL || c->copy_stream == NULL)

@@ -13,6 +13,7 @@
 #include <stdio.h>
 
 #include "common.cuh"
+#include "core/device.h"
 
 lp_status lp_cuda_ctx_init(lp_ctx *c) {
     if (c == NULL) LP_FAIL(LP_ERR_ARG, "lp_cuda_ctx_init: NULL context");

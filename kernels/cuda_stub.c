@@ -1,7 +1,7 @@
 /* cuda_stub.c: the CUDA back end of a CPU-only build (make CUDA=0), linked in place of
  * the .cu files in kernels/. Every lp_cuda_* entry point reports LP_ERR_NO_CUDA with a
  * hint, so asking for the GPU fails with one clear message instead of a link error; the
- * void ones do nothing. */
+ * void ones do nothing. The context's own half (core/device.h) is in ctx_stub.c. */
 #include <stdio.h>
 
 #include "ops/ops_internal.h"
@@ -9,46 +9,6 @@
 #define NO_CUDA()                                                                            \
     LP_ERR(LP_ERR_NO_CUDA,                                                                   \
                  "built without CUDA (rebuild with nvcc available, or use --model.device=cpu)")
-
-lp_status lp_cuda_ctx_init(lp_ctx *c) { (void)c; return NO_CUDA(); }
-void lp_cuda_ctx_free(lp_ctx *c) { (void)c; }
-lp_status lp_cuda_alloc(lp_ctx *c, size_t bytes, void **p) {
-    (void)c; (void)bytes;
-    if (p) *p = NULL;
-    return NO_CUDA();
-}
-void lp_cuda_release(lp_ctx *c, void *p) { (void)c; (void)p; }
-lp_status lp_cuda_alloc_host(lp_ctx *c, size_t bytes, void **p) {
-    (void)c; (void)bytes;
-    if (p) *p = NULL;
-    return NO_CUDA();
-}
-void lp_cuda_release_host(lp_ctx *c, void *p) { (void)c; (void)p; }
-lp_status lp_cuda_memset0(lp_ctx *c, void *p, size_t bytes) {
-    (void)c; (void)p; (void)bytes;
-    return NO_CUDA();
-}
-lp_status lp_cuda_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes) {
-    (void)c; (void)dst; (void)src; (void)bytes;
-    return NO_CUDA();
-}
-lp_status lp_cuda_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes) {
-    (void)c; (void)dst; (void)src; (void)bytes;
-    return NO_CUDA();
-}
-lp_status lp_cuda_copy(lp_ctx *c, void *dst, const void *src, size_t bytes) {
-    (void)c; (void)dst; (void)src; (void)bytes;
-    return NO_CUDA();
-}
-lp_status lp_cuda_sync(lp_ctx *c) { (void)c; return NO_CUDA(); }
-lp_status lp_cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
-    (void)c; (void)dst; (void)src; (void)bytes;
-    return NO_CUDA();
-}
-int lp_cuda_device_count(char *why, size_t n) {
-    if (why && n) snprintf(why, n, "loupe was built without CUDA");
-    return 0;
-}
 
 lp_status lp_cuda_embed(lp_ctx *c, void *out, const int32_t *tok, const void *wte, int N, int D) {
     (void)c; (void)out; (void)tok; (void)wte; (void)N; (void)D;

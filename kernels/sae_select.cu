@@ -83,6 +83,23 @@ __device__ __forceinline__ unsigned long long topk_pack(uint32_t key, int i) {
     return ((unsigned long long)key << 32) | (uint32_t)~(uint32_t)i; // larger: higher key, then lower i
 }
 
+// Bitonic sort of the P (a power of two) pairs in shared memory, descending; called by
+// every thread of the block.
+__device__ __forceinline__ void bitonic_sort_desc(unsigned long long *sel, int P) {
+    for (int size = 2; size <= P; size <<= 1)
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < P; i += blockDim.x) {
+                const int j = i ^ stride;
+                if (j > i) {
+                    const unsigned long long a = sel[i], b = sel[j];
+                    const bool desc = (i & size) == 0;
+                    if (desc ? a < b : a > b) { sel[i] = b; sel[j] = a; }
+                }
+            }
+            __syncthreads();
+        }
+}
+
 // One block per row of pre [N,S]; blockDim.x a multiple of 32. Dynamic shared memory:
 // P (key, index) pairs (P = K rounded up to a power of two), then the row's S keys when
 // kRowInSmem.
@@ -173,19 +190,7 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
     for (int j = K + tid; j < P; j += blockDim.x) sel[j] = 0ull; // ranks below every real pair
     __syncthreads();
 
-    // Bitonic sort of the P pairs, descending.
-    for (int size = 2; size <= P; size <<= 1)
-        for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            for (int i = tid; i < P; i += blockDim.x) {
-                const int j = i ^ stride;
-                if (j > i) {
-                    const unsigned long long a = sel[i], b = sel[j];
-                    const bool desc = (i & size) == 0;
-                    if (desc ? a < b : a > b) { sel[i] = b; sel[j] = a; }
-                }
-            }
-            __syncthreads();
-        }
+    bitonic_sort_desc(sel, P);
 
     const size_t out0 = (size_t)blockIdx.x * K;
     for (int j = tid; j < K; j += blockDim.x) {

@@ -3,21 +3,38 @@
 
     core < ops (with kernels/) < io < model < store, sae < attrib, analysis < cli
 
+(kernels/ctx.cu and kernels/capture.cu, the CUDA half of the execution context, are core:
+see KERNEL_LAYER.)
+
 A file may include headers of its own layer or below, and call functions defined in its own
 layer or below; and no files call each other in a cycle, within a layer or across. Calls are
 read from the compiled objects (nm: what each object defines and what it needs), so macros
 and static inline helpers do not hide an edge, and includes from the sources. Usage:
     scripts/check-layers.py [BUILD]      (default build; run after `make`)
-Prints every violation and exits 1 if there is one."""
+Prints every violation and exits 1 if there is one; what KNOWN_CYCLE allows for now is
+printed but does not fail."""
 import collections, glob, os, re, subprocess, sys
 
 RANK = {"core": 0, "ops": 1, "kernels": 1, "io": 2, "model": 3, "store": 4, "sae": 4,
         "attrib": 5, "analysis": 5, "cli": 6}
 
+# kernels/ holds the CUDA twins of the ops, at the ops' level, and also the CUDA half of the
+# execution context, which is core: lp_ctx_* (host/core/tensor.c) allocates and copies
+# through it (declared in host/core/device.h). Those files, and their stand-in in a build
+# without CUDA, are ranked with core, so they are held to core's rules too.
+KERNEL_LAYER = {"kernels/ctx": "core", "kernels/capture": "core", "kernels/ctx_stub": "core"}
+
+
+# The call cycle inside host/model/, which is being rewritten: allowed (it, or a cycle among
+# some of its files) until that lands; then this goes. Nothing else may be added here.
+KNOWN_CYCLE = {"host/model/backward", "host/model/gpt2", "host/model/hooks", "host/model/llama", "host/model/model", "host/model/tape"}
+
 
 def layer(path):
     p = path.split("/")
-    return p[0] if p[0] == "kernels" else p[1]
+    if p[0] == "kernels":
+        return KERNEL_LAYER.get(re.sub(r"\.(cu|c|cuh)$", "", path), "kernels")
+    return p[1]
 
 
 def objects(build):
@@ -93,7 +110,7 @@ def main():
         sys.exit(f"check-layers: no objects under {build}/host: run make first")
     bad = []
     # includes
-    for f in glob.glob("host/**/*.[ch]", recursive=True) + glob.glob("kernels/*.cu*"):
+    for f in glob.glob("host/**/*.[ch]", recursive=True) + glob.glob("kernels/*.cu*") + glob.glob("kernels/*.c"):
         for n, line in enumerate(open(f, errors="replace"), 1):
             m = re.match(r'\s*#\s*include\s+"([a-z_]+)/', line)
             if m and m.group(1) in RANK and RANK[m.group(1)] > RANK[layer(f)]:
@@ -105,13 +122,17 @@ def main():
             if RANK[layer(to)] > RANK[layer(f)]:
                 bad.append(f"{f}.c calls {sym} of {to}, a layer above {layer(f)}/")
     files = {f: {t for t, _ in outs} for f, outs in g.items()}
+    known = []
     for comp in sccs(sorted(nodes), files):
         if len(comp) > 1:
-            bad.append("call cycle: " + " <-> ".join(sorted(comp)))
+            (known if set(comp) <= set(KNOWN_CYCLE) else bad).append("call cycle: " + " <-> ".join(sorted(comp)))
+    for k in known:
+        print("allowed for now: " + k)
     for b in bad:
         print(b)
     n_edges = sum(len(v) for v in files.values())
-    print(f"check-layers: {len(list(nodes))} files, {n_edges} file-to-file call edges, {len(bad)} violations")
+    print(f"check-layers: {len(list(nodes))} files, {n_edges} file-to-file call edges, {len(bad)} violations"
+          f"{f', {len(known)} allowed for now (host/model/)' if known else ''}")
     sys.exit(1 if bad else 0)
 
 

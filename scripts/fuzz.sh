@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # fuzz.sh: builds the libFuzzer harnesses in fuzz/ against the CPU-only library (host/*/*.c but
-# host/cli, host/ops/cpu/*.c and kernels/cuda_stub.c) compiled with clang, ASan and UBSan, then runs each
-# for FUZZ_SECONDS (default 60) from its committed seeds (fuzz/corpus/NAME) plus a working
-# corpus under the build directory. Exit status 1 if any harness crashed, leaked or
-# tripped a sanitizer; the input that did it is kept and a command to replay it printed.
+# host/cli, host/ops/cpu/*.c, kernels/cuda_stub.c and kernels/ctx_stub.c) compiled with clang,
+# ASan and UBSan, then runs each for FUZZ_SECONDS (default 60) from its committed seeds
+# (fuzz/corpus/NAME) plus a working corpus under the build directory. Exit status 1 if any
+# harness crashed, leaked or tripped a sanitizer; the input that did it is kept and a command
+# to replay it printed.
 #
 #   scripts/fuzz.sh [NAME...]     NAME: a harness fuzz/fuzz_NAME.c; all of them by default
 #                                 (make fuzz; FUZZ_SECONDS=600 make fuzz; make fuzz FUZZ=npz)
@@ -41,7 +42,7 @@ LIBS="$(pkg-config --libs $PKGS 2>/dev/null) -lm -pthread"
 
 # Library objects with coverage instrumentation, rebuilt when the source or a header changed.
 newest_header=$(ls -t include/loupe/*.h host/*/*.h | head -n 1)
-srcs=(host/{core,ops,io,model,store,sae,attrib,analysis}/*.c host/ops/cpu/*.c kernels/cuda_stub.c)
+srcs=(host/{core,ops,io,model,store,sae,attrib,analysis}/*.c host/ops/cpu/*.c kernels/cuda_stub.c kernels/ctx_stub.c)
 stale=()
 for s in "${srcs[@]}"; do
     o="$OUT/obj/${s//\//_}.o"

@@ -11,6 +11,8 @@
 #include "loupe/probe.h"
 #include "loupe/safetensors.h"
 #include "loupe/store.h"
+#include "io/json.h"
+#include "io/npy.h"
 
 /* ---- .npy labels ---- */
 
@@ -19,15 +21,6 @@ static const int_type g_int_types[] = {
     {"|i1", 1, 1}, {"<i2", 2, 1}, {"<i4", 4, 1}, {"<i8", 8, 1}, {"|u1", 1, 0},
     {"<u2", 2, 0}, {"<u4", 4, 0}, {"<u8", 8, 0}, {"|b1", 1, 0},
 };
-
-static const char *dict_value(const char *hdr, const char *key) {
-    char pat[64];
-    snprintf(pat, sizeof pat, "'%s':", key);
-    const char *p = strstr(hdr, pat);
-    if (!p) return NULL;
-    for (p += strlen(pat); *p == ' ';) p++;
-    return p;
-}
 
 static int64_t read_int(const unsigned char *p, const int_type *t) {
     switch (t->size) {
@@ -38,48 +31,26 @@ static int64_t read_int(const unsigned char *p, const int_type *t) {
     }
 }
 
-/* Parses the header: element type, 1-D or 2-D shape; *data and *dims on success. */
+/* The label file's header (io/npy.h, the one .npy parser): an integer or bool element
+ * type, 1-D or 2-D; *ty, *nd, dims and *data_off on success. */
 static lp_status npy_header(const unsigned char *buf, size_t n, const char *path, const int_type **ty, int *nd, int64_t dims[2],
                             size_t *data_off) {
-    if (n < 10 || memcmp(buf, "\x93NUMPY", 6) != 0) LP_FAIL(LP_ERR_FORMAT, "%s: %s", path, n == 0 ? "empty file" : "not a .npy file (bad magic)");
-    size_t hlen = buf[6] == 1 ? (size_t)(buf[8] | buf[9] << 8) : n >= 12 ? (size_t)buf[8] | (size_t)buf[9] << 8 | (size_t)buf[10] << 16 | (size_t)buf[11] << 24 : SIZE_MAX;
-    size_t hstart = buf[6] == 1 ? 10 : 12;
-    if (hlen > n - hstart) LP_FAIL(LP_ERR_FORMAT, "%s: truncated .npy header", path);
-    char *hdr = strndup((const char *)buf + hstart, hlen);
-    if (!hdr) LP_FAIL(LP_ERR_OOM, "%s: out of memory", path);
-    const char *descr = dict_value(hdr, "descr"), *fo = dict_value(hdr, "fortran_order"), *shape = dict_value(hdr, "shape");
-    lp_status st = LP_OK;
+    lp_npy h;
+    LP_CHECK(lp_npy_parse(buf, n, path, &h));
     *ty = NULL;
-    *nd = -1;
-    if (descr && descr[0] == '\'' && strlen(descr) > 4 && descr[4] == '\'')
-        for (size_t i = 0; i < sizeof g_int_types / sizeof *g_int_types; i++)
-            if (strncmp(descr + 1, g_int_types[i].descr, 3) == 0 ||
-                (g_int_types[i].size == 1 && descr[1] == '<' && strncmp(descr + 2, g_int_types[i].descr + 1, 2) == 0))
-                *ty = &g_int_types[i];
-    if (shape && *shape == '(') {
-        const char *p = shape + 1;
-        for (*nd = 0; *p && *p != ')';) {
-            while (*p == ' ') p++;
-            if (*p == ')') break;
-            char *end;
-            long long v = strtoll(p, &end, 10);
-            if (end == p || v < 0 || *nd >= 2) { *nd = *nd >= 2 ? 3 : -1; break; }
-            dims[(*nd)++] = v;
-            for (p = end; *p == ' ' || *p == ',';) p++;
-        }
-    }
-    if (!descr || !fo || !shape || *nd < 0) st = LP_ERR(LP_ERR_FORMAT, "%s: malformed .npy header", path);
-    else if (!*ty) {
-        int len = descr[0] == '\'' && strchr(descr + 1, '\'') ? (int)(strchr(descr + 1, '\'') - descr - 1) : 8;
-        st = LP_ERR(LP_ERR_FORMAT, "%s: labels have dtype %.*s; integer class labels are needed (int8..int64, uint8..uint64 or bool)",
-                          path, len < 16 ? len : 16, descr + (descr[0] == '\''));
-    }
-    else if (strncmp(fo, "False", 5) != 0) st = LP_ERR(LP_ERR_FORMAT, "%s: Fortran-ordered arrays are not supported", path);
-    else if (*nd != 1 && *nd != 2)
-        st = LP_ERR(LP_ERR_SHAPE, "%s: labels must be [n_seq] (per sequence) or [n_seq, ctx] (per token), not %d-D", path, *nd);
-    free(hdr);
-    *data_off = hstart + hlen;
-    return st;
+    for (size_t i = 0; i < sizeof g_int_types / sizeof *g_int_types; i++)
+        if (strcmp(h.descr, g_int_types[i].descr) == 0 ||
+            (g_int_types[i].size == 1 && h.descr[0] == '<' && strcmp(h.descr + 1, g_int_types[i].descr + 1) == 0))
+            *ty = &g_int_types[i];
+    if (!*ty)
+        LP_FAIL(LP_ERR_FORMAT, "%s: labels have dtype %s; integer class labels are needed (int8..int64, uint8..uint64 or bool)",
+                path, h.descr);
+    if (h.ndim != 1 && h.ndim != 2)
+        LP_FAIL(LP_ERR_SHAPE, "%s: labels must be [n_seq] (per sequence) or [n_seq, ctx] (per token), not %d-D", path, h.ndim);
+    *nd = h.ndim;
+    dims[0] = h.shape[0], dims[1] = h.ndim == 2 ? h.shape[1] : 0;
+    *data_off = h.data_off;
+    return LP_OK;
 }
 
 static int cmp_i64(const void *a, const void *b) {
@@ -169,12 +140,10 @@ void lp_probe_labels_free(lp_probe_labels *l) {
  * tensors of the first shard. */
 static lp_status all_hooks(const char *dir, char ***names, int *n) {
     char path[1200];
-    size_t len;
     *names = NULL, *n = 0;
     snprintf(path, sizeof path, "%s/meta.json", dir);
-    char *txt = lp_read_file(path, &len);
-    cJSON *j = txt ? cJSON_ParseWithLength(txt, len) : NULL;
-    free(txt);
+    int absent;
+    cJSON *j = lp_json_load(path, &absent);
     const cJSON *hooks = cJSON_GetObjectItemCaseSensitive(j, "hooks"), *h;
     int cap = cJSON_IsArray(hooks) ? cJSON_GetArraySize(hooks) : 0;
     lp_st_file f = {0};

@@ -212,7 +212,7 @@ lp_status lp_eap(lp_model *m, const int32_t *clean, const int32_t *corrupted, in
     for (int s = 0; st == LP_OK && s < ns; s++) {
         int L, k, h;
         paths_sender_decode(m, s, &L, &k, &h);
-        paths_delta(m, s, 0, T, sender_src(m, vc, s), sender_src(m, vx, s), k == PS_HEAD ? lw[L].wo : NULL, Dl + (size_t)s * TD);
+        st = paths_delta(m, s, 0, T, sender_src(m, vc, s), sender_src(m, vx, s), k == PS_HEAD ? lw[L].wo : NULL, Dl + (size_t)s * TD);
     }
     if (st == LP_OK)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ns, nr, (int)TD, 1.0f, Dl, (int)TD, G, (int)TD, 0.0f, res->scores, nr);

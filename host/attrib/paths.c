@@ -199,18 +199,19 @@ void paths_sender_hook(const lp_model *m, int s, char *buf, size_t n) {
     else snprintf(buf, n, "blocks.%d.hook_mlp_out", L);
 }
 
-void paths_delta(const lp_model *m, int s, int b, int T, const float *c, const float *x, const float *wo, float *out) {
+lp_status paths_delta(const lp_model *m, int s, int b, int T, const float *c, const float *x, const float *wo, float *out) {
     const lp_config *cf = &m->cfg;
     int L, k, h, D = cf->d_model, dh = cf->d_head, qD = cf->n_heads * cf->d_head, io = paths_in_out(m);
     paths_sender_decode(m, s, &L, &k, &h);
     if (k != PS_HEAD) {
         size_t o = (size_t)b * T * D;
         for (size_t i = 0; i < (size_t)T * D; i++) out[i] = x[o + i] - c[o + i];
-        return;
+        return LP_OK;
     }
     /* the head's result: its slice of z times its rows of W_O, the bias left out (it cancels) */
     double *acc = malloc(D * sizeof(double));
-    for (int t = 0; acc && t < T; t++) {
+    if (!acc) LP_FAIL(LP_ERR_OOM, "out of memory");
+    for (int t = 0; t < T; t++) {
         const float *zc = c + ((size_t)b * T + t) * qD + h * dh, *zx = x + ((size_t)b * T + t) * qD + h * dh;
         memset(acc, 0, D * sizeof(double));
         for (int j = 0; j < dh; j++) {
@@ -220,6 +221,7 @@ void paths_delta(const lp_model *m, int s, int b, int T, const float *c, const f
         for (int d = 0; d < D; d++) out[(size_t)t * D + d] = (float)acc[d];
     }
     free(acc);
+    return LP_OK;
 }
 
 lp_status paths_no_user_edits(const lp_model *m, const char *what) {
@@ -390,7 +392,7 @@ lp_status lp_path_patch(lp_model *m, const int32_t *clean, const int32_t *corrup
     if (st == LP_OK) st = run_capture(m, &fz, clean, T, mt, hook, metric_clean, &c);
     if (st == LP_OK) st = run_capture(m, &fz, corrupted, T, mt, hook, metric_corrupted, &x);
     if (st == LP_OK && k == PS_HEAD) snprintf(nm, sizeof nm, "blocks.%d.attn.W_O", L), st = paths_param(m, nm, &wo, &r, &cl);
-    if (st == LP_OK) paths_delta(m, sender, 0, T, c, x, wo, delta);
+    if (st == LP_OK) st = paths_delta(m, sender, 0, T, c, x, wo, delta);
     if (st == LP_OK) st = probe(m, &fz, clean, T, delta, recv, n_recv, cap);
     if (st == LP_OK) st = final_edits(m, &fz, T, delta, recv, n_recv, cap);
     if (st == LP_OK) st = lp_model_metric(m, clean, 1, T, mt, &mf);

@@ -34,7 +34,7 @@ int paths_in_out(const lp_model *m);
 void paths_sender_hook(const lp_model *m, int s, char *buf, size_t n);
 /* Δ_s [T, d_model] from row b of the clean (c) and corrupted (x) captures of that hook,
  * [B, T, ...]; wo: layer's W_O on the host (heads only). */
-void paths_delta(const lp_model *m, int s, int b, int T, const float *c, const float *x, const float *wo, float *out);
+lp_status paths_delta(const lp_model *m, int s, int b, int T, const float *c, const float *x, const float *wo, float *out);
 
 /* The refusal of attrib.c: these methods run their own forwards and clear the hooks. */
 lp_status paths_no_user_edits(const lp_model *m, const char *what);

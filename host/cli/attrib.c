@@ -22,63 +22,6 @@ typedef cli_pair pair;
 typedef cli_bad_line bad_line;
 typedef cli_pairs sweep;
 
-void cli_pairs_free(sweep *s) {
-    for (int i = 0; i < s->n; i++) free(s->pairs[i].clean), free(s->pairs[i].corrupted);
-    free(s->pairs), free(s->bad);
-}
-
-static void add_bad(sweep *s, int line, const char *why) {
-    bad_line *b = realloc(s->bad, (s->n_bad + 1) * sizeof *b);
-    if (!b) return;
-    s->bad = b;
-    s->bad[s->n_bad].line = line;
-    snprintf(s->bad[s->n_bad].why, sizeof s->bad[s->n_bad].why, "%s", why);
-    s->n_bad++;
-}
-
-/* Reads every line; a bad one is recorded and skipped, the rest go on. */
-lp_status cli_read_pairs(const args *a, lp_model *m, const lp_tokenizer *tk, sweep *s) {
-    const char *path = lp_cfg_str(&a->cfg, "attrib.pairs");
-    const lp_config *cf = lp_model_config(m);
-    lp_pair_opts po = {.file = path, .tk = tk, .d_vocab = cf->d_vocab, .n_ctx = cf->n_ctx,
-                       .pad_left = strcmp(lp_cfg_str(&a->cfg, "attrib.align"), "pad_left") == 0};
-    size_t len;
-    char *txt;
-    LP_CHECK(lp_text_read(path, "pairs file", &txt, &len));
-    memset(s, 0, sizeof *s);
-    int line = 0, cap = 0;
-    for (size_t pos = 0; pos < len; line++) {
-        const char *ln = txt + pos, *nl = memchr(ln, '\n', len - pos);
-        size_t n = nl ? (size_t)(nl - ln) : len - pos;
-        pos += n + 1;
-        lp_pair q;
-        if (lp_pair_parse_line(&po, ln, n, line + 1, &q) != LP_OK) {
-            /* the report names the file once and each line: keep what follows "FILE:LINE: " */
-            char at[32];
-            int k = snprintf(at, sizeof at, ":%d: ", line + 1);
-            const char *why = lp_last_error();
-            size_t pl = strlen(path);
-            add_bad(s, line + 1, strncmp(why, path, pl) == 0 && strncmp(why + pl, at, k) == 0 ? why + pl + k : why);
-            continue;
-        }
-        if (q.T == 0) continue; /* a blank line */
-        if (s->n == cap) {
-            cap = cap ? 2 * cap : 64;
-            pair *np = realloc(s->pairs, cap * sizeof *np);
-            if (!np) {
-                lp_pair_free(&q), free(txt);
-                LP_FAIL(LP_ERR_OOM, "out of memory");
-            }
-            s->pairs = np;
-        }
-        int index = s->n + s->n_bad;
-        s->pairs[s->n++] = (pair){.index = index, .line = line + 1, .clean = q.clean, .corrupted = q.corrupted, .T = q.T,
-                                  .answer = q.answer, .wrong = q.wrong};
-    }
-    free(txt);
-    return LP_OK;
-}
-
 static lp_status parse_nodes(const args *a, unsigned *kinds) {
     *kinds = 0;
     const char *v = lp_cfg_str(&a->cfg, "attrib.nodes");
@@ -107,23 +50,24 @@ static int by_abs_desc(const void *x, const void *y) {
 }
 
 /* One results.jsonl line: the metrics, the top nodes by |score|, correlations if given. */
-static void write_result(FILE *f, lp_model *m, const pair *p, const lp_pair_result *r, int top, const double *pear, const double *spear,
+static lp_status write_result(FILE *f, lp_model *m, const pair *p, const lp_pair_result *r, int top, const double *pear, const double *spear,
                          const lp_sae_attrib *sa) {
     size_t n = 0;
     for (int k = 0; k < LP_NODE_KINDS; k++)
         if (r->s[k].v) n += (size_t)r->s[k].shape[0] * r->s[k].shape[1] * (r->s[k].ndim == 3 ? r->s[k].shape[2] : 1);
     top_node *all = malloc((n ? n : 1) * sizeof *all);
+    if (!all) LP_FAIL(LP_ERR_OOM, "out of memory for %zu scores", n);
     size_t o = 0;
-    for (int k = 0; all && k < LP_NODE_KINDS; k++) {
+    for (int k = 0; k < LP_NODE_KINDS; k++) {
         const lp_node_scores *s = &r->s[k];
         if (!s->v) continue;
         size_t c = (size_t)s->shape[0] * s->shape[1] * (s->ndim == 3 ? s->shape[2] : 1);
         for (size_t i = 0; i < c; i++) all[o++] = (top_node){s->v[i], k, (int64_t)i};
     }
-    if (all) qsort(all, o, sizeof *all, by_abs_desc);
+    qsort(all, o, sizeof *all, by_abs_desc);
     fprintf(f, "{\"index\":%d,\"line\":%d,\"n_tokens\":%d,\"clean_metric\":%.8g,\"corrupted_metric\":%.8g,\"top\":[", p->index, p->line, p->T,
             r->metric_clean, r->metric_corrupted);
-    for (size_t i = 0; all && i < o && i < (size_t)top; i++) {
+    for (size_t i = 0; i < o && i < (size_t)top; i++) {
         char name[160];
         lp_node_name(m, all[i].kind, &r->s[all[i].kind], all[i].i, name, sizeof name);
         fprintf(f, "%s{\"node\":\"%s\",\"score\":%.6g}", i ? "," : "", name, all[i].score);
@@ -147,6 +91,7 @@ static void write_result(FILE *f, lp_model *m, const pair *p, const lp_pair_resu
     }
     fprintf(f, "}\n");
     free(all);
+    return LP_OK;
 }
 
 /* The score tensors of a batch of pairs, under a temporary name then renamed. */
@@ -190,13 +135,92 @@ static void progress(const char *what, int done, int total, double secs) {
     fprintf(stderr, "\r%s %d/%d pairs  %.2f pairs/s   ", what, done, total, secs > 0 ? done / secs : 0);
 }
 
-int cli_report_bad(const args *a, const sweep *sw, int rc) {
-    if (!sw->n_bad) return rc;
-    /* the sweep went on; the bad lines are listed, and the exit status says so */
-    fprintf(stderr, "loupe: %s: %d bad line%s skipped:", lp_cfg_str(&a->cfg, "attrib.pairs"), sw->n_bad, sw->n_bad > 1 ? "s" : "");
-    for (int b = 0; b < sw->n_bad; b++) fprintf(stderr, " line %d (%s)%s", sw->bad[b].line, sw->bad[b].why, b + 1 < sw->n_bad ? ";" : "");
-    fputc('\n', stderr);
-    return 2;
+/* What a sweep carries from one batch of pairs to the next. */
+typedef struct {
+    lp_model *m;
+    lp_metric mt;
+    lp_attrib_opts o;
+    int exact, compare, top;
+    const char *out;
+    lp_sae *sae; /* attrib.sae, or NULL */
+    lp_ctx *sc;  /* the SAE's context */
+    sweep_out *so;
+    lp_pair_result *res; /* [batch size] */
+    double corr_p[LP_NODE_KINDS], corr_s[LP_NODE_KINDS]; /* patch.compare_atp: sums over pairs */
+    int corr_n;
+} sweep_run;
+
+/* Attributes (or patches) nb pairs of T tokens, writes their scores files, then their
+ * result lines in one append. */
+static lp_status run_batch(sweep_run *x, const pair *batch, int nb, int T) {
+    lp_status st = LP_OK;
+    lp_pair_result atp1 = {0};
+    lp_sae_attrib *sa = NULL;
+    char *lines = NULL;
+    size_t n_lines = 0;
+    int32_t *cl = malloc((size_t)nb * T * sizeof(int32_t)), *cx = malloc((size_t)nb * T * sizeof(int32_t));
+    int32_t *ans = malloc(nb * sizeof(int32_t)), *wr = malloc(nb * sizeof(int32_t));
+    if (!cl || !cx || !ans || !wr) {
+        st = LP_ERR(LP_ERR_OOM, "out of memory");
+        goto done;
+    }
+    for (int b = 0; b < nb; b++) {
+        memcpy(cl + (size_t)b * T, batch[b].clean, T * sizeof(int32_t));
+        memcpy(cx + (size_t)b * T, batch[b].corrupted, T * sizeof(int32_t));
+        ans[b] = batch[b].answer, wr[b] = batch[b].wrong;
+    }
+    x->mt.answer = ans, x->mt.wrong = wr;
+    double pear[LP_NODE_KINDS], spear[LP_NODE_KINDS];
+    if (!x->exact) {
+        st = lp_attrib_atp(x->m, cl, cx, nb, T, &x->mt, &x->o, x->res);
+    } else {
+        st = lp_attrib_exact(x->m, cl, cx, T, &x->mt, &x->o, &x->res[0]);
+        if (st == LP_OK && x->compare) {
+            st = lp_attrib_atp(x->m, cl, cx, 1, T, &x->mt, &x->o, &atp1);
+            const lp_node_scores *e = x->res[0].s;
+            for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++) {
+                if (!e[k].v) continue;
+                size_t c = (size_t)e[k].shape[0] * e[k].shape[1] * (e[k].ndim == 3 ? e[k].shape[2] : 1);
+                pear[k] = lp_pearson(atp1.s[k].v, e[k].v, c), spear[k] = lp_spearman(atp1.s[k].v, e[k].v, c);
+                x->corr_p[k] += pear[k], x->corr_s[k] += spear[k];
+            }
+            x->corr_n++;
+        }
+    }
+    if (st == LP_OK) st = write_scores(x->out, batch, x->res, nb, x->exact ? "exact." : "atp.");
+    if (st == LP_OK && x->exact && x->compare) st = write_scores(x->out, batch, &atp1, 1, "atp.");
+    if (st == LP_OK && x->sae) {
+        sa = calloc(nb, sizeof *sa);
+        st = sa ? lp_attrib_sae(x->m, x->sae, x->sc, cl, cx, nb, T, &x->mt, x->top, sa) : LP_ERR(LP_ERR_OOM, "out of memory");
+    }
+    /* the batch's lines in one write, after its scores files are in place */
+    FILE *mf = st == LP_OK ? open_memstream(&lines, &n_lines) : NULL;
+    if (st == LP_OK && !mf) st = LP_ERR(LP_ERR_OOM, "out of memory");
+    for (int b = 0; st == LP_OK && b < nb; b++)
+        st = write_result(mf, x->m, &batch[b], &x->res[b], x->top, x->exact && x->compare ? pear : NULL, spear, sa ? &sa[b] : NULL);
+    if (mf && fclose(mf) != 0 && st == LP_OK) st = LP_ERR(LP_ERR_OOM, "out of memory for the results lines");
+    if (st == LP_OK) st = sweep_out_append(x->so, lines, n_lines);
+done:
+    free(lines);
+    for (int b = 0; sa && b < nb; b++) lp_sae_attrib_free(&sa[b]);
+    free(sa);
+    for (int b = 0; b < nb; b++) lp_pair_result_free(&x->res[b]);
+    lp_pair_result_free(&atp1);
+    free(cl), free(cx), free(ans), free(wr);
+    return st;
+}
+
+/* The summary line (and the AtP-vs-exact correlations), or the error; and the bad lines. */
+static int report(const args *a, const sweep_run *x, const cli_pairs *sw, lp_status st, int ran, int skipped, double secs) {
+    if (st != LP_OK) return cli_fail(st);
+    printf("%s: %d pairs done (%d already in %s), %.2f pairs/s on %s; results in %s\n", x->exact ? "patch" : "attribute", ran, skipped,
+           x->so->path, secs > 0 ? ran / secs : 0, cli_dev_name(x->m), x->out);
+    if (x->compare && x->corr_n)
+        for (int k = 0; k < LP_NODE_KINDS; k++)
+            if (!x->o.kinds || (x->o.kinds >> k & 1u))
+                printf("  %-20s attribution vs exact patching: Pearson %.3f, Spearman %.3f (mean over %d pairs)\n", lp_node_kind_name(k),
+                       x->corr_p[k] / x->corr_n, x->corr_s[k] / x->corr_n, x->corr_n);
+    return cli_report_bad(a, sw, 0);
 }
 
 static int run_sweep(args *a, int exact) {
@@ -204,42 +228,39 @@ static int run_sweep(args *a, int exact) {
         return cli_paths_sweep(a, exact); /* between components: host/cli/paths.c */
     lp_status st = lp_cfg_require(&a->cfg, (const char *[]){"model.path", "attrib.pairs", "attrib.out", NULL});
     if (st != LP_OK) return cli_fail(st);
-    lp_attrib_opts o = {.grad_at_clean = strcmp(lp_cfg_str(&a->cfg, "attrib.grad_at"), "clean") == 0,
-                        .ig_steps = (int)lp_cfg_int(&a->cfg, "attrib.ig_steps"),
-                        .ig_batch = (int)lp_cfg_int(&a->cfg, "attrib.ig_batch"), .patch_batch = (int)lp_cfg_int(&a->cfg, "patch.batch")};
-    if ((st = parse_nodes(a, &o.kinds)) != LP_OK) return cli_fail(st);
-    lp_metric mt;
-    make_metric(a, &mt);
-    lp_model *m = NULL;
+    sweep_out so = {.fd = -1};
+    lp_ctx sc = {0};
+    sweep_run x = {.exact = exact, .out = lp_cfg_str(&a->cfg, "attrib.out"), .top = (int)lp_cfg_int(&a->cfg, "attrib.top"),
+                   .compare = exact && strcmp(lp_cfg_str(&a->cfg, "patch.compare_atp"), "true") == 0, .sc = &sc, .so = &so};
+    x.o = (lp_attrib_opts){.grad_at_clean = strcmp(lp_cfg_str(&a->cfg, "attrib.grad_at"), "clean") == 0,
+                           .ig_steps = (int)lp_cfg_int(&a->cfg, "attrib.ig_steps"),
+                           .ig_batch = (int)lp_cfg_int(&a->cfg, "attrib.ig_batch"), .patch_batch = (int)lp_cfg_int(&a->cfg, "patch.batch")};
+    if ((st = parse_nodes(a, &x.o.kinds)) != LP_OK) return cli_fail(st);
+    make_metric(a, &x.mt);
     lp_tokenizer *tk = NULL;
     sweep sw = {0};
-    st = cli_open_model(a, &m);
+    st = cli_open_model(a, &x.m);
     if (st == LP_OK && lp_tokenizer_load(&tk, lp_cfg_str(&a->cfg, "model.path")) != LP_OK) tk = NULL; /* id lists still work */
     /* SAE latents as nodes: the SAE on the model's device, F32 */
-    lp_sae *sae = NULL;
-    lp_ctx sc = {0};
     const char *sae_path = lp_cfg_str(&a->cfg, "attrib.sae");
     if (st == LP_OK && sae_path) {
-        st = lp_ctx_init(&sc, lp_model_ctx(m)->device, LP_F32);
-        if (st == LP_OK) st = lp_sae_load(&sae, &sc, sae_path);
+        st = lp_ctx_init(&sc, lp_model_ctx(x.m)->device, LP_F32);
+        if (st == LP_OK) st = lp_sae_load(&x.sae, &sc, sae_path);
     }
-    if (st == LP_OK) st = cli_read_pairs(a, m, tk, &sw);
-    const char *out = lp_cfg_str(&a->cfg, "attrib.out");
-    int B = exact ? 1 : (int)lp_cfg_int(&a->cfg, "attrib.batch"), top = (int)lp_cfg_int(&a->cfg, "attrib.top");
-    int compare = exact && strcmp(lp_cfg_str(&a->cfg, "patch.compare_atp"), "true") == 0;
+    if (st == LP_OK) st = cli_read_pairs(a, x.m, tk, &sw);
+    int B = exact ? 1 : (int)lp_cfg_int(&a->cfg, "attrib.batch");
     /* one writer per attrib.out; the same job only; results and scores made to agree */
     lp_lock lock = {.fd = -1};
-    sweep_out so = {.fd = -1};
-    const char *methods[3] = {exact ? "exact" : "atp", compare ? "atp" : NULL, NULL};
-    if (st == LP_OK) st = lp_lock_output(&lock, out, 1);
-    if (st == LP_OK) st = sweep_job_check(a, out, exact, m);
-    if (st == LP_OK) st = sweep_out_open(&so, out, sw.n + sw.n_bad, methods);
+    const char *methods[3] = {exact ? "exact" : "atp", x.compare ? "atp" : NULL, NULL};
+    if (st == LP_OK) st = lp_lock_output(&lock, x.out, 1);
+    if (st == LP_OK) st = sweep_job_check(a, x.out, exact, x.m);
+    if (st == LP_OK) st = sweep_out_open(&so, x.out, sw.n + sw.n_bad, methods);
     const unsigned char *done = so.done;
     int skipped = 0, ran = 0;
-    double t0 = cli_now(), corr_p[LP_NODE_KINDS] = {0}, corr_s[LP_NODE_KINDS] = {0};
-    int corr_n = 0;
+    double t0 = cli_now();
     pair *batch = malloc((size_t)(B > 0 ? B : 1) * sizeof *batch);
-    lp_pair_result *res = calloc(B > 0 ? B : 1, sizeof *res), atp1;
+    x.res = calloc(B > 0 ? B : 1, sizeof *x.res);
+    if (st == LP_OK && (!batch || !x.res)) st = LP_ERR(LP_ERR_OOM, "out of memory");
     for (int i = 0; st == LP_OK && i < sw.n;) {
         /* the next pairs not yet done with the same length, up to B */
         int nb = 0, T = 0;
@@ -253,78 +274,20 @@ static int run_sweep(args *a, int exact) {
             batch[nb++] = sw.pairs[i];
         }
         if (!nb) continue;
-        int32_t *cl = malloc((size_t)nb * T * sizeof(int32_t)), *cx = malloc((size_t)nb * T * sizeof(int32_t));
-        int32_t *ans = malloc(nb * sizeof(int32_t)), *wr = malloc(nb * sizeof(int32_t));
-        for (int b = 0; b < nb; b++) {
-            memcpy(cl + (size_t)b * T, batch[b].clean, T * sizeof(int32_t));
-            memcpy(cx + (size_t)b * T, batch[b].corrupted, T * sizeof(int32_t));
-            ans[b] = batch[b].answer, wr[b] = batch[b].wrong;
-        }
-        mt.answer = ans, mt.wrong = wr;
-        double pear[LP_NODE_KINDS], spear[LP_NODE_KINDS];
-        if (!exact) {
-            st = lp_attrib_atp(m, cl, cx, nb, T, &mt, &o, res);
-        } else {
-            st = lp_attrib_exact(m, cl, cx, T, &mt, &o, &res[0]);
-            if (st == LP_OK && compare) {
-                st = lp_attrib_atp(m, cl, cx, 1, T, &mt, &o, &atp1);
-                for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++) {
-                    if (!res[0].s[k].v) continue;
-                    size_t c = (size_t)res[0].s[k].shape[0] * res[0].s[k].shape[1] * (res[0].s[k].ndim == 3 ? res[0].s[k].shape[2] : 1);
-                    pear[k] = lp_pearson(atp1.s[k].v, res[0].s[k].v, c), spear[k] = lp_spearman(atp1.s[k].v, res[0].s[k].v, c);
-                    corr_p[k] += pear[k], corr_s[k] += spear[k];
-                }
-                corr_n++;
-            }
-        }
-        if (st == LP_OK) st = write_scores(out, batch, res, nb, exact ? "exact." : "atp.");
-        if (st == LP_OK && exact && compare) st = write_scores(out, batch, &atp1, 1, "atp.");
-        lp_sae_attrib *sa = NULL;
-        if (st == LP_OK && sae) {
-            sa = calloc(nb, sizeof *sa);
-            st = sa ? lp_attrib_sae(m, sae, &sc, cl, cx, nb, T, &mt, top, sa) : LP_ERR(LP_ERR_OOM, "out of memory");
-        }
-        /* the batch's lines in one write, after its scores files are in place */
-        char *lines = NULL;
-        size_t n_lines = 0;
-        FILE *mf = st == LP_OK ? open_memstream(&lines, &n_lines) : NULL;
-        if (st == LP_OK && !mf) st = LP_ERR(LP_ERR_OOM, "out of memory");
-        for (int b = 0; st == LP_OK && b < nb; b++)
-            write_result(mf, m, &batch[b], &res[b], top, exact && compare ? pear : NULL, spear, sa ? &sa[b] : NULL);
-        if (mf && fclose(mf) != 0 && st == LP_OK) st = LP_ERR(LP_ERR_OOM, "out of memory for the results lines");
-        if (st == LP_OK) st = sweep_out_append(&so, lines, n_lines);
-        free(lines);
-        for (int b = 0; sa && b < nb; b++) lp_sae_attrib_free(&sa[b]);
-        free(sa);
-        for (int b = 0; b < nb; b++) lp_pair_result_free(&res[b]);
-        if (exact && compare) lp_pair_result_free(&atp1);
-        free(cl), free(cx), free(ans), free(wr);
+        st = run_batch(&x, batch, nb, T);
         ran += nb;
         progress(exact ? "patch" : "attribute", ran, sw.n - skipped, cli_now() - t0);
     }
     if (isatty(2)) fputc('\n', stderr);
     double secs = cli_now() - t0;
-    st = sweep_out_close(&so, st);
-    int rc = 0;
-    if (st != LP_OK) {
-        rc = cli_fail(st);
-    } else {
-        printf("%s: %d pairs done (%d already in %s), %.2f pairs/s on %s; results in %s\n", exact ? "patch" : "attribute", ran, skipped, so.path,
-               secs > 0 ? ran / secs : 0, cli_dev_name(m), out);
-        if (compare && corr_n)
-            for (int k = 0; k < LP_NODE_KINDS; k++)
-                if (!o.kinds || (o.kinds >> k & 1u))
-                    printf("  %-20s attribution vs exact patching: Pearson %.3f, Spearman %.3f (mean over %d pairs)\n", lp_node_kind_name(k),
-                           corr_p[k] / corr_n, corr_s[k] / corr_n, corr_n);
-        rc = cli_report_bad(a, &sw, rc);
-    }
+    int rc = report(a, &x, &sw, sweep_out_close(&so, st), ran, skipped, secs);
     lp_lock_release(&lock);
-    free(batch), free(res);
+    free(batch), free(x.res);
     cli_pairs_free(&sw);
     lp_tokenizer_free(tk);
-    if (sae) lp_sae_free(sae, &sc);
+    if (x.sae) lp_sae_free(x.sae, &sc);
     if (sae_path) lp_ctx_free(&sc);
-    lp_model_free(m);
+    lp_model_free(x.m);
     return rc;
 }
 

@@ -1,5 +1,6 @@
-/* cli.h: what the command files of host/cli/ share: the parsed arguments, model and
- * token loading, and the one-line error report. */
+/* cli.h: the command files of host/cli/. main.c parses the arguments and dispatches to a
+ * cmd_*; what the commands share (the one-line error report, model and token loading, the
+ * prompt pairs) is in common.c, and calls nothing of theirs. */
 #ifndef LOUPE_CLI_H
 #define LOUPE_CLI_H
 
@@ -11,6 +12,13 @@
 
 typedef struct { lp_cfg cfg; int json; } args;
 
+/* ---- host/cli/common.c ---- */
+/* Progress bars on stderr for the library's progress callbacks (redrawn in place on a
+ * terminal; one line per shard or metrics step otherwise). */
+struct lp_cache_progress;
+struct lp_train_progress;
+void cli_cache_progress(const struct lp_cache_progress *p, void *user);
+void cli_train_progress(const struct lp_train_progress *p, void *user);
 /* Prints lp_last_error() as one line and returns the exit status (2 bad input, 1 other). */
 int cli_fail(lp_status st);
 double cli_now(void);
@@ -22,6 +30,40 @@ lp_status cli_open_model(const args *a, lp_model **m);
 const char *cli_dev_name(lp_model *m);
 /* data.tokens or data.text, cut into rows for the model. */
 lp_status cli_load_tokens(const args *a, const lp_model *m, lp_tokens *t);
+/* Reads a UTF-8 text file and tokenizes it with model.path's tokenizer; *ids is malloc'ed.
+ * The UTF-8 check comes first, so that a wrong file is refused by name before the
+ * tokenizer loads. With bos (data.prepend_bos): *bos is the id rows start with (-1: none),
+ * and the stream leaves out the tokenizer's own leading BOS then. */
+lp_status cli_tokenize_file(const args *a, const char *path, int32_t **ids, size_t *n, size_t *n_bytes, int32_t *bos);
+
+/* The prompt pairs of attrib.pairs (bad lines recorded and skipped). */
+typedef struct cli_pair {
+    int index, line;
+    int32_t *clean, *corrupted;
+    int T;
+    int32_t answer, wrong;
+} cli_pair;
+typedef struct cli_bad_line {
+    int line;
+    char why[200];
+} cli_bad_line;
+typedef struct cli_pairs {
+    cli_pair *pairs;
+    int n;
+    cli_bad_line *bad;
+    int n_bad;
+} cli_pairs;
+struct lp_tokenizer;
+lp_status cli_read_pairs(const args *a, lp_model *m, const struct lp_tokenizer *tk, cli_pairs *s);
+void cli_pairs_free(cli_pairs *s);
+/* Lists the bad lines of the pairs file on stderr; returns 2 if there were any, else rc. */
+int cli_report_bad(const args *a, const cli_pairs *s, int rc);
+
+/* host/cli/run.c */
+int cmd_info(args *a);
+int cmd_run(args *a);
+int cmd_cache(args *a);
+int cmd_tokenize(args *a);
 
 /* host/cli/sae.c */
 int cmd_train_sae(args *a);
@@ -55,40 +97,11 @@ int cmd_generate(args *a);
 /* host/cli/attrib.c */
 int cmd_attribute(args *a);
 int cmd_patch(args *a);
-/* The prompt pairs of attrib.pairs (bad lines recorded and skipped). */
-typedef struct cli_pair {
-    int index, line;
-    int32_t *clean, *corrupted;
-    int T;
-    int32_t answer, wrong;
-} cli_pair;
-typedef struct cli_bad_line {
-    int line;
-    char why[200];
-} cli_bad_line;
-typedef struct cli_pairs {
-    cli_pair *pairs;
-    int n;
-    cli_bad_line *bad;
-    int n_bad;
-} cli_pairs;
-struct lp_tokenizer;
-lp_status cli_read_pairs(const args *a, lp_model *m, const struct lp_tokenizer *tk, cli_pairs *s);
-void cli_pairs_free(cli_pairs *s);
-/* Lists the bad lines of the pairs file on stderr; returns 2 if there were any, else rc. */
-int cli_report_bad(const args *a, const cli_pairs *s, int rc);
-
 /* host/cli/paths.c: `attribute --attrib.edges=true` and `patch --patch.kind=path` */
 int cli_paths_sweep(args *a, int exact);
 /* host/cli/circuit.c: circuit.json and circuit.html from the edge scores in dir */
 lp_status cli_circuit_write(const args *a, lp_model *m, const char *dir, int *n_pairs);
 
-/* Progress bars on stderr for the library's progress callbacks (redrawn in place on a
- * terminal; one line per shard or metrics step otherwise). */
-struct lp_cache_progress;
-struct lp_train_progress;
-void cli_cache_progress(const struct lp_cache_progress *p, void *user);
-void cli_train_progress(const struct lp_train_progress *p, void *user);
 /* host/cli/lens.c */
 int cmd_lens(args *a);
 /* host/cli/probe.c */

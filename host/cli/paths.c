@@ -106,6 +106,7 @@ static lp_status one_pair(args *a, lp_model *m, const cli_pair *p, int exact, co
         lp_status st = write_scores(out, m, p->index, "eap", r.scores, 2, r.n_senders, r.n_receivers, NULL);
         int n = 0;
         edge *e = st == LP_OK ? top_edges(m, r.scores, r.n_senders, r.n_receivers, (int)lp_cfg_int(&a->cfg, "attrib.top"), &n) : NULL;
+        if (st == LP_OK && !e) st = LP_ERR(LP_ERR_OOM, "out of memory");
         fprintf(f, "{\"index\":%d,\"line\":%d,\"n_tokens\":%d,\"clean_metric\":%.8g,\"corrupted_metric\":%.8g,\"top_edges\":[", p->index, p->line, p->T,
                 r.metric_clean, r.metric_corrupted);
         for (int i = 0; e && i < n; i++) {

@@ -73,6 +73,7 @@ lp_status sweep_job_check(const args *a, const char *out, int exact, lp_model *m
     char path[1300];
     snprintf(path, sizeof path, "%s/job.json", out);
     cJSON *now = job_json(a, exact, m);
+    if (!now) LP_FAIL(LP_ERR_OOM, "out of memory");
     size_t n;
     char *old_txt = lp_read_file(path, &n);
     lp_status st = LP_OK;
@@ -200,12 +201,18 @@ static lp_status reconcile(sweep_out *r, const char *const *methods) {
             size_t len = strlen(e->d_name);
             if (strncmp(e->d_name, prefix, (size_t)np) != 0 || len < 12 || strcmp(e->d_name + len - 12, ".safetensors") != 0) continue;
             char **nn = realloc(names, (size_t)(n + 1) * sizeof *names);
-            if (nn) names = nn, names[n++] = strdup(e->d_name);
+            if (nn) names = nn;
+            if (!nn || !(names[n++] = strdup(e->d_name))) {
+                st = LP_ERR(LP_ERR_OOM, "out of memory");
+                break;
+            }
         }
         if (d) closedir(d);
         for (int i = 0; i < n; i++) {
-            snprintf(path, sizeof path, "%s/%s", r->dir, names[i]);
-            if (st == LP_OK) st = reconcile_scores(r, path, methods[m], have);
+            if (st == LP_OK) {
+                snprintf(path, sizeof path, "%s/%s", r->dir, names[i]);
+                st = reconcile_scores(r, path, methods[m], have);
+            }
             free(names[i]);
         }
         free(names);

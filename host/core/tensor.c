@@ -5,8 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/device.h"
 #include "loupe/tensor.h"
-#include "ops/ops_internal.h"
 
 static const struct { const char *name; size_t size; } g_dtypes[LP_DTYPE_COUNT] = {
     [LP_F32] = {"F32", 4},  [LP_BF16] = {"BF16", 2}, [LP_F16] = {"F16", 2}, [LP_F64] = {"F64", 8},

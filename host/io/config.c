@@ -18,15 +18,19 @@ static int find(const lp_cfg *c, const char *key) {
     return -1;
 }
 
-void lp_cfg_init(lp_cfg *c, const lp_key *keys, int n) {
+lp_status lp_cfg_init(lp_cfg *c, const lp_key *keys, int n) {
     memset(c, 0, sizeof *c);
     c->keys = keys;
     c->n = n < LP_CFG_MAX_KEYS ? n : LP_CFG_MAX_KEYS;
     for (int i = 0; i < c->n; i++)
         if (keys[i].def) {
-            c->val[i] = strdup(keys[i].def);
+            if (!(c->val[i] = strdup(keys[i].def))) {
+                lp_cfg_free(c);
+                LP_FAIL(LP_ERR_OOM, "%s: out of memory for its default", keys[i].name);
+            }
             snprintf(c->origin[i], sizeof c->origin[i], "default");
         }
+    return LP_OK;
 }
 
 void lp_cfg_free(lp_cfg *c) {

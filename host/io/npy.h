@@ -1,5 +1,6 @@
-/* npy.h: the .npy header, shared by the token-file reader (tokens.c) and the Gemma Scope
- * params.npz reader (sae_npz.c). Every size is checked against the bytes that hold it. */
+/* npy.h: the .npy header, the one parser of it, shared by the token-file reader (tokens.c),
+ * the Gemma Scope params.npz reader (sae_npz.c) and the probe's label files
+ * (analysis/probe_data.c). Every size is checked against the bytes that hold it. */
 #ifndef LOUPE_NPY_H
 #define LOUPE_NPY_H
 

@@ -78,7 +78,7 @@ lp_status lp_st_open(lp_st_file *f, const char *path) {
     cJSON *root = NULL;
     span *spans = NULL;
     memset(f, 0, sizeof *f);
-    f->path = strdup(path);
+    if (!(f->path = strdup(path))) LP_TRY(st, fail, LP_ERR(LP_ERR_OOM, "%s: out of memory", path));
     int fd = open(path, O_RDONLY);
     if (fd < 0) LP_TRY(st, fail, LP_ERR(LP_ERR_IO, "%s: cannot open: %s", path, strerror(errno)));
     struct stat sb;
@@ -120,7 +120,7 @@ lp_status lp_st_open(lp_st_file *f, const char *path) {
         if (strcmp(e->string, "__metadata__") == 0) continue;
         lp_st_tensor *t = &f->tensors[f->n];
         LP_TRY(st, fail, parse_entry(path, e, data_size, t));
-        t->name = strdup(e->string);
+        if (!(t->name = strdup(e->string))) LP_TRY(st, fail, LP_ERR(LP_ERR_OOM, "%s: out of memory", path));
         spans[f->n] = (span){(size_t)(uintptr_t)t->data, (size_t)(uintptr_t)t->data + t->nbytes, f->n};
         f->n++;
     }
@@ -162,7 +162,7 @@ lp_status lp_st_set_open(lp_st_set *s, const char *dir) {
     size_t len;
     char *idx = lp_read_file(path, &len);
     if (!idx) {
-        s->files = calloc(1, sizeof *s->files);
+        if (!(s->files = calloc(1, sizeof *s->files))) LP_FAIL(LP_ERR_OOM, "%s: out of memory", dir);
         snprintf(path, sizeof path, "%s/model.safetensors", dir);
         if (access(path, F_OK) != 0) {
             lp_st_set_close(s);
@@ -185,8 +185,8 @@ lp_status lp_st_set_open(lp_st_set *s, const char *dir) {
     }
     int cap = cJSON_GetArraySize(map);
     s->files = calloc(cap ? cap : 1, sizeof *s->files);
-    lp_status st = LP_OK;
-    for (const cJSON *e = map->child; e; e = e->next) {
+    lp_status st = s->files ? LP_OK : LP_ERR(LP_ERR_OOM, "%s: out of memory", path);
+    for (const cJSON *e = map->child; st == LP_OK && e; e = e->next) {
         if (!cJSON_IsString(e) || strchr(e->valuestring, '/')) {
             st = LP_ERR(LP_ERR_FORMAT, "%s: bad shard name for '%s'", path, e->string);
             break;
@@ -221,6 +221,15 @@ static lp_status write_all(int fd, const void *buf, size_t n, off_t off, const c
     return lp_write_fd(fd, buf, n, (long long)off, path);
 }
 
+static void writer_free(lp_st_writer *w) {
+    free(w->path);
+    free(w->tmp);
+    free(w->offsets);
+    free(w->sizes);
+    memset(w, 0, sizeof *w);
+    w->fd = -1;
+}
+
 lp_status lp_st_writer_open(lp_st_writer *w, const char *path, const lp_st_spec *specs, int n,
                             const char *const *metadata) {
     memset(w, 0, sizeof *w);
@@ -233,6 +242,11 @@ lp_status lp_st_writer_open(lp_st_writer *w, const char *path, const lp_st_spec 
     w->n = n;
     w->offsets = calloc(n ? n : 1, sizeof *w->offsets);
     w->sizes = calloc(n ? n : 1, sizeof *w->sizes);
+    if (!root || !w->offsets || !w->sizes) {
+        cJSON_Delete(root);
+        writer_free(w);
+        LP_FAIL(LP_ERR_OOM, "%s: out of memory", path);
+    }
     size_t off = 0;
     for (int i = 0; i < n; i++) {
         cJSON *e = cJSON_AddObjectToObject(root, specs[i].name);
@@ -248,17 +262,22 @@ lp_status lp_st_writer_open(lp_st_writer *w, const char *path, const lp_st_spec 
     }
     char *json = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
-    size_t hlen = strlen(json), padded = (hlen + 7) / 8 * 8; /* keep tensor data 8-byte aligned */
-    char *hdr = malloc(8 + padded);
+    size_t hlen = json ? strlen(json) : 0, padded = (hlen + 7) / 8 * 8; /* keep tensor data 8-byte aligned */
+    char *hdr = json ? malloc(8 + padded) : NULL;
+    size_t tn = strlen(path) + 64;
+    w->path = strdup(path);
+    w->tmp = malloc(tn);
+    if (!hdr || !w->path || !w->tmp) {
+        free(json), free(hdr);
+        writer_free(w);
+        LP_FAIL(LP_ERR_OOM, "%s: out of memory", path);
+    }
     for (int i = 0; i < 8; i++) hdr[i] = (char)((uint64_t)padded >> (8 * i));
     memcpy(hdr + 8, json, hlen);
     memset(hdr + 8 + hlen, ' ', padded - hlen);
     free(json);
     for (int i = 0; i < n; i++) w->offsets[i] += 8 + padded;
 
-    w->path = strdup(path);
-    size_t tn = strlen(path) + 64;
-    w->tmp = malloc(tn);
     lp_tmp_name(w->tmp, tn, path); /* unique: a second run started by mistake cannot touch ours */
     w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     lp_status st = LP_OK;
@@ -277,15 +296,6 @@ lp_status lp_st_writer_put(lp_st_writer *w, int idx, size_t off, const void *dat
     if (idx < 0 || idx >= w->n || off + bytes > w->sizes[idx])
         LP_FAIL(LP_ERR_INTERNAL, "%s: write outside tensor %d", w->tmp, idx);
     return write_all(w->fd, data, bytes, (off_t)(w->offsets[idx] + off), w->tmp);
-}
-
-static void writer_free(lp_st_writer *w) {
-    free(w->path);
-    free(w->tmp);
-    free(w->offsets);
-    free(w->sizes);
-    memset(w, 0, sizeof *w);
-    w->fd = -1;
 }
 
 lp_status lp_st_writer_commit(lp_st_writer *w) {

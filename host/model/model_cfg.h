@@ -6,8 +6,7 @@
 #ifndef LOUPE_MODEL_CFG_H
 #define LOUPE_MODEL_CFG_H
 
-#include <cjson/cJSON.h>
-
+#include "io/json.h" /* lp_jcfg_*: the readers of config.json values, kept here for model/ */
 #include "loupe/gguf.h"
 #include "loupe/model.h"
 
@@ -24,19 +23,6 @@ enum {
     LP_MAX_VOCAB = 1 << 24,
     LP_MAX_CTX = 1 << 24,
 };
-
-/* Reads and parses path into a JSON object (*root; cJSON_Delete it). */
-lp_status lp_jcfg_open(const char *path, cJSON **root);
-/* An integer in [lo, hi] at key; absent or null: dflt, or a failure when dflt < 0. */
-lp_status lp_jcfg_int(const char *path, const cJSON *o, const char *key, int lo, int hi, int dflt, int *out);
-/* A finite number in (lo, hi) (both open) at key; absent or null: dflt, or a failure when
- * dflt is NaN. `where` prefixes the key in messages ("rope_parameters." or ""). */
-lp_status lp_jcfg_num(const char *path, const cJSON *o, const char *where, const char *key, double lo, double hi, double dflt,
-                     double *out);
-/* true/false at key; absent or null: dflt. */
-lp_status lp_jcfg_bool(const char *path, const cJSON *o, const char *key, int dflt, int *out);
-/* A string at key (*out points into o); absent or null: dflt. */
-lp_status lp_jcfg_str(const char *path, const cJSON *o, const char *where, const char *key, const char *dflt, const char **out);
 
 /* The Llama family's config (llama_config.c): config.json of a Hugging Face directory
  * (transformers 4 and 5 layouts), or GGUF metadata. Fills m->cfg; sizes nothing. */

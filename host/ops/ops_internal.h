@@ -7,6 +7,7 @@
 #ifndef LOUPE_OPS_INTERNAL_H
 #define LOUPE_OPS_INTERNAL_H
 
+#include "core/device.h"
 #include "loupe/ops.h"
 
 #ifdef __cplusplus
@@ -61,20 +62,8 @@ void lp_cpu_edit_apply(float *act, lp_view v, lp_edit_kind kind, const float *sr
                        const uint8_t *pos_mask, const uint8_t *head_mask);
 void lp_cpu_gather_pos(float *dst, const float *act, lp_view v, const int32_t *pos, int npos);
 
-/* CUDA back end (the .cu files in kernels/). Activation pointers are c->dtype on c's device. */
-lp_status lp_cuda_ctx_init(lp_ctx *c);
-void lp_cuda_ctx_free(lp_ctx *c);
-lp_status lp_cuda_alloc(lp_ctx *c, size_t bytes, void **p);
-void lp_cuda_release(lp_ctx *c, void *p);
-lp_status lp_cuda_alloc_host(lp_ctx *c, size_t bytes, void **p);
-void lp_cuda_release_host(lp_ctx *c, void *p);
-lp_status lp_cuda_memset0(lp_ctx *c, void *p, size_t bytes);
-lp_status lp_cuda_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes);
-lp_status lp_cuda_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes);
-lp_status lp_cuda_copy(lp_ctx *c, void *dst, const void *src, size_t bytes);
-lp_status lp_cuda_sync(lp_ctx *c);
-lp_status lp_cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes); /* kernels/capture.cu */
-int lp_cuda_device_count(char *why, size_t n);
+/* CUDA back end (the .cu files in kernels/). Activation pointers are c->dtype on c's device.
+ * The context's own half (streams, memory, copies) is core/device.h. */
 
 lp_status lp_cuda_embed(lp_ctx *c, void *out, const int32_t *tok, const void *wte, int N, int D);
 lp_status lp_cuda_pos_embed(lp_ctx *c, void *out, const void *wpe, int B, int T, int D);

@@ -21,6 +21,7 @@
 #include "loupe/sae_train.h"
 #include "loupe/store.h"
 #include "core/rng.h"
+#include "io/json.h"
 #include "sae/sae_internal.h"
 #include "sae/sae_trainer.h"
 
@@ -50,12 +51,16 @@ static lp_status prune_checkpoints(const char *out, int keep) {
     int n = 0;
     struct dirent *e;
     while ((e = readdir(d)) && n < 4096)
-        if (strncmp(e->d_name, "step-", 5) == 0 && strlen(e->d_name) == 14) names[n++] = strdup(e->d_name);
+        if (strncmp(e->d_name, "step-", 5) == 0 && strlen(e->d_name) == 14 && !(names[n++] = strdup(e->d_name))) break;
     closedir(d);
+    if (n && !names[n - 1]) {
+        while (n--) free(names[n]);
+        LP_FAIL(LP_ERR_OOM, "%s: out of memory", dir);
+    }
     qsort(names, n, sizeof *names, by_name);
     lp_status st = LP_OK;
     for (int i = 0; i < n; i++) {
-        if (names[i] && i < n - keep && st == LP_OK) {
+        if (i < n - keep && st == LP_OK) {
             snprintf(path, sizeof path, "%s/%s", dir, names[i]);
             st = lp_remove_tree(path);
         }
@@ -137,11 +142,9 @@ lp_status sae_load_checkpoint(trainer *tr, int *found) {
     if (!best[0]) return LP_OK;
     char path[1600];
     snprintf(path, sizeof path, "%s/%s/state.json", dir, best);
-    size_t n;
-    char *txt = lp_read_file(path, &n);
-    if (!txt) LP_FAIL(LP_ERR_IO, "%s: cannot read", path);
-    cJSON *j = cJSON_ParseWithLength(txt, n);
-    free(txt);
+    int absent;
+    cJSON *j = lp_json_load(path, &absent);
+    if (absent) LP_FAIL(LP_ERR_IO, "%s: cannot read", path);
     char sig[4096];
     signature(tr, sig, sizeof sig);
     const cJSON *js = cJSON_GetObjectItemCaseSensitive(j, "signature"), *jf = cJSON_GetObjectItemCaseSensitive(j, "store_fingerprint");

@@ -13,6 +13,37 @@
 #include "loupe/store.h"
 #include "sae/sae_internal.h"
 
+/* The mean of each of the Do values per token over the first n_tokens of st (buf: scratch
+ * for batch tokens): total variance needs it before the pass that sums squares. */
+static lp_status target_mean(lp_store *st, int64_t n_tokens, int batch, int Do, float *buf, double *mean) {
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += batch) {
+        int n = (int)(n_tokens - t0 < batch ? n_tokens - t0 : batch);
+        LP_CHECK(lp_store_read(st, t0, n, buf));
+        for (int64_t i = 0; i < (int64_t)n * Do; i++) mean[i % Do] += buf[i];
+    }
+    for (int d = 0; d < Do; d++) mean[d] /= (double)n_tokens;
+    return LP_OK;
+}
+
+/* The metrics of out from the sums over n_tokens tokens and each latent's fire count. */
+static void eval_summary(lp_sae_eval *out, int64_t n_tokens, double sse, double sst, double cos, double ratio, double l1,
+                         double l0, const int64_t *fired, int S) {
+    double N = (double)n_tokens;
+    out->n_tokens = n_tokens;
+    out->mse = sse / N, out->explained_variance = sst > 0 ? 1 - sse / sst : 0, out->fvu = sst > 0 ? sse / sst : 0;
+    out->l0 = l0 / N, out->l1 = l1 / N, out->cos_sim = cos / N, out->norm_ratio = ratio / N;
+    for (int i = 0; i < S; i++) {
+        double freq = fired[i] / N;
+        out->dead += fired[i] == 0;
+        out->dense += freq > 0.1;
+        /* bin 0: never fired or below 1e-10; [-10,-9) -> 1, ..., [-1, 0) -> 10; 11: every token */
+        int b = freq <= 0 ? 0 : (int)floor(log10(freq)) + 11;
+        if (b < 0) b = 0;
+        if (b > 11) b = 11;
+        out->density_hist[b]++;
+    }
+}
+
 lp_status lp_sae_eval_store(lp_sae *s, lp_ctx *c, const char *store, const char *hook, const char *hook_out, int64_t n_tokens,
                             int batch, lp_sae_eval *out) {
     memset(out, 0, sizeof *out);
@@ -51,13 +82,8 @@ lp_status lp_sae_eval_store(lp_sae *s, lp_ctx *c, const char *store, const char 
     double sse = 0, cos = 0, ratio = 0, l1 = 0, l0 = 0;
     /* total variance needs the mean: a first pass over the targets */
     double *mean = calloc(Do, sizeof(double)), sst = 0;
-    for (int64_t t0 = 0; st == LP_OK && t0 < n_tokens; t0 += batch) {
-        int n = (int)(n_tokens - t0 < batch ? n_tokens - t0 : batch);
-        float *src = os ? hy : hx;
-        st = lp_store_read(os ? os : in, t0, n, src);
-        for (int64_t i = 0; st == LP_OK && i < (int64_t)n * Do; i++) mean[i % Do] += src[i];
-    }
-    for (int d = 0; d < Do; d++) mean[d] /= (double)n_tokens;
+    if (st == LP_OK && !mean) st = LP_ERR(LP_ERR_OOM, "out of memory");
+    if (st == LP_OK) st = target_mean(os ? os : in, n_tokens, batch, Do, os ? hy : hx, mean);
     for (int64_t t0 = 0; st == LP_OK && t0 < n_tokens; t0 += batch) {
         int n = (int)(n_tokens - t0 < batch ? n_tokens - t0 : batch);
         st = lp_store_read(in, t0, n, hx);
@@ -90,22 +116,7 @@ lp_status lp_sae_eval_store(lp_sae *s, lp_ctx *c, const char *store, const char 
             for (int i = 0; st == LP_OK && i < S; i++) l1 += fabs(hs[i]);
         }
     }
-    if (st == LP_OK) {
-        double N = (double)n_tokens;
-        out->n_tokens = n_tokens;
-        out->mse = sse / N, out->explained_variance = sst > 0 ? 1 - sse / sst : 0, out->fvu = sst > 0 ? sse / sst : 0;
-        out->l0 = l0 / N, out->l1 = l1 / N, out->cos_sim = cos / N, out->norm_ratio = ratio / N;
-        for (int i = 0; i < S; i++) {
-            double freq = fired[i] / N;
-            out->dead += fired[i] == 0;
-            out->dense += freq > 0.1;
-            /* bin 0: never fired or below 1e-10; [-10,-9) -> 1, ..., [-1, 0) -> 10; 11: every token */
-            int b = freq <= 0 ? 0 : (int)floor(log10(freq)) + 11;
-            if (b < 0) b = 0;
-            if (b > 11) b = 11;
-            out->density_hist[b]++;
-        }
-    }
+    if (st == LP_OK) eval_summary(out, n_tokens, sse, sst, cos, ratio, l1, l0, fired, S);
     free(mean);
     free(hx);
     free(hy);

@@ -15,6 +15,7 @@
 #include "loupe/output.h"
 #include "loupe/sae.h"
 #include "loupe/safetensors.h"
+#include "io/json.h"
 #include "io/npy.h"
 #include "sae/sae_read.h"
 
@@ -155,8 +156,7 @@ static lp_status load_saelens(lp_sae **out, lp_ctx *ctx, const char *dir) {
     lp_st_file f = {0};
     int open = 0;
     if (!cfgp || !wp) LP_TRY(st, done, LP_ERR(LP_ERR_OOM, "out of host memory"));
-    root = sae_read_json(cfgp, &st);
-    if (!root) goto done;
+    LP_TRY(st, done, lp_jcfg_open(cfgp, &root));
     lp_sae_cfg cfg;
     int batchtopk = 0;
     LP_TRY(st, done, parse_saelens_cfg(root, cfgp, &cfg, &batchtopk));
@@ -197,8 +197,7 @@ static lp_status load_sparsify(lp_sae **out, lp_ctx *ctx, const char *dir) {
     lp_st_file f = {0};
     int open = 0;
     if (!cfgp || !wp) LP_TRY(st, done, LP_ERR(LP_ERR_OOM, "out of host memory"));
-    root = sae_read_json(cfgp, &st);
-    if (!root) goto done;
+    LP_TRY(st, done, lp_jcfg_open(cfgp, &root));
     lp_sae_cfg cfg = {.arch = LP_SAE_TOPK, .jumprelu_bandwidth = 0.05f, .normalize = "none"};
     int num_latents, expansion, transcode, signed_;
     LP_TRY(st, done, sae_json_int(root, "d_in", cfgp, 1, 0, &cfg.d_in));
@@ -236,9 +235,8 @@ static lp_status load_sparsify(lp_sae **out, lp_ctx *ctx, const char *dir) {
         snprintf(cfg.hook_name, sizeof cfg.hook_name, "blocks.%d.hook_resid_post", layer);
     char *parent_cfg = sae_join(dir, "../config.json");
     if (parent_cfg && sae_is_file(parent_cfg)) {
-        lp_status pst;
-        cJSON *run = sae_read_json(parent_cfg, &pst);
-        if (run) {
+        cJSON *run = NULL;
+        if (lp_jcfg_open(parent_cfg, &run) == LP_OK) {
             const cJSON *mn = cJSON_GetObjectItemCaseSensitive(run, "model");
             if (cJSON_IsString(mn)) snprintf(cfg.model_name, sizeof cfg.model_name, "%s", mn->valuestring);
             const cJSON *cl = cJSON_GetObjectItemCaseSensitive(run, "ctx_len");
@@ -275,7 +273,7 @@ lp_status lp_sae_load(lp_sae **out, lp_ctx *c, const char *path) {
             if (!dir) LP_FAIL(LP_ERR_OOM, "out of host memory");
             if (!dir[0]) {
                 free(dir);
-                dir = strdup(".");
+                if (!(dir = strdup("."))) LP_FAIL(LP_ERR_OOM, "out of host memory");
             }
             lp_status st = lp_sae_load(out, c, dir);
             free(dir);

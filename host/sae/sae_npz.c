@@ -177,7 +177,10 @@ static lp_status npz_open(npz_file *z, const char *path) {
         lp_st_tensor *t = &z->t[z->n];
         name[strlen(name) - 4] = 0; /* "W_enc.npy" -> "W_enc" */
         if ((st = npy_parse(path, name, b + data, (size_t)usize, t)) != LP_OK) break;
-        t->name = strdup(name);
+        if (!(t->name = strdup(name))) {
+            st = LP_ERR(LP_ERR_OOM, "%s: out of memory", path);
+            break;
+        }
         z->n++;
     }
     if (st != LP_OK) npz_close(z);

@@ -177,21 +177,3 @@ const cJSON *sae_meta_or_top(const cJSON *root, const char *key) {
     if (cJSON_IsObject(md) && cJSON_GetObjectItemCaseSensitive(md, key)) return md;
     return root;
 }
-
-cJSON *sae_read_json(const char *path, lp_status *st) {
-    size_t len = 0;
-    char *txt = lp_read_file(path, &len);
-    if (!txt) {
-        *st = LP_ERR(LP_ERR_IO, "%s: cannot read: %s", path, strerror(errno));
-        return NULL;
-    }
-    cJSON *root = cJSON_ParseWithLength(txt, len);
-    free(txt);
-    if (!cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        *st = LP_ERR(LP_ERR_FORMAT, "%s: not a well-formed JSON object", path);
-        return NULL;
-    }
-    *st = LP_OK;
-    return root;
-}

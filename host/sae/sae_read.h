@@ -58,8 +58,6 @@ lp_status sae_json_bool(const cJSON *o, const char *key, const char *path, int d
 lp_status sae_json_str(const cJSON *o, const char *key, const char *path, char *dst, size_t n);
 /* metadata.key if cfg.json has it there, else the top-level key (SAELens before 6.0). */
 const cJSON *sae_meta_or_top(const cJSON *root, const char *key);
-/* The JSON object in path, or NULL with *st set. */
-cJSON *sae_read_json(const char *path, lp_status *st);
 
 /* ---- sae_npz.c ---- */
 

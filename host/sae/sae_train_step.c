@@ -145,6 +145,92 @@ lp_status sae_init_data_stats(trainer *tr) {
     return st;
 }
 
+/* The gradients behind the latents: through the top-k selection, or the dense latents with
+ * their sparsity penalty (L1 on decoder-norm-weighted activations, JumpReLU's L0, or
+ * BatchTopK's mask), into W_enc, b_enc and (apply_b_dec_to_input) b_dec. r->dxhat holds
+ * dL/dx_hat; *sparse_loss is set for the dense architectures. */
+static lp_status latent_grads(trainer *tr, double l1, double l0, double *sparse_loss) {
+    sae_runner *r = tr->r;
+    lp_sae *s = tr->s, *g = &tr->gview;
+    lp_ctx *c = tr->c;
+    const lp_sae_cfg *cf = &s->cfg;
+    int N = tr->N, D = tr->D, Do = tr->Do, S = tr->S, K = r->K;
+    if (cf->arch == LP_SAE_TOPK) {
+        LP_CHECK(lp_sae_decode_sparse_grad(c, r->dval, g->W_dec, r->dxhat, r->idx, r->val, s->W_dec, N, K, Do));
+        LP_CHECK(lp_sae_relu_grad(c, r->dval, r->dval, r->val, (size_t)N * K)); /* the relu of the top-k values */
+        LP_CHECK(lp_sae_encode_sparse_grad(c, g->W_enc, g->b_enc, r->xin_used, r->idx, r->dval, N, K, D, S));
+        if (cf->apply_b_dec_to_input) { /* x_in = x - b_dec: d b_dec -= W_enc[:, idx] dpre */
+            LP_CHECK(lp_sae_encode_sparse_input_grad(c, r->dxin, r->dval, r->idx, s->W_enc, N, K, D, S));
+            LP_CHECK(lp_col_sum(c, r->nbdec, r->dxin, N, D, 0.0f));
+            LP_CHECK(lp_affine(c, g->b_dec, r->nbdec, r->neg1, g->b_dec, 1, D));
+        }
+    } else {
+        /* dense: dW_dec = f^T dx_hat, df = dx_hat W_dec^T */
+        LP_CHECK(lp_matmul_at(c, g->W_dec, r->f, r->dxhat, N, S, Do, 1.0f));
+        LP_CHECK(lp_matmul(c, r->df, r->dxhat, s->W_dec, NULL, N, Do, S, 1));
+        if (cf->arch == LP_SAE_STANDARD) {
+            /* L1 weighted by decoder norms: l1 * mean_n sum_s f ||W_dec[s]||; its W_dec gradient is
+             * parallel to each row and removed below, so only df changes */
+            LP_CHECK(lp_rows_norm(c, r->norms, s->W_dec, S, Do));
+            LP_CHECK(lp_col_sum(c, r->colsum, r->f, N, S, 0.0f));
+            LP_CHECK(lp_ctx_to_host(c, tr->colsum_host, r->colsum, (size_t)S * 4));
+            float *nh = tr->mask_host; /* scratch */
+            LP_CHECK(lp_ctx_to_host(c, nh, r->norms, (size_t)S * 4));
+            double sp = 0;
+            for (int i = 0; i < S; i++) sp += (double)tr->colsum_host[i] * nh[i];
+            *sparse_loss = l1 * sp / N;
+            LP_CHECK(lp_sae_scale(c, r->norms, (float)(l1 / N), (size_t)S));
+            LP_CHECK(lp_affine(c, r->df, r->df, r->ones, r->norms, N, S));
+            LP_CHECK(lp_sae_relu_grad(c, r->df, r->df, r->pre, (size_t)N * S));
+        } else if (cf->arch == LP_SAE_JUMPRELU) {
+            *sparse_loss = tr->t->l0_coefficient * l0;
+            LP_CHECK(lp_sae_jumprelu_grad(c, r->df, g->threshold, r->df, r->pre, s->threshold, cf->jumprelu_bandwidth,
+                                          (float)(tr->t->l0_coefficient / N), N, S));
+            LP_CHECK(lp_sae_relu_grad(c, r->df, r->df, r->pre, (size_t)N * S)); /* the relu in front */
+        } else { /* batchtopk: the selection is a mask */
+            /* colsum is scratch for the (unused) threshold pseudo-gradient */
+            LP_CHECK(lp_sae_jumprelu_grad(c, r->df, r->colsum, r->df, r->pre, r->thr, 1.0f, 0.0f, N, S));
+        }
+        LP_CHECK(lp_matmul_at(c, g->W_enc, r->xin_used, r->df, N, D, S, 1.0f));
+        LP_CHECK(lp_col_sum(c, g->b_enc, r->df, N, S, 1.0f));
+        if (cf->apply_b_dec_to_input) {
+            LP_CHECK(lp_matmul(c, r->dxin, r->df, s->W_enc, NULL, N, S, D, 1));
+            LP_CHECK(lp_col_sum(c, r->nbdec, r->dxin, N, D, 0.0f));
+            LP_CHECK(lp_affine(c, g->b_dec, r->nbdec, r->neg1, g->b_dec, 1, D));
+        }
+    }
+    return LP_OK;
+}
+
+/* AuxK: the dead latents' top activations reconstruct the residual y - x_hat; adds its
+ * gradient and sets *aux_loss. */
+static lp_status auxk_step(trainer *tr, const float *y, int n_dead, double *aux_loss) {
+    sae_runner *r = tr->r;
+    lp_sae *s = tr->s, *g = &tr->gview;
+    lp_ctx *c = tr->c;
+    int N = tr->N, D = tr->D, Do = tr->Do, S = tr->S;
+    int ka = r->Ka < n_dead ? r->Ka : n_dead;
+    for (int i = 0; i < S; i++) tr->mask_host[i] = tr->since[i] >= tr->t->dead_feature_window ? -INFINITY : INFINITY;
+    LP_CHECK(lp_ctx_to_device(c, r->mask, tr->mask_host, (size_t)S * 4));
+    LP_CHECK(lp_sae_jumprelu(c, r->faux, r->pre, r->mask, N, S)); /* pre on dead latents, 0 elsewhere */
+    LP_CHECK(lp_sae_topk(c, r->idx_aux, r->val_aux, r->faux, N, S, ka));
+    LP_CHECK(lp_affine(c, r->e, r->xhat, r->neg1, NULL, N, Do));
+    LP_CHECK(lp_add(c, r->e, r->e, y, (size_t)N * Do)); /* e = y - x_hat, held fixed */
+    LP_CHECK(lp_sae_decode_sparse(c, r->ehat, r->idx_aux, r->val_aux, s->W_dec, NULL, N, ka, Do));
+    double as[4];
+    LP_CHECK(lp_sae_recon_sums(c, as, r->e, r->ehat, N, Do));
+    double w = tr->t->aux_k_coefficient * fmin((double)n_dead / ka, 1.0);
+    *aux_loss = w * as[0] / N;
+    /* d aux / d e_hat = 2 w (e_hat - e) / N */
+    LP_CHECK(lp_affine(c, r->e, r->e, r->neg1, NULL, N, Do));
+    LP_CHECK(lp_add(c, r->ehat, r->ehat, r->e, (size_t)N * Do));
+    LP_CHECK(lp_sae_scale(c, r->ehat, (float)(2.0 * w / N), (size_t)N * Do));
+    LP_CHECK(lp_sae_decode_sparse_grad(c, r->dval_aux, g->W_dec, r->ehat, r->idx_aux, r->val_aux, s->W_dec, N, ka, Do));
+    LP_CHECK(lp_sae_relu_grad(c, r->dval_aux, r->dval_aux, r->val_aux, (size_t)N * ka));
+    LP_CHECK(lp_sae_encode_sparse_grad(c, g->W_enc, g->b_enc, r->xin_used, r->idx_aux, r->dval_aux, N, ka, D, S));
+    return LP_OK;
+}
+
 /* One step: forward, losses, gradients, Adam, decoder renormalisation, dead tracking.
  * Returns the batch's losses in *mse, *sparsity (the L1 or L0 term), *aux. */
 lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double *sparse_loss, double *aux_loss,
@@ -177,50 +263,7 @@ lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double 
     *l0 = (double)fired / N;
     *sparse_loss = 0, *aux_loss = 0;
 
-    if (cf->arch == LP_SAE_TOPK) {
-        LP_CHECK(lp_sae_decode_sparse_grad(c, r->dval, g->W_dec, r->dxhat, r->idx, r->val, s->W_dec, N, K, Do));
-        LP_CHECK(lp_sae_relu_grad(c, r->dval, r->dval, r->val, (size_t)N * K)); /* the relu of the top-k values */
-        LP_CHECK(lp_sae_encode_sparse_grad(c, g->W_enc, g->b_enc, r->xin_used, r->idx, r->dval, N, K, D, S));
-        if (cf->apply_b_dec_to_input) { /* x_in = x - b_dec: d b_dec -= W_enc[:, idx] dpre */
-            LP_CHECK(lp_sae_encode_sparse_input_grad(c, r->dxin, r->dval, r->idx, s->W_enc, N, K, D, S));
-            LP_CHECK(lp_col_sum(c, r->nbdec, r->dxin, N, D, 0.0f));
-            LP_CHECK(lp_affine(c, g->b_dec, r->nbdec, r->neg1, g->b_dec, 1, D));
-        }
-    } else {
-        /* dense: dW_dec = f^T dx_hat, df = dx_hat W_dec^T */
-        LP_CHECK(lp_matmul_at(c, g->W_dec, r->f, r->dxhat, N, S, Do, 1.0f));
-        LP_CHECK(lp_matmul(c, r->df, r->dxhat, s->W_dec, NULL, N, Do, S, 1));
-        if (cf->arch == LP_SAE_STANDARD) {
-            /* L1 weighted by decoder norms: l1 * mean_n sum_s f ||W_dec[s]||; its W_dec gradient is
-             * parallel to each row and removed below, so only df changes */
-            LP_CHECK(lp_rows_norm(c, r->norms, s->W_dec, S, Do));
-            LP_CHECK(lp_col_sum(c, r->colsum, r->f, N, S, 0.0f));
-            LP_CHECK(lp_ctx_to_host(c, tr->colsum_host, r->colsum, (size_t)S * 4));
-            float *nh = tr->mask_host; /* scratch */
-            LP_CHECK(lp_ctx_to_host(c, nh, r->norms, (size_t)S * 4));
-            double sp = 0;
-            for (int i = 0; i < S; i++) sp += (double)tr->colsum_host[i] * nh[i];
-            *sparse_loss = l1 * sp / N;
-            LP_CHECK(lp_sae_scale(c, r->norms, (float)(l1 / N), (size_t)S));
-            LP_CHECK(lp_affine(c, r->df, r->df, r->ones, r->norms, N, S));
-            LP_CHECK(lp_sae_relu_grad(c, r->df, r->df, r->pre, (size_t)N * S));
-        } else if (cf->arch == LP_SAE_JUMPRELU) {
-            *sparse_loss = tr->t->l0_coefficient * *l0;
-            LP_CHECK(lp_sae_jumprelu_grad(c, r->df, g->threshold, r->df, r->pre, s->threshold, cf->jumprelu_bandwidth,
-                                          (float)(tr->t->l0_coefficient / N), N, S));
-            LP_CHECK(lp_sae_relu_grad(c, r->df, r->df, r->pre, (size_t)N * S)); /* the relu in front */
-        } else { /* batchtopk: the selection is a mask */
-            /* colsum is scratch for the (unused) threshold pseudo-gradient */
-            LP_CHECK(lp_sae_jumprelu_grad(c, r->df, r->colsum, r->df, r->pre, r->thr, 1.0f, 0.0f, N, S));
-        }
-        LP_CHECK(lp_matmul_at(c, g->W_enc, r->xin_used, r->df, N, D, S, 1.0f));
-        LP_CHECK(lp_col_sum(c, g->b_enc, r->df, N, S, 1.0f));
-        if (cf->apply_b_dec_to_input) {
-            LP_CHECK(lp_matmul(c, r->dxin, r->df, s->W_enc, NULL, N, S, D, 1));
-            LP_CHECK(lp_col_sum(c, r->nbdec, r->dxin, N, D, 0.0f));
-            LP_CHECK(lp_affine(c, g->b_dec, r->nbdec, r->neg1, g->b_dec, 1, D));
-        }
-    }
+    LP_CHECK(latent_grads(tr, l1, *l0, sparse_loss));
 
     /* dead latents: no firing for dead_feature_window tokens */
     int n_dead = 0;
@@ -229,28 +272,7 @@ lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double 
         n_dead += tr->since[i] >= tr->t->dead_feature_window;
     }
     tr->r->n_dead = n_dead;
-    if (r->Ka > 0 && n_dead > 0 && tr->t->aux_k_coefficient > 0) {
-        /* AuxK: the dead latents' top activations reconstruct the residual y - x_hat */
-        int ka = r->Ka < n_dead ? r->Ka : n_dead;
-        for (int i = 0; i < S; i++) tr->mask_host[i] = tr->since[i] >= tr->t->dead_feature_window ? -INFINITY : INFINITY;
-        LP_CHECK(lp_ctx_to_device(c, r->mask, tr->mask_host, (size_t)S * 4));
-        LP_CHECK(lp_sae_jumprelu(c, r->faux, r->pre, r->mask, N, S)); /* pre on dead latents, 0 elsewhere */
-        LP_CHECK(lp_sae_topk(c, r->idx_aux, r->val_aux, r->faux, N, S, ka));
-        LP_CHECK(lp_affine(c, r->e, r->xhat, r->neg1, NULL, N, Do));
-        LP_CHECK(lp_add(c, r->e, r->e, y, (size_t)N * Do)); /* e = y - x_hat, held fixed */
-        LP_CHECK(lp_sae_decode_sparse(c, r->ehat, r->idx_aux, r->val_aux, s->W_dec, NULL, N, ka, Do));
-        double as[4];
-        LP_CHECK(lp_sae_recon_sums(c, as, r->e, r->ehat, N, Do));
-        double w = tr->t->aux_k_coefficient * fmin((double)n_dead / ka, 1.0);
-        *aux_loss = w * as[0] / N;
-        /* d aux / d e_hat = 2 w (e_hat - e) / N */
-        LP_CHECK(lp_affine(c, r->e, r->e, r->neg1, NULL, N, Do));
-        LP_CHECK(lp_add(c, r->ehat, r->ehat, r->e, (size_t)N * Do));
-        LP_CHECK(lp_sae_scale(c, r->ehat, (float)(2.0 * w / N), (size_t)N * Do));
-        LP_CHECK(lp_sae_decode_sparse_grad(c, r->dval_aux, g->W_dec, r->ehat, r->idx_aux, r->val_aux, s->W_dec, N, ka, Do));
-        LP_CHECK(lp_sae_relu_grad(c, r->dval_aux, r->dval_aux, r->val_aux, (size_t)N * ka));
-        LP_CHECK(lp_sae_encode_sparse_grad(c, g->W_enc, g->b_enc, r->xin_used, r->idx_aux, r->dval_aux, N, ka, D, S));
-    }
+    if (r->Ka > 0 && n_dead > 0 && tr->t->aux_k_coefficient > 0) LP_CHECK(auxk_step(tr, y, n_dead, aux_loss));
 
     /* unit-norm decoder: no gradient along the rows, Adam, renormalise */
     LP_CHECK(lp_rows_remove_parallel(c, g->W_dec, s->W_dec, S, Do));

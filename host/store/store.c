@@ -14,6 +14,7 @@
 #include "loupe/output.h"
 #include "loupe/safetensors.h"
 #include "loupe/store.h"
+#include "io/json.h"
 
 static double now_s(void) {
     struct timespec ts;
@@ -24,6 +25,7 @@ static double now_s(void) {
 /* Expands the comma-separated hook list into hook ids, in model order, without repeats. */
 static lp_status expand_hooks(lp_model *m, const char *spec, int *ids, int *n) {
     char *s = strdup(spec), *save = NULL;
+    if (!s) LP_FAIL(LP_ERR_OOM, "cache.hooks: out of memory");
     lp_status st = LP_OK;
     lp_hooks_clear(m);
     for (char *tok = strtok_r(s, ",", &save); tok && st == LP_OK; tok = strtok_r(NULL, ",", &save)) {
@@ -107,10 +109,10 @@ static lp_status check_resume(const char *dir, const char *fresh, int *keep) {
     char path[4200];
     snprintf(path, sizeof path, "%s/meta.json", dir);
     *keep = 0;
-    char *buf = lp_read_file(path, NULL);
-    if (!buf) return LP_OK; /* a new store */
-    cJSON *old = cJSON_Parse(buf), *now = cJSON_Parse(fresh);
-    free(buf);
+    int absent;
+    cJSON *old = lp_json_load(path, &absent);
+    if (absent) return LP_OK; /* a new store */
+    cJSON *now = cJSON_Parse(fresh);
     lp_status st = LP_OK;
     if (!cJSON_IsObject(old)) {
         st = LP_ERR(LP_ERR_FORMAT, "%s: not a loupe store's meta.json; choose another cache.out", path);
@@ -147,6 +149,81 @@ static void progress(const lp_cache_opts *o, int64_t done, int64_t total, int64_
     o->on_progress(&p, o->progress_user);
 }
 
+/* Writes meta (meta_json's text, then freed) to path; NULL is meta_json out of memory. */
+static lp_status write_meta(const char *path, char *meta) {
+    lp_status st = meta ? lp_write_file_atomic(path, meta, strlen(meta)) : LP_ERR(LP_ERR_OOM, "%s: out of memory", path);
+    free(meta);
+    return st;
+}
+
+/* What lp_cache_run carries from one shard to the next. */
+typedef struct {
+    lp_model *m;
+    const lp_tokens *toks;
+    const lp_cache_opts *o;
+    const int *ids; /* the captured hooks */
+    int nh, B;
+    lp_st_spec *specs; /* [nh + 1]: the tokens, then each hook */
+    void *conv;        /* scratch for the conversion to o->dtype */
+    size_t conv_cap;
+    double t0;
+    int64_t toks_done;
+} cache_run;
+
+/* One batch's captures, converted to the store's dtype, into rows b0.. of shard writer w. */
+static lp_status put_captures(cache_run *x, lp_st_writer *w, int b0, int nb) {
+    size_t es_store = lp_dtype_size(x->o->dtype);
+    for (int i = 0; i < x->nh; i++) {
+        lp_tensor t;
+        LP_CHECK(lp_capture_get(x->m, lp_hook_name(x->m, x->ids[i]), &t));
+        size_t n = (size_t)lp_shape_numel(t.shape, t.ndim), bytes = n * es_store;
+        const void *src = t.data;
+        if (t.dtype != x->o->dtype) {
+            if (bytes > x->conv_cap) {
+                free(x->conv);
+                x->conv = malloc(bytes);
+                x->conv_cap = x->conv ? bytes : 0;
+                if (!x->conv) LP_FAIL(LP_ERR_OOM, "cache: out of memory for %zu bytes", bytes);
+            }
+            LP_CHECK(lp_convert_host(x->conv, x->o->dtype, t.data, t.dtype, n));
+            src = x->conv;
+        }
+        LP_CHECK(lp_st_writer_put(w, i + 1, (size_t)b0 * (bytes / nb), src, bytes));
+    }
+    return LP_OK;
+}
+
+/* Shard s, sequences [first, first + ns): their tokens and every hook's activations,
+ * committed whole (a shard that fails part way is removed). */
+static lp_status write_shard(cache_run *x, int s, int64_t first, int ns) {
+    const lp_tokens *toks = x->toks;
+    int T = toks->ctx, B = x->B;
+    x->specs[0] = (lp_st_spec){.name = "tokens", .dtype = LP_I32, .ndim = 2, .shape = {ns, T}};
+    for (int i = 0; i < x->nh; i++) {
+        x->specs[i + 1] = (lp_st_spec){.name = lp_hook_name(x->m, x->ids[i]), .dtype = x->o->dtype};
+        x->specs[i + 1].ndim = lp_hook_shape(x->m, x->ids[i], ns, T, x->specs[i + 1].shape);
+    }
+    char path[4200];
+    snprintf(path, sizeof path, "%s/shard-%05d.safetensors", x->o->out, s);
+    lp_st_writer w;
+    LP_CHECK(lp_st_writer_open(&w, path, x->specs, x->nh + 1, NULL));
+    lp_status st = LP_OK;
+    for (int b0 = 0; b0 < ns && st == LP_OK; b0 += B) {
+        int nb = ns - b0 < B ? ns - b0 : B;
+        const int32_t *tk = toks->ids + (size_t)(first + b0) * T;
+        st = lp_st_writer_put(&w, 0, (size_t)b0 * T * 4, tk, (size_t)nb * T * 4);
+        if (st == LP_OK) st = lp_model_forward(x->m, tk, nb, T, 0);
+        if (st == LP_OK) st = put_captures(x, &w, b0, nb);
+        x->toks_done += (int64_t)nb * T;
+        progress(x->o, first + b0 + nb, toks->n_seq, x->toks_done, x->t0, 0, 0);
+    }
+    if (st != LP_OK) {
+        lp_st_writer_abort(&w);
+        return st;
+    }
+    return lp_st_writer_commit(&w);
+}
+
 lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, lp_cache_report *rep) {
     memset(rep, 0, sizeof *rep);
     if (o->dtype != LP_F32 && o->dtype != LP_BF16) LP_FAIL(LP_ERR_ARG, "cache.dtype must be F32 or BF16");
@@ -154,6 +231,7 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
     if (toks->ctx > lp_model_config(m)->n_ctx)
         LP_FAIL(LP_ERR_ARG, "%s: rows of %d tokens exceed the model's context of %d", o->tokens_path, toks->ctx, lp_model_config(m)->n_ctx);
     int *ids = malloc(lp_hook_count(m) * sizeof(int)), nh = 0;
+    if (!ids) LP_FAIL(LP_ERR_OOM, "cache: out of memory");
     lp_status st = expand_hooks(m, o->hooks, ids, &nh);
     if (st != LP_OK) {
         free(ids);
@@ -172,6 +250,7 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
     int n_shards = (int)((toks->n_seq + S - 1) / S), keep = 0;
     st = source_fingerprint(o, &src);
     char *fresh = st == LP_OK ? meta_json(m, o, &src, toks, ids, nh, 0, 0, 0) : NULL;
+    if (st == LP_OK && !fresh) st = LP_ERR(LP_ERR_OOM, "cache: out of memory");
     if (st == LP_OK) st = check_resume(o->out, fresh, &keep);
     free(fresh);
     if (st == LP_OK) st = lp_remove_stale_tmp(o->out); /* under the lock: only a dead run's leftovers */
@@ -181,78 +260,31 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
         return st;
     }
     rep->resumed_sequences = (int64_t)keep * S < toks->n_seq ? (int64_t)keep * S : toks->n_seq;
-    int B = o->batch < S ? o->batch : S;
-    size_t es_store = lp_dtype_size(o->dtype);
-    lp_st_spec *specs = calloc(nh + 1, sizeof *specs);
-    void *conv = NULL;
-    size_t conv_cap = 0;
-    char path[4200], meta_path[4200];
+    cache_run x = {.m = m, .toks = toks, .o = o, .ids = ids, .nh = nh, .B = o->batch < S ? o->batch : S,
+                   .specs = calloc(nh + 1, sizeof *x.specs), .t0 = now_s()};
+    char meta_path[4200];
     snprintf(meta_path, sizeof meta_path, "%s/meta.json", o->out);
-    double t0 = now_s();
-    int64_t toks_done = 0;
-    LP_TRY(st, done, lp_model_prepare(m, B, T));
+    if (!x.specs) LP_TRY(st, done, LP_ERR(LP_ERR_OOM, "cache: out of memory"));
+    LP_TRY(st, done, lp_model_prepare(m, x.B, T));
     for (int s = keep; s < n_shards; s++) {
         int64_t first = (int64_t)s * S;
         int ns = (int)(toks->n_seq - first < S ? toks->n_seq - first : S);
-        specs[0] = (lp_st_spec){.name = "tokens", .dtype = LP_I32, .ndim = 2, .shape = {ns, T}};
-        for (int i = 0; i < nh; i++) {
-            specs[i + 1] = (lp_st_spec){.name = lp_hook_name(m, ids[i]), .dtype = o->dtype};
-            specs[i + 1].ndim = lp_hook_shape(m, ids[i], ns, T, specs[i + 1].shape);
-        }
-        snprintf(path, sizeof path, "%s/shard-%05d.safetensors", o->out, s);
-        lp_st_writer w;
-        LP_TRY(st, done, lp_st_writer_open(&w, path, specs, nh + 1, NULL));
-        for (int b0 = 0; b0 < ns && st == LP_OK; b0 += B) {
-            int nb = ns - b0 < B ? ns - b0 : B;
-            const int32_t *tk = toks->ids + (size_t)(first + b0) * T;
-            st = lp_st_writer_put(&w, 0, (size_t)b0 * T * 4, tk, (size_t)nb * T * 4);
-            if (st == LP_OK) st = lp_model_forward(m, tk, nb, T, 0);
-            for (int i = 0; i < nh && st == LP_OK; i++) {
-                lp_tensor t;
-                st = lp_capture_get(m, lp_hook_name(m, ids[i]), &t);
-                if (st != LP_OK) break;
-                size_t n = (size_t)lp_shape_numel(t.shape, t.ndim), bytes = n * es_store;
-                const void *src = t.data;
-                if (t.dtype != o->dtype) {
-                    if (bytes > conv_cap) {
-                        free(conv);
-                        conv = malloc(bytes);
-                        conv_cap = bytes;
-                    }
-                    st = lp_convert_host(conv, o->dtype, t.data, t.dtype, n);
-                    src = conv;
-                }
-                if (st == LP_OK) st = lp_st_writer_put(&w, i + 1, (size_t)b0 * (bytes / nb), src, bytes);
-            }
-            toks_done += (int64_t)nb * T;
-            progress(o, first + b0 + nb, toks->n_seq, toks_done, t0, 0, 0);
-        }
-        if (st != LP_OK) {
-            lp_st_writer_abort(&w);
-            goto done;
-        }
-        LP_TRY(st, done, lp_st_writer_commit(&w));
-        char *meta = meta_json(m, o, &src, toks, ids, nh, s + 1, first + ns, s + 1 == n_shards);
-        st = lp_write_file_atomic(meta_path, meta, strlen(meta));
-        free(meta);
-        if (st != LP_OK) goto done;
-        progress(o, first + ns, toks->n_seq, toks_done, t0, 1, 0);
+        LP_TRY(st, done, write_shard(&x, s, first, ns));
+        LP_TRY(st, done, write_meta(meta_path, meta_json(m, o, &src, toks, ids, nh, s + 1, first + ns, s + 1 == n_shards)));
+        progress(o, first + ns, toks->n_seq, x.toks_done, x.t0, 1, 0);
     }
-    if (keep >= n_shards) { /* nothing to do, but make sure meta says complete */
-        char *meta = meta_json(m, o, &src, toks, ids, nh, n_shards, toks->n_seq, 1);
-        st = lp_write_file_atomic(meta_path, meta, strlen(meta));
-        free(meta);
-    }
-    progress(o, toks->n_seq, toks->n_seq, toks_done, t0, 0, 1);
+    if (keep >= n_shards) /* nothing to do, but make sure meta says complete */
+        st = write_meta(meta_path, meta_json(m, o, &src, toks, ids, nh, n_shards, toks->n_seq, 1));
+    progress(o, toks->n_seq, toks->n_seq, x.toks_done, x.t0, 0, 1);
 done:
-    rep->seconds = now_s() - t0;
-    rep->tokens_per_s = rep->seconds > 0 ? toks_done / rep->seconds : 0;
+    rep->seconds = now_s() - x.t0;
+    rep->tokens_per_s = rep->seconds > 0 ? x.toks_done / rep->seconds : 0;
     rep->n_shards = n_shards;
     rep->n_hooks = nh;
     rep->n_sequences = st == LP_OK ? toks->n_seq : 0;
     rep->n_tokens = rep->n_sequences * T;
-    free(conv);
-    free(specs);
+    free(x.conv);
+    free(x.specs);
     free(ids);
     lp_lock_release(&lock);
     return st;
@@ -261,11 +293,9 @@ done:
 lp_status lp_store_require_complete(const char *dir) {
     char path[4200];
     snprintf(path, sizeof path, "%s/meta.json", dir);
-    size_t n;
-    char *txt = lp_read_file(path, &n);
-    if (!txt) return LP_OK; /* shards without meta.json: not written by loupe cache, nothing says incomplete */
-    cJSON *j = cJSON_ParseWithLength(txt, n);
-    free(txt);
+    int absent;
+    cJSON *j = lp_json_load(path, &absent);
+    if (absent) return LP_OK; /* shards without meta.json: not written by loupe cache, nothing says incomplete */
     const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, "complete");
     int incomplete = cJSON_IsFalse(c);
     const cJSON *done = cJSON_GetObjectItemCaseSensitive(j, "n_sequences"), *plan = cJSON_GetObjectItemCaseSensitive(j, "n_sequences_planned");
@@ -331,15 +361,11 @@ lp_status lp_store_open(lp_store **out, const char *dir, const char *hook) {
     snprintf(s->dir, sizeof s->dir, "%s", dir);
     char path[1200];
     snprintf(path, sizeof path, "%s/meta.json", dir);
-    size_t n;
-    char *meta = lp_read_file(path, &n);
-    if (meta) { /* optional: the model the store came from */
-        cJSON *j = cJSON_ParseWithLength(meta, n);
-        const cJSON *mp = cJSON_GetObjectItemCaseSensitive(j, "model");
-        if (cJSON_IsString(mp)) snprintf(s->model, sizeof s->model, "%s", mp->valuestring);
-        cJSON_Delete(j);
-        free(meta);
-    }
+    int absent; /* meta.json is optional: it names the model the store came from */
+    cJSON *j = lp_json_load(path, &absent);
+    const cJSON *mp = cJSON_GetObjectItemCaseSensitive(j, "model");
+    if (cJSON_IsString(mp)) snprintf(s->model, sizeof s->model, "%s", mp->valuestring);
+    cJSON_Delete(j);
     int cap = 0;
     lp_status st = LP_OK;
     for (int i = 0;; i++) {

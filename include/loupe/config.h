@@ -32,7 +32,8 @@ typedef struct lp_cfg {
     char origin[LP_CFG_MAX_KEYS][256]; /* where each value came from ("file.ini:12"), for messages */
 } lp_cfg;
 
-void lp_cfg_init(lp_cfg *c, const lp_key *keys, int n);
+/* Every key at its default (LP_ERR_OOM, c emptied, if a default cannot be copied). */
+lp_status lp_cfg_init(lp_cfg *c, const lp_key *keys, int n);
 void lp_cfg_free(lp_cfg *c);
 /* Sets key = value, checking the key exists and the value parses and is in bounds. */
 lp_status lp_cfg_set(lp_cfg *c, const char *key, const char *value, const char *origin);

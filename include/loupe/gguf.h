@@ -76,7 +76,7 @@ lp_status lp_gguf_arr_int(const lp_gguf *g, const char *key, uint64_t i, int64_t
 lp_status lp_gguf_arr_float(const lp_gguf *g, const char *key, uint64_t i, double *out);
 lp_status lp_gguf_arr_str(const lp_gguf *g, const char *key, uint64_t i, const char **s, size_t *len);
 
-/* ---- ggml block formats ---- */
+/* ---- ggml block formats (host/ops/ggml_types.c) ---- */
 const char *lp_ggml_type_name(int type);     /* "Q4_K", or "type 99" style text for unknown */
 int lp_ggml_supported(int type);              /* F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q4_K Q5_K Q6_K */
 /* The supported types as one string, for error messages. */

@@ -49,7 +49,7 @@ lp_status lp_write_fd(int fd, const void *buf, size_t n, long long pos, const ch
  * and sizes, which is what changes when a checkpoint is replaced). */
 lp_status lp_fingerprint(const char *path, int64_t *size, uint64_t *hash);
 
-/* ---- file helpers (host/core/files.c) ---- */
+/* ---- file helpers ---- */
 /* Reads a whole file into a NUL-terminated buffer (free it); NULL with errno set on failure. */
 char *lp_read_file(const char *path, size_t *len);
 /* Writes a file atomically: a unique temporary name beside it, fsync, rename. */

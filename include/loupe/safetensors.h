@@ -11,7 +11,7 @@
 #define LOUPE_SAFETENSORS_H
 
 #include <stddef.h>
-#include "loupe/output.h" /* lp_read_file, lp_write_file_atomic, lp_mkdir_p (host/core/files.c) */
+#include "loupe/output.h" /* lp_read_file, lp_write_file_atomic, lp_mkdir_p (host/core/output.c) */
 #include "loupe/tensor.h"
 
 #ifdef __cplusplus

@@ -1,25 +1,35 @@
-/* model_cfg.c: typed, range-checked reads of config.json values (see model_cfg.h). A value
+/* json.c: typed, range-checked reads of JSON configuration values (see json.h). A value
  * of the wrong JSON type is refused rather than replaced by a default: a string "1e-5" or
  * a boolean "true" in quotes would otherwise silently change the model. */
-#include "model/model_cfg.h"
+#include "io/json.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
-#include "loupe/safetensors.h"
+#include "loupe/output.h"
 
 static const cJSON *get(const cJSON *o, const char *key) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
     return cJSON_IsNull(v) ? NULL : v;
 }
 
-lp_status lp_jcfg_open(const char *path, cJSON **root) {
-    *root = NULL;
+cJSON *lp_json_load(const char *path, int *absent) {
     size_t n;
     char *buf = lp_read_file(path, &n);
-    if (!buf) LP_FAIL(LP_ERR_IO, "%s: cannot open", path);
+    *absent = buf == NULL;
+    if (!buf) return NULL;
     cJSON *r = cJSON_ParseWithLength(buf, n);
     free(buf);
+    return r;
+}
+
+lp_status lp_jcfg_open(const char *path, cJSON **root) {
+    int absent;
+    cJSON *r = lp_json_load(path, &absent);
+    *root = NULL;
+    if (absent) LP_FAIL(LP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     if (!cJSON_IsObject(r)) {
         cJSON_Delete(r);
         LP_FAIL(LP_ERR_FORMAT, "%s: not a JSON object", path);

@@ -1,0 +1,224 @@
+/* common.c: what the command files of host/cli/ share (declared in cli.h): the one-line
+ * error report and --json output, progress bars, opening the model, reading and tokenizing
+ * the data, and the prompt pairs of attribute and patch. Calls only the library. */
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "loupe/config.h"
+#include "loupe/model.h"
+#include "loupe/pairs.h"
+#include "loupe/sae_train.h"
+#include "loupe/store.h"
+#include "loupe/textfile.h"
+#include "loupe/tokenizer.h"
+#include "loupe/tokens.h"
+#include "cli.h"
+
+int cli_fail(lp_status st) {
+    fprintf(stderr, "loupe: %s\n", lp_last_error());
+    if (getenv("LOUPE_DEBUG")) fprintf(stderr, "loupe: (raised at %s)\n", lp_last_error_where());
+    return lp_status_exit_code(st);
+}
+
+void cli_print_json(cJSON *j) {
+    char *txt = cJSON_PrintUnformatted(j);
+    if (txt) printf("%s\n", txt);
+    free(txt);
+    cJSON_Delete(j);
+}
+
+void cli_cache_progress(const lp_cache_progress *p, void *user) {
+    int tty = isatty(2);
+    if (p->final) {
+        if (tty) fputc('\n', stderr);
+        return;
+    }
+    if (tty == p->shard_done) return; /* a terminal redraws every batch; a log gets one line per shard */
+    double rate = p->seconds > 0 ? p->tokens_done / p->seconds : 0;
+    double eta = rate > 0 ? (double)(p->seq_total - p->seq_done) * ((double)p->tokens_done / (p->seq_done ? p->seq_done : 1)) / rate : 0;
+    int w = 30, fill = p->seq_total ? (int)(w * p->seq_done / p->seq_total) : w;
+    fprintf(stderr, "%scache [%.*s%*s] %lld/%lld seq  %.0f tok/s  ETA %d:%02d%s", tty ? "\r" : "", fill,
+            "##############################", w - fill, "", (long long)p->seq_done, (long long)p->seq_total, rate,
+            (int)eta / 60, (int)eta % 60, tty ? "" : "\n");
+    fflush(stderr);
+}
+
+void cli_train_progress(const lp_train_progress *p, void *user) {
+    if (p->final) {
+        fputc('\n', stderr);
+        return;
+    }
+    int width = 24, done = (int)(width * (double)p->step / (p->total_steps ? p->total_steps : 1));
+    fprintf(stderr, "\rtrain-sae [");
+    for (int i = 0; i < width; i++) fputc(i < done ? '#' : ' ', stderr);
+    fprintf(stderr, "] %lld/%lld tok  %.0f tok/s  loss %.4g  L0 %.1f  dead %d   ", (long long)p->tokens_done,
+            (long long)p->tokens_total, p->tokens_per_s, p->loss, p->l0, p->dead);
+}
+
+double cli_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+lp_device cli_device(const char *dev) {
+    char why[256] = "";
+    return strcmp(dev, "cuda") == 0 ? LP_CUDA : strcmp(dev, "cpu") == 0 ? LP_CPU : lp_cuda_available(why, sizeof why) ? LP_CUDA : LP_CPU;
+}
+
+lp_status cli_open_model(const args *a, lp_model **m) {
+    LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"model.path", NULL}));
+    const char *dt = lp_cfg_str(&a->cfg, "model.dtype");
+    lp_device d = cli_device(lp_cfg_str(&a->cfg, "model.device"));
+    lp_dtype t = strcmp(dt, "f32") == 0 ? LP_F32 : strcmp(dt, "bf16") == 0 ? LP_BF16 : d == LP_CUDA ? LP_BF16 : LP_F32;
+    return lp_model_load(m, lp_cfg_str(&a->cfg, "model.path"), d, t);
+}
+
+const char *cli_dev_name(lp_model *m) {
+    static char buf[32];
+    lp_ctx *c = lp_model_ctx(m);
+    snprintf(buf, sizeof buf, "%s/%s", c->device == LP_CUDA ? "cuda" : "cpu", c->dtype == LP_BF16 ? "bf16" : "f32");
+    return buf;
+}
+
+/* The model's tokenizer: the .gguf file itself, or tokenizer.json in the checkpoint. */
+static lp_status open_tokenizer(const args *a, lp_tokenizer **tk) {
+    LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"model.path", NULL}));
+    return lp_tokenizer_load(tk, lp_cfg_str(&a->cfg, "model.path"));
+}
+
+/* data.prepend_bos: the BOS id each row starts with, or -1 (auto: when the tokenizer adds
+ * one, as TransformerLens's prepend_bos defaults). Rows then start with BOS, so the stream
+ * drops the one the tokenizer put first. */
+static lp_status row_bos(const args *a, const lp_tokenizer *tk, int32_t **ids, size_t *n, int32_t *bos) {
+    const char *pb = lp_cfg_str(&a->cfg, "data.prepend_bos");
+    int on = strcmp(pb, "true") == 0 || (strcmp(pb, "auto") == 0 && lp_tokenizer_adds_bos(tk));
+    *bos = on ? lp_tokenizer_bos(tk) : -1;
+    if (on && *bos < 0)
+        LP_FAIL(LP_ERR_ARG, "data.prepend_bos = true, but the tokenizer of %s has no BOS token", lp_cfg_str(&a->cfg, "model.path"));
+    if (on && lp_tokenizer_adds_bos(tk) && *n > 0 && (*ids)[0] == *bos) memmove(*ids, *ids + 1, --*n * sizeof **ids);
+    return LP_OK;
+}
+
+lp_status cli_tokenize_file(const args *a, const char *path, int32_t **ids, size_t *n, size_t *n_bytes, int32_t *bos) {
+    size_t len;
+    char *text;
+    LP_CHECK(lp_text_read(path, "text file", &text, &len));
+    lp_tokenizer *tk = NULL;
+    *ids = NULL;
+    lp_status st = lp_utf8_check(text, len, path);
+    if (st == LP_OK) st = open_tokenizer(a, &tk);
+    if (st == LP_OK) st = lp_tokenize(tk, text, len, ids, n);
+    if (st == LP_OK && bos) st = row_bos(a, tk, ids, n, bos);
+    if (st == LP_OK && *n == 0) st = LP_ERR(LP_ERR_ARG, "%s: the text gives no tokens", path);
+    if (n_bytes) *n_bytes = len;
+    if (st != LP_OK) free(*ids), *ids = NULL;
+    lp_tokenizer_free(tk);
+    free(text);
+    return st;
+}
+
+/* data.text: the text's tokens as one stream, cut into rows of data.context tokens (or
+ * one row when the whole text fits the model's context, else rows of the context), each
+ * row [BOS] + context - 1 tokens when data.prepend_bos says so. */
+static lp_status load_text(const args *a, const lp_model *m, lp_tokens *t) {
+    const char *path = lp_cfg_str(&a->cfg, "data.text");
+    int32_t *ids;
+    size_t n;
+    int32_t bos;
+    LP_CHECK(cli_tokenize_file(a, path, &ids, &n, NULL, &bos));
+    lp_status st = lp_tokens_from_stream(t, ids, n, (int)lp_cfg_int(&a->cfg, "data.context"), lp_model_config(m)->n_ctx, bos, path);
+    free(ids);
+    LP_CHECK(st);
+    if (t->dropped) fprintf(stderr, "loupe: %s: the last %lld tokens do not fill a row and are left out\n", path, (long long)t->dropped);
+    return LP_OK;
+}
+
+lp_status cli_load_tokens(const args *a, const lp_model *m, lp_tokens *t) {
+    int has_text = lp_cfg_str(&a->cfg, "data.text") != NULL, has_tokens = lp_cfg_str(&a->cfg, "data.tokens") != NULL;
+    if (has_text && has_tokens) LP_FAIL(LP_ERR_ARG, "give data.tokens or data.text, not both");
+    if (has_text) return load_text(a, m, t);
+    if (!has_tokens) LP_FAIL(LP_ERR_ARG, "missing config key 'data.tokens' (or 'data.text'): pass --tokens FILE or --text FILE");
+    const char *path = lp_cfg_str(&a->cfg, "data.tokens");
+    int ctx = (int)lp_cfg_int(&a->cfg, "data.context");
+    int strict = ctx > 0;
+    if (ctx == 0) ctx = lp_model_config(m)->n_ctx;
+    LP_CHECK(lp_tokens_load(t, path, ctx, strict, lp_cfg_str(&a->cfg, "data.token_dtype")));
+    if (t->ctx > lp_model_config(m)->n_ctx)
+        LP_FAIL(LP_ERR_ARG, "%s: rows of %d tokens exceed the model's context of %d", path, t->ctx, lp_model_config(m)->n_ctx);
+    if (t->ctx < 2) LP_FAIL(LP_ERR_ARG, "%s: rows of %d token(s) leave nothing to predict", path, t->ctx);
+    if (t->dropped) fprintf(stderr, "loupe: %s: the last %lld tokens do not fill a row and are left out\n", path, (long long)t->dropped);
+    return lp_tokens_check(t, lp_model_config(m)->d_vocab, path);
+}
+
+/* ---- the prompt pairs of attribute and patch ---- */
+
+void cli_pairs_free(cli_pairs *s) {
+    for (int i = 0; i < s->n; i++) free(s->pairs[i].clean), free(s->pairs[i].corrupted);
+    free(s->pairs), free(s->bad);
+}
+
+static void add_bad(cli_pairs *s, int line, const char *why) {
+    cli_bad_line *b = realloc(s->bad, (s->n_bad + 1) * sizeof *b);
+    if (!b) return;
+    s->bad = b;
+    s->bad[s->n_bad].line = line;
+    snprintf(s->bad[s->n_bad].why, sizeof s->bad[s->n_bad].why, "%s", why);
+    s->n_bad++;
+}
+
+/* Reads every line; a bad one is recorded and skipped, the rest go on. */
+lp_status cli_read_pairs(const args *a, lp_model *m, const lp_tokenizer *tk, cli_pairs *s) {
+    const char *path = lp_cfg_str(&a->cfg, "attrib.pairs");
+    const lp_config *cf = lp_model_config(m);
+    lp_pair_opts po = {.file = path, .tk = tk, .d_vocab = cf->d_vocab, .n_ctx = cf->n_ctx,
+                       .pad_left = strcmp(lp_cfg_str(&a->cfg, "attrib.align"), "pad_left") == 0};
+    size_t len;
+    char *txt;
+    LP_CHECK(lp_text_read(path, "pairs file", &txt, &len));
+    memset(s, 0, sizeof *s);
+    int line = 0, cap = 0;
+    for (size_t pos = 0; pos < len; line++) {
+        const char *ln = txt + pos, *nl = memchr(ln, '\n', len - pos);
+        size_t n = nl ? (size_t)(nl - ln) : len - pos;
+        pos += n + 1;
+        lp_pair q;
+        if (lp_pair_parse_line(&po, ln, n, line + 1, &q) != LP_OK) {
+            /* the report names the file once and each line: keep what follows "FILE:LINE: " */
+            char at[32];
+            int k = snprintf(at, sizeof at, ":%d: ", line + 1);
+            const char *why = lp_last_error();
+            size_t pl = strlen(path);
+            add_bad(s, line + 1, strncmp(why, path, pl) == 0 && strncmp(why + pl, at, k) == 0 ? why + pl + k : why);
+            continue;
+        }
+        if (q.T == 0) continue; /* a blank line */
+        if (s->n == cap) {
+            cap = cap ? 2 * cap : 64;
+            cli_pair *np = realloc(s->pairs, cap * sizeof *np);
+            if (!np) {
+                lp_pair_free(&q), free(txt);
+                LP_FAIL(LP_ERR_OOM, "out of memory");
+            }
+            s->pairs = np;
+        }
+        int index = s->n + s->n_bad;
+        s->pairs[s->n++] = (cli_pair){.index = index, .line = line + 1, .clean = q.clean, .corrupted = q.corrupted, .T = q.T,
+                                  .answer = q.answer, .wrong = q.wrong};
+    }
+    free(txt);
+    return LP_OK;
+}
+
+int cli_report_bad(const args *a, const cli_pairs *sw, int rc) {
+    if (!sw->n_bad) return rc;
+    /* the sweep went on; the bad lines are listed, and the exit status says so */
+    fprintf(stderr, "loupe: %s: %d bad line%s skipped:", lp_cfg_str(&a->cfg, "attrib.pairs"), sw->n_bad, sw->n_bad > 1 ? "s" : "");
+    for (int b = 0; b < sw->n_bad; b++) fprintf(stderr, " line %d (%s)%s", sw->bad[b].line, sw->bad[b].why, b + 1 < sw->n_bad ? ";" : "");
+    fputc('\n', stderr);
+    return 2;
+}
