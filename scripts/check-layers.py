@@ -11,8 +11,7 @@ layer or below; and no files call each other in a cycle, within a layer or acros
 read from the compiled objects (nm: what each object defines and what it needs), so macros
 and static inline helpers do not hide an edge, and includes from the sources. Usage:
     scripts/check-layers.py [BUILD]      (default build; run after `make`)
-Prints every violation and exits 1 if there is one; what KNOWN_CYCLE allows for now is
-printed but does not fail."""
+Prints every violation and exits 1 if there is one."""
 import collections, glob, os, re, subprocess, sys
 
 RANK = {"core": 0, "ops": 1, "kernels": 1, "io": 2, "model": 3, "store": 4, "sae": 4,
@@ -25,9 +24,8 @@ RANK = {"core": 0, "ops": 1, "kernels": 1, "io": 2, "model": 3, "store": 4, "sae
 KERNEL_LAYER = {"kernels/ctx": "core", "kernels/capture": "core", "kernels/ctx_stub": "core"}
 
 
-# The call cycle inside host/model/, which is being rewritten: allowed (it, or a cycle among
-# some of its files) until that lands; then this goes. Nothing else may be added here.
-KNOWN_CYCLE = {"host/model/backward", "host/model/gpt2", "host/model/hooks", "host/model/llama", "host/model/model", "host/model/tape"}
+# No cycle is allowed anywhere; this stays empty.
+KNOWN_CYCLE = set()
 
 
 def layer(path):
