@@ -1,4 +1,7 @@
-/* lens.c: the logit lens and direct logit attribution of one prompt at one position (lens.h).
+/* host/analysis/: analyses above model/, store/ and sae/: the logit lens and direct logit
+ * attribution (lens*.c), linear probes (probe*.c), feature dashboards (dashboard*.c).
+ *
+ * lens.c: the logit lens and direct logit attribution of one prompt at one position (lens.h).
  * One forward captures the residual stream's parts at the position; everything after it is
  * a few vectors of d_model, computed on the host in double, except the lens's unembedding
  * ([2L+1, d_model] x [d_model, d_vocab], one OpenBLAS GEMM in F32). */

@@ -1,7 +1,11 @@
-/* attrib.c: attribution patching (gradient x activation difference, optionally with
+/* host/attrib/: attribution, above model/ and sae/: attribution patching and exact patching
+ * over the node grid (attrib.c), SAE latents as nodes (attrib_sae.c), path patching and edge
+ * attribution (paths.c, eap.c). Built on captures, edits and the model's backward.
+ *
+ * attrib.c: attribution patching (gradient x activation difference, optionally with
  * integrated gradients) and exact activation patching over the node grid of attrib.h,
  * and the correlations that compare them. Built on captures, edits (hooks.h) and the
- * backward (backward.c); the per-node sums run on the host. */
+ * backward (host/model/grad.c, metric.c); the per-node sums run on the host. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

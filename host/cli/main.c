@@ -1,4 +1,7 @@
-/* main.c: the `loupe` command line. Parses `loupe COMMAND [CONFIG.ini] [MODEL]
+/* host/cli/: the top layer, the only code that prints and exits: main.c dispatches, each
+ * command is a file of its own, common.c holds what they share.
+ *
+ * main.c: the `loupe` command line. Parses `loupe COMMAND [CONFIG.ini] [MODEL]
  * [--section.key=value ...]`, validates every key before any work, and dispatches to the
  * command (run.c, generate.c, sae.c, dashboard.c, attrib.c, lens.c, probe.c), whose
  * lp_status becomes one line on stderr and an exit code (0 done, 1 failed while working,

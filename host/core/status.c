@@ -1,4 +1,9 @@
-/* status.c: the last-error record behind include/loupe/status.h.
+/* host/core/: the bottom layer, used by all the others and using none of them: the status
+ * and error record (status.c), the execution context and host tensors (tensor.c; its CUDA
+ * half is kernels/ctx.cu and kernels/capture.cu, declared in device.h), writing outputs
+ * safely and the file helpers (output.c), the random numbers (rng.h).
+ *
+ * status.c: the last-error record behind include/loupe/status.h.
  * Thread-local so that a copy thread's failure cannot overwrite the caller's message. */
 #include <stdarg.h>
 #include <stdio.h>

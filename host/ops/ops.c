@@ -1,5 +1,10 @@
-/* ops.c: the one dispatch point for every op in include/loupe/ops.h.
- * Checks arguments once, then calls the CPU reference (host/cpu/) or the CUDA
+/* host/ops/: the ops layer, above core/: every numeric op in one place, with its CPU
+ * reference in ops/cpu/ and its CUDA twin in kernels/; dispatch here (ops.c), for the SAE
+ * ops (sae_ops.c) and for dequantization with the ggml type table (quant.c, ggml_types.c).
+ * Nothing in it knows about models, files or hooks.
+ *
+ * ops.c: the one dispatch point for every op in include/loupe/ops.h.
+ * Checks arguments once, then calls the CPU reference (host/ops/cpu/) or the CUDA
  * kernel (kernels/) by the context's device. */
 #include <math.h>
 

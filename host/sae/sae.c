@@ -1,4 +1,8 @@
-/* sae.c: SAE and transcoder parameters: the architecture names, the config check, and
+/* host/sae/: SAEs and transcoders, above model/ and store/: their parameters and files
+ * (SAELens, sparsify, Gemma Scope), running them (sae_runner.c), training from a store or
+ * live from the model (sae_train*.c, sae_checkpoint.c) and evaluation (sae_eval.c).
+ *
+ * sae.c: SAE and transcoder parameters: the architecture names, the config check, and
  * the one device allocation that holds every parameter (see sae.h). The files are read by
  * sae_read.c (shared helpers), sae_files.c (SAELens and sparsify directories, lp_sae_load)
  * and sae_npz.c (Gemma Scope), and written by sae_save.c. */

@@ -1,4 +1,7 @@
-/* store.c: writing the activation store (shards + meta.json) with resume, and
+/* host/store/: the activation store, above model/: runs the model with captures and writes
+ * shards a reader can use directly; reads them back (means, windows).
+ *
+ * store.c: writing the activation store (shards + meta.json) with resume, and
  * reading hook means back from it. See store.h for the layout. */
 #include <cjson/cJSON.h>
 #include <dirent.h>
