@@ -3,7 +3,7 @@
  * (pairs.c) and typed JSON reads (json.c). Every reader validates what it reads and names the
  * file and key when it refuses; each has a fuzz harness in fuzz/.
  *
-/* safetensors.c: the safetensors reader (validate the header, then mmap) and the
+ * safetensors.c: the safetensors reader (validate the header, then mmap) and the
  * writer (temporary name, pwrite at known offsets, rename). See safetensors.h. */
 #include <cjson/cJSON.h>
 #include <errno.h>
