@@ -13,9 +13,20 @@
 #include "loupe/output.h"
 #include "loupe/textfile.h"
 
+/* The shortest of %.15g..%.17g that reads back as v: the page holds the graph's numbers
+ * exactly (cJSON's own printing stops at 15 digits when they agree within an epsilon). */
+static cJSON *exact_num(double v) {
+    char b[40];
+    for (int p = 15; p <= 17; p++) {
+        snprintf(b, sizeof b, "%.*g", p, v);
+        if (strtod(b, NULL) == v) break;
+    }
+    return cJSON_CreateRaw(b);
+}
+
 static cJSON *num_or_null(const cJSON *o, const char *key) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    return cJSON_IsNumber(v) ? cJSON_CreateNumber(v->valuedouble) : cJSON_CreateNull();
+    return cJSON_IsNumber(v) ? exact_num(v->valuedouble) : cJSON_CreateNull();
 }
 
 /* circuit-tracer names a logit node 'Output "TOKEN" (p=0.123)' (its clerp); the token is
@@ -81,7 +92,7 @@ static cJSON *page_data(const graph_doc *g) {
     for (i = 0; i < g->n_links; i++) {
         cJSON_AddItemToArray(links, cJSON_CreateNumber(g->src[i]));
         cJSON_AddItemToArray(links, cJSON_CreateNumber(g->dst[i]));
-        cJSON_AddItemToArray(links, cJSON_CreateNumber(g->w[i]));
+        cJSON_AddItemToArray(links, exact_num(g->w[i]));
     }
     cJSON *pinned = cJSON_AddArrayToObject(d, "pinned");
     const cJSON *q = cJSON_GetObjectItemCaseSensitive(g->root, "qParams");
