@@ -91,6 +91,8 @@ Test(graph_page, page_holds_the_graph_and_loads_nothing) {
     for (size_t i = 0; i < sizeof banned / sizeof *banned; i++) cr_expect(!strstr(h, banned[i]), "the page contains '%s'", banned[i]);
     cr_expect_eq(count_of(h, "</script>"), 2, "a </script> came through from the data");
     cr_expect_eq(count_of(h, "<script"), 2);
+    cr_expect(!strstr(h, "\xe2\x80\xa8"), "a raw U+2028 (a line end to older JavaScript) came through");
+    cr_expect(strstr(h, "\\u2028"), "the fixture's U+2028 is not in the data as \\u2028");
 
     cJSON *g = load_graph(), *d = page_data(h);
     const cJSON *gn = item(g, "nodes"), *gl = item(g, "links"), *gt = item(item(g, "metadata"), "prompt_tokens");
