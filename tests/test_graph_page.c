@@ -237,6 +237,7 @@ Test(graph_page, refuses_malformed_graphs_with_one_line) {
         {"[1, 2]", "x.json: must be a JSON object"},
         {"{\"a\": \"\xff\"}", "x.json: not valid UTF-8"},
         {"", "x.json: not valid JSON"},
+        {"{} {}", "x.json: more after the JSON value (byte 3)"},
     };
     for (size_t c = 0; c < sizeof raw / sizeof *raw; c++) {
         lp_status st = lp_graph_check(raw[c].text, strlen(raw[c].text), "x.json", NULL);

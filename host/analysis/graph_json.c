@@ -193,6 +193,9 @@ lp_status graph_doc_parse(graph_doc *g, const char *json, size_t n, const char *
         size_t at = end && end >= json ? (size_t)(end - json) : 0;
         LP_FAIL(LP_ERR_FORMAT, "%s: not valid JSON (near byte %zu)", name, at);
     }
+    size_t at = (size_t)(end - json);
+    while (at < n && (json[at] == ' ' || json[at] == '\t' || json[at] == '\n' || json[at] == '\r')) at++;
+    if (at < n) LP_FAIL(LP_ERR_FORMAT, "%s: more after the JSON value (byte %zu)", name, at);
     if (!cJSON_IsObject(g->root)) LP_FAIL(LP_ERR_FORMAT, "%s: must be a JSON object with metadata, qParams, nodes and links", name);
     const cJSON *q, *nodes, *links;
     LP_CHECK(top_member(g, "metadata", 0, &g->meta));
