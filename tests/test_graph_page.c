@@ -134,6 +134,8 @@ Test(graph_page, page_holds_the_graph_and_loads_nothing) {
         }
     }
     for (int k = 0; k < 4; k++) cr_expect_gt(kinds[k], 0, "the fixture has no node of kind %d", k);
+    cr_expect_eq(item(d, "clicked")->valueint, -1, "circuit-tracer's clickedId is empty");
+    cr_expect_eq(cJSON_GetArraySize(item(d, "pinned")), 0);
     i = 0;
     for (const cJSON *l = gl->child; l; l = l->next, i++) {
         int s = cJSON_GetArrayItem(dl, 3 * i)->valueint, t = cJSON_GetArrayItem(dl, 3 * i + 1)->valueint;
@@ -162,6 +164,21 @@ Test(graph_page, text_and_file_give_the_same_page) {
     cr_expect_eq(info.n_features + info.n_errors + info.n_embeddings + info.n_logits, info.n_nodes);
     cr_expect_eq(info.n_embeddings, info.n_tokens, "circuit-tracer keeps every embedding node");
     cr_expect_eq(info.n_layers, 2, "the fixture's model has 2 layers");
+    /* the viewer's saved state: pinnedIds (unknown ones dropped) and clickedId as node indices */
+    cJSON *q = cJSON_GetObjectItem(g, "qParams"), *gn = cJSON_GetObjectItem(g, "nodes");
+    cJSON_ReplaceItemInObject(q, "clickedId", cJSON_CreateString(cJSON_GetArrayItem(gn, 5)->child->valuestring));
+    cJSON *pins = cJSON_CreateArray();
+    cJSON_AddItemToArray(pins, cJSON_CreateString(cJSON_GetArrayItem(gn, 3)->child->valuestring));
+    cJSON_AddItemToArray(pins, cJSON_CreateString("no_such_node"));
+    cJSON_ReplaceItemInObject(q, "pinnedIds", pins);
+    char *t2 = cJSON_PrintUnformatted(g);
+    cr_assert_eq(lp_graph_page_write(t2, strlen(t2), p), LP_OK, "%s", lp_last_error());
+    char *h3 = slurp(p, NULL);
+    cJSON *d = page_data(h3);
+    cr_expect_eq(item(d, "clicked")->valueint, 5);
+    cr_assert_eq(cJSON_GetArraySize(item(d, "pinned")), 1);
+    cr_expect_eq(cJSON_GetArrayItem(item(d, "pinned"), 0)->valueint, 3);
+    cJSON_Delete(d), free(t2), free(h3);
     cJSON_Delete(g), free(txt), free(h), free(h2);
     rmdir_all(dir);
 }

@@ -76,7 +76,7 @@ static cJSON *node_json(const graph_doc *g, const cJSON *o, int i) {
     return n;
 }
 
-/* The page's data: {slug, scan, prompt, tokens, threshold, rows, nodes, links, pinned}. */
+/* The page's data: {slug, scan, prompt, tokens, threshold, layers, nodes, links, pinned, clicked}. */
 static cJSON *page_data(const graph_doc *g) {
     cJSON *d = cJSON_CreateObject();
     cJSON_AddStringToObject(d, "slug", g->slug);
@@ -101,6 +101,8 @@ static cJSON *page_data(const graph_doc *g) {
         int k = cJSON_IsString(e) ? graph_find(g, e->valuestring) : -1;
         if (k >= 0) cJSON_AddItemToArray(pinned, cJSON_CreateNumber(k));
     }
+    const cJSON *clicked = cJSON_GetObjectItemCaseSensitive(q, "clickedId"); /* the viewer's saved selection */
+    cJSON_AddNumberToObject(d, "clicked", cJSON_IsString(clicked) ? graph_find(g, clicked->valuestring) : -1);
     return d;
 }
 

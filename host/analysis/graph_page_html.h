@@ -3,10 +3,11 @@
  * elements take their namespace from the page's own <svg>), the drawing is built from
  * numbers, and every string from the graph reaches the page through textContent, never
  * as markup. The data, {slug, scan, prompt, tokens, threshold, layers, nodes, links,
- * pinned}, is written by graph_page.c: a node is {id, k (0 embedding, 1 feature, 2 error,
+ * pinned, clicked}, is written by graph_page.c: a node is {id, k (0 embedding, 1 feature, 2 error,
  * 3 logit), l (layer, -1 for E), c (position), ft, f, inf, act, cl, and fi (a feature's
  * index) or p, t, tok (a logit's probability, target flag, token)}; links are flat
- * [source, target, weight] triples of node indices. */
+ * [source, target, weight] triples of node indices; pinned and clicked (-1: none) are node
+ * indices from qParams (pinnedIds outlined, clickedId selected on opening). */
 #ifndef LOUPE_GRAPH_PAGE_HTML_H
 #define LOUPE_GRAPH_PAGE_HTML_H
 
@@ -168,10 +169,12 @@ static const char g_graph_page_tail[] =
     "svg.addEventListener('click', function () { select(-1); });\n"
     "body.setAttribute('data-nodes-drawn', String(gn.getElementsByClassName('nd').length));\n"
     "body.setAttribute('data-links-drawn', String(gl.getElementsByClassName('lk').length));\n"
-    "/* #select=NODE_ID preselects a node (a link to one node's paths) */\n"
+    "/* #select=NODE_ID preselects a node (a link to one node's paths); else the graph's clickedId */\n"
     "if (location.hash.indexOf('#select=') === 0) {\n"
     "  var want = decodeURIComponent(location.hash.slice(8));\n"
     "  for (i = 0; i < N.length; i++) if (N[i].id === want) { select(i); break; }\n"
+    "} else if (D.clicked >= 0) {\n"
+    "  select(D.clicked); /* qParams.clickedId */\n"
     "}\n"
     "})();\n"
     "</script>\n"
