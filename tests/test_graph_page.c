@@ -401,7 +401,7 @@ static void paths_of(const cJSON *g, int s, int *nodes, int *links) {
     free(src), free(dst), free(up), free(down);
 }
 
-Test(graph_page, renders_in_headless_chromium_without_requests, .timeout = 240) {
+Test(graph_page, renders_in_headless_chromium_without_requests, .timeout = 300) {
     need_chromium();
     char dir[] = "/tmp/lp_graph_renderXXXXXX", want[400], first[512];
     free(write_fixture_page(dir));
@@ -455,7 +455,7 @@ Test(graph_page, renders_in_headless_chromium_without_requests, .timeout = 240) 
 /* A screenshot of the page shows the graph: pixels in each node kind's fill colour and in
  * both link colours (scripts/png-colors.py counts them; the standard library decodes PNG).
  * LP_GRAPH_SHOT=FILE keeps the screenshot (make graph-page-shot). */
-Test(graph_page, screenshot_shows_the_graph, .timeout = 180) {
+Test(graph_page, screenshot_shows_the_graph) { /* chromium runs under timeout 90 */
     need_chromium();
     char dir[] = "/tmp/lp_graph_shotXXXXXX", cmd[2048], shot[300];
     free(write_fixture_page(dir));
