@@ -7,7 +7,9 @@
  * both with every feature and with max_feature_nodes (the influence-ordered selection); and
  * the sparse form's error: with edge_mass < 1 node influences move by no more than the
  * dropped mass allows. */
+#include <cjson/cJSON.h>
 #include <math.h>
+#include <unistd.h>
 
 #include "loupe/graph.h"
 #include "loupe/sae.h"
@@ -190,5 +192,75 @@ Test(graph, sparse_rows_bound_the_influence_error) {
     cr_assert_lt(fabs(sp->replacement_score - ex->replacement_score), 0.05);
     lp_graph_free(ex);
     lp_graph_free(sp);
+    teardown(&fx);
+}
+
+/* The viewer's JSON: the same nodes (ids, kinds, influence, activation) and links (source,
+ * target, weight) as circuit-tracer's create_graph_files wrote for the full graph. */
+static cJSON *read_json(const char *path) {
+    FILE *f = fopen(path, "rb");
+    cr_assert(f, "%s", path);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = malloc(n + 1);
+    cr_assert_eq(fread(b, 1, n, f), (size_t)n);
+    b[n] = 0;
+    fclose(f);
+    cJSON *j = cJSON_Parse(b);
+    free(b);
+    cr_assert(j, "%s does not parse", path);
+    return j;
+}
+
+static void same_field(cJSON *a, cJSON *b, const char *key, const char *where) {
+    cJSON *x = cJSON_GetObjectItem(a, key), *y = cJSON_GetObjectItem(b, key);
+    cr_assert(x && y, "%s: %s missing", where, key);
+    if (cJSON_IsString(y)) cr_assert_str_eq(x->valuestring, y->valuestring, "%s.%s", where, key);
+    else if (cJSON_IsNumber(y)) cr_assert(fabs(x->valuedouble - y->valuedouble) <= 1e-4 * (1 + fabs(y->valuedouble)), "%s.%s: %g vs %g", where, key, x->valuedouble, y->valuedouble);
+    else cr_assert_eq(x->type & 0xff, y->type & 0xff, "%s.%s type", where, key);
+}
+
+Test(graph, json_matches_create_graph_files) {
+    fixture fx = {0};
+    setup(&fx);
+    lp_graph_opts o = lp_graph_defaults();
+    lp_graph *g;
+    cr_assert_eq(lp_graph_build(&g, fx.m, fx.tc, fx.tokens, fx.T, &o), LP_OK, "%s", lp_last_error());
+    char dir[] = "/tmp/lp_graph_json_XXXXXX", path[256];
+    cr_assert(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/tiny-llama-graph.json", dir);
+    lp_graph_json_opts jo = {.slug = "tiny-llama-graph", .scan = "tiny-llama-plt", .prompt = "<1><17><200><33><91><150><7><64><120><5>"};
+    cr_assert_eq(lp_graph_write_json(g, &jo, path), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_graph_metadata_add(dir, &jo, g), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_graph_metadata_add(dir, &jo, g), LP_OK, "%s", lp_last_error());
+    cJSON *mine = read_json(path), *ref = read_json(GDIR "/graph-full.json");
+    const char *mkeys[] = {"slug", "scan", "prompt", "node_threshold", "schema_version"};
+    for (size_t k = 0; k < sizeof mkeys / sizeof *mkeys; k++)
+        same_field(cJSON_GetObjectItem(mine, "metadata"), cJSON_GetObjectItem(ref, "metadata"), mkeys[k], "metadata");
+    cJSON *mn = cJSON_GetObjectItem(mine, "nodes"), *rn = cJSON_GetObjectItem(ref, "nodes");
+    cr_assert_eq(cJSON_GetArraySize(mn), cJSON_GetArraySize(rn), "%d nodes vs circuit-tracer's %d", cJSON_GetArraySize(mn), cJSON_GetArraySize(rn));
+    const char *nkeys[] = {"node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob", "is_target_logit", "jsNodeId",
+                           "clerp", "influence", "activation"};
+    for (int i = 0; i < cJSON_GetArraySize(rn); i++)
+        for (size_t k = 0; k < sizeof nkeys / sizeof *nkeys; k++) same_field(cJSON_GetArrayItem(mn, i), cJSON_GetArrayItem(rn, i), nkeys[k], "node");
+    cJSON *ml = cJSON_GetObjectItem(mine, "links"), *rl = cJSON_GetObjectItem(ref, "links");
+    cr_assert_eq(cJSON_GetArraySize(ml), cJSON_GetArraySize(rl));
+    for (int i = 0; i < cJSON_GetArraySize(rl); i++) {
+        cJSON *a = cJSON_GetArrayItem(ml, i), *b = cJSON_GetArrayItem(rl, i);
+        same_field(a, b, "source", "link");
+        same_field(a, b, "target", "link");
+        double w = cJSON_GetObjectItem(b, "weight")->valuedouble;
+        cr_assert(fabs(cJSON_GetObjectItem(a, "weight")->valuedouble - w) <= 1e-4 * 4.1, "link %d weight", i);
+    }
+    snprintf(path, sizeof path, "%s/graph-metadata.json", dir);
+    cJSON *meta = read_json(path);
+    cr_assert_eq(cJSON_GetArraySize(cJSON_GetObjectItem(meta, "graphs")), 1, "one entry per slug");
+    cJSON_Delete(meta), cJSON_Delete(mine), cJSON_Delete(ref);
+    remove(path);
+    snprintf(path, sizeof path, "%s/tiny-llama-graph.json", dir);
+    remove(path);
+    rmdir(dir);
+    lp_graph_free(g);
     teardown(&fx);
 }

@@ -111,6 +111,7 @@ lp_status lp_graph_prune(lp_graph *g, float node_threshold, float edge_threshold
     if (!(node_threshold >= 0 && node_threshold <= 1 && edge_threshold >= 0 && edge_threshold <= 1))
         LP_FAIL(LP_ERR_ARG, "graph: node_threshold and edge_threshold must be within [0, 1]");
     int64_t N = g->n_nodes, nnz = g->row_ptr[N];
+    g->node_threshold = node_threshold, g->edge_threshold = edge_threshold;
     free(g->node_mask), free(g->edge_mask), free(g->cumulative_scores), free(g->influence);
     g->node_mask = calloc(N, 1), g->edge_mask = calloc(nnz + 1, 1);
     g->cumulative_scores = calloc(N, sizeof(float)), g->influence = calloc(N, sizeof(double));

@@ -84,6 +84,7 @@ typedef struct lp_graph {
     double max_dropped;         /* the largest fraction of a row's |mass| not stored */
     int64_t n_backward;         /* backward passes run */
     /* pruning (node_threshold, edge_threshold) and the scores */
+    float node_threshold, edge_threshold; /* what the masks were pruned with */
     uint8_t *node_mask;         /* [n_nodes] */
     uint8_t *edge_mask;         /* [nnz] per stored entry */
     float *cumulative_scores;   /* [n_nodes] */
@@ -120,8 +121,9 @@ typedef struct lp_graph_json_opts {
     const char *const *logit_str;   /* [n_logits] */
 } lp_graph_json_opts;
 lp_status lp_graph_write_json(const lp_graph *g, const lp_graph_json_opts *o, const char *path);
-/* graph-metadata.json in dir: the list of graphs there (slug, scan, prompt), updated. */
-lp_status lp_graph_metadata_add(const char *dir, const lp_graph_json_opts *o);
+/* graph-metadata.json in dir: {"graphs": [metadata, ...]}, this graph's entry added (one of
+ * the same slug replaced), as circuit-tracer's add_graph_metadata. */
+lp_status lp_graph_metadata_add(const char *dir, const lp_graph_json_opts *o, const lp_graph *g);
 
 #ifdef __cplusplus
 }

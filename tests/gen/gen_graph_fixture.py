@@ -22,6 +22,8 @@ Writes:
     full.cumulative_scores F32 [N], full.scores F64 [2] (replacement, completeness)
     sel.* the same for max_feature_nodes=MAXF
   OUTDIR/reference.json: the figures above in words, versions, the prompt
+  OUTDIR/graph-full.json: the viewer's JSON of the full graph as create_graph_files writes it
+    (slug tiny-llama-graph, scan tiny-llama-plt, token strings "<id>")
 """
 
 import json
@@ -41,6 +43,7 @@ from circuit_tracer import attribute
 from circuit_tracer.graph import compute_graph_scores, prune_graph
 from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
 from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, TranscoderSet
+from circuit_tracer.utils.create_graph_files import build_model as ct_build_model, create_nodes, create_used_nodes_and_edges
 
 D, H, HKV, DH, F_MLP, L, V, D_TC = 64, 4, 2, 16, 160, 3, 256, 48
 TOKENS = [1, 17, 200, 33, 91, 150, 7, 64, 120, 5]
@@ -58,8 +61,8 @@ class FakeTokenizer:
     padding_side = "right"
 
     def decode(self, ids):
-        if isinstance(ids, int):
-            return f"<{ids}>"
+        if isinstance(ids, int) or (isinstance(ids, torch.Tensor) and ids.ndim == 0):
+            return f"<{int(ids)}>"
         return "".join(f"<{int(i)}>" for i in ids)
 
 
@@ -116,6 +119,17 @@ def record(prefix, graph, out):
             "replacement_score": rep, "completeness_score": comp}
 
 
+def write_json(graph, path):
+    """What create_graph_files writes, with the tokenizer above (it would load one from the hub)."""
+    pr = prune_graph(graph, node_threshold=0.8, edge_threshold=0.98)
+    tok = FakeTokenizer()
+    nodes = create_nodes(graph, pr.node_mask, tok, pr.cumulative_scores)
+    used_nodes, used_edges = create_used_nodes_and_edges(graph, nodes, pr.edge_mask)
+    model = ct_build_model(graph, used_nodes, used_edges, "tiny-llama-graph", "tiny-llama-plt", 0.8, tok)
+    with open(path, "w") as f:
+        f.write(model.model_dump_json(indent=2))
+
+
 def main():
     outdir = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures/graph"
     os.makedirs(outdir, exist_ok=True)
@@ -142,6 +156,7 @@ def main():
     out["logit_targets"] = np.array([t.vocab_idx for t in g_full.logit_targets], dtype=np.int32)
     out["logit_probabilities"] = g_full.logit_probabilities.numpy().astype(np.float32)
     info["full"] = record("full.", g_full, out)
+    write_json(g_full, os.path.join(outdir, "graph-full.json"))
     info["sel"] = record("sel.", g_sel, out)
     info["n_active"] = int(len(g_full.active_features))
     info["n_logits"] = int(len(g_full.logit_targets))
