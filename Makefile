@@ -18,7 +18,7 @@ HAVE_MPI  := $(shell command -v mpicc >/dev/null 2>&1 && echo 1 || echo 0)
 
 BUILD := build
 CC    ?= cc
-PKGS  := openblas libcjson libpcre2-8 libutf8proc
+PKGS  := openblas libcjson libpcre2-8 libutf8proc yaml-0.1
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
