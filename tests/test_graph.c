@@ -12,7 +12,7 @@
 #include <unistd.h>
 
 #include "loupe/graph.h"
-#include "loupe/sae.h"
+#include "loupe/clt.h"
 #include "loupe/safetensors.h"
 #include "testutil.h"
 
@@ -26,36 +26,10 @@ static const lp_st_tensor *R(const char *name) {
     return t;
 }
 
-/* circuit-tracer's layer_{i}.safetensors (W_enc, W_dec [d_tc, d]; skip = x W_skip^T) as lp_sae. */
-static lp_sae *load_tc(int L, lp_ctx *c) {
-    char p[256];
-    snprintf(p, sizeof p, GDIR "/transcoders/layer_%d.safetensors", L);
-    lp_st_file f;
-    cr_assert_eq(lp_st_open(&f, p), LP_OK, "%s", lp_last_error());
-    const lp_st_tensor *we = lp_st_find(&f, "W_enc"), *wd = lp_st_find(&f, "W_dec"), *be = lp_st_find(&f, "b_enc"),
-                       *bd = lp_st_find(&f, "b_dec"), *ws = lp_st_find(&f, "W_skip");
-    cr_assert(we && wd && be && bd && ws);
-    int S = (int)we->shape[0], D = (int)we->shape[1];
-    lp_sae_cfg cfg = {.arch = LP_SAE_STANDARD, .d_in = D, .d_sae = S, .d_out = D, .skip = 1};
-    strcpy(cfg.normalize, "none");
-    lp_sae *s;
-    cr_assert_eq(lp_sae_alloc(&s, &cfg, c), LP_OK, "%s", lp_last_error());
-    const float *a = we->data, *b = wd->data, *k = ws->data;
-    for (int j = 0; j < S; j++)
-        for (int i = 0; i < D; i++) s->W_enc[(size_t)i * S + j] = a[(size_t)j * D + i];
-    memcpy(s->W_dec, b, (size_t)S * D * sizeof(float));
-    memcpy(s->b_enc, be->data, S * sizeof(float));
-    memcpy(s->b_dec, bd->data, D * sizeof(float));
-    for (int i = 0; i < D; i++)
-        for (int o = 0; o < D; o++) s->W_skip[(size_t)i * D + o] = k[(size_t)o * D + i];
-    lp_st_close(&f);
-    return s;
-}
-
 typedef struct fixture {
     lp_model *m;
     lp_ctx c;
-    lp_sae *tc[8];
+    lp_clt *tc;
     int NL, T;
     const int32_t *tokens;
 } fixture;
@@ -65,13 +39,13 @@ static void setup(fixture *fx) {
     cr_assert_eq(lp_model_load(&fx->m, GDIR "/model", LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
     fx->NL = lp_model_config(fx->m)->n_layers;
     cr_assert_eq(lp_ctx_init(&fx->c, LP_CPU, LP_F32), LP_OK);
-    for (int L = 0; L < fx->NL; L++) fx->tc[L] = load_tc(L, &fx->c);
+    cr_assert_eq(lp_clt_load(&fx->tc, &fx->c, GDIR "/transcoders"), LP_OK, "%s", lp_last_error());
     fx->tokens = R("tokens")->data;
     fx->T = (int)R("tokens")->shape[0];
 }
 
 static void teardown(fixture *fx) {
-    for (int L = 0; L < fx->NL; L++) lp_sae_free(fx->tc[L], &fx->c);
+    lp_clt_free(fx->tc, &fx->c);
     lp_model_free(fx->m);
     lp_ctx_free(&fx->c);
     lp_st_close(&ref);

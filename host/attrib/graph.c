@@ -8,7 +8,6 @@
 #include <string.h>
 
 #include "attrib/graph_internal.h"
-#include "loupe/sae.h"
 
 lp_graph_opts lp_graph_defaults(void) {
     lp_graph_opts o = {.max_n_logits = 10, .desired_logit_prob = 0.95f, .batch_size = 512, .max_feature_nodes = 0,
@@ -21,95 +20,97 @@ static int by_f_desc(const void *a, const void *b) {
     return (x < y) - (x > y);
 }
 
-/* The transcoder's activations of one layer [T, d_sae] (position 0 zeroed, as circuit-tracer). */
-static void encode(const lp_sae *s, const float *x, int T, int D, float *acts) {
-    int S = s->cfg.d_sae;
-    for (int t = 0; t < T; t++) memcpy(acts + (size_t)t * S, s->b_enc, S * sizeof(float));
-    float *xin = NULL;
-    if (s->cfg.apply_b_dec_to_input && (xin = malloc((size_t)T * D * sizeof(float))))
-        for (size_t i = 0; i < (size_t)T * D; i++) xin[i] = x[i] - s->b_dec[i % D];
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, S, D, 1.0f, xin ? xin : x, D, s->W_enc, S, 1.0f, acts, S);
-    free(xin);
+/* Layer l's activations [T, S] (position 0 zeroed, as circuit-tracer): clt.h's activations. */
+static void encode(const lp_clt *tc, int l, const float *x, int T, float *acts) {
+    const lp_clt_layer *y = &tc->layer[l];
+    int S = tc->cfg.d_sae, D = tc->cfg.d_model;
+    for (int t = 0; t < T; t++) memcpy(acts + (size_t)t * S, y->b_enc, S * sizeof(float));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, S, D, 1.0f, x, D, y->W_enc, D, 1.0f, acts, S);
+    float *srt = tc->cfg.act == LP_CLT_TOPK ? malloc(S * sizeof(float)) : NULL;
     for (int t = 0; t < T; t++) {
         float *a = acts + (size_t)t * S;
-        if (s->cfg.arch == LP_SAE_TOPK && s->cfg.k < S) { /* keep the k largest (ties aside), relu'd */
-            float *srt = malloc(S * sizeof(float));
-            if (srt) {
-                memcpy(srt, a, S * sizeof(float));
-                qsort(srt, S, sizeof(float), by_f_desc);
-                float kth = srt[s->cfg.k - 1];
-                for (int j = 0; j < S; j++)
-                    if (a[j] < kth) a[j] = 0.0f;
-                free(srt);
-            }
+        if (srt && tc->cfg.k < S) { /* the k largest (ties aside), relu'd */
+            memcpy(srt, a, S * sizeof(float));
+            qsort(srt, S, sizeof(float), by_f_desc);
+            for (int j = 0; j < S; j++)
+                if (a[j] < srt[tc->cfg.k - 1]) a[j] = 0.0f;
         }
         for (int j = 0; j < S; j++) {
-            float v = a[j];
-            if (s->threshold) a[j] = v > s->threshold[j] ? v : 0.0f;
-            else a[j] = v > 0 ? v : 0.0f;
+            if (tc->cfg.act == LP_CLT_JUMPRELU) a[j] = a[j] > y->threshold[j] ? a[j] : 0.0f;
+            else a[j] = a[j] > 0 ? a[j] : 0.0f;
         }
     }
+    free(srt);
     memset(acts, 0, S * sizeof(float));
 }
 
-static lp_status setup_features(graph_work *w, lp_sae *const *tcs) {
-    int T = w->T, D = w->D, NL = w->NL;
+static lp_status add_active(graph_work *w, size_t *cap, int l, int t, int f, float a) {
+    if ((size_t)w->n_active == *cap) {
+        size_t c = *cap ? 2 * *cap : 1024;
+        int32_t *na = realloc(w->active, c * 3 * sizeof(int32_t));
+        if (na) w->active = na;
+        float *ne = na ? realloc(w->enc, c * w->D * sizeof(float)) : NULL;
+        if (ne) w->enc = ne;
+        float *nv = ne ? realloc(w->actv, c * sizeof(float)) : NULL;
+        if (nv) w->actv = nv;
+        if (!nv) LP_FAIL(LP_ERR_OOM, "out of memory for %zu active features", c);
+        *cap = c;
+    }
+    int k = w->n_active++;
+    w->active[3 * k] = l, w->active[3 * k + 1] = t, w->active[3 * k + 2] = f;
+    w->actv[k] = a;
+    memcpy(w->enc + (size_t)k * w->D, lp_clt_enc_vec(w->tc, l, f), w->D * sizeof(float));
+    return LP_OK;
+}
+
+static lp_status check_tc(const lp_clt *tc, const lp_config *c) {
+    if (tc->device != LP_CPU) LP_FAIL(LP_ERR_ARG, "transcoders: the graph needs them on the host");
+    if (tc->cfg.n_layers != c->n_layers || tc->cfg.d_model != c->d_model)
+        LP_FAIL(LP_ERR_SHAPE, "transcoders: %d layers of width %d for a model of %d layers of width %d", tc->cfg.n_layers, tc->cfg.d_model,
+                c->n_layers, c->d_model);
+    const char *in = tc->cfg.input_hook, *out = tc->cfg.output_hook;
+    if ((strcmp(in, "mlp.hook_in") && strcmp(in, "ln2.hook_normalized")) || (strcmp(out, "mlp.hook_out") && strcmp(out, "hook_mlp_out")))
+        LP_FAIL(LP_ERR_ARG, "transcoders: feature_input_hook %s / feature_output_hook %s: the graph takes transcoders reading the "
+                            "MLP's input (mlp.hook_in) and writing its output (mlp.hook_out or hook_mlp_out)", in, out);
+    return LP_OK;
+}
+
+/* Active features (layer, position, feature order), their encoder rows, and the error of
+ * each layer: MLP output - (b_dec + sum_{l <= L} f_l W_dec_l[L - l] + skip), zero at position 0. */
+static lp_status setup_features(graph_work *w) {
+    const lp_clt *tc = w->tc;
+    int T = w->T, D = w->D, NL = w->NL, S = tc->cfg.d_sae;
     size_t cap = 0;
+    float *acts = malloc((size_t)T * S * sizeof(float)), *rec = malloc((size_t)T * D * sizeof(float));
     w->layer_start = calloc(NL + 1, sizeof(int));
     w->err = malloc((size_t)NL * T * D * sizeof(float));
     w->skip = calloc(NL, sizeof(float *));
-    if (!w->layer_start || !w->err || !w->skip) LP_FAIL(LP_ERR_OOM, "out of memory for the graph's nodes");
-    for (int L = 0; L < NL; L++) {
-        const lp_sae *s = tcs[L];
-        int S = s->cfg.d_sae;
-        if (s->device != LP_CPU || s->cfg.d_in != D || s->cfg.d_out != D)
-            LP_FAIL(LP_ERR_SHAPE, "transcoder %d: needs a host transcoder %d -> %d (has %d -> %d)", L, D, D, s->cfg.d_in, s->cfg.d_out);
-        w->skip[L] = s->W_skip;
-        const float *x = lp_frozen_mlp_in(w->fz, L), *y = lp_frozen_mlp_out(w->fz, L);
-        float *acts = malloc((size_t)T * S * sizeof(float)), *rec = malloc((size_t)T * D * sizeof(float));
-        if (!acts || !rec) {
-            free(acts), free(rec);
-            LP_FAIL(LP_ERR_OOM, "out of memory for transcoder %d's activations", L);
-        }
-        encode(s, x, T, D, acts);
-        /* reconstruction = acts W_dec + b_dec (+ x W_skip); error = MLP out - reconstruction */
-        for (int t = 0; t < T; t++) memcpy(rec + (size_t)t * D, s->b_dec, D * sizeof(float));
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, D, S, 1.0f, acts, S, s->W_dec, D, 1.0f, rec, D);
-        if (s->W_skip) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, D, D, 1.0f, x, D, s->W_skip, D, 1.0f, rec, D);
-        for (size_t i = 0; i < (size_t)T * D; i++) w->err[(size_t)L * T * D + i] = i < (size_t)D ? 0.0f : y[i] - rec[i];
+    w->gather = malloc((size_t)S * D * sizeof(float));
+    lp_status st = acts && rec && w->layer_start && w->err && w->skip && w->gather ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory for the graph's nodes");
+    for (int L = 0; L < NL && st == LP_OK; L++) {
+        float *a = acts;
+        encode(tc, L, lp_frozen_mlp_in(w->fz, L), T, a);
+        w->skip[L] = tc->layer[L].W_skip;
         w->layer_start[L] = w->n_active;
-        lp_status st = LP_OK;
         for (int t = 0; t < T && st == LP_OK; t++)
-            for (int j = 0; j < S; j++) {
-                float a = acts[(size_t)t * S + j];
-                if (a == 0.0f) continue;
-                if ((size_t)w->n_active == cap) {
-                    cap = cap ? 2 * cap : 1024;
-                    int32_t *na = realloc(w->active, cap * 3 * sizeof(int32_t));
-                    float *ne = na ? realloc(w->enc, cap * D * sizeof(float)) : NULL, *nd = ne ? realloc(w->dec, cap * D * sizeof(float)) : NULL;
-                    float *nv = nd ? realloc(w->actv, cap * sizeof(float)) : NULL;
-                    if (na) w->active = na;
-                    if (ne) w->enc = ne;
-                    if (nd) w->dec = nd;
-                    if (nv) w->actv = nv;
-                    if (!nv) {
-                        st = LP_ERR(LP_ERR_OOM, "out of memory for %zu active features", cap);
-                        break;
-                    }
-                }
-                int k = w->n_active++;
-                w->active[3 * k] = L, w->active[3 * k + 1] = t, w->active[3 * k + 2] = j;
-                w->actv[k] = a;
-                for (int i = 0; i < D; i++) {
-                    w->enc[(size_t)k * D + i] = s->W_enc[(size_t)i * S + j];
-                    w->dec[(size_t)k * D + i] = a * s->W_dec[(size_t)j * D + i];
-                }
-            }
-        free(acts), free(rec);
-        LP_CHECK(st);
+            for (int f = 0; f < S && st == LP_OK; f++)
+                if (a[(size_t)t * S + f] != 0.0f) st = add_active(w, &cap, L, t, f, a[(size_t)t * S + f]);
     }
-    w->layer_start[NL] = w->n_active;
-    return LP_OK;
+    if (st == LP_OK) w->layer_start[NL] = w->n_active;
+    for (int L = 0; L < NL && st == LP_OK; L++) {
+        const float *x = lp_frozen_mlp_in(w->fz, L), *y = lp_frozen_mlp_out(w->fz, L);
+        for (int t = 0; t < T; t++) memcpy(rec + (size_t)t * D, tc->layer[L].b_dec, D * sizeof(float));
+        /* from the active list, so no layer's [T, S] activations are kept */
+        for (int k = 0; k < w->layer_start[L + 1]; k++) {
+            int l = w->active[3 * k];
+            const float *dv = l <= L ? lp_clt_dec_vec(tc, l, w->active[3 * k + 2], L) : NULL;
+            if (dv) cblas_saxpy(D, w->actv[k], dv, 1, rec + (size_t)w->active[3 * k + 1] * D, 1);
+        }
+        if (w->skip[L]) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, D, D, 1.0f, x, D, w->skip[L], D, 1.0f, rec, D);
+        for (size_t i = 0; i < (size_t)T * D; i++) w->err[(size_t)L * T * D + i] = i < (size_t)D ? 0.0f : y[i] - rec[i];
+    }
+    free(acts), free(rec);
+    return st;
 }
 
 typedef struct pidx {
@@ -160,22 +161,23 @@ static lp_status setup_logits(graph_work *w, int V, int32_t **ids) {
 
 static void work_free(graph_work *w) {
     lp_frozen_free(w->fz);
-    free(w->active), free(w->enc), free(w->dec), free(w->actv), free(w->layer_start), free(w->err), free(w->logit_vec), free(w->logit_p);
+    free(w->active), free(w->enc), free(w->actv), free(w->layer_start), free(w->err), free(w->logit_vec), free(w->logit_p);
     free(w->skip);
     graph_work_rows_free(w);
 }
 
-lp_status lp_graph_build(lp_graph **out, lp_model *m, lp_sae *const *tcs, const int32_t *tokens, int T, const lp_graph_opts *o) {
+lp_status lp_graph_build(lp_graph **out, lp_model *m, const lp_clt *tc, const int32_t *tokens, int T, const lp_graph_opts *o) {
     *out = NULL;
     const lp_config *c = lp_model_config(m);
     if (o->batch_size < 1 || o->update_interval < 1 || o->max_n_logits < 1 || o->edge_mass <= 0 || o->edge_mass > 1)
         LP_FAIL(LP_ERR_ARG, "graph options: batch_size, update_interval, max_n_logits >= 1 and 0 < edge_mass <= 1");
-    graph_work w = {.o = o, .T = T, .NL = c->n_layers, .D = c->d_model};
+    LP_CHECK(check_tc(tc, c));
+    graph_work w = {.o = o, .tc = tc, .T = T, .NL = c->n_layers, .D = c->d_model};
     lp_graph *g = calloc(1, sizeof *g);
     if (!g) LP_FAIL(LP_ERR_OOM, "out of memory for a graph");
     g->T = T, g->n_layers = c->n_layers, g->d_vocab = c->d_vocab;
     lp_status st = lp_frozen_new(&w.fz, m, tokens, T);
-    if (st == LP_OK) st = setup_features(&w, tcs);
+    if (st == LP_OK) st = setup_features(&w);
     if (st == LP_OK) st = setup_logits(&w, c->d_vocab, &g->logit_ids);
     int n_feat = w.n_active;
     if (o->max_feature_nodes > 0 && o->max_feature_nodes < n_feat) n_feat = o->max_feature_nodes;

@@ -4,6 +4,7 @@
 #ifndef LOUPE_ATTRIB_GRAPH_INTERNAL_H
 #define LOUPE_ATTRIB_GRAPH_INTERNAL_H
 
+#include "loupe/clt.h"
 #include "loupe/frozen.h"
 #include "loupe/graph.h"
 
@@ -15,7 +16,9 @@ typedef struct graph_work {
     int T, NL, D;
     int n_active, n_logits;
     int32_t *active;        /* [n_active, 3] */
-    float *enc, *dec;       /* [n_active, D]: encoder rows; activation times decoder rows */
+    const lp_clt *tc;
+    float *enc;             /* [n_active, D]: encoder rows */
+    float *gather;          /* [d_sae, D] one position's scaled decoder rows */
     float *actv;            /* [n_active] activations */
     int *layer_start;       /* [NL + 1] first active index of each layer */
     float *err;             /* [NL, T, D] */

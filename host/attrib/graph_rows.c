@@ -26,14 +26,23 @@ static lp_status sink(int L, const float *G, int R, int Tm, void *user) {
                 w->rowbuf[r * nc + off + t] = cblas_sdot(D, G + ((size_t)r * Tm + t) * D, 1, lp_frozen_embed(w->fz) + (size_t)t * D, 1);
         return LP_OK;
     }
-    /* features of layer L, a run of equal positions at a time */
-    for (int j = w->layer_start[L]; j < w->layer_start[L + 1];) {
-        int t = w->active[3 * j + 1], e = j;
-        while (e < w->layer_start[L + 1] && w->active[3 * e + 1] == t) e++;
-        if (t < Tm)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, e - j, D, 1.0f, G + (size_t)t * D, Tm * D,
-                        w->dec + (size_t)j * D, D, 0.0f, w->rowbuf + j, (int)nc);
-        j = e;
+    /* features writing to layer L (a CLT's from every layer l <= L), a run of equal
+     * positions at a time: their activation-scaled decoder rows at L against G */
+    for (int l = 0; l <= L; l++) {
+        if (lp_clt_n_out(w->tc, l) <= L - l) continue;
+        for (int j = w->layer_start[l]; j < w->layer_start[l + 1];) {
+            int t = w->active[3 * j + 1], e = j;
+            while (e < w->layer_start[l + 1] && w->active[3 * e + 1] == t) e++;
+            if (t < Tm) {
+                for (int k = j; k < e; k++) {
+                    const float *dv = lp_clt_dec_vec(w->tc, l, w->active[3 * k + 2], L);
+                    for (int i = 0; i < D; i++) w->gather[(size_t)(k - j) * D + i] = w->actv[k] * dv[i];
+                }
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, e - j, D, 1.0f, G + (size_t)t * D, Tm * D, w->gather, D,
+                            1.0f, w->rowbuf + j, (int)nc);
+            }
+            j = e;
+        }
     }
     int64_t off = w->n_active + (int64_t)L * T;
     for (int r = 0; r < R; r++)
@@ -165,5 +174,5 @@ lp_status graph_partial_influence(const graph_work *w, double *infl) {
 }
 
 void graph_work_rows_free(graph_work *w) {
-    free(w->row_node), free(w->row_start), free(w->row_abs), free(w->col), free(w->val), free(w->rowbuf);
+    free(w->row_node), free(w->row_start), free(w->row_abs), free(w->col), free(w->val), free(w->rowbuf), free(w->gather);
 }

@@ -99,7 +99,7 @@ lp_status lp_frozen_backward(lp_frozen *f, int R, const int *layer, const int *p
         if (st != LP_OK) break;
         /* the MLP's input: through the skip (if any) and what is injected there */
         if (L < Lmax && skip && skip[L])
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, D, D, 1.0f, G, D, skip[L], D, 0.0f, g2, D);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, D, D, 1.0f, G, D, skip[L], D, 0.0f, g2, D);
         else
             memset(g2, 0, n * D * sizeof(float));
         inject(f, g2, L, R, Tm, layer, pos, vec);

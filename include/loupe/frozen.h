@@ -41,7 +41,8 @@ const float *lp_frozen_mlp_out(const lp_frozen *f, int L);
 const float *lp_frozen_logits(const lp_frozen *f);
 const float *lp_frozen_unembed(const lp_frozen *f);
 const float *lp_frozen_embed(const lp_frozen *f);
-/* skip: NULL, or per layer NULL or the skip W_skip [d_model, d_model] (skip = x W_skip). */
+/* skip: NULL, or per layer NULL or the skip W_skip [d_model, d_model] in circuit-tracer's
+ * orientation [out, in] (skip = x W_skip^T). */
 lp_status lp_frozen_backward(lp_frozen *f, int R, const int *layer, const int *pos, const float *vec,
                              const float *const *skip, lp_frozen_sink sink, void *user);
 /* Host bytes lp_frozen_new keeps for T tokens, and a backward of R rows needs besides. */

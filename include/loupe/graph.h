@@ -5,8 +5,8 @@
  *   lp_graph_build(&g, m, tcs, tokens, T, &o);   // nodes, exact edges, pruning, scores
  *   lp_graph_write_json(g, &jo, "graph.json");
  *
- * The model is the local replacement model (frozen.h) with each MLP replaced by a per-layer
- * transcoder reading the MLP's input and writing its output. Nodes, in circuit-tracer's order:
+ * The model is the local replacement model (frozen.h) with each MLP replaced by a transcoder
+ * (per-layer, or cross-layer: clt.h). Nodes, in circuit-tracer's order:
  *   features   every active (layer, position, feature), position 0 excluded, ordered by
  *              (layer, position, feature); or the max_feature_nodes chosen by influence
  *              round by round (update_interval * batch_size rows a round), as circuit-tracer
@@ -17,7 +17,8 @@
  *              max_n_logits), each as the demeaned unembedding column
  * Edge A[t, s] is the direct effect of source s on target t: the gradient of t's input
  * direction (a feature's encoder row, a logit's vector) at s's output (activation times
- * decoder row, the error vector, the token embedding) under the frozen backward. Rows are
+ * decoder row, summed over a CLT feature's target layers; the error vector; the token
+ * embedding) under the frozen backward. Rows are
  * computed batch_size at a time (one backward each) and stored sparse: row t keeps its
  * largest |entries| until they hold edge_mass of the row's absolute sum (1: every nonzero),
  * and the full sum is kept, so row normalisation is exact and each normalised row loses at
@@ -33,7 +34,7 @@
 extern "C" {
 #endif
 
-struct lp_sae;
+struct lp_clt;
 
 /* What a run will hold at its peak: the plan printed before running. */
 typedef struct lp_graph_plan {
@@ -92,8 +93,10 @@ typedef struct lp_graph {
     double replacement_score, completeness_score;
 } lp_graph;
 
-/* tcs: n_layers per-layer transcoders (host F32; d_in = d_out = d_model). */
-lp_status lp_graph_build(lp_graph **out, lp_model *m, struct lp_sae *const *tcs, const int32_t *tokens, int T,
+/* tc: per-layer transcoders or a cross-layer transcoder (clt.h) on the host, reading each
+ * layer's MLP input (mlp.hook_in) and writing its MLP output; a CLT feature's edges are
+ * summed over the layers it writes to, as circuit-tracer does. */
+lp_status lp_graph_build(lp_graph **out, lp_model *m, const struct lp_clt *tc, const int32_t *tokens, int T,
                          const lp_graph_opts *o);
 void lp_graph_free(lp_graph *g);
 int64_t lp_graph_nnz(const lp_graph *g);

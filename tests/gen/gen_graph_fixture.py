@@ -102,7 +102,15 @@ def build_transcoders(outdir):
         save_file({k: getattr(t, k).detach().numpy().copy() for k in ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip")},
                   os.path.join(outdir, "transcoders", f"layer_{layer}.safetensors"))
         tcs[layer] = t
+    write_config(os.path.join(outdir, "transcoders"), "transcoder_set", "tiny-llama-plt")
     return TranscoderSet(tcs, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out", scan="tiny-llama-plt")
+
+
+def write_config(path, kind, scan):
+    """circuit-tracer's config.yaml (what its cache loader reads)."""
+    with open(os.path.join(path, "config.yaml"), "w") as f:
+        f.write(f"model_kind: {kind}\nfeature_input_hook: mlp.hook_in\nfeature_output_hook: mlp.hook_out\n"
+                f"model_name: tiny-llama\nscan: {scan}\n")
 
 
 def record(prefix, graph, out):
