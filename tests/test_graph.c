@@ -4,7 +4,9 @@
  *   edges     the adjacency within 1e-4 of its largest entry
  *   pruning   identical node and edge masks at the default thresholds (0.8, 0.98)
  *   scores    replacement and completeness within 1e-5
- * both with every feature and with max_feature_nodes (the influence-ordered selection); and
+ * with every feature, with max_feature_nodes (the influence-ordered selection) and with a
+ * cross-layer transcoder in place of the per-layer ones; the viewer's JSON against
+ * create_graph_files'; and
  * the sparse form's error: with edge_mass < 1 node influences move by no more than the
  * dropped mass allows. */
 #include <cjson/cJSON.h>
@@ -53,13 +55,14 @@ static void teardown(fixture *fx) {
 
 static void check_graph(const lp_graph *g, const char *pre) {
     char k[64];
-    /* nodes */
-    const lp_st_tensor *act = R("active_features");
+    /* nodes (the CLT graph has its own active features) */
+    int clt = !strcmp(pre, "clt.");
+    const lp_st_tensor *act = R(clt ? "clt.active_features" : "active_features");
     cr_assert_eq(g->n_active, act->shape[0], "active features: %d vs circuit-tracer's %lld", g->n_active, (long long)act->shape[0]);
     cr_assert_eq(memcmp(g->active, act->data, (size_t)g->n_active * 3 * sizeof(int32_t)), 0, "active features differ");
-    const float *av = R("activation_values")->data;
+    const float *av = R(clt ? "clt.activation_values" : "activation_values")->data;
     for (int i = 0; i < g->n_active; i++) cr_assert(fabsf(g->act_values[i] - av[i]) <= 1e-4f * (1 + fabsf(av[i])), "activation %d", i);
-    const lp_st_tensor *lt = R("logit_targets");
+    const lp_st_tensor *lt = R(clt ? "clt.logit_targets" : "logit_targets");
     cr_assert_eq(g->n_logits, lt->shape[0]);
     cr_assert_eq(memcmp(g->logit_ids, lt->data, g->n_logits * sizeof(int32_t)), 0, "logit targets differ");
     snprintf(k, sizeof k, "%sselected", pre);
@@ -138,6 +141,22 @@ Test(graph, max_feature_nodes_selects_as_circuit_tracer) {
     cr_assert_eq(lp_graph_build(&g, fx.m, fx.tc, fx.tokens, fx.T, &o), LP_OK, "%s", lp_last_error());
     check_graph(g, "sel.");
     lp_graph_free(g);
+    teardown(&fx);
+}
+
+Test(graph, cross_layer_transcoder_matches_circuit_tracer) {
+    fixture fx = {0};
+    setup(&fx);
+    lp_clt *clt;
+    cr_assert_eq(lp_clt_load(&clt, &fx.c, GDIR "/clt"), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(clt->cfg.kind, LP_CLT_CROSS_LAYER);
+    lp_graph_opts o = lp_graph_defaults();
+    o.batch_size = 16;
+    lp_graph *g;
+    cr_assert_eq(lp_graph_build(&g, fx.m, clt, fx.tokens, fx.T, &o), LP_OK, "%s", lp_last_error());
+    check_graph(g, "clt.");
+    lp_graph_free(g);
+    lp_clt_free(clt, &fx.c);
     teardown(&fx);
 }
 

@@ -21,6 +21,9 @@ Writes:
     full.selected I32, full.adjacency F32 [N,N], full.node_mask U8 [N], full.edge_mask U8 [N,N],
     full.cumulative_scores F32 [N], full.scores F64 [2] (replacement, completeness)
     sel.* the same for max_feature_nodes=MAXF
+    clt.* the same (and clt.active_features, clt.activation_values, clt.logit_targets) with a random
+      cross-layer transcoder (OUTDIR/clt: W_enc_{i}, W_dec_{i} files and config.yaml) in place of the
+      per-layer ones
   OUTDIR/reference.json: the figures above in words, versions, the prompt
   OUTDIR/graph-full.json: the viewer's JSON of the full graph as create_graph_files writes it
     (slug tiny-llama-graph, scan tiny-llama-plt, token strings "<id>")
@@ -42,6 +45,7 @@ import circuit_tracer
 from circuit_tracer import attribute
 from circuit_tracer.graph import compute_graph_scores, prune_graph
 from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
+from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
 from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, TranscoderSet
 from circuit_tracer.utils.create_graph_files import build_model as ct_build_model, create_nodes, create_used_nodes_and_edges
 
@@ -106,6 +110,24 @@ def build_transcoders(outdir):
     return TranscoderSet(tcs, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out", scan="tiny-llama-plt")
 
 
+def build_clt(outdir):
+    """A random cross-layer transcoder (ReLU, no skip: circuit-tracer's CLT files carry none)."""
+    g = torch.Generator().manual_seed(2)
+    clt = CrossLayerTranscoder(L, D_TC, D, activation_function="relu", skip_connection=False, lazy_decoder=False,
+                               feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out", scan="tiny-llama-clt",
+                               device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        clt.W_enc.copy_(torch.randn(L, D_TC, D, generator=g) / D**0.5)
+        clt.b_enc.copy_(torch.randn(L, D_TC, generator=g) * 0.5 - 0.4)
+        clt.b_dec.copy_(torch.randn(L, D, generator=g) * 0.1)
+        for i in range(L):
+            clt.W_dec[i].copy_(torch.randn(D_TC, L - i, D, generator=g) * 0.2)
+    path = os.path.join(outdir, "clt")
+    clt.to_safetensors(path)
+    write_config(path, "cross_layer_transcoder", "tiny-llama-clt")
+    return clt
+
+
 def write_config(path, kind, scan):
     """circuit-tracer's config.yaml (what its cache loader reads)."""
     with open(os.path.join(path, "config.yaml"), "w") as f:
@@ -167,6 +189,17 @@ def main():
     write_json(g_full, os.path.join(outdir, "graph-full.json"))
     info["sel"] = record("sel.", g_sel, out)
     info["n_active"] = int(len(g_full.active_features))
+    # the same model with a cross-layer transcoder
+    clt_model = TransformerLensReplacementModel(tl_cfg)
+    clt_model.load_state_dict(state, strict=False)
+    clt_model._configure_replacement_model(build_clt(outdir))
+    clt_model.tokenizer = FakeTokenizer()
+    g_clt = attribute(tokens, clt_model, batch_size=16)
+    out["clt.active_features"] = np.ascontiguousarray(g_clt.active_features.cpu().clone().contiguous().numpy()).astype(np.int32)
+    out["clt.activation_values"] = g_clt.activation_values.numpy().astype(np.float32)
+    out["clt.logit_targets"] = np.array([t.vocab_idx for t in g_clt.logit_targets], dtype=np.int32)
+    info["clt"] = record("clt.", g_clt, out)
+    info["clt"]["n_active"] = int(len(g_clt.active_features))
     info["n_logits"] = int(len(g_full.logit_targets))
     save_file(out, os.path.join(outdir, "reference.safetensors"))
     with open(os.path.join(outdir, "reference.json"), "w") as f:
