@@ -57,7 +57,7 @@ TEST_BIN   := $(TEST_SRC:tests/%.c=$(BUILD)/%)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
 BENCH_BIN  := $(BENCH_SRC:bench/%.c=$(BUILD)/%)
 
-.PHONY: all deps announce model model-gemma test gpu-check bench demo clean fixtures fuzz emu test-emu gpu-check-offline
+.PHONY: all deps announce model model-gemma test gpu-check bench demo clean fixtures fuzz emu test-emu gpu-check-offline graph-page-shot
 all: announce $(BUILD)/loupe $(BUILD)/libloupe.a $(TEST_BIN) $(BENCH_BIN)
 
 announce:
@@ -173,6 +173,13 @@ gpu-check: deps
 bench: all
 	@for b in $(BENCH_BIN); do echo "== $$b"; $$b || exit 1; done
 
+# The graph page's screenshot check alone (headless chromium; fails if chromium is missing),
+# keeping the screenshot as $(BUILD)/graph-page.png to look at.
+graph-page-shot: $(BUILD)/loupe $(BUILD)/test_graph_page
+	@command -v chromium >/dev/null || { echo "graph-page-shot: needs chromium (apt-get install chromium)" >&2; exit 1; }
+	@LP_GRAPH_SHOT=$(abspath $(BUILD))/graph-page.png LOUPE_CLI=$(BUILD)/loupe $(BUILD)/test_graph_page --filter 'graph_page/screenshot*' --verbose
+	@echo "screenshot: $(BUILD)/graph-page.png"
+
 demo: deps model
 	@$(MAKE) --no-print-directory all
 	@bash scripts/demo.sh
@@ -191,6 +198,7 @@ fixtures:
 	python3 tests/gen/gen_sae_fixture.py tests/fixtures/sae --loupe-test $(BUILD)/test_sae_io   # needs tests/gen/requirements-sae.txt
 	python3 tests/gen/gen_attrib_fixture.py tests/fixtures/attrib
 	python3 tests/gen/gen_dashboard_fixture.py tests/fixtures/dashboard   # numpy only
+	python3 tests/gen/gen_graph_page_fixture.py tests/fixtures/graph_page   # needs tests/gen/requirements-graph-page.txt
 	python3 tests/gen/gen_tl_fixture.py tests/fixtures   # needs tests/gen/requirements-tl.txt; reads the gpt2/llama fixtures above
 	python3 tests/gen/gen_lens_fixture.py tests/fixtures   # needs tests/gen/requirements-tl.txt; logit lens and DLA references
 	python3 tests/gen/gen_probe_fixture.py tests/fixtures/probe   # needs tests/gen/requirements-probe.txt

@@ -247,6 +247,34 @@ def main(root):
         {"prompt": "ab ab c", "answer": "a", "wrong_answer": "c", "position": -2},
         {"prompt": [0, 1, 2], "answer": 3}, {"prompt": "ab"}])
     write(root, "pairs", {"seed-lens.jsonl": b"\2" + prompts})
+    graph_seeds(root)
+
+
+def graph_seeds(root):
+    """Attribution graph JSON in circuit-tracer's layout: each node kind, links of both signs,
+    a pinned node, a token that needs escaping; and the same with integer layers, no links."""
+    def node(nid, layer, pos, kind, feature, **extra):
+        d = {"node_id": nid, "feature": feature, "layer": layer, "ctx_idx": pos, "feature_type": kind,
+             "jsNodeId": nid, "clerp": "", "influence": 0.25}
+        d.update(extra)
+        return d
+    nodes = [node("E_5_0", "E", 0, "embedding", 0), node("E_9_1", "E", 1, "embedding", 1),
+             node("0_3_1", "0", 1, "cross layer transcoder", 9, activation=1.5),
+             node("0_1_1", "1", 1, "mlp reconstruction error", -1),
+             node("3_7_1", "3", 1, "logit", 7, influence=None, token_prob=0.5, is_target_logit=True,
+                  clerp='Output " x" (p=0.500)')]
+    links = [{"source": "E_5_0", "target": "0_3_1", "weight": 1.25}, {"source": "0_3_1", "target": "3_7_1", "weight": -0.5},
+             {"source": "0_1_1", "target": "3_7_1", "weight": 2e-3}, {"source": "E_9_1", "target": "0_1_1", "weight": 3}]
+    g = {"metadata": {"slug": "s", "scan": "m", "prompt_tokens": ["<s>", "</script>"], "prompt": "</script>",
+                      "node_threshold": 0.8},
+         "qParams": {"pinnedIds": ["0_3_1"], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
+         "nodes": nodes, "links": links}
+    flat = json.loads(json.dumps(g))
+    for n in flat["nodes"]:
+        n["layer"] = n["layer"] if n["layer"] == "E" else int(n["layer"])
+    flat["links"] = []
+    write(root, "graph", {"seed-graph.json": json.dumps(g, indent=1).encode(),
+                          "seed-int-layers.json": json.dumps(flat).encode()})
 
 
 if __name__ == "__main__":

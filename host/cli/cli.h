@@ -31,6 +31,9 @@ int cmd_encode(args *a);
 /* host/cli/dashboard.c */
 int cmd_dashboard(args *a);
 
+/* host/cli/graph_page.c: reads its own arguments (argv after the command) */
+int cmd_graph_page(int argc, char **argv);
+
 /* host/cli/sweep_out.c: the output directory of attribute and patch (see there) */
 typedef struct sweep_out {
     char dir[1024], path[1100];

@@ -184,6 +184,8 @@ static const char *g_usage =
     "                                      top-k latents (indices, values) of every token\n"
     "  dashboard SAE --data.store=DIR --dash.out=DIR [--model.path=M] [--dash.latents=0-99]\n"
     "                                      feature dashboards: HTML page and Neuronpedia JSON\n"
+    "  graph-page GRAPH.json OUT.html [--json]\n"
+    "                                      a self-contained HTML page for an attribution graph JSON\n"
     "  attribute [CONFIG.ini] MODEL --attrib.pairs=F.jsonl --attrib.out=DIR\n"
     "                                      attribution patching over prompt pairs (resumable)\n"
     "  patch [CONFIG.ini] MODEL --attrib.pairs=F.jsonl --attrib.out=DIR\n"
@@ -593,6 +595,7 @@ int main(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     const char *cmd = argv[1];
+    if (strcmp(cmd, "graph-page") == 0) return cmd_graph_page(argc - 2, argv + 2);
     /* the positional argument is the model, or for the SAE commands the SAE */
     static const struct { const char *name; int (*fn)(args *); const char *positional; } cmds[] = {
         {"info", cmd_info, "model.path"},        {"run", cmd_run, "model.path"},
@@ -608,7 +611,7 @@ int main(int argc, char **argv) {
         if (strcmp(cmd, cmds[i].name) == 0) fn = cmds[i].fn, positional = cmds[i].positional;
     if (!fn) {
         fprintf(stderr, "loupe: unknown command '%s' (commands: info, run, cache, tokenize, generate, train-sae, eval-sae, encode, "
-                        "dashboard, attribute, patch, lens, probe; see loupe --help)\n", cmd);
+                        "dashboard, graph-page, attribute, patch, lens, probe; see loupe --help)\n", cmd);
         return 2;
     }
     args a = {0};
