@@ -21,7 +21,7 @@ static int by_f_desc(const void *a, const void *b) {
 }
 
 /* Layer l's activations [T, S] (position 0 zeroed, as circuit-tracer): clt.h's activations. */
-static void encode(const lp_clt *tc, int l, const float *x, int T, float *acts) {
+static void encode(const lp_clt *tc, int l, const float *x, int T, float *acts, int keep0) {
     const lp_clt_layer *y = &tc->layer[l];
     int S = tc->cfg.d_sae, D = tc->cfg.d_model;
     for (int t = 0; t < T; t++) memcpy(acts + (size_t)t * S, y->b_enc, S * sizeof(float));
@@ -41,7 +41,7 @@ static void encode(const lp_clt *tc, int l, const float *x, int T, float *acts) 
         }
     }
     free(srt);
-    memset(acts, 0, S * sizeof(float));
+    if (!keep0) memset(acts, 0, S * sizeof(float));
 }
 
 static lp_status add_active(graph_work *w, size_t *cap, int l, int t, int f, float a) {
@@ -89,7 +89,7 @@ static lp_status setup_features(graph_work *w) {
     lp_status st = acts && rec && w->layer_start && w->err && w->skip && w->gather ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory for the graph's nodes");
     for (int L = 0; L < NL && st == LP_OK; L++) {
         float *a = acts;
-        encode(tc, L, lp_frozen_mlp_in(w->fz, L), T, a);
+        encode(tc, L, lp_frozen_mlp_in(w->fz, L), T, a, w->o->keep_first_position);
         w->skip[L] = tc->layer[L].W_skip;
         w->layer_start[L] = w->n_active;
         for (int t = 0; t < T && st == LP_OK; t++)
@@ -107,7 +107,7 @@ static lp_status setup_features(graph_work *w) {
             if (dv) cblas_saxpy(D, w->actv[k], dv, 1, rec + (size_t)w->active[3 * k + 1] * D, 1);
         }
         if (w->skip[L]) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, D, D, 1.0f, x, D, w->skip[L], D, 1.0f, rec, D);
-        for (size_t i = 0; i < (size_t)T * D; i++) w->err[(size_t)L * T * D + i] = i < (size_t)D ? 0.0f : y[i] - rec[i];
+        for (size_t i = 0; i < (size_t)T * D; i++) w->err[(size_t)L * T * D + i] = i < (size_t)D && !w->o->keep_first_position ? 0.0f : y[i] - rec[i];
     }
     free(acts), free(rec);
     return st;

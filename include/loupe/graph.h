@@ -58,6 +58,8 @@ typedef struct lp_graph_opts {
     float edge_threshold;       /* 0.98 */
     double edge_mass;           /* 1.0: keep every nonzero edge */
     int max_row_edges;          /* > 0: and at most this many per row (the plan's bound) */
+    int keep_first_position;    /* 0 (circuit-tracer): position 0 has no features and a zero
+                                 * error; 1: it is treated like any other position */
     size_t host_budget;         /* refuse a run whose plan exceeds it (0: no limit) */
     /* called once with the plan before any backward; its status stops the run */
     lp_status (*on_plan)(const lp_graph_plan *p, void *user);
