@@ -188,8 +188,8 @@ lp_status lp_graph_build(lp_graph **out, lp_model *m, const lp_clt *tc, const in
         if (o->on_plan) st = o->on_plan(&pl, o->user);
     }
     if (st == LP_OK && o->host_budget && pl.host_bytes > o->host_budget)
-        st = LP_ERR(LP_ERR_ARG, "graph: the plan needs %.1f MiB of host memory over the budget of %.1f MiB; lower batch_size, "
-                                 "max_feature_nodes or edge_mass", pl.host_bytes / 1048576.0, o->host_budget / 1048576.0);
+        st = LP_ERR(LP_ERR_ARG, "graph: the plan needs %.1f MiB of host memory over the budget of %.1f MiB; lower batch or "
+                                 "max_feature_nodes, or cap max_row_edges", pl.host_bytes / 1048576.0, o->host_budget / 1048576.0);
     uint8_t *visited = st == LP_OK ? calloc(w.n_active + 1, 1) : NULL;
     if (st == LP_OK && !(w.rowbuf = malloc((size_t)o->batch_size * w.ncol * sizeof(float))))
         st = LP_ERR(LP_ERR_OOM, "out of memory for a block of %d graph rows", o->batch_size);
