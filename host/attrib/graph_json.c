@@ -89,7 +89,9 @@ static cJSON *metadata_json(const lp_graph *g, const lp_graph_json_opts *o, floa
     }
     cJSON_AddItemToObject(m, "prompt_tokens", toks);
     cJSON_AddStringToObject(m, "prompt", o && o->prompt ? o->prompt : "");
-    cJSON_AddNumberToObject(m, "node_threshold", node_threshold);
+    char thr[32]; /* the float as written in the config (0.8, not 0.800000011920929) */
+    snprintf(thr, sizeof thr, "%.7g", node_threshold);
+    cJSON_AddNumberToObject(m, "node_threshold", strtod(thr, NULL));
     cJSON_AddNumberToObject(m, "schema_version", 1);
     return m;
 }
