@@ -18,7 +18,7 @@ HAVE_MPI  := $(shell command -v mpicc >/dev/null 2>&1 && echo 1 || echo 0)
 
 BUILD := build
 CC    ?= cc
-PKGS  := openblas libcjson libpcre2-8 libutf8proc
+PKGS  := openblas libcjson libpcre2-8 libutf8proc yaml-0.1
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 
@@ -57,7 +57,7 @@ TEST_BIN   := $(TEST_SRC:tests/%.c=$(BUILD)/%)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
 BENCH_BIN  := $(BENCH_SRC:bench/%.c=$(BUILD)/%)
 
-.PHONY: all deps announce model model-gemma test check-layers gpu-check bench demo clean fixtures fuzz emu test-emu gpu-check-offline graph-page-shot
+.PHONY: all deps announce model model-gemma test check-layers gpu-check bench demo demo-graph clean fixtures fuzz emu test-emu gpu-check-offline graph-page-shot
 all: announce $(BUILD)/loupe $(BUILD)/libloupe.a $(TEST_BIN) $(BENCH_BIN)
 
 announce:
@@ -192,6 +192,13 @@ demo: deps model
 	@$(MAKE) --no-print-directory all
 	@bash scripts/demo.sh
 
+# One attribution graph per prompt of configs/graph.ini, with its page, on SmolLM2. The
+# transcoders are random (written by bench_graph) unless $(BUILD)/demo-transcoders exists.
+demo-graph: deps model
+	@$(MAKE) --no-print-directory all
+	@test -f $(BUILD)/demo-transcoders/config.yaml || $(BUILD)/bench_graph --write-transcoders $(BUILD)/demo-transcoders
+	$(BUILD)/loupe graph configs/graph.ini --graph.transcoders=$(BUILD)/demo-transcoders --graph.out=$(BUILD)/graph-demo
+
 # Regenerate the committed reference fixtures (needs tests/gen/requirements.txt; run by hand, after make model).
 fixtures:
 	python3 tests/gen/gen_gpt2_fixture.py tests/fixtures
@@ -206,6 +213,7 @@ fixtures:
 	python3 tests/gen/gen_sae_fixture.py tests/fixtures/sae --loupe-test $(BUILD)/test_sae_io   # needs tests/gen/requirements-sae.txt
 	python3 tests/gen/gen_attrib_fixture.py tests/fixtures/attrib
 	python3 tests/gen/gen_dashboard_fixture.py tests/fixtures/dashboard   # numpy only
+	python3 tests/gen/gen_graph_fixture.py tests/fixtures/graph   # needs tests/gen/requirements-graph.txt (offline)
 	python3 tests/gen/gen_graph_page_fixture.py tests/fixtures/graph_page   # needs tests/gen/requirements-graph-page.txt
 	python3 tests/gen/gen_tl_fixture.py tests/fixtures   # needs tests/gen/requirements-tl.txt; reads the gpt2/llama fixtures above
 	python3 tests/gen/gen_lens_fixture.py tests/fixtures   # needs tests/gen/requirements-tl.txt; logit lens and DLA references

@@ -3,7 +3,7 @@
 # (and so by `make test`, `make demo` and .ci/run). Installs with apt-get when run as
 # root; otherwise prints the exact command and stops.
 set -euo pipefail
-pkgs=(build-essential pkg-config libopenblas-dev libcjson-dev libcriterion-dev libpcre2-dev libutf8proc-dev python3 python3-pip)
+pkgs=(build-essential pkg-config libopenblas-dev libcjson-dev libcriterion-dev libpcre2-dev libutf8proc-dev libyaml-dev python3 python3-pip)
 # optional: the dashboard page's render test uses a headless chromium (it skips without one);
 # installed when we can, never required
 optional=(chromium)

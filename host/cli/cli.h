@@ -75,6 +75,8 @@ int cmd_dashboard(args *a);
 
 /* host/cli/graph_page.c: reads its own arguments (argv after the command) */
 int cmd_graph_page(int argc, char **argv);
+/* host/cli/graph.c */
+int cmd_graph(args *a);
 
 /* host/cli/sweep_out.c: the output directory of attribute and patch (see there) */
 typedef struct sweep_out {

@@ -93,6 +93,22 @@ static const lp_key g_keys[] = {
     {"lens.position", LP_KEY_INT, "-1", -1, 1 << 30, NULL, "with data.store: the position read in every sequence (-1: the last)"},
     {"lens.answer", LP_KEY_INT, "-1", -1, 1 << 30, NULL, "with data.store: the answer token id (-1: the top token of the final residual)"},
     {"lens.wrong_answer", LP_KEY_INT, "-1", -1, 1 << 30, NULL, "with data.store: a wrong answer's token id (metric: the logit difference)"},
+    /* attribution graphs (loupe graph) */
+    {"graph.prompts", LP_KEY_STR, NULL, 0, 0, NULL, "JSONL: prompt (text or ids), optional slug"},
+    {"graph.transcoders", LP_KEY_STR, NULL, 0, 0, NULL, "transcoders in circuit-tracer's layout (config.yaml, layer_{i} or W_enc_{i}/W_dec_{i} files)"},
+    {"graph.out", LP_KEY_STR, NULL, 0, 0, NULL, "directory for <slug>.json, graph-metadata.json, results.jsonl"},
+    {"graph.scan", LP_KEY_STR, NULL, 0, 0, NULL, "the scan named in the JSON (default: the transcoders' config.yaml scan)"},
+    {"graph.max_feature_nodes", LP_KEY_INT, "0", 0, 1 << 30, NULL, "feature nodes kept, chosen by influence; 0: every active feature"},
+    {"graph.batch", LP_KEY_INT, "64", 1, 1 << 16, NULL, "rows per backward pass (and circuit-tracer's batch_size for the ranking rounds)"},
+    {"graph.update_interval", LP_KEY_INT, "4", 1, 1 << 16, NULL, "batches per influence-ranking round (max_feature_nodes)"},
+    {"graph.max_n_logits", LP_KEY_INT, "10", 1, 1 << 16, NULL, "logit nodes at most"},
+    {"graph.desired_logit_prob", LP_KEY_FLOAT, "0.95", 0, 1, NULL, "logit nodes until their cumulative probability reaches this"},
+    {"graph.node_threshold", LP_KEY_FLOAT, "0.8", 0, 1, NULL, "pruning: nodes kept up to this share of the influence"},
+    {"graph.edge_threshold", LP_KEY_FLOAT, "0.98", 0, 1, NULL, "pruning: edges kept up to this share of the influence"},
+    {"graph.edge_mass", LP_KEY_FLOAT, "1", 1e-6, 1, NULL, "sparse rows: each keeps its largest edges up to this share of its |mass| (1: all)"},
+    {"graph.max_row_edges", LP_KEY_INT, "0", 0, 1 << 30, NULL, "sparse rows: at most this many edges each (0: no cap)"},
+    {"graph.host_budget_mb", LP_KEY_INT, "0", 0, 1L << 40, NULL, "refuse a graph whose plan needs more host memory (0: 80% of RAM)"},
+    {"graph.html", LP_KEY_CHOICE, "true", 0, 0, "true|false", "also write <slug>.html, the graph's self-contained page"},
     /* linear probes */
     {"probe.labels", LP_KEY_STR, NULL, 0, 0, NULL, ".npy of integer labels: [n_seq] per sequence or [n_seq, ctx] per token; -1: none"},
     {"probe.hooks", LP_KEY_STR, "*", 0, 0, NULL, "store hooks to probe: comma-separated names or globs"},
@@ -176,6 +192,8 @@ static const char *g_usage =
     "                                      top-k latents (indices, values) of every token\n"
     "  dashboard SAE --data.store=DIR --dash.out=DIR [--model.path=M] [--dash.latents=0-99]\n"
     "                                      feature dashboards: HTML page and Neuronpedia JSON\n"
+    "  graph [CONFIG.ini] MODEL --graph.prompts=F.jsonl --graph.transcoders=DIR --graph.out=DIR\n"
+    "                                      attribution graphs (circuit-tracer's), resumable, with their pages\n"
     "  graph-page GRAPH.json OUT.html [--json]\n"
     "                                      a self-contained HTML page for an attribution graph JSON\n"
     "  attribute [CONFIG.ini] MODEL --attrib.pairs=F.jsonl --attrib.out=DIR\n"
@@ -261,7 +279,7 @@ int main(int argc, char **argv) {
         {"cache", cmd_cache, "model.path"},      {"tokenize", cmd_tokenize, "model.path"},
         {"generate", cmd_generate, "model.path"}, {"train-sae", cmd_train_sae, "data.store"},
         {"eval-sae", cmd_eval_sae, "sae.path"},   {"encode", cmd_encode, "sae.path"},
-        {"dashboard", cmd_dashboard, "sae.path"},
+        {"dashboard", cmd_dashboard, "sae.path"}, {"graph", cmd_graph, "model.path"},
         {"attribute", cmd_attribute, "model.path"}, {"patch", cmd_patch, "model.path"},
         {"lens", cmd_lens, "model.path"}, {"probe", cmd_probe, "data.store"}};
     int (*fn)(args *) = NULL;
@@ -270,7 +288,7 @@ int main(int argc, char **argv) {
         if (strcmp(cmd, cmds[i].name) == 0) fn = cmds[i].fn, positional = cmds[i].positional;
     if (!fn) {
         fprintf(stderr, "loupe: unknown command '%s' (commands: info, run, cache, tokenize, generate, train-sae, eval-sae, encode, "
-                        "dashboard, graph-page, attribute, patch, lens, probe; see loupe --help)\n", cmd);
+                        "dashboard, graph, graph-page, attribute, patch, lens, probe; see loupe --help)\n", cmd);
         return 2;
     }
     args a = {0};

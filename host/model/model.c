@@ -148,7 +148,7 @@ const lp_config *lp_model_config(const lp_model *m) { return &m->cfg; }
 int64_t lp_model_n_params(const lp_model *m) { return m->w.n_params; }
 lp_ctx *lp_model_ctx(lp_model *m) { return &m->ctx; }
 
-static lp_status param_to_f32(lp_model *m, int idx, float *dst) {
+lp_status lp_param_to_f32(lp_model *m, int idx, float *dst) {
     const param *p = &m->w.params[idx];
     size_t n = (size_t)p->shape[0] * (p->ndim == 2 ? (size_t)p->shape[1] : 1), es = lp_act_size(m);
     if (m->ctx.dtype == LP_F32) return lp_ctx_to_host(&m->ctx, dst, lp_param(m, idx), n * es);
@@ -161,8 +161,8 @@ static lp_status param_to_f32(lp_model *m, int idx, float *dst) {
 }
 
 lp_status lp_model_unembed_weights(lp_model *m, float *W_U, float *ln_w) {
-    LP_CHECK(param_to_f32(m, m->w.unembed, W_U));
-    return ln_w ? param_to_f32(m, m->w.lnf_w, ln_w) : LP_OK;
+    LP_CHECK(lp_param_to_f32(m, m->w.unembed, W_U));
+    return ln_w ? lp_param_to_f32(m, m->w.lnf_w, ln_w) : LP_OK;
 }
 
 const float *lp_model_logits(const lp_model *m) { return m->res.have_logits ? m->res.logits : NULL; }

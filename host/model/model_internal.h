@@ -189,6 +189,8 @@ struct lp_model {
 };
 
 size_t lp_act_size(const lp_model *m); /* bytes per activation element */
+/* Weight idx (a param index) as host F32 into dst (its element count). */
+lp_status lp_param_to_f32(lp_model *m, int idx, float *dst);
 lp_status lp_hooks_init(lp_model *m);
 void lp_hooks_free(lp_model *m);
 /* Allocation and upload of capture buffers, masks and edit sources for B_max x T_max. */

@@ -1,0 +1,113 @@
+/* frozen_bwd.c: the batched backward of the local replacement model (frozen.h). */
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/frozen_internal.h"
+
+/* g * w / scale per position (LayerNorm: centred after), added into dst. */
+static void norm_back_add(const lp_config *c, float *dst, const float *g, const float *w, const float *s, int R, int Tm) {
+    int D = c->d_model;
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < Tm; t++) {
+            const float *gi = g + ((size_t)r * Tm + t) * D;
+            float *di = dst + ((size_t)r * Tm + t) * D;
+            double mu = 0;
+            if (c->norm == LP_NORM_LAYER) {
+                for (int i = 0; i < D; i++) mu += (double)gi[i] * w[i] / s[t];
+                mu /= D;
+            }
+            for (int i = 0; i < D; i++) di[i] += (float)((double)gi[i] * w[i] / s[t] - mu);
+        }
+}
+
+/* The causal softmax pattern of every head over the first Tm positions, [H, Tm, Tm]. */
+static void patterns(const lp_frozen *f, const fz_layer *y, int Tm) {
+    const lp_config *c = &f->c;
+    int H = c->n_heads, dh = c->d_head, rep = c->n_heads / c->n_kv_heads;
+    size_t qd = (size_t)H * dh, kvd = (size_t)c->n_kv_heads * dh;
+    double sc = c->attn_scale > 0 ? c->attn_scale : 1.0 / sqrt((double)dh);
+    for (int h = 0; h < H; h++)
+        for (int i = 0; i < Tm; i++) {
+            float *p = f->pattern + ((size_t)h * Tm + i) * Tm;
+            const float *q = y->q + (size_t)i * qd + (size_t)h * dh;
+            double mx = -INFINITY, sum = 0;
+            for (int j = 0; j <= i; j++) {
+                const float *k = y->k + (size_t)j * kvd + (size_t)(h / rep) * dh;
+                double d = 0;
+                for (int e = 0; e < dh; e++) d += (double)q[e] * k[e];
+                p[j] = (float)(d * sc);
+                if (p[j] > mx) mx = p[j];
+            }
+            for (int j = 0; j <= i; j++) sum += (p[j] = (float)exp(p[j] - mx));
+            for (int j = 0; j <= i; j++) p[j] = (float)(p[j] / sum);
+            for (int j = i + 1; j < Tm; j++) p[j] = 0;
+        }
+}
+
+/* gh = the gradient at the attention's input (the first norm's output) from G at its output,
+ * through W_O, the frozen pattern and W_V. */
+static void attn_back(const lp_frozen *f, const fz_layer *y, const float *G, float *gz, float *gv, float *gh, int R, int Tm) {
+    const lp_config *c = &f->c;
+    int D = c->d_model, H = c->n_heads, dh = c->d_head, rep = c->n_heads / c->n_kv_heads;
+    int qd = H * dh, kvd = c->n_kv_heads * dh, N = R * Tm;
+    /* trans: W_O [D, qd] (out = z W_O^T), W_V [kvd, D] (v = x W_V^T); else the transposes */
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, f->trans ? CblasNoTrans : CblasTrans, N, qd, D, 1.0f, G, D, y->W_O,
+                f->trans ? qd : D, 0.0f, gz, qd);
+    memset(gv, 0, (size_t)N * kvd * sizeof(float));
+    patterns(f, y, Tm);
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < H; h++)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Tm, dh, Tm, 1.0f, f->pattern + (size_t)h * Tm * Tm, Tm,
+                        gz + (size_t)r * Tm * qd + (size_t)h * dh, qd, 1.0f, gv + (size_t)r * Tm * kvd + (size_t)(h / rep) * dh,
+                        kvd);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, f->trans ? CblasNoTrans : CblasTrans, N, D, kvd, 1.0f, gv, kvd, y->W_V,
+                f->trans ? D : kvd, 0.0f, gh, D);
+}
+
+static void inject(const lp_frozen *f, float *g, int L, int R, int Tm, const int *layer, const int *pos, const float *vec) {
+    int D = f->c.d_model;
+    for (int r = 0; r < R; r++)
+        if (layer[r] == L)
+            for (int i = 0; i < D; i++) g[((size_t)r * Tm + pos[r]) * D + i] += vec[(size_t)r * D + i];
+}
+
+lp_status lp_frozen_backward(lp_frozen *f, int R, const int *layer, const int *pos, const float *vec,
+                             const float *const *skip, lp_frozen_sink sink, void *user) {
+    const lp_config *c = &f->c;
+    int D = c->d_model, NL = c->n_layers, Tm = 0, Lmax = -1;
+    for (int r = 0; r < R; r++) {
+        if (layer[r] < 0 || layer[r] > NL || pos[r] < 0 || pos[r] >= f->T)
+            LP_FAIL(LP_ERR_ARG, "row %d: (layer %d, pos %d) is outside the model's %d layers and %d tokens", r, layer[r], pos[r], NL, f->T);
+        if (pos[r] + 1 > Tm) Tm = pos[r] + 1;
+        if (layer[r] > Lmax) Lmax = layer[r];
+    }
+    if (R < 1) return LP_OK;
+    size_t n = (size_t)R * Tm, qd = (size_t)c->n_heads * c->d_head, wide = qd > (size_t)D ? qd : (size_t)D;
+    float *G = calloc(n * D, sizeof(float)), *g2 = malloc(n * D * sizeof(float));
+    float *gz = malloc(n * wide * sizeof(float)), *gv = malloc(n * wide * sizeof(float));
+    lp_status st = G && g2 && gz && gv ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory for a backward of %d rows", R);
+    if (st == LP_OK && Lmax == NL) { /* logit directions at the final norm's output */
+        memset(g2, 0, n * D * sizeof(float));
+        inject(f, g2, NL, R, Tm, layer, pos, vec);
+        norm_back_add(c, G, g2, f->lnf_w, f->lnf_s, R, Tm);
+    }
+    for (int L = (Lmax < NL ? Lmax : NL - 1); L >= 0 && st == LP_OK; L--) {
+        const fz_layer *y = &f->lay[L];
+        if (L < Lmax) st = sink(L, G, R, Tm, user);
+        if (st != LP_OK) break;
+        /* the MLP's input: through the skip (if any) and what is injected there */
+        if (L < Lmax && skip && skip[L])
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, D, D, 1.0f, G, D, skip[L], D, 0.0f, g2, D);
+        else
+            memset(g2, 0, n * D * sizeof(float));
+        inject(f, g2, L, R, Tm, layer, pos, vec);
+        norm_back_add(c, G, g2, y->ln2_w, y->ln2_s, R, Tm);
+        attn_back(f, y, G, gz, gv, g2, R, Tm);
+        norm_back_add(c, G, g2, y->ln1_w, y->ln1_s, R, Tm);
+    }
+    if (st == LP_OK) st = sink(-1, G, R, Tm, user);
+    free(G), free(g2), free(gz), free(gv);
+    return st;
+}

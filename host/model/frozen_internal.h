@@ -1,0 +1,26 @@
+/* frozen_internal.h: what the replacement model keeps from its forward (frozen.c) for its
+ * backward (frozen_bwd.c). */
+#ifndef LOUPE_MODEL_FROZEN_INTERNAL_H
+#define LOUPE_MODEL_FROZEN_INTERNAL_H
+
+#include "loupe/frozen.h"
+#include "model/model_internal.h"
+
+typedef struct fz_layer {
+    float *ln1_w, *ln2_w, *ln2_b; /* [D] */
+    float *W_V, *W_O;             /* as stored (trans: [out, in]) */
+    float *ln1_s, *ln2_s;         /* [T] */
+    float *q, *k;                 /* [T, H, dh], [T, Hkv, dh] after the rotary */
+    float *mlp_in, *mlp_out;      /* [T, D] */
+} fz_layer;
+
+struct lp_frozen {
+    lp_config c;
+    int T, trans;
+    fz_layer *lay;
+    float *lnf_w, *lnf_s;         /* [D], [T] */
+    float *W_U, *embed, *logits;  /* [V, D], [T, D], [V] */
+    float *pattern;               /* [H, T, T] scratch: one layer's pattern */
+};
+
+#endif

@@ -1,0 +1,224 @@
+/* Transcoder sets in circuit-tracer's layout (clt.h) against circuit-tracer 0.5.0 itself
+ * (tests/gen/gen_clt_fixture.py):
+ * - the four committed sets (per-layer ReLU with skip, per-layer JumpReLU, CLT ReLU, CLT
+ *   JumpReLU) load, and loupe's encode (pre-activations and features) and decode (every
+ *   target layer, all earlier layers' features) match circuit-tracer's float64 outputs;
+ * - a feature's encoder row and decoder vectors are the files' W_enc[f] and W_dec[f, j - l];
+ * - loupe_written/ is what lp_clt_save writes from those sets (a fresh save is
+ *   byte-identical), and circuit-tracer, loading it, computed the same outputs (regenerate
+ *   with: python3 tests/gen/gen_clt_fixture.py tests/fixtures/clt --loupe-test build/test_clt);
+ * - bad files are refused with the file and key named; TopK (loupe's own) round-trips. */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "loupe/clt.h"
+#include "loupe/output.h"
+#include "loupe/safetensors.h"
+#include "testutil.h"
+
+#define CLT_FIX LP_FIXTURES "/clt"
+/* float32 against circuit-tracer's float64 on the same float32 parameters: a dot product of
+ * 64 (encode) or up to 2 x 96 + 64 (decode) terms of size ~1 */
+#define REF_MAX_ABS 2e-6
+
+static lp_ctx ctx;
+static char tmp[256];
+
+static void setup(void) {
+    cr_assert_eq(lp_ctx_init(&ctx, LP_CPU, LP_F32), LP_OK);
+    snprintf(tmp, sizeof tmp, "/tmp/loupe-test-clt-XXXXXX");
+    cr_assert(mkdtemp(tmp));
+}
+static void teardown(void) {
+    lp_remove_tree(tmp);
+    lp_ctx_free(&ctx);
+}
+TestSuite(clt, .init = setup, .fini = teardown);
+
+static const char *const g_sets[4] = {"plt_relu_skip", "plt_jumprelu", "clt_relu", "clt_jumprelu"};
+
+static lp_clt *load_ok(const char *dir) {
+    lp_clt *t = NULL;
+    cr_assert_eq(lp_clt_load(&t, &ctx, dir), LP_OK, "%s: %s", dir, lp_last_error());
+    return t;
+}
+
+/* ref[name.what] as doubles (F64 or F32 in the file), checked to have n elements */
+static double *ref_get(const lp_st_file *f, const char *name, const char *what, size_t n) {
+    char key[128];
+    snprintf(key, sizeof key, "%s.%s", name, what);
+    const lp_st_tensor *t = lp_st_find(f, key);
+    cr_assert(t, "%s: no %s", f->path, key);
+    size_t es = t->dtype == LP_F64 ? 8 : 4;
+    cr_assert_eq(t->nbytes, n * es, "%s: %s has %zu bytes, expected %zu", f->path, key, t->nbytes, n * es);
+    double *d = malloc(n * sizeof *d);
+    for (size_t i = 0; i < n; i++) {
+        if (es == 8) memcpy(&d[i], (const char *)t->data + 8 * i, 8);
+        else {
+            float v;
+            memcpy(&v, (const char *)t->data + 4 * i, 4);
+            d[i] = v;
+        }
+    }
+    return d;
+}
+
+/* Encode every layer and decode every target of t on name.x; compare with ref. */
+static void expect_outputs(lp_clt *t, const lp_st_file *ref, const char *name) {
+    int L = t->cfg.n_layers, D = t->cfg.d_model, S = t->cfg.d_sae;
+    size_t N = lp_st_find(ref, "plt_relu_skip.x")->shape[1];
+    double *x64 = ref_get(ref, name, "x", L * N * D), *pre = ref_get(ref, name, "pre", L * N * S);
+    double *enc = ref_get(ref, name, "encode", L * N * S), *dec = ref_get(ref, name, "decode", L * N * D);
+    float *x = malloc(L * N * D * sizeof *x), *f = malloc(L * N * S * sizeof *f), *p = malloc(N * S * sizeof *p);
+    float *y = malloc(N * D * sizeof *y);
+    for (size_t i = 0; i < L * N * D; i++) x[i] = (float)x64[i];
+    const float *fl[64];
+    char what[160];
+    for (int l = 0; l < L; l++) {
+        cr_assert_eq(lp_clt_encode(t, &ctx, l, x + l * N * D, (int)N, p, 1), LP_OK, "%s", lp_last_error());
+        cr_assert_eq(lp_clt_encode(t, &ctx, l, x + l * N * D, (int)N, f + l * N * S, 0), LP_OK, "%s", lp_last_error());
+        snprintf(what, sizeof what, "%s layer %d pre", name, l);
+        LP_EXPECT_WITHIN(what, 0, lp_compare(p, pre + l * N * S, N * S), max_abs, REF_MAX_ABS);
+        snprintf(what, sizeof what, "%s layer %d encode", name, l);
+        LP_EXPECT_WITHIN(what, 0, lp_compare(f + l * N * S, enc + l * N * S, N * S), max_abs, REF_MAX_ABS);
+        fl[l] = f + l * N * S;
+    }
+    for (int j = 0; j < L; j++) {
+        cr_assert_eq(lp_clt_decode(t, &ctx, j, fl, x + j * N * D, (int)N, y), LP_OK, "%s", lp_last_error());
+        snprintf(what, sizeof what, "%s layer %d decode", name, j);
+        LP_EXPECT_WITHIN(what, 0, lp_compare(y, dec + j * N * D, N * D), max_abs, REF_MAX_ABS);
+    }
+    free(x64), free(pre), free(enc), free(dec), free(x), free(f), free(p), free(y);
+}
+
+static lp_st_file open_ref(const char *path) {
+    lp_st_file f = {0};
+    cr_assert_eq(lp_st_open(&f, path), LP_OK, "%s (regenerate: python3 tests/gen/gen_clt_fixture.py tests/fixtures/clt "
+                                               "--loupe-test build/test_clt)", lp_last_error());
+    return f;
+}
+
+Test(clt, circuit_tracer_sets) {
+    lp_st_file ref = open_ref(CLT_FIX "/reference.safetensors");
+    for (int i = 0; i < 4; i++) {
+        char dir[256];
+        snprintf(dir, sizeof dir, CLT_FIX "/%s", g_sets[i]);
+        lp_clt *t = load_ok(dir);
+        cr_expect_eq(t->cfg.kind, i < 2 ? LP_CLT_PER_LAYER : LP_CLT_CROSS_LAYER, "%s kind", g_sets[i]);
+        cr_expect_eq(t->cfg.act, i % 2 ? LP_CLT_JUMPRELU : LP_CLT_RELU, "%s activation", g_sets[i]);
+        cr_expect_eq(t->cfg.skip, i == 0, "%s skip", g_sets[i]);
+        cr_expect_eq(t->cfg.n_layers, 2);
+        cr_expect_eq(t->cfg.d_model, 64);
+        cr_expect_str_eq(t->cfg.input_hook, "mlp.hook_in");
+        cr_expect_str_eq(t->cfg.output_hook, "mlp.hook_out");
+        expect_outputs(t, &ref, g_sets[i]);
+        lp_clt_free(t, &ctx);
+    }
+    lp_st_close(&ref);
+}
+
+/* The accessors against the files' own tensors. */
+Test(clt, feature_vectors) {
+    lp_clt *t = load_ok(CLT_FIX "/clt_relu");
+    int D = t->cfg.d_model, S = t->cfg.d_sae, L = t->cfg.n_layers;
+    for (int l = 0; l < L; l++) {
+        char path[256], key[32];
+        lp_st_file fe = {0}, fd = {0};
+        snprintf(path, sizeof path, CLT_FIX "/clt_relu/W_enc_%d.safetensors", l);
+        cr_assert_eq(lp_st_open(&fe, path), LP_OK);
+        snprintf(path, sizeof path, CLT_FIX "/clt_relu/W_dec_%d.safetensors", l);
+        cr_assert_eq(lp_st_open(&fd, path), LP_OK);
+        snprintf(key, sizeof key, "W_enc_%d", l);
+        const float *we = lp_st_find(&fe, key)->data;
+        snprintf(key, sizeof key, "W_dec_%d", l);
+        const float *wd = lp_st_find(&fd, key)->data;
+        for (int f = 0; f < S; f += 7) {
+            cr_expect(memcmp(lp_clt_enc_vec(t, l, f), we + (size_t)f * D, D * 4) == 0, "enc (%d, %d)", l, f);
+            for (int j = 0; j < L; j++) {
+                const float *v = lp_clt_dec_vec(t, l, f, j);
+                if (j < l) {
+                    cr_expect_null(v, "dec (%d, %d) -> %d must not exist", l, f, j);
+                    continue;
+                }
+                cr_expect(memcmp(v, wd + ((size_t)f * (L - l) + (j - l)) * D, D * 4) == 0, "dec (%d, %d) -> %d", l, f, j);
+            }
+        }
+        lp_st_close(&fe), lp_st_close(&fd);
+    }
+    cr_expect_null(lp_clt_enc_vec(t, 0, S));
+    cr_expect_null(lp_clt_dec_vec(t, 0, 0, L));
+    lp_clt_free(t, &ctx);
+    t = load_ok(CLT_FIX "/plt_jumprelu");
+    cr_expect_null(lp_clt_dec_vec(t, 0, 0, 1), "a per-layer feature writes only its own layer");
+    cr_expect_not_null(lp_clt_dec_vec(t, 1, 0, 1));
+    char hk[64];
+    cr_expect_eq(lp_clt_hook_name(t, 1, 0, hk, sizeof hk), LP_OK);
+    cr_expect_str_eq(hk, "blocks.1.mlp.hook_in");
+    cr_expect_eq(lp_clt_hook_name(t, 1, 1, hk, sizeof hk), LP_OK);
+    cr_expect_str_eq(hk, "blocks.1.mlp.hook_out");
+    snprintf(t->cfg.input_hook, sizeof t->cfg.input_hook, "ln2.hook_normalized");
+    cr_expect_eq(lp_clt_hook_name(t, 0, 0, hk, sizeof hk), LP_OK);
+    cr_expect_str_eq(hk, "blocks.0.mlp.hook_in", "TransformerLens 2.x's ln2.hook_normalized is the MLP's input");
+    lp_clt_free(t, &ctx);
+}
+
+static int files_equal(const char *a, const char *b) {
+    size_t na, nb;
+    char *x = lp_read_file(a, &na), *y = lp_read_file(b, &nb);
+    int eq = x && y && na == nb && memcmp(x, y, na) == 0;
+    free(x), free(y);
+    return eq;
+}
+
+Test(clt, loupe_written) {
+    const char *w = getenv("LOUPE_WRITE_CLT_FIXTURE");
+    int write = w && strcmp(w, "1") == 0;
+    lp_st_file ref = {0};
+    if (!write) ref = open_ref(CLT_FIX "/loupe_written/reference.safetensors");
+    lp_st_file ref_x = open_ref(CLT_FIX "/reference.safetensors");
+    for (int i = 0; i < 4; i++) {
+        char src[256], committed[256], fresh[512];
+        snprintf(src, sizeof src, CLT_FIX "/%s", g_sets[i]);
+        snprintf(committed, sizeof committed, CLT_FIX "/loupe_written/%s", g_sets[i]);
+        lp_clt *t = load_ok(src);
+        if (write) {
+            lp_remove_tree(committed);
+            cr_assert_eq(lp_clt_save(t, &ctx, committed), LP_OK, "%s", lp_last_error());
+            fprintf(stderr, "  wrote %s\n", committed);
+            lp_clt_free(t, &ctx);
+            continue;
+        }
+        snprintf(fresh, sizeof fresh, "%s/%s", tmp, g_sets[i]);
+        cr_assert_eq(lp_clt_save(t, &ctx, fresh), LP_OK, "%s", lp_last_error());
+        const char *files[] = {"config.yaml", "layer_0.safetensors", "layer_1.safetensors", "W_enc_0.safetensors",
+                               "W_enc_1.safetensors", "W_dec_0.safetensors", "W_dec_1.safetensors"};
+        for (int k = 0; k < 7; k++) {
+            if ((k >= 1 && k <= 2) != (i < 2) && k > 0) continue;
+            char a[768], b[512];
+            snprintf(a, sizeof a, "%s/%s", fresh, files[k]);
+            snprintf(b, sizeof b, "%s/%s", committed, files[k]);
+            cr_expect(files_equal(a, b), "%s differs from %s", a, b);
+        }
+        /* circuit-tracer's outputs on loupe's files, and loupe reading its own files */
+        lp_clt *u = load_ok(committed);
+        cr_expect_eq(u->n_floats, t->n_floats);
+        cr_expect(memcmp(u->mem, t->mem, t->n_floats * 4) == 0, "%s: reading loupe's files changed the parameters", g_sets[i]);
+        char name[64];
+        snprintf(name, sizeof name, "%s", g_sets[i]);
+        expect_outputs(u, &ref_x, name);
+        /* and what circuit-tracer computed on loupe's files is the same as on its own */
+        int L = t->cfg.n_layers, D = t->cfg.d_model;
+        size_t N = lp_st_find(&ref_x, "plt_relu_skip.x")->shape[1];
+        double *a = ref_get(&ref, name, "decode", L * N * D), *b = ref_get(&ref_x, name, "decode", L * N * D);
+        cr_expect(memcmp(a, b, L * N * D * 8) == 0, "%s: circuit-tracer decodes loupe's files differently", name);
+        free(a), free(b);
+        lp_clt_free(u, &ctx);
+        lp_clt_free(t, &ctx);
+    }
+    if (!write) lp_st_close(&ref);
+    lp_st_close(&ref_x);
+}
