@@ -11,7 +11,7 @@
 /* The JSON in the file at path, parsed (any type; cJSON_Delete it), or NULL when the file
  * cannot be read (*absent = 1, errno says why) or is not JSON (*absent = 0). Records no
  * error: for the files whose absence or damage the caller words itself (a store's
- * meta.json, a job's job.json, a checkpoint's state.json). */
+ * meta.json, a checkpoint's state.json, tokenizer_config.json, a safetensors index). */
 cJSON *lp_json_load(const char *path, int *absent);
 /* Reads and parses path into a JSON object (*root; cJSON_Delete it). */
 lp_status lp_jcfg_open(const char *path, cJSON **root);

@@ -18,6 +18,7 @@
 
 #include "loupe/output.h"
 #include "loupe/safetensors.h"
+#include "io/json.h"
 
 #define MAX_HEADER (100u << 20) /* the reference implementation's own limit */
 
@@ -164,9 +165,9 @@ lp_status lp_st_set_open(lp_st_set *s, const char *dir) {
     char path[4096];
     memset(s, 0, sizeof *s);
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
-    size_t len;
-    char *idx = lp_read_file(path, &len);
-    if (!idx) {
+    int absent;
+    cJSON *root = lp_json_load(path, &absent);
+    if (absent) {
         if (!(s->files = calloc(1, sizeof *s->files))) LP_FAIL(LP_ERR_OOM, "%s: out of memory", dir);
         snprintf(path, sizeof path, "%s/model.safetensors", dir);
         if (access(path, F_OK) != 0) {
@@ -181,8 +182,6 @@ lp_status lp_st_set_open(lp_st_set *s, const char *dir) {
         s->n = 1;
         return LP_OK;
     }
-    cJSON *root = cJSON_ParseWithLength(idx, len);
-    free(idx);
     const cJSON *map = cJSON_GetObjectItemCaseSensitive(root, "weight_map");
     if (!cJSON_IsObject(map)) {
         cJSON_Delete(root);

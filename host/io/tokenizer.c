@@ -36,6 +36,7 @@
 
 #include "loupe/safetensors.h"
 #include "loupe/textfile.h"
+#include "io/json.h"
 #include "io/tokenizer_bpe.h"
 
 /* ---- building the hash maps (lookups are in tokenizer_bpe.h) ---- */
@@ -443,10 +444,9 @@ static lp_status load_json(lp_tokenizer *t, const char *path) {
         char cfg_path[4096];
         const char *slash = strrchr(path, '/');
         snprintf(cfg_path, sizeof cfg_path, "%.*stokenizer_config.json", slash ? (int)(slash - path + 1) : 0, path);
-        char *cbuf = lp_read_file(cfg_path, &len);
-        if (cbuf) {
-            cJSON *cfg = cJSON_ParseWithLength(cbuf, len);
-            free(cbuf);
+        int absent;
+        cJSON *cfg = lp_json_load(cfg_path, &absent);
+        if (!absent) {
             if (!cJSON_IsObject(cfg)) {
                 cJSON_Delete(cfg);
                 st = LP_ERR(LP_ERR_FORMAT, "%s: is not a JSON object", cfg_path);

@@ -17,6 +17,7 @@
 
 #include "loupe/safetensors.h"
 #include "loupe/textfile.h"
+#include "io/json.h"
 #include "io/tokenizer_spm.h"
 
 #define MAX_VOCAB_ID (1 << 26)
@@ -222,11 +223,9 @@ static lp_status load_config(lp_spm *s, const char *path) {
     char cfg_path[4096];
     const char *slash = strrchr(path, '/');
     snprintf(cfg_path, sizeof cfg_path, "%.*stokenizer_config.json", slash ? (int)(slash - path + 1) : 0, path);
-    size_t len;
-    char *buf = lp_read_file(cfg_path, &len);
-    if (!buf) return LP_OK;
-    cJSON *cfg = cJSON_ParseWithLength(buf, len);
-    free(buf);
+    int absent;
+    cJSON *cfg = lp_json_load(cfg_path, &absent);
+    if (absent) return LP_OK;
     if (!cJSON_IsObject(cfg)) {
         cJSON_Delete(cfg);
         LP_FAIL(LP_ERR_FORMAT, "%s: is not a JSON object", cfg_path);
