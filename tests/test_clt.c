@@ -15,7 +15,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "loupe/attrib.h"
 #include "loupe/clt.h"
+#include "loupe/hooks.h"
+#include "loupe/model.h"
 #include "loupe/output.h"
 #include "loupe/safetensors.h"
 #include "testutil.h"
@@ -159,10 +162,10 @@ Test(clt, feature_vectors) {
     cr_expect_eq(lp_clt_hook_name(t, 1, 0, hk, sizeof hk), LP_OK);
     cr_expect_str_eq(hk, "blocks.1.mlp.hook_in");
     cr_expect_eq(lp_clt_hook_name(t, 1, 1, hk, sizeof hk), LP_OK);
-    cr_expect_str_eq(hk, "blocks.1.mlp.hook_out");
+    cr_expect_str_eq(hk, "blocks.1.hook_mlp_out");
     snprintf(t->cfg.input_hook, sizeof t->cfg.input_hook, "ln2.hook_normalized");
     cr_expect_eq(lp_clt_hook_name(t, 0, 0, hk, sizeof hk), LP_OK);
-    cr_expect_str_eq(hk, "blocks.0.mlp.hook_in", "TransformerLens 2.x's ln2.hook_normalized is the MLP's input");
+    cr_expect_str_eq(hk, "blocks.0.ln2.hook_normalized");
     lp_clt_free(t, &ctx);
 }
 
@@ -221,4 +224,44 @@ Test(clt, loupe_written) {
     }
     if (!write) lp_st_close(&ref);
     lp_st_close(&ref_x);
+}
+
+/* blocks.L.mlp.hook_in (circuit-tracer's ReplacementMLP.hook_in) on the tiny Llama: absent
+ * until asked for; its value is ln2.hook_normalized times ln2's weight (the MLP's input) and
+ * the gradient there, times that weight, is the gradient at ln2.hook_normalized. */
+Test(clt, mlp_hook_in) {
+    lp_model *m = NULL;
+    cr_assert_eq(lp_model_load(&m, LP_FIXTURES "/llama-tiny", LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
+    int n0 = lp_hook_count(m);
+    cr_expect_eq(lp_hook_find(m, "blocks.1.mlp.hook_in"), -1, "HookedTransformer's table has no mlp.hook_in");
+    cr_assert_eq(lp_hooks_add_mlp_in(m), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_hooks_add_mlp_in(m), LP_OK);
+    cr_expect_eq(lp_hook_count(m), n0 + 2);
+    cr_assert_geq(lp_hook_find(m, "blocks.1.mlp.hook_in"), 0);
+    lp_st_file wf = {0};
+    cr_assert_eq(lp_st_open(&wf, LP_FIXTURES "/llama-tiny/model.safetensors"), LP_OK);
+    const lp_st_tensor *wt = lp_st_find(&wf, "model.layers.1.post_attention_layernorm.weight");
+    cr_assert(wt && wt->dtype == LP_F32 && wt->shape[0] == 64);
+    const float *w = wt->data;
+    int32_t tok[7] = {1, 17, 300, 42, 999, 5, 64};
+    cr_assert_eq(lp_hook_capture(m, "blocks.1.mlp.hook_in", NULL, 0, NULL), LP_OK);
+    cr_assert_eq(lp_hook_capture(m, "blocks.1.ln2.hook_normalized", NULL, 0, NULL), LP_OK);
+    lp_metric met = {.kind = LP_METRIC_LOGPROB, .answer = (int32_t[]){7}};
+    double mv;
+    cr_assert_eq(lp_model_grad(m, tok, 1, 7, &met, "blocks.1.mlp.hook_in,blocks.1.ln2.hook_normalized", &mv), LP_OK, "%s",
+                 lp_last_error());
+    lp_tensor a, b, ga, gb;
+    cr_assert_eq(lp_capture_get(m, "blocks.1.mlp.hook_in", &a), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_capture_get(m, "blocks.1.ln2.hook_normalized", &b), LP_OK);
+    cr_assert_eq(lp_grad_get(m, "blocks.1.mlp.hook_in", &ga), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_grad_get(m, "blocks.1.ln2.hook_normalized", &gb), LP_OK);
+    double ref[7 * 64], gref[7 * 64];
+    for (int i = 0; i < 7 * 64; i++) {
+        ref[i] = (double)((const float *)b.data)[i] * w[i % 64];
+        gref[i] = (double)((const float *)ga.data)[i] * w[i % 64];
+    }
+    LP_EXPECT_WITHIN("mlp.hook_in = normalized * w", 0, lp_compare(a.data, ref, 7 * 64), max_rel, 1e-6);
+    LP_EXPECT_WITHIN("grad normalized = grad mlp.hook_in * w", 0, lp_compare(gb.data, gref, 7 * 64), max_rel, 1e-5);
+    lp_st_close(&wf);
+    lp_model_free(m);
 }
