@@ -25,7 +25,7 @@ struct lp_clt_source {
     int64_t n_seq, next_row;
     int ctx, batch;
     float *buf;                    /* [2L, batch * ctx, D] of the last forward */
-    int *perm, used, avail;
+    int *perm, used, avail, nbuf;
 };
 
 static lp_status hook_names(const lp_clt_cfg *cfg, int l, char in[160], char out[160]) {
@@ -123,9 +123,12 @@ static lp_status refill(lp_clt_source *s) {
         if (st == LP_OK) st = lp_capture_read_f32(s->m, in, s->buf + (size_t)l * n * s->D, n * s->D);
         if (st == LP_OK) st = lp_capture_read_f32(s->m, o, s->buf + (size_t)(s->L + l) * n * s->D, n * s->D);
     }
-    s->avail = (int)n, s->used = 0;
-    for (size_t i = 0; i < n; i++) s->perm[i] = (int)i;
-    for (size_t i = n - 1; i > 0; i--) {
+    /* position 0 is left out: circuit-tracer zeroes its features (the BOS token's huge
+     * activations would dominate the loss) */
+    s->nbuf = (int)n, s->avail = 0, s->used = 0;
+    for (size_t i = 0; i < n; i++)
+        if (T == 1 || i % (size_t)T) s->perm[s->avail++] = (int)i;
+    for (size_t i = (size_t)s->avail - 1; s->avail > 1 && i > 0; i--) {
         size_t j = lp_rng_next(&s->rng) % (i + 1);
         int t = s->perm[i];
         s->perm[i] = s->perm[j], s->perm[j] = t;
@@ -149,7 +152,7 @@ lp_status lp_clt_source_next(void *src, int n, float *x, float *y) {
     }
     for (int i = 0; i < n; i++) {
         if (s->used == s->avail) LP_CHECK(refill(s));
-        size_t tok = (size_t)s->perm[s->used++], nt = (size_t)s->avail;
+        size_t tok = (size_t)s->perm[s->used++], nt = (size_t)s->nbuf;
         for (size_t l = 0; l < L; l++) {
             memcpy(x + (l * n + i) * D, s->buf + ((l)*nt + tok) * D, D * sizeof(float));
             memcpy(y + (l * n + i) * D, s->buf + ((L + l) * nt + tok) * D, D * sizeof(float));

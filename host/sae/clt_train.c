@@ -57,6 +57,7 @@ typedef struct trainer {
     float *x, *y, *pre, *f, *dy, *df, *dpre, *tmp, *negones;
     float *hx, *hy, *hf, *hdf, *hdec, *hgdec, *norms; /* host */
     double sse, var, l0, pen;       /* this step */
+    float *s_in, *s_out;            /* [L]: per-layer scales of inputs and outputs (host) */
 } trainer;
 
 static float urand(uint64_t *s, float a) { return ((float)(lp_rng_next(s) >> 40) / (float)(1 << 24) * 2.0f - 1.0f) * a; }
@@ -104,7 +105,8 @@ static lp_status trainer_new(trainer *r, const lp_clt_train_cfg *cf, lp_ctx *c) 
     r->hf = malloc(N * S * sizeof(float)), r->hdf = malloc(N * S * sizeof(float));
     r->hdec = malloc(no * S * D * sizeof(float)), r->hgdec = malloc(no * S * D * sizeof(float));
     r->norms = malloc(S * sizeof(float));
-    if (!r->hx || !r->hy || !r->hf || !r->hdf || !r->hdec || !r->hgdec || !r->norms) LP_FAIL(LP_ERR_OOM, "out of host memory");
+    r->s_in = malloc(L * sizeof(float)), r->s_out = malloc(L * sizeof(float));
+    if (!r->s_in || !r->s_out || !r->hx || !r->hy || !r->hf || !r->hdf || !r->hdec || !r->hgdec || !r->norms) LP_FAIL(LP_ERR_OOM, "out of host memory");
     for (size_t i = 0; i < N * S; i++) r->hf[i] = -1.0f; /* scratch for the constant */
     LP_CHECK(lp_ctx_to_device(c, r->negones, r->hf, D * sizeof(float)));
     return init_params(r);
@@ -114,6 +116,7 @@ static void trainer_free(trainer *r) {
     lp_clt_free(r->t, r->c), lp_clt_free(r->g, r->c), lp_clt_free(r->m, r->c), lp_clt_free(r->v, r->c);
     if (r->mem) lp_ctx_release(r->c, r->mem);
     free(r->hx), free(r->hy), free(r->hf), free(r->hdf), free(r->hdec), free(r->hgdec), free(r->norms);
+    free(r->s_in), free(r->s_out);
 }
 
 #define XL(p, l, w) ((p) + (size_t)(l) * r->N * (w))
@@ -217,6 +220,46 @@ static lp_status step(trainer *r, int64_t t_step) {
                         (float)r->cf->adam_beta2, (float)r->cf->adam_eps, (int)(t_step + 1));
 }
 
+/* Activations of real models differ by orders of magnitude between layers (and their MLP
+ * outputs more): every layer's inputs and outputs are trained at mean norm sqrt(D), with
+ * scales taken from the first batch (SAELens's expected_average_only_in, per layer and side),
+ * and the scales are folded into the weights before they are written. */
+static void take_scales(trainer *r) {
+    size_t N = r->N, D = r->D;
+    for (int l = 0; l < r->L; l++)
+        for (int side = 0; side < 2; side++) {
+            const float *p = (side ? r->hy : r->hx) + (size_t)l * N * D;
+            double sum = 0;
+            for (size_t n = 0; n < N; n++) {
+                double q = 0;
+                for (size_t d = 0; d < D; d++) q += (double)p[n * D + d] * p[n * D + d];
+                sum += sqrt(q);
+            }
+            double mean = sum / N, s = mean > 0 ? sqrt((double)D) / mean : 1.0;
+            (side ? r->s_out : r->s_in)[l] = (float)s;
+        }
+}
+
+static void apply_scales(trainer *r) {
+    size_t ND = (size_t)r->N * r->D;
+    for (int l = 0; l < r->L; l++)
+        for (size_t i = 0; i < ND; i++) r->hx[l * ND + i] *= r->s_in[l], r->hy[l * ND + i] *= r->s_out[l];
+}
+
+/* pre = (s_in x) W_enc^T + b_enc: W_enc *= s_in. y = (f W_dec + b_dec (+ s_in x W_skip^T)) / s_out. */
+static lp_status fold_scales(trainer *r) {
+    lp_ctx *c = r->c;
+    size_t SD = (size_t)r->S * r->D, DD = (size_t)r->D * r->D;
+    for (int l = 0; l < r->L; l++) {
+        lp_clt_layer *y = &r->t->layer[l];
+        LP_CHECK(lp_sae_scale(c, y->W_enc, r->s_in[l], SD));
+        for (int k = 0; k < y->n_out; k++) LP_CHECK(lp_sae_scale(c, y->W_dec + (size_t)k * SD, 1.0f / r->s_out[l + k], SD));
+        LP_CHECK(lp_sae_scale(c, y->b_dec, 1.0f / r->s_out[l], (size_t)r->D));
+        if (y->W_skip) LP_CHECK(lp_sae_scale(c, y->W_skip, r->s_in[l] / r->s_out[l], DD));
+    }
+    return LP_OK;
+}
+
 static double now_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -236,6 +279,8 @@ lp_status lp_clt_train(const lp_clt_train_cfg *cf, lp_ctx *c, lp_clt_batch_fn ne
     int64_t w_n = 0;
     for (int64_t s = 0; st == LP_OK && s < steps; s++) {
         st = next(user, r.N, r.hx, r.hy);
+        if (st == LP_OK && s == 0) take_scales(&r);
+        if (st == LP_OK) apply_scales(&r);
         if (st == LP_OK) st = lp_ctx_to_device(c, r.x, r.hx, nd * 4);
         if (st == LP_OK) st = lp_ctx_to_device(c, r.y, r.hy, nd * 4);
         if (st == LP_OK) st = step(&r, s);
@@ -261,6 +306,7 @@ lp_status lp_clt_train(const lp_clt_train_cfg *cf, lp_ctx *c, lp_clt_batch_fn ne
             w_loss = w_sse = w_var = w_l0 = 0, w_n = 0;
         }
     }
+    if (st == LP_OK) st = fold_scales(&r);
     if (st == LP_OK) st = lp_clt_save(r.t, c, cf->out);
     if (st == LP_OK && trained) *trained = r.t, r.t = NULL;
     trainer_free(&r);

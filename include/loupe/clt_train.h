@@ -14,7 +14,10 @@
  * lambda = sparsity_coefficient, ramped linearly from 0 over sparsity_warm_up_steps; c =
  * sparsity_c. JumpReLU thresholds learn through the rectangle-kernel straight-through
  * estimator (bandwidth jumprelu_bandwidth), from the gradient of both terms. Adam on every
- * parameter; no decoder-norm constraint (the penalty carries the norm). */
+ * parameter; no decoder-norm constraint (the penalty carries the norm).
+ * Each layer's inputs and outputs are scaled to mean norm sqrt(d_model) (factors from the
+ * first batch) while training, so the losses above are in those units; the factors are
+ * folded into the weights written, which take and give the model's raw activations. */
 #ifndef LOUPE_CLT_TRAIN_H
 #define LOUPE_CLT_TRAIN_H
 
@@ -66,7 +69,8 @@ lp_status lp_clt_train(const lp_clt_train_cfg *t, lp_ctx *c, lp_clt_batch_fn nex
 
 /* Sources. A store: blocks.{l}.<input hook> and blocks.{l}.<output hook> for every l, read
  * in shuffled runs of 16 tokens (seeded). Live: the model over token rows ([n_seq, ctx],
- * round and round) in forwards of batch_seqs rows, each forward's tokens shuffled; the
+ * round and round) in forwards of batch_seqs rows, each forward's tokens but position 0
+ * (whose features circuit-tracer zeroes) shuffled; the
  * model must have the hooks (lp_hooks_add_mlp_in for mlp.hook_in). */
 typedef struct lp_clt_source lp_clt_source;
 lp_status lp_clt_source_store(lp_clt_source **s, const char *dir, const lp_clt_cfg *cfg, uint64_t seed);
