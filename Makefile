@@ -211,6 +211,7 @@ fixtures:
 	python3 tests/gen/gen_gemma_tokenizer_fixture.py tests/fixtures/tokenizer models/gemma-3-270m-q4_k_m.gguf   # likewise
 	python3 tests/gen/gen_q5_0_fixture.py tests/fixtures/gguf --model models/gemma-3-270m-q4_k_m.gguf   # after make model-gemma
 	python3 tests/gen/gen_sae_fixture.py tests/fixtures/sae --loupe-test $(BUILD)/test_sae_io   # needs tests/gen/requirements-sae.txt
+	python3 tests/gen/gen_clt_fixture.py tests/fixtures/clt --loupe-test $(BUILD)/test_clt   # needs tests/gen/requirements-circuit-tracer.txt
 	python3 tests/gen/gen_attrib_fixture.py tests/fixtures/attrib
 	python3 tests/gen/gen_dashboard_fixture.py tests/fixtures/dashboard   # numpy only
 	python3 tests/gen/gen_graph_fixture.py tests/fixtures/graph   # needs tests/gen/requirements-graph.txt (offline)

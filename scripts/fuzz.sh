@@ -35,7 +35,7 @@ if ! "$CLANG" -fsanitize=fuzzer,address,undefined "$probe" -o "$OUT/probe" 2>"$O
     exit 1
 fi
 
-PKGS="openblas libcjson libpcre2-8 libutf8proc"
+PKGS="openblas libcjson libpcre2-8 libutf8proc yaml-0.1"
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 CFLAGS="-std=c11 -D_GNU_SOURCE -g -O1 $SAN -Iinclude -Ihost $(pkg-config --cflags $PKGS 2>/dev/null) -pthread"
 LIBS="$(pkg-config --libs $PKGS 2>/dev/null) -lm -pthread"

@@ -15,7 +15,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "loupe/attrib.h"
 #include "loupe/clt.h"
+#include "loupe/hooks.h"
+#include "loupe/model.h"
 #include "loupe/output.h"
 #include "loupe/safetensors.h"
 #include "testutil.h"
@@ -159,10 +162,10 @@ Test(clt, feature_vectors) {
     cr_expect_eq(lp_clt_hook_name(t, 1, 0, hk, sizeof hk), LP_OK);
     cr_expect_str_eq(hk, "blocks.1.mlp.hook_in");
     cr_expect_eq(lp_clt_hook_name(t, 1, 1, hk, sizeof hk), LP_OK);
-    cr_expect_str_eq(hk, "blocks.1.mlp.hook_out");
+    cr_expect_str_eq(hk, "blocks.1.hook_mlp_out");
     snprintf(t->cfg.input_hook, sizeof t->cfg.input_hook, "ln2.hook_normalized");
     cr_expect_eq(lp_clt_hook_name(t, 0, 0, hk, sizeof hk), LP_OK);
-    cr_expect_str_eq(hk, "blocks.0.mlp.hook_in", "TransformerLens 2.x's ln2.hook_normalized is the MLP's input");
+    cr_expect_str_eq(hk, "blocks.0.ln2.hook_normalized");
     lp_clt_free(t, &ctx);
 }
 
@@ -221,4 +224,167 @@ Test(clt, loupe_written) {
     }
     if (!write) lp_st_close(&ref);
     lp_st_close(&ref_x);
+}
+
+/* blocks.L.mlp.hook_in (circuit-tracer's ReplacementMLP.hook_in) on the tiny Llama: absent
+ * until asked for; its value is ln2.hook_normalized times ln2's weight (the MLP's input) and
+ * the gradient there, times that weight, is the gradient at ln2.hook_normalized. */
+Test(clt, mlp_hook_in) {
+    lp_model *m = NULL;
+    cr_assert_eq(lp_model_load(&m, LP_FIXTURES "/llama-tiny", LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
+    int n0 = lp_hook_count(m);
+    cr_expect_eq(lp_hook_find(m, "blocks.1.mlp.hook_in"), -1, "HookedTransformer's table has no mlp.hook_in");
+    cr_assert_eq(lp_hooks_add_mlp_in(m), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_hooks_add_mlp_in(m), LP_OK);
+    cr_expect_eq(lp_hook_count(m), n0 + 2);
+    cr_assert_geq(lp_hook_find(m, "blocks.1.mlp.hook_in"), 0);
+    lp_st_file wf = {0};
+    cr_assert_eq(lp_st_open(&wf, LP_FIXTURES "/llama-tiny/model.safetensors"), LP_OK);
+    const lp_st_tensor *wt = lp_st_find(&wf, "model.layers.1.post_attention_layernorm.weight");
+    cr_assert(wt && wt->dtype == LP_F32 && wt->shape[0] == 64);
+    const float *w = wt->data;
+    int32_t tok[7] = {1, 17, 300, 42, 999, 5, 64};
+    cr_assert_eq(lp_hook_capture(m, "blocks.1.mlp.hook_in", NULL, 0, NULL), LP_OK);
+    cr_assert_eq(lp_hook_capture(m, "blocks.1.ln2.hook_normalized", NULL, 0, NULL), LP_OK);
+    lp_metric met = {.kind = LP_METRIC_LOGPROB, .answer = (int32_t[]){7}};
+    double mv;
+    cr_assert_eq(lp_model_grad(m, tok, 1, 7, &met, "blocks.1.mlp.hook_in,blocks.1.ln2.hook_normalized", &mv), LP_OK, "%s",
+                 lp_last_error());
+    lp_tensor a, b, ga, gb;
+    cr_assert_eq(lp_capture_get(m, "blocks.1.mlp.hook_in", &a), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_capture_get(m, "blocks.1.ln2.hook_normalized", &b), LP_OK);
+    cr_assert_eq(lp_grad_get(m, "blocks.1.mlp.hook_in", &ga), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_grad_get(m, "blocks.1.ln2.hook_normalized", &gb), LP_OK);
+    double ref[7 * 64], gref[7 * 64];
+    for (int i = 0; i < 7 * 64; i++) {
+        ref[i] = (double)((const float *)b.data)[i] * w[i % 64];
+        gref[i] = (double)((const float *)ga.data)[i] * w[i % 64];
+    }
+    LP_EXPECT_WITHIN("mlp.hook_in = normalized * w", 0, lp_compare(a.data, ref, 7 * 64), max_rel, 1e-6);
+    LP_EXPECT_WITHIN("grad normalized = grad mlp.hook_in * w", 0, lp_compare(gb.data, gref, 7 * 64), max_rel, 1e-5);
+    lp_st_close(&wf);
+    lp_model_free(m);
+}
+
+/* A copy of a committed set in tmp/NAME, with config.yaml replaced when yaml is given. */
+static char *copy_set(const char *set, const char *name, const char *yaml) {
+    static char dir[512];
+    snprintf(dir, sizeof dir, "%s/%s", tmp, name);
+    cr_assert_eq(lp_mkdir_p(dir), LP_OK);
+    const char *files[] = {"config.yaml", "layer_0.safetensors", "layer_1.safetensors", "W_enc_0.safetensors",
+                           "W_enc_1.safetensors", "W_dec_0.safetensors", "W_dec_1.safetensors"};
+    for (int k = 0; k < 7; k++) {
+        char a[512], b[700];
+        snprintf(a, sizeof a, CLT_FIX "/%s/%s", set, files[k]);
+        snprintf(b, sizeof b, "%s/%s", dir, files[k]);
+        size_t n;
+        char *d = lp_read_file(a, &n);
+        if (!d) continue;
+        cr_assert_eq(lp_write_file_atomic(b, d, n), LP_OK);
+        free(d);
+    }
+    if (yaml) {
+        char b[700];
+        snprintf(b, sizeof b, "%s/config.yaml", dir);
+        cr_assert_eq(lp_write_file_atomic(b, yaml, strlen(yaml)), LP_OK);
+    }
+    return dir;
+}
+
+static void expect_refused(const char *dir, lp_status want, const char *must_say) {
+    lp_clt *t = NULL;
+    lp_status st = lp_clt_load(&t, &ctx, dir);
+    cr_expect_eq(st, want, "%s: status %d, expected %d (%s)", dir, st, want, lp_last_error());
+    cr_expect(strstr(lp_last_error(), must_say), "%s: the error '%s' does not say '%s'", dir, lp_last_error(), must_say);
+    cr_expect_null(t);
+    cr_expect_eq(lp_status_exit_code(st), 2);
+}
+
+/* A tensor written in place of one the set holds (the same file otherwise). */
+static void replace_tensor(const char *path, const char *name, int ndim, int64_t d0, int64_t d1) {
+    lp_st_file f = {0};
+    cr_assert_eq(lp_st_open(&f, path), LP_OK);
+    lp_st_spec sp[16];
+    const void *da[16];
+    float *big = calloc((size_t)(d0 * (d1 ? d1 : 1)), 4);
+    for (int i = 0; i < f.n; i++) {
+        sp[i] = (lp_st_spec){f.tensors[i].name, f.tensors[i].dtype, f.tensors[i].ndim, {0}};
+        memcpy(sp[i].shape, f.tensors[i].shape, sizeof sp[i].shape);
+        da[i] = f.tensors[i].data;
+        if (!strcmp(f.tensors[i].name, name)) sp[i].ndim = ndim, sp[i].shape[0] = d0, sp[i].shape[1] = d1, da[i] = big;
+    }
+    char tmpf[700];
+    snprintf(tmpf, sizeof tmpf, "%s.new", path);
+    cr_assert_eq(lp_st_write(tmpf, sp, da, f.n, NULL), LP_OK, "%s", lp_last_error());
+    lp_st_close(&f);
+    cr_assert_eq(rename(tmpf, path), 0);
+    free(big);
+}
+
+Test(clt, bad_files_refused) {
+    char p[700];
+    char *d = copy_set("plt_jumprelu", "no_kind", "feature_input_hook: mlp.hook_in\n");
+    expect_refused(d, LP_ERR_FORMAT, "model_kind");
+    d = copy_set("plt_jumprelu", "bad_yaml", "model_kind: [unclosed\n");
+    expect_refused(d, LP_ERR_FORMAT, "config.yaml");
+    d = copy_set("plt_jumprelu", "hub", "model_kind: transcoder_set\ntranscoders:\n  - hf://org/repo/layer_0.safetensors\n");
+    expect_refused(d, LP_ERR_FORMAT, "hf://");
+    d = copy_set("plt_jumprelu", "topk_thr", "model_kind: transcoder_set\nactivation_function: topk\nk: 4\n");
+    expect_refused(d, LP_ERR_FORMAT, "threshold");
+    d = copy_set("plt_jumprelu", "wrong_shape", NULL);
+    snprintf(p, sizeof p, "%s/layer_1.safetensors", d);
+    replace_tensor(p, "W_dec", 2, 96, 65);
+    expect_refused(d, LP_ERR_SHAPE, "W_dec");
+    d = copy_set("clt_relu", "clt_dec_shape", NULL);
+    snprintf(p, sizeof p, "%s/W_dec_1.safetensors", d);
+    replace_tensor(p, "W_dec_1", 2, 96, 64);
+    expect_refused(d, LP_ERR_SHAPE, "W_dec_1.safetensors");
+    d = copy_set("clt_relu", "clt_no_dec", NULL);
+    snprintf(p, sizeof p, "%s/W_dec_1.safetensors", d);
+    cr_assert_eq(unlink(p), 0);
+    expect_refused(d, LP_ERR_IO, "W_dec_1.safetensors");
+    d = copy_set("plt_relu_skip", "skip_missing", NULL);
+    snprintf(p, sizeof p, "%s/layer_1.safetensors", d);
+    replace_tensor(p, "W_skip", 1, 64, 0);
+    expect_refused(d, LP_ERR_SHAPE, "W_skip");
+    /* a set without config.yaml reads with circuit-tracer's defaults */
+    d = copy_set("clt_relu", "no_config", NULL);
+    snprintf(p, sizeof p, "%s/config.yaml", d);
+    cr_assert_eq(unlink(p), 0);
+    lp_clt *t = load_ok(d);
+    cr_expect_eq(t->cfg.kind, LP_CLT_CROSS_LAYER);
+    cr_expect_str_eq(t->cfg.input_hook, "hook_resid_mid");
+    lp_clt_free(t, &ctx);
+}
+
+/* TopK (loupe's own): the k largest pre-activations per token, relu'd, the rest 0; written
+ * with activation_function: topk and k, and read back to the same set. */
+Test(clt, topk_round_trip) {
+    lp_clt *t = load_ok(CLT_FIX "/plt_relu_skip");
+    t->cfg.act = LP_CLT_TOPK, t->cfg.k = 5;
+    int D = 64, S = t->cfg.d_sae, N = 4;
+    float *x = lp_test_rand((size_t)N * D, 9, -2, 2), *pre = malloc((size_t)N * S * 4), *f = malloc((size_t)N * S * 4);
+    cr_assert_eq(lp_clt_encode(t, &ctx, 1, x, N, pre, 1), LP_OK);
+    cr_assert_eq(lp_clt_encode(t, &ctx, 1, x, N, f, 0), LP_OK, "%s", lp_last_error());
+    for (int n = 0; n < N; n++) {
+        int kept = 0;
+        for (int s = 0; s < S; s++) {
+            int above = 0; /* entries ranked before s */
+            for (int u = 0; u < S; u++) above += pre[n * S + u] > pre[n * S + s] || (pre[n * S + u] == pre[n * S + s] && u < s);
+            float want = above < 5 && pre[n * S + s] > 0 ? pre[n * S + s] : 0;
+            cr_expect_eq(f[n * S + s], want, "token %d feature %d: %g, expected %g", n, s, f[n * S + s], want);
+            kept += f[n * S + s] != 0;
+        }
+        cr_expect_leq(kept, 5);
+    }
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/topk", tmp);
+    cr_assert_eq(lp_clt_save(t, &ctx, dir), LP_OK, "%s", lp_last_error());
+    lp_clt *u = load_ok(dir);
+    cr_expect_eq(u->cfg.act, LP_CLT_TOPK);
+    cr_expect_eq(u->cfg.k, 5);
+    cr_expect(memcmp(u->mem, t->mem, t->n_floats * 4) == 0);
+    free(x), free(pre), free(f);
+    lp_clt_free(u, &ctx);
+    lp_clt_free(t, &ctx);
 }

@@ -70,6 +70,9 @@ int cmd_train_sae(args *a);
 int cmd_eval_sae(args *a);
 int cmd_encode(args *a);
 
+/* host/cli/clt.c: train-sae with sae.kind per_layer or cross_layer */
+int cmd_train_clt(args *a);
+
 /* host/cli/dashboard.c */
 int cmd_dashboard(args *a);
 

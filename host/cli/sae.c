@@ -161,6 +161,7 @@ static int train_live(args *a, lp_sae_train_cfg *t0, lp_ctx *c) {
 }
 
 int cmd_train_sae(args *a) {
+    if (strcmp(lp_cfg_str(&a->cfg, "sae.kind"), "sae") != 0) return cmd_train_clt(a);
     lp_sae_train_cfg t;
     lp_status st = train_cfg(a, &t);
     int live = !t.store && lp_cfg_str(&a->cfg, "model.path");

@@ -122,6 +122,7 @@ lp_status lp_blk_mlp(lp_model *m, int L, int N) {
     TAPE(L, 1);
     LP_CHECK(lp_blk_norm(m, la.ln2_out, la.ln2_scale, m->a.resid, lp_lw(m, L, W_LN2), lp_lw(m, L, W_LN2_B), N, D, HK_LN2_SCALE,
                          HK_LN2_NORM, L));
+    SITE(HK_MLP_IN, L, la.ln2_out);
     if (cf->mlp == LP_MLP_GELU) {
         LP_CHECK(lp_blk_linear(m, la.mlp_pre, la.ln2_out, L, W_IN, W_BIN, N, D, F));
         SITE(HK_MLP_PRE, L, la.mlp_pre);
@@ -181,6 +182,7 @@ lp_status lp_blk_mlp_backward(lp_model *m, bw_bufs *g, int L, int N) {
         LP_CHECK(lp_blk_linear_dx(m, g->dtmp, g->db, L, W_IN, N, D, F));
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
     }
+    GSITE(HK_MLP_IN, L, g->dln);
     LP_CHECK(lp_blk_norm_backward(m, g, g->dtmp, g->dln, t->resid_mid, t->ln2_scale, lp_lw(m, L, W_LN2), N, D, HK_LN2_SCALE,
                                   HK_LN2_NORM, L));
     return lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D);

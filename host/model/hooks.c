@@ -20,6 +20,7 @@ static const char *const g_layer_names[HK_PER_LAYER] = {
     [HK_Z] = "attn.hook_z",                [HK_ATTN_OUT] = "hook_attn_out",
     [HK_RESID_MID] = "hook_resid_mid",     [HK_LN2_SCALE] = "ln2.hook_scale",
     [HK_LN2_NORM] = "ln2.hook_normalized", [HK_MLP_PRE] = "mlp.hook_pre",
+    [HK_MLP_IN] = "mlp.hook_in",
     [HK_MLP_PRE_LINEAR] = "mlp.hook_pre_linear",
     [HK_MLP_POST] = "mlp.hook_post",       [HK_MLP_OUT] = "hook_mlp_out",
     [HK_RESID_POST] = "hook_resid_post",
@@ -51,6 +52,7 @@ static int arch_has(const lp_config *c, int kind) {
     case HK_MLP_PRE_LINEAR: return c->mlp != LP_MLP_GELU;
     case HK_QN_SCALE: case HK_QN_NORM: case HK_KN_SCALE: case HK_KN_NORM: return c->qk_norm;
     case HK_LN1P_SCALE: case HK_LN1P_NORM: case HK_LN2P_SCALE: case HK_LN2P_NORM: return c->post_norms;
+    case HK_MLP_IN: return 0; /* only on request: lp_hooks_add_mlp_in */
     default: return 1;
     }
 }
@@ -87,6 +89,20 @@ lp_status lp_hooks_init(lp_model *m) {
      * norm's output, after the weight) and the logits */
     add_hook(m, HK_UNEMBED_IN, c->n_layers, "unembed.hook_in");
     add_hook(m, HK_UNEMBED_OUT, c->n_layers, "unembed.hook_out");
+    return LP_OK;
+}
+
+/* circuit-tracer's replacement model wraps each MLP with hook_in / hook_out; HookedTransformer
+ * has neither, so the table stays HookedTransformer's until a transcoder set asks. The
+ * gradient state is sized by the hook count, hence "before the first gradient". */
+lp_status lp_hooks_add_mlp_in(lp_model *m) {
+    if (lp_hook_id(m, HK_MLP_IN, 0) >= 0) return LP_OK;
+    if (m->grad) LP_FAIL(LP_ERR_ARG, "mlp.hook_in: add it before the model's first gradient");
+    char nm[64];
+    for (int L = 0; L < m->cfg.n_layers; L++) {
+        snprintf(nm, sizeof nm, "blocks.%d.mlp.hook_in", L);
+        add_hook(m, HK_MLP_IN, L, nm);
+    }
     return LP_OK;
 }
 

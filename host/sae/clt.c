@@ -201,7 +201,7 @@ lp_status lp_clt_decode(lp_clt *t, lp_ctx *c, int j, const float *const *f, cons
 lp_status lp_clt_hook_name(const lp_clt *t, int l, int which, char *buf, size_t n) {
     if (!t || !buf || l < 0 || l >= t->cfg.n_layers) LP_FAIL(LP_ERR_ARG, "transcoder hook: layer %d out of range", l);
     const char *h = which ? t->cfg.output_hook : t->cfg.input_hook;
-    if (!strcmp(h, "ln2.hook_normalized")) h = "mlp.hook_in";
+    if (!strcmp(h, "mlp.hook_out")) h = "hook_mlp_out";
     int k = snprintf(buf, n, "blocks.%d.%s", l, h);
     if (k < 0 || (size_t)k >= n) LP_FAIL(LP_ERR_ARG, "transcoder hook: the name of layer %d's hook is too long", l);
     return LP_OK;

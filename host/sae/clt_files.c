@@ -228,6 +228,7 @@ static lp_status read_config(const char *dir, clt_yaml *y) {
     if (st == LP_OK && !y->cfg.input_hook[0]) snprintf(y->cfg.input_hook, sizeof y->cfg.input_hook, "hook_resid_mid");
     if (st == LP_OK && !y->cfg.output_hook[0]) snprintf(y->cfg.output_hook, sizeof y->cfg.output_hook, "hook_mlp_out");
     free(cp);
+    if (st != LP_OK) clt_yaml_free(y);
     return st;
 }
 

@@ -37,6 +37,7 @@ static lp_status read_scan(yaml_document_t *d, const yaml_node_t *v, const char 
 
 static lp_status read_list(yaml_document_t *d, const yaml_node_t *v, const char *path, clt_yaml *y) {
     if (v->type != YAML_SEQUENCE_NODE) LP_FAIL(LP_ERR_FORMAT, "%s: key 'transcoders' must be a list of paths", path);
+    if (y->paths) LP_FAIL(LP_ERR_FORMAT, "%s: key 'transcoders' appears twice", path);
     int n = (int)(v->data.sequence.items.top - v->data.sequence.items.start);
     if (n <= 0 || n > 4096) LP_FAIL(LP_ERR_FORMAT, "%s: key 'transcoders' has %d entries (1..4096)", path, n);
     y->paths = calloc((size_t)n, sizeof *y->paths);

@@ -113,11 +113,14 @@ lp_status lp_clt_encode(lp_clt *t, lp_ctx *c, int l, const float *x, int N, floa
 lp_status lp_clt_decode(lp_clt *t, lp_ctx *c, int j, const float *const *f, const float *x_j, int N, float *out);
 
 /* The loupe hook (full name) that holds what circuit-tracer reads at cfg.input_hook
- * (which = 0) or cfg.output_hook (which = 1) of layer l:
- *   "mlp.hook_in", and "ln2.hook_normalized" (written for TransformerLens 2.x, where it
- *      is the norm's output after its weight) -> blocks.l.mlp.hook_in (the MLP's input)
- *   "mlp.hook_out" -> blocks.l.mlp.hook_out (the MLP's output, before a post-norm)
- *   anything else (hook_resid_mid, hook_mlp_out, ...) -> blocks.l.<name>
+ * (which = 0) or writes at cfg.output_hook (which = 1) of layer l:
+ *   "mlp.hook_in"  -> blocks.l.mlp.hook_in (the MLP's input, ln2's output after its
+ *                     weight; present once lp_hooks_add_mlp_in has added it)
+ *   "mlp.hook_out" -> blocks.l.hook_mlp_out (the MLP's output: the same values in models
+ *                     without post-norms; Gemma's hook_mlp_out is after ln2_post)
+ *   anything else (hook_resid_mid, ln2.hook_normalized, hook_mlp_out) -> blocks.l.<name>,
+ *   the same name with the same values (TransformerLens 2.16 and 3.x both take
+ *   hook_normalized before the norm's weight, as loupe does)
  * Returns LP_ERR_ARG if buf is too small. */
 lp_status lp_clt_hook_name(const lp_clt *t, int l, int which, char *buf, size_t n);
 

@@ -59,6 +59,11 @@ int lp_hook_count(const lp_model *m);
 const char *lp_hook_name(const lp_model *m, int id);
 /* Index of a hook by exact name, or -1. */
 int lp_hook_find(const lp_model *m, const char *name);
+/* Adds blocks.L.mlp.hook_in [batch, pos, d_model] to every layer: the MLP's input (ln2's
+ * output after its weight), the hook circuit-tracer's replacement model reads transcoder
+ * inputs from (its ReplacementMLP.hook_in). HookedTransformer has no such hook, so it is
+ * absent until asked for; idempotent; refused after the model's first gradient. */
+lp_status lp_hooks_add_mlp_in(lp_model *m);
 /* The hook's shape for a B x T batch (TransformerLens order). */
 int lp_hook_shape(const lp_model *m, int id, int B, int T, int64_t shape[LP_MAX_DIMS]);
 
