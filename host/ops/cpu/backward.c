@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "ops/cpu/vmath.h"
 #include "ops/ops_internal.h"
 
 /* ---- normalization ---- */
@@ -65,7 +66,7 @@ void lp_cpu_rms_backward(float *dx, const float *dy, const float *x, const float
 
 /* ---- element-wise ---- */
 
-void lp_cpu_gelu_backward(float *dx, const float *dy, const float *x, size_t n) {
+LP_VEC void lp_cpu_gelu_backward(float *dx, const float *dy, const float *x, size_t n) {
     // gelu(x) = 0.5 x (1 + tanh(u)), u = s (x + a x^3), s = sqrt(2/pi), a = 0.044715:
     //   gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) s (1 + 3 a x^2)
     //            = sig(2u) (1 + 2 x sig(-2u) s (1 + 3 a x^2)),   sig(z) = 1 / (1 + exp(-z)),
@@ -74,25 +75,25 @@ void lp_cpu_gelu_backward(float *dx, const float *dy, const float *x, size_t n) 
     const double s = 0.7978845608028654, a = 0.044715;
     for (size_t i = 0; i < n; i++) {
         double v = x[i], u = s * (v + a * v * v * v);
-        double sp = 1 / (1 + exp(-2 * u)), sm = 1 / (1 + exp(2 * u));
+        double sp = 1 / (1 + lp_vexpd(-2 * u)), sm = 1 / (1 + lp_vexpd(2 * u));
         dx[i] = (float)(dy[i] * sp * (1 + 2 * v * sm * s * (1 + 3 * a * v * v))); /* dx may alias dy */
     }
 }
 
-void lp_cpu_silu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
+LP_VEC void lp_cpu_silu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
                               size_t n) {
     // y = silu(g) * u, silu(g) = g sig(g), sig(g) = 1 / (1 + exp(-g)):
     //   dgate = dy * u * sig(g) (1 + g sig(-g)),  dup = dy * g sig(g)
     // (sig(-g) rather than 1 - sig(g): exact for large g too.)
     for (size_t i = 0; i < n; i++) {
         double g = gate[i], u = up[i], d = dy[i]; /* all read first: outputs may alias inputs */
-        double sp = 1 / (1 + exp(-g)), sm = 1 / (1 + exp(g));
+        double sp = 1 / (1 + lp_vexpd(-g)), sm = 1 / (1 + lp_vexpd(g));
         dgate[i] = (float)(d * u * sp * (1 + g * sm));
         dup[i] = (float)(d * g * sp);
     }
 }
 
-void lp_cpu_gelu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
+LP_VEC void lp_cpu_gelu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
                               size_t n) {
     // y = gelu(g) * u (the tanh form): dgate = dy * u * gelu'(g), dup = dy * gelu(g), with
     // gelu'(g) in its sigmoid form as lp_cpu_gelu_backward and gelu(g) = g sig(2 v),
@@ -101,7 +102,7 @@ void lp_cpu_gelu_mul_backward(float *dgate, float *dup, const float *dy, const f
     for (size_t i = 0; i < n; i++) {
         double g = gate[i], u = up[i], d = dy[i]; /* all read first: outputs may alias inputs */
         double v = s * (g + a * g * g * g);
-        double sp = 1 / (1 + exp(-2 * v)), sm = 1 / (1 + exp(2 * v));
+        double sp = 1 / (1 + lp_vexpd(-2 * v)), sm = 1 / (1 + lp_vexpd(2 * v));
         dgate[i] = (float)(d * u * sp * (1 + 2 * g * sm * s * (1 + 3 * a * g * g)));
         dup[i] = (float)(d * g * sp);
     }
