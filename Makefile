@@ -79,6 +79,14 @@ $(BUILD)/%.o: %.c $(HOST_HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
+# The CPU ops: their element-wise loops are written to vectorize (host/ops/cpu/vmath.h),
+# which -O2 leaves to a cheap cost model that declines most of them.
+CPU_OPS_OBJ := $(patsubst %.c,$(BUILD)/%.o,$(wildcard host/ops/cpu/*.c))
+$(CPU_OPS_OBJ): host/ops/cpu/vmath.h
+ifneq ($(DEBUG),1)
+$(CPU_OPS_OBJ): CFLAGS += -O3
+endif
+
 $(BUILD)/kernels/%.o: kernels/%.cu $(HOST_HDR) $(wildcard kernels/*.cuh)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -c $< -o $@

@@ -5,8 +5,10 @@
  *
  * Before timing, the metric the attribution run reports must equal a plain forward's (the
  * gradients themselves are checked against torch and finite differences in the tests).
- * Target: attribution patching <= 3.5 forward-pass equivalents per pair.
- *   build/bench_attrib [--seq T] [--pairs B] */
+ * Target: attribution patching <= 3.5 forward-pass equivalents per pair. On the CPU the
+ * TransformerLens loop of bench/peers/tl_attrib.py runs right after loupe on the same shape with
+ * the same thread count, and the ratio is printed (target >= 2x; --no-peer: not run).
+ *   build/bench_attrib [--seq T] [--pairs B] [--no-peer] */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +18,7 @@
 #include "loupe/attrib.h"
 #include "loupe/hooks.h"
 #include "loupe/model.h"
+#include "peer.h"
 
 #define CHECK(x)                                                                                 \
     do {                                                                                         \
@@ -39,7 +42,7 @@ static void fill(int32_t *t, size_t n, int V, uint64_t s) {
     }
 }
 
-static void section(const char *what, lp_model *m, int B, int T) {
+static double section(const char *what, lp_model *m, int B, int T) {
     const lp_config *c = lp_model_config(m);
     int32_t *clean = malloc((size_t)B * T * 4), *corr = malloc((size_t)B * T * 4), ans[64], wr[64];
     fill(clean, (size_t)B * T, c->d_vocab, 1);
@@ -87,17 +90,19 @@ static void section(const char *what, lp_model *m, int B, int T) {
            atp / fwd);
     printf("  exact patching, hook_resid_pre grid: %8.1f nodes/s (%zu nodes of one pair)\n", nodes / exs, nodes);
     free(clean), free(corr), free(res);
+    return B / atp;
 }
 
 int main(int argc, char **argv) {
-    int T = 64, B = 4, cpu = 1;
+    int T = 64, B = 4, cpu = 1, peer = 1;
     for (int i = 1; i < argc; i++) {
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(argv[i], "--gpu-only")) cpu = 0; /* the offline GPU check's time budget */
+        else if (!strcmp(argv[i], "--no-peer")) peer = 0;
         else if (val && !strcmp(argv[i], "--seq")) T = atoi(val), i++;
         else if (val && !strcmp(argv[i], "--pairs")) B = atoi(val), i++;
         else {
-            fprintf(stderr, "usage: bench_attrib [--gpu-only] [--seq T] [--pairs B]\n");
+            fprintf(stderr, "usage: bench_attrib [--gpu-only] [--seq T] [--pairs B] [--no-peer]\n");
             return 2;
         }
     }
@@ -108,8 +113,12 @@ int main(int argc, char **argv) {
     lp_model *m;
     if (cpu) {
         CHECK(lp_model_random(&m, &g, 1, LP_CPU, LP_F32));
-        section("CPU GPT-2 small shape", m, B, T);
+        double pps = section("CPU GPT-2 small shape", m, B, T);
         lp_model_free(m);
+        char args[128];
+        snprintf(args, sizeof args, "--device cpu --pairs %d --seq %d", B, T);
+        double tl = peer ? peer_run("tl_attrib.py", args, "pairs/s") : 0;
+        if (tl > 0) printf("  loupe / TransformerLens (%d threads each): %.2fx (target >= 2x)\n", peer_threads(), pps / tl);
     }
     FILE *f = cpu ? fopen("models/SmolLM2-135M-Instruct.Q4_1.gguf", "rb") : NULL;
     if (f) {

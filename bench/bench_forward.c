@@ -7,7 +7,9 @@
  * logits; the GPU agrees with the CPU), warms up, and prints tokens/s beside the ceiling
  * measured in the same run: the GEMM rate of this machine (OpenBLAS sgemm on the CPU,
  * cuBLAS bf16 on the GPU) and, on the GPU, device-to-host copy bandwidth.
- *   build/bench_forward [--cpu-batch B --cpu-seq T] [--gpu-batch B --gpu-seq T] [--only gpt2|smollm2|llama8b] */
+ * On the CPU the PyTorch eager peer (bench/peers/torch_forward.py, torch_smollm2.py) runs right
+ * after loupe with the same thread count, and the ratio is printed (--no-peer: not).
+ *   build/bench_forward [--cpu-batch B --cpu-seq T] [--gpu-batch B --gpu-seq T] [--only gpt2|smollm2|llama8b] [--no-peer] */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +20,7 @@
 #include "loupe/hooks.h"
 #include "loupe/model.h"
 #include "loupe/ops.h"
+#include "peer.h"
 
 static double now(void) {
     struct timespec ts;
@@ -110,7 +113,7 @@ static int capture_residuals(lp_model *m) {
 
 /* Times model m at B x T, plain and with every residual stream captured. random: weights
  * are random, so the loss must sit near ln V. */
-static void section(const char *title, const char *what, lp_model *m, int random, int B, int T, int reps) {
+static double section(const char *title, const char *what, lp_model *m, int random, int B, int T, int reps) {
     const lp_config *cf = lp_model_config(m);
     lp_ctx *ctx = lp_model_ctx(m);
     lp_device dev = ctx->device;
@@ -151,14 +154,25 @@ static void section(const char *title, const char *what, lp_model *m, int random
     else
         printf("  peak resident memory: %.1f MiB (weights and activations %.1f MiB)\n", ru.ru_maxrss / 1024.0, dev_bytes / 1048576.0);
     free(tok);
+    return tps;
 }
 
-static void random_section(const char *title, const char *what, const lp_config *cfg, lp_device dev, lp_dtype dt, int B, int T,
-                           int reps) {
+/* The PyTorch eager peer of a CPU section, and loupe's ratio to it. */
+static void cpu_peer(const char *script, const char *model, double tps, int B, int T) {
+    char args[512];
+    snprintf(args, sizeof args, "%s%s --batch %d --seq %d", model ? "--model " : "", model ? model : "", B, T);
+    double peer = peer_run(script, args, "tokens/s");
+    if (peer > 0)
+        printf("  loupe / PyTorch eager (%d threads each): %.2fx (target >= 1.0x)\n", peer_threads(), tps / peer);
+}
+
+static double random_section(const char *title, const char *what, const lp_config *cfg, lp_device dev, lp_dtype dt, int B, int T,
+                             int reps) {
     lp_model *m;
     CHECK(lp_model_random(&m, cfg, 1, dev, dt));
-    section(title, what, m, 1, B, T, reps);
+    double tps = section(title, what, m, 1, B, T, reps);
     lp_model_free(m);
+    return tps;
 }
 
 /* The GPU forward must agree with the CPU before it is timed. */
@@ -220,26 +234,34 @@ static int file_exists(const char *p) {
 int main(int argc, char **argv) {
     int cb = 1, ct = 256, gb = 16, gt = 1024, lb = 8, lt = 1024;
     const char *only = NULL;
-    for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--cpu-batch")) cb = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--cpu-seq")) ct = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--gpu-batch")) gb = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--gpu-seq")) gt = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--only")) only = argv[i + 1];
+    int peer = 1;
+    for (int i = 1; i < argc; i++) {
+        const char *val = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(argv[i], "--no-peer")) peer = 0;
+        else if (val && !strcmp(argv[i], "--cpu-batch")) cb = atoi(val), i++;
+        else if (val && !strcmp(argv[i], "--cpu-seq")) ct = atoi(val), i++;
+        else if (val && !strcmp(argv[i], "--gpu-batch")) gb = atoi(val), i++;
+        else if (val && !strcmp(argv[i], "--gpu-seq")) gt = atoi(val), i++;
+        else if (val && !strcmp(argv[i], "--only")) only = val, i++;
         else {
-            fprintf(stderr, "usage: bench_forward [--cpu-batch B] [--cpu-seq T] [--gpu-batch B] [--gpu-seq T] [--only gpt2|smollm2|llama8b]\n");
+            fprintf(stderr, "usage: bench_forward [--cpu-batch B] [--cpu-seq T] [--gpu-batch B] [--gpu-seq T] [--only gpt2|smollm2|llama8b] "
+                            "[--no-peer]\n");
             return 2;
         }
     }
 #define WANT(x) (!only || !strcmp(only, x))
     int have_smol = file_exists(SMOLLM2);
     lp_model *m;
-    if (WANT("gpt2")) random_section("CPU", "GPT-2 small shape, random weights", &GPT2_SMALL, LP_CPU, LP_F32, cb, ct, 3);
+    if (WANT("gpt2")) {
+        double tps = random_section("CPU", "GPT-2 small shape, random weights", &GPT2_SMALL, LP_CPU, LP_F32, cb, ct, 3);
+        if (peer) cpu_peer("torch_forward.py", NULL, tps, cb, ct);
+    }
     if (WANT("smollm2")) {
         if (have_smol) {
             CHECK(lp_model_load(&m, SMOLLM2, LP_CPU, LP_F32));
-            section("CPU", "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to f32)", m, 0, cb, ct, 3);
+            double tps = section("CPU", "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to f32)", m, 0, cb, ct, 3);
             lp_model_free(m);
+            if (peer) cpu_peer("torch_smollm2.py", SMOLLM2, tps, cb, ct);
         } else {
             printf("CPU SmolLM2-135M: skipped: %s is missing (make model)\n", SMOLLM2);
         }

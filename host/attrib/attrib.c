@@ -90,16 +90,17 @@ static int metric_layer(const lp_model *m, const lp_metric *mt) {
     return strncmp(mt->hook, "hook_", 5) == 0 ? 0 : n; /* the embeddings; else ln_final, unembed */
 }
 
-/* The gradient (F32 copy) of kind k at layer L from the last lp_model_grad: zero above the
- * layer where the metric enters (the metric does not depend on those nodes). */
-static lp_status grab_grad(lp_model *m, const lp_metric *mt, int k, int L, float **out, size_t n) {
+/* The gradient of kind k at layer L from the last lp_model_grad, read in place (the model
+ * keeps it in F32 on the host until the next lp_model_grad): NULL above the layer where the
+ * metric enters (the metric does not depend on those nodes: zero). */
+static lp_status grad_view(lp_model *m, const lp_metric *mt, int k, int L, float **out) {
     char name[128];
     snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
-    if (!(*out = calloc(n, sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory");
+    *out = NULL;
     if (L > metric_layer(m, mt)) return LP_OK;
     lp_tensor g;
     LP_CHECK(lp_grad_get(m, name, &g));
-    memcpy(*out, g.data, n * sizeof(float));
+    *out = g.data;
     return LP_OK;
 }
 
@@ -114,14 +115,18 @@ static lp_status no_user_edits(const lp_model *m, const char *what) {
 }
 
 /* Node sums of (clean - corrupted) * grad for row b of [B, ...] hook tensors into scores
- * (layer L). */
+ * (layer L); grad NULL: zero. */
 static void node_sums(int k, int L, int b, int B, int T, const float *clean, const float *corr, const float *grad, size_t numel,
                       lp_node_scores *s) {
     size_t per_row = numel / B, o0 = b * per_row;
-    const float *c = clean + o0, *x = corr + o0, *g = grad + o0;
     int64_t groups = k == LP_NODE_PATTERN ? s->shape[1] : (int64_t)T * (s->ndim == 3 ? s->shape[2] : 1);
     size_t per = per_row / groups; /* a head's [T,T] pattern, or a (position, head)'s values */
     float *out = s->v + (size_t)L * groups;
+    if (!grad) {
+        for (int64_t j = 0; j < groups; j++) out[j] = 0;
+        return;
+    }
+    const float *c = clean + o0, *x = corr + o0, *g = grad + o0;
     for (int64_t j = 0; j < groups; j++) {
         double acc = 0;
         for (size_t i = j * per; i < (j + 1) * per; i++) acc += ((double)c[i] - x[i]) * g[i];
@@ -129,11 +134,12 @@ static void node_sums(int k, int L, int b, int B, int T, const float *clean, con
     }
 }
 
-/* Per (kind, layer) host copies of one run. */
-typedef struct grid { float **v; size_t *n; int nL; } grid;
+/* Per (kind, layer) host arrays of one run: copies it owns, or views of the model's capture
+ * and gradient buffers (valid until the next forward or lp_hooks_clear). */
+typedef struct grid { float **v; size_t *n; int nL, views; } grid;
 
 static lp_status grid_new(grid *g, int nL) {
-    g->nL = nL;
+    g->nL = nL, g->views = 0;
     g->v = calloc((size_t)LP_NODE_KINDS * nL, sizeof(float *));
     g->n = calloc((size_t)LP_NODE_KINDS * nL, sizeof(size_t));
     if (!g->v || !g->n) LP_FAIL(LP_ERR_OOM, "out of memory");
@@ -141,19 +147,31 @@ static lp_status grid_new(grid *g, int nL) {
 }
 
 static void grid_free(grid *g) {
-    for (int i = 0; g->v && i < LP_NODE_KINDS * g->nL; i++) free(g->v[i]);
+    for (int i = 0; !g->views && g->v && i < LP_NODE_KINDS * g->nL; i++) free(g->v[i]);
     free(g->v), free(g->n);
 }
 
-/* The captured activations of the grid, and optionally their gradients. */
-static lp_status grid_grab(lp_model *m, const lp_metric *mt, const lp_attrib_opts *o, grid *act, grid *grad) {
+/* The captured activations of the grid (copies, or with `view` the capture buffers themselves
+ * where they hold F32 on the host), and optionally views of their gradients. */
+static lp_status grid_grab(lp_model *m, const lp_metric *mt, const lp_attrib_opts *o, grid *act, grid *grad, int view) {
     int nL = act->nL;
+    char name[128];
+    view = view && lp_model_ctx(m)->device == LP_CPU && lp_model_ctx(m)->dtype == LP_F32;
+    act->views = view;
+    if (grad) grad->views = 1;
     for (int k = 0; k < LP_NODE_KINDS; k++)
         for (int L = 0; wanted(o, k) && L < nL; L++) {
             int i = k * nL + L;
-            LP_CHECK(grab(m, k, L, &act->v[i], &act->n[i]));
+            if (view) {
+                lp_tensor t;
+                snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
+                LP_CHECK(lp_capture_get(m, name, &t));
+                act->v[i] = t.data, act->n[i] = (size_t)lp_shape_numel(t.shape, t.ndim);
+            } else {
+                LP_CHECK(grab(m, k, L, &act->v[i], &act->n[i]));
+            }
             if (grad) {
-                LP_CHECK(grab_grad(m, mt, k, L, &grad->v[i], act->n[i]));
+                LP_CHECK(grad_view(m, mt, k, L, &grad->v[i]));
                 grad->n[i] = act->n[i];
             }
         }
@@ -181,10 +199,13 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
     if (st == LP_OK) st = capture_grid(m, o, list, sizeof list);
     if (st == LP_OK && ig) st = lp_hook_capture(m, "hook_embed", NULL, 0, NULL);
     if (st == LP_OK) st = at_clean ? lp_model_grad(m, clean, B, T, mt, list, mc) : lp_model_metric(m, clean, B, T, mt, mc);
-    if (st == LP_OK) st = grid_grab(m, mt, o, &ac, at_clean ? &gr : NULL);
+    /* the clean run's captures are copied (the corrupted run overwrites them); the last run's
+     * are read in place unless integrated gradients run more forwards; gradients are read in
+     * place (the model keeps them until the next lp_model_grad) */
+    if (st == LP_OK) st = grid_grab(m, mt, o, &ac, at_clean ? &gr : NULL, 0);
     if (st == LP_OK && ig) st = lp_capture_read_f32(m, "hook_embed", emb_c, ne);
     if (st == LP_OK) st = at_clean || ig ? lp_model_metric(m, corrupted, B, T, mt, mx) : lp_model_grad(m, corrupted, B, T, mt, list, mx);
-    if (st == LP_OK) st = grid_grab(m, mt, o, &ax, at_clean || ig ? NULL : &gr);
+    if (st == LP_OK) st = grid_grab(m, mt, o, &ax, at_clean || ig ? NULL : &gr, !ig);
     if (st == LP_OK && ig) st = lp_capture_read_f32(m, "hook_embed", emb_x, ne);
     /* integrated gradients: the corrupted prompt with its embedding moved alpha of the way to
      * the clean one, alpha at the midpoints of `steps` intervals, ig_batch steps per forward

@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "ops/cpu/vmath.h"
 #include "ops/ops_internal.h"
 
 /* q (B,T,H,dh); k (B,T,Hkv,dh): the dot product of query t of head h with key s */
@@ -32,7 +33,7 @@ enum { QB = 64 };
 static _Thread_local float *g_block;
 static _Thread_local size_t g_block_cap;
 
-void lp_cpu_attention(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
+LP_VEC void lp_cpu_attention(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
                       int Hkv, int dh, const lp_attn_cfg *cfg) {
     // z, q are (B,T,H,dh); k, v are (B,T,Hkv,dh)
     const float scale = attn_scale(cfg, dh), cap = cfg->softcap;
@@ -62,10 +63,11 @@ void lp_cpu_attention(float *z, const float *q, const float *k, const float *v, 
                 for (int i = 0; i < rows; i++) { /* cap, mask keys outside the row's window, softmax */
                     float *r = S + (size_t)i * keys;
                     const int first = lp_attn_first_key(cfg, q0 + i) - k0, last = q0 + i - k0;
-                    float mx = -INFINITY, sum = 0;
-                    for (int s = first; s <= last; s++) r[s] = softcap(r[s], cap), mx = r[s] > mx ? r[s] : mx;
-                    for (int s = first; s <= last; s++) sum += (r[s] = expf(r[s] - mx));
-                    for (int s = first; s <= last; s++) r[s] /= sum;
+                    if (cap > 0)
+                        for (int s = first; s <= last; s++) r[s] = softcap(r[s], cap);
+                    const float mx = lp_vmaxf(r + first, last + 1 - first);
+                    const float inv = (float)(1.0 / lp_vexp_sum(r + first, r + first, mx, last + 1 - first));
+                    for (int s = first; s <= last; s++) r[s] *= inv;
                     for (int s = 0; s < first; s++) r[s] = 0;
                     for (int s = last + 1; s < keys; s++) r[s] = 0;
                 }
@@ -111,32 +113,36 @@ void lp_cpu_attention_rows_cfg(float *z, const float *q, const float *k, const f
 
 void lp_cpu_attn_scores(float *scores, const float *q, const float *k, int B, int T, int H, int Hkv,
                         int dh, const lp_attn_cfg *cfg) {
-    // scores is (B,H,T,T): scaled, capped, -inf outside the window (first .. t)
+    // scores is (B,H,T,T): scaled, capped, -inf outside the window (first .. t). Per head one
+    // GEMM of all T x T products (the masked ones are overwritten).
     const float scale = attn_scale(cfg, dh);
+    const int ldq = H * dh, ldk = Hkv * dh;
     for (int b = 0; b < B; b++)
-        for (int h = 0; h < H; h++)
+        for (int h = 0; h < H; h++) {
+            float *S = scores + ((size_t)b * H + h) * T * T;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, dh, scale, q + (size_t)b * T * ldq + h * dh, ldq,
+                        k + (size_t)b * T * ldk + h / (H / Hkv) * dh, ldk, 0.0f, S, T);
             for (int t = 0; t < T; t++) {
-                float *row = scores + (((size_t)b * H + h) * T + t) * T;
+                float *row = S + (size_t)t * T;
                 const int first = lp_attn_first_key(cfg, t);
-                for (int s = 0; s < T; s++)
-                    row[s] = s >= first && s <= t ? softcap(qk(q, k, b, t, s, h, T, H, Hkv, dh) * scale, cfg->softcap)
-                                                  : -INFINITY;
+                for (int s = 0; s < first; s++) row[s] = -INFINITY;
+                if (cfg->softcap > 0)
+                    for (int s = first; s <= t; s++) row[s] = softcap(row[s], cfg->softcap);
+                for (int s = t + 1; s < T; s++) row[s] = -INFINITY;
             }
+        }
 }
 
-void lp_cpu_softmax_rows(float *out, const float *x, size_t rows, int cols) {
+LP_VEC void lp_cpu_softmax_rows(float *out, const float *x, size_t rows, int cols) {
     for (size_t r = 0; r < rows; r++) {
         const float *xr = x + r * cols;
         float *o = out + r * cols;
-        float mx = -INFINITY;
-        for (int i = 0; i < cols; i++)
-            if (xr[i] > mx) mx = xr[i];
+        float mx = lp_vmaxf(xr, cols);
         if (mx == -INFINITY) { /* fully masked row: nothing to attend to */
             for (int i = 0; i < cols; i++) o[i] = 0;
             continue;
         }
-        double sum = 0;
-        for (int i = 0; i < cols; i++) sum += (o[i] = expf(xr[i] - mx));
+        double sum = lp_vexp_sum(o, xr, mx, cols);
         float inv = (float)(1.0 / sum);
         for (int i = 0; i < cols; i++) o[i] *= inv;
     }
@@ -145,17 +151,11 @@ void lp_cpu_softmax_rows(float *out, const float *x, size_t rows, int cols) {
 void lp_cpu_attn_apply(float *z, const float *pattern, const float *v, int B, int T, int H, int Hkv,
                        int dh) {
     // z is (B,T,H,dh); pattern is (B,H,T,T); v is (B,T,Hkv,dh). Keys after t have weight 0
-    // in an unedited pattern; an edited one is applied as given, over all keys.
+    // in an unedited pattern; an edited one is applied as given, over all keys: per head
+    // z_h = pattern_h v_g, one GEMM.
+    const int ldz = H * dh, ldv = Hkv * dh;
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) {
-                const float *p = pattern + (((size_t)b * H + h) * T + t) * T;
-                float *zr = z + (((size_t)b * T + t) * H + h) * dh;
-                for (int i = 0; i < dh; i++) zr[i] = 0;
-                for (int s = 0; s < T; s++) {
-                    if (p[s] == 0.0f) continue;
-                    const float *vr = v + (((size_t)b * T + s) * Hkv + h / (H / Hkv)) * dh;
-                    for (int i = 0; i < dh; i++) zr[i] += p[s] * vr[i];
-                }
-            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, dh, T, 1.0f, pattern + ((size_t)b * H + h) * T * T, T,
+                        v + (size_t)b * T * ldv + h / (H / Hkv) * dh, ldv, 0.0f, z + (size_t)b * T * ldz + h * dh, ldz);
 }

@@ -7,10 +7,14 @@
  * queries and heads) accumulates in double and is rounded once on the store. The one
  * exception is dk/dv of the fused attention, which gather contributions from every query
  * row while the rows are visited one at a time (no [T,T] buffer): they accumulate in the
- * fp32 outputs themselves. */
+ * fp32 outputs themselves. The three-step attention's backward forms its products per head
+ * with dgemm on double copies of the operands: the same sums in double, rounded once. */
+#include <cblas.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "ops/cpu/vmath.h"
 #include "ops/ops_internal.h"
 
 /* ---- normalization ---- */
@@ -62,7 +66,7 @@ void lp_cpu_rms_backward(float *dx, const float *dy, const float *x, const float
 
 /* ---- element-wise ---- */
 
-void lp_cpu_gelu_backward(float *dx, const float *dy, const float *x, size_t n) {
+LP_VEC void lp_cpu_gelu_backward(float *dx, const float *dy, const float *x, size_t n) {
     // gelu(x) = 0.5 x (1 + tanh(u)), u = s (x + a x^3), s = sqrt(2/pi), a = 0.044715:
     //   gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) s (1 + 3 a x^2)
     //            = sig(2u) (1 + 2 x sig(-2u) s (1 + 3 a x^2)),   sig(z) = 1 / (1 + exp(-z)),
@@ -71,25 +75,25 @@ void lp_cpu_gelu_backward(float *dx, const float *dy, const float *x, size_t n) 
     const double s = 0.7978845608028654, a = 0.044715;
     for (size_t i = 0; i < n; i++) {
         double v = x[i], u = s * (v + a * v * v * v);
-        double sp = 1 / (1 + exp(-2 * u)), sm = 1 / (1 + exp(2 * u));
+        double sp = 1 / (1 + lp_vexpd(-2 * u)), sm = 1 / (1 + lp_vexpd(2 * u));
         dx[i] = (float)(dy[i] * sp * (1 + 2 * v * sm * s * (1 + 3 * a * v * v))); /* dx may alias dy */
     }
 }
 
-void lp_cpu_silu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
+LP_VEC void lp_cpu_silu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
                               size_t n) {
     // y = silu(g) * u, silu(g) = g sig(g), sig(g) = 1 / (1 + exp(-g)):
     //   dgate = dy * u * sig(g) (1 + g sig(-g)),  dup = dy * g sig(g)
     // (sig(-g) rather than 1 - sig(g): exact for large g too.)
     for (size_t i = 0; i < n; i++) {
         double g = gate[i], u = up[i], d = dy[i]; /* all read first: outputs may alias inputs */
-        double sp = 1 / (1 + exp(-g)), sm = 1 / (1 + exp(g));
+        double sp = 1 / (1 + lp_vexpd(-g)), sm = 1 / (1 + lp_vexpd(g));
         dgate[i] = (float)(d * u * sp * (1 + g * sm));
         dup[i] = (float)(d * g * sp);
     }
 }
 
-void lp_cpu_gelu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
+LP_VEC void lp_cpu_gelu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
                               size_t n) {
     // y = gelu(g) * u (the tanh form): dgate = dy * u * gelu'(g), dup = dy * gelu(g), with
     // gelu'(g) in its sigmoid form as lp_cpu_gelu_backward and gelu(g) = g sig(2 v),
@@ -98,7 +102,7 @@ void lp_cpu_gelu_mul_backward(float *dgate, float *dup, const float *dy, const f
     for (size_t i = 0; i < n; i++) {
         double g = gate[i], u = up[i], d = dy[i]; /* all read first: outputs may alias inputs */
         double v = s * (g + a * g * g * g);
-        double sp = 1 / (1 + exp(-2 * v)), sm = 1 / (1 + exp(2 * v));
+        double sp = 1 / (1 + lp_vexpd(-2 * v)), sm = 1 / (1 + lp_vexpd(2 * v));
         dgate[i] = (float)(d * u * sp * (1 + 2 * g * sm * s * (1 + 3 * a * g * g)));
         dup[i] = (float)(d * g * sp);
     }
@@ -202,8 +206,9 @@ void lp_cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz,
             }
 }
 
-void lp_cpu_attn_apply_backward(float *dpattern, float *dv, const float *dz, const float *pattern, const float *v,
-                                int B, int T, int H, int Hkv, int dh) {
+/* The scalar form of lp_cpu_attn_apply_backward, for when its double scratch cannot be had. */
+static void attn_apply_backward_rows(float *dpattern, float *dv, const float *dz, const float *pattern, const float *v,
+                                     int B, int T, int H, int Hkv, int dh) {
     // dpattern, pattern are (B,H,T,T); dz is (B,T,H,dh); dv, v are (B,T,Hkv,dh). The forward
     // z_t = sum_j pattern[t,j] v_j ran over all T keys (an edited pattern is applied as
     // given), so every entry has a derivative:
@@ -259,8 +264,9 @@ static inline double raw_grad(const float *dscores, const float *scores, double 
     return dscores[i] * (1 - r * r);
 }
 
-void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, const float *scores, const float *q,
-                                 const float *k, int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
+/* The scalar form of lp_cpu_attn_scores_backward, for when its double scratch cannot be had. */
+static void attn_scores_backward_rows(float *dq, float *dk, const float *dscores, const float *scores, const float *q,
+                                      const float *k, int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
     // dscores, scores are (B,H,T,T); dq, q are (B,T,H,dh); dk, k are (B,T,Hkv,dh). The forward
     // wrote scores[t,j] = cap tanh(c q_t . k_j / cap) (c q_t . k_j without a cap; c the scale)
     // for the keys of the row's window (first <= j <= t) and a constant -inf elsewhere, so only
@@ -298,6 +304,84 @@ void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, con
                 float *dkr = dk + (((size_t)b * T + j) * Hkv + g) * dh;
                 for (int d = 0; d < dh; d++) dkr[d] = (float)(acc[d] * scale);
             }
+}
+
+/* Head h of row b of a [B, T, nh, dh] tensor as a [T, dh] double matrix. */
+static void head_in(double *dst, const float *src, int b, int T, int nh, int h, int dh) {
+    for (int t = 0; t < T; t++) {
+        const float *r = src + (((size_t)b * T + t) * nh + h) * dh;
+        for (int d = 0; d < dh; d++) dst[(size_t)t * dh + d] = r[d];
+    }
+}
+
+/* The reverse, scaled by c: dst's head h of row b from a [T, dh] double matrix. */
+static void head_out(float *dst, const double *src, double c, int b, int T, int nh, int h, int dh) {
+    for (int t = 0; t < T; t++) {
+        float *r = dst + (((size_t)b * T + t) * nh + h) * dh;
+        for (int d = 0; d < dh; d++) r[d] = (float)(src[(size_t)t * dh + d] * c);
+    }
+}
+
+void lp_cpu_attn_apply_backward(float *dpattern, float *dv, const float *dz, const float *pattern, const float *v,
+                                int B, int T, int H, int Hkv, int dh) {
+    // as attn_apply_backward_rows, per head: dpattern_h = dz_h v_g^T and dv_g = sum_h pattern_h^T dz_h
+    const int group = H / Hkv;
+    const size_t tdh = (size_t)T * dh, tt = (size_t)T * T;
+    double *buf = malloc((3 * tdh + tt) * sizeof(double));
+    if (!buf) {
+        attn_apply_backward_rows(dpattern, dv, dz, pattern, v, B, T, H, Hkv, dh);
+        return;
+    }
+    double *dzd = buf, *vd = dzd + tdh, *dvd = vd + tdh, *pd = dvd + tdh;
+    for (int b = 0; b < B; b++)
+        for (int g = 0; g < Hkv; g++) {
+            head_in(vd, v, b, T, Hkv, g, dh);
+            memset(dvd, 0, tdh * sizeof(double));
+            for (int h = g * group; h < (g + 1) * group; h++) {
+                const size_t po = ((size_t)b * H + h) * tt;
+                head_in(dzd, dz, b, T, H, h, dh);
+                cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, dh, 1.0, dzd, dh, vd, dh, 0.0, pd, T);
+                for (size_t i = 0; i < tt; i++) dpattern[po + i] = (float)pd[i];
+                for (size_t i = 0; i < tt; i++) pd[i] = pattern[po + i];
+                cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, dh, T, 1.0, pd, T, dzd, dh, 1.0, dvd, dh);
+            }
+            head_out(dv, dvd, 1.0, b, T, Hkv, g, dh);
+        }
+    free(buf);
+}
+
+void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, const float *scores, const float *q,
+                                 const float *k, int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
+    // as attn_scores_backward_rows, per head with dr zero outside each row's window:
+    //   dq_h = c dr_h k_g;  dk_g = c sum_h dr_h^T q_h
+    const double scale = cfg->scale > 0 ? (double)cfg->scale : 1.0 / sqrt((double)dh), cap = cfg->softcap;
+    const int group = H / Hkv;
+    const size_t tdh = (size_t)T * dh, tt = (size_t)T * T;
+    double *buf = malloc((4 * tdh + tt) * sizeof(double));
+    if (!buf) {
+        attn_scores_backward_rows(dq, dk, dscores, scores, q, k, B, T, H, Hkv, dh, cfg);
+        return;
+    }
+    double *qd = buf, *kd = qd + tdh, *dqd = kd + tdh, *dkd = dqd + tdh, *dr = dkd + tdh;
+    for (int b = 0; b < B; b++)
+        for (int g = 0; g < Hkv; g++) {
+            head_in(kd, k, b, T, Hkv, g, dh);
+            memset(dkd, 0, tdh * sizeof(double));
+            for (int h = g * group; h < (g + 1) * group; h++) {
+                const size_t row0 = ((size_t)b * H + h) * tt;
+                for (int t = 0; t < T; t++) { /* the masked entries are never read */
+                    double *r = dr + (size_t)t * T;
+                    const int first = lp_attn_first_key(cfg, t);
+                    for (int j = 0; j < T; j++) r[j] = j >= first && j <= t ? raw_grad(dscores, scores, cap, row0 + (size_t)t * T + j) : 0.0;
+                }
+                head_in(qd, q, b, T, H, h, dh);
+                cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, dh, T, 1.0, dr, T, kd, dh, 0.0, dqd, dh);
+                head_out(dq, dqd, scale, b, T, H, h, dh);
+                cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, dh, T, 1.0, dr, T, qd, dh, 1.0, dkd, dh);
+            }
+            head_out(dk, dkd, scale, b, T, Hkv, g, dh);
+        }
+    free(buf);
 }
 
 /* ---- loss ---- */

@@ -4,14 +4,15 @@
  * it is written, so out may alias an input. (Their backward ops are in backward.c.) */
 #include <math.h>
 
+#include "ops/cpu/vmath.h"
 #include "ops/ops_internal.h"
 
-void lp_cpu_gelu_mul(float *out, const float *gate, const float *up, size_t n) {
+LP_VEC void lp_cpu_gelu_mul(float *out, const float *gate, const float *up, size_t n) {
     // gelu_tanh(g) * u, gelu_tanh exactly as lp_cpu_gelu writes it
-    const float s = 0.7978845608028654f; /* sqrt(2/pi) */
+    const float s2 = 2 * 0.7978845608028654f; /* 2 sqrt(2/pi) */
     for (size_t i = 0; i < n; i++) {
         float g = gate[i], u = up[i];
-        out[i] = 0.5f * g * (1.0f + tanhf(s * (g + 0.044715f * g * g * g))) * u;
+        out[i] = g * lp_vsigmoidf(s2 * (g + 0.044715f * g * g * g)) * u;
     }
 }
 

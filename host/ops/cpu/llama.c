@@ -4,6 +4,7 @@
  * a KV cache for generation. All fp32 in and out; reductions accumulate in double. */
 #include <math.h>
 
+#include "ops/cpu/vmath.h"
 #include "ops/ops_internal.h"
 
 void lp_cpu_rms_scale(float *scale, const float *x, int N, int D, float eps) {
@@ -47,11 +48,11 @@ void lp_cpu_rope(float *out, const float *x, const float *cos_t, const float *si
         }
 }
 
-void lp_cpu_silu_mul(float *out, const float *gate, const float *up, size_t n) {
+LP_VEC void lp_cpu_silu_mul(float *out, const float *gate, const float *up, size_t n) {
     // out may alias gate or up: each element is read before it is written
     for (size_t i = 0; i < n; i++) {
         float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
+        out[i] = g / (1.0f + lp_vexpf(-g)) * up[i];
     }
 }
 
