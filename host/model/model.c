@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "loupe/dist.h"
 #include "loupe/ops.h"
 #include "model/arch.h"
 #include "model/blocks.h"
@@ -89,6 +90,14 @@ lp_status lp_model_load(lp_model **out, const char *path, lp_device dev, lp_dtyp
     *out = m;
     return LP_OK;
 }
+
+lp_status lp_model_load_dist(lp_model **out, const char *path, lp_device dev, lp_dtype dtype, lp_dist *d) {
+    if (lp_dist_tp_size(d) <= 1) return lp_model_load(out, path, dev, dtype);
+    *out = NULL;
+    LP_FAIL(LP_ERR_ARG, "dist.tp=%d: tensor parallelism is not built yet", lp_dist_tp_size(d));
+}
+
+lp_dist *lp_model_dist(const lp_model *m) { return m->par.dist; }
 
 lp_status lp_model_random(lp_model **out, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype) {
     *out = NULL;

@@ -167,9 +167,20 @@ typedef struct mdl_results {
 
 typedef struct model_arch model_arch;
 
+/* Tensor parallelism (dist.h): this rank's slice of the model. With tp == 1 every field is
+ * the whole model's and no collective is ever called. */
+typedef struct mdl_tp {
+    struct lp_dist *dist; /* NULL: one process */
+    int tp, rank;         /* group size and this rank in it */
+    int H, Hkv, F, V;     /* local heads, kv heads, MLP width, vocabulary rows */
+    int h0, hkv0, f0, v0; /* where this rank's slice starts in the full model */
+    int kv_rep;           /* 1: fewer kv heads than ranks, so every rank holds them all */
+} mdl_tp;
+
 struct lp_model {
     lp_config cfg;
     lp_ctx ctx;
+    mdl_tp par;           /* tensor-parallel slice (par.tp == 1: the whole model) */
     char path[1024];
     const model_arch *arch;
     mdl_weights w;
