@@ -64,11 +64,14 @@ CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/%.o)
 
 TEST_SRC   := $(wildcard tests/test_*.c)
 TEST_BIN   := $(TEST_SRC:tests/%.c=$(BUILD)/%)
+# programs the tests run under mpirun (tests/dist/; tests/test_dist.c launches them)
+DIST_SRC   := $(wildcard tests/dist/*.c)
+DIST_BIN   := $(DIST_SRC:tests/dist/%.c=$(BUILD)/dist_%)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
 BENCH_BIN  := $(BENCH_SRC:bench/%.c=$(BUILD)/%)
 
 .PHONY: all deps announce model model-gemma test gpu-check bench demo clean fixtures fuzz emu test-emu gpu-check-offline
-all: announce $(BUILD)/loupe $(BUILD)/libloupe.a $(TEST_BIN) $(BENCH_BIN)
+all: announce $(BUILD)/loupe $(BUILD)/libloupe.a $(TEST_BIN) $(BENCH_BIN) $(DIST_BIN)
 
 announce:
 	@echo "loupe build: CUDA=$(CUDA) (nvcc $(if $(filter 1,$(HAVE_NVCC)),found at $(NVCC),not found), arch $(CUDA_ARCH)) NCCL=$(HAVE_NCCL) MPI=$(MPI) SAN=$(or $(SAN),0) DEBUG=$(or $(DEBUG),0)"
@@ -102,6 +105,9 @@ $(BUILD)/loupe: $(CLI_OBJ) $(BUILD)/libloupe.a
 
 $(BUILD)/test_%: tests/test_%.c $(wildcard tests/*.h) $(BUILD)/libloupe.a
 	$(CC) $(CFLAGS) -Itests $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS) -lcriterion
+
+$(BUILD)/dist_%: tests/dist/%.c $(BUILD)/libloupe.a
+	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS)
 
 $(BUILD)/bench_%: bench/bench_%.c $(BUILD)/libloupe.a
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS)

@@ -378,6 +378,12 @@ lp_status lp_hook_site(lp_model *m, int id, void *act) {
     hook *h = &m->hooks[id];
     int capture = h->capture && !m->kv.generating; /* generation edits but captures nothing */
     if (!capture && !h->edits) return LP_OK;
+    return m->par.tp > 1 ? lp_tp_site(m, id, act) : lp_hook_site_whole(m, id, act);
+}
+
+lp_status lp_hook_site_whole(lp_model *m, int id, void *act) {
+    hook *h = &m->hooks[id];
+    int capture = h->capture && !m->kv.generating;
     lp_ctx *c = &m->ctx;
     int B = m->res.B, T = m->res.T;
     lp_view v = view_of(h, B, T);

@@ -348,6 +348,9 @@ static lp_status run_backward(lp_model *m, scratch *s, const lp_metric *mt, int 
 
 static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, const lp_metric *mt, const char *grad_hooks,
                           double *metric_out, int backward) {
+    if (m->par.tp > 1)
+        LP_FAIL(LP_ERR_ARG, "dist.tp=%d: metrics and gradients of a tensor-parallel model are not supported yet (use dist.tp=1)",
+                m->par.tp);
     LP_CHECK(check_metric(m, mt, B, T));
     struct grad_state *g = NULL;
     LP_CHECK(lp_grad_state(m, &g));

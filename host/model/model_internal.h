@@ -112,6 +112,9 @@ typedef struct mdl_acts {
     int32_t *tgt_host;    /* [B_max * T_max] staging for targets */
     float *loss_stage;    /* [B_max * T_max] staging for per-position losses */
     void *logit_stage;    /* one chunk of logits in the act dtype, for the GPU's copy back */
+    /* tensor parallelism only (tp.c): a split activation gathered whole for a hook, the
+     * all-gather's send (padded) and receive buffers, and this rank's slice of a logits chunk */
+    void *tp_full, *tp_send, *tp_recv, *tp_logits;
 } mdl_acts;
 
 /* What a block reads and writes in layer L: the tape's slices while the backward will need
@@ -174,7 +177,10 @@ typedef struct mdl_tp {
     int tp, rank;         /* group size and this rank in it */
     int H, Hkv, F, V;     /* local heads, kv heads, MLP width, vocabulary rows */
     int h0, hkv0, f0, v0; /* where this rank's slice starts in the full model */
-    int kv_rep;           /* 1: fewer kv heads than ranks, so every rank holds them all */
+    int kv_rep;           /* 1: fewer kv heads than ranks: each rank holds the one kv head its q heads read */
+    void *ones;           /* [d_model] ones (act dtype): biases added after a reduce */
+    float *xh;            /* host [logit_rows, V] this rank's logits, for the vocabulary-parallel loss */
+    double *red;          /* host [3 * logit_rows] per-row reductions */
 } mdl_tp;
 
 struct lp_model {
@@ -227,6 +233,34 @@ int lp_hooks_want_full_logits(const lp_model *m);
  * where it steered, as the edit's spec declares for a callback. *unknown is set when a
  * callback's Jacobian is not declared (grad is then left as it is). */
 lp_status lp_hook_edit_jacobian(lp_model *m, int id, void *grad, int *unknown);
+
+/* ---- tensor parallelism (tp.c) ---- */
+
+/* This rank's slice (m->par) for m->cfg and m->par.tp / rank; refuses sizes that do not split. */
+lp_status lp_tp_setup(lp_model *m);
+/* Device constants of a split model (after the weights); frees them. */
+lp_status lp_tp_alloc(lp_model *m);
+void lp_tp_free(lp_model *m);
+/* Host buffers for lrows rows of this rank's logits. */
+lp_status lp_tp_host_alloc(lp_model *m, int lrows);
+/* How weight role r (or LP_TP_UNEMBED) is cut: 0 whole, 1 along its output axis, 2 along its
+ * input axis, this rank holding [*start, *start + *count) of that axis. */
+#define LP_TP_UNEMBED (-2)
+int lp_tp_role_cut(const lp_model *m, int r, int64_t *start, int64_t *count);
+/* A hook site on a split activation: gathered whole when someone listens, the site run on
+ * the whole, edits taken back into this rank's slice. */
+lp_status lp_tp_site(lp_model *m, int id, void *act);
+/* The site itself, on an activation of the hook's whole shape (hooks.c). */
+lp_status lp_hook_site_whole(lp_model *m, int id, void *act);
+/* out [N, M] = x [N, K] W (+ b) for a weight split along its input axis: the partial
+ * products summed over the TP group, then the bias once. TP 1: lp_blk_linear. */
+lp_status lp_tp_linear_reduce(lp_model *m, void *out, const void *x, int L, int r, int rb, int N, int K, int M);
+/* This rank's rows of the unembedding [V_local, D]. */
+const void *lp_tp_unembed_w(const lp_model *m);
+/* Full logits [rows, V] from every rank's [rows, V_local]. */
+lp_status lp_tp_gather_logits(lp_model *m, void *full, const void *local, int rows);
+/* Losses of rows [r0, r0 + rows) from this rank's capped logits, vocabulary-parallel. */
+lp_status lp_tp_xent(lp_model *m, const void *logits, int r0, int rows);
 
 /* ---- the weight table (weights.c) ---- */
 
