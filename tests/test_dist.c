@@ -98,7 +98,7 @@ static void run_tp(int np) {
     char bin[PATH_MAX + 32], cmd[8192];
     tp_check_path(bin, sizeof bin);
     snprintf(cmd, sizeof cmd,
-             "mpirun --allow-run-as-root --oversubscribe -np %d %s " FIX "gpt2-tiny " FIX "llama-tiny " FIX "qwen2-tiny " FIX
+             "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np %d %s " FIX "gpt2-tiny " FIX "llama-tiny " FIX "qwen2-tiny " FIX
              "mistral-tiny " FIX "gemma2-tiny " FIX "gemma3-tiny 2>&1",
              np, bin);
     FILE *p = popen(cmd, "r");
@@ -123,7 +123,7 @@ Test(dist, gguf_tp3_matches_one_process, .timeout = 120) {
     char bin[PATH_MAX + 32], cmd[8192];
     tp_check_path(bin, sizeof bin);
     if (access(gguf, R_OK) != 0) cr_skip_test("%s is absent (make model fetches it)", gguf);
-    snprintf(cmd, sizeof cmd, "mpirun --allow-run-as-root --oversubscribe -np 3 %s %s 2>&1 | tail -n 20", bin, gguf);
+    snprintf(cmd, sizeof cmd, "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np 3 %s %s 2>&1 | tail -n 20", bin, gguf);
     FILE *p = popen(cmd, "r");
     cr_assert(p, "cannot start mpirun");
     char line[512], all[8192] = "";

@@ -120,6 +120,10 @@ static lp_status grad_keep(lp_model *m, struct grad_state *g, int id, const void
  * buf and have nothing upstream: their direction is added to the kept copy only and buf is
  * left as it is. */
 lp_status lp_grad_site(lp_model *m, int kind, int layer, void *buf) {
+    return m->par.tp > 1 ? lp_tp_grad_site(m, kind, layer, buf) : lp_grad_site_whole(m, kind, layer, buf);
+}
+
+lp_status lp_grad_site_whole(lp_model *m, int kind, int layer, void *buf) {
     struct grad_state *g = m->grad;
     int id = lp_hook_id(m, kind, layer);
     if (!g || id < 0) return LP_OK;
@@ -161,6 +165,9 @@ lp_status lp_grad_set_wanted(lp_model *m, const char *grad_hooks) {
                 continue;
             }
             if (m->ctx.dtype != LP_F32) st = LP_ERR(LP_ERR_ARG, "gradient of '%s': weight gradients need --model.dtype=f32", p);
+            if (m->par.tp > 1)
+                st = LP_ERR(LP_ERR_ARG, "gradient of '%s': weight gradients of a model split over dist.tp=%d ranks are not supported",
+                            p, m->par.tp);
             g->pwant[i] = 1, n++;
         }
         if (!n && st == LP_OK) st = LP_ERR(LP_ERR_NOT_FOUND, "gradient of '%s': no such hook or weight (see `loupe info MODEL`)", p);

@@ -262,6 +262,16 @@ lp_status lp_tp_gather_logits(lp_model *m, void *full, const void *local, int ro
 /* Losses of rows [r0, r0 + rows) from this rank's capped logits, vocabulary-parallel. */
 lp_status lp_tp_xent(lp_model *m, const void *logits, int r0, int rows);
 
+/* The backward's stop at a split hook: the gradient summed whole over the ranks for the site
+ * (only when the backward stops there), this rank's part taken back. */
+lp_status lp_tp_grad_site(lp_model *m, int kind, int layer, void *grad);
+/* The site itself, on a gradient of the hook's whole shape (grad.c). */
+lp_status lp_grad_site_whole(lp_model *m, int kind, int layer, void *grad);
+/* Logits [rows, V] of x [rows, D], every rank the whole (gathered in chunks at TP > 1). */
+lp_status lp_tp_logits(lp_model *m, void *out, const void *x, int rows);
+/* dx [rows, D] = dlogits [rows, V] W_U: each rank its vocabulary slice, summed. */
+lp_status lp_tp_unembed_dx(lp_model *m, void *dx, const void *dlogits, int rows);
+
 /* ---- the weight table (weights.c) ---- */
 
 /* Address of weight idx (NULL when the model has no such weight). */

@@ -231,3 +231,62 @@ lp_status lp_tp_host_alloc(lp_model *m, int lrows) {
     if (!p->xh || !p->red) LP_FAIL(LP_ERR_OOM, "out of host memory for %d rows of logits", lrows);
     return LP_OK;
 }
+
+/* ---- the backward ---- */
+
+/* full [rows, c->full] = the sum over ranks of each rank's local columns put in place (zeros
+ * elsewhere): the whole gradient, where ranks sharing a kv head each hold a part of it. */
+static lp_status sum_cols(lp_model *m, void *full, const void *local, const cols *c) {
+    size_t es = lp_act_size(m), n = (size_t)c->rows * c->full;
+    int s, w;
+    cols_rank(m, c, m->par.rank, &s, &w);
+    LP_CHECK(lp_ctx_memset0(&m->ctx, full, n * es));
+    for (int i = 0; i < c->rows; i++)
+        LP_CHECK(lp_ctx_copy(&m->ctx, (char *)full + ((size_t)i * c->full + s) * es, (const char *)local + (size_t)i * w * es, w * es));
+    return lp_dist_allreduce_sum_dev(m->par.dist, LP_DIST_TP, &m->ctx, full, n);
+}
+
+lp_status lp_tp_grad_site(lp_model *m, int kind, int layer, void *buf) {
+    cols c;
+    if (!cols_of(m, kind, &c)) return lp_grad_site_whole(m, kind, layer, buf);
+    if (!lp_grad_wanted(m, kind, layer)) return LP_OK; /* nobody stops here: no communication */
+    LP_CHECK(sum_cols(m, m->a.tp_full, buf, &c));
+    LP_CHECK(lp_grad_site_whole(m, kind, layer, m->a.tp_full));
+    LP_CHECK(scatter_cols(m, buf, m->a.tp_full, &c));
+    /* a kv head held by several ranks: its whole gradient flows on from the first of them
+     * only, so that the sums over ranks further down count it once */
+    int s, w, sp, wp;
+    cols_rank(m, &c, m->par.rank, &s, &w);
+    if (m->par.rank > 0) cols_rank(m, &c, m->par.rank - 1, &sp, &wp);
+    if (m->par.rank > 0 && sp == s) LP_CHECK(lp_ctx_memset0(&m->ctx, buf, (size_t)c.rows * w * lp_act_size(m)));
+    return LP_OK;
+}
+
+lp_status lp_tp_logits(lp_model *m, void *out, const void *x, int rows) {
+    const lp_config *cf = &m->cfg;
+    if (m->par.tp <= 1) return lp_matmul(&m->ctx, out, x, lp_param(m, m->w.unembed), NULL, rows, cf->d_model, cf->d_vocab, 1);
+    size_t es = lp_act_size(m);
+    for (int r0 = 0; r0 < rows; r0 += m->a.logit_rows) {
+        int n = rows - r0 < m->a.logit_rows ? rows - r0 : m->a.logit_rows;
+        LP_CHECK(lp_matmul(&m->ctx, m->a.tp_logits, (const char *)x + (size_t)r0 * cf->d_model * es, lp_tp_unembed_w(m), NULL, n,
+                           cf->d_model, m->par.V, 1));
+        LP_CHECK(lp_tp_gather_logits(m, (char *)out + (size_t)r0 * cf->d_vocab * es, m->a.tp_logits, n));
+    }
+    return LP_OK;
+}
+
+lp_status lp_tp_unembed_dx(lp_model *m, void *dx, const void *dlogits, int rows) {
+    const lp_config *cf = &m->cfg;
+    lp_ctx *c = &m->ctx;
+    if (m->par.tp <= 1) return lp_matmul(c, dx, dlogits, lp_param(m, m->w.unembed), NULL, rows, cf->d_vocab, cf->d_model, 0);
+    size_t es = lp_act_size(m);
+    cols vc = {0, cf->d_vocab, 1, 3};
+    for (int r0 = 0; r0 < rows; r0 += m->a.logit_rows) {
+        vc.rows = rows - r0 < m->a.logit_rows ? rows - r0 : m->a.logit_rows;
+        LP_CHECK(scatter_cols(m, m->a.tp_logits, (const char *)dlogits + (size_t)r0 * cf->d_vocab * es, &vc));
+        void *o = (char *)dx + (size_t)r0 * cf->d_model * es;
+        LP_CHECK(lp_matmul(c, o, m->a.tp_logits, lp_tp_unembed_w(m), NULL, vc.rows, m->par.V, cf->d_model, 0));
+        LP_CHECK(lp_dist_allreduce_sum_dev(m->par.dist, LP_DIST_TP, c, o, (size_t)vc.rows * cf->d_model));
+    }
+    return LP_OK;
+}

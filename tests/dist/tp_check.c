@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "loupe/attrib.h"
 #include "loupe/dist.h"
 #include "loupe/hooks.h"
 #include "loupe/model.h"
@@ -95,8 +96,80 @@ static lp_status add_edits(lp_model *m, const lp_config *c, int B, int T) {
     st = lp_hook_edit(m, "blocks.*.mlp.hook_post", &steer);
     free(dir);
     LP_CHECK(st);
-    lp_edit_spec cb = {.fn = twice};
+    lp_edit_spec cb = {.fn = twice, .grad = LP_EDIT_GRAD_IDENTITY};
     return lp_hook_edit(m, "blocks.1.attn.hook_q", &cb);
+}
+
+/* The scale a norm's hook_scale gradient is a sum over: per row, |gradient at its
+ * hook_normalized| sqrt(width) / scale. That gradient nearly cancels where the norm's output
+ * barely depends on its input's size, so its own magnitude says nothing of the rounding in
+ * it (-1: no such pair of hooks captured). */
+static double scale_grad_ref(lp_model *w, const char *name, size_t rows) {
+    char nn[160];
+    size_t k = strlen(name);
+    if (k < 10 || strcmp(name + k - 10, "hook_scale") != 0) return -1;
+    snprintf(nn, sizeof nn, "%.*shook_normalized", (int)(k - 10), name);
+    lp_tensor gn;
+    if (lp_grad_get(w, nn, &gn) != LP_OK) return -1;
+    size_t n = (size_t)lp_shape_numel(gn.shape, gn.ndim), width = n / rows;
+    float *sc = malloc(rows * sizeof(float));
+    double ref = -1;
+    if (lp_capture_read_f32(w, name, sc, rows) == LP_OK)
+        for (size_t r = 0; r < rows; r++) {
+            double s2 = 0;
+            for (size_t j = 0; j < width; j++) s2 += (double)((float *)gn.data)[r * width + j] * ((float *)gn.data)[r * width + j];
+            double v = sqrt(s2 * width) / sc[r];
+            if (v > ref) ref = v;
+        }
+    free(sc);
+    return ref;
+}
+
+/* Gradients at every hook (no weights: their gradients are refused when split), for three
+ * metrics: the mean loss, a logit difference, and a direction at a per-head hook. */
+static void grads_check(const char *path, lp_model *w, lp_model *s, const int32_t *tok, int B, int T, const char *tag) {
+    const lp_config *c = lp_model_config(w);
+    int32_t ans[2] = {3, 5}, wrong[2] = {7 % c->d_vocab, 11 % c->d_vocab};
+    float *dir = malloc((size_t)c->n_heads * c->d_head * sizeof(float));
+    for (int i = 0; i < c->n_heads * c->d_head; i++) dir[i] = (float)((i * 7 % 11) - 5) / 5.0f;
+    lp_metric mets[3] = {{.kind = LP_METRIC_MEAN_LOSS}, {.kind = LP_METRIC_LOGIT_DIFF, .answer = ans, .wrong = wrong},
+                         {.kind = LP_METRIC_DIRECTION, .hook = "blocks.1.attn.hook_z", .direction = dir}};
+    const char *mname[3] = {"mean-loss", "logit-diff", "direction"};
+    for (int k = 0; k < 3; k++) {
+        double mw[2], ms[2];
+        char what[200];
+        if (lp_model_grad(w, tok, B, T, &mets[k], "*hook_*", mw) != LP_OK ||
+            lp_model_grad(s, tok, B, T, &mets[k], "*hook_*", ms) != LP_OK) {
+            snprintf(what, sizeof what, "%s gradient (%s)", tag, mname[k]);
+            fail(what, path, lp_last_error());
+            continue;
+        }
+        float fw[2] = {(float)mw[0], (float)mw[1]}, fs[2] = {(float)ms[0], (float)ms[1]};
+        snprintf(what, sizeof what, "%s metric (%s)", tag, mname[k]);
+        compare(path, what, fs, fw, 2);
+        for (int id = 0; id < lp_hook_count(w); id++) {
+            const char *name = lp_hook_name(w, id);
+            lp_tensor gw, gs;
+            int hw = lp_grad_get(w, name, &gw) == LP_OK, hs = lp_grad_get(s, name, &gs) == LP_OK;
+            snprintf(what, sizeof what, "%s gradient (%s) at %s", tag, mname[k], name);
+            if (hw != hs) fail(what, path, hw ? "missing from the split model" : "present only in the split model");
+            if (!hw || !hs) continue;
+            size_t n = (size_t)lp_shape_numel(gw.shape, gw.ndim);
+            double ref = scale_grad_ref(w, name, n);
+            if (ref < 0) {
+                compare(path, what, gs.data, gw.data, n);
+                continue;
+            }
+            double err = 0;
+            for (size_t i = 0; i < n; i++) err = fmax(err, fabs((double)((float *)gs.data)[i] - ((float *)gw.data)[i]));
+            if (!(err <= TOL * ref)) {
+                char buf[160];
+                snprintf(buf, sizeof buf, "max difference %.3g against the scale of its terms %.3g", err, ref);
+                fail(what, path, buf);
+            }
+        }
+    }
+    free(dir);
 }
 
 static void counts_check(const char *path, lp_model *s, lp_dist *d, const int32_t *tok, int B, int T) {
@@ -168,6 +241,7 @@ static void check_model(const char *path, lp_dist *d) {
             compare(path, what, lp_model_logits(s), lp_model_logits(w), (size_t)B * T * c->d_vocab);
         }
         compare_hooks(path, w, s, B, T, tag);
+        if (pass) grads_check(path, w, s, tok, B, T, tag);
     }
     counts_check(path, s, d, tok, B, T);
     lp_model_free(s);
