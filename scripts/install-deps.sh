@@ -3,7 +3,8 @@
 # (and so by `make test`, `make demo` and .ci/run). Installs with apt-get when run as
 # root; otherwise prints the exact command and stops.
 set -euo pipefail
-pkgs=(build-essential pkg-config libopenblas-dev libcjson-dev libcriterion-dev libpcre2-dev libutf8proc-dev python3 python3-pip)
+pkgs=(build-essential pkg-config libopenblas-dev libcjson-dev libcriterion-dev libpcre2-dev libutf8proc-dev python3 python3-pip
+      openmpi-bin libopenmpi-dev)  # MPI: tensor parallelism across processes (the build works without it, one process)
 # optional: the dashboard page's render test uses a headless chromium (it skips without one);
 # installed when we can, never required
 optional=(chromium)

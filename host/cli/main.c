@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "loupe/config.h"
+#include "loupe/dist.h"
 #include "loupe/hooks.h"
 #include "loupe/model.h"
 #include "loupe/sae_train.h"
@@ -25,6 +26,8 @@ static const lp_key g_keys[] = {
     {"model.path", LP_KEY_STR, NULL, 0, 0, NULL, "Hugging Face checkpoint directory or .gguf file"},
     {"model.device", LP_KEY_CHOICE, "auto", 0, 0, "auto|cpu|cuda", "auto: cuda when a GPU is present"},
     {"model.dtype", LP_KEY_CHOICE, "auto", 0, 0, "auto|f32|bf16", "auto: bf16 on cuda, f32 on cpu"},
+    {"dist.tp", LP_KEY_INT, "1", 1, 1 << 16, NULL,
+     "tensor-parallel ranks the model is split over (launch that many with mpirun -np N or srun -n N)"},
     {"data.tokens", LP_KEY_STR, NULL, 0, 0, NULL, ".npy or .bin token ids"},
     {"data.text", LP_KEY_STR, NULL, 0, 0, NULL, "UTF-8 text file, tokenized with the model's tokenizer"},
     {"data.context", LP_KEY_INT, "0", 0, 1 << 20, NULL, "row length; 0: as stored (2-D) or the model's context (flat)"},
@@ -204,8 +207,11 @@ static void usage(FILE *f) {
                 g_keys[i].def ? g_keys[i].def : "");
 }
 
+static lp_dist *g_dist;
+
 int cli_fail(lp_status st) {
-    fprintf(stderr, "loupe: %s\n", lp_last_error());
+    if (lp_dist_size(g_dist) > 1) fprintf(stderr, "loupe: rank %d: %s\n", lp_dist_rank(g_dist), lp_last_error());
+    else fprintf(stderr, "loupe: %s\n", lp_last_error());
     if (getenv("LOUPE_DEBUG")) fprintf(stderr, "loupe: (raised at %s)\n", lp_last_error_where());
     return lp_status_exit_code(st);
 }
@@ -307,12 +313,32 @@ lp_device cli_device(const char *dev) {
     return strcmp(dev, "cuda") == 0 ? LP_CUDA : strcmp(dev, "cpu") == 0 ? LP_CPU : lp_cuda_available(why, sizeof why) ? LP_CUDA : LP_CPU;
 }
 
+/* The processes of this job (g_dist, dist.h): joined on the first model load, ended by main. */
+static const char *g_cmd;
+
+/* Joins the job's processes; ranks other than 0 print nothing on standard output (errors
+ * still go to standard error, each naming its rank). */
+static lp_status cli_join(const args *a) {
+    int tp = (int)lp_cfg_int(&a->cfg, "dist.tp");
+    if (g_dist) return LP_OK;
+    /* the commands that split the model over ranks and write no files of their own */
+    static const char *const tp_cmds[] = {"info", "run", "generate", NULL};
+    int ok = 0;
+    for (int i = 0; tp_cmds[i]; i++) ok |= strcmp(g_cmd, tp_cmds[i]) == 0;
+    if (tp > 1 && !ok) LP_FAIL(LP_ERR_ARG, "dist.tp=%d: `loupe %s` does not run tensor-parallel (info, run and generate do)", tp, g_cmd);
+    LP_CHECK(lp_dist_init(&g_dist, tp, 1));
+    if (lp_dist_rank(g_dist) != 0 && !freopen("/dev/null", "w", stdout))
+        LP_FAIL(LP_ERR_WRITE, "rank %d: cannot silence standard output", lp_dist_rank(g_dist));
+    return LP_OK;
+}
+
 lp_status cli_open_model(const args *a, lp_model **m) {
     LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"model.path", NULL}));
+    LP_CHECK(cli_join(a));
     const char *dt = lp_cfg_str(&a->cfg, "model.dtype");
     lp_device d = cli_device(lp_cfg_str(&a->cfg, "model.device"));
     lp_dtype t = strcmp(dt, "f32") == 0 ? LP_F32 : strcmp(dt, "bf16") == 0 ? LP_BF16 : d == LP_CUDA ? LP_BF16 : LP_F32;
-    return lp_model_load(m, lp_cfg_str(&a->cfg, "model.path"), d, t);
+    return lp_model_load_dist(m, lp_cfg_str(&a->cfg, "model.path"), d, t, g_dist);
 }
 
 const char *cli_dev_name(lp_model *m) {
@@ -612,9 +638,11 @@ int main(int argc, char **argv) {
         return 2;
     }
     args a = {0};
+    g_cmd = cmd;
     lp_status st = parse_args(&a, argc - 2, argv + 2, positional);
     int rc = st == LP_OK ? fn(&a) : cli_fail(st);
     lp_cfg_free(&a.cfg);
+    lp_dist_finalize(g_dist);
     /* a report or --json object that did not reach its file is a failure, not a success */
     if ((fflush(stdout) != 0 || ferror(stdout)) && rc == 0) {
         fprintf(stderr, "loupe: standard output: write failed: %s\n", strerror(errno));
