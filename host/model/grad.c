@@ -119,11 +119,20 @@ static lp_status grad_keep(lp_model *m, struct grad_state *g, int id, const void
  * where an edit replaced the value, unchanged by a steer. hook_embed and hook_pos_embed share
  * buf and have nothing upstream: their direction is added to the kept copy only and buf is
  * left as it is. */
+static lp_status grad_site_whole(lp_model *m, int kind, int layer, void *buf);
+
+/* Under tensor parallelism a split hook's gradient is summed whole for its site, and only
+ * where the backward stops (tp.c). */
 lp_status lp_grad_site(lp_model *m, int kind, int layer, void *buf) {
-    return m->par.tp > 1 ? lp_tp_grad_site(m, kind, layer, buf) : lp_grad_site_whole(m, kind, layer, buf);
+    if (m->par.tp <= 1) return grad_site_whole(m, kind, layer, buf);
+    if (!lp_grad_wanted(m, kind, layer)) return LP_OK;
+    void *whole;
+    LP_CHECK(lp_tp_grad_gather(m, kind, buf, &whole));
+    LP_CHECK(grad_site_whole(m, kind, layer, whole));
+    return lp_tp_grad_scatter(m, kind, buf, whole);
 }
 
-lp_status lp_grad_site_whole(lp_model *m, int kind, int layer, void *buf) {
+static lp_status grad_site_whole(lp_model *m, int kind, int layer, void *buf) {
     struct grad_state *g = m->grad;
     int id = lp_hook_id(m, kind, layer);
     if (!g || id < 0) return LP_OK;

@@ -247,11 +247,11 @@ lp_status lp_tp_host_alloc(lp_model *m, int lrows);
  * input axis, this rank holding [*start, *start + *count) of that axis. */
 #define LP_TP_UNEMBED (-2)
 int lp_tp_role_cut(const lp_model *m, int r, int64_t *start, int64_t *count);
-/* A hook site on a split activation: gathered whole when someone listens, the site run on
- * the whole, edits taken back into this rank's slice. */
-lp_status lp_tp_site(lp_model *m, int id, void *act);
-/* The site itself, on an activation of the hook's whole shape (hooks.c). */
-lp_status lp_hook_site_whole(lp_model *m, int id, void *act);
+/* A hook site of kind `kind` on this rank's activation act: *whole is the hook's whole
+ * activation (gathered from the ranks when the kind is split, else act itself); after the
+ * site, the scatter takes this rank's part of the (edited) whole back into act. */
+lp_status lp_tp_gather_hook(lp_model *m, int kind, const void *act, void **whole);
+lp_status lp_tp_scatter_hook(lp_model *m, int kind, void *act, const void *whole);
 /* out [N, M] = x [N, K] W (+ b) for a weight split along its input axis: the partial
  * products summed over the TP group, then the bias once. TP 1: lp_blk_linear. */
 lp_status lp_tp_linear_reduce(lp_model *m, void *out, const void *x, int L, int r, int rb, int N, int K, int M);
@@ -262,11 +262,11 @@ lp_status lp_tp_gather_logits(lp_model *m, void *full, const void *local, int ro
 /* Losses of rows [r0, r0 + rows) from this rank's capped logits, vocabulary-parallel. */
 lp_status lp_tp_xent(lp_model *m, const void *logits, int r0, int rows);
 
-/* The backward's stop at a split hook: the gradient summed whole over the ranks for the site
- * (only when the backward stops there), this rank's part taken back. */
-lp_status lp_tp_grad_site(lp_model *m, int kind, int layer, void *grad);
-/* The site itself, on a gradient of the hook's whole shape (grad.c). */
-lp_status lp_grad_site_whole(lp_model *m, int kind, int layer, void *grad);
+/* The same for the backward's stop at a hook: the whole gradient is the sum over ranks of
+ * their parts (ranks sharing a kv head each hold a part), and the scatter leaves it with
+ * the first rank of a shared kv head alone. */
+lp_status lp_tp_grad_gather(lp_model *m, int kind, const void *grad, void **whole);
+lp_status lp_tp_grad_scatter(lp_model *m, int kind, void *grad, const void *whole);
 /* Logits [rows, V] of x [rows, D], every rank the whole (gathered in chunks at TP > 1). */
 lp_status lp_tp_logits(lp_model *m, void *out, const void *x, int rows);
 /* dx [rows, D] = dlogits [rows, V] W_U: each rank its vocabulary slice, summed. */

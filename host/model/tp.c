@@ -17,7 +17,15 @@
 
 #include "loupe/dist.h"
 #include "loupe/ops.h"
-#include "model/blocks.h"
+#include "model/model_internal.h"
+
+/* lp_act_size and lp_param without their file (hooks.c), so that this file calls none of
+ * the model layer's and they can call it. */
+static size_t act_size(const lp_model *m) { return lp_dtype_size(m->ctx.dtype); }
+static void *wparam(const lp_model *m, int idx) {
+    return idx >= 0 && m->w.params[idx].shape[0] ? (char *)m->w.mem + m->w.params[idx].offset * act_size(m) : NULL;
+}
+static void *lw(const lp_model *m, int L, int r) { return wparam(m, lp_lw_idx(m, L, r)); }
 
 lp_status lp_tp_setup(lp_model *m) {
     mdl_tp *p = &m->par;
@@ -51,7 +59,7 @@ lp_status lp_tp_alloc(lp_model *m) {
     float *h = malloc(n * sizeof(float));
     if (!h) LP_FAIL(LP_ERR_OOM, "out of memory");
     for (size_t i = 0; i < n; i++) h[i] = 1.0f;
-    lp_status st = lp_ctx_alloc(&m->ctx, n * lp_act_size(m), &m->par.ones);
+    lp_status st = lp_ctx_alloc(&m->ctx, n * act_size(m), &m->par.ones);
     if (st == LP_OK) st = lp_ctx_upload_f32(&m->ctx, m->par.ones, h, n);
     free(h);
     return st;
@@ -125,7 +133,7 @@ static void cols_rank(const lp_model *m, const cols *c, int q, int *start, int *
  * same values). */
 static lp_status gather_cols(lp_model *m, void *full, const void *local, const cols *c) {
     lp_ctx *x = &m->ctx;
-    size_t es = lp_act_size(m);
+    size_t es = act_size(m);
     int P = m->par.tp, me = m->par.rank, s, w, wmax = 0;
     for (int q = 0; q < P; q++) {
         cols_rank(m, c, q, &s, &w);
@@ -151,7 +159,7 @@ static lp_status gather_cols(lp_model *m, void *full, const void *local, const c
 
 /* This rank's columns of full back into local. */
 static lp_status scatter_cols(lp_model *m, void *local, const void *full, const cols *c) {
-    size_t es = lp_act_size(m);
+    size_t es = act_size(m);
     int s, w;
     cols_rank(m, c, m->par.rank, &s, &w);
     for (int i = 0; i < c->rows; i++)
@@ -159,28 +167,34 @@ static lp_status scatter_cols(lp_model *m, void *local, const void *full, const 
     return LP_OK;
 }
 
-lp_status lp_tp_site(lp_model *m, int id, void *act) {
+lp_status lp_tp_gather_hook(lp_model *m, int kind, const void *act, void **whole) {
     cols c;
-    if (!cols_of(m, m->hooks[id].kind, &c)) return lp_hook_site_whole(m, id, act);
-    LP_CHECK(gather_cols(m, m->a.tp_full, act, &c));
-    LP_CHECK(lp_hook_site_whole(m, id, m->a.tp_full));
-    return m->hooks[id].edits ? scatter_cols(m, act, m->a.tp_full, &c) : LP_OK;
+    *whole = (void *)act;
+    if (m->par.tp <= 1 || !cols_of(m, kind, &c)) return LP_OK;
+    *whole = m->a.tp_full;
+    return gather_cols(m, m->a.tp_full, act, &c);
+}
+
+lp_status lp_tp_scatter_hook(lp_model *m, int kind, void *act, const void *whole) {
+    cols c;
+    if (whole == act || !cols_of(m, kind, &c)) return LP_OK;
+    return scatter_cols(m, act, whole, &c);
 }
 
 lp_status lp_tp_linear_reduce(lp_model *m, void *out, const void *x, int L, int r, int rb, int N, int K, int M) {
-    if (m->par.tp <= 1) return lp_blk_linear(m, out, x, L, r, rb, N, K, M);
-    LP_CHECK(lp_blk_linear(m, out, x, L, r, -1, N, K, M));
+    if (m->par.tp <= 1) return lp_matmul(&m->ctx, out, x, lw(m, L, r), rb >= 0 ? lw(m, L, rb) : NULL, N, K, M, m->w.trans);
+    LP_CHECK(lp_matmul(&m->ctx, out, x, lw(m, L, r), NULL, N, K, M, m->w.trans));
     LP_CHECK(lp_dist_allreduce_sum_dev(m->par.dist, LP_DIST_TP, &m->ctx, out, (size_t)N * M));
     /* the bias once, after the sum of the partial outputs */
-    return rb >= 0 && lp_lw(m, L, rb) ? lp_affine(&m->ctx, out, out, m->par.ones, lp_lw(m, L, rb), N, M) : LP_OK;
+    return rb >= 0 && lw(m, L, rb) ? lp_affine(&m->ctx, out, out, m->par.ones, lw(m, L, rb), N, M) : LP_OK;
 }
 
 /* ---- the unembedding, vocabulary-parallel ---- */
 
 const void *lp_tp_unembed_w(const lp_model *m) {
-    const char *w = lp_param(m, m->w.unembed);
+    const char *w = wparam(m, m->w.unembed);
     /* tied: this rank's rows of the (replicated) embedding; untied: the slice it loaded */
-    if (m->par.tp > 1 && m->w.unembed == m->w.embed) w += (size_t)m->par.v0 * m->cfg.d_model * lp_act_size(m);
+    if (m->par.tp > 1 && m->w.unembed == m->w.embed) w += (size_t)m->par.v0 * m->cfg.d_model * act_size(m);
     return w;
 }
 
@@ -198,7 +212,7 @@ lp_status lp_tp_xent(lp_model *m, const void *logits, int r0, int rows) {
     size_t n = (size_t)rows * p->V;
     const float *x = logits;
     if (c->device != LP_CPU || c->dtype != LP_F32) {
-        LP_CHECK(lp_ctx_to_host(c, m->a.logit_stage, logits, n * lp_act_size(m)));
+        LP_CHECK(lp_ctx_to_host(c, m->a.logit_stage, logits, n * act_size(m)));
         LP_CHECK(lp_convert_host(p->xh, LP_F32, m->a.logit_stage, c->dtype, n));
         x = p->xh;
     }
@@ -237,7 +251,7 @@ lp_status lp_tp_host_alloc(lp_model *m, int lrows) {
 /* full [rows, c->full] = the sum over ranks of each rank's local columns put in place (zeros
  * elsewhere): the whole gradient, where ranks sharing a kv head each hold a part of it. */
 static lp_status sum_cols(lp_model *m, void *full, const void *local, const cols *c) {
-    size_t es = lp_act_size(m), n = (size_t)c->rows * c->full;
+    size_t es = act_size(m), n = (size_t)c->rows * c->full;
     int s, w;
     cols_rank(m, c, m->par.rank, &s, &w);
     LP_CHECK(lp_ctx_memset0(&m->ctx, full, n * es));
@@ -246,26 +260,31 @@ static lp_status sum_cols(lp_model *m, void *full, const void *local, const cols
     return lp_dist_allreduce_sum_dev(m->par.dist, LP_DIST_TP, &m->ctx, full, n);
 }
 
-lp_status lp_tp_grad_site(lp_model *m, int kind, int layer, void *buf) {
+lp_status lp_tp_grad_gather(lp_model *m, int kind, const void *grad, void **whole) {
     cols c;
-    if (!cols_of(m, kind, &c)) return lp_grad_site_whole(m, kind, layer, buf);
-    if (!lp_grad_wanted(m, kind, layer)) return LP_OK; /* nobody stops here: no communication */
-    LP_CHECK(sum_cols(m, m->a.tp_full, buf, &c));
-    LP_CHECK(lp_grad_site_whole(m, kind, layer, m->a.tp_full));
-    LP_CHECK(scatter_cols(m, buf, m->a.tp_full, &c));
+    *whole = (void *)grad;
+    if (m->par.tp <= 1 || !cols_of(m, kind, &c)) return LP_OK;
+    *whole = m->a.tp_full;
+    return sum_cols(m, m->a.tp_full, grad, &c);
+}
+
+lp_status lp_tp_grad_scatter(lp_model *m, int kind, void *grad, const void *whole) {
+    cols c;
+    if (whole == grad || !cols_of(m, kind, &c)) return LP_OK;
+    LP_CHECK(scatter_cols(m, grad, whole, &c));
     /* a kv head held by several ranks: its whole gradient flows on from the first of them
      * only, so that the sums over ranks further down count it once */
     int s, w, sp, wp;
     cols_rank(m, &c, m->par.rank, &s, &w);
     if (m->par.rank > 0) cols_rank(m, &c, m->par.rank - 1, &sp, &wp);
-    if (m->par.rank > 0 && sp == s) LP_CHECK(lp_ctx_memset0(&m->ctx, buf, (size_t)c.rows * w * lp_act_size(m)));
+    if (m->par.rank > 0 && sp == s) LP_CHECK(lp_ctx_memset0(&m->ctx, grad, (size_t)c.rows * w * act_size(m)));
     return LP_OK;
 }
 
 lp_status lp_tp_logits(lp_model *m, void *out, const void *x, int rows) {
     const lp_config *cf = &m->cfg;
-    if (m->par.tp <= 1) return lp_matmul(&m->ctx, out, x, lp_param(m, m->w.unembed), NULL, rows, cf->d_model, cf->d_vocab, 1);
-    size_t es = lp_act_size(m);
+    if (m->par.tp <= 1) return lp_matmul(&m->ctx, out, x, wparam(m, m->w.unembed), NULL, rows, cf->d_model, cf->d_vocab, 1);
+    size_t es = act_size(m);
     for (int r0 = 0; r0 < rows; r0 += m->a.logit_rows) {
         int n = rows - r0 < m->a.logit_rows ? rows - r0 : m->a.logit_rows;
         LP_CHECK(lp_matmul(&m->ctx, m->a.tp_logits, (const char *)x + (size_t)r0 * cf->d_model * es, lp_tp_unembed_w(m), NULL, n,
@@ -278,8 +297,8 @@ lp_status lp_tp_logits(lp_model *m, void *out, const void *x, int rows) {
 lp_status lp_tp_unembed_dx(lp_model *m, void *dx, const void *dlogits, int rows) {
     const lp_config *cf = &m->cfg;
     lp_ctx *c = &m->ctx;
-    if (m->par.tp <= 1) return lp_matmul(c, dx, dlogits, lp_param(m, m->w.unembed), NULL, rows, cf->d_vocab, cf->d_model, 0);
-    size_t es = lp_act_size(m);
+    if (m->par.tp <= 1) return lp_matmul(c, dx, dlogits, wparam(m, m->w.unembed), NULL, rows, cf->d_vocab, cf->d_model, 0);
+    size_t es = act_size(m);
     cols vc = {0, cf->d_vocab, 1, 3};
     for (int r0 = 0; r0 < rows; r0 += m->a.logit_rows) {
         vc.rows = rows - r0 < m->a.logit_rows ? rows - r0 : m->a.logit_rows;
