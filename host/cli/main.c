@@ -208,9 +208,10 @@ static void usage(FILE *f) {
 }
 
 static lp_dist *g_dist;
+static FILE *g_err; /* ranks other than 0: the real standard error, for errors only */
 
 int cli_fail(lp_status st) {
-    if (lp_dist_size(g_dist) > 1) fprintf(stderr, "loupe: rank %d: %s\n", lp_dist_rank(g_dist), lp_last_error());
+    if (lp_dist_size(g_dist) > 1) fprintf(g_err ? g_err : stderr, "loupe: rank %d: %s\n", lp_dist_rank(g_dist), lp_last_error());
     else fprintf(stderr, "loupe: %s\n", lp_last_error());
     if (getenv("LOUPE_DEBUG")) fprintf(stderr, "loupe: (raised at %s)\n", lp_last_error_where());
     return lp_status_exit_code(st);
@@ -316,8 +317,8 @@ lp_device cli_device(const char *dev) {
 /* The processes of this job (g_dist, dist.h): joined on the first model load, ended by main. */
 static const char *g_cmd;
 
-/* Joins the job's processes; ranks other than 0 print nothing on standard output (errors
- * still go to standard error, each naming its rank). */
+/* Joins the job's processes; ranks other than 0 print nothing, neither results nor progress,
+ * except their errors (each naming its rank). */
 static lp_status cli_join(const args *a) {
     int tp = (int)lp_cfg_int(&a->cfg, "dist.tp");
     if (g_dist) return LP_OK;
@@ -327,8 +328,11 @@ static lp_status cli_join(const args *a) {
     for (int i = 0; tp_cmds[i]; i++) ok |= strcmp(g_cmd, tp_cmds[i]) == 0;
     if (tp > 1 && !ok) LP_FAIL(LP_ERR_ARG, "dist.tp=%d: `loupe %s` does not run tensor-parallel (info, run and generate do)", tp, g_cmd);
     LP_CHECK(lp_dist_init(&g_dist, tp, 1));
-    if (lp_dist_rank(g_dist) != 0 && !freopen("/dev/null", "w", stdout))
-        LP_FAIL(LP_ERR_WRITE, "rank %d: cannot silence standard output", lp_dist_rank(g_dist));
+    if (lp_dist_rank(g_dist) == 0) return LP_OK;
+    int fd = dup(2);
+    g_err = fd >= 0 ? fdopen(fd, "w") : NULL;
+    if (!g_err || !freopen("/dev/null", "w", stdout) || !freopen("/dev/null", "w", stderr))
+        LP_FAIL(LP_ERR_WRITE, "rank %d: cannot silence its output", lp_dist_rank(g_dist));
     return LP_OK;
 }
 
