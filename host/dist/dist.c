@@ -34,9 +34,10 @@ struct lp_dist {
     lp_dist_counts counts;
 };
 
-/* The size the launcher announced (0: no launcher variable is set). */
+/* The size the launcher announced (0: no launcher variable is set): mpirun's, PMI's, or srun's
+ * for this job step (not SLURM_NTASKS, which an allocation sets before any srun). */
 static int launched_size(void) {
-    static const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "PMI_SIZE", "SLURM_NTASKS", "SLURM_NPROCS"};
+    static const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"};
     for (size_t i = 0; i < sizeof vars / sizeof *vars; i++) {
         const char *s = getenv(vars[i]);
         if (s && *s) return atoi(s);

@@ -16,9 +16,9 @@
  * are contiguous (one node's GPUs under the usual placement).
  *
  * Where the world size comes from: MPI when the build has it (mpicc found; MPI=1 in the
- * build banner); else the launcher's variables (OMPI_COMM_WORLD_SIZE, PMIX_SIZE, PMI_SIZE,
- * SLURM_NTASKS) are read only to refuse, with a clear message, a multi-process launch of a
- * build that cannot communicate.
+ * build banner), initialized only when a launcher says it started this process
+ * (OMPI_COMM_WORLD_SIZE, PMI_SIZE, or srun's SLURM_STEP_NUM_TASKS); in a build without MPI
+ * those variables are read only to refuse, with a clear message, a multi-process launch.
  *
  * Buffers: the host calls take host memory and go through MPI. The tensor calls take memory
  * on a context's device: host memory through MPI on the CPU; GPU memory through NCCL when
