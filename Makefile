@@ -15,6 +15,7 @@ override CUDA := 0
 endif
 HAVE_NCCL := $(shell ls $(CUDA_HOME)/lib64/libnccl.so* $(CUDA_HOME)/lib/libnccl.so* 2>/dev/null | head -1 | grep -q . && echo 1 || echo 0)
 HAVE_MPI  := $(shell command -v mpicc >/dev/null 2>&1 && echo 1 || echo 0)
+MPI       ?= $(HAVE_MPI)
 
 BUILD := build
 CC    ?= cc
@@ -29,6 +30,11 @@ else
 CFLAGS  += -O2 -g -march=x86-64-v2
 endif
 LDLIBS  := $(PKG_LIBS) -lm -pthread
+# MPI (host/dist/ only): mpicc's own flags with our compiler, so nothing else changes
+ifeq ($(MPI),1)
+CFLAGS  += -DLOUPE_MPI=1 $(shell mpicc --showme:compile)
+LDLIBS  += $(shell mpicc --showme:link)
+endif
 ifeq ($(SAN),1)
 CFLAGS  += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 LDFLAGS += -fsanitize=address,undefined
@@ -36,7 +42,7 @@ endif
 
 # host/ in layers, each using only those before it: core < ops < io < model < store, sae <
 # attrib, analysis < cli (scripts/check-layers.py checks it)
-HOST_SRC := $(wildcard host/core/*.c host/ops/*.c host/ops/cpu/*.c host/io/*.c host/model/*.c host/store/*.c \
+HOST_SRC := $(wildcard host/core/*.c host/dist/*.c host/ops/*.c host/ops/cpu/*.c host/io/*.c host/model/*.c host/store/*.c \
                       host/sae/*.c host/attrib/*.c host/analysis/*.c)
 HOST_HDR := $(wildcard include/loupe/*.h host/*/*.h)
 CLI_SRC  := $(wildcard host/cli/*.c)
@@ -45,6 +51,10 @@ KERN_SRC := $(wildcard kernels/*.cu)
 KERN_OBJ := $(KERN_SRC:%.cu=$(BUILD)/%.o)
 LDLIBS   += -L$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lcudart -lstdc++ -Wl,-rpath,$(CUDA_HOME)/lib64
 CFLAGS   += -DLOUPE_CUDA=1
+ifeq ($(HAVE_NCCL)$(MPI),11)
+CFLAGS   += -DLOUPE_NCCL=1 -I$(CUDA_HOME)/include
+LDLIBS   += -lnccl
+endif
 NVFLAGS  := -O3 -std=c++17 -arch=$(CUDA_ARCH) -Iinclude -Ihost -Xcompiler -fPIC,-Wall --expt-relaxed-constexpr
 else
 KERN_OBJ := $(BUILD)/kernels/cuda_stub.o $(BUILD)/kernels/ctx_stub.o
@@ -54,14 +64,17 @@ CLI_OBJ := $(CLI_SRC:%.c=$(BUILD)/%.o)
 
 TEST_SRC   := $(wildcard tests/test_*.c)
 TEST_BIN   := $(TEST_SRC:tests/%.c=$(BUILD)/%)
+# programs the tests run under mpirun (tests/dist/; tests/test_dist.c launches them)
+DIST_SRC   := $(wildcard tests/dist/*.c)
+DIST_BIN   := $(DIST_SRC:tests/dist/%.c=$(BUILD)/dist_%)
 BENCH_SRC  := $(wildcard bench/bench_*.c)
 BENCH_BIN  := $(BENCH_SRC:bench/%.c=$(BUILD)/%)
 
 .PHONY: all deps announce model model-gemma test check-layers gpu-check bench demo demo-graph clean fixtures fuzz emu test-emu gpu-check-offline graph-page-shot
-all: announce $(BUILD)/loupe $(BUILD)/libloupe.a $(TEST_BIN) $(BENCH_BIN)
+all: announce $(BUILD)/loupe $(BUILD)/libloupe.a $(TEST_BIN) $(BENCH_BIN) $(DIST_BIN)
 
 announce:
-	@echo "loupe build: CUDA=$(CUDA) (nvcc $(if $(filter 1,$(HAVE_NVCC)),found at $(NVCC),not found), arch $(CUDA_ARCH)) NCCL=$(HAVE_NCCL) MPI=$(HAVE_MPI) SAN=$(or $(SAN),0) DEBUG=$(or $(DEBUG),0)"
+	@echo "loupe build: CUDA=$(CUDA) (nvcc $(if $(filter 1,$(HAVE_NVCC)),found at $(NVCC),not found), arch $(CUDA_ARCH)) NCCL=$(HAVE_NCCL) MPI=$(MPI) SAN=$(or $(SAN),0) DEBUG=$(or $(DEBUG),0)"
 
 deps:
 	@bash scripts/install-deps.sh
@@ -100,6 +113,9 @@ $(BUILD)/loupe: $(CLI_OBJ) $(BUILD)/libloupe.a
 
 $(BUILD)/test_%: tests/test_%.c $(wildcard tests/*.h) $(BUILD)/libloupe.a
 	$(CC) $(CFLAGS) -Itests $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS) -lcriterion
+
+$(BUILD)/dist_%: tests/dist/%.c $(BUILD)/libloupe.a
+	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS)
 
 $(BUILD)/bench_%: bench/bench_%.c $(BUILD)/libloupe.a
 	$(CC) $(CFLAGS) $(LDFLAGS) $< $(BUILD)/libloupe.a -o $@ $(LDLIBS)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """check-layers.py: host/ is layered, and this says whether it still is.
 
-    core < ops (with kernels/) < io < model < store, sae < attrib, analysis < cli
+    core < ops (with kernels/), dist < io < model < store, sae < attrib, analysis < cli
 
 (kernels/ctx.cu and kernels/capture.cu, the CUDA half of the execution context, are core:
 see KERNEL_LAYER.)
@@ -14,7 +14,7 @@ and static inline helpers do not hide an edge, and includes from the sources. Us
 Prints every violation and exits 1 if there is one."""
 import collections, glob, os, re, subprocess, sys
 
-RANK = {"core": 0, "ops": 1, "kernels": 1, "io": 2, "model": 3, "store": 4, "sae": 4,
+RANK = {"core": 0, "ops": 1, "kernels": 1, "dist": 1, "io": 2, "model": 3, "store": 4, "sae": 4,
         "attrib": 5, "analysis": 5, "cli": 6}
 
 # kernels/ holds the CUDA twins of the ops, at the ops' level, and also the CUDA half of the

@@ -5,8 +5,9 @@
 set -euo pipefail
 pkgs=(build-essential pkg-config libopenblas-dev libcjson-dev libcriterion-dev libpcre2-dev libutf8proc-dev libyaml-dev python3 python3-pip)
 # optional: the dashboard page's render test uses a headless chromium (it skips without one);
-# installed when we can, never required
-optional=(chromium)
+# OpenMPI runs loupe over several processes (tensor parallelism; without it the build is
+# single-process and the mpirun tests skip); installed when we can, never required
+optional=(chromium openmpi-bin libopenmpi-dev)
 missing=()
 for p in "${pkgs[@]}" "${optional[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

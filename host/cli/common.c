@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "loupe/config.h"
+#include "loupe/dist.h"
 #include "loupe/model.h"
 #include "loupe/pairs.h"
 #include "loupe/sae_train.h"
@@ -18,10 +19,38 @@
 #include "loupe/tokens.h"
 #include "cli.h"
 
+/* The processes of this job (dist.h): joined on the first model load, ended by main. */
+static lp_dist *g_dist;
+static FILE *g_err; /* ranks other than 0: the real standard error, for errors only */
+static const char *g_cmd = "";
+
+void cli_set_command(const char *cmd) { g_cmd = cmd; }
+void cli_dist_finish(void) { lp_dist_finalize(g_dist), g_dist = NULL; }
+
 int cli_fail(lp_status st) {
-    fprintf(stderr, "loupe: %s\n", lp_last_error());
+    if (lp_dist_size(g_dist) > 1) fprintf(g_err ? g_err : stderr, "loupe: rank %d: %s\n", lp_dist_rank(g_dist), lp_last_error());
+    else fprintf(stderr, "loupe: %s\n", lp_last_error());
     if (getenv("LOUPE_DEBUG")) fprintf(stderr, "loupe: (raised at %s)\n", lp_last_error_where());
     return lp_status_exit_code(st);
+}
+
+/* Joins the job's processes; ranks other than 0 print nothing, neither results nor progress,
+ * except their errors (each naming its rank). */
+static lp_status cli_join(const args *a) {
+    int tp = (int)lp_cfg_int(&a->cfg, "dist.tp");
+    if (g_dist) return LP_OK;
+    /* the commands that split the model over ranks and write no files of their own */
+    static const char *const tp_cmds[] = {"info", "run", "generate", NULL};
+    int ok = 0;
+    for (int i = 0; tp_cmds[i]; i++) ok |= strcmp(g_cmd, tp_cmds[i]) == 0;
+    if (tp > 1 && !ok) LP_FAIL(LP_ERR_ARG, "dist.tp=%d: `loupe %s` does not run tensor-parallel (info, run and generate do)", tp, g_cmd);
+    LP_CHECK(lp_dist_init(&g_dist, tp, 1));
+    if (lp_dist_rank(g_dist) == 0) return LP_OK;
+    int fd = dup(2);
+    g_err = fd >= 0 ? fdopen(fd, "w") : NULL;
+    if (!g_err || !freopen("/dev/null", "w", stdout) || !freopen("/dev/null", "w", stderr))
+        LP_FAIL(LP_ERR_WRITE, "rank %d: cannot silence its output", lp_dist_rank(g_dist));
+    return LP_OK;
 }
 
 void cli_print_json(cJSON *j) {
@@ -75,7 +104,8 @@ lp_status cli_open_model(const args *a, lp_model **m) {
     const char *dt = lp_cfg_str(&a->cfg, "model.dtype");
     lp_device d = cli_device(lp_cfg_str(&a->cfg, "model.device"));
     lp_dtype t = strcmp(dt, "f32") == 0 ? LP_F32 : strcmp(dt, "bf16") == 0 ? LP_BF16 : d == LP_CUDA ? LP_BF16 : LP_F32;
-    return lp_model_load(m, lp_cfg_str(&a->cfg, "model.path"), d, t);
+    LP_CHECK(cli_join(a));
+    return lp_model_load_dist(m, lp_cfg_str(&a->cfg, "model.path"), d, t, g_dist);
 }
 
 const char *cli_dev_name(lp_model *m) {

@@ -17,6 +17,8 @@ static const lp_key g_keys[] = {
     {"model.path", LP_KEY_STR, NULL, 0, 0, NULL, "Hugging Face checkpoint directory or .gguf file"},
     {"model.device", LP_KEY_CHOICE, "auto", 0, 0, "auto|cpu|cuda", "auto: cuda when a GPU is present"},
     {"model.dtype", LP_KEY_CHOICE, "auto", 0, 0, "auto|f32|bf16", "auto: bf16 on cuda, f32 on cpu"},
+    {"dist.tp", LP_KEY_INT, "1", 1, 1 << 16, NULL,
+     "tensor-parallel ranks the model is split over (launch that many with mpirun -np N or srun -n N)"},
     {"data.tokens", LP_KEY_STR, NULL, 0, 0, NULL, ".npy or .bin token ids"},
     {"data.text", LP_KEY_STR, NULL, 0, 0, NULL, "UTF-8 text file, tokenized with the model's tokenizer"},
     {"data.context", LP_KEY_INT, "0", 0, 1 << 20, NULL, "row length; 0: as stored (2-D) or the model's context (flat)"},
@@ -298,9 +300,11 @@ int main(int argc, char **argv) {
         return 2;
     }
     args a = {0};
+    cli_set_command(cmd);
     lp_status st = parse_args(&a, argc - 2, argv + 2, positional);
     int rc = st == LP_OK ? fn(&a) : cli_fail(st);
     lp_cfg_free(&a.cfg);
+    cli_dist_finish();
     /* a report or --json object that did not reach its file is a failure, not a success */
     if ((fflush(stdout) != 0 || ferror(stdout)) && rc == 0) {
         fprintf(stderr, "loupe: standard output: write failed: %s\n", strerror(errno));

@@ -3,6 +3,7 @@
  * steps when a hook or gradient wants the scores or the pattern, or against the KV cache
  * while generating; with the scale, soft-cap and sliding window of the config), the output
  * projection and the post-norm (Gemma). */
+#include "loupe/dist.h"
 #include "loupe/ops.h"
 #include "model/blocks.h"
 
@@ -29,7 +30,7 @@ static int three_steps(const lp_model *m, int L) {
 static lp_status attend(lp_model *m, const layer_acts *la, int L, int B, int T) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
-    int H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head;
+    int H = m->par.H, Hkv = m->par.Hkv, dh = cf->d_head; /* this rank's heads */
     lp_attn_cfg ac = attn_cfg(m, L);
     if (m->kv.pos0 >= 0) { /* batch 1: append this step's keys and values to the cache and attend over it */
         int pos0 = m->kv.pos0;
@@ -53,7 +54,7 @@ static lp_status attend(lp_model *m, const layer_acts *la, int L, int B, int T) 
 static lp_status project(lp_model *m, const layer_acts *la, int L, int B, int T) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
-    int N = B * T, D = cf->d_model, H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head;
+    int N = B * T, D = cf->d_model, H = m->par.H, Hkv = m->par.Hkv, dh = cf->d_head;
     void *q = cf->qk_norm ? la->q_pre : la->q, *k = cf->qk_norm ? la->k_pre : la->k;
     LP_CHECK(lp_blk_linear(m, q, la->ln1_out, L, W_Q, W_BQ, N, D, H * dh));
     LP_CHECK(lp_blk_linear(m, k, la->ln1_out, L, W_K, W_BK, N, D, Hkv * dh));
@@ -79,7 +80,7 @@ static lp_status project(lp_model *m, const layer_acts *la, int L, int B, int T)
 
 lp_status lp_blk_attn(lp_model *m, int L, int B, int T) {
     const lp_config *cf = &m->cfg;
-    int N = B * T, D = cf->d_model, qD = cf->n_heads * cf->d_head;
+    int N = B * T, D = cf->d_model, qD = m->par.H * cf->d_head;
     layer_acts la = lp_layer_acts(m, L);
     TAPE(L, 0);
     LP_CHECK(lp_blk_norm(m, la.ln1_out, la.ln1_scale, m->a.resid, lp_lw(m, L, W_LN1), lp_lw(m, L, W_LN1_B), N, D, HK_LN1_SCALE,
@@ -88,7 +89,7 @@ lp_status lp_blk_attn(lp_model *m, int L, int B, int T) {
     LP_CHECK(attend(m, &la, L, B, T));
     SITE(HK_Z, L, la.z);
     void *branch = cf->post_norms ? la.attn_pre : m->a.attn_out;
-    LP_CHECK(lp_blk_linear(m, branch, la.z, L, W_O, W_BO, N, qD, D));
+    LP_CHECK(lp_tp_linear_reduce(m, branch, la.z, L, W_O, W_BO, N, qD, D));
     return lp_blk_branch_out(m, branch, la.ln1p_scale, W_LN1P, HK_LN1P_SCALE, HK_LN1P_NORM, HK_ATTN_OUT, L, N);
 }
 
@@ -99,7 +100,7 @@ lp_status lp_blk_attn(lp_model *m, int L, int B, int T) {
 static lp_status core_backward(lp_model *m, bw_bufs *g, const layer_acts *t, int L, int B, int T) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
-    int H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head;
+    int H = m->par.H, Hkv = m->par.Hkv, dh = cf->d_head;
     lp_attn_cfg ac = attn_cfg(m, L);
     if (!lp_grad_wanted(m, HK_PATTERN, L) && !lp_grad_wanted(m, HK_SCORES, L))
         return lp_attention_backward_cfg(c, g->dq, g->dk, g->dv, g->dz, t->q, t->k, t->v, B, T, H, Hkv, dh, &ac);
@@ -114,7 +115,7 @@ static lp_status core_backward(lp_model *m, bw_bufs *g, const layer_acts *t, int
 static lp_status project_backward(lp_model *m, bw_bufs *g, const layer_acts *t, int L, int B, int T) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
-    int N = B * T, H = cf->n_heads, Hkv = cf->n_kv_heads, dh = cf->d_head;
+    int N = B * T, H = m->par.H, Hkv = m->par.Hkv, dh = cf->d_head;
     size_t es = lp_act_size(m);
     if (cf->pos == LP_POS_ROTARY) { /* q and k were rotated in place */
         const float *cs, *sn;
@@ -136,7 +137,7 @@ static lp_status project_backward(lp_model *m, bw_bufs *g, const layer_acts *t, 
 lp_status lp_blk_attn_backward(lp_model *m, bw_bufs *g, int L, int B, int T) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
-    int N = B * T, D = cf->d_model, qD = cf->n_heads * cf->d_head, kvD = cf->n_kv_heads * cf->d_head;
+    int N = B * T, D = cf->d_model, qD = m->par.H * cf->d_head, kvD = m->par.Hkv * cf->d_head;
     const layer_acts *t = &m->tp.layer[L];
     void *dy;
     LP_CHECK(lp_blk_branch_out_backward(m, g, t->attn_pre, t->ln1p_scale, W_LN1P, HK_LN1P_SCALE, HK_LN1P_NORM, HK_ATTN_OUT, L, N, &dy));
@@ -156,6 +157,8 @@ lp_status lp_blk_attn_backward(lp_model *m, bw_bufs *g, int L, int B, int T) {
     LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
     LP_CHECK(lp_blk_linear_dx(m, g->dtmp, g->dv, L, W_V, N, D, kvD));
     LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
+    /* the column-split projections' input is replicated: its gradient is the sum over ranks */
+    LP_CHECK(lp_dist_allreduce_sum_dev(m->par.dist, LP_DIST_TP, c, g->dln, (size_t)N * D));
     LP_CHECK(lp_blk_norm_backward(m, g, g->dtmp, g->dln, t->resid_pre, t->ln1_scale, lp_lw(m, L, W_LN1), N, D, HK_LN1_SCALE,
                                   HK_LN1_NORM, L));
     return lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D);

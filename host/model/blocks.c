@@ -2,6 +2,7 @@
  * unembedding, each forward beside its backward (blocks.h; the attention block is attend.c). */
 #include <string.h>
 
+#include "loupe/dist.h"
 #include "loupe/ops.h"
 #include "model/blocks.h"
 
@@ -117,7 +118,7 @@ lp_status lp_blk_branch_out(lp_model *m, void *branch, void *scale, int wpost, i
 lp_status lp_blk_mlp(lp_model *m, int L, int N) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
-    int D = cf->d_model, F = cf->d_mlp;
+    int D = cf->d_model, F = m->par.F; /* this rank's neurons */
     layer_acts la = lp_layer_acts(m, L);
     TAPE(L, 1);
     LP_CHECK(lp_blk_norm(m, la.ln2_out, la.ln2_scale, m->a.resid, lp_lw(m, L, W_LN2), lp_lw(m, L, W_LN2_B), N, D, HK_LN2_SCALE,
@@ -137,7 +138,7 @@ lp_status lp_blk_mlp(lp_model *m, int L, int N) {
     }
     SITE(HK_MLP_POST, L, la.mlp_post);
     void *branch = cf->post_norms ? la.mlp_branch : m->a.mlp_out;
-    LP_CHECK(lp_blk_linear(m, branch, la.mlp_post, L, W_OUT, W_BOUT, N, F, D));
+    LP_CHECK(lp_tp_linear_reduce(m, branch, la.mlp_post, L, W_OUT, W_BOUT, N, F, D));
     return lp_blk_branch_out(m, branch, la.ln2p_scale, W_LN2P, HK_LN2P_SCALE, HK_LN2P_NORM, HK_MLP_OUT, L, N);
 }
 
@@ -159,7 +160,7 @@ lp_status lp_blk_branch_out_backward(lp_model *m, bw_bufs *g, const void *branch
 lp_status lp_blk_mlp_backward(lp_model *m, bw_bufs *g, int L, int N) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
-    int D = cf->d_model, F = cf->d_mlp;
+    int D = cf->d_model, F = m->par.F;
     const layer_acts *t = &m->tp.layer[L];
     void *dy;
     LP_CHECK(lp_blk_branch_out_backward(m, g, t->mlp_branch, t->ln2p_scale, W_LN2P, HK_LN2P_SCALE, HK_LN2P_NORM, HK_MLP_OUT, L, N, &dy));
@@ -182,6 +183,7 @@ lp_status lp_blk_mlp_backward(lp_model *m, bw_bufs *g, int L, int N) {
         LP_CHECK(lp_blk_linear_dx(m, g->dtmp, g->db, L, W_IN, N, D, F));
         LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
     }
+    LP_CHECK(lp_dist_allreduce_sum_dev(m->par.dist, LP_DIST_TP, c, g->dln, (size_t)N * D)); /* as in the attention */
     GSITE(HK_MLP_IN, L, g->dln);
     LP_CHECK(lp_blk_norm_backward(m, g, g->dtmp, g->dln, t->resid_mid, t->ln2_scale, lp_lw(m, L, W_LN2), N, D, HK_LN2_SCALE,
                                   HK_LN2_NORM, L));
@@ -207,12 +209,33 @@ lp_status lp_blk_final_backward(lp_model *m, bw_bufs *g, int N) {
 }
 
 /* Logits of rows [r0, r0 + rows) into the logits buffer, the losses and the host copy. */
+/* Tensor parallelism: this rank's vocabulary slice of the chunk's logits; gathered whole into
+ * the logits buffer only when they are wanted or hooked (*whole), else the losses straight
+ * from the slices. */
+static lp_status logits_chunk_tp(lp_model *m, const char *x, int r0, int rows, int want, int out_id, int *whole) {
+    lp_ctx *c = &m->ctx;
+    const lp_config *cf = &m->cfg;
+    void *mine = m->a.tp_logits;
+    LP_CHECK(lp_matmul(c, mine, x, lp_tp_unembed_w(m), NULL, rows, cf->d_model, m->par.V, 1));
+    *whole = (want & LP_WANT_LOGITS) || out_id >= 0;
+    if (*whole) return lp_tp_gather_logits(m, m->a.logits, mine, rows);
+    if (!(want & LP_WANT_LOSS)) return LP_OK;
+    if (cf->final_softcap > 0) LP_CHECK(lp_softcap(c, mine, mine, cf->final_softcap, (size_t)rows * m->par.V));
+    return lp_tp_xent(m, mine, r0, rows);
+}
+
 static lp_status logits_chunk(lp_model *m, int r0, int rows, int want, int out_id) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     size_t es = lp_act_size(m), n = (size_t)rows * cf->d_vocab;
     const char *x = (const char *)m->a.ln_out + (size_t)r0 * cf->d_model * es;
-    LP_CHECK(lp_matmul(c, m->a.logits, x, lp_param(m, m->w.unembed), NULL, rows, cf->d_model, cf->d_vocab, 1));
+    if (m->par.tp > 1) {
+        int whole;
+        LP_CHECK(logits_chunk_tp(m, x, r0, rows, want, out_id, &whole));
+        if (!whole) return LP_OK;
+    } else {
+        LP_CHECK(lp_matmul(c, m->a.logits, x, lp_param(m, m->w.unembed), NULL, rows, cf->d_model, cf->d_vocab, 1));
+    }
     if (out_id >= 0) LP_CHECK(lp_hook_site(m, out_id, m->a.logits));
     /* Gemma 2 caps the logits after TransformerLens's hook_out: the model's output is capped */
     if (cf->final_softcap > 0) LP_CHECK(lp_softcap(c, m->a.logits, m->a.logits, cf->final_softcap, n));

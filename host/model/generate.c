@@ -85,7 +85,7 @@ static lp_status step(lp_model *m, const int32_t *in, int n) {
         row = (const char *)m->a.logits + (size_t)(n - 1) * V * es; /* the unembed made every row, edited */
     } else {
         const char *x = (const char *)m->a.ln_out + (size_t)(n - 1) * cf->d_model * es;
-        LP_CHECK(lp_matmul(c, m->a.logits, x, lp_param(m, m->w.unembed), NULL, 1, cf->d_model, cf->d_vocab, 1));
+        LP_CHECK(lp_tp_logits(m, m->a.logits, x, 1)); /* every rank the whole row (TP: gathered) */
         if (cf->final_softcap > 0) LP_CHECK(lp_softcap(c, m->a.logits, m->a.logits, cf->final_softcap, V));
         row = m->a.logits;
     }

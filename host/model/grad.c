@@ -119,7 +119,20 @@ static lp_status grad_keep(lp_model *m, struct grad_state *g, int id, const void
  * where an edit replaced the value, unchanged by a steer. hook_embed and hook_pos_embed share
  * buf and have nothing upstream: their direction is added to the kept copy only and buf is
  * left as it is. */
+static lp_status grad_site_whole(lp_model *m, int kind, int layer, void *buf);
+
+/* Under tensor parallelism a split hook's gradient is summed whole for its site, and only
+ * where the backward stops (tp.c). */
 lp_status lp_grad_site(lp_model *m, int kind, int layer, void *buf) {
+    if (m->par.tp <= 1) return grad_site_whole(m, kind, layer, buf);
+    if (!lp_grad_wanted(m, kind, layer)) return LP_OK;
+    void *whole;
+    LP_CHECK(lp_tp_grad_gather(m, kind, buf, &whole));
+    LP_CHECK(grad_site_whole(m, kind, layer, whole));
+    return lp_tp_grad_scatter(m, kind, buf, whole);
+}
+
+static lp_status grad_site_whole(lp_model *m, int kind, int layer, void *buf) {
     struct grad_state *g = m->grad;
     int id = lp_hook_id(m, kind, layer);
     if (!g || id < 0) return LP_OK;
@@ -161,6 +174,9 @@ lp_status lp_grad_set_wanted(lp_model *m, const char *grad_hooks) {
                 continue;
             }
             if (m->ctx.dtype != LP_F32) st = LP_ERR(LP_ERR_ARG, "gradient of '%s': weight gradients need --model.dtype=f32", p);
+            if (m->par.tp > 1)
+                st = LP_ERR(LP_ERR_ARG, "gradient of '%s': weight gradients of a model split over dist.tp=%d ranks are not supported",
+                            p, m->par.tp);
             g->pwant[i] = 1, n++;
         }
         if (!n && st == LP_OK) st = LP_ERR(LP_ERR_NOT_FOUND, "gradient of '%s': no such hook or weight (see `loupe info MODEL`)", p);

@@ -416,11 +416,24 @@ static lp_status run_edits(lp_model *m, hook *h, int id, void *act, lp_view v, s
     return LP_OK;
 }
 
+static lp_status site_whole(lp_model *m, int id, void *act);
+
+/* Under tensor parallelism a split hook's site sees the whole activation (tp.c). */
 lp_status lp_hook_site(lp_model *m, int id, void *act) {
     if (id < 0) return LP_OK; /* absent hook */
     hook *h = &m->hooks[id];
     int capture = h->capture && !m->kv.generating; /* generation edits but captures nothing */
     if (!capture && !h->edits) return LP_OK;
+    if (m->par.tp <= 1) return site_whole(m, id, act);
+    void *whole;
+    LP_CHECK(lp_tp_gather_hook(m, h->kind, act, &whole));
+    LP_CHECK(site_whole(m, id, whole));
+    return h->edits ? lp_tp_scatter_hook(m, h->kind, act, whole) : LP_OK;
+}
+
+static lp_status site_whole(lp_model *m, int id, void *act) {
+    hook *h = &m->hooks[id];
+    int capture = h->capture && !m->kv.generating;
     lp_ctx *c = &m->ctx;
     int B = m->res.B, T = m->res.T;
     lp_view v = view_of(h, B, T);

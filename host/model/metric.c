@@ -50,7 +50,7 @@ static lp_status read_rows(lp_model *m, const lp_metric *mt, int B, int T, void 
     } else {
         for (int b = 0; b < B; b++)
             LP_CHECK(lp_ctx_copy(c, (char *)rows_dev + b * D * es, (char *)m->a.ln_out + ((size_t)b * T + row_pos(mt, b, T)) * D * es, D * es));
-        LP_CHECK(lp_matmul(c, logits_dev, rows_dev, lp_param(m, m->w.unembed), NULL, B, (int)D, V, 1));
+        LP_CHECK(lp_tp_logits(m, logits_dev, rows_dev, B));
         if (m->cfg.final_softcap > 0) LP_CHECK(lp_softcap(c, logits_dev, logits_dev, m->cfg.final_softcap, (size_t)B * V));
     }
     if (c->device == LP_CPU) {
@@ -183,7 +183,6 @@ static lp_status mean_loss_backward(lp_model *m, scratch *s, int B, int T, int f
     struct grad_state *g = m->grad;
     size_t N = (size_t)B * T, D = m->cfg.d_model, es = lp_act_size(m);
     int V = m->cfg.d_vocab, kept = lp_hooks_want_full_logits(m);
-    const void *wu = lp_param(m, m->w.unembed);
     /* per row, the mean over its T-1 predictions: uploaded only when T changes */
     LP_CHECK(lp_grad_buffer(m, (void **)&g->row_scale, &g->row_scale_n, N * sizeof(float)));
     float *scale_h = malloc(N * sizeof(float));
@@ -195,12 +194,12 @@ static lp_status mean_loss_backward(lp_model *m, scratch *s, int B, int T, int f
     for (size_t r0 = 0; st == LP_OK && r0 < N; r0 += chunk) {
         int rows = (int)(N - r0 < chunk ? N - r0 : chunk);
         void *logits = kept ? (char *)m->a.logits + r0 * V * es : s->logits;
-        if (!kept) st = lp_matmul(c, s->logits, (char *)m->a.ln_out + r0 * D * es, wu, NULL, rows, (int)D, V, 1);
+        if (!kept) st = lp_tp_logits(m, s->logits, (char *)m->a.ln_out + r0 * D * es, rows);
         if (st == LP_OK && !kept && m->cfg.final_softcap > 0) st = lp_softcap(c, s->logits, s->logits, m->cfg.final_softcap, (size_t)rows * V);
         if (st == LP_OK) st = lp_xent_backward(c, s->drows, logits, m->a.tgt + r0, g->row_scale + r0, rows, V);
         if (st == LP_OK) st = uncap(m, s->drows, logits, (size_t)rows * V);
         if (st == LP_OK && full) st = lp_grad_site(m, HK_UNEMBED_OUT, m->cfg.n_layers, s->drows);
-        if (st == LP_OK) st = lp_matmul(c, (char *)s->g.dln + r0 * D * es, s->drows, wu, NULL, rows, V, (int)D, 0);
+        if (st == LP_OK) st = lp_tp_unembed_dx(m, (char *)s->g.dln + r0 * D * es, s->drows, rows);
     }
     return st;
 }
@@ -210,7 +209,7 @@ static lp_status mean_loss_backward(lp_model *m, scratch *s, int B, int T, int f
 static lp_status all_capped_logits(lp_model *m, scratch *s, size_t N, const void **out) {
     if (lp_hooks_want_full_logits(m)) return *out = m->a.logits, LP_OK;
     const lp_config *cf = &m->cfg;
-    LP_CHECK(lp_matmul(&m->ctx, s->logits, m->a.ln_out, lp_param(m, m->w.unembed), NULL, (int)N, cf->d_model, cf->d_vocab, 1));
+    LP_CHECK(lp_tp_logits(m, s->logits, m->a.ln_out, (int)N));
     *out = s->logits;
     return lp_softcap(&m->ctx, s->logits, s->logits, cf->final_softcap, N * cf->d_vocab);
 }
@@ -223,7 +222,6 @@ static lp_status unembed_backward(lp_model *m, scratch *s, const lp_metric *mt, 
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     size_t N = (size_t)B * T, D = cf->d_model, es = lp_act_size(m), V = cf->d_vocab;
-    const void *wu = lp_param(m, m->w.unembed);
     if (mt->kind == LP_METRIC_LOGIT_DIFF || mt->kind == LP_METRIC_LOGPROB) {
         size_t rows = full ? N : (size_t)B;
         float *dl = calloc(rows * V, sizeof(float));
@@ -238,9 +236,9 @@ static lp_status unembed_backward(lp_model *m, scratch *s, const lp_metric *mt, 
         LP_CHECK(uncap(m, s->drows, y, rows * V));
         if (full) {
             GSITE(HK_UNEMBED_OUT, cf->n_layers, s->drows);
-            LP_CHECK(lp_matmul(c, s->g.dln, s->drows, wu, NULL, (int)N, (int)V, (int)D, 0));
+            LP_CHECK(lp_tp_unembed_dx(m, s->g.dln, s->drows, (int)N));
         } else { /* d ln_out = dlogits W_U at the read rows */
-            LP_CHECK(lp_matmul(c, s->rows, s->drows, wu, NULL, B, (int)V, (int)D, 0));
+            LP_CHECK(lp_tp_unembed_dx(m, s->rows, s->drows, B));
             for (int b = 0; b < B; b++)
                 LP_CHECK(lp_ctx_copy(c, (char *)s->g.dln + ((size_t)b * T + row_pos(mt, b, T)) * D * es, (char *)s->rows + b * D * es, D * es));
         }
@@ -249,7 +247,7 @@ static lp_status unembed_backward(lp_model *m, scratch *s, const lp_metric *mt, 
     } else if (full) { /* a direction at unembed.hook_out */
         LP_CHECK(lp_ctx_memset0(c, s->drows, N * V * es));
         GSITE(HK_UNEMBED_OUT, cf->n_layers, s->drows);
-        LP_CHECK(lp_matmul(c, s->g.dln, s->drows, wu, NULL, (int)N, (int)V, (int)D, 0));
+        LP_CHECK(lp_tp_unembed_dx(m, s->g.dln, s->drows, (int)N));
     }
     GSITE(HK_UNEMBED_IN, cf->n_layers, s->g.dln);
     return LP_OK;

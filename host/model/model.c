@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "loupe/dist.h"
 #include "loupe/ops.h"
 #include "model/arch.h"
 #include "model/blocks.h"
@@ -90,6 +91,26 @@ lp_status lp_model_load(lp_model **out, const char *path, lp_device dev, lp_dtyp
     return LP_OK;
 }
 
+lp_status lp_model_load_dist(lp_model **out, const char *path, lp_device dev, lp_dtype dtype, lp_dist *d) {
+    if (lp_dist_tp_size(d) <= 1) return lp_model_load(out, path, dev, dtype);
+    *out = NULL;
+    lp_model *m = new_model(path);
+    if (!m) LP_FAIL(LP_ERR_OOM, "out of memory");
+    m->par.dist = d, m->par.tp = lp_dist_tp_size(d), m->par.rank = lp_dist_tp_rank(d);
+    lp_status st = lp_ctx_init(&m->ctx, dev, dtype);
+    if (st == LP_OK) st = load_by_kind(m, path);
+    if (st == LP_OK) st = lp_tp_alloc(m);
+    if (st == LP_OK) st = lp_hooks_init(m);
+    if (st != LP_OK) {
+        lp_model_free(m);
+        return st;
+    }
+    *out = m;
+    return LP_OK;
+}
+
+lp_dist *lp_model_dist(const lp_model *m) { return m->par.dist; }
+
 lp_status lp_model_random(lp_model **out, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype) {
     *out = NULL;
     const model_arch *a = lp_arch_for_id(cfg->arch);
@@ -140,6 +161,7 @@ void lp_model_free(lp_model *m) {
     lp_ctx_release(&m->ctx, m->grad_ones);
     free(m->tp.layer);
     lp_rope_free(m);
+    lp_tp_free(m);
     lp_ctx_free(&m->ctx);
     free(m);
 }
@@ -161,6 +183,7 @@ lp_status lp_param_to_f32(lp_model *m, int idx, float *dst) {
 }
 
 lp_status lp_model_unembed_weights(lp_model *m, float *W_U, float *ln_w) {
+    if (m->par.tp > 1) LP_FAIL(LP_ERR_ARG, "dist.tp=%d: the unembedding is split over the ranks (load with dist.tp=1)", m->par.tp);
     LP_CHECK(lp_param_to_f32(m, m->w.unembed, W_U));
     return ln_w ? lp_param_to_f32(m, m->w.lnf_w, ln_w) : LP_OK;
 }
@@ -182,8 +205,19 @@ static size_t layout(lp_model *m, int B, int T, int carve) {
     size_t lrows = (size_t)(64u << 20) / ((size_t)c->d_vocab * es); /* logits chunk: at most 64 MiB */
     if (lrows < 1) lrows = 1;
     if (lrows > rows || lp_hooks_want_full_logits(m)) lrows = rows; /* unembed.hook_out sees them whole */
-    int gated = c->mlp != LP_MLP_GELU, qkn = c->qk_norm;
+    int gated = c->mlp != LP_MLP_GELU, qkn = c->qk_norm, P = m->par.tp;
+    /* tensor parallelism: the widest split activation whole, and the all-gather's buffers
+     * (every rank's slice, padded to the widest vocabulary slice) */
+    size_t tp_full = 0, tp_local = 0, vmax = ((size_t)c->d_vocab + P - 1) / P;
+    if (P > 1) {
+        size_t cand[] = {N * qD, N * F, attn_mat / es, lrows * c->d_vocab};
+        for (size_t i = 0; i < 4; i++) tp_full = cand[i] > tp_full ? cand[i] : tp_full;
+        size_t loc[] = {N * m->par.H * c->d_head, N * m->par.Hkv * c->d_head, N * m->par.F, attn_mat / es / P, lrows * vmax};
+        for (size_t i = 0; i < 5; i++) tp_local = loc[i] > tp_local ? loc[i] : tp_local;
+    }
     struct { void **p; size_t bytes; } bufs[] = {
+        {&a->tp_full, tp_full * es}, {&a->tp_send, tp_local * es}, {&a->tp_recv, P * tp_local * es},
+        {&a->tp_logits, P > 1 ? lrows * m->par.V * es : 0},
         {&a->resid, N * D * es}, {&a->ln_out, N * D * es}, {&a->ln_norm, N * (qkn ? wide : D) * es}, {&a->ln_scale, N * es},
         {&a->q, N * qD * es}, {&a->k, N * kvD * es}, {&a->v, N * kvD * es},
         {&a->q_pre, qkn ? N * qD * es : 0}, {&a->k_pre, qkn ? N * kvD * es : 0}, {&a->qk_scale, qkn ? N * H * es : 0},
@@ -215,7 +249,7 @@ static lp_status grow(lp_model *m, int nB, int nT) {
     a->tgt_host = malloc(N * sizeof(int32_t));
     a->loss_stage = malloc(N * sizeof(float));
     a->logit_stage = malloc((size_t)a->logit_rows * m->cfg.d_vocab * lp_act_size(m));
-    if (!m->res.losses || !a->tgt_host || !a->loss_stage || !a->logit_stage) {
+    if (!m->res.losses || !a->tgt_host || !a->loss_stage || !a->logit_stage || lp_tp_host_alloc(m, a->logit_rows)) {
         free_acts(m); /* B_max stays 0: the next call tries again */
         LP_FAIL(LP_ERR_OOM, "out of host memory for %d x %d logits", nB, nT);
     }

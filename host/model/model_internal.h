@@ -113,6 +113,9 @@ typedef struct mdl_acts {
     int32_t *tgt_host;    /* [B_max * T_max] staging for targets */
     float *loss_stage;    /* [B_max * T_max] staging for per-position losses */
     void *logit_stage;    /* one chunk of logits in the act dtype, for the GPU's copy back */
+    /* tensor parallelism only (tp.c): a split activation gathered whole for a hook, the
+     * all-gather's send (padded) and receive buffers, and this rank's slice of a logits chunk */
+    void *tp_full, *tp_send, *tp_recv, *tp_logits;
 } mdl_acts;
 
 /* What a block reads and writes in layer L: the tape's slices while the backward will need
@@ -168,9 +171,23 @@ typedef struct mdl_results {
 
 typedef struct model_arch model_arch;
 
+/* Tensor parallelism (dist.h): this rank's slice of the model. With tp == 1 every field is
+ * the whole model's and no collective is ever called. */
+typedef struct mdl_tp {
+    struct lp_dist *dist; /* NULL: one process */
+    int tp, rank;         /* group size and this rank in it */
+    int H, Hkv, F, V;     /* local heads, kv heads, MLP width, vocabulary rows */
+    int h0, hkv0, f0, v0; /* where this rank's slice starts in the full model */
+    int kv_rep;           /* 1: fewer kv heads than ranks: each rank holds the one kv head its q heads read */
+    void *ones;           /* [d_model] ones (act dtype): biases added after a reduce */
+    float *xh;            /* host [logit_rows, V] this rank's logits, for the vocabulary-parallel loss */
+    double *red;          /* host [3 * logit_rows] per-row reductions */
+} mdl_tp;
+
 struct lp_model {
     lp_config cfg;
     lp_ctx ctx;
+    mdl_tp par;           /* tensor-parallel slice (par.tp == 1: the whole model) */
     char path[1024];
     const model_arch *arch;
     mdl_weights w;
@@ -219,6 +236,44 @@ int lp_hooks_want_full_logits(const lp_model *m);
  * where it steered, as the edit's spec declares for a callback. *unknown is set when a
  * callback's Jacobian is not declared (grad is then left as it is). */
 lp_status lp_hook_edit_jacobian(lp_model *m, int id, void *grad, int *unknown);
+
+/* ---- tensor parallelism (tp.c) ---- */
+
+/* This rank's slice (m->par) for m->cfg and m->par.tp / rank; refuses sizes that do not split. */
+lp_status lp_tp_setup(lp_model *m);
+/* Device constants of a split model (after the weights); frees them. */
+lp_status lp_tp_alloc(lp_model *m);
+void lp_tp_free(lp_model *m);
+/* Host buffers for lrows rows of this rank's logits. */
+lp_status lp_tp_host_alloc(lp_model *m, int lrows);
+/* How weight role r (or LP_TP_UNEMBED) is cut: 0 whole, 1 along its output axis, 2 along its
+ * input axis, this rank holding [*start, *start + *count) of that axis. */
+#define LP_TP_UNEMBED (-2)
+int lp_tp_role_cut(const lp_model *m, int r, int64_t *start, int64_t *count);
+/* A hook site of kind `kind` on this rank's activation act: *whole is the hook's whole
+ * activation (gathered from the ranks when the kind is split, else act itself); after the
+ * site, the scatter takes this rank's part of the (edited) whole back into act. */
+lp_status lp_tp_gather_hook(lp_model *m, int kind, const void *act, void **whole);
+lp_status lp_tp_scatter_hook(lp_model *m, int kind, void *act, const void *whole);
+/* out [N, M] = x [N, K] W (+ b) for a weight split along its input axis: the partial
+ * products summed over the TP group, then the bias once. TP 1: lp_blk_linear. */
+lp_status lp_tp_linear_reduce(lp_model *m, void *out, const void *x, int L, int r, int rb, int N, int K, int M);
+/* This rank's rows of the unembedding [V_local, D]. */
+const void *lp_tp_unembed_w(const lp_model *m);
+/* Full logits [rows, V] from every rank's [rows, V_local]. */
+lp_status lp_tp_gather_logits(lp_model *m, void *full, const void *local, int rows);
+/* Losses of rows [r0, r0 + rows) from this rank's capped logits, vocabulary-parallel. */
+lp_status lp_tp_xent(lp_model *m, const void *logits, int r0, int rows);
+
+/* The same for the backward's stop at a hook: the whole gradient is the sum over ranks of
+ * their parts (ranks sharing a kv head each hold a part), and the scatter leaves it with
+ * the first rank of a shared kv head alone. */
+lp_status lp_tp_grad_gather(lp_model *m, int kind, const void *grad, void **whole);
+lp_status lp_tp_grad_scatter(lp_model *m, int kind, void *grad, const void *whole);
+/* Logits [rows, V] of x [rows, D], every rank the whole (gathered in chunks at TP > 1). */
+lp_status lp_tp_logits(lp_model *m, void *out, const void *x, int rows);
+/* dx [rows, D] = dlogits [rows, V] W_U: each rank its vocabulary slice, summed. */
+lp_status lp_tp_unembed_dx(lp_model *m, void *dx, const void *dlogits, int rows);
 
 /* ---- the weight table (weights.c) ---- */
 

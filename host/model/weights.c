@@ -60,10 +60,22 @@ static void add(mdl_weights *w, const char *name, int64_t rows, int64_t cols, si
     *off += (size_t)(rows * (cols ? cols : 1) + 31) / 32 * 32; /* keep every tensor 128-byte aligned in f32 */
 }
 
+/* This rank's part of role r's [rows, cols] (tensor parallelism; the whole at TP 1). */
+static void local_shape(const lp_model *m, int r, int64_t *rows, int64_t *cols) {
+    int64_t s, n;
+    int cut = lp_tp_role_cut(m, r, &s, &n);
+    if (!cut || !*rows) return;
+    /* the output axis is the rows in the [out, in] layout (and of a vector), else the columns */
+    int on_rows = !*cols || (cut == 1) == (m->w.trans != 0);
+    *(on_rows ? rows : cols) = n;
+}
+
 lp_status lp_weights_alloc(lp_model *m, int own_unembed) {
     const lp_config *c = &m->cfg;
     mdl_weights *w = &m->w;
     int D = c->d_model, gpt2_names = c->pos == LP_POS_LEARNED;
+    LP_CHECK(lp_tp_setup(m));
+    int64_t full_params = 0; /* what the whole model holds, whatever this rank's slice */
     w->params = calloc(5 + (size_t)c->n_layers * W_PER_LAYER, sizeof *w->params);
     if (!w->params) LP_FAIL(LP_ERR_OOM, "out of memory for the weight table");
     size_t off = 0;
@@ -78,6 +90,8 @@ lp_status lp_weights_alloc(lp_model *m, int own_unembed) {
         for (int r = 0; r < W_PER_LAYER; r++) {
             int64_t rows, cols;
             lp_weights_role_shape(c, w->trans, r, &rows, &cols);
+            full_params += rows * (cols ? cols : 1);
+            local_shape(m, r, &rows, &cols);
             snprintf(nm, sizeof nm, "blocks.%d.%s", L, g_role_names[r]);
             add(w, nm, rows, cols, &off);
         }
@@ -88,10 +102,13 @@ lp_status lp_weights_alloc(lp_model *m, int own_unembed) {
     w->unembed = w->embed; /* tied: the embedding, used transposed */
     if (own_unembed) {
         w->unembed = w->n;
-        add(w, "unembed", c->d_vocab, D, &off);
+        add(w, "unembed", m->par.V, D, &off);
+        full_params += (int64_t)(c->d_vocab - m->par.V) * D;
     }
-    w->n_params = 0;
-    for (int i = 0; i < w->n; i++) w->n_params += w->params[i].shape[0] * (w->params[i].ndim == 2 ? w->params[i].shape[1] : 1);
+    w->n_params = full_params;
+    for (int i = 0; i < w->n; i++)
+        if (i < w->first_layer || i >= w->first_layer + c->n_layers * W_PER_LAYER)
+            w->n_params += w->params[i].shape[0] * (w->params[i].ndim == 2 ? w->params[i].shape[1] : 1);
     w->bytes = off * lp_act_size(m);
     return lp_ctx_alloc(&m->ctx, w->bytes, &w->mem);
 }
@@ -122,6 +139,7 @@ typedef struct loader {
     const char *path, *cfg; /* the checkpoint, and the file its config came from */
     void *dev_stage;       /* device buffer for raw GGUF bytes (CUDA) */
     size_t dev_stage_bytes;
+    int role;              /* the role being loaded (W_*, LP_TP_UNEMBED, or -1: model-level, whole) */
 } loader;
 
 /* llama.cpp stores Q and K rows of head h as pairs (i, i + d/2) interleaved: row
@@ -161,8 +179,50 @@ static lp_status put_float(lp_model *m, void *dst, const void *raw, lp_dtype dty
     return st;
 }
 
-/* Converts (and for GGUF dequantizes) src into param idx, in the context's dtype. */
-static lp_status put_param(loader *ld, int idx, const src_tensor *s, int unpermute, int plus_one) {
+/* Tensor parallelism: s cut to this rank's part of the role being loaded, in place. Rows
+ * (the output axis of [out, in], vectors, the unembedding's vocabulary) are a pointer into
+ * the mapped file, so only this rank's rows are read; for GGUF these are whole quant blocks.
+ * Columns are copied out row by row (float tensors) or, for GGUF, the tensor's rows are
+ * dequantized on the host first and cut as F32. *owned is what to free afterwards. */
+static lp_status cut_src(loader *ld, src_tensor *s, void **owned) {
+    lp_model *m = ld->m;
+    int64_t start, n;
+    int cut = ld->role == -1 ? 0 : lp_tp_role_cut(m, ld->role, &start, &n);
+    *owned = NULL;
+    if (!cut) return LP_OK;
+    int on_rows = s->cols == 1 || ld->role == LP_TP_UNEMBED || (cut == 1) == (m->w.trans != 0);
+    int64_t extent = on_rows ? s->rows : s->cols;
+    if (start + n > extent)
+        LP_FAIL(LP_ERR_SHAPE, "%s: tensor '%s' has %lld along its split axis, too few for this rank's part", s->file, s->name,
+                (long long)extent);
+    if (on_rows) {
+        size_t row_bytes = s->gtype >= 0 ? lp_ggml_bytes(s->gtype, s->cols) : (size_t)s->cols * lp_dtype_size(s->dtype);
+        s->data = (const char *)s->data + (size_t)start * row_bytes;
+        s->rows = n;
+        return LP_OK;
+    }
+    size_t es = s->gtype >= 0 ? sizeof(float) : lp_dtype_size(s->dtype);
+    const char *src = s->data;
+    float *deq = NULL;
+    if (s->gtype >= 0) { /* quant blocks run along the rows: dequantize them whole, then cut */
+        lp_ctx cpu;
+        LP_CHECK(lp_ctx_init(&cpu, LP_CPU, LP_F32));
+        if (!(deq = malloc((size_t)s->rows * s->cols * sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of host memory for tensor '%s'", s->name);
+        lp_status st = lp_dequant(&cpu, deq, LP_F32, s->data, s->gtype, s->rows * s->cols);
+        lp_ctx_free(&cpu);
+        if (st != LP_OK) return free(deq), st;
+        src = (const char *)deq, s->gtype = -1, s->dtype = LP_F32;
+    }
+    char *out = malloc((size_t)s->rows * n * es);
+    if (!out) return free(deq), LP_ERR(LP_ERR_OOM, "out of host memory for tensor '%s'", s->name);
+    for (int64_t i = 0; i < s->rows; i++) memcpy(out + (size_t)i * n * es, src + ((size_t)i * s->cols + start) * es, n * es);
+    free(deq);
+    s->data = out, s->cols = n, *owned = out;
+    return LP_OK;
+}
+
+/* src (this rank's part) into param idx, in the context's dtype. */
+static lp_status put_cut(loader *ld, int idx, const src_tensor *s, int unpermute, int plus_one) {
     lp_model *m = ld->m;
     const param *p = &m->w.params[idx];
     int64_t pr = p->shape[0], pc = p->ndim == 2 ? p->shape[1] : 1;
@@ -189,6 +249,17 @@ static lp_status put_param(loader *ld, int idx, const src_tensor *s, int unpermu
     lp_status st = s->gtype >= 0 ? put_gguf(ld, lp_param(m, idx), raw, bytes, s->gtype, pr * pc)
                                  : put_float(m, lp_param(m, idx), raw, s->dtype, pr * pc, plus_one);
     free(perm);
+    return st;
+}
+
+/* Converts (and for GGUF dequantizes) src into param idx, in the context's dtype: this rank's
+ * part of it under tensor parallelism. */
+static lp_status put_param(loader *ld, int idx, const src_tensor *s0, int unpermute, int plus_one) {
+    src_tensor cut = *s0;
+    void *owned;
+    LP_CHECK(cut_src(ld, &cut, &owned));
+    lp_status st = put_cut(ld, idx, &cut, unpermute, plus_one);
+    free(owned);
     return st;
 }
 
@@ -318,14 +389,15 @@ static lp_status load_st(loader *ld, const char *name, int idx, int split, int p
     if (t->dtype != LP_F32 && t->dtype != LP_F16 && t->dtype != LP_BF16)
         LP_FAIL(LP_ERR_FORMAT, "%s: tensor '%s' has dtype %s (expected F32, F16 or BF16)", file->path, name, lp_dtype_name(t->dtype));
     if (t->ndim < 1 || t->ndim > 2) LP_FAIL(LP_ERR_SHAPE, "%s: tensor '%s' has %d dimensions (expected 1 or 2)", file->path, name, t->ndim);
-    const param *p = &ld->m->w.params[idx];
     src_tensor s = {.file = file->path, .name = name, .data = t->data, .gtype = -1, .dtype = t->dtype,
                     .rows = t->shape[0], .cols = t->ndim == 2 ? t->shape[1] : 1};
     void *part = NULL;
-    if (split) {
-        if (!(part = gather_split(t, split - 1, p->shape[0], p->ndim == 2 ? p->shape[1] : 0)))
+    if (split) { /* the role's whole third (the rank's part is cut from it after) */
+        int64_t fr, fc;
+        lp_weights_role_shape(&ld->m->cfg, ld->m->w.trans, ld->role, &fr, &fc);
+        if (!(part = gather_split(t, split - 1, fr, fc)))
             LP_FAIL(LP_ERR_OOM, "out of host memory for tensor '%s'", name);
-        s.data = part, s.rows = p->shape[0], s.cols = p->ndim == 2 ? p->shape[1] : 1;
+        s.data = part, s.rows = fr, s.cols = fc ? fc : 1;
     }
     lp_status st = put_param(ld, idx, &s, 0, plus_one);
     free(part);
@@ -343,6 +415,8 @@ static lp_status load_gg(loader *ld, const char *name, int idx, int unpermute) {
 }
 
 static lp_status load_one(loader *ld, const char *name, int idx, int r) {
+    /* the unembedding proper (not the tied embedding) is cut by vocabulary */
+    ld->role = r >= 0 ? r : idx == ld->m->w.unembed && idx != ld->m->w.embed ? LP_TP_UNEMBED : -1;
     if (ld->gg) {
         /* llama.cpp permutes Q/K of "llama" models only */
         int perm = strcmp(ld->m->cfg.name, "llama") == 0 && (r == W_Q || r == W_K || r == W_BQ || r == W_BK);

@@ -74,6 +74,16 @@ static inline int lp_config_local(const lp_config *c, int L) {
 typedef struct lp_model lp_model;
 
 lp_status lp_model_load(lp_model **m, const char *path, lp_device dev, lp_dtype dtype);
+/* The same model split over the tensor-parallel group of d (dist.h; NULL or a group of one:
+ * lp_model_load). Every rank of the group calls it and every later forward, backward and
+ * hook call alike; each rank reads and holds only its slice of the weights (Megatron-style:
+ * q/k/v by heads, gate/up/W_in by columns, attention-out and MLP-out by rows, the
+ * unembedding by vocabulary). Logits, losses, captures, edits and gradients at hooks read
+ * and write the same full shapes as in one process, on every rank of the group. */
+typedef struct lp_dist lp_dist;
+lp_status lp_model_load_dist(lp_model **m, const char *path, lp_device dev, lp_dtype dtype, lp_dist *d);
+/* The group the model was loaded over (NULL: one process). */
+lp_dist *lp_model_dist(const lp_model *m);
 /* A model of the given shape with random weights (benchmarks): cfg->arch, n_layers,
  * d_model, n_heads, d_mlp, n_ctx and d_vocab are read; the rest is derived. */
 lp_status lp_model_random(lp_model **m, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype);

@@ -1,0 +1,385 @@
+/* dist.c: the one place that speaks MPI and NCCL (dist.h). Built with LOUPE_MPI when the
+ * build found mpicc, and with LOUPE_NCCL when it also found NCCL for a CUDA build; without
+ * them every collective over more than one rank is refused, and a world of one needs none. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "loupe/dist.h"
+
+#ifndef LOUPE_MPI
+#define LOUPE_MPI 0
+#endif
+#if LOUPE_MPI
+#include <mpi.h>
+#endif
+#if LOUPE_NCCL
+#include <cuda_runtime.h>
+#include <nccl.h>
+#endif
+
+struct lp_dist {
+    int rank, size, tp, dp;
+    int own_mpi;           /* lp_dist_init initialized MPI, so finalize ends it */
+#if LOUPE_MPI
+    MPI_Comm comm[3];      /* world, tp, dp (MPI_COMM_NULL for a group of one) */
+#endif
+#if LOUPE_NCCL
+    ncclComm_t nccl[3];
+    int nccl_ok[3];        /* the group's ranks each drive their own GPU */
+#endif
+    void *stage;           /* host staging of device buffers (grows, kept) */
+    size_t stage_bytes;
+    lp_dist_counts counts;
+};
+
+/* The size the launcher announced (0: no launcher variable is set): mpirun's, PMI's, or srun's
+ * for this job step (not SLURM_NTASKS, which an allocation sets before any srun). */
+static int launched_size(void) {
+    static const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"};
+    for (size_t i = 0; i < sizeof vars / sizeof *vars; i++) {
+        const char *s = getenv(vars[i]);
+        if (s && *s) return atoi(s);
+    }
+    return 0;
+}
+
+int lp_dist_have_mpi(void) { return LOUPE_MPI; }
+
+int lp_dist_rank(const lp_dist *d) { return d ? d->rank : 0; }
+int lp_dist_size(const lp_dist *d) { return d ? d->size : 1; }
+int lp_dist_tp_size(const lp_dist *d) { return d ? d->tp : 1; }
+int lp_dist_dp_size(const lp_dist *d) { return d ? d->dp : 1; }
+int lp_dist_tp_rank(const lp_dist *d) { return d ? d->rank % d->tp : 0; }
+int lp_dist_dp_rank(const lp_dist *d) { return d ? d->rank / d->tp : 0; }
+int lp_dist_group_rank(const lp_dist *d, lp_dist_group g) {
+    return g == LP_DIST_TP ? lp_dist_tp_rank(d) : g == LP_DIST_DP ? lp_dist_dp_rank(d) : lp_dist_rank(d);
+}
+int lp_dist_group_size(const lp_dist *d, lp_dist_group g) {
+    return g == LP_DIST_TP ? lp_dist_tp_size(d) : g == LP_DIST_DP ? lp_dist_dp_size(d) : lp_dist_size(d);
+}
+
+void lp_dist_counts_get(const lp_dist *d, lp_dist_counts *out) {
+    if (d) *out = d->counts;
+    else memset(out, 0, sizeof *out);
+}
+void lp_dist_counts_reset(lp_dist *d) {
+    if (d) memset(&d->counts, 0, sizeof d->counts);
+}
+
+static __attribute__((unused)) double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Splits the world into tp and dp; the refusal names the keys a user sets. */
+static lp_status choose_sizes(int world, int *tp, int *dp) {
+    if (*tp <= 0 && *dp <= 0) *dp = world, *tp = 1;
+    else if (*tp <= 0) *tp = world % *dp ? 0 : world / *dp;
+    else if (*dp <= 0) *dp = world % *tp ? 0 : world / *tp;
+    if (*tp <= 0 || *dp <= 0 || (long)*tp * *dp != world)
+        LP_FAIL(LP_ERR_ARG, "dist.tp=%d x dist.dp=%d: their product must equal the number of processes (%d)", *tp, *dp,
+                world);
+    return LP_OK;
+}
+
+lp_status lp_dist_init(lp_dist **out, int tp, int dp) {
+    *out = NULL;
+    lp_dist *d = calloc(1, sizeof *d);
+    if (!d) LP_FAIL(LP_ERR_OOM, "dist: out of host memory");
+    int launched = launched_size();
+#if LOUPE_MPI
+    int inited = 0;
+    MPI_Initialized(&inited);
+    if (!inited && launched <= 0 && (tp > 1 || dp > 1)) {
+        free(d);
+        LP_FAIL(LP_ERR_ARG, "dist.tp=%d, dist.dp=%d ask for %d processes, but no launcher started them (mpirun -np N or "
+                "srun -n N)", tp, dp, (tp > 1 ? tp : 1) * (dp > 1 ? dp : 1));
+    }
+    if (!inited && launched > 0) {
+        int provided;
+        if (MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+            free(d);
+            LP_FAIL(LP_ERR_INTERNAL, "dist: MPI_Init_thread failed");
+        }
+        d->own_mpi = inited = 1;
+    }
+    for (int g = 0; g < 3; g++) d->comm[g] = MPI_COMM_NULL;
+    if (inited) {
+        MPI_Comm_rank(MPI_COMM_WORLD, &d->rank);
+        MPI_Comm_size(MPI_COMM_WORLD, &d->size);
+    } else {
+        d->rank = 0, d->size = 1;
+    }
+#else
+    if (launched > 1 || tp > 1 || dp > 1) {
+        free(d);
+        LP_FAIL(LP_ERR_ARG, "dist: %d processes asked for (dist.tp=%d, dist.dp=%d, launcher %d), but this loupe was built "
+                "without MPI (install mpicc and rebuild)", launched > 1 ? launched : tp * dp, tp, dp, launched);
+    }
+    d->rank = 0, d->size = 1;
+#endif
+    d->tp = tp, d->dp = dp;
+    lp_status st = choose_sizes(d->size, &d->tp, &d->dp);
+    if (st) {
+        lp_dist_finalize(d);
+        return st;
+    }
+#if LOUPE_MPI
+    if (d->size > 1) {
+        MPI_Comm_dup(MPI_COMM_WORLD, &d->comm[LP_DIST_WORLD]);
+        /* ranks of one TP group are contiguous: r = dp_rank * tp + tp_rank */
+        MPI_Comm_split(MPI_COMM_WORLD, lp_dist_dp_rank(d), lp_dist_tp_rank(d), &d->comm[LP_DIST_TP]);
+        MPI_Comm_split(MPI_COMM_WORLD, lp_dist_tp_rank(d), lp_dist_dp_rank(d), &d->comm[LP_DIST_DP]);
+    }
+#endif
+    *out = d;
+    return LP_OK;
+}
+
+void lp_dist_finalize(lp_dist *d) {
+    if (!d) return;
+#if LOUPE_NCCL
+    for (int g = 0; g < 3; g++)
+        if (d->nccl_ok[g] == 1) ncclCommDestroy(d->nccl[g]);
+#endif
+#if LOUPE_MPI
+    for (int g = 0; g < 3; g++)
+        if (d->comm[g] != MPI_COMM_NULL) MPI_Comm_free(&d->comm[g]);
+    if (d->own_mpi) {
+        int fin = 0;
+        MPI_Finalized(&fin);
+        if (!fin) MPI_Finalize();
+    }
+#endif
+    free(d->stage);
+    free(d);
+}
+
+/* The group's size; 1 means every call over it is a no-op. */
+static int gsize(const lp_dist *d, lp_dist_group g) { return lp_dist_group_size(d, g); }
+
+#if LOUPE_MPI
+static MPI_Datatype mpi_type(lp_dtype dt) {
+    switch (dt) {
+    case LP_F32: return MPI_FLOAT;
+    case LP_F64: return MPI_DOUBLE;
+    case LP_I32: return MPI_INT32_T;
+    case LP_I64: return MPI_INT64_T;
+    case LP_U64: return MPI_UINT64_T;
+    default: return MPI_DATATYPE_NULL;
+    }
+}
+#define MPI_OK(call, what)                                                                    \
+    do {                                                                                      \
+        if ((call) != MPI_SUCCESS) LP_FAIL(LP_ERR_INTERNAL, "dist: %s failed (MPI)", (what)); \
+    } while (0)
+#endif
+
+static __attribute__((unused)) lp_status no_mpi(const char *what) {
+    LP_FAIL(LP_ERR_ARG, "dist: %s over more than one process needs MPI (this build has none)", what);
+}
+
+static lp_status allreduce_op(lp_dist *d, lp_dist_group g, void *buf, size_t n, lp_dtype dt, int max) {
+    if (gsize(d, g) <= 1 || n == 0) return LP_OK;
+#if LOUPE_MPI
+    MPI_Datatype t = mpi_type(dt);
+    if (t == MPI_DATATYPE_NULL) LP_FAIL(LP_ERR_ARG, "dist: all-reduce of %s is not supported", lp_dtype_name(dt));
+    double t0 = now_s();
+    for (size_t o = 0; o < n;) { /* MPI counts are int */
+        int c = n - o > (size_t)1 << 30 ? 1 << 30 : (int)(n - o);
+        MPI_OK(MPI_Allreduce(MPI_IN_PLACE, (char *)buf + o * lp_dtype_size(dt), c, t, max ? MPI_MAX : MPI_SUM,
+                             d->comm[g]), "all-reduce");
+        o += c;
+    }
+    d->counts.allreduce++;
+    d->counts.allreduce_bytes += n * lp_dtype_size(dt);
+    d->counts.seconds += now_s() - t0;
+    return LP_OK;
+#else
+    return no_mpi("all-reduce");
+#endif
+}
+
+lp_status lp_dist_allreduce_sum(lp_dist *d, lp_dist_group g, void *buf, size_t n, lp_dtype dt) {
+    return allreduce_op(d, g, buf, n, dt, 0);
+}
+lp_status lp_dist_allreduce_max(lp_dist *d, lp_dist_group g, void *buf, size_t n, lp_dtype dt) {
+    return allreduce_op(d, g, buf, n, dt, 1);
+}
+
+lp_status lp_dist_allgather(lp_dist *d, lp_dist_group g, const void *send, void *recv, size_t bytes) {
+    int p = gsize(d, g);
+    if (p <= 1) {
+        if (send != recv && bytes) memmove(recv, send, bytes);
+        return LP_OK;
+    }
+#if LOUPE_MPI
+    if (bytes > (size_t)1 << 30) LP_FAIL(LP_ERR_ARG, "dist: all-gather of %zu bytes per rank is too large", bytes);
+    double t0 = now_s();
+    int r = lp_dist_group_rank(d, g);
+    const void *s = send == (char *)recv + (size_t)r * bytes ? MPI_IN_PLACE : send;
+    MPI_OK(MPI_Allgather(s, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, d->comm[g]), "all-gather");
+    d->counts.allgather++;
+    d->counts.allgather_bytes += bytes;
+    d->counts.seconds += now_s() - t0;
+    return LP_OK;
+#else
+    return no_mpi("all-gather");
+#endif
+}
+
+lp_status lp_dist_broadcast(lp_dist *d, lp_dist_group g, void *buf, size_t bytes, int root) {
+    if (gsize(d, g) <= 1 || bytes == 0) return LP_OK;
+#if LOUPE_MPI
+    double t0 = now_s();
+    for (size_t o = 0; o < bytes;) {
+        int c = bytes - o > (size_t)1 << 30 ? 1 << 30 : (int)(bytes - o);
+        MPI_OK(MPI_Bcast((char *)buf + o, c, MPI_BYTE, root, d->comm[g]), "broadcast");
+        o += c;
+    }
+    d->counts.broadcast++;
+    d->counts.broadcast_bytes += bytes;
+    d->counts.seconds += now_s() - t0;
+    return LP_OK;
+#else
+    return no_mpi("broadcast");
+#endif
+}
+
+lp_status lp_dist_barrier(lp_dist *d, lp_dist_group g) {
+    if (gsize(d, g) <= 1) return LP_OK;
+#if LOUPE_MPI
+    double t0 = now_s();
+    MPI_OK(MPI_Barrier(d->comm[g]), "barrier");
+    d->counts.barrier++;
+    d->counts.seconds += now_s() - t0;
+    return LP_OK;
+#else
+    return no_mpi("barrier");
+#endif
+}
+
+/* ---- device buffers ---- */
+
+static lp_status stage(lp_dist *d, size_t bytes) {
+    if (bytes <= d->stage_bytes) return LP_OK;
+    void *p = realloc(d->stage, bytes);
+    if (!p) LP_FAIL(LP_ERR_OOM, "dist: %zu bytes of host staging", bytes);
+    d->stage = p, d->stage_bytes = bytes;
+    return LP_OK;
+}
+
+#if LOUPE_NCCL
+/* NCCL for group g: created on first use, by every rank of the group at once (the first
+ * collective is collective), with the id broadcast over MPI. Refused (host staging used)
+ * when two ranks of the group share a GPU, which NCCL does not allow. */
+static int nccl_for(lp_dist *d, lp_dist_group g, lp_ctx *c) {
+    if (d->nccl_ok[g]) return d->nccl_ok[g] == 1;
+    int p = gsize(d, g), dev = c->cuda_device, clash = 0;
+    char bus[32] = {0};
+    if (cudaDeviceGetPCIBusId(bus, sizeof bus, dev) != cudaSuccess) snprintf(bus, sizeof bus, "device %d", dev);
+    char host[64] = {0}, *all = calloc((size_t)p, 96);
+    int len;
+    MPI_Get_processor_name(host, &len);
+    char mine[96];
+    snprintf(mine, sizeof mine, "%.63s|%.31s", host, bus);
+    if (!all || MPI_Allgather(mine, 96, MPI_BYTE, all, 96, MPI_BYTE, d->comm[g]) != MPI_SUCCESS) clash = 1;
+    for (int i = 0; !clash && i < p; i++)
+        if (i != lp_dist_group_rank(d, g) && strcmp(all + i * 96, mine) == 0) clash = 1;
+    free(all);
+    int ok = !clash;
+    ncclUniqueId id;
+    if (ok && lp_dist_group_rank(d, g) == 0) ok = ncclGetUniqueId(&id) == ncclSuccess;
+    MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, d->comm[g]);
+    if (ok) {
+        MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, d->comm[g]);
+        ok = ncclCommInitRank(&d->nccl[g], p, id, lp_dist_group_rank(d, g)) == ncclSuccess;
+        MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, d->comm[g]);
+    }
+    d->nccl_ok[g] = ok ? 1 : -1;
+    return ok;
+}
+#endif
+
+/* Device buffer -> host F32 staging (BF16 widened, through the raw values after the n
+ * floats: the staging holds 6 bytes per value), and back. */
+static lp_status to_stage(lp_dist *d, lp_ctx *c, const void *buf, size_t n) {
+    float *h = d->stage;
+    if (c->dtype == LP_F32) return lp_ctx_to_host(c, h, buf, n * 4);
+    LP_CHECK(lp_ctx_to_host(c, h + n, buf, n * lp_dtype_size(c->dtype)));
+    return lp_convert_host(h, LP_F32, h + n, c->dtype, n);
+}
+static lp_status from_stage(lp_dist *d, lp_ctx *c, void *buf, size_t n) {
+    if (c->dtype == LP_F32) return lp_ctx_to_device(c, buf, d->stage, n * 4);
+    LP_CHECK(lp_ctx_upload_f32(c, buf, d->stage, n));
+    return LP_OK;
+}
+
+lp_status lp_dist_allreduce_sum_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, void *buf, size_t n) {
+    if (gsize(d, g) <= 1 || n == 0) return LP_OK;
+    if (c->device == LP_CPU) return lp_dist_allreduce_sum(d, g, buf, n, LP_F32);
+#if LOUPE_NCCL
+    if (nccl_for(d, g, c)) {
+        double t0 = now_s();
+        ncclDataType_t t = c->dtype == LP_BF16 ? ncclBfloat16 : ncclFloat32;
+        if (ncclAllReduce(buf, buf, n, t, ncclSum, d->nccl[g], (cudaStream_t)c->stream) != ncclSuccess)
+            LP_FAIL(LP_ERR_CUDA, "dist: NCCL all-reduce of %zu values failed", n);
+        d->counts.allreduce++;
+        d->counts.allreduce_bytes += n * lp_dtype_size(c->dtype);
+        d->counts.seconds += now_s() - t0;
+        return LP_OK;
+    }
+#endif
+    LP_CHECK(stage(d, n * 6));
+    LP_CHECK(to_stage(d, c, buf, n));
+    LP_CHECK(lp_dist_allreduce_sum(d, g, d->stage, n, LP_F32));
+    return from_stage(d, c, buf, n);
+}
+
+lp_status lp_dist_allgather_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, const void *send, void *recv, size_t n) {
+    int p = gsize(d, g);
+    size_t es = lp_dtype_size(c->dtype);
+    if (p <= 1) return send == recv || n == 0 ? LP_OK : lp_ctx_copy(c, recv, send, n * es);
+    if (c->device == LP_CPU) return lp_dist_allgather(d, g, send, recv, n * es);
+#if LOUPE_NCCL
+    if (nccl_for(d, g, c)) {
+        double t0 = now_s();
+        ncclDataType_t t = c->dtype == LP_BF16 ? ncclBfloat16 : ncclFloat32;
+        if (ncclAllGather(send, recv, n, t, d->nccl[g], (cudaStream_t)c->stream) != ncclSuccess)
+            LP_FAIL(LP_ERR_CUDA, "dist: NCCL all-gather of %zu values failed", n);
+        d->counts.allgather++;
+        d->counts.allgather_bytes += n * es;
+        d->counts.seconds += now_s() - t0;
+        return LP_OK;
+    }
+#endif
+    LP_CHECK(stage(d, n * es * (p + 1)));
+    char *mine = (char *)d->stage + n * es * p;
+    LP_CHECK(lp_ctx_to_host(c, mine, send, n * es));
+    LP_CHECK(lp_dist_allgather(d, g, mine, d->stage, n * es));
+    return lp_ctx_to_device(c, recv, d->stage, n * es * p);
+}
+
+lp_status lp_dist_broadcast_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, void *buf, size_t n, int root) {
+    size_t es = lp_dtype_size(c->dtype);
+    if (gsize(d, g) <= 1 || n == 0) return LP_OK;
+    if (c->device == LP_CPU) return lp_dist_broadcast(d, g, buf, n * es, root);
+#if LOUPE_NCCL
+    if (nccl_for(d, g, c)) {
+        double t0 = now_s();
+        if (ncclBroadcast(buf, buf, n * es, ncclUint8, root, d->nccl[g], (cudaStream_t)c->stream) != ncclSuccess)
+            LP_FAIL(LP_ERR_CUDA, "dist: NCCL broadcast of %zu values failed", n);
+        d->counts.broadcast++;
+        d->counts.broadcast_bytes += n * es;
+        d->counts.seconds += now_s() - t0;
+        return LP_OK;
+    }
+#endif
+    LP_CHECK(stage(d, n * es));
+    if (lp_dist_group_rank(d, g) == root) LP_CHECK(lp_ctx_to_host(c, d->stage, buf, n * es));
+    LP_CHECK(lp_dist_broadcast(d, g, d->stage, n * es, root));
+    return lp_ctx_to_device(c, buf, d->stage, n * es);
+}

@@ -1,0 +1,136 @@
+/* test_dist: the distributed module (dist.h) and tensor parallelism.
+ *
+ * In one process: every collective is a no-op over a world of one, asking for more
+ * processes than were launched is refused naming dist.tp / dist.dp, and a model loaded
+ * through the module at TP=1 is the model lp_model_load gives, bit for bit.
+ * Under mpirun (when the build has MPI and mpirun is on the PATH; skipped, saying so,
+ * otherwise): build/dist_tp_check at TP=2 and TP=4 compares a split model with the whole
+ * one for GPT-2, Llama with GQA, Qwen2 with one kv head, Mistral, Gemma 2 and Gemma 3:
+ * losses, logits, every hook's capture, edits at per-head and per-neuron hooks, and the
+ * number of collectives and bytes of a forward (tests/dist/tp_check.c). */
+#include <criterion/criterion.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "loupe/dist.h"
+#include "loupe/hooks.h"
+#include "loupe/model.h"
+
+#define FIX "tests/fixtures/"
+
+Test(dist, one_process_is_a_world_of_one) {
+    lp_dist *d;
+    cr_assert_eq(lp_dist_init(&d, 1, 1), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_dist_size(d), 1);
+    cr_assert_eq(lp_dist_rank(d), 0);
+    cr_assert_eq(lp_dist_tp_size(d), 1);
+    cr_assert_eq(lp_dist_dp_size(d), 1);
+    float x[3] = {1, 2, 3}, g[3];
+    cr_assert_eq(lp_dist_allreduce_sum(d, LP_DIST_TP, x, 3, LP_F32), LP_OK);
+    cr_assert_eq(lp_dist_allgather(d, LP_DIST_WORLD, x, g, sizeof x), LP_OK);
+    cr_assert_eq(lp_dist_broadcast(d, LP_DIST_DP, x, sizeof x, 0), LP_OK);
+    cr_assert_eq(lp_dist_barrier(d, LP_DIST_WORLD), LP_OK);
+    cr_assert(x[0] == 1 && x[1] == 2 && x[2] == 3 && memcmp(x, g, sizeof x) == 0);
+    lp_dist_counts k;
+    lp_dist_counts_get(d, &k);
+    cr_assert(k.allreduce == 0 && k.allgather == 0 && k.broadcast == 0 && k.barrier == 0, "a world of one moved something");
+    lp_dist_finalize(d);
+    /* NULL is the single process too */
+    cr_assert_eq(lp_dist_tp_size(NULL), 1);
+    cr_assert_eq(lp_dist_allreduce_sum(NULL, LP_DIST_TP, x, 3, LP_F32), LP_OK);
+}
+
+Test(dist, more_processes_than_launched_are_refused) {
+    lp_dist *d = (lp_dist *)1;
+    cr_assert_neq(lp_dist_init(&d, 2, 1), LP_OK);
+    cr_assert_null(d);
+    cr_assert(strstr(lp_last_error(), "dist.tp=2"), "message: %s", lp_last_error());
+    cr_assert_neq(lp_dist_init(&d, 1, 3), LP_OK);
+    cr_assert(strstr(lp_last_error(), "dist.dp=3"), "message: %s", lp_last_error());
+}
+
+/* TP=1 through the module: the same losses, logits and captures as lp_model_load, bit for bit. */
+Test(dist, tp1_is_bit_identical) {
+    const char *models[] = {FIX "gpt2-tiny", FIX "llama-tiny", FIX "gemma2-tiny", FIX "gemma3-tiny"};
+    lp_dist *d;
+    cr_assert_eq(lp_dist_init(&d, 1, 1), LP_OK, "%s", lp_last_error());
+    for (size_t i = 0; i < sizeof models / sizeof *models; i++) {
+        lp_model *a, *b;
+        cr_assert_eq(lp_model_load(&a, models[i], LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
+        cr_assert_eq(lp_model_load_dist(&b, models[i], LP_CPU, LP_F32, d), LP_OK, "%s", lp_last_error());
+        const lp_config *c = lp_model_config(a);
+        int B = 2, T = 6;
+        int32_t tok[12];
+        for (int j = 0; j < B * T; j++) tok[j] = (j * 31 + 5) % c->d_vocab;
+        cr_assert_eq(lp_hook_capture(a, "blocks.0.attn.hook_z", NULL, 0, NULL), LP_OK);
+        cr_assert_eq(lp_hook_capture(b, "blocks.0.attn.hook_z", NULL, 0, NULL), LP_OK);
+        cr_assert_eq(lp_model_forward(a, tok, B, T, LP_WANT_LOSS | LP_WANT_LOGITS), LP_OK, "%s", lp_last_error());
+        cr_assert_eq(lp_model_forward(b, tok, B, T, LP_WANT_LOSS | LP_WANT_LOGITS), LP_OK, "%s", lp_last_error());
+        cr_assert_eq(memcmp(lp_model_losses(a), lp_model_losses(b), (size_t)B * (T - 1) * sizeof(float)), 0, "%s", models[i]);
+        cr_assert_eq(memcmp(lp_model_logits(a), lp_model_logits(b), (size_t)B * T * c->d_vocab * sizeof(float)), 0, "%s", models[i]);
+        lp_tensor ta, tb;
+        cr_assert_eq(lp_capture_get(a, "blocks.0.attn.hook_z", &ta), LP_OK);
+        cr_assert_eq(lp_capture_get(b, "blocks.0.attn.hook_z", &tb), LP_OK);
+        cr_assert_eq(memcmp(ta.data, tb.data, (size_t)lp_shape_numel(ta.shape, ta.ndim) * sizeof(float)), 0);
+        lp_model_free(a);
+        lp_model_free(b);
+    }
+    lp_dist_finalize(d);
+}
+
+/* build/dist_tp_check beside this test binary; skips (saying why) when it cannot run. */
+static void tp_check_path(char *out, size_t n) {
+    if (!lp_dist_have_mpi()) cr_skip_test("this loupe was built without MPI (mpicc absent at build time)");
+    if (system("command -v mpirun >/dev/null 2>&1") != 0) cr_skip_test("mpirun is not on the PATH (scripts/install-deps.sh installs OpenMPI)");
+    char self[PATH_MAX];
+    ssize_t k = readlink("/proc/self/exe", self, sizeof self - 1);
+    cr_assert(k > 0, "cannot find this test binary");
+    self[k] = 0;
+    snprintf(out, n, "%s/dist_tp_check", dirname(self));
+    cr_assert_eq(access(out, X_OK), 0, "%s is missing (make builds it)", out);
+}
+
+static void run_tp(int np) {
+    char bin[PATH_MAX + 32], cmd[8192];
+    tp_check_path(bin, sizeof bin);
+    snprintf(cmd, sizeof cmd,
+             "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np %d %s " FIX "gpt2-tiny " FIX "llama-tiny " FIX "qwen2-tiny " FIX
+             "mistral-tiny " FIX "gemma2-tiny " FIX "gemma3-tiny 2>&1",
+             np, bin);
+    FILE *p = popen(cmd, "r");
+    cr_assert(p, "cannot start mpirun");
+    char line[512], last[512] = "", fails[4096] = "";
+    while (fgets(line, sizeof line, p)) {
+        if (strncmp(line, "tp_check:", 9) == 0) snprintf(last, sizeof last, "%s", line);
+        else if (strncmp(line, "rank ", 5) == 0 && strlen(fails) + strlen(line) < sizeof fails) strcat(fails, line);
+    }
+    int rc = pclose(p);
+    cr_assert_eq(rc, 0, "mpirun -np %d tp_check failed (status %d):\n%s%s", np, rc, fails, last);
+    cr_assert(strstr(last, "all agree"), "%s", last);
+}
+
+Test(dist, tp2_matches_one_process, .timeout = 60) { run_tp(2); }
+Test(dist, tp4_matches_one_process, .timeout = 60) { run_tp(4); }
+
+/* GGUF: each rank reads whole quant blocks of its rows and dequantizes the column-split
+ * tensors (W_O, W_out) before cutting them. SmolLM2 has 9 heads and 3 kv heads: TP=3.
+ * The forward only (losses, logits, every hook, edits): what the loader's slices decide;
+ * the gradients' agreement is checked on the tiny models above. */
+Test(dist, gguf_tp3_matches_one_process, .timeout = 120) {
+    const char *gguf = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+    char bin[PATH_MAX + 32], cmd[8192];
+    tp_check_path(bin, sizeof bin);
+    if (access(gguf, R_OK) != 0) cr_skip_test("%s is absent (make model fetches it)", gguf);
+    snprintf(cmd, sizeof cmd, "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np 3 %s --no-grad %s 2>&1 | tail -n 20", bin, gguf);
+    FILE *p = popen(cmd, "r");
+    cr_assert(p, "cannot start mpirun");
+    char line[512], all[8192] = "";
+    while (fgets(line, sizeof line, p))
+        if (strlen(all) + strlen(line) < sizeof all) strcat(all, line);
+    pclose(p);
+    cr_assert(strstr(all, "all agree"), "%s", all);
+}
