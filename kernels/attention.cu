@@ -43,8 +43,9 @@ __device__ __forceinline__ row_idx decode_row(long long row, int T_, int H, bool
 // ---- fused: z = softmax(cap(q k^T * scale), causal or windowed) v ----
 // Also attention against a KV cache (lp_cuda_attention_cached): q holds Tq queries at
 // positions pos0 .. pos0+Tq-1, k and v are caches of Tcap positions, and query i reads keys
-// first .. pos0+i (first = 0, or the start of its window). The plain fused case is Tq = Tcap = T, pos0 = 0. A row's arithmetic does not
-// depend on Tq or on the launch, so decoding token by token reproduces a full pass bit for bit.
+// first .. pos0+i (first = 0, or the start of its window, in absolute positions). The plain
+// fused case is Tq = Tcap = T, pos0 = 0. A row's arithmetic does not depend on Tq or on the
+// launch, so decoding token by token reproduces a full pass bit for bit.
 template <typename T, int DPL>
 __global__ void
 attention_kernel(T *z, const T *q, const T *k, const T *v, int B, int Tq, int Tcap, int pos0, int H, int Hkv,

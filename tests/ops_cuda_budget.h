@@ -21,7 +21,11 @@ enum {
     OP_ATTENTION, OP_ATTN_SCORES, OP_SOFTMAX, OP_ATTN_APPLY, OP_FUSED_VS_STEPS,
     OP_CROSS_ENTROPY, OP_EDIT_COPY, OP_EDIT_ADD, OP_GATHER,
     OP_RMS_SCALE, OP_RMS_APPLY, OP_ROPE, OP_SILU_MUL, OP_ATTN_CACHED, OP_CACHED_VS_FUSED,
-    OP_CACHED_DECODE, OP_COUNT
+    OP_CACHED_DECODE,
+    OP_ATTN_CFG, OP_ATTN_SCORES_CFG, OP_FUSED_VS_STEPS_CFG, OP_ATTN_CACHED_CFG, OP_CACHED_VS_FUSED_CFG,
+    OP_CACHED_DECODE_CFG, OP_GELU_MUL, OP_SOFTCAP, OP_SCALE,
+    OP_GELU_MUL_BWD, OP_SOFTCAP_BWD, OP_ATTN_BWD_CFG, OP_ATTN_SCORES_BWD_CFG, OP_BWD_VS_STEPS_CFG,
+    OP_ATTN_BWD_REPEAT_CFG, OP_COUNT
 };
 static const struct budget {
     const char *op;
@@ -56,6 +60,27 @@ static const struct budget {
     [OP_ATTN_CACHED] = {"attention_cached", {1e-8, 1e-4}},
     [OP_CACHED_VS_FUSED] = {"attention_cached vs fused (GPU)", {1e-9, 1e-4}},
     [OP_CACHED_DECODE] = {"attention_cached decode vs one pass (GPU)", {0, 0}},
+    /* Gemma family (test_ops_gemma_cuda.c), by the same rules: the attention options add a
+     * scale, a tanh (a few ulps) and a window, which only drops keys, to the same kernels, so
+     * the attention budgets are those above; the backward ones are test_backward_cuda.c's
+     * (fused backward 1e-9 in fp32, the three-step chain 5e-4 in bf16 where it rounds scores,
+     * pattern, dpattern and dscores; and here also tanh' = 1 - (s/cap)^2 from bf16 scores).
+     * lp_scale is one correctly rounded fp32 product on both sides: exact in F32. */
+    [OP_ATTN_CFG] = {"attention_cfg", {1e-8, 1e-4}},
+    [OP_ATTN_SCORES_CFG] = {"attn_scores_cfg", {1e-9, 1e-4}},
+    [OP_FUSED_VS_STEPS_CFG] = {"attention_cfg vs 3 steps (GPU)", {1e-9, 5e-4}},
+    [OP_ATTN_CACHED_CFG] = {"attention_cached_cfg", {1e-8, 1e-4}},
+    [OP_CACHED_VS_FUSED_CFG] = {"attention_cached_cfg vs fused (GPU)", {1e-9, 1e-4}},
+    [OP_CACHED_DECODE_CFG] = {"attention_cached_cfg decode vs one pass (GPU)", {0, 0}},
+    [OP_GELU_MUL] = {"gelu_mul", {1e-10, 1e-4}},
+    [OP_SOFTCAP] = {"softcap", {1e-10, 1e-4}},
+    [OP_SCALE] = {"scale", {0, 1e-4}},
+    [OP_GELU_MUL_BWD] = {"gelu_mul_backward", {1e-10, 1e-4}},
+    [OP_SOFTCAP_BWD] = {"softcap_backward", {1e-10, 1e-4}},
+    [OP_ATTN_BWD_CFG] = {"attention_backward_cfg", {1e-9, 1e-4}},
+    [OP_ATTN_SCORES_BWD_CFG] = {"attn_scores_backward_cfg", {1e-8, 1e-4}},
+    [OP_BWD_VS_STEPS_CFG] = {"attention_backward_cfg vs 3 steps (GPU)", {1e-9, 5e-4}},
+    [OP_ATTN_BWD_REPEAT_CFG] = {"attention_backward_cfg run twice (GPU)", {0, 0}},
 };
 
 static const lp_dtype DTYPES[2] = {LP_F32, LP_BF16};

@@ -119,7 +119,8 @@ Test(gemma_backward, gelu_mul) {
         const double s = sqrt(2 / M_PI), a = 0.044715;
         for (size_t j = 0; j < n; j++) { /* d/dg of 0.5 g (1 + tanh(s (g + a g^3))), from the tanh form */
             const double x = g[j], th = tanh(s * (x + a * x * x * x));
-            const double gelu = 0.5 * x * (1 + th), dgelu = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * s * (1 + 3 * a * x * x);
+            const double gelu = 0.5 * x * (1 + th);
+            const double dgelu = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * s * (1 + 3 * a * x * x);
             rg[j] = dy[j] * u[j] * dgelu, ru[j] = dy[j] * gelu;
         }
         char label[32];

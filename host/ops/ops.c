@@ -69,12 +69,16 @@ lp_status lp_gelu(lp_ctx *c, void *out, const void *x, size_t n) {
 /* The attention options: NULL is the zeroed cfg (causal, 1/sqrt(dh), no cap); negative or
  * non-finite values are errors (a NaN fails every comparison). */
 static const lp_attn_cfg NO_CFG = {0.0f, 0.0f, 0};
-#define CFG_OK(g) ((g)->scale >= 0 && isfinite((g)->scale) && (g)->softcap >= 0 && isfinite((g)->softcap) && (g)->window >= 0)
-#define CHECK_CFG(op, cfg)                                                                                    \
-    do {                                                                                                      \
-        if (!(cfg)) (cfg) = &NO_CFG;                                                                          \
-        NEED(CFG_OK(cfg), "%s: bad attention options (scale=%g softcap=%g window=%d)", op, (double)(cfg)->scale, \
-             (double)(cfg)->softcap, (cfg)->window);                                                          \
+static lp_status cfg_check(const char *op, const lp_attn_cfg *g) {
+    NEED(g->scale >= 0 && isfinite(g->scale) && g->softcap >= 0 && isfinite(g->softcap) && g->window >= 0,
+         "%s: bad attention options (scale=%g softcap=%g window=%d)", op, (double)g->scale, (double)g->softcap,
+         g->window);
+    return LP_OK;
+}
+#define CHECK_CFG(op, cfg)                                                                                   \
+    do {                                                                                                     \
+        if (!(cfg)) (cfg) = &NO_CFG;                                                                         \
+        LP_CHECK(cfg_check(op, cfg));                                                                        \
     } while (0)
 
 lp_status lp_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
