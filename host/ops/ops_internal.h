@@ -90,6 +90,8 @@ lp_status lp_cuda_affine(lp_ctx *c, void *out, const void *x, const void *w, con
 lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, const void *bias, int N,
                          int K, int M, int w_trans);
 lp_status lp_cuda_gelu(lp_ctx *c, void *out, const void *x, size_t n);
+lp_status lp_cuda_matmul_gelu(lp_ctx *c, void *post, void *pre, const void *x, const void *w, const void *bias, int N,
+                              int K, int M, int w_trans);
 lp_status lp_cuda_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
                             int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
 lp_status lp_cuda_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,
