@@ -71,6 +71,55 @@ static double gemm_rate(lp_ctx *c, int n, int reps) {
     return 2.0 * n * n * n * reps / dt / 1e9;
 }
 
+/* Fused causal attention on the GPU (BF16), forward and backward: the tensor-core kernels
+ * (attention_flash.cu) against the row kernels, which the dispatch takes for buffers that are
+ * not 16-byte aligned (here: the same data 8 bytes on). FLOPs: QK^T and PV over the causal
+ * half, 4 B H dh T (T+1)/2; the backward's five products count 2.5 times that. */
+static double time_attn(lp_ctx *c, void *const *b, int fwd, int B, int T, int H, int Hkv, int dh, int reps) {
+    double best = 1e30;
+    for (int r = 0; r <= reps; r++) { /* the first run warms up */
+        CHECK(lp_ctx_sync(c));
+        double t0 = now();
+        if (fwd) CHECK(lp_attention(c, b[0], b[1], b[2], b[3], B, T, H, Hkv, dh));
+        else CHECK(lp_attention_backward(c, b[5], b[6], b[7], b[4], b[1], b[2], b[3], B, T, H, Hkv, dh));
+        CHECK(lp_ctx_sync(c));
+        double dt = now() - t0;
+        if (r > 0 && dt < best) best = dt;
+    }
+    return best;
+}
+
+static void attention_gpu(const char *what, int B, int T, int H, int Hkv, int dh) {
+    lp_ctx c;
+    CHECK(lp_ctx_init(&c, LP_CUDA, LP_BF16));
+    const size_t nq = (size_t)B * T * H * dh, nkv = (size_t)B * T * Hkv * dh;
+    const size_t n[8] = {nq, nq, nkv, nkv, nq, nq, nkv, nkv}; /* z q k v dz dq dk dv */
+    float *h = malloc(nq * sizeof(float));
+    uint64_t s = 7;
+    for (size_t i = 0; i < nq; i++) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        h[i] = (float)((s >> 40) % 2001) / 1000.0f - 1.0f;
+    }
+    void *base[8], *al[8], *un[8];
+    for (int i = 0; i < 8; i++) {
+        CHECK(lp_ctx_alloc(&c, n[i] * 2 + 16, &base[i]));
+        al[i] = base[i], un[i] = (char *)base[i] + 8;
+        CHECK(lp_ctx_upload_f32(&c, al[i], h, n[i]));
+        CHECK(lp_ctx_upload_f32(&c, un[i], h, n[i]));
+    }
+    const double fl = 4.0 * B * H * dh * (double)T * (T + 1) / 2;
+    const double tf = time_attn(&c, al, 1, B, T, H, Hkv, dh, 5), tr = time_attn(&c, un, 1, B, T, H, Hkv, dh, 3);
+    const double bf = time_attn(&c, al, 0, B, T, H, Hkv, dh, 5), br = time_attn(&c, un, 0, B, T, H, Hkv, dh, 2);
+    printf("GPU attention, %s (B=%d T=%d H=%d Hkv=%d dh=%d, bf16):\n", what, B, T, H, Hkv, dh);
+    printf("  forward:  tensor cores %8.3f ms %6.1f TFLOP/s | row kernels %8.3f ms %6.1f TFLOP/s | %.1fx\n", tf * 1e3,
+           fl / tf / 1e12, tr * 1e3, fl / tr / 1e12, tr / tf);
+    printf("  backward: tensor cores %8.3f ms %6.1f TFLOP/s | row kernels %8.3f ms %6.1f TFLOP/s | %.1fx\n", bf * 1e3,
+           2.5 * fl / bf / 1e12, br * 1e3, 2.5 * fl / br / 1e12, br / bf);
+    for (int i = 0; i < 8; i++) lp_ctx_release(&c, base[i]);
+    free(h);
+    lp_ctx_free(&c);
+}
+
 static void tokens(int32_t *t, size_t n, int V) {
     uint64_t s = 42;
     for (size_t i = 0; i < n; i++) {
@@ -277,6 +326,7 @@ int main(int argc, char **argv) {
         copy_bandwidth();
         random_section("GPU", "GPT-2 small shape, random weights", &GPT2_SMALL, LP_CUDA, LP_BF16, gb, gt, 5);
         printf("  target (H100/H200): >= 1.5M tokens/s without capture, capture <= 15%%\n");
+        attention_gpu("GPT-2 small shape", 16, 1024, 12, 12, 64);
     }
     if (WANT("smollm2") && have_smol) {
         validate_gpu("SmolLM2-135M", SMOLLM2, NULL, LP_F32, 1e-3);
@@ -292,6 +342,8 @@ int main(int argc, char **argv) {
         validate_gpu("Llama-3 shape, small", NULL, &small, LP_BF16, 5e-2);
         random_section("GPU", "Llama-3-8B shape, random weights", &LLAMA3_8B, LP_CUDA, LP_BF16, lb, lt, 3);
         printf("  target (H100/H200): >= 60%% of the bf16 GEMM rate\n");
+        attention_gpu("Llama-3-8B shape", 2, 2048, 32, 8, 128);
+        attention_gpu("Gemma head dim", 4, 1024, 8, 4, 256);
     }
     return 0;
 }

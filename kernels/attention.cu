@@ -286,6 +286,9 @@ lp_status lp_cuda_attention(lp_ctx *c, void *z, const void *q, const void *k, co
     LP_CHECK(check_attn_shape("lp_cuda_attention", B, T, H, Hkv, dh));
     if ((long long)B * T == 0) return LP_OK;
     LP_CUDA_REQUIRE(z && q && k && v, "lp_cuda_attention: NULL buffer");
+    const void *bufs[4] = {z, q, k, v};
+    if (lp_cuda_flash_fits(c, B, T, H, dh, bufs, 4)) // tensor cores (attention_flash.cu)
+        return lp_cuda_flash_attention(c, z, q, k, v, B, T, H, Hkv, dh, cfg);
     const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
     return c->dtype == LP_BF16 ? attention_dispatch<__nv_bfloat16>(c, z, q, k, v, B, T, T, 0, H, Hkv, dh, o)
                                : attention_dispatch<float>(c, z, q, k, v, B, T, T, 0, H, Hkv, dh, o);

@@ -426,6 +426,20 @@ static lp_status attention_backward_dispatch(lp_ctx *c, void *dq, void *dk, void
 #undef LP_BWD_LAUNCH
 }
 
+// BF16 on tensor cores (attention_flash.cu) after the same stats kernel: lse and D per row.
+static lp_status flash_backward(lp_ctx *c, void *dq, void *dk, void *dv, unsigned char *stash, size_t stride,
+                                const void *dz, const void *q, const void *k, const void *v, int B, int T_, int H,
+                                int Hkv, int dh, const lp_attn_cfg *cfg) {
+    typedef __nv_bfloat16 bf;
+    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
+    const long long qrows = (long long)B * H * T_;
+    const size_t smem = (size_t)kWarps * 2 * dh * sizeof(float);
+    LP_LAUNCH(lp_grid_rows(qrows, kWarps), kWarps * 32, smem, lp_stream(c), attn_bwd_stats_kernel<bf>)(
+        stash, stride, (const bf *)dz, (const bf *)q, (const bf *)k, (const bf *)v, B, T_, H, Hkv, dh, o);
+    LP_LAUNCH_CHECK("attn_bwd_stats_kernel");
+    return lp_cuda_flash_attention_backward(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T_, H, Hkv, dh, cfg);
+}
+
 template <typename T, int DPL>
 static lp_status attn_apply_backward_launch(lp_ctx *c, void *dpattern, void *dv, const void *dz,
                                             const void *pattern, const void *v, int B, int T_, int H, int Hkv,
@@ -503,6 +517,9 @@ lp_status lp_cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, co
         LP_CHECK(lp_cuda_alloc(c, (size_t)B * T * H * stride, (void **)&scratch));
         stash = scratch;
     }
+    const void *bufs[7] = {dq, dk, dv, dz, q, k, v};
+    if (!scratch && lp_cuda_flash_fits(c, B, T, H, dh, bufs, 7))
+        return flash_backward(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T, H, Hkv, dh, cfg);
     const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
     lp_status st = c->dtype == LP_BF16
                        ? attention_backward_dispatch<__nv_bfloat16>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T,

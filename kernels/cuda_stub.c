@@ -49,6 +49,11 @@ lp_status lp_cuda_gelu(lp_ctx *c, void *out, const void *x, size_t n) {
     (void)c; (void)out; (void)x; (void)n;
     return NO_CUDA();
 }
+lp_status lp_cuda_matmul_gelu(lp_ctx *c, void *post, void *pre, const void *x, const void *w, const void *bias, int N,
+                              int K, int M, int w_trans) {
+    (void)c; (void)post; (void)pre; (void)x; (void)w; (void)bias; (void)N; (void)K; (void)M; (void)w_trans;
+    return NO_CUDA();
+}
 lp_status lp_cuda_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
                             int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
     (void)c; (void)z; (void)q; (void)k; (void)v; (void)B; (void)T; (void)H; (void)Hkv; (void)dh; (void)cfg;

@@ -7,10 +7,62 @@
 //   w_trans = 1: W is row-major [M,K] = column-major [K,M]       -> op T, lda = K
 //   x row-major [N,K] = column-major [K,N] = x^T                  -> op N, ldb = K
 //   out row-major [N,M] = column-major [M,N]                      -> ldc = M
-// Bias: out is first filled with bias broadcast over rows and the GEMM runs with beta = 1.
-// The bias is already in the activation dtype, so the prefill is exact, and cuBLAS
-// forms x@W + bias in fp32 and rounds once, like an epilogue would.
+// Bias: cuBLASLt's bias epilogue (a vector over the rows of out^T, in the activation dtype)
+// adds it to the fp32 sum before the one rounding. Where cuBLASLt has no algorithm for the
+// shape, out is first filled with bias broadcast over rows and cublasGemmEx runs with beta = 1:
+// the same fp32 sum and rounding. lp_cuda_matmul_gelu (GPT-2's MLP in BF16) adds GELU to the
+// epilogue and keeps the pre-activation in its auxiliary output.
 #include "common.cuh"
+
+#include <cublasLt.h>
+
+#include <mutex>
+
+// One cuBLASLt handle per device for the process: a handle keeps no stream or call state.
+static cublasLtHandle_t lt_handle(int dev) {
+    static cublasLtHandle_t h[64];
+    static std::mutex mu;
+    std::lock_guard<std::mutex> lk(mu);
+    if (dev < 0 || dev >= 64) return NULL;
+    if (!h[dev] && cublasLtCreate(&h[dev]) != CUBLAS_STATUS_SUCCESS) h[dev] = NULL;
+    return h[dev];
+}
+
+// out^T[M,N] = op(W) x^T with a cuBLASLt epilogue (bias; GELU with the pre-activation to aux,
+// ld M), in the layouts of cublasGemmEx below. CUBLAS_STATUS_NOT_SUPPORTED: no algorithm
+// (the caller falls back); K > 0.
+static cublasStatus_t lt_matmul(lp_ctx *c, void *out, void *aux, const void *x, const void *w, const void *bias,
+                                int N, int K, int M, int w_trans, cublasLtEpilogue_t ep) {
+    cublasLtHandle_t lt = lt_handle(c->cuda_device);
+    if (!lt) return CUBLAS_STATUS_NOT_INITIALIZED;
+    const cudaDataType_t ty = c->dtype == LP_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+    const cublasOperation_t ta = w_trans ? CUBLAS_OP_T : CUBLAS_OP_N, tb = CUBLAS_OP_N;
+    const int64_t aux_ld = M;
+    const float alpha = 1.0f, beta = 0.0f;
+    cublasLtMatmulDesc_t d = NULL;
+    cublasLtMatrixLayout_t la = NULL, lb = NULL, lc = NULL;
+    cublasStatus_t s = cublasLtMatmulDescCreate(&d, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof ep);
+    if (s == CUBLAS_STATUS_SUCCESS && bias)
+        s = cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+    if (s == CUBLAS_STATUS_SUCCESS && aux) {
+        s = cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof aux);
+        if (s == CUBLAS_STATUS_SUCCESS)
+            s = cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof aux_ld);
+    }
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&la, ty, w_trans ? K : M, w_trans ? M : K, w_trans ? K : M);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&lb, ty, K, N, K);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&lc, ty, M, N, M);
+    if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmul(lt, d, &alpha, w, la, x, lb, &beta, out, lc, out, lc, NULL, NULL, 0, lp_stream(c));
+    if (lc) cublasLtMatrixLayoutDestroy(lc);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (d) cublasLtMatmulDescDestroy(d);
+    return s;
+}
 
 lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, const void *bias, int N,
                          int K, int M, int w_trans) {
@@ -25,6 +77,12 @@ lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, con
     LP_CUDA_REQUIRE(c->blas != NULL, "lp_cuda_matmul: context has no cuBLAS handle");
     const bool bf16 = c->dtype == LP_BF16;
 
+    if (bias && K > 0) {
+        const cublasStatus_t s = lt_matmul(c, out, NULL, x, w, bias, N, K, M, w_trans, CUBLASLT_EPILOGUE_BIAS);
+        if (s == CUBLAS_STATUS_SUCCESS) return LP_OK;
+        if (s != CUBLAS_STATUS_NOT_SUPPORTED) LP_CUBLAS_CHECK(s);
+        (void)cudaGetLastError();
+    }
     if (bias) {
         lp_status st = bf16 ? lp_tile<__nv_bfloat16>(c, out, bias, (size_t)N * M, M)
                             : lp_tile<float>(c, out, bias, (size_t)N * M, M);
@@ -46,4 +104,24 @@ lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, con
                                  out, ty, M,
                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return LP_OK;
+}
+
+// post = gelu(pre), pre = x @ W + bias: one GEMM with the GELU_AUX(_BIAS) epilogue in BF16
+// (GELU of the fp32 sum, rounded once; pre rounded once); otherwise, and where cuBLASLt has no
+// algorithm, the GEMM then lp_cuda_gelu of the rounded pre-activation, as the CPU does.
+lp_status lp_cuda_matmul_gelu(lp_ctx *c, void *post, void *pre, const void *x, const void *w, const void *bias, int N,
+                              int K, int M, int w_trans) {
+    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_matmul_gelu");
+    LP_CUDA_REQUIRE(N >= 0 && K > 0 && M > 0 && post && pre && x && w && post != pre,
+                    "lp_cuda_matmul_gelu: bad arguments (N=%d K=%d M=%d)", N, K, M);
+    if (N == 0) return LP_OK;
+    if (c->dtype == LP_BF16) {
+        const cublasStatus_t s = lt_matmul(c, post, pre, x, w, bias, N, K, M, w_trans,
+                                           bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX);
+        if (s == CUBLAS_STATUS_SUCCESS) return LP_OK;
+        if (s != CUBLAS_STATUS_NOT_SUPPORTED) LP_CUBLAS_CHECK(s);
+        (void)cudaGetLastError();
+    }
+    LP_CHECK(lp_cuda_matmul(c, pre, x, w, bias, N, K, M, w_trans));
+    return lp_cuda_gelu(c, post, pre, (size_t)N * M);
 }

@@ -16,7 +16,8 @@
 # want of a GPU is a failure), then the small-size builds of the same tests under
 # compute-sanitizer memcheck, racecheck and synccheck when it is installed, then the GPU
 # sections of the benchmarks; every step has its own time limit and a failure never stops
-# the ones after it. The fixtures travel with the tree (tests/fixtures); the real model does
+# the ones after it (bench_forward also times the tensor-core attention against the row
+# kernels, forward and backward). The fixtures travel with the tree (tests/fixtures); the real model does
 # not, and the tests and benchmark sections that need it skip, saying so.
 # Order: the tests at full size, the benchmarks, then the sanitizers (memcheck, racecheck,
 # synccheck), so that what is cut when time runs out is the least needed. Time limits
@@ -120,7 +121,7 @@ run() {
     step bench_attrib "${BENCH_S:-60}" "$BUNDLE/bin/bench_attrib" --gpu-only
     for b in bench_forward.gpt2 bench_forward.llama8b bench_sae bench_attrib; do
         echo "-- $b figures" >>"$SUMMARY"
-        grep -E 'tokens/s|GB/s|TFLOP|ms|/s|target|skipped|valid' "$OUT/logs/$b.log" 2>/dev/null | head -25 | sed 's/^/   /' >>"$SUMMARY"
+        grep -E 'tokens/s|GB/s|TFLOP|ms|/s|target|skipped|valid' "$OUT/logs/$b.log" 2>/dev/null | head -40 | sed 's/^/   /' >>"$SUMMARY"
     done
     local cs
     cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)

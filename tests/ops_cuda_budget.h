@@ -25,7 +25,7 @@ enum {
     OP_ATTN_CFG, OP_ATTN_SCORES_CFG, OP_FUSED_VS_STEPS_CFG, OP_ATTN_CACHED_CFG, OP_CACHED_VS_FUSED_CFG,
     OP_CACHED_DECODE_CFG, OP_GELU_MUL, OP_SOFTCAP, OP_SCALE,
     OP_GELU_MUL_BWD, OP_SOFTCAP_BWD, OP_ATTN_BWD_CFG, OP_ATTN_SCORES_BWD_CFG, OP_BWD_VS_STEPS_CFG,
-    OP_ATTN_BWD_REPEAT_CFG, OP_COUNT
+    OP_ATTN_BWD_REPEAT_CFG, OP_FLASH_FWD, OP_FLASH_BWD, OP_FLASH_VS_ROWS, OP_MATMUL_GELU, OP_COUNT
 };
 static const struct budget {
     const char *op;
@@ -81,6 +81,17 @@ static const struct budget {
     [OP_ATTN_SCORES_BWD_CFG] = {"attn_scores_backward_cfg", {1e-8, 1e-4}},
     [OP_BWD_VS_STEPS_CFG] = {"attention_backward_cfg vs 3 steps (GPU)", {1e-9, 5e-4}},
     [OP_ATTN_BWD_REPEAT_CFG] = {"attention_backward_cfg run twice (GPU)", {0, 0}},
+    /* The tensor-core attention (BF16 only; test_ops_flash_cuda.c): bf16 operands are exact in
+     * the fp32 products, so beyond the output's rounding (~1.3e-6) it adds the rounding of the
+     * probabilities (and in the backward of dS) to bf16 before their products, each ~2^-9
+     * relative and independent across keys: the same order again, within the 1e-4 of every
+     * bf16 attention budget. Against the row kernels (same inputs, two such roundings) 1e-4. */
+    [OP_FLASH_FWD] = {"flash attention", {0, 1e-4}},
+    [OP_FLASH_BWD] = {"flash attention backward", {0, 1e-4}},
+    [OP_FLASH_VS_ROWS] = {"flash attention vs row kernels (GPU)", {0, 1e-4}},
+    /* matmul + GELU in one GEMM (cuBLASLt's epilogue in BF16): the GELU of the fp32 sum rounded
+     * once, where the CPU rounds nothing: matmul's budgets. */
+    [OP_MATMUL_GELU] = {"matmul_gelu", {1e-8, 1e-4}},
 };
 
 static const lp_dtype DTYPES[2] = {LP_F32, LP_BF16};

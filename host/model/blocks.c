@@ -124,7 +124,11 @@ lp_status lp_blk_mlp(lp_model *m, int L, int N) {
     LP_CHECK(lp_blk_norm(m, la.ln2_out, la.ln2_scale, m->a.resid, lp_lw(m, L, W_LN2), lp_lw(m, L, W_LN2_B), N, D, HK_LN2_SCALE,
                          HK_LN2_NORM, L));
     SITE(HK_MLP_IN, L, la.ln2_out);
-    if (cf->mlp == LP_MLP_GELU) {
+    if (cf->mlp == LP_MLP_GELU && !lp_hook_active(m, lp_hook_id(m, HK_MLP_PRE, L))) {
+        /* nothing reads or edits hook_pre: GELU in the GEMM's epilogue, pre kept for the backward */
+        LP_CHECK(lp_matmul_gelu(c, la.mlp_post, la.mlp_pre, la.ln2_out, lp_lw(m, L, W_IN), lp_lw(m, L, W_BIN), N, D, F,
+                                m->w.trans));
+    } else if (cf->mlp == LP_MLP_GELU) {
         LP_CHECK(lp_blk_linear(m, la.mlp_pre, la.ln2_out, L, W_IN, W_BIN, N, D, F));
         SITE(HK_MLP_PRE, L, la.mlp_pre);
         LP_CHECK(lp_gelu(c, la.mlp_post, la.mlp_pre, (size_t)N * F));

@@ -62,6 +62,19 @@ lp_status lp_matmul(lp_ctx *c, void *out, const void *x, const void *w, const vo
     return lp_cuda_matmul(c, out, x, w, bias, N, K, M, w_trans);
 }
 
+lp_status lp_matmul_gelu(lp_ctx *c, void *post, void *pre, const void *x, const void *w, const void *bias, int N, int K,
+                         int M, int w_trans) {
+    NEED(N >= 0 && K > 0 && M > 0 && post && pre && x && w && post != pre,
+         "matmul_gelu: bad arguments (N=%d K=%d M=%d)", N, K, M);
+    if (N == 0) return LP_OK;
+    if (CPU(c)) {
+        lp_cpu_matmul(pre, x, w, bias, N, K, M, w_trans);
+        lp_cpu_gelu(post, pre, (size_t)N * M);
+        return LP_OK;
+    }
+    return lp_cuda_matmul_gelu(c, post, pre, x, w, bias, N, K, M, w_trans);
+}
+
 lp_status lp_gelu(lp_ctx *c, void *out, const void *x, size_t n) {
     NEED(out && x, "gelu: null buffer");
     if (CPU(c)) { lp_cpu_gelu(out, x, n); return LP_OK; }

@@ -79,6 +79,8 @@ lp_status lp_cuda_affine(lp_ctx *c, void *out, const void *x, const void *w, con
 lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, const void *bias, int N,
                          int K, int M, int w_trans);
 lp_status lp_cuda_gelu(lp_ctx *c, void *out, const void *x, size_t n);
+lp_status lp_cuda_matmul_gelu(lp_ctx *c, void *post, void *pre, const void *x, const void *w, const void *bias, int N,
+                              int K, int M, int w_trans);
 lp_status lp_cuda_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
                             int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
 lp_status lp_cuda_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,
@@ -95,6 +97,15 @@ lp_status lp_cuda_silu_mul(lp_ctx *c, void *out, const void *gate, const void *u
 lp_status lp_cuda_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
                                    int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh,
                                    const lp_attn_cfg *cfg);
+/* kernels/attention_flash.cu: the fused attention on tensor cores, which lp_cuda_attention and
+ * lp_cuda_attention_backward use when lp_cuda_flash_fits (BF16, dh a multiple of 16 up to 256,
+ * buffers 16-byte aligned); the backward reads the row stats stashed by attention_backward.cu. */
+int lp_cuda_flash_fits(const lp_ctx *c, int B, int T, int H, int dh, const void *const *bufs, int nbufs);
+lp_status lp_cuda_flash_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B, int T,
+                                  int H, int Hkv, int dh, const lp_attn_cfg *cfg);
+lp_status lp_cuda_flash_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const unsigned char *stash,
+                                           size_t stride, const void *dz, const void *q, const void *k, const void *v,
+                                           int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
 /* kernels/gemma.cu */
 lp_status lp_cuda_gelu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n);
 lp_status lp_cuda_softcap(lp_ctx *c, void *out, const void *x, float cap, size_t n);

@@ -40,6 +40,12 @@ lp_status lp_matmul(lp_ctx *c, void *out, const void *x, const void *w, const vo
 /* GELU, tanh form (GPT-2's "gelu_new"): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). */
 lp_status lp_gelu(lp_ctx *c, void *out, const void *x, size_t n);
 
+/* pre[N,M] = x @ W + bias (as lp_matmul) and post = gelu(pre), in one GEMM where the device
+ * allows (a cuBLASLt epilogue in BF16: GELU of the fp32 sum, so post may differ from
+ * lp_gelu(pre) by one bf16 rounding); pre and post are distinct buffers. */
+lp_status lp_matmul_gelu(lp_ctx *c, void *post, void *pre, const void *x, const void *w, const void *bias, int N, int K,
+                         int M, int w_trans);
+
 /* Causal attention. q is [B,T,H,dh]; k and v are [B,T,Hkv,dh] with H % Hkv == 0
  * (query head h reads kv head h / (H/Hkv)); softmax scale is 1/sqrt(dh); dh <= 256.
  * lp_attention is fused: it never materialises the [T,T] score matrix.

@@ -434,11 +434,18 @@ static bool release_barrier(block_run *b) {
 }
 
 // ---- shared memory -------------------------------------------------------------------------------
+// Aligned as the device aligns shared memory (at least 128 bytes: WMMA tiles need 32, vector
+// loads 16), sized exactly, so AddressSanitizer still guards the end.
+static void *shared_alloc(size_t bytes) {
+    void *p = nullptr;
+    return posix_memalign(&p, 128, bytes ? bytes : 1) == 0 ? p : nullptr;
+}
+
 void *block_shared(const void *key, size_t bytes) {
     if (!t_blk) fail("__shared__ variable outside a kernel");
     for (auto &s : t_blk->shared)
         if (s.first == key) return s.second;
-    void *p = malloc(bytes ? bytes : 1);
+    void *p = shared_alloc(bytes ? bytes : 1);
     if (!p) fail("out of memory for shared memory");
     memset(p, 0xFF, bytes); // uninitialised shared memory reads as NaN / all ones
     t_blk->shared.push_back({key, p});
@@ -494,7 +501,7 @@ void run_grid(const launch_cfg &cfg, void (*body)(void *), void *params) {
     b.cfg = &cfg;
     b.body = body;
     b.params = params;
-    b.dyn = malloc(cfg.smem); // exactly the launch's size: ASan guards the end
+    b.dyn = shared_alloc(cfg.smem); // exactly the launch's size: ASan guards the end
     t_blk = &b;
     t_kernel = cfg.name;
     gridDim = cfg.grid;

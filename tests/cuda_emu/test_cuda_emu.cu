@@ -7,8 +7,10 @@
 #include <signal.h>
 #include <stdlib.h>
 
+#include "cublasLt.h"
 #include "cublas_v2.h"
 #include "cuda_runtime.h"
+#include "mma.h"
 
 #define FULL 0xffffffffu
 
@@ -241,4 +243,217 @@ Test(cuda_emu, gemm_operand_past_its_allocation_is_reported, .signal = SIGABRT, 
     // m and n swapped: C is read as 4 x 4 with ldc 4, past its 12 floats
     cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, k, &one, A, CUDA_R_32F, n, B, CUDA_R_32F, k, &zero, C, CUDA_R_32F,
                  n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+
+// ---- WMMA (mma.h): 16x16x16, bf16 operands, fp32 accumulator ----
+using namespace nvcuda;
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> wa_t;
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> wc_t;
+
+// d = a b + c, with a row-major (ldm lda), b row- or column-major (ldm 16), c and d in the
+// layout asked for; two warps, each on its own tile (warp w reads a + w * 16 rows).
+__global__ void wmma_kernel(float *d, const __nv_bfloat16 *a, int lda, const __nv_bfloat16 *b, const float *c,
+                            int b_col, int d_col) {
+    const int w = threadIdx.x >> 5;
+    wa_t fa;
+    wc_t fc;
+    wmma::load_matrix_sync(fa, a + w * 16 * lda, lda);
+    wmma::load_matrix_sync(fc, c, 16, wmma::mem_row_major);
+    if (b_col) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+        wmma::load_matrix_sync(fb, b, 16);
+        wmma::mma_sync(fc, fa, fb, fc);
+    } else {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, b, 16);
+        wmma::mma_sync(fc, fa, fb, fc);
+    }
+    for (int i = 0; i < fc.num_elements; i++) fc.x[i] *= 2.0f; // element-wise: the same for every element
+    wmma::store_matrix_sync(d + w * 256, fc, 16, d_col ? wmma::mem_col_major : wmma::mem_row_major);
+}
+
+static __nv_bfloat16 *dev_bf16(const float *h, size_t n) {
+    void *p = nullptr;
+    cr_assert_eq(cudaMalloc(&p, n * 2), cudaSuccess);
+    __nv_bfloat16 *tmp = (__nv_bfloat16 *)malloc(n * 2);
+    for (size_t i = 0; i < n; i++) tmp[i] = __float2bfloat16_rn(h[i]);
+    cudaMemcpy(p, tmp, n * 2, cudaMemcpyHostToDevice);
+    free(tmp);
+    return (__nv_bfloat16 *)p;
+}
+
+// Small integers: every product and sum is exact, so the result must equal the loop exactly,
+// in each combination of layouts.
+Test(cuda_emu, wmma_mma_is_right) {
+    const int lda = 24;
+    static float ha[32 * lda], hb[256], hc[256], got[512];
+    for (int i = 0; i < 32 * lda; i++) ha[i] = (float)((i * 7) % 9) - 4;
+    for (int i = 0; i < 256; i++) hb[i] = (float)((i * 5) % 7) - 3, hc[i] = (float)(i % 11) - 5;
+    __nv_bfloat16 *a = dev_bf16(ha, 32 * lda), *b = dev_bf16(hb, 256);
+    float *c = dev_floats(256), *d = dev_floats(512);
+    cudaMemcpy(c, hc, sizeof hc, cudaMemcpyHostToDevice);
+    for (int b_col = 0; b_col < 2; b_col++)
+        for (int d_col = 0; d_col < 2; d_col++) {
+            LP_LAUNCH(1, 64, 0, 0, wmma_kernel)(d, a, lda, b, c, b_col, d_col);
+            cr_assert_eq(cudaGetLastError(), cudaSuccess);
+            cudaMemcpy(got, d, sizeof got, cudaMemcpyDeviceToHost);
+            for (int w = 0; w < 2; w++)
+                for (int i = 0; i < 16; i++)
+                    for (int j = 0; j < 16; j++) {
+                        float s = hc[i * 16 + j];
+                        for (int k = 0; k < 16; k++)
+                            s += ha[(w * 16 + i) * lda + k] * (b_col ? hb[j * 16 + k] : hb[k * 16 + j]);
+                        const float g = got[w * 256 + (d_col ? j * 16 + i : i * 16 + j)];
+                        cr_expect_float_eq(g, 2 * s, 0.0f, "b_col %d d_col %d warp %d D[%d][%d]", b_col, d_col, w, i, j);
+                    }
+        }
+    cudaFree(a), cudaFree(b), cudaFree(c), cudaFree(d);
+}
+
+// Shared memory staged by the block, then read by WMMA after a barrier: right; without the
+// barrier the tile is still 0xFF (NaN) when the second warp loads it.
+__global__ void wmma_shared_kernel(float *d, const __nv_bfloat16 *a, int barrier) {
+    LP_SHARED(__nv_bfloat16, as, [256]);
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (w == 1)
+        for (int i = lane; i < 256; i += 32) as[i] = a[i];
+    if (barrier) __syncthreads();
+    if (w == 0) {
+        wa_t fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
+        wc_t fc;
+        wmma::fill_fragment(fc, 0.0f);
+        wmma::load_matrix_sync(fa, as, 16);
+        wmma::load_matrix_sync(fb, as, 16);
+        wmma::mma_sync(fc, fa, fb, fc);
+        wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
+    }
+}
+Test(cuda_emu, wmma_reads_shared_memory_after_a_barrier) {
+    static float ha[256], got[256];
+    for (int i = 0; i < 256; i++) ha[i] = (float)(i % 3) - 1;
+    __nv_bfloat16 *a = dev_bf16(ha, 256);
+    float *d = dev_floats(256);
+    for (int barrier = 1; barrier >= 0; barrier--) {
+        LP_LAUNCH(1, 64, 0, 0, wmma_shared_kernel)(d, a, barrier);
+        cudaMemcpy(got, d, sizeof got, cudaMemcpyDeviceToHost);
+        int nan = 0;
+        for (int i = 0; i < 256; i++) nan += isnan(got[i]);
+        if (barrier) cr_expect_eq(nan, 0);
+        else cr_expect_eq(nan, 256, "a missing barrier must show as NaN (%d of 256)", nan);
+    }
+    cudaFree(a), cudaFree(d);
+}
+
+// Lanes write a tile, then the warp loads it: without __syncwarp the first lanes read
+// before the others wrote.
+__global__ void wmma_syncwarp_kernel(float *d, int sync) {
+    LP_SHARED(__nv_bfloat16, as, [256]);
+    const int lane = threadIdx.x & 31;
+    for (int i = lane; i < 256; i += 32) as[i] = __float2bfloat16_rn((float)(i % 5));
+    if (sync) __syncwarp();
+    wa_t fa;
+    wmma::load_matrix_sync(fa, as, 16);
+    d[lane] = __bfloat162float(fa.x[lane]);
+}
+Test(cuda_emu, wmma_load_after_syncwarp_runs) {
+    float *d = dev_floats(32);
+    LP_LAUNCH(1, 32, 0, 0, wmma_syncwarp_kernel)(d, 1);
+    cr_expect_float_eq(get1(d, 7), 2.0f, 0.0f);
+    cudaFree(d);
+}
+Test(cuda_emu, wmma_load_without_syncwarp_is_reported, .signal = SIGABRT, .init = quiet) {
+    float *d = dev_floats(32);
+    LP_LAUNCH(1, 32, 0, 0, wmma_syncwarp_kernel)(d, 0);
+}
+
+// The checks: a lane missing, a misaligned pointer, a bad ldm, lanes that disagree.
+__global__ void wmma_bug_kernel(float *d, const __nv_bfloat16 *a, int bug) {
+    const int lane = threadIdx.x & 31;
+    if (bug == 0 && lane >= 16) return; // half the warp leaves
+    wa_t fa;
+    wc_t fc;
+    wmma::fill_fragment(fc, 0.0f);
+    const __nv_bfloat16 *p = bug == 1 ? a + 8 : a; // 16 bytes off the 32-byte alignment
+    const unsigned ldm = bug == 2 ? 20 : (bug == 3 && lane == 5 ? 32 : 16);
+    wmma::load_matrix_sync(fa, p, ldm);
+    if (bug == 4 && lane == 3) fc.x[0] = 1.0f; // assumes one lane holds element 0
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+    wmma::load_matrix_sync(fb, a, 16);
+    wmma::mma_sync(fc, fa, fb, fc);
+    wmma::store_matrix_sync(d, fc, 16, wmma::mem_row_major);
+}
+static void wmma_bug(int bug) {
+    static float ha[1024];
+    __nv_bfloat16 *a = dev_bf16(ha, 1024);
+    float *d = dev_floats(256);
+    LP_LAUNCH(1, 32, 0, 0, wmma_bug_kernel)(d, a, bug);
+}
+Test(cuda_emu, wmma_without_bugs_runs) { wmma_bug(-1); }
+Test(cuda_emu, wmma_with_half_a_warp_is_reported, .signal = SIGABRT, .init = quiet) { wmma_bug(0); }
+Test(cuda_emu, wmma_misaligned_pointer_is_reported, .signal = SIGABRT, .init = quiet) { wmma_bug(1); }
+Test(cuda_emu, wmma_bad_ldm_is_reported, .signal = SIGABRT, .init = quiet) { wmma_bug(2); }
+Test(cuda_emu, wmma_lanes_with_different_ldm_are_reported, .signal = SIGABRT, .init = quiet) { wmma_bug(3); }
+Test(cuda_emu, wmma_lane_dependent_fragment_is_reported, .signal = SIGABRT, .init = quiet) { wmma_bug(4); }
+
+// ---- cuBLASLt epilogues ----
+// D[m,n] = A[m,k] B[k,n] + bias[m], then GELU (tanh form), the value before it to aux.
+static cublasStatus_t lt_run(int m, int n, int k, const float *A, const float *B, const float *bias, float *D,
+                             float *aux, int64_t aux_ld, cublasLtEpilogue_t ep) {
+    cublasLtHandle_t h;
+    cublasLtCreate(&h);
+    cublasLtMatmulDesc_t d;
+    cublasLtMatmulDescCreate(&d, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof ep);
+    if (bias) cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+    if (aux) {
+        cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof aux);
+        cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof aux_ld);
+    }
+    cublasLtMatrixLayout_t la, lb, lc;
+    cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, m, k, m);
+    cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, k, n, k);
+    cublasLtMatrixLayoutCreate(&lc, CUDA_R_32F, m, n, m);
+    const float one = 1, zero = 0;
+    cublasStatus_t s = cublasLtMatmul(h, d, &one, A, la, B, lb, &zero, D, lc, D, lc, nullptr, nullptr, 0, 0);
+    cublasLtMatrixLayoutDestroy(la), cublasLtMatrixLayoutDestroy(lb), cublasLtMatrixLayoutDestroy(lc);
+    cublasLtMatmulDescDestroy(d);
+    cublasLtDestroy(h);
+    return s;
+}
+Test(cuda_emu, cublaslt_bias_and_gelu_epilogues) {
+    const int m = 8, n = 3, k = 5;
+    float hA[m * k], hB[k * n], hb[m], pre[m * n], got[m * n], gaux[m * n];
+    for (int i = 0; i < m * k; i++) hA[i] = (float)(i % 5) - 2;
+    for (int i = 0; i < k * n; i++) hB[i] = (float)(i % 3) - 1;
+    for (int i = 0; i < m; i++) hb[i] = 0.25f * (float)i - 1.0f;
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < m; i++) {
+            float s = hb[i];
+            for (int p = 0; p < k; p++) s += hA[p * m + i] * hB[j * k + p];
+            pre[j * m + i] = s;
+        }
+    float *A = dev_floats(m * k), *B = dev_floats(k * n), *bias = dev_floats(m), *D = dev_floats(m * n),
+          *aux = dev_floats(m * n);
+    cudaMemcpy(A, hA, sizeof hA, cudaMemcpyHostToDevice);
+    cudaMemcpy(B, hB, sizeof hB, cudaMemcpyHostToDevice);
+    cudaMemcpy(bias, hb, sizeof hb, cudaMemcpyHostToDevice);
+    cr_assert_eq(lt_run(m, n, k, A, B, bias, D, nullptr, 0, CUBLASLT_EPILOGUE_BIAS), CUBLAS_STATUS_SUCCESS);
+    cudaMemcpy(got, D, sizeof got, cudaMemcpyDeviceToHost);
+    for (int i = 0; i < m * n; i++) cr_expect_float_eq(got[i], pre[i], 0.0f, "bias: D[%d]", i);
+    cr_assert_eq(lt_run(m, n, k, A, B, bias, D, aux, m, CUBLASLT_EPILOGUE_GELU_AUX_BIAS), CUBLAS_STATUS_SUCCESS);
+    cudaMemcpy(got, D, sizeof got, cudaMemcpyDeviceToHost);
+    cudaMemcpy(gaux, aux, sizeof gaux, cudaMemcpyDeviceToHost);
+    for (int i = 0; i < m * n; i++) {
+        const double x = pre[i], g = 0.5 * x * (1 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));
+        cr_expect_float_eq(gaux[i], pre[i], 0.0f, "gelu: aux[%d]", i);
+        cr_expect_float_eq(got[i], (float)g, 1e-6f * (1 + fabs(g)), "gelu: D[%d] %g vs %g", i, got[i], g);
+    }
+    // a bias epilogue without its pointer is refused; an aux ld cuBLASLt cannot take is "not supported"
+    quiet();
+    cr_expect_eq(lt_run(m, n, k, A, B, nullptr, D, nullptr, 0, CUBLASLT_EPILOGUE_BIAS), CUBLAS_STATUS_INVALID_VALUE);
+    cr_expect_eq(lt_run(m, n, k, A, B, bias, D, aux, m - 1, CUBLASLT_EPILOGUE_GELU_AUX_BIAS), CUBLAS_STATUS_INVALID_VALUE);
+    float *aux2 = dev_floats(12 * n);
+    cr_expect_eq(lt_run(m, n, k, A, B, bias, D, aux2, 12, CUBLASLT_EPILOGUE_GELU_AUX_BIAS), CUBLAS_STATUS_NOT_SUPPORTED);
+    cudaFree(A), cudaFree(B), cudaFree(bias), cudaFree(D), cudaFree(aux), cudaFree(aux2);
 }
