@@ -178,6 +178,26 @@ static lp_status grid_grab(lp_model *m, const lp_metric *mt, const lp_attrib_opt
     return LP_OK;
 }
 
+/* The scores of each pair: per node, the sum of (clean - corrupted) * gradient. */
+static lp_status pair_scores(lp_model *m, const lp_attrib_opts *o, int B, int T, const grid *ac, const grid *ax, const grid *gr,
+                             const double *mc, const double *mx, lp_pair_result *res) {
+    int nL = lp_model_config(m)->n_layers;
+    for (int b = 0; b < B; b++) {
+        res[b].metric_clean = mc[b], res[b].metric_corrupted = mx[b];
+        for (int k = 0; k < LP_NODE_KINDS; k++) {
+            if (!wanted(o, k)) continue;
+            lp_node_scores *s = &res[b].s[k];
+            node_shape(m, k, T, s);
+            if (!(s->v = calloc(node_count(s), sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory");
+            for (int L = 0; L < nL; L++) {
+                int i = k * nL + L;
+                node_sums(k, L, b, B, T, ac->v[i], ax->v[i], gr->v[i], ax->n[i], s);
+            }
+        }
+    }
+    return LP_OK;
+}
+
 lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrupted, int B, int T, const lp_metric *mt,
                         const lp_attrib_opts *o, lp_pair_result *res) {
     const lp_config *cf = lp_model_config(m);
@@ -255,23 +275,7 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
             }
     }
     free(rows), free(rmet), free(rans), free(rwr), free(rpos), free(emb), free(emb_c), free(emb_x);
-    /* scores: sum over each node of (clean - corrupted) * gradient */
-    for (int b = 0; st == LP_OK && b < B; b++) {
-        res[b].metric_clean = mc[b], res[b].metric_corrupted = mx[b];
-        for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++) {
-            if (!wanted(o, k)) continue;
-            lp_node_scores *s = &res[b].s[k];
-            node_shape(m, k, T, s);
-            if (!(s->v = calloc(node_count(s), sizeof(float)))) {
-                st = LP_ERR(LP_ERR_OOM, "out of memory");
-                break;
-            }
-            for (int L = 0; L < nL; L++) {
-                int i = k * nL + L;
-                node_sums(k, L, b, B, T, ac.v[i], ax.v[i], gr.v[i], ax.n[i], s);
-            }
-        }
-    }
+    if (st == LP_OK) st = pair_scores(m, o, B, T, &ac, &ax, &gr, mc, mx, res);
     grid_free(&ac), grid_free(&ax), grid_free(&gr);
     free(mc), free(mx);
     lp_hooks_clear(m);
