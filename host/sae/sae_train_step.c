@@ -145,6 +145,16 @@ lp_status sae_init_data_stats(trainer *tr) {
     return st;
 }
 
+/* x_in = x - b_dec: d b_dec -= sum_n dx_in[n] = sum_n W_enc dpre[n] = W_enc (sum_n dpre[n]),
+ * and sum_n dpre[n] is d b_enc, complete at this point (nothing else has added to it yet):
+ * one matrix-vector product instead of the [N, d_in] input gradient and its column sum. */
+static lp_status b_dec_through_input(trainer *tr) {
+    sae_runner *r = tr->r;
+    lp_ctx *c = tr->c;
+    LP_CHECK(lp_matmul(c, r->nbdec, tr->gview.b_enc, tr->s->W_enc, NULL, 1, tr->S, tr->D, 1));
+    return lp_affine(c, tr->gview.b_dec, r->nbdec, r->neg1, tr->gview.b_dec, 1, tr->D);
+}
+
 /* One step: forward, losses, gradients, Adam, decoder renormalisation, dead tracking.
  * Returns the batch's losses in *mse, *sparsity (the L1 or L0 term), *aux. */
 lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double *sparse_loss, double *aux_loss,
@@ -181,11 +191,7 @@ lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double 
         LP_CHECK(lp_sae_decode_sparse_grad(c, r->dval, g->W_dec, r->dxhat, r->idx, r->val, s->W_dec, N, K, Do));
         LP_CHECK(lp_sae_relu_grad(c, r->dval, r->dval, r->val, (size_t)N * K)); /* the relu of the top-k values */
         LP_CHECK(lp_sae_encode_sparse_grad(c, g->W_enc, g->b_enc, r->xin_used, r->idx, r->dval, N, K, D, S));
-        if (cf->apply_b_dec_to_input) { /* x_in = x - b_dec: d b_dec -= W_enc[:, idx] dpre */
-            LP_CHECK(lp_sae_encode_sparse_input_grad(c, r->dxin, r->dval, r->idx, s->W_enc, N, K, D, S));
-            LP_CHECK(lp_col_sum(c, r->nbdec, r->dxin, N, D, 0.0f));
-            LP_CHECK(lp_affine(c, g->b_dec, r->nbdec, r->neg1, g->b_dec, 1, D));
-        }
+        if (cf->apply_b_dec_to_input) LP_CHECK(b_dec_through_input(tr));
     } else {
         /* dense: dW_dec = f^T dx_hat, df = dx_hat W_dec^T */
         LP_CHECK(lp_matmul_at(c, g->W_dec, r->f, r->dxhat, N, S, Do, 1.0f));
@@ -215,11 +221,7 @@ lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double 
         }
         LP_CHECK(lp_matmul_at(c, g->W_enc, r->xin_used, r->df, N, D, S, 1.0f));
         LP_CHECK(lp_col_sum(c, g->b_enc, r->df, N, S, 1.0f));
-        if (cf->apply_b_dec_to_input) {
-            LP_CHECK(lp_matmul(c, r->dxin, r->df, s->W_enc, NULL, N, S, D, 1));
-            LP_CHECK(lp_col_sum(c, r->nbdec, r->dxin, N, D, 0.0f));
-            LP_CHECK(lp_affine(c, g->b_dec, r->nbdec, r->neg1, g->b_dec, 1, D));
-        }
+        if (cf->apply_b_dec_to_input) LP_CHECK(b_dec_through_input(tr));
     }
 
     /* dead latents: no firing for dead_feature_window tokens */
