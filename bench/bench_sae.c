@@ -7,7 +7,10 @@
  * run (OpenBLAS sgemm on the CPU; cuBLAS bf16 and f32 on the GPU: the trainer keeps F32
  * weights and computes in F32, so the f32 rate is its ceiling today).
  * On a GPU it also trains from a live GPT-2-small-shaped forward, end to end.
- *   build/bench_sae [--cpu-d 256 --cpu-sae 4096 --cpu-batch 1024] [--steps N] */
+ * On the CPU, SAELens's training step (bench/peers/saelens_train.py, when sae-lens is
+ * installed) runs on the same shape and threads right after each loupe figure, and the ratio
+ * is printed: both medians of three timed runs.
+ *   build/bench_sae [--cpu-d 256 --cpu-sae 4096 --cpu-batch 1024] [--steps N] [--arch topk|standard] [--no-peer] */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -109,6 +112,36 @@ static void train_cfg(lp_sae_train_cfg *t, const char *store, const char *out, l
     snprintf(t->b_dec_init, sizeof t->b_dec_init, "mean");
 }
 
+static int g_arch = -1, g_peer = 1; /* -1: both architectures */
+
+static double median3(const double *v) {
+    double a = v[0], b = v[1], c = v[2];
+    if (a > b) { double t = a; a = b; b = t; }
+    if (b > c) b = c;
+    return a > b ? a : b;
+}
+
+/* SAELens's training step on the same shape and thread count (bench/peers/saelens_train.py,
+ * run by LOUPE_PYTHON or python3), its tokens/s; 0 when it is not installed. */
+static double peer_tps(const char *arch, int D, int S, int batch, int steps) {
+    const char *py = getenv("LOUPE_PYTHON") ? getenv("LOUPE_PYTHON") : "python3";
+    const char *thr = getenv("OPENBLAS_NUM_THREADS") ? getenv("OPENBLAS_NUM_THREADS") : "";
+    char cmd[512], line[512];
+    long nthr = thr[0] ? atol(thr) : sysconf(_SC_NPROCESSORS_ONLN);
+    snprintf(cmd, sizeof cmd, "OMP_NUM_THREADS=%ld %s bench/peers/saelens_train.py --arch %s --d-in %d --d-sae %d --batch %d --steps %d 2>&1",
+             nthr, py, arch, D, S, batch, steps);
+    fflush(stdout);
+    FILE *f = popen(cmd, "r");
+    double tps = 0;
+    while (f && fgets(line, sizeof line, f)) {
+        const char *p = strstr(line, " threads: ");
+        if (p && strstr(line, "tokens/s")) tps = atof(p + 10);
+    }
+    int rc = f ? pclose(f) : -1;
+    if (tps <= 0) printf("  SAELens %s: not run (%s exited with %d; install tests/gen/requirements-sae.txt or set LOUPE_PYTHON)\n", arch, py, rc);
+    return tps;
+}
+
 static void section(const char *title, lp_device dev, int D, int S, int batch, int steps) {
     char store[128], out[128];
     snprintf(store, sizeof store, "%s/store-%d", g_dir, D);
@@ -122,6 +155,7 @@ static void section(const char *title, lp_device dev, int D, int S, int batch, i
     printf("%s: d_in %d, d_sae %d, batch %d tokens, F32\n", title, D, S, batch);
     lp_sae_arch archs[2] = {LP_SAE_TOPK, LP_SAE_STANDARD};
     for (int a = 0; a < 2; a++) {
+        if (g_arch >= 0 && archs[a] != (lp_sae_arch)g_arch) continue;
         /* validate: a short run must reduce the loss and stay finite */
         lp_sae_train_cfg t;
         lp_sae_train_report rep;
@@ -130,21 +164,41 @@ static void section(const char *title, lp_device dev, int D, int S, int batch, i
         t.log_every = 1;
         CHECK(lp_sae_train(&t, &c, &rep));
         double first_ev = rep.explained_variance;
-        snprintf(out, sizeof out, "%s/t-%d-%d-%d", g_dir, D, a, dev);
-        train_cfg(&t, store, out, archs[a], S, batch, steps);
-        CHECK(lp_sae_train(&t, &c, &rep));
+        /* the median of three runs of `steps` steps, each from the same initialisation */
+        double tps[3];
+        for (int i = 0; i < 3; i++) {
+            snprintf(out, sizeof out, "%s/t-%d-%d-%d", g_dir, D, a, dev);
+            train_cfg(&t, store, out, archs[a], S, batch, steps);
+            t.checkpoint_every = 0;
+            CHECK(lp_sae_train(&t, &c, &rep));
+            tps[i] = rep.tokens_per_s;
+            char rm[256];
+            if (i < 2) snprintf(rm, sizeof rm, "rm -rf %s", out), (void)!system(rm);
+        }
+        double med = median3(tps);
         if (!isfinite(rep.mse) || !(rep.explained_variance > first_ev)) {
             fprintf(stderr, "bench_sae: validation failed: %s explained variance %.4f after %d steps (%.4f after 4)\n",
                     lp_sae_arch_name(archs[a]), rep.explained_variance, steps, first_ev);
             exit(1);
         }
-        double fl = train_flops(archs[a], D, S, 32) * rep.tokens_per_s / 1e9;
-        printf("  train %-9s %10.0f tokens/s  (%.1f GFLOP/s dense: %.1f%% of the %.0f GFLOP/s f32 GEMM rate", lp_sae_arch_name(archs[a]),
-               rep.tokens_per_s, fl, 100 * fl / gemm32, gemm32);
+        double fl = train_flops(archs[a], D, S, 32) * med / 1e9;
+        printf("  train %-9s %10.0f tokens/s  (median of 3 x %d steps; %.1f GFLOP/s dense-equivalent: %.1f%% of the %.0f GFLOP/s f32 GEMM rate",
+               lp_sae_arch_name(archs[a]), med, steps, fl, 100 * fl / gemm32, gemm32);
         if (gemm16 > 0) printf(", %.1f%% of the %.0f bf16 rate", 100 * fl / gemm16, gemm16);
-        printf("); validated: EV %.3f after %d steps (%.3f after 4)\n", rep.explained_variance, steps, first_ev);
+        printf("); encoder GEMM alone allows %.0f tokens/s; validated: EV %.3f, L0 %.1f after %d steps (EV %.3f after 4)\n",
+               gemm32 * 1e9 / (2.0 * D * S), rep.explained_variance, rep.l0, steps, first_ev);
+        if (dev == LP_CPU && g_peer) {
+            double p = peer_tps(archs[a] == LP_SAE_TOPK ? "topk" : "standard", D, S, batch, steps);
+            if (p > 0) printf("  SAELens   %-9s %10.0f tokens/s  (same run, same threads): loupe / SAELens = %.2fx\n",
+                              lp_sae_arch_name(archs[a]), p, med / p);
+        }
+        fflush(stdout);
     }
     /* encode only: the forward of a trained topk SAE on device-resident tokens */
+    if (g_arch == LP_SAE_STANDARD) {
+        lp_ctx_free(&c);
+        return;
+    }
     lp_sae *s;
     snprintf(out, sizeof out, "%s/t-%d-0-%d", g_dir, D, dev);
     CHECK(lp_sae_load(&s, &c, out));
@@ -242,8 +296,10 @@ int main(int argc, char **argv) {
         else if (val && !strcmp(argv[i], "--cpu-sae")) cs = atoi(val), i++;
         else if (val && !strcmp(argv[i], "--cpu-batch")) cb = atoi(val), i++;
         else if (val && !strcmp(argv[i], "--steps")) steps = atoi(val), i++;
+        else if (val && !strcmp(argv[i], "--arch")) g_arch = !strcmp(val, "topk") ? LP_SAE_TOPK : LP_SAE_STANDARD, i++;
+        else if (!strcmp(argv[i], "--no-peer")) g_peer = 0;
         else {
-            fprintf(stderr, "usage: bench_sae [--gpu-only] [--cpu-d D] [--cpu-sae S] [--cpu-batch B] [--steps N]\n");
+            fprintf(stderr, "usage: bench_sae [--gpu-only] [--cpu-d D] [--cpu-sae S] [--cpu-batch B] [--steps N] [--arch topk|standard] [--no-peer]\n");
             return 2;
         }
     }

@@ -6,6 +6,9 @@ d_sae 4096, batch 1024 tokens, 20 steps, F32). Run by hand where sae-lens is ins
 
     OMP_NUM_THREADS=2 python3 bench/peers/saelens_train.py
 
+build/bench_sae runs it itself (LOUPE_PYTHON names the interpreter, python3 by default)
+and prints the ratio beside its own figure from the same run.
+
 Only the per-batch training step is timed: the activations are generated the way
 bench_sae.c's write_store makes its store (8 random superposed features per token out of
 4 * d_in random directions, magnitudes 0.5..1.5) and held in memory as one torch tensor,
@@ -51,6 +54,7 @@ p.add_argument("--batch", type=int, default=1024)
 p.add_argument("--steps", type=int, default=20)
 p.add_argument("--warmup", type=int, default=3)
 p.add_argument("--reps", type=int, default=3, help="timed runs of --steps steps; the median is printed")
+p.add_argument("--arch", choices=["topk", "standard", "both"], default="both")
 a = p.parse_args()
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -85,6 +89,7 @@ archs = [
                                                                 dtype="float32", device="cpu",
                                                                 normalize_activations="expected_average_only_in")),
 ]
+archs = [x for x in archs if a.arch in (x[0], "both")]
 with tempfile.TemporaryDirectory() as ckpt:
     for name, cls, scfg in archs:
         sae = cls(scfg)

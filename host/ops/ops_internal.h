@@ -185,6 +185,10 @@ void lp_cpu_sae_encode_sparse_input_grad(float *dx, const float *dpre, const int
 lp_status lp_cuda_sae_scale(lp_ctx *c, float *x, float alpha, size_t n);
 lp_status lp_cuda_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float *dpre, const int32_t *idx,
                                                const float *W_enc, int N, int K, int D, int S);
+/* host/ops/cpu/parallel.c: fn over [0, n) split into contiguous ranges of at least
+ * min_per_thread indices, one per thread (as many threads as OpenBLAS uses). */
+int lp_cpu_threads(void);
+void lp_cpu_parallel_for(size_t n, size_t min_per_thread, void (*fn)(void *arg, size_t i0, size_t i1), void *arg);
 /* ==== end of SAE ops ==== */
 
 /* ==== backward ops ===============================================================

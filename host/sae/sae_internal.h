@@ -17,7 +17,7 @@ typedef struct sae_runner {
     float batch_t; /* batchtopk: this batch's threshold */
     int n_dead;
     /* training */
-    float *dxhat, *df, *dval, *dxin, *norms, *colsum, *faux, *val_aux, *dval_aux, *e, *ehat, *mask;
+    float *dxhat, *df, *dval, *norms, *colsum, *faux, *val_aux, *dval_aux, *e, *ehat, *mask;
     int32_t *idx_aux;
 } sae_runner;
 

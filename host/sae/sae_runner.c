@@ -76,7 +76,7 @@ lp_status lp_sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int t
         {(void **)&r->thr, S * 4}, {(void **)&r->counts, S * 8},
         /* training only */
         {(void **)&r->dxhat, train ? Nn * Do * 4 : 0}, {(void **)&r->df, train && !sparse ? Nn * S * 4 : 0},
-        {(void **)&r->dval, train && sparse ? Nn * K * 4 : 0}, {(void **)&r->dxin, train ? Nn * D * 4 : 0},
+        {(void **)&r->dval, train && sparse ? Nn * K * 4 : 0},
         {(void **)&r->norms, train ? S * 4 : 0}, {(void **)&r->colsum, train ? S * 4 : 0},
         {(void **)&r->faux, aux ? Nn * S * 4 : 0}, {(void **)&r->idx_aux, aux ? Nn * Ka * 4 : 0},
         {(void **)&r->val_aux, aux ? Nn * Ka * 4 : 0}, {(void **)&r->dval_aux, aux ? Nn * Ka * 4 : 0},

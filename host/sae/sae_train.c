@@ -84,6 +84,7 @@ static double now_s(void) {
 
 static void trainer_free(trainer *tr) {
     lp_ctx *c = tr->c;
+    sae_prefetch_free(tr); /* its thread reads the store: first */
     lp_sae_runner_free(tr->r);
     lp_ctx_release(c, tr->grad);
     lp_ctx_release(c, tr->adam_m);

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -135,30 +136,117 @@ lp_status sae_check_finite(const trainer *tr, const float *x, size_t n, int d, i
     return LP_OK;
 }
 
-/* Loads window w (shuffled by a permutation seeded by (seed, w)) onto the device. */
+/* The permutation of window w: seeded by (seed, w). */
+static void window_perm(const trainer *tr, int64_t w, int32_t *perm) {
+    uint64_t rng = tr->t->seed * 0x100000001B3ull + (uint64_t)w;
+    for (int64_t i = 0; i < tr->W; i++) perm[i] = (int32_t)i;
+    for (int64_t i = tr->W - 1; i > 0; i--) { /* Fisher-Yates */
+        int64_t j = (int64_t)(lp_rng_next(&rng) % (uint64_t)(i + 1));
+        int32_t tmp = perm[i];
+        perm[i] = perm[j], perm[j] = tmp;
+    }
+}
+
+static void scale_window(const trainer *tr, float *x) {
+    if (tr->scale != 1.0)
+        for (size_t i = 0; i < (size_t)tr->W * tr->D; i++) x[i] = (float)(x[i] * tr->scale);
+}
+
+/* ---- the next window, prepared on a thread while this one trains ----
+ * For a store (a live source runs the model on the trainer's context, so it stays on the
+ * caller's thread): the thread reads window w + 1, checks and scales it and draws its
+ * permutation into a second set of host buffers; the switch to it only uploads. The
+ * thread never reports: any failure (an unreadable shard, a non-finite value) makes the
+ * switch load that window again on the caller's thread, which fails there with the
+ * message and step the synchronous path gives. */
+struct sae_prefetch {
+    pthread_t th;
+    int running;
+    int64_t w;
+    float *x, *y;
+    int32_t *perm;
+    int ok;
+    trainer *tr;
+};
+
+static int all_finite(const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 0;
+    return 1;
+}
+
+static void *prefetch_run(void *arg) {
+    struct sae_prefetch *pf = arg;
+    const trainer *tr = pf->tr;
+    int64_t t0 = pf->w * tr->W;
+    pf->ok = sae_src_read((trainer *)tr, 0, t0, tr->W, pf->x) == LP_OK && all_finite(pf->x, (size_t)tr->W * tr->D);
+    if (pf->ok && tr->transcoder)
+        pf->ok = sae_src_read((trainer *)tr, 1, t0, tr->W, pf->y) == LP_OK && all_finite(pf->y, (size_t)tr->W * tr->Do);
+    if (pf->ok) scale_window(tr, pf->x), window_perm(tr, pf->w, pf->perm);
+    return NULL;
+}
+
+/* Waits for the thread; 1 when it prepared window w. */
+static int prefetch_join(trainer *tr, int64_t w) {
+    struct sae_prefetch *pf = tr->prefetch;
+    if (!pf || !pf->running) return 0;
+    pthread_join(pf->th, NULL);
+    pf->running = 0;
+    return pf->ok && pf->w == w;
+}
+
+static void prefetch_start(trainer *tr, int64_t w) {
+    if (tr->live) return;
+    struct sae_prefetch *pf = tr->prefetch;
+    if (!pf) {
+        pf = tr->prefetch = calloc(1, sizeof *pf);
+        if (pf) {
+            pf->tr = tr;
+            pf->x = malloc((size_t)tr->W * tr->D * sizeof(float));
+            pf->y = tr->transcoder ? malloc((size_t)tr->W * tr->Do * sizeof(float)) : NULL;
+            pf->perm = malloc((size_t)tr->W * sizeof(int32_t));
+        }
+    }
+    if (!pf || !pf->x || !pf->perm || (tr->transcoder && !pf->y)) return; /* no memory: windows load in line */
+    pf->w = w, pf->ok = 0;
+    pf->running = pthread_create(&pf->th, NULL, prefetch_run, pf) == 0;
+}
+
+void sae_prefetch_free(trainer *tr) {
+    struct sae_prefetch *pf = tr->prefetch;
+    if (!pf) return;
+    prefetch_join(tr, -1);
+    free(pf->x), free(pf->y), free(pf->perm), free(pf);
+    tr->prefetch = NULL;
+}
+
+/* Loads window w (shuffled by a permutation seeded by (seed, w)) onto the device, and
+ * starts preparing w + 1. */
 static lp_status load_window(trainer *tr, int64_t w) {
     if (tr->win == w) return LP_OK;
     lp_ctx *c = tr->c;
     int64_t t0 = w * tr->W;
-    LP_CHECK(sae_src_read(tr, 0, t0, tr->W, tr->host_x));
-    LP_CHECK(sae_check_finite(tr, tr->host_x, (size_t)tr->W * tr->D, tr->D, t0, tr->s->cfg.hook_name));
-    if (tr->scale != 1.0)
-        for (size_t i = 0; i < (size_t)tr->W * tr->D; i++) tr->host_x[i] = (float)(tr->host_x[i] * tr->scale);
+    if (prefetch_join(tr, w)) { /* ready: take its buffers, give it ours for the next */
+        struct sae_prefetch *pf = tr->prefetch;
+        float *x = tr->host_x, *y = tr->host_y;
+        int32_t *perm = tr->host_perm;
+        tr->host_x = pf->x, tr->host_y = pf->y, tr->host_perm = pf->perm;
+        pf->x = x, pf->y = y, pf->perm = perm;
+    } else {
+        LP_CHECK(sae_src_read(tr, 0, t0, tr->W, tr->host_x));
+        LP_CHECK(sae_check_finite(tr, tr->host_x, (size_t)tr->W * tr->D, tr->D, t0, tr->s->cfg.hook_name));
+        scale_window(tr, tr->host_x);
+        if (tr->transcoder) {
+            LP_CHECK(sae_src_read(tr, 1, t0, tr->W, tr->host_y));
+            LP_CHECK(sae_check_finite(tr, tr->host_y, (size_t)tr->W * tr->Do, tr->Do, t0, tr->s->cfg.hook_name_out));
+        }
+        window_perm(tr, w, tr->host_perm);
+    }
     LP_CHECK(lp_ctx_to_device(c, tr->win_x, tr->host_x, (size_t)tr->W * tr->D * 4));
-    if (tr->transcoder) {
-        LP_CHECK(sae_src_read(tr, 1, t0, tr->W, tr->host_y));
-        LP_CHECK(sae_check_finite(tr, tr->host_y, (size_t)tr->W * tr->Do, tr->Do, t0, tr->s->cfg.hook_name_out));
-        LP_CHECK(lp_ctx_to_device(c, tr->win_y, tr->host_y, (size_t)tr->W * tr->Do * 4));
-    }
-    uint64_t rng = tr->t->seed * 0x100000001B3ull + (uint64_t)w;
-    for (int64_t i = 0; i < tr->W; i++) tr->host_perm[i] = (int32_t)i;
-    for (int64_t i = tr->W - 1; i > 0; i--) { /* Fisher-Yates */
-        int64_t j = (int64_t)(lp_rng_next(&rng) % (uint64_t)(i + 1));
-        int32_t tmp = tr->host_perm[i];
-        tr->host_perm[i] = tr->host_perm[j], tr->host_perm[j] = tmp;
-    }
+    if (tr->transcoder) LP_CHECK(lp_ctx_to_device(c, tr->win_y, tr->host_y, (size_t)tr->W * tr->Do * 4));
     LP_CHECK(lp_ctx_to_device(c, tr->perm, tr->host_perm, (size_t)tr->W * 4));
     tr->win = w;
+    prefetch_start(tr, w + 1);
     return LP_OK;
 }
 

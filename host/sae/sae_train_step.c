@@ -145,6 +145,16 @@ lp_status sae_init_data_stats(trainer *tr) {
     return st;
 }
 
+/* x_in = x - b_dec: d b_dec -= sum_n dx_in[n] = sum_n W_enc dpre[n] = W_enc (sum_n dpre[n]),
+ * and sum_n dpre[n] is d b_enc, complete at this point (nothing else has added to it yet):
+ * one matrix-vector product instead of the [N, d_in] input gradient and its column sum. */
+static lp_status b_dec_through_input(trainer *tr) {
+    sae_runner *r = tr->r;
+    lp_ctx *c = tr->c;
+    LP_CHECK(lp_matmul(c, r->nbdec, tr->gview.b_enc, tr->s->W_enc, NULL, 1, tr->S, tr->D, 1));
+    return lp_affine(c, tr->gview.b_dec, r->nbdec, r->neg1, tr->gview.b_dec, 1, tr->D);
+}
+
 /* The gradients behind the latents: through the top-k selection, or the dense latents with
  * their sparsity penalty (L1 on decoder-norm-weighted activations, JumpReLU's L0, or
  * BatchTopK's mask), into W_enc, b_enc and (apply_b_dec_to_input) b_dec. r->dxhat holds
@@ -159,11 +169,7 @@ static lp_status latent_grads(trainer *tr, double l1, double l0, double *sparse_
         LP_CHECK(lp_sae_decode_sparse_grad(c, r->dval, g->W_dec, r->dxhat, r->idx, r->val, s->W_dec, N, K, Do));
         LP_CHECK(lp_sae_relu_grad(c, r->dval, r->dval, r->val, (size_t)N * K)); /* the relu of the top-k values */
         LP_CHECK(lp_sae_encode_sparse_grad(c, g->W_enc, g->b_enc, r->xin_used, r->idx, r->dval, N, K, D, S));
-        if (cf->apply_b_dec_to_input) { /* x_in = x - b_dec: d b_dec -= W_enc[:, idx] dpre */
-            LP_CHECK(lp_sae_encode_sparse_input_grad(c, r->dxin, r->dval, r->idx, s->W_enc, N, K, D, S));
-            LP_CHECK(lp_col_sum(c, r->nbdec, r->dxin, N, D, 0.0f));
-            LP_CHECK(lp_affine(c, g->b_dec, r->nbdec, r->neg1, g->b_dec, 1, D));
-        }
+        if (cf->apply_b_dec_to_input) LP_CHECK(b_dec_through_input(tr));
     } else {
         /* dense: dW_dec = f^T dx_hat, df = dx_hat W_dec^T */
         LP_CHECK(lp_matmul_at(c, g->W_dec, r->f, r->dxhat, N, S, Do, 1.0f));
@@ -193,11 +199,7 @@ static lp_status latent_grads(trainer *tr, double l1, double l0, double *sparse_
         }
         LP_CHECK(lp_matmul_at(c, g->W_enc, r->xin_used, r->df, N, D, S, 1.0f));
         LP_CHECK(lp_col_sum(c, g->b_enc, r->df, N, S, 1.0f));
-        if (cf->apply_b_dec_to_input) {
-            LP_CHECK(lp_matmul(c, r->dxin, r->df, s->W_enc, NULL, N, S, D, 1));
-            LP_CHECK(lp_col_sum(c, r->nbdec, r->dxin, N, D, 0.0f));
-            LP_CHECK(lp_affine(c, g->b_dec, r->nbdec, r->neg1, g->b_dec, 1, D));
-        }
+        if (cf->apply_b_dec_to_input) LP_CHECK(b_dec_through_input(tr));
     }
     return LP_OK;
 }

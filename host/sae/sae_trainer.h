@@ -45,6 +45,7 @@ typedef struct trainer {
     int32_t *perm;                  /* device [W] */
     float *host_x, *host_y;
     int32_t *host_perm;
+    struct sae_prefetch *prefetch;  /* the next window, prepared on a thread (sae_train_data.c) */
     /* state */
     int64_t step, tokens_done;
     double scale, thr_ema;
@@ -69,6 +70,8 @@ lp_status sae_live_hook(lp_live *l, const char *name, int *idx, int *d);
 lp_status sae_src_read(trainer *tr, int out, int64_t t0, int64_t n, float *dst);
 /* Fails naming the hook and token when x[0..n) (rows of d) holds a NaN or Inf. */
 lp_status sae_check_finite(const trainer *tr, const float *x, size_t n, int d, int64_t first_token, const char *hook);
+/* Waits for the window being prepared and frees its buffers. */
+void sae_prefetch_free(trainer *tr);
 /* The batch of step `step` into the runner's x (and y). */
 lp_status sae_load_batch(trainer *tr, int64_t step);
 

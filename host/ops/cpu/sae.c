@@ -7,8 +7,16 @@
  * the JumpReLU threshold gradient, the batch variance) walk the rows in blocks of COLS
  * columns with double accumulators on the stack, so nothing is allocated and the rows
  * are still read contiguously. Dot products and norms accumulate in double. */
+/* The element-wise loops here (Adam, the row updates of the sparse gradients, the sparse
+ * decode) vectorise only under -O3's cost model; without -ffast-math that changes no
+ * result, only the speed. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("O3")
+#endif
 #include <cblas.h>
 #include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "ops/ops_internal.h"
@@ -68,28 +76,56 @@ static void sift_down(int32_t *h, int n, int i, const float *row) {
     }
 }
 
+/* One row's top K into h (indices, best first) and v. */
+static void topk_row(int32_t *h, float *v, const float *row, int S, int K) {
+    for (int j = 0; j < K; j++) h[j] = j;
+    for (int j = K / 2 - 1; j >= 0; j--) sift_down(h, K, j, row);
+    /* Scanning upward, an entry equal to the root never ranks before it (ties keep the
+     * lower index), so an entry enters exactly when its key exceeds the root's: one
+     * comparison per entry, the heap touched only on the rare entry that does. */
+    uint32_t root = order_key(row[h[0]]);
+    int i = K;
+    for (; i + 16 <= S; i += 16) { /* a block of 16 whose largest key does not beat the root is skipped whole */
+        uint32_t mx = 0;
+        for (int q = 0; q < 16; q++) {
+            const uint32_t kq = order_key(row[i + q]);
+            mx = kq > mx ? kq : mx;
+        }
+        if (mx <= root) continue;
+        for (int q = i; q < i + 16; q++)
+            if (order_key(row[q]) > root) {
+                h[0] = q;
+                sift_down(h, K, 0, row);
+                root = order_key(row[h[0]]);
+            }
+    }
+    for (; i < S; i++)
+        if (order_key(row[i]) > root) {
+            h[0] = i;
+            sift_down(h, K, 0, row);
+            root = order_key(row[h[0]]);
+        }
+    for (int end = K - 1; end > 0; end--) { /* heap sort: the worst goes last */
+        int32_t t = h[0];
+        h[0] = h[end];
+        h[end] = t;
+        sift_down(h, end, 0, row);
+    }
+    for (int j = 0; j < K; j++) v[j] = relu(row[h[j]]);
+}
+
+typedef struct { int32_t *idx; float *val; const float *pre; int S, K; } topk_args;
+
+static void topk_rows(void *p, size_t n0, size_t n1) {
+    const topk_args *a = p;
+    for (size_t n = n0; n < n1; n++) /* the heap lives in the output row */
+        topk_row(a->idx + n * a->K, a->val + n * a->K, a->pre + n * a->S, a->S, a->K);
+}
+
 void lp_cpu_sae_topk(int32_t *idx, float *val, const float *pre, int N, int S, int K) {
     // idx, val are (N,K); pre is (N,S); 1 <= K <= S
-    for (int n = 0; n < N; n++) {
-        const float *row = pre + (size_t)n * S;
-        int32_t *h = idx + (size_t)n * K; /* the heap lives in the output row */
-        for (int j = 0; j < K; j++) h[j] = j;
-        for (int j = K / 2 - 1; j >= 0; j--) sift_down(h, K, j, row);
-        /* Scanning upward, an entry equal to the root never ranks before it: ties keep
-         * the lower index. */
-        for (int i = K; i < S; i++)
-            if (ranks_before(row, i, h[0])) {
-                h[0] = i;
-                sift_down(h, K, 0, row);
-            }
-        for (int end = K - 1; end > 0; end--) { /* heap sort: the worst goes last */
-            int32_t t = h[0];
-            h[0] = h[end];
-            h[end] = t;
-            sift_down(h, end, 0, row);
-        }
-        for (int j = 0; j < K; j++) val[(size_t)n * K + j] = relu(row[h[j]]);
-    }
+    topk_args a = {idx, val, pre, S, K};
+    lp_cpu_parallel_for((size_t)N, 16, topk_rows, &a);
 }
 
 /* The (count+1)-th largest of relu(pre) (see host/ops/sae_ops.c for the contract), by radix
@@ -118,18 +154,108 @@ float lp_cpu_sae_kth_largest(const float *pre, size_t n, size_t count) {
     return t;
 }
 
-/* ---- sparse decode and the sparse gradients ---- */
+/* ---- sparse decode and the sparse gradients ----
+ * The gradients of the K chosen latents per token are gathered latent by latent: a
+ * counting sort of the N*K entries by latent, stable, so each latent's entries stay in
+ * token order. A latent's weight row (W_dec) or column (W_enc) then takes its additions
+ * from one thread, in token order, as the token-by-token loop gives them: the same sums
+ * bit for bit, without two threads ever writing one weight. */
+typedef struct {
+    int32_t *start; /* [S+1]: latent s owns ent[start[s] .. start[s+1]) */
+    int32_t *ent;   /* [N*K]: entries n*K + j, by latent, then in token order */
+} latent_lists;
+
+/* 0 when out of memory (the callers then run the token-by-token loop). */
+static int latent_lists_build(latent_lists *l, const int32_t *idx, size_t NK, int S) {
+    l->start = calloc((size_t)S + 1, sizeof(int32_t));
+    l->ent = malloc((NK ? NK : 1) * sizeof(int32_t));
+    if (!l->start || !l->ent || NK > INT32_MAX) {
+        free(l->start), free(l->ent);
+        return 0;
+    }
+    for (size_t e = 0; e < NK; e++) l->start[idx[e] + 1]++;
+    for (int s = 0; s < S; s++) l->start[s + 1] += l->start[s];
+    int32_t *fill = malloc((size_t)S * sizeof(int32_t));
+    if (!fill) {
+        free(l->start), free(l->ent);
+        return 0;
+    }
+    memcpy(fill, l->start, (size_t)S * sizeof(int32_t));
+    for (size_t e = 0; e < NK; e++) l->ent[fill[idx[e]]++] = (int32_t)e;
+    free(fill);
+    return 1;
+}
+
+static void latent_lists_free(latent_lists *l) { free(l->start), free(l->ent); }
+
+/* The largest index in idx[0..NK) plus one: the latents the lists must cover. */
+static int latent_span(const int32_t *idx, size_t NK) {
+    int32_t m = -1;
+    for (size_t e = 0; e < NK; e++) m = idx[e] > m ? idx[e] : m;
+    return m + 1;
+}
+
+typedef struct {
+    float *out;
+    const int32_t *idx;
+    const float *val, *W, *bias;
+    int K, D;
+} decode_args;
+
+static void decode_rows(void *p, size_t n0, size_t n1) {
+    const decode_args *a = p;
+    const int K = a->K, D = a->D;
+    for (size_t n = n0; n < n1; n++) {
+        float *o = a->out + n * D;
+        for (int d = 0; d < D; d++) o[d] = a->bias ? a->bias[d] : 0.0f;
+        for (int j = 0; j < K; j++) {
+            const float v = a->val[n * K + j];
+            const float *w = a->W + (size_t)a->idx[n * K + j] * D;
+            for (int d = 0; d < D; d++) o[d] += v * w[d];
+        }
+    }
+}
 
 void lp_cpu_sae_decode_sparse(float *out, const int32_t *idx, const float *val, const float *W,
                               const float *bias, int N, int K, int D) {
     // out is (N,D); idx, val are (N,K); W is (S,D); bias is (D,) or NULL
-    for (int n = 0; n < N; n++) {
-        float *o = out + (size_t)n * D;
-        for (int d = 0; d < D; d++) o[d] = bias ? bias[d] : 0.0f;
-        for (int j = 0; j < K; j++) {
-            const float v = val[(size_t)n * K + j];
-            const float *w = W + (size_t)idx[(size_t)n * K + j] * D;
-            for (int d = 0; d < D; d++) o[d] += v * w[d];
+    decode_args a = {out, idx, val, W, bias, K, D};
+    lp_cpu_parallel_for((size_t)N, 16, decode_rows, &a);
+}
+
+/* sum_d a[d] b[d] in double, in four interleaved partial sums (the compiler may keep them
+ * in vector lanes; a strict left-to-right double sum could not be). */
+static double dot_f64(const float *a, const float *b, int D) {
+    double s[4] = {0, 0, 0, 0};
+    int d = 0;
+    for (; d + 4 <= D; d += 4)
+        for (int q = 0; q < 4; q++) s[q] += (double)a[d + q] * b[d + q];
+    for (; d < D; d++) s[0] += (double)a[d] * b[d];
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+typedef struct {
+    float *dval, *dW, *db;
+    const float *dout, *val, *W, *x;
+    const int32_t *idx;
+    latent_lists l;
+    int K, D, S;
+} sparse_grad_args;
+
+static void dval_rows(void *p, size_t n0, size_t n1) {
+    const sparse_grad_args *a = p;
+    for (size_t e = n0 * a->K; e < n1 * a->K; e++)
+        a->dval[e] = (float)dot_f64(a->dout + (e / a->K) * a->D, a->W + (size_t)a->idx[e] * a->D, a->D);
+}
+
+static void dW_dec_rows(void *p, size_t s0, size_t s1) {
+    const sparse_grad_args *a = p;
+    for (size_t s = s0; s < s1; s++) {
+        float *row = a->dW + s * a->D;
+        for (int32_t q = a->l.start[s]; q < a->l.start[s + 1]; q++) {
+            const int32_t e = a->l.ent[q];
+            const float v = a->val[e], *g = a->dout + (size_t)(e / a->K) * a->D;
+            for (int d = 0; d < a->D; d++) row[d] += v * g[d];
         }
     }
 }
@@ -137,24 +263,84 @@ void lp_cpu_sae_decode_sparse(float *out, const int32_t *idx, const float *val, 
 void lp_cpu_sae_decode_sparse_grad(float *dval, float *dW, const float *dout, const int32_t *idx,
                                    const float *val, const float *W, int N, int K, int D) {
     // dval, idx, val are (N,K); dW, W are (S,D); dout is (N,D)
-    for (int n = 0; n < N; n++) {
-        const float *g = dout + (size_t)n * D;
-        for (int j = 0; j < K; j++) {
-            const size_t e = (size_t)n * K + j, row = (size_t)idx[e] * D;
-            double dot = 0;
-            for (int d = 0; d < D; d++) dot += (double)g[d] * W[row + d];
-            dval[e] = (float)dot;
-            for (int d = 0; d < D; d++) dW[row + d] += val[e] * g[d];
-        }
+    sparse_grad_args a = {.dval = dval, .dW = dW, .dout = dout, .val = val, .W = W, .idx = idx, .K = K, .D = D};
+    lp_cpu_parallel_for((size_t)N, 16, dval_rows, &a);
+    const size_t NK = (size_t)N * K;
+    const int S = latent_span(idx, NK);
+    if (latent_lists_build(&a.l, idx, NK, S)) {
+        lp_cpu_parallel_for((size_t)S, 64, dW_dec_rows, &a);
+        latent_lists_free(&a.l);
+        return;
     }
+    for (size_t e = 0; e < NK; e++) { /* out of memory for the lists: token by token */
+        float *row = dW + (size_t)idx[e] * D;
+        const float *g = dout + (e / K) * D;
+        for (int d = 0; d < D; d++) row[d] += val[e] * g[d];
+    }
+}
+
+enum { TILE = 16 }; /* latents per tile of dW_enc: one 64-byte line of each of its D rows */
+
+/* dW_enc[:, s0..s1) and db_enc[s0..s1), a tile of TILE latents at a time: the tile's
+ * columns are read into rows of a scratch block, take their latents' entries, and go
+ * back, so each cache line of dW_enc is read and written once. */
+static void dW_enc_cols(void *p, size_t s0, size_t s1) {
+    const sparse_grad_args *a = p;
+    const int D = a->D, S = a->S;
+    float *t = malloc((size_t)TILE * D * sizeof(float));
+    for (size_t b0 = s0; b0 < s1; b0 += TILE) {
+        const int nb = s1 - b0 < TILE ? (int)(s1 - b0) : TILE;
+        if (a->l.start[b0] == a->l.start[b0 + nb]) continue; /* no latent of the tile was chosen */
+        for (int q = 0; q < nb; q++) {
+            const size_t s = b0 + q;
+            float acc = a->db[s];
+            for (int32_t r = a->l.start[s]; r < a->l.start[s + 1]; r++) acc += a->dout[a->l.ent[r]];
+            a->db[s] = acc;
+        }
+        if (!t) { /* out of scratch: straight into the strided column */
+            for (int q = 0; q < nb; q++)
+                for (int32_t r = a->l.start[b0 + q]; r < a->l.start[b0 + q + 1]; r++) {
+                    const int32_t e = a->l.ent[r];
+                    const float g = a->dout[e], *xr = a->x + (size_t)(e / a->K) * D;
+                    for (int d = 0; d < D; d++) a->dW[(size_t)d * S + b0 + q] += xr[d] * g;
+                }
+            continue;
+        }
+        for (int d = 0; d < D; d++)
+            for (int q = 0; q < nb; q++) t[(size_t)q * D + d] = a->dW[(size_t)d * S + b0 + q];
+        for (int q = 0; q < nb; q++) {
+            float *tq = t + (size_t)q * D;
+            for (int32_t r = a->l.start[b0 + q]; r < a->l.start[b0 + q + 1]; r++) {
+                const int32_t e = a->l.ent[r];
+                const float g = a->dout[e], *xr = a->x + (size_t)(e / a->K) * D;
+                for (int d = 0; d < D; d++) tq[d] += xr[d] * g;
+            }
+        }
+        for (int d = 0; d < D; d++)
+            for (int q = 0; q < nb; q++) a->dW[(size_t)d * S + b0 + q] = t[(size_t)q * D + d];
+    }
+    free(t);
+}
+
+static void dW_enc_tiles(void *p, size_t t0, size_t t1) {
+    const sparse_grad_args *a = p;
+    const size_t s1 = t1 * TILE < (size_t)a->S ? t1 * TILE : (size_t)a->S;
+    dW_enc_cols(p, t0 * TILE, s1);
 }
 
 void lp_cpu_sae_encode_sparse_grad(float *dW_enc, float *db_enc, const float *x, const int32_t *idx,
                                    const float *dpre, int N, int K, int D, int S) {
     // dW_enc is (D,S); db_enc is (S,); x is (N,D); idx, dpre are (N,K)
-    /* row by row of dW_enc (a token's K columns within one row), not column by column:
-     * the same additions in the same order per element, without striding S floats per step */
-    for (int n = 0; n < N; n++) {
+    /* latent-major: each column of dW_enc takes its tokens' x rows scaled by dpre, in
+     * token order (the sums of the token-by-token loop below, bit for bit) */
+    sparse_grad_args a = {.dW = dW_enc, .db = db_enc, .dout = dpre, .x = x, .K = K, .D = D, .S = S};
+    const size_t NK = (size_t)N * K;
+    if (latent_lists_build(&a.l, idx, NK, S)) {
+        lp_cpu_parallel_for((size_t)(S + TILE - 1) / TILE, 4, dW_enc_tiles, &a);
+        latent_lists_free(&a.l);
+        return;
+    }
+    for (int n = 0; n < N; n++) { /* out of memory for the lists: token by token */
         const int32_t *in = idx + (size_t)n * K;
         const float *gn = dpre + (size_t)n * K;
         for (int j = 0; j < K; j++) db_enc[in[j]] += gn[j];
@@ -229,19 +415,33 @@ void lp_cpu_sae_jumprelu_grad(float *dpre, float *dtheta, const float *df, const
 
 /* ---- optimizer and decoder constraints ---- */
 
+typedef struct {
+    float *p, *m, *v;
+    const float *g;
+    float lr, b1, b2, eps, bc1, bc2;
+} adam_args;
+
+static void adam_range(void *q, size_t i0, size_t i1) {
+    const adam_args *a = q;
+    const float b1 = a->b1, b2 = a->b2, c1 = 1.0f - b1, c2 = 1.0f - b2;
+    for (size_t i = i0; i < i1; i++) {
+        const float gi = a->g[i];
+        const float mi = b1 * a->m[i] + c1 * gi;
+        const float vi = b2 * a->v[i] + c2 * (gi * gi);
+        a->m[i] = mi;
+        a->v[i] = vi;
+        a->p[i] -= a->lr * (mi / a->bc1) / (sqrtf(vi / a->bc2) + a->eps);
+    }
+}
+
+/* Dense: with momentum every parameter moves every step, even where this step's gradient
+ * is zero (an inactive latent's encoder column still follows m / sqrt(v)), so skipping
+ * them would change the result. Element-wise, so any split gives the same bits. */
 void lp_cpu_adam_step(float *p, const float *g, float *m, float *v, size_t n, float lr, float b1,
                       float b2, float eps, int t) {
     /* The bias corrections in double, rounded once; the CUDA kernel gets the same floats. */
-    const float bc1 = (float)(1.0 - pow((double)b1, t)), bc2 = (float)(1.0 - pow((double)b2, t));
-    const float c1 = 1.0f - b1, c2 = 1.0f - b2;
-    for (size_t i = 0; i < n; i++) {
-        const float gi = g[i];
-        const float mi = b1 * m[i] + c1 * gi;
-        const float vi = b2 * v[i] + c2 * (gi * gi);
-        m[i] = mi;
-        v[i] = vi;
-        p[i] -= lr * (mi / bc1) / (sqrtf(vi / bc2) + eps);
-    }
+    adam_args a = {p, m, v, g, lr, b1, b2, eps, (float)(1.0 - pow((double)b1, t)), (float)(1.0 - pow((double)b2, t))};
+    lp_cpu_parallel_for(n, 1 << 16, adam_range, &a);
 }
 
 static double row_dot(const float *a, const float *b, int D) {
@@ -250,28 +450,48 @@ static double row_dot(const float *a, const float *b, int D) {
     return s;
 }
 
+typedef struct { float *out, *dW; const float *W; float *Wm; int D; } rows_args;
+
+static void unit_norm_rows(void *p, size_t s0, size_t s1) {
+    const rows_args *a = p;
+    for (size_t s = s0; s < s1; s++) {
+        float *w = a->Wm + s * a->D;
+        const double nrm = sqrt(row_dot(w, w, a->D));
+        if (nrm > 0)
+            for (int d = 0; d < a->D; d++) w[d] = (float)(w[d] / nrm);
+    }
+}
+
+static void remove_parallel_rows(void *p, size_t s0, size_t s1) {
+    const rows_args *a = p;
+    for (size_t s = s0; s < s1; s++) {
+        float *g = a->dW + s * a->D;
+        const float *w = a->W + s * a->D;
+        const double par = row_dot(g, w, a->D);
+        for (int d = 0; d < a->D; d++) g[d] = (float)(g[d] - par * w[d]);
+    }
+}
+
+static void norm_rows(void *p, size_t s0, size_t s1) {
+    const rows_args *a = p;
+    for (size_t s = s0; s < s1; s++) a->out[s] = (float)sqrt(row_dot(a->W + s * a->D, a->W + s * a->D, a->D));
+}
+
 void lp_cpu_rows_unit_norm(float *W, int S, int D) {
     // W is (S,D)
-    for (int s = 0; s < S; s++) {
-        float *w = W + (size_t)s * D;
-        const double nrm = sqrt(row_dot(w, w, D));
-        if (nrm > 0)
-            for (int d = 0; d < D; d++) w[d] = (float)(w[d] / nrm);
-    }
+    rows_args a = {.Wm = W, .D = D};
+    lp_cpu_parallel_for((size_t)S, 256, unit_norm_rows, &a);
 }
 
 void lp_cpu_rows_remove_parallel(float *dW, const float *W, int S, int D) {
     // dW, W are (S,D); the rows of W are unit vectors (the caller's promise)
-    for (int s = 0; s < S; s++) {
-        float *g = dW + (size_t)s * D;
-        const float *w = W + (size_t)s * D;
-        const double par = row_dot(g, w, D);
-        for (int d = 0; d < D; d++) g[d] = (float)(g[d] - par * w[d]);
-    }
+    rows_args a = {.dW = dW, .W = W, .D = D};
+    lp_cpu_parallel_for((size_t)S, 256, remove_parallel_rows, &a);
 }
 
 void lp_cpu_rows_norm(float *out, const float *W, int S, int D) {
-    for (int s = 0; s < S; s++) out[s] = (float)sqrt(row_dot(W + (size_t)s * D, W + (size_t)s * D, D));
+    rows_args a = {.out = out, .W = W, .D = D};
+    lp_cpu_parallel_for((size_t)S, 256, norm_rows, &a);
 }
 
 /* ---- metrics ---- */
