@@ -40,7 +40,7 @@ static double now(void) {
 }
 
 static double gauss(uint64_t *s) {
-    double u = lp_rng_uniform(s) + 1e-300, v = lp_rng_uniform(s);
+    double u = rng_uniform(s) + 1e-300, v = rng_uniform(s);
     return sqrt(-2 * log(u)) * cos(6.283185307179586 * v);
 }
 
@@ -53,7 +53,7 @@ static void make_layer(float *x, int32_t *y, int n, int d, int layer, double sep
         nu += u[j] * u[j];
     }
     for (int i = 0; i < n; i++) {
-        y[i] = lp_rng_uniform(&s) < 0.5;
+        y[i] = rng_uniform(&s) < 0.5;
         for (int j = 0; j < d; j++) x[(size_t)i * d + j] = (float)(gauss(&s) + (y[i] ? 1 : -1) * sep * u[j] / sqrt(nu));
     }
     free(u);

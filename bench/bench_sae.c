@@ -203,16 +203,16 @@ static void section(const char *title, lp_device dev, int D, int S, int batch, i
     snprintf(out, sizeof out, "%s/t-%d-0-%d", g_dir, D, dev);
     CHECK(lp_sae_load(&s, &c, out));
     sae_runner *r;
-    CHECK(lp_sae_runner_new(&r, s, &c, batch, 0, 0));
-    CHECK(lp_sae_runner_forward(r, batch, 0));
+    CHECK(sae_runner_new(&r, s, &c, batch, 0, 0));
+    CHECK(sae_runner_forward(r, batch, 0));
     CHECK(lp_ctx_sync(&c));
     int reps = dev == LP_CUDA ? 50 : 5;
     double t0 = now();
-    for (int i = 0; i < reps; i++) CHECK(lp_sae_runner_forward(r, batch, 0));
+    for (int i = 0; i < reps; i++) CHECK(sae_runner_forward(r, batch, 0));
     CHECK(lp_ctx_sync(&c));
     double tps = (double)batch * reps / (now() - t0), fl = 2.0 * D * S * tps / 1e9;
     printf("  encode topk      %10.0f tokens/s  (%.1f GFLOP/s: %.1f%% of the f32 GEMM rate)\n", tps, fl, 100 * fl / gemm32);
-    lp_sae_runner_free(r);
+    sae_runner_free(r);
     lp_sae_free(s, &c);
     lp_ctx_free(&c);
 }

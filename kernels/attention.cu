@@ -10,7 +10,7 @@
 //           staged in shared memory so every lane reads it by broadcast;
 //   values: lane l owns dims l, l+32, ... (up to 8 per lane, so dh <= 256) and walks the
 //           keys, taking each key's weight from the lane that scored it (__shfl_sync).
-// lp_cuda_attention keeps a running max and sum per row (online softmax), one chunk of 32
+// cuda_attention keeps a running max and sum per row (online softmax), one chunk of 32
 // keys at a time, so the [T,T] matrix never exists and no scratch memory is needed. All
 // accumulation is fp32; outputs are rounded once on the store. Warps of a block take
 // neighbouring queries of one (b, h), so they share K/V rows through L1, and the longest
@@ -41,7 +41,7 @@ __device__ __forceinline__ row_idx decode_row(long long row, int T_, int H, bool
 }
 
 // ---- fused: z = softmax(cap(q k^T * scale), causal or windowed) v ----
-// Also attention against a KV cache (lp_cuda_attention_cached): q holds Tq queries at
+// Also attention against a KV cache (cuda_attention_cached): q holds Tq queries at
 // positions pos0 .. pos0+Tq-1, k and v are caches of Tcap positions, and query i reads keys
 // first .. pos0+i (first = 0, or the start of its window, in absolute positions). The plain
 // fused case is Tq = Tcap = T, pos0 = 0. A row's arithmetic does not depend on Tq or on the
@@ -73,16 +73,16 @@ attention_kernel(T *z, const T *q, const T *k, const T *v, int B, int Tq, int Tc
 #pragma unroll
         for (int i = 0; i < DPL; i++) acc[i] = 0.0f;
 
-        for (int j0 = lp_attn_first(tq, o.window); j0 <= tq; j0 += 32) {
+        for (int j0 = attn_first(tq, o.window); j0 <= tq; j0 += 32) {
             const int j = j0 + lane;
             const bool live = j <= tq;
-            const float s = live ? lp_attn_score(dot_qk(qs, kb + (size_t)j * kv_stride, dh), o) : -INFINITY;
+            const float s = live ? attn_score(dot_qk(qs, kb + (size_t)j * kv_stride, dh), o) : -INFINITY;
             // Lane 0's key (first <= j0 <= tq) is always live, so m_new is finite and no exp sees
             // inf - inf. On the first chunk m = -inf and corr = exp(-inf) = 0.
-            const float m_new = fmaxf(m, lp_warp_max(s));
+            const float m_new = fmaxf(m, warp_max(s));
             const float corr = expf(m - m_new);
             const float p = live ? expf(s - m_new) : 0.0f;
-            l = l * corr + lp_warp_sum(p);
+            l = l * corr + warp_sum(p);
 #pragma unroll
             for (int i = 0; i < DPL; i++) acc[i] *= corr;
             const int cnt = min(32, tq - j0 + 1); // the same in every lane
@@ -128,9 +128,9 @@ attn_scores_kernel(T *scores, const T *q, const T *k, int B, int T_, int H, int 
         __syncwarp();
         const T *kb = k + ((size_t)r.b * T_ * Hkv + r.h / group) * dh;
         T *out = scores + (size_t)row * T_; // row == (b*H + h)*T + t when not reversed
-        const int first = lp_attn_first(r.t, o.window);
+        const int first = attn_first(r.t, o.window);
         for (int j = lane; j < T_; j += 32) {
-            const float s = j <= r.t && j >= first ? lp_attn_score(dot_qk(qs, kb + (size_t)j * kv_stride, dh), o)
+            const float s = j <= r.t && j >= first ? attn_score(dot_qk(qs, kb + (size_t)j * kv_stride, dh), o)
                                                    : -INFINITY;
             out[j] = lp_from_f<T>(s);
         }
@@ -149,14 +149,14 @@ __global__ void softmax_rows_kernel(T *out, const T *x, size_t rows, int cols) {
         T *yr = out + row * cols;
         float m = -INFINITY;
         for (int j = lane; j < cols; j += 32) m = fmaxf(m, lp_to_f(xr[j]));
-        m = lp_warp_max(m);
+        m = warp_max(m);
         if (m == -INFINITY) { // every key masked: no distribution, and no NaN either
             for (int j = lane; j < cols; j += 32) yr[j] = lp_from_f<T>(0.0f);
             continue;
         }
         float s = 0.0f;
         for (int j = lane; j < cols; j += 32) s += expf(lp_to_f(xr[j]) - m);
-        s = lp_warp_sum(s);
+        s = warp_sum(s);
         for (int j = lane; j < cols; j += 32) yr[j] = lp_from_f<T>(expf(lp_to_f(xr[j]) - m) / s);
     }
 }
@@ -213,7 +213,7 @@ static lp_status attention_launch(lp_ctx *c, void *z, const void *q, const void 
                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh, lp_attn_opts o) {
     const long long rows = (long long)B * H * Tq;
     const size_t smem = (size_t)kWarps * dh * sizeof(float);
-    LP_LAUNCH(lp_grid_rows(rows, kWarps), kWarps * 32, smem, lp_stream(c), attention_kernel<T, DPL>)(
+    LP_LAUNCH(grid_rows(rows, kWarps), kWarps * 32, smem, cuda_stream_of(c), attention_kernel<T, DPL>)(
         (T *)z, (const T *)q, (const T *)k, (const T *)v, B, Tq, Tcap, pos0, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attention_kernel");
     return LP_OK;
@@ -236,7 +236,7 @@ static lp_status attn_scores_launch(lp_ctx *c, void *scores, const void *q, cons
                                     int T_, int H, int Hkv, int dh, lp_attn_opts o) {
     const long long rows = (long long)B * H * T_;
     const size_t smem = (size_t)kWarps * dh * sizeof(float);
-    LP_LAUNCH(lp_grid_rows(rows, kWarps), kWarps * 32, smem, lp_stream(c), attn_scores_kernel<T>)(
+    LP_LAUNCH(grid_rows(rows, kWarps), kWarps * 32, smem, cuda_stream_of(c), attn_scores_kernel<T>)(
         (T *)scores, (const T *)q, (const T *)k, B, T_, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_scores_kernel");
     return LP_OK;
@@ -244,7 +244,7 @@ static lp_status attn_scores_launch(lp_ctx *c, void *scores, const void *q, cons
 
 template <typename T>
 static lp_status softmax_rows_launch(lp_ctx *c, void *out, const void *x, size_t rows, int cols) {
-    LP_LAUNCH(lp_grid_rows((long long)rows, kWarps), kWarps * 32, 0, lp_stream(c), softmax_rows_kernel<T>)(
+    LP_LAUNCH(grid_rows((long long)rows, kWarps), kWarps * 32, 0, cuda_stream_of(c), softmax_rows_kernel<T>)(
         (T *)out, (const T *)x, rows, cols);
     LP_LAUNCH_CHECK("softmax_rows_kernel");
     return LP_OK;
@@ -254,7 +254,7 @@ template <typename T, int DPL>
 static lp_status attn_apply_launch(lp_ctx *c, void *z, const void *pattern, const void *v, int B,
                                    int T_, int H, int Hkv, int dh) {
     const long long rows = (long long)B * H * T_;
-    LP_LAUNCH(lp_grid_rows(rows, kWarps), kWarps * 32, 0, lp_stream(c), attn_apply_kernel<T, DPL>)(
+    LP_LAUNCH(grid_rows(rows, kWarps), kWarps * 32, 0, cuda_stream_of(c), attn_apply_kernel<T, DPL>)(
         (T *)z, (const T *)pattern, (const T *)v, B, T_, H, Hkv, dh);
     LP_LAUNCH_CHECK("attn_apply_kernel");
     return LP_OK;
@@ -280,24 +280,24 @@ static lp_status check_attn_shape(const char *op, int B, int T_, int H, int Hkv,
 
 // ---- entry points ----
 
-lp_status lp_cuda_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
+lp_status cuda_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B,
                             int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_attention");
-    LP_CHECK(check_attn_shape("lp_cuda_attention", B, T, H, Hkv, dh));
+    LP_CUDA_REQUIRE_CTX(c, "cuda_attention");
+    LP_CHECK(check_attn_shape("cuda_attention", B, T, H, Hkv, dh));
     if ((long long)B * T == 0) return LP_OK;
-    LP_CUDA_REQUIRE(z && q && k && v, "lp_cuda_attention: NULL buffer");
+    LP_CUDA_REQUIRE(z && q && k && v, "cuda_attention: NULL buffer");
     const void *bufs[4] = {z, q, k, v};
-    if (lp_cuda_flash_fits(c, B, T, H, dh, bufs, 4)) // tensor cores (attention_flash.cu)
-        return lp_cuda_flash_attention(c, z, q, k, v, B, T, H, Hkv, dh, cfg);
-    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
+    if (cuda_flash_fits(c, B, T, H, dh, bufs, 4)) // tensor cores (attention_flash.cu)
+        return cuda_flash_attention(c, z, q, k, v, B, T, H, Hkv, dh, cfg);
+    const lp_attn_opts o = attn_opts_of(cfg, dh);
     return c->dtype == LP_BF16 ? attention_dispatch<__nv_bfloat16>(c, z, q, k, v, B, T, T, 0, H, Hkv, dh, o)
                                : attention_dispatch<float>(c, z, q, k, v, B, T, T, 0, H, Hkv, dh, o);
 }
 
-lp_status lp_cuda_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
+lp_status cuda_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc,
                                    int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh,
                                    const lp_attn_cfg *cfg) {
-    const char *op = "lp_cuda_attention_cached";
+    const char *op = "cuda_attention_cached";
     LP_CUDA_REQUIRE_CTX(c, op);
     LP_CUDA_REQUIRE(B >= 0 && Tq >= 0 && Tcap >= 0 && pos0 >= 0,
                     "%s: negative size B=%d Tq=%d Tcap=%d pos0=%d", op, B, Tq, Tcap, pos0);
@@ -308,38 +308,38 @@ lp_status lp_cuda_attention_cached(lp_ctx *c, void *z, const void *q, const void
     LP_CUDA_REQUIRE(dh >= 1 && dh <= kMaxDh, "%s: head dim %d outside 1..%d", op, dh, kMaxDh);
     if ((long long)B * Tq == 0) return LP_OK;
     LP_CUDA_REQUIRE(z && q && kc && vc, "%s: NULL buffer", op);
-    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
+    const lp_attn_opts o = attn_opts_of(cfg, dh);
     return c->dtype == LP_BF16 ? attention_dispatch<__nv_bfloat16>(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh, o)
                                : attention_dispatch<float>(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh, o);
 }
 
-lp_status lp_cuda_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,
+lp_status cuda_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,
                               int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_attn_scores");
-    LP_CHECK(check_attn_shape("lp_cuda_attn_scores", B, T, H, Hkv, dh));
+    LP_CUDA_REQUIRE_CTX(c, "cuda_attn_scores");
+    LP_CHECK(check_attn_shape("cuda_attn_scores", B, T, H, Hkv, dh));
     if ((long long)B * T == 0) return LP_OK;
-    LP_CUDA_REQUIRE(scores && q && k, "lp_cuda_attn_scores: NULL buffer");
-    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
+    LP_CUDA_REQUIRE(scores && q && k, "cuda_attn_scores: NULL buffer");
+    const lp_attn_opts o = attn_opts_of(cfg, dh);
     return c->dtype == LP_BF16
                ? attn_scores_launch<__nv_bfloat16>(c, scores, q, k, B, T, H, Hkv, dh, o)
                : attn_scores_launch<float>(c, scores, q, k, B, T, H, Hkv, dh, o);
 }
 
-lp_status lp_cuda_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int cols) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_softmax_rows");
-    LP_CUDA_REQUIRE(cols >= 0, "lp_cuda_softmax_rows: negative cols %d", cols);
+lp_status cuda_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int cols) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_softmax_rows");
+    LP_CUDA_REQUIRE(cols >= 0, "cuda_softmax_rows: negative cols %d", cols);
     if (rows == 0 || cols == 0) return LP_OK;
-    LP_CUDA_REQUIRE(out && x, "lp_cuda_softmax_rows: NULL buffer");
+    LP_CUDA_REQUIRE(out && x, "cuda_softmax_rows: NULL buffer");
     return c->dtype == LP_BF16 ? softmax_rows_launch<__nv_bfloat16>(c, out, x, rows, cols)
                                : softmax_rows_launch<float>(c, out, x, rows, cols);
 }
 
-lp_status lp_cuda_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v, int B, int T,
+lp_status cuda_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v, int B, int T,
                              int H, int Hkv, int dh) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_attn_apply");
-    LP_CHECK(check_attn_shape("lp_cuda_attn_apply", B, T, H, Hkv, dh));
+    LP_CUDA_REQUIRE_CTX(c, "cuda_attn_apply");
+    LP_CHECK(check_attn_shape("cuda_attn_apply", B, T, H, Hkv, dh));
     if ((long long)B * T == 0) return LP_OK;
-    LP_CUDA_REQUIRE(z && pattern && v, "lp_cuda_attn_apply: NULL buffer");
+    LP_CUDA_REQUIRE(z && pattern && v, "cuda_attn_apply: NULL buffer");
     return c->dtype == LP_BF16
                ? attn_apply_dispatch<__nv_bfloat16>(c, z, pattern, v, B, T, H, Hkv, dh)
                : attn_apply_dispatch<float>(c, z, pattern, v, B, T, H, Hkv, dh);

@@ -94,20 +94,20 @@ __global__ void attn_bwd_stats_kernel(unsigned char *stash, size_t stride, const
         const size_t kv0 = ((size_t)r.b * T_ * Hkv + r.h / group) * dh;
         const T *kb = k + kv0, *vb = v + kv0;
         float m = -INFINITY, l = 0.0f, dacc = 0.0f;
-        for (int j0 = lp_attn_first(tq, o.window); j0 <= tq; j0 += 32) {
+        for (int j0 = attn_first(tq, o.window); j0 <= tq; j0 += 32) {
             const int j = j0 + lane;
             const bool live = j <= tq;
             float s = -INFINITY, dp = 0.0f;
             if (live) {
-                s = lp_attn_score(dot_sg(qs, kb + (size_t)j * kv_stride, dh), o);
+                s = attn_score(dot_sg(qs, kb + (size_t)j * kv_stride, dh), o);
                 dp = dot_sg(dzs, vb + (size_t)j * kv_stride, dh);
             }
             // Lane 0's key is live, so m_new is finite; on the first chunk corr = exp(-inf) = 0.
-            const float m_new = fmaxf(m, lp_warp_max(s));
+            const float m_new = fmaxf(m, warp_max(s));
             const float corr = expf(m - m_new);
             const float e = live ? expf(s - m_new) : 0.0f;
-            l = l * corr + lp_warp_sum(e);
-            dacc = dacc * corr + lp_warp_sum(e * dp);
+            l = l * corr + warp_sum(e);
+            dacc = dacc * corr + warp_sum(e * dp);
             m = m_new;
         }
         if (lane == 0) stats_put(stash, stride, qrow, row_stats{m + logf(l), dacc / l}); // l >= 1
@@ -130,7 +130,7 @@ __global__ void attn_bwd_dkv_kernel(T *dk, T *dv, const unsigned char *stash, si
 
     for (long long row = (long long)blockIdx.x * kWarps + warp; row < rows; row += (long long)gridDim.x * kWarps) {
         const row_idx r = decode_row(row, T_, Hkv, false); // early keys (the most queries) first
-        const int key = r.t, t_end = lp_attn_query_end(key, T_, o.window); // queries key .. t_end-1 see it
+        const int key = r.t, t_end = attn_query_end(key, T_, o.window); // queries key .. t_end-1 see it
         const size_t kvoff = (((size_t)r.b * T_ + key) * Hkv + r.h) * dh;
         __syncwarp();
         for (int d = lane; d < dh; d += 32) ks[d] = lp_to_f(k[kvoff + d]), vs[d] = lp_to_f(v[kvoff + d]);
@@ -145,7 +145,7 @@ __global__ void attn_bwd_dkv_kernel(T *dk, T *dv, const unsigned char *stash, si
                 float p = 0.0f, ds = 0.0f;
                 if (t < t_end) {
                     const row_stats st = stats_get(stash, stride, ((size_t)r.b * T_ + t) * H + h);
-                    const float s = lp_attn_score(dot_sg(ks, q + q0 + (size_t)t * q_stride, dh), o);
+                    const float s = attn_score(dot_sg(ks, q + q0 + (size_t)t * q_stride, dh), o);
                     p = expf(s - st.lse);
                     ds = p * (dot_sg(vs, dz + q0 + (size_t)t * q_stride, dh) - st.dsum);
                     if (o.cap > 0.0f) ds *= 1.0f - (s / o.cap) * (s / o.cap);
@@ -199,11 +199,11 @@ __global__ void attn_bwd_dq_kernel(T *dq, const unsigned char *stash, size_t str
         float acc[DPL];
 #pragma unroll
         for (int i = 0; i < DPL; i++) acc[i] = 0.0f;
-        for (int j0 = lp_attn_first(tq, o.window); j0 <= tq; j0 += 32) {
+        for (int j0 = attn_first(tq, o.window); j0 <= tq; j0 += 32) {
             const int j = j0 + lane;
             float ds = 0.0f;
             if (j <= tq) {
-                const float s = lp_attn_score(dot_sg(qs, kb + (size_t)j * kv_stride, dh), o);
+                const float s = attn_score(dot_sg(qs, kb + (size_t)j * kv_stride, dh), o);
                 const float p = expf(s - st.lse);
                 ds = p * (dot_sg(dzs, vb + (size_t)j * kv_stride, dh) - st.dsum);
                 if (o.cap > 0.0f) ds *= 1.0f - (s / o.cap) * (s / o.cap);
@@ -325,7 +325,7 @@ __global__ void attn_scores_bwd_dq_kernel(T *dq, const T *dscores, const T *scor
         float acc[DPL];
 #pragma unroll
         for (int i = 0; i < DPL; i++) acc[i] = 0.0f;
-        for (int j0 = lp_attn_first(tq, o.window); j0 <= tq; j0 += 32) {
+        for (int j0 = attn_first(tq, o.window); j0 <= tq; j0 += 32) {
             const int j = j0 + lane;
             const float gj = j <= tq ? raw_grad(dscores, scores, o.cap, gr + j) : 0.0f;
             const int cnt = min(32, tq - j0 + 1);
@@ -359,7 +359,7 @@ __global__ void attn_scores_bwd_dk_kernel(T *dk, const T *dscores, const T *scor
     const size_t q_stride = (size_t)H * dh;
     for (long long row = (long long)blockIdx.x * kWarps + warp; row < rows; row += (long long)gridDim.x * kWarps) {
         const row_idx r = decode_row(row, T_, Hkv, false);
-        const int key = r.t, t_end = lp_attn_query_end(key, T_, o.window);
+        const int key = r.t, t_end = attn_query_end(key, T_, o.window);
         float acc[DPL];
 #pragma unroll
         for (int i = 0; i < DPL; i++) acc[i] = 0.0f;
@@ -400,14 +400,14 @@ static lp_status attention_backward_launch(lp_ctx *c, void *dq, void *dk, void *
                                            const void *v, int B, int T_, int H, int Hkv, int dh, lp_attn_opts o) {
     const size_t smem = (size_t)kWarps * 2 * dh * sizeof(float);
     const long long qrows = (long long)B * H * T_, krows = (long long)B * Hkv * T_;
-    LP_LAUNCH(lp_grid_rows(qrows, kWarps), kWarps * 32, smem, lp_stream(c), attn_bwd_stats_kernel<T>)(
+    LP_LAUNCH(grid_rows(qrows, kWarps), kWarps * 32, smem, cuda_stream_of(c), attn_bwd_stats_kernel<T>)(
         stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_bwd_stats_kernel");
-    LP_LAUNCH(lp_grid_rows(krows, kWarps), kWarps * 32, smem, lp_stream(c), attn_bwd_dkv_kernel<T, DPL>)(
+    LP_LAUNCH(grid_rows(krows, kWarps), kWarps * 32, smem, cuda_stream_of(c), attn_bwd_dkv_kernel<T, DPL>)(
         (T *)dk, (T *)dv, stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh,
         o);
     LP_LAUNCH_CHECK("attn_bwd_dkv_kernel");
-    LP_LAUNCH(lp_grid_rows(qrows, kWarps), kWarps * 32, smem, lp_stream(c), attn_bwd_dq_kernel<T, DPL>)(
+    LP_LAUNCH(grid_rows(qrows, kWarps), kWarps * 32, smem, cuda_stream_of(c), attn_bwd_dq_kernel<T, DPL>)(
         (T *)dq, stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_bwd_dq_kernel");
     return LP_OK;
@@ -431,13 +431,13 @@ static lp_status flash_backward(lp_ctx *c, void *dq, void *dk, void *dv, unsigne
                                 const void *dz, const void *q, const void *k, const void *v, int B, int T_, int H,
                                 int Hkv, int dh, const lp_attn_cfg *cfg) {
     typedef __nv_bfloat16 bf;
-    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
+    const lp_attn_opts o = attn_opts_of(cfg, dh);
     const long long qrows = (long long)B * H * T_;
     const size_t smem = (size_t)kWarps * 2 * dh * sizeof(float);
-    LP_LAUNCH(lp_grid_rows(qrows, kWarps), kWarps * 32, smem, lp_stream(c), attn_bwd_stats_kernel<bf>)(
+    LP_LAUNCH(grid_rows(qrows, kWarps), kWarps * 32, smem, cuda_stream_of(c), attn_bwd_stats_kernel<bf>)(
         stash, stride, (const bf *)dz, (const bf *)q, (const bf *)k, (const bf *)v, B, T_, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_bwd_stats_kernel");
-    return lp_cuda_flash_attention_backward(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T_, H, Hkv, dh, cfg);
+    return cuda_flash_attention_backward(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T_, H, Hkv, dh, cfg);
 }
 
 template <typename T, int DPL>
@@ -445,10 +445,10 @@ static lp_status attn_apply_backward_launch(lp_ctx *c, void *dpattern, void *dv,
                                             const void *pattern, const void *v, int B, int T_, int H, int Hkv,
                                             int dh) {
     const long long qrows = (long long)B * H * T_, krows = (long long)B * Hkv * T_;
-    LP_LAUNCH(lp_grid_rows(qrows, kWarps), kWarps * 32, (size_t)kWarps * dh * sizeof(float),
-                                  lp_stream(c), attn_apply_bwd_dp_kernel<T>)((T *)dpattern, (const T *)dz, (const T *)v, B, T_, H, Hkv, dh);
+    LP_LAUNCH(grid_rows(qrows, kWarps), kWarps * 32, (size_t)kWarps * dh * sizeof(float),
+                                  cuda_stream_of(c), attn_apply_bwd_dp_kernel<T>)((T *)dpattern, (const T *)dz, (const T *)v, B, T_, H, Hkv, dh);
     LP_LAUNCH_CHECK("attn_apply_bwd_dp_kernel");
-    LP_LAUNCH(lp_grid_rows(krows, kWarps), kWarps * 32, 0, lp_stream(c), attn_apply_bwd_dv_kernel<T, DPL>)(
+    LP_LAUNCH(grid_rows(krows, kWarps), kWarps * 32, 0, cuda_stream_of(c), attn_apply_bwd_dv_kernel<T, DPL>)(
         (T *)dv, (const T *)dz, (const T *)pattern, B, T_, H, Hkv, dh);
     LP_LAUNCH_CHECK("attn_apply_bwd_dv_kernel");
     return LP_OK;
@@ -469,10 +469,10 @@ static lp_status attn_scores_backward_launch(lp_ctx *c, void *dq, void *dk, cons
                                              const void *q, const void *k, int B, int T_, int H, int Hkv, int dh,
                                              lp_attn_opts o) {
     const long long qrows = (long long)B * H * T_, krows = (long long)B * Hkv * T_;
-    LP_LAUNCH(lp_grid_rows(qrows, kWarps), kWarps * 32, 0, lp_stream(c), attn_scores_bwd_dq_kernel<T, DPL>)(
+    LP_LAUNCH(grid_rows(qrows, kWarps), kWarps * 32, 0, cuda_stream_of(c), attn_scores_bwd_dq_kernel<T, DPL>)(
         (T *)dq, (const T *)dscores, (const T *)scores, (const T *)k, B, T_, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_scores_bwd_dq_kernel");
-    LP_LAUNCH(lp_grid_rows(krows, kWarps), kWarps * 32, 0, lp_stream(c), attn_scores_bwd_dk_kernel<T, DPL>)(
+    LP_LAUNCH(grid_rows(krows, kWarps), kWarps * 32, 0, cuda_stream_of(c), attn_scores_bwd_dk_kernel<T, DPL>)(
         (T *)dk, (const T *)dscores, (const T *)scores, (const T *)q, B, T_, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_scores_bwd_dk_kernel");
     return LP_OK;
@@ -501,10 +501,10 @@ static lp_status check_attn_shape(const char *op, int B, int T_, int H, int Hkv,
 
 // ---- entry points ----
 
-lp_status lp_cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
+lp_status cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
                                      const void *k, const void *v, int B, int T, int H, int Hkv, int dh,
                                      const lp_attn_cfg *cfg) {
-    const char *op = "lp_cuda_attention_backward";
+    const char *op = "cuda_attention_backward";
     LP_CUDA_REQUIRE_CTX(c, op);
     LP_CHECK(check_attn_shape(op, B, T, H, Hkv, dh));
     if ((long long)B * T == 0) return LP_OK;
@@ -514,21 +514,21 @@ lp_status lp_cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, co
     size_t stride = row_bytes;
     if (row_bytes < 2 * sizeof(float)) { // dq rows too short to hold the stats (dh = 1 F32, dh < 4 BF16)
         stride = 2 * sizeof(float);
-        LP_CHECK(lp_cuda_alloc(c, (size_t)B * T * H * stride, (void **)&scratch));
+        LP_CHECK(cuda_alloc(c, (size_t)B * T * H * stride, (void **)&scratch));
         stash = scratch;
     }
     const void *bufs[7] = {dq, dk, dv, dz, q, k, v};
-    if (!scratch && lp_cuda_flash_fits(c, B, T, H, dh, bufs, 7))
+    if (!scratch && cuda_flash_fits(c, B, T, H, dh, bufs, 7))
         return flash_backward(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T, H, Hkv, dh, cfg);
-    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
+    const lp_attn_opts o = attn_opts_of(cfg, dh);
     lp_status st = c->dtype == LP_BF16
                        ? attention_backward_dispatch<__nv_bfloat16>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T,
                                                                     H, Hkv, dh, o)
                        : attention_backward_dispatch<float>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T, H, Hkv,
                                                             dh, o);
     if (scratch) { // the kernels must be done with it before it is freed
-        cudaError_t e = cudaStreamSynchronize(lp_stream(c));
-        lp_cuda_release(c, scratch);
+        cudaError_t e = cudaStreamSynchronize(cuda_stream_of(c));
+        cuda_release(c, scratch);
         if (e != cudaSuccess && st == LP_OK) {
             (void)cudaGetLastError();
             st = LP_ERR(LP_ERR_CUDA, "CUDA error %s: %s in %s", cudaGetErrorName(e),
@@ -538,9 +538,9 @@ lp_status lp_cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, co
     return st;
 }
 
-lp_status lp_cuda_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
+lp_status cuda_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
                                       const void *v, int B, int T, int H, int Hkv, int dh) {
-    const char *op = "lp_cuda_attn_apply_backward";
+    const char *op = "cuda_attn_apply_backward";
     LP_CUDA_REQUIRE_CTX(c, op);
     LP_CHECK(check_attn_shape(op, B, T, H, Hkv, dh));
     if ((long long)B * T == 0) return LP_OK;
@@ -550,14 +550,14 @@ lp_status lp_cuda_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const
                : attn_apply_backward_dispatch<float>(c, dpattern, dv, dz, pattern, v, B, T, H, Hkv, dh);
 }
 
-lp_status lp_cuda_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *scores,
+lp_status cuda_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *scores,
                                        const void *q, const void *k, int B, int T, int H, int Hkv, int dh,
                                        const lp_attn_cfg *cfg) {
-    const char *op = "lp_cuda_attn_scores_backward";
+    const char *op = "cuda_attn_scores_backward";
     LP_CUDA_REQUIRE_CTX(c, op);
     LP_CHECK(check_attn_shape(op, B, T, H, Hkv, dh));
     if ((long long)B * T == 0) return LP_OK;
-    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
+    const lp_attn_opts o = attn_opts_of(cfg, dh);
     LP_CUDA_REQUIRE(dq && dk && dscores && q && k && (scores || o.cap <= 0.0f), "%s: NULL buffer", op);
     return c->dtype == LP_BF16
                ? attn_scores_backward_dispatch<__nv_bfloat16>(c, dq, dk, dscores, scores, q, k, B, T, H, Hkv, dh, o)

@@ -2,7 +2,7 @@
 // 16x16x16 bf16 operands, fp32 accumulation) for BF16 contexts, tiled as flash attention:
 // no [T, T] matrix in memory, K/V (and Q/dZ) tiles staged in shared memory with 16-byte
 // loads, an online softmax over key tiles. attention.cu and attention_backward.cu call it
-// for the fused ops when lp_cuda_flash_fits() holds (BF16, head dim a multiple of 16 up to
+// for the fused ops when cuda_flash_fits() holds (BF16, head dim a multiple of 16 up to
 // 256, 16-byte aligned buffers) and keep their row kernels for everything else (F32 stays
 // on those exact kernels).
 //
@@ -115,7 +115,7 @@ __device__ __forceinline__ void mm_acc(float *acc_s, int ldc, const bf16 *a, int
 
 // Whether query t sees key j (both < T).
 __device__ __forceinline__ bool sees(int t, int j, int T_, int window) {
-    return t < T_ && j <= t && j >= lp_attn_first(t, window);
+    return t < T_ && j <= t && j >= attn_first(t, window);
 }
 
 // ---- forward: a block per (query tile, b*H + h) ----
@@ -143,13 +143,13 @@ flash_fwd_kernel(bf16 *z, const bf16 *q, const bf16 *k, const bf16 *v, int T_, i
     for (int i = lane; i < 16 * G.ldo; i += 32) Ow[i] = 0.0f;
     float m = -INFINITY, l = 0.0f; // of row r (both lanes of the pair hold them)
     const int last = min(T_ - 1, q0 + TL - 1);
-    for (int j0 = lp_attn_first(q0, o.window) / TL * TL; j0 <= last; j0 += TL) {
+    for (int j0 = attn_first(q0, o.window) / TL * TL; j0 <= last; j0 += TL) {
         __syncthreads(); // the previous tile's readers are done (and Qs is staged)
         stage_rows(Ks, G.ldh, kb, kstride, j0, TL, T_, dh);
         stage_rows(Vs, G.ldh, vb, kstride, j0, TL, T_, dh);
         __syncthreads();
         // A warp whose 16 queries see no key of this tile skips it (warp-uniform).
-        if (tw0 >= T_ || j0 > tw0 + 15 || j0 + TL - 1 < lp_attn_first(tw0, o.window)) continue;
+        if (tw0 >= T_ || j0 > tw0 + 15 || j0 + TL - 1 < attn_first(tw0, o.window)) continue;
         mm_abt(Sw, G.lds, Qs + warp * 16 * G.ldh, G.ldh, Ks, G.ldh, TL, dh);
         __syncwarp();
         float *srow = Sw + r * G.lds;
@@ -158,7 +158,7 @@ flash_fwd_kernel(bf16 *z, const bf16 *q, const bf16 *k, const bf16 *v, int T_, i
         float mt = -INFINITY;
         for (int c = c0; c < c1; c++) {
             const int j = j0 + c;
-            const float s = sees(t, j, T_, o.window) ? lp_attn_score(srow[c], o) : -INFINITY;
+            const float s = sees(t, j, T_, o.window) ? attn_score(srow[c], o) : -INFINITY;
             srow[c] = s;
             mt = fmaxf(mt, s);
         }
@@ -228,8 +228,8 @@ flash_bwd_dkv_kernel(bf16 *dk, bf16 *dv, const unsigned char *stash, size_t sstr
     stage_rows(Ks, G.ldh, k + kv0, kstride, k0, TL, T_, dh);
     stage_rows(Vs, G.ldh, v + kv0, kstride, k0, TL, T_, dh);
     for (int i = lane; i < 16 * G.ldo; i += 32) dKw[i] = 0.0f, dVw[i] = 0.0f;
-    const int q_end = lp_attn_query_end(min(k0 + TL, T_) - 1, T_, o.window); // past the last query seeing the tile
-    const int w_end = kw0 < T_ ? lp_attn_query_end(min(kw0 + 15, T_ - 1), T_, o.window) : 0;
+    const int q_end = attn_query_end(min(k0 + TL, T_) - 1, T_, o.window); // past the last query seeing the tile
+    const int w_end = kw0 < T_ ? attn_query_end(min(kw0 + 15, T_ - 1), T_, o.window) : 0;
     for (int hh = 0; hh < group; hh++) {
         const int h = g * group + hh;
         const size_t q0off = ((size_t)b * T_ * H + h) * dh;
@@ -251,7 +251,7 @@ flash_bwd_dkv_kernel(bf16 *dk, bf16 *dv, const unsigned char *stash, size_t sstr
                 const int t = i0 + c;
                 float p = 0.0f, dd = 0.0f;
                 if (j < T_ && sees(t, j, T_, o.window)) {
-                    const float s = lp_attn_score(Sw[r * G.lds + c], o);
+                    const float s = attn_score(Sw[r * G.lds + c], o);
                     p = expf(s - lse[c]);
                     dd = dot_grad(p, dPw[r * G.lds + c], dsum[c], s, o);
                 }
@@ -299,12 +299,12 @@ flash_bwd_dq_kernel(bf16 *dq, const unsigned char *stash, size_t sstride, const 
     }
     for (int i = lane; i < 16 * G.ldo; i += 32) dQw[i] = 0.0f;
     const int last = min(T_ - 1, i0 + TL - 1);
-    for (int j0 = lp_attn_first(i0, o.window) / TL * TL; j0 <= last; j0 += TL) {
+    for (int j0 = attn_first(i0, o.window) / TL * TL; j0 <= last; j0 += TL) {
         __syncthreads(); // the stats and Q, dZ are staged; the previous tile's readers are done
         stage_rows(Ks, G.ldh, k + kv0, kstride, j0, TL, T_, dh);
         stage_rows(Vs, G.ldh, v + kv0, kstride, j0, TL, T_, dh);
         __syncthreads();
-        if (tw0 >= T_ || j0 > tw0 + 15 || j0 + TL - 1 < lp_attn_first(tw0, o.window)) continue;
+        if (tw0 >= T_ || j0 > tw0 + 15 || j0 + TL - 1 < attn_first(tw0, o.window)) continue;
         mm_abt(Sw, G.lds, Qs + warp * 16 * G.ldh, G.ldh, Ks, G.ldh, TL, dh);
         mm_abt(dPw, G.lds, Zs + warp * 16 * G.ldh, G.ldh, Vs, G.ldh, TL, dh);
         __syncwarp();
@@ -312,7 +312,7 @@ flash_bwd_dq_kernel(bf16 *dq, const unsigned char *stash, size_t sstride, const 
         for (int c = half * (TL / 2); c < (half + 1) * (TL / 2); c++) {
             float dd = 0.0f;
             if (sees(t, j0 + c, T_, o.window)) {
-                const float s = lp_attn_score(Sw[r * G.lds + c], o);
+                const float s = attn_score(Sw[r * G.lds + c], o);
                 dd = dot_grad(expf(s - lse[rr]), dPw[r * G.lds + c], dsum[rr], s, o);
             }
             dSw[r * G.ldp + c] = __float2bfloat16_rn(dd);
@@ -344,8 +344,8 @@ lp_status flash_fwd_launch(lp_ctx *c, void *z, const void *q, const void *k, con
                            int Hkv, int dh, lp_attn_opts o) {
     const size_t smem = fwd_smem(NW, dh);
     LP_CUDA_CHECK(cudaFuncSetAttribute(flash_fwd_kernel<NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    const dim3 grid(lp_ceil_div_u((size_t)T_, 16 * NW), (unsigned)(B * H));
-    LP_LAUNCH(grid, NW * 32, smem, lp_stream(c), flash_fwd_kernel<NW>)(
+    const dim3 grid(ceil_div_u((size_t)T_, 16 * NW), (unsigned)(B * H));
+    LP_LAUNCH(grid, NW * 32, smem, cuda_stream_of(c), flash_fwd_kernel<NW>)(
         (bf16 *)z, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, T_, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("flash_fwd_kernel");
     return LP_OK;
@@ -355,15 +355,15 @@ template <int NW>
 lp_status flash_bwd_launch(lp_ctx *c, void *dq, void *dk, void *dv, const unsigned char *stash, size_t stride,
                            const void *dz, const void *q, const void *k, const void *v, int B, int T_, int H, int Hkv,
                            int dh, lp_attn_opts o) {
-    const unsigned tiles = lp_ceil_div_u((size_t)T_, 16 * NW);
+    const unsigned tiles = ceil_div_u((size_t)T_, 16 * NW);
     const size_t s1 = dkv_smem(NW, dh), s2 = dq_smem(NW, dh);
     LP_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_dkv_kernel<NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)s1));
     LP_CUDA_CHECK(cudaFuncSetAttribute(flash_bwd_dq_kernel<NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)s2));
-    LP_LAUNCH(dim3(tiles, (unsigned)(B * Hkv)), NW * 32, s1, lp_stream(c), flash_bwd_dkv_kernel<NW>)(
+    LP_LAUNCH(dim3(tiles, (unsigned)(B * Hkv)), NW * 32, s1, cuda_stream_of(c), flash_bwd_dkv_kernel<NW>)(
         (bf16 *)dk, (bf16 *)dv, stash, stride, (const bf16 *)dz, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v,
         T_, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("flash_bwd_dkv_kernel");
-    LP_LAUNCH(dim3(tiles, (unsigned)(B * H)), NW * 32, s2, lp_stream(c), flash_bwd_dq_kernel<NW>)(
+    LP_LAUNCH(dim3(tiles, (unsigned)(B * H)), NW * 32, s2, cuda_stream_of(c), flash_bwd_dq_kernel<NW>)(
         (bf16 *)dq, stash, stride, (const bf16 *)dz, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, T_, H, Hkv,
         dh, o);
     LP_LAUNCH_CHECK("flash_bwd_dq_kernel");
@@ -374,7 +374,7 @@ lp_status flash_bwd_launch(lp_ctx *c, void *dq, void *dk, void *dv, const unsign
 
 // ---- entry points (ops_internal.h) ----
 
-int lp_cuda_flash_fits(const lp_ctx *c, int B, int T, int H, int dh, const void *const *bufs, int nbufs) {
+int cuda_flash_fits(const lp_ctx *c, int B, int T, int H, int dh, const void *const *bufs, int nbufs) {
     if (c->dtype != LP_BF16 || dh < 16 || dh > 256 || dh % 16 != 0) return 0;
     if ((long long)B * H > 65535 || T <= 0) return 0; // grid.y
     for (int i = 0; i < nbufs; i++)
@@ -382,17 +382,17 @@ int lp_cuda_flash_fits(const lp_ctx *c, int B, int T, int H, int dh, const void 
     return 1;
 }
 
-lp_status lp_cuda_flash_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B, int T,
+lp_status cuda_flash_attention(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B, int T,
                                   int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
-    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
+    const lp_attn_opts o = attn_opts_of(cfg, dh);
     return dh > 128 ? flash_fwd_launch<2>(c, z, q, k, v, B, T, H, Hkv, dh, o)
                     : flash_fwd_launch<4>(c, z, q, k, v, B, T, H, Hkv, dh, o);
 }
 
-lp_status lp_cuda_flash_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const unsigned char *stash,
+lp_status cuda_flash_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const unsigned char *stash,
                                            size_t stride, const void *dz, const void *q, const void *k, const void *v,
                                            int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
-    const lp_attn_opts o = lp_attn_opts_of(cfg, dh);
+    const lp_attn_opts o = attn_opts_of(cfg, dh);
     return dh > 128 ? flash_bwd_launch<2>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T, H, Hkv, dh, o)
                     : flash_bwd_launch<4>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T, H, Hkv, dh, o);
 }

@@ -35,7 +35,7 @@ __global__ void norm_backward_kernel(T *dx, const T *dy, const T *x, const T *sc
         x0 = lp_to_f(xr[0]);
         float s = 0.0f;
         for (int d = threadIdx.x; d < D; d += blockDim.x) s += lp_to_f(xr[d]) - x0;
-        mu = lp_block_sum(s, sh) / (float)D;
+        mu = block_sum(s, sh) / (float)D;
     }
     float sg = 0.0f, sgx = 0.0f;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
@@ -44,8 +44,8 @@ __global__ void norm_backward_kernel(T *dx, const T *dy, const T *x, const T *sc
         sg += g;
         sgx = fmaf(g, xh, sgx);
     }
-    const float mg = kCenter ? lp_block_sum(sg, sh) / (float)D : 0.0f;
-    const float mgx = lp_block_sum(sgx, sh) / (float)D;
+    const float mg = kCenter ? block_sum(sg, sh) / (float)D : 0.0f;
+    const float mgx = block_sum(sgx, sh) / (float)D;
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         const float xh = ((lp_to_f(xr[d]) - x0) - mu) * inv;
         const float g = lp_to_f(dyr[d]) * (w ? lp_to_f(w[d]) : 1.0f);
@@ -70,12 +70,12 @@ __global__ void norm_scale_grad_kernel(T *dscale, const T *dy, const T *x, const
         x0 = lp_to_f(xr[0]);
         float s = 0.0f;
         for (int d = threadIdx.x; d < D; d += blockDim.x) s += lp_to_f(xr[d]) - x0;
-        mu = lp_block_sum(s, sh) / (float)D;
+        mu = block_sum(s, sh) / (float)D;
     }
     double acc = 0.0;
     for (int d = threadIdx.x; d < D; d += blockDim.x)
         acc += (double)(lp_to_f(dyr[d]) * (w ? lp_to_f(w[d]) : 1.0f)) * (((lp_to_f(xr[d]) - x0) - mu) * inv);
-    const double total = lp_block_sum_d(acc, shd);
+    const double total = block_sum_d(acc, shd);
     if (threadIdx.x == 0) dscale[row] = lp_from_f<T>((float)(-total * inv));
 }
 
@@ -141,7 +141,7 @@ __global__ void softmax_rows_backward_kernel(T *dx, const T *dy, const T *y, siz
             const float yj = lp_to_f(yr[j]);
             if (yj != 0.0f) dot = fmaf(lp_to_f(dyr[j]), yj, dot);
         }
-        dot = lp_warp_sum(dot);
+        dot = warp_sum(dot);
         for (int j = lane; j < cols; j += 32) {
             const float yj = lp_to_f(yr[j]);
             dxr[j] = lp_from_f<T>(yj != 0.0f ? yj * (lp_to_f(dyr[j]) - dot) : 0.0f);
@@ -166,11 +166,11 @@ __global__ void xent_backward_kernel(T *dl, const T *logits, const int32_t *targ
     }
     const T *xr = logits + row * V;
     float m = -INFINITY, s = 0.0f;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) lp_lse_push(m, s, lp_to_f(xr[j]));
+    for (int j = threadIdx.x; j < V; j += blockDim.x) lse_push(m, s, lp_to_f(xr[j]));
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
         const float m2 = __shfl_xor_sync(LP_FULL_MASK, m, off), s2 = __shfl_xor_sync(LP_FULL_MASK, s, off);
-        lp_lse_merge(m, s, m2, s2);
+        lse_merge(m, s, m2, s2);
     }
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
     if (lane == 0) { sm[wid] = m; ss[wid] = s; }
@@ -181,7 +181,7 @@ __global__ void xent_backward_kernel(T *dl, const T *logits, const int32_t *targ
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) {
             const float m2 = __shfl_xor_sync(LP_FULL_MASK, m, off), s2 = __shfl_xor_sync(LP_FULL_MASK, s, off);
-            lp_lse_merge(m, s, m2, s2);
+            lse_merge(m, s, m2, s2);
         }
         if (lane == 0) { sm[0] = m; ss[0] = s; }
     }
@@ -197,7 +197,7 @@ __global__ void xent_backward_kernel(T *dl, const T *logits, const int32_t *targ
 template <typename T, bool kCenter>
 static lp_status norm_backward_launch(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale,
                                       const void *w, int N, int D) {
-    LP_LAUNCH((unsigned)N, norm_block(D), 0, lp_stream(c), norm_backward_kernel<T, kCenter>)(
+    LP_LAUNCH((unsigned)N, norm_block(D), 0, cuda_stream_of(c), norm_backward_kernel<T, kCenter>)(
         (T *)dx, (const T *)dy, (const T *)x, (const T *)scale, (const T *)w, D);
     LP_LAUNCH_CHECK("norm_backward_kernel");
     return LP_OK;
@@ -205,7 +205,7 @@ static lp_status norm_backward_launch(lp_ctx *c, void *dx, const void *dy, const
 
 template <typename T>
 static lp_status gelu_backward_launch(lp_ctx *c, void *dx, const void *dy, const void *x, size_t n) {
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), gelu_backward_kernel<T>)((T *)dx, (const T *)dy,
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), gelu_backward_kernel<T>)((T *)dx, (const T *)dy,
                                                                                 (const T *)x, n);
     LP_LAUNCH_CHECK("gelu_backward_kernel");
     return LP_OK;
@@ -214,7 +214,7 @@ static lp_status gelu_backward_launch(lp_ctx *c, void *dx, const void *dy, const
 template <typename T>
 static lp_status silu_mul_backward_launch(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate,
                                           const void *up, size_t n) {
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), silu_mul_backward_kernel<T>)(
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), silu_mul_backward_kernel<T>)(
         (T *)dgate, (T *)dup, (const T *)dy, (const T *)gate, (const T *)up, n);
     LP_LAUNCH_CHECK("silu_mul_backward_kernel");
     return LP_OK;
@@ -224,7 +224,7 @@ template <typename T>
 static lp_status rope_backward_launch(lp_ctx *c, void *dx, const void *dy, const float *cos_t, const float *sin_t,
                                       int B, int T_, int H, int dh, int pos0) {
     const size_t pairs = (size_t)B * T_ * H * (dh / 2);
-    LP_LAUNCH(lp_grid_1d(pairs, kBlock), kBlock, 0, lp_stream(c), rope_backward_kernel<T>)(
+    LP_LAUNCH(grid_1d(pairs, kBlock), kBlock, 0, cuda_stream_of(c), rope_backward_kernel<T>)(
         (T *)dx, (const T *)dy, cos_t, sin_t, T_, H, dh, pos0, pairs);
     LP_LAUNCH_CHECK("rope_backward_kernel");
     return LP_OK;
@@ -233,7 +233,7 @@ static lp_status rope_backward_launch(lp_ctx *c, void *dx, const void *dy, const
 template <typename T>
 static lp_status softmax_rows_backward_launch(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows,
                                               int cols) {
-    LP_LAUNCH(lp_grid_rows((long long)rows, kWarps), kWarps * 32, 0, lp_stream(c), softmax_rows_backward_kernel<T>)(
+    LP_LAUNCH(grid_rows((long long)rows, kWarps), kWarps * 32, 0, cuda_stream_of(c), softmax_rows_backward_kernel<T>)(
         (T *)dx, (const T *)dy, (const T *)y, rows, cols);
     LP_LAUNCH_CHECK("softmax_rows_backward_kernel");
     return LP_OK;
@@ -243,7 +243,7 @@ template <typename T>
 static lp_status xent_backward_launch(lp_ctx *c, void *dl, const void *logits, const int32_t *targets,
                                       const float *scale, int N, int V) {
     const unsigned block = V >= 512 ? 512u : (unsigned)((V + 31) / 32 * 32);
-    LP_LAUNCH((unsigned)N, block, 0, lp_stream(c), xent_backward_kernel<T>)((T *)dl, (const T *)logits, targets, scale, V);
+    LP_LAUNCH((unsigned)N, block, 0, cuda_stream_of(c), xent_backward_kernel<T>)((T *)dl, (const T *)logits, targets, scale, V);
     LP_LAUNCH_CHECK("xent_backward_kernel");
     return LP_OK;
 }
@@ -263,36 +263,36 @@ static lp_status norm_backward_entry(lp_ctx *c, const char *op, bool center, voi
                   : norm_backward_launch<float, false>(c, dx, dy, x, scale, w, N, D);
 }
 
-lp_status lp_cuda_ln_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale,
+lp_status cuda_ln_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale,
                               const void *w, int N, int D) {
-    return norm_backward_entry(c, "lp_cuda_ln_backward", true, dx, dy, x, scale, w, N, D);
+    return norm_backward_entry(c, "cuda_ln_backward", true, dx, dy, x, scale, w, N, D);
 }
 
-lp_status lp_cuda_rms_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale,
+lp_status cuda_rms_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale,
                                const void *w, int N, int D) {
-    return norm_backward_entry(c, "lp_cuda_rms_backward", false, dx, dy, x, scale, w, N, D);
+    return norm_backward_entry(c, "cuda_rms_backward", false, dx, dy, x, scale, w, N, D);
 }
 
-lp_status lp_cuda_gelu_backward(lp_ctx *c, void *dx, const void *dy, const void *x, size_t n) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_gelu_backward");
+lp_status cuda_gelu_backward(lp_ctx *c, void *dx, const void *dy, const void *x, size_t n) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_gelu_backward");
     if (n == 0) return LP_OK;
-    LP_CUDA_REQUIRE(dx && dy && x, "lp_cuda_gelu_backward: NULL buffer");
+    LP_CUDA_REQUIRE(dx && dy && x, "cuda_gelu_backward: NULL buffer");
     return c->dtype == LP_BF16 ? gelu_backward_launch<__nv_bfloat16>(c, dx, dy, x, n)
                                : gelu_backward_launch<float>(c, dx, dy, x, n);
 }
 
-lp_status lp_cuda_silu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate,
+lp_status cuda_silu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate,
                                     const void *up, size_t n) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_silu_mul_backward");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_silu_mul_backward");
     if (n == 0) return LP_OK;
-    LP_CUDA_REQUIRE(dgate && dup && dy && gate && up, "lp_cuda_silu_mul_backward: NULL buffer");
+    LP_CUDA_REQUIRE(dgate && dup && dy && gate && up, "cuda_silu_mul_backward: NULL buffer");
     return c->dtype == LP_BF16 ? silu_mul_backward_launch<__nv_bfloat16>(c, dgate, dup, dy, gate, up, n)
                                : silu_mul_backward_launch<float>(c, dgate, dup, dy, gate, up, n);
 }
 
-lp_status lp_cuda_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *cos_t, const float *sin_t,
+lp_status cuda_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *cos_t, const float *sin_t,
                                 int B, int T, int H, int dh, int pos0) {
-    const char *op = "lp_cuda_rope_backward";
+    const char *op = "cuda_rope_backward";
     LP_CUDA_REQUIRE_CTX(c, op);
     LP_CUDA_REQUIRE(B >= 0 && T >= 0 && H >= 1, "%s: bad size B=%d T=%d H=%d", op, B, T, H);
     LP_CUDA_REQUIRE(dh >= 2 && dh % 2 == 0, "%s: head dim %d is not a positive even number", op, dh);
@@ -303,22 +303,22 @@ lp_status lp_cuda_rope_backward(lp_ctx *c, void *dx, const void *dy, const float
                                : rope_backward_launch<float>(c, dx, dy, cos_t, sin_t, B, T, H, dh, pos0);
 }
 
-lp_status lp_cuda_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows,
+lp_status cuda_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows,
                                         int cols) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_softmax_rows_backward");
-    LP_CUDA_REQUIRE(cols >= 0, "lp_cuda_softmax_rows_backward: negative cols %d", cols);
+    LP_CUDA_REQUIRE_CTX(c, "cuda_softmax_rows_backward");
+    LP_CUDA_REQUIRE(cols >= 0, "cuda_softmax_rows_backward: negative cols %d", cols);
     if (rows == 0 || cols == 0) return LP_OK;
-    LP_CUDA_REQUIRE(dx && dy && y, "lp_cuda_softmax_rows_backward: NULL buffer");
+    LP_CUDA_REQUIRE(dx && dy && y, "cuda_softmax_rows_backward: NULL buffer");
     return c->dtype == LP_BF16 ? softmax_rows_backward_launch<__nv_bfloat16>(c, dx, dy, y, rows, cols)
                                : softmax_rows_backward_launch<float>(c, dx, dy, y, rows, cols);
 }
 
-lp_status lp_cuda_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets,
+lp_status cuda_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets,
                                 const float *scale, int N, int V) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_xent_backward");
-    LP_CUDA_REQUIRE(N >= 0 && V >= 1, "lp_cuda_xent_backward: bad size N=%d V=%d (V must be >= 1)", N, V);
+    LP_CUDA_REQUIRE_CTX(c, "cuda_xent_backward");
+    LP_CUDA_REQUIRE(N >= 0 && V >= 1, "cuda_xent_backward: bad size N=%d V=%d (V must be >= 1)", N, V);
     if (N == 0) return LP_OK;
-    LP_CUDA_REQUIRE(dlogits && logits && targets && scale, "lp_cuda_xent_backward: NULL buffer");
+    LP_CUDA_REQUIRE(dlogits && logits && targets && scale, "cuda_xent_backward: NULL buffer");
     return c->dtype == LP_BF16 ? xent_backward_launch<__nv_bfloat16>(c, dlogits, logits, targets, scale, N, V)
                                : xent_backward_launch<float>(c, dlogits, logits, targets, scale, N, V);
 }
@@ -327,20 +327,20 @@ template <typename T>
 static lp_status norm_scale_grad_launch(lp_ctx *c, void *dscale, const void *dy, const void *x, const void *scale, const void *w,
                                         int N, int D, int center) {
     if (center)
-        LP_LAUNCH((unsigned)N, norm_block(D), 0, lp_stream(c), norm_scale_grad_kernel<T, true>)((T *)dscale, (const T *)dy, (const T *)x, (const T *)scale,
+        LP_LAUNCH((unsigned)N, norm_block(D), 0, cuda_stream_of(c), norm_scale_grad_kernel<T, true>)((T *)dscale, (const T *)dy, (const T *)x, (const T *)scale,
                                                                      (const T *)w, D);
     else
-        LP_LAUNCH((unsigned)N, norm_block(D), 0, lp_stream(c), norm_scale_grad_kernel<T, false>)((T *)dscale, (const T *)dy, (const T *)x, (const T *)scale,
+        LP_LAUNCH((unsigned)N, norm_block(D), 0, cuda_stream_of(c), norm_scale_grad_kernel<T, false>)((T *)dscale, (const T *)dy, (const T *)x, (const T *)scale,
                                                                       (const T *)w, D);
     LP_LAUNCH_CHECK("norm_scale_grad_kernel");
     return LP_OK;
 }
 
-lp_status lp_cuda_norm_scale_grad(lp_ctx *c, void *dscale, const void *dy, const void *x, const void *scale, const void *w,
+lp_status cuda_norm_scale_grad(lp_ctx *c, void *dscale, const void *dy, const void *x, const void *scale, const void *w,
                                   int N, int D, int center) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_norm_scale_grad");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_norm_scale_grad");
     if (N == 0) return LP_OK;
-    LP_CUDA_REQUIRE(dscale && dy && x && scale && D > 0, "lp_cuda_norm_scale_grad: bad arguments");
+    LP_CUDA_REQUIRE(dscale && dy && x && scale && D > 0, "cuda_norm_scale_grad: bad arguments");
     return c->dtype == LP_BF16 ? norm_scale_grad_launch<__nv_bfloat16>(c, dscale, dy, x, scale, w, N, D, center)
                                : norm_scale_grad_launch<float>(c, dscale, dy, x, scale, w, N, D, center);
 }

@@ -6,12 +6,12 @@
 
 #include "core/device.h"
 
-extern "C" lp_status lp_cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+extern "C" lp_status cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
     if (c == NULL || c->device != LP_CUDA || c->stream == NULL || c->copy_stream == NULL)
-        return LP_ERR(LP_ERR_ARG, "lp_cuda_to_host_async: not an initialised CUDA context");
+        return LP_ERR(LP_ERR_ARG, "cuda_to_host_async: not an initialised CUDA context");
     if (bytes == 0) return LP_OK;
     if (dst == NULL || src == NULL)
-        return LP_ERR(LP_ERR_ARG, "lp_cuda_to_host_async: NULL pointer for %zu bytes", bytes);
+        return LP_ERR(LP_ERR_ARG, "cuda_to_host_async: NULL pointer for %zu bytes", bytes);
     cudaEvent_t ev = NULL;
     cudaError_t e = cudaSetDevice(c->cuda_device);
     if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ev, cudaEventDisableTiming);

@@ -101,7 +101,7 @@
         if (!(cond)) return LP_ERR(LP_ERR_ARG, __VA_ARGS__);      \
     } while (0)
 
-static inline cudaStream_t lp_stream(const lp_ctx *c) { return (cudaStream_t)c->stream; }
+static inline cudaStream_t cuda_stream_of(const lp_ctx *c) { return (cudaStream_t)c->stream; }
 
 // ---- launches and shared memory ----------------------------------------------------------
 // Every launch and every shared-memory declaration goes through these three macros, so the
@@ -143,7 +143,7 @@ template <typename T> __device__ __forceinline__ void lp_store(T *p, size_t i, f
 // ---- grid sizing -----------------------------------------------------------------------
 // Element-wise kernels use grid-stride loops, so the grid only needs to fill the GPU; the
 // cap keeps the block count far below the 2^31-1 limit for any n.
-static inline unsigned lp_grid_1d(size_t n, unsigned block) {
+static inline unsigned grid_1d(size_t n, unsigned block) {
     const size_t cap = 65536;
     size_t g = (n + block - 1) / block;
     if (g < 1) g = 1;
@@ -154,21 +154,21 @@ static inline unsigned lp_grid_1d(size_t n, unsigned block) {
 // out[i] = src[i % period] for i < total: a block repeated along the rows. It is both the
 // position embedding (wpe[T,D] over the batch) and the bias prefill of matmul (bias[M] over rows).
 template <typename T>
-__global__ void lp_tile_kernel(T *out, const T *src, size_t total, size_t period) {
+__global__ void tile_kernel(T *out, const T *src, size_t total, size_t period) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x)
         out[i] = src[i % period];
 }
 
 template <typename T>
-static lp_status lp_tile(lp_ctx *c, void *out, const void *src, size_t total, size_t period) {
-    LP_LAUNCH(lp_grid_1d(total, 256), 256, 0, lp_stream(c), lp_tile_kernel<T>)((T *)out, (const T *)src,
+static lp_status tile_rows(lp_ctx *c, void *out, const void *src, size_t total, size_t period) {
+    LP_LAUNCH(grid_1d(total, 256), 256, 0, cuda_stream_of(c), tile_kernel<T>)((T *)out, (const T *)src,
                                                                        total, period);
-    LP_LAUNCH_CHECK("lp_tile_kernel");
+    LP_LAUNCH_CHECK("tile_kernel");
     return LP_OK;
 }
 
-static inline unsigned lp_ceil_div_u(size_t n, unsigned d) { return (unsigned)((n + d - 1) / d); }
+static inline unsigned ceil_div_u(size_t n, unsigned d) { return (unsigned)((n + d - 1) / d); }
 
 // ---- attention options (lp_attn_cfg) as the kernels take them (attention*.cu) ----
 // scale resolved (1/sqrt(dh) for 0, in float as it always was), cap 0 for none, window 0 for
@@ -177,7 +177,7 @@ struct lp_attn_opts {
     float scale, cap;
     int window;
 };
-static inline lp_attn_opts lp_attn_opts_of(const lp_attn_cfg *cfg, int dh) {
+static inline lp_attn_opts attn_opts_of(const lp_attn_cfg *cfg, int dh) {
     lp_attn_opts o;
     o.scale = cfg && cfg->scale > 0 ? cfg->scale : 1.0f / sqrtf((float)dh);
     o.cap = cfg ? cfg->softcap : 0.0f;
@@ -185,22 +185,22 @@ static inline lp_attn_opts lp_attn_opts_of(const lp_attn_cfg *cfg, int dh) {
     return o;
 }
 // The score of a raw dot product: scaled, then soft-capped (Gemma 2).
-__device__ __forceinline__ float lp_attn_score(float dot, const lp_attn_opts &o) {
+__device__ __forceinline__ float attn_score(float dot, const lp_attn_opts &o) {
     const float s = dot * o.scale;
     return o.cap > 0.0f ? o.cap * tanhf(s / o.cap) : s;
 }
 // The first key a query at position t sees (the window's start, or 0).
-__device__ __forceinline__ int lp_attn_first(int t, int window) {
+__device__ __forceinline__ int attn_first(int t, int window) {
     return window > 0 && t >= window ? t - window + 1 : 0;
 }
 // One past the last query that sees key j, of T queries: j + window (capped at T), or T.
-__device__ __forceinline__ int lp_attn_query_end(int j, int T_, int window) {
+__device__ __forceinline__ int attn_query_end(int j, int T_, int window) {
     return window > 0 && T_ - j > window ? j + window : T_;
 }
 
 // ---- online log-sum-exp: (m, s) = running max and sum of exp(x - m) (loss.cu, backward.cu) ----
 // Adds exp(x - m) to the pair (m, s), moving the max when x exceeds it.
-__device__ __forceinline__ void lp_lse_push(float &m, float &s, float x) {
+__device__ __forceinline__ void lse_push(float &m, float &s, float x) {
     if (x == -INFINITY) return; // contributes exp(-inf) = 0; keeps -inf - -inf out
     if (x > m) {
         s = s * expf(m - x) + 1.0f; // m = -inf on the first element: s = 0 * 0 + 1
@@ -211,7 +211,7 @@ __device__ __forceinline__ void lp_lse_push(float &m, float &s, float x) {
 }
 
 // Merges (m2, s2) into (m, s). A pair with m = -inf is empty (s = 0).
-__device__ __forceinline__ void lp_lse_merge(float &m, float &s, float m2, float s2) {
+__device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2) {
     if (m2 == -INFINITY) return;
     if (m == -INFINITY) { m = m2; s = s2; return; }
     const float mm = fmaxf(m, m2);
@@ -222,7 +222,7 @@ __device__ __forceinline__ void lp_lse_merge(float &m, float &s, float m2, float
 // ---- row kernels ----
 // Blocks for `rows` rows at rows_per_block a block (the row kernels: a warp a row); the
 // kernels loop if the grid had to be capped.
-static inline unsigned lp_grid_rows(long long rows, int rows_per_block) {
+static inline unsigned grid_rows(long long rows, int rows_per_block) {
     long long g = (rows + rows_per_block - 1) / rows_per_block;
     if (g < 1) g = 1;
     if (g > 0x7fffffffLL) g = 0x7fffffffLL;
@@ -232,12 +232,12 @@ static inline unsigned lp_grid_rows(long long rows, int rows_per_block) {
 // ---- reductions ------------------------------------------------------------------------
 #define LP_FULL_MASK 0xffffffffu
 
-__device__ __forceinline__ float lp_warp_sum(float v) {
+__device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(LP_FULL_MASK, v, o);
     return v;
 }
-__device__ __forceinline__ float lp_warp_max(float v) {
+__device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(LP_FULL_MASK, v, o));
     return v;
@@ -246,17 +246,17 @@ __device__ __forceinline__ float lp_warp_max(float v) {
 // Block-wide sum / max; every thread gets the result. blockDim.x must be a multiple of 32
 // (at most 1024) and every thread of the block must call it. `sh` is 32 floats of shared
 // memory; the leading barrier lets consecutive calls reuse it.
-__device__ __forceinline__ float lp_block_sum(float v, float *sh) {
+__device__ __forceinline__ float block_sum(float v, float *sh) {
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = lp_warp_sum(v);
+    v = warp_sum(v);
     __syncthreads();
     if (lane == 0) sh[wid] = v;
     __syncthreads();
     v = lane < nw ? sh[lane] : 0.0f;
-    return lp_warp_sum(v);
+    return warp_sum(v);
 }
 // The same in double, for sums that may cancel (sh: 32 doubles).
-__device__ __forceinline__ double lp_block_sum_d(double v, double *sh) {
+__device__ __forceinline__ double block_sum_d(double v, double *sh) {
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(LP_FULL_MASK, v, o);
@@ -268,12 +268,12 @@ __device__ __forceinline__ double lp_block_sum_d(double v, double *sh) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(LP_FULL_MASK, v, o);
     return v;
 }
-__device__ __forceinline__ float lp_block_max(float v, float *sh) {
+__device__ __forceinline__ float block_max(float v, float *sh) {
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = lp_warp_max(v);
+    v = warp_max(v);
     __syncthreads();
     if (lane == 0) sh[wid] = v;
     __syncthreads();
     v = lane < nw ? sh[lane] : -INFINITY;
-    return lp_warp_max(v);
+    return warp_max(v);
 }

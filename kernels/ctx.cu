@@ -15,8 +15,8 @@
 #include "common.cuh"
 #include "core/device.h"
 
-lp_status lp_cuda_ctx_init(lp_ctx *c) {
-    if (c == NULL) LP_FAIL(LP_ERR_ARG, "lp_cuda_ctx_init: NULL context");
+lp_status cuda_ctx_init(lp_ctx *c) {
+    if (c == NULL) LP_FAIL(LP_ERR_ARG, "cuda_ctx_init: NULL context");
     lp_status st = LP_OK;
     cudaStream_t compute = NULL, copy = NULL;
     cublasHandle_t blas = NULL;
@@ -59,7 +59,7 @@ fail:
     return st;
 }
 
-void lp_cuda_ctx_free(lp_ctx *c) {
+void cuda_ctx_free(lp_ctx *c) {
     if (c == NULL) return;
     (void)cudaSetDevice(c->cuda_device);
     // Let queued work (and captures in flight) finish before their streams go away.
@@ -72,11 +72,11 @@ void lp_cuda_ctx_free(lp_ctx *c) {
     c->stream = c->copy_stream = c->blas = NULL;
 }
 
-lp_status lp_cuda_alloc(lp_ctx *c, size_t bytes, void **p) {
-    if (p == NULL) LP_FAIL(LP_ERR_ARG, "lp_cuda_alloc: NULL result pointer");
+lp_status cuda_alloc(lp_ctx *c, size_t bytes, void **p) {
+    if (p == NULL) LP_FAIL(LP_ERR_ARG, "cuda_alloc: NULL result pointer");
     *p = NULL;
     if (bytes == 0) return LP_OK;
-    LP_CUDA_REQUIRE(c != NULL && c->device == LP_CUDA, "lp_cuda_alloc: not a CUDA context");
+    LP_CUDA_REQUIRE(c != NULL && c->device == LP_CUDA, "cuda_alloc: not a CUDA context");
     LP_CUDA_CHECK(cudaSetDevice(c->cuda_device));
     cudaError_t e = cudaMalloc(p, bytes);
     if (e != cudaSuccess) {
@@ -96,16 +96,16 @@ lp_status lp_cuda_alloc(lp_ctx *c, size_t bytes, void **p) {
     return LP_OK;
 }
 
-void lp_cuda_release(lp_ctx *c, void *p) {
+void cuda_release(lp_ctx *c, void *p) {
     if (p == NULL) return;
     if (c) (void)cudaSetDevice(c->cuda_device); // cudaFree syncs the current device first
     (void)cudaFree(p);
     (void)cudaGetLastError();
 }
 
-lp_status lp_cuda_alloc_host(lp_ctx *c, size_t bytes, void **p) {
+lp_status cuda_alloc_host(lp_ctx *c, size_t bytes, void **p) {
     (void)c;
-    if (p == NULL) LP_FAIL(LP_ERR_ARG, "lp_cuda_alloc_host: NULL result pointer");
+    if (p == NULL) LP_FAIL(LP_ERR_ARG, "cuda_alloc_host: NULL result pointer");
     *p = NULL;
     if (bytes == 0) return LP_OK;
     cudaError_t e = cudaMallocHost(p, bytes);
@@ -119,19 +119,19 @@ lp_status lp_cuda_alloc_host(lp_ctx *c, size_t bytes, void **p) {
     return LP_OK;
 }
 
-void lp_cuda_release_host(lp_ctx *c, void *p) {
+void cuda_release_host(lp_ctx *c, void *p) {
     (void)c;
     if (p == NULL) return;
     (void)cudaFreeHost(p);
     (void)cudaGetLastError();
 }
 
-lp_status lp_cuda_memset0(lp_ctx *c, void *p, size_t bytes) {
-    LP_CUDA_REQUIRE(c != NULL && c->device == LP_CUDA, "lp_cuda_memset0: not a CUDA context");
+lp_status cuda_memset0(lp_ctx *c, void *p, size_t bytes) {
+    LP_CUDA_REQUIRE(c != NULL && c->device == LP_CUDA, "cuda_memset0: not a CUDA context");
     if (bytes == 0) return LP_OK;
-    LP_CUDA_REQUIRE(p != NULL, "lp_cuda_memset0: NULL pointer for %zu bytes", bytes);
+    LP_CUDA_REQUIRE(p != NULL, "cuda_memset0: NULL pointer for %zu bytes", bytes);
     LP_CUDA_CHECK(cudaSetDevice(c->cuda_device));
-    LP_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, lp_stream(c)));
+    LP_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cuda_stream_of(c)));
     return LP_OK;
 }
 
@@ -142,39 +142,39 @@ static lp_status copy_sync(lp_ctx *c, void *dst, const void *src, size_t bytes,
     if (bytes == 0) return LP_OK;
     LP_CUDA_REQUIRE(dst != NULL && src != NULL, "%s: NULL pointer for %zu bytes", op, bytes);
     LP_CUDA_CHECK(cudaSetDevice(c->cuda_device));
-    LP_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, lp_stream(c)));
-    LP_CUDA_CHECK(cudaStreamSynchronize(lp_stream(c)));
+    LP_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, cuda_stream_of(c)));
+    LP_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(c)));
     return LP_OK;
 }
 
-lp_status lp_cuda_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes) {
-    return copy_sync(c, dst, src, bytes, cudaMemcpyHostToDevice, "lp_cuda_to_device");
+lp_status cuda_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    return copy_sync(c, dst, src, bytes, cudaMemcpyHostToDevice, "cuda_to_device");
 }
 
-lp_status lp_cuda_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes) {
-    return copy_sync(c, dst, src, bytes, cudaMemcpyDeviceToHost, "lp_cuda_to_host");
+lp_status cuda_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    return copy_sync(c, dst, src, bytes, cudaMemcpyDeviceToHost, "cuda_to_host");
 }
 
 // Device to device stays on the compute stream without a host wait: every reader of dst
 // is later work on that stream, or the copy stream after an event (captures).
-lp_status lp_cuda_copy(lp_ctx *c, void *dst, const void *src, size_t bytes) {
-    LP_CUDA_REQUIRE(c != NULL && c->device == LP_CUDA, "lp_cuda_copy: not a CUDA context");
+lp_status cuda_copy(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    LP_CUDA_REQUIRE(c != NULL && c->device == LP_CUDA, "cuda_copy: not a CUDA context");
     if (bytes == 0) return LP_OK;
-    LP_CUDA_REQUIRE(dst != NULL && src != NULL, "lp_cuda_copy: NULL pointer for %zu bytes", bytes);
+    LP_CUDA_REQUIRE(dst != NULL && src != NULL, "cuda_copy: NULL pointer for %zu bytes", bytes);
     LP_CUDA_CHECK(cudaSetDevice(c->cuda_device));
-    LP_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, lp_stream(c)));
+    LP_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda_stream_of(c)));
     return LP_OK;
 }
 
-lp_status lp_cuda_sync(lp_ctx *c) {
-    LP_CUDA_REQUIRE(c != NULL && c->device == LP_CUDA, "lp_cuda_sync: not a CUDA context");
+lp_status cuda_sync(lp_ctx *c) {
+    LP_CUDA_REQUIRE(c != NULL && c->device == LP_CUDA, "cuda_sync: not a CUDA context");
     LP_CUDA_CHECK(cudaSetDevice(c->cuda_device));
-    if (c->stream) LP_CUDA_CHECK(cudaStreamSynchronize(lp_stream(c)));
+    if (c->stream) LP_CUDA_CHECK(cudaStreamSynchronize(cuda_stream_of(c)));
     if (c->copy_stream) LP_CUDA_CHECK(cudaStreamSynchronize((cudaStream_t)c->copy_stream));
     return LP_OK;
 }
 
-int lp_cuda_device_count(char *why, size_t n) {
+int cuda_device_count(char *why, size_t n) {
     int count = 0;
     cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess) {

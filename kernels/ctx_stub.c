@@ -9,42 +9,42 @@
     LP_ERR(LP_ERR_NO_CUDA,                                                                   \
                  "built without CUDA (rebuild with nvcc available, or use --model.device=cpu)")
 
-lp_status lp_cuda_ctx_init(lp_ctx *c) { (void)c; return NO_CUDA(); }
-void lp_cuda_ctx_free(lp_ctx *c) { (void)c; }
-lp_status lp_cuda_alloc(lp_ctx *c, size_t bytes, void **p) {
+lp_status cuda_ctx_init(lp_ctx *c) { (void)c; return NO_CUDA(); }
+void cuda_ctx_free(lp_ctx *c) { (void)c; }
+lp_status cuda_alloc(lp_ctx *c, size_t bytes, void **p) {
     (void)c; (void)bytes;
     if (p) *p = NULL;
     return NO_CUDA();
 }
-void lp_cuda_release(lp_ctx *c, void *p) { (void)c; (void)p; }
-lp_status lp_cuda_alloc_host(lp_ctx *c, size_t bytes, void **p) {
+void cuda_release(lp_ctx *c, void *p) { (void)c; (void)p; }
+lp_status cuda_alloc_host(lp_ctx *c, size_t bytes, void **p) {
     (void)c; (void)bytes;
     if (p) *p = NULL;
     return NO_CUDA();
 }
-void lp_cuda_release_host(lp_ctx *c, void *p) { (void)c; (void)p; }
-lp_status lp_cuda_memset0(lp_ctx *c, void *p, size_t bytes) {
+void cuda_release_host(lp_ctx *c, void *p) { (void)c; (void)p; }
+lp_status cuda_memset0(lp_ctx *c, void *p, size_t bytes) {
     (void)c; (void)p; (void)bytes;
     return NO_CUDA();
 }
-lp_status lp_cuda_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+lp_status cuda_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes) {
     (void)c; (void)dst; (void)src; (void)bytes;
     return NO_CUDA();
 }
-lp_status lp_cuda_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+lp_status cuda_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes) {
     (void)c; (void)dst; (void)src; (void)bytes;
     return NO_CUDA();
 }
-lp_status lp_cuda_copy(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+lp_status cuda_copy(lp_ctx *c, void *dst, const void *src, size_t bytes) {
     (void)c; (void)dst; (void)src; (void)bytes;
     return NO_CUDA();
 }
-lp_status lp_cuda_sync(lp_ctx *c) { (void)c; return NO_CUDA(); }
-lp_status lp_cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+lp_status cuda_sync(lp_ctx *c) { (void)c; return NO_CUDA(); }
+lp_status cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
     (void)c; (void)dst; (void)src; (void)bytes;
     return NO_CUDA();
 }
-int lp_cuda_device_count(char *why, size_t n) {
+int cuda_device_count(char *why, size_t n) {
     if (why && n) snprintf(why, n, "loupe was built without CUDA");
     return 0;
 }

@@ -111,7 +111,7 @@ __global__ void dequant_kernel(T *__restrict__ y, const uint8_t *__restrict__ x,
 
 template <int TYPE, typename T>
 lp_status launch(lp_ctx *c, void *dst, const void *src, size_t n) {
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), dequant_kernel<TYPE, T>)((T *)dst, (const uint8_t *)src, n);
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), dequant_kernel<TYPE, T>)((T *)dst, (const uint8_t *)src, n);
     LP_LAUNCH_CHECK("dequant_kernel");
     return LP_OK;
 }
@@ -136,7 +136,7 @@ lp_status dispatch(lp_ctx *c, void *dst, const void *src, int type, size_t n) {
 
 } // namespace
 
-extern "C" lp_status lp_cuda_dequant(lp_ctx *c, void *dst, lp_dtype dst_dtype, const void *src, int type,
+extern "C" lp_status cuda_dequant(lp_ctx *c, void *dst, lp_dtype dst_dtype, const void *src, int type,
                                      int64_t n) {
     LP_CUDA_REQUIRE_CTX(c, "dequant");
     LP_CUDA_REQUIRE(dst && src && n >= 0, "dequant: bad arguments (n=%lld)", (long long)n);

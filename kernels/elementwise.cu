@@ -54,7 +54,7 @@ template <typename T>
 static lp_status embed_launch(lp_ctx *c, void *out, const int32_t *tok, const void *wte, int N,
                               int D) {
     const size_t total = (size_t)N * D;
-    LP_LAUNCH(lp_grid_1d(total, kBlock), kBlock, 0, lp_stream(c), embed_kernel<T>)(
+    LP_LAUNCH(grid_1d(total, kBlock), kBlock, 0, cuda_stream_of(c), embed_kernel<T>)(
         (T *)out, tok, (const T *)wte, N, D);
     LP_LAUNCH_CHECK("embed_kernel");
     return LP_OK;
@@ -62,7 +62,7 @@ static lp_status embed_launch(lp_ctx *c, void *out, const int32_t *tok, const vo
 
 template <typename T>
 static lp_status add_launch(lp_ctx *c, void *out, const void *a, const void *b, size_t n) {
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), add_kernel<T>)((T *)out, (const T *)a,
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), add_kernel<T>)((T *)out, (const T *)a,
                                                                      (const T *)b, n);
     LP_LAUNCH_CHECK("add_kernel");
     return LP_OK;
@@ -70,7 +70,7 @@ static lp_status add_launch(lp_ctx *c, void *out, const void *a, const void *b, 
 
 template <typename T>
 static lp_status gelu_launch(lp_ctx *c, void *out, const void *x, size_t n) {
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), gelu_kernel<T>)((T *)out, (const T *)x, n);
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), gelu_kernel<T>)((T *)out, (const T *)x, n);
     LP_LAUNCH_CHECK("gelu_kernel");
     return LP_OK;
 }
@@ -79,7 +79,7 @@ template <typename T>
 static lp_status affine_launch(lp_ctx *c, void *out, const void *x, const void *w, const void *b,
                                int N, int D) {
     const size_t total = (size_t)N * D;
-    LP_LAUNCH(lp_grid_1d(total, kBlock), kBlock, 0, lp_stream(c), affine_kernel<T>)(
+    LP_LAUNCH(grid_1d(total, kBlock), kBlock, 0, cuda_stream_of(c), affine_kernel<T>)(
         (T *)out, (const T *)x, (const T *)w, (const T *)b, N, D);
     LP_LAUNCH_CHECK("affine_kernel");
     return LP_OK;
@@ -87,49 +87,49 @@ static lp_status affine_launch(lp_ctx *c, void *out, const void *x, const void *
 
 // ---- entry points ----
 
-lp_status lp_cuda_embed(lp_ctx *c, void *out, const int32_t *tok, const void *wte, int N, int D) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_embed");
-    LP_CUDA_REQUIRE(N >= 0 && D >= 0, "lp_cuda_embed: negative size N=%d D=%d", N, D);
+lp_status cuda_embed(lp_ctx *c, void *out, const int32_t *tok, const void *wte, int N, int D) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_embed");
+    LP_CUDA_REQUIRE(N >= 0 && D >= 0, "cuda_embed: negative size N=%d D=%d", N, D);
     if ((size_t)N * D == 0) return LP_OK;
-    LP_CUDA_REQUIRE(out && tok && wte, "lp_cuda_embed: NULL buffer");
+    LP_CUDA_REQUIRE(out && tok && wte, "cuda_embed: NULL buffer");
     return c->dtype == LP_BF16 ? embed_launch<__nv_bfloat16>(c, out, tok, wte, N, D)
                                : embed_launch<float>(c, out, tok, wte, N, D);
 }
 
-lp_status lp_cuda_pos_embed(lp_ctx *c, void *out, const void *wpe, int B, int T, int D) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_pos_embed");
-    LP_CUDA_REQUIRE(B >= 0 && T >= 0 && D >= 0, "lp_cuda_pos_embed: negative size B=%d T=%d D=%d",
+lp_status cuda_pos_embed(lp_ctx *c, void *out, const void *wpe, int B, int T, int D) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_pos_embed");
+    LP_CUDA_REQUIRE(B >= 0 && T >= 0 && D >= 0, "cuda_pos_embed: negative size B=%d T=%d D=%d",
                     B, T, D);
     if ((size_t)B * T * D == 0) return LP_OK;
-    LP_CUDA_REQUIRE(out && wpe, "lp_cuda_pos_embed: NULL buffer");
+    LP_CUDA_REQUIRE(out && wpe, "cuda_pos_embed: NULL buffer");
     // out[B,T,D] = wpe[t, :] for every b
     const size_t total = (size_t)B * T * D, period = (size_t)T * D;
-    return c->dtype == LP_BF16 ? lp_tile<__nv_bfloat16>(c, out, wpe, total, period)
-                               : lp_tile<float>(c, out, wpe, total, period);
+    return c->dtype == LP_BF16 ? tile_rows<__nv_bfloat16>(c, out, wpe, total, period)
+                               : tile_rows<float>(c, out, wpe, total, period);
 }
 
-lp_status lp_cuda_add(lp_ctx *c, void *out, const void *a, const void *b, size_t n) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_add");
+lp_status cuda_add(lp_ctx *c, void *out, const void *a, const void *b, size_t n) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_add");
     if (n == 0) return LP_OK;
-    LP_CUDA_REQUIRE(out && a && b, "lp_cuda_add: NULL buffer");
+    LP_CUDA_REQUIRE(out && a && b, "cuda_add: NULL buffer");
     return c->dtype == LP_BF16 ? add_launch<__nv_bfloat16>(c, out, a, b, n)
                                : add_launch<float>(c, out, a, b, n);
 }
 
-lp_status lp_cuda_gelu(lp_ctx *c, void *out, const void *x, size_t n) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_gelu");
+lp_status cuda_gelu(lp_ctx *c, void *out, const void *x, size_t n) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_gelu");
     if (n == 0) return LP_OK;
-    LP_CUDA_REQUIRE(out && x, "lp_cuda_gelu: NULL buffer");
+    LP_CUDA_REQUIRE(out && x, "cuda_gelu: NULL buffer");
     return c->dtype == LP_BF16 ? gelu_launch<__nv_bfloat16>(c, out, x, n)
                                : gelu_launch<float>(c, out, x, n);
 }
 
-lp_status lp_cuda_affine(lp_ctx *c, void *out, const void *x, const void *w, const void *b, int N,
+lp_status cuda_affine(lp_ctx *c, void *out, const void *x, const void *w, const void *b, int N,
                          int D) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_affine");
-    LP_CUDA_REQUIRE(N >= 0 && D >= 0, "lp_cuda_affine: negative size N=%d D=%d", N, D);
+    LP_CUDA_REQUIRE_CTX(c, "cuda_affine");
+    LP_CUDA_REQUIRE(N >= 0 && D >= 0, "cuda_affine: negative size N=%d D=%d", N, D);
     if ((size_t)N * D == 0) return LP_OK;
-    LP_CUDA_REQUIRE(out && x && w, "lp_cuda_affine: NULL buffer (out, x and w are required)");
+    LP_CUDA_REQUIRE(out && x && w, "cuda_affine: NULL buffer (out, x and w are required)");
     return c->dtype == LP_BF16 ? affine_launch<__nv_bfloat16>(c, out, x, w, b, N, D)
                                : affine_launch<float>(c, out, x, w, b, N, D);
 }

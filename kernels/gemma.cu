@@ -57,7 +57,7 @@ __global__ void softcap_backward_kernel(T *dx, const T *dy, const T *y, float ca
 
 template <typename T>
 static lp_status gelu_mul_launch(lp_ctx *c, void *out, const void *gate, const void *up, size_t n) {
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), gelu_mul_kernel<T>)((T *)out, (const T *)gate,
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), gelu_mul_kernel<T>)((T *)out, (const T *)gate,
                                                                                  (const T *)up, n);
     LP_LAUNCH_CHECK("gelu_mul_kernel");
     return LP_OK;
@@ -65,14 +65,14 @@ static lp_status gelu_mul_launch(lp_ctx *c, void *out, const void *gate, const v
 
 template <typename T>
 static lp_status softcap_launch(lp_ctx *c, void *out, const void *x, float cap, size_t n) {
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), softcap_kernel<T>)((T *)out, (const T *)x, cap, n);
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), softcap_kernel<T>)((T *)out, (const T *)x, cap, n);
     LP_LAUNCH_CHECK("softcap_kernel");
     return LP_OK;
 }
 
 template <typename T>
 static lp_status scale_launch(lp_ctx *c, void *out, const void *x, float s, size_t n) {
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), scale_kernel<T>)((T *)out, (const T *)x, s, n);
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), scale_kernel<T>)((T *)out, (const T *)x, s, n);
     LP_LAUNCH_CHECK("scale_kernel");
     return LP_OK;
 }
@@ -80,7 +80,7 @@ static lp_status scale_launch(lp_ctx *c, void *out, const void *x, float s, size
 template <typename T>
 static lp_status gelu_mul_backward_launch(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate,
                                           const void *up, size_t n) {
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), gelu_mul_backward_kernel<T>)(
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), gelu_mul_backward_kernel<T>)(
         (T *)dgate, (T *)dup, (const T *)dy, (const T *)gate, (const T *)up, n);
     LP_LAUNCH_CHECK("gelu_mul_backward_kernel");
     return LP_OK;
@@ -88,7 +88,7 @@ static lp_status gelu_mul_backward_launch(lp_ctx *c, void *dgate, void *dup, con
 
 template <typename T>
 static lp_status softcap_backward_launch(lp_ctx *c, void *dx, const void *dy, const void *y, float cap, size_t n) {
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), softcap_backward_kernel<T>)((T *)dx, (const T *)dy,
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), softcap_backward_kernel<T>)((T *)dx, (const T *)dy,
                                                                                          (const T *)y, cap, n);
     LP_LAUNCH_CHECK("softcap_backward_kernel");
     return LP_OK;
@@ -96,44 +96,44 @@ static lp_status softcap_backward_launch(lp_ctx *c, void *dx, const void *dy, co
 
 // ---- entry points ----
 
-lp_status lp_cuda_gelu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_gelu_mul");
+lp_status cuda_gelu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_gelu_mul");
     if (n == 0) return LP_OK;
-    LP_CUDA_REQUIRE(out && gate && up, "lp_cuda_gelu_mul: NULL buffer");
+    LP_CUDA_REQUIRE(out && gate && up, "cuda_gelu_mul: NULL buffer");
     return c->dtype == LP_BF16 ? gelu_mul_launch<__nv_bfloat16>(c, out, gate, up, n)
                                : gelu_mul_launch<float>(c, out, gate, up, n);
 }
 
-lp_status lp_cuda_softcap(lp_ctx *c, void *out, const void *x, float cap, size_t n) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_softcap");
-    LP_CUDA_REQUIRE(cap > 0.0f, "lp_cuda_softcap: cap %g is not positive", (double)cap);
+lp_status cuda_softcap(lp_ctx *c, void *out, const void *x, float cap, size_t n) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_softcap");
+    LP_CUDA_REQUIRE(cap > 0.0f, "cuda_softcap: cap %g is not positive", (double)cap);
     if (n == 0) return LP_OK;
-    LP_CUDA_REQUIRE(out && x, "lp_cuda_softcap: NULL buffer");
+    LP_CUDA_REQUIRE(out && x, "cuda_softcap: NULL buffer");
     return c->dtype == LP_BF16 ? softcap_launch<__nv_bfloat16>(c, out, x, cap, n)
                                : softcap_launch<float>(c, out, x, cap, n);
 }
 
-lp_status lp_cuda_scale(lp_ctx *c, void *out, const void *x, float s, size_t n) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_scale");
+lp_status cuda_scale(lp_ctx *c, void *out, const void *x, float s, size_t n) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_scale");
     if (n == 0) return LP_OK;
-    LP_CUDA_REQUIRE(out && x, "lp_cuda_scale: NULL buffer");
+    LP_CUDA_REQUIRE(out && x, "cuda_scale: NULL buffer");
     return c->dtype == LP_BF16 ? scale_launch<__nv_bfloat16>(c, out, x, s, n) : scale_launch<float>(c, out, x, s, n);
 }
 
-lp_status lp_cuda_gelu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate,
+lp_status cuda_gelu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate,
                                     const void *up, size_t n) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_gelu_mul_backward");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_gelu_mul_backward");
     if (n == 0) return LP_OK;
-    LP_CUDA_REQUIRE(dgate && dup && dy && gate && up, "lp_cuda_gelu_mul_backward: NULL buffer");
+    LP_CUDA_REQUIRE(dgate && dup && dy && gate && up, "cuda_gelu_mul_backward: NULL buffer");
     return c->dtype == LP_BF16 ? gelu_mul_backward_launch<__nv_bfloat16>(c, dgate, dup, dy, gate, up, n)
                                : gelu_mul_backward_launch<float>(c, dgate, dup, dy, gate, up, n);
 }
 
-lp_status lp_cuda_softcap_backward(lp_ctx *c, void *dx, const void *dy, const void *y, float cap, size_t n) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_softcap_backward");
-    LP_CUDA_REQUIRE(cap > 0.0f, "lp_cuda_softcap_backward: cap %g is not positive", (double)cap);
+lp_status cuda_softcap_backward(lp_ctx *c, void *dx, const void *dy, const void *y, float cap, size_t n) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_softcap_backward");
+    LP_CUDA_REQUIRE(cap > 0.0f, "cuda_softcap_backward: cap %g is not positive", (double)cap);
     if (n == 0) return LP_OK;
-    LP_CUDA_REQUIRE(dx && dy && y, "lp_cuda_softcap_backward: NULL buffer");
+    LP_CUDA_REQUIRE(dx && dy && y, "cuda_softcap_backward: NULL buffer");
     return c->dtype == LP_BF16 ? softcap_backward_launch<__nv_bfloat16>(c, dx, dy, y, cap, n)
                                : softcap_backward_launch<float>(c, dx, dy, y, cap, n);
 }

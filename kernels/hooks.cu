@@ -71,7 +71,7 @@ template <typename T>
 static lp_status edit_launch(lp_ctx *c, void *act, lp_view v, size_t n, lp_edit_kind kind,
                              const void *src, float coef, const uint8_t *pos_mask,
                              const uint8_t *head_mask) {
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), edit_kernel<T>)(
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), edit_kernel<T>)(
         (T *)act, n, v.P, v.H, v.E, v.head_outer, (int)kind, (const T *)src, coef, pos_mask,
         head_mask);
     LP_LAUNCH_CHECK("edit_kernel");
@@ -81,38 +81,38 @@ static lp_status edit_launch(lp_ctx *c, void *act, lp_view v, size_t n, lp_edit_
 template <typename T>
 static lp_status gather_launch(lp_ctx *c, void *dst, const void *act, lp_view v, size_t n,
                                const int32_t *pos, int npos) {
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), gather_pos_kernel<T>)(
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), gather_pos_kernel<T>)(
         (T *)dst, (const T *)act, n, v.P, v.H, v.E, v.head_outer, pos, npos);
     LP_LAUNCH_CHECK("gather_pos_kernel");
     return LP_OK;
 }
 
-lp_status lp_cuda_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind, const void *src,
+lp_status cuda_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind, const void *src,
                              float coef, const uint8_t *pos_mask, const uint8_t *head_mask) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_edit_apply");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_edit_apply");
     LP_CUDA_REQUIRE(v.B >= 0 && v.P >= 0 && v.H >= 0 && v.E >= 0,
-                    "lp_cuda_edit_apply: negative view [%d, %d, %d, %d]", v.B, v.P, v.H, v.E);
+                    "cuda_edit_apply: negative view [%d, %d, %d, %d]", v.B, v.P, v.H, v.E);
     LP_CUDA_REQUIRE(kind >= LP_EDIT_ZERO && kind <= LP_EDIT_PATCH,
-                    "lp_cuda_edit_apply: unknown edit kind %d", (int)kind);
+                    "cuda_edit_apply: unknown edit kind %d", (int)kind);
     const size_t n = (size_t)v.B * v.P * v.H * v.E;
     if (n == 0) return LP_OK;
-    LP_CUDA_REQUIRE(act != NULL, "lp_cuda_edit_apply: NULL activation");
+    LP_CUDA_REQUIRE(act != NULL, "cuda_edit_apply: NULL activation");
     LP_CUDA_REQUIRE(kind == LP_EDIT_ZERO || src != NULL,
-                    "lp_cuda_edit_apply: edit kind %d needs a source", (int)kind);
+                    "cuda_edit_apply: edit kind %d needs a source", (int)kind);
     return c->dtype == LP_BF16
                ? edit_launch<__nv_bfloat16>(c, act, v, n, kind, src, coef, pos_mask, head_mask)
                : edit_launch<float>(c, act, v, n, kind, src, coef, pos_mask, head_mask);
 }
 
-lp_status lp_cuda_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const int32_t *pos,
+lp_status cuda_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const int32_t *pos,
                              int npos) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_gather_pos");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_gather_pos");
     LP_CUDA_REQUIRE(v.B >= 0 && v.P >= 0 && v.H >= 0 && v.E >= 0 && npos >= 0,
-                    "lp_cuda_gather_pos: negative view [%d, %d, %d, %d] or npos %d", v.B, v.P, v.H,
+                    "cuda_gather_pos: negative view [%d, %d, %d, %d] or npos %d", v.B, v.P, v.H,
                     v.E, npos);
     const size_t n = (size_t)v.B * npos * v.H * v.E;
     if (n == 0) return LP_OK;
-    LP_CUDA_REQUIRE(dst && act && pos, "lp_cuda_gather_pos: NULL buffer");
+    LP_CUDA_REQUIRE(dst && act && pos, "cuda_gather_pos: NULL buffer");
     return c->dtype == LP_BF16 ? gather_launch<__nv_bfloat16>(c, dst, act, v, n, pos, npos)
                                : gather_launch<float>(c, dst, act, v, n, pos, npos);
 }

@@ -1,6 +1,6 @@
-// init.cu: random model weights generated on the device (lp_cuda_init_weights), so that
+// init.cu: random model weights generated on the device (cuda_init_weights), so that
 // the weights of a benchmark model (a Llama-3-8B shape: 8e9 values) never pass through the
-// host. The values are those of host/core/rng.h's lp_rng_init_weight, bit for bit: value j of a
+// host. The values are those of host/core/rng.h's rng_init_weight, bit for bit: value j of a
 // tensor comes from the LCG state j + 1 steps after the tensor's starting state, which a
 // thread reaches by jumping ahead (composing the affine step x -> a x + c in O(log j)),
 // then it steps through its own run of consecutive values.
@@ -38,15 +38,15 @@ __global__ void init_weights_kernel(T *dst, size_t n, unsigned long long s0, flo
     }
 }
 
-lp_status lp_cuda_init_weights(lp_ctx *c, void *dst, size_t n, uint64_t state, float base) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_init_weights");
+lp_status cuda_init_weights(lp_ctx *c, void *dst, size_t n, uint64_t state, float base) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_init_weights");
     if (n == 0) return LP_OK;
-    LP_CUDA_REQUIRE(dst != NULL, "lp_cuda_init_weights: NULL destination for %zu values", n);
-    const unsigned grid = lp_grid_1d((n + kRun - 1) / kRun, kBlock);
+    LP_CUDA_REQUIRE(dst != NULL, "cuda_init_weights: NULL destination for %zu values", n);
+    const unsigned grid = grid_1d((n + kRun - 1) / kRun, kBlock);
     if (c->dtype == LP_BF16)
-        LP_LAUNCH(grid, kBlock, 0, lp_stream(c), init_weights_kernel<__nv_bfloat16>)((__nv_bfloat16 *)dst, n, state, base);
+        LP_LAUNCH(grid, kBlock, 0, cuda_stream_of(c), init_weights_kernel<__nv_bfloat16>)((__nv_bfloat16 *)dst, n, state, base);
     else
-        LP_LAUNCH(grid, kBlock, 0, lp_stream(c), init_weights_kernel<float>)((float *)dst, n, state, base);
+        LP_LAUNCH(grid, kBlock, 0, cuda_stream_of(c), init_weights_kernel<float>)((float *)dst, n, state, base);
     LP_LAUNCH_CHECK("init_weights_kernel");
     return LP_OK;
 }

@@ -1,5 +1,5 @@
 // llama.cu: the Llama-family ops of ops.h: RMSNorm as TransformerLens splits it
-// (lp_cuda_rms_scale writes scale[n] = sqrt(mean(x^2) + eps), hook_scale; lp_cuda_rms_apply
+// (cuda_rms_scale writes scale[n] = sqrt(mean(x^2) + eps), hook_scale; cuda_rms_apply
 // writes x / scale [* w], hook_normalized then the weight), rotary position embedding in
 // the rotate-half form and the SwiGLU product silu(gate) * up. (Attention against a KV
 // cache is the fused kernel of attention.cu.) The CPU twins are in host/cpu/llama.c.
@@ -24,7 +24,7 @@ __global__ void rms_scale_kernel(T *scale, const T *x, int D, float eps) {
         const float v = lp_to_f(xr[d]);
         ss = fmaf(v, v, ss);
     }
-    ss = lp_block_sum(ss, sh);
+    ss = block_sum(ss, sh);
     if (threadIdx.x == 0) scale[blockIdx.x] = lp_from_f<T>(sqrtf(ss / (float)D + eps));
 }
 
@@ -83,7 +83,7 @@ __global__ void silu_mul_kernel(T *out, const T *gate, const T *up, size_t n) {
 
 template <typename T>
 static lp_status rms_scale_launch(lp_ctx *c, void *scale, const void *x, int N, int D, float eps) {
-    LP_LAUNCH((unsigned)N, rms_block(D), 0, lp_stream(c), rms_scale_kernel<T>)((T *)scale, (const T *)x,
+    LP_LAUNCH((unsigned)N, rms_block(D), 0, cuda_stream_of(c), rms_scale_kernel<T>)((T *)scale, (const T *)x,
                                                                         D, eps);
     LP_LAUNCH_CHECK("rms_scale_kernel");
     return LP_OK;
@@ -92,7 +92,7 @@ static lp_status rms_scale_launch(lp_ctx *c, void *scale, const void *x, int N, 
 template <typename T>
 static lp_status rms_apply_launch(lp_ctx *c, void *out, const void *x, const void *scale,
                                   const void *w, int N, int D) {
-    LP_LAUNCH((unsigned)N, rms_block(D), 0, lp_stream(c), rms_apply_kernel<T>)(
+    LP_LAUNCH((unsigned)N, rms_block(D), 0, cuda_stream_of(c), rms_apply_kernel<T>)(
         (T *)out, (const T *)x, (const T *)scale, (const T *)w, D);
     LP_LAUNCH_CHECK("rms_apply_kernel");
     return LP_OK;
@@ -102,7 +102,7 @@ template <typename T>
 static lp_status rope_launch(lp_ctx *c, void *out, const void *x, const float *cos_t,
                              const float *sin_t, int B, int T_, int H, int dh, int pos0) {
     const size_t pairs = (size_t)B * T_ * H * (dh / 2);
-    LP_LAUNCH(lp_grid_1d(pairs, kBlock), kBlock, 0, lp_stream(c), rope_kernel<T>)(
+    LP_LAUNCH(grid_1d(pairs, kBlock), kBlock, 0, cuda_stream_of(c), rope_kernel<T>)(
         (T *)out, (const T *)x, cos_t, sin_t, T_, H, dh, pos0, pairs);
     LP_LAUNCH_CHECK("rope_kernel");
     return LP_OK;
@@ -111,7 +111,7 @@ static lp_status rope_launch(lp_ctx *c, void *out, const void *x, const float *c
 template <typename T>
 static lp_status silu_mul_launch(lp_ctx *c, void *out, const void *gate, const void *up,
                                  size_t n) {
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), silu_mul_kernel<T>)(
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), silu_mul_kernel<T>)(
         (T *)out, (const T *)gate, (const T *)up, n);
     LP_LAUNCH_CHECK("silu_mul_kernel");
     return LP_OK;
@@ -121,44 +121,44 @@ static lp_status silu_mul_launch(lp_ctx *c, void *out, const void *gate, const v
 
 // ---- entry points ----
 
-lp_status lp_cuda_rms_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_rms_scale");
-    LP_CUDA_REQUIRE(N >= 0 && D > 0, "lp_cuda_rms_scale: bad size N=%d D=%d (D must be >= 1)", N, D);
-    LP_CUDA_REQUIRE(eps >= 0.0f, "lp_cuda_rms_scale: eps %g is negative", (double)eps);
+lp_status cuda_rms_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_rms_scale");
+    LP_CUDA_REQUIRE(N >= 0 && D > 0, "cuda_rms_scale: bad size N=%d D=%d (D must be >= 1)", N, D);
+    LP_CUDA_REQUIRE(eps >= 0.0f, "cuda_rms_scale: eps %g is negative", (double)eps);
     if (N == 0) return LP_OK;
-    LP_CUDA_REQUIRE(scale && x, "lp_cuda_rms_scale: NULL buffer");
+    LP_CUDA_REQUIRE(scale && x, "cuda_rms_scale: NULL buffer");
     return c->dtype == LP_BF16 ? rms_scale_launch<__nv_bfloat16>(c, scale, x, N, D, eps)
                                : rms_scale_launch<float>(c, scale, x, N, D, eps);
 }
 
-lp_status lp_cuda_rms_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w, int N,
+lp_status cuda_rms_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w, int N,
                             int D) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_rms_apply");
-    LP_CUDA_REQUIRE(N >= 0 && D > 0, "lp_cuda_rms_apply: bad size N=%d D=%d (D must be >= 1)", N, D);
+    LP_CUDA_REQUIRE_CTX(c, "cuda_rms_apply");
+    LP_CUDA_REQUIRE(N >= 0 && D > 0, "cuda_rms_apply: bad size N=%d D=%d (D must be >= 1)", N, D);
     if (N == 0) return LP_OK;
-    LP_CUDA_REQUIRE(out && x && scale, "lp_cuda_rms_apply: NULL buffer");
+    LP_CUDA_REQUIRE(out && x && scale, "cuda_rms_apply: NULL buffer");
     return c->dtype == LP_BF16 ? rms_apply_launch<__nv_bfloat16>(c, out, x, scale, w, N, D)
                                : rms_apply_launch<float>(c, out, x, scale, w, N, D);
 }
 
-lp_status lp_cuda_rope(lp_ctx *c, void *out, const void *x, const float *cos_t, const float *sin_t, int B,
+lp_status cuda_rope(lp_ctx *c, void *out, const void *x, const float *cos_t, const float *sin_t, int B,
                        int T, int H, int dh, int pos0) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_rope");
-    LP_CUDA_REQUIRE(B >= 0 && T >= 0 && H >= 1, "lp_cuda_rope: bad size B=%d T=%d H=%d", B, T, H);
-    LP_CUDA_REQUIRE(dh >= 2 && dh % 2 == 0, "lp_cuda_rope: head dim %d is not a positive even number",
+    LP_CUDA_REQUIRE_CTX(c, "cuda_rope");
+    LP_CUDA_REQUIRE(B >= 0 && T >= 0 && H >= 1, "cuda_rope: bad size B=%d T=%d H=%d", B, T, H);
+    LP_CUDA_REQUIRE(dh >= 2 && dh % 2 == 0, "cuda_rope: head dim %d is not a positive even number",
                     dh);
-    LP_CUDA_REQUIRE(pos0 >= 0, "lp_cuda_rope: negative pos0 %d", pos0);
+    LP_CUDA_REQUIRE(pos0 >= 0, "cuda_rope: negative pos0 %d", pos0);
     if ((size_t)B * T * H == 0) return LP_OK;
-    LP_CUDA_REQUIRE(out && x && cos_t && sin_t, "lp_cuda_rope: NULL buffer");
+    LP_CUDA_REQUIRE(out && x && cos_t && sin_t, "cuda_rope: NULL buffer");
     return c->dtype == LP_BF16
                ? rope_launch<__nv_bfloat16>(c, out, x, cos_t, sin_t, B, T, H, dh, pos0)
                : rope_launch<float>(c, out, x, cos_t, sin_t, B, T, H, dh, pos0);
 }
 
-lp_status lp_cuda_silu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_silu_mul");
+lp_status cuda_silu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_silu_mul");
     if (n == 0) return LP_OK;
-    LP_CUDA_REQUIRE(out && gate && up, "lp_cuda_silu_mul: NULL buffer");
+    LP_CUDA_REQUIRE(out && gate && up, "cuda_silu_mul: NULL buffer");
     return c->dtype == LP_BF16 ? silu_mul_launch<__nv_bfloat16>(c, out, gate, up, n)
                                : silu_mul_launch<float>(c, out, gate, up, n);
 }

@@ -20,12 +20,12 @@ __global__ void cross_entropy_kernel(float *losses, const T *logits, const int32
     }
     const T *xr = logits + row * V;
     float m = -INFINITY, s = 0.0f;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) lp_lse_push(m, s, lp_to_f(xr[j]));
+    for (int j = threadIdx.x; j < V; j += blockDim.x) lse_push(m, s, lp_to_f(xr[j]));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float m2 = __shfl_xor_sync(LP_FULL_MASK, m, o);
         const float s2 = __shfl_xor_sync(LP_FULL_MASK, s, o);
-        lp_lse_merge(m, s, m2, s2);
+        lse_merge(m, s, m2, s2);
     }
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
     if (lane == 0) { sm[wid] = m; ss[wid] = s; }
@@ -37,7 +37,7 @@ __global__ void cross_entropy_kernel(float *losses, const T *logits, const int32
         for (int o = 16; o > 0; o >>= 1) {
             const float m2 = __shfl_xor_sync(LP_FULL_MASK, m, o);
             const float s2 = __shfl_xor_sync(LP_FULL_MASK, s, o);
-            lp_lse_merge(m, s, m2, s2);
+            lse_merge(m, s, m2, s2);
         }
         if (lane == 0) {
             // An out-of-range target (the host could not check device tokens) gives NaN,
@@ -53,19 +53,19 @@ static lp_status cross_entropy_launch(lp_ctx *c, float *losses, const void *logi
                                       const int32_t *targets, int N, int V) {
     // Small vocabularies (tests, toy models) do not need 512 threads per row.
     const unsigned block = V >= (int)kBlock ? kBlock : (unsigned)((V + 31) / 32 * 32);
-    LP_LAUNCH((unsigned)N, block, 0, lp_stream(c), cross_entropy_kernel<T>)(losses, (const T *)logits,
+    LP_LAUNCH((unsigned)N, block, 0, cuda_stream_of(c), cross_entropy_kernel<T>)(losses, (const T *)logits,
                                                                      targets, V);
     LP_LAUNCH_CHECK("cross_entropy_kernel");
     return LP_OK;
 }
 
-lp_status lp_cuda_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
+lp_status cuda_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
                                 int N, int V) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_cross_entropy");
-    LP_CUDA_REQUIRE(N >= 0 && V >= 1, "lp_cuda_cross_entropy: bad size N=%d V=%d (V must be >= 1)",
+    LP_CUDA_REQUIRE_CTX(c, "cuda_cross_entropy");
+    LP_CUDA_REQUIRE(N >= 0 && V >= 1, "cuda_cross_entropy: bad size N=%d V=%d (V must be >= 1)",
                     N, V);
     if (N == 0) return LP_OK;
-    LP_CUDA_REQUIRE(losses && logits && targets, "lp_cuda_cross_entropy: NULL buffer");
+    LP_CUDA_REQUIRE(losses && logits && targets, "cuda_cross_entropy: NULL buffer");
     return c->dtype == LP_BF16
                ? cross_entropy_launch<__nv_bfloat16>(c, losses, logits, targets, N, V)
                : cross_entropy_launch<float>(c, losses, logits, targets, N, V);

@@ -10,7 +10,7 @@
 // Bias: cuBLASLt's bias epilogue (a vector over the rows of out^T, in the activation dtype)
 // adds it to the fp32 sum before the one rounding. Where cuBLASLt has no algorithm for the
 // shape, out is first filled with bias broadcast over rows and cublasGemmEx runs with beta = 1:
-// the same fp32 sum and rounding. lp_cuda_matmul_gelu (GPT-2's MLP in BF16) adds GELU to the
+// the same fp32 sum and rounding. cuda_matmul_gelu (GPT-2's MLP in BF16) adds GELU to the
 // epilogue and keeps the pre-activation in its auxiliary output.
 #include "common.cuh"
 
@@ -56,7 +56,7 @@ static cublasStatus_t lt_matmul(lp_ctx *c, void *out, void *aux, const void *x, 
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&lb, ty, K, N, K);
     if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&lc, ty, M, N, M);
     if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmul(lt, d, &alpha, w, la, x, lb, &beta, out, lc, out, lc, NULL, NULL, 0, lp_stream(c));
+        s = cublasLtMatmul(lt, d, &alpha, w, la, x, lb, &beta, out, lc, out, lc, NULL, NULL, 0, cuda_stream_of(c));
     if (lc) cublasLtMatrixLayoutDestroy(lc);
     if (lb) cublasLtMatrixLayoutDestroy(lb);
     if (la) cublasLtMatrixLayoutDestroy(la);
@@ -64,17 +64,17 @@ static cublasStatus_t lt_matmul(lp_ctx *c, void *out, void *aux, const void *x, 
     return s;
 }
 
-lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, const void *bias, int N,
+lp_status cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, const void *bias, int N,
                          int K, int M, int w_trans) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_matmul");
-    LP_CUDA_REQUIRE(N >= 0 && K >= 0 && M >= 0, "lp_cuda_matmul: negative size N=%d K=%d M=%d", N,
+    LP_CUDA_REQUIRE_CTX(c, "cuda_matmul");
+    LP_CUDA_REQUIRE(N >= 0 && K >= 0 && M >= 0, "cuda_matmul: negative size N=%d K=%d M=%d", N,
                     K, M);
-    LP_CUDA_REQUIRE(w_trans == 0 || w_trans == 1, "lp_cuda_matmul: w_trans must be 0 or 1, got %d",
+    LP_CUDA_REQUIRE(w_trans == 0 || w_trans == 1, "cuda_matmul: w_trans must be 0 or 1, got %d",
                     w_trans);
     if ((size_t)N * M == 0) return LP_OK;
-    LP_CUDA_REQUIRE(out != NULL, "lp_cuda_matmul: NULL output");
-    LP_CUDA_REQUIRE(K == 0 || (x && w), "lp_cuda_matmul: NULL x or W");
-    LP_CUDA_REQUIRE(c->blas != NULL, "lp_cuda_matmul: context has no cuBLAS handle");
+    LP_CUDA_REQUIRE(out != NULL, "cuda_matmul: NULL output");
+    LP_CUDA_REQUIRE(K == 0 || (x && w), "cuda_matmul: NULL x or W");
+    LP_CUDA_REQUIRE(c->blas != NULL, "cuda_matmul: context has no cuBLAS handle");
     const bool bf16 = c->dtype == LP_BF16;
 
     if (bias && K > 0) {
@@ -84,19 +84,19 @@ lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, con
         (void)cudaGetLastError();
     }
     if (bias) {
-        lp_status st = bf16 ? lp_tile<__nv_bfloat16>(c, out, bias, (size_t)N * M, M)
-                            : lp_tile<float>(c, out, bias, (size_t)N * M, M);
+        lp_status st = bf16 ? tile_rows<__nv_bfloat16>(c, out, bias, (size_t)N * M, M)
+                            : tile_rows<float>(c, out, bias, (size_t)N * M, M);
         if (st != LP_OK) return st;
     }
     if (K == 0) { // an empty sum: out = bias, or 0
         if (!bias)
-            LP_CUDA_CHECK(cudaMemsetAsync(out, 0, (size_t)N * M * (bf16 ? 2 : 4), lp_stream(c)));
+            LP_CUDA_CHECK(cudaMemsetAsync(out, 0, (size_t)N * M * (bf16 ? 2 : 4), cuda_stream_of(c)));
         return LP_OK;
     }
 
     const cudaDataType_t ty = bf16 ? CUDA_R_16BF : CUDA_R_32F;
     const float alpha = 1.0f, beta = bias ? 1.0f : 0.0f;
-    cublasHandle_t h = (cublasHandle_t)c->blas; // bound to c->stream by lp_cuda_ctx_init
+    cublasHandle_t h = (cublasHandle_t)c->blas; // bound to c->stream by cuda_ctx_init
     LP_CUBLAS_CHECK(cublasGemmEx(h, w_trans ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N,
                                  M, N, K, &alpha,
                                  w, ty, w_trans ? K : M,
@@ -108,12 +108,12 @@ lp_status lp_cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, con
 
 // post = gelu(pre), pre = x @ W + bias: one GEMM with the GELU_AUX(_BIAS) epilogue in BF16
 // (GELU of the fp32 sum, rounded once; pre rounded once); otherwise, and where cuBLASLt has no
-// algorithm, the GEMM then lp_cuda_gelu of the rounded pre-activation, as the CPU does.
-lp_status lp_cuda_matmul_gelu(lp_ctx *c, void *post, void *pre, const void *x, const void *w, const void *bias, int N,
+// algorithm, the GEMM then cuda_gelu of the rounded pre-activation, as the CPU does.
+lp_status cuda_matmul_gelu(lp_ctx *c, void *post, void *pre, const void *x, const void *w, const void *bias, int N,
                               int K, int M, int w_trans) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_matmul_gelu");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_matmul_gelu");
     LP_CUDA_REQUIRE(N >= 0 && K > 0 && M > 0 && post && pre && x && w && post != pre,
-                    "lp_cuda_matmul_gelu: bad arguments (N=%d K=%d M=%d)", N, K, M);
+                    "cuda_matmul_gelu: bad arguments (N=%d K=%d M=%d)", N, K, M);
     if (N == 0) return LP_OK;
     if (c->dtype == LP_BF16) {
         const cublasStatus_t s = lt_matmul(c, post, pre, x, w, bias, N, K, M, w_trans,
@@ -122,6 +122,6 @@ lp_status lp_cuda_matmul_gelu(lp_ctx *c, void *post, void *pre, const void *x, c
         if (s != CUBLAS_STATUS_NOT_SUPPORTED) LP_CUBLAS_CHECK(s);
         (void)cudaGetLastError();
     }
-    LP_CHECK(lp_cuda_matmul(c, pre, x, w, bias, N, K, M, w_trans));
-    return lp_cuda_gelu(c, post, pre, (size_t)N * M);
+    LP_CHECK(cuda_matmul(c, pre, x, w, bias, N, K, M, w_trans));
+    return cuda_gelu(c, post, pre, (size_t)N * M);
 }

@@ -65,11 +65,11 @@ __device__ __forceinline__ double warp_sum_d(double v) {
 //   b row-major [N,M] = column-major [M,N]            -> op N, ld M
 //   a row-major [N,K] = column-major [K,N]; need [N,K] -> op T, ld K
 
-lp_status lp_cuda_matmul_at(lp_ctx *c, float *out, const float *a, const float *b, int N, int K, int M,
+lp_status cuda_matmul_at(lp_ctx *c, float *out, const float *a, const float *b, int N, int K, int M,
                             float beta) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_matmul_at");
-    LP_CUDA_REQUIRE(N > 0 && K > 0 && M > 0 && out && a && b, "lp_cuda_matmul_at: bad arguments");
-    LP_CUDA_REQUIRE(c->blas != NULL, "lp_cuda_matmul_at: context has no cuBLAS handle");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_matmul_at");
+    LP_CUDA_REQUIRE(N > 0 && K > 0 && M > 0 && out && a && b, "cuda_matmul_at: bad arguments");
+    LP_CUDA_REQUIRE(c->blas != NULL, "cuda_matmul_at: context has no cuBLAS handle");
     const float alpha = 1.0f;
     LP_CUBLAS_CHECK(cublasGemmEx((cublasHandle_t)c->blas, CUBLAS_OP_N, CUBLAS_OP_T, M, K, N, &alpha,
                                  b, CUDA_R_32F, M, a, CUDA_R_32F, K, &beta, out, CUDA_R_32F, M,
@@ -101,16 +101,16 @@ __global__ void col_sum_kernel(float *out, const float *x, int N, int M, int row
     }
 }
 
-lp_status lp_cuda_col_sum(lp_ctx *c, float *out, const float *x, int N, int M, float beta) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_col_sum");
-    LP_CUDA_REQUIRE(N > 0 && M > 0 && out && x, "lp_cuda_col_sum: bad arguments");
+lp_status cuda_col_sum(lp_ctx *c, float *out, const float *x, int N, int M, float beta) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_col_sum");
+    LP_CUDA_REQUIRE(N > 0 && M > 0 && out && x, "cuda_col_sum: bad arguments");
     const int tiles = (M + 31) / 32;
     int slices, rows_per;
     lp_status st = col_split(c, N, tiles, &slices, &rows_per);
     if (st != LP_OK) return st;
     const int atomic = slices > 1;
-    if (atomic && beta == 0.0f) LP_CUDA_CHECK(cudaMemsetAsync(out, 0, (size_t)M * sizeof(float), lp_stream(c)));
-    LP_LAUNCH(dim3(tiles, slices), dim3(32, kColRows), 0, lp_stream(c), col_sum_kernel)(out, x, N, M, rows_per, beta,
+    if (atomic && beta == 0.0f) LP_CUDA_CHECK(cudaMemsetAsync(out, 0, (size_t)M * sizeof(float), cuda_stream_of(c)));
+    LP_LAUNCH(dim3(tiles, slices), dim3(32, kColRows), 0, cuda_stream_of(c), col_sum_kernel)(out, x, N, M, rows_per, beta,
                                                                                   atomic);
     LP_LAUNCH_CHECK("col_sum_kernel");
     return LP_OK;
@@ -145,13 +145,13 @@ __global__ void decode_sparse_kernel(float *out, const int32_t *idx, const float
     }
 }
 
-lp_status lp_cuda_sae_decode_sparse(lp_ctx *c, float *out, const int32_t *idx, const float *val,
+lp_status cuda_sae_decode_sparse(lp_ctx *c, float *out, const int32_t *idx, const float *val,
                                     const float *W, const float *bias, int N, int K, int D) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_decode_sparse");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_decode_sparse");
     LP_CUDA_REQUIRE(N > 0 && K >= 1 && D > 0 && out && idx && val && W,
-                    "lp_cuda_sae_decode_sparse: bad arguments (N=%d K=%d D=%d)", N, K, D);
+                    "cuda_sae_decode_sparse: bad arguments (N=%d K=%d D=%d)", N, K, D);
     const unsigned block = D >= (int)kBlock ? kBlock : (unsigned)((D + 31) / 32 * 32);
-    LP_LAUNCH((unsigned)N, block, 0, lp_stream(c), decode_sparse_kernel)(out, idx, val, W, bias, K, D);
+    LP_LAUNCH((unsigned)N, block, 0, cuda_stream_of(c), decode_sparse_kernel)(out, idx, val, W, bias, K, D);
     LP_LAUNCH_CHECK("decode_sparse_kernel");
     return LP_OK;
 }
@@ -173,19 +173,19 @@ __global__ void decode_sparse_grad_kernel(float *dval, float *dW, const float *d
             dot = fmaf(gd, W[row + d], dot);
             atomicAdd(&dW[row + d], v * gd);
         }
-        dot = lp_warp_sum(dot);
+        dot = warp_sum(dot);
         if (lane == 0) dval[e] = dot;
     }
 }
 
-lp_status lp_cuda_sae_decode_sparse_grad(lp_ctx *c, float *dval, float *dW, const float *dout,
+lp_status cuda_sae_decode_sparse_grad(lp_ctx *c, float *dval, float *dW, const float *dout,
                                          const int32_t *idx, const float *val, const float *W, int N,
                                          int K, int D) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_decode_sparse_grad");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_decode_sparse_grad");
     LP_CUDA_REQUIRE(N > 0 && K >= 1 && D > 0 && dval && dW && dout && idx && val && W,
-                    "lp_cuda_sae_decode_sparse_grad: bad arguments (N=%d K=%d D=%d)", N, K, D);
+                    "cuda_sae_decode_sparse_grad: bad arguments (N=%d K=%d D=%d)", N, K, D);
     const unsigned warps = K >= 8 ? 8 : (unsigned)K;
-    LP_LAUNCH((unsigned)N, 32 * warps, 0, lp_stream(c), decode_sparse_grad_kernel)(dval, dW, dout, idx, val, W, K, D);
+    LP_LAUNCH((unsigned)N, 32 * warps, 0, cuda_stream_of(c), decode_sparse_grad_kernel)(dval, dW, dout, idx, val, W, K, D);
     LP_LAUNCH_CHECK("decode_sparse_grad_kernel");
     return LP_OK;
 }
@@ -215,14 +215,14 @@ __global__ void encode_sparse_grad_kernel(float *dW, float *db, const float *x, 
     }
 }
 
-lp_status lp_cuda_sae_encode_sparse_grad(lp_ctx *c, float *dW_enc, float *db_enc, const float *x,
+lp_status cuda_sae_encode_sparse_grad(lp_ctx *c, float *dW_enc, float *db_enc, const float *x,
                                          const int32_t *idx, const float *dpre, int N, int K, int D,
                                          int S) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_encode_sparse_grad");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_encode_sparse_grad");
     LP_CUDA_REQUIRE(N > 0 && K >= 1 && D > 0 && S > 0 && dW_enc && db_enc && x && idx && dpre,
-                    "lp_cuda_sae_encode_sparse_grad: bad arguments (N=%d K=%d D=%d S=%d)", N, K, D, S);
-    LP_CUDA_REQUIRE((long long)kChunk * D < (1LL << 31), "lp_cuda_sae_encode_sparse_grad: d_in=%d too large", D);
-    LP_LAUNCH((unsigned)N, kBlock, 0, lp_stream(c), encode_sparse_grad_kernel)(dW_enc, db_enc, x, idx, dpre, K, D, S);
+                    "cuda_sae_encode_sparse_grad: bad arguments (N=%d K=%d D=%d S=%d)", N, K, D, S);
+    LP_CUDA_REQUIRE((long long)kChunk * D < (1LL << 31), "cuda_sae_encode_sparse_grad: d_in=%d too large", D);
+    LP_LAUNCH((unsigned)N, kBlock, 0, cuda_stream_of(c), encode_sparse_grad_kernel)(dW_enc, db_enc, x, idx, dpre, K, D, S);
     LP_LAUNCH_CHECK("encode_sparse_grad_kernel");
     return LP_OK;
 }
@@ -254,13 +254,13 @@ __global__ void encode_sparse_input_grad_kernel(float *dx, const float *dpre, co
     }
 }
 
-lp_status lp_cuda_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float *dpre, const int32_t *idx,
+lp_status cuda_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float *dpre, const int32_t *idx,
                                                const float *W_enc, int N, int K, int D, int S) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_encode_sparse_input_grad");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_encode_sparse_input_grad");
     LP_CUDA_REQUIRE(N > 0 && K >= 1 && D > 0 && S > 0 && dx && dpre && idx && W_enc,
-                    "lp_cuda_sae_encode_sparse_input_grad: bad arguments (N=%d K=%d D=%d S=%d)", N, K, D, S);
+                    "cuda_sae_encode_sparse_input_grad: bad arguments (N=%d K=%d D=%d S=%d)", N, K, D, S);
     const unsigned block = D >= (int)kBlock ? kBlock : (unsigned)((D + 31) / 32 * 32);
-    LP_LAUNCH((unsigned)N, block, 0, lp_stream(c), encode_sparse_input_grad_kernel)(dx, dpre, idx, W_enc, K, D, S);
+    LP_LAUNCH((unsigned)N, block, 0, cuda_stream_of(c), encode_sparse_input_grad_kernel)(dx, dpre, idx, W_enc, K, D, S);
     LP_LAUNCH_CHECK("encode_sparse_input_grad_kernel");
     return LP_OK;
 }
@@ -272,10 +272,10 @@ __global__ void scale_kernel(float *x, float alpha, size_t n) {
         x[i] *= alpha;
 }
 
-lp_status lp_cuda_sae_scale(lp_ctx *c, float *x, float alpha, size_t n) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_scale");
-    LP_CUDA_REQUIRE(x != NULL, "lp_cuda_sae_scale: NULL buffer");
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), scale_kernel)(x, alpha, n);
+lp_status cuda_sae_scale(lp_ctx *c, float *x, float alpha, size_t n) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_scale");
+    LP_CUDA_REQUIRE(x != NULL, "cuda_sae_scale: NULL buffer");
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), scale_kernel)(x, alpha, n);
     LP_LAUNCH_CHECK("scale_kernel");
     return LP_OK;
 }
@@ -298,27 +298,27 @@ __global__ void jumprelu_kernel(float *f, const float *pre, const float *theta, 
     }
 }
 
-lp_status lp_cuda_sae_relu(lp_ctx *c, float *f, const float *pre, size_t n) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_relu");
-    LP_CUDA_REQUIRE(f && pre, "lp_cuda_sae_relu: NULL buffer");
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), relu_kernel)(f, pre, n);
+lp_status cuda_sae_relu(lp_ctx *c, float *f, const float *pre, size_t n) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_relu");
+    LP_CUDA_REQUIRE(f && pre, "cuda_sae_relu: NULL buffer");
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), relu_kernel)(f, pre, n);
     LP_LAUNCH_CHECK("relu_kernel");
     return LP_OK;
 }
 
-lp_status lp_cuda_sae_relu_grad(lp_ctx *c, float *dpre, const float *df, const float *pre, size_t n) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_relu_grad");
-    LP_CUDA_REQUIRE(dpre && df && pre, "lp_cuda_sae_relu_grad: NULL buffer");
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), relu_grad_kernel)(dpre, df, pre, n);
+lp_status cuda_sae_relu_grad(lp_ctx *c, float *dpre, const float *df, const float *pre, size_t n) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_relu_grad");
+    LP_CUDA_REQUIRE(dpre && df && pre, "cuda_sae_relu_grad: NULL buffer");
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), relu_grad_kernel)(dpre, df, pre, n);
     LP_LAUNCH_CHECK("relu_grad_kernel");
     return LP_OK;
 }
 
-lp_status lp_cuda_sae_jumprelu(lp_ctx *c, float *f, const float *pre, const float *theta, int N, int S) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_jumprelu");
-    LP_CUDA_REQUIRE(N > 0 && S > 0 && f && pre && theta, "lp_cuda_sae_jumprelu: bad arguments");
+lp_status cuda_sae_jumprelu(lp_ctx *c, float *f, const float *pre, const float *theta, int N, int S) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_jumprelu");
+    LP_CUDA_REQUIRE(N > 0 && S > 0 && f && pre && theta, "cuda_sae_jumprelu: bad arguments");
     const size_t n = (size_t)N * S;
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), jumprelu_kernel)(f, pre, theta, n, S);
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), jumprelu_kernel)(f, pre, theta, n, S);
     LP_LAUNCH_CHECK("jumprelu_kernel");
     return LP_OK;
 }
@@ -358,17 +358,17 @@ __global__ void jumprelu_grad_kernel(float *dpre, float *dtheta, const float *df
     }
 }
 
-lp_status lp_cuda_sae_jumprelu_grad(lp_ctx *c, float *dpre, float *dtheta, const float *df,
+lp_status cuda_sae_jumprelu_grad(lp_ctx *c, float *dpre, float *dtheta, const float *df,
                                     const float *pre, const float *theta, float eps, float l0_coef,
                                     int N, int S) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_jumprelu_grad");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_jumprelu_grad");
     LP_CUDA_REQUIRE(N > 0 && S > 0 && dpre && dtheta && df && pre && theta && eps > 0,
-                    "lp_cuda_sae_jumprelu_grad: bad arguments (N=%d S=%d eps=%g)", N, S, (double)eps);
+                    "cuda_sae_jumprelu_grad: bad arguments (N=%d S=%d eps=%g)", N, S, (double)eps);
     const int tiles = (S + 31) / 32;
     int slices, rows_per;
     lp_status st = col_split(c, N, tiles, &slices, &rows_per);
     if (st != LP_OK) return st;
-    LP_LAUNCH(dim3(tiles, slices), dim3(32, kColRows), 0, lp_stream(c), jumprelu_grad_kernel)(
+    LP_LAUNCH(dim3(tiles, slices), dim3(32, kColRows), 0, cuda_stream_of(c), jumprelu_grad_kernel)(
         dpre, dtheta, df, pre, theta, eps, l0_coef, N, S, rows_per, slices > 1);
     LP_LAUNCH_CHECK("jumprelu_grad_kernel");
     return LP_OK;
@@ -391,13 +391,13 @@ __global__ void adam_kernel(float *p, const float *g, float *m, float *v, size_t
     }
 }
 
-lp_status lp_cuda_adam_step(lp_ctx *c, float *p, const float *g, float *m, float *v, size_t n, float lr,
+lp_status cuda_adam_step(lp_ctx *c, float *p, const float *g, float *m, float *v, size_t n, float lr,
                             float b1, float b2, float eps, int t) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_adam_step");
-    LP_CUDA_REQUIRE(p && g && m && v && t >= 1, "lp_cuda_adam_step: bad arguments");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_adam_step");
+    LP_CUDA_REQUIRE(p && g && m && v && t >= 1, "cuda_adam_step: bad arguments");
     const float bc1 = (float)(1.0 - pow((double)b1, t)), bc2 = (float)(1.0 - pow((double)b2, t));
     const float c1 = 1.0f - b1, c2 = 1.0f - b2;
-    LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), adam_kernel)(p, g, m, v, n, lr, b1, b2, c1, c2, bc1, bc2, eps);
+    LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), adam_kernel)(p, g, m, v, n, lr, b1, b2, c1, c2, bc1, bc2, eps);
     LP_LAUNCH_CHECK("adam_kernel");
     return LP_OK;
 }
@@ -417,7 +417,7 @@ __global__ void rows_kernel(float *a, const float *w, float *out, int S, int D, 
     const float *y = mode == ROWS_REMOVE_PARALLEL ? w + row : x;
     float acc = 0.0f;
     for (int d = lane; d < D; d += 32) acc = fmaf(x[d], y[d], acc);
-    acc = lp_warp_sum(acc);
+    acc = warp_sum(acc);
     if (mode == ROWS_NORM) {
         if (lane == 0) out[s] = sqrtf(acc);
     } else if (mode == ROWS_UNIT_NORM) {
@@ -431,26 +431,26 @@ __global__ void rows_kernel(float *a, const float *w, float *out, int S, int D, 
 
 static lp_status rows_launch(lp_ctx *c, float *a, const float *w, float *out, int S, int D, int mode) {
     const unsigned per_block = kBlock / 32;
-    LP_LAUNCH(lp_ceil_div_u((size_t)S, per_block), kBlock, 0, lp_stream(c), rows_kernel)(a, w, out, S, D, mode);
+    LP_LAUNCH(ceil_div_u((size_t)S, per_block), kBlock, 0, cuda_stream_of(c), rows_kernel)(a, w, out, S, D, mode);
     LP_LAUNCH_CHECK("rows_kernel");
     return LP_OK;
 }
 
-lp_status lp_cuda_rows_unit_norm(lp_ctx *c, float *W, int S, int D) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_rows_unit_norm");
-    LP_CUDA_REQUIRE(S > 0 && D > 0 && W, "lp_cuda_rows_unit_norm: bad arguments");
+lp_status cuda_rows_unit_norm(lp_ctx *c, float *W, int S, int D) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_rows_unit_norm");
+    LP_CUDA_REQUIRE(S > 0 && D > 0 && W, "cuda_rows_unit_norm: bad arguments");
     return rows_launch(c, W, NULL, NULL, S, D, ROWS_UNIT_NORM);
 }
 
-lp_status lp_cuda_rows_remove_parallel(lp_ctx *c, float *dW, const float *W, int S, int D) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_rows_remove_parallel");
-    LP_CUDA_REQUIRE(S > 0 && D > 0 && dW && W, "lp_cuda_rows_remove_parallel: bad arguments");
+lp_status cuda_rows_remove_parallel(lp_ctx *c, float *dW, const float *W, int S, int D) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_rows_remove_parallel");
+    LP_CUDA_REQUIRE(S > 0 && D > 0 && dW && W, "cuda_rows_remove_parallel: bad arguments");
     return rows_launch(c, dW, W, NULL, S, D, ROWS_REMOVE_PARALLEL);
 }
 
-lp_status lp_cuda_rows_norm(lp_ctx *c, float *out, const float *W, int S, int D) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_rows_norm");
-    LP_CUDA_REQUIRE(S > 0 && D > 0 && out && W, "lp_cuda_rows_norm: bad arguments");
+lp_status cuda_rows_norm(lp_ctx *c, float *out, const float *W, int S, int D) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_rows_norm");
+    LP_CUDA_REQUIRE(S > 0 && D > 0 && out && W, "cuda_rows_norm: bad arguments");
     return rows_launch(c, NULL, W, out, S, D, ROWS_NORM);
 }
 
@@ -518,16 +518,16 @@ __global__ void recon_var_kernel(const float *x, int N, int D) {
     }
 }
 
-lp_status lp_cuda_sae_recon_sums(lp_ctx *c, double sums[4], const float *x, const float *x_hat, int N,
+lp_status cuda_sae_recon_sums(lp_ctx *c, double sums[4], const float *x, const float *x_hat, int N,
                                  int D) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_recon_sums");
-    LP_CUDA_REQUIRE(N > 0 && D > 0 && sums && x && x_hat, "lp_cuda_sae_recon_sums: bad arguments");
-    cudaStream_t s = lp_stream(c);
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_recon_sums");
+    LP_CUDA_REQUIRE(N > 0 && D > 0 && sums && x && x_hat, "cuda_sae_recon_sums: bad arguments");
+    cudaStream_t s = cuda_stream_of(c);
     LP_LAUNCH(1, 32, 0, s, recon_zero_kernel)();
     LP_LAUNCH_CHECK("recon_zero_kernel");
-    LP_LAUNCH(lp_ceil_div_u((size_t)N, kBlock / 32), kBlock, 0, s, recon_token_kernel)(x, x_hat, N, D);
+    LP_LAUNCH(ceil_div_u((size_t)N, kBlock / 32), kBlock, 0, s, recon_token_kernel)(x, x_hat, N, D);
     LP_LAUNCH_CHECK("recon_token_kernel");
-    LP_LAUNCH(lp_ceil_div_u((size_t)D, 32), dim3(32, kColRows), 0, s, recon_var_kernel)(x, N, D);
+    LP_LAUNCH(ceil_div_u((size_t)D, 32), dim3(32, kColRows), 0, s, recon_var_kernel)(x, N, D);
     LP_LAUNCH_CHECK("recon_var_kernel");
     double h[4];
     LP_CUDA_CHECK(cudaMemcpyFromSymbolAsync(h, g_recon, sizeof h, 0, cudaMemcpyDeviceToHost, s));
@@ -563,14 +563,14 @@ __global__ void fire_dense_kernel(int64_t *counts, const float *f, int N, int S,
     }
 }
 
-lp_status lp_cuda_sae_fire_counts(lp_ctx *c, int64_t *counts, const int32_t *idx, const float *val,
+lp_status cuda_sae_fire_counts(lp_ctx *c, int64_t *counts, const int32_t *idx, const float *val,
                                   const float *f, int N, int K, int S) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_fire_counts");
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_fire_counts");
     LP_CUDA_REQUIRE(N > 0 && S > 0 && counts && (idx ? (val && K >= 1) : f != NULL),
-                    "lp_cuda_sae_fire_counts: bad arguments");
+                    "cuda_sae_fire_counts: bad arguments");
     if (idx) {
         const size_t n = (size_t)N * K;
-        LP_LAUNCH(lp_grid_1d(n, kBlock), kBlock, 0, lp_stream(c), fire_sparse_kernel)(counts, idx, val, n, S);
+        LP_LAUNCH(grid_1d(n, kBlock), kBlock, 0, cuda_stream_of(c), fire_sparse_kernel)(counts, idx, val, n, S);
         LP_LAUNCH_CHECK("fire_sparse_kernel");
         return LP_OK;
     }
@@ -578,7 +578,7 @@ lp_status lp_cuda_sae_fire_counts(lp_ctx *c, int64_t *counts, const int32_t *idx
     int slices, rows_per;
     lp_status st = col_split(c, N, tiles, &slices, &rows_per);
     if (st != LP_OK) return st;
-    LP_LAUNCH(dim3(tiles, slices), dim3(32, kColRows), 0, lp_stream(c), fire_dense_kernel)(counts, f, N, S, rows_per);
+    LP_LAUNCH(dim3(tiles, slices), dim3(32, kColRows), 0, cuda_stream_of(c), fire_dense_kernel)(counts, f, N, S, rows_per);
     LP_LAUNCH_CHECK("fire_dense_kernel");
     return LP_OK;
 }

@@ -200,11 +200,11 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
     }
 }
 
-lp_status lp_cuda_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre, int N, int S, int K) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_topk");
+lp_status cuda_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre, int N, int S, int K) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_topk");
     LP_CUDA_REQUIRE(N > 0 && S > 0 && K >= 1 && K <= S && idx && val && pre,
-                    "lp_cuda_sae_topk: bad arguments (N=%d S=%d K=%d)", N, S, K);
-    LP_CUDA_REQUIRE(K <= kTopkMaxK, "lp_cuda_sae_topk: k=%d exceeds %d", K, kTopkMaxK);
+                    "cuda_sae_topk: bad arguments (N=%d S=%d K=%d)", N, S, K);
+    LP_CUDA_REQUIRE(K <= kTopkMaxK, "cuda_sae_topk: k=%d exceeds %d", K, kTopkMaxK);
     int P = 1;
     while (P < K) P <<= 1;
     int optin = 0;
@@ -219,9 +219,9 @@ lp_status lp_cuda_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre
     if (in_smem) {
         if (dyn > 48 * 1024)
             LP_CUDA_CHECK(cudaFuncSetAttribute(topk_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn));
-        LP_LAUNCH((unsigned)N, block, dyn, lp_stream(c), topk_kernel<true>)(idx, val, pre, S, K, P);
+        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<true>)(idx, val, pre, S, K, P);
     } else {
-        LP_LAUNCH((unsigned)N, block, dyn, lp_stream(c), topk_kernel<false>)(idx, val, pre, S, K, P);
+        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<false>)(idx, val, pre, S, K, P);
     }
     LP_LAUNCH_CHECK("topk_kernel");
     return LP_OK;
@@ -299,15 +299,15 @@ __global__ void kth_select_kernel(int shift) {
     for (int i = threadIdx.x; i < 256; i += 32) g_kth_hist[i] = 0; // radix_pick's reads are done
 }
 
-lp_status lp_cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count) {
-    LP_CUDA_REQUIRE_CTX(c, "lp_cuda_sae_kth_largest");
-    LP_CUDA_REQUIRE(t && pre && count < n, "lp_cuda_sae_kth_largest: bad arguments (n=%zu count=%zu)", n, count);
+lp_status cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_kth_largest");
+    LP_CUDA_REQUIRE(t && pre && count < n, "cuda_sae_kth_largest: bad arguments (n=%zu count=%zu)", n, count);
     int sms = 0;
     lp_status st = sm_count(c, &sms);
     if (st != LP_OK) return st;
     size_t grid = (n + kBlock - 1) / kBlock, cap = (size_t)sms * 8;
     if (grid > cap) grid = cap;
-    cudaStream_t s = lp_stream(c);
+    cudaStream_t s = cuda_stream_of(c);
     LP_LAUNCH(1, 256, 0, s, kth_init_kernel)((unsigned long long)count + 1);
     LP_LAUNCH_CHECK("kth_init_kernel");
     for (int shift = 24; shift >= 0; shift -= 8) {

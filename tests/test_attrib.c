@@ -409,7 +409,7 @@ static void weight_fd(const char *dir, const char *const *names, int nn) {
         for (int p = 0; p < m->w.n; p++)
             if (!strcmp(m->w.params[p].name, names[i])) idx = p;
         cr_assert(idx >= 0);
-        float *w = lp_param(m, idx); /* F32 on the CPU: perturb an entry in place */
+        float *w = param_ptr(m, idx); /* F32 on the CPU: perturb an entry in place */
         double gmax = 0, worst = 0;
         for (size_t j = 0; j < n; j++) gmax = fmax(gmax, fabs(grad[j]));
         uint64_t s = 7 + i;

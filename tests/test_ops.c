@@ -196,7 +196,7 @@ Test(ops, attention_fused_and_three_step) {
         ref_attention(q, k, v, B, T, H, Hkv, dh, rz, rs, rp);
         cr_assert_eq(lp_attention(&cpu, z, q, k, v, B, T, H, Hkv, dh), LP_OK);
         check("attention", T, H, seed, z, rz, nq);
-        lp_cpu_attention_rows(z, q, k, v, B, T, H, Hkv, dh); /* the fallback form */
+        cpu_attention_rows(z, q, k, v, B, T, H, Hkv, dh); /* the fallback form */
         check("attention", T, H, seed, z, rz, nq);
         cr_assert_eq(lp_attn_scores(&cpu, sc, q, k, B, T, H, Hkv, dh), LP_OK);
         check("attn_scores", T, H, seed, sc, rs, ns); /* -inf entries must match exactly */

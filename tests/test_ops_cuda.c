@@ -585,7 +585,7 @@ Test(ops_cuda, contexts_on_two_devices_in_one_thread) {
     LP_TEST_REQUIRE_GPU();
     setenv("LOUPE_EMU_DEVICES", "2", 1); /* read by the emulator only */
     char why[128];
-    if (lp_cuda_device_count(why, sizeof why) < 2) cr_skip_test("needs two CUDA devices");
+    if (cuda_device_count(why, sizeof why) < 2) cr_skip_test("needs two CUDA devices");
     enum { n = 1000 };
     float *x = lp_test_rand(n, 71, -1, 1), *y = lp_test_rand(n, 72, -1, 1), ref[n], got[n];
     for (int i = 0; i < n; i++) ref[i] = x[i] + y[i];
@@ -597,7 +597,7 @@ Test(ops_cuda, contexts_on_two_devices_in_one_thread) {
     OK(lp_ctx_alloc(&a, n * 4, &dout));
     memset(&b, 0, sizeof b);
     b.device = LP_CUDA, b.dtype = LP_F32, b.cuda_device = 1;
-    OK(lp_cuda_ctx_init(&b)); /* device 1 is now the thread's current device */
+    OK(cuda_ctx_init(&b)); /* device 1 is now the thread's current device */
     void *db;
     OK(lp_ctx_alloc(&b, n * 4, &db));
     OK(lp_ctx_to_device(&b, db, x, n * 4));
@@ -617,8 +617,8 @@ Test(ops_cuda, contexts_on_two_devices_in_one_thread) {
 }
 
 /* ---- random weights on the device ----
- * lp_cuda_init_weights gives the host's base + lp_rng_init_weight values bit for bit (after
- * the rounding to bf16 the host's upload does), and lp_rng_init_weight_skip the state the
+ * cuda_init_weights gives the host's base + rng_init_weight values bit for bit (after
+ * the rounding to bf16 the host's upload does), and rng_init_weight_skip the state the
  * host loop leaves: random models are the same on both sides. */
 Test(ops_cuda, init_weights_match_the_host_generator) {
     LP_TEST_REQUIRE_GPU();
@@ -631,13 +631,13 @@ Test(ops_cuda, init_weights_match_the_host_generator) {
             const uint64_t s0 = 1 + 977 * si;
             uint64_t s = s0;
             float *ref = zeros(n);
-            for (size_t j = 0; j < n; j++) ref[j] = base + lp_rng_init_weight(&s);
-            cr_expect_eq(lp_rng_init_weight_skip(s0, n), s, "state after %zu values", n);
+            for (size_t j = 0; j < n; j++) ref[j] = base + rng_init_weight(&s);
+            cr_expect_eq(rng_init_weight_skip(s0, n), s, "state after %zu values", n);
             round_act(dt, ref, n);
             gpu g;
             gpu_init(&g, dt);
             void *d = gpu_alloc(&g, act_bytes(&g, n));
-            OK(lp_cuda_init_weights(&g.c, d, n, s0, base));
+            OK(cuda_init_weights(&g.c, d, n, s0, base));
             float *got = gpu_get_act(&g, d, n);
             size_t bad = 0;
             for (size_t j = 0; j < n; j++) bad += memcmp(&got[j], &ref[j], 4) != 0;

@@ -130,7 +130,7 @@ Test(gemma_ops, attention_options_fused_rows_and_three_steps) {
 
             OK(lp_attention_cfg(&cpu, z, q, k, v, s.B, s.T, s.H, s.Hkv, s.dh, &g));
             check("attention", label, seed, z, rz, nq);
-            lp_cpu_attention_rows_cfg(z, q, k, v, s.B, s.T, s.H, s.Hkv, s.dh, &g); /* the fallback form */
+            cpu_attention_rows_cfg(z, q, k, v, s.B, s.T, s.H, s.Hkv, s.dh, &g); /* the fallback form */
             check("attention", label, seed, z, rz, nq);
             OK(lp_attn_scores_cfg(&cpu, sc, q, k, s.B, s.T, s.H, s.Hkv, s.dh, &g));
             check("attn_scores", label, seed, sc, rs, ns); /* -inf exactly where masked */

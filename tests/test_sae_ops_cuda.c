@@ -552,7 +552,7 @@ Test(sae_ops_cuda, runner_refuses_a_bf16_context) {
     lp_sae *s;
     OK(lp_sae_alloc(&s, &cfg, &c));
     sae_runner *r = NULL;
-    cr_expect_eq(lp_sae_runner_new(&r, s, &c, 4, 1, 0), LP_ERR_ARG);
+    cr_expect_eq(sae_runner_new(&r, s, &c, 4, 1, 0), LP_ERR_ARG);
     cr_expect(strstr(lp_last_error(), "F32") != NULL, "%s", lp_last_error());
     cr_expect(r == NULL);
     lp_sae_free(s, &c);

@@ -51,7 +51,7 @@ static void init_ref(params *p, const float *x, lp_sae_arch arch, uint64_t seed)
     for (int i = 0; i < S; i++) {
         double nrm = 0;
         for (int j = 0; j < D; j++) {
-            wd[i * D + j] = (float)((2 * lp_rng_uniform(&rng) - 1) * bound);
+            wd[i * D + j] = (float)((2 * rng_uniform(&rng) - 1) * bound);
             nrm += (double)wd[i * D + j] * wd[i * D + j];
         }
         nrm = sqrt(nrm);

@@ -101,7 +101,7 @@ static void run_case(const fixture *f, scase *k) {
     lp_hooks_clear(m);
     if (k->sae) {
         lp_sae *s = k->sae->s;
-        lp_sae_runner_free(k->sae);
+        sae_runner_free(k->sae);
         lp_sae_free(s, lp_model_ctx(m));
     }
     free(k->vec);
@@ -179,7 +179,7 @@ static lp_status splice(const char *hook, lp_tensor *act, void *user) {
     int64_t numel = lp_shape_numel(act->shape, act->ndim);
     cr_assert(numel % r->D == 0 && numel / r->D <= r->N);
     memcpy(r->x, act->data, numel * sizeof(float));
-    LP_CHECK(lp_sae_runner_forward(r, (int)(numel / r->D), 0));
+    LP_CHECK(sae_runner_forward(r, (int)(numel / r->D), 0));
     memcpy(act->data, r->xhat, numel * sizeof(float));
     return LP_OK;
 }
@@ -195,7 +195,7 @@ static void sae_splice(lp_model *m, scase *k, int T) {
         lp_test_fill(s->b_enc, cf.d_sae, 22, -0.2f, 0.1f);
         lp_test_fill(s->W_dec, (size_t)cf.d_sae * D, 23, -0.15f, 0.15f);
         lp_test_fill(s->b_dec, D, 24, -0.1f, 0.1f);
-        cr_assert_eq(lp_sae_runner_new(&k->sae, s, lp_model_ctx(m), lp_model_config(m)->n_ctx, 0, 0), LP_OK, "%s", lp_last_error());
+        cr_assert_eq(sae_runner_new(&k->sae, s, lp_model_ctx(m), lp_model_config(m)->n_ctx, 0, 0), LP_OK, "%s", lp_last_error());
     }
     edit(m, "blocks.0.hook_resid_post", (lp_edit_spec){.fn = splice, .user = k->sae});
 }

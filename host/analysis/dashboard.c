@@ -23,7 +23,7 @@ void lp_dash_defaults(lp_dash_opts *o) {
     o->batch_tokens = 4096;
 }
 
-uint64_t lp_dash_hash(uint64_t x) { /* splitmix64's finalizer: every input bit moves every output bit */
+uint64_t dash_hash(uint64_t x) { /* splitmix64's finalizer: every input bit moves every output bit */
     x += 0x9e3779b97f4a7c15ULL;
     x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
     x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
@@ -163,7 +163,7 @@ static void scan_batch(pass *p, int n, unsigned char *scratch) {
     for (int i = 0; i < n; i++) {
         int64_t t = p->t0 + i;
         if (t % p->ctx < o->skip_positions) continue;
-        uint64_t h = lp_dash_hash((uint64_t)t ^ o->seed);
+        uint64_t h = dash_hash((uint64_t)t ^ o->seed);
         if (p->idx) {
             for (int k = 0; k < p->K; k++) {
                 float v = p->val[(size_t)i * p->K + k];

@@ -29,7 +29,7 @@ typedef struct lstate {
 #define ENT(base, i, stride) ((ent *)((base) + (size_t)(i) * (stride)))
 
 /* The hash that picks band samples: splitmix64's finalizer of token ^ seed. */
-uint64_t lp_dash_hash(uint64_t x);
+uint64_t dash_hash(uint64_t x);
 double dash_now(void);
 
 /* Encodes batches of the store with the SAE: dense f [n, L] over the chosen latents only

@@ -22,18 +22,18 @@ static lp_status weight(lp_lens_ctx *lx, const char *name, float **w) {
     int idx = -1;
     for (int i = 0; i < m->w.n && idx < 0; i++)
         if (strcmp(m->w.params[i].name, name) == 0) idx = i;
-    if (idx < 0 || !lp_param(m, idx)) return LP_OK;
+    if (idx < 0 || !param_ptr(m, idx)) return LP_OK;
     const param *p = &m->w.params[idx];
     size_t n = (size_t)p->shape[0] * (p->ndim == 2 ? (size_t)p->shape[1] : 1);
     lp_ctx *c = &m->ctx;
     if (c->device == LP_CPU && c->dtype == LP_F32) {
-        *w = lp_param(m, idx);
+        *w = param_ptr(m, idx);
         return LP_OK;
     }
     float *h = malloc(n * sizeof *h);
-    void *raw = c->dtype == LP_F32 ? (void *)h : malloc(n * lp_act_size(m));
+    void *raw = c->dtype == LP_F32 ? (void *)h : malloc(n * act_elem_bytes(m));
     lp_status st = h && raw ? LP_OK : LP_ERR(LP_ERR_OOM, "lens: out of memory for %s", name);
-    if (st == LP_OK) st = lp_ctx_to_host(c, raw, lp_param(m, idx), n * lp_act_size(m));
+    if (st == LP_OK) st = lp_ctx_to_host(c, raw, param_ptr(m, idx), n * act_elem_bytes(m));
     if (st == LP_OK && raw != h) st = lp_convert_host(h, LP_F32, raw, c->dtype, n);
     if (raw != h) free(raw);
     if (st != LP_OK) {

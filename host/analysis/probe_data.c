@@ -36,7 +36,7 @@ static int64_t read_int(const unsigned char *p, const int_type *t) {
 static lp_status npy_header(const unsigned char *buf, size_t n, const char *path, const int_type **ty, int *nd, int64_t dims[2],
                             size_t *data_off) {
     lp_npy h;
-    LP_CHECK(lp_npy_parse(buf, n, path, &h));
+    LP_CHECK(npy_parse_buf(buf, n, path, &h));
     *ty = NULL;
     for (size_t i = 0; i < sizeof g_int_types / sizeof *g_int_types; i++)
         if (strcmp(h.descr, g_int_types[i].descr) == 0 ||
@@ -143,7 +143,7 @@ static lp_status all_hooks(const char *dir, char ***names, int *n) {
     *names = NULL, *n = 0;
     snprintf(path, sizeof path, "%s/meta.json", dir);
     int absent;
-    cJSON *j = lp_json_load(path, &absent);
+    cJSON *j = json_load(path, &absent);
     const cJSON *hooks = cJSON_GetObjectItemCaseSensitive(j, "hooks"), *h;
     int cap = cJSON_IsArray(hooks) ? cJSON_GetArraySize(hooks) : 0;
     lp_st_file f = {0};

@@ -24,7 +24,7 @@ lp_status lp_probe_split(int64_t n_seq, const unsigned char *has_rows, int folds
     }
     uint64_t s = seed;
     for (int64_t i = S - 1; i > 0; i--) { /* Fisher-Yates with splitmix64 */
-        int64_t j = (int64_t)(lp_rng_next(&s) % (uint64_t)(i + 1)), t = perm[i];
+        int64_t j = (int64_t)(rng_next(&s) % (uint64_t)(i + 1)), t = perm[i];
         perm[i] = perm[j], perm[j] = t;
     }
     int64_t n_test = (int64_t)llround(test_frac * (double)S);

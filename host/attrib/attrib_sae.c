@@ -22,7 +22,7 @@ static lp_status sae_run(sae_runner *r, lp_ctx *c, const float *x, int n, float 
     const lp_sae_cfg *cf = &r->s->cfg;
     int D = cf->d_in, S = cf->d_sae;
     LP_CHECK(lp_ctx_to_device(c, r->x, x, (size_t)n * D * 4));
-    LP_CHECK(lp_sae_runner_forward(r, n, 0));
+    LP_CHECK(sae_runner_forward(r, n, 0));
     LP_CHECK(lp_ctx_to_host(c, xhat, r->xhat, (size_t)n * cf->d_out * 4));
     if (cf->arch != LP_SAE_TOPK) return lp_ctx_to_host(c, f, r->f, (size_t)n * S * 4);
     int K = r->K;
@@ -81,10 +81,10 @@ lp_status lp_attrib_sae(lp_model *m, struct lp_sae *sae, lp_ctx *c, const int32_
     if (st == LP_OK) memcpy(gx, g.data, ND * 4);
     lp_hooks_clear(m);
     /* latents of both runs, and d metric / d f = grad_x W_dec^T */
-    if (st == LP_OK) st = lp_sae_runner_cached(sae, c, N, &r);
+    if (st == LP_OK) st = sae_runner_cached(sae, c, N, &r);
     if (st == LP_OK) st = sae_run(r, c, xc, N, fc, hc);
     if (st == LP_OK) st = sae_run(r, c, xx, N, fx, hx);
-    if (st == LP_OK) st = lp_sae_scratch(sae, c, (ND + NS) * 4, &scr);
+    if (st == LP_OK) st = sae_scratch(sae, c, (ND + NS) * 4, &scr);
     float *gdev = scr, *gfdev = gdev ? gdev + ND : NULL;
     if (st == LP_OK) st = lp_ctx_to_device(c, gdev, gx, ND * 4);
     if (st == LP_OK) st = lp_matmul(c, gfdev, gdev, sae->W_dec, NULL, N, D, S, 1);

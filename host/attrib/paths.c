@@ -158,7 +158,7 @@ void paths_freeze_free(frozen *fz) {
 }
 
 int paths_frozen(const lp_model *m, const frozen *fz, int kind, int layer) {
-    int id = lp_hook_id(m, kind, layer);
+    int id = hook_id(m, kind, layer);
     for (int i = 0; id >= 0 && i < fz->n; i++)
         if (fz->id[i] == id) return 1;
     return 0;
@@ -171,7 +171,7 @@ lp_status paths_param(lp_model *m, const char *name, float **out, int64_t *rows,
     for (int i = 0; i < m->w.n; i++) {
         if (strcmp(m->w.params[i].name, name) != 0) continue;
         const param *p = &m->w.params[i];
-        size_t n = (size_t)p->shape[0] * (p->shape[1] ? p->shape[1] : 1), es = lp_act_size(m);
+        size_t n = (size_t)p->shape[0] * (p->shape[1] ? p->shape[1] : 1), es = act_elem_bytes(m);
         *rows = p->shape[0], *cols = p->shape[1];
         if (!n) return LP_OK; /* absent (a bias this model has not) */
         void *stage = m->ctx.device == LP_CPU ? NULL : malloc(n * es);
@@ -179,8 +179,8 @@ lp_status paths_param(lp_model *m, const char *name, float **out, int64_t *rows,
             free(stage), free(*out), *out = NULL;
             LP_FAIL(LP_ERR_OOM, "out of memory for %s", name);
         }
-        lp_status st = stage ? lp_ctx_to_host(&m->ctx, stage, lp_param(m, i), n * es) : LP_OK;
-        if (st == LP_OK) st = lp_convert_host(*out, LP_F32, stage ? stage : lp_param(m, i), m->ctx.dtype, n);
+        lp_status st = stage ? lp_ctx_to_host(&m->ctx, stage, param_ptr(m, i), n * es) : LP_OK;
+        if (st == LP_OK) st = lp_convert_host(*out, LP_F32, stage ? stage : param_ptr(m, i), m->ctx.dtype, n);
         free(stage);
         if (st != LP_OK) free(*out), *out = NULL;
         return st;

@@ -11,19 +11,19 @@
 extern "C" {
 #endif
 
-lp_status lp_cuda_ctx_init(lp_ctx *c);
-void lp_cuda_ctx_free(lp_ctx *c);
-lp_status lp_cuda_alloc(lp_ctx *c, size_t bytes, void **p);
-void lp_cuda_release(lp_ctx *c, void *p);
-lp_status lp_cuda_alloc_host(lp_ctx *c, size_t bytes, void **p);
-void lp_cuda_release_host(lp_ctx *c, void *p);
-lp_status lp_cuda_memset0(lp_ctx *c, void *p, size_t bytes);
-lp_status lp_cuda_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes);
-lp_status lp_cuda_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes);
-lp_status lp_cuda_copy(lp_ctx *c, void *dst, const void *src, size_t bytes);
-lp_status lp_cuda_sync(lp_ctx *c);
-lp_status lp_cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes); /* kernels/capture.cu */
-int lp_cuda_device_count(char *why, size_t n);
+lp_status cuda_ctx_init(lp_ctx *c);
+void cuda_ctx_free(lp_ctx *c);
+lp_status cuda_alloc(lp_ctx *c, size_t bytes, void **p);
+void cuda_release(lp_ctx *c, void *p);
+lp_status cuda_alloc_host(lp_ctx *c, size_t bytes, void **p);
+void cuda_release_host(lp_ctx *c, void *p);
+lp_status cuda_memset0(lp_ctx *c, void *p, size_t bytes);
+lp_status cuda_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes);
+lp_status cuda_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes);
+lp_status cuda_copy(lp_ctx *c, void *dst, const void *src, size_t bytes);
+lp_status cuda_sync(lp_ctx *c);
+lp_status cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes); /* kernels/capture.cu */
+int cuda_device_count(char *why, size_t n);
 
 #ifdef __cplusplus
 }

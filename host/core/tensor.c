@@ -131,17 +131,17 @@ lp_status lp_ctx_init(lp_ctx *c, lp_device dev, lp_dtype dtype) {
     }
     if (dtype != LP_F32 && dtype != LP_BF16)
         LP_FAIL(LP_ERR_ARG, "the CUDA engine computes in f32 or bf16 (asked for %s)", lp_dtype_name(dtype));
-    return lp_cuda_ctx_init(c);
+    return cuda_ctx_init(c);
 }
 
 void lp_ctx_free(lp_ctx *c) {
-    if (c->device == LP_CUDA) lp_cuda_ctx_free(c);
+    if (c->device == LP_CUDA) cuda_ctx_free(c);
     memset(c, 0, sizeof *c);
 }
 
 lp_status lp_ctx_alloc(lp_ctx *c, size_t bytes, void **p) {
     if (c->device == LP_CUDA) {
-        LP_CHECK(lp_cuda_alloc(c, bytes, p));
+        LP_CHECK(cuda_alloc(c, bytes, p));
     } else {
         *p = NULL;
         if (posix_memalign(p, 64, bytes ? (bytes + 63) / 64 * 64 : 64) != 0)
@@ -153,55 +153,55 @@ lp_status lp_ctx_alloc(lp_ctx *c, size_t bytes, void **p) {
 
 void lp_ctx_release(lp_ctx *c, void *p) {
     if (!p) return;
-    if (c->device == LP_CUDA) lp_cuda_release(c, p);
+    if (c->device == LP_CUDA) cuda_release(c, p);
     else free(p);
 }
 
 lp_status lp_ctx_alloc_host(lp_ctx *c, size_t bytes, void **p) {
-    if (c->device == LP_CUDA) return lp_cuda_alloc_host(c, bytes, p);
+    if (c->device == LP_CUDA) return cuda_alloc_host(c, bytes, p);
     return lp_ctx_alloc(c, bytes, p);
 }
 
 void lp_ctx_release_host(lp_ctx *c, void *p) {
     if (!p) return;
-    if (c->device == LP_CUDA) lp_cuda_release_host(c, p);
+    if (c->device == LP_CUDA) cuda_release_host(c, p);
     else free(p);
 }
 
 lp_status lp_ctx_memset0(lp_ctx *c, void *p, size_t bytes) {
-    if (c->device == LP_CUDA) return lp_cuda_memset0(c, p, bytes);
+    if (c->device == LP_CUDA) return cuda_memset0(c, p, bytes);
     memset(p, 0, bytes);
     return LP_OK;
 }
 
 lp_status lp_ctx_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes) {
-    if (c->device == LP_CUDA) return lp_cuda_to_device(c, dst, src, bytes);
+    if (c->device == LP_CUDA) return cuda_to_device(c, dst, src, bytes);
     memmove(dst, src, bytes);
     return LP_OK;
 }
 
 lp_status lp_ctx_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes) {
-    if (c->device == LP_CUDA) return lp_cuda_to_host(c, dst, src, bytes);
+    if (c->device == LP_CUDA) return cuda_to_host(c, dst, src, bytes);
     memmove(dst, src, bytes);
     return LP_OK;
 }
 
 lp_status lp_ctx_copy(lp_ctx *c, void *dst, const void *src, size_t bytes) {
-    if (c->device == LP_CUDA) return lp_cuda_copy(c, dst, src, bytes);
+    if (c->device == LP_CUDA) return cuda_copy(c, dst, src, bytes);
     memmove(dst, src, bytes);
     return LP_OK;
 }
 
 lp_status lp_ctx_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
-    if (c->device == LP_CUDA) return lp_cuda_to_host_async(c, dst, src, bytes);
+    if (c->device == LP_CUDA) return cuda_to_host_async(c, dst, src, bytes);
     memmove(dst, src, bytes);
     return LP_OK;
 }
 
-lp_status lp_ctx_sync(lp_ctx *c) { return c->device == LP_CUDA ? lp_cuda_sync(c) : LP_OK; }
+lp_status lp_ctx_sync(lp_ctx *c) { return c->device == LP_CUDA ? cuda_sync(c) : LP_OK; }
 
 int lp_cuda_available(char *why, size_t n) {
-    int count = lp_cuda_device_count(why, n);
+    int count = cuda_device_count(why, n);
     if (count <= 0 && why && n && !why[0]) snprintf(why, n, "no CUDA device found");
     return count > 0;
 }

@@ -15,7 +15,7 @@ static const cJSON *get(const cJSON *o, const char *key) {
     return cJSON_IsNull(v) ? NULL : v;
 }
 
-cJSON *lp_json_load(const char *path, int *absent) {
+cJSON *json_load(const char *path, int *absent) {
     size_t n;
     char *buf = lp_read_file(path, &n);
     *absent = buf == NULL;
@@ -25,9 +25,9 @@ cJSON *lp_json_load(const char *path, int *absent) {
     return r;
 }
 
-lp_status lp_jcfg_open(const char *path, cJSON **root) {
+lp_status jcfg_open(const char *path, cJSON **root) {
     int absent;
-    cJSON *r = lp_json_load(path, &absent);
+    cJSON *r = json_load(path, &absent);
     *root = NULL;
     if (absent) LP_FAIL(LP_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     if (!cJSON_IsObject(r)) {
@@ -38,7 +38,7 @@ lp_status lp_jcfg_open(const char *path, cJSON **root) {
     return LP_OK;
 }
 
-lp_status lp_jcfg_int(const char *path, const cJSON *o, const char *key, int lo, int hi, int dflt, int *out) {
+lp_status jcfg_int(const char *path, const cJSON *o, const char *key, int lo, int hi, int dflt, int *out) {
     const cJSON *v = get(o, key);
     if (!v) {
         if (dflt < 0) LP_FAIL(LP_ERR_FORMAT, "%s: \"%s\" is missing", path, key);
@@ -52,7 +52,7 @@ lp_status lp_jcfg_int(const char *path, const cJSON *o, const char *key, int lo,
     return LP_OK;
 }
 
-lp_status lp_jcfg_num(const char *path, const cJSON *o, const char *where, const char *key, double lo, double hi, double dflt,
+lp_status jcfg_num(const char *path, const cJSON *o, const char *where, const char *key, double lo, double hi, double dflt,
                      double *out) {
     const cJSON *v = get(o, key);
     if (!v) {
@@ -69,7 +69,7 @@ lp_status lp_jcfg_num(const char *path, const cJSON *o, const char *where, const
     return LP_OK;
 }
 
-lp_status lp_jcfg_bool(const char *path, const cJSON *o, const char *key, int dflt, int *out) {
+lp_status jcfg_bool(const char *path, const cJSON *o, const char *key, int dflt, int *out) {
     const cJSON *v = get(o, key);
     if (!v) {
         *out = dflt;
@@ -80,7 +80,7 @@ lp_status lp_jcfg_bool(const char *path, const cJSON *o, const char *key, int df
     return LP_OK;
 }
 
-lp_status lp_jcfg_str(const char *path, const cJSON *o, const char *where, const char *key, const char *dflt, const char **out) {
+lp_status jcfg_str(const char *path, const cJSON *o, const char *where, const char *key, const char *dflt, const char **out) {
     const cJSON *v = get(o, key);
     if (!v) {
         *out = dflt;

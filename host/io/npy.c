@@ -42,7 +42,7 @@ static int parse_shape(const char *s, lp_npy *h) {
     }
 }
 
-lp_status lp_npy_parse(const unsigned char *p, size_t n, const char *what, lp_npy *h) {
+lp_status npy_parse_buf(const unsigned char *p, size_t n, const char *what, lp_npy *h) {
     memset(h, 0, sizeof *h);
     if (n < 10 || memcmp(p, "\x93NUMPY", 6) != 0)
         LP_FAIL(LP_ERR_FORMAT, "%s: %s", what, n == 0 ? "empty file" : "not a .npy array (bad magic)");
@@ -81,7 +81,7 @@ lp_status lp_npy_parse(const unsigned char *p, size_t n, const char *what, lp_np
     return st;
 }
 
-lp_status lp_npy_data_bytes(const lp_npy *h, size_t itemsize, const char *what, size_t *bytes) {
+lp_status npy_data_bytes(const lp_npy *h, size_t itemsize, const char *what, size_t *bytes) {
     size_t need = itemsize;
     int over = 0;
     for (int i = 0; i < h->ndim; i++) over |= __builtin_mul_overflow(need, (size_t)h->shape[i], &need);

@@ -20,10 +20,10 @@ typedef struct lp_npy {
 /* Parses the header of the .npy held in p[0, n). `what` names it in messages ("path" or
  * "path: entry 'W_enc'"). Refuses bad magic, versions other than 1-3, a header that runs
  * past n, keys missing or malformed, Fortran order, and more than LP_MAX_DIMS dims. */
-lp_status lp_npy_parse(const unsigned char *p, size_t n, const char *what, lp_npy *h);
+lp_status npy_parse_buf(const unsigned char *p, size_t n, const char *what, lp_npy *h);
 
 /* The data bytes the shape needs at `itemsize` bytes each, or an LP_ERR_FORMAT naming
  * `what` when that overflows or is more than the file holds after the header. */
-lp_status lp_npy_data_bytes(const lp_npy *h, size_t itemsize, const char *what, size_t *bytes);
+lp_status npy_data_bytes(const lp_npy *h, size_t itemsize, const char *what, size_t *bytes);
 
 #endif

@@ -166,7 +166,7 @@ lp_status lp_st_set_open(lp_st_set *s, const char *dir) {
     memset(s, 0, sizeof *s);
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
     int absent;
-    cJSON *root = lp_json_load(path, &absent);
+    cJSON *root = json_load(path, &absent);
     if (absent) {
         if (!(s->files = calloc(1, sizeof *s->files))) LP_FAIL(LP_ERR_OOM, "%s: out of memory", dir);
         snprintf(path, sizeof path, "%s/model.safetensors", dir);

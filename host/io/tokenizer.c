@@ -97,7 +97,7 @@ void lp_tokenizer_free(lp_tokenizer *t) {
     free(t->match.order[0]), free(t->match.order[1]); /* match.tok is added */
     for (int i = 0; i < t->n_pre; i++) pcre2_code_free(t->pre[i].re);
     free(t->prefix), free(t->suffix), free(t->source);
-    lp_spm_free(t->spm);
+    spm_free(t->spm);
     free(t);
 }
 
@@ -247,7 +247,7 @@ static lp_status finish(lp_tokenizer *t) {
         }
     }
     t->match.tok = t->added, t->match.n = t->n_added;
-    LP_CHECK(lp_added_index(&t->match, t->source));
+    LP_CHECK(added_index(&t->match, t->source));
     for (int b = 0; b < 256; b++) {
         char c[4];
         int n = tok_utf8_put(c, t->byte_cp[b]);
@@ -266,7 +266,7 @@ static lp_status finish(lp_tokenizer *t) {
         int all = 1;
         for (size_t i = 0; i < n && all;) {
             int32_t cp;
-            i += (size_t)lp_utf8_decode(s + i, &cp);
+            i += (size_t)utf8_decode(s + i, &cp);
             if (cp < 324 && t->cp_byte[cp] >= 0) t->dec[id][k++] = (char)t->cp_byte[cp];
             else all = 0;
         }
@@ -389,8 +389,8 @@ static lp_status load_json(lp_tokenizer *t, const char *path) {
         LP_FAIL(LP_ERR_FORMAT, "%s: is not a JSON object (parse error near byte %ld)", path, off);
     }
     free(buf);
-    if (lp_spm_json_applies(root)) {
-        st = lp_spm_from_json(&t->spm, root, path, len);
+    if (spm_json_applies(root)) {
+        st = spm_from_json(&t->spm, root, path, len);
         goto out;
     }
     const cJSON *e;
@@ -445,7 +445,7 @@ static lp_status load_json(lp_tokenizer *t, const char *path) {
         const char *slash = strrchr(path, '/');
         snprintf(cfg_path, sizeof cfg_path, "%.*stokenizer_config.json", slash ? (int)(slash - path + 1) : 0, path);
         int absent;
-        cJSON *cfg = lp_json_load(cfg_path, &absent);
+        cJSON *cfg = json_load(cfg_path, &absent);
         if (!absent) {
             if (!cJSON_IsObject(cfg)) {
                 cJSON_Delete(cfg);
@@ -488,7 +488,7 @@ static lp_status load_gguf(lp_tokenizer *t, const lp_gguf *g) {
     const char *s;
     size_t n;
     LP_CHECK(lp_gguf_get_str(g, "tokenizer.ggml.model", &s, &n));
-    if (n == 5 && memcmp(s, "llama", 5) == 0) return lp_spm_from_gguf(&t->spm, g);
+    if (n == 5 && memcmp(s, "llama", 5) == 0) return spm_from_gguf(&t->spm, g);
     if (!(n == 4 && memcmp(s, "gpt2", 4) == 0))
         LP_FAIL(LP_ERR_FORMAT, "%s: tokenizer.ggml.model '%.*s' is not supported; only byte-level BPE ('gpt2') is", t->source, (int)n, s);
 

@@ -9,7 +9,7 @@
 
 #include "io/tokenizer_added.h"
 
-int lp_utf8_decode(const char *s, int32_t *cp) {
+int utf8_decode(const char *s, int32_t *cp) {
     const unsigned char *u = (const unsigned char *)s;
     if (u[0] < 0x80) { *cp = u[0]; return 1; }
     if (u[0] < 0xE0) { *cp = ((u[0] & 0x1F) << 6) | (u[1] & 0x3F); return 2; }
@@ -80,15 +80,15 @@ static lp_status reserve_one(lp_added_set *s, const char *source) {
     return LP_OK;
 }
 
-const lp_added_tok *lp_added_find(const lp_added_set *s, const char *content, size_t len) {
+const lp_added_tok *added_find(const lp_added_set *s, const char *content, size_t len) {
     if (!s->n_slot) return NULL;
     int e = *find_slot(s, content, len);
     return e ? &s->tok[e - 1] : NULL;
 }
 
-lp_status lp_added_put(lp_added_set *s, const char *content, size_t len, int32_t id, int special, int lstrip,
+lp_status added_put(lp_added_set *s, const char *content, size_t len, int32_t id, int special, int lstrip,
                        int rstrip, int single_word, int normalized, const char *source) {
-    lp_added_tok *a = (lp_added_tok *)lp_added_find(s, content, len);
+    lp_added_tok *a = (lp_added_tok *)added_find(s, content, len);
     if (!a) {
         LP_CHECK(reserve_one(s, source));
         a = &s->tok[s->n];
@@ -107,7 +107,7 @@ lp_status lp_added_put(lp_added_set *s, const char *content, size_t len, int32_t
     return LP_OK;
 }
 
-void lp_added_free(lp_added_set *s) {
+void added_free(lp_added_set *s) {
     for (int i = 0; i < s->n; i++) {
         if (s->tok[i].match != s->tok[i].content) free(s->tok[i].match);
         free(s->tok[i].content);
@@ -123,7 +123,7 @@ static int longest_first(const void *x, const void *y) {
     return (a->i > b->i) - (a->i < b->i);
 }
 
-lp_status lp_added_index(lp_added_set *s, const char *source) {
+lp_status added_index(lp_added_set *s, const char *source) {
     by_len *ix = malloc((size_t)(s->n ? s->n : 1) * sizeof *ix);
     if (!ix) LP_FAIL(LP_ERR_OOM, "%s: out of memory", source);
     for (int k = 0; k < 2; k++) {
@@ -152,11 +152,11 @@ lp_status lp_added_index(lp_added_set *s, const char *source) {
 
 static int starts_with_word(const char *s, size_t n) {
     int32_t cp;
-    return n > 0 && (lp_utf8_decode(s, &cp), is_word_char(cp));
+    return n > 0 && (utf8_decode(s, &cp), is_word_char(cp));
 }
 static int ends_with_word(const char *s, size_t n) {
     int32_t cp;
-    return n > 0 && (lp_utf8_decode(s + utf8_prev(s, n), &cp), is_word_char(cp));
+    return n > 0 && (utf8_decode(s + utf8_prev(s, n), &cp), is_word_char(cp));
 }
 
 /* The leftmost position at or after pos where a token matches, and the longest one there. */
@@ -174,7 +174,7 @@ static const lp_added_tok *next_match(const lp_added_set *set, int k, const char
     return NULL;
 }
 
-lp_status lp_added_split(const lp_added_set *set, int normalized, const char *s, size_t n, lp_added_gap_fn gap,
+lp_status added_split(const lp_added_set *set, int normalized, const char *s, size_t n, lp_added_gap_fn gap,
                          lp_added_tok_fn tok, void *ctx) {
     int k = normalized ? 1 : 0;
     size_t start_offset = 0, pos = 0, at;
@@ -189,7 +189,7 @@ lp_status lp_added_split(const lp_added_set *set, int normalized, const char *s,
             while (ns > 0) {
                 int32_t cp;
                 size_t p = utf8_prev(s, ns);
-                lp_utf8_decode(s + p, &cp);
+                utf8_decode(s + p, &cp);
                 if (!is_white_space(cp)) break;
                 ns = p;
             }
@@ -197,7 +197,7 @@ lp_status lp_added_split(const lp_added_set *set, int normalized, const char *s,
         }
         while (hit->rstrip && stop < n) {
             int32_t cp;
-            int len = lp_utf8_decode(s + stop, &cp);
+            int len = utf8_decode(s + stop, &cp);
             if (!is_white_space(cp)) break;
             stop += (size_t)len;
         }

@@ -30,22 +30,22 @@ typedef struct {
 
 /* Adds a token, or updates the flags and id of one with the same content (a token once
  * special stays special). match starts as the content. */
-lp_status lp_added_put(lp_added_set *s, const char *content, size_t len, int32_t id, int special, int lstrip,
+lp_status added_put(lp_added_set *s, const char *content, size_t len, int32_t id, int special, int lstrip,
                        int rstrip, int single_word, int normalized, const char *source);
 /* The content's entry, or NULL. */
-const lp_added_tok *lp_added_find(const lp_added_set *s, const char *content, size_t len);
-/* After every lp_added_put and after the match strings are final: builds the search order. */
-lp_status lp_added_index(lp_added_set *s, const char *source);
-void lp_added_free(lp_added_set *s);
+const lp_added_tok *added_find(const lp_added_set *s, const char *content, size_t len);
+/* After every added_put and after the match strings are final: builds the search order. */
+lp_status added_index(lp_added_set *s, const char *source);
+void added_free(lp_added_set *s);
 
 /* Splits text[0..n) (valid UTF-8) at the tokens whose normalized flag is `normalized`:
  * each gap between matches goes to gap(ctx, ...), each match's id to tok(ctx, id), in order. */
 typedef lp_status (*lp_added_gap_fn)(void *ctx, const char *s, size_t n);
 typedef lp_status (*lp_added_tok_fn)(void *ctx, int32_t id);
-lp_status lp_added_split(const lp_added_set *s, int normalized, const char *text, size_t n, lp_added_gap_fn gap,
+lp_status added_split(const lp_added_set *s, int normalized, const char *text, size_t n, lp_added_gap_fn gap,
                          lp_added_tok_fn tok, void *ctx);
 
 /* Decodes one character of valid UTF-8 at s; returns its length in bytes. */
-int lp_utf8_decode(const char *s, int32_t *cp);
+int utf8_decode(const char *s, int32_t *cp);
 
 #endif

@@ -45,7 +45,7 @@ static lp_status bpe_word(encoder *e, const char *w, size_t n) {
     int32_t ns = 0, unk_open = 0;
     for (size_t i = 0; i < n;) {
         int32_t cp;
-        int k = lp_utf8_decode(w + i, &cp);
+        int k = utf8_decode(w + i, &cp);
         int32_t id = cp < 324 && t->cp_byte[cp] >= 0 ? t->byte_id[t->cp_byte[cp]] : sm_get(&t->vocab, w + i, (size_t)k);
         i += (size_t)k;
         if (id < 0) {
@@ -109,7 +109,7 @@ static lp_status split_regex(encoder *e, const pcre2_code *re, int next_step, in
         if (ms == me && last_match_end == (long)me) {
             if (from >= n) break;
             int32_t cp;
-            from += (size_t)lp_utf8_decode(s + from, &cp);
+            from += (size_t)utf8_decode(s + from, &cp);
             continue;
         }
         if (prev < ms) LP_CHECK(emit(e, next_step, map_bytes, s + prev, ms - prev));
@@ -145,7 +145,7 @@ static lp_status pretokenize(encoder *e, int step, const char *s, size_t n) {
         int run_numeric = -1;
         for (size_t i = 0; i < n;) {
             int32_t cp;
-            int k = lp_utf8_decode(s + i, &cp);
+            int k = utf8_decode(s + i, &cp);
             int num = is_numeric(cp);
             /* a boundary before every numeric character when individual, else at each change */
             if (i > start && (num != run_numeric || (num && p->individual_digits))) {
@@ -182,17 +182,17 @@ static lp_status after_norm_split(void *e, const char *s, size_t n) { return pre
 /* A piece between raw added tokens: normalize, then cut out the normalized added tokens. */
 static lp_status after_raw_split(void *ctx, const char *s, size_t n) {
     encoder *e = ctx;
-    if (!e->t->nfc) return lp_added_split(&e->t->match, 1, s, n, after_norm_split, push_added, e);
+    if (!e->t->nfc) return added_split(&e->t->match, 1, s, n, after_norm_split, push_added, e);
     char *norm;
     size_t len;
     LP_CHECK(tok_nfc(s, n, &norm, &len));
-    lp_status st = lp_added_split(&e->t->match, 1, norm, len, after_norm_split, push_added, e);
+    lp_status st = added_split(&e->t->match, 1, norm, len, after_norm_split, push_added, e);
     free(norm);
     return st;
 }
 
 lp_status lp_tokenize(const lp_tokenizer *t, const char *text, size_t len, int32_t **ids, size_t *n) {
-    if (t->spm) return lp_spm_tokenize(t->spm, text, len, ids, n);
+    if (t->spm) return spm_tokenize(t->spm, text, len, ids, n);
     *ids = NULL, *n = 0;
     size_t bad = lp_utf8_invalid_at(text, len);
     if (bad != len)
@@ -202,7 +202,7 @@ lp_status lp_tokenize(const lp_tokenizer *t, const char *text, size_t len, int32
     lp_status st = LP_OK;
     if (!(e.md = pcre2_match_data_create(1, NULL))) LP_FAIL(LP_ERR_OOM, "tokenize: out of memory");
     for (int i = 0; i < t->n_prefix; i++) LP_TRY(st, out, tok_ids_push(&e.out, t->prefix[i]));
-    LP_TRY(st, out, lp_added_split(&t->match, 0, text, len, after_raw_split, push_added, &e));
+    LP_TRY(st, out, added_split(&t->match, 0, text, len, after_raw_split, push_added, &e));
     for (int i = 0; i < t->n_suffix; i++) LP_TRY(st, out, tok_ids_push(&e.out, t->suffix[i]));
     if (!e.out.v) { /* a valid pointer even for no ids */
         LP_TRY(st, out, tok_ids_push(&e.out, 0));
@@ -220,7 +220,7 @@ out:
 }
 
 lp_status lp_detokenize(const lp_tokenizer *t, const int32_t *ids, size_t n, char **text, size_t *len) {
-    if (t->spm) return lp_spm_detokenize(t->spm, ids, n, text, len);
+    if (t->spm) return spm_detokenize(t->spm, ids, n, text, len);
     *text = NULL, *len = 0;
     size_t total = 0;
     for (size_t i = 0; i < n; i++) {

@@ -42,12 +42,12 @@ static spm_str_slot *str_find(const spm_strmap *m, const char *s, size_t n) {
         if (!e->s || (e->len == n && memcmp(e->s, s, n) == 0)) return e;
     }
 }
-int32_t lp_spm_vocab_get(const lp_spm *s, const char *text, size_t len) {
+int32_t spm_vocab_get(const lp_spm *s, const char *text, size_t len) {
     if (!s->vocab.slot) return -1;
     const spm_str_slot *e = str_find(&s->vocab, text, len);
     return e->s ? e->id : -1;
 }
-lp_status lp_spm_vocab_put(lp_spm *s, int32_t id) {
+lp_status spm_vocab_put(lp_spm *s, int32_t id) {
     spm_strmap *m = &s->vocab;
     if (2 * (m->n + 1) > m->cap) {
         spm_strmap bigger = {calloc(m->cap ? 2 * m->cap : 1024, sizeof *bigger.slot), m->cap ? 2 * m->cap : 1024, m->n};
@@ -75,7 +75,7 @@ static spm_pair_slot *pair_find(const spm_pairmap *m, int32_t a, int32_t b) {
         if (e->a < 0 || (e->a == a && e->b == b)) return e;
     }
 }
-lp_status lp_spm_merges_init(lp_spm *s, size_t n) {
+lp_status spm_merges_init(lp_spm *s, size_t n) {
     s->merges.cap = pow2_at_least(2 * n + 1);
     if (!(s->merges.slot = malloc(s->merges.cap * sizeof *s->merges.slot)))
         LP_FAIL(LP_ERR_OOM, "%s: out of memory for %zu merges", s->source, n);
@@ -83,15 +83,15 @@ lp_status lp_spm_merges_init(lp_spm *s, size_t n) {
     return LP_OK;
 }
 
-lp_status lp_spm_merge_add(lp_spm *s, const char *a, size_t na, const char *b, size_t nb, int32_t rank, const char *key) {
-    int32_t ia = lp_spm_vocab_get(s, a, na), ib = lp_spm_vocab_get(s, b, nb);
+lp_status spm_merge_add(lp_spm *s, const char *a, size_t na, const char *b, size_t nb, int32_t rank, const char *key) {
+    int32_t ia = spm_vocab_get(s, a, na), ib = spm_vocab_get(s, b, nb);
     if (ia < 0 || ib < 0)
         LP_FAIL(LP_ERR_FORMAT, "%s: %s[%d] names '%.*s', which is not in the vocabulary", s->source, key, rank,
                 (int)(ia < 0 ? na : nb), ia < 0 ? a : b);
     char *cat = malloc(na + nb + 1);
     if (!cat) LP_FAIL(LP_ERR_OOM, "%s: out of memory", s->source);
     memcpy(cat, a, na), memcpy(cat + na, b, nb);
-    int32_t id = lp_spm_vocab_get(s, cat, na + nb);
+    int32_t id = spm_vocab_get(s, cat, na + nb);
     lp_status st = LP_OK;
     if (id < 0)
         st = LP_ERR(LP_ERR_FORMAT, "%s: %s[%d] makes '%.*s', which is not in the vocabulary",
@@ -102,7 +102,7 @@ lp_status lp_spm_merge_add(lp_spm *s, const char *a, size_t na, const char *b, s
     return st;
 }
 
-lp_status lp_spm_new(lp_spm **out, const char *source) {
+lp_status spm_new(lp_spm **out, const char *source) {
     lp_spm *s = calloc(1, sizeof *s);
     if (!s || !(s->source = strdup(source))) {
         free(s);
@@ -116,17 +116,17 @@ lp_status lp_spm_new(lp_spm **out, const char *source) {
 static void free_replace(spm_replace *r, int n) {
     for (int i = 0; i < n; i++) free(r[i].from), free(r[i].to);
 }
-void lp_spm_free(lp_spm *s) {
+void spm_free(lp_spm *s) {
     if (!s) return;
     if (s->text) for (int32_t i = 0; i < s->ids_cap; i++) free(s->text[i]);
     free(s->text), free(s->text_len), free(s->vocab.slot), free(s->merges.slot);
     free_replace(s->norm, s->n_norm), free_replace(&s->dec, s->n_dec);
-    lp_added_free(&s->added);
+    added_free(&s->added);
     free(s->split_str), free(s->source);
     free(s);
 }
 
-lp_status lp_spm_set_text(lp_spm *s, int32_t id, const char *text, size_t len) {
+lp_status spm_set_text(lp_spm *s, int32_t id, const char *text, size_t len) {
     if (id >= s->ids_cap) {
         int32_t cap = id + 1 > 2 * s->ids_cap ? id + 1 : 2 * s->ids_cap;
         char **t = realloc(s->text, (size_t)cap * sizeof *t);
@@ -148,7 +148,7 @@ lp_status lp_spm_set_text(lp_spm *s, int32_t id, const char *text, size_t len) {
     return LP_OK;
 }
 
-lp_status lp_spm_normalize(const lp_spm *s, const char *in, size_t n, char **out, size_t *out_len) {
+lp_status spm_normalize(const lp_spm *s, const char *in, size_t n, char **out, size_t *out_len) {
     char *cur = malloc(n + 1);
     if (!cur) LP_FAIL(LP_ERR_OOM, "tokenize: out of memory for %zu bytes", n);
     memcpy(cur, in, n);
@@ -180,21 +180,21 @@ lp_status lp_spm_normalize(const lp_spm *s, const char *in, size_t n, char **out
     return LP_OK;
 }
 
-lp_status lp_spm_finish(lp_spm *s) {
+lp_status spm_finish(lp_spm *s) {
     for (int b = 0; b < 256; b++) {
         char name[8];
         snprintf(name, sizeof name, "<0x%02X>", b);
-        s->byte_id[b] = lp_spm_vocab_get(s, name, 6);
+        s->byte_id[b] = spm_vocab_get(s, name, 6);
     }
     for (int i = 0; i < s->added.n; i++) {
         lp_added_tok *a = &s->added.tok[i];
         if (!a->normalized || !s->n_norm) continue;
         char *m;
         size_t len;
-        LP_CHECK(lp_spm_normalize(s, a->content, a->len, &m, &len));
+        LP_CHECK(spm_normalize(s, a->content, a->len, &m, &len));
         a->match = m, a->match_len = len;
     }
-    return lp_added_index(&s->added, s->source);
+    return added_index(&s->added, s->source);
 }
 
 /* ---- encoding ---- */
@@ -230,7 +230,7 @@ static int find_merge(encoder *e, int32_t a, int32_t b, int64_t *rank, int32_t *
         e->cat = c, e->cat_cap = 2 * (na + nb);
     }
     memcpy(e->cat, s->text[a], na), memcpy(e->cat + na, s->text[b], nb);
-    int32_t m = lp_spm_vocab_get(s, e->cat, na + nb);
+    int32_t m = spm_vocab_get(s, e->cat, na + nb);
     if (m < 0) return 0;
     *rank = ((int64_t)m << 32) | (int64_t)(UINT32_MAX - (uint32_t)na); /* id(a + b), then longer a first */
     *id = m;
@@ -258,8 +258,8 @@ static int32_t word_symbols(encoder *e, const char *w, size_t n) {
     int32_t ns = 0, unk_open = 0;
     for (size_t i = 0; i < n;) {
         int32_t cp;
-        size_t k = (size_t)lp_utf8_decode(w + i, &cp);
-        int32_t id = lp_spm_vocab_get(s, w + i, k);
+        size_t k = (size_t)utf8_decode(w + i, &cp);
+        int32_t id = spm_vocab_get(s, w + i, k);
         if (id >= 0) {
             if (unk_open) add_symbol(e, &ns, s->unk), unk_open = 0;
             add_symbol(e, &ns, id);
@@ -347,13 +347,13 @@ static lp_status after_raw_split(void *ctx, const char *w, size_t n) {
     encoder *e = ctx;
     char *norm;
     size_t len;
-    LP_CHECK(lp_spm_normalize(e->s, w, n, &norm, &len));
-    lp_status st = lp_added_split(&e->s->added, 1, norm, len, pretokenize, push_id, e);
+    LP_CHECK(spm_normalize(e->s, w, n, &norm, &len));
+    lp_status st = added_split(&e->s->added, 1, norm, len, pretokenize, push_id, e);
     free(norm);
     return st;
 }
 
-lp_status lp_spm_tokenize(const lp_spm *s, const char *text, size_t len, int32_t **ids, size_t *n) {
+lp_status spm_tokenize(const lp_spm *s, const char *text, size_t len, int32_t **ids, size_t *n) {
     *ids = NULL, *n = 0;
     size_t bad = lp_utf8_invalid_at(text, len);
     if (bad != len)
@@ -362,7 +362,7 @@ lp_status lp_spm_tokenize(const lp_spm *s, const char *text, size_t len, int32_t
     encoder e = {.s = s};
     lp_status st = LP_OK;
     for (int i = 0; i < s->n_prefix; i++) LP_TRY(st, out, push_id(&e, s->prefix[i]));
-    LP_TRY(st, out, lp_added_split(&s->added, 0, text, len, after_raw_split, push_id, &e));
+    LP_TRY(st, out, added_split(&s->added, 0, text, len, after_raw_split, push_id, &e));
     for (int i = 0; i < s->n_suffix; i++) LP_TRY(st, out, push_id(&e, s->suffix[i]));
     if (!e.out.v) { /* a valid pointer even for no ids */
         LP_TRY(st, out, push_id(&e, 0));
@@ -416,7 +416,7 @@ static size_t decode_one(const lp_spm *s, int32_t id, char *dst) {
     return k;
 }
 
-lp_status lp_spm_detokenize(const lp_spm *s, const int32_t *ids, size_t n, char **text, size_t *len) {
+lp_status spm_detokenize(const lp_spm *s, const int32_t *ids, size_t n, char **text, size_t *len) {
     *text = NULL, *len = 0;
     size_t total = 0;
     for (size_t i = 0; i < n; i++) {

@@ -54,31 +54,31 @@ typedef struct lp_spm {
 } lp_spm;
 
 /* ---- tokenizer_spm.c ---- */
-lp_status lp_spm_new(lp_spm **out, const char *source);
-void lp_spm_free(lp_spm *s);
+lp_status spm_new(lp_spm **out, const char *source);
+void spm_free(lp_spm *s);
 /* Grows the id table to n_ids, then sets text[id] (copied). */
-lp_status lp_spm_set_text(lp_spm *s, int32_t id, const char *text, size_t len);
+lp_status spm_set_text(lp_spm *s, int32_t id, const char *text, size_t len);
 /* Adds text[id] to the vocabulary (a later duplicate wins, as in a Rust HashMap). */
-lp_status lp_spm_vocab_put(lp_spm *s, int32_t id);
-int32_t lp_spm_vocab_get(const lp_spm *s, const char *text, size_t len);
-lp_status lp_spm_merges_init(lp_spm *s, size_t n);
+lp_status spm_vocab_put(lp_spm *s, int32_t id);
+int32_t spm_vocab_get(const lp_spm *s, const char *text, size_t len);
+lp_status spm_merges_init(lp_spm *s, size_t n);
 /* One listed merge "a" + "b" of the given rank; a, b and a + b must be in the vocabulary. */
-lp_status lp_spm_merge_add(lp_spm *s, const char *a, size_t na, const char *b, size_t nb, int32_t rank, const char *key);
+lp_status spm_merge_add(lp_spm *s, const char *a, size_t na, const char *b, size_t nb, int32_t rank, const char *key);
 /* Applies the normalizer's Replace steps to s[0..n); *out is malloc'ed. */
-lp_status lp_spm_normalize(const lp_spm *s, const char *in, size_t n, char **out, size_t *out_len);
+lp_status spm_normalize(const lp_spm *s, const char *in, size_t n, char **out, size_t *out_len);
 /* After loading: byte tokens, the match strings of normalized added tokens, the search order. */
-lp_status lp_spm_finish(lp_spm *s);
+lp_status spm_finish(lp_spm *s);
 
-lp_status lp_spm_tokenize(const lp_spm *s, const char *text, size_t len, int32_t **ids, size_t *n);
-lp_status lp_spm_detokenize(const lp_spm *s, const int32_t *ids, size_t n, char **text, size_t *len);
+lp_status spm_tokenize(const lp_spm *s, const char *text, size_t len, int32_t **ids, size_t *n);
+lp_status spm_detokenize(const lp_spm *s, const int32_t *ids, size_t n, char **text, size_t *len);
 
 /* ---- tokenizer_spm_load.c ---- */
 /* A tokenizer.json whose model is BPE with byte_fallback and whose pre-tokenizer has no
  * ByteLevel step: SentencePiece-style, read here. */
-int lp_spm_json_applies(const cJSON *root);
+int spm_json_applies(const cJSON *root);
 /* json_len: the file's size, which bounds the ids of a dense vocabulary (a larger id is refused). */
-lp_status lp_spm_from_json(lp_spm **out, const cJSON *root, const char *path, size_t json_len);
+lp_status spm_from_json(lp_spm **out, const cJSON *root, const char *path, size_t json_len);
 /* tokenizer.ggml.model "llama" (SentencePiece): Gemma's, as transformers converts it. */
-lp_status lp_spm_from_gguf(lp_spm **out, const lp_gguf *g);
+lp_status spm_from_gguf(lp_spm **out, const lp_gguf *g);
 
 #endif

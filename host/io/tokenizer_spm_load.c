@@ -40,7 +40,7 @@ static int has_bytelevel(const cJSON *p) {
     return 0;
 }
 
-int lp_spm_json_applies(const cJSON *root) {
+int spm_json_applies(const cJSON *root) {
     const cJSON *m = cJSON_GetObjectItemCaseSensitive(root, "model");
     return is_type(m, "BPE") && json_bool(m, "byte_fallback", 0) &&
            !has_bytelevel(cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer"));
@@ -136,15 +136,15 @@ static lp_status load_model(lp_spm *s, const cJSON *m, size_t json_len) {
         size_t len = strlen(e->string), bad = lp_utf8_invalid_at(e->string, len);
         if (bad != len) LP_FAIL(LP_ERR_FORMAT, "%s: the model.vocab key of id %d is not valid UTF-8 (offset %zu)", s->source, id, bad);
         if (id < s->n_ids && s->text[id]) LP_FAIL(LP_ERR_FORMAT, "%s: model.vocab gives id %d to both '%s' and '%s'", s->source, id, s->text[id], e->string);
-        LP_CHECK(lp_spm_set_text(s, id, e->string, len));
-        LP_CHECK(lp_spm_vocab_put(s, id));
+        LP_CHECK(spm_set_text(s, id, e->string, len));
+        LP_CHECK(spm_vocab_put(s, id));
     }
     v = cJSON_GetObjectItemCaseSensitive(m, "unk_token");
-    if (cJSON_IsString(v) && (s->unk = lp_spm_vocab_get(s, v->valuestring, strlen(v->valuestring))) < 0)
+    if (cJSON_IsString(v) && (s->unk = spm_vocab_get(s, v->valuestring, strlen(v->valuestring))) < 0)
         LP_FAIL(LP_ERR_FORMAT, "%s: model.unk_token '%s' is not in the vocabulary", s->source, v->valuestring);
     const cJSON *merges = cJSON_GetObjectItemCaseSensitive(m, "merges");
     if (!cJSON_IsArray(merges)) LP_FAIL(LP_ERR_FORMAT, "%s: model.merges is not a list", s->source);
-    LP_CHECK(lp_spm_merges_init(s, (size_t)cJSON_GetArraySize(merges)));
+    LP_CHECK(spm_merges_init(s, (size_t)cJSON_GetArraySize(merges)));
     int32_t rank = 0;
     cJSON_ArrayForEach(e, merges) {
         const cJSON *a = cJSON_GetArrayItem(e, 0), *b = cJSON_GetArrayItem(e, 1);
@@ -152,9 +152,9 @@ static lp_status load_model(lp_spm *s, const cJSON *m, size_t json_len) {
             const char *t = e->valuestring, *sp = strchr(t, ' ');
             if (!sp || strchr(sp + 1, ' '))
                 LP_FAIL(LP_ERR_FORMAT, "%s: model.merges[%d] '%s' is not two tokens separated by one space", s->source, rank, t);
-            LP_CHECK(lp_spm_merge_add(s, t, (size_t)(sp - t), sp + 1, strlen(sp + 1), rank, "model.merges"));
+            LP_CHECK(spm_merge_add(s, t, (size_t)(sp - t), sp + 1, strlen(sp + 1), rank, "model.merges"));
         } else if (cJSON_IsArray(e) && cJSON_GetArraySize(e) == 2 && cJSON_IsString(a) && cJSON_IsString(b)) {
-            LP_CHECK(lp_spm_merge_add(s, a->valuestring, strlen(a->valuestring), b->valuestring, strlen(b->valuestring), rank, "model.merges"));
+            LP_CHECK(spm_merge_add(s, a->valuestring, strlen(a->valuestring), b->valuestring, strlen(b->valuestring), rank, "model.merges"));
         } else {
             LP_FAIL(LP_ERR_FORMAT, "%s: model.merges[%d] is neither \"a b\" nor [\"a\", \"b\"]", s->source, rank);
         }
@@ -168,14 +168,14 @@ static lp_status load_model(lp_spm *s, const cJSON *m, size_t json_len) {
 static lp_status add_token(lp_spm *s, const char *content, size_t len, int32_t model_size, int special, int lstrip,
                            int rstrip, int single_word, int normalized) {
     if (len == 0) return LP_OK;
-    const lp_added_tok *old = lp_added_find(&s->added, content, len);
-    int32_t id = old ? old->id : lp_spm_vocab_get(s, content, len);
+    const lp_added_tok *old = added_find(&s->added, content, len);
+    int32_t id = old ? old->id : spm_vocab_get(s, content, len);
     if (id < 0) {
         id = model_size > s->n_ids ? model_size : s->n_ids;
         if (id >= MAX_VOCAB_ID) LP_FAIL(LP_ERR_FORMAT, "%s: added token '%.*s' would get id %d, too large", s->source, (int)len, content, id);
     }
-    LP_CHECK(lp_spm_set_text(s, id, content, len));
-    return lp_added_put(&s->added, content, len, id, special, lstrip, rstrip, single_word, normalized, s->source);
+    LP_CHECK(spm_set_text(s, id, content, len));
+    return added_put(&s->added, content, len, id, special, lstrip, rstrip, single_word, normalized, s->source);
 }
 
 /* TemplateProcessing: the "single" template as ids before and after $A. */
@@ -216,15 +216,15 @@ static int32_t config_token(const lp_spm *s, const cJSON *cfg, const char *key, 
     if (!v) return dflt;
     if (cJSON_IsObject(v)) v = cJSON_GetObjectItemCaseSensitive(v, "content");
     if (!cJSON_IsString(v)) return -1;
-    const lp_added_tok *a = lp_added_find(&s->added, v->valuestring, strlen(v->valuestring));
-    return a ? a->id : lp_spm_vocab_get(s, v->valuestring, strlen(v->valuestring));
+    const lp_added_tok *a = added_find(&s->added, v->valuestring, strlen(v->valuestring));
+    return a ? a->id : spm_vocab_get(s, v->valuestring, strlen(v->valuestring));
 }
 static lp_status load_config(lp_spm *s, const char *path) {
     char cfg_path[4096];
     const char *slash = strrchr(path, '/');
     snprintf(cfg_path, sizeof cfg_path, "%.*stokenizer_config.json", slash ? (int)(slash - path + 1) : 0, path);
     int absent;
-    cJSON *cfg = lp_json_load(cfg_path, &absent);
+    cJSON *cfg = json_load(cfg_path, &absent);
     if (absent) return LP_OK;
     if (!cJSON_IsObject(cfg)) {
         cJSON_Delete(cfg);
@@ -256,18 +256,18 @@ static lp_status load_json(lp_spm *s, const cJSON *root, const char *path, size_
                            json_bool(e, "single_word", 0), json_bool(e, "normalized", !special)));
     }
     LP_CHECK(load_post(s, cJSON_GetObjectItemCaseSensitive(root, "post_processor")));
-    LP_CHECK(lp_spm_finish(s));
+    LP_CHECK(spm_finish(s));
     s->bos = s->n_prefix ? s->prefix[0] : -1;
     s->eos = s->n_suffix ? s->suffix[s->n_suffix - 1] : -1;
     return load_config(s, path);
 }
 
-lp_status lp_spm_from_json(lp_spm **out, const cJSON *root, const char *path, size_t json_len) {
+lp_status spm_from_json(lp_spm **out, const cJSON *root, const char *path, size_t json_len) {
     lp_spm *s;
     *out = NULL;
-    LP_CHECK(lp_spm_new(&s, path));
+    LP_CHECK(spm_new(&s, path));
     lp_status st = load_json(s, root, path, json_len);
-    if (st != LP_OK) lp_spm_free(s);
+    if (st != LP_OK) spm_free(s);
     else *out = s;
     return st;
 }
@@ -287,14 +287,14 @@ static lp_status set_gguf_token(lp_spm *s, int32_t id, const char *t, size_t n) 
     size_t chars = 0;
     for (size_t i = 0; i < n; chars++) {
         int32_t cp;
-        i += (size_t)lp_utf8_decode(t + i, &cp);
+        i += (size_t)utf8_decode(t + i, &cp);
         has_space |= cp == ' ', all_space &= py_space(cp);
     }
-    if (!(has_space && all_space)) return lp_spm_set_text(s, id, t, n);
+    if (!(has_space && all_space)) return spm_set_text(s, id, t, n);
     char *r = malloc(3 * chars + 1);
     if (!r) LP_FAIL(LP_ERR_OOM, "%s: out of memory", s->source);
     for (size_t i = 0; i < chars; i++) memcpy(r + 3 * i, SPACE_MARK, 3);
-    lp_status st = lp_spm_set_text(s, id, r, 3 * chars);
+    lp_status st = spm_set_text(s, id, r, 3 * chars);
     free(r);
     return st;
 }
@@ -317,7 +317,7 @@ static lp_status gguf_vocab(lp_spm *s, const lp_gguf *g, uint64_t *n_tok) {
         if (lp_utf8_invalid_at(t, n) != n || memchr(t, 0, n))
             LP_FAIL(LP_ERR_FORMAT, "%s: tokenizer.ggml.tokens[%llu] is not valid UTF-8 text", s->source, (unsigned long long)i);
         LP_CHECK(set_gguf_token(s, (int32_t)i, t, n));
-        LP_CHECK(lp_spm_vocab_put(s, (int32_t)i));
+        LP_CHECK(spm_vocab_put(s, (int32_t)i));
     }
     if (!lp_gguf_has(g, "tokenizer.ggml.merges")) {
         s->rank_by_id = 1;
@@ -326,13 +326,13 @@ static lp_status gguf_vocab(lp_spm *s, const lp_gguf *g, uint64_t *n_tok) {
     uint64_t n_merges;
     LP_CHECK(lp_gguf_get_arr(g, "tokenizer.ggml.merges", &et, &n_merges));
     if (et != LP_GGUF_STRING) LP_FAIL(LP_ERR_FORMAT, "%s: tokenizer.ggml.merges is not a list of strings", s->source);
-    LP_CHECK(lp_spm_merges_init(s, n_merges));
+    LP_CHECK(spm_merges_init(s, n_merges));
     for (uint64_t i = 0; i < n_merges; i++) {
         LP_CHECK(lp_gguf_arr_str(g, "tokenizer.ggml.merges", i, &t, &n));
         const char *sp = memchr(t, ' ', n);
         if (!sp || memchr(sp + 1, ' ', n - (size_t)(sp + 1 - t)))
             LP_FAIL(LP_ERR_FORMAT, "%s: tokenizer.ggml.merges[%llu] is not two tokens separated by one space", s->source, (unsigned long long)i);
-        LP_CHECK(lp_spm_merge_add(s, t, (size_t)(sp - t), sp + 1, n - (size_t)(sp + 1 - t), (int32_t)i, "tokenizer.ggml.merges"));
+        LP_CHECK(spm_merge_add(s, t, (size_t)(sp - t), sp + 1, n - (size_t)(sp + 1 - t), (int32_t)i, "tokenizer.ggml.merges"));
     }
     return LP_OK;
 }
@@ -341,9 +341,9 @@ static lp_status gguf_vocab(lp_spm *s, const lp_gguf *g, uint64_t *n_tok) {
  * own); plain: user-defined tokens whose spelling is in the (respelled) vocabulary. */
 static lp_status gguf_added(lp_spm *s, const lp_gguf *g, uint64_t n_tok, const int64_t *named, int n_named) {
     for (int i = 0; i < n_named; i++)
-        if (named[i] >= 0) LP_CHECK(lp_added_put(&s->added, s->text[named[i]], s->text_len[named[i]], (int32_t)named[i], 1, 0, 0, 0, 0, s->source));
-    int32_t mask = lp_spm_vocab_get(s, "<mask>", 6);
-    if (mask >= 0) LP_CHECK(lp_added_put(&s->added, "<mask>", 6, mask, 1, 0, 0, 0, 0, s->source));
+        if (named[i] >= 0) LP_CHECK(added_put(&s->added, s->text[named[i]], s->text_len[named[i]], (int32_t)named[i], 1, 0, 0, 0, 0, s->source));
+    int32_t mask = spm_vocab_get(s, "<mask>", 6);
+    if (mask >= 0) LP_CHECK(added_put(&s->added, "<mask>", 6, mask, 1, 0, 0, 0, 0, s->source));
     if (!lp_gguf_has(g, "tokenizer.ggml.token_type")) return LP_OK;
     lp_gguf_vtype et;
     uint64_t n_types;
@@ -357,9 +357,9 @@ static lp_status gguf_added(lp_spm *s, const lp_gguf *g, uint64_t n_tok, const i
         size_t n;
         LP_CHECK(lp_gguf_arr_int(g, "tokenizer.ggml.token_type", i, &ty));
         LP_CHECK(lp_gguf_arr_str(g, "tokenizer.ggml.tokens", i, &t, &n));
-        if (ty == 3) LP_CHECK(lp_added_put(&s->added, s->text[i], s->text_len[i], (int32_t)i, 1, 0, 0, 0, 0, s->source));
-        int32_t id = ty == 4 ? lp_spm_vocab_get(s, t, n) : -1; /* the file's spelling, not the respelled one */
-        if (id >= 0) LP_CHECK(lp_added_put(&s->added, t, n, id, 0, 0, 0, 0, 0, s->source));
+        if (ty == 3) LP_CHECK(added_put(&s->added, s->text[i], s->text_len[i], (int32_t)i, 1, 0, 0, 0, 0, s->source));
+        int32_t id = ty == 4 ? spm_vocab_get(s, t, n) : -1; /* the file's spelling, not the respelled one */
+        if (id >= 0) LP_CHECK(added_put(&s->added, t, n, id, 0, 0, 0, 0, 0, s->source));
     }
     return LP_OK;
 }
@@ -384,7 +384,7 @@ static lp_status load_gguf(lp_spm *s, const lp_gguf *g) {
     }
     LP_CHECK(gguf_added(s, g, n_tok, named, 4));
     s->bos = (int32_t)named[0], s->eos = (int32_t)named[1];
-    s->unk = named[2] >= 0 ? (int32_t)named[2] : lp_spm_vocab_get(s, "<unk>", 5);
+    s->unk = named[2] >= 0 ? (int32_t)named[2] : spm_vocab_get(s, "<unk>", 5);
     s->fuse_unk = 1;
     /* a SentencePiece vocabulary gets BOS unless the file says otherwise (transformers and llama.cpp) */
     LP_CHECK(gguf_int(g, "tokenizer.ggml.add_bos_token", &add_bos, 1));
@@ -397,15 +397,15 @@ static lp_status load_gguf(lp_spm *s, const lp_gguf *g) {
     s->dec = (spm_replace){strdup(SPACE_MARK), strdup(" "), 3, 1};
     s->n_norm = s->n_dec = 1, s->dec_bytes = 1;
     if (!s->norm[0].from || !s->norm[0].to || !s->dec.from || !s->dec.to) LP_FAIL(LP_ERR_OOM, "%s: out of memory", s->source);
-    return lp_spm_finish(s);
+    return spm_finish(s);
 }
 
-lp_status lp_spm_from_gguf(lp_spm **out, const lp_gguf *g) {
+lp_status spm_from_gguf(lp_spm **out, const lp_gguf *g) {
     lp_spm *s;
     *out = NULL;
-    LP_CHECK(lp_spm_new(&s, lp_gguf_path(g)));
+    LP_CHECK(spm_new(&s, lp_gguf_path(g)));
     lp_status st = load_gguf(s, g);
-    if (st != LP_OK) lp_spm_free(s);
+    if (st != LP_OK) spm_free(s);
     else *out = s;
     return st;
 }

@@ -80,7 +80,7 @@ lp_status lp_tokens_load(lp_tokens *t, const char *path, int context, int strict
     lp_npy h;
     const id_type *ty = NULL;
     size_t need;
-    st = lp_npy_parse(buf, n, path, &h);
+    st = npy_parse_buf(buf, n, path, &h);
     for (size_t i = 0; st == LP_OK && i < sizeof g_types / sizeof *g_types; i++)
         if (strcmp(h.descr, g_types[i].npy) == 0) ty = &g_types[i];
     if (st != LP_OK) {
@@ -88,7 +88,7 @@ lp_status lp_tokens_load(lp_tokens *t, const char *path, int context, int strict
         st = LP_ERR(LP_ERR_FORMAT, "%s: dtype '%s' is not int32, int64, uint16 or uint32", path, h.descr);
     } else if (h.ndim != 1 && h.ndim != 2) {
         st = LP_ERR(LP_ERR_SHAPE, "%s: token array must be 1-D or 2-D, not %d-D", path, h.ndim);
-    } else if ((st = lp_npy_data_bytes(&h, lp_dtype_size(ty->dt), path, &need)) == LP_OK) {
+    } else if ((st = npy_data_bytes(&h, lp_dtype_size(ty->dt), path, &need)) == LP_OK) {
         /* the product fits: need (bytes) is at least the element count */
         int64_t count = h.ndim == 1 ? h.shape[0] : h.shape[0] * h.shape[1];
         if ((st = shape_rows(t, path, count, h.ndim == 2 ? h.shape[0] : -1, h.ndim == 2 ? h.shape[1] : 0, context,

@@ -36,12 +36,12 @@ struct model_arch {
 };
 
 /* The table for a model_type / a GGUF architecture; NULL when loupe has none. */
-const model_arch *lp_arch_for_hf(const char *model_type);
-const model_arch *lp_arch_for_gguf(const char *arch);
-const model_arch *lp_arch_for_id(lp_arch id);
+const model_arch *arch_for_hf(const char *model_type);
+const model_arch *arch_for_gguf(const char *arch);
+const model_arch *arch_for_id(lp_arch id);
 /* "gpt2, llama, ..." : the supported names, for messages. */
-const char *lp_arch_hf_list(void);
-const char *lp_arch_gguf_list(void);
+const char *arch_hf_list(void);
+const char *arch_gguf_list(void);
 
 extern const model_arch lp_arch_gpt2, lp_arch_llama, lp_arch_gemma;
 

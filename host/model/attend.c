@@ -22,8 +22,8 @@ static void rope_of(const lp_model *m, int L, const float **cs, const float **sn
 
 /* Whether the attention goes in three steps (a hook or gradient wants the scores or pattern). */
 static int three_steps(const lp_model *m, int L) {
-    return lp_hook_active(m, lp_hook_id(m, HK_SCORES, L)) || lp_hook_active(m, lp_hook_id(m, HK_PATTERN, L)) ||
-           lp_grad_wanted(m, HK_SCORES, L) || lp_grad_wanted(m, HK_PATTERN, L);
+    return hook_active(m, hook_id(m, HK_SCORES, L)) || hook_active(m, hook_id(m, HK_PATTERN, L)) ||
+           grad_wanted(m, HK_SCORES, L) || grad_wanted(m, HK_PATTERN, L);
 }
 
 /* z from q, k, v (rotated already) of layer L. */
@@ -34,7 +34,7 @@ static lp_status attend(lp_model *m, const layer_acts *la, int L, int B, int T) 
     lp_attn_cfg ac = attn_cfg(m, L);
     if (m->kv.pos0 >= 0) { /* batch 1: append this step's keys and values to the cache and attend over it */
         int pos0 = m->kv.pos0;
-        size_t row = (size_t)Hkv * dh * lp_act_size(m), plane = (size_t)m->kv.cap * row;
+        size_t row = (size_t)Hkv * dh * act_elem_bytes(m), plane = (size_t)m->kv.cap * row;
         char *kc = (char *)m->kv.mem + 2 * (size_t)L * plane, *vc = kc + plane;
         LP_CHECK(lp_ctx_copy(c, kc + pos0 * row, la->k, T * row));
         LP_CHECK(lp_ctx_copy(c, vc + pos0 * row, la->v, T * row));
@@ -56,15 +56,15 @@ static lp_status project(lp_model *m, const layer_acts *la, int L, int B, int T)
     const lp_config *cf = &m->cfg;
     int N = B * T, D = cf->d_model, H = m->par.H, Hkv = m->par.Hkv, dh = cf->d_head;
     void *q = cf->qk_norm ? la->q_pre : la->q, *k = cf->qk_norm ? la->k_pre : la->k;
-    LP_CHECK(lp_blk_linear(m, q, la->ln1_out, L, W_Q, W_BQ, N, D, H * dh));
-    LP_CHECK(lp_blk_linear(m, k, la->ln1_out, L, W_K, W_BK, N, D, Hkv * dh));
-    LP_CHECK(lp_blk_linear(m, la->v, la->ln1_out, L, W_V, W_BV, N, D, Hkv * dh));
+    LP_CHECK(blk_linear(m, q, la->ln1_out, L, W_Q, W_BQ, N, D, H * dh));
+    LP_CHECK(blk_linear(m, k, la->ln1_out, L, W_K, W_BK, N, D, Hkv * dh));
+    LP_CHECK(blk_linear(m, la->v, la->ln1_out, L, W_V, W_BV, N, D, Hkv * dh));
     SITE(HK_Q, L, q);
     SITE(HK_K, L, k);
     SITE(HK_V, L, la->v);
     if (cf->qk_norm) {
-        LP_CHECK(lp_blk_norm(m, la->q, la->qn_scale, q, lp_lw(m, L, W_QN), NULL, N * H, dh, HK_QN_SCALE, HK_QN_NORM, L));
-        LP_CHECK(lp_blk_norm(m, la->k, la->kn_scale, k, lp_lw(m, L, W_KN), NULL, N * Hkv, dh, HK_KN_SCALE, HK_KN_NORM, L));
+        LP_CHECK(blk_norm(m, la->q, la->qn_scale, q, layer_weight(m, L, W_QN), NULL, N * H, dh, HK_QN_SCALE, HK_QN_NORM, L));
+        LP_CHECK(blk_norm(m, la->k, la->kn_scale, k, layer_weight(m, L, W_KN), NULL, N * Hkv, dh, HK_KN_SCALE, HK_KN_NORM, L));
     }
     if (cf->pos != LP_POS_ROTARY) return LP_OK;
     int pos0 = m->kv.pos0 >= 0 ? m->kv.pos0 : 0;
@@ -78,19 +78,19 @@ static lp_status project(lp_model *m, const layer_acts *la, int L, int B, int T)
     return LP_OK;
 }
 
-lp_status lp_blk_attn(lp_model *m, int L, int B, int T) {
+lp_status blk_attn(lp_model *m, int L, int B, int T) {
     const lp_config *cf = &m->cfg;
     int N = B * T, D = cf->d_model, qD = m->par.H * cf->d_head;
-    layer_acts la = lp_layer_acts(m, L);
+    layer_acts la = layer_acts_of(m, L);
     TAPE(L, 0);
-    LP_CHECK(lp_blk_norm(m, la.ln1_out, la.ln1_scale, m->a.resid, lp_lw(m, L, W_LN1), lp_lw(m, L, W_LN1_B), N, D, HK_LN1_SCALE,
+    LP_CHECK(blk_norm(m, la.ln1_out, la.ln1_scale, m->a.resid, layer_weight(m, L, W_LN1), layer_weight(m, L, W_LN1_B), N, D, HK_LN1_SCALE,
                          HK_LN1_NORM, L));
     LP_CHECK(project(m, &la, L, B, T));
     LP_CHECK(attend(m, &la, L, B, T));
     SITE(HK_Z, L, la.z);
     void *branch = cf->post_norms ? la.attn_pre : m->a.attn_out;
-    LP_CHECK(lp_tp_linear_reduce(m, branch, la.z, L, W_O, W_BO, N, qD, D));
-    return lp_blk_branch_out(m, branch, la.ln1p_scale, W_LN1P, HK_LN1P_SCALE, HK_LN1P_NORM, HK_ATTN_OUT, L, N);
+    LP_CHECK(tp_linear_reduce(m, branch, la.z, L, W_O, W_BO, N, qD, D));
+    return blk_branch_out(m, branch, la.ln1p_scale, W_LN1P, HK_LN1P_SCALE, HK_LN1P_NORM, HK_ATTN_OUT, L, N);
 }
 
 /* ---- backward ---- */
@@ -102,7 +102,7 @@ static lp_status core_backward(lp_model *m, bw_bufs *g, const layer_acts *t, int
     const lp_config *cf = &m->cfg;
     int H = m->par.H, Hkv = m->par.Hkv, dh = cf->d_head;
     lp_attn_cfg ac = attn_cfg(m, L);
-    if (!lp_grad_wanted(m, HK_PATTERN, L) && !lp_grad_wanted(m, HK_SCORES, L))
+    if (!grad_wanted(m, HK_PATTERN, L) && !grad_wanted(m, HK_SCORES, L))
         return lp_attention_backward_cfg(c, g->dq, g->dk, g->dv, g->dz, t->q, t->k, t->v, B, T, H, Hkv, dh, &ac);
     LP_CHECK(lp_attn_apply_backward(c, g->dpat, g->dv, g->dz, t->pattern, t->v, B, T, H, Hkv, dh));
     GSITE(HK_PATTERN, L, g->dpat);
@@ -116,7 +116,7 @@ static lp_status project_backward(lp_model *m, bw_bufs *g, const layer_acts *t, 
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     int N = B * T, H = m->par.H, Hkv = m->par.Hkv, dh = cf->d_head;
-    size_t es = lp_act_size(m);
+    size_t es = act_elem_bytes(m);
     if (cf->pos == LP_POS_ROTARY) { /* q and k were rotated in place */
         const float *cs, *sn;
         rope_of(m, L, &cs, &sn);
@@ -126,23 +126,23 @@ static lp_status project_backward(lp_model *m, bw_bufs *g, const layer_acts *t, 
         LP_CHECK(lp_rope_backward(c, g->dk, g->dk, cs, sn, B, T, Hkv, dh, 0));
     }
     if (!cf->qk_norm) return LP_OK;
-    LP_CHECK(lp_blk_norm_backward(m, g, g->dtmp, g->dq, t->q_pre, t->qn_scale, lp_lw(m, L, W_QN), N * H, dh, HK_QN_SCALE, HK_QN_NORM, L));
+    LP_CHECK(blk_norm_backward(m, g, g->dtmp, g->dq, t->q_pre, t->qn_scale, layer_weight(m, L, W_QN), N * H, dh, HK_QN_SCALE, HK_QN_NORM, L));
     LP_CHECK(lp_ctx_copy(c, g->dq, g->dtmp, (size_t)N * H * dh * es));
-    LP_CHECK(lp_blk_norm_backward(m, g, g->dtmp, g->dk, t->k_pre, t->kn_scale, lp_lw(m, L, W_KN), N * Hkv, dh, HK_KN_SCALE, HK_KN_NORM, L));
+    LP_CHECK(blk_norm_backward(m, g, g->dtmp, g->dk, t->k_pre, t->kn_scale, layer_weight(m, L, W_KN), N * Hkv, dh, HK_KN_SCALE, HK_KN_NORM, L));
     return lp_ctx_copy(c, g->dk, g->dtmp, (size_t)N * Hkv * dh * es);
 }
 
-#define PGRAD(r, x, dy, K, M) LP_CHECK(lp_param_grad(m, lp_lw_idx(m, L, (r)), (x), (dy), N, (K), (M)))
+#define PGRAD(r, x, dy, K, M) LP_CHECK(param_grad(m, layer_weight_idx(m, L, (r)), (x), (dy), N, (K), (M)))
 
-lp_status lp_blk_attn_backward(lp_model *m, bw_bufs *g, int L, int B, int T) {
+lp_status blk_attn_backward(lp_model *m, bw_bufs *g, int L, int B, int T) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     int N = B * T, D = cf->d_model, qD = m->par.H * cf->d_head, kvD = m->par.Hkv * cf->d_head;
     const layer_acts *t = &m->tp.layer[L];
     void *dy;
-    LP_CHECK(lp_blk_branch_out_backward(m, g, t->attn_pre, t->ln1p_scale, W_LN1P, HK_LN1P_SCALE, HK_LN1P_NORM, HK_ATTN_OUT, L, N, &dy));
+    LP_CHECK(blk_branch_out_backward(m, g, t->attn_pre, t->ln1p_scale, W_LN1P, HK_LN1P_SCALE, HK_LN1P_NORM, HK_ATTN_OUT, L, N, &dy));
     PGRAD(W_O, t->z, dy, qD, D);
-    LP_CHECK(lp_blk_linear_dx(m, g->dz, dy, L, W_O, N, qD, D));
+    LP_CHECK(blk_linear_dx(m, g->dz, dy, L, W_O, N, qD, D));
     GSITE(HK_Z, L, g->dz);
     LP_CHECK(core_backward(m, g, t, L, B, T));
     LP_CHECK(project_backward(m, g, t, L, B, T));
@@ -152,14 +152,14 @@ lp_status lp_blk_attn_backward(lp_model *m, bw_bufs *g, int L, int B, int T) {
     PGRAD(W_Q, t->ln1_out, g->dq, D, qD);
     PGRAD(W_K, t->ln1_out, g->dk, D, kvD);
     PGRAD(W_V, t->ln1_out, g->dv, D, kvD);
-    LP_CHECK(lp_blk_linear_dx(m, g->dln, g->dq, L, W_Q, N, D, qD));
-    LP_CHECK(lp_blk_linear_dx(m, g->dtmp, g->dk, L, W_K, N, D, kvD));
+    LP_CHECK(blk_linear_dx(m, g->dln, g->dq, L, W_Q, N, D, qD));
+    LP_CHECK(blk_linear_dx(m, g->dtmp, g->dk, L, W_K, N, D, kvD));
     LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
-    LP_CHECK(lp_blk_linear_dx(m, g->dtmp, g->dv, L, W_V, N, D, kvD));
+    LP_CHECK(blk_linear_dx(m, g->dtmp, g->dv, L, W_V, N, D, kvD));
     LP_CHECK(lp_add(c, g->dln, g->dln, g->dtmp, (size_t)N * D));
     /* the column-split projections' input is replicated: its gradient is the sum over ranks */
     LP_CHECK(lp_dist_allreduce_sum_dev(m->par.dist, LP_DIST_TP, c, g->dln, (size_t)N * D));
-    LP_CHECK(lp_blk_norm_backward(m, g, g->dtmp, g->dln, t->resid_pre, t->ln1_scale, lp_lw(m, L, W_LN1), N, D, HK_LN1_SCALE,
+    LP_CHECK(blk_norm_backward(m, g, g->dtmp, g->dln, t->resid_pre, t->ln1_scale, layer_weight(m, L, W_LN1), N, D, HK_LN1_SCALE,
                                   HK_LN1_NORM, L));
     return lp_add(c, g->dresid, g->dresid, g->dtmp, (size_t)N * D);
 }

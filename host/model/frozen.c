@@ -40,7 +40,7 @@ static float *grab(lp_model *m, int idx, lp_status *st) {
     size_t n = (size_t)p->shape[0] * (p->ndim == 2 ? (size_t)p->shape[1] : 1);
     float *d = malloc(n * sizeof(float));
     if (!d) *st = LP_ERR(LP_ERR_OOM, "out of memory for %s", p->name);
-    else *st = lp_param_to_f32(m, idx, d);
+    else *st = param_to_f32(m, idx, d);
     return d;
 }
 
@@ -87,11 +87,11 @@ static lp_status fill(lp_frozen *f, lp_model *m, int T) {
     lp_status st = LP_OK;
     for (int L = 0; L < c->n_layers && st == LP_OK; L++) {
         fz_layer *y = &f->lay[L];
-        y->ln1_w = grab(m, lp_lw_idx(m, L, W_LN1), &st);
-        y->ln2_w = grab(m, lp_lw_idx(m, L, W_LN2), &st);
-        y->ln2_b = m->w.params[lp_lw_idx(m, L, W_LN2_B)].shape[0] ? grab(m, lp_lw_idx(m, L, W_LN2_B), &st) : NULL;
-        y->W_V = grab(m, lp_lw_idx(m, L, W_V), &st);
-        y->W_O = grab(m, lp_lw_idx(m, L, W_O), &st);
+        y->ln1_w = grab(m, layer_weight_idx(m, L, W_LN1), &st);
+        y->ln2_w = grab(m, layer_weight_idx(m, L, W_LN2), &st);
+        y->ln2_b = m->w.params[layer_weight_idx(m, L, W_LN2_B)].shape[0] ? grab(m, layer_weight_idx(m, L, W_LN2_B), &st) : NULL;
+        y->W_V = grab(m, layer_weight_idx(m, L, W_V), &st);
+        y->W_O = grab(m, layer_weight_idx(m, L, W_O), &st);
         y->ln1_s = cap(m, "blocks.%d.ln1.hook_scale", L, T, &st);
         y->ln2_s = cap(m, "blocks.%d.ln2.hook_scale", L, T, &st);
         y->q = cap(m, rot ? "blocks.%d.attn.hook_rot_q" : "blocks.%d.attn.hook_q", L, T * qd, &st);

@@ -55,19 +55,19 @@ static lp_status read_layer_types(const char *path, const cJSON *root, lp_config
 /* One rotary dict: its base, and a scaling (default or linear). */
 static lp_status rope_one(const char *path, const cJSON *d, const char *where, double dflt, double *theta, lp_config *c, int global) {
     const char *type;
-    LP_CHECK(lp_jcfg_num(path, d, where, "rope_theta", 1, HUGE_VAL, dflt, theta));
-    LP_CHECK(lp_jcfg_str(path, d, where, jget(d, "rope_type") || !jget(d, "type") ? "rope_type" : "type", "default", &type));
+    LP_CHECK(jcfg_num(path, d, where, "rope_theta", 1, HUGE_VAL, dflt, theta));
+    LP_CHECK(jcfg_str(path, d, where, jget(d, "rope_type") || !jget(d, "type") ? "rope_type" : "type", "default", &type));
     if (strcmp(type, "default") == 0) return LP_OK;
     if (strcmp(type, "linear") != 0 || !global)
         LP_FAIL(LP_ERR_FORMAT, "%s: \"%srope_type\" '%s' is not supported (default%s)", path, where, type, global ? ", linear" : "");
     c->rope_kind = LP_ROPE_LINEAR;
-    return lp_jcfg_num(path, d, where, "factor", 0, HUGE_VAL, NAN, &c->rope_factor);
+    return jcfg_num(path, d, where, "factor", 0, HUGE_VAL, NAN, &c->rope_factor);
 }
 
 static lp_status read_rope(const char *path, const cJSON *root, lp_config *c, int gemma3) {
     double top, local;
-    LP_CHECK(lp_jcfg_num(path, root, "", "rope_theta", 1, HUGE_VAL, gemma3 ? 1e6 : 1e4, &top));
-    LP_CHECK(lp_jcfg_num(path, root, "", "rope_local_base_freq", 1, HUGE_VAL, 1e4, &local));
+    LP_CHECK(jcfg_num(path, root, "", "rope_theta", 1, HUGE_VAL, gemma3 ? 1e6 : 1e4, &top));
+    LP_CHECK(jcfg_num(path, root, "", "rope_local_base_freq", 1, HUGE_VAL, 1e4, &local));
     c->rope_theta = top, c->rope_theta_local = gemma3 ? local : 0;
     const cJSON *rp = jget(root, "rope_parameters"), *rs = jget(root, "rope_scaling");
     if ((rp && !cJSON_IsObject(rp)) || (rs && !cJSON_IsObject(rs)))
@@ -88,36 +88,36 @@ static lp_status read_rope(const char *path, const cJSON *root, lp_config *c, in
 static lp_status read_gemma_keys(const char *path, const cJSON *root, lp_config *c, int gemma3) {
     double v;
     int flag;
-    LP_CHECK(lp_jcfg_num(path, root, "", "query_pre_attn_scalar", 0, HUGE_VAL, c->d_head, &v));
+    LP_CHECK(jcfg_num(path, root, "", "query_pre_attn_scalar", 0, HUGE_VAL, c->d_head, &v));
     c->attn_scale = (float)(1.0 / sqrt(v));
-    LP_CHECK(lp_jcfg_num(path, root, "", "attn_logit_softcapping", 0, HUGE_VAL, 0, &v));
+    LP_CHECK(jcfg_num(path, root, "", "attn_logit_softcapping", 0, HUGE_VAL, 0, &v));
     c->attn_softcap = (float)v;
-    LP_CHECK(lp_jcfg_num(path, root, "", "final_logit_softcapping", 0, HUGE_VAL, 0, &v));
+    LP_CHECK(jcfg_num(path, root, "", "final_logit_softcapping", 0, HUGE_VAL, 0, &v));
     c->final_softcap = (float)v;
-    LP_CHECK(lp_jcfg_int(path, root, "sliding_window", 1, INT32_MAX, 4096, &c->sliding_window));
-    if (gemma3) LP_CHECK(lp_jcfg_int(path, root, "sliding_window_pattern", 1, LP_MAX_LAYERS, 6, &c->window_pattern));
-    LP_CHECK(lp_jcfg_bool(path, root, "attention_bias", 0, &flag));
+    LP_CHECK(jcfg_int(path, root, "sliding_window", 1, INT32_MAX, 4096, &c->sliding_window));
+    if (gemma3) LP_CHECK(jcfg_int(path, root, "sliding_window_pattern", 1, LP_MAX_LAYERS, 6, &c->window_pattern));
+    LP_CHECK(jcfg_bool(path, root, "attention_bias", 0, &flag));
     if (flag) LP_FAIL(LP_ERR_FORMAT, "%s: \"attention_bias\" = true is not supported", path);
-    LP_CHECK(lp_jcfg_bool(path, root, "use_bidirectional_attention", 0, &flag));
+    LP_CHECK(jcfg_bool(path, root, "use_bidirectional_attention", 0, &flag));
     if (flag) LP_FAIL(LP_ERR_FORMAT, "%s: \"use_bidirectional_attention\" = true is not supported", path);
     const char *act;
-    LP_CHECK(lp_jcfg_str(path, root, "", "hidden_activation", "gelu_pytorch_tanh", &act));
+    LP_CHECK(jcfg_str(path, root, "", "hidden_activation", "gelu_pytorch_tanh", &act));
     if (strcmp(act, "gelu_pytorch_tanh") != 0)
         LP_FAIL(LP_ERR_FORMAT, "%s: \"hidden_activation\" '%s' is not supported (gelu_pytorch_tanh)", path, act);
     return LP_OK;
 }
 
 static lp_status read_dims(const char *path, const cJSON *root, lp_config *c) {
-    LP_CHECK(lp_jcfg_int(path, root, "num_hidden_layers", 1, LP_MAX_LAYERS, -1, &c->n_layers));
-    LP_CHECK(lp_jcfg_int(path, root, "hidden_size", 1, LP_MAX_D_MODEL, -1, &c->d_model));
-    LP_CHECK(lp_jcfg_int(path, root, "num_attention_heads", 1, LP_MAX_HEADS, -1, &c->n_heads));
-    LP_CHECK(lp_jcfg_int(path, root, "num_key_value_heads", 1, LP_MAX_HEADS, c->n_heads, &c->n_kv_heads));
-    LP_CHECK(lp_jcfg_int(path, root, "head_dim", 1, LP_MAX_D_HEAD, 256, &c->d_head));
-    LP_CHECK(lp_jcfg_int(path, root, "intermediate_size", 1, LP_MAX_D_MLP, -1, &c->d_mlp));
-    LP_CHECK(lp_jcfg_int(path, root, "max_position_embeddings", 1, LP_MAX_CTX, -1, &c->n_ctx));
-    LP_CHECK(lp_jcfg_int(path, root, "vocab_size", 1, LP_MAX_VOCAB, -1, &c->d_vocab));
+    LP_CHECK(jcfg_int(path, root, "num_hidden_layers", 1, LP_MAX_LAYERS, -1, &c->n_layers));
+    LP_CHECK(jcfg_int(path, root, "hidden_size", 1, LP_MAX_D_MODEL, -1, &c->d_model));
+    LP_CHECK(jcfg_int(path, root, "num_attention_heads", 1, LP_MAX_HEADS, -1, &c->n_heads));
+    LP_CHECK(jcfg_int(path, root, "num_key_value_heads", 1, LP_MAX_HEADS, c->n_heads, &c->n_kv_heads));
+    LP_CHECK(jcfg_int(path, root, "head_dim", 1, LP_MAX_D_HEAD, 256, &c->d_head));
+    LP_CHECK(jcfg_int(path, root, "intermediate_size", 1, LP_MAX_D_MLP, -1, &c->d_mlp));
+    LP_CHECK(jcfg_int(path, root, "max_position_embeddings", 1, LP_MAX_CTX, -1, &c->n_ctx));
+    LP_CHECK(jcfg_int(path, root, "vocab_size", 1, LP_MAX_VOCAB, -1, &c->d_vocab));
     double eps;
-    LP_CHECK(lp_jcfg_num(path, root, "", "rms_norm_eps", 0, 1, 1e-6, &eps));
+    LP_CHECK(jcfg_num(path, root, "", "rms_norm_eps", 0, 1, 1e-6, &eps));
     c->ln_eps = (float)eps;
     if (!(c->ln_eps > 0)) LP_FAIL(LP_ERR_FORMAT, "%s: \"rms_norm_eps\" = %g underflows float32", path, eps);
     return LP_OK;
@@ -126,7 +126,7 @@ static lp_status read_dims(const char *path, const cJSON *root, lp_config *c) {
 static lp_status read_hf(lp_model *m, const char *path, const cJSON *root) {
     lp_config *c = &m->cfg;
     const char *type;
-    LP_CHECK(lp_jcfg_str(path, root, "", "model_type", "", &type));
+    LP_CHECK(jcfg_str(path, root, "", "model_type", "", &type));
     int gemma3 = strcmp(type, "gemma2") != 0;
     snprintf(c->name, sizeof c->name, "%s", type);
     m->w.trans = 1;
@@ -137,8 +137,8 @@ static lp_status read_hf(lp_model *m, const char *path, const cJSON *root) {
     LP_CHECK(read_gemma_keys(path, root, c, gemma3));
     LP_CHECK(read_layer_types(path, root, c));
     LP_CHECK(read_rope(path, root, c, gemma3));
-    LP_CHECK(lp_jcfg_bool(path, root, "tie_word_embeddings", 1, &c->tied_unembed));
-    return lp_llama_check_config(path, c);
+    LP_CHECK(jcfg_bool(path, root, "tie_word_embeddings", 1, &c->tied_unembed));
+    return llama_check_config(path, c);
 }
 
 /* ---- GGUF ---- */
@@ -156,7 +156,7 @@ static lp_status read_gguf(lp_model *m, const lp_gguf *g) {
     lp_config *c = &m->cfg;
     m->w.trans = 1;
     /* the dimensions, norms, rotary and tied unembedding as for the Llama family */
-    LP_CHECK(lp_llama_read_gguf_config(m, g));
+    LP_CHECK(llama_read_gguf_config(m, g));
     int gemma3 = strcmp(c->name, "gemma3") == 0;
     set_shape(c, gemma3);
     double v;
@@ -187,7 +187,7 @@ static lp_status random_cfg(lp_config *c) {
     c->attn_scale = scale, c->attn_softcap = softcap, c->final_softcap = final;
     if (window) c->window_pattern = window;
     if (gemma3 && c->rope_theta_local <= 0) c->rope_theta_local = 1e4;
-    return lp_llama_check_config("random model", c);
+    return llama_check_config("random model", c);
 }
 
 static const char *const g_no_prefix[] = {"", NULL};
@@ -224,5 +224,5 @@ static const char *const g_types[] = {"gemma2", "gemma3_text", NULL};
 static const char *const g_gguf[] = {"gemma2", "gemma3", NULL};
 const model_arch lp_arch_gemma = {
     .name = "gemma", .id = LP_ARCH_GEMMA2, .hf_types = g_types, .gguf_archs = g_gguf, .read_hf = read_hf, .read_gguf = read_gguf,
-    .random_cfg = random_cfg, .names = &g_names, .forward = lp_decoder_forward, .backward = lp_decoder_backward,
+    .random_cfg = random_cfg, .names = &g_names, .forward = decoder_forward, .backward = decoder_backward,
 };

@@ -47,7 +47,7 @@ static int32_t pick(const float *logits, int V, const lp_gen_opts *o, uint64_t *
         }
         mass = acc;
     }
-    double u = lp_rng_uniform(rng) * mass, acc = 0;
+    double u = rng_uniform(rng) * mass, acc = 0;
     for (int i = 0; i < n; i++) {
         acc += scratch[i].p;
         if (u < acc) return scratch[i].id;
@@ -60,14 +60,14 @@ static int edited(const lp_model *m, int id) { return id >= 0 && m->hooks[id].ed
 /* Whether an edit needs the scores or pattern, which only a whole-sequence forward forms. */
 static int needs_whole_sequence(const lp_model *m) {
     for (int L = 0; L < m->cfg.n_layers; L++)
-        if (edited(m, lp_hook_id(m, HK_SCORES, L)) || edited(m, lp_hook_id(m, HK_PATTERN, L))) return 1;
+        if (edited(m, hook_id(m, HK_SCORES, L)) || edited(m, hook_id(m, HK_PATTERN, L))) return 1;
     return 0;
 }
 
 /* Refuses, before any work, a patch that generation up to position `to` would outrun. */
 static lp_status check_patches(const lp_model *m, int to) {
     for (int id = 0; id < m->n_hooks; id++)
-        if (m->hooks[id].edits) LP_CHECK(lp_gen_patch_check(m, id, 0, to));
+        if (m->hooks[id].edits) LP_CHECK(gen_patch_check(m, id, 0, to));
     return LP_OK;
 }
 
@@ -76,16 +76,16 @@ static lp_status check_patches(const lp_model *m, int to) {
 static lp_status step(lp_model *m, const int32_t *in, int n) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
-    size_t es = lp_act_size(m), V = cf->d_vocab;
+    size_t es = act_elem_bytes(m), V = cf->d_vocab;
     m->res.B = 1, m->res.T = n;
     LP_CHECK(lp_ctx_to_device(c, m->a.tok, in, (size_t)n * sizeof(int32_t)));
     LP_CHECK(m->arch->forward(m, 1, n, LP_WANT_FINAL_NORM));
     const char *row;
-    if (edited(m, lp_hook_id(m, HK_UNEMBED_OUT, cf->n_layers))) {
+    if (edited(m, hook_id(m, HK_UNEMBED_OUT, cf->n_layers))) {
         row = (const char *)m->a.logits + (size_t)(n - 1) * V * es; /* the unembed made every row, edited */
     } else {
         const char *x = (const char *)m->a.ln_out + (size_t)(n - 1) * cf->d_model * es;
-        LP_CHECK(lp_tp_logits(m, m->a.logits, x, 1)); /* every rank the whole row (TP: gathered) */
+        LP_CHECK(tp_logits_of(m, m->a.logits, x, 1)); /* every rank the whole row (TP: gathered) */
         if (cf->final_softcap > 0) LP_CHECK(lp_softcap(c, m->a.logits, m->a.logits, cf->final_softcap, V));
         row = m->a.logits;
     }
@@ -120,10 +120,10 @@ static lp_status reserve(lp_model *m, int n_prompt, int cap, int whole) {
     if (!whole && cap > m->kv.cap) {
         lp_ctx_release(c, m->kv.mem);
         m->kv.mem = NULL, m->kv.cap = 0;
-        LP_CHECK(lp_ctx_alloc(c, 2 * (size_t)cf->n_layers * cap * kvD * lp_act_size(m), &m->kv.mem));
+        LP_CHECK(lp_ctx_alloc(c, 2 * (size_t)cf->n_layers * cap * kvD * act_elem_bytes(m), &m->kv.mem));
         m->kv.cap = cap;
     }
-    LP_CHECK(lp_rope_tables(m, cap));
+    LP_CHECK(rope_tables_grow(m, cap));
     LP_CHECK(lp_model_prepare(m, 1, whole ? cap : n_prompt));
     if (m->res.logits_rows < 1) {
         free(m->res.logits);

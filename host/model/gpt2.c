@@ -32,32 +32,32 @@ static lp_status read_hf(lp_model *m, const char *path, const cJSON *root) {
     const char *act;
     int flag;
     set_shape(c);
-    LP_TRY(st, done, lp_jcfg_int(path, root, "n_layer", 1, LP_MAX_LAYERS, -1, &c->n_layers));
-    LP_TRY(st, done, lp_jcfg_int(path, root, "n_embd", 1, LP_MAX_D_MODEL, -1, &c->d_model));
-    LP_TRY(st, done, lp_jcfg_int(path, root, "n_head", 1, LP_MAX_HEADS, -1, &c->n_heads));
+    LP_TRY(st, done, jcfg_int(path, root, "n_layer", 1, LP_MAX_LAYERS, -1, &c->n_layers));
+    LP_TRY(st, done, jcfg_int(path, root, "n_embd", 1, LP_MAX_D_MODEL, -1, &c->d_model));
+    LP_TRY(st, done, jcfg_int(path, root, "n_head", 1, LP_MAX_HEADS, -1, &c->n_heads));
     /* old hub configs also say n_ctx; transformers reads n_positions */
     int has_pos = cJSON_GetObjectItemCaseSensitive(root, "n_positions") != NULL;
-    LP_TRY(st, done, lp_jcfg_int(path, root, has_pos ? "n_positions" : "n_ctx", 1, LP_MAX_CTX, -1, &c->n_ctx));
-    LP_TRY(st, done, lp_jcfg_int(path, root, "vocab_size", 1, LP_MAX_VOCAB, -1, &c->d_vocab));
-    LP_TRY(st, done, lp_jcfg_int(path, root, "n_inner", 1, LP_MAX_D_MLP, 4 * c->d_model, &c->d_mlp));
+    LP_TRY(st, done, jcfg_int(path, root, has_pos ? "n_positions" : "n_ctx", 1, LP_MAX_CTX, -1, &c->n_ctx));
+    LP_TRY(st, done, jcfg_int(path, root, "vocab_size", 1, LP_MAX_VOCAB, -1, &c->d_vocab));
+    LP_TRY(st, done, jcfg_int(path, root, "n_inner", 1, LP_MAX_D_MLP, 4 * c->d_model, &c->d_mlp));
     if (c->d_model % c->n_heads != 0) REFUSE("%s: \"n_embd\" %d is not a multiple of \"n_head\" %d", path, c->d_model, c->n_heads);
     c->n_kv_heads = c->n_heads;
     c->d_head = c->d_model / c->n_heads;
     double eps;
-    LP_TRY(st, done, lp_jcfg_num(path, root, "", "layer_norm_epsilon", 0, 1, 1e-5, &eps));
+    LP_TRY(st, done, jcfg_num(path, root, "", "layer_norm_epsilon", 0, 1, 1e-5, &eps));
     c->ln_eps = (float)eps;
     if (!(c->ln_eps > 0)) REFUSE("%s: \"layer_norm_epsilon\" = %g underflows float32", path, eps);
-    LP_TRY(st, done, lp_jcfg_str(path, root, "", "activation_function", "gelu_new", &act));
+    LP_TRY(st, done, jcfg_str(path, root, "", "activation_function", "gelu_new", &act));
     if (strcmp(act, "gelu_new") != 0 && strcmp(act, "gelu_pytorch_tanh") != 0)
         REFUSE("%s: \"activation_function\" '%s' is not supported (gelu_new, gelu_pytorch_tanh)", path, act);
     /* attention variants transformers' GPT-2 implements and loupe does not */
-    LP_TRY(st, done, lp_jcfg_bool(path, root, "scale_attn_weights", 1, &flag));
+    LP_TRY(st, done, jcfg_bool(path, root, "scale_attn_weights", 1, &flag));
     if (!flag) REFUSE("%s: \"scale_attn_weights\" = false is not supported", path);
-    LP_TRY(st, done, lp_jcfg_bool(path, root, "scale_attn_by_inverse_layer_idx", 0, &flag));
+    LP_TRY(st, done, jcfg_bool(path, root, "scale_attn_by_inverse_layer_idx", 0, &flag));
     if (flag) REFUSE("%s: \"scale_attn_by_inverse_layer_idx\" = true is not supported", path);
-    LP_TRY(st, done, lp_jcfg_bool(path, root, "add_cross_attention", 0, &flag));
+    LP_TRY(st, done, jcfg_bool(path, root, "add_cross_attention", 0, &flag));
     if (flag) REFUSE("%s: \"add_cross_attention\" = true is not supported", path);
-    LP_TRY(st, done, lp_jcfg_bool(path, root, "tie_word_embeddings", 1, &c->tied_unembed));
+    LP_TRY(st, done, jcfg_bool(path, root, "tie_word_embeddings", 1, &c->tied_unembed));
 done:
     return st;
 }
@@ -93,5 +93,5 @@ static const tensor_names g_names = {
 static const char *const g_types[] = {"gpt2", NULL};
 const model_arch lp_arch_gpt2 = {
     .name = "gpt2", .id = LP_ARCH_GPT2, .hf_types = g_types, .gguf_archs = NULL, .read_hf = read_hf, .read_gguf = NULL,
-    .random_cfg = random_cfg, .names = &g_names, .forward = lp_decoder_forward, .backward = lp_decoder_backward,
+    .random_cfg = random_cfg, .names = &g_names, .forward = decoder_forward, .backward = decoder_backward,
 };

@@ -17,7 +17,7 @@
 #include "loupe/sae_ops.h"
 #include "model/grad.h"
 
-lp_status lp_grad_state(lp_model *m, struct grad_state **out) {
+lp_status grad_state_get(lp_model *m, struct grad_state **out) {
     if (!m->grad) {
         struct grad_state *g = calloc(1, sizeof *g);
         if (!g) LP_FAIL(LP_ERR_OOM, "out of memory");
@@ -33,7 +33,7 @@ lp_status lp_grad_state(lp_model *m, struct grad_state **out) {
         g->ppoison = calloc(m->w.n, sizeof *g->ppoison);
         m->grad = g;
         if (!g->want || !g->host || !g->cap || !g->gen || !g->poison || !g->pwant || !g->phost || !g->pgen || !g->ppoison) {
-            lp_grad_free(m);
+            grad_free(m);
             LP_FAIL(LP_ERR_OOM, "out of memory");
         }
     }
@@ -41,7 +41,7 @@ lp_status lp_grad_state(lp_model *m, struct grad_state **out) {
     return LP_OK;
 }
 
-void lp_grad_free(lp_model *m) {
+void grad_free(lp_model *m) {
     struct grad_state *g = m->grad;
     if (!g) return;
     for (int i = 0; g->host && i < m->n_hooks; i++) free(g->host[i]);
@@ -58,23 +58,23 @@ void lp_grad_free(lp_model *m) {
 
 /* Whether the backward must stop at (kind, layer): its gradient is wanted, a direction
  * enters there, or the forward edited it (the edit's Jacobian applies there). */
-int lp_grad_wanted(const lp_model *m, int kind, int layer) {
+int grad_wanted(const lp_model *m, int kind, int layer) {
     if (!m->grad || !m->tp.on) return 0;
-    int id = lp_hook_id(m, kind, layer);
+    int id = hook_id(m, kind, layer);
     return id >= 0 && (m->grad->want[id] || id == m->grad->inject_id || m->hooks[id].edits);
 }
 
 /* Hooks and gradients alike: the scores and pattern exist only when someone reads them. */
-int lp_hooks_want_attn_mats(const lp_model *m) {
+int hooks_want_attn_mats(const lp_model *m) {
     for (int L = 0; L < m->cfg.n_layers; L++)
-        if (lp_hook_active(m, lp_hook_id(m, HK_SCORES, L)) || lp_hook_active(m, lp_hook_id(m, HK_PATTERN, L)) ||
-            lp_grad_wanted(m, HK_SCORES, L) || lp_grad_wanted(m, HK_PATTERN, L))
+        if (hook_active(m, hook_id(m, HK_SCORES, L)) || hook_active(m, hook_id(m, HK_PATTERN, L)) ||
+            grad_wanted(m, HK_SCORES, L) || grad_wanted(m, HK_PATTERN, L))
             return 1;
     return 0;
 }
 
-int lp_grad_enters(const lp_model *m, int kind, int layer) {
-    int id = lp_hook_id(m, kind, layer);
+int grad_enters(const lp_model *m, int kind, int layer) {
+    int id = hook_id(m, kind, layer);
     return m->grad && id >= 0 && id == m->grad->inject_id;
 }
 
@@ -89,7 +89,7 @@ static size_t hook_numel(const lp_model *m, int id) {
 /* Keeps buf as the gradient of hook id (F32 on the host), marked as this run's. */
 static lp_status grad_keep(lp_model *m, struct grad_state *g, int id, const void *buf) {
     lp_ctx *c = &m->ctx;
-    size_t n = hook_numel(m, id), es = lp_act_size(m);
+    size_t n = hook_numel(m, id), es = act_elem_bytes(m);
     if (n > g->cap[id]) {
         free(g->host[id]);
         g->cap[id] = 0;
@@ -123,18 +123,18 @@ static lp_status grad_site_whole(lp_model *m, int kind, int layer, void *buf);
 
 /* Under tensor parallelism a split hook's gradient is summed whole for its site, and only
  * where the backward stops (tp.c). */
-lp_status lp_grad_site(lp_model *m, int kind, int layer, void *buf) {
+lp_status grad_site(lp_model *m, int kind, int layer, void *buf) {
     if (m->par.tp <= 1) return grad_site_whole(m, kind, layer, buf);
-    if (!lp_grad_wanted(m, kind, layer)) return LP_OK;
+    if (!grad_wanted(m, kind, layer)) return LP_OK;
     void *whole;
-    LP_CHECK(lp_tp_grad_gather(m, kind, buf, &whole));
+    LP_CHECK(tp_grad_gather(m, kind, buf, &whole));
     LP_CHECK(grad_site_whole(m, kind, layer, whole));
-    return lp_tp_grad_scatter(m, kind, buf, whole);
+    return tp_grad_scatter(m, kind, buf, whole);
 }
 
 static lp_status grad_site_whole(lp_model *m, int kind, int layer, void *buf) {
     struct grad_state *g = m->grad;
-    int id = lp_hook_id(m, kind, layer);
+    int id = hook_id(m, kind, layer);
     if (!g || id < 0) return LP_OK;
     int inputs = kind == HK_EMBED || kind == HK_POS_EMBED;
     size_t n = hook_numel(m, id), rows = (size_t)g->B * g->T, per = n / rows;
@@ -146,13 +146,13 @@ static lp_status grad_site_whole(lp_model *m, int kind, int layer, void *buf) {
     }
     if (inputs || !m->hooks[id].edits) return LP_OK;
     int unknown = 0;
-    LP_CHECK(lp_hook_edit_jacobian(m, id, buf, &unknown));
+    LP_CHECK(hook_edit_jacobian(m, id, buf, &unknown));
     if (unknown && g->passed < 0) g->passed = id; /* every gradient from here down is unknowable */
     return LP_OK;
 }
 
 /* Registers which gradients to keep. */
-lp_status lp_grad_set_wanted(lp_model *m, const char *grad_hooks) {
+lp_status grad_set_wanted(lp_model *m, const char *grad_hooks) {
     struct grad_state *g = m->grad;
     memset(g->want, 0, m->n_hooks);
     memset(g->pwant, 0, m->w.n);
@@ -186,7 +186,7 @@ lp_status lp_grad_set_wanted(lp_model *m, const char *grad_hooks) {
 }
 
 
-lp_status lp_grad_buffer(lp_model *m, void **buf, size_t *cap, size_t bytes) {
+lp_status grad_buffer(lp_model *m, void **buf, size_t *cap, size_t bytes) {
     if (bytes <= *cap && *buf) return LP_OK;
     lp_ctx_release(&m->ctx, *buf);
     *buf = NULL, *cap = 0;
@@ -234,7 +234,7 @@ lp_status lp_grad_get(lp_model *m, const char *hook, lp_tensor *out) {
     return LP_OK;
 }
 
-int lp_param_layer_wanted(const lp_model *m, int L) {
+int param_layer_wanted(const lp_model *m, int L) {
     if (!m->grad || !m->tp.on) return 0;
     char pre[32];
     int n = snprintf(pre, sizeof pre, "blocks.%d.", L);
@@ -243,12 +243,12 @@ int lp_param_layer_wanted(const lp_model *m, int L) {
     return 0;
 }
 
-lp_status lp_param_grad(lp_model *m, int idx, const void *x, const void *dy, int N, int K, int M) {
+lp_status param_grad(lp_model *m, int idx, const void *x, const void *dy, int N, int K, int M) {
     struct grad_state *g = m->grad;
     if (!g || !g->pwant[idx]) return LP_OK;
     lp_ctx *c = &m->ctx;
     size_t n = (size_t)K * M;
-    LP_CHECK(lp_grad_buffer(m, &g->dw, &g->dw_bytes, n * sizeof(float)));
+    LP_CHECK(grad_buffer(m, &g->dw, &g->dw_bytes, n * sizeof(float)));
     float *dw = g->dw;
     /* W [K,M]: dW = x^T dy; W [M,K]: dW = dy^T x */
     lp_status st = m->w.trans ? lp_matmul_at(c, dw, dy, x, N, M, K, 0.0f) : lp_matmul_at(c, dw, x, dy, N, K, M, 0.0f);

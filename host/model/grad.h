@@ -41,10 +41,10 @@ struct grad_state {
 
 
 /* The model's gradient state, created on first use. */
-lp_status lp_grad_state(lp_model *m, struct grad_state **out);
+lp_status grad_state_get(lp_model *m, struct grad_state **out);
 /* Registers which hook and weight gradients the next backward keeps. */
-lp_status lp_grad_set_wanted(lp_model *m, const char *grad_hooks);
+lp_status grad_set_wanted(lp_model *m, const char *grad_hooks);
 /* A device buffer of at least `bytes` kept in the gradient state (*buf, *cap), grown when needed. */
-lp_status lp_grad_buffer(lp_model *m, void **buf, size_t *cap, size_t bytes);
+lp_status grad_buffer(lp_model *m, void **buf, size_t *cap, size_t bytes);
 
 #endif

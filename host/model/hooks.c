@@ -26,7 +26,7 @@ static const char *const g_layer_names[HK_PER_LAYER] = {
     [HK_RESID_POST] = "hook_resid_post",
 };
 
-size_t lp_act_size(const lp_model *m) { return lp_dtype_size(m->ctx.dtype); }
+size_t act_elem_bytes(const lp_model *m) { return lp_dtype_size(m->ctx.dtype); }
 
 static void set_view(hook *h, const lp_config *c) {
     h->H = 1, h->E = c->d_model, h->head_outer = 0, h->e_is_pos = 0;
@@ -65,7 +65,7 @@ static void add_hook(lp_model *m, int kind, int layer, const char *name) {
     m->hook_index[layer * HK_N_KINDS + kind] = m->n_hooks++;
 }
 
-lp_status lp_hooks_init(lp_model *m) {
+lp_status hooks_init(lp_model *m) {
     const lp_config *c = &m->cfg;
     int n_idx = (c->n_layers + 1) * HK_N_KINDS;
     m->hooks = calloc(HK_N_KINDS * (c->n_layers + 1), sizeof *m->hooks);
@@ -96,7 +96,7 @@ lp_status lp_hooks_init(lp_model *m) {
  * has neither, so the table stays HookedTransformer's until a transcoder set asks. The
  * gradient state is sized by the hook count, hence "before the first gradient". */
 lp_status lp_hooks_add_mlp_in(lp_model *m) {
-    if (lp_hook_id(m, HK_MLP_IN, 0) >= 0) return LP_OK;
+    if (hook_id(m, HK_MLP_IN, 0) >= 0) return LP_OK;
     if (m->grad) LP_FAIL(LP_ERR_ARG, "mlp.hook_in: add it before the model's first gradient");
     char nm[64];
     for (int L = 0; L < m->cfg.n_layers; L++) {
@@ -106,7 +106,7 @@ lp_status lp_hooks_add_mlp_in(lp_model *m) {
     return LP_OK;
 }
 
-int lp_hook_id(const lp_model *m, int kind, int layer) {
+int hook_id(const lp_model *m, int kind, int layer) {
     if (kind == HK_EMBED || kind == HK_POS_EMBED) layer = 0;
     if (kind == HK_LNF_SCALE || kind == HK_LNF_NORM || kind == HK_UNEMBED_IN || kind == HK_UNEMBED_OUT) layer = m->cfg.n_layers;
     return m->hook_index[layer * HK_N_KINDS + kind];
@@ -290,7 +290,7 @@ void lp_hooks_clear(lp_model *m) {
     m->any_hook_dirty = 1;
 }
 
-void lp_hooks_free(lp_model *m) {
+void hooks_free(lp_model *m) {
     if (!m->hooks) return;
     lp_hooks_clear(m);
     for (int i = 0; i < m->n_hooks; i++) free_capture(m, &m->hooks[i]);
@@ -302,7 +302,7 @@ void lp_hooks_free(lp_model *m) {
 
 /* Uploads host data to the device in the act dtype (or keeps F32 on the CPU). */
 static lp_status upload_act(lp_model *m, const float *src, size_t n, void **dst) {
-    LP_CHECK(lp_ctx_alloc(&m->ctx, n * lp_act_size(m), dst));
+    LP_CHECK(lp_ctx_alloc(&m->ctx, n * act_elem_bytes(m), dst));
     return lp_ctx_upload_f32(&m->ctx, *dst, src, n);
 }
 
@@ -318,7 +318,7 @@ static lp_status prepare_capture(lp_model *m, hook *h, int B, int T) {
     lp_ctx *c = &m->ctx;
     int64_t s[LP_MAX_DIMS];
     int nd = shape_of(h, B, h->cap_pos ? h->cap_npos : T, T, s);
-    size_t need = (size_t)lp_shape_numel(s, nd) * lp_act_size(m);
+    size_t need = (size_t)lp_shape_numel(s, nd) * act_elem_bytes(m);
     if (need > h->cap_bytes_max || !h->cap_host) {
         lp_ctx_release_host(c, h->cap_host);
         if (c->device == LP_CUDA) lp_ctx_release(c, h->cap_dev);
@@ -338,7 +338,7 @@ static lp_status prepare_capture(lp_model *m, hook *h, int B, int T) {
     return lp_ctx_to_device(c, h->cap_pos_dev, h->cap_pos, h->cap_npos * sizeof(int32_t));
 }
 
-lp_status lp_hooks_prepare(lp_model *m) {
+lp_status hooks_prepare(lp_model *m) {
     lp_ctx *c = &m->ctx;
     int B = m->a.B_max, T = m->a.T_max;
     for (int i = 0; i < m->n_hooks; i++) {
@@ -359,10 +359,10 @@ lp_status lp_hooks_prepare(lp_model *m) {
     return LP_OK;
 }
 
-int lp_hooks_last_layer(const lp_model *m) {
+int hooks_last_layer(const lp_model *m) {
     int last = -1;
     for (int i = 0; i < m->n_hooks; i++)
-        if (lp_hook_active(m, i) && m->hooks[i].layer > last) last = m->hooks[i].layer;
+        if (hook_active(m, i) && m->hooks[i].layer > last) last = m->hooks[i].layer;
     return last;
 }
 
@@ -371,7 +371,7 @@ int lp_hook_first_pos(const lp_model *m) { return m->kv.pos0 > 0 ? m->kv.pos0 : 
 /* Positions per source row of a patch, or 0 when the hook has none (scores, pattern). */
 static size_t patch_row(const hook *h) { return h->e_is_pos ? 0 : (size_t)h->H * h->E; }
 
-lp_status lp_gen_patch_check(const lp_model *m, int id, int from, int to) {
+lp_status gen_patch_check(const lp_model *m, int id, int from, int to) {
     const hook *h = &m->hooks[id];
     for (const edit *e = h->edits; e; e = e->next) {
         if (e->spec.fn || e->spec.kind != LP_EDIT_PATCH) continue;
@@ -404,8 +404,8 @@ static lp_status run_edits(lp_model *m, hook *h, int id, void *act, lp_view v, s
         }
         const char *src = e->src_dev;
         if (e->spec.kind == LP_EDIT_PATCH && m->kv.generating) {
-            LP_CHECK(lp_gen_patch_check(m, id, pos0, pos0 + v.P));
-            src += (size_t)pos0 * patch_row(h) * lp_act_size(m);
+            LP_CHECK(gen_patch_check(m, id, pos0, pos0 + v.P));
+            src += (size_t)pos0 * patch_row(h) * act_elem_bytes(m);
         } else if (e->spec.kind == LP_EDIT_PATCH && e->spec.src_len != n) {
             LP_FAIL(LP_ERR_SHAPE, "patch of %s: source has %zu values, this batch's activation has %zu", h->name,
                     e->spec.src_len, n);
@@ -419,16 +419,16 @@ static lp_status run_edits(lp_model *m, hook *h, int id, void *act, lp_view v, s
 static lp_status site_whole(lp_model *m, int id, void *act);
 
 /* Under tensor parallelism a split hook's site sees the whole activation (tp.c). */
-lp_status lp_hook_site(lp_model *m, int id, void *act) {
+lp_status hook_site(lp_model *m, int id, void *act) {
     if (id < 0) return LP_OK; /* absent hook */
     hook *h = &m->hooks[id];
     int capture = h->capture && !m->kv.generating; /* generation edits but captures nothing */
     if (!capture && !h->edits) return LP_OK;
     if (m->par.tp <= 1) return site_whole(m, id, act);
     void *whole;
-    LP_CHECK(lp_tp_gather_hook(m, h->kind, act, &whole));
+    LP_CHECK(tp_gather_hook(m, h->kind, act, &whole));
     LP_CHECK(site_whole(m, id, whole));
-    return h->edits ? lp_tp_scatter_hook(m, h->kind, act, whole) : LP_OK;
+    return h->edits ? tp_scatter_hook(m, h->kind, act, whole) : LP_OK;
 }
 
 static lp_status site_whole(lp_model *m, int id, void *act) {
@@ -445,11 +445,11 @@ static lp_status site_whole(lp_model *m, int id, void *act) {
         for (int i = 0; i < h->cap_npos; i++)
             if (h->cap_pos[i] >= T)
                 LP_FAIL(LP_ERR_ARG, "capture of %s: position %d is outside this batch's %d positions", h->name, h->cap_pos[i], T);
-        bytes = n / v.P * h->cap_npos * lp_act_size(m);
+        bytes = n / v.P * h->cap_npos * act_elem_bytes(m);
         void *dst = c->device == LP_CUDA ? h->cap_dev : h->cap_host;
         LP_CHECK(lp_gather_pos(c, dst, act, v, h->cap_pos_dev, h->cap_npos));
     } else {
-        bytes = n * lp_act_size(m);
+        bytes = n * act_elem_bytes(m);
         if (c->device == LP_CUDA) LP_CHECK(lp_ctx_copy(c, h->cap_dev, act, bytes));
         else memcpy(h->cap_host, act, bytes);
     }
@@ -457,7 +457,7 @@ static lp_status site_whole(lp_model *m, int id, void *act) {
     return LP_OK;
 }
 
-lp_status lp_hook_edit_jacobian(lp_model *m, int id, void *grad, int *unknown) {
+lp_status hook_edit_jacobian(lp_model *m, int id, void *grad, int *unknown) {
     hook *h = &m->hooks[id];
     lp_view v = view_of(h, m->res.B, m->res.T);
     /* masks commute: the order of the edits does not matter */
@@ -472,14 +472,14 @@ lp_status lp_hook_edit_jacobian(lp_model *m, int id, void *grad, int *unknown) {
     return LP_OK;
 }
 
-size_t lp_hook_capture_bytes(const lp_model *m, int id) { return m->hooks[id].cap_dev ? m->hooks[id].cap_bytes_max : 0; }
+size_t hook_capture_bytes(const lp_model *m, int id) { return m->hooks[id].cap_dev ? m->hooks[id].cap_bytes_max : 0; }
 
 int lp_hook_is_captured(const lp_model *m, int id) { return id >= 0 && id < m->n_hooks && m->hooks[id].capture; }
 int lp_hook_is_edited(const lp_model *m, int id) { return id >= 0 && id < m->n_hooks && m->hooks[id].edits; }
 
-int lp_hooks_want_full_logits(const lp_model *m) { return lp_hook_active(m, lp_hook_id(m, HK_UNEMBED_OUT, m->cfg.n_layers)); }
+int hooks_want_full_logits(const lp_model *m) { return hook_active(m, hook_id(m, HK_UNEMBED_OUT, m->cfg.n_layers)); }
 
-lp_status lp_hooks_finish(lp_model *m) { return lp_ctx_sync(&m->ctx); }
+lp_status hooks_finish(lp_model *m) { return lp_ctx_sync(&m->ctx); }
 
 lp_status lp_capture_get(lp_model *m, const char *name, lp_tensor *out) {
     int id = lp_hook_find(m, name);

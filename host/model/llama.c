@@ -39,13 +39,13 @@ static const tensor_names g_names = {
 
 static lp_status read_hf(lp_model *m, const char *path, const cJSON *root) {
     m->w.trans = 1;
-    return lp_llama_read_hf_config(m, path, root);
+    return llama_read_hf_config(m, path, root);
 }
 
 /* Llama 3.1 GGUFs carry the rope scaling as per-frequency divisors. */
 static lp_status read_gguf(lp_model *m, const lp_gguf *g) {
     m->w.trans = 1;
-    LP_CHECK(lp_llama_read_gguf_config(m, g));
+    LP_CHECK(llama_read_gguf_config(m, g));
     const lp_gguf_tensor *rf = lp_gguf_find_tensor(g, "rope_freqs.weight");
     if (!rf) return LP_OK;
     if (rf->type != LP_GGML_F32 || rf->n_elems != m->cfg.d_head / 2)
@@ -61,13 +61,13 @@ static lp_status random_cfg(lp_config *c) {
     if (c->ln_eps <= 0) c->ln_eps = 1e-5f;
     if (c->rope_theta <= 0) c->rope_theta = 500000.0;
     snprintf(c->name, sizeof c->name, "llama");
-    lp_llama_set_shape(c);
-    return lp_llama_check_config("random model", c);
+    llama_set_shape(c);
+    return llama_check_config("random model", c);
 }
 
 static const char *const g_types[] = {"llama", "mistral", "qwen2", NULL};
 static const char *const g_gguf[] = {"llama", "qwen2", NULL};
 const model_arch lp_arch_llama = {
     .name = "llama", .id = LP_ARCH_LLAMA, .hf_types = g_types, .gguf_archs = g_gguf, .read_hf = read_hf, .read_gguf = read_gguf,
-    .random_cfg = random_cfg, .names = &g_names, .forward = lp_decoder_forward, .backward = lp_decoder_backward,
+    .random_cfg = random_cfg, .names = &g_names, .forward = decoder_forward, .backward = decoder_backward,
 };

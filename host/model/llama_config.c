@@ -26,7 +26,7 @@
         goto done;                                                         \
     } while (0)
 
-lp_status lp_llama_check_config(const char *what, const lp_config *c) {
+lp_status llama_check_config(const char *what, const lp_config *c) {
     if (c->n_layers < 1 || c->d_model < 1 || c->n_heads < 1 || c->n_kv_heads < 1 || c->d_head < 1 || c->d_mlp < 1 ||
         c->n_ctx < 1 || c->d_vocab < 1)
         LP_FAIL(LP_ERR_FORMAT, "%s: the model's dimensions must all be positive", what);
@@ -74,39 +74,39 @@ static lp_status read_rope(const char *path, const cJSON *root, lp_config *c) {
     const char *where = "";
     LP_CHECK(rope_dict(path, root, &rs, &where));
     double top_theta, prf;
-    LP_CHECK(lp_jcfg_num(path, root, "", "rope_theta", 1, HUGE_VAL, 10000.0, &top_theta));
-    LP_CHECK(lp_jcfg_num(path, root, "", "partial_rotary_factor", 0, HUGE_VAL, 1.0, &prf));
+    LP_CHECK(jcfg_num(path, root, "", "rope_theta", 1, HUGE_VAL, 10000.0, &top_theta));
+    LP_CHECK(jcfg_num(path, root, "", "partial_rotary_factor", 0, HUGE_VAL, 1.0, &prf));
     const char *prf_key = "partial_rotary_factor", *prf_where = "";
     c->rope_theta = top_theta;
     c->rope_kind = LP_ROPE_DEFAULT;
     const char *type = "default", *type_key = "rope_type";
     if (rs) {
-        LP_CHECK(lp_jcfg_num(path, rs, where, "rope_theta", 1, HUGE_VAL, top_theta, &c->rope_theta));
+        LP_CHECK(jcfg_num(path, rs, where, "rope_theta", 1, HUGE_VAL, top_theta, &c->rope_theta));
         if (jget(rs, "partial_rotary_factor")) prf_where = where;
-        LP_CHECK(lp_jcfg_num(path, rs, where, "partial_rotary_factor", 0, HUGE_VAL, prf, &prf));
+        LP_CHECK(jcfg_num(path, rs, where, "partial_rotary_factor", 0, HUGE_VAL, prf, &prf));
         if (!jget(rs, "rope_type") && jget(rs, "type")) type_key = "type";
-        LP_CHECK(lp_jcfg_str(path, rs, where, type_key, "default", &type));
+        LP_CHECK(jcfg_str(path, rs, where, type_key, "default", &type));
     }
     if (prf != 1.0)
         LP_FAIL(LP_ERR_FORMAT, "%s: \"%s%s\" = %g: partial rotary embeddings are not supported", path, prf_where, prf_key, prf);
     if (strcmp(type, "default") == 0) return LP_OK;
     if (strcmp(type, "linear") == 0) {
         c->rope_kind = LP_ROPE_LINEAR;
-        return lp_jcfg_num(path, rs, where, "factor", 0, HUGE_VAL, NAN, &c->rope_factor);
+        return jcfg_num(path, rs, where, "factor", 0, HUGE_VAL, NAN, &c->rope_factor);
     }
     if (strcmp(type, "llama3") != 0)
         LP_FAIL(LP_ERR_FORMAT, "%s: \"%s%s\" '%s' is not supported (default, linear, llama3)", path, where, type_key, type);
     c->rope_kind = LP_ROPE_LLAMA3;
-    LP_CHECK(lp_jcfg_num(path, rs, where, "factor", 0, HUGE_VAL, NAN, &c->rope_factor));
-    LP_CHECK(lp_jcfg_num(path, rs, where, "low_freq_factor", 0, HUGE_VAL, NAN, &c->rope_low_freq_factor));
-    LP_CHECK(lp_jcfg_num(path, rs, where, "high_freq_factor", 0, HUGE_VAL, NAN, &c->rope_high_freq_factor));
+    LP_CHECK(jcfg_num(path, rs, where, "factor", 0, HUGE_VAL, NAN, &c->rope_factor));
+    LP_CHECK(jcfg_num(path, rs, where, "low_freq_factor", 0, HUGE_VAL, NAN, &c->rope_low_freq_factor));
+    LP_CHECK(jcfg_num(path, rs, where, "high_freq_factor", 0, HUGE_VAL, NAN, &c->rope_high_freq_factor));
     if (!(c->rope_high_freq_factor > c->rope_low_freq_factor))
         LP_FAIL(LP_ERR_FORMAT, "%s: \"%shigh_freq_factor\" %g must exceed \"%slow_freq_factor\" %g", path, where,
                 c->rope_high_freq_factor, where, c->rope_low_freq_factor);
     const char *oc = "original_max_position_embeddings";
     int from_dict;
-    LP_CHECK(lp_jcfg_int(path, rs, oc, 1, LP_MAX_CTX, c->n_ctx, &from_dict));
-    return lp_jcfg_int(path, root, oc, 1, LP_MAX_CTX, from_dict, &c->rope_orig_ctx);
+    LP_CHECK(jcfg_int(path, rs, oc, 1, LP_MAX_CTX, c->n_ctx, &from_dict));
+    return jcfg_int(path, root, oc, 1, LP_MAX_CTX, from_dict, &c->rope_orig_ctx);
 }
 
 /* A window shorter than the context changes attention beyond it: rather than attend too
@@ -115,11 +115,11 @@ static lp_status read_rope(const char *path, const cJSON *root, lp_config *c) {
  * layer_types (or max_window_layers) mark; Llama has no window. */
 static lp_status read_window(const char *path, const cJSON *root, int mistral, int qwen2, lp_config *c) {
     int use = mistral, window = 0;
-    if (qwen2) LP_CHECK(lp_jcfg_bool(path, root, "use_sliding_window", 0, &use));
+    if (qwen2) LP_CHECK(jcfg_bool(path, root, "use_sliding_window", 0, &use));
     if (!use) return LP_OK;
     const cJSON *sw = cJSON_GetObjectItemCaseSensitive(root, "sliding_window");
     if (cJSON_IsNull(sw)) return LP_OK;
-    LP_CHECK(lp_jcfg_int(path, root, "sliding_window", 1, INT32_MAX, 4096, &window));
+    LP_CHECK(jcfg_int(path, root, "sliding_window", 1, INT32_MAX, 4096, &window));
     if (qwen2) {
         int slides = 0, first;
         const cJSON *lt = jget(root, "layer_types");
@@ -129,7 +129,7 @@ static lp_status read_window(const char *path, const cJSON *root, int mistral, i
             slides |= strcmp(e->valuestring, "sliding_attention") == 0;
         }
         if (!lt) {
-            LP_CHECK(lp_jcfg_int(path, root, "max_window_layers", 0, INT32_MAX, 28, &first));
+            LP_CHECK(jcfg_int(path, root, "max_window_layers", 0, INT32_MAX, 28, &first));
             slides = first < c->n_layers;
         }
         if (!slides) return LP_OK;
@@ -139,66 +139,66 @@ static lp_status read_window(const char *path, const cJSON *root, int mistral, i
 }
 
 static lp_status read_dims(const char *path, const cJSON *root, int mistral, int qwen2, lp_config *c) {
-    LP_CHECK(lp_jcfg_int(path, root, "num_hidden_layers", 1, LP_MAX_LAYERS, -1, &c->n_layers));
-    LP_CHECK(lp_jcfg_int(path, root, "hidden_size", 1, LP_MAX_D_MODEL, -1, &c->d_model));
-    LP_CHECK(lp_jcfg_int(path, root, "num_attention_heads", 1, LP_MAX_HEADS, -1, &c->n_heads));
+    LP_CHECK(jcfg_int(path, root, "num_hidden_layers", 1, LP_MAX_LAYERS, -1, &c->n_layers));
+    LP_CHECK(jcfg_int(path, root, "hidden_size", 1, LP_MAX_D_MODEL, -1, &c->d_model));
+    LP_CHECK(jcfg_int(path, root, "num_attention_heads", 1, LP_MAX_HEADS, -1, &c->n_heads));
     /* transformers' defaults when the key is absent: Mistral 8, Qwen2 32, Llama the heads */
     int kv_default = mistral ? 8 : qwen2 ? 32 : c->n_heads;
-    LP_CHECK(lp_jcfg_int(path, root, "num_key_value_heads", 1, LP_MAX_HEADS, kv_default, &c->n_kv_heads));
+    LP_CHECK(jcfg_int(path, root, "num_key_value_heads", 1, LP_MAX_HEADS, kv_default, &c->n_kv_heads));
     /* transformers: `head_dim or hidden_size // num_attention_heads`, so 0 means absent */
     const cJSON *hd = jget(root, "head_dim");
     c->d_head = c->d_model / c->n_heads;
     if (!(cJSON_IsNumber(hd) && hd->valuedouble == 0))
-        LP_CHECK(lp_jcfg_int(path, root, "head_dim", 1, LP_MAX_D_HEAD, c->d_head, &c->d_head));
+        LP_CHECK(jcfg_int(path, root, "head_dim", 1, LP_MAX_D_HEAD, c->d_head, &c->d_head));
     if (c->d_head < 1) LP_FAIL(LP_ERR_FORMAT, "%s: \"hidden_size\" %d is smaller than \"num_attention_heads\" %d", path, c->d_model, c->n_heads);
     if (c->d_head % 2 || c->d_head > 256)
         LP_FAIL(LP_ERR_FORMAT, "%s: \"head_dim\" %d is not supported (even, at most 256)", path, c->d_head);
     if (c->n_kv_heads > c->n_heads || c->n_heads % c->n_kv_heads)
         LP_FAIL(LP_ERR_FORMAT, "%s: \"num_attention_heads\" %d is not a multiple of \"num_key_value_heads\" %d", path, c->n_heads,
                 c->n_kv_heads);
-    LP_CHECK(lp_jcfg_int(path, root, "intermediate_size", 1, LP_MAX_D_MLP, -1, &c->d_mlp));
-    LP_CHECK(lp_jcfg_int(path, root, "max_position_embeddings", 1, LP_MAX_CTX, -1, &c->n_ctx));
-    LP_CHECK(lp_jcfg_int(path, root, "vocab_size", 1, LP_MAX_VOCAB, -1, &c->d_vocab));
+    LP_CHECK(jcfg_int(path, root, "intermediate_size", 1, LP_MAX_D_MLP, -1, &c->d_mlp));
+    LP_CHECK(jcfg_int(path, root, "max_position_embeddings", 1, LP_MAX_CTX, -1, &c->n_ctx));
+    LP_CHECK(jcfg_int(path, root, "vocab_size", 1, LP_MAX_VOCAB, -1, &c->d_vocab));
     double eps;
-    LP_CHECK(lp_jcfg_num(path, root, "", "rms_norm_eps", 0, 1, 1e-6, &eps));
+    LP_CHECK(jcfg_num(path, root, "", "rms_norm_eps", 0, 1, 1e-6, &eps));
     c->ln_eps = (float)eps;
     if (!(c->ln_eps > 0)) LP_FAIL(LP_ERR_FORMAT, "%s: \"rms_norm_eps\" = %g underflows float32", path, eps);
     return LP_OK;
 }
 
-void lp_llama_set_shape(lp_config *c) {
+void llama_set_shape(lp_config *c) {
     c->arch = LP_ARCH_LLAMA;
     c->norm = LP_NORM_RMS, c->pos = LP_POS_ROTARY, c->mlp = LP_MLP_SWIGLU;
 }
 
-lp_status lp_llama_read_hf_config(lp_model *m, const char *path, const cJSON *root) {
+lp_status llama_read_hf_config(lp_model *m, const char *path, const cJSON *root) {
     lp_status st = LP_OK;
     lp_config *c = &m->cfg;
     const char *type, *act;
-    TRY(lp_jcfg_str(path, root, "", "model_type", "", &type));
+    TRY(jcfg_str(path, root, "", "model_type", "", &type));
     int qwen2 = strcmp(type, "qwen2") == 0, mistral = strcmp(type, "mistral") == 0, llama = strcmp(type, "llama") == 0;
     if (!qwen2 && !mistral && !llama)
         REFUSE("%s: model_type '%s' is not supported (supported: gpt2, llama, mistral, qwen2)", path, type);
-    lp_llama_set_shape(c);
+    llama_set_shape(c);
     snprintf(c->name, sizeof c->name, "%s", type);
     if (jget(root, "quantization_config"))
         REFUSE("%s: \"quantization_config\": quantized Hugging Face checkpoints are not supported (GGUF is)", path);
     TRY(read_dims(path, root, mistral, qwen2, c));
-    TRY(lp_jcfg_str(path, root, "", "hidden_act", "silu", &act));
+    TRY(jcfg_str(path, root, "", "hidden_act", "silu", &act));
     if (strcmp(act, "silu") != 0 && strcmp(act, "swish") != 0) REFUSE("%s: \"hidden_act\" '%s' is not supported (silu only)", path, act);
     int flag;
     /* only Llama's modeling reads these; Mistral's and Qwen2's ignore them, as loupe does */
     if (llama) {
-        TRY(lp_jcfg_bool(path, root, "mlp_bias", 0, &flag));
+        TRY(jcfg_bool(path, root, "mlp_bias", 0, &flag));
         if (flag) REFUSE("%s: \"mlp_bias\" = true is not supported", path);
-        TRY(lp_jcfg_bool(path, root, "attention_bias", 0, &flag));
+        TRY(jcfg_bool(path, root, "attention_bias", 0, &flag));
         if (flag) REFUSE("%s: \"attention_bias\" = true is not supported for llama (q, k, v and o biases)", path);
     }
     c->qkv_bias = qwen2; /* Qwen2 always has q/k/v biases (and no o bias) */
-    TRY(lp_jcfg_bool(path, root, "tie_word_embeddings", 0, &c->tied_unembed));
+    TRY(jcfg_bool(path, root, "tie_word_embeddings", 0, &c->tied_unembed));
     TRY(read_rope(path, root, c));
     TRY(read_window(path, root, mistral, qwen2, c));
-    st = lp_llama_check_config(path, c);
+    st = llama_check_config(path, c);
 done:
     return st;
 }
@@ -243,7 +243,7 @@ static lp_status gguf_rope_scaling(const lp_gguf *g, const char *arch, lp_config
 
 /* Also the dimensions, norm epsilon and rotary base of Gemma's GGUF files (gemma.c), which
  * use the same keys under their own architecture name. */
-lp_status lp_llama_read_gguf_config(lp_model *m, const lp_gguf *g) {
+lp_status llama_read_gguf_config(lp_model *m, const lp_gguf *g) {
     const char *path = lp_gguf_path(g);
     const char *s;
     size_t len;
@@ -252,7 +252,7 @@ lp_status lp_llama_read_gguf_config(lp_model *m, const lp_gguf *g) {
     char arch[32];
     snprintf(arch, sizeof arch, "%.*s", (int)(len < 31 ? len : 31), s);
     lp_config *c = &m->cfg;
-    lp_llama_set_shape(c);
+    llama_set_shape(c);
     snprintf(c->name, sizeof c->name, "%s", arch);
     const lp_gguf_tensor *emb = lp_gguf_find_tensor(g, "token_embd.weight");
     if (!emb || emb->n_dims != 2) LP_FAIL(LP_ERR_FORMAT, "%s: tensor 'token_embd.weight' is missing or not 2-D", path);
@@ -281,5 +281,5 @@ lp_status lp_llama_read_gguf_config(lp_model *m, const lp_gguf *g) {
     LP_CHECK(gguf_rope_scaling(g, arch, c));
     c->qkv_bias = lp_gguf_find_tensor(g, "blk.0.attn_q.bias") != NULL;
     c->tied_unembed = lp_gguf_find_tensor(g, "output.weight") == NULL;
-    return lp_llama_check_config(path, c);
+    return llama_check_config(path, c);
 }

@@ -42,15 +42,15 @@ static lp_status check_metric(const lp_model *m, const lp_metric *mt, int B, int
  * while unembed.hook_out is hooked, those rows of the forward's whole (maybe edited) logits. */
 static lp_status read_rows(lp_model *m, const lp_metric *mt, int B, int T, void *rows_dev, void *logits_dev, float *host) {
     lp_ctx *c = &m->ctx;
-    size_t es = lp_act_size(m), D = m->cfg.d_model;
+    size_t es = act_elem_bytes(m), D = m->cfg.d_model;
     int V = m->cfg.d_vocab;
-    if (lp_hooks_want_full_logits(m)) {
+    if (hooks_want_full_logits(m)) {
         for (int b = 0; b < B; b++)
             LP_CHECK(lp_ctx_copy(c, (char *)logits_dev + b * V * es, (char *)m->a.logits + ((size_t)b * T + row_pos(mt, b, T)) * V * es, V * es));
     } else {
         for (int b = 0; b < B; b++)
             LP_CHECK(lp_ctx_copy(c, (char *)rows_dev + b * D * es, (char *)m->a.ln_out + ((size_t)b * T + row_pos(mt, b, T)) * D * es, D * es));
-        LP_CHECK(lp_tp_logits(m, logits_dev, rows_dev, B));
+        LP_CHECK(tp_logits_of(m, logits_dev, rows_dev, B));
         if (m->cfg.final_softcap > 0) LP_CHECK(lp_softcap(c, logits_dev, logits_dev, m->cfg.final_softcap, (size_t)B * V));
     }
     if (c->device == LP_CPU) {
@@ -119,11 +119,11 @@ static lp_status upload_inv(lp_model *m, void *dst, int width) {
  * full: the logits' gradient is formed for all B x T rows at once (unembed.hook_out's is wanted). */
 static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T, int backward, int full, int dir_id) {
     const lp_config *c = &m->cfg;
-    size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = lp_act_size(m), V = c->d_vocab, H = c->n_heads;
+    size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = act_elem_bytes(m), V = c->d_vocab, H = c->n_heads;
     size_t qD = H * c->d_head, kvD = (size_t)c->n_kv_heads * c->d_head;
     size_t wide = D > qD ? D : qD;
     if (F > wide) wide = F;
-    size_t mat = lp_hooks_want_attn_mats(m) ? (size_t)B * H * T * T * es : 0;
+    size_t mat = hooks_want_attn_mats(m) ? (size_t)B * H * T * T * es : 0;
     size_t lrows = (size_t)m->a.logit_rows > (size_t)B ? (size_t)m->a.logit_rows : (size_t)B;
     if (full) lrows = N;
     if (!backward) N = 0, mat = 0, lrows = (size_t)B;
@@ -140,7 +140,7 @@ static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T, int backwa
     };
     size_t off = 0;
     for (size_t i = 0; i < sizeof b / sizeof *b; i++) off += (b[i].bytes + 255) / 256 * 256;
-    LP_CHECK(lp_grad_buffer(m, &m->grad->scratch, &m->grad->scratch_bytes, off));
+    LP_CHECK(grad_buffer(m, &m->grad->scratch, &m->grad->scratch_bytes, off));
     off = 0;
     for (size_t i = 0; i < sizeof b / sizeof *b; i++) {
         *b[i].p = b[i].bytes ? (char *)m->grad->scratch + off : NULL;
@@ -162,7 +162,7 @@ static lp_status ensure_ones(lp_model *m) {
     float *h = malloc(n * sizeof(float));
     if (!h) LP_FAIL(LP_ERR_OOM, "out of memory");
     for (size_t i = 0; i < n; i++) h[i] = 1.0f;
-    lp_status st = lp_ctx_alloc(&m->ctx, n * lp_act_size(m), &m->grad_ones);
+    lp_status st = lp_ctx_alloc(&m->ctx, n * act_elem_bytes(m), &m->grad_ones);
     if (st == LP_OK) st = lp_ctx_upload_f32(&m->ctx, m->grad_ones, h, n);
     free(h);
     return st;
@@ -181,10 +181,10 @@ static lp_status uncap(lp_model *m, void *dl, const void *y, size_t n) {
 static lp_status mean_loss_backward(lp_model *m, scratch *s, int B, int T, int full) {
     lp_ctx *c = &m->ctx;
     struct grad_state *g = m->grad;
-    size_t N = (size_t)B * T, D = m->cfg.d_model, es = lp_act_size(m);
-    int V = m->cfg.d_vocab, kept = lp_hooks_want_full_logits(m);
+    size_t N = (size_t)B * T, D = m->cfg.d_model, es = act_elem_bytes(m);
+    int V = m->cfg.d_vocab, kept = hooks_want_full_logits(m);
     /* per row, the mean over its T-1 predictions: uploaded only when T changes */
-    LP_CHECK(lp_grad_buffer(m, (void **)&g->row_scale, &g->row_scale_n, N * sizeof(float)));
+    LP_CHECK(grad_buffer(m, (void **)&g->row_scale, &g->row_scale_n, N * sizeof(float)));
     float *scale_h = malloc(N * sizeof(float));
     if (!scale_h) LP_FAIL(LP_ERR_OOM, "out of memory");
     for (size_t i = 0; i < N; i++) scale_h[i] = 1.0f / (T - 1);
@@ -194,12 +194,12 @@ static lp_status mean_loss_backward(lp_model *m, scratch *s, int B, int T, int f
     for (size_t r0 = 0; st == LP_OK && r0 < N; r0 += chunk) {
         int rows = (int)(N - r0 < chunk ? N - r0 : chunk);
         void *logits = kept ? (char *)m->a.logits + r0 * V * es : s->logits;
-        if (!kept) st = lp_tp_logits(m, s->logits, (char *)m->a.ln_out + r0 * D * es, rows);
+        if (!kept) st = tp_logits_of(m, s->logits, (char *)m->a.ln_out + r0 * D * es, rows);
         if (st == LP_OK && !kept && m->cfg.final_softcap > 0) st = lp_softcap(c, s->logits, s->logits, m->cfg.final_softcap, (size_t)rows * V);
         if (st == LP_OK) st = lp_xent_backward(c, s->drows, logits, m->a.tgt + r0, g->row_scale + r0, rows, V);
         if (st == LP_OK) st = uncap(m, s->drows, logits, (size_t)rows * V);
-        if (st == LP_OK && full) st = lp_grad_site(m, HK_UNEMBED_OUT, m->cfg.n_layers, s->drows);
-        if (st == LP_OK) st = lp_tp_unembed_dx(m, (char *)s->g.dln + r0 * D * es, s->drows, rows);
+        if (st == LP_OK && full) st = grad_site(m, HK_UNEMBED_OUT, m->cfg.n_layers, s->drows);
+        if (st == LP_OK) st = tp_unembed_dx(m, (char *)s->g.dln + r0 * D * es, s->drows, rows);
     }
     return st;
 }
@@ -207,9 +207,9 @@ static lp_status mean_loss_backward(lp_model *m, scratch *s, int B, int T, int f
 /* The capped logits of all N rows (full gradient of a logit metric under Gemma 2's soft-cap):
  * the forward's own when it kept them, else formed again from the final norm's output. */
 static lp_status all_capped_logits(lp_model *m, scratch *s, size_t N, const void **out) {
-    if (lp_hooks_want_full_logits(m)) return *out = m->a.logits, LP_OK;
+    if (hooks_want_full_logits(m)) return *out = m->a.logits, LP_OK;
     const lp_config *cf = &m->cfg;
-    LP_CHECK(lp_tp_logits(m, s->logits, m->a.ln_out, (int)N));
+    LP_CHECK(tp_logits_of(m, s->logits, m->a.ln_out, (int)N));
     *out = s->logits;
     return lp_softcap(&m->ctx, s->logits, s->logits, cf->final_softcap, N * cf->d_vocab);
 }
@@ -221,7 +221,7 @@ static lp_status all_capped_logits(lp_model *m, scratch *s, size_t N, const void
 static lp_status unembed_backward(lp_model *m, scratch *s, const lp_metric *mt, int B, int T, const float *lh, int full) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
-    size_t N = (size_t)B * T, D = cf->d_model, es = lp_act_size(m), V = cf->d_vocab;
+    size_t N = (size_t)B * T, D = cf->d_model, es = act_elem_bytes(m), V = cf->d_vocab;
     if (mt->kind == LP_METRIC_LOGIT_DIFF || mt->kind == LP_METRIC_LOGPROB) {
         size_t rows = full ? N : (size_t)B;
         float *dl = calloc(rows * V, sizeof(float));
@@ -236,9 +236,9 @@ static lp_status unembed_backward(lp_model *m, scratch *s, const lp_metric *mt, 
         LP_CHECK(uncap(m, s->drows, y, rows * V));
         if (full) {
             GSITE(HK_UNEMBED_OUT, cf->n_layers, s->drows);
-            LP_CHECK(lp_tp_unembed_dx(m, s->g.dln, s->drows, (int)N));
+            LP_CHECK(tp_unembed_dx(m, s->g.dln, s->drows, (int)N));
         } else { /* d ln_out = dlogits W_U at the read rows */
-            LP_CHECK(lp_tp_unembed_dx(m, s->rows, s->drows, B));
+            LP_CHECK(tp_unembed_dx(m, s->rows, s->drows, B));
             for (int b = 0; b < B; b++)
                 LP_CHECK(lp_ctx_copy(c, (char *)s->g.dln + ((size_t)b * T + row_pos(mt, b, T)) * D * es, (char *)s->rows + b * D * es, D * es));
         }
@@ -247,7 +247,7 @@ static lp_status unembed_backward(lp_model *m, scratch *s, const lp_metric *mt, 
     } else if (full) { /* a direction at unembed.hook_out */
         LP_CHECK(lp_ctx_memset0(c, s->drows, N * V * es));
         GSITE(HK_UNEMBED_OUT, cf->n_layers, s->drows);
-        LP_CHECK(lp_tp_unembed_dx(m, s->g.dln, s->drows, (int)N));
+        LP_CHECK(tp_unembed_dx(m, s->g.dln, s->drows, (int)N));
     }
     GSITE(HK_UNEMBED_IN, cf->n_layers, s->g.dln);
     return LP_OK;
@@ -259,9 +259,9 @@ static lp_status unembed_backward(lp_model *m, scratch *s, const lp_metric *mt, 
 static lp_status tape_prepare(lp_model *m, int B, int T, int dir_id) {
     const lp_config *cf = &m->cfg;
     if (!m->tp.layer && !(m->tp.layer = calloc(cf->n_layers + 1, sizeof *m->tp.layer))) LP_FAIL(LP_ERR_OOM, "out of memory");
-    m->tp.on = 1; /* so that lp_tape_layout sees the wanted pattern gradients */
+    m->tp.on = 1; /* so that tape_layout sees the wanted pattern gradients */
     m->tp.top = dir_id >= 0 ? m->hooks[dir_id].layer : cf->n_layers;
-    size_t need = lp_tape_layout(m, B, T, 0);
+    size_t need = tape_layout(m, B, T, 0);
     if (need > m->tp.bytes) {
         lp_ctx_release(&m->ctx, m->tp.mem);
         m->tp.mem = NULL, m->tp.bytes = 0;
@@ -269,7 +269,7 @@ static lp_status tape_prepare(lp_model *m, int B, int T, int dir_id) {
         if (st != LP_OK) return m->tp.on = 0, st;
         m->tp.bytes = need;
     }
-    lp_tape_layout(m, B, T, 1);
+    tape_layout(m, B, T, 1);
     return LP_OK;
 }
 
@@ -294,7 +294,7 @@ static lp_status direction_metric(lp_model *m, const lp_metric *mt, int B, int T
     }
     free(f);
     if (st != LP_OK || !backward) return st;
-    LP_CHECK(lp_grad_buffer(m, &g->inject_dev, &g->inject_bytes, per * lp_act_size(m)));
+    LP_CHECK(grad_buffer(m, &g->inject_dev, &g->inject_bytes, per * act_elem_bytes(m)));
     LP_CHECK(lp_ctx_upload_f32(&m->ctx, g->inject_dev, mt->direction, per));
     free(g->inject_host);
     if (!(g->inject_host = malloc(per * sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory");
@@ -332,11 +332,11 @@ static lp_status read_metric(lp_model *m, scratch *s, const lp_metric *mt, int B
 static lp_status run_backward(lp_model *m, scratch *s, const lp_metric *mt, int B, int T, const float *lh, int full, int dir_id) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
-    size_t ND = (size_t)B * T * cf->d_model * lp_act_size(m);
+    size_t ND = (size_t)B * T * cf->d_model * act_elem_bytes(m);
     LP_CHECK(lp_ctx_memset0(c, s->g.dresid, ND));
     LP_CHECK(lp_ctx_memset0(c, s->g.dln, ND));
     int top = mt->kind == LP_METRIC_DIRECTION ? m->hooks[dir_id].layer : cf->n_layers;
-    m->tp.on = 1; /* lp_grad_wanted answers for the backward too */
+    m->tp.on = 1; /* grad_wanted answers for the backward too */
     if (top == cf->n_layers) LP_CHECK(unembed_backward(m, s, mt, B, T, lh, full));
     LP_CHECK(m->arch->backward(m, &s->g, B, T, top));
     return lp_ctx_sync(c);
@@ -346,14 +346,14 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
                           double *metric_out, int backward) {
     LP_CHECK(check_metric(m, mt, B, T));
     struct grad_state *g = NULL;
-    LP_CHECK(lp_grad_state(m, &g));
-    if (backward) LP_CHECK(lp_grad_set_wanted(m, grad_hooks)); /* a metric-only run keeps the last gradients */
+    LP_CHECK(grad_state_get(m, &g));
+    if (backward) LP_CHECK(grad_set_wanted(m, grad_hooks)); /* a metric-only run keeps the last gradients */
     LP_CHECK(ensure_ones(m));
     g->B = B, g->T = T, g->inject_id = -1;
     int dir_id = mt->kind == LP_METRIC_DIRECTION ? lp_hook_find(m, mt->hook) : -1;
     /* the gradient at the logits is formed whole only when unembed.hook_out's is wanted, a
      * direction enters there or an edit's Jacobian applies there */
-    int out_id = lp_hook_id(m, HK_UNEMBED_OUT, m->cfg.n_layers);
+    int out_id = hook_id(m, HK_UNEMBED_OUT, m->cfg.n_layers);
     int full = backward && (g->want[out_id] || dir_id == out_id || m->hooks[out_id].edits);
     /* a direction metric reads the hook's activation: capture it for this run */
     int had_capture = dir_id >= 0 && m->hooks[dir_id].capture;
@@ -380,7 +380,7 @@ static lp_status grad_run(lp_model *m, const int32_t *tokens, int B, int T, cons
 lp_status lp_model_grad(lp_model *m, const int32_t *tokens, int B, int T, const lp_metric *metric, const char *grad_hooks,
                         double *metric_out) {
     struct grad_state *g = NULL;
-    LP_CHECK(lp_grad_state(m, &g));
+    LP_CHECK(grad_state_get(m, &g));
     g->run++, g->ok = 0, g->passed = -1;
     g->enter_id = metric && metric->kind == LP_METRIC_DIRECTION && metric->hook ? lp_hook_find(m, metric->hook) : -1;
     LP_CHECK(grad_run(m, tokens, B, T, metric, grad_hooks, metric_out, 1));

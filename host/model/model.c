@@ -23,18 +23,18 @@ static lp_status load_hf(lp_model *m, const char *dir) {
     struct stat sb;
     if (stat(path, &sb) != 0) LP_FAIL(LP_ERR_IO, "%s: cannot open (is '%s' a Hugging Face checkpoint directory?)", path, dir);
     cJSON *root;
-    LP_CHECK(lp_jcfg_open(path, &root));
+    LP_CHECK(jcfg_open(path, &root));
     const char *type;
-    lp_status st = lp_jcfg_str(path, root, "", "model_type", "", &type);
-    const model_arch *a = st == LP_OK ? lp_arch_for_hf(type) : NULL;
+    lp_status st = jcfg_str(path, root, "", "model_type", "", &type);
+    const model_arch *a = st == LP_OK ? arch_for_hf(type) : NULL;
     if (st == LP_OK && !a)
-        st = LP_ERR(LP_ERR_FORMAT, "%s: model_type '%s' is not supported (supported: %s)", path, type, lp_arch_hf_list());
+        st = LP_ERR(LP_ERR_FORMAT, "%s: model_type '%s' is not supported (supported: %s)", path, type, arch_hf_list());
     if (st == LP_OK) {
         m->arch = a;
         st = a->read_hf(m, path, root);
     }
     cJSON_Delete(root);
-    if (st == LP_OK) st = lp_weights_load_hf(m, a->names, dir, path);
+    if (st == LP_OK) st = weights_load_hf(m, a->names, dir, path);
     return st;
 }
 
@@ -47,14 +47,14 @@ static lp_status load_gguf(lp_model *m, const char *path) {
     lp_status st = lp_gguf_get_str(g, "general.architecture", &s, &len);
     if (st != LP_OK) st = LP_ERR(LP_ERR_FORMAT, "%s: metadata key 'general.architecture' is missing", path);
     if (st == LP_OK) snprintf(name, sizeof name, "%.*s", (int)(len < 31 ? len : 31), s);
-    const model_arch *a = st == LP_OK ? lp_arch_for_gguf(name) : NULL;
+    const model_arch *a = st == LP_OK ? arch_for_gguf(name) : NULL;
     if (st == LP_OK && !a)
-        st = LP_ERR(LP_ERR_FORMAT, "%s: GGUF architecture '%s' is not supported (supported: %s)", path, name, lp_arch_gguf_list());
+        st = LP_ERR(LP_ERR_FORMAT, "%s: GGUF architecture '%s' is not supported (supported: %s)", path, name, arch_gguf_list());
     if (st == LP_OK) {
         m->arch = a;
         st = a->read_gguf(m, g);
     }
-    if (st == LP_OK) st = lp_weights_load_gguf(m, a->names, g);
+    if (st == LP_OK) st = weights_load_gguf(m, a->names, g);
     lp_gguf_close(g);
     return st;
 }
@@ -82,7 +82,7 @@ lp_status lp_model_load(lp_model **out, const char *path, lp_device dev, lp_dtyp
     if (!m) LP_FAIL(LP_ERR_OOM, "out of memory");
     lp_status st = lp_ctx_init(&m->ctx, dev, dtype);
     if (st == LP_OK) st = load_by_kind(m, path);
-    if (st == LP_OK) st = lp_hooks_init(m);
+    if (st == LP_OK) st = hooks_init(m);
     if (st != LP_OK) {
         lp_model_free(m);
         return st;
@@ -99,8 +99,8 @@ lp_status lp_model_load_dist(lp_model **out, const char *path, lp_device dev, lp
     m->par.dist = d, m->par.tp = lp_dist_tp_size(d), m->par.rank = lp_dist_tp_rank(d);
     lp_status st = lp_ctx_init(&m->ctx, dev, dtype);
     if (st == LP_OK) st = load_by_kind(m, path);
-    if (st == LP_OK) st = lp_tp_alloc(m);
-    if (st == LP_OK) st = lp_hooks_init(m);
+    if (st == LP_OK) st = tp_alloc(m);
+    if (st == LP_OK) st = hooks_init(m);
     if (st != LP_OK) {
         lp_model_free(m);
         return st;
@@ -113,7 +113,7 @@ lp_dist *lp_model_dist(const lp_model *m) { return m->par.dist; }
 
 lp_status lp_model_random(lp_model **out, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype) {
     *out = NULL;
-    const model_arch *a = lp_arch_for_id(cfg->arch);
+    const model_arch *a = arch_for_id(cfg->arch);
     if (!a) LP_FAIL(LP_ERR_ARG, "random model: unsupported architecture");
     lp_model *m = new_model("(random)");
     if (!m) LP_FAIL(LP_ERR_OOM, "out of memory");
@@ -121,8 +121,8 @@ lp_status lp_model_random(lp_model **out, const lp_config *cfg, uint64_t seed, l
     m->arch = a;
     lp_status st = lp_ctx_init(&m->ctx, dev, dtype);
     if (st == LP_OK) st = a->random_cfg(&m->cfg);
-    if (st == LP_OK) st = lp_weights_random(m, seed);
-    if (st == LP_OK) st = lp_hooks_init(m);
+    if (st == LP_OK) st = weights_random(m, seed);
+    if (st == LP_OK) st = hooks_init(m);
     if (st != LP_OK) {
         lp_model_free(m);
         return st;
@@ -133,7 +133,7 @@ lp_status lp_model_random(lp_model **out, const lp_config *cfg, uint64_t seed, l
 
 size_t lp_model_device_bytes(const lp_model *m) {
     size_t n = m->w.bytes + (m->a.mem ? m->a.bytes : 0);
-    for (int i = 0; i < m->n_hooks; i++) n += lp_hook_capture_bytes(m, i);
+    for (int i = 0; i < m->n_hooks; i++) n += hook_capture_bytes(m, i);
     return n;
 }
 
@@ -152,16 +152,16 @@ static void free_acts(lp_model *m) {
 
 void lp_model_free(lp_model *m) {
     if (!m) return;
-    lp_hooks_free(m);
+    hooks_free(m);
     free_acts(m);
-    lp_weights_free(m);
+    weights_free(m);
     lp_ctx_release(&m->ctx, m->kv.mem);
-    lp_grad_free(m);
+    grad_free(m);
     lp_ctx_release(&m->ctx, m->tp.mem);
     lp_ctx_release(&m->ctx, m->grad_ones);
     free(m->tp.layer);
-    lp_rope_free(m);
-    lp_tp_free(m);
+    rope_free(m);
+    tp_free(m);
     lp_ctx_free(&m->ctx);
     free(m);
 }
@@ -170,13 +170,13 @@ const lp_config *lp_model_config(const lp_model *m) { return &m->cfg; }
 int64_t lp_model_n_params(const lp_model *m) { return m->w.n_params; }
 lp_ctx *lp_model_ctx(lp_model *m) { return &m->ctx; }
 
-lp_status lp_param_to_f32(lp_model *m, int idx, float *dst) {
+lp_status param_to_f32(lp_model *m, int idx, float *dst) {
     const param *p = &m->w.params[idx];
-    size_t n = (size_t)p->shape[0] * (p->ndim == 2 ? (size_t)p->shape[1] : 1), es = lp_act_size(m);
-    if (m->ctx.dtype == LP_F32) return lp_ctx_to_host(&m->ctx, dst, lp_param(m, idx), n * es);
+    size_t n = (size_t)p->shape[0] * (p->ndim == 2 ? (size_t)p->shape[1] : 1), es = act_elem_bytes(m);
+    if (m->ctx.dtype == LP_F32) return lp_ctx_to_host(&m->ctx, dst, param_ptr(m, idx), n * es);
     void *h = malloc(n * es);
     if (!h) LP_FAIL(LP_ERR_OOM, "out of memory for %s", p->name);
-    lp_status st = lp_ctx_to_host(&m->ctx, h, lp_param(m, idx), n * es);
+    lp_status st = lp_ctx_to_host(&m->ctx, h, param_ptr(m, idx), n * es);
     if (st == LP_OK) st = lp_convert_host(dst, LP_F32, h, m->ctx.dtype, n);
     free(h);
     return st;
@@ -184,8 +184,8 @@ lp_status lp_param_to_f32(lp_model *m, int idx, float *dst) {
 
 lp_status lp_model_unembed_weights(lp_model *m, float *W_U, float *ln_w) {
     if (m->par.tp > 1) LP_FAIL(LP_ERR_ARG, "dist.tp=%d: the unembedding is split over the ranks (load with dist.tp=1)", m->par.tp);
-    LP_CHECK(lp_param_to_f32(m, m->w.unembed, W_U));
-    return ln_w ? lp_param_to_f32(m, m->w.lnf_w, ln_w) : LP_OK;
+    LP_CHECK(param_to_f32(m, m->w.unembed, W_U));
+    return ln_w ? param_to_f32(m, m->w.lnf_w, ln_w) : LP_OK;
 }
 
 const float *lp_model_logits(const lp_model *m) { return m->res.have_logits ? m->res.logits : NULL; }
@@ -198,13 +198,13 @@ const float *lp_model_losses(const lp_model *m) { return m->res.have_losses ? m-
 static size_t layout(lp_model *m, int B, int T, int carve) {
     const lp_config *c = &m->cfg;
     mdl_acts *a = &m->a;
-    size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = lp_act_size(m), off = 0, H = c->n_heads;
+    size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = act_elem_bytes(m), off = 0, H = c->n_heads;
     size_t qD = H * c->d_head, kvD = (size_t)c->n_kv_heads * c->d_head, wide = qD > D ? qD : D;
-    size_t attn_mat = lp_hooks_want_attn_mats(m) ? (size_t)B * H * T * T * es : 0;
+    size_t attn_mat = hooks_want_attn_mats(m) ? (size_t)B * H * T * T * es : 0;
     size_t rows = N < 1 ? 1 : N;
     size_t lrows = (size_t)(64u << 20) / ((size_t)c->d_vocab * es); /* logits chunk: at most 64 MiB */
     if (lrows < 1) lrows = 1;
-    if (lrows > rows || lp_hooks_want_full_logits(m)) lrows = rows; /* unembed.hook_out sees them whole */
+    if (lrows > rows || hooks_want_full_logits(m)) lrows = rows; /* unembed.hook_out sees them whole */
     int gated = c->mlp != LP_MLP_GELU, qkn = c->qk_norm, P = m->par.tp;
     /* tensor parallelism: the widest split activation whole, and the all-gather's buffers
      * (every rank's slice, padded to the widest vocabulary slice) */
@@ -243,13 +243,13 @@ static lp_status grow(lp_model *m, int nB, int nT) {
     a->bytes = layout(m, nB, nT, 0);
     LP_CHECK(lp_ctx_alloc(&m->ctx, a->bytes, &a->mem));
     layout(m, nB, nT, 1);
-    LP_CHECK(lp_rope_tables(m, nT));
+    LP_CHECK(rope_tables_grow(m, nT));
     size_t N = (size_t)nB * nT;
     m->res.losses = malloc(N * sizeof(float));
     a->tgt_host = malloc(N * sizeof(int32_t));
     a->loss_stage = malloc(N * sizeof(float));
-    a->logit_stage = malloc((size_t)a->logit_rows * m->cfg.d_vocab * lp_act_size(m));
-    if (!m->res.losses || !a->tgt_host || !a->loss_stage || !a->logit_stage || lp_tp_host_alloc(m, a->logit_rows)) {
+    a->logit_stage = malloc((size_t)a->logit_rows * m->cfg.d_vocab * act_elem_bytes(m));
+    if (!m->res.losses || !a->tgt_host || !a->loss_stage || !a->logit_stage || tp_host_alloc(m, a->logit_rows)) {
         free_acts(m); /* B_max stays 0: the next call tries again */
         LP_FAIL(LP_ERR_OOM, "out of host memory for %d x %d logits", nB, nT);
     }
@@ -263,10 +263,10 @@ lp_status lp_model_prepare(lp_model *m, int B, int T) {
     if (T > m->cfg.n_ctx) LP_FAIL(LP_ERR_ARG, "sequence length %d exceeds the model's context of %d", T, m->cfg.n_ctx);
     mdl_acts *a = &m->a;
     int more = B > a->B_max || T > a->T_max;
-    if (m->any_hook_dirty && lp_hooks_want_attn_mats(m) && !a->attn_mats) more = 1;
-    if (m->any_hook_dirty && lp_hooks_want_full_logits(m) && (size_t)a->logit_rows < (size_t)a->B_max * a->T_max) more = 1;
+    if (m->any_hook_dirty && hooks_want_attn_mats(m) && !a->attn_mats) more = 1;
+    if (m->any_hook_dirty && hooks_want_full_logits(m) && (size_t)a->logit_rows < (size_t)a->B_max * a->T_max) more = 1;
     if (more) LP_CHECK(grow(m, B > a->B_max ? B : a->B_max, T > a->T_max ? T : a->T_max));
-    if (m->any_hook_dirty) LP_CHECK(lp_hooks_prepare(m));
+    if (m->any_hook_dirty) LP_CHECK(hooks_prepare(m));
     return LP_OK;
 }
 
@@ -301,7 +301,7 @@ lp_status lp_model_forward(lp_model *m, const int32_t *tokens, int B, int T, int
     r->have_logits = r->have_losses = 0;
     LP_CHECK(upload_tokens(m, tokens, B, T, want));
     LP_CHECK(m->arch->forward(m, B, T, want));
-    LP_CHECK(lp_hooks_finish(m));
+    LP_CHECK(hooks_finish(m));
     if (want & LP_WANT_LOSS) {
         LP_CHECK(lp_ctx_to_host(&m->ctx, m->a.loss_stage, m->a.loss, (size_t)B * T * sizeof(float)));
         /* drop each row's last position: [B,T] -> [B,T-1] */

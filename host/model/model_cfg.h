@@ -26,11 +26,11 @@ enum {
 
 /* The Llama family's config (llama_config.c): config.json of a Hugging Face directory
  * (transformers 4 and 5 layouts), or GGUF metadata. Fills m->cfg; sizes nothing. */
-lp_status lp_llama_read_hf_config(lp_model *m, const char *path, const cJSON *root);
-lp_status lp_llama_read_gguf_config(lp_model *m, const lp_gguf *g);
+lp_status llama_read_hf_config(lp_model *m, const char *path, const cJSON *root);
+lp_status llama_read_gguf_config(lp_model *m, const lp_gguf *g);
 /* What makes a block the Llama family's (RMSNorm, rotary, SwiGLU). */
-void lp_llama_set_shape(lp_config *c);
+void llama_set_shape(lp_config *c);
 /* Invariants of a Llama-family config, whatever it came from (`what` names it). */
-lp_status lp_llama_check_config(const char *what, const lp_config *c);
+lp_status llama_check_config(const char *what, const lp_config *c);
 
 #endif

@@ -27,7 +27,7 @@ enum {
 };
 /* Hook points an architecture does not have (GPT-2: no rotary or gated MLP hooks; Llama: no
  * hook_pos_embed; only Gemma has the post-norms' and q/k norms' hooks) are absent from the
- * table: lp_hook_id gives -1 for them, and lp_hook_site / lp_hook_active treat -1 as "nobody
+ * table: hook_id gives -1 for them, and hook_site / hook_active treat -1 as "nobody
  * is listening". */
 
 typedef struct edit {
@@ -205,119 +205,119 @@ struct lp_model {
     mdl_results res;
 };
 
-size_t lp_act_size(const lp_model *m); /* bytes per activation element */
+size_t act_elem_bytes(const lp_model *m); /* bytes per activation element */
 /* Weight idx (a param index) as host F32 into dst (its element count). */
-lp_status lp_param_to_f32(lp_model *m, int idx, float *dst);
-lp_status lp_hooks_init(lp_model *m);
-void lp_hooks_free(lp_model *m);
+lp_status param_to_f32(lp_model *m, int idx, float *dst);
+lp_status hooks_init(lp_model *m);
+void hooks_free(lp_model *m);
 /* Allocation and upload of capture buffers, masks and edit sources for B_max x T_max. */
-lp_status lp_hooks_prepare(lp_model *m);
+lp_status hooks_prepare(lp_model *m);
 /* Whether the hook is captured or edited. */
-static inline int lp_hook_active(const lp_model *m, int id) { return id >= 0 && (m->hooks[id].capture || m->hooks[id].edits); }
+static inline int hook_active(const lp_model *m, int id) { return id >= 0 && (m->hooks[id].capture || m->hooks[id].edits); }
 /* Index of (kind, layer). */
-int lp_hook_id(const lp_model *m, int kind, int layer);
+int hook_id(const lp_model *m, int kind, int layer);
 /* The last layer any hook touches (-1: none; n_layers: ln_final). */
-int lp_hooks_last_layer(const lp_model *m);
+int hooks_last_layer(const lp_model *m);
 /* Runs the edits, then the capture, of hook id on activation act of the current batch. */
-lp_status lp_hook_site(lp_model *m, int id, void *act);
-#define SITE(kind, layer, buf) LP_CHECK(lp_hook_site(m, lp_hook_id(m, (kind), (layer)), (buf)))
+lp_status hook_site(lp_model *m, int id, void *act);
+#define SITE(kind, layer, buf) LP_CHECK(hook_site(m, hook_id(m, (kind), (layer)), (buf)))
 /* While generating: refuses a patch edit of hook id that would reach a position in
  * [from, to) its source does not cover, or whose shape grows with the sequence. */
-lp_status lp_gen_patch_check(const lp_model *m, int id, int from, int to);
+lp_status gen_patch_check(const lp_model *m, int id, int from, int to);
 /* Device bytes of a hook's capture buffer (0 on the CPU, where captures live on the host). */
-size_t lp_hook_capture_bytes(const lp_model *m, int id);
+size_t hook_capture_bytes(const lp_model *m, int id);
 /* Waits for capture copies of the last forward. */
-lp_status lp_hooks_finish(lp_model *m);
+lp_status hooks_finish(lp_model *m);
 /* Whether unembed.hook_out is captured or edited: then the forward keeps all B x T rows of
  * logits at once (otherwise they pass through in row chunks and are never whole). */
-int lp_hooks_want_full_logits(const lp_model *m);
+int hooks_want_full_logits(const lp_model *m);
 /* The Jacobian of hook id's edits applied to grad (its gradient after the edits, the hook's
  * shape for the current batch), in place: zero where an edit replaced the value, unchanged
  * where it steered, as the edit's spec declares for a callback. *unknown is set when a
  * callback's Jacobian is not declared (grad is then left as it is). */
-lp_status lp_hook_edit_jacobian(lp_model *m, int id, void *grad, int *unknown);
+lp_status hook_edit_jacobian(lp_model *m, int id, void *grad, int *unknown);
 
 /* ---- tensor parallelism (tp.c) ---- */
 
 /* This rank's slice (m->par) for m->cfg and m->par.tp / rank; refuses sizes that do not split. */
-lp_status lp_tp_setup(lp_model *m);
+lp_status tp_setup(lp_model *m);
 /* Device constants of a split model (after the weights); frees them. */
-lp_status lp_tp_alloc(lp_model *m);
-void lp_tp_free(lp_model *m);
+lp_status tp_alloc(lp_model *m);
+void tp_free(lp_model *m);
 /* Host buffers for lrows rows of this rank's logits. */
-lp_status lp_tp_host_alloc(lp_model *m, int lrows);
+lp_status tp_host_alloc(lp_model *m, int lrows);
 /* How weight role r (or LP_TP_UNEMBED) is cut: 0 whole, 1 along its output axis, 2 along its
  * input axis, this rank holding [*start, *start + *count) of that axis. */
 #define LP_TP_UNEMBED (-2)
-int lp_tp_role_cut(const lp_model *m, int r, int64_t *start, int64_t *count);
+int tp_role_cut(const lp_model *m, int r, int64_t *start, int64_t *count);
 /* A hook site of kind `kind` on this rank's activation act: *whole is the hook's whole
  * activation (gathered from the ranks when the kind is split, else act itself); after the
  * site, the scatter takes this rank's part of the (edited) whole back into act. */
-lp_status lp_tp_gather_hook(lp_model *m, int kind, const void *act, void **whole);
-lp_status lp_tp_scatter_hook(lp_model *m, int kind, void *act, const void *whole);
+lp_status tp_gather_hook(lp_model *m, int kind, const void *act, void **whole);
+lp_status tp_scatter_hook(lp_model *m, int kind, void *act, const void *whole);
 /* out [N, M] = x [N, K] W (+ b) for a weight split along its input axis: the partial
- * products summed over the TP group, then the bias once. TP 1: lp_blk_linear. */
-lp_status lp_tp_linear_reduce(lp_model *m, void *out, const void *x, int L, int r, int rb, int N, int K, int M);
+ * products summed over the TP group, then the bias once. TP 1: blk_linear. */
+lp_status tp_linear_reduce(lp_model *m, void *out, const void *x, int L, int r, int rb, int N, int K, int M);
 /* This rank's rows of the unembedding [V_local, D]. */
-const void *lp_tp_unembed_w(const lp_model *m);
+const void *tp_unembed_w(const lp_model *m);
 /* Full logits [rows, V] from every rank's [rows, V_local]. */
-lp_status lp_tp_gather_logits(lp_model *m, void *full, const void *local, int rows);
+lp_status tp_gather_logits(lp_model *m, void *full, const void *local, int rows);
 /* Losses of rows [r0, r0 + rows) from this rank's capped logits, vocabulary-parallel. */
-lp_status lp_tp_xent(lp_model *m, const void *logits, int r0, int rows);
+lp_status tp_xent(lp_model *m, const void *logits, int r0, int rows);
 
 /* The same for the backward's stop at a hook: the whole gradient is the sum over ranks of
  * their parts (ranks sharing a kv head each hold a part), and the scatter leaves it with
  * the first rank of a shared kv head alone. */
-lp_status lp_tp_grad_gather(lp_model *m, int kind, const void *grad, void **whole);
-lp_status lp_tp_grad_scatter(lp_model *m, int kind, void *grad, const void *whole);
+lp_status tp_grad_gather(lp_model *m, int kind, const void *grad, void **whole);
+lp_status tp_grad_scatter(lp_model *m, int kind, void *grad, const void *whole);
 /* Logits [rows, V] of x [rows, D], every rank the whole (gathered in chunks at TP > 1). */
-lp_status lp_tp_logits(lp_model *m, void *out, const void *x, int rows);
+lp_status tp_logits_of(lp_model *m, void *out, const void *x, int rows);
 /* dx [rows, D] = dlogits [rows, V] W_U: each rank its vocabulary slice, summed. */
-lp_status lp_tp_unembed_dx(lp_model *m, void *dx, const void *dlogits, int rows);
+lp_status tp_unembed_dx(lp_model *m, void *dx, const void *dlogits, int rows);
 
 /* ---- the weight table (weights.c) ---- */
 
 /* Address of weight idx (NULL when the model has no such weight). */
-static inline void *lp_param(const lp_model *m, int idx) {
-    return idx >= 0 && m->w.params[idx].shape[0] ? (char *)m->w.mem + m->w.params[idx].offset * lp_act_size(m) : NULL;
+static inline void *param_ptr(const lp_model *m, int idx) {
+    return idx >= 0 && m->w.params[idx].shape[0] ? (char *)m->w.mem + m->w.params[idx].offset * act_elem_bytes(m) : NULL;
 }
 /* Layer L's weight of role r, and its index. */
-static inline int lp_lw_idx(const lp_model *m, int L, int r) { return m->w.first_layer + L * W_PER_LAYER + r; }
-static inline void *lp_lw(const lp_model *m, int L, int r) { return lp_param(m, lp_lw_idx(m, L, r)); }
+static inline int layer_weight_idx(const lp_model *m, int L, int r) { return m->w.first_layer + L * W_PER_LAYER + r; }
+static inline void *layer_weight(const lp_model *m, int L, int r) { return param_ptr(m, layer_weight_idx(m, L, r)); }
 
 /* ---- the tape (tape.c) ---- */
 
 /* The buffers layer L of the current forward reads and writes (the tape's where it keeps
  * them). Layer n_layers: the final norm (resid_pre, ln1_scale). */
-layer_acts lp_layer_acts(const lp_model *m, int L);
+layer_acts layer_acts_of(const lp_model *m, int L);
 /* Keeps the residual in the tape before layer L's first norm (mid = 0) or its second (mid =
  * 1); layer n_layers: before the final norm. No-op unless taping reaches L. */
-lp_status lp_tape_resid(lp_model *m, int L, int mid);
-/* Bytes of the tape for a B x T batch (what lp_grad_wanted asks for), carving m->tp.mem
+lp_status tape_resid(lp_model *m, int L, int mid);
+/* Bytes of the tape for a B x T batch (what grad_wanted asks for), carving m->tp.mem
  * when `carve`. */
-size_t lp_tape_layout(lp_model *m, int B, int T, int carve);
-#define TAPE(L, mid) LP_CHECK(lp_tape_resid(m, (L), (mid)))
+size_t tape_layout(lp_model *m, int B, int T, int carve);
+#define TAPE(L, mid) LP_CHECK(tape_resid(m, (L), (mid)))
 
 /* ---- gradients (grad.c) ---- */
 
 /* The backward's stop at hook (kind, layer): keeps the gradient when wanted, adds a
  * direction entering there and applies the forward's edits' Jacobian. */
-lp_status lp_grad_site(lp_model *m, int kind, int layer, void *grad);
-#define GSITE(kind, layer, buf) LP_CHECK(lp_grad_site(m, (kind), (layer), (buf)))
+lp_status grad_site(lp_model *m, int kind, int layer, void *grad);
+#define GSITE(kind, layer, buf) LP_CHECK(grad_site(m, (kind), (layer), (buf)))
 /* Whether the backward must stop at (kind, layer): its gradient is wanted, a direction
  * enters there or the forward edited it (so the backward goes the long way, e.g. through the
  * pattern instead of the fused attention). */
-int lp_grad_wanted(const lp_model *m, int kind, int layer);
+int grad_wanted(const lp_model *m, int kind, int layer);
 /* Whether any hook or wanted gradient needs the [B,H,T,T] score and pattern buffers. */
-int lp_hooks_want_attn_mats(const lp_model *m);
+int hooks_want_attn_mats(const lp_model *m);
 /* Whether the direction metric's direction enters at (kind, layer). */
-int lp_grad_enters(const lp_model *m, int kind, int layer);
-void lp_grad_free(lp_model *m);
+int grad_enters(const lp_model *m, int kind, int layer);
+void grad_free(lp_model *m);
 /* Weight gradients: whether any weight of layer L is wanted, and dW of param idx for a
  * linear layer from its input x [N,K] and output gradient dy [N,M] (kept on the host when
  * wanted; the layout is the model's, m->w.trans). */
-int lp_param_layer_wanted(const lp_model *m, int L);
-lp_status lp_param_grad(lp_model *m, int idx, const void *x, const void *dy, int N, int K, int M);
+int param_layer_wanted(const lp_model *m, int L);
+lp_status param_grad(lp_model *m, int idx, const void *x, const void *dy, int N, int K, int M);
 
 /* The backward's buffers: gradients flowing down ([N, width] each; metric.c sizes them). */
 typedef struct bw_bufs {
@@ -335,6 +335,6 @@ typedef struct bw_bufs {
 /* The end of every forward after the final norm: the unembed.hook_in site on ln_out [N, D],
  * then, when `want` asks for losses or logits or unembed.hook_out is hooked, the logits
  * through the unembedding (blocks.c). */
-lp_status lp_model_unembed(lp_model *m, int N, int want);
+lp_status model_unembed(lp_model *m, int N, int want);
 
 #endif

@@ -14,19 +14,19 @@ static int listed(const char *const *names, const char *name) {
     return 0;
 }
 
-const model_arch *lp_arch_for_hf(const char *model_type) {
+const model_arch *arch_for_hf(const char *model_type) {
     for (int i = 0; i < N_ARCHS; i++)
         if (listed(g_archs[i]->hf_types, model_type)) return g_archs[i];
     return NULL;
 }
 
-const model_arch *lp_arch_for_gguf(const char *arch) {
+const model_arch *arch_for_gguf(const char *arch) {
     for (int i = 0; i < N_ARCHS; i++)
         if (listed(g_archs[i]->gguf_archs, arch)) return g_archs[i];
     return NULL;
 }
 
-const model_arch *lp_arch_for_id(lp_arch id) {
+const model_arch *arch_for_id(lp_arch id) {
     for (int i = 0; i < N_ARCHS; i++)
         if (g_archs[i]->id == id || (id == LP_ARCH_GEMMA3 && g_archs[i]->id == LP_ARCH_GEMMA2)) return g_archs[i];
     return NULL;
@@ -42,12 +42,12 @@ static const char *join(char *buf, size_t n, int gguf) {
     return buf;
 }
 
-const char *lp_arch_hf_list(void) {
+const char *arch_hf_list(void) {
     static char buf[256];
     return join(buf, sizeof buf, 0);
 }
 
-const char *lp_arch_gguf_list(void) {
+const char *arch_gguf_list(void) {
     static char buf[256];
     return join(buf, sizeof buf, 1);
 }

@@ -61,7 +61,7 @@ static void release(lp_model *m) {
     r->cos = r->sin = r->cos_local = r->sin_local = NULL, r->n = 0;
 }
 
-lp_status lp_rope_tables(lp_model *m, int n_pos) {
+lp_status rope_tables_grow(lp_model *m, int n_pos) {
     if (m->cfg.pos != LP_POS_ROTARY || n_pos <= m->rope.n) return LP_OK;
     release(m);
     float *f = malloc((m->cfg.d_head / 2) * sizeof(float));
@@ -78,7 +78,7 @@ lp_status lp_rope_tables(lp_model *m, int n_pos) {
     return LP_OK;
 }
 
-void lp_rope_free(lp_model *m) {
+void rope_free(lp_model *m) {
     release(m);
     free(m->rope.freq_div);
     m->rope.freq_div = NULL;

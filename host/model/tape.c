@@ -1,5 +1,5 @@
 /* tape.c: what the forward keeps for the backward (the tape: one allocation carved per
- * layer) and the accessor the blocks write through: lp_layer_acts gives layer L's buffers,
+ * layer) and the accessor the blocks write through: layer_acts_of gives layer L's buffers,
  * the tape's slices where the backward will read them and the forward's own buffers
  * elsewhere, so a forward never moves a pointer in and out of the model. */
 #include <stdlib.h>
@@ -19,7 +19,7 @@ static layer_acts scratch(const lp_model *m) {
     return la;
 }
 
-layer_acts lp_layer_acts(const lp_model *m, int L) {
+layer_acts layer_acts_of(const lp_model *m, int L) {
     layer_acts la = scratch(m);
     if (!m->tp.on || L > m->tp.top || !m->tp.layer) return la;
     const layer_acts *t = &m->tp.layer[L];
@@ -32,16 +32,16 @@ layer_acts lp_layer_acts(const lp_model *m, int L) {
     return la;
 }
 
-lp_status lp_tape_resid(lp_model *m, int L, int mid) {
+lp_status tape_resid(lp_model *m, int L, int mid) {
     if (!m->tp.on || L > m->tp.top) return LP_OK;
     layer_acts *t = &m->tp.layer[L];
-    size_t bytes = (size_t)m->res.B * m->res.T * m->cfg.d_model * lp_act_size(m);
+    size_t bytes = (size_t)m->res.B * m->res.T * m->cfg.d_model * act_elem_bytes(m);
     return lp_ctx_copy(&m->ctx, mid ? t->resid_mid : t->resid_pre, m->a.resid, bytes);
 }
 
-size_t lp_tape_layout(lp_model *m, int B, int T, int carve) {
+size_t tape_layout(lp_model *m, int B, int T, int carve) {
     const lp_config *c = &m->cfg;
-    size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = lp_act_size(m), off = 0, H = c->n_heads, Hkv = c->n_kv_heads;
+    size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = act_elem_bytes(m), off = 0, H = c->n_heads, Hkv = c->n_kv_heads;
     size_t qD = H * c->d_head, kvD = Hkv * c->d_head, mat = (size_t)B * H * T * T * es;
     int gated = c->mlp != LP_MLP_GELU, post = c->post_norms, qkn = c->qk_norm;
 #define SLICE(field, bytes)                                                    \
@@ -57,8 +57,8 @@ size_t lp_tape_layout(lp_model *m, int B, int T, int carve) {
         SLICE(resid_pre, N * D * es);
         SLICE(ln1_scale, N * es);
         if (L == c->n_layers) break; /* the final norm: its input and scale */
-        int mats = lp_grad_wanted(m, HK_SCORES, L) || lp_grad_wanted(m, HK_PATTERN, L);
-        int pw = lp_param_layer_wanted(m, L);
+        int mats = grad_wanted(m, HK_SCORES, L) || grad_wanted(m, HK_PATTERN, L);
+        int pw = param_layer_wanted(m, L);
         SLICE(q, N * qD * es);
         SLICE(k, N * kvD * es);
         SLICE(v, N * kvD * es);

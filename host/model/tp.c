@@ -19,15 +19,15 @@
 #include "loupe/ops.h"
 #include "model/model_internal.h"
 
-/* lp_act_size and lp_param without their file (hooks.c), so that this file calls none of
+/* act_elem_bytes and param_ptr without their file (hooks.c), so that this file calls none of
  * the model layer's and they can call it. */
 static size_t act_size(const lp_model *m) { return lp_dtype_size(m->ctx.dtype); }
 static void *wparam(const lp_model *m, int idx) {
     return idx >= 0 && m->w.params[idx].shape[0] ? (char *)m->w.mem + m->w.params[idx].offset * act_size(m) : NULL;
 }
-static void *lw(const lp_model *m, int L, int r) { return wparam(m, lp_lw_idx(m, L, r)); }
+static void *lw(const lp_model *m, int L, int r) { return wparam(m, layer_weight_idx(m, L, r)); }
 
-lp_status lp_tp_setup(lp_model *m) {
+lp_status tp_setup(lp_model *m) {
     mdl_tp *p = &m->par;
     const lp_config *c = &m->cfg;
     int P = p->tp > 1 ? p->tp : 1, r = p->rank;
@@ -53,7 +53,7 @@ lp_status lp_tp_setup(lp_model *m) {
     return LP_OK;
 }
 
-lp_status lp_tp_alloc(lp_model *m) {
+lp_status tp_alloc(lp_model *m) {
     if (m->par.tp <= 1 || m->par.ones) return LP_OK;
     size_t n = (size_t)m->cfg.d_model;
     float *h = malloc(n * sizeof(float));
@@ -65,14 +65,14 @@ lp_status lp_tp_alloc(lp_model *m) {
     return st;
 }
 
-void lp_tp_free(lp_model *m) {
+void tp_free(lp_model *m) {
     lp_ctx_release(&m->ctx, m->par.ones);
     free(m->par.xh);
     free(m->par.red);
     m->par.ones = NULL, m->par.xh = NULL, m->par.red = NULL;
 }
 
-int lp_tp_role_cut(const lp_model *m, int r, int64_t *start, int64_t *count) {
+int tp_role_cut(const lp_model *m, int r, int64_t *start, int64_t *count) {
     const mdl_tp *p = &m->par;
     int dh = m->cfg.d_head;
     if (p->tp <= 1) return 0;
@@ -167,7 +167,7 @@ static lp_status scatter_cols(lp_model *m, void *local, const void *full, const 
     return LP_OK;
 }
 
-lp_status lp_tp_gather_hook(lp_model *m, int kind, const void *act, void **whole) {
+lp_status tp_gather_hook(lp_model *m, int kind, const void *act, void **whole) {
     cols c;
     *whole = (void *)act;
     if (m->par.tp <= 1 || !cols_of(m, kind, &c)) return LP_OK;
@@ -175,13 +175,13 @@ lp_status lp_tp_gather_hook(lp_model *m, int kind, const void *act, void **whole
     return gather_cols(m, m->a.tp_full, act, &c);
 }
 
-lp_status lp_tp_scatter_hook(lp_model *m, int kind, void *act, const void *whole) {
+lp_status tp_scatter_hook(lp_model *m, int kind, void *act, const void *whole) {
     cols c;
     if (whole == act || !cols_of(m, kind, &c)) return LP_OK;
     return scatter_cols(m, act, whole, &c);
 }
 
-lp_status lp_tp_linear_reduce(lp_model *m, void *out, const void *x, int L, int r, int rb, int N, int K, int M) {
+lp_status tp_linear_reduce(lp_model *m, void *out, const void *x, int L, int r, int rb, int N, int K, int M) {
     if (m->par.tp <= 1) return lp_matmul(&m->ctx, out, x, lw(m, L, r), rb >= 0 ? lw(m, L, rb) : NULL, N, K, M, m->w.trans);
     LP_CHECK(lp_matmul(&m->ctx, out, x, lw(m, L, r), NULL, N, K, M, m->w.trans));
     LP_CHECK(lp_dist_allreduce_sum_dev(m->par.dist, LP_DIST_TP, &m->ctx, out, (size_t)N * M));
@@ -191,14 +191,14 @@ lp_status lp_tp_linear_reduce(lp_model *m, void *out, const void *x, int L, int 
 
 /* ---- the unembedding, vocabulary-parallel ---- */
 
-const void *lp_tp_unembed_w(const lp_model *m) {
+const void *tp_unembed_w(const lp_model *m) {
     const char *w = wparam(m, m->w.unembed);
     /* tied: this rank's rows of the (replicated) embedding; untied: the slice it loaded */
     if (m->par.tp > 1 && m->w.unembed == m->w.embed) w += (size_t)m->par.v0 * m->cfg.d_model * act_size(m);
     return w;
 }
 
-lp_status lp_tp_gather_logits(lp_model *m, void *full, const void *local, int rows) {
+lp_status tp_gather_logits(lp_model *m, void *full, const void *local, int rows) {
     cols c = {rows, m->cfg.d_vocab, 1, 3};
     return gather_cols(m, full, local, &c);
 }
@@ -206,7 +206,7 @@ lp_status lp_tp_gather_logits(lp_model *m, void *full, const void *local, int ro
 /* Losses of rows [r0, r0 + rows) from this rank's logits [rows, V_local] (capped already):
  * the row maxima all-reduced (max), then each row's sum of exp(x - max) and its target's
  * logit (from the rank that holds it) all-reduced (sum); in double on the host. */
-lp_status lp_tp_xent(lp_model *m, const void *logits, int r0, int rows) {
+lp_status tp_xent(lp_model *m, const void *logits, int r0, int rows) {
     lp_ctx *c = &m->ctx;
     mdl_tp *p = &m->par;
     size_t n = (size_t)rows * p->V;
@@ -235,7 +235,7 @@ lp_status lp_tp_xent(lp_model *m, const void *logits, int r0, int rows) {
     return lp_ctx_to_device(c, m->a.loss + r0, loss, (size_t)rows * sizeof(float));
 }
 
-lp_status lp_tp_host_alloc(lp_model *m, int lrows) {
+lp_status tp_host_alloc(lp_model *m, int lrows) {
     mdl_tp *p = &m->par;
     if (p->tp <= 1) return LP_OK;
     free(p->xh);
@@ -260,7 +260,7 @@ static lp_status sum_cols(lp_model *m, void *full, const void *local, const cols
     return lp_dist_allreduce_sum_dev(m->par.dist, LP_DIST_TP, &m->ctx, full, n);
 }
 
-lp_status lp_tp_grad_gather(lp_model *m, int kind, const void *grad, void **whole) {
+lp_status tp_grad_gather(lp_model *m, int kind, const void *grad, void **whole) {
     cols c;
     *whole = (void *)grad;
     if (m->par.tp <= 1 || !cols_of(m, kind, &c)) return LP_OK;
@@ -268,7 +268,7 @@ lp_status lp_tp_grad_gather(lp_model *m, int kind, const void *grad, void **whol
     return sum_cols(m, m->a.tp_full, grad, &c);
 }
 
-lp_status lp_tp_grad_scatter(lp_model *m, int kind, void *grad, const void *whole) {
+lp_status tp_grad_scatter(lp_model *m, int kind, void *grad, const void *whole) {
     cols c;
     if (whole == grad || !cols_of(m, kind, &c)) return LP_OK;
     LP_CHECK(scatter_cols(m, grad, whole, &c));
@@ -281,20 +281,20 @@ lp_status lp_tp_grad_scatter(lp_model *m, int kind, void *grad, const void *whol
     return LP_OK;
 }
 
-lp_status lp_tp_logits(lp_model *m, void *out, const void *x, int rows) {
+lp_status tp_logits_of(lp_model *m, void *out, const void *x, int rows) {
     const lp_config *cf = &m->cfg;
     if (m->par.tp <= 1) return lp_matmul(&m->ctx, out, x, wparam(m, m->w.unembed), NULL, rows, cf->d_model, cf->d_vocab, 1);
     size_t es = act_size(m);
     for (int r0 = 0; r0 < rows; r0 += m->a.logit_rows) {
         int n = rows - r0 < m->a.logit_rows ? rows - r0 : m->a.logit_rows;
-        LP_CHECK(lp_matmul(&m->ctx, m->a.tp_logits, (const char *)x + (size_t)r0 * cf->d_model * es, lp_tp_unembed_w(m), NULL, n,
+        LP_CHECK(lp_matmul(&m->ctx, m->a.tp_logits, (const char *)x + (size_t)r0 * cf->d_model * es, tp_unembed_w(m), NULL, n,
                            cf->d_model, m->par.V, 1));
-        LP_CHECK(lp_tp_gather_logits(m, (char *)out + (size_t)r0 * cf->d_vocab * es, m->a.tp_logits, n));
+        LP_CHECK(tp_gather_logits(m, (char *)out + (size_t)r0 * cf->d_vocab * es, m->a.tp_logits, n));
     }
     return LP_OK;
 }
 
-lp_status lp_tp_unembed_dx(lp_model *m, void *dx, const void *dlogits, int rows) {
+lp_status tp_unembed_dx(lp_model *m, void *dx, const void *dlogits, int rows) {
     const lp_config *cf = &m->cfg;
     lp_ctx *c = &m->ctx;
     if (m->par.tp <= 1) return lp_matmul(c, dx, dlogits, wparam(m, m->w.unembed), NULL, rows, cf->d_vocab, cf->d_model, 0);
@@ -304,7 +304,7 @@ lp_status lp_tp_unembed_dx(lp_model *m, void *dx, const void *dlogits, int rows)
         vc.rows = rows - r0 < m->a.logit_rows ? rows - r0 : m->a.logit_rows;
         LP_CHECK(scatter_cols(m, m->a.tp_logits, (const char *)dlogits + (size_t)r0 * cf->d_vocab * es, &vc));
         void *o = (char *)dx + (size_t)r0 * cf->d_model * es;
-        LP_CHECK(lp_matmul(c, o, m->a.tp_logits, lp_tp_unembed_w(m), NULL, vc.rows, m->par.V, cf->d_model, 0));
+        LP_CHECK(lp_matmul(c, o, m->a.tp_logits, tp_unembed_w(m), NULL, vc.rows, m->par.V, cf->d_model, 0));
         LP_CHECK(lp_dist_allreduce_sum_dev(m->par.dist, LP_DIST_TP, c, o, (size_t)vc.rows * cf->d_model));
     }
     return LP_OK;

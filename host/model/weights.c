@@ -27,7 +27,7 @@ static const char *const g_role_names[W_PER_LAYER] = {
 
 static int is_norm(int r) { return r == W_LN1 || r == W_LN2 || r == W_LN1P || r == W_LN2P || r == W_QN || r == W_KN; }
 
-void lp_weights_role_shape(const lp_config *c, int trans, int r, int64_t *rows, int64_t *cols) {
+void weights_role_shape(const lp_config *c, int trans, int r, int64_t *rows, int64_t *cols) {
     int64_t D = c->d_model, F = c->d_mlp, qD = (int64_t)c->n_heads * c->d_head, kvD = (int64_t)c->n_kv_heads * c->d_head;
     int64_t out = 0, in = 0, vec = 0; /* a linear layer [out, in], or a vector */
     int ln = c->norm == LP_NORM_LAYER, gated = c->mlp != LP_MLP_GELU, qkvb = c->qkv_bias || c->linear_bias;
@@ -63,18 +63,18 @@ static void add(mdl_weights *w, const char *name, int64_t rows, int64_t cols, si
 /* This rank's part of role r's [rows, cols] (tensor parallelism; the whole at TP 1). */
 static void local_shape(const lp_model *m, int r, int64_t *rows, int64_t *cols) {
     int64_t s, n;
-    int cut = lp_tp_role_cut(m, r, &s, &n);
+    int cut = tp_role_cut(m, r, &s, &n);
     if (!cut || !*rows) return;
     /* the output axis is the rows in the [out, in] layout (and of a vector), else the columns */
     int on_rows = !*cols || (cut == 1) == (m->w.trans != 0);
     *(on_rows ? rows : cols) = n;
 }
 
-lp_status lp_weights_alloc(lp_model *m, int own_unembed) {
+lp_status weights_alloc(lp_model *m, int own_unembed) {
     const lp_config *c = &m->cfg;
     mdl_weights *w = &m->w;
     int D = c->d_model, gpt2_names = c->pos == LP_POS_LEARNED;
-    LP_CHECK(lp_tp_setup(m));
+    LP_CHECK(tp_setup(m));
     int64_t full_params = 0; /* what the whole model holds, whatever this rank's slice */
     w->params = calloc(5 + (size_t)c->n_layers * W_PER_LAYER, sizeof *w->params);
     if (!w->params) LP_FAIL(LP_ERR_OOM, "out of memory for the weight table");
@@ -89,7 +89,7 @@ lp_status lp_weights_alloc(lp_model *m, int own_unembed) {
     for (int L = 0; L < c->n_layers; L++)
         for (int r = 0; r < W_PER_LAYER; r++) {
             int64_t rows, cols;
-            lp_weights_role_shape(c, w->trans, r, &rows, &cols);
+            weights_role_shape(c, w->trans, r, &rows, &cols);
             full_params += rows * (cols ? cols : 1);
             local_shape(m, r, &rows, &cols);
             snprintf(nm, sizeof nm, "blocks.%d.%s", L, g_role_names[r]);
@@ -109,11 +109,11 @@ lp_status lp_weights_alloc(lp_model *m, int own_unembed) {
     for (int i = 0; i < w->n; i++)
         if (i < w->first_layer || i >= w->first_layer + c->n_layers * W_PER_LAYER)
             w->n_params += w->params[i].shape[0] * (w->params[i].ndim == 2 ? w->params[i].shape[1] : 1);
-    w->bytes = off * lp_act_size(m);
+    w->bytes = off * act_elem_bytes(m);
     return lp_ctx_alloc(&m->ctx, w->bytes, &w->mem);
 }
 
-void lp_weights_free(lp_model *m) {
+void weights_free(lp_model *m) {
     lp_ctx_release(&m->ctx, m->w.mem);
     free(m->w.params);
     m->w.mem = NULL, m->w.params = NULL, m->w.n = 0;
@@ -187,7 +187,7 @@ static lp_status put_float(lp_model *m, void *dst, const void *raw, lp_dtype dty
 static lp_status cut_src(loader *ld, src_tensor *s, void **owned) {
     lp_model *m = ld->m;
     int64_t start, n;
-    int cut = ld->role == -1 ? 0 : lp_tp_role_cut(m, ld->role, &start, &n);
+    int cut = ld->role == -1 ? 0 : tp_role_cut(m, ld->role, &start, &n);
     *owned = NULL;
     if (!cut) return LP_OK;
     int on_rows = s->cols == 1 || ld->role == LP_TP_UNEMBED || (cut == 1) == (m->w.trans != 0);
@@ -246,8 +246,8 @@ static lp_status put_cut(loader *ld, int idx, const src_tensor *s, int unpermute
         unpermute_rows(perm, s->data, s->rows, row_bytes, m->cfg.d_head);
         raw = perm;
     }
-    lp_status st = s->gtype >= 0 ? put_gguf(ld, lp_param(m, idx), raw, bytes, s->gtype, pr * pc)
-                                 : put_float(m, lp_param(m, idx), raw, s->dtype, pr * pc, plus_one);
+    lp_status st = s->gtype >= 0 ? put_gguf(ld, param_ptr(m, idx), raw, bytes, s->gtype, pr * pc)
+                                 : put_float(m, param_ptr(m, idx), raw, s->dtype, pr * pc, plus_one);
     free(perm);
     return st;
 }
@@ -306,7 +306,7 @@ static lp_status expect_tensor(const loader *ld, const char *name, int64_t rows,
 static const char *role_tensor(const loader *ld, int L, int r, char *buf, size_t n, int64_t *rows, int64_t *cols) {
     const tensor_names *nm = ld->nm;
     const char *suffix = ld->gg ? nm->gg[r] : nm->hf[r];
-    lp_weights_role_shape(&ld->m->cfg, ld->m->w.trans, r, rows, cols);
+    weights_role_shape(&ld->m->cfg, ld->m->w.trans, r, rows, cols);
     if (!suffix || !*rows) return NULL;
     if (!ld->gg && nm->hf_split[r]) *(*cols ? cols : rows) *= 3;
     int k = snprintf(buf, n, "%s", ld->gg ? "blk." : ld->prefix);
@@ -394,7 +394,7 @@ static lp_status load_st(loader *ld, const char *name, int idx, int split, int p
     void *part = NULL;
     if (split) { /* the role's whole third (the rank's part is cut from it after) */
         int64_t fr, fc;
-        lp_weights_role_shape(&ld->m->cfg, ld->m->w.trans, ld->role, &fr, &fc);
+        weights_role_shape(&ld->m->cfg, ld->m->w.trans, ld->role, &fr, &fc);
         if (!(part = gather_split(t, split - 1, fr, fc)))
             LP_FAIL(LP_ERR_OOM, "out of host memory for tensor '%s'", name);
         s.data = part, s.rows = fr, s.cols = fc ? fc : 1;
@@ -439,7 +439,7 @@ static lp_status load_all(loader *ld) {
         for (int r = 0; r < W_PER_LAYER; r++) {
             int64_t rows, cols;
             const char *t = role_tensor(ld, L, r, buf, sizeof buf, &rows, &cols);
-            if (t) LP_CHECK(load_one(ld, t, lp_lw_idx(m, L, r), r));
+            if (t) LP_CHECK(load_one(ld, t, layer_weight_idx(m, L, r), r));
         }
     LP_CHECK(load_one(ld, model_tensor(ld, nm->hf_lnf_w, nm->gg_lnf_w, buf, sizeof buf), w->lnf_w, -1));
     if (w->lnf_b >= 0) LP_CHECK(load_one(ld, model_tensor(ld, nm->hf_lnf_b, NULL, buf, sizeof buf), w->lnf_b, -1));
@@ -448,7 +448,7 @@ static lp_status load_all(loader *ld) {
     return lp_ctx_sync(&m->ctx);
 }
 
-lp_status lp_weights_load_hf(lp_model *m, const tensor_names *nm, const char *dir, const char *cfg_path) {
+lp_status weights_load_hf(lp_model *m, const tensor_names *nm, const char *dir, const char *cfg_path) {
     lp_st_set set;
     LP_CHECK(lp_st_set_open(&set, dir));
     loader ld = {.m = m, .nm = nm, .st = &set, .path = dir, .cfg = cfg_path, .prefix = ""};
@@ -461,24 +461,24 @@ lp_status lp_weights_load_hf(lp_model *m, const tensor_names *nm, const char *di
         }
     }
     lp_status st = check_checkpoint(&ld, !m->cfg.tied_unembed);
-    if (st == LP_OK) st = lp_weights_alloc(m, !m->cfg.tied_unembed);
+    if (st == LP_OK) st = weights_alloc(m, !m->cfg.tied_unembed);
     if (st == LP_OK) st = load_all(&ld);
     lp_st_set_close(&set);
     return st;
 }
 
-lp_status lp_weights_load_gguf(lp_model *m, const tensor_names *nm, const lp_gguf *g) {
+lp_status weights_load_gguf(lp_model *m, const tensor_names *nm, const lp_gguf *g) {
     if (!nm->gg_embed) LP_FAIL(LP_ERR_FORMAT, "%s: loupe reads %s models from Hugging Face directories only", lp_gguf_path(g), m->cfg.name);
     loader ld = {.m = m, .nm = nm, .gg = g, .path = lp_gguf_path(g), .cfg = lp_gguf_path(g)};
     lp_status st = check_checkpoint(&ld, !m->cfg.tied_unembed);
-    if (st == LP_OK) st = lp_weights_alloc(m, !m->cfg.tied_unembed);
+    if (st == LP_OK) st = weights_alloc(m, !m->cfg.tied_unembed);
     if (st == LP_OK) st = load_all(&ld);
     lp_ctx_release(&m->ctx, ld.dev_stage);
     return st;
 }
 
-lp_status lp_weights_random(lp_model *m, uint64_t seed) {
-    LP_CHECK(lp_weights_alloc(m, 0));
+lp_status weights_random(lp_model *m, uint64_t seed) {
+    LP_CHECK(weights_alloc(m, 0));
     /* tensor by tensor, on the device for a CUDA model (an 8B model's weights never pass
      * through the host), else through one host buffer per tensor */
     uint64_t s = seed;
@@ -488,14 +488,14 @@ lp_status lp_weights_random(lp_model *m, uint64_t seed) {
         if (!n) continue;
         float base = p->ndim == 1 && strstr(p->name, ".w") ? 1.0f : 0.0f; /* norm weights near 1 */
         if (m->ctx.device == LP_CUDA) { /* the same values, generated where they live */
-            LP_CHECK(lp_cuda_init_weights(&m->ctx, lp_param(m, i), n, s, base));
-            s = lp_rng_init_weight_skip(s, n);
+            LP_CHECK(cuda_init_weights(&m->ctx, param_ptr(m, i), n, s, base));
+            s = rng_init_weight_skip(s, n);
             continue;
         }
         float *h = malloc(n * sizeof(float));
         if (!h) LP_FAIL(LP_ERR_OOM, "out of host memory for %s", p->name);
-        for (size_t j = 0; j < n; j++) h[j] = base + lp_rng_init_weight(&s);
-        lp_status st = lp_ctx_upload_f32(&m->ctx, lp_param(m, i), h, n);
+        for (size_t j = 0; j < n; j++) h[j] = base + rng_init_weight(&s);
+        lp_status st = lp_ctx_upload_f32(&m->ctx, param_ptr(m, i), h, n);
         free(h);
         LP_CHECK(st);
     }

@@ -33,17 +33,17 @@ typedef struct tensor_names {
 
 /* Lays out the table for m->cfg (sizes from the config, roles absent where it says so) and
  * allocates the weights. own_unembed: a separate unembedding (else the embedding, tied). */
-lp_status lp_weights_alloc(lp_model *m, int own_unembed);
+lp_status weights_alloc(lp_model *m, int own_unembed);
 /* The shape of layer role r for config c ([rows, cols]; cols 0 for a vector, rows 0 when the
  * config has no such weight), in the layout `trans`. */
-void lp_weights_role_shape(const lp_config *c, int trans, int r, int64_t *rows, int64_t *cols);
+void weights_role_shape(const lp_config *c, int trans, int r, int64_t *rows, int64_t *cols);
 /* Loads a Hugging Face directory / a GGUF file, whose config m->cfg already holds (checked
  * against the files before anything is allocated). `cfg_path` names the config in messages. */
-lp_status lp_weights_load_hf(lp_model *m, const tensor_names *nm, const char *dir, const char *cfg_path);
-lp_status lp_weights_load_gguf(lp_model *m, const tensor_names *nm, const lp_gguf *g);
+lp_status weights_load_hf(lp_model *m, const tensor_names *nm, const char *dir, const char *cfg_path);
+lp_status weights_load_gguf(lp_model *m, const tensor_names *nm, const lp_gguf *g);
 /* Random weights for benchmarks (norm weights near 1), generated tensor by tensor where they
  * live (on the device for a CUDA model). */
-lp_status lp_weights_random(lp_model *m, uint64_t seed);
-void lp_weights_free(lp_model *m);
+lp_status weights_random(lp_model *m, uint64_t seed);
+void weights_free(lp_model *m);
 
 #endif

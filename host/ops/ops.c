@@ -19,47 +19,47 @@
 
 lp_status lp_embed(lp_ctx *c, void *out, const int32_t *tok, const void *wte, int N, int D) {
     NEED(N >= 0 && D > 0 && out && tok && wte, "embed: bad arguments (N=%d D=%d)", N, D);
-    if (CPU(c)) { lp_cpu_embed(out, tok, wte, N, D); return LP_OK; }
-    return lp_cuda_embed(c, out, tok, wte, N, D);
+    if (CPU(c)) { cpu_embed(out, tok, wte, N, D); return LP_OK; }
+    return cuda_embed(c, out, tok, wte, N, D);
 }
 
 lp_status lp_pos_embed(lp_ctx *c, void *out, const void *wpe, int B, int T, int D) {
     NEED(B >= 0 && T >= 0 && D > 0 && out && wpe, "pos_embed: bad arguments");
-    if (CPU(c)) { lp_cpu_pos_embed(out, wpe, B, T, D); return LP_OK; }
-    return lp_cuda_pos_embed(c, out, wpe, B, T, D);
+    if (CPU(c)) { cpu_pos_embed(out, wpe, B, T, D); return LP_OK; }
+    return cuda_pos_embed(c, out, wpe, B, T, D);
 }
 
 lp_status lp_add(lp_ctx *c, void *out, const void *a, const void *b, size_t n) {
     NEED(out && a && b, "add: null buffer");
-    if (CPU(c)) { lp_cpu_add(out, a, b, n); return LP_OK; }
-    return lp_cuda_add(c, out, a, b, n);
+    if (CPU(c)) { cpu_add(out, a, b, n); return LP_OK; }
+    return cuda_add(c, out, a, b, n);
 }
 
 lp_status lp_ln_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps) {
     NEED(N >= 0 && D > 0 && scale && x && eps >= 0, "ln_scale: bad arguments (N=%d D=%d)", N, D);
-    if (CPU(c)) { lp_cpu_ln_scale(scale, x, N, D, eps); return LP_OK; }
-    return lp_cuda_ln_scale(c, scale, x, N, D, eps);
+    if (CPU(c)) { cpu_ln_scale(scale, x, N, D, eps); return LP_OK; }
+    return cuda_ln_scale(c, scale, x, N, D, eps);
 }
 
 lp_status lp_ln_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w,
                       const void *b, int N, int D) {
     NEED(N >= 0 && D > 0 && out && x && scale, "ln_apply: bad arguments (N=%d D=%d)", N, D);
-    if (CPU(c)) { lp_cpu_ln_apply(out, x, scale, w, b, N, D); return LP_OK; }
-    return lp_cuda_ln_apply(c, out, x, scale, w, b, N, D);
+    if (CPU(c)) { cpu_ln_apply(out, x, scale, w, b, N, D); return LP_OK; }
+    return cuda_ln_apply(c, out, x, scale, w, b, N, D);
 }
 
 lp_status lp_affine(lp_ctx *c, void *out, const void *x, const void *w, const void *b, int N, int D) {
     NEED(N >= 0 && D > 0 && out && x && w, "affine: bad arguments");
-    if (CPU(c)) { lp_cpu_affine(out, x, w, b, N, D); return LP_OK; }
-    return lp_cuda_affine(c, out, x, w, b, N, D);
+    if (CPU(c)) { cpu_affine(out, x, w, b, N, D); return LP_OK; }
+    return cuda_affine(c, out, x, w, b, N, D);
 }
 
 lp_status lp_matmul(lp_ctx *c, void *out, const void *x, const void *w, const void *bias, int N,
                     int K, int M, int w_trans) {
     NEED(N >= 0 && K > 0 && M > 0 && out && x && w, "matmul: bad arguments (N=%d K=%d M=%d)", N, K, M);
     if (N == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_matmul(out, x, w, bias, N, K, M, w_trans); return LP_OK; }
-    return lp_cuda_matmul(c, out, x, w, bias, N, K, M, w_trans);
+    if (CPU(c)) { cpu_matmul(out, x, w, bias, N, K, M, w_trans); return LP_OK; }
+    return cuda_matmul(c, out, x, w, bias, N, K, M, w_trans);
 }
 
 lp_status lp_matmul_gelu(lp_ctx *c, void *post, void *pre, const void *x, const void *w, const void *bias, int N, int K,
@@ -68,17 +68,17 @@ lp_status lp_matmul_gelu(lp_ctx *c, void *post, void *pre, const void *x, const 
          "matmul_gelu: bad arguments (N=%d K=%d M=%d)", N, K, M);
     if (N == 0) return LP_OK;
     if (CPU(c)) {
-        lp_cpu_matmul(pre, x, w, bias, N, K, M, w_trans);
-        lp_cpu_gelu(post, pre, (size_t)N * M);
+        cpu_matmul(pre, x, w, bias, N, K, M, w_trans);
+        cpu_gelu(post, pre, (size_t)N * M);
         return LP_OK;
     }
-    return lp_cuda_matmul_gelu(c, post, pre, x, w, bias, N, K, M, w_trans);
+    return cuda_matmul_gelu(c, post, pre, x, w, bias, N, K, M, w_trans);
 }
 
 lp_status lp_gelu(lp_ctx *c, void *out, const void *x, size_t n) {
     NEED(out && x, "gelu: null buffer");
-    if (CPU(c)) { lp_cpu_gelu(out, x, n); return LP_OK; }
-    return lp_cuda_gelu(c, out, x, n);
+    if (CPU(c)) { cpu_gelu(out, x, n); return LP_OK; }
+    return cuda_gelu(c, out, x, n);
 }
 
 /* dh <= 256: the CUDA kernels keep a query row in registers, 8 values per lane */
@@ -108,8 +108,8 @@ lp_status lp_attention_cfg(lp_ctx *c, void *z, const void *q, const void *k, con
                            int dh, const lp_attn_cfg *cfg) {
     NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && z && q && k && v, "attention: bad arguments (H=%d Hkv=%d dh=%d)", H, Hkv, dh);
     CHECK_CFG("attention", cfg);
-    if (CPU(c)) { lp_cpu_attention(z, q, k, v, B, T, H, Hkv, dh, cfg); return LP_OK; }
-    return lp_cuda_attention(c, z, q, k, v, B, T, H, Hkv, dh, cfg);
+    if (CPU(c)) { cpu_attention(z, q, k, v, B, T, H, Hkv, dh, cfg); return LP_OK; }
+    return cuda_attention(c, z, q, k, v, B, T, H, Hkv, dh, cfg);
 }
 
 lp_status lp_attn_scores(lp_ctx *c, void *scores, const void *q, const void *k, int B, int T,
@@ -121,35 +121,35 @@ lp_status lp_attn_scores_cfg(lp_ctx *c, void *scores, const void *q, const void 
                              const lp_attn_cfg *cfg) {
     NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && scores && q && k, "attn_scores: bad arguments");
     CHECK_CFG("attn_scores", cfg);
-    if (CPU(c)) { lp_cpu_attn_scores(scores, q, k, B, T, H, Hkv, dh, cfg); return LP_OK; }
-    return lp_cuda_attn_scores(c, scores, q, k, B, T, H, Hkv, dh, cfg);
+    if (CPU(c)) { cpu_attn_scores(scores, q, k, B, T, H, Hkv, dh, cfg); return LP_OK; }
+    return cuda_attn_scores(c, scores, q, k, B, T, H, Hkv, dh, cfg);
 }
 
 lp_status lp_softmax_rows(lp_ctx *c, void *out, const void *x, size_t rows, int cols) {
     NEED(cols > 0 && out && x, "softmax_rows: bad arguments");
-    if (CPU(c)) { lp_cpu_softmax_rows(out, x, rows, cols); return LP_OK; }
-    return lp_cuda_softmax_rows(c, out, x, rows, cols);
+    if (CPU(c)) { cpu_softmax_rows(out, x, rows, cols); return LP_OK; }
+    return cuda_softmax_rows(c, out, x, rows, cols);
 }
 
 lp_status lp_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v, int B, int T,
                         int H, int Hkv, int dh) {
     NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && z && pattern && v, "attn_apply: bad arguments");
-    if (CPU(c)) { lp_cpu_attn_apply(z, pattern, v, B, T, H, Hkv, dh); return LP_OK; }
-    return lp_cuda_attn_apply(c, z, pattern, v, B, T, H, Hkv, dh);
+    if (CPU(c)) { cpu_attn_apply(z, pattern, v, B, T, H, Hkv, dh); return LP_OK; }
+    return cuda_attn_apply(c, z, pattern, v, B, T, H, Hkv, dh);
 }
 
 /* ---- Llama family ---- */
 
 lp_status lp_rms_scale(lp_ctx *c, void *scale, const void *x, int N, int D, float eps) {
     NEED(N >= 0 && D > 0 && scale && x && eps >= 0, "rms_scale: bad arguments (N=%d D=%d eps=%g)", N, D, (double)eps);
-    if (CPU(c)) { lp_cpu_rms_scale(scale, x, N, D, eps); return LP_OK; }
-    return lp_cuda_rms_scale(c, scale, x, N, D, eps);
+    if (CPU(c)) { cpu_rms_scale(scale, x, N, D, eps); return LP_OK; }
+    return cuda_rms_scale(c, scale, x, N, D, eps);
 }
 
 lp_status lp_rms_apply(lp_ctx *c, void *out, const void *x, const void *scale, const void *w, int N, int D) {
     NEED(N >= 0 && D > 0 && out && x && scale, "rms_apply: bad arguments (N=%d D=%d)", N, D);
-    if (CPU(c)) { lp_cpu_rms_apply(out, x, scale, w, N, D); return LP_OK; }
-    return lp_cuda_rms_apply(c, out, x, scale, w, N, D);
+    if (CPU(c)) { cpu_rms_apply(out, x, scale, w, N, D); return LP_OK; }
+    return cuda_rms_apply(c, out, x, scale, w, N, D);
 }
 
 /* The tables' length n_pos is not passed: pos0 + T <= n_pos is the caller's promise. */
@@ -157,14 +157,14 @@ lp_status lp_rope(lp_ctx *c, void *out, const void *x, const float *cos_t, const
                   int H, int dh, int pos0) {
     NEED(B >= 0 && T >= 0 && H > 0 && dh > 0 && dh % 2 == 0 && pos0 >= 0 && out && x && cos_t && sin_t,
          "rope: bad arguments (H=%d dh=%d pos0=%d; dh must be even)", H, dh, pos0);
-    if (CPU(c)) { lp_cpu_rope(out, x, cos_t, sin_t, B, T, H, dh, pos0); return LP_OK; }
-    return lp_cuda_rope(c, out, x, cos_t, sin_t, B, T, H, dh, pos0);
+    if (CPU(c)) { cpu_rope(out, x, cos_t, sin_t, B, T, H, dh, pos0); return LP_OK; }
+    return cuda_rope(c, out, x, cos_t, sin_t, B, T, H, dh, pos0);
 }
 
 lp_status lp_silu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n) {
     NEED(out && gate && up, "silu_mul: null buffer");
-    if (CPU(c)) { lp_cpu_silu_mul(out, gate, up, n); return LP_OK; }
-    return lp_cuda_silu_mul(c, out, gate, up, n);
+    if (CPU(c)) { cpu_silu_mul(out, gate, up, n); return LP_OK; }
+    return cuda_silu_mul(c, out, gate, up, n);
 }
 
 lp_status lp_attention_cached(lp_ctx *c, void *z, const void *q, const void *kc, const void *vc, int B, int Tq,
@@ -179,34 +179,34 @@ lp_status lp_attention_cached_cfg(lp_ctx *c, void *z, const void *q, const void 
     NEED(pos0 >= 0 && Tcap >= 0 && (long long)pos0 + Tq <= Tcap,
          "attention_cached: positions %d .. %lld do not fit a cache of %d", pos0, (long long)pos0 + Tq - 1, Tcap);
     CHECK_CFG("attention_cached", cfg);
-    if (CPU(c)) { lp_cpu_attention_cached(z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh, cfg); return LP_OK; }
-    return lp_cuda_attention_cached(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh, cfg);
+    if (CPU(c)) { cpu_attention_cached(z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh, cfg); return LP_OK; }
+    return cuda_attention_cached(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh, cfg);
 }
 
 lp_status lp_gelu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n) {
     NEED(out && gate && up, "gelu_mul: null buffer");
-    if (CPU(c)) { lp_cpu_gelu_mul(out, gate, up, n); return LP_OK; }
-    return lp_cuda_gelu_mul(c, out, gate, up, n);
+    if (CPU(c)) { cpu_gelu_mul(out, gate, up, n); return LP_OK; }
+    return cuda_gelu_mul(c, out, gate, up, n);
 }
 
 lp_status lp_softcap(lp_ctx *c, void *out, const void *x, float cap, size_t n) {
     NEED(out && x, "softcap: null buffer");
     NEED(cap > 0 && isfinite(cap), "softcap: the cap must be positive and finite (cap=%g)", (double)cap);
-    if (CPU(c)) { lp_cpu_softcap(out, x, cap, n); return LP_OK; }
-    return lp_cuda_softcap(c, out, x, cap, n);
+    if (CPU(c)) { cpu_softcap(out, x, cap, n); return LP_OK; }
+    return cuda_softcap(c, out, x, cap, n);
 }
 
 lp_status lp_scale(lp_ctx *c, void *out, const void *x, float s, size_t n) {
     NEED(out && x, "scale: null buffer");
-    if (CPU(c)) { lp_cpu_scale(out, x, s, n); return LP_OK; }
-    return lp_cuda_scale(c, out, x, s, n);
+    if (CPU(c)) { cpu_scale(out, x, s, n); return LP_OK; }
+    return cuda_scale(c, out, x, s, n);
 }
 
 lp_status lp_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
                            int N, int V) {
     NEED(N >= 0 && V > 0 && losses && logits && targets, "cross_entropy: bad arguments");
-    if (CPU(c)) { lp_cpu_cross_entropy(losses, logits, targets, N, V); return LP_OK; }
-    return lp_cuda_cross_entropy(c, losses, logits, targets, N, V);
+    if (CPU(c)) { cpu_cross_entropy(losses, logits, targets, N, V); return LP_OK; }
+    return cuda_cross_entropy(c, losses, logits, targets, N, V);
 }
 
 static int view_ok(lp_view v) { return v.B >= 0 && v.P > 0 && v.H > 0 && v.E > 0; }
@@ -215,14 +215,14 @@ lp_status lp_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind, cons
                         float coef, const uint8_t *pos_mask, const uint8_t *head_mask) {
     NEED(act && view_ok(v) && kind >= LP_EDIT_ZERO && kind <= LP_EDIT_PATCH, "edit: bad arguments");
     NEED(kind == LP_EDIT_ZERO || src, "edit: this edit needs a source");
-    if (CPU(c)) { lp_cpu_edit_apply(act, v, kind, src, coef, pos_mask, head_mask); return LP_OK; }
-    return lp_cuda_edit_apply(c, act, v, kind, src, coef, pos_mask, head_mask);
+    if (CPU(c)) { cpu_edit_apply(act, v, kind, src, coef, pos_mask, head_mask); return LP_OK; }
+    return cuda_edit_apply(c, act, v, kind, src, coef, pos_mask, head_mask);
 }
 
 lp_status lp_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const int32_t *pos, int npos) {
     NEED(dst && act && pos && view_ok(v) && npos > 0, "gather_pos: bad arguments");
-    if (CPU(c)) { lp_cpu_gather_pos(dst, act, v, pos, npos); return LP_OK; }
-    return lp_cuda_gather_pos(c, dst, act, v, pos, npos);
+    if (CPU(c)) { cpu_gather_pos(dst, act, v, pos, npos); return LP_OK; }
+    return cuda_gather_pos(c, dst, act, v, pos, npos);
 }
 
 /* ---- backward ops (attribution gradients) ----
@@ -232,52 +232,52 @@ lp_status lp_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const 
 lp_status lp_ln_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale, const void *w, int N,
                          int D) {
     NEED(N >= 0 && D > 0 && dx && dy && x && scale, "ln_backward: bad arguments (N=%d D=%d)", N, D);
-    if (CPU(c)) { lp_cpu_ln_backward(dx, dy, x, scale, w, N, D); return LP_OK; }
-    return lp_cuda_ln_backward(c, dx, dy, x, scale, w, N, D);
+    if (CPU(c)) { cpu_ln_backward(dx, dy, x, scale, w, N, D); return LP_OK; }
+    return cuda_ln_backward(c, dx, dy, x, scale, w, N, D);
 }
 
 lp_status lp_rms_backward(lp_ctx *c, void *dx, const void *dy, const void *x, const void *scale, const void *w, int N,
                           int D) {
     NEED(N >= 0 && D > 0 && dx && dy && x && scale, "rms_backward: bad arguments (N=%d D=%d)", N, D);
-    if (CPU(c)) { lp_cpu_rms_backward(dx, dy, x, scale, w, N, D); return LP_OK; }
-    return lp_cuda_rms_backward(c, dx, dy, x, scale, w, N, D);
+    if (CPU(c)) { cpu_rms_backward(dx, dy, x, scale, w, N, D); return LP_OK; }
+    return cuda_rms_backward(c, dx, dy, x, scale, w, N, D);
 }
 
 lp_status lp_gelu_backward(lp_ctx *c, void *dx, const void *dy, const void *x, size_t n) {
     NEED(dx && dy && x, "gelu_backward: null buffer");
-    if (CPU(c)) { lp_cpu_gelu_backward(dx, dy, x, n); return LP_OK; }
-    return lp_cuda_gelu_backward(c, dx, dy, x, n);
+    if (CPU(c)) { cpu_gelu_backward(dx, dy, x, n); return LP_OK; }
+    return cuda_gelu_backward(c, dx, dy, x, n);
 }
 
 lp_status lp_silu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate, const void *up,
                                size_t n) {
     NEED(dgate && dup && dy && gate && up, "silu_mul_backward: null buffer");
     NEED(dgate != dup, "silu_mul_backward: dgate and dup are the same buffer");
-    if (CPU(c)) { lp_cpu_silu_mul_backward(dgate, dup, dy, gate, up, n); return LP_OK; }
-    return lp_cuda_silu_mul_backward(c, dgate, dup, dy, gate, up, n);
+    if (CPU(c)) { cpu_silu_mul_backward(dgate, dup, dy, gate, up, n); return LP_OK; }
+    return cuda_silu_mul_backward(c, dgate, dup, dy, gate, up, n);
 }
 
 lp_status lp_gelu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *dy, const void *gate, const void *up,
                                size_t n) {
     NEED(dgate && dup && dy && gate && up, "gelu_mul_backward: null buffer");
     NEED(dgate != dup, "gelu_mul_backward: dgate and dup are the same buffer");
-    if (CPU(c)) { lp_cpu_gelu_mul_backward(dgate, dup, dy, gate, up, n); return LP_OK; }
-    return lp_cuda_gelu_mul_backward(c, dgate, dup, dy, gate, up, n);
+    if (CPU(c)) { cpu_gelu_mul_backward(dgate, dup, dy, gate, up, n); return LP_OK; }
+    return cuda_gelu_mul_backward(c, dgate, dup, dy, gate, up, n);
 }
 
 lp_status lp_softcap_backward(lp_ctx *c, void *dx, const void *dy, const void *y, float cap, size_t n) {
     NEED(dx && dy && y, "softcap_backward: null buffer");
     NEED(cap > 0 && isfinite(cap), "softcap_backward: the cap must be positive and finite (cap=%g)", (double)cap);
-    if (CPU(c)) { lp_cpu_softcap_backward(dx, dy, y, cap, n); return LP_OK; }
-    return lp_cuda_softcap_backward(c, dx, dy, y, cap, n);
+    if (CPU(c)) { cpu_softcap_backward(dx, dy, y, cap, n); return LP_OK; }
+    return cuda_softcap_backward(c, dx, dy, y, cap, n);
 }
 
 lp_status lp_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *cos_t, const float *sin_t, int B, int T,
                            int H, int dh, int pos0) {
     NEED(B >= 0 && T >= 0 && H > 0 && dh > 0 && dh % 2 == 0 && pos0 >= 0 && dx && dy && cos_t && sin_t,
          "rope_backward: bad arguments (H=%d dh=%d pos0=%d; dh must be even)", H, dh, pos0);
-    if (CPU(c)) { lp_cpu_rope_backward(dx, dy, cos_t, sin_t, B, T, H, dh, pos0); return LP_OK; }
-    return lp_cuda_rope_backward(c, dx, dy, cos_t, sin_t, B, T, H, dh, pos0);
+    if (CPU(c)) { cpu_rope_backward(dx, dy, cos_t, sin_t, B, T, H, dh, pos0); return LP_OK; }
+    return cuda_rope_backward(c, dx, dy, cos_t, sin_t, B, T, H, dh, pos0);
 }
 
 lp_status lp_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q, const void *k,
@@ -295,8 +295,8 @@ lp_status lp_attention_backward_cfg(lp_ctx *c, void *dq, void *dk, void *dv, con
              dv != q && dv != k && dv != v,
          "attention_backward: an output is also an input (dq, dk, dv must not alias dz, q, k, v)");
     CHECK_CFG("attention_backward", cfg);
-    if (CPU(c)) { lp_cpu_attention_backward(dq, dk, dv, dz, q, k, v, B, T, H, Hkv, dh, cfg); return LP_OK; }
-    return lp_cuda_attention_backward(c, dq, dk, dv, dz, q, k, v, B, T, H, Hkv, dh, cfg);
+    if (CPU(c)) { cpu_attention_backward(dq, dk, dv, dz, q, k, v, B, T, H, Hkv, dh, cfg); return LP_OK; }
+    return cuda_attention_backward(c, dq, dk, dv, dz, q, k, v, B, T, H, Hkv, dh, cfg);
 }
 
 lp_status lp_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
@@ -304,16 +304,16 @@ lp_status lp_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void
     NEED(ATTN_ARGS_OK(B, T, H, Hkv, dh) && dpattern && dv && dz && pattern && v, "attn_apply_backward: bad arguments");
     NEED(dpattern != pattern && dv != v && dv != dz && dpattern != dv,
          "attn_apply_backward: an output is also an input, or dpattern is dv");
-    if (CPU(c)) { lp_cpu_attn_apply_backward(dpattern, dv, dz, pattern, v, B, T, H, Hkv, dh); return LP_OK; }
-    return lp_cuda_attn_apply_backward(c, dpattern, dv, dz, pattern, v, B, T, H, Hkv, dh);
+    if (CPU(c)) { cpu_attn_apply_backward(dpattern, dv, dz, pattern, v, B, T, H, Hkv, dh); return LP_OK; }
+    return cuda_attn_apply_backward(c, dpattern, dv, dz, pattern, v, B, T, H, Hkv, dh);
 }
 
 /* dx may alias dy (each row is summed before it is written) but not y. */
 lp_status lp_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows, int cols) {
     NEED(cols > 0 && dx && dy && y, "softmax_rows_backward: bad arguments");
     NEED(dx != y, "softmax_rows_backward: dx must not alias y");
-    if (CPU(c)) { lp_cpu_softmax_rows_backward(dx, dy, y, rows, cols); return LP_OK; }
-    return lp_cuda_softmax_rows_backward(c, dx, dy, y, rows, cols);
+    if (CPU(c)) { cpu_softmax_rows_backward(dx, dy, y, rows, cols); return LP_OK; }
+    return cuda_softmax_rows_backward(c, dx, dy, y, rows, cols);
 }
 
 lp_status lp_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *q, const void *k,
@@ -331,20 +331,20 @@ lp_status lp_attn_scores_backward_cfg(lp_ctx *c, void *dq, void *dk, const void 
     CHECK_CFG("attn_scores_backward", cfg);
     NEED(cfg->softcap == 0 || scores, "attn_scores_backward: softcap %g needs the saved scores", (double)cfg->softcap);
     NEED(!scores || (scores != dq && scores != dk), "attn_scores_backward: dq or dk is the saved scores");
-    if (CPU(c)) { lp_cpu_attn_scores_backward(dq, dk, dscores, scores, q, k, B, T, H, Hkv, dh, cfg); return LP_OK; }
-    return lp_cuda_attn_scores_backward(c, dq, dk, dscores, scores, q, k, B, T, H, Hkv, dh, cfg);
+    if (CPU(c)) { cpu_attn_scores_backward(dq, dk, dscores, scores, q, k, B, T, H, Hkv, dh, cfg); return LP_OK; }
+    return cuda_attn_scores_backward(c, dq, dk, dscores, scores, q, k, B, T, H, Hkv, dh, cfg);
 }
 
 lp_status lp_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets, const float *scale,
                            int N, int V) {
     NEED(N >= 0 && V > 0 && dlogits && logits && targets && scale, "xent_backward: bad arguments (N=%d V=%d)", N, V);
-    if (CPU(c)) { lp_cpu_xent_backward(dlogits, logits, targets, scale, N, V); return LP_OK; }
-    return lp_cuda_xent_backward(c, dlogits, logits, targets, scale, N, V);
+    if (CPU(c)) { cpu_xent_backward(dlogits, logits, targets, scale, N, V); return LP_OK; }
+    return cuda_xent_backward(c, dlogits, logits, targets, scale, N, V);
 }
 
 lp_status lp_norm_scale_grad(lp_ctx *c, void *dscale, const void *dy, const void *x, const void *scale, const void *w, int N,
                              int D, int center) {
     NEED(N >= 0 && D > 0 && dscale && dy && x && scale, "norm_scale_grad: bad arguments (N=%d D=%d)", N, D);
-    if (CPU(c)) { lp_cpu_norm_scale_grad(dscale, dy, x, scale, w, N, D, center); return LP_OK; }
-    return lp_cuda_norm_scale_grad(c, dscale, dy, x, scale, w, N, D, center);
+    if (CPU(c)) { cpu_norm_scale_grad(dscale, dy, x, scale, w, N, D, center); return LP_OK; }
+    return cuda_norm_scale_grad(c, dscale, dy, x, scale, w, N, D, center);
 }

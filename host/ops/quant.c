@@ -22,10 +22,10 @@ lp_status lp_dequant(lp_ctx *c, void *dst, lp_dtype dst_dtype, const void *src, 
                 lp_ggml_type_name(type), blk);
     if (n == 0) return LP_OK;
     if (!dst || !src) LP_FAIL(LP_ERR_ARG, "dequant: null buffer");
-    if (c->device != LP_CPU) return lp_cuda_dequant(c, dst, dst_dtype, src, type, n);
+    if (c->device != LP_CPU) return cuda_dequant(c, dst, dst_dtype, src, type, n);
 
     if (dst_dtype == LP_F32) {
-        lp_cpu_dequant(dst, src, type, n);
+        cpu_dequant(dst, src, type, n);
         return LP_OK;
     }
     if ((type == LP_GGML_F16 && dst_dtype == LP_F16) || (type == LP_GGML_BF16 && dst_dtype == LP_BF16)) {
@@ -40,7 +40,7 @@ lp_status lp_dequant(lp_ctx *c, void *dst, lp_dtype dst_dtype, const void *src, 
     uint16_t *out = dst;
     for (int64_t i = 0; i < n; i += CHUNK) {
         const int64_t m = n - i < CHUNK ? n - i : CHUNK;
-        lp_cpu_dequant(tmp, (const uint8_t *)src + (size_t)(i / blk) * bb, type, m);
+        cpu_dequant(tmp, (const uint8_t *)src + (size_t)(i / blk) * bb, type, m);
         if (dst_dtype == LP_BF16)
             lp_convert_host(out + i, LP_BF16, tmp, LP_F32, (size_t)m);
         else /* lp_convert_host has no F32 -> F16 */

@@ -42,32 +42,32 @@ lp_status lp_matmul_at(lp_ctx *c, float *out, const float *a, const float *b, in
          "matmul_at: bad arguments (N=%d K=%d M=%d)", N, K, M);
     NEED(beta == 0.0f || beta == 1.0f, "matmul_at: beta must be 0 or 1, got %g", (double)beta);
     if (N == 0) return beta == 0.0f ? lp_ctx_memset0(c, out, (size_t)K * M * sizeof(float)) : LP_OK;
-    if (CPU(c)) { lp_cpu_matmul_at(out, a, b, N, K, M, beta); return LP_OK; }
-    return lp_cuda_matmul_at(c, out, a, b, N, K, M, beta);
+    if (CPU(c)) { cpu_matmul_at(out, a, b, N, K, M, beta); return LP_OK; }
+    return cuda_matmul_at(c, out, a, b, N, K, M, beta);
 }
 
 lp_status lp_col_sum(lp_ctx *c, float *out, const float *x, int N, int M, float beta) {
     NEED(c && N >= 0 && M > 0 && out && (N == 0 || x), "col_sum: bad arguments (N=%d M=%d)", N, M);
     NEED(beta == 0.0f || beta == 1.0f, "col_sum: beta must be 0 or 1, got %g", (double)beta);
     if (N == 0) return beta == 0.0f ? lp_ctx_memset0(c, out, (size_t)M * sizeof(float)) : LP_OK;
-    if (CPU(c)) { lp_cpu_col_sum(out, x, N, M, beta); return LP_OK; }
-    return lp_cuda_col_sum(c, out, x, N, M, beta);
+    if (CPU(c)) { cpu_col_sum(out, x, N, M, beta); return LP_OK; }
+    return cuda_col_sum(c, out, x, N, M, beta);
 }
 
 lp_status lp_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre, int N, int S, int K) {
     NEED(c && N >= 0 && S > 0 && idx && val && pre, "sae_topk: bad arguments (N=%d S=%d K=%d)", N, S, K);
     NEED(K >= 1 && K <= S, "sae_topk: k=%d must be in 1 .. d_sae=%d", K, S);
     if (N == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_sae_topk(idx, val, pre, N, S, K); return LP_OK; }
+    if (CPU(c)) { cpu_sae_topk(idx, val, pre, N, S, K); return LP_OK; }
     NEED(K <= LP_SAE_TOPK_MAX_K_CUDA, "sae_topk: k=%d exceeds the CUDA limit of %d", K, LP_SAE_TOPK_MAX_K_CUDA);
-    return lp_cuda_sae_topk(c, idx, val, pre, N, S, K);
+    return cuda_sae_topk(c, idx, val, pre, N, S, K);
 }
 
 lp_status lp_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count) {
     NEED(c && t && (n == 0 || pre), "sae_kth_largest: bad arguments (n=%zu)", n);
     if (count >= n) { *t = 0.0f; return LP_OK; }
-    if (CPU(c)) { *t = lp_cpu_sae_kth_largest(pre, n, count); return LP_OK; }
-    return lp_cuda_sae_kth_largest(c, t, pre, n, count);
+    if (CPU(c)) { *t = cpu_sae_kth_largest(pre, n, count); return LP_OK; }
+    return cuda_sae_kth_largest(c, t, pre, n, count);
 }
 
 lp_status lp_sae_decode_sparse(lp_ctx *c, float *out, const int32_t *idx, const float *val, const float *W,
@@ -75,8 +75,8 @@ lp_status lp_sae_decode_sparse(lp_ctx *c, float *out, const int32_t *idx, const 
     NEED(c && N >= 0 && K >= 1 && D > 0 && out && idx && val && W,
          "sae_decode_sparse: bad arguments (N=%d K=%d D=%d)", N, K, D);
     if (N == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_sae_decode_sparse(out, idx, val, W, bias, N, K, D); return LP_OK; }
-    return lp_cuda_sae_decode_sparse(c, out, idx, val, W, bias, N, K, D);
+    if (CPU(c)) { cpu_sae_decode_sparse(out, idx, val, W, bias, N, K, D); return LP_OK; }
+    return cuda_sae_decode_sparse(c, out, idx, val, W, bias, N, K, D);
 }
 
 lp_status lp_sae_decode_sparse_grad(lp_ctx *c, float *dval, float *dW, const float *dout, const int32_t *idx,
@@ -84,8 +84,8 @@ lp_status lp_sae_decode_sparse_grad(lp_ctx *c, float *dval, float *dW, const flo
     NEED(c && N >= 0 && K >= 1 && D > 0 && dval && dW && dout && idx && val && W,
          "sae_decode_sparse_grad: bad arguments (N=%d K=%d D=%d)", N, K, D);
     if (N == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_sae_decode_sparse_grad(dval, dW, dout, idx, val, W, N, K, D); return LP_OK; }
-    return lp_cuda_sae_decode_sparse_grad(c, dval, dW, dout, idx, val, W, N, K, D);
+    if (CPU(c)) { cpu_sae_decode_sparse_grad(dval, dW, dout, idx, val, W, N, K, D); return LP_OK; }
+    return cuda_sae_decode_sparse_grad(c, dval, dW, dout, idx, val, W, N, K, D);
 }
 
 lp_status lp_sae_encode_sparse_grad(lp_ctx *c, float *dW_enc, float *db_enc, const float *x, const int32_t *idx,
@@ -93,8 +93,8 @@ lp_status lp_sae_encode_sparse_grad(lp_ctx *c, float *dW_enc, float *db_enc, con
     NEED(c && N >= 0 && K >= 1 && D > 0 && S > 0 && dW_enc && db_enc && x && idx && dpre,
          "sae_encode_sparse_grad: bad arguments (N=%d K=%d D=%d S=%d)", N, K, D, S);
     if (N == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_sae_encode_sparse_grad(dW_enc, db_enc, x, idx, dpre, N, K, D, S); return LP_OK; }
-    return lp_cuda_sae_encode_sparse_grad(c, dW_enc, db_enc, x, idx, dpre, N, K, D, S);
+    if (CPU(c)) { cpu_sae_encode_sparse_grad(dW_enc, db_enc, x, idx, dpre, N, K, D, S); return LP_OK; }
+    return cuda_sae_encode_sparse_grad(c, dW_enc, db_enc, x, idx, dpre, N, K, D, S);
 }
 
 lp_status lp_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float *dpre, const int32_t *idx,
@@ -102,36 +102,36 @@ lp_status lp_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float *dpr
     NEED(c && N >= 0 && K >= 1 && D > 0 && S > 0 && dx && dpre && idx && W_enc,
          "sae_encode_sparse_input_grad: bad arguments (N=%d K=%d D=%d S=%d)", N, K, D, S);
     if (N == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_sae_encode_sparse_input_grad(dx, dpre, idx, W_enc, N, K, D, S); return LP_OK; }
-    return lp_cuda_sae_encode_sparse_input_grad(c, dx, dpre, idx, W_enc, N, K, D, S);
+    if (CPU(c)) { cpu_sae_encode_sparse_input_grad(dx, dpre, idx, W_enc, N, K, D, S); return LP_OK; }
+    return cuda_sae_encode_sparse_input_grad(c, dx, dpre, idx, W_enc, N, K, D, S);
 }
 
 lp_status lp_sae_scale(lp_ctx *c, float *x, float alpha, size_t n) {
     NEED(c && x, "sae_scale: null buffer");
     if (n == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_sae_scale(x, alpha, n); return LP_OK; }
-    return lp_cuda_sae_scale(c, x, alpha, n);
+    if (CPU(c)) { cpu_sae_scale(x, alpha, n); return LP_OK; }
+    return cuda_sae_scale(c, x, alpha, n);
 }
 
 lp_status lp_sae_relu(lp_ctx *c, float *f, const float *pre, size_t n) {
     NEED(c && f && pre, "sae_relu: null buffer");
     if (n == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_sae_relu(f, pre, n); return LP_OK; }
-    return lp_cuda_sae_relu(c, f, pre, n);
+    if (CPU(c)) { cpu_sae_relu(f, pre, n); return LP_OK; }
+    return cuda_sae_relu(c, f, pre, n);
 }
 
 lp_status lp_sae_jumprelu(lp_ctx *c, float *f, const float *pre, const float *theta, int N, int S) {
     NEED(c && N >= 0 && S > 0 && f && pre && theta, "sae_jumprelu: bad arguments (N=%d S=%d)", N, S);
     if (N == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_sae_jumprelu(f, pre, theta, N, S); return LP_OK; }
-    return lp_cuda_sae_jumprelu(c, f, pre, theta, N, S);
+    if (CPU(c)) { cpu_sae_jumprelu(f, pre, theta, N, S); return LP_OK; }
+    return cuda_sae_jumprelu(c, f, pre, theta, N, S);
 }
 
 lp_status lp_sae_relu_grad(lp_ctx *c, float *dpre, const float *df, const float *pre, size_t n) {
     NEED(c && dpre && df && pre, "sae_relu_grad: null buffer");
     if (n == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_sae_relu_grad(dpre, df, pre, n); return LP_OK; }
-    return lp_cuda_sae_relu_grad(c, dpre, df, pre, n);
+    if (CPU(c)) { cpu_sae_relu_grad(dpre, df, pre, n); return LP_OK; }
+    return cuda_sae_relu_grad(c, dpre, df, pre, n);
 }
 
 lp_status lp_sae_jumprelu_grad(lp_ctx *c, float *dpre, float *dtheta, const float *df, const float *pre,
@@ -141,8 +141,8 @@ lp_status lp_sae_jumprelu_grad(lp_ctx *c, float *dpre, float *dtheta, const floa
     NEED(eps > 0 && isfinite(eps) && isfinite(l0_coef), "sae_jumprelu_grad: bandwidth %g must be > 0 (l0_coef %g)",
          (double)eps, (double)l0_coef);
     if (N == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_sae_jumprelu_grad(dpre, dtheta, df, pre, theta, eps, l0_coef, N, S); return LP_OK; }
-    return lp_cuda_sae_jumprelu_grad(c, dpre, dtheta, df, pre, theta, eps, l0_coef, N, S);
+    if (CPU(c)) { cpu_sae_jumprelu_grad(dpre, dtheta, df, pre, theta, eps, l0_coef, N, S); return LP_OK; }
+    return cuda_sae_jumprelu_grad(c, dpre, dtheta, df, pre, theta, eps, l0_coef, N, S);
 }
 
 lp_status lp_adam_step(lp_ctx *c, float *p, const float *g, float *m, float *v, size_t n, float lr, float b1,
@@ -152,29 +152,29 @@ lp_status lp_adam_step(lp_ctx *c, float *p, const float *g, float *m, float *v, 
          "adam_step: bad hyperparameters (t=%d lr=%g b1=%g b2=%g eps=%g; t >= 1, 0 <= b1, b2 < 1)", t, (double)lr,
          (double)b1, (double)b2, (double)eps);
     if (n == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_adam_step(p, g, m, v, n, lr, b1, b2, eps, t); return LP_OK; }
-    return lp_cuda_adam_step(c, p, g, m, v, n, lr, b1, b2, eps, t);
+    if (CPU(c)) { cpu_adam_step(p, g, m, v, n, lr, b1, b2, eps, t); return LP_OK; }
+    return cuda_adam_step(c, p, g, m, v, n, lr, b1, b2, eps, t);
 }
 
 lp_status lp_rows_unit_norm(lp_ctx *c, float *W, int S, int D) {
     NEED(c && S >= 0 && D > 0 && W, "rows_unit_norm: bad arguments (S=%d D=%d)", S, D);
     if (S == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_rows_unit_norm(W, S, D); return LP_OK; }
-    return lp_cuda_rows_unit_norm(c, W, S, D);
+    if (CPU(c)) { cpu_rows_unit_norm(W, S, D); return LP_OK; }
+    return cuda_rows_unit_norm(c, W, S, D);
 }
 
 lp_status lp_rows_remove_parallel(lp_ctx *c, float *dW, const float *W, int S, int D) {
     NEED(c && S >= 0 && D > 0 && dW && W, "rows_remove_parallel: bad arguments (S=%d D=%d)", S, D);
     if (S == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_rows_remove_parallel(dW, W, S, D); return LP_OK; }
-    return lp_cuda_rows_remove_parallel(c, dW, W, S, D);
+    if (CPU(c)) { cpu_rows_remove_parallel(dW, W, S, D); return LP_OK; }
+    return cuda_rows_remove_parallel(c, dW, W, S, D);
 }
 
 lp_status lp_rows_norm(lp_ctx *c, float *out, const float *W, int S, int D) {
     NEED(c && S >= 0 && D > 0 && out && W, "rows_norm: bad arguments (S=%d D=%d)", S, D);
     if (S == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_rows_norm(out, W, S, D); return LP_OK; }
-    return lp_cuda_rows_norm(c, out, W, S, D);
+    if (CPU(c)) { cpu_rows_norm(out, W, S, D); return LP_OK; }
+    return cuda_rows_norm(c, out, W, S, D);
 }
 
 lp_status lp_sae_recon_sums(lp_ctx *c, double sums[4], const float *x, const float *x_hat, int N, int D) {
@@ -183,8 +183,8 @@ lp_status lp_sae_recon_sums(lp_ctx *c, double sums[4], const float *x, const flo
         for (int i = 0; i < 4; i++) sums[i] = 0;
         return LP_OK;
     }
-    if (CPU(c)) { lp_cpu_sae_recon_sums(sums, x, x_hat, N, D); return LP_OK; }
-    return lp_cuda_sae_recon_sums(c, sums, x, x_hat, N, D);
+    if (CPU(c)) { cpu_sae_recon_sums(sums, x, x_hat, N, D); return LP_OK; }
+    return cuda_sae_recon_sums(c, sums, x, x_hat, N, D);
 }
 
 lp_status lp_sae_fire_counts(lp_ctx *c, int64_t *counts, const int32_t *idx, const float *val, const float *f, int N,
@@ -192,6 +192,6 @@ lp_status lp_sae_fire_counts(lp_ctx *c, int64_t *counts, const int32_t *idx, con
     NEED(c && counts && N >= 0 && S > 0, "sae_fire_counts: bad arguments (N=%d S=%d)", N, S);
     NEED(idx ? (val && K >= 1) : f != NULL, "sae_fire_counts: give idx and val (with K >= 1), or f");
     if (N == 0) return LP_OK;
-    if (CPU(c)) { lp_cpu_sae_fire_counts(counts, idx, val, f, N, K, S); return LP_OK; }
-    return lp_cuda_sae_fire_counts(c, counts, idx, val, f, N, K, S);
+    if (CPU(c)) { cpu_sae_fire_counts(counts, idx, val, f, N, K, S); return LP_OK; }
+    return cuda_sae_fire_counts(c, counts, idx, val, f, N, K, S);
 }

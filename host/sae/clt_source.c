@@ -129,7 +129,7 @@ static lp_status refill(lp_clt_source *s) {
     for (size_t i = 0; i < n; i++)
         if (T == 1 || i % (size_t)T) s->perm[s->avail++] = (int)i;
     for (size_t i = (size_t)s->avail - 1; s->avail > 1 && i > 0; i--) {
-        size_t j = lp_rng_next(&s->rng) % (i + 1);
+        size_t j = rng_next(&s->rng) % (i + 1);
         int t = s->perm[i];
         s->perm[i] = s->perm[j], s->perm[j] = t;
     }
@@ -142,7 +142,7 @@ lp_status lp_clt_source_next(void *src, int n, float *x, float *y) {
     if (s->st) {
         for (int i = 0; i < n; i += RUN) {
             int k = n - i < RUN ? n - i : RUN;
-            int64_t t0 = (int64_t)(lp_rng_next(&s->rng) % (uint64_t)(s->n_tokens - k + 1));
+            int64_t t0 = (int64_t)(rng_next(&s->rng) % (uint64_t)(s->n_tokens - k + 1));
             for (size_t l = 0; l < L; l++) {
                 LP_CHECK(lp_store_read(s->st[l], t0, k, x + (l * n + i) * D));
                 LP_CHECK(lp_store_read(s->st[L + l], t0, k, y + (l * n + i) * D));

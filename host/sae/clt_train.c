@@ -60,7 +60,7 @@ typedef struct trainer {
     float *s_in, *s_out;            /* [L]: per-layer scales of inputs and outputs (host) */
 } trainer;
 
-static float urand(uint64_t *s, float a) { return ((float)(lp_rng_next(s) >> 40) / (float)(1 << 24) * 2.0f - 1.0f) * a; }
+static float urand(uint64_t *s, float a) { return ((float)(rng_next(s) >> 40) / (float)(1 << 24) * 2.0f - 1.0f) * a; }
 
 /* W_enc ~ U(+-1/sqrt(D)), W_dec ~ U(+-1/sqrt(S * n_out)) (the CLT paper's scales); biases 0. */
 static lp_status init_params(trainer *r) {

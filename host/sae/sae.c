@@ -111,7 +111,7 @@ lp_status lp_sae_alloc(lp_sae **out, const lp_sae_cfg *cfg, lp_ctx *c) {
 
 void lp_sae_free(lp_sae *s, lp_ctx *c) {
     if (!s) return;
-    lp_sae_runner_free(s->runner_cache);
+    sae_runner_free(s->runner_cache);
     lp_ctx_release(c, s->scratch);
     lp_ctx_release(c, s->mem);
     free(s);

@@ -143,7 +143,7 @@ lp_status sae_load_checkpoint(trainer *tr, int *found) {
     char path[1600];
     snprintf(path, sizeof path, "%s/%s/state.json", dir, best);
     int absent;
-    cJSON *j = lp_json_load(path, &absent);
+    cJSON *j = json_load(path, &absent);
     if (absent) LP_FAIL(LP_ERR_IO, "%s: cannot read", path);
     char sig[4096];
     signature(tr, sig, sizeof sig);

@@ -71,7 +71,7 @@ lp_status lp_sae_eval_store(lp_sae *s, lp_ctx *c, const char *store, const char 
     int64_t total = lp_store_n_tokens(in);
     if (n_tokens <= 0 || n_tokens > total) n_tokens = total;
     sae_runner *r = NULL;
-    st = lp_sae_runner_new(&r, s, c, batch, 0, 0);
+    st = sae_runner_new(&r, s, c, batch, 0, 0);
     int S = cf->d_sae, D = cf->d_in, Do = cf->d_out, K = r ? r->K : 0;
     float *hx = malloc((size_t)batch * D * sizeof(float)), *hy = os ? malloc((size_t)batch * Do * sizeof(float)) : NULL;
     float *hs = malloc((size_t)(S > batch * K ? S : batch * K) * sizeof(float));
@@ -92,7 +92,7 @@ lp_status lp_sae_eval_store(lp_sae *s, lp_ctx *c, const char *store, const char 
             if (!isfinite(hx[i])) st = LP_ERR(LP_ERR_FORMAT, "%s: '%s' has a non-finite value at token %lld", store, hook, (long long)(t0 + i / D));
         if (st == LP_OK) st = lp_ctx_to_device(c, r->x, hx, (size_t)n * D * 4);
         if (st == LP_OK && os) st = lp_ctx_to_device(c, ydev, hy, (size_t)n * Do * 4);
-        if (st == LP_OK) st = lp_sae_runner_forward(r, n, 0);
+        if (st == LP_OK) st = sae_runner_forward(r, n, 0);
         double sums[4];
         if (st == LP_OK) st = lp_sae_recon_sums(c, sums, os ? ydev : r->x, r->xhat, n, Do);
         if (st != LP_OK) break;
@@ -124,7 +124,7 @@ lp_status lp_sae_eval_store(lp_sae *s, lp_ctx *c, const char *store, const char 
     free(cnt);
     free(fired);
     lp_ctx_release(c, ydev);
-    lp_sae_runner_free(r);
+    sae_runner_free(r);
     lp_store_close(in);
     lp_store_close(os);
     return st;
@@ -132,12 +132,12 @@ lp_status lp_sae_eval_store(lp_sae *s, lp_ctx *c, const char *store, const char 
 
 lp_status lp_sae_reconstruct(lp_sae *s, lp_ctx *c, const float *x, int n, float *x_hat) {
     sae_runner *r;
-    LP_CHECK(lp_sae_runner_new(&r, s, c, n, 0, 0));
+    LP_CHECK(sae_runner_new(&r, s, c, n, 0, 0));
     lp_status st = lp_ctx_copy(c, r->x, x, (size_t)n * s->cfg.d_in * 4);
-    if (st == LP_OK) st = lp_sae_runner_forward(r, n, 0);
+    if (st == LP_OK) st = sae_runner_forward(r, n, 0);
     if (st == LP_OK) st = lp_ctx_copy(c, x_hat, r->xhat, (size_t)n * s->cfg.d_out * 4);
     if (st == LP_OK) st = lp_ctx_sync(c);
-    lp_sae_runner_free(r);
+    sae_runner_free(r);
     return st;
 }
 
@@ -145,9 +145,9 @@ lp_status lp_sae_encode_topk_host(lp_sae *s, lp_ctx *c, const float *x, int n, i
     const lp_sae_cfg *cf = &s->cfg;
     if (k < 1 || k > cf->d_sae) LP_FAIL(LP_ERR_ARG, "encode.k = %d: must be in [1, d_sae = %d]", k, cf->d_sae);
     sae_runner *r;
-    LP_CHECK(lp_sae_runner_new(&r, s, c, n, 0, 0));
+    LP_CHECK(sae_runner_new(&r, s, c, n, 0, 0));
     lp_status st = lp_ctx_copy(c, r->x, x, (size_t)n * cf->d_in * 4);
-    if (st == LP_OK) st = lp_sae_runner_forward(r, n, 0);
+    if (st == LP_OK) st = sae_runner_forward(r, n, 0);
     int32_t *di = NULL;
     float *dv = NULL;
     if (st == LP_OK && cf->arch == LP_SAE_TOPK && k == r->K) {
@@ -166,7 +166,7 @@ lp_status lp_sae_encode_topk_host(lp_sae *s, lp_ctx *c, const float *x, int n, i
     }
     lp_ctx_release(c, di);
     lp_ctx_release(c, dv);
-    lp_sae_runner_free(r);
+    sae_runner_free(r);
     return st;
 }
 
@@ -189,7 +189,7 @@ static lp_status splice_fn(const char *hook, lp_tensor *act, void *user) {
     int n = (int)(numel / D);
     if (n > r->N) LP_FAIL(LP_ERR_ARG, "%s: %d tokens exceed the splice buffer of %d", hook, n, r->N);
     LP_CHECK(lp_ctx_copy(r->c, r->x, act->data, (size_t)numel * 4));
-    LP_CHECK(lp_sae_runner_forward(r, n, 0));
+    LP_CHECK(sae_runner_forward(r, n, 0));
     LP_CHECK(lp_ctx_copy(r->c, act->data, r->xhat, (size_t)numel * 4));
     return lp_ctx_sync(r->c);
 }
@@ -219,7 +219,7 @@ lp_status lp_sae_eval_model(lp_model *m, lp_sae *s, lp_ctx *c, const int32_t *to
     float *clean = malloc(rowsV * sizeof(float));
     if (!clean) LP_FAIL(LP_ERR_OOM, "out of memory for %d x %d logits", ctx, V);
     splice sp = {.c = c};
-    lp_status st = lp_sae_runner_new(&sp.r, s, c, ctx, 0, 0);
+    lp_status st = sae_runner_new(&sp.r, s, c, ctx, 0, 0);
     double ce[3] = {0}, kl[2] = {0};
     int64_t n_pred = 0;
     for (int64_t b = 0; st == LP_OK && b < n_seq; b++) {
@@ -250,7 +250,7 @@ lp_status lp_sae_eval_model(lp_model *m, lp_sae *s, lp_ctx *c, const int32_t *to
         out->ce_recovered = (out->ce_zero - out->ce_sae) / (out->ce_zero - out->ce_clean);
         out->kl_sae = kl[0] / n_pred, out->kl_zero = kl[1] / n_pred;
     }
-    lp_sae_runner_free(sp.r);
+    sae_runner_free(sp.r);
     free(clean);
     return st;
 }
@@ -290,7 +290,7 @@ static lp_status splice_edit(const char *hook, lp_tensor *act, void *user) {
     if (n > r->N) LP_FAIL(LP_ERR_ARG, "%s: %d tokens exceed the splice buffer of %d", hook, n, r->N);
     size_t bytes = (size_t)numel * 4;
     LP_CHECK(lp_ctx_copy(r->c, r->x, act->data, bytes));
-    LP_CHECK(lp_sae_runner_forward(r, n, 0));
+    LP_CHECK(sae_runner_forward(r, n, 0));
     int plain = !sp->with_error && !sp->n_clamp && sp->all_pos;
     if (plain) { /* x_hat as it is, without a trip to the host */
         LP_CHECK(lp_ctx_copy(r->c, act->data, r->xhat, bytes));
@@ -321,7 +321,7 @@ static lp_status splice_edit(const char *hook, lp_tensor *act, void *user) {
 
 void lp_sae_splice_free(lp_sae_splice *sp) {
     if (!sp) return;
-    lp_sae_runner_free(sp->r);
+    sae_runner_free(sp->r);
     free(sp->clamp), free(sp->value), free(sp->wdec), free(sp->sel);
     free(sp->hx), free(sp->ha), free(sp->hf), free(sp->hi);
     free(sp);
@@ -381,7 +381,7 @@ lp_status lp_sae_splice_add(lp_sae_splice **out, lp_model *m, lp_sae *s, const l
     if (!sp) LP_FAIL(LP_ERR_OOM, "out of memory");
     sp->m = m, sp->with_error = o->with_error, sp->n_clamp = o->n_clamp, sp->all_pos = !o->pos;
     sp->n_ctx = lp_model_config(m)->n_ctx;
-    lp_status st = lp_sae_runner_new(&sp->r, s, c, sp->n_ctx, 0, 0);
+    lp_status st = sae_runner_new(&sp->r, s, c, sp->n_ctx, 0, 0);
     if (st == LP_OK) st = splice_buffers(sp, s, c, o);
     lp_edit_spec e = {.fn = splice_edit, .user = sp};
     if (st == LP_OK) st = lp_hook_edit(m, s->cfg.hook_name, &e);

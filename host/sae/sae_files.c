@@ -156,7 +156,7 @@ static lp_status load_saelens(lp_sae **out, lp_ctx *ctx, const char *dir) {
     lp_st_file f = {0};
     int open = 0;
     if (!cfgp || !wp) LP_TRY(st, done, LP_ERR(LP_ERR_OOM, "out of host memory"));
-    LP_TRY(st, done, lp_jcfg_open(cfgp, &root));
+    LP_TRY(st, done, jcfg_open(cfgp, &root));
     lp_sae_cfg cfg;
     int batchtopk = 0;
     LP_TRY(st, done, parse_saelens_cfg(root, cfgp, &cfg, &batchtopk));
@@ -197,7 +197,7 @@ static lp_status load_sparsify(lp_sae **out, lp_ctx *ctx, const char *dir) {
     lp_st_file f = {0};
     int open = 0;
     if (!cfgp || !wp) LP_TRY(st, done, LP_ERR(LP_ERR_OOM, "out of host memory"));
-    LP_TRY(st, done, lp_jcfg_open(cfgp, &root));
+    LP_TRY(st, done, jcfg_open(cfgp, &root));
     lp_sae_cfg cfg = {.arch = LP_SAE_TOPK, .jumprelu_bandwidth = 0.05f, .normalize = "none"};
     int num_latents, expansion, transcode, signed_;
     LP_TRY(st, done, sae_json_int(root, "d_in", cfgp, 1, 0, &cfg.d_in));
@@ -236,7 +236,7 @@ static lp_status load_sparsify(lp_sae **out, lp_ctx *ctx, const char *dir) {
     char *parent_cfg = sae_join(dir, "../config.json");
     if (parent_cfg && sae_is_file(parent_cfg)) {
         cJSON *run = NULL;
-        if (lp_jcfg_open(parent_cfg, &run) == LP_OK) {
+        if (jcfg_open(parent_cfg, &run) == LP_OK) {
             const cJSON *mn = cJSON_GetObjectItemCaseSensitive(run, "model");
             if (cJSON_IsString(mn)) snprintf(cfg.model_name, sizeof cfg.model_name, "%s", mn->valuestring);
             const cJSON *cl = cJSON_GetObjectItemCaseSensitive(run, "ctx_len");

@@ -23,15 +23,15 @@ typedef struct sae_runner {
 
 /* Buffers for batches of up to N tokens; train adds the gradient buffers (and AuxK's,
  * with aux_k latents; 0: d_in / 2). */
-lp_status lp_sae_runner_new(sae_runner **r, lp_sae *s, lp_ctx *c, int N, int train, int aux_k);
-void lp_sae_runner_free(sae_runner *r);
+lp_status sae_runner_new(sae_runner **r, lp_sae *s, lp_ctx *c, int N, int train, int aux_k);
+void sae_runner_free(sae_runner *r);
 /* An inference runner for at least N tokens kept on the SAE (s->runner_cache; grown when a
  * call needs more, freed by lp_sae_free): do not free it. */
-lp_status lp_sae_runner_cached(lp_sae *s, lp_ctx *c, int N, sae_runner **r);
+lp_status sae_runner_cached(lp_sae *s, lp_ctx *c, int N, sae_runner **r);
 /* At least `bytes` of device scratch kept on the SAE (s->scratch). */
-lp_status lp_sae_scratch(lp_sae *s, lp_ctx *c, size_t bytes, void **out);
+lp_status sae_scratch(lp_sae *s, lp_ctx *c, size_t bytes, void **out);
 /* r->x holds n tokens: computes f (or idx/val) and x_hat. batch_thr: batchtopk takes this
  * batch's threshold (training) instead of the learned one. */
-lp_status lp_sae_runner_forward(sae_runner *r, int n, int batch_thr);
+lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr);
 
 #endif

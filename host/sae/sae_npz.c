@@ -44,7 +44,7 @@ static lp_status npy_parse(const char *path, const char *name, const unsigned ch
     char what[600];
     snprintf(what, sizeof what, "%s: entry '%s'", path, name);
     lp_npy h;
-    LP_CHECK(lp_npy_parse(p, n, what, &h));
+    LP_CHECK(npy_parse_buf(p, n, what, &h));
     static const struct { const char *np; lp_dtype dt; } types[] = {
         {"<f4", LP_F32}, {"<f8", LP_F64}, {"<f2", LP_F16}, {"|f4", LP_F32}};
     int dt = -1;
@@ -54,7 +54,7 @@ static lp_status npy_parse(const char *path, const char *name, const unsigned ch
     t->dtype = (lp_dtype)dt;
     t->ndim = h.ndim;
     memcpy(t->shape, h.shape, sizeof t->shape);
-    LP_CHECK(lp_npy_data_bytes(&h, lp_dtype_size(t->dtype), what, &t->nbytes));
+    LP_CHECK(npy_data_bytes(&h, lp_dtype_size(t->dtype), what, &t->nbytes));
     t->data = p + h.data_off;
     return LP_OK;
 }

@@ -24,23 +24,23 @@
 
 /* ---- the runner: buffers of one batch, shared by training and evaluation ---- */
 
-void lp_sae_runner_free(sae_runner *r) {
+void sae_runner_free(sae_runner *r) {
     if (!r) return;
     lp_ctx_release(r->c, r->mem);
     free(r);
 }
 
-lp_status lp_sae_runner_cached(lp_sae *s, lp_ctx *c, int N, sae_runner **out) {
+lp_status sae_runner_cached(lp_sae *s, lp_ctx *c, int N, sae_runner **out) {
     sae_runner *r = s->runner_cache;
     if (r && r->N >= N && r->c == c) return *out = r, LP_OK;
-    lp_sae_runner_free(r);
+    sae_runner_free(r);
     s->runner_cache = NULL, s->runner_cache_n = 0;
-    LP_CHECK(lp_sae_runner_new(&r, s, c, N, 0, 0));
+    LP_CHECK(sae_runner_new(&r, s, c, N, 0, 0));
     s->runner_cache = r, s->runner_cache_n = N;
     return *out = r, LP_OK;
 }
 
-lp_status lp_sae_scratch(lp_sae *s, lp_ctx *c, size_t bytes, void **out) {
+lp_status sae_scratch(lp_sae *s, lp_ctx *c, size_t bytes, void **out) {
     if (s->scratch && s->scratch_bytes >= bytes) return *out = s->scratch, LP_OK;
     lp_ctx_release(c, s->scratch);
     s->scratch = NULL, s->scratch_bytes = 0;
@@ -49,7 +49,7 @@ lp_status lp_sae_scratch(lp_sae *s, lp_ctx *c, size_t bytes, void **out) {
     return *out = s->scratch, LP_OK;
 }
 
-lp_status lp_sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int train, int aux_k) {
+lp_status sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int train, int aux_k) {
     *out = NULL;
     /* The runner hands the SAE's F32 buffers to the generic ops (matmul, affine, add), which
      * read them in the context's activation dtype: a BF16 context would misread every one. */
@@ -106,7 +106,7 @@ lp_status lp_sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int t
     if (st == LP_OK) st = lp_ctx_to_device(c, r->neg1, h, nn * 4);
     free(h);
     if (st != LP_OK) {
-        lp_sae_runner_free(r);
+        sae_runner_free(r);
         return st;
     }
     *out = r;
@@ -116,7 +116,7 @@ lp_status lp_sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int t
 /* f (dense) or idx/val (topk) and x_hat for x (and xin) of n tokens. batch_thr: for
  * batchtopk in training, the threshold comes from this batch (written to r->batch_t);
  * otherwise from the SAE's learned threshold. */
-lp_status lp_sae_runner_forward(sae_runner *r, int n, int batch_thr) {
+lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr) {
     lp_sae *s = r->s;
     lp_ctx *c = r->c;
     const lp_sae_cfg *cf = &s->cfg;

@@ -85,7 +85,7 @@ static double now_s(void) {
 static void trainer_free(trainer *tr) {
     lp_ctx *c = tr->c;
     sae_prefetch_free(tr); /* its thread reads the store: first */
-    lp_sae_runner_free(tr->r);
+    sae_runner_free(tr->r);
     lp_ctx_release(c, tr->grad);
     lp_ctx_release(c, tr->adam_m);
     lp_ctx_release(c, tr->adam_v);
@@ -159,7 +159,7 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     if (per < 1) per = 1;
     tr->W = per * tr->N;
     if (tr->W > INT32_MAX) LP_FAIL(LP_ERR_ARG, "train.shuffle_tokens %lld is too large", (long long)t->shuffle_tokens);
-    LP_CHECK(lp_sae_runner_new(&tr->r, tr->s, c, tr->N, 1, t->aux_k));
+    LP_CHECK(sae_runner_new(&tr->r, tr->s, c, tr->N, 1, t->aux_k));
     size_t nf = tr->s->n_floats;
     LP_CHECK(lp_ctx_alloc(c, nf * 4, (void **)&tr->grad));
     LP_CHECK(lp_ctx_alloc(c, nf * 4, (void **)&tr->adam_m));

@@ -141,7 +141,7 @@ static void window_perm(const trainer *tr, int64_t w, int32_t *perm) {
     uint64_t rng = tr->t->seed * 0x100000001B3ull + (uint64_t)w;
     for (int64_t i = 0; i < tr->W; i++) perm[i] = (int32_t)i;
     for (int64_t i = tr->W - 1; i > 0; i--) { /* Fisher-Yates */
-        int64_t j = (int64_t)(lp_rng_next(&rng) % (uint64_t)(i + 1));
+        int64_t j = (int64_t)(rng_next(&rng) % (uint64_t)(i + 1));
         int32_t tmp = perm[i];
         perm[i] = perm[j], perm[j] = tmp;
     }

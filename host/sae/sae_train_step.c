@@ -48,7 +48,7 @@ lp_status sae_init_params(trainer *tr) {
     for (size_t i = 0; st == LP_OK && i < S; i++) {
         double nrm = 0;
         for (size_t j = 0; j < Do; j++) {
-            double u = lp_rng_uniform(&rng);
+            double u = rng_uniform(&rng);
             wd[i * Do + j] = (float)((2 * u - 1) * bound);
             nrm += (double)wd[i * Do + j] * wd[i * Do + j];
         }
@@ -244,7 +244,7 @@ lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double 
     int N = tr->N, D = tr->D, Do = tr->Do, S = tr->S, K = r->K;
     const float *y = tr->transcoder ? r->y : r->x;
     LP_CHECK(lp_ctx_memset0(c, tr->grad, s->n_floats * 4));
-    LP_CHECK(lp_sae_runner_forward(r, N, 1));
+    LP_CHECK(sae_runner_forward(r, N, 1));
 
     /* reconstruction: mse = sum_d (x_hat - y)^2, mean over tokens; dL/dx_hat = 2 (x_hat - y) / N */
     double sums[4];

@@ -113,7 +113,7 @@ static lp_status check_resume(const char *dir, const char *fresh, int *keep) {
     snprintf(path, sizeof path, "%s/meta.json", dir);
     *keep = 0;
     int absent;
-    cJSON *old = lp_json_load(path, &absent);
+    cJSON *old = json_load(path, &absent);
     if (absent) return LP_OK; /* a new store */
     cJSON *now = cJSON_Parse(fresh);
     lp_status st = LP_OK;
@@ -297,7 +297,7 @@ lp_status lp_store_require_complete(const char *dir) {
     char path[4200];
     snprintf(path, sizeof path, "%s/meta.json", dir);
     int absent;
-    cJSON *j = lp_json_load(path, &absent);
+    cJSON *j = json_load(path, &absent);
     if (absent) return LP_OK; /* shards without meta.json: not written by loupe cache, nothing says incomplete */
     const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, "complete");
     int incomplete = cJSON_IsFalse(c);
@@ -365,7 +365,7 @@ lp_status lp_store_open(lp_store **out, const char *dir, const char *hook) {
     char path[1200];
     snprintf(path, sizeof path, "%s/meta.json", dir);
     int absent; /* meta.json is optional: it names the model the store came from */
-    cJSON *j = lp_json_load(path, &absent);
+    cJSON *j = json_load(path, &absent);
     const cJSON *mp = cJSON_GetObjectItemCaseSensitive(j, "model");
     if (cJSON_IsString(mp)) snprintf(s->model, sizeof s->model, "%s", mp->valuestring);
     cJSON_Delete(j);

@@ -33,7 +33,7 @@ enum { QB = 64 };
 static _Thread_local float *g_block;
 static _Thread_local size_t g_block_cap;
 
-LP_VEC void lp_cpu_attention(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
+LP_VEC void cpu_attention(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
                       int Hkv, int dh, const lp_attn_cfg *cfg) {
     // z, q are (B,T,H,dh); k, v are (B,T,Hkv,dh)
     const float scale = attn_scale(cfg, dh), cap = cfg->softcap;
@@ -43,7 +43,7 @@ LP_VEC void lp_cpu_attention(float *z, const float *q, const float *k, const flo
         g_block = malloc(need * sizeof(float));
         g_block_cap = g_block ? need : 0;
         if (!g_block) { /* out of memory: fall back to one row at a time on the stack */
-            lp_cpu_attention_rows_cfg(z, q, k, v, B, T, H, Hkv, dh, cfg);
+            cpu_attention_rows_cfg(z, q, k, v, B, T, H, Hkv, dh, cfg);
             return;
         }
     }
@@ -55,18 +55,18 @@ LP_VEC void lp_cpu_attention(float *z, const float *q, const float *k, const flo
             const float *vh = v + (size_t)b * T * ldk + g * dh;
             for (int q0 = 0; q0 < T; q0 += QB) {
                 // causal: no key after the block; windowed: none before the first row's window
-                const int rows = T - q0 < QB ? T - q0 : QB, k0 = lp_attn_first_key(cfg, q0), keys = q0 + rows - k0;
+                const int rows = T - q0 < QB ? T - q0 : QB, k0 = attn_first_key(cfg, q0), keys = q0 + rows - k0;
                 float *S = g_block;
                 // S (rows, keys) = Q_block K[k0 ..]^T * scale
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, dh, scale, qh + (size_t)q0 * ldq, ldq,
                             kh + (size_t)k0 * ldk, ldk, 0.0f, S, keys);
                 for (int i = 0; i < rows; i++) { /* cap, mask keys outside the row's window, softmax */
                     float *r = S + (size_t)i * keys;
-                    const int first = lp_attn_first_key(cfg, q0 + i) - k0, last = q0 + i - k0;
+                    const int first = attn_first_key(cfg, q0 + i) - k0, last = q0 + i - k0;
                     if (cap > 0)
                         for (int s = first; s <= last; s++) r[s] = softcap(r[s], cap);
-                    const float mx = lp_vmaxf(r + first, last + 1 - first);
-                    const float inv = (float)(1.0 / lp_vexp_sum(r + first, r + first, mx, last + 1 - first));
+                    const float mx = vmaxf(r + first, last + 1 - first);
+                    const float inv = (float)(1.0 / vexp_sum(r + first, r + first, mx, last + 1 - first));
                     for (int s = first; s <= last; s++) r[s] *= inv;
                     for (int s = 0; s < first; s++) r[s] = 0;
                     for (int s = last + 1; s < keys; s++) r[s] = 0;
@@ -78,13 +78,13 @@ LP_VEC void lp_cpu_attention(float *z, const float *q, const float *k, const flo
         }
 }
 
-void lp_cpu_attention_rows(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
+void cpu_attention_rows(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
                            int Hkv, int dh) {
     static const lp_attn_cfg plain = {0.0f, 0.0f, 0};
-    lp_cpu_attention_rows_cfg(z, q, k, v, B, T, H, Hkv, dh, &plain);
+    cpu_attention_rows_cfg(z, q, k, v, B, T, H, Hkv, dh, &plain);
 }
 
-void lp_cpu_attention_rows_cfg(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
+void cpu_attention_rows_cfg(float *z, const float *q, const float *k, const float *v, int B, int T, int H,
                                int Hkv, int dh, const lp_attn_cfg *cfg) {
     // the same, one query row at a time with a row of scores on the stack
     const float scale = attn_scale(cfg, dh);
@@ -92,7 +92,7 @@ void lp_cpu_attention_rows_cfg(float *z, const float *q, const float *k, const f
         for (int h = 0; h < H; h++) {
             float row[T > 0 ? T : 1];
             for (int t = 0; t < T; t++) {
-                const int first = lp_attn_first_key(cfg, t);
+                const int first = attn_first_key(cfg, t);
                 float mx = -INFINITY;
                 for (int s = first; s <= t; s++) {
                     row[s] = softcap(qk(q, k, b, t, s, h, T, H, Hkv, dh) * scale, cfg->softcap);
@@ -111,7 +111,7 @@ void lp_cpu_attention_rows_cfg(float *z, const float *q, const float *k, const f
         }
 }
 
-void lp_cpu_attn_scores(float *scores, const float *q, const float *k, int B, int T, int H, int Hkv,
+void cpu_attn_scores(float *scores, const float *q, const float *k, int B, int T, int H, int Hkv,
                         int dh, const lp_attn_cfg *cfg) {
     // scores is (B,H,T,T): scaled, capped, -inf outside the window (first .. t). Per head one
     // GEMM of all T x T products (the masked ones are overwritten).
@@ -124,7 +124,7 @@ void lp_cpu_attn_scores(float *scores, const float *q, const float *k, int B, in
                         k + (size_t)b * T * ldk + h / (H / Hkv) * dh, ldk, 0.0f, S, T);
             for (int t = 0; t < T; t++) {
                 float *row = S + (size_t)t * T;
-                const int first = lp_attn_first_key(cfg, t);
+                const int first = attn_first_key(cfg, t);
                 for (int s = 0; s < first; s++) row[s] = -INFINITY;
                 if (cfg->softcap > 0)
                     for (int s = first; s <= t; s++) row[s] = softcap(row[s], cfg->softcap);
@@ -133,22 +133,22 @@ void lp_cpu_attn_scores(float *scores, const float *q, const float *k, int B, in
         }
 }
 
-LP_VEC void lp_cpu_softmax_rows(float *out, const float *x, size_t rows, int cols) {
+LP_VEC void cpu_softmax_rows(float *out, const float *x, size_t rows, int cols) {
     for (size_t r = 0; r < rows; r++) {
         const float *xr = x + r * cols;
         float *o = out + r * cols;
-        float mx = lp_vmaxf(xr, cols);
+        float mx = vmaxf(xr, cols);
         if (mx == -INFINITY) { /* fully masked row: nothing to attend to */
             for (int i = 0; i < cols; i++) o[i] = 0;
             continue;
         }
-        double sum = lp_vexp_sum(o, xr, mx, cols);
+        double sum = vexp_sum(o, xr, mx, cols);
         float inv = (float)(1.0 / sum);
         for (int i = 0; i < cols; i++) o[i] *= inv;
     }
 }
 
-void lp_cpu_attn_apply(float *z, const float *pattern, const float *v, int B, int T, int H, int Hkv,
+void cpu_attn_apply(float *z, const float *pattern, const float *v, int B, int T, int H, int Hkv,
                        int dh) {
     // z is (B,T,H,dh); pattern is (B,H,T,T); v is (B,T,Hkv,dh). Keys after t have weight 0
     // in an unedited pattern; an edited one is applied as given, over all keys: per head

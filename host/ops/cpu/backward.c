@@ -19,7 +19,7 @@
 
 /* ---- normalization ---- */
 
-void lp_cpu_ln_backward(float *dx, const float *dy, const float *x, const float *scale, const float *w, int N,
+void cpu_ln_backward(float *dx, const float *dy, const float *x, const float *scale, const float *w, int N,
                         int D) {
     // dx, dy, x are (N,D); scale is (N,); w is (D,) or NULL. The forward was
     //   y = xh * w + b,  xh = (x - mean) / s,  s = scale = sqrt(mean((x - mean)^2) + eps),
@@ -45,7 +45,7 @@ void lp_cpu_ln_backward(float *dx, const float *dy, const float *x, const float 
     }
 }
 
-void lp_cpu_rms_backward(float *dx, const float *dy, const float *x, const float *scale, const float *w, int N,
+void cpu_rms_backward(float *dx, const float *dy, const float *x, const float *scale, const float *w, int N,
                          int D) {
     // dx, dy, x are (N,D); scale is (N,); w is (D,) or NULL. The forward was
     //   y = xh * w,  xh = x / s,  s = scale = sqrt(mean(x^2) + eps),
@@ -66,7 +66,7 @@ void lp_cpu_rms_backward(float *dx, const float *dy, const float *x, const float
 
 /* ---- element-wise ---- */
 
-LP_VEC void lp_cpu_gelu_backward(float *dx, const float *dy, const float *x, size_t n) {
+LP_VEC void cpu_gelu_backward(float *dx, const float *dy, const float *x, size_t n) {
     // gelu(x) = 0.5 x (1 + tanh(u)), u = s (x + a x^3), s = sqrt(2/pi), a = 0.044715:
     //   gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) s (1 + 3 a x^2)
     //            = sig(2u) (1 + 2 x sig(-2u) s (1 + 3 a x^2)),   sig(z) = 1 / (1 + exp(-z)),
@@ -75,40 +75,40 @@ LP_VEC void lp_cpu_gelu_backward(float *dx, const float *dy, const float *x, siz
     const double s = 0.7978845608028654, a = 0.044715;
     for (size_t i = 0; i < n; i++) {
         double v = x[i], u = s * (v + a * v * v * v);
-        double sp = 1 / (1 + lp_vexpd(-2 * u)), sm = 1 / (1 + lp_vexpd(2 * u));
+        double sp = 1 / (1 + vexpd(-2 * u)), sm = 1 / (1 + vexpd(2 * u));
         dx[i] = (float)(dy[i] * sp * (1 + 2 * v * sm * s * (1 + 3 * a * v * v))); /* dx may alias dy */
     }
 }
 
-LP_VEC void lp_cpu_silu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
+LP_VEC void cpu_silu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
                               size_t n) {
     // y = silu(g) * u, silu(g) = g sig(g), sig(g) = 1 / (1 + exp(-g)):
     //   dgate = dy * u * sig(g) (1 + g sig(-g)),  dup = dy * g sig(g)
     // (sig(-g) rather than 1 - sig(g): exact for large g too.)
     for (size_t i = 0; i < n; i++) {
         double g = gate[i], u = up[i], d = dy[i]; /* all read first: outputs may alias inputs */
-        double sp = 1 / (1 + lp_vexpd(-g)), sm = 1 / (1 + lp_vexpd(g));
+        double sp = 1 / (1 + vexpd(-g)), sm = 1 / (1 + vexpd(g));
         dgate[i] = (float)(d * u * sp * (1 + g * sm));
         dup[i] = (float)(d * g * sp);
     }
 }
 
-LP_VEC void lp_cpu_gelu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
+LP_VEC void cpu_gelu_mul_backward(float *dgate, float *dup, const float *dy, const float *gate, const float *up,
                               size_t n) {
     // y = gelu(g) * u (the tanh form): dgate = dy * u * gelu'(g), dup = dy * gelu(g), with
-    // gelu'(g) in its sigmoid form as lp_cpu_gelu_backward and gelu(g) = g sig(2 v),
+    // gelu'(g) in its sigmoid form as cpu_gelu_backward and gelu(g) = g sig(2 v),
     // v = s (g + a g^3) (0.5 (1 + tanh v) = sig(2 v)). In double.
     const double s = 0.7978845608028654, a = 0.044715;
     for (size_t i = 0; i < n; i++) {
         double g = gate[i], u = up[i], d = dy[i]; /* all read first: outputs may alias inputs */
         double v = s * (g + a * g * g * g);
-        double sp = 1 / (1 + lp_vexpd(-2 * v)), sm = 1 / (1 + lp_vexpd(2 * v));
+        double sp = 1 / (1 + vexpd(-2 * v)), sm = 1 / (1 + vexpd(2 * v));
         dgate[i] = (float)(d * u * sp * (1 + 2 * g * sm * s * (1 + 3 * a * g * g)));
         dup[i] = (float)(d * g * sp);
     }
 }
 
-void lp_cpu_softcap_backward(float *dx, const float *dy, const float *y, float cap, size_t n) {
+void cpu_softcap_backward(float *dx, const float *dy, const float *y, float cap, size_t n) {
     // y = cap tanh(x / cap): dy/dx = 1 - tanh^2 = 1 - (y / cap)^2, from the saved output. dx may alias dy.
     for (size_t i = 0; i < n; i++) {
         double r = (double)y[i] / cap;
@@ -116,7 +116,7 @@ void lp_cpu_softcap_backward(float *dx, const float *dy, const float *y, float c
     }
 }
 
-void lp_cpu_rope_backward(float *dx, const float *dy, const float *cos_t, const float *sin_t, int B, int T,
+void cpu_rope_backward(float *dx, const float *dy, const float *cos_t, const float *sin_t, int B, int T,
                           int H, int dh, int pos0) {
     // The forward rotated each pair (x1, x2) = (x[i], x[i + dh/2]) by the angle a:
     //   y1 = x1 c - x2 s,  y2 = x2 c + x1 s;  its transpose rotates by -a:
@@ -138,7 +138,7 @@ void lp_cpu_rope_backward(float *dx, const float *dy, const float *cos_t, const 
 
 /* ---- attention ---- */
 
-void lp_cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz, const float *q, const float *k,
+void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz, const float *q, const float *k,
                                const float *v, int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
     // dq, dz, q are (B,T,H,dh); dk, dv, k, v are (B,T,Hkv,dh). Query head h reads kv head
     // g = h / (H/Hkv). The forward, per query row t of head h, with c the scale (1/sqrt(dh)
@@ -149,7 +149,7 @@ void lp_cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz,
     //   ds_j = p_j (dp_j - D);  dr_j = ds_j (1 - (s_j / cap)^2) (dr_j = ds_j without a cap);
     //   dq_t = c sum_j dr_j k_j;  dk_j += c dr_j q_t;  dv_j += p_j dz_t.
     // One query row at a time: its probabilities (and the cap's derivatives) are recomputed
-    // into rows of T floats on the stack, like lp_cpu_attention_rows.
+    // into rows of T floats on the stack, like cpu_attention_rows.
     const double scale = cfg->scale > 0 ? (double)cfg->scale : 1.0 / sqrt((double)dh), cap = cfg->softcap;
     const int group = H / Hkv;
     const size_t nkv = (size_t)B * T * Hkv * dh;
@@ -168,7 +168,7 @@ void lp_cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz,
                 float *dvb = dv + ((size_t)b * T * Hkv + h / group) * dh;
                 const size_t stride = (size_t)Hkv * dh; /* between consecutive keys */
                 // p = softmax of the scores of keys first..t
-                const int first = lp_attn_first_key(cfg, t);
+                const int first = attn_first_key(cfg, t);
                 double mx = -INFINITY, sum = 0;
                 for (int j = first; j <= t; j++) {
                     double s = 0;
@@ -206,7 +206,7 @@ void lp_cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz,
             }
 }
 
-/* The scalar form of lp_cpu_attn_apply_backward, for when its double scratch cannot be had. */
+/* The scalar form of cpu_attn_apply_backward, for when its double scratch cannot be had. */
 static void attn_apply_backward_rows(float *dpattern, float *dv, const float *dz, const float *pattern, const float *v,
                                      int B, int T, int H, int Hkv, int dh) {
     // dpattern, pattern are (B,H,T,T); dz is (B,T,H,dh); dv, v are (B,T,Hkv,dh). The forward
@@ -243,7 +243,7 @@ static void attn_apply_backward_rows(float *dpattern, float *dv, const float *dz
             }
 }
 
-void lp_cpu_softmax_rows_backward(float *dx, const float *dy, const float *y, size_t rows, int cols) {
+void cpu_softmax_rows_backward(float *dx, const float *dy, const float *y, size_t rows, int cols) {
     // y = softmax(x) per row: dx = y * (dy - sum_j dy_j y_j). Entries with y = 0 (masked keys,
     // a fully masked row) get dx = 0 and their dy is never read into the sum, so a
     // non-finite gradient there does not spread. dx may alias dy.
@@ -264,7 +264,7 @@ static inline double raw_grad(const float *dscores, const float *scores, double 
     return dscores[i] * (1 - r * r);
 }
 
-/* The scalar form of lp_cpu_attn_scores_backward, for when its double scratch cannot be had. */
+/* The scalar form of cpu_attn_scores_backward, for when its double scratch cannot be had. */
 static void attn_scores_backward_rows(float *dq, float *dk, const float *dscores, const float *scores, const float *q,
                                       const float *k, int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
     // dscores, scores are (B,H,T,T); dq, q are (B,T,H,dh); dk, k are (B,T,Hkv,dh). The forward
@@ -282,7 +282,7 @@ static void attn_scores_backward_rows(float *dq, float *dk, const float *dscores
             for (int t = 0; t < T; t++) {
                 const size_t row = (((size_t)b * H + h) * T + t) * T;
                 for (int d = 0; d < dh; d++) acc[d] = 0;
-                for (int j = lp_attn_first_key(cfg, t); j <= t; j++) {
+                for (int j = attn_first_key(cfg, t); j <= t; j++) {
                     const float *kr = k + (((size_t)b * T + j) * Hkv + h / group) * dh;
                     const double gs = raw_grad(dscores, scores, cap, row + j);
                     for (int d = 0; d < dh; d++) acc[d] += gs * kr[d];
@@ -322,7 +322,7 @@ static void head_out(float *dst, const double *src, double c, int b, int T, int 
     }
 }
 
-void lp_cpu_attn_apply_backward(float *dpattern, float *dv, const float *dz, const float *pattern, const float *v,
+void cpu_attn_apply_backward(float *dpattern, float *dv, const float *dz, const float *pattern, const float *v,
                                 int B, int T, int H, int Hkv, int dh) {
     // as attn_apply_backward_rows, per head: dpattern_h = dz_h v_g^T and dv_g = sum_h pattern_h^T dz_h
     const int group = H / Hkv;
@@ -350,7 +350,7 @@ void lp_cpu_attn_apply_backward(float *dpattern, float *dv, const float *dz, con
     free(buf);
 }
 
-void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, const float *scores, const float *q,
+void cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, const float *scores, const float *q,
                                  const float *k, int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
     // as attn_scores_backward_rows, per head with dr zero outside each row's window:
     //   dq_h = c dr_h k_g;  dk_g = c sum_h dr_h^T q_h
@@ -371,7 +371,7 @@ void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, con
                 const size_t row0 = ((size_t)b * H + h) * tt;
                 for (int t = 0; t < T; t++) { /* the masked entries are never read */
                     double *r = dr + (size_t)t * T;
-                    const int first = lp_attn_first_key(cfg, t);
+                    const int first = attn_first_key(cfg, t);
                     for (int j = 0; j < T; j++) r[j] = j >= first && j <= t ? raw_grad(dscores, scores, cap, row0 + (size_t)t * T + j) : 0.0;
                 }
                 head_in(qd, q, b, T, H, h, dh);
@@ -386,7 +386,7 @@ void lp_cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, con
 
 /* ---- loss ---- */
 
-void lp_cpu_xent_backward(float *dlogits, const float *logits, const int32_t *targets, const float *scale, int N,
+void cpu_xent_backward(float *dlogits, const float *logits, const int32_t *targets, const float *scale, int N,
                           int V) {
     // The forward: loss[n] = logsumexp(logits[n,:]) - logits[n, target[n]]. Its gradient,
     // weighted by scale[n]: dlogits[n,:] = scale[n] * (softmax(logits[n,:]) - onehot(target[n])).
@@ -409,7 +409,7 @@ void lp_cpu_xent_backward(float *dlogits, const float *logits, const int32_t *ta
     }
 }
 
-void lp_cpu_norm_scale_grad(float *dscale, const float *dy, const float *x, const float *scale, const float *w, int N, int D,
+void cpu_norm_scale_grad(float *dscale, const float *dy, const float *x, const float *scale, const float *w, int N, int D,
                             int center) {
     /* dscale = d/dscale of sum(dy * xh * w) with xh = (x - mean) / scale, x fixed */
     for (int n = 0; n < N; n++) {

@@ -170,7 +170,7 @@ static void dq_q6_k(float *y, const uint8_t *b, int64_t nb) {
     }
 }
 
-void lp_cpu_dequant(float *dst, const void *src, int type, int64_t n) {
+void cpu_dequant(float *dst, const void *src, int type, int64_t n) {
     const uint8_t *x = src;
     switch (type) {
     case LP_GGML_F32: memcpy(dst, src, (size_t)n * sizeof(float)); break;

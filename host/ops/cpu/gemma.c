@@ -7,19 +7,19 @@
 #include "ops/cpu/vmath.h"
 #include "ops/ops_internal.h"
 
-LP_VEC void lp_cpu_gelu_mul(float *out, const float *gate, const float *up, size_t n) {
-    // gelu_tanh(g) * u, gelu_tanh exactly as lp_cpu_gelu writes it
+LP_VEC void cpu_gelu_mul(float *out, const float *gate, const float *up, size_t n) {
+    // gelu_tanh(g) * u, gelu_tanh exactly as cpu_gelu writes it
     const float s2 = 2 * 0.7978845608028654f; /* 2 sqrt(2/pi) */
     for (size_t i = 0; i < n; i++) {
         float g = gate[i], u = up[i];
-        out[i] = g * lp_vsigmoidf(s2 * (g + 0.044715f * g * g * g)) * u;
+        out[i] = g * vsigmoidf(s2 * (g + 0.044715f * g * g * g)) * u;
     }
 }
 
-void lp_cpu_softcap(float *out, const float *x, float cap, size_t n) {
+void cpu_softcap(float *out, const float *x, float cap, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = cap * tanhf(x[i] / cap);
 }
 
-void lp_cpu_scale(float *out, const float *x, float s, size_t n) {
+void cpu_scale(float *out, const float *x, float s, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = x[i] * s;
 }

@@ -10,7 +10,7 @@ static inline size_t view_off(lp_view v, int P, int b, int p, int h) {
     return v.head_outer ? (((size_t)b * v.H + h) * P + p) * v.E : (((size_t)b * P + p) * v.H + h) * v.E;
 }
 
-void lp_cpu_edit_apply(float *act, lp_view v, lp_edit_kind kind, const float *src, float coef,
+void cpu_edit_apply(float *act, lp_view v, lp_edit_kind kind, const float *src, float coef,
                        const uint8_t *pos_mask, const uint8_t *head_mask) {
     for (int b = 0; b < v.B; b++)
         for (int p = 0; p < v.P; p++) {
@@ -31,7 +31,7 @@ void lp_cpu_edit_apply(float *act, lp_view v, lp_edit_kind kind, const float *sr
         }
 }
 
-void lp_cpu_gather_pos(float *dst, const float *act, lp_view v, const int32_t *pos, int npos) {
+void cpu_gather_pos(float *dst, const float *act, lp_view v, const int32_t *pos, int npos) {
     for (int b = 0; b < v.B; b++)
         for (int i = 0; i < npos; i++)
             for (int h = 0; h < v.H; h++)

@@ -4,7 +4,7 @@
 
 #include "ops/ops_internal.h"
 
-void lp_cpu_ln_scale(float *scale, const float *x, int N, int D, float eps) {
+void cpu_ln_scale(float *scale, const float *x, int N, int D, float eps) {
     // x is (N,D); scale is (N,). Two passes in double: exact enough for rows with a large mean.
     for (int n = 0; n < N; n++) {
         const float *r = x + (size_t)n * D;
@@ -16,7 +16,7 @@ void lp_cpu_ln_scale(float *scale, const float *x, int N, int D, float eps) {
     }
 }
 
-void lp_cpu_ln_apply(float *out, const float *x, const float *scale, const float *w, const float *b,
+void cpu_ln_apply(float *out, const float *x, const float *scale, const float *w, const float *b,
                      int N, int D) {
     // out, x are (N,D); scale is (N,); w, b are (D,) or NULL (normalize only)
     for (int n = 0; n < N; n++) {

@@ -7,7 +7,7 @@
 #include "ops/cpu/vmath.h"
 #include "ops/ops_internal.h"
 
-void lp_cpu_rms_scale(float *scale, const float *x, int N, int D, float eps) {
+void cpu_rms_scale(float *scale, const float *x, int N, int D, float eps) {
     // x is (N,D); scale is (N,) = sqrt(mean(x^2) + eps)
     for (int n = 0; n < N; n++) {
         const float *r = x + (size_t)n * D;
@@ -17,7 +17,7 @@ void lp_cpu_rms_scale(float *scale, const float *x, int N, int D, float eps) {
     }
 }
 
-void lp_cpu_rms_apply(float *out, const float *x, const float *scale, const float *w, int N, int D) {
+void cpu_rms_apply(float *out, const float *x, const float *scale, const float *w, int N, int D) {
     // out, x are (N,D); scale is (N,); w is (D,) or NULL (normalize only). out may alias x.
     for (int n = 0; n < N; n++) {
         const float *r = x + (size_t)n * D;
@@ -29,7 +29,7 @@ void lp_cpu_rms_apply(float *out, const float *x, const float *scale, const floa
     }
 }
 
-void lp_cpu_rope(float *out, const float *x, const float *cos_t, const float *sin_t, int B, int T, int H,
+void cpu_rope(float *out, const float *x, const float *cos_t, const float *sin_t, int B, int T, int H,
                  int dh, int pos0) {
     // out, x are (B,T,H,dh); cos_t, sin_t are (n_pos, dh/2). Both halves of a pair are read
     // before either is written, so out may alias x.
@@ -48,19 +48,19 @@ void lp_cpu_rope(float *out, const float *x, const float *cos_t, const float *si
         }
 }
 
-LP_VEC void lp_cpu_silu_mul(float *out, const float *gate, const float *up, size_t n) {
+LP_VEC void cpu_silu_mul(float *out, const float *gate, const float *up, size_t n) {
     // out may alias gate or up: each element is read before it is written
     for (size_t i = 0; i < n; i++) {
         float g = gate[i];
-        out[i] = g / (1.0f + lp_vexpf(-g)) * up[i];
+        out[i] = g / (1.0f + vexpf(-g)) * up[i];
     }
 }
 
-void lp_cpu_attention_cached(float *z, const float *q, const float *kc, const float *vc, int B, int Tq,
+void cpu_attention_cached(float *z, const float *q, const float *kc, const float *vc, int B, int Tq,
                              int Tcap, int pos0, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
     // z, q are (B,Tq,H,dh); kc, vc are (B,Tcap,Hkv,dh) caches. Query i sits at position
     // pos0 + i and attends keys first .. pos0 + i (first = 0, or the start of cfg's window),
-    // with the scores scaled and capped as lp_cpu_attention does. One pass over the keys per query with a
+    // with the scores scaled and capped as cpu_attention does. One pass over the keys per query with a
     // running max and sum (online softmax): no score row is stored, so nothing is allocated
     // and a decode step (Tq = 1) costs O(pos0 * dh) per head. The running accumulator is
     // at most 256 floats (dh <= 256, checked by the dispatch) on the stack.
@@ -74,7 +74,7 @@ void lp_cpu_attention_cached(float *z, const float *q, const float *kc, const fl
                 float acc[dh];
                 float m = -INFINITY, l = 0;
                 for (int d = 0; d < dh; d++) acc[d] = 0;
-                for (int s = lp_attn_first_key(cfg, pos0 + i); s <= pos0 + i; s++) {
+                for (int s = attn_first_key(cfg, pos0 + i); s <= pos0 + i; s++) {
                     const float *kr = kc + (((size_t)b * Tcap + s) * Hkv + h / group) * dh;
                     const float *vr = vc + (((size_t)b * Tcap + s) * Hkv + h / group) * dh;
                     float sc = 0;

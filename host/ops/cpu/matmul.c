@@ -5,7 +5,7 @@
 
 #include "ops/ops_internal.h"
 
-void lp_cpu_matmul(float *out, const float *x, const float *w, const float *bias, int N, int K, int M,
+void cpu_matmul(float *out, const float *x, const float *w, const float *bias, int N, int K, int M,
                    int w_trans) {
     // out is (N,M); x is (N,K); w is (K,M), or (M,K) when w_trans; bias is (M,) or NULL
     if (bias)

@@ -23,13 +23,13 @@ static void *run_range(void *p) {
     return NULL;
 }
 
-int lp_cpu_threads(void) {
+int cpu_threads(void) {
     int t = openblas_get_num_threads();
     return t < 1 ? 1 : t > MAX_THREADS ? MAX_THREADS : t;
 }
 
-void lp_cpu_parallel_for(size_t n, size_t min_per_thread, void (*fn)(void *arg, size_t i0, size_t i1), void *arg) {
-    size_t nt = (size_t)lp_cpu_threads();
+void cpu_parallel_for(size_t n, size_t min_per_thread, void (*fn)(void *arg, size_t i0, size_t i1), void *arg) {
+    size_t nt = (size_t)cpu_threads();
     if (min_per_thread < 1) min_per_thread = 1;
     if (nt > n / min_per_thread) nt = n / min_per_thread;
     if (nt <= 1) {

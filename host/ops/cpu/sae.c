@@ -25,12 +25,12 @@ enum { COLS = 256 }; /* columns per block of a column reduction */
 
 /* ---- weight gradients ---- */
 
-void lp_cpu_matmul_at(float *out, const float *a, const float *b, int N, int K, int M, float beta) {
+void cpu_matmul_at(float *out, const float *a, const float *b, int N, int K, int M, float beta) {
     // out is (K,M); a is (N,K); b is (N,M). With beta = 0, out is never read (BLAS contract).
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, K, M, N, 1.0f, a, K, b, M, beta, out, M);
 }
 
-void lp_cpu_col_sum(float *out, const float *x, int N, int M, float beta) {
+void cpu_col_sum(float *out, const float *x, int N, int M, float beta) {
     // out is (M,); x is (N,M)
     for (int m0 = 0; m0 < M; m0 += COLS) {
         const int nc = M - m0 < COLS ? M - m0 : COLS;
@@ -122,16 +122,16 @@ static void topk_rows(void *p, size_t n0, size_t n1) {
         topk_row(a->idx + n * a->K, a->val + n * a->K, a->pre + n * a->S, a->S, a->K);
 }
 
-void lp_cpu_sae_topk(int32_t *idx, float *val, const float *pre, int N, int S, int K) {
+void cpu_sae_topk(int32_t *idx, float *val, const float *pre, int N, int S, int K) {
     // idx, val are (N,K); pre is (N,S); 1 <= K <= S
     topk_args a = {idx, val, pre, S, K};
-    lp_cpu_parallel_for((size_t)N, 16, topk_rows, &a);
+    cpu_parallel_for((size_t)N, 16, topk_rows, &a);
 }
 
 /* The (count+1)-th largest of relu(pre) (see host/ops/sae_ops.c for the contract), by radix
  * selection over the bits of the positive entries, whose unsigned order is their float
  * order: four passes of an 8-bit histogram, each narrowing the prefix of the answer. */
-float lp_cpu_sae_kth_largest(const float *pre, size_t n, size_t count) {
+float cpu_sae_kth_largest(const float *pre, size_t n, size_t count) {
     if (count >= n) return 0.0f;
     size_t r = count + 1; /* rank from the top among the candidates still in play */
     uint32_t prefix = 0, mask = 0;
@@ -216,11 +216,11 @@ static void decode_rows(void *p, size_t n0, size_t n1) {
     }
 }
 
-void lp_cpu_sae_decode_sparse(float *out, const int32_t *idx, const float *val, const float *W,
+void cpu_sae_decode_sparse(float *out, const int32_t *idx, const float *val, const float *W,
                               const float *bias, int N, int K, int D) {
     // out is (N,D); idx, val are (N,K); W is (S,D); bias is (D,) or NULL
     decode_args a = {out, idx, val, W, bias, K, D};
-    lp_cpu_parallel_for((size_t)N, 16, decode_rows, &a);
+    cpu_parallel_for((size_t)N, 16, decode_rows, &a);
 }
 
 /* sum_d a[d] b[d] in double, in four interleaved partial sums (the compiler may keep them
@@ -260,15 +260,15 @@ static void dW_dec_rows(void *p, size_t s0, size_t s1) {
     }
 }
 
-void lp_cpu_sae_decode_sparse_grad(float *dval, float *dW, const float *dout, const int32_t *idx,
+void cpu_sae_decode_sparse_grad(float *dval, float *dW, const float *dout, const int32_t *idx,
                                    const float *val, const float *W, int N, int K, int D) {
     // dval, idx, val are (N,K); dW, W are (S,D); dout is (N,D)
     sparse_grad_args a = {.dval = dval, .dW = dW, .dout = dout, .val = val, .W = W, .idx = idx, .K = K, .D = D};
-    lp_cpu_parallel_for((size_t)N, 16, dval_rows, &a);
+    cpu_parallel_for((size_t)N, 16, dval_rows, &a);
     const size_t NK = (size_t)N * K;
     const int S = latent_span(idx, NK);
     if (latent_lists_build(&a.l, idx, NK, S)) {
-        lp_cpu_parallel_for((size_t)S, 64, dW_dec_rows, &a);
+        cpu_parallel_for((size_t)S, 64, dW_dec_rows, &a);
         latent_lists_free(&a.l);
         return;
     }
@@ -328,7 +328,7 @@ static void dW_enc_tiles(void *p, size_t t0, size_t t1) {
     dW_enc_cols(p, t0 * TILE, s1);
 }
 
-void lp_cpu_sae_encode_sparse_grad(float *dW_enc, float *db_enc, const float *x, const int32_t *idx,
+void cpu_sae_encode_sparse_grad(float *dW_enc, float *db_enc, const float *x, const int32_t *idx,
                                    const float *dpre, int N, int K, int D, int S) {
     // dW_enc is (D,S); db_enc is (S,); x is (N,D); idx, dpre are (N,K)
     /* latent-major: each column of dW_enc takes its tokens' x rows scaled by dpre, in
@@ -336,7 +336,7 @@ void lp_cpu_sae_encode_sparse_grad(float *dW_enc, float *db_enc, const float *x,
     sparse_grad_args a = {.dW = dW_enc, .db = db_enc, .dout = dpre, .x = x, .K = K, .D = D, .S = S};
     const size_t NK = (size_t)N * K;
     if (latent_lists_build(&a.l, idx, NK, S)) {
-        lp_cpu_parallel_for((size_t)(S + TILE - 1) / TILE, 4, dW_enc_tiles, &a);
+        cpu_parallel_for((size_t)(S + TILE - 1) / TILE, 4, dW_enc_tiles, &a);
         latent_lists_free(&a.l);
         return;
     }
@@ -352,7 +352,7 @@ void lp_cpu_sae_encode_sparse_grad(float *dW_enc, float *db_enc, const float *x,
     }
 }
 
-void lp_cpu_sae_encode_sparse_input_grad(float *dx, const float *dpre, const int32_t *idx, const float *W_enc,
+void cpu_sae_encode_sparse_input_grad(float *dx, const float *dpre, const int32_t *idx, const float *W_enc,
                                          int N, int K, int D, int S) {
     // dx is (N,D); dpre, idx are (N,K); W_enc is (D,S)
     for (int n = 0; n < N; n++)
@@ -366,15 +366,15 @@ void lp_cpu_sae_encode_sparse_input_grad(float *dx, const float *dpre, const int
 
 /* ---- activations ---- */
 
-void lp_cpu_sae_scale(float *x, float alpha, size_t n) {
+void cpu_sae_scale(float *x, float alpha, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] *= alpha;
 }
 
-void lp_cpu_sae_relu(float *f, const float *pre, size_t n) {
+void cpu_sae_relu(float *f, const float *pre, size_t n) {
     for (size_t i = 0; i < n; i++) f[i] = relu(pre[i]);
 }
 
-void lp_cpu_sae_jumprelu(float *f, const float *pre, const float *theta, int N, int S) {
+void cpu_sae_jumprelu(float *f, const float *pre, const float *theta, int N, int S) {
     // f, pre are (N,S); theta is (S,)
     for (int n = 0; n < N; n++)
         for (int s = 0; s < S; s++) {
@@ -383,7 +383,7 @@ void lp_cpu_sae_jumprelu(float *f, const float *pre, const float *theta, int N, 
         }
 }
 
-void lp_cpu_sae_relu_grad(float *dpre, const float *df, const float *pre, size_t n) {
+void cpu_sae_relu_grad(float *dpre, const float *df, const float *pre, size_t n) {
     for (size_t i = 0; i < n; i++) dpre[i] = pre[i] > 0.0f ? df[i] : 0.0f;
 }
 
@@ -391,7 +391,7 @@ void lp_cpu_sae_relu_grad(float *dpre, const float *df, const float *pre, size_t
  * exactly as the CUDA kernel evaluates it, so both agree at the window's edges. */
 static inline int in_window(float pre, float theta, float eps) { return fabsf((pre - theta) / eps) < 0.5f; }
 
-void lp_cpu_sae_jumprelu_grad(float *dpre, float *dtheta, const float *df, const float *pre,
+void cpu_sae_jumprelu_grad(float *dpre, float *dtheta, const float *df, const float *pre,
                               const float *theta, float eps, float l0_coef, int N, int S) {
     // dpre, df, pre are (N,S); dtheta, theta are (S,). dpre may alias df.
     for (int s0 = 0; s0 < S; s0 += COLS) {
@@ -437,11 +437,11 @@ static void adam_range(void *q, size_t i0, size_t i1) {
 /* Dense: with momentum every parameter moves every step, even where this step's gradient
  * is zero (an inactive latent's encoder column still follows m / sqrt(v)), so skipping
  * them would change the result. Element-wise, so any split gives the same bits. */
-void lp_cpu_adam_step(float *p, const float *g, float *m, float *v, size_t n, float lr, float b1,
+void cpu_adam_step(float *p, const float *g, float *m, float *v, size_t n, float lr, float b1,
                       float b2, float eps, int t) {
     /* The bias corrections in double, rounded once; the CUDA kernel gets the same floats. */
     adam_args a = {p, m, v, g, lr, b1, b2, eps, (float)(1.0 - pow((double)b1, t)), (float)(1.0 - pow((double)b2, t))};
-    lp_cpu_parallel_for(n, 1 << 16, adam_range, &a);
+    cpu_parallel_for(n, 1 << 16, adam_range, &a);
 }
 
 static double row_dot(const float *a, const float *b, int D) {
@@ -477,26 +477,26 @@ static void norm_rows(void *p, size_t s0, size_t s1) {
     for (size_t s = s0; s < s1; s++) a->out[s] = (float)sqrt(row_dot(a->W + s * a->D, a->W + s * a->D, a->D));
 }
 
-void lp_cpu_rows_unit_norm(float *W, int S, int D) {
+void cpu_rows_unit_norm(float *W, int S, int D) {
     // W is (S,D)
     rows_args a = {.Wm = W, .D = D};
-    lp_cpu_parallel_for((size_t)S, 256, unit_norm_rows, &a);
+    cpu_parallel_for((size_t)S, 256, unit_norm_rows, &a);
 }
 
-void lp_cpu_rows_remove_parallel(float *dW, const float *W, int S, int D) {
+void cpu_rows_remove_parallel(float *dW, const float *W, int S, int D) {
     // dW, W are (S,D); the rows of W are unit vectors (the caller's promise)
     rows_args a = {.dW = dW, .W = W, .D = D};
-    lp_cpu_parallel_for((size_t)S, 256, remove_parallel_rows, &a);
+    cpu_parallel_for((size_t)S, 256, remove_parallel_rows, &a);
 }
 
-void lp_cpu_rows_norm(float *out, const float *W, int S, int D) {
+void cpu_rows_norm(float *out, const float *W, int S, int D) {
     rows_args a = {.out = out, .W = W, .D = D};
-    lp_cpu_parallel_for((size_t)S, 256, norm_rows, &a);
+    cpu_parallel_for((size_t)S, 256, norm_rows, &a);
 }
 
 /* ---- metrics ---- */
 
-void lp_cpu_sae_recon_sums(double sums[4], const float *x, const float *x_hat, int N, int D) {
+void cpu_sae_recon_sums(double sums[4], const float *x, const float *x_hat, int N, int D) {
     // x, x_hat are (N,D)
     double se = 0, cos_sum = 0, ratio_sum = 0, var = 0;
     for (int n = 0; n < N; n++) {
@@ -531,7 +531,7 @@ void lp_cpu_sae_recon_sums(double sums[4], const float *x, const float *x_hat, i
     sums[3] = ratio_sum;
 }
 
-void lp_cpu_sae_fire_counts(int64_t *counts, const int32_t *idx, const float *val, const float *f,
+void cpu_sae_fire_counts(int64_t *counts, const int32_t *idx, const float *val, const float *f,
                             int N, int K, int S) {
     // counts is (S,); idx, val are (N,K), or f is (N,S) when idx is NULL
     if (idx) {

@@ -2,7 +2,7 @@
  * compiler vectorizes the loops around it (libm's expf and tanhf are calls the loops cannot
  * vectorize, and cost more than the GEMMs' share of a forward would leave them).
  *
- * lp_vexpf is Cephes' expf: a degree-6 polynomial on [-ln2/2, ln2/2] after the reduction
+ * vexpf is Cephes' expf: a degree-6 polynomial on [-ln2/2, ln2/2] after the reduction
  * x = n ln2 + r, with a relative error within 2 ulp of float over its whole range; below
  * -87.3 (where exp would be subnormal) it gives 0, above 88.7 infinity, and a NaN stays NaN. Branch-free, so that a loop of it vectorizes.
  *
@@ -22,7 +22,7 @@
 #define LP_VEC
 #endif
 
-static inline float lp_vexpf(float x) {
+static inline float vexpf(float x) {
     const float hi = 88.7228391f, lo = -87.3365448f;
     float xc = x > hi ? hi : x;
     xc = xc < lo ? lo : xc; /* NaN passes both tests unchanged */
@@ -50,10 +50,10 @@ static inline float lp_vexpf(float x) {
 }
 
 /* 1 / (1 + exp(-z)), which saturates to 0 and 1 without a NaN. */
-static inline float lp_vsigmoidf(float z) { return 1.0f / (1.0f + lp_vexpf(-z)); }
+static inline float vsigmoidf(float z) { return 1.0f / (1.0f + vexpf(-z)); }
 
 /* The largest of x[0..n) (-INFINITY for n = 0; NaNs are passed over), in 16 lanes. */
-static inline float lp_vmaxf(const float *x, size_t n) {
+static inline float vmaxf(const float *x, size_t n) {
     float lane[16];
     for (int j = 0; j < 16; j++) lane[j] = -INFINITY;
     size_t i = 0;
@@ -67,19 +67,19 @@ static inline float lp_vmaxf(const float *x, size_t n) {
 
 /* y[i] = exp(x[i] - shift) (y may be x, or NULL: not kept) and their sum, accumulated in 16
  * float lanes over blocks of 256 and in double across blocks. */
-static inline double lp_vexp_sum(float *y, const float *x, float shift, size_t n) {
+static inline double vexp_sum(float *y, const float *x, float shift, size_t n) {
     double total = 0;
     for (size_t b = 0; b < n; b += 256) {
         size_t e = n - b < 256 ? n : b + 256, i = b;
         float lane[16] = {0}, rest = 0;
         for (; i + 16 <= e; i += 16)
             for (int j = 0; j < 16; j++) {
-                float v = lp_vexpf(x[i + j] - shift);
+                float v = vexpf(x[i + j] - shift);
                 if (y) y[i + j] = v;
                 lane[j] += v;
             }
         for (; i < e; i++) {
-            float v = lp_vexpf(x[i] - shift);
+            float v = vexpf(x[i] - shift);
             if (y) y[i] = v;
             rest += v;
         }
@@ -89,10 +89,10 @@ static inline double lp_vexp_sum(float *y, const float *x, float shift, size_t n
     return total;
 }
 
-/* exp in double, branch-free like lp_vexpf: x = n ln2 + r with ln2 in two parts, then
+/* exp in double, branch-free like vexpf: x = n ln2 + r with ln2 in two parts, then
  * Taylor's series of exp(r) to r^13 (|r| <= ln2/2: the rest is below 1e-17 relative), within
  * about 1 ulp of double. Below -708 it gives 0, above 709 infinity, a NaN stays NaN. */
-static inline double lp_vexpd(double x) {
+static inline double vexpd(double x) {
     const double hi = 709.0, lo = -708.0;
     double xc = x > hi ? hi : x;
     xc = xc < lo ? lo : xc;
