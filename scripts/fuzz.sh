@@ -42,7 +42,7 @@ LIBS="$(pkg-config --libs $PKGS 2>/dev/null) -lm -pthread"
 
 # Library objects with coverage instrumentation, rebuilt when the source or a header changed.
 newest_header=$(ls -t include/loupe/*.h host/*/*.h | head -n 1)
-srcs=(host/{core,ops,io,model,store,sae,attrib,analysis}/*.c host/ops/cpu/*.c kernels/cuda_stub.c kernels/ctx_stub.c)
+srcs=(host/{core,dist,ops,io,model,store,sae,attrib,analysis}/*.c host/ops/cpu/*.c kernels/cuda_stub.c kernels/ctx_stub.c)
 stale=()
 for s in "${srcs[@]}"; do
     o="$OUT/obj/${s//\//_}.o"
