@@ -1,5 +1,5 @@
 /* fuzz_hf_config.c: libFuzzer harness for a Hugging Face model directory's config.json
- * (host/model/model.c picks the architecture; host/model/gpt2.c and host/model/llama.c read the rest) and
+ * (host/model/model.c picks the architecture; gpt2.c, llama_config.c and gemma.c read the rest) and
  * the sharded-checkpoint index model.safetensors.index.json (host/io/safetensors.c).
  *
  * The input is split at FUZZ_SEP into config.json and the index. Without a second part the
