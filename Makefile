@@ -216,11 +216,12 @@ demo: deps model
 	@$(MAKE) --no-print-directory all
 	@bash scripts/demo.sh
 
-# One attribution graph per prompt of configs/graph.ini, with its page, on SmolLM2. The
-# transcoders are random (written by bench_graph) unless $(BUILD)/demo-transcoders exists.
+# One attribution graph per prompt of configs/graph.ini, with its page, on SmolLM2, through
+# per-layer transcoders loupe trains first (configs/transcoders_smollm2.ini: CPU-minutes, a
+# demonstration) unless $(BUILD)/demo-transcoders already holds a set.
 demo-graph: deps model
 	@$(MAKE) --no-print-directory all
-	@test -f $(BUILD)/demo-transcoders/config.yaml || $(BUILD)/bench_graph --write-transcoders $(BUILD)/demo-transcoders
+	@test -f $(BUILD)/demo-transcoders/config.yaml || $(BUILD)/loupe train-sae configs/transcoders_smollm2.ini --train.out=$(BUILD)/demo-transcoders
 	$(BUILD)/loupe graph configs/graph.ini --graph.transcoders=$(BUILD)/demo-transcoders --graph.out=$(BUILD)/graph-demo
 
 # Regenerate the committed reference fixtures (needs tests/gen/requirements.txt; run by hand, after make model).
