@@ -28,6 +28,8 @@ static const lp_key g_keys[] = {
     {"model.dtype", LP_KEY_CHOICE, "auto", 0, 0, "auto|f32|bf16", "auto: bf16 on cuda, f32 on cpu"},
     {"dist.tp", LP_KEY_INT, "1", 1, 1 << 16, NULL,
      "tensor-parallel ranks the model is split over (launch that many with mpirun -np N or srun -n N)"},
+    {"dist.dp", LP_KEY_INT, "0", 0, 1 << 16, NULL,
+     "data-parallel ranks (cache: each computes its share of the batches, rank 0 writes); 0: world size / dist.tp"},
     {"data.tokens", LP_KEY_STR, NULL, 0, 0, NULL, ".npy or .bin token ids"},
     {"data.text", LP_KEY_STR, NULL, 0, 0, NULL, "UTF-8 text file, tokenized with the model's tokenizer"},
     {"data.context", LP_KEY_INT, "0", 0, 1 << 20, NULL, "row length; 0: as stored (2-D) or the model's context (flat)"},
@@ -327,7 +329,10 @@ static lp_status cli_join(const args *a) {
     int ok = 0;
     for (int i = 0; tp_cmds[i]; i++) ok |= strcmp(g_cmd, tp_cmds[i]) == 0;
     if (tp > 1 && !ok) LP_FAIL(LP_ERR_ARG, "dist.tp=%d: `loupe %s` does not run tensor-parallel (info, run and generate do)", tp, g_cmd);
-    LP_CHECK(lp_dist_init(&g_dist, tp, 1));
+    /* the commands whose work splits over data-parallel ranks; the others refuse more than one */
+    int dp_ok = strcmp(g_cmd, "cache") == 0, dp = (int)lp_cfg_int(&a->cfg, "dist.dp");
+    if (dp > 1 && !dp_ok) LP_FAIL(LP_ERR_ARG, "dist.dp=%d: `loupe %s` does not run data-parallel (cache does)", dp, g_cmd);
+    LP_CHECK(lp_dist_init(&g_dist, tp, dp_ok ? dp : 1));
     if (lp_dist_rank(g_dist) == 0) return LP_OK;
     int fd = dup(2);
     g_err = fd >= 0 ? fdopen(fd, "w") : NULL;
@@ -335,6 +340,8 @@ static lp_status cli_join(const args *a) {
         LP_FAIL(LP_ERR_WRITE, "rank %d: cannot silence its output", lp_dist_rank(g_dist));
     return LP_OK;
 }
+
+lp_dist *cli_dist(void) { return g_dist; }
 
 lp_status cli_open_model(const args *a, lp_model **m) {
     LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"model.path", NULL}));
@@ -561,6 +568,7 @@ static int cmd_cache(args *a) {
             .batch = (int)lp_cfg_int(&a->cfg, "cache.batch"),
             .shard_sequences = (int)lp_cfg_int(&a->cfg, "cache.shard_sequences"),
             .on_progress = cli_cache_progress,
+            .dist = cli_dist(),
         };
         st = lp_cache_run(m, &t, &o, &rep);
     }

@@ -147,103 +147,183 @@ static void progress(const lp_cache_opts *o, int64_t done, int64_t total, int64_
     o->on_progress(&p, o->progress_user);
 }
 
+/* One batch's captures in the store's dtype, packed after an 8-byte status header:
+ * [int32 status, pad][hook 0: B rows][hook 1: B rows]... — the unit the DP ranks gather. */
+typedef struct cache_pack {
+    size_t slot, *off, *per_seq; /* bytes of a slot; each hook's offset and bytes per sequence */
+    char *mine, *all;            /* this rank's slot; every DP rank's slots (dp * slot) */
+} cache_pack;
+
+static lp_status pack_init(cache_pack *p, lp_model *m, const int *ids, int nh, int B, int T, size_t es, int dp) {
+    p->off = calloc(nh, sizeof(size_t)), p->per_seq = calloc(nh, sizeof(size_t));
+    if (!p->off || !p->per_seq) LP_FAIL(LP_ERR_OOM, "out of memory");
+    p->slot = 8;
+    for (int i = 0; i < nh; i++) {
+        int64_t s[LP_MAX_DIMS];
+        int nd = lp_hook_shape(m, ids[i], 1, T, s);
+        p->per_seq[i] = (size_t)lp_shape_numel(s, nd) * es;
+        p->off[i] = p->slot;
+        p->slot += ((p->per_seq[i] * B + 7) & ~(size_t)7);
+    }
+    p->mine = calloc(1, p->slot), p->all = calloc(dp, p->slot);
+    if (!p->mine || !p->all) LP_FAIL(LP_ERR_OOM, "out of memory");
+    return LP_OK;
+}
+
+static void pack_free(cache_pack *p) {
+    free(p->off), free(p->per_seq), free(p->mine), free(p->all);
+}
+
+/* Runs the forward of nb rows and packs every captured hook into p->mine. */
+static lp_status forward_pack(lp_model *m, const int32_t *tk, int nb, int T, const int *ids, int nh, lp_dtype dt, cache_pack *p) {
+    LP_CHECK(lp_model_forward(m, tk, nb, T, 0));
+    for (int i = 0; i < nh; i++) {
+        lp_tensor t;
+        LP_CHECK(lp_capture_get(m, lp_hook_name(m, ids[i]), &t));
+        size_t n = (size_t)lp_shape_numel(t.shape, t.ndim);
+        if (n * lp_dtype_size(dt) != p->per_seq[i] * nb) LP_FAIL(LP_ERR_SHAPE, "%s: captured size differs from its shape", lp_hook_name(m, ids[i]));
+        if (t.dtype != dt) LP_CHECK(lp_convert_host(p->mine + p->off[i], dt, t.data, t.dtype, n));
+        else memcpy(p->mine + p->off[i], t.data, n * lp_dtype_size(dt));
+    }
+    return LP_OK;
+}
+
+/* The batches of one shard, dp at a time: batch k is computed by DP rank k % dp; after each
+ * round every rank holds every slot (and so learns whether a rank failed), and rank 0 puts
+ * them into the shard in batch order. */
+static lp_status cache_shard(lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, const int *ids, int nh, cache_pack *p,
+                             lp_st_writer *w, lp_status st, int64_t first, int ns, int B, int64_t *toks_done, double t0) {
+    int T = toks->ctx, dp = lp_dist_dp_size(o->dist), me = lp_dist_dp_rank(o->dist);
+    int nbatch = (ns + B - 1) / B;
+    for (int r0 = 0; r0 < nbatch; r0 += dp) {
+        int k = r0 + me;
+        if (k < nbatch && st == LP_OK) { /* st: rank 0's failed write of the round before */
+            int nb = ns - k * B < B ? ns - k * B : B;
+            st = forward_pack(m, toks->ids + (size_t)(first + (int64_t)k * B) * T, nb, T, ids, nh, o->dtype, p);
+        }
+        *(int32_t *)p->mine = st == LP_OK ? 0 : 1;
+        if (dp > 1) {
+            lp_status g = lp_dist_allgather(o->dist, LP_DIST_DP, p->mine, p->all, p->slot);
+            if (g != LP_OK) return g;
+        }
+        const char *all = dp > 1 ? p->all : p->mine;
+        for (int j = 0; j < dp; j++) {
+            if (*(const int32_t *)(all + (size_t)j * p->slot) == 0) continue;
+            if (j == me) return st;
+            LP_FAIL(LP_ERR_IO, "cache: DP rank %d failed (its error is printed by that rank)", j);
+        }
+        for (int j = 0; j < dp && r0 + j < nbatch && me == 0 && st == LP_OK; j++) {
+            int b0 = (r0 + j) * B, nb = ns - b0 < B ? ns - b0 : B;
+            const char *slot = all + (size_t)j * p->slot;
+            st = lp_st_writer_put(w, 0, (size_t)b0 * T * 4, toks->ids + (size_t)(first + b0) * T, (size_t)nb * T * 4);
+            for (int i = 0; i < nh && st == LP_OK; i++) st = lp_st_writer_put(w, i + 1, (size_t)b0 * p->per_seq[i], slot + p->off[i], nb * p->per_seq[i]);
+        }
+        for (int j = 0; j < dp && r0 + j < nbatch; j++) {
+            int b0 = (r0 + j) * B, nb = ns - b0 < B ? ns - b0 : B;
+            *toks_done += (int64_t)nb * T;
+            if (me == 0) progress(o, first + b0 + nb, toks->n_seq, *toks_done, t0, 0, 0);
+        }
+    }
+    return st; /* a failed write of the last round: the end-of-shard broadcast tells the others */
+}
+
+/* DP rank 0 alone: the lock, the resume check and the stale files; *keep the complete shards. */
+static lp_status cache_begin(const lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, const int *ids, int nh, lp_lock *lock,
+                             source_id *src, int *keep) {
+    /* one writer per store, for the whole run: a second run started by mistake is refused
+     * instead of deleting or renaming this one's files in flight */
+    LP_CHECK(lp_lock_output(lock, o->out, 1));
+    lp_status st = source_fingerprint(o, src);
+    char *fresh = st == LP_OK ? meta_json(m, o, src, toks, ids, nh, 0, 0, 0) : NULL;
+    if (st == LP_OK) st = check_resume(o->out, fresh, keep);
+    free(fresh);
+    if (st == LP_OK) st = lp_remove_stale_tmp(o->out); /* under the lock: only a dead run's leftovers */
+    if (st != LP_OK) lp_lock_release(lock);
+    return st;
+}
+
+static lp_status write_meta(const lp_model *m, const lp_cache_opts *o, const source_id *src, const lp_tokens *toks, const int *ids, int nh,
+                            int n_shards, int64_t done, int complete) {
+    char path[4200];
+    snprintf(path, sizeof path, "%s/meta.json", o->out);
+    char *meta = meta_json(m, o, src, toks, ids, nh, n_shards, done, complete);
+    lp_status st = meta ? lp_write_file_atomic(path, meta, strlen(meta)) : LP_ERR(LP_ERR_OOM, "out of memory");
+    free(meta);
+    return st;
+}
+
 lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, lp_cache_report *rep) {
     memset(rep, 0, sizeof *rep);
     if (o->dtype != LP_F32 && o->dtype != LP_BF16) LP_FAIL(LP_ERR_ARG, "cache.dtype must be F32 or BF16");
     if (o->batch <= 0 || o->shard_sequences <= 0) LP_FAIL(LP_ERR_ARG, "cache.batch and cache.shard_sequences must be positive");
     if (toks->ctx > lp_model_config(m)->n_ctx)
         LP_FAIL(LP_ERR_ARG, "%s: rows of %d tokens exceed the model's context of %d", o->tokens_path, toks->ctx, lp_model_config(m)->n_ctx);
+    int dp = lp_dist_dp_size(o->dist), me = lp_dist_dp_rank(o->dist);
     int *ids = malloc(lp_hook_count(m) * sizeof(int)), nh = 0;
     lp_status st = expand_hooks(m, o->hooks, ids, &nh);
     if (st != LP_OK) {
         free(ids);
         return st;
     }
-    /* one writer per store, for the whole run: a second run started by mistake is refused
-     * instead of deleting or renaming this one's files in flight */
     lp_lock lock;
     source_id src;
-    st = lp_lock_output(&lock, o->out, 1);
-    if (st != LP_OK) {
-        free(ids);
-        return st;
-    }
     int T = toks->ctx, S = o->shard_sequences;
     int n_shards = (int)((toks->n_seq + S - 1) / S), keep = 0;
-    st = source_fingerprint(o, &src);
-    char *fresh = st == LP_OK ? meta_json(m, o, &src, toks, ids, nh, 0, 0, 0) : NULL;
-    if (st == LP_OK) st = check_resume(o->out, fresh, &keep);
-    free(fresh);
-    if (st == LP_OK) st = lp_remove_stale_tmp(o->out); /* under the lock: only a dead run's leftovers */
+    if (me == 0) st = cache_begin(m, toks, o, ids, nh, &lock, &src, &keep);
+    int locked = me == 0 && st == LP_OK;
+    int32_t hdr = st == LP_OK ? keep : -1; /* the other ranks learn where to start, or that rank 0 failed */
+    if (dp > 1) {
+        lp_status b = lp_dist_broadcast(o->dist, LP_DIST_DP, &hdr, sizeof hdr, 0);
+        if (st == LP_OK) st = b;
+        if (st == LP_OK && hdr < 0) st = LP_ERR(LP_ERR_IO, "cache: DP rank 0 could not open %s (its error is printed by that rank)", o->out);
+        keep = hdr;
+    }
     if (st != LP_OK) {
-        lp_lock_release(&lock);
         free(ids);
         return st;
     }
     rep->resumed_sequences = (int64_t)keep * S < toks->n_seq ? (int64_t)keep * S : toks->n_seq;
     int B = o->batch < S ? o->batch : S;
-    size_t es_store = lp_dtype_size(o->dtype);
     lp_st_spec *specs = calloc(nh + 1, sizeof *specs);
-    void *conv = NULL;
-    size_t conv_cap = 0;
-    char path[4200], meta_path[4200];
-    snprintf(meta_path, sizeof meta_path, "%s/meta.json", o->out);
+    cache_pack pk = {0};
     double t0 = now_s();
     int64_t toks_done = 0;
+    LP_TRY(st, done, specs ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory"));
+    LP_TRY(st, done, pack_init(&pk, m, ids, nh, B, T, lp_dtype_size(o->dtype), dp));
     LP_TRY(st, done, lp_model_prepare(m, B, T));
     for (int s = keep; s < n_shards; s++) {
         int64_t first = (int64_t)s * S;
         int ns = (int)(toks->n_seq - first < S ? toks->n_seq - first : S);
-        specs[0] = (lp_st_spec){.name = "tokens", .dtype = LP_I32, .ndim = 2, .shape = {ns, T}};
-        for (int i = 0; i < nh; i++) {
-            specs[i + 1] = (lp_st_spec){.name = lp_hook_name(m, ids[i]), .dtype = o->dtype};
-            specs[i + 1].ndim = lp_hook_shape(m, ids[i], ns, T, specs[i + 1].shape);
-        }
-        snprintf(path, sizeof path, "%s/shard-%05d.safetensors", o->out, s);
         lp_st_writer w;
-        LP_TRY(st, done, lp_st_writer_open(&w, path, specs, nh + 1, NULL));
-        for (int b0 = 0; b0 < ns && st == LP_OK; b0 += B) {
-            int nb = ns - b0 < B ? ns - b0 : B;
-            const int32_t *tk = toks->ids + (size_t)(first + b0) * T;
-            st = lp_st_writer_put(&w, 0, (size_t)b0 * T * 4, tk, (size_t)nb * T * 4);
-            if (st == LP_OK) st = lp_model_forward(m, tk, nb, T, 0);
-            for (int i = 0; i < nh && st == LP_OK; i++) {
-                lp_tensor t;
-                st = lp_capture_get(m, lp_hook_name(m, ids[i]), &t);
-                if (st != LP_OK) break;
-                size_t n = (size_t)lp_shape_numel(t.shape, t.ndim), bytes = n * es_store;
-                const void *src = t.data;
-                if (t.dtype != o->dtype) {
-                    if (bytes > conv_cap) {
-                        free(conv);
-                        conv = malloc(bytes);
-                        conv_cap = bytes;
-                    }
-                    st = lp_convert_host(conv, o->dtype, t.data, t.dtype, n);
-                    src = conv;
-                }
-                if (st == LP_OK) st = lp_st_writer_put(&w, i + 1, (size_t)b0 * (bytes / nb), src, bytes);
+        int opened = 0;
+        if (me == 0) {
+            specs[0] = (lp_st_spec){.name = "tokens", .dtype = LP_I32, .ndim = 2, .shape = {ns, T}};
+            for (int i = 0; i < nh; i++) {
+                specs[i + 1] = (lp_st_spec){.name = lp_hook_name(m, ids[i]), .dtype = o->dtype};
+                specs[i + 1].ndim = lp_hook_shape(m, ids[i], ns, T, specs[i + 1].shape);
             }
-            toks_done += (int64_t)nb * T;
-            progress(o, first + b0 + nb, toks->n_seq, toks_done, t0, 0, 0);
+            char path[4200];
+            snprintf(path, sizeof path, "%s/shard-%05d.safetensors", o->out, s);
+            /* a failure here is rank 0's status in the first round, so no rank waits on it */
+            st = lp_st_writer_open(&w, path, specs, nh + 1, NULL);
+            opened = st == LP_OK;
         }
-        if (st != LP_OK) {
-            lp_st_writer_abort(&w);
-            goto done;
+        st = cache_shard(m, toks, o, ids, nh, &pk, &w, st, first, ns, B, &toks_done, t0);
+        if (opened && st != LP_OK) lp_st_writer_abort(&w);
+        else if (opened) st = lp_st_writer_commit(&w);
+        if (me == 0 && st == LP_OK) st = write_meta(m, o, &src, toks, ids, nh, s + 1, first + ns, s + 1 == n_shards);
+        if (dp > 1) { /* rank 0's writes of this shard: the others stop with it */
+            int32_t ok = st == LP_OK;
+            lp_status b = lp_dist_broadcast(o->dist, LP_DIST_DP, &ok, sizeof ok, 0);
+            if (st == LP_OK && b != LP_OK) st = b;
+            if (st == LP_OK && !ok) st = LP_ERR(LP_ERR_IO, "cache: DP rank 0 could not write %s (its error is printed by that rank)", o->out);
         }
-        LP_TRY(st, done, lp_st_writer_commit(&w));
-        char *meta = meta_json(m, o, &src, toks, ids, nh, s + 1, first + ns, s + 1 == n_shards);
-        st = lp_write_file_atomic(meta_path, meta, strlen(meta));
-        free(meta);
         if (st != LP_OK) goto done;
-        progress(o, first + ns, toks->n_seq, toks_done, t0, 1, 0);
+        if (me == 0) progress(o, first + ns, toks->n_seq, toks_done, t0, 1, 0);
     }
-    if (keep >= n_shards) { /* nothing to do, but make sure meta says complete */
-        char *meta = meta_json(m, o, &src, toks, ids, nh, n_shards, toks->n_seq, 1);
-        st = lp_write_file_atomic(meta_path, meta, strlen(meta));
-        free(meta);
-    }
-    progress(o, toks->n_seq, toks->n_seq, toks_done, t0, 0, 1);
+    /* nothing to do, but make sure meta says complete */
+    if (keep >= n_shards && me == 0) LP_TRY(st, done, write_meta(m, o, &src, toks, ids, nh, n_shards, toks->n_seq, 1));
+    if (me == 0) progress(o, toks->n_seq, toks->n_seq, toks_done, t0, 0, 1);
 done:
     rep->seconds = now_s() - t0;
     rep->tokens_per_s = rep->seconds > 0 ? toks_done / rep->seconds : 0;
@@ -251,10 +331,10 @@ done:
     rep->n_hooks = nh;
     rep->n_sequences = st == LP_OK ? toks->n_seq : 0;
     rep->n_tokens = rep->n_sequences * T;
-    free(conv);
+    pack_free(&pk);
     free(specs);
     free(ids);
-    lp_lock_release(&lock);
+    if (locked) lp_lock_release(&lock);
     return st;
 }
 

@@ -1,0 +1,133 @@
+/* test_dist_data: data parallelism of `loupe cache` under mpirun.
+ *
+ * The store written by 2 and 3 data-parallel ranks is the single process's, byte for byte
+ * (every shard and meta.json); a DP run resumes a store whose last shard is gone and ends
+ * identical again; a store rank 0 cannot open ends every rank with an error, none hangs.
+ * Every run uses one BLAS thread: the single process's own bytes depend on the BLAS thread
+ * count (a multi-threaded GEMM sums in another order), and mpirun gives each rank one core.
+ * Skipped, saying why, without MPI in the build or mpirun on the PATH. */
+#include <criterion/criterion.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "loupe/dist.h"
+#include "loupe/output.h"
+
+#define FIX "tests/fixtures/"
+#define ENV "OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "
+#define MPIRUN "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -x OPENBLAS_NUM_THREADS -x OMP_NUM_THREADS "
+/* 8 sequences of 4 tokens in shards of 3 and batches of 2: shards of two batches and of one,
+ * so some rounds leave a rank without a batch */
+#define ARGS "cache --model.path=" FIX "gpt2-tiny --data.tokens=" FIX "gpt2-tiny/tokens_flat.npy --data.context=4 --model.device=cpu " \
+             "--cache.hooks=blocks.*.hook_resid_post,blocks.0.attn.hook_pattern,blocks.1.mlp.hook_post " \
+             "--cache.shard_sequences=3 --cache.batch=2"
+
+static char g_bin[PATH_MAX + 16], g_dir[] = "/tmp/loupe-distdp-XXXXXX";
+
+/* build/loupe beside this test binary, a scratch directory; skips when MPI cannot run. */
+static void setup(void) {
+    if (!lp_dist_have_mpi()) cr_skip_test("this loupe was built without MPI (mpicc absent at build time)");
+    if (system("command -v mpirun >/dev/null 2>&1") != 0) cr_skip_test("mpirun is not on the PATH (scripts/install-deps.sh installs OpenMPI)");
+    char self[PATH_MAX];
+    ssize_t k = readlink("/proc/self/exe", self, sizeof self - 1);
+    cr_assert(k > 0, "cannot find this test binary");
+    self[k] = 0;
+    snprintf(g_bin, sizeof g_bin, "%s/loupe", dirname(self));
+    cr_assert_eq(access(g_bin, X_OK), 0, "%s is missing (make builds it)", g_bin);
+    cr_assert(mkdtemp(g_dir), "cannot make a scratch directory");
+}
+
+static void teardown(void) {
+    char cmd[PATH_MAX + 16];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
+    if (g_dir[strlen(g_dir) - 1] != 'X') (void)!system(cmd);
+}
+
+/* Runs a command, its output (stdout and stderr) into out; returns its exit status. */
+static int run(char *out, size_t n, const char *fmt, ...) {
+    char cmd[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    strncat(cmd, " 2>&1", sizeof cmd - strlen(cmd) - 1);
+    FILE *p = popen(cmd, "r");
+    cr_assert(p, "cannot run %s", cmd);
+    size_t k = 0;
+    out[0] = 0;
+    char line[1024];
+    while (fgets(line, sizeof line, p))
+        if (k + strlen(line) < n) strcpy(out + k, line), k += strlen(line);
+    int rc = pclose(p);
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+}
+
+static void same_file(const char *a, const char *b) {
+    size_t na, nb;
+    char *x = lp_read_file(a, &na), *y = lp_read_file(b, &nb);
+    cr_assert(x, "cannot read %s", a);
+    cr_assert(y, "cannot read %s", b);
+    cr_assert_eq(na, nb, "%s has %zu bytes, %s %zu", a, na, b, nb);
+    cr_assert(memcmp(x, y, na) == 0, "%s and %s differ", a, b);
+    free(x), free(y);
+}
+
+static void same_store(const char *ref, const char *dir) {
+    static const char *const files[] = {"meta.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors", NULL};
+    char a[PATH_MAX], b[PATH_MAX];
+    for (int i = 0; files[i]; i++) {
+        snprintf(a, sizeof a, "%s/%s", ref, files[i]);
+        snprintf(b, sizeof b, "%s/%s", dir, files[i]);
+        same_file(a, b);
+    }
+    snprintf(b, sizeof b, "%s/shard-00003.safetensors", dir);
+    cr_assert_neq(access(b, F_OK), 0, "%s: one shard too many", b);
+}
+
+TestSuite(dist_data, .init = setup, .fini = teardown, .timeout = 120);
+
+static void dp_matches(int np) {
+    char out[16384], ref[PATH_MAX + 64], dir[PATH_MAX + 64];
+    snprintf(ref, sizeof ref, "%s/one", g_dir);
+    snprintf(dir, sizeof dir, "%s/dp", g_dir);
+    int rc = run(out, sizeof out, ENV "%s " ARGS " --cache.out=%s", g_bin, ref);
+    cr_assert_eq(rc, 0, "one process: %s", out);
+    rc = run(out, sizeof out, ENV MPIRUN "-np %d %s " ARGS " --cache.out=%s", np, g_bin, dir);
+    cr_assert_eq(rc, 0, "mpirun -np %d: %s", np, out);
+    cr_assert(strstr(out, "cached 4 hooks for 8 sequences (32 tokens)"), "%s", out);
+    cr_assert(strstr(out, "3 shards"), "%s", out);
+    same_store(ref, dir);
+
+    /* the last shard lost (a run killed before it was renamed into place): a DP re-run
+     * keeps the first two and writes it again, byte for byte */
+    char last[PATH_MAX + 96];
+    snprintf(last, sizeof last, "%s/shard-00002.safetensors", dir);
+    cr_assert_eq(unlink(last), 0);
+    rc = run(out, sizeof out, ENV MPIRUN "-np %d %s " ARGS " --cache.out=%s", np, g_bin, dir);
+    cr_assert_eq(rc, 0, "mpirun -np %d (resume): %s", np, out);
+    cr_assert(strstr(out, "6 sequences were already there"), "%s", out);
+    same_store(ref, dir);
+}
+
+Test(dist_data, cache_dp2_is_the_single_process_store) { dp_matches(2); }
+Test(dist_data, cache_dp3_is_the_single_process_store) { dp_matches(3); }
+
+/* rank 0 cannot open the store (cache.out is a file): every rank ends, non-zero, naming why */
+Test(dist_data, cache_store_refused_on_rank0_ends_every_rank) {
+    char out[16384], file[PATH_MAX + 64];
+    snprintf(file, sizeof file, "%s/afile", g_dir);
+    FILE *f = fopen(file, "w");
+    cr_assert(f);
+    fclose(f);
+    int rc = run(out, sizeof out, "timeout 60 " MPIRUN "-np 2 %s " ARGS " --cache.out=%s", g_bin, file);
+    cr_assert_neq(rc, 0, "%s", out);
+    cr_assert_neq(rc, 124, "mpirun hung: %s", out);
+    cr_assert(strstr(out, "loupe: rank 1: cache: DP rank 0 could not open"), "%s", out);
+    cr_assert(strstr(out, "loupe: rank 0: "), "%s", out);
+}
