@@ -2,7 +2,8 @@
  *
  * The store written by 2 and 3 data-parallel ranks is the single process's, byte for byte
  * (every shard and meta.json); a DP run resumes a store whose last shard is gone and ends
- * identical again; a store rank 0 cannot open ends every rank with an error, none hangs.
+ * identical again; a store rank 0 cannot open ends every rank with an error, none hangs;
+ * ranks started with different settings are refused before any work.
  * Every run uses one BLAS thread: the single process's own bytes depend on the BLAS thread
  * count (a multi-threaded GEMM sums in another order), and mpirun gives each rank one core.
  * Skipped, saying why, without MPI in the build or mpirun on the PATH. */
@@ -13,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -130,4 +132,24 @@ Test(dist_data, cache_store_refused_on_rank0_ends_every_rank) {
     cr_assert_neq(rc, 124, "mpirun hung: %s", out);
     cr_assert(strstr(out, "loupe: rank 1: cache: DP rank 0 could not open"), "%s", out);
     cr_assert(strstr(out, "loupe: rank 0: "), "%s", out);
+}
+
+/* rank 1 started with another cache.batch: refused at the start, on every rank, naming it */
+Test(dist_data, ranks_with_other_settings_are_refused) {
+    char out[16384], sh[PATH_MAX + 64];
+    snprintf(sh, sizeof sh, "%s/launch.sh", g_dir);
+    FILE *f = fopen(sh, "w");
+    cr_assert(f);
+    fprintf(f, "#!/bin/sh\nif [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then exec %s " ARGS " --cache.out=%s/s --cache.batch=3; fi\n"
+               "exec %s " ARGS " --cache.out=%s/s\n", g_bin, g_dir, g_bin, g_dir);
+    fclose(f);
+    cr_assert_eq(chmod(sh, 0755), 0);
+    int rc = run(out, sizeof out, "timeout 60 " MPIRUN "-np 2 %s", sh);
+    cr_assert_neq(rc, 0, "%s", out);
+    cr_assert_neq(rc, 124, "mpirun hung: %s", out);
+    cr_assert(strstr(out, "loupe: rank 0: rank 1 was started with other settings than rank 0"), "%s", out);
+    cr_assert(strstr(out, "loupe: rank 1: rank 1 was started with other settings than rank 0"), "%s", out);
+    char meta[PATH_MAX + 64];
+    snprintf(meta, sizeof meta, "%s/s/meta.json", g_dir);
+    cr_assert_neq(access(meta, F_OK), 0, "a store was started: %s", meta);
 }
