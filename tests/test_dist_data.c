@@ -8,6 +8,8 @@
  * count (a multi-threaded GEMM sums in another order), and mpirun gives each rank one core.
  * Skipped, saying why, without MPI in the build or mpirun on the PATH. */
 #include <criterion/criterion.h>
+#include <cjson/cJSON.h>
+#include <math.h>
 #include <libgen.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -20,6 +22,7 @@
 
 #include "loupe/dist.h"
 #include "loupe/output.h"
+#include "loupe/sae.h"
 
 #define FIX "tests/fixtures/"
 #define ENV "OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "
@@ -153,3 +156,74 @@ Test(dist_data, ranks_with_other_settings_are_refused) {
     snprintf(meta, sizeof meta, "%s/s/meta.json", g_dir);
     cr_assert_neq(access(meta, F_OK), 0, "a store was started: %s", meta);
 }
+
+/* ---- train-sae: 2 ranks of batch_tokens / 2 each against one process of batch_tokens ---- */
+
+#define TRAIN "train-sae %s/store --data.hook=blocks.1.hook_resid_post --sae.expansion_factor=2 --train.device=cpu " \
+              "--train.tokens=256 --train.batch_tokens=16 --train.shuffle_tokens=32 --train.log_every=1 " \
+              "--train.dead_feature_window=8 --train.aux_k_coefficient=0.03 --train.lr=1e-3 --train.checkpoint_every=128"
+
+static double num(const cJSON *j, const char *k) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, k);
+    cr_assert(cJSON_IsNumber(v), "metrics line without %s", k);
+    return v->valuedouble;
+}
+
+static void close_to(double a, double b, double tol, const char *what, int line) {
+    cr_assert(fabs(a - b) <= tol * fmax(1.0, fmax(fabs(a), fabs(b))), "%s at line %d: %.9g and %.9g", what, line, a, b);
+}
+
+/* Every logged step's losses, explained variance, L0 and dead latents agree. */
+static void same_curve(const char *one, const char *two) {
+    char *a = lp_read_file(one, NULL), *b = lp_read_file(two, NULL);
+    cr_assert(a && b, "cannot read %s or %s", one, two);
+    static const char *const keys[] = {"losses/overall_loss", "losses/mse_loss", "losses/auxiliary_reconstruction_loss",
+                                       "metrics/explained_variance", "metrics/l0", "sparsity/dead_features", NULL};
+    char *sa = NULL, *sb = NULL;
+    int line = 0;
+    for (char *la = strtok_r(a, "\n", &sa), *lb = strtok_r(b, "\n", &sb); la || lb;
+         la = strtok_r(NULL, "\n", &sa), lb = strtok_r(NULL, "\n", &sb), line++) {
+        cr_assert(la && lb, "%s and %s have different numbers of lines", one, two);
+        cJSON *ja = cJSON_Parse(la), *jb = cJSON_Parse(lb);
+        for (int k = 0; keys[k]; k++) close_to(num(ja, keys[k]), num(jb, keys[k]), 1e-5, keys[k], line);
+        cJSON_Delete(ja), cJSON_Delete(jb);
+    }
+    cr_assert_eq(line, 16, "16 steps logged, not %d", line);
+    free(a), free(b);
+}
+
+static void train_matches(const char *arch) {
+    char out[16384], one[PATH_MAX + 64], two[PATH_MAX + 64];
+    int rc = run(out, sizeof out, ENV "%s cache --model.path=" FIX "gpt2-tiny --data.tokens=" FIX "gpt2-tiny/tokens_flat.npy --data.context=4 "
+                 "--model.device=cpu --cache.hooks=blocks.1.hook_resid_post --cache.out=%s/store", g_bin, g_dir);
+    cr_assert_eq(rc, 0, "cache: %s", out);
+    snprintf(one, sizeof one, "%s/one", g_dir);
+    snprintf(two, sizeof two, "%s/two", g_dir);
+    rc = run(out, sizeof out, ENV "%s " TRAIN " --sae.architecture=%s --train.out=%s", g_bin, g_dir, arch, one);
+    cr_assert_eq(rc, 0, "one process: %s", out);
+    rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " TRAIN " --sae.architecture=%s --train.out=%s", g_bin, g_dir, arch, two);
+    cr_assert_eq(rc, 0, "mpirun -np 2: %s", out);
+    cr_assert(strstr(out, "in 16 steps"), "%s", out);
+    char a[PATH_MAX + 96], b[PATH_MAX + 96];
+    snprintf(a, sizeof a, "%s/metrics.jsonl", one);
+    snprintf(b, sizeof b, "%s/metrics.jsonl", two);
+    same_curve(a, b);
+    lp_ctx c;
+    cr_assert_eq(lp_ctx_init(&c, LP_CPU, LP_F32), LP_OK);
+    lp_sae *sa, *sb;
+    cr_assert_eq(lp_sae_load(&sa, &c, one), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_sae_load(&sb, &c, two), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(sa->n_floats, sb->n_floats);
+    double worst = 0;
+    for (size_t i = 0; i < sa->n_floats; i++) worst = fmax(worst, fabs(((float *)sa->mem)[i] - ((float *)sb->mem)[i]));
+    cr_assert(worst <= 1e-5, "%s: the weights differ by up to %.3g", arch, worst);
+    lp_sae_free(sa, &c), lp_sae_free(sb, &c);
+    lp_ctx_free(&c);
+    /* rank 0 alone wrote, rank 1 nothing: one checkpoint directory, the one lock */
+    snprintf(a, sizeof a, "%s/checkpoints", two);
+    cr_assert_eq(access(a, F_OK), 0, "%s missing", a);
+}
+
+Test(dist_data, train_sae_dp2_matches_one_process_topk) { train_matches("topk"); }
+Test(dist_data, train_sae_dp2_matches_one_process_standard) { train_matches("standard"); }
+Test(dist_data, train_sae_dp2_matches_one_process_jumprelu) { train_matches("jumprelu"); }

@@ -29,7 +29,7 @@ static const lp_key g_keys[] = {
     {"dist.tp", LP_KEY_INT, "1", 1, 1 << 16, NULL,
      "tensor-parallel ranks the model is split over (launch that many with mpirun -np N or srun -n N)"},
     {"dist.dp", LP_KEY_INT, "0", 0, 1 << 16, NULL,
-     "data-parallel ranks (cache: each computes its share of the batches, rank 0 writes); 0: world size / dist.tp"},
+     "data-parallel ranks (cache, train-sae: each its share of the batches, rank 0 alone writes); 0: world size / dist.tp"},
     {"data.tokens", LP_KEY_STR, NULL, 0, 0, NULL, ".npy or .bin token ids"},
     {"data.text", LP_KEY_STR, NULL, 0, 0, NULL, "UTF-8 text file, tokenized with the model's tokenizer"},
     {"data.context", LP_KEY_INT, "0", 0, 1 << 20, NULL, "row length; 0: as stored (2-D) or the model's context (flat)"},
@@ -345,7 +345,7 @@ static lp_status same_settings(const args *a) {
 
 /* Joins the job's processes; ranks other than 0 print nothing, neither results nor progress,
  * except their errors (each naming its rank). */
-static lp_status cli_join(const args *a) {
+lp_status cli_join(const args *a) {
     int tp = (int)lp_cfg_int(&a->cfg, "dist.tp");
     if (g_dist) return LP_OK;
     /* the commands that split the model over ranks and write no files of their own */
@@ -354,8 +354,8 @@ static lp_status cli_join(const args *a) {
     for (int i = 0; tp_cmds[i]; i++) ok |= strcmp(g_cmd, tp_cmds[i]) == 0;
     if (tp > 1 && !ok) LP_FAIL(LP_ERR_ARG, "dist.tp=%d: `loupe %s` does not run tensor-parallel (info, run and generate do)", tp, g_cmd);
     /* the commands whose work splits over data-parallel ranks; the others refuse more than one */
-    int dp_ok = strcmp(g_cmd, "cache") == 0, dp = (int)lp_cfg_int(&a->cfg, "dist.dp");
-    if (dp > 1 && !dp_ok) LP_FAIL(LP_ERR_ARG, "dist.dp=%d: `loupe %s` does not run data-parallel (cache does)", dp, g_cmd);
+    int dp_ok = strcmp(g_cmd, "cache") == 0 || strcmp(g_cmd, "train-sae") == 0, dp = (int)lp_cfg_int(&a->cfg, "dist.dp");
+    if (dp > 1 && !dp_ok) LP_FAIL(LP_ERR_ARG, "dist.dp=%d: `loupe %s` does not run data-parallel (cache and train-sae do)", dp, g_cmd);
     LP_CHECK(lp_dist_init(&g_dist, tp, dp_ok ? dp : 1));
     LP_CHECK(same_settings(a));
     if (lp_dist_rank(g_dist) == 0) return LP_OK;
