@@ -31,6 +31,10 @@ void cli_print_json(cJSON *j);
 /* "auto" | "cpu" | "cuda" to a device (auto: cuda when a GPU is present). */
 lp_device cli_device(const char *dev);
 lp_status cli_open_model(const args *a, lp_model **m);
+/* The processes of this job (NULL before the first model load, or for one process). */
+struct lp_dist *cli_dist(void);
+/* Joins the processes mpirun/srun started (dist.tp, dist.dp): done by cli_open_model. */
+lp_status cli_join(const args *a);
 const char *cli_dev_name(lp_model *m);
 /* data.tokens or data.text, cut into rows for the model. */
 lp_status cli_load_tokens(const args *a, const lp_model *m, lp_tokens *t);

@@ -2,6 +2,7 @@
  * error report and --json output, progress bars, opening the model, reading and tokenizing
  * the data, and the prompt pairs of attribute and patch. Calls only the library. */
 #include <cjson/cJSON.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,9 +35,35 @@ int cli_fail(lp_status st) {
     return lp_status_exit_code(st);
 }
 
+/* Every rank must run the same command with the same settings (a rank started with another
+ * config file would compute something else, or wait in another collective): a hash of the
+ * command and every key's value, all-gathered and compared before any work. */
+static lp_status same_settings(const args *a) {
+    int n = lp_dist_size(g_dist);
+    if (n <= 1) return LP_OK;
+    uint64_t h = 1469598103934665603ull; /* FNV-1a */
+    for (int i = -1; i < a->cfg.n; i++) {
+        const char *parts[3] = {i < 0 ? g_cmd : a->cfg.keys[i].name, "=", i < 0 ? "" : a->cfg.val[i] ? a->cfg.val[i] : "(unset)"};
+        for (int k = 0; k < 3; k++)
+            for (const char *c = parts[k]; *c; c++) h = (h ^ (unsigned char)*c) * 1099511628211ull;
+        h = (h ^ 0xff) * 1099511628211ull; /* a separator no key or value contains */
+    }
+    uint64_t *all = malloc((size_t)n * sizeof *all);
+    if (!all) LP_FAIL(LP_ERR_OOM, "out of memory");
+    lp_status st = lp_dist_allgather(g_dist, LP_DIST_WORLD, &h, all, sizeof h);
+    for (int r = 1; st == LP_OK && r < n; r++)
+        if (all[r] != all[0])
+            st = LP_ERR(LP_ERR_ARG, "rank %d was started with other settings than rank 0 (command, config file or flags): every rank "
+                                    "must be given the same ones", r);
+    free(all);
+    return st;
+}
+
+lp_dist *cli_dist(void) { return g_dist; }
+
 /* Joins the job's processes; ranks other than 0 print nothing, neither results nor progress,
  * except their errors (each naming its rank). */
-static lp_status cli_join(const args *a) {
+lp_status cli_join(const args *a) {
     int tp = (int)lp_cfg_int(&a->cfg, "dist.tp");
     if (g_dist) return LP_OK;
     /* the commands that split the model over ranks and write no files of their own */
@@ -44,7 +71,11 @@ static lp_status cli_join(const args *a) {
     int ok = 0;
     for (int i = 0; tp_cmds[i]; i++) ok |= strcmp(g_cmd, tp_cmds[i]) == 0;
     if (tp > 1 && !ok) LP_FAIL(LP_ERR_ARG, "dist.tp=%d: `loupe %s` does not run tensor-parallel (info, run and generate do)", tp, g_cmd);
-    LP_CHECK(lp_dist_init(&g_dist, tp, 1));
+    /* the commands whose work splits over data-parallel ranks; the others refuse more than one */
+    int dp_ok = strcmp(g_cmd, "cache") == 0 || strcmp(g_cmd, "train-sae") == 0, dp = (int)lp_cfg_int(&a->cfg, "dist.dp");
+    if (dp > 1 && !dp_ok) LP_FAIL(LP_ERR_ARG, "dist.dp=%d: `loupe %s` does not run data-parallel (cache and train-sae do)", dp, g_cmd);
+    LP_CHECK(lp_dist_init(&g_dist, tp, dp_ok ? dp : 1));
+    LP_CHECK(same_settings(a));
     if (lp_dist_rank(g_dist) == 0) return LP_OK;
     int fd = dup(2);
     g_err = fd >= 0 ? fdopen(fd, "w") : NULL;

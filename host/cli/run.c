@@ -151,6 +151,7 @@ int cmd_cache(args *a) {
             .batch = (int)lp_cfg_int(&a->cfg, "cache.batch"),
             .shard_sequences = (int)lp_cfg_int(&a->cfg, "cache.shard_sequences"),
             .on_progress = cli_cache_progress,
+            .dist = cli_dist(),
         };
         st = lp_cache_run(m, &t, &o, &rep);
     }

@@ -10,6 +10,7 @@
 #include "loupe/safetensors.h"
 #include "loupe/sae_train.h"
 #include "loupe/store.h"
+#include "loupe/dist.h"
 #include "cli.h"
 
 static int is_true(const args *a, const char *key) { return strcmp(lp_cfg_str(&a->cfg, key), "true") == 0; }
@@ -111,6 +112,8 @@ static int train_live(args *a, lp_sae_train_cfg *t0, lp_ctx *c) {
     lp_tokens toks = {0};
     lp_live *live = NULL;
     lp_status st = cli_open_model(a, &m);
+    if (st == LP_OK && lp_dist_dp_size(cli_dist()) > 1)
+        st = LP_ERR(LP_ERR_ARG, "dist.dp=%d: train-sae runs data-parallel on an activation store (data.store), not on a live model", lp_dist_dp_size(cli_dist()));
     if (st == LP_OK) st = cli_load_tokens(a, m, &toks);
     char *hooks = strdup(lp_cfg_str(&a->cfg, "data.hook"));
     if (!hooks) return cli_fail(LP_ERR(LP_ERR_OOM, "out of memory"));
@@ -173,7 +176,9 @@ int cmd_train_sae(args *a) {
         if (st == LP_OK) size_sae(a, &t, lp_store_d(s)), lp_store_close(s);
         if (st == LP_OK) st = lp_sae_train_check(&t);
     }
+    if (st == LP_OK && !live) st = cli_join(a); /* a live run joins when it loads the model */
     if (st != LP_OK) return cli_fail(st);
+    t.dist = cli_dist();
     lp_ctx c;
     if ((st = sae_ctx(a, "train.device", &c)) != LP_OK) return cli_fail(st);
     int rc = 0;

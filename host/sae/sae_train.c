@@ -99,6 +99,9 @@ static void trainer_free(trainer *tr) {
     free(tr->counts_host);
     free(tr->colsum_host);
     free(tr->mask_host);
+    lp_ctx_release(c, tr->ysum);
+    free(tr->ysum_f);
+    free(tr->ysum_host);
     lp_sae_free(tr->s, c);
     lp_store_close(tr->in);
     lp_store_close(tr->outs);
@@ -155,11 +158,15 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     LP_CHECK(lp_sae_cfg_check(&cf));
     LP_CHECK(lp_sae_alloc(&tr->s, &cf, c));
     tr->N = t->batch_tokens, tr->D = cf.d_in, tr->Do = cf.d_out, tr->S = cf.d_sae;
+    tr->dp = lp_dist_dp_size(t->dist), tr->dpr = lp_dist_dp_rank(t->dist), tr->Nl = tr->N / tr->dp;
+    if (tr->dp > 1 && (live || cf.arch == LP_SAE_BATCHTOPK))
+        LP_FAIL(LP_ERR_ARG, "dist.dp=%d: data-parallel training needs an activation store (data.store) and an SAE other than batchtopk", tr->dp);
+    if (tr->N % tr->dp) LP_FAIL(LP_ERR_ARG, "train.batch_tokens %d: not a multiple of dist.dp=%d", tr->N, tr->dp);
     int64_t per = (t->shuffle_tokens + tr->N - 1) / tr->N;
     if (per < 1) per = 1;
     tr->W = per * tr->N;
     if (tr->W > INT32_MAX) LP_FAIL(LP_ERR_ARG, "train.shuffle_tokens %lld is too large", (long long)t->shuffle_tokens);
-    LP_CHECK(sae_runner_new(&tr->r, tr->s, c, tr->N, 1, t->aux_k));
+    LP_CHECK(sae_runner_new(&tr->r, tr->s, c, tr->Nl, 1, t->aux_k));
     size_t nf = tr->s->n_floats;
     LP_CHECK(lp_ctx_alloc(c, nf * 4, (void **)&tr->grad));
     LP_CHECK(lp_ctx_alloc(c, nf * 4, (void **)&tr->adam_m));
@@ -177,6 +184,11 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     tr->host_x = malloc((size_t)tr->W * tr->D * sizeof(float));
     tr->host_y = tr->transcoder ? malloc((size_t)tr->W * tr->Do * sizeof(float)) : NULL;
     tr->host_perm = malloc((size_t)tr->W * sizeof(int32_t));
+    if (tr->dp > 1) { /* the explained variance's total sum of squares about the global batch mean */
+        LP_CHECK(lp_ctx_alloc(c, (size_t)tr->Do * 4, (void **)&tr->ysum));
+        tr->ysum_f = calloc(tr->Do, sizeof(float)), tr->ysum_host = calloc(tr->Do + 1, sizeof(double));
+        if (!tr->ysum_f || !tr->ysum_host) LP_FAIL(LP_ERR_OOM, "out of memory");
+    }
     tr->since = calloc(tr->S, sizeof(int64_t));
     tr->counts_host = calloc(tr->S, sizeof(int64_t));
     tr->colsum_host = calloc(tr->S, sizeof(float));
@@ -208,9 +220,11 @@ static lp_status run_begin(run *ru, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     /* one writer per train.out, then a dead run's half-written files can go */
     char ck[1300];
     snprintf(ck, sizeof ck, "%s/checkpoints", t->out);
-    LP_CHECK(lp_lock_output(&tr->lock, t->out, 1));
-    LP_CHECK(lp_remove_stale_tmp(t->out));
-    LP_CHECK(lp_remove_stale_tmp(ck));
+    if (tr->dpr == 0) { /* the other DP ranks write nothing */
+        LP_CHECK(lp_lock_output(&tr->lock, t->out, 1));
+        LP_CHECK(lp_remove_stale_tmp(t->out));
+        LP_CHECK(lp_remove_stale_tmp(ck));
+    }
     int resumed = 0;
     LP_CHECK(sae_load_checkpoint(tr, &resumed));
     if (!resumed) {
@@ -219,9 +233,9 @@ static lp_status run_begin(run *ru, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     }
     char *mpath = tr->metrics_path;
     snprintf(mpath, sizeof tr->metrics_path, "%s/metrics.jsonl", t->out);
-    if (resumed) LP_CHECK(sae_trim_metrics(mpath, tr->step)); /* also drops a torn last line */
-    tr->metrics = open(mpath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | (resumed ? 0 : O_TRUNC), 0644);
-    if (tr->metrics < 0) LP_FAIL(lp_write_status(errno), "%s: cannot write: %s", mpath, strerror(errno));
+    if (resumed && tr->dpr == 0) LP_CHECK(sae_trim_metrics(mpath, tr->step)); /* also drops a torn last line */
+    tr->metrics = tr->dpr ? -1 : open(mpath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | (resumed ? 0 : O_TRUNC), 0644);
+    if (tr->metrics < 0 && tr->dpr == 0) LP_FAIL(lp_write_status(errno), "%s: cannot write: %s", mpath, strerror(errno));
     rep->resumed_tokens = tr->tokens_done;
     ru->total_steps = (t->tokens + tr->N - 1) / tr->N;
     if (resumed && tr->step >= ru->total_steps) rep->already_complete = 1, sae_last_metrics(mpath, rep);
@@ -262,7 +276,7 @@ static lp_status run_step(run *ru, lp_sae_train_report *rep) {
                 (long long)tr->step, (long long)tr->tokens_done, lr, l1, tr->acc_mse / n,
                 t->sae.arch == LP_SAE_JUMPRELU ? "l0_loss" : "l1_loss", tr->acc_sparsity / n, tr->acc_aux / n,
                 (tr->acc_mse + tr->acc_sparsity + tr->acc_aux) / n, 1 - tr->acc_sse / tr->acc_sst, tr->acc_l0 / n, tr->r->n_dead, tps);
-        LP_CHECK(lp_write_fd(tr->metrics, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1, -1, tr->metrics_path));
+        if (tr->dpr == 0) LP_CHECK(lp_write_fd(tr->metrics, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1, -1, tr->metrics_path));
         rep->mse = tr->acc_mse / n, rep->explained_variance = 1 - tr->acc_sse / tr->acc_sst, rep->l0 = tr->acc_l0 / n;
         rep->dead = tr->r->n_dead;
         progress(tr, ru->total_steps, tps, (tr->acc_mse + tr->acc_sparsity + tr->acc_aux) / n, rep->l0, rep->dead, 0);
@@ -270,7 +284,7 @@ static lp_status run_step(run *ru, lp_sae_train_report *rep) {
         ru->tlog = now, ru->tok_log = tr->tokens_done;
     }
     if (tr->tokens_done >= ru->next_ckpt && tr->step < ru->total_steps) {
-        LP_CHECK(sae_save_checkpoint(tr));
+        if (tr->dpr == 0) LP_CHECK(sae_save_checkpoint(tr));
         ru->next_ckpt += t->checkpoint_every;
     }
     ru->done = tr->step >= ru->total_steps;
@@ -285,7 +299,7 @@ static lp_status run_end(run *ru, lp_status st, lp_sae_train_report *rep) {
     if (t && tr->s) progress(tr, ru->total_steps, 0, 0, rep->l0, rep->dead, 1);
     double secs = now_s() - ru->t0;
     if (st == LP_OK && ru->done == 2) rep->stopped = 1;
-    else if (st == LP_OK && tr->s) {
+    else if (st == LP_OK && tr->s && tr->dpr == 0) {
         /* batchtopk is exported as jumprelu with its learned global threshold */
         if (tr->s->cfg.arch == LP_SAE_BATCHTOPK) {
             float *h = malloc((size_t)tr->S * sizeof(float));

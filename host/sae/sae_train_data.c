@@ -254,8 +254,8 @@ static lp_status load_window(trainer *tr, int64_t w) {
 lp_status sae_load_batch(trainer *tr, int64_t step) {
     int64_t per_win = tr->W / tr->N, w = step / per_win, b = step % per_win;
     LP_CHECK(load_window(tr, w));
-    const int32_t *p = tr->perm + b * tr->N;
-    LP_CHECK(lp_embed(tr->c, tr->r->x, p, tr->win_x, tr->N, tr->D)); /* a row gather */
-    if (tr->transcoder) LP_CHECK(lp_embed(tr->c, tr->r->y, p, tr->win_y, tr->N, tr->Do));
+    const int32_t *p = tr->perm + b * tr->N + (int64_t)tr->dpr * tr->Nl; /* this DP rank's rows of the batch */
+    LP_CHECK(lp_embed(tr->c, tr->r->x, p, tr->win_x, tr->Nl, tr->D)); /* a row gather */
+    if (tr->transcoder) LP_CHECK(lp_embed(tr->c, tr->r->y, p, tr->win_y, tr->Nl, tr->Do));
     return LP_OK;
 }

@@ -164,7 +164,7 @@ static lp_status latent_grads(trainer *tr, double l1, double l0, double *sparse_
     lp_sae *s = tr->s, *g = &tr->gview;
     lp_ctx *c = tr->c;
     const lp_sae_cfg *cf = &s->cfg;
-    int N = tr->N, D = tr->D, Do = tr->Do, S = tr->S, K = r->K;
+    int N = tr->Nl, D = tr->D, Do = tr->Do, S = tr->S, K = r->K;
     if (cf->arch == LP_SAE_TOPK) {
         LP_CHECK(lp_sae_decode_sparse_grad(c, r->dval, g->W_dec, r->dxhat, r->idx, r->val, s->W_dec, N, K, Do));
         LP_CHECK(lp_sae_relu_grad(c, r->dval, r->dval, r->val, (size_t)N * K)); /* the relu of the top-k values */
@@ -210,7 +210,7 @@ static lp_status auxk_step(trainer *tr, const float *y, int n_dead, double *aux_
     sae_runner *r = tr->r;
     lp_sae *s = tr->s, *g = &tr->gview;
     lp_ctx *c = tr->c;
-    int N = tr->N, D = tr->D, Do = tr->Do, S = tr->S;
+    int N = tr->Nl, D = tr->D, Do = tr->Do, S = tr->S;
     int ka = r->Ka < n_dead ? r->Ka : n_dead;
     for (int i = 0; i < S; i++) tr->mask_host[i] = tr->since[i] >= tr->t->dead_feature_window ? -INFINITY : INFINITY;
     LP_CHECK(lp_ctx_to_device(c, r->mask, tr->mask_host, (size_t)S * 4));
@@ -233,6 +233,30 @@ static lp_status auxk_step(trainer *tr, const float *y, int n_dead, double *aux_
     return LP_OK;
 }
 
+/* Data parallelism: each rank's gradients and losses are means over its equal slice of the
+ * batch, so their average over the ranks is the global batch's mean; the sums of squares add. */
+static lp_status dp_average(trainer *tr, const float *y, double *mse, double *sparse_loss, double *aux_loss, double *sse, double *sst) {
+    lp_dist *d = tr->t->dist;
+    int Do = tr->Do;
+    LP_CHECK(lp_dist_allreduce_sum_dev(d, LP_DIST_DP, tr->c, tr->grad, tr->s->n_floats));
+    LP_CHECK(lp_sae_scale(tr->c, tr->grad, (float)(1.0 / tr->dp), tr->s->n_floats));
+    double v[5] = {*mse, *sparse_loss, *aux_loss, *sse, *sst};
+    LP_CHECK(lp_dist_allreduce_sum(d, LP_DIST_DP, v, 5, LP_F64));
+    *mse = v[0] / tr->dp, *sparse_loss = v[1] / tr->dp, *aux_loss = v[2] / tr->dp, *sse = v[3];
+    /* each rank's sst is about its own slice's mean m_r; about the global mean m (equal
+     * slices of n): sst = sum_r sst_r + n (sum_r |m_r|^2 - |sum_r m_r|^2 / dp) */
+    double *m = tr->ysum_host, n = tr->Nl;
+    LP_CHECK(lp_col_sum(tr->c, tr->ysum, y, tr->Nl, Do, 0.0f));
+    LP_CHECK(lp_ctx_to_host(tr->c, tr->ysum_f, tr->ysum, (size_t)Do * 4));
+    m[Do] = 0;
+    for (int j = 0; j < Do; j++) m[j] = tr->ysum_f[j] / n, m[Do] += m[j] * m[j];
+    LP_CHECK(lp_dist_allreduce_sum(d, LP_DIST_DP, m, (size_t)Do + 1, LP_F64));
+    double between = m[Do];
+    for (int j = 0; j < Do; j++) between -= m[j] * m[j] / tr->dp;
+    *sst = v[4] + n * between;
+    return LP_OK;
+}
+
 /* One step: forward, losses, gradients, Adam, decoder renormalisation, dead tracking.
  * Returns the batch's losses in *mse, *sparsity (the L1 or L0 term), *aux. */
 lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double *sparse_loss, double *aux_loss,
@@ -241,7 +265,8 @@ lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double 
     lp_sae *s = tr->s, *g = &tr->gview;
     lp_ctx *c = tr->c;
     const lp_sae_cfg *cf = &s->cfg;
-    int N = tr->N, D = tr->D, Do = tr->Do, S = tr->S, K = r->K;
+    /* N: this rank's rows (the whole batch in one process); Ng: the global batch */
+    int N = tr->Nl, Ng = tr->N, D = tr->D, Do = tr->Do, S = tr->S, K = r->K;
     const float *y = tr->transcoder ? r->y : r->x;
     LP_CHECK(lp_ctx_memset0(c, tr->grad, s->n_floats * 4));
     LP_CHECK(sae_runner_forward(r, N, 1));
@@ -260,9 +285,10 @@ lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double 
     LP_CHECK(lp_ctx_memset0(c, r->counts, (size_t)S * 8));
     LP_CHECK(lp_sae_fire_counts(c, r->counts, cf->arch == LP_SAE_TOPK ? r->idx : NULL, r->val, r->f, N, K, S));
     LP_CHECK(lp_ctx_to_host(c, tr->counts_host, r->counts, (size_t)S * 8));
+    LP_CHECK(lp_dist_allreduce_sum(tr->t->dist, LP_DIST_DP, tr->counts_host, (size_t)S, LP_I64)); /* the global batch's firings */
     int64_t fired = 0;
     for (int i = 0; i < S; i++) fired += tr->counts_host[i];
-    *l0 = (double)fired / N;
+    *l0 = (double)fired / Ng;
     *sparse_loss = 0, *aux_loss = 0;
 
     LP_CHECK(latent_grads(tr, l1, *l0, sparse_loss));
@@ -270,12 +296,13 @@ lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double 
     /* dead latents: no firing for dead_feature_window tokens */
     int n_dead = 0;
     for (int i = 0; i < S; i++) {
-        tr->since[i] = tr->counts_host[i] ? 0 : tr->since[i] + N;
+        tr->since[i] = tr->counts_host[i] ? 0 : tr->since[i] + Ng;
         n_dead += tr->since[i] >= tr->t->dead_feature_window;
     }
     tr->r->n_dead = n_dead;
     if (r->Ka > 0 && n_dead > 0 && tr->t->aux_k_coefficient > 0) LP_CHECK(auxk_step(tr, y, n_dead, aux_loss));
 
+    if (tr->dp > 1) LP_CHECK(dp_average(tr, y, mse, sparse_loss, aux_loss, sse, sst));
     /* unit-norm decoder: no gradient along the rows, Adam, renormalise */
     LP_CHECK(lp_rows_remove_parallel(c, g->W_dec, s->W_dec, S, Do));
     LP_CHECK(lp_adam_step(c, (float *)s->mem, tr->grad, tr->adam_m, tr->adam_v, s->n_floats, (float)lr, (float)tr->t->adam_beta1,

@@ -4,6 +4,7 @@
 #ifndef LOUPE_SAE_TRAINER_H
 #define LOUPE_SAE_TRAINER_H
 
+#include "loupe/dist.h"
 #include "loupe/output.h"
 #include "loupe/sae_train.h"
 #include "loupe/store.h"
@@ -36,7 +37,11 @@ typedef struct trainer {
     lp_live *live;                  /* a live model stream */
     int live_in, live_out;          /* its hook indices (live_out < 0: an SAE) */
     int transcoder;
-    int N, D, Do, S;
+    int N, D, Do, S;                /* N: tokens of a global batch */
+    int Nl, dp, dpr;                /* this rank's rows of it (N / dp), DP size and rank */
+    float *ysum;                    /* dp > 1: device [Do], this rank's column sums of y */
+    float *ysum_f;                  /* host [Do] */
+    double *ysum_host;              /* host [Do + 1] */
     float *grad, *adam_m, *adam_v; /* device, the layout of s->mem */
     lp_sae gview;                   /* grad pointers carved like the SAE's */
     /* data */

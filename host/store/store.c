@@ -1,7 +1,4 @@
-/* host/store/: the activation store, above model/: runs the model with captures and writes
- * shards a reader can use directly; reads them back (means, windows).
- *
- * store.c: writing the activation store (shards + meta.json) with resume, and
+/* store.c: writing the activation store (shards + meta.json) with resume, and
  * reading hook means back from it. See store.h for the layout. */
 #include <cjson/cJSON.h>
 #include <dirent.h>
@@ -17,7 +14,6 @@
 #include "loupe/output.h"
 #include "loupe/safetensors.h"
 #include "loupe/store.h"
-#include "io/json.h"
 
 static double now_s(void) {
     struct timespec ts;
@@ -28,7 +24,7 @@ static double now_s(void) {
 /* Expands the comma-separated hook list into hook ids, in model order, without repeats. */
 static lp_status expand_hooks(lp_model *m, const char *spec, int *ids, int *n) {
     char *s = strdup(spec), *save = NULL;
-    if (!s) LP_FAIL(LP_ERR_OOM, "cache.hooks: out of memory");
+    if (!s) LP_FAIL(LP_ERR_OOM, "out of memory");
     lp_status st = LP_OK;
     lp_hooks_clear(m);
     for (char *tok = strtok_r(s, ",", &save); tok && st == LP_OK; tok = strtok_r(NULL, ",", &save)) {
@@ -112,10 +108,10 @@ static lp_status check_resume(const char *dir, const char *fresh, int *keep) {
     char path[4200];
     snprintf(path, sizeof path, "%s/meta.json", dir);
     *keep = 0;
-    int absent;
-    cJSON *old = json_load(path, &absent);
-    if (absent) return LP_OK; /* a new store */
-    cJSON *now = cJSON_Parse(fresh);
+    char *buf = lp_read_file(path, NULL);
+    if (!buf) return LP_OK; /* a new store */
+    cJSON *old = cJSON_Parse(buf), *now = cJSON_Parse(fresh);
+    free(buf);
     lp_status st = LP_OK;
     if (!cJSON_IsObject(old)) {
         st = LP_ERR(LP_ERR_FORMAT, "%s: not a loupe store's meta.json; choose another cache.out", path);
@@ -152,79 +148,109 @@ static void progress(const lp_cache_opts *o, int64_t done, int64_t total, int64_
     o->on_progress(&p, o->progress_user);
 }
 
-/* Writes meta (meta_json's text, then freed) to path; NULL is meta_json out of memory. */
-static lp_status write_meta(const char *path, char *meta) {
-    lp_status st = meta ? lp_write_file_atomic(path, meta, strlen(meta)) : LP_ERR(LP_ERR_OOM, "%s: out of memory", path);
-    free(meta);
-    return st;
+/* One batch's captures in the store's dtype, packed after an 8-byte status header:
+ * [int32 status, pad][hook 0: B rows][hook 1: B rows]... — the unit the DP ranks gather. */
+typedef struct cache_pack {
+    size_t slot, *off, *per_seq; /* bytes of a slot; each hook's offset and bytes per sequence */
+    char *mine, *all;            /* this rank's slot; every DP rank's slots (dp * slot) */
+} cache_pack;
+
+static lp_status pack_init(cache_pack *p, lp_model *m, const int *ids, int nh, int B, int T, size_t es, int dp) {
+    p->off = calloc(nh, sizeof(size_t)), p->per_seq = calloc(nh, sizeof(size_t));
+    if (!p->off || !p->per_seq) LP_FAIL(LP_ERR_OOM, "out of memory");
+    p->slot = 8;
+    for (int i = 0; i < nh; i++) {
+        int64_t s[LP_MAX_DIMS];
+        int nd = lp_hook_shape(m, ids[i], 1, T, s);
+        p->per_seq[i] = (size_t)lp_shape_numel(s, nd) * es;
+        p->off[i] = p->slot;
+        p->slot += ((p->per_seq[i] * B + 7) & ~(size_t)7);
+    }
+    p->mine = calloc(1, p->slot), p->all = calloc(dp, p->slot);
+    if (!p->mine || !p->all) LP_FAIL(LP_ERR_OOM, "out of memory");
+    return LP_OK;
 }
 
-/* What lp_cache_run carries from one shard to the next. */
-typedef struct {
-    lp_model *m;
-    const lp_tokens *toks;
-    const lp_cache_opts *o;
-    const int *ids; /* the captured hooks */
-    int nh, B;
-    lp_st_spec *specs; /* [nh + 1]: the tokens, then each hook */
-    void *conv;        /* scratch for the conversion to o->dtype */
-    size_t conv_cap;
-    double t0;
-    int64_t toks_done;
-} cache_run;
+static void pack_free(cache_pack *p) {
+    free(p->off), free(p->per_seq), free(p->mine), free(p->all);
+}
 
-/* One batch's captures, converted to the store's dtype, into rows b0.. of shard writer w. */
-static lp_status put_captures(cache_run *x, lp_st_writer *w, int b0, int nb) {
-    size_t es_store = lp_dtype_size(x->o->dtype);
-    for (int i = 0; i < x->nh; i++) {
+/* Runs the forward of nb rows and packs every captured hook into p->mine. */
+static lp_status forward_pack(lp_model *m, const int32_t *tk, int nb, int T, const int *ids, int nh, lp_dtype dt, cache_pack *p) {
+    LP_CHECK(lp_model_forward(m, tk, nb, T, 0));
+    for (int i = 0; i < nh; i++) {
         lp_tensor t;
-        LP_CHECK(lp_capture_get(x->m, lp_hook_name(x->m, x->ids[i]), &t));
-        size_t n = (size_t)lp_shape_numel(t.shape, t.ndim), bytes = n * es_store;
-        const void *src = t.data;
-        if (t.dtype != x->o->dtype) {
-            if (bytes > x->conv_cap) {
-                free(x->conv);
-                x->conv = malloc(bytes);
-                x->conv_cap = x->conv ? bytes : 0;
-                if (!x->conv) LP_FAIL(LP_ERR_OOM, "cache: out of memory for %zu bytes", bytes);
-            }
-            LP_CHECK(lp_convert_host(x->conv, x->o->dtype, t.data, t.dtype, n));
-            src = x->conv;
-        }
-        LP_CHECK(lp_st_writer_put(w, i + 1, (size_t)b0 * (bytes / nb), src, bytes));
+        LP_CHECK(lp_capture_get(m, lp_hook_name(m, ids[i]), &t));
+        size_t n = (size_t)lp_shape_numel(t.shape, t.ndim);
+        if (n * lp_dtype_size(dt) != p->per_seq[i] * nb) LP_FAIL(LP_ERR_SHAPE, "%s: captured size differs from its shape", lp_hook_name(m, ids[i]));
+        if (t.dtype != dt) LP_CHECK(lp_convert_host(p->mine + p->off[i], dt, t.data, t.dtype, n));
+        else memcpy(p->mine + p->off[i], t.data, n * lp_dtype_size(dt));
     }
     return LP_OK;
 }
 
-/* Shard s, sequences [first, first + ns): their tokens and every hook's activations,
- * committed whole (a shard that fails part way is removed). */
-static lp_status write_shard(cache_run *x, int s, int64_t first, int ns) {
-    const lp_tokens *toks = x->toks;
-    int T = toks->ctx, B = x->B;
-    x->specs[0] = (lp_st_spec){.name = "tokens", .dtype = LP_I32, .ndim = 2, .shape = {ns, T}};
-    for (int i = 0; i < x->nh; i++) {
-        x->specs[i + 1] = (lp_st_spec){.name = lp_hook_name(x->m, x->ids[i]), .dtype = x->o->dtype};
-        x->specs[i + 1].ndim = lp_hook_shape(x->m, x->ids[i], ns, T, x->specs[i + 1].shape);
+/* The batches of one shard, dp at a time: batch k is computed by DP rank k % dp; after each
+ * round every rank holds every slot (and so learns whether a rank failed), and rank 0 puts
+ * them into the shard in batch order. */
+static lp_status cache_shard(lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, const int *ids, int nh, cache_pack *p,
+                             lp_st_writer *w, lp_status st, int64_t first, int ns, int B, int64_t *toks_done, double t0) {
+    int T = toks->ctx, dp = lp_dist_dp_size(o->dist), me = lp_dist_dp_rank(o->dist);
+    int nbatch = (ns + B - 1) / B;
+    for (int r0 = 0; r0 < nbatch; r0 += dp) {
+        int k = r0 + me;
+        if (k < nbatch && st == LP_OK) { /* st: rank 0's failed write of the round before */
+            int nb = ns - k * B < B ? ns - k * B : B;
+            st = forward_pack(m, toks->ids + (size_t)(first + (int64_t)k * B) * T, nb, T, ids, nh, o->dtype, p);
+        }
+        *(int32_t *)p->mine = st == LP_OK ? 0 : 1;
+        if (dp > 1) {
+            lp_status g = lp_dist_allgather(o->dist, LP_DIST_DP, p->mine, p->all, p->slot);
+            if (g != LP_OK) return g;
+        }
+        const char *all = dp > 1 ? p->all : p->mine;
+        for (int j = 0; j < dp; j++) {
+            if (*(const int32_t *)(all + (size_t)j * p->slot) == 0) continue;
+            if (j == me) return st;
+            LP_FAIL(LP_ERR_IO, "cache: DP rank %d failed (its error is printed by that rank)", j);
+        }
+        for (int j = 0; j < dp && r0 + j < nbatch && me == 0 && st == LP_OK; j++) {
+            int b0 = (r0 + j) * B, nb = ns - b0 < B ? ns - b0 : B;
+            const char *slot = all + (size_t)j * p->slot;
+            st = lp_st_writer_put(w, 0, (size_t)b0 * T * 4, toks->ids + (size_t)(first + b0) * T, (size_t)nb * T * 4);
+            for (int i = 0; i < nh && st == LP_OK; i++) st = lp_st_writer_put(w, i + 1, (size_t)b0 * p->per_seq[i], slot + p->off[i], nb * p->per_seq[i]);
+        }
+        for (int j = 0; j < dp && r0 + j < nbatch; j++) {
+            int b0 = (r0 + j) * B, nb = ns - b0 < B ? ns - b0 : B;
+            *toks_done += (int64_t)nb * T;
+            if (me == 0) progress(o, first + b0 + nb, toks->n_seq, *toks_done, t0, 0, 0);
+        }
     }
+    return st; /* a failed write of the last round: the end-of-shard broadcast tells the others */
+}
+
+/* DP rank 0 alone: the lock, the resume check and the stale files; *keep the complete shards. */
+static lp_status cache_begin(const lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, const int *ids, int nh, lp_lock *lock,
+                             source_id *src, int *keep) {
+    /* one writer per store, for the whole run: a second run started by mistake is refused
+     * instead of deleting or renaming this one's files in flight */
+    LP_CHECK(lp_lock_output(lock, o->out, 1));
+    lp_status st = source_fingerprint(o, src);
+    char *fresh = st == LP_OK ? meta_json(m, o, src, toks, ids, nh, 0, 0, 0) : NULL;
+    if (st == LP_OK) st = check_resume(o->out, fresh, keep);
+    free(fresh);
+    if (st == LP_OK) st = lp_remove_stale_tmp(o->out); /* under the lock: only a dead run's leftovers */
+    if (st != LP_OK) lp_lock_release(lock);
+    return st;
+}
+
+static lp_status write_meta(const lp_model *m, const lp_cache_opts *o, const source_id *src, const lp_tokens *toks, const int *ids, int nh,
+                            int n_shards, int64_t done, int complete) {
     char path[4200];
-    snprintf(path, sizeof path, "%s/shard-%05d.safetensors", x->o->out, s);
-    lp_st_writer w;
-    LP_CHECK(lp_st_writer_open(&w, path, x->specs, x->nh + 1, NULL));
-    lp_status st = LP_OK;
-    for (int b0 = 0; b0 < ns && st == LP_OK; b0 += B) {
-        int nb = ns - b0 < B ? ns - b0 : B;
-        const int32_t *tk = toks->ids + (size_t)(first + b0) * T;
-        st = lp_st_writer_put(&w, 0, (size_t)b0 * T * 4, tk, (size_t)nb * T * 4);
-        if (st == LP_OK) st = lp_model_forward(x->m, tk, nb, T, 0);
-        if (st == LP_OK) st = put_captures(x, &w, b0, nb);
-        x->toks_done += (int64_t)nb * T;
-        progress(x->o, first + b0 + nb, toks->n_seq, x->toks_done, x->t0, 0, 0);
-    }
-    if (st != LP_OK) {
-        lp_st_writer_abort(&w);
-        return st;
-    }
-    return lp_st_writer_commit(&w);
+    snprintf(path, sizeof path, "%s/meta.json", o->out);
+    char *meta = meta_json(m, o, src, toks, ids, nh, n_shards, done, complete);
+    lp_status st = meta ? lp_write_file_atomic(path, meta, strlen(meta)) : LP_ERR(LP_ERR_OOM, "out of memory");
+    free(meta);
+    return st;
 }
 
 lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, lp_cache_report *rep) {
@@ -233,72 +259,95 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
     if (o->batch <= 0 || o->shard_sequences <= 0) LP_FAIL(LP_ERR_ARG, "cache.batch and cache.shard_sequences must be positive");
     if (toks->ctx > lp_model_config(m)->n_ctx)
         LP_FAIL(LP_ERR_ARG, "%s: rows of %d tokens exceed the model's context of %d", o->tokens_path, toks->ctx, lp_model_config(m)->n_ctx);
+    int dp = lp_dist_dp_size(o->dist), me = lp_dist_dp_rank(o->dist);
     int *ids = malloc(lp_hook_count(m) * sizeof(int)), nh = 0;
-    if (!ids) LP_FAIL(LP_ERR_OOM, "cache: out of memory");
+    if (!ids) LP_FAIL(LP_ERR_OOM, "out of memory");
     lp_status st = expand_hooks(m, o->hooks, ids, &nh);
     if (st != LP_OK) {
         free(ids);
         return st;
     }
-    /* one writer per store, for the whole run: a second run started by mistake is refused
-     * instead of deleting or renaming this one's files in flight */
     lp_lock lock;
     source_id src;
-    st = lp_lock_output(&lock, o->out, 1);
-    if (st != LP_OK) {
-        free(ids);
-        return st;
-    }
     int T = toks->ctx, S = o->shard_sequences;
     int n_shards = (int)((toks->n_seq + S - 1) / S), keep = 0;
-    st = source_fingerprint(o, &src);
-    char *fresh = st == LP_OK ? meta_json(m, o, &src, toks, ids, nh, 0, 0, 0) : NULL;
-    if (st == LP_OK && !fresh) st = LP_ERR(LP_ERR_OOM, "cache: out of memory");
-    if (st == LP_OK) st = check_resume(o->out, fresh, &keep);
-    free(fresh);
-    if (st == LP_OK) st = lp_remove_stale_tmp(o->out); /* under the lock: only a dead run's leftovers */
+    if (me == 0) st = cache_begin(m, toks, o, ids, nh, &lock, &src, &keep);
+    int locked = me == 0 && st == LP_OK;
+    int32_t hdr = st == LP_OK ? keep : -1; /* the other ranks learn where to start, or that rank 0 failed */
+    if (dp > 1) {
+        lp_status b = lp_dist_broadcast(o->dist, LP_DIST_DP, &hdr, sizeof hdr, 0);
+        if (st == LP_OK) st = b;
+        if (st == LP_OK && hdr < 0) st = LP_ERR(LP_ERR_IO, "cache: DP rank 0 could not open %s (its error is printed by that rank)", o->out);
+        keep = hdr;
+    }
     if (st != LP_OK) {
-        lp_lock_release(&lock);
         free(ids);
         return st;
     }
     rep->resumed_sequences = (int64_t)keep * S < toks->n_seq ? (int64_t)keep * S : toks->n_seq;
-    cache_run x = {.m = m, .toks = toks, .o = o, .ids = ids, .nh = nh, .B = o->batch < S ? o->batch : S,
-                   .specs = calloc(nh + 1, sizeof *x.specs), .t0 = now_s()};
-    char meta_path[4200];
-    snprintf(meta_path, sizeof meta_path, "%s/meta.json", o->out);
-    if (!x.specs) LP_TRY(st, done, LP_ERR(LP_ERR_OOM, "cache: out of memory"));
-    LP_TRY(st, done, lp_model_prepare(m, x.B, T));
+    int B = o->batch < S ? o->batch : S;
+    lp_st_spec *specs = calloc(nh + 1, sizeof *specs);
+    cache_pack pk = {0};
+    double t0 = now_s();
+    int64_t toks_done = 0;
+    LP_TRY(st, done, specs ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory"));
+    LP_TRY(st, done, pack_init(&pk, m, ids, nh, B, T, lp_dtype_size(o->dtype), dp));
+    LP_TRY(st, done, lp_model_prepare(m, B, T));
     for (int s = keep; s < n_shards; s++) {
         int64_t first = (int64_t)s * S;
         int ns = (int)(toks->n_seq - first < S ? toks->n_seq - first : S);
-        LP_TRY(st, done, write_shard(&x, s, first, ns));
-        LP_TRY(st, done, write_meta(meta_path, meta_json(m, o, &src, toks, ids, nh, s + 1, first + ns, s + 1 == n_shards)));
-        progress(o, first + ns, toks->n_seq, x.toks_done, x.t0, 1, 0);
+        lp_st_writer w;
+        int opened = 0;
+        if (me == 0) {
+            specs[0] = (lp_st_spec){.name = "tokens", .dtype = LP_I32, .ndim = 2, .shape = {ns, T}};
+            for (int i = 0; i < nh; i++) {
+                specs[i + 1] = (lp_st_spec){.name = lp_hook_name(m, ids[i]), .dtype = o->dtype};
+                specs[i + 1].ndim = lp_hook_shape(m, ids[i], ns, T, specs[i + 1].shape);
+            }
+            char path[4200];
+            snprintf(path, sizeof path, "%s/shard-%05d.safetensors", o->out, s);
+            /* a failure here is rank 0's status in the first round, so no rank waits on it */
+            st = lp_st_writer_open(&w, path, specs, nh + 1, NULL);
+            opened = st == LP_OK;
+        }
+        st = cache_shard(m, toks, o, ids, nh, &pk, &w, st, first, ns, B, &toks_done, t0);
+        if (opened && st != LP_OK) lp_st_writer_abort(&w);
+        else if (opened) st = lp_st_writer_commit(&w);
+        if (me == 0 && st == LP_OK) st = write_meta(m, o, &src, toks, ids, nh, s + 1, first + ns, s + 1 == n_shards);
+        if (dp > 1) { /* rank 0's writes of this shard: the others stop with it */
+            int32_t ok = st == LP_OK;
+            lp_status b = lp_dist_broadcast(o->dist, LP_DIST_DP, &ok, sizeof ok, 0);
+            if (st == LP_OK && b != LP_OK) st = b;
+            if (st == LP_OK && !ok) st = LP_ERR(LP_ERR_IO, "cache: DP rank 0 could not write %s (its error is printed by that rank)", o->out);
+        }
+        if (st != LP_OK) goto done;
+        if (me == 0) progress(o, first + ns, toks->n_seq, toks_done, t0, 1, 0);
     }
-    if (keep >= n_shards) /* nothing to do, but make sure meta says complete */
-        st = write_meta(meta_path, meta_json(m, o, &src, toks, ids, nh, n_shards, toks->n_seq, 1));
-    progress(o, toks->n_seq, toks->n_seq, x.toks_done, x.t0, 0, 1);
+    /* nothing to do, but make sure meta says complete */
+    if (keep >= n_shards && me == 0) LP_TRY(st, done, write_meta(m, o, &src, toks, ids, nh, n_shards, toks->n_seq, 1));
+    if (me == 0) progress(o, toks->n_seq, toks->n_seq, toks_done, t0, 0, 1);
 done:
-    rep->seconds = now_s() - x.t0;
-    rep->tokens_per_s = rep->seconds > 0 ? x.toks_done / rep->seconds : 0;
+    rep->seconds = now_s() - t0;
+    rep->tokens_per_s = rep->seconds > 0 ? toks_done / rep->seconds : 0;
     rep->n_shards = n_shards;
     rep->n_hooks = nh;
     rep->n_sequences = st == LP_OK ? toks->n_seq : 0;
     rep->n_tokens = rep->n_sequences * T;
-    free(x.conv);
-    free(x.specs);
+    pack_free(&pk);
+    free(specs);
     free(ids);
-    lp_lock_release(&lock);
+    if (locked) lp_lock_release(&lock);
     return st;
 }
 
 lp_status lp_store_require_complete(const char *dir) {
     char path[4200];
     snprintf(path, sizeof path, "%s/meta.json", dir);
-    int absent;
-    cJSON *j = json_load(path, &absent);
-    if (absent) return LP_OK; /* shards without meta.json: not written by loupe cache, nothing says incomplete */
+    size_t n;
+    char *txt = lp_read_file(path, &n);
+    if (!txt) return LP_OK; /* shards without meta.json: not written by loupe cache, nothing says incomplete */
+    cJSON *j = cJSON_ParseWithLength(txt, n);
+    free(txt);
     const cJSON *c = cJSON_GetObjectItemCaseSensitive(j, "complete");
     int incomplete = cJSON_IsFalse(c);
     const cJSON *done = cJSON_GetObjectItemCaseSensitive(j, "n_sequences"), *plan = cJSON_GetObjectItemCaseSensitive(j, "n_sequences_planned");
@@ -364,11 +413,15 @@ lp_status lp_store_open(lp_store **out, const char *dir, const char *hook) {
     snprintf(s->dir, sizeof s->dir, "%s", dir);
     char path[1200];
     snprintf(path, sizeof path, "%s/meta.json", dir);
-    int absent; /* meta.json is optional: it names the model the store came from */
-    cJSON *j = json_load(path, &absent);
-    const cJSON *mp = cJSON_GetObjectItemCaseSensitive(j, "model");
-    if (cJSON_IsString(mp)) snprintf(s->model, sizeof s->model, "%s", mp->valuestring);
-    cJSON_Delete(j);
+    size_t n;
+    char *meta = lp_read_file(path, &n);
+    if (meta) { /* optional: the model the store came from */
+        cJSON *j = cJSON_ParseWithLength(meta, n);
+        const cJSON *mp = cJSON_GetObjectItemCaseSensitive(j, "model");
+        if (cJSON_IsString(mp)) snprintf(s->model, sizeof s->model, "%s", mp->valuestring);
+        cJSON_Delete(j);
+        free(meta);
+    }
     int cap = 0;
     lp_status st = LP_OK;
     for (int i = 0;; i++) {

@@ -60,6 +60,14 @@ typedef struct lp_sae_train_cfg {
     void *progress_user;
     int allow_incomplete;        /* train on a store whose meta.json says it is not complete */
     int64_t stop_after;          /* tests: stop as if killed after this many tokens (0: never) */
+    /* Data parallelism (dist.h; NULL or a DP group of one: one process): every DP rank calls
+     * lp_sae_train with the same settings and store; each takes its batch_tokens / dp rows of
+     * every global batch, the gradients (means over each slice, averaged) and the firing
+     * counts of the dead-latent statistics are all-reduced before each Adam step, so every
+     * rank holds the same SAE; DP rank 0 alone locks train.out and writes metrics,
+     * checkpoints and the SAE. A store only (not a live stream); not batchtopk (its
+     * selection spans the whole batch). */
+    struct lp_dist *dist;
 } lp_sae_train_cfg;
 
 void lp_sae_train_defaults(lp_sae_train_cfg *t);

@@ -11,6 +11,7 @@
 
 #include "loupe/model.h"
 #include "loupe/tokens.h"
+#include "loupe/dist.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -34,6 +35,13 @@ typedef struct lp_cache_opts {
      * end with final set; NULL: silent. The library never prints: the CLI draws the bar. */
     void (*on_progress)(const struct lp_cache_progress *p, void *user);
     void *progress_user;
+    /* Data parallelism (dist.h): NULL or a DP group of one is the single process. With more,
+     * every rank of the DP group calls lp_cache_run with the same settings and tokens; each
+     * shard's batches go round-robin over the ranks (batch k to DP rank k % dp, so every
+     * forward is the one a single process would run, on the same rows), their captures are
+     * all-gathered, and DP rank 0 alone holds the lock and writes shards and meta.json: the
+     * store is byte for byte the single process's, and resumes the same way. */
+    struct lp_dist *dist;
 } lp_cache_opts;
 
 typedef struct lp_cache_report {

@@ -1,0 +1,229 @@
+/* test_dist_data: data parallelism of `loupe cache` under mpirun.
+ *
+ * The store written by 2 and 3 data-parallel ranks is the single process's, byte for byte
+ * (every shard and meta.json); a DP run resumes a store whose last shard is gone and ends
+ * identical again; a store rank 0 cannot open ends every rank with an error, none hangs;
+ * ranks started with different settings are refused before any work.
+ * Every run uses one BLAS thread: the single process's own bytes depend on the BLAS thread
+ * count (a multi-threaded GEMM sums in another order), and mpirun gives each rank one core.
+ * Skipped, saying why, without MPI in the build or mpirun on the PATH. */
+#include <criterion/criterion.h>
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "loupe/dist.h"
+#include "loupe/output.h"
+#include "loupe/sae.h"
+
+#define FIX "tests/fixtures/"
+#define ENV "OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "
+#define MPIRUN "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -x OPENBLAS_NUM_THREADS -x OMP_NUM_THREADS "
+/* 8 sequences of 4 tokens in shards of 3 and batches of 2: shards of two batches and of one,
+ * so some rounds leave a rank without a batch */
+#define ARGS "cache --model.path=" FIX "gpt2-tiny --data.tokens=" FIX "gpt2-tiny/tokens_flat.npy --data.context=4 --model.device=cpu " \
+             "--cache.hooks=blocks.*.hook_resid_post,blocks.0.attn.hook_pattern,blocks.1.mlp.hook_post " \
+             "--cache.shard_sequences=3 --cache.batch=2"
+
+static char g_bin[PATH_MAX + 16], g_dir[] = "/tmp/loupe-distdp-XXXXXX";
+
+/* build/loupe beside this test binary, a scratch directory; skips when MPI cannot run. */
+static void setup(void) {
+    if (!lp_dist_have_mpi()) cr_skip_test("this loupe was built without MPI (mpicc absent at build time)");
+    if (system("command -v mpirun >/dev/null 2>&1") != 0) cr_skip_test("mpirun is not on the PATH (scripts/install-deps.sh installs OpenMPI)");
+    char self[PATH_MAX];
+    ssize_t k = readlink("/proc/self/exe", self, sizeof self - 1);
+    cr_assert(k > 0, "cannot find this test binary");
+    self[k] = 0;
+    snprintf(g_bin, sizeof g_bin, "%s/loupe", dirname(self));
+    cr_assert_eq(access(g_bin, X_OK), 0, "%s is missing (make builds it)", g_bin);
+    cr_assert(mkdtemp(g_dir), "cannot make a scratch directory");
+}
+
+static void teardown(void) {
+    char cmd[PATH_MAX + 16];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
+    if (g_dir[strlen(g_dir) - 1] != 'X') (void)!system(cmd);
+}
+
+/* Runs a command, its output (stdout and stderr) into out; returns its exit status. */
+static int run(char *out, size_t n, const char *fmt, ...) {
+    char cmd[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    strncat(cmd, " 2>&1", sizeof cmd - strlen(cmd) - 1);
+    FILE *p = popen(cmd, "r");
+    cr_assert(p, "cannot run %s", cmd);
+    size_t k = 0;
+    out[0] = 0;
+    char line[1024];
+    while (fgets(line, sizeof line, p))
+        if (k + strlen(line) < n) strcpy(out + k, line), k += strlen(line);
+    int rc = pclose(p);
+    return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+}
+
+static void same_file(const char *a, const char *b) {
+    size_t na, nb;
+    char *x = lp_read_file(a, &na), *y = lp_read_file(b, &nb);
+    cr_assert(x, "cannot read %s", a);
+    cr_assert(y, "cannot read %s", b);
+    cr_assert_eq(na, nb, "%s has %zu bytes, %s %zu", a, na, b, nb);
+    cr_assert(memcmp(x, y, na) == 0, "%s and %s differ", a, b);
+    free(x), free(y);
+}
+
+static void same_store(const char *ref, const char *dir) {
+    static const char *const files[] = {"meta.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors", NULL};
+    char a[PATH_MAX], b[PATH_MAX];
+    for (int i = 0; files[i]; i++) {
+        snprintf(a, sizeof a, "%s/%s", ref, files[i]);
+        snprintf(b, sizeof b, "%s/%s", dir, files[i]);
+        same_file(a, b);
+    }
+    snprintf(b, sizeof b, "%s/shard-00003.safetensors", dir);
+    cr_assert_neq(access(b, F_OK), 0, "%s: one shard too many", b);
+}
+
+TestSuite(dist_data, .init = setup, .fini = teardown, .timeout = 120);
+
+static void dp_matches(int np) {
+    char out[16384], ref[PATH_MAX + 64], dir[PATH_MAX + 64];
+    snprintf(ref, sizeof ref, "%s/one", g_dir);
+    snprintf(dir, sizeof dir, "%s/dp", g_dir);
+    int rc = run(out, sizeof out, ENV "%s " ARGS " --cache.out=%s", g_bin, ref);
+    cr_assert_eq(rc, 0, "one process: %s", out);
+    rc = run(out, sizeof out, ENV MPIRUN "-np %d %s " ARGS " --cache.out=%s", np, g_bin, dir);
+    cr_assert_eq(rc, 0, "mpirun -np %d: %s", np, out);
+    cr_assert(strstr(out, "cached 4 hooks for 8 sequences (32 tokens)"), "%s", out);
+    cr_assert(strstr(out, "3 shards"), "%s", out);
+    same_store(ref, dir);
+
+    /* the last shard lost (a run killed before it was renamed into place): a DP re-run
+     * keeps the first two and writes it again, byte for byte */
+    char last[PATH_MAX + 96];
+    snprintf(last, sizeof last, "%s/shard-00002.safetensors", dir);
+    cr_assert_eq(unlink(last), 0);
+    rc = run(out, sizeof out, ENV MPIRUN "-np %d %s " ARGS " --cache.out=%s", np, g_bin, dir);
+    cr_assert_eq(rc, 0, "mpirun -np %d (resume): %s", np, out);
+    cr_assert(strstr(out, "6 sequences were already there"), "%s", out);
+    same_store(ref, dir);
+}
+
+Test(dist_data, cache_dp2_is_the_single_process_store) { dp_matches(2); }
+Test(dist_data, cache_dp3_is_the_single_process_store) { dp_matches(3); }
+
+/* rank 0 cannot open the store (cache.out is a file): every rank ends, non-zero, naming why */
+Test(dist_data, cache_store_refused_on_rank0_ends_every_rank) {
+    char out[16384], file[PATH_MAX + 64];
+    snprintf(file, sizeof file, "%s/afile", g_dir);
+    FILE *f = fopen(file, "w");
+    cr_assert(f);
+    fclose(f);
+    int rc = run(out, sizeof out, "timeout 60 " MPIRUN "-np 2 %s " ARGS " --cache.out=%s", g_bin, file);
+    cr_assert_neq(rc, 0, "%s", out);
+    cr_assert_neq(rc, 124, "mpirun hung: %s", out);
+    cr_assert(strstr(out, "loupe: rank 1: cache: DP rank 0 could not open"), "%s", out);
+    cr_assert(strstr(out, "loupe: rank 0: "), "%s", out);
+}
+
+/* rank 1 started with another cache.batch: refused at the start, on every rank, naming it */
+Test(dist_data, ranks_with_other_settings_are_refused) {
+    char out[16384], sh[PATH_MAX + 64];
+    snprintf(sh, sizeof sh, "%s/launch.sh", g_dir);
+    FILE *f = fopen(sh, "w");
+    cr_assert(f);
+    fprintf(f, "#!/bin/sh\nif [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then exec %s " ARGS " --cache.out=%s/s --cache.batch=3; fi\n"
+               "exec %s " ARGS " --cache.out=%s/s\n", g_bin, g_dir, g_bin, g_dir);
+    fclose(f);
+    cr_assert_eq(chmod(sh, 0755), 0);
+    int rc = run(out, sizeof out, "timeout 60 " MPIRUN "-np 2 %s", sh);
+    cr_assert_neq(rc, 0, "%s", out);
+    cr_assert_neq(rc, 124, "mpirun hung: %s", out);
+    cr_assert(strstr(out, "loupe: rank 0: rank 1 was started with other settings than rank 0"), "%s", out);
+    cr_assert(strstr(out, "loupe: rank 1: rank 1 was started with other settings than rank 0"), "%s", out);
+    char meta[PATH_MAX + 64];
+    snprintf(meta, sizeof meta, "%s/s/meta.json", g_dir);
+    cr_assert_neq(access(meta, F_OK), 0, "a store was started: %s", meta);
+}
+
+/* ---- train-sae: 2 ranks of batch_tokens / 2 each against one process of batch_tokens ---- */
+
+#define TRAIN "train-sae %s/store --data.hook=blocks.1.hook_resid_post --sae.expansion_factor=2 --train.device=cpu " \
+              "--train.tokens=256 --train.batch_tokens=16 --train.shuffle_tokens=32 --train.log_every=1 " \
+              "--train.dead_feature_window=8 --train.aux_k_coefficient=0.03 --train.lr=1e-3 --train.checkpoint_every=128"
+
+static double num(const cJSON *j, const char *k) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, k);
+    cr_assert(cJSON_IsNumber(v), "metrics line without %s", k);
+    return v->valuedouble;
+}
+
+static void close_to(double a, double b, double tol, const char *what, int line) {
+    cr_assert(fabs(a - b) <= tol * fmax(1.0, fmax(fabs(a), fabs(b))), "%s at line %d: %.9g and %.9g", what, line, a, b);
+}
+
+/* Every logged step's losses, explained variance, L0 and dead latents agree. */
+static void same_curve(const char *one, const char *two) {
+    char *a = lp_read_file(one, NULL), *b = lp_read_file(two, NULL);
+    cr_assert(a && b, "cannot read %s or %s", one, two);
+    static const char *const keys[] = {"losses/overall_loss", "losses/mse_loss", "losses/auxiliary_reconstruction_loss",
+                                       "metrics/explained_variance", "metrics/l0", "sparsity/dead_features", NULL};
+    char *sa = NULL, *sb = NULL;
+    int line = 0;
+    for (char *la = strtok_r(a, "\n", &sa), *lb = strtok_r(b, "\n", &sb); la || lb;
+         la = strtok_r(NULL, "\n", &sa), lb = strtok_r(NULL, "\n", &sb), line++) {
+        cr_assert(la && lb, "%s and %s have different numbers of lines", one, two);
+        cJSON *ja = cJSON_Parse(la), *jb = cJSON_Parse(lb);
+        for (int k = 0; keys[k]; k++) close_to(num(ja, keys[k]), num(jb, keys[k]), 1e-5, keys[k], line);
+        cJSON_Delete(ja), cJSON_Delete(jb);
+    }
+    cr_assert_eq(line, 16, "16 steps logged, not %d", line);
+    free(a), free(b);
+}
+
+static void train_matches(const char *arch) {
+    char out[16384], one[PATH_MAX + 64], two[PATH_MAX + 64];
+    int rc = run(out, sizeof out, ENV "%s cache --model.path=" FIX "gpt2-tiny --data.tokens=" FIX "gpt2-tiny/tokens_flat.npy --data.context=4 "
+                 "--model.device=cpu --cache.hooks=blocks.1.hook_resid_post --cache.out=%s/store", g_bin, g_dir);
+    cr_assert_eq(rc, 0, "cache: %s", out);
+    snprintf(one, sizeof one, "%s/one", g_dir);
+    snprintf(two, sizeof two, "%s/two", g_dir);
+    rc = run(out, sizeof out, ENV "%s " TRAIN " --sae.architecture=%s --train.out=%s", g_bin, g_dir, arch, one);
+    cr_assert_eq(rc, 0, "one process: %s", out);
+    rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " TRAIN " --sae.architecture=%s --train.out=%s", g_bin, g_dir, arch, two);
+    cr_assert_eq(rc, 0, "mpirun -np 2: %s", out);
+    cr_assert(strstr(out, "in 16 steps"), "%s", out);
+    char a[PATH_MAX + 96], b[PATH_MAX + 96];
+    snprintf(a, sizeof a, "%s/metrics.jsonl", one);
+    snprintf(b, sizeof b, "%s/metrics.jsonl", two);
+    same_curve(a, b);
+    lp_ctx c;
+    cr_assert_eq(lp_ctx_init(&c, LP_CPU, LP_F32), LP_OK);
+    lp_sae *sa, *sb;
+    cr_assert_eq(lp_sae_load(&sa, &c, one), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_sae_load(&sb, &c, two), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(sa->n_floats, sb->n_floats);
+    double worst = 0;
+    for (size_t i = 0; i < sa->n_floats; i++) worst = fmax(worst, fabs(((float *)sa->mem)[i] - ((float *)sb->mem)[i]));
+    cr_assert(worst <= 1e-5, "%s: the weights differ by up to %.3g", arch, worst);
+    lp_sae_free(sa, &c), lp_sae_free(sb, &c);
+    lp_ctx_free(&c);
+    /* rank 0 alone wrote, rank 1 nothing: one checkpoint directory, the one lock */
+    snprintf(a, sizeof a, "%s/checkpoints", two);
+    cr_assert_eq(access(a, F_OK), 0, "%s missing", a);
+}
+
+Test(dist_data, train_sae_dp2_matches_one_process_topk) { train_matches("topk"); }
+Test(dist_data, train_sae_dp2_matches_one_process_standard) { train_matches("standard"); }
+Test(dist_data, train_sae_dp2_matches_one_process_jumprelu) { train_matches("jumprelu"); }
