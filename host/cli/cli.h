@@ -22,9 +22,10 @@ void cli_train_progress(const struct lp_train_progress *p, void *user);
 /* Prints lp_last_error() as one line and returns the exit status (2 bad input, 1 other). */
 int cli_fail(lp_status st);
 /* The command being run (for what may run tensor-parallel), and the end of the job's
- * processes (dist.h), which main calls last. */
+ * processes (dist.h), which main calls last with the command's exit status: every rank
+ * meets the others there within dist.timeout_s, or the job ends; returns the status. */
 void cli_set_command(const char *cmd);
-void cli_dist_finish(void);
+int cli_dist_finish(int rc);
 double cli_now(void);
 /* --json output: j as one line on stdout, then freed. */
 void cli_print_json(cJSON *j);

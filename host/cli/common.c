@@ -2,6 +2,7 @@
  * error report and --json output, progress bars, opening the model, reading and tokenizing
  * the data, and the prompt pairs of attribute and patch. Calls only the library. */
 #include <cjson/cJSON.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,13 +27,55 @@ static FILE *g_err; /* ranks other than 0: the real standard error, for errors o
 static const char *g_cmd = "";
 
 void cli_set_command(const char *cmd) { g_cmd = cmd; }
-void cli_dist_finish(void) { lp_dist_finalize(g_dist), g_dist = NULL; }
 
+/* Every rank reaches the end, or the job ends: a rank that failed alone must not wait in
+ * MPI's shutdown for one still working (or gone) longer than dist.timeout_s. */
+int cli_dist_finish(int rc) {
+    if (lp_dist_size(g_dist) > 1 && !lp_dist_failed(g_dist)) {
+        lp_status st = lp_dist_barrier(g_dist, LP_DIST_WORLD);
+        if (st != LP_OK) rc = cli_fail(st); /* ends the job: the barrier lost a rank */
+    }
+    lp_dist_finalize(g_dist), g_dist = NULL;
+    return rc;
+}
+
+/* A collective that timed out or lost a peer (dist.h) leaves the ranks out of step: the
+ * line says so, and the whole job ends here, every rank with a non-zero status. */
 int cli_fail(lp_status st) {
-    if (lp_dist_size(g_dist) > 1) fprintf(g_err ? g_err : stderr, "loupe: rank %d: %s\n", lp_dist_rank(g_dist), lp_last_error());
+    int lost = lp_dist_failed(g_dist), rc = lp_status_exit_code(st);
+    if (lp_dist_size(g_dist) > 1)
+        fprintf(g_err ? g_err : stderr, "loupe: rank %d: %s%s\n", lp_dist_rank(g_dist), lp_last_error(), lost ? "; ending the job" : "");
     else fprintf(stderr, "loupe: %s\n", lp_last_error());
     if (getenv("LOUPE_DEBUG")) fprintf(stderr, "loupe: (raised at %s)\n", lp_last_error_where());
-    return lp_status_exit_code(st);
+    if (lost) {
+        signal(SIGTERM, SIG_DFL); /* the launcher's SIGTERM that follows is no news */
+        fflush(NULL);
+        lp_dist_abort(g_dist, rc ? rc : 1);
+    }
+    return rc;
+}
+
+/* SIGTERM in a job of several ranks: the launcher ends the job (another rank crashed, was
+ * killed or ended it, or the job was cancelled). One line, then the default action: the
+ * outputs stay under their temporary names or marked incomplete, and a rerun resumes. */
+static char g_term_line[200];
+static size_t g_term_len;
+static int g_term_fd = 2;
+static void on_sigterm(int sig) {
+    ssize_t k = write(g_term_fd, g_term_line, g_term_len);
+    (void)k;
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+static void catch_sigterm(int fd) {
+    int n = snprintf(g_term_line, sizeof g_term_line, "loupe: rank %d: ended by the launcher (SIGTERM: another rank failed, or the "
+                     "job was cancelled); what this run wrote is incomplete, and rerunning it resumes\n", lp_dist_rank(g_dist));
+    g_term_len = n > 0 && (size_t)n < sizeof g_term_line ? (size_t)n : 0;
+    g_term_fd = fd;
+    struct sigaction sa = {0};
+    sa.sa_handler = on_sigterm;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
 }
 
 /* Every rank must run the same command with the same settings (a rank started with another
@@ -75,12 +118,18 @@ lp_status cli_join(const args *a) {
     int dp_ok = strcmp(g_cmd, "cache") == 0 || strcmp(g_cmd, "train-sae") == 0, dp = (int)lp_cfg_int(&a->cfg, "dist.dp");
     if (dp > 1 && !dp_ok) LP_FAIL(LP_ERR_ARG, "dist.dp=%d: `loupe %s` does not run data-parallel (cache and train-sae do)", dp, g_cmd);
     LP_CHECK(lp_dist_init(&g_dist, tp, dp_ok ? dp : 1));
+    LP_CHECK(lp_dist_set_timeout(g_dist, lp_cfg_float(&a->cfg, "dist.timeout_s")));
     LP_CHECK(same_settings(a));
-    if (lp_dist_rank(g_dist) == 0) return LP_OK;
+    if (lp_dist_rank(g_dist) == 0) {
+        if (lp_dist_size(g_dist) > 1) catch_sigterm(2);
+        return LP_OK;
+    }
     int fd = dup(2);
     g_err = fd >= 0 ? fdopen(fd, "w") : NULL;
     if (!g_err || !freopen("/dev/null", "w", stdout) || !freopen("/dev/null", "w", stderr))
         LP_FAIL(LP_ERR_WRITE, "rank %d: cannot silence its output", lp_dist_rank(g_dist));
+    setvbuf(g_err, NULL, _IONBF, 0); /* an error line must be out before the job may end */
+    catch_sigterm(fd);
     return LP_OK;
 }
 

@@ -21,6 +21,8 @@ static const lp_key g_keys[] = {
      "tensor-parallel ranks the model is split over (launch that many with mpirun -np N or srun -n N)"},
     {"dist.dp", LP_KEY_INT, "0", 0, 1 << 16, NULL,
      "data-parallel ranks (cache, train-sae: each its share of the batches, rank 0 alone writes); 0: world size / dist.tp"},
+    {"dist.timeout_s", LP_KEY_FLOAT, "30", 0, 1e6, NULL,
+     "seconds a rank waits for the others in any collective before it ends the whole job (a crashed or stopped rank)"},
     {"data.tokens", LP_KEY_STR, NULL, 0, 0, NULL, ".npy or .bin token ids"},
     {"data.text", LP_KEY_STR, NULL, 0, 0, NULL, "UTF-8 text file, tokenized with the model's tokenizer"},
     {"data.context", LP_KEY_INT, "0", 0, 1 << 20, NULL, "row length; 0: as stored (2-D) or the model's context (flat)"},
@@ -273,6 +275,9 @@ static lp_status parse_args(args *a, int argc, char **argv, const char *position
             if (strcmp(key, g_short[k][0]) == 0) snprintf(key, sizeof key, "%s", g_short[k][1]);
         LP_CHECK(lp_cfg_set(&a->cfg, key, val, "command line"));
     }
+    /* the key table bounds it to [0, 1e6] (no infinity, no NaN); a wait of 0 s is none */
+    if (!(lp_cfg_float(&a->cfg, "dist.timeout_s") > 0))
+        LP_FAIL(LP_ERR_ARG, "dist.timeout_s = %g: must be more than 0 seconds", lp_cfg_float(&a->cfg, "dist.timeout_s"));
     return check_paths(&a->cfg);
 }
 
@@ -306,7 +311,7 @@ int main(int argc, char **argv) {
     lp_status st = parse_args(&a, argc - 2, argv + 2, positional);
     int rc = st == LP_OK ? fn(&a) : cli_fail(st);
     lp_cfg_free(&a.cfg);
-    cli_dist_finish();
+    rc = cli_dist_finish(rc);
     /* a report or --json object that did not reach its file is a failure, not a success */
     if ((fflush(stdout) != 0 || ferror(stdout)) && rc == 0) {
         fprintf(stderr, "loupe: standard output: write failed: %s\n", strerror(errno));

@@ -44,6 +44,7 @@ const char *lp_status_name(lp_status st) {
     case LP_ERR_NO_CUDA: return "no cuda";
     case LP_ERR_WRITE: return "write";
     case LP_ERR_INTERNAL: return "internal";
+    case LP_ERR_PEER: return "peer";
     }
     return "unknown";
 }

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <time.h>
 
 #include "loupe/dist.h"
@@ -22,6 +23,8 @@
 struct lp_dist {
     int rank, size, tp, dp;
     int own_mpi;           /* lp_dist_init initialized MPI, so finalize ends it */
+    double timeout_s;      /* the longest any collective waits for the other ranks */
+    int failed;            /* a collective timed out or lost a peer: the job must end */
 #if LOUPE_MPI
     MPI_Comm comm[3];      /* world, tp, dp (MPI_COMM_NULL for a group of one) */
 #endif
@@ -33,6 +36,10 @@ struct lp_dist {
     size_t stage_bytes;
     lp_dist_counts counts;
 };
+
+#if LOUPE_NCCL
+static lp_status nccl_wait(lp_dist *d, lp_dist_group g, lp_ctx *c, int on_stream, const char *what);
+#endif
 
 /* The size the launcher announced (0: no launcher variable is set): mpirun's, PMI's, or srun's
  * for this job step (not SLURM_NTASKS, which an allocation sets before any srun). */
@@ -74,6 +81,26 @@ static __attribute__((unused)) double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+lp_status lp_dist_set_timeout(lp_dist *d, double seconds) {
+    if (!(seconds > 0) || !isfinite(seconds))
+        LP_FAIL(LP_ERR_ARG, "dist.timeout_s = %g: must be a finite number of seconds above 0", seconds);
+    if (d) d->timeout_s = seconds;
+    return LP_OK;
+}
+double lp_dist_timeout(const lp_dist *d) { return d ? d->timeout_s : LP_DIST_DEFAULT_TIMEOUT_S; }
+int lp_dist_failed(const lp_dist *d) { return d ? d->failed : 0; }
+
+void lp_dist_abort(lp_dist *d, int code) {
+#if LOUPE_MPI
+    int inited = 0, fin = 0;
+    MPI_Initialized(&inited);
+    if (inited) MPI_Finalized(&fin);
+    if (d && d->size > 1 && inited && !fin) MPI_Abort(MPI_COMM_WORLD, code ? code : 1);
+#else
+    (void)d, (void)code;
+#endif
+}
+
 /* Splits the world into tp and dp; the refusal names the keys a user sets. */
 static lp_status choose_sizes(int world, int *tp, int *dp) {
     if (*tp <= 0 && *dp <= 0) *dp = world, *tp = 1;
@@ -89,6 +116,7 @@ lp_status lp_dist_init(lp_dist **out, int tp, int dp) {
     *out = NULL;
     lp_dist *d = calloc(1, sizeof *d);
     if (!d) LP_FAIL(LP_ERR_OOM, "dist: out of host memory");
+    d->timeout_s = LP_DIST_DEFAULT_TIMEOUT_S;
     int launched = launched_size();
 #if LOUPE_MPI
     int inited = 0;
@@ -133,6 +161,10 @@ lp_status lp_dist_init(lp_dist **out, int tp, int dp) {
         /* ranks of one TP group are contiguous: r = dp_rank * tp + tp_rank */
         MPI_Comm_split(MPI_COMM_WORLD, lp_dist_dp_rank(d), lp_dist_tp_rank(d), &d->comm[LP_DIST_TP]);
         MPI_Comm_split(MPI_COMM_WORLD, lp_dist_tp_rank(d), lp_dist_dp_rank(d), &d->comm[LP_DIST_DP]);
+        /* a lost peer comes back as an error to report (and end the job on), not an abort
+         * inside MPI that names nothing loupe was doing */
+        for (int g = 0; g < 3; g++)
+            if (d->comm[g] != MPI_COMM_NULL) MPI_Comm_set_errhandler(d->comm[g], MPI_ERRORS_RETURN);
     }
 #endif
     *out = d;
@@ -142,13 +174,24 @@ lp_status lp_dist_init(lp_dist **out, int tp, int dp) {
 void lp_dist_finalize(lp_dist *d) {
     if (!d) return;
 #if LOUPE_NCCL
-    for (int g = 0; g < 3; g++)
-        if (d->nccl_ok[g] == 1) ncclCommDestroy(d->nccl[g]);
+    for (int g = 0; g < 3; g++) {
+        if (d->nccl_ok[g] != 1) continue;
+        /* a nonblocking communicator finalizes in the background; one that cannot within
+         * the timeout (a peer gone) is aborted by nccl_wait */
+        if (d->failed) {
+            ncclCommAbort(d->nccl[g]);
+            continue;
+        }
+        ncclCommFinalize(d->nccl[g]);
+        if (nccl_wait(d, g, NULL, 0, "finalize") == LP_OK) ncclCommDestroy(d->nccl[g]);
+    }
 #endif
 #if LOUPE_MPI
-    for (int g = 0; g < 3; g++)
+    /* after a lost peer, MPI's shutdown would wait for it: the process ends without it and
+     * the launcher ends the job */
+    for (int g = 0; !d->failed && g < 3; g++)
         if (d->comm[g] != MPI_COMM_NULL) MPI_Comm_free(&d->comm[g]);
-    if (d->own_mpi) {
+    if (d->own_mpi && !d->failed) {
         int fin = 0;
         MPI_Finalized(&fin);
         if (!fin) MPI_Finalize();
@@ -172,9 +215,69 @@ static MPI_Datatype mpi_type(lp_dtype dt) {
     default: return MPI_DATATYPE_NULL;
     }
 }
-#define MPI_OK(call, what)                                                                    \
-    do {                                                                                      \
-        if ((call) != MPI_SUCCESS) LP_FAIL(LP_ERR_INTERNAL, "dist: %s failed (MPI)", (what)); \
+
+/* The world rank of group g's rank j (r = dp_rank * tp + tp_rank). */
+static int world_of(const lp_dist *d, lp_dist_group g, int j) {
+    return g == LP_DIST_TP ? lp_dist_dp_rank(d) * d->tp + j : g == LP_DIST_DP ? j * d->tp + lp_dist_tp_rank(d) : j;
+}
+
+/* "rank 1" or "ranks 1, 2, 3": the world ranks this rank waits for in group g. */
+static void others(const lp_dist *d, lp_dist_group g, char *buf, size_t n) {
+    int p = gsize(d, g), me = lp_dist_group_rank(d, g), k = 0;
+    size_t o = (size_t)snprintf(buf, n, p == 2 ? "rank" : "ranks");
+    for (int j = 0; j < p && o < n; j++) {
+        if (j == me) continue;
+        if (k == 8) {
+            snprintf(buf + o, n - o, " and %d more", p - 1 - k);
+            break;
+        }
+        o += (size_t)snprintf(buf + o, n - o, "%s %d", k++ ? "," : "", world_of(d, g, j));
+    }
+}
+
+/* Once a collective has failed the groups are out of step (a request may still be pending
+ * on a dead peer): nothing more is sent, the job must end. */
+static lp_status usable(const lp_dist *d, const char *what) {
+    if (d->failed) LP_FAIL(LP_ERR_PEER, "dist: %s refused: an earlier collective lost a rank of the job", what);
+    return LP_OK;
+}
+
+/* Waits for a nonblocking collective until it completes, MPI reports a peer gone, or the
+ * job's timeout passes: a crashed, killed or stopped rank never leaves this one waiting.
+ * It spins for the first millisecond (a tensor-parallel all-reduce completes in
+ * microseconds), then naps a little longer each time (a rank that waits for one doing
+ * slow work alone, or sharing its core, should not take the CPU from it). */
+static lp_status wait_for(lp_dist *d, lp_dist_group g, MPI_Request *rq, const char *what) {
+    double t0 = now_s();
+    long nap_ns = 20000;
+    char who[160];
+    for (;;) {
+        int done = 0, rc = MPI_Test(rq, &done, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS) {
+            char err[MPI_MAX_ERROR_STRING] = "";
+            int len = 0;
+            MPI_Error_string(rc, err, &len);
+            d->failed = 1, others(d, g, who, sizeof who);
+            LP_FAIL(LP_ERR_PEER, "%s failed: lost contact with %s (MPI: %s)", what, who, err);
+        }
+        if (done) return LP_OK;
+        double t = now_s() - t0;
+        if (t > d->timeout_s) {
+            d->failed = 1, others(d, g, who, sizeof who);
+            LP_FAIL(LP_ERR_PEER, "no answer from %s within %g s in %s (dist.timeout_s)", who, d->timeout_s, what);
+        }
+        if (t < 1e-3) continue;
+        struct timespec ts = {0, nap_ns};
+        nanosleep(&ts, NULL);
+        if (nap_ns < 500000) nap_ns *= 2;
+    }
+}
+#define MPI_START(call, what)                                                                         \
+    do {                                                                                              \
+        if ((call) != MPI_SUCCESS) {                                                                  \
+            d->failed = 1;                                                                            \
+            LP_FAIL(LP_ERR_PEER, "dist: %s could not start (MPI): a rank of the job is gone", (what)); \
+        }                                                                                             \
     } while (0)
 #endif
 
@@ -185,13 +288,16 @@ static __attribute__((unused)) lp_status no_mpi(const char *what) {
 static lp_status allreduce_op(lp_dist *d, lp_dist_group g, void *buf, size_t n, lp_dtype dt, int max) {
     if (gsize(d, g) <= 1 || n == 0) return LP_OK;
 #if LOUPE_MPI
+    LP_CHECK(usable(d, "all-reduce"));
     MPI_Datatype t = mpi_type(dt);
     if (t == MPI_DATATYPE_NULL) LP_FAIL(LP_ERR_ARG, "dist: all-reduce of %s is not supported", lp_dtype_name(dt));
     double t0 = now_s();
     for (size_t o = 0; o < n;) { /* MPI counts are int */
         int c = n - o > (size_t)1 << 30 ? 1 << 30 : (int)(n - o);
-        MPI_OK(MPI_Allreduce(MPI_IN_PLACE, (char *)buf + o * lp_dtype_size(dt), c, t, max ? MPI_MAX : MPI_SUM,
-                             d->comm[g]), "all-reduce");
+        MPI_Request rq;
+        MPI_START(MPI_Iallreduce(MPI_IN_PLACE, (char *)buf + o * lp_dtype_size(dt), c, t, max ? MPI_MAX : MPI_SUM,
+                                 d->comm[g], &rq), "all-reduce");
+        LP_CHECK(wait_for(d, g, &rq, "all-reduce"));
         o += c;
     }
     d->counts.allreduce++;
@@ -217,11 +323,14 @@ lp_status lp_dist_allgather(lp_dist *d, lp_dist_group g, const void *send, void 
         return LP_OK;
     }
 #if LOUPE_MPI
+    LP_CHECK(usable(d, "all-gather"));
     if (bytes > (size_t)1 << 30) LP_FAIL(LP_ERR_ARG, "dist: all-gather of %zu bytes per rank is too large", bytes);
     double t0 = now_s();
     int r = lp_dist_group_rank(d, g);
     const void *s = send == (char *)recv + (size_t)r * bytes ? MPI_IN_PLACE : send;
-    MPI_OK(MPI_Allgather(s, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, d->comm[g]), "all-gather");
+    MPI_Request rq;
+    MPI_START(MPI_Iallgather(s, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, d->comm[g], &rq), "all-gather");
+    LP_CHECK(wait_for(d, g, &rq, "all-gather"));
     d->counts.allgather++;
     d->counts.allgather_bytes += bytes;
     d->counts.seconds += now_s() - t0;
@@ -234,10 +343,13 @@ lp_status lp_dist_allgather(lp_dist *d, lp_dist_group g, const void *send, void 
 lp_status lp_dist_broadcast(lp_dist *d, lp_dist_group g, void *buf, size_t bytes, int root) {
     if (gsize(d, g) <= 1 || bytes == 0) return LP_OK;
 #if LOUPE_MPI
+    LP_CHECK(usable(d, "broadcast"));
     double t0 = now_s();
     for (size_t o = 0; o < bytes;) {
         int c = bytes - o > (size_t)1 << 30 ? 1 << 30 : (int)(bytes - o);
-        MPI_OK(MPI_Bcast((char *)buf + o, c, MPI_BYTE, root, d->comm[g]), "broadcast");
+        MPI_Request rq;
+        MPI_START(MPI_Ibcast((char *)buf + o, c, MPI_BYTE, root, d->comm[g], &rq), "broadcast");
+        LP_CHECK(wait_for(d, g, &rq, "broadcast"));
         o += c;
     }
     d->counts.broadcast++;
@@ -252,8 +364,11 @@ lp_status lp_dist_broadcast(lp_dist *d, lp_dist_group g, void *buf, size_t bytes
 lp_status lp_dist_barrier(lp_dist *d, lp_dist_group g) {
     if (gsize(d, g) <= 1) return LP_OK;
 #if LOUPE_MPI
+    LP_CHECK(usable(d, "barrier"));
     double t0 = now_s();
-    MPI_OK(MPI_Barrier(d->comm[g]), "barrier");
+    MPI_Request rq;
+    MPI_START(MPI_Ibarrier(d->comm[g], &rq), "barrier");
+    LP_CHECK(wait_for(d, g, &rq, "barrier"));
     d->counts.barrier++;
     d->counts.seconds += now_s() - t0;
     return LP_OK;
@@ -273,34 +388,92 @@ static lp_status stage(lp_dist *d, size_t bytes) {
 }
 
 #if LOUPE_NCCL
-/* NCCL for group g: created on first use, by every rank of the group at once (the first
- * collective is collective), with the id broadcast over MPI. Refused (host staging used)
- * when two ranks of the group share a GPU, which NCCL does not allow. */
-static int nccl_for(lp_dist *d, lp_dist_group g, lp_ctx *c) {
-    if (d->nccl_ok[g]) return d->nccl_ok[g] == 1;
-    int p = gsize(d, g), dev = c->cuda_device, clash = 0;
-    char bus[32] = {0};
+/* A communicator that failed or never answered is aborted (NCCL's own way out of a
+ * collective a peer never joins); the job must end. */
+static void nccl_drop(lp_dist *d, lp_dist_group g) {
+    d->failed = 1;
+    ncclCommAbort(d->nccl[g]);
+    d->nccl_ok[g] = -1;
+}
+
+/* Waits, within the job's timeout, for group g's communicator to finish what it started
+ * (it runs nonblocking, so its init and calls may return in progress) and, with on_stream,
+ * for the collective queued on c's compute stream. */
+static lp_status nccl_wait(lp_dist *d, lp_dist_group g, lp_ctx *c, int on_stream, const char *what) {
+    double t0 = now_s();
+    char who[160];
+    for (;;) {
+        ncclResult_t e = ncclSuccess;
+        if (ncclCommGetAsyncError(d->nccl[g], &e) != ncclSuccess) e = ncclInternalError;
+        if (e != ncclSuccess && e != ncclInProgress) {
+            nccl_drop(d, g), others(d, g, who, sizeof who);
+            LP_FAIL(LP_ERR_PEER, "%s failed: lost contact with %s (NCCL: %s)", what, who, ncclGetErrorString(e));
+        }
+        if (e == ncclSuccess) {
+            cudaError_t q = on_stream ? cudaStreamQuery((cudaStream_t)c->stream) : cudaSuccess;
+            if (q == cudaSuccess) return LP_OK;
+            if (q != cudaErrorNotReady) {
+                nccl_drop(d, g);
+                LP_FAIL(LP_ERR_CUDA, "dist: %s: %s", what, cudaGetErrorString(q));
+            }
+        }
+        if (now_s() - t0 > d->timeout_s) {
+            nccl_drop(d, g), others(d, g, who, sizeof who);
+            LP_FAIL(LP_ERR_PEER, "no answer from %s within %g s in NCCL %s (dist.timeout_s)", who, d->timeout_s, what);
+        }
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* NCCL for group g (*use = 1): created on first use, by every rank of the group at once
+ * (the first collective is collective), with the id broadcast over MPI. Not used (*use = 0,
+ * host staging instead) when two ranks of the group share a GPU, which NCCL does not allow.
+ * Every exchange here is bounded by the timeout like any other collective. */
+static lp_status nccl_for(lp_dist *d, lp_dist_group g, lp_ctx *c, int *use) {
+    *use = d->nccl_ok[g] == 1;
+    if (d->nccl_ok[g]) return LP_OK;
+    int p = gsize(d, g), dev = c->cuda_device, clash = 0, len;
+    char bus[32] = {0}, host[MPI_MAX_PROCESSOR_NAME + 1] = {0}, mine[96] = {0};
     if (cudaDeviceGetPCIBusId(bus, sizeof bus, dev) != cudaSuccess) snprintf(bus, sizeof bus, "device %d", dev);
-    char host[64] = {0}, *all = calloc((size_t)p, 96);
-    int len;
     MPI_Get_processor_name(host, &len);
-    char mine[96];
     snprintf(mine, sizeof mine, "%.63s|%.31s", host, bus);
-    if (!all || MPI_Allgather(mine, 96, MPI_BYTE, all, 96, MPI_BYTE, d->comm[g]) != MPI_SUCCESS) clash = 1;
-    for (int i = 0; !clash && i < p; i++)
+    char *all = calloc((size_t)p, 96);
+    if (!all) LP_FAIL(LP_ERR_OOM, "dist: out of host memory");
+    lp_status st = lp_dist_allgather(d, g, mine, all, 96);
+    for (int i = 0; st == LP_OK && i < p; i++)
         if (i != lp_dist_group_rank(d, g) && strcmp(all + i * 96, mine) == 0) clash = 1;
     free(all);
+    LP_CHECK(st);
     int ok = !clash;
     ncclUniqueId id;
     if (ok && lp_dist_group_rank(d, g) == 0) ok = ncclGetUniqueId(&id) == ncclSuccess;
-    MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, d->comm[g]);
+    LP_CHECK(allreduce_op(d, g, &ok, 1, LP_I32, 0));
+    ok = ok == p;
     if (ok) {
-        MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, d->comm[g]);
-        ok = ncclCommInitRank(&d->nccl[g], p, id, lp_dist_group_rank(d, g)) == ncclSuccess;
-        MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, d->comm[g]);
+        LP_CHECK(lp_dist_broadcast(d, g, &id, sizeof id, 0));
+        ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+        cfg.blocking = 0; /* so that a peer lost during the init cannot hold this rank */
+        ncclResult_t r = ncclCommInitRankConfig(&d->nccl[g], p, id, lp_dist_group_rank(d, g), &cfg);
+        ok = r == ncclSuccess || r == ncclInProgress;
+        if (ok) LP_CHECK(nccl_wait(d, g, c, 0, "init"));
+        int all_ok = ok;
+        LP_CHECK(allreduce_op(d, g, &all_ok, 1, LP_I32, 0));
+        if (ok && all_ok != p) ncclCommDestroy(d->nccl[g]);
+        ok = all_ok == p;
     }
     d->nccl_ok[g] = ok ? 1 : -1;
-    return ok;
+    *use = ok;
+    return LP_OK;
+}
+
+/* Queues one NCCL collective (the call may return in progress) and waits for it. */
+static lp_status nccl_run(lp_dist *d, lp_dist_group g, lp_ctx *c, ncclResult_t r, const char *what, size_t n) {
+    if (r != ncclSuccess && r != ncclInProgress) {
+        nccl_drop(d, g);
+        LP_FAIL(LP_ERR_CUDA, "dist: NCCL %s of %zu values failed: %s", what, n, ncclGetErrorString(r));
+    }
+    return nccl_wait(d, g, c, 1, what);
 }
 #endif
 
@@ -322,11 +495,12 @@ lp_status lp_dist_allreduce_sum_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, void
     if (gsize(d, g) <= 1 || n == 0) return LP_OK;
     if (c->device == LP_CPU) return lp_dist_allreduce_sum(d, g, buf, n, LP_F32);
 #if LOUPE_NCCL
-    if (nccl_for(d, g, c)) {
+    int use;
+    LP_CHECK(nccl_for(d, g, c, &use));
+    if (use) {
         double t0 = now_s();
         ncclDataType_t t = c->dtype == LP_BF16 ? ncclBfloat16 : ncclFloat32;
-        if (ncclAllReduce(buf, buf, n, t, ncclSum, d->nccl[g], (cudaStream_t)c->stream) != ncclSuccess)
-            LP_FAIL(LP_ERR_CUDA, "dist: NCCL all-reduce of %zu values failed", n);
+        LP_CHECK(nccl_run(d, g, c, ncclAllReduce(buf, buf, n, t, ncclSum, d->nccl[g], (cudaStream_t)c->stream), "all-reduce", n));
         d->counts.allreduce++;
         d->counts.allreduce_bytes += n * lp_dtype_size(c->dtype);
         d->counts.seconds += now_s() - t0;
@@ -345,11 +519,12 @@ lp_status lp_dist_allgather_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, const vo
     if (p <= 1) return send == recv || n == 0 ? LP_OK : lp_ctx_copy(c, recv, send, n * es);
     if (c->device == LP_CPU) return lp_dist_allgather(d, g, send, recv, n * es);
 #if LOUPE_NCCL
-    if (nccl_for(d, g, c)) {
+    int use;
+    LP_CHECK(nccl_for(d, g, c, &use));
+    if (use) {
         double t0 = now_s();
         ncclDataType_t t = c->dtype == LP_BF16 ? ncclBfloat16 : ncclFloat32;
-        if (ncclAllGather(send, recv, n, t, d->nccl[g], (cudaStream_t)c->stream) != ncclSuccess)
-            LP_FAIL(LP_ERR_CUDA, "dist: NCCL all-gather of %zu values failed", n);
+        LP_CHECK(nccl_run(d, g, c, ncclAllGather(send, recv, n, t, d->nccl[g], (cudaStream_t)c->stream), "all-gather", n));
         d->counts.allgather++;
         d->counts.allgather_bytes += n * es;
         d->counts.seconds += now_s() - t0;
@@ -368,10 +543,12 @@ lp_status lp_dist_broadcast_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, void *bu
     if (gsize(d, g) <= 1 || n == 0) return LP_OK;
     if (c->device == LP_CPU) return lp_dist_broadcast(d, g, buf, n * es, root);
 #if LOUPE_NCCL
-    if (nccl_for(d, g, c)) {
+    int use;
+    LP_CHECK(nccl_for(d, g, c, &use));
+    if (use) {
         double t0 = now_s();
-        if (ncclBroadcast(buf, buf, n * es, ncclUint8, root, d->nccl[g], (cudaStream_t)c->stream) != ncclSuccess)
-            LP_FAIL(LP_ERR_CUDA, "dist: NCCL broadcast of %zu values failed", n);
+        LP_CHECK(nccl_run(d, g, c, ncclBroadcast(buf, buf, n * es, ncclUint8, root, d->nccl[g], (cudaStream_t)c->stream),
+                          "broadcast", n));
         d->counts.broadcast++;
         d->counts.broadcast_bytes += n * es;
         d->counts.seconds += now_s() - t0;

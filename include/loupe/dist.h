@@ -55,6 +55,28 @@ lp_status lp_dist_init(lp_dist **out, int tp, int dp);
  * NULL: nothing. */
 void lp_dist_finalize(lp_dist *d);
 
+/* ---- faults: no collective waits forever ----
+ * Every collective over more than one rank completes within the job's timeout (default
+ * LP_DIST_DEFAULT_TIMEOUT_S seconds; the CLI's dist.timeout_s) or fails with LP_ERR_PEER,
+ * naming the collective, the ranks it waited for and the timeout: a rank that crashed,
+ * was killed or stopped answering never leaves the others waiting. A failure also comes
+ * back when MPI reports a peer gone. After one such failure the job cannot go on: every
+ * later collective fails at once, lp_dist_failed says so, and the caller ends the whole
+ * job with lp_dist_abort (lp_dist_finalize then skips MPI's collective shutdown, which
+ * would wait for the lost rank). The timeout bounds how long one rank may wait for the
+ * others, so it must exceed the longest work one rank does alone between collectives
+ * (rank 0 writing a shard, for one). */
+#define LP_DIST_DEFAULT_TIMEOUT_S 30.0
+/* seconds > 0 and finite, else LP_ERR_ARG naming dist.timeout_s. NULL d: nothing to do. */
+lp_status lp_dist_set_timeout(lp_dist *d, double seconds);
+double lp_dist_timeout(const lp_dist *d);
+/* 1 after a collective timed out or lost a peer. */
+int lp_dist_failed(const lp_dist *d);
+/* Ends every process of the job with exit status `code` (MPI_Abort): the launcher (mpirun,
+ * srun) takes the others down. Returns only when there is no job to end (one process, or
+ * no MPI), and then the caller exits as it would have. */
+void lp_dist_abort(lp_dist *d, int code);
+
 /* A NULL d is the single process: rank 0 of size 1 in every group. */
 int lp_dist_rank(const lp_dist *d);
 int lp_dist_size(const lp_dist *d);
@@ -69,7 +91,8 @@ int lp_dist_have_mpi(void);
 
 /* ---- host buffers (MPI) ----
  * dtype: LP_F32, LP_F64, LP_I32, LP_I64, LP_U64 for the sums; any dtype for the moves.
- * All are blocking and must be called by every rank of the group in the same order. */
+ * All are blocking (until done, or the timeout above) and must be called by every rank of
+ * the group in the same order. */
 lp_status lp_dist_allreduce_sum(lp_dist *d, lp_dist_group g, void *buf, size_t n, lp_dtype dt);
 /* The maximum over ranks (dead-latent statistics, agreement checks). */
 lp_status lp_dist_allreduce_max(lp_dist *d, lp_dist_group g, void *buf, size_t n, lp_dtype dt);

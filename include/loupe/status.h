@@ -26,6 +26,7 @@ typedef enum lp_status {
     LP_ERR_NO_CUDA,   /* asked for the GPU in a build or on a machine without one */
     LP_ERR_WRITE,     /* an output could not be written, flushed or renamed (full disk, I/O error) */
     LP_ERR_INTERNAL,
+    LP_ERR_PEER,      /* another process of the job died or stopped answering (dist.h) */
 } lp_status;
 
 /* Records the message (printf-style) and where it was raised; returns st. */
