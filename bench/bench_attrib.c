@@ -8,7 +8,13 @@
  * Target: attribution patching <= 3.5 forward-pass equivalents per pair. On the CPU the
  * TransformerLens loop of bench/peers/tl_attrib.py runs right after loupe on the same shape with
  * the same thread count, and the ratio is printed (target >= 2x; --no-peer: not run).
- *   build/bench_attrib [--seq T] [--pairs B] [--no-peer] */
+ *   build/bench_attrib [--seq T] [--pairs B] [--no-peer]
+ *
+ * Tensor parallelism: `mpirun -np N build/bench_attrib --tp N [--seq T] [--pairs B]` (N = 1
+ * without mpirun) runs the CPU GPT-2-small section on the model split over N ranks (each its
+ * slice's random weights) and adds, from rank 0, the collectives of one attribution-patching
+ * call: all-reduces and all-gathers, the bytes each rank contributed per layer and the time
+ * spent inside them (dist.h's counters). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +22,7 @@
 #include <time.h>
 
 #include "loupe/attrib.h"
+#include "loupe/dist.h"
 #include "loupe/hooks.h"
 #include "loupe/model.h"
 #include "peer.h"
@@ -93,21 +100,62 @@ static double section(const char *what, lp_model *m, int B, int T) {
     return B / atp;
 }
 
+/* --tp N: the CPU section over N tensor-parallel ranks; rank 0 prints. */
+static int tp_bench(int tp, int B, int T, const lp_config *g) {
+    lp_dist *d;
+    CHECK(lp_dist_init(&d, tp, 1));
+    if (lp_dist_rank(d) != 0 && !freopen("/dev/null", "w", stdout)) return 1;
+    lp_model *m;
+    CHECK(lp_model_random_dist(&m, g, 1, LP_CPU, LP_F32, d));
+    char what[96];
+    snprintf(what, sizeof what, "CPU GPT-2 small shape, TP=%d", tp);
+    section(what, m, B, T);
+    /* the collectives of one attribution-patching call over the whole grid */
+    int32_t *clean = malloc((size_t)B * T * 4), *corr = malloc((size_t)B * T * 4), ans[64], wr[64];
+    fill(clean, (size_t)B * T, g->d_vocab, 1);
+    fill(corr, (size_t)B * T, g->d_vocab, 4);
+    fill(ans, B, g->d_vocab, 2);
+    fill(wr, B, g->d_vocab, 3);
+    lp_metric mt = {.kind = LP_METRIC_LOGIT_DIFF, .answer = ans, .wrong = wr};
+    lp_attrib_opts o = {.patch_batch = 32};
+    lp_pair_result *res = calloc(B, sizeof *res);
+    lp_hooks_clear(m);
+    CHECK(lp_dist_barrier(d, LP_DIST_WORLD));
+    lp_dist_counts_reset(d);
+    double t0 = now();
+    CHECK(lp_attrib_atp(m, clean, corr, B, T, &mt, &o, res));
+    double secs = now() - t0;
+    lp_dist_counts k;
+    lp_dist_counts_get(d, &k);
+    int L = g->n_layers;
+    printf("  one attribution-patching call (%d pairs): %.0f all-reduces, %.0f all-gathers; per layer %.2f MiB all-reduced and "
+           "%.2f MiB gathered by each rank\n", B, (double)k.allreduce, (double)k.allgather, k.allreduce_bytes / 1048576.0 / L,
+           k.allgather_bytes / 1048576.0 / L);
+    printf("  time in collectives: %.1f ms of %.1f ms (%.1f%%)\n", k.seconds * 1e3, secs * 1e3, 100 * k.seconds / secs);
+    for (int b = 0; b < B; b++) lp_pair_result_free(&res[b]);
+    free(res), free(clean), free(corr);
+    lp_model_free(m);
+    lp_dist_finalize(d);
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    int T = 64, B = 4, cpu = 1, peer = 1;
+    int T = 64, B = 4, cpu = 1, peer = 1, tp = 0;
     for (int i = 1; i < argc; i++) {
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(argv[i], "--gpu-only")) cpu = 0; /* the offline GPU check's time budget */
         else if (!strcmp(argv[i], "--no-peer")) peer = 0;
         else if (val && !strcmp(argv[i], "--seq")) T = atoi(val), i++;
         else if (val && !strcmp(argv[i], "--pairs")) B = atoi(val), i++;
+        else if (val && !strcmp(argv[i], "--tp")) tp = atoi(val), i++;
         else {
-            fprintf(stderr, "usage: bench_attrib [--gpu-only] [--seq T] [--pairs B] [--no-peer]\n");
+            fprintf(stderr, "usage: bench_attrib [--gpu-only] [--seq T] [--pairs B] [--no-peer] [--tp N]\n");
             return 2;
         }
     }
     if (B > 64) B = 64;
     lp_config g = {.arch = LP_ARCH_GPT2, .n_layers = 12, .d_model = 768, .n_heads = 12, .d_mlp = 3072, .n_ctx = 1024, .d_vocab = 50257};
+    if (tp > 0) return tp_bench(tp, B, T, &g);
     char why[256];
     int gpu = lp_cuda_available(why, sizeof why);
     lp_model *m;

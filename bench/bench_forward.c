@@ -9,7 +9,13 @@
  * cuBLAS bf16 on the GPU) and, on the GPU, device-to-host copy bandwidth.
  * On the CPU the PyTorch eager peer (bench/peers/torch_forward.py, torch_smollm2.py) runs right
  * after loupe with the same thread count, and the ratio is printed (--no-peer: not).
- *   build/bench_forward [--cpu-batch B --cpu-seq T] [--gpu-batch B --gpu-seq T] [--only gpt2|smollm2|llama8b] [--no-peer] */
+ *   build/bench_forward [--cpu-batch B --cpu-seq T] [--gpu-batch B --gpu-seq T] [--only gpt2|smollm2|llama8b] [--no-peer]
+ *
+ * Tensor parallelism: `mpirun -np N build/bench_forward --tp N [--cpu-batch B --cpu-seq T]`
+ * (N = 1 without mpirun: the same code, one process) times the GPT-2-small shape split over
+ * N ranks on the CPU and prints, on rank 0, tokens/s, the bytes each rank all-reduces per
+ * layer and the time spent inside the collectives (dist.h's counters). The scaling estimate
+ * for 8 GPUs is scripts/tp-estimate.py. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +23,7 @@
 #include <sys/resource.h>
 #include <time.h>
 
+#include "loupe/dist.h"
 #include "loupe/hooks.h"
 #include "loupe/model.h"
 #include "loupe/ops.h"
@@ -274,6 +281,53 @@ static void copy_bandwidth(void) {
     lp_ctx_free(&c);
 }
 
+/* --tp N: the GPT-2-small shape over N tensor-parallel ranks (each its slice's random
+ * weights), timed on every rank, reported by rank 0. */
+static int tp_section(int tp, int B, int T, int reps) {
+    double t_start = now();
+    lp_dist *d;
+    CHECK(lp_dist_init(&d, tp, 1));
+    lp_model *m;
+    CHECK(lp_model_random_dist(&m, &GPT2_SMALL, 1, LP_CPU, LP_F32, d));
+    int32_t *tok = malloc((size_t)B * T * 4);
+    tokens(tok, (size_t)B * T, GPT2_SMALL.d_vocab);
+    CHECK(lp_model_forward(m, tok, B, T, LP_WANT_LOSS)); /* warm-up, and the check below */
+    double loss = mean_loss(m, B, T);
+    if (!isfinite(loss) || fabs(loss - log(GPT2_SMALL.d_vocab)) > 1.0) {
+        fprintf(stderr, "bench_forward: validation failed: loss %.6f at TP=%d (ln V = %.3f)\n", loss, tp, log(GPT2_SMALL.d_vocab));
+        exit(1);
+    }
+    CHECK(lp_dist_barrier(d, LP_DIST_WORLD));
+    lp_dist_counts_reset(d);
+    double t0 = now();
+    for (int r = 0; r < reps; r++) CHECK(lp_model_forward(m, tok, B, T, LP_WANT_LOSS));
+    double secs = now() - t0;
+    lp_dist_counts k;
+    lp_dist_counts_get(d, &k);
+    if (lp_dist_rank(d) == 0) {
+        const char *th = getenv("OPENBLAS_NUM_THREADS");
+        int L = GPT2_SMALL.n_layers;
+        double per_layer = (double)k.allreduce_bytes / reps / L;
+        printf("CPU tensor-parallel: GPT-2 small shape, random weights, batch %d x %d, f32, TP=%d (BLAS threads per rank: %s)\n", B, T,
+               tp, th ? th : "OpenBLAS default");
+        printf("  validated: loss %.4f (random weights: ln V = %.4f)\n", loss, log(GPT2_SMALL.d_vocab));
+        printf("  %10.0f tokens/s (%d forwards, %.3f s each)\n", (double)B * T * reps / secs, reps, secs / reps);
+        printf("  per forward: %.1f all-reduces (%.2f per layer), %.1f all-gathers, %.1f broadcasts\n", (double)k.allreduce / reps,
+               (double)k.allreduce / reps / L, (double)k.allgather / reps, (double)k.broadcast / reps);
+        printf("  bytes per layer: %.2f MiB all-reduced by each rank (ring: %.2f MiB sent and received per rank)\n",
+               per_layer / 1048576, per_layer * 2 * (tp - 1) / tp / 1048576);
+        printf("  time in collectives: %.2f ms per forward, %.1f%% of the forward\n", k.seconds / reps * 1e3, 100 * k.seconds / secs);
+        struct rusage ru; /* on a shared machine a rank may get less than its core */
+        getrusage(RUSAGE_SELF, &ru);
+        printf("  rank 0 ran on the CPU %.0f%% of the wall time since it started\n",
+               100 * (ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec * 1e-6) / (now() - t_start));
+    }
+    free(tok);
+    lp_model_free(m);
+    lp_dist_finalize(d);
+    return 0;
+}
+
 static int file_exists(const char *p) {
     FILE *f = fopen(p, "rb");
     if (f) fclose(f);
@@ -283,7 +337,7 @@ static int file_exists(const char *p) {
 int main(int argc, char **argv) {
     int cb = 1, ct = 256, gb = 16, gt = 1024, lb = 8, lt = 1024;
     const char *only = NULL;
-    int peer = 1;
+    int peer = 1, tp = 0;
     for (int i = 1; i < argc; i++) {
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(argv[i], "--no-peer")) peer = 0;
@@ -292,12 +346,14 @@ int main(int argc, char **argv) {
         else if (val && !strcmp(argv[i], "--gpu-batch")) gb = atoi(val), i++;
         else if (val && !strcmp(argv[i], "--gpu-seq")) gt = atoi(val), i++;
         else if (val && !strcmp(argv[i], "--only")) only = val, i++;
+        else if (val && !strcmp(argv[i], "--tp")) tp = atoi(val), i++;
         else {
             fprintf(stderr, "usage: bench_forward [--cpu-batch B] [--cpu-seq T] [--gpu-batch B] [--gpu-seq T] [--only gpt2|smollm2|llama8b] "
-                            "[--no-peer]\n");
+                            "[--no-peer] [--tp N]\n");
             return 2;
         }
     }
+    if (tp > 0) return tp_section(tp, cb, ct, 5);
 #define WANT(x) (!only || !strcmp(only, x))
     int have_smol = file_exists(SMOLLM2);
     lp_model *m;

@@ -112,6 +112,10 @@ lp_status lp_model_load_dist(lp_model **out, const char *path, lp_device dev, lp
 lp_dist *lp_model_dist(const lp_model *m) { return m->par.dist; }
 
 lp_status lp_model_random(lp_model **out, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype) {
+    return lp_model_random_dist(out, cfg, seed, dev, dtype, NULL);
+}
+
+lp_status lp_model_random_dist(lp_model **out, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype, lp_dist *d) {
     *out = NULL;
     const model_arch *a = arch_for_id(cfg->arch);
     if (!a) LP_FAIL(LP_ERR_ARG, "random model: unsupported architecture");
@@ -119,9 +123,11 @@ lp_status lp_model_random(lp_model **out, const lp_config *cfg, uint64_t seed, l
     if (!m) LP_FAIL(LP_ERR_OOM, "out of memory");
     m->cfg = *cfg;
     m->arch = a;
+    if (lp_dist_tp_size(d) > 1) m->par.dist = d, m->par.tp = lp_dist_tp_size(d), m->par.rank = lp_dist_tp_rank(d);
     lp_status st = lp_ctx_init(&m->ctx, dev, dtype);
     if (st == LP_OK) st = a->random_cfg(&m->cfg);
-    if (st == LP_OK) st = weights_random(m, seed);
+    if (st == LP_OK) st = weights_random(m, seed); /* each rank its slice's shapes (weights_alloc) */
+    if (st == LP_OK) st = tp_alloc(m);
     if (st == LP_OK) st = hooks_init(m);
     if (st != LP_OK) {
         lp_model_free(m);

@@ -87,6 +87,9 @@ lp_dist *lp_model_dist(const lp_model *m);
 /* A model of the given shape with random weights (benchmarks): cfg->arch, n_layers,
  * d_model, n_heads, d_mlp, n_ctx and d_vocab are read; the rest is derived. */
 lp_status lp_model_random(lp_model **m, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype);
+/* The same split over d's tensor-parallel group (each rank random values of its slice's
+ * shapes: not lp_model_random's model cut in pieces; for timing tensor parallelism). */
+lp_status lp_model_random_dist(lp_model **m, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype, lp_dist *d);
 void lp_model_free(lp_model *m);
 const lp_config *lp_model_config(const lp_model *m);
 int64_t lp_model_n_params(const lp_model *m);
