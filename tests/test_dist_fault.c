@@ -7,6 +7,8 @@
  *    the tokens/s timing) to an uninterrupted run of the same job;
  *  - SIGSTOP of rank 1 (alive, silent): rank 0 gives up after dist.timeout_s, names the rank
  *    and the collective in one line, and the job ends;
+ *  - rank 1 failing alone (its input is bad, rank 0's is not): the job ends within the
+ *    timeout instead of rank 0 waiting for it forever;
  *  - dist.timeout_s that is not a positive finite number is refused (exit 2) before any work.
  * The MPI tests skip, saying why, without MPI in the build or mpirun on the PATH. */
 #include <criterion/criterion.h>
@@ -15,6 +17,7 @@
 #include <limits.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -260,6 +263,46 @@ Test(dist_fault, a_stopped_rank_ends_the_job_within_the_timeout) {
     pid_t p1 = rank_pid(1);
     for (int i = 0; i < 100 && kill(p1, 0) == 0; i++) usleep(50000); /* the launcher reaps it */
     cr_assert_neq(kill(p1, 0), 0, "the stopped rank %ld is still there", (long)p1);
+}
+
+/* Rank 1 alone reads a store whose values are not finite (its own copy, found through a
+ * relative path from another directory): it fails while rank 0 goes on into its next
+ * collective. Neither waits longer than dist.timeout_s: the job ends, non-zero, with rank
+ * 1's error and a timeout line. */
+Test(dist_fault, a_rank_failing_alone_ends_the_job_within_the_timeout) {
+    need_mpi();
+    make_store();
+    char out[1 << 16], sh[PATH_MAX + 64];
+    int rc = run(out, sizeof out, "mkdir -p %s/other && cp -r %s/store %s/other/store", g_dir, g_dir, g_dir);
+    cr_assert_eq(rc, 0, "%s", out);
+    /* every activation of rank 1's copy becomes NaN (the bytes after the safetensors header) */
+    char shard[PATH_MAX + 96];
+    snprintf(shard, sizeof shard, "%s/other/store/shard-00000.safetensors", g_dir);
+    size_t n;
+    char *b = lp_read_file(shard, &n);
+    cr_assert(b && n > 8, "cannot read %s", shard);
+    uint64_t hdr;
+    memcpy(&hdr, b, 8);
+    for (size_t i = 8 + hdr; i + 4 <= n; i += 4) memcpy(b + i, "\xff\xff\xff\x7f", 4);
+    FILE *f = fopen(shard, "wb");
+    cr_assert(f && fwrite(b, 1, n, f) == n && fclose(f) == 0);
+    free(b);
+    snprintf(sh, sizeof sh, "%s/alone.sh", g_dir);
+    f = fopen(sh, "w");
+    cr_assert(f);
+    fprintf(f, "#!/bin/sh\nif [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then cd %s/other; else cd %s; fi\nexec %s \"$@\"\n", g_dir, g_dir, g_bin);
+    fclose(f);
+    cr_assert_eq(chmod(sh, 0755), 0);
+    double t0 = now_s();
+    rc = run(out, sizeof out, ENV "timeout 60 " MPIRUN "-np 2 %s train-sae store --data.hook=blocks.1.hook_resid_post --sae.expansion_factor=2 "
+             "--train.device=cpu --train.tokens=256 --train.batch_tokens=16 --train.out=%s/alone --dist.timeout_s=3", sh, g_dir);
+    double secs = now_s() - t0;
+    cr_assert_neq(rc, 0, "%s", out);
+    cr_assert_neq(rc, 124, "the job hung: %s", out);
+    cr_assert(secs < 3 + 20, "the job took %.1f s (dist.timeout_s=3): %s", secs, out);
+    cr_assert(strstr(out, "loupe: rank 1: store: 'blocks.1.hook_resid_post' has a non-finite value"), "%s", out);
+    cr_assert(strstr(out, "within 3 s in ") && strstr(out, "(dist.timeout_s); ending the job"), "%s", out);
+    cr_assert(!exists("alone", "sae_weights.safetensors"), "a final SAE was written");
 }
 
 /* not a positive finite number of seconds: refused by name, exit 2, before any work */

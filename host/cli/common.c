@@ -39,12 +39,25 @@ int cli_dist_finish(int rc) {
     return rc;
 }
 
+/* This process's rank as the launcher announced it, before the job is joined (-1: not one
+ * of several processes). */
+static int launcher_rank(void) {
+    static const char *const vars[][2] = {{"OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"}, {"PMI_SIZE", "PMI_RANK"},
+                                          {"SLURM_STEP_NUM_TASKS", "SLURM_PROCID"}};
+    for (size_t i = 0; i < sizeof vars / sizeof *vars; i++) {
+        const char *n = getenv(vars[i][0]), *r = getenv(vars[i][1]);
+        if (n && atoi(n) > 1 && r && *r) return atoi(r);
+    }
+    return -1;
+}
+
 /* A collective that timed out or lost a peer (dist.h) leaves the ranks out of step: the
  * line says so, and the whole job ends here, every rank with a non-zero status. */
 int cli_fail(lp_status st) {
-    int lost = lp_dist_failed(g_dist), rc = lp_status_exit_code(st);
+    int lost = lp_dist_failed(g_dist), rc = lp_status_exit_code(st), r = launcher_rank();
     if (lp_dist_size(g_dist) > 1)
         fprintf(g_err ? g_err : stderr, "loupe: rank %d: %s%s\n", lp_dist_rank(g_dist), lp_last_error(), lost ? "; ending the job" : "");
+    else if (!g_dist && r >= 0) fprintf(stderr, "loupe: rank %d: %s\n", r, lp_last_error()); /* failed before it joined */
     else fprintf(stderr, "loupe: %s\n", lp_last_error());
     if (getenv("LOUPE_DEBUG")) fprintf(stderr, "loupe: (raised at %s)\n", lp_last_error_where());
     if (lost) {
