@@ -20,7 +20,8 @@ static const lp_key g_keys[] = {
     {"dist.tp", LP_KEY_INT, "1", 1, 1 << 16, NULL,
      "tensor-parallel ranks the model is split over (launch that many with mpirun -np N or srun -n N)"},
     {"dist.dp", LP_KEY_INT, "0", 0, 1 << 16, NULL,
-     "data-parallel ranks (cache, train-sae: each its share of the batches, rank 0 alone writes); 0: world size / dist.tp"},
+     "data-parallel ranks (cache, train-sae, attribute, patch: each its share of the batches, rank 0 alone writes); 0: world "
+     "size / dist.tp"},
     {"data.tokens", LP_KEY_STR, NULL, 0, 0, NULL, ".npy or .bin token ids"},
     {"data.text", LP_KEY_STR, NULL, 0, 0, NULL, "UTF-8 text file, tokenized with the model's tokenizer"},
     {"data.context", LP_KEY_INT, "0", 0, 1 << 20, NULL, "row length; 0: as stored (2-D) or the model's context (flat)"},
