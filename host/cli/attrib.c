@@ -284,8 +284,8 @@ static lp_status run_batches(sweep_run *x, const sweep_plan *pl, int *ran, const
         char *pk = NULL, *all = NULL;
         size_t n_pk = 0;
         if (k < pl->n) st = compute_batch(x, pl->pairs + pl->first[k], pl->count[k], pl->pairs[pl->first[k]].T, &pk, &n_pk);
-        lp_status gst = LP_OK;
-        if (lp_dist_tp_rank(d) == 0 && (pk || k >= pl->n)) gst = lp_dist_gather(d, LP_DIST_DP, pk, n_pk, (void **)&all, counts, 0);
+        lp_status gst = LP_OK; /* every group takes part, with or without a batch (rank 0 names one that sent nothing) */
+        if (lp_dist_tp_rank(d) == 0) gst = lp_dist_gather(d, LP_DIST_DP, pk, n_pk, (void **)&all, counts, 0);
         if (st == LP_OK) st = gst;
         size_t off = 0;
         for (int j = 0; me == 0 && all && j < dp && r0 + j < pl->n; off += counts[j], j++) {
@@ -360,6 +360,7 @@ static int run_sweep(args *a, int exact) {
     x.res = calloc(B > 0 ? B : 1, sizeof *x.res);
     if (st == LP_OK && !x.res) st = LP_ERR(LP_ERR_OOM, "out of memory");
     if (st == LP_OK) st = plan_batches(&sw, done, B > 0 ? B : 1, &plan, &skipped);
+    st = sweep_agree(cli_dist(), st, exact ? "patch" : "attribute");
     if (st == LP_OK) st = run_batches(&x, &plan, &ran, exact ? "patch" : "attribute", t0);
     if (isatty(2) && lp_dist_rank(cli_dist()) == 0) fputc('\n', stderr);
     double secs = cli_now() - t0;
