@@ -4,7 +4,8 @@
  * single process's, byte for byte (job.json, results.jsonl, every scores file): attribution
  * patching with integrated gradients and SAE-latent nodes, and exact patching with its
  * AtP comparison; a DP run resumes an output whose last results were lost (a torn line, a
- * scores file whose lines never arrived) and ends identical again.
+ * scores file whose lines never arrived) and ends identical again, as does a DP=2 run whose
+ * rank 0 (the writer) is killed with SIGKILL mid-sweep.
  * Tensor parallelism: at TP=2 and TP=4, on GPT-2 and Llama with GQA, every score tensor of
  * attribute and patch within 1e-5 of its largest value of the single process's, and the
  * metrics too; DP=2 x TP=2 on 4 ranks the same, and byte for byte the TP=2 run's.
@@ -22,6 +23,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -300,6 +303,75 @@ Test(dist_sweep, dp2_resumes_lost_results_as_one_process_does) {
     cr_assert(strstr(out, "attribute: 4 pairs done (3 already in"), "%s", out);
     int n = same_files(path_in("one"), path_in("dp2"), same_bytes);
     cr_assert_eq(n, 7, "job.json, results.jsonl and scores files of batches [0] [1] [2] [3,4] [5,6]: not %d files", n);
+}
+
+/* kill -9 of rank 0 (the writer) mid-sweep: mpirun ends the job; what is in results.jsonl
+ * is whole batches (each batch's lines are one write, after its scores file), and a DP=2
+ * restart ends with the uninterrupted single process's bytes. */
+#define KILLED "attribute --model.path=" FIX "llama-tiny --model.device=cpu --attrib.batch=2 --attrib.ig_steps=16 --attrib.ig_batch=4"
+
+static int count_lines(const char *path) {
+    size_t n = 0;
+    char *t = lp_read_file(path, &n);
+    int k = 0;
+    for (size_t i = 0; t && i < n; i++) k += t[i] == '\n';
+    free(t);
+    return k;
+}
+
+static long read_pid(const char *path) {
+    char *t = lp_read_file(path, NULL);
+    long pid = t ? atol(t) : 0;
+    free(t);
+    return pid;
+}
+
+Test(dist_sweep, dp2_killed_mid_sweep_resumes_to_the_same_output) {
+    char out[16384], big[PATH_MAX + 64];
+    snprintf(big, sizeof big, "%s/big.jsonl", g_dir);
+    FILE *f = fopen(big, "w");
+    cr_assert(f);
+    for (int i = 0; i < 200; i++) { /* 200 pairs of 6 tokens: 100 batches of 2 */
+        int c[6];
+        for (int t = 0; t < 6; t++) c[t] = 1 + (i * 37 + t * 101) % 900;
+        fprintf(f, "{\"clean\": [%d, %d, %d, %d, %d, %d], \"corrupted\": [%d, %d, %d, %d, %d, %d], \"answer\": %d, \"wrong_answer\": %d}\n",
+                c[0], c[1], c[2], c[3], c[4], c[5], c[0], c[1], (c[2] + 17) % 900, c[3], c[4], c[5], i % 900, (i * 7 + 3) % 900);
+    }
+    fclose(f);
+    int rc = run(out, sizeof out, ENV "%s " KILLED " --attrib.pairs=%s --attrib.out=%s", g_bin, big, path_in("one"));
+    cr_assert_eq(rc, 0, "one process: %s", out);
+    /* each rank records its pid; mpirun runs in the background */
+    f = fopen(path_in("rank.sh"), "w");
+    cr_assert(f);
+    fprintf(f, "#!/bin/sh\necho $$ > %s/pid.$OMPI_COMM_WORLD_RANK\nexec %s " KILLED " --attrib.pairs=%s --attrib.out=%s\n", g_dir, g_bin, big,
+            path_in("dp2"));
+    fclose(f);
+    cr_assert_eq(chmod(path_in("rank.sh"), 0755), 0);
+    char cmd[8192];
+    snprintf(cmd, sizeof cmd, ENV MPIRUN "-np 2 %s > %s/mpirun.log 2>&1 & echo $! > %s/mpirun.pid", path_in("rank.sh"), g_dir, g_dir);
+    cr_assert_eq(system(cmd), 0);
+    long mp = 0;
+    for (int i = 0; i < 100 && !mp; i++) mp = read_pid(path_in("mpirun.pid")), usleep(10000);
+    cr_assert_gt(mp, 0, "mpirun did not start");
+    /* the first results are in: kill the writer */
+    int lines = 0;
+    for (int i = 0; i < 6000 && lines < 10; i++) lines = count_lines(path_in("dp2/results.jsonl")), usleep(10000);
+    long r0 = read_pid(path_in("pid.0"));
+    cr_assert(lines >= 10 && r0 > 0, "the run wrote %d lines in 60 s", lines);
+    kill((pid_t)r0, SIGKILL);
+    for (int i = 0; i < 6000 && kill((pid_t)mp, 0) == 0; i++) usleep(10000);
+    cr_assert_neq(kill((pid_t)mp, 0), 0, "mpirun still runs 60 s after its rank 0 was killed");
+    int left = count_lines(path_in("dp2/results.jsonl"));
+    cr_assert(left < 200, "the run ended before the kill (%d lines)", left);
+    cr_assert(left % 2 == 0, "%d lines: a batch of 2 half written", left);
+    rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " KILLED " --attrib.pairs=%s --attrib.out=%s", g_bin, big, path_in("dp2"));
+    cr_assert_eq(rc, 0, "mpirun -np 2 (resume): %s", out);
+    char want[96];
+    snprintf(want, sizeof want, "attribute: %d pairs done (%d already in", 200 - left, left);
+    cr_assert(strstr(out, want), "%s", out);
+    same_files(path_in("one"), path_in("dp2"), same_bytes);
+    printf("  kill -9 of rank 0 with %d of 200 results written; the DP=2 restart did the other %d, byte for byte one process's output\n", left,
+           200 - left);
 }
 
 /* ---- tensor parallelism: within 1e-5 of one process ---- */
