@@ -38,9 +38,14 @@ Test(dist, one_process_is_a_world_of_one) {
     cr_assert_eq(lp_dist_broadcast(d, LP_DIST_DP, x, sizeof x, 0), LP_OK);
     cr_assert_eq(lp_dist_barrier(d, LP_DIST_WORLD), LP_OK);
     cr_assert(x[0] == 1 && x[1] == 2 && x[2] == 3 && memcmp(x, g, sizeof x) == 0);
+    void *all = NULL;
+    size_t counts[1] = {0};
+    cr_assert_eq(lp_dist_gather(d, LP_DIST_DP, x, sizeof x, &all, counts, 0), LP_OK);
+    cr_assert(all && counts[0] == sizeof x && memcmp(all, x, sizeof x) == 0, "a gather over one rank is not a copy");
+    free(all);
     lp_dist_counts k;
     lp_dist_counts_get(d, &k);
-    cr_assert(k.allreduce == 0 && k.allgather == 0 && k.broadcast == 0 && k.barrier == 0, "a world of one moved something");
+    cr_assert(k.allreduce == 0 && k.allgather == 0 && k.broadcast == 0 && k.barrier == 0 && k.gather == 0, "a world of one moved something");
     lp_dist_finalize(d);
     /* NULL is the single process too */
     cr_assert_eq(lp_dist_tp_size(NULL), 1);
