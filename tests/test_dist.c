@@ -7,7 +7,10 @@
  * otherwise): build/dist_tp_check at TP=2 and TP=4 compares a split model with the whole
  * one for GPT-2, Llama with GQA, Qwen2 with one kv head, Mistral, Gemma 2 and Gemma 3:
  * losses, logits, every hook's capture, edits at per-head and per-neuron hooks, and the
- * number of collectives and bytes of a forward (tests/dist/tp_check.c). */
+ * number of collectives and bytes of a forward (tests/dist/tp_check.c); build/dist_attrib_check
+ * at TP=2 and TP=4 compares attribution patching (and integrated gradients), the
+ * exact-patching grid and SAE-latent nodes on GPT-2 and Llama with GQA
+ * (tests/dist/attrib_check.c). */
 #include <criterion/criterion.h>
 #include <libgen.h>
 #include <limits.h>
@@ -35,9 +38,14 @@ Test(dist, one_process_is_a_world_of_one) {
     cr_assert_eq(lp_dist_broadcast(d, LP_DIST_DP, x, sizeof x, 0), LP_OK);
     cr_assert_eq(lp_dist_barrier(d, LP_DIST_WORLD), LP_OK);
     cr_assert(x[0] == 1 && x[1] == 2 && x[2] == 3 && memcmp(x, g, sizeof x) == 0);
+    void *all = NULL;
+    size_t counts[1] = {0};
+    cr_assert_eq(lp_dist_gather(d, LP_DIST_DP, x, sizeof x, &all, counts, 0), LP_OK);
+    cr_assert(all && counts[0] == sizeof x && memcmp(all, x, sizeof x) == 0, "a gather over one rank is not a copy");
+    free(all);
     lp_dist_counts k;
     lp_dist_counts_get(d, &k);
-    cr_assert(k.allreduce == 0 && k.allgather == 0 && k.broadcast == 0 && k.barrier == 0, "a world of one moved something");
+    cr_assert(k.allreduce == 0 && k.allgather == 0 && k.broadcast == 0 && k.barrier == 0 && k.gather == 0, "a world of one moved something");
     lp_dist_finalize(d);
     /* NULL is the single process too */
     cr_assert_eq(lp_dist_tp_size(NULL), 1);
@@ -82,21 +90,21 @@ Test(dist, tp1_is_bit_identical) {
     lp_dist_finalize(d);
 }
 
-/* build/dist_tp_check beside this test binary; skips (saying why) when it cannot run. */
-static void tp_check_path(char *out, size_t n) {
+/* build/dist_<prog> beside this test binary; skips (saying why) when it cannot run. */
+static void dist_prog_path(char *out, size_t n, const char *prog) {
     if (!lp_dist_have_mpi()) cr_skip_test("this loupe was built without MPI (mpicc absent at build time)");
     if (system("command -v mpirun >/dev/null 2>&1") != 0) cr_skip_test("mpirun is not on the PATH (scripts/install-deps.sh installs OpenMPI)");
     char self[PATH_MAX];
     ssize_t k = readlink("/proc/self/exe", self, sizeof self - 1);
     cr_assert(k > 0, "cannot find this test binary");
     self[k] = 0;
-    snprintf(out, n, "%s/dist_tp_check", dirname(self));
+    snprintf(out, n, "%s/dist_%s", dirname(self), prog);
     cr_assert_eq(access(out, X_OK), 0, "%s is missing (make builds it)", out);
 }
 
 static void run_tp(int np) {
     char bin[PATH_MAX + 32], cmd[8192];
-    tp_check_path(bin, sizeof bin);
+    dist_prog_path(bin, sizeof bin, "tp_check");
     snprintf(cmd, sizeof cmd,
              "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np %d %s " FIX "gpt2-tiny " FIX "llama-tiny " FIX "qwen2-tiny " FIX
              "mistral-tiny " FIX "gemma2-tiny " FIX "gemma3-tiny 2>&1",
@@ -116,6 +124,28 @@ static void run_tp(int np) {
 Test(dist, tp2_matches_one_process, .timeout = 60) { run_tp(2); }
 Test(dist, tp4_matches_one_process, .timeout = 60) { run_tp(4); }
 
+/* Attribution at TP=np against the whole model (tests/dist/attrib_check.c): both fixtures
+ * have 4 heads (Llama 2 kv heads, replicated at TP=4) and MLP widths that 4 divides. */
+static void run_attrib(int np) {
+    char bin[PATH_MAX + 32], cmd[8192];
+    dist_prog_path(bin, sizeof bin, "attrib_check");
+    snprintf(cmd, sizeof cmd, "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np %d %s " FIX "gpt2-tiny " FIX
+             "llama-tiny 2>&1", np, bin);
+    FILE *p = popen(cmd, "r");
+    cr_assert(p, "cannot start mpirun");
+    char line[512], last[512] = "", fails[4096] = "";
+    while (fgets(line, sizeof line, p)) {
+        if (strncmp(line, "attrib_check:", 13) == 0) snprintf(last, sizeof last, "%s", line);
+        else if (strncmp(line, "rank ", 5) == 0 && strlen(fails) + strlen(line) < sizeof fails) strcat(fails, line);
+    }
+    int rc = pclose(p);
+    cr_assert_eq(rc, 0, "mpirun -np %d attrib_check failed (status %d):\n%s%s", np, rc, fails, last);
+    cr_assert(strstr(last, "all agree"), "%s", last);
+}
+
+Test(dist, attribution_tp2_matches_one_process, .timeout = 120) { run_attrib(2); }
+Test(dist, attribution_tp4_matches_one_process, .timeout = 120) { run_attrib(4); }
+
 /* GGUF: each rank reads whole quant blocks of its rows and dequantizes the column-split
  * tensors (W_O, W_out) before cutting them. SmolLM2 has 9 heads and 3 kv heads: TP=3.
  * The forward only (losses, logits, every hook, edits): what the loader's slices decide;
@@ -123,7 +153,7 @@ Test(dist, tp4_matches_one_process, .timeout = 60) { run_tp(4); }
 Test(dist, gguf_tp3_matches_one_process, .timeout = 120) {
     const char *gguf = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
     char bin[PATH_MAX + 32], cmd[8192];
-    tp_check_path(bin, sizeof bin);
+    dist_prog_path(bin, sizeof bin, "tp_check");
     if (access(gguf, R_OK) != 0) cr_skip_test("%s is absent (make model fetches it)", gguf);
     snprintf(cmd, sizeof cmd, "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np 3 %s --no-grad %s 2>&1 | tail -n 20", bin, gguf);
     FILE *p = popen(cmd, "r");

@@ -1,6 +1,8 @@
 /* attrib.c: `loupe attribute` (attribution patching) and `loupe patch` (exact activation
  * patching) sweeps over a JSONL file of prompt pairs, resumable: pairs already in
- * results.jsonl are skipped on a restart (sweep_out.c keeps the output whole). */
+ * results.jsonl are skipped on a restart (sweep_out.c keeps the output whole). Under
+ * mpirun/srun the batches are shared out over data-parallel ranks (each a TP group) and
+ * rank 0 alone writes, in the order one process would (sweep_dist.c carries the results). */
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
@@ -10,6 +12,7 @@
 #include <unistd.h>
 
 #include "loupe/attrib.h"
+#include "loupe/dist.h"
 #include "loupe/output.h"
 #include "loupe/pairs.h"
 #include "loupe/safetensors.h"
@@ -150,9 +153,10 @@ typedef struct {
     int corr_n;
 } sweep_run;
 
-/* Attributes (or patches) nb pairs of T tokens, writes their scores files, then their
- * result lines in one append. */
-static lp_status run_batch(sweep_run *x, const pair *batch, int nb, int T) {
+/* Attributes (or patches) nb pairs of T tokens into one packed batch (sweep_dist.c): their
+ * scores, their result lines, and the AtP-vs-exact correlations; or the error. Every rank
+ * of a TP group runs it (the model's collectives), the batch its DP rank was given. */
+static lp_status compute_batch(sweep_run *x, const pair *batch, int nb, int T, char **pk, size_t *n_pk) {
     lp_status st = LP_OK;
     lp_pair_result atp1 = {0};
     lp_sae_attrib *sa = NULL;
@@ -160,6 +164,7 @@ static lp_status run_batch(sweep_run *x, const pair *batch, int nb, int T) {
     size_t n_lines = 0;
     int32_t *cl = malloc((size_t)nb * T * sizeof(int32_t)), *cx = malloc((size_t)nb * T * sizeof(int32_t));
     int32_t *ans = malloc(nb * sizeof(int32_t)), *wr = malloc(nb * sizeof(int32_t));
+    double pear[LP_NODE_KINDS] = {0}, spear[LP_NODE_KINDS] = {0};
     if (!cl || !cx || !ans || !wr) {
         st = LP_ERR(LP_ERR_OOM, "out of memory");
         goto done;
@@ -170,7 +175,6 @@ static lp_status run_batch(sweep_run *x, const pair *batch, int nb, int T) {
         ans[b] = batch[b].answer, wr[b] = batch[b].wrong;
     }
     x->mt.answer = ans, x->mt.wrong = wr;
-    double pear[LP_NODE_KINDS], spear[LP_NODE_KINDS];
     if (!x->exact) {
         st = lp_attrib_atp(x->m, cl, cx, nb, T, &x->mt, &x->o, x->res);
     } else {
@@ -182,31 +186,48 @@ static lp_status run_batch(sweep_run *x, const pair *batch, int nb, int T) {
                 if (!e[k].v) continue;
                 size_t c = (size_t)e[k].shape[0] * e[k].shape[1] * (e[k].ndim == 3 ? e[k].shape[2] : 1);
                 pear[k] = lp_pearson(atp1.s[k].v, e[k].v, c), spear[k] = lp_spearman(atp1.s[k].v, e[k].v, c);
-                x->corr_p[k] += pear[k], x->corr_s[k] += spear[k];
             }
-            x->corr_n++;
         }
     }
-    if (st == LP_OK) st = write_scores(x->out, batch, x->res, nb, x->exact ? "exact." : "atp.");
-    if (st == LP_OK && x->exact && x->compare) st = write_scores(x->out, batch, &atp1, 1, "atp.");
     if (st == LP_OK && x->sae) {
         sa = calloc(nb, sizeof *sa);
         st = sa ? lp_attrib_sae(x->m, x->sae, x->sc, cl, cx, nb, T, &x->mt, x->top, sa) : LP_ERR(LP_ERR_OOM, "out of memory");
     }
-    /* the batch's lines in one write, after its scores files are in place */
     FILE *mf = st == LP_OK ? open_memstream(&lines, &n_lines) : NULL;
     if (st == LP_OK && !mf) st = LP_ERR(LP_ERR_OOM, "out of memory");
     for (int b = 0; st == LP_OK && b < nb; b++)
         st = write_result(mf, x->m, &batch[b], &x->res[b], x->top, x->exact && x->compare ? pear : NULL, spear, sa ? &sa[b] : NULL);
     if (mf && fclose(mf) != 0 && st == LP_OK) st = LP_ERR(LP_ERR_OOM, "out of memory for the results lines");
-    if (st == LP_OK) st = sweep_out_append(x->so, lines, n_lines);
-done:
+done:;
+    sweep_batch_out bo = {.nb = nb, .res = x->res, .atp1 = x->exact && x->compare ? &atp1 : NULL, .pear = pear, .spear = spear,
+                          .lines = lines, .n_lines = n_lines};
+    lp_status pst = sweep_pack(&bo, st, pk, n_pk);
     free(lines);
     for (int b = 0; sa && b < nb; b++) lp_sae_attrib_free(&sa[b]);
     free(sa);
     for (int b = 0; b < nb; b++) lp_pair_result_free(&x->res[b]);
     lp_pair_result_free(&atp1);
     free(cl), free(cx), free(ans), free(wr);
+    return st != LP_OK ? st : pst;
+}
+
+/* Rank 0: one batch's packed results (computed by world rank `from`) into the output: the
+ * scores files first, then the result lines in one append. */
+static lp_status write_batch(sweep_run *x, const pair *batch, int nb, const char *pk, size_t n_pk, int from) {
+    lp_pair_result atp1 = {0};
+    double pear[LP_NODE_KINDS], spear[LP_NODE_KINDS];
+    sweep_batch_out bo = {.nb = nb, .res = x->res, .atp1 = x->exact && x->compare ? &atp1 : NULL, .pear = pear, .spear = spear};
+    lp_status st = sweep_unpack(pk, n_pk, from, &bo);
+    if (st == LP_OK) st = write_scores(x->out, batch, x->res, nb, x->exact ? "exact." : "atp.");
+    if (st == LP_OK && bo.atp1) st = write_scores(x->out, batch, &atp1, 1, "atp.");
+    if (st == LP_OK) st = sweep_out_append(x->so, bo.lines, bo.n_lines);
+    if (st == LP_OK && bo.atp1) {
+        for (int k = 0; k < LP_NODE_KINDS; k++)
+            if (x->res[0].s[k].v) x->corr_p[k] += pear[k], x->corr_s[k] += spear[k];
+        x->corr_n++;
+    }
+    for (int b = 0; b < nb; b++) lp_pair_result_free(&x->res[b]);
+    lp_pair_result_free(&atp1);
     return st;
 }
 
@@ -221,6 +242,86 @@ static int report(const args *a, const sweep_run *x, const cli_pairs *sw, lp_sta
                 printf("  %-20s attribution vs exact patching: Pearson %.3f, Spearman %.3f (mean over %d pairs)\n", lp_node_kind_name(k),
                        x->corr_p[k] / x->corr_n, x->corr_s[k] / x->corr_n, x->corr_n);
     return cli_report_bad(a, sw, 0);
+}
+
+/* The batches, as one process makes them: the pairs not yet done in file order, up to B of
+ * the same length each. Batch i is plan->pairs[plan->first[i] ..][.. plan->count[i]]. */
+typedef struct { pair *pairs; int *first, *count, n; } sweep_plan;
+
+static lp_status plan_batches(const sweep *sw, const unsigned char *done, int B, sweep_plan *pl, int *skipped) {
+    memset(pl, 0, sizeof *pl);
+    pl->pairs = malloc((size_t)(sw->n ? sw->n : 1) * sizeof *pl->pairs);
+    pl->first = malloc((size_t)(sw->n ? sw->n : 1) * sizeof(int)), pl->count = malloc((size_t)(sw->n ? sw->n : 1) * sizeof(int));
+    if (!pl->pairs || !pl->first || !pl->count) LP_FAIL(LP_ERR_OOM, "out of memory");
+    int np = 0;
+    for (int i = 0; i < sw->n; i++) {
+        const pair *p = &sw->pairs[i];
+        if (done[p->index]) {
+            ++*skipped;
+            continue;
+        }
+        int last = pl->n - 1;
+        if (pl->n == 0 || pl->count[last] == B || pl->pairs[pl->first[last]].T != p->T) pl->first[pl->n] = np, pl->count[pl->n++] = 0, last++;
+        pl->pairs[np++] = *p, pl->count[last]++;
+    }
+    return LP_OK;
+}
+
+static void plan_free(sweep_plan *pl) { free(pl->pairs), free(pl->first), free(pl->count); }
+
+/* Every batch, dp at a time: batch k is computed by the TP group of DP rank k % dp; the
+ * first rank of each group sends it to rank 0, which writes them in batch order (so the
+ * output is the one a single process writes). After each round every rank learns whether
+ * any failed, and all stop together. */
+static lp_status run_batches(sweep_run *x, const sweep_plan *pl, int *ran, const char *what, double t0) {
+    lp_dist *d = cli_dist();
+    int dp = lp_dist_dp_size(d), dpr = lp_dist_dp_rank(d), me = lp_dist_rank(d);
+    size_t *counts = malloc((size_t)dp * sizeof *counts);
+    if (!counts) LP_FAIL(LP_ERR_OOM, "out of memory");
+    lp_status st = LP_OK;
+    for (int r0 = 0; st == LP_OK && r0 < pl->n; r0 += dp) {
+        int k = r0 + dpr;
+        char *pk = NULL, *all = NULL;
+        size_t n_pk = 0;
+        if (k < pl->n) st = compute_batch(x, pl->pairs + pl->first[k], pl->count[k], pl->pairs[pl->first[k]].T, &pk, &n_pk);
+        lp_status gst = LP_OK; /* every group takes part, with or without a batch (rank 0 names one that sent nothing) */
+        if (lp_dist_tp_rank(d) == 0) gst = lp_dist_gather(d, LP_DIST_DP, pk, n_pk, (void **)&all, counts, 0);
+        if (st == LP_OK) st = gst;
+        size_t off = 0;
+        for (int j = 0; me == 0 && all && j < dp && r0 + j < pl->n; off += counts[j], j++) {
+            int b = r0 + j;
+            lp_status w = write_batch(x, pl->pairs + pl->first[b], pl->count[b], all + off, counts[j], j * lp_dist_tp_size(d));
+            if (st == LP_OK) st = w;
+            if (st != LP_OK) break;
+            *ran += pl->count[b];
+            progress(what, *ran, pl->first[pl->n - 1] + pl->count[pl->n - 1], cli_now() - t0);
+        }
+        free(pk), free(all);
+        st = sweep_agree(d, st, what);
+    }
+    free(counts);
+    return st;
+}
+
+/* Rank 0 alone holds attrib.out (its lock, job.json, the repair of a killed run's files) and
+ * tells every rank which pairs are done; done is so->done there, a copy elsewhere. */
+static lp_status sweep_begin(const args *a, sweep_run *x, const sweep *sw, lp_status st, lp_lock *lock, unsigned char **done) {
+    lp_dist *d = cli_dist();
+    int n_max = sw->n + sw->n_bad;
+    const char *methods[3] = {x->exact ? "exact" : "atp", x->compare ? "atp" : NULL, NULL};
+    *done = NULL;
+    if (lp_dist_rank(d) == 0) {
+        if (st == LP_OK) st = lp_lock_output(lock, x->out, 1);
+        if (st == LP_OK) st = sweep_job_check(a, x->out, x->exact, x->m);
+        if (st == LP_OK) st = sweep_out_open(x->so, x->out, n_max, methods);
+        if (st == LP_OK) *done = x->so->done;
+    } else if (st == LP_OK) {
+        *done = calloc((size_t)n_max + 1, 1);
+        if (!*done) st = LP_ERR(LP_ERR_OOM, "out of memory");
+    }
+    st = sweep_agree(d, st, x->exact ? "patch" : "attribute");
+    if (st == LP_OK) st = lp_dist_broadcast(d, LP_DIST_WORLD, *done, (size_t)n_max, 0);
+    return st;
 }
 
 static int run_sweep(args *a, int exact) {
@@ -249,40 +350,25 @@ static int run_sweep(args *a, int exact) {
     }
     if (st == LP_OK) st = cli_read_pairs(a, x.m, tk, &sw);
     int B = exact ? 1 : (int)lp_cfg_int(&a->cfg, "attrib.batch");
-    /* one writer per attrib.out; the same job only; results and scores made to agree */
+    /* one writer per attrib.out (rank 0); the same job only; results and scores made to agree */
     lp_lock lock = {.fd = -1};
-    const char *methods[3] = {exact ? "exact" : "atp", x.compare ? "atp" : NULL, NULL};
-    if (st == LP_OK) st = lp_lock_output(&lock, x.out, 1);
-    if (st == LP_OK) st = sweep_job_check(a, x.out, exact, x.m);
-    if (st == LP_OK) st = sweep_out_open(&so, x.out, sw.n + sw.n_bad, methods);
-    const unsigned char *done = so.done;
+    unsigned char *done = NULL;
     int skipped = 0, ran = 0;
+    st = sweep_begin(a, &x, &sw, st, &lock, &done); /* every rank, failed or not: they agree on going on */
+    sweep_plan plan = {0};
     double t0 = cli_now();
-    pair *batch = malloc((size_t)(B > 0 ? B : 1) * sizeof *batch);
     x.res = calloc(B > 0 ? B : 1, sizeof *x.res);
-    if (st == LP_OK && (!batch || !x.res)) st = LP_ERR(LP_ERR_OOM, "out of memory");
-    for (int i = 0; st == LP_OK && i < sw.n;) {
-        /* the next pairs not yet done with the same length, up to B */
-        int nb = 0, T = 0;
-        for (; i < sw.n && nb < B; i++) {
-            if (done[sw.pairs[i].index]) {
-                skipped++;
-                continue;
-            }
-            if (nb && sw.pairs[i].T != T) break;
-            T = sw.pairs[i].T;
-            batch[nb++] = sw.pairs[i];
-        }
-        if (!nb) continue;
-        st = run_batch(&x, batch, nb, T);
-        ran += nb;
-        progress(exact ? "patch" : "attribute", ran, sw.n - skipped, cli_now() - t0);
-    }
-    if (isatty(2)) fputc('\n', stderr);
+    if (st == LP_OK && !x.res) st = LP_ERR(LP_ERR_OOM, "out of memory");
+    if (st == LP_OK) st = plan_batches(&sw, done, B > 0 ? B : 1, &plan, &skipped);
+    st = sweep_agree(cli_dist(), st, exact ? "patch" : "attribute");
+    if (st == LP_OK) st = run_batches(&x, &plan, &ran, exact ? "patch" : "attribute", t0);
+    if (isatty(2) && lp_dist_rank(cli_dist()) == 0) fputc('\n', stderr);
     double secs = cli_now() - t0;
+    if (done == so.done) done = NULL; /* rank 0's: sweep_out_close frees it */
     int rc = report(a, &x, &sw, sweep_out_close(&so, st), ran, skipped, secs);
+    free(done);
     lp_lock_release(&lock);
-    free(batch), free(x.res);
+    plan_free(&plan), free(x.res);
     cli_pairs_free(&sw);
     lp_tokenizer_free(tk);
     if (x.sae) lp_sae_free(x.sae, &sc);

@@ -108,6 +108,25 @@ lp_status sweep_out_append(sweep_out *r, const char *lines, size_t n);
 /* Closes results.jsonl; returns st, or the close error when st is LP_OK. */
 lp_status sweep_out_close(sweep_out *r, lp_status st);
 
+/* host/cli/sweep_dist.c: a batch's results of attribute and patch, packed by the rank that
+ * computed them and unpacked by rank 0, which writes them */
+typedef struct sweep_batch_out {
+    int nb;                     /* pairs */
+    struct lp_pair_result *res; /* [nb] */
+    struct lp_pair_result *atp1; /* patch.compare_atp: the pair's AtP scores, else NULL */
+    double *pear, *spear;       /* [LP_NODE_KINDS] with atp1 */
+    char *lines;                /* the result lines (unpacked: pointing into the packed bytes) */
+    size_t n_lines;
+} sweep_batch_out;
+/* The batch (st LP_OK), or the error st with lp_last_error()'s message, into *pk (malloc'ed). */
+lp_status sweep_pack(const sweep_batch_out *b, lp_status st, char **pk, size_t *n);
+/* Fills b->res[0 .. b->nb - 1] (and *b->atp1, pear, spear); returns the packed error, named as
+ * world rank `from`'s when from > 0. pk must outlive b->lines. */
+lp_status sweep_unpack(const char *pk, size_t n, int from, sweep_batch_out *b);
+/* All ranks at once: st, or when another rank failed an error naming it (its own line says why). */
+struct lp_dist;
+lp_status sweep_agree(struct lp_dist *d, lp_status st, const char *what);
+
 /* host/cli/generate.c */
 int cmd_generate(args *a);
 

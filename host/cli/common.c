@@ -122,14 +122,22 @@ lp_dist *cli_dist(void) { return g_dist; }
 lp_status cli_join(const args *a) {
     int tp = (int)lp_cfg_int(&a->cfg, "dist.tp");
     if (g_dist) return LP_OK;
-    /* the commands that split the model over ranks and write no files of their own */
+    /* attribute and patch over the node grid; between components (attrib.edges, patch.kind =
+     * path) they run in one process */
+    int sweep = (strcmp(g_cmd, "attribute") == 0 && strcmp(lp_cfg_str(&a->cfg, "attrib.edges"), "true") != 0) ||
+                (strcmp(g_cmd, "patch") == 0 && strcmp(lp_cfg_str(&a->cfg, "patch.kind"), "path") != 0);
+    /* the commands that split the model over ranks (and write from rank 0 alone) */
     static const char *const tp_cmds[] = {"info", "run", "generate", NULL};
-    int ok = 0;
+    int ok = sweep;
     for (int i = 0; tp_cmds[i]; i++) ok |= strcmp(g_cmd, tp_cmds[i]) == 0;
-    if (tp > 1 && !ok) LP_FAIL(LP_ERR_ARG, "dist.tp=%d: `loupe %s` does not run tensor-parallel (info, run and generate do)", tp, g_cmd);
+    if (tp > 1 && !ok)
+        LP_FAIL(LP_ERR_ARG, "dist.tp=%d: `loupe %s` does not run tensor-parallel (info, run, generate, and attribute and patch over the "
+                "node grid do)", tp, g_cmd);
     /* the commands whose work splits over data-parallel ranks; the others refuse more than one */
-    int dp_ok = strcmp(g_cmd, "cache") == 0 || strcmp(g_cmd, "train-sae") == 0, dp = (int)lp_cfg_int(&a->cfg, "dist.dp");
-    if (dp > 1 && !dp_ok) LP_FAIL(LP_ERR_ARG, "dist.dp=%d: `loupe %s` does not run data-parallel (cache and train-sae do)", dp, g_cmd);
+    int dp_ok = strcmp(g_cmd, "cache") == 0 || strcmp(g_cmd, "train-sae") == 0 || sweep, dp = (int)lp_cfg_int(&a->cfg, "dist.dp");
+    if (dp > 1 && !dp_ok)
+        LP_FAIL(LP_ERR_ARG, "dist.dp=%d: `loupe %s` does not run data-parallel (cache, train-sae, and attribute and patch over the node "
+                "grid do)", dp, g_cmd);
     LP_CHECK(lp_dist_init(&g_dist, tp, dp_ok ? dp : 1));
     LP_CHECK(lp_dist_set_timeout(g_dist, lp_cfg_float(&a->cfg, "dist.timeout_s")));
     LP_CHECK(same_settings(a));

@@ -20,7 +20,8 @@ static const lp_key g_keys[] = {
     {"dist.tp", LP_KEY_INT, "1", 1, 1 << 16, NULL,
      "tensor-parallel ranks the model is split over (launch that many with mpirun -np N or srun -n N)"},
     {"dist.dp", LP_KEY_INT, "0", 0, 1 << 16, NULL,
-     "data-parallel ranks (cache, train-sae: each its share of the batches, rank 0 alone writes); 0: world size / dist.tp"},
+     "data-parallel ranks (cache, train-sae, attribute, patch: each its share of the batches, rank 0 alone writes); 0: world "
+     "size / dist.tp"},
     {"dist.timeout_s", LP_KEY_FLOAT, "30", 0, 1e6, NULL,
      "seconds a rank waits for the others in any collective before it ends the whole job (a crashed or stopped rank)"},
     {"data.tokens", LP_KEY_STR, NULL, 0, 0, NULL, ".npy or .bin token ids"},

@@ -377,6 +377,67 @@ lp_status lp_dist_barrier(lp_dist *d, lp_dist_group g) {
 #endif
 }
 
+#if LOUPE_MPI
+/* Pieces of at most 1 GiB (MPI counts are int) from rank `from` to root. */
+static lp_status recv_pieces(lp_dist *d, lp_dist_group g, char *buf, size_t bytes, int from) {
+    for (size_t o = 0; o < bytes;) {
+        int c = bytes - o > (size_t)1 << 30 ? 1 << 30 : (int)(bytes - o);
+        MPI_OK(MPI_Recv(buf + o, c, MPI_BYTE, from, 0, d->comm[g], MPI_STATUS_IGNORE), "gather (receive)");
+        o += c;
+    }
+    return LP_OK;
+}
+#endif
+
+lp_status lp_dist_gather(lp_dist *d, lp_dist_group g, const void *send, size_t bytes, void **recv, size_t *counts, int root) {
+    int p = gsize(d, g), me = lp_dist_group_rank(d, g);
+    *recv = NULL;
+    if (p <= 1) {
+        counts[0] = bytes;
+        if (!(*recv = malloc(bytes ? bytes : 1))) LP_FAIL(LP_ERR_OOM, "dist: out of host memory for %zu bytes", bytes);
+        if (bytes) memcpy(*recv, send, bytes);
+        return LP_OK;
+    }
+#if LOUPE_MPI
+    double t0 = now_s();
+    uint64_t mine = bytes, *all = me == root ? malloc((size_t)p * sizeof *all) : NULL;
+    if (me == root && !all) LP_FAIL(LP_ERR_OOM, "dist: out of host memory");
+    if (MPI_Gather(&mine, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, root, d->comm[g]) != MPI_SUCCESS) {
+        free(all);
+        LP_FAIL(LP_ERR_INTERNAL, "dist: gather (sizes) failed (MPI)");
+    }
+    lp_status st = LP_OK;
+    if (me != root) {
+        for (size_t o = 0; st == LP_OK && o < bytes;) {
+            int c = bytes - o > (size_t)1 << 30 ? 1 << 30 : (int)(bytes - o);
+            if (MPI_Send((const char *)send + o, c, MPI_BYTE, root, 0, d->comm[g]) != MPI_SUCCESS)
+                st = LP_ERR(LP_ERR_INTERNAL, "dist: gather (send) failed (MPI)");
+            o += c;
+        }
+    } else {
+        size_t total = 0;
+        for (int r = 0; r < p; r++) counts[r] = all[r], total += all[r];
+        char *buf = malloc(total ? total : 1), *at = buf;
+        /* without the buffer the senders are left waiting: the failing rank's exit ends the job */
+        if (!buf) st = LP_ERR(LP_ERR_OOM, "dist: out of host memory for a gather of %zu bytes", total);
+        for (int r = 0; st == LP_OK && r < p; at += all[r], r++) {
+            if (r == me) memcpy(at, send, bytes);
+            else st = recv_pieces(d, g, at, all[r], r);
+        }
+        if (st == LP_OK) *recv = buf;
+        else free(buf);
+    }
+    free(all);
+    d->counts.gather++;
+    d->counts.gather_bytes += bytes;
+    d->counts.seconds += now_s() - t0;
+    return st;
+#else
+    (void)me, (void)send, (void)counts, (void)root;
+    return no_mpi("gather");
+#endif
+}
+
 /* ---- device buffers ---- */
 
 static lp_status stage(lp_dist *d, size_t bytes) {

@@ -102,6 +102,10 @@ lp_status lp_dist_allgather(lp_dist *d, lp_dist_group g, const void *send, void 
 /* buf (bytes) from group rank root to every rank of the group. */
 lp_status lp_dist_broadcast(lp_dist *d, lp_dist_group g, void *buf, size_t bytes, int root);
 lp_status lp_dist_barrier(lp_dist *d, lp_dist_group g);
+/* Every rank's own `bytes` of send (the sizes may differ) to group rank root: there *recv
+ * (malloc'ed, free it) holds the parts one after another in group-rank order and
+ * counts[group size] their sizes; elsewhere *recv is NULL. Any size (sent in pieces). */
+lp_status lp_dist_gather(lp_dist *d, lp_dist_group g, const void *send, size_t bytes, void **recv, size_t *counts, int root);
 
 /* ---- buffers on a context's device (NCCL, or MPI through host buffers) ----
  * buf holds n elements of c->dtype (F32 or BF16; BF16 is summed in F32 by the host path). */
@@ -112,11 +116,12 @@ lp_status lp_dist_broadcast_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, void *bu
 
 /* ---- what moved (for tests and benchmarks) ----
  * Every collective over a group of more than one rank counts once, with the bytes this
- * rank contributed (all-reduce: the buffer; all-gather: its own part; broadcast: the
+ * rank contributed (all-reduce: the buffer; all-gather and gather: its own part; broadcast: the
  * buffer) and the seconds it spent inside the call. Calls over a group of one count nothing. */
 typedef struct lp_dist_counts {
     uint64_t allreduce, allgather, broadcast, barrier;
     uint64_t allreduce_bytes, allgather_bytes, broadcast_bytes;
+    uint64_t gather, gather_bytes; /* lp_dist_gather: calls, and the bytes this rank sent */
     double seconds;
 } lp_dist_counts;
 void lp_dist_counts_get(const lp_dist *d, lp_dist_counts *out);
