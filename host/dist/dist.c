@@ -378,14 +378,37 @@ lp_status lp_dist_barrier(lp_dist *d, lp_dist_group g) {
 }
 
 #if LOUPE_MPI
-/* Pieces of at most 1 GiB (MPI counts are int) from rank `from` to root. */
-static lp_status recv_pieces(lp_dist *d, lp_dist_group g, char *buf, size_t bytes, int from) {
+/* Point-to-point pieces of at most 1 GiB (MPI counts are int) between a rank and root, each
+ * under the job's timeout like the collectives. */
+static lp_status p2p_pieces(lp_dist *d, lp_dist_group g, char *buf, size_t bytes, int peer, int send) {
     for (size_t o = 0; o < bytes;) {
         int c = bytes - o > (size_t)1 << 30 ? 1 << 30 : (int)(bytes - o);
-        MPI_OK(MPI_Recv(buf + o, c, MPI_BYTE, from, 0, d->comm[g], MPI_STATUS_IGNORE), "gather (receive)");
+        MPI_Request rq;
+        if (send) MPI_START(MPI_Isend(buf + o, c, MPI_BYTE, peer, 0, d->comm[g], &rq), "gather (send)");
+        else MPI_START(MPI_Irecv(buf + o, c, MPI_BYTE, peer, 0, d->comm[g], &rq), "gather (receive)");
+        LP_CHECK(wait_for(d, g, &rq, send ? "gather (send)" : "gather (receive)"));
         o += c;
     }
     return LP_OK;
+}
+
+/* Root receives every rank's bytes in rank order into one buffer. */
+static lp_status gather_at_root(lp_dist *d, lp_dist_group g, const void *send, size_t bytes, const uint64_t *all,
+                                void **recv, size_t *counts) {
+    int p = gsize(d, g), me = lp_dist_group_rank(d, g);
+    size_t total = 0;
+    for (int r = 0; r < p; r++) counts[r] = all[r], total += all[r];
+    char *buf = malloc(total ? total : 1), *at = buf;
+    /* without the buffer the senders are left waiting: the failing rank's exit ends the job */
+    if (!buf) LP_FAIL(LP_ERR_OOM, "dist: out of host memory for a gather of %zu bytes", total);
+    lp_status st = LP_OK;
+    for (int r = 0; st == LP_OK && r < p; at += all[r], r++) {
+        if (r == me) memcpy(at, send, bytes);
+        else st = p2p_pieces(d, g, at, all[r], r, 0);
+    }
+    if (st == LP_OK) *recv = buf;
+    else free(buf);
+    return st;
 }
 #endif
 
@@ -399,34 +422,17 @@ lp_status lp_dist_gather(lp_dist *d, lp_dist_group g, const void *send, size_t b
         return LP_OK;
     }
 #if LOUPE_MPI
+    LP_CHECK(usable(d, "gather"));
     double t0 = now_s();
     uint64_t mine = bytes, *all = me == root ? malloc((size_t)p * sizeof *all) : NULL;
     if (me == root && !all) LP_FAIL(LP_ERR_OOM, "dist: out of host memory");
-    if (MPI_Gather(&mine, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, root, d->comm[g]) != MPI_SUCCESS) {
-        free(all);
-        LP_FAIL(LP_ERR_INTERNAL, "dist: gather (sizes) failed (MPI)");
-    }
+    MPI_Request rq;
     lp_status st = LP_OK;
-    if (me != root) {
-        for (size_t o = 0; st == LP_OK && o < bytes;) {
-            int c = bytes - o > (size_t)1 << 30 ? 1 << 30 : (int)(bytes - o);
-            if (MPI_Send((const char *)send + o, c, MPI_BYTE, root, 0, d->comm[g]) != MPI_SUCCESS)
-                st = LP_ERR(LP_ERR_INTERNAL, "dist: gather (send) failed (MPI)");
-            o += c;
-        }
-    } else {
-        size_t total = 0;
-        for (int r = 0; r < p; r++) counts[r] = all[r], total += all[r];
-        char *buf = malloc(total ? total : 1), *at = buf;
-        /* without the buffer the senders are left waiting: the failing rank's exit ends the job */
-        if (!buf) st = LP_ERR(LP_ERR_OOM, "dist: out of host memory for a gather of %zu bytes", total);
-        for (int r = 0; st == LP_OK && r < p; at += all[r], r++) {
-            if (r == me) memcpy(at, send, bytes);
-            else st = recv_pieces(d, g, at, all[r], r);
-        }
-        if (st == LP_OK) *recv = buf;
-        else free(buf);
-    }
+    if (MPI_Igather(&mine, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, root, d->comm[g], &rq) != MPI_SUCCESS)
+        d->failed = 1, st = LP_ERR(LP_ERR_PEER, "dist: gather (sizes) could not start (MPI): a rank of the job is gone");
+    if (st == LP_OK) st = wait_for(d, g, &rq, "gather (sizes)");
+    if (st == LP_OK && me != root) st = p2p_pieces(d, g, (char *)send, bytes, root, 1);
+    if (st == LP_OK && me == root) st = gather_at_root(d, g, send, bytes, all, recv, counts);
     free(all);
     d->counts.gather++;
     d->counts.gather_bytes += bytes;
