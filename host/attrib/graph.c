@@ -71,7 +71,7 @@ static lp_status check_tc(const lp_clt *tc, const lp_config *c) {
     const char *in = tc->cfg.input_hook, *out = tc->cfg.output_hook;
     if ((strcmp(in, "mlp.hook_in") && strcmp(in, "ln2.hook_normalized")) || (strcmp(out, "mlp.hook_out") && strcmp(out, "hook_mlp_out")))
         LP_FAIL(LP_ERR_ARG, "transcoders: feature_input_hook %s / feature_output_hook %s: the graph takes transcoders reading the "
-                            "MLP's input (mlp.hook_in) and writing its output (mlp.hook_out or hook_mlp_out)", in, out);
+                            "MLP's input (mlp.hook_in or ln2.hook_normalized) and writing its output (mlp.hook_out or hook_mlp_out)", in, out);
     return LP_OK;
 }
 
@@ -176,7 +176,10 @@ lp_status lp_graph_build(lp_graph **out, lp_model *m, const lp_clt *tc, const in
     lp_graph *g = calloc(1, sizeof *g);
     if (!g) LP_FAIL(LP_ERR_OOM, "out of memory for a graph");
     g->T = T, g->n_layers = c->n_layers, g->d_vocab = c->d_vocab;
-    lp_status st = lp_frozen_new(&w.fz, m, tokens, T);
+    /* ln2.hook_normalized is before the norm's weight; mlp.hook_out before a post-norm */
+    lp_frozen_sites sites = {.input_normalized = strcmp(tc->cfg.input_hook, "ln2.hook_normalized") == 0,
+                             .output_before_post_norm = strcmp(tc->cfg.output_hook, "mlp.hook_out") == 0};
+    lp_status st = lp_frozen_new_sites(&w.fz, m, tokens, T, &sites);
     if (st == LP_OK) st = setup_features(&w);
     if (st == LP_OK) st = setup_logits(&w, c->d_vocab, &g->logit_ids);
     int n_feat = w.n_active;
