@@ -6,6 +6,7 @@
  *            (before the norm's weight) -> hook_mlp_out (after the post-norm)
  *   g2skip   the same model, ReLU transcoders with skip, mlp.hook_in -> mlp.hook_out (the
  *            MLP's output, before the post-norm: the backward passes through its frozen scale)
+ *   g2topk   the same model, TopK transcoders (k 4, no relu after the selection) with skip
  *   g3skip   Gemma 3 (q/k norms, windows, post-norms), ReLU with skip, mlp.hook_in -> hook_mlp_out
  * each as test_graph.c: the same active features and logit targets (the final soft-cap
  * applies to the logits the targets are chosen from), the adjacency within 1e-4 of its
@@ -112,3 +113,7 @@ static void run(const char *model, const char *tcdir, const char *pre, int batch
 Test(graph_gemma, gemma2_gemma_scope_sites_match_circuit_tracer) { run(GDIR "/gemma2/model", GDIR "/gemma2/scope", "g2scope.", 16); }
 Test(graph_gemma, gemma2_before_post_norm_matches_circuit_tracer) { run(GDIR "/gemma2/model", GDIR "/gemma2/skip", "g2skip.", 7); }
 Test(graph_gemma, gemma3_matches_circuit_tracer) { run(GDIR "/gemma3/model", GDIR "/gemma3/skip", "g3skip.", 16); }
+/* TopK transcoders: exactly k features per position, chosen values kept as they are (60 of
+ * the 108 negative here), as circuit-tracer's TopK; a relu after the selection would drop
+ * those nodes */
+Test(graph_gemma, gemma2_topk_matches_circuit_tracer) { run(GDIR "/gemma2/model", GDIR "/gemma2/topk", "g2topk.", 16); }

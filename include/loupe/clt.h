@@ -15,8 +15,10 @@
  *   relu      max(pre, 0)
  *   jumprelu  pre * (pre > threshold_l[f])   (circuit-tracer's form: no relu, so a
  *             negative threshold lets negative values through)
- *   topk      the k largest pre-activations per token, relu'd (ties: lower index first);
- *             loupe's own: circuit-tracer 0.5.0 has no file form for it (see lp_clt_save)
+ *   topk      the k largest pre-activations per token kept as they are, the rest 0 (ties:
+ *             lower index first); no relu after the selection, as circuit-tracer's TopK
+ *             (x * gate): a chosen negative value stays. circuit-tracer 0.5.0 has no file
+ *             form for it (see lp_clt_save)
  *
  * Parameters are F32 on the context's device, in one allocation, in circuit-tracer's
  * orientation except the CLT decoder's first two axes:

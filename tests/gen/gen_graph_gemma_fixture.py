@@ -21,11 +21,14 @@ script checks the TransformerLens logits against Hugging Face's before attributi
 Transcoder sets (circuit-tracer's per-layer layout, config.yaml beside):
   gemma2/scope: JumpReLU, no skip, ln2.hook_normalized -> hook_mlp_out (Gemma Scope's sites)
   gemma2/skip:  ReLU with skip, mlp.hook_in -> mlp.hook_out (the MLP's output before its post-norm)
+  gemma2/topk:  TopK (k 4, no relu after the selection, circuit-tracer's TopK) with skip,
+                mlp.hook_in -> hook_mlp_out; encoder biases low, so many chosen values are negative
+                (config.yaml carries loupe's activation_function/k keys)
   gemma3/skip:  ReLU with skip, mlp.hook_in -> hook_mlp_out
 Each graph: every active feature, batch 16, circuit-tracer's default thresholds.
 
 Writes OUTDIR/{gemma2,gemma3}/model (config.json, model.safetensors), the transcoder directories,
-OUTDIR/reference.safetensors with, per graph P in (g2scope, g2skip, g3skip):
+OUTDIR/reference.safetensors with, per graph P in (g2scope, g2skip, g2topk, g3skip):
   P.active_features I32 [n,3], P.activation_values F32, P.logit_targets I32, P.logit_probabilities F32,
   P.selected, P.adjacency, P.node_mask, P.edge_mask, P.cumulative_scores, P.scores (as gen_graph_fixture.py)
 and tokens I32 [T]; OUTDIR/reference.json the figures in words.
@@ -48,7 +51,7 @@ from transformer_lens.pretrained.weight_conversions.gemma import convert_gemma_w
 
 from circuit_tracer import attribute
 from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel
-from circuit_tracer.transcoder.activation_functions import JumpReLU
+from circuit_tracer.transcoder.activation_functions import JumpReLU, TopK
 from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, TranscoderSet
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -109,18 +112,19 @@ def build(kind, outdir):
     return hf, tl_cfg, state
 
 
-def transcoders(path, relu_skip, in_hook, out_hook, scan, seed):
+def transcoders(path, relu_skip, in_hook, out_hook, scan, seed, topk=0):
+    """relu_skip: ReLU with W_skip (topk > 0: TopK(topk) with W_skip instead); else JumpReLU."""
     g = torch.Generator().manual_seed(seed)
     os.makedirs(path, exist_ok=True)
     tcs = {}
     for layer in range(L):
         thr = torch.rand(D_TC, generator=g) * 0.3 + 0.05
-        act = F.relu if relu_skip else JumpReLU(thr.clone(), 0.1)
+        act = TopK(topk) if topk else F.relu if relu_skip else JumpReLU(thr.clone(), 0.1)
         t = SingleLayerTranscoder(D, D_TC, act, layer, skip_connection=relu_skip, device="cpu", dtype=torch.float32)
         with torch.no_grad():
             t.W_enc.copy_(torch.randn(D_TC, D, generator=g) / D**0.5 * (2.0 if not relu_skip else 1.0))
             t.W_dec.copy_(torch.randn(D_TC, D, generator=g) * 0.3)
-            t.b_enc.copy_(torch.randn(D_TC, generator=g) * 0.5 - 0.4)
+            t.b_enc.copy_(torch.randn(D_TC, generator=g) * 0.5 - (1.5 if topk else 0.4))
             t.b_dec.copy_(torch.randn(D, generator=g) * 0.1)
             if relu_skip:
                 t.W_skip.copy_(torch.randn(D, D, generator=g) * 0.05)
@@ -133,6 +137,8 @@ def transcoders(path, relu_skip, in_hook, out_hook, scan, seed):
     with open(os.path.join(path, "config.yaml"), "w") as f:
         f.write(f"model_kind: transcoder_set\nfeature_input_hook: {in_hook}\nfeature_output_hook: {out_hook}\n"
                 f"model_name: tiny\nscan: {scan}\n")
+        if topk:  # loupe's keys for TopK (circuit-tracer 0.5.0's loader has no file form for it)
+            f.write(f"activation_function: topk\nk: {topk}\n")
     return TranscoderSet(tcs, feature_input_hook=in_hook, feature_output_hook=out_hook, scan=scan)
 
 
@@ -173,6 +179,9 @@ def main():
     info["gemma2_tl_vs_hf_logits"] = check_logits(hf2, m)
     tc = transcoders(os.path.join(outdir, "gemma2", "skip"), True, "mlp.hook_in", "mlp.hook_out", "tiny-g2-skip", 12)
     run("g2skip.", cfg2, st2, tc, out, info)
+    tc = transcoders(os.path.join(outdir, "gemma2", "topk"), True, "mlp.hook_in", "hook_mlp_out", "tiny-g2-topk", 14, topk=4)
+    run("g2topk.", cfg2, st2, tc, out, info)
+    info["g2topk"]["negative_activations"] = int((out["g2topk.activation_values"] < 0).sum())
     hf3, cfg3, st3 = build("gemma3", outdir)
     tc = transcoders(os.path.join(outdir, "gemma3", "skip"), True, "mlp.hook_in", "hook_mlp_out", "tiny-g3-skip", 13)
     m = run("g3skip.", cfg3, st3, tc, out, info)
