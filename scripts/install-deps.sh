@@ -6,8 +6,10 @@ set -euo pipefail
 pkgs=(build-essential pkg-config libopenblas-dev libcjson-dev libcriterion-dev libpcre2-dev libutf8proc-dev libyaml-dev python3 python3-pip)
 # optional: the dashboard page's render test uses a headless chromium (it skips without one);
 # OpenMPI runs loupe over several processes (tensor parallelism; without it the build is
-# single-process and the mpirun tests skip); installed when we can, never required
-optional=(chromium openmpi-bin libopenmpi-dev)
+# single-process and the mpirun tests skip); python3-jsonschema validates loupe's graph JSON
+# against Neuronpedia's schema (test_graph_schema skips without it); installed when we can,
+# never required
+optional=(chromium openmpi-bin libopenmpi-dev python3-jsonschema)
 missing=()
 for p in "${pkgs[@]}" "${optional[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -357,8 +357,23 @@ Test(clt, bad_files_refused) {
     lp_clt_free(t, &ctx);
 }
 
-/* TopK (loupe's own): the k largest pre-activations per token, relu'd, the rest 0; written
- * with activation_function: topk and k, and read back to the same set. */
+/* TopK (loupe's file form): the k largest pre-activations per token kept as they are, the
+ * rest 0, as circuit-tracer's TopK (x * gate of torch.topk's indices, no relu after it);
+ * written with activation_function: topk and k, and read back to the same set. */
+static void check_topk(const float *pre, const float *f, int N, int S, int K) {
+    for (int n = 0; n < N; n++) {
+        int kept = 0;
+        for (int s = 0; s < S; s++) {
+            int above = 0; /* entries ranked before s */
+            for (int u = 0; u < S; u++) above += pre[n * S + u] > pre[n * S + s] || (pre[n * S + u] == pre[n * S + s] && u < s);
+            float want = above < K ? pre[n * S + s] : 0;
+            cr_expect_eq(f[n * S + s], want, "token %d feature %d: %g, expected %g", n, s, f[n * S + s], want);
+            kept += f[n * S + s] != 0;
+        }
+        cr_expect_eq(kept, K);
+    }
+}
+
 Test(clt, topk_round_trip) {
     lp_clt *t = load_ok(CLT_FIX "/plt_relu_skip");
     t->cfg.act = LP_CLT_TOPK, t->cfg.k = 5;
@@ -366,17 +381,7 @@ Test(clt, topk_round_trip) {
     float *x = lp_test_rand((size_t)N * D, 9, -2, 2), *pre = malloc((size_t)N * S * 4), *f = malloc((size_t)N * S * 4);
     cr_assert_eq(lp_clt_encode(t, &ctx, 1, x, N, pre, 1), LP_OK);
     cr_assert_eq(lp_clt_encode(t, &ctx, 1, x, N, f, 0), LP_OK, "%s", lp_last_error());
-    for (int n = 0; n < N; n++) {
-        int kept = 0;
-        for (int s = 0; s < S; s++) {
-            int above = 0; /* entries ranked before s */
-            for (int u = 0; u < S; u++) above += pre[n * S + u] > pre[n * S + s] || (pre[n * S + u] == pre[n * S + s] && u < s);
-            float want = above < 5 && pre[n * S + s] > 0 ? pre[n * S + s] : 0;
-            cr_expect_eq(f[n * S + s], want, "token %d feature %d: %g, expected %g", n, s, f[n * S + s], want);
-            kept += f[n * S + s] != 0;
-        }
-        cr_expect_leq(kept, 5);
-    }
+    check_topk(pre, f, N, S, 5);
     char dir[512];
     snprintf(dir, sizeof dir, "%s/topk", tmp);
     cr_assert_eq(lp_clt_save(t, &ctx, dir), LP_OK, "%s", lp_last_error());
@@ -384,6 +389,13 @@ Test(clt, topk_round_trip) {
     cr_expect_eq(u->cfg.act, LP_CLT_TOPK);
     cr_expect_eq(u->cfg.k, 5);
     cr_expect(memcmp(u->mem, t->mem, t->n_floats * 4) == 0);
+    /* every pre-activation negative: the 5 largest still come out, negative (a relu after
+     * the selection would give none) */
+    for (int s = 0; s < S; s++) t->layer[1].b_enc[s] -= 100.0f;
+    cr_assert_eq(lp_clt_encode(t, &ctx, 1, x, N, pre, 1), LP_OK);
+    cr_assert_eq(lp_clt_encode(t, &ctx, 1, x, N, f, 0), LP_OK, "%s", lp_last_error());
+    for (int i = 0; i < N * S; i++) cr_assert_lt(pre[i], 0.0f);
+    check_topk(pre, f, N, S, 5);
     free(x), free(pre), free(f);
     lp_clt_free(u, &ctx);
     lp_clt_free(t, &ctx);

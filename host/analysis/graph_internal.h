@@ -21,6 +21,9 @@ typedef struct graph_doc {
     unsigned char *kind;     /* [n_nodes] GRAPH_* */
     int *src, *dst;          /* [n_links] node indices */
     double *w;               /* [n_links] */
+    unsigned char *shared;   /* [n_nodes] 1: another node has this node_id (an error and a
+                              * layer-0 feature: circuit-tracer's "0_{layer}_{pos}") */
+    int n_ambiguous;         /* link ends naming a shared id with no *_index to choose */
     int *slot;               /* node id hash table */
     size_t cap;
 } graph_doc;
@@ -29,7 +32,7 @@ typedef struct graph_doc {
 lp_status graph_doc_parse(graph_doc *g, const char *json, size_t n, const char *name);
 void graph_doc_info(const graph_doc *g, lp_graph_info *info);
 void graph_doc_free(graph_doc *g);
-/* The index of the node with this node_id, or -1. */
+/* The index of the (first, in document order) node with this node_id, or -1. */
 int graph_find(const graph_doc *g, const char *id);
 
 #endif

@@ -1,12 +1,17 @@
 /* graph_json.c: reading an attribution graph JSON (circuit-tracer's create_graph_files,
  * Neuronpedia's graph-schema.json) into the arrays the page needs, with every check the
- * page relies on: the schema's required keys and their types, node ids that are unique,
- * links whose ends are node ids, finite weights, layers and positions the page can place.
+ * page relies on: the schema's required keys and their types, node ids that are unique
+ * (but for circuit-tracer's one clash: an error "0_{layer}_{pos}" and the layer-0 feature
+ * of that index and position), links whose ends are node ids, finite weights, layers and
+ * positions the page can place. The page keys nodes by index: a link end naming a shared
+ * id is the node its optional source_index / target_index gives (loupe writes them for
+ * such links), else the first node of that id (counted in n_ambiguous).
  * Each refusal is one line: "NAME: key path: what is wrong". */
 #include <cjson/cJSON.h>
 #include <limits.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,7 +27,8 @@ static uint64_t fnv1a(const char *s) {
     return h;
 }
 
-/* Open addressing over node indices; slot -1 is empty. cap is a power of two > 2n. */
+/* Open addressing over node indices; slot -1 is empty. cap is a power of two > 2n. Two
+ * nodes may share an id only when one is an error and the other a feature. */
 static lp_status ids_build(graph_doc *g) {
     size_t cap = 16;
     while (cap < 2 * (size_t)g->n_nodes + 1) cap *= 2;
@@ -32,9 +38,14 @@ static lp_status ids_build(graph_doc *g) {
     g->cap = cap;
     for (int i = 0; i < g->n_nodes; i++) {
         size_t k = fnv1a(g->id[i]) & (cap - 1);
-        for (; g->slot[k] >= 0; k = (k + 1) & (cap - 1))
-            if (strcmp(g->id[g->slot[k]], g->id[i]) == 0)
-                LP_FAIL(LP_ERR_FORMAT, "%s: nodes[%d].node_id: \"%.80s\" is also nodes[%d]'s", g->name, i, g->id[i], g->slot[k]);
+        for (; g->slot[k] >= 0; k = (k + 1) & (cap - 1)) {
+            int j = g->slot[k];
+            if (strcmp(g->id[j], g->id[i]) != 0) continue;
+            int pair = (g->kind[i] == GRAPH_ERROR && g->kind[j] == GRAPH_FEATURE) || (g->kind[i] == GRAPH_FEATURE && g->kind[j] == GRAPH_ERROR);
+            if (!pair || g->shared[j])
+                LP_FAIL(LP_ERR_FORMAT, "%s: nodes[%d].node_id: \"%.80s\" is also nodes[%d]'s", g->name, i, g->id[i], j);
+            g->shared[i] = g->shared[j] = 1;
+        }
         g->slot[k] = i;
     }
     return LP_OK;
@@ -138,6 +149,25 @@ static lp_status check_node(graph_doc *g, const cJSON *o, int i) {
     return LP_OK;
 }
 
+/* Link i's end `key` (source / target) naming id: its node index into *out. */
+static lp_status link_end(graph_doc *g, const cJSON *o, int i, const char *key, const char *id, int *out) {
+    if ((*out = graph_find(g, id)) < 0) LP_FAIL(LP_ERR_FORMAT, "%s: links[%d].%s: \"%.80s\" is not a node_id of nodes", g->name, i, key, id);
+    char ik[16];
+    snprintf(ik, sizeof ik, "%s_index", key);
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, ik);
+    if (!x) {
+        g->n_ambiguous += g->shared[*out];
+        return LP_OK;
+    }
+    if (!is_int(x) || x->valuedouble < 0 || x->valuedouble >= g->n_nodes)
+        LP_FAIL(LP_ERR_FORMAT, "%s: links[%d].%s: must be an index into nodes (0..%d)", g->name, i, ik, g->n_nodes - 1);
+    int k = (int)x->valuedouble;
+    if (strcmp(g->id[k], id) != 0)
+        LP_FAIL(LP_ERR_FORMAT, "%s: links[%d].%s: nodes[%d] is \"%.80s\", not the %s \"%.80s\"", g->name, i, ik, k, g->id[k], key, id);
+    *out = k;
+    return LP_OK;
+}
+
 static lp_status check_link(graph_doc *g, const cJSON *o, int i) {
     if (!cJSON_IsObject(o)) LP_FAIL(LP_ERR_FORMAT, "%s: links[%d]: must be an object, is %s", g->name, i, type_name(o));
     const char *s, *t;
@@ -146,8 +176,8 @@ static lp_status check_link(graph_doc *g, const cJSON *o, int i) {
     const cJSON *w = cJSON_GetObjectItemCaseSensitive(o, "weight");
     if (!cJSON_IsNumber(w) || !isfinite(w->valuedouble))
         LP_FAIL(LP_ERR_FORMAT, "%s: links[%d].weight: must be a finite number, is %s", g->name, i, type_name(w));
-    if ((g->src[i] = graph_find(g, s)) < 0) LP_FAIL(LP_ERR_FORMAT, "%s: links[%d].source: \"%.80s\" is not a node_id of nodes", g->name, i, s);
-    if ((g->dst[i] = graph_find(g, t)) < 0) LP_FAIL(LP_ERR_FORMAT, "%s: links[%d].target: \"%.80s\" is not a node_id of nodes", g->name, i, t);
+    LP_CHECK(link_end(g, o, i, "source", s, &g->src[i]));
+    LP_CHECK(link_end(g, o, i, "target", t, &g->dst[i]));
     g->w[i] = w->valuedouble;
     return LP_OK;
 }
@@ -210,10 +240,11 @@ lp_status graph_doc_parse(graph_doc *g, const char *json, size_t n, const char *
     g->layer = calloc((size_t)nn + 1, sizeof *g->layer);
     g->ctx = calloc((size_t)nn + 1, sizeof *g->ctx);
     g->kind = calloc((size_t)nn + 1, 1);
+    g->shared = calloc((size_t)nn + 1, 1);
     g->src = calloc((size_t)nl + 1, sizeof *g->src);
     g->dst = calloc((size_t)nl + 1, sizeof *g->dst);
     g->w = calloc((size_t)nl + 1, sizeof *g->w);
-    if (!g->id || !g->layer || !g->ctx || !g->kind || !g->src || !g->dst || !g->w)
+    if (!g->id || !g->layer || !g->ctx || !g->kind || !g->shared || !g->src || !g->dst || !g->w)
         LP_FAIL(LP_ERR_OOM, "%s: out of memory for %d nodes and %d links", name, nn, nl);
     int i = 0;
     for (const cJSON *o = nodes->child; o; o = o->next, i++) LP_CHECK(check_node(g, o, i));
@@ -230,6 +261,8 @@ void graph_doc_info(const graph_doc *g, lp_graph_info *info) {
     memset(info, 0, sizeof *info);
     info->n_nodes = g->n_nodes, info->n_links = g->n_links, info->n_tokens = g->n_tokens;
     info->n_layers = g->max_layer + 1;
+    info->n_ambiguous = g->n_ambiguous;
+    for (int i = 0; i < g->n_nodes; i++) info->n_shared += g->shared[i];
     for (int i = 0; i < g->n_nodes; i++) {
         switch (g->kind[i]) {
         case GRAPH_EMBEDDING: info->n_embeddings++; break;
@@ -242,7 +275,7 @@ void graph_doc_info(const graph_doc *g, lp_graph_info *info) {
 
 void graph_doc_free(graph_doc *g) {
     cJSON_Delete(g->root);
-    free(g->id), free(g->layer), free(g->ctx), free(g->kind);
+    free(g->id), free(g->layer), free(g->ctx), free(g->kind), free(g->shared);
     free(g->src), free(g->dst), free(g->w), free(g->slot);
     memset(g, 0, sizeof *g);
 }

@@ -15,33 +15,41 @@ lp_graph_opts lp_graph_defaults(void) {
     return o;
 }
 
-static int by_f_desc(const void *a, const void *b) {
-    float x = *(const float *)a, y = *(const float *)b;
-    return (x < y) - (x > y);
+typedef struct fidx {
+    float v;
+    int i;
+} fidx;
+static int by_v_desc(const void *a, const void *b) { /* ties: the lower index first */
+    const fidx *x = a, *y = b;
+    if (x->v != y->v) return x->v < y->v ? 1 : -1;
+    return x->i - y->i;
 }
 
-/* Layer l's activations [T, S] (position 0 zeroed, as circuit-tracer): clt.h's activations. */
-static void encode(const lp_clt *tc, int l, const float *x, int T, float *acts, int keep0) {
+/* Layer l's activations [T, S] (position 0 zeroed, as circuit-tracer): clt.h's activations.
+ * TopK keeps exactly the k largest as they are (no relu after the selection), as clt.h. */
+static lp_status encode(const lp_clt *tc, int l, const float *x, int T, float *acts, int keep0) {
     const lp_clt_layer *y = &tc->layer[l];
     int S = tc->cfg.d_sae, D = tc->cfg.d_model;
     for (int t = 0; t < T; t++) memcpy(acts + (size_t)t * S, y->b_enc, S * sizeof(float));
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, S, D, 1.0f, x, D, y->W_enc, D, 1.0f, acts, S);
-    float *srt = tc->cfg.act == LP_CLT_TOPK ? malloc(S * sizeof(float)) : NULL;
+    fidx *srt = tc->cfg.act == LP_CLT_TOPK ? malloc(S * sizeof *srt) : NULL;
+    if (tc->cfg.act == LP_CLT_TOPK && !srt) LP_FAIL(LP_ERR_OOM, "out of memory for a topk row");
     for (int t = 0; t < T; t++) {
         float *a = acts + (size_t)t * S;
-        if (srt && tc->cfg.k < S) { /* the k largest (ties aside), relu'd */
-            memcpy(srt, a, S * sizeof(float));
-            qsort(srt, S, sizeof(float), by_f_desc);
-            for (int j = 0; j < S; j++)
-                if (a[j] < srt[tc->cfg.k - 1]) a[j] = 0.0f;
-        }
-        for (int j = 0; j < S; j++) {
-            if (tc->cfg.act == LP_CLT_JUMPRELU) a[j] = a[j] > y->threshold[j] ? a[j] : 0.0f;
-            else a[j] = a[j] > 0 ? a[j] : 0.0f;
+        if (srt) {
+            for (int j = 0; j < S; j++) srt[j].v = a[j], srt[j].i = j;
+            qsort(srt, S, sizeof *srt, by_v_desc);
+            for (int j = tc->cfg.k; j < S; j++) a[srt[j].i] = 0.0f;
+        } else {
+            for (int j = 0; j < S; j++) {
+                if (tc->cfg.act == LP_CLT_JUMPRELU) a[j] = a[j] > y->threshold[j] ? a[j] : 0.0f;
+                else a[j] = a[j] > 0 ? a[j] : 0.0f;
+            }
         }
     }
     free(srt);
     if (!keep0) memset(acts, 0, S * sizeof(float));
+    return LP_OK;
 }
 
 static lp_status add_active(graph_work *w, size_t *cap, int l, int t, int f, float a) {
@@ -71,7 +79,7 @@ static lp_status check_tc(const lp_clt *tc, const lp_config *c) {
     const char *in = tc->cfg.input_hook, *out = tc->cfg.output_hook;
     if ((strcmp(in, "mlp.hook_in") && strcmp(in, "ln2.hook_normalized")) || (strcmp(out, "mlp.hook_out") && strcmp(out, "hook_mlp_out")))
         LP_FAIL(LP_ERR_ARG, "transcoders: feature_input_hook %s / feature_output_hook %s: the graph takes transcoders reading the "
-                            "MLP's input (mlp.hook_in) and writing its output (mlp.hook_out or hook_mlp_out)", in, out);
+                            "MLP's input (mlp.hook_in or ln2.hook_normalized) and writing its output (mlp.hook_out or hook_mlp_out)", in, out);
     return LP_OK;
 }
 
@@ -89,7 +97,7 @@ static lp_status setup_features(graph_work *w) {
     lp_status st = acts && rec && w->layer_start && w->err && w->skip && w->gather ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory for the graph's nodes");
     for (int L = 0; L < NL && st == LP_OK; L++) {
         float *a = acts;
-        encode(tc, L, lp_frozen_mlp_in(w->fz, L), T, a, w->o->keep_first_position);
+        st = encode(tc, L, lp_frozen_mlp_in(w->fz, L), T, a, w->o->keep_first_position);
         w->skip[L] = tc->layer[L].W_skip;
         w->layer_start[L] = w->n_active;
         for (int t = 0; t < T && st == LP_OK; t++)
@@ -176,7 +184,10 @@ lp_status lp_graph_build(lp_graph **out, lp_model *m, const lp_clt *tc, const in
     lp_graph *g = calloc(1, sizeof *g);
     if (!g) LP_FAIL(LP_ERR_OOM, "out of memory for a graph");
     g->T = T, g->n_layers = c->n_layers, g->d_vocab = c->d_vocab;
-    lp_status st = lp_frozen_new(&w.fz, m, tokens, T);
+    /* ln2.hook_normalized is before the norm's weight; mlp.hook_out before a post-norm */
+    lp_frozen_sites sites = {.input_normalized = strcmp(tc->cfg.input_hook, "ln2.hook_normalized") == 0,
+                             .output_before_post_norm = strcmp(tc->cfg.output_hook, "mlp.hook_out") == 0};
+    lp_status st = lp_frozen_new_sites(&w.fz, m, tokens, T, &sites);
     if (st == LP_OK) st = setup_features(&w);
     if (st == LP_OK) st = setup_logits(&w, c->d_vocab, &g->logit_ids);
     int n_feat = w.n_active;

@@ -3,6 +3,9 @@
  * a kept edge, and every embedding and logit) and the kept links, with its node ids:
  *   feature  "{layer}_{feature}_{pos}"  jsNodeId "{layer}_{feature}-0", feature = cantor(layer, feature)
  *   error    "0_{layer}_{pos}"          jsNodeId "{layer}_{pos}-0", feature -1
+ *            (the id of layer 0's feature {layer} at {pos} too, when both are kept: the links
+ *            to such a shared id also carry "source_index" / "target_index", the node's
+ *            index in "nodes", which the schema allows and viewers that key by id ignore)
  *   token    "E_{token id}_{pos}"       jsNodeId "E_{token id}-{pos}", layer "E"
  *   logit    "{n_layers + 1}_{token id}_{T - 1}"  jsNodeId "L_{token id}-{T - 1}"
  * and graph-metadata.json, the list of graphs in a directory. */
@@ -96,32 +99,58 @@ static cJSON *metadata_json(const lp_graph *g, const lp_graph_json_opts *o, floa
     return m;
 }
 
-lp_status lp_graph_write_json(const lp_graph *g, const lp_graph_json_opts *o, const char *path) {
-    if (!g->node_mask || !g->edge_mask) LP_FAIL(LP_ERR_ARG, "%s: the graph has not been pruned", path);
+/* The kept links (targets in order, sources ascending); used[] marks their ends. With
+ * widx (each written node's index in "nodes"; shared[]: its node_id is another written
+ * node's too), a link to a shared id also carries source_index / target_index. */
+static void add_links(const lp_graph *g, cJSON *links, uint8_t *used, const int64_t *widx, const uint8_t *shared) {
     int64_t N = g->n_nodes, src_end = N - g->n_logits;
-    int64_t tok0 = N - g->n_logits - g->T;
-    uint8_t *used = calloc(N, 1);
-    cJSON *root = cJSON_CreateObject(), *q = cJSON_CreateObject(), *nodes = cJSON_CreateArray(), *links = cJSON_CreateArray();
-    if (!used || !root || !q || !nodes || !links) {
-        free(used), cJSON_Delete(root), cJSON_Delete(q), cJSON_Delete(nodes), cJSON_Delete(links);
-        LP_FAIL(LP_ERR_OOM, "%s: out of memory", path);
-    }
     char sid[64], tid[64], js[64];
     int layer, pos;
     long long feat;
-    for (int64_t i = 0; i < N; i++) /* links: targets (rows) in order, sources ascending */
+    for (int64_t i = 0; i < N; i++)
         for (int64_t e = g->row_ptr[i]; e < g->row_ptr[i + 1]; e++) {
             int64_t s = g->col[e];
             if (!g->edge_mask[e] || !g->node_mask[i] || !g->node_mask[s] || s >= src_end) continue;
+            used[i] = used[s] = 1;
+            if (!links) continue;
             node_ids(g, s, sid, js, sizeof sid, &layer, &pos, &feat);
             node_ids(g, i, tid, js, sizeof tid, &layer, &pos, &feat);
             cJSON *l = cJSON_CreateObject();
             cJSON_AddStringToObject(l, "source", sid);
             cJSON_AddStringToObject(l, "target", tid);
             cJSON_AddNumberToObject(l, "weight", g->val[e]);
+            if (shared[s]) cJSON_AddNumberToObject(l, "source_index", (double)widx[s]);
+            if (shared[i]) cJSON_AddNumberToObject(l, "target_index", (double)widx[i]);
             cJSON_AddItemToArray(links, l);
-            used[i] = used[s] = 1;
         }
+}
+
+/* circuit-tracer's error id "0_{L}_{p}" is also the id of layer 0's feature L at p: marks
+ * the written nodes whose id another written node has. */
+static void mark_shared(const lp_graph *g, const int64_t *widx, uint8_t *shared) {
+    for (int64_t i = 0; i < g->n_features; i++) {
+        const int32_t *a = g->active + 3 * (size_t)g->selected[i];
+        if (widx[i] < 0 || a[0] != 0 || a[2] >= g->n_layers) continue;
+        int64_t e = lp_graph_error_node(g, a[2], a[1]);
+        if (widx[e] >= 0) shared[i] = shared[e] = 1;
+    }
+}
+
+lp_status lp_graph_write_json(const lp_graph *g, const lp_graph_json_opts *o, const char *path) {
+    if (!g->node_mask || !g->edge_mask) LP_FAIL(LP_ERR_ARG, "%s: the graph has not been pruned", path);
+    int64_t N = g->n_nodes;
+    int64_t tok0 = N - g->n_logits - g->T;
+    uint8_t *used = calloc(N, 1), *shared = calloc(N, 1);
+    int64_t *widx = calloc(N + 1, sizeof *widx);
+    cJSON *root = cJSON_CreateObject(), *q = cJSON_CreateObject(), *nodes = cJSON_CreateArray(), *links = cJSON_CreateArray();
+    if (!used || !shared || !widx || !root || !q || !nodes || !links) {
+        free(used), free(shared), free(widx), cJSON_Delete(root), cJSON_Delete(q), cJSON_Delete(nodes), cJSON_Delete(links);
+        LP_FAIL(LP_ERR_OOM, "%s: out of memory", path);
+    }
+    add_links(g, NULL, used, NULL, NULL);
+    for (int64_t i = 0, k = 0; i < N; i++) widx[i] = g->node_mask[i] && (used[i] || i >= tok0) ? k++ : -1;
+    mark_shared(g, widx, shared);
+    add_links(g, links, used, widx, shared);
     for (int64_t i = 0; i < N; i++)
         if (g->node_mask[i] && (used[i] || i >= tok0)) cJSON_AddItemToArray(nodes, node_json(g, i, o));
     cJSON_AddItemToObject(root, "metadata", metadata_json(g, o, g->node_threshold));
@@ -135,7 +164,7 @@ lp_status lp_graph_write_json(const lp_graph *g, const lp_graph_json_opts *o, co
     cJSON_AddItemToObject(root, "links", links);
     char *txt = cJSON_Print(root);
     cJSON_Delete(root);
-    free(used);
+    free(used), free(shared), free(widx);
     if (!txt) LP_FAIL(LP_ERR_OOM, "%s: out of memory", path);
     lp_status st = lp_write_file_atomic(path, txt, strlen(txt));
     free(txt);

@@ -215,15 +215,10 @@ static lp_status one_graph(const args *a, lp_model *m, const lp_clt *tc, const l
     snprintf(html, sizeof html, "%s/%s.html", out, gp->slug);
     lp_status st = ts && ls ? lp_graph_write_json(g, &jo, path) : LP_ERR(LP_ERR_OOM, "out of memory");
     int want_html = strcmp(lp_cfg_str(&a->cfg, "graph.html"), "true") == 0;
-    /* circuit-tracer's error ids "0_{layer}_{pos}" can equal a layer-0 feature's
-     * "0_{feature}_{pos}"; the JSON keeps its convention, and a page the viewer refuses is
-     * reported and skipped rather than stopping the sweep */
+    /* circuit-tracer's error ids "0_{layer}_{pos}" can equal a layer-0 feature's; the JSON
+     * keeps the convention and names each such link's node by index too, so the page draws */
     int have_html = 0;
-    if (st == LP_OK && want_html) {
-        if (lp_graph_page_write_file(path, html, NULL) == LP_OK) have_html = 1;
-        else fprintf(stderr, "loupe: %s: no page: %s\n", gp->slug, lp_last_error());
-    }
-    want_html = have_html;
+    if (st == LP_OK && want_html) st = lp_graph_page_write_file(path, html, NULL), have_html = st == LP_OK;
     if (st == LP_OK) st = lp_graph_metadata_add(out, &jo, g);
     int64_t kept_n = 0, kept_e = 0;
     for (int64_t i = 0; i < g->n_nodes; i++) kept_n += g->node_mask[i];

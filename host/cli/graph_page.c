@@ -25,6 +25,9 @@ int cmd_graph_page(int argc, char **argv) {
     lp_graph_info g;
     lp_status st = lp_graph_page_write_file(in, out, &g);
     if (st != LP_OK) return cli_fail(st);
+    if (g.n_ambiguous) /* circuit-tracer's error/feature id clash, with no index to choose by */
+        fprintf(stderr, "loupe: %s: %d link ends name an id two nodes share (an error and a layer-0 feature); drawn to the first\n", in,
+                g.n_ambiguous);
     if (json) {
         cJSON *j = cJSON_CreateObject();
         cJSON_AddStringToObject(j, "page", out);
@@ -36,6 +39,8 @@ int cmd_graph_page(int argc, char **argv) {
         cJSON_AddNumberToObject(j, "errors", g.n_errors);
         cJSON_AddNumberToObject(j, "embeddings", g.n_embeddings);
         cJSON_AddNumberToObject(j, "logits", g.n_logits);
+        cJSON_AddNumberToObject(j, "shared_ids", g.n_shared);
+        cJSON_AddNumberToObject(j, "ambiguous_link_ends", g.n_ambiguous);
         cli_print_json(j);
     } else {
         printf("%s: %d nodes (%d features, %d errors, %d embeddings, %d logits), %d links, %d tokens, %d layers\n", out,

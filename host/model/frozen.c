@@ -12,24 +12,20 @@
 
 size_t lp_frozen_bytes(const lp_config *c, int T) {
     size_t D = c->d_model, qd = (size_t)c->n_heads * c->d_head, kvd = (size_t)c->n_kv_heads * c->d_head;
-    size_t per = 3 * D + 2 * kvd * D + qd * D + 2 * (size_t)T + (size_t)T * (qd + kvd) + 2 * (size_t)T * D;
+    size_t per = 5 * D + 2 * kvd * D + qd * D + 4 * (size_t)T + (size_t)T * (qd + kvd) + 2 * (size_t)T * D;
     return 4 * (c->n_layers * per + D + T + (size_t)c->d_vocab * (D + 1) + (size_t)T * D +
                 (size_t)c->n_heads * T * T);
 }
 
 size_t lp_frozen_backward_bytes(const lp_config *c, int T, int R) {
     size_t qd = (size_t)c->n_heads * c->d_head, D = c->d_model;
-    return 4 * (size_t)R * T * (2 * D + 2 * (qd > D ? qd : D));
+    return 4 * (size_t)R * T * ((c->post_norms ? 3 : 2) * D + 2 * (qd > D ? qd : D));
 }
 
 static lp_status check_model(const lp_model *m) {
     const lp_config *c = &m->cfg;
     if (m->ctx.device != LP_CPU || m->ctx.dtype != LP_F32)
         LP_FAIL(LP_ERR_ARG, "model: the replacement model's backward runs on a CPU F32 model");
-    if (c->post_norms || c->qk_norm || c->embed_scale > 0 || c->attn_softcap > 0 || c->final_softcap > 0 ||
-        c->sliding_window > 0)
-        LP_FAIL(LP_ERR_ARG, "model: %s has post-norms, q/k norms, soft-caps or windows, which the replacement model does not freeze",
-                c->name);
     if (c->linear_bias || c->qkv_bias) LP_FAIL(LP_ERR_ARG, "model: %s: biased projections are not supported here", c->name);
     return LP_OK;
 }
@@ -54,7 +50,8 @@ static float *cap(lp_model *m, const char *fmt, int L, size_t n, lp_status *st) 
     return d;
 }
 
-/* The norm's output after its weight, from its input and captured scale (LayerNorm centres). */
+/* The norm's output after its weight (w NULL: before it), from its input and captured scale
+ * (LayerNorm centres). */
 static void norm_out(const lp_config *c, float *y, const float *x, const float *s, const float *w, const float *b, int T) {
     int D = c->d_model;
     for (int t = 0; t < T; t++) {
@@ -63,21 +60,34 @@ static void norm_out(const lp_config *c, float *y, const float *x, const float *
             for (int i = 0; i < D; i++) mu += x[(size_t)t * D + i];
         mu /= D;
         for (int i = 0; i < D; i++)
-            y[(size_t)t * D + i] = (float)((x[(size_t)t * D + i] - mu) / s[t]) * w[i] + (b ? b[i] : 0.0f);
+            y[(size_t)t * D + i] = (float)((x[(size_t)t * D + i] - mu) / s[t]) * (w ? w[i] : 1.0f) + (b ? b[i] : 0.0f);
     }
 }
 
 static lp_status capture_all(lp_model *m, const int32_t *tokens, int T) {
-    int last = T - 1, rot = lp_hook_find(m, "blocks.0.attn.hook_rot_q") >= 0;
+    int last = T - 1, rot = lp_hook_find(m, "blocks.0.attn.hook_rot_q") >= 0, post = m->cfg.post_norms;
     const char *names[] = {"blocks.*.ln1.hook_scale", "blocks.*.ln2.hook_scale", "blocks.*.hook_resid_mid",
                            "blocks.*.hook_mlp_out", rot ? "blocks.*.attn.hook_rot_q" : "blocks.*.attn.hook_q",
-                           rot ? "blocks.*.attn.hook_rot_k" : "blocks.*.attn.hook_k", "ln_final.hook_scale"};
+                           rot ? "blocks.*.attn.hook_rot_k" : "blocks.*.attn.hook_k", "ln_final.hook_scale",
+                           "blocks.*.ln1_post.hook_scale", "blocks.*.ln2_post.hook_scale", "blocks.*.ln2_post.hook_normalized"};
+    size_t n = sizeof names / sizeof *names - (post ? 0 : 3);
     lp_hooks_clear(m);
-    for (size_t i = 0; i < sizeof names / sizeof *names; i++) LP_CHECK(lp_hook_capture(m, names[i], NULL, 0, NULL));
+    for (size_t i = 0; i < n; i++) LP_CHECK(lp_hook_capture(m, names[i], NULL, 0, NULL));
     char top[64];
     snprintf(top, sizeof top, "blocks.%d.hook_resid_post", m->cfg.n_layers - 1);
     LP_CHECK(lp_hook_capture(m, top, &last, 1, NULL));
     return lp_model_forward(m, tokens, 1, T, 0);
+}
+
+/* Layer L's MLP output at the transcoders' write site: hook_mlp_out, or before a post-norm
+ * the norm's input, its normalised value times its scale. */
+static float *mlp_output(const lp_frozen *f, lp_model *m, int L, lp_status *st) {
+    size_t D = f->c.d_model, T = f->T;
+    if (!f->c.post_norms || !f->sites.output_before_post_norm) return cap(m, "blocks.%d.hook_mlp_out", L, T * D, st);
+    float *y = cap(m, "blocks.%d.ln2_post.hook_normalized", L, T * D, st);
+    for (size_t t = 0; y && *st == LP_OK && t < T; t++)
+        for (size_t i = 0; i < D; i++) y[t * D + i] *= f->lay[L].ln2p_s[t];
+    return y;
 }
 
 static lp_status fill(lp_frozen *f, lp_model *m, int T) {
@@ -96,18 +106,24 @@ static lp_status fill(lp_frozen *f, lp_model *m, int T) {
         y->ln2_s = cap(m, "blocks.%d.ln2.hook_scale", L, T, &st);
         y->q = cap(m, rot ? "blocks.%d.attn.hook_rot_q" : "blocks.%d.attn.hook_q", L, T * qd, &st);
         y->k = cap(m, rot ? "blocks.%d.attn.hook_rot_k" : "blocks.%d.attn.hook_k", L, T * kvd, &st);
-        y->mlp_out = cap(m, "blocks.%d.hook_mlp_out", L, T * D, &st);
+        if (c->post_norms) {
+            y->ln1p_w = grab(m, layer_weight_idx(m, L, W_LN1P), &st);
+            y->ln2p_w = grab(m, layer_weight_idx(m, L, W_LN2P), &st);
+            y->ln1p_s = cap(m, "blocks.%d.ln1_post.hook_scale", L, T, &st);
+            y->ln2p_s = cap(m, "blocks.%d.ln2_post.hook_scale", L, T, &st);
+        }
+        y->mlp_out = mlp_output(f, m, L, &st);
         float *mid = cap(m, "blocks.%d.hook_resid_mid", L, T * D, &st);
         y->mlp_in = st == LP_OK ? malloc((size_t)T * D * sizeof(float)) : NULL;
         if (st == LP_OK && !y->mlp_in) st = LP_ERR(LP_ERR_OOM, "out of memory for the MLP inputs");
-        if (st == LP_OK) norm_out(c, y->mlp_in, mid, y->ln2_s, y->ln2_w, y->ln2_b, T);
+        if (st == LP_OK && f->sites.input_normalized) norm_out(c, y->mlp_in, mid, y->ln2_s, NULL, NULL, T);
+        else if (st == LP_OK) norm_out(c, y->mlp_in, mid, y->ln2_s, y->ln2_w, y->ln2_b, T);
         free(mid);
     }
     LP_CHECK(st);
     f->lnf_w = grab(m, m->w.lnf_w, &st);
     f->lnf_s = cap(m, "ln_final.hook_scale", 0, T, &st);
     f->W_U = grab(m, m->w.unembed, &st);
-    float *E = grab(m, m->w.embed, &st);
     char top[64];
     snprintf(top, sizeof top, "blocks.%d.hook_resid_post", c->n_layers - 1);
     float *xr = cap(m, top, 0, D, &st);
@@ -123,14 +139,19 @@ static lp_status fill(lp_frozen *f, lp_model *m, int T) {
             free(b);
         }
         cblas_sgemv(CblasRowMajor, CblasNoTrans, c->d_vocab, (int)D, 1.0f, f->W_U, (int)D, fo, 1, 0.0f, f->logits, 1);
+        if (c->final_softcap > 0) /* the logits the targets are chosen from are the model's, capped */
+            for (int v = 0; v < c->d_vocab; v++) f->logits[v] = c->final_softcap * tanhf(f->logits[v] / c->final_softcap);
     }
     free(xr);
     free(fo);
-    free(E);
     return st;
 }
 
 lp_status lp_frozen_new(lp_frozen **out, lp_model *m, const int32_t *tokens, int T) {
+    return lp_frozen_new_sites(out, m, tokens, T, NULL);
+}
+
+lp_status lp_frozen_new_sites(lp_frozen **out, lp_model *m, const int32_t *tokens, int T, const lp_frozen_sites *s) {
     *out = NULL;
     LP_CHECK(check_model(m));
     if (T < 1 || T > m->cfg.n_ctx) LP_FAIL(LP_ERR_ARG, "tokens: %d tokens (the model takes 1..%d)", T, m->cfg.n_ctx);
@@ -138,15 +159,18 @@ lp_status lp_frozen_new(lp_frozen **out, lp_model *m, const int32_t *tokens, int
     if (!f) LP_FAIL(LP_ERR_OOM, "out of memory for the replacement model");
     f->c = m->cfg;
     f->T = T;
+    if (s) f->sites = *s;
     f->trans = m->w.trans;
     f->lay = calloc(m->cfg.n_layers, sizeof *f->lay);
     f->pattern = malloc((size_t)m->cfg.n_heads * T * T * sizeof(float));
     lp_status st = f->lay && f->pattern ? capture_all(m, tokens, T) : LP_ERR(LP_ERR_OOM, "out of memory for the replacement model");
     if (st == LP_OK) st = fill(f, m, T);
-    if (st == LP_OK) { /* the prompt's embeddings: the embedding rows (models here have no embed scale) */
+    if (st == LP_OK) { /* the prompt's embeddings as the residual stream gets them: rows times the scale */
         float *E = grab(m, m->w.embed, &st);
+        size_t D = f->c.d_model;
         for (int t = 0; E && t < T; t++)
-            memcpy(f->embed + (size_t)t * f->c.d_model, E + (size_t)tokens[t] * f->c.d_model, f->c.d_model * sizeof(float));
+            for (size_t i = 0; i < D; i++)
+                f->embed[t * D + i] = E[(size_t)tokens[t] * D + i] * (f->c.embed_scale > 0 ? f->c.embed_scale : 1.0f);
         free(E);
     }
     lp_hooks_clear(m);
@@ -164,6 +188,7 @@ void lp_frozen_free(lp_frozen *f) {
         fz_layer *y = &f->lay[L];
         free(y->ln1_w), free(y->ln2_w), free(y->ln2_b), free(y->W_V), free(y->W_O), free(y->ln1_s), free(y->ln2_s);
         free(y->q), free(y->k), free(y->mlp_in), free(y->mlp_out);
+        free(y->ln1p_w), free(y->ln2p_w), free(y->ln1p_s), free(y->ln2p_s);
     }
     free(f->lay), free(f->lnf_w), free(f->lnf_s), free(f->W_U), free(f->embed), free(f->logits), free(f->pattern);
     free(f);

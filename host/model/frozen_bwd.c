@@ -6,7 +6,7 @@
 
 #include "model/frozen_internal.h"
 
-/* g * w / scale per position (LayerNorm: centred after), added into dst. */
+/* g * w / scale per position (w NULL: 1; LayerNorm: centred after), added into dst. */
 static void norm_back_add(const lp_config *c, float *dst, const float *g, const float *w, const float *s, int R, int Tm) {
     int D = c->d_model;
     for (int r = 0; r < R; r++)
@@ -15,16 +15,30 @@ static void norm_back_add(const lp_config *c, float *dst, const float *g, const 
             float *di = dst + ((size_t)r * Tm + t) * D;
             double mu = 0;
             if (c->norm == LP_NORM_LAYER) {
-                for (int i = 0; i < D; i++) mu += (double)gi[i] * w[i] / s[t];
+                for (int i = 0; i < D; i++) mu += (double)gi[i] * (w ? w[i] : 1.0f) / s[t];
                 mu /= D;
             }
-            for (int i = 0; i < D; i++) di[i] += (float)((double)gi[i] * w[i] / s[t] - mu);
+            for (int i = 0; i < D; i++) di[i] += (float)((double)gi[i] * (w ? w[i] : 1.0f) / s[t] - mu);
         }
 }
 
-/* The causal softmax pattern of every head over the first Tm positions, [H, Tm, Tm]. */
-static void patterns(const lp_frozen *f, const fz_layer *y, int Tm) {
+/* A post-norm's backward (RMS, Gemma), into dst: g * w / scale. */
+static void post_norm_back(const lp_config *c, float *dst, const float *g, const float *w, const float *s, int R, int Tm) {
+    int D = c->d_model;
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < Tm; t++)
+            for (int i = 0; i < D; i++) {
+                size_t k = ((size_t)r * Tm + t) * D + i;
+                dst[k] = (float)((double)g[k] * w[i] / s[t]);
+            }
+}
+
+/* The causal softmax pattern of every head of layer L over the first Tm positions,
+ * [H, Tm, Tm]: scaled scores, soft-capped (Gemma 2), inside the layer's window if local. */
+static void patterns(const lp_frozen *f, const fz_layer *y, int L, int Tm) {
     const lp_config *c = &f->c;
+    int win = lp_config_local(c, L) ? c->sliding_window : 0;
+    float capv = c->attn_softcap;
     int H = c->n_heads, dh = c->d_head, rep = c->n_heads / c->n_kv_heads;
     size_t qd = (size_t)H * dh, kvd = (size_t)c->n_kv_heads * dh;
     double sc = c->attn_scale > 0 ? c->attn_scale : 1.0 / sqrt((double)dh);
@@ -33,22 +47,25 @@ static void patterns(const lp_frozen *f, const fz_layer *y, int Tm) {
             float *p = f->pattern + ((size_t)h * Tm + i) * Tm;
             const float *q = y->q + (size_t)i * qd + (size_t)h * dh;
             double mx = -INFINITY, sum = 0;
-            for (int j = 0; j <= i; j++) {
+            int j0 = win > 0 && i - win + 1 > 0 ? i - win + 1 : 0; /* keys i - win < j <= i */
+            for (int j = j0; j <= i; j++) {
                 const float *k = y->k + (size_t)j * kvd + (size_t)(h / rep) * dh;
                 double d = 0;
                 for (int e = 0; e < dh; e++) d += (double)q[e] * k[e];
                 p[j] = (float)(d * sc);
+                if (capv > 0) p[j] = capv * tanhf(p[j] / capv);
                 if (p[j] > mx) mx = p[j];
             }
-            for (int j = 0; j <= i; j++) sum += (p[j] = (float)exp(p[j] - mx));
-            for (int j = 0; j <= i; j++) p[j] = (float)(p[j] / sum);
+            for (int j = j0; j <= i; j++) sum += (p[j] = (float)exp(p[j] - mx));
+            for (int j = j0; j <= i; j++) p[j] = (float)(p[j] / sum);
+            for (int j = 0; j < j0; j++) p[j] = 0;
             for (int j = i + 1; j < Tm; j++) p[j] = 0;
         }
 }
 
 /* gh = the gradient at the attention's input (the first norm's output) from G at its output,
  * through W_O, the frozen pattern and W_V. */
-static void attn_back(const lp_frozen *f, const fz_layer *y, const float *G, float *gz, float *gv, float *gh, int R, int Tm) {
+static void attn_back(const lp_frozen *f, const fz_layer *y, int L, const float *G, float *gz, float *gv, float *gh, int R, int Tm) {
     const lp_config *c = &f->c;
     int D = c->d_model, H = c->n_heads, dh = c->d_head, rep = c->n_heads / c->n_kv_heads;
     int qd = H * dh, kvd = c->n_kv_heads * dh, N = R * Tm;
@@ -56,7 +73,7 @@ static void attn_back(const lp_frozen *f, const fz_layer *y, const float *G, flo
     cblas_sgemm(CblasRowMajor, CblasNoTrans, f->trans ? CblasNoTrans : CblasTrans, N, qd, D, 1.0f, G, D, y->W_O,
                 f->trans ? qd : D, 0.0f, gz, qd);
     memset(gv, 0, (size_t)N * kvd * sizeof(float));
-    patterns(f, y, Tm);
+    patterns(f, y, L, Tm);
     for (int r = 0; r < R; r++)
         for (int h = 0; h < H; h++)
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Tm, dh, Tm, 1.0f, f->pattern + (size_t)h * Tm * Tm, Tm,
@@ -87,7 +104,9 @@ lp_status lp_frozen_backward(lp_frozen *f, int R, const int *layer, const int *p
     size_t n = (size_t)R * Tm, qd = (size_t)c->n_heads * c->d_head, wide = qd > (size_t)D ? qd : (size_t)D;
     float *G = calloc(n * D, sizeof(float)), *g2 = malloc(n * D * sizeof(float));
     float *gz = malloc(n * wide * sizeof(float)), *gv = malloc(n * wide * sizeof(float));
-    lp_status st = G && g2 && gz && gv ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory for a backward of %d rows", R);
+    /* the gradient past a post-norm (Gemma): at the MLP's own output, or the attention's */
+    float *gp = c->post_norms ? malloc(n * D * sizeof(float)) : NULL;
+    lp_status st = G && g2 && gz && gv && (gp || !c->post_norms) ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory for a backward of %d rows", R);
     if (st == LP_OK && Lmax == NL) { /* logit directions at the final norm's output */
         memset(g2, 0, n * D * sizeof(float));
         inject(f, g2, NL, R, Tm, layer, pos, vec);
@@ -95,19 +114,25 @@ lp_status lp_frozen_backward(lp_frozen *f, int R, const int *layer, const int *p
     }
     for (int L = (Lmax < NL ? Lmax : NL - 1); L >= 0 && st == LP_OK; L--) {
         const fz_layer *y = &f->lay[L];
-        if (L < Lmax) st = sink(L, G, R, Tm, user);
+        const float *Go = G; /* the gradient at the transcoders' output site */
+        if (c->post_norms && f->sites.output_before_post_norm) {
+            post_norm_back(c, gp, G, y->ln2p_w, y->ln2p_s, R, Tm);
+            Go = gp;
+        }
+        if (L < Lmax) st = sink(L, Go, R, Tm, user);
         if (st != LP_OK) break;
         /* the MLP's input: through the skip (if any) and what is injected there */
         if (L < Lmax && skip && skip[L])
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, D, D, 1.0f, G, D, skip[L], D, 0.0f, g2, D);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, D, D, 1.0f, Go, D, skip[L], D, 0.0f, g2, D);
         else
             memset(g2, 0, n * D * sizeof(float));
         inject(f, g2, L, R, Tm, layer, pos, vec);
-        norm_back_add(c, G, g2, y->ln2_w, y->ln2_s, R, Tm);
-        attn_back(f, y, G, gz, gv, g2, R, Tm);
+        norm_back_add(c, G, g2, f->sites.input_normalized ? NULL : y->ln2_w, y->ln2_s, R, Tm);
+        if (c->post_norms) post_norm_back(c, gp, G, y->ln1p_w, y->ln1p_s, R, Tm);
+        attn_back(f, y, L, c->post_norms ? gp : G, gz, gv, g2, R, Tm);
         norm_back_add(c, G, g2, y->ln1_w, y->ln1_s, R, Tm);
     }
     if (st == LP_OK) st = sink(-1, G, R, Tm, user);
-    free(G), free(g2), free(gz), free(gv);
+    free(G), free(g2), free(gz), free(gv), free(gp);
     return st;
 }

@@ -10,6 +10,8 @@ typedef struct fz_layer {
     float *ln1_w, *ln2_w, *ln2_b; /* [D] */
     float *W_V, *W_O;             /* as stored (trans: [out, in]) */
     float *ln1_s, *ln2_s;         /* [T] */
+    float *ln1p_w, *ln2p_w;       /* [D] the post-norms' weights (Gemma); NULL without */
+    float *ln1p_s, *ln2p_s;       /* [T] their frozen scales */
     float *q, *k;                 /* [T, H, dh], [T, Hkv, dh] after the rotary */
     float *mlp_in, *mlp_out;      /* [T, D] */
 } fz_layer;
@@ -17,6 +19,7 @@ typedef struct fz_layer {
 struct lp_frozen {
     lp_config c;
     int T, trans;
+    lp_frozen_sites sites;        /* where the transcoders read and write */
     fz_layer *lay;
     float *lnf_w, *lnf_s;         /* [D], [T] */
     float *W_U, *embed, *logits;  /* [V, D], [T, D], [V] */

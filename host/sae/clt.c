@@ -120,28 +120,30 @@ const float *lp_clt_dec_vec(const lp_clt *t, int l, int f, int j) {
     return t->layer[l].W_dec + ((size_t)k * t->cfg.d_sae + f) * t->cfg.d_model;
 }
 
-/* TopK of each row of pre [N, S] kept (relu'd), the rest zeroed, in place. There is no
- * scatter op, so the selected (index, value) pairs are placed on the host. */
+/* TopK of each row of pre [N, S]: the k largest kept as they are (circuit-tracer's TopK,
+ * x * gate, applies no relu: a chosen negative value stays), the rest zeroed, in place.
+ * lp_sae_topk gives the indices; there is no scatter op, so each row is rebuilt on the host
+ * from its own pre-activations. */
 static lp_status topk_dense(lp_clt *t, lp_ctx *c, float *f, int N) {
     int S = t->cfg.d_sae, K = t->cfg.k;
     size_t nk = (size_t)N * K;
     void *dev = NULL;
     int32_t *hidx = malloc(nk * sizeof *hidx);
-    float *hval = malloc(nk * sizeof *hval), *hrow = malloc((size_t)S * sizeof *hrow);
-    lp_status st = hidx && hval && hrow ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory for topk");
+    float *hpre = malloc((size_t)S * sizeof *hpre), *hrow = malloc((size_t)S * sizeof *hrow);
+    lp_status st = hidx && hpre && hrow ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory for topk");
     if (st == LP_OK) st = lp_ctx_alloc(c, nk * 8, &dev);
     int32_t *didx = dev;
     float *dval = dev ? (float *)(didx + nk) : NULL;
     if (st == LP_OK) st = lp_sae_topk(c, didx, dval, f, N, S, K);
     if (st == LP_OK) st = lp_ctx_to_host(c, hidx, didx, nk * 4);
-    if (st == LP_OK) st = lp_ctx_to_host(c, hval, dval, nk * 4);
     for (int n = 0; st == LP_OK && n < N; n++) {
+        st = lp_ctx_to_host(c, hpre, f + (size_t)n * S, (size_t)S * 4);
         memset(hrow, 0, (size_t)S * sizeof *hrow);
-        for (int j = 0; j < K; j++) hrow[hidx[(size_t)n * K + j]] = hval[(size_t)n * K + j];
-        st = lp_ctx_to_device(c, f + (size_t)n * S, hrow, (size_t)S * 4);
+        for (int j = 0; j < K; j++) hrow[hidx[(size_t)n * K + j]] = hpre[hidx[(size_t)n * K + j]];
+        if (st == LP_OK) st = lp_ctx_to_device(c, f + (size_t)n * S, hrow, (size_t)S * 4);
     }
     if (dev) lp_ctx_release(c, dev);
-    free(hidx), free(hval), free(hrow);
+    free(hidx), free(hpre), free(hrow);
     return st;
 }
 

@@ -1,6 +1,9 @@
 /* clt_files.c: transcoder sets in circuit-tracer's layout (clt.h): read (every header
  * and shape checked before anything is allocated) and written (each file atomically,
- * config.yaml last). */
+ * config.yaml last). A per-layer set whose config lists .npz files is Gemma Scope's
+ * transcoders, read as circuit-tracer's load_gemma_scope_transcoder reads them: params.npz
+ * with W_enc [d_model, d_sae] (transposed on reading), W_dec [d_sae, d_model], b_enc, b_dec
+ * and threshold [d_sae]: JumpReLU, no skip. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +18,8 @@
 typedef struct clt_src {
     lp_st_file enc, dec;   /* per-layer: enc holds everything; CLT: W_enc_l and W_dec_l */
     int has_enc, has_dec;
+    int npz;               /* Gemma Scope's params.npz: enc is a view of z's entries */
+    npz_file z;
 } clt_src;
 
 static int is_float(lp_dtype d) { return d == LP_F32 || d == LP_F64 || d == LP_BF16 || d == LP_F16; }
@@ -60,6 +65,12 @@ static lp_status take(const lp_st_file *f, const char *name, int ndim, int64_t r
     return sae_take(&s, name, ndim, rows, cols, 0, dst, "");
 }
 
+/* Gemma Scope's encoder [D, S] as circuit-tracer's [S, D]. */
+static lp_status take_t(const lp_st_file *f, const char *name, int64_t rows, int64_t cols, float *dst) {
+    src_set s = src_of(f);
+    return sae_take(&s, name, 2, rows, cols, 1, dst, "(d_model, d_sae)");
+}
+
 /* circuit-tracer's CLT decoder [S, T, D] into loupe's [T, S, D]. */
 static lp_status take_dec3(const lp_st_file *f, const char *name, int64_t S, int64_t T, int64_t D, float *dst) {
     const lp_st_tensor *t = lp_st_find(f, name);
@@ -89,6 +100,27 @@ static lp_status open_st(lp_st_file *f, const char *path, int *flag) {
     return LP_OK;
 }
 
+/* A Gemma Scope params.npz, seen through src->enc (the tensors are the archive's). */
+static lp_status open_npz(clt_src *src, const char *path) {
+    if (!path) LP_FAIL(LP_ERR_OOM, "out of memory");
+    if (!sae_is_file(path)) LP_FAIL(LP_ERR_IO, "%s: no such file", path);
+    LP_CHECK(sae_npz_open(&src->z, path));
+    src->npz = 1;
+    src->enc = (lp_st_file){.path = strdup(path), .size = src->z.size, .tensors = src->z.t, .n = src->z.n};
+    if (!src->enc.path) LP_FAIL(LP_ERR_OOM, "out of memory");
+    return LP_OK;
+}
+
+/* Gemma Scope's tensors of one layer ([D, S] encoder, a threshold, no skip). */
+static lp_status check_npz_layer(const lp_st_file *f, int64_t S, int64_t D) {
+    int64_t ds[2] = {D, S}, sd[2] = {S, D}, s1[1] = {S}, d1[1] = {D};
+    LP_CHECK(check_t(f, "W_enc", 2, ds, 1, NULL));
+    LP_CHECK(check_t(f, "W_dec", 2, sd, 1, NULL));
+    LP_CHECK(check_t(f, "b_enc", 1, s1, 1, NULL));
+    LP_CHECK(check_t(f, "b_dec", 1, d1, 1, NULL));
+    return check_t(f, "threshold", 1, s1, 1, NULL);
+}
+
 /* The shapes of every layer's tensors; fills cfg's dims and activation. */
 static lp_status check_layers(clt_src *src, lp_clt_cfg *cfg, int y_act, int has_act) {
     int L = cfg->n_layers, CL = cfg->kind == LP_CLT_CROSS_LAYER;
@@ -114,6 +146,12 @@ static lp_status check_layers(clt_src *src, lp_clt_cfg *cfg, int y_act, int has_
             LP_CHECK(check_t(f, NM("b_dec_%d", l), 1, d1, 1, NULL));
             LP_CHECK(check_t(f, NM("threshold_%d", l), 1, s1, 0, &thr));
             LP_CHECK(check_t(&src[l].dec, NM("W_dec_%d", l), 3, s3, 1, NULL));
+        } else if (src[l].npz != src[0].npz) {
+            LP_FAIL(LP_ERR_FORMAT, "%s: a %s among %s files: every layer must be in one format", f->path,
+                    src[l].npz ? ".npz" : "safetensors file", src[0].npz ? ".npz" : "safetensors");
+        } else if (src[l].npz) {
+            LP_CHECK(check_npz_layer(f, S, D));
+            thr = 1;
         } else {
             LP_CHECK(check_t(f, "W_enc", 2, sd, 1, NULL));
             LP_CHECK(check_t(f, "W_dec", 2, sd, 1, NULL));
@@ -154,6 +192,13 @@ static lp_status fill_layer(lp_clt *t, lp_ctx *c, clt_src *src, int l, float *im
         LP_CHECK(take(&src[l].enc, NM("b_dec_%d", l), 1, D, 1, HOST(y->b_dec)));
         if (y->threshold) LP_CHECK(take(&src[l].enc, NM("threshold_%d", l), 1, S, 1, HOST(y->threshold)));
         LP_CHECK(take_dec3(&src[l].dec, NM("W_dec_%d", l), S, y->n_out, D, HOST(y->W_dec)));
+    } else if (src[l].npz) {
+        const lp_st_file *f = &src[l].enc;
+        LP_CHECK(take_t(f, "W_enc", D, S, HOST(y->W_enc)));
+        LP_CHECK(take(f, "b_enc", 1, S, 1, HOST(y->b_enc)));
+        LP_CHECK(take(f, "W_dec", 2, S, D, HOST(y->W_dec)));
+        LP_CHECK(take(f, "b_dec", 1, D, 1, HOST(y->b_dec)));
+        LP_CHECK(take(f, "threshold", 1, S, 1, HOST(y->threshold)));
     } else {
         const lp_st_file *f = &src[l].enc;
         LP_CHECK(take(f, "W_enc", 2, S, D, HOST(y->W_enc)));
@@ -187,7 +232,7 @@ static lp_status open_all(const char *dir, clt_yaml *y, lp_clt_cfg *cfg, clt_src
     for (int l = 0; l < L; l++) {
         char *p = y->paths ? (y->paths[l][0] == '/' ? strdup(y->paths[l]) : sae_join(dir, y->paths[l]))
                            : path_of(dir, CL ? "W_enc_%d.safetensors" : "layer_%d.safetensors", l);
-        lp_status st = open_st(&src[l].enc, p, &src[l].has_enc);
+        lp_status st = p && sae_ends_with(p, ".npz") ? open_npz(&src[l], p) : open_st(&src[l].enc, p, &src[l].has_enc);
         free(p);
         LP_CHECK(st);
         if (CL) {
@@ -203,6 +248,7 @@ static lp_status open_all(const char *dir, clt_yaml *y, lp_clt_cfg *cfg, clt_src
 static void close_all(clt_src *src, int L) {
     for (int l = 0; src && l < L; l++) {
         if (src[l].has_enc) lp_st_close(&src[l].enc);
+        if (src[l].npz) free(src[l].enc.path), sae_npz_close(&src[l].z);
         if (src[l].has_dec) lp_st_close(&src[l].dec);
     }
     free(src);

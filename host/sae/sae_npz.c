@@ -19,14 +19,7 @@
 
 /* ---- Gemma Scope: params.npz (numpy savez: a zip of stored .npy) or params.safetensors ---- */
 
-typedef struct npz_file {
-    void *map;
-    size_t size;
-    lp_st_tensor *t;
-    int n;
-} npz_file;
-
-static void npz_close(npz_file *z) {
+void sae_npz_close(npz_file *z) {
     for (int i = 0; i < z->n; i++) free(z->t[i].name);
     free(z->t);
     if (z->map) munmap(z->map, z->size);
@@ -108,7 +101,7 @@ static lp_status zip_central_dir(const unsigned char *b, size_t size, const char
 
 /* Reads the central directory of a zip (with zip64 records, as numpy writes them) and
  * parses every stored "*.npy" entry. Compressed entries (np.savez_compressed) are refused. */
-static lp_status npz_open(npz_file *z, const char *path) {
+lp_status sae_npz_open(npz_file *z, const char *path) {
     memset(z, 0, sizeof *z);
     LP_CHECK(npz_map(z, path));
     const unsigned char *b = z->map;
@@ -116,12 +109,12 @@ static lp_status npz_open(npz_file *z, const char *path) {
     uint64_t count = 0, cd_size = 0, cd_off = 0;
     lp_status st = zip_central_dir(b, size, path, &count, &cd_size, &cd_off);
     if (st != LP_OK) {
-        npz_close(z);
+        sae_npz_close(z);
         return st;
     }
     z->t = calloc(count ? count : 1, sizeof *z->t);
     if (!z->t) {
-        npz_close(z);
+        sae_npz_close(z);
         LP_FAIL(LP_ERR_OOM, "out of host memory");
     }
     size_t p = (size_t)cd_off, end = (size_t)(cd_off + cd_size);
@@ -161,7 +154,7 @@ static lp_status npz_open(npz_file *z, const char *path) {
         }
         if (method != 0) {
             st = LP_ERR(LP_ERR_FORMAT, "%s: entry '%s' is compressed (zip method %u); loupe reads np.savez archives, not "
-                              "np.savez_compressed: re-save with np.savez or as params.safetensors", path, name, method);
+                              "np.savez_compressed: re-save with np.savez (an SAE may also be params.safetensors)", path, name, method);
             break;
         }
         if (size < 30 || loff > size - 30 || rd(b + loff, 4) != 0x04034b50) { /* the local header is 30 bytes */
@@ -183,7 +176,7 @@ static lp_status npz_open(npz_file *z, const char *path) {
         }
         z->n++;
     }
-    if (st != LP_OK) npz_close(z);
+    if (st != LP_OK) sae_npz_close(z);
     return st;
 }
 
@@ -206,7 +199,7 @@ lp_status sae_load_gemmascope(lp_sae **out, lp_ctx *ctx, const char *path) {
     lp_st_file f = {0};
     src_set s = {path, NULL, 0, 0};
     if (npz) {
-        LP_CHECK(npz_open(&z, path));
+        LP_CHECK(sae_npz_open(&z, path));
         s.t = z.t, s.n = z.n, s.file_bytes = z.size;
     } else {
         LP_CHECK(lp_st_open(&f, path));
@@ -233,7 +226,7 @@ lp_status sae_load_gemmascope(lp_sae **out, lp_ctx *ctx, const char *path) {
         cfg.d_in = (int)we->shape[0], cfg.d_sae = (int)we->shape[1], cfg.d_out = (int)wd->shape[1];
         st = sae_build(out, ctx, &cfg, &s, fill_gemmascope, NULL, path);
     }
-    if (npz) npz_close(&z);
+    if (npz) sae_npz_close(&z);
     else lp_st_close(&f);
     return st;
 }

@@ -61,6 +61,17 @@ const cJSON *sae_meta_or_top(const cJSON *root, const char *key);
 
 /* ---- sae_npz.c ---- */
 
+/* A numpy savez archive mapped whole: its stored .npy entries as tensors (names without
+ * ".npy"; data points into the mapping). Compressed entries are refused. */
+typedef struct npz_file {
+    void *map;
+    size_t size;
+    lp_st_tensor *t;
+    int n;
+} npz_file;
+lp_status sae_npz_open(npz_file *z, const char *path);
+void sae_npz_close(npz_file *z);
+
 /* A Gemma Scope params.npz or params.safetensors. */
 lp_status sae_load_gemmascope(lp_sae **out, lp_ctx *ctx, const char *path);
 

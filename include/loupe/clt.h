@@ -15,8 +15,10 @@
  *   relu      max(pre, 0)
  *   jumprelu  pre * (pre > threshold_l[f])   (circuit-tracer's form: no relu, so a
  *             negative threshold lets negative values through)
- *   topk      the k largest pre-activations per token, relu'd (ties: lower index first);
- *             loupe's own: circuit-tracer 0.5.0 has no file form for it (see lp_clt_save)
+ *   topk      the k largest pre-activations per token kept as they are, the rest 0 (ties:
+ *             lower index first); no relu after the selection, as circuit-tracer's TopK
+ *             (x * gate): a chosen negative value stays. circuit-tracer 0.5.0 has no file
+ *             form for it (see lp_clt_save)
  *
  * Parameters are F32 on the context's device, in one allocation, in circuit-tracer's
  * orientation except the CLT decoder's first two axes:
@@ -140,8 +142,13 @@ lp_status lp_clt_save(const lp_clt *t, lp_ctx *c, const char *dir);
 /* Reads that layout onto c's device: F32, BF16 or F16 tensors; a directory without
  * config.yaml is read by its files with circuit-tracer's default hooks (hook_resid_mid,
  * hook_mlp_out). A config.yaml "transcoders" list of local paths (relative to the
- * directory) is followed; hf:// entries are refused. Every shape and size is checked; an
- * error names the file and key. */
+ * directory, or absolute) is followed; hf:// entries are refused. A per-layer list of .npz
+ * files is Gemma Scope's transcoders (google/gemma-scope-2b-pt-transcoders, as
+ * circuit-tracer's load_gemma_scope_transcoder reads them): params.npz (np.savez) with
+ * W_enc [D, S] (transposed on reading), W_dec [S, D], b_enc [S], b_dec [D], threshold [S]:
+ * JumpReLU, no skip; their config is circuit-tracer's (feature_input_hook
+ * ln2.hook_normalized, feature_output_hook hook_mlp_out). Every layer is in one format.
+ * Every shape and size is checked; an error names the file and key. */
 lp_status lp_clt_load(lp_clt **out, lp_ctx *c, const char *dir);
 
 #ifdef __cplusplus

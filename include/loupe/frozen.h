@@ -12,13 +12,19 @@
  *   lp_frozen_backward(f, R, layer, pos, vec, skip, sink, user);
  *
  * Row r of a backward injects vec[r] (d_model) at position pos[r] of layer layer[r]'s MLP
- * input (the second norm's output, after its weight), or of the final norm's output when
- * layer[r] = n_layers (a logit direction). The sink then sees, from the top layer down, the
- * gradient at each layer's MLP output (L, G [R, Tm, d_model]) and last at the embedding
- * (L = -1), where Tm = 1 + the largest pos[r] (causal attention carries nothing to later
- * positions); layers above every injection (whose gradient is zero) are not shown.
- * CPU F32 models of every family but those with post-norms (Gemma); soft-capped or
- * windowed attention is refused. */
+ * input (the second norm's output, after its weight; or before it, sites.input_normalized),
+ * or of the final norm's output when layer[r] = n_layers (a logit direction: the soft-capped
+ * logits are never differentiated through their cap, as circuit-tracer). The sink then sees,
+ * from the top layer down, the gradient at each layer's MLP output (L, G [R, Tm, d_model]:
+ * hook_mlp_out, after a post-norm; or sites.output_before_post_norm, the MLP's own output,
+ * the post-norm's input) and last at the embedding (L = -1), where Tm = 1 + the largest
+ * pos[r] (causal attention carries nothing to later positions); layers above every
+ * injection (whose gradient is zero) are not shown.
+ * Gemma 2 and 3 (circuit-tracer's handling): the post-attention and post-MLP norms are
+ * frozen like the others; the attention soft-cap, the sliding windows and the q/k norms live
+ * inside the frozen patterns; the embeddings (lp_frozen_embed) carry the embedding scale;
+ * the logits (lp_frozen_logits) the final soft-cap. CPU F32 models without biased
+ * projections. */
 #ifndef LOUPE_FROZEN_H
 #define LOUPE_FROZEN_H
 
@@ -31,11 +37,20 @@ extern "C" {
 typedef struct lp_frozen lp_frozen;
 typedef lp_status (*lp_frozen_sink)(int L, const float *G, int R, int Tm, void *user);
 
+typedef struct lp_frozen_sites {
+    int input_normalized;       /* the transcoders read ln2.hook_normalized (before the norm's
+                                 * weight), not mlp.hook_in */
+    int output_before_post_norm; /* they write the MLP's own output (mlp.hook_out), which a
+                                 * post-norm (Gemma) follows; 0: hook_mlp_out */
+} lp_frozen_sites;
+
 lp_status lp_frozen_new(lp_frozen **out, lp_model *m, const int32_t *tokens, int T);
+/* The same with the transcoders' read and write sites (NULL: mlp.hook_in, hook_mlp_out). */
+lp_status lp_frozen_new_sites(lp_frozen **out, lp_model *m, const int32_t *tokens, int T, const lp_frozen_sites *s);
 void lp_frozen_free(lp_frozen *f);
-/* What the forward saw, host F32: the MLP's input (after the norm's weight) and output of
- * layer L [T, d_model]; the logits at the last position [d_vocab]; the unembedding
- * [d_vocab, d_model]; the token embeddings of the prompt [T, d_model]. */
+/* What the forward saw, host F32: the MLP's input and output at the sites of
+ * layer L [T, d_model]; the (soft-capped) logits at the last position [d_vocab]; the unembedding
+ * [d_vocab, d_model]; the token embeddings of the prompt [T, d_model], times the embedding scale. */
 const float *lp_frozen_mlp_in(const lp_frozen *f, int L);
 const float *lp_frozen_mlp_out(const lp_frozen *f, int L);
 const float *lp_frozen_logits(const lp_frozen *f);

@@ -12,7 +12,12 @@
  *
  * Before writing, the graph is checked (lp_graph_check): the schema's required keys and
  * types, unique node ids, links between known nodes with finite weights, positions
- * inside the prompt. A refusal is one line naming the graph and the key. */
+ * inside the prompt. A refusal is one line naming the graph and the key.
+ * One id clash is allowed: circuit-tracer's error id "0_{layer}_{pos}" is also the id of
+ * layer 0's feature {layer} at {pos}. The page keys nodes by index, so both are drawn; a
+ * link naming such an id goes to the node of its optional "source_index" / "target_index"
+ * (an index into nodes, checked to carry that id; loupe's graph JSON writes them on those
+ * links only), else to the first node of that id (n_ambiguous counts those ends). */
 #ifndef LOUPE_GRAPH_PAGE_H
 #define LOUPE_GRAPH_PAGE_H
 
@@ -28,6 +33,8 @@ typedef struct lp_graph_info {
     int n_nodes, n_links, n_tokens;
     int n_features, n_errors, n_embeddings, n_logits;
     int n_layers;          /* rows between embeddings and logits: 1 + the largest feature/error layer */
+    int n_shared;          /* nodes whose node_id another node has (see above) */
+    int n_ambiguous;       /* link ends naming such an id without an index: drawn to the first */
 } lp_graph_info;
 
 /* Checks the graph JSON text json[0..n) (UTF-8, not necessarily NUL-terminated); `name`
