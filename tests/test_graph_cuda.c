@@ -8,6 +8,7 @@
  *   graph     the same nodes (active, selected, logits), node and edge masks, scores within 1e-6
  * with every feature (7-row blocks mixing layers), with max_feature_nodes (the influence
  * ranking sees the device rows) and with a CLT (its features write to every later layer);
+ *   model     a CUDA F32 model's forward gives the replacement model the same graph as the CPU's;
  *   memory    the plan's device bytes are what the device reports the graph's buffers took,
  *             and a plan over the device's memory is refused naming graph.batch. */
 #include <math.h>
@@ -157,5 +158,26 @@ Test(graph_cuda, plan_states_the_device_bytes) {
     cr_assert_eq(lp_graph_build(&g, fx.m, fx.tc, fx.tokens, fx.T, &o), LP_ERR_ARG);
     cr_assert(strstr(lp_last_error(), "graph.batch"), "%s", lp_last_error());
     cr_assert_null(g);
+    teardown(&fx);
+}
+
+/* The replacement model's forward on a CUDA F32 model (what a large model needs): the same
+ * graph as from the CPU model. */
+Test(graph_cuda, cuda_model_gives_the_same_graph) {
+    LP_TEST_REQUIRE_GPU();
+    fixture fx = {0};
+    setup(&fx);
+    lp_model *gm;
+    OK(lp_model_load(&gm, GDIR "/model", LP_CUDA, LP_F32));
+    lp_graph_opts o = lp_graph_defaults();
+    o.batch_size = 32;
+    lp_graph *cpu, *dev;
+    OK(lp_graph_build(&cpu, fx.m, fx.tc, fx.tokens, fx.T, &o));
+    o.device = LP_CUDA;
+    OK(lp_graph_build(&dev, gm, fx.tc, fx.tokens, fx.T, &o));
+    same_graph(cpu, dev, "cuda model");
+    lp_graph_free(cpu);
+    lp_graph_free(dev);
+    lp_model_free(gm);
     teardown(&fx);
 }

@@ -24,8 +24,8 @@ size_t lp_frozen_backward_bytes(const lp_config *c, int T, int R) {
 
 static lp_status check_model(const lp_model *m) {
     const lp_config *c = &m->cfg;
-    if (m->ctx.device != LP_CPU || m->ctx.dtype != LP_F32)
-        LP_FAIL(LP_ERR_ARG, "model: the replacement model's backward runs on a CPU F32 model");
+    if (m->ctx.dtype != LP_F32) /* a CUDA model's forward runs there; what it keeps is copied to the host */
+        LP_FAIL(LP_ERR_ARG, "model: the replacement model needs an F32 model (model.dtype = f32)");
     if (c->post_norms || c->qk_norm || c->embed_scale > 0 || c->attn_softcap > 0 || c->final_softcap > 0 ||
         c->sliding_window > 0)
         LP_FAIL(LP_ERR_ARG, "model: %s has post-norms, q/k norms, soft-caps or windows, which the replacement model does not freeze",

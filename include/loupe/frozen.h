@@ -17,7 +17,7 @@
  * gradient at each layer's MLP output (L, G [R, Tm, d_model]) and last at the embedding
  * (L = -1), where Tm = 1 + the largest pos[r] (causal attention carries nothing to later
  * positions); layers above every injection (whose gradient is zero) are not shown.
- * CPU F32 models of every family but those with post-norms (Gemma); soft-capped or
+ * F32 models (CPU or CUDA) of every family but those with post-norms (Gemma); soft-capped or
  * windowed attention is refused. */
 #ifndef LOUPE_FROZEN_H
 #define LOUPE_FROZEN_H
