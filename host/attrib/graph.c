@@ -174,6 +174,7 @@ lp_status lp_graph_build(lp_graph **out, lp_model *m, const lp_clt *tc, const in
         LP_FAIL(LP_ERR_ARG, "graph options: batch_size, update_interval, max_n_logits >= 1 and 0 < edge_mass <= 1");
     LP_CHECK(check_tc(tc, c));
     if (o->device != LP_CPU && o->device != LP_CUDA) LP_FAIL(LP_ERR_ARG, "graph.device: cpu or cuda");
+    if (o->device == LP_CUDA) LP_CHECK(graph_dev_check());
     graph_work w = {.o = o, .tc = tc, .mc = c, .T = T, .NL = c->n_layers, .D = c->d_model};
     lp_graph *g = calloc(1, sizeof *g);
     if (!g) LP_FAIL(LP_ERR_OOM, "out of memory for a graph");

@@ -8,7 +8,6 @@
  * Device memory: fz_dev's allocation and one more carved by layout() (transcoder decoders
  * and skips, the active list by position, the errors, the embeddings, the row block);
  * graph_dev_bytes is their sum, the plan's device_bytes. */
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -85,6 +84,13 @@ static lp_status upload(graph_work *w, graph_dev *d) {
     return st;
 }
 
+lp_status graph_dev_check(void) {
+    char why[256];
+    if (!lp_cuda_available(why, sizeof why))
+        LP_FAIL(LP_ERR_NO_CUDA, "graph.device = cuda: no usable GPU (%s); graph.device = cpu runs the backward passes on the host", why);
+    return LP_OK;
+}
+
 lp_status graph_dev_start(graph_work *w, const lp_graph_plan *pl) {
     graph_dev *d = calloc(1, sizeof *d);
     if (!d || !(d->dec = calloc(w->NL, sizeof *d->dec)) || !(d->skip = calloc(w->NL, sizeof *d->skip))) {
@@ -94,11 +100,7 @@ lp_status graph_dev_start(graph_work *w, const lp_graph_plan *pl) {
     }
     w->dev = d;
     lp_status st = lp_ctx_init(&d->ctx, LP_CUDA, LP_F32);
-    if (st != LP_OK) {
-        char why[256];
-        snprintf(why, sizeof why, "%s", lp_last_error());
-        return LP_ERR(st, "graph.device = cuda: %s (graph.device = cpu runs the backward passes on the host)", why);
-    }
+    if (st != LP_OK) return st;
     d->ready = 1;
     size_t free0 = 0, total = 0, free1 = 0;
     LP_CHECK(cuda_fz_mem_info(&d->ctx, &free0, &total));

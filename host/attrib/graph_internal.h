@@ -55,6 +55,7 @@ void graph_work_rows_free(graph_work *w);
 /* graph_dev.c: the device bytes of the plan; the device set up (w->rowbuf becomes a pinned
  * block); one block's dense rows into w->rowbuf; the device bytes allocated as the device
  * reported them; everything released (w->rowbuf too). */
+lp_status graph_dev_check(void); /* a usable GPU, or the refusal naming graph.device */
 size_t graph_dev_bytes(const graph_work *w, const lp_config *c);
 lp_status graph_dev_start(graph_work *w, const lp_graph_plan *pl);
 lp_status graph_dev_rows(graph_work *w, int R, const int *layer, const int *pos, const float *vec);
