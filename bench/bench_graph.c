@@ -120,6 +120,13 @@ static long peak_mib(void) {
     return u.ru_maxrss / 1024;
 }
 
+/* user + system seconds of this process: beside wall time on a shared machine */
+static double cpu_secs(void) {
+    struct rusage u;
+    getrusage(RUSAGE_SELF, &u);
+    return u.ru_utime.tv_sec + u.ru_stime.tv_sec + (u.ru_utime.tv_usec + u.ru_stime.tv_usec) * 1e-6;
+}
+
 /* A case's progress: the plan, the rows and passes so far, its time limit. */
 typedef struct prog {
     double t0, t_plan, t_last, limit;
@@ -173,11 +180,11 @@ static void run_case(lp_model *m, const lp_clt *tc, int T, int batch, int maxf, 
                (long long)lp_graph_nnz(g), (long long)g->n_backward, secs, peak_mib());
         printf("  (%.2f s to the plan: forward, features, setup; %.2f s of backward passes, pruning and scores)\n", q.t_plan - q.t0, bw);
     } else if (q.stopped && q.passes > 0) {
-        double per = bw / q.passes, blocks = (double)(q.rows_total + batch - 1) / batch;
+        double per = bw / q.passes, blocks = (double)((q.rows_total + batch - 1) / batch);
         printf("%8d  stopped after %.1f s of backward passes: %lld of %lld rows in %lld passes, %.3f s per backward of %d rows; "
-               "all %lld rows: about %.0f s (extrapolated), plus %.1f s to the plan; peak %ld MiB\n",
+               "all %lld rows: about %.0f s (extrapolated), plus %.1f s to the plan; peak %ld MiB; %.1f s of CPU time so far\n",
                T, bw, (long long)q.rows, (long long)q.rows_total, (long long)q.passes, per, batch, (long long)q.rows_total,
-               per * blocks, q.t_plan - q.t0, peak_mib());
+               per * blocks, q.t_plan - q.t0, peak_mib(), cpu_secs());
     } else {
         fprintf(stderr, "bench_graph: %d tokens: %s\n", T, lp_last_error());
         exit(1);
