@@ -22,7 +22,7 @@
 # Order: the tests at full size, the benchmarks, then the sanitizers (memcheck, racecheck,
 # synccheck), so that what is cut when time runs out is the least needed. Time limits
 # (seconds) can be changed through the environment: TEST_S per test binary (90), BENCH_S
-# per benchmark (60), SAN_S per sanitizer run (40) and TOTAL_S for the whole run (420, so
+# per benchmark (60), GRAPH_S for bench_graph's GPU section (180), SAN_S per sanitizer run (40) and TOTAL_S for the whole run (420, so
 # the run and the unpacking fit an 8-minute call).
 set -u
 BUNDLE=${BUNDLE:-build/gpucheck/bundle}
@@ -119,9 +119,13 @@ run() {
     step bench_forward.llama8b "${BENCH_S:-60}" "$BUNDLE/bin/bench_forward" --only llama8b --cpu-seq 16
     step bench_sae "${BENCH_S:-60}" "$BUNDLE/bin/bench_sae" --gpu-only
     step bench_attrib "${BENCH_S:-60}" "$BUNDLE/bin/bench_attrib" --gpu-only
-    for b in bench_forward.gpt2 bench_forward.llama8b bench_sae bench_attrib; do
+    # attribution graphs, graph.device = cuda: Gemma-2-2B-shaped random weights at 32, 2,048
+    # and 8,192 tokens (the long ones stop after GRAPH_LIMIT_S of backward passes each and
+    # extrapolate from their seconds per backward)
+    step bench_graph.gpu "${GRAPH_S:-180}" "$BUNDLE/bin/bench_graph" --gpu-only --gpu-limit "${GRAPH_LIMIT_S:-20}"
+    for b in bench_forward.gpt2 bench_forward.llama8b bench_sae bench_attrib bench_graph.gpu; do
         echo "-- $b figures" >>"$SUMMARY"
-        grep -E 'tokens/s|GB/s|TFLOP|ms|/s|target|skipped|valid' "$OUT/logs/$b.log" 2>/dev/null | head -40 | sed 's/^/   /' >>"$SUMMARY"
+        grep -E 'tokens/s|GB/s|TFLOP|ms|/s|target|skipped|valid|plan:|stopped|to the plan|^ *[0-9]+ +[0-9]' "$OUT/logs/$b.log" 2>/dev/null | head -40 | sed 's/^/   /' >>"$SUMMARY"
     done
     local cs
     cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)

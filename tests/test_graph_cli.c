@@ -60,3 +60,25 @@ Test(graph_cli, sweep_resumes_and_refuses) {
     cr_assert(strstr(err_txt, "over the budget of 1.0 MiB") && strstr(err_txt, "max_feature_nodes"), "%s", err_txt);
     cleanup();
 }
+
+/* graph.device = cuda: on a machine without a usable GPU (or a build without CUDA) the
+ * graph is refused with the reason and the setting that runs it on the host; with one, the
+ * same graph comes out (test_graph_cuda.c compares the two in detail). */
+Test(graph_cli, device_cuda_runs_or_is_refused) {
+    setup_dir();
+    char fmt[512], why[256];
+    snprintf(fmt, sizeof fmt, "graph %s", G "/model --graph.prompts=%s/p.jsonl --graph.transcoders=" G "/transcoders --graph.out=%s/out "
+                                          "--graph.html=false --graph.device=cuda");
+    int rc = loupe(fmt, dir, dir);
+    if (lp_cuda_available(why, sizeof why)) {
+        cr_assert_eq(rc, 0, "%s", err_txt);
+        cr_assert(strstr(out_txt, "tiny: 10 tokens, 414 active features, 464 nodes"), "%s", out_txt);
+        cr_assert(strstr(err_txt, "plan:") && !strstr(err_txt, "device 0.0 MiB"), "%s", err_txt);
+    } else {
+        cr_assert_eq(rc, 1, "%s", err_txt);
+        cr_assert(strstr(err_txt, "graph.device = cuda: no usable GPU") &&
+                      strstr(err_txt, "graph.device = cpu runs the backward passes on the host") && !strstr(err_txt, "plan:"),
+                  "refused before the plan: %s", err_txt);
+    }
+    cleanup();
+}

@@ -168,6 +168,7 @@ static lp_status setup_logits(graph_work *w, int V, int32_t **ids) {
 
 
 static void work_free(graph_work *w) {
+    graph_dev_free(w);
     lp_frozen_free(w->fz);
     free(w->active), free(w->enc), free(w->actv), free(w->layer_start), free(w->err), free(w->logit_vec), free(w->logit_p);
     free(w->skip);
@@ -180,7 +181,9 @@ lp_status lp_graph_build(lp_graph **out, lp_model *m, const lp_clt *tc, const in
     if (o->batch_size < 1 || o->update_interval < 1 || o->max_n_logits < 1 || o->edge_mass <= 0 || o->edge_mass > 1)
         LP_FAIL(LP_ERR_ARG, "graph options: batch_size, update_interval, max_n_logits >= 1 and 0 < edge_mass <= 1");
     LP_CHECK(check_tc(tc, c));
-    graph_work w = {.o = o, .tc = tc, .T = T, .NL = c->n_layers, .D = c->d_model};
+    if (o->device != LP_CPU && o->device != LP_CUDA) LP_FAIL(LP_ERR_ARG, "graph.device: cpu or cuda");
+    if (o->device == LP_CUDA) LP_CHECK(graph_dev_check());
+    graph_work w = {.o = o, .tc = tc, .mc = c, .T = T, .NL = c->n_layers, .D = c->d_model};
     lp_graph *g = calloc(1, sizeof *g);
     if (!g) LP_FAIL(LP_ERR_OOM, "out of memory for a graph");
     g->T = T, g->n_layers = c->n_layers, g->d_vocab = c->d_vocab;
@@ -202,11 +205,12 @@ lp_status lp_graph_build(lp_graph **out, lp_model *m, const lp_clt *tc, const in
         st = LP_ERR(LP_ERR_ARG, "graph: the plan needs %.1f MiB of host memory over the budget of %.1f MiB; lower batch or "
                                  "max_feature_nodes, or cap max_row_edges", pl.host_bytes / 1048576.0, o->host_budget / 1048576.0);
     uint8_t *visited = st == LP_OK ? calloc(w.n_active + 1, 1) : NULL;
-    if (st == LP_OK && !(w.rowbuf = malloc((size_t)o->batch_size * w.ncol * sizeof(float))))
+    if (st == LP_OK && o->device == LP_CUDA) st = graph_dev_start(&w, &pl);
+    else if (st == LP_OK && !(w.rowbuf = malloc((size_t)o->batch_size * w.ncol * sizeof(float))))
         st = LP_ERR(LP_ERR_OOM, "out of memory for a block of %d graph rows", o->batch_size);
     if (st == LP_OK) st = graph_select_rows(&w, visited, n_feat);
     if (st == LP_OK) st = graph_assemble(&w, g, visited);
-    if (st == LP_OK) g->n_backward = w.n_backward;
+    if (st == LP_OK) g->n_backward = w.n_backward, g->device_bytes = graph_dev_measured(&w);
     free(visited);
     work_free(&w);
     if (st == LP_OK) st = lp_graph_prune(g, o->node_threshold, o->edge_threshold);

@@ -10,8 +10,12 @@
 
 /* What the backward passes need: the nodes in the column space of every active feature
  * (active, then errors layer-major, then tokens), before the selection drops columns. */
+typedef struct graph_dev graph_dev;
+
 typedef struct graph_work {
     lp_frozen *fz;
+    const lp_config *mc;    /* the model's */
+    graph_dev *dev;         /* graph.device = cuda: the device half (graph_dev.c), else NULL */
     const lp_graph_opts *o;
     int T, NL, D;
     int n_active, n_logits;
@@ -48,5 +52,14 @@ lp_status graph_plan(graph_work *w, const lp_config *c, int n_feat, lp_graph_pla
 lp_status graph_select_rows(graph_work *w, uint8_t *visited, int n_feat);
 lp_status graph_assemble(graph_work *w, lp_graph *g, const uint8_t *visited);
 void graph_work_rows_free(graph_work *w);
+/* graph_dev.c: the device bytes of the plan; the device set up (w->rowbuf becomes a pinned
+ * block); one block's dense rows into w->rowbuf; the device bytes allocated as the device
+ * reported them; everything released (w->rowbuf too). */
+lp_status graph_dev_check(void); /* a usable GPU, or the refusal naming graph.device */
+size_t graph_dev_bytes(const graph_work *w, const lp_config *c);
+lp_status graph_dev_start(graph_work *w, const lp_graph_plan *pl);
+lp_status graph_dev_rows(graph_work *w, int R, const int *layer, const int *pos, const float *vec);
+size_t graph_dev_measured(const graph_work *w);
+void graph_dev_free(graph_work *w);
 
 #endif

@@ -129,15 +129,20 @@ static lp_status keep_row(graph_work *w, const float *v, int64_t node, absidx *t
 }
 
 lp_status graph_rows(graph_work *w, int R, const int *layer, const int *pos, const float *vec, const int64_t *node) {
-    memset(w->rowbuf, 0, (size_t)R * w->ncol * sizeof(float));
-    sink_ctx sc = {w, R};
-    LP_CHECK(lp_frozen_backward(w->fz, R, layer, pos, vec, w->skip, sink, &sc));
+    if (w->dev)
+        LP_CHECK(graph_dev_rows(w, R, layer, pos, vec));
+    else {
+        memset(w->rowbuf, 0, (size_t)R * w->ncol * sizeof(float));
+        sink_ctx sc = {w, R};
+        LP_CHECK(lp_frozen_backward(w->fz, R, layer, pos, vec, w->skip, sink, &sc));
+    }
     w->n_backward++;
     absidx *tmp = malloc(w->ncol * sizeof *tmp);
     if (!tmp) LP_FAIL(LP_ERR_OOM, "out of memory for a graph row");
     lp_status st = LP_OK;
     for (int r = 0; r < R && st == LP_OK; r++) st = keep_row(w, w->rowbuf + (size_t)r * w->ncol, node[r], tmp);
     free(tmp);
+    if (st == LP_OK && w->o->on_block) st = w->o->on_block(w->n_rows, w->n_backward, w->o->user);
     return st;
 }
 

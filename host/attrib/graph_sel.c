@@ -21,8 +21,10 @@ lp_status graph_plan(graph_work *w, const lp_config *c, int n_feat, lp_graph_pla
     pl->edge_bytes = 2 * edges * 8 + (size_t)rows * 32;
     /* influence vectors, masks and scores; edge masks and the sorted edge scores */
     pl->prune_bytes = (size_t)n_nodes * 48 + edges * 9;
+    pl->device_bytes = w->o->device == LP_CUDA ? graph_dev_bytes(w, c) : 0;
+    if (pl->device_bytes) /* the host keeps only the pinned row block of a backward */
+        pl->backward_bytes = (size_t)B * w->ncol * 4 + (size_t)w->ncol * 8;
     pl->host_bytes = pl->model_bytes + pl->backward_bytes + pl->edge_bytes + pl->prune_bytes;
-    pl->device_bytes = 0;
     return LP_OK;
 }
 

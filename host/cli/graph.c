@@ -119,6 +119,7 @@ static lp_graph_opts graph_opts(const args *a) {
     o.edge_threshold = (float)lp_cfg_float(&a->cfg, "graph.edge_threshold");
     o.edge_mass = lp_cfg_float(&a->cfg, "graph.edge_mass");
     o.max_row_edges = (int)lp_cfg_int(&a->cfg, "graph.max_row_edges");
+    o.device = strcmp(lp_cfg_str(&a->cfg, "graph.device"), "cuda") ? LP_CPU : LP_CUDA;
     size_t mb = (size_t)lp_cfg_int(&a->cfg, "graph.host_budget_mb");
     o.host_budget = mb ? mb << 20 : (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE) / 10 * 8;
     return o;

@@ -24,8 +24,8 @@ size_t lp_frozen_backward_bytes(const lp_config *c, int T, int R) {
 
 static lp_status check_model(const lp_model *m) {
     const lp_config *c = &m->cfg;
-    if (m->ctx.device != LP_CPU || m->ctx.dtype != LP_F32)
-        LP_FAIL(LP_ERR_ARG, "model: the replacement model's backward runs on a CPU F32 model");
+    if (m->ctx.dtype != LP_F32) /* a CUDA model's forward runs there; what it keeps is copied to the host */
+        LP_FAIL(LP_ERR_ARG, "model: the replacement model needs an F32 model (model.dtype = f32)");
     if (c->linear_bias || c->qkv_bias) LP_FAIL(LP_ERR_ARG, "model: %s: biased projections are not supported here", c->name);
     return LP_OK;
 }

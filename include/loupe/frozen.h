@@ -23,8 +23,10 @@
  * Gemma 2 and 3 (circuit-tracer's handling): the post-attention and post-MLP norms are
  * frozen like the others; the attention soft-cap, the sliding windows and the q/k norms live
  * inside the frozen patterns; the embeddings (lp_frozen_embed) carry the embedding scale;
- * the logits (lp_frozen_logits) the final soft-cap. CPU F32 models without biased
- * projections. */
+ * the logits (lp_frozen_logits) the final soft-cap. F32 models (CPU, or CUDA: the forward
+ * runs there and what it keeps is copied to the host) without biased projections. The
+ * device backward (graph.device = cuda) does not yet cover Gemma's post-norms, soft-caps,
+ * windows or the alternative sites, and refuses them. */
 #ifndef LOUPE_FROZEN_H
 #define LOUPE_FROZEN_H
 

@@ -61,8 +61,15 @@ typedef struct lp_graph_opts {
     int keep_first_position;    /* 0 (circuit-tracer): position 0 has no features and a zero
                                  * error; 1: it is treated like any other position */
     size_t host_budget;         /* refuse a run whose plan exceeds it (0: no limit) */
+    lp_device device;           /* LP_CPU (default), or LP_CUDA: the backward passes and their
+                                 * contractions run on the GPU (fp32), one copy back per row
+                                 * block; the plan's device_bytes is what it allocates there,
+                                 * and a plan over the device's free memory is refused */
     /* called once with the plan before any backward; its status stops the run */
     lp_status (*on_plan)(const lp_graph_plan *p, void *user);
+    /* NULL, or called after every backward pass with the rows and passes done so far; its
+     * status stops the run (progress, timing) */
+    lp_status (*on_block)(int64_t rows_done, int64_t n_backward, void *user);
     void *user;
 } lp_graph_opts;
 
@@ -86,6 +93,8 @@ typedef struct lp_graph {
     double *row_abs;            /* [n_nodes] sum of |A[i, :]| before any entry was dropped */
     double max_dropped;         /* the largest fraction of a row's |mass| not stored */
     int64_t n_backward;         /* backward passes run */
+    size_t device_bytes;        /* graph.device = cuda: device memory its buffers took, as the
+                                 * device reported it (0 on the CPU) */
     /* pruning (node_threshold, edge_threshold) and the scores */
     float node_threshold, edge_threshold; /* what the masks were pruned with */
     uint8_t *node_mask;         /* [n_nodes] */
