@@ -23,10 +23,10 @@
 #include "loupe/dist.h"
 #include "loupe/output.h"
 #include "loupe/sae.h"
+#include "mpitest.h"
 
 #define FIX "tests/fixtures/"
 #define ENV "OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "
-#define MPIRUN "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -x OPENBLAS_NUM_THREADS -x OMP_NUM_THREADS "
 /* 8 sequences of 4 tokens in shards of 3 and batches of 2: shards of two batches and of one,
  * so some rounds leave a rank without a batch */
 #define ARGS "cache --model.path=" FIX "gpt2-tiny --data.tokens=" FIX "gpt2-tiny/tokens_flat.npy --data.context=4 --model.device=cpu " \

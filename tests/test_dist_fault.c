@@ -28,13 +28,10 @@
 
 #include "loupe/dist.h"
 #include "loupe/output.h"
+#include "mpitest.h"
 
 #define FIX "tests/fixtures/"
 #define ENV "OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "
-/* OpenMPI's own start and shutdown leave allocations LeakSanitizer reports (a bare
- * MPI_Init/MPI_Finalize program does too): leak checks are off for the ranks of a SAN build */
-#define MPIRUN "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -x OPENBLAS_NUM_THREADS -x OMP_NUM_THREADS " \
-               "-x ASAN_OPTIONS=detect_leaks=0 "
 /* 16384 steps of 16 tokens (a few seconds), a checkpoint every 1024 steps */
 #define TRAIN "train-sae %s/store --data.hook=blocks.1.hook_resid_post --sae.expansion_factor=2 --train.device=cpu " \
               "--train.tokens=262144 --train.batch_tokens=16 --train.shuffle_tokens=32 --train.log_every=64 "           \
