@@ -15,7 +15,7 @@
 
 /* 1 when the CPU has AVX-512 F, DQ, BW and VL (CPUID leaf 7: EBX bits 16, 17, 30, 31) and
  * the OS saves the vector state they need (XCR0 bits 1, 2, 5, 6, 7). */
-static int peer_cpu_avx512(void) {
+static inline int peer_cpu_avx512(void) {
     unsigned a, b, c, d;
     if (__get_cpuid_max(0, NULL) < 7) return 0;
     __cpuid(1, a, b, c, d);
@@ -28,14 +28,14 @@ static int peer_cpu_avx512(void) {
     return (b & need) == need;
 }
 #else
-static int peer_cpu_avx512(void) { return 0; }
+static inline int peer_cpu_avx512(void) { return 0; }
 #endif
 
 /* The BLAS of loupe's CPU figures: OpenBLAS's build, the kernels it runs (its core name) and
  * its threads. OpenBLAS chooses its kernels when the library loads, before main, from CPUID,
  * unless OPENBLAS_CORETYPE names a core; a named core is the user's to choose, so the bench
  * only says when it holds the kernels below what this CPU runs. */
-static void peer_print_blas(void) {
+static inline void peer_print_blas(void) {
     const char *forced = getenv("OPENBLAS_CORETYPE");
     printf("CPU BLAS: %s; kernels: %s (%s), %d threads\n", openblas_get_config(), openblas_get_corename(),
            forced ? "named by OPENBLAS_CORETYPE" : "detected", openblas_get_num_threads());
