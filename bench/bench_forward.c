@@ -362,6 +362,7 @@ int main(int argc, char **argv) {
 #define WANT(x) (!only || !strcmp(only, x))
     int have_smol = file_exists(SMOLLM2);
     lp_model *m;
+    if (WANT("gpt2") || WANT("smollm2")) peer_print_blas();
     if (WANT("gpt2")) {
         double tps = random_section("CPU", "GPT-2 small shape, random weights", &GPT2_SMALL, LP_CPU, LP_F32, cb, ct, 3);
         if (peer) cpu_peer("torch_forward.py", NULL, tps, cb, ct);

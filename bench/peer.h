@@ -10,6 +10,41 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+
+/* 1 when the CPU has AVX-512 F, DQ, BW and VL (CPUID leaf 7: EBX bits 16, 17, 30, 31) and
+ * the OS saves the vector state they need (XCR0 bits 1, 2, 5, 6, 7). */
+static inline int peer_cpu_avx512(void) {
+    unsigned a, b, c, d;
+    if (__get_cpuid_max(0, NULL) < 7) return 0;
+    __cpuid(1, a, b, c, d);
+    if (!(c & (1u << 27))) return 0; /* OSXSAVE: xgetbv exists */
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0xe6) != 0xe6) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    const unsigned need = (1u << 16) | (1u << 17) | (1u << 30) | (1u << 31);
+    return (b & need) == need;
+}
+#else
+static inline int peer_cpu_avx512(void) { return 0; }
+#endif
+
+/* The BLAS of loupe's CPU figures: OpenBLAS's build, the kernels it runs (its core name) and
+ * its threads. OpenBLAS chooses its kernels when the library loads, before main, from CPUID,
+ * unless OPENBLAS_CORETYPE names a core; a named core is the user's to choose, so the bench
+ * only says when it holds the kernels below what this CPU runs. */
+static inline void peer_print_blas(void) {
+    const char *forced = getenv("OPENBLAS_CORETYPE");
+    printf("CPU BLAS: %s; kernels: %s (%s), %d threads\n", openblas_get_config(), openblas_get_corename(),
+           forced ? "named by OPENBLAS_CORETYPE" : "detected", openblas_get_num_threads());
+    if (forced && peer_cpu_avx512() && !strstr(openblas_get_corename(), "Skylake") && !strstr(openblas_get_corename(), "Cooper") &&
+        !strstr(openblas_get_corename(), "Sapphire"))
+        printf("  note: OPENBLAS_CORETYPE=%s holds OpenBLAS to kernels without AVX-512 on a CPU with AVX-512 F/DQ/BW/VL; "
+               "unset it to let OpenBLAS detect the core\n", forced);
+}
+
 /* Threads loupe's CPU GEMMs use (OpenBLAS's), which the peer is given too. */
 static int peer_threads(void) { return openblas_get_num_threads(); }
 

@@ -29,5 +29,9 @@ with torch.inference_mode():
         model(tok, labels=tok)
         times.append(time.perf_counter() - t)
 times.sort()
+# the BLAS behind torch's CPU matmuls, for the line beside loupe's (MKL takes its AVX-512
+# kernels only on Intel CPUs)
+blas = [l.strip(" -") for l in torch.__config__.show().splitlines() if "Math Kernel Library" in l or "OpenBLAS" in l]
+print(f"torch BLAS: {blas[0] if blas else 'unknown'}; CPU capability {torch.backends.cpu.get_cpu_capability()}")
 print(f"torch {torch.__version__} eager, {torch.get_num_threads()} threads, batch {a.batch} x {a.seq}: "
       f"{a.batch * a.seq / times[len(times) // 2]:.0f} tokens/s")

@@ -27,7 +27,13 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 cfg = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(a.model)), gguf_file=os.path.basename(a.model))
 cfg.tie_word_embeddings = True
 model = LlamaForCausalLM(cfg)
-model.load_state_dict(load_gguf_checkpoint(a.model, return_tensors=True)["tensors"], strict=False)
+# transformers 5 maps the GGUF's tensor names through the model it loads into (model_to_load);
+# 4.x takes no such argument
+try:
+    tensors = load_gguf_checkpoint(a.model, return_tensors=True, model_to_load=model)["tensors"]
+except TypeError:
+    tensors = load_gguf_checkpoint(a.model, return_tensors=True)["tensors"]
+model.load_state_dict(tensors, strict=False)
 model.tie_weights()
 model = model.float().eval()
 g = torch.Generator().manual_seed(0)
@@ -40,5 +46,9 @@ with torch.inference_mode():
         model(tok, labels=tok)
         times.append(time.perf_counter() - t)
 times.sort()
+# the BLAS behind torch's CPU matmuls, for the line beside loupe's (MKL takes its AVX-512
+# kernels only on Intel CPUs)
+blas = [l.strip(" -") for l in torch.__config__.show().splitlines() if "Math Kernel Library" in l or "OpenBLAS" in l]
+print(f"torch BLAS: {blas[0] if blas else 'unknown'}; CPU capability {torch.backends.cpu.get_cpu_capability()}")
 print(f"torch {torch.__version__} eager, SmolLM2-135M f32, batch {a.batch} x {a.seq}, "
       f"{torch.get_num_threads()} threads: {a.batch * a.seq / times[len(times) // 2]:.0f} tokens/s")
