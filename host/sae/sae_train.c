@@ -42,6 +42,7 @@ void lp_sae_train_defaults(lp_sae_train_cfg *t) {
     t->dead_feature_window = 1000000;
     t->shuffle_tokens = 1 << 16;
     t->log_every = 100;
+    t->encoder_bf16 = -1;
 }
 
 #define BAD(key, ...) LP_FAIL(LP_ERR_ARG, key " = " __VA_ARGS__)
@@ -99,6 +100,7 @@ static void trainer_free(trainer *tr) {
     free(tr->counts_host);
     free(tr->colsum_host);
     free(tr->mask_host);
+    free(tr->cand_host);
     lp_ctx_release(c, tr->ysum);
     free(tr->ysum_f);
     free(tr->ysum_host);
@@ -167,6 +169,7 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     tr->W = per * tr->N;
     if (tr->W > INT32_MAX) LP_FAIL(LP_ERR_ARG, "train.shuffle_tokens %lld is too large", (long long)t->shuffle_tokens);
     LP_CHECK(sae_runner_new(&tr->r, tr->s, c, tr->Nl, 1, t->aux_k));
+    if (t->encoder_bf16 > 0 || (t->encoder_bf16 < 0 && c->device == LP_CUDA)) LP_CHECK(sae_runner_use_bf16(tr->r));
     size_t nf = tr->s->n_floats;
     LP_CHECK(lp_ctx_alloc(c, nf * 4, (void **)&tr->grad));
     LP_CHECK(lp_ctx_alloc(c, nf * 4, (void **)&tr->adam_m));
@@ -193,7 +196,8 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     tr->counts_host = calloc(tr->S, sizeof(int64_t));
     tr->colsum_host = calloc(tr->S, sizeof(float));
     tr->mask_host = calloc(tr->S, sizeof(float));
-    if (!tr->host_x || (tr->transcoder && !tr->host_y) || !tr->host_perm || !tr->since || !tr->counts_host || !tr->colsum_host || !tr->mask_host)
+    tr->cand_host = calloc(tr->S, sizeof(int32_t));
+    if (!tr->host_x || (tr->transcoder && !tr->host_y) || !tr->host_perm || !tr->since || !tr->counts_host || !tr->colsum_host || !tr->mask_host || !tr->cand_host)
         LP_FAIL(LP_ERR_OOM, "out of host memory for the shuffle window (%lld tokens)", (long long)tr->W);
     return LP_OK;
 }
@@ -231,6 +235,7 @@ static lp_status run_begin(run *ru, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
         LP_CHECK(sae_init_params(tr));
         LP_CHECK(sae_init_data_stats(tr));
     }
+    LP_CHECK(sae_runner_refresh_bf16(tr->r)); /* the bf16 encoder copy of the weights just set */
     char *mpath = tr->metrics_path;
     snprintf(mpath, sizeof tr->metrics_path, "%s/metrics.jsonl", t->out);
     if (resumed && tr->dpr == 0) LP_CHECK(sae_trim_metrics(mpath, tr->step)); /* also drops a torn last line */

@@ -57,6 +57,7 @@ typedef struct trainer {
     int64_t *since;                 /* host [S]: tokens since each latent last fired */
     int64_t *counts_host;
     float *colsum_host, *mask_host;
+    int32_t *cand_host;             /* [S]: the dead latents, for AuxK */
     /* log window */
     double acc_mse, acc_sse, acc_sst, acc_l0, acc_sparsity, acc_aux, acc_n;
     int metrics;                    /* metrics.jsonl, open for appending (-1: not open) */
