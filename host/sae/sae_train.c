@@ -93,9 +93,12 @@ static void trainer_free(trainer *tr) {
     lp_ctx_release(c, tr->win_x);
     lp_ctx_release(c, tr->win_y);
     lp_ctx_release(c, tr->perm);
-    free(tr->host_x);
-    free(tr->host_y);
-    free(tr->host_perm);
+    lp_ctx_release(c, tr->win_x2);
+    lp_ctx_release(c, tr->win_y2);
+    lp_ctx_release(c, tr->perm2);
+    lp_ctx_release_host(c, tr->host_x);
+    lp_ctx_release_host(c, tr->host_y);
+    lp_ctx_release_host(c, tr->host_perm);
     free(tr->since);
     free(tr->counts_host);
     free(tr->colsum_host);
@@ -184,9 +187,16 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * tr->D * 4, (void **)&tr->win_x));
     if (tr->transcoder) LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * tr->Do * 4, (void **)&tr->win_y));
     LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * 4, (void **)&tr->perm));
-    tr->host_x = malloc((size_t)tr->W * tr->D * sizeof(float));
-    tr->host_y = tr->transcoder ? malloc((size_t)tr->W * tr->Do * sizeof(float)) : NULL;
-    tr->host_perm = malloc((size_t)tr->W * sizeof(int32_t));
+    if (c->device == LP_CUDA && !live) { /* the next window's buffers, uploaded while this one trains */
+        LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * tr->D * 4, (void **)&tr->win_x2));
+        if (tr->transcoder) LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * tr->Do * 4, (void **)&tr->win_y2));
+        LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * 4, (void **)&tr->perm2));
+    }
+    tr->win_next = -1;
+    if (lp_ctx_alloc_host(c, (size_t)tr->W * tr->D * sizeof(float), (void **)&tr->host_x) != LP_OK) tr->host_x = NULL;
+    if (tr->transcoder && lp_ctx_alloc_host(c, (size_t)tr->W * tr->Do * sizeof(float), (void **)&tr->host_y) != LP_OK)
+        tr->host_y = NULL;
+    if (lp_ctx_alloc_host(c, (size_t)tr->W * sizeof(int32_t), (void **)&tr->host_perm) != LP_OK) tr->host_perm = NULL;
     if (tr->dp > 1) { /* the explained variance's total sum of squares about the global batch mean */
         LP_CHECK(lp_ctx_alloc(c, (size_t)tr->Do * 4, (void **)&tr->ysum));
         tr->ysum_f = calloc(tr->Do, sizeof(float)), tr->ysum_host = calloc(tr->Do + 1, sizeof(double));

@@ -48,7 +48,10 @@ typedef struct trainer {
     int64_t W, n_tokens, win;       /* tokens per window, in the store, window loaded (-1 none) */
     float *win_x, *win_y;           /* device [W, D], [W, Do] */
     int32_t *perm;                  /* device [W] */
-    float *host_x, *host_y;
+    float *win_x2, *win_y2;         /* GPU, store: the next window's device buffers, */
+    int32_t *perm2;                 /* uploaded asynchronously (sae_train_data.c) */
+    int64_t win_next;               /* the window they hold (-1 none) */
+    float *host_x, *host_y;         /* pinned on the GPU */
     int32_t *host_perm;
     struct sae_prefetch *prefetch;  /* the next window, prepared on a thread (sae_train_data.c) */
     /* state */
