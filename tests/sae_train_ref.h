@@ -53,8 +53,13 @@ static void init_ref(params *p, const float *x, lp_sae_arch arch, uint64_t seed)
     }
 }
 
-/* One dense float64 step; returns the batch MSE. */
-static double step_ref(params *p, params *m, params *v, const float *x, lp_sae_arch arch, double lr, double l1, int t) {
+/* v rounded to f32, then to bf16 (round to nearest even), back in double. */
+static double bf16_of(double v) { return lp_bf16_to_f32(lp_f32_to_bf16((float)v)); }
+
+/* One dense float64 step; returns the batch MSE. bf16_pre: the pre-activations from bf16
+ * roundings of x_in and W_enc (what the bf16 encoder copy computes), the rest unrounded. */
+static double step_ref(params *p, params *m, params *v, const float *x, lp_sae_arch arch, double lr, double l1, int t,
+                       int bf16_pre) {
     static double xin[N * D], pre[N * S], f[N * S], dxh[N * D], dpre[N * S];
     params g = {0};
     for (int n = 0; n < N; n++)
@@ -62,7 +67,8 @@ static double step_ref(params *p, params *m, params *v, const float *x, lp_sae_a
     for (int n = 0; n < N; n++)
         for (int s = 0; s < S; s++) {
             double a = p->be[s];
-            for (int d = 0; d < D; d++) a += xin[n * D + d] * p->we[d * S + s];
+            for (int d = 0; d < D; d++)
+                a += bf16_pre ? bf16_of(xin[n * D + d]) * bf16_of(p->we[d * S + s]) : xin[n * D + d] * p->we[d * S + s];
             pre[n * S + s] = a;
         }
     for (int n = 0; n < N; n++)
@@ -130,14 +136,14 @@ static double nmse(const float *a, const double *ref, size_t n) {
 /* Trains arch on c (encoder_bf16 as lp_sae_train_cfg's) for STEPS steps and compares each
  * step's MSE (relative, mse_budget) and the final parameters (nmse, param_budget) with the
  * float64 loop; dir holds the store and the output. */
-static void check_curve(const char *dir, lp_sae_arch arch, lp_ctx *c, int encoder_bf16, double mse_budget,
-                        double param_budget) {
+static void check_curve_tight(const char *dir, lp_sae_arch arch, lp_ctx *c, int encoder_bf16, int bf16_ref, double mse_budget,
+                              double param_budget, int tight_steps, double tight_budget) {
     const char *name = lp_sae_arch_name(arch);
     float *x = lp_test_rand((size_t)N * D, 11, -1.0f, 1.0f);
     for (int n = 0; n < N; n++) x[n * D + n % D] += 3.0f; /* some structure to find */
     char store[128], out[128], p[256];
     snprintf(store, sizeof store, "%s/store-%s", dir, name);
-    snprintf(out, sizeof out, "%s/out-%s", dir, name);
+    snprintf(out, sizeof out, "%s/out-%s-%d%d", dir, name, encoder_bf16 + 1, bf16_ref);
     mkdir(store, 0755);
     int32_t tok[N] = {0};
     lp_st_spec specs[2] = {{.name = "tokens", .dtype = LP_I32, .ndim = 2, .shape = {1, N}},
@@ -167,27 +173,38 @@ static void check_curve(const char *dir, lp_sae_arch arch, lp_ctx *c, int encode
     FILE *fm = fopen(p, "r");
     cr_assert_not_null(fm);
     char line[2048];
-    double worst = 0;
+    double worst = 0, worst_tight = 0;
     for (int st = 0; st < STEPS; st++) {
-        double ref = step_ref(&pr, &m, &v, x, arch, t.lr, t.l1_coefficient, st + 1);
+        double ref = step_ref(&pr, &m, &v, x, arch, t.lr, t.l1_coefficient, st + 1, bf16_ref);
         cr_assert_not_null(fgets(line, sizeof line, fm), "%s: metrics.jsonl ends before step %d", name, st + 1);
         const char *k = strstr(line, "\"losses/mse_loss\":");
         cr_assert_not_null(k);
         double got = atof(k + strlen("\"losses/mse_loss\":"));
         worst = fmax(worst, fabs(got - ref) / ref);
+        if (st < tight_steps) worst_tight = fmax(worst_tight, fabs(got - ref) / ref);
     }
     fclose(fm);
     lp_sae *s;
     cr_assert_eq(lp_sae_load(&s, &cpu, out), LP_OK, "%s", lp_last_error()); /* compared on the host */
     double e[4] = {nmse(s->W_enc, pr.we, D * S), nmse(s->b_enc, pr.be, S), nmse(s->W_dec, pr.wd, S * D), nmse(s->b_dec, pr.bd, D)};
-    fprintf(stderr, "  %-9s %s%s MSE curve: worst relative difference %.2e of %.0e; nmse W_enc %.2e b_enc %.2e W_dec %.2e b_dec %.2e of %.0e\n",
-            name, c->device == LP_CUDA ? "cuda" : "cpu", encoder_bf16 > 0 || (encoder_bf16 < 0 && c->device == LP_CUDA) ? " bf16 encoder" : "", worst, mse_budget, e[0], e[1],
+    fprintf(stderr, "  %-9s %s%s against float64%s: MSE curve: worst relative difference %.2e of %.2g; nmse W_enc %.2e b_enc %.2e W_dec %.2e b_dec %.2e of %.2g\n",
+            name, c->device == LP_CUDA ? "cuda" : "cpu", encoder_bf16 > 0 || (encoder_bf16 < 0 && c->device == LP_CUDA) ? " bf16 encoder" : "",
+            bf16_ref ? " with bf16 pre-activations" : "", worst, mse_budget, e[0], e[1],
             e[2], e[3], param_budget);
     cr_expect(worst <= mse_budget, "%s: the MSE curve leaves the float64 one by %.3e", name, worst);
+    if (tight_steps > 0) {
+        fprintf(stderr, "  %-9s   over the first %d steps: worst relative difference %.2e of %.0e\n", name, tight_steps, worst_tight,
+                tight_budget);
+        cr_expect(worst_tight <= tight_budget, "%s: the first %d steps leave the float64 curve by %.3e", name, tight_steps, worst_tight);
+    }
     for (int i = 0; i < 4; i++) cr_expect(e[i] <= param_budget, "%s: parameter %d: nmse %.3e against float64", name, i, e[i]);
     lp_sae_free(s, &cpu);
     lp_ctx_free(&cpu);
     free(x);
 }
 
+static void check_curve(const char *dir, lp_sae_arch arch, lp_ctx *c, int encoder_bf16, int bf16_ref, double mse_budget,
+                        double param_budget) {
+    check_curve_tight(dir, arch, c, encoder_bf16, bf16_ref, mse_budget, param_budget, 0, 0);
+}
 #endif
