@@ -12,7 +12,7 @@
 //    across the block), the tile goes through shared memory, and a warp then adds 32
 //    consecutive latents of one row of dW_enc [D,S]: coalesced, one writer per weight.
 //    Tiles whose latents no token chose end at once.
-#include "sae_common.cuh"
+#include "common.cuh"
 
 static const int kTileS = 32;   // latents per block of the encoder gradient
 static const int kTileD = 128;  // input dimensions per block (its threads)
