@@ -333,7 +333,6 @@ int main(int argc, char **argv) {
     if (lp_cuda_available(why, sizeof why)) {
         validate_gpu();
         section("GPU", LP_CUDA, 768, 24576, 4096, 100);
-        printf("  targets (H100/H200, bf16): topk >= 8M tokens/s, standard >= 2.5M tokens/s\n");
         live_section();
     } else {
         printf("GPU: skipped: %s\n", why);
