@@ -4,9 +4,9 @@
 // CPU twins: host/ops/cpu/sae_sparse.c.
 //
 //  - lists: an integer histogram of the latents, its prefix sums (one block), the entries
-//    placed by a per-latent cursor, then each latent's few entries put back in token
-//    order (an insertion sort per latent; the placement is nearly in order already), so
-//    every later sum runs in token order and gives the same bits on every run.
+//    placed by a per-latent cursor (atomics: any order), then each latent's entries sorted
+//    back into token order in shared memory, so every later sum runs in token order and
+//    gives the same bits on every run.
 //  - encoder gradient: a block owns a tile of 32 latents and 128 input dimensions; each
 //    thread sums, for one d, its latents' terms x[n,d] dpre[n,j] (rows read coalesced
 //    across the block), the tile goes through shared memory, and a warp then adds 32
@@ -50,20 +50,50 @@ __global__ void lists_place_kernel(int32_t *ent, int32_t *fill, const int32_t *i
         ent[atomicAdd(&fill[idx[e]], 1)] = (int32_t)e;
 }
 
-// Each latent's entries into token order (entry numbers increase with the token).
-__global__ void lists_order_kernel(int32_t *ent, const int32_t *start, int S) {
-    for (int s = blockIdx.x * blockDim.x + threadIdx.x; s < S; s += gridDim.x * blockDim.x) {
-        const int32_t b = start[s], e = start[s + 1];
-        for (int32_t i = b + 1; i < e; i++) {
-            const int32_t v = ent[i];
-            int32_t j = i - 1;
-            while (j >= b && ent[j] > v) {
-                ent[j + 1] = ent[j];
-                j--;
+// Each latent's entries into token order (entry numbers increase with the token): one
+// block per latent, its entries sorted in shared memory by a bitonic network of P (a power
+// of two >= the batch's tokens: a latent holds at most one entry per token) slots padded
+// with INT32_MAX. Latents with one entry or none leave at once. Only for batches above
+// kSortMaxP tokens (P = 0) does one thread insertion-sort the list in global memory.
+static const int kSortMaxP = 8192;
+
+__global__ void lists_order_kernel(int32_t *ent, const int32_t *start, int P) {
+    LP_DYNAMIC_SHARED(int32_t, v);
+    const int32_t b = start[blockIdx.x], n = start[blockIdx.x + 1] - b;
+    if (n <= 1) return; // block-uniform
+    if (P == 0) {
+        if (threadIdx.x == 0)
+            for (int32_t i = b + 1; i < b + n; i++) {
+                const int32_t x = ent[i];
+                int32_t j = i - 1;
+                while (j >= b && ent[j] > x) {
+                    ent[j + 1] = ent[j];
+                    j--;
+                }
+                ent[j + 1] = x;
             }
-            ent[j + 1] = v;
-        }
+        return;
     }
+    int Q = 2; // the network's width: n rounded up to a power of two (block-uniform)
+    while (Q < n) Q <<= 1;
+    for (int i = threadIdx.x; i < Q; i += blockDim.x) v[i] = i < n ? ent[b + i] : INT32_MAX;
+    __syncthreads();
+    for (int size = 2; size <= Q; size <<= 1)
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < Q; i += blockDim.x) {
+                const int j = i ^ stride;
+                if (j > i) {
+                    const int32_t x = v[i], y = v[j];
+                    const bool up = (i & size) == 0;
+                    if (up ? x > y : x < y) {
+                        v[i] = y;
+                        v[j] = x;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ent[b + i] = v[i];
 }
 
 lp_status cuda_sae_latent_lists(lp_ctx *c, int32_t *lists, const int32_t *idx, int N, int K, int S) {
@@ -83,7 +113,10 @@ lp_status cuda_sae_latent_lists(lp_ctx *c, int32_t *lists, const int32_t *idx, i
     if (!NK) return LP_OK;
     LP_LAUNCH(grid_1d(NK, 256), 256, 0, st, lists_place_kernel)(ent, fill, idx, NK);
     LP_LAUNCH_CHECK("lists_place_kernel");
-    LP_LAUNCH(grid_1d((size_t)S, 128), 128, 0, st, lists_order_kernel)(ent, start, S);
+    int P = 2;
+    while (P < N) P <<= 1;
+    if (P > kSortMaxP) P = 0; // larger batches: the insertion sort in global memory
+    LP_LAUNCH((unsigned)S, 128, (size_t)P * sizeof(int32_t), st, lists_order_kernel)(ent, start, P);
     LP_LAUNCH_CHECK("lists_order_kernel");
     return LP_OK;
 }
