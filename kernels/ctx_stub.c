@@ -44,6 +44,11 @@ lp_status cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes
     (void)c; (void)dst; (void)src; (void)bytes;
     return NO_CUDA();
 }
+lp_status cuda_to_device_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    (void)c; (void)dst; (void)src; (void)bytes;
+    return NO_CUDA();
+}
+lp_status cuda_wait_copies(lp_ctx *c) { (void)c; return NO_CUDA(); }
 int cuda_device_count(char *why, size_t n) {
     if (why && n) snprintf(why, n, "loupe was built without CUDA");
     return 0;

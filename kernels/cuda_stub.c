@@ -331,3 +331,26 @@ lp_status cuda_fz_mem_info(lp_ctx *c, size_t *free_b, size_t *total_b) {
     (void)c; (void)free_b; (void)total_b;
     return NO_CUDA();
 }
+lp_status cuda_sae_topk_among(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand, int n_cand,
+                              int N, int S, int K) {
+    (void)c; (void)idx; (void)val; (void)pre; (void)cand; (void)n_cand; (void)N; (void)S; (void)K;
+    return NO_CUDA();
+}
+lp_status cuda_sae_latent_lists(lp_ctx *c, int32_t *lists, const int32_t *idx, int N, int K, int S) {
+    (void)c; (void)lists; (void)idx; (void)N; (void)K; (void)S;
+    return NO_CUDA();
+}
+lp_status cuda_sae_encode_sparse_grad_lists(lp_ctx *c, float *dW_enc, float *db_enc, const float *x,
+                                            const int32_t *lists, const float *dpre, int N, int K, int D, int S) {
+    (void)c; (void)dW_enc; (void)db_enc; (void)x; (void)lists; (void)dpre; (void)N; (void)K; (void)D; (void)S;
+    return NO_CUDA();
+}
+lp_status cuda_sae_to_bf16(lp_ctx *c, uint16_t *dst, const float *src, size_t n) {
+    (void)c; (void)dst; (void)src; (void)n;
+    return NO_CUDA();
+}
+lp_status cuda_sae_matmul_bf16(lp_ctx *c, float *out, const uint16_t *x, const uint16_t *w, const float *bias, int N,
+                               int K, int M) {
+    (void)c; (void)out; (void)x; (void)w; (void)bias; (void)N; (void)K; (void)M;
+    return NO_CUDA();
+}

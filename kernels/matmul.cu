@@ -30,12 +30,12 @@ static cublasLtHandle_t lt_handle(int dev) {
 
 // out^T[M,N] = op(W) x^T with a cuBLASLt epilogue (bias; GELU with the pre-activation to aux,
 // ld M), in the layouts of cublasGemmEx below. CUBLAS_STATUS_NOT_SUPPORTED: no algorithm
-// (the caller falls back); K > 0.
-static cublasStatus_t lt_matmul(lp_ctx *c, void *out, void *aux, const void *x, const void *w, const void *bias,
-                                int N, int K, int M, int w_trans, cublasLtEpilogue_t ep) {
+// (the caller falls back); K > 0. x and W are of type ab, out (and bias, aux) of type cd.
+static cublasStatus_t lt_matmul_t(lp_ctx *c, void *out, void *aux, const void *x, const void *w, const void *bias,
+                                  int N, int K, int M, int w_trans, cublasLtEpilogue_t ep, cudaDataType_t ab,
+                                  cudaDataType_t cd) {
     cublasLtHandle_t lt = lt_handle(c->cuda_device);
     if (!lt) return CUBLAS_STATUS_NOT_INITIALIZED;
-    const cudaDataType_t ty = c->dtype == LP_BF16 ? CUDA_R_16BF : CUDA_R_32F;
     const cublasOperation_t ta = w_trans ? CUBLAS_OP_T : CUBLAS_OP_N, tb = CUBLAS_OP_N;
     const int64_t aux_ld = M;
     const float alpha = 1.0f, beta = 0.0f;
@@ -52,9 +52,9 @@ static cublasStatus_t lt_matmul(lp_ctx *c, void *out, void *aux, const void *x, 
         if (s == CUBLAS_STATUS_SUCCESS)
             s = cublasLtMatmulDescSetAttribute(d, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof aux_ld);
     }
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&la, ty, w_trans ? K : M, w_trans ? M : K, w_trans ? K : M);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&lb, ty, K, N, K);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&lc, ty, M, N, M);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&la, ab, w_trans ? K : M, w_trans ? M : K, w_trans ? K : M);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&lb, ab, K, N, K);
+    if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatrixLayoutCreate(&lc, cd, M, N, M);
     if (s == CUBLAS_STATUS_SUCCESS)
         s = cublasLtMatmul(lt, d, &alpha, w, la, x, lb, &beta, out, lc, out, lc, NULL, NULL, 0, cuda_stream_of(c));
     if (lc) cublasLtMatrixLayoutDestroy(lc);
@@ -62,6 +62,13 @@ static cublasStatus_t lt_matmul(lp_ctx *c, void *out, void *aux, const void *x, 
     if (la) cublasLtMatrixLayoutDestroy(la);
     if (d) cublasLtMatmulDescDestroy(d);
     return s;
+}
+
+// In the context's dtype.
+static cublasStatus_t lt_matmul(lp_ctx *c, void *out, void *aux, const void *x, const void *w, const void *bias,
+                                int N, int K, int M, int w_trans, cublasLtEpilogue_t ep) {
+    const cudaDataType_t ty = c->dtype == LP_BF16 ? CUDA_R_16BF : CUDA_R_32F;
+    return lt_matmul_t(c, out, aux, x, w, bias, N, K, M, w_trans, ep, ty, ty);
 }
 
 lp_status cuda_matmul(lp_ctx *c, void *out, const void *x, const void *w, const void *bias, int N,
@@ -124,4 +131,27 @@ lp_status cuda_matmul_gelu(lp_ctx *c, void *post, void *pre, const void *x, cons
     }
     LP_CHECK(cuda_matmul(c, pre, x, w, bias, N, K, M, w_trans));
     return cuda_gelu(c, post, pre, (size_t)N * M);
+}
+
+// The SAE's pre-activation on a bf16 copy of the encoder: bf16 x [N,K] and w [K,M], fp32
+// accumulation, an fp32 out [N,M] with the fp32 bias added by the cuBLASLt epilogue (no
+// prefilled output). Where cuBLASLt has no algorithm: the bias tiled into out, then
+// cublasGemmEx with bf16 inputs, fp32 output and beta = 1 (the same fp32 sum).
+lp_status cuda_sae_matmul_bf16(lp_ctx *c, float *out, const uint16_t *x, const uint16_t *w, const float *bias, int N,
+                               int K, int M) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_matmul_bf16");
+    LP_CUDA_REQUIRE(N > 0 && K > 0 && M > 0 && out && x && w, "cuda_sae_matmul_bf16: bad arguments (N=%d K=%d M=%d)", N,
+                    K, M);
+    LP_CUDA_REQUIRE(c->blas != NULL, "cuda_sae_matmul_bf16: context has no cuBLAS handle");
+    const cublasStatus_t s = lt_matmul_t(c, out, NULL, x, w, bias, N, K, M, 0,
+                                         bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT, CUDA_R_16BF,
+                                         CUDA_R_32F);
+    if (s == CUBLAS_STATUS_SUCCESS) return LP_OK;
+    if (s != CUBLAS_STATUS_NOT_SUPPORTED) LP_CUBLAS_CHECK(s);
+    (void)cudaGetLastError();
+    if (bias) LP_CHECK(tile_rows<float>(c, out, bias, (size_t)N * M, M));
+    const float alpha = 1.0f, beta = bias ? 1.0f : 0.0f;
+    LP_CUBLAS_CHECK(cublasGemmEx((cublasHandle_t)c->blas, CUBLAS_OP_N, CUBLAS_OP_N, M, N, K, &alpha, w, CUDA_R_16BF, M, x,
+                                 CUDA_R_16BF, K, &beta, out, CUDA_R_32F, M, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return LP_OK;
 }

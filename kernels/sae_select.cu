@@ -1,5 +1,5 @@
-// sae_select.cu: the selections of include/loupe/sae_ops.h on the GPU: top-K per row and
-// the K-th largest of a batch (the BatchTopK threshold). Every buffer is float; the CPU
+// sae_select.cu: the selections of include/loupe/sae_ops.h on the GPU: top-K per row (also
+// over a list of candidate latents: AuxK's dead ones) and the K-th largest of a batch (the BatchTopK threshold). Every buffer is float; the CPU
 // twins are in host/cpu/sae.c, whose comments and host/ops/sae_ops.c's state the contracts
 // (selection order, ties, edge cases).
 //
@@ -103,8 +103,11 @@ __device__ __forceinline__ void bitonic_sort_desc(unsigned long long *sel, int P
 // One block per row of pre [N,S]; blockDim.x a multiple of 32. Dynamic shared memory:
 // P (key, index) pairs (P = K rounded up to a power of two), then the row's S keys when
 // kRowInSmem.
+// With cand (strictly increasing latents), the row is pre[n, cand[0..n_cand)] and the
+// indices written are the latents: ties still go to the lower latent.
 template <bool kRowInSmem>
-__global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, int K, int P) {
+__global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, int K, int P, const int32_t *cand,
+                            int n_cand) {
     LP_DYNAMIC_SHARED(unsigned long long, topk_smem);
     unsigned long long *sel = topk_smem;
     uint32_t *keys = (uint32_t *)(topk_smem + P);
@@ -117,8 +120,10 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const float *row = pre + (size_t)blockIdx.x * S;
+    const int L = cand ? n_cand : S; // the row's length
+#define TOPK_AT(i) (cand ? row[cand[i]] : row[i])
     if (kRowInSmem)
-        for (int i = tid; i < S; i += blockDim.x) keys[i] = order_key(row[i]);
+        for (int i = tid; i < L; i += blockDim.x) keys[i] = order_key(TOPK_AT(i));
 
     // Radix select: after the loop the wanted key is the krem-th largest among the keys
     // that match prefix on mask, and every key above that prefix is in the top K.
@@ -127,11 +132,11 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = tid; i < 256; i += blockDim.x) hist[i] = 0;
         __syncthreads(); // also publishes the staged keys on the first pass
-        for (int base = 0; base < S; base += blockDim.x) { // block-uniform trip count
+        for (int base = 0; base < L; base += blockDim.x) { // block-uniform trip count
             const int i = base + tid;
             int digit = -1;
-            if (i < S) {
-                const uint32_t k = kRowInSmem ? keys[i] : order_key(row[i]);
+            if (i < L) {
+                const uint32_t k = kRowInSmem ? keys[i] : order_key(TOPK_AT(i));
                 if ((k & mask) == prefix) digit = (int)((k >> shift) & 255);
             }
             hist_add_warp(hist, digit);
@@ -157,12 +162,12 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
     // first krem keys equal to it. Block-wide ranks from ballots and per-warp totals.
     const unsigned ngt = (unsigned)K - krem, below = (1u << lane) - 1u;
     unsigned cnt_gt = 0, cnt_eq = 0;
-    for (int base = 0; base < S; base += blockDim.x) {
+    for (int base = 0; base < L; base += blockDim.x) {
         const int i = base + tid;
         uint32_t k = 0;
         bool gt = false, eq = false;
-        if (i < S) {
-            k = kRowInSmem ? keys[i] : order_key(row[i]);
+        if (i < L) {
+            k = kRowInSmem ? keys[i] : order_key(TOPK_AT(i));
             gt = (k & mask) > prefix;
             eq = (k & mask) == prefix;
         }
@@ -180,8 +185,8 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
             tot_g += g;
             tot_e += e;
         }
-        if (gt) sel[off_g] = topk_pack(k, i);
-        if (eq && off_e < krem) sel[ngt + off_e] = topk_pack(k, i);
+        if (gt) sel[off_g] = topk_pack(k, cand ? cand[i] : i);
+        if (eq && off_e < krem) sel[ngt + off_e] = topk_pack(k, cand ? cand[i] : i);
         cnt_gt += tot_g;
         cnt_eq += tot_e;
         __syncthreads(); // wsum is rewritten by the next chunk
@@ -198,6 +203,32 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
         idx[out0 + j] = (int32_t)~(uint32_t)p;
         val[out0 + j] = relu_f(key_value((uint32_t)(p >> 32)));
     }
+#undef TOPK_AT
+}
+
+// Shared memory and block size for rows of L candidates, then the launch.
+static lp_status topk_launch(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand, int L,
+                             int N, int S, int K) {
+    int P = 1;
+    while (P < K) P <<= 1;
+    int optin = 0;
+    LP_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->cuda_device));
+    const size_t sel_bytes = (size_t)P * sizeof(unsigned long long), row_bytes = (size_t)L * sizeof(uint32_t);
+    const size_t static_bytes = 2048; // hist, wsum and the scalars, rounded up
+    const bool in_smem = sel_bytes + row_bytes + static_bytes <= (size_t)optin;
+    const size_t dyn = sel_bytes + (in_smem ? row_bytes : 0);
+    int block = (L + 31) / 32 * 32;
+    if (block > 512) block = 512;
+    if (block < 32) block = 32;
+    if (in_smem) {
+        if (dyn > 48 * 1024)
+            LP_CUDA_CHECK(cudaFuncSetAttribute(topk_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn));
+        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<true>)(idx, val, pre, S, K, P, cand, L);
+    } else {
+        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<false>)(idx, val, pre, S, K, P, cand, L);
+    }
+    LP_LAUNCH_CHECK("topk_kernel");
+    return LP_OK;
 }
 
 lp_status cuda_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre, int N, int S, int K) {
@@ -205,26 +236,17 @@ lp_status cuda_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre, i
     LP_CUDA_REQUIRE(N > 0 && S > 0 && K >= 1 && K <= S && idx && val && pre,
                     "cuda_sae_topk: bad arguments (N=%d S=%d K=%d)", N, S, K);
     LP_CUDA_REQUIRE(K <= kTopkMaxK, "cuda_sae_topk: k=%d exceeds %d", K, kTopkMaxK);
-    int P = 1;
-    while (P < K) P <<= 1;
-    int optin = 0;
-    LP_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, c->cuda_device));
-    const size_t sel_bytes = (size_t)P * sizeof(unsigned long long), row_bytes = (size_t)S * sizeof(uint32_t);
-    const size_t static_bytes = 2048; // hist, wsum and the scalars, rounded up
-    const bool in_smem = sel_bytes + row_bytes + static_bytes <= (size_t)optin;
-    const size_t dyn = sel_bytes + (in_smem ? row_bytes : 0);
-    int block = (S + 31) / 32 * 32;
-    if (block > 512) block = 512;
-    if (block < 32) block = 32;
-    if (in_smem) {
-        if (dyn > 48 * 1024)
-            LP_CUDA_CHECK(cudaFuncSetAttribute(topk_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn));
-        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<true>)(idx, val, pre, S, K, P);
-    } else {
-        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<false>)(idx, val, pre, S, K, P);
-    }
-    LP_LAUNCH_CHECK("topk_kernel");
-    return LP_OK;
+    return topk_launch(c, idx, val, pre, NULL, S, N, S, K);
+}
+
+// AuxK: the same selection over the dead latents' columns, read in place (no [N,S] copy).
+lp_status cuda_sae_topk_among(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand, int n_cand,
+                              int N, int S, int K) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_topk_among");
+    LP_CUDA_REQUIRE(N > 0 && S > 0 && n_cand >= 1 && n_cand <= S && K >= 1 && K <= n_cand && idx && val && pre && cand,
+                    "cuda_sae_topk_among: bad arguments (N=%d S=%d n_cand=%d K=%d)", N, S, n_cand, K);
+    LP_CUDA_REQUIRE(K <= kTopkMaxK, "cuda_sae_topk_among: k=%d exceeds %d", K, kTopkMaxK);
+    return topk_launch(c, idx, val, pre, cand, n_cand, N, S, K);
 }
 
 // ---- the BatchTopK threshold -------------------------------------------------------------

@@ -81,6 +81,8 @@ static const lp_key g_keys[] = {
     {"train.checkpoint_every", LP_KEY_INT, "0", 0, 1LL << 50, NULL, "tokens between checkpoints; 0: at the end"},
     {"train.log_every", LP_KEY_INT, "50", 1, 1LL << 40, NULL, "steps between metrics.jsonl lines"},
     {"train.seed", LP_KEY_INT, "0", 0, 1LL << 62, NULL, "initialisation and shuffling seed"},
+    {"train.encoder_dtype", LP_KEY_CHOICE, "auto", 0, 0, "auto|f32|bf16",
+     "the encoder GEMM: on a bf16 copy of W_enc (fp32 master weights and sums); auto: bf16 on cuda"},
     {"eval.tokens", LP_KEY_INT, "0", 0, 1LL << 50, NULL, "tokens to evaluate on (store, and model rows); 0: all"},
     {"eval.batch_tokens", LP_KEY_INT, "4096", 1, 1 << 30, NULL, "tokens per batch"},
     {"encode.out", LP_KEY_STR, NULL, 0, 0, NULL, ".safetensors for the latents (indices, values)"},

@@ -62,6 +62,8 @@ static lp_status train_cfg(const args *a, lp_sae_train_cfg *t) {
     t->checkpoint_every = lp_cfg_int(&a->cfg, "train.checkpoint_every");
     t->log_every = lp_cfg_int(&a->cfg, "train.log_every");
     t->seed = (uint64_t)lp_cfg_int(&a->cfg, "train.seed");
+    const char *ed = lp_cfg_str(&a->cfg, "train.encoder_dtype");
+    t->encoder_bf16 = !ed || !strcmp(ed, "auto") ? -1 : !strcmp(ed, "bf16");
     t->on_progress = cli_train_progress;
     t->allow_incomplete = is_true(a, "data.allow_incomplete");
     LP_CHECK(lp_cfg_require(&a->cfg, (const char *[]){"data.hook", "train.out", NULL}));

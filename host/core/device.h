@@ -23,6 +23,8 @@ lp_status cuda_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes);
 lp_status cuda_copy(lp_ctx *c, void *dst, const void *src, size_t bytes);
 lp_status cuda_sync(lp_ctx *c);
 lp_status cuda_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes); /* kernels/capture.cu */
+lp_status cuda_to_device_async(lp_ctx *c, void *dst, const void *src, size_t bytes); /* kernels/capture.cu */
+lp_status cuda_wait_copies(lp_ctx *c);
 int cuda_device_count(char *why, size_t n);
 
 #ifdef __cplusplus

@@ -192,6 +192,14 @@ lp_status lp_ctx_copy(lp_ctx *c, void *dst, const void *src, size_t bytes) {
     return LP_OK;
 }
 
+lp_status lp_ctx_to_device_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    if (c->device == LP_CUDA) return cuda_to_device_async(c, dst, src, bytes);
+    memmove(dst, src, bytes);
+    return LP_OK;
+}
+
+lp_status lp_ctx_wait_copies(lp_ctx *c) { return c->device == LP_CUDA ? cuda_wait_copies(c) : LP_OK; }
+
 lp_status lp_ctx_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes) {
     if (c->device == LP_CUDA) return cuda_to_host_async(c, dst, src, bytes);
     memmove(dst, src, bytes);

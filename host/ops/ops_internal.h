@@ -185,6 +185,26 @@ void cpu_sae_encode_sparse_input_grad(float *dx, const float *dpre, const int32_
 lp_status cuda_sae_scale(lp_ctx *c, float *x, float alpha, size_t n);
 lp_status cuda_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float *dpre, const int32_t *idx,
                                                const float *W_enc, int N, int K, int D, int S);
+/* lp_sae_topk_among, the latent lists, the list-based encoder gradient and the bf16
+ * encoder GEMM (include/loupe/sae_ops.h): CPU twins in host/ops/cpu/sae_sparse.c, CUDA in
+ * kernels/sae_lists.cu, kernels/sae_select.cu and kernels/matmul.cu. */
+/* One row of cpu_sae_topk (host/ops/cpu/sae.c). */
+void cpu_sae_topk_row(int32_t *idx, float *val, const float *row, int S, int K);
+lp_status cpu_sae_topk_among(int32_t *idx, float *val, const float *pre, const int32_t *cand, int n_cand, int N, int S,
+                             int K);
+void cpu_sae_latent_lists(int32_t *lists, const int32_t *idx, int N, int K, int S);
+void cpu_sae_encode_sparse_grad_lists(float *dW_enc, float *db_enc, const float *x, const int32_t *lists,
+                                      const float *dpre, int N, int K, int D, int S);
+void cpu_sae_to_bf16(uint16_t *dst, const float *src, size_t n);
+lp_status cpu_sae_matmul_bf16(float *out, const uint16_t *x, const uint16_t *w, const float *bias, int N, int K, int M);
+lp_status cuda_sae_topk_among(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand, int n_cand,
+                              int N, int S, int K);
+lp_status cuda_sae_latent_lists(lp_ctx *c, int32_t *lists, const int32_t *idx, int N, int K, int S);
+lp_status cuda_sae_encode_sparse_grad_lists(lp_ctx *c, float *dW_enc, float *db_enc, const float *x,
+                                            const int32_t *lists, const float *dpre, int N, int K, int D, int S);
+lp_status cuda_sae_to_bf16(lp_ctx *c, uint16_t *dst, const float *src, size_t n);
+lp_status cuda_sae_matmul_bf16(lp_ctx *c, float *out, const uint16_t *x, const uint16_t *w, const float *bias, int N,
+                               int K, int M);
 /* host/ops/cpu/parallel.c: fn over [0, n) split into contiguous ranges of at least
  * min_per_thread indices, one per thread (as many threads as OpenBLAS uses). */
 int cpu_threads(void);

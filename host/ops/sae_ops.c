@@ -26,6 +26,7 @@
  *  - N = 0 is allowed everywhere: lp_matmul_at and lp_col_sum then leave beta * out.
  */
 #include <math.h>
+#include <stdint.h>
 
 #include "loupe/sae_ops.h"
 #include "ops/ops_internal.h"
@@ -63,6 +64,22 @@ lp_status lp_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre, int
     return cuda_sae_topk(c, idx, val, pre, N, S, K);
 }
 
+lp_status lp_sae_topk_among(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand, int n_cand,
+                            int N, int S, int K) {
+    NEED(c && N >= 0 && S > 0 && idx && val && pre && cand && n_cand >= 1 && n_cand <= S,
+         "sae_topk_among: bad arguments (N=%d S=%d n_cand=%d)", N, S, n_cand);
+    NEED(K >= 1 && K <= n_cand, "sae_topk_among: k=%d must be in 1 .. %d candidates", K, n_cand);
+    if (N == 0) return LP_OK;
+    if (CPU(c)) {
+        for (int i = 0; i < n_cand; i++) /* host memory: the contract is checked here */
+            NEED(cand[i] >= 0 && cand[i] < S && (i == 0 || cand[i] > cand[i - 1]),
+                 "sae_topk_among: candidate %d (latent %d) is out of [0, %d) or out of increasing order", i, cand[i], S);
+        return cpu_sae_topk_among(idx, val, pre, cand, n_cand, N, S, K);
+    }
+    NEED(K <= LP_SAE_TOPK_MAX_K_CUDA, "sae_topk_among: k=%d exceeds the CUDA limit of %d", K, LP_SAE_TOPK_MAX_K_CUDA);
+    return cuda_sae_topk_among(c, idx, val, pre, cand, n_cand, N, S, K);
+}
+
 lp_status lp_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count) {
     NEED(c && t && (n == 0 || pre), "sae_kth_largest: bad arguments (n=%zu)", n);
     if (count >= n) { *t = 0.0f; return LP_OK; }
@@ -95,6 +112,40 @@ lp_status lp_sae_encode_sparse_grad(lp_ctx *c, float *dW_enc, float *db_enc, con
     if (N == 0) return LP_OK;
     if (CPU(c)) { cpu_sae_encode_sparse_grad(dW_enc, db_enc, x, idx, dpre, N, K, D, S); return LP_OK; }
     return cuda_sae_encode_sparse_grad(c, dW_enc, db_enc, x, idx, dpre, N, K, D, S);
+}
+
+size_t lp_sae_latent_lists_len(int N, int K, int S) { return 2 * (size_t)S + 1 + (size_t)N * K; }
+
+lp_status lp_sae_latent_lists(lp_ctx *c, int32_t *lists, const int32_t *idx, int N, int K, int S) {
+    NEED(c && lists && idx && N >= 0 && K >= 1 && S > 0 && (size_t)N * K <= INT32_MAX,
+         "sae_latent_lists: bad arguments (N=%d K=%d S=%d)", N, K, S);
+    if (CPU(c)) { cpu_sae_latent_lists(lists, idx, N, K, S); return LP_OK; }
+    return cuda_sae_latent_lists(c, lists, idx, N, K, S);
+}
+
+lp_status lp_sae_encode_sparse_grad_lists(lp_ctx *c, float *dW_enc, float *db_enc, const float *x, const int32_t *lists,
+                                          const float *dpre, int N, int K, int D, int S) {
+    NEED(c && N >= 0 && K >= 1 && D > 0 && S > 0 && dW_enc && db_enc && x && lists && dpre,
+         "sae_encode_sparse_grad_lists: bad arguments (N=%d K=%d D=%d S=%d)", N, K, D, S);
+    if (N == 0) return LP_OK;
+    if (CPU(c)) { cpu_sae_encode_sparse_grad_lists(dW_enc, db_enc, x, lists, dpre, N, K, D, S); return LP_OK; }
+    return cuda_sae_encode_sparse_grad_lists(c, dW_enc, db_enc, x, lists, dpre, N, K, D, S);
+}
+
+lp_status lp_sae_to_bf16(lp_ctx *c, uint16_t *dst, const float *src, size_t n) {
+    NEED(c && dst && src, "sae_to_bf16: null buffer");
+    if (n == 0) return LP_OK;
+    if (CPU(c)) { cpu_sae_to_bf16(dst, src, n); return LP_OK; }
+    return cuda_sae_to_bf16(c, dst, src, n);
+}
+
+lp_status lp_sae_matmul_bf16(lp_ctx *c, float *out, const uint16_t *x, const uint16_t *w, const float *bias, int N,
+                             int K, int M) {
+    NEED(c && N >= 0 && K > 0 && M > 0 && out && (N == 0 || (x && w)), "sae_matmul_bf16: bad arguments (N=%d K=%d M=%d)",
+         N, K, M);
+    if (N == 0) return LP_OK;
+    if (CPU(c)) return cpu_sae_matmul_bf16(out, x, w, bias, N, K, M);
+    return cuda_sae_matmul_bf16(c, out, x, w, bias, N, K, M);
 }
 
 lp_status lp_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float *dpre, const int32_t *idx,

@@ -17,13 +17,23 @@ typedef struct sae_runner {
     float batch_t; /* batchtopk: this batch's threshold */
     int n_dead;
     /* training */
-    float *dxhat, *df, *dval, *norms, *colsum, *faux, *val_aux, *dval_aux, *e, *ehat, *mask;
+    float *dxhat, *df, *dval, *norms, *colsum, *val_aux, *dval_aux, *e, *ehat;
     int32_t *idx_aux;
+    int32_t *cand;     /* [S]: AuxK's dead latents, increasing */
+    int32_t *lists;    /* topk: latent-major lists of one selection (lp_sae_latent_lists) */
+    /* bf16 encoder (training on CUDA when asked): the pre-activation GEMM reads a bf16
+     * copy of W_enc, refreshed after each Adam step, and a bf16 copy of x_in */
+    int bf16;
+    uint16_t *W_enc_b, *xin_b;
 } sae_runner;
 
 /* Buffers for batches of up to N tokens; train adds the gradient buffers (and AuxK's,
  * with aux_k latents; 0: d_in / 2). */
 lp_status sae_runner_new(sae_runner **r, lp_sae *s, lp_ctx *c, int N, int train, int aux_k);
+/* Training only: from now on the encoder GEMM runs on a bf16 copy of W_enc (allocated
+ * here; call sae_runner_refresh_bf16 after every change of W_enc). */
+lp_status sae_runner_use_bf16(sae_runner *r);
+lp_status sae_runner_refresh_bf16(sae_runner *r);
 void sae_runner_free(sae_runner *r);
 /* An inference runner for at least N tokens kept on the SAE (s->runner_cache; grown when a
  * call needs more, freed by lp_sae_free): do not free it. */

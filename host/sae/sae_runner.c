@@ -26,6 +26,7 @@
 
 void sae_runner_free(sae_runner *r) {
     if (!r) return;
+    lp_ctx_release(r->c, r->W_enc_b);
     lp_ctx_release(r->c, r->mem);
     free(r);
 }
@@ -78,10 +79,11 @@ lp_status sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int trai
         {(void **)&r->dxhat, train ? Nn * Do * 4 : 0}, {(void **)&r->df, train && !sparse ? Nn * S * 4 : 0},
         {(void **)&r->dval, train && sparse ? Nn * K * 4 : 0},
         {(void **)&r->norms, train ? S * 4 : 0}, {(void **)&r->colsum, train ? S * 4 : 0},
-        {(void **)&r->faux, aux ? Nn * S * 4 : 0}, {(void **)&r->idx_aux, aux ? Nn * Ka * 4 : 0},
+        {(void **)&r->idx_aux, aux ? Nn * Ka * 4 : 0},
         {(void **)&r->val_aux, aux ? Nn * Ka * 4 : 0}, {(void **)&r->dval_aux, aux ? Nn * Ka * 4 : 0},
         {(void **)&r->e, aux ? Nn * Do * 4 : 0}, {(void **)&r->ehat, aux ? Nn * Do * 4 : 0},
-        {(void **)&r->mask, aux ? S * 4 : 0},
+        {(void **)&r->cand, aux ? S * 4 : 0},
+        {(void **)&r->lists, train && (sparse || aux) ? lp_sae_latent_lists_len(N, K > Ka ? (int)K : (int)Ka, (int)S) * 4 : 0},
     };
     size_t off = 0;
     for (size_t i = 0; i < sizeof b / sizeof *b; i++) off += (b[i].bytes + 255) / 256 * 256;
@@ -113,6 +115,18 @@ lp_status sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int trai
     return LP_OK;
 }
 
+lp_status sae_runner_use_bf16(sae_runner *r) {
+    if (r->bf16) return LP_OK;
+    size_t nw = ((size_t)r->D * r->S + 127) / 128 * 128, nx = (size_t)r->N * r->D; /* x_in's copy 256-byte aligned */
+    LP_CHECK(lp_ctx_alloc(r->c, (nw + nx) * sizeof(uint16_t), (void **)&r->W_enc_b));
+    r->xin_b = r->W_enc_b + nw, r->bf16 = 1;
+    return sae_runner_refresh_bf16(r);
+}
+
+lp_status sae_runner_refresh_bf16(sae_runner *r) {
+    return r->bf16 ? lp_sae_to_bf16(r->c, r->W_enc_b, r->s->W_enc, (size_t)r->D * r->S) : LP_OK;
+}
+
 /* f (dense) or idx/val (topk) and x_hat for x (and xin) of n tokens. batch_thr: for
  * batchtopk in training, the threshold comes from this batch (written to r->batch_t);
  * otherwise from the SAE's learned threshold. */
@@ -128,7 +142,12 @@ lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr) {
         xin = r->xin;
     }
     r->xin_used = xin;
-    LP_CHECK(lp_matmul(c, r->pre, xin, s->W_enc, s->b_enc, n, D, S, 0));
+    if (r->bf16) {
+        LP_CHECK(lp_sae_to_bf16(c, r->xin_b, xin, (size_t)n * D));
+        LP_CHECK(lp_sae_matmul_bf16(c, r->pre, r->xin_b, r->W_enc_b, s->b_enc, n, D, S));
+    } else {
+        LP_CHECK(lp_matmul(c, r->pre, xin, s->W_enc, s->b_enc, n, D, S, 0));
+    }
     switch (cf->arch) {
     case LP_SAE_STANDARD: LP_CHECK(lp_sae_relu(c, r->f, r->pre, (size_t)n * S)); break;
     case LP_SAE_JUMPRELU: /* SAELens: relu(pre) * (pre > threshold), also for negative thresholds */

@@ -42,6 +42,7 @@ void lp_sae_train_defaults(lp_sae_train_cfg *t) {
     t->dead_feature_window = 1000000;
     t->shuffle_tokens = 1 << 16;
     t->log_every = 100;
+    t->encoder_bf16 = -1;
 }
 
 #define BAD(key, ...) LP_FAIL(LP_ERR_ARG, key " = " __VA_ARGS__)
@@ -92,13 +93,17 @@ static void trainer_free(trainer *tr) {
     lp_ctx_release(c, tr->win_x);
     lp_ctx_release(c, tr->win_y);
     lp_ctx_release(c, tr->perm);
-    free(tr->host_x);
-    free(tr->host_y);
-    free(tr->host_perm);
+    lp_ctx_release(c, tr->win_x2);
+    lp_ctx_release(c, tr->win_y2);
+    lp_ctx_release(c, tr->perm2);
+    lp_ctx_release_host(c, tr->host_x);
+    lp_ctx_release_host(c, tr->host_y);
+    lp_ctx_release_host(c, tr->host_perm);
     free(tr->since);
     free(tr->counts_host);
     free(tr->colsum_host);
     free(tr->mask_host);
+    free(tr->cand_host);
     lp_ctx_release(c, tr->ysum);
     free(tr->ysum_f);
     free(tr->ysum_host);
@@ -167,6 +172,7 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     tr->W = per * tr->N;
     if (tr->W > INT32_MAX) LP_FAIL(LP_ERR_ARG, "train.shuffle_tokens %lld is too large", (long long)t->shuffle_tokens);
     LP_CHECK(sae_runner_new(&tr->r, tr->s, c, tr->Nl, 1, t->aux_k));
+    if (t->encoder_bf16 > 0 || (t->encoder_bf16 < 0 && c->device == LP_CUDA)) LP_CHECK(sae_runner_use_bf16(tr->r));
     size_t nf = tr->s->n_floats;
     LP_CHECK(lp_ctx_alloc(c, nf * 4, (void **)&tr->grad));
     LP_CHECK(lp_ctx_alloc(c, nf * 4, (void **)&tr->adam_m));
@@ -181,9 +187,16 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * tr->D * 4, (void **)&tr->win_x));
     if (tr->transcoder) LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * tr->Do * 4, (void **)&tr->win_y));
     LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * 4, (void **)&tr->perm));
-    tr->host_x = malloc((size_t)tr->W * tr->D * sizeof(float));
-    tr->host_y = tr->transcoder ? malloc((size_t)tr->W * tr->Do * sizeof(float)) : NULL;
-    tr->host_perm = malloc((size_t)tr->W * sizeof(int32_t));
+    if (c->device == LP_CUDA && !live) { /* the next window's buffers, uploaded while this one trains */
+        LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * tr->D * 4, (void **)&tr->win_x2));
+        if (tr->transcoder) LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * tr->Do * 4, (void **)&tr->win_y2));
+        LP_CHECK(lp_ctx_alloc(c, (size_t)tr->W * 4, (void **)&tr->perm2));
+    }
+    tr->win_next = -1;
+    if (lp_ctx_alloc_host(c, (size_t)tr->W * tr->D * sizeof(float), (void **)&tr->host_x) != LP_OK) tr->host_x = NULL;
+    if (tr->transcoder && lp_ctx_alloc_host(c, (size_t)tr->W * tr->Do * sizeof(float), (void **)&tr->host_y) != LP_OK)
+        tr->host_y = NULL;
+    if (lp_ctx_alloc_host(c, (size_t)tr->W * sizeof(int32_t), (void **)&tr->host_perm) != LP_OK) tr->host_perm = NULL;
     if (tr->dp > 1) { /* the explained variance's total sum of squares about the global batch mean */
         LP_CHECK(lp_ctx_alloc(c, (size_t)tr->Do * 4, (void **)&tr->ysum));
         tr->ysum_f = calloc(tr->Do, sizeof(float)), tr->ysum_host = calloc(tr->Do + 1, sizeof(double));
@@ -193,7 +206,8 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     tr->counts_host = calloc(tr->S, sizeof(int64_t));
     tr->colsum_host = calloc(tr->S, sizeof(float));
     tr->mask_host = calloc(tr->S, sizeof(float));
-    if (!tr->host_x || (tr->transcoder && !tr->host_y) || !tr->host_perm || !tr->since || !tr->counts_host || !tr->colsum_host || !tr->mask_host)
+    tr->cand_host = calloc(tr->S, sizeof(int32_t));
+    if (!tr->host_x || (tr->transcoder && !tr->host_y) || !tr->host_perm || !tr->since || !tr->counts_host || !tr->colsum_host || !tr->mask_host || !tr->cand_host)
         LP_FAIL(LP_ERR_OOM, "out of host memory for the shuffle window (%lld tokens)", (long long)tr->W);
     return LP_OK;
 }
@@ -231,6 +245,7 @@ static lp_status run_begin(run *ru, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
         LP_CHECK(sae_init_params(tr));
         LP_CHECK(sae_init_data_stats(tr));
     }
+    LP_CHECK(sae_runner_refresh_bf16(tr->r)); /* the bf16 encoder copy of the weights just set */
     char *mpath = tr->metrics_path;
     snprintf(mpath, sizeof tr->metrics_path, "%s/metrics.jsonl", t->out);
     if (resumed && tr->dpr == 0) LP_CHECK(sae_trim_metrics(mpath, tr->step)); /* also drops a torn last line */

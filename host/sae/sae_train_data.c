@@ -155,13 +155,18 @@ static void scale_window(const trainer *tr, float *x) {
 /* ---- the next window, prepared on a thread while this one trains ----
  * For a store (a live source runs the model on the trainer's context, so it stays on the
  * caller's thread): the thread reads window w + 1, checks and scales it and draws its
- * permutation into a second set of host buffers; the switch to it only uploads. The
- * thread never reports: any failure (an unreadable shard, a non-finite value) makes the
- * switch load that window again on the caller's thread, which fails there with the
- * message and step the synchronous path gives. */
+ * permutation into a second set of host buffers. On the GPU those are pinned, and as soon
+ * as the thread is done (looked at every step, never waited for) the window is queued for
+ * upload on the copy stream into a second set of device buffers, behind the compute
+ * stream's work so far; the switch then only orders the compute stream after the copy and
+ * swaps the buffers. On the CPU the switch swaps the host buffers and copies. The thread
+ * never reports: any failure (an unreadable shard, a non-finite value) makes the switch
+ * load that window again on the caller's thread, which fails there with the message and
+ * step the synchronous path gives. */
 struct sae_prefetch {
     pthread_t th;
     int running;
+    int done;      /* set by the thread when it returns (atomic) */
     int64_t w;
     float *x, *y;
     int32_t *perm;
@@ -183,6 +188,7 @@ static void *prefetch_run(void *arg) {
     if (pf->ok && tr->transcoder)
         pf->ok = sae_src_read((trainer *)tr, 1, t0, tr->W, pf->y) == LP_OK && all_finite(pf->y, (size_t)tr->W * tr->Do);
     if (pf->ok) scale_window(tr, pf->x), window_perm(tr, pf->w, pf->perm);
+    __atomic_store_n(&pf->done, 1, __ATOMIC_RELEASE);
     return NULL;
 }
 
@@ -200,15 +206,16 @@ static void prefetch_start(trainer *tr, int64_t w) {
     struct sae_prefetch *pf = tr->prefetch;
     if (!pf) {
         pf = tr->prefetch = calloc(1, sizeof *pf);
-        if (pf) {
+        if (pf) { /* pinned on the GPU: the upload runs asynchronously from them */
             pf->tr = tr;
-            pf->x = malloc((size_t)tr->W * tr->D * sizeof(float));
-            pf->y = tr->transcoder ? malloc((size_t)tr->W * tr->Do * sizeof(float)) : NULL;
-            pf->perm = malloc((size_t)tr->W * sizeof(int32_t));
+            if (lp_ctx_alloc_host(tr->c, (size_t)tr->W * tr->D * sizeof(float), (void **)&pf->x) != LP_OK) pf->x = NULL;
+            if (tr->transcoder && lp_ctx_alloc_host(tr->c, (size_t)tr->W * tr->Do * sizeof(float), (void **)&pf->y) != LP_OK)
+                pf->y = NULL;
+            if (lp_ctx_alloc_host(tr->c, (size_t)tr->W * sizeof(int32_t), (void **)&pf->perm) != LP_OK) pf->perm = NULL;
         }
     }
     if (!pf || !pf->x || !pf->perm || (tr->transcoder && !pf->y)) return; /* no memory: windows load in line */
-    pf->w = w, pf->ok = 0;
+    pf->w = w, pf->ok = 0, pf->done = 0;
     pf->running = pthread_create(&pf->th, NULL, prefetch_run, pf) == 0;
 }
 
@@ -216,8 +223,50 @@ void sae_prefetch_free(trainer *tr) {
     struct sae_prefetch *pf = tr->prefetch;
     if (!pf) return;
     prefetch_join(tr, -1);
-    free(pf->x), free(pf->y), free(pf->perm), free(pf);
+    (void)lp_ctx_sync(tr->c); /* no upload still reading the buffers */
+    lp_ctx_release_host(tr->c, pf->x), lp_ctx_release_host(tr->c, pf->y), lp_ctx_release_host(tr->c, pf->perm);
+    free(pf);
     tr->prefetch = NULL;
+}
+
+/* With the second device buffers (GPU): once the thread is done (or at once with wait),
+ * queues the upload of its window into them (tr->win_next). */
+static lp_status prefetch_upload(trainer *tr, int wait) {
+    struct sae_prefetch *pf = tr->prefetch;
+    if (!tr->win_x2 || !pf || !pf->running || tr->win_next == pf->w) return LP_OK;
+    if (!wait && !__atomic_load_n(&pf->done, __ATOMIC_ACQUIRE)) return LP_OK;
+    pthread_join(pf->th, NULL);
+    pf->running = 0;
+    if (!pf->ok) return LP_OK; /* the switch loads it in line and reports why */
+    lp_ctx *c = tr->c;
+    LP_CHECK(lp_ctx_to_device_async(c, tr->win_x2, pf->x, (size_t)tr->W * tr->D * 4));
+    if (tr->transcoder) LP_CHECK(lp_ctx_to_device_async(c, tr->win_y2, pf->y, (size_t)tr->W * tr->Do * 4));
+    LP_CHECK(lp_ctx_to_device_async(c, tr->perm2, pf->perm, (size_t)tr->W * 4));
+    tr->win_next = pf->w;
+    return LP_OK;
+}
+
+#define SWAP(T, a, b) do { T t_ = (a); (a) = (b); (b) = t_; } while (0)
+
+/* Window w, uploaded ahead into the second device buffers: the compute stream waits for
+ * the copy, the buffers swap (the prefetch thread's host buffers with ours, so it refills
+ * the ones of the window before). 0 when w was not uploaded ahead. */
+static int take_uploaded(trainer *tr, int64_t w, lp_status *st) {
+    *st = prefetch_upload(tr, 1);
+    if (*st != LP_OK || tr->win_next != w) return 0;
+    struct sae_prefetch *pf = tr->prefetch;
+    *st = lp_ctx_wait_copies(tr->c);
+    /* the host buffers the thread refills next had their copy queued a window ago */
+    if (*st == LP_OK) *st = lp_ctx_sync(tr->c);
+    if (*st != LP_OK) return 0;
+    SWAP(float *, tr->win_x, tr->win_x2);
+    SWAP(float *, tr->win_y, tr->win_y2);
+    SWAP(int32_t *, tr->perm, tr->perm2);
+    SWAP(float *, tr->host_x, pf->x);
+    SWAP(float *, tr->host_y, pf->y);
+    SWAP(int32_t *, tr->host_perm, pf->perm);
+    tr->win_next = -1;
+    return 1;
 }
 
 /* Loads window w (shuffled by a permutation seeded by (seed, w)) onto the device, and
@@ -226,12 +275,18 @@ static lp_status load_window(trainer *tr, int64_t w) {
     if (tr->win == w) return LP_OK;
     lp_ctx *c = tr->c;
     int64_t t0 = w * tr->W;
+    lp_status st;
+    if (take_uploaded(tr, w, &st)) {
+        tr->win = w;
+        prefetch_start(tr, w + 1);
+        return LP_OK;
+    }
+    LP_CHECK(st);
     if (prefetch_join(tr, w)) { /* ready: take its buffers, give it ours for the next */
         struct sae_prefetch *pf = tr->prefetch;
-        float *x = tr->host_x, *y = tr->host_y;
-        int32_t *perm = tr->host_perm;
-        tr->host_x = pf->x, tr->host_y = pf->y, tr->host_perm = pf->perm;
-        pf->x = x, pf->y = y, pf->perm = perm;
+        SWAP(float *, tr->host_x, pf->x);
+        SWAP(float *, tr->host_y, pf->y);
+        SWAP(int32_t *, tr->host_perm, pf->perm);
     } else {
         LP_CHECK(sae_src_read(tr, 0, t0, tr->W, tr->host_x));
         LP_CHECK(sae_check_finite(tr, tr->host_x, (size_t)tr->W * tr->D, tr->D, t0, tr->s->cfg.hook_name));
@@ -254,6 +309,7 @@ static lp_status load_window(trainer *tr, int64_t w) {
 lp_status sae_load_batch(trainer *tr, int64_t step) {
     int64_t per_win = tr->W / tr->N, w = step / per_win, b = step % per_win;
     LP_CHECK(load_window(tr, w));
+    LP_CHECK(prefetch_upload(tr, 0)); /* the next window, if its thread is done */
     const int32_t *p = tr->perm + b * tr->N + (int64_t)tr->dpr * tr->Nl; /* this DP rank's rows of the batch */
     LP_CHECK(lp_embed(tr->c, tr->r->x, p, tr->win_x, tr->Nl, tr->D)); /* a row gather */
     if (tr->transcoder) LP_CHECK(lp_embed(tr->c, tr->r->y, p, tr->win_y, tr->Nl, tr->Do));

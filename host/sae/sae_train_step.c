@@ -168,7 +168,8 @@ static lp_status latent_grads(trainer *tr, double l1, double l0, double *sparse_
     if (cf->arch == LP_SAE_TOPK) {
         LP_CHECK(lp_sae_decode_sparse_grad(c, r->dval, g->W_dec, r->dxhat, r->idx, r->val, s->W_dec, N, K, Do));
         LP_CHECK(lp_sae_relu_grad(c, r->dval, r->dval, r->val, (size_t)N * K)); /* the relu of the top-k values */
-        LP_CHECK(lp_sae_encode_sparse_grad(c, g->W_enc, g->b_enc, r->xin_used, r->idx, r->dval, N, K, D, S));
+        LP_CHECK(lp_sae_latent_lists(c, r->lists, r->idx, N, K, S));
+        LP_CHECK(lp_sae_encode_sparse_grad_lists(c, g->W_enc, g->b_enc, r->xin_used, r->lists, r->dval, N, K, D, S));
         if (cf->apply_b_dec_to_input) LP_CHECK(b_dec_through_input(tr));
     } else {
         /* dense: dW_dec = f^T dx_hat, df = dx_hat W_dec^T */
@@ -205,17 +206,22 @@ static lp_status latent_grads(trainer *tr, double l1, double l0, double *sparse_
 }
 
 /* AuxK: the dead latents' top activations reconstruct the residual y - x_hat; adds its
- * gradient and sets *aux_loss. */
+ * gradient and sets *aux_loss. The selection reads the dead latents' columns of pre in
+ * place (their list uploaded, n_dead words), with no masked [N, d_sae] copy. Against the
+ * former masked copy (pre on dead latents, 0 elsewhere) it keeps the same latents with
+ * positive values in the same order; where fewer than ka dead latents are positive the
+ * copy filled up with live latents at 0 and this with dead ones below 0, both of value
+ * relu = 0, which add nothing to the loss or the gradients. */
 static lp_status auxk_step(trainer *tr, const float *y, int n_dead, double *aux_loss) {
     sae_runner *r = tr->r;
     lp_sae *s = tr->s, *g = &tr->gview;
     lp_ctx *c = tr->c;
     int N = tr->Nl, D = tr->D, Do = tr->Do, S = tr->S;
-    int ka = r->Ka < n_dead ? r->Ka : n_dead;
-    for (int i = 0; i < S; i++) tr->mask_host[i] = tr->since[i] >= tr->t->dead_feature_window ? -INFINITY : INFINITY;
-    LP_CHECK(lp_ctx_to_device(c, r->mask, tr->mask_host, (size_t)S * 4));
-    LP_CHECK(lp_sae_jumprelu(c, r->faux, r->pre, r->mask, N, S)); /* pre on dead latents, 0 elsewhere */
-    LP_CHECK(lp_sae_topk(c, r->idx_aux, r->val_aux, r->faux, N, S, ka));
+    int ka = r->Ka < n_dead ? r->Ka : n_dead, nd = 0;
+    for (int i = 0; i < S; i++)
+        if (tr->since[i] >= tr->t->dead_feature_window) tr->cand_host[nd++] = i;
+    LP_CHECK(lp_ctx_to_device(c, r->cand, tr->cand_host, (size_t)nd * 4));
+    LP_CHECK(lp_sae_topk_among(c, r->idx_aux, r->val_aux, r->pre, r->cand, nd, N, S, ka));
     LP_CHECK(lp_affine(c, r->e, r->xhat, r->neg1, NULL, N, Do));
     LP_CHECK(lp_add(c, r->e, r->e, y, (size_t)N * Do)); /* e = y - x_hat, held fixed */
     LP_CHECK(lp_sae_decode_sparse(c, r->ehat, r->idx_aux, r->val_aux, s->W_dec, NULL, N, ka, Do));
@@ -229,7 +235,8 @@ static lp_status auxk_step(trainer *tr, const float *y, int n_dead, double *aux_
     LP_CHECK(lp_sae_scale(c, r->ehat, (float)(2.0 * w / N), (size_t)N * Do));
     LP_CHECK(lp_sae_decode_sparse_grad(c, r->dval_aux, g->W_dec, r->ehat, r->idx_aux, r->val_aux, s->W_dec, N, ka, Do));
     LP_CHECK(lp_sae_relu_grad(c, r->dval_aux, r->dval_aux, r->val_aux, (size_t)N * ka));
-    LP_CHECK(lp_sae_encode_sparse_grad(c, g->W_enc, g->b_enc, r->xin_used, r->idx_aux, r->dval_aux, N, ka, D, S));
+    LP_CHECK(lp_sae_latent_lists(c, r->lists, r->idx_aux, N, ka, S));
+    LP_CHECK(lp_sae_encode_sparse_grad_lists(c, g->W_enc, g->b_enc, r->xin_used, r->lists, r->dval_aux, N, ka, D, S));
     return LP_OK;
 }
 
@@ -308,6 +315,7 @@ lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double 
     LP_CHECK(lp_adam_step(c, (float *)s->mem, tr->grad, tr->adam_m, tr->adam_v, s->n_floats, (float)lr, (float)tr->t->adam_beta1,
                           (float)tr->t->adam_beta2, (float)tr->t->adam_eps, (int)(tr->step + 1)));
     LP_CHECK(lp_rows_unit_norm(c, s->W_dec, S, Do));
+    LP_CHECK(sae_runner_refresh_bf16(r)); /* the bf16 encoder copy follows the master weights */
     if (cf->arch == LP_SAE_BATCHTOPK) { /* the exported threshold: a running mean of the batch thresholds */
         tr->thr_ema = tr->step == 0 ? r->batch_t : 0.95 * tr->thr_ema + 0.05 * r->batch_t;
     }

@@ -48,7 +48,10 @@ typedef struct trainer {
     int64_t W, n_tokens, win;       /* tokens per window, in the store, window loaded (-1 none) */
     float *win_x, *win_y;           /* device [W, D], [W, Do] */
     int32_t *perm;                  /* device [W] */
-    float *host_x, *host_y;
+    float *win_x2, *win_y2;         /* GPU, store: the next window's device buffers, */
+    int32_t *perm2;                 /* uploaded asynchronously (sae_train_data.c) */
+    int64_t win_next;               /* the window they hold (-1 none) */
+    float *host_x, *host_y;         /* pinned on the GPU */
     int32_t *host_perm;
     struct sae_prefetch *prefetch;  /* the next window, prepared on a thread (sae_train_data.c) */
     /* state */
@@ -57,6 +60,7 @@ typedef struct trainer {
     int64_t *since;                 /* host [S]: tokens since each latent last fired */
     int64_t *counts_host;
     float *colsum_host, *mask_host;
+    int32_t *cand_host;             /* [S]: the dead latents, for AuxK */
     /* log window */
     double acc_mse, acc_sse, acc_sst, acc_l0, acc_sparsity, acc_aux, acc_n;
     int metrics;                    /* metrics.jsonl, open for appending (-1: not open) */

@@ -20,6 +20,12 @@ lp_status lp_col_sum(lp_ctx *c, float *out, const float *x, int N, int M, float 
 /* Per row: the K largest values of pre[N,S] (ties: the lower index first), as
  * idx[N,K] (int32) and val[N,K] = relu(value), in descending order. */
 lp_status lp_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre, int N, int S, int K);
+/* lp_sae_topk restricted to the candidate latents cand[n_cand] (int32, strictly
+ * increasing, each in [0, S)): per row, the K largest of pre[n, cand[.]] (ties: the lower
+ * latent first) as latent indices idx[N,K] and val[N,K] = relu(value), best first.
+ * 1 <= K <= n_cand. AuxK's selection over the dead latents, read straight from pre. */
+lp_status lp_sae_topk_among(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand, int n_cand,
+                            int N, int S, int K);
 /* The value t such that exactly `count` entries of relu(pre[N,S]) are > t when there are
  * at least that many positive entries (else 0): the BatchTopK threshold. Host scalar out. */
 lp_status lp_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count);
@@ -39,6 +45,26 @@ lp_status lp_sae_decode_sparse_grad(lp_ctx *c, float *dval, float *dW, const flo
  * db_enc[idx] += dpre[n,j] (accumulated). W_enc is [D,S]. */
 lp_status lp_sae_encode_sparse_grad(lp_ctx *c, float *dW_enc, float *db_enc, const float *x, const int32_t *idx,
                                     const float *dpre, int N, int K, int D, int S);
+
+/* Latent-major lists of the entries of idx[N,K] (each in [0, S)), in the int32 buffer
+ * lists of lp_sae_latent_lists_len(N, K, S) entries: lists[0..S] are the starts (latent s
+ * owns ent[start[s] .. start[s+1])), ent = lists + 2S + 1 holds the entries e = n*K + j by
+ * latent and, within a latent, in token order; the S words between are scratch. */
+size_t lp_sae_latent_lists_len(int N, int K, int S);
+lp_status lp_sae_latent_lists(lp_ctx *c, int32_t *lists, const int32_t *idx, int N, int K, int S);
+/* lp_sae_encode_sparse_grad from the lists of the same idx: each column of dW_enc and each
+ * db_enc entry takes its latent's terms in token order from one thread (no atomics; the
+ * same result on every run). */
+lp_status lp_sae_encode_sparse_grad_lists(lp_ctx *c, float *dW_enc, float *db_enc, const float *x, const int32_t *lists,
+                                          const float *dpre, int N, int K, int D, int S);
+
+/* bf16 (uint16 bit patterns) copies: dst[i] = src[i] rounded to nearest even. */
+lp_status lp_sae_to_bf16(lp_ctx *c, uint16_t *dst, const float *src, size_t n);
+/* out[N,M] (F32) = x[N,K] @ w[K,M] + bias[M] (F32, may be NULL) for bf16 x and w: products
+ * of the bf16 values summed in fp32, the bias added to the fp32 sum (on CUDA a cuBLASLt bias
+ * epilogue), one F32 result. The pre-activation GEMM on a bf16 copy of the encoder. */
+lp_status lp_sae_matmul_bf16(lp_ctx *c, float *out, const uint16_t *x, const uint16_t *w, const float *bias, int N,
+                             int K, int M);
 
 /* The input gradient through the active encoder columns (for x_in = x - b_dec):
  *   dx[n,d] = sum_j dpre[n,j] * W_enc[d, idx[n,j]]          (written) */

@@ -54,6 +54,10 @@ typedef struct lp_sae_train_cfg {
     int64_t checkpoint_every;    /* tokens; 0: at the end only */
     int64_t log_every;           /* steps between metrics lines */
     uint64_t seed;
+    /* The pre-activation GEMM on CUDA: on a bf16 copy of W_enc refreshed after every Adam
+     * step (fp32 master weights, fp32 sums and bias, fp32 pre-activations): 1; in F32: 0;
+     * -1 (the default): bf16 on CUDA, F32 on the CPU (where a bf16 copy only adds rounding). */
+    int encoder_bf16;
     /* Called at every metrics step and once at the end (final set); NULL: silent. The
      * library never prints: the CLI draws the bar. */
     void (*on_progress)(const struct lp_train_progress *p, void *user);

@@ -81,6 +81,14 @@ lp_status lp_ctx_copy(lp_ctx *c, void *dst, const void *src, size_t bytes);
  * on the compute stream, so it overlaps later compute; done by the next lp_ctx_sync.
  * src must not change until then. On the CPU it copies at once. */
 lp_status lp_ctx_to_host_async(lp_ctx *c, void *dst, const void *src, size_t bytes);
+/* Queues a host-to-device copy on the copy stream, ordered after the work queued so far on
+ * the compute stream (which may still read dst), so it overlaps later compute. The compute
+ * stream must not read dst before lp_ctx_wait_copies; src (pinned: lp_ctx_alloc_host) must
+ * not change until the copy is done (lp_ctx_sync). On the CPU it copies at once. */
+lp_status lp_ctx_to_device_async(lp_ctx *c, void *dst, const void *src, size_t bytes);
+/* Orders the work queued after it on the compute stream behind every copy queued so far on
+ * the copy stream; the host does not wait. */
+lp_status lp_ctx_wait_copies(lp_ctx *c);
 lp_status lp_ctx_sync(lp_ctx *c);
 
 /* 1 if a usable CUDA device is present; otherwise 0 and the reason in why. */

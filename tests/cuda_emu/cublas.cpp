@@ -111,7 +111,10 @@ static cublasStatus_t gemm_checks(cublasHandle_t h, cublasOperation_t ta, cublas
     if (lda < (ra > 1 ? ra : 1)) return invalid("lda below the rows of op(A)'s storage", lda, ra);
     if (ldb < (rb > 1 ? rb : 1)) return invalid("ldb below the rows of op(B)'s storage", ldb, rb);
     if (ldc < (m > 1 ? m : 1)) return invalid("ldc below m", ldc, m);
-    if (At != Bt || At != Ct) return invalid("mixed operand types (not emulated)", At, Ct);
+    // A and B of one type; C of that type, or fp32 under 16-bit A and B (cuBLAS's
+    // "16BF/16F in, 32F out" combinations)
+    if (At != Bt || (At != Ct && !(Ct == CUDA_R_32F && (At == CUDA_R_16BF || At == CUDA_R_16F))))
+        return invalid("mixed operand types (not emulated)", At, Ct);
     if (At != CUDA_R_32F && At != CUDA_R_16BF && At != CUDA_R_16F) return invalid("operand type", At, 0);
     if (compute == CUBLAS_COMPUTE_16F || (compute != CUBLAS_COMPUTE_32F && compute != CUBLAS_COMPUTE_32F_PEDANTIC &&
                                           compute != CUBLAS_COMPUTE_32F_FAST_16BF && compute != CUBLAS_COMPUTE_32F_FAST_16F &&
@@ -123,15 +126,15 @@ static cublasStatus_t gemm_checks(cublasHandle_t h, cublasOperation_t ta, cublas
 // One GEMM after the checks: C = alpha op(A) op(B) + beta C in fp32, rounded once on the store.
 static void gemm_one(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const void *A,
                      int lda, const void *B, int ldb, float beta, void *C, int ldc, cudaDataType_t t,
-                     const std::function<void(float *)> &epilogue = nullptr) {
+                     cudaDataType_t ct, const std::function<void(float *)> &epilogue = nullptr) {
     const int ra = ta == CUBLAS_OP_N ? m : k, ca = ta == CUBLAS_OP_N ? k : m;
     const int rb = tb == CUBLAS_OP_N ? k : n, cb = tb == CUBLAS_OP_N ? n : k;
     check_operand(A, t, ra, ca, lda, "cublasGemmEx A");
     check_operand(B, t, rb, cb, ldb, "cublasGemmEx B");
-    check_operand(C, t, m, n, ldc, "cublasGemmEx C");
+    check_operand(C, ct, m, n, ldc, "cublasGemmEx C");
     std::vector<float> a = widen(A, t, ra, ca, lda), b = widen(B, t, rb, cb, ldb);
     std::vector<float> c((size_t)m * n, 0.0f);
-    if (beta != 0.0f) c = widen(C, t, m, n, ldc); // beta == 0: C is not read (NaN there stays out)
+    if (beta != 0.0f) c = widen(C, ct, m, n, ldc); // beta == 0: C is not read (NaN there stays out)
     if (k > 0)
         cblas_sgemm(CblasColMajor, ta == CUBLAS_OP_N ? CblasNoTrans : CblasTrans,
                     tb == CUBLAS_OP_N ? CblasNoTrans : CblasTrans, m, n, k, alpha, a.data(), ra > 1 ? ra : 1,
@@ -140,7 +143,7 @@ static void gemm_one(cublasOperation_t ta, cublasOperation_t tb, int m, int n, i
         for (float &v : c) v *= beta;
     if (epilogue) epilogue(c.data()); // cuBLASLt's, on the fp32 result (m x n, dense)
     for (int j = 0; j < n; j++)
-        for (int i = 0; i < m; i++) store(C, t, (size_t)j * ldc + i, c[(size_t)j * m + i]);
+        for (int i = 0; i < m; i++) store(C, ct, (size_t)j * ldc + i, c[(size_t)j * m + i]);
 }
 
 cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
@@ -152,7 +155,7 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
     if (s != CUBLAS_STATUS_SUCCESS) return s;
     if (!alpha || !beta) return invalid("NULL alpha or beta", 0, 0);
     if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
-    gemm_one(ta, tb, m, n, k, *(const float *)alpha, A, lda, B, ldb, *(const float *)beta, C, ldc, Ctype);
+    gemm_one(ta, tb, m, n, k, *(const float *)alpha, A, lda, B, ldb, *(const float *)beta, C, ldc, Atype, Ctype);
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -167,10 +170,10 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta
     if (batch < 0) return invalid("negative batch count", batch, 0);
     if (!alpha || !beta) return invalid("NULL alpha or beta", 0, 0);
     if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
-    const size_t es = type_size(Atype);
+    const size_t es = type_size(Atype), ecs = type_size(Ctype);
     for (int i = 0; i < batch; i++)
         gemm_one(ta, tb, m, n, k, *(const float *)alpha, (const char *)A + i * sA * es, lda,
-                 (const char *)B + i * sB * es, ldb, *(const float *)beta, (char *)C + i * sC * es, ldc, Ctype);
+                 (const char *)B + i * sB * es, ldb, *(const float *)beta, (char *)C + i * sC * ecs, ldc, Atype, Ctype);
     return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -292,6 +295,6 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d, const 
                 }
         };
     gemm_one(d->ta, d->tb, m, n, k, *(const float *)alpha, A, (int)Ad->ld, B, (int)Bd->ld, *(const float *)beta, D,
-             (int)Dd->ld, Dd->type, epilogue);
+             (int)Dd->ld, Ad->type, Dd->type, epilogue);
     return CUBLAS_STATUS_SUCCESS;
 }

@@ -114,6 +114,8 @@ static void topk_row(int32_t *h, float *v, const float *row, int S, int K) {
     for (int j = 0; j < K; j++) v[j] = relu(row[h[j]]);
 }
 
+void cpu_sae_topk_row(int32_t *idx, float *val, const float *row, int S, int K) { topk_row(idx, val, row, S, K); }
+
 typedef struct { int32_t *idx; float *val; const float *pre; int S, K; } topk_args;
 
 static void topk_rows(void *p, size_t n0, size_t n1) {
