@@ -8,6 +8,7 @@
  *            MLP's output, before the post-norm: the backward passes through its frozen scale)
  *   g2topk   the same model, TopK transcoders (k 4, no relu after the selection) with skip
  *   g3skip   Gemma 3 (q/k norms, windows, post-norms), ReLU with skip, mlp.hook_in -> hook_mlp_out
+ *   g3it     the same with zero_positions 4, circuit-tracer's for instruction-tuned Gemma 3
  * each as test_graph.c: the same active features and logit targets (the final soft-cap
  * applies to the logits the targets are chosen from), the adjacency within 1e-4 of its
  * largest entry, identical pruning masks, cumulative and graph scores within 1e-5. */
@@ -89,7 +90,7 @@ static void check_graph(const lp_graph *g, const char *pre) {
     cr_assert(fabs(g->completeness_score - sc[1]) < 1e-5, "%s completeness score %.7f vs %.7f", pre, g->completeness_score, sc[1]);
 }
 
-static void run(const char *model, const char *tcdir, const char *pre, int batch) {
+static void run_z(const char *model, const char *tcdir, const char *pre, int batch, int zero) {
     cr_assert_eq(lp_st_open(&ref, GDIR "/reference.safetensors"), LP_OK, "%s", lp_last_error());
     lp_model *m;
     lp_ctx c;
@@ -100,6 +101,7 @@ static void run(const char *model, const char *tcdir, const char *pre, int batch
     const lp_st_tensor *tok = R("", "tokens");
     lp_graph_opts o = lp_graph_defaults();
     o.batch_size = batch;
+    o.zero_positions = zero;
     lp_graph *g;
     cr_assert_eq(lp_graph_build(&g, m, tc, tok->data, (int)tok->shape[0], &o), LP_OK, "%s", lp_last_error());
     check_graph(g, pre);
@@ -110,6 +112,8 @@ static void run(const char *model, const char *tcdir, const char *pre, int batch
     lp_st_close(&ref);
 }
 
+static void run(const char *model, const char *tcdir, const char *pre, int batch) { run_z(model, tcdir, pre, batch, 0); }
+
 Test(graph_gemma, gemma2_gemma_scope_sites_match_circuit_tracer) { run(GDIR "/gemma2/model", GDIR "/gemma2/scope", "g2scope.", 16); }
 Test(graph_gemma, gemma2_before_post_norm_matches_circuit_tracer) { run(GDIR "/gemma2/model", GDIR "/gemma2/skip", "g2skip.", 7); }
 Test(graph_gemma, gemma3_matches_circuit_tracer) { run(GDIR "/gemma3/model", GDIR "/gemma3/skip", "g3skip.", 16); }
@@ -117,3 +121,6 @@ Test(graph_gemma, gemma3_matches_circuit_tracer) { run(GDIR "/gemma3/model", GDI
  * the 108 negative here), as circuit-tracer's TopK; a relu after the selection would drop
  * those nodes */
 Test(graph_gemma, gemma2_topk_matches_circuit_tracer) { run(GDIR "/gemma2/model", GDIR "/gemma2/topk", "g2topk.", 16); }
+/* zero_positions 4: circuit-tracer's for instruction-tuned Gemma 3 (no features and a zero
+ * error at positions 0..3) */
+Test(graph_gemma, gemma3_four_zero_positions_match_circuit_tracer) { run_z(GDIR "/gemma3/model", GDIR "/gemma3/skip", "g3it.", 16, 4); }

@@ -25,9 +25,9 @@ static int by_v_desc(const void *a, const void *b) { /* ties: the lower index fi
     return x->i - y->i;
 }
 
-/* Layer l's activations [T, S] (position 0 zeroed, as circuit-tracer): clt.h's activations.
+/* Layer l's activations [T, S] (the first `zero` positions zeroed, as circuit-tracer): clt.h's activations.
  * TopK keeps exactly the k largest as they are (no relu after the selection), as clt.h. */
-static lp_status encode(const lp_clt *tc, int l, const float *x, int T, float *acts, int keep0) {
+static lp_status encode(const lp_clt *tc, int l, const float *x, int T, float *acts, int zero) {
     const lp_clt_layer *y = &tc->layer[l];
     int S = tc->cfg.d_sae, D = tc->cfg.d_model;
     for (int t = 0; t < T; t++) memcpy(acts + (size_t)t * S, y->b_enc, S * sizeof(float));
@@ -48,7 +48,7 @@ static lp_status encode(const lp_clt *tc, int l, const float *x, int T, float *a
         }
     }
     free(srt);
-    if (!keep0) memset(acts, 0, S * sizeof(float));
+    memset(acts, 0, (size_t)(zero < T ? zero : T) * S * sizeof(float));
     return LP_OK;
 }
 
@@ -89,6 +89,8 @@ static lp_status setup_features(graph_work *w) {
     const lp_clt *tc = w->tc;
     int T = w->T, D = w->D, NL = w->NL, S = tc->cfg.d_sae;
     size_t cap = 0;
+    /* positions without features and with a zero error: circuit-tracer's zero_positions */
+    int zero = w->o->keep_first_position ? 0 : w->o->zero_positions > 1 ? w->o->zero_positions : 1;
     float *acts = malloc((size_t)T * S * sizeof(float)), *rec = malloc((size_t)T * D * sizeof(float));
     w->layer_start = calloc(NL + 1, sizeof(int));
     w->err = malloc((size_t)NL * T * D * sizeof(float));
@@ -97,7 +99,7 @@ static lp_status setup_features(graph_work *w) {
     lp_status st = acts && rec && w->layer_start && w->err && w->skip && w->gather ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory for the graph's nodes");
     for (int L = 0; L < NL && st == LP_OK; L++) {
         float *a = acts;
-        st = encode(tc, L, lp_frozen_mlp_in(w->fz, L), T, a, w->o->keep_first_position);
+        st = encode(tc, L, lp_frozen_mlp_in(w->fz, L), T, a, zero);
         w->skip[L] = tc->layer[L].W_skip;
         w->layer_start[L] = w->n_active;
         for (int t = 0; t < T && st == LP_OK; t++)
@@ -115,7 +117,7 @@ static lp_status setup_features(graph_work *w) {
             if (dv) cblas_saxpy(D, w->actv[k], dv, 1, rec + (size_t)w->active[3 * k + 1] * D, 1);
         }
         if (w->skip[L]) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, D, D, 1.0f, x, D, w->skip[L], D, 1.0f, rec, D);
-        for (size_t i = 0; i < (size_t)T * D; i++) w->err[(size_t)L * T * D + i] = i < (size_t)D && !w->o->keep_first_position ? 0.0f : y[i] - rec[i];
+        for (size_t i = 0; i < (size_t)T * D; i++) w->err[(size_t)L * T * D + i] = i < (size_t)zero * D ? 0.0f : y[i] - rec[i];
     }
     free(acts), free(rec);
     return st;

@@ -120,6 +120,7 @@ static lp_graph_opts graph_opts(const args *a) {
     o.edge_mass = lp_cfg_float(&a->cfg, "graph.edge_mass");
     o.max_row_edges = (int)lp_cfg_int(&a->cfg, "graph.max_row_edges");
     o.device = strcmp(lp_cfg_str(&a->cfg, "graph.device"), "cuda") ? LP_CPU : LP_CUDA;
+    o.zero_positions = (int)lp_cfg_int(&a->cfg, "graph.zero_positions");
     size_t mb = (size_t)lp_cfg_int(&a->cfg, "graph.host_budget_mb");
     o.host_budget = mb ? mb << 20 : (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE) / 10 * 8;
     return o;
@@ -129,7 +130,7 @@ static lp_graph_opts graph_opts(const args *a) {
 static lp_status job_check(const args *a, const char *out) {
     static const char *keys[] = {"model.path", "graph.prompts", "graph.transcoders", "graph.max_feature_nodes", "graph.update_interval",
                                  "graph.max_n_logits", "graph.desired_logit_prob", "graph.node_threshold", "graph.edge_threshold",
-                                 "graph.edge_mass", "graph.max_row_edges", "graph.scan", NULL};
+                                 "graph.edge_mass", "graph.max_row_edges", "graph.scan", "graph.zero_positions", NULL};
     cJSON *now = cJSON_CreateObject();
     cJSON_AddStringToObject(now, "command", "graph");
     for (int i = 0; keys[i]; i++) {

@@ -60,6 +60,10 @@ typedef struct lp_graph_opts {
     int max_row_edges;          /* > 0: and at most this many per row (the plan's bound) */
     int keep_first_position;    /* 0 (circuit-tracer): position 0 has no features and a zero
                                  * error; 1: it is treated like any other position */
+    int zero_positions;         /* > 1: positions 0 .. zero_positions - 1 have no features and
+                                 * a zero error (circuit-tracer: 4 for instruction-tuned Gemma 3,
+                                 * whose prompts open "<bos><start_of_turn>user\n"); 0 or 1:
+                                 * position 0 only (unless keep_first_position) */
     size_t host_budget;         /* refuse a run whose plan exceeds it (0: no limit) */
     lp_device device;           /* LP_CPU (default), or LP_CUDA: the backward passes and their
                                  * contractions run on the GPU (fp32), one copy back per row

@@ -24,11 +24,12 @@ Transcoder sets (circuit-tracer's per-layer layout, config.yaml beside):
   gemma2/topk:  TopK (k 4, no relu after the selection, circuit-tracer's TopK) with skip,
                 mlp.hook_in -> hook_mlp_out; encoder biases low, so many chosen values are negative
                 (config.yaml carries loupe's activation_function/k keys)
-  gemma3/skip:  ReLU with skip, mlp.hook_in -> hook_mlp_out
+  gemma3/skip:  ReLU with skip, mlp.hook_in -> hook_mlp_out; also run with
+                circuit-tracer's zero_positions of instruction-tuned Gemma 3, the first 4 (g3it)
 Each graph: every active feature, batch 16, circuit-tracer's default thresholds.
 
 Writes OUTDIR/{gemma2,gemma3}/model (config.json, model.safetensors), the transcoder directories,
-OUTDIR/reference.safetensors with, per graph P in (g2scope, g2skip, g2topk, g3skip):
+OUTDIR/reference.safetensors with, per graph P in (g2scope, g2skip, g2topk, g3skip, g3it):
   P.active_features I32 [n,3], P.activation_values F32, P.logit_targets I32, P.logit_probabilities F32,
   P.selected, P.adjacency, P.node_mask, P.edge_mask, P.cumulative_scores, P.scores (as gen_graph_fixture.py)
 and tokens I32 [T]; OUTDIR/reference.json the figures in words.
@@ -142,11 +143,13 @@ def transcoders(path, relu_skip, in_hook, out_hook, scan, seed, topk=0):
     return TranscoderSet(tcs, feature_input_hook=in_hook, feature_output_hook=out_hook, scan=scan)
 
 
-def run(prefix, tl_cfg, state, tcs, out, info):
+def run(prefix, tl_cfg, state, tcs, out, info, zero_positions=None):
     model = TransformerLensReplacementModel(tl_cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
     model._configure_replacement_model(tcs)
+    if zero_positions is not None:
+        model.zero_positions = zero_positions
     model.tokenizer = Tok()
     g = attribute(torch.tensor(TOKENS), model, batch_size=16)
     out[prefix + "active_features"] = np.ascontiguousarray(g.active_features.numpy()).astype(np.int32)
@@ -186,6 +189,11 @@ def main():
     tc = transcoders(os.path.join(outdir, "gemma3", "skip"), True, "mlp.hook_in", "hook_mlp_out", "tiny-g3-skip", 13)
     m = run("g3skip.", cfg3, st3, tc, out, info)
     info["gemma3_tl_vs_hf_logits"] = check_logits(hf3, m)
+    # circuit-tracer zeroes positions 0..3 (<bos><start_of_turn>user\n) instead of position 0
+    # alone for a model named gemma-3*-it (its zero_positions); that name also makes it demand
+    # those four token ids, which a 256-token vocabulary lacks, so zero_positions is set as
+    # _configure_replacement_model sets it for such a model
+    run("g3it.", cfg3, st3, tc, out, info, zero_positions=slice(0, 4))
     save_file(out, os.path.join(outdir, "reference.safetensors"))
     with open(os.path.join(outdir, "reference.json"), "w") as f:
         json.dump(info, f, indent=1)
