@@ -13,6 +13,7 @@
 
 #include "loupe/attrib.h"
 #include "loupe/hooks.h"
+#include "model/score.h"
 
 static const char *const g_kind[LP_NODE_KINDS] = {
     "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
@@ -198,14 +199,12 @@ static lp_status pair_scores(lp_model *m, const lp_attrib_opts *o, int B, int T,
     return LP_OK;
 }
 
-lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrupted, int B, int T, const lp_metric *mt,
+static lp_status atp_ig(lp_model *m, const int32_t *clean, const int32_t *corrupted, int B, int T, const lp_metric *mt,
                         const lp_attrib_opts *o, lp_pair_result *res) {
     const lp_config *cf = lp_model_config(m);
     int nL = cf->n_layers, ig = o->ig_steps > 0, at_clean = o->grad_at_clean && !ig;
     size_t ne = (size_t)B * T * cf->d_model;
     char list[1024];
-    for (int b = 0; b < B; b++) memset(&res[b], 0, sizeof res[b]);
-    LP_CHECK(no_user_edits(m, "attribution patching"));
     grid ac = {0}, ax = {0}, gr = {0};
     double *mc = malloc(B * sizeof(double)), *mx = malloc(B * sizeof(double));
     float *emb_c = ig ? malloc(ne * sizeof(float)) : NULL, *emb_x = ig ? malloc(ne * sizeof(float)) : NULL;
@@ -278,6 +277,78 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
     if (st == LP_OK) st = pair_scores(m, o, B, T, &ac, &ax, &gr, mc, mx, res);
     grid_free(&ac), grid_free(&ax), grid_free(&gr);
     free(mc), free(mx);
+    return st;
+}
+
+/* Values per node of kind k for T positions: a head's [T, T] pattern, a (position, head)'s
+ * values, or a position's. */
+static size_t node_per(const lp_model *m, int k, int T) {
+    const lp_config *c = lp_model_config(m);
+    if (k == LP_NODE_PATTERN) return (size_t)T * T;
+    if (per_head(k)) return (size_t)c->d_head;
+    return (size_t)c->d_model;
+}
+
+/* The fused scores of the last scored backward into each pair's result: hook (k, L) holds
+ * [B, groups] sums of (reference - current) * gradient; `sign` -1 when the reference was the
+ * corrupted run (the gradient taken at the clean one). */
+static lp_status fused_results(lp_model *m, const lp_attrib_opts *o, int B, int T, float sign, lp_pair_result *res) {
+    int nL = lp_model_config(m)->n_layers;
+    LP_CHECK(score_fetch(m));
+    for (int k = 0; k < LP_NODE_KINDS; k++) {
+        if (!wanted(o, k)) continue;
+        for (int b = 0; b < B; b++) {
+            lp_node_scores *s = &res[b].s[k];
+            node_shape(m, k, T, s);
+            if (!(s->v = calloc(node_count(s), sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory");
+        }
+        size_t groups = node_count(&res[0].s[k]) / nL;
+        for (int L = 0; L < nL; L++) {
+            char name[128];
+            size_t n = 0;
+            snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
+            const float *v = score_values(m, name, &n);
+            if (!v || n != groups * B) LP_FAIL(LP_ERR_SHAPE, "%s: %zu node scores, expected %zu", name, n, groups * B);
+            for (int b = 0; b < B; b++)
+                for (size_t j = 0; j < groups; j++) res[b].s[k].v[L * groups + j] = sign * v[b * groups + j];
+        }
+    }
+    return LP_OK;
+}
+
+/* Attribution patching without integrated gradients: one forward keeps the grid's
+ * activations of the run the gradient is not taken at (the reference), one taped forward of
+ * the other and its backward, in which every grid hook's node sums are formed where its
+ * gradient is produced (score.c): no gradient is kept or copied, and the scores of all pairs
+ * leave the device in one copy. */
+static lp_status atp_fused(lp_model *m, const int32_t *clean, const int32_t *corrupted, int B, int T, const lp_metric *mt,
+                           const lp_attrib_opts *o, lp_pair_result *res) {
+    int nL = lp_model_config(m)->n_layers, at_clean = o->grad_at_clean;
+    double *mc = malloc(B * sizeof(double)), *mx = malloc(B * sizeof(double));
+    lp_status st = mc && mx ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
+    lp_hooks_clear(m);
+    for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
+        for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) {
+            char name[128];
+            snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
+            st = score_mark(m, name, node_per(m, k, T));
+        }
+    if (st == LP_OK) st = score_phase(m, SCORE_KEEP_REF, B, T);
+    if (st == LP_OK) st = lp_model_metric(m, at_clean ? corrupted : clean, B, T, mt, at_clean ? mx : mc);
+    if (st == LP_OK) st = score_phase(m, SCORE_RUN, B, T);
+    if (st == LP_OK) st = lp_model_grad(m, at_clean ? clean : corrupted, B, T, mt, NULL, at_clean ? mc : mx);
+    if (st == LP_OK) st = fused_results(m, o, B, T, at_clean ? -1.0f : 1.0f, res);
+    for (int b = 0; st == LP_OK && b < B; b++) res[b].metric_clean = mc[b], res[b].metric_corrupted = mx[b];
+    score_end(m);
+    free(mc), free(mx);
+    return st;
+}
+
+lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrupted, int B, int T, const lp_metric *mt,
+                        const lp_attrib_opts *o, lp_pair_result *res) {
+    for (int b = 0; b < B; b++) memset(&res[b], 0, sizeof res[b]);
+    LP_CHECK(no_user_edits(m, "attribution patching"));
+    lp_status st = o->ig_steps > 0 ? atp_ig(m, clean, corrupted, B, T, mt, o, res) : atp_fused(m, clean, corrupted, B, T, mt, o, res);
     lp_hooks_clear(m);
     if (st != LP_OK)
         for (int b = 0; b < B; b++) lp_pair_result_free(&res[b]);

@@ -293,6 +293,7 @@ void lp_hooks_clear(lp_model *m) {
 void hooks_free(lp_model *m) {
     if (!m->hooks) return;
     lp_hooks_clear(m);
+    score_free(m);
     for (int i = 0; i < m->n_hooks; i++) free_capture(m, &m->hooks[i]);
     free(m->hooks);
     free(m->hook_index);
@@ -423,7 +424,7 @@ lp_status hook_site(lp_model *m, int id, void *act) {
     if (id < 0) return LP_OK; /* absent hook */
     hook *h = &m->hooks[id];
     int capture = h->capture && !m->kv.generating; /* generation edits but captures nothing */
-    if (!capture && !h->edits) return LP_OK;
+    if (!capture && !h->edits && !h->score) return LP_OK;
     if (m->par.tp <= 1) return site_whole(m, id, act);
     void *whole;
     LP_CHECK(tp_gather_hook(m, h->kind, act, &whole));
@@ -439,6 +440,7 @@ static lp_status site_whole(lp_model *m, int id, void *act) {
     lp_view v = view_of(h, B, T);
     size_t n = (size_t)v.B * v.P * v.H * v.E;
     LP_CHECK(run_edits(m, h, id, act, v, n));
+    if (h->score) LP_CHECK(score_forward_site(m, id, act));
     if (!capture) return LP_OK;
     size_t bytes;
     if (h->cap_pos) {

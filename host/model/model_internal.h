@@ -54,6 +54,12 @@ typedef struct hook {
     void *cap_host;      /* host buffer, act dtype */
     size_t cap_bytes_max;
     edit *edits;
+    /* node scores fused into the backward (score.c): marked, and whether this run scores it
+     * (what its sites do then is the score phase's); the reference and the current activation
+     * on the device, kept across runs like the capture buffers; its rows' offset in the scores */
+    int s_mark, score;
+    size_t s_per, s_off, s_bytes;
+    void *s_ref, *s_cur;
 } hook;
 
 /* One named weight: where it lives in the weight allocation. */
@@ -212,14 +218,21 @@ lp_status hooks_init(lp_model *m);
 void hooks_free(lp_model *m);
 /* Allocation and upload of capture buffers, masks and edit sources for B_max x T_max. */
 lp_status hooks_prepare(lp_model *m);
-/* Whether the hook is captured or edited. */
-static inline int hook_active(const lp_model *m, int id) { return id >= 0 && (m->hooks[id].capture || m->hooks[id].edits); }
+/* Whether the hook is captured, edited or scored (score.c). */
+static inline int hook_active(const lp_model *m, int id) {
+    return id >= 0 && (m->hooks[id].capture || m->hooks[id].edits || m->hooks[id].score);
+}
 /* Index of (kind, layer). */
 int hook_id(const lp_model *m, int kind, int layer);
 /* The last layer any hook touches (-1: none; n_layers: ln_final). */
 int hooks_last_layer(const lp_model *m);
 /* Runs the edits, then the capture, of hook id on activation act of the current batch. */
 lp_status hook_site(lp_model *m, int id, void *act);
+/* The forward's and the backward's stops at a scored hook (score.c): the activation kept, or
+ * the gradient reduced into the node scores. */
+lp_status score_forward_site(lp_model *m, int id, const void *act);
+lp_status score_grad_site(lp_model *m, int id, const void *grad);
+void score_free(lp_model *m);
 #define SITE(kind, layer, buf) LP_CHECK(hook_site(m, hook_id(m, (kind), (layer)), (buf)))
 /* While generating: refuses a patch edit of hook id that would reach a position in
  * [from, to) its source does not cover, or whose shape grows with the sequence. */
