@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "model/model_internal.h"
+#include "model/score.h"
 
 static const char *const g_layer_names[HK_PER_LAYER] = {
     [HK_RESID_PRE] = "hook_resid_pre",     [HK_LN1_SCALE] = "ln1.hook_scale",
@@ -244,15 +245,28 @@ lp_status lp_hook_edit(lp_model *m, const char *pat, const lp_edit_spec *spec) {
     return for_matches(m, pat, add_edit, spec, NULL);
 }
 
+lp_status score_patch(lp_model *m, const char *name, const void *src_dev, size_t n) {
+    int id = lp_hook_find(m, name);
+    if (id < 0) LP_FAIL(LP_ERR_NOT_FOUND, "patch: unknown hook '%s'", name);
+    edit *e = calloc(1, sizeof *e);
+    if (!e) LP_FAIL(LP_ERR_OOM, "patch of %s: out of memory", name);
+    e->spec.kind = LP_EDIT_PATCH, e->spec.src_len = n, e->src_dev = (void *)src_dev, e->borrowed = 1;
+    edit **tail = &m->hooks[id].edits;
+    while (*tail) tail = &(*tail)->next;
+    *tail = e;
+    m->any_hook_dirty = 1;
+    return LP_OK;
+}
+
 /* The device copies of a hook's edits. */
 static void free_edit_copies(lp_model *m, hook *h) {
     lp_ctx *c = &m->ctx;
     for (edit *e = h->edits; e; e = e->next) {
         if (c->device == LP_CUDA) {
-            lp_ctx_release(c, e->src_dev);
+            if (!e->borrowed) lp_ctx_release(c, e->src_dev);
             lp_ctx_release(c, e->pos_mask_dev);
             lp_ctx_release(c, e->head_mask_dev);
-        } else {
+        } else if (!e->borrowed) {
             free(e->src_dev);
         }
         e->src_dev = e->pos_mask_dev = e->head_mask_dev = NULL;

@@ -37,6 +37,7 @@ typedef struct edit {
     uint8_t *pos_mask_host, *head_mask_host;
     void *pos_mask_dev, *head_mask_dev;
     int mask_len;      /* positions covered by pos_mask_host */
+    int borrowed;      /* src_dev is the caller's (score_patch): never released here */
     struct edit *next;
 } edit;
 

@@ -29,6 +29,9 @@ lp_status score_fetch(lp_model *m);
 const float *score_values(const lp_model *m, const char *name, size_t *n);
 /* Hook `name`'s kept reference and current activation (device, act dtype), or NULL. */
 void score_buffers(const lp_model *m, const char *name, void **ref, void **cur);
+/* Registers a patch of hook `name` whose source is n values (the hook's shape for the next
+ * forward) of a device buffer the caller keeps until lp_hooks_clear: nothing is uploaded. */
+lp_status score_patch(lp_model *m, const char *name, const void *src_dev, size_t n);
 /* Unmarks every hook and turns scoring off (the buffers stay for the next marks). */
 void score_end(lp_model *m);
 
