@@ -4,8 +4,9 @@
  *
  * attrib.c: attribution patching (gradient x activation difference, optionally with
  * integrated gradients) and exact activation patching over the node grid of attrib.h,
- * and the correlations that compare them. Built on captures, edits (hooks.h) and the
- * backward (host/model/grad.c, metric.c); the per-node sums run on the host. */
+ * and the correlations that compare them. Built on edits (hooks.h), the backward
+ * (host/model/grad.c, metric.c) and the node sums it forms at its hook sites
+ * (host/model/score.c); integrated gradients average kept gradients and sum on the host. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,5 +1,6 @@
 /* hooks.c: CPU reference of the hook-site ops: the built-in edits (zero, set, add,
- * patch) limited to positions and heads, and position-limited gathers for captures.
+ * patch) limited to positions and heads, position-limited gathers for captures, and the
+ * per-node sums of attribution patching (lp_diff_dot_rows).
  * See lp_view in include/loupe/ops.h for how a hook activation is addressed. */
 #include <string.h>
 
