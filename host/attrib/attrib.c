@@ -6,7 +6,7 @@
  * integrated gradients) and exact activation patching over the node grid of attrib.h,
  * and the correlations that compare them. Built on edits (hooks.h), the backward
  * (host/model/grad.c, metric.c) and the node sums it forms at its hook sites
- * (host/model/score.c); integrated gradients average kept gradients and sum on the host. */
+ * (host/model/hooks.c, score.h); integrated gradients average kept gradients and sum on the host. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -320,7 +320,7 @@ static lp_status fused_results(lp_model *m, const lp_attrib_opts *o, int B, int 
 /* Attribution patching without integrated gradients: one forward keeps the grid's
  * activations of the run the gradient is not taken at (the reference), one taped forward of
  * the other and its backward, in which every grid hook's node sums are formed where its
- * gradient is produced (score.c): no gradient is kept or copied, and the scores of all pairs
+ * gradient is produced (score.h): no gradient is kept or copied, and the scores of all pairs
  * leave the device in one copy. */
 static lp_status atp_fused(lp_model *m, const int32_t *clean, const int32_t *corrupted, int B, int T, const lp_metric *mt,
                            const lp_attrib_opts *o, lp_pair_result *res) {

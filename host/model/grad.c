@@ -52,15 +52,13 @@ void grad_free(lp_model *m) {
     lp_ctx_release(&m->ctx, g->scratch);
     lp_ctx_release(&m->ctx, g->dw);
     lp_ctx_release(&m->ctx, g->row_scale);
-    lp_ctx_release(&m->ctx, g->s_out);
-    lp_ctx_release_host(&m->ctx, g->s_host);
     free(g);
     m->grad = NULL;
 }
 
 /* Whether the backward must stop at (kind, layer): its gradient is wanted, a direction
  * enters there, the forward edited it (the edit's Jacobian applies there) or its node scores
- * are formed there (score.c). */
+ * are formed there (score.h). */
 int grad_wanted(const lp_model *m, int kind, int layer) {
     if (!m->grad || !m->tp.on) return 0;
     int id = hook_id(m, kind, layer);

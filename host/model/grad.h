@@ -37,10 +37,6 @@ struct grad_state {
     size_t dw_bytes;
     float *row_scale;
     size_t row_scale_n;
-    /* fused node scores (score.c): the phase, the scores on the device and their host copy */
-    int s_phase;
-    size_t s_n, s_out_bytes, s_host_bytes;
-    float *s_out, *s_host;
 };
 
 

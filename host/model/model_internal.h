@@ -55,7 +55,7 @@ typedef struct hook {
     void *cap_host;      /* host buffer, act dtype */
     size_t cap_bytes_max;
     edit *edits;
-    /* node scores fused into the backward (score.c): marked, and whether this run scores it
+    /* node scores fused into the backward (score.h): marked, and whether this run scores it
      * (what its sites do then is the score phase's); the reference and the current activation
      * on the device, kept across runs like the capture buffers; its rows' offset in the scores */
     int s_mark, score;
@@ -178,6 +178,14 @@ typedef struct mdl_results {
 
 typedef struct model_arch model_arch;
 
+/* Fused node scores (score.h, hooks.c): what marked hooks' sites do, the batch, and the
+ * scores of all marked hooks on the device and their host copy. */
+typedef struct mdl_score {
+    int phase, B, T;
+    size_t n, out_bytes, host_bytes;
+    float *out, *host;
+} mdl_score;
+
 /* Tensor parallelism (dist.h): this rank's slice of the model. With tp == 1 every field is
  * the whole model's and no collective is ever called. */
 typedef struct mdl_tp {
@@ -209,6 +217,7 @@ struct lp_model {
     mdl_tape tp;
     struct grad_state *grad;   /* hook gradients wanted and kept (NULL: none); grad.c */
     void *grad_ones;           /* ones in the act dtype, for broadcasts in the backward */
+    mdl_score sc;              /* fused node scores (hooks.c) */
     mdl_results res;
 };
 
@@ -219,7 +228,7 @@ lp_status hooks_init(lp_model *m);
 void hooks_free(lp_model *m);
 /* Allocation and upload of capture buffers, masks and edit sources for B_max x T_max. */
 lp_status hooks_prepare(lp_model *m);
-/* Whether the hook is captured, edited or scored (score.c). */
+/* Whether the hook is captured, edited or scored (score.h). */
 static inline int hook_active(const lp_model *m, int id) {
     return id >= 0 && (m->hooks[id].capture || m->hooks[id].edits || m->hooks[id].score);
 }
@@ -229,7 +238,7 @@ int hook_id(const lp_model *m, int kind, int layer);
 int hooks_last_layer(const lp_model *m);
 /* Runs the edits, then the capture, of hook id on activation act of the current batch. */
 lp_status hook_site(lp_model *m, int id, void *act);
-/* The forward's and the backward's stops at a scored hook (score.c): the activation kept, or
+/* The forward's and the backward's stops at a scored hook (hooks.c): the activation kept, or
  * the gradient reduced into the node scores. */
 lp_status score_forward_site(lp_model *m, int id, const void *act);
 lp_status score_grad_site(lp_model *m, int id, const void *grad);

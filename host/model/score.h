@@ -1,4 +1,5 @@
-/* score.h: attribution patching's node sums fused into the backward (score.c). A marked hook
+/* score.h: attribution patching's node sums fused into the backward (defined in hooks.c,
+ * beside the hook sites they act at). A marked hook
  * keeps its activation of one run on the device (the reference: the clean run's, say); in
  * the scored run its forward site keeps the current activation beside it and its backward
  * site reduces (reference - current) * gradient over each node's `per` values at once, so
