@@ -116,3 +116,41 @@ lp_status cuda_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, cons
     return c->dtype == LP_BF16 ? gather_launch<__nv_bfloat16>(c, dst, act, v, n, pos, npos)
                                : gather_launch<float>(c, dst, act, v, n, pos, npos);
 }
+
+// out[r] = sum_i (a - b) * g over row r: one warp per row (rows are a position's or a head's
+// values: dh, d_model or T*T of them), lanes striding the row so that loads coalesce, summed
+// in double (the sums cancel: a clean and a corrupted activation differ little) and reduced
+// across the warp. The backward calls it at each scored hook, so no gradient leaves the device.
+template <typename T>
+__global__ void diff_dot_rows_kernel(float *out, const T *a, const T *b, const T *g, size_t rows,
+                                     size_t per) {
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    for (size_t r = (size_t)blockIdx.x * warps + (threadIdx.x >> 5); r < rows;
+         r += (size_t)gridDim.x * warps) {
+        const size_t o = r * per;
+        double acc = 0;
+        for (size_t i = lane; i < per; i += 32)
+            acc += ((double)lp_to_f(a[o + i]) - (double)lp_to_f(b[o + i])) * (double)lp_to_f(g[o + i]);
+#pragma unroll
+        for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(LP_FULL_MASK, acc, s);
+        if (lane == 0) out[r] = (float)acc;
+    }
+}
+
+template <typename T>
+static lp_status diff_dot_launch(lp_ctx *c, float *out, const void *a, const void *b,
+                                 const void *g, size_t rows, size_t per) {
+    LP_LAUNCH(grid_rows((long long)rows, kBlock / 32), kBlock, 0, cuda_stream_of(c),
+              diff_dot_rows_kernel<T>)(out, (const T *)a, (const T *)b, (const T *)g, rows, per);
+    LP_LAUNCH_CHECK("diff_dot_rows_kernel");
+    return LP_OK;
+}
+
+lp_status cuda_diff_dot_rows(lp_ctx *c, float *out, const void *a, const void *b, const void *g,
+                             size_t rows, size_t per) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_diff_dot_rows");
+    if (rows == 0) return LP_OK;
+    LP_CUDA_REQUIRE(out && a && b && g && per > 0, "cuda_diff_dot_rows: NULL buffer or empty rows");
+    return c->dtype == LP_BF16 ? diff_dot_launch<__nv_bfloat16>(c, out, a, b, g, rows, per)
+                               : diff_dot_launch<float>(c, out, a, b, g, rows, per);
+}

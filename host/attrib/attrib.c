@@ -4,8 +4,9 @@
  *
  * attrib.c: attribution patching (gradient x activation difference, optionally with
  * integrated gradients) and exact activation patching over the node grid of attrib.h,
- * and the correlations that compare them. Built on captures, edits (hooks.h) and the
- * backward (host/model/grad.c, metric.c); the per-node sums run on the host. */
+ * and the correlations that compare them. Built on edits (hooks.h), the backward
+ * (host/model/grad.c, metric.c) and the node sums it forms at its hook sites
+ * (host/model/hooks.c, score.h); integrated gradients average kept gradients and sum on the host. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +14,7 @@
 
 #include "loupe/attrib.h"
 #include "loupe/hooks.h"
+#include "model/score.h"
 
 static const char *const g_kind[LP_NODE_KINDS] = {
     "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
@@ -198,14 +200,12 @@ static lp_status pair_scores(lp_model *m, const lp_attrib_opts *o, int B, int T,
     return LP_OK;
 }
 
-lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrupted, int B, int T, const lp_metric *mt,
+static lp_status atp_ig(lp_model *m, const int32_t *clean, const int32_t *corrupted, int B, int T, const lp_metric *mt,
                         const lp_attrib_opts *o, lp_pair_result *res) {
     const lp_config *cf = lp_model_config(m);
     int nL = cf->n_layers, ig = o->ig_steps > 0, at_clean = o->grad_at_clean && !ig;
     size_t ne = (size_t)B * T * cf->d_model;
     char list[1024];
-    for (int b = 0; b < B; b++) memset(&res[b], 0, sizeof res[b]);
-    LP_CHECK(no_user_edits(m, "attribution patching"));
     grid ac = {0}, ax = {0}, gr = {0};
     double *mc = malloc(B * sizeof(double)), *mx = malloc(B * sizeof(double));
     float *emb_c = ig ? malloc(ne * sizeof(float)) : NULL, *emb_x = ig ? malloc(ne * sizeof(float)) : NULL;
@@ -278,6 +278,78 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
     if (st == LP_OK) st = pair_scores(m, o, B, T, &ac, &ax, &gr, mc, mx, res);
     grid_free(&ac), grid_free(&ax), grid_free(&gr);
     free(mc), free(mx);
+    return st;
+}
+
+/* Values per node of kind k for T positions: a head's [T, T] pattern, a (position, head)'s
+ * values, or a position's. */
+static size_t node_per(const lp_model *m, int k, int T) {
+    const lp_config *c = lp_model_config(m);
+    if (k == LP_NODE_PATTERN) return (size_t)T * T;
+    if (per_head(k)) return (size_t)c->d_head;
+    return (size_t)c->d_model;
+}
+
+/* The fused scores of the last scored backward into each pair's result: hook (k, L) holds
+ * [B, groups] sums of (reference - current) * gradient; `sign` -1 when the reference was the
+ * corrupted run (the gradient taken at the clean one). */
+static lp_status fused_results(lp_model *m, const lp_attrib_opts *o, int B, int T, float sign, lp_pair_result *res) {
+    int nL = lp_model_config(m)->n_layers;
+    LP_CHECK(score_fetch(m));
+    for (int k = 0; k < LP_NODE_KINDS; k++) {
+        if (!wanted(o, k)) continue;
+        for (int b = 0; b < B; b++) {
+            lp_node_scores *s = &res[b].s[k];
+            node_shape(m, k, T, s);
+            if (!(s->v = calloc(node_count(s), sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory");
+        }
+        size_t groups = node_count(&res[0].s[k]) / nL;
+        for (int L = 0; L < nL; L++) {
+            char name[128];
+            size_t n = 0;
+            snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
+            const float *v = score_values(m, name, &n);
+            if (!v || n != groups * B) LP_FAIL(LP_ERR_SHAPE, "%s: %zu node scores, expected %zu", name, n, groups * B);
+            for (int b = 0; b < B; b++)
+                for (size_t j = 0; j < groups; j++) res[b].s[k].v[L * groups + j] = sign * v[b * groups + j];
+        }
+    }
+    return LP_OK;
+}
+
+/* Attribution patching without integrated gradients: one forward keeps the grid's
+ * activations of the run the gradient is not taken at (the reference), one taped forward of
+ * the other and its backward, in which every grid hook's node sums are formed where its
+ * gradient is produced (score.h): no gradient is kept or copied, and the scores of all pairs
+ * leave the device in one copy. */
+static lp_status atp_fused(lp_model *m, const int32_t *clean, const int32_t *corrupted, int B, int T, const lp_metric *mt,
+                           const lp_attrib_opts *o, lp_pair_result *res) {
+    int nL = lp_model_config(m)->n_layers, at_clean = o->grad_at_clean;
+    double *mc = malloc(B * sizeof(double)), *mx = malloc(B * sizeof(double));
+    lp_status st = mc && mx ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
+    lp_hooks_clear(m);
+    for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
+        for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) {
+            char name[128];
+            snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
+            st = score_mark(m, name, node_per(m, k, T));
+        }
+    if (st == LP_OK) st = score_phase(m, SCORE_KEEP_REF, B, T);
+    if (st == LP_OK) st = lp_model_metric(m, at_clean ? corrupted : clean, B, T, mt, at_clean ? mx : mc);
+    if (st == LP_OK) st = score_phase(m, SCORE_RUN, B, T);
+    if (st == LP_OK) st = lp_model_grad(m, at_clean ? clean : corrupted, B, T, mt, NULL, at_clean ? mc : mx);
+    if (st == LP_OK) st = fused_results(m, o, B, T, at_clean ? -1.0f : 1.0f, res);
+    for (int b = 0; st == LP_OK && b < B; b++) res[b].metric_clean = mc[b], res[b].metric_corrupted = mx[b];
+    score_end(m);
+    free(mc), free(mx);
+    return st;
+}
+
+lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrupted, int B, int T, const lp_metric *mt,
+                        const lp_attrib_opts *o, lp_pair_result *res) {
+    for (int b = 0; b < B; b++) memset(&res[b], 0, sizeof res[b]);
+    LP_CHECK(no_user_edits(m, "attribution patching"));
+    lp_status st = o->ig_steps > 0 ? atp_ig(m, clean, corrupted, B, T, mt, o, res) : atp_fused(m, clean, corrupted, B, T, mt, o, res);
     lp_hooks_clear(m);
     if (st != LP_OK)
         for (int b = 0; b < B; b++) lp_pair_result_free(&res[b]);
@@ -286,33 +358,68 @@ lp_status lp_attrib_atp(lp_model *m, const int32_t *clean, const int32_t *corrup
 
 /* ---- exact patching ---- */
 
+/* Exact patching of one hook (k, L): P copies of the corrupted prompt at a time, row r with
+ * node j0 + r's values clean. The rows are assembled on the device from the kept clean
+ * (ref) and corrupted (cur) activations, and the hook patched from there: nothing is
+ * uploaded per batch. */
+static lp_status exact_hook(lp_model *m, int k, int L, int T, const void *ref, const void *cur, void *src, int P,
+                            const int32_t *rows, const lp_metric *pm, double mx, double *met, lp_node_scores *s) {
+    lp_ctx *c = lp_model_ctx(m);
+    const lp_config *cf = lp_model_config(m);
+    size_t es = lp_dtype_size(c->dtype), per_layer = node_count(s) / cf->n_layers;
+    size_t per = node_per(m, k, T), n = per_layer * per; /* one row's activation */
+    char name[128];
+    snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
+    for (size_t j0 = 0; j0 < per_layer; j0 += P) {
+        int nb = (int)(per_layer - j0 < (size_t)P ? per_layer - j0 : (size_t)P);
+        for (int r = 0; r < nb; r++) { /* row r: corrupted, with node j0 + r clean (nodes in memory order) */
+            char *d = (char *)src + (size_t)r * n * es;
+            size_t at = (j0 + r) * per * es;
+            LP_CHECK(lp_ctx_copy(c, d, cur, n * es));
+            LP_CHECK(lp_ctx_copy(c, d + at, (const char *)ref + at, per * es));
+        }
+        lp_hooks_clear(m);
+        LP_CHECK(score_patch(m, name, src, (size_t)nb * n));
+        LP_CHECK(lp_model_metric(m, rows, nb, T, pm, met));
+        for (int r = 0; r < nb; r++) s->v[L * per_layer + j0 + r] = (float)(met[r] - mx);
+    }
+    return LP_OK;
+}
+
 lp_status lp_attrib_exact(lp_model *m, const int32_t *clean, const int32_t *corrupted, int T, const lp_metric *mt,
                           const lp_attrib_opts *o, lp_pair_result *res) {
     const lp_config *cf = lp_model_config(m);
     int nL = cf->n_layers, P = o->patch_batch > 0 ? o->patch_batch : 16;
-    char list[1024];
     memset(res, 0, sizeof *res);
-    double mc, mx;
-    /* both runs' activations of the whole grid */
+    double mc = 0, mx = 0;
     LP_CHECK(no_user_edits(m, "exact patching"));
     lp_hooks_clear(m);
-    LP_CHECK(capture_grid(m, o, list, sizeof list));
-    float **ac = calloc((size_t)LP_NODE_KINDS * nL, sizeof(float *)), **ax = calloc((size_t)LP_NODE_KINDS * nL, sizeof(float *));
-    size_t *nn = calloc((size_t)LP_NODE_KINDS * nL, sizeof(size_t));
-    lp_status st = ac && ax && nn ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
+    /* both runs' activations of the whole grid, kept on the device */
+    lp_status st = LP_OK;
+    size_t nmax = 0;
+    for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
+        for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) {
+            char name[128];
+            snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
+            st = score_mark(m, name, node_per(m, k, T));
+            lp_node_scores sh;
+            node_shape(m, k, T, &sh);
+            size_t n = node_count(&sh) / nL * node_per(m, k, T);
+            nmax = n > nmax ? n : nmax;
+        }
+    if (st == LP_OK) st = score_phase(m, SCORE_KEEP_REF, 1, T);
     if (st == LP_OK) st = lp_model_metric(m, clean, 1, T, mt, &mc);
-    for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
-        for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) st = grab(m, k, L, &ac[k * nL + L], &nn[k * nL + L]);
+    if (st == LP_OK) st = score_phase(m, SCORE_KEEP_CUR, 1, T);
     if (st == LP_OK) st = lp_model_metric(m, corrupted, 1, T, mt, &mx);
-    for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
-        for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) st = grab(m, k, L, &ax[k * nL + L], &nn[k * nL + L]);
-    lp_hooks_clear(m);
+    if (st == LP_OK) st = score_phase(m, SCORE_OFF, 1, T);
     res->metric_clean = mc, res->metric_corrupted = mx;
     /* P copies of the corrupted prompt, each with one node of one hook patched */
     int32_t *rows = malloc((size_t)P * T * sizeof(int32_t));
     double *met = malloc(P * sizeof(double));
     int32_t *ans = malloc(P * sizeof(int32_t)), *wr = malloc(P * sizeof(int32_t)), *pos = malloc(P * sizeof(int32_t));
+    void *src = NULL;
     if (st == LP_OK && (!rows || !met || !ans || !wr || !pos)) st = LP_ERR(LP_ERR_OOM, "out of memory");
+    if (st == LP_OK) st = lp_ctx_alloc(lp_model_ctx(m), (size_t)P * nmax * lp_dtype_size(lp_model_ctx(m)->dtype), &src);
     for (int r = 0; st == LP_OK && r < P; r++) {
         memcpy(rows + (size_t)r * T, corrupted, T * sizeof(int32_t));
         ans[r] = mt->answer ? mt->answer[0] : 0, wr[r] = mt->wrong ? mt->wrong[0] : 0, pos[r] = mt->pos ? mt->pos[0] : T - 1;
@@ -323,51 +430,19 @@ lp_status lp_attrib_exact(lp_model *m, const int32_t *clean, const int32_t *corr
         if (!wanted(o, k)) continue;
         lp_node_scores *s = &res->s[k];
         node_shape(m, k, T, s);
-        if (!(s->v = calloc(node_count(s), sizeof(float)))) {
-            st = LP_ERR(LP_ERR_OOM, "out of memory");
-            break;
-        }
-        size_t per_layer = node_count(s) / nL;
+        if (!(s->v = calloc(node_count(s), sizeof(float)))) st = LP_ERR(LP_ERR_OOM, "out of memory");
         for (int L = 0; st == LP_OK && L < nL; L++) {
-            size_t n = nn[k * nL + L]; /* one row's activation */
-            const float *c1 = ac[k * nL + L], *x1 = ax[k * nL + L];
-            float *src = malloc((size_t)P * n * sizeof(float));
-            if (!src) {
-                st = LP_ERR(LP_ERR_OOM, "out of memory");
-                break;
-            }
             char name[128];
+            void *ref, *cur;
             snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
-            for (size_t j0 = 0; st == LP_OK && j0 < per_layer; j0 += P) {
-                int nb = (int)(per_layer - j0 < (size_t)P ? per_layer - j0 : (size_t)P);
-                for (int r = 0; r < nb; r++) { /* row r: corrupted, with node j0 + r clean */
-                    float *d = src + (size_t)r * n;
-                    memcpy(d, x1, n * sizeof(float));
-                    size_t j = j0 + r;
-                    if (k == LP_NODE_PATTERN) { /* head j: its [T, T] block */
-                        size_t blk = n / s->shape[1];
-                        memcpy(d + j * blk, c1 + j * blk, blk * sizeof(float));
-                    } else {
-                        int64_t H = s->ndim == 3 ? s->shape[2] : 1;
-                        size_t per_node = n / ((size_t)T * H);
-                        memcpy(d + j * per_node, c1 + j * per_node, per_node * sizeof(float)); /* node j = (t, h) in memory order */
-                    }
-                }
-                lp_hooks_clear(m);
-                lp_edit_spec e = {.kind = LP_EDIT_PATCH, .src = src, .src_len = (size_t)nb * n};
-                st = lp_hook_edit(m, name, &e);
-                if (st == LP_OK) st = lp_model_metric(m, rows, nb, T, &pm, met);
-                for (int r = 0; st == LP_OK && r < nb; r++) s->v[L * per_layer + j0 + r] = (float)(met[r] - mx);
-            }
-            free(src);
+            score_buffers(m, name, &ref, &cur);
+            st = exact_hook(m, k, L, T, ref, cur, src, P, rows, &pm, mx, met, s);
         }
     }
     lp_hooks_clear(m);
-    for (int i = 0; i < LP_NODE_KINDS * nL; i++) {
-        if (ac) free(ac[i]);
-        if (ax) free(ax[i]);
-    }
-    free(ac), free(ax), free(nn), free(rows), free(met), free(ans), free(wr), free(pos);
+    score_end(m);
+    lp_ctx_release(lp_model_ctx(m), src);
+    free(rows), free(met), free(ans), free(wr), free(pos);
     if (st != LP_OK) lp_pair_result_free(res);
     return st;
 }

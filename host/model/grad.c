@@ -57,11 +57,12 @@ void grad_free(lp_model *m) {
 }
 
 /* Whether the backward must stop at (kind, layer): its gradient is wanted, a direction
- * enters there, or the forward edited it (the edit's Jacobian applies there). */
+ * enters there, the forward edited it (the edit's Jacobian applies there) or its node scores
+ * are formed there (score.h). */
 int grad_wanted(const lp_model *m, int kind, int layer) {
     if (!m->grad || !m->tp.on) return 0;
     int id = hook_id(m, kind, layer);
-    return id >= 0 && (m->grad->want[id] || id == m->grad->inject_id || m->hooks[id].edits);
+    return id >= 0 && (m->grad->want[id] || id == m->grad->inject_id || m->hooks[id].edits || m->hooks[id].score);
 }
 
 /* Hooks and gradients alike: the scores and pattern exist only when someone reads them. */
@@ -144,6 +145,7 @@ static lp_status grad_site_whole(lp_model *m, int kind, int layer, void *buf) {
         LP_CHECK(grad_keep(m, g, id, buf));
         for (size_t i = 0; id == g->inject_id && inputs && i < n; i++) g->host[id][i] += g->inject_host[i % per];
     }
+    if (m->hooks[id].score) LP_CHECK(score_grad_site(m, id, buf));
     if (inputs || !m->hooks[id].edits) return LP_OK;
     int unknown = 0;
     LP_CHECK(hook_edit_jacobian(m, id, buf, &unknown));

@@ -5,7 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "loupe/ops.h"
 #include "model/model_internal.h"
+#include "model/score.h"
 
 static const char *const g_layer_names[HK_PER_LAYER] = {
     [HK_RESID_PRE] = "hook_resid_pre",     [HK_LN1_SCALE] = "ln1.hook_scale",
@@ -244,15 +246,28 @@ lp_status lp_hook_edit(lp_model *m, const char *pat, const lp_edit_spec *spec) {
     return for_matches(m, pat, add_edit, spec, NULL);
 }
 
+lp_status score_patch(lp_model *m, const char *name, const void *src_dev, size_t n) {
+    int id = lp_hook_find(m, name);
+    if (id < 0) LP_FAIL(LP_ERR_NOT_FOUND, "patch: unknown hook '%s'", name);
+    edit *e = calloc(1, sizeof *e);
+    if (!e) LP_FAIL(LP_ERR_OOM, "patch of %s: out of memory", name);
+    e->spec.kind = LP_EDIT_PATCH, e->spec.src_len = n, e->src_dev = (void *)src_dev, e->borrowed = 1;
+    edit **tail = &m->hooks[id].edits;
+    while (*tail) tail = &(*tail)->next;
+    *tail = e;
+    m->any_hook_dirty = 1;
+    return LP_OK;
+}
+
 /* The device copies of a hook's edits. */
 static void free_edit_copies(lp_model *m, hook *h) {
     lp_ctx *c = &m->ctx;
     for (edit *e = h->edits; e; e = e->next) {
         if (c->device == LP_CUDA) {
-            lp_ctx_release(c, e->src_dev);
+            if (!e->borrowed) lp_ctx_release(c, e->src_dev);
             lp_ctx_release(c, e->pos_mask_dev);
             lp_ctx_release(c, e->head_mask_dev);
-        } else {
+        } else if (!e->borrowed) {
             free(e->src_dev);
         }
         e->src_dev = e->pos_mask_dev = e->head_mask_dev = NULL;
@@ -293,6 +308,7 @@ void lp_hooks_clear(lp_model *m) {
 void hooks_free(lp_model *m) {
     if (!m->hooks) return;
     lp_hooks_clear(m);
+    score_free(m);
     for (int i = 0; i < m->n_hooks; i++) free_capture(m, &m->hooks[i]);
     free(m->hooks);
     free(m->hook_index);
@@ -423,7 +439,7 @@ lp_status hook_site(lp_model *m, int id, void *act) {
     if (id < 0) return LP_OK; /* absent hook */
     hook *h = &m->hooks[id];
     int capture = h->capture && !m->kv.generating; /* generation edits but captures nothing */
-    if (!capture && !h->edits) return LP_OK;
+    if (!capture && !h->edits && !h->score) return LP_OK;
     if (m->par.tp <= 1) return site_whole(m, id, act);
     void *whole;
     LP_CHECK(tp_gather_hook(m, h->kind, act, &whole));
@@ -439,6 +455,7 @@ static lp_status site_whole(lp_model *m, int id, void *act) {
     lp_view v = view_of(h, B, T);
     size_t n = (size_t)v.B * v.P * v.H * v.E;
     LP_CHECK(run_edits(m, h, id, act, v, n));
+    if (h->score) LP_CHECK(score_forward_site(m, id, act));
     if (!capture) return LP_OK;
     size_t bytes;
     if (h->cap_pos) {
@@ -500,4 +517,127 @@ lp_status lp_capture_read_f32(lp_model *m, const char *name, float *dst, size_t 
     size_t have = (size_t)lp_shape_numel(t.shape, t.ndim);
     if (n != have) LP_FAIL(LP_ERR_SHAPE, "capture of %s has %zu values, asked for %zu", name, have, n);
     return lp_convert_host(dst, LP_F32, t.data, t.dtype, n);
+}
+
+/* ---- node scores fused into the backward (score.h) ----
+ * The forward site copies the activation into a buffer the hook keeps; the backward site,
+ * where the gradient at the hook is produced, forms per node the sum of (reference -
+ * current) * gradient (lp_diff_dot_rows) into the model's score buffer. The gradient is
+ * neither kept nor copied out, and nothing crosses to the host until score_fetch. */
+
+lp_status score_mark(lp_model *m, const char *name, size_t per) {
+    int id = lp_hook_find(m, name);
+    if (id < 0) LP_FAIL(LP_ERR_NOT_FOUND, "score: unknown hook '%s'", name);
+    if (per == 0) LP_FAIL(LP_ERR_ARG, "score of %s: nodes of 0 values", name);
+    m->hooks[id].s_mark = 1, m->hooks[id].s_per = per;
+    return LP_OK;
+}
+
+static size_t numel_of(const lp_model *m, int id, int B, int T) {
+    int64_t s[LP_MAX_DIMS];
+    int nd = lp_hook_shape(m, id, B, T, s);
+    return (size_t)lp_shape_numel(s, nd);
+}
+
+/* The hook's two activation buffers for B x T: sized (grown) when the reference is about to
+ * be kept, else they must hold this batch already (growing would lose the reference). */
+static lp_status score_buffers_for(lp_model *m, hook *h, int id, int B, int T, int grow) {
+    size_t need = numel_of(m, id, B, T) * act_elem_bytes(m);
+    if (need <= h->s_bytes && h->s_ref) return LP_OK;
+    if (!grow) LP_FAIL(LP_ERR_ARG, "score of %s: its reference was kept for a smaller batch than %d x %d", h->name, B, T);
+    lp_ctx_release(&m->ctx, h->s_ref);
+    lp_ctx_release(&m->ctx, h->s_cur);
+    h->s_ref = h->s_cur = NULL, h->s_bytes = 0;
+    LP_CHECK(lp_ctx_alloc(&m->ctx, need, &h->s_ref));
+    LP_CHECK(lp_ctx_alloc(&m->ctx, need, &h->s_cur));
+    h->s_bytes = need;
+    return LP_OK;
+}
+
+lp_status score_phase(lp_model *m, score_phase_t phase, int B, int T) {
+    mdl_score *g = &m->sc;
+    size_t total = 0;
+    for (int id = 0; id < m->n_hooks; id++) {
+        hook *h = &m->hooks[id];
+        h->score = phase != SCORE_OFF && h->s_mark;
+        if (!h->score) continue;
+        LP_CHECK(score_buffers_for(m, h, id, B, T, phase == SCORE_KEEP_REF));
+        h->s_off = total;
+        total += numel_of(m, id, B, T) / h->s_per;
+    }
+    g->phase = phase, g->n = total, g->B = B, g->T = T;
+    m->any_hook_dirty = 1;
+    if (phase != SCORE_RUN) return LP_OK;
+    size_t bytes = total * sizeof(float);
+    if (bytes > g->out_bytes || !g->out) {
+        lp_ctx_release(&m->ctx, g->out);
+        g->out = NULL, g->out_bytes = 0;
+        LP_CHECK(lp_ctx_alloc(&m->ctx, bytes ? bytes : sizeof(float), (void **)&g->out));
+        g->out_bytes = bytes;
+    }
+    return lp_ctx_memset0(&m->ctx, g->out, bytes);
+}
+
+lp_status score_forward_site(lp_model *m, int id, const void *act) {
+    hook *h = &m->hooks[id];
+    int ph = m->sc.phase;
+    if (ph == SCORE_OFF) return LP_OK;
+    size_t bytes = numel_of(m, id, m->res.B, m->res.T) * act_elem_bytes(m);
+    if (bytes > h->s_bytes) LP_FAIL(LP_ERR_ARG, "score of %s: this batch is larger than the one it was prepared for", h->name);
+    return lp_ctx_copy(&m->ctx, ph == SCORE_KEEP_REF ? h->s_ref : h->s_cur, act, bytes);
+}
+
+lp_status score_grad_site(lp_model *m, int id, const void *grad) {
+    const mdl_score *g = &m->sc;
+    hook *h = &m->hooks[id];
+    if (g->phase != SCORE_RUN) return LP_OK;
+    size_t rows = numel_of(m, id, g->B, g->T) / h->s_per;
+    return lp_diff_dot_rows(&m->ctx, g->out + h->s_off, h->s_ref, h->s_cur, grad, rows, h->s_per);
+}
+
+lp_status score_fetch(lp_model *m) {
+    mdl_score *g = &m->sc;
+    if (g->phase != SCORE_RUN || !g->out) LP_FAIL(LP_ERR_NOT_FOUND, "score: no scored backward has run");
+    size_t bytes = g->n * sizeof(float);
+    if (bytes > g->host_bytes || !g->host) {
+        lp_ctx_release_host(&m->ctx, g->host);
+        g->host = NULL, g->host_bytes = 0;
+        LP_CHECK(lp_ctx_alloc_host(&m->ctx, bytes ? bytes : sizeof(float), (void **)&g->host));
+        g->host_bytes = bytes;
+    }
+    LP_CHECK(lp_ctx_to_host_async(&m->ctx, g->host, g->out, bytes));
+    return lp_ctx_sync(&m->ctx);
+}
+
+const float *score_values(const lp_model *m, const char *name, size_t *n) {
+    int id = lp_hook_find(m, name);
+    const mdl_score *g = &m->sc;
+    if (id < 0 || !g->host || !m->hooks[id].score) return NULL;
+    const hook *h = &m->hooks[id];
+    *n = numel_of(m, id, g->B, g->T) / h->s_per;
+    return g->host + h->s_off;
+}
+
+void score_buffers(const lp_model *m, const char *name, void **ref, void **cur) {
+    int id = lp_hook_find(m, name);
+    *ref = id >= 0 ? m->hooks[id].s_ref : NULL;
+    *cur = id >= 0 ? m->hooks[id].s_cur : NULL;
+}
+
+void score_end(lp_model *m) {
+    for (int id = 0; id < m->n_hooks; id++) m->hooks[id].s_mark = m->hooks[id].score = 0;
+    m->sc.phase = SCORE_OFF;
+    m->any_hook_dirty = 1;
+}
+
+void score_free(lp_model *m) {
+    for (int id = 0; m->hooks && id < m->n_hooks; id++) {
+        hook *h = &m->hooks[id];
+        lp_ctx_release(&m->ctx, h->s_ref);
+        lp_ctx_release(&m->ctx, h->s_cur);
+        h->s_ref = h->s_cur = NULL, h->s_bytes = 0;
+    }
+    lp_ctx_release(&m->ctx, m->sc.out);
+    lp_ctx_release_host(&m->ctx, m->sc.host);
+    memset(&m->sc, 0, sizeof m->sc);
 }

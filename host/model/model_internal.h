@@ -37,6 +37,7 @@ typedef struct edit {
     uint8_t *pos_mask_host, *head_mask_host;
     void *pos_mask_dev, *head_mask_dev;
     int mask_len;      /* positions covered by pos_mask_host */
+    int borrowed;      /* src_dev is the caller's (score_patch): never released here */
     struct edit *next;
 } edit;
 
@@ -54,6 +55,12 @@ typedef struct hook {
     void *cap_host;      /* host buffer, act dtype */
     size_t cap_bytes_max;
     edit *edits;
+    /* node scores fused into the backward (score.h): marked, and whether this run scores it
+     * (what its sites do then is the score phase's); the reference and the current activation
+     * on the device, kept across runs like the capture buffers; its rows' offset in the scores */
+    int s_mark, score;
+    size_t s_per, s_off, s_bytes;
+    void *s_ref, *s_cur;
 } hook;
 
 /* One named weight: where it lives in the weight allocation. */
@@ -171,6 +178,14 @@ typedef struct mdl_results {
 
 typedef struct model_arch model_arch;
 
+/* Fused node scores (score.h, hooks.c): what marked hooks' sites do, the batch, and the
+ * scores of all marked hooks on the device and their host copy. */
+typedef struct mdl_score {
+    int phase, B, T;
+    size_t n, out_bytes, host_bytes;
+    float *out, *host;
+} mdl_score;
+
 /* Tensor parallelism (dist.h): this rank's slice of the model. With tp == 1 every field is
  * the whole model's and no collective is ever called. */
 typedef struct mdl_tp {
@@ -202,6 +217,7 @@ struct lp_model {
     mdl_tape tp;
     struct grad_state *grad;   /* hook gradients wanted and kept (NULL: none); grad.c */
     void *grad_ones;           /* ones in the act dtype, for broadcasts in the backward */
+    mdl_score sc;              /* fused node scores (hooks.c) */
     mdl_results res;
 };
 
@@ -212,14 +228,21 @@ lp_status hooks_init(lp_model *m);
 void hooks_free(lp_model *m);
 /* Allocation and upload of capture buffers, masks and edit sources for B_max x T_max. */
 lp_status hooks_prepare(lp_model *m);
-/* Whether the hook is captured or edited. */
-static inline int hook_active(const lp_model *m, int id) { return id >= 0 && (m->hooks[id].capture || m->hooks[id].edits); }
+/* Whether the hook is captured, edited or scored (score.h). */
+static inline int hook_active(const lp_model *m, int id) {
+    return id >= 0 && (m->hooks[id].capture || m->hooks[id].edits || m->hooks[id].score);
+}
 /* Index of (kind, layer). */
 int hook_id(const lp_model *m, int kind, int layer);
 /* The last layer any hook touches (-1: none; n_layers: ln_final). */
 int hooks_last_layer(const lp_model *m);
 /* Runs the edits, then the capture, of hook id on activation act of the current batch. */
 lp_status hook_site(lp_model *m, int id, void *act);
+/* The forward's and the backward's stops at a scored hook (hooks.c): the activation kept, or
+ * the gradient reduced into the node scores. */
+lp_status score_forward_site(lp_model *m, int id, const void *act);
+lp_status score_grad_site(lp_model *m, int id, const void *grad);
+void score_free(lp_model *m);
 #define SITE(kind, layer, buf) LP_CHECK(hook_site(m, hook_id(m, (kind), (layer)), (buf)))
 /* While generating: refuses a patch edit of hook id that would reach a position in
  * [from, to) its source does not cover, or whose shape grows with the sequence. */

@@ -225,6 +225,12 @@ lp_status lp_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const 
     return cuda_gather_pos(c, dst, act, v, pos, npos);
 }
 
+lp_status lp_diff_dot_rows(lp_ctx *c, float *out, const void *a, const void *b, const void *g, size_t rows, size_t per) {
+    NEED(out && a && b && g && per > 0, "diff_dot_rows: bad arguments");
+    if (CPU(c)) { cpu_diff_dot_rows(out, a, b, g, rows, per); return LP_OK; }
+    return cuda_diff_dot_rows(c, out, a, b, g, rows, per);
+}
+
 /* ---- backward ops (attribution gradients) ----
  * Same checks as the forward ops they differentiate. Outputs that the kernels write while
  * other rows still read the inputs (attention, the three-step form) must not be an input. */

@@ -61,6 +61,7 @@ void cpu_cross_entropy(float *losses, const float *logits, const int32_t *target
 void cpu_edit_apply(float *act, lp_view v, lp_edit_kind kind, const float *src, float coef,
                        const uint8_t *pos_mask, const uint8_t *head_mask);
 void cpu_gather_pos(float *dst, const float *act, lp_view v, const int32_t *pos, int npos);
+void cpu_diff_dot_rows(float *out, const float *a, const float *b, const float *g, size_t rows, size_t per);
 
 /* CUDA back end (the .cu files in kernels/). Activation pointers are c->dtype on c's device.
  * The context's own half (streams, memory, copies) is core/device.h. */
@@ -121,6 +122,7 @@ lp_status cuda_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind, co
                              float coef, const uint8_t *pos_mask, const uint8_t *head_mask);
 lp_status cuda_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const int32_t *pos,
                              int npos);
+lp_status cuda_diff_dot_rows(lp_ctx *c, float *out, const void *a, const void *b, const void *g, size_t rows, size_t per);
 
 /* ==== SAE ops ====================================================================
  * The back ends of include/loupe/sae_ops.h (dispatch: host/ops/sae_ops.c; CPU references:

@@ -210,6 +210,11 @@ lp_status lp_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind, cons
 /* dst = act restricted to positions pos[0..npos) along P, same layout otherwise:
  * [B,npos,H,E] (or [B,H,npos,E] when head_outer). pos is int32 on the device. */
 lp_status lp_gather_pos(lp_ctx *c, void *dst, const void *act, lp_view v, const int32_t *pos, int npos);
+/* out[r] = sum over i < per of (a[r*per + i] - b[r*per + i]) * g[r*per + i], for r < rows:
+ * per-node sums of an activation difference times a gradient (attribution patching's node
+ * scores, formed where the backward produces the gradient). a, b, g in the act dtype on the
+ * device; out F32 on the device. Accumulated in double, rounded once. */
+lp_status lp_diff_dot_rows(lp_ctx *c, float *out, const void *a, const void *b, const void *g, size_t rows, size_t per);
 
 #ifdef __cplusplus
 }

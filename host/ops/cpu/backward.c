@@ -72,10 +72,13 @@ LP_VEC void cpu_gelu_backward(float *dx, const float *dy, const float *x, size_t
     //            = sig(2u) (1 + 2 x sig(-2u) s (1 + 3 a x^2)),   sig(z) = 1 / (1 + exp(-z)),
     // the same function written without 1 + tanh(u), which loses every digit in the tails.
     // In double, as the CUDA kernel's oracle (the two terms still cancel near x = -0.75).
+    // One exponential: with e = exp(-2u), sig(2u) = 1 / (1 + e) and sig(-2u) = e sig(2u);
+    // e is held below 1e300 so that e sig(2u) stays 1 (not inf * 0) where exp overflows.
     const double s = 0.7978845608028654, a = 0.044715;
     for (size_t i = 0; i < n; i++) {
-        double v = x[i], u = s * (v + a * v * v * v);
-        double sp = 1 / (1 + vexpd(-2 * u)), sm = 1 / (1 + vexpd(2 * u));
+        double v = x[i], u = s * (v + a * v * v * v), e = vexpd(-2 * u);
+        e = e < 1e300 ? e : 1e300;
+        double sp = 1 / (1 + e), sm = e * sp;
         dx[i] = (float)(dy[i] * sp * (1 + 2 * v * sm * s * (1 + 3 * a * v * v))); /* dx may alias dy */
     }
 }

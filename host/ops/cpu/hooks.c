@@ -1,5 +1,6 @@
 /* hooks.c: CPU reference of the hook-site ops: the built-in edits (zero, set, add,
- * patch) limited to positions and heads, and position-limited gathers for captures.
+ * patch) limited to positions and heads, position-limited gathers for captures, and the
+ * per-node sums of attribution patching (lp_diff_dot_rows).
  * See lp_view in include/loupe/ops.h for how a hook activation is addressed. */
 #include <string.h>
 
@@ -37,4 +38,13 @@ void cpu_gather_pos(float *dst, const float *act, lp_view v, const int32_t *pos,
             for (int h = 0; h < v.H; h++)
                 memcpy(dst + view_off(v, npos, b, i, h), act + view_off(v, v.P, b, pos[i], h),
                        v.E * sizeof(float));
+}
+
+void cpu_diff_dot_rows(float *out, const float *a, const float *b, const float *g, size_t rows, size_t per) {
+    for (size_t r = 0; r < rows; r++) {
+        const float *ar = a + r * per, *br = b + r * per, *gr = g + r * per;
+        double acc = 0;
+        for (size_t i = 0; i < per; i++) acc += ((double)ar[i] - br[i]) * gr[i];
+        out[r] = (float)acc;
+    }
 }

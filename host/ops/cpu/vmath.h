@@ -96,8 +96,14 @@ static inline double vexpd(double x) {
     const double hi = 709.0, lo = -708.0;
     double xc = x > hi ? hi : x;
     xc = xc < lo ? lo : xc;
-    double n = xc * 1.4426950408889634 + 6755399441055744.0;
-    n -= 6755399441055744.0;
+    /* n = round(x / ln2) by adding 1.5 * 2^52, whose low mantissa bits then hold n itself:
+     * 2^n is formed from those bits with 64-bit integer adds and shifts, which vectorize
+     * (a double-to-int64 conversion has no vector form before AVX-512DQ, and kept every loop
+     * around this function scalar) */
+    double t = xc * 1.4426950408889634 + 6755399441055744.0;
+    uint64_t tb;
+    memcpy(&tb, &t, sizeof tb);
+    double n = t - 6755399441055744.0;
     double r = xc - n * 6.93147180369123816490e-01;
     r = r - n * 1.90821492927058770002e-10;
     double p = 1.0 / 6227020800.0;                    /* 1/13! */
@@ -114,7 +120,7 @@ static inline double vexpd(double x) {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    int64_t e = ((int64_t)(n == n ? n : 0.0) + 1023) << 52; /* 2^n, n in [-1022, 1023] here */
+    uint64_t e = (tb + 1023) << 52; /* 2^n, n in [-1022, 1023] here (NaN: any) */
     double two_n;
     memcpy(&two_n, &e, sizeof two_n);
     double y = p * two_n;
