@@ -33,34 +33,50 @@ static void post_norm_back(const lp_config *c, float *dst, const float *g, const
             }
 }
 
+/* Rows [i0, i1) of one head's pattern, each over the keys it sees: the masked softmax of the
+ * scores sgemm left there, soft-capped (Gemma 2); max and exponent in float, the sum in
+ * double. Entries outside the causal window are zeroed. */
+static void softmax_rows(float *P, int Tm, int i0, int i1, int win, float capv) {
+    for (int i = i0; i < i1; i++) {
+        float *p = P + (size_t)i * Tm;
+        int lo = win > 0 && i - win + 1 > 0 ? i - win + 1 : 0; /* keys i - win < j <= i */
+        float mx = -INFINITY;
+        double sum = 0;
+        for (int j = lo; j <= i; j++) {
+            if (capv > 0) p[j] = capv * tanhf(p[j] / capv);
+            if (p[j] > mx) mx = p[j];
+        }
+        for (int j = lo; j <= i; j++) sum += (p[j] = expf(p[j] - mx));
+        float inv = (float)(1.0 / sum);
+        for (int j = lo; j <= i; j++) p[j] *= inv;
+        memset(p, 0, (size_t)lo * sizeof(float));
+        memset(p + i + 1, 0, (size_t)(Tm - i - 1) * sizeof(float));
+    }
+}
+
 /* The causal softmax pattern of every head of layer L over the first Tm positions,
- * [H, Tm, Tm]: scaled scores, soft-capped (Gemma 2), inside the layer's window if local. */
+ * [H, Tm, Tm]: scaled scores, soft-capped (Gemma 2), inside the layer's window if local.
+ * The scores come from sgemm (Q_h K_g^T per head, g its key/value group) a block of query
+ * rows at a time, each over only the keys its rows can see, so the masked half of the
+ * square is neither multiplied nor exponentiated. */
+#define PAT_ROWS 128
 static void patterns(const lp_frozen *f, const fz_layer *y, int L, int Tm) {
     const lp_config *c = &f->c;
     int win = lp_config_local(c, L) ? c->sliding_window : 0;
-    float capv = c->attn_softcap;
     int H = c->n_heads, dh = c->d_head, rep = c->n_heads / c->n_kv_heads;
-    size_t qd = (size_t)H * dh, kvd = (size_t)c->n_kv_heads * dh;
-    double sc = c->attn_scale > 0 ? c->attn_scale : 1.0 / sqrt((double)dh);
-    for (int h = 0; h < H; h++)
-        for (int i = 0; i < Tm; i++) {
-            float *p = f->pattern + ((size_t)h * Tm + i) * Tm;
-            const float *q = y->q + (size_t)i * qd + (size_t)h * dh;
-            double mx = -INFINITY, sum = 0;
-            int j0 = win > 0 && i - win + 1 > 0 ? i - win + 1 : 0; /* keys i - win < j <= i */
-            for (int j = j0; j <= i; j++) {
-                const float *k = y->k + (size_t)j * kvd + (size_t)(h / rep) * dh;
-                double d = 0;
-                for (int e = 0; e < dh; e++) d += (double)q[e] * k[e];
-                p[j] = (float)(d * sc);
-                if (capv > 0) p[j] = capv * tanhf(p[j] / capv);
-                if (p[j] > mx) mx = p[j];
-            }
-            for (int j = j0; j <= i; j++) sum += (p[j] = (float)exp(p[j] - mx));
-            for (int j = j0; j <= i; j++) p[j] = (float)(p[j] / sum);
-            for (int j = 0; j < j0; j++) p[j] = 0;
-            for (int j = i + 1; j < Tm; j++) p[j] = 0;
+    int qd = H * dh, kvd = c->n_kv_heads * dh;
+    float sc = (float)(c->attn_scale > 0 ? c->attn_scale : 1.0 / sqrt((double)dh));
+    for (int h = 0; h < H; h++) {
+        float *P = f->pattern + (size_t)h * Tm * Tm;
+        const float *q = y->q + (size_t)h * dh, *k = y->k + (size_t)(h / rep) * dh;
+        for (int i0 = 0; i0 < Tm; i0 += PAT_ROWS) {
+            int i1 = i0 + PAT_ROWS < Tm ? i0 + PAT_ROWS : Tm;
+            int j0 = win > 0 && i0 - win + 1 > 0 ? i0 - win + 1 : 0; /* the block's first visible key */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, i1 - i0, i1 - j0, dh, sc, q + (size_t)i0 * qd, qd,
+                        k + (size_t)j0 * kvd, kvd, 0.0f, P + (size_t)i0 * Tm + j0, Tm);
+            softmax_rows(P, Tm, i0, i1, win, c->attn_softcap);
         }
+    }
 }
 
 /* gh = the gradient at the attention's input (the first norm's output) from G at its output,
