@@ -89,7 +89,13 @@ static void check_graph(const lp_graph *g, const char *pre) {
     cr_assert(fabs(g->completeness_score - sc[1]) < 1e-5, "%s completeness score %.7f vs %.7f", pre, g->completeness_score, sc[1]);
 }
 
-static void run(const char *model, const char *tcdir, const char *pre, int batch) {
+static lp_status keep_plan(const lp_graph_plan *p, void *user) {
+    *(lp_graph_plan *)user = *p;
+    return LP_OK;
+}
+
+/* budget > 0: a host budget with room for the cached patterns, which the plan must take */
+static void run_budget(const char *model, const char *tcdir, const char *pre, int batch, size_t budget) {
     cr_assert_eq(lp_st_open(&ref, GDIR "/reference.safetensors"), LP_OK, "%s", lp_last_error());
     lp_model *m;
     lp_ctx c;
@@ -99,9 +105,11 @@ static void run(const char *model, const char *tcdir, const char *pre, int batch
     cr_assert_eq(lp_clt_load(&tc, &c, tcdir), LP_OK, "%s", lp_last_error());
     const lp_st_tensor *tok = R("", "tokens");
     lp_graph_opts o = lp_graph_defaults();
-    o.batch_size = batch;
+    lp_graph_plan pl = {0};
+    o.batch_size = batch, o.host_budget = budget, o.on_plan = keep_plan, o.user = &pl;
     lp_graph *g;
     cr_assert_eq(lp_graph_build(&g, m, tc, tok->data, (int)tok->shape[0], &o), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(pl.pattern_bytes > 0, budget > 0, "patterns cached: %zu bytes under a budget of %zu", pl.pattern_bytes, budget);
     check_graph(g, pre);
     lp_graph_free(g);
     lp_clt_free(tc, &c);
@@ -110,6 +118,8 @@ static void run(const char *model, const char *tcdir, const char *pre, int batch
     lp_st_close(&ref);
 }
 
+static void run(const char *model, const char *tcdir, const char *pre, int batch) { run_budget(model, tcdir, pre, batch, 0); }
+
 Test(graph_gemma, gemma2_gemma_scope_sites_match_circuit_tracer) { run(GDIR "/gemma2/model", GDIR "/gemma2/scope", "g2scope.", 16); }
 Test(graph_gemma, gemma2_before_post_norm_matches_circuit_tracer) { run(GDIR "/gemma2/model", GDIR "/gemma2/skip", "g2skip.", 7); }
 Test(graph_gemma, gemma3_matches_circuit_tracer) { run(GDIR "/gemma3/model", GDIR "/gemma3/skip", "g3skip.", 16); }
@@ -117,3 +127,10 @@ Test(graph_gemma, gemma3_matches_circuit_tracer) { run(GDIR "/gemma3/model", GDI
  * the 108 negative here), as circuit-tracer's TopK; a relu after the selection would drop
  * those nodes */
 Test(graph_gemma, gemma2_topk_matches_circuit_tracer) { run(GDIR "/gemma2/model", GDIR "/gemma2/topk", "g2topk.", 16); }
+/* the patterns computed once per graph and kept (windows, soft-caps and all) give the same */
+Test(graph_gemma, gemma2_cached_patterns_match_circuit_tracer) {
+    run_budget(GDIR "/gemma2/model", GDIR "/gemma2/skip", "g2skip.", 7, (size_t)1 << 40);
+}
+Test(graph_gemma, gemma3_cached_patterns_match_circuit_tracer) {
+    run_budget(GDIR "/gemma3/model", GDIR "/gemma3/skip", "g3skip.", 16, (size_t)1 << 40);
+}

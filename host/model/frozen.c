@@ -197,7 +197,7 @@ void lp_frozen_free(lp_frozen *f) {
         fz_layer *y = &f->lay[L];
         free(y->ln1_w), free(y->ln2_w), free(y->ln2_b), free(y->W_V), free(y->W_O), free(y->ln1_s), free(y->ln2_s);
         free(y->q), free(y->k), free(y->mlp_in), free(y->mlp_out);
-        free(y->ln1p_w), free(y->ln2p_w), free(y->ln1p_s), free(y->ln2p_s);
+        free(y->ln1p_w), free(y->ln2p_w), free(y->ln1p_s), free(y->ln2p_s), free(y->pat);
     }
     free(f->lay), free(f->lnf_w), free(f->lnf_s), free(f->W_U), free(f->embed), free(f->logits), free(f->pattern);
     free(f);

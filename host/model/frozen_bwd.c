@@ -36,9 +36,9 @@ static void post_norm_back(const lp_config *c, float *dst, const float *g, const
 /* Rows [i0, i1) of one head's pattern, each over the keys it sees: the masked softmax of the
  * scores sgemm left there, soft-capped (Gemma 2); max and exponent in float, the sum in
  * double. Entries outside the causal window are zeroed. */
-static void softmax_rows(float *P, int Tm, int i0, int i1, int win, float capv) {
+static void softmax_rows(float *P, int Tm, int ld, int i0, int i1, int win, float capv) {
     for (int i = i0; i < i1; i++) {
-        float *p = P + (size_t)i * Tm;
+        float *p = P + (size_t)i * ld;
         int lo = win > 0 && i - win + 1 > 0 ? i - win + 1 : 0; /* keys i - win < j <= i */
         float mx = -INFINITY;
         double sum = 0;
@@ -54,27 +54,27 @@ static void softmax_rows(float *P, int Tm, int i0, int i1, int win, float capv) 
     }
 }
 
-/* The causal softmax pattern of every head of layer L over the first Tm positions,
- * [H, Tm, Tm]: scaled scores, soft-capped (Gemma 2), inside the layer's window if local.
+/* The causal softmax pattern of every head of layer L over the first Tm positions into P,
+ * [H, ld, ld] (Tm <= ld): scaled scores, soft-capped (Gemma 2), inside the layer's window if local.
  * The scores come from sgemm (Q_h K_g^T per head, g its key/value group) a block of query
  * rows at a time, each over only the keys its rows can see, so the masked half of the
  * square is neither multiplied nor exponentiated. */
 #define PAT_ROWS 128
-static void patterns(const lp_frozen *f, const fz_layer *y, int L, int Tm) {
+static void patterns(const lp_frozen *f, const fz_layer *y, int L, int Tm, float *Pall, int ld) {
     const lp_config *c = &f->c;
     int win = lp_config_local(c, L) ? c->sliding_window : 0;
     int H = c->n_heads, dh = c->d_head, rep = c->n_heads / c->n_kv_heads;
     int qd = H * dh, kvd = c->n_kv_heads * dh;
     float sc = (float)(c->attn_scale > 0 ? c->attn_scale : 1.0 / sqrt((double)dh));
     for (int h = 0; h < H; h++) {
-        float *P = f->pattern + (size_t)h * Tm * Tm;
+        float *P = Pall + (size_t)h * ld * ld;
         const float *q = y->q + (size_t)h * dh, *k = y->k + (size_t)(h / rep) * dh;
         for (int i0 = 0; i0 < Tm; i0 += PAT_ROWS) {
             int i1 = i0 + PAT_ROWS < Tm ? i0 + PAT_ROWS : Tm;
             int j0 = win > 0 && i0 - win + 1 > 0 ? i0 - win + 1 : 0; /* the block's first visible key */
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, i1 - i0, i1 - j0, dh, sc, q + (size_t)i0 * qd, qd,
-                        k + (size_t)j0 * kvd, kvd, 0.0f, P + (size_t)i0 * Tm + j0, Tm);
-            softmax_rows(P, Tm, i0, i1, win, c->attn_softcap);
+                        k + (size_t)j0 * kvd, kvd, 0.0f, P + (size_t)i0 * ld + j0, ld);
+            softmax_rows(P, Tm, ld, i0, i1, win, c->attn_softcap);
         }
     }
 }
@@ -89,10 +89,12 @@ static void attn_back(const lp_frozen *f, const fz_layer *y, int L, const float 
     cblas_sgemm(CblasRowMajor, CblasNoTrans, f->trans ? CblasNoTrans : CblasTrans, N, qd, D, 1.0f, G, D, y->W_O,
                 f->trans ? qd : D, 0.0f, gz, qd);
     memset(gv, 0, (size_t)N * kvd * sizeof(float));
-    patterns(f, y, L, Tm);
+    const float *P = y->pat; /* cached: [H, T, T], the prefix a top-left block */
+    int ld = f->T;
+    if (!P) patterns(f, y, L, Tm, f->pattern, Tm), P = f->pattern, ld = Tm;
     for (int r = 0; r < R; r++)
         for (int h = 0; h < H; h++)
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Tm, dh, Tm, 1.0f, f->pattern + (size_t)h * Tm * Tm, Tm,
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Tm, dh, Tm, 1.0f, P + (size_t)h * ld * ld, ld,
                         gz + (size_t)r * Tm * qd + (size_t)h * dh, qd, 1.0f, gv + (size_t)r * Tm * kvd + (size_t)(h / rep) * dh,
                         kvd);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, f->trans ? CblasNoTrans : CblasTrans, N, D, kvd, 1.0f, gv, kvd, y->W_V,
@@ -104,6 +106,23 @@ static void inject(const lp_frozen *f, float *g, int L, int R, int Tm, const int
     for (int r = 0; r < R; r++)
         if (layer[r] == L)
             for (int i = 0; i < D; i++) g[((size_t)r * Tm + pos[r]) * D + i] += vec[(size_t)r * D + i];
+}
+
+size_t lp_frozen_pattern_bytes(const lp_config *c, int T) {
+    return (size_t)c->n_layers * c->n_heads * T * T * sizeof(float);
+}
+
+lp_status lp_frozen_cache_patterns(lp_frozen *f) {
+    size_t n = (size_t)f->c.n_heads * f->T * f->T;
+    for (int L = 0; L < f->c.n_layers; L++) {
+        fz_layer *y = &f->lay[L];
+        if (y->pat) continue;
+        float *p = malloc(n * sizeof(float));
+        if (!p) LP_FAIL(LP_ERR_OOM, "out of memory for layer %d's cached attention patterns (%zu bytes)", L, n * sizeof(float));
+        patterns(f, y, L, f->T, p, f->T);
+        y->pat = p;
+    }
+    return LP_OK;
 }
 
 lp_status lp_frozen_backward(lp_frozen *f, int R, const int *layer, const int *pos, const float *vec,

@@ -65,6 +65,12 @@ lp_status lp_frozen_backward(lp_frozen *f, int R, const int *layer, const int *p
 /* Host bytes lp_frozen_new keeps for T tokens, and a backward of R rows needs besides. */
 size_t lp_frozen_bytes(const lp_config *c, int T);
 size_t lp_frozen_backward_bytes(const lp_config *c, int T, int R);
+/* Computes every layer's attention pattern once and keeps it, so that backward passes no
+ * longer recompute them (the frozen patterns of T tokens, lp_frozen_pattern_bytes bytes;
+ * a prefix's pattern is the top-left block of the whole prompt's). Results equal the
+ * recomputed ones to float rounding. */
+lp_status lp_frozen_cache_patterns(lp_frozen *f);
+size_t lp_frozen_pattern_bytes(const lp_config *c, int T);
 
 #ifdef __cplusplus
 }
