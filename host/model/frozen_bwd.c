@@ -79,12 +79,26 @@ static void patterns(const lp_frozen *f, const fz_layer *y, int L, int Tm, float
     }
 }
 
+/* One row's value-path gradient for head h: gv[j] += sum_i P[i, j] gz[i] over the Tr
+ * positions the row reaches (its G is zero past its own position: the backward only flows
+ * to earlier tokens), a block of query rows at a time, each over only the keys those rows
+ * see (the pattern is zero above its diagonal and outside the window). */
+static void value_back(const float *P, int ld, const float *gz, int qd, float *gv, int kvd, int dh, int Tr, int win) {
+    for (int i0 = 0; i0 < Tr; i0 += PAT_ROWS) {
+        int i1 = i0 + PAT_ROWS < Tr ? i0 + PAT_ROWS : Tr;
+        int j0 = win > 0 && i0 - win + 1 > 0 ? i0 - win + 1 : 0;
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, i1 - j0, dh, i1 - i0, 1.0f, P + (size_t)i0 * ld + j0, ld,
+                    gz + (size_t)i0 * qd, qd, 1.0f, gv + (size_t)j0 * kvd, kvd);
+    }
+}
+
 /* gh = the gradient at the attention's input (the first norm's output) from G at its output,
  * through W_O, the frozen pattern and W_V. */
-static void attn_back(const lp_frozen *f, const fz_layer *y, int L, const float *G, float *gz, float *gv, float *gh, int R, int Tm) {
+static void attn_back(const lp_frozen *f, const fz_layer *y, int L, const float *G, float *gz, float *gv, float *gh, int R, int Tm,
+                      const int *pos) {
     const lp_config *c = &f->c;
     int D = c->d_model, H = c->n_heads, dh = c->d_head, rep = c->n_heads / c->n_kv_heads;
-    int qd = H * dh, kvd = c->n_kv_heads * dh, N = R * Tm;
+    int qd = H * dh, kvd = c->n_kv_heads * dh, N = R * Tm, win = lp_config_local(c, L) ? c->sliding_window : 0;
     /* trans: W_O [D, qd] (out = z W_O^T), W_V [kvd, D] (v = x W_V^T); else the transposes */
     cblas_sgemm(CblasRowMajor, CblasNoTrans, f->trans ? CblasNoTrans : CblasTrans, N, qd, D, 1.0f, G, D, y->W_O,
                 f->trans ? qd : D, 0.0f, gz, qd);
@@ -94,9 +108,8 @@ static void attn_back(const lp_frozen *f, const fz_layer *y, int L, const float 
     if (!P) patterns(f, y, L, Tm, f->pattern, Tm), P = f->pattern, ld = Tm;
     for (int r = 0; r < R; r++)
         for (int h = 0; h < H; h++)
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, Tm, dh, Tm, 1.0f, P + (size_t)h * ld * ld, ld,
-                        gz + (size_t)r * Tm * qd + (size_t)h * dh, qd, 1.0f, gv + (size_t)r * Tm * kvd + (size_t)(h / rep) * dh,
-                        kvd);
+            value_back(P + (size_t)h * ld * ld, ld, gz + (size_t)r * Tm * qd + (size_t)h * dh, qd,
+                       gv + (size_t)r * Tm * kvd + (size_t)(h / rep) * dh, kvd, dh, pos[r] + 1, win);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, f->trans ? CblasNoTrans : CblasTrans, N, D, kvd, 1.0f, gv, kvd, y->W_V,
                 f->trans ? D : kvd, 0.0f, gh, D);
 }
@@ -164,7 +177,7 @@ lp_status lp_frozen_backward(lp_frozen *f, int R, const int *layer, const int *p
         inject(f, g2, L, R, Tm, layer, pos, vec);
         norm_back_add(c, G, g2, f->sites.input_normalized ? NULL : y->ln2_w, y->ln2_s, R, Tm);
         if (c->post_norms) post_norm_back(c, gp, G, y->ln1p_w, y->ln1p_s, R, Tm);
-        attn_back(f, y, L, c->post_norms ? gp : G, gz, gv, g2, R, Tm);
+        attn_back(f, y, L, c->post_norms ? gp : G, gz, gv, g2, R, Tm, pos);
         norm_back_add(c, G, g2, y->ln1_w, y->ln1_s, R, Tm);
     }
     if (st == LP_OK) st = sink(-1, G, R, Tm, user);
