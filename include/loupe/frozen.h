@@ -25,8 +25,8 @@
  * inside the frozen patterns; the embeddings (lp_frozen_embed) carry the embedding scale;
  * the logits (lp_frozen_logits) the final soft-cap. F32 models (CPU, or CUDA: the forward
  * runs there and what it keeps is copied to the host) without biased projections. The
- * device backward (graph.device = cuda) does not yet cover Gemma's post-norms, soft-caps,
- * windows or the alternative sites, and refuses them. */
+ * device backward (graph.device = cuda) covers the same, Gemma's features and sites
+ * included. */
 #ifndef LOUPE_FROZEN_H
 #define LOUPE_FROZEN_H
 
