@@ -16,7 +16,7 @@
  * b_enc) to float rounding. (Position 0 is kept as a position like any other there:
  * circuit-tracer's convention leaves its MLP output out of every node.)
  *   build/bench_graph [--model PATH] [--tokens 64,512,2048] [--d-sae S] [--max-features F]
- *                     [--batch B] [--time-limit S] [--cpu-only | --gpu-only] [--gpu-limit S]
+ *                     [--batch B] [--host-budget-mb MB] [--time-limit S] [--cpu-only | --gpu-only] [--gpu-limit S]
  *                     [--gpu-tokens 32,2048,8192] [--gpu-d-sae S] [--gpu-small]
  *                     [--write-transcoders DIR]   (random transcoders for the demo) */
 #include <math.h>
@@ -25,6 +25,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "loupe/clt.h"
 #include "loupe/graph.h"
@@ -38,6 +39,11 @@
             exit(1);                                                             \
         }                                                                        \
     } while (0)
+
+/* graph.host_budget as `loupe graph` sets it by default (80% of RAM): the plan caches the
+ * attention patterns when they fit. --host-budget-mb overrides it (0: no budget, patterns
+ * recomputed in every backward). */
+static size_t host_budget = (size_t)-1;
 
 static double now(void) {
     struct timespec ts;
@@ -138,10 +144,10 @@ static lp_status on_plan(const lp_graph_plan *p, void *user) {
     prog *q = user;
     q->t_plan = q->t_last = now();
     q->rows_total = (int64_t)p->n_features + p->n_logits;
-    printf("  plan: %d tokens, %d active features (%d as nodes), %lld nodes, %d rows per backward; host peak %.1f MiB, device %.1f MiB "
-           "(%.1f s to the plan)\n",
-           p->T, p->n_active, p->n_features, (long long)p->n_nodes, p->batch, p->host_bytes / 1048576.0, p->device_bytes / 1048576.0,
-           q->t_plan - q->t0);
+    printf("  plan: %d tokens, %d active features (%d as nodes), %lld nodes, %d rows per backward; host peak %.1f MiB (cached "
+           "patterns %.1f), device %.1f MiB (%.1f s to the plan)\n",
+           p->T, p->n_active, p->n_features, (long long)p->n_nodes, p->batch, p->host_bytes / 1048576.0, p->pattern_bytes / 1048576.0,
+           p->device_bytes / 1048576.0, q->t_plan - q->t0);
     fflush(stdout);
     return LP_OK;
 }
@@ -172,6 +178,7 @@ static void run_case(lp_model *m, const lp_clt *tc, int T, int batch, int maxf, 
     lp_graph_opts o = lp_graph_defaults();
     o.max_feature_nodes = maxf, o.batch_size = batch, o.device = dev;
     o.on_plan = on_plan, o.on_block = on_block, o.user = &q;
+    o.host_budget = host_budget != (size_t)-1 ? host_budget : (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)sysconf(_SC_PAGESIZE) / 10 * 8;
     lp_graph *g = NULL;
     lp_status st = lp_graph_build(&g, m, tc, tok, T, &o);
     double secs = now() - q.t0, bw = now() - q.t_plan;
@@ -247,6 +254,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--d-sae")) S = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--max-features")) maxf = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--host-budget-mb")) host_budget = (size_t)atol(argv[++i]) << 20;
         else if (!strcmp(argv[i], "--time-limit")) limit = atof(argv[++i]);
         else if (!strcmp(argv[i], "--gpu-limit")) gpu_limit = atof(argv[++i]);
         else if (!strcmp(argv[i], "--gpu-tokens")) gpu_toks = argv[++i];

@@ -305,8 +305,8 @@ lp_status cuda_fz_gemm(lp_ctx *c, int ta, int tb, int M, int N, int K, float alp
     (void)sB; (void)beta; (void)C; (void)ldc; (void)sC; (void)batch;
     return NO_CUDA();
 }
-lp_status cuda_fz_causal_softmax(lp_ctx *c, float *P, int rows, int Tm) {
-    (void)c; (void)P; (void)rows; (void)Tm;
+lp_status cuda_fz_causal_softmax(lp_ctx *c, float *P, int rows, int Tm, int win, float cap) {
+    (void)c; (void)P; (void)rows; (void)Tm; (void)win; (void)cap;
     return NO_CUDA();
 }
 lp_status cuda_fz_norm_back_add(lp_ctx *c, float *dst, const float *g, const float *w, const float *s, int R, int Tm, int D,

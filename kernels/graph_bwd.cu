@@ -27,29 +27,35 @@ extern "C" lp_status cuda_fz_gemm(lp_ctx *c, int ta, int tb, int M, int N, int K
     return LP_OK;
 }
 
-// One block per row: max, exponentials, sum (fp32, max-subtracted), then zeros past the query.
-__global__ void fz_softmax_kernel(float *P, int Tm) {
+// One block per row: soft-cap, max, exponentials, sum (fp32, max-subtracted), then zeros
+// outside the keys the query sees (past it, or before its window). Each thread keeps the
+// same keys through the cap, max and exponential loops.
+__global__ void fz_softmax_kernel(float *P, int Tm, int win, float cap) {
     LP_SHARED(float, sh, [32]);
     float *p = P + (size_t)blockIdx.x * Tm;
     const int q = blockIdx.x % Tm;
+    const int lo = win > 0 && q - win + 1 > 0 ? q - win + 1 : 0;
     float mx = -INFINITY;
-    for (int j = threadIdx.x; j <= q; j += blockDim.x) mx = fmaxf(mx, p[j]);
+    for (int j = lo + threadIdx.x; j <= q; j += blockDim.x) {
+        if (cap > 0.0f) p[j] = cap * tanhf(p[j] / cap);
+        mx = fmaxf(mx, p[j]);
+    }
     mx = block_max(mx, sh);
     float s = 0.0f;
-    for (int j = threadIdx.x; j <= q; j += blockDim.x) {
+    for (int j = lo + threadIdx.x; j <= q; j += blockDim.x) {
         const float e = expf(p[j] - mx);
         p[j] = e;
         s += e;
     }
     s = block_sum(s, sh);
     const float inv = 1.0f / s;
-    for (int j = threadIdx.x; j < Tm; j += blockDim.x) p[j] = j <= q ? p[j] * inv : 0.0f;
+    for (int j = threadIdx.x; j < Tm; j += blockDim.x) p[j] = j >= lo && j <= q ? p[j] * inv : 0.0f;
 }
 
-extern "C" lp_status cuda_fz_causal_softmax(lp_ctx *c, float *P, int rows, int Tm) {
+extern "C" lp_status cuda_fz_causal_softmax(lp_ctx *c, float *P, int rows, int Tm, int win, float cap) {
     LP_CUDA_REQUIRE_CTX(c, "cuda_fz_causal_softmax");
     if (rows <= 0 || Tm <= 0) return LP_OK;
-    LP_LAUNCH((unsigned)rows, 128, 0, cuda_stream_of(c), fz_softmax_kernel)(P, Tm);
+    LP_LAUNCH((unsigned)rows, 128, 0, cuda_stream_of(c), fz_softmax_kernel)(P, Tm, win, cap);
     LP_LAUNCH_CHECK("fz_softmax_kernel");
     return LP_OK;
 }
@@ -64,10 +70,10 @@ __global__ void fz_norm_back_kernel(float *dst, const float *g, const float *w, 
     double mu = 0.0;
     if (centre) {
         double part = 0.0;
-        for (int i = threadIdx.x; i < D; i += blockDim.x) part += (double)gi[i] * w[i] * inv_s;
+        for (int i = threadIdx.x; i < D; i += blockDim.x) part += (double)gi[i] * (w ? w[i] : 1.0f) * inv_s;
         mu = block_sum_d(part, sh) / D;
     }
-    for (int i = threadIdx.x; i < D; i += blockDim.x) di[i] += (float)((double)gi[i] * w[i] * inv_s - mu);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) di[i] += (float)((double)gi[i] * (w ? w[i] : 1.0f) * inv_s - mu);
 }
 
 extern "C" lp_status cuda_fz_norm_back_add(lp_ctx *c, float *dst, const float *g, const float *w, const float *s, int R,

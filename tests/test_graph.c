@@ -132,6 +132,26 @@ Test(graph, every_feature_matches_circuit_tracer) {
     teardown(&fx);
 }
 
+static lp_status keep_plan(const lp_graph_plan *p, void *user) {
+    *(lp_graph_plan *)user = *p;
+    return LP_OK;
+}
+
+/* a host budget with room for them: the patterns are computed once and kept; same graph */
+Test(graph, cached_patterns_match_circuit_tracer) {
+    fixture fx = {0};
+    setup(&fx);
+    lp_graph_opts o = lp_graph_defaults();
+    lp_graph_plan pl = {0};
+    o.batch_size = 7, o.host_budget = (size_t)1 << 40, o.on_plan = keep_plan, o.user = &pl;
+    lp_graph *g;
+    cr_assert_eq(lp_graph_build(&g, fx.m, fx.tc, fx.tokens, fx.T, &o), LP_OK, "%s", lp_last_error());
+    cr_assert_gt(pl.pattern_bytes, 0, "the plan kept no patterns under a budget with room for them");
+    check_graph(g, "full.");
+    lp_graph_free(g);
+    teardown(&fx);
+}
+
 Test(graph, max_feature_nodes_selects_as_circuit_tracer) {
     fixture fx = {0};
     setup(&fx);

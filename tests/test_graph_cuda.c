@@ -8,6 +8,9 @@
  *   graph     the same nodes (active, selected, logits), node and edge masks, scores within 1e-6
  * with every feature (7-row blocks mixing layers), with max_feature_nodes (the influence
  * ranking sees the device rows) and with a CLT (its features write to every later layer);
+ *   gemma     the Gemma 2 and 3 fixtures of test_graph_gemma.c (post-norms, soft-capped and
+ *             windowed attention, q/k norms; transcoders at Gemma Scope's sites and before
+ *             the post-norm): the same comparison;
  *   model     a CUDA F32 model's forward gives the replacement model the same graph as the CPU's;
  *   memory    the plan's device bytes are what the device reports the graph's buffers took,
  *             and a plan over the device's memory is refused naming graph.batch. */
@@ -180,4 +183,36 @@ Test(graph_cuda, cuda_model_gives_the_same_graph) {
     lp_graph_free(dev);
     lp_model_free(gm);
     teardown(&fx);
+}
+
+/* Gemma: the device's post-norm backward, soft-capped and windowed patterns and the other
+ * transcoder sites against the CPU twin (itself checked against circuit-tracer). */
+static void gemma_both(const char *model, const char *tcdir, int batch, const char *what) {
+    lp_st_file ref;
+    OK(lp_st_open(&ref, LP_FIXTURES "/graph_gemma/reference.safetensors"));
+    fixture fx = {0};
+    OK(lp_model_load(&fx.m, model, LP_CPU, LP_F32));
+    OK(lp_ctx_init(&fx.c, LP_CPU, LP_F32));
+    OK(lp_clt_load(&fx.tc, &fx.c, tcdir));
+    const lp_st_tensor *t = lp_st_find(&ref, "tokens");
+    cr_assert(t);
+    fx.tokens = t->data, fx.T = (int)t->shape[0];
+    lp_graph_opts o = lp_graph_defaults();
+    o.batch_size = batch;
+    both(&fx, fx.tc, o, what);
+    lp_clt_free(fx.tc, &fx.c);
+    lp_model_free(fx.m);
+    lp_ctx_free(&fx.c);
+    lp_st_close(&ref);
+}
+
+Test(graph_cuda, gemma2_sites_match_the_cpu) {
+    LP_TEST_REQUIRE_GPU();
+    gemma_both(LP_FIXTURES "/graph_gemma/gemma2/model", LP_FIXTURES "/graph_gemma/gemma2/scope", 16, "gemma2 scope");
+    gemma_both(LP_FIXTURES "/graph_gemma/gemma2/model", LP_FIXTURES "/graph_gemma/gemma2/skip", 7, "gemma2 skip");
+}
+
+Test(graph_cuda, gemma3_matches_the_cpu) {
+    LP_TEST_REQUIRE_GPU();
+    gemma_both(LP_FIXTURES "/graph_gemma/gemma3/model", LP_FIXTURES "/graph_gemma/gemma3/skip", 16, "gemma3 skip");
 }

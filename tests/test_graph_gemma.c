@@ -90,7 +90,14 @@ static void check_graph(const lp_graph *g, const char *pre) {
     cr_assert(fabs(g->completeness_score - sc[1]) < 1e-5, "%s completeness score %.7f vs %.7f", pre, g->completeness_score, sc[1]);
 }
 
-static void run_z(const char *model, const char *tcdir, const char *pre, int batch, int zero) {
+static lp_status keep_plan(const lp_graph_plan *p, void *user) {
+    *(lp_graph_plan *)user = *p;
+    return LP_OK;
+}
+
+/* zero: the positions without features (0: the default); budget > 0: a host budget with room
+ * for the cached patterns, which the plan must take */
+static void run_z(const char *model, const char *tcdir, const char *pre, int batch, int zero, size_t budget) {
     cr_assert_eq(lp_st_open(&ref, GDIR "/reference.safetensors"), LP_OK, "%s", lp_last_error());
     lp_model *m;
     lp_ctx c;
@@ -100,10 +107,12 @@ static void run_z(const char *model, const char *tcdir, const char *pre, int bat
     cr_assert_eq(lp_clt_load(&tc, &c, tcdir), LP_OK, "%s", lp_last_error());
     const lp_st_tensor *tok = R("", "tokens");
     lp_graph_opts o = lp_graph_defaults();
-    o.batch_size = batch;
+    lp_graph_plan pl = {0};
+    o.batch_size = batch, o.host_budget = budget, o.on_plan = keep_plan, o.user = &pl;
     o.zero_positions = zero;
     lp_graph *g;
     cr_assert_eq(lp_graph_build(&g, m, tc, tok->data, (int)tok->shape[0], &o), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(pl.pattern_bytes > 0, budget > 0, "patterns cached: %zu bytes under a budget of %zu", pl.pattern_bytes, budget);
     check_graph(g, pre);
     lp_graph_free(g);
     lp_clt_free(tc, &c);
@@ -112,7 +121,7 @@ static void run_z(const char *model, const char *tcdir, const char *pre, int bat
     lp_st_close(&ref);
 }
 
-static void run(const char *model, const char *tcdir, const char *pre, int batch) { run_z(model, tcdir, pre, batch, 0); }
+static void run(const char *model, const char *tcdir, const char *pre, int batch) { run_z(model, tcdir, pre, batch, 0, 0); }
 
 Test(graph_gemma, gemma2_gemma_scope_sites_match_circuit_tracer) { run(GDIR "/gemma2/model", GDIR "/gemma2/scope", "g2scope.", 16); }
 Test(graph_gemma, gemma2_before_post_norm_matches_circuit_tracer) { run(GDIR "/gemma2/model", GDIR "/gemma2/skip", "g2skip.", 7); }
@@ -123,4 +132,11 @@ Test(graph_gemma, gemma3_matches_circuit_tracer) { run(GDIR "/gemma3/model", GDI
 Test(graph_gemma, gemma2_topk_matches_circuit_tracer) { run(GDIR "/gemma2/model", GDIR "/gemma2/topk", "g2topk.", 16); }
 /* zero_positions 4: circuit-tracer's for instruction-tuned Gemma 3 (no features and a zero
  * error at positions 0..3) */
-Test(graph_gemma, gemma3_four_zero_positions_match_circuit_tracer) { run_z(GDIR "/gemma3/model", GDIR "/gemma3/skip", "g3it.", 16, 4); }
+Test(graph_gemma, gemma3_four_zero_positions_match_circuit_tracer) { run_z(GDIR "/gemma3/model", GDIR "/gemma3/skip", "g3it.", 16, 4, 0); }
+/* the patterns computed once per graph and kept (windows, soft-caps and all) give the same */
+Test(graph_gemma, gemma2_cached_patterns_match_circuit_tracer) {
+    run_z(GDIR "/gemma2/model", GDIR "/gemma2/skip", "g2skip.", 7, 0, (size_t)1 << 40);
+}
+Test(graph_gemma, gemma3_cached_patterns_match_circuit_tracer) {
+    run_z(GDIR "/gemma3/model", GDIR "/gemma3/skip", "g3skip.", 16, 0, (size_t)1 << 40);
+}

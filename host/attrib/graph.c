@@ -206,6 +206,7 @@ lp_status lp_graph_build(lp_graph **out, lp_model *m, const lp_clt *tc, const in
     if (st == LP_OK && o->host_budget && pl.host_bytes > o->host_budget)
         st = LP_ERR(LP_ERR_ARG, "graph: the plan needs %.1f MiB of host memory over the budget of %.1f MiB; lower batch or "
                                  "max_feature_nodes, or cap max_row_edges", pl.host_bytes / 1048576.0, o->host_budget / 1048576.0);
+    if (st == LP_OK && pl.pattern_bytes) st = lp_frozen_cache_patterns(w.fz);
     uint8_t *visited = st == LP_OK ? calloc(w.n_active + 1, 1) : NULL;
     if (st == LP_OK && o->device == LP_CUDA) st = graph_dev_start(&w, &pl);
     else if (st == LP_OK && !(w.rowbuf = malloc((size_t)o->batch_size * w.ncol * sizeof(float))))

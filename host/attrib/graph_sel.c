@@ -25,6 +25,11 @@ lp_status graph_plan(graph_work *w, const lp_config *c, int n_feat, lp_graph_pla
     if (pl->device_bytes) /* the host keeps only the pinned row block of a backward */
         pl->backward_bytes = (size_t)B * w->ncol * 4 + (size_t)w->ncol * 8;
     pl->host_bytes = pl->model_bytes + pl->backward_bytes + pl->edge_bytes + pl->prune_bytes;
+    /* Cached patterns spare every backward its H T^2 exponentials per layer; only under a
+     * stated budget they fit in (with no budget, nothing unasked-for is allocated). */
+    size_t pat = lp_frozen_pattern_bytes(c, w->T);
+    pl->pattern_bytes = !pl->device_bytes && w->o->host_budget && pl->host_bytes + pat <= w->o->host_budget ? pat : 0;
+    pl->host_bytes += pl->pattern_bytes;
     return LP_OK;
 }
 

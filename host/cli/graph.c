@@ -169,10 +169,11 @@ static lp_status print_plan(const lp_graph_plan *p, void *user) {
     double mib = 1048576.0;
     fprintf(stderr,
             "loupe: plan: %d tokens, %d active features (%d kept as nodes), %d logits, %lld nodes, %d rows per backward\n"
-            "loupe: plan: host peak %.1f MiB (replacement model %.1f, backward %.1f, edges %.1f, pruning %.1f); device %.1f MiB; "
-            "budget %.1f MiB\n",
+            "loupe: plan: host peak %.1f MiB (replacement model %.1f, backward %.1f, edges %.1f, pruning %.1f, cached patterns "
+            "%.1f); device %.1f MiB; budget %.1f MiB\n",
             p->T, p->n_active, p->n_features, p->n_logits, (long long)p->n_nodes, p->batch, p->host_bytes / mib, p->model_bytes / mib,
-            p->backward_bytes / mib, p->edge_bytes / mib, p->prune_bytes / mib, p->device_bytes / mib, o->host_budget / mib);
+            p->backward_bytes / mib, p->edge_bytes / mib, p->prune_bytes / mib, p->pattern_bytes / mib, p->device_bytes / mib,
+            o->host_budget / mib);
     return LP_OK;
 }
 

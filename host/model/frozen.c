@@ -147,6 +147,22 @@ static lp_status fill(lp_frozen *f, lp_model *m, int T) {
     return st;
 }
 
+/* The prompt's embeddings as the residual stream gets them: rows times the scale. Tied
+ * models take them from the unembedding already on the host; others read only the T rows
+ * (never the whole [V, D] matrix a second time). */
+static lp_status embed_rows(lp_frozen *f, lp_model *m, const int32_t *tokens) {
+    size_t D = f->c.d_model;
+    float scale = f->c.embed_scale > 0 ? f->c.embed_scale : 1.0f;
+    const char *E = param_ptr(m, m->w.embed); /* F32 (check_model) */
+    for (int t = 0; t < f->T; t++) {
+        float *row = f->embed + (size_t)t * D;
+        if (m->w.embed == m->w.unembed) memcpy(row, f->W_U + (size_t)tokens[t] * D, D * sizeof(float));
+        else LP_CHECK(lp_ctx_to_host(&m->ctx, row, E + (size_t)tokens[t] * D * sizeof(float), D * sizeof(float)));
+        for (size_t i = 0; i < D; i++) row[i] *= scale;
+    }
+    return LP_OK;
+}
+
 lp_status lp_frozen_new(lp_frozen **out, lp_model *m, const int32_t *tokens, int T) {
     return lp_frozen_new_sites(out, m, tokens, T, NULL);
 }
@@ -165,14 +181,7 @@ lp_status lp_frozen_new_sites(lp_frozen **out, lp_model *m, const int32_t *token
     f->pattern = malloc((size_t)m->cfg.n_heads * T * T * sizeof(float));
     lp_status st = f->lay && f->pattern ? capture_all(m, tokens, T) : LP_ERR(LP_ERR_OOM, "out of memory for the replacement model");
     if (st == LP_OK) st = fill(f, m, T);
-    if (st == LP_OK) { /* the prompt's embeddings as the residual stream gets them: rows times the scale */
-        float *E = grab(m, m->w.embed, &st);
-        size_t D = f->c.d_model;
-        for (int t = 0; E && t < T; t++)
-            for (size_t i = 0; i < D; i++)
-                f->embed[t * D + i] = E[(size_t)tokens[t] * D + i] * (f->c.embed_scale > 0 ? f->c.embed_scale : 1.0f);
-        free(E);
-    }
+    if (st == LP_OK) st = embed_rows(f, m, tokens);
     lp_hooks_clear(m);
     if (st != LP_OK) {
         lp_frozen_free(f);
@@ -188,7 +197,7 @@ void lp_frozen_free(lp_frozen *f) {
         fz_layer *y = &f->lay[L];
         free(y->ln1_w), free(y->ln2_w), free(y->ln2_b), free(y->W_V), free(y->W_O), free(y->ln1_s), free(y->ln2_s);
         free(y->q), free(y->k), free(y->mlp_in), free(y->mlp_out);
-        free(y->ln1p_w), free(y->ln2p_w), free(y->ln1p_s), free(y->ln2p_s);
+        free(y->ln1p_w), free(y->ln2p_w), free(y->ln1p_s), free(y->ln2p_s), free(y->pat);
     }
     free(f->lay), free(f->lnf_w), free(f->lnf_s), free(f->W_U), free(f->embed), free(f->logits), free(f->pattern);
     free(f);

@@ -14,6 +14,8 @@ typedef struct fz_layer {
     float *ln1p_s, *ln2p_s;       /* [T] their frozen scales */
     float *q, *k;                 /* [T, H, dh], [T, Hkv, dh] after the rotary */
     float *mlp_in, *mlp_out;      /* [T, D] */
+    float *pat;                   /* [H, T, T] the frozen pattern, when cached (else NULL:
+                                   * recomputed each backward into lp_frozen.pattern) */
 } fz_layer;
 
 struct lp_frozen {

@@ -16,9 +16,11 @@ extern "C" {
 lp_status cuda_fz_gemm(lp_ctx *c, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda, long long sA,
                        const float *B, int ldb, long long sB, float beta, float *C, int ldc, long long sC, int batch);
 /* Causal softmax in place over rows of P [rows, Tm]: row i holds the scores of query
- * i % Tm; keys past the query get 0. */
-lp_status cuda_fz_causal_softmax(lp_ctx *c, float *P, int rows, int Tm);
-/* dst[r, t] += g[r, t] * w / s[t], centred over D when centre (LayerNorm), for R x Tm rows. */
+ * q = i % Tm; keys past the query, and with win > 0 those at or before q - win, get 0;
+ * cap > 0 soft-caps the scores first (cap * tanh(x / cap), Gemma 2). */
+lp_status cuda_fz_causal_softmax(lp_ctx *c, float *P, int rows, int Tm, int win, float cap);
+/* dst[r, t] += g[r, t] * w / s[t] (w NULL: 1), centred over D when centre (LayerNorm), for
+ * R x Tm rows. */
 lp_status cuda_fz_norm_back_add(lp_ctx *c, float *dst, const float *g, const float *w, const float *s, int R, int Tm, int D,
                                 int centre);
 /* g[r, pos[r]] += vec[r] for the rows whose layer[r] == L (layer, pos: R ints on the device). */

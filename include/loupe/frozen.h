@@ -25,8 +25,8 @@
  * inside the frozen patterns; the embeddings (lp_frozen_embed) carry the embedding scale;
  * the logits (lp_frozen_logits) the final soft-cap. F32 models (CPU, or CUDA: the forward
  * runs there and what it keeps is copied to the host) without biased projections. The
- * device backward (graph.device = cuda) does not yet cover Gemma's post-norms, soft-caps,
- * windows or the alternative sites, and refuses them. */
+ * device backward (graph.device = cuda) covers the same, Gemma's features and sites
+ * included. */
 #ifndef LOUPE_FROZEN_H
 #define LOUPE_FROZEN_H
 
@@ -65,6 +65,12 @@ lp_status lp_frozen_backward(lp_frozen *f, int R, const int *layer, const int *p
 /* Host bytes lp_frozen_new keeps for T tokens, and a backward of R rows needs besides. */
 size_t lp_frozen_bytes(const lp_config *c, int T);
 size_t lp_frozen_backward_bytes(const lp_config *c, int T, int R);
+/* Computes every layer's attention pattern once and keeps it, so that backward passes no
+ * longer recompute them (the frozen patterns of T tokens, lp_frozen_pattern_bytes bytes;
+ * a prefix's pattern is the top-left block of the whole prompt's). Results equal the
+ * recomputed ones to float rounding. */
+lp_status lp_frozen_cache_patterns(lp_frozen *f);
+size_t lp_frozen_pattern_bytes(const lp_config *c, int T);
 
 #ifdef __cplusplus
 }

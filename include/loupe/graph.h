@@ -45,6 +45,9 @@ typedef struct lp_graph_plan {
     size_t backward_bytes;      /* one backward's buffers and its dense row block */
     size_t edge_bytes;          /* the sparse rows at their bound (edge_mass < 1: an estimate) */
     size_t prune_bytes;         /* influence vectors and masks */
+    size_t pattern_bytes;       /* every layer's attention patterns [H, T, T], computed once
+                                 * and kept when the host budget has room for them (CPU;
+                                 * 0: recomputed in each backward instead) */
     size_t host_bytes, device_bytes; /* peak, on the host and on the device (0: CPU) */
 } lp_graph_plan;
 
