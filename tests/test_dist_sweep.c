@@ -9,8 +9,10 @@
  * Tensor parallelism: at TP=2 and TP=4, on GPT-2 and Llama with GQA, every score tensor of
  * attribute and patch within 1e-5 of its largest value of the single process's, and the
  * metrics too; DP=2 x TP=2 on 4 ranks the same, and byte for byte the TP=2 run's.
- * Refusals end every rank, none hangs: an output rank 0 cannot open, and the
- * between-components sweeps (attrib.edges), which run in one process only.
+ * The sweeps between components (attrib.edges, patch.kind = path) at DP=2 and DP=3: one
+ * process's bytes, the circuit files too, and a resume after lost results the same.
+ * Refusals end every rank, none hangs: an output rank 0 cannot open, and the sweeps
+ * between components at dist.tp=2.
  * Every run uses one BLAS thread (a multi-threaded GEMM sums in another order).
  * Skipped, saying why, without MPI in the build or mpirun on the PATH. */
 #include <criterion/criterion.h>
@@ -442,12 +444,72 @@ Test(dist_sweep, an_output_rank0_cannot_open_ends_every_rank) {
     cr_assert(strstr(out, "loupe: rank 0: "), "%s", out);
 }
 
-Test(dist_sweep, edge_sweeps_run_in_one_process_only) {
+/* The sweeps between components refuse tensor parallelism (edge attribution reads whole
+ * weight matrices, which a TP rank holds a slice of): one line naming the sweep and why,
+ * exit 2 on every rank, nothing written, no hang. */
+Test(dist_sweep, between_components_sweeps_refuse_tp) {
+    static const char *const sweeps[][2] = {{"attribute --attrib.edges=true", "`loupe attribute --attrib.edges=true`"},
+                                            {"patch --patch.kind=path --path.sender=embed --path.receivers=logits", "`loupe patch --patch.kind=path`"}};
+    for (int i = 0; i < 2; i++) {
+        char out[16384], want[256];
+        int rc = run(out, sizeof out, ENV "timeout 60 " MPIRUN "-np 2 %s %s --model.path=" FIX "gpt2-tiny --model.device=cpu --attrib.pairs=%s "
+                     "--attrib.out=%s --dist.tp=2", g_bin, sweeps[i][0], g_pairs, path_in("between-tp"));
+        cr_assert_eq(rc, 2, "%s", out);
+        for (int r = 0; r < 2; r++) {
+            snprintf(want, sizeof want, "loupe: rank %d: dist.tp=2: %s does not run tensor-parallel: the sweeps between components read "
+                     "whole weight matrices", r, sweeps[i][1]);
+            cr_assert(strstr(out, want), "rank %d: %s", r, out);
+        }
+        cr_assert_neq(access(path_in("between-tp"), F_OK), 0, "a refused run wrote its output directory");
+    }
+}
+
+/* ---- between components, data-parallel: one process's bytes ---- */
+
+#define EDGES "attribute --model.path=" FIX "gpt2-tiny --model.device=cpu --attrib.edges=true --attrib.ig_steps=3 --attrib.top=6"
+#define PATHS "patch --model.path=" FIX "llama-tiny --model.device=cpu --patch.kind=path --path.sender=embed,blocks.0.attn.head.1,blocks.0.mlp " \
+              "--path.receivers=blocks.1.attn.head.0.q,blocks.1.mlp,logits"
+
+/* One process, then DP=2 (and DP=3: a round with a rank left without a pair); each output
+ * directory byte for byte the single process's; returns the file count. */
+static int between_dp_matches(const char *cmd, const char *name, const char *done_line) {
+    char out[16384], one[64], dp[64];
+    snprintf(one, sizeof one, "%s-one", name);
+    int rc = run(out, sizeof out, ENV "%s %s --attrib.pairs=%s --attrib.out=%s", g_bin, cmd, g_pairs, path_in(one));
+    cr_assert_eq(rc, 0, "one process: %s", out);
+    int n = 0;
+    for (int np = 2; np <= 3; np++) {
+        snprintf(dp, sizeof dp, "%s-dp%d", name, np);
+        rc = run(out, sizeof out, ENV MPIRUN "-np %d %s %s --attrib.pairs=%s --attrib.out=%s", np, g_bin, cmd, g_pairs, path_in(dp));
+        cr_assert_eq(rc, 0, "mpirun -np %d: %s", np, out);
+        cr_assert(strstr(out, done_line), "%s", out);
+        n = same_files(path_in(one), path_in(dp), same_bytes);
+    }
+    return n;
+}
+
+/* Edge attribution (integrated gradients): the scores files, results.jsonl, job.json and the
+ * circuit made from them; a DP=2 restart after lost results (a torn line, a scores file whose
+ * line never arrived) ends with the same bytes. */
+Test(dist_sweep, edges_dp2_match_one_process_and_resume) {
+    int n = between_dp_matches(EDGES, "edges", "edge attribution: 7 pairs done (0 already in");
+    cr_assert_eq(n, 11, "job.json, results.jsonl, circuit.json, circuit.html and 7 scores files: not %d files", n);
+    lose_results(path_in("edges-dp2"), 3);
     char out[16384];
-    int rc = run(out, sizeof out, ENV "timeout 60 " MPIRUN "-np 2 %s " ATTRIB " --attrib.edges=true --attrib.pairs=%s --attrib.out=%s --dist.dp=2",
-                 g_bin, g_pairs, path_in("edges"));
-    cr_assert_neq(rc, 0, "%s", out);
-    cr_assert_neq(rc, 124, "mpirun hung: %s", out);
-    cr_assert(strstr(out, "dist.dp=2: `loupe attribute` does not run data-parallel"), "%s", out);
-    cr_assert_neq(access(path_in("edges/results.jsonl"), F_OK), 0, "a refused run wrote results");
+    int rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " EDGES " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("edges-dp2"));
+    cr_assert_eq(rc, 0, "mpirun -np 2 (resume): %s", out);
+    cr_assert(strstr(out, "edge attribution: 4 pairs done (3 already in"), "%s", out);
+    same_files(path_in("edges-one"), path_in("edges-dp2"), same_bytes);
+}
+
+/* Path patching (three senders through three receivers), and its resume the same way. */
+Test(dist_sweep, path_patching_dp2_matches_one_process_and_resumes) {
+    int n = between_dp_matches(PATHS, "paths", "path patching: 7 pairs done (0 already in");
+    cr_assert_eq(n, 9, "job.json, results.jsonl and 7 scores files: not %d files", n);
+    lose_results(path_in("paths-dp2"), 4);
+    char out[16384];
+    int rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " PATHS " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("paths-dp2"));
+    cr_assert_eq(rc, 0, "mpirun -np 2 (resume): %s", out);
+    cr_assert(strstr(out, "path patching: 3 pairs done (4 already in"), "%s", out);
+    same_files(path_in("paths-one"), path_in("paths-dp2"), same_bytes);
 }

@@ -122,10 +122,16 @@ lp_dist *cli_dist(void) { return g_dist; }
 lp_status cli_join(const args *a) {
     int tp = (int)lp_cfg_int(&a->cfg, "dist.tp");
     if (g_dist) return LP_OK;
-    /* attribute and patch over the node grid; between components (attrib.edges, patch.kind =
-     * path) they run in one process */
-    int sweep = (strcmp(g_cmd, "attribute") == 0 && strcmp(lp_cfg_str(&a->cfg, "attrib.edges"), "true") != 0) ||
-                (strcmp(g_cmd, "patch") == 0 && strcmp(lp_cfg_str(&a->cfg, "patch.kind"), "path") != 0);
+    /* attribute and patch over the node grid, and between components (attrib.edges, patch.kind =
+     * path) data-parallel only: edge attribution reads whole weight matrices (eap.c), which a
+     * tensor-parallel rank holds a slice of */
+    int between = (strcmp(g_cmd, "attribute") == 0 && strcmp(lp_cfg_str(&a->cfg, "attrib.edges"), "true") == 0) ||
+                  (strcmp(g_cmd, "patch") == 0 && strcmp(lp_cfg_str(&a->cfg, "patch.kind"), "path") == 0);
+    int sweep = !between && (strcmp(g_cmd, "attribute") == 0 || strcmp(g_cmd, "patch") == 0);
+    if (tp > 1 && between)
+        LP_FAIL(LP_ERR_ARG, "dist.tp=%d: `loupe %s %s` does not run tensor-parallel: the sweeps between components read whole weight "
+                "matrices, which a tensor-parallel rank holds only a slice of; run them data-parallel (dist.tp=1)", tp, g_cmd,
+                between && strcmp(g_cmd, "patch") == 0 ? "--patch.kind=path" : "--attrib.edges=true");
     /* the commands that split the model over ranks (and write from rank 0 alone) */
     static const char *const tp_cmds[] = {"info", "run", "generate", NULL};
     int ok = sweep;
@@ -134,10 +140,9 @@ lp_status cli_join(const args *a) {
         LP_FAIL(LP_ERR_ARG, "dist.tp=%d: `loupe %s` does not run tensor-parallel (info, run, generate, and attribute and patch over the "
                 "node grid do)", tp, g_cmd);
     /* the commands whose work splits over data-parallel ranks; the others refuse more than one */
-    int dp_ok = strcmp(g_cmd, "cache") == 0 || strcmp(g_cmd, "train-sae") == 0 || sweep, dp = (int)lp_cfg_int(&a->cfg, "dist.dp");
+    int dp_ok = strcmp(g_cmd, "cache") == 0 || strcmp(g_cmd, "train-sae") == 0 || sweep || between, dp = (int)lp_cfg_int(&a->cfg, "dist.dp");
     if (dp > 1 && !dp_ok)
-        LP_FAIL(LP_ERR_ARG, "dist.dp=%d: `loupe %s` does not run data-parallel (cache, train-sae, and attribute and patch over the node "
-                "grid do)", dp, g_cmd);
+        LP_FAIL(LP_ERR_ARG, "dist.dp=%d: `loupe %s` does not run data-parallel (cache, train-sae, attribute and patch do)", dp, g_cmd);
     LP_CHECK(lp_dist_init(&g_dist, tp, dp_ok ? dp : 1));
     LP_CHECK(lp_dist_set_timeout(g_dist, lp_cfg_float(&a->cfg, "dist.timeout_s")));
     LP_CHECK(same_settings(a));
