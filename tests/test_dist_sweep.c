@@ -33,10 +33,10 @@
 #include "loupe/dist.h"
 #include "loupe/output.h"
 #include "loupe/safetensors.h"
+#include "mpitest.h"
 
 #define FIX "tests/fixtures/"
 #define ENV "OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 "
-#define MPIRUN "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -x OPENBLAS_NUM_THREADS -x OMP_NUM_THREADS "
 
 static char g_bin[PATH_MAX + 16], g_dir[] = "/tmp/loupe-distsweep-XXXXXX", g_pairs[PATH_MAX + 32];
 
