@@ -345,6 +345,12 @@ lp_status cuda_sae_encode_sparse_grad_lists(lp_ctx *c, float *dW_enc, float *db_
     (void)c; (void)dW_enc; (void)db_enc; (void)x; (void)lists; (void)dpre; (void)N; (void)K; (void)D; (void)S;
     return NO_CUDA();
 }
+lp_status cuda_sae_decode_sparse_grad_lists(lp_ctx *c, float *dval, float *dW, const float *dout, const int32_t *idx,
+                                            const int32_t *lists, const float *val, const float *W, int N, int K, int D,
+                                            int S) {
+    (void)c; (void)dval; (void)dW; (void)dout; (void)idx; (void)lists; (void)val; (void)W; (void)N; (void)K; (void)D; (void)S;
+    return NO_CUDA();
+}
 lp_status cuda_sae_to_bf16(lp_ctx *c, uint16_t *dst, const float *src, size_t n) {
     (void)c; (void)dst; (void)src; (void)n;
     return NO_CUDA();

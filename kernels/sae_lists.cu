@@ -12,6 +12,8 @@
 //    across the block), the tile goes through shared memory, and a warp then adds 32
 //    consecutive latents of one row of dW_enc [D,S]: coalesced, one writer per weight.
 //    Tiles whose latents no token chose end at once.
+//  - decoder gradient: a block per latent and 128 columns adds its entries' val * dout
+//    rows, in token order, to its row of dW_dec; dval, a dot per entry, needs no list.
 #include "common.cuh"
 
 static const int kTileS = 32;   // latents per block of the encoder gradient
@@ -159,6 +161,56 @@ lp_status cuda_sae_encode_sparse_grad_lists(lp_ctx *c, float *dW_enc, float *db_
     LP_LAUNCH(grid, kTileD, 0, cuda_stream_of(c), encode_grad_lists_kernel)(dW_enc, db_enc, x, lists,
                                                                            lists + 2 * (size_t)S + 1, dpre, K, D, S);
     LP_LAUNCH_CHECK("encode_grad_lists_kernel");
+    return LP_OK;
+}
+
+// dval[e] = dout[n,:] . W[idx[e],:]: a warp per entry (as decode_sparse_grad_kernel, with
+// no weight writes). One block per token.
+__global__ void dval_kernel(float *dval, const float *dout, const int32_t *idx, const float *W, int K, int D) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const size_t n = blockIdx.x;
+    const float *g = dout + n * D;
+    for (int j = warp; j < K; j += nwarps) { // warp-uniform
+        const size_t e = n * K + j;
+        const float *w = W + (size_t)idx[e] * D;
+        float dot = 0.0f;
+        for (int d = lane; d < D; d += 32) dot = fmaf(g[d], w[d], dot);
+        dot = warp_sum(dot);
+        if (lane == 0) dval[e] = dot;
+    }
+}
+
+// dW[s,:] += sum over latent s's entries, in token order, of val[e] dout[n,:]: grid
+// (S, ceil(D / blockDim.x)), a block per latent and slice of columns (a latent most tokens
+// chose spreads over D / blockDim.x blocks), a thread per column (rows of dout read
+// coalesced), one writer per weight. Latents no token chose leave at once, rows unwritten.
+__global__ void decode_grad_lists_kernel(float *dW, const float *dout, const int32_t *start, const int32_t *ent,
+                                         const float *val, int K, int D) {
+    const int s = blockIdx.x, d = blockIdx.y * blockDim.x + threadIdx.x;
+    const int32_t r0 = start[s], r1 = start[s + 1];
+    if (r0 == r1 || d >= D) return;
+    float acc = dW[(size_t)s * D + d];
+    for (int32_t r = r0; r < r1; r++) {
+        const int32_t e = ent[r];
+        acc += val[e] * dout[(size_t)(e / K) * D + d];
+    }
+    dW[(size_t)s * D + d] = acc;
+}
+
+lp_status cuda_sae_decode_sparse_grad_lists(lp_ctx *c, float *dval, float *dW, const float *dout, const int32_t *idx,
+                                            const int32_t *lists, const float *val, const float *W, int N, int K, int D,
+                                            int S) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_decode_sparse_grad_lists");
+    LP_CUDA_REQUIRE(N > 0 && K >= 1 && D > 0 && S > 0 && dval && dW && dout && idx && lists && val && W,
+                    "cuda_sae_decode_sparse_grad_lists: bad arguments (N=%d K=%d D=%d S=%d)", N, K, D, S);
+    const unsigned warps = K >= 8 ? 8 : (unsigned)K;
+    LP_LAUNCH((unsigned)N, 32 * warps, 0, cuda_stream_of(c), dval_kernel)(dval, dout, idx, W, K, D);
+    LP_LAUNCH_CHECK("dval_kernel");
+    const unsigned threads = D >= 128 ? 128 : (unsigned)((D + 31) / 32 * 32);
+    const dim3 grid((unsigned)S, (unsigned)((D + (int)threads - 1) / (int)threads));
+    LP_LAUNCH(grid, threads, 0, cuda_stream_of(c), decode_grad_lists_kernel)(dW, dout, lists,
+                                                                                  lists + 2 * (size_t)S + 1, val, K, D);
+    LP_LAUNCH_CHECK("decode_grad_lists_kernel");
     return LP_OK;
 }
 

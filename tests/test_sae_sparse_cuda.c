@@ -9,6 +9,10 @@
  *  - lp_sae_latent_lists: the lists exact; lp_sae_encode_sparse_grad_lists: against the CPU
  *    within nmse 1e-10 (fp32 sums in the same token order, FMA contraction only), and on the
  *    CPU bit for bit equal to lp_sae_encode_sparse_grad (the same sums in the same order).
+ *  - lp_sae_decode_sparse_grad_lists: on the CPU bit for bit equal to
+ *    lp_sae_decode_sparse_grad; on the GPU the same bits on two runs, rows no token chose
+ *    untouched, and against the CPU within nmse 1e-10 (dval: fp32 lane sums against the
+ *    CPU's double dot; dW_dec: the same token order, FMA contraction only).
  *  - lp_sae_to_bf16: every bit pattern equal.
  *  - lp_sae_matmul_bf16: against the CPU twin (exact fp32 products of bf16 values, sums in
  *    another order) nmse 1e-12; against the fp32 GEMM of the unrounded operands (what the
@@ -237,6 +241,60 @@ Test(sae_sparse_cuda, latent_lists_and_the_encoder_gradient) {
         LP_EXPECT_WITHIN(what, seed, cb, nmse, 1e-10);
         gpu_done(&g, label);
         free(idx), free(rl), free(x), free(dpre), free(W0), free(b0), free(rW), free(rb), free(oW), free(ob), free(hl), free(hW), free(hb);
+    }
+}
+
+Test(sae_sparse_cuda, the_decoder_gradient_from_the_lists) {
+    LP_TEST_REQUIRE_GPU();
+    static const int shapes[][4] = {{1, 1, 1, 1}, {31, 7, 33, 50}, {33, 300, 130, 400}, {EMU_CAP(256, 24), 32, 768, 24576}};
+    for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
+        const int N = shapes[si][0], K = shapes[si][1], D = shapes[si][2], S = shapes[si][3];
+        const uint64_t seed = 1150 + si;
+        const size_t nl = lp_sae_latent_lists_len(N, K, S), NK = (size_t)N * K;
+        int32_t *idx = rand_idx(N, K, S, seed), *rl = xmalloc(nl * 4);
+        if (si == 2) /* a hot latent: every token chose latent 5 */
+            for (int n = 0; n < N; n++) idx[(size_t)n * K] = 5, idx[(size_t)n * K + 1] = idx[(size_t)n * K + 1] == 5 ? 6 : idx[(size_t)n * K + 1];
+        float *dout = lp_test_rand((size_t)N * D, seed + 1, -1, 1), *val = lp_test_rand(NK, seed + 2, 0, 2);
+        float *W = lp_test_rand((size_t)S * D, seed + 3, -1, 1), *dW0 = lp_test_rand((size_t)S * D, seed + 4, -1, 1);
+        float *rW = xmalloc((size_t)S * D * 4), *oW = xmalloc((size_t)S * D * 4), *rv = xmalloc(NK * 4), *ov = xmalloc(NK * 4);
+        memcpy(rW, dW0, (size_t)S * D * 4), memcpy(oW, dW0, (size_t)S * D * 4);
+        OK(lp_sae_latent_lists(cpu(), rl, idx, N, K, S));
+        OK(lp_sae_decode_sparse_grad_lists(cpu(), rv, rW, dout, idx, rl, val, W, N, K, D, S));
+        OK(lp_sae_decode_sparse_grad(cpu(), ov, oW, dout, idx, val, W, N, K, D));
+        char label[96];
+        snprintf(label, sizeof label, "N=%d K=%d D=%d S=%d", N, K, D, S);
+        const size_t bo = n_differ(rW, oW, (size_t)S * D, 4) + n_differ(rv, ov, NK, 4);
+        fprintf(stderr, "  decode grad lists %-30s cpu: %zu values differ from decode_sparse_grad (must be 0)\n", label, bo);
+        cr_expect(bo == 0, "%s: the list-based CPU decoder gradient differs from lp_sae_decode_sparse_grad", label);
+
+        gpu g;
+        gpu_init(&g, LP_F32);
+        int32_t *gidx = gpu_put(&g, idx, NK * 4), *gl = gpu_alloc(&g, nl * 4);
+        float *gd = gpu_put(&g, dout, (size_t)N * D * 4), *gv = gpu_put(&g, val, NK * 4), *gWt = gpu_put(&g, W, (size_t)S * D * 4);
+        float *gdW[2], *gdv[2], *hW[2], *hv[2];
+        OK(lp_sae_latent_lists(&g.c, gl, gidx, N, K, S));
+        for (int run = 0; run < 2; run++) { /* twice: the same bits on every run */
+            gdW[run] = gpu_put(&g, dW0, (size_t)S * D * 4), gdv[run] = gpu_alloc(&g, NK * 4);
+            OK(lp_sae_decode_sparse_grad_lists(&g.c, gdv[run], gdW[run], gd, gidx, gl, gv, gWt, N, K, D, S));
+            hW[run] = gpu_get(&g, gdW[run], (size_t)S * D * 4), hv[run] = gpu_get(&g, gdv[run], NK * 4);
+        }
+        const size_t br = n_differ(hW[0], hW[1], (size_t)S * D, 4) + n_differ(hv[0], hv[1], NK, 4);
+        fprintf(stderr, "  decode grad lists %-30s gpu: %zu values differ between two runs (must be 0)\n", label, br);
+        cr_expect(br == 0, "%s: the GPU decoder gradient differs between runs", label);
+        /* rows no token chose keep their values exactly */
+        size_t untouched_bad = 0;
+        for (int s = 0; s < S; s++)
+            if (rl[s] == rl[s + 1]) untouched_bad += n_differ(hW[0] + (size_t)s * D, dW0 + (size_t)s * D, (size_t)D, 4);
+        cr_expect(untouched_bad == 0, "%s: %zu values of rows no token chose were written", label, untouched_bad);
+        const lp_cmp cw = lp_compare_f(hW[0], rW, (size_t)S * D), cv = lp_compare_f(hv[0], rv, NK);
+        char what[160];
+        snprintf(what, sizeof what, "decode_sparse_grad_lists dW_dec %s", label);
+        LP_EXPECT_WITHIN(what, seed, cw, nmse, 1e-10);
+        snprintf(what, sizeof what, "decode_sparse_grad_lists dval %s", label);
+        LP_EXPECT_WITHIN(what, seed, cv, nmse, 1e-10);
+        gpu_done(&g, label);
+        for (int run = 0; run < 2; run++) free(hW[run]), free(hv[run]);
+        free(idx), free(rl), free(dout), free(val), free(W), free(dW0), free(rW), free(oW), free(rv), free(ov);
     }
 }
 

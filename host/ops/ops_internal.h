@@ -198,6 +198,9 @@ void cpu_sae_latent_lists(int32_t *lists, const int32_t *idx, int N, int K, int 
 void cpu_sae_encode_sparse_grad_lists(float *dW_enc, float *db_enc, const float *x, const int32_t *lists,
                                       const float *dpre, int N, int K, int D, int S);
 void cpu_sae_to_bf16(uint16_t *dst, const float *src, size_t n);
+/* host/ops/cpu/sae.c: cpu_sae_decode_sparse_grad with the caller's lists */
+void cpu_sae_decode_sparse_grad_lists(float *dval, float *dW, const float *dout, const int32_t *idx, const int32_t *lists,
+                                      const float *val, const float *W, int N, int K, int D, int S);
 lp_status cpu_sae_matmul_bf16(float *out, const uint16_t *x, const uint16_t *w, const float *bias, int N, int K, int M);
 lp_status cuda_sae_topk_among(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand, int n_cand,
                               int N, int S, int K);
@@ -205,6 +208,9 @@ lp_status cuda_sae_latent_lists(lp_ctx *c, int32_t *lists, const int32_t *idx, i
 lp_status cuda_sae_encode_sparse_grad_lists(lp_ctx *c, float *dW_enc, float *db_enc, const float *x,
                                             const int32_t *lists, const float *dpre, int N, int K, int D, int S);
 lp_status cuda_sae_to_bf16(lp_ctx *c, uint16_t *dst, const float *src, size_t n);
+lp_status cuda_sae_decode_sparse_grad_lists(lp_ctx *c, float *dval, float *dW, const float *dout, const int32_t *idx,
+                                            const int32_t *lists, const float *val, const float *W, int N, int K, int D,
+                                            int S);
 lp_status cuda_sae_matmul_bf16(lp_ctx *c, float *out, const uint16_t *x, const uint16_t *w, const float *bias, int N,
                                int K, int M);
 /* host/ops/cpu/parallel.c: fn over [0, n) split into contiguous ranges of at least

@@ -132,6 +132,16 @@ lp_status lp_sae_encode_sparse_grad_lists(lp_ctx *c, float *dW_enc, float *db_en
     return cuda_sae_encode_sparse_grad_lists(c, dW_enc, db_enc, x, lists, dpre, N, K, D, S);
 }
 
+lp_status lp_sae_decode_sparse_grad_lists(lp_ctx *c, float *dval, float *dW, const float *dout, const int32_t *idx,
+                                          const int32_t *lists, const float *val, const float *W, int N, int K, int D,
+                                          int S) {
+    NEED(c && N >= 0 && K >= 1 && D > 0 && S > 0 && dval && dW && dout && idx && lists && val && W,
+         "sae_decode_sparse_grad_lists: bad arguments (N=%d K=%d D=%d S=%d)", N, K, D, S);
+    if (N == 0) return LP_OK;
+    if (CPU(c)) { cpu_sae_decode_sparse_grad_lists(dval, dW, dout, idx, lists, val, W, N, K, D, S); return LP_OK; }
+    return cuda_sae_decode_sparse_grad_lists(c, dval, dW, dout, idx, lists, val, W, N, K, D, S);
+}
+
 lp_status lp_sae_to_bf16(lp_ctx *c, uint16_t *dst, const float *src, size_t n) {
     NEED(c && dst && src, "sae_to_bf16: null buffer");
     if (n == 0) return LP_OK;

@@ -166,9 +166,10 @@ static lp_status latent_grads(trainer *tr, double l1, double l0, double *sparse_
     const lp_sae_cfg *cf = &s->cfg;
     int N = tr->Nl, D = tr->D, Do = tr->Do, S = tr->S, K = r->K;
     if (cf->arch == LP_SAE_TOPK) {
-        LP_CHECK(lp_sae_decode_sparse_grad(c, r->dval, g->W_dec, r->dxhat, r->idx, r->val, s->W_dec, N, K, Do));
-        LP_CHECK(lp_sae_relu_grad(c, r->dval, r->dval, r->val, (size_t)N * K)); /* the relu of the top-k values */
+        /* one set of latent-major lists serves both weight gradients (no atomics on either) */
         LP_CHECK(lp_sae_latent_lists(c, r->lists, r->idx, N, K, S));
+        LP_CHECK(lp_sae_decode_sparse_grad_lists(c, r->dval, g->W_dec, r->dxhat, r->idx, r->lists, r->val, s->W_dec, N, K, Do, S));
+        LP_CHECK(lp_sae_relu_grad(c, r->dval, r->dval, r->val, (size_t)N * K)); /* the relu of the top-k values */
         LP_CHECK(lp_sae_encode_sparse_grad_lists(c, g->W_enc, g->b_enc, r->xin_used, r->lists, r->dval, N, K, D, S));
         if (cf->apply_b_dec_to_input) LP_CHECK(b_dec_through_input(tr));
     } else {
@@ -233,9 +234,10 @@ static lp_status auxk_step(trainer *tr, const float *y, int n_dead, double *aux_
     LP_CHECK(lp_affine(c, r->e, r->e, r->neg1, NULL, N, Do));
     LP_CHECK(lp_add(c, r->ehat, r->ehat, r->e, (size_t)N * Do));
     LP_CHECK(lp_sae_scale(c, r->ehat, (float)(2.0 * w / N), (size_t)N * Do));
-    LP_CHECK(lp_sae_decode_sparse_grad(c, r->dval_aux, g->W_dec, r->ehat, r->idx_aux, r->val_aux, s->W_dec, N, ka, Do));
-    LP_CHECK(lp_sae_relu_grad(c, r->dval_aux, r->dval_aux, r->val_aux, (size_t)N * ka));
     LP_CHECK(lp_sae_latent_lists(c, r->lists, r->idx_aux, N, ka, S));
+    LP_CHECK(lp_sae_decode_sparse_grad_lists(c, r->dval_aux, g->W_dec, r->ehat, r->idx_aux, r->lists, r->val_aux, s->W_dec, N,
+                                             ka, Do, S));
+    LP_CHECK(lp_sae_relu_grad(c, r->dval_aux, r->dval_aux, r->val_aux, (size_t)N * ka));
     LP_CHECK(lp_sae_encode_sparse_grad_lists(c, g->W_enc, g->b_enc, r->xin_used, r->lists, r->dval_aux, N, ka, D, S));
     return LP_OK;
 }

@@ -57,6 +57,12 @@ lp_status lp_sae_latent_lists(lp_ctx *c, int32_t *lists, const int32_t *idx, int
  * same result on every run). */
 lp_status lp_sae_encode_sparse_grad_lists(lp_ctx *c, float *dW_enc, float *db_enc, const float *x, const int32_t *lists,
                                           const float *dpre, int N, int K, int D, int S);
+/* lp_sae_decode_sparse_grad with the lists of the same idx (lp_sae_latent_lists, S latents):
+ * dval as there; each row of dW [S,D] takes its latent's terms in token order from one
+ * thread (no atomics; the same result on every run). Rows no token chose are not written. */
+lp_status lp_sae_decode_sparse_grad_lists(lp_ctx *c, float *dval, float *dW, const float *dout, const int32_t *idx,
+                                          const int32_t *lists, const float *val, const float *W, int N, int K, int D,
+                                          int S);
 
 /* bf16 (uint16 bit patterns) copies: dst[i] = src[i] rounded to nearest even. */
 lp_status lp_sae_to_bf16(lp_ctx *c, uint16_t *dst, const float *src, size_t n);

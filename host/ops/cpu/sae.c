@@ -281,6 +281,16 @@ void cpu_sae_decode_sparse_grad(float *dval, float *dW, const float *dout, const
     }
 }
 
+/* The same two passes as cpu_sae_decode_sparse_grad (the same sums in the same order, so
+ * the same bits), the lists being the caller's (lp_sae_latent_lists layout). */
+void cpu_sae_decode_sparse_grad_lists(float *dval, float *dW, const float *dout, const int32_t *idx, const int32_t *lists,
+                                      const float *val, const float *W, int N, int K, int D, int S) {
+    sparse_grad_args a = {.dval = dval, .dW = dW, .dout = dout, .val = val, .W = W, .idx = idx, .K = K, .D = D};
+    a.l.start = (int32_t *)lists, a.l.ent = (int32_t *)lists + 2 * (size_t)S + 1;
+    cpu_parallel_for((size_t)N, 16, dval_rows, &a);
+    cpu_parallel_for((size_t)S, 64, dW_dec_rows, &a);
+}
+
 enum { TILE = 16 }; /* latents per tile of dW_enc: one 64-byte line of each of its D rows */
 
 /* dW_enc[:, s0..s1) and db_enc[s0..s1), a tile of TILE latents at a time: the tile's
