@@ -203,7 +203,7 @@ struct lp_model {
     struct grad_state *grad;   /* hook gradients wanted and kept (NULL: none); grad.c */
     void *grad_ones;           /* ones in the act dtype, for broadcasts in the backward */
     mdl_results res;
-    void *unembed_pad;         /* GPU: W_U padded to [roundup(V, 64), D] (vocab.c; NULL until used) */
+    void *unembed_pad;         /* GPU: W_U padded to [roundup(V, 64), D] (vocab.c; NULL until used, or V a multiple of 64) */
     int vocab_chunk_rows;      /* > 0: the padded path's chunk rows, forced (tests: several chunks); < 0: path off */
 };
 

@@ -23,9 +23,11 @@ int vocab_pad_rows(const lp_model *m, size_t cap) {
     return rows > (size_t)1 << 30 ? 1 << 30 : (int)rows;
 }
 
-/* The padded copy, made on first use (the weights do not change after loading). */
+/* The padded copy, made on first use (the weights do not change after loading); a vocabulary
+ * already a multiple of 64 (SmolLM2's, Gemma's) uses W_U itself, with no copy. */
 static lp_status pad_weight(lp_model *m, const void **w) {
     size_t D = m->cfg.d_model, es = act_elem_bytes(m), Vp = (size_t)vocab_padded(m);
+    if (Vp == (size_t)m->cfg.d_vocab) return *w = param_ptr(m, m->w.unembed), LP_OK;
     if (!m->unembed_pad) {
         void *p = NULL;
         LP_CHECK(lp_ctx_alloc(&m->ctx, Vp * D * es, &p));
