@@ -154,17 +154,19 @@ __global__ void softmax_rows_backward_kernel(T *dx, const T *dy, const T *y, siz
 // dlogits[n,:] = scale[n] (softmax(logits[n,:]) - onehot(target[n])); zeros where target < 0,
 // NaN where target >= V (a token the host could not check). One block per row.
 template <typename T>
-__global__ void xent_backward_kernel(T *dl, const T *logits, const int32_t *targets, const float *scale, int V) {
+__global__ void xent_backward_kernel(T *dl, const T *logits, const int32_t *targets, const float *scale, int V, int ld) {
     LP_SHARED(float, sm, [32]);
     LP_SHARED(float, ss, [32]);
     const size_t row = blockIdx.x;
     const int tgt = targets[row]; // the same in every thread: the block branches together
-    T *o = dl + row * V;
+    T *o = dl + row * (size_t)ld;
+    // a padded row's tail [V, ld) gets zero: no gradient flows through the padding's columns
+    for (int j = V + threadIdx.x; j < ld; j += blockDim.x) o[j] = lp_from_f<T>(0.0f);
     if (tgt < 0 || tgt >= V) {
         for (int j = threadIdx.x; j < V; j += blockDim.x) o[j] = lp_from_f<T>(tgt < 0 ? 0.0f : NAN);
         return;
     }
-    const T *xr = logits + row * V;
+    const T *xr = logits + row * (size_t)ld;
     float m = -INFINITY, s = 0.0f;
     for (int j = threadIdx.x; j < V; j += blockDim.x) lse_push(m, s, lp_to_f(xr[j]));
 #pragma unroll
@@ -241,9 +243,9 @@ static lp_status softmax_rows_backward_launch(lp_ctx *c, void *dx, const void *d
 
 template <typename T>
 static lp_status xent_backward_launch(lp_ctx *c, void *dl, const void *logits, const int32_t *targets,
-                                      const float *scale, int N, int V) {
+                                      const float *scale, int N, int V, int ld) {
     const unsigned block = V >= 512 ? 512u : (unsigned)((V + 31) / 32 * 32);
-    LP_LAUNCH((unsigned)N, block, 0, cuda_stream_of(c), xent_backward_kernel<T>)((T *)dl, (const T *)logits, targets, scale, V);
+    LP_LAUNCH((unsigned)N, block, 0, cuda_stream_of(c), xent_backward_kernel<T>)((T *)dl, (const T *)logits, targets, scale, V, ld);
     LP_LAUNCH_CHECK("xent_backward_kernel");
     return LP_OK;
 }
@@ -315,12 +317,18 @@ lp_status cuda_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const 
 
 lp_status cuda_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets,
                                 const float *scale, int N, int V) {
+    return cuda_xent_backward_ld(c, dlogits, logits, targets, scale, N, V, V);
+}
+
+// Rows ld apart (ld >= V: the padded unembedding's logits); the columns [V, ld) get zero.
+lp_status cuda_xent_backward_ld(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets,
+                                const float *scale, int N, int V, int ld) {
     LP_CUDA_REQUIRE_CTX(c, "cuda_xent_backward");
-    LP_CUDA_REQUIRE(N >= 0 && V >= 1, "cuda_xent_backward: bad size N=%d V=%d (V must be >= 1)", N, V);
+    LP_CUDA_REQUIRE(N >= 0 && V >= 1 && ld >= V, "cuda_xent_backward: bad size N=%d V=%d ld=%d (V must be >= 1)", N, V, ld);
     if (N == 0) return LP_OK;
     LP_CUDA_REQUIRE(dlogits && logits && targets && scale, "cuda_xent_backward: NULL buffer");
-    return c->dtype == LP_BF16 ? xent_backward_launch<__nv_bfloat16>(c, dlogits, logits, targets, scale, N, V)
-                               : xent_backward_launch<float>(c, dlogits, logits, targets, scale, N, V);
+    return c->dtype == LP_BF16 ? xent_backward_launch<__nv_bfloat16>(c, dlogits, logits, targets, scale, N, V, ld)
+                               : xent_backward_launch<float>(c, dlogits, logits, targets, scale, N, V, ld);
 }
 
 template <typename T>

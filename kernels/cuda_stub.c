@@ -74,6 +74,11 @@ lp_status cuda_attn_apply(lp_ctx *c, void *z, const void *pattern, const void *v
     (void)c; (void)z; (void)pattern; (void)v; (void)B; (void)T; (void)H; (void)Hkv; (void)dh;
     return NO_CUDA();
 }
+lp_status cuda_cross_entropy_ld(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
+                                int N, int V, int ld) {
+    (void)c; (void)losses; (void)logits; (void)targets; (void)N; (void)V; (void)ld;
+    return NO_CUDA();
+}
 lp_status cuda_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
                                 int N, int V) {
     (void)c; (void)losses; (void)logits; (void)targets; (void)N; (void)V;
@@ -284,6 +289,11 @@ lp_status cuda_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *d
                                        const lp_attn_cfg *cfg) {
     (void)c; (void)dq; (void)dk; (void)dscores; (void)scores; (void)q; (void)k; (void)B; (void)T; (void)H; (void)Hkv;
     (void)dh; (void)cfg;
+    return NO_CUDA();
+}
+lp_status cuda_xent_backward_ld(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets,
+                                const float *scale, int N, int V, int ld) {
+    (void)c; (void)dlogits; (void)logits; (void)targets; (void)scale; (void)N; (void)V; (void)ld;
     return NO_CUDA();
 }
 lp_status cuda_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets,

@@ -9,7 +9,7 @@
 static const unsigned kBlock = 512;
 
 template <typename T>
-__global__ void cross_entropy_kernel(float *losses, const T *logits, const int32_t *targets, int V) {
+__global__ void cross_entropy_kernel(float *losses, const T *logits, const int32_t *targets, int V, int ld) {
     LP_SHARED(float, sm, [32]);
     LP_SHARED(float, ss, [32]);
     const size_t row = blockIdx.x;
@@ -18,7 +18,7 @@ __global__ void cross_entropy_kernel(float *losses, const T *logits, const int32
         if (threadIdx.x == 0) losses[row] = 0.0f;
         return;
     }
-    const T *xr = logits + row * V;
+    const T *xr = logits + row * (size_t)ld; // ld >= V: a padded row's tail is never read
     float m = -INFINITY, s = 0.0f;
     for (int j = threadIdx.x; j < V; j += blockDim.x) lse_push(m, s, lp_to_f(xr[j]));
 #pragma unroll
@@ -50,23 +50,30 @@ __global__ void cross_entropy_kernel(float *losses, const T *logits, const int32
 
 template <typename T>
 static lp_status cross_entropy_launch(lp_ctx *c, float *losses, const void *logits,
-                                      const int32_t *targets, int N, int V) {
+                                      const int32_t *targets, int N, int V, int ld) {
     // Small vocabularies (tests, toy models) do not need 512 threads per row.
     const unsigned block = V >= (int)kBlock ? kBlock : (unsigned)((V + 31) / 32 * 32);
     LP_LAUNCH((unsigned)N, block, 0, cuda_stream_of(c), cross_entropy_kernel<T>)(losses, (const T *)logits,
-                                                                     targets, V);
+                                                                     targets, V, ld);
     LP_LAUNCH_CHECK("cross_entropy_kernel");
     return LP_OK;
 }
 
-lp_status cuda_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
-                                int N, int V) {
+// Rows ld apart of which the first V columns are the vocabulary (the unembedding padded to a
+// multiple of 64 computes ld = Vp columns; the padding's never enter the sum).
+lp_status cuda_cross_entropy_ld(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
+                                int N, int V, int ld) {
     LP_CUDA_REQUIRE_CTX(c, "cuda_cross_entropy");
-    LP_CUDA_REQUIRE(N >= 0 && V >= 1, "cuda_cross_entropy: bad size N=%d V=%d (V must be >= 1)",
-                    N, V);
+    LP_CUDA_REQUIRE(N >= 0 && V >= 1 && ld >= V, "cuda_cross_entropy: bad size N=%d V=%d ld=%d (V must be >= 1)",
+                    N, V, ld);
     if (N == 0) return LP_OK;
     LP_CUDA_REQUIRE(losses && logits && targets, "cuda_cross_entropy: NULL buffer");
     return c->dtype == LP_BF16
-               ? cross_entropy_launch<__nv_bfloat16>(c, losses, logits, targets, N, V)
-               : cross_entropy_launch<float>(c, losses, logits, targets, N, V);
+               ? cross_entropy_launch<__nv_bfloat16>(c, losses, logits, targets, N, V, ld)
+               : cross_entropy_launch<float>(c, losses, logits, targets, N, V, ld);
+}
+
+lp_status cuda_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
+                                int N, int V) {
+    return cuda_cross_entropy_ld(c, losses, logits, targets, N, V, V);
 }

@@ -263,6 +263,9 @@ lp_status model_unembed(lp_model *m, int N, int want) {
     if (!(want & (LP_WANT_LOSS | LP_WANT_LOGITS)) && !out) return LP_OK;
     if (out && m->a.logit_rows < N)
         LP_FAIL(LP_ERR_INTERNAL, "unembed.hook_out: the logits buffer holds %d rows, the batch has %d", m->a.logit_rows, N);
+    /* the GPU's loss alone: the padded unembedding, in chunks that stay in L2 (vocab.c) */
+    int pad = out || (want & LP_WANT_LOGITS) ? 0 : vocab_pad_rows(m, (size_t)m->a.logit_rows * m->cfg.d_vocab);
+    if (pad > 0) return vocab_pad_loss(m, N, pad);
     /* in row chunks so that B x T x V logits never exist at once, unless unembed.hook_out is
      * hooked (then logit_rows covers the batch: one chunk, which the hook sees and edits
      * before the losses are taken from it) */

@@ -175,6 +175,23 @@ static lp_status uncap(lp_model *m, void *dl, const void *y, size_t n) {
     return cap > 0 ? lp_softcap_backward(&m->ctx, dl, dl, y, cap, n) : LP_OK;
 }
 
+/* The GPU's mean-loss gradient over the padded unembedding (vocab.c): per chunk of rows whose
+ * [rows, Vp] logits stay in L2, the logits, the softmax gradient (zero in the padded columns)
+ * and its product with W_U into s->g.dln; the full logits never exist. */
+static lp_status mean_loss_backward_padded(lp_model *m, scratch *s, size_t N, int chunk) {
+    lp_ctx *c = &m->ctx;
+    size_t D = m->cfg.d_model, es = act_elem_bytes(m);
+    int V = m->cfg.d_vocab, Vp = vocab_padded(m);
+    for (size_t r0 = 0; r0 < N; r0 += (size_t)chunk) {
+        int rows = (int)(N - r0 < (size_t)chunk ? N - r0 : (size_t)chunk);
+        LP_CHECK(vocab_pad_logits(m, s->logits, (char *)m->a.ln_out + r0 * D * es, rows));
+        LP_CHECK(lp_xent_backward_ld(c, s->drows, s->logits, m->a.tgt + r0, m->grad->row_scale + r0, rows, V, Vp));
+        LP_CHECK(uncap(m, s->drows, s->logits, (size_t)rows * Vp));
+        LP_CHECK(vocab_pad_dx(m, (char *)s->g.dln + r0 * D * es, s->drows, rows));
+    }
+    return LP_OK;
+}
+
 /* The mean-loss metric's gradient at the logits, chunk by chunk (one chunk of all rows when
  * `full`), through the unembedding into s->g.dln, with the unembed.hook_out site when full.
  * The logits are the forward's own while unembed.hook_out is hooked (they may be edited). */
@@ -190,6 +207,10 @@ static lp_status mean_loss_backward(lp_model *m, scratch *s, int B, int T, int f
     for (size_t i = 0; i < N; i++) scale_h[i] = 1.0f / (T - 1);
     lp_status st = lp_ctx_to_device(c, g->row_scale, scale_h, N * sizeof(float));
     free(scale_h);
+    if (st == LP_OK && !full && !kept) {
+        int pad = vocab_pad_rows(m, (size_t)m->a.logit_rows * V);
+        if (pad > 0) return mean_loss_backward_padded(m, s, N, pad);
+    }
     size_t chunk = full || kept ? N : (size_t)m->a.logit_rows;
     for (size_t r0 = 0; st == LP_OK && r0 < N; r0 += chunk) {
         int rows = (int)(N - r0 < chunk ? N - r0 : chunk);

@@ -163,6 +163,7 @@ void lp_model_free(lp_model *m) {
     weights_free(m);
     lp_ctx_release(&m->ctx, m->kv.mem);
     grad_free(m);
+    vocab_pad_free(m);
     lp_ctx_release(&m->ctx, m->tp.mem);
     lp_ctx_release(&m->ctx, m->grad_ones);
     free(m->tp.layer);

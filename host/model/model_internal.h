@@ -219,6 +219,8 @@ struct lp_model {
     void *grad_ones;           /* ones in the act dtype, for broadcasts in the backward */
     mdl_score sc;              /* fused node scores (hooks.c) */
     mdl_results res;
+    void *unembed_pad;         /* GPU: W_U padded to [roundup(V, 64), D] (vocab.c; NULL until used, or V a multiple of 64) */
+    int vocab_chunk_rows;      /* > 0: the padded path's chunk rows, forced (tests: several chunks); < 0: path off */
 };
 
 size_t act_elem_bytes(const lp_model *m); /* bytes per activation element */
@@ -359,5 +361,17 @@ typedef struct bw_bufs {
  * then, when `want` asks for losses or logits or unembed.hook_out is hooked, the logits
  * through the unembedding (blocks.c). */
 lp_status model_unembed(lp_model *m, int N, int want);
+
+/* The GPU's loss-only unembedding over W_U padded to Vp = roundup(d_vocab, 64) rows (vocab.c).
+ * vocab_pad_rows: the rows of one chunk, whose [rows, Vp] logits fit in L2 and in a buffer of
+ * cap elements; 0 where the padded path is not taken (the CPU, tensor parallelism). */
+int vocab_padded(const lp_model *m);
+int vocab_pad_rows(const lp_model *m, size_t cap);
+/* out [rows, Vp] = x W_Up^T (capped under Gemma 2); dx [rows, D] = dlogits [rows, Vp] W_Up. */
+lp_status vocab_pad_logits(lp_model *m, void *out, const void *x, int rows);
+lp_status vocab_pad_dx(lp_model *m, void *dx, const void *dlogits, int rows);
+/* The per-token losses of N rows of ln_out into a.loss, chunk rows at a time through a.logits. */
+lp_status vocab_pad_loss(lp_model *m, int N, int chunk);
+void vocab_pad_free(lp_model *m);
 
 #endif

@@ -209,6 +209,14 @@ lp_status lp_cross_entropy(lp_ctx *c, float *losses, const void *logits, const i
     return cuda_cross_entropy(c, losses, logits, targets, N, V);
 }
 
+lp_status lp_cross_entropy_ld(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
+                              int N, int V, int ld) {
+    NEED(N >= 0 && V > 0 && ld >= V && losses && logits && targets, "cross_entropy: bad arguments (V=%d ld=%d)", V, ld);
+    if (!CPU(c)) return cuda_cross_entropy_ld(c, losses, logits, targets, N, V, ld);
+    for (int n = 0; n < N; n++) cpu_cross_entropy(losses + n, (const float *)logits + (size_t)n * ld, targets + n, 1, V);
+    return LP_OK;
+}
+
 static int view_ok(lp_view v) { return v.B >= 0 && v.P > 0 && v.H > 0 && v.E > 0; }
 
 lp_status lp_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind, const void *src,
@@ -346,6 +354,18 @@ lp_status lp_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const i
     NEED(N >= 0 && V > 0 && dlogits && logits && targets && scale, "xent_backward: bad arguments (N=%d V=%d)", N, V);
     if (CPU(c)) { cpu_xent_backward(dlogits, logits, targets, scale, N, V); return LP_OK; }
     return cuda_xent_backward(c, dlogits, logits, targets, scale, N, V);
+}
+
+lp_status lp_xent_backward_ld(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets, const float *scale,
+                              int N, int V, int ld) {
+    NEED(N >= 0 && V > 0 && ld >= V && dlogits && logits && targets && scale, "xent_backward: bad arguments (V=%d ld=%d)", V, ld);
+    if (!CPU(c)) return cuda_xent_backward_ld(c, dlogits, logits, targets, scale, N, V, ld);
+    for (int n = 0; n < N; n++) {
+        float *o = (float *)dlogits + (size_t)n * ld;
+        cpu_xent_backward(o, (const float *)logits + (size_t)n * ld, targets + n, scale + n, 1, V);
+        for (int j = V; j < ld; j++) o[j] = 0.0f;
+    }
+    return LP_OK;
 }
 
 lp_status lp_norm_scale_grad(lp_ctx *c, void *dscale, const void *dy, const void *x, const void *scale, const void *w, int N,

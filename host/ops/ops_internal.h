@@ -116,6 +116,7 @@ lp_status cuda_gelu_mul_backward(lp_ctx *c, void *dgate, void *dup, const void *
 lp_status cuda_softcap_backward(lp_ctx *c, void *dx, const void *dy, const void *y, float cap, size_t n);
 /* kernels/dequant.cu: n elements of ggml `type` to dst_dtype (F32, BF16 or F16). */
 lp_status cuda_dequant(lp_ctx *c, void *dst, lp_dtype dst_dtype, const void *src, int type, int64_t n);
+lp_status cuda_cross_entropy_ld(lp_ctx *c, float *losses, const void *logits, const int32_t *targets, int N, int V, int ld);
 lp_status cuda_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
                                 int N, int V);
 lp_status cuda_edit_apply(lp_ctx *c, void *act, lp_view v, lp_edit_kind kind, const void *src,
@@ -268,6 +269,8 @@ lp_status cuda_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const 
 lp_status cuda_attn_scores_backward(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *scores,
                                        const void *q, const void *k, int B, int T, int H, int Hkv, int dh,
                                        const lp_attn_cfg *cfg);
+lp_status cuda_xent_backward_ld(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets, const float *scale,
+                                int N, int V, int ld);
 lp_status cuda_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets,
                                 const float *scale, int N, int V);
 /* ==== end of backward ops ==== */

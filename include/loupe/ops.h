@@ -126,6 +126,10 @@ lp_status lp_scale(lp_ctx *c, void *out, const void *x, float s, size_t n);
  * logits is act [N,V]; losses is F32 on the context's device. */
 lp_status lp_cross_entropy(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
                            int N, int V);
+/* The same over rows ld >= V apart, of which only the first V columns are read (the logits of
+ * an unembedding padded to a multiple of 64 columns). */
+lp_status lp_cross_entropy_ld(lp_ctx *c, float *losses, const void *logits, const int32_t *targets,
+                              int N, int V, int ld);
 
 /* ---- backward ops (attribution gradients) ----
  * Each takes the upstream gradient dy of the forward op's output and the forward's saved
@@ -184,6 +188,9 @@ lp_status lp_attn_scores_backward_cfg(lp_ctx *c, void *dq, void *dk, const void 
  * are zero. scale is F32 on the device [N]. (The gradient of the next-token loss.) */
 lp_status lp_xent_backward(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets, const float *scale, int N,
                            int V);
+/* The same over rows ld >= V apart; the columns [V, ld) of dlogits get zero. */
+lp_status lp_xent_backward_ld(lp_ctx *c, void *dlogits, const void *logits, const int32_t *targets, const float *scale,
+                              int N, int V, int ld);
 
 /* ---- hook views: how edits and position-limited captures address an activation ----
  * Every hook activation is viewed as four axes [B, X1, X2, E] with E contiguous:
