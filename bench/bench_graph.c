@@ -1,8 +1,8 @@
 /* bench_graph.c: attribution graphs (graph.h) on SmolLM2-135M with random per-layer
  * transcoders: nodes, edges, backward passes, seconds per graph and peak host memory at
  * several prompt lengths, on the CPU; then, when a GPU is present (graph.device = cuda), a
- * Gemma-2-2B-shaped model (its d_model, layers, heads and vocabulary in Llama form: the
- * replacement model does not take Gemma's post-norms and soft-caps) with random F32 weights
+ * Gemma-2-2B-shaped model (its d_model, layers, heads and vocabulary in Llama form: the same
+ * GEMMs and patterns; Gemma's post-norms and soft-caps add only elementwise work) with random F32 weights
  * on the GPU and random per-layer transcoders, at 32, 2,048 and 8,192 tokens.
  * A case that runs past its time limit (--time-limit for the CPU, --gpu-limit for the GPU,
  * seconds after the plan; 0: none) stops there and reports its rows, backward passes and

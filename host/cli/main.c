@@ -122,7 +122,7 @@ static const lp_key g_keys[] = {
     {"graph.edge_threshold", LP_KEY_FLOAT, "0.98", 0, 1, NULL, "pruning: edges kept up to this share of the influence"},
     {"graph.edge_mass", LP_KEY_FLOAT, "1", 1e-6, 1, NULL, "sparse rows: each keeps its largest edges up to this share of its |mass| (1: all)"},
     {"graph.max_row_edges", LP_KEY_INT, "0", 0, 1 << 30, NULL, "sparse rows: at most this many edges each (0: no cap)"},
-    {"graph.device", LP_KEY_CHOICE, "cpu", 0, 0, "cpu|cuda", "where the backward passes run (cuda: on the GPU in fp32; the model itself stays model.device = cpu)"},
+    {"graph.device", LP_KEY_CHOICE, "cpu", 0, 0, "cpu|cuda", "where the backward passes run (cuda: on the GPU in fp32; the forward runs where model.device says, f32)"},
     {"graph.zero_positions", LP_KEY_INT, "1", 1, 1 << 20, NULL, "the first positions without features and with a zero error (circuit-tracer: 1; 4 for instruction-tuned Gemma 3)"},
     {"graph.host_budget_mb", LP_KEY_INT, "0", 0, 1L << 40, NULL, "refuse a graph whose plan needs more host memory (0: 80% of RAM)"},
     {"graph.html", LP_KEY_CHOICE, "true", 0, 0, "true|false", "also write <slug>.html, the graph's self-contained page"},
