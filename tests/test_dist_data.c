@@ -37,40 +37,12 @@ static char g_bin[PATH_MAX + 16], g_dir[] = "/tmp/loupe-distdp-XXXXXX";
 
 /* build/loupe beside this test binary, a scratch directory; skips when MPI cannot run. */
 static void setup(void) {
-    if (!lp_dist_have_mpi()) cr_skip_test("this loupe was built without MPI (mpicc absent at build time)");
-    if (system("command -v mpirun >/dev/null 2>&1") != 0) cr_skip_test("mpirun is not on the PATH (scripts/install-deps.sh installs OpenMPI)");
-    char self[PATH_MAX];
-    ssize_t k = readlink("/proc/self/exe", self, sizeof self - 1);
-    cr_assert(k > 0, "cannot find this test binary");
-    self[k] = 0;
-    snprintf(g_bin, sizeof g_bin, "%s/loupe", dirname(self));
-    cr_assert_eq(access(g_bin, X_OK), 0, "%s is missing (make builds it)", g_bin);
-    cr_assert(mkdtemp(g_dir), "cannot make a scratch directory");
+    mpitest_need_mpi();
+    mpitest_paths(g_bin, sizeof g_bin, g_dir);
 }
 
 static void teardown(void) {
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    if (g_dir[strlen(g_dir) - 1] != 'X') (void)!system(cmd);
-}
-
-/* Runs a command, its output (stdout and stderr) into out; returns its exit status. */
-static int run(char *out, size_t n, const char *fmt, ...) {
-    char cmd[8192];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    strncat(cmd, " 2>&1", sizeof cmd - strlen(cmd) - 1);
-    FILE *p = popen(cmd, "r");
-    cr_assert(p, "cannot run %s", cmd);
-    size_t k = 0;
-    out[0] = 0;
-    char line[1024];
-    while (fgets(line, sizeof line, p))
-        if (k + strlen(line) < n) strcpy(out + k, line), k += strlen(line);
-    int rc = pclose(p);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+    mpitest_remove(g_dir);
 }
 
 static void same_file(const char *a, const char *b) {
@@ -101,9 +73,9 @@ static void dp_matches(int np) {
     char out[16384], ref[PATH_MAX + 64], dir[PATH_MAX + 64];
     snprintf(ref, sizeof ref, "%s/one", g_dir);
     snprintf(dir, sizeof dir, "%s/dp", g_dir);
-    int rc = run(out, sizeof out, ENV "%s " ARGS " --cache.out=%s", g_bin, ref);
+    int rc = mpitest_run(out, sizeof out, ENV "%s " ARGS " --cache.out=%s", g_bin, ref);
     cr_assert_eq(rc, 0, "one process: %s", out);
-    rc = run(out, sizeof out, ENV MPIRUN "-np %d %s " ARGS " --cache.out=%s", np, g_bin, dir);
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np %d %s " ARGS " --cache.out=%s", np, g_bin, dir);
     cr_assert_eq(rc, 0, "mpirun -np %d: %s", np, out);
     cr_assert(strstr(out, "cached 4 hooks for 8 sequences (32 tokens)"), "%s", out);
     cr_assert(strstr(out, "3 shards"), "%s", out);
@@ -114,7 +86,7 @@ static void dp_matches(int np) {
     char last[PATH_MAX + 96];
     snprintf(last, sizeof last, "%s/shard-00002.safetensors", dir);
     cr_assert_eq(unlink(last), 0);
-    rc = run(out, sizeof out, ENV MPIRUN "-np %d %s " ARGS " --cache.out=%s", np, g_bin, dir);
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np %d %s " ARGS " --cache.out=%s", np, g_bin, dir);
     cr_assert_eq(rc, 0, "mpirun -np %d (resume): %s", np, out);
     cr_assert(strstr(out, "6 sequences were already there"), "%s", out);
     same_store(ref, dir);
@@ -130,7 +102,7 @@ Test(dist_data, cache_store_refused_on_rank0_ends_every_rank) {
     FILE *f = fopen(file, "w");
     cr_assert(f);
     fclose(f);
-    int rc = run(out, sizeof out, "timeout 60 " MPIRUN "-np 2 %s " ARGS " --cache.out=%s", g_bin, file);
+    int rc = mpitest_run(out, sizeof out, "timeout 60 " MPIRUN "-np 2 %s " ARGS " --cache.out=%s", g_bin, file);
     cr_assert_neq(rc, 0, "%s", out);
     cr_assert_neq(rc, 124, "mpirun hung: %s", out);
     cr_assert(strstr(out, "loupe: rank 1: cache: DP rank 0 could not open"), "%s", out);
@@ -147,7 +119,7 @@ Test(dist_data, ranks_with_other_settings_are_refused) {
                "exec %s " ARGS " --cache.out=%s/s\n", g_bin, g_dir, g_bin, g_dir);
     fclose(f);
     cr_assert_eq(chmod(sh, 0755), 0);
-    int rc = run(out, sizeof out, "timeout 60 " MPIRUN "-np 2 %s", sh);
+    int rc = mpitest_run(out, sizeof out, "timeout 60 " MPIRUN "-np 2 %s", sh);
     cr_assert_neq(rc, 0, "%s", out);
     cr_assert_neq(rc, 124, "mpirun hung: %s", out);
     cr_assert(strstr(out, "loupe: rank 0: rank 1 was started with other settings than rank 0"), "%s", out);
@@ -194,14 +166,14 @@ static void same_curve(const char *one, const char *two) {
 
 static void train_matches(const char *arch) {
     char out[16384], one[PATH_MAX + 64], two[PATH_MAX + 64];
-    int rc = run(out, sizeof out, ENV "%s cache --model.path=" FIX "gpt2-tiny --data.tokens=" FIX "gpt2-tiny/tokens_flat.npy --data.context=4 "
+    int rc = mpitest_run(out, sizeof out, ENV "%s cache --model.path=" FIX "gpt2-tiny --data.tokens=" FIX "gpt2-tiny/tokens_flat.npy --data.context=4 "
                  "--model.device=cpu --cache.hooks=blocks.1.hook_resid_post --cache.out=%s/store", g_bin, g_dir);
     cr_assert_eq(rc, 0, "cache: %s", out);
     snprintf(one, sizeof one, "%s/one", g_dir);
     snprintf(two, sizeof two, "%s/two", g_dir);
-    rc = run(out, sizeof out, ENV "%s " TRAIN " --sae.architecture=%s --train.out=%s", g_bin, g_dir, arch, one);
+    rc = mpitest_run(out, sizeof out, ENV "%s " TRAIN " --sae.architecture=%s --train.out=%s", g_bin, g_dir, arch, one);
     cr_assert_eq(rc, 0, "one process: %s", out);
-    rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " TRAIN " --sae.architecture=%s --train.out=%s", g_bin, g_dir, arch, two);
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " TRAIN " --sae.architecture=%s --train.out=%s", g_bin, g_dir, arch, two);
     cr_assert_eq(rc, 0, "mpirun -np 2: %s", out);
     cr_assert(strstr(out, "in 16 steps"), "%s", out);
     char a[PATH_MAX + 96], b[PATH_MAX + 96];

@@ -40,13 +40,7 @@
 static char g_bin[PATH_MAX + 16], g_dir[] = "/tmp/loupe-distfault-XXXXXX";
 
 static void setup(void) {
-    char self[PATH_MAX];
-    ssize_t k = readlink("/proc/self/exe", self, sizeof self - 1);
-    cr_assert(k > 0, "cannot find this test binary");
-    self[k] = 0;
-    snprintf(g_bin, sizeof g_bin, "%s/loupe", dirname(self));
-    cr_assert_eq(access(g_bin, X_OK), 0, "%s is missing (make builds it)", g_bin);
-    cr_assert(mkdtemp(g_dir), "cannot make a scratch directory");
+    mpitest_paths(g_bin, sizeof g_bin, g_dir);
 }
 
 /* The ranks' pids (written by launch.sh): whatever a failed test left is killed. */
@@ -65,17 +59,10 @@ static void teardown(void) {
         pid_t p = rank_pid(r);
         if (p > 0 && kill(p, 0) == 0) kill(p, SIGKILL);
     }
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    if (g_dir[strlen(g_dir) - 1] != 'X') (void)!system(cmd);
+    mpitest_remove(g_dir);
 }
 
 TestSuite(dist_fault, .init = setup, .fini = teardown, .timeout = 180);
-
-static void need_mpi(void) {
-    if (!lp_dist_have_mpi()) cr_skip_test("this loupe was built without MPI (mpicc absent at build time)");
-    if (system("command -v mpirun >/dev/null 2>&1") != 0) cr_skip_test("mpirun is not on the PATH (scripts/install-deps.sh installs OpenMPI)");
-}
 
 static double now_s(void) {
     struct timespec ts;
@@ -83,29 +70,10 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Runs a shell command, its stdout and stderr into out; returns its exit status. */
-static int run(char *out, size_t n, const char *fmt, ...) {
-    char cmd[8192];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    strncat(cmd, " 2>&1", sizeof cmd - strlen(cmd) - 1);
-    FILE *p = popen(cmd, "r");
-    cr_assert(p, "cannot run %s", cmd);
-    size_t k = 0;
-    out[0] = 0;
-    char line[4096];
-    while (fgets(line, sizeof line, p))
-        if (k + strlen(line) < n) strcpy(out + k, line), k += strlen(line);
-    int rc = pclose(p);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
-}
-
 /* One process writes the store every run trains on; launch.sh records each rank's pid. */
 static void make_store(void) {
     char out[16384], sh[PATH_MAX + 64];
-    int rc = run(out, sizeof out, ENV "%s cache --model.path=" FIX "gpt2-tiny --data.tokens=" FIX "gpt2-tiny/tokens_flat.npy --data.context=4 "
+    int rc = mpitest_run(out, sizeof out, ENV "%s cache --model.path=" FIX "gpt2-tiny --data.tokens=" FIX "gpt2-tiny/tokens_flat.npy --data.context=4 "
                  "--model.device=cpu --cache.hooks=blocks.1.hook_resid_post --cache.out=%s/store", g_bin, g_dir);
     cr_assert_eq(rc, 0, "cache: %s", out);
     snprintf(sh, sizeof sh, "%s/launch.sh", g_dir);
@@ -213,7 +181,7 @@ static char *metrics_values(const char *name) {
 }
 
 Test(dist_fault, kill9_of_a_rank_ends_the_job_and_a_rerun_resumes_identically) {
-    need_mpi();
+    mpitest_need_mpi();
     make_store();
     pid_t job = start_job("killed", "--dist.timeout_s=10");
     await_checkpoint("killed", job, 90);
@@ -233,10 +201,10 @@ Test(dist_fault, kill9_of_a_rank_ends_the_job_and_a_rerun_resumes_identically) {
 
     /* the rerun resumes from the last checkpoint; an uninterrupted job is the reference */
     char out[1 << 16];
-    rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " TRAIN " --train.out=%s/killed --dist.timeout_s=10", g_bin, g_dir, g_dir);
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " TRAIN " --train.out=%s/killed --dist.timeout_s=10", g_bin, g_dir, g_dir);
     cr_assert_eq(rc, 0, "rerun: %s", out);
     cr_assert(strstr(out, "(resumed)"), "the rerun did not resume: %s", out);
-    rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " TRAIN " --train.out=%s/whole --dist.timeout_s=10", g_bin, g_dir, g_dir);
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " TRAIN " --train.out=%s/whole --dist.timeout_s=10", g_bin, g_dir, g_dir);
     cr_assert_eq(rc, 0, "uninterrupted run: %s", out);
     same_file("killed/sae_weights.safetensors", "whole/sae_weights.safetensors");
     same_file("killed/cfg.json", "whole/cfg.json");
@@ -246,7 +214,7 @@ Test(dist_fault, kill9_of_a_rank_ends_the_job_and_a_rerun_resumes_identically) {
 }
 
 Test(dist_fault, a_stopped_rank_ends_the_job_within_the_timeout) {
-    need_mpi();
+    mpitest_need_mpi();
     make_store();
     pid_t job = start_job("stopped", "--dist.timeout_s=3");
     await_checkpoint("stopped", job, 90);
@@ -270,10 +238,10 @@ Test(dist_fault, a_stopped_rank_ends_the_job_within_the_timeout) {
  * collective. Neither waits longer than dist.timeout_s: the job ends, non-zero, with rank
  * 1's error and a timeout line. */
 Test(dist_fault, a_rank_failing_alone_ends_the_job_within_the_timeout) {
-    need_mpi();
+    mpitest_need_mpi();
     make_store();
     char out[1 << 16], sh[PATH_MAX + 64];
-    int rc = run(out, sizeof out, "mkdir -p %s/other && cp -r %s/store %s/other/store", g_dir, g_dir, g_dir);
+    int rc = mpitest_run(out, sizeof out, "mkdir -p %s/other && cp -r %s/store %s/other/store", g_dir, g_dir, g_dir);
     cr_assert_eq(rc, 0, "%s", out);
     /* every activation of rank 1's copy becomes NaN (the bytes after the safetensors header) */
     char shard[PATH_MAX + 96];
@@ -294,7 +262,7 @@ Test(dist_fault, a_rank_failing_alone_ends_the_job_within_the_timeout) {
     fclose(f);
     cr_assert_eq(chmod(sh, 0755), 0);
     double t0 = now_s();
-    rc = run(out, sizeof out, ENV "timeout 60 " MPIRUN "-np 2 %s train-sae store --data.hook=blocks.1.hook_resid_post --sae.expansion_factor=2 "
+    rc = mpitest_run(out, sizeof out, ENV "timeout 60 " MPIRUN "-np 2 %s train-sae store --data.hook=blocks.1.hook_resid_post --sae.expansion_factor=2 "
              "--train.device=cpu --train.tokens=256 --train.batch_tokens=16 --train.out=%s/alone --dist.timeout_s=3", sh, g_dir);
     double secs = now_s() - t0;
     cr_assert_neq(rc, 0, "%s", out);
@@ -314,11 +282,11 @@ Test(dist_fault, a_bad_timeout_is_refused) {
                                          {"soon", "dist.timeout_s = 'soon' is not a number"}};
     char out[16384];
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
-        int rc = run(out, sizeof out, "%s info " FIX "gpt2-tiny --dist.timeout_s=%s", g_bin, bad[i][0]);
+        int rc = mpitest_run(out, sizeof out, "%s info " FIX "gpt2-tiny --dist.timeout_s=%s", g_bin, bad[i][0]);
         cr_expect_eq(rc, 2, "dist.timeout_s=%s: exit %d: %s", bad[i][0], rc, out);
         cr_expect(strstr(out, bad[i][1]), "dist.timeout_s=%s: %s", bad[i][0], out);
         cr_expect(!strstr(out, "hook points"), "dist.timeout_s=%s: the command ran: %s", bad[i][0], out);
     }
-    int rc = run(out, sizeof out, "%s info " FIX "gpt2-tiny --dist.timeout_s=0.5", g_bin);
+    int rc = mpitest_run(out, sizeof out, "%s info " FIX "gpt2-tiny --dist.timeout_s=0.5", g_bin);
     cr_expect_eq(rc, 0, "dist.timeout_s=0.5: %s", out);
 }

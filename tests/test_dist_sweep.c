@@ -62,41 +62,13 @@ static void write_pairs(void) {
 /* build/loupe beside this test binary, a scratch directory and the pairs; skips when MPI
  * cannot run. */
 static void setup(void) {
-    if (!lp_dist_have_mpi()) cr_skip_test("this loupe was built without MPI (mpicc absent at build time)");
-    if (system("command -v mpirun >/dev/null 2>&1") != 0) cr_skip_test("mpirun is not on the PATH (scripts/install-deps.sh installs OpenMPI)");
-    char self[PATH_MAX];
-    ssize_t k = readlink("/proc/self/exe", self, sizeof self - 1);
-    cr_assert(k > 0, "cannot find this test binary");
-    self[k] = 0;
-    snprintf(g_bin, sizeof g_bin, "%s/loupe", dirname(self));
-    cr_assert_eq(access(g_bin, X_OK), 0, "%s is missing (make builds it)", g_bin);
-    cr_assert(mkdtemp(g_dir), "cannot make a scratch directory");
+    mpitest_need_mpi();
+    mpitest_paths(g_bin, sizeof g_bin, g_dir);
     write_pairs();
 }
 
 static void teardown(void) {
-    char cmd[PATH_MAX + 16];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    if (g_dir[strlen(g_dir) - 1] != 'X') (void)!system(cmd);
-}
-
-/* Runs a command, its output (stdout and stderr) into out; returns its exit status. */
-static int run(char *out, size_t n, const char *fmt, ...) {
-    char cmd[8192];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(cmd, sizeof cmd, fmt, ap);
-    va_end(ap);
-    strncat(cmd, " 2>&1", sizeof cmd - strlen(cmd) - 1);
-    FILE *p = popen(cmd, "r");
-    cr_assert(p, "cannot run %s", cmd);
-    size_t k = 0;
-    out[0] = 0;
-    char line[1024];
-    while (fgets(line, sizeof line, p))
-        if (k + strlen(line) < n) strcpy(out + k, line), k += strlen(line);
-    int rc = pclose(p);
-    return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
+    mpitest_remove(g_dir);
 }
 
 static char *path_in(const char *sub) {
@@ -213,7 +185,7 @@ TestSuite(dist_sweep, .init = setup, .fini = teardown, .timeout = 240);
 
 static void train_sae(void) {
     char out[16384];
-    int rc = run(out, sizeof out, ENV "%s train-sae --model.path=" FIX "gpt2-tiny --model.device=cpu --tokens " FIX "gpt2-tiny/tokens.npy "
+    int rc = mpitest_run(out, sizeof out, ENV "%s train-sae --model.path=" FIX "gpt2-tiny --model.device=cpu --tokens " FIX "gpt2-tiny/tokens.npy "
                  "--data.hook=blocks.0.hook_resid_post --train.out=%s --sae.d_sae=96 --sae.k=8 --train.tokens=1024",
                  g_bin, path_in("sae"));
     cr_assert_eq(rc, 0, "train-sae: %s", out);
@@ -222,12 +194,12 @@ static void train_sae(void) {
 Test(dist_sweep, attribute_dp_is_the_single_process_output) {
     char out[16384];
     train_sae();
-    int rc = run(out, sizeof out, ENV "%s " ATTRIB " --attrib.sae=%s --attrib.pairs=%s --attrib.out=%s", g_bin, path_in("sae"), g_pairs, path_in("one"));
+    int rc = mpitest_run(out, sizeof out, ENV "%s " ATTRIB " --attrib.sae=%s --attrib.pairs=%s --attrib.out=%s", g_bin, path_in("sae"), g_pairs, path_in("one"));
     cr_assert_eq(rc, 0, "one process: %s", out);
     for (int np = 2; np <= 3; np++) {
         char dir[32];
         snprintf(dir, sizeof dir, "dp%d", np);
-        rc = run(out, sizeof out, ENV MPIRUN "-np %d %s " ATTRIB " --attrib.sae=%s --attrib.pairs=%s --attrib.out=%s", np, g_bin, path_in("sae"),
+        rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np %d %s " ATTRIB " --attrib.sae=%s --attrib.pairs=%s --attrib.out=%s", np, g_bin, path_in("sae"),
                  g_pairs, path_in(dir));
         cr_assert_eq(rc, 0, "mpirun -np %d: %s", np, out);
         cr_assert(strstr(out, "attribute: 7 pairs done (0 already in"), "%s", out);
@@ -250,9 +222,9 @@ static const char *after_first_line(const char *s) {
 
 Test(dist_sweep, patch_dp2_is_the_single_process_output) {
     char out[16384], one[16384];
-    int rc = run(one, sizeof one, ENV "%s " PATCH " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("one"));
+    int rc = mpitest_run(one, sizeof one, ENV "%s " PATCH " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("one"));
     cr_assert_eq(rc, 0, "one process: %s", one);
-    rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " PATCH " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("dp2"));
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " PATCH " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("dp2"));
     cr_assert_eq(rc, 0, "mpirun -np 2: %s", out);
     int n = same_files(path_in("one"), path_in("dp2"), same_bytes);
     cr_assert_eq(n, 16, "job.json, results.jsonl and 7 exact and 7 AtP scores files, not %d files", n);
@@ -285,12 +257,12 @@ static void lose_results(const char *dir, int keep) {
  * resuming the same loss. */
 Test(dist_sweep, dp2_resumes_lost_results_as_one_process_does) {
     char out[16384];
-    int rc = run(out, sizeof out, ENV "%s " ATTRIB " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("one"));
+    int rc = mpitest_run(out, sizeof out, ENV "%s " ATTRIB " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("one"));
     cr_assert_eq(rc, 0, "one process: %s", out);
-    rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " ATTRIB " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("dp2"));
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " ATTRIB " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("dp2"));
     cr_assert_eq(rc, 0, "mpirun -np 2: %s", out);
     lose_results(path_in("dp2"), 4);
-    rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " ATTRIB " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("dp2"));
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " ATTRIB " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("dp2"));
     cr_assert_eq(rc, 0, "mpirun -np 2 (resume): %s", out);
     cr_assert(strstr(out, "cut an incomplete last line"), "%s", out);
     cr_assert(strstr(out, "attribute: 3 pairs done (4 already in"), "%s", out);
@@ -298,9 +270,9 @@ Test(dist_sweep, dp2_resumes_lost_results_as_one_process_does) {
 
     lose_results(path_in("dp2"), 3);
     lose_results(path_in("one"), 3);
-    rc = run(out, sizeof out, ENV "%s " ATTRIB " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("one"));
+    rc = mpitest_run(out, sizeof out, ENV "%s " ATTRIB " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("one"));
     cr_assert_eq(rc, 0, "one process (resume): %s", out);
-    rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " ATTRIB " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("dp2"));
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " ATTRIB " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("dp2"));
     cr_assert_eq(rc, 0, "mpirun -np 2 (resume): %s", out);
     cr_assert(strstr(out, "attribute: 4 pairs done (3 already in"), "%s", out);
     int n = same_files(path_in("one"), path_in("dp2"), same_bytes);
@@ -354,7 +326,7 @@ Test(dist_sweep, dp2_killed_mid_sweep_resumes_to_the_same_output) {
                 c[0], c[1], c[2], c[3], c[4], c[5], c[0], c[1], (c[2] + 17) % 900, c[3], c[4], c[5], i % 900, (i * 7 + 3) % 900);
     }
     fclose(f);
-    int rc = run(out, sizeof out, ENV "%s " KILLED " --attrib.pairs=%s --attrib.out=%s", g_bin, big, path_in("one"));
+    int rc = mpitest_run(out, sizeof out, ENV "%s " KILLED " --attrib.pairs=%s --attrib.out=%s", g_bin, big, path_in("one"));
     cr_assert_eq(rc, 0, "one process: %s", out);
     /* each rank records its pid; mpirun runs in the background */
     f = fopen(path_in("rank.sh"), "w");
@@ -380,7 +352,7 @@ Test(dist_sweep, dp2_killed_mid_sweep_resumes_to_the_same_output) {
     int left = count_lines(path_in("dp2/results.jsonl"));
     cr_assert(left < 200, "the run ended before the kill (%d lines)", left);
     cr_assert(left % 2 == 0, "%d lines: a batch of 2 half written", left);
-    rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " KILLED " --attrib.pairs=%s --attrib.out=%s", g_bin, big, path_in("dp2"));
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " KILLED " --attrib.pairs=%s --attrib.out=%s", g_bin, big, path_in("dp2"));
     cr_assert_eq(rc, 0, "mpirun -np 2 (resume): %s", out);
     char want[96];
     snprintf(want, sizeof want, "attribute: %d pairs done (%d already in", 200 - left, left);
@@ -400,11 +372,11 @@ static void tp_matches(const char *cmd, const char *model, int np, int dp) {
     const char *extra = strcmp(cmd, "patch") == 0 ? "--attrib.nodes=hook_resid_mid,attn.hook_z,attn.hook_k,attn.hook_pattern"
                                                   : "--attrib.batch=2 --attrib.ig_steps=2";
     if (access(path_in(one), F_OK) != 0) {
-        int rc = run(out, sizeof out, ENV "%s %s --model.path=%s --model.device=cpu %s --attrib.pairs=%s --attrib.out=%s", g_bin, cmd, model, extra,
+        int rc = mpitest_run(out, sizeof out, ENV "%s %s --model.path=%s --model.device=cpu %s --attrib.pairs=%s --attrib.out=%s", g_bin, cmd, model, extra,
                      g_pairs, path_in(one));
         cr_assert_eq(rc, 0, "one process: %s", out);
     }
-    int rc = run(out, sizeof out, ENV MPIRUN "-np %d %s %s --model.path=%s --model.device=cpu %s --attrib.pairs=%s --attrib.out=%s --dist.tp=%d",
+    int rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np %d %s %s --model.path=%s --model.device=cpu %s --attrib.pairs=%s --attrib.out=%s --dist.tp=%d",
                  np, g_bin, cmd, model, extra, g_pairs, path_in(split), np / dp);
     cr_assert_eq(rc, 0, "mpirun -np %d, dist.tp=%d: %s", np, np / dp, out);
     cr_assert(strstr(out, "7 pairs done (0 already in"), "%s", out);
@@ -437,7 +409,7 @@ Test(dist_sweep, an_output_rank0_cannot_open_ends_every_rank) {
     FILE *f = fopen(path_in("afile"), "w");
     cr_assert(f);
     fclose(f);
-    int rc = run(out, sizeof out, ENV "timeout 60 " MPIRUN "-np 2 %s " ATTRIB " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("afile"));
+    int rc = mpitest_run(out, sizeof out, ENV "timeout 60 " MPIRUN "-np 2 %s " ATTRIB " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("afile"));
     cr_assert_neq(rc, 0, "%s", out);
     cr_assert_neq(rc, 124, "mpirun hung: %s", out);
     cr_assert(strstr(out, "loupe: rank 1: attribute: rank 0 failed"), "%s", out);
@@ -452,7 +424,7 @@ Test(dist_sweep, between_components_sweeps_refuse_tp) {
                                             {"patch --patch.kind=path --path.sender=embed --path.receivers=logits", "`loupe patch --patch.kind=path`"}};
     for (int i = 0; i < 2; i++) {
         char out[16384], want[256];
-        int rc = run(out, sizeof out, ENV "timeout 60 " MPIRUN "-np 2 %s %s --model.path=" FIX "gpt2-tiny --model.device=cpu --attrib.pairs=%s "
+        int rc = mpitest_run(out, sizeof out, ENV "timeout 60 " MPIRUN "-np 2 %s %s --model.path=" FIX "gpt2-tiny --model.device=cpu --attrib.pairs=%s "
                      "--attrib.out=%s --dist.tp=2", g_bin, sweeps[i][0], g_pairs, path_in("between-tp"));
         cr_assert_eq(rc, 2, "%s", out);
         for (int r = 0; r < 2; r++) {
@@ -475,12 +447,12 @@ Test(dist_sweep, between_components_sweeps_refuse_tp) {
 static int between_dp_matches(const char *cmd, const char *name, const char *done_line) {
     char out[16384], one[64], dp[64];
     snprintf(one, sizeof one, "%s-one", name);
-    int rc = run(out, sizeof out, ENV "%s %s --attrib.pairs=%s --attrib.out=%s", g_bin, cmd, g_pairs, path_in(one));
+    int rc = mpitest_run(out, sizeof out, ENV "%s %s --attrib.pairs=%s --attrib.out=%s", g_bin, cmd, g_pairs, path_in(one));
     cr_assert_eq(rc, 0, "one process: %s", out);
     int n = 0;
     for (int np = 2; np <= 3; np++) {
         snprintf(dp, sizeof dp, "%s-dp%d", name, np);
-        rc = run(out, sizeof out, ENV MPIRUN "-np %d %s %s --attrib.pairs=%s --attrib.out=%s", np, g_bin, cmd, g_pairs, path_in(dp));
+        rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np %d %s %s --attrib.pairs=%s --attrib.out=%s", np, g_bin, cmd, g_pairs, path_in(dp));
         cr_assert_eq(rc, 0, "mpirun -np %d: %s", np, out);
         cr_assert(strstr(out, done_line), "%s", out);
         n = same_files(path_in(one), path_in(dp), same_bytes);
@@ -496,7 +468,7 @@ Test(dist_sweep, edges_dp2_match_one_process_and_resume) {
     cr_assert_eq(n, 11, "job.json, results.jsonl, circuit.json, circuit.html and 7 scores files: not %d files", n);
     lose_results(path_in("edges-dp2"), 3);
     char out[16384];
-    int rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " EDGES " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("edges-dp2"));
+    int rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " EDGES " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("edges-dp2"));
     cr_assert_eq(rc, 0, "mpirun -np 2 (resume): %s", out);
     cr_assert(strstr(out, "edge attribution: 4 pairs done (3 already in"), "%s", out);
     same_files(path_in("edges-one"), path_in("edges-dp2"), same_bytes);
@@ -508,7 +480,7 @@ Test(dist_sweep, path_patching_dp2_matches_one_process_and_resumes) {
     cr_assert_eq(n, 9, "job.json, results.jsonl and 7 scores files: not %d files", n);
     lose_results(path_in("paths-dp2"), 4);
     char out[16384];
-    int rc = run(out, sizeof out, ENV MPIRUN "-np 2 %s " PATHS " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("paths-dp2"));
+    int rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " PATHS " --attrib.pairs=%s --attrib.out=%s", g_bin, g_pairs, path_in("paths-dp2"));
     cr_assert_eq(rc, 0, "mpirun -np 2 (resume): %s", out);
     cr_assert(strstr(out, "path patching: 3 pairs done (4 already in"), "%s", out);
     same_files(path_in("paths-one"), path_in("paths-dp2"), same_bytes);
