@@ -54,6 +54,21 @@ Test(graph_cli, sweep_resumes_and_refuses) {
     snprintf(fmt, sizeof fmt, "graph %s --graph.edge_mass=0.9", base);
     cr_assert_eq(loupe(fmt, dir, dir), 2, "%s", err_txt);
     cr_assert(strstr(err_txt, "graph.edge_mass = 1, not 0.9"), "%s", err_txt);
+    /* a job written before graph.zero_positions existed ran with its default, 1: the same job */
+    snprintf(p, sizeof p, "%s/out/job.json", dir);
+    slurp(p, buf, sizeof buf);
+    char *zl = strstr(buf, "\"graph.zero_positions\"");
+    cr_assert(zl, "job.json records graph.zero_positions: %s", buf);
+    while (zl > buf && zl[-1] != '\n') zl--;
+    memmove(zl, strchr(zl, '\n') + 1, strlen(strchr(zl, '\n') + 1) + 1);
+    FILE *jf = fopen(p, "w");
+    cr_assert(jf && fputs(buf, jf) >= 0 && fclose(jf) == 0, "cannot rewrite %s", p);
+    snprintf(fmt, sizeof fmt, "graph %s", base);
+    cr_assert_eq(loupe(fmt, dir, dir), 0, "%s", err_txt);
+    cr_assert(strstr(err_txt, "0 graphs written, 2 already done"), "%s", err_txt);
+    snprintf(fmt, sizeof fmt, "graph %s --graph.zero_positions=2", base);
+    cr_assert_eq(loupe(fmt, dir, dir), 2, "%s", err_txt);
+    cr_assert(strstr(err_txt, "graph.zero_positions = (unset), not 2"), "%s", err_txt);
     /* over the budget: refused before any backward, naming what to change */
     snprintf(fmt, sizeof fmt, "graph %s --graph.host_budget_mb=1 --graph.out=%s/out2", base, "%s");
     cr_assert_eq(loupe(fmt, dir, dir, dir), 2, "%s", err_txt);

@@ -127,6 +127,15 @@ static lp_graph_opts graph_opts(const args *a) {
 }
 
 /* job.json: every setting that changes a graph; a restart must have the same. */
+/* Settings added after older jobs were written, with the value those jobs ran with: a job.json
+ * without the key is the same job when the setting still has that value. */
+static int as_older_jobs(const char *key, const char *v) {
+    static const char *const later[][2] = {{"graph.zero_positions", "1"}};
+    for (size_t i = 0; i < sizeof later / sizeof later[0]; i++)
+        if (!strcmp(key, later[i][0])) return !strcmp(v, later[i][1]);
+    return 0;
+}
+
 static lp_status job_check(const args *a, const char *out) {
     static const char *keys[] = {"model.path", "graph.prompts", "graph.transcoders", "graph.max_feature_nodes", "graph.update_interval",
                                  "graph.max_n_logits", "graph.desired_logit_prob", "graph.node_threshold", "graph.edge_threshold",
@@ -153,6 +162,7 @@ static lp_status job_check(const args *a, const char *out) {
         cJSON *old = cJSON_ParseWithLength(old_txt, n);
         for (const cJSON *e = now->child; st == LP_OK && e; e = e->next) {
             const cJSON *h = cJSON_GetObjectItemCaseSensitive(old, e->string);
+            if (!h && as_older_jobs(e->string, e->valuestring)) continue;
             if (!cJSON_IsString(h) || strcmp(h->valuestring, e->valuestring))
                 st = LP_ERR(LP_ERR_ARG, "%s: this output was written with %s = %s, not %s; resume with the same setting, or choose another graph.out",
                             path, e->string, cJSON_IsString(h) ? h->valuestring : "(unset)", e->valuestring);
