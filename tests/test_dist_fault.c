@@ -9,7 +9,11 @@
  *    and the collective in one line, and the job ends;
  *  - rank 1 failing alone (its input is bad, rank 0's is not): the job ends within the
  *    timeout instead of rank 0 waiting for it forever;
- *  - dist.timeout_s that is not a positive finite number is refused (exit 2) before any work.
+ *  - rank 1 never arriving (a launch script that sleeps instead of starting loupe): rank 0,
+ *    inside MPI's start, ends the job after dist.start_timeout_s; a rank arriving late, but
+ *    within it, is waited for;
+ *  - dist.timeout_s or dist.start_timeout_s that is not a positive finite number is refused
+ *    (exit 2) before any work.
  * The MPI tests skip, saying why, without MPI in the build or mpirun on the PATH. */
 #include <criterion/criterion.h>
 #include <dirent.h>
@@ -273,19 +277,61 @@ Test(dist_fault, a_rank_failing_alone_ends_the_job_within_the_timeout) {
     cr_assert(!exists("alone", "sae_weights.safetensors"), "a final SAE was written");
 }
 
+/* A launch script: rank 1 runs `rank1` (a shell command) first, every rank then loupe. */
+static void late_script(const char *path, const char *rank1) {
+    FILE *f = fopen(path, "w");
+    cr_assert(f);
+    fprintf(f, "#!/bin/sh\nif [ \"$OMPI_COMM_WORLD_RANK\" = 1 ]; then %s; fi\nexec %s \"$@\"\n", rank1, g_bin);
+    fclose(f);
+    cr_assert_eq(chmod(path, 0755), 0);
+}
+
+/* Rank 1 never arrives (it sleeps instead of starting loupe): rank 0, inside MPI's start,
+ * gives up after dist.start_timeout_s with one line and the launcher ends the job. Without
+ * the watchdog rank 0 waits in MPI_Init_thread for ever (the outer timeout of 60 s says so). */
+Test(dist_fault, a_rank_that_never_starts_ends_the_job_within_the_start_timeout) {
+    mpitest_need_mpi();
+    char out[1 << 16], sh[PATH_MAX + 64];
+    snprintf(sh, sizeof sh, "%s/never.sh", g_dir);
+    late_script(sh, "exec sleep 120");
+    double t0 = now_s();
+    int rc = mpitest_run(out, sizeof out, ENV "timeout 60 " MPIRUN "-np 2 %s info " FIX "gpt2-tiny --dist.tp=2 --dist.start_timeout_s=3", sh);
+    double secs = now_s() - t0;
+    cr_assert_neq(rc, 124, "the job hung in its start: %s", out);
+    cr_assert_neq(rc, 0, "%s", out);
+    cr_assert(secs >= 2.9 && secs < 3 + 15, "the job took %.1f s (dist.start_timeout_s=3): %s", secs, out);
+    cr_assert(strstr(out, "loupe: rank 0: the job did not start within 3 s (dist.start_timeout_s): not every rank joined it"), "%s", out);
+    cr_assert(!strstr(out, "hook points"), "the command ran: %s", out);
+}
+
+/* A rank that arrives late but within the start timeout: the job runs as usual. */
+Test(dist_fault, a_rank_arriving_late_within_the_start_timeout_is_waited_for) {
+    mpitest_need_mpi();
+    char out[1 << 16], sh[PATH_MAX + 64];
+    snprintf(sh, sizeof sh, "%s/late.sh", g_dir);
+    late_script(sh, "sleep 2");
+    int rc = mpitest_run(out, sizeof out, ENV "timeout 60 " MPIRUN "-np 2 %s info " FIX "gpt2-tiny --dist.tp=2 --dist.timeout_s=1 "
+                         "--dist.start_timeout_s=30", sh);
+    cr_assert_eq(rc, 0, "%s", out);
+    cr_assert(strstr(out, "hook points (40)"), "%s", out);
+}
+
 /* not a positive finite number of seconds: refused by name, exit 2, before any work */
 Test(dist_fault, a_bad_timeout_is_refused) {
     static const char *const bad[][2] = {{"0", "dist.timeout_s = 0: must be more than 0 seconds"},
                                          {"-1", "dist.timeout_s = -1 is outside"},
                                          {"inf", "dist.timeout_s = inf is outside"},
                                          {"nan", "dist.timeout_s = 'nan' is not a number"},
-                                         {"soon", "dist.timeout_s = 'soon' is not a number"}};
+                                         {"soon", "dist.timeout_s = 'soon' is not a number"},
+                                         {"0", "dist.start_timeout_s = 0: must be more than 0 seconds"},
+                                         {"inf", "dist.start_timeout_s = inf is outside"}};
     char out[16384];
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
-        int rc = mpitest_run(out, sizeof out, "%s info " FIX "gpt2-tiny --dist.timeout_s=%s", g_bin, bad[i][0]);
-        cr_expect_eq(rc, 2, "dist.timeout_s=%s: exit %d: %s", bad[i][0], rc, out);
-        cr_expect(strstr(out, bad[i][1]), "dist.timeout_s=%s: %s", bad[i][0], out);
-        cr_expect(!strstr(out, "hook points"), "dist.timeout_s=%s: the command ran: %s", bad[i][0], out);
+        const char *key = strncmp(bad[i][1], "dist.start", 10) == 0 ? "start_timeout_s" : "timeout_s";
+        int rc = mpitest_run(out, sizeof out, "%s info " FIX "gpt2-tiny --dist.%s=%s", g_bin, key, bad[i][0]);
+        cr_expect_eq(rc, 2, "dist.%s=%s: exit %d: %s", key, bad[i][0], rc, out);
+        cr_expect(strstr(out, bad[i][1]), "dist.%s=%s: %s", key, bad[i][0], out);
+        cr_expect(!strstr(out, "hook points"), "dist.%s=%s: the command ran: %s", key, bad[i][0], out);
     }
     int rc = mpitest_run(out, sizeof out, "%s info " FIX "gpt2-tiny --dist.timeout_s=0.5", g_bin);
     cr_expect_eq(rc, 0, "dist.timeout_s=0.5: %s", out);

@@ -2,6 +2,9 @@
  * error report and --json output, progress bars, opening the model, reading and tokenizing
  * the data, and the prompt pairs of attribute and patch. Calls only the library. */
 #include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -117,6 +120,75 @@ static lp_status same_settings(const args *a) {
 
 lp_dist *cli_dist(void) { return g_dist; }
 
+/* The start of a job of several ranks (MPI_Init, the groups, the settings check) waits for
+ * every rank, and MPI_Init cannot be interrupted from inside: a watchdog thread ends this
+ * process when the start has not completed within dist.start_timeout_s (a rank that never
+ * arrived, or stopped or died while the others were in MPI's start). The launcher then ends
+ * the others (mpirun always; srun with --kill-on-bad-exit=1, else each one's own watchdog). */
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done, rank;
+    double limit;
+    pthread_t th;
+} g_start = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+static void *start_watch(void *arg) {
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    double whole = floor(g_start.limit);
+    until.tv_sec += (time_t)whole;
+    until.tv_nsec += (long)((g_start.limit - whole) * 1e9);
+    if (until.tv_nsec >= 1000000000L) until.tv_sec++, until.tv_nsec -= 1000000000L;
+    pthread_mutex_lock(&g_start.mu);
+    int rc = 0;
+    while (!g_start.done && rc != ETIMEDOUT) rc = pthread_cond_timedwait(&g_start.cv, &g_start.mu, &until);
+    int late = !g_start.done;
+    pthread_mutex_unlock(&g_start.mu);
+    if (late) {
+        char line[300];
+        int n = snprintf(line, sizeof line, "loupe: rank %d: the job did not start within %g s (dist.start_timeout_s): not every rank "
+                         "joined it (one never started, or stopped or died in MPI's start); ending the job\n", g_start.rank, g_start.limit);
+        ssize_t k = write(2, line, n > 0 && (size_t)n < sizeof line ? (size_t)n : 0);
+        (void)k;
+        _exit(1); /* MPI_Abort needs the start that did not complete */
+    }
+    return NULL;
+}
+
+/* Arms the watchdog for a process the launcher says is one of several (1: armed). */
+static int start_watch_arm(const args *a) {
+    g_start.rank = launcher_rank();
+    if (g_start.rank < 0) return 0;
+    g_start.limit = lp_cfg_float(&a->cfg, "dist.start_timeout_s");
+    g_start.done = 0;
+    pthread_condattr_t at;
+    pthread_condattr_init(&at);
+    pthread_condattr_setclock(&at, CLOCK_MONOTONIC);
+    pthread_cond_init(&g_start.cv, &at);
+    pthread_condattr_destroy(&at);
+    return pthread_create(&g_start.th, NULL, start_watch, NULL) == 0;
+}
+
+static void start_watch_disarm(void) {
+    pthread_mutex_lock(&g_start.mu);
+    g_start.done = 1;
+    pthread_cond_signal(&g_start.cv);
+    pthread_mutex_unlock(&g_start.mu);
+    pthread_join(g_start.th, NULL);
+    pthread_cond_destroy(&g_start.cv);
+}
+
+/* Joins the job under the watchdog: MPI's start, the groups, the timeout and the settings. */
+static lp_status start_job(const args *a, int tp, int dp) {
+    int armed = start_watch_arm(a);
+    lp_status st = lp_dist_init(&g_dist, tp, dp);
+    if (st == LP_OK) st = lp_dist_set_timeout(g_dist, lp_cfg_float(&a->cfg, "dist.timeout_s"));
+    if (st == LP_OK) st = same_settings(a);
+    if (armed) start_watch_disarm();
+    return st;
+}
+
 /* Joins the job's processes; ranks other than 0 print nothing, neither results nor progress,
  * except their errors (each naming its rank). */
 lp_status cli_join(const args *a) {
@@ -143,9 +215,7 @@ lp_status cli_join(const args *a) {
     int dp_ok = strcmp(g_cmd, "cache") == 0 || strcmp(g_cmd, "train-sae") == 0 || sweep || between, dp = (int)lp_cfg_int(&a->cfg, "dist.dp");
     if (dp > 1 && !dp_ok)
         LP_FAIL(LP_ERR_ARG, "dist.dp=%d: `loupe %s` does not run data-parallel (cache, train-sae, attribute and patch do)", dp, g_cmd);
-    LP_CHECK(lp_dist_init(&g_dist, tp, dp_ok ? dp : 1));
-    LP_CHECK(lp_dist_set_timeout(g_dist, lp_cfg_float(&a->cfg, "dist.timeout_s")));
-    LP_CHECK(same_settings(a));
+    LP_CHECK(start_job(a, tp, dp_ok ? dp : 1));
     if (lp_dist_rank(g_dist) == 0) {
         if (lp_dist_size(g_dist) > 1) catch_sigterm(2);
         return LP_OK;

@@ -24,6 +24,9 @@ static const lp_key g_keys[] = {
      "size / dist.tp"},
     {"dist.timeout_s", LP_KEY_FLOAT, "30", 0, 1e6, NULL,
      "seconds a rank waits for the others in any collective before it ends the whole job (a crashed or stopped rank)"},
+    {"dist.start_timeout_s", LP_KEY_FLOAT, "60", 0, 1e6, NULL,
+     "seconds the start of a job of several ranks (MPI's start, the groups, the settings check) may take before a rank ends "
+     "the whole job (a rank that never arrived)"},
     {"data.tokens", LP_KEY_STR, NULL, 0, 0, NULL, ".npy or .bin token ids"},
     {"data.text", LP_KEY_STR, NULL, 0, 0, NULL, "UTF-8 text file, tokenized with the model's tokenizer"},
     {"data.context", LP_KEY_INT, "0", 0, 1 << 20, NULL, "row length; 0: as stored (2-D) or the model's context (flat)"},
@@ -281,8 +284,10 @@ static lp_status parse_args(args *a, int argc, char **argv, const char *position
         LP_CHECK(lp_cfg_set(&a->cfg, key, val, "command line"));
     }
     /* the key table bounds it to [0, 1e6] (no infinity, no NaN); a wait of 0 s is none */
-    if (!(lp_cfg_float(&a->cfg, "dist.timeout_s") > 0))
-        LP_FAIL(LP_ERR_ARG, "dist.timeout_s = %g: must be more than 0 seconds", lp_cfg_float(&a->cfg, "dist.timeout_s"));
+    static const char *const waits[] = {"dist.timeout_s", "dist.start_timeout_s"};
+    for (int i = 0; i < 2; i++)
+        if (!(lp_cfg_float(&a->cfg, waits[i]) > 0))
+            LP_FAIL(LP_ERR_ARG, "%s = %g: must be more than 0 seconds", waits[i], lp_cfg_float(&a->cfg, waits[i]));
     return check_paths(&a->cfg);
 }
 

@@ -43,11 +43,11 @@ static lp_status nccl_wait(lp_dist *d, lp_dist_group g, lp_ctx *c, int on_stream
 
 /* The size the launcher announced (0: no launcher variable is set): mpirun's, PMI's, or srun's
  * for this job step (not SLURM_NTASKS, which an allocation sets before any srun). */
-static int launched_size(void) {
+static int launched_size(const char **var) {
     static const char *vars[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"};
     for (size_t i = 0; i < sizeof vars / sizeof *vars; i++) {
         const char *s = getenv(vars[i]);
-        if (s && *s) return atoi(s);
+        if (s && *s) return *var = vars[i], atoi(s);
     }
     return 0;
 }
@@ -117,7 +117,8 @@ lp_status lp_dist_init(lp_dist **out, int tp, int dp) {
     lp_dist *d = calloc(1, sizeof *d);
     if (!d) LP_FAIL(LP_ERR_OOM, "dist: out of host memory");
     d->timeout_s = LP_DIST_DEFAULT_TIMEOUT_S;
-    int launched = launched_size();
+    const char *var = "";
+    int launched = launched_size(&var);
 #if LOUPE_MPI
     int inited = 0;
     MPI_Initialized(&inited);
@@ -138,10 +139,21 @@ lp_status lp_dist_init(lp_dist **out, int tp, int dp) {
     if (inited) {
         MPI_Comm_rank(MPI_COMM_WORLD, &d->rank);
         MPI_Comm_size(MPI_COMM_WORLD, &d->size);
+        /* a launcher whose process manager this MPI does not speak (srun --mpi=none, or
+         * pmi2 to an MPI built for PMIx only) can leave each process a world of one: all of
+         * them would then run the whole job as rank 0, each writing the same outputs */
+        if (d->own_mpi && launched > 1 && d->size != launched) {
+            int size = d->size;
+            lp_dist_finalize(d);
+            LP_FAIL(LP_ERR_ARG, "dist: the launcher started %d processes (%s), but MPI sees a world of %d: the launcher and this "
+                    "MPI did not connect (under srun, pass --mpi=pmix, or the plugin the site's MPI is built for)", launched, var,
+                    size);
+        }
     } else {
         d->rank = 0, d->size = 1;
     }
 #else
+    (void)var;
     if (launched > 1 || tp > 1 || dp > 1) {
         free(d);
         LP_FAIL(LP_ERR_ARG, "dist: %d processes asked for (dist.tp=%d, dist.dp=%d, launcher %d), but this loupe was built "
