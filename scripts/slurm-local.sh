@@ -23,7 +23,7 @@ if [ $check -eq 0 ] && [ $# -eq 0 ]; then
     echo "usage: scripts/slurm-local.sh COMMAND [ARGS...] | --check" >&2
     exit 2
 fi
-for b in slurmctld slurmd srun sinfo munged mungekey; do
+for b in slurmctld slurmd srun sinfo squeue scancel munged mungekey; do
     if ! command -v "$b" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$b" ]; then
         echo "slurm-local: $b is not installed (apt-get install slurm-wlm munge)" >&2
         exit 3
