@@ -38,6 +38,7 @@ PATH="$PATH:/usr/sbin"
 dir=$(mktemp -d /tmp/slurm-local-XXXXXX)
 chmod 700 "$dir"
 pids=()
+# shellcheck disable=SC2317  # called by the trap
 stop() {
     # the jobs first: a step whose slurmd went away first would linger (slurmstepd waits for it)
     if [ -n "${SLURM_CONF:-}" ] && [ ${#pids[@]} -ge 3 ]; then
