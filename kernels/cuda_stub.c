@@ -394,3 +394,8 @@ lp_status cuda_sae_track_step(lp_ctx *c, double *trk, const lp_sae_track_step_ar
     (void)c; (void)trk; (void)a;
     return NO_CUDA();
 }
+lp_status cuda_sae_topk_among_counted(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand,
+                                      const double *n_cand, int N, int S, int K) {
+    (void)c; (void)idx; (void)val; (void)pre; (void)cand; (void)n_cand; (void)N; (void)S; (void)K;
+    return NO_CUDA();
+}

@@ -18,6 +18,7 @@
 //    allocation per call): two calls must not run concurrently on one device from
 //    different streams.
 #include "sae_common.cuh"
+#include "ops/sae_track_internal.h"
 
 static const unsigned kBlock = 256;    // threads of the batch-wide histogram kernel
 static const int kTopkMaxK = 2048;     // host/ops/sae_ops.c: LP_SAE_TOPK_MAX_K_CUDA
@@ -104,10 +105,12 @@ __device__ __forceinline__ void bitonic_sort_desc(unsigned long long *sel, int P
 // P (key, index) pairs (P = K rounded up to a power of two), then the row's S keys when
 // kRowInSmem.
 // With cand (strictly increasing latents), the row is pre[n, cand[0..n_cand)] and the
-// indices written are the latents: ties still go to the lower latent.
+// indices written are the latents: ties still go to the lower latent. With n_dev (the
+// candidates' number in device memory, at most n_cand) the row takes min(K, *n_dev) and
+// pads the rest of its K entries (include/loupe/sae_track.h).
 template <bool kRowInSmem>
 __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, int K, int P, const int32_t *cand,
-                            int n_cand) {
+                            int n_cand, const double *n_dev) {
     LP_DYNAMIC_SHARED(unsigned long long, topk_smem);
     unsigned long long *sel = topk_smem;
     uint32_t *keys = (uint32_t *)(topk_smem + P);
@@ -120,7 +123,18 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const float *row = pre + (size_t)blockIdx.x * S;
-    const int L = cand ? n_cand : S; // the row's length
+    const int Kout = K;
+    int L = cand ? n_cand : S; // the row's length
+    if (n_dev) {
+        const int n = (int)*n_dev;
+        L = n < L ? n : L;
+        K = K < L ? K : L;
+        for (int j = K + tid; j < Kout; j += blockDim.x) { // the pads: value 0, latents spread over S
+            idx[(size_t)blockIdx.x * Kout + j] = (int32_t)(((size_t)blockIdx.x * Kout + j) % (size_t)S);
+            val[(size_t)blockIdx.x * Kout + j] = 0.0f;
+        }
+        if (K == 0) return; // block-uniform, before any barrier
+    }
 #define TOPK_AT(i) (cand ? row[cand[i]] : row[i])
     if (kRowInSmem)
         for (int i = tid; i < L; i += blockDim.x) keys[i] = order_key(TOPK_AT(i));
@@ -197,7 +211,7 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
 
     bitonic_sort_desc(sel, P);
 
-    const size_t out0 = (size_t)blockIdx.x * K;
+    const size_t out0 = (size_t)blockIdx.x * Kout;
     for (int j = tid; j < K; j += blockDim.x) {
         const unsigned long long p = sel[j];
         idx[out0 + j] = (int32_t)~(uint32_t)p;
@@ -208,7 +222,7 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
 
 // Shared memory and block size for rows of L candidates, then the launch.
 static lp_status topk_launch(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand, int L,
-                             int N, int S, int K) {
+                             int N, int S, int K, const double *n_dev = NULL) {
     int P = 1;
     while (P < K) P <<= 1;
     int optin = 0;
@@ -223,9 +237,9 @@ static lp_status topk_launch(lp_ctx *c, int32_t *idx, float *val, const float *p
     if (in_smem) {
         if (dyn > 48 * 1024)
             LP_CUDA_CHECK(cudaFuncSetAttribute(topk_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn));
-        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<true>)(idx, val, pre, S, K, P, cand, L);
+        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<true>)(idx, val, pre, S, K, P, cand, L, n_dev);
     } else {
-        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<false>)(idx, val, pre, S, K, P, cand, L);
+        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<false>)(idx, val, pre, S, K, P, cand, L, n_dev);
     }
     LP_LAUNCH_CHECK("topk_kernel");
     return LP_OK;
@@ -247,6 +261,16 @@ lp_status cuda_sae_topk_among(lp_ctx *c, int32_t *idx, float *val, const float *
                     "cuda_sae_topk_among: bad arguments (N=%d S=%d n_cand=%d K=%d)", N, S, n_cand, K);
     LP_CUDA_REQUIRE(K <= kTopkMaxK, "cuda_sae_topk_among: k=%d exceeds %d", K, kTopkMaxK);
     return topk_launch(c, idx, val, pre, cand, n_cand, N, S, K);
+}
+
+// The same with the candidates' number read on the device (include/loupe/sae_track.h).
+lp_status cuda_sae_topk_among_counted(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand,
+                                      const double *n_cand, int N, int S, int K) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_topk_among_counted");
+    LP_CUDA_REQUIRE(N > 0 && S > 0 && K >= 1 && K <= S && idx && val && pre && cand && n_cand,
+                    "cuda_sae_topk_among_counted: bad arguments (N=%d S=%d K=%d)", N, S, K);
+    LP_CUDA_REQUIRE(K <= kTopkMaxK, "cuda_sae_topk_among_counted: k=%d exceeds %d", K, kTopkMaxK);
+    return topk_launch(c, idx, val, pre, cand, S, N, S, K, n_cand);
 }
 
 // ---- the BatchTopK threshold -------------------------------------------------------------

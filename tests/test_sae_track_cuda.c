@@ -7,7 +7,8 @@
  *              first bad step and its tokens, writes no final SAE and no checkpoint after it
  *   twins      the CUDA kernels of the step's bookkeeping (the dead-latent counters and their
  *              list, the metric sums and the flag, the L1 term, the reconstruction sums into
- *              device memory) against their CPU twins: integers exact, sums within 1e-12.
+ *              device memory, AuxK's selection over a counted list) against their CPU
+ *              twins: integers and selections exact, sums within 1e-12.
  * Without a GPU the CUDA tests skip; `make test` runs them on the CUDA emulator. */
 #include <sys/stat.h>
 #include <unistd.h>
@@ -59,6 +60,7 @@ static void cfg(lp_sae_train_cfg *t, const char *store, const char *out, lp_sae_
     t->batch_tokens = 64, t->tokens = (int64_t)steps * 64, t->shuffle_tokens = 256;
     t->log_every = steps, t->checkpoint_every = 0, t->aux_k = 8;
     t->lr = 1e-3, t->l1_coefficient = 1.0;
+    t->dead_feature_window = 192; /* TopK: latents go dead within the run, AuxK works every step */
 }
 
 /* The device reads of one run of `steps` steps. */
@@ -74,6 +76,7 @@ static unsigned long reads_of(lp_ctx *c, lp_sae_arch arch, int steps, const char
     unsigned long n0 = c->n_d2h;
     cr_assert_eq(lp_sae_train(&t, c, &rep), LP_OK, "%s", lp_last_error());
     cr_assert_eq(rep.steps, steps);
+    if (arch == LP_SAE_TOPK) cr_expect_gt(rep.dead, 0, "%s: no dead latent: AuxK never ran", tag);
     return c->n_d2h - n0;
 }
 
@@ -236,4 +239,45 @@ Test(sae_track, step_sums_kernels_equal_the_cpu) {
     free(gt);
     gpu_done(&g, "track");
     free(x), free(xh), free(cs), free(nm);
+}
+
+/* AuxK's selection with the dead count on the device: for counts 0, below K, K and above,
+ * equal to the CPU twin, and its first min(K, n) entries equal to lp_sae_topk_among's. */
+Test(sae_track, topk_among_counted_equals_the_cpu_and_topk_among) {
+    LP_TEST_REQUIRE_GPU();
+    int N = 24, S = EMU_CAP(2000, 300), K = 16;
+    gpu g;
+    gpu_init(&g, LP_F32);
+    float *pre = lp_test_rand((size_t)N * S, 21, -2, 2);
+    int32_t *cand = malloc((size_t)S * 4), *ri = malloc((size_t)N * K * 4), *ti = malloc((size_t)N * K * 4);
+    float *rv = malloc((size_t)N * K * 4), *tv = malloc((size_t)N * K * 4);
+    for (int s = 0; s < S; s++) cand[s] = 3 * s < S ? 3 * s : S - 1; /* increasing up to the counts used */
+    float *dpre = gpu_put(&g, pre, (size_t)N * S * 4);
+    int32_t *dcand = gpu_put(&g, cand, (size_t)S * 4), *didx = gpu_alloc(&g, (size_t)N * K * 4);
+    float *dval = gpu_alloc(&g, (size_t)N * K * 4);
+    double *dn = gpu_alloc(&g, sizeof(double));
+    const int counts[5] = {0, 1, K - 3, K, S / 3};
+    for (int q = 0; q < 5; q++) {
+        double n = counts[q];
+        OK(lp_ctx_to_device(&g.c, dn, &n, sizeof n));
+        OK(lp_sae_topk_among_counted(cpu(), ri, rv, pre, cand, &n, N, S, K));
+        OK(lp_sae_topk_among_counted(&g.c, didx, dval, dpre, dcand, dn, N, S, K));
+        int32_t *gi = gpu_get(&g, didx, (size_t)N * K * 4);
+        float *gv = gpu_get(&g, dval, (size_t)N * K * 4);
+        cr_expect(memcmp(gi, ri, (size_t)N * K * 4) == 0 && memcmp(gv, rv, (size_t)N * K * 4) == 0,
+                  "n=%d: the GPU's selection differs from the CPU's", counts[q]);
+        int m = counts[q] < K ? counts[q] : K, bad = 0;
+        if (m > 0) { /* the real entries: lp_sae_topk_among over the same n */
+            OK(lp_sae_topk_among(cpu(), ti, tv, pre, cand, counts[q], N, S, m));
+            for (int r = 0; r < N; r++)
+                bad += memcmp(ri + (size_t)r * K, ti + (size_t)r * m, (size_t)m * 4) != 0 || memcmp(rv + (size_t)r * K, tv + (size_t)r * m, (size_t)m * 4) != 0;
+        }
+        for (int r = 0; r < N; r++)
+            for (int j = m; j < K; j++) bad += rv[(size_t)r * K + j] != 0.0f || ri[(size_t)r * K + j] != (int32_t)(((size_t)r * K + j) % S);
+        cr_expect(bad == 0, "n=%d: %d rows differ from lp_sae_topk_among or pad wrongly", counts[q], bad);
+        fprintf(stderr, "  topk_among_counted n=%-4d K=%d: GPU = CPU, first %d = topk_among, rest padding\n", counts[q], K, m);
+        free(gi), free(gv);
+    }
+    gpu_done(&g, "topk_among_counted");
+    free(pre), free(cand), free(ri), free(ti), free(rv), free(tv);
 }

@@ -32,6 +32,22 @@ lp_status lp_sae_l1_term(lp_ctx *c, double *trk, const float *colsum, const floa
     return cuda_sae_l1_term(c, trk, colsum, norms, S);
 }
 
+lp_status lp_sae_topk_among_counted(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand,
+                                    const double *n_cand, int N, int S, int K) {
+    NEED(c && idx && val && pre && cand && n_cand && N >= 0 && S > 0 && K >= 1 && K <= S,
+         "sae_topk_among_counted: bad arguments (N=%d S=%d K=%d)", N, S, K);
+    if (N == 0) return LP_OK;
+    if (CPU(c)) {
+        const double n = *n_cand; /* host memory: the contract is checked here */
+        NEED(n >= 0 && n <= S && n == (int)n, "sae_topk_among_counted: %g candidates of %d", n, S);
+        for (int i = 0; i < (int)n; i++)
+            NEED(cand[i] >= 0 && cand[i] < S && (i == 0 || cand[i] > cand[i - 1]),
+                 "sae_topk_among_counted: candidate %d (latent %d) is out of [0, %d) or out of increasing order", i, cand[i], S);
+        return cpu_sae_topk_among_counted(idx, val, pre, cand, (int)n, N, S, K);
+    }
+    return cuda_sae_topk_among_counted(c, idx, val, pre, cand, n_cand, N, S, K);
+}
+
 lp_status lp_sae_track_step(lp_ctx *c, double *trk, const lp_sae_track_step_args *a) {
     NEED(c && trk && a && a->n > 0 && a->n_global > 0 && a->sparse >= 0 && a->sparse <= 2 && (!a->aux || a->aux_k >= 1),
          "sae_track_step: bad arguments");

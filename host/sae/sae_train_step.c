@@ -202,24 +202,28 @@ static lp_status latent_grads(trainer *tr, double l1) {
 
 /* AuxK: the dead latents' top activations reconstruct the residual y - x_hat; adds its
  * gradient, and its loss's sums to the tracking block. The selection reads the dead latents'
- * columns of pre in place (their list r->cand, n_dead long, made on the device by
- * lp_sae_dead_update), with no masked [N, d_sae] copy. Against the
- * former masked copy (pre on dead latents, 0 elsewhere) it keeps the same latents with
- * positive values in the same order; where fewer than ka dead latents are positive the
- * copy filled up with live latents at 0 and this with dead ones below 0, both of value
- * relu = 0, which add nothing to the loss or the gradients. */
-static lp_status auxk_step(trainer *tr, const float *y, int n_dead) {
+ * columns of pre in place (their list r->cand and its length, made on the device by
+ * lp_sae_dead_update), with no masked [N, d_sae] copy, and no read of the dead count: each
+ * row takes min(Ka, n_dead) latents and pads the rest of its Ka entries with value 0, which
+ * add nothing to x_hat's reconstruction or to any gradient (their relu gradient is 0), so
+ * the step is the one over exactly min(Ka, n_dead) latents; with no dead latent the loss is
+ * 0 (lp_sae_track_step) and the gradients receive only zeros. The weight
+ * w = aux_k_coefficient * min(n_dead / min(Ka, n_dead), 1) is aux_k_coefficient whenever a
+ * latent is dead. Against the former masked copy (pre on dead latents, 0 elsewhere) it keeps
+ * the same latents with positive values in the same order; where fewer than ka dead
+ * latents are positive the copy filled up with live latents at 0 and this with dead ones
+ * below 0, both of value relu = 0, which add nothing to the loss or the gradients. */
+static lp_status auxk_step(trainer *tr, const float *y) {
     sae_runner *r = tr->r;
     lp_sae *s = tr->s, *g = &tr->gview;
     lp_ctx *c = tr->c;
-    int N = tr->Nl, D = tr->D, Do = tr->Do, S = tr->S;
-    int ka = r->Ka < n_dead ? r->Ka : n_dead;
-    LP_CHECK(lp_sae_topk_among(c, r->idx_aux, r->val_aux, r->pre, r->cand, n_dead, N, S, ka));
+    int N = tr->Nl, D = tr->D, Do = tr->Do, S = tr->S, ka = r->Ka;
+    LP_CHECK(lp_sae_topk_among_counted(c, r->idx_aux, r->val_aux, r->pre, r->cand, tr->trk + LP_TRK_N_DEAD, N, S, ka));
     LP_CHECK(lp_affine(c, r->e, r->xhat, r->neg1, NULL, N, Do));
     LP_CHECK(lp_add(c, r->e, r->e, y, (size_t)N * Do)); /* e = y - x_hat, held fixed */
     LP_CHECK(lp_sae_decode_sparse(c, r->ehat, r->idx_aux, r->val_aux, s->W_dec, NULL, N, ka, Do));
     LP_CHECK(lp_sae_recon_sums_dev(c, tr->trk + LP_TRK_AUX, r->e, r->ehat, N, Do));
-    double w = tr->t->aux_k_coefficient * fmin((double)n_dead / ka, 1.0); /* as lp_sae_track_step's */
+    double w = tr->t->aux_k_coefficient;
     /* d aux / d e_hat = 2 w (e_hat - e) / N */
     LP_CHECK(lp_affine(c, r->e, r->e, r->neg1, NULL, N, Do));
     LP_CHECK(lp_add(c, r->ehat, r->ehat, r->e, (size_t)N * Do));
@@ -257,9 +261,10 @@ static lp_status dp_average(trainer *tr, const float *y, double *v) {
 }
 
 /* The fire counts of this batch into the dead-latent counters (on the device; with DP the
- * counts are all-reduced first, through the host); *n_dead: the dead count AuxK needs, read
- * only once some latent may have gone dead_feature_window tokens without firing. */
-static lp_status dead_latents(trainer *tr, int *n_dead) {
+ * counts are all-reduced first, through the host). *aux: AuxK runs this step, once some
+ * latent may have gone dead_feature_window tokens without firing (since_bound; until then
+ * none can be dead and the step is the one without AuxK, as before). */
+static lp_status dead_latents(trainer *tr, int *aux) {
     sae_runner *r = tr->r;
     lp_ctx *c = tr->c;
     const lp_sae_cfg *cf = &tr->s->cfg;
@@ -272,15 +277,10 @@ static lp_status dead_latents(trainer *tr, int *n_dead) {
         LP_CHECK(lp_dist_allreduce_sum(tr->t->dist, LP_DIST_DP, tr->counts_host, (size_t)S, LP_I64));
         LP_CHECK(lp_ctx_to_device(c, r->counts, tr->counts_host, (size_t)S * 8));
     }
-    int aux = r->Ka > 0 && tr->t->aux_k_coefficient > 0;
-    LP_CHECK(lp_sae_dead_update(c, tr->since_dev, aux ? r->cand : NULL, tr->trk, r->counts, S, tr->N, window));
-    *n_dead = 0;
-    tr->since_bound += tr->N; /* a counter grows by the batch at most */
-    if (aux && tr->since_bound >= window) {
-        LP_CHECK(lp_ctx_to_host(c, tr->trk_host + LP_TRK_N_DEAD, tr->trk + LP_TRK_N_DEAD, 2 * sizeof(double)));
-        *n_dead = (int)tr->trk_host[LP_TRK_N_DEAD];
-        tr->since_bound = (int64_t)tr->trk_host[LP_TRK_MAX_SINCE];
-    }
+    int on = r->Ka > 0 && tr->t->aux_k_coefficient > 0;
+    LP_CHECK(lp_sae_dead_update(c, tr->since_dev, on ? r->cand : NULL, tr->trk, r->counts, S, tr->N, window));
+    tr->since_bound += tr->N; /* a counter grows by the batch at most (exact again at each log read) */
+    *aux = on && tr->since_bound >= window;
     return LP_OK;
 }
 
@@ -325,11 +325,11 @@ lp_status sae_train_step(trainer *tr, double lr, double l1) {
     if (cf->skip) LP_CHECK(lp_matmul_at(c, g->W_skip, r->x, r->dxhat, N, D, Do, 1.0f));
 
     /* fired latents this batch: L0 and the dead latents (no firing for dead_feature_window tokens) */
-    int n_dead;
-    LP_CHECK(dead_latents(tr, &n_dead));
+    int aux;
+    LP_CHECK(dead_latents(tr, &aux));
     LP_CHECK(latent_grads(tr, l1));
-    if (r->Ka > 0 && n_dead > 0 && tr->t->aux_k_coefficient > 0) LP_CHECK(auxk_step(tr, y, n_dead));
-    LP_CHECK(track(tr, y, l1, n_dead > 0));
+    if (aux) LP_CHECK(auxk_step(tr, y));
+    LP_CHECK(track(tr, y, l1, aux));
 
     /* unit-norm decoder: no gradient along the rows, Adam, renormalise */
     LP_CHECK(lp_rows_remove_parallel(c, g->W_dec, s->W_dec, S, Do));
@@ -355,6 +355,7 @@ lp_status sae_read_track(trainer *tr) {
     LP_CHECK(lp_ctx_to_host(tr->c, h, tr->trk, (LP_TRK_FIRED + 1) * sizeof(double)));
     if (h[LP_TRK_BAD_STEP] >= 0) return sae_loss_error(tr, (int64_t)h[LP_TRK_BAD_STEP], h[LP_TRK_BAD_NAN] != 0);
     tr->r->n_dead = (int)h[LP_TRK_N_DEAD];
+    tr->since_bound = (int64_t)h[LP_TRK_MAX_SINCE]; /* read after a step: the counters' largest */
     if (tr->host_acc) return LP_OK;
     tr->acc_mse = h[LP_TRK_ACC_MSE], tr->acc_sse = h[LP_TRK_ACC_SSE], tr->acc_sst = h[LP_TRK_ACC_SST];
     tr->acc_l0 = h[LP_TRK_ACC_L0], tr->acc_sparsity = h[LP_TRK_ACC_SPARSE], tr->acc_aux = h[LP_TRK_ACC_AUX];

@@ -45,6 +45,16 @@ lp_status lp_sae_dead_update(lp_ctx *c, int64_t *since, int32_t *cand, double *t
 /* trk[LP_TRK_L1DOT] = sum over s in order of (double)colsum[s] * norms[s] (F32 [S] each). */
 lp_status lp_sae_l1_term(lp_ctx *c, double *trk, const float *colsum, const float *norms, int S);
 
+/* lp_sae_topk_among (include/loupe/sae_ops.h) over the first n of the candidates cand[S],
+ * with n read on the device (*n_cand: a double holding an integer, e.g. trk +
+ * LP_TRK_N_DEAD after lp_sae_dead_update), so the host need not know it: each row takes its
+ * m = min(K, n) best as there in entries 0..m-1 of its K, and the other K - m entries are
+ * padding with value 0 and latent (n_row * K + j) % S (spread over the latents). Value-0
+ * entries add nothing to the sparse decode or its gradients (their relu gradient is 0);
+ * 1 <= K <= S. AuxK's selection without a read of the dead count. */
+lp_status lp_sae_topk_among_counted(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand,
+                                    const double *n_cand, int N, int S, int K);
+
 /* What one step adds to the tracking block (host scalars: kernel arguments, no copy). */
 typedef struct lp_sae_track_step_args {
     int64_t step;         /* this step's index, for the non-finite flag */
