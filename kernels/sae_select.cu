@@ -84,6 +84,19 @@ __device__ __forceinline__ unsigned long long topk_pack(uint32_t key, int i) {
     return ((unsigned long long)key << 32) | (uint32_t)~(uint32_t)i; // larger: higher key, then lower i
 }
 
+// With the candidates' number n in device memory: the row's length min(n_cand, n), *K cut
+// to it, and the row's entries from there to the old *K padded (value 0, latents spread).
+__device__ __forceinline__ int counted_row(int32_t *idx, float *val, int S, int *K, int n_cand, const double *n_dev) {
+    const int n = (int)*n_dev, L = n < n_cand ? n : n_cand, Kout = *K;
+    *K = Kout < L ? Kout : L;
+    for (int j = *K + (int)threadIdx.x; j < Kout; j += blockDim.x) {
+        const size_t e = (size_t)blockIdx.x * Kout + j;
+        idx[e] = (int32_t)(e % (size_t)S);
+        val[e] = 0.0f;
+    }
+    return L;
+}
+
 // Bitonic sort of the P (a power of two) pairs in shared memory, descending; called by
 // every thread of the block.
 __device__ __forceinline__ void bitonic_sort_desc(unsigned long long *sel, int P) {
@@ -123,18 +136,8 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const float *row = pre + (size_t)blockIdx.x * S;
-    const int Kout = K;
-    int L = cand ? n_cand : S; // the row's length
-    if (n_dev) {
-        const int n = (int)*n_dev;
-        L = n < L ? n : L;
-        K = K < L ? K : L;
-        for (int j = K + tid; j < Kout; j += blockDim.x) { // the pads: value 0, latents spread over S
-            idx[(size_t)blockIdx.x * Kout + j] = (int32_t)(((size_t)blockIdx.x * Kout + j) % (size_t)S);
-            val[(size_t)blockIdx.x * Kout + j] = 0.0f;
-        }
-        if (K == 0) return; // block-uniform, before any barrier
-    }
+    const int Kout = K, L = n_dev ? counted_row(idx, val, S, &K, cand ? n_cand : S, n_dev) : cand ? n_cand : S;
+    if (K == 0) return; // only with n_dev: nothing to select (block-uniform, before any barrier)
 #define TOPK_AT(i) (cand ? row[cand[i]] : row[i])
     if (kRowInSmem)
         for (int i = tid; i < L; i += blockDim.x) keys[i] = order_key(TOPK_AT(i));
