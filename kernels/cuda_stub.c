@@ -394,6 +394,10 @@ lp_status cuda_sae_track_step(lp_ctx *c, double *trk, const lp_sae_track_step_ar
     (void)c; (void)trk; (void)a;
     return NO_CUDA();
 }
+lp_status cuda_sae_batch_threshold(lp_ctx *c, float *thr, double *t, const float *pre, size_t n, size_t count, int S) {
+    (void)c; (void)thr; (void)t; (void)pre; (void)n; (void)count; (void)S;
+    return NO_CUDA();
+}
 lp_status cuda_sae_topk_among_counted(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand,
                                       const double *n_cand, int N, int S, int K) {
     (void)c; (void)idx; (void)val; (void)pre; (void)cand; (void)n_cand; (void)N; (void)S; (void)K;

@@ -348,9 +348,8 @@ __global__ void kth_select_kernel(int shift) {
     for (int i = threadIdx.x; i < 256; i += 32) g_kth_hist[i] = 0; // radix_pick's reads are done
 }
 
-lp_status cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count) {
-    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_kth_largest");
-    LP_CUDA_REQUIRE(t && pre && count < n, "cuda_sae_kth_largest: bad arguments (n=%zu count=%zu)", n, count);
+// The four passes, queued: the result in g_kth.result.
+static lp_status kth_launch(lp_ctx *c, const float *pre, size_t n, size_t count) {
     int sms = 0;
     lp_status st = sm_count(c, &sms);
     if (st != LP_OK) return st;
@@ -365,9 +364,35 @@ lp_status cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, 
         LP_LAUNCH(1, 32, 0, s, kth_select_kernel)(shift);
         LP_LAUNCH_CHECK("kth_select_kernel");
     }
+    return LP_OK;
+}
+
+lp_status cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_kth_largest");
+    LP_CUDA_REQUIRE(t && pre && count < n, "cuda_sae_kth_largest: bad arguments (n=%zu count=%zu)", n, count);
+    lp_status st = kth_launch(c, pre, n, count);
+    if (st != LP_OK) return st;
+    cudaStream_t s = cuda_stream_of(c);
     kth_state h;
     LP_CUDA_CHECK(cudaMemcpyFromSymbolAsync(&h, g_kth, sizeof h, 0, cudaMemcpyDeviceToHost, s));
     LP_CUDA_CHECK(cudaStreamSynchronize(s));
     *t = h.result;
+    return LP_OK;
+}
+
+// The threshold left on the device (include/loupe/sae_track.h): *t and thr[0..S).
+__global__ void kth_fill_kernel(float *thr, double *t, int S) {
+    const float v = g_kth.result;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < S; i += gridDim.x * blockDim.x) thr[i] = v;
+    if (blockIdx.x == 0 && threadIdx.x == 0) *t = v;
+}
+
+lp_status cuda_sae_batch_threshold(lp_ctx *c, float *thr, double *t, const float *pre, size_t n, size_t count, int S) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_batch_threshold");
+    LP_CUDA_REQUIRE(thr && t && pre && count < n && S > 0, "cuda_sae_batch_threshold: bad arguments (n=%zu count=%zu)", n, count);
+    lp_status st = kth_launch(c, pre, n, count);
+    if (st != LP_OK) return st;
+    LP_LAUNCH(grid_1d((size_t)S, kBlock), kBlock, 0, cuda_stream_of(c), kth_fill_kernel)(thr, t, S);
+    LP_LAUNCH_CHECK("kth_fill_kernel");
     return LP_OK;
 }

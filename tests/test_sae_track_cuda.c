@@ -1,7 +1,7 @@
 /* test_sae_track_cuda.c: SAE training's bookkeeping kept on the device.
  *   copies     a run of N steps with log_every = N and no checkpoints reads from the device
  *              a fixed number of times whatever N (20 and 40 steps read alike), for the
- *              standard, JumpReLU and TopK (AuxK on) architectures, on the CPU (the context
+ *              standard, JumpReLU, TopK (AuxK on) and BatchTopK architectures, on the CPU (the context
  *              counts its reads there too) and on the GPU
  *   NaN        a loss that turns non-finite ends the run with the one-line error naming the
  *              first bad step and its tokens, writes no final SAE and no checkpoint after it
@@ -56,7 +56,8 @@ static void cfg(lp_sae_train_cfg *t, const char *store, const char *out, lp_sae_
     lp_sae_train_defaults(t);
     t->store = store, t->out = out;
     snprintf(t->sae.hook_name, sizeof t->sae.hook_name, HOOK);
-    t->sae.arch = arch, t->sae.d_sae = arch == LP_SAE_TOPK ? 128 : 32, t->sae.k = arch == LP_SAE_TOPK ? 2 : 0;
+    int sparse = arch == LP_SAE_TOPK || arch == LP_SAE_BATCHTOPK;
+    t->sae.arch = arch, t->sae.d_sae = sparse ? 128 : 32, t->sae.k = sparse ? 2 : 0;
     t->batch_tokens = 64, t->tokens = (int64_t)steps * 64, t->shuffle_tokens = 256;
     t->log_every = steps, t->checkpoint_every = 0, t->aux_k = 8;
     t->lr = 1e-3, t->l1_coefficient = 1.0;
@@ -81,8 +82,8 @@ static unsigned long reads_of(lp_ctx *c, lp_sae_arch arch, int steps, const char
 }
 
 static void copies(lp_ctx *c, const char *tag) {
-    const lp_sae_arch archs[3] = {LP_SAE_STANDARD, LP_SAE_JUMPRELU, LP_SAE_TOPK};
-    for (int a = 0; a < 3; a++) {
+    const lp_sae_arch archs[4] = {LP_SAE_STANDARD, LP_SAE_JUMPRELU, LP_SAE_TOPK, LP_SAE_BATCHTOPK};
+    for (int a = 0; a < 4; a++) {
         unsigned long r20 = reads_of(c, archs[a], 20, tag), r40 = reads_of(c, archs[a], 40, tag);
         printf("  %-4s %-9s device reads: %lu in 20 steps, %lu in 40 (log_every = steps)%s\n", tag, lp_sae_arch_name(archs[a]), r20, r40,
                archs[a] == LP_SAE_TOPK ? ", AuxK over the dead latents on" : "");
@@ -281,4 +282,35 @@ Test(sae_track, topk_among_counted_equals_the_cpu_and_topk_among) {
     }
     gpu_done(&g, "topk_among_counted");
     free(pre), free(cand), free(ri), free(ti), free(rv), free(tv);
+}
+
+/* BatchTopK's threshold left on the device: the float lp_sae_kth_largest returns, widened,
+ * and the filled vector, exact; with count >= n, 0. */
+Test(sae_track, batch_threshold_equals_kth_largest) {
+    LP_TEST_REQUIRE_GPU();
+    int N = 16, S = EMU_CAP(3000, 500);
+    size_t n = (size_t)N * S;
+    gpu g;
+    gpu_init(&g, LP_F32);
+    float *pre = lp_test_rand(n, 31, -1, 1), *thr = malloc((size_t)S * 4);
+    float *dpre = gpu_put(&g, pre, n * 4), *dthr = gpu_alloc(&g, (size_t)S * 4);
+    double *dt = gpu_alloc(&g, sizeof(double)), t;
+    const size_t counts[4] = {0, 37, n / 3, n};
+    for (int q = 0; q < 4; q++) {
+        float want;
+        OK(lp_sae_kth_largest(cpu(), &want, pre, n, counts[q]));
+        OK(lp_sae_batch_threshold(cpu(), thr, &t, pre, n, counts[q], S));
+        int bad = t != (double)want;
+        for (int i = 0; i < S; i++) bad += memcmp(&thr[i], &want, 4) != 0;
+        OK(lp_sae_batch_threshold(&g.c, dthr, dt, dpre, n, counts[q], S));
+        float *gthr = gpu_get(&g, dthr, (size_t)S * 4);
+        double *gt = gpu_get(&g, dt, sizeof(double));
+        bad += *gt != (double)want;
+        for (int i = 0; i < S; i++) bad += memcmp(&gthr[i], &want, 4) != 0;
+        cr_expect(bad == 0, "count %zu: %d values differ from lp_sae_kth_largest's %.9g", counts[q], bad, (double)want);
+        fprintf(stderr, "  batch_threshold count=%-6zu %.9g on the CPU and the GPU: exact\n", counts[q], (double)want);
+        free(gthr), free(gt);
+    }
+    gpu_done(&g, "batch_threshold");
+    free(pre), free(thr);
 }

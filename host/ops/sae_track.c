@@ -48,6 +48,21 @@ lp_status lp_sae_topk_among_counted(lp_ctx *c, int32_t *idx, float *val, const f
     return cuda_sae_topk_among_counted(c, idx, val, pre, cand, n_cand, N, S, K);
 }
 
+lp_status lp_sae_batch_threshold(lp_ctx *c, float *thr, double *t, const float *pre, size_t n, size_t count, int S) {
+    NEED(c && thr && t && S > 0 && (n == 0 || pre), "sae_batch_threshold: bad arguments (n=%zu S=%d)", n, S);
+    if (count >= n) { /* no (count+1)-th entry: 0, as lp_sae_kth_largest */
+        LP_CHECK(lp_ctx_memset0(c, t, sizeof(double)));
+        return lp_ctx_memset0(c, thr, (size_t)S * sizeof(float));
+    }
+    if (CPU(c)) {
+        const float v = cpu_sae_kth_largest(pre, n, count);
+        *t = v;
+        for (int i = 0; i < S; i++) thr[i] = v;
+        return LP_OK;
+    }
+    return cuda_sae_batch_threshold(c, thr, t, pre, n, count, S);
+}
+
 lp_status lp_sae_track_step(lp_ctx *c, double *trk, const lp_sae_track_step_args *a) {
     NEED(c && trk && a && a->n > 0 && a->n_global > 0 && a->sparse >= 0 && a->sparse <= 2 && (!a->aux || a->aux_k >= 1),
          "sae_track_step: bad arguments");

@@ -27,6 +27,10 @@ TRK_HD void trk_step(double *trk, lp_sae_track_step_args a) {
     }
     trk[LP_TRK_STEP] = mse, trk[LP_TRK_STEP_SPARSE] = sp, trk[LP_TRK_STEP_AUX] = aux;
     trk[LP_TRK_STEP_SSE] = rs0, trk[LP_TRK_STEP_SST] = rs1, trk[LP_TRK_STEP_L0] = l0;
+    if (a.batchtopk) {
+        const double t = trk[LP_TRK_BATCH_T];
+        trk[LP_TRK_THR_EMA] = a.step == 0 ? t : 0.95 * trk[LP_TRK_THR_EMA] + 0.05 * t;
+    }
     if (!a.accumulate) return;
     trk[LP_TRK_ACC_MSE] += mse, trk[LP_TRK_ACC_SSE] += rs0, trk[LP_TRK_ACC_SST] += rs1;
     trk[LP_TRK_ACC_L0] += l0, trk[LP_TRK_ACC_SPARSE] += sp, trk[LP_TRK_ACC_AUX] += aux;
@@ -51,6 +55,7 @@ lp_status cuda_sae_dead_update(lp_ctx *c, int64_t *since, int32_t *cand, double 
                                int64_t tokens, int64_t window);
 lp_status cuda_sae_l1_term(lp_ctx *c, double *trk, const float *colsum, const float *norms, int S);
 lp_status cuda_sae_track_step(lp_ctx *c, double *trk, const lp_sae_track_step_args *a);
+lp_status cuda_sae_batch_threshold(lp_ctx *c, float *thr, double *t, const float *pre, size_t n, size_t count, int S);
 
 #ifdef __cplusplus
 }

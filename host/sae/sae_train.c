@@ -211,6 +211,7 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     LP_CHECK(lp_ctx_alloc(c, (size_t)tr->S * 8, (void **)&tr->since_dev));
     LP_CHECK(lp_ctx_memset0(c, tr->since_dev, (size_t)tr->S * 8));
     LP_CHECK(lp_ctx_alloc(c, LP_TRK_LEN * sizeof(double), (void **)&tr->trk));
+    tr->r->batch_t = tr->trk + LP_TRK_BATCH_T;
     memset(tr->trk_host, 0, sizeof tr->trk_host);
     tr->trk_host[LP_TRK_BAD_STEP] = -1;
     return lp_ctx_to_device(c, tr->trk, tr->trk_host, sizeof tr->trk_host);
@@ -225,7 +226,8 @@ static lp_status track_resume(trainer *tr) {
     double *h = tr->trk_host;
     h[LP_TRK_ACC_MSE] = tr->acc_mse, h[LP_TRK_ACC_SSE] = tr->acc_sse, h[LP_TRK_ACC_SST] = tr->acc_sst;
     h[LP_TRK_ACC_L0] = tr->acc_l0, h[LP_TRK_ACC_SPARSE] = tr->acc_sparsity, h[LP_TRK_ACC_AUX] = tr->acc_aux;
-    return lp_ctx_to_device(tr->c, tr->trk, h, (LP_TRK_ACC_AUX + 1) * sizeof(double));
+    h[LP_TRK_THR_EMA] = tr->thr_ema;
+    return lp_ctx_to_device(tr->c, tr->trk, h, sizeof tr->trk_host);
 }
 
 static void progress(const trainer *tr, int64_t total_steps, double tps, double loss, double l0, int dead, int final) {

@@ -290,7 +290,9 @@ static lp_status track(trainer *tr, const float *y, double l1, int aux) {
     const lp_sae_cfg *cf = &tr->s->cfg;
     lp_sae_track_step_args a = {.step = tr->step, .n = tr->Nl, .n_global = tr->N, .l1 = l1,
                                 .l0_coef = tr->t->l0_coefficient, .aux = aux, .aux_k = tr->r->Ka > 0 ? tr->r->Ka : 1,
-                                .aux_coef = tr->t->aux_k_coefficient, .accumulate = !tr->host_acc};
+                                .aux_coef = tr->t->aux_k_coefficient, .accumulate = !tr->host_acc,
+                                /* the exported threshold: a running mean of the batch thresholds */
+                                .batchtopk = cf->arch == LP_SAE_BATCHTOPK};
     a.sparse = cf->arch == LP_SAE_STANDARD ? 1 : cf->arch == LP_SAE_JUMPRELU ? 2 : 0;
     LP_CHECK(lp_sae_track_step(tr->c, tr->trk, &a));
     if (!tr->host_acc) return LP_OK;
@@ -337,9 +339,6 @@ lp_status sae_train_step(trainer *tr, double lr, double l1) {
                           (float)tr->t->adam_beta2, (float)tr->t->adam_eps, (int)(tr->step + 1)));
     LP_CHECK(lp_rows_unit_norm(c, s->W_dec, S, Do));
     LP_CHECK(sae_runner_refresh_bf16(r)); /* the bf16 encoder copy follows the master weights */
-    if (cf->arch == LP_SAE_BATCHTOPK) { /* the exported threshold: a running mean of the batch thresholds */
-        tr->thr_ema = tr->step == 0 ? r->batch_t : 0.95 * tr->thr_ema + 0.05 * r->batch_t;
-    }
     return LP_OK;
 }
 
@@ -352,10 +351,11 @@ lp_status sae_loss_error(const trainer *tr, int64_t step, int is_nan) {
 
 lp_status sae_read_track(trainer *tr) {
     double *h = tr->trk_host;
-    LP_CHECK(lp_ctx_to_host(tr->c, h, tr->trk, (LP_TRK_FIRED + 1) * sizeof(double)));
+    LP_CHECK(lp_ctx_to_host(tr->c, h, tr->trk, (LP_TRK_THR_EMA + 1) * sizeof(double)));
     if (h[LP_TRK_BAD_STEP] >= 0) return sae_loss_error(tr, (int64_t)h[LP_TRK_BAD_STEP], h[LP_TRK_BAD_NAN] != 0);
     tr->r->n_dead = (int)h[LP_TRK_N_DEAD];
     tr->since_bound = (int64_t)h[LP_TRK_MAX_SINCE]; /* read after a step: the counters' largest */
+    tr->thr_ema = h[LP_TRK_THR_EMA];
     if (tr->host_acc) return LP_OK;
     tr->acc_mse = h[LP_TRK_ACC_MSE], tr->acc_sse = h[LP_TRK_ACC_SSE], tr->acc_sst = h[LP_TRK_ACC_SST];
     tr->acc_l0 = h[LP_TRK_ACC_L0], tr->acc_sparsity = h[LP_TRK_ACC_SPARSE], tr->acc_aux = h[LP_TRK_ACC_AUX];

@@ -23,6 +23,8 @@ enum {
     LP_TRK_N_DEAD,    /* latents not fired for the dead window, after the last update */
     LP_TRK_MAX_SINCE, /* the largest tokens-since-fired, after the last update */
     LP_TRK_FIRED,     /* firings of the last update's batch (all latents) */
+    LP_TRK_THR_EMA,   /* batchtopk: the running mean of the batch thresholds (the exported one) */
+    LP_TRK_BATCH_T,   /* batchtopk: this batch's threshold (lp_sae_batch_threshold) */
     LP_TRK_RECON,     /* [4]: lp_sae_recon_sums of the step's reconstruction */
     LP_TRK_AUX = LP_TRK_RECON + 4, /* [4]: of AuxK's reconstruction of the residual */
     LP_TRK_L1DOT = LP_TRK_AUX + 4, /* sum_s colsum[s] * norm[s]: the L1 term before l1 / N */
@@ -55,6 +57,11 @@ lp_status lp_sae_l1_term(lp_ctx *c, double *trk, const float *colsum, const floa
 lp_status lp_sae_topk_among_counted(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand,
                                     const double *n_cand, int N, int S, int K);
 
+/* BatchTopK's threshold on the device: *t (a double in device memory) = the float
+ * lp_sae_kth_largest(pre, n, count) would return, and thr[0..S) = that float; no host
+ * wait. */
+lp_status lp_sae_batch_threshold(lp_ctx *c, float *thr, double *t, const float *pre, size_t n, size_t count, int S);
+
 /* What one step adds to the tracking block (host scalars: kernel arguments, no copy). */
 typedef struct lp_sae_track_step_args {
     int64_t step;         /* this step's index, for the non-finite flag */
@@ -66,9 +73,10 @@ typedef struct lp_sae_track_step_args {
     int aux_k;            /* its k before the dead count caps it */
     double aux_coef;
     int accumulate;       /* 1: add to the log window's sums and set the flag */
+    int batchtopk;        /* 1: THR_EMA = step == 0 ? BATCH_T : 0.95 THR_EMA + 0.05 BATCH_T */
 } lp_sae_track_step_args;
 
-/* From trk's RECON, FIRED, N_DEAD, AUX and L1DOT slots: the step's values
+/* From trk's RECON, FIRED, N_DEAD, AUX and L1DOT slots (and BATCH_T): the step's values
  *   mse = recon[0] / n, sse = recon[0], sst = recon[1], l0 = fired / n_global,
  *   sparse = (1) l1 * l1dot / n, (2) l0_coef * l0, (0) 0,
  *   aux = w * aux[0] / n with w = aux_coef * min(n_dead / min(aux_k, n_dead), 1) (0 without AuxK)
