@@ -60,11 +60,12 @@ typedef struct trainer {
     double scale, thr_ema;
     int64_t *since;                 /* host [S]: tokens since each latent last fired (checkpoints) */
     int64_t *since_dev;             /* device [S]: the same, updated by every step */
-    int64_t since_bound;            /* at least the largest of since_dev: AuxK reads the dead
-                                     * count only once a latent may have reached the window */
+    int64_t since_bound;            /* at least the largest of since_dev (exact at each log read):
+                                     * AuxK runs once a latent may have reached the window */
     int64_t *counts_host;           /* dp > 1: the fire counts, all-reduced on the host */
     double *trk;                    /* device [LP_TRK_LEN]: the step's sums, the log window's,
-                                     * the non-finite flag, the dead count (loupe/sae_track.h) */
+                                     * the non-finite flag, the dead count, BatchTopK's threshold
+                                     * and its running mean (loupe/sae_track.h) */
     double trk_host[LP_TRK_LEN];
     int host_acc;                   /* dp > 1: the log window summed on the host, each step */
     double step_v[6];               /* host_acc: the step's mse, sparsity, aux, sse, sst, l0 */
