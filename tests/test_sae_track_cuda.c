@@ -106,32 +106,54 @@ Test(sae_track, device_reads_do_not_grow_with_steps_cuda) {
     lp_ctx_free(&c);
 }
 
-/* lr 1e30: the first Adam step throws every weight to ~1e30, the next pre-activations
- * overflow, and the loss of step 2 (tokens 128..191) is the first non-finite one (a NaN). */
+/* lr 1e30: the first Adam step throws every weight to ~1e30 and the loss turns non-finite
+ * within a few steps. The standard SAE's first such loss is a NaN at step 2 (tokens
+ * 128..191), which the former per-step check reported in these very words; every
+ * architecture reports the first bad step with its own tokens, writes no metrics line for
+ * the window it fell in, no checkpoint after it and no final SAE. */
 static void nan_run(lp_ctx *c, const char *tag) {
-    char store[256], out[256], p[512];
-    snprintf(store, sizeof store, "%s/store", dir);
-    snprintf(out, sizeof out, "%s/nan-%s", dir, tag);
-    struct stat sb;
-    if (stat(store, &sb) != 0) write_store(store);
-    lp_sae_train_cfg t;
-    cfg(&t, store, out, LP_SAE_STANDARD, 12);
-    t.lr = 1e30, t.log_every = 6, t.checkpoint_every = 0;
-    lp_sae_train_report rep;
-    lp_status st = lp_sae_train(&t, c, &rep);
-    cr_expect_eq(st, LP_ERR_FORMAT, "%s: status %d: %s", tag, st, lp_last_error());
-    char want[700];
-    snprintf(want, sizeof want, "%s: step 2 (batch of tokens 128..191): the loss is NaN", out);
-    cr_expect(strstr(lp_last_error(), want) != NULL, "%s: '%s' lacks '%s'", tag, lp_last_error(), want);
-    cr_expect(strstr(lp_last_error(), "the last good checkpoint is kept in") != NULL, "%s", lp_last_error());
-    snprintf(p, sizeof p, "%s/sae_weights.safetensors", out);
-    cr_expect(stat(p, &sb) != 0, "%s: a final SAE was written despite the NaN", tag);
-    snprintf(p, sizeof p, "%s/metrics.jsonl", out);
-    size_t n = 0;
-    char *m = lp_read_file(p, &n);
-    cr_expect(m == NULL || n == 0, "%s: a metrics line was written for a window with a non-finite loss: %s", tag, m ? m : "");
-    free(m);
-    printf("  %-4s %s\n", tag, lp_last_error());
+    /* the last: no checkpoints, so the flag is read at the first log step after it (6) */
+    const lp_sae_arch archs[5] = {LP_SAE_STANDARD, LP_SAE_JUMPRELU, LP_SAE_TOPK, LP_SAE_BATCHTOPK, LP_SAE_STANDARD};
+    for (int a = 0; a < 5; a++) {
+        const int ckpt = a < 4, log_every = a < 4 ? 15 : 6;
+        char store[256], out[256], p[512];
+        snprintf(store, sizeof store, "%s/store", dir);
+        snprintf(out, sizeof out, "%s/nan-%s-%d", dir, tag, a);
+        struct stat sb;
+        if (stat(store, &sb) != 0) write_store(store);
+        lp_sae_train_cfg t;
+        cfg(&t, store, out, archs[a], 30);
+        t.lr = 1e30, t.log_every = log_every, t.checkpoint_every = ckpt ? 64 : 0; /* a checkpoint after every step */
+        lp_sae_train_report rep;
+        lp_status st = lp_sae_train(&t, c, &rep);
+        const char *e = lp_last_error(), *name = lp_sae_arch_name(archs[a]);
+        cr_expect_eq(st, LP_ERR_FORMAT, "%s %s: status %d: %s", tag, name, st, e);
+        long long step = -1, t0 = -1, t1 = -1;
+        char want[700];
+        snprintf(want, sizeof want, "%s: step ", out);
+        const char *at = strstr(e, want);
+        cr_expect(at && sscanf(at + strlen(want), "%lld (batch of tokens %lld..%lld)", &step, &t0, &t1) == 3, "%s %s: %s", tag, name, e);
+        cr_expect(step >= 0 && t0 == step * 64 && t1 == t0 + 63, "%s %s: step %lld, tokens %lld..%lld", tag, name, step, t0, t1);
+        cr_expect(strstr(e, "the last good checkpoint is kept in") != NULL, "%s", e);
+        if (archs[a] == LP_SAE_STANDARD) {
+            snprintf(want, sizeof want, "%s: step 2 (batch of tokens 128..191): the loss is NaN", out);
+            cr_expect(strstr(e, want) != NULL, "%s: '%s' lacks '%s'", tag, e, want);
+        }
+        snprintf(p, sizeof p, "%s/sae_weights.safetensors", out);
+        cr_expect(stat(p, &sb) != 0, "%s %s: a final SAE was written despite the non-finite loss", tag, name);
+        snprintf(p, sizeof p, "%s/checkpoints/step-%09lld", out, step + 1);
+        cr_expect(stat(p, &sb) != 0, "%s %s: %s holds a state after the non-finite loss", tag, name, p);
+        if (step > 0 && ckpt) {
+            snprintf(p, sizeof p, "%s/checkpoints/step-%09lld", out, step);
+            cr_expect(stat(p, &sb) == 0, "%s %s: %s, the last good checkpoint, is missing", tag, name, p);
+        }
+        snprintf(p, sizeof p, "%s/metrics.jsonl", out);
+        size_t n = 0;
+        char *m = lp_read_file(p, &n);
+        cr_expect(step < log_every ? (m == NULL || n == 0) : m != NULL, "%s %s: metrics lines for a window with a non-finite loss: %s", tag, name, m ? m : "");
+        free(m);
+        printf("  %-4s %-9s %s%s\n", tag, name, ckpt ? "" : "(no checkpoints, log every 6) ", e + strlen(out) + 2);
+    }
 }
 
 Test(sae_track, non_finite_loss_ends_the_run_naming_its_first_step_cpu) {
