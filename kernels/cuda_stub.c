@@ -6,6 +6,7 @@
 
 #include "ops/ops_internal.h"
 #include "ops/graph_ops.h"
+#include "ops/sae_track_internal.h"
 
 #define NO_CUDA()                                                                            \
     LP_ERR(LP_ERR_NO_CUDA,                                                                   \
@@ -372,5 +373,33 @@ lp_status cuda_sae_matmul_bf16(lp_ctx *c, float *out, const uint16_t *x, const u
 }
 lp_status cuda_diff_dot_rows(lp_ctx *c, float *out, const void *a, const void *b, const void *g, size_t rows, size_t per) {
     (void)c; (void)out; (void)a; (void)b; (void)g; (void)rows; (void)per;
+    return NO_CUDA();
+}
+
+/* include/loupe/sae_track.h */
+lp_status cuda_sae_recon_sums_dev(lp_ctx *c, double *sums, const float *x, const float *x_hat, int N, int D) {
+    (void)c; (void)sums; (void)x; (void)x_hat; (void)N; (void)D;
+    return NO_CUDA();
+}
+lp_status cuda_sae_dead_update(lp_ctx *c, int64_t *since, int32_t *cand, double *trk, const int64_t *counts, int S,
+                               int64_t tokens, int64_t window) {
+    (void)c; (void)since; (void)cand; (void)trk; (void)counts; (void)S; (void)tokens; (void)window;
+    return NO_CUDA();
+}
+lp_status cuda_sae_l1_term(lp_ctx *c, double *trk, const float *colsum, const float *norms, int S) {
+    (void)c; (void)trk; (void)colsum; (void)norms; (void)S;
+    return NO_CUDA();
+}
+lp_status cuda_sae_track_step(lp_ctx *c, double *trk, const lp_sae_track_step_args *a) {
+    (void)c; (void)trk; (void)a;
+    return NO_CUDA();
+}
+lp_status cuda_sae_batch_threshold(lp_ctx *c, float *thr, double *t, const float *pre, size_t n, size_t count, int S) {
+    (void)c; (void)thr; (void)t; (void)pre; (void)n; (void)count; (void)S;
+    return NO_CUDA();
+}
+lp_status cuda_sae_topk_among_counted(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand,
+                                      const double *n_cand, int N, int S, int K) {
+    (void)c; (void)idx; (void)val; (void)pre; (void)cand; (void)n_cand; (void)N; (void)S; (void)K;
     return NO_CUDA();
 }

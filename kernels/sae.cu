@@ -30,6 +30,7 @@
 //    variables (no allocation per call): two such calls must not run concurrently on one
 //    device from different streams.
 #include "sae_common.cuh"
+#include "ops/sae_track_internal.h"
 
 static const unsigned kBlock = 256;    // element-wise and row kernels
 static const int kChunk = 256;         // (index, value) pairs staged per block in shared memory
@@ -518,10 +519,8 @@ __global__ void recon_var_kernel(const float *x, int N, int D) {
     }
 }
 
-lp_status cuda_sae_recon_sums(lp_ctx *c, double sums[4], const float *x, const float *x_hat, int N,
-                                 int D) {
-    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_recon_sums");
-    LP_CUDA_REQUIRE(N > 0 && D > 0 && sums && x && x_hat, "cuda_sae_recon_sums: bad arguments");
+// The four sums into g_recon, queued on the compute stream.
+static lp_status recon_launch(lp_ctx *c, const float *x, const float *x_hat, int N, int D) {
     cudaStream_t s = cuda_stream_of(c);
     LP_LAUNCH(1, 32, 0, s, recon_zero_kernel)();
     LP_LAUNCH_CHECK("recon_zero_kernel");
@@ -529,10 +528,35 @@ lp_status cuda_sae_recon_sums(lp_ctx *c, double sums[4], const float *x, const f
     LP_LAUNCH_CHECK("recon_token_kernel");
     LP_LAUNCH(ceil_div_u((size_t)D, 32), dim3(32, kColRows), 0, s, recon_var_kernel)(x, N, D);
     LP_LAUNCH_CHECK("recon_var_kernel");
+    return LP_OK;
+}
+
+lp_status cuda_sae_recon_sums(lp_ctx *c, double sums[4], const float *x, const float *x_hat, int N,
+                                 int D) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_recon_sums");
+    LP_CUDA_REQUIRE(N > 0 && D > 0 && sums && x && x_hat, "cuda_sae_recon_sums: bad arguments");
+    cudaStream_t s = cuda_stream_of(c);
+    lp_status st = recon_launch(c, x, x_hat, N, D);
+    if (st != LP_OK) return st;
     double h[4];
     LP_CUDA_CHECK(cudaMemcpyFromSymbolAsync(h, g_recon, sizeof h, 0, cudaMemcpyDeviceToHost, s));
     LP_CUDA_CHECK(cudaStreamSynchronize(s));
     for (int i = 0; i < 4; i++) sums[i] = h[i];
+    return LP_OK;
+}
+
+__global__ void recon_out_kernel(double *dst) {
+    if (threadIdx.x < 4) dst[threadIdx.x] = g_recon[threadIdx.x];
+}
+
+// The same sums left on the device (include/loupe/sae_track.h): no host wait.
+lp_status cuda_sae_recon_sums_dev(lp_ctx *c, double *sums, const float *x, const float *x_hat, int N, int D) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_recon_sums_dev");
+    LP_CUDA_REQUIRE(N > 0 && D > 0 && sums && x && x_hat, "cuda_sae_recon_sums_dev: bad arguments");
+    lp_status st = recon_launch(c, x, x_hat, N, D);
+    if (st != LP_OK) return st;
+    LP_LAUNCH(1, 32, 0, cuda_stream_of(c), recon_out_kernel)(sums);
+    LP_LAUNCH_CHECK("recon_out_kernel");
     return LP_OK;
 }
 

@@ -18,6 +18,7 @@
 //    allocation per call): two calls must not run concurrently on one device from
 //    different streams.
 #include "sae_common.cuh"
+#include "ops/sae_track_internal.h"
 
 static const unsigned kBlock = 256;    // threads of the batch-wide histogram kernel
 static const int kTopkMaxK = 2048;     // host/ops/sae_ops.c: LP_SAE_TOPK_MAX_K_CUDA
@@ -83,6 +84,19 @@ __device__ __forceinline__ unsigned long long topk_pack(uint32_t key, int i) {
     return ((unsigned long long)key << 32) | (uint32_t)~(uint32_t)i; // larger: higher key, then lower i
 }
 
+// With the candidates' number n in device memory: the row's length min(n_cand, n), *K cut
+// to it, and the row's entries from there to the old *K padded (value 0, latents spread).
+__device__ __forceinline__ int counted_row(int32_t *idx, float *val, int S, int *K, int n_cand, const double *n_dev) {
+    const int n = (int)*n_dev, L = n < n_cand ? n : n_cand, Kout = *K;
+    *K = Kout < L ? Kout : L;
+    for (int j = *K + (int)threadIdx.x; j < Kout; j += blockDim.x) {
+        const size_t e = (size_t)blockIdx.x * Kout + j;
+        idx[e] = (int32_t)(e % (size_t)S);
+        val[e] = 0.0f;
+    }
+    return L;
+}
+
 // Bitonic sort of the P (a power of two) pairs in shared memory, descending; called by
 // every thread of the block.
 __device__ __forceinline__ void bitonic_sort_desc(unsigned long long *sel, int P) {
@@ -104,10 +118,12 @@ __device__ __forceinline__ void bitonic_sort_desc(unsigned long long *sel, int P
 // P (key, index) pairs (P = K rounded up to a power of two), then the row's S keys when
 // kRowInSmem.
 // With cand (strictly increasing latents), the row is pre[n, cand[0..n_cand)] and the
-// indices written are the latents: ties still go to the lower latent.
+// indices written are the latents: ties still go to the lower latent. With n_dev (the
+// candidates' number in device memory, at most n_cand) the row takes min(K, *n_dev) and
+// pads the rest of its K entries (include/loupe/sae_track.h).
 template <bool kRowInSmem>
 __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, int K, int P, const int32_t *cand,
-                            int n_cand) {
+                            int n_cand, const double *n_dev) {
     LP_DYNAMIC_SHARED(unsigned long long, topk_smem);
     unsigned long long *sel = topk_smem;
     uint32_t *keys = (uint32_t *)(topk_smem + P);
@@ -120,7 +136,8 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const float *row = pre + (size_t)blockIdx.x * S;
-    const int L = cand ? n_cand : S; // the row's length
+    const int Kout = K, L = n_dev ? counted_row(idx, val, S, &K, cand ? n_cand : S, n_dev) : cand ? n_cand : S;
+    if (K == 0) return; // only with n_dev: nothing to select (block-uniform, before any barrier)
 #define TOPK_AT(i) (cand ? row[cand[i]] : row[i])
     if (kRowInSmem)
         for (int i = tid; i < L; i += blockDim.x) keys[i] = order_key(TOPK_AT(i));
@@ -197,7 +214,7 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
 
     bitonic_sort_desc(sel, P);
 
-    const size_t out0 = (size_t)blockIdx.x * K;
+    const size_t out0 = (size_t)blockIdx.x * Kout;
     for (int j = tid; j < K; j += blockDim.x) {
         const unsigned long long p = sel[j];
         idx[out0 + j] = (int32_t)~(uint32_t)p;
@@ -208,7 +225,7 @@ __global__ void topk_kernel(int32_t *idx, float *val, const float *pre, int S, i
 
 // Shared memory and block size for rows of L candidates, then the launch.
 static lp_status topk_launch(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand, int L,
-                             int N, int S, int K) {
+                             int N, int S, int K, const double *n_dev = NULL) {
     int P = 1;
     while (P < K) P <<= 1;
     int optin = 0;
@@ -223,9 +240,9 @@ static lp_status topk_launch(lp_ctx *c, int32_t *idx, float *val, const float *p
     if (in_smem) {
         if (dyn > 48 * 1024)
             LP_CUDA_CHECK(cudaFuncSetAttribute(topk_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)dyn));
-        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<true>)(idx, val, pre, S, K, P, cand, L);
+        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<true>)(idx, val, pre, S, K, P, cand, L, n_dev);
     } else {
-        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<false>)(idx, val, pre, S, K, P, cand, L);
+        LP_LAUNCH((unsigned)N, block, dyn, cuda_stream_of(c), topk_kernel<false>)(idx, val, pre, S, K, P, cand, L, n_dev);
     }
     LP_LAUNCH_CHECK("topk_kernel");
     return LP_OK;
@@ -247,6 +264,16 @@ lp_status cuda_sae_topk_among(lp_ctx *c, int32_t *idx, float *val, const float *
                     "cuda_sae_topk_among: bad arguments (N=%d S=%d n_cand=%d K=%d)", N, S, n_cand, K);
     LP_CUDA_REQUIRE(K <= kTopkMaxK, "cuda_sae_topk_among: k=%d exceeds %d", K, kTopkMaxK);
     return topk_launch(c, idx, val, pre, cand, n_cand, N, S, K);
+}
+
+// The same with the candidates' number read on the device (include/loupe/sae_track.h).
+lp_status cuda_sae_topk_among_counted(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand,
+                                      const double *n_cand, int N, int S, int K) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_topk_among_counted");
+    LP_CUDA_REQUIRE(N > 0 && S > 0 && K >= 1 && K <= S && idx && val && pre && cand && n_cand,
+                    "cuda_sae_topk_among_counted: bad arguments (N=%d S=%d K=%d)", N, S, K);
+    LP_CUDA_REQUIRE(K <= kTopkMaxK, "cuda_sae_topk_among_counted: k=%d exceeds %d", K, kTopkMaxK);
+    return topk_launch(c, idx, val, pre, cand, S, N, S, K, n_cand);
 }
 
 // ---- the BatchTopK threshold -------------------------------------------------------------
@@ -321,9 +348,8 @@ __global__ void kth_select_kernel(int shift) {
     for (int i = threadIdx.x; i < 256; i += 32) g_kth_hist[i] = 0; // radix_pick's reads are done
 }
 
-lp_status cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count) {
-    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_kth_largest");
-    LP_CUDA_REQUIRE(t && pre && count < n, "cuda_sae_kth_largest: bad arguments (n=%zu count=%zu)", n, count);
+// The four passes, queued: the result in g_kth.result.
+static lp_status kth_launch(lp_ctx *c, const float *pre, size_t n, size_t count) {
     int sms = 0;
     lp_status st = sm_count(c, &sms);
     if (st != LP_OK) return st;
@@ -338,9 +364,35 @@ lp_status cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, 
         LP_LAUNCH(1, 32, 0, s, kth_select_kernel)(shift);
         LP_LAUNCH_CHECK("kth_select_kernel");
     }
+    return LP_OK;
+}
+
+lp_status cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_kth_largest");
+    LP_CUDA_REQUIRE(t && pre && count < n, "cuda_sae_kth_largest: bad arguments (n=%zu count=%zu)", n, count);
+    lp_status st = kth_launch(c, pre, n, count);
+    if (st != LP_OK) return st;
+    cudaStream_t s = cuda_stream_of(c);
     kth_state h;
     LP_CUDA_CHECK(cudaMemcpyFromSymbolAsync(&h, g_kth, sizeof h, 0, cudaMemcpyDeviceToHost, s));
     LP_CUDA_CHECK(cudaStreamSynchronize(s));
     *t = h.result;
+    return LP_OK;
+}
+
+// The threshold left on the device (include/loupe/sae_track.h): *t and thr[0..S).
+__global__ void kth_fill_kernel(float *thr, double *t, int S) {
+    const float v = g_kth.result;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < S; i += gridDim.x * blockDim.x) thr[i] = v;
+    if (blockIdx.x == 0 && threadIdx.x == 0) *t = v;
+}
+
+lp_status cuda_sae_batch_threshold(lp_ctx *c, float *thr, double *t, const float *pre, size_t n, size_t count, int S) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_batch_threshold");
+    LP_CUDA_REQUIRE(thr && t && pre && count < n && S > 0, "cuda_sae_batch_threshold: bad arguments (n=%zu count=%zu)", n, count);
+    lp_status st = kth_launch(c, pre, n, count);
+    if (st != LP_OK) return st;
+    LP_LAUNCH(grid_1d((size_t)S, kBlock), kBlock, 0, cuda_stream_of(c), kth_fill_kernel)(thr, t, S);
+    LP_LAUNCH_CHECK("kth_fill_kernel");
     return LP_OK;
 }

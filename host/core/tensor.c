@@ -181,6 +181,7 @@ lp_status lp_ctx_to_device(lp_ctx *c, void *dst, const void *src, size_t bytes) 
 }
 
 lp_status lp_ctx_to_host(lp_ctx *c, void *dst, const void *src, size_t bytes) {
+    c->n_d2h++; /* counted on the CPU too, so a CPU run shows what a GPU run would wait for */
     if (c->device == LP_CUDA) return cuda_to_host(c, dst, src, bytes);
     memmove(dst, src, bytes);
     return LP_OK;

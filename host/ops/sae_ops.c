@@ -83,6 +83,7 @@ lp_status lp_sae_topk_among(lp_ctx *c, int32_t *idx, float *val, const float *pr
 lp_status lp_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count) {
     NEED(c && t && (n == 0 || pre), "sae_kth_largest: bad arguments (n=%zu)", n);
     if (count >= n) { *t = 0.0f; return LP_OK; }
+    c->n_d2h++; /* a host result */
     if (CPU(c)) { *t = cpu_sae_kth_largest(pre, n, count); return LP_OK; }
     return cuda_sae_kth_largest(c, t, pre, n, count);
 }
@@ -244,6 +245,7 @@ lp_status lp_sae_recon_sums(lp_ctx *c, double sums[4], const float *x, const flo
         for (int i = 0; i < 4; i++) sums[i] = 0;
         return LP_OK;
     }
+    c->n_d2h++; /* a host result */
     if (CPU(c)) { cpu_sae_recon_sums(sums, x, x_hat, N, D); return LP_OK; }
     return cuda_sae_recon_sums(c, sums, x, x_hat, N, D);
 }

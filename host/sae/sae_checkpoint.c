@@ -79,6 +79,7 @@ lp_status sae_save_checkpoint(trainer *tr) {
     float *h = malloc(3 * nf * sizeof(float));
     if (!h) LP_FAIL(LP_ERR_OOM, "out of memory for a checkpoint");
     lp_status st = lp_ctx_to_host(c, h, tr->s->mem, nf * 4);
+    if (st == LP_OK) st = lp_ctx_to_host(c, tr->since, tr->since_dev, (size_t)tr->S * 8); /* the dead-latent counters */
     if (st == LP_OK) st = lp_ctx_to_host(c, h + nf, tr->adam_m, nf * 4);
     if (st == LP_OK) st = lp_ctx_to_host(c, h + 2 * nf, tr->adam_v, nf * 4);
     lp_st_spec specs[4] = {

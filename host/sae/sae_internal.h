@@ -14,7 +14,8 @@ typedef struct sae_runner {
     int32_t *idx;
     int64_t *counts;
     const float *xin_used;
-    float batch_t; /* batchtopk: this batch's threshold */
+    double *batch_t; /* batchtopk in training: this batch's threshold, on the device (a slot of
+                      * the trainer's tracking block, loupe/sae_track.h) */
     int n_dead;
     /* training */
     float *dxhat, *df, *dval, *norms, *colsum, *val_aux, *dval_aux, *e, *ehat;

@@ -17,6 +17,7 @@
 #include "loupe/output.h"
 #include "loupe/safetensors.h"
 #include "loupe/sae_ops.h"
+#include "loupe/sae_track.h"
 #include "loupe/sae_train.h"
 #include "loupe/store.h"
 #include "core/rng.h"
@@ -128,8 +129,8 @@ lp_status sae_runner_refresh_bf16(sae_runner *r) {
 }
 
 /* f (dense) or idx/val (topk) and x_hat for x (and xin) of n tokens. batch_thr: for
- * batchtopk in training, the threshold comes from this batch (written to r->batch_t);
- * otherwise from the SAE's learned threshold. */
+ * batchtopk in training, the threshold comes from this batch (written to r->batch_t on the
+ * device); otherwise from the SAE's learned threshold. */
 lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr) {
     lp_sae *s = r->s;
     lp_ctx *c = r->c;
@@ -157,15 +158,8 @@ lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr) {
     case LP_SAE_TOPK: LP_CHECK(lp_sae_topk(c, r->idx, r->val, r->pre, n, S, K)); break;
     case LP_SAE_BATCHTOPK:
         if (batch_thr) { /* the k * n largest activations of this batch */
-            float t;
-            LP_CHECK(lp_sae_kth_largest(c, &t, r->pre, (size_t)n * S, (size_t)n * K));
-            r->batch_t = t;
-            float *h = malloc((size_t)S * sizeof(float));
-            if (!h) LP_FAIL(LP_ERR_OOM, "out of memory");
-            for (int i = 0; i < S; i++) h[i] = t;
-            lp_status st = lp_ctx_to_device(c, r->thr, h, (size_t)S * 4);
-            free(h);
-            LP_CHECK(st);
+            if (!r->batch_t) LP_FAIL(LP_ERR_ARG, "SAE runner: a batch threshold without its device slot");
+            LP_CHECK(lp_sae_batch_threshold(c, r->thr, r->batch_t, r->pre, (size_t)n * S, (size_t)n * K, S));
             LP_CHECK(lp_sae_jumprelu(c, r->f, r->pre, r->thr, n, S));
         } else {
             LP_CHECK(lp_sae_jumprelu(c, r->f, r->pre, s->threshold, n, S));

@@ -101,9 +101,8 @@ static void trainer_free(trainer *tr) {
     lp_ctx_release_host(c, tr->host_perm);
     free(tr->since);
     free(tr->counts_host);
-    free(tr->colsum_host);
-    free(tr->mask_host);
-    free(tr->cand_host);
+    lp_ctx_release(c, tr->since_dev);
+    lp_ctx_release(c, tr->trk);
     lp_ctx_release(c, tr->ysum);
     free(tr->ysum_f);
     free(tr->ysum_host);
@@ -204,12 +203,31 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     }
     tr->since = calloc(tr->S, sizeof(int64_t));
     tr->counts_host = calloc(tr->S, sizeof(int64_t));
-    tr->colsum_host = calloc(tr->S, sizeof(float));
-    tr->mask_host = calloc(tr->S, sizeof(float));
-    tr->cand_host = calloc(tr->S, sizeof(int32_t));
-    if (!tr->host_x || (tr->transcoder && !tr->host_y) || !tr->host_perm || !tr->since || !tr->counts_host || !tr->colsum_host || !tr->mask_host || !tr->cand_host)
+    if (!tr->host_x || (tr->transcoder && !tr->host_y) || !tr->host_perm || !tr->since || !tr->counts_host)
         LP_FAIL(LP_ERR_OOM, "out of host memory for the shuffle window (%lld tokens)", (long long)tr->W);
-    return LP_OK;
+    /* the step's bookkeeping stays on the device (one read per log step); with DP the
+     * losses are all-reduced on the host every step, and summed there */
+    tr->host_acc = tr->dp > 1;
+    LP_CHECK(lp_ctx_alloc(c, (size_t)tr->S * 8, (void **)&tr->since_dev));
+    LP_CHECK(lp_ctx_memset0(c, tr->since_dev, (size_t)tr->S * 8));
+    LP_CHECK(lp_ctx_alloc(c, LP_TRK_LEN * sizeof(double), (void **)&tr->trk));
+    tr->r->batch_t = tr->trk + LP_TRK_BATCH_T;
+    memset(tr->trk_host, 0, sizeof tr->trk_host);
+    tr->trk_host[LP_TRK_BAD_STEP] = -1;
+    return lp_ctx_to_device(c, tr->trk, tr->trk_host, sizeof tr->trk_host);
+}
+
+/* A resumed run's counters and log window sums (read from the checkpoint) onto the device. */
+static lp_status track_resume(trainer *tr) {
+    tr->since_bound = 0;
+    for (int i = 0; i < tr->S; i++)
+        if (tr->since[i] > tr->since_bound) tr->since_bound = tr->since[i];
+    LP_CHECK(lp_ctx_to_device(tr->c, tr->since_dev, tr->since, (size_t)tr->S * 8));
+    double *h = tr->trk_host;
+    h[LP_TRK_ACC_MSE] = tr->acc_mse, h[LP_TRK_ACC_SSE] = tr->acc_sse, h[LP_TRK_ACC_SST] = tr->acc_sst;
+    h[LP_TRK_ACC_L0] = tr->acc_l0, h[LP_TRK_ACC_SPARSE] = tr->acc_sparsity, h[LP_TRK_ACC_AUX] = tr->acc_aux;
+    h[LP_TRK_THR_EMA] = tr->thr_ema;
+    return lp_ctx_to_device(tr->c, tr->trk, h, sizeof tr->trk_host);
 }
 
 static void progress(const trainer *tr, int64_t total_steps, double tps, double loss, double l0, int dead, int final) {
@@ -244,6 +262,8 @@ static lp_status run_begin(run *ru, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     if (!resumed) {
         LP_CHECK(sae_init_params(tr));
         LP_CHECK(sae_init_data_stats(tr));
+    } else {
+        LP_CHECK(track_resume(tr));
     }
     LP_CHECK(sae_runner_refresh_bf16(tr->r)); /* the bf16 encoder copy of the weights just set */
     char *mpath = tr->metrics_path;
@@ -267,18 +287,18 @@ static lp_status run_step(run *ru, lp_sae_train_report *rep) {
     const lp_sae_train_cfg *t = tr->t;
     double lr = sae_lr_at(t, tr->step, ru->total_steps);
     double l1 = t->l1_coefficient * (t->l1_warm_up_steps > 0 ? fmin(1.0, (double)(tr->step + 1) / t->l1_warm_up_steps) : 1.0);
-    double mse, sp, aux, sse, sst, l0;
     LP_CHECK(sae_load_batch(tr, tr->step));
-    LP_CHECK(sae_train_step(tr, lr, l1, &mse, &sp, &aux, &sse, &sst, &l0));
-    double loss = mse + sp + aux;
-    if (!isfinite(loss))
-        LP_FAIL(LP_ERR_FORMAT, "%s: step %lld (batch of tokens %lld..%lld): the loss is %s; the last good checkpoint is kept in %s/checkpoints",
-                t->out, (long long)tr->step, (long long)tr->tokens_done, (long long)(tr->tokens_done + tr->N - 1),
-                isnan(loss) ? "NaN" : "infinite", t->out);
+    LP_CHECK(sae_train_step(tr, lr, l1));
+    if (tr->host_acc) { /* DP: the step's figures are on the host already */
+        const double *v = tr->step_v;
+        if (!isfinite(v[0] + v[1] + v[2])) return sae_loss_error(tr, tr->step, isnan(v[0] + v[1] + v[2]));
+        tr->acc_mse += v[0], tr->acc_sse += v[3], tr->acc_sst += v[4], tr->acc_l0 += v[5], tr->acc_sparsity += v[1], tr->acc_aux += v[2];
+    }
     tr->step++;
     tr->tokens_done += tr->N;
-    tr->acc_mse += mse, tr->acc_sse += sse, tr->acc_sst += sst, tr->acc_l0 += l0, tr->acc_sparsity += sp, tr->acc_aux += aux, tr->acc_n++;
+    tr->acc_n++;
     if (tr->step % t->log_every == 0 || tr->step == ru->total_steps) {
+        LP_CHECK(sae_read_track(tr)); /* the window's sums; a non-finite loss in it ends the run here */
         double now = now_s(), tps = (tr->tokens_done - ru->tok_log) / (now - ru->tlog > 1e-9 ? now - ru->tlog : 1e-9);
         double n = tr->acc_n;
         char line[1024];
@@ -296,9 +316,11 @@ static lp_status run_step(run *ru, lp_sae_train_report *rep) {
         rep->dead = tr->r->n_dead;
         progress(tr, ru->total_steps, tps, (tr->acc_mse + tr->acc_sparsity + tr->acc_aux) / n, rep->l0, rep->dead, 0);
         tr->acc_mse = tr->acc_sse = tr->acc_sst = tr->acc_l0 = tr->acc_sparsity = tr->acc_aux = tr->acc_n = 0;
+        if (!tr->host_acc) LP_CHECK(lp_ctx_memset0(tr->c, tr->trk, (LP_TRK_ACC_AUX + 1) * sizeof(double)));
         ru->tlog = now, ru->tok_log = tr->tokens_done;
     }
     if (tr->tokens_done >= ru->next_ckpt && tr->step < ru->total_steps) {
+        LP_CHECK(sae_read_track(tr)); /* never a checkpoint of a state a non-finite loss reached */
         if (tr->dpr == 0) LP_CHECK(sae_save_checkpoint(tr));
         ru->next_ckpt += t->checkpoint_every;
     }

@@ -158,8 +158,8 @@ static lp_status b_dec_through_input(trainer *tr) {
 /* The gradients behind the latents: through the top-k selection, or the dense latents with
  * their sparsity penalty (L1 on decoder-norm-weighted activations, JumpReLU's L0, or
  * BatchTopK's mask), into W_enc, b_enc and (apply_b_dec_to_input) b_dec. r->dxhat holds
- * dL/dx_hat; *sparse_loss is set for the dense architectures. */
-static lp_status latent_grads(trainer *tr, double l1, double l0, double *sparse_loss) {
+ * dL/dx_hat; the L1 term's sum goes to the tracking block. */
+static lp_status latent_grads(trainer *tr, double l1) {
     sae_runner *r = tr->r;
     lp_sae *s = tr->s, *g = &tr->gview;
     lp_ctx *c = tr->c;
@@ -181,17 +181,11 @@ static lp_status latent_grads(trainer *tr, double l1, double l0, double *sparse_
              * parallel to each row and removed below, so only df changes */
             LP_CHECK(lp_rows_norm(c, r->norms, s->W_dec, S, Do));
             LP_CHECK(lp_col_sum(c, r->colsum, r->f, N, S, 0.0f));
-            LP_CHECK(lp_ctx_to_host(c, tr->colsum_host, r->colsum, (size_t)S * 4));
-            float *nh = tr->mask_host; /* scratch */
-            LP_CHECK(lp_ctx_to_host(c, nh, r->norms, (size_t)S * 4));
-            double sp = 0;
-            for (int i = 0; i < S; i++) sp += (double)tr->colsum_host[i] * nh[i];
-            *sparse_loss = l1 * sp / N;
+            LP_CHECK(lp_sae_l1_term(c, tr->trk, r->colsum, r->norms, S)); /* the loss: l1 * that / N */
             LP_CHECK(lp_sae_scale(c, r->norms, (float)(l1 / N), (size_t)S));
             LP_CHECK(lp_affine(c, r->df, r->df, r->ones, r->norms, N, S));
             LP_CHECK(lp_sae_relu_grad(c, r->df, r->df, r->pre, (size_t)N * S));
-        } else if (cf->arch == LP_SAE_JUMPRELU) {
-            *sparse_loss = tr->t->l0_coefficient * l0;
+        } else if (cf->arch == LP_SAE_JUMPRELU) { /* the loss: l0_coefficient * L0 */
             LP_CHECK(lp_sae_jumprelu_grad(c, r->df, g->threshold, r->df, r->pre, s->threshold, cf->jumprelu_bandwidth,
                                           (float)(tr->t->l0_coefficient / N), N, S));
             LP_CHECK(lp_sae_relu_grad(c, r->df, r->df, r->pre, (size_t)N * S)); /* the relu in front */
@@ -207,29 +201,29 @@ static lp_status latent_grads(trainer *tr, double l1, double l0, double *sparse_
 }
 
 /* AuxK: the dead latents' top activations reconstruct the residual y - x_hat; adds its
- * gradient and sets *aux_loss. The selection reads the dead latents' columns of pre in
- * place (their list uploaded, n_dead words), with no masked [N, d_sae] copy. Against the
- * former masked copy (pre on dead latents, 0 elsewhere) it keeps the same latents with
- * positive values in the same order; where fewer than ka dead latents are positive the
- * copy filled up with live latents at 0 and this with dead ones below 0, both of value
- * relu = 0, which add nothing to the loss or the gradients. */
-static lp_status auxk_step(trainer *tr, const float *y, int n_dead, double *aux_loss) {
+ * gradient, and its loss's sums to the tracking block. The selection reads the dead latents'
+ * columns of pre in place (their list r->cand and its length, made on the device by
+ * lp_sae_dead_update), with no masked [N, d_sae] copy, and no read of the dead count: each
+ * row takes min(Ka, n_dead) latents and pads the rest of its Ka entries with value 0, which
+ * add nothing to x_hat's reconstruction or to any gradient (their relu gradient is 0), so
+ * the step is the one over exactly min(Ka, n_dead) latents; with no dead latent the loss is
+ * 0 (lp_sae_track_step) and the gradients receive only zeros. The weight
+ * w = aux_k_coefficient * min(n_dead / min(Ka, n_dead), 1) is aux_k_coefficient whenever a
+ * latent is dead. Against the former masked copy (pre on dead latents, 0 elsewhere) it keeps
+ * the same latents with positive values in the same order; where fewer than ka dead
+ * latents are positive the copy filled up with live latents at 0 and this with dead ones
+ * below 0, both of value relu = 0, which add nothing to the loss or the gradients. */
+static lp_status auxk_step(trainer *tr, const float *y) {
     sae_runner *r = tr->r;
     lp_sae *s = tr->s, *g = &tr->gview;
     lp_ctx *c = tr->c;
-    int N = tr->Nl, D = tr->D, Do = tr->Do, S = tr->S;
-    int ka = r->Ka < n_dead ? r->Ka : n_dead, nd = 0;
-    for (int i = 0; i < S; i++)
-        if (tr->since[i] >= tr->t->dead_feature_window) tr->cand_host[nd++] = i;
-    LP_CHECK(lp_ctx_to_device(c, r->cand, tr->cand_host, (size_t)nd * 4));
-    LP_CHECK(lp_sae_topk_among(c, r->idx_aux, r->val_aux, r->pre, r->cand, nd, N, S, ka));
+    int N = tr->Nl, D = tr->D, Do = tr->Do, S = tr->S, ka = r->Ka;
+    LP_CHECK(lp_sae_topk_among_counted(c, r->idx_aux, r->val_aux, r->pre, r->cand, tr->trk + LP_TRK_N_DEAD, N, S, ka));
     LP_CHECK(lp_affine(c, r->e, r->xhat, r->neg1, NULL, N, Do));
     LP_CHECK(lp_add(c, r->e, r->e, y, (size_t)N * Do)); /* e = y - x_hat, held fixed */
     LP_CHECK(lp_sae_decode_sparse(c, r->ehat, r->idx_aux, r->val_aux, s->W_dec, NULL, N, ka, Do));
-    double as[4];
-    LP_CHECK(lp_sae_recon_sums(c, as, r->e, r->ehat, N, Do));
-    double w = tr->t->aux_k_coefficient * fmin((double)n_dead / ka, 1.0);
-    *aux_loss = w * as[0] / N;
+    LP_CHECK(lp_sae_recon_sums_dev(c, tr->trk + LP_TRK_AUX, r->e, r->ehat, N, Do));
+    double w = tr->t->aux_k_coefficient;
     /* d aux / d e_hat = 2 w (e_hat - e) / N */
     LP_CHECK(lp_affine(c, r->e, r->e, r->neg1, NULL, N, Do));
     LP_CHECK(lp_add(c, r->ehat, r->ehat, r->e, (size_t)N * Do));
@@ -243,15 +237,15 @@ static lp_status auxk_step(trainer *tr, const float *y, int n_dead, double *aux_
 }
 
 /* Data parallelism: each rank's gradients and losses are means over its equal slice of the
- * batch, so their average over the ranks is the global batch's mean; the sums of squares add. */
-static lp_status dp_average(trainer *tr, const float *y, double *mse, double *sparse_loss, double *aux_loss, double *sse, double *sst) {
+ * batch, so their average over the ranks is the global batch's mean; the sums of squares add.
+ * v: this rank's mse, sparsity, aux, sse, sst (read from the tracking block), made global. */
+static lp_status dp_average(trainer *tr, const float *y, double *v) {
     lp_dist *d = tr->t->dist;
     int Do = tr->Do;
     LP_CHECK(lp_dist_allreduce_sum_dev(d, LP_DIST_DP, tr->c, tr->grad, tr->s->n_floats));
     LP_CHECK(lp_sae_scale(tr->c, tr->grad, (float)(1.0 / tr->dp), tr->s->n_floats));
-    double v[5] = {*mse, *sparse_loss, *aux_loss, *sse, *sst};
     LP_CHECK(lp_dist_allreduce_sum(d, LP_DIST_DP, v, 5, LP_F64));
-    *mse = v[0] / tr->dp, *sparse_loss = v[1] / tr->dp, *aux_loss = v[2] / tr->dp, *sse = v[3];
+    v[0] /= tr->dp, v[1] /= tr->dp, v[2] /= tr->dp;
     /* each rank's sst is about its own slice's mean m_r; about the global mean m (equal
      * slices of n): sst = sum_r sst_r + n (sum_r |m_r|^2 - |sum_r m_r|^2 / dp) */
     double *m = tr->ysum_host, n = tr->Nl;
@@ -262,64 +256,108 @@ static lp_status dp_average(trainer *tr, const float *y, double *mse, double *sp
     LP_CHECK(lp_dist_allreduce_sum(d, LP_DIST_DP, m, (size_t)Do + 1, LP_F64));
     double between = m[Do];
     for (int j = 0; j < Do; j++) between -= m[j] * m[j] / tr->dp;
-    *sst = v[4] + n * between;
+    v[4] += n * between;
     return LP_OK;
 }
 
-/* One step: forward, losses, gradients, Adam, decoder renormalisation, dead tracking.
- * Returns the batch's losses in *mse, *sparsity (the L1 or L0 term), *aux. */
-lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double *sparse_loss, double *aux_loss,
-                            double *sse, double *sst, double *l0) {
+/* The fire counts of this batch into the dead-latent counters (on the device; with DP the
+ * counts are all-reduced first, through the host). *aux: AuxK runs this step, once some
+ * latent may have gone dead_feature_window tokens without firing (since_bound; until then
+ * none can be dead and the step is the one without AuxK, as before). */
+static lp_status dead_latents(trainer *tr, int *aux) {
+    sae_runner *r = tr->r;
+    lp_ctx *c = tr->c;
+    const lp_sae_cfg *cf = &tr->s->cfg;
+    int N = tr->Nl, S = tr->S, K = r->K;
+    int64_t window = tr->t->dead_feature_window;
+    LP_CHECK(lp_ctx_memset0(c, r->counts, (size_t)S * 8));
+    LP_CHECK(lp_sae_fire_counts(c, r->counts, cf->arch == LP_SAE_TOPK ? r->idx : NULL, r->val, r->f, N, K, S));
+    if (tr->dp > 1) { /* the global batch's firings */
+        LP_CHECK(lp_ctx_to_host(c, tr->counts_host, r->counts, (size_t)S * 8));
+        LP_CHECK(lp_dist_allreduce_sum(tr->t->dist, LP_DIST_DP, tr->counts_host, (size_t)S, LP_I64));
+        LP_CHECK(lp_ctx_to_device(c, r->counts, tr->counts_host, (size_t)S * 8));
+    }
+    int on = r->Ka > 0 && tr->t->aux_k_coefficient > 0;
+    LP_CHECK(lp_sae_dead_update(c, tr->since_dev, on ? r->cand : NULL, tr->trk, r->counts, S, tr->N, window));
+    tr->since_bound += tr->N; /* a counter grows by the batch at most (exact again at each log read) */
+    *aux = on && tr->since_bound >= window;
+    return LP_OK;
+}
+
+/* The step's figures into the tracking block (the log window's sums with them); with DP,
+ * read back, made global and summed on the host instead. */
+static lp_status track(trainer *tr, const float *y, double l1, int aux) {
+    const lp_sae_cfg *cf = &tr->s->cfg;
+    lp_sae_track_step_args a = {.step = tr->step, .n = tr->Nl, .n_global = tr->N, .l1 = l1,
+                                .l0_coef = tr->t->l0_coefficient, .aux = aux, .aux_k = tr->r->Ka > 0 ? tr->r->Ka : 1,
+                                .aux_coef = tr->t->aux_k_coefficient, .accumulate = !tr->host_acc,
+                                /* the exported threshold: a running mean of the batch thresholds */
+                                .batchtopk = cf->arch == LP_SAE_BATCHTOPK};
+    a.sparse = cf->arch == LP_SAE_STANDARD ? 1 : cf->arch == LP_SAE_JUMPRELU ? 2 : 0;
+    LP_CHECK(lp_sae_track_step(tr->c, tr->trk, &a));
+    if (!tr->host_acc) return LP_OK;
+    double *v = tr->trk_host + LP_TRK_STEP;
+    LP_CHECK(lp_ctx_to_host(tr->c, v, tr->trk + LP_TRK_STEP, 6 * sizeof(double)));
+    double w[5] = {v[0], v[1], v[2], v[3], v[4]};
+    if (tr->dp > 1) LP_CHECK(dp_average(tr, y, w));
+    memcpy(tr->step_v, w, sizeof w);
+    tr->step_v[5] = v[5];
+    return LP_OK;
+}
+
+/* One step: forward, losses, gradients, Adam, decoder renormalisation, dead tracking. The
+ * losses go to the tracking block on the device (with host_acc to step_v). */
+lp_status sae_train_step(trainer *tr, double lr, double l1) {
     sae_runner *r = tr->r;
     lp_sae *s = tr->s, *g = &tr->gview;
     lp_ctx *c = tr->c;
     const lp_sae_cfg *cf = &s->cfg;
-    /* N: this rank's rows (the whole batch in one process); Ng: the global batch */
-    int N = tr->Nl, Ng = tr->N, D = tr->D, Do = tr->Do, S = tr->S, K = r->K;
+    /* N: this rank's rows (the whole batch in one process) */
+    int N = tr->Nl, D = tr->D, Do = tr->Do, S = tr->S;
     const float *y = tr->transcoder ? r->y : r->x;
     LP_CHECK(lp_ctx_memset0(c, tr->grad, s->n_floats * 4));
     LP_CHECK(sae_runner_forward(r, N, 1));
 
     /* reconstruction: mse = sum_d (x_hat - y)^2, mean over tokens; dL/dx_hat = 2 (x_hat - y) / N */
-    double sums[4];
-    LP_CHECK(lp_sae_recon_sums(c, sums, y, r->xhat, N, Do));
-    *mse = sums[0] / N, *sse = sums[0], *sst = sums[1];
+    LP_CHECK(lp_sae_recon_sums_dev(c, tr->trk + LP_TRK_RECON, y, r->xhat, N, Do));
     LP_CHECK(lp_affine(c, r->dxhat, y, r->neg1, NULL, N, Do));           /* -y */
     LP_CHECK(lp_add(c, r->dxhat, r->dxhat, r->xhat, (size_t)N * Do));    /* x_hat - y */
     LP_CHECK(lp_sae_scale(c, r->dxhat, (float)(2.0 / N), (size_t)N * Do));
     LP_CHECK(lp_col_sum(c, g->b_dec, r->dxhat, N, Do, 1.0f));
     if (cf->skip) LP_CHECK(lp_matmul_at(c, g->W_skip, r->x, r->dxhat, N, D, Do, 1.0f));
 
-    /* fired latents this batch: L0 and dead tracking */
-    LP_CHECK(lp_ctx_memset0(c, r->counts, (size_t)S * 8));
-    LP_CHECK(lp_sae_fire_counts(c, r->counts, cf->arch == LP_SAE_TOPK ? r->idx : NULL, r->val, r->f, N, K, S));
-    LP_CHECK(lp_ctx_to_host(c, tr->counts_host, r->counts, (size_t)S * 8));
-    LP_CHECK(lp_dist_allreduce_sum(tr->t->dist, LP_DIST_DP, tr->counts_host, (size_t)S, LP_I64)); /* the global batch's firings */
-    int64_t fired = 0;
-    for (int i = 0; i < S; i++) fired += tr->counts_host[i];
-    *l0 = (double)fired / Ng;
-    *sparse_loss = 0, *aux_loss = 0;
+    /* fired latents this batch: L0 and the dead latents (no firing for dead_feature_window tokens) */
+    int aux;
+    LP_CHECK(dead_latents(tr, &aux));
+    LP_CHECK(latent_grads(tr, l1));
+    if (aux) LP_CHECK(auxk_step(tr, y));
+    LP_CHECK(track(tr, y, l1, aux));
 
-    LP_CHECK(latent_grads(tr, l1, *l0, sparse_loss));
-
-    /* dead latents: no firing for dead_feature_window tokens */
-    int n_dead = 0;
-    for (int i = 0; i < S; i++) {
-        tr->since[i] = tr->counts_host[i] ? 0 : tr->since[i] + Ng;
-        n_dead += tr->since[i] >= tr->t->dead_feature_window;
-    }
-    tr->r->n_dead = n_dead;
-    if (r->Ka > 0 && n_dead > 0 && tr->t->aux_k_coefficient > 0) LP_CHECK(auxk_step(tr, y, n_dead, aux_loss));
-
-    if (tr->dp > 1) LP_CHECK(dp_average(tr, y, mse, sparse_loss, aux_loss, sse, sst));
     /* unit-norm decoder: no gradient along the rows, Adam, renormalise */
     LP_CHECK(lp_rows_remove_parallel(c, g->W_dec, s->W_dec, S, Do));
     LP_CHECK(lp_adam_step(c, (float *)s->mem, tr->grad, tr->adam_m, tr->adam_v, s->n_floats, (float)lr, (float)tr->t->adam_beta1,
                           (float)tr->t->adam_beta2, (float)tr->t->adam_eps, (int)(tr->step + 1)));
     LP_CHECK(lp_rows_unit_norm(c, s->W_dec, S, Do));
     LP_CHECK(sae_runner_refresh_bf16(r)); /* the bf16 encoder copy follows the master weights */
-    if (cf->arch == LP_SAE_BATCHTOPK) { /* the exported threshold: a running mean of the batch thresholds */
-        tr->thr_ema = tr->step == 0 ? r->batch_t : 0.95 * tr->thr_ema + 0.05 * r->batch_t;
-    }
+    return LP_OK;
+}
+
+lp_status sae_loss_error(const trainer *tr, int64_t step, int is_nan) {
+    const lp_sae_train_cfg *t = tr->t;
+    int64_t tok = tr->tokens_done - (tr->step - step) * tr->N; /* the tokens before that step */
+    LP_FAIL(LP_ERR_FORMAT, "%s: step %lld (batch of tokens %lld..%lld): the loss is %s; the last good checkpoint is kept in %s/checkpoints",
+            t->out, (long long)step, (long long)tok, (long long)(tok + tr->N - 1), is_nan ? "NaN" : "infinite", t->out);
+}
+
+lp_status sae_read_track(trainer *tr) {
+    double *h = tr->trk_host;
+    LP_CHECK(lp_ctx_to_host(tr->c, h, tr->trk, (LP_TRK_THR_EMA + 1) * sizeof(double)));
+    if (h[LP_TRK_BAD_STEP] >= 0) return sae_loss_error(tr, (int64_t)h[LP_TRK_BAD_STEP], h[LP_TRK_BAD_NAN] != 0);
+    tr->r->n_dead = (int)h[LP_TRK_N_DEAD];
+    tr->since_bound = (int64_t)h[LP_TRK_MAX_SINCE]; /* read after a step: the counters' largest */
+    tr->thr_ema = h[LP_TRK_THR_EMA];
+    if (tr->host_acc) return LP_OK;
+    tr->acc_mse = h[LP_TRK_ACC_MSE], tr->acc_sse = h[LP_TRK_ACC_SSE], tr->acc_sst = h[LP_TRK_ACC_SST];
+    tr->acc_l0 = h[LP_TRK_ACC_L0], tr->acc_sparsity = h[LP_TRK_ACC_SPARSE], tr->acc_aux = h[LP_TRK_ACC_AUX];
     return LP_OK;
 }

@@ -7,6 +7,7 @@
 #include "loupe/dist.h"
 #include "loupe/output.h"
 #include "loupe/sae_train.h"
+#include "loupe/sae_track.h"
 #include "loupe/store.h"
 #include "sae/sae_internal.h"
 
@@ -57,11 +58,18 @@ typedef struct trainer {
     /* state */
     int64_t step, tokens_done;
     double scale, thr_ema;
-    int64_t *since;                 /* host [S]: tokens since each latent last fired */
-    int64_t *counts_host;
-    float *colsum_host, *mask_host;
-    int32_t *cand_host;             /* [S]: the dead latents, for AuxK */
-    /* log window */
+    int64_t *since;                 /* host [S]: tokens since each latent last fired (checkpoints) */
+    int64_t *since_dev;             /* device [S]: the same, updated by every step */
+    int64_t since_bound;            /* at least the largest of since_dev (exact at each log read):
+                                     * AuxK runs once a latent may have reached the window */
+    int64_t *counts_host;           /* dp > 1: the fire counts, all-reduced on the host */
+    double *trk;                    /* device [LP_TRK_LEN]: the step's sums, the log window's,
+                                     * the non-finite flag, the dead count, BatchTopK's threshold
+                                     * and its running mean (loupe/sae_track.h) */
+    double trk_host[LP_TRK_LEN];
+    int host_acc;                   /* dp > 1: the log window summed on the host, each step */
+    double step_v[6];               /* host_acc: the step's mse, sparsity, aux, sse, sst, l0 */
+    /* log window (on the host: as last read from trk, or summed there with host_acc) */
     double acc_mse, acc_sse, acc_sst, acc_l0, acc_sparsity, acc_aux, acc_n;
     int metrics;                    /* metrics.jsonl, open for appending (-1: not open) */
     char metrics_path[1200];
@@ -89,8 +97,13 @@ lp_status sae_load_batch(trainer *tr, int64_t step);
 double sae_lr_at(const lp_sae_train_cfg *t, int64_t step, int64_t total);
 lp_status sae_init_params(trainer *tr);
 lp_status sae_init_data_stats(trainer *tr);
-lp_status sae_train_step(trainer *tr, double lr, double l1, double *mse, double *sparse_loss, double *aux_loss,
-                            double *sse, double *sst, double *l0);
+/* One step, queued on the device; with host_acc its figures in step_v. */
+lp_status sae_train_step(trainer *tr, double lr, double l1);
+/* Reads the tracking block (one copy): the log window's sums into acc_* (unless host_acc)
+ * and the dead count; fails naming the step when a loss was not finite. */
+lp_status sae_read_track(trainer *tr);
+/* The one-line error of a non-finite loss at step `step`. */
+lp_status sae_loss_error(const trainer *tr, int64_t step, int is_nan);
 
 /* ---- sae_checkpoint.c ---- */
 

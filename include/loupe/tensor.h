@@ -58,6 +58,8 @@ typedef struct lp_ctx {
     void *copy_stream;   /* cudaStream_t: device-to-host copies of captures */
     void *blas;          /* cublasHandle_t */
     unsigned long n_allocs; /* lp_ctx_alloc calls that succeeded: what a hot path must not add to */
+    unsigned long n_d2h;    /* synchronous device-to-host reads (lp_ctx_to_host and the ops that
+                             * return a host result): each stalls the GPU's stream */
 } lp_ctx;
 
 /* dtype must be LP_F32 on the CPU; LP_F32 or LP_BF16 on CUDA. */
