@@ -6,8 +6,10 @@
  * Under mpirun (when the build has MPI and mpirun is on the PATH; skipped, saying so,
  * otherwise): build/dist_tp_check at TP=2 and TP=4 compares a split model with the whole
  * one for GPT-2, Llama with GQA, Qwen2 with one kv head, Mistral, Gemma 2 and Gemma 3:
- * losses, logits, every hook's capture, edits at per-head and per-neuron hooks, and the
- * number of collectives and bytes of a forward (tests/dist/tp_check.c); build/dist_attrib_check
+ * losses, logits, every hook's capture, edits at per-head and per-neuron hooks, the
+ * number of collectives and bytes of a forward, and the interleaved schedule (micro-batches
+ * whose all-reduces overlap compute) against the plain one, with the cases that must take
+ * the plain one (tests/dist/tp_check.c); build/dist_attrib_check
  * at TP=2 and TP=4 compares attribution patching (and integrated gradients), the
  * exact-patching grid and SAE-latent nodes on GPT-2 and Llama with GQA
  * (tests/dist/attrib_check.c). */
