@@ -12,7 +12,8 @@
  * the plain one (tests/dist/tp_check.c); build/dist_attrib_check
  * at TP=2 and TP=4 compares attribution patching (and integrated gradients), the
  * exact-patching grid and SAE-latent nodes on GPT-2 and Llama with GQA
- * (tests/dist/attrib_check.c). */
+ * (tests/dist/attrib_check.c); build/dist_async_check at TP=2 and TP=4 the started all-reduce
+ * (exact sums, requests in flight, a peer that never joins fails the wait in time). */
 #include <criterion/criterion.h>
 #include <libgen.h>
 #include <limits.h>
@@ -45,6 +46,13 @@ Test(dist, one_process_is_a_world_of_one) {
     cr_assert_eq(lp_dist_gather(d, LP_DIST_DP, x, sizeof x, &all, counts, 0), LP_OK);
     cr_assert(all && counts[0] == sizeof x && memcmp(all, x, sizeof x) == 0, "a gather over one rank is not a copy");
     free(all);
+    lp_ctx c;
+    lp_dist_req *req = (lp_dist_req *)1;
+    cr_assert_eq(lp_ctx_init(&c, LP_CPU, LP_F32), LP_OK);
+    cr_assert_eq(lp_dist_allreduce_sum_dev_start(d, LP_DIST_TP, &c, x, 3, &req), LP_OK);
+    cr_assert_null(req, "a world of one started an all-reduce");
+    cr_assert_eq(lp_dist_wait(d, req), LP_OK);
+    lp_ctx_free(&c);
     lp_dist_counts k;
     lp_dist_counts_get(d, &k);
     cr_assert(k.allreduce == 0 && k.allgather == 0 && k.broadcast == 0 && k.barrier == 0 && k.gather == 0, "a world of one moved something");
@@ -104,49 +112,41 @@ static void dist_prog_path(char *out, size_t n, const char *prog) {
     cr_assert_eq(access(out, X_OK), 0, "%s is missing (make builds it)", out);
 }
 
-static void run_tp(int np) {
-    char bin[PATH_MAX + 32], cmd[8192];
-    dist_prog_path(bin, sizeof bin, "tp_check");
-    snprintf(cmd, sizeof cmd,
-             "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np %d %s " FIX "gpt2-tiny " FIX "llama-tiny " FIX "qwen2-tiny " FIX
-             "mistral-tiny " FIX "gemma2-tiny " FIX "gemma3-tiny 2>&1",
-             np, bin);
+/* Runs build/dist_<prog> args under mpirun -np np: its verdict line (the last that starts
+ * with "<prog>:") must hold `ok`, and with `exit0` the job must end with status 0; the
+ * ranks' failure lines are shown when it does not. */
+static void run_check(int np, const char *prog, const char *args, const char *ok, int exit0) {
+    char bin[PATH_MAX + 32], cmd[8192], tag[64];
+    dist_prog_path(bin, sizeof bin, prog);
+    snprintf(cmd, sizeof cmd, "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np %d %s %s 2>&1", np, bin, args);
+    snprintf(tag, sizeof tag, "%s:", prog);
     FILE *p = popen(cmd, "r");
     cr_assert(p, "cannot start mpirun");
     char line[512], last[512] = "", fails[4096] = "";
     while (fgets(line, sizeof line, p)) {
-        if (strncmp(line, "tp_check:", 9) == 0) snprintf(last, sizeof last, "%s", line);
+        if (strncmp(line, tag, strlen(tag)) == 0) snprintf(last, sizeof last, "%s", line);
         else if (strncmp(line, "rank ", 5) == 0 && strlen(fails) + strlen(line) < sizeof fails) strcat(fails, line);
     }
     int rc = pclose(p);
-    cr_assert_eq(rc, 0, "mpirun -np %d tp_check failed (status %d):\n%s%s", np, rc, fails, last);
-    cr_assert(strstr(last, "all agree"), "%s", last);
+    if (exit0) cr_assert_eq(rc, 0, "mpirun -np %d %s failed (status %d):\n%s%s", np, prog, rc, fails, last);
+    cr_assert(strstr(last, ok), "mpirun -np %d %s:\n%s%s", np, prog, fails, last);
 }
 
-Test(dist, tp2_matches_one_process, .timeout = 60) { run_tp(2); }
-Test(dist, tp4_matches_one_process, .timeout = 60) { run_tp(4); }
+#define TP_MODELS FIX "gpt2-tiny " FIX "llama-tiny " FIX "qwen2-tiny " FIX "mistral-tiny " FIX "gemma2-tiny " FIX "gemma3-tiny"
+Test(dist, tp2_matches_one_process, .timeout = 60) { run_check(2, "tp_check", TP_MODELS, "all agree", 1); }
+Test(dist, tp4_matches_one_process, .timeout = 60) { run_check(4, "tp_check", TP_MODELS, "all agree", 1); }
 
 /* Attribution at TP=np against the whole model (tests/dist/attrib_check.c): both fixtures
  * have 4 heads (Llama 2 kv heads, replicated at TP=4) and MLP widths that 4 divides. */
-static void run_attrib(int np) {
-    char bin[PATH_MAX + 32], cmd[8192];
-    dist_prog_path(bin, sizeof bin, "attrib_check");
-    snprintf(cmd, sizeof cmd, "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np %d %s " FIX "gpt2-tiny " FIX
-             "llama-tiny 2>&1", np, bin);
-    FILE *p = popen(cmd, "r");
-    cr_assert(p, "cannot start mpirun");
-    char line[512], last[512] = "", fails[4096] = "";
-    while (fgets(line, sizeof line, p)) {
-        if (strncmp(line, "attrib_check:", 13) == 0) snprintf(last, sizeof last, "%s", line);
-        else if (strncmp(line, "rank ", 5) == 0 && strlen(fails) + strlen(line) < sizeof fails) strcat(fails, line);
-    }
-    int rc = pclose(p);
-    cr_assert_eq(rc, 0, "mpirun -np %d attrib_check failed (status %d):\n%s%s", np, rc, fails, last);
-    cr_assert(strstr(last, "all agree"), "%s", last);
-}
+Test(dist, attribution_tp2_matches_one_process, .timeout = 120) { run_check(2, "attrib_check", FIX "gpt2-tiny " FIX "llama-tiny", "all agree", 1); }
+Test(dist, attribution_tp4_matches_one_process, .timeout = 120) { run_check(4, "attrib_check", FIX "gpt2-tiny " FIX "llama-tiny", "all agree", 1); }
 
-Test(dist, attribution_tp2_matches_one_process, .timeout = 120) { run_attrib(2); }
-Test(dist, attribution_tp4_matches_one_process, .timeout = 120) { run_attrib(4); }
+/* The started all-reduce (tests/dist/async_check.c): exact sums with work in between, the
+ * limit of requests in flight; and a peer that never joins fails the wait within the
+ * timeout (the job then ends through lp_dist_abort, so its status is not 0). */
+Test(dist, started_allreduce_tp2, .timeout = 60) { run_check(2, "async_check", "", "all sums exact", 1); }
+Test(dist, started_allreduce_tp4, .timeout = 60) { run_check(4, "async_check", "", "all sums exact", 1); }
+Test(dist, started_allreduce_times_out, .timeout = 60) { run_check(2, "async_check", "--timeout", "timeout: ok", 0); }
 
 /* GGUF: each rank reads whole quant blocks of its rows and dequantizes the column-split
  * tensors (W_O, W_out) before cutting them. SmolLM2 has 9 heads and 3 kv heads: TP=3.
