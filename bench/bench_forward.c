@@ -17,7 +17,7 @@
  * N ranks on the CPU and prints, on rank 0, tokens/s, the bytes each rank all-reduces per
  * layer and the time spent inside the collectives (dist.h's counters), for the plain
  * schedule and then (TP > 1) the interleaved one (--tp-parts K micro-batches, default 2;
- * the batch must be a multiple of K, else the plain schedule runs twice and says so). The
+ * the batch must be a multiple of K, else only the plain schedule runs, and it says so). The
  * scaling estimate for 8 GPUs is scripts/tp-estimate.py. */
 #include <math.h>
 #include <stdio.h>
@@ -354,12 +354,15 @@ static int tp_section(int tp, int B, int T, int reps, int parts) {
     lp_dist_counts k;
     double cpu, secs = time_tp(m, d, tok, B, T, reps, 1, &k, &cpu);
     if (rank0) tp_report(m, tp, B, T, reps, secs, cpu, &k);
-    if (tp > 1 && parts > 1) {
+    if (rank0 && tp > 1 && parts > 1 && B % parts)
+        printf("  interleaved schedule not run: batch %d is not a multiple of %d micro-batches (--cpu-batch, --tp-parts)\n", B, parts);
+    if (tp > 1 && parts > 1 && B % parts == 0) {
         double plain = loss;
         double secs2 = time_tp(m, d, tok, B, T, reps, parts, &k, &cpu);
         double diff = fabs(mean_loss(m, B, T) - plain);
-        if (rank0 && lp_model_tp_overlapped(m) > 1 && !(diff <= 1e-5 * plain)) {
-            fprintf(stderr, "bench_forward: validation failed: the interleaved schedule's loss differs by %.3g\n", diff);
+        if (rank0 && (lp_model_tp_overlapped(m) != parts || !(diff <= 1e-5 * plain))) {
+            fprintf(stderr, "bench_forward: validation failed: %d micro-batches ran (asked: %d), the loss differs by %.3g\n",
+                    lp_model_tp_overlapped(m), parts, diff);
             exit(1);
         }
         if (rank0) {

@@ -88,15 +88,15 @@ lp_status lp_dist_allreduce_sum_dev_start(lp_dist *d, lp_dist_group g, lp_ctx *c
 }
 
 static lp_status finish(lp_dist *d, lp_dist_req *r) {
+#if LOUPE_MPI /* (without MPI nothing was ever started) */
     LP_CHECK(dist_usable(d, "the wait for an all-reduce"));
-#if LOUPE_MPI
     if (r->kind == REQ_MPI) return dist_wait_mpi(d, r->g, &r->rq, "all-reduce");
     if (r->kind == REQ_STAGE) {
         LP_CHECK(dist_wait_mpi(d, r->g, &r->rq, "all-reduce"));
         return dist_from_stage(r->c, r->buf, r->stage, r->n);
     }
 #endif
-#if LOUPE_NCCL
+#if LOUPE_NCCL /* (only with MPI) */
     if (r->kind == REQ_NCCL) {
         LP_CHECK(dist_nccl_wait(d, r->g, NULL, r->done, "all-reduce"));
         /* the host saw it end; the stream's own order says the same to later kernels */

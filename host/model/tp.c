@@ -183,6 +183,7 @@ lp_status tp_scatter_hook(lp_model *m, int kind, void *act, const void *whole) {
 }
 
 lp_status tp_linear_start(lp_model *m, void *out, const void *x, int L, int r, int rb, int N, int K, int M, lp_dist_req **req) {
+    if (req) *req = NULL;
     if (m->par.tp <= 1) return lp_matmul(&m->ctx, out, x, lw(m, L, r), rb >= 0 ? lw(m, L, rb) : NULL, N, K, M, m->w.trans);
     LP_CHECK(lp_matmul(&m->ctx, out, x, lw(m, L, r), NULL, N, K, M, m->w.trans));
     if (req) return lp_dist_allreduce_sum_dev_start(m->par.dist, LP_DIST_TP, &m->ctx, out, (size_t)N * M, req);
