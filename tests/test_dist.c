@@ -2,7 +2,8 @@
  *
  * In one process: every collective is a no-op over a world of one, asking for more
  * processes than were launched is refused naming dist.tp / dist.dp, and a model loaded
- * through the module at TP=1 is the model lp_model_load gives, bit for bit.
+ * through the module at TP=1 is the model lp_model_load gives, bit for bit (and so is one
+ * asked for micro-batches, which one process never interleaves; bad counts are refused).
  * Under mpirun (when the build has MPI and mpirun is on the PATH; skipped, saying so,
  * otherwise): build/dist_tp_check at TP=2 and TP=4 compares a split model with the whole
  * one for GPT-2, Llama with GQA, Qwen2 with one kv head, Mistral, Gemma 2 and Gemma 3:
@@ -98,6 +99,28 @@ Test(dist, tp1_is_bit_identical) {
         lp_model_free(b);
     }
     lp_dist_finalize(d);
+}
+
+/* The micro-batch setting: 1 to LP_DIST_MAX_STARTED, else refused; at TP=1 a forward
+ * nobody hooks still runs the plain schedule, bit for bit the one lp_model_load gives. */
+Test(dist, tp_overlap_setting) {
+    lp_model *a, *b;
+    cr_assert_eq(lp_model_load(&a, FIX "gpt2-tiny", LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_model_load(&b, FIX "gpt2-tiny", LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_model_set_tp_overlap(b, 0), LP_ERR_ARG);
+    cr_assert_eq(lp_model_set_tp_overlap(b, LP_DIST_MAX_STARTED + 1), LP_ERR_ARG);
+    cr_assert(strstr(lp_last_error(), "micro-batches"), "message: %s", lp_last_error());
+    cr_assert_eq(lp_model_set_tp_overlap(b, 2), LP_OK);
+    int B = 4, T = 6, V = lp_model_config(a)->d_vocab;
+    int32_t tok[24];
+    for (int j = 0; j < B * T; j++) tok[j] = (j * 17 + 3) % V;
+    cr_assert_eq(lp_model_forward(a, tok, B, T, LP_WANT_LOSS | LP_WANT_LOGITS), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_model_forward(b, tok, B, T, LP_WANT_LOSS | LP_WANT_LOGITS), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_model_tp_overlapped(b), 1, "one process interleaved micro-batches");
+    cr_assert_eq(memcmp(lp_model_losses(a), lp_model_losses(b), (size_t)B * (T - 1) * sizeof(float)), 0);
+    cr_assert_eq(memcmp(lp_model_logits(a), lp_model_logits(b), (size_t)B * T * V * sizeof(float)), 0);
+    lp_model_free(a);
+    lp_model_free(b);
 }
 
 /* build/dist_<prog> beside this test binary; skips (saying why) when it cannot run. */
