@@ -18,7 +18,8 @@ rows fewer).
 Two schedules:
 
 * plain (no overlap): each all-reduce is waited for at once, so a layer takes its compute
-  plus both all-reduces; efficiency = compute / (compute + communication).
+  plus both all-reduces (plus --sync-us after each, the host seeing it end and launching
+  the next kernels); efficiency = compute / (compute + communication (+ sync)).
 
 * interleaved (what loupe runs when nothing hooks the forward, decoder.c): the batch in k
   micro-batches (--parts, default 2), every block (attention, MLP) run part after part on
@@ -129,7 +130,7 @@ def main():
     p.add_argument("--slowdown", type=float, nargs="+", default=[0.10, 0.20],
                    help="compute slowdown while an all-reduce runs (NCCL's kernels on the SMs)")
     p.add_argument("--sync-us", type=float, default=20.0,
-                   help="from an all-reduce's end to its part's next kernels (the host polls, then launches)")
+                   help="from an all-reduce's end to the next kernels that need it (the host polls, then launches)")
     p.add_argument("--target", type=float, default=0.80)
     a = p.parse_args()
 
@@ -144,7 +145,7 @@ def main():
           f"{fl / n / 1e12:.4f} TFLOP per rank; 2 all-reduces of {buf / 2**20:.0f} MiB, each moving {moved / 2**20:.0f} MiB "
           f"per rank (ring: 2(n-1)/n)")
     print(f"interleaved: {' or '.join(map(str, a.parts))} micro-batches; compute {'/'.join(f'{s:.0%}' for s in a.slowdown)} "
-          f"slower while an all-reduce runs; {a.sync_us:.0f} us from an all-reduce's end to its part's next kernels")
+          f"slower while an all-reduce runs; both schedules: {a.sync_us:.0f} us from an all-reduce's end to the kernels that need it")
     cases = [(f"measured {a.layer_ms} ms/layer", a.layer_ms / 1e3 / n)] if a.layer_ms else \
         [(f"{m:.0%} of {a.peak_tflops:.0f} TFLOP/s", fl / n / (a.peak_tflops * 1e12 * m)) for m in a.mfu]
     variants = [(k, s) for k in a.parts for s in a.slowdown]
@@ -157,9 +158,10 @@ def main():
         blocks = (tc * fa / fl, tc * fm / fl)
         for bw in a.busbw:
             tr = moved / (bw * 1e9) + a.latency_us * 1e-6  # one all-reduce of the whole batch
-            plain = tc / (tc + 2 * tr)
-            # the event simulation with one part and no overlap is the plain schedule
+            # the event simulation with one part is the plain schedule: compute + 2 all-reduces
+            # per layer, plus the host's poll and launch after each (as in the interleaved one)
             assert abs(interleaved(blocks, tr, 2, 1, 0.0, 0.0) - 2 * (tc + 2 * tr)) < 1e-9
+            plain = a.layers * tc / interleaved(blocks, tr, a.layers, 1, 0.0, a.sync_us * 1e-6)
             effs = [a.layers * tc / interleaved(blocks, tr, a.layers, k, s, a.sync_us * 1e-6) for k, s in variants]
             best = max(effs)
             cols = "".join(f" {e:>15.1%}" for e in effs)
