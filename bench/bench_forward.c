@@ -10,12 +10,15 @@
  * On the CPU the PyTorch eager peer (bench/peers/torch_forward.py, torch_smollm2.py) runs right
  * after loupe with the same thread count, and the ratio is printed (--no-peer: not).
  *   build/bench_forward [--cpu-batch B --cpu-seq T] [--gpu-batch B --gpu-seq T] [--only gpt2|smollm2|llama8b] [--no-peer]
+ *                       [--tp N [--tp-parts K]]
  *
  * Tensor parallelism: `mpirun -np N build/bench_forward --tp N [--cpu-batch B --cpu-seq T]`
  * (N = 1 without mpirun: the same code, one process) times the GPT-2-small shape split over
  * N ranks on the CPU and prints, on rank 0, tokens/s, the bytes each rank all-reduces per
- * layer and the time spent inside the collectives (dist.h's counters). The scaling estimate
- * for 8 GPUs is scripts/tp-estimate.py. */
+ * layer and the time spent inside the collectives (dist.h's counters), for the plain
+ * schedule and then (TP > 1) the interleaved one (--tp-parts K micro-batches, default 2;
+ * the batch must be a multiple of K, else only the plain schedule runs, and it says so). The
+ * scaling estimate for 8 GPUs is scripts/tp-estimate.py. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -289,43 +292,83 @@ static double cpu_s(void) {
     return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec * 1e-6;
 }
 
-static int tp_section(int tp, int B, int T, int reps) {
+/* Times reps forwards of m with its layers in `parts` micro-batches (1: the plain
+ * schedule); the counters of those forwards into *k. */
+static double time_tp(lp_model *m, lp_dist *d, const int32_t *tok, int B, int T, int reps, int parts, lp_dist_counts *k,
+                      double *cpu) {
+    CHECK(lp_model_set_tp_overlap(m, parts));
+    CHECK(lp_model_forward(m, tok, B, T, LP_WANT_LOSS)); /* warm-up */
+    CHECK(lp_dist_barrier(d, LP_DIST_WORLD));
+    lp_dist_counts_reset(d);
+    double t0 = now(), c0 = cpu_s();
+    for (int r = 0; r < reps; r++) CHECK(lp_model_forward(m, tok, B, T, LP_WANT_LOSS));
+    double secs = now() - t0;
+    *cpu = cpu_s() - c0;
+    lp_dist_counts_get(d, k);
+    return secs;
+}
+
+static void tp_report(lp_model *m, int tp, int B, int T, int reps, double secs, double cpu, const lp_dist_counts *k) {
+    int L = GPT2_SMALL.n_layers, parts = lp_model_tp_overlapped(m);
+    double per_layer = (double)k->allreduce_bytes / reps / L;
+    if (tp == 1) printf("  schedule: one process (no collectives)\n");
+    else if (parts > 1) printf("  schedule: interleaved, %d micro-batches of %d sequences (each all-reduce started, waited for when its part's next block needs it)\n", parts, B / parts);
+    else printf("  schedule: plain (each all-reduce waited for at once)\n");
+    printf("  %10.0f tokens/s (%d forwards, %.3f s each)\n", (double)B * T * reps / secs, reps, secs / reps);
+    printf("  per forward: %.1f all-reduces (%.2f per layer), %.1f all-gathers, %.1f broadcasts\n", (double)k->allreduce / reps,
+           (double)k->allreduce / reps / L, (double)k->allgather / reps, (double)k->broadcast / reps);
+    printf("  bytes per layer: %.2f MiB all-reduced by each rank (ring: %.2f MiB sent and received per rank)\n", per_layer / 1048576,
+           per_layer * 2 * (tp - 1) / tp / 1048576);
+    /* inside the collectives' calls: a started all-reduce counts only its start and its wait,
+     * i.e. the communication compute did not hide */
+    printf("  time in collectives (exposed): %.2f ms per forward, %.1f%% of the forward\n", k->seconds / reps * 1e3,
+           100 * k->seconds / secs);
+    /* on a shared machine a rank may get much less than its core: its CPU time per
+     * forward is the figure that halves with TP=2 whatever else runs */
+    printf("  rank 0: %.3f CPU-seconds per forward (on the CPU %.0f%% of the timed wall time)\n", cpu / reps, 100 * cpu / secs);
+}
+
+/* --tp N: the plain schedule, then (TP > 1, the batch a multiple of parts) the interleaved
+ * one, on the same model in the same run. */
+static int tp_section(int tp, int B, int T, int reps, int parts) {
     lp_dist *d;
     CHECK(lp_dist_init(&d, tp, 1));
     lp_model *m;
     CHECK(lp_model_random_dist(&m, &GPT2_SMALL, 1, LP_CPU, LP_F32, d));
     int32_t *tok = malloc((size_t)B * T * 4);
     tokens(tok, (size_t)B * T, GPT2_SMALL.d_vocab);
-    CHECK(lp_model_forward(m, tok, B, T, LP_WANT_LOSS)); /* warm-up, and the check below */
+    CHECK(lp_model_set_tp_overlap(m, 1));
+    CHECK(lp_model_forward(m, tok, B, T, LP_WANT_LOSS)); /* the check below */
     double loss = mean_loss(m, B, T);
     if (!isfinite(loss) || fabs(loss - log(GPT2_SMALL.d_vocab)) > 1.0) {
         fprintf(stderr, "bench_forward: validation failed: loss %.6f at TP=%d (ln V = %.3f)\n", loss, tp, log(GPT2_SMALL.d_vocab));
         exit(1);
     }
-    CHECK(lp_dist_barrier(d, LP_DIST_WORLD));
-    lp_dist_counts_reset(d);
-    double t0 = now(), c0 = cpu_s();
-    for (int r = 0; r < reps; r++) CHECK(lp_model_forward(m, tok, B, T, LP_WANT_LOSS));
-    double secs = now() - t0;
-    lp_dist_counts k;
-    lp_dist_counts_get(d, &k);
-    if (lp_dist_rank(d) == 0) {
-        const char *th = getenv("OPENBLAS_NUM_THREADS");
-        int L = GPT2_SMALL.n_layers;
-        double per_layer = (double)k.allreduce_bytes / reps / L;
+    int rank0 = lp_dist_rank(d) == 0;
+    const char *th = getenv("OPENBLAS_NUM_THREADS");
+    if (rank0) {
         printf("CPU tensor-parallel: GPT-2 small shape, random weights, batch %d x %d, f32, TP=%d (BLAS threads per rank: %s)\n", B, T,
                tp, th ? th : "OpenBLAS default");
         printf("  validated: loss %.4f (random weights: ln V = %.4f)\n", loss, log(GPT2_SMALL.d_vocab));
-        printf("  %10.0f tokens/s (%d forwards, %.3f s each)\n", (double)B * T * reps / secs, reps, secs / reps);
-        printf("  per forward: %.1f all-reduces (%.2f per layer), %.1f all-gathers, %.1f broadcasts\n", (double)k.allreduce / reps,
-               (double)k.allreduce / reps / L, (double)k.allgather / reps, (double)k.broadcast / reps);
-        printf("  bytes per layer: %.2f MiB all-reduced by each rank (ring: %.2f MiB sent and received per rank)\n",
-               per_layer / 1048576, per_layer * 2 * (tp - 1) / tp / 1048576);
-        printf("  time in collectives: %.2f ms per forward, %.1f%% of the forward\n", k.seconds / reps * 1e3, 100 * k.seconds / secs);
-        /* on a shared machine a rank may get much less than its core: its CPU time per
-         * forward is the figure that halves with TP=2 whatever else runs */
-        printf("  rank 0: %.3f CPU-seconds per forward (on the CPU %.0f%% of the timed wall time)\n", (cpu_s() - c0) / reps,
-               100 * (cpu_s() - c0) / secs);
+    }
+    lp_dist_counts k;
+    double cpu, secs = time_tp(m, d, tok, B, T, reps, 1, &k, &cpu);
+    if (rank0) tp_report(m, tp, B, T, reps, secs, cpu, &k);
+    if (rank0 && tp > 1 && parts > 1 && B % parts)
+        printf("  interleaved schedule not run: batch %d is not a multiple of %d micro-batches (--cpu-batch, --tp-parts)\n", B, parts);
+    if (tp > 1 && parts > 1 && B % parts == 0) {
+        double plain = loss;
+        double secs2 = time_tp(m, d, tok, B, T, reps, parts, &k, &cpu);
+        double diff = fabs(mean_loss(m, B, T) - plain);
+        if (rank0 && (lp_model_tp_overlapped(m) != parts || !(diff <= 1e-5 * plain))) {
+            fprintf(stderr, "bench_forward: validation failed: %d micro-batches ran (asked: %d), the loss differs by %.3g\n",
+                    lp_model_tp_overlapped(m), parts, diff);
+            exit(1);
+        }
+        if (rank0) {
+            tp_report(m, tp, B, T, reps, secs2, cpu, &k);
+            printf("  interleaved / plain: %.2fx the tokens/s (loss differs by %.2g)\n", secs / secs2, diff);
+        }
     }
     free(tok);
     lp_model_free(m);
@@ -342,7 +385,7 @@ static int file_exists(const char *p) {
 int main(int argc, char **argv) {
     int cb = 1, ct = 256, gb = 16, gt = 1024, lb = 8, lt = 1024;
     const char *only = NULL;
-    int peer = 1, tp = 0;
+    int peer = 1, tp = 0, parts = 2;
     for (int i = 1; i < argc; i++) {
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(argv[i], "--no-peer")) peer = 0;
@@ -352,13 +395,14 @@ int main(int argc, char **argv) {
         else if (val && !strcmp(argv[i], "--gpu-seq")) gt = atoi(val), i++;
         else if (val && !strcmp(argv[i], "--only")) only = val, i++;
         else if (val && !strcmp(argv[i], "--tp")) tp = atoi(val), i++;
+        else if (val && !strcmp(argv[i], "--tp-parts")) parts = atoi(val), i++;
         else {
             fprintf(stderr, "usage: bench_forward [--cpu-batch B] [--cpu-seq T] [--gpu-batch B] [--gpu-seq T] [--only gpt2|smollm2|llama8b] "
-                            "[--no-peer] [--tp N]\n");
+                            "[--no-peer] [--tp N [--tp-parts K]]\n");
             return 2;
         }
     }
-    if (tp > 0) return tp_section(tp, cb, ct, 5);
+    if (tp > 0) return tp_section(tp, cb, ct, 5, parts);
 #define WANT(x) (!only || !strcmp(only, x))
     int have_smol = file_exists(SMOLLM2);
     lp_model *m;

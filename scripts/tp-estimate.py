@@ -9,25 +9,103 @@ and receives 2(n-1)/n of the buffer, and NCCL reports "bus bandwidth" so that
     time = bytes * 2(n-1)/n / busbw
 
 Compute per rank is the layer's FLOPs / n at a stated fraction of the GPU's dense peak
-(--mfu; or --layer-ms, a measured time of one whole layer on one GPU). With no overlap of
-communication and compute, the efficiency is compute / (compute + communication): the
-speed-up over one GPU divided by n. The same GEMM fraction is assumed at n = 1 and at n,
-which flatters the split (each rank's GEMMs are n times narrower).
+(--mfu; or --layer-ms, a measured time of one whole layer on one GPU), split between the
+attention block (q/k/v and output projections, QK^T and PV) and the MLP block by their
+FLOPs. The same GEMM fraction is assumed at n = 1 and at n, and for a micro-batch as for the
+whole batch, which flatters the split (each rank's GEMMs are n times narrower, a part's
+rows fewer).
+
+Two schedules:
+
+* plain (no overlap): each all-reduce is waited for at once, so a layer takes its compute
+  plus both all-reduces (plus --sync-us after each, the host seeing it end and launching
+  the next kernels); efficiency = compute / (compute + communication (+ sync)).
+
+* interleaved (what loupe runs when nothing hooks the forward, decoder.c): the batch in k
+  micro-batches (--parts, default 2), every block (attention, MLP) run part after part on
+  the compute stream; a part's all-reduce starts on a second stream when its block ends and
+  is waited for only when that part's next block begins. So part j's all-reduce (1/k of the
+  buffer) travels while parts j+1.. compute the same block and part 0.. the next one. This
+  script plays that schedule out event by event over all layers: two queues (the compute
+  stream in block-then-part order; the communication stream, NCCL running one collective
+  at a time, in the order they were started), part j's block s starting only after part j's
+  all-reduce of block s-1 has ended plus --sync-us (the host sees the end by polling, then
+  queues the kernels). What compute does not cover is exposed: per block, what of one part's
+  all-reduce the following parts' compute does not cover, and the pipeline's fill (the
+  first block) and drain (the last part's last all-reduce). While an all-reduce runs,
+  compute is slowed by --slowdown: NCCL's kernels take SMs from the GEMMs (a ring
+  all-reduce over NVLink runs on 16-32 CTAs, i.e. 12-24% of an H100's 132 SMs, which a GEMM
+  of several waves loses while both run; a GEMM of exactly one wave can lose far more, to a
+  second, nearly empty wave: NVIDIA developer forum, "Compute-communication overlap causes
+  severe GEMM performance degradation because of tail effect", H100 with a 24-CTA NCCL
+  all-gather beside a 132-block GEMM). NCCL's CTA policy (NCCL_CTA_POLICY_EFFICIENCY) and
+  max CTAs trade all-reduce speed for those SMs; loupe sets neither. Default 10%, with 20%
+  as the pessimistic case.
 
     python3 scripts/tp-estimate.py                 # Llama-3-8B shape, 8 x 1024 tokens, TP=8, H100
-    python3 scripts/tp-estimate.py --mfu 0.4 --tp 4
+    python3 scripts/tp-estimate.py --mfu 0.4 --tp 4 --parts 2 4
 """
 import argparse
 
 
-def layer_flops(a):
-    """Forward matmul FLOPs of one layer for the whole batch (causal attention counted on half)."""
+def block_flops(a):
+    """Forward FLOPs of one layer's attention block and MLP block for the whole batch
+    (causal attention counted on half)."""
     n = a.batch * a.seq
     q, kv = a.heads * a.d_head, a.kv_heads * a.d_head
     proj = 2 * n * a.d_model * (q + 2 * kv) + 2 * n * q * a.d_model  # q, k, v in; attention out
-    mlp = (3 if a.gated else 2) * 2 * n * a.d_model * a.d_mlp  # gate, up, down (or in, out)
     attn = 2 * 2 * a.batch * a.heads * a.d_head * a.seq * (a.seq + 1) / 2  # QK^T and PV
-    return proj + mlp + attn
+    mlp = (3 if a.gated else 2) * 2 * n * a.d_model * a.d_mlp  # gate, up, down (or in, out)
+    return proj + attn, mlp
+
+
+def interleaved(blocks, comm, layers, parts, slowdown, sync):
+    """Seconds of `layers` layers in `parts` micro-batches. blocks: (attention, MLP) compute
+    seconds of the whole batch on one rank; comm: seconds of one whole-batch all-reduce.
+    parts = 1 is the plain schedule (each all-reduce waited for at once)."""
+    order = [(s, j) for s in range(2 * layers) for j in range(parts)]
+    work = {o: blocks[o[0] % 2] / parts for o in order}  # compute seconds at full speed
+    comm_t = comm / parts
+    c_done, r_done = {}, {}
+    t, ci, ri = 0.0, 0, 0
+    c_run = r_run = None  # [task, remaining]
+    eps = 1e-15
+    while ri < len(order):
+        if c_run is None and ci < len(order):
+            s, j = order[ci]
+            dep = r_done.get((s - 1, j)) if s > 0 else -sync
+            if dep is not None and t >= dep + sync - eps:
+                c_run, ci = [order[ci], work[order[ci]]], ci + 1
+        if r_run is None and order[ri] in c_done:
+            r_run, ri = [order[ri], comm_t], ri + 1
+        rate = 1.0 / (1.0 + slowdown) if r_run else 1.0
+        steps = []
+        if c_run:
+            steps.append(c_run[1] / rate)
+        if r_run:
+            steps.append(r_run[1])
+        if c_run is None and ci < len(order):  # waiting on an all-reduce, plus the host's poll
+            s, j = order[ci]
+            dep = r_done.get((s - 1, j)) if s > 0 else None
+            if dep is not None and dep + sync > t:
+                steps.append(dep + sync - t)
+        if not steps:
+            if r_run is None and ri < len(order) and order[ri] not in c_done and c_run is None and ci >= len(order):
+                raise RuntimeError("schedule stuck")
+            continue
+        dt = min(steps)
+        t += dt
+        if c_run:
+            c_run[1] -= dt * rate
+            if c_run[1] <= eps:
+                c_done[c_run[0]] = t
+                c_run = None
+        if r_run:
+            r_run[1] -= dt
+            if r_run[1] <= eps:
+                r_done[r_run[0]] = t
+                r_run = None
+    return t
 
 
 def main():
@@ -48,27 +126,48 @@ def main():
     p.add_argument("--layer-ms", type=float, default=None, help="measured ms of one layer on one GPU (replaces --mfu)")
     p.add_argument("--busbw", type=float, nargs="+", default=[370.0, 480.0], help="NCCL all-reduce bus bandwidth, GB/s")
     p.add_argument("--latency-us", type=float, default=0.0, help="fixed cost of one all-reduce, microseconds")
+    p.add_argument("--parts", type=int, nargs="+", default=[2], help="micro-batches of the interleaved schedule")
+    p.add_argument("--slowdown", type=float, nargs="+", default=[0.10, 0.20],
+                   help="compute slowdown while an all-reduce runs (NCCL's kernels on the SMs)")
+    p.add_argument("--sync-us", type=float, default=20.0,
+                   help="from an all-reduce's end to the next kernels that need it (the host polls, then launches)")
     p.add_argument("--target", type=float, default=0.80)
     a = p.parse_args()
 
     n = a.tp
-    fl = layer_flops(a)
+    fa, fm = block_flops(a)
+    fl = fa + fm
     buf = a.batch * a.seq * a.d_model * a.bytes
     moved = buf * 2 * (n - 1) / n
     print(f"shape: {a.layers} layers, d_model {a.d_model}, {a.heads} heads ({a.kv_heads} kv) x {a.d_head}, d_mlp {a.d_mlp}; "
           f"batch {a.batch} x {a.seq} = {a.batch * a.seq} tokens; TP={n}")
-    print(f"per layer forward: {fl / 1e12:.3f} TFLOP in all, {fl / n / 1e12:.4f} TFLOP per rank; "
-          f"2 all-reduces of {buf / 2**20:.0f} MiB, each moving {moved / 2**20:.0f} MiB per rank (ring: 2(n-1)/n)")
-    cases = [(f"measured {a.layer_ms} ms/layer on one GPU", a.layer_ms / 1e3 / n)] if a.layer_ms else \
+    print(f"per layer forward: {fl / 1e12:.3f} TFLOP in all ({fa / fl:.0%} attention block, {fm / fl:.0%} MLP), "
+          f"{fl / n / 1e12:.4f} TFLOP per rank; 2 all-reduces of {buf / 2**20:.0f} MiB, each moving {moved / 2**20:.0f} MiB "
+          f"per rank (ring: 2(n-1)/n)")
+    print(f"interleaved: {' or '.join(map(str, a.parts))} micro-batches; compute {'/'.join(f'{s:.0%}' for s in a.slowdown)} "
+          f"slower while an all-reduce runs; both schedules: {a.sync_us:.0f} us from an all-reduce's end to the kernels that need it")
+    cases = [(f"measured {a.layer_ms} ms/layer", a.layer_ms / 1e3 / n)] if a.layer_ms else \
         [(f"{m:.0%} of {a.peak_tflops:.0f} TFLOP/s", fl / n / (a.peak_tflops * 1e12 * m)) for m in a.mfu]
-    print(f"{'compute':>24} {'busbw GB/s':>10} {'compute ms':>10} {'comm ms':>8} {'efficiency':>10} {'target':>7}  hidden comm needed")
+    variants = [(k, s) for k in a.parts for s in a.slowdown]
+    names = [f"{k} parts, +{s:.0%}" for k, s in variants]
+    head = "".join(f" {v:>15}" for v in names)
+    sub = "".join(f" {'efficiency':>15}" for _ in variants)
+    print(f"{'compute':>24} {'busbw':>5} {'compute':>8} {'comm':>6} {'no overlap':>10}{head}  {'target':>6}")
+    print(f"{'':>24} {'GB/s':>5} {'ms/layer':>8} {'ms':>6} {'efficiency':>10}{sub}")
     for what, tc in cases:
+        blocks = (tc * fa / fl, tc * fm / fl)
         for bw in a.busbw:
-            tm = 2 * (moved / (bw * 1e9) + a.latency_us * 1e-6)
-            eff = tc / (tc + tm)
-            need = max(0.0, 1 - tc * (1 / a.target - 1) / tm)  # share of comm to hide behind compute
-            print(f"{what:>24} {bw:>10.0f} {tc * 1e3:>10.3f} {tm * 1e3:>8.3f} {eff:>10.1%} {'met' if eff >= a.target else 'missed':>7}"
-                  f"  {need:.0%}")
+            tr = moved / (bw * 1e9) + a.latency_us * 1e-6  # one all-reduce of the whole batch
+            # the event simulation with one part is the plain schedule: compute + 2 all-reduces
+            # per layer, plus the host's poll and launch after each (as in the interleaved one)
+            assert abs(interleaved(blocks, tr, 2, 1, 0.0, 0.0) - 2 * (tc + 2 * tr)) < 1e-9
+            plain = a.layers * tc / interleaved(blocks, tr, a.layers, 1, 0.0, a.sync_us * 1e-6)
+            effs = [a.layers * tc / interleaved(blocks, tr, a.layers, k, s, a.sync_us * 1e-6) for k, s in variants]
+            best = max(effs)
+            cols = "".join(f" {e:>15.1%}" for e in effs)
+            print(f"{what:>24} {bw:>5.0f} {tc * 1e3:>8.3f} {2 * tr * 1e3:>6.3f} {plain:>10.1%}{cols}  "
+                  f"{'met' if min(effs) >= a.target else 'mixed' if best >= a.target else 'missed':>6}")
+    print(f"target {a.target:.0%}: met by every interleaved column, by some (mixed) or by none (missed)")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,19 @@
  *
  * In one process: every collective is a no-op over a world of one, asking for more
  * processes than were launched is refused naming dist.tp / dist.dp, and a model loaded
- * through the module at TP=1 is the model lp_model_load gives, bit for bit.
+ * through the module at TP=1 is the model lp_model_load gives, bit for bit (and so is one
+ * asked for micro-batches, which one process never interleaves; bad counts are refused).
  * Under mpirun (when the build has MPI and mpirun is on the PATH; skipped, saying so,
  * otherwise): build/dist_tp_check at TP=2 and TP=4 compares a split model with the whole
  * one for GPT-2, Llama with GQA, Qwen2 with one kv head, Mistral, Gemma 2 and Gemma 3:
- * losses, logits, every hook's capture, edits at per-head and per-neuron hooks, and the
- * number of collectives and bytes of a forward (tests/dist/tp_check.c); build/dist_attrib_check
+ * losses, logits, every hook's capture, edits at per-head and per-neuron hooks, the
+ * number of collectives and bytes of a forward, and the interleaved schedule (micro-batches
+ * whose all-reduces overlap compute) against the plain one, with the cases that must take
+ * the plain one (tests/dist/tp_check.c); build/dist_attrib_check
  * at TP=2 and TP=4 compares attribution patching (and integrated gradients), the
  * exact-patching grid and SAE-latent nodes on GPT-2 and Llama with GQA
- * (tests/dist/attrib_check.c). */
+ * (tests/dist/attrib_check.c); build/dist_async_check at TP=2 and TP=4 the started all-reduce
+ * (exact sums, requests in flight, a peer that never joins fails the wait in time). */
 #include <criterion/criterion.h>
 #include <libgen.h>
 #include <limits.h>
@@ -43,6 +47,13 @@ Test(dist, one_process_is_a_world_of_one) {
     cr_assert_eq(lp_dist_gather(d, LP_DIST_DP, x, sizeof x, &all, counts, 0), LP_OK);
     cr_assert(all && counts[0] == sizeof x && memcmp(all, x, sizeof x) == 0, "a gather over one rank is not a copy");
     free(all);
+    lp_ctx c;
+    lp_dist_req *req = (lp_dist_req *)1;
+    cr_assert_eq(lp_ctx_init(&c, LP_CPU, LP_F32), LP_OK);
+    cr_assert_eq(lp_dist_allreduce_sum_dev_start(d, LP_DIST_TP, &c, x, 3, &req), LP_OK);
+    cr_assert_null(req, "a world of one started an all-reduce");
+    cr_assert_eq(lp_dist_wait(d, req), LP_OK);
+    lp_ctx_free(&c);
     lp_dist_counts k;
     lp_dist_counts_get(d, &k);
     cr_assert(k.allreduce == 0 && k.allgather == 0 && k.broadcast == 0 && k.barrier == 0 && k.gather == 0, "a world of one moved something");
@@ -90,6 +101,28 @@ Test(dist, tp1_is_bit_identical) {
     lp_dist_finalize(d);
 }
 
+/* The micro-batch setting: 1 to LP_DIST_MAX_STARTED, else refused; at TP=1 a forward
+ * nobody hooks still runs the plain schedule, bit for bit the one lp_model_load gives. */
+Test(dist, tp_overlap_setting) {
+    lp_model *a, *b;
+    cr_assert_eq(lp_model_load(&a, FIX "gpt2-tiny", LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_model_load(&b, FIX "gpt2-tiny", LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_model_set_tp_overlap(b, 0), LP_ERR_ARG);
+    cr_assert_eq(lp_model_set_tp_overlap(b, LP_DIST_MAX_STARTED + 1), LP_ERR_ARG);
+    cr_assert(strstr(lp_last_error(), "micro-batches"), "message: %s", lp_last_error());
+    cr_assert_eq(lp_model_set_tp_overlap(b, 2), LP_OK);
+    int B = 4, T = 6, V = lp_model_config(a)->d_vocab;
+    int32_t tok[24];
+    for (int j = 0; j < B * T; j++) tok[j] = (j * 17 + 3) % V;
+    cr_assert_eq(lp_model_forward(a, tok, B, T, LP_WANT_LOSS | LP_WANT_LOGITS), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_model_forward(b, tok, B, T, LP_WANT_LOSS | LP_WANT_LOGITS), LP_OK, "%s", lp_last_error());
+    cr_assert_eq(lp_model_tp_overlapped(b), 1, "one process interleaved micro-batches");
+    cr_assert_eq(memcmp(lp_model_losses(a), lp_model_losses(b), (size_t)B * (T - 1) * sizeof(float)), 0);
+    cr_assert_eq(memcmp(lp_model_logits(a), lp_model_logits(b), (size_t)B * T * V * sizeof(float)), 0);
+    lp_model_free(a);
+    lp_model_free(b);
+}
+
 /* build/dist_<prog> beside this test binary; skips (saying why) when it cannot run. */
 static void dist_prog_path(char *out, size_t n, const char *prog) {
     if (!lp_dist_have_mpi()) cr_skip_test("this loupe was built without MPI (mpicc absent at build time)");
@@ -102,49 +135,41 @@ static void dist_prog_path(char *out, size_t n, const char *prog) {
     cr_assert_eq(access(out, X_OK), 0, "%s is missing (make builds it)", out);
 }
 
-static void run_tp(int np) {
-    char bin[PATH_MAX + 32], cmd[8192];
-    dist_prog_path(bin, sizeof bin, "tp_check");
-    snprintf(cmd, sizeof cmd,
-             "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np %d %s " FIX "gpt2-tiny " FIX "llama-tiny " FIX "qwen2-tiny " FIX
-             "mistral-tiny " FIX "gemma2-tiny " FIX "gemma3-tiny 2>&1",
-             np, bin);
+/* Runs build/dist_<prog> args under mpirun -np np: its verdict line (the last that starts
+ * with "<prog>:") must hold `ok`, and with `exit0` the job must end with status 0; the
+ * ranks' failure lines are shown when it does not. */
+static void run_check(int np, const char *prog, const char *args, const char *ok, int exit0) {
+    char bin[PATH_MAX + 32], cmd[8192], tag[64];
+    dist_prog_path(bin, sizeof bin, prog);
+    snprintf(cmd, sizeof cmd, "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np %d %s %s 2>&1", np, bin, args);
+    snprintf(tag, sizeof tag, "%s:", prog);
     FILE *p = popen(cmd, "r");
     cr_assert(p, "cannot start mpirun");
     char line[512], last[512] = "", fails[4096] = "";
     while (fgets(line, sizeof line, p)) {
-        if (strncmp(line, "tp_check:", 9) == 0) snprintf(last, sizeof last, "%s", line);
+        if (strncmp(line, tag, strlen(tag)) == 0) snprintf(last, sizeof last, "%s", line);
         else if (strncmp(line, "rank ", 5) == 0 && strlen(fails) + strlen(line) < sizeof fails) strcat(fails, line);
     }
     int rc = pclose(p);
-    cr_assert_eq(rc, 0, "mpirun -np %d tp_check failed (status %d):\n%s%s", np, rc, fails, last);
-    cr_assert(strstr(last, "all agree"), "%s", last);
+    if (exit0) cr_assert_eq(rc, 0, "mpirun -np %d %s failed (status %d):\n%s%s", np, prog, rc, fails, last);
+    cr_assert(strstr(last, ok), "mpirun -np %d %s:\n%s%s", np, prog, fails, last);
 }
 
-Test(dist, tp2_matches_one_process, .timeout = 60) { run_tp(2); }
-Test(dist, tp4_matches_one_process, .timeout = 60) { run_tp(4); }
+#define TP_MODELS FIX "gpt2-tiny " FIX "llama-tiny " FIX "qwen2-tiny " FIX "mistral-tiny " FIX "gemma2-tiny " FIX "gemma3-tiny"
+Test(dist, tp2_matches_one_process, .timeout = 60) { run_check(2, "tp_check", TP_MODELS, "all agree", 1); }
+Test(dist, tp4_matches_one_process, .timeout = 60) { run_check(4, "tp_check", TP_MODELS, "all agree", 1); }
 
 /* Attribution at TP=np against the whole model (tests/dist/attrib_check.c): both fixtures
  * have 4 heads (Llama 2 kv heads, replicated at TP=4) and MLP widths that 4 divides. */
-static void run_attrib(int np) {
-    char bin[PATH_MAX + 32], cmd[8192];
-    dist_prog_path(bin, sizeof bin, "attrib_check");
-    snprintf(cmd, sizeof cmd, "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np %d %s " FIX "gpt2-tiny " FIX
-             "llama-tiny 2>&1", np, bin);
-    FILE *p = popen(cmd, "r");
-    cr_assert(p, "cannot start mpirun");
-    char line[512], last[512] = "", fails[4096] = "";
-    while (fgets(line, sizeof line, p)) {
-        if (strncmp(line, "attrib_check:", 13) == 0) snprintf(last, sizeof last, "%s", line);
-        else if (strncmp(line, "rank ", 5) == 0 && strlen(fails) + strlen(line) < sizeof fails) strcat(fails, line);
-    }
-    int rc = pclose(p);
-    cr_assert_eq(rc, 0, "mpirun -np %d attrib_check failed (status %d):\n%s%s", np, rc, fails, last);
-    cr_assert(strstr(last, "all agree"), "%s", last);
-}
+Test(dist, attribution_tp2_matches_one_process, .timeout = 120) { run_check(2, "attrib_check", FIX "gpt2-tiny " FIX "llama-tiny", "all agree", 1); }
+Test(dist, attribution_tp4_matches_one_process, .timeout = 120) { run_check(4, "attrib_check", FIX "gpt2-tiny " FIX "llama-tiny", "all agree", 1); }
 
-Test(dist, attribution_tp2_matches_one_process, .timeout = 120) { run_attrib(2); }
-Test(dist, attribution_tp4_matches_one_process, .timeout = 120) { run_attrib(4); }
+/* The started all-reduce (tests/dist/async_check.c): exact sums with work in between, the
+ * limit of requests in flight; and a peer that never joins fails the wait within the
+ * timeout (the job then ends through lp_dist_abort, so its status is not 0). */
+Test(dist, started_allreduce_tp2, .timeout = 60) { run_check(2, "async_check", "", "all sums exact", 1); }
+Test(dist, started_allreduce_tp4, .timeout = 60) { run_check(4, "async_check", "", "all sums exact", 1); }
+Test(dist, started_allreduce_times_out, .timeout = 60) { run_check(2, "async_check", "--timeout", "timeout: ok", 0); }
 
 /* GGUF: each rank reads whole quant blocks of its rows and dequantizes the column-split
  * tensors (W_O, W_out) before cutting them. SmolLM2 has 9 heads and 3 kv heads: TP=3.

@@ -7,39 +7,7 @@
 #include <math.h>
 #include <time.h>
 
-#include "loupe/dist.h"
-
-#ifndef LOUPE_MPI
-#define LOUPE_MPI 0
-#endif
-#if LOUPE_MPI
-#include <mpi.h>
-#endif
-#if LOUPE_NCCL
-#include <cuda_runtime.h>
-#include <nccl.h>
-#endif
-
-struct lp_dist {
-    int rank, size, tp, dp;
-    int own_mpi;           /* lp_dist_init initialized MPI, so finalize ends it */
-    double timeout_s;      /* the longest any collective waits for the other ranks */
-    int failed;            /* a collective timed out or lost a peer: the job must end */
-#if LOUPE_MPI
-    MPI_Comm comm[3];      /* world, tp, dp (MPI_COMM_NULL for a group of one) */
-#endif
-#if LOUPE_NCCL
-    ncclComm_t nccl[3];
-    int nccl_ok[3];        /* the group's ranks each drive their own GPU */
-#endif
-    void *stage;           /* host staging of device buffers (grows, kept) */
-    size_t stage_bytes;
-    lp_dist_counts counts;
-};
-
-#if LOUPE_NCCL
-static lp_status nccl_wait(lp_dist *d, lp_dist_group g, lp_ctx *c, int on_stream, const char *what);
-#endif
+#include "dist/dist_internal.h"
 
 /* The size the launcher announced (0: no launcher variable is set): mpirun's, PMI's, or srun's
  * for this job step (not SLURM_NTASKS, which an allocation sets before any srun). */
@@ -75,7 +43,7 @@ void lp_dist_counts_reset(lp_dist *d) {
     if (d) memset(&d->counts, 0, sizeof d->counts);
 }
 
-static __attribute__((unused)) double now_s(void) {
+double dist_now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
@@ -186,6 +154,10 @@ lp_status lp_dist_init(lp_dist **out, int tp, int dp) {
 void lp_dist_finalize(lp_dist *d) {
     if (!d) return;
 #if LOUPE_NCCL
+    for (int i = 0; i < LP_DIST_MAX_STARTED; i++) { /* the started collectives' events */
+        if (d->req[i].ready) cudaEventDestroy(d->req[i].ready);
+        if (d->req[i].done) cudaEventDestroy(d->req[i].done);
+    }
     for (int g = 0; g < 3; g++) {
         if (d->nccl_ok[g] != 1) continue;
         /* a nonblocking communicator finalizes in the background; one that cannot within
@@ -195,7 +167,7 @@ void lp_dist_finalize(lp_dist *d) {
             continue;
         }
         ncclCommFinalize(d->nccl[g]);
-        if (nccl_wait(d, g, NULL, 0, "finalize") == LP_OK) ncclCommDestroy(d->nccl[g]);
+        if (dist_nccl_wait(d, g, NULL, NULL, "finalize") == LP_OK) ncclCommDestroy(d->nccl[g]);
     }
 #endif
 #if LOUPE_MPI
@@ -209,15 +181,18 @@ void lp_dist_finalize(lp_dist *d) {
         if (!fin) MPI_Finalize();
     }
 #endif
+#if LOUPE_NCCL
+    if (d->side) cudaStreamDestroy(d->side); /* after the communicators that ran on it */
+#endif
+    for (int i = 0; i < LP_DIST_MAX_STARTED; i++) free(d->req[i].stage);
     free(d->stage);
     free(d);
 }
 
-/* The group's size; 1 means every call over it is a no-op. */
-static int gsize(const lp_dist *d, lp_dist_group g) { return lp_dist_group_size(d, g); }
+int dist_gsize(const lp_dist *d, lp_dist_group g) { return lp_dist_group_size(d, g); }
 
 #if LOUPE_MPI
-static MPI_Datatype mpi_type(lp_dtype dt) {
+MPI_Datatype dist_mpi_type(lp_dtype dt) {
     switch (dt) {
     case LP_F32: return MPI_FLOAT;
     case LP_F64: return MPI_DOUBLE;
@@ -233,9 +208,8 @@ static int world_of(const lp_dist *d, lp_dist_group g, int j) {
     return g == LP_DIST_TP ? lp_dist_dp_rank(d) * d->tp + j : g == LP_DIST_DP ? j * d->tp + lp_dist_tp_rank(d) : j;
 }
 
-/* "rank 1" or "ranks 1, 2, 3": the world ranks this rank waits for in group g. */
-static void others(const lp_dist *d, lp_dist_group g, char *buf, size_t n) {
-    int p = gsize(d, g), me = lp_dist_group_rank(d, g), k = 0;
+void dist_others(const lp_dist *d, lp_dist_group g, char *buf, size_t n) {
+    int p = dist_gsize(d, g), me = lp_dist_group_rank(d, g), k = 0;
     size_t o = (size_t)snprintf(buf, n, p == 2 ? "rank" : "ranks");
     for (int j = 0; j < p && o < n; j++) {
         if (j == me) continue;
@@ -249,7 +223,7 @@ static void others(const lp_dist *d, lp_dist_group g, char *buf, size_t n) {
 
 /* Once a collective has failed the groups are out of step (a request may still be pending
  * on a dead peer): nothing more is sent, the job must end. */
-static lp_status usable(const lp_dist *d, const char *what) {
+lp_status dist_usable(const lp_dist *d, const char *what) {
     if (d->failed) LP_FAIL(LP_ERR_PEER, "dist: %s refused: an earlier collective lost a rank of the job", what);
     return LP_OK;
 }
@@ -259,8 +233,8 @@ static lp_status usable(const lp_dist *d, const char *what) {
  * It spins for the first millisecond (a tensor-parallel all-reduce completes in
  * microseconds), then naps a little longer each time (a rank that waits for one doing
  * slow work alone, or sharing its core, should not take the CPU from it). */
-static lp_status wait_for(lp_dist *d, lp_dist_group g, MPI_Request *rq, const char *what) {
-    double t0 = now_s();
+lp_status dist_wait_mpi(lp_dist *d, lp_dist_group g, MPI_Request *rq, const char *what) {
+    double t0 = dist_now();
     long nap_ns = 20000;
     char who[160];
     for (;;) {
@@ -269,13 +243,13 @@ static lp_status wait_for(lp_dist *d, lp_dist_group g, MPI_Request *rq, const ch
             char err[MPI_MAX_ERROR_STRING] = "";
             int len = 0;
             MPI_Error_string(rc, err, &len);
-            d->failed = 1, others(d, g, who, sizeof who);
+            d->failed = 1, dist_others(d, g, who, sizeof who);
             LP_FAIL(LP_ERR_PEER, "%s failed: lost contact with %s (MPI: %s)", what, who, err);
         }
         if (done) return LP_OK;
-        double t = now_s() - t0;
+        double t = dist_now() - t0;
         if (t > d->timeout_s) {
-            d->failed = 1, others(d, g, who, sizeof who);
+            d->failed = 1, dist_others(d, g, who, sizeof who);
             LP_FAIL(LP_ERR_PEER, "no answer from %s within %g s in %s (dist.timeout_s)", who, d->timeout_s, what);
         }
         if (t < 1e-3) continue;
@@ -298,23 +272,23 @@ static __attribute__((unused)) lp_status no_mpi(const char *what) {
 }
 
 static lp_status allreduce_op(lp_dist *d, lp_dist_group g, void *buf, size_t n, lp_dtype dt, int max) {
-    if (gsize(d, g) <= 1 || n == 0) return LP_OK;
+    if (dist_gsize(d, g) <= 1 || n == 0) return LP_OK;
 #if LOUPE_MPI
-    LP_CHECK(usable(d, "all-reduce"));
-    MPI_Datatype t = mpi_type(dt);
+    LP_CHECK(dist_usable(d, "all-reduce"));
+    MPI_Datatype t = dist_mpi_type(dt);
     if (t == MPI_DATATYPE_NULL) LP_FAIL(LP_ERR_ARG, "dist: all-reduce of %s is not supported", lp_dtype_name(dt));
-    double t0 = now_s();
+    double t0 = dist_now();
     for (size_t o = 0; o < n;) { /* MPI counts are int */
         int c = n - o > (size_t)1 << 30 ? 1 << 30 : (int)(n - o);
         MPI_Request rq;
         MPI_START(MPI_Iallreduce(MPI_IN_PLACE, (char *)buf + o * lp_dtype_size(dt), c, t, max ? MPI_MAX : MPI_SUM,
                                  d->comm[g], &rq), "all-reduce");
-        LP_CHECK(wait_for(d, g, &rq, "all-reduce"));
+        LP_CHECK(dist_wait_mpi(d, g, &rq, "all-reduce"));
         o += c;
     }
     d->counts.allreduce++;
     d->counts.allreduce_bytes += n * lp_dtype_size(dt);
-    d->counts.seconds += now_s() - t0;
+    d->counts.seconds += dist_now() - t0;
     return LP_OK;
 #else
     return no_mpi("all-reduce");
@@ -329,23 +303,23 @@ lp_status lp_dist_allreduce_max(lp_dist *d, lp_dist_group g, void *buf, size_t n
 }
 
 lp_status lp_dist_allgather(lp_dist *d, lp_dist_group g, const void *send, void *recv, size_t bytes) {
-    int p = gsize(d, g);
+    int p = dist_gsize(d, g);
     if (p <= 1) {
         if (send != recv && bytes) memmove(recv, send, bytes);
         return LP_OK;
     }
 #if LOUPE_MPI
-    LP_CHECK(usable(d, "all-gather"));
+    LP_CHECK(dist_usable(d, "all-gather"));
     if (bytes > (size_t)1 << 30) LP_FAIL(LP_ERR_ARG, "dist: all-gather of %zu bytes per rank is too large", bytes);
-    double t0 = now_s();
+    double t0 = dist_now();
     int r = lp_dist_group_rank(d, g);
     const void *s = send == (char *)recv + (size_t)r * bytes ? MPI_IN_PLACE : send;
     MPI_Request rq;
     MPI_START(MPI_Iallgather(s, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, d->comm[g], &rq), "all-gather");
-    LP_CHECK(wait_for(d, g, &rq, "all-gather"));
+    LP_CHECK(dist_wait_mpi(d, g, &rq, "all-gather"));
     d->counts.allgather++;
     d->counts.allgather_bytes += bytes;
-    d->counts.seconds += now_s() - t0;
+    d->counts.seconds += dist_now() - t0;
     return LP_OK;
 #else
     return no_mpi("all-gather");
@@ -353,20 +327,20 @@ lp_status lp_dist_allgather(lp_dist *d, lp_dist_group g, const void *send, void 
 }
 
 lp_status lp_dist_broadcast(lp_dist *d, lp_dist_group g, void *buf, size_t bytes, int root) {
-    if (gsize(d, g) <= 1 || bytes == 0) return LP_OK;
+    if (dist_gsize(d, g) <= 1 || bytes == 0) return LP_OK;
 #if LOUPE_MPI
-    LP_CHECK(usable(d, "broadcast"));
-    double t0 = now_s();
+    LP_CHECK(dist_usable(d, "broadcast"));
+    double t0 = dist_now();
     for (size_t o = 0; o < bytes;) {
         int c = bytes - o > (size_t)1 << 30 ? 1 << 30 : (int)(bytes - o);
         MPI_Request rq;
         MPI_START(MPI_Ibcast((char *)buf + o, c, MPI_BYTE, root, d->comm[g], &rq), "broadcast");
-        LP_CHECK(wait_for(d, g, &rq, "broadcast"));
+        LP_CHECK(dist_wait_mpi(d, g, &rq, "broadcast"));
         o += c;
     }
     d->counts.broadcast++;
     d->counts.broadcast_bytes += bytes;
-    d->counts.seconds += now_s() - t0;
+    d->counts.seconds += dist_now() - t0;
     return LP_OK;
 #else
     return no_mpi("broadcast");
@@ -374,15 +348,15 @@ lp_status lp_dist_broadcast(lp_dist *d, lp_dist_group g, void *buf, size_t bytes
 }
 
 lp_status lp_dist_barrier(lp_dist *d, lp_dist_group g) {
-    if (gsize(d, g) <= 1) return LP_OK;
+    if (dist_gsize(d, g) <= 1) return LP_OK;
 #if LOUPE_MPI
-    LP_CHECK(usable(d, "barrier"));
-    double t0 = now_s();
+    LP_CHECK(dist_usable(d, "barrier"));
+    double t0 = dist_now();
     MPI_Request rq;
     MPI_START(MPI_Ibarrier(d->comm[g], &rq), "barrier");
-    LP_CHECK(wait_for(d, g, &rq, "barrier"));
+    LP_CHECK(dist_wait_mpi(d, g, &rq, "barrier"));
     d->counts.barrier++;
-    d->counts.seconds += now_s() - t0;
+    d->counts.seconds += dist_now() - t0;
     return LP_OK;
 #else
     return no_mpi("barrier");
@@ -398,7 +372,7 @@ static lp_status p2p_pieces(lp_dist *d, lp_dist_group g, char *buf, size_t bytes
         MPI_Request rq;
         if (send) MPI_START(MPI_Isend(buf + o, c, MPI_BYTE, peer, 0, d->comm[g], &rq), "gather (send)");
         else MPI_START(MPI_Irecv(buf + o, c, MPI_BYTE, peer, 0, d->comm[g], &rq), "gather (receive)");
-        LP_CHECK(wait_for(d, g, &rq, send ? "gather (send)" : "gather (receive)"));
+        LP_CHECK(dist_wait_mpi(d, g, &rq, send ? "gather (send)" : "gather (receive)"));
         o += c;
     }
     return LP_OK;
@@ -407,7 +381,7 @@ static lp_status p2p_pieces(lp_dist *d, lp_dist_group g, char *buf, size_t bytes
 /* Root receives every rank's bytes in rank order into one buffer. */
 static lp_status gather_at_root(lp_dist *d, lp_dist_group g, const void *send, size_t bytes, const uint64_t *all,
                                 void **recv, size_t *counts) {
-    int p = gsize(d, g), me = lp_dist_group_rank(d, g);
+    int p = dist_gsize(d, g), me = lp_dist_group_rank(d, g);
     size_t total = 0;
     for (int r = 0; r < p; r++) counts[r] = all[r], total += all[r];
     char *buf = malloc(total ? total : 1), *at = buf;
@@ -425,7 +399,7 @@ static lp_status gather_at_root(lp_dist *d, lp_dist_group g, const void *send, s
 #endif
 
 lp_status lp_dist_gather(lp_dist *d, lp_dist_group g, const void *send, size_t bytes, void **recv, size_t *counts, int root) {
-    int p = gsize(d, g), me = lp_dist_group_rank(d, g);
+    int p = dist_gsize(d, g), me = lp_dist_group_rank(d, g);
     *recv = NULL;
     if (p <= 1) {
         counts[0] = bytes;
@@ -434,21 +408,21 @@ lp_status lp_dist_gather(lp_dist *d, lp_dist_group g, const void *send, size_t b
         return LP_OK;
     }
 #if LOUPE_MPI
-    LP_CHECK(usable(d, "gather"));
-    double t0 = now_s();
+    LP_CHECK(dist_usable(d, "gather"));
+    double t0 = dist_now();
     uint64_t mine = bytes, *all = me == root ? malloc((size_t)p * sizeof *all) : NULL;
     if (me == root && !all) LP_FAIL(LP_ERR_OOM, "dist: out of host memory");
     MPI_Request rq;
     lp_status st = LP_OK;
     if (MPI_Igather(&mine, 1, MPI_UINT64_T, all, 1, MPI_UINT64_T, root, d->comm[g], &rq) != MPI_SUCCESS)
         d->failed = 1, st = LP_ERR(LP_ERR_PEER, "dist: gather (sizes) could not start (MPI): a rank of the job is gone");
-    if (st == LP_OK) st = wait_for(d, g, &rq, "gather (sizes)");
+    if (st == LP_OK) st = dist_wait_mpi(d, g, &rq, "gather (sizes)");
     if (st == LP_OK && me != root) st = p2p_pieces(d, g, (char *)send, bytes, root, 1);
     if (st == LP_OK && me == root) st = gather_at_root(d, g, send, bytes, all, recv, counts);
     free(all);
     d->counts.gather++;
     d->counts.gather_bytes += bytes;
-    d->counts.seconds += now_s() - t0;
+    d->counts.seconds += dist_now() - t0;
     return st;
 #else
     (void)me, (void)send, (void)counts, (void)root;
@@ -458,46 +432,44 @@ lp_status lp_dist_gather(lp_dist *d, lp_dist_group g, const void *send, size_t b
 
 /* ---- device buffers ---- */
 
-static lp_status stage(lp_dist *d, size_t bytes) {
-    if (bytes <= d->stage_bytes) return LP_OK;
-    void *p = realloc(d->stage, bytes);
-    if (!p) LP_FAIL(LP_ERR_OOM, "dist: %zu bytes of host staging", bytes);
-    d->stage = p, d->stage_bytes = bytes;
+lp_status dist_grow(void **p, size_t *have, size_t bytes) {
+    if (bytes <= *have) return LP_OK;
+    void *q = realloc(*p, bytes);
+    if (!q) LP_FAIL(LP_ERR_OOM, "dist: %zu bytes of host staging", bytes);
+    *p = q, *have = bytes;
     return LP_OK;
 }
+static lp_status stage(lp_dist *d, size_t bytes) { return dist_grow(&d->stage, &d->stage_bytes, bytes); }
 
 #if LOUPE_NCCL
 /* A communicator that failed or never answered is aborted (NCCL's own way out of a
  * collective a peer never joins); the job must end. */
-static void nccl_drop(lp_dist *d, lp_dist_group g) {
+void dist_nccl_drop(lp_dist *d, lp_dist_group g) {
     d->failed = 1;
     ncclCommAbort(d->nccl[g]);
     d->nccl_ok[g] = -1;
 }
 
-/* Waits, within the job's timeout, for group g's communicator to finish what it started
- * (it runs nonblocking, so its init and calls may return in progress) and, with on_stream,
- * for the collective queued on c's compute stream. */
-static lp_status nccl_wait(lp_dist *d, lp_dist_group g, lp_ctx *c, int on_stream, const char *what) {
-    double t0 = now_s();
+lp_status dist_nccl_wait(lp_dist *d, lp_dist_group g, cudaStream_t s, cudaEvent_t ev, const char *what) {
+    double t0 = dist_now();
     char who[160];
     for (;;) {
         ncclResult_t e = ncclSuccess;
         if (ncclCommGetAsyncError(d->nccl[g], &e) != ncclSuccess) e = ncclInternalError;
         if (e != ncclSuccess && e != ncclInProgress) {
-            nccl_drop(d, g), others(d, g, who, sizeof who);
+            dist_nccl_drop(d, g), dist_others(d, g, who, sizeof who);
             LP_FAIL(LP_ERR_PEER, "%s failed: lost contact with %s (NCCL: %s)", what, who, ncclGetErrorString(e));
         }
         if (e == ncclSuccess) {
-            cudaError_t q = on_stream ? cudaStreamQuery((cudaStream_t)c->stream) : cudaSuccess;
+            cudaError_t q = ev ? cudaEventQuery(ev) : s ? cudaStreamQuery(s) : cudaSuccess;
             if (q == cudaSuccess) return LP_OK;
             if (q != cudaErrorNotReady) {
-                nccl_drop(d, g);
+                dist_nccl_drop(d, g);
                 LP_FAIL(LP_ERR_CUDA, "dist: %s: %s", what, cudaGetErrorString(q));
             }
         }
-        if (now_s() - t0 > d->timeout_s) {
-            nccl_drop(d, g), others(d, g, who, sizeof who);
+        if (dist_now() - t0 > d->timeout_s) {
+            dist_nccl_drop(d, g), dist_others(d, g, who, sizeof who);
             LP_FAIL(LP_ERR_PEER, "no answer from %s within %g s in NCCL %s (dist.timeout_s)", who, d->timeout_s, what);
         }
         struct timespec ts = {0, 20000};
@@ -509,10 +481,10 @@ static lp_status nccl_wait(lp_dist *d, lp_dist_group g, lp_ctx *c, int on_stream
  * (the first collective is collective), with the id broadcast over MPI. Not used (*use = 0,
  * host staging instead) when two ranks of the group share a GPU, which NCCL does not allow.
  * Every exchange here is bounded by the timeout like any other collective. */
-static lp_status nccl_for(lp_dist *d, lp_dist_group g, lp_ctx *c, int *use) {
+lp_status dist_nccl_for(lp_dist *d, lp_dist_group g, lp_ctx *c, int *use) {
     *use = d->nccl_ok[g] == 1;
     if (d->nccl_ok[g]) return LP_OK;
-    int p = gsize(d, g), dev = c->cuda_device, clash = 0, len;
+    int p = dist_gsize(d, g), dev = c->cuda_device, clash = 0, len;
     char bus[32] = {0}, host[MPI_MAX_PROCESSOR_NAME + 1] = {0}, mine[96] = {0};
     if (cudaDeviceGetPCIBusId(bus, sizeof bus, dev) != cudaSuccess) snprintf(bus, sizeof bus, "device %d", dev);
     MPI_Get_processor_name(host, &len);
@@ -535,7 +507,7 @@ static lp_status nccl_for(lp_dist *d, lp_dist_group g, lp_ctx *c, int *use) {
         cfg.blocking = 0; /* so that a peer lost during the init cannot hold this rank */
         ncclResult_t r = ncclCommInitRankConfig(&d->nccl[g], p, id, lp_dist_group_rank(d, g), &cfg);
         ok = r == ncclSuccess || r == ncclInProgress;
-        if (ok) LP_CHECK(nccl_wait(d, g, c, 0, "init"));
+        if (ok) LP_CHECK(dist_nccl_wait(d, g, NULL, NULL, "init"));
         int all_ok = ok;
         LP_CHECK(allreduce_op(d, g, &all_ok, 1, LP_I32, 0));
         if (ok && all_ok != p) ncclCommDestroy(d->nccl[g]);
@@ -549,64 +521,60 @@ static lp_status nccl_for(lp_dist *d, lp_dist_group g, lp_ctx *c, int *use) {
 /* Queues one NCCL collective (the call may return in progress) and waits for it. */
 static lp_status nccl_run(lp_dist *d, lp_dist_group g, lp_ctx *c, ncclResult_t r, const char *what, size_t n) {
     if (r != ncclSuccess && r != ncclInProgress) {
-        nccl_drop(d, g);
+        dist_nccl_drop(d, g);
         LP_FAIL(LP_ERR_CUDA, "dist: NCCL %s of %zu values failed: %s", what, n, ncclGetErrorString(r));
     }
-    return nccl_wait(d, g, c, 1, what);
+    return dist_nccl_wait(d, g, (cudaStream_t)c->stream, NULL, what);
 }
 #endif
 
-/* Device buffer -> host F32 staging (BF16 widened, through the raw values after the n
- * floats: the staging holds 6 bytes per value), and back. */
-static lp_status to_stage(lp_dist *d, lp_ctx *c, const void *buf, size_t n) {
-    float *h = d->stage;
+lp_status dist_to_stage(lp_ctx *c, float *h, const void *buf, size_t n) {
     if (c->dtype == LP_F32) return lp_ctx_to_host(c, h, buf, n * 4);
     LP_CHECK(lp_ctx_to_host(c, h + n, buf, n * lp_dtype_size(c->dtype)));
     return lp_convert_host(h, LP_F32, h + n, c->dtype, n);
 }
-static lp_status from_stage(lp_dist *d, lp_ctx *c, void *buf, size_t n) {
-    if (c->dtype == LP_F32) return lp_ctx_to_device(c, buf, d->stage, n * 4);
-    LP_CHECK(lp_ctx_upload_f32(c, buf, d->stage, n));
-    return LP_OK;
+lp_status dist_from_stage(lp_ctx *c, void *buf, const float *h, size_t n) {
+    if (c->dtype == LP_F32) return lp_ctx_to_device(c, buf, h, n * 4);
+    return lp_ctx_upload_f32(c, buf, h, n);
 }
 
 lp_status lp_dist_allreduce_sum_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, void *buf, size_t n) {
-    if (gsize(d, g) <= 1 || n == 0) return LP_OK;
+    if (dist_gsize(d, g) <= 1 || n == 0) return LP_OK;
     if (c->device == LP_CPU) return lp_dist_allreduce_sum(d, g, buf, n, LP_F32);
 #if LOUPE_NCCL
     int use;
-    LP_CHECK(nccl_for(d, g, c, &use));
+    LP_CHECK(dist_nccl_for(d, g, c, &use));
     if (use) {
-        double t0 = now_s();
+        double t0 = dist_now();
         ncclDataType_t t = c->dtype == LP_BF16 ? ncclBfloat16 : ncclFloat32;
         LP_CHECK(nccl_run(d, g, c, ncclAllReduce(buf, buf, n, t, ncclSum, d->nccl[g], (cudaStream_t)c->stream), "all-reduce", n));
         d->counts.allreduce++;
         d->counts.allreduce_bytes += n * lp_dtype_size(c->dtype);
-        d->counts.seconds += now_s() - t0;
+        d->counts.seconds += dist_now() - t0;
         return LP_OK;
     }
 #endif
     LP_CHECK(stage(d, n * 6));
-    LP_CHECK(to_stage(d, c, buf, n));
+    LP_CHECK(dist_to_stage(c, d->stage, buf, n));
     LP_CHECK(lp_dist_allreduce_sum(d, g, d->stage, n, LP_F32));
-    return from_stage(d, c, buf, n);
+    return dist_from_stage(c, buf, d->stage, n);
 }
 
 lp_status lp_dist_allgather_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, const void *send, void *recv, size_t n) {
-    int p = gsize(d, g);
+    int p = dist_gsize(d, g);
     size_t es = lp_dtype_size(c->dtype);
     if (p <= 1) return send == recv || n == 0 ? LP_OK : lp_ctx_copy(c, recv, send, n * es);
     if (c->device == LP_CPU) return lp_dist_allgather(d, g, send, recv, n * es);
 #if LOUPE_NCCL
     int use;
-    LP_CHECK(nccl_for(d, g, c, &use));
+    LP_CHECK(dist_nccl_for(d, g, c, &use));
     if (use) {
-        double t0 = now_s();
+        double t0 = dist_now();
         ncclDataType_t t = c->dtype == LP_BF16 ? ncclBfloat16 : ncclFloat32;
         LP_CHECK(nccl_run(d, g, c, ncclAllGather(send, recv, n, t, d->nccl[g], (cudaStream_t)c->stream), "all-gather", n));
         d->counts.allgather++;
         d->counts.allgather_bytes += n * es;
-        d->counts.seconds += now_s() - t0;
+        d->counts.seconds += dist_now() - t0;
         return LP_OK;
     }
 #endif
@@ -619,18 +587,18 @@ lp_status lp_dist_allgather_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, const vo
 
 lp_status lp_dist_broadcast_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, void *buf, size_t n, int root) {
     size_t es = lp_dtype_size(c->dtype);
-    if (gsize(d, g) <= 1 || n == 0) return LP_OK;
+    if (dist_gsize(d, g) <= 1 || n == 0) return LP_OK;
     if (c->device == LP_CPU) return lp_dist_broadcast(d, g, buf, n * es, root);
 #if LOUPE_NCCL
     int use;
-    LP_CHECK(nccl_for(d, g, c, &use));
+    LP_CHECK(dist_nccl_for(d, g, c, &use));
     if (use) {
-        double t0 = now_s();
+        double t0 = dist_now();
         LP_CHECK(nccl_run(d, g, c, ncclBroadcast(buf, buf, n * es, ncclUint8, root, d->nccl[g], (cudaStream_t)c->stream),
                           "broadcast", n));
         d->counts.broadcast++;
         d->counts.broadcast_bytes += n * es;
-        d->counts.seconds += now_s() - t0;
+        d->counts.seconds += dist_now() - t0;
         return LP_OK;
     }
 #endif

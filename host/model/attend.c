@@ -78,7 +78,10 @@ static lp_status project(lp_model *m, const layer_acts *la, int L, int B, int T)
     return LP_OK;
 }
 
-lp_status blk_attn(lp_model *m, int L, int B, int T) {
+/* The block's output before its post-norm (if any): what the output projection writes. */
+static void *attn_branch(lp_model *m, const layer_acts *la) { return m->cfg.post_norms ? la->attn_pre : m->a.attn_out; }
+
+lp_status blk_attn_start(lp_model *m, int L, int B, int T, lp_dist_req **req) {
     const lp_config *cf = &m->cfg;
     int N = B * T, D = cf->d_model, qD = m->par.H * cf->d_head;
     layer_acts la = layer_acts_of(m, L);
@@ -88,9 +91,19 @@ lp_status blk_attn(lp_model *m, int L, int B, int T) {
     LP_CHECK(project(m, &la, L, B, T));
     LP_CHECK(attend(m, &la, L, B, T));
     SITE(HK_Z, L, la.z);
-    void *branch = cf->post_norms ? la.attn_pre : m->a.attn_out;
-    LP_CHECK(tp_linear_reduce(m, branch, la.z, L, W_O, W_BO, N, qD, D));
+    return tp_linear_start(m, attn_branch(m, &la), la.z, L, W_O, W_BO, N, qD, D, req);
+}
+
+lp_status blk_attn_finish(lp_model *m, int L, int N, lp_dist_req *req) {
+    layer_acts la = layer_acts_of(m, L);
+    void *branch = attn_branch(m, &la);
+    LP_CHECK(tp_linear_finish(m, branch, L, W_BO, N, m->cfg.d_model, req));
     return blk_branch_out(m, branch, la.ln1p_scale, W_LN1P, HK_LN1P_SCALE, HK_LN1P_NORM, HK_ATTN_OUT, L, N);
+}
+
+lp_status blk_attn(lp_model *m, int L, int B, int T) {
+    LP_CHECK(blk_attn_start(m, L, B, T, NULL));
+    return blk_attn_finish(m, L, B * T, NULL);
 }
 
 /* ---- backward ---- */

@@ -115,7 +115,10 @@ lp_status blk_branch_out(lp_model *m, void *branch, void *scale, int wpost, int 
     return lp_add(&m->ctx, m->a.resid, m->a.resid, out, (size_t)N * D);
 }
 
-lp_status blk_mlp(lp_model *m, int L, int N) {
+/* The MLP's output before its post-norm (if any): what its down projection writes. */
+static void *mlp_branch(lp_model *m, const layer_acts *la) { return m->cfg.post_norms ? la->mlp_branch : m->a.mlp_out; }
+
+lp_status blk_mlp_start(lp_model *m, int L, int N, lp_dist_req **req) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     int D = cf->d_model, F = m->par.F; /* this rank's neurons */
@@ -141,9 +144,19 @@ lp_status blk_mlp(lp_model *m, int L, int N) {
                                           : lp_gelu_mul(c, la.mlp_post, la.mlp_pre, la.mlp_lin, (size_t)N * F));
     }
     SITE(HK_MLP_POST, L, la.mlp_post);
-    void *branch = cf->post_norms ? la.mlp_branch : m->a.mlp_out;
-    LP_CHECK(tp_linear_reduce(m, branch, la.mlp_post, L, W_OUT, W_BOUT, N, F, D));
+    return tp_linear_start(m, mlp_branch(m, &la), la.mlp_post, L, W_OUT, W_BOUT, N, F, D, req);
+}
+
+lp_status blk_mlp_finish(lp_model *m, int L, int N, lp_dist_req *req) {
+    layer_acts la = layer_acts_of(m, L);
+    void *branch = mlp_branch(m, &la);
+    LP_CHECK(tp_linear_finish(m, branch, L, W_BOUT, N, m->cfg.d_model, req));
     return blk_branch_out(m, branch, la.ln2p_scale, W_LN2P, HK_LN2P_SCALE, HK_LN2P_NORM, HK_MLP_OUT, L, N);
+}
+
+lp_status blk_mlp(lp_model *m, int L, int N) {
+    LP_CHECK(blk_mlp_start(m, L, N, NULL));
+    return blk_mlp_finish(m, L, N, NULL);
 }
 
 /* The gradient at a block's output (g->dresid) into dbr, the gradient before its post-norm:

@@ -44,6 +44,16 @@ lp_status blk_attn_backward(lp_model *m, bw_bufs *g, int L, int B, int T);
 lp_status blk_mlp(lp_model *m, int L, int N);
 lp_status blk_mlp_backward(lp_model *m, bw_bufs *g, int L, int N);
 
+/* Each block in two steps around the all-reduce of its row-split projection (blk_attn and
+ * blk_mlp are the start with req NULL, then the finish): the start runs the block up to
+ * this rank's partial output and starts its sum over the TP group (*req; tp_linear_start),
+ * the finish waits for it, adds the bias, runs the post-norm and the output site and adds
+ * the block's output to the residual stream. Work queued in between overlaps the sum. */
+lp_status blk_attn_start(lp_model *m, int L, int B, int T, struct lp_dist_req **req);
+lp_status blk_attn_finish(lp_model *m, int L, int N, struct lp_dist_req *req);
+lp_status blk_mlp_start(lp_model *m, int L, int N, struct lp_dist_req **req);
+lp_status blk_mlp_finish(lp_model *m, int L, int N, struct lp_dist_req *req);
+
 /* A block's output `branch` (before its post-norm, if the model has them) through the
  * post-norm (weight role wpost, its scale into `scale`, hooks k_scale / k_norm) and the output
  * site k_out (hook_attn_out / hook_mlp_out) into the residual stream. The backward takes

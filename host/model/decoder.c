@@ -1,16 +1,94 @@
 /* decoder.c: the decoder every family loupe has is (blocks.h): the forward and backward
- * scripts of blocks and hook sites the architecture tables name. */
+ * scripts of blocks and hook sites the architecture tables name; and, under tensor
+ * parallelism, the same forward with the batch in micro-batches run interleaved, so that
+ * one micro-batch's all-reduces travel while another computes. */
+#include "loupe/dist.h"
 #include "model/blocks.h"
 
+#define MAX_PARTS LP_DIST_MAX_STARTED /* one started all-reduce per part at a time */
+
+/* Whether this forward interleaves micro-batches: only a plain one (nothing captured,
+ * edited or scored, no tape for a backward, no KV cache) of a split model, whose batch the
+ * parts divide. Anything that watches a layer sees it whole, in the plain schedule. */
+static int interleaves(const lp_model *m, int B, int last) {
+    const mdl_tp *p = &m->par;
+    return p->tp > 1 && p->parts > 1 && p->parts <= MAX_PARTS && B % p->parts == 0 && last >= 0 && !m->tp.on &&
+           m->kv.pos0 < 0 && !m->kv.generating && hooks_last_layer(m) < 0;
+}
+
+/* Part j's view of the model, b of its sequences: the same weights, hooks, context and
+ * slices, with the activation buffers the blocks use moved to the part's rows (each is
+ * [B, T, width] row-major, so whole sequences are an offset). The blocks run on it
+ * unchanged: in a forward without hooks, tape or cache nothing they do writes the model
+ * outside those buffers. Buffers only a hook reads (the normalized value, the scores and
+ * pattern) are left out of the view. */
+static void part_view(lp_model *pv, const lp_model *m, int b, int T, int j) {
+    const lp_config *c = &m->cfg;
+    size_t r0 = (size_t)j * b * T, es = act_elem_bytes(m), D = c->d_model, F = m->par.F;
+    size_t qD = (size_t)m->par.H * c->d_head, kvD = (size_t)m->par.Hkv * c->d_head;
+    *pv = *m;
+    mdl_acts *a = &pv->a;
+#define AT(f, width) a->f = a->f ? (char *)a->f + r0 * (width) * es : NULL
+    AT(resid, D), AT(ln_out, D), AT(attn_out, D), AT(mlp_out, D), AT(branch, D), AT(pos_buf, D), AT(ln_scale, 1);
+    AT(q, qD), AT(q_pre, qD), AT(z, qD), AT(qk_scale, m->par.H); /* the q/k norms' scales: H per row, then Hkv */
+    AT(k, kvD), AT(v, kvD), AT(k_pre, kvD);
+    AT(mlp_pre, F), AT(mlp_lin, F), AT(mlp_post, F);
+#undef AT
+    a->ln_norm = a->scores = a->pattern = NULL;
+    pv->res.B = b;
+}
+
+/* Block s of one part (s = 2L: layer L's attention, 2L + 1: its MLP): the end of the
+ * part's previous block (its sum waited for, added to the residual stream), then this
+ * block up to its own sum, started (*req). */
+static lp_status step(lp_model *p, int s, int b, int T, lp_dist_req **req) {
+    int L = s / 2, n = b * T;
+    lp_dist_req *prev = *req;
+    *req = NULL;
+    if (s % 2 == 0) {
+        if (L > 0) LP_CHECK(blk_mlp_finish(p, L - 1, n, prev));
+        return blk_attn_start(p, L, b, T, req);
+    }
+    LP_CHECK(blk_attn_finish(p, L, n, prev));
+    return blk_mlp_start(p, L, n, req);
+}
+
+/* Layers 0..last, every block run part after part: part j's sum travels while the parts
+ * after it compute the same block and part 0 waits for it only when the next block needs
+ * it. Per layer: 2 x parts all-reduces of B T d / parts values (the plain schedule: 2 of
+ * B T d). */
+static lp_status layers_interleaved(lp_model *m, int B, int T, int last) {
+    int k = m->par.parts, b = B / k;
+    lp_model part[MAX_PARTS];
+    lp_dist_req *req[MAX_PARTS] = {0};
+    for (int j = 0; j < k; j++) part_view(&part[j], m, b, T, j);
+    lp_status st = LP_OK;
+    for (int s = 0; st == LP_OK && s < 2 * (last + 1); s++)
+        for (int j = 0; st == LP_OK && j < k; j++) st = step(&part[j], s, b, T, &req[j]);
+    for (int j = 0; st == LP_OK && j < k; j++) {
+        lp_dist_req *r = req[j];
+        req[j] = NULL;
+        st = blk_mlp_finish(&part[j], last, b * T, r);
+    }
+    /* after a failure no started sum outlives the forward (each wait is bounded) */
+    for (int j = 0; j < k; j++) (void)lp_dist_wait(m->par.dist, req[j]);
+    return st;
+}
+
 lp_status decoder_forward(lp_model *m, int B, int T, int want) {
-    int N = B * T, last = blk_last_layer(m, want);
+    int N = B * T, last = blk_last_layer(m, want), top = last < m->cfg.n_layers ? last : m->cfg.n_layers - 1;
     LP_CHECK(blk_embed(m, B, T));
-    for (int L = 0; L < m->cfg.n_layers && L <= last; L++) {
-        SITE(HK_RESID_PRE, L, m->a.resid);
-        LP_CHECK(blk_attn(m, L, B, T));
-        SITE(HK_RESID_MID, L, m->a.resid);
-        LP_CHECK(blk_mlp(m, L, N));
-        SITE(HK_RESID_POST, L, m->a.resid);
+    m->par.parts_run = interleaves(m, B, top) ? m->par.parts : 1;
+    if (m->par.parts_run > 1) {
+        LP_CHECK(layers_interleaved(m, B, T, top)); /* no hook sites: nobody listens */
+    } else {
+        for (int L = 0; L <= top; L++) {
+            SITE(HK_RESID_PRE, L, m->a.resid);
+            LP_CHECK(blk_attn(m, L, B, T));
+            SITE(HK_RESID_MID, L, m->a.resid);
+            LP_CHECK(blk_mlp(m, L, N));
+            SITE(HK_RESID_POST, L, m->a.resid);
+        }
     }
     return last < m->cfg.n_layers ? LP_OK : blk_final(m, N, want);
 }

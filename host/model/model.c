@@ -174,6 +174,13 @@ void lp_model_free(lp_model *m) {
 }
 
 const lp_config *lp_model_config(const lp_model *m) { return &m->cfg; }
+lp_status lp_model_set_tp_overlap(lp_model *m, int parts) {
+    if (parts < 1 || parts > LP_DIST_MAX_STARTED) /* one started all-reduce per part */
+        LP_FAIL(LP_ERR_ARG, "tensor-parallel micro-batches: %d (from 1, the plain schedule, to %d)", parts, LP_DIST_MAX_STARTED);
+    m->par.parts = parts;
+    return LP_OK;
+}
+int lp_model_tp_overlapped(const lp_model *m) { return m->par.parts_run > 1 ? m->par.parts_run : 1; }
 int64_t lp_model_n_params(const lp_model *m) { return m->w.n_params; }
 lp_ctx *lp_model_ctx(lp_model *m) { return &m->ctx; }
 

@@ -194,6 +194,8 @@ typedef struct mdl_tp {
     int H, Hkv, F, V;     /* local heads, kv heads, MLP width, vocabulary rows */
     int h0, hkv0, f0, v0; /* where this rank's slice starts in the full model */
     int kv_rep;           /* 1: fewer kv heads than ranks: each rank holds the one kv head its q heads read */
+    int parts;            /* micro-batches of the interleaved forward (decoder.c; 1: the plain schedule) */
+    int parts_run;        /* those the last forward ran its layers in (1: the plain schedule) */
     void *ones;           /* [d_model] ones (act dtype): biases added after a reduce */
     float *xh;            /* host [logit_rows, V] this rank's logits, for the vocabulary-parallel loss */
     double *red;          /* host [3 * logit_rows] per-row reductions */
@@ -264,6 +266,8 @@ lp_status hook_edit_jacobian(lp_model *m, int id, void *grad, int *unknown);
 
 /* ---- tensor parallelism (tp.c) ---- */
 
+struct lp_dist_req; /* a started all-reduce (dist.h) */
+
 /* This rank's slice (m->par) for m->cfg and m->par.tp / rank; refuses sizes that do not split. */
 lp_status tp_setup(lp_model *m);
 /* Device constants of a split model (after the weights); frees them. */
@@ -280,9 +284,13 @@ int tp_role_cut(const lp_model *m, int r, int64_t *start, int64_t *count);
  * site, the scatter takes this rank's part of the (edited) whole back into act. */
 lp_status tp_gather_hook(lp_model *m, int kind, const void *act, void **whole);
 lp_status tp_scatter_hook(lp_model *m, int kind, void *act, const void *whole);
-/* out [N, M] = x [N, K] W (+ b) for a weight split along its input axis: the partial
- * products summed over the TP group, then the bias once. TP 1: blk_linear. */
-lp_status tp_linear_reduce(lp_model *m, void *out, const void *x, int L, int r, int rb, int N, int K, int M);
+/* out [N, M] = x [N, K] W (+ b) for a weight split along its input axis (role r, bias role
+ * rb or -1), in two steps so that other work can run while the sum travels: the start
+ * queues this rank's partial product and sums it over the TP group, at once (req NULL) or
+ * started (*req, NULL when nothing was started); the finish waits for a started sum and adds
+ * the bias once. TP 1: the start is blk_linear (bias included), the finish nothing. */
+lp_status tp_linear_start(lp_model *m, void *out, const void *x, int L, int r, int rb, int N, int K, int M, struct lp_dist_req **req);
+lp_status tp_linear_finish(lp_model *m, void *out, int L, int rb, int N, int M, struct lp_dist_req *req);
 /* This rank's rows of the unembedding [V_local, D]. */
 const void *tp_unembed_w(const lp_model *m);
 /* Full logits [rows, V] from every rank's [rows, V_local]. */

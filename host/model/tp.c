@@ -34,6 +34,7 @@ lp_status tp_setup(lp_model *m) {
     p->tp = P;
     p->H = c->n_heads, p->Hkv = c->n_kv_heads, p->F = c->d_mlp, p->V = c->d_vocab;
     p->h0 = p->hkv0 = p->f0 = p->v0 = 0, p->kv_rep = 0;
+    if (!p->parts) p->parts = 2; /* two micro-batches unless the caller chose (lp_model_set_tp_overlap) */
     if (P == 1) return LP_OK;
     if (c->n_heads % P)
         LP_FAIL(LP_ERR_ARG, "dist.tp=%d: the model's %d attention heads do not split evenly over %d ranks", P, c->n_heads, P);
@@ -181,10 +182,17 @@ lp_status tp_scatter_hook(lp_model *m, int kind, void *act, const void *whole) {
     return scatter_cols(m, act, whole, &c);
 }
 
-lp_status tp_linear_reduce(lp_model *m, void *out, const void *x, int L, int r, int rb, int N, int K, int M) {
+lp_status tp_linear_start(lp_model *m, void *out, const void *x, int L, int r, int rb, int N, int K, int M, lp_dist_req **req) {
+    if (req) *req = NULL;
     if (m->par.tp <= 1) return lp_matmul(&m->ctx, out, x, lw(m, L, r), rb >= 0 ? lw(m, L, rb) : NULL, N, K, M, m->w.trans);
     LP_CHECK(lp_matmul(&m->ctx, out, x, lw(m, L, r), NULL, N, K, M, m->w.trans));
-    LP_CHECK(lp_dist_allreduce_sum_dev(m->par.dist, LP_DIST_TP, &m->ctx, out, (size_t)N * M));
+    if (req) return lp_dist_allreduce_sum_dev_start(m->par.dist, LP_DIST_TP, &m->ctx, out, (size_t)N * M, req);
+    return lp_dist_allreduce_sum_dev(m->par.dist, LP_DIST_TP, &m->ctx, out, (size_t)N * M);
+}
+
+lp_status tp_linear_finish(lp_model *m, void *out, int L, int rb, int N, int M, lp_dist_req *req) {
+    if (m->par.tp <= 1) return LP_OK;
+    LP_CHECK(lp_dist_wait(m->par.dist, req));
     /* the bias once, after the sum of the partial outputs */
     return rb >= 0 && lw(m, L, rb) ? lp_affine(&m->ctx, out, out, m->par.ones, lw(m, L, rb), N, M) : LP_OK;
 }

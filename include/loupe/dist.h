@@ -114,6 +114,27 @@ lp_status lp_dist_allreduce_sum_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, void
 lp_status lp_dist_allgather_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, const void *send, void *recv, size_t n);
 lp_status lp_dist_broadcast_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, void *buf, size_t n, int root);
 
+/* ---- started collectives: communication behind compute ----
+ * lp_dist_allreduce_sum_dev in two halves: the start returns at once with *req, the work
+ * queued on c afterwards runs while the sum travels, and lp_dist_wait ends it (after which
+ * the work queued on c sees the sum). buf must not be read or written in between. The work
+ * queued on c before the start produces buf: on a GPU with NCCL the all-reduce runs on a
+ * stream of the job's own, ordered after an event on c's stream, and c's stream waits for
+ * its end at lp_dist_wait; host memory (and device memory staged through the host: two
+ * ranks on one GPU, no NCCL) goes through MPI's nonblocking all-reduce, which an MPI
+ * without a progress thread advances only inside MPI calls, i.e. mostly in lp_dist_wait.
+ * Every rank of the group starts the same collectives in the same order. At most
+ * LP_DIST_MAX_STARTED are in flight per job (more: LP_ERR_ARG). The wait keeps the blocking
+ * calls' promise: done within the job's timeout, or LP_ERR_PEER as above. Counted as one
+ * all-reduce of the buffer; the seconds are those spent inside the start and the wait
+ * (the communication compute did not hide). A group of one, or n == 0: *req = NULL and
+ * nothing to wait for. */
+#define LP_DIST_MAX_STARTED 8
+typedef struct lp_dist_req lp_dist_req;
+lp_status lp_dist_allreduce_sum_dev_start(lp_dist *d, lp_dist_group g, lp_ctx *c, void *buf, size_t n, lp_dist_req **req);
+/* NULL req: nothing. The request is spent either way (a failure has marked the job failed). */
+lp_status lp_dist_wait(lp_dist *d, lp_dist_req *req);
+
 /* ---- what moved (for tests and benchmarks) ----
  * Every collective over a group of more than one rank counts once, with the bytes this
  * rank contributed (all-reduce: the buffer; all-gather and gather: its own part; broadcast: the

@@ -90,6 +90,18 @@ lp_status lp_model_random(lp_model **m, const lp_config *cfg, uint64_t seed, lp_
 /* The same split over d's tensor-parallel group (each rank random values of its slice's
  * shapes: not lp_model_random's model cut in pieces; for timing tensor parallelism). */
 lp_status lp_model_random_dist(lp_model **m, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype, lp_dist *d);
+/* Tensor parallelism (a model split over TP > 1 ranks): a forward may run its layers with
+ * the batch in `parts` micro-batches of whole sequences (default 2), block by block, each
+ * part's all-reduce started and waited for only when that part's next block needs it, so
+ * that one part's communication travels while the others compute (dist.h's started
+ * collectives). Only a plain forward does: the batch a multiple of parts, no hook captured,
+ * edited or scored, no gradient, no generation; anything else runs the plain schedule (two
+ * all-reduces per layer, each waited for at once). The results agree with the plain
+ * schedule's to rounding (each GEMM sees fewer rows). parts: 1 (always the plain schedule)
+ * to LP_DIST_MAX_STARTED (8), else LP_ERR_ARG. */
+lp_status lp_model_set_tp_overlap(lp_model *m, int parts);
+/* The micro-batches the last forward ran its layers in: 1 for the plain schedule. */
+int lp_model_tp_overlapped(const lp_model *m);
 void lp_model_free(lp_model *m);
 const lp_config *lp_model_config(const lp_model *m);
 int64_t lp_model_n_params(const lp_model *m);

@@ -2,7 +2,9 @@
  * process's model, no communication) and split over a TP group of P, and checks that the
  * split model gives what the whole one gives: losses (vocabulary-parallel), logits, every
  * hook's capture, the same after edits at per-head and per-neuron hooks (zero one head at
- * some positions, patch, steer, a callback), and the collectives a forward makes. Exit
+ * some positions, patch, steer, a callback), the collectives a forward makes, and the
+ * interleaved schedule of a forward nobody hooks (micro-batches whose all-reduces overlap
+ * the others' compute) against the plain one, with the cases that fall back to it. Exit
  * status 0 when everything agrees on every rank; each failure is one line on stderr.
  * Driven by tests/test_dist.c. Usage: tp_check [--no-grad] MODEL... */
 #include <math.h>
@@ -16,6 +18,14 @@
 #include "loupe/model.h"
 
 #define TOL 1e-5 /* relative to the largest value of the compared tensor */
+/* The interleaved schedule against the plain one at the same TP: the same sums per row, but
+ * OpenBLAS's sgemm rounds a row differently with the number of rows it is called with (its
+ * kernels tile the rows; a 32-row product and two 16-row halves differ in a fifth of the
+ * elements, by about an ulp), and all-reduces of another size may be summed in another order. Those
+ * differences, a few float32 ulps (6e-8) per layer, add like a random walk over the
+ * layers: the budget is TOL_SCHEDULE_LAYER sqrt(layers) of the largest value (1e-6 for the
+ * two-layer fixtures; observed: up to 6e-7 there, 1.5e-6 for SmolLM2's 30 layers). */
+#define TOL_SCHEDULE_LAYER 7e-7
 
 static int g_fail, g_rank, g_no_grad;
 
@@ -24,19 +34,22 @@ static void fail(const char *what, const char *model, const char *detail) {
     g_fail++;
 }
 
-/* max |a - b| / max |b| <= TOL */
-static void compare(const char *model, const char *what, const float *a, const float *b, size_t n) {
+/* max |a - b| / max |b| <= tol */
+static void compare_tol(const char *model, const char *what, const float *a, const float *b, size_t n, double tol) {
     double err = 0, big = 0;
     for (size_t i = 0; i < n; i++) {
         double d = fabs((double)a[i] - b[i]);
         if (!(d <= err)) err = d; /* NaN counts */
         if (fabs(b[i]) > big) big = fabs(b[i]);
     }
-    if (!(err <= TOL * (big > 0 ? big : 1))) {
+    if (!(err <= tol * (big > 0 ? big : 1))) {
         char buf[160];
         snprintf(buf, sizeof buf, "max difference %.3g against a largest value %.3g (%zu values)", err, big, n);
         fail(what, model, buf);
     }
+}
+static void compare(const char *model, const char *what, const float *a, const float *b, size_t n) {
+    compare_tol(model, what, a, b, n, TOL);
 }
 
 #define TRY(expr, what)                                                     \
@@ -205,6 +218,69 @@ static void counts_check(const char *path, lp_model *s, lp_dist *d, const int32_
     lp_hooks_clear(s);
 }
 
+/* A forward's all-reduces against what the schedule makes: `parts` micro-batches, each
+ * 2 per layer of B T d / parts values (the plain schedule: parts = 1). */
+static void reduces_check(const char *path, lp_model *s, lp_dist *d, const int32_t *tok, int B, int T, int parts, const char *tag) {
+    const lp_config *c = lp_model_config(s);
+    lp_dist_counts k;
+    char buf[240];
+    lp_dist_counts_reset(d);
+    TRY(lp_model_forward(s, tok, B, T, LP_WANT_LOGITS), "forward"); /* logits: gathered, no loss reductions */
+    lp_dist_counts_get(d, &k);
+    uint64_t want_n = 2ull * parts * c->n_layers, want_bytes = 2ull * c->n_layers * B * T * c->d_model * sizeof(float);
+    if (lp_model_tp_overlapped(s) != parts || k.allreduce != want_n || k.allreduce_bytes != want_bytes) {
+        snprintf(buf, sizeof buf, "batch %d: %d micro-batch(es) ran, %llu all-reduces of %llu bytes in all; expected %d, %llu of %llu",
+                 B, lp_model_tp_overlapped(s), (unsigned long long)k.allreduce, (unsigned long long)k.allreduce_bytes, parts,
+                 (unsigned long long)want_n, (unsigned long long)want_bytes);
+        fail(tag, path, buf);
+    }
+}
+
+/* The interleaved schedule (micro-batches whose all-reduces overlap the others' compute):
+ * with nothing hooked a split forward runs it and gives the plain schedule's losses and
+ * logits (TOL_SCHEDULE_LAYER) and the whole model's (TOL); an odd batch, a hook, or parts = 1
+ * takes the plain schedule, which the number and size of the all-reduces show. */
+static void overlap_check(const char *path, lp_model *w, lp_model *s, lp_dist *d) {
+    const lp_config *c = lp_model_config(w);
+    int B = 4, T = c->n_ctx < 8 ? c->n_ctx : 8, want = LP_WANT_LOSS | LP_WANT_LOGITS;
+    double tol = TOL_SCHEDULE_LAYER * sqrt(c->n_layers);
+    size_t nl = (size_t)B * (T - 1), nv = (size_t)B * T * c->d_vocab;
+    int32_t tok[32];
+    for (int i = 0; i < B * T; i++) tok[i] = (int32_t)((i * 7907 + 5) % c->d_vocab);
+    lp_hooks_clear(w), lp_hooks_clear(s);
+    float *loss = malloc(nl * sizeof(float)), *logit = malloc(nv * sizeof(float));
+    TRY(lp_model_forward(w, tok, B, T, want), "forward whole");
+    TRY(lp_model_set_tp_overlap(s, 1), "plain schedule");
+    TRY(lp_model_forward(s, tok, B, T, want), "forward split, plain");
+    memcpy(loss, lp_model_losses(s), nl * sizeof(float));
+    memcpy(logit, lp_model_logits(s), nv * sizeof(float));
+    reduces_check(path, s, d, tok, B, T, 1, "plain schedule when asked");
+    for (int parts = 2; parts <= 4; parts += 2) {
+        char what[96];
+        TRY(lp_model_set_tp_overlap(s, parts), "interleaved schedule");
+        TRY(lp_model_forward(s, tok, B, T, want), "forward split, interleaved");
+        snprintf(what, sizeof what, "%d micro-batches: losses against the plain schedule", parts);
+        compare_tol(path, what, lp_model_losses(s), loss, nl, tol);
+        snprintf(what, sizeof what, "%d micro-batches: logits against the plain schedule", parts);
+        compare_tol(path, what, lp_model_logits(s), logit, nv, tol);
+        snprintf(what, sizeof what, "%d micro-batches: losses against one process", parts);
+        compare(path, what, lp_model_losses(s), lp_model_losses(w), nl);
+        snprintf(what, sizeof what, "%d micro-batches: logits against one process", parts);
+        compare(path, what, lp_model_logits(s), lp_model_logits(w), nv);
+        snprintf(what, sizeof what, "%d micro-batches: all-reduces", parts);
+        reduces_check(path, s, d, tok, B, T, parts, what);
+    }
+    TRY(lp_model_set_tp_overlap(s, 2), "interleaved schedule");
+    reduces_check(path, s, d, tok, 3, T, 1, "odd batch: plain schedule");
+    char last[64];
+    snprintf(last, sizeof last, "blocks.%d.hook_resid_post", c->n_layers - 1);
+    TRY(lp_hook_capture(s, last, NULL, 0, NULL), "capture");
+    reduces_check(path, s, d, tok, B, T, 1, "a hook: plain schedule");
+    lp_hooks_clear(s);
+    free(loss);
+    free(logit);
+}
+
 static void check_model(const char *path, lp_dist *d) {
     lp_model *w = NULL, *s = NULL;
     TRY(lp_model_load(&w, path, LP_CPU, LP_F32), "load whole");
@@ -244,6 +320,7 @@ static void check_model(const char *path, lp_dist *d) {
         if (pass && !g_no_grad) grads_check(path, w, s, tok, B, T, tag);
     }
     counts_check(path, s, d, tok, B, T);
+    overlap_check(path, w, s, d);
     lp_model_free(s);
     lp_model_free(w);
 }
