@@ -316,6 +316,20 @@ Test(dist_fault, a_rank_arriving_late_within_the_start_timeout_is_waited_for) {
     cr_assert(strstr(out, "hook points (40)"), "%s", out);
 }
 
+/* dist.tp_parts outside 1..8 (one started all-reduce per part): refused by name, exit 2 */
+Test(dist_fault, a_bad_tp_parts_is_refused) {
+    static const char *const bad[] = {"0", "9", "-1", "two"};
+    char out[16384];
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        int rc = mpitest_run(out, sizeof out, "%s info " FIX "gpt2-tiny --dist.tp_parts=%s", g_bin, bad[i]);
+        cr_expect_eq(rc, 2, "dist.tp_parts=%s: exit %d: %s", bad[i], rc, out);
+        cr_expect(strstr(out, "dist.tp_parts"), "dist.tp_parts=%s: %s", bad[i], out);
+        cr_expect(!strstr(out, "hook points"), "dist.tp_parts=%s: the command ran: %s", bad[i], out);
+    }
+    int rc = mpitest_run(out, sizeof out, "%s info " FIX "gpt2-tiny --dist.tp_parts=4", g_bin);
+    cr_expect_eq(rc, 0, "dist.tp_parts=4: %s", out);
+}
+
 /* not a positive finite number of seconds: refused by name, exit 2, before any work */
 Test(dist_fault, a_bad_timeout_is_refused) {
     static const char *const bad[][2] = {{"0", "dist.timeout_s = 0: must be more than 0 seconds"},

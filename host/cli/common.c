@@ -281,7 +281,10 @@ lp_status cli_open_model(const args *a, lp_model **m) {
     lp_device d = cli_device(lp_cfg_str(&a->cfg, "model.device"));
     lp_dtype t = strcmp(dt, "f32") == 0 ? LP_F32 : strcmp(dt, "bf16") == 0 ? LP_BF16 : d == LP_CUDA ? LP_BF16 : LP_F32;
     LP_CHECK(cli_join(a));
-    return lp_model_load_dist(m, lp_cfg_str(&a->cfg, "model.path"), d, t, g_dist);
+    LP_CHECK(lp_model_load_dist(m, lp_cfg_str(&a->cfg, "model.path"), d, t, g_dist));
+    lp_status st = lp_model_set_tp_overlap(*m, (int)lp_cfg_int(&a->cfg, "dist.tp_parts"));
+    if (st != LP_OK) lp_model_free(*m), *m = NULL;
+    return st;
 }
 
 const char *cli_dev_name(lp_model *m) {
