@@ -382,8 +382,20 @@ void cpu_sae_scale(float *x, float alpha, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] *= alpha;
 }
 
+typedef struct {
+    float *out;
+    const float *a, *b;
+} ew_args;
+
+static void relu_range(void *p, size_t i0, size_t i1) {
+    const ew_args *a = p;
+    for (size_t i = i0; i < i1; i++) a->out[i] = relu(a->a[i]);
+}
+
+/* Element-wise over [N, d_sae] between two GEMMs: split over the BLAS threads. */
 void cpu_sae_relu(float *f, const float *pre, size_t n) {
-    for (size_t i = 0; i < n; i++) f[i] = relu(pre[i]);
+    ew_args a = {f, pre, NULL};
+    cpu_parallel_for(n, 1 << 16, relu_range, &a);
 }
 
 void cpu_sae_jumprelu(float *f, const float *pre, const float *theta, int N, int S) {
@@ -395,8 +407,19 @@ void cpu_sae_jumprelu(float *f, const float *pre, const float *theta, int N, int
         }
 }
 
+/* df is read unconditionally so that the select vectorises: a branch on the sign of pre
+ * mispredicts at every density between the extremes. */
+static void relu_grad_range(void *p, size_t i0, size_t i1) {
+    const ew_args *a = p;
+    for (size_t i = i0; i < i1; i++) {
+        const float g = a->a[i];
+        a->out[i] = a->b[i] > 0.0f ? g : 0.0f;
+    }
+}
+
 void cpu_sae_relu_grad(float *dpre, const float *df, const float *pre, size_t n) {
-    for (size_t i = 0; i < n; i++) dpre[i] = pre[i] > 0.0f ? df[i] : 0.0f;
+    ew_args a = {dpre, df, pre};
+    cpu_parallel_for(n, 1 << 16, relu_grad_range, &a);
 }
 
 /* The rectangle kernel K((pre - theta)/eps) of the straight-through estimator, in fp32
