@@ -178,18 +178,17 @@ static lp_status latent_grads(trainer *tr, double l1, double l0, double *sparse_
         LP_CHECK(lp_matmul(c, r->df, r->dxhat, s->W_dec, NULL, N, Do, S, 1));
         if (cf->arch == LP_SAE_STANDARD) {
             /* L1 weighted by decoder norms: l1 * mean_n sum_s f ||W_dec[s]||; its W_dec gradient is
-             * parallel to each row and removed below, so only df changes */
+             * parallel to each row and removed below, so only df changes. One pass over [N, d_sae]
+             * gives dpre, the b_enc gradient and the column sums of f for the loss. */
             LP_CHECK(lp_rows_norm(c, r->norms, s->W_dec, S, Do));
-            LP_CHECK(lp_col_sum(c, r->colsum, r->f, N, S, 0.0f));
-            LP_CHECK(lp_ctx_to_host(c, tr->colsum_host, r->colsum, (size_t)S * 4));
             float *nh = tr->mask_host; /* scratch */
             LP_CHECK(lp_ctx_to_host(c, nh, r->norms, (size_t)S * 4));
+            LP_CHECK(lp_sae_scale(c, r->norms, (float)(l1 / N), (size_t)S));
+            LP_CHECK(lp_sae_l1_relu_grad(c, r->df, g->b_enc, r->colsum, r->df, r->pre, r->norms, N, S));
+            LP_CHECK(lp_ctx_to_host(c, tr->colsum_host, r->colsum, (size_t)S * 4));
             double sp = 0;
             for (int i = 0; i < S; i++) sp += (double)tr->colsum_host[i] * nh[i];
             *sparse_loss = l1 * sp / N;
-            LP_CHECK(lp_sae_scale(c, r->norms, (float)(l1 / N), (size_t)S));
-            LP_CHECK(lp_affine(c, r->df, r->df, r->ones, r->norms, N, S));
-            LP_CHECK(lp_sae_relu_grad(c, r->df, r->df, r->pre, (size_t)N * S));
         } else if (cf->arch == LP_SAE_JUMPRELU) {
             *sparse_loss = tr->t->l0_coefficient * l0;
             LP_CHECK(lp_sae_jumprelu_grad(c, r->df, g->threshold, r->df, r->pre, s->threshold, cf->jumprelu_bandwidth,
@@ -200,7 +199,7 @@ static lp_status latent_grads(trainer *tr, double l1, double l0, double *sparse_
             LP_CHECK(lp_sae_jumprelu_grad(c, r->df, r->colsum, r->df, r->pre, r->thr, 1.0f, 0.0f, N, S));
         }
         LP_CHECK(lp_matmul_at(c, g->W_enc, r->xin_used, r->df, N, D, S, 1.0f));
-        LP_CHECK(lp_col_sum(c, g->b_enc, r->df, N, S, 1.0f));
+        if (cf->arch != LP_SAE_STANDARD) LP_CHECK(lp_col_sum(c, g->b_enc, r->df, N, S, 1.0f)); /* standard's is added above */
         if (cf->apply_b_dec_to_input) LP_CHECK(b_dec_through_input(tr));
     }
     return LP_OK;

@@ -30,17 +30,34 @@ void cpu_matmul_at(float *out, const float *a, const float *b, int N, int K, int
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, K, M, N, 1.0f, a, K, b, M, beta, out, M);
 }
 
-void cpu_col_sum(float *out, const float *x, int N, int M, float beta) {
-    // out is (M,); x is (N,M)
-    for (int m0 = 0; m0 < M; m0 += COLS) {
+typedef struct {
+    float *out;
+    const float *x;
+    int N, M;
+    float beta;
+} col_sum_args;
+
+/* Column blocks [b0, b1): each column's sum is the same whichever thread takes its block. */
+static void col_sum_blocks(void *p, size_t b0, size_t b1) {
+    const col_sum_args *a = p;
+    const int N = a->N, M = a->M;
+    for (int m0 = (int)b0 * COLS; m0 < M && m0 < (int)b1 * COLS; m0 += COLS) {
         const int nc = M - m0 < COLS ? M - m0 : COLS;
         double acc[COLS] = {0};
         for (int n = 0; n < N; n++) {
-            const float *xr = x + (size_t)n * M + m0;
+            const float *xr = a->x + (size_t)n * M + m0;
             for (int j = 0; j < nc; j++) acc[j] += xr[j];
         }
-        for (int j = 0; j < nc; j++) out[m0 + j] = (float)((beta != 0.0f ? (double)out[m0 + j] : 0.0) + acc[j]);
+        for (int j = 0; j < nc; j++) a->out[m0 + j] = (float)((a->beta != 0.0f ? (double)a->out[m0 + j] : 0.0) + acc[j]);
     }
+}
+
+void cpu_col_sum(float *out, const float *x, int N, int M, float beta) {
+    // out is (M,); x is (N,M)
+    col_sum_args a = {out, x, N, M, beta};
+    size_t blocks = ((size_t)M + COLS - 1) / COLS;
+    /* a thread per block once a block holds enough rows to pay for the thread's start */
+    cpu_parallel_for(blocks, N >= 256 ? 1 : blocks, col_sum_blocks, &a);
 }
 
 /* ---- selection ----
@@ -420,6 +437,48 @@ static void relu_grad_range(void *p, size_t i0, size_t i1) {
 void cpu_sae_relu_grad(float *dpre, const float *df, const float *pre, size_t n) {
     ew_args a = {dpre, df, pre};
     cpu_parallel_for(n, 1 << 16, relu_grad_range, &a);
+}
+
+typedef struct {
+    float *dpre, *db, *fsum;
+    const float *df, *pre, *w;
+    int N, S;
+} l1_relu_args;
+
+/* Column blocks [b0, b1) of lp_sae_l1_relu_grad: the sums in double, rows in order, as
+ * cpu_col_sum adds them, so db and fsum are what lp_col_sum of dpre and of relu(pre) give. */
+static void l1_relu_grad_blocks(void *p, size_t b0, size_t b1) {
+    const l1_relu_args *a = p;
+    const int N = a->N, S = a->S;
+    for (int s0 = (int)b0 * COLS; s0 < S && s0 < (int)b1 * COLS; s0 += COLS) {
+        const int nc = S - s0 < COLS ? S - s0 : COLS;
+        const float *w = a->w + s0;
+        double dsum[COLS] = {0}, fsum[COLS] = {0};
+        for (int n = 0; n < N; n++) {
+            const size_t r = (size_t)n * S + s0;
+            const float *pr = a->pre + r, *g = a->df + r;
+            float *o = a->dpre + r;
+            for (int j = 0; j < nc; j++) {
+                const float v = g[j] + w[j], pj = pr[j];
+                const float d = pj > 0.0f ? v : 0.0f;
+                o[j] = d;
+                dsum[j] += d;
+                fsum[j] += relu(pj);
+            }
+        }
+        for (int j = 0; j < nc; j++) {
+            a->db[s0 + j] = (float)((double)a->db[s0 + j] + dsum[j]);
+            a->fsum[s0 + j] = (float)fsum[j];
+        }
+    }
+}
+
+void cpu_sae_l1_relu_grad(float *dpre, float *db, float *fsum, const float *df, const float *pre, const float *w, int N,
+                          int S) {
+    // dpre, df, pre are (N,S); db, fsum, w are (S,). dpre may alias df.
+    l1_relu_args a = {dpre, db, fsum, df, pre, w, N, S};
+    size_t blocks = ((size_t)S + COLS - 1) / COLS;
+    cpu_parallel_for(blocks, N >= 256 ? 1 : blocks, l1_relu_grad_blocks, &a);
 }
 
 /* The rectangle kernel K((pre - theta)/eps) of the straight-through estimator, in fp32
