@@ -439,46 +439,67 @@ void cpu_sae_relu_grad(float *dpre, const float *df, const float *pre, size_t n)
     cpu_parallel_for(n, 1 << 16, relu_grad_range, &a);
 }
 
+enum { L1_ROWS = 64 }; /* rows per partial sum of lp_sae_l1_relu_grad */
+
 typedef struct {
     float *dpre, *db, *fsum;
     const float *df, *pre, *w;
+    double *part; /* [chunks][2][S]: each chunk's sums of dpre and of relu(pre) */
     int N, S;
 } l1_relu_args;
 
-/* Column blocks [b0, b1) of lp_sae_l1_relu_grad: the sums in double, rows in order, as
- * cpu_col_sum adds them, so db and fsum are what lp_col_sum of dpre and of relu(pre) give. */
-static void l1_relu_grad_blocks(void *p, size_t b0, size_t b1) {
+/* Chunks [c0, c1) of L1_ROWS rows, each row read front to back (streams; a walk down
+ * narrow column blocks leaves the prefetcher a new page every row). Pieces of COLS
+ * columns go through row buffers on the stack, one select per loop: each loop vectorises
+ * instead of branching on the sign of pre (a coin toss), and dpre may alias df. */
+static void l1_relu_grad_chunks(void *p, size_t c0, size_t c1) {
     const l1_relu_args *a = p;
     const int N = a->N, S = a->S;
-    for (int s0 = (int)b0 * COLS; s0 < S && s0 < (int)b1 * COLS; s0 += COLS) {
-        const int nc = S - s0 < COLS ? S - s0 : COLS;
-        const float *w = a->w + s0;
-        double dsum[COLS] = {0}, fsum[COLS] = {0};
-        for (int n = 0; n < N; n++) {
-            const size_t r = (size_t)n * S + s0;
-            const float *pr = a->pre + r, *g = a->df + r;
-            float *o = a->dpre + r;
-            for (int j = 0; j < nc; j++) {
-                const float v = g[j] + w[j], pj = pr[j];
-                const float d = pj > 0.0f ? v : 0.0f;
-                o[j] = d;
-                dsum[j] += d;
-                fsum[j] += relu(pj);
+    float t[COLS], f[COLS];
+    for (size_t c = c0; c < c1; c++) {
+        double *pd = a->part + c * 2 * S, *pf = pd + S;
+        memset(pd, 0, (size_t)2 * S * sizeof(double));
+        const int n1 = (int)(c + 1) * L1_ROWS < N ? (int)(c + 1) * L1_ROWS : N;
+        for (int n = (int)c * L1_ROWS; n < n1; n++)
+            for (int s0 = 0; s0 < S; s0 += COLS) {
+                const int nc = S - s0 < COLS ? S - s0 : COLS;
+                const size_t r = (size_t)n * S + s0;
+                const float *pr = a->pre + r, *g = a->df + r, *w = a->w + s0;
+                float *o = a->dpre + r;
+                double *qd = pd + s0, *qf = pf + s0;
+                for (int j = 0; j < nc; j++) t[j] = g[j] + w[j];
+                for (int j = 0; j < nc; j++) {
+                    const float v = t[j];
+                    t[j] = pr[j] > 0.0f ? v : 0.0f;
+                }
+                for (int j = 0; j < nc; j++) f[j] = relu(pr[j]);
+                for (int j = 0; j < nc; j++) o[j] = t[j], qd[j] += t[j], qf[j] += f[j];
             }
-        }
-        for (int j = 0; j < nc; j++) {
-            a->db[s0 + j] = (float)((double)a->db[s0 + j] + dsum[j]);
-            a->fsum[s0 + j] = (float)fsum[j];
-        }
     }
 }
 
-void cpu_sae_l1_relu_grad(float *dpre, float *db, float *fsum, const float *df, const float *pre, const float *w, int N,
-                          int S) {
+/* Columns [s0, s1): the chunks' sums in chunk order, whatever the number of threads. */
+static void l1_relu_grad_sums(void *p, size_t s0, size_t s1) {
+    const l1_relu_args *a = p;
+    const size_t S = (size_t)a->S, chunks = ((size_t)a->N + L1_ROWS - 1) / L1_ROWS;
+    for (size_t s = s0; s < s1; s++) {
+        double d = 0, f = 0;
+        for (size_t c = 0; c < chunks; c++) d += a->part[c * 2 * S + s], f += a->part[c * 2 * S + S + s];
+        a->db[s] = (float)((double)a->db[s] + d);
+        a->fsum[s] = (float)f;
+    }
+}
+
+lp_status cpu_sae_l1_relu_grad(float *dpre, float *db, float *fsum, const float *df, const float *pre, const float *w,
+                               int N, int S) {
     // dpre, df, pre are (N,S); db, fsum, w are (S,). dpre may alias df.
-    l1_relu_args a = {dpre, db, fsum, df, pre, w, N, S};
-    size_t blocks = ((size_t)S + COLS - 1) / COLS;
-    cpu_parallel_for(blocks, N >= 256 ? 1 : blocks, l1_relu_grad_blocks, &a);
+    const size_t chunks = ((size_t)N + L1_ROWS - 1) / L1_ROWS;
+    l1_relu_args a = {dpre, db, fsum, df, pre, w, malloc(chunks * 2 * (size_t)S * sizeof(double)), N, S};
+    if (!a.part) LP_FAIL(LP_ERR_OOM, "sae_l1_relu_grad: out of memory for %zu partial sums", chunks * 2 * (size_t)S);
+    cpu_parallel_for(chunks, 1, l1_relu_grad_chunks, &a);
+    cpu_parallel_for((size_t)S, 1024, l1_relu_grad_sums, &a);
+    free(a.part);
+    return LP_OK;
 }
 
 /* The rectangle kernel K((pre - theta)/eps) of the straight-through estimator, in fp32
