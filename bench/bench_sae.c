@@ -98,10 +98,11 @@ static double gemm_rate(lp_device dev, lp_dtype dt, int n, int reps) {
 }
 
 /* Dense FLOPs per training token: the encoder GEMM forward and its weight gradient
- * (sparse for topk), the decoder forward and backward (dense for standard). */
+ * (sparse for topk), the decoder forward and its two gradients (dense for standard: five
+ * GEMMs of 2 D S each; no input gradient, as b_dec's goes through d b_enc). */
 static double train_flops(lp_sae_arch a, double D, double S, double K) {
     if (a == LP_SAE_TOPK) return 2 * D * S + 3 * 2 * K * D + 2 * K * D;
-    return 12 * D * S;
+    return 10 * D * S;
 }
 
 static void train_cfg(lp_sae_train_cfg *t, const char *store, const char *out, lp_sae_arch a, int S, int batch, int steps) {

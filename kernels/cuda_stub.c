@@ -199,6 +199,11 @@ lp_status cuda_sae_relu_grad(lp_ctx *c, float *dpre, const float *df, const floa
     (void)c; (void)dpre; (void)df; (void)pre; (void)n;
     return NO_CUDA();
 }
+lp_status cuda_sae_l1_relu_grad(lp_ctx *c, float *dpre, float *db, float *fsum, const float *df, const float *pre,
+                                const float *w, int N, int S) {
+    (void)c; (void)dpre; (void)db; (void)fsum; (void)df; (void)pre; (void)w; (void)N; (void)S;
+    return NO_CUDA();
+}
 lp_status cuda_sae_jumprelu_grad(lp_ctx *c, float *dpre, float *dtheta, const float *df,
                                     const float *pre, const float *theta, float eps, float l0_coef,
                                     int N, int S) {

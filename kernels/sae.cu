@@ -324,6 +324,56 @@ lp_status cuda_sae_jumprelu(lp_ctx *c, float *f, const float *pre, const float *
     return LP_OK;
 }
 
+// lp_sae_l1_relu_grad: dpre = pre > 0 ? df + w : 0 with its column sums and those of
+// relu(pre), laid out as col_sum_kernel (32 columns a block, coalesced rows, fp32 sums).
+// With several row slices db gets each slice's sum by atomicAdd and fsum (zeroed first)
+// likewise.
+__global__ void l1_relu_grad_kernel(float *dpre, float *db, float *fsum, const float *df, const float *pre,
+                                    const float *w, int N, int S, int rows_per, int atomic) {
+    LP_SHARED(float, sh_d, [kColRows][33]);
+    LP_SHARED(float, sh_f, [kColRows][33]);
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    const int r0 = blockIdx.y * rows_per, r1 = min(N, r0 + rows_per);
+    float ad = 0.0f, af = 0.0f;
+    if (col < S) {
+        const float ws = w[col];
+        for (int r = r0 + threadIdx.y; r < r1; r += kColRows) {
+            const size_t i = (size_t)r * S + col;
+            const float p = pre[i], d = p > 0.0f ? __fadd_rn(df[i], ws) : 0.0f;
+            dpre[i] = d;
+            ad += d;
+            af += relu_f(p);
+        }
+    }
+    sh_d[threadIdx.y][threadIdx.x] = ad;
+    sh_f[threadIdx.y][threadIdx.x] = af;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < S) {
+        float a = 0.0f, b = 0.0f;
+#pragma unroll
+        for (int y = 0; y < kColRows; y++) { a += sh_d[y][threadIdx.x]; b += sh_f[y][threadIdx.x]; }
+        if (atomic) { atomicAdd(&db[col], a); atomicAdd(&fsum[col], b); }
+        else { db[col] += a; fsum[col] = b; }
+    }
+}
+
+lp_status cuda_sae_l1_relu_grad(lp_ctx *c, float *dpre, float *db, float *fsum, const float *df, const float *pre,
+                                const float *w, int N, int S) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_l1_relu_grad");
+    LP_CUDA_REQUIRE(N > 0 && S > 0 && dpre && db && fsum && df && pre && w, "cuda_sae_l1_relu_grad: bad arguments (N=%d S=%d)",
+                    N, S);
+    const int tiles = (S + 31) / 32;
+    int slices, rows_per;
+    lp_status st = col_split(c, N, tiles, &slices, &rows_per);
+    if (st != LP_OK) return st;
+    const int atomic = slices > 1;
+    if (atomic) LP_CUDA_CHECK(cudaMemsetAsync(fsum, 0, (size_t)S * sizeof(float), cuda_stream_of(c)));
+    LP_LAUNCH(dim3(tiles, slices), dim3(32, kColRows), 0, cuda_stream_of(c), l1_relu_grad_kernel)(
+        dpre, db, fsum, df, pre, w, N, S, rows_per, atomic);
+    LP_LAUNCH_CHECK("l1_relu_grad_kernel");
+    return LP_OK;
+}
+
 // dpre = df * (pre > theta), and per column the straight-through sums K * df and K,
 // K = |(pre - theta) / eps| < 1/2 in fp32 exactly as host/cpu/sae.c evaluates it; the
 // block's contribution -(theta/eps) sum K df - (l0/eps) sum K is added to dtheta.

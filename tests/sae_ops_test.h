@@ -17,7 +17,8 @@ static const struct { const char *op; double nmse; } BUDGET[] = {
     {"matmul_at", 1e-10},   {"col_sum", 1e-13},        {"topk idx", 0},          {"topk val", 0},
     {"kth_largest", 0},     {"decode_sparse", 1e-12},  {"decode dval", 1e-13},   {"decode dW", 1e-12},
     {"encode dW_enc", 1e-12}, {"encode db_enc", 1e-12}, {"encode dx", 1e-12}, {"scale", 1e-13}, {"relu", 0},             {"jumprelu", 0},
-    {"relu_grad", 0},       {"jumprelu dpre", 0},      {"jumprelu dtheta", 1e-12}, {"adam", 1e-12},
+    {"relu_grad", 0},       {"l1_relu_grad dpre", 1e-13}, {"l1_relu_grad db", 1e-13}, {"l1_relu_grad fsum", 1e-13},
+    {"jumprelu dpre", 0},      {"jumprelu dtheta", 1e-12}, {"adam", 1e-12},
     {"rows_unit_norm", 1e-13}, {"rows_remove_parallel", 1e-12}, {"rows_norm", 1e-13},
     /* recon_sums: max relative error of each of the four sums; both sides sum up to ~1e5
      * terms in double, whose worst-case relative error is n * 2^-53 ~ 1e-11 */

@@ -22,7 +22,7 @@
  * double on both sides: max relative error ~1e-15, budget 1e-10. */
 enum {
     OP_MATMUL_AT, OP_COL_SUM, OP_TOPK, OP_KTH, OP_DECODE, OP_DECODE_DVAL, OP_DECODE_DW, OP_ENCODE_DW,
-    OP_ENCODE_DB, OP_ENCODE_DX, OP_ELEMENTWISE, OP_JUMPRELU_DTHETA, OP_ADAM, OP_ROWS, OP_RECON, OP_FIRE, OP_COUNT
+    OP_ENCODE_DB, OP_ENCODE_DX, OP_ELEMENTWISE, OP_L1_SUMS, OP_JUMPRELU_DTHETA, OP_ADAM, OP_ROWS, OP_RECON, OP_FIRE, OP_COUNT
 };
 static const struct { const char *op; double nmse; } BUDGET[OP_COUNT] = {
     [OP_MATMUL_AT] = {"matmul_at", 1e-9},
@@ -36,6 +36,7 @@ static const struct { const char *op; double nmse; } BUDGET[OP_COUNT] = {
     [OP_ENCODE_DB] = {"encode_sparse_grad db_enc", 1e-10},
     [OP_ENCODE_DX] = {"encode_sparse_input_grad", 1e-11},
     [OP_ELEMENTWISE] = {"scale/relu/jumprelu/dpre", 0},
+    [OP_L1_SUMS] = {"l1_relu_grad db/fsum", 1e-10},
     [OP_JUMPRELU_DTHETA] = {"jumprelu_grad dtheta", 1e-9},
     [OP_ADAM] = {"adam", 0},
     [OP_ROWS] = {"rows", 1e-11},
@@ -378,6 +379,40 @@ Test(sae_ops_cuda, scale_relu_jumprelu_and_their_masks) {
                 }
                 gpu_done(&g, label);
                 free(pre), free(theta), free(df), free(ref);
+            }
+}
+
+/* dpre is one fp32 add under a mask: exact; its column sums and those of relu(pre) as
+ * col_sum's (split over row slices, by atomics, at d_in-like widths). */
+Test(sae_ops_cuda, l1_relu_grad) {
+    LP_TEST_REQUIRE_GPU();
+    static const int shapes[][2] = {{1, 1}, {31, 33}, {1000, 31}, {EMU_CAP(4096, 1024), 768}, {EMU_CAP(512, 64), 24576}};
+    for (int di = 0; di < 2; di++)
+        for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++)
+            for (int in_place = 0; in_place < 2; in_place++) {
+                const int N = shapes[si][0], S = shapes[si][1];
+                const size_t n = (size_t)N * S;
+                const uint64_t seed = 850 + si;
+                float *pre = rand_ties(n, seed, -2, 2, 0.125f), *w = lp_test_rand(S, seed + 1, 0, 0.01f);
+                float *df = lp_test_rand(n, seed + 2, -1, 1), *db = lp_test_rand(S, seed + 3, -1, 1);
+                float *ref = xmalloc(n * 4), *rdb = dup(db, (size_t)S * 4), *rf = xmalloc((size_t)S * 4);
+                OK(lp_sae_l1_relu_grad(cpu(), ref, rdb, rf, df, pre, w, N, S));
+                gpu g;
+                gpu_init(&g, DTYPES[di]);
+                float *dpre_in = gpu_put(&g, pre, n * 4), *ddf = gpu_put(&g, df, n * 4), *dw = gpu_put(&g, w, (size_t)S * 4);
+                float *ddb = gpu_put(&g, db, (size_t)S * 4), *dfs = gpu_alloc(&g, (size_t)S * 4);
+                float *out = in_place ? ddf : gpu_alloc(&g, n * 4);
+                OK(lp_sae_l1_relu_grad(&g.c, out, ddb, dfs, ddf, dpre_in, dw, N, S));
+                float *got = gpu_get(&g, out, n * 4), *gdb = gpu_get(&g, ddb, (size_t)S * 4), *gf = gpu_get(&g, dfs, (size_t)S * 4);
+                char label[64];
+                snprintf(label, sizeof label, "dpre N=%d S=%d%s", N, S, in_place ? " in place" : "");
+                expect_close(OP_ELEMENTWISE, DTYPES[di], label, seed, got, ref, n);
+                snprintf(label, sizeof label, "db N=%d S=%d%s", N, S, in_place ? " in place" : "");
+                expect_close(OP_L1_SUMS, DTYPES[di], label, seed, gdb, rdb, S);
+                snprintf(label, sizeof label, "fsum N=%d S=%d%s", N, S, in_place ? " in place" : "");
+                expect_close(OP_L1_SUMS, DTYPES[di], label, seed, gf, rf, S);
+                gpu_done(&g, label);
+                free(pre), free(w), free(df), free(db), free(ref), free(rdb), free(rf), free(got), free(gdb), free(gf);
             }
 }
 

@@ -44,6 +44,38 @@ Test(sae_ops, scale_relu_and_jumprelu) {
         }
 }
 
+/* The standard SAE's fused backward: against the same three things in double. The shapes
+ * add one wide enough to split its column blocks over threads. */
+Test(sae_ops, l1_relu_grad_against_the_formula) {
+    static const int shapes[][2] = {{1, 1}, {31, 33}, {33, 1000}, {1000, 31}, {300, 1100}};
+    for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++)
+        for (int in_place = 0; in_place < 2; in_place++) {
+            const int N = shapes[si][0], S = shapes[si][1];
+            const size_t n = (size_t)N * S;
+            const uint64_t seed = 2050 + si * 2 + in_place;
+            float *pre = rand_ties(n, seed, -2, 2, 0.125f), *w = lp_test_rand(S, seed + 1, 0, 0.01f);
+            float *df = lp_test_rand(n, seed + 2, -1, 1), *db = lp_test_rand(S, seed + 3, -1, 1);
+            float *dpre = xmalloc(n * 4), *fsum = xmalloc((size_t)S * 4);
+            double *rdpre = dalloc(n), *rdb = dalloc(S), *rf = dalloc(S);
+            for (int s = 0; s < S; s++) rdb[s] = db[s], rf[s] = 0, fsum[s] = NAN; /* fsum is written, not added to */
+            for (int r = 0; r < N; r++)
+                for (int s = 0; s < S; s++) {
+                    const size_t i = (size_t)r * S + s;
+                    rdpre[i] = pre[i] > 0 ? (double)df[i] + w[s] : 0;
+                    rdb[s] += (float)rdpre[i]; /* the sum of dpre as written, in fp32 */
+                    rf[s] += pre[i] > 0 ? pre[i] : 0;
+                }
+            if (in_place) memcpy(dpre, df, n * 4);
+            OK(lp_sae_l1_relu_grad(&cpu, dpre, db, fsum, in_place ? dpre : df, pre, w, N, S));
+            char label[64];
+            snprintf(label, sizeof label, "N=%d S=%d%s", N, S, in_place ? " in place" : "");
+            check("l1_relu_grad dpre", label, seed, dpre, rdpre, n);
+            check("l1_relu_grad db", label, seed, db, rdb, S);
+            check("l1_relu_grad fsum", label, seed, fsum, rf, S);
+            free(pre), free(w), free(df), free(db), free(dpre), free(fsum), free(rdpre), free(rdb), free(rf);
+        }
+}
+
 Test(sae_ops, jumprelu_grad_against_the_formula) {
     for (size_t si = 0; si < sizeof ACT_SHAPES / sizeof *ACT_SHAPES; si++)
         for (int in_place = 0; in_place < 2; in_place++) {

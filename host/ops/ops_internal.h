@@ -142,6 +142,8 @@ void cpu_sae_encode_sparse_grad(float *dW_enc, float *db_enc, const float *x, co
 void cpu_sae_relu(float *f, const float *pre, size_t n);
 void cpu_sae_jumprelu(float *f, const float *pre, const float *theta, int N, int S);
 void cpu_sae_relu_grad(float *dpre, const float *df, const float *pre, size_t n);
+lp_status cpu_sae_l1_relu_grad(float *dpre, float *db, float *fsum, const float *df, const float *pre, const float *w,
+                               int N, int S);
 void cpu_sae_jumprelu_grad(float *dpre, float *dtheta, const float *df, const float *pre,
                               const float *theta, float eps, float l0_coef, int N, int S);
 void cpu_adam_step(float *p, const float *g, float *m, float *v, size_t n, float lr, float b1,
@@ -169,6 +171,8 @@ lp_status cuda_sae_encode_sparse_grad(lp_ctx *c, float *dW_enc, float *db_enc, c
 lp_status cuda_sae_relu(lp_ctx *c, float *f, const float *pre, size_t n);
 lp_status cuda_sae_jumprelu(lp_ctx *c, float *f, const float *pre, const float *theta, int N, int S);
 lp_status cuda_sae_relu_grad(lp_ctx *c, float *dpre, const float *df, const float *pre, size_t n);
+lp_status cuda_sae_l1_relu_grad(lp_ctx *c, float *dpre, float *db, float *fsum, const float *df, const float *pre,
+                                const float *w, int N, int S);
 lp_status cuda_sae_jumprelu_grad(lp_ctx *c, float *dpre, float *dtheta, const float *df,
                                     const float *pre, const float *theta, float eps, float l0_coef,
                                     int N, int S);

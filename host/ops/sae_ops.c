@@ -196,6 +196,14 @@ lp_status lp_sae_relu_grad(lp_ctx *c, float *dpre, const float *df, const float 
     return cuda_sae_relu_grad(c, dpre, df, pre, n);
 }
 
+lp_status lp_sae_l1_relu_grad(lp_ctx *c, float *dpre, float *db, float *fsum, const float *df, const float *pre,
+                              const float *w, int N, int S) {
+    NEED(c && N >= 0 && S > 0 && dpre && db && fsum && df && pre && w, "sae_l1_relu_grad: bad arguments (N=%d S=%d)", N, S);
+    if (N == 0) return lp_ctx_memset0(c, fsum, (size_t)S * sizeof(float));
+    if (CPU(c)) return cpu_sae_l1_relu_grad(dpre, db, fsum, df, pre, w, N, S);
+    return cuda_sae_l1_relu_grad(c, dpre, db, fsum, df, pre, w, N, S);
+}
+
 lp_status lp_sae_jumprelu_grad(lp_ctx *c, float *dpre, float *dtheta, const float *df, const float *pre,
                                const float *theta, float eps, float l0_coef, int N, int S) {
     NEED(c && N >= 0 && S > 0 && dpre && dtheta && df && pre && theta,

@@ -178,13 +178,14 @@ static lp_status latent_grads(trainer *tr, double l1) {
         LP_CHECK(lp_matmul(c, r->df, r->dxhat, s->W_dec, NULL, N, Do, S, 1));
         if (cf->arch == LP_SAE_STANDARD) {
             /* L1 weighted by decoder norms: l1 * mean_n sum_s f ||W_dec[s]||; its W_dec gradient is
-             * parallel to each row and removed below, so only df changes */
+             * parallel to each row and removed below, so only df changes. One pass over [N, d_sae]
+             * gives dpre, the b_enc gradient and the column sums of f for the loss. */
             LP_CHECK(lp_rows_norm(c, r->norms, s->W_dec, S, Do));
-            LP_CHECK(lp_col_sum(c, r->colsum, r->f, N, S, 0.0f));
+            /* r->thr (batchtopk's alone) holds the norms scaled by l1 / N: the loss wants them unscaled */
+            LP_CHECK(lp_ctx_copy(c, r->thr, r->norms, (size_t)S * 4));
+            LP_CHECK(lp_sae_scale(c, r->thr, (float)(l1 / N), (size_t)S));
+            LP_CHECK(lp_sae_l1_relu_grad(c, r->df, g->b_enc, r->colsum, r->df, r->pre, r->thr, N, S));
             LP_CHECK(lp_sae_l1_term(c, tr->trk, r->colsum, r->norms, S)); /* the loss: l1 * that / N */
-            LP_CHECK(lp_sae_scale(c, r->norms, (float)(l1 / N), (size_t)S));
-            LP_CHECK(lp_affine(c, r->df, r->df, r->ones, r->norms, N, S));
-            LP_CHECK(lp_sae_relu_grad(c, r->df, r->df, r->pre, (size_t)N * S));
         } else if (cf->arch == LP_SAE_JUMPRELU) { /* the loss: l0_coefficient * L0 */
             LP_CHECK(lp_sae_jumprelu_grad(c, r->df, g->threshold, r->df, r->pre, s->threshold, cf->jumprelu_bandwidth,
                                           (float)(tr->t->l0_coefficient / N), N, S));
@@ -194,7 +195,7 @@ static lp_status latent_grads(trainer *tr, double l1) {
             LP_CHECK(lp_sae_jumprelu_grad(c, r->df, r->colsum, r->df, r->pre, r->thr, 1.0f, 0.0f, N, S));
         }
         LP_CHECK(lp_matmul_at(c, g->W_enc, r->xin_used, r->df, N, D, S, 1.0f));
-        LP_CHECK(lp_col_sum(c, g->b_enc, r->df, N, S, 1.0f));
+        if (cf->arch != LP_SAE_STANDARD) LP_CHECK(lp_col_sum(c, g->b_enc, r->df, N, S, 1.0f)); /* standard's is added above */
         if (cf->apply_b_dec_to_input) LP_CHECK(b_dec_through_input(tr));
     }
     return LP_OK;

@@ -94,6 +94,13 @@ lp_status lp_sae_jumprelu(lp_ctx *c, float *f, const float *pre, const float *th
 lp_status lp_sae_relu_grad(lp_ctx *c, float *dpre, const float *df, const float *pre, size_t n);
 lp_status lp_sae_jumprelu_grad(lp_ctx *c, float *dpre, float *dtheta, const float *df, const float *pre,
                                const float *theta, float eps, float l0_coef, int N, int S);
+/* The standard SAE's backward through its ReLU and its L1 penalty weighted per latent by
+ * w [S] (l1 / N times the decoder row norm), in one pass over df, pre [N,S]:
+ *   dpre[n,s] = pre[n,s] > 0 ? df[n,s] + w[s] : 0     (dpre may alias df)
+ *   db[s]    += sum_n dpre[n,s]                          (the b_enc gradient)
+ *   fsum[s]   = sum_n max(pre[n,s], 0)                   (the penalty's column sums) */
+lp_status lp_sae_l1_relu_grad(lp_ctx *c, float *dpre, float *db, float *fsum, const float *df, const float *pre,
+                              const float *w, int N, int S);
 
 /* Adam (Kingma & Ba), fused, bias-corrected at step t >= 1:
  *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;

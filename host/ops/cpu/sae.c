@@ -30,17 +30,34 @@ void cpu_matmul_at(float *out, const float *a, const float *b, int N, int K, int
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, K, M, N, 1.0f, a, K, b, M, beta, out, M);
 }
 
-void cpu_col_sum(float *out, const float *x, int N, int M, float beta) {
-    // out is (M,); x is (N,M)
-    for (int m0 = 0; m0 < M; m0 += COLS) {
+typedef struct {
+    float *out;
+    const float *x;
+    int N, M;
+    float beta;
+} col_sum_args;
+
+/* Column blocks [b0, b1): each column's sum is the same whichever thread takes its block. */
+static void col_sum_blocks(void *p, size_t b0, size_t b1) {
+    const col_sum_args *a = p;
+    const int N = a->N, M = a->M;
+    for (int m0 = (int)b0 * COLS; m0 < M && m0 < (int)b1 * COLS; m0 += COLS) {
         const int nc = M - m0 < COLS ? M - m0 : COLS;
         double acc[COLS] = {0};
         for (int n = 0; n < N; n++) {
-            const float *xr = x + (size_t)n * M + m0;
+            const float *xr = a->x + (size_t)n * M + m0;
             for (int j = 0; j < nc; j++) acc[j] += xr[j];
         }
-        for (int j = 0; j < nc; j++) out[m0 + j] = (float)((beta != 0.0f ? (double)out[m0 + j] : 0.0) + acc[j]);
+        for (int j = 0; j < nc; j++) a->out[m0 + j] = (float)((a->beta != 0.0f ? (double)a->out[m0 + j] : 0.0) + acc[j]);
     }
+}
+
+void cpu_col_sum(float *out, const float *x, int N, int M, float beta) {
+    // out is (M,); x is (N,M)
+    col_sum_args a = {out, x, N, M, beta};
+    size_t blocks = ((size_t)M + COLS - 1) / COLS;
+    /* a thread per block once a block holds enough rows to pay for the thread's start */
+    cpu_parallel_for(blocks, N >= 256 ? 1 : blocks, col_sum_blocks, &a);
 }
 
 /* ---- selection ----
@@ -382,8 +399,20 @@ void cpu_sae_scale(float *x, float alpha, size_t n) {
     for (size_t i = 0; i < n; i++) x[i] *= alpha;
 }
 
+typedef struct {
+    float *out;
+    const float *a, *b;
+} ew_args;
+
+static void relu_range(void *p, size_t i0, size_t i1) {
+    const ew_args *a = p;
+    for (size_t i = i0; i < i1; i++) a->out[i] = relu(a->a[i]);
+}
+
+/* Element-wise over [N, d_sae] between two GEMMs: split over the BLAS threads. */
 void cpu_sae_relu(float *f, const float *pre, size_t n) {
-    for (size_t i = 0; i < n; i++) f[i] = relu(pre[i]);
+    ew_args a = {f, pre, NULL};
+    cpu_parallel_for(n, 1 << 16, relu_range, &a);
 }
 
 void cpu_sae_jumprelu(float *f, const float *pre, const float *theta, int N, int S) {
@@ -395,8 +424,82 @@ void cpu_sae_jumprelu(float *f, const float *pre, const float *theta, int N, int
         }
 }
 
+/* df is read unconditionally so that the select vectorises: a branch on the sign of pre
+ * mispredicts at every density between the extremes. */
+static void relu_grad_range(void *p, size_t i0, size_t i1) {
+    const ew_args *a = p;
+    for (size_t i = i0; i < i1; i++) {
+        const float g = a->a[i];
+        a->out[i] = a->b[i] > 0.0f ? g : 0.0f;
+    }
+}
+
 void cpu_sae_relu_grad(float *dpre, const float *df, const float *pre, size_t n) {
-    for (size_t i = 0; i < n; i++) dpre[i] = pre[i] > 0.0f ? df[i] : 0.0f;
+    ew_args a = {dpre, df, pre};
+    cpu_parallel_for(n, 1 << 16, relu_grad_range, &a);
+}
+
+enum { L1_ROWS = 64 }; /* rows per partial sum of lp_sae_l1_relu_grad */
+
+typedef struct {
+    float *dpre, *db, *fsum;
+    const float *df, *pre, *w;
+    double *part; /* [chunks][2][S]: each chunk's sums of dpre and of relu(pre) */
+    int N, S;
+} l1_relu_args;
+
+/* Chunks [c0, c1) of L1_ROWS rows, each row read front to back (streams; a walk down
+ * narrow column blocks leaves the prefetcher a new page every row). Pieces of COLS
+ * columns go through row buffers on the stack, one select per loop: each loop vectorises
+ * instead of branching on the sign of pre (a coin toss), and dpre may alias df. */
+static void l1_relu_grad_chunks(void *p, size_t c0, size_t c1) {
+    const l1_relu_args *a = p;
+    const int N = a->N, S = a->S;
+    float t[COLS], f[COLS];
+    for (size_t c = c0; c < c1; c++) {
+        double *pd = a->part + c * 2 * S, *pf = pd + S;
+        memset(pd, 0, (size_t)2 * S * sizeof(double));
+        const int n1 = (int)(c + 1) * L1_ROWS < N ? (int)(c + 1) * L1_ROWS : N;
+        for (int n = (int)c * L1_ROWS; n < n1; n++)
+            for (int s0 = 0; s0 < S; s0 += COLS) {
+                const int nc = S - s0 < COLS ? S - s0 : COLS;
+                const size_t r = (size_t)n * S + s0;
+                const float *pr = a->pre + r, *g = a->df + r, *w = a->w + s0;
+                float *o = a->dpre + r;
+                double *qd = pd + s0, *qf = pf + s0;
+                for (int j = 0; j < nc; j++) t[j] = g[j] + w[j];
+                for (int j = 0; j < nc; j++) {
+                    const float v = t[j];
+                    t[j] = pr[j] > 0.0f ? v : 0.0f;
+                }
+                for (int j = 0; j < nc; j++) f[j] = relu(pr[j]);
+                for (int j = 0; j < nc; j++) o[j] = t[j], qd[j] += t[j], qf[j] += f[j];
+            }
+    }
+}
+
+/* Columns [s0, s1): the chunks' sums in chunk order, whatever the number of threads. */
+static void l1_relu_grad_sums(void *p, size_t s0, size_t s1) {
+    const l1_relu_args *a = p;
+    const size_t S = (size_t)a->S, chunks = ((size_t)a->N + L1_ROWS - 1) / L1_ROWS;
+    for (size_t s = s0; s < s1; s++) {
+        double d = 0, f = 0;
+        for (size_t c = 0; c < chunks; c++) d += a->part[c * 2 * S + s], f += a->part[c * 2 * S + S + s];
+        a->db[s] = (float)((double)a->db[s] + d);
+        a->fsum[s] = (float)f;
+    }
+}
+
+lp_status cpu_sae_l1_relu_grad(float *dpre, float *db, float *fsum, const float *df, const float *pre, const float *w,
+                               int N, int S) {
+    // dpre, df, pre are (N,S); db, fsum, w are (S,). dpre may alias df.
+    const size_t chunks = ((size_t)N + L1_ROWS - 1) / L1_ROWS;
+    l1_relu_args a = {dpre, db, fsum, df, pre, w, malloc(chunks * 2 * (size_t)S * sizeof(double)), N, S};
+    if (!a.part) LP_FAIL(LP_ERR_OOM, "sae_l1_relu_grad: out of memory for %zu partial sums", chunks * 2 * (size_t)S);
+    cpu_parallel_for(chunks, 1, l1_relu_grad_chunks, &a);
+    cpu_parallel_for((size_t)S, 1024, l1_relu_grad_sums, &a);
+    free(a.part);
+    return LP_OK;
 }
 
 /* The rectangle kernel K((pre - theta)/eps) of the straight-through estimator, in fp32
