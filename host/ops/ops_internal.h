@@ -247,6 +247,20 @@ void cpu_attn_apply_backward(float *dpattern, float *dv, const float *dz, const 
 void cpu_softmax_rows_backward(float *dx, const float *dy, const float *y, size_t rows, int cols);
 void cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, const float *scores, const float *q,
                                  const float *k, int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
+/* A query suffix over all keys (attention_suffix.c; the fused backward in backward.c, of
+ * which cpu_attention_backward is pos0 = 0). Those returning int give 0 when their scratch
+ * cannot be had. */
+int cpu_attention_suffix(float *z, const float *q, const float *k, const float *v, int B, int Tq, int pos0, int H, int Hkv,
+                         int dh, const lp_attn_cfg *cfg);
+void cpu_attn_scores_suffix(float *scores, const float *q, const float *k, int B, int Tq, int pos0, int H, int Hkv, int dh,
+                            const lp_attn_cfg *cfg);
+void cpu_attn_apply_suffix(float *z, const float *pattern, const float *v, int B, int Tq, int pos0, int H, int Hkv, int dh);
+void cpu_attention_backward_suffix(float *dq, float *dk, float *dv, const float *dz, const float *q, const float *k,
+                                   const float *v, int B, int Tq, int pos0, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
+int cpu_attn_apply_backward_suffix(float *dpattern, float *dv, const float *dz, const float *pattern, const float *v, int B,
+                                   int Tq, int pos0, int H, int Hkv, int dh);
+int cpu_attn_scores_backward_suffix(float *dq, float *dk, const float *dscores, const float *scores, const float *q,
+                                    const float *k, int B, int Tq, int pos0, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
 void cpu_xent_backward(float *dlogits, const float *logits, const int32_t *targets, const float *scale, int N,
                           int V);
 

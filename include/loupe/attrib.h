@@ -85,6 +85,14 @@ typedef struct lp_attrib_opts {
     int ig_steps;         /* > 0: integrated gradients with that many steps */
     int ig_batch;         /* steps per forward (their rows side by side); 0: all */
     int patch_batch;      /* exact patching: nodes per forward */
+    /* AtP shares the pairs' common prefix unless this is set: positions before the first
+     * one where some pair's prompts differ have equal activations in both runs (every score
+     * there is exactly 0), so the gradient's run and its backward cover only the positions
+     * from there on, attending over the other run's keys and values for the prefix. The
+     * scores equal the full runs' within float rounding. Taken on one CPU process, for
+     * logit-difference and log-probability metrics read at or after that position, without
+     * integrated gradients; elsewhere (and with this set) both runs cover every position. */
+    int no_prefix_share;
 } lp_attrib_opts;
 
 typedef struct lp_node_scores {
