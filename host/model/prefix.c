@@ -9,13 +9,14 @@
 #include "model/model_internal.h"
 #include "model/score.h"
 
-int score_prefix_possible(const lp_model *m) { return m->ctx.device == LP_CPU && m->par.tp <= 1 && m->kv.pos0 < 0; }
+int score_prefix_possible(const lp_model *m, int three_steps) {
+    return m->par.tp <= 1 && m->kv.pos0 < 0 && (m->ctx.device == LP_CPU || !three_steps);
+}
 
 lp_status score_prefix_keep(lp_model *m, int p0, int B, int T) {
     const lp_config *c = &m->cfg;
     if (p0 <= 0 || p0 >= T || B <= 0) LP_FAIL(LP_ERR_ARG, "prefix sharing: prefix of %d positions of rows of %d", p0, T);
-    if (!score_prefix_possible(m))
-        LP_FAIL(LP_ERR_ARG, "prefix sharing: on one CPU process only, not while generating (the suffix attention's backward is CPU only)");
+    if (!score_prefix_possible(m, 0)) LP_FAIL(LP_ERR_ARG, "prefix sharing: on one process only, not while generating");
     size_t need = (size_t)c->n_layers * 2 * B * T * m->par.Hkv * c->d_head * act_elem_bytes(m);
     if (need > m->pfx.bytes) {
         lp_ctx_release(&m->ctx, m->pfx.mem);

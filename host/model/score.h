@@ -41,9 +41,10 @@ lp_status score_patch(lp_model *m, const char *name, const void *src_dev, size_t
  * attends over the kept prefix, and its scores are the suffix's (a pattern node's values are
  * its [T - p0, T] rows; re-mark it with that `per`). score_end ends the sharing. */
 lp_status score_prefix_keep(lp_model *m, int p0, int B, int T);
-/* Whether this model can share a prefix: one CPU process (the suffix attention's backward
- * exists on the CPU only), not generating. */
-int score_prefix_possible(const lp_model *m);
+/* Whether this model can share a prefix: one process (tensor parallelism does not), not
+ * generating; on the GPU only without the three-step attention (`three_steps`: the pattern or
+ * the scores are scored), whose suffix ops exist on the CPU only. */
+int score_prefix_possible(const lp_model *m, int three_steps);
 lp_status score_prefix_run(lp_model *m);
 /* Unmarks every hook and turns scoring off (the buffers stay for the next marks). */
 void score_end(lp_model *m);

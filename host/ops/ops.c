@@ -223,7 +223,7 @@ lp_status lp_attention_backward_suffix(lp_ctx *c, void *dq, void *dk, void *dv, 
              dk != v && dv != dz && dv != q && dv != k && dv != v,
          "attention_backward_suffix: an output is also an input, or two outputs are one buffer");
     CHECK_CFG("attention_backward_suffix", cfg);
-    SUFFIX_CPU("attention_backward_suffix");
+    if (!CPU(c)) return cuda_attention_backward_suffix(c, dq, dk, dv, dz, q, k, v, B, Tq, pos0, H, Hkv, dh, cfg);
     cpu_attention_backward_suffix(dq, dk, dv, dz, q, k, v, B, Tq, pos0, H, Hkv, dh, cfg);
     return LP_OK;
 }

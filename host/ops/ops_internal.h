@@ -276,6 +276,10 @@ lp_status cuda_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *c
 lp_status cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
                                      const void *k, const void *v, int B, int T, int H, int Hkv, int dh,
                                      const lp_attn_cfg *cfg);
+/* Queries at positions pos0 .. of rows of pos0 + Tq keys (ops.h's suffix ops); dk, dv of the suffix's keys. */
+lp_status cuda_attention_backward_suffix(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
+                                         const void *k, const void *v, int B, int Tq, int pos0, int H, int Hkv, int dh,
+                                         const lp_attn_cfg *cfg);
 lp_status cuda_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
                                       const void *v, int B, int T, int H, int Hkv, int dh);
 lp_status cuda_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows,

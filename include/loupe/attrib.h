@@ -89,9 +89,10 @@ typedef struct lp_attrib_opts {
      * one where some pair's prompts differ have equal activations in both runs (every score
      * there is exactly 0), so the gradient's run and its backward cover only the positions
      * from there on, attending over the other run's keys and values for the prefix. The
-     * scores equal the full runs' within float rounding. Taken on one CPU process, for
-     * logit-difference and log-probability metrics read at or after that position, without
-     * integrated gradients; elsewhere (and with this set) both runs cover every position. */
+     * scores equal the full runs' within float rounding. Taken in one process (on the GPU
+     * only when attn.hook_pattern is not among the kinds), for logit-difference and
+     * log-probability metrics read at or after that position, without integrated gradients;
+     * elsewhere (and with this set) both runs cover every position. */
     int no_prefix_share;
 } lp_attrib_opts;
 

@@ -119,8 +119,8 @@ lp_status lp_attention_cached_cfg(lp_ctx *c, void *z, const void *q, const void 
  * [B,H,Tq,Tk]; masks, window and soft-cap as lp_attn_cfg, in absolute positions. The backward
  * ops write dk and dv [B,Tq,Hkv,dh] of the suffix's keys only (positions pos0 ..): the prefix's
  * keys are constants to the suffix. With pos0 = 0 each is its square op. lp_attention_suffix
- * is lp_attention_cached_cfg with Tcap = Tk (on the GPU that kernel); the rest are CPU only
- * (LP_ERR_ARG on the GPU). */
+ * is lp_attention_cached_cfg with Tcap = Tk on the GPU; lp_attention_backward_suffix runs on
+ * both; the three-step ones are CPU only (LP_ERR_ARG on the GPU). */
 lp_status lp_attention_suffix(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B, int Tq, int pos0,
                               int H, int Hkv, int dh, const lp_attn_cfg *cfg);
 lp_status lp_attn_scores_suffix(lp_ctx *c, void *scores, const void *q, const void *k, int B, int Tq, int pos0, int H,
