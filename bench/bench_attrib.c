@@ -6,9 +6,9 @@
  * Before timing, the metric the attribution run reports must equal a plain forward's (the
  * gradients themselves are checked against torch and finite differences in the tests).
  * Target: attribution patching <= 3.5 forward-pass equivalents per pair. The pairs differ from
- * position T/2 on (one token changed, as in the TransformerLens peer): the default shares their
- * common prefix (lp_attrib_opts.no_prefix_share; the CPU only), and the figure without it is
- * printed beside it. On the CPU the
+ * position T/2 on (one token changed, as in the TransformerLens peer): the figure is the one
+ * with their common prefix shared (lp_attrib_opts.prefix_share, the CLI's default), and the
+ * figure without it is printed beside it. On the CPU the
  * TransformerLens loop of bench/peers/tl_attrib.py runs right after loupe on the same shape with
  * the same thread count, and the ratio is printed (target >= 2x; --no-peer: not run).
  *   build/bench_attrib [--seq T] [--pairs B] [--no-peer]
@@ -78,7 +78,9 @@ static double section(const char *what, lp_model *m, int B, int T) {
     double met[64];
     lp_hooks_clear(m);
     CHECK(lp_model_metric(m, corr, B, T, &mt, met));
-    CHECK(lp_attrib_atp(m, clean, corr, B, T, &mt, &o, res));
+    lp_attrib_opts os = o;
+    os.prefix_share = 1;
+    CHECK(lp_attrib_atp(m, clean, corr, B, T, &mt, &os, res));
     for (int b = 0; b < B; b++)
         if (!(fabs(res[b].metric_corrupted - met[b]) <= 1e-3 * (1 + fabs(met[b])))) {
             fprintf(stderr, "bench_attrib: validation failed: metric %.6f vs %.6f\n", res[b].metric_corrupted, met[b]);
@@ -95,10 +97,10 @@ static double section(const char *what, lp_model *m, int B, int T) {
     /* with the pairs' common prefix shared (the default: the pairs differ from T/2 on, so the
      * gradient's run and its backward cover half the positions where the model allows it),
      * and with both runs whole */
-    double atp = time_atp(m, clean, corr, B, T, &mt, &o, res, reps);
-    lp_attrib_opts full = o;
-    full.no_prefix_share = 1;
-    double atp_full = time_atp(m, clean, corr, B, T, &mt, &full, res, reps);
+    lp_attrib_opts shared = o;
+    shared.prefix_share = 1;
+    double atp = time_atp(m, clean, corr, B, T, &mt, &shared, res, reps);
+    double atp_full = time_atp(m, clean, corr, B, T, &mt, &o, res, reps);
     /* exact patching: one pair, the residual stream grid */
     lp_attrib_opts ox = {.kinds = 1u << LP_NODE_RESID_PRE, .patch_batch = 32};
     lp_pair_result ex;

@@ -1,5 +1,5 @@
-/* attrib_prefix_test.h: attribution patching with the pairs' common prefix shared (the
- * default, lp_attrib_opts.no_prefix_share = 0) against the full runs (no_prefix_share = 1),
+/* attrib_prefix_test.h: attribution patching with the pairs' common prefix shared
+ * (lp_attrib_opts.prefix_share = 1) against the full runs (prefix_share = 0, the default),
  * (test_attrib_prefix.c on the CPU over every node kind of the grid; test_attrib_prefix_cuda.c
  * on the GPU, without attn.hook_pattern, whose suffix ops are CPU only), on the GPT-2 (learned positions), Llama
  * (rotary, grouped k/v heads), Gemma 2 (sliding windows, attention and final soft-caps,
@@ -91,8 +91,8 @@ static void check_case(lp_model *m, const char *name, const int diff[PB], int po
         ans[b] = (b * 17 + 3) % c->d_vocab, wr[b] = (b * 31 + 8) % c->d_vocab, mpos[b] = pos < 0 ? PT - 1 : pos;
     }
     lp_metric mt = {.kind = kind, .answer = ans, .wrong = wr, .pos = mpos};
-    lp_attrib_opts full_o = {.kinds = kinds, .grad_at_clean = at_clean, .no_prefix_share = 1};
-    lp_attrib_opts sh_o = {.kinds = kinds, .grad_at_clean = at_clean};
+    lp_attrib_opts full_o = {.kinds = kinds, .grad_at_clean = at_clean};
+    lp_attrib_opts sh_o = {.kinds = kinds, .grad_at_clean = at_clean, .prefix_share = 1};
     lp_pair_result full[PB], sh[PB];
     cr_assert_eq(lp_attrib_atp(m, clean, corr, PB, PT, &mt, &full_o, full), LP_OK, "%s", lp_last_error());
     cr_assert_eq(m->res.T, PT, "%s: the full path's last forward covers %d positions", name, m->res.T);

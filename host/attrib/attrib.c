@@ -338,10 +338,10 @@ static int first_difference(const int32_t *clean, const int32_t *corrupted, int 
  * reads every position and a direction metric sums over all of them, and a logit metric
  * read before p0 would need the prefix's logits; the model cannot (score_prefix_possible:
  * tensor parallelism, or the GPU with pattern nodes, whose three-step suffix attention exists
- * on the CPU only); or the caller turned it off. Integrated gradients never share (their runs move the
+ * on the CPU only); or the caller did not ask for it. Integrated gradients never share (their runs move the
  * embeddings of every position). */
 static int can_share(lp_model *m, const lp_metric *mt, const lp_attrib_opts *o, int B, int T, int p0) {
-    if (o->no_prefix_share || p0 <= 0 || p0 >= T || !score_prefix_possible(m, wanted(o, LP_NODE_PATTERN))) return 0;
+    if (!o->prefix_share || p0 <= 0 || p0 >= T || !score_prefix_possible(m, wanted(o, LP_NODE_PATTERN))) return 0;
     if (mt->kind != LP_METRIC_LOGIT_DIFF && mt->kind != LP_METRIC_LOGPROB) return 0;
     for (int b = 0; b < B; b++)
         if ((mt->pos ? mt->pos[b] : T - 1) < p0) return 0;
