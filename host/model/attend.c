@@ -1,7 +1,8 @@
 /* attend.c: the attention block, forward beside backward: the norm, q/k/v, the q/k norms
  * (Gemma 3), the rotary (local or global tables), the attention itself (fused, or in three
- * steps when a hook or gradient wants the scores or the pattern, or against the KV cache
- * while generating; with the scale, soft-cap and sliding window of the config), the output
+ * steps when a hook or gradient wants the scores or the pattern, against the KV cache
+ * while generating, or over a shared prefix's kept keys and values (prefix.c); with the
+ * scale, soft-cap and sliding window of the config), the output
  * projection and the post-norm (Gemma). */
 #include "loupe/dist.h"
 #include "loupe/ops.h"
@@ -33,6 +34,8 @@ static lp_status attend_shared(lp_model *m, const layer_acts *la, int L, int B, 
     int H = m->par.H, Hkv = m->par.Hkv, dh = m->cfg.d_head, p0 = m->pfx.p0, Tk = m->pfx.T;
     size_t row = (size_t)Hkv * dh * act_elem_bytes(m);
     char *kc = pfx_kv(m, L, 0), *vc = pfx_kv(m, L, 1);
+    if (B != m->pfx.B || (m->pfx.keep ? T != Tk : p0 + T != Tk))
+        LP_FAIL(LP_ERR_INTERNAL, "prefix sharing: a forward of %d x %d, the kept prefix is %d of %d x %d", B, T, p0, m->pfx.B, Tk);
     if (m->pfx.keep) {
         LP_CHECK(lp_ctx_copy(c, kc, la->k, (size_t)B * T * row));
         return lp_ctx_copy(c, vc, la->v, (size_t)B * T * row);
