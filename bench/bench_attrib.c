@@ -5,7 +5,10 @@
  *
  * Before timing, the metric the attribution run reports must equal a plain forward's (the
  * gradients themselves are checked against torch and finite differences in the tests).
- * Target: attribution patching <= 3.5 forward-pass equivalents per pair. On the CPU the
+ * Target: attribution patching <= 3.5 forward-pass equivalents per pair. The pairs differ from
+ * position T/2 on (one token changed, as in the TransformerLens peer): the figure is the one
+ * with their common prefix shared (lp_attrib_opts.prefix_share, the CLI's default), and the
+ * figure without it is printed beside it. On the CPU the
  * TransformerLens loop of bench/peers/tl_attrib.py runs right after loupe on the same shape with
  * the same thread count, and the ratio is printed (target >= 2x; --no-peer: not run).
  *   build/bench_attrib [--seq T] [--pairs B] [--no-peer]
@@ -49,6 +52,17 @@ static void fill(int32_t *t, size_t n, int V, uint64_t s) {
     }
 }
 
+/* Seconds per call of attribution patching over reps calls. */
+static double time_atp(lp_model *m, const int32_t *clean, const int32_t *corr, int B, int T, const lp_metric *mt,
+                       const lp_attrib_opts *o, lp_pair_result *res, int reps) {
+    double t0 = now();
+    for (int r = 0; r < reps; r++) {
+        CHECK(lp_attrib_atp(m, clean, corr, B, T, mt, o, res));
+        for (int b = 0; b < B; b++) lp_pair_result_free(&res[b]);
+    }
+    return (now() - t0) / reps;
+}
+
 static double section(const char *what, lp_model *m, int B, int T) {
     const lp_config *c = lp_model_config(m);
     int32_t *clean = malloc((size_t)B * T * 4), *corr = malloc((size_t)B * T * 4), ans[64], wr[64];
@@ -64,7 +78,9 @@ static double section(const char *what, lp_model *m, int B, int T) {
     double met[64];
     lp_hooks_clear(m);
     CHECK(lp_model_metric(m, corr, B, T, &mt, met));
-    CHECK(lp_attrib_atp(m, clean, corr, B, T, &mt, &o, res));
+    lp_attrib_opts os = o;
+    os.prefix_share = 1;
+    CHECK(lp_attrib_atp(m, clean, corr, B, T, &mt, &os, res));
     for (int b = 0; b < B; b++)
         if (!(fabs(res[b].metric_corrupted - met[b]) <= 1e-3 * (1 + fabs(met[b])))) {
             fprintf(stderr, "bench_attrib: validation failed: metric %.6f vs %.6f\n", res[b].metric_corrupted, met[b]);
@@ -78,12 +94,13 @@ static double section(const char *what, lp_model *m, int B, int T) {
     double t0 = now();
     for (int r = 0; r < reps; r++) CHECK(lp_model_metric(m, corr, B, T, &mt, met));
     double fwd = (now() - t0) / reps;
-    t0 = now();
-    for (int r = 0; r < reps; r++) {
-        CHECK(lp_attrib_atp(m, clean, corr, B, T, &mt, &o, res));
-        for (int b = 0; b < B; b++) lp_pair_result_free(&res[b]);
-    }
-    double atp = (now() - t0) / reps;
+    /* with the pairs' common prefix shared (the default: the pairs differ from T/2 on, so the
+     * gradient's run and its backward cover half the positions where the model allows it),
+     * and with both runs whole */
+    lp_attrib_opts shared = o;
+    shared.prefix_share = 1;
+    double atp = time_atp(m, clean, corr, B, T, &mt, &shared, res, reps);
+    double atp_full = time_atp(m, clean, corr, B, T, &mt, &o, res, reps);
     /* exact patching: one pair, the residual stream grid */
     lp_attrib_opts ox = {.kinds = 1u << LP_NODE_RESID_PRE, .patch_batch = 32};
     lp_pair_result ex;
@@ -95,6 +112,8 @@ static double section(const char *what, lp_model *m, int B, int T) {
     printf("%s: %d pairs x %d tokens\n", what, B, T);
     printf("  attribution patching, whole grid: %8.2f pairs/s = %.2f forward-pass equivalents per pair (target <= 3.5)\n", B / atp,
            atp / fwd);
+    printf("    the same, prefix not shared (attrib.prefix_share=false): %8.2f pairs/s = %.2f forward-pass equivalents per pair\n",
+           B / atp_full, atp_full / fwd);
     printf("  exact patching, hook_resid_pre grid: %8.1f nodes/s (%zu nodes of one pair)\n", nodes / exs, nodes);
     free(clean), free(corr), free(res);
     return B / atp;

@@ -14,6 +14,8 @@
 //         result is deterministic, and BF16 needs no fp32 accumulation buffer: the sums
 //         stay in fp32 registers until the one rounded store;
 //      3. dq (a warp per query row, like 1): ds for each key again, dq = sum ds k / sqrt(dh).
+//    With a query suffix (queries at positions pos0 .., all Tk = pos0 + Tq keys given), the
+//    same kernels over the suffix's query rows and the suffix's keys (rows pos0 .. of k, v).
 //    The price of no atomics: the two dot products of each (query, key) pair are formed in
 //    all three kernels (an atomic version forms them twice).
 //    The stats (8 bytes per query row) live in the dq buffer until kernel 3 reads a row's
@@ -76,22 +78,23 @@ __device__ __forceinline__ row_stats stats_get(const unsigned char *base, size_t
 // ---- attention, fused: 1. per query row, lse and D = sum_j p_j (dz . v_j) ----
 template <typename T>
 __global__ void attn_bwd_stats_kernel(unsigned char *stash, size_t stride, const T *dz, const T *q, const T *k,
-                                      const T *v, int B, int T_, int H, int Hkv, int dh, lp_attn_opts o) {
+                                      const T *v, int B, int Tq, int Tk, int pos0, int H, int Hkv, int dh,
+                                      lp_attn_opts o) {
     LP_DYNAMIC_SHARED(float, smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *qs = smem + warp * 2 * dh, *dzs = qs + dh;
-    const long long rows = (long long)B * H * T_;
+    const long long rows = (long long)B * H * Tq;
     const int group = H / Hkv;
     const size_t kv_stride = (size_t)Hkv * dh;
 
     for (long long row = (long long)blockIdx.x * kWarps + warp; row < rows; row += (long long)gridDim.x * kWarps) {
-        const row_idx r = decode_row(row, T_, H, true);
-        const int tq = r.t;
-        const size_t qrow = ((size_t)r.b * T_ + tq) * H + r.h, qoff = qrow * dh;
+        const row_idx r = decode_row(row, Tq, H, true);
+        const int tq = pos0 + r.t; // the query's absolute position
+        const size_t qrow = ((size_t)r.b * Tq + r.t) * H + r.h, qoff = qrow * dh;
         __syncwarp(); // the previous row's readers of qs, dzs are done
         for (int d = lane; d < dh; d += 32) qs[d] = lp_to_f(q[qoff + d]), dzs[d] = lp_to_f(dz[qoff + d]);
         __syncwarp();
-        const size_t kv0 = ((size_t)r.b * T_ * Hkv + r.h / group) * dh;
+        const size_t kv0 = ((size_t)r.b * Tk * Hkv + r.h / group) * dh;
         const T *kb = k + kv0, *vb = v + kv0;
         float m = -INFINITY, l = 0.0f, dacc = 0.0f;
         for (int j0 = attn_first(tq, o.window); j0 <= tq; j0 += 32) {
@@ -119,42 +122,44 @@ __global__ void attn_bwd_stats_kernel(unsigned char *stash, size_t stride, const
 // Lane per query for the dot products, lane per dim for the sums.
 template <typename T, int DPL>
 __global__ void attn_bwd_dkv_kernel(T *dk, T *dv, const unsigned char *stash, size_t stride, const T *dz,
-                                    const T *q, const T *k, const T *v, int B, int T_, int H, int Hkv, int dh,
-                                    lp_attn_opts o) {
+                                    const T *q, const T *k, const T *v, int B, int Tq, int Tk, int pos0, int H,
+                                    int Hkv, int dh, lp_attn_opts o) {
     LP_DYNAMIC_SHARED(float, smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *ks = smem + warp * 2 * dh, *vs = ks + dh;
-    const long long rows = (long long)B * Hkv * T_;
+    const long long rows = (long long)B * Hkv * Tq; // the suffix's keys (all of them when pos0 = 0)
     const int group = H / Hkv;
     const size_t q_stride = (size_t)H * dh; // between consecutive queries of one head
 
     for (long long row = (long long)blockIdx.x * kWarps + warp; row < rows; row += (long long)gridDim.x * kWarps) {
-        const row_idx r = decode_row(row, T_, Hkv, false); // early keys (the most queries) first
-        const int key = r.t, t_end = attn_query_end(key, T_, o.window); // queries key .. t_end-1 see it
-        const size_t kvoff = (((size_t)r.b * T_ + key) * Hkv + r.h) * dh;
+        const row_idx r = decode_row(row, Tq, Hkv, false); // early keys (the most queries) first
+        // absolute positions: queries key .. t_end-1 see the key; query t is row t - pos0
+        const int key = pos0 + r.t, t_end = attn_query_end(key, Tk, o.window);
+        const size_t kvin = (((size_t)r.b * Tk + key) * Hkv + r.h) * dh, kvoff = (((size_t)r.b * Tq + r.t) * Hkv + r.h) * dh;
         __syncwarp();
-        for (int d = lane; d < dh; d += 32) ks[d] = lp_to_f(k[kvoff + d]), vs[d] = lp_to_f(v[kvoff + d]);
+        for (int d = lane; d < dh; d += 32) ks[d] = lp_to_f(k[kvin + d]), vs[d] = lp_to_f(v[kvin + d]);
         __syncwarp();
         float ak[DPL], av[DPL];
 #pragma unroll
         for (int i = 0; i < DPL; i++) ak[i] = av[i] = 0.0f;
         for (int h = r.h * group; h < (r.h + 1) * group; h++) {
-            const size_t q0 = ((size_t)r.b * T_ * H + h) * dh; // query 0 of head h
+            const size_t q0 = ((size_t)r.b * Tq * H + h) * dh; // query row 0 (position pos0) of head h
             for (int t0 = key; t0 < t_end; t0 += 32) {
                 const int t = t0 + lane;
                 float p = 0.0f, ds = 0.0f;
                 if (t < t_end) {
-                    const row_stats st = stats_get(stash, stride, ((size_t)r.b * T_ + t) * H + h);
-                    const float s = attn_score(dot_sg(ks, q + q0 + (size_t)t * q_stride, dh), o);
+                    const row_stats st = stats_get(stash, stride, ((size_t)r.b * Tq + t - pos0) * H + h);
+                    const float s = attn_score(dot_sg(ks, q + q0 + (size_t)(t - pos0) * q_stride, dh), o);
                     p = expf(s - st.lse);
-                    ds = p * (dot_sg(vs, dz + q0 + (size_t)t * q_stride, dh) - st.dsum);
+                    ds = p * (dot_sg(vs, dz + q0 + (size_t)(t - pos0) * q_stride, dh) - st.dsum);
                     if (o.cap > 0.0f) ds *= 1.0f - (s / o.cap) * (s / o.cap);
                 }
                 const int cnt = min(32, t_end - t0); // the same in every lane
 #pragma unroll 4
                 for (int jj = 0; jj < cnt; jj++) {
                     const float pj = __shfl_sync(LP_FULL_MASK, p, jj), dsj = __shfl_sync(LP_FULL_MASK, ds, jj);
-                    const T *qr = q + q0 + (size_t)(t0 + jj) * q_stride, *dzr = dz + q0 + (size_t)(t0 + jj) * q_stride;
+                    const size_t at = q0 + (size_t)(t0 + jj - pos0) * q_stride;
+                    const T *qr = q + at, *dzr = dz + at;
 #pragma unroll
                     for (int i = 0; i < DPL; i++) {
                         const int d = lane + 32 * i;
@@ -178,23 +183,24 @@ __global__ void attn_bwd_dkv_kernel(T *dk, T *dv, const unsigned char *stash, si
 // The row's stats are read (from dq's own row when dq is the stash) before any lane writes dq.
 template <typename T, int DPL>
 __global__ void attn_bwd_dq_kernel(T *dq, const unsigned char *stash, size_t stride, const T *dz, const T *q,
-                                   const T *k, const T *v, int B, int T_, int H, int Hkv, int dh, lp_attn_opts o) {
+                                   const T *k, const T *v, int B, int Tq, int Tk, int pos0, int H, int Hkv, int dh,
+                                   lp_attn_opts o) {
     LP_DYNAMIC_SHARED(float, smem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float *qs = smem + warp * 2 * dh, *dzs = qs + dh;
-    const long long rows = (long long)B * H * T_;
+    const long long rows = (long long)B * H * Tq;
     const int group = H / Hkv;
     const size_t kv_stride = (size_t)Hkv * dh;
 
     for (long long row = (long long)blockIdx.x * kWarps + warp; row < rows; row += (long long)gridDim.x * kWarps) {
-        const row_idx r = decode_row(row, T_, H, true);
-        const int tq = r.t;
-        const size_t qrow = ((size_t)r.b * T_ + tq) * H + r.h, qoff = qrow * dh;
+        const row_idx r = decode_row(row, Tq, H, true);
+        const int tq = pos0 + r.t; // the query's absolute position
+        const size_t qrow = ((size_t)r.b * Tq + r.t) * H + r.h, qoff = qrow * dh;
         const row_stats st = stats_get(stash, stride, qrow);
         __syncwarp(); // every lane holds the stats; the previous row's readers of qs, dzs are done
         for (int d = lane; d < dh; d += 32) qs[d] = lp_to_f(q[qoff + d]), dzs[d] = lp_to_f(dz[qoff + d]);
         __syncwarp();
-        const size_t kv0 = ((size_t)r.b * T_ * Hkv + r.h / group) * dh;
+        const size_t kv0 = ((size_t)r.b * Tk * Hkv + r.h / group) * dh;
         const T *kb = k + kv0, *vb = v + kv0;
         float acc[DPL];
 #pragma unroll
@@ -394,21 +400,25 @@ __global__ void attn_scores_bwd_dk_kernel(T *dk, const T *dscores, const T *scor
 // ---- launchers ----
 
 // The three kernels of the fused attention backward, on one stash of per-row stats.
+// Queries at positions pos0 .. pos0+Tq-1 of rows of Tk = pos0 + Tq keys (pos0 = 0: the square op).
 template <typename T, int DPL>
 static lp_status attention_backward_launch(lp_ctx *c, void *dq, void *dk, void *dv, unsigned char *stash,
                                            size_t stride, const void *dz, const void *q, const void *k,
-                                           const void *v, int B, int T_, int H, int Hkv, int dh, lp_attn_opts o) {
+                                           const void *v, int B, int Tq, int pos0, int H, int Hkv, int dh,
+                                           lp_attn_opts o) {
     const size_t smem = (size_t)kWarps * 2 * dh * sizeof(float);
-    const long long qrows = (long long)B * H * T_, krows = (long long)B * Hkv * T_;
+    const long long qrows = (long long)B * H * Tq, krows = (long long)B * Hkv * Tq;
+    const int Tk = pos0 + Tq;
     LP_LAUNCH(grid_rows(qrows, kWarps), kWarps * 32, smem, cuda_stream_of(c), attn_bwd_stats_kernel<T>)(
-        stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh, o);
+        stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, Tq, Tk, pos0, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_bwd_stats_kernel");
     LP_LAUNCH(grid_rows(krows, kWarps), kWarps * 32, smem, cuda_stream_of(c), attn_bwd_dkv_kernel<T, DPL>)(
-        (T *)dk, (T *)dv, stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh,
-        o);
+        (T *)dk, (T *)dv, stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, Tq, Tk, pos0, H,
+        Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_bwd_dkv_kernel");
     LP_LAUNCH(grid_rows(qrows, kWarps), kWarps * 32, smem, cuda_stream_of(c), attn_bwd_dq_kernel<T, DPL>)(
-        (T *)dq, stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, T_, H, Hkv, dh, o);
+        (T *)dq, stash, stride, (const T *)dz, (const T *)q, (const T *)k, (const T *)v, B, Tq, Tk, pos0, H, Hkv, dh,
+        o);
     LP_LAUNCH_CHECK("attn_bwd_dq_kernel");
     return LP_OK;
 }
@@ -416,9 +426,10 @@ static lp_status attention_backward_launch(lp_ctx *c, void *dq, void *dk, void *
 template <typename T>
 static lp_status attention_backward_dispatch(lp_ctx *c, void *dq, void *dk, void *dv, unsigned char *stash,
                                              size_t stride, const void *dz, const void *q, const void *k,
-                                             const void *v, int B, int T_, int H, int Hkv, int dh, lp_attn_opts o) {
+                                             const void *v, int B, int Tq, int pos0, int H, int Hkv, int dh,
+                                             lp_attn_opts o) {
 #define LP_BWD_LAUNCH(DPL) \
-    attention_backward_launch<T, DPL>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T_, H, Hkv, dh, o)
+    attention_backward_launch<T, DPL>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, Tq, pos0, H, Hkv, dh, o)
     if (dh <= 32) return LP_BWD_LAUNCH(1);
     if (dh <= 64) return LP_BWD_LAUNCH(2);
     if (dh <= 128) return LP_BWD_LAUNCH(4);
@@ -435,7 +446,7 @@ static lp_status flash_backward(lp_ctx *c, void *dq, void *dk, void *dv, unsigne
     const long long qrows = (long long)B * H * T_;
     const size_t smem = (size_t)kWarps * 2 * dh * sizeof(float);
     LP_LAUNCH(grid_rows(qrows, kWarps), kWarps * 32, smem, cuda_stream_of(c), attn_bwd_stats_kernel<bf>)(
-        stash, stride, (const bf *)dz, (const bf *)q, (const bf *)k, (const bf *)v, B, T_, H, Hkv, dh, o);
+        stash, stride, (const bf *)dz, (const bf *)q, (const bf *)k, (const bf *)v, B, T_, T_, 0, H, Hkv, dh, o);
     LP_LAUNCH_CHECK("attn_bwd_stats_kernel");
     return cuda_flash_attention_backward(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T_, H, Hkv, dh, cfg);
 }
@@ -501,31 +512,33 @@ static lp_status check_attn_shape(const char *op, int B, int T_, int H, int Hkv,
 
 // ---- entry points ----
 
-lp_status cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
-                                     const void *k, const void *v, int B, int T, int H, int Hkv, int dh,
-                                     const lp_attn_cfg *cfg) {
-    const char *op = "cuda_attention_backward";
+// The fused backward of queries pos0 .. pos0+Tq-1 over Tk = pos0 + Tq keys (pos0 = 0: the
+// square attention, which may take the BF16 tensor-core path).
+static lp_status attention_backward_rows(lp_ctx *c, const char *op, void *dq, void *dk, void *dv, const void *dz,
+                                         const void *q, const void *k, const void *v, int B, int Tq, int pos0, int H,
+                                         int Hkv, int dh, const lp_attn_cfg *cfg) {
     LP_CUDA_REQUIRE_CTX(c, op);
-    LP_CHECK(check_attn_shape(op, B, T, H, Hkv, dh));
-    if ((long long)B * T == 0) return LP_OK;
+    LP_CHECK(check_attn_shape(op, B, Tq, H, Hkv, dh));
+    LP_CUDA_REQUIRE(pos0 >= 0, "%s: negative pos0 %d", op, pos0);
+    if ((long long)B * Tq == 0) return LP_OK;
     LP_CUDA_REQUIRE(dq && dk && dv && dz && q && k && v, "%s: NULL buffer", op);
     const size_t row_bytes = (size_t)dh * lp_dtype_size(c->dtype);
     unsigned char *stash = (unsigned char *)dq, *scratch = NULL;
     size_t stride = row_bytes;
     if (row_bytes < 2 * sizeof(float)) { // dq rows too short to hold the stats (dh = 1 F32, dh < 4 BF16)
         stride = 2 * sizeof(float);
-        LP_CHECK(cuda_alloc(c, (size_t)B * T * H * stride, (void **)&scratch));
+        LP_CHECK(cuda_alloc(c, (size_t)B * Tq * H * stride, (void **)&scratch));
         stash = scratch;
     }
     const void *bufs[7] = {dq, dk, dv, dz, q, k, v};
-    if (!scratch && cuda_flash_fits(c, B, T, H, dh, bufs, 7))
-        return flash_backward(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T, H, Hkv, dh, cfg);
+    if (!scratch && pos0 == 0 && cuda_flash_fits(c, B, Tq, H, dh, bufs, 7))
+        return flash_backward(c, dq, dk, dv, stash, stride, dz, q, k, v, B, Tq, H, Hkv, dh, cfg);
     const lp_attn_opts o = attn_opts_of(cfg, dh);
     lp_status st = c->dtype == LP_BF16
-                       ? attention_backward_dispatch<__nv_bfloat16>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T,
-                                                                    H, Hkv, dh, o)
-                       : attention_backward_dispatch<float>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, T, H, Hkv,
-                                                            dh, o);
+                       ? attention_backward_dispatch<__nv_bfloat16>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, Tq,
+                                                                    pos0, H, Hkv, dh, o)
+                       : attention_backward_dispatch<float>(c, dq, dk, dv, stash, stride, dz, q, k, v, B, Tq, pos0, H,
+                                                            Hkv, dh, o);
     if (scratch) { // the kernels must be done with it before it is freed
         cudaError_t e = cudaStreamSynchronize(cuda_stream_of(c));
         cuda_release(c, scratch);
@@ -536,6 +549,19 @@ lp_status cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const
         }
     }
     return st;
+}
+
+lp_status cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
+                                     const void *k, const void *v, int B, int T, int H, int Hkv, int dh,
+                                     const lp_attn_cfg *cfg) {
+    return attention_backward_rows(c, "cuda_attention_backward", dq, dk, dv, dz, q, k, v, B, T, 0, H, Hkv, dh, cfg);
+}
+
+lp_status cuda_attention_backward_suffix(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
+                                         const void *k, const void *v, int B, int Tq, int pos0, int H, int Hkv, int dh,
+                                         const lp_attn_cfg *cfg) {
+    return attention_backward_rows(c, "cuda_attention_backward_suffix", dq, dk, dv, dz, q, k, v, B, Tq, pos0, H, Hkv,
+                                   dh, cfg);
 }
 
 lp_status cuda_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,

@@ -279,6 +279,13 @@ lp_status cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const
     (void)B; (void)T; (void)H; (void)Hkv; (void)dh; (void)cfg;
     return NO_CUDA();
 }
+lp_status cuda_attention_backward_suffix(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
+                                         const void *k, const void *v, int B, int Tq, int pos0, int H, int Hkv, int dh,
+                                         const lp_attn_cfg *cfg) {
+    (void)c; (void)dq; (void)dk; (void)dv; (void)dz; (void)q; (void)k; (void)v;
+    (void)B; (void)Tq; (void)pos0; (void)H; (void)Hkv; (void)dh; (void)cfg;
+    return NO_CUDA();
+}
 lp_status cuda_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
                                       const void *v, int B, int T, int H, int Hkv, int dh) {
     (void)c; (void)dpattern; (void)dv; (void)dz; (void)pattern; (void)v;

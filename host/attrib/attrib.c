@@ -292,8 +292,10 @@ static size_t node_per(const lp_model *m, int k, int T) {
 
 /* The fused scores of the last scored backward into each pair's result: hook (k, L) holds
  * [B, groups] sums of (reference - current) * gradient; `sign` -1 when the reference was the
- * corrupted run (the gradient taken at the clean one). */
-static lp_status fused_results(lp_model *m, const lp_attrib_opts *o, int B, int T, float sign, lp_pair_result *res) {
+ * corrupted run (the gradient taken at the clean one). With a shared prefix of p0 positions
+ * the backward scored positions p0 .. alone: the nodes before them score exactly 0 (their
+ * activations are the same in both runs). */
+static lp_status fused_results(lp_model *m, const lp_attrib_opts *o, int B, int T, int p0, float sign, lp_pair_result *res) {
     int nL = lp_model_config(m)->n_layers;
     LP_CHECK(score_fetch(m));
     for (int k = 0; k < LP_NODE_KINDS; k++) {
@@ -303,17 +305,76 @@ static lp_status fused_results(lp_model *m, const lp_attrib_opts *o, int B, int 
             node_shape(m, k, T, s);
             if (!(s->v = calloc(node_count(s), sizeof(float)))) LP_FAIL(LP_ERR_OOM, "out of memory");
         }
-        size_t groups = node_count(&res[0].s[k]) / nL;
+        size_t groups = node_count(&res[0].s[k]) / nL, skip = 0; /* a row's nodes; those before p0 */
+        if (k != LP_NODE_PATTERN) skip = groups / T * p0;
         for (int L = 0; L < nL; L++) {
             char name[128];
-            size_t n = 0;
+            size_t n = 0, gs = groups - skip; /* the nodes scored per row */
             snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
             const float *v = score_values(m, name, &n);
-            if (!v || n != groups * B) LP_FAIL(LP_ERR_SHAPE, "%s: %zu node scores, expected %zu", name, n, groups * B);
+            if (!v || n != gs * B) LP_FAIL(LP_ERR_SHAPE, "%s: %zu node scores, expected %zu", name, n, gs * B);
             for (int b = 0; b < B; b++)
-                for (size_t j = 0; j < groups; j++) res[b].s[k].v[L * groups + j] = sign * v[b * groups + j];
+                for (size_t j = 0; j < gs; j++) res[b].s[k].v[L * groups + skip + j] = sign * v[b * gs + j];
         }
     }
+    return LP_OK;
+}
+
+/* The first position at which some pair's prompts differ (T: none does). */
+static int first_difference(const int32_t *clean, const int32_t *corrupted, int B, int T) {
+    int p0 = T;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < p0; t++)
+            if (clean[(size_t)b * T + t] != corrupted[(size_t)b * T + t]) {
+                p0 = t;
+                break;
+            }
+    return p0;
+}
+
+/* Whether the scored run can start at p0, the prompts' first difference, and give the full
+ * run's scores (prefix sharing, score.h). Otherwise the full path runs, because: p0 = 0
+ * leaves nothing to share (p0 = T, identical prompts, is left to it too); a mean-loss metric
+ * reads every position and a direction metric sums over all of them, and a logit metric
+ * read before p0 would need the prefix's logits; the model cannot (score_prefix_possible:
+ * tensor parallelism, or the GPU with pattern nodes, whose three-step suffix attention exists
+ * on the CPU only); or the caller did not ask for it. Integrated gradients never share (their runs move the
+ * embeddings of every position). */
+static int can_share(lp_model *m, const lp_metric *mt, const lp_attrib_opts *o, int B, int T, int p0) {
+    if (!o->prefix_share || p0 <= 0 || p0 >= T || !score_prefix_possible(m, wanted(o, LP_NODE_PATTERN))) return 0;
+    if (mt->kind != LP_METRIC_LOGIT_DIFF && mt->kind != LP_METRIC_LOGPROB) return 0;
+    for (int b = 0; b < B; b++)
+        if ((mt->pos ? mt->pos[b] : T - 1) < p0) return 0;
+    return 1;
+}
+
+/* Marks the grid for scoring; `per` of a pattern node: its rows of queries times T keys. */
+static lp_status mark_grid(lp_model *m, const lp_attrib_opts *o, int T, int rows) {
+    int nL = lp_model_config(m)->n_layers;
+    for (int k = 0; k < LP_NODE_KINDS; k++)
+        for (int L = 0; wanted(o, k) && L < nL; L++) {
+            char name[128];
+            snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
+            LP_CHECK(score_mark(m, name, k == LP_NODE_PATTERN ? (size_t)rows * T : node_per(m, k, T)));
+        }
+    return LP_OK;
+}
+
+/* The scored run's tokens and metric: with a shared prefix (p0 > 0) the positions p0 .. of
+ * each row, and the metric's positions less p0. */
+static lp_status scored_inputs(const int32_t *tok, int B, int T, int p0, const lp_metric *mt, int32_t **stok, int32_t **spos,
+                               lp_metric *sm) {
+    *sm = *mt;
+    *stok = *spos = NULL;
+    if (p0 == 0) return LP_OK;
+    int Ts = T - p0;
+    *stok = malloc((size_t)B * Ts * sizeof(int32_t)), *spos = malloc(B * sizeof(int32_t));
+    if (!*stok || !*spos) LP_FAIL(LP_ERR_OOM, "out of memory");
+    for (int b = 0; b < B; b++) {
+        memcpy(*stok + (size_t)b * Ts, tok + (size_t)b * T + p0, Ts * sizeof(int32_t));
+        (*spos)[b] = (mt->pos ? mt->pos[b] : T - 1) - p0;
+    }
+    sm->pos = *spos;
     return LP_OK;
 }
 
@@ -321,27 +382,31 @@ static lp_status fused_results(lp_model *m, const lp_attrib_opts *o, int B, int 
  * activations of the run the gradient is not taken at (the reference), one taped forward of
  * the other and its backward, in which every grid hook's node sums are formed where its
  * gradient is produced (score.h): no gradient is kept or copied, and the scores of all pairs
- * leave the device in one copy. */
+ * leave the device in one copy. Where the prompts share a prefix (can_share), the taped
+ * forward and the backward run only the positions after it. */
 static lp_status atp_fused(lp_model *m, const int32_t *clean, const int32_t *corrupted, int B, int T, const lp_metric *mt,
                            const lp_attrib_opts *o, lp_pair_result *res) {
-    int nL = lp_model_config(m)->n_layers, at_clean = o->grad_at_clean;
+    int at_clean = o->grad_at_clean, p0 = first_difference(clean, corrupted, B, T);
+    if (!can_share(m, mt, o, B, T, p0)) p0 = 0;
+    const int32_t *ref = at_clean ? corrupted : clean, *run = at_clean ? clean : corrupted;
     double *mc = malloc(B * sizeof(double)), *mx = malloc(B * sizeof(double));
+    int32_t *stok = NULL, *spos = NULL;
+    lp_metric sm;
     lp_status st = mc && mx ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     lp_hooks_clear(m);
-    for (int k = 0; st == LP_OK && k < LP_NODE_KINDS; k++)
-        for (int L = 0; st == LP_OK && wanted(o, k) && L < nL; L++) {
-            char name[128];
-            snprintf(name, sizeof name, "blocks.%d.%s", L, g_kind[k]);
-            st = score_mark(m, name, node_per(m, k, T));
-        }
+    if (st == LP_OK) st = scored_inputs(run, B, T, p0, mt, &stok, &spos, &sm);
+    if (st == LP_OK) st = mark_grid(m, o, T, T);
+    if (st == LP_OK && p0) st = score_prefix_keep(m, p0, B, T);
     if (st == LP_OK) st = score_phase(m, SCORE_KEEP_REF, B, T);
-    if (st == LP_OK) st = lp_model_metric(m, at_clean ? corrupted : clean, B, T, mt, at_clean ? mx : mc);
-    if (st == LP_OK) st = score_phase(m, SCORE_RUN, B, T);
-    if (st == LP_OK) st = lp_model_grad(m, at_clean ? clean : corrupted, B, T, mt, NULL, at_clean ? mc : mx);
-    if (st == LP_OK) st = fused_results(m, o, B, T, at_clean ? -1.0f : 1.0f, res);
+    if (st == LP_OK) st = lp_model_metric(m, ref, B, T, mt, at_clean ? mx : mc);
+    if (st == LP_OK && p0) st = score_prefix_run(m);
+    if (st == LP_OK && p0) st = mark_grid(m, o, T, T - p0);
+    if (st == LP_OK) st = score_phase(m, SCORE_RUN, B, T - p0);
+    if (st == LP_OK) st = lp_model_grad(m, p0 ? stok : run, B, T - p0, &sm, NULL, at_clean ? mc : mx);
+    if (st == LP_OK) st = fused_results(m, o, B, T, p0, at_clean ? -1.0f : 1.0f, res);
     for (int b = 0; st == LP_OK && b < B; b++) res[b].metric_clean = mc[b], res[b].metric_corrupted = mx[b];
     score_end(m);
-    free(mc), free(mx);
+    free(mc), free(mx), free(stok), free(spos);
     return st;
 }
 

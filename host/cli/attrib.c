@@ -335,7 +335,8 @@ static int run_sweep(args *a, int exact) {
                    .compare = exact && strcmp(lp_cfg_str(&a->cfg, "patch.compare_atp"), "true") == 0, .sc = &sc, .so = &so};
     x.o = (lp_attrib_opts){.grad_at_clean = strcmp(lp_cfg_str(&a->cfg, "attrib.grad_at"), "clean") == 0,
                            .ig_steps = (int)lp_cfg_int(&a->cfg, "attrib.ig_steps"),
-                           .ig_batch = (int)lp_cfg_int(&a->cfg, "attrib.ig_batch"), .patch_batch = (int)lp_cfg_int(&a->cfg, "patch.batch")};
+                           .ig_batch = (int)lp_cfg_int(&a->cfg, "attrib.ig_batch"), .patch_batch = (int)lp_cfg_int(&a->cfg, "patch.batch"),
+                           .prefix_share = strcmp(lp_cfg_str(&a->cfg, "attrib.prefix_share"), "true") == 0};
     if ((st = parse_nodes(a, &x.o.kinds)) != LP_OK) return cli_fail(st);
     make_metric(a, &x.mt);
     lp_tokenizer *tk = NULL;

@@ -103,6 +103,8 @@ static const lp_key g_keys[] = {
     {"attrib.grad_at", LP_KEY_CHOICE, "corrupted", 0, 0, "corrupted|clean", "the run the gradient is taken at"},
     {"attrib.ig_steps", LP_KEY_INT, "0", 0, 1 << 12, NULL, "integrated-gradients steps; 0: plain attribution patching"},
     {"attrib.ig_batch", LP_KEY_INT, "0", 0, 1 << 12, NULL, "integrated-gradients steps per forward; 0: all"},
+    {"attrib.prefix_share", LP_KEY_CHOICE, "true", 0, 0, "true|false",
+     "attribution patching: the gradient's run covers only the positions from the pairs' first difference on"},
     {"attrib.align", LP_KEY_CHOICE, "none", 0, 0, "none|pad_left", "prompt pairs of different lengths: error, or pad the shorter"},
     {"attrib.sae", LP_KEY_STR, NULL, 0, 0, NULL, "an SAE at one of the model's hooks: its latents become nodes too"},
     {"patch.batch", LP_KEY_INT, "32", 1, 1 << 16, NULL, "patched nodes per forward"},

@@ -1,7 +1,8 @@
 /* attend.c: the attention block, forward beside backward: the norm, q/k/v, the q/k norms
  * (Gemma 3), the rotary (local or global tables), the attention itself (fused, or in three
- * steps when a hook or gradient wants the scores or the pattern, or against the KV cache
- * while generating; with the scale, soft-cap and sliding window of the config), the output
+ * steps when a hook or gradient wants the scores or the pattern, against the KV cache
+ * while generating, or over a shared prefix's kept keys and values (prefix.c); with the
+ * scale, soft-cap and sliding window of the config), the output
  * projection and the post-norm (Gemma). */
 #include "loupe/dist.h"
 #include "loupe/ops.h"
@@ -26,12 +27,39 @@ static int three_steps(const lp_model *m, int L) {
            grad_wanted(m, HK_SCORES, L) || grad_wanted(m, HK_PATTERN, L);
 }
 
+/* Prefix sharing (mdl_pfx): the reference run keeps its k and v whole; the suffix run writes
+ * its own into the kept rows' positions p0 .. and attends over all of them. */
+static lp_status attend_shared(lp_model *m, const layer_acts *la, int L, int B, int T, const lp_attn_cfg *ac) {
+    lp_ctx *c = &m->ctx;
+    int H = m->par.H, Hkv = m->par.Hkv, dh = m->cfg.d_head, p0 = m->pfx.p0, Tk = m->pfx.T;
+    size_t row = (size_t)Hkv * dh * act_elem_bytes(m);
+    char *kc = pfx_kv(m, L, 0), *vc = pfx_kv(m, L, 1);
+    if (B != m->pfx.B || (m->pfx.keep ? T != Tk : p0 + T != Tk))
+        LP_FAIL(LP_ERR_INTERNAL, "prefix sharing: a forward of %d x %d, the kept prefix is %d of %d x %d", B, T, p0, m->pfx.B, Tk);
+    if (m->pfx.keep) {
+        LP_CHECK(lp_ctx_copy(c, kc, la->k, (size_t)B * T * row));
+        return lp_ctx_copy(c, vc, la->v, (size_t)B * T * row);
+    }
+    for (int b = 0; b < B; b++) {
+        LP_CHECK(lp_ctx_copy(c, kc + ((size_t)b * Tk + p0) * row, (const char *)la->k + (size_t)b * T * row, T * row));
+        LP_CHECK(lp_ctx_copy(c, vc + ((size_t)b * Tk + p0) * row, (const char *)la->v + (size_t)b * T * row, T * row));
+    }
+    if (!three_steps(m, L)) return lp_attention_suffix(c, la->z, la->q, kc, vc, B, T, p0, H, Hkv, dh, ac);
+    LP_CHECK(lp_attn_scores_suffix(c, la->scores, la->q, kc, B, T, p0, H, Hkv, dh, ac));
+    SITE(HK_SCORES, L, la->scores);
+    LP_CHECK(lp_softmax_rows(c, la->pattern, la->scores, (size_t)B * H * T, Tk));
+    SITE(HK_PATTERN, L, la->pattern);
+    return lp_attn_apply_suffix(c, la->z, la->pattern, vc, B, T, p0, H, Hkv, dh);
+}
+
 /* z from q, k, v (rotated already) of layer L. */
 static lp_status attend(lp_model *m, const layer_acts *la, int L, int B, int T) {
     lp_ctx *c = &m->ctx;
     const lp_config *cf = &m->cfg;
     int H = m->par.H, Hkv = m->par.Hkv, dh = cf->d_head; /* this rank's heads */
     lp_attn_cfg ac = attn_cfg(m, L);
+    if (m->pfx.on) return attend_shared(m, la, L, B, T, &ac);
+    if (m->pfx.keep) LP_CHECK(attend_shared(m, la, L, B, T, &ac));
     if (m->kv.pos0 >= 0) { /* batch 1: append this step's keys and values to the cache and attend over it */
         int pos0 = m->kv.pos0;
         size_t row = (size_t)Hkv * dh * act_elem_bytes(m), plane = (size_t)m->kv.cap * row;
@@ -67,7 +95,7 @@ static lp_status project(lp_model *m, const layer_acts *la, int L, int B, int T)
         LP_CHECK(blk_norm(m, la->k, la->kn_scale, k, layer_weight(m, L, W_KN), NULL, N * Hkv, dh, HK_KN_SCALE, HK_KN_NORM, L));
     }
     if (cf->pos != LP_POS_ROTARY) return LP_OK;
-    int pos0 = m->kv.pos0 >= 0 ? m->kv.pos0 : 0;
+    int pos0 = pos_base(m);
     if (pos0 + T > m->rope.n) LP_FAIL(LP_ERR_ARG, "forward: positions past the rotary tables");
     const float *cs, *sn;
     rope_of(m, L, &cs, &sn);
@@ -108,6 +136,22 @@ lp_status blk_attn(lp_model *m, int L, int B, int T) {
 
 /* ---- backward ---- */
 
+/* The suffix run's attention backward (mdl_pfx): over the kept k and v (the prefix's and the
+ * suffix's own), dq of the suffix's queries and dk, dv of its keys alone. */
+static lp_status core_backward_shared(lp_model *m, bw_bufs *g, const layer_acts *t, int L, int B, int T,
+                                      const lp_attn_cfg *ac) {
+    lp_ctx *c = &m->ctx;
+    int H = m->par.H, Hkv = m->par.Hkv, dh = m->cfg.d_head, p0 = m->pfx.p0;
+    const void *kc = pfx_kv(m, L, 0), *vc = pfx_kv(m, L, 1);
+    if (!grad_wanted(m, HK_PATTERN, L) && !grad_wanted(m, HK_SCORES, L))
+        return lp_attention_backward_suffix(c, g->dq, g->dk, g->dv, g->dz, t->q, kc, vc, B, T, p0, H, Hkv, dh, ac);
+    LP_CHECK(lp_attn_apply_backward_suffix(c, g->dpat, g->dv, g->dz, t->pattern, vc, B, T, p0, H, Hkv, dh));
+    GSITE(HK_PATTERN, L, g->dpat);
+    LP_CHECK(lp_softmax_rows_backward(c, g->dsc, g->dpat, t->pattern, (size_t)B * H * T, p0 + T));
+    GSITE(HK_SCORES, L, g->dsc);
+    return lp_attn_scores_backward_suffix(c, g->dq, g->dk, g->dsc, t->scores, t->q, kc, B, T, p0, H, Hkv, dh, ac);
+}
+
 /* dq, dk, dv from g->dz through layer L's attention (the fused backward, or the three steps
  * with gradient sites at the pattern and the scores when they are wanted). */
 static lp_status core_backward(lp_model *m, bw_bufs *g, const layer_acts *t, int L, int B, int T) {
@@ -115,6 +159,7 @@ static lp_status core_backward(lp_model *m, bw_bufs *g, const layer_acts *t, int
     const lp_config *cf = &m->cfg;
     int H = m->par.H, Hkv = m->par.Hkv, dh = cf->d_head;
     lp_attn_cfg ac = attn_cfg(m, L);
+    if (m->pfx.on) return core_backward_shared(m, g, t, L, B, T, &ac);
     if (!grad_wanted(m, HK_PATTERN, L) && !grad_wanted(m, HK_SCORES, L))
         return lp_attention_backward_cfg(c, g->dq, g->dk, g->dv, g->dz, t->q, t->k, t->v, B, T, H, Hkv, dh, &ac);
     LP_CHECK(lp_attn_apply_backward(c, g->dpat, g->dv, g->dz, t->pattern, t->v, B, T, H, Hkv, dh));
@@ -135,8 +180,8 @@ static lp_status project_backward(lp_model *m, bw_bufs *g, const layer_acts *t, 
         rope_of(m, L, &cs, &sn);
         GSITE(HK_ROT_Q, L, g->dq);
         GSITE(HK_ROT_K, L, g->dk);
-        LP_CHECK(lp_rope_backward(c, g->dq, g->dq, cs, sn, B, T, H, dh, 0));
-        LP_CHECK(lp_rope_backward(c, g->dk, g->dk, cs, sn, B, T, Hkv, dh, 0));
+        LP_CHECK(lp_rope_backward(c, g->dq, g->dq, cs, sn, B, T, H, dh, pos_base(m)));
+        LP_CHECK(lp_rope_backward(c, g->dk, g->dk, cs, sn, B, T, Hkv, dh, pos_base(m)));
     }
     if (!cf->qk_norm) return LP_OK;
     LP_CHECK(blk_norm_backward(m, g, g->dtmp, g->dq, t->q_pre, t->qn_scale, layer_weight(m, L, W_QN), N * H, dh, HK_QN_SCALE, HK_QN_NORM, L));

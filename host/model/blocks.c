@@ -89,8 +89,8 @@ lp_status blk_embed(lp_model *m, int B, int T) {
     if (cf->embed_scale > 0) LP_CHECK(lp_scale(c, m->a.resid, m->a.resid, cf->embed_scale, (size_t)N * D));
     SITE(HK_EMBED, 0, m->a.resid);
     if (cf->pos != LP_POS_LEARNED) return LP_OK;
-    /* generating (batch 1): positions start at the cache's fill */
-    int pos0 = m->kv.pos0 >= 0 ? m->kv.pos0 : 0;
+    /* generating (batch 1): positions start at the cache's fill; a shared prefix's suffix at p0 */
+    int pos0 = pos_base(m);
     LP_CHECK(lp_pos_embed(c, m->a.pos_buf, (const char *)param_ptr(m, m->w.pos_embed) + (size_t)pos0 * D * act_elem_bytes(m), B, T, D));
     SITE(HK_POS_EMBED, 0, m->a.pos_buf);
     return lp_add(c, m->a.resid, m->a.resid, m->a.pos_buf, (size_t)N * D);

@@ -148,7 +148,7 @@ static int shape_of(const hook *h, int B, int P, int T, int64_t *s) {
 }
 
 int lp_hook_shape(const lp_model *m, int id, int B, int T, int64_t shape[LP_MAX_DIMS]) {
-    return shape_of(&m->hooks[id], B, T, T, shape);
+    return shape_of(&m->hooks[id], B, T, attn_keys(m, T), shape);
 }
 
 static lp_view view_of(const hook *h, int B, int T) {
@@ -578,12 +578,27 @@ lp_status score_phase(lp_model *m, score_phase_t phase, int B, int T) {
     return lp_ctx_memset0(&m->ctx, g->out, bytes);
 }
 
+/* A shared prefix (mdl_pfx): the reference's positions p0 .. of hook id's activation act
+ * ([B, T, ...], or [B, H, T, T] rows of keys per head) into dst, rows [B, (H,) T - p0, ...]. */
+static lp_status keep_suffix(lp_model *m, int id, const void *act, void *dst) {
+    int B = m->res.B, T = m->res.T, p0 = m->pfx.p0, Ts = T - p0;
+    if (B != m->pfx.B || T != m->pfx.T)
+        LP_FAIL(LP_ERR_INTERNAL, "prefix sharing: a reference run of %d x %d, prepared for %d x %d", B, T, m->pfx.B, m->pfx.T);
+    size_t outer = m->hooks[id].head_outer ? (size_t)B * m->hooks[id].H : (size_t)B;
+    size_t inner = numel_of(m, id, B, T) / outer / T * act_elem_bytes(m); /* bytes per position */
+    for (size_t o = 0; o < outer; o++)
+        LP_CHECK(lp_ctx_copy(&m->ctx, (char *)dst + o * Ts * inner, (const char *)act + (o * T + p0) * inner, Ts * inner));
+    return LP_OK;
+}
+
 lp_status score_forward_site(lp_model *m, int id, const void *act) {
     hook *h = &m->hooks[id];
     int ph = m->sc.phase;
     if (ph == SCORE_OFF) return LP_OK;
     size_t bytes = numel_of(m, id, m->res.B, m->res.T) * act_elem_bytes(m);
     if (bytes > h->s_bytes) LP_FAIL(LP_ERR_ARG, "score of %s: this batch is larger than the one it was prepared for", h->name);
+    /* a shared prefix scores its suffix alone: the reference keeps the positions p0 .. */
+    if (ph == SCORE_KEEP_REF && m->pfx.keep) return keep_suffix(m, id, act, h->s_ref);
     return lp_ctx_copy(&m->ctx, ph == SCORE_KEEP_REF ? h->s_ref : h->s_cur, act, bytes);
 }
 
@@ -627,6 +642,7 @@ void score_buffers(const lp_model *m, const char *name, void **ref, void **cur) 
 void score_end(lp_model *m) {
     for (int id = 0; id < m->n_hooks; id++) m->hooks[id].s_mark = m->hooks[id].score = 0;
     m->sc.phase = SCORE_OFF;
+    m->pfx.p0 = m->pfx.keep = m->pfx.on = 0;
     m->any_hook_dirty = 1;
 }
 
@@ -640,4 +656,6 @@ void score_free(lp_model *m) {
     lp_ctx_release(&m->ctx, m->sc.out);
     lp_ctx_release_host(&m->ctx, m->sc.host);
     memset(&m->sc, 0, sizeof m->sc);
+    lp_ctx_release(&m->ctx, m->pfx.mem);
+    memset(&m->pfx, 0, sizeof m->pfx);
 }

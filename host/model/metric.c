@@ -123,7 +123,7 @@ static lp_status scratch_alloc(lp_model *m, scratch *s, int B, int T, int backwa
     size_t qD = H * c->d_head, kvD = (size_t)c->n_kv_heads * c->d_head;
     size_t wide = D > qD ? D : qD;
     if (F > wide) wide = F;
-    size_t mat = hooks_want_attn_mats(m) ? (size_t)B * H * T * T * es : 0;
+    size_t mat = hooks_want_attn_mats(m) ? (size_t)B * H * T * attn_keys(m, T) * es : 0; /* [B,H,T,keys] */
     size_t lrows = (size_t)m->a.logit_rows > (size_t)B ? (size_t)m->a.logit_rows : (size_t)B;
     if (full) lrows = N;
     if (!backward) N = 0, mat = 0, lrows = (size_t)B;

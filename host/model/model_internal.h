@@ -161,6 +161,20 @@ typedef struct mdl_kv {
     int generating;
 } mdl_kv;
 
+/* Prefix sharing (attribution patching, score.h): rows whose first p0 positions are the same
+ * in two runs have the same activations there (the model is causal), so the second run need
+ * only compute positions p0 .. . The first run (keep) keeps every layer's k and v, [B][T]
+ * rows each after the rotary; the second (on) runs the T - p0 positions p0 .. of the same
+ * rows, puts its own k and v into the kept rows' suffix and attends over them; its backward
+ * stops at the prefix's keys (constants to it). */
+typedef struct mdl_pfx {
+    int p0;               /* > 0 while sharing is set up */
+    int keep, on;         /* this forward keeps k and v / runs the suffix against them */
+    int B, T;             /* the kept batch, whole rows */
+    void *mem;            /* [n_layers][2][B][T][Hkv * dh] (this rank's kv heads), act dtype */
+    size_t bytes;
+} mdl_pfx;
+
 /* Rotary tables: F32 [n, dh/2] on the device, for global layers and (Gemma 3) local ones. */
 typedef struct mdl_rope {
     float *cos, *sin, *cos_local, *sin_local;
@@ -215,6 +229,7 @@ struct lp_model {
     int any_hook_dirty;
     mdl_acts a;
     mdl_kv kv;
+    mdl_pfx pfx;               /* prefix sharing (score.h, hooks.c) */
     mdl_rope rope;
     mdl_tape tp;
     struct grad_state *grad;   /* hook gradients wanted and kept (NULL: none); grad.c */
@@ -226,6 +241,13 @@ struct lp_model {
 };
 
 size_t act_elem_bytes(const lp_model *m); /* bytes per activation element */
+/* The absolute position of a forward's first row: the KV cache's fill while generating, the
+ * shared prefix's length while a suffix runs (mdl_pfx), else 0. */
+static inline int pos_base(const lp_model *m) { return m->kv.pos0 >= 0 ? m->kv.pos0 : m->pfx.on ? m->pfx.p0 : 0; }
+/* The keys a query row of a T-position forward attends over (the pattern's last axis). */
+static inline int attn_keys(const lp_model *m, int T) { return m->pfx.on ? m->pfx.p0 + T : T; }
+/* Layer L's kept keys (v = 0) or values (v = 1) of the shared prefix, [B][T][Hkv * dh]. */
+void *pfx_kv(const lp_model *m, int L, int v);
 /* Weight idx (a param index) as host F32 into dst (its element count). */
 lp_status param_to_f32(lp_model *m, int idx, float *dst);
 lp_status hooks_init(lp_model *m);

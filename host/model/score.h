@@ -33,6 +33,19 @@ void score_buffers(const lp_model *m, const char *name, void **ref, void **cur);
 /* Registers a patch of hook `name` whose source is n values (the hook's shape for the next
  * forward) of a device buffer the caller keeps until lp_hooks_clear: nothing is uploaded. */
 lp_status score_patch(lp_model *m, const char *name, const void *src_dev, size_t n);
+/* Prefix sharing (mdl_pfx in model_internal.h): rows of two runs equal in their first p0
+ * positions. score_prefix_keep before the reference run of B x T: that forward keeps every
+ * layer's k and v, and the marked hooks keep their reference at positions p0 .. only (rows
+ * [B, (H,) T - p0, ...]). score_prefix_run before the scored run, which is then of the
+ * T - p0 positions p0 .. of the same rows (its tokens, its metric's positions less p0): it
+ * attends over the kept prefix, and its scores are the suffix's (a pattern node's values are
+ * its [T - p0, T] rows; re-mark it with that `per`). score_end ends the sharing. */
+lp_status score_prefix_keep(lp_model *m, int p0, int B, int T);
+/* Whether this model can share a prefix: one process (tensor parallelism does not), not
+ * generating; on the GPU only without the three-step attention (`three_steps`: the pattern or
+ * the scores are scored), whose suffix ops exist on the CPU only. */
+int score_prefix_possible(const lp_model *m, int three_steps);
+lp_status score_prefix_run(lp_model *m);
 /* Unmarks every hook and turns scoring off (the buffers stay for the next marks). */
 void score_end(lp_model *m);
 

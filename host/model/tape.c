@@ -42,7 +42,7 @@ lp_status tape_resid(lp_model *m, int L, int mid) {
 size_t tape_layout(lp_model *m, int B, int T, int carve) {
     const lp_config *c = &m->cfg;
     size_t N = (size_t)B * T, D = c->d_model, F = c->d_mlp, es = act_elem_bytes(m), off = 0, H = c->n_heads, Hkv = c->n_kv_heads;
-    size_t qD = H * c->d_head, kvD = Hkv * c->d_head, mat = (size_t)B * H * T * T * es;
+    size_t qD = H * c->d_head, kvD = Hkv * c->d_head, mat = (size_t)B * H * T * attn_keys(m, T) * es;
     int gated = c->mlp != LP_MLP_GELU, post = c->post_norms, qkn = c->qk_norm;
 #define SLICE(field, bytes)                                                    \
     do {                                                                       \

@@ -183,6 +183,75 @@ lp_status lp_attention_cached_cfg(lp_ctx *c, void *z, const void *q, const void 
     return cuda_attention_cached(c, z, q, kc, vc, B, Tq, Tcap, pos0, H, Hkv, dh, cfg);
 }
 
+/* ---- a query suffix over all keys ---- */
+
+#define SUFFIX_OK(B, Tq, pos0, H, Hkv, dh) (ATTN_ARGS_OK(B, Tq, H, Hkv, dh) && (pos0) >= 0 && (long long)(pos0) + (Tq) <= (1 << 30))
+#define SUFFIX_CPU(op)                                                                                         \
+    NEED(CPU(c), op ": on the CPU only")
+
+lp_status lp_attention_suffix(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B, int Tq, int pos0,
+                              int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
+    NEED(SUFFIX_OK(B, Tq, pos0, H, Hkv, dh) && z && q && k && v, "attention_suffix: bad arguments (H=%d Hkv=%d dh=%d pos0=%d)",
+         H, Hkv, dh, pos0);
+    CHECK_CFG("attention_suffix", cfg);
+    if (!CPU(c)) return cuda_attention_cached(c, z, q, k, v, B, Tq, pos0 + Tq, pos0, H, Hkv, dh, cfg);
+    if (!cpu_attention_suffix(z, q, k, v, B, Tq, pos0, H, Hkv, dh, cfg)) LP_FAIL(LP_ERR_OOM, "attention_suffix: out of memory");
+    return LP_OK;
+}
+
+lp_status lp_attn_scores_suffix(lp_ctx *c, void *scores, const void *q, const void *k, int B, int Tq, int pos0, int H,
+                                int Hkv, int dh, const lp_attn_cfg *cfg) {
+    NEED(SUFFIX_OK(B, Tq, pos0, H, Hkv, dh) && scores && q && k, "attn_scores_suffix: bad arguments");
+    CHECK_CFG("attn_scores_suffix", cfg);
+    SUFFIX_CPU("attn_scores_suffix");
+    cpu_attn_scores_suffix(scores, q, k, B, Tq, pos0, H, Hkv, dh, cfg);
+    return LP_OK;
+}
+
+lp_status lp_attn_apply_suffix(lp_ctx *c, void *z, const void *pattern, const void *v, int B, int Tq, int pos0, int H,
+                               int Hkv, int dh) {
+    NEED(SUFFIX_OK(B, Tq, pos0, H, Hkv, dh) && z && pattern && v, "attn_apply_suffix: bad arguments");
+    SUFFIX_CPU("attn_apply_suffix");
+    cpu_attn_apply_suffix(z, pattern, v, B, Tq, pos0, H, Hkv, dh);
+    return LP_OK;
+}
+
+lp_status lp_attention_backward_suffix(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q, const void *k,
+                                       const void *v, int B, int Tq, int pos0, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
+    NEED(SUFFIX_OK(B, Tq, pos0, H, Hkv, dh) && dq && dk && dv && dz && q && k && v, "attention_backward_suffix: bad arguments");
+    NEED(dq != dk && dq != dv && dk != dv && dq != dz && dq != q && dq != k && dq != v && dk != dz && dk != q && dk != k &&
+             dk != v && dv != dz && dv != q && dv != k && dv != v,
+         "attention_backward_suffix: an output is also an input, or two outputs are one buffer");
+    CHECK_CFG("attention_backward_suffix", cfg);
+    if (!CPU(c)) return cuda_attention_backward_suffix(c, dq, dk, dv, dz, q, k, v, B, Tq, pos0, H, Hkv, dh, cfg);
+    cpu_attention_backward_suffix(dq, dk, dv, dz, q, k, v, B, Tq, pos0, H, Hkv, dh, cfg);
+    return LP_OK;
+}
+
+lp_status lp_attn_apply_backward_suffix(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
+                                        const void *v, int B, int Tq, int pos0, int H, int Hkv, int dh) {
+    NEED(SUFFIX_OK(B, Tq, pos0, H, Hkv, dh) && dpattern && dv && dz && pattern && v, "attn_apply_backward_suffix: bad arguments");
+    NEED(dpattern != pattern && dv != v && dv != dz && dpattern != dv, "attn_apply_backward_suffix: an output is also an input");
+    SUFFIX_CPU("attn_apply_backward_suffix");
+    if (!cpu_attn_apply_backward_suffix(dpattern, dv, dz, pattern, v, B, Tq, pos0, H, Hkv, dh))
+        LP_FAIL(LP_ERR_OOM, "attn_apply_backward_suffix: out of memory");
+    return LP_OK;
+}
+
+lp_status lp_attn_scores_backward_suffix(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *scores,
+                                         const void *q, const void *k, int B, int Tq, int pos0, int H, int Hkv, int dh,
+                                         const lp_attn_cfg *cfg) {
+    NEED(SUFFIX_OK(B, Tq, pos0, H, Hkv, dh) && dq && dk && dscores && q && k, "attn_scores_backward_suffix: bad arguments");
+    NEED(dq != dk && dq != dscores && dq != q && dq != k && dk != dscores && dk != q && dk != k,
+         "attn_scores_backward_suffix: an output is also an input, or dq is dk");
+    CHECK_CFG("attn_scores_backward_suffix", cfg);
+    NEED(cfg->softcap <= 0 || scores, "attn_scores_backward_suffix: a soft-cap needs the saved scores");
+    SUFFIX_CPU("attn_scores_backward_suffix");
+    if (!cpu_attn_scores_backward_suffix(dq, dk, dscores, scores, q, k, B, Tq, pos0, H, Hkv, dh, cfg))
+        LP_FAIL(LP_ERR_OOM, "attn_scores_backward_suffix: out of memory");
+    return LP_OK;
+}
+
 lp_status lp_gelu_mul(lp_ctx *c, void *out, const void *gate, const void *up, size_t n) {
     NEED(out && gate && up, "gelu_mul: null buffer");
     if (CPU(c)) { cpu_gelu_mul(out, gate, up, n); return LP_OK; }

@@ -251,6 +251,20 @@ void cpu_attn_apply_backward(float *dpattern, float *dv, const float *dz, const 
 void cpu_softmax_rows_backward(float *dx, const float *dy, const float *y, size_t rows, int cols);
 void cpu_attn_scores_backward(float *dq, float *dk, const float *dscores, const float *scores, const float *q,
                                  const float *k, int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
+/* A query suffix over all keys (attention_suffix.c; the fused backward in backward.c, of
+ * which cpu_attention_backward is pos0 = 0). Those returning int give 0 when their scratch
+ * cannot be had. */
+int cpu_attention_suffix(float *z, const float *q, const float *k, const float *v, int B, int Tq, int pos0, int H, int Hkv,
+                         int dh, const lp_attn_cfg *cfg);
+void cpu_attn_scores_suffix(float *scores, const float *q, const float *k, int B, int Tq, int pos0, int H, int Hkv, int dh,
+                            const lp_attn_cfg *cfg);
+void cpu_attn_apply_suffix(float *z, const float *pattern, const float *v, int B, int Tq, int pos0, int H, int Hkv, int dh);
+void cpu_attention_backward_suffix(float *dq, float *dk, float *dv, const float *dz, const float *q, const float *k,
+                                   const float *v, int B, int Tq, int pos0, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
+int cpu_attn_apply_backward_suffix(float *dpattern, float *dv, const float *dz, const float *pattern, const float *v, int B,
+                                   int Tq, int pos0, int H, int Hkv, int dh);
+int cpu_attn_scores_backward_suffix(float *dq, float *dk, const float *dscores, const float *scores, const float *q,
+                                    const float *k, int B, int Tq, int pos0, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
 void cpu_xent_backward(float *dlogits, const float *logits, const int32_t *targets, const float *scale, int N,
                           int V);
 
@@ -266,6 +280,10 @@ lp_status cuda_rope_backward(lp_ctx *c, void *dx, const void *dy, const float *c
 lp_status cuda_attention_backward(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
                                      const void *k, const void *v, int B, int T, int H, int Hkv, int dh,
                                      const lp_attn_cfg *cfg);
+/* Queries at positions pos0 .. of rows of pos0 + Tq keys (ops.h's suffix ops); dk, dv of the suffix's keys. */
+lp_status cuda_attention_backward_suffix(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q,
+                                         const void *k, const void *v, int B, int Tq, int pos0, int H, int Hkv, int dh,
+                                         const lp_attn_cfg *cfg);
 lp_status cuda_attn_apply_backward(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
                                       const void *v, int B, int T, int H, int Hkv, int dh);
 lp_status cuda_softmax_rows_backward(lp_ctx *c, void *dx, const void *dy, const void *y, size_t rows,

@@ -85,6 +85,18 @@ typedef struct lp_attrib_opts {
     int ig_steps;         /* > 0: integrated gradients with that many steps */
     int ig_batch;         /* steps per forward (their rows side by side); 0: all */
     int patch_batch;      /* exact patching: nodes per forward */
+    /* AtP shares the pairs' common prefix when this is set (the CLI's attrib.prefix_share,
+     * on by default there): positions before the first one where some pair's prompts differ
+     * have equal activations in both runs (every score there is exactly 0), so the
+     * gradient's run and its backward cover only the positions from there on, attending over
+     * the other run's keys and values for the prefix. The scores equal the full runs' within
+     * float rounding, but not bit for bit (the suffix's GEMMs have other row counts): a node
+     * whose two activations are equal scores ~1e-7 of its scale rather than exactly 0, hence
+     * opt-in here. Taken in one process (on the GPU only when attn.hook_pattern is not among
+     * the kinds), for logit-difference and log-probability metrics read at or after that
+     * position, without integrated gradients; elsewhere (and when 0) both runs cover every
+     * position. */
+    int prefix_share;
 } lp_attrib_opts;
 
 typedef struct lp_node_scores {

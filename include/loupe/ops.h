@@ -113,6 +113,28 @@ lp_status lp_attention_cached_cfg(lp_ctx *c, void *z, const void *q, const void 
                                   int B, int Tq, int Tcap, int pos0, int H, int Hkv, int dh,
                                   const lp_attn_cfg *cfg);
 
+/* ---- a query suffix over all keys (attribution patching's shared prefix) ----
+ * Queries at absolute positions pos0 .. pos0+Tq-1 of rows of Tk = pos0 + Tq keys, all given:
+ * q, z, dq, dz [B,Tq,H,dh]; k, v [B,Tk,Hkv,dh]; scores, pattern and their gradients
+ * [B,H,Tq,Tk]; masks, window and soft-cap as lp_attn_cfg, in absolute positions. The backward
+ * ops write dk and dv [B,Tq,Hkv,dh] of the suffix's keys only (positions pos0 ..): the prefix's
+ * keys are constants to the suffix. With pos0 = 0 each is its square op. lp_attention_suffix
+ * is lp_attention_cached_cfg with Tcap = Tk on the GPU; lp_attention_backward_suffix runs on
+ * both; the three-step ones are CPU only (LP_ERR_ARG on the GPU). */
+lp_status lp_attention_suffix(lp_ctx *c, void *z, const void *q, const void *k, const void *v, int B, int Tq, int pos0,
+                              int H, int Hkv, int dh, const lp_attn_cfg *cfg);
+lp_status lp_attn_scores_suffix(lp_ctx *c, void *scores, const void *q, const void *k, int B, int Tq, int pos0, int H,
+                                int Hkv, int dh, const lp_attn_cfg *cfg);
+lp_status lp_attn_apply_suffix(lp_ctx *c, void *z, const void *pattern, const void *v, int B, int Tq, int pos0, int H,
+                               int Hkv, int dh);
+lp_status lp_attention_backward_suffix(lp_ctx *c, void *dq, void *dk, void *dv, const void *dz, const void *q, const void *k,
+                                       const void *v, int B, int Tq, int pos0, int H, int Hkv, int dh, const lp_attn_cfg *cfg);
+lp_status lp_attn_apply_backward_suffix(lp_ctx *c, void *dpattern, void *dv, const void *dz, const void *pattern,
+                                        const void *v, int B, int Tq, int pos0, int H, int Hkv, int dh);
+lp_status lp_attn_scores_backward_suffix(lp_ctx *c, void *dq, void *dk, const void *dscores, const void *scores,
+                                         const void *q, const void *k, int B, int Tq, int pos0, int H, int Hkv, int dh,
+                                         const lp_attn_cfg *cfg);
+
 /* ---- Gemma family ----
  * GeGLU (gelu_pytorch_tanh): out[i] = gelu_tanh(gate[i]) * up[i], gelu_tanh as lp_gelu.
  * out may alias either input. */

@@ -143,32 +143,43 @@ void cpu_rope_backward(float *dx, const float *dy, const float *cos_t, const flo
 
 void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz, const float *q, const float *k,
                                const float *v, int B, int T, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
-    // dq, dz, q are (B,T,H,dh); dk, dv, k, v are (B,T,Hkv,dh). Query head h reads kv head
-    // g = h / (H/Hkv). The forward, per query row t of head h, with c the scale (1/sqrt(dh)
-    // unless cfg says) and the keys j of the row's window (first <= j <= t):
+    cpu_attention_backward_suffix(dq, dk, dv, dz, q, k, v, B, T, 0, H, Hkv, dh, cfg);
+}
+
+void cpu_attention_backward_suffix(float *dq, float *dk, float *dv, const float *dz, const float *q, const float *k,
+                                   const float *v, int B, int Tq, int pos0, int H, int Hkv, int dh, const lp_attn_cfg *cfg) {
+    // dq, dz, q are (B,Tq,H,dh), query t at absolute position pos0 + t; k, v are (B,Tk,Hkv,dh)
+    // with Tk = pos0 + Tq; dk, dv are (B,Tq,Hkv,dh), the keys at positions pos0 .. only (the
+    // prefix's keys are constants to whoever asks for a suffix: pos0 = 0 is the whole square
+    // attention). Query head h reads kv head g = h / (H/Hkv). The forward, per query row t of
+    // head h, with c the scale (1/sqrt(dh) unless cfg says) and the keys j of the row's window
+    // (first <= j <= pos0 + t):
     //   r_j = c q_t . k_j,  s_j = cap tanh(r_j / cap) (s_j = r_j without a cap),
     //   p = softmax(s),  z_t = sum_j p_j v_j.
     // Backward, with dp_j = dz_t . v_j and D = sum_j p_j dp_j = dz_t . z_t:
     //   ds_j = p_j (dp_j - D);  dr_j = ds_j (1 - (s_j / cap)^2) (dr_j = ds_j without a cap);
     //   dq_t = c sum_j dr_j k_j;  dk_j += c dr_j q_t;  dv_j += p_j dz_t.
     // One query row at a time: its probabilities (and the cap's derivatives) are recomputed
-    // into rows of T floats on the stack, like cpu_attention_rows.
+    // into rows of Tk floats on the stack, like cpu_attention_rows.
+    const int Tk = pos0 + Tq;
     const double scale = cfg->scale > 0 ? (double)cfg->scale : 1.0 / sqrt((double)dh), cap = cfg->softcap;
     const int group = H / Hkv;
-    const size_t nkv = (size_t)B * T * Hkv * dh;
+    const size_t nkv = (size_t)B * Tq * Hkv * dh;
     memset(dk, 0, nkv * sizeof(float));
     memset(dv, 0, nkv * sizeof(float));
-    float p[T > 0 ? T : 1], dcap[T > 0 ? T : 1];
+    float p[Tk > 0 ? Tk : 1], dcap[Tk > 0 ? Tk : 1];
     double acc[dh];
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++)
-            for (int t = 0; t < T; t++) {
-                const size_t qo = (((size_t)b * T + t) * H + h) * dh;
+            for (int i = 0; i < Tq; i++) {
+                const int t = pos0 + i; /* the query's absolute position */
+                const size_t qo = (((size_t)b * Tq + i) * H + h) * dh;
                 const float *qr = q + qo, *dzr = dz + qo;
-                const float *kb = k + ((size_t)b * T * Hkv + h / group) * dh;
-                const float *vb = v + ((size_t)b * T * Hkv + h / group) * dh;
-                float *dkb = dk + ((size_t)b * T * Hkv + h / group) * dh;
-                float *dvb = dv + ((size_t)b * T * Hkv + h / group) * dh;
+                const float *kb = k + ((size_t)b * Tk * Hkv + h / group) * dh;
+                const float *vb = v + ((size_t)b * Tk * Hkv + h / group) * dh;
+                /* key j's gradient row is j - pos0 (j >= pos0) */
+                float *dkb = dk + ((size_t)b * Tq * Hkv + h / group) * dh;
+                float *dvb = dv + ((size_t)b * Tq * Hkv + h / group) * dh;
                 const size_t stride = (size_t)Hkv * dh; /* between consecutive keys */
                 // p = softmax of the scores of keys first..t
                 const int first = attn_first_key(cfg, t);
@@ -199,10 +210,12 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dz, co
                     double dp = 0;
                     for (int d = 0; d < dh; d++) dp += (double)dzr[d] * vr[d];
                     double ds = p[j] * (dp - D) * (cap > 0 ? (double)dcap[j] : 1.0);
+                    for (int d = 0; d < dh; d++) acc[d] += ds * kr[d];
+                    if (j < pos0) continue; /* a prefix key: no gradient asked for */
+                    const size_t o = (size_t)(j - pos0) * stride;
                     for (int d = 0; d < dh; d++) {
-                        acc[d] += ds * kr[d];
-                        dkb[j * stride + d] += (float)(ds * scale * qr[d]);
-                        dvb[j * stride + d] += p[j] * dzr[d];
+                        dkb[o + d] += (float)(ds * scale * qr[d]);
+                        dvb[o + d] += p[j] * dzr[d];
                     }
                 }
                 for (int d = 0; d < dh; d++) dq[qo + d] = (float)(acc[d] * scale);
