@@ -23,14 +23,14 @@
     "-x ASAN_OPTIONS=detect_leaks=0 "
 
 /* Skips the test, saying why, when this build has no MPI or mpirun is not on the PATH. */
-static void mpitest_need_mpi(void) {
+static inline void mpitest_need_mpi(void) {
     if (!lp_dist_have_mpi()) cr_skip_test("this loupe was built without MPI (mpicc absent at build time)");
     if (system("command -v mpirun >/dev/null 2>&1") != 0) cr_skip_test("mpirun is not on the PATH (scripts/install-deps.sh installs OpenMPI)");
 }
 
 /* bin (n bytes) gets build/loupe beside this test binary; dir, a mkdtemp template, the scratch
  * directory. */
-static void mpitest_paths(char *bin, size_t n, char *dir) {
+static inline void mpitest_paths(char *bin, size_t n, char *dir) {
     char self[PATH_MAX];
     ssize_t k = readlink("/proc/self/exe", self, sizeof self - 1);
     cr_assert(k > 0, "cannot find this test binary");
@@ -41,7 +41,7 @@ static void mpitest_paths(char *bin, size_t n, char *dir) {
 }
 
 /* Removes the scratch directory mpitest_paths made (nothing when mkdtemp never ran). */
-static void mpitest_remove(const char *dir) {
+static inline void mpitest_remove(const char *dir) {
     char cmd[PATH_MAX + 16];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     if (dir[strlen(dir) - 1] != 'X') (void)!system(cmd);
@@ -49,7 +49,7 @@ static void mpitest_remove(const char *dir) {
 
 /* Runs a shell command, its stdout and stderr into out (n bytes, cut there); returns its exit
  * status (128 when it did not exit). */
-static int mpitest_run(char *out, size_t n, const char *fmt, ...) {
+static inline int mpitest_run(char *out, size_t n, const char *fmt, ...) {
     char cmd[8192];
     va_list ap;
     va_start(ap, fmt);

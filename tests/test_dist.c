@@ -26,6 +26,7 @@
 #include "loupe/dist.h"
 #include "loupe/hooks.h"
 #include "loupe/model.h"
+#include "mpitest.h"
 
 #define FIX "tests/fixtures/"
 
@@ -125,8 +126,7 @@ Test(dist, tp_overlap_setting) {
 
 /* build/dist_<prog> beside this test binary; skips (saying why) when it cannot run. */
 static void dist_prog_path(char *out, size_t n, const char *prog) {
-    if (!lp_dist_have_mpi()) cr_skip_test("this loupe was built without MPI (mpicc absent at build time)");
-    if (system("command -v mpirun >/dev/null 2>&1") != 0) cr_skip_test("mpirun is not on the PATH (scripts/install-deps.sh installs OpenMPI)");
+    mpitest_need_mpi();
     char self[PATH_MAX];
     ssize_t k = readlink("/proc/self/exe", self, sizeof self - 1);
     cr_assert(k > 0, "cannot find this test binary");
@@ -141,7 +141,7 @@ static void dist_prog_path(char *out, size_t n, const char *prog) {
 static void run_check(int np, const char *prog, const char *args, const char *ok, int exit0) {
     char bin[PATH_MAX + 32], cmd[8192], tag[64];
     dist_prog_path(bin, sizeof bin, prog);
-    snprintf(cmd, sizeof cmd, "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np %d %s %s 2>&1", np, bin, args);
+    snprintf(cmd, sizeof cmd, MPIRUN "-np %d %s %s 2>&1", np, bin, args);
     snprintf(tag, sizeof tag, "%s:", prog);
     FILE *p = popen(cmd, "r");
     cr_assert(p, "cannot start mpirun");
@@ -180,7 +180,7 @@ Test(dist, gguf_tp3_matches_one_process, .timeout = 120) {
     char bin[PATH_MAX + 32], cmd[8192];
     dist_prog_path(bin, sizeof bin, "tp_check");
     if (access(gguf, R_OK) != 0) cr_skip_test("%s is absent (make model fetches it)", gguf);
-    snprintf(cmd, sizeof cmd, "mpirun --allow-run-as-root --oversubscribe --mca mpi_yield_when_idle 1 -np 3 %s --no-grad %s 2>&1 | tail -n 20", bin, gguf);
+    snprintf(cmd, sizeof cmd, MPIRUN "-np 3 %s --no-grad %s 2>&1 | tail -n 20", bin, gguf);
     FILE *p = popen(cmd, "r");
     cr_assert(p, "cannot start mpirun");
     char line[512], all[8192] = "";
