@@ -157,6 +157,7 @@ static void section(const char *title, lp_device dev, int D, int S, int batch, i
     double gemm16 = dev == LP_CUDA ? gemm_rate(dev, LP_BF16, 8192, 20) : 0;
     printf("%s: d_in %d, d_sae %d, batch %d tokens, F32 master weights%s\n", title, D, S, batch,
            dev == LP_CUDA ? ", encoder GEMM on a bf16 copy (fp32 sums)" : "");
+    if (dev == LP_CPU) printf("  OPENBLAS_THREAD_TIMEOUT=%s (loupe train-sae sets 20 when unset)\n", getenv("OPENBLAS_THREAD_TIMEOUT"));
     lp_sae_arch archs[2] = {LP_SAE_TOPK, LP_SAE_STANDARD};
     for (int a = 0; a < 2; a++) {
         if (g_arch >= 0 && archs[a] != (lp_sae_arch)g_arch) continue;
@@ -313,6 +314,8 @@ static void live_section(void) {
 
 int main(int argc, char **argv) {
     int cd = 256, cs = 4096, cb = 1024, steps = 20, cpu = 1;
+    /* what loupe train-sae runs under (host/cli/main.c: train_blas_env), unless set already */
+    if (!getenv("OPENBLAS_THREAD_TIMEOUT") && setenv("OPENBLAS_THREAD_TIMEOUT", "20", 1) == 0) execv("/proc/self/exe", argv);
     for (int i = 1; i < argc; i++) {
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(argv[i], "--gpu-only")) cpu = 0; /* the offline GPU check's time budget */

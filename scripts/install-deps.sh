@@ -7,9 +7,10 @@ pkgs=(build-essential pkg-config libopenblas-dev libcjson-dev libcriterion-dev l
 # optional: the dashboard page's render test uses a headless chromium (it skips without one);
 # OpenMPI runs loupe over several processes (tensor parallelism; without it the build is
 # single-process and the mpirun tests skip); python3-jsonschema validates loupe's graph JSON
-# against Neuronpedia's schema (test_graph_schema skips without it); installed when we can,
-# never required
-optional=(chromium openmpi-bin libopenmpi-dev python3-jsonschema)
+# against Neuronpedia's schema (test_graph_schema skips without it); strace shows a test what
+# programs `loupe train-sae` starts (test_cli's check of it skips without it); installed when
+# we can, never required
+optional=(chromium openmpi-bin libopenmpi-dev python3-jsonschema strace)
 missing=()
 for p in "${pkgs[@]}" "${optional[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

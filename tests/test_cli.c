@@ -567,3 +567,28 @@ Test(cli, attribute_and_patch_sweeps_resume_and_report_bad_lines) {
     /* unknown node kinds are refused before any work */
     expect_bad("unknown node kind 'hook_resid'", "attribute " MODEL " --attrib.pairs=x --attrib.out=y --attrib.nodes=%s", "hook_resid");
 }
+
+/* train-sae starts itself once more with OPENBLAS_THREAD_TIMEOUT=20 when the user has not set
+ * the variable (host/cli/main.c, train_blas_env); a value the user set, and every other
+ * command, are left alone. Seen through strace's record of the programs each run starts. */
+static int execs_of(const char *env, const char *args, char *trace, size_t n) {
+    const char *bin = getenv("LOUPE_CLI") ? getenv("LOUPE_CLI") : "build/loupe";
+    char cmd[4096], path[128];
+    snprintf(path, sizeof path, "%s/strace.txt", dir);
+    snprintf(cmd, sizeof cmd, "env %s strace -f -v -s 4096 -e trace=execve -o %s %s %s >/dev/null 2>&1", env, path, bin, args);
+    (void)!system(cmd);
+    slurp(path, trace, n);
+    int k = 0;
+    for (const char *p = trace; (p = strstr(p, "execve(\"/proc/self/exe\"")); p++) k++;
+    return k;
+}
+
+Test(cli, train_sae_sets_how_long_openblas_spins) {
+    if (system("command -v strace >/dev/null 2>&1") != 0) cr_skip_test("strace is not installed");
+    static char trace[1 << 16];
+    cr_expect_eq(execs_of("-u OPENBLAS_THREAD_TIMEOUT", "train-sae /nonexistent", trace, sizeof trace), 1, "%s", trace);
+    cr_expect(strstr(trace, "OPENBLAS_THREAD_TIMEOUT=20"), "%s", trace);
+    cr_expect_eq(execs_of("OPENBLAS_THREAD_TIMEOUT=26", "train-sae /nonexistent", trace, sizeof trace), 0, "%s", trace);
+    cr_expect_eq(execs_of("-u OPENBLAS_THREAD_TIMEOUT", "info " MODEL, trace, sizeof trace), 0, "%s", trace);
+    cr_expect(!strstr(trace, "OPENBLAS_THREAD_TIMEOUT="), "%s", trace);
+}

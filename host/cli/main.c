@@ -8,7 +8,9 @@
  * 2 bad usage or bad input). With --json the last stdout line is one object. */
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "loupe/config.h"
 #include "cli.h"
@@ -296,11 +298,23 @@ static lp_status parse_args(args *a, int argc, char **argv, const char *position
     return check_paths(&a->cfg);
 }
 
+/* OpenBLAS's worker threads spin (sched_yield) for 2^OPENBLAS_THREAD_TIMEOUT cycles after each
+ * GEMM, 2^28 by default, on the cores that SAE training's own threads need between its GEMMs
+ * (the selection, the sparse gradients, Adam): about a quarter of a TopK step on two cores,
+ * while a forward, whose GEMMs follow one another closely, gains from the spin (README,
+ * bench_sae). OpenBLAS reads the variable once, as it loads, so train-sae sets it to 20,
+ * unless the user has set it, by starting itself again. If that fails it goes on as it is. */
+static void train_blas_env(char **argv) {
+    if (strcmp(argv[1], "train-sae") != 0 || getenv("OPENBLAS_THREAD_TIMEOUT")) return;
+    if (setenv("OPENBLAS_THREAD_TIMEOUT", "20", 1) == 0) execv("/proc/self/exe", argv);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "help") == 0) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
+    train_blas_env(argv);
     const char *cmd = argv[1];
     if (strcmp(cmd, "graph-page") == 0) return cmd_graph_page(argc - 2, argv + 2);
     /* the positional argument is the model, or for the SAE commands the SAE */
