@@ -197,6 +197,8 @@ lp_status cuda_sae_encode_sparse_input_grad(lp_ctx *c, float *dx, const float *d
  * kernels/sae_lists.cu, kernels/sae_select.cu and kernels/matmul.cu. */
 /* One row of cpu_sae_topk (host/ops/cpu/sae.c). */
 void cpu_sae_topk_row(int32_t *idx, float *val, const float *row, int S, int K);
+/* also lp_sae_topk_among_counted's twin: with n_cand < K a row's last K - n_cand entries are
+ * padding of value 0 */
 lp_status cpu_sae_topk_among(int32_t *idx, float *val, const float *pre, const int32_t *cand, int n_cand, int N, int S,
                              int K);
 void cpu_sae_latent_lists(int32_t *lists, const int32_t *idx, int N, int K, int S);

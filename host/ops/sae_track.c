@@ -43,7 +43,7 @@ lp_status lp_sae_topk_among_counted(lp_ctx *c, int32_t *idx, float *val, const f
         for (int i = 0; i < (int)n; i++)
             NEED(cand[i] >= 0 && cand[i] < S && (i == 0 || cand[i] > cand[i - 1]),
                  "sae_topk_among_counted: candidate %d (latent %d) is out of [0, %d) or out of increasing order", i, cand[i], S);
-        return cpu_sae_topk_among_counted(idx, val, pre, cand, (int)n, N, S, K);
+        return cpu_sae_topk_among(idx, val, pre, cand, (int)n, N, S, K); /* pads past min(K, n) */
     }
     return cuda_sae_topk_among_counted(c, idx, val, pre, cand, n_cand, N, S, K);
 }

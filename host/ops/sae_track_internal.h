@@ -45,8 +45,6 @@ extern "C" {
 void cpu_sae_dead_update(int64_t *since, int32_t *cand, double *trk, const int64_t *counts, int S, int64_t tokens,
                          int64_t window);
 void cpu_sae_l1_term(double *trk, const float *colsum, const float *norms, int S);
-lp_status cpu_sae_topk_among_counted(int32_t *idx, float *val, const float *pre, const int32_t *cand, int n_cand, int N,
-                                     int S, int K);
 lp_status cuda_sae_topk_among_counted(lp_ctx *c, int32_t *idx, float *val, const float *pre, const int32_t *cand,
                                       const double *n_cand, int N, int S, int K);
 

@@ -12,9 +12,11 @@
 #include "ops/ops_internal.h"
 
 /* ---- top-K among candidates ----
- * Per row, the candidates' values are gathered into n_cand floats and the row's top-K
- * taken there; positions map back through cand, whose increasing order keeps the ties'
- * lower-latent-first rule. Memory is one gathered row per thread, never [N, S]. */
+ * Per row, the candidates' values are gathered into n_cand floats and the row's top
+ * m = min(K, n_cand) taken there; positions map back through cand, whose increasing order
+ * keeps the ties' lower-latent-first rule. With fewer candidates than K (AuxK over fewer dead
+ * latents than aux_k, lp_sae_topk_among_counted) the rest of the row is padding of value 0
+ * that adds nothing downstream. Memory is one gathered row per thread, never [N, S]. */
 typedef struct {
     int32_t *idx;
     float *val;
@@ -26,17 +28,22 @@ typedef struct {
 
 static void among_rows(void *p, size_t n0, size_t n1) {
     among_args *a = p;
-    float *row = malloc((size_t)a->n_cand * sizeof(float));
+    const int m = a->K < a->n_cand ? a->K : a->n_cand;
+    float *row = malloc((size_t)(a->n_cand ? a->n_cand : 1) * sizeof(float));
     if (!row) {
         a->oom = 1; /* set by any thread that fails: the caller reports it */
         return;
     }
     for (size_t n = n0; n < n1; n++) {
-        const float *pr = a->pre + n * a->S;
         int32_t *h = a->idx + n * a->K;
-        for (int i = 0; i < a->n_cand; i++) row[i] = pr[a->cand[i]];
-        cpu_sae_topk_row(h, a->val + n * a->K, row, a->n_cand, a->K);
-        for (int j = 0; j < a->K; j++) h[j] = a->cand[h[j]];
+        float *v = a->val + n * a->K;
+        if (m > 0) {
+            const float *pr = a->pre + n * a->S;
+            for (int i = 0; i < a->n_cand; i++) row[i] = pr[a->cand[i]];
+            cpu_sae_topk_row(h, v, row, a->n_cand, m);
+            for (int j = 0; j < m; j++) h[j] = a->cand[h[j]];
+        }
+        for (int j = m; j < a->K; j++) h[j] = (int32_t)((n * a->K + j) % (size_t)a->S), v[j] = 0.0f;
     }
     free(row);
 }
