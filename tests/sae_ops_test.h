@@ -61,24 +61,6 @@ static inline void *xmalloc(size_t bytes) {
 }
 static inline double *dalloc(size_t n) { return xmalloc(n * sizeof(double)); }
 
-/* Distinct random latents per row (as a top-k gives): idx [N,K] in [0,S), K <= S. */
-static inline int32_t *rand_idx(int N, int K, int S, uint64_t seed) {
-    int32_t *idx = xmalloc((size_t)N * K * sizeof(int32_t));
-    uint64_t s = seed;
-    for (int n = 0; n < N; n++)
-        for (int j = 0; j < K; j++) {
-            int32_t v;
-            int dup;
-            do {
-                v = (int32_t)(lp_test_next(&s) % (uint64_t)S);
-                dup = 0;
-                for (int q = 0; q < j; q++) dup |= idx[(size_t)n * K + q] == v;
-            } while (dup);
-            idx[(size_t)n * K + j] = v;
-        }
-    return idx;
-}
-
 /* Values on a grid of `step` in [lo, hi]: ties everywhere; every 7th zero becomes -0. */
 static inline float *rand_ties(size_t n, uint64_t seed, float lo, float hi, float step) {
     float *x = lp_test_rand(n, seed, lo, hi);

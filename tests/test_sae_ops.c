@@ -234,7 +234,7 @@ Test(sae_ops, decode_sparse) {
         for (int with_bias = 0; with_bias < 2; with_bias++) {
             const int N = DEC_SHAPES[si][0], K = DEC_SHAPES[si][1], D = DEC_SHAPES[si][2], S = DEC_SHAPES[si][3];
             const uint64_t seed = 1500 + si * 2 + with_bias;
-            int32_t *idx = rand_idx(N, K, S, seed);
+            int32_t *idx = lp_test_rand_idx(N, K, S, seed);
             float *val = lp_test_rand((size_t)N * K, seed + 1, 0, 3), *W = lp_test_rand((size_t)S * D, seed + 2, -1, 1);
             float *bias = with_bias ? lp_test_rand(D, seed + 3, -1, 1) : NULL, *out = xmalloc((size_t)N * D * 4);
             double *ref = dalloc((size_t)N * D);
@@ -256,7 +256,7 @@ Test(sae_ops, decode_sparse_grad) {
     for (size_t si = 0; si < sizeof DEC_SHAPES / sizeof *DEC_SHAPES; si++) {
         const int N = DEC_SHAPES[si][0], K = DEC_SHAPES[si][1], D = DEC_SHAPES[si][2], S = DEC_SHAPES[si][3];
         const uint64_t seed = 1600 + si;
-        int32_t *idx = rand_idx(N, K, S, seed);
+        int32_t *idx = lp_test_rand_idx(N, K, S, seed);
         float *val = lp_test_rand((size_t)N * K, seed + 1, 0, 3), *W = lp_test_rand((size_t)S * D, seed + 2, -1, 1);
         float *dout = lp_test_rand((size_t)N * D, seed + 3, -1, 1), *dW = lp_test_rand((size_t)S * D, seed + 4, -1, 1);
         float *dW0 = xmalloc((size_t)S * D * 4), *dval = xmalloc((size_t)N * K * 4);
@@ -300,7 +300,7 @@ static double dec_loss(void *p) {
 Test(sae_ops, decode_sparse_grad_finite_differences) {
     const int N = 31, K = 7, D = 33, S = 20; /* S small: latents shared between tokens */
     const uint64_t seed = 1700;
-    int32_t *idx = rand_idx(N, K, S, seed);
+    int32_t *idx = lp_test_rand_idx(N, K, S, seed);
     float *val = lp_test_rand((size_t)N * K, seed + 1, 0, 3), *W = lp_test_rand((size_t)S * D, seed + 2, -1, 1);
     float *bias = lp_test_rand(D, seed + 3, -1, 1), *wt = lp_test_rand((size_t)N * D, seed + 4, -1, 1);
     float *out = xmalloc((size_t)N * D * 4), *dval = xmalloc((size_t)N * K * 4), *dW = calloc((size_t)S * D, 4);
@@ -330,7 +330,7 @@ Test(sae_ops, encode_sparse_grad) {
     for (size_t si = 0; si < sizeof DEC_SHAPES / sizeof *DEC_SHAPES; si++) {
         const int N = DEC_SHAPES[si][0], K = DEC_SHAPES[si][1], D = DEC_SHAPES[si][2], S = DEC_SHAPES[si][3];
         const uint64_t seed = 1800 + si;
-        int32_t *idx = rand_idx(N, K, S, seed);
+        int32_t *idx = lp_test_rand_idx(N, K, S, seed);
         float *x = lp_test_rand((size_t)N * D, seed + 1, -1, 1), *dpre = lp_test_rand((size_t)N * K, seed + 2, -1, 1);
         float *dWe = lp_test_rand((size_t)D * S, seed + 3, -1, 1), *dbe = lp_test_rand(S, seed + 4, -1, 1);
         double *rW = dalloc((size_t)D * S), *rb = dalloc(S);
@@ -355,7 +355,7 @@ Test(sae_ops, encode_sparse_input_grad) {
     for (size_t si = 0; si < sizeof DEC_SHAPES / sizeof *DEC_SHAPES; si++) {
         const int N = DEC_SHAPES[si][0], K = DEC_SHAPES[si][1], D = DEC_SHAPES[si][2], S = DEC_SHAPES[si][3];
         const uint64_t seed = 1850 + si;
-        int32_t *idx = rand_idx(N, K, S, seed);
+        int32_t *idx = lp_test_rand_idx(N, K, S, seed);
         float *dpre = lp_test_rand((size_t)N * K, seed + 1, -1, 1), *W = lp_test_rand((size_t)D * S, seed + 2, -1, 1);
         float *dx = xmalloc((size_t)N * D * 4);
         double *ref = dalloc((size_t)N * D);
@@ -389,7 +389,7 @@ static double enc_loss(void *p) {
 Test(sae_ops, encode_sparse_grad_finite_differences) {
     const int N = 31, K = 5, D = 33, S = 40;
     const uint64_t seed = 1900;
-    int32_t *idx = rand_idx(N, K, S, seed);
+    int32_t *idx = lp_test_rand_idx(N, K, S, seed);
     float *x = lp_test_rand((size_t)N * D, seed + 1, -1, 1), *wt = lp_test_rand((size_t)N * K, seed + 2, -1, 1);
     float *W = lp_test_rand((size_t)D * S, seed + 3, -1, 1), *b = lp_test_rand(S, seed + 4, -1, 1);
     float *pre = xmalloc((size_t)N * S * 4), *dW = calloc((size_t)D * S, 4), *db = calloc(S, 4);

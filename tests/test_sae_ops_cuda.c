@@ -76,25 +76,6 @@ static void expect_same_ints(int op, lp_dtype dt, const char *label, uint64_t se
               lp_dtype_name(dt), label, bad, n, first, (unsigned long long)seed);
 }
 
-/* Distinct random latents per row: idx [N,K] in [0,S). */
-static int32_t *rand_idx(int N, int K, int S, uint64_t seed) {
-    int32_t *idx = xmalloc((size_t)N * K * sizeof(int32_t));
-    uint8_t *used = calloc(S, 1);
-    uint64_t s = seed;
-    for (int n = 0; n < N; n++) {
-        for (int j = 0; j < K; j++) {
-            int32_t v;
-            do v = (int32_t)(lp_test_next(&s) % (uint64_t)S);
-            while (used[v]);
-            used[v] = 1;
-            idx[(size_t)n * K + j] = v;
-        }
-        for (int j = 0; j < K; j++) used[idx[(size_t)n * K + j]] = 0;
-    }
-    free(used);
-    return idx;
-}
-
 /* Values on a grid of `step`: ties everywhere; every 7th zero becomes -0. */
 static float *rand_ties(size_t n, uint64_t seed, float lo, float hi, float step) {
     float *x = lp_test_rand(n, seed, lo, hi);
@@ -254,7 +235,7 @@ Test(sae_ops_cuda, decode_sparse) {
             for (int with_bias = 0; with_bias < 2; with_bias++) {
                 const int N = SPARSE_SHAPES[si][0], K = SPARSE_SHAPES[si][1], D = SPARSE_SHAPES[si][2], S = SPARSE_SHAPES[si][3];
                 const uint64_t seed = 500 + si;
-                int32_t *idx = rand_idx(N, K, S, seed);
+                int32_t *idx = lp_test_rand_idx(N, K, S, seed);
                 float *val = lp_test_rand((size_t)N * K, seed + 1, 0, 3), *W = lp_test_rand((size_t)S * D, seed + 2, -1, 1);
                 float *bias = lp_test_rand(D, seed + 3, -1, 1), *ref = xmalloc((size_t)N * D * 4);
                 OK(lp_sae_decode_sparse(cpu(), ref, idx, val, W, with_bias ? bias : NULL, N, K, D));
@@ -279,7 +260,7 @@ Test(sae_ops_cuda, decode_sparse_grad) {
         for (size_t si = 0; si < NSPARSE; si++) {
             const int N = SPARSE_SHAPES[si][0], K = SPARSE_SHAPES[si][1], D = SPARSE_SHAPES[si][2], S = SPARSE_SHAPES[si][3];
             const uint64_t seed = 600 + si;
-            int32_t *idx = rand_idx(N, K, S, seed);
+            int32_t *idx = lp_test_rand_idx(N, K, S, seed);
             float *val = lp_test_rand((size_t)N * K, seed + 1, 0, 3), *W = lp_test_rand((size_t)S * D, seed + 2, -1, 1);
             float *dout = lp_test_rand((size_t)N * D, seed + 3, -1, 1), *rdW = lp_test_rand((size_t)S * D, seed + 4, -1, 1);
             float *dW0 = dup(rdW, (size_t)S * D * 4), *rdval = xmalloc((size_t)N * K * 4);
@@ -307,7 +288,7 @@ Test(sae_ops_cuda, encode_sparse_grads) {
         for (size_t si = 0; si < NSPARSE; si++) {
             const int N = SPARSE_SHAPES[si][0], K = SPARSE_SHAPES[si][1], D = SPARSE_SHAPES[si][2], S = SPARSE_SHAPES[si][3];
             const uint64_t seed = 700 + si;
-            int32_t *idx = rand_idx(N, K, S, seed);
+            int32_t *idx = lp_test_rand_idx(N, K, S, seed);
             float *x = lp_test_rand((size_t)N * D, seed + 1, -1, 1), *dpre = lp_test_rand((size_t)N * K, seed + 2, -1, 1);
             float *rW = lp_test_rand((size_t)D * S, seed + 3, -1, 1), *rb = lp_test_rand(S, seed + 4, -1, 1);
             float *W0 = dup(rW, (size_t)D * S * 4), *b0 = dup(rb, (size_t)S * 4), *rdx = xmalloc((size_t)N * D * 4);
@@ -551,7 +532,7 @@ Test(sae_ops_cuda, fire_counts) {
         for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
             const int N = shapes[si][0], K = shapes[si][1], S = shapes[si][2];
             const uint64_t seed = 1300 + si;
-            int32_t *idx = rand_idx(N, K, S, seed);
+            int32_t *idx = lp_test_rand_idx(N, K, S, seed);
             float *val = rand_ties((size_t)N * K, seed + 1, -1, 2, 0.5f), *f = rand_ties((size_t)N * S, seed + 2, -1, 1, 0.25f);
             if (N * K > 4) idx[3] = -1, idx[4] = S, val[3] = val[4] = 1; /* ignored */
             int64_t *c0 = xmalloc((size_t)S * 8), *rs = xmalloc((size_t)S * 8), *rd = xmalloc((size_t)S * 8);

@@ -275,7 +275,7 @@ Test(sae_ops, recon_sums) {
 Test(sae_ops, fire_counts_sparse_and_dense) {
     const int N = 33, K = 7, S = 50;
     const uint64_t seed = 2600;
-    int32_t *idx = rand_idx(N, K, S, seed);
+    int32_t *idx = lp_test_rand_idx(N, K, S, seed);
     float *val = rand_ties((size_t)N * K, seed + 1, -1, 2, 0.5f); /* zeros and negatives do not fire */
     idx[3] = -1, idx[4] = S;                                        /* ignored */
     val[3] = val[4] = 1;

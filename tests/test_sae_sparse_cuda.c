@@ -36,25 +36,6 @@ static size_t n_differ(const void *a, const void *b, size_t n, size_t elem) {
     return bad;
 }
 
-/* Distinct random latents per row: idx [N,K] in [0,S). */
-static int32_t *rand_idx(int N, int K, int S, uint64_t seed) {
-    int32_t *idx = xmalloc((size_t)N * K * sizeof(int32_t));
-    uint8_t *used = calloc(S, 1);
-    uint64_t s = seed;
-    for (int n = 0; n < N; n++) {
-        for (int j = 0; j < K; j++) {
-            int32_t v;
-            do v = (int32_t)(lp_test_next(&s) % (uint64_t)S);
-            while (used[v]);
-            used[v] = 1;
-            idx[(size_t)n * K + j] = v;
-        }
-        for (int j = 0; j < K; j++) used[idx[(size_t)n * K + j]] = 0;
-    }
-    free(used);
-    return idx;
-}
-
 /* Every `every`-th latent from `first`, at most S: an increasing candidate list. */
 static int32_t *cand_list(int S, int first, int every, int *n) {
     int32_t *c = xmalloc((size_t)S * sizeof(int32_t));
@@ -204,7 +185,7 @@ Test(sae_sparse_cuda, latent_lists_and_the_encoder_gradient) {
         const int N = shapes[si][0], K = shapes[si][1], D = shapes[si][2], S = shapes[si][3];
         const uint64_t seed = 950 + si;
         const size_t nl = lp_sae_latent_lists_len(N, K, S);
-        int32_t *idx = rand_idx(N, K, S, seed), *rl = xmalloc(nl * 4);
+        int32_t *idx = lp_test_rand_idx(N, K, S, seed), *rl = xmalloc(nl * 4);
         if (si == 2) /* a hot latent: every token chose latent 5 */
             for (int n = 0; n < N; n++) idx[(size_t)n * K] = 5, idx[(size_t)n * K + 1] = idx[(size_t)n * K + 1] == 5 ? 6 : idx[(size_t)n * K + 1];
         float *x = lp_test_rand((size_t)N * D, seed + 1, -1, 1), *dpre = lp_test_rand((size_t)N * K, seed + 2, -1, 1);
@@ -251,7 +232,7 @@ Test(sae_sparse_cuda, the_decoder_gradient_from_the_lists) {
         const int N = shapes[si][0], K = shapes[si][1], D = shapes[si][2], S = shapes[si][3];
         const uint64_t seed = 1150 + si;
         const size_t nl = lp_sae_latent_lists_len(N, K, S), NK = (size_t)N * K;
-        int32_t *idx = rand_idx(N, K, S, seed), *rl = xmalloc(nl * 4);
+        int32_t *idx = lp_test_rand_idx(N, K, S, seed), *rl = xmalloc(nl * 4);
         if (si == 2) /* a hot latent: every token chose latent 5 */
             for (int n = 0; n < N; n++) idx[(size_t)n * K] = 5, idx[(size_t)n * K + 1] = idx[(size_t)n * K + 1] == 5 ? 6 : idx[(size_t)n * K + 1];
         float *dout = lp_test_rand((size_t)N * D, seed + 1, -1, 1), *val = lp_test_rand(NK, seed + 2, 0, 2);

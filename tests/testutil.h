@@ -40,6 +40,25 @@ static inline float *lp_test_rand(size_t n, uint64_t seed, float lo, float hi) {
     lp_test_fill(x, n, seed, lo, hi);
     return x;
 }
+/* Distinct random latents per row (as a top-k gives): idx [N,K] in [0,S), K <= S. */
+static inline int32_t *lp_test_rand_idx(int N, int K, int S, uint64_t seed) {
+    const size_t n_idx = (size_t)N * K;
+    int32_t *idx = malloc((n_idx ? n_idx : 1) * sizeof(int32_t));
+    cr_assert(idx != NULL);
+    uint64_t s = seed;
+    for (int n = 0; n < N; n++)
+        for (int j = 0; j < K; j++) {
+            int32_t v;
+            int dup;
+            do {
+                v = (int32_t)(lp_test_next(&s) % (uint64_t)S);
+                dup = 0;
+                for (int q = 0; q < j; q++) dup |= idx[(size_t)n * K + q] == v;
+            } while (dup);
+            idx[(size_t)n * K + j] = v;
+        }
+    return idx;
+}
 
 /* CUDA tests call this first: skip with the reason, or fail under LOUPE_REQUIRE_GPU=1. */
 #define LP_TEST_REQUIRE_GPU()                                                             \
