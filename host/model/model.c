@@ -158,11 +158,11 @@ static void free_acts(lp_model *m) {
 
 void lp_model_free(lp_model *m) {
     if (!m) return;
+    grad_free(m); /* before weights_free, which zeroes the weight count its per-weight gradients are walked by */
     hooks_free(m);
     free_acts(m);
     weights_free(m);
     lp_ctx_release(&m->ctx, m->kv.mem);
-    grad_free(m);
     vocab_pad_free(m);
     lp_ctx_release(&m->ctx, m->tp.mem);
     lp_ctx_release(&m->ctx, m->grad_ones);
