@@ -108,7 +108,7 @@ Test(dist, tp_overlap_setting) {
     lp_model *a, *b;
     cr_assert_eq(lp_model_load(&a, FIX "gpt2-tiny", LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
     cr_assert_eq(lp_model_load(&b, FIX "gpt2-tiny", LP_CPU, LP_F32), LP_OK, "%s", lp_last_error());
-    cr_assert_eq(lp_model_set_tp_overlap(b, 0), LP_ERR_ARG);
+    cr_assert_eq(lp_model_set_tp_overlap(b, -1), LP_ERR_ARG);
     cr_assert_eq(lp_model_set_tp_overlap(b, LP_DIST_MAX_STARTED + 1), LP_ERR_ARG);
     cr_assert(strstr(lp_last_error(), "micro-batches"), "message: %s", lp_last_error());
     cr_assert_eq(lp_model_set_tp_overlap(b, 2), LP_OK);
@@ -156,6 +156,20 @@ static void run_check(int np, const char *prog, const char *args, const char *ok
 }
 
 #define TP_MODELS FIX "gpt2-tiny " FIX "llama-tiny " FIX "qwen2-tiny " FIX "mistral-tiny " FIX "gemma2-tiny " FIX "gemma3-tiny"
+/* The default micro-batches: 4 only where each part keeps LP_TP_PART_MIN_ROWS tokens, else 2
+ * for an even batch, else the plain schedule (whole sequences per part). */
+Test(dist, tp_auto_parts) {
+    cr_expect_eq(lp_model_tp_auto_parts(8, 1024), 2, "8 x 1024: parts of 2048 tokens are too few for 4");
+    cr_expect_eq(lp_model_tp_auto_parts(16, 1024), 4);
+    cr_expect_eq(lp_model_tp_auto_parts(4, LP_TP_PART_MIN_ROWS), 4);
+    cr_expect_eq(lp_model_tp_auto_parts(4, LP_TP_PART_MIN_ROWS - 1), 2);
+    cr_expect_eq(lp_model_tp_auto_parts(6, 8192), 2, "6 sequences do not make 4 parts");
+    cr_expect_eq(lp_model_tp_auto_parts(2, 16), 2);
+    cr_expect_eq(lp_model_tp_auto_parts(3, 100000), 1);
+    cr_expect_eq(lp_model_tp_auto_parts(1, 8192), 1);
+    cr_expect_eq(lp_model_tp_auto_parts(1 << 20, 1 << 20), 4, "no overflow of B x T");
+}
+
 Test(dist, tp2_matches_one_process, .timeout = 60) { run_check(2, "tp_check", TP_MODELS, "all agree", 1); }
 Test(dist, tp4_matches_one_process, .timeout = 60) { run_check(4, "tp_check", TP_MODELS, "all agree", 1); }
 

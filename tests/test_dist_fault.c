@@ -316,9 +316,10 @@ Test(dist_fault, a_rank_arriving_late_within_the_start_timeout_is_waited_for) {
     cr_assert(strstr(out, "hook points (40)"), "%s", out);
 }
 
-/* dist.tp_parts outside 1..8 (one started all-reduce per part): refused by name, exit 2 */
+/* dist.tp_parts outside 0..8 (one started all-reduce per part; 0: chosen per forward):
+ * refused by name, exit 2 */
 Test(dist_fault, a_bad_tp_parts_is_refused) {
-    static const char *const bad[] = {"0", "9", "-1", "two"};
+    static const char *const bad[] = {"9", "-1", "two", "1.5"};
     char out[16384];
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         int rc = mpitest_run(out, sizeof out, "%s info " FIX "gpt2-tiny --dist.tp_parts=%s", g_bin, bad[i]);

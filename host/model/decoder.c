@@ -7,13 +7,20 @@
 
 #define MAX_PARTS LP_DIST_MAX_STARTED /* one started all-reduce per part at a time */
 
-/* Whether this forward interleaves micro-batches: only a plain one (nothing captured,
+int lp_model_tp_auto_parts(int B, int T) {
+    if (B % 4 == 0 && (int64_t)B * T / 4 >= LP_TP_PART_MIN_ROWS) return 4;
+    return B % 2 == 0 ? 2 : 1;
+}
+
+/* The micro-batches this forward interleaves (1: none): only a plain one (nothing captured,
  * edited or scored, no tape for a backward, no KV cache) of a split model, whose batch the
  * parts divide. Anything that watches a layer sees it whole, in the plain schedule. */
-static int interleaves(const lp_model *m, int B, int last) {
+static int parts_of(const lp_model *m, int B, int T, int last) {
     const mdl_tp *p = &m->par;
-    return p->tp > 1 && p->parts > 1 && p->parts <= MAX_PARTS && B % p->parts == 0 && last >= 0 && !m->tp.on &&
-           m->kv.pos0 < 0 && !m->kv.generating && hooks_last_layer(m) < 0;
+    int k = p->parts ? p->parts : lp_model_tp_auto_parts(B, T);
+    int plain = p->tp <= 1 || k <= 1 || k > MAX_PARTS || B % k || last < 0 || m->tp.on || m->kv.pos0 >= 0 ||
+                m->kv.generating || hooks_last_layer(m) >= 0;
+    return plain ? 1 : k;
 }
 
 /* Part j's view of the model, b of its sequences: the same weights, hooks, context and
@@ -58,7 +65,7 @@ static lp_status step(lp_model *p, int s, int b, int T, lp_dist_req **req) {
  * it. Per layer: 2 x parts all-reduces of B T d / parts values (the plain schedule: 2 of
  * B T d). */
 static lp_status layers_interleaved(lp_model *m, int B, int T, int last) {
-    int k = m->par.parts, b = B / k;
+    int k = m->par.parts_run, b = B / k;
     lp_model part[MAX_PARTS];
     lp_dist_req *req[MAX_PARTS] = {0};
     for (int j = 0; j < k; j++) part_view(&part[j], m, b, T, j);
@@ -78,7 +85,7 @@ static lp_status layers_interleaved(lp_model *m, int B, int T, int last) {
 lp_status decoder_forward(lp_model *m, int B, int T, int want) {
     int N = B * T, last = blk_last_layer(m, want), top = last < m->cfg.n_layers ? last : m->cfg.n_layers - 1;
     LP_CHECK(blk_embed(m, B, T));
-    m->par.parts_run = interleaves(m, B, top) ? m->par.parts : 1;
+    m->par.parts_run = parts_of(m, B, T, top);
     if (m->par.parts_run > 1) {
         LP_CHECK(layers_interleaved(m, B, T, top)); /* no hook sites: nobody listens */
     } else {

@@ -175,8 +175,9 @@ void lp_model_free(lp_model *m) {
 
 const lp_config *lp_model_config(const lp_model *m) { return &m->cfg; }
 lp_status lp_model_set_tp_overlap(lp_model *m, int parts) {
-    if (parts < 1 || parts > LP_DIST_MAX_STARTED) /* one started all-reduce per part */
-        LP_FAIL(LP_ERR_ARG, "tensor-parallel micro-batches: %d (from 1, the plain schedule, to %d)", parts, LP_DIST_MAX_STARTED);
+    if (parts < 0 || parts > LP_DIST_MAX_STARTED) /* one started all-reduce per part */
+        LP_FAIL(LP_ERR_ARG, "tensor-parallel micro-batches: %d (0: chosen per forward; 1: the plain schedule; at most %d)", parts,
+                LP_DIST_MAX_STARTED);
     m->par.parts = parts;
     return LP_OK;
 }

@@ -208,7 +208,7 @@ typedef struct mdl_tp {
     int H, Hkv, F, V;     /* local heads, kv heads, MLP width, vocabulary rows */
     int h0, hkv0, f0, v0; /* where this rank's slice starts in the full model */
     int kv_rep;           /* 1: fewer kv heads than ranks: each rank holds the one kv head its q heads read */
-    int parts;            /* micro-batches of the interleaved forward (decoder.c; 1: the plain schedule) */
+    int parts;            /* micro-batches of the interleaved forward (decoder.c; 0: per forward, 1: the plain schedule) */
     int parts_run;        /* those the last forward ran its layers in (1: the plain schedule) */
     void *ones;           /* [d_model] ones (act dtype): biases added after a reduce */
     float *xh;            /* host [logit_rows, V] this rank's logits, for the vocabulary-parallel loss */

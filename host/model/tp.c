@@ -34,7 +34,6 @@ lp_status tp_setup(lp_model *m) {
     p->tp = P;
     p->H = c->n_heads, p->Hkv = c->n_kv_heads, p->F = c->d_mlp, p->V = c->d_vocab;
     p->h0 = p->hkv0 = p->f0 = p->v0 = 0, p->kv_rep = 0;
-    if (!p->parts) p->parts = 2; /* two micro-batches unless the caller chose (lp_model_set_tp_overlap) */
     if (P == 1) return LP_OK;
     if (c->n_heads % P)
         LP_FAIL(LP_ERR_ARG, "dist.tp=%d: the model's %d attention heads do not split evenly over %d ranks", P, c->n_heads, P);

@@ -91,15 +91,24 @@ lp_status lp_model_random(lp_model **m, const lp_config *cfg, uint64_t seed, lp_
  * shapes: not lp_model_random's model cut in pieces; for timing tensor parallelism). */
 lp_status lp_model_random_dist(lp_model **m, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype, lp_dist *d);
 /* Tensor parallelism (a model split over TP > 1 ranks): a forward may run its layers with
- * the batch in `parts` micro-batches of whole sequences (default 2), block by block, each
+ * the batch in `parts` micro-batches of whole sequences, block by block, each
  * part's all-reduce started and waited for only when that part's next block needs it, so
  * that one part's communication travels while the others compute (dist.h's started
  * collectives). Only a plain forward does: the batch a multiple of parts, no hook captured,
  * edited or scored, no gradient, no generation; anything else runs the plain schedule (two
  * all-reduces per layer, each waited for at once). The results agree with the plain
- * schedule's to rounding (each GEMM sees fewer rows). parts: 1 (always the plain schedule)
- * to LP_DIST_MAX_STARTED (8), else LP_ERR_ARG. */
+ * schedule's to rounding (each GEMM sees fewer rows). parts: 0 (the default: per forward,
+ * lp_model_tp_auto_parts), 1 (always the plain schedule) to LP_DIST_MAX_STARTED (8), else
+ * LP_ERR_ARG. */
 lp_status lp_model_set_tp_overlap(lp_model *m, int parts);
+/* The micro-batches of a forward of B sequences of T tokens under parts = 0: 4 when B divides
+ * by 4 and each part keeps at least LP_TP_PART_MIN_ROWS tokens, else 2 when B is even, else 1.
+ * Why 4096: at TP = 8 a part of fewer rows cuts a Llama-3-8B-shaped rank's MLP GEMMs into
+ * tile waves that leave an H100's SMs partly idle (scripts/tp-estimate.py models it), which
+ * costs more than the better overlap of four parts gains; from 4096 rows on, four parts hide
+ * clearly more of the communication than two (README, "Running on a cluster"). */
+#define LP_TP_PART_MIN_ROWS 4096
+int lp_model_tp_auto_parts(int B, int T);
 /* The micro-batches the last forward ran its layers in: 1 for the plain schedule. */
 int lp_model_tp_overlapped(const lp_model *m);
 void lp_model_free(lp_model *m);

@@ -270,6 +270,10 @@ static void overlap_check(const char *path, lp_model *w, lp_model *s, lp_dist *d
         snprintf(what, sizeof what, "%d micro-batches: all-reduces", parts);
         reduces_check(path, s, d, tok, B, T, parts, what);
     }
+    /* the default chooses per forward: 4 short sequences make 2 parts of whole sequences */
+    TRY(lp_model_set_tp_overlap(s, 0), "the default schedule");
+    reduces_check(path, s, d, tok, B, T, 2, "default: 2 micro-batches");
+    reduces_check(path, s, d, tok, 3, T, 1, "default, odd batch: plain schedule");
     TRY(lp_model_set_tp_overlap(s, 2), "interleaved schedule");
     reduces_check(path, s, d, tok, 3, T, 1, "odd batch: plain schedule");
     char last[64];
