@@ -16,8 +16,9 @@
  * (N = 1 without mpirun: the same code, one process) times the GPT-2-small shape split over
  * N ranks on the CPU and prints, on rank 0, tokens/s, the bytes each rank all-reduces per
  * layer and the time spent inside the collectives (dist.h's counters), for the plain
- * schedule and then (TP > 1) the interleaved one (--tp-parts K micro-batches, default 2;
- * the batch must be a multiple of K, else only the plain schedule runs, and it says so). The
+ * schedule and then (TP > 1) the interleaved one (--tp-parts K equal micro-batches; default
+ * 0, loupe's own choice: B/4, B/2, B/4 sequences when 4 divides the batch, else halves; when
+ * the parts do not divide the batch only the plain schedule runs, and it says so). The
  * scaling estimate for 8 GPUs is scripts/tp-estimate.py. */
 #include <math.h>
 #include <stdio.h>
@@ -308,11 +309,16 @@ static double time_tp(lp_model *m, lp_dist *d, const int32_t *tok, int B, int T,
     return secs;
 }
 
-static void tp_report(lp_model *m, int tp, int B, int T, int reps, double secs, double cpu, const lp_dist_counts *k) {
-    int L = GPT2_SMALL.n_layers, parts = lp_model_tp_overlapped(m);
+static void tp_report(lp_model *m, int tp, int B, int T, int reps, double secs, double cpu, const lp_dist_counts *k, int setting) {
+    int L = GPT2_SMALL.n_layers, parts = lp_model_tp_overlapped(m), seqs[LP_DIST_MAX_STARTED];
     double per_layer = (double)k->allreduce_bytes / reps / L;
     if (tp == 1) printf("  schedule: one process (no collectives)\n");
-    else if (parts > 1) printf("  schedule: interleaved, %d micro-batches of %d sequences (each all-reduce started, waited for when its part's next block needs it)\n", parts, B / parts);
+    else if (parts > 1) {
+        printf("  schedule: interleaved, %d micro-batches of", parts);
+        lp_model_tp_parts(B, setting, seqs);
+        for (int j = 0; j < parts; j++) printf("%s %d", j ? "," : "", seqs[j]);
+        printf(" sequences (each all-reduce started, waited for when its part's next block needs it)\n");
+    }
     else printf("  schedule: plain (each all-reduce waited for at once)\n");
     printf("  %10.0f tokens/s (%d forwards, %.3f s each)\n", (double)B * T * reps / secs, reps, secs / reps);
     printf("  per forward: %.1f all-reduces (%.2f per layer), %.1f all-gathers, %.1f broadcasts\n", (double)k->allreduce / reps,
@@ -353,20 +359,22 @@ static int tp_section(int tp, int B, int T, int reps, int parts) {
     }
     lp_dist_counts k;
     double cpu, secs = time_tp(m, d, tok, B, T, reps, 1, &k, &cpu);
-    if (rank0) tp_report(m, tp, B, T, reps, secs, cpu, &k);
-    if (rank0 && tp > 1 && parts > 1 && B % parts)
-        printf("  interleaved schedule not run: batch %d is not a multiple of %d micro-batches (--cpu-batch, --tp-parts)\n", B, parts);
-    if (tp > 1 && parts > 1 && B % parts == 0) {
+    if (rank0) tp_report(m, tp, B, T, reps, secs, cpu, &k, 1);
+    int seqs[LP_DIST_MAX_STARTED], want = lp_model_tp_parts(B, parts, seqs);
+    if (rank0 && tp > 1 && parts != 1 && want == 1)
+        printf("  interleaved schedule not run: batch %d does not split into %d micro-batches (--cpu-batch, --tp-parts)\n", B,
+               parts ? parts : 2);
+    if (tp > 1 && want > 1) {
         double plain = loss;
         double secs2 = time_tp(m, d, tok, B, T, reps, parts, &k, &cpu);
         double diff = fabs(mean_loss(m, B, T) - plain);
-        if (rank0 && (lp_model_tp_overlapped(m) != parts || !(diff <= 1e-5 * plain))) {
+        if (rank0 && (lp_model_tp_overlapped(m) != want || !(diff <= 1e-5 * plain))) {
             fprintf(stderr, "bench_forward: validation failed: %d micro-batches ran (asked: %d), the loss differs by %.3g\n",
-                    lp_model_tp_overlapped(m), parts, diff);
+                    lp_model_tp_overlapped(m), want, diff);
             exit(1);
         }
         if (rank0) {
-            tp_report(m, tp, B, T, reps, secs2, cpu, &k);
+            tp_report(m, tp, B, T, reps, secs2, cpu, &k, parts);
             printf("  interleaved / plain: %.2fx the tokens/s (loss differs by %.2g)\n", secs / secs2, diff);
         }
     }
@@ -385,7 +393,7 @@ static int file_exists(const char *p) {
 int main(int argc, char **argv) {
     int cb = 1, ct = 256, gb = 16, gt = 1024, lb = 8, lt = 1024;
     const char *only = NULL;
-    int peer = 1, tp = 0, parts = 2;
+    int peer = 1, tp = 0, parts = 0;
     for (int i = 1; i < argc; i++) {
         const char *val = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(argv[i], "--no-peer")) peer = 0;

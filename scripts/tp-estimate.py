@@ -24,8 +24,9 @@ Two schedules:
 
 * interleaved (what loupe runs when nothing hooks the forward, decoder.c): the batch in k
   micro-batches (--parts; loupe's default, auto_parts, is added and marked *), every block
-  (attention, MLP) run part after part on the compute stream; a part's all-reduce starts on a second stream when its block ends and
-  is waited for only when that part's next block begins. So part j's all-reduce (1/k of the
+  (attention, MLP) run part after part on the compute stream; a part's all-reduce starts
+  on a second stream when its block ends and is waited for only when that part's next
+  block begins. So part j's all-reduce (1/k of the
   buffer) travels while parts j+1.. compute the same block and part 0.. the next one. This
   script plays that schedule out event by event over all layers: two queues (the compute
   stream in block-then-part order; the communication stream, NCCL running one collective
@@ -97,13 +98,13 @@ def block_seconds(a, n, rows, tflops):
     return attn, mlp
 
 
-def interleaved(blocks, comm, layers, parts, slowdown, sync):
-    """Seconds of `layers` layers in `parts` micro-batches. blocks: (attention, MLP) compute
-    seconds of one micro-batch on one rank; comm: seconds of one whole-batch all-reduce.
-    parts = 1 is the plain schedule (each all-reduce waited for at once)."""
+def interleaved(blocks, comms, layers, slowdown, sync):
+    """Seconds of `layers` layers in len(blocks) micro-batches. blocks[j]: (attention, MLP)
+    compute seconds of part j on one rank; comms[j]: seconds of part j's all-reduce. One
+    part is the plain schedule (each all-reduce waited for at once)."""
+    parts = len(blocks)
     order = [(s, j) for s in range(2 * layers) for j in range(parts)]
-    work = {o: blocks[o[0] % 2] for o in order}  # compute seconds at full speed
-    comm_t = comm / parts
+    work = {o: blocks[o[1]][o[0] % 2] for o in order}  # compute seconds at full speed
     c_done, r_done = {}, {}
     t, ci, ri = 0.0, 0, 0
     c_run = r_run = None  # [task, remaining]
@@ -115,7 +116,7 @@ def interleaved(blocks, comm, layers, parts, slowdown, sync):
             if dep is not None and t >= dep + sync - eps:
                 c_run, ci = [order[ci], work[order[ci]]], ci + 1
         if r_run is None and order[ri] in c_done:
-            r_run, ri = [order[ri], comm_t], ri + 1
+            r_run, ri = [order[ri], comms[order[ri][1]]], ri + 1
         rate = 1.0 / (1.0 + slowdown) if r_run else 1.0
         steps = []
         if c_run:
@@ -146,12 +147,21 @@ def interleaved(blocks, comm, layers, parts, slowdown, sync):
     return t
 
 
-def auto_parts(batch, seq, min_rows=4096):
-    """The micro-batches loupe takes by default (dist.tp_parts = 0, decoder.c): 4, else 2,
-    whole sequences each and, for 4, at least min_rows (LP_TP_PART_MIN_ROWS) tokens each."""
-    if batch % 4 == 0 and batch * seq // 4 >= min_rows:
-        return 4
-    return 2 if batch % 2 == 0 else 1
+def auto_parts(batch):
+    """The micro-batches loupe takes by default (dist.tp_parts = 0, lp_model_tp_parts in
+    decoder.c), as sequences per part: B/4, B/2, B/4 when 4 divides the batch, else halves,
+    else one (the plain schedule)."""
+    if batch % 4 == 0:
+        return (batch // 4, batch // 2, batch // 4)
+    return (batch // 2,) * 2 if batch % 2 == 0 else (batch,)
+
+
+def split_of(spec, batch):
+    """--parts: K (equal parts) or ratios a:b:c, as sequences per part (None: not whole)."""
+    w = [int(x) for x in spec.split(":")] if ":" in spec else [1] * int(spec)
+    if batch % sum(w):
+        return None
+    return tuple(batch // sum(w) * x for x in w)
 
 
 def main():
@@ -174,7 +184,9 @@ def main():
     p.add_argument("--layer-ms", type=float, default=None, help="measured ms of one layer on one GPU (replaces --mfu)")
     p.add_argument("--busbw", type=float, nargs="+", default=[370.0, 480.0], help="NCCL all-reduce bus bandwidth, GB/s")
     p.add_argument("--latency-us", type=float, default=0.0, help="fixed cost of one all-reduce, microseconds")
-    p.add_argument("--parts", type=int, nargs="+", default=[2, 4], help="micro-batches of the interleaved schedule")
+    p.add_argument("--parts", nargs="+", default=["2", "4"],
+                   help="micro-batches of the interleaved schedule: K equal parts, or ratios such as 1:2:1 "
+                        "(loupe's default is added)")
     p.add_argument("--slowdown", type=float, nargs="+", default=[0.10, 0.20],
                    help="compute slowdown while an all-reduce runs (NCCL's kernels on the SMs)")
     p.add_argument("--sync-us", type=float, default=20.0,
@@ -187,8 +199,9 @@ def main():
     fl = fa + fm
     buf = rows * a.d_model * a.bytes
     moved = buf * 2 * (n - 1) / n
-    auto = auto_parts(a.batch, a.seq)
-    parts = sorted(set(a.parts) | ({auto} if auto > 1 else set()))
+    auto = auto_parts(a.batch)
+    splits = [x for x in (split_of(spec, a.batch) for spec in a.parts) if x and len(x) > 1]
+    splits = sorted(set(splits) | ({auto} if len(auto) > 1 else set()), key=lambda x: (len(x), x))
     print(f"shape: {a.layers} layers, d_model {a.d_model}, {a.heads} heads ({a.kv_heads} kv) x {a.d_head}, d_mlp {a.d_mlp}; "
           f"batch {a.batch} x {a.seq} = {rows} tokens; TP={n}")
     print(f"per layer forward: {fl / 1e12:.3f} TFLOP in all ({fa / fl:.0%} attention block, {fm / fl:.0%} MLP), "
@@ -196,32 +209,37 @@ def main():
           f"per rank (ring: 2(n-1)/n)")
     print(f"efficiency: one GPU's time for the layer / ({n} x a rank's), every GEMM at its wave fill ({a.sms} SMs) on "
           f"both sides")
-    print(f"interleaved: {' or '.join(map(str, parts))} micro-batches (loupe's default here: "
-          f"{auto if auto > 1 else 'the plain schedule'}); compute {'/'.join(f'{s:.0%}' for s in a.slowdown)} slower while "
-          f"an all-reduce runs; both schedules: {a.sync_us:.0f} us from an all-reduce's end to the kernels that need it")
+    label = lambda x: "+".join(map(str, x))
+    print(f"interleaved: micro-batches of {' or '.join(label(x) for x in splits)} sequences (loupe's default here: "
+          f"{label(auto) if len(auto) > 1 else 'the plain schedule'}, marked *); compute "
+          f"{'/'.join(f'{s:.0%}' for s in a.slowdown)} slower while an all-reduce runs; both schedules: {a.sync_us:.0f} us "
+          f"from an all-reduce's end to the kernels that need it")
     unit = sum(block_seconds(a, 1, rows, 1.0))  # one GPU's layer at 1 FLOP/s
     rates = [(f"measured {a.layer_ms} ms/layer", unit / (a.layer_ms / 1e3))] if a.layer_ms else \
         [(f"{m:.0%} of {a.peak_tflops:.0f} TFLOP/s", a.peak_tflops * 1e12 * m) for m in a.mfu]
-    variants = [(k, s) for k in parts for s in a.slowdown]
-    names = [f"{k} parts, +{s:.0%}{'*' if k == auto else ''}" for k, s in variants]
-    head = "".join(f" {v:>16}" for v in names)
-    sub = "".join(f" {'efficiency':>16}" for _ in variants)
+    variants = [(x, s) for x in splits for s in a.slowdown]
+    names = [f"{label(x)}, +{s:.0%}{'*' if x == auto else ''}" for x, s in variants]
+    head = "".join(f" {v:>14}" for v in names)
+    sub = "".join(f" {'efficiency':>14}" for _ in variants)
     print(f"{'compute':>24} {'busbw':>5} {'compute':>8} {'comm':>6} {'no overlap':>10}{head}  {'target':>6}")
     print(f"{'':>24} {'GB/s':>5} {'ms/layer':>8} {'ms':>6} {'efficiency':>10}{sub}")
+    sync = a.sync_us * 1e-6
     for what, rate in rates:
         one = a.layers * unit / rate  # the whole forward on one GPU
         whole = block_seconds(a, n, rows, rate)
         tc = sum(whole)
         for bw in a.busbw:
-            tr = moved / (bw * 1e9) + a.latency_us * 1e-6  # one all-reduce of the whole batch
+            # one all-reduce of b of the batch's sequences
+            comm = lambda b: moved * b / a.batch / (bw * 1e9) + a.latency_us * 1e-6
+            tr = comm(a.batch)
             # the event simulation with one part is the plain schedule: compute + 2 all-reduces
             # per layer, plus the host's poll and launch after each (as in the interleaved one)
-            assert abs(interleaved(whole, tr, 2, 1, 0.0, 0.0) - 2 * (tc + 2 * tr)) < 1e-9
-            sync = a.sync_us * 1e-6
-            plain = one / n / interleaved(whole, tr, a.layers, 1, 0.0, sync)
-            effs = [one / n / interleaved(block_seconds(a, n, rows // k, rate), tr, a.layers, k, s, sync) for k, s in variants]
-            mine = [e for (k, _), e in zip(variants, effs) if k == auto] or [plain]
-            cols = "".join(f" {e:>16.1%}" for e in effs)
+            assert abs(interleaved([whole], [tr], 2, 0.0, 0.0) - 2 * (tc + 2 * tr)) < 1e-9
+            plain = one / n / interleaved([whole], [tr], a.layers, 0.0, sync)
+            effs = [one / n / interleaved([block_seconds(a, n, b * a.seq, rate) for b in x], [comm(b) for b in x], a.layers, s,
+                                          sync) for x, s in variants]
+            mine = [e for (x, _), e in zip(variants, effs) if x == auto] or [plain]
+            cols = "".join(f" {e:>14.1%}" for e in effs)
             print(f"{what:>24} {bw:>5.0f} {tc * 1e3:>8.3f} {2 * tr * 1e3:>6.3f} {plain:>10.1%}{cols}  "
                   f"{'met' if min(mine) >= a.target else 'missed':>6}")
     print(f"target {a.target:.0%}: met or missed by the default schedule (*) at every slowdown")

@@ -156,18 +156,26 @@ static void run_check(int np, const char *prog, const char *args, const char *ok
 }
 
 #define TP_MODELS FIX "gpt2-tiny " FIX "llama-tiny " FIX "qwen2-tiny " FIX "mistral-tiny " FIX "gemma2-tiny " FIX "gemma3-tiny"
-/* The default micro-batches: 4 only where each part keeps LP_TP_PART_MIN_ROWS tokens, else 2
- * for an even batch, else the plain schedule (whole sequences per part). */
-Test(dist, tp_auto_parts) {
-    cr_expect_eq(lp_model_tp_auto_parts(8, 1024), 2, "8 x 1024: parts of 2048 tokens are too few for 4");
-    cr_expect_eq(lp_model_tp_auto_parts(16, 1024), 4);
-    cr_expect_eq(lp_model_tp_auto_parts(4, LP_TP_PART_MIN_ROWS), 4);
-    cr_expect_eq(lp_model_tp_auto_parts(4, LP_TP_PART_MIN_ROWS - 1), 2);
-    cr_expect_eq(lp_model_tp_auto_parts(6, 8192), 2, "6 sequences do not make 4 parts");
-    cr_expect_eq(lp_model_tp_auto_parts(2, 16), 2);
-    cr_expect_eq(lp_model_tp_auto_parts(3, 100000), 1);
-    cr_expect_eq(lp_model_tp_auto_parts(1, 8192), 1);
-    cr_expect_eq(lp_model_tp_auto_parts(1 << 20, 1 << 20), 4, "no overflow of B x T");
+/* The micro-batches of a forward by setting: the default's B/4, B/2, B/4 sequences when 4
+ * divides the batch, else halves, else the plain schedule; K equal parts when K divides. */
+static void parts_are(int B, int setting, int n, const int *want) {
+    int seqs[LP_DIST_MAX_STARTED] = {0}, k = lp_model_tp_parts(B, setting, seqs);
+    cr_expect_eq(k, n, "B=%d, parts=%d: %d parts, not %d", B, setting, k, n);
+    for (int j = 0; j < n && j < k; j++) cr_expect_eq(seqs[j], want[j], "B=%d, parts=%d: part %d", B, setting, j);
+}
+Test(dist, tp_parts_by_setting) {
+    parts_are(8, 0, 3, (int[]){2, 4, 2});
+    parts_are(4, 0, 3, (int[]){1, 2, 1});
+    parts_are(16, 0, 3, (int[]){4, 8, 4});
+    parts_are(6, 0, 2, (int[]){3, 3});
+    parts_are(2, 0, 2, (int[]){1, 1});
+    parts_are(3, 0, 1, (int[]){3});
+    parts_are(1, 0, 1, (int[]){1});
+    parts_are(8, 4, 4, (int[]){2, 2, 2, 2});
+    parts_are(8, 3, 1, (int[]){8});
+    parts_are(6, 3, 3, (int[]){2, 2, 2});
+    parts_are(8, 1, 1, (int[]){8});
+    parts_are(16, LP_DIST_MAX_STARTED, LP_DIST_MAX_STARTED, (int[]){2, 2, 2, 2, 2, 2, 2, 2});
 }
 
 Test(dist, tp2_matches_one_process, .timeout = 60) { run_check(2, "tp_check", TP_MODELS, "all agree", 1); }

@@ -7,31 +7,36 @@
 
 #define MAX_PARTS LP_DIST_MAX_STARTED /* one started all-reduce per part at a time */
 
-int lp_model_tp_auto_parts(int B, int T) {
-    if (B % 4 == 0 && (int64_t)B * T / 4 >= LP_TP_PART_MIN_ROWS) return 4;
-    return B % 2 == 0 ? 2 : 1;
+int lp_model_tp_parts(int B, int parts, int *seqs) {
+    if (parts == 0 && B % 4 == 0 && B >= 4) {
+        seqs[0] = seqs[2] = B / 4, seqs[1] = B / 2;
+        return 3;
+    }
+    int k = parts == 0 ? 2 : parts;
+    if (k <= 1 || k > MAX_PARTS || B % k) return seqs[0] = B, 1;
+    for (int j = 0; j < k; j++) seqs[j] = B / k;
+    return k;
 }
 
-/* The micro-batches this forward interleaves (1: none): only a plain one (nothing captured,
- * edited or scored, no tape for a backward, no KV cache) of a split model, whose batch the
- * parts divide. Anything that watches a layer sees it whole, in the plain schedule. */
-static int parts_of(const lp_model *m, int B, int T, int last) {
+/* The micro-batches this forward interleaves (1: none, the plain schedule): only a plain
+ * one (nothing captured, edited or scored, no tape for a backward, no KV cache) of a split
+ * model. Anything that watches a layer sees it whole, in the plain schedule. */
+static int parts_of(const lp_model *m, int B, int last, int *seqs) {
     const mdl_tp *p = &m->par;
-    int k = p->parts ? p->parts : lp_model_tp_auto_parts(B, T);
-    int plain = p->tp <= 1 || k <= 1 || k > MAX_PARTS || B % k || last < 0 || m->tp.on || m->kv.pos0 >= 0 ||
-                m->kv.generating || hooks_last_layer(m) >= 0;
-    return plain ? 1 : k;
+    if (p->tp <= 1 || last < 0 || m->tp.on || m->kv.pos0 >= 0 || m->kv.generating || hooks_last_layer(m) >= 0)
+        return seqs[0] = B, 1;
+    return lp_model_tp_parts(B, p->parts, seqs);
 }
 
-/* Part j's view of the model, b of its sequences: the same weights, hooks, context and
+/* A part's view of the model, its b sequences from s0 on: the same weights, hooks, context and
  * slices, with the activation buffers the blocks use moved to the part's rows (each is
  * [B, T, width] row-major, so whole sequences are an offset). The blocks run on it
  * unchanged: in a forward without hooks, tape or cache nothing they do writes the model
  * outside those buffers. Buffers only a hook reads (the normalized value, the scores and
  * pattern) are left out of the view. */
-static void part_view(lp_model *pv, const lp_model *m, int b, int T, int j) {
+static void part_view(lp_model *pv, const lp_model *m, int s0, int b, int T) {
     const lp_config *c = &m->cfg;
-    size_t r0 = (size_t)j * b * T, es = act_elem_bytes(m), D = c->d_model, F = m->par.F;
+    size_t r0 = (size_t)s0 * T, es = act_elem_bytes(m), D = c->d_model, F = m->par.F;
     size_t qD = (size_t)m->par.H * c->d_head, kvD = (size_t)m->par.Hkv * c->d_head;
     *pv = *m;
     mdl_acts *a = &pv->a;
@@ -60,22 +65,21 @@ static lp_status step(lp_model *p, int s, int b, int T, lp_dist_req **req) {
     return blk_mlp_start(p, L, n, req);
 }
 
-/* Layers 0..last, every block run part after part: part j's sum travels while the parts
- * after it compute the same block and part 0 waits for it only when the next block needs
- * it. Per layer: 2 x parts all-reduces of B T d / parts values (the plain schedule: 2 of
- * B T d). */
-static lp_status layers_interleaved(lp_model *m, int B, int T, int last) {
-    int k = m->par.parts_run, b = B / k;
+/* Layers 0..last, every block run part after part (k parts, seqs[j] sequences each): part
+ * j's sum travels while the parts after it compute the same block and the parts before it
+ * the next one, and part j waits for it only when its own next block needs it. Per layer:
+ * 2 k all-reduces, B T d values in all (the plain schedule: 2 of B T d). */
+static lp_status layers_interleaved(lp_model *m, const int *seqs, int k, int T, int last) {
     lp_model part[MAX_PARTS];
     lp_dist_req *req[MAX_PARTS] = {0};
-    for (int j = 0; j < k; j++) part_view(&part[j], m, b, T, j);
+    for (int j = 0, s0 = 0; j < k; s0 += seqs[j++]) part_view(&part[j], m, s0, seqs[j], T);
     lp_status st = LP_OK;
     for (int s = 0; st == LP_OK && s < 2 * (last + 1); s++)
-        for (int j = 0; st == LP_OK && j < k; j++) st = step(&part[j], s, b, T, &req[j]);
+        for (int j = 0; st == LP_OK && j < k; j++) st = step(&part[j], s, seqs[j], T, &req[j]);
     for (int j = 0; st == LP_OK && j < k; j++) {
         lp_dist_req *r = req[j];
         req[j] = NULL;
-        st = blk_mlp_finish(&part[j], last, b * T, r);
+        st = blk_mlp_finish(&part[j], last, seqs[j] * T, r);
     }
     /* after a failure no started sum outlives the forward (each wait is bounded) */
     for (int j = 0; j < k; j++) (void)lp_dist_wait(m->par.dist, req[j]);
@@ -85,9 +89,10 @@ static lp_status layers_interleaved(lp_model *m, int B, int T, int last) {
 lp_status decoder_forward(lp_model *m, int B, int T, int want) {
     int N = B * T, last = blk_last_layer(m, want), top = last < m->cfg.n_layers ? last : m->cfg.n_layers - 1;
     LP_CHECK(blk_embed(m, B, T));
-    m->par.parts_run = parts_of(m, B, T, top);
+    int seqs[MAX_PARTS];
+    m->par.parts_run = parts_of(m, B, top, seqs);
     if (m->par.parts_run > 1) {
-        LP_CHECK(layers_interleaved(m, B, T, top)); /* no hook sites: nobody listens */
+        LP_CHECK(layers_interleaved(m, seqs, m->par.parts_run, T, top)); /* no hook sites: nobody listens */
     } else {
         for (int L = 0; L <= top; L++) {
             SITE(HK_RESID_PRE, L, m->a.resid);

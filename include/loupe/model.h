@@ -91,25 +91,27 @@ lp_status lp_model_random(lp_model **m, const lp_config *cfg, uint64_t seed, lp_
  * shapes: not lp_model_random's model cut in pieces; for timing tensor parallelism). */
 lp_status lp_model_random_dist(lp_model **m, const lp_config *cfg, uint64_t seed, lp_device dev, lp_dtype dtype, lp_dist *d);
 /* Tensor parallelism (a model split over TP > 1 ranks): a forward may run its layers with
- * the batch in `parts` micro-batches of whole sequences, block by block, each
- * part's all-reduce started and waited for only when that part's next block needs it, so
- * that one part's communication travels while the others compute (dist.h's started
- * collectives). Only a plain forward does: the batch a multiple of parts, no hook captured,
- * edited or scored, no gradient, no generation; anything else runs the plain schedule (two
- * all-reduces per layer, each waited for at once). The results agree with the plain
- * schedule's to rounding (each GEMM sees fewer rows). parts: 0 (the default: per forward,
- * lp_model_tp_auto_parts), 1 (always the plain schedule) to LP_DIST_MAX_STARTED (8), else
- * LP_ERR_ARG. */
+ * the batch in micro-batches of whole sequences, block by block, each part's all-reduce
+ * started and waited for only when that part's next block needs it, so that one part's
+ * communication travels while the others compute (dist.h's started collectives). Only a
+ * plain forward does: no hook captured, edited or scored, no gradient, no generation;
+ * anything else runs the plain schedule (two all-reduces per layer, each waited for at
+ * once). The results agree with the plain schedule's to rounding (each GEMM sees fewer
+ * rows). parts: 0 (the default: lp_model_tp_parts chooses per forward), 1 (always the plain
+ * schedule), or 2 to LP_DIST_MAX_STARTED (8) equal parts (the plain schedule when they do not
+ * divide the batch); else LP_ERR_ARG. */
 lp_status lp_model_set_tp_overlap(lp_model *m, int parts);
-/* The micro-batches of a forward of B sequences of T tokens under parts = 0: 4 when B divides
- * by 4 and each part keeps at least LP_TP_PART_MIN_ROWS tokens, else 2 when B is even, else 1.
- * Why 4096: at TP = 8 a part of fewer rows cuts a Llama-3-8B-shaped rank's MLP GEMMs into
- * tile waves that leave an H100's SMs partly idle (scripts/tp-estimate.py models it), which
- * costs more than the better overlap of four parts gains; from 4096 rows on, four parts hide
- * clearly more of the communication than two (README, "Running on a cluster"). */
-#define LP_TP_PART_MIN_ROWS 4096
-int lp_model_tp_auto_parts(int B, int T);
-/* The micro-batches the last forward ran its layers in: 1 for the plain schedule. */
+/* The micro-batches a forward of B sequences runs under the setting `parts` (above): their
+ * number (1: the plain schedule), and in seqs[0..n) (room for LP_DIST_MAX_STARTED) the
+ * sequences of each, in batch order. The default (parts = 0) is three parts of B/4, B/2
+ * and B/4 sequences when 4 divides B, else two halves of an even batch, else the plain
+ * schedule. Why a short first and last part: every part's all-reduce is covered by the
+ * compute of the parts after it in the same block and before it in the next, so a short
+ * first part starts the communication early and a short last part leaves little of it
+ * exposed before the next block, while the long middle part keeps its GEMMs wide
+ * (scripts/tp-estimate.py plays the schedules out; README, "Running on a cluster"). */
+int lp_model_tp_parts(int B, int parts, int *seqs);
+/* The number of micro-batches the last forward ran its layers in: 1 for the plain schedule. */
 int lp_model_tp_overlapped(const lp_model *m);
 void lp_model_free(lp_model *m);
 const lp_config *lp_model_config(const lp_model *m);
