@@ -28,8 +28,8 @@ static const lp_key g_keys[] = {
      "seconds a rank waits for the others in any collective before it ends the whole job (a crashed or stopped rank)"},
     {"dist.tp_parts", LP_KEY_INT, "0", 0, 8, NULL,
      "micro-batches a tensor-parallel forward with no hooks interleaves, each one's all-reduces travelling while the others "
-     "compute (0: 4 when the batch divides by 4 with at least 4096 tokens a part, else 2 for an even batch; 1: the plain "
-     "schedule; whole sequences per part, so the batch must divide)"},
+     "compute (0: B/4, B/2 and B/4 sequences when 4 divides the batch, else two halves of an even batch; K: K equal parts; "
+     "1: the plain schedule; whole sequences per part, so the batch must divide)"},
     {"dist.start_timeout_s", LP_KEY_FLOAT, "60", 0, 1e6, NULL,
      "seconds the start of a job of several ranks (MPI's start, the groups, the settings check) may take before a rank ends "
      "the whole job (a rank that never arrived)"},
