@@ -170,6 +170,10 @@ lp_status cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, 
     (void)c; (void)t; (void)pre; (void)n; (void)count;
     return NO_CUDA();
 }
+lp_status cuda_sae_radix_hist(lp_ctx *c, int64_t *hist, const float *pre, size_t n, uint32_t prefix, uint32_t mask, int shift) {
+    (void)c; (void)hist; (void)pre; (void)n; (void)prefix; (void)mask; (void)shift;
+    return NO_CUDA();
+}
 lp_status cuda_sae_decode_sparse(lp_ctx *c, float *out, const int32_t *idx, const float *val,
                                     const float *W, const float *bias, int N, int K, int D) {
     (void)c; (void)out; (void)idx; (void)val; (void)W; (void)bias; (void)N; (void)K; (void)D;

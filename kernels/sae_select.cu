@@ -300,10 +300,11 @@ __global__ void kth_init_kernel(unsigned long long rank) {
     }
 }
 
-__global__ void kth_hist_kernel(const float *pre, size_t n, int shift) {
+// One histogram pass of the grid: the positive entries under prefix, by the byte at shift,
+// into out[256] (per-block shared histograms, added with atomics).
+__device__ void radix_hist_pass(const float *pre, size_t n, int shift, uint32_t prefix, uint32_t mask,
+                                unsigned long long *out) {
     LP_SHARED(unsigned, hist, [256]);
-    if (g_kth.done) return; // the same for every thread of the grid
-    const uint32_t prefix = g_kth.prefix, mask = g_kth.mask;
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
     const size_t stride = (size_t)gridDim.x * blockDim.x;
@@ -321,7 +322,17 @@ __global__ void kth_hist_kernel(const float *pre, size_t n, int shift) {
     }
     __syncthreads();
     for (int i = threadIdx.x; i < 256; i += blockDim.x)
-        if (hist[i]) atomicAdd(&g_kth_hist[i], (unsigned long long)hist[i]);
+        if (hist[i]) atomicAdd(&out[i], (unsigned long long)hist[i]);
+}
+
+__global__ void kth_hist_kernel(const float *pre, size_t n, int shift) {
+    if (g_kth.done) return; // the same for every thread of the grid
+    radix_hist_pass(pre, n, shift, g_kth.prefix, g_kth.mask, g_kth_hist);
+}
+
+__global__ void radix_hist_kernel(const float *pre, size_t n, int shift, uint32_t prefix, uint32_t mask,
+                                  unsigned long long *out) {
+    radix_hist_pass(pre, n, shift, prefix, mask, out);
 }
 
 // One warp: picks this pass's digit and clears the histogram for the next pass.
@@ -364,6 +375,22 @@ static lp_status kth_launch(lp_ctx *c, const float *pre, size_t n, size_t count)
         LP_LAUNCH(1, 32, 0, s, kth_select_kernel)(shift);
         LP_LAUNCH_CHECK("kth_select_kernel");
     }
+    return LP_OK;
+}
+
+lp_status cuda_sae_radix_hist(lp_ctx *c, int64_t *hist, const float *pre, size_t n, uint32_t prefix, uint32_t mask, int shift) {
+    LP_CUDA_REQUIRE_CTX(c, "cuda_sae_radix_hist");
+    LP_CUDA_REQUIRE(hist && (n == 0 || pre), "cuda_sae_radix_hist: bad arguments (n=%zu)", n);
+    cudaStream_t s = cuda_stream_of(c);
+    LP_CUDA_CHECK(cudaMemsetAsync(hist, 0, 256 * sizeof(int64_t), s));
+    if (n == 0) return LP_OK;
+    int sms = 0;
+    lp_status st = sm_count(c, &sms);
+    if (st != LP_OK) return st;
+    size_t grid = (n + kBlock - 1) / kBlock, cap = (size_t)sms * 8;
+    if (grid > cap) grid = cap;
+    LP_LAUNCH((unsigned)grid, kBlock, 0, s, radix_hist_kernel)(pre, n, shift, prefix, mask, (unsigned long long *)hist);
+    LP_LAUNCH_CHECK("radix_hist_kernel");
     return LP_OK;
 }
 

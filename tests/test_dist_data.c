@@ -129,10 +129,10 @@ Test(dist_data, ranks_with_other_settings_are_refused) {
     cr_assert_neq(access(meta, F_OK), 0, "a store was started: %s", meta);
 }
 
-/* ---- train-sae: 2 ranks of batch_tokens / 2 each against one process of batch_tokens ---- */
+/* ---- train-sae: 2 ranks of batch_tokens / 2 each against one process of batch_tokens, 100 steps ---- */
 
 #define TRAIN "train-sae %s/store --data.hook=blocks.1.hook_resid_post --sae.expansion_factor=2 --train.device=cpu " \
-              "--train.tokens=256 --train.batch_tokens=16 --train.shuffle_tokens=32 --train.log_every=1 " \
+              "--train.tokens=1600 --train.batch_tokens=16 --train.shuffle_tokens=32 --train.log_every=1 " \
               "--train.dead_feature_window=8 --train.aux_k_coefficient=0.03 --train.lr=1e-3 --train.checkpoint_every=128"
 
 static double num(const cJSON *j, const char *k) {
@@ -160,7 +160,7 @@ static void same_curve(const char *one, const char *two) {
         for (int k = 0; keys[k]; k++) close_to(num(ja, keys[k]), num(jb, keys[k]), 1e-5, keys[k], line);
         cJSON_Delete(ja), cJSON_Delete(jb);
     }
-    cr_assert_eq(line, 16, "16 steps logged, not %d", line);
+    cr_assert_eq(line, 100, "100 steps logged, not %d", line);
     free(a), free(b);
 }
 
@@ -175,7 +175,7 @@ static void train_matches(const char *arch) {
     cr_assert_eq(rc, 0, "one process: %s", out);
     rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " TRAIN " --sae.architecture=%s --train.out=%s", g_bin, g_dir, arch, two);
     cr_assert_eq(rc, 0, "mpirun -np 2: %s", out);
-    cr_assert(strstr(out, "in 16 steps"), "%s", out);
+    cr_assert(strstr(out, "in 100 steps"), "%s", out);
     char a[PATH_MAX + 96], b[PATH_MAX + 96];
     snprintf(a, sizeof a, "%s/metrics.jsonl", one);
     snprintf(b, sizeof b, "%s/metrics.jsonl", two);
@@ -199,3 +199,4 @@ static void train_matches(const char *arch) {
 Test(dist_data, train_sae_dp2_matches_one_process_topk) { train_matches("topk"); }
 Test(dist_data, train_sae_dp2_matches_one_process_standard) { train_matches("standard"); }
 Test(dist_data, train_sae_dp2_matches_one_process_jumprelu) { train_matches("jumprelu"); }
+Test(dist_data, train_sae_dp2_matches_one_process_batchtopk) { train_matches("batchtopk"); }

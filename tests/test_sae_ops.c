@@ -224,6 +224,61 @@ Test(sae_ops, kth_largest) {
     cr_expect(t == 0);
 }
 
+/* The selection over a batch in pieces (data-parallel ranks): the four passes' histograms
+ * of the pieces summed, picked with lp_sae_radix_pick, give lp_sae_kth_largest's answer over
+ * the whole, bit for bit; each histogram counts exactly the positive entries under its
+ * prefix. */
+static float kth_in_pieces(const float *pre, size_t n, size_t count, int pieces) {
+    if (count >= n) return 0.0f;
+    int64_t rank = (int64_t)count + 1, hist[256], part[256];
+    uint32_t prefix = 0, mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        memset(hist, 0, sizeof hist);
+        for (int p = 0; p < pieces; p++) {
+            size_t a = n * p / pieces, b = n * (p + 1) / pieces;
+            OK(lp_sae_radix_hist(&cpu, part, pre + a, b - a, prefix, mask, shift));
+            int64_t want[256] = {0};
+            for (size_t i = a; i < b; i++) {
+                uint32_t u;
+                memcpy(&u, &pre[i], 4);
+                if (pre[i] > 0 && (u & mask) == prefix) want[(u >> shift) & 255]++;
+            }
+            cr_assert(memcmp(part, want, sizeof want) == 0, "radix_hist: shift %d, piece %d of %d", shift, p, pieces);
+            for (int d = 0; d < 256; d++) hist[d] += part[d];
+        }
+        if (!lp_sae_radix_pick(hist, &rank, &prefix, &mask, shift)) return 0.0f;
+    }
+    float t;
+    memcpy(&t, &prefix, 4);
+    return t;
+}
+
+Test(sae_ops, kth_largest_in_pieces) {
+    static const size_t sizes[] = {1, 31, 1000, 4096 * 3};
+    for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++)
+        for (int variant = 0; variant < 3; variant++) { /* ties, continuous, all <= 0 */
+            const size_t n = sizes[si];
+            const uint64_t seed = 1500 + si * 3 + variant;
+            float *pre = variant == 1 ? lp_test_rand(n, seed, -2, 3) : rand_ties(n, seed, variant == 2 ? -3.0f : -2.0f, variant == 2 ? 0.0f : 3.0f, 0.125f);
+            size_t P = 0;
+            for (size_t i = 0; i < n; i++) P += pre[i] > 0;
+            const size_t counts[] = {0, 1, n / 3, P ? P - 1 : 0, P, P + 1, n - 1};
+            for (size_t ci = 0; ci < sizeof counts / sizeof *counts; ci++)
+                for (int pieces = 1; pieces <= 4; pieces++) {
+                    float whole = -1, split = kth_in_pieces(pre, n, counts[ci], pieces);
+                    OK(lp_sae_kth_largest(&cpu, &whole, pre, n, counts[ci]));
+                    cr_expect(memcmp(&whole, &split, 4) == 0, "n=%zu count=%zu, %d pieces: %.9g, whole: %.9g", n, counts[ci], pieces,
+                              (double)split, (double)whole);
+                }
+            free(pre);
+        }
+    int64_t hist[256];
+    cr_expect_eq(lp_sae_radix_hist(&cpu, hist, NULL, 0, 0, 0xFF000000u, 16), LP_OK);
+    cr_expect_eq(lp_sae_radix_hist(&cpu, hist, NULL, 0, 0, 0, 16), LP_ERR_ARG, "a mask that leaves out the bytes above shift");
+    cr_expect_eq(lp_sae_radix_hist(&cpu, hist, NULL, 0, 1, 0, 24), LP_ERR_ARG, "a prefix outside the mask");
+    cr_expect_eq(lp_sae_radix_hist(&cpu, hist, NULL, 0, 0, 0, 12), LP_ERR_ARG, "shift 12");
+}
+
 /* ---- sparse decode ---- */
 
 /* (N, K, D, S) */

@@ -222,6 +222,34 @@ Test(sae_ops_cuda, kth_largest) {
             }
 }
 
+/* One radix pass on the device against the CPU twin: every pass of a whole selection (the
+ * prefixes the CPU's own picks lead to), counts exact. */
+Test(sae_ops_cuda, radix_hist) {
+    LP_TEST_REQUIRE_GPU();
+    static const size_t sizes[] = {0, 1, 1000, EMU_CAP(3000017, 100003)};
+    for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++)
+        for (int variant = 0; variant < 2; variant++) { /* ties, continuous */
+            const size_t n = sizes[si];
+            const uint64_t seed = 450 + si * 2 + variant;
+            float *pre = variant ? lp_test_rand(n, seed, -2, 3) : rand_ties(n, seed, -3.0f, 3.0f, 0.125f);
+            gpu g;
+            gpu_init(&g, LP_F32);
+            float *dpre = n ? gpu_put(&g, pre, n * 4) : NULL;
+            int64_t *dhist = gpu_alloc(&g, 256 * sizeof(int64_t)), ref[256], rank = n / 3 + 1;
+            uint32_t prefix = 0, mask = 0;
+            for (int shift = 24; shift >= 0; shift -= 8) {
+                OK(lp_sae_radix_hist(cpu(), ref, pre, n, prefix, mask, shift));
+                OK(lp_sae_radix_hist(&g.c, dhist, dpre, n, prefix, mask, shift));
+                int64_t *got = gpu_get(&g, dhist, 256 * sizeof(int64_t));
+                cr_expect(memcmp(got, ref, sizeof ref) == 0, "radix_hist n=%zu variant %d shift %d: counts differ", n, variant, shift);
+                free(got);
+                if (!lp_sae_radix_pick(ref, &rank, &prefix, &mask, shift)) break;
+            }
+            gpu_done(&g, "radix_hist");
+            free(pre);
+        }
+}
+
 /* ---- sparse decode and the sparse gradients ---- */
 
 /* (N, K, D, S): tiny, odd, K above one shared-memory chunk (256), the benchmark's widths */

@@ -133,6 +133,8 @@ void cpu_matmul_at(float *out, const float *a, const float *b, int N, int K, int
 void cpu_col_sum(float *out, const float *x, int N, int M, float beta);
 void cpu_sae_topk(int32_t *idx, float *val, const float *pre, int N, int S, int K);
 float cpu_sae_kth_largest(const float *pre, size_t n, size_t count);
+void cpu_sae_radix_hist(int64_t *hist, const float *pre, size_t n, uint32_t prefix, uint32_t mask, int shift);
+int cpu_sae_radix_pick(const int64_t *hist, int64_t *rank, uint32_t *prefix, uint32_t *mask, int shift);
 void cpu_sae_decode_sparse(float *out, const int32_t *idx, const float *val, const float *W,
                               const float *bias, int N, int K, int D);
 void cpu_sae_decode_sparse_grad(float *dval, float *dW, const float *dout, const int32_t *idx,
@@ -160,6 +162,7 @@ lp_status cuda_matmul_at(lp_ctx *c, float *out, const float *a, const float *b, 
 lp_status cuda_col_sum(lp_ctx *c, float *out, const float *x, int N, int M, float beta);
 lp_status cuda_sae_topk(lp_ctx *c, int32_t *idx, float *val, const float *pre, int N, int S, int K);
 lp_status cuda_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count);
+lp_status cuda_sae_radix_hist(lp_ctx *c, int64_t *hist, const float *pre, size_t n, uint32_t prefix, uint32_t mask, int shift);
 lp_status cuda_sae_decode_sparse(lp_ctx *c, float *out, const int32_t *idx, const float *val,
                                     const float *W, const float *bias, int N, int K, int D);
 lp_status cuda_sae_decode_sparse_grad(lp_ctx *c, float *dval, float *dW, const float *dout,

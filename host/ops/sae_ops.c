@@ -88,6 +88,18 @@ lp_status lp_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, si
     return cuda_sae_kth_largest(c, t, pre, n, count);
 }
 
+lp_status lp_sae_radix_hist(lp_ctx *c, int64_t *hist, const float *pre, size_t n, uint32_t prefix, uint32_t mask, int shift) {
+    NEED(c && hist && (n == 0 || pre) && shift >= 0 && shift <= 24 && shift % 8 == 0 &&
+             mask == (shift == 24 ? 0u : 0xFFFFFFFFu << (shift + 8)) && (prefix & ~mask) == 0,
+         "sae_radix_hist: bad arguments (n=%zu shift=%d mask=%08x prefix=%08x)", n, shift, mask, prefix);
+    if (CPU(c)) { cpu_sae_radix_hist(hist, pre, n, prefix, mask, shift); return LP_OK; }
+    return cuda_sae_radix_hist(c, hist, pre, n, prefix, mask, shift);
+}
+
+int lp_sae_radix_pick(const int64_t *hist, int64_t *rank, uint32_t *prefix, uint32_t *mask, int shift) {
+    return cpu_sae_radix_pick(hist, rank, prefix, mask, shift);
+}
+
 lp_status lp_sae_decode_sparse(lp_ctx *c, float *out, const int32_t *idx, const float *val, const float *W,
                                const float *bias, int N, int K, int D) {
     NEED(c && N >= 0 && K >= 1 && D > 0 && out && idx && val && W,

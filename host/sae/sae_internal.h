@@ -3,6 +3,7 @@
 #ifndef LOUPE_SAE_INTERNAL_H
 #define LOUPE_SAE_INTERNAL_H
 
+#include "loupe/dist.h"
 #include "loupe/sae.h"
 
 typedef struct sae_runner {
@@ -17,6 +18,10 @@ typedef struct sae_runner {
     double *batch_t; /* batchtopk in training: this batch's threshold, on the device (a slot of
                       * the trainer's tracking block, loupe/sae_track.h) */
     int n_dead;
+    /* data-parallel training (sae_runner_set_dp): the batch lies split over dist's DP group */
+    lp_dist *dist;
+    int64_t *hist;     /* [256] on the device: one radix pass of the batchtopk threshold */
+    float *thr_host;   /* [S]: the threshold, broadcast over the latents */
     /* training */
     float *dxhat, *df, *dval, *norms, *colsum, *val_aux, *dval_aux, *e, *ehat;
     int32_t *idx_aux;
@@ -36,6 +41,9 @@ lp_status sae_runner_new(sae_runner **r, lp_sae *s, lp_ctx *c, int N, int train,
 lp_status sae_runner_use_bf16(sae_runner *r);
 lp_status sae_runner_refresh_bf16(sae_runner *r);
 void sae_runner_free(sae_runner *r);
+/* Data-parallel training: r's batches are this rank's slices of batches split evenly over
+ * d's data-parallel group, so batchtopk's threshold is taken over the whole batch. */
+lp_status sae_runner_set_dp(sae_runner *r, lp_dist *d);
 /* An inference runner for at least N tokens kept on the SAE (s->runner_cache; grown when a
  * call needs more, freed by lp_sae_free): do not free it. */
 lp_status sae_runner_cached(lp_sae *s, lp_ctx *c, int N, sae_runner **r);

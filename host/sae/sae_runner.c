@@ -29,7 +29,41 @@ void sae_runner_free(sae_runner *r) {
     if (!r) return;
     lp_ctx_release(r->c, r->W_enc_b);
     lp_ctx_release(r->c, r->mem);
+    lp_ctx_release(r->c, r->hist);
+    free(r->thr_host);
     free(r);
+}
+
+lp_status sae_runner_set_dp(sae_runner *r, lp_dist *d) {
+    r->dist = d;
+    if (lp_dist_dp_size(d) <= 1 || r->hist) return LP_OK;
+    r->thr_host = malloc((size_t)r->S * sizeof *r->thr_host);
+    if (!r->thr_host) LP_FAIL(LP_ERR_OOM, "out of memory");
+    return lp_ctx_alloc(r->c, 256 * sizeof(int64_t), (void **)&r->hist);
+}
+
+/* BatchTopK's threshold over a batch split over the data-parallel ranks, each holding n of
+ * its tokens: lp_sae_kth_largest's radix selection, each pass's histogram summed over the
+ * ranks (histograms add), so every rank takes the threshold one process takes over the
+ * whole batch, bit for bit. Four all-reduces of 256 counts through the host per step. */
+static lp_status dp_batch_threshold(sae_runner *r, int n) {
+    lp_ctx *c = r->c;
+    size_t dp = (size_t)lp_dist_dp_size(r->dist), count = (size_t)n * dp * r->K;
+    int64_t hist[256], rank = (int64_t)count + 1;
+    uint32_t prefix = 0, mask = 0;
+    int found = count < (size_t)n * dp * r->S; /* else 0, as lp_sae_kth_largest */
+    for (int shift = 24; found && shift >= 0; shift -= 8) {
+        LP_CHECK(lp_sae_radix_hist(c, r->hist, r->pre, (size_t)n * r->S, prefix, mask, shift));
+        LP_CHECK(lp_ctx_to_host(c, hist, r->hist, sizeof hist));
+        LP_CHECK(lp_dist_allreduce_sum(r->dist, LP_DIST_DP, hist, 256, LP_I64));
+        found = lp_sae_radix_pick(hist, &rank, &prefix, &mask, shift);
+    }
+    float t = 0.0f;
+    if (found) memcpy(&t, &prefix, sizeof t);
+    double td = t;
+    for (int i = 0; i < r->S; i++) r->thr_host[i] = t;
+    LP_CHECK(lp_ctx_to_device(c, r->batch_t, &td, sizeof td));
+    return lp_ctx_to_device(c, r->thr, r->thr_host, (size_t)r->S * sizeof(float));
 }
 
 lp_status sae_runner_cached(lp_sae *s, lp_ctx *c, int N, sae_runner **out) {
@@ -159,7 +193,8 @@ lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr) {
     case LP_SAE_BATCHTOPK:
         if (batch_thr) { /* the k * n largest activations of this batch */
             if (!r->batch_t) LP_FAIL(LP_ERR_ARG, "SAE runner: a batch threshold without its device slot");
-            LP_CHECK(lp_sae_batch_threshold(c, r->thr, r->batch_t, r->pre, (size_t)n * S, (size_t)n * K, S));
+            if (lp_dist_dp_size(r->dist) > 1) LP_CHECK(dp_batch_threshold(r, n));
+            else LP_CHECK(lp_sae_batch_threshold(c, r->thr, r->batch_t, r->pre, (size_t)n * S, (size_t)n * K, S));
             LP_CHECK(lp_sae_jumprelu(c, r->f, r->pre, r->thr, n, S));
         } else {
             LP_CHECK(lp_sae_jumprelu(c, r->f, r->pre, s->threshold, n, S));

@@ -163,14 +163,15 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     LP_CHECK(lp_sae_alloc(&tr->s, &cf, c));
     tr->N = t->batch_tokens, tr->D = cf.d_in, tr->Do = cf.d_out, tr->S = cf.d_sae;
     tr->dp = lp_dist_dp_size(t->dist), tr->dpr = lp_dist_dp_rank(t->dist), tr->Nl = tr->N / tr->dp;
-    if (tr->dp > 1 && (live || cf.arch == LP_SAE_BATCHTOPK))
-        LP_FAIL(LP_ERR_ARG, "dist.dp=%d: data-parallel training needs an activation store (data.store) and an SAE other than batchtopk", tr->dp);
+    if (tr->dp > 1 && live)
+        LP_FAIL(LP_ERR_ARG, "dist.dp=%d: data-parallel training reads an activation store (data.store), not a live model", tr->dp);
     if (tr->N % tr->dp) LP_FAIL(LP_ERR_ARG, "train.batch_tokens %d: not a multiple of dist.dp=%d", tr->N, tr->dp);
     int64_t per = (t->shuffle_tokens + tr->N - 1) / tr->N;
     if (per < 1) per = 1;
     tr->W = per * tr->N;
     if (tr->W > INT32_MAX) LP_FAIL(LP_ERR_ARG, "train.shuffle_tokens %lld is too large", (long long)t->shuffle_tokens);
     LP_CHECK(sae_runner_new(&tr->r, tr->s, c, tr->Nl, 1, t->aux_k));
+    LP_CHECK(sae_runner_set_dp(tr->r, t->dist));
     if (t->encoder_bf16 > 0 || (t->encoder_bf16 < 0 && c->device == LP_CUDA)) LP_CHECK(sae_runner_use_bf16(tr->r));
     size_t nf = tr->s->n_floats;
     LP_CHECK(lp_ctx_alloc(c, nf * 4, (void **)&tr->grad));

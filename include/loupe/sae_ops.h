@@ -29,6 +29,19 @@ lp_status lp_sae_topk_among(lp_ctx *c, int32_t *idx, float *val, const float *pr
 /* The value t such that exactly `count` entries of relu(pre[N,S]) are > t when there are
  * at least that many positive entries (else 0): the BatchTopK threshold. Host scalar out. */
 lp_status lp_sae_kth_largest(lp_ctx *c, float *t, const float *pre, size_t n, size_t count);
+/* One pass of lp_sae_kth_largest's radix selection, for a selection over data that lies in
+ * pieces (a batch split over data-parallel ranks: the histograms add): hist[256] (int64 on
+ * c's device, written) counts the positive entries v of pre[n] whose bit pattern u has
+ * (u & mask) == prefix, by the byte (u >> shift) & 255. shift is 24, 16, 8 or 0 and mask
+ * covers exactly the bytes above shift. */
+lp_status lp_sae_radix_hist(lp_ctx *c, int64_t *hist, const float *pre, size_t n, uint32_t prefix, uint32_t mask, int shift);
+/* The selection step after a pass (host memory): with *rank the wanted entry's rank from the
+ * top among those under *prefix (1: the largest), picks the byte at shift whose bin holds it
+ * from the summed hist[256], adds it to *prefix and *mask and makes *rank its rank within
+ * that bin. 0 (nothing changed) when the bins hold fewer than *rank entries: then
+ * lp_sae_kth_largest's answer is 0. Start with *rank = count + 1, *prefix = *mask = 0 and
+ * shift 24; after shift 0 the answer's bit pattern is *prefix. */
+int lp_sae_radix_pick(const int64_t *hist, int64_t *rank, uint32_t *prefix, uint32_t *mask, int shift);
 
 /* out[N,D] = bias[D] + sum_j val[n,j] * W[idx[n,j], :] for W [S,D] (bias may be NULL).
  * Only the K active rows of W are read. */

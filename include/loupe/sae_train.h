@@ -69,8 +69,8 @@ typedef struct lp_sae_train_cfg {
      * every global batch, the gradients (means over each slice, averaged) and the firing
      * counts of the dead-latent statistics are all-reduced before each Adam step, so every
      * rank holds the same SAE; DP rank 0 alone locks train.out and writes metrics,
-     * checkpoints and the SAE. A store only (not a live stream); not batchtopk (its
-     * selection spans the whole batch). */
+     * checkpoints and the SAE. BatchTopK's threshold is the global batch's (each selection
+     * pass's histogram all-reduced). A store only (not a live stream). */
     struct lp_dist *dist;
 } lp_sae_train_cfg;
 

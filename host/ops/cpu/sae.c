@@ -147,30 +147,45 @@ void cpu_sae_topk(int32_t *idx, float *val, const float *pre, int N, int S, int 
     cpu_parallel_for((size_t)N, 16, topk_rows, &a);
 }
 
+/* One pass of the radix selection below: the positive entries under the prefix, by the
+ * byte at shift. */
+void cpu_sae_radix_hist(int64_t *hist, const float *pre, size_t n, uint32_t prefix, uint32_t mask, int shift) {
+    memset(hist, 0, 256 * sizeof *hist);
+    for (size_t i = 0; i < n; i++) {
+        if (!(pre[i] > 0.0f)) continue;
+        uint32_t u;
+        memcpy(&u, &pre[i], sizeof u);
+        if ((u & mask) == prefix) hist[(u >> shift) & 255]++;
+    }
+}
+
 /* The (count+1)-th largest of relu(pre) (see host/ops/sae_ops.c for the contract), by radix
  * selection over the bits of the positive entries, whose unsigned order is their float
  * order: four passes of an 8-bit histogram, each narrowing the prefix of the answer. */
 float cpu_sae_kth_largest(const float *pre, size_t n, size_t count) {
     if (count >= n) return 0.0f;
-    size_t r = count + 1; /* rank from the top among the candidates still in play */
+    int64_t r = (int64_t)count + 1; /* rank from the top among the candidates still in play */
     uint32_t prefix = 0, mask = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
-        size_t hist[256] = {0}, total = 0;
-        for (size_t i = 0; i < n; i++) {
-            if (!(pre[i] > 0.0f)) continue;
-            uint32_t u;
-            memcpy(&u, &pre[i], sizeof u);
-            if ((u & mask) == prefix) hist[(u >> shift) & 255]++, total++;
-        }
-        if (total < r) return 0.0f; /* fewer than count+1 positive entries (first pass only) */
-        int d = 255;
-        while (hist[d] < r) r -= hist[d--];
-        prefix |= (uint32_t)d << shift;
-        mask |= 0xFFu << shift;
+        int64_t hist[256];
+        cpu_sae_radix_hist(hist, pre, n, prefix, mask, shift);
+        if (!cpu_sae_radix_pick(hist, &r, &prefix, &mask, shift)) return 0.0f;
     }
     float t;
     memcpy(&t, &prefix, sizeof t);
     return t;
+}
+
+int cpu_sae_radix_pick(const int64_t *hist, int64_t *rank, uint32_t *prefix, uint32_t *mask, int shift) {
+    int64_t total = 0, r = *rank;
+    for (int d = 0; d < 256; d++) total += hist[d];
+    if (total < r) return 0; /* fewer than count+1 positive entries (first pass only) */
+    int d = 255;
+    while (hist[d] < r) r -= hist[d--];
+    *rank = r;
+    *prefix |= (uint32_t)d << shift;
+    *mask |= 0xFFu << shift;
+    return 1;
 }
 
 /* ---- sparse decode and the sparse gradients ----
