@@ -109,6 +109,43 @@ Test(dist_data, cache_store_refused_on_rank0_ends_every_rank) {
     cr_assert(strstr(out, "loupe: rank 0: "), "%s", out);
 }
 
+/* dist.log_dir: rank 1 appends what it prints (and its errors) to rank-00001.log, made with
+ * its directory; rank 0 prints as before and writes no log; a log_dir that cannot be made
+ * is refused by name with exit 2 */
+Test(dist_data, per_rank_logs_on_request) {
+    char out[16384], logs[PATH_MAX + 64], log1[PATH_MAX + 96], log0[PATH_MAX + 96];
+    snprintf(logs, sizeof logs, "%s/logs", g_dir);
+    snprintf(log1, sizeof log1, "%s/rank-00001.log", logs);
+    snprintf(log0, sizeof log0, "%s/rank-00000.log", logs);
+    int rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " ARGS " --cache.out=%s/s --dist.log_dir=%s", g_bin, g_dir, logs);
+    cr_assert_eq(rc, 0, "%s", out);
+    cr_assert(strstr(out, "cached 4 hooks for 8 sequences"), "rank 0 prints its summary: %s", out);
+    char *a = lp_read_file(log1, NULL);
+    cr_assert(a, "no %s", log1);
+    cr_expect(strstr(a, "cached 4 hooks for 8 sequences"), "rank 1's log: %s", a);
+    free(a);
+    cr_expect_neq(access(log0, F_OK), 0, "rank 0 wrote a log");
+    /* an error on rank 1 reaches both its log (appended) and the launcher's standard error */
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " ARGS " --cache.out=%s/s --dist.log_dir=%s --cache.hooks=blocks.9.nothing",
+                     g_bin, g_dir, logs);
+    cr_assert_neq(rc, 0, "%s", out);
+    cr_expect(strstr(out, "loupe: rank 1: "), "%s", out);
+    a = lp_read_file(log1, NULL);
+    cr_assert(a);
+    cr_expect(strstr(a, "cached 4 hooks for 8 sequences") && strstr(a, "loupe: rank 1: "), "rank 1's log, appended: %s", a);
+    free(a);
+    char file[PATH_MAX + 64];
+    snprintf(file, sizeof file, "%s/afile", g_dir);
+    FILE *f = fopen(file, "w");
+    cr_assert(f);
+    fclose(f);
+    rc = mpitest_run(out, sizeof out, ENV "timeout 60 " MPIRUN "-np 2 %s " ARGS " --cache.out=%s/t --dist.log_dir=%s/sub", g_bin,
+                     g_dir, file);
+    cr_expect_neq(rc, 0, "%s", out);
+    cr_expect_neq(rc, 124, "mpirun hung: %s", out);
+    cr_expect(strstr(out, "loupe: rank 1: dist.log_dir: cannot make"), "%s", out);
+}
+
 /* rank 1 started with another cache.batch: refused at the start, on every rank, naming it */
 Test(dist_data, ranks_with_other_settings_are_refused) {
     char out[16384], sh[PATH_MAX + 64];

@@ -3,6 +3,7 @@
  * the data, and the prompt pairs of attribute and patch. Calls only the library. */
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
@@ -10,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -58,8 +60,10 @@ static int launcher_rank(void) {
  * line says so, and the whole job ends here, every rank with a non-zero status. */
 int cli_fail(lp_status st) {
     int lost = lp_dist_failed(g_dist), rc = lp_status_exit_code(st), r = launcher_rank();
-    if (lp_dist_size(g_dist) > 1)
+    if (lp_dist_size(g_dist) > 1) {
         fprintf(g_err ? g_err : stderr, "loupe: rank %d: %s%s\n", lp_dist_rank(g_dist), lp_last_error(), lost ? "; ending the job" : "");
+        if (g_err) fprintf(stderr, "loupe: rank %d: %s\n", lp_dist_rank(g_dist), lp_last_error()); /* its log too */
+    }
     else if (!g_dist && r >= 0) fprintf(stderr, "loupe: rank %d: %s\n", r, lp_last_error()); /* failed before it joined */
     else fprintf(stderr, "loupe: %s\n", lp_last_error());
     if (getenv("LOUPE_DEBUG")) fprintf(stderr, "loupe: (raised at %s)\n", lp_last_error_where());
@@ -189,8 +193,32 @@ static lp_status start_job(const args *a, int tp, int dp) {
     return st;
 }
 
+/* A rank other than 0: what it prints goes to dir/rank-R.log (appended: a rerun that resumes
+ * adds to the log of the run it continues), or nowhere without dist.log_dir. Its errors
+ * also reach the launcher's standard error (g_err). */
+static lp_status rank_output(const char *dir) {
+    char path[4096];
+    int r = lp_dist_rank(g_dist);
+    if (dir && *dir) {
+        if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+            LP_FAIL(LP_ERR_IO, "dist.log_dir: cannot make %s: %s", dir, strerror(errno));
+        if (snprintf(path, sizeof path, "%s/rank-%05d.log", dir, r) >= (int)sizeof path)
+            LP_FAIL(LP_ERR_ARG, "dist.log_dir: %s is too long a path", dir);
+    } else {
+        snprintf(path, sizeof path, "/dev/null");
+    }
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd < 0) LP_FAIL(LP_ERR_IO, "dist.log_dir: rank %d cannot open %s: %s", r, path, strerror(errno));
+    fflush(stdout), fflush(stderr);
+    int ok = dup2(fd, 1) >= 0 && dup2(fd, 2) >= 0;
+    close(fd);
+    if (!ok) LP_FAIL(LP_ERR_WRITE, "rank %d: cannot send its output to %s: %s", r, path, strerror(errno));
+    setvbuf(stdout, NULL, _IOLBF, 0); /* whole lines in the log, in order with stderr's */
+    return LP_OK;
+}
+
 /* Joins the job's processes; ranks other than 0 print nothing, neither results nor progress,
- * except their errors (each naming its rank). */
+ * except their errors (each naming its rank), unless dist.log_dir asks for their logs. */
 lp_status cli_join(const args *a) {
     int tp = (int)lp_cfg_int(&a->cfg, "dist.tp");
     if (g_dist) return LP_OK;
@@ -222,11 +250,10 @@ lp_status cli_join(const args *a) {
     }
     int fd = dup(2);
     g_err = fd >= 0 ? fdopen(fd, "w") : NULL;
-    if (!g_err || !freopen("/dev/null", "w", stdout) || !freopen("/dev/null", "w", stderr))
-        LP_FAIL(LP_ERR_WRITE, "rank %d: cannot silence its output", lp_dist_rank(g_dist));
+    if (!g_err) LP_FAIL(LP_ERR_WRITE, "rank %d: cannot keep its standard error", lp_dist_rank(g_dist));
     setvbuf(g_err, NULL, _IONBF, 0); /* an error line must be out before the job may end */
     catch_sigterm(fd);
-    return LP_OK;
+    return rank_output(lp_cfg_str(&a->cfg, "dist.log_dir"));
 }
 
 void cli_print_json(cJSON *j) {

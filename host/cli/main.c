@@ -30,6 +30,9 @@ static const lp_key g_keys[] = {
      "micro-batches a tensor-parallel forward with no hooks interleaves, each one's all-reduces travelling while the others "
      "compute (0: B/4, B/2 and B/4 sequences when 4 divides the batch, else two halves of an even batch; K: K equal parts; "
      "1: the plain schedule; whole sequences per part, so the batch must divide)"},
+    {"dist.log_dir", LP_KEY_STR, NULL, 0, 0, NULL,
+     "a directory (made if missing) where every rank but 0 appends what it would print to rank-R.log (progress, "
+     "summaries, its errors); unset: those ranks print only their errors. Rank 0 prints as one process does"},
     {"dist.start_timeout_s", LP_KEY_FLOAT, "60", 0, 1e6, NULL,
      "seconds the start of a job of several ranks (MPI's start, the groups, the settings check) may take before a rank ends "
      "the whole job (a rank that never arrived)"},
