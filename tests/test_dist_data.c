@@ -22,6 +22,7 @@
 
 #include "loupe/dist.h"
 #include "loupe/output.h"
+#include "loupe/safetensors.h"
 #include "loupe/sae.h"
 #include "mpitest.h"
 
@@ -94,6 +95,70 @@ static void dp_matches(int np) {
 
 Test(dist_data, cache_dp2_is_the_single_process_store) { dp_matches(2); }
 Test(dist_data, cache_dp3_is_the_single_process_store) { dp_matches(3); }
+
+/* ---- cache with the model split (TP=2, and DP=2 x TP=2 on 4 ranks) ----
+ * The split model sums in another order, so its values are one process's within 1e-5 of
+ * each tensor's largest; everything else (meta.json, the tensors' names, shapes and dtypes,
+ * the tokens) is the same bytes. Llama: GQA, and per-head (z, pattern) and per-neuron
+ * (mlp.hook_post) hooks that live split over the ranks and are gathered for the store. */
+#define TP_ARGS "cache --model.path=" FIX "llama-tiny --data.tokens=" FIX "gpt2-tiny/tokens_flat.npy --data.context=4 --model.device=cpu " \
+                "--cache.hooks=blocks.*.hook_resid_post,blocks.0.attn.hook_pattern,blocks.0.attn.hook_z,blocks.1.mlp.hook_post " \
+                "--cache.shard_sequences=3 --cache.batch=2"
+
+static void close_store(const char *ref, const char *dir) {
+    char a[PATH_MAX + 96], b[PATH_MAX + 96];
+    snprintf(a, sizeof a, "%s/meta.json", ref);
+    snprintf(b, sizeof b, "%s/meta.json", dir);
+    same_file(a, b);
+    for (int k = 0; k < 3; k++) {
+        lp_st_file x, y;
+        snprintf(a, sizeof a, "%s/shard-%05d.safetensors", ref, k);
+        snprintf(b, sizeof b, "%s/shard-%05d.safetensors", dir, k);
+        cr_assert_eq(lp_st_open(&x, a), LP_OK, "%s", lp_last_error());
+        cr_assert_eq(lp_st_open(&y, b), LP_OK, "%s", lp_last_error());
+        cr_assert_eq(x.n, y.n, "%s: %d tensors, %s: %d", a, x.n, b, y.n);
+        for (int i = 0; i < x.n; i++) {
+            const lp_st_tensor *t = &x.tensors[i], *u = lp_st_find(&y, t->name);
+            cr_assert(u, "%s: no %s", b, t->name);
+            cr_assert(t->dtype == u->dtype && t->ndim == u->ndim && t->nbytes == u->nbytes, "%s: %s's layout differs", b, t->name);
+            cr_assert(memcmp(t->shape, u->shape, t->ndim * sizeof *t->shape) == 0, "%s: %s's shape differs", b, t->name);
+            if (t->dtype != LP_F32) { /* the tokens */
+                cr_assert(memcmp(t->data, u->data, t->nbytes) == 0, "%s: %s differs", b, t->name);
+                continue;
+            }
+            const float *p = t->data, *q = u->data;
+            double big = 0, worst = 0;
+            for (size_t j = 0; j < t->nbytes / 4; j++) big = fmax(big, fabs(p[j])), worst = fmax(worst, fabs(p[j] - q[j]));
+            cr_assert(worst <= 1e-5 * fmax(big, 1e-30), "%s: %s differs by %.3g (largest %.3g)", b, t->name, worst, big);
+        }
+        lp_st_close(&x), lp_st_close(&y);
+    }
+}
+
+Test(dist_data, cache_tp2_and_dp2_by_tp2_are_the_single_process_store) {
+    char out[16384], ref[PATH_MAX + 64], tp[PATH_MAX + 64], both[PATH_MAX + 64];
+    snprintf(ref, sizeof ref, "%s/one", g_dir);
+    snprintf(tp, sizeof tp, "%s/tp2", g_dir);
+    snprintf(both, sizeof both, "%s/dp2tp2", g_dir);
+    int rc = mpitest_run(out, sizeof out, ENV "%s " TP_ARGS " --cache.out=%s", g_bin, ref);
+    cr_assert_eq(rc, 0, "one process: %s", out);
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " TP_ARGS " --dist.tp=2 --cache.out=%s", g_bin, tp);
+    cr_assert_eq(rc, 0, "TP=2: %s", out);
+    cr_assert(strstr(out, "cached 5 hooks for 8 sequences (32 tokens)"), "%s", out);
+    close_store(ref, tp);
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 4 %s " TP_ARGS " --dist.tp=2 --cache.out=%s", g_bin, both);
+    cr_assert_eq(rc, 0, "DP=2 x TP=2: %s", out);
+    close_store(ref, both);
+    /* the last shard lost: a TP=2 rerun writes it again, the bytes of the TP=2 run */
+    char last[PATH_MAX + 96], keep[PATH_MAX + 96];
+    snprintf(last, sizeof last, "%s/shard-00002.safetensors", tp);
+    snprintf(keep, sizeof keep, "%s/kept.safetensors", g_dir);
+    cr_assert_eq(rename(last, keep), 0);
+    rc = mpitest_run(out, sizeof out, ENV MPIRUN "-np 2 %s " TP_ARGS " --dist.tp=2 --cache.out=%s", g_bin, tp);
+    cr_assert_eq(rc, 0, "TP=2 (resume): %s", out);
+    cr_assert(strstr(out, "6 sequences were already there"), "%s", out);
+    same_file(keep, last);
+}
 
 /* rank 0 cannot open the store (cache.out is a file): every rank ends, non-zero, naming why */
 Test(dist_data, cache_store_refused_on_rank0_ends_every_rank) {

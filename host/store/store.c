@@ -189,12 +189,13 @@ static lp_status forward_pack(lp_model *m, const int32_t *tk, int nb, int T, con
     return LP_OK;
 }
 
-/* The batches of one shard, dp at a time: batch k is computed by DP rank k % dp; after each
- * round every rank holds every slot (and so learns whether a rank failed), and rank 0 puts
- * them into the shard in batch order. */
+/* The batches of one shard, dp at a time: batch k is computed by DP rank k % dp (with its
+ * whole TP group, each TP rank holding the gathered captures); after each round every rank
+ * holds every slot of its DP group (and so learns whether a rank failed), and the writer
+ * (world rank 0) puts them into the shard in batch order. */
 static lp_status cache_shard(lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, const int *ids, int nh, cache_pack *p,
                              lp_st_writer *w, lp_status st, int64_t first, int ns, int B, int64_t *toks_done, double t0) {
-    int T = toks->ctx, dp = lp_dist_dp_size(o->dist), me = lp_dist_dp_rank(o->dist);
+    int T = toks->ctx, dp = lp_dist_dp_size(o->dist), me = lp_dist_dp_rank(o->dist), writer = lp_dist_rank(o->dist) == 0;
     int nbatch = (ns + B - 1) / B;
     for (int r0 = 0; r0 < nbatch; r0 += dp) {
         int k = r0 + me;
@@ -213,7 +214,7 @@ static lp_status cache_shard(lp_model *m, const lp_tokens *toks, const lp_cache_
             if (j == me) return st;
             LP_FAIL(LP_ERR_IO, "cache: DP rank %d failed (its error is printed by that rank)", j);
         }
-        for (int j = 0; j < dp && r0 + j < nbatch && me == 0 && st == LP_OK; j++) {
+        for (int j = 0; j < dp && r0 + j < nbatch && writer && st == LP_OK; j++) {
             int b0 = (r0 + j) * B, nb = ns - b0 < B ? ns - b0 : B;
             const char *slot = all + (size_t)j * p->slot;
             st = lp_st_writer_put(w, 0, (size_t)b0 * T * 4, toks->ids + (size_t)(first + b0) * T, (size_t)nb * T * 4);
@@ -222,13 +223,14 @@ static lp_status cache_shard(lp_model *m, const lp_tokens *toks, const lp_cache_
         for (int j = 0; j < dp && r0 + j < nbatch; j++) {
             int b0 = (r0 + j) * B, nb = ns - b0 < B ? ns - b0 : B;
             *toks_done += (int64_t)nb * T;
-            if (me == 0) progress(o, first + b0 + nb, toks->n_seq, *toks_done, t0, 0, 0);
+            if (writer) progress(o, first + b0 + nb, toks->n_seq, *toks_done, t0, 0, 0);
         }
     }
     return st; /* a failed write of the last round: the end-of-shard broadcast tells the others */
 }
 
-/* DP rank 0 alone: the lock, the resume check and the stale files; *keep the complete shards. */
+/* The writer (world rank 0) alone: the lock, the resume check and the stale files; *keep the
+ * complete shards. */
 static lp_status cache_begin(const lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, const int *ids, int nh, lp_lock *lock,
                              source_id *src, int *keep) {
     /* one writer per store, for the whole run: a second run started by mistake is refused
@@ -259,7 +261,8 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
     if (o->batch <= 0 || o->shard_sequences <= 0) LP_FAIL(LP_ERR_ARG, "cache.batch and cache.shard_sequences must be positive");
     if (toks->ctx > lp_model_config(m)->n_ctx)
         LP_FAIL(LP_ERR_ARG, "%s: rows of %d tokens exceed the model's context of %d", o->tokens_path, toks->ctx, lp_model_config(m)->n_ctx);
-    int dp = lp_dist_dp_size(o->dist), me = lp_dist_dp_rank(o->dist);
+    /* the writer is world rank 0; its news goes to every rank (its TP peers too) */
+    int dp = lp_dist_dp_size(o->dist), me = lp_dist_rank(o->dist), many = lp_dist_size(o->dist) > 1;
     int *ids = malloc(lp_hook_count(m) * sizeof(int)), nh = 0;
     if (!ids) LP_FAIL(LP_ERR_OOM, "out of memory");
     lp_status st = expand_hooks(m, o->hooks, ids, &nh);
@@ -274,8 +277,8 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
     if (me == 0) st = cache_begin(m, toks, o, ids, nh, &lock, &src, &keep);
     int locked = me == 0 && st == LP_OK;
     int32_t hdr = st == LP_OK ? keep : -1; /* the other ranks learn where to start, or that rank 0 failed */
-    if (dp > 1) {
-        lp_status b = lp_dist_broadcast(o->dist, LP_DIST_DP, &hdr, sizeof hdr, 0);
+    if (many) {
+        lp_status b = lp_dist_broadcast(o->dist, LP_DIST_WORLD, &hdr, sizeof hdr, 0);
         if (st == LP_OK) st = b;
         if (st == LP_OK && hdr < 0) st = LP_ERR(LP_ERR_IO, "cache: DP rank 0 could not open %s (its error is printed by that rank)", o->out);
         keep = hdr;
@@ -314,9 +317,9 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
         if (opened && st != LP_OK) lp_st_writer_abort(&w);
         else if (opened) st = lp_st_writer_commit(&w);
         if (me == 0 && st == LP_OK) st = write_meta(m, o, &src, toks, ids, nh, s + 1, first + ns, s + 1 == n_shards);
-        if (dp > 1) { /* rank 0's writes of this shard: the others stop with it */
+        if (many) { /* rank 0's writes of this shard: the others stop with it */
             int32_t ok = st == LP_OK;
-            lp_status b = lp_dist_broadcast(o->dist, LP_DIST_DP, &ok, sizeof ok, 0);
+            lp_status b = lp_dist_broadcast(o->dist, LP_DIST_WORLD, &ok, sizeof ok, 0);
             if (st == LP_OK && b != LP_OK) st = b;
             if (st == LP_OK && !ok) st = LP_ERR(LP_ERR_IO, "cache: DP rank 0 could not write %s (its error is printed by that rank)", o->out);
         }

@@ -35,12 +35,15 @@ typedef struct lp_cache_opts {
      * end with final set; NULL: silent. The library never prints: the CLI draws the bar. */
     void (*on_progress)(const struct lp_cache_progress *p, void *user);
     void *progress_user;
-    /* Data parallelism (dist.h): NULL or a DP group of one is the single process. With more,
-     * every rank of the DP group calls lp_cache_run with the same settings and tokens; each
-     * shard's batches go round-robin over the ranks (batch k to DP rank k % dp, so every
-     * forward is the one a single process would run, on the same rows), their captures are
-     * all-gathered, and DP rank 0 alone holds the lock and writes shards and meta.json: the
-     * store is byte for byte the single process's, and resumes the same way. */
+    /* Data and tensor parallelism (dist.h): NULL or a world of one is the single process.
+     * With more, every rank calls lp_cache_run with the same settings and tokens, the model
+     * loaded over its TP group (lp_model_load_dist; its captures are whole on every TP rank);
+     * each shard's batches go round-robin over the DP groups (batch k to DP rank k % dp, so
+     * every forward is the one a single process would run, on the same rows), their captures
+     * are all-gathered, and world rank 0 alone holds the lock and writes shards and
+     * meta.json. With TP = 1 the store is byte for byte the single process's; with TP > 1 its
+     * values differ from it by the split model's rounding (sums in another order); both
+     * resume the same way. */
     struct lp_dist *dist;
 } lp_cache_opts;
 
