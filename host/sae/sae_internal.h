@@ -31,6 +31,9 @@ typedef struct sae_runner {
 /* Buffers for batches of up to N tokens; train adds the gradient buffers (and AuxK's,
  * with aux_k latents; 0: d_in / 2). */
 lp_status sae_runner_new(sae_runner **r, lp_sae *s, lp_ctx *c, int N, int train, int aux_k);
+/* The same for one shard of a wider SAE (latent sharding, sae_shard.c): AuxK's k is capped
+ * by sel_S, the latents its selection spans (the full d_sae), not the shard's. */
+lp_status sae_runner_new_sel(sae_runner **r, lp_sae *s, lp_ctx *c, int N, int train, int aux_k, int sel_S);
 /* Training only: from now on the encoder GEMM runs on a bf16 copy of W_enc (allocated
  * here; call sae_runner_refresh_bf16 after every change of W_enc). */
 lp_status sae_runner_use_bf16(sae_runner *r);
@@ -44,5 +47,7 @@ lp_status sae_scratch(lp_sae *s, lp_ctx *c, size_t bytes, void **out);
 /* r->x holds n tokens: computes f (or idx/val) and x_hat. batch_thr: batchtopk takes this
  * batch's threshold (training) instead of the learned one. */
 lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr);
+/* The first half of the forward: x_in (x - b_dec when applied) and pre [n, S]. */
+lp_status sae_runner_pre(sae_runner *r, int n);
 
 #endif

@@ -52,6 +52,10 @@ lp_status sae_scratch(lp_sae *s, lp_ctx *c, size_t bytes, void **out) {
 }
 
 lp_status sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int train, int aux_k) {
+    return sae_runner_new_sel(out, s, c, N, train, aux_k, s->cfg.d_sae);
+}
+
+lp_status sae_runner_new_sel(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int train, int aux_k, int sel_S) {
     *out = NULL;
     /* The runner hands the SAE's F32 buffers to the generic ops (matmul, affine, add), which
      * read them in the context's activation dtype: a BF16 context would misread every one. */
@@ -67,7 +71,7 @@ lp_status sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int trai
     int sparse = cf->arch == LP_SAE_TOPK;
     int aux = train && (cf->arch == LP_SAE_TOPK || cf->arch == LP_SAE_BATCHTOPK);
     r->Ka = aux ? (aux_k > 0 ? aux_k : (cf->d_in / 2 > 0 ? cf->d_in / 2 : 1)) : 0;
-    if (r->Ka > r->S) r->Ka = r->S;
+    if (r->Ka > sel_S) r->Ka = sel_S;
     size_t Nn = (size_t)N, D = r->D, Do = r->Do, S = r->S, K = r->K, Ka = r->Ka;
     struct { void **p; size_t bytes; } b[] = {
         {(void **)&r->x, Nn * D * 4}, {(void **)&r->y, cf->hook_name_out[0] ? Nn * Do * 4 : 0},
@@ -128,16 +132,14 @@ lp_status sae_runner_refresh_bf16(sae_runner *r) {
     return r->bf16 ? lp_sae_to_bf16(r->c, r->W_enc_b, r->s->W_enc, (size_t)r->D * r->S) : LP_OK;
 }
 
-/* f (dense) or idx/val (topk) and x_hat for x (and xin) of n tokens. batch_thr: for
- * batchtopk in training, the threshold comes from this batch (written to r->batch_t on the
- * device); otherwise from the SAE's learned threshold. */
-lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr) {
+/* x_in and the pre-activations of n tokens (a latent shard's forward goes on from here,
+ * host/sae/sae_shard.c). */
+lp_status sae_runner_pre(sae_runner *r, int n) {
     lp_sae *s = r->s;
     lp_ctx *c = r->c;
-    const lp_sae_cfg *cf = &s->cfg;
-    int D = r->D, Do = r->Do, S = r->S, K = r->K;
+    int D = r->D, S = r->S;
     const float *xin = r->x;
-    if (cf->apply_b_dec_to_input) { /* xin = x - b_dec */
+    if (s->cfg.apply_b_dec_to_input) { /* xin = x - b_dec */
         LP_CHECK(lp_affine(c, r->nbdec, s->b_dec, r->neg1, NULL, 1, D));
         LP_CHECK(lp_affine(c, r->xin, r->x, r->ones, r->nbdec, n, D));
         xin = r->xin;
@@ -149,6 +151,18 @@ lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr) {
     } else {
         LP_CHECK(lp_matmul(c, r->pre, xin, s->W_enc, s->b_enc, n, D, S, 0));
     }
+    return LP_OK;
+}
+
+/* f (dense) or idx/val (topk) and x_hat for x (and xin) of n tokens. batch_thr: for
+ * batchtopk in training, the threshold comes from this batch (written to r->batch_t on the
+ * device); otherwise from the SAE's learned threshold. */
+lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr) {
+    lp_sae *s = r->s;
+    lp_ctx *c = r->c;
+    const lp_sae_cfg *cf = &s->cfg;
+    int D = r->D, Do = r->Do, S = r->S, K = r->K;
+    LP_CHECK(sae_runner_pre(r, n));
     switch (cf->arch) {
     case LP_SAE_STANDARD: LP_CHECK(lp_sae_relu(c, r->f, r->pre, (size_t)n * S)); break;
     case LP_SAE_JUMPRELU: /* SAELens: relu(pre) * (pre > threshold), also for negative thresholds */
