@@ -160,6 +160,36 @@ lp_status sae_save_checkpoint(trainer *tr) {
     return prune_checkpoints(tr->t->out, 2);
 }
 
+/* The parameters, Adam moments and dead-latent counters of state.safetensors (the whole
+ * SAE's) onto the device; a latent shard takes its slice of each. */
+static lp_status load_state(trainer *tr, const char *path) {
+    lp_st_file f;
+    LP_CHECK(lp_st_open(&f, path));
+    lp_sae whole = {.cfg = tr->full};
+    size_t nf = sae_carve(&whole, NULL), nfl = tr->s->n_floats; /* the file's, this rank's (a shard's under dist.tp) */
+    const lp_st_tensor *p = lp_st_find(&f, "params"), *m = lp_st_find(&f, "adam_m"), *v = lp_st_find(&f, "adam_v"),
+                       *sf = lp_st_find(&f, "since_fired");
+    lp_status st = LP_OK;
+    const lp_st_tensor *fl[3] = {p, m, v};
+    for (int i = 0; i < 3 && st == LP_OK; i++) /* every tensor whole and of the right type before any copy */
+        if (!fl[i] || fl[i]->dtype != LP_F32 || fl[i]->ndim != 1 || fl[i]->shape[0] != (int64_t)nf)
+            st = LP_ERR(LP_ERR_FORMAT, "%s: not a checkpoint of this SAE", path);
+    if (st == LP_OK && (!sf || sf->dtype != LP_I64 || sf->ndim != 1 || sf->shape[0] != tr->full.d_sae))
+        st = LP_ERR(LP_ERR_FORMAT, "%s: not a checkpoint of this SAE", path);
+    float *loc = tr->tp > 1 ? malloc(nfl * 4) : NULL; /* a shard: its slice of each */
+    if (st == LP_OK && tr->tp > 1 && !loc) st = LP_ERR(LP_ERR_OOM, "out of memory reading %s", path);
+    void *dst[3] = {tr->s->mem, tr->adam_m, tr->adam_v};
+    for (int i = 0; i < 3 && st == LP_OK; i++) {
+        const float *src = fl[i]->data;
+        if (loc) shard_map(&tr->full, tr->tp, tr->tpr, loc, (float *)(uintptr_t)src, 0), src = loc; /* only read */
+        st = lp_ctx_to_device(tr->c, dst[i], src, nfl * 4);
+    }
+    free(loc);
+    if (st == LP_OK) memcpy(tr->since, (const int64_t *)sf->data + tr->s0, (size_t)tr->S * 8);
+    lp_st_close(&f);
+    return st;
+}
+
 /* The newest complete checkpoint whose signature matches; *found = 0 when none. */
 lp_status sae_load_checkpoint(trainer *tr, int *found) {
     *found = 0;
@@ -237,32 +267,9 @@ lp_status sae_load_checkpoint(trainer *tr, int *found) {
     }
     cJSON_Delete(j);
     snprintf(path, sizeof path, "%s/%s/state.safetensors", dir, best);
-    lp_st_file f;
-    LP_CHECK(lp_st_open(&f, path));
-    lp_sae whole = {.cfg = tr->full};
-    size_t nf = sae_carve(&whole, NULL), nfl = tr->s->n_floats; /* the file's, this rank's (a shard's under dist.tp) */
-    const lp_st_tensor *p = lp_st_find(&f, "params"), *m = lp_st_find(&f, "adam_m"), *v = lp_st_find(&f, "adam_v"),
-                       *sf = lp_st_find(&f, "since_fired");
-    lp_status st = LP_OK;
-    const lp_st_tensor *fl[3] = {p, m, v};
-    for (int i = 0; i < 3 && st == LP_OK; i++) /* every tensor whole and of the right type before any copy */
-        if (!fl[i] || fl[i]->dtype != LP_F32 || fl[i]->ndim != 1 || fl[i]->shape[0] != (int64_t)nf)
-            st = LP_ERR(LP_ERR_FORMAT, "%s: not a checkpoint of this SAE", path);
-    if (st == LP_OK && (!sf || sf->dtype != LP_I64 || sf->ndim != 1 || sf->shape[0] != tr->full.d_sae))
-        st = LP_ERR(LP_ERR_FORMAT, "%s: not a checkpoint of this SAE", path);
-    float *loc = tr->tp > 1 ? malloc(nfl * 4) : NULL; /* a shard: its slice of each */
-    if (st == LP_OK && tr->tp > 1 && !loc) st = LP_ERR(LP_ERR_OOM, "out of memory reading %s", path);
-    void *dst[3] = {tr->s->mem, tr->adam_m, tr->adam_v};
-    for (int i = 0; i < 3 && st == LP_OK; i++) {
-        const float *src = fl[i]->data;
-        if (loc) shard_map(&tr->full, tr->tp, tr->tpr, loc, (float *)(uintptr_t)src, 0), src = loc; /* only read */
-        st = lp_ctx_to_device(tr->c, dst[i], src, nfl * 4);
-    }
-    free(loc);
-    if (st == LP_OK) memcpy(tr->since, (const int64_t *)sf->data + tr->s0, (size_t)tr->S * 8);
-    lp_st_close(&f);
-    if (st == LP_OK) *found = 1, tr->ckpt_step = tr->step;
-    return st;
+    LP_CHECK(load_state(tr, path));
+    *found = 1, tr->ckpt_step = tr->step;
+    return LP_OK;
 }
 
 /* Keeps the metrics lines of steps the checkpoint covers (a killed run may have logged more). */
