@@ -193,5 +193,5 @@ Test(dist_shard, refusals_name_the_key) {
             "--train.device=cpu --dist.tp=2",
             "loupe: rank 0: dist.tp=2: sharded SAE training reads an activation store (data.store), not a live model");
     snprintf(args, sizeof args, "train-sae %s/store --sae.kind=cross_layer --sae.architecture=jumprelu --dist.tp=2", g_dir);
-    refused(args, "loupe: rank 0: dist.tp=2: the CLT trainer does not shard its latents");
+    refused(args, "loupe: rank 0: dist.tp=2: the transcoder-set trainer does not shard its latents (sae.kind=cross_layer)");
 }
