@@ -42,12 +42,12 @@ lp_status sae_init_params(trainer *tr) {
     const lp_sae_cfg *cf = &s->cfg;
     size_t S = cf->d_sae, D = cf->d_in, Do = cf->d_out, s0 = tr->s0, S_all = tr->full.d_sae;
     /* a latent shard (sae_shard.c): the rows of the whole SAE's draw, its own kept */
-    float *wd = malloc(S * Do * sizeof(float)), *we = malloc(D * S * sizeof(float)), *skip = malloc(Do * sizeof(float));
-    lp_status st = wd && we && skip ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
+    float *wd = malloc(S * Do * sizeof(float)), *we = malloc(D * S * sizeof(float)), *spare = malloc(Do * sizeof(float)); /* another shard's row */
+    lp_status st = wd && we && spare ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     uint64_t rng = tr->t->seed ^ 0xD1B54A32D192ED03ull;
     double bound = 1.0 / sqrt((double)Do);
     for (size_t gi = 0; st == LP_OK && gi < S_all; gi++) {
-        float *row = gi >= s0 && gi < s0 + S ? wd + (gi - s0) * Do : skip;
+        float *row = gi >= s0 && gi < s0 + S ? wd + (gi - s0) * Do : spare;
         double nrm = 0;
         for (size_t j = 0; j < Do; j++) {
             double u = rng_uniform(&rng);
@@ -57,7 +57,7 @@ lp_status sae_init_params(trainer *tr) {
         nrm = sqrt(nrm);
         for (size_t j = 0; j < Do; j++) row[j] = (float)(row[j] / nrm);
     }
-    free(skip);
+    free(spare);
     /* W_enc [D, S] = W_dec^T (for a transcoder, the first min(D, Do) rows of it). Where many
      * latents fire at once (all but topk), SAELens's decoder_init_norm of 0.1 keeps the first
      * reconstructions from being d_sae/d_in times too large; with a unit-norm decoder that
