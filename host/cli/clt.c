@@ -64,6 +64,10 @@ static int store_layers(const char *dir, const lp_clt_cfg *c) {
 int cmd_train_clt(args *a) {
     lp_clt_train_cfg t;
     lp_status st = read_cfg(a, &t);
+    int tp = (int)lp_cfg_int(&a->cfg, "dist.tp");
+    if (st == LP_OK && tp > 1) /* latent sharding is the SAE trainer's (host/sae/sae_shard.c) */
+        st = LP_ERR(LP_ERR_ARG, "dist.tp=%d: the transcoder-set trainer does not shard its latents (sae.kind=%s); train it with dist.tp=1", tp,
+                    lp_cfg_str(&a->cfg, "sae.kind"));
     if (st != LP_OK) return cli_fail(st);
     const char *store = lp_cfg_str(&a->cfg, "data.store");
     lp_model *m = NULL;

@@ -233,12 +233,12 @@ lp_status cli_join(const args *a) {
                 "matrices, which a tensor-parallel rank holds only a slice of; run them data-parallel (dist.tp=1)", tp, g_cmd,
                 between && strcmp(g_cmd, "patch") == 0 ? "--patch.kind=path" : "--attrib.edges=true");
     /* the commands that split the model over ranks (and write from rank 0 alone) */
-    static const char *const tp_cmds[] = {"info", "run", "generate", "cache", NULL};
+    static const char *const tp_cmds[] = {"info", "run", "generate", "cache", "train-sae", NULL}; /* train-sae: its latents */
     int ok = sweep;
     for (int i = 0; tp_cmds[i]; i++) ok |= strcmp(g_cmd, tp_cmds[i]) == 0;
     if (tp > 1 && !ok)
-        LP_FAIL(LP_ERR_ARG, "dist.tp=%d: `loupe %s` does not run tensor-parallel (info, run, generate, cache, and attribute and patch "
-                "over the node grid do)", tp, g_cmd);
+        LP_FAIL(LP_ERR_ARG, "dist.tp=%d: `loupe %s` does not run tensor-parallel (info, run, generate, cache, train-sae, and attribute "
+                "and patch over the node grid do)", tp, g_cmd);
     /* the commands whose work splits over data-parallel ranks; the others refuse more than one */
     int dp_ok = strcmp(g_cmd, "cache") == 0 || strcmp(g_cmd, "train-sae") == 0 || sweep || between, dp = (int)lp_cfg_int(&a->cfg, "dist.dp");
     if (dp > 1 && !dp_ok)

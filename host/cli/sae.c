@@ -99,8 +99,11 @@ static void print_report(const args *a, const lp_sae_train_cfg *t, const lp_sae_
                rep->explained_variance, rep->l0, rep->dead);
         return;
     }
-    printf("trained %s SAE (%s -> d_sae %d%s) on %lld tokens of %s in %lld steps, %.0f tokens/s on %s%s\n", lp_sae_arch_name(t->sae.arch),
-           t->sae.hook_name, t->sae.d_sae, t->sae.hook_name_out[0] ? ", transcoder" : "", (long long)rep->tokens, where,
+    char shard[64] = ""; /* latent sharding (dist.tp): each rank held d_sae / tp latents */
+    if (lp_dist_tp_size(t->dist) > 1)
+        snprintf(shard, sizeof shard, ", latents sharded over %d ranks", lp_dist_tp_size(t->dist));
+    printf("trained %s SAE (%s -> d_sae %d%s%s) on %lld tokens of %s in %lld steps, %.0f tokens/s on %s%s\n", lp_sae_arch_name(t->sae.arch),
+           t->sae.hook_name, t->sae.d_sae, t->sae.hook_name_out[0] ? ", transcoder" : "", shard, (long long)rep->tokens, where,
            (long long)rep->steps, rep->tokens_per_s, c->device == LP_CUDA ? "cuda" : "cpu", rep->resumed_tokens ? " (resumed)" : "");
     printf("last %lld steps: mse %.5g, explained variance %.4f, L0 %.2f, dead latents %d; wrote %s/cfg.json, "
            "sae_weights.safetensors, metrics.jsonl\n",
@@ -113,7 +116,9 @@ static int train_live(args *a, lp_sae_train_cfg *t0, lp_ctx *c) {
     lp_model *m = NULL;
     lp_tokens toks = {0};
     lp_live *live = NULL;
-    lp_status st = cli_open_model(a, &m);
+    int tp = (int)lp_cfg_int(&a->cfg, "dist.tp");
+    lp_status st = tp > 1 ? LP_ERR(LP_ERR_ARG, "dist.tp=%d: sharded SAE training reads an activation store (data.store), not a live model", tp)
+                          : cli_open_model(a, &m);
     if (st == LP_OK && lp_dist_dp_size(cli_dist()) > 1)
         st = LP_ERR(LP_ERR_ARG, "dist.dp=%d: train-sae runs data-parallel on an activation store (data.store), not on a live model", lp_dist_dp_size(cli_dist()));
     if (st == LP_OK) st = cli_load_tokens(a, m, &toks);

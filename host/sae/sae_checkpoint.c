@@ -23,6 +23,7 @@
 #include "core/rng.h"
 #include "io/json.h"
 #include "sae/sae_internal.h"
+#include "sae/sae_read.h"
 #include "sae/sae_trainer.h"
 
 /* ---- checkpoints ---- */
@@ -30,7 +31,7 @@
 /* What must match for a checkpoint to be resumed. */
 static void signature(const trainer *tr, char *buf, size_t n) {
     const lp_sae_train_cfg *t = tr->t;
-    const lp_sae_cfg *s = &tr->s->cfg;
+    const lp_sae_cfg *s = &tr->full; /* the whole SAE: a checkpoint resumes under any dist.tp */
     snprintf(buf, n, "%s|%s|%s|%d|%d|%d|%d|%d|%s|%a|%a|%a|%a|%lld|%lld|%s|%a|%lld|%a|%a|%a|%d|%lld|%d|%s|%lld|%lld|%llu|%s|%s",
              lp_sae_arch_name(s->arch), s->hook_name, s->hook_name_out, s->d_in, s->d_sae, s->d_out, s->k, s->apply_b_dec_to_input,
              s->normalize, t->lr, t->adam_beta1, t->adam_beta2, t->adam_eps, (long long)t->lr_warm_up_steps, (long long)t->lr_decay_steps,
@@ -69,29 +70,61 @@ static lp_status prune_checkpoints(const char *out, int keep) {
     return st;
 }
 
-lp_status sae_save_checkpoint(trainer *tr) {
+/* The whole SAE's state on the host: parameters, Adam moments (3 nf floats, the full
+ * layout) and the dead-latent counters; a latent shard's are gathered (sae_shard.c) and land
+ * on TP rank 0 alone (*h NULL elsewhere). */
+static lp_status ckpt_state(trainer *tr, float **h, int64_t **since, size_t *nf) {
     lp_ctx *c = tr->c;
-    size_t nf = tr->s->n_floats;
+    lp_sae whole = {.cfg = tr->full};
+    *nf = sae_carve(&whole, NULL), *since = NULL;
+    *h = tr->tpr == 0 ? malloc(3 * *nf * sizeof(float)) : NULL;
+    if (tr->tpr == 0 && !*h) LP_FAIL(LP_ERR_OOM, "out of memory for a checkpoint");
+    if (tr->tp == 1) { /* the caller frees *h, also after a failure */
+        *since = tr->since;
+        lp_status st = lp_ctx_to_host(c, *h, tr->s->mem, *nf * 4);
+        if (st == LP_OK) st = lp_ctx_to_host(c, tr->since, tr->since_dev, (size_t)tr->S * 8); /* the dead-latent counters */
+        if (st == LP_OK) st = lp_ctx_to_host(c, *h + *nf, tr->adam_m, *nf * 4);
+        if (st == LP_OK) st = lp_ctx_to_host(c, *h + 2 * *nf, tr->adam_v, *nf * 4);
+        return st;
+    }
+    int64_t *all = tr->tpr == 0 ? malloc((size_t)tr->full.d_sae * 8) : NULL;
+    if (tr->tpr == 0 && !all) LP_FAIL(LP_ERR_OOM, "out of memory for a checkpoint");
+    *since = all; /* every gather is made, so no rank of the group is left waiting */
+    lp_status st = shard_gather(tr, tr->s->mem, *h);
+    lp_status e = shard_gather(tr, tr->adam_m, *h ? *h + *nf : NULL);
+    if (st == LP_OK) st = e;
+    e = shard_gather(tr, tr->adam_v, *h ? *h + 2 * *nf : NULL);
+    if (st == LP_OK) st = e;
+    e = shard_gather_since(tr, all);
+    return st == LP_OK ? e : st;
+}
+
+lp_status sae_save_checkpoint(trainer *tr) {
+    size_t nf;
+    float *h;
+    int64_t *since;
+    lp_status st = ckpt_state(tr, &h, &since, &nf);
+    if (tr->tpr != 0 || st != LP_OK) { /* TP rank 0 writes what the group gathered */
+        free(h);
+        if (since != tr->since) free(since);
+        if (st == LP_OK) tr->ckpt_step = tr->step;
+        return st;
+    }
     char dir[1200], tmp[1300], path[1400];
     snprintf(dir, sizeof dir, "%s/checkpoints/step-%09lld", tr->t->out, (long long)tr->step);
     lp_tmp_name(tmp, sizeof tmp, dir); /* a killed run's leftovers went at the start, under the lock */
-    LP_CHECK(lp_mkdir_p(tmp));
-    float *h = malloc(3 * nf * sizeof(float));
-    if (!h) LP_FAIL(LP_ERR_OOM, "out of memory for a checkpoint");
-    lp_status st = lp_ctx_to_host(c, h, tr->s->mem, nf * 4);
-    if (st == LP_OK) st = lp_ctx_to_host(c, tr->since, tr->since_dev, (size_t)tr->S * 8); /* the dead-latent counters */
-    if (st == LP_OK) st = lp_ctx_to_host(c, h + nf, tr->adam_m, nf * 4);
-    if (st == LP_OK) st = lp_ctx_to_host(c, h + 2 * nf, tr->adam_v, nf * 4);
+    st = lp_mkdir_p(tmp);
     lp_st_spec specs[4] = {
         {.name = "params", .dtype = LP_F32, .ndim = 1, .shape = {(int64_t)nf}},
         {.name = "adam_m", .dtype = LP_F32, .ndim = 1, .shape = {(int64_t)nf}},
         {.name = "adam_v", .dtype = LP_F32, .ndim = 1, .shape = {(int64_t)nf}},
-        {.name = "since_fired", .dtype = LP_I64, .ndim = 1, .shape = {tr->S}},
+        {.name = "since_fired", .dtype = LP_I64, .ndim = 1, .shape = {tr->full.d_sae}},
     };
-    const void *datas[4] = {h, h + nf, h + 2 * nf, tr->since};
+    const void *datas[4] = {h, h + nf, h + 2 * nf, since};
     snprintf(path, sizeof path, "%s/state.safetensors", tmp);
     if (st == LP_OK) st = lp_st_write(path, specs, datas, 4, NULL);
     free(h);
+    if (since != tr->since) free(since);
     char sig[4096];
     signature(tr, sig, sizeof sig);
     cJSON *j = cJSON_CreateObject();
@@ -125,6 +158,36 @@ lp_status sae_save_checkpoint(trainer *tr) {
     }
     tr->ckpt_step = tr->step;
     return prune_checkpoints(tr->t->out, 2);
+}
+
+/* The parameters, Adam moments and dead-latent counters of state.safetensors (the whole
+ * SAE's) onto the device; a latent shard takes its slice of each. */
+static lp_status load_state(trainer *tr, const char *path) {
+    lp_st_file f;
+    LP_CHECK(lp_st_open(&f, path));
+    lp_sae whole = {.cfg = tr->full};
+    size_t nf = sae_carve(&whole, NULL), nfl = tr->s->n_floats; /* the file's, this rank's (a shard's under dist.tp) */
+    const lp_st_tensor *p = lp_st_find(&f, "params"), *m = lp_st_find(&f, "adam_m"), *v = lp_st_find(&f, "adam_v"),
+                       *sf = lp_st_find(&f, "since_fired");
+    lp_status st = LP_OK;
+    const lp_st_tensor *fl[3] = {p, m, v};
+    for (int i = 0; i < 3 && st == LP_OK; i++) /* every tensor whole and of the right type before any copy */
+        if (!fl[i] || fl[i]->dtype != LP_F32 || fl[i]->ndim != 1 || fl[i]->shape[0] != (int64_t)nf)
+            st = LP_ERR(LP_ERR_FORMAT, "%s: not a checkpoint of this SAE", path);
+    if (st == LP_OK && (!sf || sf->dtype != LP_I64 || sf->ndim != 1 || sf->shape[0] != tr->full.d_sae))
+        st = LP_ERR(LP_ERR_FORMAT, "%s: not a checkpoint of this SAE", path);
+    float *loc = tr->tp > 1 ? malloc(nfl * 4) : NULL; /* a shard: its slice of each */
+    if (st == LP_OK && tr->tp > 1 && !loc) st = LP_ERR(LP_ERR_OOM, "out of memory reading %s", path);
+    void *dst[3] = {tr->s->mem, tr->adam_m, tr->adam_v};
+    for (int i = 0; i < 3 && st == LP_OK; i++) {
+        const float *src = fl[i]->data;
+        if (loc) shard_map(&tr->full, tr->tp, tr->tpr, loc, (float *)(uintptr_t)src, 0), src = loc; /* only read */
+        st = lp_ctx_to_device(tr->c, dst[i], src, nfl * 4);
+    }
+    free(loc);
+    if (st == LP_OK) memcpy(tr->since, (const int64_t *)sf->data + tr->s0, (size_t)tr->S * 8);
+    lp_st_close(&f);
+    return st;
 }
 
 /* The newest complete checkpoint whose signature matches; *found = 0 when none. */
@@ -204,25 +267,9 @@ lp_status sae_load_checkpoint(trainer *tr, int *found) {
     }
     cJSON_Delete(j);
     snprintf(path, sizeof path, "%s/%s/state.safetensors", dir, best);
-    lp_st_file f;
-    LP_CHECK(lp_st_open(&f, path));
-    size_t nf = tr->s->n_floats;
-    const lp_st_tensor *p = lp_st_find(&f, "params"), *m = lp_st_find(&f, "adam_m"), *v = lp_st_find(&f, "adam_v"),
-                       *sf = lp_st_find(&f, "since_fired");
-    lp_status st = LP_OK;
-    const lp_st_tensor *fl[3] = {p, m, v};
-    for (int i = 0; i < 3 && st == LP_OK; i++) /* every tensor whole and of the right type before any copy */
-        if (!fl[i] || fl[i]->dtype != LP_F32 || fl[i]->ndim != 1 || fl[i]->shape[0] != (int64_t)nf)
-            st = LP_ERR(LP_ERR_FORMAT, "%s: not a checkpoint of this SAE", path);
-    if (st == LP_OK && (!sf || sf->dtype != LP_I64 || sf->ndim != 1 || sf->shape[0] != tr->S))
-        st = LP_ERR(LP_ERR_FORMAT, "%s: not a checkpoint of this SAE", path);
-    if (st == LP_OK) st = lp_ctx_to_device(tr->c, tr->s->mem, p->data, nf * 4);
-    if (st == LP_OK) st = lp_ctx_to_device(tr->c, tr->adam_m, m->data, nf * 4);
-    if (st == LP_OK) st = lp_ctx_to_device(tr->c, tr->adam_v, v->data, nf * 4);
-    if (st == LP_OK) memcpy(tr->since, sf->data, (size_t)tr->S * 8);
-    lp_st_close(&f);
-    if (st == LP_OK) *found = 1, tr->ckpt_step = tr->step;
-    return st;
+    LP_CHECK(load_state(tr, path));
+    *found = 1, tr->ckpt_step = tr->step;
+    return LP_OK;
 }
 
 /* Keeps the metrics lines of steps the checkpoint covers (a killed run may have logged more). */

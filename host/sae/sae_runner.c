@@ -34,28 +34,20 @@ void sae_runner_free(sae_runner *r) {
     free(r);
 }
 
-lp_status sae_runner_set_dp(sae_runner *r, lp_dist *d) {
-    r->dist = d;
-    if (lp_dist_dp_size(d) <= 1 || r->hist) return LP_OK;
-    r->thr_host = malloc((size_t)r->S * sizeof *r->thr_host);
-    if (!r->thr_host) LP_FAIL(LP_ERR_OOM, "out of memory");
-    return lp_ctx_alloc(r->c, 256 * sizeof(int64_t), (void **)&r->hist);
-}
+void sae_runner_set_dp(sae_runner *r, lp_dist *d) { r->dist = d; }
 
-/* BatchTopK's threshold over a batch split over the data-parallel ranks, each holding n of
- * its tokens: lp_sae_kth_largest's radix selection, each pass's histogram summed over the
- * ranks (histograms add), so every rank takes the threshold one process takes over the
- * whole batch, bit for bit. Four all-reduces of 256 counts through the host per step. */
-static lp_status dp_batch_threshold(sae_runner *r, int n) {
+lp_status sae_runner_split_threshold(sae_runner *r, int n, lp_dist *d, lp_dist_group g, size_t rows, size_t latents) {
     lp_ctx *c = r->c;
-    size_t dp = (size_t)lp_dist_dp_size(r->dist), count = (size_t)n * dp * r->K;
+    size_t count = rows * r->K;
     int64_t hist[256], rank = (int64_t)count + 1;
     uint32_t prefix = 0, mask = 0;
-    int found = count < (size_t)n * dp * r->S; /* else 0, as lp_sae_kth_largest */
+    int found = count < rows * latents; /* else 0, as lp_sae_kth_largest */
+    if (!r->hist) LP_CHECK(lp_ctx_alloc(c, 256 * sizeof(int64_t), (void **)&r->hist));
+    if (!r->thr_host && !(r->thr_host = malloc((size_t)r->S * sizeof *r->thr_host))) LP_FAIL(LP_ERR_OOM, "out of memory");
     for (int shift = 24; found && shift >= 0; shift -= 8) {
         LP_CHECK(lp_sae_radix_hist(c, r->hist, r->pre, (size_t)n * r->S, prefix, mask, shift));
         LP_CHECK(lp_ctx_to_host(c, hist, r->hist, sizeof hist));
-        LP_CHECK(lp_dist_allreduce_sum(r->dist, LP_DIST_DP, hist, 256, LP_I64));
+        LP_CHECK(lp_dist_allreduce_sum(d, g, hist, 256, LP_I64));
         found = lp_sae_radix_pick(hist, &rank, &prefix, &mask, shift);
     }
     float t = 0.0f;
@@ -86,6 +78,10 @@ lp_status sae_scratch(lp_sae *s, lp_ctx *c, size_t bytes, void **out) {
 }
 
 lp_status sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int train, int aux_k) {
+    return sae_runner_new_sel(out, s, c, N, train, aux_k, s->cfg.d_sae);
+}
+
+lp_status sae_runner_new_sel(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int train, int aux_k, int sel_S) {
     *out = NULL;
     /* The runner hands the SAE's F32 buffers to the generic ops (matmul, affine, add), which
      * read them in the context's activation dtype: a BF16 context would misread every one. */
@@ -101,7 +97,7 @@ lp_status sae_runner_new(sae_runner **out, lp_sae *s, lp_ctx *c, int N, int trai
     int sparse = cf->arch == LP_SAE_TOPK;
     int aux = train && (cf->arch == LP_SAE_TOPK || cf->arch == LP_SAE_BATCHTOPK);
     r->Ka = aux ? (aux_k > 0 ? aux_k : (cf->d_in / 2 > 0 ? cf->d_in / 2 : 1)) : 0;
-    if (r->Ka > r->S) r->Ka = r->S;
+    if (r->Ka > sel_S) r->Ka = sel_S;
     size_t Nn = (size_t)N, D = r->D, Do = r->Do, S = r->S, K = r->K, Ka = r->Ka;
     struct { void **p; size_t bytes; } b[] = {
         {(void **)&r->x, Nn * D * 4}, {(void **)&r->y, cf->hook_name_out[0] ? Nn * Do * 4 : 0},
@@ -162,16 +158,14 @@ lp_status sae_runner_refresh_bf16(sae_runner *r) {
     return r->bf16 ? lp_sae_to_bf16(r->c, r->W_enc_b, r->s->W_enc, (size_t)r->D * r->S) : LP_OK;
 }
 
-/* f (dense) or idx/val (topk) and x_hat for x (and xin) of n tokens. batch_thr: for
- * batchtopk in training, the threshold comes from this batch (written to r->batch_t on the
- * device); otherwise from the SAE's learned threshold. */
-lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr) {
+/* x_in and the pre-activations of n tokens (a latent shard's forward goes on from here,
+ * host/sae/sae_shard.c). */
+lp_status sae_runner_pre(sae_runner *r, int n) {
     lp_sae *s = r->s;
     lp_ctx *c = r->c;
-    const lp_sae_cfg *cf = &s->cfg;
-    int D = r->D, Do = r->Do, S = r->S, K = r->K;
+    int D = r->D, S = r->S;
     const float *xin = r->x;
-    if (cf->apply_b_dec_to_input) { /* xin = x - b_dec */
+    if (s->cfg.apply_b_dec_to_input) { /* xin = x - b_dec */
         LP_CHECK(lp_affine(c, r->nbdec, s->b_dec, r->neg1, NULL, 1, D));
         LP_CHECK(lp_affine(c, r->xin, r->x, r->ones, r->nbdec, n, D));
         xin = r->xin;
@@ -183,6 +177,18 @@ lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr) {
     } else {
         LP_CHECK(lp_matmul(c, r->pre, xin, s->W_enc, s->b_enc, n, D, S, 0));
     }
+    return LP_OK;
+}
+
+/* f (dense) or idx/val (topk) and x_hat for x (and xin) of n tokens. batch_thr: for
+ * batchtopk in training, the threshold comes from this batch (written to r->batch_t on the
+ * device); otherwise from the SAE's learned threshold. */
+lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr) {
+    lp_sae *s = r->s;
+    lp_ctx *c = r->c;
+    const lp_sae_cfg *cf = &s->cfg;
+    int D = r->D, Do = r->Do, S = r->S, K = r->K;
+    LP_CHECK(sae_runner_pre(r, n));
     switch (cf->arch) {
     case LP_SAE_STANDARD: LP_CHECK(lp_sae_relu(c, r->f, r->pre, (size_t)n * S)); break;
     case LP_SAE_JUMPRELU: /* SAELens: relu(pre) * (pre > threshold), also for negative thresholds */
@@ -193,7 +199,8 @@ lp_status sae_runner_forward(sae_runner *r, int n, int batch_thr) {
     case LP_SAE_BATCHTOPK:
         if (batch_thr) { /* the k * n largest activations of this batch */
             if (!r->batch_t) LP_FAIL(LP_ERR_ARG, "SAE runner: a batch threshold without its device slot");
-            if (lp_dist_dp_size(r->dist) > 1) LP_CHECK(dp_batch_threshold(r, n));
+            if (lp_dist_dp_size(r->dist) > 1) /* the rows over the DP ranks */
+                LP_CHECK(sae_runner_split_threshold(r, n, r->dist, LP_DIST_DP, (size_t)n * lp_dist_dp_size(r->dist), S));
             else LP_CHECK(lp_sae_batch_threshold(c, r->thr, r->batch_t, r->pre, (size_t)n * S, (size_t)n * K, S));
             LP_CHECK(lp_sae_jumprelu(c, r->f, r->pre, r->thr, n, S));
         } else {

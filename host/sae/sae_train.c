@@ -106,6 +106,7 @@ static void trainer_free(trainer *tr) {
     lp_ctx_release(c, tr->ysum);
     free(tr->ysum_f);
     free(tr->ysum_host);
+    shard_free(tr);
     lp_sae_free(tr->s, c);
     lp_store_close(tr->in);
     lp_store_close(tr->outs);
@@ -122,6 +123,20 @@ static lp_status store_fingerprint(const char *store, char *id, size_t n) {
     uint64_t hash;
     LP_CHECK(lp_fingerprint(access(meta, F_OK) == 0 ? meta : store, &size, &hash));
     snprintf(id, n, "%lld:%016llx", (long long)size, (unsigned long long)hash);
+    return LP_OK;
+}
+
+/* Latent sharding over dist.tp ranks (sae_shard.c): what it needs, and cf cut to one
+ * rank's shard of d_sae / tp latents. */
+static lp_status shard_check(lp_sae_cfg *cf, int tp, int live) {
+    if (live) LP_FAIL(LP_ERR_ARG, "dist.tp=%d: sharded SAE training reads an activation store (data.store), not a live model", tp);
+    if (cf->d_sae % tp)
+        LP_FAIL(LP_ERR_ARG, "sae.d_sae = %d is not a multiple of dist.tp = %d: the latents are split evenly over the tensor-parallel ranks",
+                cf->d_sae, tp);
+    int S = cf->d_sae / tp;
+    if ((cf->arch == LP_SAE_TOPK || cf->arch == LP_SAE_BATCHTOPK) && cf->k > S)
+        LP_FAIL(LP_ERR_ARG, "sae.k = %d exceeds sae.d_sae / dist.tp = %d: each rank's shard must hold a row's k latents", cf->k, S);
+    cf->d_sae = S;
     return LP_OK;
 }
 
@@ -160,9 +175,14 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     if (t->sae.d_in && t->sae.d_in != cf.d_in)
         LP_FAIL(LP_ERR_SHAPE, "sae.d_in = %d but '%s' has %d values per token", t->sae.d_in, cf.hook_name, cf.d_in);
     LP_CHECK(lp_sae_cfg_check(&cf));
+    tr->full = cf;
+    tr->tp = lp_dist_tp_size(t->dist), tr->tpr = lp_dist_tp_rank(t->dist);
+    if (tr->tp > 1) LP_CHECK(shard_check(&cf, tr->tp, live != NULL)); /* cf becomes this rank's shard */
+    tr->s0 = tr->tpr * cf.d_sae;
     LP_CHECK(lp_sae_alloc(&tr->s, &cf, c));
     tr->N = t->batch_tokens, tr->D = cf.d_in, tr->Do = cf.d_out, tr->S = cf.d_sae;
     tr->dp = lp_dist_dp_size(t->dist), tr->dpr = lp_dist_dp_rank(t->dist), tr->Nl = tr->N / tr->dp;
+    tr->writer = tr->dpr == 0 && tr->tpr == 0;
     if (tr->dp > 1 && live)
         LP_FAIL(LP_ERR_ARG, "dist.dp=%d: data-parallel training reads an activation store (data.store), not a live model", tr->dp);
     if (tr->N % tr->dp) LP_FAIL(LP_ERR_ARG, "train.batch_tokens %d: not a multiple of dist.dp=%d", tr->N, tr->dp);
@@ -170,8 +190,8 @@ static lp_status setup(trainer *tr, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     if (per < 1) per = 1;
     tr->W = per * tr->N;
     if (tr->W > INT32_MAX) LP_FAIL(LP_ERR_ARG, "train.shuffle_tokens %lld is too large", (long long)t->shuffle_tokens);
-    LP_CHECK(sae_runner_new(&tr->r, tr->s, c, tr->Nl, 1, t->aux_k));
-    LP_CHECK(sae_runner_set_dp(tr->r, t->dist));
+    LP_CHECK(sae_runner_new_sel(&tr->r, tr->s, c, tr->Nl, 1, t->aux_k, tr->full.d_sae));
+    sae_runner_set_dp(tr->r, t->dist);
     if (t->encoder_bf16 > 0 || (t->encoder_bf16 < 0 && c->device == LP_CUDA)) LP_CHECK(sae_runner_use_bf16(tr->r));
     size_t nf = tr->s->n_floats;
     LP_CHECK(lp_ctx_alloc(c, nf * 4, (void **)&tr->grad));
@@ -223,6 +243,7 @@ static lp_status track_resume(trainer *tr) {
     tr->since_bound = 0;
     for (int i = 0; i < tr->S; i++)
         if (tr->since[i] > tr->since_bound) tr->since_bound = tr->since[i];
+    if (tr->tp > 1) LP_CHECK(lp_dist_allreduce_max(tr->t->dist, LP_DIST_TP, &tr->since_bound, 1, LP_I64)); /* every shard's */
     LP_CHECK(lp_ctx_to_device(tr->c, tr->since_dev, tr->since, (size_t)tr->S * 8));
     double *h = tr->trk_host;
     h[LP_TRK_ACC_MSE] = tr->acc_mse, h[LP_TRK_ACC_SSE] = tr->acc_sse, h[LP_TRK_ACC_SST] = tr->acc_sst;
@@ -253,7 +274,7 @@ static lp_status run_begin(run *ru, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     /* one writer per train.out, then a dead run's half-written files can go */
     char ck[1300];
     snprintf(ck, sizeof ck, "%s/checkpoints", t->out);
-    if (tr->dpr == 0) { /* the other DP ranks write nothing */
+    if (tr->writer) { /* the other ranks write nothing */
         LP_CHECK(lp_lock_output(&tr->lock, t->out, 1));
         LP_CHECK(lp_remove_stale_tmp(t->out));
         LP_CHECK(lp_remove_stale_tmp(ck));
@@ -269,9 +290,9 @@ static lp_status run_begin(run *ru, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     LP_CHECK(sae_runner_refresh_bf16(tr->r)); /* the bf16 encoder copy of the weights just set */
     char *mpath = tr->metrics_path;
     snprintf(mpath, sizeof tr->metrics_path, "%s/metrics.jsonl", t->out);
-    if (resumed && tr->dpr == 0) LP_CHECK(sae_trim_metrics(mpath, tr->step)); /* also drops a torn last line */
-    tr->metrics = tr->dpr ? -1 : open(mpath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | (resumed ? 0 : O_TRUNC), 0644);
-    if (tr->metrics < 0 && tr->dpr == 0) LP_FAIL(lp_write_status(errno), "%s: cannot write: %s", mpath, strerror(errno));
+    if (resumed && tr->writer) LP_CHECK(sae_trim_metrics(mpath, tr->step)); /* also drops a torn last line */
+    tr->metrics = !tr->writer ? -1 : open(mpath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | (resumed ? 0 : O_TRUNC), 0644);
+    if (tr->metrics < 0 && tr->writer) LP_FAIL(lp_write_status(errno), "%s: cannot write: %s", mpath, strerror(errno));
     rep->resumed_tokens = tr->tokens_done;
     ru->total_steps = (t->tokens + tr->N - 1) / tr->N;
     if (resumed && tr->step >= ru->total_steps) rep->already_complete = 1, sae_last_metrics(mpath, rep);
@@ -312,7 +333,7 @@ static lp_status run_step(run *ru, lp_sae_train_report *rep) {
                 (long long)tr->step, (long long)tr->tokens_done, lr, l1, tr->acc_mse / n,
                 t->sae.arch == LP_SAE_JUMPRELU ? "l0_loss" : "l1_loss", tr->acc_sparsity / n, tr->acc_aux / n,
                 (tr->acc_mse + tr->acc_sparsity + tr->acc_aux) / n, 1 - tr->acc_sse / tr->acc_sst, tr->acc_l0 / n, tr->r->n_dead, tps);
-        if (tr->dpr == 0) LP_CHECK(lp_write_fd(tr->metrics, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1, -1, tr->metrics_path));
+        if (tr->writer) LP_CHECK(lp_write_fd(tr->metrics, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1, -1, tr->metrics_path));
         rep->mse = tr->acc_mse / n, rep->explained_variance = 1 - tr->acc_sse / tr->acc_sst, rep->l0 = tr->acc_l0 / n;
         rep->dead = tr->r->n_dead;
         progress(tr, ru->total_steps, tps, (tr->acc_mse + tr->acc_sparsity + tr->acc_aux) / n, rep->l0, rep->dead, 0);
@@ -322,7 +343,7 @@ static lp_status run_step(run *ru, lp_sae_train_report *rep) {
     }
     if (tr->tokens_done >= ru->next_ckpt && tr->step < ru->total_steps) {
         LP_CHECK(sae_read_track(tr)); /* never a checkpoint of a state a non-finite loss reached */
-        if (tr->dpr == 0) LP_CHECK(sae_save_checkpoint(tr));
+        if (tr->dpr == 0) LP_CHECK(sae_save_checkpoint(tr)); /* the TP group gathers, its rank 0 writes */
         ru->next_ckpt += t->checkpoint_every;
     }
     ru->done = tr->step >= ru->total_steps;
@@ -345,7 +366,7 @@ static lp_status run_end(run *ru, lp_status st, lp_sae_train_report *rep) {
             st = h ? lp_ctx_to_device(tr->c, tr->s->threshold, h, (size_t)tr->S * 4) : LP_ERR(LP_ERR_OOM, "out of memory");
             free(h);
         }
-        if (st == LP_OK) st = lp_sae_save(tr->s, tr->c, t->out, (float)tr->scale);
+        if (st == LP_OK) st = tr->tp > 1 ? shard_save(tr) : lp_sae_save(tr->s, tr->c, t->out, (float)tr->scale);
         /* a rerun of a finished job: its final checkpoint is already there */
         if (st == LP_OK && t->checkpoint_every > 0 && tr->ckpt_step != tr->step) st = sae_save_checkpoint(tr);
     }

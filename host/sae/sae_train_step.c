@@ -40,21 +40,24 @@ double sae_lr_at(const lp_sae_train_cfg *t, int64_t step, int64_t total) {
 lp_status sae_init_params(trainer *tr) {
     lp_sae *s = tr->s;
     const lp_sae_cfg *cf = &s->cfg;
-    size_t S = cf->d_sae, D = cf->d_in, Do = cf->d_out;
-    float *wd = malloc(S * Do * sizeof(float)), *we = malloc(D * S * sizeof(float));
-    lp_status st = wd && we ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
+    size_t S = cf->d_sae, D = cf->d_in, Do = cf->d_out, s0 = tr->s0, S_all = tr->full.d_sae;
+    /* a latent shard (sae_shard.c): the rows of the whole SAE's draw, its own kept */
+    float *wd = malloc(S * Do * sizeof(float)), *we = malloc(D * S * sizeof(float)), *spare = malloc(Do * sizeof(float)); /* another shard's row */
+    lp_status st = wd && we && spare ? LP_OK : LP_ERR(LP_ERR_OOM, "out of memory");
     uint64_t rng = tr->t->seed ^ 0xD1B54A32D192ED03ull;
     double bound = 1.0 / sqrt((double)Do);
-    for (size_t i = 0; st == LP_OK && i < S; i++) {
+    for (size_t gi = 0; st == LP_OK && gi < S_all; gi++) {
+        float *row = gi >= s0 && gi < s0 + S ? wd + (gi - s0) * Do : spare;
         double nrm = 0;
         for (size_t j = 0; j < Do; j++) {
             double u = rng_uniform(&rng);
-            wd[i * Do + j] = (float)((2 * u - 1) * bound);
-            nrm += (double)wd[i * Do + j] * wd[i * Do + j];
+            row[j] = (float)((2 * u - 1) * bound);
+            nrm += (double)row[j] * row[j];
         }
         nrm = sqrt(nrm);
-        for (size_t j = 0; j < Do; j++) wd[i * Do + j] = (float)(wd[i * Do + j] / nrm);
+        for (size_t j = 0; j < Do; j++) row[j] = (float)(row[j] / nrm);
     }
+    free(spare);
     /* W_enc [D, S] = W_dec^T (for a transcoder, the first min(D, Do) rows of it). Where many
      * latents fire at once (all but topk), SAELens's decoder_init_norm of 0.1 keeps the first
      * reconstructions from being d_sae/d_in times too large; with a unit-norm decoder that
@@ -152,6 +155,7 @@ static lp_status b_dec_through_input(trainer *tr) {
     sae_runner *r = tr->r;
     lp_ctx *c = tr->c;
     LP_CHECK(lp_matmul(c, r->nbdec, tr->gview.b_enc, tr->s->W_enc, NULL, 1, tr->S, tr->D, 1));
+    if (tr->tp > 1) LP_CHECK(lp_dist_allreduce_sum_dev(tr->t->dist, LP_DIST_TP, c, r->nbdec, (size_t)tr->D)); /* over every shard's latents */
     return lp_affine(c, tr->gview.b_dec, r->nbdec, r->neg1, tr->gview.b_dec, 1, tr->D);
 }
 
@@ -219,10 +223,17 @@ static lp_status auxk_step(trainer *tr, const float *y) {
     lp_sae *s = tr->s, *g = &tr->gview;
     lp_ctx *c = tr->c;
     int N = tr->Nl, D = tr->D, Do = tr->Do, S = tr->S, ka = r->Ka;
-    LP_CHECK(lp_sae_topk_among_counted(c, r->idx_aux, r->val_aux, r->pre, r->cand, tr->trk + LP_TRK_N_DEAD, N, S, ka));
+    if (tr->tp > 1) { /* a shard's own dead latents first, then the group's best of them (sae_shard.c) */
+        int kl = ka < S ? ka : S;
+        LP_CHECK(lp_sae_topk_among_counted(c, r->idx_aux, r->val_aux, r->pre, r->cand, tr->trk + LP_TRK_N_DEAD, N, S, kl));
+        LP_CHECK(shard_select(tr, r->idx_aux, r->val_aux, kl, ka));
+    } else {
+        LP_CHECK(lp_sae_topk_among_counted(c, r->idx_aux, r->val_aux, r->pre, r->cand, tr->trk + LP_TRK_N_DEAD, N, S, ka));
+    }
     LP_CHECK(lp_affine(c, r->e, r->xhat, r->neg1, NULL, N, Do));
     LP_CHECK(lp_add(c, r->e, r->e, y, (size_t)N * Do)); /* e = y - x_hat, held fixed */
     LP_CHECK(lp_sae_decode_sparse(c, r->ehat, r->idx_aux, r->val_aux, s->W_dec, NULL, N, ka, Do));
+    if (tr->tp > 1) LP_CHECK(lp_dist_allreduce_sum_dev(tr->t->dist, LP_DIST_TP, c, r->ehat, (size_t)N * Do));
     LP_CHECK(lp_sae_recon_sums_dev(c, tr->trk + LP_TRK_AUX, r->e, r->ehat, N, Do));
     double w = tr->t->aux_k_coefficient;
     /* d aux / d e_hat = 2 w (e_hat - e) / N */
@@ -317,7 +328,7 @@ lp_status sae_train_step(trainer *tr, double lr, double l1) {
     int N = tr->Nl, D = tr->D, Do = tr->Do, S = tr->S;
     const float *y = tr->transcoder ? r->y : r->x;
     LP_CHECK(lp_ctx_memset0(c, tr->grad, s->n_floats * 4));
-    LP_CHECK(sae_runner_forward(r, N, 1));
+    LP_CHECK(tr->tp > 1 ? shard_forward(tr) : sae_runner_forward(r, N, 1));
 
     /* reconstruction: mse = sum_d (x_hat - y)^2, mean over tokens; dL/dx_hat = 2 (x_hat - y) / N */
     LP_CHECK(lp_sae_recon_sums_dev(c, tr->trk + LP_TRK_RECON, y, r->xhat, N, Do));
@@ -332,6 +343,7 @@ lp_status sae_train_step(trainer *tr, double lr, double l1) {
     LP_CHECK(dead_latents(tr, &aux));
     LP_CHECK(latent_grads(tr, l1));
     if (aux) LP_CHECK(auxk_step(tr, y));
+    if (tr->tp > 1) LP_CHECK(shard_track(tr)); /* the group's dead count, firings and L1 term */
     LP_CHECK(track(tr, y, l1, aux));
 
     /* unit-norm decoder: no gradient along the rows, Adam, renormalise */

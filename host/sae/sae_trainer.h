@@ -40,6 +40,14 @@ typedef struct trainer {
     int transcoder;
     int N, D, Do, S;                /* N: tokens of a global batch */
     int Nl, dp, dpr;                /* this rank's rows of it (N / dp), DP size and rank */
+    /* Latent sharding (sae_shard.c): with dist.tp > 1 the trainer's SAE s is this rank's
+     * shard, latents [s0, s0 + S) of full.d_sae (S = full.d_sae / tp): its W_enc columns,
+     * b_enc, W_dec rows, threshold, their Adam state and dead-latent counters; b_dec and
+     * W_skip are replicated. With tp == 1, S == full.d_sae and s0 == 0. */
+    int tp, tpr, s0;
+    lp_sae_cfg full;                /* the SAE being trained (the files, the checkpoint signature) */
+    int writer;                     /* DP rank 0 and TP rank 0: locks train.out, writes every file */
+    struct shard_bufs *sh;          /* tp > 1: host buffers of the selections (sae_shard.c) */
     float *ysum;                    /* dp > 1: device [Do], this rank's column sums of y */
     float *ysum_f;                  /* host [Do] */
     double *ysum_host;              /* host [Do + 1] */
@@ -104,6 +112,31 @@ lp_status sae_train_step(trainer *tr, double lr, double l1);
 lp_status sae_read_track(trainer *tr);
 /* The one-line error of a non-finite loss at step `step`. */
 lp_status sae_loss_error(const trainer *tr, int64_t step, int is_nan);
+
+/* ---- sae_shard.c (tp > 1) ---- */
+
+/* The forward of a latent shard: pre-activations of its latents, the group's selection
+ * (TopK, BatchTopK) made across the shards, x_hat summed over the group. */
+lp_status shard_forward(trainer *tr);
+/* idx/val [Nl, kl]: this rank's best kl entries per row (local latents, values relu'd, as
+ * lp_sae_topk gives them) become [Nl, K]: each row's K best over the group, chosen as one
+ * process chooses (larger value first, ties to the lower global latent), this rank's own
+ * latents kept in place and the others padding of value 0. */
+lp_status shard_select(trainer *tr, int32_t *idx, float *val, int kl, int K);
+/* The tracking block's per-latent figures (dead count, fired count, L1 term; the largest
+ * tokens-since-fired) made the group's, before lp_sae_track_step reads them. */
+lp_status shard_track(trainer *tr);
+/* Full <-> shard layouts of the flat parameters (sae_carve's order): to_full 1 copies this
+ * shard `t`'s part of loc into full, 0 takes it out of full. */
+void shard_map(const lp_sae_cfg *full, int tp, int t, float *loc, float *full_buf, int to_full);
+/* The group's shards of a device buffer in the layout of s->mem (n_floats of a shard) into
+ * full_host (the full SAE's layout) on TP rank 0; a collective over the TP group. */
+lp_status shard_gather(trainer *tr, const float *dev, float *full_host);
+/* The dead-latent counters of every shard into since_all [full.d_sae] on TP rank 0. */
+lp_status shard_gather_since(trainer *tr, int64_t *since_all);
+/* The full SAE into train.out (TP rank 0 writes; every rank of the group takes part). */
+lp_status shard_save(trainer *tr);
+void shard_free(trainer *tr);
 
 /* ---- sae_checkpoint.c ---- */
 

@@ -70,7 +70,14 @@ typedef struct lp_sae_train_cfg {
      * counts of the dead-latent statistics are all-reduced before each Adam step, so every
      * rank holds the same SAE; DP rank 0 alone locks train.out and writes metrics,
      * checkpoints and the SAE. BatchTopK's threshold is the global batch's (each selection
-     * pass's histogram all-reduced). A store only (not a live stream). */
+     * pass's histogram all-reduced). A store only (not a live stream).
+     * Latent sharding (a TP group of more than one; host/sae/sae_shard.c): the ranks of a
+     * TP group share each batch and each holds d_sae / tp of the latents (refused with
+     * LP_ERR_ARG naming sae.d_sae when tp does not divide it, sae.k when k > d_sae / tp, and
+     * for a live stream); the selections (TopK, BatchTopK, AuxK) are made across the shards
+     * as one process makes them and x_hat is summed over the group, so the run is the one
+     * process's up to the order of the sums. TP rank 0 of DP rank 0 gathers the shards and
+     * writes the one-process files and checkpoints (which resume under any tp). */
     struct lp_dist *dist;
 } lp_sae_train_cfg;
 
