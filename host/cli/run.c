@@ -169,8 +169,9 @@ int cmd_cache(args *a) {
         cJSON_AddNumberToObject(j, "tokens_per_s", rep.tokens_per_s);
         cli_print_json(j);
     } else {
-        printf("cached %d hooks for %lld sequences (%lld tokens) into %s: %d shards", rep.n_hooks,
-               (long long)rep.n_sequences, (long long)rep.n_tokens, lp_cfg_str(&a->cfg, "cache.out"), rep.n_shards);
+        printf("cached %d hook%s for %lld sequences (%lld tokens) into %s: %d shard%s", rep.n_hooks, rep.n_hooks == 1 ? "" : "s",
+               (long long)rep.n_sequences, (long long)rep.n_tokens, lp_cfg_str(&a->cfg, "cache.out"), rep.n_shards,
+               rep.n_shards == 1 ? "" : "s");
         if (rep.resumed_sequences) printf(", %lld sequences were already there", (long long)rep.resumed_sequences);
         printf(", %.0f tokens/s on %s\n", rep.tokens_per_s, cli_dev_name(m));
     }
