@@ -158,7 +158,7 @@ typedef struct cache_pack {
 static lp_status pack_init(cache_pack *p, lp_model *m, const int *ids, int nh, int B, int T, size_t es, int dp) {
     p->off = calloc(nh, sizeof(size_t)), p->per_seq = calloc(nh, sizeof(size_t));
     if (!p->off || !p->per_seq) LP_FAIL(LP_ERR_OOM, "out of memory");
-    p->slot = 8;
+    p->slot = 8; /* a word for the rank's status, then the hooks */
     for (int i = 0; i < nh; i++) {
         int64_t s[LP_MAX_DIMS];
         int nd = lp_hook_shape(m, ids[i], 1, T, s);
@@ -189,31 +189,41 @@ static lp_status forward_pack(lp_model *m, const int32_t *tk, int nb, int T, con
     return LP_OK;
 }
 
+/* Every rank's word on the round: fst its own forward's status, wst the writer's last write.
+ * With TP the forward is a collective of the TP group, so no rank may skip it while another
+ * runs it: each runs its batch whatever failed before, and then all agree (over the world)
+ * whether any rank failed, so every rank stops at the same round. */
+static lp_status round_agree(const lp_cache_opts *o, lp_status fst, lp_status wst) {
+    int failed = fst != LP_OK || wst != LP_OK;
+    int32_t bad = failed ? lp_dist_rank(o->dist) + 1 : 0; /* the highest failed rank, + 1 */
+    if (lp_dist_size(o->dist) > 1) {
+        lp_status a = lp_dist_allreduce_max(o->dist, LP_DIST_WORLD, &bad, 1, LP_I32);
+        if (a != LP_OK && !failed) return a;
+    }
+    if (failed) return fst != LP_OK ? fst : wst;
+    if (bad) LP_FAIL(LP_ERR_IO, "cache: rank %d failed (its error is printed by that rank)", bad - 1);
+    return LP_OK;
+}
+
 /* The batches of one shard, dp at a time: batch k is computed by DP rank k % dp (with its
  * whole TP group, each TP rank holding the gathered captures); after each round every rank
- * holds every slot of its DP group (and so learns whether a rank failed), and the writer
- * (world rank 0) puts them into the shard in batch order. */
+ * holds every slot of its DP group, and the writer (world rank 0) puts them into the shard
+ * in batch order. st: the writer's status so far (its shard's open). */
 static lp_status cache_shard(lp_model *m, const lp_tokens *toks, const lp_cache_opts *o, const int *ids, int nh, cache_pack *p,
                              lp_st_writer *w, lp_status st, int64_t first, int ns, int B, int64_t *toks_done, double t0) {
     int T = toks->ctx, dp = lp_dist_dp_size(o->dist), me = lp_dist_dp_rank(o->dist), writer = lp_dist_rank(o->dist) == 0;
     int nbatch = (ns + B - 1) / B;
     for (int r0 = 0; r0 < nbatch; r0 += dp) {
         int k = r0 + me;
-        if (k < nbatch && st == LP_OK) { /* st: rank 0's failed write of the round before */
+        lp_status fst = LP_OK;
+        if (k < nbatch) {
             int nb = ns - k * B < B ? ns - k * B : B;
-            st = forward_pack(m, toks->ids + (size_t)(first + (int64_t)k * B) * T, nb, T, ids, nh, o->dtype, p);
+            fst = forward_pack(m, toks->ids + (size_t)(first + (int64_t)k * B) * T, nb, T, ids, nh, o->dtype, p);
         }
-        *(int32_t *)p->mine = st == LP_OK ? 0 : 1;
-        if (dp > 1) {
-            lp_status g = lp_dist_allgather(o->dist, LP_DIST_DP, p->mine, p->all, p->slot);
-            if (g != LP_OK) return g;
-        }
+        *(int32_t *)p->mine = fst != LP_OK; /* the gather is a collective: a failed rank takes part too */
+        if (dp > 1) LP_CHECK(lp_dist_allgather(o->dist, LP_DIST_DP, p->mine, p->all, p->slot));
+        LP_CHECK(round_agree(o, fst, st));
         const char *all = dp > 1 ? p->all : p->mine;
-        for (int j = 0; j < dp; j++) {
-            if (*(const int32_t *)(all + (size_t)j * p->slot) == 0) continue;
-            if (j == me) return st;
-            LP_FAIL(LP_ERR_IO, "cache: DP rank %d failed (its error is printed by that rank)", j);
-        }
         for (int j = 0; j < dp && r0 + j < nbatch && writer && st == LP_OK; j++) {
             int b0 = (r0 + j) * B, nb = ns - b0 < B ? ns - b0 : B;
             const char *slot = all + (size_t)j * p->slot;
@@ -280,7 +290,7 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
     if (many) {
         lp_status b = lp_dist_broadcast(o->dist, LP_DIST_WORLD, &hdr, sizeof hdr, 0);
         if (st == LP_OK) st = b;
-        if (st == LP_OK && hdr < 0) st = LP_ERR(LP_ERR_IO, "cache: DP rank 0 could not open %s (its error is printed by that rank)", o->out);
+        if (st == LP_OK && hdr < 0) st = LP_ERR(LP_ERR_IO, "cache: rank 0 could not open %s (its error is printed by that rank)", o->out);
         keep = hdr;
     }
     if (st != LP_OK) {
@@ -321,7 +331,7 @@ lp_status lp_cache_run(lp_model *m, const lp_tokens *toks, const lp_cache_opts *
             int32_t ok = st == LP_OK;
             lp_status b = lp_dist_broadcast(o->dist, LP_DIST_WORLD, &ok, sizeof ok, 0);
             if (st == LP_OK && b != LP_OK) st = b;
-            if (st == LP_OK && !ok) st = LP_ERR(LP_ERR_IO, "cache: DP rank 0 could not write %s (its error is printed by that rank)", o->out);
+            if (st == LP_OK && !ok) st = LP_ERR(LP_ERR_IO, "cache: rank 0 could not write %s (its error is printed by that rank)", o->out);
         }
         if (st != LP_OK) goto done;
         if (me == 0) progress(o, first + ns, toks->n_seq, toks_done, t0, 1, 0);
