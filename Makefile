@@ -162,7 +162,7 @@ EMU_CFLAGS   += -DLOUPE_MPI=1 -DLOUPE_NCCL=1 -Itests/cuda_emu $(shell mpicc --sh
 EMU_CXXFLAGS += $(shell mpicc --showme:compile)
 EMU_MPI_LIBS := $(shell mpicc --showme:link)
 EMU_NCCL_OBJ := $(EMU_DIR)/cuda_emu/nccl.o
-EMU_DIST_BIN := $(DIST_SRC:tests/dist/%.c=$(EMU_DIR)/dist_%)
+EMU_DIST_BIN := $(DIST_SRC:tests/dist/%.c=$(EMU_DIR)/dist_%) $(EMU_DIR)/dist_nccl_emu
 endif
 
 $(EMU_DIR)/host/%.o: host/%.c $(HOST_HDR) $(EMU_HDR)
@@ -186,6 +186,10 @@ $(EMU_DIR)/test_%: tests/test_%.c $(wildcard tests/*.h) $(EMU_DIR)/libloupe_emu.
 
 $(EMU_DIR)/dist_%: tests/dist/%.c $(EMU_DIR)/libloupe_emu.a
 	$(CC) $(EMU_CFLAGS) $< $(EMU_DIR)/libloupe_emu.a -o $@ $(EMU_SAN) $(PKG_LIBS) $(EMU_MPI_LIBS) -lm -pthread -lstdc++
+
+# The emulated NCCL's own checks (under mpirun, from tests/test_dist_cuda.c).
+$(EMU_DIR)/dist_nccl_emu: tests/cuda_emu/nccl_check.cpp $(EMU_RT_OBJ) $(EMU_NCCL_OBJ) $(EMU_HDR)
+	$(CXX) $(EMU_CXXFLAGS) $< -x none $(EMU_RT_OBJ) $(EMU_NCCL_OBJ) -o $@ $(EMU_SAN) $(PKG_LIBS) $(EMU_MPI_LIBS) -lm -pthread
 
 # The emulator's own tests: each check fires on a kernel with that bug.
 $(EMU_DIR)/test_cuda_emu: tests/cuda_emu/test_cuda_emu.cu $(EMU_RT_OBJ) $(EMU_HDR)
