@@ -46,7 +46,7 @@ struct ncclComm {
     std::atomic<int> state{ncclSuccess};
     std::atomic<int> aborted{0};
     std::atomic<int> marked{0}; // `stream` is marked busy (lp_emu::stream_nccl_pending)
-    std::thread::id owner;      // the thread that started the operation in progress
+    std::atomic<std::thread::id> owner; // the thread that started the operation in progress
     MPI_Comm comm = MPI_COMM_NULL;
     op pending = op::none;
     const char *what = "";
@@ -198,13 +198,13 @@ void coll_step(ncclComm *c) {
 // Advances the operation in progress (only on the thread that started it: MPI is called
 // from one thread).
 void progress(ncclComm *c) {
+    if (std::this_thread::get_id() != c->owner.load()) return; // (another thread reads the state only)
     if (c->state.load() != ncclInProgress || c->pending == op::none) return;
     if (c->aborted.load()) {
         note(c, "%s: the communicator was aborted", c->what);
         end_op(c, ncclRemoteError);
         return;
     }
-    if (std::this_thread::get_id() != c->owner) return;
     if (c->pending == op::init) init_step(c);
     else if (c->pending == op::coll) coll_step(c);
     else end_op(c, ncclSuccess); // finalize: every collective has completed already
