@@ -149,7 +149,7 @@ EMU_CXXFLAGS := -x c++ -std=c++17 -O1 -g -march=x86-64-v2 -mfma -ffp-contract=fa
                 $(EMU_SAN) -Wall -Wno-unused-parameter -Wno-unknown-pragmas
 EMU_HOST_OBJ := $(HOST_SRC:%.c=$(EMU_DIR)/%.o)
 EMU_KERN_OBJ := $(patsubst kernels/%.cu,$(EMU_DIR)/kernels/%.o,$(wildcard kernels/*.cu))
-EMU_RT_OBJ   := $(EMU_DIR)/cuda_emu/emu.o $(EMU_DIR)/cuda_emu/cublas.o
+EMU_RT_OBJ   := $(EMU_DIR)/cuda_emu/emu.o $(EMU_DIR)/cuda_emu/stream.o $(EMU_DIR)/cuda_emu/cublas.o
 EMU_TEST_SRC := $(wildcard tests/test_*_cuda.c)
 EMU_TEST_BIN := $(EMU_DIR)/test_cuda_emu $(EMU_TEST_SRC:tests/%.c=$(EMU_DIR)/%)
 EMU_HDR      := $(wildcard tests/cuda_emu/*.h)

@@ -18,7 +18,6 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -127,7 +126,6 @@ void set_max_dynamic_smem(const void *kernel, int bytes) {
     g_max_dyn[kernel] = bytes;
 }
 
-static void check_stream(cudaStream_t s, const char *what);
 
 bool launch_check(const launch_cfg &c, const void *kernel) {
     const dim3 g = c.grid, b = c.block;
@@ -148,7 +146,7 @@ bool launch_check(const launch_cfg &c, const void *kernel) {
         set_error(cudaErrorInvalidConfiguration);
         return false;
     }
-    check_stream(c.stream, c.name);
+    check_stream_use(c.stream, c.name);
     return true;
 }
 
@@ -520,31 +518,6 @@ void run_grid(const launch_cfg &cfg, void (*body)(void *), void *params) {
 
 } // namespace lp_emu
 
-// Streams and events: every call completes in program order, so they only carry their
-// device, and a stream the NCCL calls still in progress on it (nccl.cpp).
-struct lp_emu_stream {
-    int device;
-    std::atomic<int> nccl_pending;
-};
-struct lp_emu_event { int device; };
-
-namespace lp_emu {
-static std::atomic<int> g_null_nccl_pending; // the legacy default stream's
-
-static std::atomic<int> &nccl_pending_of(cudaStream_t s) { return s ? s->nccl_pending : g_null_nccl_pending; }
-
-static void check_stream(cudaStream_t s, const char *what) {
-    if (s && s->device != t_device)
-        fail("%s: stream of device %d used while device %d is current", what, s->device, t_device);
-    if (nccl_pending_of(s).load() > 0)
-        fail("%s: stream %p used while an NCCL call on it still reports ncclInProgress (poll "
-             "ncclCommGetAsyncError until ncclSuccess first: on a GPU the collective may not be enqueued yet)",
-             what, (void *)s);
-}
-void check_stream_use(cudaStream_t s, const char *what) { check_stream(s, what); }
-void stream_nccl_pending(cudaStream_t s, int delta) { nccl_pending_of(s) += delta; }
-} // namespace lp_emu
-
 using namespace lp_emu;
 
 // ---- runtime API -------------------------------------------------------------------------------------
@@ -555,18 +528,6 @@ cudaError_t cudaSetDevice(int dev) {
     return cudaSuccess;
 }
 cudaError_t cudaGetDevice(int *dev) { *dev = t_device; return cudaSuccess; }
-
-cudaError_t cudaDeviceGetPCIBusId(char *bus, int len, int dev) {
-    if (!bus || len <= 0 || dev < 0 || dev >= device_count()) return t_last_error = cudaErrorInvalidValue;
-    long n = -1;
-    const char *e = getenv("LOUPE_EMU_PCI_BUS");
-    static const char *ranks[] = {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"};
-    for (size_t i = 0; !e && i < sizeof ranks / sizeof *ranks; i++) e = getenv(ranks[i]);
-    if (e && *e) n = strtol(e, nullptr, 10) + (getenv("LOUPE_EMU_PCI_BUS") ? 0 : 1);
-    if (n < 0) n = 256 + getpid() % 0xfff00; // no launcher: the process id keeps processes apart
-    snprintf(bus, (size_t)len, "%04lx:%02lx:%02x.0", (n >> 8) & 0xffff, n & 0xff, dev);
-    return cudaSuccess;
-}
 cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
 
 cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int dev) {
@@ -659,7 +620,7 @@ cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
 // A copy's direction must match where its pointers live: host memory named as device
 // memory (or the reverse) works by accident here but faults on a GPU.
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind kind, cudaStream_t s) {
-    check_stream(s, "cudaMemcpyAsync");
+    check_stream_use(s, "cudaMemcpyAsync");
     if (n == 0) return cudaSuccess;
     const bool dd = kind == cudaMemcpyDeviceToDevice || kind == cudaMemcpyHostToDevice;
     const bool sd = kind == cudaMemcpyDeviceToDevice || kind == cudaMemcpyDeviceToHost;
@@ -679,47 +640,10 @@ cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind
     return cudaMemcpyAsync(dst, src, n, kind, 0);
 }
 cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s) {
-    check_stream(s, "cudaMemsetAsync");
+    check_stream_use(s, "cudaMemsetAsync");
     if (n == 0) return cudaSuccess;
     check_device_range(p, n, "cudaMemset");
     memset(p, v, n);
     return cudaSuccess;
 }
 cudaError_t cudaMemset(void *p, int v, size_t n) { return cudaMemsetAsync(p, v, n, 0); }
-
-cudaError_t cudaStreamCreate(cudaStream_t *s) { return cudaStreamCreateWithFlags(s, cudaStreamDefault); }
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags) {
-    (void)flags;
-    *s = new lp_emu_stream{t_device, {0}};
-    return cudaSuccess;
-}
-cudaError_t cudaStreamDestroy(cudaStream_t s) { delete s; return cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t s) { check_stream(s, "cudaStreamSynchronize"); return cudaSuccess; }
-cudaError_t cudaStreamQuery(cudaStream_t s) { check_stream(s, "cudaStreamQuery"); return cudaSuccess; }
-cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
-    (void)flags;
-    check_stream(s, "cudaStreamWaitEvent");
-    if (!e) return t_last_error = cudaErrorInvalidResourceHandle;
-    return cudaSuccess;
-}
-cudaError_t cudaEventCreate(cudaEvent_t *e) { return cudaEventCreateWithFlags(e, cudaEventDefault); }
-cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags) {
-    (void)flags;
-    *e = new lp_emu_event{t_device};
-    return cudaSuccess;
-}
-cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
-cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
-    check_stream(s, "cudaEventRecord");
-    if (!e) return t_last_error = cudaErrorInvalidResourceHandle;
-    if (e->device != t_device) fail("cudaEventRecord: event of device %d while device %d is current", e->device, t_device);
-    return cudaSuccess;
-}
-cudaError_t cudaEventQuery(cudaEvent_t e) { return e ? cudaSuccess : cudaErrorInvalidResourceHandle; }
-cudaError_t cudaEventSynchronize(cudaEvent_t e) { return e ? cudaSuccess : cudaErrorInvalidResourceHandle; }
-cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
-    (void)a;
-    (void)b;
-    *ms = 0.0f; // no timing: the emulator says nothing about performance
-    return cudaSuccess;
-}
