@@ -144,17 +144,28 @@ EMU       ?= 1
 EMU_DIR   := $(BUILD)/emu
 EMU_SAN   := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 EMU_CFLAGS := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -Iinclude -Ihost $(PKG_CFLAGS) -pthread \
-              -O1 -g -march=x86-64-v2 -DLOUPE_CUDA=1 $(EMU_SAN)
+              -O1 -g -march=x86-64-v2 -DLOUPE_CUDA=1 -DLOUPE_CUDA_EMU=1 $(EMU_SAN)
 EMU_CXXFLAGS := -x c++ -std=c++17 -O1 -g -march=x86-64-v2 -mfma -ffp-contract=fast -Itests/cuda_emu -Iinclude -Ihost $(PKG_CFLAGS) -DLOUPE_CUDA=1 \
                 $(EMU_SAN) -Wall -Wno-unused-parameter -Wno-unknown-pragmas
 EMU_HOST_OBJ := $(HOST_SRC:%.c=$(EMU_DIR)/%.o)
 EMU_KERN_OBJ := $(patsubst kernels/%.cu,$(EMU_DIR)/kernels/%.o,$(wildcard kernels/*.cu))
-EMU_RT_OBJ   := $(EMU_DIR)/cuda_emu/emu.o $(EMU_DIR)/cuda_emu/cublas.o
+EMU_RT_OBJ   := $(EMU_DIR)/cuda_emu/emu.o $(EMU_DIR)/cuda_emu/stream.o $(EMU_DIR)/cuda_emu/cublas.o
 EMU_TEST_SRC := $(wildcard tests/test_*_cuda.c)
 EMU_TEST_BIN := $(EMU_DIR)/test_cuda_emu $(EMU_TEST_SRC:tests/%.c=$(EMU_DIR)/%)
 EMU_HDR      := $(wildcard tests/cuda_emu/*.h)
+# With MPI, host/dist/ is built with MPI and NCCL, the NCCL being tests/cuda_emu/nccl.cpp
+# (over MPI), and the programs of tests/dist/ too (build/emu/dist_*): their device runs
+# take the NCCL paths (each rank its own emulated GPU) and the host-staged ones (ranks
+# made to share one: LOUPE_EMU_PCI_BUS).
+ifeq ($(MPI),1)
+EMU_CFLAGS   += -DLOUPE_MPI=1 -DLOUPE_NCCL=1 -Itests/cuda_emu $(shell mpicc --showme:compile)
+EMU_CXXFLAGS += $(shell mpicc --showme:compile)
+EMU_MPI_LIBS := $(shell mpicc --showme:link)
+EMU_NCCL_OBJ := $(EMU_DIR)/cuda_emu/nccl.o
+EMU_DIST_BIN := $(DIST_SRC:tests/dist/%.c=$(EMU_DIR)/dist_%) $(EMU_DIR)/dist_nccl_emu
+endif
 
-$(EMU_DIR)/host/%.o: host/%.c $(HOST_HDR)
+$(EMU_DIR)/host/%.o: host/%.c $(HOST_HDR) $(EMU_HDR)
 	@mkdir -p $(dir $@)
 	$(CC) $(EMU_CFLAGS) -c $< -o $@
 
@@ -166,18 +177,25 @@ $(EMU_DIR)/cuda_emu/%.o: tests/cuda_emu/%.cpp $(EMU_HDR)
 	@mkdir -p $(dir $@)
 	$(CXX) $(EMU_CXXFLAGS) -c $< -o $@
 
-$(EMU_DIR)/libloupe_emu.a: $(EMU_HOST_OBJ) $(EMU_KERN_OBJ) $(EMU_RT_OBJ)
+$(EMU_DIR)/libloupe_emu.a: $(EMU_HOST_OBJ) $(EMU_KERN_OBJ) $(EMU_RT_OBJ) $(EMU_NCCL_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
 
 $(EMU_DIR)/test_%: tests/test_%.c $(wildcard tests/*.h) $(EMU_DIR)/libloupe_emu.a
-	$(CC) $(EMU_CFLAGS) -DLOUPE_TEST_SMALL=1 -Itests $< $(EMU_DIR)/libloupe_emu.a -o $@ $(EMU_SAN) $(PKG_LIBS) -lm -pthread -lcriterion -lstdc++
+	$(CC) $(EMU_CFLAGS) -DLOUPE_TEST_SMALL=1 -Itests $< $(EMU_DIR)/libloupe_emu.a -o $@ $(EMU_SAN) $(PKG_LIBS) $(EMU_MPI_LIBS) -lm -pthread -lcriterion -lstdc++
+
+$(EMU_DIR)/dist_%: tests/dist/%.c $(EMU_DIR)/libloupe_emu.a
+	$(CC) $(EMU_CFLAGS) $< $(EMU_DIR)/libloupe_emu.a -o $@ $(EMU_SAN) $(PKG_LIBS) $(EMU_MPI_LIBS) -lm -pthread -lstdc++
+
+# The emulated NCCL's own checks (under mpirun, from tests/test_dist_cuda.c).
+$(EMU_DIR)/dist_nccl_emu: tests/cuda_emu/nccl_check.cpp $(EMU_RT_OBJ) $(EMU_NCCL_OBJ) $(EMU_HDR)
+	$(CXX) $(EMU_CXXFLAGS) $< -x none $(EMU_RT_OBJ) $(EMU_NCCL_OBJ) -o $@ $(EMU_SAN) $(PKG_LIBS) $(EMU_MPI_LIBS) -lm -pthread
 
 # The emulator's own tests: each check fires on a kernel with that bug.
 $(EMU_DIR)/test_cuda_emu: tests/cuda_emu/test_cuda_emu.cu $(EMU_RT_OBJ) $(EMU_HDR)
 	$(CXX) $(EMU_CXXFLAGS) -Ikernels $< -x none $(EMU_RT_OBJ) -o $@ $(EMU_SAN) $(PKG_LIBS) -lm -pthread -lcriterion
 
-emu: $(EMU_TEST_BIN)
+emu: $(EMU_TEST_BIN) $(EMU_DIST_BIN)
 
 # Runs the CUDA tests on the emulator; a skip there is a failure (the emulated device is always present).
 test-emu: emu

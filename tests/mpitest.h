@@ -67,4 +67,39 @@ static inline int mpitest_run(char *out, size_t n, const char *fmt, ...) {
     return WIFEXITED(rc) ? WEXITSTATUS(rc) : 128;
 }
 
+/* build/dist_<prog> beside this test binary; skips (saying why) when it cannot run. */
+static inline void mpitest_prog_path(char *out, size_t n, const char *prog) {
+    mpitest_need_mpi();
+    char self[PATH_MAX];
+    ssize_t k = readlink("/proc/self/exe", self, sizeof self - 1);
+    cr_assert(k > 0, "cannot find this test binary");
+    self[k] = 0;
+    snprintf(out, n, "%s/dist_%s", dirname(self), prog);
+    cr_assert_eq(access(out, X_OK), 0, "%s is missing (make builds it)", out);
+}
+
+/* Runs build/dist_<prog> args under mpirun -np np (with mpirun options opts, each rank
+ * through the command prefix pre, which may be ""): its verdict
+ * line (the last that starts with "<prog>:") must hold `ok` (and `ok2` unless NULL), and
+ * with `exit0` the job must end with status 0; the ranks' failure lines are shown when it
+ * does not. */
+static inline void mpitest_check(int np, const char *opts, const char *pre, const char *prog, const char *args, const char *ok,
+                                 const char *ok2, int exit0) {
+    char bin[PATH_MAX + 32], cmd[8192], tag[64];
+    mpitest_prog_path(bin, sizeof bin, prog);
+    snprintf(cmd, sizeof cmd, MPIRUN "%s -np %d %s %s %s 2>&1", opts, np, pre, bin, args);
+    snprintf(tag, sizeof tag, "%s:", prog);
+    FILE *p = popen(cmd, "r");
+    cr_assert(p, "cannot start mpirun");
+    char line[512], last[512] = "", fails[4096] = "";
+    while (fgets(line, sizeof line, p)) {
+        if (strncmp(line, tag, strlen(tag)) == 0) snprintf(last, sizeof last, "%s", line);
+        else if ((strncmp(line, "rank ", 5) == 0 || strstr(line, "emulator")) && strlen(fails) + strlen(line) < sizeof fails)
+            strcat(fails, line);
+    }
+    int rc = pclose(p);
+    if (exit0) cr_assert_eq(rc, 0, "mpirun -np %d %s %s failed (status %d):\n%s%s", np, prog, args, rc, fails, last);
+    cr_assert(strstr(last, ok) && (!ok2 || strstr(last, ok2)), "mpirun -np %d %s %s:\n%s%s", np, prog, args, fails, last);
+}
+
 #endif

@@ -124,35 +124,8 @@ Test(dist, tp_overlap_setting) {
     lp_model_free(b);
 }
 
-/* build/dist_<prog> beside this test binary; skips (saying why) when it cannot run. */
-static void dist_prog_path(char *out, size_t n, const char *prog) {
-    mpitest_need_mpi();
-    char self[PATH_MAX];
-    ssize_t k = readlink("/proc/self/exe", self, sizeof self - 1);
-    cr_assert(k > 0, "cannot find this test binary");
-    self[k] = 0;
-    snprintf(out, n, "%s/dist_%s", dirname(self), prog);
-    cr_assert_eq(access(out, X_OK), 0, "%s is missing (make builds it)", out);
-}
-
-/* Runs build/dist_<prog> args under mpirun -np np: its verdict line (the last that starts
- * with "<prog>:") must hold `ok`, and with `exit0` the job must end with status 0; the
- * ranks' failure lines are shown when it does not. */
 static void run_check(int np, const char *prog, const char *args, const char *ok, int exit0) {
-    char bin[PATH_MAX + 32], cmd[8192], tag[64];
-    dist_prog_path(bin, sizeof bin, prog);
-    snprintf(cmd, sizeof cmd, MPIRUN "-np %d %s %s 2>&1", np, bin, args);
-    snprintf(tag, sizeof tag, "%s:", prog);
-    FILE *p = popen(cmd, "r");
-    cr_assert(p, "cannot start mpirun");
-    char line[512], last[512] = "", fails[4096] = "";
-    while (fgets(line, sizeof line, p)) {
-        if (strncmp(line, tag, strlen(tag)) == 0) snprintf(last, sizeof last, "%s", line);
-        else if (strncmp(line, "rank ", 5) == 0 && strlen(fails) + strlen(line) < sizeof fails) strcat(fails, line);
-    }
-    int rc = pclose(p);
-    if (exit0) cr_assert_eq(rc, 0, "mpirun -np %d %s failed (status %d):\n%s%s", np, prog, rc, fails, last);
-    cr_assert(strstr(last, ok), "mpirun -np %d %s:\n%s%s", np, prog, fails, last);
+    mpitest_check(np, "", "", prog, args, ok, NULL, exit0);
 }
 
 #define TP_MODELS FIX "gpt2-tiny " FIX "llama-tiny " FIX "qwen2-tiny " FIX "mistral-tiny " FIX "gemma2-tiny " FIX "gemma3-tiny"
@@ -200,7 +173,7 @@ Test(dist, started_allreduce_times_out, .timeout = 60) { run_check(2, "async_che
 Test(dist, gguf_tp3_matches_one_process, .timeout = 120) {
     const char *gguf = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
     char bin[PATH_MAX + 32], cmd[8192];
-    dist_prog_path(bin, sizeof bin, "tp_check");
+    mpitest_prog_path(bin, sizeof bin, "tp_check");
     if (access(gguf, R_OK) != 0) cr_skip_test("%s is absent (make model fetches it)", gguf);
     snprintf(cmd, sizeof cmd, MPIRUN "-np 3 %s --no-grad %s 2>&1 | tail -n 20", bin, gguf);
     FILE *p = popen(cmd, "r");

@@ -58,6 +58,15 @@ lp_status lp_dist_set_timeout(lp_dist *d, double seconds) {
 double lp_dist_timeout(const lp_dist *d) { return d ? d->timeout_s : LP_DIST_DEFAULT_TIMEOUT_S; }
 int lp_dist_failed(const lp_dist *d) { return d ? d->failed : 0; }
 
+int lp_dist_uses_nccl(const lp_dist *d, lp_dist_group g) {
+    if (!d || g < LP_DIST_WORLD || g > LP_DIST_DP || dist_gsize(d, g) <= 1) return 0;
+#if LOUPE_NCCL
+    return d->nccl_ok[g] == 1 ? 1 : d->nccl_ok[g] == 0 ? -1 : 0;
+#else
+    return 0;
+#endif
+}
+
 void lp_dist_abort(lp_dist *d, int code) {
 #if LOUPE_MPI
     int inited = 0, fin = 0;
@@ -481,9 +490,7 @@ lp_status dist_nccl_wait(lp_dist *d, lp_dist_group g, cudaStream_t s, cudaEvent_
  * (the first collective is collective), with the id broadcast over MPI. Not used (*use = 0,
  * host staging instead) when two ranks of the group share a GPU, which NCCL does not allow.
  * Every exchange here is bounded by the timeout like any other collective. */
-lp_status dist_nccl_for(lp_dist *d, lp_dist_group g, lp_ctx *c, int *use) {
-    *use = d->nccl_ok[g] == 1;
-    if (d->nccl_ok[g]) return LP_OK;
+static lp_status nccl_setup(lp_dist *d, lp_dist_group g, lp_ctx *c, int *use) {
     int p = dist_gsize(d, g), dev = c->cuda_device, clash = 0, len;
     char bus[32] = {0}, host[MPI_MAX_PROCESSOR_NAME + 1] = {0}, mine[96] = {0};
     if (cudaDeviceGetPCIBusId(bus, sizeof bus, dev) != cudaSuccess) snprintf(bus, sizeof bus, "device %d", dev);
@@ -516,6 +523,18 @@ lp_status dist_nccl_for(lp_dist *d, lp_dist_group g, lp_ctx *c, int *use) {
     d->nccl_ok[g] = ok ? 1 : -1;
     *use = ok;
     return LP_OK;
+}
+
+lp_status dist_nccl_for(lp_dist *d, lp_dist_group g, lp_ctx *c, int *use) {
+    *use = d->nccl_ok[g] == 1;
+    if (d->nccl_ok[g]) return LP_OK;
+    /* the set-up's own exchanges are not the caller's collectives (lp_dist_counts): only
+     * their time counts, as time spent inside the caller's first collective */
+    lp_dist_counts before = d->counts;
+    lp_status st = nccl_setup(d, g, c, use);
+    before.seconds = d->counts.seconds;
+    d->counts = before;
+    return st;
 }
 
 /* Queues one NCCL collective (the call may return in progress) and waits for it. */

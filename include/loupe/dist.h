@@ -114,6 +114,11 @@ lp_status lp_dist_allreduce_sum_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, void
 lp_status lp_dist_allgather_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, const void *send, void *recv, size_t n);
 lp_status lp_dist_broadcast_dev(lp_dist *d, lp_dist_group g, lp_ctx *c, void *buf, size_t n, int root);
 
+/* How group g moves device buffers: 1 through NCCL, 0 staged through the host (ranks of the
+ * group sharing a GPU, a build without NCCL, or a group of one), -1 not known before the
+ * group's first collective on a GPU (which decides it). */
+int lp_dist_uses_nccl(const lp_dist *d, lp_dist_group g);
+
 /* ---- started collectives: communication behind compute ----
  * lp_dist_allreduce_sum_dev in two halves: the start returns at once with *req, the work
  * queued on c afterwards runs while the sum travels, and lp_dist_wait ends it (after which

@@ -37,6 +37,94 @@
 #include <stdint.h>
 #include <string.h>
 
+// ---- the runtime API, also for C (host/dist/ includes it in an NCCL build) --------------
+#ifdef __cplusplus
+#define LP_EMU_DEFAULT(v) = v
+extern "C" {
+#else
+#define LP_EMU_DEFAULT(v)
+#endif
+
+typedef enum cudaError_t {
+    cudaSuccess = 0,
+    cudaErrorInvalidValue = 1,
+    cudaErrorMemoryAllocation = 2,
+    cudaErrorInvalidConfiguration = 9,
+    cudaErrorInvalidDevice = 101,
+    cudaErrorInvalidResourceHandle = 400,
+    cudaErrorNoDevice = 100,
+    cudaErrorNotReady = 600,
+} cudaError_t;
+typedef cudaError_t cudaError;
+typedef enum cudaMemcpyKind {
+    cudaMemcpyHostToHost = 0,
+    cudaMemcpyHostToDevice = 1,
+    cudaMemcpyDeviceToHost = 2,
+    cudaMemcpyDeviceToDevice = 3,
+    cudaMemcpyDefault = 4
+} cudaMemcpyKind;
+typedef enum cudaDeviceAttr {
+    cudaDevAttrMaxThreadsPerBlock = 1,
+    cudaDevAttrMaxSharedMemoryPerBlock = 8,
+    cudaDevAttrMultiProcessorCount = 16,
+    cudaDevAttrComputeCapabilityMajor = 75,
+    cudaDevAttrComputeCapabilityMinor = 76,
+    cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+} cudaDeviceAttr;
+typedef enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 } cudaFuncAttribute;
+enum { cudaStreamDefault = 0, cudaStreamNonBlocking = 1 };
+enum { cudaEventDefault = 0, cudaEventDisableTiming = 2 };
+
+typedef struct lp_emu_stream *cudaStream_t;
+typedef struct lp_emu_event *cudaEvent_t;
+
+// (emu.cpp)
+cudaError_t cudaGetDeviceCount(int *n);
+cudaError_t cudaSetDevice(int dev);
+cudaError_t cudaGetDevice(int *dev);
+cudaError_t cudaDeviceSynchronize(void);
+cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int dev);
+// "dddd:bb:dd.0" of device dev: each process on its own bus (so that code comparing bus ids
+// across processes, host/dist/, sees one GPU per process), numbered from the launcher's
+// rank variable (OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID), else from the process id;
+// LOUPE_EMU_PCI_BUS=N puts the process on bus N, so processes given the same N share "one GPU".
+cudaError_t cudaDeviceGetPCIBusId(char *bus, int len, int dev);
+cudaError_t cudaGetLastError(void);
+cudaError_t cudaPeekAtLastError(void);
+const char *cudaGetErrorName(cudaError_t e);
+const char *cudaGetErrorString(cudaError_t e);
+cudaError_t cudaMalloc(void **p, size_t bytes);
+cudaError_t cudaFree(void *p);
+cudaError_t cudaMallocHost(void **p, size_t bytes);
+cudaError_t cudaFreeHost(void *p);
+cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b);
+cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind);
+cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind kind,
+                            cudaStream_t s LP_EMU_DEFAULT(0));
+cudaError_t cudaMemset(void *p, int v, size_t n);
+cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s LP_EMU_DEFAULT(0));
+cudaError_t cudaStreamCreate(cudaStream_t *s);
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags);
+cudaError_t cudaStreamDestroy(cudaStream_t s);
+cudaError_t cudaStreamSynchronize(cudaStream_t s);
+// Work completes in program order, so a stream or an event is always complete (cudaSuccess).
+// Queueing work behind an NCCL call that still reports ncclInProgress is reported instead
+// (nccl.h): on a GPU that work could run before the collective was even enqueued.
+cudaError_t cudaStreamQuery(cudaStream_t s);
+cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags LP_EMU_DEFAULT(0));
+cudaError_t cudaEventCreate(cudaEvent_t *e);
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags);
+cudaError_t cudaEventDestroy(cudaEvent_t e);
+cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s LP_EMU_DEFAULT(0));
+cudaError_t cudaEventQuery(cudaEvent_t e);
+cudaError_t cudaEventSynchronize(cudaEvent_t e);
+cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b);
+
+#ifdef __cplusplus
+} // extern "C"
+#endif
+
+#ifdef __cplusplus // ---- the rest is for the kernels (C++) -------------------------------
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -61,70 +149,6 @@ extern thread_local uint3 threadIdx, blockIdx;
 extern thread_local dim3 blockDim, gridDim;
 static const int warpSize = 32;
 
-enum cudaError_t {
-    cudaSuccess = 0,
-    cudaErrorInvalidValue = 1,
-    cudaErrorMemoryAllocation = 2,
-    cudaErrorInvalidConfiguration = 9,
-    cudaErrorInvalidDevice = 101,
-    cudaErrorInvalidResourceHandle = 400,
-    cudaErrorNoDevice = 100,
-};
-typedef cudaError_t cudaError;
-enum cudaMemcpyKind {
-    cudaMemcpyHostToHost = 0,
-    cudaMemcpyHostToDevice = 1,
-    cudaMemcpyDeviceToHost = 2,
-    cudaMemcpyDeviceToDevice = 3,
-    cudaMemcpyDefault = 4
-};
-enum cudaDeviceAttr {
-    cudaDevAttrMaxThreadsPerBlock = 1,
-    cudaDevAttrMaxSharedMemoryPerBlock = 8,
-    cudaDevAttrMultiProcessorCount = 16,
-    cudaDevAttrComputeCapabilityMajor = 75,
-    cudaDevAttrComputeCapabilityMinor = 76,
-    cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
-};
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum { cudaStreamDefault = 0, cudaStreamNonBlocking = 1 };
-enum { cudaEventDefault = 0, cudaEventDisableTiming = 2 };
-
-typedef struct lp_emu_stream *cudaStream_t;
-typedef struct lp_emu_event *cudaEvent_t;
-
-// ---- runtime API (emu.cpp) ----------------------------------------------------------------
-cudaError_t cudaGetDeviceCount(int *n);
-cudaError_t cudaSetDevice(int dev);
-cudaError_t cudaGetDevice(int *dev);
-cudaError_t cudaDeviceSynchronize(void);
-cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int dev);
-cudaError_t cudaGetLastError(void);
-cudaError_t cudaPeekAtLastError(void);
-const char *cudaGetErrorName(cudaError_t e);
-const char *cudaGetErrorString(cudaError_t e);
-cudaError_t cudaMalloc(void **p, size_t bytes);
-cudaError_t cudaFree(void *p);
-cudaError_t cudaMallocHost(void **p, size_t bytes);
-cudaError_t cudaFreeHost(void *p);
-cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b);
-cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind);
-cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind kind,
-                            cudaStream_t s = 0);
-cudaError_t cudaMemset(void *p, int v, size_t n);
-cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s = 0);
-cudaError_t cudaStreamCreate(cudaStream_t *s);
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags);
-cudaError_t cudaStreamDestroy(cudaStream_t s);
-cudaError_t cudaStreamSynchronize(cudaStream_t s);
-cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags = 0);
-cudaError_t cudaEventCreate(cudaEvent_t *e);
-cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags);
-cudaError_t cudaEventDestroy(cudaEvent_t e);
-cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s = 0);
-cudaError_t cudaEventSynchronize(cudaEvent_t e);
-cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b);
-
 // __device__ variables are ordinary globals; the symbol copies are checked memcpys.
 template <typename T>
 cudaError_t cudaMemcpyFromSymbolAsync(void *dst, const T &sym, size_t n, size_t off,
@@ -146,6 +170,13 @@ void set_error(cudaError_t e);
 cudaError_t symbol_copy(void *dst, const void *src, size_t n, size_t off, size_t sym_bytes,
                         const char *what);
 void set_max_dynamic_smem(const void *kernel, int bytes);
+// Fails unless [p, p+n) lies inside one allocation of the current device (or pinned memory).
+void check_device_range(const void *p, size_t n, const char *what);
+// Fails unless stream s belongs to the current device and has no NCCL call in progress.
+void check_stream_use(cudaStream_t s, const char *what);
+// The emulated NCCL (nccl.cpp) marks s busy (+1) while a collective it took returns
+// ncclInProgress, and free (-1) when it completed or its communicator was aborted.
+void stream_nccl_pending(cudaStream_t s, int delta);
 
 struct launch_cfg {
     const char *name;
@@ -313,3 +344,5 @@ inline size_t min(size_t a, size_t b) { return a < b ? a : b; }
 inline size_t max(size_t a, size_t b) { return a > b ? a : b; }
 inline float min(float a, float b) { return fminf(a, b); }
 inline float max(float a, float b) { return fmaxf(a, b); }
+
+#endif // __cplusplus

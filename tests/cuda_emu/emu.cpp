@@ -126,7 +126,6 @@ void set_max_dynamic_smem(const void *kernel, int bytes) {
     g_max_dyn[kernel] = bytes;
 }
 
-static void check_stream(cudaStream_t s, const char *what);
 
 bool launch_check(const launch_cfg &c, const void *kernel) {
     const dim3 g = c.grid, b = c.block;
@@ -147,7 +146,7 @@ bool launch_check(const launch_cfg &c, const void *kernel) {
         set_error(cudaErrorInvalidConfiguration);
         return false;
     }
-    check_stream(c.stream, c.name);
+    check_stream_use(c.stream, c.name);
     return true;
 }
 
@@ -519,17 +518,6 @@ void run_grid(const launch_cfg &cfg, void (*body)(void *), void *params) {
 
 } // namespace lp_emu
 
-// Streams and events: every call completes in program order, so they only carry their device.
-struct lp_emu_stream { int device; };
-struct lp_emu_event { int device; };
-
-namespace lp_emu {
-static void check_stream(cudaStream_t s, const char *what) {
-    if (s && s->device != t_device)
-        fail("%s: stream of device %d used while device %d is current", what, s->device, t_device);
-}
-} // namespace lp_emu
-
 using namespace lp_emu;
 
 // ---- runtime API -------------------------------------------------------------------------------------
@@ -568,6 +556,7 @@ const char *cudaGetErrorName(cudaError_t e) {
     case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
     case cudaErrorNoDevice: return "cudaErrorNoDevice";
     case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    case cudaErrorNotReady: return "cudaErrorNotReady";
     }
     return "cudaErrorUnknown";
 }
@@ -580,6 +569,7 @@ const char *cudaGetErrorString(cudaError_t e) {
     case cudaErrorInvalidDevice: return "invalid device ordinal";
     case cudaErrorNoDevice: return "no CUDA-capable device is detected";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorNotReady: return "device not ready";
     }
     return "unknown error";
 }
@@ -630,7 +620,7 @@ cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b) {
 // A copy's direction must match where its pointers live: host memory named as device
 // memory (or the reverse) works by accident here but faults on a GPU.
 cudaError_t cudaMemcpyAsync(void *dst, const void *src, size_t n, cudaMemcpyKind kind, cudaStream_t s) {
-    check_stream(s, "cudaMemcpyAsync");
+    check_stream_use(s, "cudaMemcpyAsync");
     if (n == 0) return cudaSuccess;
     const bool dd = kind == cudaMemcpyDeviceToDevice || kind == cudaMemcpyHostToDevice;
     const bool sd = kind == cudaMemcpyDeviceToDevice || kind == cudaMemcpyDeviceToHost;
@@ -650,45 +640,10 @@ cudaError_t cudaMemcpy(void *dst, const void *src, size_t n, cudaMemcpyKind kind
     return cudaMemcpyAsync(dst, src, n, kind, 0);
 }
 cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s) {
-    check_stream(s, "cudaMemsetAsync");
+    check_stream_use(s, "cudaMemsetAsync");
     if (n == 0) return cudaSuccess;
     check_device_range(p, n, "cudaMemset");
     memset(p, v, n);
     return cudaSuccess;
 }
 cudaError_t cudaMemset(void *p, int v, size_t n) { return cudaMemsetAsync(p, v, n, 0); }
-
-cudaError_t cudaStreamCreate(cudaStream_t *s) { return cudaStreamCreateWithFlags(s, cudaStreamDefault); }
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, unsigned flags) {
-    (void)flags;
-    *s = new lp_emu_stream{t_device};
-    return cudaSuccess;
-}
-cudaError_t cudaStreamDestroy(cudaStream_t s) { delete s; return cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t s) { (void)s; return cudaSuccess; }
-cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned flags) {
-    (void)flags;
-    check_stream(s, "cudaStreamWaitEvent");
-    if (!e) return t_last_error = cudaErrorInvalidResourceHandle;
-    return cudaSuccess;
-}
-cudaError_t cudaEventCreate(cudaEvent_t *e) { return cudaEventCreateWithFlags(e, cudaEventDefault); }
-cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, unsigned flags) {
-    (void)flags;
-    *e = new lp_emu_event{t_device};
-    return cudaSuccess;
-}
-cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return cudaSuccess; }
-cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
-    check_stream(s, "cudaEventRecord");
-    if (!e) return t_last_error = cudaErrorInvalidResourceHandle;
-    if (e->device != t_device) fail("cudaEventRecord: event of device %d while device %d is current", e->device, t_device);
-    return cudaSuccess;
-}
-cudaError_t cudaEventSynchronize(cudaEvent_t e) { return e ? cudaSuccess : cudaErrorInvalidResourceHandle; }
-cudaError_t cudaEventElapsedTime(float *ms, cudaEvent_t a, cudaEvent_t b) {
-    (void)a;
-    (void)b;
-    *ms = 0.0f; // no timing: the emulator says nothing about performance
-    return cudaSuccess;
-}

@@ -457,3 +457,36 @@ Test(cuda_emu, cublaslt_bias_and_gelu_epilogues) {
     cr_expect_eq(lt_run(m, n, k, A, B, bias, D, aux2, 12, CUBLASLT_EPILOGUE_GELU_AUX_BIAS), CUBLAS_STATUS_NOT_SUPPORTED);
     cudaFree(A), cudaFree(B), cudaFree(bias), cudaFree(D), cudaFree(aux), cudaFree(aux2);
 }
+
+// A stream with an NCCL call still in progress on it (nccl.cpp marks it so) takes no work:
+// on a GPU the collective might not be enqueued yet. Done, the stream is free again.
+Test(cuda_emu, work_behind_an_nccl_call_in_progress_is_reported, .signal = SIGABRT, .init = quiet) {
+    cudaStream_t s;
+    cudaEvent_t e;
+    cudaStreamCreate(&s);
+    cudaEventCreate(&e);
+    lp_emu::stream_nccl_pending(s, +1);
+    lp_emu::stream_nccl_pending(s, -1);
+    cr_assert_eq(cudaEventRecord(e, s), cudaSuccess);
+    cr_assert_eq(cudaStreamQuery(s), cudaSuccess);
+    lp_emu::stream_nccl_pending(s, +1);
+    cudaEventRecord(e, s);
+}
+
+// Each process its own PCI bus (from the launcher's rank), unless LOUPE_EMU_PCI_BUS names one.
+Test(cuda_emu, pci_bus_per_rank_or_shared) {
+    char a[32], b[32], c[32];
+    unsetenv("LOUPE_EMU_PCI_BUS");
+    setenv("OMPI_COMM_WORLD_RANK", "0", 1);
+    cr_assert_eq(cudaDeviceGetPCIBusId(a, sizeof a, 0), cudaSuccess);
+    setenv("OMPI_COMM_WORLD_RANK", "1", 1);
+    cr_assert_eq(cudaDeviceGetPCIBusId(b, sizeof b, 0), cudaSuccess);
+    cr_assert_str_neq(a, b);
+    cr_assert_str_eq(a, "0000:01:00.0");
+    setenv("LOUPE_EMU_PCI_BUS", "7", 1);
+    cr_assert_eq(cudaDeviceGetPCIBusId(c, sizeof c, 0), cudaSuccess);
+    setenv("OMPI_COMM_WORLD_RANK", "0", 1);
+    cr_assert_eq(cudaDeviceGetPCIBusId(a, sizeof a, 0), cudaSuccess);
+    cr_assert_str_eq(a, c);
+    cr_assert_str_eq(c, "0000:07:00.0");
+}

@@ -5,8 +5,8 @@
  * corrupted run, at the clean run, and integrated gradients with the steps batched), the
  * exact-patching grid of every node kind, and SAE latents as nodes (a small TopK SAE trained
  * on the whole model first, the same on every rank). Exit status 0 when everything agrees on
- * every rank; each failure is one line on stderr. Driven by tests/test_dist.c.
- * Usage: attrib_check MODEL... */
+ * every rank; each failure is one line on stderr. With --cuda the models and the SAE run on
+ * the CUDA device. Driven by tests/test_dist.c. Usage: attrib_check [--cuda] MODEL... */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +22,7 @@
 #define TOL 1e-5 /* relative to the largest value of the compared scores */
 
 static int g_fail, g_rank;
+static lp_device g_dev = LP_CPU;
 static long long g_values; /* scores compared (so a check that compares nothing shows) */
 
 static void fail(const char *model, const char *what, const char *detail) {
@@ -140,7 +141,7 @@ static void sae_check(const char *path, lp_model *w, lp_model *s) {
     snprintf(t.sae.hook_name, sizeof t.sae.hook_name, "blocks.0.hook_resid_post");
     t.sae.arch = LP_SAE_TOPK, t.sae.d_sae = 96, t.sae.k = 8, t.tokens = 512, t.batch_tokens = 32, t.shuffle_tokens = 32;
     lp_sae_train_report rep;
-    lp_status st = lp_ctx_init(&sc, LP_CPU, LP_F32);
+    lp_status st = lp_ctx_init(&sc, g_dev, LP_F32);
     if (st == LP_OK) st = lp_live_open(&live, w, toks, NSEQ, CTX, 2);
     if (st == LP_OK) st = lp_sae_train_live(&t, 1, live, &sc, &rep);
     if (live) lp_live_close(live);
@@ -187,11 +188,11 @@ static void sae_check(const char *path, lp_model *w, lp_model *s) {
 
 static void check_model(const char *path, lp_dist *d) {
     lp_model *w = NULL, *s = NULL;
-    if (lp_model_load(&w, path, LP_CPU, LP_F32) != LP_OK) {
+    if (lp_model_load(&w, path, g_dev, LP_F32) != LP_OK) {
         fail(path, "load whole", lp_last_error());
         return;
     }
-    if (lp_model_load_dist(&s, path, LP_CPU, LP_F32, d) != LP_OK) {
+    if (lp_model_load_dist(&s, path, g_dev, LP_F32, d) != LP_OK) {
         fail(path, "load split", lp_last_error());
         lp_model_free(w);
         return;
@@ -210,12 +211,14 @@ int main(int argc, char **argv) {
         return 2;
     }
     g_rank = lp_dist_rank(d);
-    for (int i = 1; i < argc; i++) check_model(argv[i], d);
+    int first = 1;
+    if (argc > 1 && strcmp(argv[1], "--cuda") == 0) g_dev = LP_CUDA, first = 2;
+    for (int i = first; i < argc; i++) check_model(argv[i], d);
     int64_t bad = g_fail;
     lp_dist_allreduce_sum(d, LP_DIST_WORLD, &bad, 1, LP_I64);
     if (g_rank == 0)
         printf("attrib_check: TP=%d, %d model(s), %lld scores compared on rank 0: %s (%lld failure(s) over all ranks)\n",
-               lp_dist_tp_size(d), argc - 1, g_values, bad ? "FAILED" : "all agree with one process", (long long)bad);
+               lp_dist_tp_size(d), argc - first, g_values, bad ? "FAILED" : "all agree with one process", (long long)bad);
     lp_dist_finalize(d);
     return bad ? 1 : 0;
 }

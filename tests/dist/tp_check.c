@@ -6,7 +6,10 @@
  * interleaved schedule of a forward nobody hooks (micro-batches whose all-reduces overlap
  * the others' compute) against the plain one, with the cases that fall back to it. Exit
  * status 0 when everything agrees on every rank; each failure is one line on stderr.
- * Driven by tests/test_dist.c. Usage: tp_check [--no-grad] MODEL... */
+ * With --cuda both models run on the CUDA device, the split one's collectives through NCCL
+ * (every rank its own GPU) or staged through the host (ranks sharing one), the
+ * interleaved schedule's started all-reduces on the job's own stream.
+ * Driven by tests/test_dist.c and tests/test_dist_cuda.c. Usage: tp_check [--no-grad] [--cuda] MODEL... */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +31,7 @@
 #define TOL_SCHEDULE_LAYER 7e-7
 
 static int g_fail, g_rank, g_no_grad;
+static lp_device g_dev = LP_CPU;
 
 static void fail(const char *what, const char *model, const char *detail) {
     fprintf(stderr, "rank %d: %s: %s: %s\n", g_rank, model, what, detail);
@@ -288,8 +292,8 @@ static void overlap_check(const char *path, lp_model *w, lp_model *s, lp_dist *d
 
 static void check_model(const char *path, lp_dist *d) {
     lp_model *w = NULL, *s = NULL;
-    TRY(lp_model_load(&w, path, LP_CPU, LP_F32), "load whole");
-    if (lp_model_load_dist(&s, path, LP_CPU, LP_F32, d) != LP_OK) {
+    TRY(lp_model_load(&w, path, g_dev, LP_F32), "load whole");
+    if (lp_model_load_dist(&s, path, g_dev, LP_F32, d) != LP_OK) {
         fail("load split", path, lp_last_error());
         lp_model_free(w);
         return;
@@ -338,13 +342,21 @@ int main(int argc, char **argv) {
     }
     g_rank = lp_dist_rank(d);
     int first = 1;
-    if (argc > 1 && strcmp(argv[1], "--no-grad") == 0) g_no_grad = 1, first = 2;
+    for (; first < argc && strncmp(argv[first], "--", 2) == 0; first++) {
+        if (strcmp(argv[first], "--no-grad") == 0) g_no_grad = 1;
+        else if (strcmp(argv[first], "--cuda") == 0) g_dev = LP_CUDA;
+        else {
+            fprintf(stderr, "usage: tp_check [--no-grad] [--cuda] MODEL...\n");
+            return 2;
+        }
+    }
     for (int i = first; i < argc; i++) check_model(argv[i], d);
     /* every rank's verdict, so that rank 0's summary and every exit status agree */
     int64_t bad = g_fail;
     lp_dist_allreduce_sum(d, LP_DIST_WORLD, &bad, 1, LP_I64);
     if (g_rank == 0)
-        printf("tp_check: TP=%d, %d model(s): %s (%lld failure(s) over all ranks)\n", lp_dist_tp_size(d), argc - first,
+        printf("tp_check: TP=%d, %d model(s)%s: %s (%lld failure(s) over all ranks)\n", lp_dist_tp_size(d), argc - first,
+               g_dev == LP_CPU ? "" : lp_dist_uses_nccl(d, LP_DIST_TP) == 1 ? " on CUDA through NCCL" : " on CUDA through the host",
                bad ? "FAILED" : "all agree with one process", (long long)bad);
     lp_dist_finalize(d);
     return bad ? 1 : 0;
