@@ -67,6 +67,19 @@ Test(dist_cuda, collectives_through_the_host, .timeout = 60) {
     LP_TEST_REQUIRE_GPU();
     check(shared_gpu(), "async_check", "--cuda", "all sums exact", "through the host", 1);
 }
+/* Two GPUs on one machine and nothing from the launcher: each rank opens the GPU of its
+ * rank on the machine (lp_ctx_set_local_rank), so the two talk through NCCL; before, both
+ * opened device 0 and fell back to the host. */
+Test(dist_cuda, ranks_of_one_machine_take_a_gpu_each, .timeout = 60) {
+    LP_TEST_REQUIRE_GPU();
+#ifdef LOUPE_CUDA_EMU
+    place two = {"-x LOUPE_EMU_DEVICES=2 -x LOUPE_EMU_PCI_BUS=0", ""};
+#else
+    place two = own_gpus();
+    two.pre = ""; /* no CUDA_VISIBLE_DEVICES per rank */
+#endif
+    check(two, "async_check", "--cuda", "all sums exact", "through NCCL", 1);
+}
 /* The job ends through lp_dist_abort, so its status is not 0. */
 Test(dist_cuda, nccl_allreduce_times_out, .timeout = 60) {
     LP_TEST_REQUIRE_GPU();

@@ -121,6 +121,10 @@ lp_status lp_convert_host(void *dst, lp_dtype dt, const void *src, lp_dtype st, 
     return LP_OK;
 }
 
+static int g_local_rank; /* lp_ctx_set_local_rank: set once, when the job starts */
+
+void lp_ctx_set_local_rank(int local_rank) { g_local_rank = local_rank > 0 ? local_rank : 0; }
+
 lp_status lp_ctx_init(lp_ctx *c, lp_device dev, lp_dtype dtype) {
     memset(c, 0, sizeof *c);
     c->device = dev;
@@ -131,6 +135,8 @@ lp_status lp_ctx_init(lp_ctx *c, lp_device dev, lp_dtype dtype) {
     }
     if (dtype != LP_F32 && dtype != LP_BF16)
         LP_FAIL(LP_ERR_ARG, "the CUDA engine computes in f32 or bf16 (asked for %s)", lp_dtype_name(dtype));
+    int n = g_local_rank ? cuda_device_count(NULL, 0) : 0;
+    c->cuda_device = n > 0 ? g_local_rank % n : 0; /* one GPU per rank of a node */
     return cuda_ctx_init(c);
 }
 

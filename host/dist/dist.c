@@ -21,6 +21,7 @@ static int launched_size(const char **var) {
 }
 
 int lp_dist_have_mpi(void) { return LOUPE_MPI; }
+int lp_dist_local_rank(const lp_dist *d) { return d ? d->local_rank : 0; }
 
 int lp_dist_rank(const lp_dist *d) { return d ? d->rank : 0; }
 int lp_dist_size(const lp_dist *d) { return d ? d->size : 1; }
@@ -116,6 +117,14 @@ lp_status lp_dist_init(lp_dist **out, int tp, int dp) {
     if (inited) {
         MPI_Comm_rank(MPI_COMM_WORLD, &d->rank);
         MPI_Comm_size(MPI_COMM_WORLD, &d->size);
+        if (d->size > 1) { /* the ranks on this machine, each its own GPU where it has enough */
+            MPI_Comm node;
+            if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, d->rank, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
+                MPI_Comm_rank(node, &d->local_rank);
+                MPI_Comm_free(&node);
+            }
+            lp_ctx_set_local_rank(d->local_rank);
+        }
         /* a launcher whose process manager this MPI does not speak (srun --mpi=none, or
          * pmi2 to an MPI built for PMIx only) can leave each process a world of one: all of
          * them would then run the whole job as rank 0, each writing the same outputs */

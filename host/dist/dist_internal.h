@@ -43,6 +43,7 @@ struct lp_dist_req {
 
 struct lp_dist {
     int rank, size, tp, dp;
+    int local_rank;        /* among the job's processes on this machine (its GPU: lp_ctx_set_local_rank) */
     int own_mpi;           /* lp_dist_init initialized MPI, so finalize ends it */
     double timeout_s;      /* the longest any collective waits for the other ranks */
     int failed;            /* a collective timed out or lost a peer: the job must end */

@@ -88,6 +88,9 @@ int lp_dist_group_rank(const lp_dist *d, lp_dist_group g);
 int lp_dist_group_size(const lp_dist *d, lp_dist_group g);
 /* 1 when the build has MPI (and so can run more than one process). */
 int lp_dist_have_mpi(void);
+/* This process's rank among the job's processes on its machine (0 for one process). A
+ * CUDA context opens device local rank % the devices it sees (lp_ctx_set_local_rank). */
+int lp_dist_local_rank(const lp_dist *d);
 
 /* ---- host buffers (MPI) ----
  * dtype: LP_F32, LP_F64, LP_I32, LP_I64, LP_U64 for the sums; any dtype for the moves.

@@ -62,8 +62,14 @@ typedef struct lp_ctx {
                              * return a host result): each stalls the GPU's stream */
 } lp_ctx;
 
-/* dtype must be LP_F32 on the CPU; LP_F32 or LP_BF16 on CUDA. */
+/* dtype must be LP_F32 on the CPU; LP_F32 or LP_BF16 on CUDA. A CUDA context opens device
+ * (local rank % the devices this process sees): device 0 in one process. */
 lp_status lp_ctx_init(lp_ctx *c, lp_device dev, lp_dtype dtype);
+/* This process's rank among the job's processes on its machine (lp_dist_init sets it), so
+ * that the ranks of a node with as many GPUs take one each; with fewer GPUs than ranks they
+ * share (the launcher may also hand each rank its own through CUDA_VISIBLE_DEVICES, and then
+ * each sees one). */
+void lp_ctx_set_local_rank(int local_rank);
 void lp_ctx_free(lp_ctx *c);
 /* Memory on the context's device (64-byte aligned on the CPU). */
 lp_status lp_ctx_alloc(lp_ctx *c, size_t bytes, void **p);
