@@ -236,6 +236,10 @@ Test(dist_data, per_rank_logs_on_request) {
     cr_expect_neq(rc, 0, "%s", out);
     cr_expect_neq(rc, 124, "mpirun hung: %s", out);
     cr_expect(strstr(out, "loupe: rank 1: dist.log_dir: cannot make"), "%s", out);
+    cr_expect(strstr(out, "loupe: rank 0: dist.log_dir: rank 1 cannot write its log"), "rank 0 refuses too: %s", out);
+    cr_expect_eq(rc, 2, "every rank refuses with exit 2: %s", out);
+    char *once = strstr(out, "loupe: rank 1: dist.log_dir: cannot make");
+    cr_expect(once && !strstr(once + 1, "loupe: rank 1: dist.log_dir: cannot make"), "the line printed twice: %s", out);
 }
 
 /* rank 1 started with another cache.batch: refused at the start, on every rank, naming it */

@@ -29,6 +29,7 @@
 /* The processes of this job (dist.h): joined on the first model load, ended by main. */
 static lp_dist *g_dist;
 static FILE *g_err; /* ranks other than 0: the real standard error, for errors only */
+static int g_logged; /* this rank's stdout and stderr go to its dist.log_dir log */
 static const char *g_cmd = "";
 
 void cli_set_command(const char *cmd) { g_cmd = cmd; }
@@ -62,7 +63,7 @@ int cli_fail(lp_status st) {
     int lost = lp_dist_failed(g_dist), rc = lp_status_exit_code(st), r = launcher_rank();
     if (lp_dist_size(g_dist) > 1) {
         fprintf(g_err ? g_err : stderr, "loupe: rank %d: %s%s\n", lp_dist_rank(g_dist), lp_last_error(), lost ? "; ending the job" : "");
-        if (g_err) fprintf(stderr, "loupe: rank %d: %s\n", lp_dist_rank(g_dist), lp_last_error()); /* its log too */
+        if (g_logged) fprintf(stderr, "loupe: rank %d: %s\n", lp_dist_rank(g_dist), lp_last_error()); /* its log too */
     }
     else if (!g_dist && r >= 0) fprintf(stderr, "loupe: rank %d: %s\n", r, lp_last_error()); /* failed before it joined */
     else fprintf(stderr, "loupe: %s\n", lp_last_error());
@@ -193,27 +194,44 @@ static lp_status start_job(const args *a, int tp, int dp) {
     return st;
 }
 
-/* A rank other than 0: what it prints goes to dir/rank-R.log (appended: a rerun that resumes
- * adds to the log of the run it continues), or nowhere without dist.log_dir. Its errors
- * also reach the launcher's standard error (g_err). */
-static lp_status rank_output(const char *dir) {
+/* A rank other than 0 with dist.log_dir: its log, dir/rank-R.log, opened for appending (a
+ * rerun that resumes adds to the log of the run it continues) into *fd. */
+static lp_status open_log(const char *dir, int *fd) {
     char path[4096];
-    int r = lp_dist_rank(g_dist);
-    if (dir && *dir) {
-        if (mkdir(dir, 0755) != 0 && errno != EEXIST)
-            LP_FAIL(LP_ERR_IO, "dist.log_dir: cannot make %s: %s", dir, strerror(errno));
-        if (snprintf(path, sizeof path, "%s/rank-%05d.log", dir, r) >= (int)sizeof path)
-            LP_FAIL(LP_ERR_ARG, "dist.log_dir: %s is too long a path", dir);
-    } else {
-        snprintf(path, sizeof path, "/dev/null");
-    }
-    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-    if (fd < 0) LP_FAIL(LP_ERR_IO, "dist.log_dir: rank %d cannot open %s: %s", r, path, strerror(errno));
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST) LP_FAIL(LP_ERR_IO, "dist.log_dir: cannot make %s: %s", dir, strerror(errno));
+    if (snprintf(path, sizeof path, "%s/rank-%05d.log", dir, lp_dist_rank(g_dist)) >= (int)sizeof path)
+        LP_FAIL(LP_ERR_ARG, "dist.log_dir: %s is too long a path", dir);
+    *fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (*fd < 0) LP_FAIL(LP_ERR_IO, "dist.log_dir: cannot open %s: %s", path, strerror(errno));
+    return LP_OK;
+}
+
+/* Every rank's log opened, or every rank refuses (exit 2): a rank that could not would
+ * otherwise leave the others working, or waiting for it. */
+static lp_status logs_agree(const char *dir, int *fd) {
+    *fd = -1;
+    if (!dir || !*dir) return LP_OK;
+    lp_status st = lp_dist_rank(g_dist) ? open_log(dir, fd) : LP_OK;
+    int32_t bad = st != LP_OK ? lp_dist_rank(g_dist) + 1 : 0; /* the highest failed rank, + 1 */
+    lp_status a = lp_dist_allreduce_max(g_dist, LP_DIST_WORLD, &bad, 1, LP_I32);
+    if (st == LP_OK) st = a;
+    if (st == LP_OK && bad)
+        st = LP_ERR(LP_ERR_IO, "dist.log_dir: rank %d cannot write its log in %s (its error is printed by that rank)", bad - 1, dir);
+    if (st != LP_OK && *fd >= 0) close(*fd), *fd = -1;
+    return st;
+}
+
+/* A rank other than 0: what it prints goes to its log (fd), or nowhere. Its errors also
+ * reach the launcher's standard error (g_err). */
+static lp_status rank_output(int fd) {
+    int r = lp_dist_rank(g_dist), to = fd >= 0 ? fd : open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (to < 0) LP_FAIL(LP_ERR_IO, "rank %d: cannot open /dev/null: %s", r, strerror(errno));
     fflush(stdout), fflush(stderr);
-    int ok = dup2(fd, 1) >= 0 && dup2(fd, 2) >= 0;
-    close(fd);
-    if (!ok) LP_FAIL(LP_ERR_WRITE, "rank %d: cannot send its output to %s: %s", r, path, strerror(errno));
+    int ok = dup2(to, 1) >= 0 && dup2(to, 2) >= 0;
+    if (to > 2) close(to);
+    if (!ok) LP_FAIL(LP_ERR_WRITE, "rank %d: cannot redirect its output: %s", r, strerror(errno));
     setvbuf(stdout, NULL, _IOLBF, 0); /* whole lines in the log, in order with stderr's */
+    g_logged = fd >= 0;
     return LP_OK;
 }
 
@@ -244,16 +262,21 @@ lp_status cli_join(const args *a) {
     if (dp > 1 && !dp_ok)
         LP_FAIL(LP_ERR_ARG, "dist.dp=%d: `loupe %s` does not run data-parallel (cache, train-sae, attribute and patch do)", dp, g_cmd);
     LP_CHECK(start_job(a, tp, dp_ok ? dp : 1));
+    int log = -1;
+    if (lp_dist_size(g_dist) > 1) LP_CHECK(logs_agree(lp_cfg_str(&a->cfg, "dist.log_dir"), &log));
     if (lp_dist_rank(g_dist) == 0) {
         if (lp_dist_size(g_dist) > 1) catch_sigterm(2);
         return LP_OK;
     }
     int fd = dup(2);
     g_err = fd >= 0 ? fdopen(fd, "w") : NULL;
-    if (!g_err) LP_FAIL(LP_ERR_WRITE, "rank %d: cannot keep its standard error", lp_dist_rank(g_dist));
+    if (!g_err) {
+        if (log >= 0) close(log);
+        LP_FAIL(LP_ERR_WRITE, "rank %d: cannot keep its standard error", lp_dist_rank(g_dist));
+    }
     setvbuf(g_err, NULL, _IONBF, 0); /* an error line must be out before the job may end */
     catch_sigterm(fd);
-    return rank_output(lp_cfg_str(&a->cfg, "dist.log_dir"));
+    return rank_output(log);
 }
 
 void cli_print_json(cJSON *j) {
