@@ -329,6 +329,33 @@ static void train_matches(const char *arch) {
     cr_assert_eq(access(a, F_OK), 0, "%s missing", a);
 }
 
+/* Rank 0 cannot write (a file-size limit on it alone: metrics.jsonl or a checkpoint fails):
+ * rank 1 learns of it at that step and every rank ends at once, naming rank 0, instead of
+ * waiting for it in the next step's all-reduces until dist.timeout_s (30 s here). */
+Test(dist_data, train_sae_dp2_ends_at_once_when_rank0_cannot_write) {
+    char out[16384], sh[PATH_MAX + 64];
+    int rc = mpitest_run(out, sizeof out, ENV "%s cache --model.path=" FIX "gpt2-tiny --data.tokens=" FIX "gpt2-tiny/tokens_flat.npy "
+                         "--data.context=4 --model.device=cpu --cache.hooks=blocks.1.hook_resid_post --cache.out=%s/store", g_bin, g_dir);
+    cr_assert_eq(rc, 0, "cache: %s", out);
+    snprintf(sh, sizeof sh, "%s/limit.sh", g_dir);
+    FILE *f = fopen(sh, "w");
+    cr_assert(f);
+    fprintf(f, "#!/bin/bash\nif [ \"$OMPI_COMM_WORLD_RANK\" = 0 ]; then trap '' XFSZ; ulimit -f 2; fi\nexec \"$@\"\n");
+    fclose(f);
+    cr_assert_eq(chmod(sh, 0755), 0);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    rc = mpitest_run(out, sizeof out, ENV "timeout 60 " MPIRUN "--mca btl self,tcp -np 2 %s %s " TRAIN " --sae.architecture=topk "
+                     "--dist.timeout_s=30 --train.out=%s/limited", sh, g_bin, g_dir, g_dir);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double secs = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    cr_assert_neq(rc, 0, "%s", out);
+    cr_assert_neq(rc, 124, "mpirun hung: %s", out);
+    cr_expect(strstr(out, "loupe: rank 0: ") && strstr(out, "File too large"), "%s", out);
+    cr_expect(strstr(out, "loupe: rank 1: train-sae: rank 0 failed to write into"), "%s", out);
+    cr_expect(secs < 20, "the job took %.1f s to end (dist.timeout_s is 30)", secs);
+}
+
 Test(dist_data, train_sae_dp2_matches_one_process_topk) { train_matches("topk"); }
 Test(dist_data, train_sae_dp2_matches_one_process_standard) { train_matches("standard"); }
 Test(dist_data, train_sae_dp2_matches_one_process_jumprelu) { train_matches("jumprelu"); }

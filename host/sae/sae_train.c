@@ -303,6 +303,20 @@ static lp_status run_begin(run *ru, const lp_sae_train_cfg *t, lp_ctx *c, lp_liv
     return LP_OK;
 }
 
+/* The writer's files of this step (a metrics line, a checkpoint, the final SAE) agreed by
+ * every rank: a failed write ends every rank at once, naming the writer, instead of leaving
+ * the others to wait for it in the next collective until dist.timeout_s. st: this rank's. */
+static lp_status writes_agree(const trainer *tr, lp_status st) {
+    lp_dist *d = tr->t->dist;
+    if (lp_dist_size(d) <= 1) return st;
+    int32_t bad = st != LP_OK ? lp_dist_rank(d) + 1 : 0; /* the highest failed rank, + 1 */
+    lp_status a = lp_dist_allreduce_max(d, LP_DIST_WORLD, &bad, 1, LP_I32);
+    if (st != LP_OK) return st;
+    if (a != LP_OK) return a;
+    if (bad) LP_FAIL(LP_ERR_IO, "train-sae: rank %d failed to write into %s (its error is printed by that rank)", bad - 1, tr->t->out);
+    return LP_OK;
+}
+
 /* One training step with its logging and checkpoint. */
 static lp_status run_step(run *ru, lp_sae_train_report *rep) {
     trainer *tr = &ru->tr;
@@ -333,7 +347,9 @@ static lp_status run_step(run *ru, lp_sae_train_report *rep) {
                 (long long)tr->step, (long long)tr->tokens_done, lr, l1, tr->acc_mse / n,
                 t->sae.arch == LP_SAE_JUMPRELU ? "l0_loss" : "l1_loss", tr->acc_sparsity / n, tr->acc_aux / n,
                 (tr->acc_mse + tr->acc_sparsity + tr->acc_aux) / n, 1 - tr->acc_sse / tr->acc_sst, tr->acc_l0 / n, tr->r->n_dead, tps);
-        if (tr->writer) LP_CHECK(lp_write_fd(tr->metrics, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1, -1, tr->metrics_path));
+        lp_status w = LP_OK;
+        if (tr->writer) w = lp_write_fd(tr->metrics, line, (size_t)len < sizeof line ? (size_t)len : sizeof line - 1, -1, tr->metrics_path);
+        LP_CHECK(writes_agree(tr, w));
         rep->mse = tr->acc_mse / n, rep->explained_variance = 1 - tr->acc_sse / tr->acc_sst, rep->l0 = tr->acc_l0 / n;
         rep->dead = tr->r->n_dead;
         progress(tr, ru->total_steps, tps, (tr->acc_mse + tr->acc_sparsity + tr->acc_aux) / n, rep->l0, rep->dead, 0);
@@ -343,7 +359,8 @@ static lp_status run_step(run *ru, lp_sae_train_report *rep) {
     }
     if (tr->tokens_done >= ru->next_ckpt && tr->step < ru->total_steps) {
         LP_CHECK(sae_read_track(tr)); /* never a checkpoint of a state a non-finite loss reached */
-        if (tr->dpr == 0) LP_CHECK(sae_save_checkpoint(tr)); /* the TP group gathers, its rank 0 writes */
+        LP_CHECK(writes_agree(tr, tr->dpr == 0 ? sae_save_checkpoint(tr) : LP_OK)); /* the TP group gathers, its rank 0 writes */
+        tr->ckpt_step = tr->step; /* on every rank, so that run_end decides its last checkpoint alike */
         ru->next_ckpt += t->checkpoint_every;
     }
     ru->done = tr->step >= ru->total_steps;
@@ -358,7 +375,7 @@ static lp_status run_end(run *ru, lp_status st, lp_sae_train_report *rep) {
     if (t && tr->s) progress(tr, ru->total_steps, 0, 0, rep->l0, rep->dead, 1);
     double secs = now_s() - ru->t0;
     if (st == LP_OK && ru->done == 2) rep->stopped = 1;
-    else if (st == LP_OK && tr->s && tr->dpr == 0) {
+    else if (st == LP_OK && tr->s) {
         /* batchtopk is exported as jumprelu with its learned global threshold */
         if (tr->s->cfg.arch == LP_SAE_BATCHTOPK) {
             float *h = malloc((size_t)tr->S * sizeof(float));
@@ -366,9 +383,11 @@ static lp_status run_end(run *ru, lp_status st, lp_sae_train_report *rep) {
             st = h ? lp_ctx_to_device(tr->c, tr->s->threshold, h, (size_t)tr->S * 4) : LP_ERR(LP_ERR_OOM, "out of memory");
             free(h);
         }
-        if (st == LP_OK) st = tr->tp > 1 ? shard_save(tr) : lp_sae_save(tr->s, tr->c, t->out, (float)tr->scale);
+        if (st == LP_OK && tr->dpr == 0) st = tr->tp > 1 ? shard_save(tr) : lp_sae_save(tr->s, tr->c, t->out, (float)tr->scale);
+        st = writes_agree(tr, st);
         /* a rerun of a finished job: its final checkpoint is already there */
-        if (st == LP_OK && t->checkpoint_every > 0 && tr->ckpt_step != tr->step) st = sae_save_checkpoint(tr);
+        if (st == LP_OK && t->checkpoint_every > 0 && tr->ckpt_step != tr->step)
+            st = writes_agree(tr, tr->dpr == 0 ? sae_save_checkpoint(tr) : LP_OK);
     }
     if (tr->metrics >= 0) { /* the lines are written; make them durable and see the errors close reports */
         if (st == LP_OK && fsync(tr->metrics) != 0)
