@@ -410,6 +410,11 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
+    if (parts < 0 || parts > LP_DIST_MAX_STARTED) {
+        fprintf(stderr, "bench_forward: --tp-parts %d: from 0 (loupe's choice) or 1 (the plain schedule) to %d\n", parts,
+                LP_DIST_MAX_STARTED);
+        return 2;
+    }
     if (tp > 0) return tp_section(tp, cb, ct, 5, parts);
 #define WANT(x) (!only || !strcmp(only, x))
     int have_smol = file_exists(SMOLLM2);

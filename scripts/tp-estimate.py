@@ -20,7 +20,8 @@ Two schedules:
 
 * plain (no overlap): each all-reduce is waited for at once, so a layer takes its compute
   plus both all-reduces (plus --sync-us after each, the host seeing it end and launching
-  the next kernels); efficiency = compute / (compute + communication (+ sync)).
+  the next kernels); its time is a rank's compute (at its wave fill) + communication
+  (+ sync), and its efficiency one GPU's time over n times that.
 
 * interleaved (what loupe runs when nothing hooks the forward, decoder.c): the batch in k
   micro-batches (--parts; loupe's default, auto_parts, is added and marked *), every block
@@ -157,9 +158,10 @@ def auto_parts(batch):
 
 
 def split_of(spec, batch):
-    """--parts: K (equal parts) or ratios a:b:c, as sequences per part (None: not whole)."""
+    """--parts: K (equal parts) or ratios a:b:c, as sequences per part (None: not whole
+    sequences, or more parts than loupe runs: LP_DIST_MAX_STARTED, 8)."""
     w = [int(x) for x in spec.split(":")] if ":" in spec else [1] * int(spec)
-    if batch % sum(w):
+    if not w or len(w) > 8 or min(w) < 1 or batch % sum(w):
         return None
     return tuple(batch // sum(w) * x for x in w)
 

@@ -97,6 +97,7 @@ lp_status lp_sae_radix_hist(lp_ctx *c, int64_t *hist, const float *pre, size_t n
 }
 
 int lp_sae_radix_pick(const int64_t *hist, int64_t *rank, uint32_t *prefix, uint32_t *mask, int shift) {
+    if (!hist || !rank || !prefix || !mask || shift < 0 || shift > 24 || shift % 8 || *rank < 1) return 0;
     return cpu_sae_radix_pick(hist, rank, prefix, mask, shift);
 }
 

@@ -38,8 +38,9 @@ lp_status lp_sae_radix_hist(lp_ctx *c, int64_t *hist, const float *pre, size_t n
 /* The selection step after a pass (host memory): with *rank the wanted entry's rank from the
  * top among those under *prefix (1: the largest), picks the byte at shift whose bin holds it
  * from the summed hist[256], adds it to *prefix and *mask and makes *rank its rank within
- * that bin. 0 (nothing changed) when the bins hold fewer than *rank entries: then
- * lp_sae_kth_largest's answer is 0. Start with *rank = count + 1, *prefix = *mask = 0 and
+ * that bin. 0 (nothing changed) when the bins hold fewer than *rank entries (then
+ * lp_sae_kth_largest's answer is 0), and for a shift other than 24, 16, 8, 0 or a rank
+ * below 1. Start with *rank = count + 1, *prefix = *mask = 0 and
  * shift 24; after shift 0 the answer's bit pattern is *prefix. */
 int lp_sae_radix_pick(const int64_t *hist, int64_t *rank, uint32_t *prefix, uint32_t *mask, int shift);
 
