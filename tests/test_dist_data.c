@@ -161,6 +161,37 @@ Test(dist_data, cache_tp2_and_dp2_by_tp2_are_the_single_process_store) {
     same_file(keep, last);
 }
 
+/* A launcher wrapper that puts rank 0 alone under a file-size limit of kb KiB (SIGXFSZ
+ * ignored, so a write past it fails with EFBIG), into sh. */
+static void limit_rank0(char *sh, size_t n, int kb) {
+    snprintf(sh, n, "%s/limit.sh", g_dir);
+    FILE *f = fopen(sh, "w");
+    cr_assert(f);
+    fprintf(f, "#!/bin/bash\nif [ \"$OMPI_COMM_WORLD_RANK\" = 0 ]; then trap '' XFSZ; ulimit -f %d; fi\nexec \"$@\"\n", kb);
+    fclose(f);
+    cr_assert_eq(chmod(sh, 0755), 0);
+}
+
+/* Runs the mpirun command, expecting every rank to end within 20 s (dist.timeout_s is 30
+ * there), non-zero, rank 0 naming the file-size limit and rank 1 naming rank 0 in `says`. */
+static void ends_at_once(char *out, size_t n, const char *says, const char *fmt, ...) {
+    char cmd[8192];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int rc = mpitest_run(out, n, "%s", cmd);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double secs = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
+    cr_assert_neq(rc, 0, "%s", out);
+    cr_assert_neq(rc, 124, "mpirun hung: %s", out);
+    cr_expect(strstr(out, "loupe: rank 0: ") && strstr(out, "File too large"), "%s", out);
+    cr_expect(strstr(out, says), "%s", out);
+    cr_expect(secs < 20, "the job took %.1f s to end (dist.timeout_s is 30)", secs);
+}
+
 /* The writer fails mid-run (a file-size limit on rank 0 alone: its shard cannot be sized)
  * while the model is split: its TP peer, which waits for it in the layers' all-reduces,
  * learns of it in the same round and every rank ends at once, naming rank 0, rather than
@@ -168,23 +199,9 @@ Test(dist_data, cache_tp2_and_dp2_by_tp2_are_the_single_process_store) {
  * would stop MPI's own segment on rank 0.) */
 Test(dist_data, cache_tp2_ends_at_once_when_rank0_cannot_write) {
     char out[16384], sh[PATH_MAX + 64];
-    snprintf(sh, sizeof sh, "%s/limit.sh", g_dir);
-    FILE *f = fopen(sh, "w");
-    cr_assert(f);
-    fprintf(f, "#!/bin/bash\nif [ \"$OMPI_COMM_WORLD_RANK\" = 0 ]; then trap '' XFSZ; ulimit -f 8; fi\nexec \"$@\"\n");
-    fclose(f);
-    cr_assert_eq(chmod(sh, 0755), 0);
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    int rc = mpitest_run(out, sizeof out, ENV "timeout 60 " MPIRUN "--mca btl self,tcp -np 2 %s %s " TP_ARGS " --dist.tp=2 "
-                         "--dist.timeout_s=30 --cache.out=%s/w", sh, g_bin, g_dir);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    double secs = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
-    cr_assert_neq(rc, 0, "%s", out);
-    cr_assert_neq(rc, 124, "mpirun hung: %s", out);
-    cr_expect(strstr(out, "loupe: rank 0: ") && strstr(out, "File too large"), "%s", out);
-    cr_expect(strstr(out, "loupe: rank 1: cache: rank 0 failed"), "%s", out);
-    cr_expect(secs < 20, "the job took %.1f s to end (dist.timeout_s is 30)", secs);
+    limit_rank0(sh, sizeof sh, 8);
+    ends_at_once(out, sizeof out, "loupe: rank 1: cache: rank 0 failed", ENV "timeout 60 " MPIRUN "--mca btl self,tcp -np 2 %s %s " TP_ARGS
+                 " --dist.tp=2 --dist.timeout_s=30 --cache.out=%s/w", sh, g_bin, g_dir);
 }
 
 /* rank 0 cannot open the store (cache.out is a file): every rank ends, non-zero, naming why */
@@ -337,23 +354,10 @@ Test(dist_data, train_sae_dp2_ends_at_once_when_rank0_cannot_write) {
     int rc = mpitest_run(out, sizeof out, ENV "%s cache --model.path=" FIX "gpt2-tiny --data.tokens=" FIX "gpt2-tiny/tokens_flat.npy "
                          "--data.context=4 --model.device=cpu --cache.hooks=blocks.1.hook_resid_post --cache.out=%s/store", g_bin, g_dir);
     cr_assert_eq(rc, 0, "cache: %s", out);
-    snprintf(sh, sizeof sh, "%s/limit.sh", g_dir);
-    FILE *f = fopen(sh, "w");
-    cr_assert(f);
-    fprintf(f, "#!/bin/bash\nif [ \"$OMPI_COMM_WORLD_RANK\" = 0 ]; then trap '' XFSZ; ulimit -f 2; fi\nexec \"$@\"\n");
-    fclose(f);
-    cr_assert_eq(chmod(sh, 0755), 0);
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    rc = mpitest_run(out, sizeof out, ENV "timeout 60 " MPIRUN "--mca btl self,tcp -np 2 %s %s " TRAIN " --sae.architecture=topk "
-                     "--dist.timeout_s=30 --train.out=%s/limited", sh, g_bin, g_dir, g_dir);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    double secs = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) * 1e-9;
-    cr_assert_neq(rc, 0, "%s", out);
-    cr_assert_neq(rc, 124, "mpirun hung: %s", out);
-    cr_expect(strstr(out, "loupe: rank 0: ") && strstr(out, "File too large"), "%s", out);
-    cr_expect(strstr(out, "loupe: rank 1: train-sae: rank 0 failed to write into"), "%s", out);
-    cr_expect(secs < 20, "the job took %.1f s to end (dist.timeout_s is 30)", secs);
+    limit_rank0(sh, sizeof sh, 2);
+    ends_at_once(out, sizeof out, "loupe: rank 1: train-sae: rank 0 failed to write into", ENV "timeout 60 " MPIRUN
+                 "--mca btl self,tcp -np 2 %s %s " TRAIN " --sae.architecture=topk --dist.timeout_s=30 --train.out=%s/limited", sh, g_bin,
+                 g_dir, g_dir);
 }
 
 Test(dist_data, train_sae_dp2_matches_one_process_topk) { train_matches("topk"); }
